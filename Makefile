@@ -1,0 +1,37 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   install what is missing, build, train the tiny model on the built-in data, report
+#   make test   install what is missing, build, run the tests (ctest)
+# Other targets: make build, make bench, make clean. Variables: BUILD_DIR, JOBS, CMAKE_FLAGS, CTEST_FLAGS.
+
+BUILD_DIR ?= build
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+CMAKE_FLAGS ?=
+CTEST_FLAGS ?=
+DEMO_DIR ?= runs/demo
+
+.PHONY: all deps configure build test demo bench clean
+
+all: build
+
+deps:
+	@bash cmake/install-deps.sh
+
+configure: deps
+	@cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS) > $(BUILD_DIR).configure.log 2>&1 \
+	  || { cat $(BUILD_DIR).configure.log; echo "make: CMake configuration failed (log above)"; exit 1; }
+	@grep -E "^-- Hydra:" $(BUILD_DIR).configure.log || true
+
+build: configure
+	@cmake --build $(BUILD_DIR) -j$(JOBS)
+
+test: build
+	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS) $(CTEST_FLAGS)
+
+demo: build
+	@bash launch/demo.sh $(BUILD_DIR) $(DEMO_DIR)
+
+bench: build
+	@$(BUILD_DIR)/bin/hydra-bench --json $(BUILD_DIR)/bench.json
+
+clean:
+	@rm -rf $(BUILD_DIR) $(BUILD_DIR).configure.log

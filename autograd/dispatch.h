@@ -1,0 +1,31 @@
+// Runs a kernel on the backend of `device` (internal to autograd/). HYDRA_LAUNCH names a family
+// that has both backends; HYDRA_LAUNCH_CPU_ONLY one whose CUDA kernel does not exist yet: on a CUDA
+// tensor it raises an error that names the kernel.
+#pragma once
+
+#include "autograd/cuda_context.h"
+#include "autograd/device.h"
+#include "kernels/base/check.h"
+
+#if HYDRA_WITH_CUDA
+#define HYDRA_LAUNCH(device, fn, params)  \
+  do {                                    \
+    if ((device).is_cuda()) {             \
+      ::hydra::kernels::cuda::fn(params); \
+    } else {                              \
+      ::hydra::kernels::cpu::fn(params);  \
+    }                                     \
+  } while (0)
+#else
+#define HYDRA_LAUNCH(device, fn, params)                                                           \
+  do {                                                                                             \
+    HYDRA_CHECK((device).is_cpu()) << #fn << ": this build has no CUDA backend (-DHYDRA_CUDA=ON)"; \
+    ::hydra::kernels::cpu::fn(params);                                                             \
+  } while (0)
+#endif
+
+#define HYDRA_LAUNCH_CPU_ONLY(device, fn, params)                                           \
+  do {                                                                                      \
+    HYDRA_CHECK((device).is_cpu()) << #fn << ": no CUDA kernel for this op yet (CPU only)"; \
+    ::hydra::kernels::cpu::fn(params);                                                      \
+  } while (0)

@@ -1,0 +1,86 @@
+#include "autograd/module.h"
+
+#include <algorithm>
+
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+
+namespace hydra {
+
+void Module::check_new_name(const std::string& name) const {
+  HYDRA_CHECK(!name.empty() && name.find('.') == std::string::npos)
+      << "module member name '" << name << "' must be non-empty and contain no '.'";
+  const bool taken =
+      std::any_of(params_.begin(), params_.end(), [&](const auto& p) { return p.name == name; }) ||
+      std::any_of(children_.begin(), children_.end(),
+                  [&](const auto& c) { return c.first == name; });
+  HYDRA_CHECK(!taken) << "module member name '" << name << "' registered twice";
+}
+
+Tensor Module::register_parameter(const std::string& name, Tensor t, ParamOptions options) {
+  check_new_name(name);
+  HYDRA_CHECK(t.defined() && t.is_leaf())
+      << "parameter '" << name << "' must be a defined leaf tensor";
+  t.set_requires_grad(true);
+  params_.push_back({name, t, std::move(options)});
+  return t;
+}
+
+std::vector<NamedParameter> Module::named_parameters(const std::string& prefix) const {
+  std::vector<NamedParameter> out;
+  for (const auto& p : params_) out.push_back({prefix + p.name, p.tensor, p.options});
+  for (const auto& [name, child] : children_) {
+    auto sub = child->named_parameters(prefix + name + ".");
+    out.insert(out.end(), std::make_move_iterator(sub.begin()), std::make_move_iterator(sub.end()));
+  }
+  return out;
+}
+
+std::vector<Tensor> Module::parameters() const {
+  std::vector<Tensor> out;
+  for (auto& p : named_parameters()) out.push_back(p.tensor);
+  return out;
+}
+
+int64_t Module::num_parameters() const {
+  int64_t n = 0;
+  for (const auto& p : named_parameters()) n += p.tensor.numel();
+  return n;
+}
+
+Tensor Module::find_parameter(const std::string& name) const {
+  for (auto& p : named_parameters())
+    if (p.name == name) return p.tensor;
+  return Tensor();
+}
+
+void Module::zero_grad() {
+  for (const auto& p : named_parameters()) p.tensor.set_grad(Tensor());
+}
+
+namespace {
+
+// Replaces the data behind a parameter's handle, keeping the handle (and every copy of it) valid.
+void replace_data(const Tensor& param, const Tensor& data) {
+  TensorImpl* impl = param.unsafe_impl();
+  impl->storage = data.storage();
+  impl->offset = data.offset();
+  impl->shape = data.shape();
+  impl->strides = data.strides();
+  impl->dtype = data.dtype();
+  impl->autograd.grad.reset();
+}
+
+}  // namespace
+
+void Module::to(Device device) {
+  NoGradGuard no_grad;
+  for (const auto& p : named_parameters()) replace_data(p.tensor, p.tensor.detach().to(device));
+}
+
+void Module::to(DType dtype) {
+  NoGradGuard no_grad;
+  for (const auto& p : named_parameters()) replace_data(p.tensor, p.tensor.detach().to(dtype));
+}
+
+}  // namespace hydra

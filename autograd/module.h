@@ -1,0 +1,80 @@
+// Modules hold named parameters and child modules; names are hierarchical
+// ("blocks.3.ssm.in_proj.weight"). Each parameter carries its optimizer options (weight decay on or
+// off, a learning-rate group).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "autograd/tensor.h"
+
+namespace hydra {
+
+struct ParamOptions {
+  bool weight_decay = true;  // off for norms, gates, biases
+  std::string lr_group =
+      "";  // "" = the base learning rate; others have their own (e.g. "pkm_values")
+  std::string freeze_group = "";  // curriculum stages may freeze a group by name (e.g. "backbone")
+};
+
+struct NamedParameter {
+  std::string name;
+  Tensor tensor;
+  ParamOptions options;
+};
+
+class Module {
+ public:
+  virtual ~Module() = default;
+  Module() = default;
+  Module(const Module&) = delete;
+  Module& operator=(const Module&) = delete;
+
+  // All parameters below this module, depth first in registration order.
+  std::vector<NamedParameter> named_parameters(const std::string& prefix = "") const;
+  std::vector<Tensor> parameters() const;
+  int64_t num_parameters() const;
+  // The parameter with this full dotted name, or an undefined tensor.
+  Tensor find_parameter(const std::string& name) const;
+  void zero_grad();
+  // Moves every parameter to `device` / converts it to `dtype` in place: existing handles see the
+  // change.
+  void to(Device device);
+  void to(DType dtype);
+
+ protected:
+  Tensor register_parameter(const std::string& name, Tensor t, ParamOptions options = {});
+  template <class M>
+  std::shared_ptr<M> register_module(const std::string& name, std::shared_ptr<M> m) {
+    check_new_name(name);
+    children_.emplace_back(name, m);
+    return m;
+  }
+
+ private:
+  void check_new_name(const std::string& name) const;
+  std::vector<NamedParameter> params_;
+  std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
+};
+
+// A list of modules named by position: "0", "1", ...
+class ModuleList : public Module {
+ public:
+  template <class M>
+  std::shared_ptr<M> push_back(std::shared_ptr<M> m) {
+    items_.push_back(m);
+    return register_module(std::to_string(items_.size() - 1), std::move(m));
+  }
+  std::size_t size() const { return items_.size(); }
+  template <class M>
+  M& at(std::size_t i) const {
+    return dynamic_cast<M&>(*items_.at(i));
+  }
+
+ private:
+  std::vector<std::shared_ptr<Module>> items_;
+};
+
+}  // namespace hydra

@@ -1,0 +1,97 @@
+#include "autograd/node.h"
+
+#include <atomic>
+#include <limits>
+
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+
+namespace hydra {
+namespace {
+std::atomic<uint64_t> next_sequence_nr{0};
+}  // namespace
+
+Node::Node(std::string name)
+    : name_(std::move(name)), sequence_nr_(next_sequence_nr.fetch_add(1)) {}
+
+Tensor SavedTensor::get() const {
+  if (!tensor_.defined()) return tensor_;
+  HYDRA_CHECK(tensor_.version() == version_)
+      << "a tensor saved for backward was modified in place after it was saved (version "
+      << tensor_.version() << ", saved at " << version_ << "); make a copy before changing it";
+  return tensor_;
+}
+
+std::vector<Tensor> FunctionNode::apply(std::vector<Tensor>&& grads) {
+  HYDRA_CHECK(fn_ != nullptr)
+      << "backward through " << name()
+      << " a second time: its saved tensors were freed (pass retain_graph = true)";
+  return fn_(grads);
+}
+
+AccumulateGrad::AccumulateGrad(const Tensor& leaf) : Node("AccumulateGrad"), leaf_(leaf) {
+  set_sequence_nr(std::numeric_limits<uint64_t>::max());  // run as soon as ready
+}
+
+std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
+  Tensor g = std::move(grads[0]);
+  if (!g.defined()) return {};
+  HYDRA_CHECK(g.shape() == leaf_.shape()) << "gradient of shape " << shape_str(g.shape())
+                                          << " for a leaf of shape " << shape_str(leaf_.shape());
+  Tensor current = leaf_.grad();
+  if (!current.defined()) {
+    // Take the incoming buffer when nothing else refers to it; otherwise copy, so that no two
+    // leaves' .grad share memory (a pass-through backward such as add's hands one tensor to both
+    // inputs).
+    const bool sole_owner = g.storage().use_count() == 1 && g.impl_ptr().use_count() == 1 &&
+                            g.is_contiguous() && g.offset() == 0 && g.dtype() == leaf_.dtype();
+    leaf_.set_grad(sole_owner ? g : g.to(leaf_.dtype()).clone());
+  } else {
+    NoGradGuard no_grad;
+    current.add_(g.dtype() == current.dtype() ? g : g.to(current.dtype()));
+  }
+  // Copy: a hook may add or remove hooks.
+  const auto hooks = leaf_.unsafe_impl()->autograd.ready_hooks;
+  for (const auto& [id, hook] : hooks) hook(leaf_);
+  return {};
+}
+
+bool any_requires_grad(const std::vector<Tensor>& inputs) {
+  if (!GradMode::enabled()) return false;
+  for (const Tensor& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+Edge gradient_edge(const Tensor& t) {
+  if (!t.defined() || !t.requires_grad()) return {};
+  auto& meta = t.unsafe_impl()->autograd;
+  if (meta.grad_fn) return {meta.grad_fn, meta.output_nr};
+  std::shared_ptr<Node> acc = meta.grad_accumulator.lock();
+  if (!acc) {
+    acc = std::make_shared<AccumulateGrad>(t);
+    meta.grad_accumulator = acc;
+  }
+  return {acc, 0};
+}
+
+void record_op(const std::string& name, const std::vector<Tensor>& inputs,
+               const std::vector<Tensor>& outputs, BackwardFn fn) {
+  if (!any_requires_grad(inputs)) return;
+  auto node = std::make_shared<FunctionNode>(name, std::move(fn));
+  node->set_num_outputs(static_cast<uint32_t>(outputs.size()));
+  std::vector<Edge> edges;
+  edges.reserve(inputs.size());
+  for (const Tensor& in : inputs) edges.push_back(gradient_edge(in));
+  node->set_next_edges(std::move(edges));
+  for (std::size_t i = 0; i < outputs.size(); ++i) {
+    if (!outputs[i].defined()) continue;
+    auto& meta = outputs[i].unsafe_impl()->autograd;
+    HYDRA_CHECK(meta.grad_fn == nullptr) << name << ": output " << i << " already has a history";
+    meta.requires_grad = true;
+    meta.grad_fn = node;
+    meta.output_nr = static_cast<uint32_t>(i);
+  }
+}
+
+}  // namespace hydra

@@ -1,0 +1,141 @@
+// The differentiable op set. Every op runs on the CPU (reference) and, where its kernel family has
+// one, on CUDA; inputs must share a device and (floating ones) a dtype. Shape errors name the op
+// and the shapes. Each op's backward is written by hand next to its forward (autograd/ops_*.cpp).
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "autograd/random.h"
+#include "autograd/tensor.h"
+
+namespace hydra {
+
+// ---- creation
+// --------------------------------------------------------------------------------------
+Tensor empty(const Shape& shape, DType dtype = DType::kF32, Device device = Device::cpu());
+Tensor zeros(const Shape& shape, DType dtype = DType::kF32, Device device = Device::cpu());
+Tensor ones(const Shape& shape, DType dtype = DType::kF32, Device device = Device::cpu());
+Tensor full(const Shape& shape, double value, DType dtype = DType::kF32,
+            Device device = Device::cpu());
+Tensor arange(int64_t n, DType dtype = DType::kI64, Device device = Device::cpu());
+Tensor empty_like(const Tensor& t);
+Tensor zeros_like(const Tensor& t);
+Tensor ones_like(const Tensor& t);
+// Random tensors draw from `gen` (advancing it), or from the default generator.
+Tensor rand(const Shape& shape, Generator& gen, double low = 0, double high = 1,
+            DType dtype = DType::kF32, Device device = Device::cpu());
+Tensor randn(const Shape& shape, Generator& gen, double mean = 0, double stddev = 1,
+             DType dtype = DType::kF32, Device device = Device::cpu());
+Tensor randint(int64_t low, int64_t high, const Shape& shape, Generator& gen,
+               DType dtype = DType::kI64, Device device = Device::cpu());
+void normal_(Tensor& t, Generator& gen, double mean, double stddev);  // in place, no autograd
+void uniform_(Tensor& t, Generator& gen, double low, double high);    // in place, no autograd
+
+// ---- elementwise
+// -----------------------------------------------------------------------------------
+Tensor add(const Tensor& a, const Tensor& b);  // broadcasting
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+Tensor add(const Tensor& a, double b);
+Tensor mul(const Tensor& a, double b);
+Tensor affine(const Tensor& x, double alpha, double beta);  // alpha * x + beta
+Tensor neg(const Tensor& x);
+Tensor exp(const Tensor& x);
+Tensor log(const Tensor& x);
+Tensor sigmoid(const Tensor& x);
+Tensor silu(const Tensor& x);
+Tensor softplus(const Tensor& x);
+Tensor gelu(const Tensor& x);  // exact (erf) form
+Tensor relu(const Tensor& x);
+Tensor sqrt(const Tensor& x);
+Tensor rsqrt(const Tensor& x);
+Tensor square(const Tensor& x);
+Tensor tanh(const Tensor& x);
+Tensor pow(const Tensor& x, double exponent);
+
+inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+inline Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+inline Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
+inline Tensor operator+(const Tensor& a, double b) { return add(a, b); }
+inline Tensor operator-(const Tensor& a, double b) { return add(a, -b); }
+inline Tensor operator*(const Tensor& a, double b) { return mul(a, b); }
+inline Tensor operator*(double a, const Tensor& b) { return mul(b, a); }
+inline Tensor operator/(const Tensor& a, double b) { return mul(a, 1.0 / b); }
+inline Tensor operator-(const Tensor& a) { return neg(a); }
+
+// The broadcast shape of a and b, or an error naming `op` and both shapes.
+Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op);
+
+// ---- reductions
+// ------------------------------------------------------------------------------------ Over `axes`
+// (all axes when empty); negative axes count from the end.
+Tensor sum(const Tensor& x, const std::vector<int64_t>& axes = {}, bool keepdim = false);
+Tensor mean(const Tensor& x, const std::vector<int64_t>& axes = {}, bool keepdim = false);
+// Sums a broadcast gradient back to `shape` (the backward of broadcasting).
+Tensor sum_to(const Tensor& x, const Shape& shape);
+// Not differentiable: statistics.
+Tensor amax(const Tensor& x, int64_t axis, bool keepdim = false);
+Tensor sum_squares(const Tensor& x);  // sum of x^2 over all elements, as a 1-element tensor
+
+// ---- linear algebra
+// -------------------------------------------------------------------------------- a [..., M, K] @
+// b [K, N] -> [..., M, N];  a [B..., M, K] @ b [B..., K, N] -> [B..., M, N]. Transposed views are
+// passed to BLAS as transposes, without copies.
+Tensor matmul(const Tensor& a, const Tensor& b);
+// x [..., in] -> x @ w^T + bias, w [out, in], bias [out] or undefined.
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
+
+// ---- normalisation, softmax, losses
+// ----------------------------------------------------------------
+Tensor rms_norm(const Tensor& x, const Tensor& weight,
+                double eps = 1e-6);   // over the last axis; weight may be undefined
+Tensor softmax(const Tensor& x);      // over the last axis
+Tensor log_softmax(const Tensor& x);  // over the last axis
+enum class Reduction { kMean, kSum, kNone };
+// logits [..., V], targets [...] (i32/i64). kMean averages over the rows whose target !=
+// ignore_index.
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
+                     Reduction reduction = Reduction::kMean);
+
+// ---- indexing
+// -------------------------------------------------------------------------------------- weight [V,
+// d], indices [...] (i32/i64) -> [..., d]; backward scatter-adds rows (deterministic).
+Tensor embedding(const Tensor& weight, const Tensor& indices);
+// Rows of a 2-D table: out[i] = table[index[i]]  (index_select on axis 0).
+Tensor gather_rows(const Tensor& table, const Tensor& index);
+// out = table with src[i] added to row index[i]  (index_add on axis 0).
+Tensor scatter_add_rows(const Tensor& table, const Tensor& index, const Tensor& src);
+// Along `axis`: out[.., i, ..] = x[.., index[.., i, ..], ..]; index has x's shape except along
+// axis.
+Tensor gather(const Tensor& x, int64_t axis, const Tensor& index);
+// out = x; out[.., index[.., i, ..], ..] += src[.., i, ..]; index has src's shape.
+Tensor scatter_add(const Tensor& x, int64_t axis, const Tensor& index, const Tensor& src);
+Tensor concat(const std::vector<Tensor>& tensors, int64_t axis);
+// Views of consecutive pieces of `sizes` along `axis` (one node: its backward concatenates).
+std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, int64_t axis);
+// The k largest along the last axis, descending, ties to the lower index; gradient flows to values.
+std::pair<Tensor, Tensor> topk(const Tensor& x, int64_t k);
+
+// ---- sequence ops
+// ---------------------------------------------------------------------------------- x [B, L, C], w
+// [C, W], bias [C] or undefined, prefix [B, W-1, C] or undefined (the inputs before position 0). y
+// = conv (+ SiLU when silu).
+Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor& bias,
+                     const Tensor& prefix = Tensor(), bool silu = false);
+
+struct SelectiveScanResult {
+  Tensor y;       // [B, L, D]
+  Tensor h_last;  // [B, D, N], accumulate dtype
+};
+// The fused selective scan (kernels/ssm_scan.h): u, delta_raw, z [B, L, D]; B, C [B, L, N];
+// A_log [D, N]; D, dt_bias [D]; h0 [B, D, N]. z, D, dt_bias and h0 may be undefined.
+SelectiveScanResult selective_scan(const Tensor& u, const Tensor& delta_raw, const Tensor& A_log,
+                                   const Tensor& B, const Tensor& C, const Tensor& D,
+                                   const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
+                                   int64_t chunk_len = 64);
+
+}  // namespace hydra

@@ -1,0 +1,301 @@
+#include <numeric>
+
+#include "autograd/dispatch.h"
+#include "autograd/node.h"
+#include "autograd/ops.h"
+#include "kernels/index.h"
+#include "kernels/topk.h"
+
+namespace hydra {
+namespace {
+
+void check_index(const char* op, const Tensor& index, const Tensor& data) {
+  HYDRA_CHECK(is_integral(index.dtype()))
+      << op << ": index must be i32 or i64, got " << dtype_name(index.dtype());
+  HYDRA_CHECK(index.device() == data.device())
+      << op << ": index on " << index.device().str() << ", data on " << data.device().str();
+}
+
+// table[index[i]] += src[i] into `table` (contiguous, modified).
+void scatter_rows_into(const Tensor& table, const Tensor& index, const Tensor& src) {
+  kernels::RowScatterAddParams p;
+  p.dtype = table.dtype();
+  p.index_dtype = index.dtype();
+  p.src = src.raw_data();
+  p.index = index.raw_data();
+  p.table = table.raw_data();
+  p.n = index.numel();
+  p.num_rows = table.size(0);
+  p.cols = table.numel() / std::max<int64_t>(table.size(0), 1);
+  p.stream = current_stream(table.device());
+  if (p.n > 0 && p.cols > 0) HYDRA_LAUNCH_CPU_ONLY(table.device(), row_scatter_add, p);
+}
+
+Tensor gather_rows_raw(const Tensor& table, const Tensor& index) {
+  const int64_t cols = table.size(1);
+  Tensor out = Tensor::empty({index.numel(), cols}, table.dtype(), table.device());
+  kernels::RowGatherParams p;
+  p.dtype = table.dtype();
+  p.index_dtype = index.dtype();
+  p.table = table.raw_data();
+  p.index = index.raw_data();
+  p.out = out.raw_data();
+  p.n = index.numel();
+  p.num_rows = table.size(0);
+  p.cols = cols;
+  p.stream = current_stream(table.device());
+  if (p.n > 0 && cols > 0) HYDRA_LAUNCH_CPU_ONLY(table.device(), row_gather, p);
+  return out;
+}
+
+// x viewed as [outer, axis, inner] around `axis`.
+struct AxisSplit {
+  int64_t outer = 1, inner = 1;
+};
+AxisSplit split_at(const Shape& s, int64_t axis) {
+  AxisSplit a;
+  for (int64_t i = 0; i < axis; ++i) a.outer *= s[i];
+  for (int64_t i = axis + 1; i < static_cast<int64_t>(s.size()); ++i) a.inner *= s[i];
+  return a;
+}
+
+int64_t wrap_axis(int64_t axis, int64_t ndim, const char* op) {
+  HYDRA_CHECK(axis >= -ndim && axis < ndim)
+      << op << ": axis " << axis << " out of range for " << ndim << " dimensions";
+  return axis < 0 ? axis + ndim : axis;
+}
+
+// Launches axis gather (scatter = false) or scatter-add (scatter = true).
+void axis_index(bool scatter, const Tensor& src, const Tensor& index, const Tensor& dst,
+                int64_t axis, int64_t axis_len) {
+  const AxisSplit s = split_at(index.shape(), axis);
+  kernels::AxisIndexParams p;
+  p.dtype = src.dtype();
+  p.index_dtype = index.dtype();
+  p.src = src.raw_data();
+  p.index = index.raw_data();
+  p.dst = dst.raw_data();
+  p.outer = s.outer;
+  p.axis = axis_len;
+  p.count = index.shape()[axis];
+  p.inner = s.inner;
+  p.stream = current_stream(dst.device());
+  if (index.numel() == 0) return;
+  if (scatter) {
+    HYDRA_LAUNCH_CPU_ONLY(dst.device(), axis_scatter_add, p);
+  } else {
+    HYDRA_LAUNCH_CPU_ONLY(dst.device(), axis_gather, p);
+  }
+}
+
+void check_axis_index_shape(const char* op, const Shape& data, const Shape& index, int64_t axis) {
+  bool ok = data.size() == index.size();
+  for (std::size_t i = 0; ok && i < data.size(); ++i)
+    ok = static_cast<int64_t>(i) == axis || data[i] == index[i];
+  HYDRA_CHECK(ok) << op << ": index shape " << shape_str(index) << " must equal " << shape_str(data)
+                  << " except along axis " << axis;
+}
+
+}  // namespace
+
+Tensor gather_rows(const Tensor& table_in, const Tensor& index_in) {
+  check_index("gather_rows", index_in, table_in);
+  HYDRA_CHECK(table_in.dim() == 2)
+      << "gather_rows: table must be 2-D, got " << shape_str(table_in.shape());
+  Tensor table = table_in.contiguous(), index = index_in.contiguous();
+  Tensor out = gather_rows_raw(table, index);
+  if (any_requires_grad({table_in})) {
+    SavedTensor si(index);
+    const Shape tshape = table.shape();
+    const DType dt = table.dtype();
+    record_op("gather_rows", {table_in}, {out}, [si, tshape, dt](const std::vector<Tensor>& g) {
+      Tensor gt = zeros(tshape, dt, g[0].device());
+      scatter_rows_into(gt, si.get(), g[0].contiguous());
+      return std::vector<Tensor>{gt};
+    });
+  }
+  return out;
+}
+
+Tensor embedding(const Tensor& weight, const Tensor& indices) {
+  HYDRA_CHECK(weight.dim() == 2) << "embedding: weight must be [num_embeddings, dim], got "
+                                 << shape_str(weight.shape());
+  Shape out_shape = indices.shape();
+  out_shape.push_back(weight.size(1));
+  return gather_rows(weight, indices.reshape({-1})).view(out_shape);
+}
+
+Tensor scatter_add_rows(const Tensor& table_in, const Tensor& index_in, const Tensor& src_in) {
+  check_index("scatter_add_rows", index_in, table_in);
+  HYDRA_CHECK(table_in.dim() == 2 && src_in.dim() == 2 && src_in.size(1) == table_in.size(1) &&
+              index_in.numel() == src_in.size(0))
+      << "scatter_add_rows: table " << shape_str(table_in.shape()) << ", index "
+      << shape_str(index_in.shape()) << ", src " << shape_str(src_in.shape())
+      << " (expected [R, C], [n], [n, C])";
+  HYDRA_CHECK(table_in.dtype() == src_in.dtype())
+      << "scatter_add_rows: table and src dtypes differ";
+  Tensor index = index_in.contiguous();
+  Tensor out = table_in.detach().clone();
+  scatter_rows_into(out, index, src_in.contiguous());
+  SavedTensor si(index);
+  const bool need_src = src_in.requires_grad();
+  record_op("scatter_add_rows", {table_in, src_in}, {out},
+            [si, need_src](const std::vector<Tensor>& g) {
+              Tensor gc = g[0].contiguous();
+              return std::vector<Tensor>{g[0], need_src ? gather_rows_raw(gc, si.get()) : Tensor()};
+            });
+  return out;
+}
+
+Tensor gather(const Tensor& x_in, int64_t axis, const Tensor& index_in) {
+  check_index("gather", index_in, x_in);
+  axis = wrap_axis(axis, x_in.dim(), "gather");
+  check_axis_index_shape("gather", x_in.shape(), index_in.shape(), axis);
+  Tensor x = x_in.contiguous(), index = index_in.contiguous();
+  Tensor out = Tensor::empty(index.shape(), x.dtype(), x.device());
+  axis_index(false, x, index, out, axis, x.shape()[axis]);
+  if (any_requires_grad({x_in})) {
+    SavedTensor si(index);
+    const Shape xshape = x.shape();
+    const DType dt = x.dtype();
+    record_op("gather", {x_in}, {out}, [si, xshape, dt, axis](const std::vector<Tensor>& g) {
+      Tensor gx = zeros(xshape, dt, g[0].device());
+      axis_index(true, g[0].contiguous(), si.get(), gx, axis, xshape[axis]);
+      return std::vector<Tensor>{gx};
+    });
+  }
+  return out;
+}
+
+Tensor scatter_add(const Tensor& x_in, int64_t axis, const Tensor& index_in, const Tensor& src_in) {
+  check_index("scatter_add", index_in, x_in);
+  axis = wrap_axis(axis, x_in.dim(), "scatter_add");
+  HYDRA_CHECK(index_in.shape() == src_in.shape())
+      << "scatter_add: index " << shape_str(index_in.shape()) << " and src "
+      << shape_str(src_in.shape()) << " differ";
+  check_axis_index_shape("scatter_add", x_in.shape(), index_in.shape(), axis);
+  HYDRA_CHECK(x_in.dtype() == src_in.dtype()) << "scatter_add: x and src dtypes differ";
+  Tensor index = index_in.contiguous();
+  Tensor out = x_in.detach().clone();
+  axis_index(true, src_in.contiguous(), index, out, axis, x_in.shape()[axis]);
+  SavedTensor si(index);
+  const bool need_src = src_in.requires_grad();
+  record_op("scatter_add", {x_in, src_in}, {out},
+            [si, axis, need_src](const std::vector<Tensor>& g) {
+              Tensor gsrc;
+              if (need_src) {
+                Tensor idx = si.get(), gc = g[0].contiguous();
+                gsrc = Tensor::empty(idx.shape(), gc.dtype(), gc.device());
+                axis_index(false, gc, idx, gsrc, axis, gc.shape()[axis]);
+              }
+              return std::vector<Tensor>{g[0], gsrc};
+            });
+  return out;
+}
+
+Tensor concat(const std::vector<Tensor>& tensors, int64_t axis) {
+  HYDRA_CHECK(!tensors.empty()) << "concat: no tensors";
+  const Tensor& first = tensors[0];
+  axis = wrap_axis(axis, first.dim(), "concat");
+  Shape out_shape = first.shape();
+  out_shape[axis] = 0;
+  std::vector<int64_t> sizes;
+  for (const Tensor& t : tensors) {
+    bool ok = t.dim() == first.dim() && t.dtype() == first.dtype() && t.device() == first.device();
+    for (int64_t i = 0; ok && i < t.dim(); ++i) ok = i == axis || t.shape()[i] == first.shape()[i];
+    HYDRA_CHECK(ok) << "concat: " << shape_str(t.shape()) << " " << dtype_name(t.dtype())
+                    << " does not match " << shape_str(first.shape()) << " "
+                    << dtype_name(first.dtype()) << " along axis " << axis;
+    sizes.push_back(t.shape()[axis]);
+    out_shape[axis] += t.shape()[axis];
+  }
+  Tensor out = Tensor::empty(out_shape, first.dtype(), first.device());
+  int64_t offset = 0;
+  for (const Tensor& t : tensors) {
+    out.narrow(axis, offset, t.shape()[axis]).copy_(t.detach());
+    offset += t.shape()[axis];
+  }
+  record_op("concat", tensors, {out}, [sizes, axis](const std::vector<Tensor>& g) {
+    std::vector<Tensor> grads;
+    int64_t off = 0;
+    for (int64_t s : sizes) {
+      grads.push_back(g[0].narrow(axis, off, s));
+      off += s;
+    }
+    return grads;
+  });
+  return out;
+}
+
+std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, int64_t axis) {
+  axis = wrap_axis(axis, x.dim(), "split");
+  const int64_t total = std::accumulate(sizes.begin(), sizes.end(), int64_t{0});
+  HYDRA_CHECK(total == x.shape()[axis])
+      << "split: sizes add up to " << total << " but axis " << axis << " of "
+      << shape_str(x.shape()) << " has " << x.shape()[axis];
+  std::vector<Tensor> outs;
+  int64_t off = 0;
+  const Tensor base = x.detach();
+  for (int64_t s : sizes) {
+    outs.push_back(base.narrow(axis, off, s));
+    off += s;
+  }
+  const Shape xshape = x.shape();
+  const DType dt = x.dtype();
+  record_op("split", {x}, outs, [sizes, axis, xshape, dt](const std::vector<Tensor>& g) {
+    std::vector<Tensor> parts;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      if (g[i].defined()) {
+        parts.push_back(g[i]);
+      } else {
+        Shape s = xshape;
+        s[axis] = sizes[i];
+        parts.push_back(zeros(s, dt, g[0].defined() ? g[0].device() : Device::cpu()));
+      }
+    }
+    // One defined gradient fixes the device for the zeros; find it.
+    Device dev = Device::cpu();
+    for (const Tensor& t : g)
+      if (t.defined()) dev = t.device();
+    for (Tensor& p : parts) p = p.to(dev);
+    return std::vector<Tensor>{concat(parts, axis)};
+  });
+  return outs;
+}
+
+std::pair<Tensor, Tensor> topk(const Tensor& x_in, int64_t k) {
+  HYDRA_CHECK(x_in.dim() >= 1 && is_floating(x_in.dtype()))
+      << "topk: floating input with >= 1 dimension expected";
+  const int64_t cols = x_in.size(-1);
+  HYDRA_CHECK(k >= 0 && k <= cols) << "topk: k = " << k << " but the last axis of "
+                                   << shape_str(x_in.shape()) << " has " << cols;
+  Tensor x = x_in.contiguous();
+  Shape out_shape = x.shape();
+  out_shape.back() = k;
+  Tensor values = Tensor::empty(out_shape, x.dtype(), x.device());
+  Tensor indices = Tensor::empty(out_shape, DType::kI64, x.device());
+  kernels::TopkParams p;
+  p.dtype = x.dtype();
+  p.x = x.raw_data();
+  p.values = values.raw_data();
+  p.indices = indices.raw_data();
+  p.rows = cols ? x.numel() / cols : 0;
+  p.cols = cols;
+  p.k = k;
+  p.stream = current_stream(x.device());
+  if (p.rows > 0 && k > 0) HYDRA_LAUNCH_CPU_ONLY(x.device(), topk, p);
+  if (any_requires_grad({x_in})) {
+    SavedTensor si(indices);
+    const Shape xshape = x.shape();
+    const DType dt = x.dtype();
+    record_op("topk", {x_in}, {values, Tensor()}, [si, xshape, dt](const std::vector<Tensor>& g) {
+      Tensor gx = zeros(xshape, dt, g[0].device());
+      Tensor idx = si.get();
+      axis_index(true, g[0].contiguous(), idx, gx, idx.dim() - 1, xshape.back());
+      return std::vector<Tensor>{gx};
+    });
+  }
+  return {values, indices};
+}
+
+}  // namespace hydra

@@ -1,0 +1,162 @@
+#include <algorithm>
+
+#include "autograd/dispatch.h"
+#include "autograd/node.h"
+#include "autograd/ops.h"
+#include "kernels/matmul.h"
+
+namespace hydra {
+namespace {
+
+// A [batch, rows, cols] view as BLAS sees it: a stored row-major matrix, possibly transposed.
+struct BlasOperand {
+  Tensor t;
+  int64_t ld = 0;
+  bool trans = false;
+  int64_t batch_stride = 0;
+};
+
+BlasOperand as_blas_operand(const Tensor& m) {
+  const int64_t r = m.size(1), c = m.size(2), sr = m.stride(1), sc = m.stride(2);
+  const int64_t bs = m.size(0) == 1 ? 0 : m.stride(0);
+  if (sc == 1 || c == 1) {
+    const int64_t ld = r == 1 ? std::max<int64_t>(c, 1) : sr;
+    if (ld >= std::max<int64_t>(c, 1)) return {m, ld, false, bs};
+  }
+  if (sr == 1 || r == 1) {
+    const int64_t ld = c == 1 ? std::max<int64_t>(r, 1) : sc;
+    if (ld >= std::max<int64_t>(r, 1)) return {m, ld, true, bs};
+  }
+  Tensor mc = m.contiguous();
+  return {mc, std::max<int64_t>(c, 1), false, m.size(0) == 1 ? 0 : r * c};
+}
+
+// out[i] = alpha * op(a[i]) @ op(b[i]) + beta * out[i] for [batch, *, *] operands (batch 1
+// broadcasts).
+void gemm_into(const Tensor& out, const Tensor& a, bool ta, const Tensor& b, bool tb, double beta) {
+  const BlasOperand A = as_blas_operand(a), B = as_blas_operand(b);
+  kernels::GemmParams p;
+  p.dtype = out.dtype();
+  p.trans_a = ta != A.trans;
+  p.trans_b = tb != B.trans;
+  p.m = out.size(1);
+  p.n = out.size(2);
+  p.k = ta ? a.size(1) : a.size(2);
+  p.a = A.t.raw_data();
+  p.lda = A.ld;
+  p.b = B.t.raw_data();
+  p.ldb = B.ld;
+  p.c = out.raw_data();
+  p.ldc = std::max<int64_t>(p.n, 1);
+  p.batch = out.size(0);
+  p.stride_a = A.batch_stride;
+  p.stride_b = B.batch_stride;
+  p.stride_c = p.m * p.n;
+  p.beta = beta;
+  p.stream = current_stream(out.device());
+  if (p.m == 0 || p.n == 0 || p.batch == 0) return;
+  HYDRA_LAUNCH_CPU_ONLY(out.device(), gemm, p);
+}
+
+// op(a) @ op(b) for [batch, *, *] operands, as a new contiguous tensor.
+Tensor mm(const Tensor& a, bool ta, const Tensor& b, bool tb) {
+  const int64_t batch = std::max(a.size(0), b.size(0));
+  const int64_t m = ta ? a.size(2) : a.size(1), n = tb ? b.size(1) : b.size(2);
+  Tensor out = Tensor::empty({batch, m, n}, a.dtype(), a.device());
+  if ((ta ? a.size(1) : a.size(2)) == 0) return out.zero_();
+  gemm_into(out, a, ta, b, tb, 0.0);
+  return out;
+}
+
+void check_operands(const char* op, const Tensor& a, const Tensor& b) {
+  HYDRA_CHECK(a.device() == b.device())
+      << op << ": operands on " << a.device().str() << " and " << b.device().str();
+  HYDRA_CHECK(a.dtype() == b.dtype()) << op << ": operand dtypes " << dtype_name(a.dtype())
+                                      << " and " << dtype_name(b.dtype()) << " differ";
+  HYDRA_CHECK(is_floating(a.dtype())) << op << ": floating operands expected";
+}
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b) {
+  check_operands("matmul", a, b);
+  HYDRA_CHECK(a.dim() >= 2 && b.dim() >= 2)
+      << "matmul: operands need >= 2 dimensions, got " << shape_str(a.shape()) << " and "
+      << shape_str(b.shape());
+  const int64_t K = a.size(-1);
+  HYDRA_CHECK(b.size(-2) == K) << "matmul: inner dimensions differ: " << shape_str(a.shape())
+                               << " @ " << shape_str(b.shape());
+  const int64_t M = a.size(-2), N = b.size(-1);
+  Shape out_shape(a.shape().begin(), a.shape().end() - 1);
+  out_shape.push_back(N);
+  if (b.dim() == 2) {
+    // Fold a's batch into its rows: one GEMM.
+    Tensor a3 = (a.dim() == 2 ? a.unsqueeze(0) : a.reshape({1, -1, K})).detach();
+    Tensor b3 = b.unsqueeze(0).detach();
+    Tensor out = mm(a3, false, b3, false).view(out_shape);
+    const bool need_a = a.requires_grad(), need_b = b.requires_grad();
+    SavedTensor sa(need_b ? a3 : Tensor()), sb(need_a ? b3 : Tensor());
+    const Shape a_shape = a.shape(), b_shape = b.shape();
+    record_op("matmul", {a, b}, {out}, [=](const std::vector<Tensor>& g) {
+      Tensor g3 = g[0].reshape({1, -1, N});
+      Tensor ga = need_a ? mm(g3, false, sb.get(), true).view(a_shape) : Tensor();
+      Tensor gb = need_b ? mm(sa.get(), true, g3, false).view(b_shape) : Tensor();
+      return std::vector<Tensor>{ga, gb};
+    });
+    return out;
+  }
+  HYDRA_CHECK(a.dim() == b.dim() &&
+              std::equal(a.shape().begin(), a.shape().end() - 2, b.shape().begin()))
+      << "matmul: batch dimensions differ: " << shape_str(a.shape()) << " @ "
+      << shape_str(b.shape());
+  Tensor a3 = a.reshape({-1, M, K}).detach();
+  Tensor b3 = b.reshape({-1, K, N}).detach();
+  Tensor out = mm(a3, false, b3, false).view(out_shape);
+  const bool need_a = a.requires_grad(), need_b = b.requires_grad();
+  SavedTensor sa(need_b ? a3 : Tensor()), sb(need_a ? b3 : Tensor());
+  const Shape a_shape = a.shape(), b_shape = b.shape();
+  record_op("bmm", {a, b}, {out}, [=](const std::vector<Tensor>& g) {
+    Tensor g3 = g[0].reshape({-1, M, N});
+    Tensor ga = need_a ? mm(g3, false, sb.get(), true).view(a_shape) : Tensor();
+    Tensor gb = need_b ? mm(sa.get(), true, g3, false).view(b_shape) : Tensor();
+    return std::vector<Tensor>{ga, gb};
+  });
+  return out;
+}
+
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
+  check_operands("linear", x, w);
+  HYDRA_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1))
+      << "linear: input " << shape_str(x.shape()) << " does not match weight "
+      << shape_str(w.shape()) << " (expected [..., in] and [out, in])";
+  const int64_t in = w.size(1), out_features = w.size(0);
+  if (bias.defined())
+    HYDRA_CHECK(bias.dim() == 1 && bias.size(0) == out_features && bias.dtype() == w.dtype())
+        << "linear: bias " << shape_str(bias.shape()) << " for weight " << shape_str(w.shape());
+  Tensor x3 = (x.dim() == 2 ? x.unsqueeze(0) : x.reshape({1, -1, in})).detach();
+  Tensor w3 = w.detach().unsqueeze(0);
+  const int64_t rows = x3.size(1);
+  Tensor out = Tensor::empty({1, rows, out_features}, x.dtype(), x.device());
+  if (bias.defined()) out.copy_(bias.detach().expand(out.shape()));
+  if (in == 0) {
+    if (!bias.defined()) out.zero_();
+  } else {
+    gemm_into(out, x3, false, w3, true, bias.defined() ? 1.0 : 0.0);
+  }
+  Shape out_shape(x.shape().begin(), x.shape().end() - 1);
+  out_shape.push_back(out_features);
+  out = out.view(out_shape);
+  const bool need_x = x.requires_grad(), need_w = w.requires_grad(), has_bias = bias.defined();
+  SavedTensor sx(need_w ? x3 : Tensor()), sw(need_x ? w3 : Tensor());
+  const Shape x_shape = x.shape();
+  record_op("linear", {x, w, bias}, {out}, [=](const std::vector<Tensor>& g) {
+    Tensor g3 = g[0].reshape({1, -1, out_features});
+    Tensor gx = need_x ? mm(g3, false, sw.get(), false).view(x_shape) : Tensor();
+    Tensor gw = need_w ? mm(g3, true, sx.get(), false).view({out_features, in}) : Tensor();
+    Tensor gb = has_bias ? sum(g3, {0, 1}) : Tensor();
+    return std::vector<Tensor>{gx, gw, gb};
+  });
+  return out;
+}
+
+}  // namespace hydra

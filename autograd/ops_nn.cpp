@@ -1,0 +1,187 @@
+#include "autograd/dispatch.h"
+#include "autograd/node.h"
+#include "autograd/ops.h"
+#include "kernels/loss.h"
+#include "kernels/norm.h"
+#include "kernels/softmax.h"
+
+namespace hydra {
+namespace {
+
+Tensor softmax_impl(const Tensor& x_in, bool log) {
+  const char* name = log ? "log_softmax" : "softmax";
+  HYDRA_CHECK(x_in.dim() >= 1 && is_floating(x_in.dtype()))
+      << name << ": floating input with >= 1 dimension expected";
+  Tensor x = x_in.contiguous();
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  const int64_t cols = x.size(-1), rows = cols ? x.numel() / cols : 0;
+  kernels::SoftmaxParams p;
+  p.dtype = x.dtype();
+  p.log = log;
+  p.x = x.raw_data();
+  p.y = y.raw_data();
+  p.rows = rows;
+  p.cols = cols;
+  p.stream = current_stream(x.device());
+  if (rows > 0 && cols > 0) HYDRA_LAUNCH_CPU_ONLY(x.device(), softmax_fwd, p);
+  if (any_requires_grad({x_in})) {
+    SavedTensor sy(y);
+    record_op(name, {x_in}, {y}, [sy, log, rows, cols](const std::vector<Tensor>& g) {
+      Tensor yv = sy.get(), gy = g[0].contiguous();
+      Tensor gx = Tensor::empty(yv.shape(), yv.dtype(), yv.device());
+      kernels::SoftmaxBwdParams q;
+      q.dtype = yv.dtype();
+      q.log = log;
+      q.y = yv.raw_data();
+      q.gy = gy.raw_data();
+      q.gx = gx.raw_data();
+      q.rows = rows;
+      q.cols = cols;
+      q.stream = current_stream(yv.device());
+      if (rows > 0 && cols > 0) HYDRA_LAUNCH_CPU_ONLY(yv.device(), softmax_bwd, q);
+      return std::vector<Tensor>{gx};
+    });
+  }
+  return y;
+}
+
+}  // namespace
+
+Tensor rms_norm(const Tensor& x_in, const Tensor& weight, double eps) {
+  HYDRA_CHECK(x_in.dim() >= 1 && is_floating(x_in.dtype()))
+      << "rms_norm: floating input with >= 1 dimension expected";
+  const int64_t cols = x_in.size(-1);
+  if (weight.defined()) {
+    HYDRA_CHECK(weight.dim() == 1 && weight.size(0) == cols)
+        << "rms_norm: weight " << shape_str(weight.shape()) << " does not match input "
+        << shape_str(x_in.shape());
+    HYDRA_CHECK(weight.dtype() == x_in.dtype() && weight.device() == x_in.device())
+        << "rms_norm: weight and input differ in dtype or device";
+  }
+  Tensor x = x_in.contiguous();
+  const int64_t rows = cols ? x.numel() / cols : 0;
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor rstd = Tensor::empty({rows}, accumulate_dtype(x.dtype()), x.device());
+  kernels::RmsNormParams p;
+  p.dtype = x.dtype();
+  p.x = x.raw_data();
+  p.w = weight.defined() ? weight.contiguous().raw_data() : nullptr;
+  p.y = y.raw_data();
+  p.rstd = rstd.raw_data();
+  p.rows = rows;
+  p.cols = cols;
+  p.eps = eps;
+  p.stream = current_stream(x.device());
+  if (rows > 0) HYDRA_LAUNCH_CPU_ONLY(x.device(), rmsnorm_fwd, p);
+  if (any_requires_grad({x_in, weight})) {
+    SavedTensor sx(x), sw(weight.defined() ? weight.contiguous() : Tensor()), sr(rstd);
+    const bool need_w = weight.defined() && weight.requires_grad();
+    record_op("rms_norm", {x_in, weight}, {y}, [=](const std::vector<Tensor>& g) {
+      Tensor xv = sx.get(), wv = sw.get(), gy = g[0].contiguous();
+      Tensor gx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+      Tensor gw = need_w ? Tensor::empty({cols}, xv.dtype(), xv.device()) : Tensor();
+      kernels::RmsNormBwdParams q;
+      q.dtype = xv.dtype();
+      q.x = xv.raw_data();
+      q.w = wv.defined() ? wv.raw_data() : nullptr;
+      q.rstd = sr.get().raw_data();
+      q.gy = gy.raw_data();
+      q.gx = gx.raw_data();
+      q.gw = need_w ? gw.raw_data() : nullptr;
+      q.rows = rows;
+      q.cols = cols;
+      q.stream = current_stream(xv.device());
+      if (rows > 0) {
+        HYDRA_LAUNCH_CPU_ONLY(xv.device(), rmsnorm_bwd, q);
+      } else if (need_w) {
+        gw.zero_();
+      }
+      return std::vector<Tensor>{gx, gw};
+    });
+  }
+  return y;
+}
+
+Tensor softmax(const Tensor& x) { return softmax_impl(x, false); }
+Tensor log_softmax(const Tensor& x) { return softmax_impl(x, true); }
+
+Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t ignore_index,
+                     Reduction reduction) {
+  HYDRA_CHECK(logits_in.dim() >= 1 && is_floating(logits_in.dtype()))
+      << "cross_entropy: floating logits expected";
+  HYDRA_CHECK(is_integral(targets_in.dtype()))
+      << "cross_entropy: targets must be i32 or i64, got " << dtype_name(targets_in.dtype());
+  const int64_t V = logits_in.size(-1);
+  Shape row_shape(logits_in.shape().begin(), logits_in.shape().end() - 1);
+  HYDRA_CHECK(targets_in.shape() == row_shape)
+      << "cross_entropy: targets " << shape_str(targets_in.shape()) << " do not match logits "
+      << shape_str(logits_in.shape()) << " (expected " << shape_str(row_shape) << ")";
+  HYDRA_CHECK(targets_in.device() == logits_in.device())
+      << "cross_entropy: logits and targets on different devices";
+  Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
+  const int64_t rows = shape_numel(row_shape);
+  const DType acc = accumulate_dtype(logits.dtype());
+  Tensor loss_rows = Tensor::empty({rows}, acc, logits.device());
+  Tensor lse = Tensor::empty({rows}, acc, logits.device());
+  kernels::CrossEntropyParams p;
+  p.dtype = logits.dtype();
+  p.target_dtype = targets.dtype();
+  p.logits = logits.raw_data();
+  p.targets = targets.raw_data();
+  p.loss = loss_rows.raw_data();
+  p.lse = lse.raw_data();
+  p.rows = rows;
+  p.vocab = V;
+  p.ignore_index = ignore_index;
+  p.stream = current_stream(logits.device());
+  if (rows > 0) HYDRA_LAUNCH_CPU_ONLY(logits.device(), cross_entropy_fwd, p);
+
+  // Rows that count (the mean's denominator).
+  int64_t count = 0;
+  if (reduction == Reduction::kMean) {
+    for (int64_t t : targets.to_vector<int64_t>()) count += t != ignore_index;
+  }
+  Tensor out;
+  if (reduction == Reduction::kNone) {
+    out = loss_rows.view(row_shape);
+  } else {
+    const double scale =
+        reduction == Reduction::kMean ? (count > 0 ? 1.0 / static_cast<double>(count) : 0.0) : 1.0;
+    out = sum(loss_rows).to(acc);
+    if (scale != 1.0) out = mul(out, scale);
+    out = out.detach();
+  }
+  if (any_requires_grad({logits_in})) {
+    SavedTensor sl(logits), st(targets), slse(lse);
+    record_op("cross_entropy", {logits_in}, {out}, [=](const std::vector<Tensor>& g) {
+      Tensor grow;  // per-row upstream gradient, accumulate dtype
+      if (reduction == Reduction::kNone) {
+        grow = g[0].reshape({rows}).to(acc).contiguous();
+      } else {
+        const double scale = reduction == Reduction::kMean
+                                 ? (count > 0 ? 1.0 / static_cast<double>(count) : 0.0)
+                                 : 1.0;
+        grow = mul(g[0].to(acc).reshape({1}), scale).expand({rows}).contiguous();
+      }
+      Tensor lv = sl.get();
+      Tensor gl = Tensor::empty(lv.shape(), lv.dtype(), lv.device());
+      kernels::CrossEntropyBwdParams q;
+      q.dtype = lv.dtype();
+      q.target_dtype = st.get().dtype();
+      q.logits = lv.raw_data();
+      q.targets = st.get().raw_data();
+      q.lse = slse.get().raw_data();
+      q.grow = grow.raw_data();
+      q.glogits = gl.raw_data();
+      q.rows = rows;
+      q.vocab = V;
+      q.ignore_index = ignore_index;
+      q.stream = current_stream(lv.device());
+      if (rows > 0) HYDRA_LAUNCH_CPU_ONLY(lv.device(), cross_entropy_bwd, q);
+      return std::vector<Tensor>{gl};
+    });
+  }
+  return out;
+}
+
+}  // namespace hydra

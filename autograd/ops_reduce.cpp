@@ -1,0 +1,139 @@
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "autograd/dispatch.h"
+#include "autograd/node.h"
+#include "autograd/ops.h"
+#include "kernels/reduce.h"
+
+namespace hydra {
+namespace {
+
+using kernels::ReduceOp;
+
+// Reduces axes [first, last] (adjacent) of contiguous x, keeping them as size 1.
+Tensor reduce_range(ReduceOp op, const Tensor& x, int64_t first, int64_t last, double scale) {
+  const Shape& s = x.shape();
+  int64_t outer = 1, R = 1, inner = 1;
+  for (int64_t i = 0; i < first; ++i) outer *= s[i];
+  for (int64_t i = first; i <= last; ++i) R *= s[i];
+  for (int64_t i = last + 1; i < x.dim(); ++i) inner *= s[i];
+  Shape out_shape = s;
+  for (int64_t i = first; i <= last; ++i) out_shape[i] = 1;
+  Tensor y = Tensor::empty(out_shape, x.dtype(), x.device());
+  if (y.numel() == 0) return y;
+  if (R == 0)
+    return y.fill_(op == ReduceOp::kSum || op == ReduceOp::kSumSquares ? 0.0 : std::nan(""));
+  kernels::ReduceParams p;
+  p.op = op;
+  p.dtype = x.dtype();
+  p.x = x.raw_data();
+  p.y = y.raw_data();
+  p.outer = outer;
+  p.reduce = R;
+  p.inner = inner;
+  p.scale = scale;
+  p.stream = current_stream(x.device());
+  HYDRA_LAUNCH_CPU_ONLY(x.device(), reduce_axis, p);
+  return y;
+}
+
+std::vector<int64_t> normalize_axes(const std::vector<int64_t>& axes, int64_t ndim, const char* op,
+                                    const Shape& shape) {
+  std::set<int64_t> out;
+  if (axes.empty()) {
+    for (int64_t i = 0; i < ndim; ++i) out.insert(i);
+  }
+  for (int64_t a : axes) {
+    HYDRA_CHECK(a >= -ndim && a < ndim)
+        << op << ": axis " << a << " out of range for shape " << shape_str(shape);
+    out.insert(a < 0 ? a + ndim : a);
+  }
+  return {out.begin(), out.end()};
+}
+
+// Reduces the given (sorted) axes, merging runs of adjacent axes into one kernel call. The result
+// keeps the reduced axes as size 1.
+Tensor reduce_axes(ReduceOp op, const Tensor& x_in, const std::vector<int64_t>& axes,
+                   double scale) {
+  Tensor y = x_in.contiguous();
+  for (int64_t i = static_cast<int64_t>(axes.size()) - 1; i >= 0;) {
+    int64_t j = i;
+    while (j > 0 && axes[j - 1] == axes[j] - 1) --j;
+    const bool last_run = j == 0;
+    y = reduce_range(op, y, axes[j], axes[i], last_run ? scale : 1.0);
+    i = j - 1;
+  }
+  if (axes.empty() && scale != 1.0) y = affine(y, scale, 0.0);
+  return y;
+}
+
+Shape drop_axes(const Shape& shape, const std::vector<int64_t>& axes) {
+  Shape out;
+  for (int64_t i = 0; i < static_cast<int64_t>(shape.size()); ++i)
+    if (!std::binary_search(axes.begin(), axes.end(), i)) out.push_back(shape[i]);
+  return out;
+}
+
+Tensor sum_impl(const Tensor& x, const std::vector<int64_t>& axes_in, bool keepdim, double scale,
+                const char* name) {
+  HYDRA_CHECK(is_floating(x.dtype()))
+      << name << ": floating input expected, got " << dtype_name(x.dtype());
+  const std::vector<int64_t> axes = normalize_axes(axes_in, x.dim(), name, x.shape());
+  Tensor kept = reduce_axes(ReduceOp::kSum, x.detach(), axes, scale);
+  Tensor out = keepdim ? kept : kept.view(drop_axes(x.shape(), axes));
+  const Shape in_shape = x.shape(), kept_shape = kept.shape();
+  record_op(name, {x}, {out}, [in_shape, kept_shape, scale](const std::vector<Tensor>& g) {
+    Tensor gk = g[0].reshape(kept_shape);
+    if (scale != 1.0) gk = mul(gk, scale);
+    return std::vector<Tensor>{gk.expand(in_shape)};
+  });
+  return out;
+}
+
+}  // namespace
+
+Tensor sum(const Tensor& x, const std::vector<int64_t>& axes, bool keepdim) {
+  return sum_impl(x, axes, keepdim, 1.0, "sum");
+}
+
+Tensor mean(const Tensor& x, const std::vector<int64_t>& axes_in, bool keepdim) {
+  const std::vector<int64_t> axes = normalize_axes(axes_in, x.dim(), "mean", x.shape());
+  int64_t count = 1;
+  for (int64_t a : axes) count *= x.shape()[a];
+  return sum_impl(x, axes, keepdim, count > 0 ? 1.0 / static_cast<double>(count) : 1.0, "mean");
+}
+
+Tensor sum_to(const Tensor& x, const Shape& shape) {
+  if (x.shape() == shape) return x;
+  const int64_t lead = x.dim() - static_cast<int64_t>(shape.size());
+  HYDRA_CHECK(lead >= 0) << "sum_to: cannot reduce " << shape_str(x.shape()) << " to "
+                         << shape_str(shape);
+  std::vector<int64_t> axes;
+  for (int64_t i = 0; i < x.dim(); ++i) {
+    if (i < lead) {
+      axes.push_back(i);
+    } else if (shape[i - lead] == 1 && x.shape()[i] != 1) {
+      axes.push_back(i);
+    } else {
+      HYDRA_CHECK(shape[i - lead] == x.shape()[i])
+          << "sum_to: cannot reduce " << shape_str(x.shape()) << " to " << shape_str(shape);
+    }
+  }
+  return sum(x, axes, true).reshape(shape);
+}
+
+Tensor amax(const Tensor& x, int64_t axis, bool keepdim) {
+  const std::vector<int64_t> axes = normalize_axes({axis}, x.dim(), "amax", x.shape());
+  Tensor kept = reduce_axes(ReduceOp::kMax, x.detach(), axes, 1.0);
+  return keepdim ? kept : kept.view(drop_axes(x.shape(), axes));
+}
+
+Tensor sum_squares(const Tensor& x) {
+  std::vector<int64_t> all(x.dim());
+  for (int64_t i = 0; i < x.dim(); ++i) all[i] = i;
+  return reduce_axes(ReduceOp::kSumSquares, x.detach(), all, 1.0).reshape({1});
+}
+
+}  // namespace hydra

@@ -1,0 +1,250 @@
+// Sequence ops: the causal depthwise convolution and the fused selective scan.
+#include "autograd/dispatch.h"
+#include "autograd/node.h"
+#include "autograd/ops.h"
+#include "kernels/conv1d.h"
+#include "kernels/ssm_scan.h"
+
+namespace hydra {
+namespace {
+
+void check_like(const char* op, const char* name, const Tensor& t, const Tensor& ref) {
+  HYDRA_CHECK(t.dtype() == ref.dtype() && t.device() == ref.device())
+      << op << ": " << name << " is " << dtype_name(t.dtype()) << " on " << t.device().str()
+      << ", expected " << dtype_name(ref.dtype()) << " on " << ref.device().str();
+}
+
+void check_shape(const char* op, const char* name, const Tensor& t, const Shape& expected) {
+  HYDRA_CHECK(t.shape() == expected) << op << ": " << name << " has shape " << shape_str(t.shape())
+                                     << ", expected " << shape_str(expected);
+}
+
+// A [B, L, W] tensor as rows of W contiguous values a fixed stride apart; copies when it is not
+// one.
+struct Rows {
+  Tensor t;
+  int64_t row = 0;
+};
+Rows as_rows(const Tensor& t) {
+  const int64_t B = t.size(0), L = t.size(1), W = t.size(2);
+  const bool inner_ok = t.stride(2) == 1 || W == 1;
+  int64_t r = L > 1 ? t.stride(1) : (B > 1 ? t.stride(0) : W);
+  const bool outer_ok = B == 1 || L == 1 || t.stride(0) == L * r;
+  if (inner_ok && outer_ok && r >= W) return {t, r};
+  return {t.contiguous(), W};
+}
+
+}  // namespace
+
+Tensor causal_conv1d(const Tensor& x_in, const Tensor& w_in, const Tensor& bias_in,
+                     const Tensor& prefix_in, bool silu) {
+  const char* op = "causal_conv1d";
+  HYDRA_CHECK(x_in.dim() == 3 && is_floating(x_in.dtype()))
+      << op << ": x must be [B, L, C] floating, got " << shape_str(x_in.shape());
+  const int64_t B = x_in.size(0), L = x_in.size(1), C = x_in.size(2);
+  HYDRA_CHECK(w_in.dim() == 2 && w_in.size(0) == C && w_in.size(1) >= 1)
+      << op << ": weight " << shape_str(w_in.shape()) << " does not match x "
+      << shape_str(x_in.shape()) << " (expected [C, width])";
+  const int64_t W = w_in.size(1);
+  check_like(op, "weight", w_in, x_in);
+  if (bias_in.defined()) {
+    check_shape(op, "bias", bias_in, {C});
+    check_like(op, "bias", bias_in, x_in);
+  }
+  if (prefix_in.defined()) {
+    check_shape(op, "prefix", prefix_in, {B, W - 1, C});
+    check_like(op, "prefix", prefix_in, x_in);
+  }
+  Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  Tensor bias = bias_in.defined() ? bias_in.contiguous() : Tensor();
+  Tensor prefix = prefix_in.defined() ? prefix_in.contiguous() : Tensor();
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  kernels::CausalConv1dParams p;
+  p.dtype = x.dtype();
+  p.x = x.raw_data();
+  p.w = w.raw_data();
+  p.bias = bias.defined() ? bias.raw_data() : nullptr;
+  p.prefix = prefix.defined() ? prefix.raw_data() : nullptr;
+  p.y = y.raw_data();
+  p.batch = B;
+  p.len = L;
+  p.channels = C;
+  p.width = W;
+  p.silu = silu;
+  p.stream = current_stream(x.device());
+  if (y.numel() > 0) HYDRA_LAUNCH_CPU_ONLY(x.device(), causal_conv1d_fwd, p);
+  if (any_requires_grad({x_in, w_in, bias_in, prefix_in})) {
+    SavedTensor sx(x), sw(w), sb(bias), sp(prefix);
+    const bool need_prefix = prefix_in.defined() && prefix_in.requires_grad();
+    record_op(op, {x_in, w_in, bias_in, prefix_in}, {y}, [=](const std::vector<Tensor>& g) {
+      Tensor xv = sx.get(), wv = sw.get(), bv = sb.get(), pv = sp.get(), gy = g[0].contiguous();
+      Tensor gx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+      Tensor gw = Tensor::empty(wv.shape(), wv.dtype(), wv.device());
+      Tensor gb = bv.defined() ? Tensor::empty(bv.shape(), bv.dtype(), bv.device()) : Tensor();
+      Tensor gp = need_prefix ? Tensor::empty(pv.shape(), pv.dtype(), pv.device()) : Tensor();
+      kernels::CausalConv1dBwdParams q;
+      q.dtype = xv.dtype();
+      q.x = xv.raw_data();
+      q.w = wv.raw_data();
+      q.bias = bv.defined() ? bv.raw_data() : nullptr;
+      q.prefix = pv.defined() ? pv.raw_data() : nullptr;
+      q.gy = gy.raw_data();
+      q.gx = gx.raw_data();
+      q.gw = gw.raw_data();
+      q.gbias = gb.defined() ? gb.raw_data() : nullptr;
+      q.gprefix = gp.defined() ? gp.raw_data() : nullptr;
+      q.batch = B;
+      q.len = L;
+      q.channels = C;
+      q.width = W;
+      q.silu = silu;
+      q.stream = current_stream(xv.device());
+      if (gx.numel() > 0) {
+        HYDRA_LAUNCH_CPU_ONLY(xv.device(), causal_conv1d_bwd, q);
+      } else {
+        gw.zero_();
+        if (gb.defined()) gb.zero_();
+        if (gp.defined()) gp.zero_();
+      }
+      return std::vector<Tensor>{gx, gw, gb, gp};
+    });
+  }
+  return y;
+}
+
+SelectiveScanResult selective_scan(const Tensor& u_in, const Tensor& delta_in,
+                                   const Tensor& A_log_in, const Tensor& B_in, const Tensor& C_in,
+                                   const Tensor& D_in, const Tensor& dt_bias_in, const Tensor& z_in,
+                                   const Tensor& h0_in, int64_t chunk_len) {
+  const char* op = "selective_scan";
+  HYDRA_CHECK(u_in.dim() == 3 && is_floating(u_in.dtype()))
+      << op << ": u must be [B, L, D] floating, got " << shape_str(u_in.shape());
+  HYDRA_CHECK(chunk_len >= 1) << op << ": chunk_len must be >= 1, got " << chunk_len;
+  const int64_t Bsz = u_in.size(0), L = u_in.size(1), Dm = u_in.size(2);
+  HYDRA_CHECK(A_log_in.dim() == 2 && A_log_in.size(0) == Dm)
+      << op << ": A_log " << shape_str(A_log_in.shape()) << " does not match u "
+      << shape_str(u_in.shape()) << " (expected [D, N])";
+  const int64_t N = A_log_in.size(1);
+  const DType acc = accumulate_dtype(u_in.dtype());
+  check_shape(op, "delta", delta_in, {Bsz, L, Dm});
+  check_shape(op, "B", B_in, {Bsz, L, N});
+  check_shape(op, "C", C_in, {Bsz, L, N});
+  for (auto [name, t] :
+       {std::pair{"delta", &delta_in}, {"A_log", &A_log_in}, {"B", &B_in}, {"C", &C_in}})
+    check_like(op, name, *t, u_in);
+  if (D_in.defined()) {
+    check_shape(op, "D", D_in, {Dm});
+    check_like(op, "D", D_in, u_in);
+  }
+  if (dt_bias_in.defined()) {
+    check_shape(op, "dt_bias", dt_bias_in, {Dm});
+    check_like(op, "dt_bias", dt_bias_in, u_in);
+  }
+  if (z_in.defined()) {
+    check_shape(op, "z", z_in, {Bsz, L, Dm});
+    check_like(op, "z", z_in, u_in);
+  }
+  if (h0_in.defined()) {
+    check_shape(op, "h0", h0_in, {Bsz, Dm, N});
+    HYDRA_CHECK(h0_in.dtype() == acc && h0_in.device() == u_in.device())
+        << op << ": h0 must be " << dtype_name(acc) << " on " << u_in.device().str();
+  }
+
+  const Rows u = as_rows(u_in), delta = as_rows(delta_in), Bm = as_rows(B_in), Cm = as_rows(C_in);
+  const Rows z = z_in.defined() ? as_rows(z_in) : Rows{};
+  const Tensor A_log = A_log_in.contiguous();
+  const Tensor D = D_in.defined() ? D_in.contiguous() : Tensor();
+  const Tensor dt_bias = dt_bias_in.defined() ? dt_bias_in.contiguous() : Tensor();
+  const Tensor h0 = h0_in.defined() ? h0_in.contiguous() : Tensor();
+  const Device dev = u_in.device();
+  const bool need_grad =
+      any_requires_grad({u_in, delta_in, A_log_in, B_in, C_in, D_in, dt_bias_in, z_in, h0_in});
+
+  Tensor y = Tensor::empty({Bsz, L, Dm}, u_in.dtype(), dev);
+  Tensor h_last = Tensor::empty({Bsz, Dm, N}, acc, dev);
+  Tensor chunk_states =
+      need_grad ? Tensor::empty({Bsz, kernels::ssm_num_chunks(L, chunk_len), Dm, N}, acc, dev)
+                : Tensor();
+
+  kernels::SsmScanParams p;
+  p.dtype = u_in.dtype();
+  p.batch = Bsz;
+  p.len = L;
+  p.dim = Dm;
+  p.state = N;
+  p.chunk_len = chunk_len;
+  p.u = u.t.raw_data();
+  p.u_row = u.row;
+  p.delta = delta.t.raw_data();
+  p.delta_row = delta.row;
+  p.z = z.t.defined() ? z.t.raw_data() : nullptr;
+  p.z_row = z.row;
+  p.B = Bm.t.raw_data();
+  p.B_row = Bm.row;
+  p.C = Cm.t.raw_data();
+  p.C_row = Cm.row;
+  p.dt_bias = dt_bias.defined() ? dt_bias.raw_data() : nullptr;
+  p.A_log = A_log.raw_data();
+  p.D = D.defined() ? D.raw_data() : nullptr;
+  p.h0 = h0.defined() ? h0.raw_data() : nullptr;
+  p.y = y.raw_data();
+  p.h_last = h_last.raw_data();
+  p.chunk_states = chunk_states.defined() ? chunk_states.raw_data() : nullptr;
+  p.stream = current_stream(dev);
+  if (Bsz * Dm > 0) {
+    if (L == 0) {
+      h_last.copy_(h0.defined() ? h0 : zeros({Bsz, Dm, N}, acc, dev));
+    } else {
+      HYDRA_LAUNCH_CPU_ONLY(dev, ssm_scan_fwd, p);
+    }
+  }
+
+  if (need_grad) {
+    // The saved tensors keep the pointers in `p` alive.
+    std::vector<SavedTensor> saved = {
+        SavedTensor(u.t),  SavedTensor(delta.t),     SavedTensor(z.t),   SavedTensor(Bm.t),
+        SavedTensor(Cm.t), SavedTensor(dt_bias),     SavedTensor(A_log), SavedTensor(D),
+        SavedTensor(h0),   SavedTensor(chunk_states)};
+    const bool need_h0 = h0_in.defined() && h0_in.requires_grad();
+    record_op(
+        op, {u_in, delta_in, A_log_in, B_in, C_in, D_in, dt_bias_in, z_in, h0_in}, {y, h_last},
+        [=](const std::vector<Tensor>& g) {
+          for (const SavedTensor& s : saved) (void)s.get();  // version checks
+          const Tensor gy = g[0].defined() ? g[0].contiguous() : zeros({Bsz, L, Dm}, p.dtype, dev);
+          const Tensor gh = g[1].defined() ? g[1].to(acc).contiguous() : Tensor();
+          auto like = [&](const Shape& s, DType t) { return Tensor::empty(s, t, dev); };
+          Tensor gu = like({Bsz, L, Dm}, p.dtype), gdelta = like({Bsz, L, Dm}, p.dtype);
+          Tensor gz = p.z ? like({Bsz, L, Dm}, p.dtype) : Tensor();
+          Tensor gB = like({Bsz, L, N}, p.dtype), gC = like({Bsz, L, N}, p.dtype);
+          Tensor gA = like({Dm, N}, p.dtype);
+          Tensor gD = p.D ? like({Dm}, p.dtype) : Tensor();
+          Tensor gbias = p.dt_bias ? like({Dm}, p.dtype) : Tensor();
+          Tensor gh0 = need_h0 ? like({Bsz, Dm, N}, acc) : Tensor();
+          kernels::SsmScanBwdParams q;
+          q.fwd = p;
+          q.gy = gy.raw_data();
+          q.g_hlast = gh.defined() ? gh.raw_data() : nullptr;
+          q.gu = gu.raw_data();
+          q.gdelta = gdelta.raw_data();
+          q.gz = gz.defined() ? gz.raw_data() : nullptr;
+          q.gB = gB.raw_data();
+          q.gC = gC.raw_data();
+          q.gdt_bias = gbias.defined() ? gbias.raw_data() : nullptr;
+          q.gA_log = gA.raw_data();
+          q.gD = gD.defined() ? gD.raw_data() : nullptr;
+          q.gh0 = gh0.defined() ? gh0.raw_data() : nullptr;
+          q.fwd.stream = current_stream(dev);
+          if (L > 0 && Bsz * Dm > 0) {
+            HYDRA_LAUNCH_CPU_ONLY(dev, ssm_scan_bwd, q);
+          } else {
+            for (Tensor* t : {&gu, &gdelta, &gz, &gB, &gC, &gA, &gD, &gbias})
+              if (t->defined()) t->zero_();
+            if (gh0.defined()) gh0.copy_(gh.defined() ? gh : zeros({Bsz, Dm, N}, acc, dev));
+          }
+          return std::vector<Tensor>{gu, gdelta, gA, gB, gC, gD, gbias, gz, gh0};
+        });
+  }
+  return {y, h_last};
+}
+
+}  // namespace hydra

@@ -1,0 +1,345 @@
+#include "autograd/tensor.h"
+
+#include <cstring>
+#include <sstream>
+
+#include "autograd/dispatch.h"
+#include "autograd/engine.h"
+#include "autograd/grad_mode.h"
+#include "autograd/node.h"
+#include "autograd/ops.h"
+#include "kernels/copy.h"
+#include "kernels/elementwise.h"
+
+#if HYDRA_WITH_CUDA
+#include "kernels/device_runtime.h"
+#endif
+
+namespace hydra {
+
+std::string shape_str(const Shape& shape) {
+  std::ostringstream os;
+  os << "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  os << "]";
+  return os.str();
+}
+
+int64_t shape_numel(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  return n;
+}
+
+Shape contiguous_strides(const Shape& shape) {
+  Shape strides(shape.size());
+  int64_t s = 1;
+  for (int64_t i = static_cast<int64_t>(shape.size()) - 1; i >= 0; --i) {
+    strides[i] = s;
+    s *= shape[i];
+  }
+  return strides;
+}
+
+Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
+  for (int64_t s : shape) HYDRA_CHECK(s >= 0) << "negative size in shape " << shape_str(shape);
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = std::make_shared<StorageImpl>(shape_numel(shape) * dtype_size(dtype), device,
+                                                current_stream(device));
+  impl->shape = shape;
+  impl->strides = contiguous_strides(shape);
+  impl->dtype = dtype;
+  return Tensor(std::move(impl));
+}
+
+Tensor Tensor::view_of(Storage storage, int64_t offset, Shape shape, Shape strides, DType dtype) {
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = std::move(storage);
+  impl->offset = offset;
+  impl->shape = std::move(shape);
+  impl->strides = std::move(strides);
+  impl->dtype = dtype;
+  return Tensor(std::move(impl));
+}
+
+int64_t Tensor::size(int64_t d) const {
+  const int64_t n = dim();
+  HYDRA_CHECK(d >= -n && d < n) << "dimension " << d << " out of range for shape "
+                                << shape_str(shape());
+  return shape()[d < 0 ? d + n : d];
+}
+
+int64_t Tensor::stride(int64_t d) const {
+  const int64_t n = dim();
+  HYDRA_CHECK(d >= -n && d < n) << "dimension " << d << " out of range for shape "
+                                << shape_str(shape());
+  return strides()[d < 0 ? d + n : d];
+}
+
+bool Tensor::is_contiguous() const {
+  int64_t expected = 1;
+  for (int64_t i = dim() - 1; i >= 0; --i) {
+    if (shape()[i] == 1) continue;
+    if (strides()[i] != expected) return false;
+    expected *= shape()[i];
+  }
+  return true;
+}
+
+void* Tensor::raw_data() const {
+  const auto& st = impl().storage;
+  if (!st || st->data() == nullptr) return nullptr;
+  return static_cast<char*>(st->data()) + offset() * dtype_size(dtype());
+}
+
+namespace {
+
+kernels::StridedCopyParams copy_params(const Tensor& dst, const Tensor& src) {
+  HYDRA_CHECK(dst.dim() <= kernels::kMaxDims)
+      << "copy: at most " << kernels::kMaxDims << " dimensions";
+  kernels::StridedCopyParams p;
+  p.src_dtype = src.dtype();
+  p.dst_dtype = dst.dtype();
+  p.src = src.raw_data();
+  p.dst = dst.raw_data();
+  p.ndim = static_cast<int>(dst.dim());
+  for (int i = 0; i < p.ndim; ++i) {
+    p.shape[i] = dst.shape()[i];
+    p.src_strides[i] = src.strides()[i];
+    p.dst_strides[i] = dst.strides()[i];
+  }
+  p.stream = current_stream(dst.device());
+  return p;
+}
+
+// dst <- src, same device and shape, any strides and dtypes.
+void copy_same_device(const Tensor& dst, const Tensor& src) {
+  if (dst.numel() == 0) return;
+  HYDRA_LAUNCH(dst.device(), strided_copy, copy_params(dst, src));
+}
+
+// A contiguous copy of `src` on `device` (same dtype).
+Tensor transfer(const Tensor& src, Device device) {
+  Tensor s = src.contiguous();
+  Tensor out = Tensor::empty(s.shape(), s.dtype(), device);
+  if (s.numel() == 0) return out;
+#if HYDRA_WITH_CUDA
+  using kernels::cuda::CopyKind;
+  if (s.device().is_cpu() && device.is_cpu()) {
+    std::memcpy(out.raw_data(), s.raw_data(), s.nbytes());
+    return out;
+  }
+  const CopyKind kind = s.device().is_cpu() ? CopyKind::kHostToDevice
+                        : device.is_cpu()   ? CopyKind::kDeviceToHost
+                                            : CopyKind::kDeviceToDevice;
+  void* stream = current_stream(device.is_cuda() ? device : s.device());
+  kernels::cuda::memcpy_async(out.raw_data(), s.raw_data(), s.nbytes(), kind, stream);
+  if (device.is_cpu()) kernels::cuda::stream_synchronize(stream);
+#else
+  HYDRA_CHECK(device.is_cpu() && s.device().is_cpu())
+      << "to(" << device.str() << "): this build has no CUDA backend";
+  std::memcpy(out.raw_data(), s.raw_data(), s.nbytes());
+#endif
+  return out;
+}
+
+void check_inplace_allowed(const Tensor& t, const char* op) {
+  HYDRA_CHECK(!(GradMode::enabled() && t.requires_grad()))
+      << op
+      << ": in-place change of a tensor that requires grad; do it under NoGradGuard (optimizer "
+         "steps) "
+      << "or on a detached copy";
+}
+
+}  // namespace
+
+Tensor Tensor::contiguous() const {
+  if (is_contiguous()) return *this;
+  return clone();
+}
+
+Tensor Tensor::clone() const {
+  Tensor out = Tensor::empty(shape(), dtype(), device());
+  copy_same_device(out, *this);
+  record_op("clone", {*this}, {out},
+            [](const std::vector<Tensor>& g) { return std::vector<Tensor>{g[0]}; });
+  return out;
+}
+
+Tensor Tensor::to(DType target) const {
+  if (target == dtype()) return *this;
+  Tensor out = Tensor::empty(shape(), target, device());
+  copy_same_device(out, *this);
+  if (is_floating(dtype()) && is_floating(target)) {
+    const DType src = dtype();
+    record_op("to_dtype", {*this}, {out},
+              [src](const std::vector<Tensor>& g) { return std::vector<Tensor>{g[0].to(src)}; });
+  }
+  return out;
+}
+
+Tensor Tensor::to(Device target) const {
+  if (target == device()) return *this;
+  Tensor out = transfer(*this, target);
+  const Device src = device();
+  record_op("to_device", {*this}, {out},
+            [src](const std::vector<Tensor>& g) { return std::vector<Tensor>{g[0].to(src)}; });
+  return out;
+}
+
+Tensor& Tensor::fill_(double value) {
+  check_inplace_allowed(*this, "fill_");
+  if (numel() == 0) return *this;
+  if (is_contiguous()) {
+    kernels::FillParams p;
+    p.dtype = dtype();
+    p.dst = raw_data();
+    p.n = numel();
+    p.value = value;
+    p.stream = current_stream(device());
+    HYDRA_LAUNCH(device(), fill, p);
+  } else {
+    copy_same_device(*this, full({}, value, dtype(), device()).expand(shape()));
+  }
+  storage()->bump_version();
+  return *this;
+}
+
+Tensor& Tensor::copy_(const Tensor& src) {
+  check_inplace_allowed(*this, "copy_");
+  HYDRA_CHECK(src.shape() == shape() || shape_numel(src.shape()) == 1)
+      << "copy_: source shape " << shape_str(src.shape()) << " does not match destination shape "
+      << shape_str(shape());
+  Tensor s = src.detach();
+  if (s.device() != device()) s = transfer(s, device());
+  if (s.shape() != shape()) s = s.reshape({}).expand(shape());
+  copy_same_device(*this, s);
+  storage()->bump_version();
+  return *this;
+}
+
+Tensor& Tensor::mul_(double value) {
+  check_inplace_allowed(*this, "mul_");
+  HYDRA_CHECK(is_contiguous()) << "mul_: the destination must be contiguous";
+  kernels::UnaryParams p;
+  p.op = kernels::UnaryOp::kAffine;
+  p.dtype = dtype();
+  p.x = raw_data();
+  p.y = raw_data();
+  p.n = numel();
+  p.alpha = value;
+  p.stream = current_stream(device());
+  HYDRA_LAUNCH_CPU_ONLY(device(), unary_fwd, p);
+  storage()->bump_version();
+  return *this;
+}
+
+Tensor& Tensor::set_requires_grad(bool requires_grad) {
+  HYDRA_CHECK(is_leaf()) << "set_requires_grad on a non-leaf tensor (use detach() first)";
+  HYDRA_CHECK(!requires_grad || is_floating(dtype()))
+      << "only floating tensors can require grad, not " << dtype_name(dtype());
+  impl().autograd.requires_grad = requires_grad;
+  return *this;
+}
+
+Tensor Tensor::grad() const { return Tensor(impl().autograd.grad); }
+
+void Tensor::set_grad(const Tensor& grad) const {
+  if (grad.defined()) {
+    HYDRA_CHECK(grad.shape() == shape()) << "set_grad: gradient shape " << shape_str(grad.shape())
+                                         << " does not match " << shape_str(shape());
+    impl().autograd.grad = grad.detach().impl_ptr();
+  } else {
+    impl().autograd.grad.reset();
+  }
+}
+
+Tensor Tensor::detach() const {
+  return view_of(impl().storage, impl().offset, impl().shape, impl().strides, impl().dtype);
+}
+
+void Tensor::backward(const Tensor& grad, bool retain_graph) const {
+  run_backward({*this}, {grad}, retain_graph);
+}
+
+int Tensor::add_grad_ready_hook(GradReadyHook hook) const {
+  HYDRA_CHECK(is_leaf() && requires_grad())
+      << "gradient-ready hooks go on leaves that require grad";
+  auto& meta = impl().autograd;
+  const int id = meta.next_hook_id++;
+  meta.ready_hooks.emplace_back(id, std::move(hook));
+  return id;
+}
+
+void Tensor::remove_grad_ready_hook(int id) const {
+  auto& hooks = impl().autograd.ready_hooks;
+  std::erase_if(hooks, [id](const auto& h) { return h.first == id; });
+}
+
+template <class T>
+std::vector<T> Tensor::to_vector() const {
+  Tensor c = detach().contiguous().to(Device::cpu()).contiguous();
+  std::vector<T> out(c.numel());
+  if (dtype_of<T> == c.dtype()) {
+    if (!out.empty()) std::memcpy(out.data(), c.raw_data(), c.nbytes());
+    return out;
+  }
+  Tensor conv = c.to(dtype_of<T>);
+  if (!out.empty()) std::memcpy(out.data(), conv.raw_data(), conv.nbytes());
+  return out;
+}
+
+template <class T>
+T Tensor::item() const {
+  HYDRA_CHECK(numel() == 1) << "item() of a tensor with " << numel() << " elements (shape "
+                            << shape_str(shape()) << ")";
+  return to_vector<T>()[0];
+}
+
+template std::vector<float> Tensor::to_vector<float>() const;
+template std::vector<double> Tensor::to_vector<double>() const;
+template std::vector<int32_t> Tensor::to_vector<int32_t>() const;
+template std::vector<int64_t> Tensor::to_vector<int64_t>() const;
+template std::vector<bf16> Tensor::to_vector<bf16>() const;
+template float Tensor::item<float>() const;
+template double Tensor::item<double>() const;
+template int32_t Tensor::item<int32_t>() const;
+template int64_t Tensor::item<int64_t>() const;
+
+template <class T>
+Tensor tensor(const std::vector<T>& values, const Shape& shape, Device device) {
+  HYDRA_CHECK(static_cast<int64_t>(values.size()) == shape_numel(shape))
+      << "tensor(): " << values.size() << " values for shape " << shape_str(shape);
+  Tensor t = Tensor::empty(shape, dtype_of<T>, Device::cpu());
+  if (!values.empty()) std::memcpy(t.raw_data(), values.data(), values.size() * sizeof(T));
+  return t.to(device);
+}
+
+template Tensor tensor<float>(const std::vector<float>&, const Shape&, Device);
+template Tensor tensor<double>(const std::vector<double>&, const Shape&, Device);
+template Tensor tensor<int32_t>(const std::vector<int32_t>&, const Shape&, Device);
+template Tensor tensor<int64_t>(const std::vector<int64_t>&, const Shape&, Device);
+template Tensor tensor<bf16>(const std::vector<bf16>&, const Shape&, Device);
+
+std::string Tensor::str() const {
+  if (!defined()) return "Tensor(undefined)";
+  std::ostringstream os;
+  os << "Tensor" << shape_str(shape()) << " " << dtype_name(dtype()) << " " << device().str();
+  if (numel() <= 64 && numel() > 0) {
+    os << " {";
+    const std::vector<double> v =
+        is_floating(dtype()) ? to_vector<double>() : std::vector<double>();
+    if (is_floating(dtype())) {
+      for (std::size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
+    } else {
+      const std::vector<int64_t> iv = to_vector<int64_t>();
+      for (std::size_t i = 0; i < iv.size(); ++i) os << (i ? ", " : "") << iv[i];
+    }
+    os << "}";
+  }
+  return os.str();
+}
+
+std::ostream& operator<<(std::ostream& os, const Tensor& t) { return os << t.str(); }
+
+}  // namespace hydra

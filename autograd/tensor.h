@@ -1,0 +1,152 @@
+// Tensor: a handle to (storage, offset, shape, strides, dtype) plus its autograd record. Copies of
+// a Tensor share the same tensor; views share storage. Strides and offsets count elements.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "autograd/device.h"
+#include "autograd/storage.h"
+#include "kernels/base/check.h"
+#include "kernels/base/dtype.h"
+
+namespace hydra {
+
+class Node;
+class Tensor;
+struct TensorImpl;
+
+using Shape = std::vector<int64_t>;
+std::string shape_str(const Shape& shape);
+int64_t shape_numel(const Shape& shape);
+Shape contiguous_strides(const Shape& shape);
+
+// Called once the gradient of a leaf is complete for this backward pass (after accumulation into
+// .grad): the signal data parallelism uses to start reducing a bucket while backward goes on.
+using GradReadyHook = std::function<void(const Tensor& leaf)>;
+
+struct AutogradMeta {
+  bool requires_grad = false;
+  std::shared_ptr<TensorImpl> grad;
+  std::shared_ptr<Node> grad_fn;  // null for leaves
+  uint32_t output_nr = 0;         // which output of grad_fn this tensor is
+  std::weak_ptr<Node> grad_accumulator;
+  std::vector<std::pair<int, GradReadyHook>> ready_hooks;
+  int next_hook_id = 0;
+};
+
+struct TensorImpl {
+  Storage storage;
+  int64_t offset = 0;
+  Shape shape;
+  Shape strides;
+  DType dtype = DType::kF32;
+  AutogradMeta autograd;
+};
+
+class Tensor {
+ public:
+  Tensor() = default;
+  explicit Tensor(std::shared_ptr<TensorImpl> impl) : impl_(std::move(impl)) {}
+
+  // A new tensor over fresh storage (uninitialised).
+  static Tensor empty(const Shape& shape, DType dtype = DType::kF32, Device device = Device::cpu());
+  // A view of `storage` (no copy).
+  static Tensor view_of(Storage storage, int64_t offset, Shape shape, Shape strides, DType dtype);
+
+  bool defined() const { return impl_ != nullptr; }
+  const Shape& shape() const { return impl().shape; }
+  const Shape& strides() const { return impl().strides; }
+  int64_t dim() const { return static_cast<int64_t>(impl().shape.size()); }
+  int64_t size(int64_t d) const;  // negative d counts from the end
+  int64_t stride(int64_t d) const;
+  int64_t offset() const { return impl().offset; }
+  int64_t numel() const { return shape_numel(impl().shape); }
+  int64_t nbytes() const { return numel() * dtype_size(dtype()); }
+  DType dtype() const { return impl().dtype; }
+  Device device() const { return impl().storage ? impl().storage->device() : Device::cpu(); }
+  const Storage& storage() const { return impl().storage; }
+  bool is_contiguous() const;
+  bool is_same(const Tensor& o) const { return impl_ == o.impl_; }
+  uint32_t version() const { return impl().storage ? impl().storage->version() : 0; }
+  TensorImpl* unsafe_impl() const { return impl_.get(); }
+  const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
+
+  // Address of element 0 (storage base + offset).
+  void* raw_data() const;
+  template <class T>
+  T* data() const {
+    HYDRA_CHECK(dtype_of<T> == dtype())
+        << "data<" << dtype_name(dtype_of<T>) << ">() on a " << dtype_name(dtype()) << " tensor";
+    return static_cast<T*>(raw_data());
+  }
+  // Single value (copied to the host, converted to T).
+  template <class T>
+  T item() const;
+  // All values in row-major order (copied to the host, converted to T).
+  template <class T>
+  std::vector<T> to_vector() const;
+
+  // Views (no copy; differentiable).
+  Tensor reshape(const Shape& shape) const;  // one entry may be -1; copies only if not viewable
+  Tensor view(const Shape& shape) const;     // requires a contiguous tensor
+  Tensor flatten(int64_t start = 0, int64_t end = -1) const;
+  Tensor transpose(int64_t d0, int64_t d1) const;
+  Tensor permute(const std::vector<int64_t>& dims) const;
+  Tensor narrow(int64_t dim, int64_t start, int64_t length) const;
+  Tensor slice(int64_t dim, int64_t start, int64_t end, int64_t step = 1) const;
+  Tensor select(int64_t dim, int64_t index) const;
+  Tensor unsqueeze(int64_t dim) const;
+  Tensor squeeze(int64_t dim) const;
+  Tensor expand(const Shape& shape) const;  // broadcast to `shape` with zero strides
+
+  // Copies (differentiable).
+  Tensor contiguous() const;
+  Tensor clone() const;
+  Tensor to(DType dtype) const;
+  Tensor to(Device device) const;
+  Tensor cpu() const { return to(Device::cpu()); }
+
+  // In place (no autograd: not allowed on a tensor that requires grad while grad mode is on).
+  Tensor& fill_(double value);
+  Tensor& zero_() { return fill_(0.0); }
+  Tensor& copy_(const Tensor& src);  // same shape; converts dtype and device
+  Tensor& add_(const Tensor& other, double alpha = 1.0);
+  Tensor& mul_(double value);
+
+  // Autograd.
+  bool requires_grad() const { return impl().autograd.requires_grad; }
+  Tensor& set_requires_grad(bool requires_grad);  // leaves only
+  bool is_leaf() const { return impl().autograd.grad_fn == nullptr; }
+  const std::shared_ptr<Node>& grad_fn() const { return impl().autograd.grad_fn; }
+  uint32_t output_nr() const { return impl().autograd.output_nr; }
+  Tensor grad() const;
+  void set_grad(const Tensor& grad) const;
+  Tensor detach() const;  // shares storage, no history
+  // Backpropagates from this tensor; `grad` defaults to 1 for a single-element tensor.
+  void backward(const Tensor& grad = Tensor(), bool retain_graph = false) const;
+  int add_grad_ready_hook(GradReadyHook hook) const;
+  void remove_grad_ready_hook(int id) const;
+
+  std::string str() const;  // shape, dtype, device and (small tensors) values
+
+ private:
+  TensorImpl& impl() const {
+    HYDRA_CHECK(impl_ != nullptr) << "use of an undefined tensor";
+    return *impl_;
+  }
+  std::shared_ptr<TensorImpl> impl_;
+};
+
+std::ostream& operator<<(std::ostream& os, const Tensor& t);
+
+// A tensor holding `values` (copied) on `device`.
+template <class T>
+Tensor tensor(const std::vector<T>& values, const Shape& shape, Device device = Device::cpu());
+
+}  // namespace hydra

@@ -1,0 +1,155 @@
+// hydra-bench: CPU micro-benchmarks of the engine's core ops. Prints a table and writes JSON.
+//   hydra-bench [--json FILE] [--only matmul|scan] [--quick]
+// Matmul: our op (engine + OpenBLAS) against a bare cblas_sgemm call on the same shape; the best
+// bare sgemm rate measured here is the machine's practical peak. Scan: the fused selective scan
+// forward and forward+backward in state updates per second (B*L*D*N / time).
+#include <cblas.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <iostream>
+#include <string>
+#include <thread>
+
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+#include "bench/bench_util.h"
+#include "kernels/base/parallel.h"
+
+namespace hydra::bench {
+namespace {
+
+struct MatmulShape {
+  const char* what;
+  int64_t m, k, n;
+};
+
+void bench_matmul(Report& report, bool quick) {
+  std::vector<MatmulShape> shapes = {
+      {"square 256", 256, 256, 256},
+      {"square 1024", 1024, 1024, 1024},
+      {"square 2048", 2048, 2048, 2048},
+      {"toy in_proj (1024 tok)", 1024, 384, 1536},
+      {"toy out_proj (1024 tok)", 1024, 768, 384},
+      {"toy expert up (1024 tok)", 1024, 384, 192},
+      {"tiny in_proj (2048 tok)", 2048, 64, 256},
+      {"tiny lm head (2048 tok)", 2048, 64, 256},
+  };
+  if (quick) shapes.resize(2);
+  std::printf("\n%-26s %6s %6s %6s %12s %12s %8s\n", "matmul (f32)", "M", "K", "N", "ours GF/s",
+              "sgemm GF/s", "ratio");
+  double peak = 0;
+  for (const auto& s : shapes) {
+    Generator g(1);
+    Tensor a = randn({s.m, s.k}, g), b = randn({s.k, s.n}, g);
+    Tensor c = empty({s.m, s.n});
+    const double flops = 2.0 * s.m * s.n * s.k;
+    const int reps = flops > 4e9 ? 5 : 9;
+    const Timing ours = time_cpu([&] { (void)matmul(a, b); }, reps);
+    const Timing raw = time_cpu(
+        [&] {
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s.m, s.n, s.k, 1.0f,
+                      a.data<float>(), s.k, b.data<float>(), s.n, 0.0f, c.data<float>(), s.n);
+        },
+        reps);
+    const double ours_gf = flops / ours.median_ms / 1e6, raw_gf = flops / raw.median_ms / 1e6;
+    peak = std::max(peak, raw_gf);
+    std::printf("%-26s %6ld %6ld %6ld %12.1f %12.1f %8.2f\n", s.what, s.m, s.k, s.n, ours_gf,
+                raw_gf, ours_gf / raw_gf);
+    report.add({"matmul",
+                {{"shape", s.what}},
+                {{"m", double(s.m)},
+                 {"k", double(s.k)},
+                 {"n", double(s.n)},
+                 {"median_ms", ours.median_ms},
+                 {"gflops", ours_gf},
+                 {"sgemm_gflops", raw_gf}}});
+  }
+  std::printf("practical peak (best bare OpenBLAS sgemm here): %.1f GFLOP/s\n", peak);
+  report.add({"matmul_peak", {}, {{"sgemm_peak_gflops", peak}}});
+}
+
+struct ScanShape {
+  const char* what;
+  int64_t batch, len, dim, state;
+};
+
+void bench_scan(Report& report, bool quick) {
+  std::vector<ScanShape> shapes = {
+      {"tiny (d_inner 128, N 8)", 8, 256, 128, 8},
+      {"toy  (d_inner 768, N 16)", 1, 1024, 768, 16},
+      {"toy  batch 4, seq 512", 4, 512, 768, 16},
+  };
+  if (quick) shapes.resize(1);
+  std::printf("\n%-26s %5s %5s %5s %4s %10s %10s %12s %12s\n", "selective scan (f32)", "B", "L",
+              "D", "N", "fwd ms", "fwd+bwd ms", "fwd Mupd/s", "f+b Mupd/s");
+  for (const auto& s : shapes) {
+    Generator g(2);
+    auto leaf = [&](const Shape& shape, double scale) {
+      Tensor t = randn(shape, g, 0, scale);
+      t.set_requires_grad(true);
+      return t;
+    };
+    Tensor u = leaf({s.batch, s.len, s.dim}, 1), dt = leaf({s.batch, s.len, s.dim}, 1),
+           A = leaf({s.dim, s.state}, 0.5);
+    Tensor B = leaf({s.batch, s.len, s.state}, 1), C = leaf({s.batch, s.len, s.state}, 1);
+    Tensor D = leaf({s.dim}, 1), bias = leaf({s.dim}, 0.5), z = leaf({s.batch, s.len, s.dim}, 1);
+    const Timing fwd = time_cpu([&] {
+      NoGradGuard ng;
+      (void)selective_scan(u, dt, A, B, C, D, bias, z, Tensor());
+    });
+    const Timing both = time_cpu([&] {
+      auto r = selective_scan(u, dt, A, B, C, D, bias, z, Tensor());
+      r.y.backward(ones_like(r.y));
+    });
+    const double updates = double(s.batch) * s.len * s.dim * s.state;
+    std::printf("%-26s %5ld %5ld %5ld %4ld %10.2f %10.2f %12.1f %12.1f\n", s.what, s.batch, s.len,
+                s.dim, s.state, fwd.median_ms, both.median_ms, updates / fwd.median_ms / 1e3,
+                updates / both.median_ms / 1e3);
+    report.add({"ssm_scan",
+                {{"shape", s.what}},
+                {{"batch", double(s.batch)},
+                 {"len", double(s.len)},
+                 {"dim", double(s.dim)},
+                 {"state", double(s.state)},
+                 {"fwd_ms", fwd.median_ms},
+                 {"fwd_bwd_ms", both.median_ms},
+                 {"fwd_updates_per_s", updates / fwd.median_ms * 1e3},
+                 {"fwd_bwd_updates_per_s", updates / both.median_ms * 1e3}}});
+  }
+}
+
+int run(int argc, char** argv) {
+  std::string json, only;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--json" && i + 1 < argc) {
+      json = argv[++i];
+    } else if (a == "--only" && i + 1 < argc) {
+      only = argv[++i];
+    } else if (a == "--quick") {
+      quick = true;
+    } else {
+      std::cerr << "usage: hydra-bench [--json FILE] [--only matmul|scan] [--quick]\n";
+      return a == "--help" || a == "-h" ? 0 : 2;
+    }
+  }
+  char host[256] = {};
+  gethostname(host, sizeof host - 1);
+  std::printf("hydra-bench: %d threads, %u hardware threads, host %s\n", num_threads(),
+              std::thread::hardware_concurrency(), host);
+  Report report;
+  if (only.empty() || only == "matmul") bench_matmul(report, quick);
+  if (only.empty() || only == "scan") bench_scan(report, quick);
+  if (!json.empty()) {
+    report.write_json(json, {{"threads", std::to_string(num_threads())}, {"host", host}});
+    std::printf("\nwrote %s\n", json.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace hydra::bench
+
+int main(int argc, char** argv) { return hydra::bench::run(argc, argv); }

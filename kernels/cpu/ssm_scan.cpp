@@ -1,0 +1,246 @@
+// CPU selective scan. A task is (batch b, block of kBlock channels); it walks time with the block's
+// states in a small local array. The backward walks chunks last to first: it recomputes the chunk's
+// states and decays from the saved chunk-start state, then runs the adjoint recursion
+//   G_t = gh_t (total gradient on h_t) = C_t * gy_t + a_{t+1} * G_{t+1}
+// (spec/algorithms.md section 2). Sums over channels (gB, gC) and over batch (gA, gD, gdt_bias) go
+// through per-task partial buffers combined in a fixed order: thread-count independent.
+#include "kernels/ssm_scan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/base/parallel.h"
+#include "kernels/cpu/common.h"
+
+namespace hydra::kernels::cpu {
+namespace {
+
+constexpr int64_t kBlock = 16;
+
+template <class T>
+struct ScanView {
+  const SsmScanParams& p;
+  const T* u = static_cast<const T*>(p.u);
+  const T* delta = static_cast<const T*>(p.delta);
+  const T* z = static_cast<const T*>(p.z);
+  const T* Bm = static_cast<const T*>(p.B);
+  const T* Cm = static_cast<const T*>(p.C);
+  const T* dt_bias = static_cast<const T*>(p.dt_bias);
+  const T* A_log = static_cast<const T*>(p.A_log);
+  const T* Dskip = static_cast<const T*>(p.D);
+
+  int64_t row(int64_t b, int64_t t) const { return b * p.len + t; }
+  T u_at(int64_t r, int64_t d) const { return u[r * p.u_row + d]; }
+  T raw_delta(int64_t r, int64_t d) const {
+    return delta[r * p.delta_row + d] + (dt_bias ? dt_bias[d] : T(0));
+  }
+  T z_at(int64_t r, int64_t d) const { return z[r * p.z_row + d]; }
+  const T* B_at(int64_t r) const { return Bm + r * p.B_row; }
+  const T* C_at(int64_t r) const { return Cm + r * p.C_row; }
+  T D_at(int64_t d) const { return Dskip ? Dskip[d] : T(0); }
+  T A_at(int64_t d, int64_t n) const { return -std::exp(A_log[d * p.state + n]); }
+};
+
+template <class T>
+void scan_fwd(const SsmScanParams& p) {
+  const ScanView<T> v{p};
+  const int64_t N = p.state, D = p.dim, L = p.len;
+  const int64_t nblk = (D + kBlock - 1) / kBlock;
+  const int64_t nchunks = ssm_num_chunks(L, p.chunk_len);
+  T* y = static_cast<T*>(p.y);
+  const T* h0 = static_cast<const T*>(p.h0);
+  T* h_last = static_cast<T*>(p.h_last);
+  T* chunk_states = static_cast<T*>(p.chunk_states);
+  parallel_for(p.batch * nblk, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> h(kBlock * N), A(kBlock * N);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / nblk, d0 = (task % nblk) * kBlock, d1 = std::min(D, d0 + kBlock);
+      const int64_t nd = d1 - d0;
+      for (int64_t i = 0; i < nd; ++i)
+        for (int64_t n = 0; n < N; ++n) {
+          A[i * N + n] = v.A_at(d0 + i, n);
+          h[i * N + n] = h0 ? h0[(b * D + d0 + i) * N + n] : T(0);
+        }
+      for (int64_t t = 0; t < L; ++t) {
+        if (chunk_states && t % p.chunk_len == 0) {
+          T* cs = chunk_states + ((b * nchunks + t / p.chunk_len) * D + d0) * N;
+          std::copy(h.begin(), h.begin() + nd * N, cs);
+        }
+        const int64_t r = v.row(b, t);
+        const T* Bt = v.B_at(r);
+        const T* Ct = v.C_at(r);
+        for (int64_t i = 0; i < nd; ++i) {
+          const int64_t d = d0 + i;
+          const T ut = v.u_at(r, d);
+          const T dl = softplus(v.raw_delta(r, d));
+          T* hd = h.data() + i * N;
+          const T* Ad = A.data() + i * N;
+          T acc = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            hd[n] = std::exp(dl * Ad[n]) * hd[n] + dl * Bt[n] * ut;
+            acc += Ct[n] * hd[n];
+          }
+          acc += v.D_at(d) * ut;
+          if (v.z) {
+            const T zt = v.z_at(r, d);
+            acc *= zt * sigmoid(zt);
+          }
+          y[r * D + d] = acc;
+        }
+      }
+      if (h_last)
+        for (int64_t i = 0; i < nd; ++i)
+          std::copy(h.begin() + i * N, h.begin() + (i + 1) * N, h_last + (b * D + d0 + i) * N);
+    }
+  });
+}
+
+template <class T>
+void scan_bwd(const SsmScanBwdParams& q) {
+  const SsmScanParams& p = q.fwd;
+  HYDRA_CHECK(p.chunk_states != nullptr)
+      << "ssm_scan_bwd needs the chunk states saved by the forward";
+  const ScanView<T> v{p};
+  const int64_t N = p.state, D = p.dim, L = p.len, Bsz = p.batch, CL = p.chunk_len;
+  const int64_t nblk = (D + kBlock - 1) / kBlock;
+  const int64_t nchunks = ssm_num_chunks(L, CL);
+  const T* chunk_states = static_cast<const T*>(p.chunk_states);
+  const T* gy = static_cast<const T*>(q.gy);
+  const T* g_hlast = static_cast<const T*>(q.g_hlast);
+  T* gu = static_cast<T*>(q.gu);
+  T* gdelta = static_cast<T*>(q.gdelta);
+  T* gz = static_cast<T*>(q.gz);
+  T* gh0 = static_cast<T*>(q.gh0);
+
+  // Partials: gB/gC per channel block; gA/gD/gdt_bias per batch entry.
+  std::vector<T> gB_part(nblk * Bsz * L * N, T(0)), gC_part(nblk * Bsz * L * N, T(0));
+  std::vector<T> gA_part(Bsz * D * N, T(0)), gD_part(Bsz * D, T(0)), gbias_part(Bsz * D, T(0));
+
+  parallel_for(Bsz * nblk, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> A(kBlock * N), G(kBlock * N);
+    std::vector<T> hbuf((CL + 1) * kBlock * N), abuf(CL * kBlock * N), dlbuf(CL * kBlock);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / nblk, blk = task % nblk;
+      const int64_t d0 = blk * kBlock, d1 = std::min(D, d0 + kBlock), nd = d1 - d0;
+      T* gBp = gB_part.data() + (blk * Bsz + b) * L * N;
+      T* gCp = gC_part.data() + (blk * Bsz + b) * L * N;
+      for (int64_t i = 0; i < nd; ++i)
+        for (int64_t n = 0; n < N; ++n) {
+          A[i * N + n] = v.A_at(d0 + i, n);
+          G[i * N + n] = g_hlast ? g_hlast[(b * D + d0 + i) * N + n] : T(0);
+        }
+      for (int64_t c = nchunks - 1; c >= 0; --c) {
+        const int64_t cs = c * CL, ce = std::min(L, cs + CL);
+        // Recompute h and a inside the chunk: hbuf[s] = h before step cs+s, hbuf[s+1] = after it.
+        const T* saved = chunk_states + ((b * nchunks + c) * D + d0) * N;
+        for (int64_t i = 0; i < nd; ++i)
+          std::copy(saved + i * N, saved + (i + 1) * N, hbuf.begin() + i * N);
+        for (int64_t t = cs; t < ce; ++t) {
+          const int64_t s = t - cs, r = v.row(b, t);
+          const T* Bt = v.B_at(r);
+          for (int64_t i = 0; i < nd; ++i) {
+            const T ut = v.u_at(r, d0 + i);
+            const T dl = softplus(v.raw_delta(r, d0 + i));
+            dlbuf[s * kBlock + i] = dl;
+            const T* hp = hbuf.data() + (s * kBlock + i) * N;
+            T* hn = hbuf.data() + ((s + 1) * kBlock + i) * N;
+            T* an = abuf.data() + (s * kBlock + i) * N;
+            for (int64_t n = 0; n < N; ++n) {
+              an[n] = std::exp(dl * A[i * N + n]);
+              hn[n] = an[n] * hp[n] + dl * Bt[n] * ut;
+            }
+          }
+        }
+        for (int64_t t = ce - 1; t >= cs; --t) {
+          const int64_t s = t - cs, r = v.row(b, t);
+          const T* Bt = v.B_at(r);
+          const T* Ct = v.C_at(r);
+          T* gBt = gBp + t * N;
+          T* gCt = gCp + t * N;
+          for (int64_t i = 0; i < nd; ++i) {
+            const int64_t d = d0 + i;
+            const T ut = v.u_at(r, d), dl = dlbuf[s * kBlock + i];
+            const T* hp = hbuf.data() + (s * kBlock + i) * N;
+            const T* hn = hbuf.data() + ((s + 1) * kBlock + i) * N;
+            const T* an = abuf.data() + (s * kBlock + i) * N;
+            T g = gy[r * D + d];
+            if (v.z) {
+              T y_pre = v.D_at(d) * ut;
+              for (int64_t n = 0; n < N; ++n) y_pre += Ct[n] * hn[n];
+              const T zt = v.z_at(r, d), sg = sigmoid(zt);
+              gz[r * D + d] = g * y_pre * sg * (T(1) + zt * (T(1) - sg));
+              g *= zt * sg;
+            }
+            gD_part[b * D + d] += g * ut;
+            T gut = v.D_at(d) * g, gdl = 0;
+            T* Gd = G.data() + i * N;
+            T* gAd = gA_part.data() + (b * D + d) * N;
+            for (int64_t n = 0; n < N; ++n) {
+              const T Gn = Gd[n] + Ct[n] * g;
+              gCt[n] += g * hn[n];
+              gut += Gn * dl * Bt[n];
+              gBt[n] += Gn * dl * ut;
+              const T dadl = A[i * N + n] * an[n] * hp[n];
+              gdl += Gn * (dadl + Bt[n] * ut);
+              gAd[n] += Gn * dl * an[n] * hp[n];
+              Gd[n] = an[n] * Gn;
+            }
+            gu[r * D + d] = gut;
+            const T graw = gdl * sigmoid(v.raw_delta(r, d));
+            gdelta[r * D + d] = graw;
+            gbias_part[b * D + d] += graw;
+          }
+        }
+      }
+      if (gh0)
+        for (int64_t i = 0; i < nd; ++i)
+          std::copy(G.begin() + i * N, G.begin() + (i + 1) * N, gh0 + (b * D + d0 + i) * N);
+    }
+  });
+
+  T* gB = static_cast<T*>(q.gB);
+  T* gC = static_cast<T*>(q.gC);
+  parallel_for(Bsz * L, grain_for(N * nblk), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t n = 0; n < N; ++n) {
+        T sb = 0, sc = 0;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          sb += gB_part[(blk * Bsz * L + r) * N + n];
+          sc += gC_part[(blk * Bsz * L + r) * N + n];
+        }
+        gB[r * N + n] = sb;
+        gC[r * N + n] = sc;
+      }
+  });
+  T* gA_log = static_cast<T*>(q.gA_log);
+  T* gD = static_cast<T*>(q.gD);
+  T* gdt_bias = static_cast<T*>(q.gdt_bias);
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t n = 0; n < N; ++n) {
+      T s = 0;
+      for (int64_t b = 0; b < Bsz; ++b) s += gA_part[(b * D + d) * N + n];
+      gA_log[d * N + n] = s * v.A_at(d, n);  // dA/dA_log = A
+    }
+    T sd = 0, sbias = 0;
+    for (int64_t b = 0; b < Bsz; ++b) {
+      sd += gD_part[b * D + d];
+      sbias += gbias_part[b * D + d];
+    }
+    if (gD) gD[d] = sd;
+    if (gdt_bias) gdt_bias[d] = sbias;
+  }
+}
+
+}  // namespace
+
+void ssm_scan_fwd(const SsmScanParams& p) {
+  dispatch_float(p.dtype, "ssm_scan", [&](auto tag) { scan_fwd<typename decltype(tag)::type>(p); });
+}
+
+void ssm_scan_bwd(const SsmScanBwdParams& p) {
+  dispatch_float(p.fwd.dtype, "ssm_scan_backward",
+                 [&](auto tag) { scan_bwd<typename decltype(tag)::type>(p); });
+}
+
+}  // namespace hydra::kernels::cpu

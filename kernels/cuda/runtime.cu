@@ -1,0 +1,119 @@
+#include "kernels/cuda/check.cuh"
+#include "kernels/device_runtime.h"
+
+namespace hydra::kernels::cuda {
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // no driver or no device: report none, leave no sticky error
+    return 0;
+  }
+  return n;
+}
+
+void set_device(int device) { HYDRA_CUDA_CHECK(cudaSetDevice(device)); }
+
+int current_device() {
+  int d = 0;
+  HYDRA_CUDA_CHECK(cudaGetDevice(&d));
+  return d;
+}
+
+std::string device_name(int device) {
+  cudaDeviceProp prop{};
+  HYDRA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return prop.name;
+}
+
+void* device_malloc(std::size_t bytes, int device) {
+  HYDRA_CUDA_CHECK(cudaSetDevice(device));
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
+  if (err == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  HYDRA_CUDA_CHECK(err);
+  return p;
+}
+
+void device_free(void* ptr, int device) {
+  HYDRA_CUDA_CHECK(cudaSetDevice(device));
+  HYDRA_CUDA_CHECK(cudaFree(ptr));
+}
+
+void* host_malloc_pinned(std::size_t bytes) {
+  void* p = nullptr;
+  HYDRA_CUDA_CHECK(cudaMallocHost(&p, bytes));
+  return p;
+}
+
+void host_free_pinned(void* ptr) { HYDRA_CUDA_CHECK(cudaFreeHost(ptr)); }
+
+void memcpy_async(void* dst, const void* src, std::size_t bytes, CopyKind kind, void* stream) {
+  if (bytes == 0) return;
+  const cudaMemcpyKind k = kind == CopyKind::kHostToDevice   ? cudaMemcpyHostToDevice
+                           : kind == CopyKind::kDeviceToHost ? cudaMemcpyDeviceToHost
+                                                             : cudaMemcpyDeviceToDevice;
+  HYDRA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, k, as_stream(stream)));
+}
+
+void memset_async(void* dst, int value, std::size_t bytes, void* stream) {
+  if (bytes == 0) return;
+  HYDRA_CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, as_stream(stream)));
+}
+
+void* stream_create(int device) {
+  HYDRA_CUDA_CHECK(cudaSetDevice(device));
+  cudaStream_t s = nullptr;
+  HYDRA_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return s;
+}
+
+void stream_destroy(void* stream) { HYDRA_CUDA_CHECK(cudaStreamDestroy(as_stream(stream))); }
+void stream_synchronize(void* stream) {
+  HYDRA_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
+}
+
+void device_synchronize(int device) {
+  HYDRA_CUDA_CHECK(cudaSetDevice(device));
+  HYDRA_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void* event_create() {
+  cudaEvent_t e = nullptr;
+  HYDRA_CUDA_CHECK(cudaEventCreate(&e));
+  return e;
+}
+
+void event_destroy(void* event) {
+  HYDRA_CUDA_CHECK(cudaEventDestroy(static_cast<cudaEvent_t>(event)));
+}
+
+void event_record(void* event, void* stream) {
+  HYDRA_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event), as_stream(stream)));
+}
+
+void stream_wait_event(void* stream, void* event) {
+  HYDRA_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), static_cast<cudaEvent_t>(event), 0));
+}
+
+bool event_query(void* event) {
+  const cudaError_t err = cudaEventQuery(static_cast<cudaEvent_t>(event));
+  if (err == cudaErrorNotReady) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  HYDRA_CUDA_CHECK(err);
+  return true;
+}
+
+float event_elapsed_ms(void* start, void* end) {
+  float ms = 0;
+  HYDRA_CUDA_CHECK(
+      cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start), static_cast<cudaEvent_t>(end)));
+  return ms;
+}
+
+}  // namespace hydra::kernels::cuda

@@ -1,0 +1,37 @@
+// The CUDA runtime as the rest of the engine sees it: plain C++ signatures (streams are void*),
+// defined in kernels/cuda/runtime.cu. Only available when built with HYDRA_CUDA
+// (HYDRA_WITH_CUDA=1).
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace hydra::kernels::cuda {
+
+int device_count();  // 0 when no driver or no device
+void set_device(int device);
+int current_device();
+std::string device_name(int device);
+
+void* device_malloc(std::size_t bytes, int device);  // nullptr when the device is out of memory
+void device_free(void* ptr, int device);
+void* host_malloc_pinned(std::size_t bytes);
+void host_free_pinned(void* ptr);
+
+enum class CopyKind { kHostToDevice, kDeviceToHost, kDeviceToDevice };
+void memcpy_async(void* dst, const void* src, std::size_t bytes, CopyKind kind, void* stream);
+void memset_async(void* dst, int value, std::size_t bytes, void* stream);
+
+void* stream_create(int device);  // non-blocking stream
+void stream_destroy(void* stream);
+void stream_synchronize(void* stream);
+void device_synchronize(int device);
+
+void* event_create();
+void event_destroy(void* event);
+void event_record(void* event, void* stream);
+void stream_wait_event(void* stream, void* event);
+bool event_query(void* event);  // true when complete
+float event_elapsed_ms(void* start, void* end);
+
+}  // namespace hydra::kernels::cuda

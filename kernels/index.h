@@ -1,0 +1,49 @@
+// Indexing: row gather/scatter-add (embedding, index_select/index_add on the first axis) and
+// gather/scatter-add along an axis of an [outer, axis, inner] view. Scatter-adds are deterministic:
+// each output element receives its contributions in index order.
+#pragma once
+
+#include "kernels/base/kernel.h"
+
+namespace hydra::kernels {
+
+// out[i, :] = table[index[i], :]
+struct RowGatherParams {
+  DType dtype = DType::kF32;
+  DType index_dtype = DType::kI64;
+  const void* table = nullptr;  // [num_rows, cols]
+  const void* index = nullptr;  // [n]
+  void* out = nullptr;          // [n, cols]
+  int64_t n = 0, num_rows = 0, cols = 0;
+  void* stream = nullptr;
+};
+
+// table[index[i], :] += src[i, :]
+struct RowScatterAddParams {
+  DType dtype = DType::kF32;
+  DType index_dtype = DType::kI64;
+  const void* src = nullptr;    // [n, cols]
+  const void* index = nullptr;  // [n]
+  void* table = nullptr;        // [num_rows, cols], accumulated into
+  int64_t n = 0, num_rows = 0, cols = 0;
+  void* stream = nullptr;
+};
+
+// Along the middle axis: out[o, i, j] = x[o, index[o, i, j], j]   (gather)
+//                        x[o, index[o, i, j], j] += src[o, i, j]  (scatter-add)
+struct AxisIndexParams {
+  DType dtype = DType::kF32;
+  DType index_dtype = DType::kI64;
+  const void* src = nullptr;  // gather: x [outer, axis, inner]; scatter: src [outer, count, inner]
+  const void* index = nullptr;  // [outer, count, inner]
+  void* dst = nullptr;          // gather: out [outer, count, inner]; scatter: x (accumulated into)
+  int64_t outer = 1, axis = 1, count = 1, inner = 1;
+  void* stream = nullptr;
+};
+
+HYDRA_DECLARE_KERNEL(row_gather, RowGatherParams)
+HYDRA_DECLARE_KERNEL(row_scatter_add, RowScatterAddParams)
+HYDRA_DECLARE_KERNEL(axis_gather, AxisIndexParams)
+HYDRA_DECLARE_KERNEL(axis_scatter_add, AxisIndexParams)
+
+}  // namespace hydra::kernels

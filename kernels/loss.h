@@ -1,0 +1,39 @@
+// Fused cross-entropy with logits: loss_i = logsumexp(x_i) - x_i[t_i]; rows whose target equals
+// ignore_index give 0 and no gradient. Probabilities are never stored: the backward recomputes
+// softmax from the saved log-sum-exp.
+#pragma once
+
+#include "kernels/base/kernel.h"
+
+namespace hydra::kernels {
+
+struct CrossEntropyParams {
+  DType dtype = DType::kF32;  // of logits
+  DType target_dtype = DType::kI64;
+  const void* logits = nullptr;   // [rows, vocab]
+  const void* targets = nullptr;  // [rows]
+  void* loss = nullptr;           // [rows], accumulate dtype
+  void* lse = nullptr;            // [rows], accumulate dtype
+  int64_t rows = 0, vocab = 0;
+  int64_t ignore_index = -100;
+  void* stream = nullptr;
+};
+
+// glogits[i, j] = grow[i] * (softmax(x_i)[j] - [j == t_i]); ignored rows get 0.
+struct CrossEntropyBwdParams {
+  DType dtype = DType::kF32;
+  DType target_dtype = DType::kI64;
+  const void* logits = nullptr;
+  const void* targets = nullptr;
+  const void* lse = nullptr;
+  const void* grow = nullptr;  // [rows], accumulate dtype
+  void* glogits = nullptr;
+  int64_t rows = 0, vocab = 0;
+  int64_t ignore_index = -100;
+  void* stream = nullptr;
+};
+
+HYDRA_DECLARE_KERNEL(cross_entropy_fwd, CrossEntropyParams)
+HYDRA_DECLARE_KERNEL(cross_entropy_bwd, CrossEntropyBwdParams)
+
+}  // namespace hydra::kernels

@@ -1,0 +1,160 @@
+#include <gtest/gtest.h>
+
+#include "autograd/checkpoint.h"
+#include "autograd/grad_mode.h"
+#include "autograd/node.h"
+#include "autograd/ops.h"
+#include "tests/test_util.h"
+
+namespace hydra {
+namespace {
+
+using testing::randn64;
+
+TEST(Engine, ChainRuleThroughSharedInput) {
+  // f = sum(x * x + 3x) -> df/dx = 2x + 3 (x reaches the output by three paths)
+  Tensor x = tensor<double>({1, -2, 0.5}, {3});
+  x.set_requires_grad(true);
+  Tensor f = sum(add(mul(x, x), mul(x, 3.0)));
+  f.backward();
+  EXPECT_EQ(x.grad().to_vector<double>(), (std::vector<double>{5, -1, 4}));
+}
+
+TEST(Engine, GradientsAccumulateAcrossBackwardCalls) {
+  Tensor x = tensor<double>({2.0}, {1});
+  x.set_requires_grad(true);
+  sum(mul(x, 4.0)).backward();
+  sum(mul(x, 4.0)).backward();
+  EXPECT_DOUBLE_EQ(x.grad().item<double>(), 8.0);
+}
+
+TEST(Engine, NoGradRecordsNothing) {
+  Tensor x = randn64({3}, 1);
+  Tensor y;
+  {
+    NoGradGuard guard;
+    y = exp(x);
+  }
+  EXPECT_FALSE(y.requires_grad());
+  EXPECT_EQ(y.grad_fn(), nullptr);
+  EXPECT_THROW(y.backward(ones({3}, DType::kF64)), Error);
+}
+
+TEST(Engine, DetachCutsTheGraph) {
+  Tensor x = randn64({4}, 2);
+  Tensor y = mul(x, 2.0).detach();
+  EXPECT_FALSE(y.requires_grad());
+  Tensor z = sum(mul(exp(x), y));
+  z.backward();
+  const auto g = x.grad().to_vector<double>(), xe = exp(x).detach().to_vector<double>(),
+             yv = y.to_vector<double>();
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(g[i], xe[i] * yv[i], 1e-12);
+}
+
+TEST(Engine, SecondBackwardWithoutRetainGraphFails) {
+  Tensor x = randn64({3}, 3);
+  Tensor f = sum(exp(x));
+  f.backward(Tensor(), /*retain_graph=*/true);
+  f.backward();
+  EXPECT_THROW(f.backward(), Error);
+}
+
+TEST(Engine, InPlaceChangeOfSavedTensorIsReported) {
+  Tensor x = randn64({3}, 4);
+  Tensor w = randn64({3}, 5, 1.0, /*requires_grad=*/false);
+  Tensor f = sum(mul(x, w));
+  w.mul_(2.0);
+  try {
+    f.backward();
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("modified in place"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Engine, GradReadyHookFiresOnceAfterAccumulation) {
+  // w is used twice; the hook must see the complete gradient exactly once.
+  Tensor w = randn64({2, 2}, 6);
+  Tensor x = randn64({3, 2}, 7, 1.0, false);
+  int calls = 0;
+  std::vector<double> seen;
+  w.add_grad_ready_hook([&](const Tensor& leaf) {
+    ++calls;
+    seen = leaf.grad().to_vector<double>();
+  });
+  Tensor y = matmul(matmul(x, w), w);
+  sum(y).backward();
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(seen, w.grad().to_vector<double>());
+}
+
+TEST(Engine, LaterLayersGradientsAreReadyFirst) {
+  // Three layers; hooks must fire in reverse order of use (what overlapped all-reduce relies on).
+  std::vector<Tensor> ws = {randn64({4, 4}, 8), randn64({4, 4}, 9), randn64({4, 4}, 10)};
+  std::vector<int> order;
+  for (int i = 0; i < 3; ++i)
+    ws[i].add_grad_ready_hook([&order, i](const Tensor&) { order.push_back(i); });
+  Tensor h = randn64({2, 4}, 11, 1.0, false);
+  for (const Tensor& w : ws) h = tanh(matmul(h, w));
+  sum(h).backward();
+  EXPECT_EQ(order, (std::vector<int>{2, 1, 0}));
+}
+
+TEST(Engine, UnusedOutputOfMultiOutputOpGetsNoGradient) {
+  Tensor x = randn64({6, 3}, 12);
+  auto parts = split(x, {2, 4}, 0);
+  sum(exp(parts[1])).backward();
+  const auto g = x.grad().to_vector<double>();
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(g[i], 0.0);
+  const auto xs = x.detach().to_vector<double>();
+  for (int i = 6; i < 18; ++i) EXPECT_NEAR(g[i], std::exp(xs[i]), 1e-12);
+}
+
+TEST(Checkpoint, MatchesPlainBackward) {
+  Tensor w1 = randn64({5, 5}, 13), w2 = randn64({5, 5}, 14);
+  Tensor x = randn64({3, 5}, 15);
+  auto block = [&](const std::vector<Tensor>& in) {
+    return std::vector<Tensor>{silu(matmul(tanh(matmul(in[0], w1)), w2))};
+  };
+  sum(square(block({x})[0])).backward();
+  const auto gx = x.grad().to_vector<double>(), g1 = w1.grad().to_vector<double>(),
+             g2 = w2.grad().to_vector<double>();
+  x.set_grad(Tensor());
+  w1.set_grad(Tensor());
+  w2.set_grad(Tensor());
+  Tensor y = checkpoint(block, {x})[0];
+  EXPECT_TRUE(y.requires_grad());
+  sum(square(y)).backward();
+  EXPECT_EQ(x.grad().to_vector<double>(), gx);
+  EXPECT_EQ(w1.grad().to_vector<double>(), g1);
+  EXPECT_EQ(w2.grad().to_vector<double>(), g2);
+}
+
+TEST(Checkpoint, ReplaysRandomDraws) {
+  // fn draws noise from the default generator; the recomputation must draw the same noise.
+  Tensor x = randn64({8}, 16);
+  auto noisy = [](const std::vector<Tensor>& in) {
+    Tensor noise = randn(in[0].shape(), default_generator(), 0, 1, DType::kF64);
+    return std::vector<Tensor>{mul(in[0], noise)};
+  };
+  default_generator().set_state({99, 0});
+  Tensor y = checkpoint(noisy, {x})[0];
+  const GeneratorState after = default_generator().state();
+  sum(y).backward();
+  EXPECT_EQ(default_generator().state(), after)
+      << "backward must leave the generator where the forward left it";
+  default_generator().set_state({99, 0});
+  Tensor noise = randn({8}, default_generator(), 0, 1, DType::kF64);
+  EXPECT_EQ(x.grad().to_vector<double>(), noise.to_vector<double>());
+}
+
+TEST(Checkpoint, WithoutGradModeJustRuns) {
+  NoGradGuard guard;
+  Tensor x = randn64({2}, 17, 1.0, false);
+  Tensor y = checkpoint(
+      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{exp(in[0])}; }, {x})[0];
+  EXPECT_FALSE(y.requires_grad());
+}
+
+}  // namespace
+}  // namespace hydra

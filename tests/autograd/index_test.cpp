@@ -1,0 +1,172 @@
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "autograd/ops.h"
+#include "tests/test_util.h"
+
+namespace hydra {
+namespace {
+
+using testing::randidx;
+using testing::randn64;
+
+TEST(Embedding, MatchesReferenceAtOddShape) {
+  Tensor w = randn64({13, 5}, 1, 1.0, false);
+  Tensor idx = randidx(13, {7, 3}, 2);
+  Tensor y = embedding(w, idx);
+  EXPECT_EQ(y.shape(), (Shape{7, 3, 5}));
+  const auto wv = w.to_vector<double>(), yv = y.to_vector<double>();
+  const auto iv = idx.to_vector<int64_t>();
+  for (int i = 0; i < 21; ++i)
+    for (int j = 0; j < 5; ++j) EXPECT_EQ(yv[i * 5 + j], wv[iv[i] * 5 + j]);
+}
+
+TEST(Embedding, GradcheckFloat64WithRepeatedIndices) {
+  Tensor w = randn64({6, 4}, 3);
+  Tensor idx = tensor<int64_t>({1, 3, 1, 5, 1, 0, 3}, {7});  // rows 1 and 3 repeat: gradients add
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding(in[0], idx)}; },
+      (std::vector<Tensor>{w}));
+}
+
+TEST(Embedding, OutOfRangeIndexIsAnError) {
+  try {
+    (void)embedding(randn64({4, 2}, 4, 1.0, false), tensor<int64_t>({0, 4}, {2}));
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("index 4"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ScatterAddRows, MatchesReferenceAndGradcheckFloat64) {
+  Tensor table = randn64({7, 5}, 5), src = randn64({13, 5}, 6);
+  Tensor idx = randidx(7, {13}, 7);
+  const auto tv = table.to_vector<double>(), sv = src.to_vector<double>();
+  auto ref = tv;
+  const auto iv = idx.to_vector<int64_t>();
+  for (int i = 0; i < 13; ++i)
+    for (int j = 0; j < 5; ++j) ref[iv[i] * 5 + j] += sv[i * 5 + j];
+  const auto got = scatter_add_rows(table, idx, src).to_vector<double>();
+  for (std::size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-12);
+  Tensor small_idx = tensor<int64_t>({3, 0, 3, 1, 3, 2}, {6});
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{scatter_add_rows(in[0], small_idx, in[1])};
+      },
+      (std::vector<Tensor>{randn64({4, 3}, 8), randn64({6, 3}, 9)}));
+}
+
+TEST(GatherRows, GradcheckFloat64) {
+  Tensor idx = tensor<int32_t>({2, 0, 2}, {3});
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{gather_rows(in[0], idx)}; },
+      (std::vector<Tensor>{randn64({3, 4}, 10)}));
+}
+
+TEST(Gather, MatchesReferenceAtOddShape) {
+  Tensor x = randn64({7, 13, 5}, 11, 1.0, false);
+  Tensor idx = randidx(13, {7, 4, 5}, 12);
+  const auto xv = x.to_vector<double>(), got = gather(x, 1, idx).to_vector<double>();
+  const auto iv = idx.to_vector<int64_t>();
+  for (int i = 0; i < 7; ++i)
+    for (int j = 0; j < 4; ++j)
+      for (int k = 0; k < 5; ++k) {
+        const int64_t q = (i * 4 + j) * 5 + k;
+        EXPECT_EQ(got[q], xv[(i * 13 + iv[q]) * 5 + k]);
+      }
+}
+
+TEST(Gather, GradcheckFloat64) {
+  Tensor idx = randidx(4, {3, 6}, 13);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{gather(in[0], -1, idx)}; },
+      (std::vector<Tensor>{randn64({3, 4}, 14)}));
+}
+
+TEST(ScatterAdd, MatchesReferenceAtOddShape) {
+  Tensor x = randn64({7, 13, 5}, 15, 1.0, false), src = randn64({7, 9, 5}, 16, 1.0, false);
+  Tensor idx = randidx(13, {7, 9, 5}, 17);
+  auto ref = x.to_vector<double>();
+  const auto sv = src.to_vector<double>();
+  const auto iv = idx.to_vector<int64_t>();
+  for (int i = 0; i < 7; ++i)
+    for (int j = 0; j < 9; ++j)
+      for (int k = 0; k < 5; ++k) {
+        const int64_t q = (i * 9 + j) * 5 + k;
+        ref[(i * 13 + iv[q]) * 5 + k] += sv[q];
+      }
+  const auto got = scatter_add(x, 1, idx, src).to_vector<double>();
+  for (std::size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-12);
+}
+
+TEST(ScatterAdd, GradcheckFloat64) {
+  Tensor idx = randidx(3, {5, 2}, 18);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{scatter_add(in[0], 0, idx, in[1])};
+      },
+      (std::vector<Tensor>{randn64({3, 2}, 19), randn64({5, 2}, 20)}));
+}
+
+TEST(Concat, MatchesReferenceAtOddShapeAndGradcheckFloat64) {
+  Tensor a = randn64({7, 3, 5}, 21), b = randn64({7, 10, 5}, 22);
+  Tensor c = concat({a, b}, 1);
+  EXPECT_EQ(c.shape(), (Shape{7, 13, 5}));
+  const auto cv = c.to_vector<double>(), av = a.to_vector<double>(), bv = b.to_vector<double>();
+  for (int i = 0; i < 7; ++i)
+    for (int j = 0; j < 13; ++j)
+      for (int k = 0; k < 5; ++k)
+        EXPECT_EQ(cv[(i * 13 + j) * 5 + k],
+                  j < 3 ? av[(i * 3 + j) * 5 + k] : bv[(i * 10 + j - 3) * 5 + k]);
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{concat(in, -1)}; },
+      (std::vector<Tensor>{randn64({2, 3}, 23), randn64({2, 1}, 24), randn64({2, 2}, 25)}));
+}
+
+TEST(Split, ViewsAndGradcheckFloat64) {
+  Tensor x = randn64({7, 13}, 26);
+  auto parts = split(x, {3, 6, 4}, 1);
+  ASSERT_EQ(parts.size(), 3u);
+  EXPECT_EQ(parts[1].shape(), (Shape{7, 6}));
+  EXPECT_EQ(parts[1].storage().get(), x.storage().get());
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) {
+        auto p = split(in[0], {1, 3, 2}, 0);
+        return std::vector<Tensor>{mul(p[0], p[2].slice(0, 0, 1)), exp(p[1])};
+      },
+      (std::vector<Tensor>{randn64({6, 2}, 27)}));
+  EXPECT_THROW(split(x, {3, 3}, 1), Error);
+}
+
+TEST(Topk, MatchesSortAtOddShape) {
+  Tensor x = randn64({7, 13}, 28, 1.0, false);
+  auto [values, indices] = topk(x, 5);
+  const auto xv = x.to_vector<double>(), vv = values.to_vector<double>();
+  const auto iv = indices.to_vector<int64_t>();
+  for (int r = 0; r < 7; ++r) {
+    std::vector<int64_t> order(13);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return xv[r * 13 + a] > xv[r * 13 + b]; });
+    for (int j = 0; j < 5; ++j) {
+      EXPECT_EQ(iv[r * 5 + j], order[j]);
+      EXPECT_EQ(vv[r * 5 + j], xv[r * 13 + order[j]]);
+    }
+  }
+}
+
+TEST(Topk, TiesGoToTheLowerIndex) {
+  auto [values, indices] = topk(tensor<double>({1, 3, 3, 2, 3}, {5}), 3);
+  EXPECT_EQ(indices.to_vector<int64_t>(), (std::vector<int64_t>{1, 2, 4}));
+}
+
+TEST(Topk, GradcheckFloat64) {
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{topk(in[0], 3).first}; },
+      (std::vector<Tensor>{randn64({4, 7}, 29)}));
+}
+
+}  // namespace
+}  // namespace hydra

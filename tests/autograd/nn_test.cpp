@@ -1,0 +1,121 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "autograd/ops.h"
+#include "tests/test_util.h"
+
+namespace hydra {
+namespace {
+
+using testing::randn64;
+
+TEST(RmsNorm, MatchesReferenceAtOddShape) {
+  Tensor x = randn64({7, 13, 5}, 1, 1.0, false), w = randn64({5}, 2, 1.0, false);
+  const auto xv = x.to_vector<double>(), wv = w.to_vector<double>();
+  const auto y = rms_norm(x, w, 1e-5).to_vector<double>();
+  const auto y_nw = rms_norm(x, Tensor(), 1e-5).to_vector<double>();
+  for (int r = 0; r < 91; ++r) {
+    double ss = 0;
+    for (int j = 0; j < 5; ++j) ss += xv[r * 5 + j] * xv[r * 5 + j];
+    const double rs = 1 / std::sqrt(ss / 5 + 1e-5);
+    for (int j = 0; j < 5; ++j) {
+      EXPECT_NEAR(y[r * 5 + j], xv[r * 5 + j] * rs * wv[j], 1e-12);
+      EXPECT_NEAR(y_nw[r * 5 + j], xv[r * 5 + j] * rs, 1e-12);
+    }
+  }
+}
+
+TEST(RmsNorm, GradcheckFloat64) {
+  Tensor x = randn64({3, 4, 6}, 3), w = randn64({6}, 4);
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{rms_norm(in[0], in[1], 1e-5)};
+      },
+      (std::vector<Tensor>{x, w}));
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{rms_norm(in[0], Tensor(), 1e-5)};
+      },
+      (std::vector<Tensor>{x}));
+}
+
+TEST(Softmax, MatchesReferenceAtOddShape) {
+  Tensor x = randn64({7, 13, 5}, 5, 3.0, false);
+  const auto xv = x.to_vector<double>(), s = softmax(x).to_vector<double>(),
+             ls = log_softmax(x).to_vector<double>();
+  for (int r = 0; r < 91; ++r) {
+    double z = 0;
+    for (int j = 0; j < 5; ++j) z += std::exp(xv[r * 5 + j]);
+    for (int j = 0; j < 5; ++j) {
+      EXPECT_NEAR(s[r * 5 + j], std::exp(xv[r * 5 + j]) / z, 1e-12);
+      EXPECT_NEAR(ls[r * 5 + j], xv[r * 5 + j] - std::log(z), 1e-12);
+    }
+  }
+}
+
+TEST(Softmax, StableForLargeLogits) {
+  Tensor x = tensor<double>({1000, 1001, 999}, {3});
+  const auto s = softmax(x).to_vector<double>();
+  EXPECT_NEAR(s[1], 1 / (1 + std::exp(-1.0) + std::exp(-2.0)), 1e-12);
+}
+
+TEST(Softmax, GradcheckFloat64) {
+  Tensor x = randn64({3, 7}, 6);
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{softmax(in[0])}; },
+      (std::vector<Tensor>{x}));
+}
+
+TEST(LogSoftmax, GradcheckFloat64) {
+  Tensor x = randn64({3, 7}, 7);
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{log_softmax(in[0])}; },
+      (std::vector<Tensor>{x}));
+}
+
+TEST(CrossEntropy, MatchesReferenceWithIgnoreIndex) {
+  Tensor logits = randn64({7, 13}, 8, 2.0, false);
+  Tensor targets = tensor<int64_t>({3, -100, 12, 0, 5, -100, 7}, {7});
+  const auto lv = logits.to_vector<double>();
+  const std::vector<int64_t> tv = targets.to_vector<int64_t>();
+  double total = 0;
+  int count = 0;
+  std::vector<double> rows(7, 0.0);
+  for (int r = 0; r < 7; ++r) {
+    if (tv[r] == -100) continue;
+    double z = 0;
+    for (int j = 0; j < 13; ++j) z += std::exp(lv[r * 13 + j]);
+    rows[r] = std::log(z) - lv[r * 13 + tv[r]];
+    total += rows[r];
+    ++count;
+  }
+  EXPECT_NEAR(cross_entropy(logits, targets).item<double>(), total / count, 1e-12);
+  EXPECT_NEAR(cross_entropy(logits, targets, -100, Reduction::kSum).item<double>(), total, 1e-12);
+  const auto none = cross_entropy(logits, targets, -100, Reduction::kNone).to_vector<double>();
+  for (int r = 0; r < 7; ++r) EXPECT_NEAR(none[r], rows[r], 1e-12);
+}
+
+TEST(CrossEntropy, GradcheckFloat64) {
+  Tensor logits = randn64({2, 3, 5}, 9);
+  Tensor targets = tensor<int32_t>({1, 4, -1, 0, 2, 3}, {2, 3});
+  for (Reduction r : {Reduction::kMean, Reduction::kSum, Reduction::kNone}) {
+    HYDRA_EXPECT_GRADCHECK(
+        [&](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{cross_entropy(in[0], targets, -1, r)};
+        },
+        (std::vector<Tensor>{logits}));
+  }
+}
+
+TEST(CrossEntropy, RejectsTargetsOutsideTheVocabulary) {
+  try {
+    (void)cross_entropy(randn64({2, 4}, 10, 1.0, false), tensor<int64_t>({1, 9}, {2}));
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("target 9"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace hydra

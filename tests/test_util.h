@@ -1,0 +1,65 @@
+// Helpers shared by the tests: random inputs (never zeros), comparisons with a reason, gradcheck.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "autograd/gradcheck.h"
+#include "autograd/ops.h"
+
+namespace hydra::testing {
+
+// Normal(0, scale) f64 tensor on the CPU that requires grad (a leaf).
+inline Tensor randn64(const Shape& shape, uint64_t seed, double scale = 1.0,
+                      bool requires_grad = true) {
+  Generator gen(seed);
+  Tensor t = randn(shape, gen, 0.0, scale, DType::kF64);
+  t.set_requires_grad(requires_grad);
+  return t;
+}
+
+inline Tensor randn32(const Shape& shape, uint64_t seed, double scale = 1.0) {
+  Generator gen(seed);
+  return randn(shape, gen, 0.0, scale, DType::kF32);
+}
+
+inline Tensor randidx(int64_t high, const Shape& shape, uint64_t seed) {
+  Generator gen(seed);
+  return randint(0, high, shape, gen, DType::kI64);
+}
+
+// ||a - b|| / ||b|| over all elements (both converted to f64 on the host).
+inline double rel_error(const Tensor& a, const Tensor& b) {
+  const std::vector<double> x = a.to_vector<double>(), y = b.to_vector<double>();
+  EXPECT_EQ(x.size(), y.size());
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < x.size() && i < y.size(); ++i) {
+    num += (x[i] - y[i]) * (x[i] - y[i]);
+    den += y[i] * y[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+inline double max_abs_diff(const Tensor& a, const Tensor& b) {
+  const std::vector<double> x = a.to_vector<double>(), y = b.to_vector<double>();
+  EXPECT_EQ(x.size(), y.size());
+  double m = 0;
+  for (std::size_t i = 0; i < x.size() && i < y.size(); ++i) m = std::max(m, std::abs(x[i] - y[i]));
+  return m;
+}
+
+inline bool bitwise_equal(const Tensor& a, const Tensor& b) {
+  if (a.shape() != b.shape() || a.dtype() != b.dtype()) return false;
+  const Tensor x = a.contiguous().cpu(), y = b.contiguous().cpu();
+  return std::memcmp(x.raw_data(), y.raw_data(), x.nbytes()) == 0;
+}
+
+#define HYDRA_EXPECT_GRADCHECK(fn, inputs, ...)                                \
+  do {                                                                         \
+    const ::hydra::Status st_ = ::hydra::gradcheck(fn, inputs, ##__VA_ARGS__); \
+    EXPECT_TRUE(st_.ok()) << st_.message();                                    \
+  } while (0)
+
+}  // namespace hydra::testing
