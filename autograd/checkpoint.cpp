@@ -8,6 +8,8 @@
 namespace hydra {
 namespace {
 
+thread_local int recompute_depth = 0;
+
 class CheckpointNode final : public Node {
  public:
   CheckpointNode(CheckpointFn fn, const std::vector<Tensor>& inputs, GeneratorState rng)
@@ -35,7 +37,15 @@ class CheckpointNode final : public Node {
       const GeneratorState outer = default_generator().state();
       default_generator().set_state(rng_);
       EnableGradGuard grad_on;
-      outputs = fn_(inputs);
+      ++recompute_depth;
+      try {
+        outputs = fn_(inputs);
+      } catch (...) {
+        --recompute_depth;
+        default_generator().set_state(outer);
+        throw;
+      }
+      --recompute_depth;
       default_generator().set_state(outer);
     }
     HYDRA_CHECK(outputs.size() == grads.size())
@@ -68,6 +78,8 @@ class CheckpointNode final : public Node {
 };
 
 }  // namespace
+
+bool is_recomputing() { return recompute_depth > 0; }
 
 std::vector<Tensor> checkpoint(const CheckpointFn& fn, const std::vector<Tensor>& inputs) {
   if (!GradMode::enabled()) return fn(inputs);

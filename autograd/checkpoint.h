@@ -16,4 +16,8 @@ using CheckpointFn = std::function<std::vector<Tensor>(const std::vector<Tensor>
 
 std::vector<Tensor> checkpoint(const CheckpointFn& fn, const std::vector<Tensor>& inputs);
 
+// True while a checkpoint's backward re-runs its function: code that records statistics or advances
+// state once per step checks this to not do it twice.
+bool is_recomputing();
+
 }  // namespace hydra

@@ -30,6 +30,7 @@ Status gradcheck(const GradcheckFn& fn, const std::vector<Tensor>& inputs,
       return invalid_argument("gradcheck: input " + std::to_string(i) +
                               " must be a contiguous f64 CPU tensor");
     t.set_grad(Tensor());
+    t.set_sparse_grad(nullptr);
   }
   Generator gen(options.seed);
   std::vector<Tensor> outs = fn(inputs);
@@ -54,7 +55,7 @@ Status gradcheck(const GradcheckFn& fn, const std::vector<Tensor>& inputs,
   for (std::size_t i = 0; i < inputs.size(); ++i) {
     const Tensor& t = inputs[i];
     if (!t.defined() || !t.requires_grad()) continue;
-    const Tensor g = t.grad();
+    const Tensor g = t.sparse_grad() ? densify_sparse_grad(t) : t.grad();
     const std::vector<double> analytic =
         g.defined() ? g.to_vector<double>() : std::vector<double>(t.numel(), 0.0);
     double* x = t.data<double>();

@@ -12,6 +12,7 @@ void Module::check_new_name(const std::string& name) const {
       << "module member name '" << name << "' must be non-empty and contain no '.'";
   const bool taken =
       std::any_of(params_.begin(), params_.end(), [&](const auto& p) { return p.name == name; }) ||
+      std::any_of(buffers_.begin(), buffers_.end(), [&](const auto& b) { return b.first == name; }) ||
       std::any_of(children_.begin(), children_.end(),
                   [&](const auto& c) { return c.first == name; });
   HYDRA_CHECK(!taken) << "module member name '" << name << "' registered twice";
@@ -24,6 +25,23 @@ Tensor Module::register_parameter(const std::string& name, Tensor t, ParamOption
   t.set_requires_grad(true);
   params_.push_back({name, t, std::move(options)});
   return t;
+}
+
+Tensor Module::register_buffer(const std::string& name, Tensor t) {
+  check_new_name(name);
+  HYDRA_CHECK(t.defined() && !t.requires_grad()) << "buffer '" << name << "' must be defined and not require grad";
+  buffers_.emplace_back(name, t);
+  return t;
+}
+
+std::vector<std::pair<std::string, Tensor>> Module::named_buffers(const std::string& prefix) const {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& [name, t] : buffers_) out.emplace_back(prefix + name, t);
+  for (const auto& [name, child] : children_) {
+    auto sub = child->named_buffers(prefix + name + ".");
+    out.insert(out.end(), sub.begin(), sub.end());
+  }
+  return out;
 }
 
 std::vector<NamedParameter> Module::named_parameters(const std::string& prefix) const {
@@ -55,7 +73,10 @@ Tensor Module::find_parameter(const std::string& name) const {
 }
 
 void Module::zero_grad() {
-  for (const auto& p : named_parameters()) p.tensor.set_grad(Tensor());
+  for (const auto& p : named_parameters()) {
+    p.tensor.set_grad(Tensor());
+    p.tensor.set_sparse_grad(nullptr);
+  }
 }
 
 namespace {
@@ -76,6 +97,7 @@ void replace_data(const Tensor& param, const Tensor& data) {
 void Module::to(Device device) {
   NoGradGuard no_grad;
   for (const auto& p : named_parameters()) replace_data(p.tensor, p.tensor.detach().to(device));
+  for (const auto& [name, b] : named_buffers()) replace_data(b, b.detach().to(device));
 }
 
 void Module::to(DType dtype) {

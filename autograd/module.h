@@ -39,6 +39,8 @@ class Module {
   // The parameter with this full dotted name, or an undefined tensor.
   Tensor find_parameter(const std::string& name) const;
   void zero_grad();
+  // Non-trainable state saved with checkpoints (e.g. adaptive loss coefficients), by full dotted name.
+  std::vector<std::pair<std::string, Tensor>> named_buffers(const std::string& prefix = "") const;
   // Moves every parameter to `device` / converts it to `dtype` in place: existing handles see the
   // change.
   void to(Device device);
@@ -46,6 +48,7 @@ class Module {
 
  protected:
   Tensor register_parameter(const std::string& name, Tensor t, ParamOptions options = {});
+  Tensor register_buffer(const std::string& name, Tensor t);
   template <class M>
   std::shared_ptr<M> register_module(const std::string& name, std::shared_ptr<M> m) {
     check_new_name(name);
@@ -56,6 +59,7 @@ class Module {
  private:
   void check_new_name(const std::string& name) const;
   std::vector<NamedParameter> params_;
+  std::vector<std::pair<std::string, Tensor>> buffers_;
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
 };
 

@@ -50,10 +50,14 @@ std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
     NoGradGuard no_grad;
     current.add_(g.dtype() == current.dtype() ? g : g.to(current.dtype()));
   }
-  // Copy: a hook may add or remove hooks.
-  const auto hooks = leaf_.unsafe_impl()->autograd.ready_hooks;
-  for (const auto& [id, hook] : hooks) hook(leaf_);
+  run_grad_ready_hooks(leaf_);
   return {};
+}
+
+void run_grad_ready_hooks(const Tensor& leaf) {
+  // Copy: a hook may add or remove hooks.
+  const auto hooks = leaf.unsafe_impl()->autograd.ready_hooks;
+  for (const auto& [id, hook] : hooks) hook(leaf);
 }
 
 bool any_requires_grad(const std::vector<Tensor>& inputs) {
@@ -76,8 +80,8 @@ Edge gradient_edge(const Tensor& t) {
 }
 
 void record_op(const std::string& name, const std::vector<Tensor>& inputs,
-               const std::vector<Tensor>& outputs, BackwardFn fn) {
-  if (!any_requires_grad(inputs)) return;
+               const std::vector<Tensor>& outputs, BackwardFn fn, bool force) {
+  if (!(force ? GradMode::enabled() : any_requires_grad(inputs))) return;
   auto node = std::make_shared<FunctionNode>(name, std::move(fn));
   node->set_num_outputs(static_cast<uint32_t>(outputs.size()));
   std::vector<Edge> edges;

@@ -95,10 +95,12 @@ class AccumulateGrad final : public Node {
 bool any_requires_grad(const std::vector<Tensor>& inputs);
 // The edge by which gradient reaches `t` (its grad_fn, or its leaf accumulator; none if no grad).
 Edge gradient_edge(const Tensor& t);
-// Records `fn` as the backward of an op with these inputs and outputs. Undefined inputs get no
-// edge; outputs become non-leaves that require grad. No-op when no input requires grad (or grad
-// mode off).
+// Records `fn` as the backward of an op with these inputs and outputs. Undefined inputs get no edge;
+// outputs become non-leaves that require grad. No-op when no input requires grad (or grad mode off),
+// unless `force` (an op whose gradient leaves by another route, such as a sparse table gradient).
 void record_op(const std::string& name, const std::vector<Tensor>& inputs,
-               const std::vector<Tensor>& outputs, BackwardFn fn);
+               const std::vector<Tensor>& outputs, BackwardFn fn, bool force = false);
+// Runs the gradient-ready hooks of a leaf (after a gradient reached it by any route).
+void run_grad_ready_hooks(const Tensor& leaf);
 
 }  // namespace hydra

@@ -120,6 +120,42 @@ std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, in
 // The k largest along the last axis, descending, ties to the lower index; gradient flows to values.
 std::pair<Tensor, Tensor> topk(const Tensor& x, int64_t k);
 
+// Weighted bags of rows: out[t] = sum_k weights[t, k] * table[index[t, k]]; table [R, C], index and
+// weights [n, m] -> [n, C]. With sparse_grad the table (a leaf) receives its gradient as row-sparse
+// Tensor::sparse_grad() instead of a dense tensor (PKM values: few rows of a large table per step).
+Tensor embedding_bag(const Tensor& table, const Tensor& index, const Tensor& weights,
+                     bool sparse_grad = false);
+// Adds rows/values to a leaf's row-sparse gradient (rows of equal index summed), then runs its
+// gradient-ready hooks.
+void accumulate_sparse_grad(const Tensor& leaf, const Tensor& rows, const Tensor& values);
+// The sparse gradient as a dense tensor of the leaf's shape (zeros where no row was touched).
+Tensor densify_sparse_grad(const Tensor& leaf);
+
+// ---- experts ------------------------------------------------------------------------------------
+// Grouped linear (the experts' GEMMs): x [n, in] holds consecutive row groups of group_sizes (sum
+// n); group g is multiplied by w[g]^T with w [G, out, in]. Returns [n, out].
+Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& group_sizes);
+
+// ---- attention ----------------------------------------------------------------------------------
+// The sparse causal pattern of kernels/attention.h. window <= 0: unlimited; global_stride 0: none.
+// Dense causal attention is {0, 0}.
+struct AttentionPattern {
+  int64_t window = 0;
+  int64_t global_stride = 0;
+};
+// q [B, Lq, H, dh], k and v [B, Lk, H, dh] -> [B, Lq, H, dh]; query i sits at position q_pos0 + i
+// and key j at k_pos0 + j. Tiled (flash-style): memory is linear in L.
+Tensor sparse_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                        const AttentionPattern& pattern, double scale, int64_t q_pos0 = 0,
+                        int64_t k_pos0 = 0);
+// The same, also returning the log-sum-exp [B, H, Lq] (for merging partial attentions).
+std::pair<Tensor, Tensor> sparse_attention_with_lse(const Tensor& q, const Tensor& k,
+                                                    const Tensor& v, const AttentionPattern& pattern,
+                                                    double scale, int64_t q_pos0 = 0,
+                                                    int64_t k_pos0 = 0);
+// Rotary embedding of x [B, L, H, dh] at positions pos0 + t (kernels/rope.h).
+Tensor rope(const Tensor& x, int64_t pos0, double theta);
+
 // ---- sequence ops
 // ---------------------------------------------------------------------------------- x [B, L, C], w
 // [C, W], bias [C] or undefined, prefix [B, W-1, C] or undefined (the inputs before position 0). y

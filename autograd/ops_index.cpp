@@ -1,4 +1,7 @@
+#include <algorithm>
 #include <numeric>
+
+#include "autograd/grad_mode.h"
 
 #include "autograd/dispatch.h"
 #include "autograd/node.h"
@@ -296,6 +299,104 @@ std::pair<Tensor, Tensor> topk(const Tensor& x_in, int64_t k) {
     });
   }
   return {values, indices};
+}
+
+}  // namespace hydra
+
+namespace hydra {
+
+void accumulate_sparse_grad(const Tensor& leaf, const Tensor& rows_in, const Tensor& values_in) {
+  HYDRA_CHECK(leaf.is_leaf() && leaf.dim() == 2) << "sparse gradients go to 2-D leaves";
+  HYDRA_CHECK(values_in.dim() == 2 && values_in.size(1) == leaf.size(1) && rows_in.numel() == values_in.size(0))
+      << "accumulate_sparse_grad: rows " << shape_str(rows_in.shape()) << ", values " << shape_str(values_in.shape())
+      << " for a leaf of shape " << shape_str(leaf.shape());
+  NoGradGuard no_grad;
+  Tensor rows = rows_in.reshape({-1}).to(DType::kI64), values = values_in.to(leaf.dtype());
+  if (const auto& prev = leaf.sparse_grad()) {
+    rows = concat({prev->rows, rows}, 0);
+    values = concat({prev->values, values}, 0);
+  }
+  // Coalesce: unique ascending rows, values of equal rows summed (in order: deterministic).
+  const std::vector<int64_t> r = rows.to_vector<int64_t>();
+  std::vector<int64_t> uniq = r;
+  std::sort(uniq.begin(), uniq.end());
+  uniq.erase(std::unique(uniq.begin(), uniq.end()), uniq.end());
+  std::vector<int64_t> slot(r.size());
+  for (std::size_t i = 0; i < r.size(); ++i)
+    slot[i] = std::lower_bound(uniq.begin(), uniq.end(), r[i]) - uniq.begin();
+  const Device dev = leaf.device();
+  auto g = std::make_shared<SparseRows>();
+  g->rows = tensor(uniq, {static_cast<int64_t>(uniq.size())}).to(dev);
+  g->values = zeros({static_cast<int64_t>(uniq.size()), leaf.size(1)}, leaf.dtype(), dev);
+  scatter_rows_into(g->values, tensor(slot, {static_cast<int64_t>(slot.size())}).to(dev), values.contiguous());
+  leaf.set_sparse_grad(std::move(g));
+  run_grad_ready_hooks(leaf);
+}
+
+Tensor densify_sparse_grad(const Tensor& leaf) {
+  Tensor dense = zeros(leaf.shape(), leaf.dtype(), leaf.device());
+  if (const auto& g = leaf.sparse_grad()) scatter_rows_into(dense, g->rows, g->values);
+  return dense;
+}
+
+Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tensor& weights_in, bool sparse_grad) {
+  check_index("embedding_bag", index_in, table_in);
+  HYDRA_CHECK(table_in.dim() == 2 && index_in.dim() == 2 && weights_in.shape() == index_in.shape())
+      << "embedding_bag: table " << shape_str(table_in.shape()) << ", index " << shape_str(index_in.shape())
+      << ", weights " << shape_str(weights_in.shape()) << " (expected [R, C], [n, m], [n, m])";
+  HYDRA_CHECK(weights_in.dtype() == table_in.dtype() && weights_in.device() == table_in.device())
+      << "embedding_bag: weights and table differ in dtype or device";
+  const bool need_table = table_in.requires_grad(), need_w = weights_in.requires_grad();
+  HYDRA_CHECK(!(sparse_grad && need_table) || table_in.is_leaf())
+      << "embedding_bag: a sparse gradient needs the table to be a leaf (a parameter)";
+  Tensor table = table_in.detach().contiguous(), index = index_in.contiguous(), weights = weights_in.detach().contiguous();
+  const int64_t n = index.size(0), m = index.size(1), C = table.size(1);
+  Tensor out = Tensor::empty({n, C}, table.dtype(), table.device());
+  kernels::BagParams p;
+  p.dtype = table.dtype();
+  p.index_dtype = index.dtype();
+  p.table = table.raw_data();
+  p.index = index.raw_data();
+  p.weights = weights.raw_data();
+  p.out = out.raw_data();
+  p.n = n;
+  p.m = m;
+  p.num_rows = table.size(0);
+  p.cols = C;
+  p.stream = current_stream(table.device());
+  if (n > 0) HYDRA_LAUNCH_CPU_ONLY(table.device(), bag_fwd, p);
+  const bool sparse_table = sparse_grad && need_table && GradMode::enabled();
+  std::vector<SavedTensor> saved = {SavedTensor(table), SavedTensor(index), SavedTensor(weights)};
+  const Tensor leaf = sparse_table ? table_in : Tensor();
+  const Shape tshape = table.shape();
+  record_op(
+      "embedding_bag", {sparse_grad ? Tensor() : table_in, weights_in}, {out},
+      [=](const std::vector<Tensor>& g) {
+        for (const SavedTensor& s : saved) (void)s.get();
+        const Tensor gout = g[0].contiguous();
+        Tensor gw = need_w ? Tensor::empty({n, m}, p.dtype, gout.device()) : Tensor();
+        Tensor grows = need_table ? Tensor::empty({n * m, C}, p.dtype, gout.device()) : Tensor();
+        kernels::BagBwdParams q;
+        q.fwd = p;
+        q.fwd.stream = current_stream(gout.device());
+        q.gout = gout.raw_data();
+        q.gweights = gw.defined() ? gw.raw_data() : nullptr;
+        q.grows = grows.defined() ? grows.raw_data() : nullptr;
+        if (n > 0) HYDRA_LAUNCH_CPU_ONLY(gout.device(), bag_bwd, q);
+        Tensor gtable;
+        if (need_table) {
+          const Tensor flat_index = saved[1].get().reshape({-1});
+          if (sparse_table) {
+            accumulate_sparse_grad(leaf, flat_index, grows);
+          } else if (!sparse_grad) {
+            gtable = zeros(tshape, p.dtype, gout.device());
+            scatter_rows_into(gtable, flat_index, grows);
+          }
+        }
+        return std::vector<Tensor>{gtable, gw};
+      },
+      sparse_table);
+  return out;
 }
 
 }  // namespace hydra

@@ -30,9 +30,14 @@ Shape contiguous_strides(const Shape& shape);
 // .grad): the signal data parallelism uses to start reducing a bucket while backward goes on.
 using GradReadyHook = std::function<void(const Tensor& leaf)>;
 
+// A row-sparse gradient of a 2-D leaf: rows (i64 [m], unique, ascending) and their values [m, cols].
+// Used for large tables read a few rows at a time (PKM values); see embedding_bag().
+struct SparseRows;
+
 struct AutogradMeta {
   bool requires_grad = false;
   std::shared_ptr<TensorImpl> grad;
+  std::shared_ptr<SparseRows> sparse_grad;
   std::shared_ptr<Node> grad_fn;  // null for leaves
   uint32_t output_nr = 0;         // which output of grad_fn this tensor is
   std::weak_ptr<Node> grad_accumulator;
@@ -128,6 +133,8 @@ class Tensor {
   Tensor grad() const;
   void set_grad(const Tensor& grad) const;
   Tensor detach() const;  // shares storage, no history
+  const std::shared_ptr<SparseRows>& sparse_grad() const { return impl().autograd.sparse_grad; }
+  void set_sparse_grad(std::shared_ptr<SparseRows> g) const { impl().autograd.sparse_grad = std::move(g); }
   // Backpropagates from this tensor; `grad` defaults to 1 for a single-element tensor.
   void backward(const Tensor& grad = Tensor(), bool retain_graph = false) const;
   int add_grad_ready_hook(GradReadyHook hook) const;
@@ -144,6 +151,11 @@ class Tensor {
 };
 
 std::ostream& operator<<(std::ostream& os, const Tensor& t);
+
+struct SparseRows {
+  Tensor rows;    // i64 [m], unique, ascending
+  Tensor values;  // [m, cols]
+};
 
 // A tensor holding `values` (copied) on `device`.
 template <class T>

@@ -47,3 +47,31 @@ HYDRA_DECLARE_KERNEL(axis_gather, AxisIndexParams)
 HYDRA_DECLARE_KERNEL(axis_scatter_add, AxisIndexParams)
 
 }  // namespace hydra::kernels
+
+namespace hydra::kernels {
+
+// Weighted bag of rows (PKM's value read): out[t, :] = sum_k w[t, k] * table[index[t, k], :].
+struct BagParams {
+  DType dtype = DType::kF32;
+  DType index_dtype = DType::kI64;
+  const void* table = nullptr;    // [num_rows, cols]
+  const void* index = nullptr;    // [n, m]
+  const void* weights = nullptr;  // [n, m]
+  void* out = nullptr;            // [n, cols]
+  int64_t n = 0, m = 0, num_rows = 0, cols = 0;
+  void* stream = nullptr;
+};
+
+// gw[t, k] = <gout[t, :], table[index[t, k], :]>;  grows[t*m + k, :] = w[t, k] * gout[t, :] (the table's
+// gradient as rows, before rows of equal index are summed).
+struct BagBwdParams {
+  BagParams fwd;
+  const void* gout = nullptr;  // [n, cols]
+  void* gweights = nullptr;    // [n, m]
+  void* grows = nullptr;       // [n * m, cols]
+};
+
+HYDRA_DECLARE_KERNEL(bag_fwd, BagParams)
+HYDRA_DECLARE_KERNEL(bag_bwd, BagBwdParams)
+
+}  // namespace hydra::kernels

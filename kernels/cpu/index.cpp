@@ -104,3 +104,64 @@ void axis_scatter_add(const AxisIndexParams& p) {
 }
 
 }  // namespace hydra::kernels::cpu
+
+namespace hydra::kernels::cpu {
+
+void bag_fwd(const BagParams& p) {
+  dispatch_float(p.dtype, "embedding_bag", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_index(p.index_dtype, "embedding_bag", [&](auto itag) {
+      using I = typename decltype(itag)::type;
+      const I* idx = static_cast<const I*>(p.index);
+      check_indices(idx, p.n * p.m, p.num_rows, "embedding_bag");
+      const T* table = static_cast<const T*>(p.table);
+      const T* w = static_cast<const T*>(p.weights);
+      T* out = static_cast<T*>(p.out);
+      parallel_for(p.n, grain_for(p.m * p.cols), [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          T* o = out + t * p.cols;
+          std::fill(o, o + p.cols, T(0));
+          for (int64_t k = 0; k < p.m; ++k) {
+            const T wk = w[t * p.m + k];
+            const T* row = table + static_cast<int64_t>(idx[t * p.m + k]) * p.cols;
+            for (int64_t c = 0; c < p.cols; ++c) o[c] += wk * row[c];
+          }
+        }
+      });
+    });
+  });
+}
+
+void bag_bwd(const BagBwdParams& q) {
+  const BagParams& p = q.fwd;
+  dispatch_float(p.dtype, "embedding_bag_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_index(p.index_dtype, "embedding_bag_backward", [&](auto itag) {
+      using I = typename decltype(itag)::type;
+      const I* idx = static_cast<const I*>(p.index);
+      const T* table = static_cast<const T*>(p.table);
+      const T* w = static_cast<const T*>(p.weights);
+      const T* gout = static_cast<const T*>(q.gout);
+      T* gw = static_cast<T*>(q.gweights);
+      T* grows = static_cast<T*>(q.grows);
+      parallel_for(p.n, grain_for(p.m * p.cols), [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const T* g = gout + t * p.cols;
+          for (int64_t k = 0; k < p.m; ++k) {
+            const T* row = table + static_cast<int64_t>(idx[t * p.m + k]) * p.cols;
+            T s = 0;
+            for (int64_t c = 0; c < p.cols; ++c) s += g[c] * row[c];
+            if (gw) gw[t * p.m + k] = s;
+            if (grows) {
+              T* gr = grows + (t * p.m + k) * p.cols;
+              const T wk = w[t * p.m + k];
+              for (int64_t c = 0; c < p.cols; ++c) gr[c] = wk * g[c];
+            }
+          }
+        }
+      });
+    });
+  });
+}
+
+}  // namespace hydra::kernels::cpu

@@ -1,0 +1,45 @@
+// Causal attention with the sparse pattern of hydra.md section 3, flash-style: queries in tiles, keys in
+// blocks, online softmax, blocks the pattern masks skipped; no L x L matrix. A key at position s is
+// visible to a query at position t when s <= t and
+//   t - s < window  (window <= 0: unlimited)  or  s is global  or  t is global,
+// where p is global when global_stride > 0 and p % global_stride == 0 (so position 0 is global).
+// Positions are q_pos0 + i and k_pos0 + j: a shard of queries can attend to keys from elsewhere.
+// q, k, v are [B, Lq|Lk, H, dh] views whose consecutive tokens are *_row elements apart (slices of a
+// fused qkv projection need no copy); out is contiguous [B, Lq, H, dh]; lse [B, H, Lq].
+#pragma once
+
+#include "kernels/base/kernel.h"
+
+namespace hydra::kernels {
+
+struct AttentionParams {
+  DType dtype = DType::kF32;
+  int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, head_dim = 0;
+  const void* q = nullptr;
+  int64_t q_row = 0;
+  const void* k = nullptr;
+  int64_t k_row = 0;
+  const void* v = nullptr;
+  int64_t v_row = 0;
+  void* out = nullptr;
+  void* lse = nullptr;  // accumulate dtype; -inf for a query that sees no key
+  int64_t window = 0;
+  int64_t global_stride = 0;
+  int64_t q_pos0 = 0, k_pos0 = 0;
+  double scale = 1.0;
+  void* stream = nullptr;
+};
+
+// dq, dk, dv are contiguous [B, L, H, dh] and written (not accumulated).
+struct AttentionBwdParams {
+  AttentionParams fwd;  // with fwd.out and fwd.lse as the forward produced them
+  const void* gout = nullptr;  // contiguous [B, Lq, H, dh]
+  void* gq = nullptr;
+  void* gk = nullptr;
+  void* gv = nullptr;
+};
+
+HYDRA_DECLARE_KERNEL(attention_fwd, AttentionParams)
+HYDRA_DECLARE_KERNEL(attention_bwd, AttentionBwdParams)
+
+}  // namespace hydra::kernels
