@@ -59,7 +59,14 @@ Status gradcheck(const GradcheckFn& fn, const std::vector<Tensor>& inputs,
     const std::vector<double> analytic =
         g.defined() ? g.to_vector<double>() : std::vector<double>(t.numel(), 0.0);
     double* x = t.data<double>();
-    for (int64_t j = 0; j < t.numel(); ++j) {
+    std::vector<int64_t> elements;
+    const int64_t n = t.numel(), m = options.max_elements_per_input;
+    if (m > 0 && m < n) {
+      for (int64_t i = 0; i < m; ++i) elements.push_back(m == 1 ? 0 : i * (n - 1) / (m - 1));
+    } else {
+      for (int64_t i = 0; i < n; ++i) elements.push_back(i);
+    }
+    for (int64_t j : elements) {
       const double orig = x[j];
       x[j] = orig + options.eps;
       const double lp = weighted_sum(fn(inputs), weights);

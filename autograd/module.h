@@ -76,6 +76,12 @@ class ModuleList : public Module {
   M& at(std::size_t i) const {
     return dynamic_cast<M&>(*items_.at(i));
   }
+  template <class M>
+  std::shared_ptr<M> ptr(std::size_t i) const {
+    auto p = std::dynamic_pointer_cast<M>(items_.at(i));
+    HYDRA_CHECK(p != nullptr) << "ModuleList item " << i << " is not of the requested type";
+    return p;
+  }
 
  private:
   std::vector<std::shared_ptr<Module>> items_;

@@ -1,0 +1,81 @@
+#include "model/block.h"
+
+#include <cmath>
+
+namespace hydra::model {
+
+namespace {
+Tensor layer_scale(int64_t d, double value) { return full({d}, value); }
+const ParamOptions kGate{.weight_decay = false};
+}  // namespace
+
+HydraBlock::HydraBlock(Init& init, const ModelSpec& spec, int64_t index) : index_(index) {
+  const int64_t d = spec.d;
+  const auto& bc = spec.cfg.block();
+  norm_ssm = register_module("norm_ssm", std::make_shared<RMSNorm>(d, spec.norm_eps));
+  ssm = register_module("ssm", std::make_shared<SsmMixer>(init, spec));
+  gate_ssm = register_parameter("gate_ssm", layer_scale(d, bc.ssm_gate_init()), kGate);
+  if (spec.has_sga[index]) {
+    norm_sga = register_module("norm_sga", std::make_shared<RMSNorm>(d, spec.norm_eps));
+    sga = register_module("sga", std::make_shared<SparseGlobalAttention>(
+                                     init, d, spec.sga_heads, AttentionPattern{spec.sga_window, spec.sga_stride},
+                                     spec.rope_theta, spec.init_std, spec.init_std / std::sqrt(2.0 * spec.num_blocks)));
+    gate_sga = register_parameter("gate_sga", layer_scale(d, bc.sga_gate_init()), kGate);
+  }
+  norm_moe = register_module("norm_moe", std::make_shared<RMSNorm>(d, spec.norm_eps));
+  moe = register_module("moe", std::make_shared<ChunkMoE>(init, spec, index));
+  gate_moe = register_parameter("gate_moe", layer_scale(d, bc.moe_gate_init()), kGate);
+  if (bc.controller()) {
+    norm_ctrl = register_module("norm_ctrl", std::make_shared<RMSNorm>(d, spec.norm_eps));
+    const int64_t paths = sga ? 3 : 2;
+    ctrl = register_module("ctrl", std::make_shared<Linear>(init, d, paths, spec.init_std));
+  }
+}
+
+Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, const SsmState& state,
+                           SsmState* next) {
+  struct Path {
+    const char* name;
+    Tensor out, gate;
+    int64_t column;  // in the controller's logits
+  };
+  std::vector<Path> paths;
+  if (ctx.paths.ssm) paths.push_back({"ssm", ssm->forward(norm_ssm->forward(x), state, next), gate_ssm, 0});
+  if (sga && ctx.paths.sga) paths.push_back({"sga", sga->forward(norm_sga->forward(x), ctx.pos0), gate_sga, 1});
+  Tensor moe_aux;
+  paths.push_back({"moe", moe->forward(norm_moe->forward(x), ctx, &moe_aux), gate_moe, sga ? 2 : 1});
+  if (aux != nullptr) *aux = moe_aux;
+
+  std::vector<Tensor> mix;  // per path [B, L, 1]
+  if (ctrl) {
+    const Tensor logits = ctrl->forward(norm_ctrl->forward(x));  // [B, L, all paths]
+    std::vector<int64_t> ones(logits.size(2), 1);
+    const auto columns = split(logits, ones, 2);
+    std::vector<Tensor> on;
+    for (const Path& p : paths) on.push_back(columns[p.column]);
+    const Tensor c = mul(softmax(concat(on, 2)), double(paths.size()));
+    mix = split(c, std::vector<int64_t>(paths.size(), 1), 2);
+  }
+  Tensor y = x;
+  for (std::size_t i = 0; i < paths.size(); ++i) {
+    Tensor term = mul(paths[i].out, paths[i].gate);
+    if (!mix.empty()) term = mul(term, mix[i]);
+    y = add(y, term);
+  }
+  if (ctx.recording()) {
+    const std::string p = "block." + std::to_string(index_) + ".";
+    for (std::size_t i = 0; i < paths.size(); ++i) {
+      ctx.stat(p + "gate_norm." + paths[i].name, std::sqrt(sum_squares(paths[i].gate).item<double>()));
+      if (!mix.empty()) ctx.stat(p + "mix." + paths[i].name, mean(mix[i]).item<double>());
+    }
+  }
+  return y;
+}
+
+MemoryBranch::MemoryBranch(const ModelSpec& spec, std::shared_ptr<Module> mem) {
+  norm = register_module("norm", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
+  gate = register_parameter("gate", layer_scale(spec.d, spec.cfg.block().memory_gate_init()), kGate);
+  memory = register_module("memory", std::move(mem));
+}
+
+}  // namespace hydra::model

@@ -1,0 +1,40 @@
+// The tri-path block (hydra.md section 1):
+//   y = x + g1 * c1 * SSM(N1 x) + g2 * c2 * SGA(N2 x) + g3 * c3 * MoE(N3 x)
+// g* are per-channel LayerScale gates; c = softmax(W_c N(x)) * (number of paths on) is the optional
+// per-token controller (uniform c is the identity). SGA exists in every sga.every-th block.
+#pragma once
+
+#include "model/attention.h"
+#include "model/moe.h"
+#include "model/ssm.h"
+
+namespace hydra::model {
+
+class HydraBlock : public Module {
+ public:
+  HydraBlock(Init& init, const ModelSpec& spec, int64_t index);
+  // x [B, L, d] -> y; *aux gets the block's weighted MoE losses [3]. state/next: the SSM state.
+  Tensor forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, const SsmState& state = {},
+                 SsmState* next = nullptr);
+
+  std::shared_ptr<RMSNorm> norm_ssm, norm_sga, norm_moe, norm_ctrl;
+  std::shared_ptr<SsmMixer> ssm;
+  std::shared_ptr<SparseGlobalAttention> sga;  // null in blocks without SGA
+  std::shared_ptr<ChunkMoE> moe;
+  Tensor gate_ssm, gate_sga, gate_moe;
+  std::shared_ptr<Linear> ctrl;  // [paths, d], null when the controller is off
+
+ private:
+  int64_t index_;
+};
+
+// A memory as a residual branch: x + g * memory(N(x)).
+class MemoryBranch : public Module {
+ public:
+  MemoryBranch(const ModelSpec& spec, std::shared_ptr<Module> memory);
+  std::shared_ptr<RMSNorm> norm;
+  Tensor gate;
+  std::shared_ptr<Module> memory;
+};
+
+}  // namespace hydra::model

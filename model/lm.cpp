@@ -1,0 +1,164 @@
+#include "model/lm.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace hydra::model {
+namespace {
+
+// Runs fn(x) -> {y, aux}, through a checkpoint when ctx.recompute. The recomputation in the backward
+// uses a copy of the context (the caller's may be gone by then) and records no statistics.
+template <class F>
+std::pair<Tensor, Tensor> run_block(ForwardContext& ctx, F fn, const Tensor& x) {
+  if (!ctx.recompute) {
+    Tensor aux;
+    Tensor y = fn(x, ctx, &aux);
+    return {y, aux};
+  }
+  ForwardContext snapshot = ctx;
+  snapshot.stats.clear();
+  ForwardContext* live = &ctx;
+  const auto outs = checkpoint(
+      [fn, snapshot, live](const std::vector<Tensor>& in) mutable {
+        ForwardContext& c = is_recomputing() ? snapshot : *live;
+        Tensor aux;
+        Tensor y = fn(in[0], c, &aux);
+        return std::vector<Tensor>{y, aux};
+      },
+      {x});
+  return {outs[0], outs[1]};
+}
+
+Tensor lm_loss_of(const Tensor& logits, const Tensor& targets) {
+  return cross_entropy(logits, targets, LanguageModel::kIgnoreIndex);
+}
+
+void check_tokens(const Tensor& tokens, const Tensor& targets, const ModelSpec& spec) {
+  HYDRA_CHECK(tokens.dim() == 2 && is_integral(tokens.dtype()))
+      << "model: tokens must be integer [batch, seq_len], got " << shape_str(tokens.shape());
+  HYDRA_CHECK(!targets.defined() || targets.shape() == tokens.shape())
+      << "model: targets " << shape_str(targets.shape()) << " do not match tokens " << shape_str(tokens.shape());
+  HYDRA_CHECK(tokens.size(1) <= spec.max_seq_len)
+      << "model: sequence length " << tokens.size(1) << " exceeds model.max_seq_len " << spec.max_seq_len;
+}
+
+}  // namespace
+
+HydraLM::HydraLM(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
+  Init init(seed);
+  embedding = register_parameter("embedding", init.normal({spec.vocab, spec.d}, spec.init_std));
+  blocks = register_module("blocks", std::make_shared<ModuleList>());
+  for (int64_t b = 0; b < spec.num_blocks; ++b) blocks->push_back(std::make_shared<HydraBlock>(init, spec, b));
+  workspaces = register_module("workspaces", std::make_shared<ModuleList>());
+  for (std::size_t i = 0; i < spec.ws_after.size(); ++i)
+    workspaces->push_back(std::make_shared<MemoryBranch>(spec, std::make_shared<WorkspaceMemory>(init, spec, i)));
+  pkms = register_module("pkms", std::make_shared<ModuleList>());
+  for (std::size_t i = 0; i < spec.pkm_after.size(); ++i)
+    pkms->push_back(std::make_shared<MemoryBranch>(spec, std::make_shared<ProductKeyMemory>(init, spec, i)));
+  final_norm = register_module("final_norm", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
+  ws_after_ = spec.ws_after;
+  pkm_after_ = spec.pkm_after;
+}
+
+LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx, bool want_logits) {
+  check_tokens(tokens, targets, spec_);
+  Tensor x = hydra::embedding(embedding, tokens);
+  Tensor aux_total = zeros({3}, x.dtype(), x.device());
+  for (std::size_t b = 0; b < blocks->size(); ++b) {
+    const auto block = blocks->ptr<HydraBlock>(b);
+    auto [y, aux] = run_block(
+        ctx, [block](const Tensor& in, ForwardContext& c, Tensor* a) { return block->forward(in, c, a); }, x);
+    x = y;
+    aux_total = add(aux_total, aux);
+    for (std::size_t i = 0; i < ws_after_.size(); ++i) {
+      if (ws_after_[i] != static_cast<int64_t>(b) || !ctx.paths.workspace) continue;
+      const auto& br = workspaces->at<MemoryBranch>(i);
+      const auto& mem = dynamic_cast<WorkspaceMemory&>(*br.memory);
+      x = add(x, mul(mem.forward(br.norm->forward(x), ctx), br.gate));
+    }
+    for (std::size_t i = 0; i < pkm_after_.size(); ++i) {
+      if (pkm_after_[i] != static_cast<int64_t>(b) || !ctx.paths.pkm) continue;
+      const auto& br = pkms->at<MemoryBranch>(i);
+      const auto& mem = dynamic_cast<ProductKeyMemory&>(*br.memory);
+      x = add(x, mul(mem.forward(br.norm->forward(x), ctx), br.gate));
+    }
+  }
+  const Tensor logits = linear(final_norm->forward(x), embedding);  // tied head
+  LmOutput out;
+  out.aux = aux_total;
+  if (targets.defined()) {
+    out.lm_loss = lm_loss_of(logits, targets);
+    out.loss = add(out.lm_loss, sum(aux_total).to(out.lm_loss.dtype()));
+  }
+  if (want_logits) out.logits = logits;
+  if (ctx.recording()) {
+    const std::vector<double> a = aux_total.to_vector<double>();
+    ctx.stat("loss.balance", a[0]);
+    ctx.stat("loss.locality", a[1]);
+    ctx.stat("loss.sparsity", a[2]);
+  }
+  return out;
+}
+
+void HydraLM::after_step() {
+  for (std::size_t b = 0; b < blocks->size(); ++b) blocks->at<HydraBlock>(b).moe->update_sparsity_coef();
+}
+
+}  // namespace hydra::model
+
+namespace hydra::model {
+
+TransformerBlock::TransformerBlock(Init& init, const ModelSpec& spec) {
+  const double out_std = spec.init_std / std::sqrt(2.0 * spec.num_blocks);
+  norm_attn = register_module("norm_attn", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
+  attn = register_module("attn", std::make_shared<SparseGlobalAttention>(init, spec.d, spec.tf_heads, AttentionPattern{},
+                                                                         spec.rope_theta, spec.init_std, out_std));
+  norm_ffn = register_module("norm_ffn", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
+  ffn = register_module("ffn", std::make_shared<SwiGLU>(init, spec.d, spec.tf_d_ff, spec.init_std, out_std));
+}
+
+Tensor TransformerBlock::forward(const Tensor& x, int64_t pos0) {
+  const Tensor h = add(x, attn->forward(norm_attn->forward(x), pos0));
+  return add(h, ffn->forward(norm_ffn->forward(h)));
+}
+
+TransformerLM::TransformerLM(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
+  Init init(seed);
+  embedding = register_parameter("embedding", init.normal({spec.vocab, spec.d}, spec.init_std));
+  blocks = register_module("blocks", std::make_shared<ModuleList>());
+  for (int64_t b = 0; b < spec.num_blocks; ++b) blocks->push_back(std::make_shared<TransformerBlock>(init, spec));
+  final_norm = register_module("final_norm", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
+}
+
+LmOutput TransformerLM::forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx, bool want_logits) {
+  check_tokens(tokens, targets, spec_);
+  Tensor x = hydra::embedding(embedding, tokens);
+  for (std::size_t b = 0; b < blocks->size(); ++b) {
+    const auto block = blocks->ptr<TransformerBlock>(b);
+    const int64_t pos0 = ctx.pos0;
+    x = run_block(
+            ctx,
+            [block, pos0](const Tensor& in, ForwardContext& c, Tensor* a) {
+              *a = zeros({3}, in.dtype(), in.device());
+              return block->forward(in, pos0);
+            },
+            x)
+            .first;
+  }
+  const Tensor logits = linear(final_norm->forward(x), embedding);
+  LmOutput out;
+  out.aux = zeros({3}, x.dtype(), x.device());
+  if (targets.defined()) {
+    out.lm_loss = lm_loss_of(logits, targets);
+    out.loss = out.lm_loss;
+  }
+  if (want_logits) out.logits = logits;
+  return out;
+}
+
+std::unique_ptr<LanguageModel> build_model(const ModelSpec& spec, uint64_t seed) {
+  if (spec.transformer) return std::make_unique<TransformerLM>(spec, seed);
+  return std::make_unique<HydraLM>(spec, seed);
+}
+
+}  // namespace hydra::model

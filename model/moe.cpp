@@ -1,0 +1,230 @@
+#include "model/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "autograd/grad_mode.h"
+
+namespace hydra::model {
+
+ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
+    : layer_(layer), num_experts_(spec.num_experts), max_active_(spec.max_active), chunk_(spec.moe_chunk),
+      seq_group_(spec.cfg.moe().sparsity_group()), cfg_(spec.cfg.moe()) {
+  const int64_t E = num_experts_, d = spec.d, de = spec.d_expert;
+  const double out_std = spec.init_std / std::sqrt(2.0 * spec.num_blocks);
+  router_weight = register_parameter("router_weight", init.normal({E, d}, spec.init_std));
+  router_norm = register_parameter("router_norm", ones({E}), ParamOptions{.weight_decay = false});
+  w1 = register_parameter("w1", init.normal({E, de, d}, spec.init_std));
+  w3 = register_parameter("w3", init.normal({E, de, d}, spec.init_std));
+  w2 = register_parameter("w2", init.normal({E, d, de}, out_std));
+  if (spec.shared_expert)
+    shared = register_module("shared", std::make_shared<SwiGLU>(init, d, spec.d_shared, spec.init_std, out_std));
+  coef = register_buffer("sparsity_coef", full({1}, cfg_.sparsity_coef_init(), DType::kF64));
+}
+
+double ChunkMoE::sparsity_coef() const { return coef.item<double>(); }
+
+void ChunkMoE::update_sparsity_coef() {
+  if (last_tls_ < 0) return;
+  const double direction = last_tls_ < cfg_.target_sparsity() ? 1.0 : -1.0;
+  const double next = std::max(1e-8, sparsity_coef() * std::exp(direction * cfg_.sparsity_adapt_rate()));
+  NoGradGuard no_grad;
+  coef.fill_(next);
+}
+
+MoeRouting ChunkMoE::route(const Tensor& r, const Tensor& s) const {
+  MoeRouting out;
+  out.batch = r.size(0);
+  out.num_chunks = r.size(1);
+  out.chunk = chunk_;
+  out.num_experts = num_experts_;
+  const int64_t BC = out.batch * out.num_chunks, E = num_experts_;
+  const std::vector<double> rv = r.to_vector<double>(), sv = s.to_vector<double>();
+  out.active.assign(BC * E, 0);
+  out.dropped.assign(E, 0);
+  const double cf = cfg_.capacity_factor();
+  const int64_t capacity =
+      cf > 0 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(cf * double(BC) * double(max_active_) / double(E))))
+             : INT64_MAX;
+  std::vector<int64_t> load(E, 0), order(E);
+  for (int64_t c = 0; c < BC; ++c) {
+    std::iota(order.begin(), order.end(), int64_t{0});
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rv[c * E + a] > rv[c * E + b]; });
+    int64_t kept = 0;
+    for (int64_t e : order) {
+      if (kept == max_active_ || !(sv[c * E + e] > 0)) break;
+      ++kept;
+      if (load[e] >= capacity) {
+        ++out.dropped[e];
+        continue;
+      }
+      ++load[e];
+      out.active[c * E + e] = 1;
+    }
+  }
+  return out;
+}
+
+Tensor moe_locality_loss(const Tensor& z) {
+  const int64_t nC = z.size(1);
+  if (nC < 2) return zeros({}, z.dtype(), z.device());
+  const Tensor zl = z.narrow(1, 0, nC - 1), target = sigmoid(z.narrow(1, 1, nC - 1)).detach();
+  return mean(sub(softplus(zl), mul(zl, target)));  // BCE with logits: softplus(z) - z * target
+}
+
+Tensor moe_sparsity_loss(const Tensor& z, int64_t group) {
+  const int64_t B = z.size(0), nC = z.size(1), E = z.size(2), ng = nC / group;
+  if (ng < 1) return zeros({}, z.dtype(), z.device());
+  // 1 - prod (1 - p) = 1 - exp(sum log(1 - sigmoid(z))) = 1 - exp(-sum softplus(z))
+  const Tensor sp = sum(softplus(z.narrow(1, 0, ng * group)).reshape({B, ng, group, E}), {2});
+  return mean(affine(exp(neg(sp)), -1.0, 1.0));
+}
+
+double routing_tls(const MoeRouting& r) {
+  const int64_t n = r.batch * r.num_chunks;
+  if (n == 0) return 0;
+  const int64_t active = std::accumulate(r.active.begin(), r.active.end(), int64_t{0});
+  return 1.0 - double(active) / double(n * r.num_experts);
+}
+
+double routing_cls(const MoeRouting& r, int64_t window) {
+  const int64_t L = r.num_chunks * r.chunk, E = r.num_experts;
+  if (L < window || r.batch == 0) return routing_tls(r);
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t b = 0; b < r.batch; ++b) {
+    for (int64_t t = 0; t + window <= L; ++t) {
+      int64_t uni = 0;
+      std::vector<uint8_t> seen(E, 0);
+      for (int64_t c = t / r.chunk; c <= (t + window - 1) / r.chunk; ++c)
+        for (int64_t e = 0; e < E; ++e)
+          if (r.active[(b * r.num_chunks + c) * E + e] && !seen[e]) {
+            seen[e] = 1;
+            ++uni;
+          }
+      total += 1.0 - double(uni) / double(E);
+      ++count;
+    }
+  }
+  return total / double(count);
+}
+
+void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, ForwardContext& ctx) {
+  const std::string p = "moe." + std::to_string(layer_) + ".";
+  const int64_t E = num_experts_, BC = routing.batch * routing.num_chunks;
+  last_tls_ = routing_tls(routing);
+  last_routing_ = routing;
+  ctx.stat(p + "tls", last_tls_);
+  ctx.stat(p + "cls8", routing_cls(routing, 8));
+  int64_t total = 0, dropped = 0;
+  std::vector<int64_t> load(E, 0);
+  for (int64_t c = 0; c < BC; ++c)
+    for (int64_t e = 0; e < E; ++e) load[e] += routing.active[c * E + e];
+  for (int64_t e = 0; e < E; ++e) {
+    total += load[e];
+    dropped += routing.dropped[e];
+  }
+  for (int64_t e = 0; e < E; ++e) ctx.stat(p + "load." + std::to_string(e), total ? double(load[e]) / double(total) : 0.0);
+  ctx.stat(p + "dropped_tokens", double(dropped * chunk_));
+  ctx.stat(p + "dropped_frac", total + dropped ? double(dropped) / double(total + dropped) : 0.0);
+  ctx.stat(p + "active_per_chunk", BC ? double(total) / double(BC) : 0.0);
+  const std::vector<double> qv = q.to_vector<double>();
+  double ent = 0;
+  for (int64_t c = 0; c < BC; ++c)
+    for (int64_t e = 0; e < E; ++e) {
+      const double v = qv[c * E + e];
+      if (v > 0) ent -= v * std::log(v);
+    }
+  ctx.stat(p + "router_entropy", BC ? ent / double(BC) : 0.0);
+  ctx.stat(p + "sparsity_coef", sparsity_coef());
+}
+
+Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), E = num_experts_, c = chunk_;
+  HYDRA_CHECK(L % c == 0) << "moe: sequence length " << L << " is not a multiple of moe.chunk " << c;
+  const int64_t nC = L / c, BL = B * L;
+  const Tensor xf = x.reshape({BL, d});
+  const DType acc = x.dtype();
+
+  std::vector<int64_t> perm, widx, sizes(E, 0);
+  Tensor w;  // [B, nC, E] routing weights (routing on)
+  Tensor losses = zeros({3}, acc, x.device());
+  if (ctx.paths.moe_routing) {
+    const Tensor xr = x.view({B, nC, c, d});
+    const Tensor first = xr.select(2, 0);  // [B, nC, d]
+    Tensor rin = first;
+    if (cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN && nC > 1)
+      rin = concat({first.narrow(1, 0, 1), mean(xr, {2}).narrow(1, 0, nC - 1)}, 1);
+    else if (cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN)
+      rin = first.narrow(1, 0, 1);
+    const Tensor raw = linear(rin, router_weight);  // [B, nC, E]
+    const Tensor s = relu(raw);
+    const Tensor r = rms_norm(s, router_norm, cfg_.router_eps());
+    const MoeRouting routing = route(r.detach(), s.detach());
+    std::vector<double> mask(routing.active.begin(), routing.active.end());
+    w = mul(r, tensor(mask, {B, nC, E}).to(acc).to(x.device()));
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t bc = 0; bc < B * nC; ++bc) {
+        if (!routing.active[bc * E + e]) continue;
+        const int64_t b = bc / nC, j = bc % nC;
+        for (int64_t t = 0; t < c; ++t) {
+          perm.push_back(b * L + j * c + t);
+          widx.push_back(bc * E + e);
+        }
+        sizes[e] += c;
+      }
+    // Auxiliary losses.
+    const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
+    std::vector<double> load(E, 0.0);
+    double total = 0;
+    for (int64_t bc = 0; bc < B * nC; ++bc)
+      for (int64_t e = 0; e < E; ++e) {
+        load[e] += routing.active[bc * E + e];
+        total += routing.active[bc * E + e];
+      }
+    for (double& v : load) v = total > 0 ? v / total : 0.0;
+    const Tensor balance = mul(sum(mul(mean(q, {0, 1}), tensor(load, {E}).to(acc).to(x.device()))), double(E));
+    const Tensor z = affine(raw, cfg_.activation_alpha(), -cfg_.activation_beta());
+    const Tensor locality = moe_locality_loss(z);
+    const Tensor sparsity = moe_sparsity_loss(z, seq_group_);
+    const double scale = ctx.aux_scale;
+    losses = concat({mul(balance, cfg_.balance_loss_weight() * scale).reshape({1}),
+                     mul(locality, cfg_.locality_loss_weight() * scale).reshape({1}),
+                     mul(sparsity, sparsity_coef() * scale).reshape({1})},
+                    0);
+    if (ctx.recording()) {
+      record_stats(routing, q.detach(), ctx);
+      const std::string p = "moe." + std::to_string(layer_) + ".";
+      ctx.stat(p + "balance_loss", balance.item<double>());
+      ctx.stat(p + "locality_loss", locality.item<double>());
+      ctx.stat(p + "sparsity_loss", sparsity.item<double>());
+    }
+  } else {
+    // Routing off: every expert on every token, weight 1/E: the experts act as one dense FFN.
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t t = 0; t < BL; ++t) perm.push_back(t);
+      sizes[e] = BL;
+    }
+  }
+  if (aux != nullptr) *aux = losses;
+
+  Tensor out = zeros({BL, d}, acc, x.device());
+  if (!perm.empty()) {
+    const Tensor perm_t = tensor(perm, {static_cast<int64_t>(perm.size())}).to(x.device());
+    const Tensor xs = gather_rows(xf, perm_t);
+    const Tensor h = mul(silu(grouped_linear(xs, w1, sizes)), grouped_linear(xs, w3, sizes));
+    Tensor y = grouped_linear(h, w2, sizes);
+    if (w.defined()) {
+      const Tensor widx_t = tensor(widx, {static_cast<int64_t>(widx.size())}).to(x.device());
+      y = mul(y, gather_rows(w.reshape({B * nC * E, 1}), widx_t));
+    } else {
+      y = mul(y, 1.0 / double(E));
+    }
+    out = scatter_add_rows(out, perm_t, y);
+  }
+  if (shared) out = add(out, shared->forward(xf));
+  return out.view({B, L, d});
+}
+
+}  // namespace hydra::model

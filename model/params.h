@@ -1,0 +1,27 @@
+// Parameter and FLOP accounting computed from a spec alone (nothing allocated): the table hydra-params
+// prints. Must equal the sizes of the parameters build_model() allocates (a test checks it).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "model/spec.h"
+
+namespace hydra::model {
+
+struct ParamRow {
+  std::string component;
+  int64_t total = 0;   // parameters
+  int64_t active = 0;  // used per token (routed experts: max_active; PKM: the value rows read)
+};
+
+struct ParamTable {
+  std::vector<ParamRow> rows;  // embedding, ssm, sga, moe, workspace, pkm, norms_gates
+  int64_t total = 0, active = 0;
+  double forward_flops_per_token = 0;  // at seq_len, matmuls and the scan/attention inner loops
+  int64_t seq_len = 0;
+};
+
+ParamTable count_parameters(const ModelSpec& spec, int64_t seq_len);
+
+}  // namespace hydra::model

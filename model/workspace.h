@@ -1,0 +1,30 @@
+// Workspace memory (hydra.md section 5): M slots of width d with a learned initial state S_0. The
+// sequence is taken in chunks of `chunk` tokens; tokens of chunk j read S_j (cross-attention, queries
+// from tokens, keys/values from slots); then the slots write:
+//   update = CrossAttn(S_j -> tokens of chunk j),  a = sigmoid(W_a [S_j ; update])  (per slot)
+//   S_{j+1} = (1 - a) * S_j + a * update
+// Reading S_j (not S_{j+1}) keeps it causal. The write is a serial chain over chunks; the reads of all
+// chunks then run as one batched attention.
+#pragma once
+
+#include "model/context.h"
+#include "model/layers.h"
+#include "model/spec.h"
+
+namespace hydra::model {
+
+class WorkspaceMemory : public Module {
+ public:
+  WorkspaceMemory(Init& init, const ModelSpec& spec, int64_t index);
+  // x [B, L, d] (normalised) -> [B, L, d]. `state` [B, M, d] continues a sequence (undefined: S_0);
+  // `next` (optional) receives the slots after the last chunk.
+  Tensor forward(const Tensor& x, ForwardContext& ctx, const Tensor& state = Tensor(), Tensor* next = nullptr) const;
+
+  Tensor slots;  // S_0 [M, d]
+  std::shared_ptr<Linear> read_q, read_k, read_v, read_o, write_q, write_k, write_v, write_o, gate;
+
+ private:
+  int64_t index_, num_slots_, chunk_, heads_, dim_;
+};
+
+}  // namespace hydra::model

@@ -1,0 +1,405 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+
+#include "autograd/grad_mode.h"
+#include "model/block.h"
+#include "model/pkm.h"
+#include "model/workspace.h"
+#include "tests/model/model_util.h"
+#include "tests/test_util.h"
+
+namespace hydra {
+namespace {
+
+using testing::micro_spec;
+using testing::randn64;
+
+std::vector<Tensor> with_params(const Tensor& x, const Module& m) {
+  std::vector<Tensor> in = {x};
+  for (const Tensor& p : m.parameters()) in.push_back(p);
+  return in;
+}
+
+GradcheckOptions sampled(int64_t n = 0) {
+  GradcheckOptions o;
+  o.atol = 1e-5;
+  o.rtol = 1e-4;
+  o.max_elements_per_input = n;
+  return o;
+}
+
+// ---- SSM ---------------------------------------------------------------------------------------------
+
+TEST(SsmMixer, GradcheckFloat64) {
+  const model::ModelSpec spec = micro_spec();
+  model::Init init(1);
+  model::SsmMixer ssm(init, spec);
+  ssm.to(DType::kF64);
+  HYDRA_EXPECT_GRADCHECK([&](const std::vector<Tensor>& in) { return std::vector<Tensor>{ssm.forward(in[0])}; },
+                         with_params(randn64({2, 7, 8}, 2), ssm), sampled(12));
+}
+
+TEST(SsmMixer, TwoHalvesPassingTheStateEqualOnePass) {
+  const model::ModelSpec spec = micro_spec();
+  model::Init init(3);
+  model::SsmMixer ssm(init, spec);
+  ssm.to(DType::kF64);
+  Tensor x = randn64({2, 13, 8}, 4);
+  Generator g(5);
+  const Tensor w = randn({2, 13, 8}, g, 0, 1, DType::kF64);
+  auto run = [&](bool halves) {
+    ssm.zero_grad();
+    x.set_grad(Tensor());
+    Tensor y;
+    if (!halves) {
+      y = ssm.forward(x);
+    } else {
+      model::SsmState mid;
+      const Tensor y1 = ssm.forward(x.narrow(1, 0, 6), {}, &mid);
+      const Tensor y2 = ssm.forward(x.narrow(1, 6, 7), mid);
+      y = concat({y1, y2}, 1);
+    }
+    sum(mul(y, w)).backward();
+    std::vector<std::vector<double>> out = {y.to_vector<double>(), x.grad().to_vector<double>()};
+    for (const Tensor& p : ssm.parameters()) out.push_back(p.grad().to_vector<double>());
+    return out;
+  };
+  const auto one = run(false), two = run(true);
+  for (std::size_t k = 0; k < one.size(); ++k)
+    for (std::size_t i = 0; i < one[k].size(); ++i) ASSERT_NEAR(two[k][i], one[k][i], 1e-11) << "entry " << k;
+}
+
+TEST(SsmMixer, SegmentShorterThanTheConvWidthCarriesState) {
+  const model::ModelSpec spec = micro_spec();  // conv_width 3
+  model::Init init(6);
+  model::SsmMixer ssm(init, spec);
+  ssm.to(DType::kF64);
+  const Tensor x = randn64({1, 5, 8}, 7, 1.0, false);
+  const auto whole = ssm.forward(x).to_vector<double>();
+  model::SsmState s;
+  std::vector<Tensor> parts;
+  for (int64_t t = 0; t < 5; ++t) {
+    model::SsmState next;
+    parts.push_back(ssm.forward(x.narrow(1, t, 1), s, &next));
+    s = next;
+  }
+  const auto stepped = concat(parts, 1).to_vector<double>();
+  for (std::size_t i = 0; i < whole.size(); ++i) EXPECT_NEAR(stepped[i], whole[i], 1e-12);
+}
+
+// ---- SGA ---------------------------------------------------------------------------------------------
+
+TEST(SparseGlobalAttentionLayer, GradcheckFloat64) {
+  model::Init init(8);
+  model::SparseGlobalAttention sga(init, 8, 2, AttentionPattern{3, 4}, 10000.0, 0.3, 0.3);
+  sga.to(DType::kF64);
+  HYDRA_EXPECT_GRADCHECK([&](const std::vector<Tensor>& in) { return std::vector<Tensor>{sga.forward(in[0], 2)}; },
+                         with_params(randn64({2, 9, 8}, 9), sga), sampled(10));
+}
+
+// ---- MoE ---------------------------------------------------------------------------------------------
+
+struct MoeCase {
+  model::ModelSpec spec;
+  std::unique_ptr<model::ChunkMoE> moe;
+};
+
+// The locality loss holds its target constant (stop-gradient), which finite differences cannot see:
+// gradient checks switch it off and LocalityLossHoldsTheNextChunkConstant tests it exactly.
+MoeCase make_moe(const std::string& moe_text, uint64_t seed, bool locality = true) {
+  MoeCase c{testing::spec_from("vocab_size: 11 d_model: 6 num_blocks: 1 max_seq_len: 36 workspace { enabled: false } "
+                               "pkm { enabled: false } moe { " + moe_text + " }"),
+            nullptr};
+  if (!locality) c.spec.cfg.mutable_moe()->set_locality_loss_weight(0);
+  model::Init init(seed);
+  c.moe = std::make_unique<model::ChunkMoE>(init, c.spec, 0);
+  c.moe->to(DType::kF64);
+  return c;
+}
+
+TEST(ChunkMoE, GradcheckFloat64RoutedWithSharedExpertAndLosses) {
+  auto c = make_moe("num_experts: 3 d_expert: 5 max_active: 2 chunk: 3 shared_expert: true d_shared: 4", 10, false);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        model::ForwardContext ctx;
+        ctx.collect_stats = false;
+        Tensor aux;
+        Tensor y = c.moe->forward(in[0], ctx, &aux);
+        return std::vector<Tensor>{y, aux};
+      },
+      with_params(randn64({2, 9, 6}, 11), *c.moe), sampled(10));
+}
+
+TEST(ChunkMoE, GradcheckFloat64RoutingOff) {
+  auto c = make_moe("num_experts: 2 d_expert: 4 chunk: 2", 12);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        model::ForwardContext ctx;
+        ctx.paths.moe_routing = false;
+        return std::vector<Tensor>{c.moe->forward(in[0], ctx, nullptr)};
+      },
+      with_params(randn64({1, 6, 6}, 13), *c.moe), sampled(10));
+}
+
+TEST(ChunkMoE, LocalityLossHoldsTheNextChunkConstant) {
+  // dL/dz_j = (sigmoid(z_j) - sigmoid(z_{j+1})) / count for j < nC-1; nothing flows into the target.
+  Tensor z = testing::randn64({2, 4, 3}, 50, 2.0);
+  model::moe_locality_loss(z).backward();
+  const auto zv = z.detach().to_vector<double>(), g = z.grad().to_vector<double>();
+  const double count = 2 * 3 * 3;
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t j = 0; j < 4; ++j)
+      for (int64_t e = 0; e < 3; ++e) {
+        const int64_t i = (b * 4 + j) * 3 + e;
+        const double expected = j < 3 ? (1 / (1 + std::exp(-zv[i])) - 1 / (1 + std::exp(-zv[i + 3]))) / count : 0.0;
+        EXPECT_NEAR(g[i], expected, 1e-14);
+      }
+  EXPECT_EQ(model::moe_locality_loss(z.narrow(1, 0, 1)).item<double>(), 0.0);
+}
+
+TEST(ChunkMoE, SparsityLossGradcheckFloat64AndValue) {
+  Tensor z = testing::randn64({2, 6, 3}, 51, 2.0);
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{model::moe_sparsity_loss(in[0], 2)}; }, {z});
+  // Value: 1 - prod(1 - p) over pairs of chunks, averaged.
+  const auto zv = z.detach().to_vector<double>();
+  double total = 0;
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t g = 0; g < 3; ++g)
+      for (int64_t e = 0; e < 3; ++e) {
+        double prod = 1;
+        for (int64_t j = 2 * g; j < 2 * g + 2; ++j) prod *= 1 - 1 / (1 + std::exp(-zv[(b * 6 + j) * 3 + e]));
+        total += 1 - prod;
+      }
+  EXPECT_NEAR(model::moe_sparsity_loss(z, 2).item<double>(), total / 18, 1e-14);
+}
+
+// Independent reference: router by hand, top-max_active among positive scores, every token of a chunk
+// through its chunk's experts, weighted by r.
+std::vector<double> moe_reference(const model::ChunkMoE& moe, const Tensor& x, int64_t E, int64_t max_active,
+                                  int64_t c, bool prev_mean, std::vector<uint8_t>* active_out) {
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), nC = L / c, de = moe.w1.size(1);
+  const auto xv = x.to_vector<double>(), rw = moe.router_weight.to_vector<double>(),
+             rn = moe.router_norm.to_vector<double>(), w1 = moe.w1.to_vector<double>(),
+             w3 = moe.w3.to_vector<double>(), w2 = moe.w2.to_vector<double>();
+  std::vector<double> out(B * L * d, 0.0);
+  active_out->assign(B * nC * E, 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < nC; ++j) {
+      std::vector<double> rin(d, 0.0);
+      if (prev_mean && j > 0) {
+        for (int64_t t = (j - 1) * c; t < j * c; ++t)
+          for (int64_t k = 0; k < d; ++k) rin[k] += xv[(b * L + t) * d + k] / double(c);
+      } else {
+        const int64_t t = prev_mean ? 0 : j * c;
+        for (int64_t k = 0; k < d; ++k) rin[k] = xv[(b * L + t) * d + k];
+      }
+      std::vector<double> s(E), r(E);
+      double ss = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        double v = 0;
+        for (int64_t k = 0; k < d; ++k) v += rw[e * d + k] * rin[k];
+        s[e] = std::max(v, 0.0);
+        ss += s[e] * s[e];
+      }
+      const double rs = 1.0 / std::sqrt(ss / double(E) + 1e-6);
+      for (int64_t e = 0; e < E; ++e) r[e] = s[e] * rs * rn[e];
+      std::vector<int64_t> order(E);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t bb) { return r[a] > r[bb]; });
+      for (int64_t k = 0; k < max_active; ++k)
+        if (s[order[k]] > 0) (*active_out)[(b * nC + j) * E + order[k]] = 1;
+      for (int64_t e = 0; e < E; ++e) {
+        if (!(*active_out)[(b * nC + j) * E + e]) continue;
+        for (int64_t t = j * c; t < (j + 1) * c; ++t) {
+          const double* xt = xv.data() + (b * L + t) * d;
+          std::vector<double> h(de);
+          for (int64_t i = 0; i < de; ++i) {
+            double a1 = 0, a3 = 0;
+            for (int64_t k = 0; k < d; ++k) {
+              a1 += w1[(e * de + i) * d + k] * xt[k];
+              a3 += w3[(e * de + i) * d + k] * xt[k];
+            }
+            h[i] = a1 / (1 + std::exp(-a1)) * a3;
+          }
+          for (int64_t k = 0; k < d; ++k) {
+            double y = 0;
+            for (int64_t i = 0; i < de; ++i) y += w2[(e * d + k) * de + i] * h[i];
+            out[(b * L + t) * d + k] += r[e] * y;
+          }
+        }
+      }
+    }
+  return out;
+}
+
+TEST(ChunkMoE, ChunkRoutingMatchesAHandWrittenReference) {
+  for (const char* mode : {"PREV_CHUNK_MEAN", "FIRST_TOKEN"}) {
+    auto c = make_moe(std::string("num_experts: 4 d_expert: 5 max_active: 2 chunk: 4 router_input: ") + mode, 14);
+    const Tensor x = randn64({2, 12, 6}, 15, 1.0, false);
+    model::ForwardContext ctx;
+    const auto got = c.moe->forward(x, ctx, nullptr).to_vector<double>();
+    std::vector<uint8_t> active;
+    const auto ref = moe_reference(*c.moe, x, 4, 2, 4, std::string(mode) == "PREV_CHUNK_MEAN", &active);
+    for (std::size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(got[i], ref[i], 1e-12) << mode << " at " << i;
+    EXPECT_EQ(c.moe->last_routing().active, active) << mode;
+  }
+}
+
+TEST(ChunkMoE, MaxActiveIsRespected) {
+  for (int64_t k : {1, 2, 3}) {
+    auto c = make_moe("num_experts: 5 d_expert: 3 chunk: 2 max_active: " + std::to_string(k), 16 + k);
+    model::ForwardContext ctx;
+    (void)c.moe->forward(randn64({3, 16, 6}, 20 + k, 1.0, false), ctx, nullptr);
+    const auto& r = c.moe->last_routing();
+    int64_t most = 0;
+    for (int64_t ch = 0; ch < r.batch * r.num_chunks; ++ch) {
+      int64_t n = 0;
+      for (int64_t e = 0; e < 5; ++e) n += r.active[ch * 5 + e];
+      EXPECT_LE(n, k);
+      most = std::max(most, n);
+    }
+    EXPECT_EQ(most, k) << "some chunk should use all " << k << " allowed experts";
+    EXPECT_NEAR(ctx.stats.at("moe.0.tls"), model::routing_tls(r), 1e-15);
+  }
+}
+
+TEST(ChunkMoE, OneExpertWithRoutingOffEqualsADenseSwiGLU) {
+  auto c = make_moe("num_experts: 1 d_expert: 7 max_active: 1 chunk: 2", 24);
+  const Tensor x = randn64({2, 6, 6}, 25, 1.0, false);
+  model::ForwardContext ctx;
+  ctx.paths.moe_routing = false;
+  const Tensor y = c.moe->forward(x, ctx, nullptr);
+  const Tensor dense = linear(mul(silu(linear(x, c.moe->w1.select(0, 0))), linear(x, c.moe->w3.select(0, 0))),
+                              c.moe->w2.select(0, 0));
+  EXPECT_LT(testing::max_abs_diff(y, dense), 1e-13);
+}
+
+TEST(ChunkMoE, CapacityDropsAssignmentsAndBoundsTheLoad) {
+  auto c = make_moe("num_experts: 4 d_expert: 3 chunk: 2 max_active: 2 capacity_factor: 0.5", 26);
+  model::ForwardContext ctx;
+  (void)c.moe->forward(randn64({4, 16, 6}, 27, 1.0, false), ctx, nullptr);
+  const auto& r = c.moe->last_routing();
+  const int64_t chunks = r.batch * r.num_chunks, cap = static_cast<int64_t>(std::ceil(0.5 * chunks * 2 / 4.0));
+  int64_t dropped = 0;
+  for (int64_t e = 0; e < 4; ++e) {
+    int64_t load = 0;
+    for (int64_t ch = 0; ch < chunks; ++ch) load += r.active[ch * 4 + e];
+    EXPECT_LE(load, cap);
+    dropped += r.dropped[e];
+  }
+  EXPECT_GT(dropped, 0);
+  EXPECT_EQ(ctx.stats.at("moe.0.dropped_tokens"), double(dropped * 2));
+}
+
+TEST(ChunkMoE, SparsityCoefficientMovesTowardTheTarget) {
+  auto c = make_moe("num_experts: 4 d_expert: 3 chunk: 2 max_active: 2 target_sparsity: 0.9 sparsity_adapt_rate: 0.1", 28);
+  model::ForwardContext ctx;
+  (void)c.moe->forward(randn64({2, 8, 6}, 29, 1.0, false), ctx, nullptr);
+  const double before = c.moe->sparsity_coef();
+  c.moe->update_sparsity_coef();  // TLS <= 0.75 < 0.9: raise
+  EXPECT_NEAR(c.moe->sparsity_coef(), before * std::exp(0.1), 1e-12);
+}
+
+// ---- memories ----------------------------------------------------------------------------------------
+
+TEST(WorkspaceMemoryLayer, GradcheckFloat64) {
+  const model::ModelSpec spec = micro_spec();
+  model::Init init(30);
+  model::WorkspaceMemory ws(init, spec, 0);
+  ws.to(DType::kF64);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        model::ForwardContext ctx;
+        ctx.collect_stats = false;
+        return std::vector<Tensor>{ws.forward(in[0], ctx)};
+      },
+      with_params(randn64({2, 16, 8}, 31), ws), sampled(8));
+}
+
+TEST(WorkspaceMemoryLayer, SegmentsPassingTheSlotsEqualOnePass) {
+  const model::ModelSpec spec = micro_spec();
+  model::Init init(32);
+  model::WorkspaceMemory ws(init, spec, 0);
+  ws.to(DType::kF64);
+  const Tensor x = randn64({2, 24, 8}, 33, 1.0, false);
+  model::ForwardContext ctx;
+  const auto whole = ws.forward(x, ctx).to_vector<double>();
+  Tensor slots;
+  const Tensor a = ws.forward(x.narrow(1, 0, 16), ctx, Tensor(), &slots);
+  const Tensor b = ws.forward(x.narrow(1, 16, 8), ctx, slots);
+  const auto split_run = concat({a, b}, 1).to_vector<double>();
+  for (std::size_t i = 0; i < whole.size(); ++i) EXPECT_NEAR(split_run[i], whole[i], 1e-12);
+}
+
+TEST(ProductKeyMemoryLayer, TopkOverProductKeysEqualsBruteForce) {
+  const int64_t H = 2, T = 7, n = 9, half = 3, k = 4;
+  const Tensor q1 = randn64({H, T, half}, 34, 1.0, false), q2 = randn64({H, T, half}, 35, 1.0, false);
+  const Tensor k1 = randn64({H, n, half}, 36, 1.0, false), k2 = randn64({H, n, half}, 37, 1.0, false);
+  const model::PkmLookup look = model::pkm_lookup(q1, q2, k1, k2, k);
+  const auto s1 = matmul(q1, k1.transpose(1, 2)).to_vector<double>(), s2 = matmul(q2, k2.transpose(1, 2)).to_vector<double>();
+  const auto scores = look.scores.to_vector<double>();
+  const auto idx = look.indices.to_vector<int64_t>();
+  for (int64_t r = 0; r < H * T; ++r) {
+    std::vector<std::pair<double, int64_t>> all;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) all.push_back({s1[r * n + i] + s2[r * n + j], i * n + j});
+    std::stable_sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (int64_t j = 0; j < k; ++j) {
+      EXPECT_NEAR(scores[r * k + j], all[j].first, 1e-12);
+      EXPECT_EQ(idx[r * k + j], all[j].second);
+    }
+  }
+}
+
+TEST(ProductKeyMemoryLayer, GradcheckFloat64WithSparseValueGradients) {
+  const model::ModelSpec spec = micro_spec();
+  model::Init init(38);
+  model::ProductKeyMemory pkm(init, spec, 0);
+  pkm.to(DType::kF64);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        model::ForwardContext ctx;
+        ctx.collect_stats = false;
+        return std::vector<Tensor>{pkm.forward(in[0], ctx)};
+      },
+      with_params(randn64({2, 5, 8}, 39), pkm), sampled(10));
+}
+
+// ---- block -------------------------------------------------------------------------------------------
+
+TEST(HydraBlockLayer, GradcheckFloat64AllPaths) {
+  model::ModelSpec spec = micro_spec();
+  spec.cfg.mutable_moe()->set_locality_loss_weight(0);  // stop-gradient: see LocalityLossHoldsTheNextChunkConstant
+  model::Init init(40);
+  model::HydraBlock block(init, spec, 1);  // block 1 has SGA (every 2)
+  ASSERT_TRUE(block.sga != nullptr);
+  block.to(DType::kF64);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        model::ForwardContext ctx;
+        ctx.collect_stats = false;
+        Tensor aux;
+        Tensor y = block.forward(in[0], ctx, &aux);
+        return std::vector<Tensor>{y, aux};
+      },
+      with_params(randn64({2, 8, 8}, 41), block), sampled(6));
+}
+
+TEST(HydraBlockLayer, UniformControllerIsTheIdentityMix) {
+  // With the controller's weights at zero, c = 1 for every path: the same as no controller.
+  const model::ModelSpec spec = micro_spec();
+  const model::ModelSpec no_ctrl = micro_spec("block { controller: false }");
+  model::Init i1(42), i2(42);
+  model::HydraBlock a(i1, spec, 1), b(i2, no_ctrl, 1);
+  NoGradGuard ng;
+  a.ctrl->weight.zero_();
+  const Tensor x = randn64({1, 8, 8}, 43, 1.0, false).to(DType::kF32);
+  model::ForwardContext ctx;
+  EXPECT_LT(testing::max_abs_diff(a.forward(x, ctx, nullptr), b.forward(x, ctx, nullptr)), 1e-6);
+}
+
+}  // namespace
+}  // namespace hydra

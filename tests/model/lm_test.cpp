@@ -1,0 +1,175 @@
+#include <gtest/gtest.h>
+
+#include <chrono>
+
+#include "autograd/grad_mode.h"
+#include "tests/model/model_util.h"
+#include "tests/test_util.h"
+
+namespace hydra {
+namespace {
+
+using testing::micro_spec;
+using testing::random_tokens;
+
+Tensor targets_for(const Tensor& tokens, int64_t vocab, uint64_t seed) {
+  Tensor t = random_tokens(vocab, tokens.size(0), tokens.size(1), seed);
+  std::vector<int64_t> v = t.to_vector<int64_t>();
+  v[1] = model::LanguageModel::kIgnoreIndex;  // one ignored position
+  return tensor(v, t.shape());
+}
+
+TEST(HydraLM, GradcheckFloat64WholeModelAllPaths) {
+  model::ModelSpec spec = micro_spec();
+  spec.cfg.mutable_moe()->set_locality_loss_weight(0);  // stop-gradient (tested in ChunkMoE tests)
+  auto m = model::build_model(spec, 1);
+  m->to(DType::kF64);
+  const Tensor tokens = random_tokens(11, 2, 16, 2), targets = targets_for(tokens, 11, 3);
+  GradcheckOptions o;
+  o.atol = 1e-5;
+  o.rtol = 1e-4;
+  o.max_elements_per_input = 4;
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>&) {
+        model::ForwardContext ctx;
+        ctx.collect_stats = false;
+        const model::LmOutput out = m->forward(tokens, targets, ctx, true);
+        return std::vector<Tensor>{out.loss, out.logits};
+      },
+      m->parameters(), o);
+}
+
+TEST(TransformerLM, GradcheckFloat64) {
+  const model::ModelSpec spec =
+      testing::spec_from("kind: TRANSFORMER vocab_size: 9 d_model: 8 num_blocks: 2 max_seq_len: 16 transformer { num_heads: 2 d_ff: 12 }");
+  auto m = model::build_model(spec, 4);
+  m->to(DType::kF64);
+  const Tensor tokens = random_tokens(9, 2, 7, 5), targets = targets_for(tokens, 9, 6);
+  GradcheckOptions o;
+  o.max_elements_per_input = 6;
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>&) {
+        model::ForwardContext ctx;
+        return std::vector<Tensor>{m->forward(tokens, targets, ctx, false).loss};
+      },
+      m->parameters(), o);
+}
+
+// Changing tokens after position t must leave the logits at positions <= t untouched, for every
+// router input mode, with workspace and PKM on. In float64 with a 1e-10 bound: BLAS rounding may
+// differ when later routing changes how many rows an expert's GEMM holds, a leak would be far larger.
+void expect_causal(const model::ModelSpec& spec, int64_t len, const std::vector<int64_t>& cut_points) {
+  auto m = model::build_model(spec, 7);
+  m->to(DType::kF64);
+  NoGradGuard ng;
+  const Tensor tokens = random_tokens(spec.vocab, 2, len, 8);
+  model::ForwardContext ctx;
+  const std::vector<double> base = m->forward(tokens, Tensor(), ctx, true).logits.to_vector<double>();
+  const int64_t V = spec.vocab;
+  for (int64_t t : cut_points) {
+    std::vector<int64_t> changed = tokens.to_vector<int64_t>();
+    for (int64_t b = 0; b < 2; ++b)
+      for (int64_t s = t + 1; s < len; ++s) changed[b * len + s] = (changed[b * len + s] + 1 + s) % V;
+    const std::vector<double> after =
+        m->forward(tensor(changed, tokens.shape()), Tensor(), ctx, true).logits.to_vector<double>();
+    bool later_changed = false;
+    for (int64_t b = 0; b < 2; ++b)
+      for (int64_t s = 0; s < len; ++s)
+        for (int64_t v = 0; v < V; ++v) {
+          const int64_t i = (b * len + s) * V + v;
+          if (s <= t) {
+            ASSERT_NEAR(after[i], base[i], 1e-10) << "position " << s << " changed when tokens after " << t << " did";
+          } else if (std::abs(after[i] - base[i]) > 1e-6) {
+            later_changed = true;
+          }
+        }
+    if (t + 1 < len) EXPECT_TRUE(later_changed) << "the change after " << t << " had no effect at all (len " << len << ")";
+  }
+}
+
+TEST(HydraLM, CausalEveryRouterInputModeWithMemories) {
+  for (const char* mode : {"PREV_CHUNK_MEAN", "FIRST_TOKEN"}) {
+    const model::ModelSpec spec = testing::spec_from(
+        std::string("vocab_size: 256 d_model: 32 num_blocks: 4 max_seq_len: 64 ssm { d_state: 4 } "
+                    "sga { every: 2 num_heads: 2 window: 9 global_stride: 8 } "
+                    "moe { num_experts: 4 d_expert: 16 max_active: 2 chunk: 8 router_input: ") +
+        mode + " } workspace { slots: 4 chunk: 16 num_heads: 2 attn_dim: 16 } pkm { num_heads: 2 k_dim: 8 n_keys: 6 topk: 3 }");
+    expect_causal(spec, 64, {0, 7, 8, 15, 16, 31, 40, 62});
+  }
+}
+
+TEST(HydraLM, CausalTinyConfig) { expect_causal(testing::shipped_spec("tiny"), 96, {5, 31, 32, 63, 64}); }
+
+TEST(TransformerLM, Causal) {
+  expect_causal(testing::spec_from("kind: TRANSFORMER vocab_size: 50 d_model: 16 num_blocks: 2 max_seq_len: 64"), 40,
+                {0, 13, 38});
+}
+
+TEST(HydraLM, RecomputationGivesTheSameLossAndGradients) {
+  const model::ModelSpec spec = micro_spec();
+  auto m = model::build_model(spec, 9);
+  m->to(DType::kF64);
+  const Tensor tokens = random_tokens(11, 2, 16, 10), targets = targets_for(tokens, 11, 11);
+  auto run = [&](bool recompute) {
+    m->zero_grad();
+    model::ForwardContext ctx;
+    ctx.recompute = recompute;
+    const model::LmOutput out = m->forward(tokens, targets, ctx);
+    out.loss.backward();
+    std::vector<std::vector<double>> g = {{out.loss.item<double>()}};
+    for (const auto& p : m->named_parameters())
+      g.push_back(p.tensor.sparse_grad() ? densify_sparse_grad(p.tensor).to_vector<double>()
+                                         : p.tensor.grad().to_vector<double>());
+    return std::make_pair(g, ctx.stats);
+  };
+  const auto [plain, plain_stats] = run(false);
+  const auto [recomputed, re_stats] = run(true);
+  ASSERT_EQ(plain.size(), recomputed.size());
+  for (std::size_t k = 0; k < plain.size(); ++k)
+    for (std::size_t i = 0; i < plain[k].size(); ++i) ASSERT_NEAR(recomputed[k][i], plain[k][i], 1e-12) << "entry " << k;
+  EXPECT_EQ(re_stats.size(), plain_stats.size()) << "statistics recorded once, not again while recomputing";
+}
+
+TEST(HydraLM, ReportsStatisticsOfEveryComponent) {
+  const model::ModelSpec spec = micro_spec();
+  auto m = model::build_model(spec, 12);
+  model::ForwardContext ctx;
+  const Tensor tokens = random_tokens(11, 2, 16, 13);
+  (void)m->forward(tokens, tokens, ctx);
+  for (const char* key : {"moe.0.tls", "moe.1.cls8", "moe.0.load.2", "moe.0.router_entropy", "moe.0.dropped_tokens",
+                          "workspace.0.write_gate_mean", "workspace.1.slot_entropy", "pkm.0.value_coverage",
+                          "pkm.0.score_entropy", "block.1.mix.sga", "block.0.gate_norm.ssm", "loss.balance"})
+    EXPECT_TRUE(ctx.stats.count(key)) << key;
+}
+
+TEST(HydraLM, PathsCanBeSwitchedOff) {
+  const model::ModelSpec spec = micro_spec();
+  auto m = model::build_model(spec, 14);
+  const Tensor tokens = random_tokens(11, 1, 16, 15);
+  model::ForwardContext ctx;
+  ctx.paths = {true, false, false, false, false};  // stage 1: SSM + dense FFN
+  const model::LmOutput out = m->forward(tokens, tokens, ctx);
+  EXPECT_EQ(out.aux.to_vector<float>(), (std::vector<float>{0, 0, 0}));
+  out.loss.backward();
+  auto& hm = dynamic_cast<model::HydraLM&>(*m);
+  EXPECT_FALSE(hm.blocks->at<model::HydraBlock>(1).sga->qkv->weight.grad().defined());
+  EXPECT_TRUE(hm.blocks->at<model::HydraBlock>(1).moe->w1.grad().defined());
+  EXPECT_FALSE(hm.blocks->at<model::HydraBlock>(1).moe->router_weight.grad().defined());
+}
+
+TEST(ModelSlow, ToyForwardBackwardAtSeq1024OnTheCpu) {
+  const model::ModelSpec spec = testing::shipped_spec("toy");
+  auto m = model::build_model(spec, 16);
+  const Tensor tokens = random_tokens(spec.vocab, 1, 1024, 17);
+  model::ForwardContext ctx;
+  const auto t0 = std::chrono::steady_clock::now();
+  const model::LmOutput out = m->forward(tokens, random_tokens(spec.vocab, 1, 1024, 18), ctx);
+  out.loss.backward();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_TRUE(std::isfinite(out.loss.item<float>()));
+  EXPECT_NEAR(out.lm_loss.item<float>(), std::log(8192.0), 1.0) << "an untrained model is near uniform";
+  std::printf("toy forward+backward, batch 1, seq 1024: %.2f s\n", s);
+}
+
+}  // namespace
+}  // namespace hydra
