@@ -1,15 +1,25 @@
 # Every external dependency, found once. Debian packages: see cmake/install-deps.sh.
 
 find_package(OpenMP REQUIRED COMPONENTS CXX)
-find_package(MPI REQUIRED COMPONENTS CXX)
+find_package(Threads REQUIRED)
+find_package(MPI REQUIRED COMPONENTS C CXX)
 set(HDF5_PREFER_PARALLEL TRUE)
 find_package(HDF5 REQUIRED COMPONENTS C)
 find_package(Protobuf REQUIRED)
 find_package(Boost REQUIRED COMPONENTS program_options)
 find_package(GTest REQUIRED)
-set(BLA_VENDOR OpenBLAS)
-find_package(BLAS REQUIRED)
-find_path(CBLAS_INCLUDE_DIR cblas.h REQUIRED)
+# OpenBLAS built with OpenMP (Debian's libopenblas-openmp-dev): BLAS then shares our OpenMP thread
+# pool. With the pthread build, its spinning workers and ours fight over the cores (2 threads ran
+# slower than 1 on a 2-core machine).
+find_library(OPENBLAS_LIBRARY openblas PATHS /usr/lib/x86_64-linux-gnu/openblas-openmp NO_DEFAULT_PATH)
+find_path(CBLAS_INCLUDE_DIR cblas.h PATHS /usr/include/x86_64-linux-gnu/openblas-openmp NO_DEFAULT_PATH)
+if(NOT OPENBLAS_LIBRARY OR NOT CBLAS_INCLUDE_DIR)
+  message(WARNING "OpenMP build of OpenBLAS not found (libopenblas-openmp-dev); using the default BLAS")
+  set(BLA_VENDOR OpenBLAS)
+  find_package(BLAS REQUIRED)
+  set(OPENBLAS_LIBRARY BLAS::BLAS)
+  find_path(CBLAS_INCLUDE_DIR cblas.h REQUIRED)
+endif()
 
 if(HYDRA_CUDA)
   if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)

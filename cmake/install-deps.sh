@@ -7,7 +7,7 @@ packages=(
   cmake g++ make pkg-config
   libopenmpi-dev openmpi-bin libhdf5-openmpi-dev
   libprotobuf-dev protobuf-compiler
-  libboost-program-options-dev libgtest-dev libopenblas-dev
+  libboost-program-options-dev libgtest-dev libopenblas-dev libopenblas-openmp-dev
   gnuplot-nox
 )
 

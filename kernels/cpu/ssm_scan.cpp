@@ -18,6 +18,12 @@ namespace {
 
 constexpr int64_t kBlock = 16;
 
+// x = exp(x) over a contiguous run: one flat loop GCC turns into glibc's vector exp (libmvec).
+template <class T>
+void exp_inplace(T* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
 template <class T>
 struct ScanView {
   const SsmScanParams& p;
@@ -42,6 +48,43 @@ struct ScanView {
   T A_at(int64_t d, int64_t n) const { return -std::exp(A_log[d * p.state + n]); }
 };
 
+// Per token and channel, computed in flat passes that vectorise (glibc's vector exp and log1p)
+// before the sequential time loop: delta = softplus(raw), its derivative sigmoid(raw), sigmoid(z).
+template <class T>
+struct Pointwise {
+  std::vector<T> delta, delta_grad, z_sig;
+};
+
+template <class T>
+Pointwise<T> pointwise(const ScanView<T>& v, bool with_grad) {
+  const SsmScanParams& p = v.p;
+  const int64_t rows = p.batch * p.len, D = p.dim;
+  Pointwise<T> pw;
+  pw.delta.resize(rows * D);
+  if (with_grad) pw.delta_grad.resize(rows * D);
+  if (v.z) pw.z_sig.resize(rows * D);
+  parallel_for(rows, grain_for(D * 8), [&](int64_t r0, int64_t r1) {
+    std::vector<T> raw(D), e(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict dr = v.delta + r * p.delta_row;
+      for (int64_t d = 0; d < D; ++d) raw[d] = dr[d] + (v.dt_bias ? v.dt_bias[d] : T(0));
+      for (int64_t d = 0; d < D; ++d) e[d] = std::exp(raw[d]);
+      T* __restrict out = pw.delta.data() + r * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = raw[d] > T(20) ? raw[d] : std::log1p(e[d]);
+      if (with_grad) {
+        T* __restrict g = pw.delta_grad.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) g[d] = raw[d] > T(20) ? T(1) : e[d] / (T(1) + e[d]);
+      }
+      if (v.z) {
+        const T* __restrict zr = v.z + r * p.z_row;
+        T* __restrict zs = pw.z_sig.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) zs[d] = T(1) / (T(1) + std::exp(-zr[d]));
+      }
+    }
+  });
+  return pw;
+}
+
 template <class T>
 void scan_fwd(const SsmScanParams& p) {
   const ScanView<T> v{p};
@@ -52,8 +95,9 @@ void scan_fwd(const SsmScanParams& p) {
   const T* h0 = static_cast<const T*>(p.h0);
   T* h_last = static_cast<T*>(p.h_last);
   T* chunk_states = static_cast<T*>(p.chunk_states);
+  const Pointwise<T> pw = pointwise(v, false);
   parallel_for(p.batch * nblk, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> h(kBlock * N), A(kBlock * N);
+    std::vector<T> h(kBlock * N), A(kBlock * N), decay(kBlock * N), dlv(kBlock);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / nblk, d0 = (task % nblk) * kBlock, d1 = std::min(D, d0 + kBlock);
       const int64_t nd = d1 - d0;
@@ -71,20 +115,24 @@ void scan_fwd(const SsmScanParams& p) {
         const T* Bt = v.B_at(r);
         const T* Ct = v.C_at(r);
         for (int64_t i = 0; i < nd; ++i) {
+          dlv[i] = pw.delta[r * D + d0 + i];
+          for (int64_t n = 0; n < N; ++n) decay[i * N + n] = dlv[i] * A[i * N + n];
+        }
+        exp_inplace(decay.data(), nd * N);  // a = exp(delta * A) for the whole block at once
+        for (int64_t i = 0; i < nd; ++i) {
           const int64_t d = d0 + i;
           const T ut = v.u_at(r, d);
-          const T dl = softplus(v.raw_delta(r, d));
-          T* hd = h.data() + i * N;
-          const T* Ad = A.data() + i * N;
+          const T dlu = dlv[i] * ut;
+          T* __restrict hd = h.data() + i * N;
+          const T* __restrict ad = decay.data() + i * N;
           T acc = 0;
           for (int64_t n = 0; n < N; ++n) {
-            hd[n] = std::exp(dl * Ad[n]) * hd[n] + dl * Bt[n] * ut;
+            hd[n] = ad[n] * hd[n] + dlu * Bt[n];
             acc += Ct[n] * hd[n];
           }
           acc += v.D_at(d) * ut;
           if (v.z) {
-            const T zt = v.z_at(r, d);
-            acc *= zt * sigmoid(zt);
+            acc *= v.z_at(r, d) * pw.z_sig[r * D + d];
           }
           y[r * D + d] = acc;
         }
@@ -117,6 +165,7 @@ void scan_bwd(const SsmScanBwdParams& q) {
   std::vector<T> gB_part(nblk * Bsz * L * N, T(0)), gC_part(nblk * Bsz * L * N, T(0));
   std::vector<T> gA_part(Bsz * D * N, T(0)), gD_part(Bsz * D, T(0)), gbias_part(Bsz * D, T(0));
 
+  const Pointwise<T> pw = pointwise(v, true);
   parallel_for(Bsz * nblk, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> A(kBlock * N), G(kBlock * N);
     std::vector<T> hbuf((CL + 1) * kBlock * N), abuf(CL * kBlock * N), dlbuf(CL * kBlock);
@@ -139,17 +188,19 @@ void scan_bwd(const SsmScanBwdParams& q) {
         for (int64_t t = cs; t < ce; ++t) {
           const int64_t s = t - cs, r = v.row(b, t);
           const T* Bt = v.B_at(r);
+          T* as = abuf.data() + s * kBlock * N;
           for (int64_t i = 0; i < nd; ++i) {
-            const T ut = v.u_at(r, d0 + i);
-            const T dl = softplus(v.raw_delta(r, d0 + i));
+            const T dl = pw.delta[r * D + d0 + i];
             dlbuf[s * kBlock + i] = dl;
-            const T* hp = hbuf.data() + (s * kBlock + i) * N;
-            T* hn = hbuf.data() + ((s + 1) * kBlock + i) * N;
-            T* an = abuf.data() + (s * kBlock + i) * N;
-            for (int64_t n = 0; n < N; ++n) {
-              an[n] = std::exp(dl * A[i * N + n]);
-              hn[n] = an[n] * hp[n] + dl * Bt[n] * ut;
-            }
+            for (int64_t n = 0; n < N; ++n) as[i * N + n] = dl * A[i * N + n];
+          }
+          exp_inplace(as, nd * N);
+          for (int64_t i = 0; i < nd; ++i) {
+            const T dlu = dlbuf[s * kBlock + i] * v.u_at(r, d0 + i);
+            const T* __restrict hp = hbuf.data() + (s * kBlock + i) * N;
+            T* __restrict hn = hbuf.data() + ((s + 1) * kBlock + i) * N;
+            const T* __restrict an = as + i * N;
+            for (int64_t n = 0; n < N; ++n) hn[n] = an[n] * hp[n] + dlu * Bt[n];
           }
         }
         for (int64_t t = ce - 1; t >= cs; --t) {
@@ -168,7 +219,7 @@ void scan_bwd(const SsmScanBwdParams& q) {
             if (v.z) {
               T y_pre = v.D_at(d) * ut;
               for (int64_t n = 0; n < N; ++n) y_pre += Ct[n] * hn[n];
-              const T zt = v.z_at(r, d), sg = sigmoid(zt);
+              const T zt = v.z_at(r, d), sg = pw.z_sig[r * D + d];
               gz[r * D + d] = g * y_pre * sg * (T(1) + zt * (T(1) - sg));
               g *= zt * sg;
             }
@@ -187,7 +238,7 @@ void scan_bwd(const SsmScanBwdParams& q) {
               Gd[n] = an[n] * Gn;
             }
             gu[r * D + d] = gut;
-            const T graw = gdl * sigmoid(v.raw_delta(r, d));
+            const T graw = gdl * pw.delta_grad[r * D + d];
             gdelta[r * D + d] = graw;
             gbias_part[b * D + d] += graw;
           }

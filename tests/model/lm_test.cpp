@@ -83,7 +83,9 @@ void expect_causal(const model::ModelSpec& spec, int64_t len, const std::vector<
             later_changed = true;
           }
         }
-    if (t + 1 < len) EXPECT_TRUE(later_changed) << "the change after " << t << " had no effect at all (len " << len << ")";
+    if (t + 1 < len) {
+      EXPECT_TRUE(later_changed) << "the change after " << t << " had no effect at all (len " << len << ")";
+    }
   }
 }
 

@@ -1,0 +1,63 @@
+#include "autograd/optim_ops.h"
+
+#include <cmath>
+
+#include "autograd/dispatch.h"
+#include "kernels/optim.h"
+
+namespace hydra {
+namespace {
+
+kernels::AdamWParams make_params(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                                 const AdamWHyper& h) {
+  HYDRA_CHECK(param.is_contiguous() && grad.is_contiguous() && m.is_contiguous() && v.is_contiguous())
+      << "adamw: tensors must be contiguous";
+  HYDRA_CHECK(grad.dtype() == param.dtype() && m.dtype() == param.dtype() && v.dtype() == param.dtype())
+      << "adamw: param, grad and state differ in dtype";
+  kernels::AdamWParams p;
+  p.dtype = param.dtype();
+  p.param = param.raw_data();
+  p.grad = grad.raw_data();
+  p.m = m.raw_data();
+  p.v = v.raw_data();
+  p.n = param.numel();
+  p.lr = h.lr;
+  p.beta1 = h.beta1;
+  p.beta2 = h.beta2;
+  p.eps = h.eps;
+  p.weight_decay = h.weight_decay;
+  p.bias_correction1 = 1 - std::pow(h.beta1, static_cast<double>(h.step));
+  p.bias_correction2 = 1 - std::pow(h.beta2, static_cast<double>(h.step));
+  p.grad_scale = h.grad_scale;
+  p.stream = current_stream(param.device());
+  return p;
+}
+
+}  // namespace
+
+void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWHyper& h) {
+  HYDRA_CHECK(grad.shape() == param.shape() && m.shape() == param.shape() && v.shape() == param.shape())
+      << "adamw: shapes differ: param " << shape_str(param.shape()) << ", grad " << shape_str(grad.shape());
+  const kernels::AdamWParams p = make_params(param, grad, m, v, h);
+  if (p.n > 0) HYDRA_LAUNCH_CPU_ONLY(param.device(), adamw_step, p);
+  param.storage()->bump_version();
+}
+
+void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& values, const Tensor& m, const Tensor& v,
+                       const AdamWHyper& h) {
+  HYDRA_CHECK(param.dim() == 2 && values.dim() == 2 && values.size(1) == param.size(1) && rows.numel() == values.size(0) &&
+              rows.dtype() == DType::kI64)
+      << "adamw_rows: param " << shape_str(param.shape()) << ", rows " << shape_str(rows.shape()) << ", values "
+      << shape_str(values.shape());
+  const Tensor r = rows.contiguous(), vals = values.contiguous();
+  kernels::AdamWRowsParams p;
+  p.base = make_params(param, vals, m, v, h);
+  p.rows = r.data<int64_t>();
+  p.num_rows = param.size(0);
+  p.cols = param.size(1);
+  p.k = rows.numel();
+  if (p.k > 0) HYDRA_LAUNCH_CPU_ONLY(param.device(), adamw_rows_step, p);
+  param.storage()->bump_version();
+}
+
+}  // namespace hydra

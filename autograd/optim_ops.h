@@ -1,0 +1,20 @@
+// In-place optimizer updates on tensors (no autograd), dispatched to the device's fused kernel.
+#pragma once
+
+#include "autograd/tensor.h"
+
+namespace hydra {
+
+struct AdamWHyper {
+  double lr = 0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0;
+  int64_t step = 1;        // 1-based, for bias correction
+  double grad_scale = 1;  // clipping factor
+};
+
+// param, grad, m, v: same shape, dtype and device, contiguous.
+void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWHyper& h);
+// The rows `rows` (i64 [k]) of a 2-D param with gradient values [k, cols]; m and v like param.
+void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& values, const Tensor& m, const Tensor& v,
+                       const AdamWHyper& h);
+
+}  // namespace hydra

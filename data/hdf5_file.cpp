@@ -1,0 +1,141 @@
+#include "data/hdf5_file.h"
+
+#include <filesystem>
+
+namespace hydra::data {
+
+void quiet_hdf5() {
+  static const bool done = [] {
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    return true;
+  }();
+  (void)done;
+}
+
+Expected<Hdf5File> Hdf5File::create(const std::string& path) {
+  quiet_hdf5();
+  const hid_t f = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  if (f < 0) return io_error(path + ": cannot create the HDF5 file (is the folder writable?)");
+  Hdf5File out;
+  out.path_ = path;
+  out.file_ = Hdf5Handle(f, H5Fclose);
+  return out;
+}
+
+Expected<Hdf5File> Hdf5File::open_read(const std::string& path) {
+  quiet_hdf5();
+  if (!std::filesystem::exists(path)) return not_found(path + ": no such file");
+  if (H5Fis_hdf5(path.c_str()) <= 0) return data_loss(path + ": not an HDF5 file (truncated or of another kind)");
+  const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (f < 0) return data_loss(path + ": cannot open the HDF5 file (truncated or damaged?)");
+  Hdf5File out;
+  out.path_ = path;
+  out.file_ = Hdf5Handle(f, H5Fclose);
+  return out;
+}
+
+Status Hdf5File::write(const std::string& name, hid_t type, const std::vector<int64_t>& shape, const void* data) {
+  const std::vector<hsize_t> dims =
+      shape.empty() ? std::vector<hsize_t>{1} : std::vector<hsize_t>(shape.begin(), shape.end());
+  Hdf5Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
+  if (!space.valid()) return io_error(path_ + ": cannot describe dataset " + name);
+  Hdf5Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+  H5Pset_create_intermediate_group(lcpl.get(), 1);
+  Hdf5Handle ds(H5Dcreate2(file_.get(), name.c_str(), type, space.get(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT),
+                H5Dclose);
+  if (!ds.valid()) return io_error(path_ + ": cannot create dataset " + name);
+  if (H5Dwrite(ds.get(), type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
+    return io_error(path_ + ": cannot write dataset " + name + " (disk full?)");
+  return ok_status();
+}
+
+bool Hdf5File::has(const std::string& name) const {
+  return H5Lexists(file_.get(), name.c_str(), H5P_DEFAULT) > 0;
+}
+
+Expected<std::vector<int64_t>> Hdf5File::shape(const std::string& name) const {
+  if (!has(name)) return data_loss(path_ + ": dataset " + name + " is missing");
+  Hdf5Handle ds(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
+  if (!ds.valid()) return data_loss(path_ + ": cannot open dataset " + name);
+  Hdf5Handle space(H5Dget_space(ds.get()), H5Sclose);
+  const int n = H5Sget_simple_extent_ndims(space.get());
+  if (n < 0) return data_loss(path_ + ": dataset " + name + " has no readable shape");
+  std::vector<hsize_t> dims(n);
+  H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr);
+  return std::vector<int64_t>(dims.begin(), dims.end());
+}
+
+Status Hdf5File::read(const std::string& name, hid_t type, void* out) const {
+  Hdf5Handle ds(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
+  if (!ds.valid()) return data_loss(path_ + ": dataset " + name + " is missing");
+  if (H5Dread(ds.get(), type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
+    return data_loss(path_ + ": cannot read dataset " + name + " (truncated or damaged file?)");
+  return ok_status();
+}
+
+Status Hdf5File::read_range(const std::string& name, hid_t type, int64_t offset, int64_t count, void* out) const {
+  Hdf5Handle ds(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
+  if (!ds.valid()) return data_loss(path_ + ": dataset " + name + " is missing");
+  Hdf5Handle space(H5Dget_space(ds.get()), H5Sclose);
+  const hsize_t start = static_cast<hsize_t>(offset), n = static_cast<hsize_t>(count);
+  if (H5Sselect_hyperslab(space.get(), H5S_SELECT_SET, &start, nullptr, &n, nullptr) < 0)
+    return data_loss(path_ + ": range [" + std::to_string(offset) + ", " + std::to_string(offset + count) +
+                     ") outside dataset " + name);
+  Hdf5Handle mem(H5Screate_simple(1, &n, nullptr), H5Sclose);
+  if (H5Dread(ds.get(), type, mem.get(), space.get(), H5P_DEFAULT, out) < 0)
+    return data_loss(path_ + ": cannot read " + name + " at " + std::to_string(offset) + " (truncated file?)");
+  return ok_status();
+}
+
+Expected<int64_t> Hdf5File::element_size(const std::string& name) const {
+  Hdf5Handle ds(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
+  if (!ds.valid()) return data_loss(path_ + ": dataset " + name + " is missing");
+  Hdf5Handle t(H5Dget_type(ds.get()), H5Tclose);
+  return static_cast<int64_t>(H5Tget_size(t.get()));
+}
+
+Status Hdf5File::write_attr(const std::string& name, const std::string& value) {
+  Hdf5Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(type.get(), value.empty() ? 1 : value.size());
+  Hdf5Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+  Hdf5Handle attr(H5Acreate2(file_.get(), name.c_str(), type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  if (!attr.valid() || H5Awrite(attr.get(), type.get(), value.empty() ? "" : value.data()) < 0)
+    return io_error(path_ + ": cannot write attribute " + name);
+  return ok_status();
+}
+
+Status Hdf5File::write_attr(const std::string& name, int64_t value) {
+  Hdf5Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+  Hdf5Handle attr(H5Acreate2(file_.get(), name.c_str(), H5T_NATIVE_INT64, space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                  H5Aclose);
+  if (!attr.valid() || H5Awrite(attr.get(), H5T_NATIVE_INT64, &value) < 0)
+    return io_error(path_ + ": cannot write attribute " + name);
+  return ok_status();
+}
+
+Expected<std::string> Hdf5File::read_attr_string(const std::string& name) const {
+  if (H5Aexists(file_.get(), name.c_str()) <= 0) return data_loss(path_ + ": attribute " + name + " is missing");
+  Hdf5Handle attr(H5Aopen(file_.get(), name.c_str(), H5P_DEFAULT), H5Aclose);
+  Hdf5Handle type(H5Aget_type(attr.get()), H5Tclose);
+  if (H5Tget_class(type.get()) != H5T_STRING) return data_loss(path_ + ": attribute " + name + " is not a string");
+  const std::size_t n = H5Tget_size(type.get());
+  std::string s(n, '\0');
+  if (H5Aread(attr.get(), type.get(), s.data()) < 0) return data_loss(path_ + ": cannot read attribute " + name);
+  while (!s.empty() && s.back() == '\0') s.pop_back();
+  return s;
+}
+
+Expected<int64_t> Hdf5File::read_attr_int(const std::string& name) const {
+  if (H5Aexists(file_.get(), name.c_str()) <= 0) return data_loss(path_ + ": attribute " + name + " is missing");
+  Hdf5Handle attr(H5Aopen(file_.get(), name.c_str(), H5P_DEFAULT), H5Aclose);
+  int64_t v = 0;
+  if (H5Aread(attr.get(), H5T_NATIVE_INT64, &v) < 0) return data_loss(path_ + ": cannot read attribute " + name);
+  return v;
+}
+
+Status Hdf5File::flush() {
+  if (H5Fflush(file_.get(), H5F_SCOPE_GLOBAL) < 0) return io_error(path_ + ": flush failed (disk full?)");
+  return ok_status();
+}
+
+}  // namespace hydra::data

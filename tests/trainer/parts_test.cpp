@@ -1,0 +1,144 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <cstring>
+#include <fstream>
+
+#include "autograd/grad_mode.h"
+#include "autograd/module.h"
+#include "autograd/ops.h"
+#include "configs/tensorboard.pb.h"
+#include "trainer/crc32c.h"
+#include "trainer/metrics.h"
+#include "trainer/optimizer.h"
+#include "trainer/schedule.h"
+
+namespace hydra::trainer {
+namespace {
+
+TEST(Schedule, WarmupThenCosineLinearConstant) {
+  config::LrSchedule s;
+  s.set_lr(1.0);
+  s.set_warmup_steps(10);
+  s.set_min_lr_ratio(0.1);
+  EXPECT_DOUBLE_EQ(scheduled_lr(s, 0, 110), 0.1);
+  EXPECT_DOUBLE_EQ(scheduled_lr(s, 9, 110), 1.0);
+  EXPECT_NEAR(scheduled_lr(s, 60, 110), 0.55, 1e-12);  // halfway through the decay
+  EXPECT_NEAR(scheduled_lr(s, 110, 110), 0.1, 1e-12);
+  s.set_kind(config::LrSchedule::LINEAR);
+  EXPECT_NEAR(scheduled_lr(s, 35, 110), 1.0 - 0.9 * 0.25, 1e-12);
+  s.set_kind(config::LrSchedule::CONSTANT);
+  EXPECT_DOUBLE_EQ(scheduled_lr(s, 100, 110), 1.0);
+}
+
+TEST(Crc32c, KnownVectorsAndMasking) {
+  EXPECT_EQ(crc32c("123456789", 9), 0xE3069283u);
+  EXPECT_EQ(crc32c("", 0), 0u);
+  const uint32_t c = crc32c("abc", 3);
+  EXPECT_EQ(masked_crc32c("abc", 3), ((c >> 15) | (c << 17)) + 0xa282ead8u);
+}
+
+class TwoParams : public Module {
+ public:
+  TwoParams() {
+    w = register_parameter("w", tensor<float>({1, -2, 3, -4}, {2, 2}));
+    g = register_parameter("g", tensor<float>({0.5, 0.25}, {2}), ParamOptions{.weight_decay = false});
+    table = register_parameter("table", tensor<float>({1, 2, 3, 4, 5, 6}, {3, 2}),
+                               ParamOptions{.weight_decay = false, .lr_group = "pkm_values"});
+  }
+  Tensor w, g, table;
+};
+
+TEST(AdamW, MatchesTheUpdateRuleWithGroupsSparseRowsAndFreezing) {
+  TwoParams m;
+  config::OptimizerConfig cfg;
+  cfg.set_beta1(0.9);
+  cfg.set_beta2(0.99);
+  cfg.set_eps(1e-8);
+  cfg.set_weight_decay(0.1);
+  AdamW opt(m.named_parameters(), cfg, {{"pkm_values", 0.5}});
+  // Reference state for w[0] (decayed) and g[0] (not decayed), two steps of gradient 1 and 2.
+  double w0 = 1, mw = 0, vw = 0, g0 = 0.5, mg = 0, vg = 0;
+  for (int step = 1; step <= 2; ++step) {
+    {
+      NoGradGuard ng;
+      m.w.set_grad(full({2, 2}, double(step)));
+      m.g.set_grad(full({2}, double(step)));
+    }
+    accumulate_sparse_grad(m.table, tensor<int64_t>({2}, {1}), tensor<float>({1, 1}, {1, 2}));
+    opt.step(/*lr=*/0.01, /*base_lr=*/0.02, /*grad_scale=*/1.0);  // the schedule is at half its peak
+    const double lr = 0.01, b1 = 0.9, b2 = 0.99, gr = step;
+    mw = b1 * mw + (1 - b1) * gr;
+    vw = b2 * vw + (1 - b2) * gr * gr;
+    w0 = w0 * (1 - lr * 0.1) - lr * (mw / (1 - std::pow(b1, step))) / (std::sqrt(vw / (1 - std::pow(b2, step))) + 1e-8);
+    mg = b1 * mg + (1 - b1) * gr;
+    vg = b2 * vg + (1 - b2) * gr * gr;
+    g0 = g0 - lr * (mg / (1 - std::pow(b1, step))) / (std::sqrt(vg / (1 - std::pow(b2, step))) + 1e-8);
+    m.zero_grad();
+  }
+  EXPECT_NEAR(m.w.to_vector<float>()[0], w0, 1e-6);
+  EXPECT_NEAR(m.g.to_vector<float>()[0], g0, 1e-6);
+  // The table: only row 2 moved, at the group's rate scaled like the base (0.5 * 0.01 / 0.02).
+  const auto t = m.table.to_vector<float>();
+  EXPECT_EQ(t[0], 1.0f);
+  EXPECT_EQ(t[3], 4.0f);
+  EXPECT_NEAR(t[4], 5.0 - 2 * 0.25, 1e-4);  // two Adam steps of ~lr each on a constant gradient
+  // Frozen: no update, no grad required.
+  opt.set_frozen("w", true);
+  EXPECT_FALSE(m.w.requires_grad());
+  const auto before = m.w.to_vector<float>();
+  opt.step(0.01, 0.02, 1.0);
+  EXPECT_EQ(m.w.to_vector<float>(), before);
+}
+
+TEST(AdamW, GradientNormCoversDenseAndSparseGradients) {
+  TwoParams m;
+  AdamW opt(m.named_parameters(), config::OptimizerConfig(), {{"pkm_values", 1.0}});
+  {
+    NoGradGuard ng;
+    m.w.set_grad(full({2, 2}, 1.0));
+  }
+  accumulate_sparse_grad(m.table, tensor<int64_t>({0}, {1}), tensor<float>({3, 4}, {1, 2}));
+  EXPECT_NEAR(opt.grad_norm(), std::sqrt(4.0 + 25.0), 1e-6);
+}
+
+TEST(TensorBoard, RecordsAreFramedWithMaskedCrcAndParse) {
+  const std::string dir = std::filesystem::temp_directory_path() / ("hydra_tb_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::string path;
+  {
+    auto w = TensorBoardWriter::open(dir);
+    ASSERT_TRUE(w.ok());
+    w->scalars(7, {{"loss", 2.5}, {"lr", 1e-3}});
+    w->flush();
+    path = w->path();
+  }
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<tensorboard::Event> events;
+  std::size_t pos = 0;
+  while (pos + 12 <= bytes.size()) {
+    uint64_t len;
+    uint32_t len_crc, data_crc;
+    std::memcpy(&len, bytes.data() + pos, 8);
+    std::memcpy(&len_crc, bytes.data() + pos + 8, 4);
+    ASSERT_EQ(len_crc, masked_crc32c(bytes.data() + pos, 8));
+    const std::string data = bytes.substr(pos + 12, len);
+    std::memcpy(&data_crc, bytes.data() + pos + 12 + len, 4);
+    ASSERT_EQ(data_crc, masked_crc32c(data.data(), data.size()));
+    tensorboard::Event e;
+    ASSERT_TRUE(e.ParseFromString(data));
+    events.push_back(e);
+    pos += 12 + len + 4;
+  }
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].file_version(), "brain.Event:2");
+  EXPECT_EQ(events[1].step(), 7);
+  ASSERT_EQ(events[1].summary().value_size(), 2);
+  EXPECT_EQ(events[1].summary().value(0).tag(), "loss");
+  EXPECT_FLOAT_EQ(events[1].summary().value(0).simple_value(), 2.5f);
+}
+
+}  // namespace
+}  // namespace hydra::trainer

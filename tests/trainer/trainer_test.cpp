@@ -1,0 +1,271 @@
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "configs/config_io.h"
+#include "data/shards.h"
+#include "trainer/trainer.h"
+
+namespace hydra::trainer {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A small model on the synthetic data: two stages, the second with routing and memories.
+const char* kSmallRun = R"(
+model {
+  vocab_size: 128 d_model: 16 num_blocks: 2 max_seq_len: 32
+  ssm { d_state: 4 }
+  sga { every: 2 num_heads: 2 window: 8 global_stride: 8 }
+  moe { num_experts: 3 d_expert: 8 max_active: 2 chunk: 4 }
+  workspace { slots: 2 chunk: 8 num_heads: 1 attn_dim: 8 }
+  pkm { num_heads: 1 k_dim: 4 n_keys: 4 topk: 2 }
+}
+train {
+  steps: 8 batch_size: 4 seq_len: 32 grad_accum: 2 eval_every: 4 eval_batches: 1 save_every: 4 keep_last: 5
+  lr { lr: 0.01 warmup_steps: 2 }
+}
+data { prefetch: 2 }
+curriculum {
+  stage { name: "one" steps: 4 seq_len: 16 sga: false moe_routing: false workspace: false pkm: false }
+  stage { name: "two" steps: 4 aux_warmup_steps: 2 }
+}
+)";
+
+std::string temp_dir(const std::string& name) {
+  const fs::path p = fs::temp_directory_path() / ("hydra_trainer_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  return p.string();
+}
+
+// The small run with `--set`-style overrides applied.
+config::RunConfig small_config(const std::vector<std::string>& sets = {}) {
+  config::RunConfig cfg;
+  const Status st = config::parse_text(kSmallRun, "small.pbtxt", &cfg);
+  EXPECT_TRUE(st.ok()) << st.message();
+  for (const std::string& set : sets) {
+    const Status o = config::apply_override(&cfg, set);
+    EXPECT_TRUE(o.ok()) << o.message();
+  }
+  return cfg;
+}
+
+Expected<TrainSummary> train(const config::RunConfig& cfg, const std::string& out, const std::string& resume = "",
+                             int64_t stop = -1, std::unique_ptr<Trainer>* keep = nullptr) {
+  TrainOptions o;
+  o.out_dir = out;
+  o.resume = resume;
+  o.stop_step = stop;
+  o.quiet = true;
+  auto t = Trainer::create(cfg, "small.pbtxt", o);
+  if (!t.ok()) return t.status();
+  auto s = (*t)->run();
+  if (keep) *keep = std::move(*t);
+  return s;
+}
+
+std::vector<std::string> metric_lines(const std::string& run) {
+  std::ifstream in(run + "/metrics.jsonl");
+  std::vector<std::string> lines;
+  std::string line;
+  while (std::getline(in, line)) {
+    // Drop the fields that measure time, not training.
+    std::string kept;
+    std::stringstream ss(line);
+    std::string field;
+    while (std::getline(ss, field, ',')) {
+      if (field.find("tokens_per_s") != std::string::npos || field.find("elapsed_s") != std::string::npos ||
+          field.find("memory.") != std::string::npos)
+        continue;
+      kept += field + ",";
+    }
+    lines.push_back(kept);
+  }
+  return lines;
+}
+
+TEST(Curriculum, StagesAreLaidOutAndValidated) {
+  config::RunConfig cfg = small_config();
+  resolve_run_config(&cfg);
+  auto spec = model::make_spec(cfg.model(), "small.pbtxt");
+  auto stages = resolve_stages(cfg, *spec, "small.pbtxt");
+  ASSERT_TRUE(stages.ok()) << stages.status().message();
+  ASSERT_EQ(stages->size(), 2u);
+  EXPECT_EQ((*stages)[1].start, 4);
+  EXPECT_EQ((*stages)[0].seq_len, 16);
+  EXPECT_EQ((*stages)[1].seq_len, 32);  // inherited from train
+  EXPECT_DOUBLE_EQ((*stages)[1].lr.lr(), 0.01);  // inherited from train.lr, not the proto default
+  EXPECT_FALSE((*stages)[0].paths.sga);
+  EXPECT_EQ(stage_at(*stages, 5).name, "two");
+
+  auto error = [&](const std::string& extra_set) {
+    config::RunConfig c = small_config();
+    EXPECT_TRUE(config::apply_override(&c, extra_set).ok());
+    resolve_run_config(&c);
+    return resolve_stages(c, *spec, "small.pbtxt").status().message();
+  };
+  EXPECT_EQ(error("train.steps=9"),
+            "small.pbtxt: the curriculum stages add up to 8 steps but train.steps = 9; make them equal");
+  EXPECT_EQ(error("curriculum.stage={ name: \"x\" steps: 8 seq_len: 18 }"),
+            "small.pbtxt: curriculum.stage[0].seq_len = 18 must be a multiple of model.moe.chunk (4)");
+  EXPECT_EQ(error("curriculum.stage={ name: \"x\" steps: 8 seq_len: 20 }"),
+            "small.pbtxt: curriculum.stage[0].seq_len = 20 must be a multiple of model.workspace.chunk (8)");
+  EXPECT_EQ(error("curriculum.stage={ steps: 8 freeze: \"brain\" }"),
+            "small.pbtxt: curriculum.stage[0].freeze = brain is not a parameter group (one of: embedding, backbone, "
+            "sga, moe, controller, memory)");
+  EXPECT_EQ(error("train.grad_accum=3"),
+            "small.pbtxt: curriculum.stage[0].batch_size = 4 must be a multiple of train.grad_accum (3)");
+  EXPECT_EQ(error("curriculum.stage={ steps: 8 seq_len: 64 }"),
+            "small.pbtxt: curriculum.stage[0].seq_len = 64 exceeds model.max_seq_len (32)");
+}
+
+TEST(Curriculum, FreezeGroupsSelectTheirParameters) {
+  EXPECT_TRUE(in_freeze_group("blocks.3.ssm.in_proj.weight", "backbone"));
+  EXPECT_TRUE(in_freeze_group("embedding", "backbone"));
+  EXPECT_FALSE(in_freeze_group("blocks.3.moe.w1", "backbone"));
+  EXPECT_TRUE(in_freeze_group("blocks.3.gate_moe", "moe"));
+  EXPECT_TRUE(in_freeze_group("pkms.0.memory.values", "memory"));
+  EXPECT_TRUE(in_freeze_group("blocks.1.sga.qkv.weight", "sga"));
+  EXPECT_FALSE(in_freeze_group("blocks.1.sga.qkv.weight", "memory"));
+}
+
+TEST(Training, ResumeIsBitExact) {
+  const std::string straight = temp_dir("straight"), split = temp_dir("split");
+  std::unique_ptr<Trainer> a, b;
+  auto sa = train(small_config(), straight, "", -1, &a);
+  ASSERT_TRUE(sa.ok()) << sa.status().message();
+  auto first = train(small_config(), split, "", 4);
+  ASSERT_TRUE(first.ok()) << first.status().message();
+  EXPECT_EQ(first->last_step, 4);
+  auto second = train(small_config(), split, "auto", 8, &b);
+  ASSERT_TRUE(second.ok()) << second.status().message();
+  EXPECT_EQ(second->first_step, 4);
+  EXPECT_EQ(second->last_step, 8);
+  // Same losses, statistics and evaluations step by step, and the same final parameters, bit for bit.
+  EXPECT_EQ(metric_lines(straight), metric_lines(split));
+  EXPECT_EQ(metric_lines(split).size(), 8u);
+  const auto pa = a->model().named_parameters(), pb = b->model().named_parameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (std::size_t i = 0; i < pa.size(); ++i)
+    EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>()) << pa[i].name;
+  // The stage switch happened, and checkpoints are kept.
+  EXPECT_TRUE(fs::exists(split + "/checkpoints/step-00000008/manifest.pb"));
+  EXPECT_TRUE(fs::exists(split + "/checkpoints/step-00000004/rank-00000.h5"));
+}
+
+TEST(Training, LossFallsAndMetricsHaveTheDocumentedKeys) {
+  const std::string out = temp_dir("keys");
+  config::RunConfig cfg = small_config();
+  ASSERT_TRUE(config::apply_override(&cfg, "train.lr.lr=0.02").ok());
+  auto s = train(cfg, out);
+  ASSERT_TRUE(s.ok()) << s.status().message();
+  EXPECT_LT(s->last_loss, s->first_loss);
+  const std::vector<std::string> lines = metric_lines(out);
+  std::ifstream in(out + "/metrics.jsonl");
+  std::string last;
+  for (std::string l; std::getline(in, l);) last = l;
+  for (const char* key : {"\"step\": 8", "\"stage\": \"two\"", "\"loss\":", "\"loss.balance\":", "\"loss.locality\":",
+                          "\"loss.sparsity\":", "\"lr\":", "\"grad_norm\":", "\"tokens_per_s\":", "\"tokens_seen\":",
+                          "\"elapsed_s\":", "\"memory.rss_peak_mb\":", "\"moe.0.load.1\":", "\"moe.1.tls\":",
+                          "\"moe.0.cls8\":", "\"moe.0.router_entropy\":", "\"workspace.0.write_gate_mean\":",
+                          "\"pkm.0.value_coverage\":", "\"eval.loss\":", "\"eval.accuracy.copying\":"})
+    EXPECT_NE(last.find(key), std::string::npos) << key << " missing in " << last;
+  EXPECT_FALSE(fs::is_empty(out + "/tb"));
+  EXPECT_TRUE(fs::exists(out + "/config.pbtxt"));
+}
+
+// ---- bad input: clear errors, nothing damaged ---------------------------------------------------------
+
+std::string error_of(const Expected<TrainSummary>& r) { return r.ok() ? "(no error)" : r.status().message(); }
+
+TEST(BadInput, OutputDirectoryHoldingAnotherRunIsRefused) {
+  const std::string out = temp_dir("occupied");
+  ASSERT_TRUE(train(small_config(), out, "", 2).ok());
+  const auto before = fs::last_write_time(out + "/metrics.jsonl");
+  const std::string msg = error_of(train(small_config(), out));
+  EXPECT_NE(msg.find("holds another run"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--resume auto"), std::string::npos) << msg;
+  EXPECT_EQ(fs::last_write_time(out + "/metrics.jsonl"), before);
+}
+
+TEST(BadInput, ResumeOfNothing) {
+  const std::string msg = error_of(train(small_config(), temp_dir("empty"), "auto"));
+  EXPECT_NE(msg.find("no complete checkpoint to resume from"), std::string::npos) << msg;
+  EXPECT_NE(error_of(train(small_config(), temp_dir("x"), "/nonexistent/ckpt")).find("not a checkpoint"),
+            std::string::npos);
+}
+
+TEST(BadInput, CheckpointOfAnotherConfig) {
+  const std::string out = temp_dir("otherconfig");
+  ASSERT_TRUE(train(small_config(), out, "", 4).ok());
+  config::RunConfig other = small_config();
+  ASSERT_TRUE(config::apply_override(&other, "model.moe.d_expert=12").ok());
+  const std::string msg = error_of(train(other, out, "auto", 8));
+  EXPECT_NE(msg.find("was written for another model config"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("d_expert"), std::string::npos) << msg;
+}
+
+TEST(BadInput, TruncatedCheckpointAndChecksumMismatch) {
+  const std::string out = temp_dir("damaged");
+  ASSERT_TRUE(train(small_config(), out, "", 4).ok());
+  const std::string ckpt = out + "/checkpoints/step-00000004";
+  // Checksum mismatch: the manifest's record of one tensor disagrees with the data.
+  {
+    auto man = CheckpointManager::read_manifest(ckpt);
+    ASSERT_TRUE(man.ok());
+    man->mutable_tensor(3)->set_crc32c(man->tensor(3).crc32c() ^ 1u);
+    std::ofstream(ckpt + "/manifest.pb", std::ios::binary) << man->SerializeAsString();
+    const std::string msg = error_of(train(small_config(), out, "auto", 8));
+    EXPECT_NE(msg.find("fails its checksum"), std::string::npos) << msg;
+  }
+  // Truncated rank file.
+  fs::resize_file(ckpt + "/rank-00000.h5", fs::file_size(ckpt + "/rank-00000.h5") / 2);
+  const std::string msg = error_of(train(small_config(), out, ckpt, 8));
+  EXPECT_NE(msg.find("checkpoint " + ckpt), std::string::npos) << "[" << msg << "]";
+  // A damaged manifest.
+  std::ofstream(ckpt + "/manifest.pb", std::ios::binary) << "garbage";
+  EXPECT_NE(error_of(train(small_config(), out, ckpt, 8)).find("manifest.pb is damaged"), std::string::npos);
+  // A checkpoint without a manifest is not offered by --resume auto.
+  fs::remove(ckpt + "/manifest.pb");
+  EXPECT_NE(error_of(train(small_config(), out, "auto", 8)).find("no complete checkpoint"), std::string::npos);
+}
+
+TEST(BadInput, MissingCorruptAndOutOfVocabularyShards) {
+  const std::string dir = temp_dir("shards");
+  fs::create_directories(dir);
+  EXPECT_NE(error_of(train(small_config({"data.shards=" + dir + "/none.h5"}), temp_dir("s1")))
+                .find("none.h5: no such token shard"),
+            std::string::npos);
+  std::ofstream(dir + "/bad.h5") << "junk";
+  EXPECT_NE(error_of(train(small_config({"data.shards=" + dir + "/bad.h5"}), temp_dir("s2"))).find("bad.h5"),
+            std::string::npos);
+  // A shard whose vocabulary is larger than the model's.
+  std::vector<int32_t> tokens(4000, 1);
+  ASSERT_TRUE(data::write_token_shard(dir + "/big.h5", tokens, {0}, "bpe-500-x", 500).ok());
+  EXPECT_NE(error_of(train(small_config({"data.shards=" + dir + "/big.h5"}), temp_dir("s3")))
+                .find("do not fit model.vocab_size = 128"),
+            std::string::npos);
+  // A token outside the shard's own vocabulary, found while training.
+  for (int i = 0; i < 4000; i += 3) tokens[i] = 200;
+  ASSERT_TRUE(data::write_token_shard(dir + "/oov.h5", tokens, {0}, "bytes", 128).ok());
+  const std::string msg = error_of(train(small_config({"data.shards=" + dir + "/oov.h5"}), temp_dir("s4")));
+  EXPECT_NE(msg.find("token 200"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("outside the shard's vocabulary of 128"), std::string::npos) << msg;
+}
+
+TEST(BadInput, TrainsOnTokenShards) {
+  const std::string dir = temp_dir("goodshards");
+  fs::create_directories(dir);
+  std::vector<int32_t> tokens(6000);
+  for (int i = 0; i < 6000; ++i) tokens[i] = (i * 31 + i / 7) % 128;
+  ASSERT_TRUE(data::write_token_shard(dir + "/a.h5", tokens, {0, 3000}, "bytes", 128).ok());
+  auto s = train(small_config({"data.shards=" + dir, "data.eval_fraction=0.1"}), temp_dir("s5"));
+  ASSERT_TRUE(s.ok()) << s.status().message();
+  EXPECT_EQ(s->last_step, 8);
+  EXPECT_EQ(s->eval.answers[0], 0);  // no synthetic answers in real text
+}
+
+}  // namespace
+}  // namespace hydra::trainer

@@ -1,0 +1,85 @@
+#include "trainer/optimizer.h"
+
+#include <cmath>
+
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+#include "autograd/optim_ops.h"
+
+namespace hydra::trainer {
+
+AdamW::AdamW(std::vector<NamedParameter> params, const config::OptimizerConfig& cfg,
+             std::map<std::string, double> lr_groups)
+    : params_(std::move(params)), cfg_(cfg), lr_groups_(std::move(lr_groups)) {
+  for (const auto& p : params_) {
+    HYDRA_CHECK(p.options.lr_group.empty() || lr_groups_.count(p.options.lr_group))
+        << "optimizer: no learning rate for group '" << p.options.lr_group << "' of " << p.name;
+    slots_.push_back({zeros_like(p.tensor), zeros_like(p.tensor), false});
+  }
+}
+
+double AdamW::grad_norm() const {
+  NoGradGuard ng;
+  double ss = 0;
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    if (slots_[i].frozen) continue;
+    const Tensor& t = params_[i].tensor;
+    if (const auto& sg = t.sparse_grad()) {
+      ss += sum_squares(sg->values).item<double>();
+    } else if (t.grad().defined()) {
+      ss += sum_squares(t.grad()).item<double>();
+    }
+  }
+  return std::sqrt(ss);
+}
+
+void AdamW::step(double lr, double base_lr, double grad_scale) {
+  NoGradGuard ng;
+  ++steps_;
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    const NamedParameter& p = params_[i];
+    Slot& s = slots_[i];
+    if (s.frozen) continue;
+    AdamWHyper h;
+    const double group_lr = p.options.lr_group.empty() ? base_lr : lr_groups_.at(p.options.lr_group);
+    h.lr = base_lr > 0 ? lr * group_lr / base_lr : 0.0;
+    h.beta1 = cfg_.beta1();
+    h.beta2 = cfg_.beta2();
+    h.eps = cfg_.eps();
+    h.weight_decay = p.options.weight_decay ? cfg_.weight_decay() : 0.0;
+    h.step = steps_;
+    h.grad_scale = grad_scale;
+    if (const auto& sg = p.tensor.sparse_grad()) {
+      adamw_update_rows(p.tensor, sg->rows, sg->values, s.m, s.v, h);
+    } else if (p.tensor.grad().defined()) {
+      adamw_update(p.tensor, p.tensor.grad(), s.m, s.v, h);
+    }
+  }
+}
+
+void AdamW::set_frozen(const std::string& name, bool frozen) {
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    if (params_[i].name != name) continue;
+    slots_[i].frozen = frozen;
+    params_[i].tensor.set_requires_grad(!frozen);
+    return;
+  }
+  HYDRA_FAIL() << "optimizer: no parameter named " << name;
+}
+
+bool AdamW::frozen(const std::string& name) const {
+  for (std::size_t i = 0; i < params_.size(); ++i)
+    if (params_[i].name == name) return slots_[i].frozen;
+  return false;
+}
+
+std::vector<std::pair<std::string, Tensor>> AdamW::state() const {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    out.emplace_back("adam_m/" + params_[i].name, slots_[i].m);
+    out.emplace_back("adam_v/" + params_[i].name, slots_[i].v);
+  }
+  return out;
+}
+
+}  // namespace hydra::trainer

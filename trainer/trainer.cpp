@@ -1,0 +1,447 @@
+#include "trainer/trainer.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <set>
+#include <sstream>
+
+#include "autograd/cuda_context.h"
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+#include "configs/config_io.h"
+#include "data/tokenizer.h"
+#include "trainer/schedule.h"
+
+namespace hydra::trainer {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::atomic<int> g_signal{0};
+extern "C" void on_signal(int sig) { g_signal.store(sig); }
+
+double peak_rss_mb() {
+  std::ifstream in("/proc/self/status");
+  std::string key;
+  while (in >> key) {
+    if (key == "VmHWM:") {
+      double kb = 0;
+      in >> kb;
+      return kb / 1024.0;
+    }
+    std::string rest;
+    std::getline(in, rest);
+  }
+  return 0;
+}
+
+std::string paths_str(const model::PathSwitches& p) {
+  std::string s = "ssm";
+  if (p.sga) s += "+sga";
+  s += p.moe_routing ? "+moe(routed)" : "+moe(dense)";
+  if (p.workspace) s += "+workspace";
+  if (p.pkm) s += "+pkm";
+  return s;
+}
+
+Tensor to_tensor(const std::vector<int64_t>& v, int64_t rows, int64_t cols, int64_t row0, int64_t nrows, Device dev) {
+  std::vector<int64_t> part(v.begin() + row0 * cols, v.begin() + (row0 + nrows) * cols);
+  (void)rows;
+  return tensor(part, {nrows, cols}).to(dev);
+}
+
+}  // namespace
+
+Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_in, const std::string& source,
+                                                   const TrainOptions& options) {
+  std::unique_ptr<Trainer> t(new Trainer());
+  t->cfg_ = cfg_in;
+  resolve_run_config(&t->cfg_);
+  t->source_ = source;
+  t->opt_ = options;
+  HYDRA_ASSIGN_OR_RETURN(t->spec_, model::make_spec(t->cfg_.model(), source));
+  HYDRA_ASSIGN_OR_RETURN(t->stages_, resolve_stages(t->cfg_, t->spec_, source));
+  if (options.stop_step == 0 || options.stop_step < -1)
+    return invalid_argument("--steps " + std::to_string(options.stop_step) + ": must be >= 1");
+  const auto& p = t->cfg_.parallel();
+  if (p.dp() * p.ep() * p.sp() != 1)
+    return invalid_argument(source + ": parallel { dp: " + std::to_string(p.dp()) + " ep: " + std::to_string(p.ep()) +
+                            " sp: " + std::to_string(p.sp()) +
+                            " } needs that many processes; this is a single-process run (launch with mpirun/srun)");
+  if (t->cfg_.train().device() == "cuda") {
+    if (!cuda_available())
+      return failed_precondition(source + ": train.device = cuda but no CUDA device is available (or this build has "
+                                 "no CUDA backend); use --set train.device=cpu");
+    t->device_ = Device::cuda(0);
+  }
+  // Data: shards are opened once (and checked) here; synthetic sources are made per stage (data mix).
+  if (t->cfg_.data().shards_size() > 0) {
+    HYDRA_ASSIGN_OR_RETURN(std::vector<std::string> paths,
+                           data::expand_shard_paths({t->cfg_.data().shards().begin(), t->cfg_.data().shards().end()}));
+    int64_t longest = 0;
+    for (const Stage& s : t->stages_) longest = std::max(longest, s.seq_len);
+    HYDRA_ASSIGN_OR_RETURN(auto src, data::ShardSource::open(paths, t->cfg_.data().eval_fraction(), longest + 1));
+    if (src->vocab_size() > t->spec_.vocab)
+      return invalid_argument(paths[0] + ": tokens of a vocabulary of " + std::to_string(src->vocab_size()) +
+                              " do not fit model.vocab_size = " + std::to_string(t->spec_.vocab));
+    if (!t->cfg_.data().tokenizer().empty()) {
+      HYDRA_ASSIGN_OR_RETURN(auto tok, data::load_tokenizer(t->cfg_.data().tokenizer()));
+      if (tok->id() != src->tokenizer())
+        return invalid_argument("data.tokenizer " + t->cfg_.data().tokenizer() + " (" + tok->id() +
+                                ") is not the tokenizer the shards were made with (" + src->tokenizer() + ")");
+    }
+    t->shard_source_ = src;
+  } else if (t->spec_.vocab < data::SyntheticTasks::kVocab) {
+    return invalid_argument(source + ": model.vocab_size = " + std::to_string(t->spec_.vocab) +
+                            " is too small for the built-in synthetic data (byte tokens below " +
+                            std::to_string(data::SyntheticTasks::kVocab) + ")");
+  }
+  HYDRA_RETURN_IF_ERROR(t->prepare());
+  return t;
+}
+
+Status Trainer::prepare() {
+  const std::string& out = opt_.out_dir;
+  if (out.empty()) return invalid_argument("--out: name the run directory");
+  std::error_code ec;
+  checkpoints_ = std::make_unique<CheckpointManager>(out, cfg_.train().keep_last());
+  if (opt_.resume.empty()) {
+    for (const char* marker : {"config.pbtxt", "metrics.jsonl", "checkpoints"})
+      if (fs::exists(fs::path(out) / marker))
+        return already_exists(out + " holds another run (" + marker +
+                              " exists); continue it with --resume auto, or choose a new --out");
+  } else if (opt_.resume == "auto") {
+    auto latest = checkpoints_->latest();
+    if (!latest.ok())
+      return not_found("--resume auto: " + out + " has no complete checkpoint to resume from (start without --resume)");
+    resume_from_ = *latest;
+  } else {
+    if (fs::exists(fs::path(opt_.resume) / "manifest.pb")) {
+      resume_from_ = opt_.resume;
+    } else if (fs::is_directory(fs::path(opt_.resume) / "checkpoints")) {
+      auto latest = CheckpointManager(opt_.resume, 1).latest();
+      if (!latest.ok()) return not_found("--resume " + opt_.resume + ": " + latest.status().message());
+      resume_from_ = *latest;
+    } else {
+      return not_found("--resume " + opt_.resume + ": not a checkpoint (no manifest.pb) nor a run directory");
+    }
+  }
+  fs::create_directories(out, ec);
+  if (ec) return io_error(out + ": cannot create the run directory: " + ec.message());
+
+  model_ = model::build_model(spec_, cfg_.train().seed());
+  if (device_.is_cuda()) model_->to(device_);
+  std::map<std::string, double> groups = {{"pkm_values", cfg_.train().optimizer().pkm_value_lr()}};
+  optimizer_ = std::make_unique<AdamW>(model_->named_parameters(), cfg_.train().optimizer(), groups);
+  state_.data_seed = cfg_.train().seed() * 1000003ull + 17;
+  if (!resume_from_.empty()) {
+    HYDRA_RETURN_IF_ERROR(CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_));
+    default_generator().set_state(state_.rng);
+  } else {
+    default_generator().set_state({cfg_.train().seed(), 0});
+  }
+  return config::write_text_file((fs::path(out) / "config.pbtxt").string(), cfg_);
+}
+
+std::shared_ptr<const data::DataSource> Trainer::make_source(const Stage& stage, int64_t) const {
+  if (shard_source_) return shard_source_;
+  return std::make_shared<data::SyntheticSource>(stage.data_mix);
+}
+
+Status Trainer::enter_stage(const Stage& stage) {
+  current_stage_ = stage.index;
+  state_.stage = stage.index;
+  for (const auto& p : model_->named_parameters()) {
+    bool frozen = false;
+    for (const std::string& g : stage.freeze) frozen = frozen || in_freeze_group(p.name, g);
+    optimizer_->set_frozen(p.name, frozen);
+  }
+  data::LoaderOptions lo;
+  lo.seed = state_.data_seed;
+  lo.global_batch = stage.batch;
+  lo.first = 0;
+  lo.count = stage.batch;
+  lo.seq_len = stage.seq_len;
+  lo.prefetch = cfg_.data().prefetch();
+  loader_.reset();
+  loader_ = std::make_unique<data::Loader>(make_source(stage, stage.seq_len + 1), lo);
+  return ok_status();
+}
+
+Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
+  NoGradGuard ng;
+  data::LoaderOptions lo;
+  lo.seed = state_.data_seed;
+  lo.global_batch = stage.batch;
+  lo.count = stage.batch;
+  lo.seq_len = stage.seq_len;
+  lo.prefetch = 0;
+  lo.split = data::Split::kEval;
+  data::Loader loader(make_source(stage, stage.seq_len + 1), lo);
+  EvalResult r;
+  std::array<int64_t, data::kNumTasks> correct{};
+  std::array<std::set<int64_t>, data::kNumTasks> alphabet;
+  std::vector<std::vector<int64_t>> domain_expert(3);
+  double loss_sum = 0;
+  int64_t batches = cfg_.train().eval_batches();
+  for (int64_t i = 0; i < batches; ++i) {
+    HYDRA_ASSIGN_OR_RETURN(data::Batch b, loader.get(i));
+    model::ForwardContext ctx;
+    ctx.paths = stage.paths;
+    const Tensor tokens = tensor(b.tokens, {b.batch, b.len}).to(device_);
+    const Tensor targets = tensor(b.targets, {b.batch, b.len}).to(device_);
+    const model::LmOutput out = model_->forward(tokens, targets, ctx, true);
+    loss_sum += out.lm_loss.item<double>();
+    r.tokens += b.batch * b.len;
+    const auto [best, idx] = topk(out.logits, 1);
+    const std::vector<int64_t> pred = idx.to_vector<int64_t>();
+    for (std::size_t t = 0; t < b.answer.size(); ++t) {
+      const int task = b.answer[t];
+      if (task < 0) continue;
+      ++r.answers[task];
+      correct[task] += pred[t] == b.targets[t];
+      alphabet[task].insert(b.targets[t]);
+    }
+    // Routing purity on the mixture's domains: per domain, the experts its whole chunks used.
+    if (auto* hydra = dynamic_cast<model::HydraLM*>(model_.get()); hydra && stage.paths.moe_routing) {
+      for (std::size_t blk = 0; blk < hydra->blocks->size(); ++blk) {
+        const model::MoeRouting& rt = hydra->blocks->at<model::HydraBlock>(blk).moe->last_routing();
+        if (rt.batch != b.batch) continue;
+        for (int64_t s = 0; s < rt.batch; ++s)
+          for (int64_t c = 0; c < rt.num_chunks; ++c) {
+            const int d = b.domain[s * b.len + c * rt.chunk];
+            bool pure = d >= 0;
+            for (int64_t k = 0; k < rt.chunk && pure; ++k) pure = b.domain[s * b.len + c * rt.chunk + k] == d;
+            if (!pure) continue;
+            auto& counts = domain_expert[d];
+            counts.resize(static_cast<std::size_t>(rt.num_experts * hydra->blocks->size()), 0);
+            for (int64_t e = 0; e < rt.num_experts; ++e)
+              counts[blk * rt.num_experts + e] += rt.active[(s * rt.num_chunks + c) * rt.num_experts + e];
+          }
+      }
+    }
+  }
+  r.loss = loss_sum / double(batches);
+  r.perplexity = std::exp(r.loss);
+  for (int k = 0; k < data::kNumTasks; ++k) {
+    r.accuracy[k] = r.answers[k] > 0 ? double(correct[k]) / double(r.answers[k]) : NAN;
+    r.chance[k] = alphabet[k].empty() ? NAN : 1.0 / double(alphabet[k].size());
+  }
+  // Purity: for each block and domain, the most used expert's share of that domain's assignments.
+  double purity = 0;
+  int64_t n = 0;
+  if (auto* hydra = dynamic_cast<model::HydraLM*>(model_.get())) {
+    const int64_t E = spec_.num_experts;
+    for (const auto& counts : domain_expert) {
+      for (std::size_t blk = 0; blk < hydra->blocks->size() && !counts.empty(); ++blk) {
+        int64_t total = 0, most = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          total += counts[blk * E + e];
+          most = std::max(most, counts[blk * E + e]);
+        }
+        if (total > 0) {
+          purity += double(most) / double(total);
+          ++n;
+        }
+      }
+    }
+  }
+  r.routing_purity = n > 0 ? purity / double(n) : NAN;
+  return r;
+}
+
+Expected<TrainSummary> Trainer::run() {
+  const auto& tr = cfg_.train();
+  const int64_t schedule_end = stages_.back().start + stages_.back().steps;
+  const int64_t stop = opt_.stop_step > 0 ? opt_.stop_step : schedule_end;
+  TrainSummary sum;
+  sum.run_dir = opt_.out_dir;
+  sum.first_step = state_.step;
+  if (state_.step >= stop) {
+    return failed_precondition("nothing to do: the run is at step " + std::to_string(state_.step) +
+                               " and --steps is " + std::to_string(stop) + "; pass a larger --steps");
+  }
+  HYDRA_ASSIGN_OR_RETURN(MetricsLog log, MetricsLog::open(opt_.out_dir, resume_from_.empty() ? -1 : state_.step));
+  sum.metrics = log.path();
+  const bool tty = !opt_.quiet && isatty(STDERR_FILENO);
+  Progress progress(state_.step, stop, tty, std::max<int64_t>(tr.log_every(), (stop - state_.step) / 20));
+  auto say = [&](const std::string& line) {
+    if (!opt_.quiet) progress.message(line);
+  };
+  if (!resume_from_.empty()) say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
+
+  g_signal.store(0);
+  auto old_term = std::signal(SIGTERM, on_signal);
+  auto old_int = std::signal(SIGINT, on_signal);
+  auto old_usr1 = std::signal(SIGUSR1, on_signal);
+  struct Restore {
+    decltype(old_term) a, b, c;
+    ~Restore() {
+      std::signal(SIGTERM, a);
+      std::signal(SIGINT, b);
+      std::signal(SIGUSR1, c);
+    }
+  } restore{old_term, old_int, old_usr1};
+
+  std::string last_ckpt = resume_from_;
+  std::vector<double> rates, recent_losses;
+  const auto t_start = std::chrono::steady_clock::now();
+  const double elapsed_before = state_.elapsed_s;
+  auto elapsed = [&] {
+    return elapsed_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  };
+  auto save = [&]() -> Status {
+    state_.rng = default_generator().state();
+    state_.elapsed_s = elapsed();
+    HYDRA_ASSIGN_OR_RETURN(last_ckpt, checkpoints_->save(state_, cfg_, *model_, *optimizer_));
+    return ok_status();
+  };
+
+  while (state_.step < stop) {
+    const int64_t step = state_.step;
+    const Stage& stage = stage_at(stages_, step);
+    if (stage.index != current_stage_) {
+      HYDRA_RETURN_IF_ERROR(enter_stage(stage));
+      std::ostringstream os;
+      os << "stage " << stage.index + 1 << "/" << stages_.size() << " '" << stage.name << "' from step " << step
+         << ": seq " << stage.seq_len << ", batch " << stage.batch << ", paths " << paths_str(stage.paths);
+      if (!stage.freeze.empty()) {
+        os << ", frozen:";
+        for (const auto& g : stage.freeze) os << " " << g;
+      }
+      sum.stage_log.push_back(os.str());
+      say(os.str());
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t in_stage = step - stage.start;
+    const double lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
+    const double warm = stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
+    HYDRA_ASSIGN_OR_RETURN(data::Batch batch, loader_->get(step));
+
+    const int64_t accum = tr.grad_accum(), micro = batch.batch / accum;
+    double lm_loss = 0, total_loss = 0;
+    std::vector<double> aux(3, 0.0);
+    model::ForwardContext ctx;
+    for (int64_t m = 0; m < accum; ++m) {
+      ctx = model::ForwardContext();
+      ctx.paths = stage.paths;
+      ctx.recompute = tr.recompute() == config::TrainConfig::BLOCK;
+      ctx.aux_scale = stage.aux_scale * warm;
+      ctx.collect_stats = m + 1 == accum;
+      const Tensor tokens = to_tensor(batch.tokens, batch.batch, batch.len, m * micro, micro, device_);
+      const Tensor targets = to_tensor(batch.targets, batch.batch, batch.len, m * micro, micro, device_);
+      const model::LmOutput out = model_->forward(tokens, targets, ctx);
+      const double l = out.lm_loss.item<double>(), total = out.loss.item<double>();
+      if (!std::isfinite(total) || !std::isfinite(l)) {
+        progress.finish();
+        return internal_error("step " + std::to_string(step + 1) + ": the loss is " + std::to_string(total) +
+                              " (not finite); stopping without saving. " +
+                              (last_ckpt.empty() ? std::string("No checkpoint was written yet")
+                                                 : "The last good checkpoint is " + last_ckpt) +
+                              "; resume from it with --resume auto and a lower learning rate (--set train.lr.lr=...)");
+      }
+      lm_loss += l / double(accum);
+      total_loss += total / double(accum);
+      const std::vector<double> a = out.aux.to_vector<double>();
+      for (int k = 0; k < 3; ++k) aux[k] += a[k] / double(accum);
+      mul(out.loss, 1.0 / double(accum)).backward();
+    }
+    const double norm = optimizer_->grad_norm();
+    if (!std::isfinite(norm)) {
+      progress.finish();
+      return internal_error("step " + std::to_string(step + 1) + ": the gradient norm is not finite; stopping. " +
+                            (last_ckpt.empty() ? std::string("No checkpoint was written yet")
+                                               : "The last good checkpoint is " + last_ckpt));
+    }
+    const double clip = tr.optimizer().grad_clip();
+    const double scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
+    optimizer_->step(lr, tr.lr().lr() > 0 ? stage.lr.lr() : lr, scale);
+    model_->zero_grad();
+    model_->after_step();
+
+    const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double tokens = double(batch.batch * batch.len);
+    state_.tokens_seen += tokens;
+    state_.step = step + 1;
+    rates.push_back(tokens / step_s);
+    if (sum.first_step == step) sum.first_loss = lm_loss;
+    recent_losses.push_back(lm_loss);
+    if (recent_losses.size() > 10) recent_losses.erase(recent_losses.begin());
+
+    MetricValues values = {{"loss", lm_loss},
+                           {"loss.total", total_loss},
+                           {"loss.balance", aux[0]},
+                           {"loss.locality", aux[1]},
+                           {"loss.sparsity", aux[2]},
+                           {"lr", lr},
+                           {"grad_norm", norm},
+                           {"tokens_per_s", tokens / step_s},
+                           {"tokens_seen", state_.tokens_seen},
+                           {"elapsed_s", elapsed()},
+                           {"stage_index", double(stage.index)},
+                           {"memory.rss_peak_mb", peak_rss_mb()}};
+    if (device_.is_cuda()) {
+      const CudaMemoryStats ms = cuda_memory_stats(device_.index);
+      values.push_back({"memory.cuda_peak_mb", double(ms.peak_allocated) / (1 << 20)});
+      values.push_back({"memory.cuda_reserved_mb", double(ms.reserved) / (1 << 20)});
+    }
+    for (const auto& [k, v] : ctx.stats)
+      if (k.rfind("loss.", 0) != 0) values.push_back({k, v});
+    const bool last = state_.step == stop;
+    const bool eval_due = (tr.eval_every() > 0 && state_.step % tr.eval_every() == 0) || last;
+    if (eval_due) {
+      HYDRA_ASSIGN_OR_RETURN(sum.eval, evaluate(stage));
+      values.push_back({"eval.loss", sum.eval.loss});
+      values.push_back({"eval.perplexity", sum.eval.perplexity});
+      for (int k = 0; k < data::kNumTasks; ++k)
+        if (sum.eval.answers[k] > 0) values.push_back({std::string("eval.accuracy.") + data::task_name(k), sum.eval.accuracy[k]});
+      if (std::isfinite(sum.eval.routing_purity)) values.push_back({"eval.routing_purity", sum.eval.routing_purity});
+    }
+    log.write(state_.step, stage.name, values);
+    if (!opt_.quiet) progress.update(state_.step, stage.name, lm_loss, lr, tokens / step_s, elapsed());
+    if (eval_due && !opt_.quiet) {
+      std::ostringstream os;
+      os.precision(4);
+      os << "eval at step " << state_.step << ": loss " << sum.eval.loss << ", perplexity " << sum.eval.perplexity;
+      for (int k = 0; k < data::kNumTasks; ++k)
+        if (sum.eval.answers[k] > 0) os << ", " << data::task_name(k) << " " << sum.eval.accuracy[k];
+      say(os.str());
+    }
+    const int sig = g_signal.load();
+    const bool save_due = (tr.save_every() > 0 && state_.step % tr.save_every() == 0) || last || sig != 0;
+    if (save_due) {
+      HYDRA_RETURN_IF_ERROR(save());
+      log.flush();
+    }
+    if (sig != 0) {
+      progress.finish();
+      say("received signal " + std::to_string(sig) + " at step " + std::to_string(state_.step) +
+          ": saved checkpoint " + last_ckpt + "; continue with --resume auto");
+      sum.interrupted = true;
+      sum.signal = sig;
+      break;
+    }
+  }
+  progress.finish();
+  log.flush();
+  sum.last_step = state_.step;
+  sum.checkpoint = last_ckpt;
+  sum.elapsed_s = elapsed();
+  double l = 0;
+  for (double v : recent_losses) l += v;
+  sum.last_loss = recent_losses.empty() ? NAN : l / double(recent_losses.size());
+  std::sort(rates.begin(), rates.end());
+  sum.tokens_per_s = rates.empty() ? 0 : rates[rates.size() / 2];
+  return sum;
+}
+
+}  // namespace hydra::trainer

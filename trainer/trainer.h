@@ -1,0 +1,80 @@
+// The training loop, top to bottom in Trainer::run(): for each step, the curriculum stage, the batch,
+// forward and backward over micro-batches, gradient clipping, AdamW, metrics, evaluation and
+// checkpoints. Resuming restores everything a step depends on, so N straight steps equal N/2 + resume
+// + N/2 bit for bit.
+#pragma once
+
+#include <array>
+#include <memory>
+#include <string>
+
+#include "data/loader.h"
+#include "model/lm.h"
+#include "trainer/checkpoint.h"
+#include "trainer/curriculum.h"
+#include "trainer/metrics.h"
+#include "trainer/optimizer.h"
+
+namespace hydra::trainer {
+
+struct TrainOptions {
+  std::string out_dir;
+  std::string resume;      // "": a new run; "auto": the newest checkpoint in out_dir; else a checkpoint or run dir
+  int64_t stop_step = -1;  // --steps: the step count to reach (default: train.steps)
+  bool quiet = false;      // no progress output (tests)
+};
+
+struct EvalResult {
+  double loss = 0, perplexity = 0;
+  std::array<double, data::kNumTasks> accuracy{};  // NaN when a task had no answers
+  std::array<double, data::kNumTasks> chance{};    // 1 / distinct answer tokens seen
+  std::array<int64_t, data::kNumTasks> answers{};
+  double routing_purity = 0;  // mixture domains: share of a domain's chunks on its most used expert
+  int64_t tokens = 0;
+};
+
+struct TrainSummary {
+  std::string run_dir, checkpoint, metrics;
+  int64_t first_step = 0, last_step = 0;
+  double first_loss = 0, last_loss = 0;  // LM loss of the first step run, mean of the last ten
+  double tokens_per_s = 0;               // median over steps
+  double elapsed_s = 0;
+  EvalResult eval;
+  std::vector<std::string> stage_log;
+  bool interrupted = false;
+  int signal = 0;
+};
+
+class Trainer {
+ public:
+  // cfg: overrides already applied; source: the config file, for messages.
+  static Expected<std::unique_ptr<Trainer>> create(const config::RunConfig& cfg, const std::string& source,
+                                                   const TrainOptions& options);
+  Expected<TrainSummary> run();
+  model::LanguageModel& model() { return *model_; }
+  const config::RunConfig& config() const { return cfg_; }
+
+ private:
+  Trainer() = default;
+  Status prepare();
+  Status enter_stage(const Stage& stage);
+  Expected<EvalResult> evaluate(const Stage& stage);
+  std::shared_ptr<const data::DataSource> make_source(const Stage& stage, int64_t window) const;
+
+  config::RunConfig cfg_;
+  std::string source_;
+  TrainOptions opt_;
+  model::ModelSpec spec_;
+  std::vector<Stage> stages_;
+  std::unique_ptr<model::LanguageModel> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<CheckpointManager> checkpoints_;
+  std::unique_ptr<data::Loader> loader_;
+  std::shared_ptr<const data::DataSource> shard_source_;  // when data.shards is set
+  TrainState state_;
+  Device device_ = Device::cpu();
+  int64_t current_stage_ = -1;
+  std::string resume_from_;
+};
+
+}  // namespace hydra::trainer
