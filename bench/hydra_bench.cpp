@@ -1,5 +1,5 @@
 // hydra-bench: CPU micro-benchmarks of the engine's core ops. Prints a table and writes JSON.
-//   hydra-bench [--json FILE] [--only matmul|scan] [--quick]
+//   hydra-bench [--json FILE] [--only matmul|scan|attention] [--quick]
 // Matmul: our op (engine + OpenBLAS) against a bare cblas_sgemm call on the same shape; the best
 // bare sgemm rate measured here is the machine's practical peak. Scan: the fused selective scan
 // forward and forward+backward in state updates per second (B*L*D*N / time).
@@ -119,6 +119,59 @@ void bench_scan(Report& report, bool quick) {
   }
 }
 
+struct AttentionShape {
+  const char* what;
+  int64_t batch, len, heads, head_dim, window, stride;
+};
+
+void bench_attention(Report& report, bool quick) {
+  std::vector<AttentionShape> shapes = {
+      {"tiny SGA (window 64, stride 32)", 8, 256, 4, 16, 64, 32},
+      {"toy SGA (window 512, stride 256)", 1, 2048, 6, 64, 512, 256},
+      {"toy dense causal", 1, 2048, 6, 64, 0, 0},
+  };
+  if (quick) shapes.resize(1);
+  std::printf("\n%-34s %5s %5s %3s %4s %9s %10s %9s %9s\n", "sparse attention (f32)", "B", "L", "H", "dh", "fwd ms",
+              "fwd+bwd ms", "fwd GF/s", "f+b GF/s");
+  for (const auto& s : shapes) {
+    Generator g(3);
+    auto leaf = [&] {
+      Tensor t = randn({s.batch, s.len, s.heads, s.head_dim}, g);
+      t.set_requires_grad(true);
+      return t;
+    };
+    Tensor q = leaf(), k = leaf(), v = leaf();
+    const AttentionPattern pat{s.window, s.stride};
+    const Timing fwd = time_cpu([&] {
+      NoGradGuard ng;
+      (void)sparse_attention(q, k, v, pat, 0.125);
+    });
+    const Timing both = time_cpu([&] {
+      Tensor o = sparse_attention(q, k, v, pat, 0.125);
+      o.backward(ones_like(o));
+    });
+    // Useful work: 4 * dh FLOPs per visible (query, key) pair forward (QK^T and PV), 2.5x that backward.
+    double pairs = 0;
+    for (int64_t t = 0; t < s.len; ++t) {
+      const bool global_q = s.stride > 0 && t % s.stride == 0;
+      if (s.window <= 0 || global_q || t < s.window) {
+        pairs += double(t + 1);
+      } else {
+        pairs += double(s.window) + (s.stride > 0 ? double((t - s.window) / s.stride + 1) : 0.0);
+      }
+    }
+    pairs *= double(s.batch * s.heads);
+    const double flops = 4.0 * double(s.head_dim) * pairs;
+    std::printf("%-34s %5ld %5ld %3ld %4ld %9.2f %10.2f %9.2f %9.2f\n", s.what, long(s.batch), long(s.len),
+                long(s.heads), long(s.head_dim), fwd.median_ms, both.median_ms, flops / fwd.median_ms / 1e6,
+                3.5 * flops / both.median_ms / 1e6);
+    report.add({"attention", {{"shape", s.what}},
+                {{"batch", double(s.batch)}, {"len", double(s.len)}, {"heads", double(s.heads)},
+                 {"head_dim", double(s.head_dim)}, {"fwd_ms", fwd.median_ms}, {"fwd_bwd_ms", both.median_ms},
+                 {"visible_pairs", pairs}}});
+  }
+}
+
 int run(int argc, char** argv) {
   std::string json, only;
   bool quick = false;
@@ -131,7 +184,7 @@ int run(int argc, char** argv) {
     } else if (a == "--quick") {
       quick = true;
     } else {
-      std::cerr << "usage: hydra-bench [--json FILE] [--only matmul|scan] [--quick]\n";
+      std::cerr << "usage: hydra-bench [--json FILE] [--only matmul|scan|attention] [--quick]\n";
       return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
@@ -142,6 +195,7 @@ int run(int argc, char** argv) {
   Report report;
   if (only.empty() || only == "matmul") bench_matmul(report, quick);
   if (only.empty() || only == "scan") bench_scan(report, quick);
+  if (only.empty() || only == "attention") bench_attention(report, quick);
   if (!json.empty()) {
     report.write_json(json, {{"threads", std::to_string(num_threads())}, {"host", host}});
     std::printf("\nwrote %s\n", json.c_str());

@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::error_code ec;
-  fs::create_directories(out, ec);
+  fs::create_directories(out / "data", ec);
   const std::vector<Plot> plots = {
       {"loss.png", "loss", "nats/token", {"loss", "loss.total", "eval.loss"}, true},
       {"aux_losses.png", "MoE auxiliary losses (weighted)", "loss", {"loss.balance", "loss.locality", "loss.sparsity"}},
@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
       {"controller.png", "controller mix and LayerScale gate norms", "", {"block."}},
   };
   std::ostringstream script;
-  script << "set terminal pngcairo size 1000,600\nset key outside right\nset grid\nset xlabel 'step'\n";
+  script << "set terminal pngcairo size 1000,600 noenhanced\nset key outside right\nset grid\nset xlabel 'step'\n";
   int drawn = 0;
   for (const Plot& p : plots) {
     std::vector<std::string> cols;
@@ -102,28 +102,29 @@ int main(int argc, char** argv) {
         }
       }
     if (cols.empty()) continue;
-    const fs::path dat = out / (p.file.substr(0, p.file.size() - 4) + ".dat");
-    std::ofstream d(dat);
-    for (const auto& r : rows) {
-      d << r.at("step");
-      for (const auto& c : cols) {
-        auto it = r.find(c);
-        d << " " << (it == r.end() || !std::isfinite(it->second) ? std::string("NaN") : std::to_string(it->second));
-      }
-      d << "\n";
-    }
+    // One data file per series holding only its finite points: evaluations come every N steps.
     script << "set output '" << (out / p.file).string() << "'\nset title '" << p.title << "'\nset ylabel '"
            << p.ylabel << "'\n" << (p.logy ? "set logscale y\n" : "unset logscale y\n") << "plot ";
-    for (std::size_t i = 0; i < cols.size(); ++i)
-      script << (i ? ", " : "") << "'" << dat.string() << "' using 1:" << i + 2 << " with lines title '" << cols[i]
-             << "'";
+    for (std::size_t i = 0; i < cols.size(); ++i) {
+      const fs::path dat = out / "data" / (cols[i] + ".dat");
+      std::ofstream d(dat);
+      int64_t points = 0;
+      for (const auto& r : rows) {
+        auto it = r.find(cols[i]);
+        if (it == r.end() || !std::isfinite(it->second)) continue;
+        d << r.at("step") << " " << it->second << "\n";
+        ++points;
+      }
+      script << (i ? ", " : "") << "'" << dat.string() << "' using 1:2 with " << (points < 30 ? "linespoints" : "lines")
+             << " title '" << cols[i] << "'";
+    }
     script << "\n";
     ++drawn;
   }
-  const fs::path gp = out / "plots.gp";
+  const fs::path gp = out / "data" / "plots.gp";
   std::ofstream(gp) << script.str();
-  if (std::system(("gnuplot '" + gp.string() + "' 2> '" + (out / "gnuplot.log").string() + "'").c_str()) != 0) {
-    std::cerr << "hydra-plot: gnuplot failed; see " << (out / "gnuplot.log").string() << "\n";
+  if (std::system(("gnuplot '" + gp.string() + "' 2> '" + (out / "data" / "gnuplot.log").string() + "'").c_str()) != 0) {
+    std::cerr << "hydra-plot: gnuplot failed; see " << (out / "data" / "gnuplot.log").string() << "\n";
     return 1;
   }
   std::printf("hydra-plot: %d plots in %s\n", drawn, out.string().c_str());

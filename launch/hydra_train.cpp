@@ -61,7 +61,8 @@ int main(int argc, char** argv) {
       "seed", po::value<uint64_t>(), "the seed of initialisation and data (train.seed)")(
       "device", po::value<std::string>(), "cpu or cuda (train.device)")(
       "threads", po::value<int>(), "CPU threads (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or all cores)")(
-      "quiet", "no progress output or report");
+      "quiet", "no progress output or report")("no-print-config",
+                                                 "do not print the resolved config (it is still saved in --out)");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, opts), vm);
@@ -110,9 +111,10 @@ int main(int argc, char** argv) {
       std::cerr << "hydra-train: " << t.status().message() << "\n";
       return kUserError;
     }
-    if (!to.quiet)
+    if (!to.quiet && !vm.count("no-print-config"))
       std::cout << "# resolved config (saved as " << to.out_dir << "/config.pbtxt)\n"
-                << config::to_text((*t)->config()) << "# " << num_threads() << " CPU threads\n";
+                << config::to_text((*t)->config());
+    if (!to.quiet) std::cout << "# " << num_threads() << " CPU threads, run directory " << to.out_dir << "\n";
     auto summary = (*t)->run();
     if (!summary.ok()) {
       std::cerr << "hydra-train: " << summary.status().message() << "\n";

@@ -28,7 +28,8 @@ double ChunkMoE::sparsity_coef() const { return coef.item<double>(); }
 void ChunkMoE::update_sparsity_coef() {
   if (last_tls_ < 0) return;
   const double direction = last_tls_ < cfg_.target_sparsity() ? 1.0 : -1.0;
-  const double next = std::max(1e-8, sparsity_coef() * std::exp(direction * cfg_.sparsity_adapt_rate()));
+  const double next = std::clamp(sparsity_coef() * std::exp(direction * cfg_.sparsity_adapt_rate()), 1e-8,
+                                 cfg_.sparsity_coef_max());
   NoGradGuard no_grad;
   coef.fill_(next);
 }

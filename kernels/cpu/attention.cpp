@@ -76,6 +76,42 @@ struct Heads {
   }
 };
 
+// Copies a key block transposed ([dh][kTk], so a row's scores vectorise over keys) and marks which
+// of its keys are global (the pattern's modulo, once per key rather than once per pair).
+template <class T>
+void load_block(const Heads<T>& hd, int64_t b, int64_t h, const int64_t* keys, int64_t nk, const Pattern& pat, T* kt,
+                bool* kglob) {
+  const int64_t dh = hd.p.head_dim;
+  for (int64_t jj = 0; jj < nk; ++jj) {
+    const T* kj = hd.krow(b, keys[jj], h);
+    for (int64_t c = 0; c < dh; ++c) kt[c * kTk + jj] = kj[c];
+    kglob[jj] = pat.global(pat.k_pos0 + keys[jj]);
+  }
+}
+
+// Scaled scores of query q (at position tq) against a loaded block; -inf where the pattern masks.
+// Returns the row's maximum (-inf when nothing is visible).
+template <class T>
+T row_scores(const T* q, const T* kt, const int64_t* keys, const bool* kglob, int64_t nk, int64_t dh, int64_t tq,
+             const Pattern& pat, T scale, T* __restrict out) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t jj = 0; jj < nk; ++jj) out[jj] = 0;
+  for (int64_t c = 0; c < dh; ++c) {
+    const T qc = q[c] * scale;
+    const T* __restrict kc = kt + c * kTk;
+    for (int64_t jj = 0; jj < nk; ++jj) out[jj] += qc * kc[jj];
+  }
+  const bool qglob = pat.global(tq);
+  T mx = kNegInf;
+  for (int64_t jj = 0; jj < nk; ++jj) {
+    const int64_t tk = pat.k_pos0 + keys[jj];
+    const bool vis = tk <= tq && (pat.window <= 0 || tq - tk < pat.window || kglob[jj] || qglob);
+    if (!vis) out[jj] = kNegInf;
+    mx = std::max(mx, out[jj]);
+  }
+  return mx;
+}
+
 template <class T>
 T dot(const T* a, const T* b, int64_t n) {
   T s = 0;
@@ -93,7 +129,8 @@ void attention_fwd_impl(const AttentionParams& p) {
   const T scale = static_cast<T>(p.scale);
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   parallel_for(p.batch * p.heads * tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> m(kTq), l(kTq), acc(kTq * dh), s(kTq * kTk);
+    std::vector<T> m(kTq), l(kTq), acc(kTq * dh), s(kTq * kTk), kt(dh * kTk);
+    bool kglob[kTk];
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t tile = task % tiles, bh = task / tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t i0 = tile * kTq, i1 = std::min(p.q_len, i0 + kTq), nq = i1 - i0;
@@ -101,17 +138,11 @@ void attention_fwd_impl(const AttentionParams& p) {
       std::fill(l.begin(), l.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
       for_each_key_block(pat, p.k_len, i0, i1, [&](const int64_t* keys, int64_t nk) {
+        load_block(hd, b, h, keys, nk, pat, kt.data(), kglob);
         for (int64_t ii = 0; ii < nq; ++ii) {
           const int64_t tq = p.q_pos0 + i0 + ii;
-          const T* qi = hd.qrow(b, i0 + ii, h);
-          T row_max = kNegInf;
-          for (int64_t jj = 0; jj < nk; ++jj) {
-            const int64_t j = keys[jj];
-            T sc = kNegInf;
-            if (pat.visible(tq, p.k_pos0 + j)) sc = scale * dot(qi, hd.krow(b, j, h), dh);
-            s[ii * kTk + jj] = sc;
-            row_max = std::max(row_max, sc);
-          }
+          T* sr = s.data() + ii * kTk;
+          const T row_max = row_scores(hd.qrow(b, i0 + ii, h), kt.data(), keys, kglob, nk, dh, tq, pat, scale, sr);
           if (row_max == kNegInf) continue;
           const T m_new = std::max(m[ii], row_max);
           const T correction = m[ii] == kNegInf ? T(0) : std::exp(m[ii] - m_new);
@@ -119,7 +150,7 @@ void attention_fwd_impl(const AttentionParams& p) {
           for (int64_t c = 0; c < dh; ++c) a[c] *= correction;
           T sum = 0;
           for (int64_t jj = 0; jj < nk; ++jj) {
-            const T sc = s[ii * kTk + jj];
+            const T sc = sr[jj];
             if (sc == kNegInf) continue;
             const T pr = std::exp(sc - m_new);
             sum += pr;
@@ -155,7 +186,8 @@ void attention_bwd_impl(const AttentionBwdParams& q) {
   const T scale = static_cast<T>(p.scale);
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   parallel_for(p.batch * p.heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> delta(kTq), pr(kTq * kTk), ds(kTq * kTk);
+    std::vector<T> delta(kTq), s(kTk), dp(kTk), kt(dh * kTk), vt(dh * kTk);
+    bool kglob[kTk];
     for (int64_t bh = t0; bh < t1; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
       for (int64_t j = 0; j < p.k_len; ++j) {
@@ -170,19 +202,32 @@ void attention_bwd_impl(const AttentionBwdParams& q) {
           std::fill_n(gq + off, dh, T(0));
         }
         for_each_key_block(pat, p.k_len, i0, i1, [&](const int64_t* keys, int64_t nk) {
+          load_block(hd, b, h, keys, nk, pat, kt.data(), kglob);
+          for (int64_t jj = 0; jj < nk; ++jj) {  // V transposed too, for the dO . V_j row
+            const T* vj = hd.vrow(b, keys[jj], h);
+            for (int64_t c = 0; c < dh; ++c) vt[c * kTk + jj] = vj[c];
+          }
           for (int64_t ii = 0; ii < nq; ++ii) {
             const int64_t tq = p.q_pos0 + i0 + ii;
             const T row_lse = lse[(b * p.heads + h) * p.q_len + i0 + ii];
+            if (row_lse == kNegInf) continue;
             const T* qi = hd.qrow(b, i0 + ii, h);
             const T* go = gout + hd.dense(b, i0 + ii, h, p.q_len);
             T* gqi = gq + hd.dense(b, i0 + ii, h, p.q_len);
+            T* sr = s.data();
+            if (row_scores(qi, kt.data(), keys, kglob, nk, dh, tq, pat, scale, sr) == kNegInf) continue;
+            for (int64_t jj = 0; jj < nk; ++jj) dp[jj] = 0;
+            for (int64_t c = 0; c < dh; ++c) {  // dp_j = dO_i . V_j, vectorised over keys
+              const T g = go[c];
+              const T* __restrict vc = vt.data() + c * kTk;
+              for (int64_t jj = 0; jj < nk; ++jj) dp[jj] += g * vc[jj];
+            }
             for (int64_t jj = 0; jj < nk; ++jj) {
+              if (sr[jj] == kNegInf) continue;
               const int64_t j = keys[jj];
-              if (row_lse == kNegInf || !pat.visible(tq, p.k_pos0 + j)) continue;
+              const T prob = std::exp(sr[jj] - row_lse);
+              const T dsc = prob * (dp[jj] - delta[ii]) * scale;
               const T* kj = hd.krow(b, j, h);
-              const T prob = std::exp(scale * dot(qi, kj, dh) - row_lse);
-              const T dp = dot(go, hd.vrow(b, j, h), dh);
-              const T dsc = prob * (dp - delta[ii]) * scale;
               T* gvj = gv + hd.dense(b, j, h, p.k_len);
               T* gkj = gk + hd.dense(b, j, h, p.k_len);
               for (int64_t c = 0; c < dh; ++c) {

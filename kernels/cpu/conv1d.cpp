@@ -1,6 +1,10 @@
+// CPU causal depthwise conv1d. Channels are innermost in memory, so every loop runs over channels
+// (vectorised); the weight is transposed to [W, C] once per call. Weight and bias gradients are
+// summed in fixed blocks of rows combined in order (thread-count independent).
 #include "kernels/conv1d.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "kernels/base/parallel.h"
@@ -9,28 +13,40 @@
 namespace hydra::kernels::cpu {
 namespace {
 
-constexpr int64_t kChannelChunk = 16;
+constexpr int64_t kRowBlock = 64;
 
-// x at time s (which may be negative: then the prefix, or zero).
 template <class T>
-struct ConvInput {
+struct Conv {
   const T* x;
   const T* prefix;
-  int64_t len, channels, width;
-  T at(int64_t b, int64_t s, int64_t c) const {
-    if (s >= 0) return x[(b * len + s) * channels + c];
-    if (!prefix) return T(0);
-    return prefix[(b * (width - 1) + (width - 1 + s)) * channels + c];
+  int64_t batch, len, channels, width;
+  // Row of inputs at time s of sequence b (s < 0: the prefix, or null for zeros).
+  const T* row(int64_t b, int64_t s) const {
+    if (s >= 0) return x + (b * len + s) * channels;
+    if (!prefix) return nullptr;
+    return prefix + (b * (width - 1) + (width - 1 + s)) * channels;
   }
 };
 
 template <class T>
-T pre_activation(const ConvInput<T>& in, const T* w, const T* bias, int64_t b, int64_t t,
-                 int64_t c) {
-  T acc = bias ? bias[c] : T(0);
-  for (int64_t k = 0; k < in.width; ++k)
-    acc += w[c * in.width + k] * in.at(b, t - (in.width - 1) + k, c);
-  return acc;
+std::vector<T> transpose_weight(const T* w, int64_t C, int64_t W) {
+  std::vector<T> wt(W * C);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < W; ++k) wt[k * C + c] = w[c * W + k];
+  return wt;
+}
+
+// pre[c] = bias[c] + sum_k wt[k][c] * x(t - (W-1) + k)[c]
+template <class T>
+void pre_activation(const Conv<T>& cv, const T* wt, const T* bias, int64_t b, int64_t t, T* __restrict pre) {
+  const int64_t C = cv.channels, W = cv.width;
+  for (int64_t c = 0; c < C; ++c) pre[c] = bias ? bias[c] : T(0);
+  for (int64_t k = 0; k < W; ++k) {
+    const T* __restrict src = cv.row(b, t - (W - 1) + k);
+    if (!src) continue;
+    const T* __restrict wk = wt + k * C;
+    for (int64_t c = 0; c < C; ++c) pre[c] += wk[c] * src[c];
+  }
 }
 
 }  // namespace
@@ -38,76 +54,100 @@ T pre_activation(const ConvInput<T>& in, const T* w, const T* bias, int64_t b, i
 void causal_conv1d_fwd(const CausalConv1dParams& p) {
   dispatch_float(p.dtype, "causal_conv1d", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const ConvInput<T> in{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len,
-                          p.channels, p.width};
-    const T* w = static_cast<const T*>(p.w);
+    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.batch, p.len, p.channels, p.width};
+    const std::vector<T> wt = transpose_weight(static_cast<const T*>(p.w), p.channels, p.width);
     const T* bias = static_cast<const T*>(p.bias);
     T* y = static_cast<T*>(p.y);
-    parallel_for(p.batch * p.len, grain_for(p.channels * p.width), [&](int64_t r0, int64_t r1) {
+    const int64_t C = p.channels;
+    parallel_for(p.batch * p.len, grain_for(C * p.width), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / p.len, t = r % p.len;
-        for (int64_t c = 0; c < p.channels; ++c) {
-          const T v = pre_activation(in, w, bias, b, t, c);
-          y[r * p.channels + c] = p.silu ? v * sigmoid(v) : v;
-        }
+        T* __restrict out = y + r * C;
+        pre_activation(cv, wt.data(), bias, r / p.len, r % p.len, out);
+        if (p.silu)
+          for (int64_t c = 0; c < C; ++c) out[c] = out[c] / (T(1) + std::exp(-out[c]));
       }
     });
   });
 }
 
-// Tasks own channel ranges, so the weight and bias sums run in a fixed order per channel.
 void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
   dispatch_float(p.dtype, "causal_conv1d_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const ConvInput<T> in{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len,
-                          p.channels, p.width};
-    const T* w = static_cast<const T*>(p.w);
+    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.batch, p.len, p.channels, p.width};
+    const int64_t B = p.batch, L = p.len, C = p.channels, W = p.width, rows = B * L;
+    const std::vector<T> wt = transpose_weight(static_cast<const T*>(p.w), C, W);
     const T* bias = static_cast<const T*>(p.bias);
     const T* gy = static_cast<const T*>(p.gy);
-    T* gx = static_cast<T*>(p.gx);
-    T* gw = static_cast<T*>(p.gw);
-    T* gbias = static_cast<T*>(p.gbias);
-    T* gprefix = static_cast<T*>(p.gprefix);
-    const int64_t W = p.width, L = p.len, C = p.channels;
-    const int64_t chunks = (C + kChannelChunk - 1) / kChannelChunk;
-    parallel_for(chunks, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<T> gpre(L);
-      for (int64_t chunk = k0; chunk < k1; ++chunk) {
-        for (int64_t c = chunk * kChannelChunk, ce = std::min(C, (chunk + 1) * kChannelChunk);
-             c < ce; ++c) {
-          std::vector<double> gw_acc(W, 0.0);
-          double gb_acc = 0;
-          for (int64_t b = 0; b < p.batch; ++b) {
-            for (int64_t t = 0; t < L; ++t) {
-              T g = gy[(b * L + t) * C + c];
-              if (p.silu) {
-                const T v = pre_activation(in, w, bias, b, t, c);
-                const T s = sigmoid(v);
-                g *= s * (T(1) + v * (T(1) - s));
-              }
-              gpre[t] = g;
-              gb_acc += g;
-              for (int64_t k = 0; k < W; ++k)
-                gw_acc[k] += double(g) * double(in.at(b, t - (W - 1) + k, c));
-            }
-            // x at time s feeds outputs t = s .. s+W-1 through tap k = s - t + W - 1.
-            for (int64_t s = -(W - 1); s < L; ++s) {
-              if (s < 0 && !gprefix) continue;
-              T acc = 0;
-              for (int64_t t = std::max<int64_t>(s, 0); t <= std::min(L - 1, s + W - 1); ++t)
-                acc += w[c * W + (s - t + W - 1)] * gpre[t];
-              if (s >= 0) {
-                gx[(b * L + s) * C + c] = acc;
-              } else {
-                gprefix[(b * (W - 1) + (W - 1 + s)) * C + c] = acc;
-              }
-            }
-          }
-          for (int64_t k = 0; k < W; ++k) gw[c * W + k] = static_cast<T>(gw_acc[k]);
-          if (gbias) gbias[c] = static_cast<T>(gb_acc);
+    // 1. gpre = gy * dSiLU(pre), pre recomputed.
+    std::vector<T> gpre(rows * C);
+    parallel_for(rows, grain_for(C * W), [&](int64_t r0, int64_t r1) {
+      std::vector<T> pre(C);
+      for (int64_t r = r0; r < r1; ++r) {
+        T* __restrict g = gpre.data() + r * C;
+        const T* __restrict gr = gy + r * C;
+        if (!p.silu) {
+          std::copy(gr, gr + C, g);
+          continue;
+        }
+        pre_activation(cv, wt.data(), bias, r / L, r % L, pre.data());
+        for (int64_t c = 0; c < C; ++c) {
+          const T s = T(1) / (T(1) + std::exp(-pre[c]));
+          g[c] = gr[c] * s * (T(1) + pre[c] * (T(1) - s));
         }
       }
     });
+    // 2. Input (and prefix) gradients: x at time s feeds outputs t = s..s+W-1 through tap s - t + W - 1.
+    T* gx = static_cast<T*>(p.gx);
+    T* gprefix = static_cast<T*>(p.gprefix);
+    const int64_t srows = B * (L + W - 1);  // times -(W-1) .. L-1 per sequence
+    parallel_for(srows, grain_for(C * W), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / (L + W - 1), s = r % (L + W - 1) - (W - 1);
+        T* __restrict dst = s >= 0 ? gx + (b * L + s) * C : (gprefix ? gprefix + (b * (W - 1) + (W - 1 + s)) * C : nullptr);
+        if (!dst) continue;
+        std::fill(dst, dst + C, T(0));
+        for (int64_t k = 0; k < W; ++k) {
+          const int64_t t = s + (W - 1) - k;
+          if (t < 0 || t >= L) continue;
+          const T* __restrict g = gpre.data() + (b * L + t) * C;
+          const T* __restrict wk = wt.data() + k * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] += wk[c] * g[c];
+        }
+      }
+    });
+    // 3. Weight and bias gradients over fixed row blocks.
+    const int64_t nblk = (rows + kRowBlock - 1) / kRowBlock;
+    std::vector<T> gw_part(nblk * W * C, T(0)), gb_part(nblk * C, T(0));
+    parallel_for(nblk, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t blk = k0; blk < k1; ++blk) {
+        T* __restrict gwp = gw_part.data() + blk * W * C;
+        T* __restrict gbp = gb_part.data() + blk * C;
+        for (int64_t r = blk * kRowBlock, e = std::min(rows, (blk + 1) * kRowBlock); r < e; ++r) {
+          const T* __restrict g = gpre.data() + r * C;
+          for (int64_t c = 0; c < C; ++c) gbp[c] += g[c];
+          for (int64_t k = 0; k < W; ++k) {
+            const T* __restrict src = cv.row(r / L, r % L - (W - 1) + k);
+            if (!src) continue;
+            T* __restrict gk = gwp + k * C;
+            for (int64_t c = 0; c < C; ++c) gk[c] += g[c] * src[c];
+          }
+        }
+      }
+    });
+    T* gw = static_cast<T*>(p.gw);
+    T* gbias = static_cast<T*>(p.gbias);
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t k = 0; k < W; ++k) {
+        T s = 0;
+        for (int64_t blk = 0; blk < nblk; ++blk) s += gw_part[(blk * W + k) * C + c];
+        gw[c * W + k] = s;
+      }
+      if (gbias) {
+        T s = 0;
+        for (int64_t blk = 0; blk < nblk; ++blk) s += gb_part[blk * C + c];
+        gbias[c] = s;
+      }
+    }
   });
 }
 
