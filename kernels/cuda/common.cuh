@@ -8,15 +8,15 @@
 #include <string_view>
 
 #include "kernels/base/check.h"
+#include "kernels/base/dispatch.h"
 #include "kernels/base/dtype.h"
 #include "kernels/cuda/check.cuh"
 
 namespace hydra::kernels::cuda {
 
-template <class T>
-struct TypeTag {
-  using type = T;
-};
+using kernels::dispatch_all;
+using kernels::dispatch_index;
+using kernels::TypeTag;
 
 // Floating storage types the CUDA kernels handle: f32, bf16, and f64 (reference precision).
 template <class F>
@@ -30,34 +30,6 @@ void dispatch_float(DType dtype, std::string_view op, F&& fn) {
       return fn(TypeTag<double>{});
     default:
       HYDRA_FAIL() << op << ": dtype " << dtype_name(dtype) << " is not supported on CUDA";
-  }
-}
-
-template <class F>
-void dispatch_index(DType dtype, std::string_view op, F&& fn) {
-  switch (dtype) {
-    case DType::kI32:
-      return fn(TypeTag<int32_t>{});
-    case DType::kI64:
-      return fn(TypeTag<int64_t>{});
-    default:
-      HYDRA_FAIL() << op << ": index dtype must be i32 or i64, got " << dtype_name(dtype);
-  }
-}
-
-template <class F>
-void dispatch_all(DType dtype, F&& fn) {
-  switch (dtype) {
-    case DType::kF32:
-      return fn(TypeTag<float>{});
-    case DType::kF64:
-      return fn(TypeTag<double>{});
-    case DType::kBF16:
-      return fn(TypeTag<bf16>{});
-    case DType::kI32:
-      return fn(TypeTag<int32_t>{});
-    case DType::kI64:
-      return fn(TypeTag<int64_t>{});
   }
 }
 
@@ -75,13 +47,7 @@ using compute_t = typename ComputeType<T>::type;
 
 template <class To, class From>
 __host__ __device__ __forceinline__ To convert(From v) {
-  if constexpr (std::is_same_v<From, bf16>) {
-    return static_cast<To>(static_cast<float>(v));
-  } else if constexpr (std::is_same_v<To, bf16>) {
-    return bf16(static_cast<float>(v));
-  } else {
-    return static_cast<To>(v);
-  }
+  return kernels::cast<To>(v);
 }
 
 template <class T>
