@@ -1,6 +1,7 @@
 #include "autograd/cuda_context.h"
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <list>
 #include <map>
@@ -35,6 +36,8 @@ bool cuda_available() { return kernels::cuda::device_count() > 0; }
 int cuda_device_count() { return kernels::cuda::device_count(); }
 
 namespace {
+
+std::atomic<bool> g_poison{false};
 
 // Sizes round up to a bin: 512-byte steps below 1 MiB, then four bins per power of two (<= 25%
 // slack).
@@ -85,6 +88,7 @@ class CachingAllocator final : public Allocator {
       stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
     }
     active_[ptr] = Block{ptr, size, stream, {}};
+    if (g_poison.load(std::memory_order_relaxed)) kernels::cuda::memset_async(ptr, 0xff, size, stream);
     stats_.allocated += size;
     stats_.peak_allocated = std::max(stats_.peak_allocated, stats_.allocated);
     return ptr;
@@ -202,6 +206,7 @@ DeviceState& state(int device) {
 }  // namespace
 
 Allocator& cuda_allocator(int device) { return *state(device).allocator; }
+void cuda_set_poison_allocations(bool on) { g_poison.store(on); }
 CudaMemoryStats cuda_memory_stats(int device) { return state(device).allocator->stats(); }
 void cuda_reset_peak_stats(int device) { state(device).allocator->reset_peaks(); }
 void cuda_empty_cache(int device) { state(device).allocator->empty_cache(); }
@@ -230,6 +235,7 @@ CudaMemoryStats cuda_memory_stats(int) { no_cuda(); }
 void cuda_reset_peak_stats(int) { no_cuda(); }
 void cuda_empty_cache(int) { no_cuda(); }
 void cuda_record_stream(void*, int, void*) { no_cuda(); }
+void cuda_set_poison_allocations(bool) {}
 void* cuda_compute_stream(int) { no_cuda(); }
 void* cuda_comm_stream(int) { no_cuda(); }
 void* current_stream(Device device) {

@@ -32,6 +32,10 @@ void cuda_empty_cache(int device);  // returns cached blocks to the driver
 // done.
 void cuda_record_stream(void* ptr, int device, void* stream);
 
+// Test aid: fill every block the CUDA allocator hands out with 0xFF bytes (NaN in f32, bf16 and f64), so
+// an output element a kernel fails to write shows up as NaN.
+void cuda_set_poison_allocations(bool on);
+
 // The streams kernels of a device run on. Both are created on first use; `compute` is where ops
 // run.
 void* cuda_compute_stream(int device);

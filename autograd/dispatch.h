@@ -4,6 +4,8 @@
 #pragma once
 
 #include "autograd/cuda_context.h"
+#include <cstddef>
+
 #include "autograd/device.h"
 #include "kernels/base/check.h"
 
@@ -22,6 +24,21 @@
     HYDRA_CHECK((device).is_cpu()) << #fn << ": this build has no CUDA backend (-DHYDRA_CUDA=ON)"; \
     ::hydra::kernels::cpu::fn(params);                                                             \
   } while (0)
+#endif
+
+namespace hydra {
+class Tensor;
+// A device scratch buffer of at least `bytes` from the caching allocator (alive while the tensor is).
+Tensor scratch(Device device, std::size_t bytes);
+}  // namespace hydra
+
+// The scratch a CUDA kernel asks for (`fn` = its <kernel>_workspace query), or an undefined tensor on
+// the CPU. Use: Tensor ws = HYDRA_CUDA_WORKSPACE(dev, reduce_axis_workspace, p);
+#if HYDRA_WITH_CUDA
+#define HYDRA_CUDA_WORKSPACE(device, fn, params) \
+  ((device).is_cuda() ? ::hydra::scratch(device, ::hydra::kernels::cuda::fn(params)) : ::hydra::Tensor())
+#else
+#define HYDRA_CUDA_WORKSPACE(device, fn, params) ::hydra::Tensor()
 #endif
 
 #define HYDRA_LAUNCH_CPU_ONLY(device, fn, params)                                           \

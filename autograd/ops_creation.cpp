@@ -12,6 +12,10 @@ Generator& default_generator() {
   return gen;
 }
 
+Tensor scratch(Device device, std::size_t bytes) {
+  return Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::kI64, device);
+}
+
 Tensor empty(const Shape& shape, DType dtype, Device device) {
   return Tensor::empty(shape, dtype, device);
 }

@@ -76,7 +76,7 @@ void launch_binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& 
     p.b_strides[i] = sb[i];
   }
   p.stream = current_stream(out.device());
-  HYDRA_LAUNCH_CPU_ONLY(out.device(), binary, p);
+  HYDRA_LAUNCH(out.device(), binary, p);
 }
 
 Tensor binary_forward(BinaryOp op, const char* name, const Tensor& a, const Tensor& b) {
@@ -101,7 +101,7 @@ Tensor unary_forward(UnaryOp op, const Tensor& x_in, double alpha = 1, double be
   p.alpha = alpha;
   p.beta = beta;
   p.stream = current_stream(x.device());
-  HYDRA_LAUNCH_CPU_ONLY(x.device(), unary_fwd, p);
+  HYDRA_LAUNCH(x.device(), unary_fwd, p);
   return y;
 }
 
@@ -121,7 +121,7 @@ Tensor unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor
   p.alpha = alpha;
   p.beta = beta;
   p.stream = current_stream(g.device());
-  HYDRA_LAUNCH_CPU_ONLY(g.device(), unary_bwd, p);
+  HYDRA_LAUNCH(g.device(), unary_bwd, p);
   return gx;
 }
 

@@ -31,7 +31,9 @@ void scatter_rows_into(const Tensor& table, const Tensor& index, const Tensor& s
   p.num_rows = table.size(0);
   p.cols = table.numel() / std::max<int64_t>(table.size(0), 1);
   p.stream = current_stream(table.device());
-  if (p.n > 0 && p.cols > 0) HYDRA_LAUNCH_CPU_ONLY(table.device(), row_scatter_add, p);
+  const Tensor ws = HYDRA_CUDA_WORKSPACE(table.device(), row_scatter_add_workspace, p);
+  p.workspace = ws.defined() ? ws.raw_data() : nullptr;
+  if (p.n > 0 && p.cols > 0) HYDRA_LAUNCH(table.device(), row_scatter_add, p);
 }
 
 Tensor gather_rows_raw(const Tensor& table, const Tensor& index) {
@@ -47,7 +49,7 @@ Tensor gather_rows_raw(const Tensor& table, const Tensor& index) {
   p.num_rows = table.size(0);
   p.cols = cols;
   p.stream = current_stream(table.device());
-  if (p.n > 0 && cols > 0) HYDRA_LAUNCH_CPU_ONLY(table.device(), row_gather, p);
+  if (p.n > 0 && cols > 0) HYDRA_LAUNCH(table.device(), row_gather, p);
   return out;
 }
 
@@ -85,9 +87,9 @@ void axis_index(bool scatter, const Tensor& src, const Tensor& index, const Tens
   p.stream = current_stream(dst.device());
   if (index.numel() == 0) return;
   if (scatter) {
-    HYDRA_LAUNCH_CPU_ONLY(dst.device(), axis_scatter_add, p);
+    HYDRA_LAUNCH(dst.device(), axis_scatter_add, p);
   } else {
-    HYDRA_LAUNCH_CPU_ONLY(dst.device(), axis_gather, p);
+    HYDRA_LAUNCH(dst.device(), axis_gather, p);
   }
 }
 
@@ -286,7 +288,7 @@ std::pair<Tensor, Tensor> topk(const Tensor& x_in, int64_t k) {
   p.cols = cols;
   p.k = k;
   p.stream = current_stream(x.device());
-  if (p.rows > 0 && k > 0) HYDRA_LAUNCH_CPU_ONLY(x.device(), topk, p);
+  if (p.rows > 0 && k > 0) HYDRA_LAUNCH(x.device(), topk, p);
   if (any_requires_grad({x_in})) {
     SavedTensor si(indices);
     const Shape xshape = x.shape();
@@ -364,7 +366,7 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
   p.num_rows = table.size(0);
   p.cols = C;
   p.stream = current_stream(table.device());
-  if (n > 0) HYDRA_LAUNCH_CPU_ONLY(table.device(), bag_fwd, p);
+  if (n > 0) HYDRA_LAUNCH(table.device(), bag_fwd, p);
   const bool sparse_table = sparse_grad && need_table && GradMode::enabled();
   std::vector<SavedTensor> saved = {SavedTensor(table), SavedTensor(index), SavedTensor(weights)};
   const Tensor leaf = sparse_table ? table_in : Tensor();
@@ -382,7 +384,7 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
         q.gout = gout.raw_data();
         q.gweights = gw.defined() ? gw.raw_data() : nullptr;
         q.grows = grows.defined() ? grows.raw_data() : nullptr;
-        if (n > 0) HYDRA_LAUNCH_CPU_ONLY(gout.device(), bag_bwd, q);
+        if (n > 0) HYDRA_LAUNCH(gout.device(), bag_bwd, q);
         Tensor gtable;
         if (need_table) {
           const Tensor flat_index = saved[1].get().reshape({-1});

@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <map>
+#include <mutex>
 
 #include "autograd/dispatch.h"
 #include "autograd/node.h"
@@ -31,9 +33,21 @@ BlasOperand as_blas_operand(const Tensor& m) {
   return {mc, std::max<int64_t>(c, 1), false, m.size(0) == 1 ? 0 : r * c};
 }
 
-// out[i] = alpha * op(a[i]) @ op(b[i]) + beta * out[i] for [batch, *, *] operands (batch 1
-// broadcasts).
-void gemm_into(const Tensor& out, const Tensor& a, bool ta, const Tensor& b, bool tb, double beta) {
+// The cuBLASLt workspace of a device: allocated once through the caching allocator, kept for the process.
+void* gemm_workspace(Device device) {
+  if (device.is_cpu()) return nullptr;
+  static std::mutex mu;
+  static std::map<int, Tensor> spaces;
+  std::lock_guard<std::mutex> lock(mu);
+  Tensor& t = spaces[device.index];
+  if (!t.defined()) t = scratch(device, kernels::kGemmWorkspace);
+  return t.raw_data();
+}
+
+// out[i] = alpha * op(a[i]) @ op(b[i]) + beta * out[i] (+ bias on every row) for [batch, *, *]
+// operands (batch 1 broadcasts).
+void gemm_into(const Tensor& out, const Tensor& a, bool ta, const Tensor& b, bool tb, double beta,
+               const Tensor& bias = Tensor()) {
   const BlasOperand A = as_blas_operand(a), B = as_blas_operand(b);
   kernels::GemmParams p;
   p.dtype = out.dtype();
@@ -53,9 +67,11 @@ void gemm_into(const Tensor& out, const Tensor& a, bool ta, const Tensor& b, boo
   p.stride_b = B.batch_stride;
   p.stride_c = p.m * p.n;
   p.beta = beta;
+  p.bias = bias.defined() ? bias.raw_data() : nullptr;
+  p.workspace = gemm_workspace(out.device());
   p.stream = current_stream(out.device());
   if (p.m == 0 || p.n == 0 || p.batch == 0) return;
-  HYDRA_LAUNCH_CPU_ONLY(out.device(), gemm, p);
+  HYDRA_LAUNCH(out.device(), gemm, p);
 }
 
 // op(a) @ op(b) for [batch, *, *] operands, as a new contiguous tensor.
@@ -137,11 +153,15 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
   Tensor w3 = w.detach().unsqueeze(0);
   const int64_t rows = x3.size(1);
   Tensor out = Tensor::empty({1, rows, out_features}, x.dtype(), x.device());
-  if (bias.defined()) out.copy_(bias.detach().expand(out.shape()));
+  const Tensor b = bias.defined() ? bias.detach().contiguous() : Tensor();
   if (in == 0) {
-    if (!bias.defined()) out.zero_();
+    if (b.defined()) {
+      out.copy_(b.expand(out.shape()));
+    } else {
+      out.zero_();
+    }
   } else {
-    gemm_into(out, x3, false, w3, true, bias.defined() ? 1.0 : 0.0);
+    gemm_into(out, x3, false, w3, true, 0.0, b);  // bias fused into the GEMM's epilogue
   }
   Shape out_shape(x.shape().begin(), x.shape().end() - 1);
   out_shape.push_back(out_features);

@@ -23,7 +23,7 @@ Tensor softmax_impl(const Tensor& x_in, bool log) {
   p.rows = rows;
   p.cols = cols;
   p.stream = current_stream(x.device());
-  if (rows > 0 && cols > 0) HYDRA_LAUNCH_CPU_ONLY(x.device(), softmax_fwd, p);
+  if (rows > 0 && cols > 0) HYDRA_LAUNCH(x.device(), softmax_fwd, p);
   if (any_requires_grad({x_in})) {
     SavedTensor sy(y);
     record_op(name, {x_in}, {y}, [sy, log, rows, cols](const std::vector<Tensor>& g) {
@@ -38,7 +38,7 @@ Tensor softmax_impl(const Tensor& x_in, bool log) {
       q.rows = rows;
       q.cols = cols;
       q.stream = current_stream(yv.device());
-      if (rows > 0 && cols > 0) HYDRA_LAUNCH_CPU_ONLY(yv.device(), softmax_bwd, q);
+      if (rows > 0 && cols > 0) HYDRA_LAUNCH(yv.device(), softmax_bwd, q);
       return std::vector<Tensor>{gx};
     });
   }
@@ -72,7 +72,7 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, double eps) {
   p.cols = cols;
   p.eps = eps;
   p.stream = current_stream(x.device());
-  if (rows > 0) HYDRA_LAUNCH_CPU_ONLY(x.device(), rmsnorm_fwd, p);
+  if (rows > 0) HYDRA_LAUNCH(x.device(), rmsnorm_fwd, p);
   if (any_requires_grad({x_in, weight})) {
     SavedTensor sx(x), sw(weight.defined() ? weight.contiguous() : Tensor()), sr(rstd);
     const bool need_w = weight.defined() && weight.requires_grad();
@@ -91,8 +91,10 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, double eps) {
       q.rows = rows;
       q.cols = cols;
       q.stream = current_stream(xv.device());
+      const Tensor ws = HYDRA_CUDA_WORKSPACE(xv.device(), rmsnorm_bwd_workspace, q);
+      q.workspace = ws.defined() ? ws.raw_data() : nullptr;
       if (rows > 0) {
-        HYDRA_LAUNCH_CPU_ONLY(xv.device(), rmsnorm_bwd, q);
+        HYDRA_LAUNCH(xv.device(), rmsnorm_bwd, q);
       } else if (need_w) {
         gw.zero_();
       }
@@ -120,6 +122,18 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
       << "cross_entropy: logits and targets on different devices";
   Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
   const int64_t rows = shape_numel(row_shape);
+  // Targets are checked on the host (every backend), where the mean's denominator is counted anyway.
+  int64_t count = 0;
+  {
+    const std::vector<int64_t> host = targets.to_vector<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      if (host[r] == ignore_index) continue;
+      HYDRA_CHECK(host[r] >= 0 && host[r] < V)
+          << "cross_entropy: target " << host[r] << " at row " << r << " is outside the vocabulary [0, " << V
+          << ") and is not ignore_index " << ignore_index;
+      ++count;
+    }
+  }
   const DType acc = accumulate_dtype(logits.dtype());
   Tensor loss_rows = Tensor::empty({rows}, acc, logits.device());
   Tensor lse = Tensor::empty({rows}, acc, logits.device());
@@ -134,13 +148,9 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
   p.vocab = V;
   p.ignore_index = ignore_index;
   p.stream = current_stream(logits.device());
-  if (rows > 0) HYDRA_LAUNCH_CPU_ONLY(logits.device(), cross_entropy_fwd, p);
+  if (rows > 0) HYDRA_LAUNCH(logits.device(), cross_entropy_fwd, p);
 
-  // Rows that count (the mean's denominator).
-  int64_t count = 0;
-  if (reduction == Reduction::kMean) {
-    for (int64_t t : targets.to_vector<int64_t>()) count += t != ignore_index;
-  }
+
   Tensor out;
   if (reduction == Reduction::kNone) {
     out = loss_rows.view(row_shape);
@@ -177,7 +187,7 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
       q.vocab = V;
       q.ignore_index = ignore_index;
       q.stream = current_stream(lv.device());
-      if (rows > 0) HYDRA_LAUNCH_CPU_ONLY(lv.device(), cross_entropy_bwd, q);
+      if (rows > 0) HYDRA_LAUNCH(lv.device(), cross_entropy_bwd, q);
       return std::vector<Tensor>{gl};
     });
   }

@@ -35,7 +35,9 @@ Tensor reduce_range(ReduceOp op, const Tensor& x, int64_t first, int64_t last, d
   p.inner = inner;
   p.scale = scale;
   p.stream = current_stream(x.device());
-  HYDRA_LAUNCH_CPU_ONLY(x.device(), reduce_axis, p);
+  const Tensor ws = HYDRA_CUDA_WORKSPACE(x.device(), reduce_axis_workspace, p);
+  p.workspace = ws.defined() ? ws.raw_data() : nullptr;
+  HYDRA_LAUNCH(x.device(), reduce_axis, p);
   return y;
 }
 

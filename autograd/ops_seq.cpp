@@ -72,7 +72,7 @@ Tensor causal_conv1d(const Tensor& x_in, const Tensor& w_in, const Tensor& bias_
   p.width = W;
   p.silu = silu;
   p.stream = current_stream(x.device());
-  if (y.numel() > 0) HYDRA_LAUNCH_CPU_ONLY(x.device(), causal_conv1d_fwd, p);
+  if (y.numel() > 0) HYDRA_LAUNCH(x.device(), causal_conv1d_fwd, p);
   if (any_requires_grad({x_in, w_in, bias_in, prefix_in})) {
     SavedTensor sx(x), sw(w), sb(bias), sp(prefix);
     const bool need_prefix = prefix_in.defined() && prefix_in.requires_grad();
@@ -99,8 +99,10 @@ Tensor causal_conv1d(const Tensor& x_in, const Tensor& w_in, const Tensor& bias_
       q.width = W;
       q.silu = silu;
       q.stream = current_stream(xv.device());
+      const Tensor ws = HYDRA_CUDA_WORKSPACE(xv.device(), causal_conv1d_bwd_workspace, q);
+      q.workspace = ws.defined() ? ws.raw_data() : nullptr;
       if (gx.numel() > 0) {
-        HYDRA_LAUNCH_CPU_ONLY(xv.device(), causal_conv1d_bwd, q);
+        HYDRA_LAUNCH(xv.device(), causal_conv1d_bwd, q);
       } else {
         gw.zero_();
         if (gb.defined()) gb.zero_();

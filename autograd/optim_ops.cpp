@@ -39,7 +39,7 @@ void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, cons
   HYDRA_CHECK(grad.shape() == param.shape() && m.shape() == param.shape() && v.shape() == param.shape())
       << "adamw: shapes differ: param " << shape_str(param.shape()) << ", grad " << shape_str(grad.shape());
   const kernels::AdamWParams p = make_params(param, grad, m, v, h);
-  if (p.n > 0) HYDRA_LAUNCH_CPU_ONLY(param.device(), adamw_step, p);
+  if (p.n > 0) HYDRA_LAUNCH(param.device(), adamw_step, p);
   param.storage()->bump_version();
 }
 
@@ -56,7 +56,7 @@ void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& va
   p.num_rows = param.size(0);
   p.cols = param.size(1);
   p.k = rows.numel();
-  if (p.k > 0) HYDRA_LAUNCH_CPU_ONLY(param.device(), adamw_rows_step, p);
+  if (p.k > 0) HYDRA_LAUNCH(param.device(), adamw_rows_step, p);
   param.storage()->bump_version();
 }
 

@@ -229,7 +229,7 @@ Tensor& Tensor::mul_(double value) {
   p.n = numel();
   p.alpha = value;
   p.stream = current_stream(device());
-  HYDRA_LAUNCH_CPU_ONLY(device(), unary_fwd, p);
+  HYDRA_LAUNCH(device(), unary_fwd, p);
   storage()->bump_version();
   return *this;
 }

@@ -33,10 +33,15 @@ struct CausalConv1dBwdParams {
   void* gprefix = nullptr;  // [B, W-1, C], written; null if no prefix or not needed
   int64_t batch = 0, len = 0, channels = 0, width = 0;
   bool silu = false;
+  void* workspace = nullptr;  // CUDA: causal_conv1d_bwd_workspace(p) bytes
   void* stream = nullptr;
 };
 
 HYDRA_DECLARE_KERNEL(causal_conv1d_fwd, CausalConv1dParams)
 HYDRA_DECLARE_KERNEL(causal_conv1d_bwd, CausalConv1dBwdParams)
+
+namespace cuda {
+size_t causal_conv1d_bwd_workspace(const CausalConv1dBwdParams& p);
+}  // namespace cuda
 
 }  // namespace hydra::kernels

@@ -18,7 +18,8 @@ struct RowGatherParams {
   void* stream = nullptr;
 };
 
-// table[index[i], :] += src[i, :]
+// table[index[i], :] += src[i, :]. CUDA: rows of equal index are summed in index order after a
+// stable sort (deterministic), or with atomics when kernels::deterministic() is off.
 struct RowScatterAddParams {
   DType dtype = DType::kF32;
   DType index_dtype = DType::kI64;
@@ -26,6 +27,7 @@ struct RowScatterAddParams {
   const void* index = nullptr;  // [n]
   void* table = nullptr;        // [num_rows, cols], accumulated into
   int64_t n = 0, num_rows = 0, cols = 0;
+  void* workspace = nullptr;  // CUDA: row_scatter_add_workspace(p) bytes
   void* stream = nullptr;
 };
 
@@ -73,5 +75,9 @@ struct BagBwdParams {
 
 HYDRA_DECLARE_KERNEL(bag_fwd, BagParams)
 HYDRA_DECLARE_KERNEL(bag_bwd, BagBwdParams)
+
+namespace cuda {
+size_t row_scatter_add_workspace(const RowScatterAddParams& p);
+}  // namespace cuda
 
 }  // namespace hydra::kernels

@@ -19,8 +19,12 @@ struct GemmParams {
   int64_t batch = 1;
   int64_t stride_a = 0, stride_b = 0, stride_c = 0;  // between batch entries; 0 = shared
   double alpha = 1, beta = 0;
+  const void* bias = nullptr;  // [n], added to every row of C (after alpha; a fused epilogue on CUDA)
+  void* workspace = nullptr;   // CUDA: kGemmWorkspace bytes for cuBLASLt
   void* stream = nullptr;
 };
+
+inline constexpr size_t kGemmWorkspace = size_t{32} << 20;
 
 HYDRA_DECLARE_KERNEL(gemm, GemmParams)
 

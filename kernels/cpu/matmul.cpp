@@ -26,6 +26,11 @@ void gemm(const GemmParams& p) {
         cblas_dgemm(CblasRowMajor, ta, tb, p.m, p.n, p.k, p.alpha, ai, p.lda, bi, p.ldb, p.beta, ci,
                     p.ldc);
       }
+      if (p.bias) {
+        const T* bias = static_cast<const T*>(p.bias);
+        for (int64_t r = 0; r < p.m; ++r)
+          for (int64_t col = 0; col < p.n; ++col) ci[r * p.ldc + col] += bias[col];
+      }
     }
   });
 }

@@ -95,6 +95,29 @@ void reduce_impl(const ReduceParams& p) {
 
 }  // namespace
 
+void multi_sum_squares(const MultiSumSquaresParams& p) {
+  double total = 0;
+  for (int i = 0; i < p.count; ++i) {
+    dispatch_float(p.dtype, "multi_sum_squares", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      double r = 0;
+      ReduceParams q;
+      q.op = ReduceOp::kSumSquares;
+      q.dtype = p.dtype;
+      q.x = p.x[i];
+      T out;
+      q.y = &out;
+      q.reduce = p.n[i];
+      if (p.n[i] > 0) {
+        reduce_impl<T>(q);
+        r = static_cast<double>(out);
+      }
+      total += r;
+    });
+  }
+  *p.out = total;
+}
+
 void reduce_axis(const ReduceParams& p) {
   dispatch_float(p.dtype, "reduce",
                  [&](auto tag) { reduce_impl<typename decltype(tag)::type>(p); });

@@ -66,3 +66,82 @@ inline unsigned int blocks_for(int64_t n, int threads, int64_t max_blocks = 6553
 }
 
 }  // namespace hydra::kernels::cuda
+
+namespace hydra::kernels::cuda {
+
+// Sum / max over a warp, then over a block (blockDim.x a multiple of 32, <= 1024). Fixed trees: the
+// result does not depend on timing. `shared` must hold 32 values.
+template <class A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <class A>
+__device__ __forceinline__ A warp_max(A v) {
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <class A>
+__device__ A block_sum(A v, A* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < warps ? shared[lane] : A(0);
+  return warp_sum(v);  // every thread gets the total
+}
+template <class A>
+__device__ A block_max(A v, A* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < warps ? shared[lane] : -INFINITY;
+  return warp_max(v);
+}
+
+// exp and reciprocal for the fp32 compute type with the hardware approximations (max error ~2 ulp,
+// far inside bf16 and our f32 tolerance of 1e-5); exact for double.
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+__device__ __forceinline__ float fast_div(float a, float b) { return __fdividef(a, b); }
+__device__ __forceinline__ double fast_div(double a, double b) { return a / b; }
+
+// Online softmax statistics: (running max, sum of exp(x - max)); pairs combine associatively.
+template <class A>
+struct MaxSum {
+  A m, s;
+};
+template <class A>
+__device__ __forceinline__ MaxSum<A> combine(MaxSum<A> a, MaxSum<A> b) {
+  const A m = max(a.m, b.m);
+  if (m == A(-INFINITY)) return {m, A(0)};
+  return {m, a.s * fast_exp(a.m - m) + b.s * fast_exp(b.m - m)};
+}
+template <class A>
+__device__ MaxSum<A> block_max_sum(MaxSum<A> v, A* shared_m, A* shared_s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int o = 16; o > 0; o >>= 1)
+    v = combine(v, MaxSum<A>{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+  __syncthreads();
+  if (lane == 0) {
+    shared_m[warp] = v.m;
+    shared_s[warp] = v.s;
+  }
+  __syncthreads();
+  v = lane < warps ? MaxSum<A>{shared_m[lane], shared_s[lane]} : MaxSum<A>{A(-INFINITY), A(0)};
+  for (int o = 16; o > 0; o >>= 1)
+    v = combine(v, MaxSum<A>{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+  return v;
+}
+
+// Threads per block for a row of `cols` handled `per_thread` elements at a time.
+inline int row_threads(int64_t cols, int per_thread = 1) {
+  int64_t t = (cols + per_thread - 1) / per_thread;
+  t = (t + 31) / 32 * 32;
+  return static_cast<int>(t < 32 ? 32 : (t > 1024 ? 1024 : t));
+}
+
+}  // namespace hydra::kernels::cuda

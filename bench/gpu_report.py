@@ -1,0 +1,28 @@
+#!/usr/bin/env python3
+"""Joins hydra-bench-gpu's and torch_compare.py's JSON into the PERF.md table: each row with its floor
+and the throughput ratio ours/PyTorch (> 1: ours is faster) for eager and compiled PyTorch."""
+import json
+import sys
+
+ours = json.load(open(sys.argv[1]))
+torch = json.load(open(sys.argv[2]))
+floor = next(r for r in ours["rows"] if r["bench"] == "floor")
+print(f"device: {ours['meta'].get('device')}; torch {torch['torch']}")
+print(f"floors: copy {floor['copy_gbs']:.0f} GB/s, bf16 GEMM {floor['bf16_gemm_tflops']:.0f} TFLOP/s\n")
+tt = {}
+for r in torch["rows"]:
+    tt.setdefault(r["name"], {})[r["mode"]] = r["ms"]
+print("| op | ours ms | ours rate | of floor | PyTorch eager ms | ours/eager | PyTorch compiled ms | ours/compiled |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for r in ours["rows"]:
+    if r["bench"] == "floor":
+        continue
+    name = r.get("shape") or r.get("kernel")
+    rate = f"{r['tflops']:.0f} TFLOP/s" if r["bench"] == "gemm" else f"{r['gbs']:.0f} GB/s"
+    of = r.get("of_peak", r.get("of_copy"))
+    t = tt.get(name, {})
+    eager = t.get("eager", t.get("fused"))
+    comp = t.get("compile")
+    cell = lambda v: f"{v:.3f}" if v else "-"
+    ratio = lambda v: f"{v / r['ms']:.2f}" if v else "-"
+    print(f"| {name} | {r['ms']:.3f} | {rate} | {of:.2f} | {cell(eager)} | {ratio(eager)} | {cell(comp)} | {ratio(comp)} |")

@@ -1,0 +1,192 @@
+// hydra-bench-gpu: the CUDA backend's GEMMs and memory-bound kernels at the shapes of toy and
+// hydra-1.6b, each timed with CUDA events (median of repeats after warm-up) and set against its floor:
+// the device copy bandwidth and the bf16 GEMM rate, both measured in the same run.
+//   hydra-bench-gpu [--json FILE] [--quick]
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "autograd/cuda_context.h"
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+#include "autograd/optim_ops.h"
+#include "bench/bench_util.h"
+#include "kernels/device_runtime.h"
+
+namespace hydra::bench {
+namespace {
+
+namespace kc = kernels::cuda;
+
+// Median milliseconds of fn over `reps` runs after `warmup`, timed by events on the compute stream.
+double time_gpu(const std::function<void()>& fn, int reps = 20, int warmup = 3) {
+  void* stream = cuda_compute_stream(0);
+  for (int i = 0; i < warmup; ++i) fn();
+  kc::stream_synchronize(stream);
+  std::vector<double> ms;
+  void* a = kc::event_create();
+  void* b = kc::event_create();
+  for (int i = 0; i < reps; ++i) {
+    kc::event_record(a, stream);
+    fn();
+    kc::event_record(b, stream);
+    kc::stream_synchronize(stream);
+    ms.push_back(kc::event_elapsed_ms(a, b));
+  }
+  kc::event_destroy(a);
+  kc::event_destroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+const Device kGpu = Device::cuda(0);
+
+Tensor rnd(const Shape& s, DType t = DType::kBF16, double scale = 1.0) {
+  static Generator g(1);
+  return randn(s, g, 0, scale, DType::kF32, kGpu).to(t);
+}
+
+struct Floors {
+  double copy_gbs = 0, gemm_tflops = 0;
+};
+
+Floors measure_floors(Report& report) {
+  Floors f;
+  const int64_t n = int64_t{1} << 28;  // 1 GiB of f32
+  Tensor src = rnd({n}, DType::kF32), dst = empty({n}, DType::kF32, kGpu);
+  const double ms = time_gpu([&] {
+    kc::memcpy_async(dst.raw_data(), src.raw_data(), n * 4, kc::CopyKind::kDeviceToDevice, cuda_compute_stream(0));
+  });
+  f.copy_gbs = 2.0 * double(n) * 4 / ms / 1e6;  // read + write
+  Tensor a = rnd({8192, 8192}), b = rnd({8192, 8192});
+  NoGradGuard ng;
+  const double gms = time_gpu([&] { (void)matmul(a, b); }, 10);
+  f.gemm_tflops = 2.0 * 8192.0 * 8192.0 * 8192.0 / gms / 1e9;
+  std::printf("floors: device copy %.0f GB/s (1 GiB, read + write), bf16 GEMM %.0f TFLOP/s (8192^3)\n", f.copy_gbs,
+              f.gemm_tflops);
+  report.add({"floor", {}, {{"copy_gbs", f.copy_gbs}, {"bf16_gemm_tflops", f.gemm_tflops}}});
+  return f;
+}
+
+void gemm_row(Report& report, const Floors& f, const char* what, int64_t m, int64_t k, int64_t n) {
+  Tensor x = rnd({m, k}), w = rnd({n, k}, DType::kBF16, 0.02);
+  NoGradGuard ng;
+  const double ms = time_gpu([&] { (void)linear(x, w); });
+  const double tflops = 2.0 * double(m) * double(k) * double(n) / ms / 1e9;
+  std::printf("%-34s %6ld %6ld %6ld %9.3f %9.1f %8.2f\n", what, long(m), long(k), long(n), ms, tflops,
+              tflops / f.gemm_tflops);
+  report.add({"gemm", {{"shape", what}},
+              {{"m", double(m)}, {"k", double(k)}, {"n", double(n)}, {"ms", ms}, {"tflops", tflops},
+               {"of_peak", tflops / f.gemm_tflops}}});
+}
+
+void bandwidth_row(Report& report, const Floors& f, const char* what, double bytes, const std::function<void()>& fn) {
+  const double ms = time_gpu(fn);
+  const double gbs = bytes / ms / 1e6;
+  std::printf("%-44s %9.3f %9.0f %8.2f\n", what, ms, gbs, gbs / f.copy_gbs);
+  report.add({"bandwidth", {{"kernel", what}}, {{"ms", ms}, {"bytes", bytes}, {"gbs", gbs}, {"of_copy", gbs / f.copy_gbs}}});
+}
+
+int run(int argc, char** argv) {
+  std::string json;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--json" && i + 1 < argc) json = argv[++i];
+    else if (a == "--quick") quick = true;
+  }
+  if (!cuda_available()) {
+    std::fprintf(stderr, "hydra-bench-gpu: no CUDA device\n");
+    return 1;
+  }
+  std::printf("hydra-bench-gpu on %s\n", kc::device_name(0).c_str());
+  Report report;
+  const Floors f = measure_floors(report);
+
+  std::printf("\n%-34s %6s %6s %6s %9s %9s %8s\n", "GEMM (bf16, fp32 accumulate)", "M", "K", "N", "ms", "TFLOP/s",
+              "of peak");
+  const int64_t T = 16384;  // tokens per GPU step at 1.6B (e.g. 2 x 8192)
+  gemm_row(report, f, "1.6B ssm in_proj", T, 2048, 8192);
+  gemm_row(report, f, "1.6B ssm out_proj", T, 4096, 2048);
+  gemm_row(report, f, "1.6B sga qkv", T, 2048, 6144);
+  gemm_row(report, f, "1.6B expert up (T/4 rows)", T / 4, 2048, 512);
+  gemm_row(report, f, "1.6B expert down (T/4 rows)", T / 4, 512, 2048);
+  gemm_row(report, f, "1.6B lm head", 8192, 2048, 50304);
+  if (!quick) {
+    gemm_row(report, f, "toy ssm in_proj", T, 384, 1536);
+    gemm_row(report, f, "toy ssm out_proj", T, 768, 384);
+    gemm_row(report, f, "toy expert up (T/4 rows)", T / 4, 384, 192);
+    gemm_row(report, f, "toy lm head", 8192, 384, 8192);
+  }
+
+  std::printf("\n%-44s %9s %9s %8s\n", "memory-bound (bf16 unless noted)", "ms", "GB/s", "of copy");
+  const int64_t d = 2048;
+  {
+    Tensor x = rnd({T, d}), w = rnd({d});
+    NoGradGuard ng;
+    bandwidth_row(report, f, "rms_norm fwd [16384, 2048]", 2.0 * T * d * 2, [&] { (void)rms_norm(x, w); });
+  }
+  {
+    Tensor x = rnd({T, d}), w = rnd({d}), gy = rnd({T, d});
+    x.set_requires_grad(true);
+    w.set_requires_grad(true);
+    bandwidth_row(report, f, "rms_norm fwd+bwd [16384, 2048]", 5.0 * T * d * 2, [&] {
+      Tensor y = rms_norm(x, w);
+      y.backward(gy);
+    });
+  }
+  {
+    Tensor x = rnd({T, d}, DType::kBF16, 3.0);
+    NoGradGuard ng;
+    bandwidth_row(report, f, "softmax fwd [16384, 2048]", 2.0 * T * d * 2, [&] { (void)softmax(x); });
+  }
+  {
+    const int64_t rows = 8192, V = 50304;
+    Tensor logits = rnd({rows, V}, DType::kBF16, 2.0);
+    Generator g(2);
+    Tensor targets = randint(0, V, {rows}, g, DType::kI64, kGpu);
+    {
+      NoGradGuard ng;
+      bandwidth_row(report, f, "cross_entropy fwd [8192, 50304]", 1.0 * rows * V * 2,
+                    [&] { (void)cross_entropy(logits, targets); });
+    }
+    logits.set_requires_grad(true);
+    bandwidth_row(report, f, "cross_entropy fwd+bwd [8192, 50304]", 3.0 * rows * V * 2, [&] {
+      Tensor l = cross_entropy(logits, targets);
+      l.backward();
+    });
+  }
+  {
+    Tensor x = rnd({T, 8192});
+    NoGradGuard ng;
+    bandwidth_row(report, f, "silu [16384, 8192]", 2.0 * T * 8192 * 2, [&] { (void)silu(x); });
+    Tensor y = rnd({T, 8192});
+    bandwidth_row(report, f, "mul [16384, 8192]", 3.0 * T * 8192 * 2, [&] { (void)mul(x, y); });
+  }
+  {
+    Tensor table = rnd({50304, d});
+    Generator g(3);
+    Tensor idx = randint(0, 50304, {T}, g, DType::kI64, kGpu);
+    NoGradGuard ng;
+    bandwidth_row(report, f, "embedding fwd [16384 of 50304 x 2048]", 2.0 * T * d * 2, [&] { (void)embedding(table, idx); });
+  }
+  {
+    const int64_t n = int64_t{100} << 20;  // 100M f32 parameters
+    Tensor p = rnd({n}, DType::kF32), g = rnd({n}, DType::kF32), m = rnd({n}, DType::kF32, 0.1),
+           v = exp(rnd({n}, DType::kF32));
+    const AdamWHyper h{1e-4, 0.9, 0.95, 1e-8, 0.1, 10, 1.0};
+    bandwidth_row(report, f, "adamw f32 [100M params]", 28.0 * n, [&] { adamw_update(p, g, m, v, h); });
+  }
+  if (!json.empty()) {
+    report.write_json(json, {{"device", kc::device_name(0)}});
+    std::printf("\nwrote %s\n", json.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace hydra::bench
+
+int main(int argc, char** argv) { return hydra::bench::run(argc, argv); }

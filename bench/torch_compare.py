@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""The same ops as hydra-bench-gpu in PyTorch on the same GPU (eager, and torch.compile where it fuses),
+timed with CUDA events, median of repeats after warm-up. Writes JSON rows keyed like hydra-bench-gpu's."""
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def time_ms(fn, reps=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
+    dev, bf = "cuda", torch.bfloat16
+    rows = []
+
+    def add(kind, name, ms, mode):
+        rows.append({"bench": kind, "name": name, "mode": mode, "ms": ms})
+        print(f"{kind:10s} {name:44s} {mode:8s} {ms:9.3f} ms", flush=True)
+
+    T, d = 16384, 2048
+    for name, m, k, n in [("1.6B ssm in_proj", T, 2048, 8192), ("1.6B ssm out_proj", T, 4096, 2048),
+                          ("1.6B sga qkv", T, 2048, 6144), ("1.6B expert up (T/4 rows)", T // 4, 2048, 512),
+                          ("1.6B expert down (T/4 rows)", T // 4, 512, 2048), ("1.6B lm head", 8192, 2048, 50304),
+                          ("toy ssm in_proj", T, 384, 1536), ("toy ssm out_proj", T, 768, 384),
+                          ("toy expert up (T/4 rows)", T // 4, 384, 192), ("toy lm head", 8192, 384, 8192)]:
+        x = torch.randn(m, k, device=dev, dtype=bf)
+        w = torch.randn(n, k, device=dev, dtype=bf) * 0.02
+        with torch.no_grad():
+            add("gemm", name, time_ms(lambda: F.linear(x, w)), "eager")
+
+    x = torch.randn(T, d, device=dev, dtype=bf)
+    w = torch.randn(d, device=dev, dtype=bf)
+    gy = torch.randn(T, d, device=dev, dtype=bf)
+    rms = lambda t, ww: F.rms_norm(t, (d,), ww, 1e-6)
+    rms_c = torch.compile(rms)
+    with torch.no_grad():
+        add("bandwidth", "rms_norm fwd [16384, 2048]", time_ms(lambda: rms(x, w)), "eager")
+        add("bandwidth", "rms_norm fwd [16384, 2048]", time_ms(lambda: rms_c(x, w)), "compile")
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def rms_fb(f):
+        y = f(xr, wr)
+        y.backward(gy)
+
+    add("bandwidth", "rms_norm fwd+bwd [16384, 2048]", time_ms(lambda: rms_fb(rms)), "eager")
+    add("bandwidth", "rms_norm fwd+bwd [16384, 2048]", time_ms(lambda: rms_fb(rms_c)), "compile")
+    xs = torch.randn(T, d, device=dev, dtype=bf) * 3
+    with torch.no_grad():
+        add("bandwidth", "softmax fwd [16384, 2048]", time_ms(lambda: torch.softmax(xs, -1)), "eager")
+    r, V = 8192, 50304
+    logits = torch.randn(r, V, device=dev, dtype=bf) * 2
+    targets = torch.randint(0, V, (r,), device=dev)
+    with torch.no_grad():
+        add("bandwidth", "cross_entropy fwd [8192, 50304]", time_ms(lambda: F.cross_entropy(logits, targets)), "eager")
+    lr_ = logits.clone().requires_grad_()
+    ce_c = torch.compile(lambda a, b: F.cross_entropy(a, b))
+    add("bandwidth", "cross_entropy fwd+bwd [8192, 50304]",
+        time_ms(lambda: F.cross_entropy(lr_, targets).backward()), "eager")
+    add("bandwidth", "cross_entropy fwd+bwd [8192, 50304]", time_ms(lambda: ce_c(lr_, targets).backward()), "compile")
+    a = torch.randn(T, 8192, device=dev, dtype=bf)
+    b = torch.randn(T, 8192, device=dev, dtype=bf)
+    with torch.no_grad():
+        add("bandwidth", "silu [16384, 8192]", time_ms(lambda: F.silu(a)), "eager")
+        add("bandwidth", "mul [16384, 8192]", time_ms(lambda: a * b), "eager")
+        table = torch.randn(50304, d, device=dev, dtype=bf)
+        idx = torch.randint(0, 50304, (T,), device=dev)
+        add("bandwidth", "embedding fwd [16384 of 50304 x 2048]", time_ms(lambda: F.embedding(idx, table)), "eager")
+    n = 100 << 20
+    p = torch.randn(n, device=dev).requires_grad_()
+    p.grad = torch.randn(n, device=dev)
+    opt = torch.optim.AdamW([p], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    opt.step()
+    add("bandwidth", "adamw f32 [100M params]", time_ms(lambda: opt.step()), "fused")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+// GEMM through cuBLASLt: bf16 or f32 operands with fp32 accumulation (exact FP32, no TF32), f64 through
+// cuBLAS. Row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, so no
+// operand is copied. Descriptors and the heuristic's algorithm are cached per shape; the bias is a
+// fused epilogue. The workspace comes from the caller (the caching allocator).
+#include <cublasLt.h>
+#include <cublas_v2.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/matmul.h"
+
+#define HYDRA_CUBLAS_CHECK(expr)                                                                     \
+  do {                                                                                               \
+    const cublasStatus_t hydra_cublas_st_ = (expr);                                                  \
+    HYDRA_CHECK(hydra_cublas_st_ == CUBLAS_STATUS_SUCCESS)                                           \
+        << #expr << " failed: " << cublasGetStatusName(hydra_cublas_st_) << ": "                    \
+        << cublasGetStatusString(hydra_cublas_st_);                                                  \
+  } while (0)
+
+namespace hydra::kernels::cuda {
+namespace {
+
+struct Handles {
+  cublasLtHandle_t lt = nullptr;
+  cublasHandle_t blas = nullptr;
+};
+
+Handles& handles() {
+  static std::mutex mu;
+  static std::vector<Handles> per_device;
+  int dev = 0;
+  HYDRA_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  if (per_device.size() <= static_cast<size_t>(dev)) per_device.resize(dev + 1);
+  Handles& h = per_device[dev];
+  if (!h.lt) {
+    HYDRA_CUBLAS_CHECK(cublasLtCreate(&h.lt));
+    HYDRA_CUBLAS_CHECK(cublasCreate(&h.blas));
+  }
+  return h;
+}
+
+using Key = std::tuple<int, int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, bool, bool, uint32_t, uint32_t, uint32_t, uint32_t>;
+
+// The largest power of two (<= 256) dividing the address: the heuristic must know it, since views
+// can start anywhere.
+uint32_t alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
+
+struct Plan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+cudaDataType_t data_type(DType t) { return t == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+void set_batch(cublasLtMatrixLayout_t l, int64_t batch, int64_t stride) {
+  const int32_t count = static_cast<int32_t>(batch);
+  HYDRA_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
+  HYDRA_CUBLAS_CHECK(
+      cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride));
+}
+
+// Column-major view: C'(n x m) = op'(B) (n x k) * op'(A) (k x m), op'(X) = transposed-ness of X flipped.
+const Plan& plan_for(const GemmParams& p, int device) {
+  static std::mutex mu;
+  static std::map<Key, Plan> cache;
+  const uint32_t align_a = alignment(p.a), align_b = alignment(p.b), align_c = alignment(p.c),
+                 align_bias = p.bias ? alignment(p.bias) : 256;
+  const Key key{device, static_cast<int>(p.dtype), p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.ldc,
+                p.batch, p.stride_a, p.stride_b, p.stride_c, p.bias != nullptr, p.beta != 0,
+                align_a, align_b, align_c, align_bias};
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  Plan pl;
+  const cudaDataType_t t = data_type(p.dtype);
+  HYDRA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&pl.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t opb = p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, opa = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  HYDRA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_TRANSA, &opb, sizeof opb));
+  HYDRA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_TRANSB, &opa, sizeof opa));
+  if (p.bias) {
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    HYDRA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+  }
+  // Stored shapes (column-major): B as (trans_b ? k x n : n x k)^T ... i.e. rows x cols of the stored
+  // row-major matrix swapped.
+  const uint64_t b_rows = p.trans_b ? p.k : p.n, b_cols = p.trans_b ? p.n : p.k;
+  const uint64_t a_rows = p.trans_a ? p.m : p.k, a_cols = p.trans_a ? p.k : p.m;
+  HYDRA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&pl.a, t, b_rows, b_cols, p.ldb));
+  HYDRA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&pl.b, t, a_rows, a_cols, p.lda));
+  HYDRA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&pl.c, t, p.n, p.m, p.ldc));
+  if (p.batch > 1) {
+    set_batch(pl.a, p.batch, p.stride_b);
+    set_batch(pl.b, p.batch, p.stride_a);
+    set_batch(pl.c, p.batch, p.stride_c);
+  }
+  cublasLtMatmulPreference_t pref = nullptr;
+  HYDRA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  const uint64_t ws = kGemmWorkspace;
+  HYDRA_CUBLAS_CHECK(
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+  // In cuBLASLt's (column-major) terms A is our B and B is our A.
+  for (const auto& [attr, value] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_b},
+                                    {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_a},
+                                    {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c},
+                                    {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c}}) {
+    const uint32_t v = value;
+    HYDRA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &v, sizeof v));
+  }
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  HYDRA_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handles().lt, pl.op, pl.a, pl.b, pl.c, pl.c, pref, 1, &result,
+                                                    &found));
+  cublasLtMatmulPreferenceDestroy(pref);
+  HYDRA_CHECK(found > 0) << "cuBLASLt found no algorithm for a " << p.m << "x" << p.n << "x" << p.k << " "
+                         << dtype_name(p.dtype) << " GEMM";
+  pl.algo = result.algo;
+  return cache.emplace(key, pl).first->second;
+}
+
+}  // namespace
+
+void gemm(const GemmParams& p) {
+  if (p.m == 0 || p.n == 0 || p.batch == 0) return;
+  cudaStream_t s = as_stream(p.stream);
+  if (p.dtype == DType::kF64) {
+    HYDRA_CHECK(p.bias == nullptr) << "gemm: f64 on CUDA takes no fused bias";
+    cublasHandle_t h = handles().blas;
+    HYDRA_CUBLAS_CHECK(cublasSetStream(h, s));
+    const double alpha = p.alpha, beta = p.beta;
+    HYDRA_CUBLAS_CHECK(cublasDgemmStridedBatched(
+        h, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, p.n, p.m, p.k, &alpha,
+        static_cast<const double*>(p.b), p.ldb, p.stride_b, static_cast<const double*>(p.a), p.lda, p.stride_a, &beta,
+        static_cast<double*>(p.c), p.ldc, p.stride_c, p.batch));
+    return;
+  }
+  HYDRA_CHECK(p.dtype == DType::kF32 || p.dtype == DType::kBF16)
+      << "gemm: dtype " << dtype_name(p.dtype) << " is not supported on CUDA";
+  HYDRA_CHECK(p.workspace != nullptr) << "gemm: the cuBLASLt workspace is required";
+  int device = 0;
+  HYDRA_CUDA_CHECK(cudaGetDevice(&device));
+  const Plan& pl = plan_for(p, device);
+  if (p.bias) {
+    HYDRA_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias, sizeof p.bias));
+  }
+  const float alpha = static_cast<float>(p.alpha), beta = static_cast<float>(p.beta);
+  HYDRA_CUBLAS_CHECK(cublasLtMatmul(handles().lt, pl.op, &alpha, p.b, pl.a, p.a, pl.b, &beta, p.c, pl.c, p.c, pl.c,
+                                    &pl.algo, p.workspace, kGemmWorkspace, s));
+}
+
+}  // namespace hydra::kernels::cuda

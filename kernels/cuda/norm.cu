@@ -1,0 +1,228 @@
+// Fused RMSNorm. Forward: a block per row, sum of squares in fp32, then y = x * rstd * w.
+// Backward: a block per row for gx (one extra dot product per row); gw from per-block partials over
+// fixed groups of rows, combined in order by a second kernel (deterministic, no atomics).
+#include <algorithm>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
+#include "kernels/norm.h"
+
+namespace hydra::kernels::cuda {
+namespace {
+
+constexpr int64_t kGwRows = 64;  // rows per gw partial
+
+template <class T>
+__global__ void rmsnorm_fwd_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
+                                   compute_t<T>* __restrict rstd, int64_t cols, double eps) {
+  using C = compute_t<T>;
+  __shared__ C shared[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * cols;
+  C ss = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const C v = load(xr, j);
+    ss += v * v;
+  }
+  ss = block_sum(ss, shared);
+  const C rs = C(1) / sqrt(ss / C(cols) + C(eps));
+  if (threadIdx.x == 0 && rstd) rstd[row] = rs;
+  T* yr = y + row * cols;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = convert<T>(load(xr, j) * rs * (w ? load(w, j) : C(1)));
+}
+
+template <class T>
+__global__ void rmsnorm_bwd_kernel(const T* __restrict x, const T* __restrict w, const compute_t<T>* __restrict rstd,
+                                   const T* __restrict gy, T* __restrict gx, int64_t cols) {
+  using C = compute_t<T>;
+  __shared__ C shared[32];
+  const int64_t row = blockIdx.x;
+  const T *xr = x + row * cols, *gr = gy + row * cols;
+  C dot = 0;  // sum_j gy*w*x
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) dot += load(gr, j) * (w ? load(w, j) : C(1)) * load(xr, j);
+  dot = block_sum(dot, shared);
+  const C rs = rstd[row], c = rs * rs * dot / C(cols);
+  T* gxr = gx + row * cols;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+    gxr[j] = convert<T>(rs * (load(gr, j) * (w ? load(w, j) : C(1)) - load(xr, j) * c));
+}
+
+// part[blk, j] = sum over rows of block blk of gy * x * rstd (thread per column, rows in order).
+template <class T>
+__global__ void rmsnorm_gw_partial_kernel(const T* __restrict x, const compute_t<T>* __restrict rstd,
+                                          const T* __restrict gy, compute_t<T>* __restrict part, int64_t rows,
+                                          int64_t cols) {
+  using C = compute_t<T>;
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, blk = blockIdx.y;
+  if (j >= cols) return;
+  C acc = 0;
+  for (int64_t r = blk * kGwRows, e = min(rows, (blk + 1) * kGwRows); r < e; ++r)
+    acc += load(gy, r * cols + j) * load(x, r * cols + j) * rstd[r];
+  part[blk * cols + j] = acc;
+}
+
+template <class T>
+__global__ void rmsnorm_gw_finish_kernel(const compute_t<T>* __restrict part, T* __restrict gw, int64_t blocks,
+                                         int64_t cols) {
+  using C = compute_t<T>;
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= cols) return;
+  C acc = 0;
+  for (int64_t b = 0; b < blocks; ++b) acc += part[b * cols + j];
+  gw[j] = convert<T>(acc);
+}
+
+// Rows in registers (rows.cuh): x read once, y written once.
+template <class T, int ITEMS>
+__global__ void __launch_bounds__(1024) rmsnorm_fwd_vec_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
+                                       compute_t<T>* __restrict rstd, int64_t cols, double eps) {
+  using C = compute_t<T>;
+  constexpr int N = pack_width<T>();
+  __shared__ C shared[32];
+  const int64_t row = blockIdx.x, packs = cols / N;
+  RowRegs<T, ITEMS> xr;
+  xr.load(x + row * cols, packs);
+  C ss = 0;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k)
+    if (xr.in[k])
+#pragma unroll
+      for (int j = 0; j < N; ++j) ss += xr.at(k, j) * xr.at(k, j);
+  ss = block_sum(ss, shared);
+  const C rs = C(1) / sqrt(ss / C(cols) + C(eps));
+  if (threadIdx.x == 0 && rstd) rstd[row] = rs;
+  RowRegs<T, ITEMS> wr;
+  if (w) wr.load(w, packs);
+  auto* out = reinterpret_cast<RowPack<T>*>(y + row * cols);
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    if (!xr.in[k]) continue;
+    RowPack<T> o;
+#pragma unroll
+    for (int j = 0; j < N; ++j) o.v[j] = convert<T>(xr.at(k, j) * rs * (w ? wr.at(k, j) : C(1)));
+    out[threadIdx.x + int64_t(k) * blockDim.x] = o;
+  }
+}
+
+// A block per group of rows: gx for each row, and the group's gw partial summed in registers.
+template <class T, int ITEMS>
+__global__ void __launch_bounds__(1024) rmsnorm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w,
+                                       const compute_t<T>* __restrict rstd, const T* __restrict gy,
+                                       T* __restrict gx, compute_t<T>* __restrict part, int64_t rows, int64_t cols,
+                                       int64_t group) {
+  using C = compute_t<T>;
+  constexpr int N = pack_width<T>();
+  __shared__ C shared[32];
+  const int64_t packs = cols / N, r0 = blockIdx.x * group, r1 = min(rows, r0 + group);
+  RowRegs<T, ITEMS> wr;
+  if (w) wr.load(w, packs);
+  C gw_acc[ITEMS][N] = {};
+  for (int64_t r = r0; r < r1; ++r) {
+    RowRegs<T, ITEMS> xr, gr;
+    xr.load(x + r * cols, packs);
+    gr.load(gy + r * cols, packs);
+    C dot = 0;
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k)
+      if (xr.in[k])
+#pragma unroll
+        for (int j = 0; j < N; ++j) dot += gr.at(k, j) * (w ? wr.at(k, j) : C(1)) * xr.at(k, j);
+    dot = block_sum(dot, shared);
+    const C rs = rstd[r], c = rs * rs * dot / C(cols);
+    auto* out = reinterpret_cast<RowPack<T>*>(gx + r * cols);
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+      if (!xr.in[k]) continue;
+      RowPack<T> o;
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        o.v[j] = convert<T>(rs * (gr.at(k, j) * (w ? wr.at(k, j) : C(1)) - xr.at(k, j) * c));
+        gw_acc[k][j] += gr.at(k, j) * xr.at(k, j) * rs;
+      }
+      out[threadIdx.x + int64_t(k) * blockDim.x] = o;
+    }
+  }
+  if (!part) return;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k)
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const int64_t col = RowRegs<T, ITEMS>::col(k, j);
+      if (col < cols) part[blockIdx.x * cols + col] = gw_acc[k][j];
+    }
+}
+
+// Rows per backward block: about 1056 blocks (8 per SM of an H100) to hide memory latency, at most
+// kGwRows. Depends on rows only, so the gw summation order is fixed.
+int64_t bwd_group(int64_t rows) { return std::clamp<int64_t>((rows + 1055) / 1056, 1, kGwRows); }
+
+}  // namespace
+
+void rmsnorm_fwd(const RmsNormParams& p) {
+  if (p.rows == 0) return;
+  dispatch_float(p.dtype, "rms_norm", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const RowLayout l = row_layout(p.cols, pack_width<T>());
+    if (l.items && aligned16(p.x) && aligned16(p.y) && (!p.w || aligned16(p.w))) {
+      dispatch_items(l.items, [&](auto items) {
+        rmsnorm_fwd_vec_kernel<T, items.value><<<p.rows, l.threads, 0, as_stream(p.stream)>>>(
+            static_cast<const T*>(p.x), static_cast<const T*>(p.w), static_cast<T*>(p.y),
+            static_cast<compute_t<T>*>(p.rstd), p.cols, p.eps);
+      });
+      HYDRA_CUDA_LAUNCH_CHECK();
+      return;
+    }
+    rmsnorm_fwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(
+        static_cast<const T*>(p.x), static_cast<const T*>(p.w), static_cast<T*>(p.y),
+        static_cast<compute_t<T>*>(p.rstd), p.cols, p.eps);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  });
+}
+
+size_t rmsnorm_bwd_workspace(const RmsNormBwdParams& p) {
+  const size_t a = p.dtype == DType::kF64 ? 8 : 4;
+  const int64_t g = std::min(bwd_group(p.rows), kGwRows);
+  return p.gw ? a * static_cast<size_t>((p.rows + g - 1) / g * p.cols) : 0;
+}
+
+void rmsnorm_bwd(const RmsNormBwdParams& p) {
+  if (p.rows == 0) return;
+  dispatch_float(p.dtype, "rms_norm_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using C = compute_t<T>;
+    cudaStream_t s = as_stream(p.stream);
+    const T* x = static_cast<const T*>(p.x);
+    const C* rstd = static_cast<const C*>(p.rstd);
+    const T* gy = static_cast<const T*>(p.gy);
+    const RowLayout l = row_layout(p.cols, pack_width<T>());
+    if (l.items && aligned16(p.x) && aligned16(p.gy) && aligned16(p.gx) && (!p.w || aligned16(p.w))) {
+      HYDRA_CHECK(!p.gw || p.workspace != nullptr) << "rmsnorm_bwd: workspace required for gw";
+      const int64_t group = bwd_group(p.rows), blocks = (p.rows + group - 1) / group;
+      C* part = p.gw ? static_cast<C*>(p.workspace) : nullptr;
+      dispatch_items(l.items, [&](auto items) {
+        rmsnorm_bwd_vec_kernel<T, items.value><<<blocks, l.threads, 0, s>>>(
+            x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part, p.rows, p.cols, group);
+      });
+      HYDRA_CUDA_LAUNCH_CHECK();
+      if (p.gw) {
+        rmsnorm_gw_finish_kernel<T><<<(p.cols + 255) / 256, 256, 0, s>>>(part, static_cast<T*>(p.gw), blocks, p.cols);
+        HYDRA_CUDA_LAUNCH_CHECK();
+      }
+      return;
+    }
+    rmsnorm_bwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, s>>>(x, static_cast<const T*>(p.w), rstd, gy,
+                                                                     static_cast<T*>(p.gx), p.cols);
+    HYDRA_CUDA_LAUNCH_CHECK();
+    if (p.gw) {
+      HYDRA_CHECK(p.workspace != nullptr) << "rmsnorm_bwd: workspace required for gw";
+      const int64_t blocks = (p.rows + kGwRows - 1) / kGwRows;
+      C* part = static_cast<C*>(p.workspace);
+      rmsnorm_gw_partial_kernel<T><<<dim3((p.cols + 127) / 128, blocks), 128, 0, s>>>(x, rstd, gy, part, p.rows, p.cols);
+      HYDRA_CUDA_LAUNCH_CHECK();
+      rmsnorm_gw_finish_kernel<T><<<(p.cols + 255) / 256, 256, 0, s>>>(part, static_cast<T*>(p.gw), blocks, p.cols);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace hydra::kernels::cuda

@@ -1,0 +1,144 @@
+// Softmax / log-softmax over rows: a block per row; max and sum in fp32 with fixed trees.
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
+#include "kernels/softmax.h"
+
+namespace hydra::kernels::cuda {
+namespace {
+
+template <class T>
+__global__ void softmax_fwd_kernel(const T* __restrict x, T* __restrict y, int64_t cols, bool log_out) {
+  using C = compute_t<T>;
+  __shared__ C shared[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * cols;
+  C mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) mx = max(mx, load(xr, j));
+  mx = block_max(mx, shared);
+  C sum = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) sum += exp(load(xr, j) - mx);
+  sum = block_sum(sum, shared);
+  T* yr = y + row * cols;
+  if (log_out) {
+    const C lse = log(sum) + mx;
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = convert<T>(load(xr, j) - lse);
+  } else {
+    const C inv = C(1) / sum;
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = convert<T>(exp(load(xr, j) - mx) * inv);
+  }
+}
+
+template <class T>
+__global__ void softmax_bwd_kernel(const T* __restrict y, const T* __restrict gy, T* __restrict gx, int64_t cols,
+                                   bool log_out) {
+  using C = compute_t<T>;
+  __shared__ C shared[32];
+  const int64_t row = blockIdx.x;
+  const T *yr = y + row * cols, *gr = gy + row * cols;
+  C s = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += log_out ? load(gr, j) : load(gr, j) * load(yr, j);
+  s = block_sum(s, shared);
+  T* gxr = gx + row * cols;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+    gxr[j] = convert<T>(log_out ? load(gr, j) - exp(load(yr, j)) * s : load(yr, j) * (load(gr, j) - s));
+}
+
+template <class T, int ITEMS>
+__global__ void __launch_bounds__(1024) softmax_fwd_vec_kernel(const T* __restrict x, T* __restrict y, int64_t cols, bool log_out) {
+  using C = compute_t<T>;
+  constexpr int N = pack_width<T>();
+  __shared__ C shared[32];
+  const int64_t row = blockIdx.x, packs = cols / N;
+  __shared__ C shared_s[32];
+  RowRegs<T, ITEMS> xr;
+  xr.load(x + row * cols, packs);
+  MaxSum<C> ms{C(-INFINITY), C(0)};  // one online pass, one block reduction
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k)
+    if (xr.in[k])
+#pragma unroll
+      for (int j = 0; j < N; ++j) ms = combine(ms, MaxSum<C>{xr.at(k, j), C(1)});
+  ms = block_max_sum(ms, shared, shared_s);
+  const C mx = ms.m, sum = ms.s;
+  const C inv = C(1) / sum, lse = log(sum) + mx;
+  auto* out = reinterpret_cast<RowPack<T>*>(y + row * cols);
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    if (!xr.in[k]) continue;
+    RowPack<T> o;
+#pragma unroll
+    for (int j = 0; j < N; ++j) o.v[j] = convert<T>(log_out ? xr.at(k, j) - lse : fast_exp(xr.at(k, j) - mx) * inv);
+    out[threadIdx.x + int64_t(k) * blockDim.x] = o;
+  }
+}
+
+template <class T, int ITEMS>
+__global__ void __launch_bounds__(1024) softmax_bwd_vec_kernel(const T* __restrict y, const T* __restrict gy, T* __restrict gx, int64_t cols,
+                                       bool log_out) {
+  using C = compute_t<T>;
+  constexpr int N = pack_width<T>();
+  __shared__ C shared[32];
+  const int64_t row = blockIdx.x, packs = cols / N;
+  RowRegs<T, ITEMS> yr, gr;
+  yr.load(y + row * cols, packs);
+  gr.load(gy + row * cols, packs);
+  C s = 0;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k)
+    if (yr.in[k])
+#pragma unroll
+      for (int j = 0; j < N; ++j) s += log_out ? gr.at(k, j) : gr.at(k, j) * yr.at(k, j);
+  s = block_sum(s, shared);
+  auto* out = reinterpret_cast<RowPack<T>*>(gx + row * cols);
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    if (!yr.in[k]) continue;
+    RowPack<T> o;
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      o.v[j] = convert<T>(log_out ? gr.at(k, j) - exp(yr.at(k, j)) * s : yr.at(k, j) * (gr.at(k, j) - s));
+    out[threadIdx.x + int64_t(k) * blockDim.x] = o;
+  }
+}
+
+}  // namespace
+
+void softmax_fwd(const SoftmaxParams& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  dispatch_float(p.dtype, "softmax", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const RowLayout l = row_layout(p.cols, pack_width<T>());
+    if (l.items && aligned16(p.x) && aligned16(p.y)) {
+      dispatch_items(l.items, [&](auto items) {
+        softmax_fwd_vec_kernel<T, items.value><<<p.rows, l.threads, 0, as_stream(p.stream)>>>(
+            static_cast<const T*>(p.x), static_cast<T*>(p.y), p.cols, p.log);
+      });
+      HYDRA_CUDA_LAUNCH_CHECK();
+      return;
+    }
+    softmax_fwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(
+        static_cast<const T*>(p.x), static_cast<T*>(p.y), p.cols, p.log);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  });
+}
+
+void softmax_bwd(const SoftmaxBwdParams& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  dispatch_float(p.dtype, "softmax_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const RowLayout l = row_layout(p.cols, pack_width<T>());
+    if (l.items && aligned16(p.y) && aligned16(p.gy) && aligned16(p.gx)) {
+      dispatch_items(l.items, [&](auto items) {
+        softmax_bwd_vec_kernel<T, items.value><<<p.rows, l.threads, 0, as_stream(p.stream)>>>(
+            static_cast<const T*>(p.y), static_cast<const T*>(p.gy), static_cast<T*>(p.gx), p.cols, p.log);
+      });
+      HYDRA_CUDA_LAUNCH_CHECK();
+      return;
+    }
+    softmax_bwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(
+        static_cast<const T*>(p.y), static_cast<const T*>(p.gy), static_cast<T*>(p.gx), p.cols, p.log);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace hydra::kernels::cuda

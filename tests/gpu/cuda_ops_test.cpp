@@ -1,0 +1,282 @@
+// Every CUDA op against the CPU reference on random data (never zeros) at several shapes, odd ones
+// included, in f32 and bf16, forward and backward. Fresh CUDA memory is NaN-poisoned, so an output
+// element a kernel forgets to write fails. Relative error ||gpu - cpu|| / ||cpu||: f32 < 1e-5,
+// bf16 < 1e-2 (the CPU runs in f32 on the same bf16-rounded inputs).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+
+#include "autograd/cuda_context.h"
+#include "autograd/ops.h"
+#include "autograd/optim_ops.h"
+#include "kernels/base/scratch.h"
+#include "tests/test_util.h"
+
+namespace hydra {
+namespace {
+
+#define HYDRA_REQUIRE_GPU() \
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped"
+
+using OpFn = std::function<std::vector<Tensor>(const std::vector<Tensor>&)>;
+
+double tolerance(DType t) { return t == DType::kBF16 ? 1e-2 : 1e-5; }
+
+bool has_nan(const Tensor& t) {
+  for (double v : t.to_vector<double>())
+    if (std::isnan(v)) return true;
+  return false;
+}
+
+// inputs: f32 (or integer) CPU tensors; `grad` marks the floating inputs to differentiate.
+void check_op(const std::string& name, const OpFn& fn, const std::vector<Tensor>& inputs, const std::vector<bool>& grad,
+              DType dtype) {
+  cuda_set_poison_allocations(true);
+  std::vector<Tensor> cpu_in, gpu_in;
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    const Tensor& t = inputs[i];
+    if (!is_floating(t.dtype())) {
+      cpu_in.push_back(t);
+      gpu_in.push_back(t.to(Device::cuda(0)));
+      continue;
+    }
+    Tensor c = t.to(dtype).to(DType::kF32).contiguous();  // the values the GPU sees, in f32
+    Tensor g = t.to(dtype).to(Device::cuda(0));
+    if (grad[i]) {
+      c = c.detach().clone();
+      c.set_requires_grad(true);
+      g = g.detach().clone();
+      g.set_requires_grad(true);
+    }
+    cpu_in.push_back(c);
+    gpu_in.push_back(g);
+  }
+  const std::vector<Tensor> cpu_out = fn(cpu_in), gpu_out = fn(gpu_in);
+  ASSERT_EQ(cpu_out.size(), gpu_out.size());
+  Generator gen(99);
+  Tensor cpu_loss, gpu_loss;
+  for (std::size_t o = 0; o < cpu_out.size(); ++o) {
+    ASSERT_TRUE(gpu_out[o].device().is_cuda()) << name;
+    const Tensor got = gpu_out[o].detach().to(DType::kF32).cpu();
+    EXPECT_FALSE(has_nan(got)) << name << " output " << o << ": unwritten (NaN) elements";
+    const double err = testing::rel_error(got, cpu_out[o].detach().to(DType::kF32));
+    EXPECT_LT(err, tolerance(dtype)) << name << " output " << o << " " << dtype_name(dtype) << " shape "
+                                     << shape_str(cpu_out[o].shape());
+    if (!cpu_out[o].requires_grad()) continue;
+    const Tensor w = randn(cpu_out[o].shape(), gen, 0, 1);
+    const Tensor cl = sum(mul(cpu_out[o].to(DType::kF32), w));
+    const Tensor gl = sum(mul(gpu_out[o].to(DType::kF32), w.to(Device::cuda(0))));
+    cpu_loss = cpu_loss.defined() ? add(cpu_loss, cl) : cl;
+    gpu_loss = gpu_loss.defined() ? add(gpu_loss, gl) : gl;
+  }
+  if (cpu_loss.defined()) {
+    cpu_loss.backward();
+    gpu_loss.backward();
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      if (!grad[i]) continue;
+      ASSERT_TRUE(gpu_in[i].grad().defined()) << name << " input " << i << ": no gradient";
+      const Tensor got = gpu_in[i].grad().to(DType::kF32).cpu();
+      EXPECT_FALSE(has_nan(got)) << name << " gradient " << i << ": NaN";
+      EXPECT_LT(testing::rel_error(got, cpu_in[i].grad()), tolerance(dtype))
+          << name << " gradient of input " << i << " " << dtype_name(dtype);
+    }
+  }
+  cuda_set_poison_allocations(false);
+}
+
+Tensor rnd(const Shape& s, uint64_t seed, double scale = 1.0) { return testing::randn32(s, seed, scale); }
+Tensor positive(const Shape& s, uint64_t seed) { return add(mul(exp(rnd(s, seed, 0.5)), 0.5), 0.5); }
+
+const DType kTypes[] = {DType::kF32, DType::kBF16};
+
+TEST(CudaOps, UnaryMatchCpu) {
+  HYDRA_REQUIRE_GPU();
+  struct U {
+    const char* name;
+    std::function<Tensor(const Tensor&)> f;
+    bool positive;
+  };
+  const std::vector<U> ops = {{"exp", [](const Tensor& x) { return exp(x); }, false},
+                              {"log", [](const Tensor& x) { return log(x); }, true},
+                              {"sigmoid", [](const Tensor& x) { return sigmoid(x); }, false},
+                              {"silu", [](const Tensor& x) { return silu(x); }, false},
+                              {"softplus", [](const Tensor& x) { return softplus(x); }, false},
+                              {"gelu", [](const Tensor& x) { return gelu(x); }, false},
+                              {"relu", [](const Tensor& x) { return relu(x); }, false},
+                              {"sqrt", [](const Tensor& x) { return sqrt(x); }, true},
+                              {"rsqrt", [](const Tensor& x) { return rsqrt(x); }, true},
+                              {"square", [](const Tensor& x) { return square(x); }, false},
+                              {"tanh", [](const Tensor& x) { return tanh(x); }, false},
+                              {"pow", [](const Tensor& x) { return pow(x, 1.5); }, true},
+                              {"affine", [](const Tensor& x) { return affine(x, -2.0, 0.5); }, false},
+                              {"neg", [](const Tensor& x) { return neg(x); }, false}};
+  for (const Shape& s : {Shape{7, 13, 5}, Shape{1}, Shape{1031}, Shape{64, 256}})
+    for (DType t : kTypes)
+      for (const U& u : ops)
+        check_op(u.name, [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{u.f(in[0])}; },
+                 {u.positive ? positive(s, 1) : rnd(s, 1, 2.0)}, {true}, t);
+}
+
+TEST(CudaOps, BinaryWithBroadcastingMatchCpu) {
+  HYDRA_REQUIRE_GPU();
+  const std::vector<std::pair<Shape, Shape>> shapes = {
+      {{7, 13, 5}, {7, 13, 5}}, {{7, 13, 5}, {13, 1}}, {{7, 1, 5}, {13, 5}}, {{1}, {7, 13, 5}}, {{4096}, {4096}}};
+  for (const auto& [a, b] : shapes)
+    for (DType t : kTypes) {
+      check_op("add", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{add(in[0], in[1])}; },
+               {rnd(a, 2), rnd(b, 3)}, {true, true}, t);
+      check_op("sub", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sub(in[0], in[1])}; },
+               {rnd(a, 4), rnd(b, 5)}, {true, true}, t);
+      check_op("mul", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mul(in[0], in[1])}; },
+               {rnd(a, 6), rnd(b, 7)}, {true, true}, t);
+      check_op("div", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{div(in[0], in[1])}; },
+               {rnd(a, 8), positive(b, 9)}, {true, true}, t);
+    }
+}
+
+TEST(CudaOps, ReductionsMatchCpu) {
+  HYDRA_REQUIRE_GPU();
+  for (DType t : kTypes) {
+    for (const std::vector<int64_t>& axes : std::vector<std::vector<int64_t>>{{0}, {1}, {2}, {0, 2}, {}})
+      check_op("sum", [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], axes)}; },
+               {rnd({7, 13, 5}, 10)}, {true}, t);
+    // Few long rows (chunked partials), many short ones, few long columns.
+    check_op("sum long rows", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], {1})}; },
+             {rnd({3, 100003}, 11)}, {true}, t);
+    check_op("mean columns", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mean(in[0], {0})}; },
+             {rnd({5000, 37}, 12)}, {true}, t);
+    check_op("sum all", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0])}; },
+             {rnd({1, 300001}, 13)}, {true}, t);
+  }
+  const Tensor x = rnd({123, 45}, 14);
+  EXPECT_LT(testing::rel_error(sum_squares(x.to(Device::cuda(0))).cpu(), sum_squares(x)), 1e-6);
+  EXPECT_LT(testing::rel_error(amax(x.to(Device::cuda(0)), 1).cpu(), amax(x, 1)), 1e-7);
+}
+
+TEST(CudaOps, MatmulAndLinearMatchCpu) {
+  HYDRA_REQUIRE_GPU();
+  for (DType t : kTypes) {
+    check_op("matmul", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{matmul(in[0], in[1])}; },
+             {rnd({7, 13}, 15), rnd({13, 5}, 16)}, {true, true}, t);
+    check_op("matmul batched", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{matmul(in[0], in[1])}; },
+             {rnd({3, 64, 129}, 17), rnd({3, 129, 65}, 18)}, {true, true}, t);
+    check_op("matmul transposed",
+             [](const std::vector<Tensor>& in) { return std::vector<Tensor>{matmul(in[0].transpose(0, 1), in[1])}; },
+             {rnd({33, 17}, 19), rnd({33, 9}, 20)}, {true, true}, t);
+    check_op("linear+bias",
+             [](const std::vector<Tensor>& in) { return std::vector<Tensor>{linear(in[0], in[1], in[2])}; },
+             {rnd({2, 37, 96}, 21), rnd({80, 96}, 22, 0.1), rnd({80}, 23)}, {true, true, true}, t);
+    check_op("linear", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{linear(in[0], in[1])}; },
+             {rnd({1000, 256}, 24), rnd({512, 256}, 25, 0.05)}, {true, true}, t);
+  }
+}
+
+TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {
+  HYDRA_REQUIRE_GPU();
+  for (DType t : kTypes) {
+    for (const Shape& s : {Shape{7, 13}, Shape{1000, 2048}, Shape{3, 5, 33}}) {
+      check_op("rms_norm", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{rms_norm(in[0], in[1])}; },
+               {rnd(s, 26), rnd({s.back()}, 27)}, {true, true}, t);
+      check_op("softmax", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{softmax(in[0])}; },
+               {rnd(s, 28, 3.0)}, {true}, t);
+      check_op("log_softmax", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{log_softmax(in[0])}; },
+               {rnd(s, 29, 3.0)}, {true}, t);
+    }
+    std::vector<int64_t> targets(333);
+    for (int i = 0; i < 333; ++i) targets[i] = i % 7 == 0 ? -100 : (i * 37) % 1000;
+    for (Reduction r : {Reduction::kMean, Reduction::kNone})
+      check_op("cross_entropy",
+               [r](const std::vector<Tensor>& in) { return std::vector<Tensor>{cross_entropy(in[0], in[1], -100, r)}; },
+               {rnd({333, 1000}, 30, 2.0), tensor(targets, {333})}, {true, false}, t);
+  }
+}
+
+TEST(CudaOps, IndexingMatchCpu) {
+  HYDRA_REQUIRE_GPU();
+  Generator g(31);
+  const Tensor idx = randint(0, 1000, {7, 111}, g), rows = randint(0, 13, {77}, g);
+  for (DType t : kTypes) {
+    check_op("embedding", [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding(in[0], in[1])}; },
+             {rnd({1000, 96}, 32), idx}, {true, false}, t);
+    check_op("scatter_add_rows",
+             [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{scatter_add_rows(in[0], in[2], in[1])}; },
+             {rnd({13, 20}, 33), rnd({77, 20}, 34), rows}, {true, true, false}, t);
+    const Tensor aidx = randint(0, 13, {7, 9, 5}, g);
+    check_op("gather", [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{gather(in[0], 1, in[1])}; },
+             {rnd({7, 13, 5}, 35), aidx}, {true, false}, t);
+    check_op("scatter_add",
+             [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{scatter_add(in[0], 1, in[2], in[1])}; },
+             {rnd({7, 13, 5}, 36), rnd({7, 9, 5}, 37), aidx}, {true, true, false}, t);
+    check_op("topk", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{topk(in[0], 5).first}; },
+             {rnd({7, 13}, 38)}, {true}, t);
+    check_op("topk wide", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{topk(in[0], 32).first}; },
+             {rnd({3, 512}, 39)}, {true}, t);
+    check_op("concat/split",
+             [](const std::vector<Tensor>& in) {
+               auto parts = split(concat({in[0], in[1]}, 1), {4, 9}, 1);
+               return std::vector<Tensor>{exp(parts[0]), parts[1].transpose(0, 1).contiguous()};
+             },
+             {rnd({7, 6}, 40), rnd({7, 7}, 41)}, {true, true}, t);
+    check_op("embedding_bag",
+             [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding_bag(in[0], in[2], in[1])}; },
+             {rnd({50, 24}, 42), rnd({17, 6}, 43), randint(0, 50, {17, 6}, g)}, {true, true, false}, t);
+  }
+  // Indices and values agree exactly in f32.
+  const Tensor x = rnd({7, 513}, 44);
+  EXPECT_EQ(topk(x.to(Device::cuda(0)), 9).second.cpu().to_vector<int64_t>(), topk(x, 9).second.to_vector<int64_t>());
+}
+
+TEST(CudaOps, CausalConv1dMatchCpu) {
+  HYDRA_REQUIRE_GPU();
+  for (DType t : kTypes) {
+    check_op("causal_conv1d",
+             [](const std::vector<Tensor>& in) {
+               return std::vector<Tensor>{causal_conv1d(in[0], in[1], in[2], in[3], true)};
+             },
+             {rnd({2, 37, 19}, 45), rnd({19, 4}, 46), rnd({19}, 47), rnd({2, 3, 19}, 48)}, {true, true, true, true}, t);
+    check_op("causal_conv1d plain",
+             [](const std::vector<Tensor>& in) { return std::vector<Tensor>{causal_conv1d(in[0], in[1], Tensor())}; },
+             {rnd({3, 300, 256}, 49), rnd({256, 4}, 50)}, {true, true}, t);
+  }
+}
+
+TEST(CudaOps, AdamWMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  const Tensor p = rnd({1031}, 51), g = rnd({1031}, 52), m = rnd({1031}, 53, 0.1), v = exp(rnd({1031}, 54));
+  const AdamWHyper h{1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5};
+  Tensor cp = p.clone(), cm = m.clone(), cv = v.clone();
+  Tensor gp = p.to(Device::cuda(0)), gm = m.to(Device::cuda(0)), gv = v.to(Device::cuda(0));
+  adamw_update(cp, g, cm, cv, h);
+  adamw_update(gp, g.to(Device::cuda(0)), gm, gv, h);
+  EXPECT_LT(testing::rel_error(gp.cpu(), cp), 1e-6);
+  EXPECT_LT(testing::rel_error(gm.cpu(), cm), 1e-6);
+  EXPECT_LT(testing::rel_error(gv.cpu(), cv), 1e-6);
+  // Row-sparse.
+  const Tensor table = rnd({40, 8}, 55), tm = zeros({40, 8}), tv = zeros({40, 8});
+  const Tensor rows_idx = tensor<int64_t>({3, 17, 39}, {3}), vals = rnd({3, 8}, 56);
+  Tensor ct = table.clone(), ctm = tm.clone(), ctv = tv.clone();
+  Tensor gt = table.to(Device::cuda(0)), gtm = tm.to(Device::cuda(0)), gtv = tv.to(Device::cuda(0));
+  adamw_update_rows(ct, rows_idx, vals, ctm, ctv, h);
+  adamw_update_rows(gt, rows_idx.to(Device::cuda(0)), vals.to(Device::cuda(0)), gtm, gtv, h);
+  EXPECT_LT(testing::rel_error(gt.cpu(), ct), 1e-6);
+}
+
+TEST(CudaOps, EmbeddingBackwardIsDeterministic) {
+  HYDRA_REQUIRE_GPU();
+  kernels::set_deterministic(true);
+  Generator g(57);
+  const Tensor idx = randint(0, 64, {20000}, g).to(Device::cuda(0));  // many repeats per row
+  auto grad_once = [&] {
+    Tensor w = rnd({64, 512}, 58).to(Device::cuda(0));
+    w.set_requires_grad(true);
+    Tensor y = embedding(w, idx);
+    y.backward(rnd({20000, 512}, 59).to(Device::cuda(0)));
+    return w.grad().cpu();
+  };
+  const Tensor a = grad_once(), b = grad_once();
+  EXPECT_TRUE(testing::bitwise_equal(a, b));
+}
+
+}  // namespace
+}  // namespace hydra
