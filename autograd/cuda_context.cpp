@@ -203,7 +203,107 @@ DeviceState& state(int device) {
   return *s;
 }
 
+// Page-locked host blocks by size class. A block read by async copies goes back to the cache only when
+// the events recorded after those copies have completed.
+class PinnedAllocator final : public Allocator {
+ public:
+  void* allocate(std::size_t bytes, void*) override {
+    if (bytes == 0) return nullptr;
+    std::lock_guard<std::mutex> lock(mu_);
+    process_pending();
+    const std::size_t size = bin_size(bytes);
+    void* ptr = nullptr;
+    auto& bin = free_[size];
+    if (!bin.empty()) {
+      ptr = bin.back();
+      bin.pop_back();
+    } else {
+      ptr = kernels::cuda::host_malloc_pinned(size);
+      ++stats_.num_driver_allocations;
+      stats_.reserved += size;
+    }
+    active_[ptr] = {size, {}};
+    stats_.allocated += size;
+    return ptr;
+  }
+  void deallocate(void* ptr, std::size_t, void*) override {
+    if (ptr == nullptr) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = active_.find(ptr);
+    HYDRA_CHECK(it != active_.end()) << "pinned allocator: free of an unknown pointer";
+    Entry e = std::move(it->second);
+    active_.erase(it);
+    stats_.allocated -= e.size;
+    if (e.events.empty()) {
+      free_[e.size].push_back(ptr);
+    } else {
+      pending_.push_back({ptr, std::move(e)});
+    }
+  }
+  void record_use(void* ptr, void* stream) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = active_.find(ptr);
+    if (it == active_.end()) return;  // not a pinned block: nothing to protect
+    void* ev = kernels::cuda::event_create();
+    kernels::cuda::event_record(ev, stream);
+    it->second.events.push_back(ev);
+  }
+  PinnedMemoryStats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_;
+  }
+
+ private:
+  struct Entry {
+    std::size_t size = 0;
+    std::vector<void*> events;
+  };
+  void process_pending() {
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      auto& events = it->second.events;
+      if (!std::all_of(events.begin(), events.end(), [](void* e) { return kernels::cuda::event_query(e); })) {
+        ++it;
+        continue;
+      }
+      for (void* e : events) kernels::cuda::event_destroy(e);
+      free_[it->second.size].push_back(it->first);
+      it = pending_.erase(it);
+    }
+  }
+  std::mutex mu_;
+  std::map<std::size_t, std::vector<void*>> free_;
+  std::unordered_map<void*, Entry> active_;
+  std::list<std::pair<void*, Entry>> pending_;
+  PinnedMemoryStats stats_;
+};
+
+PinnedAllocator& pinned() {
+  static auto* a = new PinnedAllocator();  // outlives every tensor (no destruction-order races at exit)
+  return *a;
+}
+
 }  // namespace
+
+Allocator& cuda_pinned_allocator() { return pinned(); }
+void cuda_record_pinned_use(void* ptr, void* stream) { pinned().record_use(ptr, stream); }
+PinnedMemoryStats cuda_pinned_memory_stats() { return pinned().stats(); }
+
+CudaEvent::CudaEvent() : event_(kernels::cuda::event_create()) {}
+CudaEvent::~CudaEvent() {
+  if (event_) kernels::cuda::event_destroy(event_);
+}
+void CudaEvent::record(void* stream) { kernels::cuda::event_record(event_, stream); }
+void CudaEvent::wait_on(void* stream) const { kernels::cuda::stream_wait_event(stream, event_); }
+bool CudaEvent::done() const { return kernels::cuda::event_query(event_); }
+void CudaEvent::synchronize() const { kernels::cuda::event_synchronize(event_); }
+float CudaEvent::ms_since(const CudaEvent& start) const { return kernels::cuda::event_elapsed_ms(start.event_, event_); }
+
+void cuda_stream_wait(void* waiter, void* signaller) {
+  if (waiter == signaller) return;
+  CudaEvent e;
+  e.record(signaller);
+  e.wait_on(waiter);  // destroying an event with pending waits is allowed: the wait keeps its state
+}
 
 Allocator& cuda_allocator(int device) { return *state(device).allocator; }
 void cuda_set_poison_allocations(bool on) { g_poison.store(on); }
@@ -238,6 +338,17 @@ void cuda_record_stream(void*, int, void*) { no_cuda(); }
 void cuda_set_poison_allocations(bool) {}
 void* cuda_compute_stream(int) { no_cuda(); }
 void* cuda_comm_stream(int) { no_cuda(); }
+Allocator& cuda_pinned_allocator() { no_cuda(); }
+void cuda_record_pinned_use(void*, void*) {}
+PinnedMemoryStats cuda_pinned_memory_stats() { return {}; }
+CudaEvent::CudaEvent() { no_cuda(); }
+CudaEvent::~CudaEvent() = default;
+void CudaEvent::record(void*) { no_cuda(); }
+void CudaEvent::wait_on(void*) const { no_cuda(); }
+bool CudaEvent::done() const { no_cuda(); }
+void CudaEvent::synchronize() const { no_cuda(); }
+float CudaEvent::ms_since(const CudaEvent&) const { no_cuda(); }
+void cuda_stream_wait(void*, void*) { no_cuda(); }
 void* current_stream(Device device) {
   if (device.is_cuda()) no_cuda();
   return nullptr;

@@ -36,6 +36,37 @@ void cuda_record_stream(void* ptr, int device, void* stream);
 // an output element a kernel fails to write shows up as NaN.
 void cuda_set_poison_allocations(bool on);
 
+// Page-locked host memory for asynchronous host-to-device copies, cached by size class like the device
+// memory. A block an async copy reads from (cuda_record_pinned_use) returns to the cache only after
+// that copy has finished, so freeing the host tensor early is safe.
+Allocator& cuda_pinned_allocator();
+void cuda_record_pinned_use(void* ptr, void* stream);
+struct PinnedMemoryStats {
+  std::size_t allocated = 0, reserved = 0;
+  int64_t num_driver_allocations = 0;
+};
+PinnedMemoryStats cuda_pinned_memory_stats();
+
+// A CUDA event (RAII) for ordering work across streams and for timing.
+class CudaEvent {
+ public:
+  CudaEvent();
+  ~CudaEvent();
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+  void record(void* stream);
+  void wait_on(void* stream) const;  // work queued on `stream` after this waits for the event
+  bool done() const;                // true when the recorded work has finished
+  void synchronize() const;         // host waits
+  float ms_since(const CudaEvent& start) const;
+
+ private:
+  void* event_ = nullptr;
+};
+
+// Makes work queued on `waiter` from now on wait for work queued on `signaller` so far.
+void cuda_stream_wait(void* waiter, void* signaller);
+
 // The streams kernels of a device run on. Both are created on first use; `compute` is where ops
 // run.
 void* cuda_compute_stream(int device);

@@ -80,6 +80,9 @@ Tensor sum_to(const Tensor& x, const Shape& shape);
 // Not differentiable: statistics.
 Tensor amax(const Tensor& x, int64_t axis, bool keepdim = false);
 Tensor sum_squares(const Tensor& x);  // sum of x^2 over all elements, as a 1-element tensor
+// sum over tensors of sum of x^2, in double: one fused launch per device, dtype and 128 tensors, one
+// host synchronisation per launch. Fixed summation order (bit-reproducible).
+double sum_squares_all(const std::vector<Tensor>& xs);
 
 // ---- linear algebra
 // -------------------------------------------------------------------------------- a [..., M, K] @

@@ -139,3 +139,45 @@ Tensor sum_squares(const Tensor& x) {
 }
 
 }  // namespace hydra
+
+namespace hydra {
+
+double sum_squares_all(const std::vector<Tensor>& xs) {
+  // Group by (device, dtype), keeping the order of first appearance so the summation order is fixed.
+  std::vector<std::vector<Tensor>> groups;
+  for (const Tensor& x : xs) {
+    if (!x.defined() || x.numel() == 0) continue;
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const std::vector<Tensor>& g) {
+      return g.front().device() == x.device() && g.front().dtype() == x.dtype();
+    });
+    Tensor c = x.detach().contiguous();
+    if (it == groups.end()) {
+      groups.push_back({c});
+    } else {
+      it->push_back(c);
+    }
+  }
+  double total = 0;
+  for (const auto& g : groups) {
+    const Device dev = g.front().device();
+    for (std::size_t first = 0; first < g.size(); first += kernels::MultiSumSquaresParams::kMax) {
+      kernels::MultiSumSquaresParams p;
+      p.dtype = g.front().dtype();
+      p.count = static_cast<int>(std::min<std::size_t>(kernels::MultiSumSquaresParams::kMax, g.size() - first));
+      for (int i = 0; i < p.count; ++i) {
+        p.x[i] = g[first + i].raw_data();
+        p.n[i] = g[first + i].numel();
+      }
+      double out = 0;
+      p.out = &out;
+      p.stream = current_stream(dev);
+      Tensor ws = HYDRA_CUDA_WORKSPACE(dev, multi_sum_squares_workspace, p);
+      p.workspace = ws.defined() ? ws.raw_data() : nullptr;
+      HYDRA_LAUNCH(dev, multi_sum_squares, p);
+      total += out;
+    }
+  }
+  return total;
+}
+
+}  // namespace hydra

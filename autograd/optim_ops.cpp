@@ -1,6 +1,9 @@
 #include "autograd/optim_ops.h"
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
+#include <vector>
 
 #include "autograd/dispatch.h"
 #include "kernels/optim.h"
@@ -41,6 +44,46 @@ void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, cons
   const kernels::AdamWParams p = make_params(param, grad, m, v, h);
   if (p.n > 0) HYDRA_LAUNCH(param.device(), adamw_step, p);
   param.storage()->bump_version();
+}
+
+void adamw_update_many(const std::vector<AdamWEntry>& entries, const AdamWHyper& h) {
+  std::vector<std::vector<const AdamWEntry*>> groups;  // by (device, dtype), in order of appearance
+  for (const AdamWEntry& e : entries) {
+    HYDRA_CHECK(e.grad.shape() == e.param.shape() && e.m.shape() == e.param.shape() && e.v.shape() == e.param.shape())
+        << "adamw: shapes differ: param " << shape_str(e.param.shape()) << ", grad " << shape_str(e.grad.shape());
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) {
+      return g.front()->param.device() == e.param.device() && g.front()->param.dtype() == e.param.dtype();
+    });
+    if (it == groups.end()) {
+      groups.push_back({&e});
+    } else {
+      it->push_back(&e);
+    }
+  }
+  for (const auto& g : groups) {
+    const Device dev = g.front()->param.device();
+    for (std::size_t first = 0; first < g.size(); first += kernels::MultiAdamWParams::kMax) {
+      auto mp = std::make_unique<kernels::MultiAdamWParams>();
+      mp->count = static_cast<int>(std::min<std::size_t>(kernels::MultiAdamWParams::kMax, g.size() - first));
+      for (int i = 0; i < mp->count; ++i) {
+        const AdamWEntry& e = *g[first + i];
+        const kernels::AdamWParams one = make_params(e.param, e.grad, e.m, e.v, h);
+        mp->t[i] = {one.param, one.grad, one.m, one.v, one.n, e.lr, e.weight_decay};
+        if (i == 0) {
+          mp->dtype = one.dtype;
+          mp->beta1 = one.beta1;
+          mp->beta2 = one.beta2;
+          mp->eps = one.eps;
+          mp->bias_correction1 = one.bias_correction1;
+          mp->bias_correction2 = one.bias_correction2;
+          mp->grad_scale = one.grad_scale;
+          mp->stream = one.stream;
+        }
+      }
+      HYDRA_LAUNCH(dev, multi_adamw_step, *mp);
+    }
+  }
+  for (const AdamWEntry& e : entries) e.param.storage()->bump_version();
 }
 
 void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& values, const Tensor& m, const Tensor& v,

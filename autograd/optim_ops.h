@@ -13,6 +13,13 @@ struct AdamWHyper {
 
 // param, grad, m, v: same shape, dtype and device, contiguous.
 void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWHyper& h);
+// Dense parameters updated together: one fused launch per device, dtype and 160 tensors. Entries
+// carry their own lr and weight decay; h gives the rest (its lr and weight_decay are ignored).
+struct AdamWEntry {
+  Tensor param, grad, m, v;
+  double lr = 0, weight_decay = 0;
+};
+void adamw_update_many(const std::vector<AdamWEntry>& entries, const AdamWHyper& h);
 // The rows `rows` (i64 [k]) of a 2-D param with gradient values [k, cols]; m and v like param.
 void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& values, const Tensor& m, const Tensor& v,
                        const AdamWHyper& h);

@@ -86,12 +86,17 @@ Allocator& allocator_for(Device device) {
 }
 
 StorageImpl::StorageImpl(std::size_t bytes, Device device, void* stream)
-    : bytes_(bytes), device_(device), stream_(stream) {
-  data_ = allocator_for(device).allocate(bytes, stream);
+    : bytes_(bytes), device_(device), stream_(stream), allocator_(&allocator_for(device)) {
+  data_ = allocator_->allocate(bytes, stream);
+}
+
+StorageImpl::StorageImpl(std::size_t bytes, Allocator& allocator, bool pinned)
+    : bytes_(bytes), device_(Device::cpu()), allocator_(&allocator), pinned_(pinned) {
+  data_ = allocator_->allocate(bytes, nullptr);
 }
 
 StorageImpl::~StorageImpl() {
-  if (data_ != nullptr) allocator_for(device_).deallocate(data_, bytes_, stream_);
+  if (data_ != nullptr) allocator_->deallocate(data_, bytes_, stream_);
 }
 
 }  // namespace hydra

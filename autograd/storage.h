@@ -23,6 +23,8 @@ Allocator& allocator_for(Device device);
 class StorageImpl {
  public:
   StorageImpl(std::size_t bytes, Device device, void* stream = nullptr);
+  // Host memory from `allocator` (the pinned allocator): device must be the CPU.
+  StorageImpl(std::size_t bytes, Allocator& allocator, bool pinned);
   ~StorageImpl();
   StorageImpl(const StorageImpl&) = delete;
   StorageImpl& operator=(const StorageImpl&) = delete;
@@ -32,6 +34,7 @@ class StorageImpl {
   Device device() const { return device_; }
   void* stream() const { return stream_; }
   uint32_t version() const { return version_; }
+  bool pinned() const { return pinned_; }  // page-locked host memory (async copies to a GPU)
   void bump_version() { ++version_; }
 
  private:
@@ -39,6 +42,8 @@ class StorageImpl {
   std::size_t bytes_ = 0;
   Device device_;
   void* stream_ = nullptr;
+  Allocator* allocator_ = nullptr;
+  bool pinned_ = false;
   uint32_t version_ = 0;
 };
 

@@ -134,7 +134,11 @@ Tensor transfer(const Tensor& src, Device device) {
                                             : CopyKind::kDeviceToDevice;
   void* stream = current_stream(device.is_cuda() ? device : s.device());
   kernels::cuda::memcpy_async(out.raw_data(), s.raw_data(), s.nbytes(), kind, stream);
-  if (device.is_cpu()) kernels::cuda::stream_synchronize(stream);
+  if (device.is_cpu()) {
+    kernels::cuda::stream_synchronize(stream);
+  } else if (s.is_pinned()) {
+    cuda_record_pinned_use(s.storage()->data(), stream);  // async: keep the block until the copy is done
+  }
 #else
   HYDRA_CHECK(device.is_cpu() && s.device().is_cpu())
       << "to(" << device.str() << "): this build has no CUDA backend";
@@ -152,6 +156,23 @@ void check_inplace_allowed(const Tensor& t, const char* op) {
 }
 
 }  // namespace
+
+Tensor Tensor::pin_memory() const {
+  HYDRA_CHECK(device().is_cpu()) << "pin_memory: the tensor is on " << device().str() << ", not the CPU";
+  if (is_pinned()) return *this;
+  HYDRA_CHECK(cuda_available()) << "pin_memory: no CUDA device, so there is no page-locked memory to use";
+  Tensor c = contiguous();
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = std::make_shared<StorageImpl>(c.nbytes(), cuda_pinned_allocator(), true);
+  impl->shape = c.shape();
+  impl->strides = contiguous_strides(c.shape());
+  impl->dtype = c.dtype();
+  Tensor out(std::move(impl));
+  if (c.numel() > 0) std::memcpy(out.raw_data(), c.raw_data(), c.nbytes());
+  return out;
+}
+
+bool Tensor::is_pinned() const { return defined() && storage() && storage()->pinned(); }
 
 Tensor Tensor::contiguous() const {
   if (is_contiguous()) return *this;

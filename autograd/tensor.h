@@ -116,6 +116,10 @@ class Tensor {
   Tensor to(DType dtype) const;
   Tensor to(Device device) const;
   Tensor cpu() const { return to(Device::cpu()); }
+  // A copy in page-locked host memory (CPU tensors; needs the CUDA backend): copies from it to a GPU
+  // are asynchronous. Returns *this when already pinned.
+  Tensor pin_memory() const;
+  bool is_pinned() const;
 
   // In place (no autograd: not allowed on a tensor that requires grad while grad mode is on).
   Tensor& fill_(double value);

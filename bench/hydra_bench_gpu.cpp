@@ -82,10 +82,10 @@ void gemm_row(Report& report, const Floors& f, const char* what, int64_t m, int6
                {"of_peak", tflops / f.gemm_tflops}}});
 }
 
-void bandwidth_row(Report& report, const Floors& f, const char* what, double bytes, const std::function<void()>& fn) {
+void bandwidth_row(Report& report, const Floors& f, const std::string& what, double bytes, const std::function<void()>& fn) {
   const double ms = time_gpu(fn);
   const double gbs = bytes / ms / 1e6;
-  std::printf("%-44s %9.3f %9.0f %8.2f\n", what, ms, gbs, gbs / f.copy_gbs);
+  std::printf("%-44s %9.3f %9.0f %8.2f\n", what.c_str(), ms, gbs, gbs / f.copy_gbs);
   report.add({"bandwidth", {{"kernel", what}}, {{"ms", ms}, {"bytes", bytes}, {"gbs", gbs}, {"of_copy", gbs / f.copy_gbs}}});
 }
 
@@ -123,37 +123,39 @@ int run(int argc, char** argv) {
 
   std::printf("\n%-44s %9s %9s %8s\n", "memory-bound (bf16 unless noted)", "ms", "GB/s", "of copy");
   const int64_t d = 2048;
-  {
-    Tensor x = rnd({T, d}), w = rnd({d});
-    NoGradGuard ng;
-    bandwidth_row(report, f, "rms_norm fwd [16384, 2048]", 2.0 * T * d * 2, [&] { (void)rms_norm(x, w); });
-  }
-  {
-    Tensor x = rnd({T, d}), w = rnd({d}), gy = rnd({T, d});
+  // Model widths: 2048 (hydra-1.6b) and 384 (toy); vocabularies 50304 and 8192.
+  for (const int64_t width : {int64_t{2048}, int64_t{384}}) {
+    const std::string shape = "[" + std::to_string(T) + ", " + std::to_string(width) + "]";
+    Tensor x = rnd({T, width}), w = rnd({width}), gy = rnd({T, width});
+    {
+      NoGradGuard ng;
+      bandwidth_row(report, f, "rms_norm fwd " + shape, 2.0 * T * width * 2, [&] { (void)rms_norm(x, w); });
+    }
     x.set_requires_grad(true);
     w.set_requires_grad(true);
-    bandwidth_row(report, f, "rms_norm fwd+bwd [16384, 2048]", 5.0 * T * d * 2, [&] {
+    bandwidth_row(report, f, "rms_norm fwd+bwd " + shape, 5.0 * T * width * 2, [&] {
+      x.set_grad(Tensor());  // gradients into fresh buffers, as after zero_grad (no accumulation)
+      w.set_grad(Tensor());
       Tensor y = rms_norm(x, w);
       y.backward(gy);
     });
-  }
-  {
-    Tensor x = rnd({T, d}, DType::kBF16, 3.0);
+    Tensor xs = rnd({T, width}, DType::kBF16, 3.0);
     NoGradGuard ng;
-    bandwidth_row(report, f, "softmax fwd [16384, 2048]", 2.0 * T * d * 2, [&] { (void)softmax(x); });
+    bandwidth_row(report, f, "softmax fwd " + shape, 2.0 * T * width * 2, [&] { (void)softmax(xs); });
   }
-  {
-    const int64_t rows = 8192, V = 50304;
+  for (const auto& [rows, V] : {std::pair<int64_t, int64_t>{8192, 50304}, {16384, 8192}}) {
+    const std::string shape = "[" + std::to_string(rows) + ", " + std::to_string(V) + "]";
     Tensor logits = rnd({rows, V}, DType::kBF16, 2.0);
     Generator g(2);
     Tensor targets = randint(0, V, {rows}, g, DType::kI64, kGpu);
     {
       NoGradGuard ng;
-      bandwidth_row(report, f, "cross_entropy fwd [8192, 50304]", 1.0 * rows * V * 2,
+      bandwidth_row(report, f, "cross_entropy fwd " + shape, 1.0 * rows * V * 2,
                     [&] { (void)cross_entropy(logits, targets); });
     }
     logits.set_requires_grad(true);
-    bandwidth_row(report, f, "cross_entropy fwd+bwd [8192, 50304]", 3.0 * rows * V * 2, [&] {
+    bandwidth_row(report, f, "cross_entropy fwd+bwd " + shape, 3.0 * rows * V * 2, [&] {
+      logits.set_grad(Tensor());
       Tensor l = cross_entropy(logits, targets);
       l.backward();
     });
@@ -178,6 +180,14 @@ int run(int argc, char** argv) {
            v = exp(rnd({n}, DType::kF32));
     const AdamWHyper h{1e-4, 0.9, 0.95, 1e-8, 0.1, 10, 1.0};
     bandwidth_row(report, f, "adamw f32 [100M params]", 28.0 * n, [&] { adamw_update(p, g, m, v, h); });
+    // The optimizer's real case: many tensors (here 400 of 256K) in a few fused launches.
+    std::vector<AdamWEntry> many;
+    const int64_t k = 400, each = n / k;
+    for (int64_t i = 0; i < k; ++i)
+      many.push_back({p.narrow(0, i * each, each), g.narrow(0, i * each, each), m.narrow(0, i * each, each),
+                      v.narrow(0, i * each, each), 1e-4, 0.1});
+    bandwidth_row(report, f, "adamw f32 [400 tensors, 100M params]", 28.0 * n,
+                  [&] { adamw_update_many(many, h); });
   }
   if (!json.empty()) {
     report.write_json(json, {{"device", kc::device_name(0)}});

@@ -32,6 +32,7 @@ void event_destroy(void* event);
 void event_record(void* event, void* stream);
 void stream_wait_event(void* stream, void* event);
 bool event_query(void* event);  // true when complete
+void event_synchronize(void* event);
 float event_elapsed_ms(void* start, void* end);
 
 }  // namespace hydra::kernels::cuda

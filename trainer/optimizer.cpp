@@ -20,41 +20,44 @@ AdamW::AdamW(std::vector<NamedParameter> params, const config::OptimizerConfig& 
 
 double AdamW::grad_norm() const {
   NoGradGuard ng;
-  double ss = 0;
+  std::vector<Tensor> grads;
   for (std::size_t i = 0; i < params_.size(); ++i) {
     if (slots_[i].frozen) continue;
     const Tensor& t = params_[i].tensor;
     if (const auto& sg = t.sparse_grad()) {
-      ss += sum_squares(sg->values).item<double>();
+      grads.push_back(sg->values);
     } else if (t.grad().defined()) {
-      ss += sum_squares(t.grad()).item<double>();
+      grads.push_back(t.grad());
     }
   }
-  return std::sqrt(ss);
+  return std::sqrt(sum_squares_all(grads));
 }
 
 void AdamW::step(double lr, double base_lr, double grad_scale) {
   NoGradGuard ng;
   ++steps_;
+  AdamWHyper shared;
+  shared.beta1 = cfg_.beta1();
+  shared.beta2 = cfg_.beta2();
+  shared.eps = cfg_.eps();
+  shared.step = steps_;
+  shared.grad_scale = grad_scale;
+  std::vector<AdamWEntry> dense;  // one fused update for all of them
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const NamedParameter& p = params_[i];
     Slot& s = slots_[i];
     if (s.frozen) continue;
-    AdamWHyper h;
     const double group_lr = p.options.lr_group.empty() ? base_lr : lr_groups_.at(p.options.lr_group);
+    AdamWHyper h = shared;
     h.lr = base_lr > 0 ? lr * group_lr / base_lr : 0.0;
-    h.beta1 = cfg_.beta1();
-    h.beta2 = cfg_.beta2();
-    h.eps = cfg_.eps();
     h.weight_decay = p.options.weight_decay ? cfg_.weight_decay() : 0.0;
-    h.step = steps_;
-    h.grad_scale = grad_scale;
     if (const auto& sg = p.tensor.sparse_grad()) {
       adamw_update_rows(p.tensor, sg->rows, sg->values, s.m, s.v, h);
     } else if (p.tensor.grad().defined()) {
-      adamw_update(p.tensor, p.tensor.grad(), s.m, s.v, h);
+      dense.push_back({p.tensor, p.tensor.grad(), s.m, s.v, h.lr, h.weight_decay});
     }
   }
+  adamw_update_many(dense, shared);
 }
 
 void AdamW::set_frozen(const std::string& name, bool frozen) {

@@ -18,6 +18,7 @@
 #include "autograd/ops.h"
 #include "configs/config_io.h"
 #include "data/tokenizer.h"
+#include "kernels/base/scratch.h"
 #include "trainer/schedule.h"
 
 namespace hydra::trainer {
@@ -83,6 +84,10 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
                                  "no CUDA backend); use --set train.device=cpu");
     t->device_ = Device::cuda(0);
   }
+  if (t->cfg_.train().precision() == config::TrainConfig::BF16_MIXED && t->device_.is_cpu())
+    return invalid_argument(source + ": train.precision = BF16_MIXED runs on CUDA only (the CPU backend computes in "
+                            "f32/f64); use train.precision = FP32 or train.device = cuda");
+  kernels::set_deterministic(t->cfg_.train().deterministic());
   // Data: shards are opened once (and checked) here; synthetic sources are made per stage (data mix).
   if (t->cfg_.data().shards_size() > 0) {
     HYDRA_ASSIGN_OR_RETURN(std::vector<std::string> paths,

@@ -32,6 +32,12 @@ void adamw_step(const AdamWParams& a) {
   });
 }
 
+void multi_adamw_step(const MultiAdamWParams& mp) {
+  for (int i = 0; i < mp.count; ++i) {
+    adamw_step(mp.single(i));
+  }
+}
+
 void adamw_rows_step(const AdamWRowsParams& r) {
   const AdamWParams& a = r.base;
   dispatch_float(a.dtype, "adamw_rows", [&](auto tag) {

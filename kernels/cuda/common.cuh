@@ -137,6 +137,44 @@ __device__ MaxSum<A> block_max_sum(MaxSum<A> v, A* shared_m, A* shared_s) {
   return v;
 }
 
+// Per-thread statistics of values held in registers: the max first, then one exp per value.
+template <class A>
+struct LocalMaxSum {
+  A m = A(-INFINITY), s = A(0);
+  __device__ void max_of(A v) { m = max(m, v); }
+  __device__ void sum_of(A v) { s += fast_exp(v - m); }  // after every max_of
+  __device__ MaxSum<A> get() const { return {m, m == A(-INFINITY) ? A(0) : s}; }
+};
+
+// Online update with a single value: one exp per value.
+template <class A>
+__device__ __forceinline__ MaxSum<A> online_add(MaxSum<A> a, A v) {
+  if (v == A(-INFINITY)) return a;
+  if (v <= a.m) return {a.m, a.s + fast_exp(v - a.m)};
+  return {v, a.s * fast_exp(a.m - v) + A(1)};
+}
+
+// out[j] = scale * sum over b of part[b * cols + j], for per-block partials of column sums. A block is
+// 32 columns x 32 slices; slice y sums b = y, y + 32, ...; the slices combine in a fixed tree, so the
+// result is bit-reproducible. Launch with column_sum_grid(cols) blocks of dim3(32, 32).
+template <class A, class T>
+__global__ void __launch_bounds__(1024) column_sum_kernel(const A* __restrict part, int64_t blocks, int64_t cols,
+                                                           T* __restrict out, A scale) {
+  __shared__ A tile[32][33];
+  const int64_t j = blockIdx.x * 32 + threadIdx.x;
+  A acc = 0;
+  if (j < cols)
+    for (int64_t b = threadIdx.y; b < blocks; b += 32) acc += part[b * cols + j];
+  tile[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  for (int h = 16; h > 0; h >>= 1) {
+    if (threadIdx.y < h) tile[threadIdx.y][threadIdx.x] += tile[threadIdx.y + h][threadIdx.x];
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && j < cols) out[j] = convert<T>(tile[0][threadIdx.x] * scale);
+}
+inline unsigned int column_sum_grid(int64_t cols) { return static_cast<unsigned int>((cols + 31) / 32); }
+
 // Threads per block for a row of `cols` handled `per_thread` elements at a time.
 inline int row_threads(int64_t cols, int per_thread = 1) {
   int64_t t = (cols + per_thread - 1) / per_thread;

@@ -18,7 +18,7 @@ __global__ void ce_fwd_kernel(const T* __restrict x, const I* __restrict tgt, co
   const int64_t row = blockIdx.x;
   const T* xr = x + row * vocab;
   MaxSum<C> ms{C(-INFINITY), C(0)};
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) ms = combine(ms, MaxSum<C>{load(xr, j), C(1)});
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) ms = online_add(ms, load(xr, j));
   ms = block_max_sum(ms, shared_m, shared_s);
   if (threadIdx.x == 0) {
     const C l = log(ms.s) + ms.m;
@@ -28,8 +28,12 @@ __global__ void ce_fwd_kernel(const T* __restrict x, const I* __restrict tgt, co
   }
 }
 
-template <class T, class I, int ITEMS>
-__global__ void __launch_bounds__(1024)
+// Aligned rows: a block per row streams over 16-byte packs, UNROLL packs in flight per thread; each
+// thread keeps (max, sum) and rescales the sum when a pack raises the max (one exp per value).
+constexpr int kFwdThreads = 256, kUnroll = 4;
+
+template <class T, class I>
+__global__ void __launch_bounds__(kFwdThreads)
     ce_fwd_vec_kernel(const T* __restrict x, const I* __restrict tgt, compute_t<T>* __restrict loss,
                       compute_t<T>* __restrict lse, int64_t vocab, int64_t ignore_index) {
   using C = compute_t<T>;
@@ -38,15 +42,31 @@ __global__ void __launch_bounds__(1024)
   __shared__ C shared_s[32];
   const int64_t row = blockIdx.x, packs = vocab / N;
   const T* xr = x + row * vocab;
-  RowRegs<T, ITEMS> r;
-  r.load(xr, packs);
-  MaxSum<C> ms{C(-INFINITY), C(0)};
+  const auto* src = reinterpret_cast<const RowPack<T>*>(xr);
+  C m = C(-INFINITY), sum = C(0);
+  for (int64_t base = threadIdx.x; base < packs; base += int64_t(kUnroll) * kFwdThreads) {
+    RowPack<T> buf[kUnroll];
 #pragma unroll
-  for (int k = 0; k < ITEMS; ++k)
-    if (r.in[k])
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + int64_t(u) * kFwdThreads;
+      if (i < packs) buf[u] = src[i];
+    }
 #pragma unroll
-      for (int j = 0; j < N; ++j) ms = combine(ms, MaxSum<C>{r.at(k, j), C(1)});
-  ms = block_max_sum(ms, shared_m, shared_s);
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + int64_t(u) * kFwdThreads >= packs) break;
+      C pm = m;
+#pragma unroll
+      for (int j = 0; j < N; ++j) pm = max(pm, convert<C>(buf[u].v[j]));
+      if (pm > m) {
+        sum = m == C(-INFINITY) ? C(0) : sum * fast_exp(m - pm);
+        m = pm;
+      }
+      if (m == C(-INFINITY)) continue;  // every value so far is -inf
+#pragma unroll
+      for (int j = 0; j < N; ++j) sum += fast_exp(convert<C>(buf[u].v[j]) - m);
+    }
+  }
+  const MaxSum<C> ms = block_max_sum(MaxSum<C>{m, sum}, shared_m, shared_s);
   if (threadIdx.x == 0) {
     const C l = log(ms.s) + ms.m;
     lse[row] = l;
@@ -75,35 +95,34 @@ __global__ void ce_bwd_kernel(const T* __restrict x, const I* __restrict tgt, co
   }
 }
 
-template <class T, class I, int ITEMS>
-__global__ void __launch_bounds__(1024)
-    ce_bwd_vec_kernel(const T* __restrict x, const I* __restrict tgt, const compute_t<T>* __restrict lse,
-                      const compute_t<T>* __restrict grow, T* __restrict gx, int64_t vocab, int64_t ignore_index) {
+// Aligned rows: the gradient is element-wise given the row's lse, so a flat grid-stride loop over packs
+// (a pack never crosses a row: vocab is a multiple of the pack width).
+template <class T, class I>
+__global__ void ce_bwd_vec_kernel(const T* __restrict x, const I* __restrict tgt, const compute_t<T>* __restrict lse,
+                                  const compute_t<T>* __restrict grow, T* __restrict gx, int64_t rows, int64_t vocab,
+                                  int64_t ignore_index) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
-  const int64_t row = blockIdx.x, packs = vocab / N;
-  const int64_t t = static_cast<int64_t>(tgt[row]);
-  auto* out = reinterpret_cast<RowPack<T>*>(gx + row * vocab);
-  if (t == ignore_index) {
-    RowPack<T> z;
-#pragma unroll
-    for (int j = 0; j < N; ++j) z.v[j] = convert<T>(C(0));
-    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) out[i] = z;
-    return;
-  }
-  RowRegs<T, ITEMS> r;
-  r.load(x + row * vocab, packs);
-  const C g = grow[row], l = lse[row];
-#pragma unroll
-  for (int k = 0; k < ITEMS; ++k) {
-    if (!r.in[k]) continue;
+  const int64_t row_packs = vocab / N, total = rows * row_packs;
+  const auto* src = reinterpret_cast<const RowPack<T>*>(x);
+  auto* out = reinterpret_cast<RowPack<T>*>(gx);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / row_packs, col0 = (i - row * row_packs) * N;
+    const int64_t t = static_cast<int64_t>(tgt[row]);
     RowPack<T> o;
+    if (t == ignore_index) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const C p = fast_exp(r.at(k, j) - l);
-      o.v[j] = convert<T>(g * (RowRegs<T, ITEMS>::col(k, j) == t ? p - C(1) : p));
+      for (int j = 0; j < N; ++j) o.v[j] = convert<T>(C(0));
+    } else {
+      const RowPack<T> in = src[i];
+      const C g = grow[row], l = lse[row];
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const C p = fast_exp(convert<C>(in.v[j]) - l);
+        o.v[j] = convert<T>(g * (col0 + j == t ? p - C(1) : p));
+      }
     }
-    out[threadIdx.x + int64_t(k) * blockDim.x] = o;
+    out[i] = o;
   }
 }
 
@@ -121,12 +140,9 @@ void cross_entropy_fwd(const CrossEntropyParams& p) {
       const auto* tgt = static_cast<const I*>(p.targets);
       auto* loss = static_cast<C*>(p.loss);
       auto* lse = static_cast<C*>(p.lse);
-      const RowLayout l = row_layout(p.vocab, pack_width<T>());
-      if (l.items && aligned16(x)) {
-        dispatch_items(l.items, [&](auto items) {
-          ce_fwd_vec_kernel<T, I, items.value><<<p.rows, l.threads, 0, as_stream(p.stream)>>>(
-              x, tgt, loss, lse, p.vocab, p.ignore_index);
-        });
+      if (p.vocab % pack_width<T>() == 0 && aligned16(x)) {
+        ce_fwd_vec_kernel<T, I><<<p.rows, kFwdThreads, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, p.vocab,
+                                                                                p.ignore_index);
       } else {
         ce_fwd_kernel<T, I><<<p.rows, row_threads(p.vocab, 4), 0, as_stream(p.stream)>>>(x, tgt, loss, lse, p.vocab,
                                                                                         p.ignore_index);
@@ -148,12 +164,9 @@ void cross_entropy_bwd(const CrossEntropyBwdParams& p) {
       const auto* lse = static_cast<const C*>(p.lse);
       const auto* grow = static_cast<const C*>(p.grow);
       auto* gx = static_cast<T*>(p.glogits);
-      const RowLayout l = row_layout(p.vocab, pack_width<T>());
-      if (l.items && aligned16(x) && aligned16(gx)) {
-        dispatch_items(l.items, [&](auto items) {
-          ce_bwd_vec_kernel<T, I, items.value><<<p.rows, l.threads, 0, as_stream(p.stream)>>>(
-              x, tgt, lse, grow, gx, p.vocab, p.ignore_index);
-        });
+      if (p.vocab % pack_width<T>() == 0 && aligned16(x) && aligned16(gx)) {
+        ce_bwd_vec_kernel<T, I><<<blocks_for(p.rows * (p.vocab / pack_width<T>()), 256), 256, 0,
+                                  as_stream(p.stream)>>>(x, tgt, lse, grow, gx, p.rows, p.vocab, p.ignore_index);
       } else {
         ce_bwd_kernel<T, I><<<p.rows, row_threads(p.vocab, 4), 0, as_stream(p.stream)>>>(x, tgt, lse, grow, gx,
                                                                                         p.vocab, p.ignore_index);

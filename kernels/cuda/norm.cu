@@ -61,26 +61,17 @@ __global__ void rmsnorm_gw_partial_kernel(const T* __restrict x, const compute_t
   part[blk * cols + j] = acc;
 }
 
-template <class T>
-__global__ void rmsnorm_gw_finish_kernel(const compute_t<T>* __restrict part, T* __restrict gw, int64_t blocks,
-                                         int64_t cols) {
-  using C = compute_t<T>;
-  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (j >= cols) return;
-  C acc = 0;
-  for (int64_t b = 0; b < blocks; ++b) acc += part[b * cols + j];
-  gw[j] = convert<T>(acc);
-}
-
 // Rows in registers (rows.cuh): x read once, y written once.
-template <class T, int ITEMS>
-__global__ void __launch_bounds__(1024) rmsnorm_fwd_vec_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
-                                       compute_t<T>* __restrict rstd, int64_t cols, double eps) {
+template <class T, int ITEMS, class P>
+__global__ void __launch_bounds__(1024)
+    rmsnorm_fwd_vec_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
+                           compute_t<T>* __restrict rstd, int64_t rows, int64_t cols, double eps) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared[32];
-  const int64_t row = blockIdx.x, packs = cols / N;
-  RowRegs<T, ITEMS> xr;
+  const int64_t row = P::row(), packs = cols / N;
+  if (row >= rows) return;  // whole warps (WarpRow) or nothing (BlockRow)
+  RowRegs<T, ITEMS, P> xr;
   xr.load(x + row * cols, packs);
   C ss = 0;
 #pragma unroll
@@ -88,10 +79,10 @@ __global__ void __launch_bounds__(1024) rmsnorm_fwd_vec_kernel(const T* __restri
     if (xr.in[k])
 #pragma unroll
       for (int j = 0; j < N; ++j) ss += xr.at(k, j) * xr.at(k, j);
-  ss = block_sum(ss, shared);
+  ss = P::sum(ss, shared);
   const C rs = C(1) / sqrt(ss / C(cols) + C(eps));
-  if (threadIdx.x == 0 && rstd) rstd[row] = rs;
-  RowRegs<T, ITEMS> wr;
+  if (P::lane() == 0 && rstd) rstd[row] = rs;
+  RowRegs<T, ITEMS, P> wr;
   if (w) wr.load(w, packs);
   auto* out = reinterpret_cast<RowPack<T>*>(y + row * cols);
 #pragma unroll
@@ -100,34 +91,44 @@ __global__ void __launch_bounds__(1024) rmsnorm_fwd_vec_kernel(const T* __restri
     RowPack<T> o;
 #pragma unroll
     for (int j = 0; j < N; ++j) o.v[j] = convert<T>(xr.at(k, j) * rs * (w ? wr.at(k, j) : C(1)));
-    out[threadIdx.x + int64_t(k) * blockDim.x] = o;
+    out[xr.index(k)] = o;
   }
 }
 
-// A block per group of rows: gx for each row, and the group's gw partial summed in registers.
-template <class T, int ITEMS>
-__global__ void __launch_bounds__(1024) rmsnorm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w,
-                                       const compute_t<T>* __restrict rstd, const T* __restrict gy,
-                                       T* __restrict gx, compute_t<T>* __restrict part, int64_t rows, int64_t cols,
-                                       int64_t group) {
+// A block per group of rows [r0, r1): gx for each row, and the group's gw partial summed in registers.
+// BlockRow: the block walks the rows in order. WarpRow: warp w takes rows r0 + w, r0 + w + 8, ...; the
+// warps' partials are then added in warp order. The next row is loaded while this one is reduced.
+template <class T, int ITEMS, class P>
+__global__ void __launch_bounds__(1024)
+    rmsnorm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w, const compute_t<T>* __restrict rstd,
+                           const T* __restrict gy, T* __restrict gx, compute_t<T>* __restrict part, int64_t rows,
+                           int64_t cols, int64_t group) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared[32];
   const int64_t packs = cols / N, r0 = blockIdx.x * group, r1 = min(rows, r0 + group);
-  RowRegs<T, ITEMS> wr;
+  const int64_t step = P::kWarp ? kWarpRowsPerBlock : 1, first = r0 + (P::kWarp ? threadIdx.x >> 5 : 0);
+  RowRegs<T, ITEMS, P> wr;
   if (w) wr.load(w, packs);
   C gw_acc[ITEMS][N] = {};
-  for (int64_t r = r0; r < r1; ++r) {
-    RowRegs<T, ITEMS> xr, gr;
-    xr.load(x + r * cols, packs);
-    gr.load(gy + r * cols, packs);
+  RowRegs<T, ITEMS, P> xn, gn;
+  if (first < r1) {
+    xn.load(x + first * cols, packs);
+    gn.load(gy + first * cols, packs);
+  }
+  for (int64_t r = first; r < r1; r += step) {
+    const RowRegs<T, ITEMS, P> xr = xn, gr = gn;
+    if (r + step < r1) {
+      xn.load(x + (r + step) * cols, packs);
+      gn.load(gy + (r + step) * cols, packs);
+    }
     C dot = 0;
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k)
       if (xr.in[k])
 #pragma unroll
         for (int j = 0; j < N; ++j) dot += gr.at(k, j) * (w ? wr.at(k, j) : C(1)) * xr.at(k, j);
-    dot = block_sum(dot, shared);
+    dot = P::sum(dot, shared);
     const C rs = rstd[r], c = rs * rs * dot / C(cols);
     auto* out = reinterpret_cast<RowPack<T>*>(gx + r * cols);
 #pragma unroll
@@ -139,22 +140,52 @@ __global__ void __launch_bounds__(1024) rmsnorm_bwd_vec_kernel(const T* __restri
         o.v[j] = convert<T>(rs * (gr.at(k, j) * (w ? wr.at(k, j) : C(1)) - xr.at(k, j) * c));
         gw_acc[k][j] += gr.at(k, j) * xr.at(k, j) * rs;
       }
-      out[threadIdx.x + int64_t(k) * blockDim.x] = o;
+      out[xr.index(k)] = o;
     }
   }
   if (!part) return;
+  if constexpr (P::kWarp) {
+    __shared__ C sum_sh[256 * 8];  // a row of at most 256 packs of up to 8 values
+    const int warp = threadIdx.x >> 5;
+    for (int v = 0; v < kWarpRowsPerBlock; ++v) {
+      if (warp == v) {
 #pragma unroll
-  for (int k = 0; k < ITEMS; ++k)
+        for (int k = 0; k < ITEMS; ++k)
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const int64_t col = RowRegs<T, ITEMS>::col(k, j);
-      if (col < cols) part[blockIdx.x * cols + col] = gw_acc[k][j];
+          for (int j = 0; j < N; ++j) {
+            const int64_t col = RowRegs<T, ITEMS, P>::col(k, j);
+            if (col < cols) sum_sh[col] = (v == 0 ? C(0) : sum_sh[col]) + gw_acc[k][j];
+          }
+      }
+      __syncthreads();
     }
+    for (int64_t col = threadIdx.x; col < cols; col += blockDim.x) part[blockIdx.x * cols + col] = sum_sh[col];
+  } else {
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k)
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const int64_t col = RowRegs<T, ITEMS, P>::col(k, j);
+        if (col < cols) part[blockIdx.x * cols + col] = gw_acc[k][j];
+      }
+  }
 }
 
 // Rows per backward block: about 1056 blocks (8 per SM of an H100) to hide memory latency, at most
-// kGwRows. Depends on rows only, so the gw summation order is fixed.
-int64_t bwd_group(int64_t rows) { return std::clamp<int64_t>((rows + 1055) / 1056, 1, kGwRows); }
+// kGwRows; a multiple of 8 for the warp layout. Depends on the shape only, so the gw summation order
+// is fixed.
+int64_t bwd_group(int64_t rows, bool warp) {
+  const int64_t g = std::clamp<int64_t>((rows + 1055) / 1056, 1, kGwRows);
+  return warp ? (g + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock * kWarpRowsPerBlock : g;
+}
+
+RowLayout bwd_layout(const RmsNormBwdParams& p) {
+  RowLayout l;
+  dispatch_float(p.dtype, "rms_norm_backward", [&](auto tag) {
+    l = row_layout(p.cols, pack_width<typename decltype(tag)::type>());
+  });
+  return l;
+}
 
 }  // namespace
 
@@ -164,10 +195,10 @@ void rmsnorm_fwd(const RmsNormParams& p) {
     using T = typename decltype(tag)::type;
     const RowLayout l = row_layout(p.cols, pack_width<T>());
     if (l.items && aligned16(p.x) && aligned16(p.y) && (!p.w || aligned16(p.w))) {
-      dispatch_items(l.items, [&](auto items) {
-        rmsnorm_fwd_vec_kernel<T, items.value><<<p.rows, l.threads, 0, as_stream(p.stream)>>>(
+      dispatch_layout(l, [&](auto items, auto policy) {
+        rmsnorm_fwd_vec_kernel<T, items.value, decltype(policy)><<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
             static_cast<const T*>(p.x), static_cast<const T*>(p.w), static_cast<T*>(p.y),
-            static_cast<compute_t<T>*>(p.rstd), p.cols, p.eps);
+            static_cast<compute_t<T>*>(p.rstd), p.rows, p.cols, p.eps);
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       return;
@@ -180,9 +211,11 @@ void rmsnorm_fwd(const RmsNormParams& p) {
 }
 
 size_t rmsnorm_bwd_workspace(const RmsNormBwdParams& p) {
+  if (!p.gw || p.rows == 0) return 0;
   const size_t a = p.dtype == DType::kF64 ? 8 : 4;
-  const int64_t g = std::min(bwd_group(p.rows), kGwRows);
-  return p.gw ? a * static_cast<size_t>((p.rows + g - 1) / g * p.cols) : 0;
+  const RowLayout l = bwd_layout(p);
+  const int64_t g = l.items ? bwd_group(p.rows, l.warp) : kGwRows;  // the element-wise path uses kGwRows
+  return a * static_cast<size_t>((p.rows + g - 1) / g * p.cols);
 }
 
 void rmsnorm_bwd(const RmsNormBwdParams& p) {
@@ -197,15 +230,15 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
     const RowLayout l = row_layout(p.cols, pack_width<T>());
     if (l.items && aligned16(p.x) && aligned16(p.gy) && aligned16(p.gx) && (!p.w || aligned16(p.w))) {
       HYDRA_CHECK(!p.gw || p.workspace != nullptr) << "rmsnorm_bwd: workspace required for gw";
-      const int64_t group = bwd_group(p.rows), blocks = (p.rows + group - 1) / group;
+      const int64_t group = bwd_group(p.rows, l.warp), blocks = (p.rows + group - 1) / group;
       C* part = p.gw ? static_cast<C*>(p.workspace) : nullptr;
-      dispatch_items(l.items, [&](auto items) {
-        rmsnorm_bwd_vec_kernel<T, items.value><<<blocks, l.threads, 0, s>>>(
+      dispatch_layout(l, [&](auto items, auto policy) {
+        rmsnorm_bwd_vec_kernel<T, items.value, decltype(policy)><<<blocks, l.threads, 0, s>>>(
             x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part, p.rows, p.cols, group);
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       if (p.gw) {
-        rmsnorm_gw_finish_kernel<T><<<(p.cols + 255) / 256, 256, 0, s>>>(part, static_cast<T*>(p.gw), blocks, p.cols);
+        column_sum_kernel<C, T><<<column_sum_grid(p.cols), dim3(32, 32), 0, s>>>(part, blocks, p.cols, static_cast<T*>(p.gw), C(1));
         HYDRA_CUDA_LAUNCH_CHECK();
       }
       return;
@@ -219,7 +252,7 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
       C* part = static_cast<C*>(p.workspace);
       rmsnorm_gw_partial_kernel<T><<<dim3((p.cols + 127) / 128, blocks), 128, 0, s>>>(x, rstd, gy, part, p.rows, p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
-      rmsnorm_gw_finish_kernel<T><<<(p.cols + 255) / 256, 256, 0, s>>>(part, static_cast<T*>(p.gw), blocks, p.cols);
+      column_sum_kernel<C, T><<<column_sum_grid(p.cols), dim3(32, 32), 0, s>>>(part, blocks, p.cols, static_cast<T*>(p.gw), C(1));
       HYDRA_CUDA_LAUNCH_CHECK();
     }
   });

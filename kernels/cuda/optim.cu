@@ -1,5 +1,6 @@
 // AdamW: a thread per element (dense) or per (row, column) of the listed rows (row-sparse).
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/optim.h"
@@ -42,7 +43,88 @@ __global__ void adamw_rows_kernel(T* p, const T* g, T* m, T* v, const int64_t* r
   }
 }
 
+// The fused step over many tensors: block b works on chunk (b - first[t]) of tensor t.
+constexpr int64_t kMultiChunk = 8192;  // elements per block
+
+struct MultiTensor {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  int64_t n;
+  float lr, decay;
+};
+
+struct MultiLayout {
+  int count;
+  MultiTensor t[MultiAdamWParams::kMax];
+  int32_t first[MultiAdamWParams::kMax + 1];
+  float beta1, beta2, eps, bc1, bc2, scale;
+};
+
+template <class T>
+__global__ void __launch_bounds__(256) multi_adamw_kernel(const __grid_constant__ MultiLayout l) {
+  using C = compute_t<T>;
+  const int32_t blk = blockIdx.x;
+  int lo = 0, hi = l.count - 1;  // the last t with first[t] <= blk
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (l.first[mid] <= blk) lo = mid; else hi = mid - 1;
+  }
+  const MultiTensor& d = l.t[lo];
+  T* p = static_cast<T*>(d.p);
+  const T* g = static_cast<const T*>(d.g);
+  T* m = static_cast<T*>(d.m);
+  T* v = static_cast<T*>(d.v);
+  const int64_t begin = int64_t(blk - l.first[lo]) * kMultiChunk, end = min(d.n, begin + kMultiChunk);
+  const C b1 = l.beta1, b2 = l.beta2, lr = d.lr, decay = d.decay, eps = l.eps, inv_bc1 = C(1) / C(l.bc1),
+          inv_bc2 = C(1) / C(l.bc2), scale = l.scale;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const C gr = load(g, i) * scale;
+    const C mi = b1 * load(m, i) + (C(1) - b1) * gr;
+    const C vi = b2 * load(v, i) + (C(1) - b2) * gr * gr;
+    m[i] = convert<T>(mi);
+    v[i] = convert<T>(vi);
+    p[i] = convert<T>(load(p, i) * decay - lr * (mi * inv_bc1) / (sqrt(vi * inv_bc2) + eps));
+  }
+}
+
 }  // namespace
+
+void multi_adamw_step(const MultiAdamWParams& mp) {
+  HYDRA_CHECK(mp.count >= 0 && mp.count <= MultiAdamWParams::kMax) << "multi_adamw: count " << mp.count;
+  if (mp.count == 0) return;
+  MultiLayout l{};
+  l.count = mp.count;
+  l.first[0] = 0;
+  for (int i = 0; i < mp.count; ++i) {
+    const AdamWTensor& t = mp.t[i];
+    l.t[i] = {t.param, t.grad, t.m, t.v, t.n, static_cast<float>(t.lr), static_cast<float>(1 - t.lr * t.weight_decay)};
+    const int64_t blocks = l.first[i] + (t.n + kMultiChunk - 1) / kMultiChunk;
+    HYDRA_CHECK(blocks < (int64_t(1) << 31)) << "multi_adamw: too many elements in one launch";
+    l.first[i + 1] = static_cast<int32_t>(blocks);
+  }
+  l.beta1 = static_cast<float>(mp.beta1);
+  l.beta2 = static_cast<float>(mp.beta2);
+  l.eps = static_cast<float>(mp.eps);
+  l.bc1 = static_cast<float>(mp.bias_correction1);
+  l.bc2 = static_cast<float>(mp.bias_correction2);
+  l.scale = static_cast<float>(mp.grad_scale);
+  const int32_t blocks = l.first[mp.count];
+  if (blocks == 0) return;
+  dispatch_float(mp.dtype, "multi_adamw", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, double>) {
+      // f64 (reference precision): the per-tensor kernel keeps double hyper-parameters.
+      for (int i = 0; i < mp.count; ++i) {
+        adamw_step(mp.single(i));
+      }
+    } else {
+      multi_adamw_kernel<T><<<blocks, 256, 0, as_stream(mp.stream)>>>(l);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+  });
+}
 
 void adamw_step(const AdamWParams& a) {
   if (a.n == 0) return;

@@ -1,8 +1,14 @@
-// Rows held in registers: a block owns one row (or a group of rows); each thread loads ITEMS packs of
-// 16 bytes (8 bf16, 4 f32, 2 f64) once, so a kernel reads each element once and writes it once.
+// Rows held in registers. Each thread loads ITEMS packs of 16 bytes (8 bf16, 4 f32, 2 f64) once, so a
+// kernel reads each element once and writes it once. Two ways to own a row:
+//   WarpRow:  a warp per row, 8 rows per 256-thread block; reductions are warp shuffles only (rows of
+//             up to 256 packs: 2048 bf16, 1024 f32).
+//   BlockRow: a block per row (up to 8192 packs); reductions go through shared memory.
 // Used when a row's length is a multiple of the pack and its base is 16-byte aligned; the kernels fall
 // back to element-wise loops otherwise.
 #pragma once
+
+#include <algorithm>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 
@@ -21,36 +27,88 @@ constexpr int pack_width() {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// The register layout for rows of `cols` elements: ITEMS packs per thread over `threads` threads.
+template <class A>
+__device__ __forceinline__ MaxSum<A> warp_max_sum(MaxSum<A> v) {
+  for (int o = 16; o > 0; o >>= 1)
+    v = combine(v, MaxSum<A>{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+  return v;
+}
+
+constexpr int kWarpRowsPerBlock = 8;
+
+struct WarpRow {
+  static constexpr bool kWarp = true;
+  __device__ static int64_t row() { return blockIdx.x * int64_t(kWarpRowsPerBlock) + (threadIdx.x >> 5); }
+  __device__ static int lane() { return threadIdx.x & 31; }
+  __device__ static int width() { return 32; }
+  template <class A>
+  __device__ static A sum(A v, A*) {
+    return warp_sum(v);
+  }
+  template <class A>
+  __device__ static MaxSum<A> max_sum(MaxSum<A> v, A*, A*) {
+    return warp_max_sum(v);
+  }
+};
+
+struct BlockRow {
+  static constexpr bool kWarp = false;
+  __device__ static int64_t row() { return blockIdx.x; }
+  __device__ static int lane() { return threadIdx.x; }
+  __device__ static int width() { return blockDim.x; }
+  template <class A>
+  __device__ static A sum(A v, A* shared) {
+    return block_sum(v, shared);
+  }
+  template <class A>
+  __device__ static MaxSum<A> max_sum(MaxSum<A> v, A* shared_m, A* shared_s) {
+    return block_max_sum(v, shared_m, shared_s);
+  }
+};
+
+// How rows of `cols` elements are laid out: ITEMS packs per thread.
 struct RowLayout {
   int items = 0;    // 1, 2, 4 or 8; 0 = rows do not fit (use the element-wise kernels)
-  int threads = 0;
+  bool warp = false;
+  int threads = 0;  // per block
+  unsigned int blocks(int64_t rows) const {
+    return static_cast<unsigned int>(warp ? (rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock : rows);
+  }
 };
 
 inline RowLayout row_layout(int64_t cols, int width) {
-  if (cols % width != 0) return {};
+  if (cols % width != 0 || cols == 0) return {};
   const int64_t packs = cols / width;
+  for (int items : {1, 2, 4, 8})
+    if (packs <= 32 * items) return {items, true, 32 * kWarpRowsPerBlock};
   for (int items : {1, 2, 4, 8}) {
     const int64_t t = (packs + items - 1) / items;
-    if (t <= 1024) return {items, static_cast<int>(std::max<int64_t>(32, (t + 31) / 32 * 32))};
+    if (t <= 1024) return {items, false, static_cast<int>(std::max<int64_t>(32, (t + 31) / 32 * 32))};
   }
   return {};
 }
 
-// Calls fn(std::integral_constant<int, ITEMS>{}) for the layout's ITEMS.
+// Calls fn(std::integral_constant<int, ITEMS>{}, Policy{}) for the layout.
 template <class F>
-void dispatch_items(int items, F&& fn) {
-  switch (items) {
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    case 8: return fn(std::integral_constant<int, 8>{});
-    default: HYDRA_FAIL() << "row layout: unsupported items " << items;
+void dispatch_layout(const RowLayout& l, F&& fn) {
+  auto with_items = [&](auto policy) {
+    switch (l.items) {
+      case 1: return fn(std::integral_constant<int, 1>{}, policy);
+      case 2: return fn(std::integral_constant<int, 2>{}, policy);
+      case 4: return fn(std::integral_constant<int, 4>{}, policy);
+      case 8: return fn(std::integral_constant<int, 8>{}, policy);
+      default: HYDRA_FAIL() << "row layout: unsupported items " << l.items;
+    }
+  };
+  if (l.warp) {
+    with_items(WarpRow{});
+  } else {
+    with_items(BlockRow{});
   }
 }
 
-// Loads pack k of this thread (pack index threadIdx.x + k * blockDim.x) if it is inside the row.
-template <class T, int ITEMS>
+// Pack k of this thread is pack lane + k * width of the row, when inside it.
+template <class T, int ITEMS, class P>
 struct RowRegs {
   RowPack<T> p[ITEMS];
   bool in[ITEMS];
@@ -58,13 +116,14 @@ struct RowRegs {
     const auto* src = reinterpret_cast<const RowPack<T>*>(row);
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
-      const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
+      const int64_t i = index(k);
       in[k] = i < packs;
       if (in[k]) p[k] = src[i];
     }
   }
   __device__ compute_t<T> at(int k, int j) const { return convert<compute_t<T>>(p[k].v[j]); }
-  __device__ static int64_t col(int k, int j) { return (threadIdx.x + int64_t(k) * blockDim.x) * RowPack<T>::kN + j; }
+  __device__ static int64_t index(int k) { return P::lane() + int64_t(k) * P::width(); }
+  __device__ static int64_t col(int k, int j) { return index(k) * RowPack<T>::kN + j; }
 };
 
 }  // namespace hydra::kernels::cuda

@@ -109,6 +109,8 @@ bool event_query(void* event) {
   return true;
 }
 
+void event_synchronize(void* event) { HYDRA_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event))); }
+
 float event_elapsed_ms(void* start, void* end) {
   float ms = 0;
   HYDRA_CUDA_CHECK(

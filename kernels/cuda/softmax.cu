@@ -43,43 +43,51 @@ __global__ void softmax_bwd_kernel(const T* __restrict y, const T* __restrict gy
     gxr[j] = convert<T>(log_out ? load(gr, j) - exp(load(yr, j)) * s : load(yr, j) * (load(gr, j) - s));
 }
 
-template <class T, int ITEMS>
-__global__ void __launch_bounds__(1024) softmax_fwd_vec_kernel(const T* __restrict x, T* __restrict y, int64_t cols, bool log_out) {
+template <class T, int ITEMS, class P>
+__global__ void __launch_bounds__(1024)
+    softmax_fwd_vec_kernel(const T* __restrict x, T* __restrict y, int64_t rows, int64_t cols, bool log_out) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
-  __shared__ C shared[32];
-  const int64_t row = blockIdx.x, packs = cols / N;
+  __shared__ C shared_m[32];
   __shared__ C shared_s[32];
-  RowRegs<T, ITEMS> xr;
+  const int64_t row = P::row(), packs = cols / N;
+  if (row >= rows) return;  // whole warps (WarpRow) or nothing (BlockRow)
+  RowRegs<T, ITEMS, P> xr;
   xr.load(x + row * cols, packs);
-  MaxSum<C> ms{C(-INFINITY), C(0)};  // one online pass, one block reduction
+  LocalMaxSum<C> local;  // the thread's max, then one exp per value, then one reduction
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k)
     if (xr.in[k])
 #pragma unroll
-      for (int j = 0; j < N; ++j) ms = combine(ms, MaxSum<C>{xr.at(k, j), C(1)});
-  ms = block_max_sum(ms, shared, shared_s);
-  const C mx = ms.m, sum = ms.s;
-  const C inv = C(1) / sum, lse = log(sum) + mx;
+      for (int j = 0; j < N; ++j) local.max_of(xr.at(k, j));
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k)
+    if (xr.in[k])
+#pragma unroll
+      for (int j = 0; j < N; ++j) local.sum_of(xr.at(k, j));
+  const MaxSum<C> ms = P::max_sum(local.get(), shared_m, shared_s);
+  const C inv = C(1) / ms.s, lse = log(ms.s) + ms.m;
   auto* out = reinterpret_cast<RowPack<T>*>(y + row * cols);
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     if (!xr.in[k]) continue;
     RowPack<T> o;
 #pragma unroll
-    for (int j = 0; j < N; ++j) o.v[j] = convert<T>(log_out ? xr.at(k, j) - lse : fast_exp(xr.at(k, j) - mx) * inv);
-    out[threadIdx.x + int64_t(k) * blockDim.x] = o;
+    for (int j = 0; j < N; ++j) o.v[j] = convert<T>(log_out ? xr.at(k, j) - lse : fast_exp(xr.at(k, j) - ms.m) * inv);
+    out[xr.index(k)] = o;
   }
 }
 
-template <class T, int ITEMS>
-__global__ void __launch_bounds__(1024) softmax_bwd_vec_kernel(const T* __restrict y, const T* __restrict gy, T* __restrict gx, int64_t cols,
-                                       bool log_out) {
+template <class T, int ITEMS, class P>
+__global__ void __launch_bounds__(1024) softmax_bwd_vec_kernel(const T* __restrict y, const T* __restrict gy,
+                                                               T* __restrict gx, int64_t rows, int64_t cols,
+                                                               bool log_out) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared[32];
-  const int64_t row = blockIdx.x, packs = cols / N;
-  RowRegs<T, ITEMS> yr, gr;
+  const int64_t row = P::row(), packs = cols / N;
+  if (row >= rows) return;
+  RowRegs<T, ITEMS, P> yr, gr;
   yr.load(y + row * cols, packs);
   gr.load(gy + row * cols, packs);
   C s = 0;
@@ -88,7 +96,7 @@ __global__ void __launch_bounds__(1024) softmax_bwd_vec_kernel(const T* __restri
     if (yr.in[k])
 #pragma unroll
       for (int j = 0; j < N; ++j) s += log_out ? gr.at(k, j) : gr.at(k, j) * yr.at(k, j);
-  s = block_sum(s, shared);
+  s = P::sum(s, shared);
   auto* out = reinterpret_cast<RowPack<T>*>(gx + row * cols);
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
@@ -96,8 +104,8 @@ __global__ void __launch_bounds__(1024) softmax_bwd_vec_kernel(const T* __restri
     RowPack<T> o;
 #pragma unroll
     for (int j = 0; j < N; ++j)
-      o.v[j] = convert<T>(log_out ? gr.at(k, j) - exp(yr.at(k, j)) * s : yr.at(k, j) * (gr.at(k, j) - s));
-    out[threadIdx.x + int64_t(k) * blockDim.x] = o;
+      o.v[j] = convert<T>(log_out ? gr.at(k, j) - fast_exp(yr.at(k, j)) * s : yr.at(k, j) * (gr.at(k, j) - s));
+    out[yr.index(k)] = o;
   }
 }
 
@@ -109,9 +117,9 @@ void softmax_fwd(const SoftmaxParams& p) {
     using T = typename decltype(tag)::type;
     const RowLayout l = row_layout(p.cols, pack_width<T>());
     if (l.items && aligned16(p.x) && aligned16(p.y)) {
-      dispatch_items(l.items, [&](auto items) {
-        softmax_fwd_vec_kernel<T, items.value><<<p.rows, l.threads, 0, as_stream(p.stream)>>>(
-            static_cast<const T*>(p.x), static_cast<T*>(p.y), p.cols, p.log);
+      dispatch_layout(l, [&](auto items, auto policy) {
+        softmax_fwd_vec_kernel<T, items.value, decltype(policy)><<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
+            static_cast<const T*>(p.x), static_cast<T*>(p.y), p.rows, p.cols, p.log);
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       return;
@@ -128,9 +136,9 @@ void softmax_bwd(const SoftmaxBwdParams& p) {
     using T = typename decltype(tag)::type;
     const RowLayout l = row_layout(p.cols, pack_width<T>());
     if (l.items && aligned16(p.y) && aligned16(p.gy) && aligned16(p.gx)) {
-      dispatch_items(l.items, [&](auto items) {
-        softmax_bwd_vec_kernel<T, items.value><<<p.rows, l.threads, 0, as_stream(p.stream)>>>(
-            static_cast<const T*>(p.y), static_cast<const T*>(p.gy), static_cast<T*>(p.gx), p.cols, p.log);
+      dispatch_layout(l, [&](auto items, auto policy) {
+        softmax_bwd_vec_kernel<T, items.value, decltype(policy)><<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
+            static_cast<const T*>(p.y), static_cast<const T*>(p.gy), static_cast<T*>(p.gx), p.rows, p.cols, p.log);
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       return;

@@ -175,7 +175,10 @@ TEST(CudaOps, MatmulAndLinearMatchCpu) {
 TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {
   HYDRA_REQUIRE_GPU();
   for (DType t : kTypes) {
-    for (const Shape& s : {Shape{7, 13}, Shape{1000, 2048}, Shape{3, 5, 33}}) {
+    // Element-wise paths (odd widths), warp-per-row (<= 256 packs; row counts not a multiple of 8) and
+    // block-per-row layouts (up to 8 packs per thread), and many rows per rms_norm backward block.
+    for (const Shape& s : {Shape{7, 13}, Shape{1000, 2048}, Shape{3, 5, 33}, Shape{37, 384}, Shape{5, 8200},
+                           Shape{3, 65536}, Shape{2100, 64}}) {
       check_op("rms_norm", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{rms_norm(in[0], in[1])}; },
                {rnd(s, 26), rnd({s.back()}, 27)}, {true, true}, t);
       check_op("softmax", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{softmax(in[0])}; },
@@ -183,12 +186,14 @@ TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {
       check_op("log_softmax", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{log_softmax(in[0])}; },
                {rnd(s, 29, 3.0)}, {true}, t);
     }
-    std::vector<int64_t> targets(333);
-    for (int i = 0; i < 333; ++i) targets[i] = i % 7 == 0 ? -100 : (i * 37) % 1000;
-    for (Reduction r : {Reduction::kMean, Reduction::kNone})
-      check_op("cross_entropy",
-               [r](const std::vector<Tensor>& in) { return std::vector<Tensor>{cross_entropy(in[0], in[1], -100, r)}; },
-               {rnd({333, 1000}, 30, 2.0), tensor(targets, {333})}, {true, false}, t);
+    for (const auto& [rows, vocab] : {std::pair<int64_t, int64_t>{333, 1000}, {50, 1001}, {9, 50304}}) {
+      std::vector<int64_t> targets(rows);
+      for (int64_t i = 0; i < rows; ++i) targets[i] = i % 7 == 0 ? -100 : (i * 37) % vocab;
+      for (Reduction r : {Reduction::kMean, Reduction::kNone})
+        check_op("cross_entropy",
+                 [r](const std::vector<Tensor>& in) { return std::vector<Tensor>{cross_entropy(in[0], in[1], -100, r)}; },
+                 {rnd({rows, vocab}, 30, 2.0), tensor(targets, {rows})}, {true, false}, t);
+    }
   }
 }
 
@@ -260,6 +265,48 @@ TEST(CudaOps, AdamWMatchesCpu) {
   adamw_update_rows(ct, rows_idx, vals, ctm, ctv, h);
   adamw_update_rows(gt, rows_idx.to(Device::cuda(0)), vals.to(Device::cuda(0)), gtm, gtv, h);
   EXPECT_LT(testing::rel_error(gt.cpu(), ct), 1e-6);
+}
+
+TEST(CudaOps, FusedAdamWOverManyTensorsMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  // More tensors than one launch takes (160), odd sizes, per-tensor lr and decay, f32 and bf16.
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    std::vector<AdamWEntry> cpu, gpu;
+    for (int i = 0; i < 170; ++i) {
+      const int64_t n = 1 + (i * 7919) % 20011;
+      AdamWEntry c{rnd({n}, 100 + i).to(dt).to(DType::kF32), rnd({n}, 400 + i).to(dt).to(DType::kF32),
+                   rnd({n}, 700 + i, 0.1).to(dt).to(DType::kF32), exp(rnd({n}, 900 + i)).to(dt).to(DType::kF32),
+                   1e-3 * (1 + i % 3), i % 2 ? 0.1 : 0.0};
+      AdamWEntry g{c.param.to(dt).to(Device::cuda(0)), c.grad.to(dt).to(Device::cuda(0)),
+                   c.m.to(dt).to(Device::cuda(0)), c.v.to(dt).to(Device::cuda(0)), c.lr, c.weight_decay};
+      cpu.push_back(c);
+      gpu.push_back(g);
+    }
+    AdamWHyper h;
+    h.beta1 = 0.9;
+    h.beta2 = 0.95;
+    h.step = 7;
+    h.grad_scale = 0.25;
+    adamw_update_many(cpu, h);
+    adamw_update_many(gpu, h);
+    for (std::size_t i = 0; i < cpu.size(); ++i) {
+      EXPECT_LT(testing::rel_error(gpu[i].param.to(DType::kF32).cpu(), cpu[i].param), tolerance(dt)) << i;
+      EXPECT_LT(testing::rel_error(gpu[i].m.to(DType::kF32).cpu(), cpu[i].m), tolerance(dt)) << i;
+      EXPECT_LT(testing::rel_error(gpu[i].v.to(DType::kF32).cpu(), cpu[i].v), tolerance(dt)) << i;
+    }
+  }
+}
+
+TEST(CudaOps, GlobalSumOfSquaresMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  std::vector<Tensor> cpu, gpu;
+  for (int i = 0; i < 300; ++i) {
+    cpu.push_back(rnd({1 + (i * 104729) % 70001}, 2000 + i));
+    gpu.push_back(cpu.back().to(Device::cuda(0)));
+  }
+  const double a = sum_squares_all(cpu), b = sum_squares_all(gpu);
+  EXPECT_LT(std::abs(a - b) / a, 1e-6);
+  EXPECT_EQ(b, sum_squares_all(gpu));  // bit-reproducible
 }
 
 TEST(CudaOps, EmbeddingBackwardIsDeterministic) {

@@ -3,6 +3,9 @@
 
 #include "autograd/cuda_context.h"
 #include "autograd/ops.h"
+#if HYDRA_WITH_CUDA
+#include "kernels/device_runtime.h"
+#endif
 #include "tests/test_util.h"
 
 namespace hydra {
@@ -61,19 +64,73 @@ TEST(CudaAllocator, ReusesFreedBlocksWithoutCallingTheDriver) {
   EXPECT_GE(after.peak_allocated, std::size_t{4} << 20);
 }
 
+#if HYDRA_WITH_CUDA  // these drive the runtime directly
 TEST(CudaAllocator, StreamRecordedBlocksWaitForThatStream) {
   HYDRA_REQUIRE_GPU();
   void* comm = cuda_comm_stream(0);
-  const CudaMemoryStats before = cuda_memory_stats(0);
+  Tensor busy = empty({int64_t{1} << 30}, DType::kF32, Device::cuda(0));  // 4 GiB
+  void* first = nullptr;
   {
     Tensor t = empty({3 << 18}, DType::kF32, Device::cuda(0));
+    first = t.raw_data();
+    // Milliseconds of work on the comm stream, then t is marked as used there and freed.
+    kernels::cuda::memset_async(busy.raw_data(), 0, busy.nbytes(), comm);
     cuda_record_stream(t.raw_data(), 0, comm);
   }
-  Tensor u = empty({3 << 18}, DType::kF32, Device::cuda(0));
-  (void)u;
-  // The block may only be reused once the comm stream's work is done; either way nothing leaks.
-  EXPECT_GE(cuda_memory_stats(0).reserved, before.reserved);
+  {
+    Tensor u = empty({3 << 18}, DType::kF32, Device::cuda(0));
+    EXPECT_NE(u.raw_data(), first) << "a block still in use on the comm stream was handed out again";
+  }
+  kernels::cuda::stream_synchronize(comm);
+  Tensor w = empty({3 << 18}, DType::kF32, Device::cuda(0));
+  // Once the comm stream is done, the block is back in the cache (the most recent free of this size
+  // is u's block, so either is acceptable, but no new driver allocation may happen).
+  const int64_t drivers = cuda_memory_stats(0).num_driver_allocations;
+  Tensor x = empty({3 << 18}, DType::kF32, Device::cuda(0));
+  EXPECT_EQ(cuda_memory_stats(0).num_driver_allocations, drivers);
 }
+
+TEST(CudaPinned, AsyncCopiesFromPinnedMemoryAreCorrectAndProtectTheBlock) {
+  HYDRA_REQUIRE_GPU();
+  const Tensor src = testing::randn32({int64_t{64} << 20}, 5);  // 256 MiB: the copy takes milliseconds
+  Tensor dev;
+  void* first = nullptr;
+  {
+    Tensor pinned = src.pin_memory();
+    ASSERT_TRUE(pinned.is_pinned());
+    EXPECT_FALSE(src.is_pinned());
+    first = pinned.raw_data();
+    dev = pinned.to(Device::cuda(0));  // returns at once; the host tensor dies right after
+  }
+  {
+    Tensor again = empty_like(src).pin_memory();  // same size class, while the copy may still run
+    EXPECT_NE(again.raw_data(), first) << "a pinned block was reused while a copy still read it";
+  }
+  EXPECT_TRUE(testing::bitwise_equal(dev.cpu(), src));
+  EXPECT_GE(cuda_pinned_memory_stats().reserved, src.nbytes());
+}
+
+TEST(CudaEvent, OrdersWorkAcrossStreams) {
+  HYDRA_REQUIRE_GPU();
+  void* compute = cuda_compute_stream(0);
+  void* comm = cuda_comm_stream(0);
+  Tensor a = empty({int64_t{1} << 28}, DType::kF32, Device::cuda(0));  // 1 GiB
+  Tensor b = empty({int64_t{1} << 28}, DType::kF32, Device::cuda(0));
+  CudaEvent start, end;
+  start.record(compute);
+  a.fill_(3.0);  // on the compute stream
+  cuda_stream_wait(comm, compute);
+  kernels::cuda::memcpy_async(b.raw_data(), a.raw_data(), a.nbytes(), kernels::cuda::CopyKind::kDeviceToDevice, comm);
+  cuda_record_stream(a.raw_data(), 0, comm);
+  end.record(comm);
+  end.synchronize();
+  EXPECT_TRUE(end.done());
+  EXPECT_GT(end.ms_since(start), 0.0f);
+  const auto v = b.narrow(0, (int64_t{1} << 28) - 5, 5).cpu().to_vector<float>();
+  for (float x : v) EXPECT_EQ(x, 3.0f);
+}
+
+#endif
 
 TEST(CudaAllocator, OutOfMemoryReportsStatistics) {
   HYDRA_REQUIRE_GPU();
