@@ -30,9 +30,10 @@ __global__ void ce_fwd_kernel(const T* __restrict x, const I* __restrict tgt, co
 
 // Aligned rows: a block per row streams over 16-byte packs, UNROLL packs in flight per thread; each
 // thread keeps (max, sum) and rescales the sum when a pack raises the max (one exp per value).
-constexpr int kFwdThreads = 256, kUnroll = 4;
+// Rows of up to 2048 packs use 128-thread blocks (more rows in flight per SM), longer ones 256.
+constexpr int kUnroll = 4;
 
-template <class T, class I>
+template <class T, class I, int kFwdThreads>
 __global__ void __launch_bounds__(kFwdThreads)
     ce_fwd_vec_kernel(const T* __restrict x, const I* __restrict tgt, compute_t<T>* __restrict loss,
                       compute_t<T>* __restrict lse, int64_t vocab, int64_t ignore_index) {
@@ -141,8 +142,13 @@ void cross_entropy_fwd(const CrossEntropyParams& p) {
       auto* loss = static_cast<C*>(p.loss);
       auto* lse = static_cast<C*>(p.lse);
       if (p.vocab % pack_width<T>() == 0 && aligned16(x)) {
-        ce_fwd_vec_kernel<T, I><<<p.rows, kFwdThreads, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, p.vocab,
+        if (p.vocab / pack_width<T>() <= 2048) {
+          ce_fwd_vec_kernel<T, I, 128><<<p.rows, 128, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, p.vocab,
                                                                                 p.ignore_index);
+        } else {
+          ce_fwd_vec_kernel<T, I, 256><<<p.rows, 256, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, p.vocab,
+                                                                                p.ignore_index);
+        }
       } else {
         ce_fwd_kernel<T, I><<<p.rows, row_threads(p.vocab, 4), 0, as_stream(p.stream)>>>(x, tgt, loss, lse, p.vocab,
                                                                                         p.ignore_index);

@@ -11,6 +11,8 @@ namespace hydra::kernels::cuda {
 namespace {
 
 constexpr int64_t kGwRows = 64;  // rows per gw partial
+constexpr int kBwdWarpItems = 2;
+constexpr int kFwdWarpItems = 2;  // more packs per lane cost occupancy (x and w in registers)  // the backward holds 5 row slices (x, gy, next x, next gy, w) and gw sums
 
 template <class T>
 __global__ void rmsnorm_fwd_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
@@ -63,7 +65,7 @@ __global__ void rmsnorm_gw_partial_kernel(const T* __restrict x, const compute_t
 
 // Rows in registers (rows.cuh): x read once, y written once.
 template <class T, int ITEMS, class P>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(P::kMaxThreads)
     rmsnorm_fwd_vec_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
                            compute_t<T>* __restrict rstd, int64_t rows, int64_t cols, double eps) {
   using C = compute_t<T>;
@@ -99,7 +101,7 @@ __global__ void __launch_bounds__(1024)
 // BlockRow: the block walks the rows in order. WarpRow: warp w takes rows r0 + w, r0 + w + 8, ...; the
 // warps' partials are then added in warp order. The next row is loaded while this one is reduced.
 template <class T, int ITEMS, class P>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(P::kMaxThreads)
     rmsnorm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w, const compute_t<T>* __restrict rstd,
                            const T* __restrict gy, T* __restrict gx, compute_t<T>* __restrict part, int64_t rows,
                            int64_t cols, int64_t group) {
@@ -111,16 +113,25 @@ __global__ void __launch_bounds__(1024)
   RowRegs<T, ITEMS, P> wr;
   if (w) wr.load(w, packs);
   C gw_acc[ITEMS][N] = {};
+  // Prefetching the next row doubles the row registers: only where they fit (no spills).
+  constexpr bool kPrefetch = P::kWarp ? ITEMS <= 2 : ITEMS == 1;
   RowRegs<T, ITEMS, P> xn, gn;
-  if (first < r1) {
+  if (kPrefetch && first < r1) {
     xn.load(x + first * cols, packs);
     gn.load(gy + first * cols, packs);
   }
   for (int64_t r = first; r < r1; r += step) {
-    const RowRegs<T, ITEMS, P> xr = xn, gr = gn;
-    if (r + step < r1) {
-      xn.load(x + (r + step) * cols, packs);
-      gn.load(gy + (r + step) * cols, packs);
+    RowRegs<T, ITEMS, P> xr, gr;
+    if constexpr (kPrefetch) {
+      xr = xn;
+      gr = gn;
+      if (r + step < r1) {
+        xn.load(x + (r + step) * cols, packs);
+        gn.load(gy + (r + step) * cols, packs);
+      }
+    } else {
+      xr.load(x + r * cols, packs);
+      gr.load(gy + r * cols, packs);
     }
     C dot = 0;
 #pragma unroll
@@ -182,7 +193,7 @@ int64_t bwd_group(int64_t rows, bool warp) {
 RowLayout bwd_layout(const RmsNormBwdParams& p) {
   RowLayout l;
   dispatch_float(p.dtype, "rms_norm_backward", [&](auto tag) {
-    l = row_layout(p.cols, pack_width<typename decltype(tag)::type>());
+    l = row_layout(p.cols, pack_width<typename decltype(tag)::type>(), kBwdWarpItems);
   });
   return l;
 }
@@ -193,9 +204,9 @@ void rmsnorm_fwd(const RmsNormParams& p) {
   if (p.rows == 0) return;
   dispatch_float(p.dtype, "rms_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const RowLayout l = row_layout(p.cols, pack_width<T>());
+    const RowLayout l = row_layout(p.cols, pack_width<T>(), kFwdWarpItems);
     if (l.items && aligned16(p.x) && aligned16(p.y) && (!p.w || aligned16(p.w))) {
-      dispatch_layout(l, [&](auto items, auto policy) {
+      dispatch_layout<kFwdWarpItems>(l, [&](auto items, auto policy) {
         rmsnorm_fwd_vec_kernel<T, items.value, decltype(policy)><<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
             static_cast<const T*>(p.x), static_cast<const T*>(p.w), static_cast<T*>(p.y),
             static_cast<compute_t<T>*>(p.rstd), p.rows, p.cols, p.eps);
@@ -227,12 +238,12 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
     const T* x = static_cast<const T*>(p.x);
     const C* rstd = static_cast<const C*>(p.rstd);
     const T* gy = static_cast<const T*>(p.gy);
-    const RowLayout l = row_layout(p.cols, pack_width<T>());
+    const RowLayout l = row_layout(p.cols, pack_width<T>(), kBwdWarpItems);
     if (l.items && aligned16(p.x) && aligned16(p.gy) && aligned16(p.gx) && (!p.w || aligned16(p.w))) {
       HYDRA_CHECK(!p.gw || p.workspace != nullptr) << "rmsnorm_bwd: workspace required for gw";
       const int64_t group = bwd_group(p.rows, l.warp), blocks = (p.rows + group - 1) / group;
       C* part = p.gw ? static_cast<C*>(p.workspace) : nullptr;
-      dispatch_layout(l, [&](auto items, auto policy) {
+      dispatch_layout<kBwdWarpItems>(l, [&](auto items, auto policy) {
         rmsnorm_bwd_vec_kernel<T, items.value, decltype(policy)><<<blocks, l.threads, 0, s>>>(
             x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part, p.rows, p.cols, group);
       });

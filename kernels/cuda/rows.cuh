@@ -38,6 +38,7 @@ constexpr int kWarpRowsPerBlock = 8;
 
 struct WarpRow {
   static constexpr bool kWarp = true;
+  static constexpr int kMaxThreads = 32 * kWarpRowsPerBlock;
   __device__ static int64_t row() { return blockIdx.x * int64_t(kWarpRowsPerBlock) + (threadIdx.x >> 5); }
   __device__ static int lane() { return threadIdx.x & 31; }
   __device__ static int width() { return 32; }
@@ -53,6 +54,7 @@ struct WarpRow {
 
 struct BlockRow {
   static constexpr bool kWarp = false;
+  static constexpr int kMaxThreads = 1024;
   __device__ static int64_t row() { return blockIdx.x; }
   __device__ static int lane() { return threadIdx.x; }
   __device__ static int width() { return blockDim.x; }
@@ -76,11 +78,13 @@ struct RowLayout {
   }
 };
 
-inline RowLayout row_layout(int64_t cols, int width) {
+// max_warp_items: the most packs per lane a kernel may hold in the warp layout (its register budget:
+// a kernel holding several rows at once takes fewer); longer rows use the block layout.
+inline RowLayout row_layout(int64_t cols, int width, int max_warp_items = 8) {
   if (cols % width != 0 || cols == 0) return {};
   const int64_t packs = cols / width;
   for (int items : {1, 2, 4, 8})
-    if (packs <= 32 * items) return {items, true, 32 * kWarpRowsPerBlock};
+    if (items <= max_warp_items && packs <= 32 * items) return {items, true, 32 * kWarpRowsPerBlock};
   for (int items : {1, 2, 4, 8}) {
     const int64_t t = (packs + items - 1) / items;
     if (t <= 1024) return {items, false, static_cast<int>(std::max<int64_t>(32, (t + 31) / 32 * 32))};
@@ -88,22 +92,25 @@ inline RowLayout row_layout(int64_t cols, int width) {
   return {};
 }
 
-// Calls fn(std::integral_constant<int, ITEMS>{}, Policy{}) for the layout.
-template <class F>
+// Calls fn(std::integral_constant<int, ITEMS>{}, Policy{}) for the layout; kMaxWarpItems must be the
+// max_warp_items the layout was made with (warp instantiations above it are not compiled).
+template <int kMaxWarpItems, class F>
 void dispatch_layout(const RowLayout& l, F&& fn) {
-  auto with_items = [&](auto policy) {
+  auto with_items = [&](auto policy, auto max_items) {
+    constexpr int kMax = decltype(max_items)::value;
     switch (l.items) {
       case 1: return fn(std::integral_constant<int, 1>{}, policy);
-      case 2: return fn(std::integral_constant<int, 2>{}, policy);
-      case 4: return fn(std::integral_constant<int, 4>{}, policy);
-      case 8: return fn(std::integral_constant<int, 8>{}, policy);
-      default: HYDRA_FAIL() << "row layout: unsupported items " << l.items;
+      case 2: if constexpr (kMax >= 2) return fn(std::integral_constant<int, 2>{}, policy); break;
+      case 4: if constexpr (kMax >= 4) return fn(std::integral_constant<int, 4>{}, policy); break;
+      case 8: if constexpr (kMax >= 8) return fn(std::integral_constant<int, 8>{}, policy); break;
+      default: break;
     }
+    HYDRA_FAIL() << "row layout: unsupported items " << l.items;
   };
   if (l.warp) {
-    with_items(WarpRow{});
+    with_items(WarpRow{}, std::integral_constant<int, kMaxWarpItems>{});
   } else {
-    with_items(BlockRow{});
+    with_items(BlockRow{}, std::integral_constant<int, 8>{});
   }
 }
 

@@ -6,6 +6,9 @@
 namespace hydra::kernels::cuda {
 namespace {
 
+// Packs per lane in the warp layout: more would cost occupancy (registers) than they save.
+constexpr int kFwdWarpItems = 8, kBwdWarpItems = 4;
+
 template <class T>
 __global__ void softmax_fwd_kernel(const T* __restrict x, T* __restrict y, int64_t cols, bool log_out) {
   using C = compute_t<T>;
@@ -44,7 +47,7 @@ __global__ void softmax_bwd_kernel(const T* __restrict y, const T* __restrict gy
 }
 
 template <class T, int ITEMS, class P>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(P::kMaxThreads)
     softmax_fwd_vec_kernel(const T* __restrict x, T* __restrict y, int64_t rows, int64_t cols, bool log_out) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
@@ -79,7 +82,7 @@ __global__ void __launch_bounds__(1024)
 }
 
 template <class T, int ITEMS, class P>
-__global__ void __launch_bounds__(1024) softmax_bwd_vec_kernel(const T* __restrict y, const T* __restrict gy,
+__global__ void __launch_bounds__(P::kMaxThreads) softmax_bwd_vec_kernel(const T* __restrict y, const T* __restrict gy,
                                                                T* __restrict gx, int64_t rows, int64_t cols,
                                                                bool log_out) {
   using C = compute_t<T>;
@@ -115,9 +118,9 @@ void softmax_fwd(const SoftmaxParams& p) {
   if (p.rows == 0 || p.cols == 0) return;
   dispatch_float(p.dtype, "softmax", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const RowLayout l = row_layout(p.cols, pack_width<T>());
+    const RowLayout l = row_layout(p.cols, pack_width<T>(), kFwdWarpItems);
     if (l.items && aligned16(p.x) && aligned16(p.y)) {
-      dispatch_layout(l, [&](auto items, auto policy) {
+      dispatch_layout<kFwdWarpItems>(l, [&](auto items, auto policy) {
         softmax_fwd_vec_kernel<T, items.value, decltype(policy)><<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
             static_cast<const T*>(p.x), static_cast<T*>(p.y), p.rows, p.cols, p.log);
       });
@@ -134,9 +137,9 @@ void softmax_bwd(const SoftmaxBwdParams& p) {
   if (p.rows == 0 || p.cols == 0) return;
   dispatch_float(p.dtype, "softmax_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const RowLayout l = row_layout(p.cols, pack_width<T>());
+    const RowLayout l = row_layout(p.cols, pack_width<T>(), kBwdWarpItems);
     if (l.items && aligned16(p.y) && aligned16(p.gy) && aligned16(p.gx)) {
-      dispatch_layout(l, [&](auto items, auto policy) {
+      dispatch_layout<kBwdWarpItems>(l, [&](auto items, auto policy) {
         softmax_bwd_vec_kernel<T, items.value, decltype(policy)><<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
             static_cast<const T*>(p.y), static_cast<const T*>(p.gy), static_cast<T*>(p.gx), p.rows, p.cols, p.log);
       });
