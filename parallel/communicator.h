@@ -1,0 +1,98 @@
+// One interface for moving tensors between ranks: MpiCommunicator (CPU tensors, over MPI) and
+// NcclCommunicator (CUDA tensors, over NCCL on its own stream). Every call names what went wrong and on
+// which rank; a collective that does not finish within the communicator's timeout raises instead of
+// hanging (the launcher then takes the job down).
+//
+// Tensors are contiguous and live on the communicator's device type. Counts in all_to_all_v are in
+// rows of the tensors' trailing dimensions (send.numel() / send.size(0) elements per row).
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "autograd/tensor.h"
+
+namespace hydra::parallel {
+
+enum class ReduceOp { kSum, kMax, kMin };
+
+// An operation in flight. wait() returns when its result may be used (on the GPU: when work queued
+// after it on the compute stream will see the result).
+class Work {
+ public:
+  virtual ~Work() = default;
+  virtual void wait() = 0;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const std::string& name() const = 0;  // "world", "dp", "ep", "sp", ... (for messages)
+  virtual Device device() const = 0;  // where its tensors live
+  bool on_gpu() const { return device().is_cuda(); }
+
+  // In place on t.
+  virtual void all_reduce(const Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
+  // Starts an in-place sum; the tensor must not be touched until wait() (gradient buckets).
+  virtual std::unique_ptr<Work> all_reduce_async(const Tensor& t) = 0;
+  // out: [size * n, ...] <- every rank's in [n, ...] in rank order.
+  virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
+  // out [n, ...] = sum over ranks of slice rank of in [size * n, ...].
+  virtual void reduce_scatter(const Tensor& in, const Tensor& out) = 0;
+  virtual void broadcast(const Tensor& t, int root) = 0;
+  // Rows send_counts[p] of `send` (in peer order) go to peer p; recv_counts[p] rows arrive from p.
+  virtual void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
+                            const std::vector<int64_t>& recv_counts) = 0;
+  // Sends `send` to `dest` and receives `recv` from `src` (either may be -1: none), without deadlock
+  // when every rank calls it (a shift along the ranks).
+  virtual void send_recv(const Tensor& send, int dest, const Tensor& recv, int src) = 0;
+  virtual void barrier() = 0;
+  // A communicator of the ranks passing the same color, ordered by key (every rank must call it).
+  virtual std::unique_ptr<Communicator> split(int color, int key, std::string name) const = 0;
+  // Host waits until the communicator's queued work is done (GPU; a no-op where calls block).
+  virtual void synchronize() {}
+
+  // Host values (statistics, counts): summed (or max/min) over the ranks, in place.
+  void all_reduce_host(std::vector<double>& values, ReduceOp op = ReduceOp::kSum);
+  double all_reduce_host(double value, ReduceOp op = ReduceOp::kSum);
+
+  std::chrono::seconds timeout() const { return timeout_; }
+  void set_timeout(std::chrono::seconds t) { timeout_ = t; }
+
+ protected:
+  std::chrono::seconds timeout_{600};
+};
+
+// A communicator of one rank (no parallelism): every operation is a local copy. Lets code written for
+// a grid run unchanged in a single process.
+class SelfCommunicator final : public Communicator {
+ public:
+  explicit SelfCommunicator(std::string name, Device device = Device::cpu())
+      : name_(std::move(name)), device_(device) {}
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  const std::string& name() const override { return name_; }
+  Device device() const override { return device_; }
+  void all_reduce(const Tensor&, ReduceOp) override {}
+  std::unique_ptr<Work> all_reduce_async(const Tensor&) override;
+  void all_gather(const Tensor& in, const Tensor& out) override;
+  void reduce_scatter(const Tensor& in, const Tensor& out) override;
+  void broadcast(const Tensor&, int) override {}
+  void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
+                    const std::vector<int64_t>& recv_counts) override;
+  void send_recv(const Tensor& send, int dest, const Tensor& recv, int src) override;
+  void barrier() override {}
+  std::unique_ptr<Communicator> split(int, int, std::string name) const override {
+    return std::make_unique<SelfCommunicator>(std::move(name), device_);
+  }
+
+ private:
+  std::string name_;
+  Device device_;
+};
+
+}  // namespace hydra::parallel

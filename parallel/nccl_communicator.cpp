@@ -1,0 +1,261 @@
+#include "parallel/nccl_communicator.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "autograd/cuda_context.h"
+#include "autograd/ops.h"
+#include "kernels/base/check.h"
+#include "parallel/runtime.h"
+
+namespace hydra::parallel {
+
+struct NcclCommunicator::Impl {
+  ncclComm_t comm = nullptr;
+  void* stream = nullptr;   // the device's communication stream
+  void* compute = nullptr;  // the device's compute stream
+};
+
+namespace {
+
+ncclDataType_t nccl_type(DType t, const std::string& where) {
+  switch (t) {
+    case DType::kF32:
+      return ncclFloat32;
+    case DType::kF64:
+      return ncclFloat64;
+    case DType::kBF16:
+      return ncclBfloat16;
+    case DType::kI32:
+      return ncclInt32;
+    case DType::kI64:
+      return ncclInt64;
+    default:
+      HYDRA_FAIL() << where << ": dtype " << dtype_name(t) << " is not supported over NCCL";
+  }
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
+  }
+  return ncclSum;
+}
+
+cudaStream_t as_cuda(void* s) { return static_cast<cudaStream_t>(s); }
+
+class NcclWork final : public Work {
+ public:
+  NcclWork(std::shared_ptr<CudaEvent> done, void* compute) : done_(std::move(done)), compute_(compute) {}
+  void wait() override { done_->wait_on(compute_); }  // the compute stream waits; the host does not
+
+ private:
+  std::shared_ptr<CudaEvent> done_;
+  void* compute_;
+};
+
+}  // namespace
+
+#define HYDRA_NCCL_CHECK(call)                                                                             \
+  do {                                                                                                     \
+    const ncclResult_t r_ = (call);                                                                        \
+    if (r_ != ncclSuccess) {                                                                               \
+      HYDRA_FAIL() << "rank " << process_info().rank << ": " << #call << " on communicator '" << name()    \
+                   << "' failed: " << ncclGetErrorString(r_) << " (" << ncclGetLastError(impl_->comm) << ")"; \
+    }                                                                                                      \
+  } while (0)
+
+NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> bootstrap, int device)
+    : bootstrap_(std::move(bootstrap)), device_(device), impl_(std::make_unique<Impl>()) {
+  timeout_ = bootstrap_->timeout();
+  HYDRA_CHECK(cudaSetDevice(device_) == cudaSuccess) << "rank " << process_info().rank << ": cudaSetDevice(" << device_
+                                                     << ") failed";
+  ncclUniqueId id{};
+  static_assert(sizeof(ncclUniqueId) % 4 == 0);
+  Tensor buf = zeros({static_cast<int64_t>(sizeof(ncclUniqueId) / 4)}, DType::kI32);
+  if (bootstrap_->rank() == 0) {
+    HYDRA_NCCL_CHECK(ncclGetUniqueId(&id));
+    std::memcpy(buf.raw_data(), &id, sizeof(id));
+  }
+  bootstrap_->broadcast(buf, 0);
+  std::memcpy(&id, buf.raw_data(), sizeof(id));
+  HYDRA_NCCL_CHECK(ncclCommInitRank(&impl_->comm, bootstrap_->size(), id, bootstrap_->rank()));
+  impl_->stream = cuda_comm_stream(device_);
+  impl_->compute = cuda_compute_stream(device_);
+}
+
+NcclCommunicator::~NcclCommunicator() {
+  if (impl_ && impl_->comm) {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(as_cuda(impl_->stream));
+    ncclCommDestroy(impl_->comm);
+  }
+}
+
+void NcclCommunicator::check_async() const {
+  ncclResult_t async = ncclSuccess;
+  ncclCommGetAsyncError(impl_->comm, &async);
+  HYDRA_CHECK(async == ncclSuccess || async == ncclInProgress)
+      << "rank " << process_info().rank << ": NCCL on communicator '" << name()
+      << "' failed asynchronously: " << ncclGetErrorString(async);
+}
+
+void NcclCommunicator::begin(const std::vector<Tensor>& tensors) {
+  for (const Tensor& t : tensors) {
+    HYDRA_CHECK(t.device() == Device::cuda(device_))
+        << "NCCL communicator '" << name() << "' on cuda:" << device_ << " got a tensor on " << t.device().str();
+    HYDRA_CHECK(t.is_contiguous()) << "NCCL communicator '" << name() << "': tensor must be contiguous";
+  }
+  check_async();
+  cuda_stream_wait(impl_->stream, impl_->compute);
+}
+
+void NcclCommunicator::end(const std::vector<Tensor>& tensors) {
+  for (const Tensor& t : tensors)
+    if (t.numel() > 0) cuda_record_stream(t.storage()->data(), device_, impl_->stream);
+  cuda_stream_wait(impl_->compute, impl_->stream);
+}
+
+void NcclCommunicator::all_reduce(const Tensor& t, ReduceOp op) {
+  if (t.numel() == 0) return;
+  begin({t});
+  HYDRA_NCCL_CHECK(ncclAllReduce(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "all_reduce"),
+                                 nccl_op(op), impl_->comm, as_cuda(impl_->stream)));
+  end({t});
+}
+
+std::unique_ptr<Work> NcclCommunicator::all_reduce_async(const Tensor& t) {
+  auto done = std::make_shared<CudaEvent>();
+  if (t.numel() > 0) {
+    begin({t});
+    HYDRA_NCCL_CHECK(ncclAllReduce(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "all_reduce"), ncclSum,
+                                   impl_->comm, as_cuda(impl_->stream)));
+    cuda_record_stream(t.storage()->data(), device_, impl_->stream);
+  }
+  done->record(impl_->stream);  // the compute stream waits for it only in wait(): overlap until then
+  return std::make_unique<NcclWork>(std::move(done), impl_->compute);
+}
+
+void NcclCommunicator::all_gather(const Tensor& in, const Tensor& out) {
+  HYDRA_CHECK(out.numel() == in.numel() * size() && out.dtype() == in.dtype())
+      << "all_gather on '" << name() << "': output of " << out.numel() << " elements for " << size() << " x "
+      << in.numel();
+  if (in.numel() == 0) return;
+  begin({in, out});
+  HYDRA_NCCL_CHECK(ncclAllGather(in.raw_data(), out.raw_data(), in.numel(), nccl_type(in.dtype(), "all_gather"),
+                                 impl_->comm, as_cuda(impl_->stream)));
+  end({in, out});
+}
+
+void NcclCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) {
+  HYDRA_CHECK(in.numel() == out.numel() * size() && out.dtype() == in.dtype())
+      << "reduce_scatter on '" << name() << "': input of " << in.numel() << " elements for " << size() << " x "
+      << out.numel();
+  if (out.numel() == 0) return;
+  begin({in, out});
+  HYDRA_NCCL_CHECK(ncclReduceScatter(in.raw_data(), out.raw_data(), out.numel(),
+                                     nccl_type(in.dtype(), "reduce_scatter"), ncclSum, impl_->comm,
+                                     as_cuda(impl_->stream)));
+  end({in, out});
+}
+
+void NcclCommunicator::broadcast(const Tensor& t, int root) {
+  HYDRA_CHECK(root >= 0 && root < size()) << "broadcast: root " << root << " outside [0, " << size() << ")";
+  if (t.numel() == 0) return;
+  begin({t});
+  HYDRA_NCCL_CHECK(ncclBroadcast(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "broadcast"), root,
+                                 impl_->comm, as_cuda(impl_->stream)));
+  end({t});
+}
+
+void NcclCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
+                                    const std::vector<int64_t>& recv_counts) {
+  const int n = size();
+  HYDRA_CHECK(static_cast<int>(send_counts.size()) == n && static_cast<int>(recv_counts.size()) == n)
+      << "all_to_all_v on '" << name() << "': counts for " << send_counts.size() << " and " << recv_counts.size()
+      << " peers, communicator has " << n;
+  HYDRA_CHECK(send.dtype() == recv.dtype()) << "all_to_all_v: send and receive dtypes differ";
+  const int64_t row = send.dim() > 0 && send.size(0) > 0 ? send.numel() / send.size(0)
+                      : recv.dim() > 0 && recv.size(0) > 0 ? recv.numel() / recv.size(0)
+                                                            : 1;
+  int64_t so = 0, ro = 0;
+  for (int p = 0; p < n; ++p) {
+    so += send_counts[p] * row;
+    ro += recv_counts[p] * row;
+  }
+  HYDRA_CHECK(so == send.numel() && ro == recv.numel())
+      << "all_to_all_v on '" << name() << "': counts cover " << so << " and " << ro << " elements, tensors hold "
+      << send.numel() << " and " << recv.numel();
+  begin({send, recv});
+  const ncclDataType_t ty = nccl_type(send.dtype(), "all_to_all_v");
+  const std::size_t es = dtype_size(send.dtype());
+  auto* sp = static_cast<char*>(send.numel() ? send.raw_data() : nullptr);
+  auto* rp = static_cast<char*>(recv.numel() ? recv.raw_data() : nullptr);
+  HYDRA_NCCL_CHECK(ncclGroupStart());
+  so = ro = 0;
+  for (int p = 0; p < n; ++p) {
+    if (send_counts[p] > 0)
+      HYDRA_NCCL_CHECK(ncclSend(sp + so * es, send_counts[p] * row, ty, p, impl_->comm, as_cuda(impl_->stream)));
+    if (recv_counts[p] > 0)
+      HYDRA_NCCL_CHECK(ncclRecv(rp + ro * es, recv_counts[p] * row, ty, p, impl_->comm, as_cuda(impl_->stream)));
+    so += send_counts[p] * row;
+    ro += recv_counts[p] * row;
+  }
+  HYDRA_NCCL_CHECK(ncclGroupEnd());
+  end({send, recv});
+}
+
+void NcclCommunicator::send_recv(const Tensor& send, int dest, const Tensor& recv, int src) {
+  std::vector<Tensor> used;
+  if (dest >= 0 && send.numel() > 0) used.push_back(send);
+  if (src >= 0 && recv.numel() > 0) used.push_back(recv);
+  if (used.empty()) return;
+  begin(used);
+  HYDRA_NCCL_CHECK(ncclGroupStart());
+  if (dest >= 0 && send.numel() > 0)
+    HYDRA_NCCL_CHECK(ncclSend(send.raw_data(), send.numel(), nccl_type(send.dtype(), "send"), dest, impl_->comm,
+                              as_cuda(impl_->stream)));
+  if (src >= 0 && recv.numel() > 0)
+    HYDRA_NCCL_CHECK(ncclRecv(recv.raw_data(), recv.numel(), nccl_type(recv.dtype(), "recv"), src, impl_->comm,
+                              as_cuda(impl_->stream)));
+  HYDRA_NCCL_CHECK(ncclGroupEnd());
+  end(used);
+}
+
+void NcclCommunicator::barrier() {
+  Tensor t = zeros({1}, DType::kF32, device());
+  all_reduce(t, ReduceOp::kSum);
+  synchronize();
+}
+
+void NcclCommunicator::synchronize() {
+  CudaEvent e;
+  e.record(impl_->stream);
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  while (!e.done()) {
+    check_async();
+    if (std::chrono::steady_clock::now() > deadline) {
+      ncclCommAbort(impl_->comm);
+      impl_->comm = nullptr;
+      HYDRA_FAIL() << "rank " << process_info().rank << ": NCCL work on communicator '" << name()
+                   << "' did not finish within " << timeout_.count()
+                   << " s: another rank has died, is stuck, or took a different path through the program";
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+}
+
+std::unique_ptr<Communicator> NcclCommunicator::split(int color, int key, std::string name) const {
+  return std::make_unique<NcclCommunicator>(bootstrap_->split_mpi(color, key, std::move(name)), device_);
+}
+
+}  // namespace hydra::parallel

@@ -1,0 +1,102 @@
+#include "parallel/runtime.h"
+
+#include <mpi.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <mutex>
+
+#include "autograd/cuda_context.h"
+#include "kernels/base/check.h"
+#include "parallel/mpi_communicator.h"
+#if HYDRA_WITH_CUDA
+#include "parallel/nccl_communicator.h"
+#endif
+
+namespace hydra::parallel {
+namespace {
+
+ProcessInfo g_info;
+bool g_initialized = false;
+bool g_started_mpi = false;
+std::mutex g_mu;
+
+bool env_set(const char* name) { return std::getenv(name) != nullptr; }
+
+}  // namespace
+
+const ProcessInfo& init_processes(int* argc, char*** argv, bool force) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (g_initialized) return g_info;
+  g_initialized = true;
+  const bool by_mpirun = env_set("OMPI_COMM_WORLD_SIZE") || env_set("PMI_SIZE") || env_set("PMIX_RANK");
+  if (!by_mpirun && !force) return g_info;
+  int already = 0;
+  MPI_Initialized(&already);
+  if (!already) {
+    int provided = 0;
+    const int rc = MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided);
+    if (rc != MPI_SUCCESS) {
+      std::cerr << "error: MPI_Init_thread failed (code " << rc << "); was the job started with mpirun or srun?\n";
+      std::exit(1);
+    }
+    g_started_mpi = true;
+    g_info.threads_provided = provided;
+  } else {
+    MPI_Query_thread(&g_info.threads_provided);
+  }
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(MPI_COMM_WORLD, &g_info.rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &g_info.size);
+  MPI_Comm local = MPI_COMM_NULL;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, g_info.rank, MPI_INFO_NULL, &local);
+  MPI_Comm_rank(local, &g_info.local_rank);
+  MPI_Comm_size(local, &g_info.local_size);
+  MPI_Comm_free(&local);
+  g_info.distributed = true;
+  g_info.launcher = env_set("SLURM_PROCID") && !env_set("OMPI_COMM_WORLD_SIZE") ? "srun" : "mpirun";
+  return g_info;
+}
+
+const ProcessInfo& process_info() { return g_info; }
+
+void finalize_processes() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (!g_started_mpi) return;
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+  g_started_mpi = false;
+}
+
+std::unique_ptr<Communicator> world_communicator(bool gpu) {
+  const Device dev = gpu ? Device::cuda(device_for_rank()) : Device::cpu();
+  if (!g_info.distributed) return std::make_unique<SelfCommunicator>("world", dev);
+  MPI_Comm dup = MPI_COMM_NULL;
+  HYDRA_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup) == MPI_SUCCESS) << "rank " << g_info.rank << ": MPI_Comm_dup failed";
+  auto mpi = std::make_unique<MpiCommunicator>(dup, "world");
+  if (!gpu) return mpi;
+#if HYDRA_WITH_CUDA
+  return std::make_unique<NcclCommunicator>(std::move(mpi), dev.index);
+#else
+  HYDRA_FAIL() << "this build has no CUDA backend: no NCCL communicator";
+#endif
+}
+
+void abort_job(int code, const std::string& message) {
+  std::cerr << (g_info.distributed ? "rank " + std::to_string(g_info.rank) + ": " : std::string()) << message
+            << std::endl;
+  int up = 0, down = 0;
+  MPI_Initialized(&up);
+  MPI_Finalized(&down);
+  if (up && !down && g_info.size > 1) MPI_Abort(MPI_COMM_WORLD, code);
+  std::exit(code);
+}
+
+int device_for_rank() {
+  const int n = cuda_available() ? cuda_device_count() : 0;
+  HYDRA_CHECK(n > 0) << "rank " << g_info.rank << ": no CUDA device visible";
+  return g_info.local_rank % n;
+}
+
+}  // namespace hydra::parallel

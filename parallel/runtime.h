@@ -1,0 +1,38 @@
+// The processes of a job: MPI start-up when launched by mpirun or srun, rank / local rank / device
+// discovery, the world communicator, and taking the whole job down on an error (no silent hang).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "parallel/communicator.h"
+
+namespace hydra::parallel {
+
+struct ProcessInfo {
+  int rank = 0, size = 1;              // in the world
+  int local_rank = 0, local_size = 1;  // on this host
+  bool distributed = false;            // MPI is up (launched by mpirun / srun, or forced)
+  std::string launcher = "single";     // "mpirun", "srun", "single"
+  int threads_provided = 0;            // MPI thread support level granted
+};
+
+// Starts MPI (thread level MULTIPLE) when the environment shows an mpirun or srun launch, or when
+// `force` (tests). Safe to call more than once; the first call decides.
+const ProcessInfo& init_processes(int* argc, char*** argv, bool force = false);
+const ProcessInfo& process_info();
+// Finalizes MPI when init_processes started it (at exit of main).
+void finalize_processes();
+
+// The world: an MPI communicator of all ranks, or a SelfCommunicator in a single process. `gpu`: NCCL
+// over CUDA tensors (bootstrapped over MPI) instead of MPI over CPU tensors.
+std::unique_ptr<Communicator> world_communicator(bool gpu = false);
+
+// Prints "rank R: message" to stderr and ends every rank of the job (MPI_Abort) with `code`; in a
+// single process, exits with `code`.
+[[noreturn]] void abort_job(int code, const std::string& message);
+
+// The CUDA device this rank should use: local_rank modulo the visible devices (one GPU per rank).
+int device_for_rank();
+
+}  // namespace hydra::parallel

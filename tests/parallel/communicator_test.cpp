@@ -1,0 +1,179 @@
+// The MPI communicator's collectives and the process grid, run under mpirun with 1, 2 and 4 ranks
+// (ctest label mpi). Every check uses values that differ per rank, so a collective that moved the wrong
+// data (or none) fails.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <thread>
+
+#include "autograd/ops.h"
+#include "parallel/grid.h"
+#include "parallel/runtime.h"
+#include "tests/test_util.h"
+
+namespace hydra::parallel {
+namespace {
+
+std::unique_ptr<Communicator> world() { return world_communicator(false); }
+
+// Values of rank r: r * 100 + i (+ 0.5 to catch integer truncation).
+Tensor rank_values(int r, int64_t n) {
+  std::vector<double> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = r * 100.0 + double(i) + 0.5;
+  return tensor(v, {n});
+}
+
+TEST(Communicator, AllReduceSumMaxAndAsync) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  Tensor t = rank_values(r, 7);
+  w->all_reduce(t, ReduceOp::kSum);
+  Tensor m = rank_values(r, 7);
+  w->all_reduce(m, ReduceOp::kMax);
+  Tensor a = rank_values(r, 100003).to(DType::kF32);
+  auto work = w->all_reduce_async(a);
+  work->wait();
+  const auto tv = t.to_vector<double>(), mv = m.to_vector<double>();
+  const auto av = a.to_vector<float>();
+  for (int64_t i = 0; i < 7; ++i) {
+    double sum = 0;
+    for (int q = 0; q < n; ++q) sum += q * 100.0 + double(i) + 0.5;
+    EXPECT_DOUBLE_EQ(tv[i], sum);
+    EXPECT_DOUBLE_EQ(mv[i], (n - 1) * 100.0 + double(i) + 0.5);
+  }
+  double sum0 = 0;
+  for (int q = 0; q < n; ++q) sum0 += q * 100.0 + 100002.5;
+  EXPECT_FLOAT_EQ(av[100002], float(sum0));
+  EXPECT_DOUBLE_EQ(w->all_reduce_host(double(r + 1)), n * (n + 1) / 2.0);
+}
+
+TEST(Communicator, AllGatherAndReduceScatterAreAdjoint) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  const Tensor mine = rank_values(r, 5).reshape({1, 5});
+  Tensor all = zeros({n, 5}, DType::kF64);
+  w->all_gather(mine, all);
+  for (int q = 0; q < n; ++q) EXPECT_TRUE(testing::bitwise_equal(all.narrow(0, q, 1).contiguous(), rank_values(q, 5).reshape({1, 5})));
+  // reduce_scatter of [n, 3] where rank r holds r + 1 everywhere: each slice sums to n(n+1)/2.
+  Tensor in = full({n, 3}, double(r + 1), DType::kF64);
+  Tensor out = zeros({1, 3}, DType::kF64);
+  w->reduce_scatter(in, out);
+  for (double v : out.to_vector<double>()) EXPECT_DOUBLE_EQ(v, n * (n + 1) / 2.0);
+}
+
+TEST(Communicator, BroadcastFromEveryRoot) {
+  auto w = world();
+  for (int root = 0; root < w->size(); ++root) {
+    Tensor t = rank_values(w->rank(), 4);
+    w->broadcast(t, root);
+    EXPECT_TRUE(testing::bitwise_equal(t, rank_values(root, 4)));
+  }
+}
+
+TEST(Communicator, AllToAllVWithUnevenAndEmptyCounts) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  // Rank r sends (r + p) % 3 rows of width 2 to peer p, row values encode (sender, receiver, index).
+  std::vector<int64_t> sc(n), rc(n);
+  std::vector<double> send;
+  for (int p = 0; p < n; ++p) {
+    sc[p] = (r + p) % 3;
+    rc[p] = (p + r) % 3;
+    for (int64_t i = 0; i < sc[p]; ++i) {
+      send.push_back(r * 1000 + p * 10 + i);
+      send.push_back(-(r * 1000 + p * 10 + i));
+    }
+  }
+  int64_t total_s = 0, total_r = 0;
+  for (int p = 0; p < n; ++p) {
+    total_s += sc[p];
+    total_r += rc[p];
+  }
+  Tensor s = tensor(send, {total_s, 2});
+  Tensor got = full({total_r, 2}, -7.0, DType::kF64);
+  w->all_to_all_v(s, sc, got, rc);
+  const auto g = got.to_vector<double>();
+  int64_t row = 0;
+  for (int p = 0; p < n; ++p)
+    for (int64_t i = 0; i < rc[p]; ++i, ++row) {
+      EXPECT_EQ(g[row * 2], p * 1000 + r * 10 + i);
+      EXPECT_EQ(g[row * 2 + 1], -(p * 1000 + r * 10 + i));
+    }
+}
+
+TEST(Communicator, SendRecvShiftsAlongTheRanks) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  Tensor mine = rank_values(r, 3), got = full({3}, -1.0, DType::kF64);
+  w->send_recv(mine, r + 1 < n ? r + 1 : -1, got, r > 0 ? r - 1 : -1);
+  if (r > 0) {
+    EXPECT_TRUE(testing::bitwise_equal(got, rank_values(r - 1, 3)));
+  } else {
+    for (double v : got.to_vector<double>()) EXPECT_EQ(v, -1.0);
+  }
+}
+
+TEST(Communicator, TimeoutNamesTheCallInsteadOfHanging) {
+  auto w = world();
+  if (w->size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  auto pair = w->split(0, w->rank(), "timeout-test");
+  pair->set_timeout(std::chrono::seconds(1));
+  if (pair->rank() == 0) {
+    Tensor got = zeros({1}, DType::kF64);
+    try {
+      pair->send_recv(Tensor(), -1, got, 1);  // rank 1 never sends
+      ADD_FAILURE() << "receive without a sender returned";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("did not complete within 1 s"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("timeout-test"), std::string::npos) << msg;
+    }
+  }
+  w->barrier();
+}
+
+TEST(Communicator, WrongTensorsGiveClearErrors) {
+  auto w = world();
+  Tensor t = zeros({2, 3}, DType::kF64);
+  Tensor wrong = zeros({5}, DType::kF64);
+  try {
+    w->all_gather(t, wrong);
+    ADD_FAILURE() << "accepted a wrong output size";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("all_gather"), std::string::npos);
+  }
+}
+
+TEST(ProcessGrid, GroupsFollowTheRankLayout) {
+  const int n = world()->size();
+  for (const GridShape s : {GridShape{n, 1, 1}, GridShape{1, n, 1}, GridShape{1, 1, n}, GridShape{n / 2 > 0 ? 2 : 1, 1, n / 2 > 0 ? n / 2 : 1}}) {
+    if (s.size() != n) continue;
+    auto g = ProcessGrid::create(world(), s, "test.pbtxt");
+    ASSERT_TRUE(g.ok()) << g.status().message();
+    const ProcessGrid& grid = **g;
+    const int64_t r = grid.world().rank();
+    EXPECT_EQ(r, (grid.dp_rank() * s.ep + grid.ep_rank()) * s.sp + grid.sp_rank());
+    EXPECT_EQ(grid.sp().size(), s.sp);
+    EXPECT_EQ(grid.ep().size(), s.ep);
+    EXPECT_EQ(grid.expert_replicas().size(), s.dp * s.sp);
+    EXPECT_EQ(grid.sp().rank(), grid.sp_rank());
+    EXPECT_EQ(grid.ep().rank(), grid.ep_rank());
+    // The sp group holds exactly the ranks with our dp and ep coordinates: their sum tells.
+    const double sum = grid.sp().all_reduce_host(double(r));
+    double expect = 0;
+    for (int64_t k = 0; k < s.sp; ++k) expect += double((grid.dp_rank() * s.ep + grid.ep_rank()) * s.sp + k);
+    EXPECT_EQ(sum, expect);
+  }
+}
+
+TEST(ProcessGrid, AWrongShapeFailsOnEveryRankWithTheFix) {
+  const int n = world()->size();
+  auto g = ProcessGrid::create(world(), GridShape{n + 1, 1, 1}, "configs/x.pbtxt");
+  ASSERT_FALSE(g.ok());
+  const std::string msg = g.status().message();
+  EXPECT_NE(msg.find("configs/x.pbtxt"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("mpirun -np " + std::to_string(n + 1)), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace hydra::parallel
