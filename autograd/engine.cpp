@@ -86,7 +86,7 @@ void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& g
     for (const Tensor& t : in) any = any || t.defined();
 
     std::vector<Tensor> out;
-    if (any) {
+    if (any || node->runs_without_grads()) {
       try {
         out = node->apply(std::move(in));
       } catch (const Error& e) {

@@ -17,6 +17,7 @@ struct ParamOptions {
   std::string lr_group =
       "";  // "" = the base learning rate; others have their own (e.g. "pkm_values")
   std::string freeze_group = "";  // curriculum stages may freeze a group by name (e.g. "backbone")
+  bool sparse_grad = false;       // gradients arrive row-sparse (Tensor::sparse_grad), e.g. PKM values
 };
 
 struct NamedParameter {

@@ -79,10 +79,31 @@ Edge gradient_edge(const Tensor& t) {
   return {acc, 0};
 }
 
+namespace {
+
+void record_node(const std::string& name, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                 BackwardFn fn, bool collective);
+
+}  // namespace
+
 void record_op(const std::string& name, const std::vector<Tensor>& inputs,
                const std::vector<Tensor>& outputs, BackwardFn fn, bool force) {
   if (!(force ? GradMode::enabled() : any_requires_grad(inputs))) return;
+  record_node(name, inputs, outputs, std::move(fn), false);
+}
+
+void record_collective_op(const std::string& name, const std::vector<Tensor>& inputs,
+                          const std::vector<Tensor>& outputs, BackwardFn fn) {
+  if (!GradMode::enabled()) return;
+  record_node(name, inputs, outputs, std::move(fn), true);
+}
+
+namespace {
+
+void record_node(const std::string& name, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                 BackwardFn fn, bool collective) {
   auto node = std::make_shared<FunctionNode>(name, std::move(fn));
+  node->set_runs_without_grads(collective);
   node->set_num_outputs(static_cast<uint32_t>(outputs.size()));
   std::vector<Edge> edges;
   edges.reserve(inputs.size());
@@ -97,5 +118,7 @@ void record_op(const std::string& name, const std::vector<Tensor>& inputs,
     meta.output_nr = static_cast<uint32_t>(i);
   }
 }
+
+}  // namespace
 
 }  // namespace hydra

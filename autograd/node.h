@@ -39,6 +39,10 @@ class Node : public std::enable_shared_from_this<Node> {
   void set_num_outputs(uint32_t n) { num_outputs_ = n; }
   const std::vector<Edge>& next_edges() const { return next_edges_; }
   void set_next_edges(std::vector<Edge> edges) { next_edges_ = std::move(edges); }
+  // Collectives: the backward must run on every rank even when no gradient reached this node here
+  // (it then receives undefined gradients), or the other ranks would wait for it forever.
+  bool runs_without_grads() const { return runs_without_grads_; }
+  void set_runs_without_grads(bool on) { runs_without_grads_ = on; }
 
  protected:
   void set_sequence_nr(uint64_t nr) { sequence_nr_ = nr; }
@@ -47,6 +51,7 @@ class Node : public std::enable_shared_from_this<Node> {
   std::string name_;
   uint64_t sequence_nr_;
   uint32_t num_outputs_ = 1;
+  bool runs_without_grads_ = false;
   std::vector<Edge> next_edges_;
 };
 
@@ -100,6 +105,10 @@ Edge gradient_edge(const Tensor& t);
 // unless `force` (an op whose gradient leaves by another route, such as a sparse table gradient).
 void record_op(const std::string& name, const std::vector<Tensor>& inputs,
                const std::vector<Tensor>& outputs, BackwardFn fn, bool force = false);
+// record_op for a collective (parallel/): recorded whenever grad mode is on, and its backward runs on
+// every backward that reaches it, with undefined gradients where none arrived.
+void record_collective_op(const std::string& name, const std::vector<Tensor>& inputs,
+                          const std::vector<Tensor>& outputs, BackwardFn fn);
 // Runs the gradient-ready hooks of a leaf (after a gradient reached it by any route).
 void run_grad_ready_hooks(const Tensor& leaf);
 

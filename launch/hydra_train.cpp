@@ -7,6 +7,7 @@
 
 #include "configs/config_io.h"
 #include "kernels/base/parallel.h"
+#include "parallel/runtime.h"
 #include "trainer/trainer.h"
 
 namespace po = boost::program_options;
@@ -37,9 +38,36 @@ void print_report(const trainer::TrainSummary& s) {
               s.run_dir.c_str());
 }
 
+// Under mpirun every rank runs main(): rank 0 prints, the others stay quiet except about their own
+// failures (a rank that learned of another rank's failure does not repeat it).
+bool g_lead = true;
+int g_rank = 0;
+
+// Errors returned by the trainer are known to every rank (the ranks agree on failures), so rank 0 alone
+// prints them; a rank that throws prints its own message and takes the job down.
+void report_error(const std::string& message) {
+  if (g_lead) std::cerr << "hydra-train: " << message << "\n";
+}
+
+struct FinalizeMpi {
+  ~FinalizeMpi() { parallel::finalize_processes(); }
+};
+
+int run_main(int argc, char** argv);
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  const auto& info = parallel::init_processes(&argc, &argv);
+  g_lead = info.rank == 0;
+  g_rank = info.rank;
+  FinalizeMpi finalize;
+  return run_main(argc, argv);
+}
+
+namespace {
+
+int run_main(int argc, char** argv) {
   po::options_description opts(
       "hydra-train --config FILE --out DIR [options]\n\n"
       "Trains the model of a config (configs/*.pbtxt) through its curriculum, writing to DIR:\n"
@@ -47,7 +75,10 @@ int main(int argc, char** argv) {
       "  metrics.jsonl  one JSON line per step (loss, lr, grad norm, tokens/s, expert load, ...)\n"
       "  tb/            TensorBoard event files\n"
       "  checkpoints/   step-NNNNNNNN/ with manifest.pb and rank-00000.h5\n"
-      "Without data.shards the model trains on the built-in synthetic tasks.\n\nOptions");
+      "Without data.shards the model trains on the built-in synthetic tasks.\n\n"
+      "Several processes: mpirun -np N hydra-train ... (or srun -n N inside a Slurm allocation), with\n"
+      "parallel { dp ep sp } in the config (or --set parallel.dp=N) multiplying to N. Rank 0 prints and\n"
+      "writes; every rank trains. An error on any rank stops them all.\n\nOptions");
   opts.add_options()("help,h", "show this help")("config", po::value<std::string>(), "the config file (RunConfig text)")(
       "set", po::value<std::vector<std::string>>()->composing(),
       "override a config field, e.g. --set train.lr.lr=3e-4 --set model.moe.max_active=1 (repeatable)")(
@@ -68,16 +99,17 @@ int main(int argc, char** argv) {
     po::store(po::parse_command_line(argc, argv, opts), vm);
     po::notify(vm);
   } catch (const po::error& e) {
-    std::cerr << "hydra-train: " << e.what() << " (see hydra-train --help)\n";
+    if (g_lead) std::cerr << "hydra-train: " << e.what() << " (see hydra-train --help)\n";
     return kUsageError;
   }
   if (vm.count("help")) {
-    std::cout << opts << "\n";
+    if (g_lead) std::cout << opts << "\n";
     return 0;
   }
   if (!vm.count("config") || !vm.count("out")) {
-    std::cerr << "hydra-train: --config and --out are required, e.g.\n"
-                 "  hydra-train --config configs/tiny.pbtxt --out runs/tiny\n";
+    if (g_lead)
+      std::cerr << "hydra-train: --config and --out are required, e.g.\n"
+                   "  hydra-train --config configs/tiny.pbtxt --out runs/tiny\n";
     return kUsageError;
   }
   const std::string config_path = vm["config"].as<std::string>();
@@ -85,7 +117,7 @@ int main(int argc, char** argv) {
     if (vm.count("threads")) set_num_threads(vm["threads"].as<int>());
     auto cfg = config::load_run_config(config_path);
     if (!cfg.ok()) {
-      std::cerr << "hydra-train: " << cfg.status().message() << "\n";
+      report_error(cfg.status().message());
       return kUserError;
     }
     std::vector<std::string> sets;
@@ -97,7 +129,7 @@ int main(int argc, char** argv) {
     for (const std::string& s : sets) {
       const Status st = config::apply_override(&*cfg, s);
       if (!st.ok()) {
-        std::cerr << "hydra-train: " << st.message() << "\n";
+        report_error(st.message());
         return kUserError;
       }
     }
@@ -108,25 +140,38 @@ int main(int argc, char** argv) {
     to.quiet = vm.count("quiet") > 0;
     auto t = trainer::Trainer::create(*cfg, config_path, to);
     if (!t.ok()) {
-      std::cerr << "hydra-train: " << t.status().message() << "\n";
+      report_error(t.status().message());
       return kUserError;
     }
-    if (!to.quiet && !vm.count("no-print-config"))
+    const bool speak = !to.quiet && g_lead;
+    if (speak && !vm.count("no-print-config"))
       std::cout << "# resolved config (saved as " << to.out_dir << "/config.pbtxt)\n"
                 << config::to_text((*t)->config());
-    if (!to.quiet) std::cout << "# " << num_threads() << " CPU threads, run directory " << to.out_dir << "\n";
+    if (speak) {
+      std::cout << "# " << num_threads() << " CPU threads per rank, run directory " << to.out_dir;
+      const auto& p = (*t)->config().parallel();
+      if (parallel::process_info().distributed)
+        std::cout << ", " << parallel::process_info().size << " ranks (dp=" << p.dp() << " ep=" << p.ep()
+                  << " sp=" << p.sp() << ", " << parallel::process_info().launcher << ")";
+      std::cout << "\n";
+    }
     auto summary = (*t)->run();
     if (!summary.ok()) {
-      std::cerr << "hydra-train: " << summary.status().message() << "\n";
+      report_error(summary.status().message());
       return summary.status().code() == StatusCode::kInternal ? kTrainingFailed : kUserError;
     }
-    if (!to.quiet) print_report(*summary);
+    if (speak) print_report(*summary);
     return summary->interrupted && summary->signal == 2 ? 130 : 0;
   } catch (const Error& e) {
+    // Other ranks may be waiting for this one in a collective: take the whole job down.
+    if (parallel::process_info().distributed) parallel::abort_job(kInternalError, std::string("hydra-train: internal error: ") + e.what());
     std::cerr << "hydra-train: internal error: " << e.what() << "\n";
     return kInternalError;
   } catch (const std::exception& e) {
+    if (parallel::process_info().distributed) parallel::abort_job(kInternalError, std::string("hydra-train: ") + e.what());
     std::cerr << "hydra-train: " << e.what() << "\n";
     return kInternalError;
   }
 }
+
+}  // namespace

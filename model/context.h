@@ -4,8 +4,10 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 #include "autograd/checkpoint.h"
+#include "parallel/grid.h"
 
 namespace hydra::model {
 
@@ -25,6 +27,22 @@ struct ForwardContext {
   double aux_scale = 1.0;     // multiplies the MoE auxiliary losses (warm-up)
   int64_t pos0 = 0;           // position of the first token (sequence parallelism)
   std::map<std::string, double> stats;
+
+  // Distributed runs (null: one process). A rank's losses are then its share of the global batch's
+  // losses: they add up over the ranks to the loss one process computes on the whole batch.
+  const parallel::ProcessGrid* grid = nullptr;
+  // The cross-entropy's normaliser: non-ignored targets in the whole step, over every rank and
+  // micro-batch (0: the mean over this forward's targets).
+  double lm_tokens = 0;
+  // Zero scalars from state chains along the ranks (parallel::send_to_next): the LM adds them to the
+  // loss so their backward (which receives the state's gradient) runs.
+  std::vector<Tensor> chain_tokens;
+
+  bool sequence_parallel() const { return grid != nullptr && grid->shape().sp > 1; }
+  // Sums host values over every rank (identity in one process).
+  void world_sum(std::vector<double>& values) const {
+    if (grid != nullptr && grid->distributed()) grid->world().all_reduce_host(values);
+  }
 
   // Statistics are recorded once per step: not again while a checkpoint recomputes.
   bool recording() const { return collect_stats && !is_recomputing(); }

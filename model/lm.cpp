@@ -29,8 +29,17 @@ std::pair<Tensor, Tensor> run_block(ForwardContext& ctx, F fn, const Tensor& x) 
   return {outs[0], outs[1]};
 }
 
-Tensor lm_loss_of(const Tensor& logits, const Tensor& targets) {
-  return cross_entropy(logits, targets, LanguageModel::kIgnoreIndex);
+// The mean over this forward's targets, or (distributed / accumulated steps) this forward's share of
+// the mean over the step's targets.
+Tensor lm_loss_of(const Tensor& logits, const Tensor& targets, const ForwardContext& ctx) {
+  if (ctx.lm_tokens <= 0) return cross_entropy(logits, targets, LanguageModel::kIgnoreIndex);
+  return mul(cross_entropy(logits, targets, LanguageModel::kIgnoreIndex, Reduction::kSum), 1.0 / ctx.lm_tokens);
+}
+
+// The loss plus the state-chain tokens (zeros whose backward receives a state's gradient).
+Tensor with_chain_tokens(Tensor loss, const ForwardContext& ctx) {
+  for (const Tensor& t : ctx.chain_tokens) loss = add(loss, t.to(loss.dtype()));
+  return loss;
 }
 
 void check_tokens(const Tensor& tokens, const Tensor& targets, const ModelSpec& spec) {
@@ -87,8 +96,8 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
   LmOutput out;
   out.aux = aux_total;
   if (targets.defined()) {
-    out.lm_loss = lm_loss_of(logits, targets);
-    out.loss = add(out.lm_loss, sum(aux_total).to(out.lm_loss.dtype()));
+    out.lm_loss = lm_loss_of(logits, targets, ctx);
+    out.loss = with_chain_tokens(add(out.lm_loss, sum(aux_total).to(out.lm_loss.dtype())), ctx);
   }
   if (want_logits) out.logits = logits;
   if (ctx.recording()) {
@@ -149,8 +158,8 @@ LmOutput TransformerLM::forward(const Tensor& tokens, const Tensor& targets, For
   LmOutput out;
   out.aux = zeros({3}, x.dtype(), x.device());
   if (targets.defined()) {
-    out.lm_loss = lm_loss_of(logits, targets);
-    out.loss = out.lm_loss;
+    out.lm_loss = lm_loss_of(logits, targets, ctx);
+    out.loss = with_chain_tokens(out.lm_loss, ctx);
   }
   if (want_logits) out.logits = logits;
   return out;

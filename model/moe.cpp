@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "autograd/grad_mode.h"
+#include "parallel/collectives.h"
 
 namespace hydra::model {
 
@@ -26,8 +27,9 @@ ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
 double ChunkMoE::sparsity_coef() const { return coef.item<double>(); }
 
 void ChunkMoE::update_sparsity_coef() {
-  if (last_tls_ < 0) return;
-  const double direction = last_tls_ < cfg_.target_sparsity() ? 1.0 : -1.0;
+  // The TLS of the whole global batch (the same on every rank, so the coefficient stays in sync).
+  if (global_tls_ < 0) return;
+  const double direction = global_tls_ < cfg_.target_sparsity() ? 1.0 : -1.0;
   const double next = std::clamp(sparsity_coef() * std::exp(direction * cfg_.sparsity_adapt_rate()), 1e-8,
                                  cfg_.sparsity_coef_max());
   NoGradGuard no_grad;
@@ -67,19 +69,39 @@ MoeRouting ChunkMoE::route(const Tensor& r, const Tensor& s) const {
   return out;
 }
 
-Tensor moe_locality_loss(const Tensor& z) {
+Tensor moe_locality_sum(const Tensor& z, const Tensor& z_next) {
   const int64_t nC = z.size(1);
+  std::vector<Tensor> terms;
+  if (nC >= 2) {
+    const Tensor zl = z.narrow(1, 0, nC - 1), target = sigmoid(z.narrow(1, 1, nC - 1)).detach();
+    terms.push_back(sum(sub(softplus(zl), mul(zl, target))));  // BCE with logits: softplus(z) - z * target
+  }
+  if (z_next.defined()) {  // the pair across the shard boundary: our last chunk, the next shard's first
+    const Tensor zl = z.narrow(1, nC - 1, 1).squeeze(1), target = sigmoid(z_next).detach();
+    terms.push_back(sum(sub(softplus(zl), mul(zl, target))));
+  }
+  if (terms.empty()) return zeros({}, z.dtype(), z.device());
+  return terms.size() == 1 ? terms[0] : add(terms[0], terms[1]);
+}
+
+Tensor moe_locality_loss(const Tensor& z) {
+  const int64_t B = z.size(0), nC = z.size(1), E = z.size(2);
   if (nC < 2) return zeros({}, z.dtype(), z.device());
-  const Tensor zl = z.narrow(1, 0, nC - 1), target = sigmoid(z.narrow(1, 1, nC - 1)).detach();
-  return mean(sub(softplus(zl), mul(zl, target)));  // BCE with logits: softplus(z) - z * target
+  return mul(moe_locality_sum(z, Tensor()), 1.0 / double(B * (nC - 1) * E));
+}
+
+Tensor moe_sparsity_sum(const Tensor& z, int64_t group) {
+  const int64_t B = z.size(0), nC = z.size(1), E = z.size(2), ng = nC / group;
+  if (ng < 1) return zeros({}, z.dtype(), z.device());
+  // 1 - prod (1 - p) = 1 - exp(sum log(1 - sigmoid(z))) = 1 - exp(-sum softplus(z))
+  const Tensor sp = sum(softplus(z.narrow(1, 0, ng * group)).reshape({B, ng, group, E}), {2});
+  return sum(affine(exp(neg(sp)), -1.0, 1.0));
 }
 
 Tensor moe_sparsity_loss(const Tensor& z, int64_t group) {
   const int64_t B = z.size(0), nC = z.size(1), E = z.size(2), ng = nC / group;
   if (ng < 1) return zeros({}, z.dtype(), z.device());
-  // 1 - prod (1 - p) = 1 - exp(sum log(1 - sigmoid(z))) = 1 - exp(-sum softplus(z))
-  const Tensor sp = sum(softplus(z.narrow(1, 0, ng * group)).reshape({B, ng, group, E}), {2});
-  return mean(affine(exp(neg(sp)), -1.0, 1.0));
+  return mul(moe_sparsity_sum(z, group), 1.0 / double(B * ng * E));
 }
 
 double routing_tls(const MoeRouting& r) {
@@ -152,13 +174,23 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   Tensor w;  // [B, nC, E] routing weights (routing on)
   Tensor losses = zeros({3}, acc, x.device());
   if (ctx.paths.moe_routing) {
+    const bool seq_par = ctx.sequence_parallel();
     const Tensor xr = x.view({B, nC, c, d});
     const Tensor first = xr.select(2, 0);  // [B, nC, d]
     Tensor rin = first;
-    if (cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN && nC > 1)
-      rin = concat({first.narrow(1, 0, 1), mean(xr, {2}).narrow(1, 0, nC - 1)}, 1);
-    else if (cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN)
-      rin = first.narrow(1, 0, 1);
+    if (cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN) {
+      // Chunk j is routed by the mean of chunk j - 1; the first chunk of the sequence by its first token.
+      // A sequence shard's first chunk gets the previous shard's last chunk mean (rank 0: first token).
+      std::vector<Tensor> parts;
+      if (seq_par) {
+        const Tensor prev = parallel::shift_from_previous(mean(xr.select(1, nC - 1), {1}), ctx.grid->sp());
+        parts.push_back(ctx.grid->sp_rank() == 0 ? first.narrow(1, 0, 1) : prev.unsqueeze(1));
+      } else {
+        parts.push_back(first.narrow(1, 0, 1));
+      }
+      if (nC > 1) parts.push_back(mean(xr, {2}).narrow(1, 0, nC - 1));
+      rin = parts.size() == 1 ? parts[0] : concat(parts, 1);
+    }
     const Tensor raw = linear(rin, router_weight);  // [B, nC, E]
     const Tensor s = relu(raw);
     const Tensor r = rms_norm(s, router_norm, cfg_.router_eps());
@@ -175,20 +207,34 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
         }
         sizes[e] += c;
       }
-    // Auxiliary losses.
-    const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
-    std::vector<double> load(E, 0.0);
-    double total = 0;
-    for (int64_t bc = 0; bc < B * nC; ++bc)
-      for (int64_t e = 0; e < E; ++e) {
-        load[e] += routing.active[bc * E + e];
-        total += routing.active[bc * E + e];
-      }
-    for (double& v : load) v = total > 0 ? v / total : 0.0;
-    const Tensor balance = mul(sum(mul(mean(q, {0, 1}), tensor(load, {E}).to(acc).to(x.device()))), double(E));
+    // Auxiliary losses, each normalised by its count over the whole global batch, so that the ranks'
+    // shares add up to the single-process loss. Global counts: one host all-reduce.
     const Tensor z = affine(raw, cfg_.activation_alpha(), -cfg_.activation_beta());
-    const Tensor locality = moe_locality_loss(z);
-    const Tensor sparsity = moe_sparsity_loss(z, seq_group_);
+    Tensor z_next;  // the next shard's first chunk logits (the locality target across the boundary)
+    if (seq_par) {
+      z_next = parallel::shift_from_next(z.select(1, 0).detach(), ctx.grid->sp()).detach();
+      if (ctx.grid->sp_rank() + 1 == ctx.grid->shape().sp) z_next = Tensor();
+    }
+    std::vector<double> counts(E + 3, 0.0);  // [active per expert..., chunks, locality pairs, groups]
+    for (int64_t bc = 0; bc < B * nC; ++bc)
+      for (int64_t e = 0; e < E; ++e) counts[e] += routing.active[bc * E + e];
+    counts[E] = double(B * nC);
+    counts[E + 1] = double(B * (std::max<int64_t>(nC - 1, 0) + (z_next.defined() ? 1 : 0)) * E);
+    counts[E + 2] = double(B * (nC / seq_group_) * E);
+    ctx.world_sum(counts);
+    double total = 0;
+    for (int64_t e = 0; e < E; ++e) total += counts[e];
+    std::vector<double> load(E);
+    for (int64_t e = 0; e < E; ++e) load[e] = total > 0 ? counts[e] / total : 0.0;
+    global_tls_ = counts[E] > 0 ? 1.0 - total / (counts[E] * double(E)) : -1.0;
+    const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
+    // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
+    const Tensor balance = mul(sum(mul(sum(q, {0, 1}), tensor(load, {E}).to(acc).to(x.device()))),
+                               double(E) / std::max(counts[E], 1.0));
+    const Tensor locality = counts[E + 1] > 0 ? mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1])
+                                              : zeros({}, acc, x.device());
+    const Tensor sparsity = counts[E + 2] > 0 ? mul(moe_sparsity_sum(z, seq_group_), 1.0 / counts[E + 2])
+                                              : zeros({}, acc, x.device());
     const double scale = ctx.aux_scale;
     losses = concat({mul(balance, cfg_.balance_loss_weight() * scale).reshape({1}),
                      mul(locality, cfg_.locality_loss_weight() * scale).reshape({1}),
@@ -200,6 +246,7 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
       ctx.stat(p + "balance_loss", balance.item<double>());
       ctx.stat(p + "locality_loss", locality.item<double>());
       ctx.stat(p + "sparsity_loss", sparsity.item<double>());
+      ctx.stat(p + "tls_global", global_tls_);
     }
   } else {
     // Routing off: every expert on every token, weight 1/E: the experts act as one dense FFN.

@@ -45,7 +45,8 @@ class ChunkMoE : public Module {
 
   int64_t layer_, num_experts_, max_active_, chunk_, seq_group_;
   config::MoeConfig cfg_;
-  double last_tls_ = -1;
+  double last_tls_ = -1;    // this forward's routing (statistics)
+  double global_tls_ = -1;  // over the global batch (drives the sparsification coefficient)
   MoeRouting last_routing_;
 };
 
@@ -53,9 +54,14 @@ class ChunkMoE : public Module {
 // mean over consecutive chunks of BCE(sigmoid(z_j), target sigmoid(z_{j+1})), the target held constant
 // (stop-gradient). Zero for a single chunk.
 Tensor moe_locality_loss(const Tensor& z);
+// The sum of those BCE terms, with z_next [B, E] (or undefined): the next sequence shard's first chunk,
+// whose pair with our last chunk crosses the shard boundary (sequence parallelism).
+Tensor moe_locality_sum(const Tensor& z, const Tensor& z_next);
 // Chunk sparsification: P_{g,e} = 1 - prod_{j in g} (1 - sigmoid(z_j,e)) over groups of `group`
 // consecutive chunks; the mean of P over groups and experts (= mean_g sum_e P / E).
 Tensor moe_sparsity_loss(const Tensor& z, int64_t group);
+// The sum of the P terms (the loss times B * groups * E).
+Tensor moe_sparsity_sum(const Tensor& z, int64_t group);
 
 // Token-level and chunk-level sparsity of a routing: TLS = 1 - mean active / E; CLS(w) = 1 - mean over
 // windows of w consecutive tokens of |union of active experts| / E.

@@ -30,7 +30,7 @@ ProductKeyMemory::ProductKeyMemory(Init& init, const ModelSpec& spec, int64_t in
   query_norm = register_parameter("query_norm", ones({k_dim_}), ParamOptions{.weight_decay = false});
   keys = register_parameter("keys", init.normal({heads_, 2, n_keys_, half}, 1.0 / std::sqrt(double(half))));
   values = register_parameter("values", init.normal({n_keys_ * n_keys_, d}, 1.0 / std::sqrt(double(d))),
-                              ParamOptions{.weight_decay = false, .lr_group = "pkm_values"});
+                              ParamOptions{.weight_decay = false, .lr_group = "pkm_values", .sparse_grad = true});
 }
 
 Tensor ProductKeyMemory::forward(const Tensor& x, ForwardContext& ctx) const {

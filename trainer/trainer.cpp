@@ -19,7 +19,10 @@
 #include "configs/config_io.h"
 #include "data/tokenizer.h"
 #include "kernels/base/scratch.h"
+#include "parallel/runtime.h"
+#include "trainer/distributed.h"
 #include "trainer/schedule.h"
+#include "trainer/step.h"
 
 namespace hydra::trainer {
 
@@ -54,11 +57,6 @@ std::string paths_str(const model::PathSwitches& p) {
   return s;
 }
 
-Tensor to_tensor(const std::vector<int64_t>& v, int64_t rows, int64_t cols, int64_t row0, int64_t nrows, Device dev) {
-  std::vector<int64_t> part(v.begin() + row0 * cols, v.begin() + (row0 + nrows) * cols);
-  (void)rows;
-  return tensor(part, {nrows, cols}).to(dev);
-}
 
 }  // namespace
 
@@ -73,17 +71,30 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
   HYDRA_ASSIGN_OR_RETURN(t->stages_, resolve_stages(t->cfg_, t->spec_, source));
   if (options.stop_step == 0 || options.stop_step < -1)
     return invalid_argument("--steps " + std::to_string(options.stop_step) + ": must be >= 1");
+  HYDRA_RETURN_IF_ERROR(validate_parallel(t->cfg_, t->spec_, t->stages_, source));
   const auto& p = t->cfg_.parallel();
-  if (p.dp() * p.ep() * p.sp() != 1)
-    return invalid_argument(source + ": parallel { dp: " + std::to_string(p.dp()) + " ep: " + std::to_string(p.ep()) +
-                            " sp: " + std::to_string(p.sp()) +
-                            " } needs that many processes; this is a single-process run (launch with mpirun/srun)");
-  if (t->cfg_.train().device() == "cuda") {
+  const parallel::GridShape shape{p.dp(), p.ep(), p.sp()};
+  const bool distributed = parallel::process_info().distributed && !options.local_only;
+  if (shape.size() > 1 && !distributed)
+    return invalid_argument(source + ": parallel { " + shape.str() + " } needs " + std::to_string(shape.size()) +
+                            " processes; this is a single process (start it with mpirun -np " +
+                            std::to_string(shape.size()) + " or srun -n " + std::to_string(shape.size()) + ")");
+  const bool gpu = t->cfg_.train().device() == "cuda";
+  if (gpu) {
     if (!cuda_available())
       return failed_precondition(source + ": train.device = cuda but no CUDA device is available (or this build has "
                                  "no CUDA backend); use --set train.device=cpu");
-    t->device_ = Device::cuda(0);
+    t->device_ = Device::cuda(distributed ? parallel::device_for_rank() : 0);
   }
+  if (distributed) {
+    auto world = parallel::world_communicator(gpu);
+    world->set_timeout(std::chrono::seconds(static_cast<int64_t>(std::ceil(p.timeout_s()))));
+    HYDRA_ASSIGN_OR_RETURN(t->grid_, parallel::ProcessGrid::create(std::move(world), shape, source));
+  } else {
+    t->grid_ = parallel::ProcessGrid::single(t->device_);
+  }
+  if (t->cfg_.train().precision() == config::TrainConfig::FP64 && t->device_.is_cuda())
+    return invalid_argument(source + ": train.precision = FP64 is for the CPU (use FP32 on CUDA)");
   if (t->cfg_.train().precision() == config::TrainConfig::BF16_MIXED && t->device_.is_cpu())
     return invalid_argument(source + ": train.precision = BF16_MIXED runs on CUDA only (the CPU backend computes in "
                             "f32/f64); use train.precision = FP32 or train.device = cuda");
@@ -110,10 +121,13 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
                             " is too small for the built-in synthetic data (byte tokens below " +
                             std::to_string(data::SyntheticTasks::kVocab) + ")");
   }
-  HYDRA_RETURN_IF_ERROR(t->prepare());
+  // Each phase ends with every rank learning whether any rank failed (no rank waits for one that quit).
+  HYDRA_RETURN_IF_ERROR(agree(t->prepare(), *t->grid_));
+  HYDRA_RETURN_IF_ERROR(agree(t->prepare_model(), *t->grid_));
   return t;
 }
 
+// Phase 1: the run directory and what to resume from (no writes yet).
 Status Trainer::prepare() {
   const std::string& out = opt_.out_dir;
   if (out.empty()) return invalid_argument("--out: name the run directory");
@@ -140,10 +154,21 @@ Status Trainer::prepare() {
       return not_found("--resume " + opt_.resume + ": not a checkpoint (no manifest.pb) nor a run directory");
     }
   }
-  fs::create_directories(out, ec);
-  if (ec) return io_error(out + ": cannot create the run directory: " + ec.message());
+  return ok_status();
+}
+
+// Phase 2 (after every rank checked the run directory): rank 0 creates it; every rank builds the model
+// and the optimizer, and loads the checkpoint when resuming.
+Status Trainer::prepare_model() {
+  const std::string& out = opt_.out_dir;
+  std::error_code ec;
+  if (lead()) {
+    fs::create_directories(out, ec);
+    if (ec) return io_error(out + ": cannot create the run directory: " + ec.message());
+  }
 
   model_ = model::build_model(spec_, cfg_.train().seed());
+  if (cfg_.train().precision() == config::TrainConfig::FP64) model_->to(DType::kF64);
   if (device_.is_cuda()) model_->to(device_);
   std::map<std::string, double> groups = {{"pkm_values", cfg_.train().optimizer().pkm_value_lr()}};
   optimizer_ = std::make_unique<AdamW>(model_->named_parameters(), cfg_.train().optimizer(), groups);
@@ -154,7 +179,9 @@ Status Trainer::prepare() {
   } else {
     default_generator().set_state({cfg_.train().seed(), 0});
   }
-  return config::write_text_file((fs::path(out) / "config.pbtxt").string(), cfg_);
+  if (grid_->distributed()) reducer_ = make_reducer(*model_, *grid_, cfg_.parallel().bucket_mb());
+  if (lead()) return config::write_text_file((fs::path(out) / "config.pbtxt").string(), cfg_);
+  return ok_status();
 }
 
 std::shared_ptr<const data::DataSource> Trainer::make_source(const Stage& stage, int64_t) const {
@@ -173,8 +200,8 @@ Status Trainer::enter_stage(const Stage& stage) {
   data::LoaderOptions lo;
   lo.seed = state_.data_seed;
   lo.global_batch = stage.batch;
-  lo.first = 0;
-  lo.count = stage.batch;
+  lo.count = stage.batch / grid_->data_ranks();  // this data rank's sequences of the global batch
+  lo.first = grid_->data_rank() * lo.count;
   lo.seq_len = stage.seq_len;
   lo.prefetch = cfg_.data().prefetch();
   loader_.reset();
@@ -182,43 +209,58 @@ Status Trainer::enter_stage(const Stage& stage) {
   return ok_status();
 }
 
+// Every rank evaluates its part of each held-out batch (its sequences, its sequence shard); the counts
+// are then summed over the ranks.
 Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   NoGradGuard ng;
   data::LoaderOptions lo;
   lo.seed = state_.data_seed;
   lo.global_batch = stage.batch;
-  lo.count = stage.batch;
+  lo.count = stage.batch / grid_->data_ranks();
+  lo.first = grid_->data_rank() * lo.count;
   lo.seq_len = stage.seq_len;
   lo.prefetch = 0;
   lo.split = data::Split::kEval;
   data::Loader loader(make_source(stage, stage.seq_len + 1), lo);
   EvalResult r;
-  std::array<int64_t, data::kNumTasks> correct{};
-  std::array<std::set<int64_t>, data::kNumTasks> alphabet;
-  std::vector<std::vector<int64_t>> domain_expert(3);
-  double loss_sum = 0;
-  int64_t batches = cfg_.train().eval_batches();
+  const int64_t E = spec_.num_experts, V = spec_.vocab;
+  auto* hydra = dynamic_cast<model::HydraLM*>(model_.get());
+  const int64_t blocks = hydra ? static_cast<int64_t>(hydra->blocks->size()) : 0;
+  // Summed over ranks at the end: [loss sum, targets, tokens, answers[k], correct[k], domain x block x expert
+  // counts, answer-token presence per task x vocab].
+  const int64_t K = data::kNumTasks, n_dom = 3 * blocks * E;
+  std::vector<double> acc(3 + 2 * K + n_dom + K * V, 0.0);
+  double* answers = acc.data() + 3;
+  double* correct = answers + K;
+  double* dom = correct + K;
+  double* seen = dom + n_dom;
+  const int64_t batches = cfg_.train().eval_batches();
   for (int64_t i = 0; i < batches; ++i) {
-    HYDRA_ASSIGN_OR_RETURN(data::Batch b, loader.get(i));
+    HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader.get(i));
+    const data::Batch b = sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
     model::ForwardContext ctx;
     ctx.paths = stage.paths;
+    ctx.grid = grid_.get();
+    ctx.lm_tokens = 1;  // lm_loss = the sum of this rank's token losses
+    ctx.pos0 = grid_->sp_rank() * b.len;
     const Tensor tokens = tensor(b.tokens, {b.batch, b.len}).to(device_);
     const Tensor targets = tensor(b.targets, {b.batch, b.len}).to(device_);
     const model::LmOutput out = model_->forward(tokens, targets, ctx, true);
-    loss_sum += out.lm_loss.item<double>();
-    r.tokens += b.batch * b.len;
+    acc[0] += out.lm_loss.item<double>();
+    for (int64_t t : b.targets) acc[1] += t != model::LanguageModel::kIgnoreIndex;
+    acc[2] += double(b.batch * b.len);
     const auto [best, idx] = topk(out.logits, 1);
     const std::vector<int64_t> pred = idx.to_vector<int64_t>();
     for (std::size_t t = 0; t < b.answer.size(); ++t) {
       const int task = b.answer[t];
       if (task < 0) continue;
-      ++r.answers[task];
+      answers[task] += 1;
       correct[task] += pred[t] == b.targets[t];
-      alphabet[task].insert(b.targets[t]);
+      if (b.targets[t] >= 0 && b.targets[t] < V) seen[task * V + b.targets[t]] = 1;
     }
     // Routing purity on the mixture's domains: per domain, the experts its whole chunks used.
-    if (auto* hydra = dynamic_cast<model::HydraLM*>(model_.get()); hydra && stage.paths.moe_routing) {
-      for (std::size_t blk = 0; blk < hydra->blocks->size(); ++blk) {
+    if (hydra && stage.paths.moe_routing) {
+      for (int64_t blk = 0; blk < blocks; ++blk) {
         const model::MoeRouting& rt = hydra->blocks->at<model::HydraBlock>(blk).moe->last_routing();
         if (rt.batch != b.batch) continue;
         for (int64_t s = 0; s < rt.batch; ++s)
@@ -227,39 +269,44 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
             bool pure = d >= 0;
             for (int64_t k = 0; k < rt.chunk && pure; ++k) pure = b.domain[s * b.len + c * rt.chunk + k] == d;
             if (!pure) continue;
-            auto& counts = domain_expert[d];
-            counts.resize(static_cast<std::size_t>(rt.num_experts * hydra->blocks->size()), 0);
             for (int64_t e = 0; e < rt.num_experts; ++e)
-              counts[blk * rt.num_experts + e] += rt.active[(s * rt.num_chunks + c) * rt.num_experts + e];
+              dom[(d * blocks + blk) * E + e] += rt.active[(s * rt.num_chunks + c) * rt.num_experts + e];
           }
       }
     }
   }
-  r.loss = loss_sum / double(batches);
+  if (grid_->distributed()) {
+    grid_->world().all_reduce_host(acc);  // presence travels as a count: > 0 means seen
+    answers = acc.data() + 3;             // the vector was replaced
+    correct = answers + K;
+    dom = correct + K;
+    seen = dom + n_dom;
+  }
+  r.loss = acc[1] > 0 ? acc[0] / acc[1] : NAN;
   r.perplexity = std::exp(r.loss);
-  for (int k = 0; k < data::kNumTasks; ++k) {
-    r.accuracy[k] = r.answers[k] > 0 ? double(correct[k]) / double(r.answers[k]) : NAN;
-    r.chance[k] = alphabet[k].empty() ? NAN : 1.0 / double(alphabet[k].size());
+  r.tokens = static_cast<int64_t>(acc[2]);
+  for (int k = 0; k < K; ++k) {
+    r.answers[k] = static_cast<int64_t>(answers[k]);
+    r.accuracy[k] = answers[k] > 0 ? correct[k] / answers[k] : NAN;
+    int64_t distinct = 0;
+    for (int64_t v = 0; v < V; ++v) distinct += seen[k * V + v] > 0;
+    r.chance[k] = distinct == 0 ? NAN : 1.0 / double(distinct);
   }
   // Purity: for each block and domain, the most used expert's share of that domain's assignments.
   double purity = 0;
   int64_t n = 0;
-  if (auto* hydra = dynamic_cast<model::HydraLM*>(model_.get())) {
-    const int64_t E = spec_.num_experts;
-    for (const auto& counts : domain_expert) {
-      for (std::size_t blk = 0; blk < hydra->blocks->size() && !counts.empty(); ++blk) {
-        int64_t total = 0, most = 0;
-        for (int64_t e = 0; e < E; ++e) {
-          total += counts[blk * E + e];
-          most = std::max(most, counts[blk * E + e]);
-        }
-        if (total > 0) {
-          purity += double(most) / double(total);
-          ++n;
-        }
+  for (int d = 0; d < 3; ++d)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      double total = 0, most = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        total += dom[(d * blocks + blk) * E + e];
+        most = std::max(most, dom[(d * blocks + blk) * E + e]);
+      }
+      if (total > 0) {
+        purity += most / total;
+        ++n;
       }
     }
-  }
   r.routing_purity = n > 0 ? purity / double(n) : NAN;
   return r;
 }
@@ -275,12 +322,24 @@ Expected<TrainSummary> Trainer::run() {
     return failed_precondition("nothing to do: the run is at step " + std::to_string(state_.step) +
                                " and --steps is " + std::to_string(stop) + "; pass a larger --steps");
   }
-  HYDRA_ASSIGN_OR_RETURN(MetricsLog log, MetricsLog::open(opt_.out_dir, resume_from_.empty() ? -1 : state_.step));
-  sum.metrics = log.path();
-  const bool tty = !opt_.quiet && isatty(STDERR_FILENO);
+  // Rank 0 writes the metrics and talks; every rank trains.
+  const bool speak = !opt_.quiet && lead();
+  MetricsLog log;
+  Status opened = ok_status();
+  if (lead()) {
+    auto l = MetricsLog::open(opt_.out_dir, resume_from_.empty() ? -1 : state_.step);
+    if (l.ok()) {
+      log = std::move(*l);
+    } else {
+      opened = l.status();
+    }
+  }
+  HYDRA_RETURN_IF_ERROR(agree(opened, *grid_));
+  sum.metrics = (fs::path(opt_.out_dir) / "metrics.jsonl").string();
+  const bool tty = speak && isatty(STDERR_FILENO);
   Progress progress(state_.step, stop, tty, std::max<int64_t>(tr.log_every(), (stop - state_.step) / 20));
   auto say = [&](const std::string& line) {
-    if (!opt_.quiet) progress.message(line);
+    if (speak) progress.message(line);
   };
   if (!resume_from_.empty()) say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
 
@@ -307,8 +366,16 @@ Expected<TrainSummary> Trainer::run() {
   auto save = [&]() -> Status {
     state_.rng = default_generator().state();
     state_.elapsed_s = elapsed();
-    HYDRA_ASSIGN_OR_RETURN(last_ckpt, checkpoints_->save(state_, cfg_, *model_, *optimizer_));
-    return ok_status();
+    Status saved = ok_status();
+    if (lead()) {  // replicated parameters: rank 0 holds them all
+      auto path = checkpoints_->save(state_, cfg_, *model_, *optimizer_);
+      if (path.ok()) {
+        last_ckpt = *path;
+      } else {
+        saved = path.status();
+      }
+    }
+    return agree(saved, *grid_);
   };
 
   while (state_.step < stop) {
@@ -330,35 +397,25 @@ Expected<TrainSummary> Trainer::run() {
     const int64_t in_stage = step - stage.start;
     const double lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
     const double warm = stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
-    HYDRA_ASSIGN_OR_RETURN(data::Batch batch, loader_->get(step));
+    HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader_->get(step));
+    const data::Batch batch = sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
 
-    const int64_t accum = tr.grad_accum(), micro = batch.batch / accum;
-    double lm_loss = 0, total_loss = 0;
-    std::vector<double> aux(3, 0.0);
-    model::ForwardContext ctx;
-    for (int64_t m = 0; m < accum; ++m) {
-      ctx = model::ForwardContext();
-      ctx.paths = stage.paths;
-      ctx.recompute = tr.recompute() == config::TrainConfig::BLOCK;
-      ctx.aux_scale = stage.aux_scale * warm;
-      ctx.collect_stats = m + 1 == accum;
-      const Tensor tokens = to_tensor(batch.tokens, batch.batch, batch.len, m * micro, micro, device_);
-      const Tensor targets = to_tensor(batch.targets, batch.batch, batch.len, m * micro, micro, device_);
-      const model::LmOutput out = model_->forward(tokens, targets, ctx);
-      const double l = out.lm_loss.item<double>(), total = out.loss.item<double>();
-      if (!std::isfinite(total) || !std::isfinite(l)) {
-        progress.finish();
-        return internal_error("step " + std::to_string(step + 1) + ": the loss is " + std::to_string(total) +
-                              " (not finite); stopping without saving. " +
-                              (last_ckpt.empty() ? std::string("No checkpoint was written yet")
-                                                 : "The last good checkpoint is " + last_ckpt) +
-                              "; resume from it with --resume auto and a lower learning rate (--set train.lr.lr=...)");
-      }
-      lm_loss += l / double(accum);
-      total_loss += total / double(accum);
-      const std::vector<double> a = out.aux.to_vector<double>();
-      for (int k = 0; k < 3; ++k) aux[k] += a[k] / double(accum);
-      mul(out.loss, 1.0 / double(accum)).backward();
+    StepSettings ss;
+    ss.paths = stage.paths;
+    ss.recompute = tr.recompute() == config::TrainConfig::BLOCK;
+    ss.aux_scale = stage.aux_scale * warm;
+    ss.grad_accum = tr.grad_accum();
+    ss.device = device_;
+    StepLosses step_out = forward_backward(*model_, *grid_, reducer_.get(), batch, ss);
+    const double lm_loss = step_out.lm, total_loss = step_out.total;
+    const std::vector<double>& aux = step_out.aux;
+    if (!std::isfinite(total_loss) || !std::isfinite(lm_loss)) {
+      progress.finish();
+      return internal_error("step " + std::to_string(step + 1) + ": the loss is " + std::to_string(total_loss) +
+                            " (not finite); stopping without saving. " +
+                            (last_ckpt.empty() ? std::string("No checkpoint was written yet")
+                                               : "The last good checkpoint is " + last_ckpt) +
+                            "; resume from it with --resume auto and a lower learning rate (--set train.lr.lr=...)");
     }
     const double norm = optimizer_->grad_norm();
     if (!std::isfinite(norm)) {
@@ -374,7 +431,7 @@ Expected<TrainSummary> Trainer::run() {
     model_->after_step();
 
     const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const double tokens = double(batch.batch * batch.len);
+    const double tokens = double(stage.batch * stage.seq_len);  // the global batch
     state_.tokens_seen += tokens;
     state_.step = step + 1;
     rates.push_back(tokens / step_s);
@@ -399,7 +456,8 @@ Expected<TrainSummary> Trainer::run() {
       values.push_back({"memory.cuda_peak_mb", double(ms.peak_allocated) / (1 << 20)});
       values.push_back({"memory.cuda_reserved_mb", double(ms.reserved) / (1 << 20)});
     }
-    for (const auto& [k, v] : ctx.stats)
+    average_over_ranks(step_out.stats, *grid_);
+    for (const auto& [k, v] : step_out.stats)
       if (k.rfind("loss.", 0) != 0) values.push_back({k, v});
     const bool last = state_.step == stop;
     const bool eval_due = (tr.eval_every() > 0 && state_.step % tr.eval_every() == 0) || last;
@@ -411,9 +469,9 @@ Expected<TrainSummary> Trainer::run() {
         if (sum.eval.answers[k] > 0) values.push_back({std::string("eval.accuracy.") + data::task_name(k), sum.eval.accuracy[k]});
       if (std::isfinite(sum.eval.routing_purity)) values.push_back({"eval.routing_purity", sum.eval.routing_purity});
     }
-    log.write(state_.step, stage.name, values);
-    if (!opt_.quiet) progress.update(state_.step, stage.name, lm_loss, lr, tokens / step_s, elapsed());
-    if (eval_due && !opt_.quiet) {
+    if (lead()) log.write(state_.step, stage.name, values);
+    if (speak) progress.update(state_.step, stage.name, lm_loss, lr, tokens / step_s, elapsed());
+    if (eval_due && speak) {
       std::ostringstream os;
       os.precision(4);
       os << "eval at step " << state_.step << ": loss " << sum.eval.loss << ", perplexity " << sum.eval.perplexity;
@@ -421,11 +479,13 @@ Expected<TrainSummary> Trainer::run() {
         if (sum.eval.answers[k] > 0) os << ", " << data::task_name(k) << " " << sum.eval.accuracy[k];
       say(os.str());
     }
-    const int sig = g_signal.load();
+    // A signal reaches the ranks at different moments: they act on it at the same step.
+    int sig = g_signal.load();
+    if (grid_->distributed()) sig = static_cast<int>(grid_->world().all_reduce_host(double(sig), parallel::ReduceOp::kMax));
     const bool save_due = (tr.save_every() > 0 && state_.step % tr.save_every() == 0) || last || sig != 0;
     if (save_due) {
       HYDRA_RETURN_IF_ERROR(save());
-      log.flush();
+      if (lead()) log.flush();
     }
     if (sig != 0) {
       progress.finish();
@@ -437,7 +497,7 @@ Expected<TrainSummary> Trainer::run() {
     }
   }
   progress.finish();
-  log.flush();
+  if (lead()) log.flush();
   sum.last_step = state_.step;
   sum.checkpoint = last_ckpt;
   sum.elapsed_s = elapsed();

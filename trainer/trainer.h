@@ -10,6 +10,8 @@
 
 #include "data/loader.h"
 #include "model/lm.h"
+#include "parallel/grid.h"
+#include "parallel/reducer.h"
 #include "trainer/checkpoint.h"
 #include "trainer/curriculum.h"
 #include "trainer/metrics.h"
@@ -22,6 +24,7 @@ struct TrainOptions {
   std::string resume;      // "": a new run; "auto": the newest checkpoint in out_dir; else a checkpoint or run dir
   int64_t stop_step = -1;  // --steps: the step count to reach (default: train.steps)
   bool quiet = false;      // no progress output (tests)
+  bool local_only = false; // one process even when MPI is up (tests compare against it)
 };
 
 struct EvalResult {
@@ -57,8 +60,10 @@ class Trainer {
  private:
   Trainer() = default;
   Status prepare();
+  Status prepare_model();
   Status enter_stage(const Stage& stage);
   Expected<EvalResult> evaluate(const Stage& stage);
+  bool lead() const { return grid_->world().rank() == 0; }  // rank 0 writes metrics and prints
   std::shared_ptr<const data::DataSource> make_source(const Stage& stage, int64_t window) const;
 
   config::RunConfig cfg_;
@@ -73,6 +78,8 @@ class Trainer {
   std::shared_ptr<const data::DataSource> shard_source_;  // when data.shards is set
   TrainState state_;
   Device device_ = Device::cpu();
+  std::unique_ptr<parallel::ProcessGrid> grid_;       // a grid of one in a single process
+  std::unique_ptr<parallel::GradientReducer> reducer_;  // distributed runs
   int64_t current_stage_ = -1;
   std::string resume_from_;
 };

@@ -1,0 +1,166 @@
+#include "parallel/reducer.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+
+namespace hydra::parallel {
+
+GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket_mb) : params_(std::move(params)) {
+  HYDRA_CHECK(bucket_mb > 0) << "parallel.bucket_mb = " << bucket_mb << " must be > 0";
+  const auto limit = static_cast<int64_t>(bucket_mb * 1024 * 1024);
+  bucket_of_.assign(params_.size(), -1);
+  seen_.assign(params_.size(), false);
+  // Reverse registration order: the last layers' gradients are ready first.
+  for (int i = static_cast<int>(params_.size()) - 1; i >= 0; --i) {
+    const ReducedParam& p = params_[i];
+    HYDRA_CHECK(p.group != nullptr) << "reducer: parameter " << p.name << " has no group";
+    if (p.sparse) continue;
+    const int64_t bytes = p.tensor.numel() * static_cast<int64_t>(dtype_size(p.tensor.dtype()));
+    Bucket* open = nullptr;
+    for (auto it = buckets_.rbegin(); it != buckets_.rend(); ++it)
+      if (it->group == p.group && it->dtype == p.tensor.dtype() && it->device == p.tensor.device()) {
+        open = &*it;
+        break;
+      }
+    if (open == nullptr || (open->numel > 0 && (open->numel * int64_t(dtype_size(open->dtype)) + bytes) > limit)) {
+      buckets_.emplace_back();
+      open = &buckets_.back();
+      open->group = p.group;
+      open->dtype = p.tensor.dtype();
+      open->device = p.tensor.device();
+    }
+    open->params.push_back(i);
+    open->numel += p.tensor.numel();
+    bucket_of_[i] = static_cast<int>(open - buckets_.data());
+  }
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    const int index = static_cast<int>(i);
+    hook_ids_.push_back(params_[i].tensor.add_grad_ready_hook([this, index](const Tensor&) { on_ready(index); }));
+  }
+}
+
+GradientReducer::~GradientReducer() {
+  for (std::size_t i = 0; i < params_.size(); ++i) params_[i].tensor.remove_grad_ready_hook(hook_ids_[i]);
+}
+
+void GradientReducer::prepare() {
+  for (Bucket& b : buckets_) {
+    b.ready = 0;
+    b.started = false;
+    b.flat = Tensor();
+    b.work.reset();
+  }
+  std::fill(seen_.begin(), seen_.end(), false);
+  next_ = 0;
+  stats_ = ReducerStats{};
+  active_ = true;
+}
+
+void GradientReducer::on_ready(int param) {
+  if (!active_) return;
+  const int b = bucket_of_[param];
+  if (b < 0) return;  // row-sparse: merged in finish()
+  HYDRA_CHECK(!buckets_[b].started)
+      << "parameter " << params_[param].name
+      << " received more gradient after its bucket was reduced (is it used again after its gradient was "
+         "complete?)";
+  if (seen_[param]) return;
+  seen_[param] = true;
+  ++buckets_[b].ready;
+  start_ready_buckets();
+}
+
+void GradientReducer::start_ready_buckets() {
+  while (next_ < buckets_.size() && buckets_[next_].ready == static_cast<int>(buckets_[next_].params.size())) {
+    start(buckets_[next_]);
+    ++stats_.early;
+    ++next_;
+  }
+}
+
+void GradientReducer::start(Bucket& b) {
+  NoGradGuard ng;
+  std::vector<Tensor> parts;
+  std::vector<double> has(b.params.size());
+  for (std::size_t k = 0; k < b.params.size(); ++k) {
+    const Tensor& t = params_[b.params[k]].tensor;
+    const Tensor g = t.grad();
+    parts.push_back(g.defined() ? g.reshape({-1}) : zeros({t.numel()}, t.dtype(), t.device()));
+    has[k] = g.defined() ? 1.0 : 0.0;
+  }
+  // One more element per parameter: how many ranks had a gradient for it. A parameter no rank touched
+  // this step keeps no gradient (as in one process, where the optimizer then leaves it alone).
+  parts.push_back(tensor(has, {static_cast<int64_t>(has.size())}).to(b.dtype).to(b.device));
+  b.flat = concat(parts, 0);
+  b.work = b.group->all_reduce_async(b.flat);
+  b.started = true;
+  ++stats_.buckets;
+  stats_.bytes += double(b.numel * int64_t(dtype_size(b.dtype)));
+}
+
+void GradientReducer::reduce_sparse(int param) {
+  NoGradGuard ng;
+  const ReducedParam& p = params_[param];
+  Communicator& c = *p.group;
+  const int64_t cols = p.tensor.size(1);
+  Tensor rows = zeros({0}, DType::kI64, p.tensor.device()), values = zeros({0, cols}, p.tensor.dtype(), p.tensor.device());
+  if (const auto& sg = p.tensor.sparse_grad()) {
+    rows = sg->rows;
+    values = sg->values;
+  } else if (p.tensor.grad().defined()) {
+    HYDRA_FAIL() << "reducer: " << p.name << " was declared row-sparse but got a dense gradient";
+  }
+  // Pad every rank's rows to the longest, gather, then merge the real rows (rank order: deterministic).
+  const int64_t mine = rows.numel();
+  const int64_t longest = static_cast<int64_t>(c.all_reduce_host(double(mine), ReduceOp::kMax));
+  Tensor counts = all_gather(full({1}, double(mine), DType::kF64, p.tensor.device()).detach(), c);
+  Tensor prow = full({longest}, -1.0, DType::kI64, p.tensor.device());
+  Tensor pval = zeros({longest, cols}, p.tensor.dtype(), p.tensor.device());
+  if (mine > 0) {
+    prow.narrow(0, 0, mine).copy_(rows);
+    pval.narrow(0, 0, mine).copy_(values);
+  }
+  Tensor all_rows = Tensor::empty({longest * c.size()}, DType::kI64, p.tensor.device());
+  Tensor all_vals = Tensor::empty({longest * c.size(), cols}, p.tensor.dtype(), p.tensor.device());
+  c.all_gather(prow, all_rows);
+  c.all_gather(pval, all_vals);
+  const std::vector<double> cnt = counts.cpu().to_vector<double>();
+  std::vector<Tensor> rs, vs;
+  for (int q = 0; q < c.size(); ++q) {
+    const auto n = static_cast<int64_t>(cnt[q]);
+    if (n == 0) continue;
+    rs.push_back(all_rows.narrow(0, q * longest, n));
+    vs.push_back(all_vals.narrow(0, q * longest, n));
+  }
+  p.tensor.set_sparse_grad(nullptr);
+  if (!rs.empty()) accumulate_sparse_grad(p.tensor, concat(rs, 0), concat(vs, 0));
+}
+
+void GradientReducer::finish() {
+  HYDRA_CHECK(active_) << "reducer: finish() without prepare()";
+  // Buckets not started yet (a parameter got no gradient, or the backward ended): start them in order.
+  for (; next_ < buckets_.size(); ++next_) start(buckets_[next_]);
+  active_ = false;  // the sparse merge below runs gradient hooks again
+  const auto t0 = std::chrono::steady_clock::now();
+  for (Bucket& b : buckets_) b.work->wait();
+  for (Bucket& b : buckets_) b.group->synchronize();
+  stats_.exposed_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  NoGradGuard ng;
+  for (Bucket& b : buckets_) {
+    const std::vector<double> had =
+        b.flat.narrow(0, b.numel, static_cast<int64_t>(b.params.size())).cpu().to_vector<double>();
+    int64_t offset = 0;
+    for (std::size_t k = 0; k < b.params.size(); ++k) {
+      const Tensor& t = params_[b.params[k]].tensor;
+      t.set_grad(had[k] > 0 ? b.flat.narrow(0, offset, t.numel()).view(t.shape()) : Tensor());
+      offset += t.numel();
+    }
+  }
+  for (std::size_t i = 0; i < params_.size(); ++i)
+    if (params_[i].sparse) reduce_sparse(static_cast<int>(i));
+}
+
+}  // namespace hydra::parallel

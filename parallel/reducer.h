@@ -1,0 +1,78 @@
+// Data-parallel gradient reduction, overlapped with the backward. Parameters are put in buckets
+// (about bucket_mb each, in the reverse of their registration order: roughly the order their gradients
+// become ready); a parameter's gradient-ready hook marks it, and a bucket whose parameters are all
+// ready is flattened and its all-reduce started at once, while the backward goes on. Buckets start in
+// bucket order on every rank (a later bucket that is ready early waits for the earlier ones), so the
+// ranks always issue the same collectives in the same order. finish() starts what is left (a
+// parameter that got no gradient this step counts as zero), waits, and puts the sums back into .grad.
+//
+// Each parameter names the group its gradient is summed over (dense: the world; an expert shard: its
+// replicas). Gradients are summed, not averaged: the loss is already normalised by the global count.
+// Row-sparse gradients (PKM values) are not bucketed: finish() all-gathers their rows and values and
+// merges them, so only touched rows travel.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "parallel/collectives.h"
+
+namespace hydra::parallel {
+
+struct ReducedParam {
+  std::string name;
+  Tensor tensor;
+  Communicator* group = nullptr;
+  bool sparse = false;  // row-sparse gradient (Tensor::sparse_grad)
+};
+
+struct ReducerStats {
+  double exposed_ms = 0;   // time finish() waited for communication (not hidden behind the backward)
+  double bytes = 0;        // gradient bytes all-reduced this step
+  int64_t buckets = 0;     // buckets started
+  int64_t early = 0;       // buckets started from a hook during the backward (overlapped)
+};
+
+class GradientReducer {
+ public:
+  GradientReducer(std::vector<ReducedParam> params, double bucket_mb);
+  ~GradientReducer();
+  GradientReducer(const GradientReducer&) = delete;
+  GradientReducer& operator=(const GradientReducer&) = delete;
+
+  // Before each backward.
+  void prepare();
+  // After the backward: every gradient is the sum over its group.
+  void finish();
+  const ReducerStats& stats() const { return stats_; }
+  int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
+
+ private:
+  struct Bucket {
+    std::vector<int> params;  // indices into params_
+    Communicator* group = nullptr;
+    DType dtype = DType::kF32;
+    Device device;
+    int64_t numel = 0;
+    int ready = 0;
+    bool started = false;
+    Tensor flat;
+    std::unique_ptr<Work> work;
+  };
+  void on_ready(int param);
+  void start_ready_buckets();
+  void start(Bucket& b);
+  void reduce_sparse(int param);
+
+  std::vector<ReducedParam> params_;
+  std::vector<int> bucket_of_;     // per param; -1 for row-sparse parameters
+  std::vector<bool> seen_;         // per param, this step
+  std::vector<int> hook_ids_;
+  std::vector<Bucket> buckets_;
+  std::size_t next_ = 0;           // the next bucket to start
+  bool active_ = false;
+  ReducerStats stats_;
+};
+
+}  // namespace hydra::parallel

@@ -1,0 +1,34 @@
+// One training step's forward and backward over micro-batches, as the trainer runs it and as the
+// multi-rank tests check it: on a grid each rank passes its part of the global batch (its sequences and
+// its sequence shard); the losses returned are those of the whole global batch, and after it every
+// gradient is the gradient of that loss (reduced over the ranks when a reducer is given).
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "data/loader.h"
+#include "model/lm.h"
+#include "parallel/reducer.h"
+
+namespace hydra::trainer {
+
+struct StepSettings {
+  model::PathSwitches paths;
+  bool recompute = false;
+  double aux_scale = 1;   // the stage's scale times its warm-up factor
+  int64_t grad_accum = 1;
+  Device device = Device::cpu();
+};
+
+struct StepLosses {
+  double lm = 0, total = 0;
+  std::vector<double> aux = std::vector<double>(3, 0.0);  // balance, locality, sparsity
+  std::map<std::string, double> stats;                    // the last micro-batch's, this rank's
+};
+
+StepLosses forward_backward(model::LanguageModel& model, const parallel::ProcessGrid& grid,
+                            parallel::GradientReducer* reducer, const data::Batch& local, const StepSettings& s);
+
+}  // namespace hydra::trainer
