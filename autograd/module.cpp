@@ -79,10 +79,7 @@ void Module::zero_grad() {
   }
 }
 
-namespace {
-
-// Replaces the data behind a parameter's handle, keeping the handle (and every copy of it) valid.
-void replace_data(const Tensor& param, const Tensor& data) {
+void Module::replace_data(const Tensor& param, const Tensor& data) {
   TensorImpl* impl = param.unsafe_impl();
   impl->storage = data.storage();
   impl->offset = data.offset();
@@ -91,8 +88,6 @@ void replace_data(const Tensor& param, const Tensor& data) {
   impl->dtype = data.dtype();
   impl->autograd.grad.reset();
 }
-
-}  // namespace
 
 void Module::to(Device device) {
   NoGradGuard no_grad;

@@ -46,6 +46,9 @@ class Module {
   // change.
   void to(Device device);
   void to(DType dtype);
+  // Replaces the data behind a parameter (or buffer) handle, keeping the handle and every copy of it
+  // valid (e.g. keeping only this rank's slice of a sharded parameter). Drops its gradient.
+  static void replace_data(const Tensor& param, const Tensor& data);
 
  protected:
   Tensor register_parameter(const std::string& name, Tensor t, ParamOptions options = {});

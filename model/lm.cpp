@@ -109,6 +109,10 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
   return out;
 }
 
+void HydraLM::shard_experts(int64_t rank, int64_t size) {
+  for (std::size_t b = 0; b < blocks->size(); ++b) blocks->at<HydraBlock>(b).moe->shard_experts(rank, size);
+}
+
 void HydraLM::after_step() {
   for (std::size_t b = 0; b < blocks->size(); ++b) blocks->at<HydraBlock>(b).moe->update_sparsity_coef();
 }

@@ -27,6 +27,8 @@ class LanguageModel : public Module {
                            bool want_logits = false) = 0;
   // After each optimizer step (adaptive coefficients).
   virtual void after_step() {}
+  // Expert parallelism: keep only this ep rank's experts (parallel::ProcessGrid: ep_rank of ep).
+  virtual void shard_experts(int64_t rank, int64_t size) {}
   virtual const ModelSpec& spec() const = 0;
 };
 
@@ -35,6 +37,7 @@ class HydraLM : public LanguageModel {
   HydraLM(const ModelSpec& spec, uint64_t seed);
   LmOutput forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx, bool want_logits) override;
   void after_step() override;
+  void shard_experts(int64_t rank, int64_t size) override;
   const ModelSpec& spec() const override { return spec_; }
 
   Tensor embedding;  // [V, d], also the LM head

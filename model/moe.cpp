@@ -22,6 +22,62 @@ ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
   if (spec.shared_expert)
     shared = register_module("shared", std::make_shared<SwiGLU>(init, d, spec.d_shared, spec.init_std, out_std));
   coef = register_buffer("sparsity_coef", full({1}, cfg_.sparsity_coef_init(), DType::kF64));
+  local_experts_ = E;
+}
+
+void ChunkMoE::shard_experts(int64_t rank, int64_t size) {
+  HYDRA_CHECK(size >= 1 && num_experts_ % size == 0 && rank >= 0 && rank < size)
+      << "moe: " << num_experts_ << " experts cannot be split over " << size << " ranks";
+  HYDRA_CHECK(local_experts_ == num_experts_) << "moe: experts are already sharded";
+  NoGradGuard ng;
+  local_experts_ = num_experts_ / size;
+  first_expert_ = rank * local_experts_;
+  for (const Tensor& w : {w1, w3, w2}) replace_data(w, w.narrow(0, first_expert_, local_experts_).contiguous().clone());
+}
+
+Tensor ChunkMoE::run_experts(const Tensor& xs, const std::vector<int64_t>& sizes, ForwardContext& ctx) const {
+  auto experts = [&](const Tensor& rows, const std::vector<int64_t>& local_sizes) {
+    const Tensor h = mul(silu(grouped_linear(rows, w1, local_sizes)), grouped_linear(rows, w3, local_sizes));
+    return grouped_linear(h, w2, local_sizes);
+  };
+  const int64_t E = num_experts_, El = local_experts_;
+  if (El == E) return experts(xs, sizes);
+  // Dispatch: rows of experts [p * El, (p + 1) * El) go to ep rank p (xs is grouped by expert, so
+  // they are contiguous). First every rank learns how many rows of each of its experts arrive from
+  // each peer.
+  parallel::Communicator& ep = ctx.grid->ep();
+  const int64_t P = ep.size();
+  HYDRA_CHECK(P * El == E) << "moe: ep group of " << P << " ranks for " << E << " experts sharded " << El << " per rank";
+  std::vector<int64_t> send_counts(P, 0);
+  for (int64_t e = 0; e < E; ++e) send_counts[e / El] += sizes[e];
+  const Tensor sizes_out = tensor(sizes, {E}).to(ep.device());
+  Tensor sizes_in = Tensor::empty({E}, DType::kI64, ep.device());  // [peer][local expert]
+  ep.all_to_all_v(sizes_out, std::vector<int64_t>(P, El), sizes_in, std::vector<int64_t>(P, El));
+  const std::vector<int64_t> in = sizes_in.cpu().to_vector<int64_t>();
+  std::vector<int64_t> recv_counts(P, 0), local_sizes(El, 0);
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t e = 0; e < El; ++e) {
+      recv_counts[p] += in[p * El + e];
+      local_sizes[e] += in[p * El + e];
+    }
+  const Tensor received = parallel::all_to_all(xs, send_counts, recv_counts, ep);  // peer-major
+  // Peer-major -> expert-major for the grouped GEMM, and back.
+  std::vector<int64_t> order;  // order[i] = row of `received` that goes to expert-major position i
+  std::vector<int64_t> peer_start(P, 0);
+  for (int64_t p = 1; p < P; ++p) peer_start[p] = peer_start[p - 1] + recv_counts[p - 1];
+  for (int64_t e = 0; e < El; ++e)
+    for (int64_t p = 0; p < P; ++p) {
+      int64_t off = peer_start[p];
+      for (int64_t k = 0; k < e; ++k) off += in[p * El + k];
+      for (int64_t r = 0; r < in[p * El + e]; ++r) order.push_back(off + r);
+    }
+  std::vector<int64_t> inverse(order.size());
+  for (std::size_t i = 0; i < order.size(); ++i) inverse[order[i]] = static_cast<int64_t>(i);
+  const auto n = static_cast<int64_t>(order.size());
+  const Tensor y_expert = experts(gather_rows(received, tensor(order, {n}).to(xs.device())), local_sizes);
+  const Tensor y_peer = gather_rows(y_expert, tensor(inverse, {n}).to(xs.device()));
+  // Combine: the outputs travel back the way their rows came.
+  return parallel::all_to_all(y_peer, recv_counts, send_counts, ep);
 }
 
 double ChunkMoE::sparsity_coef() const { return coef.item<double>(); }
@@ -258,11 +314,11 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   if (aux != nullptr) *aux = losses;
 
   Tensor out = zeros({BL, d}, acc, x.device());
-  if (!perm.empty()) {
+  // With experts sharded the exchange runs on every rank, even one that routed nothing this time.
+  if (!perm.empty() || local_experts_ != num_experts_) {
     const Tensor perm_t = tensor(perm, {static_cast<int64_t>(perm.size())}).to(x.device());
     const Tensor xs = gather_rows(xf, perm_t);
-    const Tensor h = mul(silu(grouped_linear(xs, w1, sizes)), grouped_linear(xs, w3, sizes));
-    Tensor y = grouped_linear(h, w2, sizes);
+    Tensor y = run_experts(xs, sizes, ctx);
     if (w.defined()) {
       const Tensor widx_t = tensor(widx, {static_cast<int64_t>(widx.size())}).to(x.device());
       y = mul(y, gather_rows(w.reshape({B * nC * E, 1}), widx_t));

@@ -33,6 +33,11 @@ class ChunkMoE : public Module {
   void update_sparsity_coef();
   double sparsity_coef() const;
   const MoeRouting& last_routing() const { return last_routing_; }
+  // Expert parallelism: keeps experts [rank * E / size, (rank + 1) * E / size) of w1, w3, w2 (the rest
+  // live on the other ranks of the ep group; chunks travel to them in the forward).
+  void shard_experts(int64_t rank, int64_t size);
+  int64_t first_local_expert() const { return first_expert_; }
+  int64_t num_local_experts() const { return local_experts_; }
 
   Tensor router_weight, router_norm;  // [E, d], [E]
   Tensor w1, w3, w2;                  // [E, de, d], [E, de, d], [E, d, de]
@@ -43,7 +48,12 @@ class ChunkMoE : public Module {
   MoeRouting route(const Tensor& r, const Tensor& s) const;
   void record_stats(const MoeRouting& routing, const Tensor& q, ForwardContext& ctx);
 
+  // Runs the experts on xs (rows grouped by expert, sizes[e] rows for expert e of all E): locally, or
+  // over the ep group (dispatch, local experts, combine). Returns the outputs in xs's row order.
+  Tensor run_experts(const Tensor& xs, const std::vector<int64_t>& sizes, ForwardContext& ctx) const;
+
   int64_t layer_, num_experts_, max_active_, chunk_, seq_group_;
+  int64_t first_expert_ = 0, local_experts_ = 0;
   config::MoeConfig cfg_;
   double last_tls_ = -1;    // this forward's routing (statistics)
   double global_tls_ = -1;  // over the global batch (drives the sparsification coefficient)

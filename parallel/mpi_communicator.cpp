@@ -113,7 +113,7 @@ void MpiCommunicator::wait(MPI_Request* req, const char* call, MPI_Comm comm, bo
                    << "' did not complete within " << timeout_.count()
                    << " s: another rank has died, is stuck, or took a different path through the program";
     }
-    if (spins > 2000) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    if (spins > 200) std::this_thread::sleep_for(std::chrono::microseconds(spins > 5000 ? 200 : 20));
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <cstring>
 #include <map>
 
 #include "autograd/grad_mode.h"
@@ -14,6 +15,7 @@
 #include "configs/config_io.h"
 #include "data/hdf5_file.h"
 #include "trainer/crc32c.h"
+#include "trainer/distributed.h"
 
 namespace hydra::trainer {
 
@@ -21,7 +23,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kRankFile = "rank-00000.h5";
 constexpr const char* kManifest = "manifest.pb";
 
 // Everything a checkpoint holds, by stored name.
@@ -30,6 +31,56 @@ std::vector<std::pair<std::string, Tensor>> checkpoint_tensors(const model::Lang
   for (const auto& p : model.named_parameters()) out.emplace_back("param/" + p.name, p.tensor);
   for (const auto& [n, t] : model.named_buffers()) out.emplace_back("buffer/" + n, t);
   for (auto& [n, t] : opt.state()) out.emplace_back(n, t);
+  return out;
+}
+
+// Where this rank's copy of a stored tensor sits in the whole tensor, and whether this rank writes it.
+struct Placement {
+  Shape full;
+  int64_t offset = 0;  // along the first dimension
+  bool write = false;
+};
+
+Placement place(const std::string& stored, const Tensor& t, const parallel::ProcessGrid& grid) {
+  Placement p;
+  p.full = t.shape();
+  const auto slash = stored.find('/');
+  const std::string param = slash == std::string::npos ? stored : stored.substr(slash + 1);
+  if (grid.shape().ep > 1 && stored.rfind("buffer/", 0) != 0 && is_expert_parameter(param)) {
+    p.full[0] = t.size(0) * grid.shape().ep;
+    p.offset = grid.ep_rank() * t.size(0);
+    p.write = grid.dp_rank() == 0 && grid.sp_rank() == 0;  // one writer per expert shard
+  } else {
+    p.write = grid.world().rank() == 0;
+  }
+  return p;
+}
+
+std::string rank_file(int rank) {
+  char name[32];
+  std::snprintf(name, sizeof name, "rank-%05d.h5", rank);
+  return name;
+}
+
+// Rank 0 receives every rank's serialized records (one all-gather of sizes, one of padded bytes).
+std::vector<std::string> gather_bytes(const std::string& mine, const parallel::ProcessGrid& grid) {
+  if (!grid.distributed()) return {mine};
+  parallel::Communicator& w = grid.world();
+  const int64_t longest = static_cast<int64_t>(w.all_reduce_host(double(mine.size()), parallel::ReduceOp::kMax));
+  std::vector<int32_t> buf(longest + 1, 0);
+  buf[0] = static_cast<int32_t>(mine.size());
+  for (std::size_t i = 0; i < mine.size(); ++i) buf[i + 1] = static_cast<unsigned char>(mine[i]);
+  const Tensor local = tensor(buf, {longest + 1}).to(w.device());
+  Tensor all = Tensor::empty({(longest + 1) * w.size()}, DType::kI32, w.device());
+  w.all_gather(local, all);
+  const std::vector<int32_t> v = all.cpu().to_vector<int32_t>();
+  std::vector<std::string> out;
+  for (int r = 0; r < w.size(); ++r) {
+    const int32_t* row = v.data() + r * (longest + 1);
+    std::string b(static_cast<std::size_t>(row[0]), '\0');
+    for (int32_t i = 0; i < row[0]; ++i) b[i] = static_cast<char>(row[i + 1]);
+    out.push_back(std::move(b));
+  }
   return out;
 }
 
@@ -84,66 +135,101 @@ std::string CheckpointManager::checkpoint_dir(int64_t step) const {
 }
 
 Expected<std::string> CheckpointManager::save(const TrainState& state, const config::RunConfig& resolved,
-                                              const model::LanguageModel& model, const AdamW& optimizer) const {
+                                              const model::LanguageModel& model, const AdamW& optimizer,
+                                              const parallel::ProcessGrid& grid) const {
   const std::string final_dir = checkpoint_dir(state.step), tmp_dir = final_dir + ".tmp";
+  const bool lead = grid.world().rank() == 0;
   std::error_code ec;
-  fs::create_directories(root_, ec);
-  fs::remove_all(tmp_dir, ec);
-  if (!fs::create_directories(tmp_dir, ec)) return io_error(tmp_dir + ": cannot create (" + ec.message() + ")");
+  // 1. Rank 0 prepares the temporary directory.
+  Status st = ok_status();
+  if (lead) {
+    fs::create_directories(root_, ec);
+    fs::remove_all(tmp_dir, ec);
+    if (!fs::create_directories(tmp_dir, ec)) st = io_error(tmp_dir + ": cannot create (" + ec.message() + ")");
+  }
+  HYDRA_RETURN_IF_ERROR(agree(st, grid));
 
-  config::CheckpointManifest man;
-  man.set_step(state.step);
-  man.set_stage(state.stage);
-  man.set_config_text(config::to_text(resolved));
-  man.set_rng_seed(state.rng.seed);
-  man.set_rng_offset(state.rng.offset);
-  man.set_data_seed(state.data_seed);
-  man.set_world_size(1);
-  man.set_dp(1);
-  man.set_ep(1);
-  man.set_sp(1);
-  man.set_tokens_seen(state.tokens_seen);
-  man.set_elapsed_s(state.elapsed_s);
-  char host[128] = {};
-  gethostname(host, sizeof host - 1);
-  man.set_written_by(std::string("hydra 0.1.0 on ") + host);
-  {
-    HYDRA_ASSIGN_OR_RETURN(data::Hdf5File f, data::Hdf5File::create((fs::path(tmp_dir) / kRankFile).string()));
-    NoGradGuard ng;
+  // 2. Every rank writes the tensors it owns into its own file and describes them.
+  const std::string file = rank_file(grid.world().rank());
+  config::CheckpointManifest mine;
+  st = [&]() -> Status {
+    std::vector<std::pair<std::string, Tensor>> owned;
+    std::vector<Placement> where;
     for (const auto& [name, t] : checkpoint_tensors(model, optimizer)) {
+      Placement p = place(name, t, grid);
+      if (!p.write) continue;
+      owned.emplace_back(name, t);
+      where.push_back(std::move(p));
+    }
+    if (owned.empty()) return ok_status();
+    HYDRA_ASSIGN_OR_RETURN(data::Hdf5File f, data::Hdf5File::create((fs::path(tmp_dir) / file).string()));
+    NoGradGuard ng;
+    for (std::size_t i = 0; i < owned.size(); ++i) {
+      const auto& [name, t] = owned[i];
       const Tensor c = t.detach().contiguous().cpu();
       HYDRA_RETURN_IF_ERROR(f.write(name, h5_type(c.dtype()), c.shape(), c.raw_data()));
-      auto* rec = man.add_tensor();
+      auto* rec = mine.add_tensor();
       rec->set_name(name);
-      for (int64_t s : c.shape()) {
-        rec->add_shape(s);
-        rec->add_full_shape(s);
-        rec->add_offset(0);
+      for (std::size_t d = 0; d < c.shape().size(); ++d) {
+        rec->add_shape(c.shape()[d]);
+        rec->add_full_shape(where[i].full[d]);
+        rec->add_offset(d == 0 ? where[i].offset : 0);
       }
       rec->set_dtype(std::string(dtype_name(c.dtype())));
-      rec->set_file(kRankFile);
+      rec->set_file(file);
       rec->set_crc32c(crc32c(c.raw_data(), static_cast<std::size_t>(c.nbytes())));
     }
-    HYDRA_RETURN_IF_ERROR(f.flush());
-  }
-  HYDRA_RETURN_IF_ERROR(write_file_synced((fs::path(tmp_dir) / kManifest).string(), man.SerializeAsString()));
-  fs::remove_all(final_dir, ec);
-  fs::rename(tmp_dir, final_dir, ec);
-  if (ec) return io_error(final_dir + ": cannot move the checkpoint into place: " + ec.message());
+    return f.flush();
+  }();
+  HYDRA_RETURN_IF_ERROR(agree(st, grid));
 
-  // Keep the newest keep_last complete checkpoints; remove stale temporaries.
-  std::vector<std::pair<int64_t, fs::path>> done;
-  for (const auto& de : fs::directory_iterator(root_, ec)) {
-    const std::string n = de.path().filename().string();
-    if (n.ends_with(".tmp") && de.path() != fs::path(tmp_dir)) {
-      fs::remove_all(de.path(), ec);
-      continue;
+  // 3. Rank 0 collects the records, writes the manifest last and moves the directory into place.
+  const std::vector<std::string> parts = gather_bytes(mine.SerializeAsString(), grid);
+  if (lead) {
+    config::CheckpointManifest man;
+    for (const std::string& bytes : parts) {
+      config::CheckpointManifest part;
+      part.ParseFromString(bytes);
+      for (const auto& r : part.tensor()) *man.add_tensor() = r;
     }
-    const int64_t s = step_of(de.path());
-    if (s >= 0 && fs::exists(de.path() / kManifest)) done.emplace_back(s, de.path());
+    man.set_step(state.step);
+    man.set_stage(state.stage);
+    man.set_config_text(config::to_text(resolved));
+    man.set_rng_seed(state.rng.seed);
+    man.set_rng_offset(state.rng.offset);
+    man.set_data_seed(state.data_seed);
+    man.set_world_size(grid.world().size());
+    man.set_dp(grid.shape().dp);
+    man.set_ep(grid.shape().ep);
+    man.set_sp(grid.shape().sp);
+    man.set_tokens_seen(state.tokens_seen);
+    man.set_elapsed_s(state.elapsed_s);
+    char host[128] = {};
+    gethostname(host, sizeof host - 1);
+    man.set_written_by(std::string("hydra 0.1.0 on ") + host);
+    st = [&]() -> Status {
+      HYDRA_RETURN_IF_ERROR(write_file_synced((fs::path(tmp_dir) / kManifest).string(), man.SerializeAsString()));
+      fs::remove_all(final_dir, ec);
+      fs::rename(tmp_dir, final_dir, ec);
+      if (ec) return io_error(final_dir + ": cannot move the checkpoint into place: " + ec.message());
+      // Keep the newest keep_last complete checkpoints; remove stale temporaries.
+      std::vector<std::pair<int64_t, fs::path>> done;
+      for (const auto& de : fs::directory_iterator(root_, ec)) {
+        const std::string n = de.path().filename().string();
+        if (n.ends_with(".tmp") && de.path() != fs::path(tmp_dir)) {
+          fs::remove_all(de.path(), ec);
+          continue;
+        }
+        const int64_t s = step_of(de.path());
+        if (s >= 0 && fs::exists(de.path() / kManifest)) done.emplace_back(s, de.path());
+      }
+      std::sort(done.begin(), done.end());
+      for (std::size_t i = 0; i + static_cast<std::size_t>(keep_last_) < done.size(); ++i)
+        fs::remove_all(done[i].second, ec);
+      return ok_status();
+    }();
   }
-  std::sort(done.begin(), done.end());
-  for (std::size_t i = 0; i + static_cast<std::size_t>(keep_last_) < done.size(); ++i) fs::remove_all(done[i].second, ec);
+  HYDRA_RETURN_IF_ERROR(agree(st, grid));
   return final_dir;
 }
 
@@ -175,7 +261,7 @@ Expected<config::CheckpointManifest> CheckpointManager::read_manifest(const std:
 }
 
 Status CheckpointManager::load(const std::string& dir, const config::RunConfig& resolved, model::LanguageModel& model,
-                               AdamW& optimizer, TrainState* state) {
+                               AdamW& optimizer, TrainState* state, const parallel::ProcessGrid& grid) {
   HYDRA_ASSIGN_OR_RETURN(config::CheckpointManifest man, read_manifest(dir));
   config::RunConfig saved;
   if (!config::parse_text(man.config_text(), dir + "/manifest.pb", &saved).ok())
@@ -184,31 +270,52 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
   if (!difference.empty())
     return failed_precondition("checkpoint " + dir + " was written for another model config (first difference: " +
                                difference + "); resume it with the config it was trained with, or start a new run");
-  if (man.world_size() != 1)
-    return failed_precondition("checkpoint " + dir + " was written by " + std::to_string(man.world_size()) +
-                               " ranks; this run has 1");
-  std::map<std::string, const config::TensorRecord*> records;
-  for (const auto& r : man.tensor()) records[r.name()] = &r;
+  std::map<std::string, std::vector<const config::TensorRecord*>> records;
+  for (const auto& r : man.tensor()) records[r.name()].push_back(&r);
   std::map<std::string, data::Hdf5File> files;
   NoGradGuard ng;
   for (const auto& [name, t] : checkpoint_tensors(model, optimizer)) {
     auto it = records.find(name);
     if (it == records.end()) return data_loss("checkpoint " + dir + ": tensor " + name + " is missing");
-    const config::TensorRecord& rec = *it->second;
-    const Shape shape(rec.shape().begin(), rec.shape().end());
-    if (shape != t.shape() || rec.dtype() != dtype_name(t.dtype()))
-      return data_loss("checkpoint " + dir + ": tensor " + name + " is " + rec.dtype() + " " + shape_str(shape) +
-                       ", this model has " + std::string(dtype_name(t.dtype())) + " " + shape_str(t.shape()));
-    if (!files.count(rec.file())) {
-      auto f = data::Hdf5File::open_read((fs::path(dir) / rec.file()).string());
-      if (!f.ok()) return f.status().with_context("checkpoint " + dir);
-      files.emplace(rec.file(), std::move(*f));
-    }
+    // The rows [offset, offset + n) of the whole tensor this rank holds, from the records covering them.
+    const Placement want = place(name, t, grid);
+    const int64_t n = t.dim() > 0 ? t.size(0) : 1, row = t.dim() > 0 && n > 0 ? t.numel() / n : t.numel();
     Tensor host = Tensor::empty(t.shape(), t.dtype());
-    const Status st = files.at(rec.file()).read(name, h5_type(t.dtype()), host.raw_data());
-    if (!st.ok()) return st.with_context("checkpoint " + dir);
-    if (crc32c(host.raw_data(), static_cast<std::size_t>(host.nbytes())) != rec.crc32c())
-      return data_loss("checkpoint " + dir + ": tensor " + name + " fails its checksum (the file is damaged)");
+    int64_t covered = 0;
+    for (const config::TensorRecord* rec : it->second) {
+      const Shape shape(rec->shape().begin(), rec->shape().end()), full(rec->full_shape().begin(), rec->full_shape().end());
+      if (full != want.full || rec->dtype() != dtype_name(t.dtype()))
+        return data_loss("checkpoint " + dir + ": tensor " + name + " is " + rec->dtype() + " " + shape_str(full) +
+                         ", this model has " + std::string(dtype_name(t.dtype())) + " " + shape_str(want.full));
+      const int64_t r0 = rec->offset_size() > 0 ? rec->offset(0) : 0, rn = shape.empty() ? 1 : shape[0];
+      const int64_t lo = std::max(r0, want.offset), hi = std::min(r0 + rn, want.offset + n);
+      if (lo >= hi && !(t.dim() == 0 && covered == 0)) continue;
+      if (!files.count(rec->file())) {
+        auto f = data::Hdf5File::open_read((fs::path(dir) / rec->file()).string());
+        if (!f.ok()) return f.status().with_context("checkpoint " + dir);
+        files.emplace(rec->file(), std::move(*f));
+      }
+      Tensor stored = Tensor::empty(shape, t.dtype());
+      const Status st = files.at(rec->file()).read(name, h5_type(t.dtype()), stored.raw_data());
+      if (!st.ok()) return st.with_context("checkpoint " + dir);
+      if (crc32c(stored.raw_data(), static_cast<std::size_t>(stored.nbytes())) != rec->crc32c())
+        return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() +
+                         " fails its checksum (the file is damaged)");
+      if (t.dim() == 0) {
+        host.copy_(stored);
+        covered = 1;
+        continue;
+      }
+      const auto* src = static_cast<const char*>(stored.raw_data());
+      auto* dst = static_cast<char*>(host.raw_data());
+      const std::size_t bytes_per_row = static_cast<std::size_t>(row) * dtype_size(t.dtype());
+      std::memcpy(dst + (lo - want.offset) * bytes_per_row, src + (lo - r0) * bytes_per_row,
+                  static_cast<std::size_t>(hi - lo) * bytes_per_row);
+      covered += hi - lo;
+    }
+    if (covered != (t.dim() == 0 ? 1 : n))
+      return data_loss("checkpoint " + dir + ": tensor " + name + " rows [" + std::to_string(want.offset) + ", " +
+                       std::to_string(want.offset + n) + ") are not all stored (a rank file is missing?)");
     Tensor dst = t;  // a handle to the same tensor
     dst.copy_(host);
   }

@@ -1,8 +1,13 @@
-// Checkpoints (single process; sharded layouts come with parallelism): a directory per step
-//   DIR/checkpoints/step-00000020/rank-00000.h5   every parameter, optimizer state and buffer by name
-//   DIR/checkpoints/step-00000020/manifest.pb     CheckpointManifest, written last
-// written under a .tmp name and renamed into place, so a checkpoint without a manifest never appears.
-// Loading checks the model config, every tensor's shape, dtype and CRC32C.
+// Checkpoints: a directory per step
+//   DIR/checkpoints/step-00000020/rank-00000.h5   the tensors world rank 0 owns, by global name
+//   DIR/checkpoints/step-00000020/rank-00002.h5   ... another rank's (an expert shard of its ep rank)
+//   DIR/checkpoints/step-00000020/manifest.pb     CheckpointManifest, written last by rank 0
+// Every parameter, optimizer state and buffer is written once: replicated tensors by rank 0, each ep
+// rank's expert shard by the rank of that shard with dp = sp = 0. Each record names its file, its
+// slice (offset along the first dimension, full shape) and its CRC32C. The directory is written under
+// a .tmp name and renamed into place after every rank has written, so a checkpoint without a manifest
+// never appears. Loading checks the model config and every shape, dtype and checksum, and assembles
+// each tensor's slice from whatever records cover it: a run may resume on another grid (resharding).
 #pragma once
 
 #include <string>
@@ -11,6 +16,7 @@
 #include "autograd/random.h"
 #include "configs/hydra.pb.h"
 #include "model/lm.h"
+#include "parallel/grid.h"
 #include "trainer/optimizer.h"
 
 namespace hydra::trainer {
@@ -28,15 +34,17 @@ class CheckpointManager {
   CheckpointManager(std::string run_dir, int64_t keep_last);
   std::string checkpoint_dir(int64_t step) const;
 
-  // Writes the checkpoint of state.step; then keeps the newest keep_last. Returns its directory.
+  // Writes the checkpoint of state.step (every rank calls it); then keeps the newest keep_last.
+  // Returns its directory (the same status on every rank).
   Expected<std::string> save(const TrainState& state, const config::RunConfig& resolved,
-                             const model::LanguageModel& model, const AdamW& optimizer) const;
+                             const model::LanguageModel& model, const AdamW& optimizer,
+                             const parallel::ProcessGrid& grid) const;
   // Newest complete checkpoint (with a manifest) under run_dir, or not_found.
   Expected<std::string> latest() const;
   static Expected<config::CheckpointManifest> read_manifest(const std::string& dir);
   // Restores model, optimizer and state from `dir`, after checking it matches `resolved`'s model.
   static Status load(const std::string& dir, const config::RunConfig& resolved, model::LanguageModel& model,
-                     AdamW& optimizer, TrainState* state);
+                     AdamW& optimizer, TrainState* state, const parallel::ProcessGrid& grid);
 
  private:
   std::string root_;

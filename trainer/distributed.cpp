@@ -1,5 +1,6 @@
 #include "trainer/distributed.h"
 
+#include <cmath>
 #include <sstream>
 
 namespace hydra::trainer {
@@ -86,6 +87,14 @@ std::unique_ptr<parallel::GradientReducer> make_reducer(model::LanguageModel& mo
     params.push_back(std::move(r));
   }
   return std::make_unique<parallel::GradientReducer>(std::move(params), bucket_mb);
+}
+
+double global_grad_norm(const AdamW& optimizer, const parallel::ProcessGrid& grid) {
+  if (grid.shape().ep == 1) return optimizer.grad_norm();
+  const double dense = optimizer.grad_sum_squares([](const std::string& n) { return !is_expert_parameter(n); });
+  const double experts = grid.ep().all_reduce_host(
+      optimizer.grad_sum_squares([](const std::string& n) { return is_expert_parameter(n); }));
+  return std::sqrt(dense + experts);
 }
 
 void average_over_ranks(std::map<std::string, double>& stats, const parallel::ProcessGrid& grid) {

@@ -12,6 +12,7 @@
 #include "model/lm.h"
 #include "parallel/reducer.h"
 #include "trainer/curriculum.h"
+#include "trainer/optimizer.h"
 
 namespace hydra::trainer {
 
@@ -28,6 +29,10 @@ data::Batch sequence_shard(const data::Batch& b, int64_t sp_rank, int64_t sp);
 std::unique_ptr<parallel::GradientReducer> make_reducer(model::LanguageModel& model, const parallel::ProcessGrid& grid,
                                                         double bucket_mb);
 bool is_expert_parameter(const std::string& name);
+
+// The norm of the whole model's gradient: the replicated parameters' part (the same on every rank
+// after the reduction) plus the expert shards' parts summed over the ep group.
+double global_grad_norm(const AdamW& optimizer, const parallel::ProcessGrid& grid);
 
 // Statistics over the ranks (every rank holds the same keys): keys ending in "_loss" are a rank's share
 // of a global loss and are summed; the rest are averaged.

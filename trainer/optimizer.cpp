@@ -18,11 +18,11 @@ AdamW::AdamW(std::vector<NamedParameter> params, const config::OptimizerConfig& 
   }
 }
 
-double AdamW::grad_norm() const {
+double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& select) const {
   NoGradGuard ng;
   std::vector<Tensor> grads;
   for (std::size_t i = 0; i < params_.size(); ++i) {
-    if (slots_[i].frozen) continue;
+    if (slots_[i].frozen || !select(params_[i].name)) continue;
     const Tensor& t = params_[i].tensor;
     if (const auto& sg = t.sparse_grad()) {
       grads.push_back(sg->values);
@@ -30,7 +30,11 @@ double AdamW::grad_norm() const {
       grads.push_back(t.grad());
     }
   }
-  return std::sqrt(sum_squares_all(grads));
+  return sum_squares_all(grads);
+}
+
+double AdamW::grad_norm() const {
+  return std::sqrt(grad_sum_squares([](const std::string&) { return true; }));
 }
 
 void AdamW::step(double lr, double base_lr, double grad_scale) {

@@ -3,6 +3,7 @@
 // parameters skipped, and lazy row updates for parameters with row-sparse gradients.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -20,6 +21,8 @@ class AdamW {
 
   // sqrt of the sum of squares of every gradient of a parameter that is not frozen (dense and sparse).
   double grad_norm() const;
+  // The sum of squares of the gradients of the (unfrozen) parameters whose names pass `select`.
+  double grad_sum_squares(const std::function<bool(const std::string&)>& select) const;
   // One update with base learning rate `lr`; group rates are scaled by lr / base_lr (so the schedule
   // shapes them too). Gradients are multiplied by grad_scale (clipping).
   void step(double lr, double base_lr, double grad_scale);

@@ -168,13 +168,14 @@ Status Trainer::prepare_model() {
   }
 
   model_ = model::build_model(spec_, cfg_.train().seed());
+  if (grid_->shape().ep > 1) model_->shard_experts(grid_->ep_rank(), grid_->shape().ep);
   if (cfg_.train().precision() == config::TrainConfig::FP64) model_->to(DType::kF64);
   if (device_.is_cuda()) model_->to(device_);
   std::map<std::string, double> groups = {{"pkm_values", cfg_.train().optimizer().pkm_value_lr()}};
   optimizer_ = std::make_unique<AdamW>(model_->named_parameters(), cfg_.train().optimizer(), groups);
   state_.data_seed = cfg_.train().seed() * 1000003ull + 17;
   if (!resume_from_.empty()) {
-    HYDRA_RETURN_IF_ERROR(CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_));
+    HYDRA_RETURN_IF_ERROR(CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_, *grid_));
     default_generator().set_state(state_.rng);
   } else {
     default_generator().set_state({cfg_.train().seed(), 0});
@@ -366,16 +367,8 @@ Expected<TrainSummary> Trainer::run() {
   auto save = [&]() -> Status {
     state_.rng = default_generator().state();
     state_.elapsed_s = elapsed();
-    Status saved = ok_status();
-    if (lead()) {  // replicated parameters: rank 0 holds them all
-      auto path = checkpoints_->save(state_, cfg_, *model_, *optimizer_);
-      if (path.ok()) {
-        last_ckpt = *path;
-      } else {
-        saved = path.status();
-      }
-    }
-    return agree(saved, *grid_);
+    HYDRA_ASSIGN_OR_RETURN(last_ckpt, checkpoints_->save(state_, cfg_, *model_, *optimizer_, *grid_));
+    return ok_status();
   };
 
   while (state_.step < stop) {
@@ -417,7 +410,7 @@ Expected<TrainSummary> Trainer::run() {
                                                : "The last good checkpoint is " + last_ckpt) +
                             "; resume from it with --resume auto and a lower learning rate (--set train.lr.lr=...)");
     }
-    const double norm = optimizer_->grad_norm();
+    const double norm = global_grad_norm(*optimizer_, *grid_);
     if (!std::isfinite(norm)) {
       progress.finish();
       return internal_error("step " + std::to_string(step + 1) + ": the gradient norm is not finite; stopping. " +

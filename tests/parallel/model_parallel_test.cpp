@@ -82,6 +82,7 @@ void expect_same_step(const GridShape& shape) {
   const trainer::StepLosses want = trainer::forward_backward(*ref, *single, nullptr, batch, s);
 
   auto dist = tiny_model(DType::kF64);
+  if (shape.ep > 1) dist->shard_experts(grid->ep_rank(), shape.ep);
   auto reducer = trainer::make_reducer(*dist, *grid, 1.0 / 64);  // small buckets: several per step
   const int64_t per = kBatch / grid->data_ranks();
   const data::Batch local =
@@ -116,6 +117,9 @@ void expect_same_step(const GridShape& shape) {
 
 TEST(ModelParallel, DataParallel2SameLossAndGradients) { expect_same_step({2, 1, 1}); }
 TEST(ModelParallel, DataParallel4SameLossAndGradients) { expect_same_step({4, 1, 1}); }
+TEST(ModelParallel, ExpertParallel2SameLossAndGradients) { expect_same_step({1, 2, 1}); }
+TEST(ModelParallel, ExpertParallel4SameLossAndGradients) { expect_same_step({1, 4, 1}); }
+TEST(ModelParallel, DataTimesExpertParallel2x2SameLossAndGradients) { expect_same_step({2, 2, 1}); }
 
 // 20 steps of the real trainer on the grid and in one process: the same parameters.
 void expect_same_training(const GridShape& shape) {
