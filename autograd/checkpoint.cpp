@@ -32,21 +32,25 @@ class CheckpointNode final : public Node {
       }
       inputs.push_back(t);
     }
-    std::vector<Tensor> outputs;
+    std::vector<Tensor> outputs, inner_collectives;
     {
       const GeneratorState outer = default_generator().state();
       default_generator().set_state(rng_);
       EnableGradGuard grad_on;
       ++recompute_depth;
+      std::vector<Tensor> outer_collectives = take_collective_outputs();
       try {
         outputs = fn_(inputs);
       } catch (...) {
         --recompute_depth;
         default_generator().set_state(outer);
+        put_collective_outputs(std::move(outer_collectives));
         throw;
       }
       --recompute_depth;
       default_generator().set_state(outer);
+      inner_collectives = take_collective_outputs();
+      put_collective_outputs(std::move(outer_collectives));
     }
     HYDRA_CHECK(outputs.size() == grads.size())
         << "checkpoint: the recomputation returned " << outputs.size() << " outputs, the forward "
@@ -57,6 +61,11 @@ class CheckpointNode final : public Node {
         roots.push_back(outputs[i]);
         root_grads.push_back(grads[i]);
       }
+    }
+    // Collectives recomputed inside the segment run in this nested backward on every rank.
+    if (!roots.empty() && !inner_collectives.empty()) {
+      EnableGradGuard grad_on;
+      roots[0] = anchor_collectives(roots[0], inner_collectives);
     }
     if (!roots.empty()) run_backward(roots, root_grads);
     std::vector<Tensor> input_grads;

@@ -1,5 +1,7 @@
 #include "autograd/node.h"
 
+#include <utility>
+
 #include <atomic>
 #include <limits>
 
@@ -92,10 +94,39 @@ void record_op(const std::string& name, const std::vector<Tensor>& inputs,
   record_node(name, inputs, outputs, std::move(fn), false);
 }
 
+namespace {
+thread_local std::vector<Tensor> t_collective_outputs;
+}  // namespace
+
 void record_collective_op(const std::string& name, const std::vector<Tensor>& inputs,
                           const std::vector<Tensor>& outputs, BackwardFn fn) {
   if (!GradMode::enabled()) return;
   record_node(name, inputs, outputs, std::move(fn), true);
+  for (const Tensor& o : outputs)
+    if (o.defined()) {
+      t_collective_outputs.push_back(o);
+      break;
+    }
+}
+
+std::vector<Tensor> take_collective_outputs() { return std::exchange(t_collective_outputs, {}); }
+
+void put_collective_outputs(std::vector<Tensor> outputs) {
+  t_collective_outputs.insert(t_collective_outputs.end(), outputs.begin(), outputs.end());
+}
+
+Tensor anchor_collectives(const Tensor& root, const std::vector<Tensor>& anchors) {
+  if (anchors.empty() || !GradMode::enabled()) return root;
+  Tensor out = root.detach();
+  std::vector<Tensor> inputs{root};
+  inputs.insert(inputs.end(), anchors.begin(), anchors.end());
+  const std::size_t n = inputs.size();
+  record_op("anchor_collectives", inputs, {out}, [n](const std::vector<Tensor>& g) {
+    std::vector<Tensor> grads(n);
+    grads[0] = g[0];
+    return grads;
+  }, true);
+  return out;
 }
 
 namespace {

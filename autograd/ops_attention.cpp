@@ -69,9 +69,10 @@ std::pair<Tensor, Tensor> sparse_attention_with_lse(const Tensor& q_in, const Te
   if (any_requires_grad({q_in, k_in, v_in})) {
     std::vector<SavedTensor> saved = {SavedTensor(q.t), SavedTensor(k.t), SavedTensor(v.t), SavedTensor(out),
                                       SavedTensor(lse)};
-    record_op("sparse_attention", {q_in, k_in, v_in}, {out, Tensor()}, [=](const std::vector<Tensor>& g) {
+    record_op("sparse_attention", {q_in, k_in, v_in}, {out, lse}, [=](const std::vector<Tensor>& g) {
       for (const SavedTensor& s : saved) (void)s.get();
-      const Tensor gout = g[0].contiguous();
+      const Tensor gout = g[0].defined() ? g[0].contiguous() : zeros({B, Lq, H, dh}, p.dtype, dev);
+      const Tensor glse = g.size() > 1 && g[1].defined() ? g[1].to(accumulate_dtype(p.dtype)).contiguous() : Tensor();
       Tensor gq = Tensor::empty({B, Lq, H, dh}, p.dtype, dev);
       Tensor gk = Tensor::empty({B, Lk, H, dh}, p.dtype, dev);
       Tensor gv = Tensor::empty({B, Lk, H, dh}, p.dtype, dev);
@@ -79,6 +80,7 @@ std::pair<Tensor, Tensor> sparse_attention_with_lse(const Tensor& q_in, const Te
       bp.fwd = p;
       bp.fwd.stream = current_stream(dev);
       bp.gout = gout.raw_data();
+      bp.glse = glse.defined() ? glse.raw_data() : nullptr;
       bp.gq = gq.raw_data();
       bp.gk = gk.raw_data();
       bp.gv = gv.raw_data();

@@ -34,6 +34,7 @@ struct AttentionParams {
 struct AttentionBwdParams {
   AttentionParams fwd;  // with fwd.out and fwd.lse as the forward produced them
   const void* gout = nullptr;  // contiguous [B, Lq, H, dh]
+  const void* glse = nullptr;  // [B, H, Lq] accumulate dtype, or null: the gradient of lse (merged partials)
   void* gq = nullptr;
   void* gk = nullptr;
   void* gv = nullptr;

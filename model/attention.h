@@ -3,6 +3,8 @@
 // Transformer baseline (pattern {0, 0}).
 #pragma once
 
+#include "parallel/communicator.h"
+
 #include "model/context.h"
 #include "model/layers.h"
 
@@ -13,7 +15,9 @@ class SparseGlobalAttention : public Module {
   SparseGlobalAttention(Init& init, int64_t d, int64_t heads, AttentionPattern pattern, double rope_theta,
                         double init_std, double out_std);
   // x [B, L, d] -> [B, L, d]; tokens sit at positions pos0 + t.
-  Tensor forward(const Tensor& x, int64_t pos0 = 0) const;
+  // sp (sequence parallelism): x is the shard at positions pos0...; keys of earlier shards are
+  // exchanged (parallel::sparse_attention).
+  Tensor forward(const Tensor& x, int64_t pos0 = 0, parallel::Communicator* sp = nullptr) const;
 
   std::shared_ptr<Linear> qkv, out;
   const AttentionPattern& pattern() const { return pattern_; }

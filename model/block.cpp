@@ -40,8 +40,9 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, co
     int64_t column;  // in the controller's logits
   };
   std::vector<Path> paths;
-  if (ctx.paths.ssm) paths.push_back({"ssm", ssm->forward(norm_ssm->forward(x), state, next), gate_ssm, 0});
-  if (sga && ctx.paths.sga) paths.push_back({"sga", sga->forward(norm_sga->forward(x), ctx.pos0), gate_sga, 1});
+  parallel::Communicator* sp = ctx.sequence_parallel() ? &ctx.grid->sp() : nullptr;
+  if (ctx.paths.ssm) paths.push_back({"ssm", ssm->forward(norm_ssm->forward(x), state, next, sp), gate_ssm, 0});
+  if (sga && ctx.paths.sga) paths.push_back({"sga", sga->forward(norm_sga->forward(x), ctx.pos0, sp), gate_sga, 1});
   Tensor moe_aux;
   paths.push_back({"moe", moe->forward(norm_moe->forward(x), ctx, &moe_aux), gate_moe, sga ? 2 : 1});
   if (aux != nullptr) *aux = moe_aux;

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include "autograd/node.h"
+#include "parallel/collectives.h"
+
 namespace hydra::model {
 namespace {
 
@@ -36,10 +39,11 @@ Tensor lm_loss_of(const Tensor& logits, const Tensor& targets, const ForwardCont
   return mul(cross_entropy(logits, targets, LanguageModel::kIgnoreIndex, Reduction::kSum), 1.0 / ctx.lm_tokens);
 }
 
-// The loss plus the state-chain tokens (zeros whose backward receives a state's gradient).
+// The loss plus the state-chain tokens (zeros whose backward receives a state's gradient), anchored to
+// every collective of this forward so that each rank's backward runs all of them (autograd/node.h).
 Tensor with_chain_tokens(Tensor loss, const ForwardContext& ctx) {
   for (const Tensor& t : ctx.chain_tokens) loss = add(loss, t.to(loss.dtype()));
-  return loss;
+  return anchor_collectives(loss, take_collective_outputs());
 }
 
 void check_tokens(const Tensor& tokens, const Tensor& targets, const ModelSpec& spec) {
@@ -71,6 +75,7 @@ HydraLM::HydraLM(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
 
 LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx, bool want_logits) {
   check_tokens(tokens, targets, spec_);
+  (void)take_collective_outputs();  // anything left from a forward that built no loss
   Tensor x = hydra::embedding(embedding, tokens);
   Tensor aux_total = zeros({3}, x.dtype(), x.device());
   for (std::size_t b = 0; b < blocks->size(); ++b) {
@@ -83,7 +88,19 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
       if (ws_after_[i] != static_cast<int64_t>(b) || !ctx.paths.workspace) continue;
       const auto& br = workspaces->at<MemoryBranch>(i);
       const auto& mem = dynamic_cast<WorkspaceMemory&>(*br.memory);
-      x = add(x, mul(mem.forward(br.norm->forward(x), ctx), br.gate));
+      if (ctx.sequence_parallel()) {
+        // The slot state is not linear in the tokens: it passes from shard to shard (a serial chain of
+        // sp small steps: rank r waits for rank r-1's chunks; the backward mirrors it).
+        parallel::Communicator& sp = ctx.grid->sp();
+        const Tensor first = mem.slots.unsqueeze(0).expand({x.size(0), mem.slots.size(0), mem.slots.size(1)});
+        const Tensor s0 = parallel::receive_from_previous(first, sp);
+        Tensor s_last;
+        const Tensor read = mem.forward(br.norm->forward(x), ctx, s0, &s_last);
+        ctx.chain_tokens.push_back(parallel::send_to_next(s_last, sp));
+        x = add(x, mul(read, br.gate));
+      } else {
+        x = add(x, mul(mem.forward(br.norm->forward(x), ctx), br.gate));
+      }
     }
     for (std::size_t i = 0; i < pkm_after_.size(); ++i) {
       if (pkm_after_[i] != static_cast<int64_t>(b) || !ctx.paths.pkm) continue;

@@ -6,6 +6,7 @@
 
 #include "autograd/grad_mode.h"
 #include "parallel/collectives.h"
+#include "parallel/experts.h"
 
 namespace hydra::model {
 
@@ -40,44 +41,10 @@ Tensor ChunkMoE::run_experts(const Tensor& xs, const std::vector<int64_t>& sizes
     const Tensor h = mul(silu(grouped_linear(rows, w1, local_sizes)), grouped_linear(rows, w3, local_sizes));
     return grouped_linear(h, w2, local_sizes);
   };
-  const int64_t E = num_experts_, El = local_experts_;
-  if (El == E) return experts(xs, sizes);
-  // Dispatch: rows of experts [p * El, (p + 1) * El) go to ep rank p (xs is grouped by expert, so
-  // they are contiguous). First every rank learns how many rows of each of its experts arrive from
-  // each peer.
+  if (local_experts_ == num_experts_) return experts(xs, sizes);
   parallel::Communicator& ep = ctx.grid->ep();
-  const int64_t P = ep.size();
-  HYDRA_CHECK(P * El == E) << "moe: ep group of " << P << " ranks for " << E << " experts sharded " << El << " per rank";
-  std::vector<int64_t> send_counts(P, 0);
-  for (int64_t e = 0; e < E; ++e) send_counts[e / El] += sizes[e];
-  const Tensor sizes_out = tensor(sizes, {E}).to(ep.device());
-  Tensor sizes_in = Tensor::empty({E}, DType::kI64, ep.device());  // [peer][local expert]
-  ep.all_to_all_v(sizes_out, std::vector<int64_t>(P, El), sizes_in, std::vector<int64_t>(P, El));
-  const std::vector<int64_t> in = sizes_in.cpu().to_vector<int64_t>();
-  std::vector<int64_t> recv_counts(P, 0), local_sizes(El, 0);
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t e = 0; e < El; ++e) {
-      recv_counts[p] += in[p * El + e];
-      local_sizes[e] += in[p * El + e];
-    }
-  const Tensor received = parallel::all_to_all(xs, send_counts, recv_counts, ep);  // peer-major
-  // Peer-major -> expert-major for the grouped GEMM, and back.
-  std::vector<int64_t> order;  // order[i] = row of `received` that goes to expert-major position i
-  std::vector<int64_t> peer_start(P, 0);
-  for (int64_t p = 1; p < P; ++p) peer_start[p] = peer_start[p - 1] + recv_counts[p - 1];
-  for (int64_t e = 0; e < El; ++e)
-    for (int64_t p = 0; p < P; ++p) {
-      int64_t off = peer_start[p];
-      for (int64_t k = 0; k < e; ++k) off += in[p * El + k];
-      for (int64_t r = 0; r < in[p * El + e]; ++r) order.push_back(off + r);
-    }
-  std::vector<int64_t> inverse(order.size());
-  for (std::size_t i = 0; i < order.size(); ++i) inverse[order[i]] = static_cast<int64_t>(i);
-  const auto n = static_cast<int64_t>(order.size());
-  const Tensor y_expert = experts(gather_rows(received, tensor(order, {n}).to(xs.device())), local_sizes);
-  const Tensor y_peer = gather_rows(y_expert, tensor(inverse, {n}).to(xs.device()));
-  // Combine: the outputs travel back the way their rows came.
-  return parallel::all_to_all(y_peer, recv_counts, send_counts, ep);
+  const parallel::ExpertDispatch d = parallel::dispatch_to_experts(xs, sizes, local_experts_, ep);
+  return parallel::combine_from_experts(experts(d.rows, d.local_sizes), d, ep);
 }
 
 double ChunkMoE::sparsity_coef() const { return coef.item<double>(); }
@@ -227,6 +194,7 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   const DType acc = x.dtype();
 
   std::vector<int64_t> perm, widx, sizes(E, 0);
+  bool routed_anywhere = true;  // false: no chunk of the global batch chose any expert
   Tensor w;  // [B, nC, E] routing weights (routing on)
   Tensor losses = zeros({3}, acc, x.device());
   if (ctx.paths.moe_routing) {
@@ -283,6 +251,7 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     std::vector<double> load(E);
     for (int64_t e = 0; e < E; ++e) load[e] = total > 0 ? counts[e] / total : 0.0;
     global_tls_ = counts[E] > 0 ? 1.0 - total / (counts[E] * double(E)) : -1.0;
+    routed_anywhere = total > 0;
     const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
     // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
     const Tensor balance = mul(sum(mul(sum(q, {0, 1}), tensor(load, {E}).to(acc).to(x.device()))),
@@ -314,8 +283,9 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   if (aux != nullptr) *aux = losses;
 
   Tensor out = zeros({BL, d}, acc, x.device());
-  // With experts sharded the exchange runs on every rank, even one that routed nothing this time.
-  if (!perm.empty() || local_experts_ != num_experts_) {
+  // With experts sharded the exchange runs on every rank, even one that routed nothing this time; when
+  // no rank routed anything the experts do not run at all (as in one process: no expert gradient).
+  if (local_experts_ != num_experts_ ? routed_anywhere : !perm.empty()) {
     const Tensor perm_t = tensor(perm, {static_cast<int64_t>(perm.size())}).to(x.device());
     const Tensor xs = gather_rows(xf, perm_t);
     Tensor y = run_experts(xs, sizes, ctx);

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include "parallel/sequence.h"
+
 namespace hydra::model {
 
 SsmMixer::SsmMixer(Init& init, const ModelSpec& spec)
@@ -42,16 +44,20 @@ SsmMixer::SsmMixer(Init& init, const ModelSpec& spec)
       "out_proj", std::make_shared<Linear>(init, di, d, spec.init_std / std::sqrt(2.0 * spec.num_blocks)));
 }
 
-Tensor SsmMixer::forward(const Tensor& x, const SsmState& state, SsmState* next) const {
+Tensor SsmMixer::forward(const Tensor& x, const SsmState& state, SsmState* next, parallel::Communicator* sp) const {
   const int64_t B = x.size(0), L = x.size(1), di = d_inner_, N = d_state_, R = dt_rank_, W = conv_width_;
   const Tensor xz = in_proj->forward(x);  // [B, L, 2 di]
   const auto uz = split(xz, {di, di}, 2);
-  const Tensor u = causal_conv1d(uz[0], conv_weight, conv_bias, state.conv, /*silu=*/true);
+  const Tensor prefix = sp != nullptr ? parallel::conv_halo(uz[0], W, *sp) : state.conv;
+  const Tensor u = causal_conv1d(uz[0], conv_weight, conv_bias, prefix, /*silu=*/true);
   const Tensor x_dbl = x_proj->forward(u);  // [B, L, R + 2N]
   const auto parts = split(x_dbl, {R, N, N}, 2);
   const Tensor delta_raw = linear(parts[0], dt_proj->weight);  // dt_proj's bias goes in as dt_bias
-  const SelectiveScanResult scan = selective_scan(u, delta_raw, A_log, parts[1], parts[2], D, dt_proj->bias,
-                                                  uz[1], state.ssm, scan_chunk_);
+  const SelectiveScanResult scan =
+      sp != nullptr ? parallel::selective_scan(*sp, u, delta_raw, A_log, parts[1], parts[2], D, dt_proj->bias, uz[1],
+                                               Tensor(), scan_chunk_)
+                    : selective_scan(u, delta_raw, A_log, parts[1], parts[2], D, dt_proj->bias, uz[1], state.ssm,
+                                     scan_chunk_);
   if (next != nullptr) {
     next->ssm = scan.h_last;
     if (W > 1) {

@@ -2,6 +2,8 @@
 // last inputs and the scan state) so a sequence can be processed in segments or across ranks.
 #pragma once
 
+#include "parallel/communicator.h"
+
 #include "model/context.h"
 #include "model/layers.h"
 #include "model/spec.h"
@@ -18,7 +20,10 @@ class SsmMixer : public Module {
   SsmMixer(Init& init, const ModelSpec& spec);
   // x [B, L, d] -> [B, L, d]. `state` (may be empty) is where the sequence resumes; `next` (optional)
   // receives the state after the last token.
-  Tensor forward(const Tensor& x, const SsmState& state = {}, SsmState* next = nullptr) const;
+  // sp (sequence parallelism): x is this rank's shard of the sequence; the conv's halo and the scan's
+  // initial state come from the previous shards (parallel/sequence.h). `state` is then ignored.
+  Tensor forward(const Tensor& x, const SsmState& state = {}, SsmState* next = nullptr,
+                 parallel::Communicator* sp = nullptr) const;
 
   std::shared_ptr<Linear> in_proj, x_proj, dt_proj, out_proj;
   Tensor conv_weight, conv_bias, A_log, D;

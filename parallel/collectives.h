@@ -1,7 +1,10 @@
 // Differentiable collectives: each forward exchange has the adjoint exchange as its backward, so a
 // model split over ranks gets the same gradients as the unsplit model. The backward of each runs on
 // every rank (record_collective_op), also where no gradient arrived (it then sends zeros), so the ranks
-// never wait for one another in vain. Tensors have the same shape on every rank unless noted.
+// never wait for one another in vain — provided the backward reaches its node: a rank that does not use
+// a collective's output must anchor it (autograd/node.h; the language model anchors every collective
+// of a forward at its loss, and parallel/sequence.h's functions anchor theirs at their outputs).
+// Tensors have the same shape on every rank unless noted.
 #pragma once
 
 #include <vector>

@@ -71,6 +71,10 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name) : comm_(comm),
   MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
   check(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
   check(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
+  // The asynchronous all-reduce's own communicator, made now: MPI_Comm_dup is collective, and made on
+  // first use (inside a backward) it would wait for ranks busy with another group's exchange.
+  check(MPI_Comm_dup(comm_, &async_comm_), "MPI_Comm_dup");
+  MPI_Comm_set_errhandler(async_comm_, MPI_ERRORS_RETURN);
 }
 
 MpiCommunicator::~MpiCommunicator() {
@@ -164,16 +168,11 @@ std::unique_ptr<Work> MpiCommunicator::all_reduce_async(const Tensor& t) {
   std::future<void> f = task->get_future();
   if (process_info().threads_provided < MPI_THREAD_MULTIPLE || size_ == 1) {
     // No concurrent MPI calls allowed: do it now (correct, without overlap).
-    if (async_comm_ == MPI_COMM_NULL) check(MPI_Comm_dup(comm_, &async_comm_), "MPI_Comm_dup");
     (*task)();
     return std::make_unique<AsyncWork>(std::move(f));
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (async_comm_ == MPI_COMM_NULL) {
-      check(MPI_Comm_dup(comm_, &async_comm_), "MPI_Comm_dup");
-      MPI_Comm_set_errhandler(async_comm_, MPI_ERRORS_RETURN);
-    }
     if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
     queue_.push_back([task] { (*task)(); });
   }

@@ -247,7 +247,7 @@ void NcclCommunicator::synchronize() {
       ncclCommAbort(impl_->comm);
       impl_->comm = nullptr;
       HYDRA_FAIL() << "rank " << process_info().rank << ": NCCL work on communicator '" << name()
-                   << "' did not finish within " << timeout_.count()
+                   << "' did not complete within " << timeout_.count()
                    << " s: another rank has died, is stuck, or took a different path through the program";
     }
     std::this_thread::sleep_for(std::chrono::microseconds(100));

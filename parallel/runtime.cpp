@@ -75,6 +75,9 @@ std::unique_ptr<Communicator> world_communicator(bool gpu) {
   MPI_Comm dup = MPI_COMM_NULL;
   HYDRA_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup) == MPI_SUCCESS) << "rank " << g_info.rank << ": MPI_Comm_dup failed";
   auto mpi = std::make_unique<MpiCommunicator>(dup, "world");
+  // The trainer sets parallel.timeout_s; HYDRA_COMM_TIMEOUT_S sets it for tests and tools.
+  if (const char* env = std::getenv("HYDRA_COMM_TIMEOUT_S"); env != nullptr && std::atoi(env) > 0)
+    mpi->set_timeout(std::chrono::seconds(std::atoi(env)));
   if (!gpu) return mpi;
 #if HYDRA_WITH_CUDA
   return std::make_unique<NcclCommunicator>(std::move(mpi), dev.index);

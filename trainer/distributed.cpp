@@ -34,6 +34,10 @@ Status validate_parallel(const config::RunConfig& cfg, const model::ModelSpec& s
     if (s.seq_len % p.sp() != 0)
       return fail(where + "seq_len " + std::to_string(s.seq_len) + " is not a multiple of sp = " + std::to_string(p.sp()));
     const int64_t shard = s.seq_len / p.sp();
+    if (!spec.transformer && shard < spec.conv_width - 1)
+      return fail(where + "each sequence shard of " + std::to_string(shard) + " tokens is shorter than the " +
+                  std::to_string(spec.conv_width - 1) + "-token halo of the SSM's convolution (model.ssm.conv_width = " +
+                  std::to_string(spec.conv_width) + "); use a smaller sp or a longer seq_len");
     if (!spec.transformer && shard % spec.moe_chunk != 0)
       return fail(where + "each sequence shard of " + std::to_string(shard) + " tokens must hold whole MoE chunks (" +
                   "model.moe.chunk = " + std::to_string(spec.moe_chunk) + ")");

@@ -71,7 +71,6 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
   HYDRA_ASSIGN_OR_RETURN(t->stages_, resolve_stages(t->cfg_, t->spec_, source));
   if (options.stop_step == 0 || options.stop_step < -1)
     return invalid_argument("--steps " + std::to_string(options.stop_step) + ": must be >= 1");
-  HYDRA_RETURN_IF_ERROR(validate_parallel(t->cfg_, t->spec_, t->stages_, source));
   const auto& p = t->cfg_.parallel();
   const parallel::GridShape shape{p.dp(), p.ep(), p.sp()};
   const bool distributed = parallel::process_info().distributed && !options.local_only;
@@ -93,6 +92,8 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
   } else {
     t->grid_ = parallel::ProcessGrid::single(t->device_);
   }
+  // After the grid: a world of the wrong size is the first thing to fix.
+  HYDRA_RETURN_IF_ERROR(validate_parallel(t->cfg_, t->spec_, t->stages_, source));
   if (t->cfg_.train().precision() == config::TrainConfig::FP64 && t->device_.is_cuda())
     return invalid_argument(source + ": train.precision = FP64 is for the CPU (use FP32 on CUDA)");
   if (t->cfg_.train().precision() == config::TrainConfig::BF16_MIXED && t->device_.is_cpu())

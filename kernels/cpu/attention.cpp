@@ -180,6 +180,7 @@ void attention_bwd_impl(const AttentionBwdParams& q) {
   const T* out = static_cast<const T*>(p.out);
   const T* lse = static_cast<const T*>(p.lse);
   const T* gout = static_cast<const T*>(q.gout);
+  const T* glse = static_cast<const T*>(q.glse);
   T* gq = static_cast<T*>(q.gq);
   T* gk = static_cast<T*>(q.gk);
   T* gv = static_cast<T*>(q.gv);
@@ -199,6 +200,8 @@ void attention_bwd_impl(const AttentionBwdParams& q) {
         for (int64_t ii = 0; ii < nq; ++ii) {
           const int64_t off = hd.dense(b, i0 + ii, h, p.q_len);
           delta[ii] = dot(gout + off, out + off, dh);  // D_i = dO_i . O_i
+          // d lse_i / d s_ij = P_ij: a gradient on lse enters as dS_ij += P_ij * glse_i.
+          if (glse != nullptr) delta[ii] -= glse[(b * p.heads + h) * p.q_len + i0 + ii];
           std::fill_n(gq + off, dh, T(0));
         }
         for_each_key_block(pat, p.k_len, i0, i1, [&](const int64_t* keys, int64_t nk) {

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 #include "autograd/ops.h"
 #include "tests/test_util.h"
@@ -98,6 +99,20 @@ TEST(SparseAttention, GradcheckFloat64) {
           return std::vector<Tensor>{sparse_attention(in[0], in[1], in[2], pat, 0.6)};
         },
         (std::vector<Tensor>{randn64({2, 9, 2, 3}, 10), randn64({2, 9, 2, 3}, 11), randn64({2, 9, 2, 3}, 12)}));
+  }
+}
+
+// The log-sum-exp is differentiable too (partial attentions merged across sequence shards need it),
+// also for queries placed after a separate block of keys.
+TEST(SparseAttention, GradcheckFloat64WithLogSumExpOutput) {
+  for (const auto& [pat, q0, k0] : {std::tuple{AttentionPattern{3, 4}, int64_t{0}, int64_t{0}},
+                                    std::tuple{AttentionPattern{0, 0}, int64_t{20}, int64_t{2}}}) {
+    HYDRA_EXPECT_GRADCHECK(
+        [&](const std::vector<Tensor>& in) {
+          auto [o, lse] = sparse_attention_with_lse(in[0], in[1], in[2], pat, 0.6, q0, k0);
+          return std::vector<Tensor>{o, lse};
+        },
+        (std::vector<Tensor>{randn64({2, 7, 2, 3}, 14), randn64({2, 9, 2, 3}, 15), randn64({2, 9, 2, 3}, 16)}));
   }
 }
 

@@ -118,4 +118,45 @@ TEST(Cli, DataToolMakesShardsTheTrainerReads) {
   EXPECT_NE(r.output.find("bad.bpe: truncated"), std::string::npos) << r.output;
 }
 
+// Under mpirun: a grid that does not fit the world, or experts that do not split over ep, stops every
+// rank at start-up with one message (from rank 0) that says what to change; a good grid trains.
+const std::string kMpirun = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 HYDRA_NUM_THREADS=1 timeout 300 " HYDRA_MPIEXEC
+                            " --oversubscribe -np 2 ";
+
+int count(const std::string& text, const std::string& what) {
+  int n = 0;
+  for (std::size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
+  return n;
+}
+
+TEST(Cli, MpirunWithABadGridStopsEveryRankWithOneClearMessage) {
+  const std::string dir = temp_dir("badgrid");
+  Result r = run(kMpirun + kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " --set parallel.dp=3");
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.code, 124) << "hung: " << r.output;
+  EXPECT_EQ(count(r.output, "mpirun -np 3"), 1) << r.output;
+  r = run(kMpirun + kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+          " --set parallel.ep=2 --set model.moe.num_experts=3");
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.code, 124) << "hung: " << r.output;
+  EXPECT_EQ(count(r.output, "does not divide model.moe.num_experts = 3"), 1) << r.output;
+  r = run(kMpirun + kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+          " --set parallel.sp=2 --set train.seq_len=64 --set model.ssm.conv_width=40");
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.code, 124) << "hung: " << r.output;
+  EXPECT_EQ(count(r.output, "shorter than the 39-token halo"), 1) << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
+}
+
+TEST(Cli, MpirunTrainsOnTwoDataRanks) {
+  const std::string dir = temp_dir("dp2");
+  const Result r = run(kMpirun + kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " --set parallel.dp=2");
+  ASSERT_EQ(r.code, 0) << r.output;
+  std::ifstream m(dir + "/run/metrics.jsonl");
+  std::string line;
+  int steps = 0;
+  while (std::getline(m, line)) steps += line.find("\"step\"") != std::string::npos && line.find("\"loss\"") != std::string::npos;
+  EXPECT_EQ(steps, 2) << "one metrics line per step, written by rank 0 only";
+}
+
 }  // namespace

@@ -1,11 +1,13 @@
-// The MPI communicator's collectives and the process grid, run under mpirun with 1, 2 and 4 ranks
-// (ctest label mpi). Every check uses values that differ per rank, so a collective that moved the wrong
-// data (or none) fails.
+// The communicators' collectives and the process grid, run under mpirun with 1, 2 and 4 ranks (ctest
+// label mpi). Every collective test runs twice: over MPI on CPU tensors and over NCCL on CUDA tensors
+// (skipped without one GPU per rank). Every check uses values that differ per rank, so a collective that
+// moved the wrong data (or none) fails.
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <thread>
 
+#include "autograd/device.h"
 #include "autograd/ops.h"
 #include "parallel/grid.h"
 #include "parallel/runtime.h"
@@ -16,6 +18,29 @@ namespace {
 
 std::unique_ptr<Communicator> world() { return world_communicator(false); }
 
+// Parameter: false = MPI over CPU tensors, true = NCCL over CUDA tensors.
+class CommunicatorTest : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    if (!GetParam()) return;
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): NCCL test skipped";
+    if (cuda_device_count() < process_info().local_size)
+      GTEST_SKIP() << "NCCL needs one GPU per rank: " << process_info().local_size << " ranks on this host, "
+                   << cuda_device_count() << " GPU(s)";
+  }
+  std::unique_ptr<Communicator> comm() const { return world_communicator(GetParam()); }
+  // Tensors live on the communicator's device; results are read back on the host after the
+  // communication stream has finished.
+  static Tensor on(const Communicator& c, const Tensor& t) { return t.to(c.device()); }
+  static Tensor back(Communicator& c, const Tensor& t) {
+    c.synchronize();
+    return t.cpu();
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorTest, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "nccl" : "mpi"; });
+
 // Values of rank r: r * 100 + i (+ 0.5 to catch integer truncation).
 Tensor rank_values(int r, int64_t n) {
   std::vector<double> v(n);
@@ -23,18 +48,18 @@ Tensor rank_values(int r, int64_t n) {
   return tensor(v, {n});
 }
 
-TEST(Communicator, AllReduceSumMaxAndAsync) {
-  auto w = world();
+TEST_P(CommunicatorTest, AllReduceSumMaxAndAsync) {
+  auto w = comm();
   const int n = w->size(), r = w->rank();
-  Tensor t = rank_values(r, 7);
+  Tensor t = on(*w, rank_values(r, 7));
   w->all_reduce(t, ReduceOp::kSum);
-  Tensor m = rank_values(r, 7);
+  Tensor m = on(*w, rank_values(r, 7));
   w->all_reduce(m, ReduceOp::kMax);
-  Tensor a = rank_values(r, 100003).to(DType::kF32);
+  Tensor a = on(*w, rank_values(r, 100003).to(DType::kF32));
   auto work = w->all_reduce_async(a);
   work->wait();
-  const auto tv = t.to_vector<double>(), mv = m.to_vector<double>();
-  const auto av = a.to_vector<float>();
+  const auto tv = back(*w, t).to_vector<double>(), mv = back(*w, m).to_vector<double>();
+  const auto av = back(*w, a).to_vector<float>();
   for (int64_t i = 0; i < 7; ++i) {
     double sum = 0;
     for (int q = 0; q < n; ++q) sum += q * 100.0 + double(i) + 0.5;
@@ -47,31 +72,33 @@ TEST(Communicator, AllReduceSumMaxAndAsync) {
   EXPECT_DOUBLE_EQ(w->all_reduce_host(double(r + 1)), n * (n + 1) / 2.0);
 }
 
-TEST(Communicator, AllGatherAndReduceScatterAreAdjoint) {
-  auto w = world();
+TEST_P(CommunicatorTest, AllGatherAndReduceScatterAreAdjoint) {
+  auto w = comm();
   const int n = w->size(), r = w->rank();
-  const Tensor mine = rank_values(r, 5).reshape({1, 5});
-  Tensor all = zeros({n, 5}, DType::kF64);
+  const Tensor mine = on(*w, rank_values(r, 5).reshape({1, 5}));
+  Tensor all = on(*w, zeros({n, 5}, DType::kF64));
   w->all_gather(mine, all);
-  for (int q = 0; q < n; ++q) EXPECT_TRUE(testing::bitwise_equal(all.narrow(0, q, 1).contiguous(), rank_values(q, 5).reshape({1, 5})));
+  const Tensor got = back(*w, all);
+  for (int q = 0; q < n; ++q)
+    EXPECT_TRUE(testing::bitwise_equal(got.narrow(0, q, 1).contiguous(), rank_values(q, 5).reshape({1, 5})));
   // reduce_scatter of [n, 3] where rank r holds r + 1 everywhere: each slice sums to n(n+1)/2.
-  Tensor in = full({n, 3}, double(r + 1), DType::kF64);
-  Tensor out = zeros({1, 3}, DType::kF64);
+  Tensor in = on(*w, full({n, 3}, double(r + 1), DType::kF64));
+  Tensor out = on(*w, zeros({1, 3}, DType::kF64));
   w->reduce_scatter(in, out);
-  for (double v : out.to_vector<double>()) EXPECT_DOUBLE_EQ(v, n * (n + 1) / 2.0);
+  for (double v : back(*w, out).to_vector<double>()) EXPECT_DOUBLE_EQ(v, n * (n + 1) / 2.0);
 }
 
-TEST(Communicator, BroadcastFromEveryRoot) {
-  auto w = world();
+TEST_P(CommunicatorTest, BroadcastFromEveryRoot) {
+  auto w = comm();
   for (int root = 0; root < w->size(); ++root) {
-    Tensor t = rank_values(w->rank(), 4);
+    Tensor t = on(*w, rank_values(w->rank(), 4));
     w->broadcast(t, root);
-    EXPECT_TRUE(testing::bitwise_equal(t, rank_values(root, 4)));
+    EXPECT_TRUE(testing::bitwise_equal(back(*w, t), rank_values(root, 4)));
   }
 }
 
-TEST(Communicator, AllToAllVWithUnevenAndEmptyCounts) {
-  auto w = world();
+TEST_P(CommunicatorTest, AllToAllVWithUnevenAndEmptyCounts) {
+  auto w = comm();
   const int n = w->size(), r = w->rank();
   // Rank r sends (r + p) % 3 rows of width 2 to peer p, row values encode (sender, receiver, index).
   std::vector<int64_t> sc(n), rc(n);
@@ -89,10 +116,10 @@ TEST(Communicator, AllToAllVWithUnevenAndEmptyCounts) {
     total_s += sc[p];
     total_r += rc[p];
   }
-  Tensor s = tensor(send, {total_s, 2});
-  Tensor got = full({total_r, 2}, -7.0, DType::kF64);
+  Tensor s = on(*w, tensor(send, {total_s, 2}));
+  Tensor got = on(*w, full({total_r, 2}, -7.0, DType::kF64));
   w->all_to_all_v(s, sc, got, rc);
-  const auto g = got.to_vector<double>();
+  const auto g = back(*w, got).to_vector<double>();
   int64_t row = 0;
   for (int p = 0; p < n; ++p)
     for (int64_t i = 0; i < rc[p]; ++i, ++row) {
@@ -101,27 +128,41 @@ TEST(Communicator, AllToAllVWithUnevenAndEmptyCounts) {
     }
 }
 
-TEST(Communicator, SendRecvShiftsAlongTheRanks) {
-  auto w = world();
+TEST_P(CommunicatorTest, SendRecvShiftsAlongTheRanks) {
+  auto w = comm();
   const int n = w->size(), r = w->rank();
-  Tensor mine = rank_values(r, 3), got = full({3}, -1.0, DType::kF64);
+  Tensor mine = on(*w, rank_values(r, 3)), got = on(*w, full({3}, -1.0, DType::kF64));
   w->send_recv(mine, r + 1 < n ? r + 1 : -1, got, r > 0 ? r - 1 : -1);
+  const Tensor g = back(*w, got);
   if (r > 0) {
-    EXPECT_TRUE(testing::bitwise_equal(got, rank_values(r - 1, 3)));
+    EXPECT_TRUE(testing::bitwise_equal(g, rank_values(r - 1, 3)));
   } else {
-    for (double v : got.to_vector<double>()) EXPECT_EQ(v, -1.0);
+    for (double v : g.to_vector<double>()) EXPECT_EQ(v, -1.0);
   }
 }
 
-TEST(Communicator, TimeoutNamesTheCallInsteadOfHanging) {
-  auto w = world();
+TEST_P(CommunicatorTest, SplitGroupsReduceWithinThemselves) {
+  auto w = comm();
+  if (w->size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  const int r = w->rank();
+  auto half = w->split(r % 2, r, "parity");
+  Tensor t = on(*half, full({3}, double(r), DType::kF64));
+  half->all_reduce(t, ReduceOp::kSum);
+  double expect = 0;
+  for (int q = r % 2; q < w->size(); q += 2) expect += q;
+  for (double v : back(*half, t).to_vector<double>()) EXPECT_EQ(v, expect);
+}
+
+TEST_P(CommunicatorTest, TimeoutNamesTheCallInsteadOfHanging) {
+  auto w = comm();
   if (w->size() < 2) GTEST_SKIP() << "needs 2 ranks";
   auto pair = w->split(0, w->rank(), "timeout-test");
   pair->set_timeout(std::chrono::seconds(1));
   if (pair->rank() == 0) {
-    Tensor got = zeros({1}, DType::kF64);
+    Tensor got = on(*pair, zeros({1}, DType::kF64));
     try {
       pair->send_recv(Tensor(), -1, got, 1);  // rank 1 never sends
+      pair->synchronize();                    // NCCL: the receive is queued on the stream; the wait times out
       ADD_FAILURE() << "receive without a sender returned";
     } catch (const Error& e) {
       const std::string msg = e.what();
@@ -129,13 +170,13 @@ TEST(Communicator, TimeoutNamesTheCallInsteadOfHanging) {
       EXPECT_NE(msg.find("timeout-test"), std::string::npos) << msg;
     }
   }
-  w->barrier();
+  world()->barrier();
 }
 
-TEST(Communicator, WrongTensorsGiveClearErrors) {
-  auto w = world();
-  Tensor t = zeros({2, 3}, DType::kF64);
-  Tensor wrong = zeros({5}, DType::kF64);
+TEST_P(CommunicatorTest, WrongTensorsGiveClearErrors) {
+  auto w = comm();
+  Tensor t = on(*w, zeros({2, 3}, DType::kF64));
+  Tensor wrong = on(*w, zeros({5}, DType::kF64));
   try {
     w->all_gather(t, wrong);
     ADD_FAILURE() << "accepted a wrong output size";

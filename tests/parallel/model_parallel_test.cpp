@@ -120,6 +120,10 @@ TEST(ModelParallel, DataParallel4SameLossAndGradients) { expect_same_step({4, 1,
 TEST(ModelParallel, ExpertParallel2SameLossAndGradients) { expect_same_step({1, 2, 1}); }
 TEST(ModelParallel, ExpertParallel4SameLossAndGradients) { expect_same_step({1, 4, 1}); }
 TEST(ModelParallel, DataTimesExpertParallel2x2SameLossAndGradients) { expect_same_step({2, 2, 1}); }
+TEST(ModelParallel, SequenceParallel2SameLossAndGradients) { expect_same_step({1, 1, 2}); }
+TEST(ModelParallel, SequenceParallel4SameLossAndGradients) { expect_same_step({1, 1, 4}); }
+TEST(ModelParallel, DataTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step({2, 1, 2}); }
+TEST(ModelParallel, ExpertTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step({1, 2, 2}); }
 
 // 20 steps of the real trainer on the grid and in one process: the same parameters.
 void expect_same_training(const GridShape& shape) {
@@ -167,6 +171,10 @@ void expect_same_training(const GridShape& shape) {
 }
 
 TEST(ModelParallel, DataParallel2TrainsLikeOneProcess) { expect_same_training({2, 1, 1}); }
+TEST(ModelParallel, ExpertParallel2TrainsLikeOneProcess) { expect_same_training({1, 2, 1}); }
+TEST(ModelParallel, SequenceParallel2TrainsLikeOneProcess) { expect_same_training({1, 1, 2}); }
+TEST(ModelParallel, SequenceParallel4TrainsLikeOneProcess) { expect_same_training({1, 1, 4}); }
+TEST(ModelParallel, DataTimesExpertParallel2x2TrainsLikeOneProcess) { expect_same_training({2, 2, 1}); }
 
 }  // namespace
 }  // namespace hydra

@@ -1,0 +1,267 @@
+// hydra-bench-parallel: the communication of data and expert parallelism at hydra-1.6b shapes, run
+// under mpirun (one rank per GPU with --gpu: NCCL over CUDA tensors; without: MPI over CPU tensors).
+//   1. all-to-all: the communicator's all-to-all-v with equal counts (grouped ncclSend/ncclRecv, as
+//      NCCL's own all-to-all) at 16, 64 and 256 MiB sent per rank: the reference.
+//   2. expert dispatch + combine: the exchange the MoE layer runs (parallel/experts.h: sizes exchange,
+//      all-to-all-v of the chunk rows, reorder, and back), forward and forward + backward, at the
+//      1.6B model's MoE shapes (d 2048, 8 experts, 2 active per chunk of 8 tokens, random routing),
+//      with the plain all-to-all-v at the same uneven counts beside it.
+//   3. data-parallel all-reduce overlap: the backward of a 1.6B-parameter stack of linear layers
+//      alone, with the gradient reducer (buckets all-reduced from gradient-ready hooks during the
+//      backward), and with one all-reduce per gradient after the backward: the exposed communication
+//      time is (reducer - alone); the communication time is (after - alone).
+// Bus bandwidth follows nccl-tests: all-to-all busbw = bytes sent per rank / time * (n - 1) / n;
+// all-reduce busbw = bytes / time * 2 (n - 1) / n. Times: medians over repeats after warm-up, CUDA
+// events on the compute stream (GPU) or the wall clock (CPU), every repeat started after a barrier.
+//   mpirun -np 2 hydra-bench-parallel [--gpu] [--quick] [--json FILE]
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "autograd/cuda_context.h"
+#include "autograd/grad_mode.h"
+#include "autograd/ops.h"
+#include "bench/bench_util.h"
+#include "parallel/experts.h"
+#include "parallel/reducer.h"
+#include "parallel/runtime.h"
+
+namespace hydra::bench {
+namespace {
+
+struct Env {
+  parallel::Communicator* world = nullptr;
+  Device dev;
+  bool gpu = false;
+  int reps = 10;
+};
+
+// Median milliseconds of fn on this rank; every repeat starts after a barrier.
+double time_ms(const Env& env, const std::function<void()>& fn, int warmup = 2) {
+  for (int i = 0; i < warmup; ++i) fn();
+  std::vector<double> ms;
+  for (int i = 0; i < env.reps; ++i) {
+    env.world->barrier();
+    if (env.gpu) {
+      void* stream = cuda_compute_stream(env.dev.index);
+      CudaEvent a, b;
+      a.record(stream);
+      fn();
+      b.record(stream);
+      b.synchronize();
+      ms.push_back(b.ms_since(a));
+    } else {
+      const auto t0 = std::chrono::steady_clock::now();
+      fn();
+      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+  }
+  std::sort(ms.begin(), ms.end());
+  // The slowest rank's median: the step waits for it.
+  return env.world->all_reduce_host(ms[ms.size() / 2], parallel::ReduceOp::kMax);
+}
+
+Tensor random_rows(const Env& env, int64_t rows, int64_t d, uint64_t seed) {
+  Generator g(seed + 1000 * static_cast<uint64_t>(env.world->rank()));
+  return randn({rows, d}, g, 0, 1, DType::kF32, env.dev);
+}
+
+void print_row(const Row& r) {
+  std::printf("%-58s", r.bench.c_str());
+  for (const auto& [k, v] : r.values) std::printf("  %s %.4g", k.c_str(), v);
+  std::printf("\n");
+}
+
+void add(Report& report, Row row) {
+  if (parallel::process_info().rank == 0) print_row(row);
+  report.add(std::move(row));
+}
+
+double a2a_busbw(double bytes, double ms, int n) { return bytes / (ms * 1e-3) * (n - 1) / n / 1e9; }
+
+void bench_all_to_all(const Env& env, Report& report, const std::vector<int64_t>& mib) {
+  const int n = env.world->size();
+  const int64_t d = 2048;
+  for (const int64_t m : mib) {
+    const int64_t rows = (m << 20) / (d * 4) / n * n;
+    const Tensor send = random_rows(env, rows, d, 1), recv = Tensor::empty({rows, d}, DType::kF32, env.dev);
+    const std::vector<int64_t> counts(n, rows / n);
+    const double ms = time_ms(env, [&] { env.world->all_to_all_v(send, counts, recv, counts); });
+    const double bytes = double(rows) * d * 4;
+    add(report, {"all_to_all_v equal counts " + std::to_string(m) + " MiB/rank", {}, {{"ms", ms}, {"busbw_GBps", a2a_busbw(bytes, ms, n)}}});
+  }
+}
+
+// Random chunk routing: each chunk of `chunk` tokens picks `active` distinct experts of E.
+std::vector<int64_t> route_sizes(int64_t chunks, int64_t chunk, int64_t E, int64_t active, uint64_t seed) {
+  Generator g(seed);
+  const std::vector<int64_t> pick = randint(0, 1 << 30, {chunks, active}, g, DType::kI64).to_vector<int64_t>();
+  std::vector<int64_t> sizes(E, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    std::vector<int64_t> chosen;
+    for (int64_t a = 0; a < active; ++a) {
+      int64_t e = pick[c * active + a] % E;
+      while (std::find(chosen.begin(), chosen.end(), e) != chosen.end()) e = (e + 1) % E;
+      chosen.push_back(e);
+      sizes[e] += chunk;
+    }
+  }
+  return sizes;
+}
+
+void bench_expert_exchange(const Env& env, Report& report, int64_t tokens) {
+  const int n = env.world->size();
+  const int64_t d = 2048, E = 8, active = 2, chunk = 8;
+  if (E % n != 0) {
+    if (env.world->rank() == 0) std::printf("expert exchange: %lld experts do not split over %d ranks; skipped\n", (long long)E, n);
+    return;
+  }
+  const std::vector<int64_t> sizes = route_sizes(tokens / chunk, chunk, E, active, 7 + env.world->rank());
+  int64_t rows = 0;
+  for (int64_t s : sizes) rows += s;
+  Tensor xs = random_rows(env, rows, d, 2);
+  const double bytes = double(rows) * d * 4;  // sent per rank, each way
+  const std::string shape = "[" + std::to_string(rows) + " x " + std::to_string(d) + "] f32";
+  {
+    NoGradGuard ng;
+    const double ms = time_ms(env, [&] {
+      const parallel::ExpertDispatch disp = parallel::dispatch_to_experts(xs, sizes, E / n, *env.world);
+      (void)parallel::combine_from_experts(disp.rows, disp, *env.world);
+    });
+    add(report, {"expert dispatch+combine fwd " + shape, {}, {{"ms", ms}, {"busbw_GBps", a2a_busbw(2 * bytes, ms, n)}}});
+  }
+  {
+    xs.set_requires_grad(true);
+    const Tensor g = random_rows(env, rows, d, 3);
+    const double ms = time_ms(env, [&] {
+      xs.set_grad(Tensor());
+      const parallel::ExpertDispatch disp = parallel::dispatch_to_experts(xs, sizes, E / n, *env.world);
+      parallel::combine_from_experts(disp.rows, disp, *env.world).backward(g);
+    });
+    add(report, {"expert dispatch+combine fwd+bwd " + shape, {}, {{"ms", ms}, {"busbw_GBps", a2a_busbw(4 * bytes, ms, n)}}});
+    xs.set_requires_grad(false);
+  }
+  {
+    // The same uneven counts through the plain all-to-all-v (no sizes exchange, no reorder).
+    std::vector<int64_t> send_counts(n, 0);
+    for (int64_t e = 0; e < E; ++e) send_counts[e / (E / n)] += sizes[e];
+    Tensor sc = tensor(send_counts, {n}).to(env.dev), rcv = Tensor::empty({n}, DType::kI64, env.dev);
+    env.world->all_to_all_v(sc, std::vector<int64_t>(n, 1), rcv, std::vector<int64_t>(n, 1));
+    const std::vector<int64_t> recv_counts = rcv.cpu().to_vector<int64_t>();
+    int64_t rrows = 0;
+    for (int64_t c : recv_counts) rrows += c;
+    Tensor recv = Tensor::empty({rrows, d}, DType::kF32, env.dev);
+    Tensor back = Tensor::empty({rows, d}, DType::kF32, env.dev);
+    const double ms = time_ms(env, [&] {
+      env.world->all_to_all_v(xs, send_counts, recv, recv_counts);
+      env.world->all_to_all_v(recv, recv_counts, back, send_counts);
+    });
+    add(report, {"plain all_to_all_v there and back, same counts " + shape, {}, {{"ms", ms}, {"busbw_GBps", a2a_busbw(2 * bytes, ms, n)}}});
+  }
+}
+
+void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int64_t tokens) {
+  const int n = env.world->size();
+  const int64_t d = 2048, ff = 8192;
+  std::vector<Tensor> weights;
+  for (int64_t l = 0; l < layers; ++l) {
+    for (const auto& s : {Shape{ff, d}, Shape{d, ff}}) {
+      Generator g(100 + weights.size());
+      Tensor w = randn(s, g, 0, 0.02, DType::kF32, env.dev);
+      w.set_requires_grad(true);
+      weights.push_back(w);
+    }
+  }
+  const Tensor x = random_rows(env, tokens, d, 4), gy = random_rows(env, tokens, d, 5);
+  double params = 0;
+  for (const Tensor& w : weights) params += double(w.numel());
+  auto backward = [&] {
+    for (Tensor& w : weights) w.set_grad(Tensor());
+    Tensor h = x;
+    for (int64_t l = 0; l < layers; ++l) h = add(h, linear(relu(linear(h, weights[2 * l])), weights[2 * l + 1]));
+    h.backward(gy);
+  };
+  const double alone = time_ms(env, backward, 1);
+  std::vector<parallel::ReducedParam> rp;
+  for (std::size_t i = 0; i < weights.size(); ++i) rp.push_back({std::string("w").append(std::to_string(i)), weights[i], env.world, false});
+  double with_reducer = 0;
+  int64_t buckets = 0, early = 0;
+  {
+    parallel::GradientReducer reducer(rp, 25.0);
+    with_reducer = time_ms(env, [&] {
+      reducer.prepare();
+      backward();
+      reducer.finish();
+    }, 1);
+    buckets = reducer.stats().buckets;
+    early = reducer.stats().early;
+  }
+  const double after = time_ms(env, [&] {
+    backward();
+    for (Tensor& w : weights) env.world->all_reduce(w.grad(), parallel::ReduceOp::kSum);
+  }, 1);
+  const double bytes = params * 4, comm = after - alone, exposed = with_reducer - alone;
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "%lld x (2048x8192, 8192x2048) f32, %.0fM params, %lld tokens/rank", (long long)layers,
+                params / 1e6, (long long)tokens);
+  const std::string shape = buf;
+  add(report, {"backward alone " + shape, {}, {{"ms", alone}}});
+  add(report, {"backward + reducer (25 MB buckets, overlapped) " + shape, {},
+               {{"ms", with_reducer}, {"exposed_ms", exposed}, {"buckets", double(buckets)}, {"early_buckets", double(early)}}});
+  add(report, {"backward then all-reduce every gradient " + shape, {},
+               {{"ms", after}, {"comm_ms", comm}, {"allreduce_busbw_GBps", bytes / (comm * 1e-3) * 2 * (n - 1) / n / 1e9},
+                {"hidden_fraction", comm > 0 ? 1 - exposed / comm : 0}}});
+}
+
+int run(int argc, char** argv) {
+  const auto& info = parallel::init_processes(&argc, &argv, /*force=*/true);
+  bool gpu = false, quick = false;
+  std::string json;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--gpu") {
+      gpu = true;
+    } else if (a == "--quick") {
+      quick = true;
+    } else if (a == "--json" && i + 1 < argc) {
+      json = argv[++i];
+    } else {
+      if (info.rank == 0)
+        std::fprintf(stderr, "hydra-bench-parallel: unknown argument '%s'\nusage: mpirun -np N hydra-bench-parallel [--gpu] [--quick] [--json FILE]\n", a.c_str());
+      parallel::finalize_processes();
+      return 2;
+    }
+  }
+  if (gpu && !cuda_available()) {
+    if (info.rank == 0) std::fprintf(stderr, "hydra-bench-parallel: --gpu needs a CUDA build and a GPU per rank\n");
+    parallel::finalize_processes();
+    return 2;
+  }
+  {
+    auto world = parallel::world_communicator(gpu);
+    Env env{world.get(), world->device(), gpu, quick ? 3 : 10};
+    if (info.rank == 0)
+      std::printf("hydra-bench-parallel: %d ranks, %s\n", world->size(), gpu ? "NCCL over CUDA tensors" : "MPI over CPU tensors");
+    Report report;
+    bench_all_to_all(env, report, quick ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{16, 64, 256});
+    // 1.6B "experts" stage: 16 sequences of 2048 tokens per rank would be 32768; 16384 keeps f32 at
+    // 256 MiB sent per rank each way (2 active experts per chunk).
+    bench_expert_exchange(env, report, quick ? 512 : 16384);
+    bench_allreduce_overlap(env, report, quick ? 2 : 48, quick ? 64 : 2048);
+    if (!json.empty() && info.rank == 0) {
+      report.write_json(json, {{"ranks", std::to_string(world->size())}, {"backend", gpu ? "nccl" : "mpi"}});
+      std::printf("wrote %s\n", json.c_str());
+    }
+    world->barrier();
+  }
+  parallel::finalize_processes();
+  return 0;
+}
+
+}  // namespace
+}  // namespace hydra::bench
+
+int main(int argc, char** argv) { return hydra::bench::run(argc, argv); }

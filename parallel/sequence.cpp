@@ -1,0 +1,359 @@
+#include "parallel/sequence.h"
+
+#include <cmath>
+#include <limits>
+
+#include "autograd/grad_mode.h"
+#include "autograd/node.h"
+#include "parallel/collectives.h"
+
+namespace hydra::parallel {
+
+namespace {
+
+// Ties the collectives recorded inside one of these functions to its output, so that their backward
+// runs on every rank although some rank does not use what it received (rank 0 never uses the prefix
+// it gathered), without relying on the caller to anchor them at the loss (autograd/node.h).
+class OwnCollectives {
+ public:
+  OwnCollectives() : outer_(take_collective_outputs()) {}
+  ~OwnCollectives() {
+    std::vector<Tensor> left = take_collective_outputs();
+    put_collective_outputs(std::move(outer_));
+    put_collective_outputs(std::move(left));
+  }
+  OwnCollectives(const OwnCollectives&) = delete;
+  OwnCollectives& operator=(const OwnCollectives&) = delete;
+  Tensor anchor(const Tensor& y) { return anchor_collectives(y, take_collective_outputs()); }
+
+ private:
+  std::vector<Tensor> outer_;
+};
+
+}  // namespace
+
+Tensor conv_halo(const Tensor& x, int64_t width, Communicator& sp) {
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), h = width - 1;
+  if (h <= 0) return Tensor();
+  HYDRA_CHECK(L >= h) << "sequence parallelism: a shard of " << L << " tokens is shorter than the convolution's "
+                      << h << "-token halo; use fewer sequence-parallel ranks or longer sequences";
+  (void)B;
+  (void)C;
+  return shift_from_previous(x.narrow(1, L - h, h), sp);
+}
+
+SelectiveScanResult selective_scan(Communicator& sp, const Tensor& u, const Tensor& delta_raw, const Tensor& A_log,
+                                   const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& dt_bias,
+                                   const Tensor& z, const Tensor& h0, int64_t chunk_len) {
+  if (sp.size() == 1) return hydra::selective_scan(u, delta_raw, A_log, B, C, D, dt_bias, z, h0, chunk_len);
+  OwnCollectives own;
+  // 1. This shard's summary: E (final state from zero) and P = prod_t a_t = exp(A * sum_t delta_t).
+  const SelectiveScanResult from_zero =
+      hydra::selective_scan(u, delta_raw, A_log, B, C, Tensor(), dt_bias, Tensor(), Tensor(), chunk_len);
+  const Tensor E = from_zero.h_last;  // [B, D, N], accumulate dtype
+  const Tensor delta = softplus(dt_bias.defined() ? add(delta_raw, dt_bias) : delta_raw);  // [B, L, D]
+  const Tensor A = neg(exp(A_log));                                                        // [D, N]
+  const Tensor P = exp(mul(sum(delta, {1}).unsqueeze(2), A.unsqueeze(0))).to(E.dtype());  // [B, D, N]
+  // 2. Every rank's summary, then this rank's initial state by the prefix H_{j+1} = P_j H_j + E_j.
+  const Tensor pairs = all_gather(concat({P.unsqueeze(0), E.unsqueeze(0)}, 0).unsqueeze(0), sp);  // [R, 2, B, D, N]
+  Tensor H = h0;
+  for (int j = 0; j < sp.rank(); ++j) {
+    const Tensor Pj = pairs.select(0, j).select(0, 0), Ej = pairs.select(0, j).select(0, 1);
+    H = H.defined() ? add(mul(Pj, H), Ej) : Ej;
+  }
+  // 3. The exact scan from the true initial state.
+  SelectiveScanResult out = hydra::selective_scan(u, delta_raw, A_log, B, C, D, dt_bias, z, H, chunk_len);
+  out.y = own.anchor(out.y);
+  return out;
+}
+
+// ---- merging partial attentions -------------------------------------------------------------------
+
+namespace {
+
+template <class T>
+struct MergeView {
+  int64_t B, L, H, dh;
+  std::vector<const T*> o, lse;
+  const std::vector<std::vector<uint8_t>>* excluded;
+  bool drop(std::size_t part, int64_t l) const {
+    return excluded != nullptr && part < excluded->size() && !(*excluded)[part].empty() && (*excluded)[part][l];
+  }
+};
+
+// Per (b, h, l): the part weights w_i = exp(lse_i - lse) (0 where a part is dropped or empty) and lse.
+template <class T>
+T weights(const MergeView<T>& m, int64_t b, int64_t h, int64_t l, std::vector<T>& w) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T mx = kNegInf;
+  const int64_t li = (b * m.H + h) * m.L + l;
+  for (std::size_t i = 0; i < m.lse.size(); ++i)
+    if (!m.drop(i, l)) mx = std::max(mx, m.lse[i][li]);
+  if (mx == kNegInf) {
+    std::fill(w.begin(), w.end(), T(0));
+    return kNegInf;
+  }
+  T z = 0;
+  for (std::size_t i = 0; i < m.lse.size(); ++i) {
+    w[i] = m.drop(i, l) || m.lse[i][li] == kNegInf ? T(0) : std::exp(m.lse[i][li] - mx);
+    z += w[i];
+  }
+  for (T& x : w) x /= z;
+  return mx + std::log(z);
+}
+
+template <class T>
+void merge_forward(const MergeView<T>& m, T* o, T* lse) {
+  std::vector<T> w(m.o.size());
+  for (int64_t b = 0; b < m.B; ++b)
+    for (int64_t h = 0; h < m.H; ++h)
+      for (int64_t l = 0; l < m.L; ++l) {
+        lse[(b * m.H + h) * m.L + l] = weights(m, b, h, l, w);
+        T* dst = o + ((b * m.L + l) * m.H + h) * m.dh;
+        std::fill_n(dst, m.dh, T(0));
+        for (std::size_t i = 0; i < m.o.size(); ++i) {
+          if (w[i] == T(0)) continue;
+          const T* src = m.o[i] + ((b * m.L + l) * m.H + h) * m.dh;
+          for (int64_t c = 0; c < m.dh; ++c) dst[c] += w[i] * src[c];
+        }
+      }
+}
+
+// g_o_i = w_i g_o;  g_lse_i = w_i (<g_o, o_i - o> + g_lse).
+template <class T>
+void merge_backward(const MergeView<T>& m, const T* o, const T* go, const T* glse, const std::vector<T*>& go_i,
+                    const std::vector<T*>& glse_i) {
+  std::vector<T> w(m.o.size());
+  for (int64_t b = 0; b < m.B; ++b)
+    for (int64_t h = 0; h < m.H; ++h)
+      for (int64_t l = 0; l < m.L; ++l) {
+        const int64_t li = (b * m.H + h) * m.L + l, oi = ((b * m.L + l) * m.H + h) * m.dh;
+        weights(m, b, h, l, w);
+        T go_o = 0;
+        if (go != nullptr)
+          for (int64_t c = 0; c < m.dh; ++c) go_o += go[oi + c] * o[oi + c];
+        for (std::size_t i = 0; i < m.o.size(); ++i) {
+          T go_oi = 0;
+          for (int64_t c = 0; c < m.dh; ++c) {
+            const T g = go != nullptr ? go[oi + c] : T(0);
+            go_i[i][oi + c] = w[i] * g;
+            go_oi += g * m.o[i][oi + c];
+          }
+          glse_i[i][li] = w[i] == T(0) ? T(0) : w[i] * (go_oi - go_o + (glse != nullptr ? glse[li] : T(0)));
+        }
+      }
+}
+
+}  // namespace
+
+std::pair<Tensor, Tensor> merge_attention(const std::vector<Tensor>& outs_in, const std::vector<Tensor>& lses_in,
+                                          const std::vector<std::vector<uint8_t>>& excluded) {
+  HYDRA_CHECK(!outs_in.empty() && outs_in.size() == lses_in.size()) << "merge_attention: parts differ in count";
+  const Tensor& o0 = outs_in[0];
+  HYDRA_CHECK(o0.device().is_cpu()) << "merge_attention: CPU only for now (as the sparse attention kernel)";
+  const int64_t B = o0.size(0), L = o0.size(1), H = o0.size(2), dh = o0.size(3);
+  const DType dt = o0.dtype();
+  std::vector<Tensor> outs, lses;
+  for (std::size_t i = 0; i < outs_in.size(); ++i) {
+    HYDRA_CHECK(outs_in[i].shape() == o0.shape() && lses_in[i].shape() == Shape({B, H, L}))
+        << "merge_attention: part " << i << " has shapes " << shape_str(outs_in[i].shape()) << " and "
+        << shape_str(lses_in[i].shape());
+    outs.push_back(outs_in[i].to(dt).contiguous());
+    lses.push_back(lses_in[i].to(dt).contiguous());
+  }
+  Tensor o = Tensor::empty(o0.shape(), dt), lse = Tensor::empty({B, H, L}, dt);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    MergeView<T> m{B, L, H, dh, {}, {}, &excluded};
+    for (std::size_t i = 0; i < outs.size(); ++i) {
+      m.o.push_back(outs[i].template data<T>());
+      m.lse.push_back(lses[i].template data<T>());
+    }
+    merge_forward(m, o.template data<T>(), lse.template data<T>());
+  };
+  if (dt == DType::kF64) {
+    run(double{});
+  } else {
+    HYDRA_CHECK(dt == DType::kF32) << "merge_attention: f32 or f64";
+    run(float{});
+  }
+  std::vector<Tensor> inputs = outs_in;
+  inputs.insert(inputs.end(), lses_in.begin(), lses_in.end());
+  if (any_requires_grad(inputs)) {
+    const Tensor so = o.detach();
+    record_op("merge_attention", inputs, {o, lse}, [outs, lses, excluded, so, dt, B, L, H, dh](const std::vector<Tensor>& g) {
+      const std::size_t n = outs.size();
+      std::vector<Tensor> grads;
+      for (std::size_t i = 0; i < n; ++i) grads.push_back(Tensor::empty({B, L, H, dh}, dt));
+      for (std::size_t i = 0; i < n; ++i) grads.push_back(Tensor::empty({B, H, L}, dt));
+      const Tensor go = g[0].defined() ? g[0].to(dt).contiguous() : Tensor();
+      const Tensor gl = g.size() > 1 && g[1].defined() ? g[1].to(dt).contiguous() : Tensor();
+      auto run_bwd = [&](auto tag) {
+        using T = decltype(tag);
+        MergeView<T> m{B, L, H, dh, {}, {}, &excluded};
+        std::vector<T*> go_i, gl_i;
+        for (std::size_t i = 0; i < n; ++i) {
+          m.o.push_back(outs[i].template data<T>());
+          m.lse.push_back(lses[i].template data<T>());
+          go_i.push_back(grads[i].template data<T>());
+          gl_i.push_back(grads[n + i].template data<T>());
+        }
+        merge_backward(m, so.template data<T>(), go.defined() ? go.template data<T>() : nullptr,
+                       gl.defined() ? gl.template data<T>() : nullptr, go_i, gl_i);
+      };
+      if (dt == DType::kF64) {
+        run_bwd(double{});
+      } else {
+        run_bwd(float{});
+      }
+      return grads;
+    });
+  }
+  return {o, lse};
+}
+
+// ---- sparse attention over a split sequence -------------------------------------------------------
+
+namespace {
+
+// Positions p in [lo, hi) with p % stride == 0.
+std::vector<int64_t> globals_in(int64_t lo, int64_t hi, int64_t stride) {
+  std::vector<int64_t> out;
+  for (int64_t p = (lo + stride - 1) / stride * stride; p < hi; p += stride) out.push_back(p);
+  return out;
+}
+
+// Rows `rows` (positions within the shard) of x [B, L, H, dh] along axis 1, padded with zero rows to
+// `count`: [B, count, H, dh].
+Tensor take_rows(const Tensor& x, const std::vector<int64_t>& rows, int64_t count) {
+  const int64_t B = x.size(0), H = x.size(2), dh = x.size(3);
+  std::vector<Tensor> parts;
+  for (int64_t r : rows) parts.push_back(x.narrow(1, r, 1));
+  if (static_cast<int64_t>(rows.size()) < count)
+    parts.push_back(zeros({B, count - static_cast<int64_t>(rows.size()), H, dh}, x.dtype(), x.device()));
+  return parts.size() == 1 ? parts[0] : concat(parts, 1);
+}
+
+}  // namespace
+
+Tensor sparse_attention(Communicator& sp, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const AttentionPattern& pattern, double scale, int64_t pos0) {
+  const int R = sp.size(), r = sp.rank();
+  if (R == 1) return hydra::sparse_attention(q, k, v, pattern, scale, pos0, pos0);
+  OwnCollectives own;
+  const int64_t B = q.size(0), Lr = q.size(1), H = q.size(2), dh = q.size(3);
+  const int64_t W = pattern.window, G = pattern.global_stride;
+  HYDRA_CHECK(pos0 == int64_t(r) * Lr) << "sequence-parallel attention: shard " << r << " of " << Lr
+                                        << " tokens starts at position " << pos0 << ", expected " << r * Lr;
+  const DType acc = accumulate_dtype(q.dtype());
+  std::vector<Tensor> outs, lses;
+  std::vector<std::vector<uint8_t>> excluded;
+  auto add_part = [&](std::pair<Tensor, Tensor> part, std::vector<uint8_t> drop = {}) {
+    outs.push_back(part.first);
+    lses.push_back(part.second);
+    excluded.push_back(std::move(drop));
+  };
+  // A. The shard's own keys.
+  add_part(sparse_attention_with_lse(q, k, v, pattern, scale, pos0, pos0));
+
+  // B. The keys before the shard that the pattern may show through its window: the last T positions of
+  // every shard are gathered, and this rank takes the hl positions before pos0 from its predecessors.
+  // Without a window (dense causal attention) that is every earlier position.
+  const int64_t T = W > 0 ? std::min(W - 1, Lr) : Lr;
+  const int64_t hl = W > 0 ? std::min(W - 1, pos0) : pos0;
+  if (T > 0) {
+    const Tensor tails =
+        all_gather(concat({k.narrow(1, Lr - T, T).unsqueeze(0), v.narrow(1, Lr - T, T).unsqueeze(0)}, 0).unsqueeze(0),
+                   sp);  // [R, 2, B, T, H, dh]
+    if (hl > 0) {
+      const int64_t first = r - (hl + T - 1) / T;  // the earliest shard the halo reaches
+      std::vector<Tensor> ks, vs;
+      for (int64_t j = first; j < r; ++j) {
+        ks.push_back(tails.select(0, j).select(0, 0));
+        vs.push_back(tails.select(0, j).select(0, 1));
+      }
+      Tensor kh = ks.size() == 1 ? ks[0] : concat(ks, 1), vh = vs.size() == 1 ? vs[0] : concat(vs, 1);
+      kh = kh.narrow(1, kh.size(1) - hl, hl);
+      vh = vh.narrow(1, vh.size(1) - hl, hl);
+      add_part(sparse_attention_with_lse(q, kh, vh, pattern, scale, pos0, pos0 - hl));
+    }
+  }
+
+  // Before the halo: global keys for the non-global queries (C), every key for the global ones (D).
+  const int64_t halo_start = pos0 - hl;
+  if (W > 0 && G > 0) {
+    const int64_t per = (Lr + G - 1) / G + 1;  // bound on global positions in any shard
+    std::vector<int64_t> mine_pos = globals_in(pos0, pos0 + Lr, G), mine_rows;
+    for (int64_t p : mine_pos) mine_rows.push_back(p - pos0);
+    std::vector<uint8_t> is_global(Lr, 0);
+    for (int64_t row : mine_rows) is_global[row] = 1;
+    const AttentionPattern all_visible{0, 0};
+
+    // C. Every shard's global keys (padded to `per`), those before our halo in position order. Fake
+    // contiguous positions 0..n-1 before the queries: all visible.
+    const Tensor gkv = all_gather(
+        concat({take_rows(k, mine_rows, per).unsqueeze(0), take_rows(v, mine_rows, per).unsqueeze(0)}, 0).unsqueeze(0),
+        sp);  // [R, 2, B, per, H, dh]
+    std::vector<Tensor> kc, vc;
+    for (int64_t j = 0; j < r; ++j) {
+      const auto pos = globals_in(j * Lr, (j + 1) * Lr, G);
+      int64_t n = 0;
+      while (n < static_cast<int64_t>(pos.size()) && pos[n] < halo_start) ++n;
+      if (n == 0) continue;
+      kc.push_back(gkv.select(0, j).select(0, 0).narrow(1, 0, n));
+      vc.push_back(gkv.select(0, j).select(0, 1).narrow(1, 0, n));
+    }
+    if (!kc.empty()) {
+      const Tensor kk = kc.size() == 1 ? kc[0] : concat(kc, 1), vv = vc.size() == 1 ? vc[0] : concat(vc, 1);
+      add_part(sparse_attention_with_lse(q, kk, vv, all_visible, scale, pos0, 0), is_global);
+    }
+
+    // D. Global queries travel: each shard computes, for every later shard's global queries, the partial
+    // attention over its own keys before that shard's halo, and sends it back (output and lse).
+    const Tensor gq = all_gather(take_rows(q, mine_rows, per).unsqueeze(0), sp);  // [R, B, per, H, dh]
+    const double kNegInf = -std::numeric_limits<double>::infinity();
+    std::vector<Tensor> send_o, send_l;
+    for (int64_t dest = 0; dest < R; ++dest) {
+      const int64_t dest_halo = W > 0 ? std::max<int64_t>(0, dest * Lr - (W - 1)) : 0;
+      const int64_t nkeys = std::min<int64_t>(Lr, dest_halo - pos0);
+      if (dest <= r || nkeys <= 0) {
+        send_o.push_back(zeros({1, B, per, H, dh}, q.dtype(), q.device()));
+        send_l.push_back(full({1, B, H, per}, kNegInf, acc, q.device()));
+        continue;
+      }
+      auto [o, l] = sparse_attention_with_lse(gq.select(0, dest), k.narrow(1, 0, nkeys), v.narrow(1, 0, nkeys),
+                                              all_visible, scale, nkeys, 0);
+      send_o.push_back(o.unsqueeze(0));
+      send_l.push_back(l.unsqueeze(0));
+    }
+    const std::vector<int64_t> ones(R, 1);
+    const Tensor got_o = all_to_all(concat(send_o, 0), ones, ones, sp);  // [R (source), B, per, H, dh]
+    const Tensor got_l = all_to_all(concat(send_l, 0), ones, ones, sp);  // [R, B, H, per]
+    std::vector<Tensor> po, pl;
+    for (int64_t j = 0; j < r; ++j) {
+      po.push_back(got_o.select(0, j));
+      pl.push_back(got_l.select(0, j));
+    }
+    if (!po.empty() && !mine_rows.empty()) {
+      const auto [od, ld] = merge_attention(po, pl);  // [B, per, H, dh], [B, H, per]
+      // Place the global queries' results at their positions; -inf (no part) elsewhere.
+      const int64_t ng = static_cast<int64_t>(mine_rows.size());
+      const Tensor o_ext = concat({od.narrow(1, 0, ng), zeros({B, 1, H, dh}, od.dtype(), od.device())}, 1);
+      const Tensor l_ext = concat({ld.narrow(2, 0, ng), full({B, H, 1}, kNegInf, ld.dtype(), ld.device())}, 2);
+      std::vector<int64_t> slot(Lr, ng);
+      for (int64_t i = 0; i < ng; ++i) slot[mine_rows[i]] = i;
+      std::vector<int64_t> oi(B * Lr * H * dh), li(B * H * Lr);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < Lr; ++t)
+          for (int64_t h = 0; h < H; ++h) {
+            for (int64_t c = 0; c < dh; ++c) oi[((b * Lr + t) * H + h) * dh + c] = slot[t];
+            li[(b * H + h) * Lr + t] = slot[t];
+          }
+      add_part({gather(o_ext, 1, tensor(oi, {B, Lr, H, dh}).to(q.device())),
+                gather(l_ext, 2, tensor(li, {B, H, Lr}).to(q.device()))});
+    }
+  }
+  return own.anchor(merge_attention(outs, lses, excluded).first);
+}
+
+}  // namespace hydra::parallel
