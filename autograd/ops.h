@@ -136,7 +136,8 @@ Tensor densify_sparse_grad(const Tensor& leaf);
 
 // ---- experts ------------------------------------------------------------------------------------
 // Grouped linear (the experts' GEMMs): x [n, in] holds consecutive row groups of group_sizes (sum
-// n); group g is multiplied by w[g]^T with w [G, out, in]. Returns [n, out].
+// n); group s is multiplied by w[s % G]^T with w [G, out, in] (so G groups are one per expert, and
+// P * G groups are P blocks of G, as rows arrive from P peers). Returns [n, out].
 Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& group_sizes);
 
 // ---- attention ----------------------------------------------------------------------------------

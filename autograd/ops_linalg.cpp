@@ -185,10 +185,10 @@ namespace hydra {
 
 Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& group_sizes) {
   check_operands("grouped_linear", x, w);
-  HYDRA_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(2) &&
-              static_cast<int64_t>(group_sizes.size()) == w.size(0))
-      << "grouped_linear: x " << shape_str(x.shape()) << ", w " << shape_str(w.shape()) << ", " << group_sizes.size()
-      << " groups (expected [n, in], [G, out, in], G groups)";
+  const auto S = static_cast<int64_t>(group_sizes.size());
+  HYDRA_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(2) && S > 0 && S % w.size(0) == 0)
+      << "grouped_linear: x " << shape_str(x.shape()) << ", w " << shape_str(w.shape()) << ", " << S
+      << " row groups (expected [n, in], [G, out, in], a multiple of G groups)";
   int64_t total = 0;
   for (int64_t s : group_sizes) {
     HYDRA_CHECK(s >= 0) << "grouped_linear: negative group size";
@@ -200,12 +200,11 @@ Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_
   Tensor xc = x.detach().contiguous(), wc = w.detach().contiguous();
   Tensor y = Tensor::empty({total, out_f}, x.dtype(), x.device());
   int64_t row = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t n = group_sizes[g];
-    if (n > 0) {
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = group_sizes[s];
+    if (n > 0)
       gemm_into(y.narrow(0, row, n).unsqueeze(0), xc.narrow(0, row, n).unsqueeze(0), false,
-                wc.select(0, g).unsqueeze(0), true, 0.0);
-    }
+                wc.select(0, s % G).unsqueeze(0), true, 0.0);
     row += n;
   }
   const bool need_x = x.requires_grad(), need_w = w.requires_grad();
@@ -215,20 +214,21 @@ Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_
     Tensor gx = need_x ? Tensor::empty({total, in}, gy.dtype(), gy.device()) : Tensor();
     Tensor gw = need_w ? Tensor::empty({G, out_f, in}, gy.dtype(), gy.device()) : Tensor();
     const Tensor xs = sx.get(), ws = sw.get();
+    std::vector<bool> written(G, false);  // gw[g] is summed over g's groups, in group order
     int64_t r = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t n = group_sizes[g];
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t n = group_sizes[s], g = s % G;
       const Tensor gyg = gy.narrow(0, r, n).unsqueeze(0);
       if (need_x && n > 0) gemm_into(gx.narrow(0, r, n).unsqueeze(0), gyg, false, ws.select(0, g).unsqueeze(0), false, 0.0);
-      if (need_w) {
-        if (n > 0) {
-          gemm_into(gw.select(0, g).unsqueeze(0), gyg, true, xs.narrow(0, r, n).unsqueeze(0), false, 0.0);
-        } else {
-          gw.select(0, g).zero_();
-        }
+      if (need_w && n > 0) {
+        gemm_into(gw.select(0, g).unsqueeze(0), gyg, true, xs.narrow(0, r, n).unsqueeze(0), false, written[g] ? 1.0 : 0.0);
+        written[g] = true;
       }
       r += n;
     }
+    if (need_w)
+      for (int64_t g = 0; g < G; ++g)
+        if (!written[g]) gw.select(0, g).zero_();
     return std::vector<Tensor>{gx, gw};
   });
   return y;

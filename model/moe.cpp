@@ -37,14 +37,14 @@ void ChunkMoE::shard_experts(int64_t rank, int64_t size) {
 }
 
 Tensor ChunkMoE::run_experts(const Tensor& xs, const std::vector<int64_t>& sizes, ForwardContext& ctx) const {
-  auto experts = [&](const Tensor& rows, const std::vector<int64_t>& local_sizes) {
-    const Tensor h = mul(silu(grouped_linear(rows, w1, local_sizes)), grouped_linear(rows, w3, local_sizes));
-    return grouped_linear(h, w2, local_sizes);
+  auto experts = [&](const Tensor& rows, const std::vector<int64_t>& groups) {  // grouped_linear's groups
+    const Tensor h = mul(silu(grouped_linear(rows, w1, groups)), grouped_linear(rows, w3, groups));
+    return grouped_linear(h, w2, groups);
   };
   if (local_experts_ == num_experts_) return experts(xs, sizes);
   parallel::Communicator& ep = ctx.grid->ep();
   const parallel::ExpertDispatch d = parallel::dispatch_to_experts(xs, sizes, local_experts_, ep);
-  return parallel::combine_from_experts(experts(d.rows, d.local_sizes), d, ep);
+  return parallel::combine_from_experts(experts(d.rows, d.groups), d, ep);
 }
 
 double ChunkMoE::sparsity_coef() const { return coef.item<double>(); }

@@ -11,21 +11,20 @@ namespace hydra::parallel {
 
 // What the combine needs to send each row back where it came from.
 struct ExpertDispatch {
-  Tensor rows;                             // [n, d]: the rows of this rank's experts, expert-major
-  std::vector<int64_t> local_sizes;        // [El]: rows per local expert (for the grouped GEMM)
-  std::vector<int64_t> send_counts;        // [P]: rows this rank sent to each peer
-  std::vector<int64_t> recv_counts;        // [P]: rows it received from each peer
-  Tensor to_peer_major;                    // [n] i64: expert-major -> arrival (peer-major) order
+  Tensor rows;                       // [n, d]: the rows for this rank's experts, in arrival order
+  std::vector<int64_t> groups;       // [P * El]: rows from peer p for local expert e at p * El + e:
+                                     // grouped_linear takes them as they are (no reorder pass)
+  std::vector<int64_t> send_counts;  // [P]: rows this rank sent to each peer
+  std::vector<int64_t> recv_counts;  // [P]: rows it received from each peer
 };
 
 // xs [sum(sizes), d] grouped by expert (sizes [E], E = P * El). One all-to-all of the sizes (every rank
 // learns how many rows of each local expert each peer sends: the host needs them for the counts, the
-// only host synchronisation), one all-to-all-v of the rows, and a reorder from peer-major to
-// expert-major.
+// only host synchronisation) and one all-to-all-v of the rows.
 ExpertDispatch dispatch_to_experts(const Tensor& xs, const std::vector<int64_t>& sizes, int64_t local_experts,
                                    Communicator& ep);
 
-// y [n, d] in the expert-major order of d.rows -> this rank's rows [sum(sizes), d] in xs's order.
+// y [n, d] in the order of d.rows -> this rank's rows [sum(sizes), d] in xs's order.
 Tensor combine_from_experts(const Tensor& y, const ExpertDispatch& d, Communicator& ep);
 
 }  // namespace hydra::parallel

@@ -36,6 +36,9 @@ GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket
     open->numel += p.tensor.numel();
     bucket_of_[i] = static_cast<int>(open - buckets_.data());
   }
+  had_.assign(params_.size(), 0.0);
+  for (const ReducedParam& p : params_)
+    if (!p.sparse && std::find(groups_.begin(), groups_.end(), p.group) == groups_.end()) groups_.push_back(p.group);
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const int index = static_cast<int>(i);
     hook_ids_.push_back(params_[i].tensor.add_grad_ready_hook([this, index](const Tensor&) { on_ready(index); }));
@@ -84,17 +87,13 @@ void GradientReducer::start_ready_buckets() {
 void GradientReducer::start(Bucket& b) {
   NoGradGuard ng;
   std::vector<Tensor> parts;
-  std::vector<double> has(b.params.size());
-  for (std::size_t k = 0; k < b.params.size(); ++k) {
-    const Tensor& t = params_[b.params[k]].tensor;
+  for (const int i : b.params) {
+    const Tensor& t = params_[i].tensor;
     const Tensor g = t.grad();
+    had_[i] = g.defined() ? 1.0 : 0.0;
     parts.push_back(g.defined() ? g.reshape({-1}) : zeros({t.numel()}, t.dtype(), t.device()));
-    has[k] = g.defined() ? 1.0 : 0.0;
   }
-  // One more element per parameter: how many ranks had a gradient for it. A parameter no rank touched
-  // this step keeps no gradient (as in one process, where the optimizer then leaves it alone).
-  parts.push_back(tensor(has, {static_cast<int64_t>(has.size())}).to(b.dtype).to(b.device));
-  b.flat = concat(parts, 0);
+  b.flat = parts.size() == 1 ? parts[0].contiguous().clone() : concat(parts, 0);
   b.work = b.group->all_reduce_async(b.flat);
   b.started = true;
   ++stats_.buckets;
@@ -148,14 +147,24 @@ void GradientReducer::finish() {
   for (Bucket& b : buckets_) b.work->wait();
   for (Bucket& b : buckets_) b.group->synchronize();
   stats_.exposed_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  // How many ranks of its group had a gradient for each parameter: a parameter no rank touched this
+  // step keeps no gradient (as in one process, where the optimizer then leaves it alone). One small
+  // host all-reduce per group, groups in the order of first appearance (the same on every rank).
+  for (Communicator* g : groups_) {
+    std::vector<double> flags;
+    for (std::size_t i = 0; i < params_.size(); ++i)
+      if (params_[i].group == g && bucket_of_[i] >= 0) flags.push_back(had_[i]);
+    g->all_reduce_host(flags, ReduceOp::kSum);
+    std::size_t k = 0;
+    for (std::size_t i = 0; i < params_.size(); ++i)
+      if (params_[i].group == g && bucket_of_[i] >= 0) had_[i] = flags[k++];
+  }
   NoGradGuard ng;
   for (Bucket& b : buckets_) {
-    const std::vector<double> had =
-        b.flat.narrow(0, b.numel, static_cast<int64_t>(b.params.size())).cpu().to_vector<double>();
     int64_t offset = 0;
-    for (std::size_t k = 0; k < b.params.size(); ++k) {
-      const Tensor& t = params_[b.params[k]].tensor;
-      t.set_grad(had[k] > 0 ? b.flat.narrow(0, offset, t.numel()).view(t.shape()) : Tensor());
+    for (const int i : b.params) {
+      const Tensor& t = params_[i].tensor;
+      t.set_grad(had_[i] > 0 ? b.flat.narrow(0, offset, t.numel()).view(t.shape()) : Tensor());
       offset += t.numel();
     }
   }

@@ -68,6 +68,8 @@ class GradientReducer {
   std::vector<ReducedParam> params_;
   std::vector<int> bucket_of_;     // per param; -1 for row-sparse parameters
   std::vector<bool> seen_;         // per param, this step
+  std::vector<double> had_;        // per param: it had a gradient when its bucket started
+  std::vector<Communicator*> groups_;  // the dense parameters' groups, in order of first appearance
   std::vector<int> hook_ids_;
   std::vector<Bucket> buckets_;
   std::size_t next_ = 0;           // the next bucket to start

@@ -159,6 +159,21 @@ TEST(GroupedLinear, MatchesPerGroupLinearAndGradcheckFloat64) {
       (std::vector<Tensor>{randn64({5, 4}, 18), randn64({3, 2, 4}, 19)}));
 }
 
+TEST(GroupedLinear, BlocksOfGroupsEqualTheExpertMajorOrderAndGradcheckFloat64) {
+  // Rows as they arrive from 3 peers, each sending groups for 2 experts (some empty): the same as
+  // gathering them into expert-major order first.
+  Tensor x = randn64({11, 5}, 20), w = randn64({2, 3, 5}, 21);
+  const std::vector<int64_t> blocks = {2, 1, 0, 3, 4, 1};  // [peer][expert]
+  const Tensor y = grouped_linear(x, w, blocks);
+  const std::vector<int64_t> order = {0, 1, 6, 7, 8, 9, 2, 3, 4, 5, 10};  // expert 0's rows, then expert 1's
+  const Tensor xe = gather_rows(x, tensor(order, {11}));
+  const Tensor ye = grouped_linear(xe, w, {6, 5});
+  expect_near_all(gather_rows(y, tensor(order, {11})).to_vector<double>(), ye.to_vector<double>(), 1e-12, "blocks");
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{grouped_linear(in[0], in[1], blocks)}; },
+      (std::vector<Tensor>{x, w}));
+}
+
 TEST(EmbeddingBag, MatchesReferenceAtOddShape) {
   Tensor table = randn64({13, 7}, 20, 1.0, false), w = randn64({5, 3}, 21, 1.0, false);
   Tensor idx = testing::randidx(13, {5, 3}, 22);
