@@ -13,9 +13,11 @@
 // Bus bandwidth follows nccl-tests: all-to-all busbw = bytes sent per rank / time * (n - 1) / n;
 // all-reduce busbw = bytes / time * 2 (n - 1) / n. Times: medians over repeats after warm-up, CUDA
 // events on the compute stream (GPU) or the wall clock (CPU), every repeat started after a barrier.
-//   mpirun -np 2 hydra-bench-parallel [--gpu] [--quick] [--json FILE]
+//   mpirun -np 2 hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens N]
+//   (--layers / --tokens: the all-reduce stack's depth and tokens per rank; defaults 48 and 2048)
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -184,18 +186,36 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
     for (int64_t l = 0; l < layers; ++l) h = add(h, linear(relu(linear(h, weights[2 * l])), weights[2 * l + 1]));
     h.backward(gy);
   };
+  // cudaMalloc calls and cache flushes of the caching allocator during a timed mode (steady state: 0).
+  auto driver = [&] {
+    if (!env.gpu) return std::pair<double, double>{0, 0};
+    const CudaMemoryStats m = cuda_memory_stats(env.dev.index);
+    return std::pair<double, double>{double(m.num_driver_allocations), double(m.num_cache_flushes)};
+  };
+  auto d0 = driver();
   const double alone = time_ms(env, backward, 1);
+  auto d1 = driver();
+  add(report, {"backward alone (allocator)", {}, {{"driver_allocs", d1.first - d0.first}, {"cache_flushes", d1.second - d0.second}}});
+  // The copy the reducer adds (each gradient into its bucket), without communication.
+  const double copied = time_ms(env, [&] {
+    backward();
+    NoGradGuard ng;
+    for (Tensor& w : weights) (void)w.grad().clone();
+  }, 1);
   std::vector<parallel::ReducedParam> rp;
   for (std::size_t i = 0; i < weights.size(); ++i) rp.push_back({std::string("w").append(std::to_string(i)), weights[i], env.world, false});
   double with_reducer = 0;
   int64_t buckets = 0, early = 0;
   {
     parallel::GradientReducer reducer(rp, 25.0);
+    d0 = driver();
     with_reducer = time_ms(env, [&] {
       reducer.prepare();
       backward();
       reducer.finish();
     }, 1);
+    d1 = driver();
+    add(report, {"backward + reducer (allocator)", {}, {{"driver_allocs", d1.first - d0.first}, {"cache_flushes", d1.second - d0.second}}});
     buckets = reducer.stats().buckets;
     early = reducer.stats().early;
   }
@@ -209,6 +229,7 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
                 params / 1e6, (long long)tokens);
   const std::string shape = buf;
   add(report, {"backward alone " + shape, {}, {{"ms", alone}}});
+  add(report, {"backward + a copy of every gradient (no communication) " + shape, {}, {{"ms", copied}, {"copy_ms", copied - alone}}});
   add(report, {"backward + reducer (25 MB buckets, overlapped) " + shape, {},
                {{"ms", with_reducer}, {"exposed_ms", exposed}, {"buckets", double(buckets)}, {"early_buckets", double(early)}}});
   add(report, {"backward then all-reduce every gradient " + shape, {},
@@ -219,6 +240,7 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
 int run(int argc, char** argv) {
   const auto& info = parallel::init_processes(&argc, &argv, /*force=*/true);
   bool gpu = false, quick = false;
+  int64_t layers = 0, tokens = 0;  // 0: the defaults below
   std::string json;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -228,9 +250,13 @@ int run(int argc, char** argv) {
       quick = true;
     } else if (a == "--json" && i + 1 < argc) {
       json = argv[++i];
+    } else if (a == "--layers" && i + 1 < argc) {
+      layers = std::atoll(argv[++i]);
+    } else if (a == "--tokens" && i + 1 < argc) {
+      tokens = std::atoll(argv[++i]);
     } else {
       if (info.rank == 0)
-        std::fprintf(stderr, "hydra-bench-parallel: unknown argument '%s'\nusage: mpirun -np N hydra-bench-parallel [--gpu] [--quick] [--json FILE]\n", a.c_str());
+        std::fprintf(stderr, "hydra-bench-parallel: unknown argument '%s'\nusage: mpirun -np N hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens N]\n", a.c_str());
       parallel::finalize_processes();
       return 2;
     }
@@ -250,7 +276,7 @@ int run(int argc, char** argv) {
     // 1.6B "experts" stage: 16 sequences of 2048 tokens per rank would be 32768; 16384 keeps f32 at
     // 256 MiB sent per rank each way (2 active experts per chunk).
     bench_expert_exchange(env, report, quick ? 512 : 16384);
-    bench_allreduce_overlap(env, report, quick ? 2 : 48, quick ? 64 : 2048);
+    bench_allreduce_overlap(env, report, layers > 0 ? layers : quick ? 2 : 48, tokens > 0 ? tokens : quick ? 64 : 2048);
     if (!json.empty() && info.rank == 0) {
       report.write_json(json, {{"ranks", std::to_string(world->size())}, {"backend", gpu ? "nccl" : "mpi"}});
       std::printf("wrote %s\n", json.c_str());

@@ -120,7 +120,9 @@ Progress::Progress(int64_t first_step, int64_t last_step, bool tty, int64_t ever
 void Progress::update(int64_t step, const std::string& stage, double loss, double lr, double tokens_per_s,
                       double elapsed_s) {
   const int64_t done = step - first_, total = std::max<int64_t>(1, last_ - first_);
-  const double eta = done > 0 ? elapsed_s / double(done) * double(total - done) : NAN;
+  // The ETA from this process's own pace (elapsed_s counts earlier runs of a resumed job too).
+  const double mine = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  const double eta = done > 0 ? mine / double(done) * double(total - done) : NAN;
   char line[256];
   if (tty_) {
     const int width = 24, fill = static_cast<int>(width * double(done) / double(total));

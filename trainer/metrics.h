@@ -3,6 +3,7 @@
 // (plain lines otherwise).
 #pragma once
 
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -62,6 +63,7 @@ class Progress {
  private:
   int64_t first_, last_, every_;
   bool tty_, drawn_ = false;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();  // of this process's steps
 };
 
 std::string format_duration(double seconds);
