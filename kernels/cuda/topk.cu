@@ -12,6 +12,19 @@ __device__ __forceinline__ bool before(C va, int64_t ia, C vb, int64_t ib) {
   return va > vb || (va == vb && ia < ib);
 }
 
+// Every lane of the warp ends with the warp's first (value, index) in the selection order.
+template <class C>
+__device__ __forceinline__ void warp_first(C& v, int64_t& i) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const C ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (before(ov, oi, v, i)) {
+      v = ov;
+      i = oi;
+    }
+  }
+}
+
 template <class T>
 __global__ void topk_kernel(const T* __restrict x, T* __restrict values, int64_t* __restrict indices, int64_t cols,
                             int64_t k) {
@@ -33,14 +46,7 @@ __global__ void topk_kernel(const T* __restrict x, T* __restrict values, int64_t
         best_i = j;
       }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const C ov = __shfl_xor_sync(0xffffffffu, best_v, o);
-      const int64_t oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-      if (before(ov, oi, best_v, best_i)) {
-        best_v = ov;
-        best_i = oi;
-      }
-    }
+    warp_first(best_v, best_i);
     __syncthreads();
     if (lane == 0) {
       sv[warp] = best_v;
@@ -49,14 +55,7 @@ __global__ void topk_kernel(const T* __restrict x, T* __restrict values, int64_t
     __syncthreads();
     best_v = lane < warps ? sv[lane] : C(-INFINITY);
     best_i = lane < warps ? si[lane] : INT64_MAX;
-    for (int o = 16; o > 0; o >>= 1) {
-      const C ov = __shfl_xor_sync(0xffffffffu, best_v, o);
-      const int64_t oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-      if (before(ov, oi, best_v, best_i)) {
-        best_v = ov;
-        best_i = oi;
-      }
-    }
+    warp_first(best_v, best_i);
     if (threadIdx.x == 0) {
       values[row * k + r] = convert<T>(best_v);
       indices[row * k + r] = best_i;
