@@ -9,7 +9,9 @@
 //   3. data-parallel all-reduce overlap: the backward of a 1.6B-parameter stack of linear layers
 //      alone, with the gradient reducer (buckets all-reduced from gradient-ready hooks during the
 //      backward), and with one all-reduce per gradient after the backward: the exposed communication
-//      time is (reducer - alone); the communication time is (after - alone).
+//      time is (reducer - alone); the communication time is (after - alone). ZeRO-1 beside it: the
+//      backward with buckets reduce-scattered from the hooks, and the all-gather of the parameters
+//      after the optimizer step (the all-reduce's two halves, the second not overlapped).
 // Bus bandwidth follows nccl-tests: all-to-all busbw = bytes sent per rank / time * (n - 1) / n;
 // all-reduce busbw = bytes / time * 2 (n - 1) / n. Times: medians over repeats after warm-up, CUDA
 // events on the compute stream (GPU) or the wall clock (CPU), every repeat started after a barrier.
@@ -219,6 +221,17 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
     buckets = reducer.stats().buckets;
     early = reducer.stats().early;
   }
+  // ZeRO-1: buckets reduce-scattered during the backward, then the updated parameters all-gathered.
+  double with_zero = 0, gather = 0;
+  {
+    parallel::GradientReducer zero(rp, 25.0, /*shard=*/true);
+    with_zero = time_ms(env, [&] {
+      zero.prepare();
+      backward();
+      zero.finish();
+    }, 1);
+    gather = time_ms(env, [&] { zero.all_gather_params(); });
+  }
   const double after = time_ms(env, [&] {
     backward();
     for (Tensor& w : weights) env.world->all_reduce(w.grad(), parallel::ReduceOp::kSum);
@@ -232,6 +245,12 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
   add(report, {"backward + a copy of every gradient (no communication) " + shape, {}, {{"ms", copied}, {"copy_ms", copied - alone}}});
   add(report, {"backward + reducer (25 MB buckets, overlapped) " + shape, {},
                {{"ms", with_reducer}, {"exposed_ms", exposed}, {"buckets", double(buckets)}, {"early_buckets", double(early)}}});
+  add(report, {"ZeRO-1: backward + reduce-scatter (25 MB buckets, overlapped) " + shape, {},
+               {{"ms", with_zero}, {"exposed_ms", with_zero - alone}}});
+  add(report, {"ZeRO-1: all-gather of the updated parameters " + shape, {},
+               {{"ms", gather}, {"allgather_busbw_GBps", bytes / (gather * 1e-3) * (n - 1) / n / 1e9},
+                {"step_exposed_ms", with_zero - alone + gather},
+                {"adam_state_MiB_per_rank", params * 8 / n / (1 << 20)}}});
   add(report, {"backward then all-reduce every gradient " + shape, {},
                {{"ms", after}, {"comm_ms", comm}, {"allreduce_busbw_GBps", bytes / (comm * 1e-3) * 2 * (n - 1) / n / 1e9},
                 {"hidden_fraction", comm > 0 ? 1 - exposed / comm : 0}}});

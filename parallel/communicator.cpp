@@ -43,6 +43,11 @@ void SelfCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) {
   o.copy_(in.reshape(out.shape()));
 }
 
+std::unique_ptr<Work> SelfCommunicator::reduce_scatter_async(const Tensor& in, const Tensor& out) {
+  reduce_scatter(in, out);
+  return std::make_unique<DoneWork>();
+}
+
 void SelfCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
                                     const std::vector<int64_t>& recv_counts) {
   HYDRA_CHECK(send_counts.size() == 1 && recv_counts.size() == 1 && send_counts[0] == recv_counts[0] &&

@@ -43,6 +43,8 @@ class Communicator {
   virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
   // out [n, ...] = sum over ranks of slice rank of in [size * n, ...].
   virtual void reduce_scatter(const Tensor& in, const Tensor& out) = 0;
+  // Starts reduce_scatter(in, out) (a sum); neither tensor may be touched until wait() (ZeRO-1 buckets).
+  virtual std::unique_ptr<Work> reduce_scatter_async(const Tensor& in, const Tensor& out) = 0;
   virtual void broadcast(const Tensor& t, int root) = 0;
   // Rows send_counts[p] of `send` (in peer order) go to peer p; recv_counts[p] rows arrive from p.
   virtual void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
@@ -81,6 +83,7 @@ class SelfCommunicator final : public Communicator {
   std::unique_ptr<Work> all_reduce_async(const Tensor&) override;
   void all_gather(const Tensor& in, const Tensor& out) override;
   void reduce_scatter(const Tensor& in, const Tensor& out) override;
+  std::unique_ptr<Work> reduce_scatter_async(const Tensor& in, const Tensor& out) override;
   void broadcast(const Tensor&, int) override {}
   void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
                     const std::vector<int64_t>& recv_counts) override;

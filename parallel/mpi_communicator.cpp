@@ -162,9 +162,8 @@ void MpiCommunicator::worker_loop() {
   }
 }
 
-std::unique_ptr<Work> MpiCommunicator::all_reduce_async(const Tensor& t) {
-  check_cpu(t, "all_reduce_async");
-  auto task = std::make_shared<std::packaged_task<void()>>([this, t] { all_reduce_on(async_comm_, t, ReduceOp::kSum); });
+std::unique_ptr<Work> MpiCommunicator::run_async(std::function<void()> job) {
+  auto task = std::make_shared<std::packaged_task<void()>>(std::move(job));
   std::future<void> f = task->get_future();
   if (process_info().threads_provided < MPI_THREAD_MULTIPLE || size_ == 1) {
     // No concurrent MPI calls allowed: do it now (correct, without overlap).
@@ -178,6 +177,17 @@ std::unique_ptr<Work> MpiCommunicator::all_reduce_async(const Tensor& t) {
   }
   cv_.notify_one();
   return std::make_unique<AsyncWork>(std::move(f));
+}
+
+std::unique_ptr<Work> MpiCommunicator::all_reduce_async(const Tensor& t) {
+  check_cpu(t, "all_reduce_async");
+  return run_async([this, t] { all_reduce_on(async_comm_, t, ReduceOp::kSum); });
+}
+
+std::unique_ptr<Work> MpiCommunicator::reduce_scatter_async(const Tensor& in, const Tensor& out) {
+  check_cpu(in, "reduce_scatter_async");
+  check_cpu(out, "reduce_scatter_async");
+  return run_async([this, in, out] { reduce_scatter_on(async_comm_, in, out); });
 }
 
 void MpiCommunicator::all_gather(const Tensor& in, const Tensor& out) {
@@ -196,7 +206,7 @@ void MpiCommunicator::all_gather(const Tensor& in, const Tensor& out) {
   wait(&req, "MPI_Iallgather", comm_);
 }
 
-void MpiCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) {
+void MpiCommunicator::reduce_scatter_on(MPI_Comm comm, const Tensor& in, const Tensor& out) const {
   const std::string where = "reduce_scatter";
   check_cpu(in, where);
   check_cpu(out, where);
@@ -206,10 +216,12 @@ void MpiCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) {
   if (out.numel() == 0) return;
   MPI_Request req;
   check(MPI_Ireduce_scatter_block(in.raw_data(), out.raw_data(), as_count(out.numel(), where),
-                                  mpi_type(in.dtype(), true, where), MPI_SUM, comm_, &req),
+                                  mpi_type(in.dtype(), true, where), MPI_SUM, comm, &req),
         "MPI_Ireduce_scatter_block");
-  wait(&req, "MPI_Ireduce_scatter_block", comm_);
+  wait(&req, "MPI_Ireduce_scatter_block", comm);
 }
+
+void MpiCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) { reduce_scatter_on(comm_, in, out); }
 
 void MpiCommunicator::broadcast(const Tensor& t, int root) {
   const std::string where = "broadcast";

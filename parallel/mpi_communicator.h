@@ -32,6 +32,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<Work> all_reduce_async(const Tensor& t) override;
   void all_gather(const Tensor& in, const Tensor& out) override;
   void reduce_scatter(const Tensor& in, const Tensor& out) override;
+  std::unique_ptr<Work> reduce_scatter_async(const Tensor& in, const Tensor& out) override;
   void broadcast(const Tensor& t, int root) override;
   void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
                     const std::vector<int64_t>& recv_counts) override;
@@ -48,6 +49,9 @@ class MpiCommunicator final : public Communicator {
   void wait(MPI_Request* req, const char* call, MPI_Comm comm, bool cancellable = false) const;
   void wait_all(std::vector<MPI_Request>& reqs, const char* call) const;
   void all_reduce_on(MPI_Comm comm, const Tensor& t, ReduceOp op) const;
+  void reduce_scatter_on(MPI_Comm comm, const Tensor& in, const Tensor& out) const;
+  // Runs `job` on the worker thread (over async_comm_), or now when MPI allows one thread only.
+  std::unique_ptr<Work> run_async(std::function<void()> job);
   void worker_loop();
 
   MPI_Comm comm_ = MPI_COMM_NULL;

@@ -168,6 +168,23 @@ void NcclCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) {
   end({in, out});
 }
 
+std::unique_ptr<Work> NcclCommunicator::reduce_scatter_async(const Tensor& in, const Tensor& out) {
+  HYDRA_CHECK(in.numel() == out.numel() * size() && out.dtype() == in.dtype())
+      << "reduce_scatter_async on '" << name() << "': input of " << in.numel() << " elements for " << size()
+      << " x " << out.numel();
+  auto done = std::make_shared<CudaEvent>();
+  if (out.numel() > 0) {
+    begin({in, out});
+    HYDRA_NCCL_CHECK(ncclReduceScatter(in.raw_data(), out.raw_data(), out.numel(),
+                                       nccl_type(in.dtype(), "reduce_scatter"), ncclSum, impl_->comm,
+                                       as_cuda(impl_->stream)));
+    cuda_record_stream(in.storage()->data(), device_, impl_->stream);
+    cuda_record_stream(out.storage()->data(), device_, impl_->stream);
+  }
+  done->record(impl_->stream);  // the compute stream waits for it only in wait(): overlap until then
+  return std::make_unique<NcclWork>(std::move(done), impl_->compute);
+}
+
 void NcclCommunicator::broadcast(const Tensor& t, int root) {
   HYDRA_CHECK(root >= 0 && root < size()) << "broadcast: root " << root << " outside [0, " << size() << ")";
   if (t.numel() == 0) return;

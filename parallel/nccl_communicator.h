@@ -26,6 +26,7 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<Work> all_reduce_async(const Tensor& t) override;
   void all_gather(const Tensor& in, const Tensor& out) override;
   void reduce_scatter(const Tensor& in, const Tensor& out) override;
+  std::unique_ptr<Work> reduce_scatter_async(const Tensor& in, const Tensor& out) override;
   void broadcast(const Tensor& t, int root) override;
   void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
                     const std::vector<int64_t>& recv_counts) override;

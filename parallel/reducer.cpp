@@ -8,7 +8,8 @@
 
 namespace hydra::parallel {
 
-GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket_mb) : params_(std::move(params)) {
+GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket_mb, bool shard)
+    : params_(std::move(params)), shard_(shard) {
   HYDRA_CHECK(bucket_mb > 0) << "parallel.bucket_mb = " << bucket_mb << " must be > 0";
   const auto limit = static_cast<int64_t>(bucket_mb * 1024 * 1024);
   bucket_of_.assign(params_.size(), -1);
@@ -33,10 +34,29 @@ GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket
       open->device = p.tensor.device();
     }
     open->params.push_back(i);
+    open->offsets.push_back(open->numel);
     open->numel += p.tensor.numel();
     bucket_of_[i] = static_cast<int>(open - buckets_.data());
   }
   had_.assign(params_.size(), 0.0);
+  owned_.assign(params_.size(), ParamShard{});
+  slice_pos_.assign(params_.size(), 0);
+  if (shard_) {
+    // Rank r of a bucket's group owns [r * slice, (r + 1) * slice) of the flat bucket.
+    for (Bucket& b : buckets_) {
+      const int64_t size = b.group->size(), r = b.group->rank();
+      b.slice = (b.numel + size - 1) / size;
+      const int64_t first = r * b.slice, last = first + b.slice;
+      for (std::size_t k = 0; k < b.params.size(); ++k) {
+        const int i = b.params[k];
+        const int64_t off = b.offsets[k], n = params_[i].tensor.numel();
+        const int64_t lo = std::clamp<int64_t>(first - off, 0, n), hi = std::clamp<int64_t>(last - off, 0, n);
+        owned_[i].lo = lo;
+        owned_[i].hi = std::max(lo, hi);
+        slice_pos_[i] = off + lo - first;
+      }
+    }
+  }
   for (const ReducedParam& p : params_)
     if (!p.sparse && std::find(groups_.begin(), groups_.end(), p.group) == groups_.end()) groups_.push_back(p.group);
   for (std::size_t i = 0; i < params_.size(); ++i) {
@@ -93,8 +113,16 @@ void GradientReducer::start(Bucket& b) {
     had_[i] = g.defined() ? 1.0 : 0.0;
     parts.push_back(g.defined() ? g.reshape({-1}) : zeros({t.numel()}, t.dtype(), t.device()));
   }
-  b.flat = parts.size() == 1 ? parts[0].contiguous().clone() : concat(parts, 0);
-  b.work = b.group->all_reduce_async(b.flat);
+  if (shard_) {
+    const int64_t padded = b.slice * b.group->size();
+    if (padded > b.numel) parts.push_back(zeros({padded - b.numel}, b.dtype, b.device));
+    b.flat = concat(parts, 0);
+    b.shard = Tensor::empty({b.slice}, b.dtype, b.device);
+    b.work = b.group->reduce_scatter_async(b.flat, b.shard);
+  } else {
+    b.flat = parts.size() == 1 ? parts[0].contiguous().clone() : concat(parts, 0);
+    b.work = b.group->all_reduce_async(b.flat);
+  }
   b.started = true;
   ++stats_.buckets;
   stats_.bytes += double(b.numel * int64_t(dtype_size(b.dtype)));
@@ -161,15 +189,57 @@ void GradientReducer::finish() {
   }
   NoGradGuard ng;
   for (Bucket& b : buckets_) {
-    int64_t offset = 0;
-    for (const int i : b.params) {
-      const Tensor& t = params_[i].tensor;
-      t.set_grad(had_[i] > 0 ? b.flat.narrow(0, offset, t.numel()).view(t.shape()) : Tensor());
-      offset += t.numel();
+    if (shard_) {  // the gradients live in the slices now; the local sums are not wanted
+      for (const int i : b.params) params_[i].tensor.set_grad(Tensor());
+      b.flat = Tensor();
+      continue;
+    }
+    for (std::size_t k = 0; k < b.params.size(); ++k) {
+      const Tensor& t = params_[b.params[k]].tensor;
+      t.set_grad(had_[b.params[k]] > 0 ? b.flat.narrow(0, b.offsets[k], t.numel()).view(t.shape()) : Tensor());
     }
   }
   for (std::size_t i = 0; i < params_.size(); ++i)
     if (params_[i].sparse) reduce_sparse(static_cast<int>(i));
+}
+
+}  // namespace hydra::parallel
+
+namespace hydra::parallel {
+
+ParamShard GradientReducer::shard(int i) const {
+  HYDRA_CHECK(is_sharded(i)) << "reducer: " << params_[i].name << " is not sharded";
+  ParamShard out = owned_[i];
+  const Bucket& b = buckets_[bucket_of_[i]];
+  if (had_[i] > 0 && out.hi > out.lo && b.shard.defined()) out.grad = b.shard.narrow(0, slice_pos_[i], out.hi - out.lo);
+  return out;
+}
+
+void GradientReducer::all_gather_params() {
+  HYDRA_CHECK(shard_) << "reducer: all_gather_params() without ZeRO-1 sharding";
+  NoGradGuard ng;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (Bucket& b : buckets_) {
+    // had_ is the same on every rank (summed over the group in finish()): every rank skips alike.
+    bool changed = false;
+    for (const int i : b.params) changed = changed || had_[i] > 0;
+    if (!changed) continue;
+    Tensor mine = zeros({b.slice}, b.dtype, b.device);
+    for (const int i : b.params) {
+      const ParamShard& o = owned_[i];
+      if (o.hi > o.lo) mine.narrow(0, slice_pos_[i], o.hi - o.lo).copy_(params_[i].tensor.reshape({-1}).narrow(0, o.lo, o.hi - o.lo));
+    }
+    Tensor all = Tensor::empty({b.slice * b.group->size()}, b.dtype, b.device);
+    b.group->all_gather(mine, all);
+    for (std::size_t k = 0; k < b.params.size(); ++k) {
+      const int i = b.params[k];
+      if (had_[i] == 0) continue;
+      Tensor t = params_[i].tensor;
+      t.copy_(all.narrow(0, b.offsets[k], t.numel()).view(t.shape()));
+    }
+  }
+  for (Bucket& b : buckets_) b.group->synchronize();
+  stats_.gather_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
 }  // namespace hydra::parallel

@@ -10,6 +10,14 @@
 // replicas). Gradients are summed, not averaged: the loss is already normalised by the global count.
 // Row-sparse gradients (PKM values) are not bucketed: finish() all-gathers their rows and values and
 // merges them, so only touched rows travel.
+//
+// ZeRO-1 (shard = true): each bucket, padded to a multiple of its group's size, is split into one
+// equal slice per rank; the bucket is reduce-scattered instead of all-reduced, so each rank receives
+// the summed gradient of its slice only (half an all-reduce's traffic). A parameter's part on this rank
+// is shard(i): the flat range [lo, hi) of the (local) parameter and its reduced gradient; the optimizer
+// updates that range and all_gather_params() then gives every rank the whole updated parameters (the
+// other half of the all-reduce's traffic). The local full gradients are dropped in finish().
+// Row-sparse parameters stay replicated.
 #pragma once
 
 #include <memory>
@@ -27,8 +35,15 @@ struct ReducedParam {
   bool sparse = false;  // row-sparse gradient (Tensor::sparse_grad)
 };
 
+// One parameter's part of the optimizer update on this rank under ZeRO-1.
+struct ParamShard {
+  int64_t lo = 0, hi = 0;  // flat range of the local parameter (empty when another rank owns all of it)
+  Tensor grad;             // its reduced gradient, [hi - lo]; undefined when no rank had a gradient
+};
+
 struct ReducerStats {
   double exposed_ms = 0;   // time finish() waited for communication (not hidden behind the backward)
+  double gather_ms = 0;    // ZeRO-1: time all_gather_params() took
   double bytes = 0;        // gradient bytes all-reduced this step
   int64_t buckets = 0;     // buckets started
   int64_t early = 0;       // buckets started from a hook during the backward (overlapped)
@@ -36,7 +51,7 @@ struct ReducerStats {
 
 class GradientReducer {
  public:
-  GradientReducer(std::vector<ReducedParam> params, double bucket_mb);
+  GradientReducer(std::vector<ReducedParam> params, double bucket_mb, bool shard = false);
   ~GradientReducer();
   GradientReducer(const GradientReducer&) = delete;
   GradientReducer& operator=(const GradientReducer&) = delete;
@@ -48,6 +63,17 @@ class GradientReducer {
   const ReducerStats& stats() const { return stats_; }
   int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
 
+  // ZeRO-1. Parameters are indexed in the order given to the constructor.
+  bool sharding() const { return shard_; }
+  int64_t num_params() const { return static_cast<int64_t>(params_.size()); }
+  const std::string& name(int i) const { return params_[i].name; }
+  bool is_sharded(int i) const { return shard_ && bucket_of_[i] >= 0; }  // dense parameters
+  // Valid after finish() (the range is fixed; the gradient is this step's).
+  ParamShard shard(int i) const;
+  // After the optimizer updated every parameter's range on every rank: each bucket's slices are
+  // all-gathered and copied into the parameters. Buckets whose parameters got no gradient are skipped.
+  void all_gather_params();
+
  private:
   struct Bucket {
     std::vector<int> params;  // indices into params_
@@ -55,6 +81,9 @@ class GradientReducer {
     DType dtype = DType::kF32;
     Device device;
     int64_t numel = 0;
+    std::vector<int64_t> offsets;  // of each parameter in the flat bucket
+    int64_t slice = 0;             // ZeRO-1: elements per rank (numel padded to the group size, / size)
+    Tensor shard;                  // ZeRO-1: this rank's slice of the reduced gradient
     int ready = 0;
     bool started = false;
     Tensor flat;
@@ -72,6 +101,9 @@ class GradientReducer {
   std::vector<Communicator*> groups_;  // the dense parameters' groups, in order of first appearance
   std::vector<int> hook_ids_;
   std::vector<Bucket> buckets_;
+  bool shard_ = false;
+  std::vector<ParamShard> owned_;   // per param (ZeRO-1): lo, hi; the gradient is filled in shard()
+  std::vector<int64_t> slice_pos_;  // per param (ZeRO-1): where its range starts in its bucket's slice
   std::size_t next_ = 0;           // the next bucket to start
   bool active_ = false;
   ReducerStats stats_;

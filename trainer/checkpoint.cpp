@@ -25,35 +25,68 @@ namespace {
 
 constexpr const char* kManifest = "manifest.pb";
 
-// Everything a checkpoint holds, by stored name.
-std::vector<std::pair<std::string, Tensor>> checkpoint_tensors(const model::LanguageModel& model, const AdamW& opt) {
-  std::vector<std::pair<std::string, Tensor>> out;
-  for (const auto& p : model.named_parameters()) out.emplace_back("param/" + p.name, p.tensor);
-  for (const auto& [n, t] : model.named_buffers()) out.emplace_back("buffer/" + n, t);
-  for (auto& [n, t] : opt.state()) out.emplace_back(n, t);
+// One tensor a checkpoint holds, by stored name.
+struct Entry {
+  std::string name;   // "param/...", "buffer/...", "adam_m/...", "adam_v/..."
+  Tensor tensor;      // this rank's copy
+  bool range = false; // a ZeRO-1 range [lo, lo + numel) of the flat local tensor of shape `local`
+  int64_t lo = 0;
+  Shape local;
+};
+
+std::vector<Entry> checkpoint_tensors(const model::LanguageModel& model, const AdamW& opt) {
+  std::vector<Entry> out;
+  std::map<std::string, Shape> shapes;
+  for (const auto& p : model.named_parameters()) {
+    out.push_back({"param/" + p.name, p.tensor, false, 0, p.tensor.shape()});
+    shapes[p.name] = p.tensor.shape();
+  }
+  for (const auto& [n, t] : model.named_buffers()) out.push_back({"buffer/" + n, t, false, 0, t.shape()});
+  for (const OptimizerState& s : opt.state())
+    out.push_back({s.name, s.tensor, s.sharded, s.lo, s.sharded ? shapes.at(s.param) : s.tensor.shape()});
   return out;
+}
+
+int64_t numel_of(const Shape& s) {
+  int64_t n = 1;
+  for (const int64_t d : s) n *= d;
+  return n;
 }
 
 // Where this rank's copy of a stored tensor sits in the whole tensor, and whether this rank writes it.
 struct Placement {
   Shape full;
-  int64_t offset = 0;  // along the first dimension
+  int64_t flat = 0;    // first element, in the whole tensor's row-major order
+  int64_t offset = 0;  // first row (whole-row slices)
   bool write = false;
 };
 
-Placement place(const std::string& stored, const Tensor& t, const parallel::ProcessGrid& grid) {
+Placement place(const Entry& e, const parallel::ProcessGrid& grid) {
   Placement p;
-  p.full = t.shape();
-  const auto slash = stored.find('/');
-  const std::string param = slash == std::string::npos ? stored : stored.substr(slash + 1);
-  if (grid.shape().ep > 1 && stored.rfind("buffer/", 0) != 0 && is_expert_parameter(param)) {
-    p.full[0] = t.size(0) * grid.shape().ep;
-    p.offset = grid.ep_rank() * t.size(0);
+  p.full = e.local;
+  const auto slash = e.name.find('/');
+  const std::string param = slash == std::string::npos ? e.name : e.name.substr(slash + 1);
+  if (grid.shape().ep > 1 && e.name.rfind("buffer/", 0) != 0 && is_expert_parameter(param)) {
+    p.full[0] = e.local[0] * grid.shape().ep;
+    p.offset = grid.ep_rank() * e.local[0];
+    p.flat = grid.ep_rank() * numel_of(e.local);
     p.write = grid.dp_rank() == 0 && grid.sp_rank() == 0;  // one writer per expert shard
   } else {
     p.write = grid.world().rank() == 0;
   }
+  if (e.range) {  // ZeRO-1: the ranks' ranges partition the tensor; each writes its own
+    p.flat += e.lo;
+    p.write = e.tensor.numel() > 0;
+  }
   return p;
+}
+
+// The elements of the whole tensor a record holds, [first, first + count).
+int64_t record_first(const config::TensorRecord& r) {
+  if (r.has_flat_offset()) return r.flat_offset();
+  const Shape full(r.full_shape().begin(), r.full_shape().end());
+  if (full.empty() || r.offset_size() == 0) return 0;
+  return r.offset(0) * (full[0] > 0 ? numel_of(full) / full[0] : 0);
 }
 
 std::string rank_file(int rank) {
@@ -153,27 +186,30 @@ Expected<std::string> CheckpointManager::save(const TrainState& state, const con
   const std::string file = rank_file(grid.world().rank());
   config::CheckpointManifest mine;
   st = [&]() -> Status {
-    std::vector<std::pair<std::string, Tensor>> owned;
+    std::vector<const Entry*> owned;
     std::vector<Placement> where;
-    for (const auto& [name, t] : checkpoint_tensors(model, optimizer)) {
-      Placement p = place(name, t, grid);
+    const std::vector<Entry> entries = checkpoint_tensors(model, optimizer);
+    for (const Entry& e : entries) {
+      Placement p = place(e, grid);
       if (!p.write) continue;
-      owned.emplace_back(name, t);
+      owned.push_back(&e);
       where.push_back(std::move(p));
     }
     if (owned.empty()) return ok_status();
     HYDRA_ASSIGN_OR_RETURN(data::Hdf5File f, data::Hdf5File::create((fs::path(tmp_dir) / file).string()));
     NoGradGuard ng;
     for (std::size_t i = 0; i < owned.size(); ++i) {
-      const auto& [name, t] = owned[i];
-      const Tensor c = t.detach().contiguous().cpu();
-      HYDRA_RETURN_IF_ERROR(f.write(name, h5_type(c.dtype()), c.shape(), c.raw_data()));
+      const Entry& e = *owned[i];
+      const Tensor c = e.tensor.detach().contiguous().cpu();
+      HYDRA_RETURN_IF_ERROR(f.write(e.name, h5_type(c.dtype()), c.shape(), c.raw_data()));
       auto* rec = mine.add_tensor();
-      rec->set_name(name);
-      for (std::size_t d = 0; d < c.shape().size(); ++d) {
-        rec->add_shape(c.shape()[d]);
-        rec->add_full_shape(where[i].full[d]);
-        rec->add_offset(d == 0 ? where[i].offset : 0);
+      rec->set_name(e.name);
+      for (const int64_t d : c.shape()) rec->add_shape(d);
+      for (std::size_t d = 0; d < where[i].full.size(); ++d) rec->add_full_shape(where[i].full[d]);
+      if (e.range) {
+        rec->set_flat_offset(where[i].flat);
+      } else {
+        for (std::size_t d = 0; d < c.shape().size(); ++d) rec->add_offset(d == 0 ? where[i].offset : 0);
       }
       rec->set_dtype(std::string(dtype_name(c.dtype())));
       rec->set_file(file);
@@ -274,12 +310,17 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
   for (const auto& r : man.tensor()) records[r.name()].push_back(&r);
   std::map<std::string, data::Hdf5File> files;
   NoGradGuard ng;
-  for (const auto& [name, t] : checkpoint_tensors(model, optimizer)) {
+  for (const Entry& e : checkpoint_tensors(model, optimizer)) {
+    const std::string& name = e.name;
+    const Tensor& t = e.tensor;
+    const int64_t n = t.numel();
+    if (n == 0) continue;  // an empty ZeRO-1 range: nothing of this tensor lives here
     auto it = records.find(name);
     if (it == records.end()) return data_loss("checkpoint " + dir + ": tensor " + name + " is missing");
-    // The rows [offset, offset + n) of the whole tensor this rank holds, from the records covering them.
-    const Placement want = place(name, t, grid);
-    const int64_t n = t.dim() > 0 ? t.size(0) : 1, row = t.dim() > 0 && n > 0 ? t.numel() / n : t.numel();
+    // The elements [first, first + n) of the whole tensor this rank holds, from the records covering them
+    // (whole tensors, row slices of expert shards, or ZeRO-1 ranges: any layout reads any other).
+    const Placement want = place(e, grid);
+    const int64_t first = want.flat;
     Tensor host = Tensor::empty(t.shape(), t.dtype());
     int64_t covered = 0;
     for (const config::TensorRecord* rec : it->second) {
@@ -287,9 +328,9 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
       if (full != want.full || rec->dtype() != dtype_name(t.dtype()))
         return data_loss("checkpoint " + dir + ": tensor " + name + " is " + rec->dtype() + " " + shape_str(full) +
                          ", this model has " + std::string(dtype_name(t.dtype())) + " " + shape_str(want.full));
-      const int64_t r0 = rec->offset_size() > 0 ? rec->offset(0) : 0, rn = shape.empty() ? 1 : shape[0];
-      const int64_t lo = std::max(r0, want.offset), hi = std::min(r0 + rn, want.offset + n);
-      if (lo >= hi && !(t.dim() == 0 && covered == 0)) continue;
+      const int64_t r0 = record_first(*rec), rn = numel_of(shape);
+      const int64_t lo = std::max(r0, first), hi = std::min(r0 + rn, first + n);
+      if (lo >= hi) continue;
       if (!files.count(rec->file())) {
         auto f = data::Hdf5File::open_read((fs::path(dir) / rec->file()).string());
         if (!f.ok()) return f.status().with_context("checkpoint " + dir);
@@ -301,21 +342,14 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
       if (crc32c(stored.raw_data(), static_cast<std::size_t>(stored.nbytes())) != rec->crc32c())
         return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() +
                          " fails its checksum (the file is damaged)");
-      if (t.dim() == 0) {
-        host.copy_(stored);
-        covered = 1;
-        continue;
-      }
-      const auto* src = static_cast<const char*>(stored.raw_data());
-      auto* dst = static_cast<char*>(host.raw_data());
-      const std::size_t bytes_per_row = static_cast<std::size_t>(row) * dtype_size(t.dtype());
-      std::memcpy(dst + (lo - want.offset) * bytes_per_row, src + (lo - r0) * bytes_per_row,
-                  static_cast<std::size_t>(hi - lo) * bytes_per_row);
+      const std::size_t elem = dtype_size(t.dtype());
+      std::memcpy(static_cast<char*>(host.raw_data()) + (lo - first) * elem,
+                  static_cast<const char*>(stored.raw_data()) + (lo - r0) * elem, static_cast<std::size_t>(hi - lo) * elem);
       covered += hi - lo;
     }
-    if (covered != (t.dim() == 0 ? 1 : n))
-      return data_loss("checkpoint " + dir + ": tensor " + name + " rows [" + std::to_string(want.offset) + ", " +
-                       std::to_string(want.offset + n) + ") are not all stored (a rank file is missing?)");
+    if (covered != n)
+      return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" + std::to_string(first) + ", " +
+                       std::to_string(first + n) + ") are not all stored (a rank file is missing?)");
     Tensor dst = t;  // a handle to the same tensor
     dst.copy_(host);
   }

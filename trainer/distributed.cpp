@@ -14,8 +14,6 @@ Status validate_parallel(const config::RunConfig& cfg, const model::ModelSpec& s
   if (p.dp() < 1 || p.ep() < 1 || p.sp() < 1) return fail(grid + ": every size must be >= 1");
   if (p.bucket_mb() <= 0) return fail("parallel.bucket_mb = " + std::to_string(p.bucket_mb()) + " must be > 0");
   if (p.timeout_s() <= 0) return fail("parallel.timeout_s = " + std::to_string(p.timeout_s()) + " must be > 0");
-  if (p.zero1() && p.dp() > 1)
-    return fail("parallel.zero1 = true is not implemented yet (optimizer state is replicated); set it to false");
   if (spec.transformer && (p.ep() > 1 || p.sp() > 1))
     return fail(grid + ": the dense Transformer baseline supports data parallelism only (ep = sp = 1)");
   if (!spec.transformer && spec.num_experts % p.ep() != 0)
@@ -80,7 +78,7 @@ bool is_expert_parameter(const std::string& name) {
 }
 
 std::unique_ptr<parallel::GradientReducer> make_reducer(model::LanguageModel& model, const parallel::ProcessGrid& grid,
-                                                        double bucket_mb) {
+                                                        double bucket_mb, bool zero1) {
   std::vector<parallel::ReducedParam> params;
   for (const auto& p : model.named_parameters()) {
     parallel::ReducedParam r;
@@ -90,10 +88,18 @@ std::unique_ptr<parallel::GradientReducer> make_reducer(model::LanguageModel& mo
     r.group = grid.shape().ep > 1 && is_expert_parameter(p.name) ? &grid.expert_replicas() : &grid.world();
     params.push_back(std::move(r));
   }
-  return std::make_unique<parallel::GradientReducer>(std::move(params), bucket_mb);
+  return std::make_unique<parallel::GradientReducer>(std::move(params), bucket_mb, zero1);
 }
 
 double global_grad_norm(const AdamW& optimizer, const parallel::ProcessGrid& grid) {
+  const auto all = [](const std::string&) { return true; };
+  if (optimizer.sharded()) {
+    // The ranges partition every sharded parameter over the world (an expert's over its replicas, the
+    // experts over ep); the replicated ones (row-sparse) are the same everywhere: counted on rank 0.
+    const double ranges = optimizer.grad_sum_squares(all, GradPart::kSharded);
+    const double replicated = grid.world().rank() == 0 ? optimizer.grad_sum_squares(all, GradPart::kReplicated) : 0.0;
+    return std::sqrt(grid.world().all_reduce_host(ranges + replicated));
+  }
   if (grid.shape().ep == 1) return optimizer.grad_norm();
   const double dense = optimizer.grad_sum_squares([](const std::string& n) { return !is_expert_parameter(n); });
   const double experts = grid.ep().all_reduce_host(

@@ -25,13 +25,15 @@ Status validate_parallel(const config::RunConfig& cfg, const model::ModelSpec& s
 data::Batch sequence_shard(const data::Batch& b, int64_t sp_rank, int64_t sp);
 
 // Expert parameters (sharded over the ep group) are reduced over their replicas; the rest over the
-// world. Row-sparse parameters (ParamOptions::sparse_grad) are merged, not bucketed.
+// world. Row-sparse parameters (ParamOptions::sparse_grad) are merged, not bucketed. zero1: the
+// buckets are reduce-scattered and the optimizer state is sharded over each parameter's group.
 std::unique_ptr<parallel::GradientReducer> make_reducer(model::LanguageModel& model, const parallel::ProcessGrid& grid,
-                                                        double bucket_mb);
+                                                        double bucket_mb, bool zero1 = false);
 bool is_expert_parameter(const std::string& name);
 
 // The norm of the whole model's gradient: the replicated parameters' part (the same on every rank
-// after the reduction) plus the expert shards' parts summed over the ep group.
+// after the reduction) plus the expert shards' parts summed over the ep group. Under ZeRO-1 the ranges
+// of every rank partition the model, so their parts are summed over the world.
 double global_grad_norm(const AdamW& optimizer, const parallel::ProcessGrid& grid);
 
 // Statistics over the ranks (every rank holds the same keys): keys ending in "_loss" are a rank's share

@@ -18,11 +18,18 @@ AdamW::AdamW(std::vector<NamedParameter> params, const config::OptimizerConfig& 
   }
 }
 
-double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& select) const {
+double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& select, GradPart part) const {
   NoGradGuard ng;
   std::vector<Tensor> grads;
   for (std::size_t i = 0; i < params_.size(); ++i) {
     if (slots_[i].frozen || !select(params_[i].name)) continue;
+    if (slots_[i].sharded) {
+      if (part == GradPart::kReplicated) continue;
+      const Tensor g = reducer_->shard(static_cast<int>(i)).grad;
+      if (g.defined()) grads.push_back(g);
+      continue;
+    }
+    if (part == GradPart::kSharded) continue;
     const Tensor& t = params_[i].tensor;
     if (const auto& sg = t.sparse_grad()) {
       grads.push_back(sg->values);
@@ -31,6 +38,33 @@ double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& se
     }
   }
   return sum_squares_all(grads);
+}
+
+void AdamW::shard_over(parallel::GradientReducer* reducer) {
+  HYDRA_CHECK(reducer != nullptr && reducer->sharding()) << "optimizer: ZeRO-1 needs a sharding gradient reducer";
+  HYDRA_CHECK(reducer->num_params() == static_cast<int64_t>(params_.size()))
+      << "optimizer: the reducer lists " << reducer->num_params() << " parameters, the optimizer " << params_.size();
+  reducer_ = reducer;
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    const int k = static_cast<int>(i);
+    HYDRA_CHECK(reducer->name(k) == params_[i].name)
+        << "optimizer: parameter " << i << " is " << params_[i].name << " here and " << reducer->name(k) << " in the reducer";
+    if (!reducer->is_sharded(k)) continue;
+    Slot& s = slots_[i];
+    const parallel::ParamShard range = reducer->shard(k);
+    s.sharded = true;
+    s.lo = range.lo;
+    s.hi = range.hi;
+    const Tensor& p = params_[i].tensor;
+    s.m = zeros({s.hi - s.lo}, p.dtype(), p.device());
+    s.v = zeros({s.hi - s.lo}, p.dtype(), p.device());
+  }
+}
+
+int64_t AdamW::state_bytes() const {
+  int64_t bytes = 0;
+  for (const Slot& s : slots_) bytes += (s.m.numel() + s.v.numel()) * static_cast<int64_t>(dtype_size(s.m.dtype()));
+  return bytes;
 }
 
 double AdamW::grad_norm() const {
@@ -55,13 +89,18 @@ void AdamW::step(double lr, double base_lr, double grad_scale) {
     AdamWHyper h = shared;
     h.lr = base_lr > 0 ? lr * group_lr / base_lr : 0.0;
     h.weight_decay = p.options.weight_decay ? cfg_.weight_decay() : 0.0;
-    if (const auto& sg = p.tensor.sparse_grad()) {
+    if (s.sharded) {
+      const Tensor g = reducer_->shard(static_cast<int>(i)).grad;
+      if (g.defined())
+        dense.push_back({p.tensor.reshape({-1}).narrow(0, s.lo, s.hi - s.lo), g, s.m, s.v, h.lr, h.weight_decay});
+    } else if (const auto& sg = p.tensor.sparse_grad()) {
       adamw_update_rows(p.tensor, sg->rows, sg->values, s.m, s.v, h);
     } else if (p.tensor.grad().defined()) {
       dense.push_back({p.tensor, p.tensor.grad(), s.m, s.v, h.lr, h.weight_decay});
     }
   }
   adamw_update_many(dense, shared);
+  if (reducer_ != nullptr) reducer_->all_gather_params();  // every rank's ranges to every rank
 }
 
 void AdamW::set_frozen(const std::string& name, bool frozen) {
@@ -80,11 +119,12 @@ bool AdamW::frozen(const std::string& name) const {
   return false;
 }
 
-std::vector<std::pair<std::string, Tensor>> AdamW::state() const {
-  std::vector<std::pair<std::string, Tensor>> out;
+std::vector<OptimizerState> AdamW::state() const {
+  std::vector<OptimizerState> out;
   for (std::size_t i = 0; i < params_.size(); ++i) {
-    out.emplace_back("adam_m/" + params_[i].name, slots_[i].m);
-    out.emplace_back("adam_v/" + params_[i].name, slots_[i].v);
+    const Slot& s = slots_[i];
+    out.push_back({"adam_m/" + params_[i].name, params_[i].name, s.m, s.sharded, s.lo});
+    out.push_back({"adam_v/" + params_[i].name, params_[i].name, s.v, s.sharded, s.lo});
   }
   return out;
 }

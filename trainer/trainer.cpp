@@ -175,13 +175,17 @@ Status Trainer::prepare_model() {
   std::map<std::string, double> groups = {{"pkm_values", cfg_.train().optimizer().pkm_value_lr()}};
   optimizer_ = std::make_unique<AdamW>(model_->named_parameters(), cfg_.train().optimizer(), groups);
   state_.data_seed = cfg_.train().seed() * 1000003ull + 17;
+  if (grid_->distributed()) {
+    const bool zero1 = cfg_.parallel().zero1();
+    reducer_ = make_reducer(*model_, *grid_, cfg_.parallel().bucket_mb(), zero1);
+    if (zero1) optimizer_->shard_over(reducer_.get());  // before loading: the moments become ranges
+  }
   if (!resume_from_.empty()) {
     HYDRA_RETURN_IF_ERROR(CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_, *grid_));
     default_generator().set_state(state_.rng);
   } else {
     default_generator().set_state({cfg_.train().seed(), 0});
   }
-  if (grid_->distributed()) reducer_ = make_reducer(*model_, *grid_, cfg_.parallel().bucket_mb());
   if (lead()) return config::write_text_file((fs::path(out) / "config.pbtxt").string(), cfg_);
   return ok_status();
 }
@@ -444,7 +448,13 @@ Expected<TrainSummary> Trainer::run() {
                            {"tokens_seen", state_.tokens_seen},
                            {"elapsed_s", elapsed()},
                            {"stage_index", double(stage.index)},
-                           {"memory.rss_peak_mb", peak_rss_mb()}};
+                           {"memory.rss_peak_mb", peak_rss_mb()},
+                           {"memory.optimizer_mb", double(optimizer_->state_bytes()) / (1 << 20)}};
+    if (reducer_) {  // rank 0's view of the gradient exchange
+      values.push_back({"comm.exposed_ms", reducer_->stats().exposed_ms});
+      values.push_back({"comm.buckets_overlapped", double(reducer_->stats().early)});
+      if (reducer_->sharding()) values.push_back({"comm.param_gather_ms", reducer_->stats().gather_ms});
+    }
     if (device_.is_cuda()) {
       const CudaMemoryStats ms = cuda_memory_stats(device_.index);
       values.push_back({"memory.cuda_peak_mb", double(ms.peak_allocated) / (1 << 20)});

@@ -56,6 +56,7 @@ class Trainer {
   Expected<TrainSummary> run();
   model::LanguageModel& model() { return *model_; }
   const config::RunConfig& config() const { return cfg_; }
+  const AdamW& optimizer() const { return *optimizer_; }
 
  private:
   Trainer() = default;

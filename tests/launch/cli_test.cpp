@@ -159,4 +159,21 @@ TEST(Cli, MpirunTrainsOnTwoDataRanks) {
   EXPECT_EQ(steps, 2) << "one metrics line per step, written by rank 0 only";
 }
 
+// ZeRO-1 from the command line: each rank writes its ranges of the optimizer state; the run resumes.
+TEST(Cli, MpirunTrainsWithZero1AndResumes) {
+  const std::string dir = temp_dir("zero1");
+  const std::string args = kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+                           " --set parallel.dp=2 --set parallel.zero1=true";
+  Result r = run(kMpirun + args);
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(dir + "/run/checkpoints/step-00000002/rank-00001.h5")) << "rank 1 writes its ranges";
+  r = run(kMpirun + args + " --resume --steps 3");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(dir + "/run/checkpoints/step-00000003/manifest.pb")) << r.output;
+  std::ifstream m(dir + "/run/metrics.jsonl");
+  std::string line, last;
+  while (std::getline(m, line)) last = line;
+  EXPECT_NE(last.find("\"comm.param_gather_ms\""), std::string::npos) << last;
+}
+
 }  // namespace

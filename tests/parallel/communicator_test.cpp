@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <thread>
 
 #include "autograd/device.h"
@@ -86,6 +87,18 @@ TEST_P(CommunicatorTest, AllGatherAndReduceScatterAreAdjoint) {
   Tensor out = on(*w, zeros({1, 3}, DType::kF64));
   w->reduce_scatter(in, out);
   for (double v : back(*w, out).to_vector<double>()) EXPECT_DOUBLE_EQ(v, n * (n + 1) / 2.0);
+  // The asynchronous form (ZeRO-1 buckets): rank r's slice q of 1001 floats is q * 1000 + r + i, so
+  // slice q sums to n (q * 1000 + i) + n (n - 1) / 2.
+  const int64_t m = 1001;
+  std::vector<float> vals(n * m);
+  for (int q = 0; q < n; ++q)
+    for (int64_t i = 0; i < m; ++i) vals[q * m + i] = float(q * 1000 + r + i);
+  Tensor ain = on(*w, tensor(vals, {n * m}));
+  Tensor aout = on(*w, full({m}, std::nan(""), DType::kF32));
+  auto work = w->reduce_scatter_async(ain, aout);
+  work->wait();
+  const auto av = back(*w, aout).to_vector<float>();
+  for (int64_t i = 0; i < m; ++i) EXPECT_EQ(av[i], float(n * (r * 1000 + i) + n * (n - 1) / 2)) << i;
 }
 
 TEST_P(CommunicatorTest, BroadcastFromEveryRoot) {

@@ -125,49 +125,94 @@ TEST(ModelParallel, SequenceParallel4SameLossAndGradients) { expect_same_step({1
 TEST(ModelParallel, DataTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step({2, 1, 2}); }
 TEST(ModelParallel, ExpertTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step({1, 2, 2}); }
 
-// 20 steps of the real trainer on the grid and in one process: the same parameters.
-void expect_same_training(const GridShape& shape) {
+// 20 steps of the real trainer on the grid and in one process: the same parameters. With zero1 the
+// optimizer state is sharded (ZeRO-1); the run also stops at step 10, resumes from its checkpoint on
+// the same grid (bit for bit the straight run), and that checkpoint resumes in one process (resharded
+// moments) to the one process's parameters.
+config::RunConfig training_config() {
+  auto cfg = config::load_run_config(std::string(HYDRA_SOURCE_DIR) + "/configs/tiny.pbtxt");
+  EXPECT_TRUE(cfg.ok());
+  for (const char* set : {"curriculum={}", "train.steps=20", "train.batch_size=4", "train.seq_len=128",
+                          "train.eval_every=0", "train.save_every=0", "train.lr.warmup_steps=2",
+                          "train.precision=FP64"})
+    EXPECT_TRUE(config::apply_override(&*cfg, set).ok()) << set;
+  return *cfg;
+}
+
+std::unique_ptr<trainer::Trainer> train(const config::RunConfig& c, const std::string& out, bool local,
+                                        int64_t stop = -1, const std::string& resume = "") {
+  trainer::TrainOptions o;
+  o.out_dir = out;
+  o.quiet = true;
+  o.local_only = local;
+  o.stop_step = stop;
+  o.resume = resume;
+  auto t = trainer::Trainer::create(c, "tiny.pbtxt", o);
+  EXPECT_TRUE(t.ok()) << t.status().message();
+  if (!t.ok()) return nullptr;
+  auto r = (*t)->run();
+  EXPECT_TRUE(r.ok()) << r.status().message();
+  return std::move(*t);
+}
+
+// Every parameter of `got` (this rank's expert shard where the shapes differ) against `want`.
+void expect_same_parameters(trainer::Trainer& got, trainer::Trainer& want, int64_t ep_rank, double tol) {
+  const auto d = got.model().named_parameters(), s = want.model().named_parameters();
+  ASSERT_EQ(d.size(), s.size());
+  for (std::size_t i = 0; i < d.size(); ++i) {
+    Tensor w = s[i].tensor;
+    if (w.shape() != d[i].tensor.shape()) w = w.narrow(0, ep_rank * d[i].tensor.size(0), d[i].tensor.size(0));
+    if (tol == 0) {
+      EXPECT_TRUE(testing::bitwise_equal(d[i].tensor, w)) << d[i].name;
+    } else {
+      EXPECT_LT(testing::rel_error(d[i].tensor, w), tol) << d[i].name;
+    }
+  }
+}
+
+void expect_same_training(const GridShape& shape, bool zero1 = false) {
   {
     auto probe = parallel::world_communicator(false);
     if (probe->size() != shape.size()) GTEST_SKIP() << "needs " << shape.size() << " ranks";
   }
   auto world = parallel::world_communicator(false);
-  const std::string base = std::string(HYDRA_BINARY_DIR) + "/mpi-runs/" + shape.str();
+  const std::string base = std::string(HYDRA_BINARY_DIR) + "/mpi-runs/" + shape.str() + (zero1 ? "-zero1" : "");
   if (world->rank() == 0) std::filesystem::remove_all(base);
   world->barrier();
-  auto cfg = config::load_run_config(std::string(HYDRA_SOURCE_DIR) + "/configs/tiny.pbtxt");
-  ASSERT_TRUE(cfg.ok());
-  for (const char* set : {"curriculum={}", "train.steps=20", "train.batch_size=4", "train.seq_len=128",
-                          "train.eval_every=0", "train.save_every=0", "train.lr.warmup_steps=2",
-                          "train.precision=FP64"})
-    ASSERT_TRUE(config::apply_override(&*cfg, set).ok()) << set;
-  auto run = [&](const config::RunConfig& c, const std::string& out, bool local) {
-    trainer::TrainOptions o;
-    o.out_dir = out;
-    o.quiet = true;
-    o.local_only = local;
-    auto t = trainer::Trainer::create(c, "tiny.pbtxt", o);
-    EXPECT_TRUE(t.ok()) << t.status().message();
-    if (!t.ok()) return std::unique_ptr<trainer::Trainer>();
-    auto r = (*t)->run();
-    EXPECT_TRUE(r.ok()) << r.status().message();
-    return std::move(*t);
-  };
-  config::RunConfig dcfg = *cfg;
+  const config::RunConfig cfg = training_config();
+  config::RunConfig dcfg = cfg;
   dcfg.mutable_parallel()->set_dp(shape.dp);
   dcfg.mutable_parallel()->set_ep(shape.ep);
   dcfg.mutable_parallel()->set_sp(shape.sp);
-  auto dist = run(dcfg, base + "/grid", false);
-  auto single = run(*cfg, base + "/single-" + std::to_string(world->rank()), true);
+  dcfg.mutable_parallel()->set_zero1(zero1);
+  dcfg.mutable_parallel()->set_bucket_mb(1.0 / 64);  // several buckets, ranges that cut parameters
+  auto dist = train(dcfg, base + "/grid", false);
+  const std::string mine = "/single-" + std::to_string(world->rank());
+  auto single = train(cfg, base + mine, true);
   ASSERT_TRUE(dist && single);
-  const auto d = dist->model().named_parameters(), s = single->model().named_parameters();
-  ASSERT_EQ(d.size(), s.size());
-  int64_t ep_rank = (world->rank() / shape.sp) % shape.ep;
-  for (std::size_t i = 0; i < d.size(); ++i) {
-    Tensor want = s[i].tensor;
-    if (want.shape() != d[i].tensor.shape()) want = want.narrow(0, ep_rank * d[i].tensor.size(0), d[i].tensor.size(0));
-    EXPECT_LT(testing::rel_error(d[i].tensor, want), 1e-9) << d[i].name;
-  }
+  const int64_t ep_rank = (world->rank() / shape.sp) % shape.ep;
+  expect_same_parameters(*dist, *single, ep_rank, 1e-9);
+  if (!zero1) return;
+
+  // Each moment element lives on one rank: summed over the world, the state is the one process's,
+  // except the row-sparse parameters (PKM values), whose moments every rank keeps whole.
+  double sparse_bytes = 0;
+  for (const auto& p : single->model().named_parameters())
+    if (p.options.sparse_grad) sparse_bytes += 2.0 * double(p.tensor.nbytes());
+  const double total = world->all_reduce_host(double(dist->optimizer().state_bytes()));
+  EXPECT_EQ(total, double(single->optimizer().state_bytes()) + double(world->size() - 1) * sparse_bytes);
+
+  // Stop at 10, resume on the grid: the straight run bit for bit.
+  auto half = train(dcfg, base + "/half", false, 10);
+  ASSERT_TRUE(half);
+  const std::string ckpt = base + "/half/checkpoints/step-00000010";
+  auto resumed = train(dcfg, base + "/half", false, 20, "auto");
+  ASSERT_TRUE(resumed);
+  expect_same_parameters(*resumed, *dist, 0, 0.0);
+  // The ZeRO-1 checkpoint in one process: its moments are assembled from every rank's ranges.
+  auto alone = train(cfg, base + "/alone" + mine, true, 20, ckpt);
+  ASSERT_TRUE(alone);
+  expect_same_parameters(*alone, *single, ep_rank, 1e-9);
 }
 
 TEST(ModelParallel, DataParallel2TrainsLikeOneProcess) { expect_same_training({2, 1, 1}); }
@@ -175,6 +220,13 @@ TEST(ModelParallel, ExpertParallel2TrainsLikeOneProcess) { expect_same_training(
 TEST(ModelParallel, SequenceParallel2TrainsLikeOneProcess) { expect_same_training({1, 1, 2}); }
 TEST(ModelParallel, SequenceParallel4TrainsLikeOneProcess) { expect_same_training({1, 1, 4}); }
 TEST(ModelParallel, DataTimesExpertParallel2x2TrainsLikeOneProcess) { expect_same_training({2, 2, 1}); }
+TEST(ModelParallel, Zero1DataParallel2TrainsLikeOneProcessAndResumes) { expect_same_training({2, 1, 1}, true); }
+TEST(ModelParallel, Zero1DataTimesExpertParallel2x2TrainsLikeOneProcessAndResumes) {
+  expect_same_training({2, 2, 1}, true);
+}
+TEST(ModelParallel, Zero1DataTimesSequenceParallel2x2TrainsLikeOneProcessAndResumes) {
+  expect_same_training({2, 1, 2}, true);
+}
 
 }  // namespace
 }  // namespace hydra
