@@ -112,6 +112,8 @@ Tensor embedding(const Tensor& weight, const Tensor& indices);
 Tensor gather_rows(const Tensor& table, const Tensor& index);
 // out = table with src[i] added to row index[i]  (index_add on axis 0).
 Tensor scatter_add_rows(const Tensor& table, const Tensor& index, const Tensor& src);
+// In place, outside autograd: table[index[i]] += src[i] (table contiguous, e.g. a parameter).
+void scatter_add_rows_(const Tensor& table, const Tensor& index, const Tensor& src);
 // Along `axis`: out[.., i, ..] = x[.., index[.., i, ..], ..]; index has x's shape except along
 // axis.
 Tensor gather(const Tensor& x, int64_t axis, const Tensor& index);

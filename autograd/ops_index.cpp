@@ -307,6 +307,17 @@ std::pair<Tensor, Tensor> topk(const Tensor& x_in, int64_t k) {
 
 namespace hydra {
 
+void scatter_add_rows_(const Tensor& table, const Tensor& index, const Tensor& src) {
+  check_index("scatter_add_rows_", index, table);
+  HYDRA_CHECK(table.dim() == 2 && table.is_contiguous() && src.dim() == 2 && src.size(1) == table.size(1) &&
+              index.numel() == src.size(0) && table.dtype() == src.dtype())
+      << "scatter_add_rows_: table " << shape_str(table.shape()) << " (contiguous), index " << shape_str(index.shape())
+      << ", src " << shape_str(src.shape()) << " of the table's dtype";
+  NoGradGuard no_grad;
+  scatter_rows_into(table, index.contiguous(), src.contiguous());
+  table.storage()->bump_version();
+}
+
 void accumulate_sparse_grad(const Tensor& leaf, const Tensor& rows_in, const Tensor& values_in) {
   HYDRA_CHECK(leaf.is_leaf() && leaf.dim() == 2) << "sparse gradients go to 2-D leaves";
   HYDRA_CHECK(values_in.dim() == 2 && values_in.size(1) == leaf.size(1) && rows_in.numel() == values_in.size(0))

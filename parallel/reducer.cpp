@@ -56,6 +56,17 @@ GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket
         slice_pos_[i] = off + lo - first;
       }
     }
+    // Row-sparse parameters: rank r of the group owns rows [r * slice, (r + 1) * slice).
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      if (!params_[i].sparse) continue;
+      const Tensor& t = params_[i].tensor;
+      HYDRA_CHECK(t.dim() == 2) << "reducer: row-sparse parameter " << params_[i].name << " is not 2-D";
+      const int64_t rows = t.size(0), cols = t.size(1), size = params_[i].group->size();
+      const int64_t slice = (rows + size - 1) / size;
+      const int64_t r0 = std::min(rows, params_[i].group->rank() * slice), r1 = std::min(rows, r0 + slice);
+      owned_[i].lo = r0 * cols;
+      owned_[i].hi = r1 * cols;
+    }
   }
   for (const ReducedParam& p : params_)
     if (!p.sparse && std::find(groups_.begin(), groups_.end(), p.group) == groups_.end()) groups_.push_back(p.group);
@@ -210,6 +221,7 @@ namespace hydra::parallel {
 ParamShard GradientReducer::shard(int i) const {
   HYDRA_CHECK(is_sharded(i)) << "reducer: " << params_[i].name << " is not sharded";
   ParamShard out = owned_[i];
+  if (params_[i].sparse) return out;
   const Bucket& b = buckets_[bucket_of_[i]];
   if (had_[i] > 0 && out.hi > out.lo && b.shard.defined()) out.grad = b.shard.narrow(0, slice_pos_[i], out.hi - out.lo);
   return out;
@@ -238,8 +250,40 @@ void GradientReducer::all_gather_params() {
       t.copy_(all.narrow(0, b.offsets[k], t.numel()).view(t.shape()));
     }
   }
+  for (std::size_t i = 0; i < params_.size(); ++i)
+    if (params_[i].sparse) share_rows(static_cast<int>(i));
   for (Bucket& b : buckets_) b.group->synchronize();
   stats_.gather_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace hydra::parallel
+
+namespace hydra::parallel {
+
+// The rows of a row-sparse parameter touched this step (the merged gradient's rows: the same list,
+// ascending, on every rank of the group) were updated by their owners; every rank gets them. Each
+// touched row is non-zero in exactly one rank's contribution to a sum, and the other ranks first
+// subtract their stale copy (x - x = 0 exactly), so the rows arrive bit for bit.
+void GradientReducer::share_rows(int i) {
+  const ReducedParam& p = params_[i];
+  const auto& sg = p.tensor.sparse_grad();
+  if (!sg || sg->rows.numel() == 0) return;  // untouched on every rank (the merge made them agree)
+  const int64_t cols = p.tensor.size(1), k = sg->rows.numel();
+  const int64_t r0 = owned_[i].lo / cols, r1 = owned_[i].hi / cols;
+  const std::vector<int64_t> rows = sg->rows.cpu().to_vector<int64_t>();
+  const int64_t a = std::lower_bound(rows.begin(), rows.end(), r0) - rows.begin();
+  const int64_t b = std::lower_bound(rows.begin(), rows.end(), r1) - rows.begin();
+  Tensor current = gather_rows(p.tensor.detach(), sg->rows);  // [k, cols]
+  Tensor mine = zeros({k, cols}, p.tensor.dtype(), p.tensor.device());
+  if (b > a) mine.narrow(0, a, b - a).copy_(current.narrow(0, a, b - a));
+  p.group->all_reduce(mine, ReduceOp::kSum);  // every touched row, from its owner
+  Tensor stale = neg(current);
+  if (b > a) stale.narrow(0, a, b - a).zero_();  // the owned rows stay
+  if (a > 0 || b < k) {
+    if (b > a) mine.narrow(0, a, b - a).zero_();  // added to the owned rows: + 0
+    scatter_add_rows_(p.tensor, sg->rows, stale);  // the others' rows: exactly 0
+    scatter_add_rows_(p.tensor, sg->rows, mine);   // ... plus their owners' values
+  }
 }
 
 }  // namespace hydra::parallel

@@ -17,7 +17,9 @@
 // is shard(i): the flat range [lo, hi) of the (local) parameter and its reduced gradient; the optimizer
 // updates that range and all_gather_params() then gives every rank the whole updated parameters (the
 // other half of the all-reduce's traffic). The local full gradients are dropped in finish().
-// Row-sparse parameters stay replicated.
+// Row-sparse parameters are split by rows instead ([lo, hi) covers whole rows): their merged gradient
+// is the same on every rank, each rank updates the touched rows it owns, and all_gather_params()
+// shares the touched rows only (one all-reduce of those rows, each written by exactly one rank).
 #pragma once
 
 #include <memory>
@@ -67,8 +69,10 @@ class GradientReducer {
   bool sharding() const { return shard_; }
   int64_t num_params() const { return static_cast<int64_t>(params_.size()); }
   const std::string& name(int i) const { return params_[i].name; }
-  bool is_sharded(int i) const { return shard_ && bucket_of_[i] >= 0; }  // dense parameters
-  // Valid after finish() (the range is fixed; the gradient is this step's).
+  bool is_sharded(int i) const { return shard_; }  // every parameter, under ZeRO-1
+  bool is_sparse(int i) const { return params_[i].sparse; }
+  // Valid after finish() (the range is fixed; the gradient is this step's; row-sparse parameters:
+  // undefined, the merged gradient is the parameter's sparse_grad()).
   ParamShard shard(int i) const;
   // After the optimizer updated every parameter's range on every rank: each bucket's slices are
   // all-gathered and copied into the parameters. Buckets whose parameters got no gradient are skipped.
@@ -93,6 +97,7 @@ class GradientReducer {
   void start_ready_buckets();
   void start(Bucket& b);
   void reduce_sparse(int param);
+  void share_rows(int param);
 
   std::vector<ReducedParam> params_;
   std::vector<int> bucket_of_;     // per param; -1 for row-sparse parameters

@@ -194,13 +194,10 @@ void expect_same_training(const GridShape& shape, bool zero1 = false) {
   expect_same_parameters(*dist, *single, ep_rank, 1e-9);
   if (!zero1) return;
 
-  // Each moment element lives on one rank: summed over the world, the state is the one process's,
-  // except the row-sparse parameters (PKM values), whose moments every rank keeps whole.
-  double sparse_bytes = 0;
-  for (const auto& p : single->model().named_parameters())
-    if (p.options.sparse_grad) sparse_bytes += 2.0 * double(p.tensor.nbytes());
+  // Each moment element lives on exactly one rank (the row-sparse PKM values' by rows): summed over
+  // the world, the state is the one process's.
   const double total = world->all_reduce_host(double(dist->optimizer().state_bytes()));
-  EXPECT_EQ(total, double(single->optimizer().state_bytes()) + double(world->size() - 1) * sparse_bytes);
+  EXPECT_EQ(total, double(single->optimizer().state_bytes()));
 
   // Stop at 10, resume on the grid: the straight run bit for bit.
   auto half = train(dcfg, base + "/half", false, 10);
