@@ -4,7 +4,37 @@
 
 namespace hydra::data {
 
+std::unique_lock<std::recursive_mutex> hdf5_lock() {
+  static std::recursive_mutex mu;
+  return std::unique_lock<std::recursive_mutex>(mu);
+}
+
+namespace {
+
+hid_t native(Hdf5Type t) {  // call with the lock held (the H5T_NATIVE_* macros are HDF5 calls)
+  switch (t) {
+    case Hdf5Type::kF32: return H5T_NATIVE_FLOAT;
+    case Hdf5Type::kF64: return H5T_NATIVE_DOUBLE;
+    case Hdf5Type::kI32: return H5T_NATIVE_INT32;
+    case Hdf5Type::kI64: return H5T_NATIVE_INT64;
+    case Hdf5Type::kU16: return H5T_NATIVE_UINT16;
+    case Hdf5Type::kU32: return H5T_NATIVE_UINT32;
+  }
+  return H5T_NATIVE_FLOAT;
+}
+
+}  // namespace
+
+void Hdf5Handle::reset() {
+  if (id_ >= 0 && close_ != nullptr) {
+    const auto lock = hdf5_lock();
+    close_(id_);
+  }
+  id_ = -1;
+}
+
 void quiet_hdf5() {
+  const auto lock = hdf5_lock();
   static const bool done = [] {
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
     return true;
@@ -13,6 +43,7 @@ void quiet_hdf5() {
 }
 
 Expected<Hdf5File> Hdf5File::create(const std::string& path) {
+  const auto lock = hdf5_lock();
   quiet_hdf5();
   const hid_t f = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
   if (f < 0) return io_error(path + ": cannot create the HDF5 file (is the folder writable?)");
@@ -23,6 +54,7 @@ Expected<Hdf5File> Hdf5File::create(const std::string& path) {
 }
 
 Expected<Hdf5File> Hdf5File::open_read(const std::string& path) {
+  const auto lock = hdf5_lock();
   quiet_hdf5();
   if (!std::filesystem::exists(path)) return not_found(path + ": no such file");
   if (H5Fis_hdf5(path.c_str()) <= 0) return data_loss(path + ": not an HDF5 file (truncated or of another kind)");
@@ -34,26 +66,29 @@ Expected<Hdf5File> Hdf5File::open_read(const std::string& path) {
   return out;
 }
 
-Status Hdf5File::write(const std::string& name, hid_t type, const std::vector<int64_t>& shape, const void* data) {
+Status Hdf5File::write(const std::string& name, Hdf5Type type, const std::vector<int64_t>& shape, const void* data) {
+  const auto lock = hdf5_lock();
   const std::vector<hsize_t> dims =
       shape.empty() ? std::vector<hsize_t>{1} : std::vector<hsize_t>(shape.begin(), shape.end());
   Hdf5Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
   if (!space.valid()) return io_error(path_ + ": cannot describe dataset " + name);
   Hdf5Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
   H5Pset_create_intermediate_group(lcpl.get(), 1);
-  Hdf5Handle ds(H5Dcreate2(file_.get(), name.c_str(), type, space.get(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT),
+  Hdf5Handle ds(H5Dcreate2(file_.get(), name.c_str(), native(type), space.get(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT),
                 H5Dclose);
   if (!ds.valid()) return io_error(path_ + ": cannot create dataset " + name);
-  if (H5Dwrite(ds.get(), type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
+  if (H5Dwrite(ds.get(), native(type), H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
     return io_error(path_ + ": cannot write dataset " + name + " (disk full?)");
   return ok_status();
 }
 
 bool Hdf5File::has(const std::string& name) const {
+  const auto lock = hdf5_lock();
   return H5Lexists(file_.get(), name.c_str(), H5P_DEFAULT) > 0;
 }
 
 Expected<std::vector<int64_t>> Hdf5File::shape(const std::string& name) const {
+  const auto lock = hdf5_lock();
   if (!has(name)) return data_loss(path_ + ": dataset " + name + " is missing");
   Hdf5Handle ds(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
   if (!ds.valid()) return data_loss(path_ + ": cannot open dataset " + name);
@@ -65,15 +100,17 @@ Expected<std::vector<int64_t>> Hdf5File::shape(const std::string& name) const {
   return std::vector<int64_t>(dims.begin(), dims.end());
 }
 
-Status Hdf5File::read(const std::string& name, hid_t type, void* out) const {
+Status Hdf5File::read(const std::string& name, Hdf5Type type, void* out) const {
+  const auto lock = hdf5_lock();
   Hdf5Handle ds(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
   if (!ds.valid()) return data_loss(path_ + ": dataset " + name + " is missing");
-  if (H5Dread(ds.get(), type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
+  if (H5Dread(ds.get(), native(type), H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
     return data_loss(path_ + ": cannot read dataset " + name + " (truncated or damaged file?)");
   return ok_status();
 }
 
-Status Hdf5File::read_range(const std::string& name, hid_t type, int64_t offset, int64_t count, void* out) const {
+Status Hdf5File::read_range(const std::string& name, Hdf5Type type, int64_t offset, int64_t count, void* out) const {
+  const auto lock = hdf5_lock();
   Hdf5Handle ds(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
   if (!ds.valid()) return data_loss(path_ + ": dataset " + name + " is missing");
   Hdf5Handle space(H5Dget_space(ds.get()), H5Sclose);
@@ -82,12 +119,13 @@ Status Hdf5File::read_range(const std::string& name, hid_t type, int64_t offset,
     return data_loss(path_ + ": range [" + std::to_string(offset) + ", " + std::to_string(offset + count) +
                      ") outside dataset " + name);
   Hdf5Handle mem(H5Screate_simple(1, &n, nullptr), H5Sclose);
-  if (H5Dread(ds.get(), type, mem.get(), space.get(), H5P_DEFAULT, out) < 0)
+  if (H5Dread(ds.get(), native(type), mem.get(), space.get(), H5P_DEFAULT, out) < 0)
     return data_loss(path_ + ": cannot read " + name + " at " + std::to_string(offset) + " (truncated file?)");
   return ok_status();
 }
 
 Expected<int64_t> Hdf5File::element_size(const std::string& name) const {
+  const auto lock = hdf5_lock();
   Hdf5Handle ds(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
   if (!ds.valid()) return data_loss(path_ + ": dataset " + name + " is missing");
   Hdf5Handle t(H5Dget_type(ds.get()), H5Tclose);
@@ -95,6 +133,7 @@ Expected<int64_t> Hdf5File::element_size(const std::string& name) const {
 }
 
 Status Hdf5File::write_attr(const std::string& name, const std::string& value) {
+  const auto lock = hdf5_lock();
   Hdf5Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
   H5Tset_size(type.get(), value.empty() ? 1 : value.size());
   Hdf5Handle space(H5Screate(H5S_SCALAR), H5Sclose);
@@ -105,6 +144,7 @@ Status Hdf5File::write_attr(const std::string& name, const std::string& value) {
 }
 
 Status Hdf5File::write_attr(const std::string& name, int64_t value) {
+  const auto lock = hdf5_lock();
   Hdf5Handle space(H5Screate(H5S_SCALAR), H5Sclose);
   Hdf5Handle attr(H5Acreate2(file_.get(), name.c_str(), H5T_NATIVE_INT64, space.get(), H5P_DEFAULT, H5P_DEFAULT),
                   H5Aclose);
@@ -114,6 +154,7 @@ Status Hdf5File::write_attr(const std::string& name, int64_t value) {
 }
 
 Expected<std::string> Hdf5File::read_attr_string(const std::string& name) const {
+  const auto lock = hdf5_lock();
   if (H5Aexists(file_.get(), name.c_str()) <= 0) return data_loss(path_ + ": attribute " + name + " is missing");
   Hdf5Handle attr(H5Aopen(file_.get(), name.c_str(), H5P_DEFAULT), H5Aclose);
   Hdf5Handle type(H5Aget_type(attr.get()), H5Tclose);
@@ -126,6 +167,7 @@ Expected<std::string> Hdf5File::read_attr_string(const std::string& name) const 
 }
 
 Expected<int64_t> Hdf5File::read_attr_int(const std::string& name) const {
+  const auto lock = hdf5_lock();
   if (H5Aexists(file_.get(), name.c_str()) <= 0) return data_loss(path_ + ": attribute " + name + " is missing");
   Hdf5Handle attr(H5Aopen(file_.get(), name.c_str(), H5P_DEFAULT), H5Aclose);
   int64_t v = 0;
@@ -134,6 +176,7 @@ Expected<int64_t> Hdf5File::read_attr_int(const std::string& name) const {
 }
 
 Status Hdf5File::flush() {
+  const auto lock = hdf5_lock();
   if (H5Fflush(file_.get(), H5F_SCOPE_GLOBAL) < 0) return io_error(path_ + ": flush failed (disk full?)");
   return ok_status();
 }

@@ -1,16 +1,28 @@
 // Thin RAII wrappers over the HDF5 C API, with every call checked and errors as Status naming the file
 // and the dataset. Used for token shards (data/) and checkpoints (trainer/).
+//
+// Threads: the HDF5 we link (Debian's, built for MPI) is not thread-safe, and the data loader reads
+// shards on its prefetch thread while the main thread evaluates or writes a checkpoint. Every HDF5
+// call made through this file (handle closes included) holds one process-wide lock, and callers name
+// element types by Hdf5Type instead of HDF5's own globals, so no HDF5 call happens outside it.
 #pragma once
 
 #include <hdf5.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "kernels/base/status.h"
 
 namespace hydra::data {
+
+// The lock every HDF5 call holds (recursive: wrappers call wrappers).
+std::unique_lock<std::recursive_mutex> hdf5_lock();
+
+// Element types of datasets, in memory (converted from what is stored where they differ).
+enum class Hdf5Type { kF32, kF64, kI32, kI64, kU16, kU32 };
 
 class Hdf5Handle {
  public:
@@ -31,10 +43,7 @@ class Hdf5Handle {
   Hdf5Handle& operator=(const Hdf5Handle&) = delete;
   hid_t get() const { return id_; }
   bool valid() const { return id_ >= 0; }
-  void reset() {
-    if (id_ >= 0 && close_ != nullptr) close_(id_);
-    id_ = -1;
-  }
+  void reset();
 
  private:
   hid_t id_ = -1;
@@ -48,14 +57,14 @@ class Hdf5File {
   static Expected<Hdf5File> open_read(const std::string& path);
   const std::string& path() const { return path_; }
 
-  // 1-D or N-D datasets of a native type (H5T_NATIVE_*), written whole.
-  Status write(const std::string& name, hid_t type, const std::vector<int64_t>& shape, const void* data);
+  // 1-D or N-D datasets, written whole.
+  Status write(const std::string& name, Hdf5Type type, const std::vector<int64_t>& shape, const void* data);
   bool has(const std::string& name) const;
   Expected<std::vector<int64_t>> shape(const std::string& name) const;
   // The whole dataset, converted to `type`.
-  Status read(const std::string& name, hid_t type, void* out) const;
+  Status read(const std::string& name, Hdf5Type type, void* out) const;
   // Elements [offset, offset + count) of a 1-D dataset.
-  Status read_range(const std::string& name, hid_t type, int64_t offset, int64_t count, void* out) const;
+  Status read_range(const std::string& name, Hdf5Type type, int64_t offset, int64_t count, void* out) const;
   // Size in bytes of the stored element type.
   Expected<int64_t> element_size(const std::string& name) const;
 

@@ -16,13 +16,13 @@ Status write_token_shard(const std::string& path, const std::vector<int32_t>& to
     const int64_t n = static_cast<int64_t>(tokens.size());
     if (vocab_size <= 65536) {
       std::vector<uint16_t> t(tokens.begin(), tokens.end());
-      HYDRA_RETURN_IF_ERROR(f.write("tokens", H5T_NATIVE_UINT16, {n}, t.data()));
+      HYDRA_RETURN_IF_ERROR(f.write("tokens", Hdf5Type::kU16, {n}, t.data()));
     } else {
       std::vector<uint32_t> t(tokens.begin(), tokens.end());
-      HYDRA_RETURN_IF_ERROR(f.write("tokens", H5T_NATIVE_UINT32, {n}, t.data()));
+      HYDRA_RETURN_IF_ERROR(f.write("tokens", Hdf5Type::kU32, {n}, t.data()));
     }
     HYDRA_RETURN_IF_ERROR(
-        f.write("doc_offsets", H5T_NATIVE_INT64, {static_cast<int64_t>(doc_offsets.size())}, doc_offsets.data()));
+        f.write("doc_offsets", Hdf5Type::kI64, {static_cast<int64_t>(doc_offsets.size())}, doc_offsets.data()));
     HYDRA_RETURN_IF_ERROR(f.write_attr("format", std::string(kShardFormat)));
     HYDRA_RETURN_IF_ERROR(f.write_attr("tokenizer", tokenizer_id));
     HYDRA_RETURN_IF_ERROR(f.write_attr("vocab_size", vocab_size));
@@ -54,7 +54,7 @@ Expected<TokenShard> TokenShard::open(const std::string& path) {
   // A truncated file fails here rather than in the middle of training.
   if (s.num_tokens_ > 0) {
     int32_t last = 0;
-    HYDRA_RETURN_IF_ERROR(f.read_range("tokens", H5T_NATIVE_INT32, s.num_tokens_ - 1, 1, &last));
+    HYDRA_RETURN_IF_ERROR(f.read_range("tokens", Hdf5Type::kI32, s.num_tokens_ - 1, 1, &last));
   }
   s.file_ = std::make_shared<Hdf5File>(std::move(f));
   return s;
@@ -64,7 +64,7 @@ Status TokenShard::read(int64_t offset, int64_t count, int32_t* out) const {
   if (offset < 0 || offset + count > num_tokens_)
     return out_of_range(path() + ": read [" + std::to_string(offset) + ", " + std::to_string(offset + count) +
                         ") past the " + std::to_string(num_tokens_) + " tokens");
-  HYDRA_RETURN_IF_ERROR(file_->read_range("tokens", H5T_NATIVE_INT32, offset, count, out));
+  HYDRA_RETURN_IF_ERROR(file_->read_range("tokens", Hdf5Type::kI32, offset, count, out));
   for (int64_t i = 0; i < count; ++i)
     if (out[i] < 0 || out[i] >= vocab_size_)
       return data_loss(path() + ": token " + std::to_string(out[i]) + " at position " + std::to_string(offset + i) +

@@ -117,15 +117,15 @@ std::vector<std::string> gather_bytes(const std::string& mine, const parallel::P
   return out;
 }
 
-hid_t h5_type(DType t) {
+data::Hdf5Type h5_type(DType t) {
   switch (t) {
-    case DType::kF32: return H5T_NATIVE_FLOAT;
-    case DType::kF64: return H5T_NATIVE_DOUBLE;
-    case DType::kI32: return H5T_NATIVE_INT32;
-    case DType::kI64: return H5T_NATIVE_INT64;
-    case DType::kBF16: return H5T_NATIVE_UINT16;
+    case DType::kF32: return data::Hdf5Type::kF32;
+    case DType::kF64: return data::Hdf5Type::kF64;
+    case DType::kI32: return data::Hdf5Type::kI32;
+    case DType::kI64: return data::Hdf5Type::kI64;
+    case DType::kBF16: return data::Hdf5Type::kU16;
   }
-  return H5T_NATIVE_FLOAT;
+  return data::Hdf5Type::kF32;
 }
 
 // "model.d_model: 64 (checkpoint) vs 128 (this run)" for the first difference of two model configs.

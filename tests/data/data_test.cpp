@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <filesystem>
+#include <thread>
 #include <fstream>
 
 #include "data/loader.h"
@@ -133,6 +135,36 @@ TEST(Loader, SequencesDependOnlyOnSeedStepAndIndex) {
   Loader c(src, whole);
   EXPECT_EQ(a.get(9)->tokens, c.get(9)->tokens);
   EXPECT_NE(a.get(10)->tokens, c.get(11)->tokens);
+}
+
+// The loader reads shards on its prefetch thread while the main thread uses HDF5 too (evaluation
+// reads, checkpoint writes). The HDF5 we link is not thread-safe; without the lock in data/hdf5_file
+// this crashes or corrupts reads.
+TEST(Loader, ReadsShardsWhileAnotherThreadWritesHdf5) {
+  const std::string dir = temp_dir("h5threads");
+  std::vector<int32_t> tokens(20000);
+  for (int i = 0; i < 20000; ++i) tokens[i] = (i * 13 + i / 5) % 256;
+  ASSERT_TRUE(write_token_shard(dir + "/a.h5", tokens, {0, 7000}, "bytes", 256).ok());
+  auto src = ShardSource::open({dir + "/a.h5"}, 0.1, 33);
+  ASSERT_TRUE(src.ok()) << src.status().message();
+  LoaderOptions o{.seed = 3, .global_batch = 8, .first = 0, .count = 8, .seq_len = 32, .prefetch = 4};
+  LoaderOptions serial = o;
+  serial.prefetch = 0;
+  Loader prefetching(*src, o), reference(*src, serial);
+  std::atomic<bool> stop{false};
+  std::thread writer([&] {
+    std::vector<int32_t> t(3000, 7);
+    for (int k = 0; !stop; ++k)
+      EXPECT_TRUE(write_token_shard(dir + "/w" + std::to_string(k % 3) + ".h5", t, {0}, "bytes", 256).ok());
+  });
+  for (int64_t step = 0; step < 300; ++step) {
+    auto got = prefetching.get(step);
+    auto want = reference.get(step);  // on this thread, concurrent with the prefetch and the writer
+    ASSERT_TRUE(got.ok() && want.ok());
+    ASSERT_EQ(got->tokens, want->tokens) << "step " << step;
+  }
+  stop = true;
+  writer.join();
 }
 
 TEST(SyntheticTasks, AnswersAreWhatTheTaskAsks) {
