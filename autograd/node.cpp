@@ -41,7 +41,13 @@ std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
   HYDRA_CHECK(g.shape() == leaf_.shape()) << "gradient of shape " << shape_str(g.shape())
                                           << " for a leaf of shape " << shape_str(leaf_.shape());
   Tensor current = leaf_.grad();
-  if (!current.defined()) {
+  const auto& dest = leaf_.unsafe_impl()->autograd.grad_destination;
+  if (!current.defined() && dest) {
+    NoGradGuard no_grad;
+    Tensor d(dest);
+    d.copy_(g.dtype() == d.dtype() ? g : g.to(d.dtype()));
+    leaf_.set_grad(d);
+  } else if (!current.defined()) {
     // Take the incoming buffer when nothing else refers to it; otherwise copy, so that no two
     // leaves' .grad share memory (a pass-through backward such as add's hands one tensor to both
     // inputs).

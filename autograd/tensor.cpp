@@ -275,6 +275,18 @@ void Tensor::set_grad(const Tensor& grad) const {
   }
 }
 
+void Tensor::set_grad_destination(const Tensor& dest) const {
+  if (dest.defined()) {
+    HYDRA_CHECK(dest.shape() == shape() && dest.dtype() == dtype() && dest.device() == device())
+        << "set_grad_destination: " << shape_str(dest.shape()) << " " << dtype_name(dest.dtype()) << " on "
+        << dest.device().str() << " for a tensor " << shape_str(shape()) << " " << dtype_name(dtype()) << " on "
+        << device().str();
+    impl().autograd.grad_destination = dest.detach().impl_ptr();
+  } else {
+    impl().autograd.grad_destination.reset();
+  }
+}
+
 Tensor Tensor::detach() const {
   return view_of(impl().storage, impl().offset, impl().shape, impl().strides, impl().dtype);
 }

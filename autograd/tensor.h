@@ -42,6 +42,9 @@ struct AutogradMeta {
   uint32_t output_nr = 0;         // which output of grad_fn this tensor is
   std::weak_ptr<Node> grad_accumulator;
   std::vector<std::pair<int, GradReadyHook>> ready_hooks;
+  // Where a leaf's first gradient of a backward is written when it has none yet (a view into a
+  // communication bucket: the gradient then lives there, with no copy later); .grad becomes it.
+  std::shared_ptr<TensorImpl> grad_destination;
   int next_hook_id = 0;
 };
 
@@ -136,6 +139,9 @@ class Tensor {
   uint32_t output_nr() const { return impl().autograd.output_nr; }
   Tensor grad() const;
   void set_grad(const Tensor& grad) const;
+  // Leaves: the next gradient that finds .grad undefined is copied into `dest` (this tensor's shape and
+  // dtype; undefined: none) and .grad becomes `dest`.
+  void set_grad_destination(const Tensor& dest) const;
   Tensor detach() const;  // shares storage, no history
   const std::shared_ptr<SparseRows>& sparse_grad() const { return impl().autograd.sparse_grad; }
   void set_sparse_grad(std::shared_ptr<SparseRows> g) const { impl().autograd.sparse_grad = std::move(g); }

@@ -81,11 +81,19 @@ GradientReducer::~GradientReducer() {
 }
 
 void GradientReducer::prepare() {
+  // Each bucket's storage now (after the forward, so it does not sit beside the activations), and
+  // every parameter without a gradient yet writes its gradient straight into its place there.
   for (Bucket& b : buckets_) {
     b.ready = 0;
     b.started = false;
-    b.flat = Tensor();
     b.work.reset();
+    const int64_t padded = shard_ ? b.slice * b.group->size() : b.numel;
+    b.flat = Tensor::empty({padded}, b.dtype, b.device);
+    if (padded > b.numel) b.flat.narrow(0, b.numel, padded - b.numel).zero_();
+    for (std::size_t k = 0; k < b.params.size(); ++k) {
+      const Tensor& t = params_[b.params[k]].tensor;
+      if (!t.grad().defined()) t.set_grad_destination(b.flat.narrow(0, b.offsets[k], t.numel()).view(t.shape()));
+    }
   }
   std::fill(seen_.begin(), seen_.end(), false);
   next_ = 0;
@@ -117,21 +125,26 @@ void GradientReducer::start_ready_buckets() {
 
 void GradientReducer::start(Bucket& b) {
   NoGradGuard ng;
-  std::vector<Tensor> parts;
-  for (const int i : b.params) {
+  for (std::size_t k = 0; k < b.params.size(); ++k) {
+    const int i = b.params[k];
     const Tensor& t = params_[i].tensor;
+    t.set_grad_destination(Tensor());
     const Tensor g = t.grad();
     had_[i] = g.defined() ? 1.0 : 0.0;
-    parts.push_back(g.defined() ? g.reshape({-1}) : zeros({t.numel()}, t.dtype(), t.device()));
+    Tensor slot = b.flat.narrow(0, b.offsets[k], t.numel());
+    const bool in_place = g.defined() && g.storage() == b.flat.storage() && g.offset() == slot.offset();
+    if (in_place) continue;  // written there by the backward
+    if (g.defined()) {       // accumulated over earlier micro-batches, or set by hand: copied
+      slot.copy_(g.reshape({-1}));
+      ++stats_.copied;
+    } else {
+      slot.zero_();
+    }
   }
   if (shard_) {
-    const int64_t padded = b.slice * b.group->size();
-    if (padded > b.numel) parts.push_back(zeros({padded - b.numel}, b.dtype, b.device));
-    b.flat = concat(parts, 0);
     b.shard = Tensor::empty({b.slice}, b.dtype, b.device);
     b.work = b.group->reduce_scatter_async(b.flat, b.shard);
   } else {
-    b.flat = parts.size() == 1 ? parts[0].contiguous().clone() : concat(parts, 0);
     b.work = b.group->all_reduce_async(b.flat);
   }
   b.started = true;

@@ -49,6 +49,7 @@ struct ReducerStats {
   double bytes = 0;        // gradient bytes all-reduced this step
   int64_t buckets = 0;     // buckets started
   int64_t early = 0;       // buckets started from a hook during the backward (overlapped)
+  int64_t copied = 0;      // gradients copied into a bucket (not written there by the backward)
 };
 
 class GradientReducer {

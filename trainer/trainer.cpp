@@ -348,6 +348,15 @@ Expected<TrainSummary> Trainer::run() {
     if (speak) progress.message(line);
   };
   if (!resume_from_.empty()) say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
+  if (grid_->distributed()) {
+    std::ostringstream os;
+    os.precision(3);
+    os << "grid " << grid_->shape().str() << " (" << grid_->world().size() << " ranks): " << reducer_->num_buckets()
+       << " gradient buckets of " << cfg_.parallel().bucket_mb() << " MB; AdamW state on rank 0: "
+       << double(optimizer_->state_bytes()) / (1 << 20) << " MiB"
+       << (optimizer_->sharded() ? " (ZeRO-1: sharded over the replicas)" : " (replicated; parallel.zero1 shards it)");
+    say(os.str());
+  }
 
   g_signal.store(0);
   auto old_term = std::signal(SIGTERM, on_signal);

@@ -72,6 +72,29 @@ TEST(Engine, InPlaceChangeOfSavedTensorIsReported) {
   }
 }
 
+TEST(Engine, GradientIsWrittenIntoItsDestination) {
+  // x reaches f by three paths; its whole gradient lands in the destination (a view into a larger
+  // buffer, as the gradient reducer's buckets are), which becomes x.grad; a second backward adds to it.
+  Tensor x = tensor<double>({1, -2, 0.5}, {3});
+  x.set_requires_grad(true);
+  Tensor bucket = full({7}, -9.0, DType::kF64);
+  x.set_grad_destination(bucket.narrow(0, 2, 3));
+  sum(add(mul(x, x), mul(x, 3.0))).backward();
+  EXPECT_EQ(x.grad().to_vector<double>(), (std::vector<double>{5, -1, 4}));
+  EXPECT_EQ(bucket.to_vector<double>(), (std::vector<double>{-9, -9, 5, -1, 4, -9, -9}));
+  EXPECT_TRUE(x.grad().storage() == bucket.storage());
+  sum(mul(x, 2.0)).backward();
+  EXPECT_EQ(bucket.to_vector<double>(), (std::vector<double>{-9, -9, 7, 1, 6, -9, -9}));
+  // Without a destination, a fresh gradient is its own tensor again.
+  x.set_grad(Tensor());
+  x.set_grad_destination(Tensor());
+  sum(mul(x, 2.0)).backward();
+  EXPECT_FALSE(x.grad().storage() == bucket.storage());
+  // A destination of another shape or dtype is refused.
+  EXPECT_THROW(x.set_grad_destination(zeros({4}, DType::kF64)), Error);
+  EXPECT_THROW(x.set_grad_destination(zeros({3}, DType::kF32)), Error);
+}
+
 TEST(Engine, GradReadyHookFiresOnceAfterAccumulation) {
   // w is used twice; the hook must see the complete gradient exactly once.
   Tensor w = randn64({2, 2}, 6);

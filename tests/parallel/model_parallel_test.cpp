@@ -72,7 +72,9 @@ std::unique_ptr<ProcessGrid> grid_of(const GridShape& shape) {
   return g.ok() ? std::move(*g) : nullptr;
 }
 
-void expect_same_step(const GridShape& shape) {
+// preset: every gradient starts as a zero tensor of its own, so the reducer copies them into its
+// buckets (as after earlier micro-batches) instead of the backward writing into the buckets directly.
+void expect_same_step(const GridShape& shape, bool preset = false) {
   auto grid = grid_of(shape);
   if (!grid) GTEST_SKIP() << "needs " << shape.size() << " ranks";
   const data::Batch batch = global_batch(11);
@@ -87,12 +89,19 @@ void expect_same_step(const GridShape& shape) {
   const int64_t per = kBatch / grid->data_ranks();
   const data::Batch local =
       trainer::sequence_shard(sequences(batch, grid->data_rank() * per, per), grid->sp_rank(), shape.sp);
+  if (preset)
+    for (const auto& p : dist->named_parameters())
+      if (!p.options.sparse_grad) p.tensor.set_grad(zeros_like(p.tensor));
   const trainer::StepLosses got = trainer::forward_backward(*dist, *grid, reducer.get(), local, s);
 
   EXPECT_NEAR(got.lm, want.lm, 1e-12 * std::abs(want.lm));
   EXPECT_NEAR(got.total, want.total, 1e-12 * std::abs(want.total));
   for (int k = 0; k < 3; ++k) EXPECT_NEAR(got.aux[k], want.aux[k], 1e-12 + 1e-10 * std::abs(want.aux[k])) << k;
   EXPECT_GT(reducer->stats().buckets, 1);
+  int64_t dense = 0;
+  for (const auto& p : dist->named_parameters()) dense += !p.options.sparse_grad;
+  // The backward wrote every gradient into its bucket, unless the gradients existed before it.
+  EXPECT_EQ(reducer->stats().copied, preset ? dense : 0);
 
   const auto want_p = ref->named_parameters(), got_p = dist->named_parameters();
   ASSERT_EQ(want_p.size(), got_p.size());
@@ -117,6 +126,7 @@ void expect_same_step(const GridShape& shape) {
 
 TEST(ModelParallel, DataParallel2SameLossAndGradients) { expect_same_step({2, 1, 1}); }
 TEST(ModelParallel, DataParallel4SameLossAndGradients) { expect_same_step({4, 1, 1}); }
+TEST(ModelParallel, DataParallel2OntoExistingGradientsSameLossAndGradients) { expect_same_step({2, 1, 1}, true); }
 TEST(ModelParallel, ExpertParallel2SameLossAndGradients) { expect_same_step({1, 2, 1}); }
 TEST(ModelParallel, ExpertParallel4SameLossAndGradients) { expect_same_step({1, 4, 1}); }
 TEST(ModelParallel, DataTimesExpertParallel2x2SameLossAndGradients) { expect_same_step({2, 2, 1}); }
