@@ -92,7 +92,7 @@ void GradientReducer::prepare() {
     if (padded > b.numel) b.flat.narrow(0, b.numel, padded - b.numel).zero_();
     for (std::size_t k = 0; k < b.params.size(); ++k) {
       const Tensor& t = params_[b.params[k]].tensor;
-      if (!t.grad().defined()) t.set_grad_destination(b.flat.narrow(0, b.offsets[k], t.numel()).view(t.shape()));
+      t.set_grad_destination(t.grad().defined() ? Tensor() : b.flat.narrow(0, b.offsets[k], t.numel()).view(t.shape()));
     }
   }
   std::fill(seen_.begin(), seen_.end(), false);
