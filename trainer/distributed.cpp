@@ -94,8 +94,9 @@ std::unique_ptr<parallel::GradientReducer> make_reducer(model::LanguageModel& mo
 double global_grad_norm(const AdamW& optimizer, const parallel::ProcessGrid& grid) {
   const auto all = [](const std::string&) { return true; };
   if (optimizer.sharded()) {
-    // The ranges partition every sharded parameter over the world (an expert's over its replicas, the
-    // experts over ep); the replicated ones (row-sparse) are the same everywhere: counted on rank 0.
+    // The ranges partition every parameter over the world (an expert's over its replicas, the experts
+    // over ep; the row-sparse ones by rows). Any parameter left unsharded would be the same on every
+    // rank: counted on rank 0 only (none is, today).
     const double ranges = optimizer.grad_sum_squares(all, GradPart::kSharded);
     const double replicated = grid.world().rank() == 0 ? optimizer.grad_sum_squares(all, GradPart::kReplicated) : 0.0;
     return std::sqrt(grid.world().all_reduce_host(ranges + replicated));
