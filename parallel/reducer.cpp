@@ -40,6 +40,7 @@ GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket
   }
   had_.assign(params_.size(), 0.0);
   owned_.assign(params_.size(), ParamShard{});
+  runs_.assign(params_.size(), RowRun{});
   slice_pos_.assign(params_.size(), 0);
   if (shard_) {
     // Rank r of a bucket's group owns [r * slice, (r + 1) * slice) of the flat bucket.
@@ -224,7 +225,26 @@ void GradientReducer::finish() {
     }
   }
   for (std::size_t i = 0; i < params_.size(); ++i)
-    if (params_[i].sparse) reduce_sparse(static_cast<int>(i));
+    if (params_[i].sparse) {
+      reduce_sparse(static_cast<int>(i));
+      if (shard_) find_run(static_cast<int>(i));
+    }
+}
+
+void GradientReducer::find_run(int i) {
+  RowRun& run = runs_[i];
+  run = RowRun{};
+  const Tensor& t = params_[i].tensor;
+  const auto& sg = t.sparse_grad();
+  if (!sg || sg->rows.numel() == 0) return;
+  const int64_t cols = t.size(1), r0 = owned_[i].lo / cols, r1 = owned_[i].hi / cols;
+  const std::vector<int64_t> rows = sg->rows.cpu().to_vector<int64_t>();  // merged: unique, ascending
+  run.first = std::lower_bound(rows.begin(), rows.end(), r0) - rows.begin();
+  run.last = std::lower_bound(rows.begin(), rows.end(), r1) - rows.begin();
+  if (run.last == run.first) return;
+  std::vector<int64_t> local(rows.begin() + run.first, rows.begin() + run.last);
+  for (int64_t& r : local) r -= r0;
+  run.local = tensor(local, {run.last - run.first}).to(t.device());
 }
 
 }  // namespace hydra::parallel
@@ -234,7 +254,14 @@ namespace hydra::parallel {
 ParamShard GradientReducer::shard(int i) const {
   HYDRA_CHECK(is_sharded(i)) << "reducer: " << params_[i].name << " is not sharded";
   ParamShard out = owned_[i];
-  if (params_[i].sparse) return out;
+  if (params_[i].sparse) {
+    const RowRun& run = runs_[i];
+    if (run.local.defined()) {
+      out.rows = run.local;
+      out.grad = params_[i].tensor.sparse_grad()->values.narrow(0, run.first, run.last - run.first);
+    }
+    return out;
+  }
   const Bucket& b = buckets_[bucket_of_[i]];
   if (had_[i] > 0 && out.hi > out.lo && b.shard.defined()) out.grad = b.shard.narrow(0, slice_pos_[i], out.hi - out.lo);
   return out;
@@ -281,11 +308,7 @@ void GradientReducer::share_rows(int i) {
   const ReducedParam& p = params_[i];
   const auto& sg = p.tensor.sparse_grad();
   if (!sg || sg->rows.numel() == 0) return;  // untouched on every rank (the merge made them agree)
-  const int64_t cols = p.tensor.size(1), k = sg->rows.numel();
-  const int64_t r0 = owned_[i].lo / cols, r1 = owned_[i].hi / cols;
-  const std::vector<int64_t> rows = sg->rows.cpu().to_vector<int64_t>();
-  const int64_t a = std::lower_bound(rows.begin(), rows.end(), r0) - rows.begin();
-  const int64_t b = std::lower_bound(rows.begin(), rows.end(), r1) - rows.begin();
+  const int64_t cols = p.tensor.size(1), k = sg->rows.numel(), a = runs_[i].first, b = runs_[i].last;
   Tensor current = gather_rows(p.tensor.detach(), sg->rows);  // [k, cols]
   Tensor mine = zeros({k, cols}, p.tensor.dtype(), p.tensor.device());
   if (b > a) mine.narrow(0, a, b - a).copy_(current.narrow(0, a, b - a));

@@ -40,7 +40,10 @@ struct ReducedParam {
 // One parameter's part of the optimizer update on this rank under ZeRO-1.
 struct ParamShard {
   int64_t lo = 0, hi = 0;  // flat range of the local parameter (empty when another rank owns all of it)
-  Tensor grad;             // its reduced gradient, [hi - lo]; undefined when no rank had a gradient
+  Tensor grad;             // its reduced gradient, [hi - lo]; undefined when no rank had one
+  // Row-sparse parameters: [lo, hi) is whole rows; grad is [k, cols], the values of the k touched rows
+  // in the range, and rows (i64 [k]) their indices counted from the range's first row.
+  Tensor rows;
 };
 
 struct ReducerStats {
@@ -72,8 +75,7 @@ class GradientReducer {
   const std::string& name(int i) const { return params_[i].name; }
   bool is_sharded(int i) const { return shard_; }  // every parameter, under ZeRO-1
   bool is_sparse(int i) const { return params_[i].sparse; }
-  // Valid after finish() (the range is fixed; the gradient is this step's; row-sparse parameters:
-  // undefined, the merged gradient is the parameter's sparse_grad()).
+  // Valid after finish() (the range is fixed; the gradient is this step's).
   ParamShard shard(int i) const;
   // After the optimizer updated every parameter's range on every rank: each bucket's slices are
   // all-gathered and copied into the parameters. Buckets whose parameters got no gradient are skipped.
@@ -110,6 +112,14 @@ class GradientReducer {
   bool shard_ = false;
   std::vector<ParamShard> owned_;   // per param (ZeRO-1): lo, hi; the gradient is filled in shard()
   std::vector<int64_t> slice_pos_;  // per param (ZeRO-1): where its range starts in its bucket's slice
+  // Per row-sparse param (ZeRO-1), this step: the run [first, last) of its merged, ascending touched
+  // rows that falls in its range, and those rows counted from the range's first row.
+  struct RowRun {
+    int64_t first = 0, last = 0;
+    Tensor local;
+  };
+  std::vector<RowRun> runs_;
+  void find_run(int param);
   std::size_t next_ = 0;           // the next bucket to start
   bool active_ = false;
   ReducerStats stats_;

@@ -1,6 +1,5 @@
 #include "trainer/optimizer.h"
 
-#include <algorithm>
 #include <cmath>
 
 #include "autograd/grad_mode.h"
@@ -26,7 +25,7 @@ double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& se
     if (slots_[i].frozen || !select(params_[i].name)) continue;
     if (slots_[i].sharded) {
       if (part == GradPart::kReplicated) continue;
-      const Tensor g = slots_[i].sparse ? owned_rows(i).values : reducer_->shard(static_cast<int>(i)).grad;
+      const Tensor g = reducer_->shard(static_cast<int>(i)).grad;
       if (g.defined()) grads.push_back(g);
       continue;
     }
@@ -64,26 +63,6 @@ void AdamW::shard_over(parallel::GradientReducer* reducer) {
   }
 }
 
-AdamW::OwnedRows AdamW::owned_rows(std::size_t i) const {
-  const Slot& s = slots_[i];
-  const Tensor& p = params_[i].tensor;
-  OwnedRows o;
-  o.first_row = s.lo / p.size(1);
-  const auto& sg = p.sparse_grad();
-  if (!sg || sg->rows.numel() == 0) return o;
-  // The merged rows are unique and ascending: the owned ones are one run of them.
-  const int64_t last_row = s.hi / p.size(1);
-  const std::vector<int64_t> rows = sg->rows.cpu().to_vector<int64_t>();
-  const int64_t a = std::lower_bound(rows.begin(), rows.end(), o.first_row) - rows.begin();
-  const int64_t b = std::lower_bound(rows.begin(), rows.end(), last_row) - rows.begin();
-  if (b == a) return o;
-  std::vector<int64_t> local(rows.begin() + a, rows.begin() + b);
-  for (int64_t& r : local) r -= o.first_row;
-  o.rows = tensor(local, {b - a}).to(p.device());
-  o.values = sg->values.narrow(0, a, b - a);
-  return o;
-}
-
 int64_t AdamW::state_bytes() const {
   int64_t bytes = 0;
   for (const Slot& s : slots_) bytes += (s.m.numel() + s.v.numel()) * static_cast<int64_t>(dtype_size(s.m.dtype()));
@@ -112,14 +91,14 @@ void AdamW::step(double lr, double base_lr, double grad_scale) {
     AdamWHyper h = shared;
     h.lr = base_lr > 0 ? lr * group_lr / base_lr : 0.0;
     h.weight_decay = p.options.weight_decay ? cfg_.weight_decay() : 0.0;
-    if (s.sharded && s.sparse) {
-      const OwnedRows o = owned_rows(i);
-      if (o.values.defined())
-        adamw_update_rows(p.tensor.narrow(0, o.first_row, s.m.size(0)), o.rows, o.values, s.m, s.v, h);
-    } else if (s.sharded) {
-      const Tensor g = reducer_->shard(static_cast<int>(i)).grad;
-      if (g.defined())
-        dense.push_back({p.tensor.reshape({-1}).narrow(0, s.lo, s.hi - s.lo), g, s.m, s.v, h.lr, h.weight_decay});
+    if (s.sharded) {
+      const parallel::ParamShard sh = reducer_->shard(static_cast<int>(i));
+      if (!sh.grad.defined()) continue;
+      if (s.sparse) {  // the touched rows among this rank's rows
+        adamw_update_rows(p.tensor.narrow(0, s.lo / p.tensor.size(1), s.m.size(0)), sh.rows, sh.grad, s.m, s.v, h);
+      } else {
+        dense.push_back({p.tensor.reshape({-1}).narrow(0, s.lo, s.hi - s.lo), sh.grad, s.m, s.v, h.lr, h.weight_decay});
+      }
     } else if (const auto& sg = p.tensor.sparse_grad()) {
       adamw_update_rows(p.tensor, sg->rows, sg->values, s.m, s.v, h);
     } else if (p.tensor.grad().defined()) {

@@ -68,14 +68,6 @@ class AdamW {
     bool sparse = false;     // ... of whole rows ([rows, cols]) of a row-sparse parameter
     int64_t lo = 0, hi = 0;
   };
-  // ZeRO-1, row-sparse parameter i: the touched rows this rank owns (relative to first_row, the first
-  // owned row) and their gradient values; undefined when it owns none of them.
-  struct OwnedRows {
-    int64_t first_row = 0;
-    Tensor rows, values;
-  };
-  OwnedRows owned_rows(std::size_t i) const;
-
   std::vector<NamedParameter> params_;
   std::vector<Slot> slots_;
   config::OptimizerConfig cfg_;
