@@ -336,6 +336,13 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
         if (!f.ok()) return f.status().with_context("checkpoint " + dir);
         files.emplace(rec->file(), std::move(*f));
       }
+      // The dataset must hold what the manifest says before it is read into a buffer of that size.
+      auto on_disk = files.at(rec->file()).shape(name);
+      if (!on_disk.ok()) return on_disk.status().with_context("checkpoint " + dir);
+      if (numel_of(*on_disk) != numel_of(shape))
+        return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() + " holds " +
+                         std::to_string(numel_of(*on_disk)) + " elements, manifest.pb says " + shape_str(shape) +
+                         " (the file or the manifest is damaged)");
       Tensor stored = Tensor::empty(shape, t.dtype());
       const Status st = files.at(rec->file()).read(name, h5_type(t.dtype()), stored.raw_data());
       if (!st.ok()) return st.with_context("checkpoint " + dir);

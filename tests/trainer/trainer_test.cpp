@@ -220,6 +220,19 @@ TEST(BadInput, TruncatedCheckpointAndChecksumMismatch) {
     const std::string msg = error_of(train(small_config(), out, "auto", 8));
     EXPECT_NE(msg.find("fails its checksum"), std::string::npos) << msg;
   }
+  // A record claiming fewer elements than its dataset holds: refused before reading (no overflow).
+  {
+    auto man = CheckpointManager::read_manifest(ckpt);
+    ASSERT_TRUE(man.ok());
+    man->mutable_tensor(3)->set_crc32c(man->tensor(3).crc32c() ^ 1u);  // the original checksum again
+    int k = 0;
+    while (k < man->tensor_size() && (man->tensor(k).shape_size() == 0 || man->tensor(k).shape(0) < 2)) ++k;
+    ASSERT_LT(k, man->tensor_size());
+    man->mutable_tensor(k)->set_shape(0, 1);
+    std::ofstream(ckpt + "/manifest.pb", std::ios::binary) << man->SerializeAsString();
+    const std::string msg = error_of(train(small_config(), out, "auto", 8));
+    EXPECT_NE(msg.find("elements, manifest.pb says"), std::string::npos) << msg;
+  }
   // Truncated rank file.
   fs::resize_file(ckpt + "/rank-00000.h5", fs::file_size(ckpt + "/rank-00000.h5") / 2);
   const std::string msg = error_of(train(small_config(), out, ckpt, 8));
