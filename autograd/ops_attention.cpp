@@ -65,7 +65,7 @@ std::pair<Tensor, Tensor> sparse_attention_with_lse(const Tensor& q_in, const Te
   p.k_pos0 = k_pos0;
   p.scale = scale;
   p.stream = current_stream(dev);
-  if (out.numel() > 0) HYDRA_LAUNCH_CPU_ONLY(dev, attention_fwd, p);
+  if (out.numel() > 0) HYDRA_LAUNCH(dev, attention_fwd, p);
   if (any_requires_grad({q_in, k_in, v_in})) {
     std::vector<SavedTensor> saved = {SavedTensor(q.t), SavedTensor(k.t), SavedTensor(v.t), SavedTensor(out),
                                       SavedTensor(lse)};
@@ -84,7 +84,9 @@ std::pair<Tensor, Tensor> sparse_attention_with_lse(const Tensor& q_in, const Te
       bp.gq = gq.raw_data();
       bp.gk = gk.raw_data();
       bp.gv = gv.raw_data();
-      if (gq.numel() > 0 || gk.numel() > 0) HYDRA_LAUNCH_CPU_ONLY(dev, attention_bwd, bp);
+      const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, attention_bwd_workspace, bp);
+      bp.workspace = ws.defined() ? ws.raw_data() : nullptr;
+      if (gq.numel() > 0 || gk.numel() > 0) HYDRA_LAUNCH(dev, attention_bwd, bp);
       return std::vector<Tensor>{gq, gk, gv};
     });
   }
@@ -114,7 +116,7 @@ Tensor rope_raw(const Tensor& x_in, int64_t pos0, double theta, bool inverse) {
   p.theta = theta;
   p.inverse = inverse;
   p.stream = current_stream(x_in.device());
-  if (y.numel() > 0) HYDRA_LAUNCH_CPU_ONLY(x_in.device(), rope, p);
+  if (y.numel() > 0) HYDRA_LAUNCH(x_in.device(), rope, p);
   return y;
 }
 

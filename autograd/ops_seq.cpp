@@ -197,7 +197,7 @@ SelectiveScanResult selective_scan(const Tensor& u_in, const Tensor& delta_in,
     if (L == 0) {
       h_last.copy_(h0.defined() ? h0 : zeros({Bsz, Dm, N}, acc, dev));
     } else {
-      HYDRA_LAUNCH_CPU_ONLY(dev, ssm_scan_fwd, p);
+      HYDRA_LAUNCH(dev, ssm_scan_fwd, p);
     }
   }
 
@@ -237,7 +237,9 @@ SelectiveScanResult selective_scan(const Tensor& u_in, const Tensor& delta_in,
           q.gh0 = gh0.defined() ? gh0.raw_data() : nullptr;
           q.fwd.stream = current_stream(dev);
           if (L > 0 && Bsz * Dm > 0) {
-            HYDRA_LAUNCH_CPU_ONLY(dev, ssm_scan_bwd, q);
+            const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, ssm_scan_bwd_workspace, q);
+            q.workspace = ws.defined() ? ws.raw_data() : nullptr;
+            HYDRA_LAUNCH(dev, ssm_scan_bwd, q);
           } else {
             for (Tensor* t : {&gu, &gdelta, &gz, &gB, &gC, &gA, &gD, &gbias})
               if (t->defined()) t->zero_();

@@ -38,9 +38,14 @@ struct AttentionBwdParams {
   void* gq = nullptr;
   void* gk = nullptr;
   void* gv = nullptr;
+  void* workspace = nullptr;  // CUDA: attention_bwd_workspace(p) bytes (the per-query dO . O terms)
 };
 
 HYDRA_DECLARE_KERNEL(attention_fwd, AttentionParams)
 HYDRA_DECLARE_KERNEL(attention_bwd, AttentionBwdParams)
+
+namespace cuda {
+size_t attention_bwd_workspace(const AttentionBwdParams& p);
+}  // namespace cuda
 
 }  // namespace hydra::kernels

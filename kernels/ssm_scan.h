@@ -50,6 +50,7 @@ struct SsmScanBwdParams {
   void* gA_log = nullptr;         // [D, N]
   void* gD = nullptr;             // [D], if D
   void* gh0 = nullptr;            // [B, D, N] accumulate dtype, or null
+  void* workspace = nullptr;      // CUDA: ssm_scan_bwd_workspace(p) bytes
 };
 
 inline int64_t ssm_num_chunks(int64_t len, int64_t chunk_len) {
@@ -58,5 +59,9 @@ inline int64_t ssm_num_chunks(int64_t len, int64_t chunk_len) {
 
 HYDRA_DECLARE_KERNEL(ssm_scan_fwd, SsmScanParams)
 HYDRA_DECLARE_KERNEL(ssm_scan_bwd, SsmScanBwdParams)
+
+namespace cuda {
+size_t ssm_scan_bwd_workspace(const SsmScanBwdParams& p);
+}  // namespace cuda
 
 }  // namespace hydra::kernels

@@ -150,7 +150,7 @@ std::pair<Tensor, Tensor> merge_attention(const std::vector<Tensor>& outs_in, co
                                           const std::vector<std::vector<uint8_t>>& excluded) {
   HYDRA_CHECK(!outs_in.empty() && outs_in.size() == lses_in.size()) << "merge_attention: parts differ in count";
   const Tensor& o0 = outs_in[0];
-  HYDRA_CHECK(o0.device().is_cpu()) << "merge_attention: CPU only for now (as the sparse attention kernel)";
+  HYDRA_CHECK(o0.device().is_cpu()) << "merge_attention: CPU only for now (sequence-parallel sparse attention runs on the CPU backend)";
   const int64_t B = o0.size(0), L = o0.size(1), H = o0.size(2), dh = o0.size(3);
   const DType dt = o0.dtype();
   std::vector<Tensor> outs, lses;

@@ -183,3 +183,24 @@ inline int row_threads(int64_t cols, int per_thread = 1) {
 }
 
 }  // namespace hydra::kernels::cuda
+
+namespace hydra::kernels::cuda {
+
+// Allows `kernel` (a __global__ function) `bytes` of dynamic shared memory, above the default 48 KiB
+// where the device opts in; a size beyond the device's limit is an error naming the op.
+template <class K>
+void allow_dynamic_smem(K* kernel, size_t bytes, std::string_view op) {
+  static const int limit = [] {
+    int dev = 0, v = 0;
+    HYDRA_CUDA_CHECK(cudaGetDevice(&dev));
+    HYDRA_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    return v;
+  }();
+  HYDRA_CHECK(bytes <= static_cast<size_t>(limit))
+      << op << ": needs " << bytes << " bytes of shared memory per block, the device allows " << limit
+      << " (use a smaller head or state dimension, or f32 instead of f64)";
+  if (bytes > 48 * 1024)
+    HYDRA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+}  // namespace hydra::kernels::cuda

@@ -246,6 +246,91 @@ TEST(CudaOps, CausalConv1dMatchCpu) {
   }
 }
 
+TEST(CudaOps, RopeMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  for (DType t : kTypes) {
+    check_op("rope", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{rope(in[0], 5, 10000.0)}; },
+             {rnd({2, 37, 3, 16}, 60)}, {true}, t);
+    // Long positions (angles of thousands of radians) and heads that are a slice of a wider tensor.
+    check_op("rope strided",
+             [](const std::vector<Tensor>& in) {
+               return std::vector<Tensor>{rope(split(in[0], {6, 6}, 2)[0], 3000, 500000.0)};
+             },
+             {rnd({1, 301, 12, 64}, 61)}, {true}, t);
+  }
+}
+
+TEST(CudaOps, SparseAttentionMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  struct Case {
+    int64_t B, Lq, Lk, H, dh, window, stride, q_pos0, k_pos0;
+  };
+  const std::vector<Case> cases = {
+      {2, 37, 37, 3, 16, 0, 0, 0, 0},         // dense causal, odd length
+      {1, 129, 129, 2, 64, 16, 0, 0, 0},      // window only: tiles skip keys
+      {2, 100, 100, 3, 48, 20, 13, 0, 0},     // window + global keys and queries
+      {1, 70, 70, 2, 32, 5, 1, 0, 0},         // every position global
+      {2, 33, 61, 2, 16, 9, 8, 40, 12},       // a query shard against keys from elsewhere
+      {1, 40, 40, 1, 128, 64, 32, 0, 0},      // the 1.6B head size
+  };
+  for (const Case& c : cases)
+    for (DType t : kTypes) {
+      const double scale = 1.0 / std::sqrt(double(c.dh));
+      const AttentionPattern pat{c.window, c.stride};
+      check_op("sparse_attention",
+               [&](const std::vector<Tensor>& in) {
+                 auto [o, lse] = sparse_attention_with_lse(in[0], in[1], in[2], pat, scale, c.q_pos0, c.k_pos0);
+                 return std::vector<Tensor>{o, lse};
+               },
+               {rnd({c.B, c.Lq, c.H, c.dh}, 62, 1.5), rnd({c.B, c.Lk, c.H, c.dh}, 63, 1.5),
+                rnd({c.B, c.Lk, c.H, c.dh}, 64)},
+               {true, true, true}, t);
+    }
+  // q, k, v as slices of one fused projection (tokens 3*H*dh apart, no copy).
+  for (DType t : kTypes)
+    check_op("sparse_attention fused qkv",
+             [](const std::vector<Tensor>& in) {
+               auto qkv = split(in[0], {4, 4, 4}, 2);
+               return std::vector<Tensor>{sparse_attention(qkv[0], qkv[1], qkv[2], {24, 16}, 0.25)};
+             },
+             {rnd({2, 67, 12, 16}, 65)}, {true}, t);
+}
+
+TEST(CudaOps, SelectiveScanMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  struct Case {
+    int64_t B, L, D, N, chunk;
+    bool full;  // z, D, dt_bias and h0 present
+  };
+  // Odd channel counts (a partial warp, two blocks), states below and at the template bounds, chunks
+  // that do not divide the length, a length shorter than one chunk.
+  const std::vector<Case> cases = {{2, 37, 19, 5, 16, true},  {1, 50, 130, 16, 8, true}, {3, 21, 64, 8, 64, false},
+                                   {2, 70, 33, 32, 32, true}, {1, 9, 40, 64, 4, true}};
+  for (const Case& c : cases)
+    for (DType t : kTypes) {
+      std::vector<Tensor> in = {rnd({c.B, c.L, c.D}, 70),                          // u
+                                rnd({c.B, c.L, c.D}, 71, 0.7),                     // delta_raw
+                                log(positive({c.D, c.N}, 72)),                     // A_log
+                                rnd({c.B, c.L, c.N}, 73),                          // B
+                                rnd({c.B, c.L, c.N}, 74),                          // C
+                                rnd({c.D}, 75),                                    // D
+                                rnd({c.D}, 76, 0.5),                               // dt_bias
+                                rnd({c.B, c.L, c.D}, 77),                          // z
+                                rnd({c.B, c.D, c.N}, 78, 0.5)};                    // h0
+      std::vector<bool> grad(in.size(), true);
+      check_op("selective_scan",
+               [&](const std::vector<Tensor>& x) {
+                 const Tensor h0 = c.full ? x[8].to(accumulate_dtype(x[0].dtype())) : Tensor();
+                 const SelectiveScanResult r =
+                     selective_scan(x[0], x[1], x[2], x[3], x[4], c.full ? x[5] : Tensor(), c.full ? x[6] : Tensor(),
+                                    c.full ? x[7] : Tensor(), h0, c.chunk);
+                 return std::vector<Tensor>{r.y, r.h_last};
+               },
+               c.full ? in : std::vector<Tensor>(in.begin(), in.begin() + 5),
+               c.full ? grad : std::vector<bool>(5, true), t);
+    }
+}
+
 TEST(CudaOps, AdamWMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   const Tensor p = rnd({1031}, 51), g = rnd({1031}, 52), m = rnd({1031}, 53, 0.1), v = exp(rnd({1031}, 54));

@@ -1,0 +1,434 @@
+// CUDA flash-style sparse causal attention (SIMT cores; fp32 arithmetic for f32 and bf16, fp64 for f64).
+// A block owns 32 queries of one (batch, head) and walks the keys its pattern reaches in tiles of 32,
+// staged in shared memory: the global keys before the window band (a strided run) and the band (a
+// contiguous run), the same sets as the CPU kernel; pairs the pattern masks inside a tile get -inf.
+// Softmax is online (running max and sum per query). The backward recomputes probabilities from the
+// saved log-sum-exp in two kernels without atomics: dQ walks a query tile's keys, dK and dV walk a key
+// tile's queries (the mirror sets: the band after the tile plus the global queries beyond it). Every
+// sum runs in a fixed order, so results are bit-reproducible.
+#include "kernels/attention.h"
+#include "kernels/cuda/common.cuh"
+
+namespace hydra::kernels::cuda {
+namespace {
+
+constexpr int kTile = 32;  // queries per block and keys per step (dK/dV: keys per block, queries per step)
+constexpr int kThreads = 128;
+
+struct Pattern {
+  int64_t window, stride, q_pos0, k_pos0;
+  __device__ bool global(int64_t pos) const { return stride > 0 && pos % stride == 0; }
+  __device__ bool visible(int64_t tq, int64_t tk) const {
+    return tk <= tq && (window <= 0 || tq - tk < window || global(tk) || global(tq));
+  }
+};
+
+// An ordered index list made of two arithmetic runs: start0 + o * step0 (o < n0), then start1 + o * step1.
+struct Runs {
+  int64_t start0 = 0, step0 = 1, n0 = 0, start1 = 0, step1 = 1, n1 = 0;
+  __device__ int64_t count() const { return n0 + n1; }
+  __device__ int64_t at(int64_t o) const { return o < n0 ? start0 + o * step0 : start1 + (o - n0) * step1; }
+};
+
+__device__ int64_t first_multiple_at_or_after(int64_t pos, int64_t stride) {
+  return pos <= 0 ? 0 : (pos + stride - 1) / stride * stride;
+}
+
+// Keys that queries [i0, i1) may see: the global keys before the window band, then the band; every
+// earlier key when a query is global or the window is unlimited.
+__device__ Runs keys_for_queries(const Pattern& pat, int64_t k_len, int64_t i0, int64_t i1) {
+  Runs r;
+  const int64_t tq_min = pat.q_pos0 + i0, tq_max = pat.q_pos0 + i1 - 1;
+  const int64_t j_end = min(k_len, tq_max - pat.k_pos0 + 1);
+  if (j_end <= 0) return r;
+  bool full = pat.window <= 0;
+  for (int64_t i = i0; i < i1 && !full; ++i) full = pat.global(pat.q_pos0 + i);
+  int64_t j_band = 0;
+  if (!full) {
+    j_band = max(int64_t(0), min(j_end, tq_min - pat.window + 1 - pat.k_pos0));
+    if (pat.stride > 0 && j_band > 0) {
+      const int64_t g0 = first_multiple_at_or_after(pat.k_pos0, pat.stride), limit = pat.k_pos0 + j_band;
+      r.start0 = g0 - pat.k_pos0;
+      r.step0 = pat.stride;
+      r.n0 = g0 < limit ? (limit - 1 - g0) / pat.stride + 1 : 0;
+    }
+  }
+  r.start1 = j_band;
+  r.n1 = j_end - j_band;
+  return r;
+}
+
+// Queries that may see keys [j0, j1): the band from the first key on, then the global queries after
+// it; every later query when a key is global or the window is unlimited.
+__device__ Runs queries_for_keys(const Pattern& pat, int64_t q_len, int64_t j0, int64_t j1) {
+  Runs r;
+  const int64_t tk_min = pat.k_pos0 + j0, tk_max = pat.k_pos0 + j1 - 1;
+  const int64_t i_start = max(int64_t(0), tk_min - pat.q_pos0);
+  if (i_start >= q_len) return r;
+  bool full = pat.window <= 0;
+  for (int64_t j = j0; j < j1 && !full; ++j) full = pat.global(pat.k_pos0 + j);
+  r.start0 = i_start;
+  if (full) {
+    r.n0 = q_len - i_start;
+    return r;
+  }
+  const int64_t i_band_end = max(i_start, min(q_len, tk_max + pat.window - pat.q_pos0));
+  r.n0 = i_band_end - i_start;
+  if (pat.stride > 0) {
+    const int64_t g0 = first_multiple_at_or_after(pat.q_pos0 + i_band_end, pat.stride), limit = pat.q_pos0 + q_len;
+    r.start1 = g0 - pat.q_pos0;
+    r.step1 = pat.stride;
+    r.n1 = g0 < limit ? (limit - 1 - g0) / pat.stride + 1 : 0;
+  }
+  return r;
+}
+
+// Element offsets of a token's head in q/k/v ([B, L, H, dh] with tokens *_row apart) and in the
+// contiguous outputs and gradients.
+struct Layout {
+  int64_t heads, q_len, k_len, dh, q_row, k_row, v_row;
+  __device__ int64_t q(int64_t b, int64_t i, int64_t h) const { return (b * q_len + i) * q_row + h * dh; }
+  __device__ int64_t k(int64_t b, int64_t j, int64_t h) const { return (b * k_len + j) * k_row + h * dh; }
+  __device__ int64_t v(int64_t b, int64_t j, int64_t h) const { return (b * k_len + j) * v_row + h * dh; }
+  __device__ int64_t dq(int64_t b, int64_t i, int64_t h) const { return ((b * q_len + i) * heads + h) * dh; }
+  __device__ int64_t dk(int64_t b, int64_t j, int64_t h) const { return ((b * k_len + j) * heads + h) * dh; }
+  __device__ int64_t stat(int64_t b, int64_t h, int64_t i) const { return (b * heads + h) * q_len + i; }
+};
+
+Layout layout_of(const AttentionParams& p) {
+  return {p.heads, p.q_len, p.k_len, p.head_dim, p.q_row, p.k_row, p.v_row};
+}
+
+// Copies rows idx[r] (r < kTile; -1: zeros) of `src` (row r at offset off(idx[r])) into dst[r * pitch + c].
+template <class T, class C, class Off>
+__device__ void stage_rows(const T* __restrict src, const int* idx, Off off, int64_t dh, C scale, C* dst, int64_t pitch) {
+  for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) {
+    const int64_t r = e / dh, c = e % dh;
+    const int j = idx[r];
+    dst[r * pitch + c] = j >= 0 ? load(src, off(j) + c) * scale : C(0);
+  }
+}
+
+template <class C>
+__device__ C dot(const C* a, const C* b, int64_t n) {
+  C s = 0;
+  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionParams p, Layout lay, Pattern pat) {
+  using C = compute_t<T>;
+  const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+  const int64_t i0 = int64_t(blockIdx.x) * kTile, nq = min(int64_t(kTile), p.q_len - i0);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  C* Qs = reinterpret_cast<C*>(smem_raw);  // [kTile][dh], pre-scaled
+  C* Ks = Qs + kTile * dh;                 // [kTile][dh + 1]
+  C* Vs = Ks + kTile * (dh + 1);           // [kTile][dh]
+  C* S = Vs + kTile * dh;                  // [kTile][kTile + 1]: scores, then probabilities
+  C* O = S + kTile * (kTile + 1);          // [kTile][dh]
+  C* m = O + kTile * dh;
+  C* l = m + kTile;
+  C* corr = l + kTile;
+  int* qidx = reinterpret_cast<int*>(corr + kTile);
+  int* kidx = qidx + kTile;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+
+  if (threadIdx.x < kTile) {
+    qidx[threadIdx.x] = threadIdx.x < nq ? int(i0 + threadIdx.x) : -1;
+    m[threadIdx.x] = C(-INFINITY);
+    l[threadIdx.x] = 0;
+  }
+  for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) O[e] = 0;
+  __syncthreads();
+  stage_rows(q, qidx, [&](int i) { return lay.q(b, i, h); }, dh, C(p.scale), Qs, dh);
+  const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
+  for (int64_t o0 = 0; o0 < keys.count(); o0 += kTile) {
+    const int64_t nk = min(int64_t(kTile), keys.count() - o0);
+    __syncthreads();  // the previous step is done with kidx, Ks, Vs and S
+    if (threadIdx.x < kTile) kidx[threadIdx.x] = threadIdx.x < nk ? int(keys.at(o0 + threadIdx.x)) : -1;
+    __syncthreads();
+    stage_rows(k, kidx, [&](int j) { return lay.k(b, j, h); }, dh, C(1), Ks, dh + 1);
+    stage_rows(v, kidx, [&](int j) { return lay.v(b, j, h); }, dh, C(1), Vs, dh);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kTile * kTile; e += blockDim.x) {
+      const int ii = e / kTile, jj = e % kTile;
+      C s = C(-INFINITY);
+      if (ii < nq && kidx[jj] >= 0 && pat.visible(pat.q_pos0 + i0 + ii, pat.k_pos0 + kidx[jj]))
+        s = dot(Qs + ii * dh, Ks + jj * (dh + 1), dh);
+      S[ii * (kTile + 1) + jj] = s;
+    }
+    __syncthreads();
+    for (int ii = warp; ii < kTile; ii += warps) {  // online softmax, a warp per query, a lane per key
+      const C s = S[ii * (kTile + 1) + lane];
+      const C m_old = m[ii], m_new = max(m_old, warp_max(s));
+      const C pr = s == C(-INFINITY) ? C(0) : fast_exp(s - m_new);
+      S[ii * (kTile + 1) + lane] = pr;
+      const C sum = warp_sum(pr);
+      if (lane == 0) {
+        const C c = m_old == C(-INFINITY) ? C(0) : fast_exp(m_old - m_new);
+        corr[ii] = c;
+        l[ii] = l[ii] * c + sum;
+        m[ii] = m_new;
+      }
+    }
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) {
+      const int64_t ii = e / dh, c = e % dh;
+      const C* pr = S + ii * (kTile + 1);
+      C acc = O[e] * corr[ii];
+      for (int64_t jj = 0; jj < nk; ++jj) acc += pr[jj] * Vs[jj * dh + c];
+      O[e] = acc;
+    }
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out);
+  for (int64_t e = threadIdx.x; e < nq * dh; e += blockDim.x) {
+    const int64_t ii = e / dh, c = e % dh;
+    out[lay.dq(b, i0 + ii, h) + c] = convert<T>(l[ii] > C(0) ? O[e] / l[ii] : C(0));
+  }
+  if (threadIdx.x < nq) {
+    C* lse = static_cast<C*>(p.lse);
+    const int ii = threadIdx.x;
+    lse[lay.stat(b, h, i0 + ii)] = l[ii] > C(0) ? m[ii] + log(l[ii]) : C(-INFINITY);
+  }
+}
+
+// delta_i = dO_i . O_i - glse_i (a gradient on lse enters the softmax backward as -glse), a warp per query.
+template <class T>
+__global__ void attn_delta_kernel(AttentionBwdParams q, Layout lay, compute_t<T>* __restrict delta, int64_t rows) {
+  using C = compute_t<T>;
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;  // whole warps leave together
+  const int64_t i = row % lay.q_len, bh = row / lay.q_len, b = bh / lay.heads, h = bh % lay.heads;
+  const T* go = static_cast<const T*>(q.gout) + lay.dq(b, i, h);
+  const T* o = static_cast<const T*>(q.fwd.out) + lay.dq(b, i, h);
+  C s = 0;
+  for (int64_t c = lane; c < lay.dh; c += 32) s += load(go, c) * load(o, c);
+  s = warp_sum(s);
+  if (lane == 0) delta[row] = s - (q.glse ? static_cast<const C*>(q.glse)[row] : C(0));
+}
+
+// dQ_i = scale * sum_j P_ij (dP_ij - delta_i) K_j over the keys query tile blockIdx.x sees.
+template <class T>
+__global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttentionBwdParams q, Layout lay, Pattern pat,
+                                                            const compute_t<T>* __restrict delta) {
+  using C = compute_t<T>;
+  const AttentionParams& p = q.fwd;
+  const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+  const int64_t i0 = int64_t(blockIdx.x) * kTile, nq = min(int64_t(kTile), p.q_len - i0);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  C* Qs = reinterpret_cast<C*>(smem_raw);  // [kTile][dh], pre-scaled
+  C* dOs = Qs + kTile * dh;                // [kTile][dh]
+  C* Ks = dOs + kTile * dh;                // [kTile][dh + 1]
+  C* Vs = Ks + kTile * (dh + 1);           // [kTile][dh + 1]
+  C* dS = Vs + kTile * (dh + 1);           // [kTile][kTile + 1]
+  C* dQ = dS + kTile * (kTile + 1);        // [kTile][dh]
+  C* lse_s = dQ + kTile * dh;
+  C* delta_s = lse_s + kTile;
+  int* qidx = reinterpret_cast<int*>(delta_s + kTile);
+  int* kidx = qidx + kTile;
+  const C* lse = static_cast<const C*>(p.lse);
+
+  if (threadIdx.x < kTile) {
+    const int ii = threadIdx.x;
+    qidx[ii] = ii < nq ? int(i0 + ii) : -1;
+    lse_s[ii] = ii < nq ? lse[lay.stat(b, h, i0 + ii)] : C(-INFINITY);
+    delta_s[ii] = ii < nq ? delta[lay.stat(b, h, i0 + ii)] : C(0);
+  }
+  for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) dQ[e] = 0;
+  __syncthreads();
+  stage_rows(static_cast<const T*>(p.q), qidx, [&](int i) { return lay.q(b, i, h); }, dh, C(p.scale), Qs, dh);
+  stage_rows(static_cast<const T*>(q.gout), qidx, [&](int i) { return lay.dq(b, i, h); }, dh, C(1), dOs, dh);
+  const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
+  for (int64_t o0 = 0; o0 < keys.count(); o0 += kTile) {
+    const int64_t nk = min(int64_t(kTile), keys.count() - o0);
+    __syncthreads();
+    if (threadIdx.x < kTile) kidx[threadIdx.x] = threadIdx.x < nk ? int(keys.at(o0 + threadIdx.x)) : -1;
+    __syncthreads();
+    stage_rows(static_cast<const T*>(p.k), kidx, [&](int j) { return lay.k(b, j, h); }, dh, C(1), Ks, dh + 1);
+    stage_rows(static_cast<const T*>(p.v), kidx, [&](int j) { return lay.v(b, j, h); }, dh, C(1), Vs, dh + 1);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kTile * kTile; e += blockDim.x) {
+      const int ii = e / kTile, jj = e % kTile;
+      C ds = 0;
+      if (ii < nq && kidx[jj] >= 0 && lse_s[ii] != C(-INFINITY) &&
+          pat.visible(pat.q_pos0 + i0 + ii, pat.k_pos0 + kidx[jj])) {
+        const C pr = exp(dot(Qs + ii * dh, Ks + jj * (dh + 1), dh) - lse_s[ii]);
+        ds = pr * (dot(dOs + ii * dh, Vs + jj * (dh + 1), dh) - delta_s[ii]);
+      }
+      dS[ii * (kTile + 1) + jj] = ds;
+    }
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) {
+      const int64_t ii = e / dh, c = e % dh;
+      const C* d = dS + ii * (kTile + 1);
+      C acc = dQ[e];
+      for (int64_t jj = 0; jj < nk; ++jj) acc += d[jj] * Ks[jj * (dh + 1) + c];
+      dQ[e] = acc;
+    }
+  }
+  __syncthreads();
+  T* gq = static_cast<T*>(q.gq);
+  for (int64_t e = threadIdx.x; e < nq * dh; e += blockDim.x) {
+    const int64_t ii = e / dh, c = e % dh;
+    gq[lay.dq(b, i0 + ii, h) + c] = convert<T>(dQ[e] * C(p.scale));
+  }
+}
+
+// dV_j = sum_i P_ij dO_i and dK_j = scale * sum_i P_ij (dP_ij - delta_i) Q_i over the queries that see
+// key tile blockIdx.x.
+template <class T>
+__global__ void __launch_bounds__(kThreads) attn_dkv_kernel(AttentionBwdParams q, Layout lay, Pattern pat,
+                                                             const compute_t<T>* __restrict delta) {
+  using C = compute_t<T>;
+  const AttentionParams& p = q.fwd;
+  const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+  const int64_t j0 = int64_t(blockIdx.x) * kTile, nk = min(int64_t(kTile), p.k_len - j0);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  C* Ks = reinterpret_cast<C*>(smem_raw);  // [kTile][dh]
+  C* Vs = Ks + kTile * dh;                 // [kTile][dh]
+  C* Qs = Vs + kTile * dh;                 // [kTile][dh + 1], pre-scaled
+  C* dOs = Qs + kTile * (dh + 1);          // [kTile][dh + 1]
+  C* P = dOs + kTile * (dh + 1);           // [key][query]: [kTile][kTile + 1]
+  C* dS = P + kTile * (kTile + 1);         // [kTile][kTile + 1]
+  C* dK = dS + kTile * (kTile + 1);        // [kTile][dh]
+  C* dV = dK + kTile * dh;                 // [kTile][dh]
+  C* lse_s = dV + kTile * dh;
+  C* delta_s = lse_s + kTile;
+  int* kidx = reinterpret_cast<int*>(delta_s + kTile);
+  int* qidx = kidx + kTile;
+  const C* lse = static_cast<const C*>(p.lse);
+
+  if (threadIdx.x < kTile) kidx[threadIdx.x] = threadIdx.x < nk ? int(j0 + threadIdx.x) : -1;
+  for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) dK[e] = dV[e] = 0;
+  __syncthreads();
+  stage_rows(static_cast<const T*>(p.k), kidx, [&](int j) { return lay.k(b, j, h); }, dh, C(1), Ks, dh);
+  stage_rows(static_cast<const T*>(p.v), kidx, [&](int j) { return lay.v(b, j, h); }, dh, C(1), Vs, dh);
+  const Runs queries = queries_for_keys(pat, p.q_len, j0, j0 + nk);
+  for (int64_t o0 = 0; o0 < queries.count(); o0 += kTile) {
+    const int64_t nq = min(int64_t(kTile), queries.count() - o0);
+    __syncthreads();
+    if (threadIdx.x < kTile) {
+      const int ii = threadIdx.x;
+      const int i = ii < nq ? int(queries.at(o0 + ii)) : -1;
+      qidx[ii] = i;
+      lse_s[ii] = i >= 0 ? lse[lay.stat(b, h, i)] : C(-INFINITY);
+      delta_s[ii] = i >= 0 ? delta[lay.stat(b, h, i)] : C(0);
+    }
+    __syncthreads();
+    stage_rows(static_cast<const T*>(p.q), qidx, [&](int i) { return lay.q(b, i, h); }, dh, C(p.scale), Qs, dh + 1);
+    stage_rows(static_cast<const T*>(q.gout), qidx, [&](int i) { return lay.dq(b, i, h); }, dh, C(1), dOs, dh + 1);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kTile * kTile; e += blockDim.x) {
+      const int jj = e / kTile, ii = e % kTile;
+      C pr = 0, ds = 0;
+      if (kidx[jj] >= 0 && qidx[ii] >= 0 && lse_s[ii] != C(-INFINITY) &&
+          pat.visible(pat.q_pos0 + qidx[ii], pat.k_pos0 + kidx[jj])) {
+        pr = exp(dot(Qs + ii * (dh + 1), Ks + jj * dh, dh) - lse_s[ii]);
+        ds = pr * (dot(dOs + ii * (dh + 1), Vs + jj * dh, dh) - delta_s[ii]);
+      }
+      P[jj * (kTile + 1) + ii] = pr;
+      dS[jj * (kTile + 1) + ii] = ds;
+    }
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) {
+      const int64_t jj = e / dh, c = e % dh;
+      const C* pr = P + jj * (kTile + 1);
+      const C* d = dS + jj * (kTile + 1);
+      C av = dV[e], ak = dK[e];
+      for (int64_t ii = 0; ii < nq; ++ii) {
+        av += pr[ii] * dOs[ii * (dh + 1) + c];
+        ak += d[ii] * Qs[ii * (dh + 1) + c];  // Qs carries the scale dK needs
+      }
+      dV[e] = av;
+      dK[e] = ak;
+    }
+  }
+  __syncthreads();
+  T* gk = static_cast<T*>(q.gk);
+  T* gv = static_cast<T*>(q.gv);
+  for (int64_t e = threadIdx.x; e < nk * dh; e += blockDim.x) {
+    const int64_t jj = e / dh, c = e % dh;
+    gk[lay.dk(b, j0 + jj, h) + c] = convert<T>(dK[e]);
+    gv[lay.dk(b, j0 + jj, h) + c] = convert<T>(dV[e]);
+  }
+}
+
+// Dynamic shared memory of each kernel, in compute-type elements plus the two index arrays.
+size_t fwd_smem(int64_t dh, size_t a) {
+  return a * (kTile * (4 * dh + 1) + kTile * (kTile + 1) + 3 * kTile) + 2 * kTile * sizeof(int);
+}
+size_t dq_smem(int64_t dh, size_t a) {
+  return a * (kTile * (5 * dh + 2) + kTile * (kTile + 1) + 2 * kTile) + 2 * kTile * sizeof(int);
+}
+size_t dkv_smem(int64_t dh, size_t a) {
+  return a * (kTile * (6 * dh + 2) + 2 * kTile * (kTile + 1) + 2 * kTile) + 2 * kTile * sizeof(int);
+}
+
+size_t accumulate_size(DType t) { return t == DType::kF64 ? 8 : 4; }
+
+void check_sizes(const AttentionParams& p) {
+  HYDRA_CHECK(p.q_len < (int64_t(1) << 31) && p.k_len < (int64_t(1) << 31) && p.batch * p.heads < 65536)
+      << "attention (CUDA): q_len " << p.q_len << ", k_len " << p.k_len << " or batch*heads " << p.batch * p.heads
+      << " out of range (lengths < 2^31, batch*heads < 65536)";
+}
+
+}  // namespace
+
+void attention_fwd(const AttentionParams& p) {
+  if (p.batch * p.heads * p.q_len == 0) return;
+  check_sizes(p);
+  dispatch_float(p.dtype, "attention", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const size_t smem = fwd_smem(p.head_dim, accumulate_size(p.dtype));
+    allow_dynamic_smem(attn_fwd_kernel<T>, smem, "attention");
+    const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), static_cast<unsigned>(p.batch * p.heads));
+    attn_fwd_kernel<T><<<grid, kThreads, smem, as_stream(p.stream)>>>(
+        p, layout_of(p), Pattern{p.window, p.global_stride, p.q_pos0, p.k_pos0});
+    HYDRA_CUDA_LAUNCH_CHECK();
+  });
+}
+
+size_t attention_bwd_workspace(const AttentionBwdParams& q) {
+  const AttentionParams& p = q.fwd;
+  return accumulate_size(p.dtype) * static_cast<size_t>(p.batch * p.heads * p.q_len) + 256;
+}
+
+void attention_bwd(const AttentionBwdParams& q) {
+  const AttentionParams& p = q.fwd;
+  if (p.batch * p.heads == 0 || (p.q_len == 0 && p.k_len == 0)) return;
+  check_sizes(p);
+  HYDRA_CHECK(q.workspace != nullptr) << "attention_bwd: workspace required";
+  cudaStream_t s = as_stream(p.stream);
+  dispatch_float(p.dtype, "attention_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using C = compute_t<T>;
+    const Layout lay = layout_of(p);
+    const Pattern pat{p.window, p.global_stride, p.q_pos0, p.k_pos0};
+    C* delta = static_cast<C*>(q.workspace);
+    const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
+    const size_t a = accumulate_size(p.dtype);
+    if (p.q_len > 0) {
+      const int64_t rows = p.batch * p.heads * p.q_len;
+      attn_delta_kernel<T><<<blocks_for(rows * 32, 256, int64_t(1) << 31), 256, 0, s>>>(q, lay, delta, rows);
+      HYDRA_CUDA_LAUNCH_CHECK();
+      allow_dynamic_smem(attn_dq_kernel<T>, dq_smem(p.head_dim, a), "attention_backward");
+      attn_dq_kernel<T><<<dim3(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), bh), kThreads,
+                          dq_smem(p.head_dim, a), s>>>(q, lay, pat, delta);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+    if (p.k_len > 0) {
+      allow_dynamic_smem(attn_dkv_kernel<T>, dkv_smem(p.head_dim, a), "attention_backward");
+      attn_dkv_kernel<T><<<dim3(static_cast<unsigned>((p.k_len + kTile - 1) / kTile), bh), kThreads,
+                           dkv_smem(p.head_dim, a), s>>>(q, lay, pat, delta);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace hydra::kernels::cuda
