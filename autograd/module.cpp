@@ -79,14 +79,14 @@ void Module::zero_grad() {
   }
 }
 
-void Module::replace_data(const Tensor& param, const Tensor& data) {
+void Module::replace_data(const Tensor& param, const Tensor& data, bool keep_grad) {
   TensorImpl* impl = param.unsafe_impl();
   impl->storage = data.storage();
   impl->offset = data.offset();
   impl->shape = data.shape();
   impl->strides = data.strides();
   impl->dtype = data.dtype();
-  impl->autograd.grad.reset();
+  if (!keep_grad) impl->autograd.grad.reset();
 }
 
 void Module::to(Device device) {

@@ -47,8 +47,9 @@ class Module {
   void to(Device device);
   void to(DType dtype);
   // Replaces the data behind a parameter (or buffer) handle, keeping the handle and every copy of it
-  // valid (e.g. keeping only this rank's slice of a sharded parameter). Drops its gradient.
-  static void replace_data(const Tensor& param, const Tensor& data);
+  // valid (e.g. keeping only this rank's slice of a sharded parameter). Drops its gradient unless
+  // `keep_grad` (switching between a master and its compute copy: autograd/compute_copies.h).
+  static void replace_data(const Tensor& param, const Tensor& data, bool keep_grad = false);
 
  protected:
   Tensor register_parameter(const std::string& name, Tensor t, ParamOptions options = {});

@@ -52,8 +52,8 @@ std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
     // leaves' .grad share memory (a pass-through backward such as add's hands one tensor to both
     // inputs).
     const bool sole_owner = g.storage().use_count() == 1 && g.impl_ptr().use_count() == 1 &&
-                            g.is_contiguous() && g.offset() == 0 && g.dtype() == leaf_.dtype();
-    leaf_.set_grad(sole_owner ? g : g.to(leaf_.dtype()).clone());
+                            g.is_contiguous() && g.offset() == 0 && g.dtype() == leaf_.grad_dtype();
+    leaf_.set_grad(sole_owner ? g : g.to(leaf_.grad_dtype()).clone());
   } else {
     NoGradGuard no_grad;
     current.add_(g.dtype() == current.dtype() ? g : g.to(current.dtype()));

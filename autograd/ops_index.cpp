@@ -324,7 +324,7 @@ void accumulate_sparse_grad(const Tensor& leaf, const Tensor& rows_in, const Ten
       << "accumulate_sparse_grad: rows " << shape_str(rows_in.shape()) << ", values " << shape_str(values_in.shape())
       << " for a leaf of shape " << shape_str(leaf.shape());
   NoGradGuard no_grad;
-  Tensor rows = rows_in.reshape({-1}).to(DType::kI64), values = values_in.to(leaf.dtype());
+  Tensor rows = rows_in.reshape({-1}).to(DType::kI64), values = values_in.to(leaf.grad_dtype());
   if (const auto& prev = leaf.sparse_grad()) {
     rows = concat({prev->rows, rows}, 0);
     values = concat({prev->values, values}, 0);
@@ -340,7 +340,7 @@ void accumulate_sparse_grad(const Tensor& leaf, const Tensor& rows_in, const Ten
   const Device dev = leaf.device();
   auto g = std::make_shared<SparseRows>();
   g->rows = tensor(uniq, {static_cast<int64_t>(uniq.size())}).to(dev);
-  g->values = zeros({static_cast<int64_t>(uniq.size()), leaf.size(1)}, leaf.dtype(), dev);
+  g->values = zeros({static_cast<int64_t>(uniq.size()), leaf.size(1)}, leaf.grad_dtype(), dev);
   scatter_rows_into(g->values, tensor(slot, {static_cast<int64_t>(slot.size())}).to(dev), values.contiguous());
   leaf.set_sparse_grad(std::move(g));
   run_grad_ready_hooks(leaf);

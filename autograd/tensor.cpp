@@ -275,9 +275,15 @@ void Tensor::set_grad(const Tensor& grad) const {
   }
 }
 
+void Tensor::set_grad_dtype(std::optional<DType> dtype) const {
+  impl().autograd.grad_dtype = dtype;
+  const Tensor g = grad();
+  if (g.defined() && g.dtype() != grad_dtype()) impl().autograd.grad.reset();
+}
+
 void Tensor::set_grad_destination(const Tensor& dest) const {
   if (dest.defined()) {
-    HYDRA_CHECK(dest.shape() == shape() && dest.dtype() == dtype() && dest.device() == device())
+    HYDRA_CHECK(dest.shape() == shape() && dest.dtype() == grad_dtype() && dest.device() == device())
         << "set_grad_destination: " << shape_str(dest.shape()) << " " << dtype_name(dest.dtype()) << " on "
         << dest.device().str() << " for a tensor " << shape_str(shape()) << " " << dtype_name(dtype()) << " on "
         << device().str();

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <utility>
@@ -45,6 +46,9 @@ struct AutogradMeta {
   // Where a leaf's first gradient of a backward is written when it has none yet (a view into a
   // communication bucket: the gradient then lives there, with no copy later); .grad becomes it.
   std::shared_ptr<TensorImpl> grad_destination;
+  // The dtype a leaf's gradient accumulates in when it differs from the leaf's (a low-precision
+  // compute copy whose master is fp32: autograd/compute_copies.h); unset: the leaf's own dtype.
+  std::optional<DType> grad_dtype;
   int next_hook_id = 0;
 };
 
@@ -142,6 +146,10 @@ class Tensor {
   // Leaves: the next gradient that finds .grad undefined is copied into `dest` (this tensor's shape and
   // dtype; undefined: none) and .grad becomes `dest`.
   void set_grad_destination(const Tensor& dest) const;
+  // The dtype gradients of this leaf accumulate in (its own unless set; `set_grad_dtype` drops a
+  // gradient of another dtype).
+  DType grad_dtype() const { return impl().autograd.grad_dtype.value_or(dtype()); }
+  void set_grad_dtype(std::optional<DType> dtype) const;
   Tensor detach() const;  // shares storage, no history
   const std::shared_ptr<SparseRows>& sparse_grad() const { return impl().autograd.sparse_grad; }
   void set_sparse_grad(std::shared_ptr<SparseRows> g) const { impl().autograd.sparse_grad = std::move(g); }

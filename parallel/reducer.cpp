@@ -19,10 +19,10 @@ GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket
     const ReducedParam& p = params_[i];
     HYDRA_CHECK(p.group != nullptr) << "reducer: parameter " << p.name << " has no group";
     if (p.sparse) continue;
-    const int64_t bytes = p.tensor.numel() * static_cast<int64_t>(dtype_size(p.tensor.dtype()));
+    const int64_t bytes = p.tensor.numel() * static_cast<int64_t>(dtype_size(p.tensor.grad_dtype()));
     Bucket* open = nullptr;
     for (auto it = buckets_.rbegin(); it != buckets_.rend(); ++it)
-      if (it->group == p.group && it->dtype == p.tensor.dtype() && it->device == p.tensor.device()) {
+      if (it->group == p.group && it->dtype == p.tensor.grad_dtype() && it->device == p.tensor.device()) {
         open = &*it;
         break;
       }
@@ -30,7 +30,7 @@ GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket
       buckets_.emplace_back();
       open = &buckets_.back();
       open->group = p.group;
-      open->dtype = p.tensor.dtype();
+      open->dtype = p.tensor.grad_dtype();
       open->device = p.tensor.device();
     }
     open->params.push_back(i);
@@ -158,7 +158,7 @@ void GradientReducer::reduce_sparse(int param) {
   const ReducedParam& p = params_[param];
   Communicator& c = *p.group;
   const int64_t cols = p.tensor.size(1);
-  Tensor rows = zeros({0}, DType::kI64, p.tensor.device()), values = zeros({0, cols}, p.tensor.dtype(), p.tensor.device());
+  Tensor rows = zeros({0}, DType::kI64, p.tensor.device()), values = zeros({0, cols}, p.tensor.grad_dtype(), p.tensor.device());
   if (const auto& sg = p.tensor.sparse_grad()) {
     rows = sg->rows;
     values = sg->values;
@@ -170,13 +170,13 @@ void GradientReducer::reduce_sparse(int param) {
   const int64_t longest = static_cast<int64_t>(c.all_reduce_host(double(mine), ReduceOp::kMax));
   Tensor counts = all_gather(full({1}, double(mine), DType::kF64, p.tensor.device()).detach(), c);
   Tensor prow = full({longest}, -1.0, DType::kI64, p.tensor.device());
-  Tensor pval = zeros({longest, cols}, p.tensor.dtype(), p.tensor.device());
+  Tensor pval = zeros({longest, cols}, p.tensor.grad_dtype(), p.tensor.device());
   if (mine > 0) {
     prow.narrow(0, 0, mine).copy_(rows);
     pval.narrow(0, 0, mine).copy_(values);
   }
   Tensor all_rows = Tensor::empty({longest * c.size()}, DType::kI64, p.tensor.device());
-  Tensor all_vals = Tensor::empty({longest * c.size(), cols}, p.tensor.dtype(), p.tensor.device());
+  Tensor all_vals = Tensor::empty({longest * c.size(), cols}, p.tensor.grad_dtype(), p.tensor.device());
   c.all_gather(prow, all_rows);
   c.all_gather(pval, all_vals);
   const std::vector<double> cnt = counts.cpu().to_vector<double>();

@@ -180,6 +180,8 @@ Status Trainer::prepare_model() {
     reducer_ = make_reducer(*model_, *grid_, cfg_.parallel().bucket_mb(), zero1);
     if (zero1) optimizer_->shard_over(reducer_.get());  // before loading: the moments become ranges
   }
+  if (cfg_.train().precision() == config::TrainConfig::BF16_MIXED)
+    compute_copies_ = std::make_unique<ComputeCopies>(*model_, DType::kBF16);
   if (!resume_from_.empty()) {
     HYDRA_RETURN_IF_ERROR(CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_, *grid_));
     default_generator().set_state(state_.rng);
@@ -251,6 +253,7 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
     ctx.pos0 = grid_->sp_rank() * b.len;
     const Tensor tokens = tensor(b.tokens, {b.batch, b.len}).to(device_);
     const Tensor targets = tensor(b.targets, {b.batch, b.len}).to(device_);
+    const ComputeCopies::Scope compute(compute_copies_.get());
     const model::LmOutput out = model_->forward(tokens, targets, ctx, true);
     acc[0] += out.lm_loss.item<double>();
     for (int64_t t : b.targets) acc[1] += t != model::LanguageModel::kIgnoreIndex;
@@ -348,6 +351,13 @@ Expected<TrainSummary> Trainer::run() {
     if (speak) progress.message(line);
   };
   if (!resume_from_.empty()) say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
+  if (compute_copies_) {
+    std::ostringstream os;
+    os.precision(3);
+    os << "precision BF16_MIXED: bf16 compute copies of the fp32 parameters ("
+       << double(compute_copies_->bytes()) / (1 << 20) << " MiB), fp32 gradients, optimizer state and checkpoints";
+    say(os.str());
+  }
   if (grid_->distributed()) {
     std::ostringstream os;
     os.precision(3);
@@ -413,7 +423,11 @@ Expected<TrainSummary> Trainer::run() {
     ss.aux_scale = stage.aux_scale * warm;
     ss.grad_accum = tr.grad_accum();
     ss.device = device_;
-    StepLosses step_out = forward_backward(*model_, *grid_, reducer_.get(), batch, ss);
+    StepLosses step_out;
+    {  // bf16 compute copies (BF16_MIXED) during the forward and backward; the fp32 masters for the rest
+      const ComputeCopies::Scope compute(compute_copies_.get());
+      step_out = forward_backward(*model_, *grid_, reducer_.get(), batch, ss);
+    }
     const double lm_loss = step_out.lm, total_loss = step_out.total;
     const std::vector<double>& aux = step_out.aux;
     if (!std::isfinite(total_loss) || !std::isfinite(lm_loss)) {

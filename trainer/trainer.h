@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 
+#include "autograd/compute_copies.h"
 #include "data/loader.h"
 #include "model/lm.h"
 #include "parallel/grid.h"
@@ -81,6 +82,7 @@ class Trainer {
   Device device_ = Device::cpu();
   std::unique_ptr<parallel::ProcessGrid> grid_;       // a grid of one in a single process
   std::unique_ptr<parallel::GradientReducer> reducer_;  // distributed runs
+  std::unique_ptr<ComputeCopies> compute_copies_;      // BF16_MIXED: bf16 copies of the fp32 parameters
   int64_t current_stage_ = -1;
   std::string resume_from_;
 };

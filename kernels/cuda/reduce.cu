@@ -37,7 +37,7 @@ template <class T, class A>
 __global__ void rows_kernel(Op<A> op, const T* __restrict x, int64_t R, int64_t chunk, int64_t chunks, A* out,
                             bool mapped) {
   __shared__ A shared[32];
-  const int64_t row = blockIdx.y, c = blockIdx.x;
+  const int64_t row = blockIdx.x, c = blockIdx.y;  // rows in x: more than 65535 of them
   const int64_t begin = c * chunk, end = min(R, begin + chunk);
   A acc = op.init();
   for (int64_t r = begin + threadIdx.x; r < end; r += blockDim.x) {
@@ -118,6 +118,8 @@ void reduce_axis(const ReduceParams& p) {
   if (p.outer * p.inner == 0 || p.reduce == 0) return;
   HYDRA_CHECK(p.workspace != nullptr) << "reduce_axis: workspace required (reduce_axis_workspace bytes)";
   const Plan pl = plan(p);
+  HYDRA_CHECK(pl.chunks < 65536) << "reduce: " << p.reduce << " elements per output is beyond the CUDA kernel's "
+                                 << 65535 * (pl.rows ? kRowChunk : kColChunk);
   dispatch_float(p.dtype, "reduce", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -128,7 +130,7 @@ void reduce_axis(const ReduceParams& p) {
     cudaStream_t s = as_stream(p.stream);
     if (pl.rows) {
       const int threads = row_threads(pl.chunk, 8);
-      rows_kernel<T, A><<<dim3(pl.chunks, p.outer), threads, 0, s>>>(op, x, p.reduce, pl.chunk, pl.chunks, part, true);
+      rows_kernel<T, A><<<dim3(p.outer, pl.chunks), threads, 0, s>>>(op, x, p.reduce, pl.chunk, pl.chunks, part, true);
       HYDRA_CUDA_LAUNCH_CHECK();
       finish_rows_kernel<T, A><<<p.outer, row_threads(pl.chunks), 0, s>>>(op, part, pl.chunks, y, p.scale);
     } else {

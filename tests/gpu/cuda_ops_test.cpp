@@ -148,6 +148,9 @@ TEST(CudaOps, ReductionsMatchCpu) {
              {rnd({5000, 37}, 12)}, {true}, t);
     check_op("sum all", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0])}; },
              {rnd({1, 300001}, 13)}, {true}, t);
+    // More rows than a grid's y dimension takes (65535).
+    check_op("sum many rows", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], {1})}; },
+             {rnd({70001, 3}, 15)}, {true}, t);
   }
   const Tensor x = rnd({123, 45}, 14);
   EXPECT_LT(testing::rel_error(sum_squares(x.to(Device::cuda(0))).cpu(), sum_squares(x)), 1e-6);

@@ -2,6 +2,7 @@
 
 #include <chrono>
 
+#include "autograd/compute_copies.h"
 #include "autograd/grad_mode.h"
 #include "tests/model/model_util.h"
 #include "tests/test_util.h"
@@ -130,6 +131,66 @@ TEST(HydraLM, RecomputationGivesTheSameLossAndGradients) {
   for (std::size_t k = 0; k < plain.size(); ++k)
     for (std::size_t i = 0; i < plain[k].size(); ++i) ASSERT_NEAR(recomputed[k][i], plain[k][i], 1e-12) << "entry " << k;
   EXPECT_EQ(re_stats.size(), plain_stats.size()) << "statistics recorded once, not again while recomputing";
+}
+
+// Mixed precision's mechanism on the CPU, with f64 masters and f32 compute copies (bf16 runs on CUDA:
+// tests/gpu): the pass computes in the copies' dtype, gradients arrive in the masters' dtype (the PKM
+// values' row-sparse ones included), and the masters come back untouched.
+TEST(HydraLM, ComputeCopiesComputeInTheirDtypeAndAccumulateInTheMasters) {
+  const model::ModelSpec spec = micro_spec();
+  auto m = model::build_model(spec, 12);
+  m->to(DType::kF64);
+  const Tensor tokens = random_tokens(11, 2, 16, 13), targets = targets_for(tokens, 11, 14);
+  auto run = [&](ComputeCopies* copies, bool recompute) {
+    m->zero_grad();
+    double loss = 0;
+    DType seen = DType::kF64;
+    for (int micro = 0; micro < 2; ++micro) {  // two micro-batches accumulate
+      const ComputeCopies::Scope scope(copies);
+      seen = m->parameters()[0].dtype();
+      model::ForwardContext ctx;
+      ctx.recompute = recompute;
+      const model::LmOutput out = m->forward(tokens, targets, ctx);
+      out.loss.backward();
+      loss += out.loss.item<double>();
+    }
+    std::vector<double> g;
+    for (const auto& p : m->named_parameters()) {
+      const Tensor gp = p.tensor.sparse_grad() ? densify_sparse_grad(p.tensor) : p.tensor.grad();
+      EXPECT_EQ(gp.dtype(), DType::kF64) << p.name;
+      const std::vector<double> v = gp.to_vector<double>();
+      g.insert(g.end(), v.begin(), v.end());
+    }
+    return std::make_tuple(loss, g, seen);
+  };
+  std::vector<Tensor> before;
+  for (const Tensor& p : m->parameters()) before.push_back(p.clone());
+  const auto [loss64, g64, seen64] = run(nullptr, false);
+  ComputeCopies copies(*m, DType::kF32);
+  for (bool recompute : {false, true}) {
+    const auto [loss32, g32, seen32] = run(&copies, recompute);
+    EXPECT_EQ(seen32, DType::kF32);
+    EXPECT_NEAR(loss32, loss64, 1e-5 * std::abs(loss64));
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < g64.size(); ++i) {
+      num += (g32[i] - g64[i]) * (g32[i] - g64[i]);
+      den += g64[i] * g64[i];
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-4) << "recompute " << recompute;
+    EXPECT_GT(std::sqrt(num), 0.0) << "the copies computed in f32, not f64";
+  }
+  EXPECT_EQ(seen64, DType::kF64);
+  const std::vector<Tensor> after = m->parameters();
+  for (std::size_t i = 0; i < after.size(); ++i) {
+    EXPECT_EQ(after[i].dtype(), DType::kF64);
+    EXPECT_TRUE(testing::bitwise_equal(after[i], before[i])) << "master " << i << " changed";
+  }
+  // An update of the masters reaches the copies at the next enter().
+  m->parameters()[0].detach().copy_(add(before[0], full(before[0].shape(), 1.0, DType::kF64)));
+  copies.enter();
+  EXPECT_EQ(m->parameters()[0].to(DType::kF64).to_vector<double>()[0],
+            double(float(before[0].to_vector<double>()[0] + 1.0)));
+  copies.exit();
 }
 
 TEST(HydraLM, ReportsStatisticsOfEveryComponent) {

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "configs/config_io.h"
@@ -36,7 +37,9 @@ inline model::ModelSpec micro_spec(const std::string& extra = "") {
 
 // The shipped config file's model section.
 inline model::ModelSpec shipped_spec(const std::string& name) {
-  const std::string path = std::string(HYDRA_SOURCE_DIR) + "/configs/" + name + ".pbtxt";
+  // HYDRA_SOURCE_DIR in the environment overrides the build's (tests run from a copy on another machine).
+  const char* env = std::getenv("HYDRA_SOURCE_DIR");
+  const std::string path = std::string(env != nullptr ? env : HYDRA_SOURCE_DIR) + "/configs/" + name + ".pbtxt";
   auto cfg = config::load_run_config(path);
   EXPECT_TRUE(cfg.ok()) << cfg.status().message();
   auto spec = model::make_spec(cfg->model(), path);
