@@ -5,9 +5,11 @@
 namespace hydra {
 
 ComputeCopies::ComputeCopies(const Module& module, DType compute) : compute_(compute) {
-  HYDRA_CHECK(is_floating(compute)) << "compute copies: " << dtype_name(compute) << " is not a floating dtype";
+  HYDRA_CHECK(is_floating(compute))
+      << "compute copies: " << dtype_name(compute) << " is not a floating dtype";
   for (const NamedParameter& p : module.named_parameters()) {
-    HYDRA_CHECK(is_floating(p.tensor.dtype())) << "compute copies: parameter " << p.name << " is not floating";
+    HYDRA_CHECK(is_floating(p.tensor.dtype()))
+        << "compute copies: parameter " << p.name << " is not floating";
     params_.push_back(p.tensor);
     copies_.push_back(Tensor::empty(p.tensor.shape(), compute, p.tensor.device()));
   }
@@ -23,7 +25,8 @@ void ComputeCopies::enter() {
   NoGradGuard no_grad;
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i];
-    if (copies_[i].shape() != p.shape() || copies_[i].device() != p.device())  // resharded or moved since
+    if (copies_[i].shape() != p.shape() ||
+        copies_[i].device() != p.device())  // resharded or moved since
       copies_[i] = Tensor::empty(p.shape(), compute_, p.device());
     masters_[i] = p.detach();
     copies_[i].copy_(masters_[i]);

@@ -21,7 +21,8 @@ class ComputeCopies {
   ComputeCopies& operator=(const ComputeCopies&) = delete;
   ~ComputeCopies();
 
-  // Casts every master into its copy (one pass over the parameters) and points the handles at the copies.
+  // Casts every master into its copy (one pass over the parameters) and points the handles at the
+  // copies.
   void enter();
   // Points the handles back at the masters.
   void exit();

@@ -7,21 +7,24 @@
 #include <cstddef>
 
 #include "autograd/device.h"
+#include "autograd/profiler.h"
 #include "kernels/base/check.h"
 
 #if HYDRA_WITH_CUDA
-#define HYDRA_LAUNCH(device, fn, params)  \
-  do {                                    \
-    if ((device).is_cuda()) {             \
-      ::hydra::kernels::cuda::fn(params); \
-    } else {                              \
-      ::hydra::kernels::cpu::fn(params);  \
-    }                                     \
+#define HYDRA_LAUNCH(device, fn, params)                         \
+  do {                                                           \
+    const ::hydra::KernelProfileScope hydra_profile_(device, #fn); \
+    if ((device).is_cuda()) {                                    \
+      ::hydra::kernels::cuda::fn(params);                        \
+    } else {                                                     \
+      ::hydra::kernels::cpu::fn(params);                         \
+    }                                                            \
   } while (0)
 #else
 #define HYDRA_LAUNCH(device, fn, params)                                                           \
   do {                                                                                             \
     HYDRA_CHECK((device).is_cpu()) << #fn << ": this build has no CUDA backend (-DHYDRA_CUDA=ON)"; \
+    const ::hydra::KernelProfileScope hydra_profile_(device, #fn);                                 \
     ::hydra::kernels::cpu::fn(params);                                                             \
   } while (0)
 #endif

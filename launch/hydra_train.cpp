@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <iostream>
 
+#include "autograd/profiler.h"
 #include "configs/config_io.h"
 #include "kernels/base/parallel.h"
 #include "parallel/runtime.h"
@@ -78,7 +79,7 @@ int run_main(int argc, char** argv) {
       "Without data.shards the model trains on the built-in synthetic tasks.\n\n"
       "Several processes: mpirun -np N hydra-train ... (or srun -n N inside a Slurm allocation), with\n"
       "parallel { dp ep sp } in the config (or --set parallel.dp=N) multiplying to N. Rank 0 prints and\n"
-      "writes; every rank trains. An error on any rank stops them all.\n\nOptions");
+      "writes; every rank trains. An error on any rank stops them all.\n\nHYDRA_PROFILE=1 in the environment times every kernel (by family, CUDA events on the GPU)\nand prints the table after the report.\n\nOptions");
   opts.add_options()("help,h", "show this help")("config", po::value<std::string>(), "the config file (RunConfig text)")(
       "set", po::value<std::vector<std::string>>()->composing(),
       "override a config field, e.g. --set train.lr.lr=3e-4 --set model.moe.max_active=1 (repeatable)")(
@@ -161,6 +162,7 @@ int run_main(int argc, char** argv) {
       return summary.status().code() == StatusCode::kInternal ? kTrainingFailed : kUserError;
     }
     if (speak) print_report(*summary);
+    if (speak && kernel_profile_enabled()) kernel_profile_report(std::cout);
     return summary->interrupted && summary->signal == 2 ? 130 : 0;
   } catch (const Error& e) {
     // Other ranks may be waiting for this one in a collective: take the whole job down.

@@ -1,18 +1,19 @@
-// CUDA flash-style sparse causal attention (SIMT cores; fp32 arithmetic for f32 and bf16, fp64 for f64).
-// A block owns 32 queries of one (batch, head) and walks the keys its pattern reaches in tiles of 32,
-// staged in shared memory: the global keys before the window band (a strided run) and the band (a
-// contiguous run), the same sets as the CPU kernel; pairs the pattern masks inside a tile get -inf.
-// Softmax is online (running max and sum per query). The backward recomputes probabilities from the
-// saved log-sum-exp in two kernels without atomics: dQ walks a query tile's keys, dK and dV walk a key
-// tile's queries (the mirror sets: the band after the tile plus the global queries beyond it). Every
-// sum runs in a fixed order, so results are bit-reproducible.
+// CUDA flash-style sparse causal attention (SIMT cores; fp32 arithmetic for f32 and bf16, fp64 for
+// f64). A block owns 32 queries of one (batch, head) and walks the keys its pattern reaches in
+// tiles of 32, staged in shared memory: the global keys before the window band (a strided run) and
+// the band (a contiguous run), the same sets as the CPU kernel; pairs the pattern masks inside a
+// tile get -inf. Softmax is online (running max and sum per query). The backward recomputes
+// probabilities from the saved log-sum-exp in two kernels without atomics: dQ walks a query tile's
+// keys, dK and dV walk a key tile's queries (the mirror sets: the band after the tile plus the
+// global queries beyond it). Every sum runs in a fixed order, so results are bit-reproducible.
 #include "kernels/attention.h"
 #include "kernels/cuda/common.cuh"
 
 namespace hydra::kernels::cuda {
 namespace {
 
-constexpr int kTile = 32;  // queries per block and keys per step (dK/dV: keys per block, queries per step)
+constexpr int kTile =
+    32;  // queries per block and keys per step (dK/dV: keys per block, queries per step)
 constexpr int kThreads = 128;
 
 struct Pattern {
@@ -23,11 +24,14 @@ struct Pattern {
   }
 };
 
-// An ordered index list made of two arithmetic runs: start0 + o * step0 (o < n0), then start1 + o * step1.
+// An ordered index list made of two arithmetic runs: start0 + o * step0 (o < n0), then start1 + o *
+// step1.
 struct Runs {
   int64_t start0 = 0, step0 = 1, n0 = 0, start1 = 0, step1 = 1, n1 = 0;
   __device__ int64_t count() const { return n0 + n1; }
-  __device__ int64_t at(int64_t o) const { return o < n0 ? start0 + o * step0 : start1 + (o - n0) * step1; }
+  __device__ int64_t at(int64_t o) const {
+    return o < n0 ? start0 + o * step0 : start1 + (o - n0) * step1;
+  }
 };
 
 __device__ int64_t first_multiple_at_or_after(int64_t pos, int64_t stride) {
@@ -47,7 +51,8 @@ __device__ Runs keys_for_queries(const Pattern& pat, int64_t k_len, int64_t i0, 
   if (!full) {
     j_band = max(int64_t(0), min(j_end, tq_min - pat.window + 1 - pat.k_pos0));
     if (pat.stride > 0 && j_band > 0) {
-      const int64_t g0 = first_multiple_at_or_after(pat.k_pos0, pat.stride), limit = pat.k_pos0 + j_band;
+      const int64_t g0 = first_multiple_at_or_after(pat.k_pos0, pat.stride),
+                    limit = pat.k_pos0 + j_band;
       r.start0 = g0 - pat.k_pos0;
       r.step0 = pat.stride;
       r.n0 = g0 < limit ? (limit - 1 - g0) / pat.stride + 1 : 0;
@@ -75,7 +80,8 @@ __device__ Runs queries_for_keys(const Pattern& pat, int64_t q_len, int64_t j0, 
   const int64_t i_band_end = max(i_start, min(q_len, tk_max + pat.window - pat.q_pos0));
   r.n0 = i_band_end - i_start;
   if (pat.stride > 0) {
-    const int64_t g0 = first_multiple_at_or_after(pat.q_pos0 + i_band_end, pat.stride), limit = pat.q_pos0 + q_len;
+    const int64_t g0 = first_multiple_at_or_after(pat.q_pos0 + i_band_end, pat.stride),
+                  limit = pat.q_pos0 + q_len;
     r.start1 = g0 - pat.q_pos0;
     r.step1 = pat.stride;
     r.n1 = g0 < limit ? (limit - 1 - g0) / pat.stride + 1 : 0;
@@ -87,21 +93,35 @@ __device__ Runs queries_for_keys(const Pattern& pat, int64_t q_len, int64_t j0, 
 // contiguous outputs and gradients.
 struct Layout {
   int64_t heads, q_len, k_len, dh, q_row, k_row, v_row;
-  __device__ int64_t q(int64_t b, int64_t i, int64_t h) const { return (b * q_len + i) * q_row + h * dh; }
-  __device__ int64_t k(int64_t b, int64_t j, int64_t h) const { return (b * k_len + j) * k_row + h * dh; }
-  __device__ int64_t v(int64_t b, int64_t j, int64_t h) const { return (b * k_len + j) * v_row + h * dh; }
-  __device__ int64_t dq(int64_t b, int64_t i, int64_t h) const { return ((b * q_len + i) * heads + h) * dh; }
-  __device__ int64_t dk(int64_t b, int64_t j, int64_t h) const { return ((b * k_len + j) * heads + h) * dh; }
-  __device__ int64_t stat(int64_t b, int64_t h, int64_t i) const { return (b * heads + h) * q_len + i; }
+  __device__ int64_t q(int64_t b, int64_t i, int64_t h) const {
+    return (b * q_len + i) * q_row + h * dh;
+  }
+  __device__ int64_t k(int64_t b, int64_t j, int64_t h) const {
+    return (b * k_len + j) * k_row + h * dh;
+  }
+  __device__ int64_t v(int64_t b, int64_t j, int64_t h) const {
+    return (b * k_len + j) * v_row + h * dh;
+  }
+  __device__ int64_t dq(int64_t b, int64_t i, int64_t h) const {
+    return ((b * q_len + i) * heads + h) * dh;
+  }
+  __device__ int64_t dk(int64_t b, int64_t j, int64_t h) const {
+    return ((b * k_len + j) * heads + h) * dh;
+  }
+  __device__ int64_t stat(int64_t b, int64_t h, int64_t i) const {
+    return (b * heads + h) * q_len + i;
+  }
 };
 
 Layout layout_of(const AttentionParams& p) {
   return {p.heads, p.q_len, p.k_len, p.head_dim, p.q_row, p.k_row, p.v_row};
 }
 
-// Copies rows idx[r] (r < kTile; -1: zeros) of `src` (row r at offset off(idx[r])) into dst[r * pitch + c].
+// Copies rows idx[r] (r < kTile; -1: zeros) of `src` (row r at offset off(idx[r])) into dst[r *
+// pitch + c].
 template <class T, class C, class Off>
-__device__ void stage_rows(const T* __restrict src, const int* idx, Off off, int64_t dh, C scale, C* dst, int64_t pitch) {
+__device__ void stage_rows(const T* __restrict src, const int* idx, Off off, int64_t dh, C scale,
+                           C* dst, int64_t pitch) {
   for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) {
     const int64_t r = e / dh, c = e % dh;
     const int j = idx[r];
@@ -117,7 +137,8 @@ __device__ C dot(const C* a, const C* b, int64_t n) {
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionParams p, Layout lay, Pattern pat) {
+__global__ void __launch_bounds__(kThreads)
+    attn_fwd_kernel(AttentionParams p, Layout lay, Pattern pat) {
   using C = compute_t<T>;
   const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
   const int64_t i0 = int64_t(blockIdx.x) * kTile, nq = min(int64_t(kTile), p.q_len - i0);
@@ -144,15 +165,19 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionParams p, L
   }
   for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) O[e] = 0;
   __syncthreads();
-  stage_rows(q, qidx, [&](int i) { return lay.q(b, i, h); }, dh, C(p.scale), Qs, dh);
+  stage_rows(
+      q, qidx, [&](int i) { return lay.q(b, i, h); }, dh, C(p.scale), Qs, dh);
   const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
   for (int64_t o0 = 0; o0 < keys.count(); o0 += kTile) {
     const int64_t nk = min(int64_t(kTile), keys.count() - o0);
     __syncthreads();  // the previous step is done with kidx, Ks, Vs and S
-    if (threadIdx.x < kTile) kidx[threadIdx.x] = threadIdx.x < nk ? int(keys.at(o0 + threadIdx.x)) : -1;
+    if (threadIdx.x < kTile)
+      kidx[threadIdx.x] = threadIdx.x < nk ? int(keys.at(o0 + threadIdx.x)) : -1;
     __syncthreads();
-    stage_rows(k, kidx, [&](int j) { return lay.k(b, j, h); }, dh, C(1), Ks, dh + 1);
-    stage_rows(v, kidx, [&](int j) { return lay.v(b, j, h); }, dh, C(1), Vs, dh);
+    stage_rows(
+        k, kidx, [&](int j) { return lay.k(b, j, h); }, dh, C(1), Ks, dh + 1);
+    stage_rows(
+        v, kidx, [&](int j) { return lay.v(b, j, h); }, dh, C(1), Vs, dh);
     __syncthreads();
     for (int e = threadIdx.x; e < kTile * kTile; e += blockDim.x) {
       const int ii = e / kTile, jj = e % kTile;
@@ -162,7 +187,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionParams p, L
       S[ii * (kTile + 1) + jj] = s;
     }
     __syncthreads();
-    for (int ii = warp; ii < kTile; ii += warps) {  // online softmax, a warp per query, a lane per key
+    for (int ii = warp; ii < kTile;
+         ii += warps) {  // online softmax, a warp per query, a lane per key
       const C s = S[ii * (kTile + 1) + lane];
       const C m_old = m[ii], m_new = max(m_old, warp_max(s));
       const C pr = s == C(-INFINITY) ? C(0) : fast_exp(s - m_new);
@@ -197,9 +223,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionParams p, L
   }
 }
 
-// delta_i = dO_i . O_i - glse_i (a gradient on lse enters the softmax backward as -glse), a warp per query.
+// delta_i = dO_i . O_i - glse_i (a gradient on lse enters the softmax backward as -glse), a warp
+// per query.
 template <class T>
-__global__ void attn_delta_kernel(AttentionBwdParams q, Layout lay, compute_t<T>* __restrict delta, int64_t rows) {
+__global__ void attn_delta_kernel(AttentionBwdParams q, Layout lay, compute_t<T>* __restrict delta,
+                                  int64_t rows) {
   using C = compute_t<T>;
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -215,8 +243,9 @@ __global__ void attn_delta_kernel(AttentionBwdParams q, Layout lay, compute_t<T>
 
 // dQ_i = scale * sum_j P_ij (dP_ij - delta_i) K_j over the keys query tile blockIdx.x sees.
 template <class T>
-__global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttentionBwdParams q, Layout lay, Pattern pat,
-                                                            const compute_t<T>* __restrict delta) {
+__global__ void __launch_bounds__(kThreads)
+    attn_dq_kernel(AttentionBwdParams q, Layout lay, Pattern pat,
+                   const compute_t<T>* __restrict delta) {
   using C = compute_t<T>;
   const AttentionParams& p = q.fwd;
   const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
@@ -242,16 +271,25 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttentionBwdParams q,
   }
   for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) dQ[e] = 0;
   __syncthreads();
-  stage_rows(static_cast<const T*>(p.q), qidx, [&](int i) { return lay.q(b, i, h); }, dh, C(p.scale), Qs, dh);
-  stage_rows(static_cast<const T*>(q.gout), qidx, [&](int i) { return lay.dq(b, i, h); }, dh, C(1), dOs, dh);
+  stage_rows(
+      static_cast<const T*>(p.q), qidx, [&](int i) { return lay.q(b, i, h); }, dh, C(p.scale), Qs,
+      dh);
+  stage_rows(
+      static_cast<const T*>(q.gout), qidx, [&](int i) { return lay.dq(b, i, h); }, dh, C(1), dOs,
+      dh);
   const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
   for (int64_t o0 = 0; o0 < keys.count(); o0 += kTile) {
     const int64_t nk = min(int64_t(kTile), keys.count() - o0);
     __syncthreads();
-    if (threadIdx.x < kTile) kidx[threadIdx.x] = threadIdx.x < nk ? int(keys.at(o0 + threadIdx.x)) : -1;
+    if (threadIdx.x < kTile)
+      kidx[threadIdx.x] = threadIdx.x < nk ? int(keys.at(o0 + threadIdx.x)) : -1;
     __syncthreads();
-    stage_rows(static_cast<const T*>(p.k), kidx, [&](int j) { return lay.k(b, j, h); }, dh, C(1), Ks, dh + 1);
-    stage_rows(static_cast<const T*>(p.v), kidx, [&](int j) { return lay.v(b, j, h); }, dh, C(1), Vs, dh + 1);
+    stage_rows(
+        static_cast<const T*>(p.k), kidx, [&](int j) { return lay.k(b, j, h); }, dh, C(1), Ks,
+        dh + 1);
+    stage_rows(
+        static_cast<const T*>(p.v), kidx, [&](int j) { return lay.v(b, j, h); }, dh, C(1), Vs,
+        dh + 1);
     __syncthreads();
     for (int e = threadIdx.x; e < kTile * kTile; e += blockDim.x) {
       const int ii = e / kTile, jj = e % kTile;
@@ -280,11 +318,12 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(AttentionBwdParams q,
   }
 }
 
-// dV_j = sum_i P_ij dO_i and dK_j = scale * sum_i P_ij (dP_ij - delta_i) Q_i over the queries that see
-// key tile blockIdx.x.
+// dV_j = sum_i P_ij dO_i and dK_j = scale * sum_i P_ij (dP_ij - delta_i) Q_i over the queries that
+// see key tile blockIdx.x.
 template <class T>
-__global__ void __launch_bounds__(kThreads) attn_dkv_kernel(AttentionBwdParams q, Layout lay, Pattern pat,
-                                                             const compute_t<T>* __restrict delta) {
+__global__ void __launch_bounds__(kThreads)
+    attn_dkv_kernel(AttentionBwdParams q, Layout lay, Pattern pat,
+                    const compute_t<T>* __restrict delta) {
   using C = compute_t<T>;
   const AttentionParams& p = q.fwd;
   const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
@@ -307,8 +346,10 @@ __global__ void __launch_bounds__(kThreads) attn_dkv_kernel(AttentionBwdParams q
   if (threadIdx.x < kTile) kidx[threadIdx.x] = threadIdx.x < nk ? int(j0 + threadIdx.x) : -1;
   for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) dK[e] = dV[e] = 0;
   __syncthreads();
-  stage_rows(static_cast<const T*>(p.k), kidx, [&](int j) { return lay.k(b, j, h); }, dh, C(1), Ks, dh);
-  stage_rows(static_cast<const T*>(p.v), kidx, [&](int j) { return lay.v(b, j, h); }, dh, C(1), Vs, dh);
+  stage_rows(
+      static_cast<const T*>(p.k), kidx, [&](int j) { return lay.k(b, j, h); }, dh, C(1), Ks, dh);
+  stage_rows(
+      static_cast<const T*>(p.v), kidx, [&](int j) { return lay.v(b, j, h); }, dh, C(1), Vs, dh);
   const Runs queries = queries_for_keys(pat, p.q_len, j0, j0 + nk);
   for (int64_t o0 = 0; o0 < queries.count(); o0 += kTile) {
     const int64_t nq = min(int64_t(kTile), queries.count() - o0);
@@ -321,8 +362,12 @@ __global__ void __launch_bounds__(kThreads) attn_dkv_kernel(AttentionBwdParams q
       delta_s[ii] = i >= 0 ? delta[lay.stat(b, h, i)] : C(0);
     }
     __syncthreads();
-    stage_rows(static_cast<const T*>(p.q), qidx, [&](int i) { return lay.q(b, i, h); }, dh, C(p.scale), Qs, dh + 1);
-    stage_rows(static_cast<const T*>(q.gout), qidx, [&](int i) { return lay.dq(b, i, h); }, dh, C(1), dOs, dh + 1);
+    stage_rows(
+        static_cast<const T*>(p.q), qidx, [&](int i) { return lay.q(b, i, h); }, dh, C(p.scale), Qs,
+        dh + 1);
+    stage_rows(
+        static_cast<const T*>(q.gout), qidx, [&](int i) { return lay.dq(b, i, h); }, dh, C(1), dOs,
+        dh + 1);
     __syncthreads();
     for (int e = threadIdx.x; e < kTile * kTile; e += blockDim.x) {
       const int jj = e / kTile, ii = e % kTile;
@@ -373,9 +418,10 @@ size_t dkv_smem(int64_t dh, size_t a) {
 size_t accumulate_size(DType t) { return t == DType::kF64 ? 8 : 4; }
 
 void check_sizes(const AttentionParams& p) {
-  HYDRA_CHECK(p.q_len < (int64_t(1) << 31) && p.k_len < (int64_t(1) << 31) && p.batch * p.heads < 65536)
-      << "attention (CUDA): q_len " << p.q_len << ", k_len " << p.k_len << " or batch*heads " << p.batch * p.heads
-      << " out of range (lengths < 2^31, batch*heads < 65536)";
+  HYDRA_CHECK(p.q_len < (int64_t(1) << 31) && p.k_len < (int64_t(1) << 31) &&
+              p.batch * p.heads < 65536)
+      << "attention (CUDA): q_len " << p.q_len << ", k_len " << p.k_len << " or batch*heads "
+      << p.batch * p.heads << " out of range (lengths < 2^31, batch*heads < 65536)";
 }
 
 }  // namespace
@@ -387,7 +433,8 @@ void attention_fwd(const AttentionParams& p) {
     using T = typename decltype(tag)::type;
     const size_t smem = fwd_smem(p.head_dim, accumulate_size(p.dtype));
     allow_dynamic_smem(attn_fwd_kernel<T>, smem, "attention");
-    const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), static_cast<unsigned>(p.batch * p.heads));
+    const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile),
+                    static_cast<unsigned>(p.batch * p.heads));
     attn_fwd_kernel<T><<<grid, kThreads, smem, as_stream(p.stream)>>>(
         p, layout_of(p), Pattern{p.window, p.global_stride, p.q_pos0, p.k_pos0});
     HYDRA_CUDA_LAUNCH_CHECK();
@@ -415,7 +462,8 @@ void attention_bwd(const AttentionBwdParams& q) {
     const size_t a = accumulate_size(p.dtype);
     if (p.q_len > 0) {
       const int64_t rows = p.batch * p.heads * p.q_len;
-      attn_delta_kernel<T><<<blocks_for(rows * 32, 256, int64_t(1) << 31), 256, 0, s>>>(q, lay, delta, rows);
+      attn_delta_kernel<T>
+          <<<blocks_for(rows * 32, 256, int64_t(1) << 31), 256, 0, s>>>(q, lay, delta, rows);
       HYDRA_CUDA_LAUNCH_CHECK();
       allow_dynamic_smem(attn_dq_kernel<T>, dq_smem(p.head_dim, a), "attention_backward");
       attn_dq_kernel<T><<<dim3(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), bh), kThreads,

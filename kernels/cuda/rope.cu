@@ -1,6 +1,6 @@
-// Rotary position embedding: a thread per (token, frequency), looping over the heads, so the angle's
-// sine and cosine are computed once per token and frequency (in double, as the CPU reference: angles
-// reach len * 1 rad, where fp32 argument reduction would lose digits).
+// Rotary position embedding: a thread per (token, frequency), looping over the heads, so the
+// angle's sine and cosine are computed once per token and frequency (in double, as the CPU
+// reference: angles reach len * 1 rad, where fp32 argument reduction would lose digits).
 #include "kernels/cuda/common.cuh"
 #include "kernels/rope.h"
 
@@ -13,7 +13,8 @@ __global__ void rope_kernel(RopeParams p, int64_t total) {
   const int64_t half = p.head_dim / 2;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e % half, r = e / half;
     const double freq = pow(p.theta, -2.0 * double(i) / double(p.head_dim));
     double sd, cd;

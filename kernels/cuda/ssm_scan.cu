@@ -1,11 +1,11 @@
-// CUDA selective scan: a thread per (batch, channel) walks time with its N states in registers (N is a
-// template bound: 8, 16, 32 or 64), and a block's 128 channels share each step's B_t and C_t through
-// shared memory. The backward walks chunks last to first: it recomputes the chunk's states from the
-// saved chunk-start state into a per-thread scratch (laid out [step][state][channel], so a warp's
-// accesses coalesce), then runs the adjoint recursion G_t = C_t gy_t + a_{t+1} G_{t+1}
-// (spec/algorithms.md section 2). Sums over channels (gB, gC) are warp shuffles into per-warp partials;
-// sums over batch (gA_log, gD, gdt_bias) are per-batch partials; second kernels add both in a fixed
-// order, so results are bit-reproducible without atomics.
+// CUDA selective scan: a thread per (batch, channel) walks time with its N states in registers (N
+// is a template bound: 8, 16, 32 or 64), and a block's 128 channels share each step's B_t and C_t
+// through shared memory. The backward walks chunks last to first: it recomputes the chunk's states
+// from the saved chunk-start state into a per-thread scratch (laid out [step][state][channel], so a
+// warp's accesses coalesce), then runs the adjoint recursion G_t = C_t gy_t + a_{t+1} G_{t+1}
+// (spec/algorithms.md section 2). Sums over channels (gB, gC) are warp shuffles into per-warp
+// partials; sums over batch (gA_log, gD, gdt_bias) are per-batch partials; second kernels add both
+// in a fixed order, so results are bit-reproducible without atomics.
 #include <algorithm>
 #include <type_traits>
 
@@ -21,13 +21,21 @@ constexpr int kSteps = 32;     // time steps of B and C staged in shared memory 
 template <class T>
 struct ScanIn {
   const SsmScanParams& p;
-  __device__ compute_t<T> u(int64_t r, int64_t d) const { return load(static_cast<const T*>(p.u), r * p.u_row + d); }
+  __device__ compute_t<T> u(int64_t r, int64_t d) const {
+    return load(static_cast<const T*>(p.u), r * p.u_row + d);
+  }
   __device__ compute_t<T> raw(int64_t r, int64_t d, compute_t<T> bias) const {
     return load(static_cast<const T*>(p.delta), r * p.delta_row + d) + bias;
   }
-  __device__ compute_t<T> z(int64_t r, int64_t d) const { return load(static_cast<const T*>(p.z), r * p.z_row + d); }
-  __device__ compute_t<T> B(int64_t r, int64_t n) const { return load(static_cast<const T*>(p.B), r * p.B_row + n); }
-  __device__ compute_t<T> C(int64_t r, int64_t n) const { return load(static_cast<const T*>(p.C), r * p.C_row + n); }
+  __device__ compute_t<T> z(int64_t r, int64_t d) const {
+    return load(static_cast<const T*>(p.z), r * p.z_row + d);
+  }
+  __device__ compute_t<T> B(int64_t r, int64_t n) const {
+    return load(static_cast<const T*>(p.B), r * p.B_row + n);
+  }
+  __device__ compute_t<T> C(int64_t r, int64_t n) const {
+    return load(static_cast<const T*>(p.C), r * p.C_row + n);
+  }
 };
 
 template <class A>
@@ -44,7 +52,8 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(SsmScanParams p, int
   using A = compute_t<T>;
   __shared__ A Bs[kSteps][NMAX], Cs[kSteps][NMAX];
   const ScanIn<T> in{p};
-  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim, L = p.len;
+  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim,
+                L = p.len;
   const int N = static_cast<int>(p.state);
   const bool live = d < D;
   A Ad[NMAX], h[NMAX];
@@ -107,17 +116,19 @@ struct BwdScratch {
 BwdScratch scratch_of(const SsmScanParams& p) {
   const int64_t blocks = (p.dim + kThreads - 1) / kThreads, warps = blocks * (kThreads / 32);
   const int64_t cl = std::min(p.chunk_len, p.len);
-  return {(cl + 1) * p.state * p.batch * p.dim, warps * p.batch * p.len * p.state, p.batch * p.dim * p.state,
-          p.batch * p.dim, warps};
+  return {(cl + 1) * p.state * p.batch * p.dim, warps * p.batch * p.len * p.state,
+          p.batch * p.dim * p.state, p.batch * p.dim, warps};
 }
 
 template <class T, int NMAX>
-__global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, BwdScratch sc,
-                                                             compute_t<T>* __restrict ws) {
+__global__ void __launch_bounds__(kThreads)
+    scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, BwdScratch sc,
+                    compute_t<T>* __restrict ws) {
   using A = compute_t<T>;
   const SsmScanParams& p = q.fwd;
   const ScanIn<T> in{p};
-  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim, L = p.len;
+  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim,
+                L = p.len;
   const int64_t BD = p.batch * D, bd = b * D + d, CL = p.chunk_len;
   const int N = static_cast<int>(p.state), lane = threadIdx.x & 31;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -224,10 +235,12 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(SsmScanBwdParams q, 
 
 // gB and gC: the sum over channel warps, in warp order.
 template <class T>
-__global__ void scan_bc_finish_kernel(const compute_t<T>* __restrict gB_part, const compute_t<T>* __restrict gC_part,
-                                      int64_t warps, int64_t total, T* __restrict gB, T* __restrict gC) {
+__global__ void scan_bc_finish_kernel(const compute_t<T>* __restrict gB_part,
+                                      const compute_t<T>* __restrict gC_part, int64_t warps,
+                                      int64_t total, T* __restrict gB, T* __restrict gC) {
   using A = compute_t<T>;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
     A sb = 0, sc = 0;
     for (int64_t w = 0; w < warps; ++w) {
       sb += gB_part[w * total + e];
@@ -268,7 +281,8 @@ __global__ void scan_param_finish_kernel(SsmScanBwdParams q, const compute_t<T>*
 // Calls fn(std::integral_constant<int, NMAX>) with the smallest supported bound >= state.
 template <class F>
 void dispatch_state(int64_t state, F&& fn) {
-  HYDRA_CHECK(state >= 1 && state <= 64) << "ssm_scan (CUDA): d_state " << state << " is not supported (1..64)";
+  HYDRA_CHECK(state >= 1 && state <= 64)
+      << "ssm_scan (CUDA): d_state " << state << " is not supported (1..64)";
   if (state <= 8) return fn(std::integral_constant<int, 8>{});
   if (state <= 16) return fn(std::integral_constant<int, 16>{});
   if (state <= 32) return fn(std::integral_constant<int, 32>{});
@@ -285,7 +299,8 @@ void check_grid(const SsmScanParams& p) {
 void ssm_scan_fwd(const SsmScanParams& p) {
   if (p.batch * p.dim * p.len == 0) return;
   check_grid(p);
-  const dim3 grid(static_cast<unsigned>((p.dim + kThreads - 1) / kThreads), static_cast<unsigned>(p.batch));
+  const dim3 grid(static_cast<unsigned>((p.dim + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(p.batch));
   dispatch_float(p.dtype, "ssm_scan", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_state(p.state, [&](auto nmax) {
@@ -306,25 +321,28 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
   const SsmScanParams& p = q.fwd;
   if (p.batch * p.dim * p.len == 0) return;
   check_grid(p);
-  HYDRA_CHECK(p.chunk_states != nullptr) << "ssm_scan_bwd needs the chunk states saved by the forward";
+  HYDRA_CHECK(p.chunk_states != nullptr)
+      << "ssm_scan_bwd needs the chunk states saved by the forward";
   HYDRA_CHECK(q.workspace != nullptr) << "ssm_scan_bwd: workspace required";
   const BwdScratch sc = scratch_of(p);
-  const dim3 grid(static_cast<unsigned>((p.dim + kThreads - 1) / kThreads), static_cast<unsigned>(p.batch));
+  const dim3 grid(static_cast<unsigned>((p.dim + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(p.batch));
   cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "ssm_scan_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = compute_t<T>;
     A* ws = static_cast<A*>(q.workspace);
     dispatch_state(p.state, [&](auto nmax) {
-      scan_bwd_kernel<T, decltype(nmax)::value><<<grid, kThreads, 0, s>>>(q, ssm_num_chunks(p.len, p.chunk_len), sc, ws);
+      scan_bwd_kernel<T, decltype(nmax)::value>
+          <<<grid, kThreads, 0, s>>>(q, ssm_num_chunks(p.len, p.chunk_len), sc, ws);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
     const A* gB_part = ws + sc.hs;
     const A* gC_part = gB_part + sc.part_bc;
     const A* gA_part = gC_part + sc.part_bc;
     const int64_t rows = p.batch * p.len * p.state;
-    scan_bc_finish_kernel<T><<<blocks_for(rows, 256), 256, 0, s>>>(gB_part, gC_part, sc.warps, rows,
-                                                                   static_cast<T*>(q.gB), static_cast<T*>(q.gC));
+    scan_bc_finish_kernel<T><<<blocks_for(rows, 256), 256, 0, s>>>(
+        gB_part, gC_part, sc.warps, rows, static_cast<T*>(q.gB), static_cast<T*>(q.gC));
     HYDRA_CUDA_LAUNCH_CHECK();
     scan_param_finish_kernel<T><<<blocks_for(p.dim * (p.state + 1), 256), 256, 0, s>>>(
         q, gA_part, gA_part + sc.part_a, gA_part + sc.part_a + sc.part_d);

@@ -13,14 +13,16 @@ namespace hydra {
 namespace {
 
 #define HYDRA_REQUIRE_GPU() \
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped"
+  if (!cuda_available())    \
+  GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped"
 
 struct Pass {
   double loss = 0;
   std::vector<double> grad;  // every parameter's gradient, flattened in order
 };
 
-Pass forward_backward(model::LanguageModel& m, const Tensor& tokens, const Tensor& targets, ComputeCopies* copies) {
+Pass forward_backward(model::LanguageModel& m, const Tensor& tokens, const Tensor& targets,
+                      ComputeCopies* copies) {
   m.zero_grad();
   Pass r;
   {
@@ -56,24 +58,28 @@ TEST(CudaModel, TinyModelMatchesCpuInF32AndBf16MixedFollowsF32) {
   const model::ModelSpec spec = testing::shipped_spec("tiny");
   auto cpu = model::build_model(spec, 21), gpu = model::build_model(spec, 21);
   gpu->to(Device::cuda(0));
-  const Tensor tokens = testing::random_tokens(spec.vocab, 3, 224, 22);  // not a multiple of the scan chunk (64)
+  const Tensor tokens =
+      testing::random_tokens(spec.vocab, 3, 224, 22);  // not a multiple of the scan chunk (64)
   const Tensor targets = testing::random_tokens(spec.vocab, 3, 224, 23);
   const Pass ref = forward_backward(*cpu, tokens, targets, nullptr);
-  const Pass f32 = forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), nullptr);
+  const Pass f32 =
+      forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), nullptr);
   ASSERT_EQ(f32.grad.size(), ref.grad.size());
   EXPECT_NEAR(f32.loss, ref.loss, 1e-5 * ref.loss);
   EXPECT_LT(rel(f32.grad, ref.grad), 1e-4);
 
   ComputeCopies copies(*gpu, DType::kBF16);
-  const Pass mixed = forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), &copies);
+  const Pass mixed =
+      forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), &copies);
   ASSERT_EQ(mixed.grad.size(), ref.grad.size());
   EXPECT_NEAR(mixed.loss, ref.loss, 1e-2 * ref.loss);
   EXPECT_LT(rel(mixed.grad, ref.grad), 5e-2);
   EXPECT_GT(rel(mixed.grad, ref.grad), 1e-4) << "the pass computed in bf16";
-  for (const Tensor& p : gpu->parameters()) EXPECT_EQ(p.dtype(), DType::kF32) << "the masters stay fp32";
-  std::cout << "tiny model, batch 3 x 224: loss cpu " << ref.loss << ", cuda f32 " << f32.loss << ", bf16 mixed "
-            << mixed.loss << "; gradient relative error f32 " << rel(f32.grad, ref.grad) << ", bf16 mixed "
-            << rel(mixed.grad, ref.grad) << "\n";
+  for (const Tensor& p : gpu->parameters())
+    EXPECT_EQ(p.dtype(), DType::kF32) << "the masters stay fp32";
+  std::cout << "tiny model, batch 3 x 224: loss cpu " << ref.loss << ", cuda f32 " << f32.loss
+            << ", bf16 mixed " << mixed.loss << "; gradient relative error f32 "
+            << rel(f32.grad, ref.grad) << ", bf16 mixed " << rel(mixed.grad, ref.grad) << "\n";
 }
 
 }  // namespace

@@ -1,0 +1,147 @@
+#include "autograd/profiler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <iomanip>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "autograd/cuda_context.h"
+
+#if HYDRA_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/check.cuh"
+#endif
+
+namespace hydra {
+namespace {
+
+struct Totals {
+  double ms = 0;
+  int64_t launches = 0;
+};
+
+// Launches whose CUDA events have not been read yet; read (synchronising) when many are pending and
+// at the report, so the events are reused.
+struct Pending {
+  std::string name;
+  bool cuda = false;
+  Device device;
+  std::chrono::steady_clock::time_point t0;
+#if HYDRA_WITH_CUDA
+  cudaEvent_t start = nullptr, stop = nullptr;
+#endif
+};
+
+struct Profile {
+  std::mutex mu;
+  std::map<std::string, Totals> totals;
+  std::vector<Pending> pending;
+  std::vector<int> free_slots;
+
+  void resolve_locked() {
+    for (std::size_t i = 0; i < pending.size(); ++i) {
+      Pending& p = pending[i];
+      if (p.name.empty()) continue;
+#if HYDRA_WITH_CUDA
+      if (p.cuda) {
+        HYDRA_CUDA_CHECK(cudaEventSynchronize(p.stop));
+        float ms = 0;
+        HYDRA_CUDA_CHECK(cudaEventElapsedTime(&ms, p.start, p.stop));
+        totals[p.name].ms += ms;
+      }
+#endif
+      ++totals[p.name].launches;
+      p.name.clear();
+      free_slots.push_back(static_cast<int>(i));
+    }
+  }
+};
+
+Profile& profile() {
+  static Profile* p = new Profile();  // outlives static destructors that may still launch kernels
+  return *p;
+}
+
+}  // namespace
+
+bool kernel_profile_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("HYDRA_PROFILE");
+    return v != nullptr && *v != '\0' && std::string(v) != "0";
+  }();
+  return on;
+}
+
+void KernelProfileScope::begin(Device device, const char* name) {
+  Profile& pr = profile();
+  std::lock_guard<std::mutex> lock(pr.mu);
+  if (pr.free_slots.empty() && pr.pending.size() >= 4096) pr.resolve_locked();
+  if (pr.free_slots.empty()) {
+    pr.pending.emplace_back();
+    pr.free_slots.push_back(static_cast<int>(pr.pending.size()) - 1);
+  }
+  slot_ = pr.free_slots.back();
+  pr.free_slots.pop_back();
+  Pending& p = pr.pending[slot_];
+  p.name = name;
+  p.cuda = device.is_cuda();
+  p.device = device;
+#if HYDRA_WITH_CUDA
+  if (p.cuda) {
+    if (p.start == nullptr) {
+      HYDRA_CUDA_CHECK(cudaEventCreate(&p.start));
+      HYDRA_CUDA_CHECK(cudaEventCreate(&p.stop));
+    }
+    HYDRA_CUDA_CHECK(cudaEventRecord(p.start, static_cast<cudaStream_t>(current_stream(device))));
+  }
+#endif
+  p.t0 = std::chrono::steady_clock::now();
+  active_ = true;
+}
+
+void KernelProfileScope::end() {
+  Profile& pr = profile();
+  std::lock_guard<std::mutex> lock(pr.mu);
+  Pending& p = pr.pending[slot_];
+#if HYDRA_WITH_CUDA
+  if (p.cuda) {
+    HYDRA_CUDA_CHECK(cudaEventRecord(p.stop, static_cast<cudaStream_t>(current_stream(p.device))));
+    return;  // read later
+  }
+#endif
+  pr.totals[p.name].ms +=
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p.t0).count();
+  ++pr.totals[p.name].launches;
+  p.name.clear();
+  pr.free_slots.push_back(slot_);
+}
+
+void kernel_profile_report(std::ostream& os) {
+  Profile& pr = profile();
+  std::lock_guard<std::mutex> lock(pr.mu);
+  pr.resolve_locked();
+  std::vector<std::pair<std::string, Totals>> rows(pr.totals.begin(), pr.totals.end());
+  std::sort(rows.begin(), rows.end(),
+            [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
+  double total = 0;
+  for (const auto& r : rows) total += r.second.ms;
+  os << "kernel profile (HYDRA_PROFILE): " << std::fixed << std::setprecision(1) << total
+     << " ms in kernels\n";
+  os << "  " << std::left << std::setw(28) << "kernel" << std::right << std::setw(12) << "total ms"
+     << std::setw(10) << "share" << std::setw(12) << "launches" << std::setw(12) << "us/launch"
+     << "\n";
+  for (const auto& [name, t] : rows)
+    os << "  " << std::left << std::setw(28) << name << std::right << std::setw(12)
+       << std::setprecision(1) << t.ms << std::setw(9) << std::setprecision(1)
+       << (total > 0 ? 100.0 * t.ms / total : 0.0) << "%" << std::setw(12) << t.launches
+       << std::setw(12) << std::setprecision(1)
+       << (t.launches > 0 ? 1000.0 * t.ms / t.launches : 0.0) << "\n";
+  os << std::defaultfloat;
+  pr.totals.clear();
+}
+
+}  // namespace hydra

@@ -1,0 +1,37 @@
+// Kernel profile: with HYDRA_PROFILE=1 in the environment, every kernel launched through
+// HYDRA_LAUNCH is timed (CUDA events on its stream around the launch; wall-clock on the CPU) and
+// summed by kernel family. kernel_profile_report() prints the table (the trainer does at the end of
+// a run). Off, a launch pays one branch on a cached flag.
+#pragma once
+
+#include <ostream>
+#include <string>
+
+#include "autograd/device.h"
+
+namespace hydra {
+
+bool kernel_profile_enabled();
+
+class KernelProfileScope {
+ public:
+  KernelProfileScope(Device device, const char* name) {
+    if (kernel_profile_enabled()) begin(device, name);
+  }
+  ~KernelProfileScope() {
+    if (active_) end();
+  }
+  KernelProfileScope(const KernelProfileScope&) = delete;
+  KernelProfileScope& operator=(const KernelProfileScope&) = delete;
+
+ private:
+  void begin(Device device, const char* name);
+  void end();
+  bool active_ = false;
+  int slot_ = -1;
+};
+
+// The kernels' total time, launches and share, longest first; resets the sums.
+void kernel_profile_report(std::ostream& os);
+
+}  // namespace hydra
