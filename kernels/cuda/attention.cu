@@ -6,6 +6,8 @@
 // probabilities from the saved log-sum-exp in two kernels without atomics: dQ walks a query tile's
 // keys, dK and dV walk a key tile's queries (the mirror sets: the band after the tile plus the
 // global queries beyond it). Every sum runs in a fixed order, so results are bit-reproducible.
+#include <cstdint>
+
 #include "kernels/attention.h"
 #include "kernels/cuda/common.cuh"
 
@@ -117,6 +119,85 @@ Layout layout_of(const AttentionParams& p) {
   return {p.heads, p.q_len, p.k_len, p.head_dim, p.q_row, p.k_row, p.v_row};
 }
 
+// Each kernel's dynamic shared memory, carved into arrays in order. The host runs the same carving
+// from address 0 to get the size to launch with, so the two cannot disagree.
+class Carve {
+ public:
+  __host__ __device__ explicit Carve(unsigned char* base)
+      : at_(reinterpret_cast<uintptr_t>(base)) {}
+  template <class E>
+  __host__ __device__ E* take(int64_t n) {
+    E* p = reinterpret_cast<E*>(at_);
+    at_ += static_cast<uintptr_t>(n) * sizeof(E);
+    return p;
+  }
+  __host__ __device__ uintptr_t end() const { return at_; }
+
+ private:
+  uintptr_t at_;
+};
+
+// Forward: Q (pre-scaled) [kTile][dh], K [kTile][dh + 1], V [kTile][dh], S (scores, then
+// probabilities) [kTile][kTile + 1], O [kTile][dh], the running max, sum and correction per query,
+// the index lists.
+template <class C>
+struct FwdSmem {
+  C *Qs, *Ks, *Vs, *S, *O, *m, *l, *corr;
+  int *qidx, *kidx;
+  uintptr_t end;
+  __host__ __device__ FwdSmem(unsigned char* base, int64_t dh) {
+    Carve c(base);
+    Qs = c.take<C>(kTile * dh), Ks = c.take<C>(kTile * (dh + 1)), Vs = c.take<C>(kTile * dh);
+    S = c.take<C>(kTile * (kTile + 1)), O = c.take<C>(kTile * dh);
+    m = c.take<C>(kTile), l = c.take<C>(kTile), corr = c.take<C>(kTile);
+    qidx = c.take<int>(kTile), kidx = c.take<int>(kTile);
+    end = c.end();
+  }
+};
+
+// dQ: Q (pre-scaled) and dO [kTile][dh], K and V [kTile][dh + 1], dS [kTile][kTile + 1], the dQ
+// sums [kTile][dh], lse and delta per query, the index lists.
+template <class C>
+struct DqSmem {
+  C *Qs, *dOs, *Ks, *Vs, *dS, *dQ, *lse_s, *delta_s;
+  int *qidx, *kidx;
+  uintptr_t end;
+  __host__ __device__ DqSmem(unsigned char* base, int64_t dh) {
+    Carve c(base);
+    Qs = c.take<C>(kTile * dh), dOs = c.take<C>(kTile * dh);
+    Ks = c.take<C>(kTile * (dh + 1)), Vs = c.take<C>(kTile * (dh + 1));
+    dS = c.take<C>(kTile * (kTile + 1)), dQ = c.take<C>(kTile * dh);
+    lse_s = c.take<C>(kTile), delta_s = c.take<C>(kTile);
+    qidx = c.take<int>(kTile), kidx = c.take<int>(kTile);
+    end = c.end();
+  }
+};
+
+// dK/dV: K and V [kTile][dh], Q (pre-scaled) and dO [kTile][dh + 1], P and dS [key][query]
+// [kTile][kTile + 1], the dK and dV sums [kTile][dh], lse and delta per query, the index lists.
+template <class C>
+struct DkvSmem {
+  C *Ks, *Vs, *Qs, *dOs, *P, *dS, *dK, *dV, *lse_s, *delta_s;
+  int *kidx, *qidx;
+  uintptr_t end;
+  __host__ __device__ DkvSmem(unsigned char* base, int64_t dh) {
+    Carve c(base);
+    Ks = c.take<C>(kTile * dh), Vs = c.take<C>(kTile * dh);
+    Qs = c.take<C>(kTile * (dh + 1)), dOs = c.take<C>(kTile * (dh + 1));
+    P = c.take<C>(kTile * (kTile + 1)), dS = c.take<C>(kTile * (kTile + 1));
+    dK = c.take<C>(kTile * dh), dV = c.take<C>(kTile * dh);
+    lse_s = c.take<C>(kTile), delta_s = c.take<C>(kTile);
+    kidx = c.take<int>(kTile), qidx = c.take<int>(kTile);
+    end = c.end();
+  }
+};
+
+// Bytes of dynamic shared memory a layout takes at head size dh.
+template <template <class> class Layout, class C>
+size_t smem_bytes(int64_t dh) {
+  return static_cast<size_t>(Layout<C>(nullptr, dh).end);
+}
+
 // Copies rows idx[r] (r < kTile; -1: zeros) of `src` (row r at offset off(idx[r])) into dst[r *
 // pitch + c].
 template <class T, class C, class Off>
@@ -143,16 +224,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
   const int64_t i0 = int64_t(blockIdx.x) * kTile, nq = min(int64_t(kTile), p.q_len - i0);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  C* Qs = reinterpret_cast<C*>(smem_raw);  // [kTile][dh], pre-scaled
-  C* Ks = Qs + kTile * dh;                 // [kTile][dh + 1]
-  C* Vs = Ks + kTile * (dh + 1);           // [kTile][dh]
-  C* S = Vs + kTile * dh;                  // [kTile][kTile + 1]: scores, then probabilities
-  C* O = S + kTile * (kTile + 1);          // [kTile][dh]
-  C* m = O + kTile * dh;
-  C* l = m + kTile;
-  C* corr = l + kTile;
-  int* qidx = reinterpret_cast<int*>(corr + kTile);
-  int* kidx = qidx + kTile;
+  const FwdSmem<C> sm(smem_raw, dh);
+  C *Qs = sm.Qs, *Ks = sm.Ks, *Vs = sm.Vs, *S = sm.S, *O = sm.O, *m = sm.m, *l = sm.l,
+    *corr = sm.corr;
+  int *qidx = sm.qidx, *kidx = sm.kidx;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -251,16 +326,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
   const int64_t i0 = int64_t(blockIdx.x) * kTile, nq = min(int64_t(kTile), p.q_len - i0);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  C* Qs = reinterpret_cast<C*>(smem_raw);  // [kTile][dh], pre-scaled
-  C* dOs = Qs + kTile * dh;                // [kTile][dh]
-  C* Ks = dOs + kTile * dh;                // [kTile][dh + 1]
-  C* Vs = Ks + kTile * (dh + 1);           // [kTile][dh + 1]
-  C* dS = Vs + kTile * (dh + 1);           // [kTile][kTile + 1]
-  C* dQ = dS + kTile * (kTile + 1);        // [kTile][dh]
-  C* lse_s = dQ + kTile * dh;
-  C* delta_s = lse_s + kTile;
-  int* qidx = reinterpret_cast<int*>(delta_s + kTile);
-  int* kidx = qidx + kTile;
+  const DqSmem<C> sm(smem_raw, dh);
+  C *Qs = sm.Qs, *dOs = sm.dOs, *Ks = sm.Ks, *Vs = sm.Vs, *dS = sm.dS, *dQ = sm.dQ;
+  C *lse_s = sm.lse_s, *delta_s = sm.delta_s;
+  int *qidx = sm.qidx, *kidx = sm.kidx;
   const C* lse = static_cast<const C*>(p.lse);
 
   if (threadIdx.x < kTile) {
@@ -329,18 +398,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
   const int64_t j0 = int64_t(blockIdx.x) * kTile, nk = min(int64_t(kTile), p.k_len - j0);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  C* Ks = reinterpret_cast<C*>(smem_raw);  // [kTile][dh]
-  C* Vs = Ks + kTile * dh;                 // [kTile][dh]
-  C* Qs = Vs + kTile * dh;                 // [kTile][dh + 1], pre-scaled
-  C* dOs = Qs + kTile * (dh + 1);          // [kTile][dh + 1]
-  C* P = dOs + kTile * (dh + 1);           // [key][query]: [kTile][kTile + 1]
-  C* dS = P + kTile * (kTile + 1);         // [kTile][kTile + 1]
-  C* dK = dS + kTile * (kTile + 1);        // [kTile][dh]
-  C* dV = dK + kTile * dh;                 // [kTile][dh]
-  C* lse_s = dV + kTile * dh;
-  C* delta_s = lse_s + kTile;
-  int* kidx = reinterpret_cast<int*>(delta_s + kTile);
-  int* qidx = kidx + kTile;
+  const DkvSmem<C> sm(smem_raw, dh);
+  C *Ks = sm.Ks, *Vs = sm.Vs, *Qs = sm.Qs, *dOs = sm.dOs, *P = sm.P, *dS = sm.dS, *dK = sm.dK,
+    *dV = sm.dV;
+  C *lse_s = sm.lse_s, *delta_s = sm.delta_s;
+  int *kidx = sm.kidx, *qidx = sm.qidx;
   const C* lse = static_cast<const C*>(p.lse);
 
   if (threadIdx.x < kTile) kidx[threadIdx.x] = threadIdx.x < nk ? int(j0 + threadIdx.x) : -1;
@@ -404,17 +466,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Dynamic shared memory of each kernel, in compute-type elements plus the two index arrays.
-size_t fwd_smem(int64_t dh, size_t a) {
-  return a * (kTile * (4 * dh + 1) + kTile * (kTile + 1) + 3 * kTile) + 2 * kTile * sizeof(int);
-}
-size_t dq_smem(int64_t dh, size_t a) {
-  return a * (kTile * (5 * dh + 2) + kTile * (kTile + 1) + 2 * kTile) + 2 * kTile * sizeof(int);
-}
-size_t dkv_smem(int64_t dh, size_t a) {
-  return a * (kTile * (6 * dh + 2) + 2 * kTile * (kTile + 1) + 2 * kTile) + 2 * kTile * sizeof(int);
-}
-
 size_t accumulate_size(DType t) { return t == DType::kF64 ? 8 : 4; }
 
 void check_sizes(const AttentionParams& p) {
@@ -431,7 +482,7 @@ void attention_fwd(const AttentionParams& p) {
   check_sizes(p);
   dispatch_float(p.dtype, "attention", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const size_t smem = fwd_smem(p.head_dim, accumulate_size(p.dtype));
+    const size_t smem = smem_bytes<FwdSmem, compute_t<T>>(p.head_dim);
     allow_dynamic_smem(attn_fwd_kernel<T>, smem, "attention");
     const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile),
                     static_cast<unsigned>(p.batch * p.heads));
@@ -459,21 +510,22 @@ void attention_bwd(const AttentionBwdParams& q) {
     const Pattern pat{p.window, p.global_stride, p.q_pos0, p.k_pos0};
     C* delta = static_cast<C*>(q.workspace);
     const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-    const size_t a = accumulate_size(p.dtype);
+    const size_t dq_bytes = smem_bytes<DqSmem, C>(p.head_dim),
+                 dkv_bytes = smem_bytes<DkvSmem, C>(p.head_dim);
     if (p.q_len > 0) {
       const int64_t rows = p.batch * p.heads * p.q_len;
       attn_delta_kernel<T>
           <<<blocks_for(rows * 32, 256, int64_t(1) << 31), 256, 0, s>>>(q, lay, delta, rows);
       HYDRA_CUDA_LAUNCH_CHECK();
-      allow_dynamic_smem(attn_dq_kernel<T>, dq_smem(p.head_dim, a), "attention_backward");
+      allow_dynamic_smem(attn_dq_kernel<T>, dq_bytes, "attention_backward");
       attn_dq_kernel<T><<<dim3(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), bh), kThreads,
-                          dq_smem(p.head_dim, a), s>>>(q, lay, pat, delta);
+                          dq_bytes, s>>>(q, lay, pat, delta);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
     if (p.k_len > 0) {
-      allow_dynamic_smem(attn_dkv_kernel<T>, dkv_smem(p.head_dim, a), "attention_backward");
+      allow_dynamic_smem(attn_dkv_kernel<T>, dkv_bytes, "attention_backward");
       attn_dkv_kernel<T><<<dim3(static_cast<unsigned>((p.k_len + kTile - 1) / kTile), bh), kThreads,
-                           dkv_smem(p.head_dim, a), s>>>(q, lay, pat, delta);
+                           dkv_bytes, s>>>(q, lay, pat, delta);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
   });
