@@ -51,6 +51,22 @@ TEST(Cli, HelpExplainsEveryFlag) {
     EXPECT_NE(r.output.find(flag), std::string::npos) << flag;
 }
 
+TEST(Cli, ProfileTablesTheKernelsAfterTheReport) {
+  const std::string dir = temp_dir("profile");
+  std::string quick = kQuick;
+  quick.replace(quick.find("--quiet"), 7, "--no-print-config");
+  const Result r = run("HYDRA_PROFILE=1 " + kTrain + " --config " + kTiny + quick + " --out " + dir + "/run");
+  EXPECT_EQ(r.code, 0) << r.output;
+  const std::size_t table = r.output.find("kernel profile (HYDRA_PROFILE)");
+  ASSERT_NE(table, std::string::npos) << r.output;
+  EXPECT_GT(table, r.output.find("Hydra training report")) << "the table comes after the report";
+  for (const char* kernel : {"gemm", "ssm_scan_fwd", "ssm_scan_bwd", "multi_adamw_step"})
+    EXPECT_NE(r.output.find(kernel, table), std::string::npos) << kernel;
+  EXPECT_EQ(run(kTrain + " --config " + kTiny + quick + " --out " + dir + "/plain").output.find("kernel profile"),
+            std::string::npos)
+      << "off without HYDRA_PROFILE";
+}
+
 TEST(Cli, MalformedConfigNamesFileLineAndExitsNonZero) {
   const std::string dir = temp_dir("malformed");
   std::ofstream(dir + "/bad.pbtxt") << "model {\n  d_model: 64\n  num_blocks: four\n}\n";
