@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Joins hydra-bench-gpu's and torch_compare.py's JSON into the PERF.md table: each row with its floor
-and the throughput ratio ours/PyTorch (> 1: ours is faster) for eager and compiled PyTorch."""
+and the throughput ratio ours/PyTorch (> 1: ours is faster) for eager and compiled PyTorch. For the grouped
+expert GEMMs, "eager" is a loop of per-expert GEMMs and the second column torch._grouped_mm (marked *)."""
 import json
 import sys
 
@@ -22,7 +23,9 @@ for r in ours["rows"]:
     of = r.get("of_peak", r.get("of_copy"))
     t = tt.get(name, {})
     eager = t.get("eager", t.get("fused"))
-    comp = t.get("compile")
+    comp = t.get("compile", t.get("grouped_mm"))
     cell = lambda v: f"{v:.3f}" if v else "-"
     ratio = lambda v: f"{v / r['ms']:.2f}" if v else "-"
+    if "grouped_mm" in t:
+        name += " *"
     print(f"| {name} | {r['ms']:.3f} | {rate} | {of:.2f} | {cell(eager)} | {ratio(eager)} | {cell(comp)} | {ratio(comp)} |")

@@ -82,6 +82,33 @@ void gemm_row(Report& report, const Floors& f, const char* what, int64_t m, int6
                {"of_peak", tflops / f.gemm_tflops}}});
 }
 
+// The experts of an MoE layer as one grouped GEMM (grouped_linear): E experts of `rows` rows each,
+// forward only or forward + backward (dX and dW: 3x the forward's FLOPs).
+void grouped_row(Report& report, const Floors& f, const std::string& what, int64_t E, int64_t rows, int64_t k,
+                 int64_t n, bool backward) {
+  Tensor x = rnd({E * rows, k}), w = rnd({E, n, k}, DType::kBF16, 0.02), gy = rnd({E * rows, n});
+  const std::vector<int64_t> sizes(E, rows);
+  double ms = 0;
+  if (backward) {
+    x.set_requires_grad(true);
+    w.set_requires_grad(true);
+    ms = time_gpu([&] {
+      x.set_grad(Tensor());
+      w.set_grad(Tensor());
+      grouped_linear(x, w, sizes).backward(gy);
+    });
+  } else {
+    NoGradGuard ng;
+    ms = time_gpu([&] { (void)grouped_linear(x, w, sizes); });
+  }
+  const double tflops = (backward ? 3.0 : 1.0) * 2.0 * double(E * rows) * double(k) * double(n) / ms / 1e9;
+  std::printf("%-34s %6ld %6ld %6ld %9.3f %9.1f %8.2f\n", what.c_str(), long(E * rows), long(k), long(n), ms, tflops,
+              tflops / f.gemm_tflops);
+  report.add({"gemm", {{"shape", what}},
+              {{"m", double(E * rows)}, {"k", double(k)}, {"n", double(n)}, {"ms", ms}, {"tflops", tflops},
+               {"of_peak", tflops / f.gemm_tflops}}});
+}
+
 void bandwidth_row(Report& report, const Floors& f, const std::string& what, double bytes, const std::function<void()>& fn) {
   const double ms = time_gpu(fn);
   const double gbs = bytes / ms / 1e6;
@@ -114,11 +141,19 @@ int run(int argc, char** argv) {
   gemm_row(report, f, "1.6B expert up (T/4 rows)", T / 4, 2048, 512);
   gemm_row(report, f, "1.6B expert down (T/4 rows)", T / 4, 512, 2048);
   gemm_row(report, f, "1.6B lm head", 8192, 2048, 50304);
+  // The MoE layer's experts in one launch: 8 experts, each T/4 rows (2 of 8 active per chunk).
+  for (const bool bwd : {false, true}) {
+    const std::string pass = bwd ? " fwd+bwd" : "";
+    grouped_row(report, f, "1.6B 8 experts up, grouped" + pass, 8, T / 4, 2048, 512, bwd);
+    grouped_row(report, f, "1.6B 8 experts down, grouped" + pass, 8, T / 4, 512, 2048, bwd);
+  }
   if (!quick) {
     gemm_row(report, f, "toy ssm in_proj", T, 384, 1536);
     gemm_row(report, f, "toy ssm out_proj", T, 768, 384);
     gemm_row(report, f, "toy expert up (T/4 rows)", T / 4, 384, 192);
     gemm_row(report, f, "toy lm head", 8192, 384, 8192);
+    grouped_row(report, f, "toy 8 experts up, grouped", 8, T / 4, 384, 192, false);
+    grouped_row(report, f, "toy 8 experts up, grouped fwd+bwd", 8, T / 4, 384, 192, true);
   }
 
   std::printf("\n%-44s %9s %9s %8s\n", "memory-bound (bf16 unless noted)", "ms", "GB/s", "of copy");

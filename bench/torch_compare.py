@@ -44,6 +44,30 @@ def main():
         with torch.no_grad():
             add("gemm", name, time_ms(lambda: F.linear(x, w)), "eager")
 
+    # The MoE layer's experts: a loop of per-expert GEMMs (eager) and torch._grouped_mm (one launch),
+    # forward and forward + backward, as hydra-bench-gpu's grouped rows.
+    for name, E, per, k, n in [("1.6B 8 experts up, grouped", 8, T // 4, 2048, 512),
+                                ("1.6B 8 experts down, grouped", 8, T // 4, 512, 2048),
+                                ("toy 8 experts up, grouped", 8, T // 4, 384, 192)]:
+        x = torch.randn(E * per, k, device=dev, dtype=bf)
+        w = torch.randn(E, n, k, device=dev, dtype=bf) * 0.02
+        gy = torch.randn(E * per, n, device=dev, dtype=bf)
+        offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * per
+        loop = lambda xx, ww: torch.cat([F.linear(xx[e * per:(e + 1) * per], ww[e]) for e in range(E)])
+        grouped = lambda xx, ww: torch._grouped_mm(xx, ww.transpose(-2, -1), offs=offs)
+        for mode, fn in (("eager", loop), ("grouped_mm", grouped)):
+            try:
+                with torch.no_grad():
+                    add("gemm", name, time_ms(lambda: fn(x, w)), mode)
+                xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+                def fb():
+                    xr.grad = wr.grad = None
+                    fn(xr, wr).backward(gy)
+                add("gemm", name + " fwd+bwd", time_ms(fb), mode)
+            except (AttributeError, RuntimeError) as e:  # no _grouped_mm in this PyTorch or on this GPU
+                print(f"{name} {mode}: {e}", flush=True)
+
     for width in (2048, 384):
         shape = f"[{T}, {width}]"
         x = torch.randn(T, width, device=dev, dtype=bf)

@@ -28,4 +28,55 @@ inline constexpr size_t kGemmWorkspace = size_t{32} << 20;
 
 HYDRA_DECLARE_KERNEL(gemm, GemmParams)
 
+// One problem of a grouped GEMM: C = alpha * op(A) op(B) + beta * C with its own shape and operands
+// (row-major, as GemmParams).
+struct GemmProblem {
+  int64_t m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int64_t lda = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  void* c = nullptr;
+  int64_t ldc = 0;
+  double beta = 0;
+};
+
+// Independent GEMMs of different shapes in one launch on CUDA (cuBLAS's grouped batched GEMM), e.g. the
+// experts of an MoE layer on their variable row counts. The problems' outputs must not overlap.
+struct GroupedGemmParams {
+  DType dtype = DType::kF32;  // accumulation as for gemm
+  bool trans_a = false, trans_b = false;
+  double alpha = 1;
+  const GemmProblem* problems = nullptr;  // host array
+  int64_t count = 0;
+  void* workspace = nullptr;  // CUDA: grouped_gemm_workspace(p) bytes (the problems' device pointer tables)
+  void* stream = nullptr;
+};
+
+HYDRA_DECLARE_KERNEL(grouped_gemm, GroupedGemmParams)
+
+// Problem q of a grouped GEMM as a GEMM of its own (no workspace or stream set).
+inline GemmParams gemm_of(const GroupedGemmParams& p, const GemmProblem& q) {
+  GemmParams g;
+  g.dtype = p.dtype;
+  g.trans_a = p.trans_a;
+  g.trans_b = p.trans_b;
+  g.m = q.m;
+  g.n = q.n;
+  g.k = q.k;
+  g.a = q.a;
+  g.lda = q.lda;
+  g.b = q.b;
+  g.ldb = q.ldb;
+  g.c = q.c;
+  g.ldc = q.ldc;
+  g.alpha = p.alpha;
+  g.beta = q.beta;
+  return g;
+}
+
+namespace cuda {
+size_t grouped_gemm_workspace(const GroupedGemmParams& p);
+}  // namespace cuda
+
 }  // namespace hydra::kernels

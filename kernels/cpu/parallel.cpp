@@ -22,9 +22,9 @@ int threads_from_env() {
 
 std::atomic<int>& thread_setting() {
   static std::atomic<int> threads{[] {
-    const int n = threads_from_env();
-    openblas_set_num_threads(n);
-    return n;
+    // BLAS runs single-threaded inside the kernels' own thread-count-independent partition (cpu/matmul.cpp).
+    openblas_set_num_threads(1);
+    return threads_from_env();
   }()};
   return threads;
 }
@@ -36,7 +36,6 @@ int num_threads() { return thread_setting().load(std::memory_order_relaxed); }
 void set_num_threads(int n) {
   n = n > 0 ? n : 1;
   thread_setting().store(n, std::memory_order_relaxed);
-  openblas_set_num_threads(n);
 }
 
 }  // namespace hydra

@@ -1,7 +1,8 @@
 // GEMM through cuBLASLt: bf16 or f32 operands with fp32 accumulation (exact FP32, no TF32), f64 through
 // cuBLAS. Row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, so no
 // operand is copied. Descriptors and the heuristic's algorithm are cached per shape; the bias is a
-// fused epilogue. The workspace comes from the caller (the caching allocator).
+// fused epilogue. The workspace comes from the caller (the caching allocator). Grouped GEMMs (problems
+// of different shapes in one launch) go through cuBLAS's grouped batched GEMM.
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
@@ -158,6 +159,87 @@ void gemm(const GemmParams& p) {
   const float alpha = static_cast<float>(p.alpha), beta = static_cast<float>(p.beta);
   HYDRA_CUBLAS_CHECK(cublasLtMatmul(handles().lt, pl.op, &alpha, p.b, pl.a, p.a, pl.b, &beta, p.c, pl.c, p.c, pl.c,
                                     &pl.algo, p.workspace, kGemmWorkspace, s));
+}
+
+namespace {
+
+// cuBLAS's grouped GEMM reads the problems' operand pointers from device arrays. A kernel writes them
+// from its own parameters (up to kTableChunk problems per launch: 3 KiB, within the 4 KiB parameter
+// space), so no host-to-device copy or pinned staging buffer is needed.
+constexpr int kTableChunk = 128;
+
+struct TableChunk {
+  const void* a[kTableChunk];
+  const void* b[kTableChunk];
+  void* c[kTableChunk];
+};
+
+__global__ void fill_tables_kernel(TableChunk chunk, int count, const void** a, const void** b, void** c) {
+  const int i = threadIdx.x;
+  if (i < count) {
+    a[i] = chunk.a[i];
+    b[i] = chunk.b[i];
+    c[i] = chunk.c[i];
+  }
+}
+
+}  // namespace
+
+size_t grouped_gemm_workspace(const GroupedGemmParams& p) {
+  return 3 * static_cast<size_t>(p.count) * sizeof(void*) + 256;
+}
+
+void grouped_gemm(const GroupedGemmParams& p) {
+  std::vector<const GemmProblem*> live;
+  for (int64_t i = 0; i < p.count; ++i)
+    if (p.problems[i].m > 0 && p.problems[i].n > 0) live.push_back(&p.problems[i]);
+  if (live.empty()) return;
+  HYDRA_CHECK(p.workspace != nullptr) << "grouped_gemm: workspace required";
+  const bool f64 = p.dtype == DType::kF64;
+  HYDRA_CHECK(f64 || p.dtype == DType::kF32 || p.dtype == DType::kBF16)
+      << "grouped_gemm: dtype " << dtype_name(p.dtype) << " is not supported on CUDA";
+  const cudaDataType_t t = f64 ? CUDA_R_64F : data_type(p.dtype);
+  const cublasComputeType_t compute = f64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
+  cudaStream_t s = as_stream(p.stream);
+  const auto n = static_cast<int64_t>(live.size());
+  // Column-major, as gemm: C^T = op(B)^T op(A)^T, so cuBLAS's A is our B.
+  auto** table = static_cast<void**>(p.workspace);  // [cuBLAS A..., cuBLAS B..., C...]
+  for (int64_t base = 0; base < n; base += kTableChunk) {
+    TableChunk chunk{};
+    const int count = static_cast<int>(std::min<int64_t>(kTableChunk, n - base));
+    for (int j = 0; j < count; ++j) {
+      chunk.a[j] = live[base + j]->b;
+      chunk.b[j] = live[base + j]->a;
+      chunk.c[j] = live[base + j]->c;
+    }
+    fill_tables_kernel<<<1, kTableChunk, 0, s>>>(chunk, count, const_cast<const void**>(table + base),
+                                                 const_cast<const void**>(table + n + base), table + 2 * n + base);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  }
+  const std::vector<cublasOperation_t> op_a(n, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N),
+      op_b(n, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
+  std::vector<int64_t> m(n), nn(n), k(n), lda(n), ldb(n), ldc(n), group_size(n, 1);
+  std::vector<double> alpha64(n, p.alpha), beta64(n);
+  std::vector<float> alpha32(n, static_cast<float>(p.alpha)), beta32(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const GemmProblem& q = *live[i];
+    m[i] = q.n;
+    nn[i] = q.m;
+    k[i] = q.k;
+    lda[i] = q.ldb;
+    ldb[i] = q.lda;
+    ldc[i] = q.ldc;
+    beta64[i] = q.beta;
+    beta32[i] = static_cast<float>(q.beta);
+  }
+  cublasHandle_t h = handles().blas;
+  HYDRA_CUBLAS_CHECK(cublasSetStream(h, s));
+  HYDRA_CUBLAS_CHECK(cublasGemmGroupedBatchedEx_64(
+      h, op_a.data(), op_b.data(), m.data(), nn.data(), k.data(),
+      f64 ? static_cast<const void*>(alpha64.data()) : alpha32.data(), const_cast<const void* const*>(table), t,
+      lda.data(), const_cast<const void* const*>(table + n), t, ldb.data(),
+      f64 ? static_cast<const void*>(beta64.data()) : beta32.data(), table + 2 * n, t, ldc.data(), n,
+      group_size.data(), compute));
 }
 
 }  // namespace hydra::kernels::cuda
