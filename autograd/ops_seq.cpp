@@ -197,7 +197,10 @@ SelectiveScanResult selective_scan(const Tensor& u_in, const Tensor& delta_in,
     if (L == 0) {
       h_last.copy_(h0.defined() ? h0 : zeros({Bsz, Dm, N}, acc, dev));
     } else {
+      const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, ssm_scan_fwd_workspace, p);
+      p.workspace = ws.defined() ? ws.raw_data() : nullptr;
       HYDRA_LAUNCH(dev, ssm_scan_fwd, p);
+      p.workspace = nullptr;  // released with `ws`
     }
   }
 

@@ -34,6 +34,7 @@ struct SsmScanParams {
   void* y = nullptr;              // [B, L, D] contiguous
   void* h_last = nullptr;         // [B, D, N] accumulate dtype, or null
   void* chunk_states = nullptr;   // [B, num_chunks, D, N] accumulate dtype, or null (no backward)
+  void* workspace = nullptr;      // CUDA: ssm_scan_fwd_workspace(p) bytes
   void* stream = nullptr;
 };
 
@@ -50,7 +51,7 @@ struct SsmScanBwdParams {
   void* gA_log = nullptr;         // [D, N]
   void* gD = nullptr;             // [D], if D
   void* gh0 = nullptr;            // [B, D, N] accumulate dtype, or null
-  void* workspace = nullptr;      // CUDA: ssm_scan_bwd_workspace(p) bytes
+  void* workspace = nullptr;      // CUDA: ssm_scan_bwd_workspace(p) bytes (fwd.workspace is unused)
 };
 
 inline int64_t ssm_num_chunks(int64_t len, int64_t chunk_len) {
@@ -61,6 +62,7 @@ HYDRA_DECLARE_KERNEL(ssm_scan_fwd, SsmScanParams)
 HYDRA_DECLARE_KERNEL(ssm_scan_bwd, SsmScanBwdParams)
 
 namespace cuda {
+size_t ssm_scan_fwd_workspace(const SsmScanParams& p);
 size_t ssm_scan_bwd_workspace(const SsmScanBwdParams& p);
 }  // namespace cuda
 

@@ -1,11 +1,17 @@
-// CUDA selective scan: a thread per (batch, channel) walks time with its N states in registers (N
-// is a template bound: 8, 16, 32 or 64), and a block's 128 channels share each step's B_t and C_t
-// through shared memory. The backward walks chunks last to first: it recomputes the chunk's states
-// from the saved chunk-start state into a per-thread scratch (laid out [step][state][channel], so a
-// warp's accesses coalesce), then runs the adjoint recursion G_t = C_t gy_t + a_{t+1} G_{t+1}
-// (spec/algorithms.md section 2). Sums over channels (gB, gC) are warp shuffles into per-warp
-// partials; sums over batch (gA_log, gD, gdt_bias) are per-batch partials; second kernels add both
-// in a fixed order, so results are bit-reproducible without atomics.
+// CUDA selective scan, parallel over (batch, channel, chunk of chunk_len steps); each thread keeps its
+// N states in registers (N is a template bound: 8, 16, 32 or 64).
+// Forward, three passes (spec/algorithms.md section 1: the recurrence is linear in h):
+//   1. each chunk from a zero state: its end state and its summed delta (the chunk's decay is
+//      exp(A * sum delta));
+//   2. per (batch, channel), chunk to chunk: the true state entering each chunk, and h_last;
+//   3. each chunk again from its entering state, writing y.
+// Backward, the same for the adjoint G_t = C_t gy_t + a_{t+1} G_{t+1} (section 2), which is linear in
+// G too: each chunk's G from a zero end, then a pass from the last chunk to the first for the true G
+// entering each chunk, then each chunk recomputes its states from the saved chunk-start state into
+// scratch ([step][state][thread], so a warp's accesses coalesce) and walks its steps backward.
+// Sums over channels (gB, gC) are warp shuffles into per-warp partials; sums over batch and chunks
+// (gA_log, gD, gdt_bias) are per-(batch, chunk) partials; second kernels add both in a fixed order, so
+// results are bit-reproducible without atomics.
 #include <algorithm>
 #include <type_traits>
 
@@ -47,60 +53,120 @@ __device__ A sigmoid(A v) {
   return A(1) / (A(1) + exp(-v));
 }
 
+// The thread's place: channel d, chunk c (blockIdx.y) of batch b (b0 + blockIdx.z), steps [cs, ce).
+struct ChunkThread {
+  int64_t b, c, d, cs, ce;
+  bool live;
+};
+
+__device__ ChunkThread chunk_thread(const SsmScanParams& p, int64_t b0) {
+  ChunkThread t;
+  t.b = b0 + blockIdx.z;
+  t.c = blockIdx.y;
+  t.d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  t.cs = t.c * p.chunk_len;
+  t.ce = min(p.len, t.cs + p.chunk_len);
+  t.live = t.d < p.dim;
+  return t;
+}
+
 template <class T, int NMAX>
-__global__ void __launch_bounds__(kThreads) scan_fwd_kernel(SsmScanParams p, int64_t nchunks) {
-  using A = compute_t<T>;
-  __shared__ A Bs[kSteps][NMAX], Cs[kSteps][NMAX];
-  const ScanIn<T> in{p};
-  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim,
-                L = p.len;
+__device__ void load_decay_rates(const SsmScanParams& p, int64_t d, bool live, compute_t<T> (&Ad)[NMAX]) {
   const int N = static_cast<int>(p.state);
-  const bool live = d < D;
-  A Ad[NMAX], h[NMAX];
 #pragma unroll
-  for (int n = 0; n < NMAX; ++n) {
-    Ad[n] = live && n < N ? -exp(load(static_cast<const T*>(p.A_log), d * N + n)) : A(0);
-    h[n] = live && n < N && p.h0 ? static_cast<const A*>(p.h0)[(b * D + d) * N + n] : A(0);
-  }
+  for (int n = 0; n < NMAX; ++n)
+    Ad[n] = live && n < N ? -exp(load(static_cast<const T*>(p.A_log), d * N + n)) : compute_t<T>(0);
+}
+
+// Forward passes 1 (FINAL false: from a zero state, the chunk's end state into `states` and its summed
+// delta into `dsums`) and 3 (FINAL true: from the entering state in `states`, y).
+template <class T, int NMAX, bool FINAL>
+__global__ void __launch_bounds__(kThreads)
+    scan_fwd_chunk_kernel(SsmScanParams p, int64_t nchunks, compute_t<T>* __restrict states,
+                          compute_t<T>* __restrict dsums) {
+  using A = compute_t<T>;
+  __shared__ A Bs[kSteps][NMAX], Cs[FINAL ? kSteps : 1][NMAX];
+  const ScanIn<T> in{p};
+  const ChunkThread th = chunk_thread(p, 0);
+  const int64_t b = th.b, d = th.d, D = p.dim, L = p.len;
+  const int N = static_cast<int>(p.state);
+  const bool live = th.live;
+  const int64_t slot = (b * nchunks + th.c) * D + d;
+  A Ad[NMAX], h[NMAX];
+  load_decay_rates<T, NMAX>(p, d, live, Ad);
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) h[n] = FINAL && live && n < N ? states[slot * N + n] : A(0);
   const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
   const A Dd = live && p.D ? load(static_cast<const T*>(p.D), d) : A(0);
-  A* chunk_states = static_cast<A*>(p.chunk_states);
-  for (int64_t t0 = 0; t0 < L; t0 += kSteps) {
-    const int steps = static_cast<int>(min(int64_t(kSteps), L - t0));
+  A dsum = 0;
+  for (int64_t t0 = th.cs; t0 < th.ce; t0 += kSteps) {
+    const int steps = static_cast<int>(min(int64_t(kSteps), th.ce - t0));
     __syncthreads();
     for (int e = threadIdx.x; e < steps * N; e += blockDim.x) {
       const int s = e / N, n = e % N;
       Bs[s][n] = in.B(b * L + t0 + s, n);
-      Cs[s][n] = in.C(b * L + t0 + s, n);
+      if constexpr (FINAL) Cs[s][n] = in.C(b * L + t0 + s, n);
     }
     __syncthreads();
     if (!live) continue;
     for (int s = 0; s < steps; ++s) {
-      const int64_t t = t0 + s, r = b * L + t;
-      if (chunk_states && t % p.chunk_len == 0) {
-        A* cs = chunk_states + ((b * nchunks + t / p.chunk_len) * D + d) * N;
-#pragma unroll
-        for (int n = 0; n < NMAX; ++n)
-          if (n < N) cs[n] = h[n];
-      }
+      const int64_t r = b * L + t0 + s;
       const A dl = softplus(in.raw(r, d, bias)), ut = in.u(r, d), dlu = dl * ut;
       A acc = 0;
 #pragma unroll
       for (int n = 0; n < NMAX; ++n) {
         if (n < N) {
           h[n] = fast_exp(dl * Ad[n]) * h[n] + dlu * Bs[s][n];
-          acc += Cs[s][n] * h[n];
+          if constexpr (FINAL) acc += Cs[s][n] * h[n];
         }
       }
-      acc += Dd * ut;
-      if (p.z) {
-        const A zt = in.z(r, d);
-        acc *= zt * sigmoid(zt);
+      if constexpr (FINAL) {
+        acc += Dd * ut;
+        if (p.z) {
+          const A zt = in.z(r, d);
+          acc *= zt * sigmoid(zt);
+        }
+        static_cast<T*>(p.y)[r * D + d] = convert<T>(acc);
+      } else {
+        dsum += dl;
       }
-      static_cast<T*>(p.y)[r * D + d] = convert<T>(acc);
     }
   }
-  if (live && p.h_last) {
+  if constexpr (!FINAL) {
+    if (!live) return;
+#pragma unroll
+    for (int n = 0; n < NMAX; ++n)
+      if (n < N) states[slot * N + n] = h[n];
+    dsums[slot] = dsum;
+  }
+}
+
+// Forward pass 2, a thread per (batch, channel): the states entering each chunk, in place of the
+// chunks' zero-start end states, and h_last. A chunk's decay is exp(A * its summed delta).
+template <class T, int NMAX>
+__global__ void __launch_bounds__(kThreads)
+    scan_fwd_carry_kernel(SsmScanParams p, int64_t nchunks, compute_t<T>* __restrict states,
+                          const compute_t<T>* __restrict dsums) {
+  using A = compute_t<T>;
+  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim;
+  if (d >= D) return;
+  const int N = static_cast<int>(p.state);
+  A Ad[NMAX], h[NMAX];
+  load_decay_rates<T, NMAX>(p, d, true, Ad);
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) h[n] = n < N && p.h0 ? static_cast<const A*>(p.h0)[(b * D + d) * N + n] : A(0);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t slot = (b * nchunks + c) * D + d;
+    const A dsum = dsums[slot];
+#pragma unroll
+    for (int n = 0; n < NMAX; ++n)
+      if (n < N) {
+        const A end = states[slot * N + n];
+        states[slot * N + n] = h[n];
+        h[n] = exp(dsum * Ad[n]) * h[n] + end;
+      }
+  }
+  if (p.h_last) {
 #pragma unroll
     for (int n = 0; n < NMAX; ++n)
       if (n < N) static_cast<A*>(p.h_last)[(b * D + d) * N + n] = h[n];
@@ -109,32 +175,116 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(SsmScanParams p, int
 
 // Scratch of the backward, in accumulate-type elements.
 struct BwdScratch {
-  int64_t hs, part_bc, part_a, part_d;  // element counts
-  int64_t warps;                        // channel warps: per-warp partials of gB and gC
+  int64_t hs;                 // recomputed states of one batch slice: (chunk_len + 1) * N * slice * chunks * D
+  int64_t g_in, dsums;        // G entering each chunk [B][chunks][D][N]; summed delta [B][chunks][D]
+  int64_t part_bc;            // per-warp partials of gB (and of gC)
+  int64_t part_a, part_d;     // per-(batch, chunk) partials of gA (and of gD, gdt_bias)
+  int64_t warps, slice;       // channel warps; batch entries per launch (bounds the scratch)
 };
+
+// The recomputed states of one launch stay below this (larger batches run in slices).
+constexpr int64_t kStateScratchBytes = int64_t{1} << 30;
 
 BwdScratch scratch_of(const SsmScanParams& p) {
   const int64_t blocks = (p.dim + kThreads - 1) / kThreads, warps = blocks * (kThreads / 32);
-  const int64_t cl = std::min(p.chunk_len, p.len);
-  return {(cl + 1) * p.state * p.batch * p.dim, warps * p.batch * p.len * p.state,
-          p.batch * p.dim * p.state, p.batch * p.dim, warps};
+  const int64_t cl = std::min(p.chunk_len, p.len), nc = ssm_num_chunks(p.len, p.chunk_len);
+  const int64_t a = p.dtype == DType::kF64 ? 8 : 4;
+  const int64_t per_batch = (cl + 1) * p.state * nc * p.dim;
+  const int64_t slice = std::clamp<int64_t>(kStateScratchBytes / (a * std::max<int64_t>(per_batch, 1)), 1, p.batch);
+  const int64_t bcd = p.batch * nc * p.dim;
+  return {per_batch * slice, bcd * p.state, bcd, warps * p.batch * p.len * p.state, bcd * p.state, bcd, warps, slice};
 }
 
+// Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta.
 template <class T, int NMAX>
 __global__ void __launch_bounds__(kThreads)
-    scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, BwdScratch sc,
-                    compute_t<T>* __restrict ws) {
+    scan_bwd_chunk_kernel(SsmScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
+                          compute_t<T>* __restrict dsums) {
   using A = compute_t<T>;
   const SsmScanParams& p = q.fwd;
   const ScanIn<T> in{p};
-  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim,
-                L = p.len;
-  const int64_t BD = p.batch * D, bd = b * D + d, CL = p.chunk_len;
+  const ChunkThread th = chunk_thread(p, 0);
+  if (!th.live) return;
+  const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, slot = (b * nchunks + th.c) * D + d;
+  const int N = static_cast<int>(p.state);
+  A Ad[NMAX], G[NMAX];
+  load_decay_rates<T, NMAX>(p, d, true, Ad);
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) G[n] = 0;
+  const A bias = p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
+  A dsum = 0;
+  for (int64_t t = th.ce - 1; t >= th.cs; --t) {
+    const int64_t r = b * L + t;
+    const A dl = softplus(in.raw(r, d, bias));
+    dsum += dl;
+    A g = load(static_cast<const T*>(q.gy), r * D + d);
+    if (p.z) {
+      const A zt = in.z(r, d);
+      g *= zt * sigmoid(zt);
+    }
+#pragma unroll
+    for (int n = 0; n < NMAX; ++n)
+      if (n < N) G[n] = fast_exp(dl * Ad[n]) * (G[n] + in.C(r, n) * g);
+  }
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n)
+    if (n < N) g_in[slot * N + n] = G[n];
+  dsums[slot] = dsum;
+}
+
+// Backward pass 2, a thread per (batch, channel), last chunk to first: the G entering each chunk from
+// its right, in place of the zero-end values, and gh0.
+template <class T, int NMAX>
+__global__ void __launch_bounds__(kThreads)
+    scan_bwd_carry_kernel(SsmScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
+                          const compute_t<T>* __restrict dsums) {
+  using A = compute_t<T>;
+  const SsmScanParams& p = q.fwd;
+  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim;
+  if (d >= D) return;
+  const int N = static_cast<int>(p.state);
+  A Ad[NMAX], G[NMAX];
+  load_decay_rates<T, NMAX>(p, d, true, Ad);
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n)
+    G[n] = n < N && q.g_hlast ? static_cast<const A*>(q.g_hlast)[(b * D + d) * N + n] : A(0);
+  for (int64_t c = nchunks - 1; c >= 0; --c) {
+    const int64_t slot = (b * nchunks + c) * D + d;
+    const A dsum = dsums[slot];
+#pragma unroll
+    for (int n = 0; n < NMAX; ++n)
+      if (n < N) {
+        const A local = g_in[slot * N + n];
+        g_in[slot * N + n] = G[n];
+        G[n] = exp(dsum * Ad[n]) * G[n] + local;
+      }
+  }
+  if (q.gh0) {
+#pragma unroll
+    for (int n = 0; n < NMAX; ++n)
+      if (n < N) static_cast<A*>(q.gh0)[(b * D + d) * N + n] = G[n];
+  }
+}
+
+// Backward pass 3, batch entries b0.. of a slice: each chunk recomputes its states into scratch, then
+// walks its steps backward from the G entering it.
+template <class T, int NMAX>
+__global__ void __launch_bounds__(kThreads)
+    scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc, compute_t<T>* __restrict ws) {
+  using A = compute_t<T>;
+  const SsmScanParams& p = q.fwd;
+  const ScanIn<T> in{p};
+  const ChunkThread th = chunk_thread(p, b0);
+  const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, cs = th.cs, ce = th.ce;
+  const int64_t slot = (b * nchunks + th.c) * D + d;
+  // The thread's column of the state scratch, and the scratch's row length.
+  const int64_t col = (int64_t(blockIdx.z) * nchunks + th.c) * D + d, cols = sc.slice * nchunks * D;
   const int N = static_cast<int>(p.state), lane = threadIdx.x & 31;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const bool live = d < D;
-  A* hs = ws;  // [s][n][b * D + d]
-  A* gB_part = hs + sc.hs;
+  const bool live = th.live;
+  A* hs = ws;  // [s][n][col]
+  A* g_in = hs + sc.hs;
+  A* gB_part = g_in + sc.g_in + sc.dsums;
   A* gC_part = gB_part + sc.part_bc;
   A* gA_part = gC_part + sc.part_bc;
   A* gD_part = gA_part + sc.part_a;
@@ -142,95 +292,89 @@ __global__ void __launch_bounds__(kThreads)
   const A* chunk_states = static_cast<const A*>(p.chunk_states);
 
   A Ad[NMAX], G[NMAX], gA[NMAX];
+  load_decay_rates<T, NMAX>(p, d, live, Ad);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
-    Ad[n] = live && n < N ? -exp(load(static_cast<const T*>(p.A_log), d * N + n)) : A(0);
-    G[n] = live && n < N && q.g_hlast ? static_cast<const A*>(q.g_hlast)[bd * N + n] : A(0);
+    G[n] = live && n < N ? g_in[slot * N + n] : A(0);
     gA[n] = 0;
   }
   const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
   const A Dd = live && p.D ? load(static_cast<const T*>(p.D), d) : A(0);
   A gD = 0, gbias = 0;
-  for (int64_t c = nchunks - 1; c >= 0; --c) {
-    const int64_t cs = c * CL, ce = min(L, cs + CL);
-    if (live) {  // hs[s] = the state before step cs + s
-      A h[NMAX];
+  if (live) {  // hs[s] = the state before step cs + s
+    A h[NMAX];
 #pragma unroll
-      for (int n = 0; n < NMAX; ++n) {
-        h[n] = n < N ? chunk_states[((b * nchunks + c) * D + d) * N + n] : A(0);
-        if (n < N) hs[int64_t(n) * BD + bd] = h[n];
-      }
-      for (int64_t t = cs; t < ce; ++t) {
-        const int64_t r = b * L + t, s = t - cs + 1;
-        const A dl = softplus(in.raw(r, d, bias)), dlu = dl * in.u(r, d);
+    for (int n = 0; n < NMAX; ++n) {
+      h[n] = n < N ? chunk_states[slot * N + n] : A(0);
+      if (n < N) hs[int64_t(n) * cols + col] = h[n];
+    }
+    for (int64_t t = cs; t < ce; ++t) {
+      const int64_t r = b * L + t, s = t - cs + 1;
+      const A dl = softplus(in.raw(r, d, bias)), dlu = dl * in.u(r, d);
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n)
+        if (n < N) {
+          h[n] = fast_exp(dl * Ad[n]) * h[n] + dlu * in.B(r, n);
+          hs[(s * N + n) * cols + col] = h[n];
+        }
+    }
+  }
+  for (int64_t t = ce - 1; t >= cs; --t) {
+    const int64_t r = b * L + t, s = t - cs;
+    A g = 0, ut = 0, dl = 0, dsig = 0;
+    if (live) {
+      const A raw = in.raw(r, d, bias);
+      dl = softplus(raw);
+      dsig = raw > A(20) ? A(1) : sigmoid(raw);
+      ut = in.u(r, d);
+      g = load(static_cast<const T*>(q.gy), r * D + d);
+      if (p.z) {
+        A y_pre = Dd * ut;
 #pragma unroll
         for (int n = 0; n < NMAX; ++n)
-          if (n < N) {
-            h[n] = fast_exp(dl * Ad[n]) * h[n] + dlu * in.B(r, n);
-            hs[(s * N + n) * BD + bd] = h[n];
-          }
+          if (n < N) y_pre += in.C(r, n) * hs[((s + 1) * N + n) * cols + col];
+        const A zt = in.z(r, d), sg = sigmoid(zt);
+        static_cast<T*>(q.gz)[r * D + d] = convert<T>(g * y_pre * sg * (A(1) + zt * (A(1) - sg)));
+        g *= zt * sg;
       }
     }
-    for (int64_t t = ce - 1; t >= cs; --t) {
-      const int64_t r = b * L + t, s = t - cs;
-      A g = 0, ut = 0, dl = 0, dsig = 0;
-      if (live) {
-        const A raw = in.raw(r, d, bias);
-        dl = softplus(raw);
-        dsig = raw > A(20) ? A(1) : sigmoid(raw);
-        ut = in.u(r, d);
-        g = load(static_cast<const T*>(q.gy), r * D + d);
-        if (p.z) {
-          A y_pre = Dd * ut;
+    gD += g * ut;
+    A gut = Dd * g, gdl = 0;
 #pragma unroll
-          for (int n = 0; n < NMAX; ++n)
-            if (n < N) y_pre += in.C(r, n) * hs[((s + 1) * N + n) * BD + bd];
-          const A zt = in.z(r, d), sg = sigmoid(zt);
-          static_cast<T*>(q.gz)[r * D + d] = convert<T>(g * y_pre * sg * (A(1) + zt * (A(1) - sg)));
-          g *= zt * sg;
-        }
-      }
-      gD += g * ut;
-      A gut = Dd * g, gdl = 0;
-#pragma unroll
-      for (int n = 0; n < NMAX; ++n) {
-        if (n >= N) continue;
-        A gb = 0, gc = 0;
-        if (live) {
-          const A Bn = in.B(r, n), Cn = in.C(r, n);
-          const A hp = hs[(s * N + n) * BD + bd], hn = hs[((s + 1) * N + n) * BD + bd];
-          const A an = fast_exp(dl * Ad[n]), Gn = G[n] + Cn * g;
-          gc = g * hn;
-          gb = Gn * dl * ut;
-          gut += Gn * dl * Bn;
-          gdl += Gn * (Ad[n] * an * hp + Bn * ut);
-          gA[n] += Gn * dl * an * hp;
-          G[n] = an * Gn;
-        }
-        gb = warp_sum(gb);
-        gc = warp_sum(gc);
-        if (lane == (n & 31)) {
-          gB_part[(warp * p.batch * L + r) * N + n] = gb;
-          gC_part[(warp * p.batch * L + r) * N + n] = gc;
-        }
-      }
+    for (int n = 0; n < NMAX; ++n) {
+      if (n >= N) continue;
+      A gb = 0, gc = 0;
       if (live) {
-        static_cast<T*>(q.gu)[r * D + d] = convert<T>(gut);
-        const A graw = gdl * dsig;
-        static_cast<T*>(q.gdelta)[r * D + d] = convert<T>(graw);
-        gbias += graw;
+        const A Bn = in.B(r, n), Cn = in.C(r, n);
+        const A hp = hs[(s * N + n) * cols + col], hn = hs[((s + 1) * N + n) * cols + col];
+        const A an = fast_exp(dl * Ad[n]), Gn = G[n] + Cn * g;
+        gc = g * hn;
+        gb = Gn * dl * ut;
+        gut += Gn * dl * Bn;
+        gdl += Gn * (Ad[n] * an * hp + Bn * ut);
+        gA[n] += Gn * dl * an * hp;
+        G[n] = an * Gn;
       }
+      gb = warp_sum(gb);
+      gc = warp_sum(gc);
+      if (lane == (n & 31)) {
+        gB_part[(warp * p.batch * L + r) * N + n] = gb;
+        gC_part[(warp * p.batch * L + r) * N + n] = gc;
+      }
+    }
+    if (live) {
+      static_cast<T*>(q.gu)[r * D + d] = convert<T>(gut);
+      const A graw = gdl * dsig;
+      static_cast<T*>(q.gdelta)[r * D + d] = convert<T>(graw);
+      gbias += graw;
     }
   }
   if (!live) return;
 #pragma unroll
   for (int n = 0; n < NMAX; ++n)
-    if (n < N) {
-      gA_part[bd * N + n] = gA[n];
-      if (q.gh0) static_cast<A*>(q.gh0)[bd * N + n] = G[n];
-    }
-  gD_part[bd] = gD;
-  gbias_part[bd] = gbias;
+    if (n < N) gA_part[slot * N + n] = gA[n];
+  gD_part[slot] = gD;
+  gbias_part[slot] = gbias;
 }
 
 // gB and gC: the sum over channel warps, in warp order.
@@ -251,9 +395,10 @@ __global__ void scan_bc_finish_kernel(const compute_t<T>* __restrict gB_part,
   }
 }
 
-// gA_log = A * sum over batch (dA/dA_log = A), gD and gdt_bias: sums over batch in order.
+// gA_log = A * sum over batch and chunks (dA/dA_log = A), gD and gdt_bias: sums over (batch, chunk) in
+// order.
 template <class T>
-__global__ void scan_param_finish_kernel(SsmScanBwdParams q, const compute_t<T>* __restrict gA_part,
+__global__ void scan_param_finish_kernel(SsmScanBwdParams q, int64_t parts, const compute_t<T>* __restrict gA_part,
                                          const compute_t<T>* __restrict gD_part,
                                          const compute_t<T>* __restrict gbias_part) {
   using A = compute_t<T>;
@@ -263,12 +408,12 @@ __global__ void scan_param_finish_kernel(SsmScanBwdParams q, const compute_t<T>*
        e += int64_t(gridDim.x) * blockDim.x) {
     if (e < DN) {
       A s = 0;
-      for (int64_t b = 0; b < p.batch; ++b) s += gA_part[b * DN + e];
+      for (int64_t b = 0; b < parts; ++b) s += gA_part[b * DN + e];
       static_cast<T*>(q.gA_log)[e] = convert<T>(s * -exp(load(static_cast<const T*>(p.A_log), e)));
     } else {
       const int64_t d = e - DN;
       A sd = 0, sbias = 0;
-      for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t b = 0; b < parts; ++b) {
         sd += gD_part[b * p.dim + d];
         sbias += gbias_part[b * p.dim + d];
       }
@@ -292,20 +437,40 @@ void dispatch_state(int64_t state, F&& fn) {
 void check_grid(const SsmScanParams& p) {
   HYDRA_CHECK(p.batch < 65536) << "ssm_scan (CUDA): batch " << p.batch << " must be below 65536";
   HYDRA_CHECK(p.chunk_len >= 1) << "ssm_scan: chunk_len must be positive, got " << p.chunk_len;
+  HYDRA_CHECK(ssm_num_chunks(p.len, p.chunk_len) < 65536)
+      << "ssm_scan (CUDA): " << ssm_num_chunks(p.len, p.chunk_len) << " chunks of " << p.chunk_len
+      << " steps; at most 65535 (raise the scan chunk)";
 }
 
 }  // namespace
 
+size_t ssm_scan_fwd_workspace(const SsmScanParams& p) {
+  const int64_t bcd = p.batch * ssm_num_chunks(p.len, p.chunk_len) * p.dim;
+  const size_t a = p.dtype == DType::kF64 ? 8 : 4;
+  return a * static_cast<size_t>(bcd + (p.chunk_states ? 0 : bcd * p.state)) + 256;
+}
+
 void ssm_scan_fwd(const SsmScanParams& p) {
   if (p.batch * p.dim * p.len == 0) return;
   check_grid(p);
-  const dim3 grid(static_cast<unsigned>((p.dim + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(p.batch));
+  HYDRA_CHECK(p.workspace != nullptr) << "ssm_scan: workspace required";
+  const int64_t nc = ssm_num_chunks(p.len, p.chunk_len);
+  const unsigned dim_blocks = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
+  const dim3 chunk_grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(p.batch)),
+      carry_grid(dim_blocks, static_cast<unsigned>(p.batch));
+  cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "ssm_scan", [&](auto tag) {
     using T = typename decltype(tag)::type;
+    using A = compute_t<T>;
+    A* dsums = static_cast<A*>(p.workspace);
+    A* states = p.chunk_states ? static_cast<A*>(p.chunk_states) : dsums + p.batch * nc * p.dim;
     dispatch_state(p.state, [&](auto nmax) {
-      scan_fwd_kernel<T, decltype(nmax)::value>
-          <<<grid, kThreads, 0, as_stream(p.stream)>>>(p, ssm_num_chunks(p.len, p.chunk_len));
+      constexpr int NMAX = decltype(nmax)::value;
+      scan_fwd_chunk_kernel<T, NMAX, false><<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
+      HYDRA_CUDA_LAUNCH_CHECK();
+      scan_fwd_carry_kernel<T, NMAX><<<carry_grid, kThreads, 0, s>>>(p, nc, states, dsums);
+      HYDRA_CUDA_LAUNCH_CHECK();
+      scan_fwd_chunk_kernel<T, NMAX, true><<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });
@@ -314,7 +479,7 @@ void ssm_scan_fwd(const SsmScanParams& p) {
 size_t ssm_scan_bwd_workspace(const SsmScanBwdParams& q) {
   const BwdScratch sc = scratch_of(q.fwd);
   const size_t a = q.fwd.dtype == DType::kF64 ? 8 : 4;
-  return a * static_cast<size_t>(sc.hs + 2 * sc.part_bc + sc.part_a + 2 * sc.part_d) + 256;
+  return a * static_cast<size_t>(sc.hs + sc.g_in + sc.dsums + 2 * sc.part_bc + sc.part_a + 2 * sc.part_d) + 256;
 }
 
 void ssm_scan_bwd(const SsmScanBwdParams& q) {
@@ -325,19 +490,30 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
       << "ssm_scan_bwd needs the chunk states saved by the forward";
   HYDRA_CHECK(q.workspace != nullptr) << "ssm_scan_bwd: workspace required";
   const BwdScratch sc = scratch_of(p);
-  const dim3 grid(static_cast<unsigned>((p.dim + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(p.batch));
+  const int64_t nc = ssm_num_chunks(p.len, p.chunk_len);
+  const unsigned dim_blocks = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
+  const dim3 chunk_grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(p.batch)),
+      carry_grid(dim_blocks, static_cast<unsigned>(p.batch));
   cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "ssm_scan_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = compute_t<T>;
     A* ws = static_cast<A*>(q.workspace);
+    A* g_in = ws + sc.hs;
+    A* dsums = g_in + sc.g_in;
     dispatch_state(p.state, [&](auto nmax) {
-      scan_bwd_kernel<T, decltype(nmax)::value>
-          <<<grid, kThreads, 0, s>>>(q, ssm_num_chunks(p.len, p.chunk_len), sc, ws);
+      constexpr int NMAX = decltype(nmax)::value;
+      scan_bwd_chunk_kernel<T, NMAX><<<chunk_grid, kThreads, 0, s>>>(q, nc, g_in, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
+      scan_bwd_carry_kernel<T, NMAX><<<carry_grid, kThreads, 0, s>>>(q, nc, g_in, dsums);
+      HYDRA_CUDA_LAUNCH_CHECK();
+      for (int64_t b0 = 0; b0 < p.batch; b0 += sc.slice) {
+        const dim3 grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(std::min(sc.slice, p.batch - b0)));
+        scan_bwd_kernel<T, NMAX><<<grid, kThreads, 0, s>>>(q, nc, b0, sc, ws);
+        HYDRA_CUDA_LAUNCH_CHECK();
+      }
     });
-    const A* gB_part = ws + sc.hs;
+    const A* gB_part = dsums + sc.dsums;
     const A* gC_part = gB_part + sc.part_bc;
     const A* gA_part = gC_part + sc.part_bc;
     const int64_t rows = p.batch * p.len * p.state;
@@ -345,7 +521,7 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
         gB_part, gC_part, sc.warps, rows, static_cast<T*>(q.gB), static_cast<T*>(q.gC));
     HYDRA_CUDA_LAUNCH_CHECK();
     scan_param_finish_kernel<T><<<blocks_for(p.dim * (p.state + 1), 256), 256, 0, s>>>(
-        q, gA_part, gA_part + sc.part_a, gA_part + sc.part_a + sc.part_d);
+        q, p.batch * nc, gA_part, gA_part + sc.part_a, gA_part + sc.part_a + sc.part_d);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
