@@ -10,6 +10,7 @@ ComputeCopies::ComputeCopies(const Module& module, DType compute) : compute_(com
   for (const NamedParameter& p : module.named_parameters()) {
     HYDRA_CHECK(is_floating(p.tensor.dtype()))
         << "compute copies: parameter " << p.name << " is not floating";
+    if (p.options.keep_master_dtype) continue;
     params_.push_back(p.tensor);
     copies_.push_back(Tensor::empty(p.tensor.shape(), compute, p.tensor.device()));
   }

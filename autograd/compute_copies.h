@@ -5,7 +5,8 @@
 // refreshed from its master at enter(), so the forward and backward passes compute in that dtype
 // (activations follow the parameters); gradients accumulate in the master's dtype
 // (Tensor::grad_dtype), also across micro-batches and in the reducer's buckets. exit() points the
-// handles back at the masters, keeping the gradients.
+// handles back at the masters, keeping the gradients. Parameters registered with
+// ParamOptions::keep_master_dtype have no copy: they compute in their master dtype throughout.
 #pragma once
 
 #include <vector>

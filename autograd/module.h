@@ -18,6 +18,9 @@ struct ParamOptions {
       "";  // "" = the base learning rate; others have their own (e.g. "pkm_values")
   std::string freeze_group = "";  // curriculum stages may freeze a group by name (e.g. "backbone")
   bool sparse_grad = false;       // gradients arrive row-sparse (Tensor::sparse_grad), e.g. PKM values
+  // Mixed precision leaves it in its master dtype (no low-precision compute copy), for parameters whose
+  // results are precision-sensitive and cheap, e.g. the MoE router (its top-k decisions and aux losses).
+  bool keep_master_dtype = false;
 };
 
 struct NamedParameter {

@@ -77,13 +77,13 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
   check_tokens(tokens, targets, spec_);
   (void)take_collective_outputs();  // anything left from a forward that built no loss
   Tensor x = hydra::embedding(embedding, tokens);
-  Tensor aux_total = zeros({3}, x.dtype(), x.device());
+  Tensor aux_total;  // in the routers' dtype (fp32 under mixed precision)
   for (std::size_t b = 0; b < blocks->size(); ++b) {
     const auto block = blocks->ptr<HydraBlock>(b);
     auto [y, aux] = run_block(
         ctx, [block](const Tensor& in, ForwardContext& c, Tensor* a) { return block->forward(in, c, a); }, x);
     x = y;
-    aux_total = add(aux_total, aux);
+    aux_total = aux_total.defined() ? add(aux_total, aux) : aux;
     for (std::size_t i = 0; i < ws_after_.size(); ++i) {
       if (ws_after_[i] != static_cast<int64_t>(b) || !ctx.paths.workspace) continue;
       const auto& br = workspaces->at<MemoryBranch>(i);
@@ -111,14 +111,14 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
   }
   const Tensor logits = linear(final_norm->forward(x), embedding);  // tied head
   LmOutput out;
-  out.aux = aux_total;
+  out.aux = aux_total.defined() ? aux_total : zeros({3}, x.dtype(), x.device());
   if (targets.defined()) {
     out.lm_loss = lm_loss_of(logits, targets, ctx);
-    out.loss = with_chain_tokens(add(out.lm_loss, sum(aux_total).to(out.lm_loss.dtype())), ctx);
+    out.loss = with_chain_tokens(add(out.lm_loss, sum(out.aux).to(out.lm_loss.dtype())), ctx);
   }
   if (want_logits) out.logits = logits;
   if (ctx.recording()) {
-    const std::vector<double> a = aux_total.to_vector<double>();
+    const std::vector<double> a = out.aux.to_vector<double>();
     ctx.stat("loss.balance", a[0]);
     ctx.stat("loss.locality", a[1]);
     ctx.stat("loss.sparsity", a[2]);

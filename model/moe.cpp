@@ -15,8 +15,12 @@ ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
       seq_group_(spec.cfg.moe().sparsity_group()), cfg_(spec.cfg.moe()) {
   const int64_t E = num_experts_, d = spec.d, de = spec.d_expert;
   const double out_std = spec.init_std / std::sqrt(2.0 * spec.num_blocks);
-  router_weight = register_parameter("router_weight", init.normal({E, d}, spec.init_std));
-  router_norm = register_parameter("router_norm", ones({E}), ParamOptions{.weight_decay = false});
+  // The router computes in its master dtype under mixed precision: its top-k choices, routing weights and
+  // auxiliary losses are precision-sensitive, and it is a small [E, d] GEMM.
+  router_weight =
+      register_parameter("router_weight", init.normal({E, d}, spec.init_std), ParamOptions{.keep_master_dtype = true});
+  router_norm =
+      register_parameter("router_norm", ones({E}), ParamOptions{.weight_decay = false, .keep_master_dtype = true});
   w1 = register_parameter("w1", init.normal({E, de, d}, spec.init_std));
   w3 = register_parameter("w3", init.normal({E, de, d}, spec.init_std));
   w2 = register_parameter("w2", init.normal({E, d, de}, out_std));
@@ -196,7 +200,10 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   std::vector<int64_t> perm, widx, sizes(E, 0);
   bool routed_anywhere = true;  // false: no chunk of the global batch chose any expert
   Tensor w;  // [B, nC, E] routing weights (routing on)
-  Tensor losses = zeros({3}, acc, x.device());
+  // The router and its auxiliary losses compute in the router's dtype: the activations' dtype, or fp32
+  // under mixed precision (keep_master_dtype).
+  const DType rdt = router_weight.dtype();
+  Tensor losses = zeros({3}, rdt, x.device());
   if (ctx.paths.moe_routing) {
     const bool seq_par = ctx.sequence_parallel();
     const Tensor xr = x.view({B, nC, c, d});
@@ -215,12 +222,12 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
       if (nC > 1) parts.push_back(mean(xr, {2}).narrow(1, 0, nC - 1));
       rin = parts.size() == 1 ? parts[0] : concat(parts, 1);
     }
-    const Tensor raw = linear(rin, router_weight);  // [B, nC, E]
+    const Tensor raw = linear(rin.to(rdt), router_weight);  // [B, nC, E], in the router's dtype
     const Tensor s = relu(raw);
     const Tensor r = rms_norm(s, router_norm, cfg_.router_eps());
     const MoeRouting routing = route(r.detach(), s.detach());
     std::vector<double> mask(routing.active.begin(), routing.active.end());
-    w = mul(r, tensor(mask, {B, nC, E}).to(acc).to(x.device()));
+    w = mul(r, tensor(mask, {B, nC, E}).to(rdt).to(x.device())).to(acc);
     for (int64_t e = 0; e < E; ++e)
       for (int64_t bc = 0; bc < B * nC; ++bc) {
         if (!routing.active[bc * E + e]) continue;
@@ -254,12 +261,12 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     routed_anywhere = total > 0;
     const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
     // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
-    const Tensor balance = mul(sum(mul(sum(q, {0, 1}), tensor(load, {E}).to(acc).to(x.device()))),
+    const Tensor balance = mul(sum(mul(sum(q, {0, 1}), tensor(load, {E}).to(rdt).to(x.device()))),
                                double(E) / std::max(counts[E], 1.0));
     const Tensor locality = counts[E + 1] > 0 ? mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1])
-                                              : zeros({}, acc, x.device());
+                                              : zeros({}, rdt, x.device());
     const Tensor sparsity = counts[E + 2] > 0 ? mul(moe_sparsity_sum(z, seq_group_), 1.0 / counts[E + 2])
-                                              : zeros({}, acc, x.device());
+                                              : zeros({}, rdt, x.device());
     const double scale = ctx.aux_scale;
     losses = concat({mul(balance, cfg_.balance_loss_weight() * scale).reshape({1}),
                      mul(locality, cfg_.locality_loss_weight() * scale).reshape({1}),

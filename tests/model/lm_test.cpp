@@ -147,10 +147,21 @@ TEST(HydraLM, ComputeCopiesComputeInTheirDtypeAndAccumulateInTheMasters) {
     DType seen = DType::kF64;
     for (int micro = 0; micro < 2; ++micro) {  // two micro-batches accumulate
       const ComputeCopies::Scope scope(copies);
-      seen = m->parameters()[0].dtype();
+      seen = m->parameters()[0].dtype();  // the embedding
       model::ForwardContext ctx;
       ctx.recompute = recompute;
       const model::LmOutput out = m->forward(tokens, targets, ctx);
+      if (copies != nullptr) {
+        // The MoE routers keep their master dtype (keep_master_dtype), and so do the aux losses.
+        int routers = 0;
+        for (const auto& p : m->named_parameters()) {
+          const bool router = p.name.find(".router_") != std::string::npos;
+          routers += router;
+          EXPECT_EQ(p.tensor.dtype(), router ? DType::kF64 : DType::kF32) << p.name;
+        }
+        EXPECT_EQ(routers, 2 * spec.num_blocks);
+        EXPECT_EQ(out.aux.dtype(), DType::kF64);
+      }
       out.loss.backward();
       loss += out.loss.item<double>();
     }
