@@ -125,6 +125,10 @@ std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, in
 // The k largest along the last axis, descending, ties to the lower index; gradient flows to values.
 std::pair<Tensor, Tensor> topk(const Tensor& x, int64_t k);
 
+// Product-key indices (PKM): a, b [..., k] (i64, the top-k keys of each half), pick [..., count] (i64,
+// cells c of their k x k grid) -> [..., count] with a[.., c / k] * n_keys + b[.., c % k]. No gradient.
+Tensor product_key_indices(const Tensor& a, const Tensor& b, const Tensor& pick, int64_t n_keys);
+
 // Weighted bags of rows: out[t] = sum_k weights[t, k] * table[index[t, k]]; table [R, C], index and
 // weights [n, m] -> [n, C]. With sparse_grad the table (a leaf) receives its gradient as row-sparse
 // Tensor::sparse_grad() instead of a dense tensor (PKM values: few rows of a large table per step).

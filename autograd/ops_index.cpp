@@ -352,6 +352,31 @@ Tensor densify_sparse_grad(const Tensor& leaf) {
   return dense;
 }
 
+Tensor product_key_indices(const Tensor& a_in, const Tensor& b_in, const Tensor& pick_in, int64_t n_keys) {
+  HYDRA_CHECK(a_in.dtype() == DType::kI64 && b_in.dtype() == DType::kI64 && pick_in.dtype() == DType::kI64)
+      << "product_key_indices: i64 operands expected";
+  HYDRA_CHECK(a_in.dim() >= 1 && a_in.shape() == b_in.shape() && pick_in.dim() == a_in.dim() &&
+              std::equal(a_in.shape().begin(), a_in.shape().end() - 1, pick_in.shape().begin()))
+      << "product_key_indices: a " << shape_str(a_in.shape()) << ", b " << shape_str(b_in.shape()) << ", pick "
+      << shape_str(pick_in.shape()) << " (expected [..., k], [..., k], [..., count])";
+  HYDRA_CHECK(a_in.device() == b_in.device() && a_in.device() == pick_in.device())
+      << "product_key_indices: operands on different devices";
+  const Tensor a = a_in.contiguous(), b = b_in.contiguous(), pick = pick_in.contiguous();
+  Tensor out = Tensor::empty(pick.shape(), DType::kI64, a.device());
+  kernels::ProductKeyParams p;
+  p.a = a.data<int64_t>();
+  p.b = b.data<int64_t>();
+  p.pick = pick.data<int64_t>();
+  p.out = out.data<int64_t>();
+  p.k = a.size(-1);
+  p.count = pick.size(-1);
+  p.rows = p.k ? a.numel() / p.k : 0;
+  p.n_keys = n_keys;
+  p.stream = current_stream(a.device());
+  if (p.rows * p.count > 0) HYDRA_LAUNCH(a.device(), product_key_indices, p);
+  return out;
+}
+
 Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tensor& weights_in, bool sparse_grad) {
   check_index("embedding_bag", index_in, table_in);
   HYDRA_CHECK(table_in.dim() == 2 && index_in.dim() == 2 && weights_in.shape() == index_in.shape())
@@ -387,24 +412,30 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
       [=](const std::vector<Tensor>& g) {
         for (const SavedTensor& s : saved) (void)s.get();
         const Tensor gout = g[0].contiguous();
-        Tensor gw = need_w ? Tensor::empty({n, m}, p.dtype, gout.device()) : Tensor();
-        Tensor grows = need_table ? Tensor::empty({n * m, C}, p.dtype, gout.device()) : Tensor();
+        const Device dev = gout.device();
+        Tensor gw = need_w ? Tensor::empty({n, m}, p.dtype, dev) : Tensor();
+        // The table's gradient summed per row on the device (never one row per lookup), and which rows
+        // the lookups hit (the sparse gradient's rows).
+        Tensor gtable = need_table ? Tensor::empty(tshape, p.dtype, dev) : Tensor();
+        Tensor hits = sparse_table ? Tensor::empty({tshape[0]}, DType::kI32, dev) : Tensor();
         kernels::BagBwdParams q;
         q.fwd = p;
-        q.fwd.stream = current_stream(gout.device());
+        q.fwd.stream = current_stream(dev);
         q.gout = gout.raw_data();
         q.gweights = gw.defined() ? gw.raw_data() : nullptr;
-        q.grows = grows.defined() ? grows.raw_data() : nullptr;
-        if (n > 0) HYDRA_LAUNCH(gout.device(), bag_bwd, q);
-        Tensor gtable;
-        if (need_table) {
-          const Tensor flat_index = saved[1].get().reshape({-1});
-          if (sparse_table) {
-            accumulate_sparse_grad(leaf, flat_index, grows);
-          } else if (!sparse_grad) {
-            gtable = zeros(tshape, p.dtype, gout.device());
-            scatter_rows_into(gtable, flat_index, grows);
-          }
+        q.gtable = gtable.defined() ? gtable.raw_data() : nullptr;
+        q.hits = hits.defined() ? hits.raw_data() : nullptr;
+        const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, bag_bwd_workspace, q);
+        q.workspace = ws.defined() ? ws.raw_data() : nullptr;
+        if (gw.defined() || gtable.defined()) HYDRA_LAUNCH(dev, bag_bwd, q);
+        if (sparse_table) {
+          const std::vector<int32_t> hit = hits.to_vector<int32_t>();
+          std::vector<int64_t> rows;
+          for (std::size_t r = 0; r < hit.size(); ++r)
+            if (hit[r]) rows.push_back(static_cast<int64_t>(r));
+          const Tensor rows_t = tensor(rows, {static_cast<int64_t>(rows.size())}).to(dev);
+          accumulate_sparse_grad(leaf, rows_t, gather_rows_raw(gtable, rows_t));
+          gtable = Tensor();
         }
         return std::vector<Tensor>{gtable, gw};
       },

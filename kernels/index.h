@@ -64,20 +64,38 @@ struct BagParams {
   void* stream = nullptr;
 };
 
-// gw[t, k] = <gout[t, :], table[index[t, k], :]>;  grows[t*m + k, :] = w[t, k] * gout[t, :] (the table's
-// gradient as rows, before rows of equal index are summed).
+// gw[t, k] = <gout[t, :], table[index[t, k], :]>;
+// gtable[r, :] = the sum of w[t, k] * gout[t, :] over the (t, k) with index[t, k] = r, in (t, k) order
+// (zero for rows no index names), and hits[r] = whether any does: the table's gradient summed per row,
+// never as one row per lookup.
 struct BagBwdParams {
   BagParams fwd;
   const void* gout = nullptr;  // [n, cols]
-  void* gweights = nullptr;    // [n, m]
-  void* grows = nullptr;       // [n * m, cols]
+  void* gweights = nullptr;    // [n, m] or null
+  void* gtable = nullptr;      // [num_rows, cols] or null
+  void* hits = nullptr;        // [num_rows] i32 or null (needs gtable)
+  void* workspace = nullptr;   // CUDA: bag_bwd_workspace(p) bytes (the sort of the indices)
 };
+
+// Product-key indices (PKM): for each of `rows` rows, out[r, j] = a[r, c / k] * n_keys + b[r, c % k]
+// with c = pick[r, j]: the j-th chosen cell of the k x k grid of the two halves' top-k keys.
+struct ProductKeyParams {
+  const int64_t* a = nullptr;     // [rows, k]
+  const int64_t* b = nullptr;     // [rows, k]
+  const int64_t* pick = nullptr;  // [rows, count], cells of the k x k grid
+  int64_t* out = nullptr;         // [rows, count]
+  int64_t rows = 0, k = 0, count = 0, n_keys = 0;
+  void* stream = nullptr;
+};
+
+HYDRA_DECLARE_KERNEL(product_key_indices, ProductKeyParams)
 
 HYDRA_DECLARE_KERNEL(bag_fwd, BagParams)
 HYDRA_DECLARE_KERNEL(bag_bwd, BagBwdParams)
 
 namespace cuda {
 size_t row_scatter_add_workspace(const RowScatterAddParams& p);
+size_t bag_bwd_workspace(const BagBwdParams& p);
 }  // namespace cuda
 
 }  // namespace hydra::kernels

@@ -1,5 +1,7 @@
 #include "model/layers.h"
 
+#include "autograd/grad_mode.h"
+
 namespace hydra::model {
 
 Linear::Linear(Init& init, int64_t in, int64_t out, double stddev, bool with_bias) {
@@ -23,5 +25,11 @@ SwiGLU::SwiGLU(Init& init, int64_t d, int64_t hidden, double stddev, double out_
 }
 
 Tensor SwiGLU::forward(const Tensor& x) const { return w2->forward(mul(silu(w1->forward(x)), w3->forward(x))); }
+
+Tensor entropy_sum(const Tensor& p) {
+  NoGradGuard no_grad;
+  const Tensor q = p.dtype() == DType::kBF16 ? p.detach().to(DType::kF32) : p.detach();
+  return neg(sum(mul(q, log(add(q, 1e-30)))));
+}
 
 }  // namespace hydra::model

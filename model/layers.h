@@ -47,4 +47,8 @@ class SwiGLU : public Module {
   std::shared_ptr<Linear> w1, w3, w2;
 };
 
+// -sum p log p over every element of the probabilities p (0 log 0 = 0), computed on p's device in at
+// least fp32, as a one-element tensor (statistics; no gradient).
+Tensor entropy_sum(const Tensor& p);
+
 }  // namespace hydra::model

@@ -1,7 +1,8 @@
 #include "model/pkm.h"
 
 #include <cmath>
-#include <unordered_set>
+
+#include "autograd/grad_mode.h"
 
 namespace hydra::model {
 
@@ -11,15 +12,8 @@ PkmLookup pkm_lookup(const Tensor& q1, const Tensor& q2, const Tensor& k1, const
   const auto [v2, i2] = hydra::topk(matmul(q2, k2.transpose(1, 2)), k);
   const Tensor cand = add(v1.unsqueeze(3), v2.unsqueeze(2)).reshape({H, T, k * k});
   const auto [scores, ci] = hydra::topk(cand, k);  // [H, T, k], ci indexes the k x k grid
-  // index = i1[ci / k] * n + i2[ci % k]  (integer bookkeeping, no gradient)
-  const std::vector<int64_t> c = ci.to_vector<int64_t>(), a = i1.to_vector<int64_t>(), b = i2.to_vector<int64_t>();
-  std::vector<int64_t> idx(c.size());
-  for (int64_t r = 0; r < H * T; ++r)
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t cc = c[r * k + j];
-      idx[r * k + j] = a[r * k + cc / k] * n + b[r * k + cc % k];
-    }
-  return {scores, tensor(idx, {H, T, k}).to(q1.device())};
+  // index = i1[ci / k] * n + i2[ci % k]  (integer bookkeeping on the device, no gradient)
+  return {scores, product_key_indices(i1, i2, ci, n)};
 }
 
 ProductKeyMemory::ProductKeyMemory(Init& init, const ModelSpec& spec, int64_t index)
@@ -42,15 +36,16 @@ Tensor ProductKeyMemory::forward(const Tensor& x, ForwardContext& ctx) const {
   const Tensor w = softmax(look.scores);  // [H, T, k]
   const Tensor out = embedding_bag(values, look.indices.permute({1, 0, 2}).reshape({T, H * k}),
                                    w.permute({1, 0, 2}).reshape({T, H * k}), /*sparse_grad=*/true);
-  if (ctx.recording()) {
+  if (ctx.recording()) {  // on the device; two numbers and a row count per table row come back
+    NoGradGuard no_grad;
     const std::string p = "pkm." + std::to_string(index_) + ".";
-    const std::vector<int64_t> idx = look.indices.to_vector<int64_t>();
-    const std::unordered_set<int64_t> hit(idx.begin(), idx.end());
-    ctx.stat(p + "value_coverage", double(hit.size()) / double(n_keys_ * n_keys_));
-    double ent = 0;
-    for (double v : w.to_vector<double>())
-      if (v > 0) ent -= v * std::log(v);
-    ctx.stat(p + "score_entropy", ent / double(H * T));
+    const Tensor flat = look.indices.reshape({-1});
+    const Tensor counts = scatter_add_rows(zeros({n_keys_ * n_keys_, 1}, DType::kF32, x.device()), flat,
+                                           ones({flat.numel(), 1}, DType::kF32, x.device()));
+    int64_t hit = 0;
+    for (float c : counts.to_vector<float>()) hit += c > 0;
+    ctx.stat(p + "value_coverage", double(hit) / double(n_keys_ * n_keys_));
+    ctx.stat(p + "score_entropy", entropy_sum(w).item<double>() / double(H * T));
   }
   return out.view({B, L, d});
 }

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "autograd/grad_mode.h"
+
 namespace hydra::model {
 
 WorkspaceMemory::WorkspaceMemory(Init& init, const ModelSpec& spec, int64_t index)
@@ -61,21 +63,11 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
   const Tensor att = softmax(mul(matmul(qr, kr.transpose(3, 4)), scale));                  // [B, nC, H, c, M]
   const Tensor read = matmul(att, vr).permute({0, 1, 3, 2, 4}).reshape({B, L, a});
 
-  if (ctx.recording()) {
+  if (ctx.recording()) {  // on the device; two numbers come back
+    NoGradGuard no_grad;
     const std::string p = "workspace." + std::to_string(index_) + ".";
-    double gsum = 0;
-    int64_t gcount = 0;
-    for (const Tensor& g : gates)
-      for (double v : g.to_vector<double>()) {
-        gsum += v;
-        ++gcount;
-      }
-    ctx.stat(p + "write_gate_mean", gcount ? gsum / double(gcount) : 0.0);
-    const std::vector<double> av = att.to_vector<double>();
-    double ent = 0;
-    for (double v : av)
-      if (v > 0) ent -= v * std::log(v);
-    ctx.stat(p + "slot_entropy", ent / double(av.size() / static_cast<std::size_t>(M)));
+    ctx.stat(p + "write_gate_mean", gates.empty() ? 0.0 : mean(concat(gates, 0)).item<double>());
+    ctx.stat(p + "slot_entropy", entropy_sum(att).item<double>() / double(att.numel() / M));
   }
   return read_o->forward(read);
 }

@@ -56,6 +56,7 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg, const 
   if (tr.save_every() < 0) return fail("train.save_every", tr.save_every(), "must be >= 0 (0: only at the end)");
   if (tr.keep_last() < 1) return fail("train.keep_last", tr.keep_last(), "must be >= 1");
   if (tr.log_every() < 1) return fail("train.log_every", tr.log_every(), "must be >= 1");
+  if (tr.stats_every() < 1) return fail("train.stats_every", tr.stats_every(), "must be >= 1");
   if (tr.eval_batches() < 1) return fail("train.eval_batches", tr.eval_batches(), "must be >= 1");
   if (tr.device() != "cpu" && tr.device() != "cuda") return fail("train.device", tr.device(), "must be cpu or cuda");
   if (tr.lr().lr() <= 0) return fail("train.lr.lr", tr.lr().lr(), "must be > 0");

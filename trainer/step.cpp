@@ -29,7 +29,7 @@ StepLosses forward_backward(model::LanguageModel& model, const parallel::Process
     ctx.paths = s.paths;
     ctx.recompute = s.recompute;
     ctx.aux_scale = s.aux_scale / double(accum);  // the step's aux losses: the micro-batches' mean
-    ctx.collect_stats = m + 1 == accum;
+    ctx.collect_stats = s.collect_stats && m + 1 == accum;
     ctx.grid = &grid;
     ctx.lm_tokens = std::max(count[0], 1.0);
     ctx.pos0 = grid.sp_rank() * local.len;

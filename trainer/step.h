@@ -19,13 +19,14 @@ struct StepSettings {
   bool recompute = false;
   double aux_scale = 1;   // the stage's scale times its warm-up factor
   int64_t grad_accum = 1;
+  bool collect_stats = true;  // the model's statistics (last micro-batch) into StepLosses::stats
   Device device = Device::cpu();
 };
 
 struct StepLosses {
   double lm = 0, total = 0;
   std::vector<double> aux = std::vector<double>(3, 0.0);  // balance, locality, sparsity
-  std::map<std::string, double> stats;                    // the last micro-batch's, this rank's
+  std::map<std::string, double> stats;                    // the last micro-batch's, this rank's (collect_stats)
 };
 
 StepLosses forward_backward(model::LanguageModel& model, const parallel::ProcessGrid& grid,

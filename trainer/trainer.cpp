@@ -422,6 +422,7 @@ Expected<TrainSummary> Trainer::run() {
     ss.recompute = tr.recompute() == config::TrainConfig::BLOCK;
     ss.aux_scale = stage.aux_scale * warm;
     ss.grad_accum = tr.grad_accum();
+    ss.collect_stats = (step + 1) % tr.stats_every() == 0 || step + 1 == schedule_end;
     ss.device = device_;
     StepLosses step_out;
     {  // bf16 compute copies (BF16_MIXED) during the forward and backward; the fp32 masters for the rest

@@ -132,6 +132,15 @@ void bag_fwd(const BagParams& p) {
   });
 }
 
+void product_key_indices(const ProductKeyParams& p) {
+  parallel_for(p.rows * p.count, 65536, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t r = e / p.count, c = p.pick[e];
+      p.out[e] = p.a[r * p.k + c / p.k] * p.n_keys + p.b[r * p.k + c % p.k];
+    }
+  });
+}
+
 void bag_bwd(const BagBwdParams& q) {
   const BagParams& p = q.fwd;
   dispatch_float(p.dtype, "embedding_bag_backward", [&](auto tag) {
@@ -142,24 +151,31 @@ void bag_bwd(const BagBwdParams& q) {
       const T* table = static_cast<const T*>(p.table);
       const T* w = static_cast<const T*>(p.weights);
       const T* gout = static_cast<const T*>(q.gout);
-      T* gw = static_cast<T*>(q.gweights);
-      T* grows = static_cast<T*>(q.grows);
-      parallel_for(p.n, grain_for(p.m * p.cols), [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const T* g = gout + t * p.cols;
-          for (int64_t k = 0; k < p.m; ++k) {
-            const T* row = table + static_cast<int64_t>(idx[t * p.m + k]) * p.cols;
-            T s = 0;
-            for (int64_t c = 0; c < p.cols; ++c) s += g[c] * row[c];
-            if (gw) gw[t * p.m + k] = s;
-            if (grows) {
-              T* gr = grows + (t * p.m + k) * p.cols;
-              const T wk = w[t * p.m + k];
-              for (int64_t c = 0; c < p.cols; ++c) gr[c] = wk * g[c];
+      if (T* gw = static_cast<T*>(q.gweights)) {
+        parallel_for(p.n, grain_for(p.m * p.cols), [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t)
+            for (int64_t k = 0; k < p.m; ++k) {
+              const T* g = gout + t * p.cols;
+              const T* row = table + static_cast<int64_t>(idx[t * p.m + k]) * p.cols;
+              T s = 0;
+              for (int64_t c = 0; c < p.cols; ++c) s += g[c] * row[c];
+              gw[t * p.m + k] = s;
             }
-          }
+        });
+      }
+      if (T* gt = static_cast<T*>(q.gtable)) {
+        // Serial in (t, k) order: each row's sum in the order the CUDA kernel uses.
+        std::fill(gt, gt + p.num_rows * p.cols, T(0));
+        auto* hits = static_cast<int32_t*>(q.hits);
+        if (hits) std::fill(hits, hits + p.num_rows, 0);
+        for (int64_t e = 0; e < p.n * p.m; ++e) {
+          const auto r = static_cast<int64_t>(idx[e]);
+          const T* g = gout + (e / p.m) * p.cols;
+          T* dst = gt + r * p.cols;
+          for (int64_t c = 0; c < p.cols; ++c) dst[c] += w[e] * g[c];
+          if (hits) hits[r] = 1;
         }
-      });
+      }
     });
   });
 }

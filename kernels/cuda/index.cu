@@ -149,24 +149,57 @@ __global__ void bag_fwd_kernel(const T* __restrict table, const I* __restrict in
 }
 
 template <class T, class I>
-__global__ void bag_bwd_kernel(const T* __restrict table, const I* __restrict index, const T* __restrict w,
-                               const T* __restrict gout, T* __restrict gw, T* __restrict grows, int64_t m,
-                               int64_t cols) {
+__global__ void bag_bwd_weights_kernel(const T* __restrict table, const I* __restrict index, const T* __restrict gout,
+                                       T* __restrict gw, int64_t m, int64_t cols) {
   using C = compute_t<T>;
   __shared__ C shared[32];
   const int64_t t = blockIdx.x;
   for (int64_t k = 0; k < m; ++k) {
     const int64_t row = static_cast<int64_t>(index[t * m + k]);
-    const C wk = load(w, t * m + k);
     C dot = 0;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      const C g = load(gout, t * cols + c);
-      dot += g * load(table, row * cols + c);
-      if (grows) grows[(t * m + k) * cols + c] = convert<T>(wk * g);
-    }
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+      dot += load(gout, t * cols + c) * load(table, row * cols + c);
     dot = block_sum(dot, shared);
-    if (gw && threadIdx.x == 0) gw[t * m + k] = convert<T>(dot);
+    if (threadIdx.x == 0) gw[t * m + k] = convert<T>(dot);
   }
+}
+
+__global__ void product_key_kernel(ProductKeyParams p) {
+  const int64_t total = p.rows * p.count;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / p.count, c = p.pick[e];
+    p.out[e] = p.a[r * p.k + c / p.k] * p.n_keys + p.b[r * p.k + c % p.k];
+  }
+}
+
+// The first sorted position whose key is >= key.
+__device__ int64_t lower_bound(const int64_t* __restrict keys, int64_t n, int64_t key) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (keys[mid] < key) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Block r sums table row r's lookups, found as a run of the stably sorted keys, in (t, k) order.
+template <class T>
+__global__ void bag_table_kernel(const int64_t* __restrict keys, const int32_t* __restrict pos, const T* __restrict w,
+                                 const T* __restrict gout, T* __restrict gtable, int32_t* __restrict hits,
+                                 int64_t total, int64_t m, int64_t cols) {
+  using C = compute_t<T>;
+  const int64_t r = blockIdx.x;
+  const int64_t lo = lower_bound(keys, total, r), hi = lower_bound(keys, total, r + 1);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    C acc = 0;
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t e = pos[j];
+      acc += load(w, e) * load(gout, (e / m) * cols + c);
+    }
+    gtable[r * cols + c] = convert<T>(acc);
+  }
+  if (hits && threadIdx.x == 0) hits[r] = hi > lo ? 1 : 0;
 }
 
 }  // namespace
@@ -267,16 +300,50 @@ void bag_fwd(const BagParams& p) {
   });
 }
 
+void product_key_indices(const ProductKeyParams& p) {
+  const int64_t total = p.rows * p.count;
+  if (total == 0) return;
+  product_key_kernel<<<blocks_for(total, 256), 256, 0, as_stream(p.stream)>>>(p);
+  HYDRA_CUDA_LAUNCH_CHECK();
+}
+
+size_t bag_bwd_workspace(const BagBwdParams& q) {
+  const int64_t total = q.fwd.n * q.fwd.m;
+  if (q.gtable == nullptr || total == 0) return 0;
+  return 2 * align256(total * 8) + 2 * align256(total * 4) + sort_temp_bytes(total, q.fwd.num_rows);
+}
+
 void bag_bwd(const BagBwdParams& q) {
   const BagParams& p = q.fwd;
-  if (p.n == 0) return;
+  cudaStream_t s = as_stream(p.stream);
+  const int64_t total = p.n * p.m;
+  HYDRA_CHECK(total < (int64_t{1} << 31)) << "embedding_bag backward: " << total << " lookups; at most 2^31";
   dispatch_float(p.dtype, "embedding_bag_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_index(p.index_dtype, "embedding_bag_backward", [&](auto itag) {
       using I = typename decltype(itag)::type;
-      bag_bwd_kernel<T, I><<<p.n, row_threads(p.cols), 0, as_stream(p.stream)>>>(
-          static_cast<const T*>(p.table), static_cast<const I*>(p.index), static_cast<const T*>(p.weights),
-          static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), static_cast<T*>(q.grows), p.m, p.cols);
+      const I* index = static_cast<const I*>(p.index);
+      if (q.gweights && p.n > 0) {
+        bag_bwd_weights_kernel<T, I><<<p.n, row_threads(p.cols), 0, s>>>(
+            static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), p.m,
+            p.cols);
+        HYDRA_CUDA_LAUNCH_CHECK();
+      }
+      if (q.gtable == nullptr || p.num_rows == 0) return;
+      HYDRA_CHECK(total == 0 || q.workspace != nullptr) << "embedding_bag backward: workspace required";
+      SortBuffers b{};
+      if (total > 0) {
+        b = carve(q.workspace, total, p.num_rows);
+        sort_input_kernel<I><<<blocks_for(total, 256), 256, 0, s>>>(index, b.keys_in, b.pos_in, total);
+        HYDRA_CUDA_LAUNCH_CHECK();
+        HYDRA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp, b.temp_bytes, b.keys_in, b.keys_out, b.pos_in,
+                                                         b.pos_out, total, 0, key_bits(p.num_rows), s));
+      }
+      HYDRA_CHECK(p.num_rows <= 0x7fffffff)
+          << "embedding_bag backward: " << p.num_rows << " table rows; at most 2^31 - 1";
+      bag_table_kernel<T><<<static_cast<unsigned>(p.num_rows), row_threads(p.cols), 0, s>>>(
+          b.keys_out, b.pos_out, static_cast<const T*>(p.weights), static_cast<const T*>(q.gout),
+          static_cast<T*>(q.gtable), static_cast<int32_t*>(q.hits), total, p.m, p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });

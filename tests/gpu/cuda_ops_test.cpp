@@ -172,6 +172,16 @@ TEST(CudaOps, MatmulAndLinearMatchCpu) {
              {rnd({2, 37, 96}, 21), rnd({80, 96}, 22, 0.1), rnd({80}, 23)}, {true, true, true}, t);
     check_op("linear", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{linear(in[0], in[1])}; },
              {rnd({1000, 256}, 24), rnd({512, 256}, 25, 0.05)}, {true, true}, t);
+    // One grouped launch over the experts; an empty group; two rounds of groups per expert (as expert
+    // parallelism delivers them), whose weight gradients add up.
+    for (const std::vector<int64_t>& sizes :
+         {std::vector<int64_t>{37, 0, 5, 64}, std::vector<int64_t>{3, 0, 17, 8, 0, 21, 1, 9}}) {
+      int64_t rows = 0;
+      for (int64_t n : sizes) rows += n;
+      check_op("grouped_linear",
+               [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{grouped_linear(in[0], in[1], sizes)}; },
+               {rnd({rows, 72}, 26), rnd({4, 40, 72}, 27, 0.1)}, {true, true}, t);
+    }
   }
 }
 
@@ -230,6 +240,32 @@ TEST(CudaOps, IndexingMatchCpu) {
              [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding_bag(in[0], in[2], in[1])}; },
              {rnd({50, 24}, 42), rnd({17, 6}, 43), randint(0, 50, {17, 6}, g)}, {true, true, false}, t);
   }
+  // The row-sparse table gradient (PKM values): many lookups per row, summed per row on the device;
+  // rows 1200.. are never looked up and must not appear among the gradient's rows.
+  const Tensor bag_idx = randint(0, 1200, {300, 16}, g);
+  for (DType t : kTypes) {
+    const Tensor table = rnd({1500, 40}, 45), w = rnd({300, 16}, 46), r = rnd({300, 40}, 47);
+    auto run = [&](Device dev) {  // the CPU computes in f32 on the values the GPU sees
+      auto in = [&](const Tensor& v) { return dev.is_cpu() ? v.to(t).to(DType::kF32) : v.to(t).to(dev); };
+      Tensor leaf = in(table).detach().clone();
+      leaf.set_requires_grad(true);
+      sum(mul(embedding_bag(leaf, bag_idx.to(dev), in(w), /*sparse_grad=*/true), in(r))).backward();
+      return std::make_pair(leaf.sparse_grad()->rows.cpu().to_vector<int64_t>(),
+                            densify_sparse_grad(leaf).to(DType::kF32).cpu());
+    };
+    const auto [cpu_rows, cpu_grad] = run(Device::cpu());
+    const auto [gpu_rows, gpu_grad] = run(Device::cuda(0));
+    EXPECT_EQ(gpu_rows, cpu_rows) << dtype_name(t);
+    EXPECT_LE(cpu_rows.back(), 1199);
+    EXPECT_LT(testing::rel_error(gpu_grad, cpu_grad), tolerance(t))
+        << "sparse embedding_bag gradient " << dtype_name(t);
+  }
+  // Product-key indices: exact.
+  const Tensor pa = randint(0, 9, {3, 5, 4}, g), pb = randint(0, 9, {3, 5, 4}, g), pick = randint(0, 16, {3, 5, 6}, g);
+  EXPECT_EQ(product_key_indices(pa.to(Device::cuda(0)), pb.to(Device::cuda(0)), pick.to(Device::cuda(0)), 9)
+                .cpu()
+                .to_vector<int64_t>(),
+            product_key_indices(pa, pb, pick, 9).to_vector<int64_t>());
   // Indices and values agree exactly in f32.
   const Tensor x = rnd({7, 513}, 44);
   EXPECT_EQ(topk(x.to(Device::cuda(0)), 9).second.cpu().to_vector<int64_t>(), topk(x, 9).second.to_vector<int64_t>());

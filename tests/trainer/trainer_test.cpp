@@ -176,6 +176,21 @@ TEST(Training, LossFallsAndMetricsHaveTheDocumentedKeys) {
   EXPECT_TRUE(fs::exists(out + "/config.pbtxt"));
 }
 
+TEST(Training, ModelStatisticsEveryStatsEverySteps) {
+  const std::string out = temp_dir("stats_every");
+  config::RunConfig cfg = small_config();
+  ASSERT_TRUE(config::apply_override(&cfg, "train.stats_every=3").ok());
+  ASSERT_TRUE(train(cfg, out).ok());
+  const std::vector<std::string> lines = metric_lines(out);
+  ASSERT_EQ(lines.size(), 8u);
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    const int64_t step = static_cast<int64_t>(i) + 1;
+    const bool want = step % 3 == 0 || step == 8;  // and the schedule's last step
+    EXPECT_EQ(lines[i].find("\"block.0.gate_norm.ssm\"") != std::string::npos, want) << "step " << step;
+    EXPECT_NE(lines[i].find("\"grad_norm\""), std::string::npos) << "step " << step;
+  }
+}
+
 // ---- bad input: clear errors, nothing damaged ---------------------------------------------------------
 
 std::string error_of(const Expected<TrainSummary>& r) { return r.ok() ? "(no error)" : r.status().message(); }
