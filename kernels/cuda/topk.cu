@@ -1,5 +1,9 @@
-// Top-k along rows: a block per row picks, k times, the next element in the order (value descending,
-// index ascending) among those after the previous pick: no marks to store, ties to the lower index.
+// Top-k along rows: k times, pick the next element in the order (value descending, index ascending)
+// among those after the previous pick: no marks to store, ties to the lower index. Rows of up to 1024
+// elements sit in a warp's registers (8 rows per block; each pick is a scan of the lane's items and a
+// warp shuffle reduction); longer rows take a block per row that rereads the row for each pick.
+#include <type_traits>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/topk.h"
 
@@ -65,6 +69,46 @@ __global__ void topk_kernel(const T* __restrict x, T* __restrict values, int64_t
   }
 }
 
+constexpr int kTopkWarpRows = 8;
+
+template <class T, int ITEMS>
+__global__ void __launch_bounds__(32 * kTopkWarpRows)
+    topk_warp_kernel(const T* __restrict x, T* __restrict values, int64_t* __restrict indices, int64_t rows,
+                     int64_t cols, int64_t k) {
+  using C = compute_t<T>;
+  const int64_t row = blockIdx.x * int64_t(kTopkWarpRows) + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps
+  const int lane = threadIdx.x & 31;
+  const T* xr = x + row * cols;
+  C v[ITEMS];
+#pragma unroll
+  for (int it = 0; it < ITEMS; ++it) {
+    const int64_t j = lane + 32 * it;
+    v[it] = j < cols ? load(xr, j) : C(-INFINITY);
+  }
+  C prev_v = INFINITY;
+  int64_t prev_i = -1;
+  for (int64_t r = 0; r < k; ++r) {
+    C best_v = -INFINITY;
+    int64_t best_i = INT64_MAX;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int64_t j = lane + 32 * it;
+      if (j < cols && before(prev_v, prev_i, v[it], j) && before(v[it], j, best_v, best_i)) {
+        best_v = v[it];
+        best_i = j;
+      }
+    }
+    warp_first(best_v, best_i);
+    if (lane == 0) {
+      values[row * k + r] = convert<T>(best_v);
+      indices[row * k + r] = best_i;
+    }
+    prev_v = best_v;
+    prev_i = best_i;
+  }
+}
+
 }  // namespace
 
 void topk(const TopkParams& p) {
@@ -72,8 +116,22 @@ void topk(const TopkParams& p) {
   if (p.rows == 0 || p.k == 0) return;
   dispatch_float(p.dtype, "topk", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    topk_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(
-        static_cast<const T*>(p.x), static_cast<T*>(p.values), static_cast<int64_t*>(p.indices), p.cols, p.k);
+    const auto* x = static_cast<const T*>(p.x);
+    auto* values = static_cast<T*>(p.values);
+    auto* indices = static_cast<int64_t*>(p.indices);
+    if (p.cols <= 32 * 32) {
+      const auto blocks = static_cast<unsigned>((p.rows + kTopkWarpRows - 1) / kTopkWarpRows);
+      auto launch = [&](auto items) {
+        topk_warp_kernel<T, decltype(items)::value><<<blocks, 32 * kTopkWarpRows, 0, as_stream(p.stream)>>>(
+            x, values, indices, p.rows, p.cols, p.k);
+      };
+      if (p.cols <= 32 * 4) launch(std::integral_constant<int, 4>{});
+      else if (p.cols <= 32 * 8) launch(std::integral_constant<int, 8>{});
+      else if (p.cols <= 32 * 16) launch(std::integral_constant<int, 16>{});
+      else launch(std::integral_constant<int, 32>{});
+    } else {
+      topk_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(x, values, indices, p.cols, p.k);
+    }
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }

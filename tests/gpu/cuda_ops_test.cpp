@@ -199,7 +199,8 @@ TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {
       check_op("log_softmax", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{log_softmax(in[0])}; },
                {rnd(s, 29, 3.0)}, {true}, t);
     }
-    for (const auto& [rows, vocab] : {std::pair<int64_t, int64_t>{333, 1000}, {50, 1001}, {9, 50304}}) {
+    // Aligned rows (128-thread blocks up to 2048 packs, 256 beyond: 9 x 50304) and unaligned (1001).
+    for (const auto& [rows, vocab] : {std::pair<int64_t, int64_t>{333, 1000}, {50, 1001}, {9, 50304}, {13, 8192}}) {
       std::vector<int64_t> targets(rows);
       for (int64_t i = 0; i < rows; ++i) targets[i] = i % 7 == 0 ? -100 : (i * 37) % vocab;
       for (Reduction r : {Reduction::kMean, Reduction::kNone})
@@ -266,9 +267,16 @@ TEST(CudaOps, IndexingMatchCpu) {
                 .cpu()
                 .to_vector<int64_t>(),
             product_key_indices(pa, pb, pick, 9).to_vector<int64_t>());
-  // Indices and values agree exactly in f32.
-  const Tensor x = rnd({7, 513}, 44);
-  EXPECT_EQ(topk(x.to(Device::cuda(0)), 9).second.cpu().to_vector<int64_t>(), topk(x, 9).second.to_vector<int64_t>());
+  // Indices agree exactly in f32: warp layouts (4 to 32 items per lane), the block layout (> 1024
+  // columns), and rows with many ties (values rounded to bf16), which go to the lower index.
+  for (const Shape& s : {Shape{7, 513}, Shape{9, 100}, Shape{17, 1024}, Shape{3, 1500}}) {
+    const Tensor x = rnd(s, 44);
+    EXPECT_EQ(topk(x.to(Device::cuda(0)), 9).second.cpu().to_vector<int64_t>(), topk(x, 9).second.to_vector<int64_t>())
+        << shape_str(s);
+  }
+  const Tensor ties = rnd({5, 700}, 48, 0.01).to(DType::kBF16).to(DType::kF32);
+  EXPECT_EQ(topk(ties.to(Device::cuda(0)), 40).second.cpu().to_vector<int64_t>(),
+            topk(ties, 40).second.to_vector<int64_t>());
 }
 
 TEST(CudaOps, CausalConv1dMatchCpu) {
