@@ -6,6 +6,8 @@
 // probabilities from the saved log-sum-exp in two kernels without atomics: dQ walks a query tile's
 // keys, dK and dV walk a key tile's queries (the mirror sets: the band after the tile plus the
 // global queries beyond it). Every sum runs in a fixed order, so results are bit-reproducible.
+#include <mma.h>
+
 #include <cstdint>
 
 #include "kernels/attention.h"
@@ -131,6 +133,12 @@ class Carve {
     at_ += static_cast<uintptr_t>(n) * sizeof(E);
     return p;
   }
+  // As take, starting at a multiple of 32 bytes (what tensor-core fragment loads need).
+  template <class E>
+  __host__ __device__ E* take_aligned(int64_t n) {
+    at_ = (at_ + 31) / 32 * 32;
+    return take<E>(n);
+  }
   __host__ __device__ uintptr_t end() const { return at_; }
 
  private:
@@ -152,6 +160,28 @@ struct FwdSmem {
     m = c.take<C>(kTile), l = c.take<C>(kTile), corr = c.take<C>(kTile);
     qidx = c.take<int>(kTile), kidx = c.take<int>(kTile);
     end = c.end();
+  }
+};
+
+// Tensor-core forward (bf16): Q, K and V as bf16 [kTile][dh + 8], the scores S as fp32
+// [kTile][kTile + 4], the probabilities P as bf16 [kTile][kTile + 8], the output sums O as fp32
+// [kTile][dh + 4], the running max, sum and correction per query, the index lists. Every matrix starts
+// at a multiple of 32 bytes and its pitch keeps 16-row and 16-column steps on 32-byte boundaries.
+struct TcFwdSmem {
+  __nv_bfloat16 *Qs, *Ks, *Vs, *P;
+  float *S, *O, *m, *l, *corr;
+  int *qidx, *kidx;
+  int64_t ld_qkv, ld_o;
+  uintptr_t end;
+  static constexpr int kLdS = kTile + 4, kLdP = kTile + 8;
+  __host__ __device__ TcFwdSmem(unsigned char* base, int64_t dh) : ld_qkv(dh + 8), ld_o(dh + 4) {
+    Carve c(base);
+    Qs = c.take_aligned<__nv_bfloat16>(kTile * ld_qkv), Ks = c.take_aligned<__nv_bfloat16>(kTile * ld_qkv);
+    Vs = c.take_aligned<__nv_bfloat16>(kTile * ld_qkv), P = c.take_aligned<__nv_bfloat16>(kTile * kLdP);
+    S = c.take_aligned<float>(kTile * kLdS), O = c.take_aligned<float>(kTile * ld_o);
+    m = c.take<float>(kTile), l = c.take<float>(kTile), corr = c.take<float>(kTile);
+    qidx = c.take<int>(kTile), kidx = c.take<int>(kTile);
+    end = c.end() + 32;  // room to align the base
   }
 };
 
@@ -300,6 +330,114 @@ __global__ void __launch_bounds__(kThreads)
 
 // delta_i = dO_i . O_i - glse_i (a gradient on lse enters the softmax backward as -glse), a warp
 // per query.
+// Copies rows idx[r] (r < kTile; -1: zeros) of bf16 `src` into dst[r * pitch + c], as bf16.
+template <class Off>
+__device__ void stage_rows_bf16(const bf16* __restrict src, const int* idx, Off off, int64_t dh, __nv_bfloat16* dst,
+                                int64_t pitch) {
+  for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) {
+    const int64_t r = e / dh, c = e % dh;
+    const int j = idx[r];
+    dst[r * pitch + c] = __ushort_as_bfloat16(j >= 0 ? src[off(j) + c].bits : uint16_t(0));
+  }
+}
+
+// The forward on tensor cores (bf16, head_dim a multiple of 16): the same tiles and key walk as
+// attn_fwd_kernel. Each of the 4 warps computes one 16 x 16 block of S = Q K^T with wmma (fp32
+// accumulation); the online softmax runs on the SIMT cores as before, scaling the scores in fp32 and
+// rounding P to bf16; O (fp32, in shared memory) is rescaled by the correction, then each warp adds
+// its share of the 16 x 16 blocks of P V with wmma.
+__global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(AttentionParams p, Layout lay, Pattern pat) {
+  namespace w = nvcuda::wmma;
+  const int64_t dh = p.head_dim, b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+  const int64_t i0 = int64_t(blockIdx.x) * kTile, nq = min(int64_t(kTile), p.q_len - i0);
+  extern __shared__ __align__(32) unsigned char smem_raw[];
+  const TcFwdSmem sm(smem_raw, dh);
+  const int64_t ld = sm.ld_qkv, ld_o = sm.ld_o;
+  const bf16* q = static_cast<const bf16*>(p.q);
+  const bf16* k = static_cast<const bf16*>(p.k);
+  const bf16* v = static_cast<const bf16*>(p.v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const float scale = static_cast<float>(p.scale);
+
+  if (threadIdx.x < kTile) {
+    sm.qidx[threadIdx.x] = threadIdx.x < nq ? int(i0 + threadIdx.x) : -1;
+    sm.m[threadIdx.x] = -INFINITY;
+    sm.l[threadIdx.x] = 0;
+  }
+  for (int64_t e = threadIdx.x; e < kTile * ld_o; e += blockDim.x) sm.O[e] = 0;
+  __syncthreads();
+  stage_rows_bf16(q, sm.qidx, [&](int i) { return lay.q(b, i, h); }, dh, sm.Qs, ld);
+  const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
+  const int sr = (warp >> 1) * 16, sc = (warp & 1) * 16;  // this warp's block of S
+  for (int64_t o0 = 0; o0 < keys.count(); o0 += kTile) {
+    const int64_t nk = min(int64_t(kTile), keys.count() - o0);
+    __syncthreads();  // the previous step is done with kidx, Ks, Vs, S and P
+    if (threadIdx.x < kTile) sm.kidx[threadIdx.x] = threadIdx.x < nk ? int(keys.at(o0 + threadIdx.x)) : -1;
+    __syncthreads();
+    stage_rows_bf16(k, sm.kidx, [&](int j) { return lay.k(b, j, h); }, dh, sm.Ks, ld);
+    stage_rows_bf16(v, sm.kidx, [&](int j) { return lay.v(b, j, h); }, dh, sm.Vs, ld);
+    __syncthreads();
+    {
+      w::fragment<w::accumulator, 16, 16, 16, float> acc;
+      w::fill_fragment(acc, 0.0f);
+      for (int64_t kk = 0; kk < dh; kk += 16) {
+        w::fragment<w::matrix_a, 16, 16, 16, __nv_bfloat16, w::row_major> fa;
+        w::fragment<w::matrix_b, 16, 16, 16, __nv_bfloat16, w::col_major> fb;  // K^T
+        w::load_matrix_sync(fa, sm.Qs + sr * ld + kk, static_cast<unsigned>(ld));
+        w::load_matrix_sync(fb, sm.Ks + sc * ld + kk, static_cast<unsigned>(ld));
+        w::mma_sync(acc, fa, fb, acc);
+      }
+      w::store_matrix_sync(sm.S + sr * TcFwdSmem::kLdS + sc, acc, TcFwdSmem::kLdS, w::mem_row_major);
+    }
+    __syncthreads();
+    for (int ii = warp; ii < kTile; ii += warps) {  // online softmax, a warp per query, a lane per key
+      const int jj = lane;
+      const bool vis = ii < nq && sm.kidx[jj] >= 0 && pat.visible(pat.q_pos0 + i0 + ii, pat.k_pos0 + sm.kidx[jj]);
+      const float s = vis ? sm.S[ii * TcFwdSmem::kLdS + jj] * scale : -INFINITY;
+      const float m_old = sm.m[ii], m_new = max(m_old, warp_max(s));
+      const float pr = s == -INFINITY ? 0.0f : fast_exp(s - m_new);
+      sm.P[ii * TcFwdSmem::kLdP + jj] = __float2bfloat16(pr);  // P meets V in bf16; the sum stays fp32
+      const float sum = warp_sum(pr);
+      if (lane == 0) {
+        const float c = m_old == -INFINITY ? 0.0f : fast_exp(m_old - m_new);
+        sm.corr[ii] = c;
+        sm.l[ii] = sm.l[ii] * c + sum;
+        sm.m[ii] = m_new;
+      }
+    }
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < kTile * dh; e += blockDim.x) {
+      const int64_t ii = e / dh, c = e % dh;
+      sm.O[ii * ld_o + c] *= sm.corr[ii];
+    }
+    __syncthreads();
+    for (int64_t blk = warp; blk < 2 * (dh / 16); blk += warps) {  // O's 16 x 16 blocks += P V
+      const int64_t orow = (blk & 1) * 16, ocol = (blk >> 1) * 16;
+      w::fragment<w::accumulator, 16, 16, 16, float> acc;
+      w::load_matrix_sync(acc, sm.O + orow * ld_o + ocol, static_cast<unsigned>(ld_o), w::mem_row_major);
+      for (int kk = 0; kk < kTile; kk += 16) {
+        w::fragment<w::matrix_a, 16, 16, 16, __nv_bfloat16, w::row_major> fa;
+        w::fragment<w::matrix_b, 16, 16, 16, __nv_bfloat16, w::row_major> fb;
+        w::load_matrix_sync(fa, sm.P + orow * TcFwdSmem::kLdP + kk, TcFwdSmem::kLdP);
+        w::load_matrix_sync(fb, sm.Vs + kk * ld + ocol, static_cast<unsigned>(ld));
+        w::mma_sync(acc, fa, fb, acc);
+      }
+      w::store_matrix_sync(sm.O + orow * ld_o + ocol, acc, static_cast<unsigned>(ld_o), w::mem_row_major);
+    }
+  }
+  __syncthreads();
+  bf16* out = static_cast<bf16*>(p.out);
+  for (int64_t e = threadIdx.x; e < nq * dh; e += blockDim.x) {
+    const int64_t ii = e / dh, c = e % dh;
+    out[lay.dq(b, i0 + ii, h) + c] = bf16(sm.l[ii] > 0.0f ? sm.O[ii * ld_o + c] / sm.l[ii] : 0.0f);
+  }
+  if (threadIdx.x < nq) {
+    float* lse = static_cast<float*>(p.lse);
+    const int ii = threadIdx.x;
+    lse[lay.stat(b, h, i0 + ii)] = sm.l[ii] > 0.0f ? sm.m[ii] + log(sm.l[ii]) : -INFINITY;
+  }
+}
+
 template <class T>
 __global__ void attn_delta_kernel(AttentionBwdParams q, Layout lay, compute_t<T>* __restrict delta,
                                   int64_t rows) {
@@ -480,6 +618,15 @@ void check_sizes(const AttentionParams& p) {
 void attention_fwd(const AttentionParams& p) {
   if (p.batch * p.heads * p.q_len == 0) return;
   check_sizes(p);
+  const Pattern pat{p.window, p.global_stride, p.q_pos0, p.k_pos0};
+  const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), static_cast<unsigned>(p.batch * p.heads));
+  if (p.dtype == DType::kBF16 && p.head_dim % 16 == 0) {  // tensor cores
+    const size_t smem = static_cast<size_t>(TcFwdSmem(nullptr, p.head_dim).end);
+    allow_dynamic_smem(attn_fwd_tc_kernel, smem, "attention");
+    attn_fwd_tc_kernel<<<grid, kThreads, smem, as_stream(p.stream)>>>(p, layout_of(p), pat);
+    HYDRA_CUDA_LAUNCH_CHECK();
+    return;
+  }
   dispatch_float(p.dtype, "attention", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const size_t smem = smem_bytes<FwdSmem, compute_t<T>>(p.head_dim);

@@ -307,6 +307,7 @@ TEST(CudaOps, RopeMatchesCpu) {
   }
 }
 
+// bf16 with head sizes that are multiples of 16 runs the forward on tensor cores.
 TEST(CudaOps, SparseAttentionMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   struct Case {
@@ -319,6 +320,7 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
       {1, 70, 70, 2, 32, 5, 1, 0, 0},         // every position global
       {2, 33, 61, 2, 16, 9, 8, 40, 12},       // a query shard against keys from elsewhere
       {1, 40, 40, 1, 128, 64, 32, 0, 0},      // the 1.6B head size
+      {2, 45, 45, 2, 24, 10, 7, 0, 0},        // bf16 head size not a multiple of 16: the SIMT kernel
   };
   for (const Case& c : cases)
     for (DType t : kTypes) {
