@@ -3,6 +3,7 @@
 // the device copy bandwidth and the bf16 GEMM rate, both measured in the same run.
 //   hydra-bench-gpu [--json FILE] [--quick]
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -109,6 +110,40 @@ void grouped_row(Report& report, const Floors& f, const std::string& what, int64
                {"of_peak", tflops / f.gemm_tflops}}});
 }
 
+// Query-key pairs the causal window + global pattern keeps in a sequence of L (both ends global when
+// their position is a multiple of the stride).
+double visible_pairs(int64_t L, int64_t window, int64_t stride) {
+  double pairs = 0;
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t k = 0; k <= t; ++k)
+      pairs += (t - k < window || k % stride == 0 || t % stride == 0) ? 1 : 0;
+  return pairs;
+}
+
+// The sparse global attention (bf16, window 512, global stride 256) forward, or forward + backward;
+// FLOPs are the useful ones: 4 * head_dim per kept pair forward, 3.5x that with the backward.
+void attention_row(Report& report, const Floors& f, const std::string& what, int64_t B, int64_t L, int64_t H,
+                   int64_t dh, bool backward) {
+  const AttentionPattern pat{512, 256};
+  Tensor q = rnd({B, L, H, dh}), k = rnd({B, L, H, dh}), v = rnd({B, L, H, dh}), go = rnd({B, L, H, dh});
+  const double scale = 1.0 / std::sqrt(double(dh));
+  double ms = 0;
+  if (backward) {
+    for (Tensor* t : {&q, &k, &v}) t->set_requires_grad(true);
+    ms = time_gpu([&] {
+      for (Tensor* t : {&q, &k, &v}) t->set_grad(Tensor());
+      sparse_attention(q, k, v, pat, scale).backward(go);
+    });
+  } else {
+    NoGradGuard ng;
+    ms = time_gpu([&] { (void)sparse_attention(q, k, v, pat, scale); });
+  }
+  const double flops = (backward ? 3.5 : 1.0) * 4.0 * double(dh) * visible_pairs(L, 512, 256) * double(B * H);
+  const double tflops = flops / ms / 1e9;
+  std::printf("%-44s %9.3f %9.1f %8.2f\n", what.c_str(), ms, tflops, tflops / f.gemm_tflops);
+  report.add({"gemm", {{"shape", what}}, {{"ms", ms}, {"tflops", tflops}, {"of_peak", tflops / f.gemm_tflops}}});
+}
+
 void bandwidth_row(Report& report, const Floors& f, const std::string& what, double bytes, const std::function<void()>& fn) {
   const double ms = time_gpu(fn);
   const double gbs = bytes / ms / 1e6;
@@ -154,6 +189,13 @@ int run(int argc, char** argv) {
     gemm_row(report, f, "toy lm head", 8192, 384, 8192);
     grouped_row(report, f, "toy 8 experts up, grouped", 8, T / 4, 384, 192, false);
     grouped_row(report, f, "toy 8 experts up, grouped fwd+bwd", 8, T / 4, 384, 192, true);
+  }
+
+  std::printf("\n%-44s %9s %9s %8s\n", "sparse attention (bf16)", "ms", "TFLOP/s", "of peak");
+  for (const bool bwd : {false, true}) {
+    const std::string pass = bwd ? " fwd+bwd" : " fwd";
+    attention_row(report, f, "1.6B attention [8 x 2048, 16 x 128]" + pass, 8, 2048, 16, 128, bwd);
+    if (!quick) attention_row(report, f, "toy attention [16 x 2048, 6 x 64]" + pass, 16, 2048, 6, 64, bwd);
   }
 
   std::printf("\n%-44s %9s %9s %8s\n", "memory-bound (bf16 unless noted)", "ms", "GB/s", "of copy");

@@ -68,6 +68,36 @@ def main():
             except (AttributeError, RuntimeError) as e:  # no _grouped_mm in this PyTorch or on this GPU
                 print(f"{name} {mode}: {e}", flush=True)
 
+    # Sparse global attention (window 512, global stride 256): SDPA with the pattern as a dense boolean
+    # mask (eager), and FlexAttention with it as a block mask (compiled: it skips the empty blocks).
+    for name, B, L, H, dh in [("1.6B attention [8 x 2048, 16 x 128]", 8, 2048, 16, 128),
+                              ("toy attention [16 x 2048, 6 x 64]", 16, 2048, 6, 64)]:
+        pos = torch.arange(L, device=dev)
+        keep = lambda t, k: (k <= t) & ((t - k < 512) | (k % 256 == 0) | (t % 256 == 0))
+        mask = keep(pos[:, None], pos[None, :])
+        q, k, v, go = (torch.randn(B, H, L, dh, device=dev, dtype=bf) for _ in range(4))
+        sdpa = lambda qq, kk, vv: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
+        runs = [("eager", sdpa)]
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            bm = create_block_mask(lambda b, h, t, kk: keep(t, kk), B=None, H=None, Q_LEN=L, KV_LEN=L)
+            flex = torch.compile(flex_attention)
+            runs.append(("compile", lambda qq, kk, vv: flex(qq, kk, vv, block_mask=bm)))
+        except (ImportError, RuntimeError) as e:
+            print(f"{name}: no FlexAttention ({e})", flush=True)
+        for mode, fn in runs:
+            try:
+                with torch.no_grad():
+                    add("gemm", name + " fwd", time_ms(lambda: fn(q, k, v)), mode)
+                qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+
+                def fb():
+                    qr.grad = kr.grad = vr.grad = None
+                    fn(qr, kr, vr).backward(go)
+                add("gemm", name + " fwd+bwd", time_ms(fb), mode)
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                print(f"{name} {mode}: {e}", flush=True)
+
     for width in (2048, 384):
         shape = f"[{T}, {width}]"
         x = torch.randn(T, width, device=dev, dtype=bf)
