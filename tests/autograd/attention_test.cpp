@@ -214,5 +214,17 @@ TEST(EmbeddingBag, SparseGradientHoldsOnlyTouchedRowsAndAccumulates) {
   EXPECT_NEAR(dense[0], wv[2] + wv[3], 1e-12);
 }
 
+TEST(ProductKeys, IndicesFollowTheGridAndBadShapesAreRefused) {
+  // Rows of a, b: the top-k keys of each half; pick: cells c of their k x k grid (k = 3).
+  const Tensor a = tensor<int64_t>({4, 0, 2, 1, 1, 3}, {2, 3}), b = tensor<int64_t>({2, 4, 0, 3, 0, 1}, {2, 3});
+  const Tensor pick = tensor<int64_t>({0, 5, 8, 7}, {2, 2});
+  // row 0: c 0 -> a 4, b 2; c 5 -> a 0 (5 / 3 = 1), b 0 (5 % 3 = 2). row 1: c 8 -> a 3, b 1; c 7 -> a 3, b 0.
+  EXPECT_EQ(product_key_indices(a, b, pick, 5).to_vector<int64_t>(),
+            (std::vector<int64_t>{4 * 5 + 2, 0 * 5 + 0, 3 * 5 + 1, 3 * 5 + 0}));
+  EXPECT_THROW(product_key_indices(a, b.narrow(1, 0, 2), pick, 5), Error);
+  EXPECT_THROW(product_key_indices(a, b, tensor<int64_t>({0, 1}, {1, 2}), 5), Error);
+  EXPECT_THROW(product_key_indices(a.to(DType::kF32), b, pick, 5), Error);
+}
+
 }  // namespace
 }  // namespace hydra

@@ -119,6 +119,8 @@ TEST(Curriculum, StagesAreLaidOutAndValidated) {
             "small.pbtxt: curriculum.stage[0].batch_size = 4 must be a multiple of train.grad_accum (3)");
   EXPECT_EQ(error("curriculum.stage={ steps: 8 seq_len: 64 }"),
             "small.pbtxt: curriculum.stage[0].seq_len = 64 exceeds model.max_seq_len (32)");
+  EXPECT_NE(error("train.stats_every=0").find("train.stats_every = 0 must be >= 1"), std::string::npos)
+      << error("train.stats_every=0");
 }
 
 TEST(Curriculum, FreezeGroupsSelectTheirParameters) {
