@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Joins hydra-bench-gpu's and torch_compare.py's JSON into the PERF.md table: each row with its floor
-and the throughput ratio ours/PyTorch (> 1: ours is faster) for eager and compiled PyTorch. For the grouped
+(and, for memory-bound ops, against a device copy of their own size) and the throughput ratio ours/PyTorch (> 1: ours is faster) for eager and compiled PyTorch. For the grouped
 expert GEMMs, "eager" is a loop of per-expert GEMMs and the second column torch._grouped_mm (marked *)."""
 import json
 import sys
@@ -13,8 +13,9 @@ print(f"floors: copy {floor['copy_gbs']:.0f} GB/s, bf16 GEMM {floor['bf16_gemm_t
 tt = {}
 for r in torch["rows"]:
     tt.setdefault(r["name"], {})[r["mode"]] = r["ms"]
-print("| op | ours ms | ours rate | of floor | PyTorch eager ms | ours/eager | PyTorch compiled ms | ours/compiled |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| op | ours ms | ours rate | of floor | of same-size copy | PyTorch eager ms | ours/eager | PyTorch compiled ms "
+      "| ours/compiled |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for r in ours["rows"]:
     if r["bench"] == "floor":
         continue
@@ -28,4 +29,6 @@ for r in ours["rows"]:
     ratio = lambda v: f"{v / r['ms']:.2f}" if v else "-"
     if "grouped_mm" in t:
         name += " *"
-    print(f"| {name} | {r['ms']:.3f} | {rate} | {of:.2f} | {cell(eager)} | {ratio(eager)} | {cell(comp)} | {ratio(comp)} |")
+    same = f"{r['of_copy_same_size']:.2f}" if "of_copy_same_size" in r else "-"
+    print(f"| {name} | {r['ms']:.3f} | {rate} | {of:.2f} | {same} | {cell(eager)} | {ratio(eager)} | {cell(comp)} "
+          f"| {ratio(comp)} |")
