@@ -182,6 +182,11 @@ TEST(CudaOps, MatmulAndLinearMatchCpu) {
                [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{grouped_linear(in[0], in[1], sizes)}; },
                {rnd({rows, 72}, 26), rnd({4, 40, 72}, 27, 0.1)}, {true, true}, t);
     }
+    // Problems above 2 GFLOP each run as one cuBLASLt GEMM apiece instead of the grouped launch.
+    const std::vector<int64_t> big = {1100, 1100, 1100};
+    check_op("grouped_linear large",
+             [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{grouped_linear(in[0], in[1], big)}; },
+             {rnd({3300, 1024}, 28), rnd({3, 1000, 1024}, 29, 0.03)}, {true, true}, t);
   }
 }
 
@@ -353,8 +358,10 @@ TEST(CudaOps, SelectiveScanMatchesCpu) {
   };
   // Odd channel counts (a partial warp, two blocks), states below and at the template bounds, chunks
   // that do not divide the length, a length shorter than one chunk.
+  // The last case recomputes 545 MB of states per batch entry, so the backward runs in two batch slices
+  // (its scratch is capped at 1 GiB per launch), as at hydra-1.6b shapes.
   const std::vector<Case> cases = {{2, 37, 19, 5, 16, true},  {1, 50, 130, 16, 8, true}, {3, 21, 64, 8, 64, false},
-                                   {2, 70, 33, 32, 32, true}, {1, 9, 40, 64, 4, true}};
+                                   {2, 70, 33, 32, 32, true}, {1, 9, 40, 64, 4, true},   {2, 4096, 2048, 16, 64, true}};
   for (const Case& c : cases)
     for (DType t : kTypes) {
       std::vector<Tensor> in = {rnd({c.B, c.L, c.D}, 70),                          // u
