@@ -90,6 +90,8 @@ int run_main(int argc, char** argv) {
       "the step count to reach in total (default train.steps); with --resume, trains the remaining steps")(
       "eval-every", po::value<int64_t>(), "evaluate every N steps (train.eval_every; 0: only at the end)")(
       "save-every", po::value<int64_t>(), "checkpoint every N steps (train.save_every; 0: only at the end)")(
+      "stats-every", po::value<int64_t>(),
+      "the model's statistics (routing, gates, memories) in the metrics every N steps (train.stats_every)")(
       "seed", po::value<uint64_t>(), "the seed of initialisation and data (train.seed)")(
       "device", po::value<std::string>(), "cpu or cuda (train.device)")(
       "threads", po::value<int>(), "CPU threads (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or all cores)")(
@@ -125,6 +127,8 @@ int run_main(int argc, char** argv) {
     if (vm.count("set")) sets = vm["set"].as<std::vector<std::string>>();
     if (vm.count("eval-every")) sets.push_back("train.eval_every=" + std::to_string(vm["eval-every"].as<int64_t>()));
     if (vm.count("save-every")) sets.push_back("train.save_every=" + std::to_string(vm["save-every"].as<int64_t>()));
+    if (vm.count("stats-every"))
+      sets.push_back("train.stats_every=" + std::to_string(vm["stats-every"].as<int64_t>()));
     if (vm.count("seed")) sets.push_back("train.seed=" + std::to_string(vm["seed"].as<uint64_t>()));
     if (vm.count("device")) sets.push_back("train.device=" + vm["device"].as<std::string>());
     for (const std::string& s : sets) {

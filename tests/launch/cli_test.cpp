@@ -47,7 +47,8 @@ const std::string kQuick = " --set 'curriculum={}' --set train.steps=2 --set tra
 TEST(Cli, HelpExplainsEveryFlag) {
   const Result r = run(kTrain + " --help");
   EXPECT_EQ(r.code, 0);
-  for (const char* flag : {"--config", "--set", "--out", "--resume", "--steps", "--eval-every", "--save-every", "--seed"})
+  for (const char* flag :
+       {"--config", "--set", "--out", "--resume", "--steps", "--eval-every", "--save-every", "--stats-every", "--seed"})
     EXPECT_NE(r.output.find(flag), std::string::npos) << flag;
 }
 
