@@ -174,6 +174,21 @@ TEST(GroupedLinear, BlocksOfGroupsEqualTheExpertMajorOrderAndGradcheckFloat64) {
       (std::vector<Tensor>{x, w}));
 }
 
+TEST(GroupedLinear, EmptyFeaturesAndUntouchedExpertsGiveZeros) {
+  // No input features: the outputs are zeros, as is the weight gradient of every expert.
+  Tensor x0 = randn64({4, 0}, 30), w0 = randn64({2, 3, 0}, 31);
+  const Tensor y0 = grouped_linear(x0, w0, {1, 3});
+  EXPECT_EQ(y0.to_vector<double>(), std::vector<double>(12, 0.0));
+  sum(y0).backward();
+  EXPECT_EQ(x0.grad().numel(), 0);
+  // An expert no group reaches gets a zero gradient, not an unwritten one.
+  Tensor x = randn64({5, 3}, 32), w = randn64({3, 2, 3}, 33);
+  sum(grouped_linear(x, w, {2, 0, 3})).backward();
+  const auto gw = w.grad().to_vector<double>();
+  for (int64_t e = 0; e < 6; ++e) EXPECT_EQ(gw[6 + e], 0.0) << e;
+  EXPECT_NE(gw[0], 0.0);
+}
+
 TEST(EmbeddingBag, MatchesReferenceAtOddShape) {
   Tensor table = randn64({13, 7}, 20, 1.0, false), w = randn64({5, 3}, 21, 1.0, false);
   Tensor idx = testing::randidx(13, {5, 3}, 22);
