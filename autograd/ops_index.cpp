@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <functional>
 #include <numeric>
 
 #include "autograd/grad_mode.h"
@@ -331,14 +332,23 @@ void accumulate_sparse_grad(const Tensor& leaf, const Tensor& rows_in, const Ten
   }
   // Coalesce: unique ascending rows, values of equal rows summed (in order: deterministic).
   const std::vector<int64_t> r = rows.to_vector<int64_t>();
+  const Device dev = leaf.device();
+  auto g = std::make_shared<SparseRows>();
+  if (std::adjacent_find(r.begin(), r.end(), std::greater_equal<int64_t>()) == r.end()) {
+    // Already coalesced (e.g. the embedding bag's per-row sums, first micro-batch): keep as they are.
+    g->rows = rows.clone();
+    // Never the caller's tensors themselves: to() returns its input when the dtype already matches.
+    g->values = values.dtype() == values_in.dtype() ? values.contiguous().clone() : values.contiguous();
+    leaf.set_sparse_grad(std::move(g));
+    run_grad_ready_hooks(leaf);
+    return;
+  }
   std::vector<int64_t> uniq = r;
   std::sort(uniq.begin(), uniq.end());
   uniq.erase(std::unique(uniq.begin(), uniq.end()), uniq.end());
   std::vector<int64_t> slot(r.size());
   for (std::size_t i = 0; i < r.size(); ++i)
     slot[i] = std::lower_bound(uniq.begin(), uniq.end(), r[i]) - uniq.begin();
-  const Device dev = leaf.device();
-  auto g = std::make_shared<SparseRows>();
   g->rows = tensor(uniq, {static_cast<int64_t>(uniq.size())}).to(dev);
   g->values = zeros({static_cast<int64_t>(uniq.size()), leaf.size(1)}, leaf.grad_dtype(), dev);
   scatter_rows_into(g->values, tensor(slot, {static_cast<int64_t>(slot.size())}).to(dev), values.contiguous());
