@@ -34,6 +34,7 @@ struct FwdSmem {
     end = c.end();
   }
 };
+
 // dQ: Q (pre-scaled) and dO [kTile][dh], K and V [kTile][dh + 1], dS [kTile][kTile + 1], the dQ
 // sums [kTile][dh], lse and delta per query, the index lists.
 template <class C>
