@@ -6,7 +6,8 @@
 // probabilities from the saved log-sum-exp in two kernels without atomics: dQ walks a query tile's
 // keys, dK and dV walk a key tile's queries (the mirror sets: the band after the tile plus the
 // global queries beyond it). Every sum runs in a fixed order, so results are bit-reproducible.
-// bf16 with head sizes that are multiples of 16 goes to the tensor-core kernels (attention_tc.cu).
+// bf16 with head sizes that are multiples of 16 (up to 128) goes to the tensor-core kernels
+// (attention_mma.cu).
 #include <cstdint>
 #include <type_traits>
 
@@ -148,6 +149,7 @@ __global__ void __launch_bounds__(kThreads)
       const C pr = s == C(-INFINITY) ? C(0) : fast_exp(s - m_new);
       S[ii * (kTile + 1) + lane] = pr;
       const C sum = warp_sum(pr);
+      __syncwarp();  // every lane has read m[ii] before lane 0 replaces it
       if (lane == 0) {
         const C c = m_old == C(-INFINITY) ? C(0) : fast_exp(m_old - m_new);
         corr[ii] = c;
@@ -358,8 +360,8 @@ void attention_fwd(const AttentionParams& p) {
   check_sizes(p);
   const Pattern pat{p.window, p.global_stride, p.q_pos0, p.k_pos0};
   const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), static_cast<unsigned>(p.batch * p.heads));
-  if (attention_tc::applies(p)) {
-    attention_tc::forward(p);
+  if (attention_mma::applies(p)) {
+    attention_mma::forward(p);
     return;
   }
   dispatch_float(p.dtype, "attention", [&](auto tag) {
@@ -398,8 +400,8 @@ void attention_bwd(const AttentionBwdParams& q) {
       HYDRA_CUDA_LAUNCH_CHECK();
     }
     if constexpr (std::is_same_v<T, bf16>) {
-      if (attention_tc::applies(p)) {
-        attention_tc::backward(q, delta);
+      if (attention_mma::applies(q)) {
+        attention_mma::backward(q, delta);
         return;
       }
     }

@@ -1,4 +1,4 @@
-// Shared by the sparse-attention kernels (attention.cu: SIMT cores; attention_tc.cu: tensor cores):
+// Shared by the sparse-attention kernels (attention.cu: SIMT cores; attention_mma.cu: tensor cores):
 // the tile sizes, the pattern and the walks of keys and queries it gives, the element offsets of q/k/v
 // and the outputs, and the shared-memory carving.
 #pragma once
@@ -18,7 +18,13 @@ constexpr int kThreads = 128;
 
 struct Pattern {
   int64_t window, stride, q_pos0, k_pos0;
-  __device__ bool global(int64_t pos) const { return stride > 0 && pos % stride == 0; }
+  // 32-bit remainders where positions fit (64-bit division is several times slower).
+  __device__ bool global(int64_t pos) const {
+    if (stride <= 0) return false;
+    if (pos >= 0 && pos <= INT32_MAX && stride <= INT32_MAX)
+      return static_cast<uint32_t>(pos) % static_cast<uint32_t>(stride) == 0;
+    return pos % stride == 0;
+  }
   __device__ bool visible(int64_t tq, int64_t tk) const {
     return tk <= tq && (window <= 0 || tq - tk < window || global(tk) || global(tq));
   }
@@ -129,12 +135,6 @@ class Carve {
     at_ += static_cast<uintptr_t>(n) * sizeof(E);
     return p;
   }
-  // As take, starting at a multiple of 32 bytes (what tensor-core fragment loads need).
-  template <class E>
-  __host__ __device__ E* take_aligned(int64_t n) {
-    at_ = (at_ + 31) / 32 * 32;
-    return take<E>(n);
-  }
   __host__ __device__ uintptr_t end() const { return at_; }
 
  private:
@@ -143,12 +143,14 @@ class Carve {
 
 }  // namespace
 
-// The tensor-core kernels (attention_tc.cu), for bf16 with head sizes that are multiples of 16.
-namespace attention_tc {
-inline bool applies(const AttentionParams& p) { return p.dtype == DType::kBF16 && p.head_dim % 16 == 0; }
+// The tensor-core kernels (attention_mma.cu), for bf16 with head sizes that are multiples of 16 up
+// to 128 and rows on 16-byte boundaries.
+namespace attention_mma {
+bool applies(const AttentionParams& p);
+bool applies(const AttentionBwdParams& q);
 void forward(const AttentionParams& p);
 // delta: dO . O - glse per query (attention.cu's attn_delta_kernel).
 void backward(const AttentionBwdParams& q, const float* delta);
-}  // namespace attention_tc
+}  // namespace attention_mma
 
 }  // namespace hydra::kernels::cuda

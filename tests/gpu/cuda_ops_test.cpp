@@ -312,7 +312,7 @@ TEST(CudaOps, RopeMatchesCpu) {
   }
 }
 
-// bf16 with head sizes that are multiples of 16 runs the forward on tensor cores.
+// bf16 with head sizes that are multiples of 16 runs on tensor cores (attention_mma.cu).
 TEST(CudaOps, SparseAttentionMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   struct Case {
@@ -326,6 +326,12 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
       {2, 33, 61, 2, 16, 9, 8, 40, 12},       // a query shard against keys from elsewhere
       {1, 40, 40, 1, 128, 64, 32, 0, 0},      // the 1.6B head size
       {2, 45, 45, 2, 24, 10, 7, 0, 0},        // bf16 head size not a multiple of 16: the SIMT kernel
+      // Several 64-row tiles: tiles inside the pattern (no per-pair test), tiles on its edges, tiles
+      // of global keys, partial tiles; head sizes below the compiled width (48 in 64, 96 in 128).
+      {1, 300, 300, 2, 64, 100, 64, 0, 0},
+      {1, 257, 200, 2, 96, 70, 50, 120, 20},
+      {2, 190, 190, 1, 48, 0, 0, 0, 0},
+      {1, 200, 200, 2, 128, 0, 0, 0, 0},
   };
   for (const Case& c : cases)
     for (DType t : kTypes) {

@@ -1,0 +1,624 @@
+// Sparse attention on tensor cores for bf16, in the manner of FlashAttention-2: each warp owns 16 rows
+// (queries in the forward and dQ, keys in dK/dV) and keeps its scores, probabilities and output sums in
+// registers, as mma.sync m16n8k16 fragments (bf16 inputs, fp32 accumulation). The walked rows (keys
+// and values, or queries and output gradients) go through shared memory in double-buffered tiles
+// loaded with cp.async while the previous tile is computed; fragments come from shared memory with
+// ldmatrix. A tile's probabilities become the next product's A operand without leaving registers.
+//
+// The walks and the pattern are those of attention_common.cuh. The pattern is tested element by
+// element only in tiles that straddle its edges (the diagonal, the window's far edge, partial tiles).
+// Softmax runs in base 2 (scores times scale * log2(e)); sums run in a fixed order, so results are
+// bit-reproducible. Head sizes: multiples of 16 up to 128, compiled for 32, 64 and 128 columns.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/attention.h"
+#include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
+
+namespace hydra::kernels::cuda {
+namespace {
+
+constexpr int kMmaThreads = 128;  // 4 warps
+constexpr int kOwnRows = 64;      // rows a block owns: 16 per warp
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+// ---- PTX wrappers --------------------------------------------------------------------------------
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+// 16 bytes global -> shared, asynchronously; zeros when !valid (nothing is read then).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+// Four 8 x 8 bf16 matrices; lanes 8m..8m+7 give the row addresses of matrix m.
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const __nv_bfloat16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const __nv_bfloat16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// d += a b for a 16 x 16 (row-major) and b 16 x 8 (column-major), bf16 in, fp32 out.
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&v);
+}
+
+// ---- Fragments -----------------------------------------------------------------------------------
+// Lane l holds, of a 16 x 8 accumulator block, rows l/4 and l/4 + 8 and columns 2 (l%4) + {0, 1}:
+// c[0], c[1] on the first row, c[2], c[3] on the second. Tiles are bf16 [rows][kPitch] in shared
+// memory; 16 bytes of padding per row keep the 8 rows of an ldmatrix on distinct banks.
+
+template <int D>
+struct Geo {
+  static constexpr int kPitch = D + 8;
+  static constexpr int kWalk = D > 64 ? 32 : 64;  // walked rows per backward step (registers)
+  static constexpr int kFwdWalk = 64;             // keys per forward step
+};
+
+// A operand (16 x 16) from rows r0.. and columns c0.. of a row-major tile.
+template <int kPitch>
+__device__ __forceinline__ void load_a(unsigned (&a)[4], const __nv_bfloat16* tile, int r0, int c0) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4(a, tile + (r0 + (lane & 15)) * kPitch + c0 + (lane >> 4) * 8);
+}
+// B operands of X Y^T for two 8-column blocks: Y's rows n0..n0+15 (the output columns), Y's columns
+// c0..c0+15 (the reduced index). b[0], b[1] for rows n0..n0+7; b[2], b[3] for n0+8..n0+15.
+template <int kPitch>
+__device__ __forceinline__ void load_b_xyt(unsigned (&b)[4], const __nv_bfloat16* tile, int n0, int c0) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * kPitch + c0 + ((lane >> 3) & 1) * 8);
+}
+// B operands of A Y for two 8-column blocks of Y: Y's rows k0..k0+15 (the reduced index), columns
+// n0..n0+15. b[0], b[1] for columns n0..n0+7; b[2], b[3] for n0+8..n0+15.
+template <int kPitch>
+__device__ __forceinline__ void load_b_ay(unsigned (&b)[4], const __nv_bfloat16* tile, int k0, int n0) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4_trans(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + n0 + (lane >> 4) * 8);
+}
+
+// acc[kN / 8] (16 x kN) = X Y^T over dh columns: X's 16 rows from x_row0 of tile X, Y's kN rows.
+template <int D, int kN>
+__device__ __forceinline__ void mma_xyt(float (&acc)[kN / 8][4], const __nv_bfloat16* X, int x_row0,
+                                        const __nv_bfloat16* Y, int dh) {
+  constexpr int P = Geo<D>::kPitch;
+#pragma unroll
+  for (int n = 0; n < kN / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    if (kk * 16 >= dh) break;
+    unsigned a[4];
+    load_a<P>(a, X, x_row0, kk * 16);
+#pragma unroll
+    for (int np = 0; np < kN / 16; ++np) {
+      unsigned b[4];
+      load_b_xyt<P>(b, Y, np * 16, kk * 16);
+      mma16816(acc[2 * np], a, b[0], b[1]);
+      mma16816(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// out[D / 8] (16 x dh) += A Y with A (16 x kN) given as accumulator-layout values `pa` (rounded to
+// bf16 here) and Y a [kN][dh] tile.
+template <int D, int kN>
+__device__ __forceinline__ void mma_ay(float (&out)[D / 8][4], const float (&pa)[kN / 8][4],
+                                       const __nv_bfloat16* Y, int dh) {
+  constexpr int P = Geo<D>::kPitch;
+#pragma unroll
+  for (int kt = 0; kt < kN / 16; ++kt) {
+    const unsigned a[4] = {pack_bf16(pa[2 * kt][0], pa[2 * kt][1]), pack_bf16(pa[2 * kt][2], pa[2 * kt][3]),
+                           pack_bf16(pa[2 * kt + 1][0], pa[2 * kt + 1][1]),
+                           pack_bf16(pa[2 * kt + 1][2], pa[2 * kt + 1][3])};
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      if (np * 16 >= dh) break;
+      unsigned b[4];
+      load_b_ay<P>(b, Y, kt * 16, np * 16);
+      mma16816(out[2 * np], a, b[0], b[1]);
+      mma16816(out[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Rows of one (batch, head) of a bf16 tensor: row r starts at base + r * stride.
+struct RowSrc {
+  const bf16* base;
+  int64_t stride;
+};
+// This thread's share of staging a tile: 16-byte chunk `col` (in elements) of rows r0, r0 + step, ...
+// (threads past step * dh / 8 stage nothing).
+struct StageSlot {
+  int r0, step, col;
+  __device__ explicit StageSlot(int dh) {
+    const int chunks = dh / 8;
+    r0 = threadIdx.x / chunks;
+    step = kMmaThreads / chunks;
+    col = (threadIdx.x - r0 * chunks) * 8;
+  }
+};
+// Rows idx(r) (r < kRows; negative: zeros) of src into tile [kRows][kPitch] with 16-byte cp.async.
+template <int kRows, int kPitch, class Idx>
+__device__ __forceinline__ void stage_rows(__nv_bfloat16* tile, const RowSrc& src, const StageSlot& sl, Idx idx) {
+  if (sl.r0 >= sl.step) return;
+  for (int r = sl.r0; r < kRows; r += sl.step) {
+    const int64_t j = idx(r);
+    cp_async16(tile + r * kPitch + sl.col, j >= 0 ? src.base + j * src.stride + sl.col : src.base, j >= 0);
+  }
+}
+
+// Whether a query sees a key d = tq - tk positions before it; `global_pair` when either is global.
+__device__ __forceinline__ bool sees(const Pattern& pat, int64_t d, bool global_pair) {
+  return d >= 0 && (pat.window <= 0 || d < pat.window || global_pair);
+}
+
+// Whether every (query, key) pair of a tile is visible: queries tq_min..tq_max, keys tk_min..tk_max
+// (all present), `all_global` when every key or every query of the tile is a global position.
+__device__ __forceinline__ bool tile_all_visible(const Pattern& pat, int64_t tq_min, int64_t tq_max, int64_t tk_min,
+                                                 int64_t tk_max, bool all_global) {
+  return tk_max <= tq_min && (pat.window <= 0 || tq_max - tk_min < pat.window || all_global);
+}
+
+// ---- Forward ------------------------------------------------------------------------------------
+
+template <int D>
+struct FwdLayout {
+  static constexpr int P = Geo<D>::kPitch, W = Geo<D>::kFwdWalk;
+  __nv_bfloat16 *q, *k, *v;  // [kOwnRows][P], [2][W][P], [2][W][P]
+  int* kidx;                 // [2][W]: the keys (-1: none)
+  bool* kglob;               // [2][W]: whether each is a global position
+  __host__ __device__ explicit FwdLayout(unsigned char* base) {
+    q = reinterpret_cast<__nv_bfloat16*>(base);
+    k = q + kOwnRows * P;
+    v = k + 2 * W * P;
+    kidx = reinterpret_cast<int*>(v + 2 * W * P);
+    kglob = reinterpret_cast<bool*>(kidx + 2 * W);
+  }
+  static constexpr size_t bytes() {
+    return sizeof(__nv_bfloat16) * (kOwnRows + 4 * W) * P + (sizeof(int) + sizeof(bool)) * 2 * W;
+  }
+};
+
+// Four blocks per SM (16 warps) for head sizes up to 64: registers capped at 128.
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2) attn_fwd_mma_kernel(AttentionParams p, Layout lay, Pattern pat) {
+  constexpr int P = Geo<D>::kPitch, W = Geo<D>::kFwdWalk;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const FwdLayout<D> sm(smem_raw);
+  const int dh = static_cast<int>(p.head_dim);
+  const int64_t b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+  const int64_t i0 = int64_t(blockIdx.x) * kOwnRows, nq = min(int64_t(kOwnRows), p.q_len - i0);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tg = lane & 3;
+  const bf16* q = static_cast<const bf16*>(p.q);
+  const bf16* k = static_cast<const bf16*>(p.k);
+  const bf16* v = static_cast<const bf16*>(p.v);
+
+  const StageSlot slot(dh);
+  const RowSrc k_src{k + lay.k(b, 0, h), p.k_row}, v_src{v + lay.v(b, 0, h), p.v_row};
+  stage_rows<kOwnRows, P>(sm.q, RowSrc{q + lay.q(b, 0, h), p.q_row}, slot,
+                          [&](int r) { return r < nq ? i0 + r : int64_t(-1); });
+  const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
+  const int64_t count = keys.count(), tiles = (count + W - 1) / W;
+  auto stage_keys = [&](int64_t t, int buf) {
+    auto idx = [&](int r) { return t * W + r < count ? keys.at(t * W + r) : int64_t(-1); };
+    if (threadIdx.x < W) {
+      const int64_t j = idx(threadIdx.x);
+      sm.kidx[buf * W + threadIdx.x] = static_cast<int>(j);
+      sm.kglob[buf * W + threadIdx.x] = j >= 0 && pat.global(pat.k_pos0 + j);
+    }
+    stage_rows<W, P>(sm.k + buf * W * P, k_src, slot, idx);
+    stage_rows<W, P>(sm.v + buf * W * P, v_src, slot, idx);
+  };
+  if (tiles > 0) stage_keys(0, 0);
+  cp_async_commit();
+
+  const float sl2 = static_cast<float>(p.scale) * kLog2e;
+  const int64_t row0 = i0 + warp * 16 + (lane >> 2);  // this lane's queries: row0 and row0 + 8
+  const int64_t dpos = pat.q_pos0 - pat.k_pos0;
+  const bool qglob[2] = {pat.global(pat.q_pos0 + row0), pat.global(pat.q_pos0 + row0 + 8)};
+  float o[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int buf = static_cast<int>(t & 1);
+    if (t + 1 < tiles) stage_keys(t + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    float s[W / 8][4];
+    mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P, dh);
+
+    const int64_t o0 = t * W;
+    bool all = nq == kOwnRows && o0 + W <= count;
+    if (all) {
+      all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1, pat.k_pos0 + keys.at(o0),
+                             pat.k_pos0 + keys.at(o0 + W - 1), o0 + W <= keys.n0);
+    }
+#pragma unroll
+    for (int n = 0; n < W / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float x = s[n][c] * sl2;
+        if (!all) {
+          const int64_t i = row0 + (c >> 1) * 8;
+          const int col = buf * W + n * 8 + tg * 2 + (c & 1), j = sm.kidx[col];
+          if (i >= p.q_len || j < 0 || !sees(pat, dpos + i - j, qglob[c >> 1] || sm.kglob[col])) x = -INFINITY;
+        }
+        s[n][c] = x;
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // online softmax of this lane's two rows (a row spans a lane quad)
+      float mx = m[r];
+#pragma unroll
+      for (int n = 0; n < W / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float base = mx == -INFINITY ? 0.0f : mx;
+      const float corr = exp2_approx(m[r] - base);
+      m[r] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < W / 8; ++n) {
+        s[n][2 * r] = exp2_approx(s[n][2 * r] - base);
+        s[n][2 * r + 1] = exp2_approx(s[n][2 * r + 1] - base);
+        sum += s[n][2 * r] + s[n][2 * r + 1];
+      }
+      l[r] = l[r] * corr + sum;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][2 * r] *= corr;
+        o[n][2 * r + 1] *= corr;
+      }
+    }
+    mma_ay<D, W>(o, s, sm.v + buf * W * P, dh);  // O += P V, P rounded to bf16
+    __syncthreads();                             // the next step overwrites this buffer
+  }
+  cp_async_wait<0>();
+
+  bf16* out = static_cast<bf16*>(p.out);
+  float* lse = static_cast<float*>(p.lse);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = l[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int64_t i = row0 + r * 8;
+    if (i >= p.q_len) continue;
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    bf16* dst = out + lay.dq(b, i, h);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      if (n * 8 >= dh) break;
+      *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) = pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    }
+    if (tg == 0) lse[lay.stat(b, h, i)] = sum > 0.0f ? m[r] * kLn2 + logf(sum) : -INFINITY;
+  }
+}
+
+// ---- Backward -----------------------------------------------------------------------------------
+// lse in base 2 for the probabilities P = 2^(S sl2 - lse2); a query that sees no key (lse = -inf)
+// gets +inf, so its P is 0 wherever it is evaluated.
+__device__ __forceinline__ float lse_base2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// dQ: a block per 64 queries walks their keys. Per step: S = Q K^T, dP = dO V^T, dS = P (dP - delta),
+// dQ += dS K.
+template <int D>
+struct DqLayout {
+  static constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
+  __nv_bfloat16 *q, *go, *k, *v;  // [kOwnRows][P] x 2, [2][W][P] x 2
+  int* kidx;                      // [2][W] (-1: none)
+  bool* kglob;                    // [2][W]
+  __host__ __device__ explicit DqLayout(unsigned char* base) {
+    q = reinterpret_cast<__nv_bfloat16*>(base);
+    go = q + kOwnRows * P;
+    k = go + kOwnRows * P;
+    v = k + 2 * W * P;
+    kidx = reinterpret_cast<int*>(v + 2 * W * P);
+    kglob = reinterpret_cast<bool*>(kidx + 2 * W);
+  }
+  static constexpr size_t bytes() {
+    return sizeof(__nv_bfloat16) * (2 * kOwnRows + 4 * W) * P + (sizeof(int) + sizeof(bool)) * 2 * W;
+  }
+};
+
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads)
+    attn_dq_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, const float* __restrict delta) {
+  constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
+  const AttentionParams& p = g.fwd;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DqLayout<D> sm(smem_raw);
+  const int dh = static_cast<int>(p.head_dim);
+  const int64_t b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+  const int64_t i0 = int64_t(blockIdx.x) * kOwnRows, nq = min(int64_t(kOwnRows), p.q_len - i0);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tg = lane & 3;
+  const bf16* k = static_cast<const bf16*>(p.k);
+  const bf16* v = static_cast<const bf16*>(p.v);
+
+  auto own = [&](int r) { return r < nq ? i0 + r : int64_t(-1); };
+  const StageSlot slot(dh);
+  const RowSrc k_src{k + lay.k(b, 0, h), p.k_row}, v_src{v + lay.v(b, 0, h), p.v_row};
+  stage_rows<kOwnRows, P>(sm.q, RowSrc{static_cast<const bf16*>(p.q) + lay.q(b, 0, h), p.q_row}, slot, own);
+  stage_rows<kOwnRows, P>(sm.go, RowSrc{static_cast<const bf16*>(g.gout) + lay.dq(b, 0, h), p.heads * p.head_dim},
+                          slot, own);
+  const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
+  const int64_t count = keys.count(), tiles = (count + W - 1) / W;
+  auto stage_keys = [&](int64_t t, int buf) {
+    auto idx = [&](int r) { return t * W + r < count ? keys.at(t * W + r) : int64_t(-1); };
+    if (threadIdx.x < W) {
+      const int64_t j = idx(threadIdx.x);
+      sm.kidx[buf * W + threadIdx.x] = static_cast<int>(j);
+      sm.kglob[buf * W + threadIdx.x] = j >= 0 && pat.global(pat.k_pos0 + j);
+    }
+    stage_rows<W, P>(sm.k + buf * W * P, k_src, slot, idx);
+    stage_rows<W, P>(sm.v + buf * W * P, v_src, slot, idx);
+  };
+  if (tiles > 0) stage_keys(0, 0);
+  cp_async_commit();
+
+  const float sl2 = static_cast<float>(p.scale) * kLog2e;
+  const int64_t row0 = i0 + warp * 16 + (lane >> 2);
+  const int64_t dpos = pat.q_pos0 - pat.k_pos0;
+  const bool qglob[2] = {pat.global(pat.q_pos0 + row0), pat.global(pat.q_pos0 + row0 + 8)};
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = row0 + r * 8;
+    lse2[r] = i < p.q_len ? lse_base2(static_cast<const float*>(p.lse)[lay.stat(b, h, i)]) : INFINITY;
+    dlt[r] = i < p.q_len ? delta[lay.stat(b, h, i)] : 0.0f;
+  }
+  float dq[D / 8][4] = {};
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int buf = static_cast<int>(t & 1);
+    if (t + 1 < tiles) stage_keys(t + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    float s[W / 8][4], dp[W / 8][4];
+    mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P, dh);
+    mma_xyt<D, W>(dp, sm.go, warp * 16, sm.v + buf * W * P, dh);
+    const int64_t o0 = t * W;
+    bool all = nq == kOwnRows && o0 + W <= count;
+    if (all) {
+      all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1, pat.k_pos0 + keys.at(o0),
+                             pat.k_pos0 + keys.at(o0 + W - 1), o0 + W <= keys.n0);
+    }
+#pragma unroll
+    for (int n = 0; n < W / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int r = c >> 1;
+        float pr = exp2_approx(s[n][c] * sl2 - lse2[r]);
+        if (!all) {
+          const int64_t i = row0 + r * 8;
+          const int col = buf * W + n * 8 + tg * 2 + (c & 1), j = sm.kidx[col];
+          if (i >= p.q_len || j < 0 || !sees(pat, dpos + i - j, qglob[r] || sm.kglob[col])) pr = 0.0f;
+        }
+        s[n][c] = pr * (dp[n][c] - dlt[r]);  // dS
+      }
+    mma_ay<D, W>(dq, s, sm.k + buf * W * P, dh);  // dQ += dS K
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  bf16* gq = static_cast<bf16*>(g.gq);
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = row0 + r * 8;
+    if (i >= p.q_len) continue;
+    bf16* dst = gq + lay.dq(b, i, h);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      if (n * 8 >= dh) break;
+      *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) = pack_bf16(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
+    }
+  }
+}
+
+// dK and dV: a block per 64 keys walks the queries that see them. Per step, transposed (keys as rows):
+// S^T = K Q^T, dP^T = V dO^T, P^T and dS^T = P^T (dP^T - delta), then dV += P^T dO and dK += dS^T Q.
+template <int D>
+struct DkvLayout {
+  static constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
+  __nv_bfloat16 *k, *v, *q, *go;  // [kOwnRows][P] x 2, [2][W][P] x 2
+  float *lse2, *delta;            // [2][W]
+  int* qidx;                      // [2][W] (-1: none)
+  bool* qglob;                    // [2][W]
+  __host__ __device__ explicit DkvLayout(unsigned char* base) {
+    k = reinterpret_cast<__nv_bfloat16*>(base);
+    v = k + kOwnRows * P;
+    q = v + kOwnRows * P;
+    go = q + 2 * W * P;
+    lse2 = reinterpret_cast<float*>(go + 2 * W * P);
+    delta = lse2 + 2 * W;
+    qidx = reinterpret_cast<int*>(delta + 2 * W);
+    qglob = reinterpret_cast<bool*>(qidx + 2 * W);
+  }
+  static constexpr size_t bytes() {
+    return sizeof(__nv_bfloat16) * (2 * kOwnRows + 4 * W) * P + (2 * sizeof(float) + sizeof(int) + sizeof(bool)) * 2 * W;
+  }
+};
+
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads)
+    attn_dkv_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, const float* __restrict delta) {
+  constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
+  const AttentionParams& p = g.fwd;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const DkvLayout<D> sm(smem_raw);
+  const int dh = static_cast<int>(p.head_dim);
+  const int64_t b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+  const int64_t j0 = int64_t(blockIdx.x) * kOwnRows, nk = min(int64_t(kOwnRows), p.k_len - j0);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tg = lane & 3;
+  const bf16* q = static_cast<const bf16*>(p.q);
+  const bf16* go = static_cast<const bf16*>(g.gout);
+  const float* lse = static_cast<const float*>(p.lse);
+
+  auto own = [&](int r) { return r < nk ? j0 + r : int64_t(-1); };
+  const StageSlot slot(dh);
+  const RowSrc q_src{q + lay.q(b, 0, h), p.q_row}, go_src{go + lay.dq(b, 0, h), p.heads * p.head_dim};
+  stage_rows<kOwnRows, P>(sm.k, RowSrc{static_cast<const bf16*>(p.k) + lay.k(b, 0, h), p.k_row}, slot, own);
+  stage_rows<kOwnRows, P>(sm.v, RowSrc{static_cast<const bf16*>(p.v) + lay.v(b, 0, h), p.v_row}, slot, own);
+  const Runs queries = queries_for_keys(pat, p.q_len, j0, j0 + nk);
+  const int64_t count = queries.count(), tiles = (count + W - 1) / W;
+  auto stage_queries = [&](int64_t t, int buf) {
+    auto idx = [&](int r) { return t * W + r < count ? queries.at(t * W + r) : int64_t(-1); };
+    if (threadIdx.x < W) {
+      const int64_t i = idx(threadIdx.x);
+      sm.qidx[buf * W + threadIdx.x] = static_cast<int>(i);
+      sm.qglob[buf * W + threadIdx.x] = i >= 0 && pat.global(pat.q_pos0 + i);
+      sm.lse2[buf * W + threadIdx.x] = i >= 0 ? lse_base2(lse[lay.stat(b, h, i)]) : INFINITY;
+      sm.delta[buf * W + threadIdx.x] = i >= 0 ? delta[lay.stat(b, h, i)] : 0.0f;
+    }
+    stage_rows<W, P>(sm.q + buf * W * P, q_src, slot, idx);
+    stage_rows<W, P>(sm.go + buf * W * P, go_src, slot, idx);
+  };
+  if (tiles > 0) stage_queries(0, 0);
+  cp_async_commit();
+
+  const float sl2 = static_cast<float>(p.scale) * kLog2e;
+  const int64_t key0 = j0 + warp * 16 + (lane >> 2);  // this lane's keys: key0 and key0 + 8
+  const int64_t dpos = pat.q_pos0 - pat.k_pos0;
+  const bool kglob[2] = {pat.global(pat.k_pos0 + key0), pat.global(pat.k_pos0 + key0 + 8)};
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int buf = static_cast<int>(t & 1);
+    if (t + 1 < tiles) stage_queries(t + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    float s[W / 8][4], dp[W / 8][4];
+    mma_xyt<D, W>(s, sm.k, warp * 16, sm.q + buf * W * P, dh);    // S^T [key][query]
+    mma_xyt<D, W>(dp, sm.v, warp * 16, sm.go + buf * W * P, dh);  // dP^T
+    const int64_t o0 = t * W;
+    bool all = nk == kOwnRows && o0 + W <= count;
+    if (all) {
+      all = tile_all_visible(pat, pat.q_pos0 + queries.at(o0), pat.q_pos0 + queries.at(o0 + W - 1),
+                             pat.k_pos0 + j0, pat.k_pos0 + j0 + kOwnRows - 1, o0 >= queries.n0);
+    }
+#pragma unroll
+    for (int n = 0; n < W / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int col = buf * W + n * 8 + tg * 2 + (c & 1);
+        float pr = exp2_approx(s[n][c] * sl2 - sm.lse2[col]);
+        if (!all) {
+          const int64_t j = key0 + (c >> 1) * 8;
+          const int i = sm.qidx[col];
+          if (j >= p.k_len || i < 0 || !sees(pat, dpos + i - j, kglob[c >> 1] || sm.qglob[col])) pr = 0.0f;
+        }
+        dp[n][c] = pr * (dp[n][c] - sm.delta[col]);  // dS^T
+        s[n][c] = pr;                                // P^T
+      }
+    mma_ay<D, W>(dv, s, sm.go + buf * W * P, dh);  // dV += P^T dO
+    mma_ay<D, W>(dk, dp, sm.q + buf * W * P, dh);  // dK += dS^T Q
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  bf16* gk = static_cast<bf16*>(g.gk);
+  bf16* gv = static_cast<bf16*>(g.gv);
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = key0 + r * 8;
+    if (j >= p.k_len) continue;
+    bf16* dk_dst = gk + lay.dk(b, j, h);
+    bf16* dv_dst = gv + lay.dk(b, j, h);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      if (n * 8 >= dh) break;
+      *reinterpret_cast<unsigned*>(dk_dst + n * 8 + tg * 2) =
+          pack_bf16(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale);
+      *reinterpret_cast<unsigned*>(dv_dst + n * 8 + tg * 2) = pack_bf16(dv[n][2 * r], dv[n][2 * r + 1]);
+    }
+  }
+}
+
+// The kernel compiled for the smallest of 32, 64 and 128 columns that holds head_dim.
+template <class F>
+void dispatch_dim(int64_t dh, F&& fn) {
+  if (dh <= 32) return fn(std::integral_constant<int, 32>{});
+  if (dh <= 64) return fn(std::integral_constant<int, 64>{});
+  return fn(std::integral_constant<int, 128>{});
+}
+
+}  // namespace
+
+namespace attention_mma {
+
+bool applies(const AttentionParams& p) {
+  return p.dtype == DType::kBF16 && p.head_dim % 16 == 0 && p.head_dim <= 128 && p.q_row % 8 == 0 &&
+         p.k_row % 8 == 0 && p.v_row % 8 == 0 && aligned16(p.q) && aligned16(p.k) && aligned16(p.v) &&
+         aligned16(p.out);
+}
+
+bool applies(const AttentionBwdParams& q) {
+  return applies(q.fwd) && aligned16(q.gout) && aligned16(q.gq) && aligned16(q.gk) && aligned16(q.gv);
+}
+
+void forward(const AttentionParams& p) {
+  const dim3 grid(static_cast<unsigned>((p.q_len + kOwnRows - 1) / kOwnRows), static_cast<unsigned>(p.batch * p.heads));
+  dispatch_dim(p.head_dim, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    const size_t smem = FwdLayout<D>::bytes();
+    allow_dynamic_smem(attn_fwd_mma_kernel<D>, smem, "attention");
+    attn_fwd_mma_kernel<D><<<grid, kMmaThreads, smem, as_stream(p.stream)>>>(
+        p, layout_of(p), Pattern{p.window, p.global_stride, p.q_pos0, p.k_pos0});
+    HYDRA_CUDA_LAUNCH_CHECK();
+  });
+}
+
+void backward(const AttentionBwdParams& q, const float* delta) {
+  const AttentionParams& p = q.fwd;
+  const Layout lay = layout_of(p);
+  const Pattern pat{p.window, p.global_stride, p.q_pos0, p.k_pos0};
+  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
+  cudaStream_t s = as_stream(p.stream);
+  dispatch_dim(p.head_dim, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    if (p.q_len > 0) {
+      const size_t smem = DqLayout<D>::bytes();
+      allow_dynamic_smem(attn_dq_mma_kernel<D>, smem, "attention_backward");
+      attn_dq_mma_kernel<D><<<dim3(static_cast<unsigned>((p.q_len + kOwnRows - 1) / kOwnRows), bh), kMmaThreads,
+                              smem, s>>>(q, lay, pat, delta);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+    if (p.k_len > 0) {
+      const size_t smem = DkvLayout<D>::bytes();
+      allow_dynamic_smem(attn_dkv_mma_kernel<D>, smem, "attention_backward");
+      attn_dkv_mma_kernel<D><<<dim3(static_cast<unsigned>((p.k_len + kOwnRows - 1) / kOwnRows), bh), kMmaThreads,
+                               smem, s>>>(q, lay, pat, delta);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace attention_mma
+}  // namespace hydra::kernels::cuda
