@@ -1,14 +1,16 @@
-// Sparse attention on tensor cores for bf16, in the manner of FlashAttention-2: each warp owns 16 rows
-// (queries in the forward and dQ, keys in dK/dV) and keeps its scores, probabilities and output sums in
-// registers, as mma.sync m16n8k16 fragments (bf16 inputs, fp32 accumulation). The walked rows (keys
-// and values, or queries and output gradients) go through shared memory in double-buffered tiles
-// loaded with cp.async while the previous tile is computed; fragments come from shared memory with
-// ldmatrix. A tile's probabilities become the next product's A operand without leaving registers.
+// Sparse attention on tensor cores for bf16, in the manner of FlashAttention-2: each warp owns 16
+// rows (queries in the forward and dQ, keys in dK/dV) and keeps its scores, probabilities and
+// output sums in registers, as mma.sync m16n8k16 fragments (bf16 inputs, fp32 accumulation). The
+// walked rows (keys and values, or queries and output gradients) go through shared memory in
+// double-buffered tiles loaded with cp.async while the previous tile is computed; fragments come
+// from shared memory with ldmatrix. A tile's probabilities become the next product's A operand
+// without leaving registers.
 //
 // The walks and the pattern are those of attention_common.cuh. The pattern is tested element by
-// element only in tiles that straddle its edges (the diagonal, the window's far edge, partial tiles).
-// Softmax runs in base 2 (scores times scale * log2(e)); sums run in a fixed order, so results are
-// bit-reproducible. Head sizes: multiples of 16 up to 128, compiled for 32, 64 and 128 columns.
+// element only in tiles that straddle its edges (the diagonal, the window's far edge, partial
+// tiles). Softmax runs in base 2 (scores times scale * log2(e)); sums run in a fixed order, so
+// results are bit-reproducible. Head sizes: multiples of 16 up to 128, compiled for 32, 64 and 128
+// columns.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -26,7 +28,8 @@ constexpr int kMmaThreads = 128;  // 4 warps
 constexpr int kOwnRows = 64;      // rows a block owns: 16 per warp
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
-// ---- PTX wrappers --------------------------------------------------------------------------------
+// ---- PTX wrappers
+// --------------------------------------------------------------------------------
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -53,9 +56,11 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const __nv_bfloa
                : "r"(smem_addr(p)));
 }
 // d += a b for a 16 x 16 (row-major) and b 16 x 8 (column-major), bf16 in, fp32 out.
-__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                         unsigned b1) {
   asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -70,10 +75,11 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
-// ---- Fragments -----------------------------------------------------------------------------------
-// Lane l holds, of a 16 x 8 accumulator block, rows l/4 and l/4 + 8 and columns 2 (l%4) + {0, 1}:
-// c[0], c[1] on the first row, c[2], c[3] on the second. Tiles are bf16 [rows][kPitch] in shared
-// memory; 16 bytes of padding per row keep the 8 rows of an ldmatrix on distinct banks.
+// ---- Fragments
+// ----------------------------------------------------------------------------------- Lane l holds,
+// of a 16 x 8 accumulator block, rows l/4 and l/4 + 8 and columns 2 (l%4) + {0, 1}: c[0], c[1] on
+// the first row, c[2], c[3] on the second. Tiles are bf16 [rows][kPitch] in shared memory; 16 bytes
+// of padding per row keep the 8 rows of an ldmatrix on distinct banks.
 
 template <int D>
 struct Geo {
@@ -84,35 +90,39 @@ struct Geo {
 
 // A operand (16 x 16) from rows r0.. and columns c0.. of a row-major tile.
 template <int kPitch>
-__device__ __forceinline__ void load_a(unsigned (&a)[4], const __nv_bfloat16* tile, int r0, int c0) {
+__device__ __forceinline__ void load_a(unsigned (&a)[4], const __nv_bfloat16* tile, int r0,
+                                       int c0) {
   const int lane = threadIdx.x & 31;
   ldsm_x4(a, tile + (r0 + (lane & 15)) * kPitch + c0 + (lane >> 4) * 8);
 }
 // B operands of X Y^T for two 8-column blocks: Y's rows n0..n0+15 (the output columns), Y's columns
 // c0..c0+15 (the reduced index). b[0], b[1] for rows n0..n0+7; b[2], b[3] for n0+8..n0+15.
 template <int kPitch>
-__device__ __forceinline__ void load_b_xyt(unsigned (&b)[4], const __nv_bfloat16* tile, int n0, int c0) {
+__device__ __forceinline__ void load_b_xyt(unsigned (&b)[4], const __nv_bfloat16* tile, int n0,
+                                           int c0) {
   const int lane = threadIdx.x & 31;
   ldsm_x4(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * kPitch + c0 + ((lane >> 3) & 1) * 8);
 }
 // B operands of A Y for two 8-column blocks of Y: Y's rows k0..k0+15 (the reduced index), columns
 // n0..n0+15. b[0], b[1] for columns n0..n0+7; b[2], b[3] for n0+8..n0+15.
 template <int kPitch>
-__device__ __forceinline__ void load_b_ay(unsigned (&b)[4], const __nv_bfloat16* tile, int k0, int n0) {
+__device__ __forceinline__ void load_b_ay(unsigned (&b)[4], const __nv_bfloat16* tile, int k0,
+                                          int n0) {
   const int lane = threadIdx.x & 31;
-  ldsm_x4_trans(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + n0 + (lane >> 4) * 8);
+  ldsm_x4_trans(b,
+                tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + n0 + (lane >> 4) * 8);
 }
 
-// acc[kN / 8] (16 x kN) = X Y^T over dh columns: X's 16 rows from x_row0 of tile X, Y's kN rows.
+// acc[kN / 8] (16 x kN) = X Y^T over D columns (zeros past the head size): X's 16 rows from x_row0
+// of tile X, Y's kN rows.
 template <int D, int kN>
 __device__ __forceinline__ void mma_xyt(float (&acc)[kN / 8][4], const __nv_bfloat16* X, int x_row0,
-                                        const __nv_bfloat16* Y, int dh) {
+                                        const __nv_bfloat16* Y) {
   constexpr int P = Geo<D>::kPitch;
 #pragma unroll
   for (int n = 0; n < kN / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    if (kk * 16 >= dh) break;
     unsigned a[4];
     load_a<P>(a, X, x_row0, kk * 16);
 #pragma unroll
@@ -125,20 +135,20 @@ __device__ __forceinline__ void mma_xyt(float (&acc)[kN / 8][4], const __nv_bflo
   }
 }
 
-// out[D / 8] (16 x dh) += A Y with A (16 x kN) given as accumulator-layout values `pa` (rounded to
-// bf16 here) and Y a [kN][dh] tile.
+// out[D / 8] (16 x D) += A Y with A (16 x kN) given as accumulator-layout values `pa` (rounded to
+// bf16 here) and Y a [kN][D] tile.
 template <int D, int kN>
 __device__ __forceinline__ void mma_ay(float (&out)[D / 8][4], const float (&pa)[kN / 8][4],
-                                       const __nv_bfloat16* Y, int dh) {
+                                       const __nv_bfloat16* Y) {
   constexpr int P = Geo<D>::kPitch;
 #pragma unroll
   for (int kt = 0; kt < kN / 16; ++kt) {
-    const unsigned a[4] = {pack_bf16(pa[2 * kt][0], pa[2 * kt][1]), pack_bf16(pa[2 * kt][2], pa[2 * kt][3]),
+    const unsigned a[4] = {pack_bf16(pa[2 * kt][0], pa[2 * kt][1]),
+                           pack_bf16(pa[2 * kt][2], pa[2 * kt][3]),
                            pack_bf16(pa[2 * kt + 1][0], pa[2 * kt + 1][1]),
                            pack_bf16(pa[2 * kt + 1][2], pa[2 * kt + 1][3])};
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
-      if (np * 16 >= dh) break;
       unsigned b[4];
       load_b_ay<P>(b, Y, kt * 16, np * 16);
       mma16816(out[2 * np], a, b[0], b[1]);
@@ -152,36 +162,54 @@ struct RowSrc {
   const bf16* base;
   int64_t stride;
 };
-// This thread's share of staging a tile: 16-byte chunk `col` (in elements) of rows r0, r0 + step, ...
-// (threads past step * dh / 8 stage nothing).
+// This thread's share of staging a tile of D columns: 16-byte chunk `col` (in elements) of rows r0,
+// r0 + kStep, ...; chunks past the head size are zero-filled, so products may run over all D
+// columns.
+template <int D>
 struct StageSlot {
-  int r0, step, col;
-  __device__ explicit StageSlot(int dh) {
-    const int chunks = dh / 8;
-    r0 = threadIdx.x / chunks;
-    step = kMmaThreads / chunks;
-    col = (threadIdx.x - r0 * chunks) * 8;
-  }
+  static constexpr int kChunks = D / 8, kStep = kMmaThreads / kChunks;
+  int r0, col;
+  bool live;
+  __device__ explicit StageSlot(int dh)
+      : r0(threadIdx.x / kChunks),
+        col((threadIdx.x % kChunks) * 8),
+        live((threadIdx.x % kChunks) * 8 < dh) {}
 };
 // Rows idx(r) (r < kRows; negative: zeros) of src into tile [kRows][kPitch] with 16-byte cp.async.
-template <int kRows, int kPitch, class Idx>
-__device__ __forceinline__ void stage_rows(__nv_bfloat16* tile, const RowSrc& src, const StageSlot& sl, Idx idx) {
-  if (sl.r0 >= sl.step) return;
-  for (int r = sl.r0; r < kRows; r += sl.step) {
+template <int kRows, int kPitch, int D, class Idx>
+__device__ __forceinline__ void stage_rows(__nv_bfloat16* tile, const RowSrc& src,
+                                           const StageSlot<D>& sl, Idx idx) {
+  static_assert(kRows % StageSlot<D>::kStep == 0);
+#pragma unroll
+  for (int k = 0; k < kRows / StageSlot<D>::kStep; ++k) {
+    const int r = sl.r0 + k * StageSlot<D>::kStep;
     const int64_t j = idx(r);
-    cp_async16(tile + r * kPitch + sl.col, j >= 0 ? src.base + j * src.stride + sl.col : src.base, j >= 0);
+    const bool valid = sl.live && j >= 0;
+    cp_async16(tile + r * kPitch + sl.col, valid ? src.base + j * src.stride + sl.col : src.base,
+               valid);
   }
 }
 
-// Whether a query sees a key d = tq - tk positions before it; `global_pair` when either is global.
-__device__ __forceinline__ bool sees(const Pattern& pat, int64_t d, bool global_pair) {
-  return d >= 0 && (pat.window <= 0 || d < pat.window || global_pair);
+// A lane's two rows for the pattern test: d = tq - tk is base[r] - j for a key column j (rows are
+// queries) or base[r] + i for a query column i (rows are keys); a row past the end has a base so
+// low that it sees nothing.
+struct RowInfo {
+  int64_t base[2];
+  bool glob[2];
+};
+constexpr int64_t kNoRow = INT64_MIN / 4;
+// Whether row r sees column idx (negative: none; `col_glob`: a global position).
+template <bool kColIsKey>
+__device__ __forceinline__ bool pair_visible(const Pattern& pat, const RowInfo& ri, int r, int idx,
+                                             bool col_glob) {
+  const int64_t d = kColIsKey ? ri.base[r] - idx : ri.base[r] + idx;
+  return idx >= 0 && d >= 0 && (pat.window <= 0 || d < pat.window || ri.glob[r] || col_glob);
 }
 
 // Whether every (query, key) pair of a tile is visible: queries tq_min..tq_max, keys tk_min..tk_max
 // (all present), `all_global` when every key or every query of the tile is a global position.
-__device__ __forceinline__ bool tile_all_visible(const Pattern& pat, int64_t tq_min, int64_t tq_max, int64_t tk_min,
-                                                 int64_t tk_max, bool all_global) {
+__device__ __forceinline__ bool tile_all_visible(const Pattern& pat, int64_t tq_min, int64_t tq_max,
+                                                 int64_t tk_min, int64_t tk_max, bool all_global) {
   return tk_max <= tq_min && (pat.window <= 0 || tq_max - tk_min < pat.window || all_global);
 }
 
@@ -205,9 +233,11 @@ struct FwdLayout {
   }
 };
 
-// Four blocks per SM (16 warps) for head sizes up to 64: registers capped at 128.
+// Four blocks per SM (16 warps) for head sizes up to 64 (registers capped at 128), three in the
+// backward kernels (168).
 template <int D>
-__global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2) attn_fwd_mma_kernel(AttentionParams p, Layout lay, Pattern pat) {
+__global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
+    attn_fwd_mma_kernel(AttentionParams p, Layout lay, Pattern pat) {
   constexpr int P = Geo<D>::kPitch, W = Geo<D>::kFwdWalk;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const FwdLayout<D> sm(smem_raw);
@@ -219,7 +249,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2) attn_fwd_mma_ker
   const bf16* k = static_cast<const bf16*>(p.k);
   const bf16* v = static_cast<const bf16*>(p.v);
 
-  const StageSlot slot(dh);
+  const StageSlot<D> slot(dh);
   const RowSrc k_src{k + lay.k(b, 0, h), p.k_row}, v_src{v + lay.v(b, 0, h), p.v_row};
   stage_rows<kOwnRows, P>(sm.q, RowSrc{q + lay.q(b, 0, h), p.q_row}, slot,
                           [&](int r) { return r < nq ? i0 + r : int64_t(-1); });
@@ -240,8 +270,12 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2) attn_fwd_mma_ker
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
   const int64_t row0 = i0 + warp * 16 + (lane >> 2);  // this lane's queries: row0 and row0 + 8
-  const int64_t dpos = pat.q_pos0 - pat.k_pos0;
-  const bool qglob[2] = {pat.global(pat.q_pos0 + row0), pat.global(pat.q_pos0 + row0 + 8)};
+  RowInfo ri;
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = row0 + r * 8;
+    ri.base[r] = i < p.q_len ? pat.q_pos0 + i - pat.k_pos0 : kNoRow;
+    ri.glob[r] = pat.global(pat.q_pos0 + i);
+  }
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
   for (int64_t t = 0; t < tiles; ++t) {
@@ -251,13 +285,14 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2) attn_fwd_mma_ker
     cp_async_wait<1>();
     __syncthreads();
     float s[W / 8][4];
-    mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P, dh);
+    mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
 
     const int64_t o0 = t * W;
     bool all = nq == kOwnRows && o0 + W <= count;
     if (all) {
-      all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1, pat.k_pos0 + keys.at(o0),
-                             pat.k_pos0 + keys.at(o0 + W - 1), o0 + W <= keys.n0);
+      all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1,
+                             pat.k_pos0 + keys.at(o0), pat.k_pos0 + keys.at(o0 + W - 1),
+                             o0 + W <= keys.n0);
     }
 #pragma unroll
     for (int n = 0; n < W / 8; ++n)
@@ -265,14 +300,14 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2) attn_fwd_mma_ker
       for (int c = 0; c < 4; ++c) {
         float x = s[n][c] * sl2;
         if (!all) {
-          const int64_t i = row0 + (c >> 1) * 8;
-          const int col = buf * W + n * 8 + tg * 2 + (c & 1), j = sm.kidx[col];
-          if (i >= p.q_len || j < 0 || !sees(pat, dpos + i - j, qglob[c >> 1] || sm.kglob[col])) x = -INFINITY;
+          const int col = buf * W + n * 8 + tg * 2 + (c & 1);
+          if (!pair_visible<true>(pat, ri, c >> 1, sm.kidx[col], sm.kglob[col])) x = -INFINITY;
         }
         s[n][c] = x;
       }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {  // online softmax of this lane's two rows (a row spans a lane quad)
+    for (int r = 0; r < 2;
+         ++r) {  // online softmax of this lane's two rows (a row spans a lane quad)
       float mx = m[r];
 #pragma unroll
       for (int n = 0; n < W / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
@@ -295,8 +330,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2) attn_fwd_mma_ker
         o[n][2 * r + 1] *= corr;
       }
     }
-    mma_ay<D, W>(o, s, sm.v + buf * W * P, dh);  // O += P V, P rounded to bf16
-    __syncthreads();                             // the next step overwrites this buffer
+    mma_ay<D, W>(o, s, sm.v + buf * W * P);  // O += P V, P rounded to bf16
+    __syncthreads();                         // the next step overwrites this buffer
   }
   cp_async_wait<0>();
 
@@ -314,7 +349,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2) attn_fwd_mma_ker
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       if (n * 8 >= dh) break;
-      *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) = pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+      *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) =
+          pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
     }
     if (tg == 0) lse[lay.stat(b, h, i)] = sum > 0.0f ? m[r] * kLn2 + logf(sum) : -INFINITY;
   }
@@ -323,10 +359,12 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2) attn_fwd_mma_ker
 // ---- Backward -----------------------------------------------------------------------------------
 // lse in base 2 for the probabilities P = 2^(S sl2 - lse2); a query that sees no key (lse = -inf)
 // gets +inf, so its P is 0 wherever it is evaluated.
-__device__ __forceinline__ float lse_base2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+__device__ __forceinline__ float lse_base2(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
 
-// dQ: a block per 64 queries walks their keys. Per step: S = Q K^T, dP = dO V^T, dS = P (dP - delta),
-// dQ += dS K.
+// dQ: a block per 64 queries walks their keys. Per step: S = Q K^T, dP = dO V^T, dS = P (dP -
+// delta), dQ += dS K.
 template <int D>
 struct DqLayout {
   static constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
@@ -342,13 +380,15 @@ struct DqLayout {
     kglob = reinterpret_cast<bool*>(kidx + 2 * W);
   }
   static constexpr size_t bytes() {
-    return sizeof(__nv_bfloat16) * (2 * kOwnRows + 4 * W) * P + (sizeof(int) + sizeof(bool)) * 2 * W;
+    return sizeof(__nv_bfloat16) * (2 * kOwnRows + 4 * W) * P +
+           (sizeof(int) + sizeof(bool)) * 2 * W;
   }
 };
 
 template <int D>
-__global__ void __launch_bounds__(kMmaThreads)
-    attn_dq_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, const float* __restrict delta) {
+__global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
+    attn_dq_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat,
+                       const float* __restrict delta) {
   constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
   const AttentionParams& p = g.fwd;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -361,11 +401,13 @@ __global__ void __launch_bounds__(kMmaThreads)
   const bf16* v = static_cast<const bf16*>(p.v);
 
   auto own = [&](int r) { return r < nq ? i0 + r : int64_t(-1); };
-  const StageSlot slot(dh);
+  const StageSlot<D> slot(dh);
   const RowSrc k_src{k + lay.k(b, 0, h), p.k_row}, v_src{v + lay.v(b, 0, h), p.v_row};
-  stage_rows<kOwnRows, P>(sm.q, RowSrc{static_cast<const bf16*>(p.q) + lay.q(b, 0, h), p.q_row}, slot, own);
-  stage_rows<kOwnRows, P>(sm.go, RowSrc{static_cast<const bf16*>(g.gout) + lay.dq(b, 0, h), p.heads * p.head_dim},
+  stage_rows<kOwnRows, P>(sm.q, RowSrc{static_cast<const bf16*>(p.q) + lay.q(b, 0, h), p.q_row},
                           slot, own);
+  stage_rows<kOwnRows, P>(
+      sm.go, RowSrc{static_cast<const bf16*>(g.gout) + lay.dq(b, 0, h), p.heads * p.head_dim}, slot,
+      own);
   const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
   const int64_t count = keys.count(), tiles = (count + W - 1) / W;
   auto stage_keys = [&](int64_t t, int buf) {
@@ -383,13 +425,18 @@ __global__ void __launch_bounds__(kMmaThreads)
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
   const int64_t row0 = i0 + warp * 16 + (lane >> 2);
-  const int64_t dpos = pat.q_pos0 - pat.k_pos0;
-  const bool qglob[2] = {pat.global(pat.q_pos0 + row0), pat.global(pat.q_pos0 + row0 + 8)};
+  RowInfo ri;
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = row0 + r * 8;
+    ri.base[r] = i < p.q_len ? pat.q_pos0 + i - pat.k_pos0 : kNoRow;
+    ri.glob[r] = pat.global(pat.q_pos0 + i);
+  }
   float lse2[2], dlt[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t i = row0 + r * 8;
-    lse2[r] = i < p.q_len ? lse_base2(static_cast<const float*>(p.lse)[lay.stat(b, h, i)]) : INFINITY;
+    lse2[r] =
+        i < p.q_len ? lse_base2(static_cast<const float*>(p.lse)[lay.stat(b, h, i)]) : INFINITY;
     dlt[r] = i < p.q_len ? delta[lay.stat(b, h, i)] : 0.0f;
   }
   float dq[D / 8][4] = {};
@@ -400,13 +447,14 @@ __global__ void __launch_bounds__(kMmaThreads)
     cp_async_wait<1>();
     __syncthreads();
     float s[W / 8][4], dp[W / 8][4];
-    mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P, dh);
-    mma_xyt<D, W>(dp, sm.go, warp * 16, sm.v + buf * W * P, dh);
+    mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
+    mma_xyt<D, W>(dp, sm.go, warp * 16, sm.v + buf * W * P);
     const int64_t o0 = t * W;
     bool all = nq == kOwnRows && o0 + W <= count;
     if (all) {
-      all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1, pat.k_pos0 + keys.at(o0),
-                             pat.k_pos0 + keys.at(o0 + W - 1), o0 + W <= keys.n0);
+      all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1,
+                             pat.k_pos0 + keys.at(o0), pat.k_pos0 + keys.at(o0 + W - 1),
+                             o0 + W <= keys.n0);
     }
 #pragma unroll
     for (int n = 0; n < W / 8; ++n)
@@ -415,13 +463,12 @@ __global__ void __launch_bounds__(kMmaThreads)
         const int r = c >> 1;
         float pr = exp2_approx(s[n][c] * sl2 - lse2[r]);
         if (!all) {
-          const int64_t i = row0 + r * 8;
-          const int col = buf * W + n * 8 + tg * 2 + (c & 1), j = sm.kidx[col];
-          if (i >= p.q_len || j < 0 || !sees(pat, dpos + i - j, qglob[r] || sm.kglob[col])) pr = 0.0f;
+          const int col = buf * W + n * 8 + tg * 2 + (c & 1);
+          if (!pair_visible<true>(pat, ri, r, sm.kidx[col], sm.kglob[col])) pr = 0.0f;
         }
         s[n][c] = pr * (dp[n][c] - dlt[r]);  // dS
       }
-    mma_ay<D, W>(dq, s, sm.k + buf * W * P, dh);  // dQ += dS K
+    mma_ay<D, W>(dq, s, sm.k + buf * W * P);  // dQ += dS K
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -436,13 +483,15 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       if (n * 8 >= dh) break;
-      *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) = pack_bf16(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
+      *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) =
+          pack_bf16(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
     }
   }
 }
 
-// dK and dV: a block per 64 keys walks the queries that see them. Per step, transposed (keys as rows):
-// S^T = K Q^T, dP^T = V dO^T, P^T and dS^T = P^T (dP^T - delta), then dV += P^T dO and dK += dS^T Q.
+// dK and dV: a block per 64 keys walks the queries that see them. Per step, transposed (keys as
+// rows): S^T = K Q^T, dP^T = V dO^T, P^T and dS^T = P^T (dP^T - delta), then dV += P^T dO and dK +=
+// dS^T Q.
 template <int D>
 struct DkvLayout {
   static constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
@@ -461,13 +510,15 @@ struct DkvLayout {
     qglob = reinterpret_cast<bool*>(qidx + 2 * W);
   }
   static constexpr size_t bytes() {
-    return sizeof(__nv_bfloat16) * (2 * kOwnRows + 4 * W) * P + (2 * sizeof(float) + sizeof(int) + sizeof(bool)) * 2 * W;
+    return sizeof(__nv_bfloat16) * (2 * kOwnRows + 4 * W) * P +
+           (2 * sizeof(float) + sizeof(int) + sizeof(bool)) * 2 * W;
   }
 };
 
 template <int D>
-__global__ void __launch_bounds__(kMmaThreads)
-    attn_dkv_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, const float* __restrict delta) {
+__global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
+    attn_dkv_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat,
+                        const float* __restrict delta) {
   constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
   const AttentionParams& p = g.fwd;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -481,10 +532,13 @@ __global__ void __launch_bounds__(kMmaThreads)
   const float* lse = static_cast<const float*>(p.lse);
 
   auto own = [&](int r) { return r < nk ? j0 + r : int64_t(-1); };
-  const StageSlot slot(dh);
-  const RowSrc q_src{q + lay.q(b, 0, h), p.q_row}, go_src{go + lay.dq(b, 0, h), p.heads * p.head_dim};
-  stage_rows<kOwnRows, P>(sm.k, RowSrc{static_cast<const bf16*>(p.k) + lay.k(b, 0, h), p.k_row}, slot, own);
-  stage_rows<kOwnRows, P>(sm.v, RowSrc{static_cast<const bf16*>(p.v) + lay.v(b, 0, h), p.v_row}, slot, own);
+  const StageSlot<D> slot(dh);
+  const RowSrc q_src{q + lay.q(b, 0, h), p.q_row},
+      go_src{go + lay.dq(b, 0, h), p.heads * p.head_dim};
+  stage_rows<kOwnRows, P>(sm.k, RowSrc{static_cast<const bf16*>(p.k) + lay.k(b, 0, h), p.k_row},
+                          slot, own);
+  stage_rows<kOwnRows, P>(sm.v, RowSrc{static_cast<const bf16*>(p.v) + lay.v(b, 0, h), p.v_row},
+                          slot, own);
   const Runs queries = queries_for_keys(pat, p.q_len, j0, j0 + nk);
   const int64_t count = queries.count(), tiles = (count + W - 1) / W;
   auto stage_queries = [&](int64_t t, int buf) {
@@ -504,8 +558,12 @@ __global__ void __launch_bounds__(kMmaThreads)
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
   const int64_t key0 = j0 + warp * 16 + (lane >> 2);  // this lane's keys: key0 and key0 + 8
-  const int64_t dpos = pat.q_pos0 - pat.k_pos0;
-  const bool kglob[2] = {pat.global(pat.k_pos0 + key0), pat.global(pat.k_pos0 + key0 + 8)};
+  RowInfo ri;
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = key0 + r * 8;
+    ri.base[r] = j < p.k_len ? pat.q_pos0 - pat.k_pos0 - j : kNoRow;
+    ri.glob[r] = pat.global(pat.k_pos0 + j);
+  }
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   for (int64_t t = 0; t < tiles; ++t) {
     const int buf = static_cast<int>(t & 1);
@@ -514,8 +572,8 @@ __global__ void __launch_bounds__(kMmaThreads)
     cp_async_wait<1>();
     __syncthreads();
     float s[W / 8][4], dp[W / 8][4];
-    mma_xyt<D, W>(s, sm.k, warp * 16, sm.q + buf * W * P, dh);    // S^T [key][query]
-    mma_xyt<D, W>(dp, sm.v, warp * 16, sm.go + buf * W * P, dh);  // dP^T
+    mma_xyt<D, W>(s, sm.k, warp * 16, sm.q + buf * W * P);    // S^T [key][query]
+    mma_xyt<D, W>(dp, sm.v, warp * 16, sm.go + buf * W * P);  // dP^T
     const int64_t o0 = t * W;
     bool all = nk == kOwnRows && o0 + W <= count;
     if (all) {
@@ -528,16 +586,12 @@ __global__ void __launch_bounds__(kMmaThreads)
       for (int c = 0; c < 4; ++c) {
         const int col = buf * W + n * 8 + tg * 2 + (c & 1);
         float pr = exp2_approx(s[n][c] * sl2 - sm.lse2[col]);
-        if (!all) {
-          const int64_t j = key0 + (c >> 1) * 8;
-          const int i = sm.qidx[col];
-          if (j >= p.k_len || i < 0 || !sees(pat, dpos + i - j, kglob[c >> 1] || sm.qglob[col])) pr = 0.0f;
-        }
+        if (!all && !pair_visible<false>(pat, ri, c >> 1, sm.qidx[col], sm.qglob[col])) pr = 0.0f;
         dp[n][c] = pr * (dp[n][c] - sm.delta[col]);  // dS^T
         s[n][c] = pr;                                // P^T
       }
-    mma_ay<D, W>(dv, s, sm.go + buf * W * P, dh);  // dV += P^T dO
-    mma_ay<D, W>(dk, dp, sm.q + buf * W * P, dh);  // dK += dS^T Q
+    mma_ay<D, W>(dv, s, sm.go + buf * W * P);  // dV += P^T dO
+    mma_ay<D, W>(dk, dp, sm.q + buf * W * P);  // dK += dS^T Q
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -556,7 +610,8 @@ __global__ void __launch_bounds__(kMmaThreads)
       if (n * 8 >= dh) break;
       *reinterpret_cast<unsigned*>(dk_dst + n * 8 + tg * 2) =
           pack_bf16(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale);
-      *reinterpret_cast<unsigned*>(dv_dst + n * 8 + tg * 2) = pack_bf16(dv[n][2 * r], dv[n][2 * r + 1]);
+      *reinterpret_cast<unsigned*>(dv_dst + n * 8 + tg * 2) =
+          pack_bf16(dv[n][2 * r], dv[n][2 * r + 1]);
     }
   }
 }
@@ -575,16 +630,18 @@ namespace attention_mma {
 
 bool applies(const AttentionParams& p) {
   return p.dtype == DType::kBF16 && p.head_dim % 16 == 0 && p.head_dim <= 128 && p.q_row % 8 == 0 &&
-         p.k_row % 8 == 0 && p.v_row % 8 == 0 && aligned16(p.q) && aligned16(p.k) && aligned16(p.v) &&
-         aligned16(p.out);
+         p.k_row % 8 == 0 && p.v_row % 8 == 0 && aligned16(p.q) && aligned16(p.k) &&
+         aligned16(p.v) && aligned16(p.out);
 }
 
 bool applies(const AttentionBwdParams& q) {
-  return applies(q.fwd) && aligned16(q.gout) && aligned16(q.gq) && aligned16(q.gk) && aligned16(q.gv);
+  return applies(q.fwd) && aligned16(q.gout) && aligned16(q.gq) && aligned16(q.gk) &&
+         aligned16(q.gv);
 }
 
 void forward(const AttentionParams& p) {
-  const dim3 grid(static_cast<unsigned>((p.q_len + kOwnRows - 1) / kOwnRows), static_cast<unsigned>(p.batch * p.heads));
+  const dim3 grid(static_cast<unsigned>((p.q_len + kOwnRows - 1) / kOwnRows),
+                  static_cast<unsigned>(p.batch * p.heads));
   dispatch_dim(p.head_dim, [&](auto d) {
     constexpr int D = decltype(d)::value;
     const size_t smem = FwdLayout<D>::bytes();
@@ -606,15 +663,15 @@ void backward(const AttentionBwdParams& q, const float* delta) {
     if (p.q_len > 0) {
       const size_t smem = DqLayout<D>::bytes();
       allow_dynamic_smem(attn_dq_mma_kernel<D>, smem, "attention_backward");
-      attn_dq_mma_kernel<D><<<dim3(static_cast<unsigned>((p.q_len + kOwnRows - 1) / kOwnRows), bh), kMmaThreads,
-                              smem, s>>>(q, lay, pat, delta);
+      attn_dq_mma_kernel<D><<<dim3(static_cast<unsigned>((p.q_len + kOwnRows - 1) / kOwnRows), bh),
+                              kMmaThreads, smem, s>>>(q, lay, pat, delta);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
     if (p.k_len > 0) {
       const size_t smem = DkvLayout<D>::bytes();
       allow_dynamic_smem(attn_dkv_mma_kernel<D>, smem, "attention_backward");
-      attn_dkv_mma_kernel<D><<<dim3(static_cast<unsigned>((p.k_len + kOwnRows - 1) / kOwnRows), bh), kMmaThreads,
-                               smem, s>>>(q, lay, pat, delta);
+      attn_dkv_mma_kernel<D><<<dim3(static_cast<unsigned>((p.k_len + kOwnRows - 1) / kOwnRows), bh),
+                               kMmaThreads, smem, s>>>(q, lay, pat, delta);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
   });
