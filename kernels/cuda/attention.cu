@@ -358,7 +358,7 @@ void check_sizes(const AttentionParams& p) {
 void attention_fwd(const AttentionParams& p) {
   if (p.batch * p.heads * p.q_len == 0) return;
   check_sizes(p);
-  const Pattern pat{p.window, p.global_stride, p.q_pos0, p.k_pos0};
+  const Pattern pat = pattern_of(p);
   const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), static_cast<unsigned>(p.batch * p.heads));
   if (attention_mma::applies(p)) {
     attention_mma::forward(p);
@@ -388,7 +388,7 @@ void attention_bwd(const AttentionBwdParams& q) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
     const Layout lay = layout_of(p);
-    const Pattern pat{p.window, p.global_stride, p.q_pos0, p.k_pos0};
+    const Pattern pat = pattern_of(p);
     C* delta = static_cast<C*>(q.workspace);
     const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
     const size_t dq_bytes = smem_bytes<DqSmem, C>(p.head_dim),

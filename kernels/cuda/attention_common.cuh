@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "kernels/attention.h"
+#include "kernels/base/fast_mod.h"
 #include "kernels/cuda/common.cuh"
 
 namespace hydra::kernels::cuda {
@@ -18,11 +19,11 @@ constexpr int kThreads = 128;
 
 struct Pattern {
   int64_t window, stride, q_pos0, k_pos0;
-  // 32-bit remainders where positions fit (64-bit division is several times slower).
+  FastDivisor stride_div;  // stride, where it fits 31 bits (pattern_of)
+  // A multiply and a shift where positions fit 31 bits (a 64-bit remainder costs a long sequence).
   __device__ bool global(int64_t pos) const {
     if (stride <= 0) return false;
-    if (pos >= 0 && pos <= INT32_MAX && stride <= INT32_MAX)
-      return static_cast<uint32_t>(pos) % static_cast<uint32_t>(stride) == 0;
+    if (pos >= 0 && pos <= INT32_MAX && stride <= INT32_MAX) return stride_div.mod(static_cast<uint32_t>(pos)) == 0;
     return pos % stride == 0;
   }
   __device__ bool visible(int64_t tq, int64_t tk) const {
@@ -118,6 +119,13 @@ struct Layout {
     return (b * heads + h) * q_len + i;
   }
 };
+
+Pattern pattern_of(const AttentionParams& p) {
+  Pattern pat{p.window, p.global_stride, p.q_pos0, p.k_pos0, FastDivisor()};
+  if (p.global_stride > 0 && p.global_stride <= INT32_MAX)
+    pat.stride_div = FastDivisor(static_cast<uint32_t>(p.global_stride));
+  return pat;
+}
 
 Layout layout_of(const AttentionParams& p) {
   return {p.heads, p.q_len, p.k_len, p.head_dim, p.q_row, p.k_row, p.v_row};

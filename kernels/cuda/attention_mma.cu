@@ -175,20 +175,39 @@ struct StageSlot {
         col((threadIdx.x % kChunks) * 8),
         live((threadIdx.x % kChunks) * 8 < dh) {}
 };
-// Rows idx(r) (r < kRows; negative: zeros) of src into tile [kRows][kPitch] with 16-byte cp.async.
+// Rows idx(r) (r < kRows; negative: zeros) of one or two sources into tiles [kRows][kPitch] with
+// 16-byte cp.async; the row index is computed once for both.
 template <int kRows, int kPitch, int D, class Idx>
-__device__ __forceinline__ void stage_rows(__nv_bfloat16* tile, const RowSrc& src,
-                                           const StageSlot<D>& sl, Idx idx) {
+__device__ __forceinline__ void stage_rows(const StageSlot<D>& sl, Idx idx, __nv_bfloat16* t0,
+                                           const RowSrc& s0, __nv_bfloat16* t1 = nullptr,
+                                           const RowSrc& s1 = RowSrc{}) {
   static_assert(kRows % StageSlot<D>::kStep == 0);
 #pragma unroll
   for (int k = 0; k < kRows / StageSlot<D>::kStep; ++k) {
     const int r = sl.r0 + k * StageSlot<D>::kStep;
-    const int64_t j = idx(r);
+    const int j = idx(r);
     const bool valid = sl.live && j >= 0;
-    cp_async16(tile + r * kPitch + sl.col, valid ? src.base + j * src.stride + sl.col : src.base,
-               valid);
+    const int off = r * kPitch + sl.col;
+    cp_async16(t0 + off, valid ? s0.base + j * s0.stride + sl.col : s0.base, valid);
+    if (t1) cp_async16(t1 + off, valid ? s1.base + j * s1.stride + sl.col : s1.base, valid);
   }
 }
+
+// A walk (attention_common.cuh's Runs) in 32 bits: lengths are below 2^31 (check_sizes).
+struct Walk {
+  int start0, step0, n0, start1, step1, count;
+  __device__ explicit Walk(const Runs& r)
+      : start0(static_cast<int>(r.start0)),
+        step0(static_cast<int>(r.step0)),
+        n0(static_cast<int>(r.n0)),
+        start1(static_cast<int>(r.start1)),
+        step1(static_cast<int>(r.step1)),
+        count(static_cast<int>(r.count())) {}
+  // Entry o, or -1 past the end.
+  __device__ int at(int o) const {
+    return o >= count ? -1 : o < n0 ? start0 + o * step0 : start1 + (o - n0) * step1;
+  }
+};
 
 // A lane's two rows for the pattern test: d = tq - tk is base[r] - j for a key column j (rows are
 // queries) or base[r] + i for a query column i (rows are keys); a row past the end has a base so
@@ -251,19 +270,19 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
 
   const StageSlot<D> slot(dh);
   const RowSrc k_src{k + lay.k(b, 0, h), p.k_row}, v_src{v + lay.v(b, 0, h), p.v_row};
-  stage_rows<kOwnRows, P>(sm.q, RowSrc{q + lay.q(b, 0, h), p.q_row}, slot,
-                          [&](int r) { return r < nq ? i0 + r : int64_t(-1); });
-  const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
-  const int64_t count = keys.count(), tiles = (count + W - 1) / W;
-  auto stage_keys = [&](int64_t t, int buf) {
-    auto idx = [&](int r) { return t * W + r < count ? keys.at(t * W + r) : int64_t(-1); };
+  stage_rows<kOwnRows, P>(
+      slot, [&](int r) { return r < nq ? static_cast<int>(i0) + r : -1; }, sm.q,
+      RowSrc{q + lay.q(b, 0, h), p.q_row});
+  const Walk keys(keys_for_queries(pat, p.k_len, i0, i0 + nq));
+  const int count = keys.count, tiles = (count + W - 1) / W;
+  auto stage_keys = [&](int t, int buf) {
+    auto idx = [&](int r) { return keys.at(t * W + r); };
     if (threadIdx.x < W) {
-      const int64_t j = idx(threadIdx.x);
-      sm.kidx[buf * W + threadIdx.x] = static_cast<int>(j);
+      const int j = idx(threadIdx.x);
+      sm.kidx[buf * W + threadIdx.x] = j;
       sm.kglob[buf * W + threadIdx.x] = j >= 0 && pat.global(pat.k_pos0 + j);
     }
-    stage_rows<W, P>(sm.k + buf * W * P, k_src, slot, idx);
-    stage_rows<W, P>(sm.v + buf * W * P, v_src, slot, idx);
+    stage_rows<W, P>(slot, idx, sm.k + buf * W * P, k_src, sm.v + buf * W * P, v_src);
   };
   if (tiles > 0) stage_keys(0, 0);
   cp_async_commit();
@@ -278,7 +297,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
   }
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
-  for (int64_t t = 0; t < tiles; ++t) {
+  for (int t = 0; t < tiles; ++t) {
     const int buf = static_cast<int>(t & 1);
     if (t + 1 < tiles) stage_keys(t + 1, buf ^ 1);
     cp_async_commit();
@@ -287,7 +306,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
     float s[W / 8][4];
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
 
-    const int64_t o0 = t * W;
+    const int o0 = t * W;
     bool all = nq == kOwnRows && o0 + W <= count;
     if (all) {
       all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1,
@@ -400,25 +419,22 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   const bf16* k = static_cast<const bf16*>(p.k);
   const bf16* v = static_cast<const bf16*>(p.v);
 
-  auto own = [&](int r) { return r < nq ? i0 + r : int64_t(-1); };
   const StageSlot<D> slot(dh);
   const RowSrc k_src{k + lay.k(b, 0, h), p.k_row}, v_src{v + lay.v(b, 0, h), p.v_row};
-  stage_rows<kOwnRows, P>(sm.q, RowSrc{static_cast<const bf16*>(p.q) + lay.q(b, 0, h), p.q_row},
-                          slot, own);
   stage_rows<kOwnRows, P>(
-      sm.go, RowSrc{static_cast<const bf16*>(g.gout) + lay.dq(b, 0, h), p.heads * p.head_dim}, slot,
-      own);
-  const Runs keys = keys_for_queries(pat, p.k_len, i0, i0 + nq);
-  const int64_t count = keys.count(), tiles = (count + W - 1) / W;
-  auto stage_keys = [&](int64_t t, int buf) {
-    auto idx = [&](int r) { return t * W + r < count ? keys.at(t * W + r) : int64_t(-1); };
+      slot, [&](int r) { return r < nq ? static_cast<int>(i0) + r : -1; }, sm.q,
+      RowSrc{static_cast<const bf16*>(p.q) + lay.q(b, 0, h), p.q_row}, sm.go,
+      RowSrc{static_cast<const bf16*>(g.gout) + lay.dq(b, 0, h), p.heads * p.head_dim});
+  const Walk keys(keys_for_queries(pat, p.k_len, i0, i0 + nq));
+  const int count = keys.count, tiles = (count + W - 1) / W;
+  auto stage_keys = [&](int t, int buf) {
+    auto idx = [&](int r) { return keys.at(t * W + r); };
     if (threadIdx.x < W) {
-      const int64_t j = idx(threadIdx.x);
-      sm.kidx[buf * W + threadIdx.x] = static_cast<int>(j);
+      const int j = idx(threadIdx.x);
+      sm.kidx[buf * W + threadIdx.x] = j;
       sm.kglob[buf * W + threadIdx.x] = j >= 0 && pat.global(pat.k_pos0 + j);
     }
-    stage_rows<W, P>(sm.k + buf * W * P, k_src, slot, idx);
-    stage_rows<W, P>(sm.v + buf * W * P, v_src, slot, idx);
+    stage_rows<W, P>(slot, idx, sm.k + buf * W * P, k_src, sm.v + buf * W * P, v_src);
   };
   if (tiles > 0) stage_keys(0, 0);
   cp_async_commit();
@@ -440,7 +456,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     dlt[r] = i < p.q_len ? delta[lay.stat(b, h, i)] : 0.0f;
   }
   float dq[D / 8][4] = {};
-  for (int64_t t = 0; t < tiles; ++t) {
+  for (int t = 0; t < tiles; ++t) {
     const int buf = static_cast<int>(t & 1);
     if (t + 1 < tiles) stage_keys(t + 1, buf ^ 1);
     cp_async_commit();
@@ -449,7 +465,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     float s[W / 8][4], dp[W / 8][4];
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
     mma_xyt<D, W>(dp, sm.go, warp * 16, sm.v + buf * W * P);
-    const int64_t o0 = t * W;
+    const int o0 = t * W;
     bool all = nq == kOwnRows && o0 + W <= count;
     if (all) {
       all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1,
@@ -531,27 +547,25 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   const bf16* go = static_cast<const bf16*>(g.gout);
   const float* lse = static_cast<const float*>(p.lse);
 
-  auto own = [&](int r) { return r < nk ? j0 + r : int64_t(-1); };
   const StageSlot<D> slot(dh);
   const RowSrc q_src{q + lay.q(b, 0, h), p.q_row},
       go_src{go + lay.dq(b, 0, h), p.heads * p.head_dim};
-  stage_rows<kOwnRows, P>(sm.k, RowSrc{static_cast<const bf16*>(p.k) + lay.k(b, 0, h), p.k_row},
-                          slot, own);
-  stage_rows<kOwnRows, P>(sm.v, RowSrc{static_cast<const bf16*>(p.v) + lay.v(b, 0, h), p.v_row},
-                          slot, own);
-  const Runs queries = queries_for_keys(pat, p.q_len, j0, j0 + nk);
-  const int64_t count = queries.count(), tiles = (count + W - 1) / W;
-  auto stage_queries = [&](int64_t t, int buf) {
-    auto idx = [&](int r) { return t * W + r < count ? queries.at(t * W + r) : int64_t(-1); };
+  stage_rows<kOwnRows, P>(
+      slot, [&](int r) { return r < nk ? static_cast<int>(j0) + r : -1; }, sm.k,
+      RowSrc{static_cast<const bf16*>(p.k) + lay.k(b, 0, h), p.k_row}, sm.v,
+      RowSrc{static_cast<const bf16*>(p.v) + lay.v(b, 0, h), p.v_row});
+  const Walk queries(queries_for_keys(pat, p.q_len, j0, j0 + nk));
+  const int count = queries.count, tiles = (count + W - 1) / W;
+  auto stage_queries = [&](int t, int buf) {
+    auto idx = [&](int r) { return queries.at(t * W + r); };
     if (threadIdx.x < W) {
-      const int64_t i = idx(threadIdx.x);
-      sm.qidx[buf * W + threadIdx.x] = static_cast<int>(i);
+      const int i = idx(threadIdx.x);
+      sm.qidx[buf * W + threadIdx.x] = i;
       sm.qglob[buf * W + threadIdx.x] = i >= 0 && pat.global(pat.q_pos0 + i);
       sm.lse2[buf * W + threadIdx.x] = i >= 0 ? lse_base2(lse[lay.stat(b, h, i)]) : INFINITY;
       sm.delta[buf * W + threadIdx.x] = i >= 0 ? delta[lay.stat(b, h, i)] : 0.0f;
     }
-    stage_rows<W, P>(sm.q + buf * W * P, q_src, slot, idx);
-    stage_rows<W, P>(sm.go + buf * W * P, go_src, slot, idx);
+    stage_rows<W, P>(slot, idx, sm.q + buf * W * P, q_src, sm.go + buf * W * P, go_src);
   };
   if (tiles > 0) stage_queries(0, 0);
   cp_async_commit();
@@ -565,7 +579,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     ri.glob[r] = pat.global(pat.k_pos0 + j);
   }
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
-  for (int64_t t = 0; t < tiles; ++t) {
+  for (int t = 0; t < tiles; ++t) {
     const int buf = static_cast<int>(t & 1);
     if (t + 1 < tiles) stage_queries(t + 1, buf ^ 1);
     cp_async_commit();
@@ -574,7 +588,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     float s[W / 8][4], dp[W / 8][4];
     mma_xyt<D, W>(s, sm.k, warp * 16, sm.q + buf * W * P);    // S^T [key][query]
     mma_xyt<D, W>(dp, sm.v, warp * 16, sm.go + buf * W * P);  // dP^T
-    const int64_t o0 = t * W;
+    const int o0 = t * W;
     bool all = nk == kOwnRows && o0 + W <= count;
     if (all) {
       all = tile_all_visible(pat, pat.q_pos0 + queries.at(o0), pat.q_pos0 + queries.at(o0 + W - 1),
@@ -646,8 +660,8 @@ void forward(const AttentionParams& p) {
     constexpr int D = decltype(d)::value;
     const size_t smem = FwdLayout<D>::bytes();
     allow_dynamic_smem(attn_fwd_mma_kernel<D>, smem, "attention");
-    attn_fwd_mma_kernel<D><<<grid, kMmaThreads, smem, as_stream(p.stream)>>>(
-        p, layout_of(p), Pattern{p.window, p.global_stride, p.q_pos0, p.k_pos0});
+    attn_fwd_mma_kernel<D>
+        <<<grid, kMmaThreads, smem, as_stream(p.stream)>>>(p, layout_of(p), pattern_of(p));
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -655,7 +669,7 @@ void forward(const AttentionParams& p) {
 void backward(const AttentionBwdParams& q, const float* delta) {
   const AttentionParams& p = q.fwd;
   const Layout lay = layout_of(p);
-  const Pattern pat{p.window, p.global_stride, p.q_pos0, p.k_pos0};
+  const Pattern pat = pattern_of(p);
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
   cudaStream_t s = as_stream(p.stream);
   dispatch_dim(p.head_dim, [&](auto d) {
