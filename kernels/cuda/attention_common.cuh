@@ -26,6 +26,8 @@ struct Pattern {
     if (pos >= 0 && pos <= INT32_MAX && stride <= INT32_MAX) return stride_div.mod(static_cast<uint32_t>(pos)) == 0;
     return pos % stride == 0;
   }
+  // Whether a global position lies in [lo, hi].
+  __device__ bool any_global(int64_t lo, int64_t hi) const;
   __device__ bool visible(int64_t tq, int64_t tk) const {
     return tk <= tq && (window <= 0 || tq - tk < window || global(tk) || global(tq));
   }
@@ -45,6 +47,10 @@ __device__ int64_t first_multiple_at_or_after(int64_t pos, int64_t stride) {
   return pos <= 0 ? 0 : (pos + stride - 1) / stride * stride;
 }
 
+__device__ bool Pattern::any_global(int64_t lo, int64_t hi) const {
+  return stride > 0 && lo <= hi && first_multiple_at_or_after(lo, stride) <= hi;
+}
+
 // Keys that queries [i0, i1) may see: the global keys before the window band, then the band; every
 // earlier key when a query is global or the window is unlimited.
 __device__ Runs keys_for_queries(const Pattern& pat, int64_t k_len, int64_t i0, int64_t i1) {
@@ -52,8 +58,7 @@ __device__ Runs keys_for_queries(const Pattern& pat, int64_t k_len, int64_t i0, 
   const int64_t tq_min = pat.q_pos0 + i0, tq_max = pat.q_pos0 + i1 - 1;
   const int64_t j_end = min(k_len, tq_max - pat.k_pos0 + 1);
   if (j_end <= 0) return r;
-  bool full = pat.window <= 0;
-  for (int64_t i = i0; i < i1 && !full; ++i) full = pat.global(pat.q_pos0 + i);
+  const bool full = pat.window <= 0 || pat.any_global(tq_min, tq_max);
   int64_t j_band = 0;
   if (!full) {
     j_band = max(int64_t(0), min(j_end, tq_min - pat.window + 1 - pat.k_pos0));
@@ -77,8 +82,7 @@ __device__ Runs queries_for_keys(const Pattern& pat, int64_t q_len, int64_t j0, 
   const int64_t tk_min = pat.k_pos0 + j0, tk_max = pat.k_pos0 + j1 - 1;
   const int64_t i_start = max(int64_t(0), tk_min - pat.q_pos0);
   if (i_start >= q_len) return r;
-  bool full = pat.window <= 0;
-  for (int64_t j = j0; j < j1 && !full; ++j) full = pat.global(pat.k_pos0 + j);
+  const bool full = pat.window <= 0 || pat.any_global(tk_min, tk_max);
   r.start0 = i_start;
   if (full) {
     r.n0 = q_len - i_start;

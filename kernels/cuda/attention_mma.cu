@@ -217,12 +217,26 @@ struct RowInfo {
   bool glob[2];
 };
 constexpr int64_t kNoRow = INT64_MIN / 4;
-// Whether row r sees column idx (negative: none; `col_glob`: a global position).
+// Which of this lane's four pairs of accumulator block n are visible (bit c for element c): the
+// rows in ri, the columns col, col + 1 of the tile's index list `idx` (negative: none) and global
+// flags `glob`. Two shared loads, no branches.
 template <bool kColIsKey>
-__device__ __forceinline__ bool pair_visible(const Pattern& pat, const RowInfo& ri, int r, int idx,
-                                             bool col_glob) {
-  const int64_t d = kColIsKey ? ri.base[r] - idx : ri.base[r] + idx;
-  return idx >= 0 && d >= 0 && (pat.window <= 0 || d < pat.window || ri.glob[r] || col_glob);
+__device__ __forceinline__ unsigned visible_bits(const Pattern& pat, const RowInfo& ri,
+                                                 const int* idx, const unsigned char* glob,
+                                                 int col) {
+  const int2 j = *reinterpret_cast<const int2*>(idx + col);
+  const uchar2 g = *reinterpret_cast<const uchar2*>(glob + col);
+  unsigned bits = 0;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int r = c >> 1, jc = (c & 1) ? j.y : j.x;
+    const int64_t d = kColIsKey ? ri.base[r] - jc : ri.base[r] + jc;
+    const bool gc = (c & 1) ? g.y : g.x;
+    const bool vis =
+        (jc >= 0) & (d >= 0) & ((pat.window <= 0) | (d < pat.window) | ri.glob[r] | gc);
+    bits |= static_cast<unsigned>(vis) << c;
+  }
+  return bits;
 }
 
 // Whether every (query, key) pair of a tile is visible: queries tq_min..tq_max, keys tk_min..tk_max
@@ -239,16 +253,17 @@ struct FwdLayout {
   static constexpr int P = Geo<D>::kPitch, W = Geo<D>::kFwdWalk;
   __nv_bfloat16 *q, *k, *v;  // [kOwnRows][P], [2][W][P], [2][W][P]
   int* kidx;                 // [2][W]: the keys (-1: none)
-  bool* kglob;               // [2][W]: whether each is a global position
+  unsigned char* kglob;      // [2][W]: whether each is a global position
   __host__ __device__ explicit FwdLayout(unsigned char* base) {
     q = reinterpret_cast<__nv_bfloat16*>(base);
     k = q + kOwnRows * P;
     v = k + 2 * W * P;
     kidx = reinterpret_cast<int*>(v + 2 * W * P);
-    kglob = reinterpret_cast<bool*>(kidx + 2 * W);
+    kglob = reinterpret_cast<unsigned char*>(kidx + 2 * W);
   }
   static constexpr size_t bytes() {
-    return sizeof(__nv_bfloat16) * (kOwnRows + 4 * W) * P + (sizeof(int) + sizeof(bool)) * 2 * W;
+    return sizeof(__nv_bfloat16) * (kOwnRows + 4 * W) * P +
+           (sizeof(int) + sizeof(unsigned char)) * 2 * W;
   }
 };
 
@@ -314,16 +329,12 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
                              o0 + W <= keys.n0);
     }
 #pragma unroll
-    for (int n = 0; n < W / 8; ++n)
+    for (int n = 0; n < W / 8; ++n) {
+      const unsigned vis =
+          all ? 0xfu : visible_bits<true>(pat, ri, sm.kidx, sm.kglob, buf * W + n * 8 + tg * 2);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float x = s[n][c] * sl2;
-        if (!all) {
-          const int col = buf * W + n * 8 + tg * 2 + (c & 1);
-          if (!pair_visible<true>(pat, ri, c >> 1, sm.kidx[col], sm.kglob[col])) x = -INFINITY;
-        }
-        s[n][c] = x;
-      }
+      for (int c = 0; c < 4; ++c) s[n][c] = (vis >> c) & 1 ? s[n][c] * sl2 : -INFINITY;
+    }
 #pragma unroll
     for (int r = 0; r < 2;
          ++r) {  // online softmax of this lane's two rows (a row spans a lane quad)
@@ -389,18 +400,18 @@ struct DqLayout {
   static constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
   __nv_bfloat16 *q, *go, *k, *v;  // [kOwnRows][P] x 2, [2][W][P] x 2
   int* kidx;                      // [2][W] (-1: none)
-  bool* kglob;                    // [2][W]
+  unsigned char* kglob;           // [2][W]
   __host__ __device__ explicit DqLayout(unsigned char* base) {
     q = reinterpret_cast<__nv_bfloat16*>(base);
     go = q + kOwnRows * P;
     k = go + kOwnRows * P;
     v = k + 2 * W * P;
     kidx = reinterpret_cast<int*>(v + 2 * W * P);
-    kglob = reinterpret_cast<bool*>(kidx + 2 * W);
+    kglob = reinterpret_cast<unsigned char*>(kidx + 2 * W);
   }
   static constexpr size_t bytes() {
     return sizeof(__nv_bfloat16) * (2 * kOwnRows + 4 * W) * P +
-           (sizeof(int) + sizeof(bool)) * 2 * W;
+           (sizeof(int) + sizeof(unsigned char)) * 2 * W;
   }
 };
 
@@ -473,17 +484,16 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
                              o0 + W <= keys.n0);
     }
 #pragma unroll
-    for (int n = 0; n < W / 8; ++n)
+    for (int n = 0; n < W / 8; ++n) {
+      const unsigned vis =
+          all ? 0xfu : visible_bits<true>(pat, ri, sm.kidx, sm.kglob, buf * W + n * 8 + tg * 2);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int r = c >> 1;
-        float pr = exp2_approx(s[n][c] * sl2 - lse2[r]);
-        if (!all) {
-          const int col = buf * W + n * 8 + tg * 2 + (c & 1);
-          if (!pair_visible<true>(pat, ri, r, sm.kidx[col], sm.kglob[col])) pr = 0.0f;
-        }
+        const float pr = (vis >> c) & 1 ? exp2_approx(s[n][c] * sl2 - lse2[r]) : 0.0f;
         s[n][c] = pr * (dp[n][c] - dlt[r]);  // dS
       }
+    }
     mma_ay<D, W>(dq, s, sm.k + buf * W * P);  // dQ += dS K
     __syncthreads();
   }
@@ -514,7 +524,7 @@ struct DkvLayout {
   __nv_bfloat16 *k, *v, *q, *go;  // [kOwnRows][P] x 2, [2][W][P] x 2
   float *lse2, *delta;            // [2][W]
   int* qidx;                      // [2][W] (-1: none)
-  bool* qglob;                    // [2][W]
+  unsigned char* qglob;           // [2][W]
   __host__ __device__ explicit DkvLayout(unsigned char* base) {
     k = reinterpret_cast<__nv_bfloat16*>(base);
     v = k + kOwnRows * P;
@@ -523,11 +533,11 @@ struct DkvLayout {
     lse2 = reinterpret_cast<float*>(go + 2 * W * P);
     delta = lse2 + 2 * W;
     qidx = reinterpret_cast<int*>(delta + 2 * W);
-    qglob = reinterpret_cast<bool*>(qidx + 2 * W);
+    qglob = reinterpret_cast<unsigned char*>(qidx + 2 * W);
   }
   static constexpr size_t bytes() {
     return sizeof(__nv_bfloat16) * (2 * kOwnRows + 4 * W) * P +
-           (2 * sizeof(float) + sizeof(int) + sizeof(bool)) * 2 * W;
+           (2 * sizeof(float) + sizeof(int) + sizeof(unsigned char)) * 2 * W;
   }
 };
 
@@ -595,15 +605,17 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
                              pat.k_pos0 + j0, pat.k_pos0 + j0 + kOwnRows - 1, o0 >= queries.n0);
     }
 #pragma unroll
-    for (int n = 0; n < W / 8; ++n)
+    for (int n = 0; n < W / 8; ++n) {
+      const unsigned vis =
+          all ? 0xfu : visible_bits<false>(pat, ri, sm.qidx, sm.qglob, buf * W + n * 8 + tg * 2);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int col = buf * W + n * 8 + tg * 2 + (c & 1);
-        float pr = exp2_approx(s[n][c] * sl2 - sm.lse2[col]);
-        if (!all && !pair_visible<false>(pat, ri, c >> 1, sm.qidx[col], sm.qglob[col])) pr = 0.0f;
+        const float pr = (vis >> c) & 1 ? exp2_approx(s[n][c] * sl2 - sm.lse2[col]) : 0.0f;
         dp[n][c] = pr * (dp[n][c] - sm.delta[col]);  // dS^T
         s[n][c] = pr;                                // P^T
       }
+    }
     mma_ay<D, W>(dv, s, sm.go + buf * W * P);  // dV += P^T dO
     mma_ay<D, W>(dk, dp, sm.q + buf * W * P);  // dK += dS^T Q
     __syncthreads();
