@@ -1,4 +1,5 @@
 #include "autograd/dispatch.h"
+#include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "kernels/loss.h"
@@ -122,9 +123,13 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
       << "cross_entropy: logits and targets on different devices";
   Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
   const int64_t rows = shape_numel(row_shape);
-  // Targets are checked on the host (every backend), where the mean's denominator is counted anyway.
+  // On the CPU the targets are checked here and the mean's denominator counted. On a GPU that would
+  // stop the host until the targets and everything before them are done; the kernel counts instead,
+  // and an out-of-range target makes the loss NaN (kernels/loss.h), which the trainer stops on. The
+  // data pipeline checks token ids against the vocabulary before they get here.
+  const bool on_host = logits.device().is_cpu();
   int64_t count = 0;
-  {
+  if (on_host) {
     const std::vector<int64_t> host = targets.to_vector<int64_t>();
     for (int64_t r = 0; r < rows; ++r) {
       if (host[r] == ignore_index) continue;
@@ -144,6 +149,11 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
   p.targets = targets.raw_data();
   p.loss = loss_rows.raw_data();
   p.lse = lse.raw_data();
+  Tensor counted;  // device mean: 1 per counted row
+  if (!on_host && reduction == Reduction::kMean) {
+    counted = Tensor::empty({rows}, acc, logits.device());
+    p.counted = counted.raw_data();
+  }
   p.rows = rows;
   p.vocab = V;
   p.ignore_index = ignore_index;
@@ -151,9 +161,14 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
   if (rows > 0) HYDRA_LAUNCH(logits.device(), cross_entropy_fwd, p);
 
 
-  Tensor out;
+  Tensor out, denom;  // denom: the device mean's max(count, 1), a 1-element tensor
   if (reduction == Reduction::kNone) {
     out = loss_rows.view(row_shape);
+  } else if (reduction == Reduction::kMean && !on_host) {
+    NoGradGuard ng;
+    const Tensor total = sum(loss_rows).to(acc);
+    denom = add(relu(add(sum(counted).to(acc).reshape(total.shape()), -1.0)), 1.0);
+    out = div(total, denom);
   } else {
     const double scale =
         reduction == Reduction::kMean ? (count > 0 ? 1.0 / static_cast<double>(count) : 0.0) : 1.0;
@@ -167,6 +182,8 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
       Tensor grow;  // per-row upstream gradient, accumulate dtype
       if (reduction == Reduction::kNone) {
         grow = g[0].reshape({rows}).to(acc).contiguous();
+      } else if (denom.defined()) {
+        grow = div(g[0].to(acc).reshape({1}), denom.reshape({1})).expand({rows}).contiguous();
       } else {
         const double scale = reduction == Reduction::kMean
                                  ? (count > 0 ? 1.0 / static_cast<double>(count) : 0.0)

@@ -33,6 +33,7 @@ void cross_entropy_fwd(const CrossEntropyParams& p) {
           const double l = std::log(sum) + mx;
           lse[r] = static_cast<T>(l);
           loss[r] = tgt[r] == p.ignore_index ? T(0) : static_cast<T>(l - double(xr[tgt[r]]));
+          if (p.counted) static_cast<T*>(p.counted)[r] = tgt[r] == p.ignore_index ? T(0) : T(1);
         }
       });
     });

@@ -1,7 +1,8 @@
 // Fused cross-entropy with logits on CUDA: a block per row. The forward computes max and sum of
 // exponentials in one online pass (MaxSum) and writes only per-row loss and log-sum-exp; the backward
 // recomputes softmax from the saved log-sum-exp. Loss, lse and row gradients are in the compute type
-// (f32 for f32/bf16 logits, f64 for f64). Targets were validated on the host by the autograd op.
+// (f32 for f32/bf16 logits, f64 for f64). Targets are not checked on the host (that would stop it until
+// the logits exist): a target outside the vocabulary gives its row a NaN loss and NaN gradients.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/rows.cuh"
 #include "kernels/loss.h"
@@ -11,7 +12,8 @@ namespace {
 
 template <class T, class I>
 __global__ void ce_fwd_kernel(const T* __restrict x, const I* __restrict tgt, compute_t<T>* __restrict loss,
-                              compute_t<T>* __restrict lse, int64_t vocab, int64_t ignore_index) {
+                              compute_t<T>* __restrict lse, compute_t<T>* __restrict counted, int64_t vocab,
+                              int64_t ignore_index) {
   using C = compute_t<T>;
   __shared__ C shared_m[32];
   __shared__ C shared_s[32];
@@ -24,7 +26,8 @@ __global__ void ce_fwd_kernel(const T* __restrict x, const I* __restrict tgt, co
     const C l = log(ms.s) + ms.m;
     lse[row] = l;
     const int64_t t = static_cast<int64_t>(tgt[row]);
-    loss[row] = t == ignore_index ? C(0) : l - load(xr, t);
+    loss[row] = t == ignore_index ? C(0) : t < 0 || t >= vocab ? C(NAN) : l - load(xr, t);
+    if (counted) counted[row] = t == ignore_index ? C(0) : C(1);
   }
 }
 
@@ -36,7 +39,8 @@ constexpr int kUnroll = 4;
 template <class T, class I, int kFwdThreads>
 __global__ void __launch_bounds__(kFwdThreads)
     ce_fwd_vec_kernel(const T* __restrict x, const I* __restrict tgt, compute_t<T>* __restrict loss,
-                      compute_t<T>* __restrict lse, int64_t vocab, int64_t ignore_index) {
+                      compute_t<T>* __restrict lse, compute_t<T>* __restrict counted, int64_t vocab,
+                      int64_t ignore_index) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared_m[32];
@@ -64,7 +68,7 @@ __global__ void __launch_bounds__(kFwdThreads)
       }
       if (m == C(-INFINITY)) continue;  // every value so far is -inf
 #pragma unroll
-      for (int j = 0; j < N; ++j) sum += fast_exp(convert<C>(buf[u].v[j]) - m);
+      for (int j = 0; j < N; ++j) sum += fast_exp_diff(convert<C>(buf[u].v[j]), m);
     }
   }
   const MaxSum<C> ms = block_max_sum(MaxSum<C>{m, sum}, shared_m, shared_s);
@@ -72,7 +76,8 @@ __global__ void __launch_bounds__(kFwdThreads)
     const C l = log(ms.s) + ms.m;
     lse[row] = l;
     const int64_t t = static_cast<int64_t>(tgt[row]);
-    loss[row] = t == ignore_index ? C(0) : l - load(xr, t);
+    loss[row] = t == ignore_index ? C(0) : t < 0 || t >= vocab ? C(NAN) : l - load(xr, t);
+    if (counted) counted[row] = t == ignore_index ? C(0) : C(1);
   }
 }
 
@@ -89,7 +94,7 @@ __global__ void ce_bwd_kernel(const T* __restrict x, const I* __restrict tgt, co
     for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) gr[j] = convert<T>(C(0));
     return;
   }
-  const C g = grow[row], l = lse[row];
+  const C g = t < 0 || t >= vocab ? C(NAN) : grow[row], l = lse[row];  // NaN: a target outside the vocabulary
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     const C p = fast_exp(load(xr, j) - l);
     gr[j] = convert<T>(g * (j == t ? p - C(1) : p));
@@ -116,10 +121,10 @@ __global__ void ce_bwd_vec_kernel(const T* __restrict x, const I* __restrict tgt
       for (int j = 0; j < N; ++j) o.v[j] = convert<T>(C(0));
     } else {
       const RowPack<T> in = src[i];
-      const C g = grow[row], l = lse[row];
+      const C g = t < 0 || t >= vocab ? C(NAN) : grow[row], l = lse[row];
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        const C p = fast_exp(convert<C>(in.v[j]) - l);
+        const C p = fast_exp_diff(convert<C>(in.v[j]), l);
         o.v[j] = convert<T>(g * (col0 + j == t ? p - C(1) : p));
       }
     }
@@ -141,16 +146,18 @@ void cross_entropy_fwd(const CrossEntropyParams& p) {
       const auto* tgt = static_cast<const I*>(p.targets);
       auto* loss = static_cast<C*>(p.loss);
       auto* lse = static_cast<C*>(p.lse);
+      auto* counted = static_cast<C*>(p.counted);
       if (p.vocab % pack_width<T>() == 0 && aligned16(x)) {
         if (p.vocab / pack_width<T>() <= 2048) {
-          ce_fwd_vec_kernel<T, I, 128><<<p.rows, 128, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, p.vocab,
+          ce_fwd_vec_kernel<T, I, 128><<<p.rows, 128, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, counted, p.vocab,
                                                                                 p.ignore_index);
         } else {
-          ce_fwd_vec_kernel<T, I, 256><<<p.rows, 256, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, p.vocab,
+          ce_fwd_vec_kernel<T, I, 256><<<p.rows, 256, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, counted, p.vocab,
                                                                                 p.ignore_index);
         }
       } else {
-        ce_fwd_kernel<T, I><<<p.rows, row_threads(p.vocab, 4), 0, as_stream(p.stream)>>>(x, tgt, loss, lse, p.vocab,
+        ce_fwd_kernel<T, I><<<p.rows, row_threads(p.vocab, 4), 0, as_stream(p.stream)>>>(x, tgt, loss, lse, counted,
+                                                                                        p.vocab,
                                                                                         p.ignore_index);
       }
       HYDRA_CUDA_LAUNCH_CHECK();

@@ -156,21 +156,24 @@ __global__ void __launch_bounds__(P::kMaxThreads)
   }
   if (!part) return;
   if constexpr (P::kWarp) {
-    __shared__ C sum_sh[256 * 8];  // a row of at most 256 packs of up to 8 values
+    // Every warp's partial into shared memory, one barrier, then each column summed over the warps in
+    // warp order (the order a sequential warp-by-warp sum would have, so results do not change).
+    constexpr int kCols = 32 * ITEMS * N;  // the widest row this layout holds
+    __shared__ C sum_sh[kWarpRowsPerBlock][kCols];
     const int warp = threadIdx.x >> 5;
-    for (int v = 0; v < kWarpRowsPerBlock; ++v) {
-      if (warp == v) {
 #pragma unroll
-        for (int k = 0; k < ITEMS; ++k)
+    for (int k = 0; k < ITEMS; ++k)
 #pragma unroll
-          for (int j = 0; j < N; ++j) {
-            const int64_t col = RowRegs<T, ITEMS, P>::col(k, j);
-            if (col < cols) sum_sh[col] = (v == 0 ? C(0) : sum_sh[col]) + gw_acc[k][j];
-          }
+      for (int j = 0; j < N; ++j) {
+        const int64_t col = RowRegs<T, ITEMS, P>::col(k, j);
+        if (col < cols) sum_sh[warp][col] = gw_acc[k][j];
       }
-      __syncthreads();
+    __syncthreads();
+    for (int64_t col = threadIdx.x; col < cols; col += blockDim.x) {
+      C acc = sum_sh[0][col];
+      for (int v = 1; v < kWarpRowsPerBlock; ++v) acc += sum_sh[v][col];
+      part[blockIdx.x * cols + col] = acc;
     }
-    for (int64_t col = threadIdx.x; col < cols; col += blockDim.x) part[blockIdx.x * cols + col] = sum_sh[col];
   } else {
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k)

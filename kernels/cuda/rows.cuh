@@ -85,8 +85,11 @@ inline RowLayout row_layout(int64_t cols, int width, int max_warp_items = 8) {
   const int64_t packs = cols / width;
   for (int items : {1, 2, 4, 8})
     if (items <= max_warp_items && packs <= 32 * items) return {items, true, 32 * kWarpRowsPerBlock};
+  // Block rows: at least two packs per thread where a row allows 64 threads that way, so that a
+  // block has twice the loads in flight (one pack per thread left an H200's bandwidth unused).
   for (int items : {1, 2, 4, 8}) {
     const int64_t t = (packs + items - 1) / items;
+    if (items == 1 && packs >= 128) continue;
     if (t <= 1024) return {items, false, static_cast<int>(std::max<int64_t>(32, (t + 31) / 32 * 32))};
   }
   return {};

@@ -111,7 +111,7 @@ TEST(CudaOps, UnaryMatchCpu) {
                               {"pow", [](const Tensor& x) { return pow(x, 1.5); }, true},
                               {"affine", [](const Tensor& x) { return affine(x, -2.0, 0.5); }, false},
                               {"neg", [](const Tensor& x) { return neg(x); }, false}};
-  for (const Shape& s : {Shape{7, 13, 5}, Shape{1}, Shape{1031}, Shape{64, 256}})
+  for (const Shape& s : {Shape{7, 13, 5}, Shape{1}, Shape{1031}, Shape{64, 256}, Shape{3, 1000, 8}})
     for (DType t : kTypes)
       for (const U& u : ops)
         check_op(u.name, [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{u.f(in[0])}; },
@@ -208,12 +208,34 @@ TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {
     for (const auto& [rows, vocab] : {std::pair<int64_t, int64_t>{333, 1000}, {50, 1001}, {9, 50304}, {13, 8192}}) {
       std::vector<int64_t> targets(rows);
       for (int64_t i = 0; i < rows; ++i) targets[i] = i % 7 == 0 ? -100 : (i * 37) % vocab;
-      for (Reduction r : {Reduction::kMean, Reduction::kNone})
+      for (Reduction r : {Reduction::kMean, Reduction::kSum, Reduction::kNone})
         check_op("cross_entropy",
                  [r](const std::vector<Tensor>& in) { return std::vector<Tensor>{cross_entropy(in[0], in[1], -100, r)}; },
                  {rnd({rows, vocab}, 30, 2.0), tensor(targets, {rows})}, {true, false}, t);
     }
   }
+}
+
+// On the GPU the targets are not read back to the host: the mean's denominator is counted on the
+// device (every row ignored gives 0, as on the CPU), and a target outside the vocabulary makes the
+// loss and that row's gradients NaN.
+TEST(CudaOps, CrossEntropyTargetsStayOnTheDevice) {
+  HYDRA_REQUIRE_GPU();
+  const Device gpu = Device::cuda(0);
+  Tensor logits = rnd({4, 24}, 31, 2.0).to(gpu);
+  const Tensor ignored = tensor<int64_t>({-100, -100, -100, -100}, {4}).to(gpu);
+  EXPECT_EQ(cross_entropy(logits, ignored, -100, Reduction::kMean).cpu().item<float>(), 0.0f);
+  logits.set_requires_grad(true);
+  const Tensor bad = tensor<int64_t>({3, 24, -100, 5}, {4}).to(gpu);
+  Tensor loss = cross_entropy(logits, bad, -100, Reduction::kMean);
+  EXPECT_TRUE(std::isnan(loss.cpu().item<float>()));
+  loss.backward();
+  const std::vector<float> g = logits.grad().cpu().to_vector<float>();
+  for (int64_t j = 0; j < 24; ++j) {
+    EXPECT_TRUE(std::isnan(g[24 + j])) << j;  // row 1: target 24 is outside [0, 24)
+    EXPECT_EQ(g[2 * 24 + j], 0.0f) << j;      // row 2: ignored
+  }
+  EXPECT_FALSE(std::isnan(g[0]));
 }
 
 TEST(CudaOps, IndexingMatchCpu) {
