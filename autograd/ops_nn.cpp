@@ -1,5 +1,4 @@
 #include "autograd/dispatch.h"
-#include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "kernels/loss.h"
@@ -123,22 +122,10 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
       << "cross_entropy: logits and targets on different devices";
   Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
   const int64_t rows = shape_numel(row_shape);
-  // On the CPU the targets are checked here and the mean's denominator counted. On a GPU that would
-  // stop the host until the targets and everything before them are done; the kernel counts instead,
-  // and an out-of-range target makes the loss NaN (kernels/loss.h), which the trainer stops on. The
-  // data pipeline checks token ids against the vocabulary before they get here.
-  const bool on_host = logits.device().is_cpu();
-  int64_t count = 0;
-  if (on_host) {
-    const std::vector<int64_t> host = targets.to_vector<int64_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      if (host[r] == ignore_index) continue;
-      HYDRA_CHECK(host[r] >= 0 && host[r] < V)
-          << "cross_entropy: target " << host[r] << " at row " << r << " is outside the vocabulary [0, " << V
-          << ") and is not ignore_index " << ignore_index;
-      ++count;
-    }
-  }
+  // Targets are checked by the kernels, on the device where they are: the CPU kernel fails naming a
+  // target outside the vocabulary; the CUDA kernel makes that row's loss NaN (kernels/loss.h), which
+  // the trainer stops on, since a check on the host would stop it until the logits exist. The data
+  // pipeline checks token ids against the vocabulary before they get here.
   const DType acc = accumulate_dtype(logits.dtype());
   Tensor loss_rows = Tensor::empty({rows}, acc, logits.device());
   Tensor lse = Tensor::empty({rows}, acc, logits.device());
@@ -149,8 +136,8 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
   p.targets = targets.raw_data();
   p.loss = loss_rows.raw_data();
   p.lse = lse.raw_data();
-  Tensor counted;  // device mean: 1 per counted row
-  if (!on_host && reduction == Reduction::kMean) {
+  Tensor counted;  // mean: 1 per counted row
+  if (reduction == Reduction::kMean) {
     counted = Tensor::empty({rows}, acc, logits.device());
     p.counted = counted.raw_data();
   }
@@ -161,20 +148,23 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
   if (rows > 0) HYDRA_LAUNCH(logits.device(), cross_entropy_fwd, p);
 
 
-  Tensor out, denom;  // denom: the device mean's max(count, 1), a 1-element tensor
+  Tensor out, inv_count;  // inv_count: the mean's 1 / max(count, 1), [1]
   if (reduction == Reduction::kNone) {
     out = loss_rows.view(row_shape);
-  } else if (reduction == Reduction::kMean && !on_host) {
-    NoGradGuard ng;
-    const Tensor total = sum(loss_rows).to(acc);
-    denom = add(relu(add(sum(counted).to(acc).reshape(total.shape()), -1.0)), 1.0);
-    out = div(total, denom);
+  } else if (reduction == Reduction::kMean) {
+    out = Tensor::empty({}, acc, logits.device());
+    inv_count = Tensor::empty({1}, acc, logits.device());
+    kernels::CrossEntropyMeanParams mp;
+    mp.dtype = acc;
+    mp.loss = loss_rows.raw_data();
+    mp.counted = counted.raw_data();
+    mp.out = out.raw_data();
+    mp.inv = inv_count.raw_data();
+    mp.rows = rows;
+    mp.stream = p.stream;
+    HYDRA_LAUNCH(logits.device(), cross_entropy_mean, mp);
   } else {
-    const double scale =
-        reduction == Reduction::kMean ? (count > 0 ? 1.0 / static_cast<double>(count) : 0.0) : 1.0;
-    out = sum(loss_rows).to(acc);
-    if (scale != 1.0) out = mul(out, scale);
-    out = out.detach();
+    out = sum(loss_rows).to(acc).detach();
   }
   if (any_requires_grad({logits_in})) {
     SavedTensor sl(logits), st(targets), slse(lse);
@@ -182,13 +172,10 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
       Tensor grow;  // per-row upstream gradient, accumulate dtype
       if (reduction == Reduction::kNone) {
         grow = g[0].reshape({rows}).to(acc).contiguous();
-      } else if (denom.defined()) {
-        grow = div(g[0].to(acc).reshape({1}), denom.reshape({1})).expand({rows}).contiguous();
+      } else if (reduction == Reduction::kMean) {
+        grow = mul(g[0].to(acc).reshape({1}), inv_count).expand({rows}).contiguous();
       } else {
-        const double scale = reduction == Reduction::kMean
-                                 ? (count > 0 ? 1.0 / static_cast<double>(count) : 0.0)
-                                 : 1.0;
-        grow = mul(g[0].to(acc).reshape({1}), scale).expand({rows}).contiguous();
+        grow = g[0].to(acc).reshape({1}).expand({rows}).contiguous();
       }
       Tensor lv = sl.get();
       Tensor gl = Tensor::empty(lv.shape(), lv.dtype(), lv.device());

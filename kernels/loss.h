@@ -36,7 +36,21 @@ struct CrossEntropyBwdParams {
   void* stream = nullptr;
 };
 
+// The mean over the counted rows, in one launch: out = sum(loss) / max(sum(counted), 1) and
+// inv = 1 / max(sum(counted), 1) (for the backward), each one value of `dtype` (f32 or f64). Sums run in
+// a fixed order.
+struct CrossEntropyMeanParams {
+  DType dtype = DType::kF32;
+  const void* loss = nullptr;     // [rows]
+  const void* counted = nullptr;  // [rows]
+  void* out = nullptr;
+  void* inv = nullptr;
+  int64_t rows = 0;
+  void* stream = nullptr;
+};
+
 HYDRA_DECLARE_KERNEL(cross_entropy_fwd, CrossEntropyParams)
+HYDRA_DECLARE_KERNEL(cross_entropy_mean, CrossEntropyMeanParams)
 HYDRA_DECLARE_KERNEL(cross_entropy_bwd, CrossEntropyBwdParams)
 
 }  // namespace hydra::kernels

@@ -40,6 +40,22 @@ void cross_entropy_fwd(const CrossEntropyParams& p) {
   });
 }
 
+void cross_entropy_mean(const CrossEntropyMeanParams& p) {
+  dispatch_float(p.dtype, "cross_entropy_mean", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* loss = static_cast<const T*>(p.loss);
+    const T* counted = static_cast<const T*>(p.counted);
+    double s = 0, c = 0;
+    for (int64_t r = 0; r < p.rows; ++r) {
+      s += loss[r];
+      c += counted[r];
+    }
+    const double d = std::max(c, 1.0);
+    *static_cast<T*>(p.out) = static_cast<T>(s / d);
+    *static_cast<T*>(p.inv) = static_cast<T>(1.0 / d);
+  });
+}
+
 void cross_entropy_bwd(const CrossEntropyBwdParams& p) {
   dispatch_float(p.dtype, "cross_entropy_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;

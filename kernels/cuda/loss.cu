@@ -132,6 +132,26 @@ __global__ void ce_bwd_vec_kernel(const T* __restrict x, const I* __restrict tgt
   }
 }
 
+// One block: the loss and count sums over all rows (a thread per strided set of rows, then the block's
+// fixed tree), then the mean and the inverse denominator.
+template <class C>
+__global__ void __launch_bounds__(1024)
+    ce_mean_kernel(const C* __restrict loss, const C* __restrict counted, C* out, C* inv, int64_t rows) {
+  __shared__ C shared[32];
+  C s = 0, c = 0;
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    s += loss[r];
+    c += counted[r];
+  }
+  s = block_sum(s, shared);
+  c = block_sum(c, shared);
+  if (threadIdx.x == 0) {
+    const C d = max(c, C(1));
+    *out = s / d;
+    *inv = C(1) / d;
+  }
+}
+
 }  // namespace
 
 void cross_entropy_fwd(const CrossEntropyParams& p) {
@@ -163,6 +183,20 @@ void cross_entropy_fwd(const CrossEntropyParams& p) {
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });
+}
+
+void cross_entropy_mean(const CrossEntropyMeanParams& p) {
+  HYDRA_CHECK(p.dtype == DType::kF32 || p.dtype == DType::kF64)
+      << "cross_entropy_mean: f32 or f64 expected, got " << dtype_name(p.dtype);
+  auto launch = [&](auto zero) {
+    using C = decltype(zero);
+    ce_mean_kernel<C><<<1, 1024, 0, as_stream(p.stream)>>>(static_cast<const C*>(p.loss),
+                                                           static_cast<const C*>(p.counted), static_cast<C*>(p.out),
+                                                           static_cast<C*>(p.inv), p.rows);
+  };
+  if (p.dtype == DType::kF32) launch(0.0f);
+  else launch(0.0);
+  HYDRA_CUDA_LAUNCH_CHECK();
 }
 
 void cross_entropy_bwd(const CrossEntropyBwdParams& p) {
