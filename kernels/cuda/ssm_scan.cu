@@ -53,6 +53,31 @@ __device__ A sigmoid(A v) {
   return A(1) / (A(1) + exp(-v));
 }
 
+// Sums K values (v[0..K)) over the 32 lanes of a warp with 31 exchanges instead of 5 per value: at
+// offset O each lane sends the half of its values its partner keeps and adds the half it keeps, so
+// each level halves the values a lane holds (lanes with bit O set keep the upper half). When one value
+// is left, the remaining levels add it plainly. Afterwards lane l holds, in v[0..max(K / 32, 1)), the
+// sums of values l * K / 32 + j (K >= 32), or value l / (32 / K) (K < 32; 32 / K lanes hold each).
+// The order of the additions is fixed, so results do not depend on timing.
+template <int K, int O, class A>
+__device__ __forceinline__ void warp_transpose_sum(A* v, int lane) {
+  if constexpr (O > 0) {
+    if constexpr (K > 1) {
+      constexpr int H = K / 2;
+      const bool up = (lane & O) != 0;
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const A send = up ? v[i] : v[i + H], keep = up ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+      }
+      warp_transpose_sum<H, O / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
+      warp_transpose_sum<1, O / 2>(v, lane);
+    }
+  }
+}
+
 // The thread's place: channel d, chunk c (blockIdx.y) of batch b (b0 + blockIdx.z), steps [cs, ce).
 struct ChunkThread {
   int64_t b, c, d, cs, ce;
@@ -340,26 +365,35 @@ __global__ void __launch_bounds__(kThreads)
     }
     gD += g * ut;
     A gut = Dd * g, gdl = 0;
+    // gB and gC: the warp's sums over its channels, kGroup states at a time (warp_transpose_sum; a
+    // group bounds the registers the partial sums take).
+    constexpr int kGroup = NMAX < 8 ? NMAX : 8, kShare = 32 / kGroup;
 #pragma unroll
-    for (int n = 0; n < NMAX; ++n) {
-      if (n >= N) continue;
-      A gb = 0, gc = 0;
-      if (live) {
-        const A Bn = in.B(r, n), Cn = in.C(r, n);
-        const A hp = hs[(s * N + n) * cols + col], hn = hs[((s + 1) * N + n) * cols + col];
-        const A an = fast_exp(dl * Ad[n]), Gn = G[n] + Cn * g;
-        gc = g * hn;
-        gb = Gn * dl * ut;
-        gut += Gn * dl * Bn;
-        gdl += Gn * (Ad[n] * an * hp + Bn * ut);
-        gA[n] += Gn * dl * an * hp;
-        G[n] = an * Gn;
+    for (int n0 = 0; n0 < NMAX; n0 += kGroup) {
+      A gb[kGroup], gc[kGroup];
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        const int n = n0 + j;
+        gb[j] = gc[j] = 0;
+        if (live && n < N) {
+          const A Bn = in.B(r, n), Cn = in.C(r, n);
+          const A hp = hs[(s * N + n) * cols + col], hn = hs[((s + 1) * N + n) * cols + col];
+          const A an = fast_exp(dl * Ad[n]), Gn = G[n] + Cn * g;
+          gc[j] = g * hn;
+          gb[j] = Gn * dl * ut;
+          gut += Gn * dl * Bn;
+          gdl += Gn * (Ad[n] * an * hp + Bn * ut);
+          gA[n] += Gn * dl * an * hp;
+          G[n] = an * Gn;
+        }
       }
-      gb = warp_sum(gb);
-      gc = warp_sum(gc);
-      if (lane == (n & 31)) {
-        gB_part[(warp * p.batch * L + r) * N + n] = gb;
-        gC_part[(warp * p.batch * L + r) * N + n] = gc;
+      if (n0 >= N) continue;  // (uniform)
+      warp_transpose_sum<kGroup, 16>(gb, lane);
+      warp_transpose_sum<kGroup, 16>(gc, lane);
+      const int n = n0 + lane / kShare;
+      if (lane % kShare == 0 && n < N) {
+        gB_part[(warp * p.batch * L + r) * N + n] = gb[0];
+        gC_part[(warp * p.batch * L + r) * N + n] = gc[0];
       }
     }
     if (live) {
