@@ -326,8 +326,12 @@ __global__ void __launch_bounds__(kThreads)
   const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
   const A Dd = live && p.D ? load(static_cast<const T*>(p.D), d) : A(0);
   A gD = 0, gbias = 0;
+  // The state after the step being walked back over: the chunk's last state from the recomputation,
+  // then each step's state before it, carried down (one scratch read per state and step, not two).
+  A h[NMAX];
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) h[n] = 0;
   if (live) {  // hs[s] = the state before step cs + s
-    A h[NMAX];
 #pragma unroll
     for (int n = 0; n < NMAX; ++n) {
       h[n] = n < N ? chunk_states[slot * N + n] : A(0);
@@ -357,7 +361,7 @@ __global__ void __launch_bounds__(kThreads)
         A y_pre = Dd * ut;
 #pragma unroll
         for (int n = 0; n < NMAX; ++n)
-          if (n < N) y_pre += in.C(r, n) * hs[((s + 1) * N + n) * cols + col];
+          if (n < N) y_pre += in.C(r, n) * h[n];
         const A zt = in.z(r, d), sg = sigmoid(zt);
         static_cast<T*>(q.gz)[r * D + d] = convert<T>(g * y_pre * sg * (A(1) + zt * (A(1) - sg)));
         g *= zt * sg;
@@ -377,7 +381,8 @@ __global__ void __launch_bounds__(kThreads)
         gb[j] = gc[j] = 0;
         if (live && n < N) {
           const A Bn = in.B(r, n), Cn = in.C(r, n);
-          const A hp = hs[(s * N + n) * cols + col], hn = hs[((s + 1) * N + n) * cols + col];
+          const A hp = hs[(s * N + n) * cols + col], hn = h[n];
+          h[n] = hp;
           const A an = fast_exp(dl * Ad[n]), Gn = G[n] + Cn * g;
           gc[j] = g * hn;
           gb[j] = Gn * dl * ut;
