@@ -239,11 +239,57 @@ __device__ __forceinline__ unsigned visible_bits(const Pattern& pat, const RowIn
   return bits;
 }
 
+// A lane's rows as queries row0 and row0 + 8 (the forward and dQ) or as keys (dK/dV).
+__device__ __forceinline__ RowInfo query_rows(const Pattern& pat, int64_t row0, int64_t q_len) {
+  RowInfo ri;
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = row0 + r * 8;
+    ri.base[r] = i < q_len ? pat.q_pos0 + i - pat.k_pos0 : kNoRow;
+    ri.glob[r] = pat.global(pat.q_pos0 + i);
+  }
+  return ri;
+}
+__device__ __forceinline__ RowInfo key_rows(const Pattern& pat, int64_t key0, int64_t k_len) {
+  RowInfo ri;
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = key0 + r * 8;
+    ri.base[r] = j < k_len ? pat.q_pos0 - pat.k_pos0 - j : kNoRow;
+    ri.glob[r] = pat.global(pat.k_pos0 + j);
+  }
+  return ri;
+}
+
+// Stages key tile t of a walk (the forward's and dQ's) into buffer buf of a layout with k, v, kidx
+// and kglob: the keys' rows of K and V, their indices and global flags.
+template <int W, int P, int D, class Smem>
+__device__ __forceinline__ void stage_key_tile(const Smem& sm, const Walk& keys, const Pattern& pat,
+                                               const StageSlot<D>& slot, const RowSrc& k_src,
+                                               const RowSrc& v_src, int t, int buf) {
+  auto idx = [&](int r) { return keys.at(t * W + r); };
+  if (threadIdx.x < W) {
+    const int j = idx(threadIdx.x);
+    sm.kidx[buf * W + threadIdx.x] = j;
+    sm.kglob[buf * W + threadIdx.x] = j >= 0 && pat.global(pat.k_pos0 + j);
+  }
+  stage_rows<W, P>(slot, idx, sm.k + buf * W * P, k_src, sm.v + buf * W * P, v_src);
+}
+
 // Whether every (query, key) pair of a tile is visible: queries tq_min..tq_max, keys tk_min..tk_max
 // (all present), `all_global` when every key or every query of the tile is a global position.
 __device__ __forceinline__ bool tile_all_visible(const Pattern& pat, int64_t tq_min, int64_t tq_max,
                                                  int64_t tk_min, int64_t tk_max, bool all_global) {
   return tk_max <= tq_min && (pat.window <= 0 || tq_max - tk_min < pat.window || all_global);
+}
+
+// Whether key tile o0.. of a walk is whole and every pair of it with the block's queries i0.. (nq
+// of them) is visible (the forward's and dQ's walks; keys ascend along a walk).
+template <int W>
+__device__ __forceinline__ bool key_tile_all_visible(const Pattern& pat, const Walk& keys, int o0,
+                                                     int64_t i0, int64_t nq) {
+  return nq == kOwnRows && o0 + W <= keys.count &&
+         tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1,
+                          pat.k_pos0 + keys.at(o0), pat.k_pos0 + keys.at(o0 + W - 1),
+                          o0 + W <= keys.n0);
 }
 
 // ---- Forward ------------------------------------------------------------------------------------
@@ -291,25 +337,14 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
   const Walk keys(keys_for_queries(pat, p.k_len, i0, i0 + nq));
   const int count = keys.count, tiles = (count + W - 1) / W;
   auto stage_keys = [&](int t, int buf) {
-    auto idx = [&](int r) { return keys.at(t * W + r); };
-    if (threadIdx.x < W) {
-      const int j = idx(threadIdx.x);
-      sm.kidx[buf * W + threadIdx.x] = j;
-      sm.kglob[buf * W + threadIdx.x] = j >= 0 && pat.global(pat.k_pos0 + j);
-    }
-    stage_rows<W, P>(slot, idx, sm.k + buf * W * P, k_src, sm.v + buf * W * P, v_src);
+    stage_key_tile<W, P>(sm, keys, pat, slot, k_src, v_src, t, buf);
   };
   if (tiles > 0) stage_keys(0, 0);
   cp_async_commit();
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
   const int64_t row0 = i0 + warp * 16 + (lane >> 2);  // this lane's queries: row0 and row0 + 8
-  RowInfo ri;
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = row0 + r * 8;
-    ri.base[r] = i < p.q_len ? pat.q_pos0 + i - pat.k_pos0 : kNoRow;
-    ri.glob[r] = pat.global(pat.q_pos0 + i);
-  }
+  const RowInfo ri = query_rows(pat, row0, p.q_len);
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
   for (int t = 0; t < tiles; ++t) {
@@ -322,12 +357,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
 
     const int o0 = t * W;
-    bool all = nq == kOwnRows && o0 + W <= count;
-    if (all) {
-      all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1,
-                             pat.k_pos0 + keys.at(o0), pat.k_pos0 + keys.at(o0 + W - 1),
-                             o0 + W <= keys.n0);
-    }
+    const bool all = key_tile_all_visible<W>(pat, keys, o0, i0, nq);
 #pragma unroll
     for (int n = 0; n < W / 8; ++n) {
       const unsigned vis =
@@ -439,25 +469,14 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   const Walk keys(keys_for_queries(pat, p.k_len, i0, i0 + nq));
   const int count = keys.count, tiles = (count + W - 1) / W;
   auto stage_keys = [&](int t, int buf) {
-    auto idx = [&](int r) { return keys.at(t * W + r); };
-    if (threadIdx.x < W) {
-      const int j = idx(threadIdx.x);
-      sm.kidx[buf * W + threadIdx.x] = j;
-      sm.kglob[buf * W + threadIdx.x] = j >= 0 && pat.global(pat.k_pos0 + j);
-    }
-    stage_rows<W, P>(slot, idx, sm.k + buf * W * P, k_src, sm.v + buf * W * P, v_src);
+    stage_key_tile<W, P>(sm, keys, pat, slot, k_src, v_src, t, buf);
   };
   if (tiles > 0) stage_keys(0, 0);
   cp_async_commit();
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
   const int64_t row0 = i0 + warp * 16 + (lane >> 2);
-  RowInfo ri;
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = row0 + r * 8;
-    ri.base[r] = i < p.q_len ? pat.q_pos0 + i - pat.k_pos0 : kNoRow;
-    ri.glob[r] = pat.global(pat.q_pos0 + i);
-  }
+  const RowInfo ri = query_rows(pat, row0, p.q_len);
   float lse2[2], dlt[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -477,12 +496,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
     mma_xyt<D, W>(dp, sm.go, warp * 16, sm.v + buf * W * P);
     const int o0 = t * W;
-    bool all = nq == kOwnRows && o0 + W <= count;
-    if (all) {
-      all = tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1,
-                             pat.k_pos0 + keys.at(o0), pat.k_pos0 + keys.at(o0 + W - 1),
-                             o0 + W <= keys.n0);
-    }
+    const bool all = key_tile_all_visible<W>(pat, keys, o0, i0, nq);
 #pragma unroll
     for (int n = 0; n < W / 8; ++n) {
       const unsigned vis =
@@ -582,12 +596,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
   const int64_t key0 = j0 + warp * 16 + (lane >> 2);  // this lane's keys: key0 and key0 + 8
-  RowInfo ri;
-  for (int r = 0; r < 2; ++r) {
-    const int64_t j = key0 + r * 8;
-    ri.base[r] = j < p.k_len ? pat.q_pos0 - pat.k_pos0 - j : kNoRow;
-    ri.glob[r] = pat.global(pat.k_pos0 + j);
-  }
+  const RowInfo ri = key_rows(pat, key0, p.k_len);
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   for (int t = 0; t < tiles; ++t) {
     const int buf = static_cast<int>(t & 1);
