@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(P::kMaxThreads)
     if (!xr.in[k]) continue;
     RowPack<T> o;
 #pragma unroll
-    for (int j = 0; j < N; ++j) o.v[j] = convert<T>(log_out ? xr.at(k, j) - lse : fast_exp_diff(xr.at(k, j), ms.m) * inv);
+    for (int j = 0; j < N; ++j)
+      o.v[j] = convert<T>(log_out ? xr.at(k, j) - lse : fast_exp_diff(xr.at(k, j), ms.m) * inv);
     out[xr.index(k)] = o;
   }
 }
