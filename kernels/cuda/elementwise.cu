@@ -5,16 +5,14 @@
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
 #include "kernels/elementwise.h"
 
 namespace hydra::kernels::cuda {
 namespace {
 
 template <class T>
-struct alignas(16) Pack {
-  static constexpr int kN = 16 / sizeof(T);
-  T v[kN];
-};
+using Pack = RowPack<T>;  // 16 bytes of T (rows.cuh)
 
 template <class C>
 __device__ __forceinline__ C sigmoid(C x) {
@@ -179,7 +177,6 @@ __global__ void binary_contiguous_kernel(BinaryOp op, const T* __restrict a, con
   }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
 

@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
 #include "kernels/optim.h"
 
 namespace hydra::kernels::cuda {
@@ -31,12 +32,7 @@ __device__ __forceinline__ void update(T* p, const T* g, T* m, T* v, int64_t pi,
 }
 
 template <class T>
-struct alignas(16) Pack {
-  static constexpr int kN = 16 / sizeof(T);
-  T v[kN];
-};
-
-__host__ __device__ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+using Pack = RowPack<T>;  // 16 bytes of T (rows.cuh)
 
 // One pack of each array, element by element: update's arithmetic (kDivide: bias corrections
 // divided, bc1 and bc2 as given) or multi_adamw_kernel's (their inverses, multiplied).

@@ -25,7 +25,9 @@ constexpr int pack_width() {
   return RowPack<T>::kN;
 }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+__host__ __device__ inline bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
 
 template <class A>
 __device__ __forceinline__ MaxSum<A> warp_max_sum(MaxSum<A> v) {
