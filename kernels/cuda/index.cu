@@ -148,20 +148,21 @@ __global__ void bag_fwd_kernel(const T* __restrict table, const I* __restrict in
   }
 }
 
+// A warp per lookup e = (t, k): gw[e] = gout[t] . table[index[e]], lanes over the columns (no block
+// barriers: one block per bag with a block reduction per lookup was latency-bound).
 template <class T, class I>
 __global__ void bag_bwd_weights_kernel(const T* __restrict table, const I* __restrict index, const T* __restrict gout,
-                                       T* __restrict gw, int64_t m, int64_t cols) {
+                                       T* __restrict gw, int64_t lookups, int64_t m, int64_t cols) {
   using C = compute_t<T>;
-  __shared__ C shared[32];
-  const int64_t t = blockIdx.x;
-  for (int64_t k = 0; k < m; ++k) {
-    const int64_t row = static_cast<int64_t>(index[t * m + k]);
-    C dot = 0;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-      dot += load(gout, t * cols + c) * load(table, row * cols + c);
-    dot = block_sum(dot, shared);
-    if (threadIdx.x == 0) gw[t * m + k] = convert<T>(dot);
-  }
+  const int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (e >= lookups) return;  // whole warps
+  const T* g = gout + (e / m) * cols;
+  const T* row = table + static_cast<int64_t>(index[e]) * cols;
+  C dot = 0;
+  for (int64_t c = lane; c < cols; c += 32) dot += load(g, c) * load(row, c);
+  dot = warp_sum(dot);
+  if (lane == 0) gw[e] = convert<T>(dot);
 }
 
 __global__ void product_key_kernel(ProductKeyParams p) {
@@ -183,21 +184,47 @@ __device__ int64_t lower_bound(const int64_t* __restrict keys, int64_t n, int64_
   return lo;
 }
 
-// Block r sums table row r's lookups, found as a run of the stably sorted keys, in (t, k) order.
+// Block r sums table row r's lookups, found as a run of the stably sorted keys, in (t, k) order. The
+// lookups' weights and gout rows are read once per block into shared memory, kBagChunk at a time (each
+// thread computing them for itself cost a 64-bit division per lookup and column); each thread keeps
+// the sums of its kBagCols columns in registers.
+constexpr int kBagChunk = 256, kBagCols = 8;
+
 template <class T>
 __global__ void bag_table_kernel(const int64_t* __restrict keys, const int32_t* __restrict pos, const T* __restrict w,
                                  const T* __restrict gout, T* __restrict gtable, int32_t* __restrict hits,
                                  int64_t total, int64_t m, int64_t cols) {
   using C = compute_t<T>;
+  __shared__ C w_s[kBagChunk];
+  __shared__ int64_t off_s[kBagChunk];
   const int64_t r = blockIdx.x;
   const int64_t lo = lower_bound(keys, total, r), hi = lower_bound(keys, total, r + 1);
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    C acc = 0;
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t e = pos[j];
-      acc += load(w, e) * load(gout, (e / m) * cols + c);
+  C acc[kBagCols];
+#pragma unroll
+  for (int u = 0; u < kBagCols; ++u) acc[u] = 0;
+  for (int64_t base = lo; base < hi; base += kBagChunk) {
+    const int64_t n = min(int64_t(kBagChunk), hi - base);
+    __syncthreads();  // the previous chunk is used up
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const int64_t e = pos[base + i];
+      w_s[i] = load(w, e);
+      off_s[i] = (e / m) * cols;
     }
-    gtable[r * cols + c] = convert<T>(acc);
+    __syncthreads();
+    for (int64_t i = 0; i < n; ++i) {
+      const C we = w_s[i];
+      const T* g = gout + off_s[i];
+#pragma unroll
+      for (int u = 0; u < kBagCols; ++u) {
+        const int64_t c = threadIdx.x + int64_t(u) * blockDim.x;
+        if (c < cols) acc[u] += we * load(g, c);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kBagCols; ++u) {
+    const int64_t c = threadIdx.x + int64_t(u) * blockDim.x;
+    if (c < cols) gtable[r * cols + c] = convert<T>(acc[u]);
   }
   if (hits && threadIdx.x == 0) hits[r] = hi > lo ? 1 : 0;
 }
@@ -324,9 +351,9 @@ void bag_bwd(const BagBwdParams& q) {
       using I = typename decltype(itag)::type;
       const I* index = static_cast<const I*>(p.index);
       if (q.gweights && p.n > 0) {
-        bag_bwd_weights_kernel<T, I><<<p.n, row_threads(p.cols), 0, s>>>(
-            static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), p.m,
-            p.cols);
+        bag_bwd_weights_kernel<T, I><<<blocks_for(total * 32, 256, int64_t(1) << 31), 256, 0, s>>>(
+            static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), total,
+            p.m, p.cols);
         HYDRA_CUDA_LAUNCH_CHECK();
       }
       if (q.gtable == nullptr || p.num_rows == 0) return;
@@ -341,6 +368,8 @@ void bag_bwd(const BagBwdParams& q) {
       }
       HYDRA_CHECK(p.num_rows <= 0x7fffffff)
           << "embedding_bag backward: " << p.num_rows << " table rows; at most 2^31 - 1";
+      HYDRA_CHECK(p.cols <= int64_t{kBagCols} * 1024)
+          << "embedding_bag backward: rows of " << p.cols << " columns; at most " << kBagCols * 1024 << " on CUDA";
       bag_table_kernel<T><<<static_cast<unsigned>(p.num_rows), row_threads(p.cols), 0, s>>>(
           b.keys_out, b.pos_out, static_cast<const T*>(p.weights), static_cast<const T*>(q.gout),
           static_cast<T*>(q.gtable), static_cast<int32_t*>(q.hits), total, p.m, p.cols);
