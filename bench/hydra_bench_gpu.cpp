@@ -1,7 +1,8 @@
 // hydra-bench-gpu: the CUDA backend's GEMMs and memory-bound kernels at the shapes of toy and
 // hydra-1.6b, each timed with CUDA events (median of repeats after warm-up) and set against its floor:
 // the device copy bandwidth and the bf16 GEMM rate, both measured in the same run.
-//   hydra-bench-gpu [--json FILE] [--quick]
+//   hydra-bench-gpu [--json FILE] [--quick] [--only TEXT]
+// --only TEXT runs the rows whose name contains TEXT (e.g. under a profiler), after the floors.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -22,6 +23,9 @@ namespace {
 namespace kc = kernels::cuda;
 
 // Median milliseconds of fn over `reps` runs after `warmup`, timed by events on the compute stream.
+// The stream is held for 500 µs before each start event, so that the host has queued fn's kernels when
+// the event fires: the interval is the device's time, without the host's launch gaps (which a training
+// step hides by running ahead).
 double time_gpu(const std::function<void()>& fn, int reps = 20, int warmup = 3) {
   void* stream = cuda_compute_stream(0);
   for (int i = 0; i < warmup; ++i) fn();
@@ -30,6 +34,7 @@ double time_gpu(const std::function<void()>& fn, int reps = 20, int warmup = 3) 
   void* a = kc::event_create();
   void* b = kc::event_create();
   for (int i = 0; i < reps; ++i) {
+    kc::stream_hold(stream, 500);
     kc::event_record(a, stream);
     fn();
     kc::event_record(b, stream);
@@ -43,6 +48,9 @@ double time_gpu(const std::function<void()>& fn, int reps = 20, int warmup = 3) 
 }
 
 const Device kGpu = Device::cuda(0);
+
+std::string g_only;  // --only: run the rows whose name contains it
+bool selected(const std::string& what) { return what.find(g_only) != std::string::npos; }
 
 Tensor rnd(const Shape& s, DType t = DType::kBF16, double scale = 1.0) {
   static Generator g(1);
@@ -72,6 +80,7 @@ Floors measure_floors(Report& report) {
 }
 
 void gemm_row(Report& report, const Floors& f, const char* what, int64_t m, int64_t k, int64_t n) {
+  if (!selected(what)) return;
   Tensor x = rnd({m, k}), w = rnd({n, k}, DType::kBF16, 0.02);
   NoGradGuard ng;
   const double ms = time_gpu([&] { (void)linear(x, w); });
@@ -87,6 +96,7 @@ void gemm_row(Report& report, const Floors& f, const char* what, int64_t m, int6
 // forward only or forward + backward (dX and dW: 3x the forward's FLOPs).
 void grouped_row(Report& report, const Floors& f, const std::string& what, int64_t E, int64_t rows, int64_t k,
                  int64_t n, bool backward) {
+  if (!selected(what)) return;
   Tensor x = rnd({E * rows, k}), w = rnd({E, n, k}, DType::kBF16, 0.02), gy = rnd({E * rows, n});
   const std::vector<int64_t> sizes(E, rows);
   double ms = 0;
@@ -124,6 +134,7 @@ double visible_pairs(int64_t L, int64_t window, int64_t stride) {
 // FLOPs are the useful ones: 4 * head_dim per kept pair forward, 3.5x that with the backward.
 void attention_row(Report& report, const Floors& f, const std::string& what, int64_t B, int64_t L, int64_t H,
                    int64_t dh, bool backward) {
+  if (!selected(what)) return;
   const AttentionPattern pat{512, 256};
   Tensor q = rnd({B, L, H, dh}), k = rnd({B, L, H, dh}), v = rnd({B, L, H, dh}), go = rnd({B, L, H, dh});
   const double scale = 1.0 / std::sqrt(double(dh));
@@ -157,6 +168,7 @@ double copy_gbs_at(double bytes) {
 
 // A memory-bound op's rate against the 1 GiB copy floor and against a copy of its own size.
 void bandwidth_row(Report& report, const Floors& f, const std::string& what, double bytes, const std::function<void()>& fn) {
+  if (!selected(what)) return;
   const double ms = time_gpu(fn);
   const double gbs = bytes / ms / 1e6, same = copy_gbs_at(bytes);
   std::printf("%-44s %9.3f %9.0f %8.2f %8.2f\n", what.c_str(), ms, gbs, gbs / f.copy_gbs, gbs / same);
@@ -173,6 +185,12 @@ int run(int argc, char** argv) {
     const std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) json = argv[++i];
     else if (a == "--quick") quick = true;
+    else if (a == "--only" && i + 1 < argc) g_only = argv[++i];
+    else {
+      std::fprintf(stderr, "hydra-bench-gpu: unknown argument '%s' (expected --json FILE, --quick, --only TEXT)\n",
+                   a.c_str());
+      return 2;
+    }
   }
   if (!cuda_available()) {
     std::fprintf(stderr, "hydra-bench-gpu: no CUDA device\n");

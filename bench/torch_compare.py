@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The same ops as hydra-bench-gpu in PyTorch on the same GPU (eager, and torch.compile where it fuses),
-timed with CUDA events, median of repeats after warm-up. Writes JSON rows keyed like hydra-bench-gpu's."""
+timed with CUDA events, median of repeats after warm-up; before each start event the stream is held
+(torch.cuda._sleep) so that the interval measures the device, as hydra-bench-gpu does. Writes JSON rows
+keyed like hydra-bench-gpu's."""
 import json
 import sys
 
@@ -15,6 +17,7 @@ def time_ms(fn, reps=20, warmup=3):
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # about 0.5 ms of clock cycles: the host queues fn meanwhile
         a.record()
         fn()
         b.record()

@@ -99,6 +99,18 @@ void stream_wait_event(void* stream, void* event) {
   HYDRA_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream), static_cast<cudaEvent_t>(event), 0));
 }
 
+namespace {
+__global__ void hold_kernel(long long ns) {
+  const long long end = static_cast<long long>(clock64()) + ns * 2;  // clocks run at 1-2 GHz: at least ns
+  while (static_cast<long long>(clock64()) < end) __nanosleep(1000);
+}
+}  // namespace
+
+void stream_hold(void* stream, double microseconds) {
+  hold_kernel<<<1, 1, 0, as_stream(stream)>>>(static_cast<long long>(microseconds * 1000));
+  HYDRA_CUDA_LAUNCH_CHECK();
+}
+
 bool event_query(void* event) {
   const cudaError_t err = cudaEventQuery(static_cast<cudaEvent_t>(event));
   if (err == cudaErrorNotReady) {
