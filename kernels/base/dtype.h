@@ -25,11 +25,18 @@ struct bf16 {
   HYDRA_HD explicit operator float() const { return to_float(bits); }
 
   HYDRA_HD static uint16_t from_float(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    // One instruction (F2FP) instead of the eight below; the same rounding, a canonical NaN (0x7fff).
+    uint16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+#else
     uint32_t u = float_bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u)
       return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
     u += 0x7fffu + ((u >> 16) & 1u);
     return static_cast<uint16_t>(u >> 16);
+#endif
   }
   HYDRA_HD static float to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
   HYDRA_HD static uint32_t float_bits(float f) {
