@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <string_view>
 
 #include "kernels/base/check.h"
@@ -119,6 +120,10 @@ __device__ __forceinline__ float fast_exp_diff(float x, float m) {
 }
 __device__ __forceinline__ double fast_exp_diff(double x, double m) { return exp(x - m); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+// 1 / sqrt(x): the special-function unit's approximation (2 ulp) in f32, a handful of instructions
+// where 1.0f / sqrtf(x) is two IEEE-rounded sequences of a dozen or more each.
+__device__ __forceinline__ float fast_rsqrt(float x) { return rsqrtf(x); }
+__device__ __forceinline__ double fast_rsqrt(double x) { return rsqrt(x); }
 __device__ __forceinline__ float fast_div(float a, float b) { return __fdividef(a, b); }
 __device__ __forceinline__ double fast_div(double a, double b) { return a / b; }
 
@@ -168,25 +173,40 @@ __device__ __forceinline__ MaxSum<A> online_add(MaxSum<A> a, A v) {
 }
 
 // out[j] = scale * sum over b of part[b * cols + j], for per-block partials of column sums. A block is
-// 32 columns x 32 slices; slice y sums b = y, y + 32, ...; the slices combine in a fixed tree, so the
-// result is bit-reproducible. Launch with column_sum_grid(cols) blocks of dim3(32, 32).
-template <class A, class T>
+// W columns x 1024 / W slices; slice y sums b = y, y + 1024 / W, ...; the slices combine in a fixed
+// tree, so the result is bit-reproducible. Launch with column_sum().
+template <int W, class A, class T>
 __global__ void __launch_bounds__(1024) column_sum_kernel(const A* __restrict part, int64_t blocks, int64_t cols,
                                                            T* __restrict out, A scale) {
-  __shared__ A tile[32][33];
-  const int64_t j = blockIdx.x * 32 + threadIdx.x;
+  constexpr int S = 1024 / W;
+  __shared__ A tile[S][W + 1];
+  const int64_t j = blockIdx.x * int64_t(W) + threadIdx.x;
   A acc = 0;
   if (j < cols)
-    for (int64_t b = threadIdx.y; b < blocks; b += 32) acc += part[b * cols + j];
+    for (int64_t b = threadIdx.y; b < blocks; b += S) acc += part[b * cols + j];
   tile[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
-  for (int h = 16; h > 0; h >>= 1) {
+  for (int h = S / 2; h > 0; h >>= 1) {
     if (threadIdx.y < h) tile[threadIdx.y][threadIdx.x] += tile[threadIdx.y + h][threadIdx.x];
     __syncthreads();
   }
   if (threadIdx.y == 0 && j < cols) out[j] = convert<T>(tile[0][threadIdx.x] * scale);
 }
-inline unsigned int column_sum_grid(int64_t cols) { return static_cast<unsigned int>((cols + 31) / 32); }
+
+// The column sums of `blocks` partial rows. Narrower blocks where the columns are few, so that the
+// grid covers the SMs (at 2048 columns: 128 blocks of 16 columns rather than 64 of 32). W depends on
+// `cols` only, so the order of the additions is fixed for a shape.
+template <class A, class T>
+void column_sum(const A* part, int64_t blocks, int64_t cols, T* out, A scale, cudaStream_t stream) {
+  auto launch = [&](auto w) {
+    constexpr int W = decltype(w)::value;
+    column_sum_kernel<W, A, T><<<static_cast<unsigned int>((cols + W - 1) / W), dim3(W, 1024 / W), 0, stream>>>(
+        part, blocks, cols, out, scale);
+  };
+  if (cols >= 32 * 128) launch(std::integral_constant<int, 32>{});
+  else if (cols >= 16 * 64) launch(std::integral_constant<int, 16>{});
+  else launch(std::integral_constant<int, 8>{});
+}
 
 // Threads per block for a row of `cols` handled `per_thread` elements at a time.
 inline int row_threads(int64_t cols, int per_thread = 1) {

@@ -70,6 +70,15 @@ struct BlockRow {
   }
 };
 
+// Blocks per SM a row kernel asks the compiler to fit (__launch_bounds__' second argument): short warp
+// rows (one or two packs per lane) are latency-bound, so a kernel holding one row at a time trades
+// registers for resident warps (5 blocks of 256 threads: at most 48 registers). Other layouts leave
+// the compiler free.
+template <class P, int ITEMS, class T>
+constexpr int row_min_blocks() {
+  return P::kWarp && ITEMS <= 2 && sizeof(T) <= 4 ? 5 : 1;
+}
+
 // How rows of `cols` elements are laid out: ITEMS packs per thread.
 struct RowLayout {
   int items = 0;    // 1, 2, 4 or 8; 0 = rows do not fit (use the element-wise kernels)

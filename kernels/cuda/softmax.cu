@@ -47,7 +47,7 @@ __global__ void softmax_bwd_kernel(const T* __restrict y, const T* __restrict gy
 }
 
 template <class T, int ITEMS, class P>
-__global__ void __launch_bounds__(P::kMaxThreads)
+__global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()))
     softmax_fwd_vec_kernel(const T* __restrict x, T* __restrict y, int64_t rows, int64_t cols, bool log_out) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
@@ -57,35 +57,75 @@ __global__ void __launch_bounds__(P::kMaxThreads)
   if (row >= rows) return;  // whole warps (WarpRow) or nothing (BlockRow)
   RowRegs<T, ITEMS, P> xr;
   xr.load(x + row * cols, packs);
-  LocalMaxSum<C> local;  // the thread's max, then one exp per value, then one reduction
+  C m = C(-INFINITY);  // the thread's max
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k)
     if (xr.in[k])
 #pragma unroll
-      for (int j = 0; j < N; ++j) local.max_of(xr.at(k, j));
-#pragma unroll
-  for (int k = 0; k < ITEMS; ++k)
-    if (xr.in[k])
-#pragma unroll
-      for (int j = 0; j < N; ++j) local.sum_of(xr.at(k, j));
-  const MaxSum<C> ms = P::max_sum(local.get(), shared_m, shared_s);
-  const C inv = C(1) / ms.s, lse = log(ms.s) + ms.m;
+      for (int j = 0; j < N; ++j) m = max(m, xr.at(k, j));
   auto* out = reinterpret_cast<RowPack<T>*>(y + row * cols);
+  auto write = [&](auto&& value) {
 #pragma unroll
-  for (int k = 0; k < ITEMS; ++k) {
-    if (!xr.in[k]) continue;
-    RowPack<T> o;
+    for (int k = 0; k < ITEMS; ++k) {
+      if (!xr.in[k]) continue;
+      RowPack<T> o;
 #pragma unroll
-    for (int j = 0; j < N; ++j)
-      o.v[j] = convert<T>(log_out ? xr.at(k, j) - lse : fast_exp_diff(xr.at(k, j), ms.m) * inv);
-    out[xr.index(k)] = o;
+      for (int j = 0; j < N; ++j) o.v[j] = convert<T>(value(k, j));
+      out[xr.index(k)] = o;
+    }
+  };
+  if constexpr (P::kWarp) {
+    // Warp rows: the row's max (5 exchanges), then one exp per value kept in registers where they fit,
+    // then the sum (5 exchanges). Fewer instructions than the combined (max, sum) reduction, whose
+    // every level rescales with two exps; a block row saves a barrier round with it instead.
+    m = warp_max(m);
+    const C mref = m == C(-INFINITY) ? C(0) : m;  // a row of -inf: exp(-inf) = 0, not exp(-inf + inf)
+    constexpr bool kKeep = ITEMS * N <= 16;
+    C e[kKeep ? ITEMS : 1][kKeep ? N : 1];
+    C sum = 0;
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k)
+      if (xr.in[k])
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const C v = fast_exp_diff(xr.at(k, j), mref);
+          sum += v;
+          if constexpr (kKeep) e[k][j] = v;
+        }
+    sum = warp_sum(sum);
+    if (log_out) {
+      const C lse = log(sum) + m;
+      write([&](int k, int j) { return xr.at(k, j) - lse; });
+      return;
+    }
+    const C inv = C(1) / sum;
+    if constexpr (kKeep)
+      write([&](int k, int j) { return e[k][j] * inv; });
+    else
+      write([&](int k, int j) { return fast_exp_diff(xr.at(k, j), mref) * inv; });
+  } else {
+    LocalMaxSum<C> local;  // the thread's max, then one exp per value, then one combined reduction
+    local.m = m;
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k)
+      if (xr.in[k])
+#pragma unroll
+        for (int j = 0; j < N; ++j) local.sum_of(xr.at(k, j));
+    const MaxSum<C> ms = P::max_sum(local.get(), shared_m, shared_s);
+    if (log_out) {
+      const C lse = log(ms.s) + ms.m;
+      write([&](int k, int j) { return xr.at(k, j) - lse; });
+      return;
+    }
+    const C inv = C(1) / ms.s;
+    write([&](int k, int j) { return fast_exp_diff(xr.at(k, j), ms.m) * inv; });
   }
 }
 
 template <class T, int ITEMS, class P>
-__global__ void __launch_bounds__(P::kMaxThreads) softmax_bwd_vec_kernel(const T* __restrict y, const T* __restrict gy,
-                                                               T* __restrict gx, int64_t rows, int64_t cols,
-                                                               bool log_out) {
+__global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()))
+    softmax_bwd_vec_kernel(const T* __restrict y, const T* __restrict gy, T* __restrict gx, int64_t rows, int64_t cols,
+                           bool log_out) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared[32];

@@ -204,6 +204,17 @@ TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {
       check_op("log_softmax", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{log_softmax(in[0])}; },
                {rnd(s, 29, 3.0)}, {true}, t);
     }
+    // Masked rows: threads (or lanes) whose values are all -inf, and a row with a single finite value.
+    for (const Shape& s : {Shape{9, 384}, Shape{4, 2048}, Shape{3, 8200}, Shape{5, 40}}) {
+      std::vector<float> v = rnd(s, 32, 3.0).to_vector<float>();
+      const int64_t cols = s.back();
+      for (int64_t i = 0; i < static_cast<int64_t>(v.size()); ++i) {
+        const int64_t r = i / cols, c = i % cols;
+        if (c < cols / 2 + r || (r == 1 && c != cols - 1)) v[i] = -INFINITY;
+      }
+      check_op("softmax masked", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{softmax(in[0])}; },
+               {tensor(v, s)}, {true}, t);
+    }
     // Aligned rows (128-thread blocks up to 2048 packs, 256 beyond: 9 x 50304) and unaligned (1001).
     for (const auto& [rows, vocab] : {std::pair<int64_t, int64_t>{333, 1000}, {50, 1001}, {9, 50304}, {13, 8192}}) {
       std::vector<int64_t> targets(rows);
