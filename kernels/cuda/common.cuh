@@ -172,12 +172,12 @@ __device__ __forceinline__ MaxSum<A> online_add(MaxSum<A> a, A v) {
   return {v, a.s * fast_exp(a.m - v) + A(1)};
 }
 
-// out[j] = scale * sum over b of part[b * cols + j], for per-block partials of column sums. A block is
-// W columns x 1024 / W slices; slice y sums b = y, y + 1024 / W, ...; the slices combine in a fixed
-// tree, so the result is bit-reproducible. Launch with column_sum().
-template <int W, class A, class T>
+// Column sums of per-block partials: out(j, sum over b of part[b * cols + j]). A block is W columns x
+// 1024 / W slices; slice y sums b = y, y + 1024 / W, ...; the slices combine in a fixed tree, so the
+// result is bit-reproducible. `out` is a functor (the sum's epilogue). Launch with column_sum().
+template <int W, class A, class Out>
 __global__ void __launch_bounds__(1024) column_sum_kernel(const A* __restrict part, int64_t blocks, int64_t cols,
-                                                           T* __restrict out, A scale) {
+                                                           Out out) {
   constexpr int S = 1024 / W;
   __shared__ A tile[S][W + 1];
   const int64_t j = blockIdx.x * int64_t(W) + threadIdx.x;
@@ -190,22 +190,35 @@ __global__ void __launch_bounds__(1024) column_sum_kernel(const A* __restrict pa
     if (threadIdx.y < h) tile[threadIdx.y][threadIdx.x] += tile[threadIdx.y + h][threadIdx.x];
     __syncthreads();
   }
-  if (threadIdx.y == 0 && j < cols) out[j] = convert<T>(tile[0][threadIdx.x] * scale);
+  if (threadIdx.y == 0 && j < cols) out(j, tile[0][threadIdx.x]);
 }
 
-// The column sums of `blocks` partial rows. Narrower blocks where the columns are few, so that the
-// grid covers the SMs (at 2048 columns: 128 blocks of 16 columns rather than 64 of 32). W depends on
-// `cols` only, so the order of the additions is fixed for a shape.
 template <class A, class T>
-void column_sum(const A* part, int64_t blocks, int64_t cols, T* out, A scale, cudaStream_t stream) {
+struct ScaledStore {
+  T* out;
+  A scale;
+  __device__ void operator()(int64_t j, A v) const { out[j] = convert<T>(v * scale); }
+};
+
+// The column sums of `blocks` partial rows, through out(j, sum). Narrower blocks where the columns are
+// few, so that the grid covers the SMs (at 2048 columns: 128 blocks of 16 columns rather than 64 of
+// 32). W depends on `cols` only, so the order of the additions is fixed for a shape.
+template <class A, class Out>
+void column_sum_to(const A* part, int64_t blocks, int64_t cols, Out out, cudaStream_t stream) {
   auto launch = [&](auto w) {
     constexpr int W = decltype(w)::value;
-    column_sum_kernel<W, A, T><<<static_cast<unsigned int>((cols + W - 1) / W), dim3(W, 1024 / W), 0, stream>>>(
-        part, blocks, cols, out, scale);
+    column_sum_kernel<W, A, Out><<<static_cast<unsigned int>((cols + W - 1) / W), dim3(W, 1024 / W), 0, stream>>>(
+        part, blocks, cols, out);
   };
   if (cols >= 32 * 128) launch(std::integral_constant<int, 32>{});
   else if (cols >= 16 * 64) launch(std::integral_constant<int, 16>{});
   else launch(std::integral_constant<int, 8>{});
+}
+
+// out[j] = scale * the column sum.
+template <class A, class T>
+void column_sum(const A* part, int64_t blocks, int64_t cols, T* out, A scale, cudaStream_t stream) {
+  column_sum_to(part, blocks, cols, ScaledStore<A, T>{out, scale}, stream);
 }
 
 // Threads per block for a row of `cols` handled `per_thread` elements at a time.

@@ -3,14 +3,14 @@
 // Forward, three passes (spec/algorithms.md section 1: the recurrence is linear in h):
 //   1. each chunk from a zero state: its end state and its summed delta (the chunk's decay is
 //      exp(A * sum delta));
-//   2. per (batch, channel), chunk to chunk: the true state entering each chunk, and h_last;
+//   2. per (batch, channel, state), chunk to chunk: the true state entering each chunk, and h_last;
 //   3. each chunk again from its entering state, writing y.
 // Backward, the same for the adjoint G_t = C_t gy_t + a_{t+1} G_{t+1} (section 2), which is linear in
 // G too: each chunk's G from a zero end, then a pass from the last chunk to the first for the true G
 // entering each chunk, then each chunk recomputes its states from the saved chunk-start state into
 // scratch ([step][state][thread], so a warp's accesses coalesce) and walks its steps backward.
 // Sums over channels (gB, gC) are warp shuffles into per-warp partials; sums over batch and chunks
-// (gA_log, gD, gdt_bias) are per-(batch, chunk) partials; second kernels add both in a fixed order, so
+// (gA_log, gD, gdt_bias) are per-(batch, chunk) partials; later kernels add both in a fixed order, so
 // results are bit-reproducible without atomics.
 #include <algorithm>
 #include <type_traits>
@@ -134,9 +134,21 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     if (!live) continue;
+    // The next step's inputs are loaded before this step's y is stored (a store to y may alias them, so
+    // the compiler would not move them up): their latency overlaps this step's work.
+    A raw_next = 0, u_next = 0, z_next = 0;
+    auto load_step = [&](int s) {
+      const int64_t r = b * L + t0 + s;
+      raw_next = in.raw(r, d, bias);
+      u_next = in.u(r, d);
+      if (FINAL && p.z) z_next = in.z(r, d);
+    };
+    load_step(0);
     for (int s = 0; s < steps; ++s) {
       const int64_t r = b * L + t0 + s;
-      const A dl = softplus(in.raw(r, d, bias)), ut = in.u(r, d), dlu = dl * ut;
+      const A raw = raw_next, ut = u_next, zt = z_next;
+      if (s + 1 < steps) load_step(s + 1);
+      const A dl = softplus(raw), dlu = dl * ut;
       A acc = 0;
 #pragma unroll
       for (int n = 0; n < NMAX; ++n) {
@@ -147,10 +159,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       if constexpr (FINAL) {
         acc += Dd * ut;
-        if (p.z) {
-          const A zt = in.z(r, d);
-          acc *= zt * sigmoid(zt);
-        }
+        if (p.z) acc *= zt * sigmoid(zt);
         static_cast<T*>(p.y)[r * D + d] = convert<T>(acc);
       } else {
         dsum += dl;
@@ -166,36 +175,46 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Forward pass 2, a thread per (batch, channel): the states entering each chunk, in place of the
-// chunks' zero-start end states, and h_last. A chunk's decay is exp(A * its summed delta).
-template <class T, int NMAX>
+// Pass 2 of both directions, a thread per (batch, channel, state): the value carried into each chunk
+// replaces the chunk's own (computed from zero) in `vals`, walking the chunks in order (forward: the
+// states entering them) or from the last (backward: the adjoint G entering them from the right);
+// carried = exp(A * the chunk's summed delta) * carried + the chunk's own. `init` is the value entering
+// the first chunk walked (h0, g_hlast; null: zero), `last` receives the value after the last one (h_last,
+// gh0). A group of 8 chunks is loaded before any is stored (the stores may alias later loads), so a
+// walk over 32 chunks waits 4 memory latencies, not 32; a thread per state makes the accesses coalesce.
+template <class T, bool REVERSE>
 __global__ void __launch_bounds__(kThreads)
-    scan_fwd_carry_kernel(SsmScanParams p, int64_t nchunks, compute_t<T>* __restrict states,
-                          const compute_t<T>* __restrict dsums) {
+    scan_carry_kernel(const T* __restrict A_log, int64_t D, int64_t N, int64_t nchunks,
+                      compute_t<T>* __restrict vals, const compute_t<T>* __restrict dsums,
+                      const compute_t<T>* __restrict init, compute_t<T>* __restrict last) {
   using A = compute_t<T>;
-  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim;
-  if (d >= D) return;
-  const int N = static_cast<int>(p.state);
-  A Ad[NMAX], h[NMAX];
-  load_decay_rates<T, NMAX>(p, d, true, Ad);
+  const int64_t b = blockIdx.y, i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // i = d * N + n
+  if (i >= D * N) return;
+  const int64_t d = i / N;
+  const A Ad = -exp(load(A_log, i));
+  A carried = init ? init[b * D * N + i] : A(0);
+  constexpr int kGroup = 8;
+  for (int64_t k0 = 0; k0 < nchunks; k0 += kGroup) {
+    A own[kGroup], ds[kGroup];
 #pragma unroll
-  for (int n = 0; n < NMAX; ++n) h[n] = n < N && p.h0 ? static_cast<const A*>(p.h0)[(b * D + d) * N + n] : A(0);
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t slot = (b * nchunks + c) * D + d;
-    const A dsum = dsums[slot];
-#pragma unroll
-    for (int n = 0; n < NMAX; ++n)
-      if (n < N) {
-        const A end = states[slot * N + n];
-        states[slot * N + n] = h[n];
-        h[n] = exp(dsum * Ad[n]) * h[n] + end;
+    for (int j = 0; j < kGroup; ++j) {
+      const int64_t k = k0 + j, c = REVERSE ? nchunks - 1 - k : k;
+      own[j] = ds[j] = 0;
+      if (k < nchunks) {
+        own[j] = vals[(b * nchunks + c) * D * N + i];
+        ds[j] = dsums[(b * nchunks + c) * D + d];
       }
-  }
-  if (p.h_last) {
+    }
 #pragma unroll
-    for (int n = 0; n < NMAX; ++n)
-      if (n < N) static_cast<A*>(p.h_last)[(b * D + d) * N + n] = h[n];
+    for (int j = 0; j < kGroup; ++j) {
+      const int64_t k = k0 + j, c = REVERSE ? nchunks - 1 - k : k;
+      if (k < nchunks) {
+        vals[(b * nchunks + c) * D * N + i] = carried;
+        carried = exp(ds[j] * Ad) * carried + own[j];
+      }
+    }
   }
+  if (last) last[b * D * N + i] = carried;
 }
 
 // Scratch of the backward, in accumulate-type elements.
@@ -220,9 +239,10 @@ BwdScratch scratch_of(const SsmScanParams& p) {
   return {per_batch * slice, bcd * p.state, bcd, warps * p.batch * p.len * p.state, bcd * p.state, bcd, warps, slice};
 }
 
-// Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta.
+// Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta. Up to 16 states,
+// bounded to 8 blocks per SM (64 registers; 68 unbounded).
 template <class T, int NMAX>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <= 16 ? 8 : 1))
     scan_bwd_chunk_kernel(SsmScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
                           compute_t<T>* __restrict dsums) {
   using A = compute_t<T>;
@@ -238,15 +258,24 @@ __global__ void __launch_bounds__(kThreads)
   for (int n = 0; n < NMAX; ++n) G[n] = 0;
   const A bias = p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
   A dsum = 0;
+  // Each step's own inputs are loaded a step ahead, so that their latency overlaps the previous step
+  // (C, the same for every channel, mostly hits L1; holding it ahead cost occupancy: 95 registers).
+  A raw_next = 0, g_next = 0, z_next = 0;
+  auto load_step = [&](int64_t t) {
+    const int64_t r = b * L + t;
+    raw_next = in.raw(r, d, bias);
+    g_next = load(static_cast<const T*>(q.gy), r * D + d);
+    if (p.z) z_next = in.z(r, d);
+  };
+  if (th.ce > th.cs) load_step(th.ce - 1);
   for (int64_t t = th.ce - 1; t >= th.cs; --t) {
     const int64_t r = b * L + t;
-    const A dl = softplus(in.raw(r, d, bias));
+    const A raw = raw_next, zt = z_next;
+    A g = g_next;
+    if (t > th.cs) load_step(t - 1);
+    const A dl = softplus(raw);
     dsum += dl;
-    A g = load(static_cast<const T*>(q.gy), r * D + d);
-    if (p.z) {
-      const A zt = in.z(r, d);
-      g *= zt * sigmoid(zt);
-    }
+    if (p.z) g *= zt * sigmoid(zt);
 #pragma unroll
     for (int n = 0; n < NMAX; ++n)
       if (n < N) G[n] = fast_exp(dl * Ad[n]) * (G[n] + in.C(r, n) * g);
@@ -255,40 +284,6 @@ __global__ void __launch_bounds__(kThreads)
   for (int n = 0; n < NMAX; ++n)
     if (n < N) g_in[slot * N + n] = G[n];
   dsums[slot] = dsum;
-}
-
-// Backward pass 2, a thread per (batch, channel), last chunk to first: the G entering each chunk from
-// its right, in place of the zero-end values, and gh0.
-template <class T, int NMAX>
-__global__ void __launch_bounds__(kThreads)
-    scan_bwd_carry_kernel(SsmScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
-                          const compute_t<T>* __restrict dsums) {
-  using A = compute_t<T>;
-  const SsmScanParams& p = q.fwd;
-  const int64_t b = blockIdx.y, d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, D = p.dim;
-  if (d >= D) return;
-  const int N = static_cast<int>(p.state);
-  A Ad[NMAX], G[NMAX];
-  load_decay_rates<T, NMAX>(p, d, true, Ad);
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n)
-    G[n] = n < N && q.g_hlast ? static_cast<const A*>(q.g_hlast)[(b * D + d) * N + n] : A(0);
-  for (int64_t c = nchunks - 1; c >= 0; --c) {
-    const int64_t slot = (b * nchunks + c) * D + d;
-    const A dsum = dsums[slot];
-#pragma unroll
-    for (int n = 0; n < NMAX; ++n)
-      if (n < N) {
-        const A local = g_in[slot * N + n];
-        g_in[slot * N + n] = G[n];
-        G[n] = exp(dsum * Ad[n]) * G[n] + local;
-      }
-  }
-  if (q.gh0) {
-#pragma unroll
-    for (int n = 0; n < NMAX; ++n)
-      if (n < N) static_cast<A*>(q.gh0)[(b * D + d) * N + n] = G[n];
-  }
 }
 
 // Backward pass 3, batch entries b0.. of a slice: each chunk recomputes its states into scratch, then
@@ -493,33 +488,13 @@ __global__ void scan_bc_finish_kernel(const compute_t<T>* __restrict gB_part,
   }
 }
 
-// gA_log = A * sum over batch and chunks (dA/dA_log = A), gD and gdt_bias: sums over (batch, chunk) in
-// order.
+// gA_log = A * (the sum over batch and chunks of gA), as dA/dA_log = A: column_sum's epilogue.
 template <class T>
-__global__ void scan_param_finish_kernel(SsmScanBwdParams q, int64_t parts, const compute_t<T>* __restrict gA_part,
-                                         const compute_t<T>* __restrict gD_part,
-                                         const compute_t<T>* __restrict gbias_part) {
-  using A = compute_t<T>;
-  const SsmScanParams& p = q.fwd;
-  const int64_t DN = p.dim * p.state;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < DN + p.dim;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    if (e < DN) {
-      A s = 0;
-      for (int64_t b = 0; b < parts; ++b) s += gA_part[b * DN + e];
-      static_cast<T*>(q.gA_log)[e] = convert<T>(s * -exp(load(static_cast<const T*>(p.A_log), e)));
-    } else {
-      const int64_t d = e - DN;
-      A sd = 0, sbias = 0;
-      for (int64_t b = 0; b < parts; ++b) {
-        sd += gD_part[b * p.dim + d];
-        sbias += gbias_part[b * p.dim + d];
-      }
-      if (q.gD) static_cast<T*>(q.gD)[d] = convert<T>(sd);
-      if (q.gdt_bias) static_cast<T*>(q.gdt_bias)[d] = convert<T>(sbias);
-    }
-  }
-}
+struct GradALogStore {
+  T* out;
+  const T* A_log;
+  __device__ void operator()(int64_t e, compute_t<T> v) const { out[e] = convert<T>(v * -exp(load(A_log, e))); }
+};
 
 // Calls fn(std::integral_constant<int, NMAX>) with the smallest supported bound >= state.
 template <class F>
@@ -555,7 +530,8 @@ void ssm_scan_fwd(const SsmScanParams& p) {
   const int64_t nc = ssm_num_chunks(p.len, p.chunk_len);
   const unsigned dim_blocks = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
   const dim3 chunk_grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(p.batch)),
-      carry_grid(dim_blocks, static_cast<unsigned>(p.batch));
+      carry_grid(static_cast<unsigned>((p.dim * p.state + kThreads - 1) / kThreads),
+                 static_cast<unsigned>(p.batch));
   cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "ssm_scan", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -566,7 +542,9 @@ void ssm_scan_fwd(const SsmScanParams& p) {
       constexpr int NMAX = decltype(nmax)::value;
       scan_fwd_chunk_kernel<T, NMAX, false><<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
-      scan_fwd_carry_kernel<T, NMAX><<<carry_grid, kThreads, 0, s>>>(p, nc, states, dsums);
+      scan_carry_kernel<T, false><<<carry_grid, kThreads, 0, s>>>(
+          static_cast<const T*>(p.A_log), p.dim, p.state, nc, states, dsums, static_cast<const A*>(p.h0),
+          static_cast<A*>(p.h_last));
       HYDRA_CUDA_LAUNCH_CHECK();
       scan_fwd_chunk_kernel<T, NMAX, true><<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
@@ -591,7 +569,8 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
   const int64_t nc = ssm_num_chunks(p.len, p.chunk_len);
   const unsigned dim_blocks = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
   const dim3 chunk_grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(p.batch)),
-      carry_grid(dim_blocks, static_cast<unsigned>(p.batch));
+      carry_grid(static_cast<unsigned>((p.dim * p.state + kThreads - 1) / kThreads),
+                 static_cast<unsigned>(p.batch));
   cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "ssm_scan_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -603,7 +582,9 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
       constexpr int NMAX = decltype(nmax)::value;
       scan_bwd_chunk_kernel<T, NMAX><<<chunk_grid, kThreads, 0, s>>>(q, nc, g_in, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
-      scan_bwd_carry_kernel<T, NMAX><<<carry_grid, kThreads, 0, s>>>(q, nc, g_in, dsums);
+      scan_carry_kernel<T, true><<<carry_grid, kThreads, 0, s>>>(
+          static_cast<const T*>(p.A_log), p.dim, p.state, nc, g_in, dsums, static_cast<const A*>(q.g_hlast),
+          static_cast<A*>(q.gh0));
       HYDRA_CUDA_LAUNCH_CHECK();
       for (int64_t b0 = 0; b0 < p.batch; b0 += sc.slice) {
         const dim3 grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(std::min(sc.slice, p.batch - b0)));
@@ -618,9 +599,19 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
     scan_bc_finish_kernel<T><<<blocks_for(rows, 256), 256, 0, s>>>(
         gB_part, gC_part, sc.warps, rows, static_cast<T*>(q.gB), static_cast<T*>(q.gC));
     HYDRA_CUDA_LAUNCH_CHECK();
-    scan_param_finish_kernel<T><<<blocks_for(p.dim * (p.state + 1), 256), 256, 0, s>>>(
-        q, p.batch * nc, gA_part, gA_part + sc.part_a, gA_part + sc.part_a + sc.part_d);
+    // gA_log, gD and gdt_bias: sums over the (batch, chunk) partials, in a fixed order.
+    const int64_t parts = p.batch * nc;
+    column_sum_to(gA_part, parts, p.dim * p.state,
+                  GradALogStore<T>{static_cast<T*>(q.gA_log), static_cast<const T*>(p.A_log)}, s);
     HYDRA_CUDA_LAUNCH_CHECK();
+    if (q.gD) {
+      column_sum(gA_part + sc.part_a, parts, p.dim, static_cast<T*>(q.gD), A(1), s);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+    if (q.gdt_bias) {
+      column_sum(gA_part + sc.part_a + sc.part_d, parts, p.dim, static_cast<T*>(q.gdt_bias), A(1), s);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
   });
 }
 
