@@ -7,8 +7,8 @@
 //   3. each chunk again from its entering state, writing y.
 // Backward, the same for the adjoint G_t = C_t gy_t + a_{t+1} G_{t+1} (section 2), which is linear in
 // G too: each chunk's G from a zero end, then a pass from the last chunk to the first for the true G
-// entering each chunk, then each chunk recomputes its states from the saved chunk-start state into
-// scratch ([step][state][thread], so a warp's accesses coalesce) and walks its steps backward.
+// entering each chunk, then each chunk walks its steps backward, recomputing its states from the saved
+// chunk-start state: checkpoints every few steps in scratch, the steps between them in shared memory.
 // Sums over channels (gB, gC) are warp shuffles into per-warp partials; sums over batch and chunks
 // (gA_log, gD, gdt_bias) are per-(batch, chunk) partials; later kernels add both in a fixed order, so
 // results are bit-reproducible without atomics.
@@ -218,22 +218,40 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Scratch of the backward, in accumulate-type elements.
+// Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub + 1 slots
+// of NMAX states for each of kThreads threads): the largest power of two within 72 KB (3 blocks per SM
+// fit), at least one step. 4-byte types: 8 steps at 16 states (72 KB), 16 at 8.
+constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes) {
+  const int slot = nmax * kThreads * acc_bytes;
+  int steps = 1;
+  while ((2 * steps + 1) * slot <= 72 * 1024) steps *= 2;
+  return steps;
+}
+constexpr size_t scan_bwd_smem(int nmax, int acc_bytes) {
+  return size_t(scan_bwd_sub_steps(nmax, acc_bytes) + 1) * nmax * kThreads * acc_bytes;
+}
+
+// The template bound of the states (dispatch_state's choice).
+constexpr int state_bound(int64_t state) { return state <= 8 ? 8 : state <= 16 ? 16 : state <= 32 ? 32 : 64; }
+
 struct BwdScratch {
-  int64_t hs;                 // recomputed states of one batch slice: (chunk_len + 1) * N * slice * chunks * D
+  int64_t hs;                 // checkpoints of one batch slice: sub-chunks * N * slice * chunks * D
   int64_t g_in, dsums;        // G entering each chunk [B][chunks][D][N]; summed delta [B][chunks][D]
   int64_t part_bc;            // per-warp partials of gB (and of gC)
   int64_t part_a, part_d;     // per-(batch, chunk) partials of gA (and of gD, gdt_bias)
   int64_t warps, slice;       // channel warps; batch entries per launch (bounds the scratch)
 };
 
-// The recomputed states of one launch stay below this (larger batches run in slices).
+// The checkpoints of one launch stay below this (larger batches run in slices).
 constexpr int64_t kStateScratchBytes = int64_t{1} << 30;
 
 BwdScratch scratch_of(const SsmScanParams& p) {
   const int64_t blocks = (p.dim + kThreads - 1) / kThreads, warps = blocks * (kThreads / 32);
   const int64_t cl = std::min(p.chunk_len, p.len), nc = ssm_num_chunks(p.len, p.chunk_len);
   const int64_t a = p.dtype == DType::kF64 ? 8 : 4;
-  const int64_t per_batch = (cl + 1) * p.state * nc * p.dim;
+  const int64_t subs = (cl + scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a)) - 1) /
+                       scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a));
+  const int64_t per_batch = subs * p.state * nc * p.dim;
   const int64_t slice = std::clamp<int64_t>(kStateScratchBytes / (a * std::max<int64_t>(per_batch, 1)), 1, p.batch);
   const int64_t bcd = p.batch * nc * p.dim;
   return {per_batch * slice, bcd * p.state, bcd, warps * p.batch * p.len * p.state, bcd * p.state, bcd, warps, slice};
@@ -286,8 +304,12 @@ __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <
   dsums[slot] = dsum;
 }
 
-// Backward pass 3, batch entries b0.. of a slice: each chunk recomputes its states into scratch, then
-// walks its steps backward from the G entering it.
+// Backward pass 3, batch entries b0.. of a slice. A thread walks its chunk's steps backward from the G
+// entering it; the states it needs (before and after each step) are recomputed a sub-chunk of kSub
+// steps at a time into shared memory, from checkpoints: a first pass over the chunk stores the state
+// entering each sub-chunk in the scratch ([sub-chunk][state][thread column]). Shared memory is the
+// thread's own ([slot][state][thread]: no bank conflicts, no barriers); the scratch holds 1 state per
+// kSub steps instead of every step's (toy shapes: 0.2 GB instead of 1.6 GB written and read again).
 // Blocks per SM the backward asks the compiler to fit: up to 16 states, 3 (at most 168 registers, no
 // spills; 1.3x faster than the 184 registers and 2 blocks it takes unbounded, H200); 4 for up to 8.
 // Double precision (tests) leaves the compiler free.
@@ -300,18 +322,22 @@ template <class T, int NMAX>
 __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
     scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc, compute_t<T>* __restrict ws) {
   using A = compute_t<T>;
+  constexpr int kSub = scan_bwd_sub_steps(NMAX, sizeof(A));
+  extern __shared__ unsigned char smem_raw[];
+  A* hsm = reinterpret_cast<A*>(smem_raw);  // [kSub + 1][NMAX][kThreads]: states before each step, and after
+  auto at = [&](int slot, int n) -> A& { return hsm[(slot * NMAX + n) * kThreads + threadIdx.x]; };
   const SsmScanParams& p = q.fwd;
   const ScanIn<T> in{p};
   const ChunkThread th = chunk_thread(p, b0);
   const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, cs = th.cs, ce = th.ce;
   const int64_t slot = (b * nchunks + th.c) * D + d;
-  // The thread's column of the state scratch, and the scratch's row length.
+  // The thread's column of the checkpoint scratch, and the scratch's row length.
   const int64_t col = (int64_t(blockIdx.z) * nchunks + th.c) * D + d, cols = sc.slice * nchunks * D;
   const int N = static_cast<int>(p.state), lane = threadIdx.x & 31;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const bool live = th.live;
-  A* hs = ws;  // [s][n][col]
-  A* g_in = hs + sc.hs;
+  A* ckpt = ws;  // [k][n][col]: the state entering sub-chunk k
+  A* g_in = ckpt + sc.hs;
   A* gB_part = g_in + sc.g_in + sc.dsums;
   A* gC_part = gB_part + sc.part_bc;
   A* gA_part = gC_part + sc.part_bc;
@@ -329,22 +355,14 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
   const A Dd = live && p.D ? load(static_cast<const T*>(p.D), d) : A(0);
   A gD = 0, gbias = 0;
-  // The state after the step being walked back over: the chunk's last state from the recomputation,
-  // then each step's state before it, carried down (one scratch read per state and step, not two).
-  A h[NMAX];
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n) h[n] = 0;
-  // Up to 16 states, each step's loads are issued together ahead of its stores (below, and the next
-  // recomputed step's inputs are loaded before this step's states are stored): a load the compiler
-  // cannot move above a store to memory that may alias it waits a memory latency of its own.
+  // Up to 16 states, each step's loads are issued together ahead of its stores, and a recomputation
+  // loads the next step's inputs before storing this step's states: a load the compiler cannot move
+  // above a store to memory that may alias it waits a memory latency of its own.
   constexpr bool kHoist = NMAX <= 16;
-  if (live) {  // hs[s] = the state before step cs + s
-#pragma unroll
-    for (int n = 0; n < NMAX; ++n) {
-      h[n] = n < N ? chunk_states[slot * N + n] : A(0);
-      if (n < N) hs[int64_t(n) * cols + col] = h[n];
-    }
-    A raw_next = 0, u_next = 0, B_next[kHoist ? NMAX : 1];
+  // Runs the recurrence from h over steps [t0, t1), calling visit(s, h) with the state before step t0 + s.
+  auto recompute = [&](A (&h)[NMAX], int64_t t0, int64_t t1, auto&& visit) {
+    A raw_next = 0, u_next = 0;
+    [[maybe_unused]] A B_next[kHoist ? NMAX : 1];
     auto load_step = [&](int64_t t) {
       const int64_t r = b * L + t;
       raw_next = in.raw(r, d, bias);
@@ -353,16 +371,17 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
 #pragma unroll
         for (int n = 0; n < NMAX; ++n) B_next[n] = n < N ? in.B(r, n) : A(0);
     };
-    if (cs < ce) load_step(cs);
-    for (int64_t t = cs; t < ce; ++t) {
-      const int64_t r = b * L + t, s = t - cs + 1;
+    if (t0 < t1) load_step(t0);
+    for (int64_t t = t0; t < t1; ++t) {
+      [[maybe_unused]] const int64_t r = b * L + t;
       const A dl = softplus(raw_next), dlu = dl * u_next;
-      A Bt[kHoist ? NMAX : 1];
+      [[maybe_unused]] A Bt[kHoist ? NMAX : 1];
       if constexpr (kHoist) {
 #pragma unroll
         for (int n = 0; n < NMAX; ++n) Bt[n] = B_next[n];
       }
-      if (t + 1 < ce) load_step(t + 1);
+      if (t + 1 < t1) load_step(t + 1);
+      visit(t - t0, h);
 #pragma unroll
       for (int n = 0; n < NMAX; ++n)
         if (n < N) {
@@ -372,94 +391,110 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
           else
             Bn = in.B(r, n);
           h[n] = fast_exp(dl * Ad[n]) * h[n] + dlu * Bn;
-          hs[(s * N + n) * cols + col] = h[n];
         }
     }
+  };
+  const int64_t subs = (ce - cs + kSub - 1) / kSub;
+  A h[NMAX];
+  if (live) {  // the checkpoints: the state entering each sub-chunk
+#pragma unroll
+    for (int n = 0; n < NMAX; ++n) h[n] = n < N ? chunk_states[slot * N + n] : A(0);
+    recompute(h, cs, ce, [&](int64_t s, const A (&hv)[NMAX]) {
+      if (s % kSub != 0) return;
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n)
+        if (n < N) ckpt[((s / kSub) * N + n) * cols + col] = hv[n];
+    });
   }
-  for (int64_t t = ce - 1; t >= cs; --t) {
-    const int64_t r = b * L + t, s = t - cs;
-    A g = 0, ut = 0, dl = 0, dsig = 0, raw = 0, zt = 0;
-    // The step's B, C and scratch states (kHoist), loaded with its other inputs.
-    A Bh[kHoist ? NMAX : 1], Ch[kHoist ? NMAX : 1], hh[kHoist ? NMAX : 1];
-    if (live) {
-      raw = in.raw(r, d, bias);
-      ut = in.u(r, d);
-      g = load(static_cast<const T*>(q.gy), r * D + d);
-      if (p.z) zt = in.z(r, d);
-      if constexpr (kHoist)
+  for (int64_t k = subs - 1; k >= 0; --k) {
+    const int64_t t0 = cs + k * kSub, t1 = min(ce, t0 + kSub);
+    if (live) {  // at(s) = the state before step t0 + s, for s = 0 .. t1 - t0 (the last: after step t1 - 1)
 #pragma unroll
-        for (int n = 0; n < NMAX; ++n)
-          if (n < N) {
-            Bh[n] = in.B(r, n);
-            Ch[n] = in.C(r, n);
-            hh[n] = hs[(s * N + n) * cols + col];
-          } else {
-            Bh[n] = Ch[n] = hh[n] = 0;
-          }
+      for (int n = 0; n < NMAX; ++n) h[n] = n < N ? ckpt[(k * N + n) * cols + col] : A(0);
+      recompute(h, t0, t1, [&](int64_t s, const A (&hv)[NMAX]) {
+#pragma unroll
+        for (int n = 0; n < NMAX; ++n) at(static_cast<int>(s), n) = hv[n];
+      });
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n) at(static_cast<int>(t1 - t0), n) = h[n];
     }
-    auto C_of = [&](int n) {
-      if constexpr (kHoist) return Ch[n];
-      else return in.C(r, n);
-    };
-    if (live) {
-      dl = softplus(raw);
-      dsig = raw > A(20) ? A(1) : sigmoid(raw);
-      if (p.z) {
-        A y_pre = Dd * ut;
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const int64_t r = b * L + t;
+      const int s = static_cast<int>(t - t0);
+      A g = 0, ut = 0, dl = 0, dsig = 0, raw = 0, zt = 0;
+      // The step's B and C (kHoist), loaded with its other inputs.
+      A Bh[kHoist ? NMAX : 1], Ch[kHoist ? NMAX : 1];
+      if (live) {
+        raw = in.raw(r, d, bias);
+        ut = in.u(r, d);
+        g = load(static_cast<const T*>(q.gy), r * D + d);
+        if (p.z) zt = in.z(r, d);
+        if constexpr (kHoist)
 #pragma unroll
-        for (int n = 0; n < NMAX; ++n)
-          if (n < N) y_pre += C_of(n) * h[n];
-        const A sg = sigmoid(zt);
-        static_cast<T*>(q.gz)[r * D + d] = convert<T>(g * y_pre * sg * (A(1) + zt * (A(1) - sg)));
-        g *= zt * sg;
+          for (int n = 0; n < NMAX; ++n) {
+            Bh[n] = n < N ? in.B(r, n) : A(0);
+            Ch[n] = n < N ? in.C(r, n) : A(0);
+          }
       }
-    }
-    gD += g * ut;
-    A gut = Dd * g, gdl = 0;
-    // gB and gC: the warp's sums over its channels, kGroup states at a time (warp_transpose_sum; a
-    // group bounds the registers the partial sums take).
-    constexpr int kGroup = NMAX < 8 ? NMAX : 8, kShare = 32 / kGroup;
+      auto B_of = [&](int n) {
+        if constexpr (kHoist) return Bh[n];
+        else return in.B(r, n);
+      };
+      auto C_of = [&](int n) {
+        if constexpr (kHoist) return Ch[n];
+        else return in.C(r, n);
+      };
+      if (live) {
+        dl = softplus(raw);
+        dsig = raw > A(20) ? A(1) : sigmoid(raw);
+        if (p.z) {
+          A y_pre = Dd * ut;
 #pragma unroll
-    for (int n0 = 0; n0 < NMAX; n0 += kGroup) {
-      A gb[kGroup], gc[kGroup];
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        const int n = n0 + j;
-        gb[j] = gc[j] = 0;
-        if (live && n < N) {
-          A Bn, hp;
-          if constexpr (kHoist) {
-            Bn = Bh[n];
-            hp = hh[n];
-          } else {
-            Bn = in.B(r, n);
-            hp = hs[(s * N + n) * cols + col];
-          }
-          const A Cn = C_of(n), hn = h[n];
-          h[n] = hp;
-          const A an = fast_exp(dl * Ad[n]), Gn = G[n] + Cn * g;
-          gc[j] = g * hn;
-          gb[j] = Gn * dl * ut;
-          gut += Gn * dl * Bn;
-          gdl += Gn * (Ad[n] * an * hp + Bn * ut);
-          gA[n] += Gn * dl * an * hp;
-          G[n] = an * Gn;
+          for (int n = 0; n < NMAX; ++n)
+            if (n < N) y_pre += C_of(n) * at(s + 1, n);
+          const A sg = sigmoid(zt);
+          static_cast<T*>(q.gz)[r * D + d] = convert<T>(g * y_pre * sg * (A(1) + zt * (A(1) - sg)));
+          g *= zt * sg;
         }
       }
-      if (n0 >= N) continue;  // (uniform)
-      warp_transpose_sum<kGroup, 16>(gb, lane);
-      warp_transpose_sum<kGroup, 16>(gc, lane);
-      const int n = n0 + lane / kShare;
-      if (lane % kShare == 0 && n < N) {
-        gB_part[(warp * p.batch * L + r) * N + n] = gb[0];
-        gC_part[(warp * p.batch * L + r) * N + n] = gc[0];
+      gD += g * ut;
+      A gut = Dd * g, gdl = 0;
+      // gB and gC: the warp's sums over its channels, kGroup states at a time (warp_transpose_sum; a
+      // group bounds the registers the partial sums take).
+      constexpr int kGroup = NMAX < 8 ? NMAX : 8, kShare = 32 / kGroup;
+#pragma unroll
+      for (int n0 = 0; n0 < NMAX; n0 += kGroup) {
+        A gb[kGroup], gc[kGroup];
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          const int n = n0 + j;
+          gb[j] = gc[j] = 0;
+          if (live && n < N) {
+            const A Bn = B_of(n), Cn = C_of(n), hp = at(s, n), hn = at(s + 1, n);
+            const A an = fast_exp(dl * Ad[n]), Gn = G[n] + Cn * g;
+            gc[j] = g * hn;
+            gb[j] = Gn * dl * ut;
+            gut += Gn * dl * Bn;
+            gdl += Gn * (Ad[n] * an * hp + Bn * ut);
+            gA[n] += Gn * dl * an * hp;
+            G[n] = an * Gn;
+          }
+        }
+        if (n0 >= N) continue;  // (uniform)
+        warp_transpose_sum<kGroup, 16>(gb, lane);
+        warp_transpose_sum<kGroup, 16>(gc, lane);
+        const int n = n0 + lane / kShare;
+        if (lane % kShare == 0 && n < N) {
+          gB_part[(warp * p.batch * L + r) * N + n] = gb[0];
+          gC_part[(warp * p.batch * L + r) * N + n] = gc[0];
+        }
       }
-    }
-    if (live) {
-      static_cast<T*>(q.gu)[r * D + d] = convert<T>(gut);
-      const A graw = gdl * dsig;
-      static_cast<T*>(q.gdelta)[r * D + d] = convert<T>(graw);
-      gbias += graw;
+      if (live) {
+        static_cast<T*>(q.gu)[r * D + d] = convert<T>(gut);
+        const A graw = gdl * dsig;
+        static_cast<T*>(q.gdelta)[r * D + d] = convert<T>(graw);
+        gbias += graw;
+      }
     }
   }
   if (!live) return;
@@ -501,10 +536,12 @@ template <class F>
 void dispatch_state(int64_t state, F&& fn) {
   HYDRA_CHECK(state >= 1 && state <= 64)
       << "ssm_scan (CUDA): d_state " << state << " is not supported (1..64)";
-  if (state <= 8) return fn(std::integral_constant<int, 8>{});
-  if (state <= 16) return fn(std::integral_constant<int, 16>{});
-  if (state <= 32) return fn(std::integral_constant<int, 32>{});
-  return fn(std::integral_constant<int, 64>{});
+  switch (state_bound(state)) {
+    case 8: return fn(std::integral_constant<int, 8>{});
+    case 16: return fn(std::integral_constant<int, 16>{});
+    case 32: return fn(std::integral_constant<int, 32>{});
+    default: return fn(std::integral_constant<int, 64>{});
+  }
 }
 
 void check_grid(const SsmScanParams& p) {
@@ -588,7 +625,9 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
       HYDRA_CUDA_LAUNCH_CHECK();
       for (int64_t b0 = 0; b0 < p.batch; b0 += sc.slice) {
         const dim3 grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(std::min(sc.slice, p.batch - b0)));
-        scan_bwd_kernel<T, NMAX><<<grid, kThreads, 0, s>>>(q, nc, b0, sc, ws);
+        constexpr size_t smem = scan_bwd_smem(NMAX, sizeof(A));
+        allow_dynamic_smem(scan_bwd_kernel<T, NMAX>, smem, "ssm_scan_backward");
+        scan_bwd_kernel<T, NMAX><<<grid, kThreads, smem, s>>>(q, nc, b0, sc, ws);
         HYDRA_CUDA_LAUNCH_CHECK();
       }
     });
