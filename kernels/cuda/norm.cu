@@ -3,6 +3,7 @@
 // fixed groups of rows, combined in order by a second kernel (deterministic, no atomics).
 #include <algorithm>
 
+#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/rows.cuh"
 #include "kernels/norm.h"
@@ -101,7 +102,7 @@ __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()
 // BlockRow: the block walks the rows in order. WarpRow: warp w takes rows r0 + w, r0 + w + 8, ...; the
 // warps' partials are then added in warp order. Block rows of one pack per thread load the next row
 // while this one is reduced.
-template <class T, int ITEMS, class P>
+template <class T, int ITEMS, class P, bool STAGE>
 __global__ void __launch_bounds__(P::kMaxThreads)
     rmsnorm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w, const compute_t<T>* __restrict rstd,
                            const T* __restrict gy, T* __restrict gx, compute_t<T>* __restrict part, int64_t rows,
@@ -114,18 +115,54 @@ __global__ void __launch_bounds__(P::kMaxThreads)
   RowRegs<T, ITEMS, P> wr;
   if (w) wr.load(w, packs);
   C gw_acc[ITEMS][N] = {};
-  // Prefetching the next row doubles the row registers: only where they fit (no spills) and pay.
-  // Block rows of 2 items: 2.4x slower under BlockRow's 64-register bound, no faster with 255 (H200).
-  // Warp rows: 114 registers with it, and 3-5% slower than 5 blocks per SM without (H100).
+  // The next row is loaded while this one is reduced. Block rows of one pack per thread hold it in
+  // registers. Otherwise (STAGE) cp.async copies it into two shared-memory buffers of the thread's own
+  // (no barriers; a buffer is refilled one row after its values were read). In registers it cost too
+  // much: block rows of 2 items were 2.4x slower under BlockRow's 64-register bound, warp rows took 114
+  // registers.
   constexpr bool kPrefetch = !P::kWarp && ITEMS == 1;
+  static_assert(!(STAGE && kPrefetch), "one way of prefetching");
   RowRegs<T, ITEMS, P> xn, gn;
   if (kPrefetch && first < r1) {
     xn.load(x + first * cols, packs);
     gn.load(gy + first * cols, packs);
   }
+  extern __shared__ __align__(16) unsigned char stage_raw[];  // [buffer][x, gy][ITEMS][blockDim.x]
+  auto* stage = reinterpret_cast<RowPack<T>*>(stage_raw);
+  auto slot = [&](int buf, int tensor, int k) -> RowPack<T>& {
+    return stage[((buf * 2 + tensor) * ITEMS + k) * blockDim.x + threadIdx.x];
+  };
+  auto stage_row = [&](int buf, int64_t r) {
+    const auto* xs = reinterpret_cast<const RowPack<T>*>(x + r * cols);
+    const auto* gs = reinterpret_cast<const RowPack<T>*>(gy + r * cols);
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+      const int64_t i = RowRegs<T, ITEMS, P>::index(k);
+      const bool valid = i < packs;
+      cp_async16(&slot(buf, 0, k), valid ? xs + i : xs, valid);
+      cp_async16(&slot(buf, 1, k), valid ? gs + i : gs, valid);
+    }
+    cp_async_commit();
+  };
+  int buf = 0;
+  if (STAGE && first < r1) stage_row(0, first);
   for (int64_t r = first; r < r1; r += step) {
     RowRegs<T, ITEMS, P> xr, gr;
-    if constexpr (kPrefetch) {
+    if constexpr (STAGE) {
+      if (r + step < r1) {
+        stage_row(buf ^ 1, r + step);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+        xr.in[k] = gr.in[k] = RowRegs<T, ITEMS, P>::index(k) < packs;
+        xr.p[k] = slot(buf, 0, k);
+        gr.p[k] = slot(buf, 1, k);
+      }
+      buf ^= 1;
+    } else if constexpr (kPrefetch) {
       xr = xn;
       gr = gn;
       if (r + step < r1) {
@@ -192,7 +229,8 @@ __global__ void __launch_bounds__(P::kMaxThreads)
 // Rows per backward block, at most kGwRows. Block rows: about 1056 blocks (8 per SM of an H100) to
 // hide memory latency. Warp rows: about 264 blocks (2 per SM), a multiple of 8 rows each; each warp
 // then walks 8 rows or more and the gw partials (written and summed again) are 4x fewer (at width 384:
-// 1.2x faster than 1056 blocks, H100). Depends on the shape only, so the gw summation order is fixed.
+// 1.2x faster than 1056 blocks on the H100, and 0.61 / 0.58 / 0.55 of copy for 264 / 528 / 1056 on the
+// H200). Depends on the shape only, so the gw summation order is fixed.
 int64_t bwd_group(int64_t rows, bool warp) {
   const int64_t target = warp ? 264 : 1056;
   const int64_t g = std::clamp<int64_t>((rows + target - 1) / target, 1, kGwRows);
@@ -254,7 +292,19 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
       const int64_t group = bwd_group(p.rows, l.warp), blocks = (p.rows + group - 1) / group;
       C* part = p.gw ? static_cast<C*>(p.workspace) : nullptr;
       dispatch_layout<kBwdWarpItems>(l, [&](auto items, auto policy) {
-        rmsnorm_bwd_vec_kernel<T, items.value, decltype(policy)><<<blocks, l.threads, 0, s>>>(
+        constexpr int kItems = items.value;
+        using Policy = decltype(policy);
+        // Staging takes two buffers of x and gy: up to 2 packs per thread, within 48 KB.
+        const size_t smem = size_t(2) * 2 * kItems * l.threads * sizeof(RowPack<T>);
+        if constexpr (kItems <= 2 && (Policy::kWarp || kItems > 1)) {
+          if (smem <= 48 * 1024) {
+            rmsnorm_bwd_vec_kernel<T, kItems, Policy, true><<<blocks, l.threads, smem, s>>>(
+                x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part, p.rows, p.cols,
+                C(1.0 / double(p.cols)), group);
+            return;
+          }
+        }
+        rmsnorm_bwd_vec_kernel<T, kItems, Policy, false><<<blocks, l.threads, 0, s>>>(
             x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part, p.rows, p.cols,
             C(1.0 / double(p.cols)), group);
       });
