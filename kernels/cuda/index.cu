@@ -45,17 +45,34 @@ __global__ void sort_input_kernel(const I* __restrict index, int64_t* __restrict
   }
 }
 
-// Block j handles the run of equal keys that starts at sorted position j (other blocks return).
+// Block j handles the run of equal keys that starts at sorted position j (other blocks return). A
+// thread per column walks the run 8 entries at a time: their keys, positions and values are loaded
+// together, then added in run order (the same sums, bit for bit, as one entry at a time). One entry at
+// a time made a frequent row (a common token's embedding) a chain of dependent loads as long as its run.
 template <class T>
 __global__ void segment_add_kernel(const int64_t* __restrict keys, const int32_t* __restrict pos,
                                    const T* __restrict src, T* __restrict table, int64_t n, int64_t cols) {
   using C = compute_t<T>;
+  constexpr int kBatch = 8;
   const int64_t j = blockIdx.x;
   if (j > 0 && keys[j] == keys[j - 1]) return;
   const int64_t row = keys[j];
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     C acc = 0;
-    for (int64_t k = j; k < n && keys[k] == row; ++k) acc += load(src, static_cast<int64_t>(pos[k]) * cols + c);
+    for (int64_t k = j;; k += kBatch) {
+      bool in[kBatch];
+      C v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t e = k + u;
+        in[u] = e < n && keys[e] == row;  // keys are sorted: once out of the run, out for good
+        v[u] = in[u] ? load(src, static_cast<int64_t>(pos[e]) * cols + c) : C(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        if (in[u]) acc += v[u];
+      if (!in[kBatch - 1]) break;
+    }
     table[row * cols + c] = convert<T>(load(table, row * cols + c) + acc);
   }
 }
