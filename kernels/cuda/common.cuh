@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <string_view>
 
 #include "kernels/base/check.h"
@@ -172,6 +173,33 @@ __device__ __forceinline__ MaxSum<A> online_add(MaxSum<A> a, A v) {
   return {v, a.s * fast_exp(a.m - v) + A(1)};
 }
 
+// Programmatic dependent launch (Hopper): a kernel launched with launch_after_previous() may be scheduled
+// while the kernel before it in the stream is still finishing; it must call wait_for_previous_grid()
+// before touching global memory, which returns once that kernel has completed and its writes are
+// visible. What overlaps is the launch and the block scheduling, not the work. Elsewhere both are
+// plain launches and no-ops.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+template <class... KArgs, class... Args>
+void launch_after_previous(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                           Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  HYDRA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(std::forward<Args>(args))...));
+}
+
 // Column sums of per-block partials: out(j, sum over b of part[b * cols + j]). A block is W columns x
 // 1024 / W slices; slice y sums b = y, y + 1024 / W, ...; the slices combine in a fixed tree, so the
 // result is bit-reproducible. `out` is a functor (the sum's epilogue). Launch with column_sum().
@@ -181,6 +209,7 @@ __global__ void __launch_bounds__(1024) column_sum_kernel(const A* __restrict pa
   constexpr int S = 1024 / W;
   __shared__ A tile[S][W + 1];
   const int64_t j = blockIdx.x * int64_t(W) + threadIdx.x;
+  wait_for_previous_grid();  // the partials come from the kernel before (launch_after_previous)
   A acc = 0;
   if (j < cols)
     for (int64_t b = threadIdx.y; b < blocks; b += S) acc += part[b * cols + j];
@@ -207,8 +236,8 @@ template <class A, class Out>
 void column_sum_to(const A* part, int64_t blocks, int64_t cols, Out out, cudaStream_t stream) {
   auto launch = [&](auto w) {
     constexpr int W = decltype(w)::value;
-    column_sum_kernel<W, A, Out><<<static_cast<unsigned int>((cols + W - 1) / W), dim3(W, 1024 / W), 0, stream>>>(
-        part, blocks, cols, out);
+    launch_after_previous(column_sum_kernel<W, A, Out>, dim3(static_cast<unsigned int>((cols + W - 1) / W)),
+                          dim3(W, 1024 / W), 0, stream, part, blocks, cols, out);
   };
   if (cols >= 32 * 128) launch(std::integral_constant<int, 32>{});
   else if (cols >= 16 * 64) launch(std::integral_constant<int, 16>{});

@@ -14,6 +14,7 @@ struct CopyGeometry {
 template <class S, class D>
 __global__ void strided_copy_kernel(const S* __restrict__ src, D* __restrict__ dst, CopyGeometry g,
                                     int64_t n) {
+  wait_for_previous_grid();  // launched with launch_after_previous
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     int64_t rem = i, so = 0, dof = 0;
@@ -29,6 +30,7 @@ __global__ void strided_copy_kernel(const S* __restrict__ src, D* __restrict__ d
 
 template <class T>
 __global__ void fill_kernel(T* __restrict__ dst, int64_t n, T value) {
+  wait_for_previous_grid();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     dst[i] = value;
@@ -51,8 +53,8 @@ void strided_copy(const StridedCopyParams& p) {
     using S = typename decltype(st)::type;
     dispatch_all(p.dst_dtype, [&](auto dt) {
       using D = typename decltype(dt)::type;
-      strided_copy_kernel<S, D><<<blocks_for(n, 256), 256, 0, as_stream(p.stream)>>>(
-          static_cast<const S*>(p.src), static_cast<D*>(p.dst), g, n);
+      launch_after_previous(strided_copy_kernel<S, D>, dim3(blocks_for(n, 256)), dim3(256), 0, as_stream(p.stream),
+                            static_cast<const S*>(p.src), static_cast<D*>(p.dst), g, n);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });
@@ -63,8 +65,8 @@ void fill(const FillParams& p) {
   dispatch_all(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T v = convert<T>(p.value);
-    fill_kernel<T>
-        <<<blocks_for(p.n, 256), 256, 0, as_stream(p.stream)>>>(static_cast<T*>(p.dst), p.n, v);
+    launch_after_previous(fill_kernel<T>, dim3(blocks_for(p.n, 256)), dim3(256), 0, as_stream(p.stream),
+                          static_cast<T*>(p.dst), p.n, v);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }

@@ -73,6 +73,7 @@ constexpr int kUnaryUnroll = 4;
 template <class T, UnaryOp kOp>
 __global__ void unary_fwd_kernel(const T* __restrict x, T* __restrict y, int64_t n, double alpha, double beta,
                                  bool vec) {
+  wait_for_previous_grid();  // launched with launch_after_previous
   using C = compute_t<T>;
   const C a = static_cast<C>(alpha), b = static_cast<C>(beta);
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -120,6 +121,7 @@ void dispatch_unary(UnaryOp op, F&& fn) {
 template <class T>
 __global__ void unary_bwd_kernel(UnaryOp op, const T* __restrict x, const T* __restrict y, const T* __restrict gy,
                                  T* __restrict gx, int64_t n, double alpha) {
+  wait_for_previous_grid();
   using C = compute_t<T>;
   const C a = static_cast<C>(alpha);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -147,6 +149,7 @@ struct Geometry {
 template <class T>
 __global__ void binary_kernel(BinaryOp op, const T* __restrict a, const T* __restrict b, T* __restrict out, Geometry g,
                               int64_t n) {
+  wait_for_previous_grid();
   using C = compute_t<T>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t rem = i, ao = 0, bo = 0;
@@ -163,6 +166,7 @@ __global__ void binary_kernel(BinaryOp op, const T* __restrict a, const T* __res
 template <class T>
 __global__ void binary_contiguous_kernel(BinaryOp op, const T* __restrict a, const T* __restrict b, T* __restrict out,
                                          int64_t n) {
+  wait_for_previous_grid();
   using C = compute_t<T>;
   constexpr int kN = Pack<T>::kN;
   const auto* ap = reinterpret_cast<const Pack<T>*>(a);
@@ -187,8 +191,9 @@ void unary_fwd(const UnaryParams& p) {
     const bool vec = aligned16(p.x) && aligned16(p.y) && p.n % Pack<T>::kN == 0;
     const int64_t work = vec ? (p.n / Pack<T>::kN + kUnaryUnroll - 1) / kUnaryUnroll : p.n;
     dispatch_unary(p.op, [&](auto op) {
-      unary_fwd_kernel<T, decltype(op)::value><<<blocks_for(work, 256), 256, 0, as_stream(p.stream)>>>(
-          static_cast<const T*>(p.x), static_cast<T*>(p.y), p.n, p.alpha, p.beta, vec);
+      launch_after_previous(unary_fwd_kernel<T, decltype(op)::value>, dim3(blocks_for(work, 256)), dim3(256), 0,
+                            as_stream(p.stream), static_cast<const T*>(p.x), static_cast<T*>(p.y), p.n, p.alpha,
+                            p.beta, vec);
     });
     HYDRA_CUDA_LAUNCH_CHECK();
   });
@@ -198,9 +203,9 @@ void unary_bwd(const UnaryBwdParams& p) {
   if (p.n == 0) return;
   dispatch_float(p.dtype, "unary_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    unary_bwd_kernel<T><<<blocks_for(p.n, 256), 256, 0, as_stream(p.stream)>>>(
-        p.op, static_cast<const T*>(p.x), static_cast<const T*>(p.y), static_cast<const T*>(p.gy),
-        static_cast<T*>(p.gx), p.n, p.alpha);
+    launch_after_previous(unary_bwd_kernel<T>, dim3(blocks_for(p.n, 256)), dim3(256), 0, as_stream(p.stream), p.op,
+                          static_cast<const T*>(p.x), static_cast<const T*>(p.y), static_cast<const T*>(p.gy),
+                          static_cast<T*>(p.gx), p.n, p.alpha);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -220,11 +225,12 @@ void binary(const BinaryParams& p) {
     using T = typename decltype(tag)::type;
     const bool contiguous = p.ndim == 1 && p.a_strides[0] == 1 && p.b_strides[0] == 1;
     if (contiguous && aligned16(p.a) && aligned16(p.b) && aligned16(p.out) && n % Pack<T>::kN == 0) {
-      binary_contiguous_kernel<T><<<blocks_for(n / Pack<T>::kN, 256), 256, 0, as_stream(p.stream)>>>(
-          p.op, static_cast<const T*>(p.a), static_cast<const T*>(p.b), static_cast<T*>(p.out), n);
+      launch_after_previous(binary_contiguous_kernel<T>, dim3(blocks_for(n / Pack<T>::kN, 256)), dim3(256), 0,
+                            as_stream(p.stream), p.op, static_cast<const T*>(p.a), static_cast<const T*>(p.b),
+                            static_cast<T*>(p.out), n);
     } else {
-      binary_kernel<T><<<blocks_for(n, 256), 256, 0, as_stream(p.stream)>>>(
-          p.op, static_cast<const T*>(p.a), static_cast<const T*>(p.b), static_cast<T*>(p.out), g, n);
+      launch_after_previous(binary_kernel<T>, dim3(blocks_for(n, 256)), dim3(256), 0, as_stream(p.stream), p.op,
+                            static_cast<const T*>(p.a), static_cast<const T*>(p.b), static_cast<T*>(p.out), g, n);
     }
     HYDRA_CUDA_LAUNCH_CHECK();
   });

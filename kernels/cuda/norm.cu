@@ -75,6 +75,7 @@ __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()
   __shared__ C shared[32];
   const int64_t row = P::row(), packs = cols / N;
   if (row >= rows) return;  // whole warps (WarpRow) or nothing (BlockRow)
+  wait_for_previous_grid();
   RowRegs<T, ITEMS, P> xr, wr;
   xr.load(x + row * cols, packs);
   if (w) wr.load(w, packs);  // before the reduction: its latency overlaps x's instead of following it
@@ -112,6 +113,7 @@ __global__ void __launch_bounds__(P::kMaxThreads)
   __shared__ C shared[32];
   const int64_t packs = cols / N, r0 = blockIdx.x * group, r1 = min(rows, r0 + group);
   const int64_t step = P::kWarp ? kWarpRowsPerBlock : 1, first = r0 + (P::kWarp ? threadIdx.x >> 5 : 0);
+  wait_for_previous_grid();
   RowRegs<T, ITEMS, P> wr;
   if (w) wr.load(w, packs);
   C gw_acc[ITEMS][N] = {};
@@ -254,10 +256,10 @@ void rmsnorm_fwd(const RmsNormParams& p) {
     const RowLayout l = row_layout(p.cols, pack_width<T>(), kFwdWarpItems);
     if (l.items && aligned16(p.x) && aligned16(p.y) && (!p.w || aligned16(p.w))) {
       dispatch_layout<kFwdWarpItems>(l, [&](auto items, auto policy) {
-        rmsnorm_fwd_vec_kernel<T, items.value, decltype(policy)><<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
-            static_cast<const T*>(p.x), static_cast<const T*>(p.w), static_cast<T*>(p.y),
-            static_cast<compute_t<T>*>(p.rstd), p.rows, p.cols, compute_t<T>(1.0 / double(p.cols)),
-            compute_t<T>(p.eps));
+        launch_after_previous(rmsnorm_fwd_vec_kernel<T, items.value, decltype(policy)>, dim3(l.blocks(p.rows)),
+                              dim3(l.threads), 0, as_stream(p.stream), static_cast<const T*>(p.x),
+                              static_cast<const T*>(p.w), static_cast<T*>(p.y), static_cast<compute_t<T>*>(p.rstd),
+                              p.rows, p.cols, compute_t<T>(1.0 / double(p.cols)), compute_t<T>(p.eps));
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       return;
@@ -298,15 +300,15 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
         const size_t smem = size_t(2) * 2 * kItems * l.threads * sizeof(RowPack<T>);
         if constexpr (kItems <= 2 && (Policy::kWarp || kItems > 1)) {
           if (smem <= 48 * 1024) {
-            rmsnorm_bwd_vec_kernel<T, kItems, Policy, true><<<blocks, l.threads, smem, s>>>(
-                x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part, p.rows, p.cols,
-                C(1.0 / double(p.cols)), group);
+            launch_after_previous(rmsnorm_bwd_vec_kernel<T, kItems, Policy, true>, dim3(blocks), dim3(l.threads),
+                                  smem, s, x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part,
+                                  p.rows, p.cols, C(1.0 / double(p.cols)), group);
             return;
           }
         }
-        rmsnorm_bwd_vec_kernel<T, kItems, Policy, false><<<blocks, l.threads, 0, s>>>(
-            x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part, p.rows, p.cols,
-            C(1.0 / double(p.cols)), group);
+        launch_after_previous(rmsnorm_bwd_vec_kernel<T, kItems, Policy, false>, dim3(blocks), dim3(l.threads), 0, s,
+                              x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part, p.rows, p.cols,
+                              C(1.0 / double(p.cols)), group);
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       if (p.gw) {
