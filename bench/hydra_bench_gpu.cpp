@@ -186,14 +186,26 @@ int run(int argc, char** argv) {
     if (a == "--json" && i + 1 < argc) json = argv[++i];
     else if (a == "--quick") quick = true;
     else if (a == "--only" && i + 1 < argc) g_only = argv[++i];
-    else {
-      std::fprintf(stderr, "hydra-bench-gpu: unknown argument '%s' (expected --json FILE, --quick, --only TEXT)\n",
+    else if (a == "--help" || a == "-h") {
+      std::printf(
+          "hydra-bench-gpu: the CUDA backend's GEMMs, sparse attention and memory-bound kernels at the shapes\n"
+          "of toy and hydra-1.6b, each against its floor measured in the same run (device copy of 1 GiB,\n"
+          "bf16 GEMM 8192^3) and, for memory-bound ops, a copy of the op's own size. Times are CUDA-event\n"
+          "medians of 20 calls after 3 warm-up calls, with the stream held before each start event so that\n"
+          "they measure the device. Compare with PyTorch: bench/torch_compare.py, then bench/gpu_report.py.\n\n"
+          "  --json FILE   also write the rows as JSON (for bench/gpu_report.py)\n"
+          "  --quick       skip the toy-shape GEMM and attention rows\n"
+          "  --only TEXT   run only the rows whose name contains TEXT (e.g. under ncu)\n");
+      return 0;
+    } else {
+      std::fprintf(stderr,
+                   "hydra-bench-gpu: unknown argument '%s' (expected --json FILE, --quick, --only TEXT; see --help)\n",
                    a.c_str());
       return 2;
     }
   }
   if (!cuda_available()) {
-    std::fprintf(stderr, "hydra-bench-gpu: no CUDA device\n");
+    std::fprintf(stderr, "hydra-bench-gpu: no CUDA device (run it on a machine with an NVIDIA GPU)\n");
     return 1;
   }
   std::printf("hydra-bench-gpu on %s\n", kc::device_name(0).c_str());
