@@ -101,8 +101,7 @@ __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()
 
 // A block per group of rows [r0, r1): gx for each row, and the group's gw partial summed in registers.
 // BlockRow: the block walks the rows in order. WarpRow: warp w takes rows r0 + w, r0 + w + 8, ...; the
-// warps' partials are then added in warp order. Block rows of one pack per thread load the next row
-// while this one is reduced.
+// warps' partials are then added in warp order. The next row is loaded while this one is reduced.
 template <class T, int ITEMS, class P, bool STAGE>
 __global__ void __launch_bounds__(P::kMaxThreads)
     rmsnorm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w, const compute_t<T>* __restrict rstd,
