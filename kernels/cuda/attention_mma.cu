@@ -280,6 +280,46 @@ __device__ __forceinline__ bool key_tile_all_visible(const Pattern& pat, const W
                           o0 + W <= keys.n0);
 }
 
+// A block's place: (batch, head) from blockIdx.y, the kOwnRows rows of `len` it owns from
+// blockIdx.x
+// ([first, first + count)), and the thread's lane, warp and lane-in-quad.
+struct OwnRows {
+  int64_t b, h, first, count;
+  int lane, warp, tg;
+  __device__ OwnRows(int64_t heads, int64_t len)
+      : b(blockIdx.y / heads),
+        h(blockIdx.y % heads),
+        first(int64_t(blockIdx.x) * kOwnRows),
+        count(min(int64_t(kOwnRows), len - first)),
+        lane(static_cast<int>(threadIdx.x & 31)),
+        warp(static_cast<int>(threadIdx.x >> 5)),
+        tg(lane & 3) {}
+  // This lane's rows of the warp's 16: lane_row() and lane_row() + 8.
+  __device__ int64_t lane_row() const { return first + warp * 16 + (lane >> 2); }
+};
+
+// Double-buffered tiles: stages tile t + 1, if any, into the other buffer, then waits for tile t.
+template <class Stage>
+__device__ __forceinline__ void next_tile(int t, int tiles, Stage&& stage) {
+  if (t + 1 < tiles) stage(t + 1, (t & 1) ^ 1);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+}
+
+// This lane's part of row r (0: lane_row, 1: lane_row + 8) of a 16 x D accumulator, times scale, as
+// bf16 into dst (the row's first column); columns from dh on are padding and are not written.
+template <int D>
+__device__ __forceinline__ void store_row(bf16* dst, const float (&acc)[D / 8][4], int r,
+                                          float scale, int dh, int tg) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    if (n * 8 >= dh) break;
+    *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) =
+        pack_bf16(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+  }
+}
+
 // ---- Forward ------------------------------------------------------------------------------------
 
 template <int D>
@@ -310,9 +350,9 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const FwdLayout<D> sm(smem_raw);
   const int dh = static_cast<int>(p.head_dim);
-  const int64_t b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
-  const int64_t i0 = int64_t(blockIdx.x) * kOwnRows, nq = min(int64_t(kOwnRows), p.q_len - i0);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tg = lane & 3;
+  const OwnRows own(p.heads, p.q_len);
+  const int64_t b = own.b, h = own.h, i0 = own.first, nq = own.count;
+  const int warp = own.warp, tg = own.tg;
   const bf16* q = static_cast<const bf16*>(p.q);
   const bf16* k = static_cast<const bf16*>(p.k);
   const bf16* v = static_cast<const bf16*>(p.v);
@@ -331,16 +371,13 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
   cp_async_commit();
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
-  const int64_t row0 = i0 + warp * 16 + (lane >> 2);  // this lane's queries: row0 and row0 + 8
+  const int64_t row0 = own.lane_row();  // this lane's queries: row0 and row0 + 8
   const RowInfo ri = query_rows(pat, row0, p.q_len);
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
   for (int t = 0; t < tiles; ++t) {
     const int buf = static_cast<int>(t & 1);
-    if (t + 1 < tiles) stage_keys(t + 1, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+    next_tile(t, tiles, stage_keys);
     float s[W / 8][4];
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
 
@@ -392,14 +429,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int64_t i = row0 + r * 8;
     if (i >= p.q_len) continue;
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    bf16* dst = out + lay.dq(b, i, h);
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      if (n * 8 >= dh) break;
-      *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) =
-          pack_bf16(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-    }
+    store_row<D>(out + lay.dq(b, i, h), o, r, sum > 0.0f ? 1.0f / sum : 0.0f, dh, tg);
     if (tg == 0) lse[lay.stat(b, h, i)] = sum > 0.0f ? m[r] * kLn2 + logf(sum) : -INFINITY;
   }
 }
@@ -442,9 +472,9 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DqLayout<D> sm(smem_raw);
   const int dh = static_cast<int>(p.head_dim);
-  const int64_t b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
-  const int64_t i0 = int64_t(blockIdx.x) * kOwnRows, nq = min(int64_t(kOwnRows), p.q_len - i0);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tg = lane & 3;
+  const OwnRows own(p.heads, p.q_len);
+  const int64_t b = own.b, h = own.h, i0 = own.first, nq = own.count;
+  const int warp = own.warp, tg = own.tg;
   const bf16* k = static_cast<const bf16*>(p.k);
   const bf16* v = static_cast<const bf16*>(p.v);
 
@@ -463,7 +493,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   cp_async_commit();
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
-  const int64_t row0 = i0 + warp * 16 + (lane >> 2);
+  const int64_t row0 = own.lane_row();
   const RowInfo ri = query_rows(pat, row0, p.q_len);
   float lse2[2], dlt[2];
 #pragma unroll
@@ -476,10 +506,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   float dq[D / 8][4] = {};
   for (int t = 0; t < tiles; ++t) {
     const int buf = static_cast<int>(t & 1);
-    if (t + 1 < tiles) stage_keys(t + 1, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+    next_tile(t, tiles, stage_keys);
     float s[W / 8][4], dp[W / 8][4];
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
     mma_xyt<D, W>(dp, sm.go, warp * 16, sm.v + buf * W * P);
@@ -506,14 +533,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t i = row0 + r * 8;
-    if (i >= p.q_len) continue;
-    bf16* dst = gq + lay.dq(b, i, h);
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      if (n * 8 >= dh) break;
-      *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) =
-          pack_bf16(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
-    }
+    if (i < p.q_len) store_row<D>(gq + lay.dq(b, i, h), dq, r, scale, dh, tg);
   }
 }
 
@@ -552,9 +572,9 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DkvLayout<D> sm(smem_raw);
   const int dh = static_cast<int>(p.head_dim);
-  const int64_t b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
-  const int64_t j0 = int64_t(blockIdx.x) * kOwnRows, nk = min(int64_t(kOwnRows), p.k_len - j0);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tg = lane & 3;
+  const OwnRows own(p.heads, p.k_len);
+  const int64_t b = own.b, h = own.h, j0 = own.first, nk = own.count;
+  const int warp = own.warp, tg = own.tg;
   const bf16* q = static_cast<const bf16*>(p.q);
   const bf16* go = static_cast<const bf16*>(g.gout);
   const float* lse = static_cast<const float*>(p.lse);
@@ -583,15 +603,12 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   cp_async_commit();
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
-  const int64_t key0 = j0 + warp * 16 + (lane >> 2);  // this lane's keys: key0 and key0 + 8
+  const int64_t key0 = own.lane_row();  // this lane's keys: key0 and key0 + 8
   const RowInfo ri = key_rows(pat, key0, p.k_len);
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   for (int t = 0; t < tiles; ++t) {
     const int buf = static_cast<int>(t & 1);
-    if (t + 1 < tiles) stage_queries(t + 1, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+    next_tile(t, tiles, stage_queries);
     float s[W / 8][4], dp[W / 8][4];
     mma_xyt<D, W>(s, sm.k, warp * 16, sm.q + buf * W * P);    // S^T [key][query]
     mma_xyt<D, W>(dp, sm.v, warp * 16, sm.go + buf * W * P);  // dP^T
@@ -626,16 +643,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   for (int r = 0; r < 2; ++r) {
     const int64_t j = key0 + r * 8;
     if (j >= p.k_len) continue;
-    bf16* dk_dst = gk + lay.dk(b, j, h);
-    bf16* dv_dst = gv + lay.dk(b, j, h);
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      if (n * 8 >= dh) break;
-      *reinterpret_cast<unsigned*>(dk_dst + n * 8 + tg * 2) =
-          pack_bf16(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale);
-      *reinterpret_cast<unsigned*>(dv_dst + n * 8 + tg * 2) =
-          pack_bf16(dv[n][2 * r], dv[n][2 * r + 1]);
-    }
+    store_row<D>(gk + lay.dk(b, j, h), dk, r, scale, dh, tg);
+    store_row<D>(gv + lay.dk(b, j, h), dv, r, 1.0f, dh, tg);
   }
 }
 
