@@ -163,6 +163,11 @@ std::pair<Tensor, Tensor> sparse_attention_with_lse(const Tensor& q, const Tenso
                                                     const Tensor& v, const AttentionPattern& pattern,
                                                     double scale, int64_t q_pos0 = 0,
                                                     int64_t k_pos0 = 0);
+// Partial attentions of the same queries over disjoint key sets, merged with the log-sum-exp rule:
+// outs [P, B, L, H, dh], lses [P, B, H, L] (accumulate dtype; -inf: the part saw no key) ->
+// {o [B, L, H, dh], lse [B, H, L]} with lse = log sum_i exp(lse_i), o = sum_i exp(lse_i - lse) o_i.
+// Differentiable in outs and lses. To drop a part for some queries, set its lse there to -inf.
+std::pair<Tensor, Tensor> merge_attention(const Tensor& outs, const Tensor& lses);
 // Rotary embedding of x [B, L, H, dh] at positions pos0 + t (kernels/rope.h).
 Tensor rope(const Tensor& x, int64_t pos0, double theta);
 

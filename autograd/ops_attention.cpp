@@ -98,6 +98,55 @@ Tensor sparse_attention(const Tensor& q, const Tensor& k, const Tensor& v, const
   return sparse_attention_with_lse(q, k, v, pattern, scale, q_pos0, k_pos0).first;
 }
 
+std::pair<Tensor, Tensor> merge_attention(const Tensor& outs_in, const Tensor& lses_in) {
+  HYDRA_CHECK(outs_in.dim() == 5 && lses_in.dim() == 4)
+      << "merge_attention: outs must be [P, B, L, H, dh] and lses [P, B, H, L], got " << shape_str(outs_in.shape())
+      << " and " << shape_str(lses_in.shape());
+  const int64_t P = outs_in.size(0), B = outs_in.size(1), L = outs_in.size(2), H = outs_in.size(3),
+                dh = outs_in.size(4);
+  HYDRA_CHECK(lses_in.shape() == Shape({P, B, H, L}))
+      << "merge_attention: outs " << shape_str(outs_in.shape()) << " need lses [" << P << ", " << B << ", " << H
+      << ", " << L << "], got " << shape_str(lses_in.shape());
+  HYDRA_CHECK(is_floating(outs_in.dtype()) && outs_in.device() == lses_in.device())
+      << "merge_attention: floating outs and lses on one device expected";
+  const DType dt = outs_in.dtype(), acc = accumulate_dtype(dt);
+  const Device dev = outs_in.device();
+  const Tensor outs = outs_in.contiguous(), lses = lses_in.to(acc).contiguous();
+  Tensor o = Tensor::empty({B, L, H, dh}, dt, dev), lse = Tensor::empty({B, H, L}, acc, dev);
+  kernels::AttentionMergeParams p;
+  p.dtype = dt;
+  p.parts = P;
+  p.batch = B;
+  p.len = L;
+  p.heads = H;
+  p.head_dim = dh;
+  p.outs = outs.raw_data();
+  p.lses = lses.raw_data();
+  p.out = o.raw_data();
+  p.lse = lse.raw_data();
+  p.stream = current_stream(dev);
+  if (lse.numel() > 0) HYDRA_LAUNCH(dev, attention_merge_fwd, p);
+  if (any_requires_grad({outs_in, lses_in})) {
+    std::vector<SavedTensor> saved = {SavedTensor(outs), SavedTensor(lses), SavedTensor(o), SavedTensor(lse)};
+    record_op("merge_attention", {outs_in, lses_in}, {o, lse}, [=](const std::vector<Tensor>& g) {
+      for (const SavedTensor& s : saved) (void)s.get();
+      const Tensor go = g[0].defined() ? g[0].to(dt).contiguous() : Tensor();
+      const Tensor gl = g.size() > 1 && g[1].defined() ? g[1].to(acc).contiguous() : Tensor();
+      Tensor gouts = Tensor::empty({P, B, L, H, dh}, dt, dev), glses = Tensor::empty({P, B, H, L}, acc, dev);
+      kernels::AttentionMergeBwdParams bp;
+      bp.fwd = p;
+      bp.fwd.stream = current_stream(dev);
+      bp.gout = go.defined() ? go.raw_data() : nullptr;
+      bp.glse = gl.defined() ? gl.raw_data() : nullptr;
+      bp.gouts = gouts.raw_data();
+      bp.glses = glses.raw_data();
+      if (glses.numel() > 0) HYDRA_LAUNCH(dev, attention_merge_bwd, bp);
+      return std::vector<Tensor>{gouts, glses};
+    });
+  }
+  return {o, lse};
+}
+
 namespace {
 
 Tensor rope_raw(const Tensor& x_in, int64_t pos0, double theta, bool inverse) {

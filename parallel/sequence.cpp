@@ -69,147 +69,33 @@ SelectiveScanResult selective_scan(Communicator& sp, const Tensor& u, const Tens
 
 // ---- merging partial attentions -------------------------------------------------------------------
 
-namespace {
-
-template <class T>
-struct MergeView {
-  int64_t B, L, H, dh;
-  std::vector<const T*> o, lse;
-  const std::vector<std::vector<uint8_t>>* excluded;
-  bool drop(std::size_t part, int64_t l) const {
-    return excluded != nullptr && part < excluded->size() && !(*excluded)[part].empty() && (*excluded)[part][l];
-  }
-};
-
-// Per (b, h, l): the part weights w_i = exp(lse_i - lse) (0 where a part is dropped or empty) and lse.
-template <class T>
-T weights(const MergeView<T>& m, int64_t b, int64_t h, int64_t l, std::vector<T>& w) {
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  T mx = kNegInf;
-  const int64_t li = (b * m.H + h) * m.L + l;
-  for (std::size_t i = 0; i < m.lse.size(); ++i)
-    if (!m.drop(i, l)) mx = std::max(mx, m.lse[i][li]);
-  if (mx == kNegInf) {
-    std::fill(w.begin(), w.end(), T(0));
-    return kNegInf;
-  }
-  T z = 0;
-  for (std::size_t i = 0; i < m.lse.size(); ++i) {
-    w[i] = m.drop(i, l) || m.lse[i][li] == kNegInf ? T(0) : std::exp(m.lse[i][li] - mx);
-    z += w[i];
-  }
-  for (T& x : w) x /= z;
-  return mx + std::log(z);
-}
-
-template <class T>
-void merge_forward(const MergeView<T>& m, T* o, T* lse) {
-  std::vector<T> w(m.o.size());
-  for (int64_t b = 0; b < m.B; ++b)
-    for (int64_t h = 0; h < m.H; ++h)
-      for (int64_t l = 0; l < m.L; ++l) {
-        lse[(b * m.H + h) * m.L + l] = weights(m, b, h, l, w);
-        T* dst = o + ((b * m.L + l) * m.H + h) * m.dh;
-        std::fill_n(dst, m.dh, T(0));
-        for (std::size_t i = 0; i < m.o.size(); ++i) {
-          if (w[i] == T(0)) continue;
-          const T* src = m.o[i] + ((b * m.L + l) * m.H + h) * m.dh;
-          for (int64_t c = 0; c < m.dh; ++c) dst[c] += w[i] * src[c];
-        }
-      }
-}
-
-// g_o_i = w_i g_o;  g_lse_i = w_i (<g_o, o_i - o> + g_lse).
-template <class T>
-void merge_backward(const MergeView<T>& m, const T* o, const T* go, const T* glse, const std::vector<T*>& go_i,
-                    const std::vector<T*>& glse_i) {
-  std::vector<T> w(m.o.size());
-  for (int64_t b = 0; b < m.B; ++b)
-    for (int64_t h = 0; h < m.H; ++h)
-      for (int64_t l = 0; l < m.L; ++l) {
-        const int64_t li = (b * m.H + h) * m.L + l, oi = ((b * m.L + l) * m.H + h) * m.dh;
-        weights(m, b, h, l, w);
-        T go_o = 0;
-        if (go != nullptr)
-          for (int64_t c = 0; c < m.dh; ++c) go_o += go[oi + c] * o[oi + c];
-        for (std::size_t i = 0; i < m.o.size(); ++i) {
-          T go_oi = 0;
-          for (int64_t c = 0; c < m.dh; ++c) {
-            const T g = go != nullptr ? go[oi + c] : T(0);
-            go_i[i][oi + c] = w[i] * g;
-            go_oi += g * m.o[i][oi + c];
-          }
-          glse_i[i][li] = w[i] == T(0) ? T(0) : w[i] * (go_oi - go_o + (glse != nullptr ? glse[li] : T(0)));
-        }
-      }
-}
-
-}  // namespace
-
 std::pair<Tensor, Tensor> merge_attention(const std::vector<Tensor>& outs_in, const std::vector<Tensor>& lses_in,
                                           const std::vector<std::vector<uint8_t>>& excluded) {
   HYDRA_CHECK(!outs_in.empty() && outs_in.size() == lses_in.size()) << "merge_attention: parts differ in count";
+  HYDRA_CHECK(excluded.size() <= outs_in.size()) << "merge_attention: " << excluded.size() << " masks for "
+                                                 << outs_in.size() << " parts";
   const Tensor& o0 = outs_in[0];
-  HYDRA_CHECK(o0.device().is_cpu()) << "merge_attention: CPU only for now (sequence-parallel sparse attention runs on the CPU backend)";
-  const int64_t B = o0.size(0), L = o0.size(1), H = o0.size(2), dh = o0.size(3);
-  const DType dt = o0.dtype();
+  HYDRA_CHECK(o0.dim() == 4) << "merge_attention: parts must be [B, L, H, dh], got " << shape_str(o0.shape());
+  const int64_t B = o0.size(0), L = o0.size(1), H = o0.size(2);
   std::vector<Tensor> outs, lses;
   for (std::size_t i = 0; i < outs_in.size(); ++i) {
     HYDRA_CHECK(outs_in[i].shape() == o0.shape() && lses_in[i].shape() == Shape({B, H, L}))
         << "merge_attention: part " << i << " has shapes " << shape_str(outs_in[i].shape()) << " and "
-        << shape_str(lses_in[i].shape());
-    outs.push_back(outs_in[i].to(dt).contiguous());
-    lses.push_back(lses_in[i].to(dt).contiguous());
-  }
-  Tensor o = Tensor::empty(o0.shape(), dt), lse = Tensor::empty({B, H, L}, dt);
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    MergeView<T> m{B, L, H, dh, {}, {}, &excluded};
-    for (std::size_t i = 0; i < outs.size(); ++i) {
-      m.o.push_back(outs[i].template data<T>());
-      m.lse.push_back(lses[i].template data<T>());
+        << shape_str(lses_in[i].shape()) << ", part 0 " << shape_str(o0.shape());
+    Tensor lse = lses_in[i];
+    if (i < excluded.size() && !excluded[i].empty()) {
+      // A dropped part weighs exp(-inf) = 0 for those queries (and gets no gradient there).
+      HYDRA_CHECK(static_cast<int64_t>(excluded[i].size()) == L)
+          << "merge_attention: part " << i << "'s mask has " << excluded[i].size() << " entries for " << L
+          << " queries";
+      std::vector<double> mask(L);
+      for (int64_t l = 0; l < L; ++l) mask[l] = excluded[i][l] ? -std::numeric_limits<double>::infinity() : 0.0;
+      lse = add(lse, tensor(mask, {1, 1, L}, lse.device()).to(lse.dtype()));
     }
-    merge_forward(m, o.template data<T>(), lse.template data<T>());
-  };
-  if (dt == DType::kF64) {
-    run(double{});
-  } else {
-    HYDRA_CHECK(dt == DType::kF32) << "merge_attention: f32 or f64";
-    run(float{});
+    outs.push_back(outs_in[i].unsqueeze(0));
+    lses.push_back(lse.unsqueeze(0));
   }
-  std::vector<Tensor> inputs = outs_in;
-  inputs.insert(inputs.end(), lses_in.begin(), lses_in.end());
-  if (any_requires_grad(inputs)) {
-    const Tensor so = o.detach();
-    record_op("merge_attention", inputs, {o, lse}, [outs, lses, excluded, so, dt, B, L, H, dh](const std::vector<Tensor>& g) {
-      const std::size_t n = outs.size();
-      std::vector<Tensor> grads;
-      for (std::size_t i = 0; i < n; ++i) grads.push_back(Tensor::empty({B, L, H, dh}, dt));
-      for (std::size_t i = 0; i < n; ++i) grads.push_back(Tensor::empty({B, H, L}, dt));
-      const Tensor go = g[0].defined() ? g[0].to(dt).contiguous() : Tensor();
-      const Tensor gl = g.size() > 1 && g[1].defined() ? g[1].to(dt).contiguous() : Tensor();
-      auto run_bwd = [&](auto tag) {
-        using T = decltype(tag);
-        MergeView<T> m{B, L, H, dh, {}, {}, &excluded};
-        std::vector<T*> go_i, gl_i;
-        for (std::size_t i = 0; i < n; ++i) {
-          m.o.push_back(outs[i].template data<T>());
-          m.lse.push_back(lses[i].template data<T>());
-          go_i.push_back(grads[i].template data<T>());
-          gl_i.push_back(grads[n + i].template data<T>());
-        }
-        merge_backward(m, so.template data<T>(), go.defined() ? go.template data<T>() : nullptr,
-                       gl.defined() ? gl.template data<T>() : nullptr, go_i, gl_i);
-      };
-      if (dt == DType::kF64) {
-        run_bwd(double{});
-      } else {
-        run_bwd(float{});
-      }
-      return grads;
-    });
-  }
-  return {o, lse};
+  return hydra::merge_attention(concat(outs, 0), concat(lses, 0));
 }
 
 // ---- sparse attention over a split sequence -------------------------------------------------------

@@ -246,7 +246,97 @@ void attention_bwd_impl(const AttentionBwdParams& q) {
   });
 }
 
+// The merge's rows: (b, h, l) in lse order, with the offset of its out row.
+struct MergeRows {
+  int64_t B, L, H, dh, rows, out_part, lse_part;
+  explicit MergeRows(const AttentionMergeParams& p)
+      : B(p.batch), L(p.len), H(p.heads), dh(p.head_dim), rows(p.batch * p.heads * p.len),
+        out_part(p.batch * p.len * p.heads * p.head_dim), lse_part(p.batch * p.heads * p.len) {}
+  int64_t out_offset(int64_t row) const {
+    const int64_t l = row % L, bh = row / L;
+    return ((bh / H * L + l) * H + bh % H) * dh;
+  }
+};
+
+template <class T>
+void attention_merge_fwd_impl(const AttentionMergeParams& p) {
+  const MergeRows m(p);
+  const T* outs = static_cast<const T*>(p.outs);
+  const T* lses = static_cast<const T*>(p.lses);
+  T* out = static_cast<T*>(p.out);
+  T* lse = static_cast<T*>(p.lse);
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  parallel_for(m.rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      T mx = kNegInf;
+      for (int64_t i = 0; i < p.parts; ++i) mx = std::max(mx, lses[i * m.lse_part + row]);
+      T* dst = out + m.out_offset(row);
+      std::fill_n(dst, m.dh, T(0));
+      if (mx == kNegInf) {
+        lse[row] = kNegInf;
+        continue;
+      }
+      T z = 0;
+      for (int64_t i = 0; i < p.parts; ++i) z += std::exp(lses[i * m.lse_part + row] - mx);
+      for (int64_t i = 0; i < p.parts; ++i) {
+        const T w = std::exp(lses[i * m.lse_part + row] - mx) / z;
+        if (w == T(0)) continue;
+        const T* src = outs + i * m.out_part + m.out_offset(row);
+        for (int64_t c = 0; c < m.dh; ++c) dst[c] += w * src[c];
+      }
+      lse[row] = mx + std::log(z);
+    }
+  });
+}
+
+template <class T>
+void attention_merge_bwd_impl(const AttentionMergeBwdParams& q) {
+  const AttentionMergeParams& p = q.fwd;
+  const MergeRows m(p);
+  const T* outs = static_cast<const T*>(p.outs);
+  const T* lses = static_cast<const T*>(p.lses);
+  const T* out = static_cast<const T*>(p.out);
+  const T* lse = static_cast<const T*>(p.lse);
+  const T* gout = static_cast<const T*>(q.gout);
+  const T* glse = static_cast<const T*>(q.glse);
+  T* gouts = static_cast<T*>(q.gouts);
+  T* glses = static_cast<T*>(q.glses);
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  parallel_for(m.rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t o = m.out_offset(row);
+      T go_o = 0;
+      if (gout != nullptr)
+        for (int64_t c = 0; c < m.dh; ++c) go_o += gout[o + c] * out[o + c];
+      const T extra = glse != nullptr ? glse[row] : T(0);
+      for (int64_t i = 0; i < p.parts; ++i) {
+        const T li = lses[i * m.lse_part + row];
+        const T w = li == kNegInf || lse[row] == kNegInf ? T(0) : std::exp(li - lse[row]);
+        const T* oi = outs + i * m.out_part + o;
+        T* gi = gouts + i * m.out_part + o;
+        T go_oi = 0;
+        for (int64_t c = 0; c < m.dh; ++c) {
+          const T g = gout != nullptr ? gout[o + c] : T(0);
+          gi[c] = w * g;
+          go_oi += g * oi[c];
+        }
+        glses[i * m.lse_part + row] = w == T(0) ? T(0) : w * (go_oi - go_o + extra);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void attention_merge_fwd(const AttentionMergeParams& p) {
+  dispatch_float(p.dtype, "merge_attention",
+                 [&](auto tag) { attention_merge_fwd_impl<typename decltype(tag)::type>(p); });
+}
+
+void attention_merge_bwd(const AttentionMergeBwdParams& p) {
+  dispatch_float(p.fwd.dtype, "merge_attention_backward",
+                 [&](auto tag) { attention_merge_bwd_impl<typename decltype(tag)::type>(p); });
+}
 
 void attention_fwd(const AttentionParams& p) {
   dispatch_float(p.dtype, "attention", [&](auto tag) { attention_fwd_impl<typename decltype(tag)::type>(p); });

@@ -116,6 +116,54 @@ TEST(SparseAttention, GradcheckFloat64WithLogSumExpOutput) {
   }
 }
 
+// Attention over keys split in three blocks, merged, is attention over all of them; so is its lse.
+TEST(MergeAttention, PartsOverSplitKeysMergeToTheWhole) {
+  const Tensor q = randn64({2, 7, 2, 4}, 20, 1.0, false), k = randn64({2, 11, 2, 4}, 21, 1.0, false),
+               v = randn64({2, 11, 2, 4}, 22, 1.0, false);
+  const AttentionPattern dense{0, 0};
+  // Queries at positions 11..17 see every key (positions 0..10).
+  const auto [want_o, want_l] = sparse_attention_with_lse(q, k, v, dense, 0.5, 11, 0);
+  std::vector<Tensor> os, ls;
+  for (const auto& [s0, n] : {std::pair<int64_t, int64_t>{0, 4}, {4, 6}, {10, 1}}) {
+    auto [o, l] = sparse_attention_with_lse(q, k.narrow(1, s0, n), v.narrow(1, s0, n), dense, 0.5, 11, s0);
+    os.push_back(o.unsqueeze(0));
+    ls.push_back(l.unsqueeze(0));
+  }
+  const auto [o, l] = merge_attention(concat(os, 0), concat(ls, 0));
+  EXPECT_LT(testing::rel_error(o, want_o), 1e-13);
+  EXPECT_LT(testing::rel_error(l, want_l), 1e-13);
+}
+
+// Parts that saw no key (lse -inf) weigh nothing; a query no part saw gets out 0 and lse -inf.
+TEST(MergeAttention, GradcheckFloat64WithEmptyParts) {
+  const int64_t P = 3, B = 2, L = 5, H = 2, dh = 3;
+  auto lse = randn64({P, B, H, L}, 31, 1.0, false).to_vector<double>();
+  const double kNegInf = -std::numeric_limits<double>::infinity();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      lse[((1 * B + b) * H + h) * L + 1] = kNegInf;  // part 1 empty for query 1
+      for (int64_t i = 0; i < P; ++i) lse[((i * B + b) * H + h) * L + 3] = kNegInf;  // query 3: no part
+    }
+  Tensor lses = tensor(lse, {P, B, H, L});
+  lses.set_requires_grad(true);
+  {
+    const auto [o, l] = merge_attention(randn64({P, B, L, H, dh}, 30, 1.0, false), lses.detach());
+    const auto ov = o.to_vector<double>(), lv = l.to_vector<double>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        EXPECT_EQ(lv[(b * H + h) * L + 3], kNegInf);
+        for (int64_t c = 0; c < dh; ++c) EXPECT_EQ(ov[((b * L + 3) * H + h) * dh + c], 0.0);
+      }
+  }
+  // The lse output at query 3 is -inf (no finite difference): check the gradients through exp(lse).
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) {
+        auto [o, l] = merge_attention(in[0], in[1]);
+        return std::vector<Tensor>{o, exp(l)};
+      },
+      (std::vector<Tensor>{randn64({P, B, L, H, dh}, 30), lses}));
+}
+
 TEST(SparseAttention, GradcheckFloat64ThroughStridedQkvSlices) {
   HYDRA_EXPECT_GRADCHECK(
       [](const std::vector<Tensor>& in) {

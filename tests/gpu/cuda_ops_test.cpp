@@ -389,6 +389,28 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
              {rnd({2, 67, 12, 16}, 65)}, {true}, t);
 }
 
+// Parts with lse -inf (no key) here and there, and one query that no part saw; lse compared through
+// exp (a -inf output has no relative error).
+TEST(CudaOps, MergeAttentionMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  struct Case {
+    int64_t P, B, L, H, dh;
+  };
+  for (const Case& c : std::vector<Case>{{1, 1, 1, 1, 1}, {2, 2, 37, 3, 16}, {3, 1, 65, 2, 64}, {4, 2, 19, 1, 128},
+                                         {5, 1, 33, 2, 24}})
+    for (DType t : kTypes) {
+      auto lse = rnd({c.P, c.B, c.H, c.L}, 70).to_vector<float>();
+      for (std::size_t i = 0; i < lse.size(); i += 7) lse[i] = -INFINITY;
+      for (int64_t i = 0; i < c.P; ++i) lse[i * c.B * c.H * c.L + c.L - 1] = -INFINITY;  // b 0, h 0, last query
+      check_op("merge_attention",
+               [](const std::vector<Tensor>& in) {
+                 auto [o, l] = merge_attention(in[0], in[1]);
+                 return std::vector<Tensor>{o, exp(l)};
+               },
+               {rnd({c.P, c.B, c.L, c.H, c.dh}, 71), tensor(lse, {c.P, c.B, c.H, c.L})}, {true, true}, t);
+    }
+}
+
 TEST(CudaOps, SelectiveScanMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   struct Case {
