@@ -63,7 +63,7 @@ class Communicator {
   double all_reduce_host(double value, ReduceOp op = ReduceOp::kSum);
 
   std::chrono::seconds timeout() const { return timeout_; }
-  void set_timeout(std::chrono::seconds t) { timeout_ = t; }
+  virtual void set_timeout(std::chrono::seconds t) { timeout_ = t; }
 
  protected:
   std::chrono::seconds timeout_{600};

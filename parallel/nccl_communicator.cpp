@@ -93,6 +93,11 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> bootstrap, i
   impl_->compute = cuda_compute_stream(device_);
 }
 
+void NcclCommunicator::set_timeout(std::chrono::seconds t) {
+  timeout_ = t;
+  bootstrap_->set_timeout(t);
+}
+
 NcclCommunicator::~NcclCommunicator() {
   if (impl_ && impl_->comm) {
     cudaSetDevice(device_);

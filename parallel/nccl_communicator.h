@@ -36,6 +36,7 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<Communicator> split(int color, int key, std::string name) const override;
   // Host waits until everything queued on this communicator has finished (deadline: timeout()).
   void synchronize() override;
+  void set_timeout(std::chrono::seconds t) override;
 
  private:
   struct Impl;

@@ -9,6 +9,7 @@
 #include "autograd/cuda_context.h"
 #include "kernels/base/check.h"
 #include "parallel/mpi_communicator.h"
+#include "parallel/staged_communicator.h"
 #if HYDRA_WITH_CUDA
 #include "parallel/nccl_communicator.h"
 #endif
@@ -69,9 +70,16 @@ void finalize_processes() {
   g_started_mpi = false;
 }
 
-std::unique_ptr<Communicator> world_communicator(bool gpu) {
+std::unique_ptr<Communicator> world_communicator(bool gpu, CommBackend backend) {
+  HYDRA_CHECK(gpu || backend != CommBackend::kNccl)
+      << "parallel.comm = NCCL moves CUDA tensors; with train.device = cpu use parallel.comm = MPI (or AUTO)";
   const Device dev = gpu ? Device::cuda(device_for_rank()) : Device::cpu();
   if (!g_info.distributed) return std::make_unique<SelfCommunicator>("world", dev);
+  if (gpu && backend != CommBackend::kMpi) {
+    // NCCL refuses two ranks of one communicator on one GPU; say so before it does, and what to do.
+    const std::string problem = nccl_placement_problem();
+    HYDRA_CHECK(problem.empty()) << "rank " << g_info.rank << ": " << problem;
+  }
   MPI_Comm dup = MPI_COMM_NULL;
   HYDRA_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup) == MPI_SUCCESS) << "rank " << g_info.rank << ": MPI_Comm_dup failed";
   auto mpi = std::make_unique<MpiCommunicator>(dup, "world");
@@ -79,6 +87,7 @@ std::unique_ptr<Communicator> world_communicator(bool gpu) {
   if (const char* env = std::getenv("HYDRA_COMM_TIMEOUT_S"); env != nullptr && std::atoi(env) > 0)
     mpi->set_timeout(std::chrono::seconds(std::atoi(env)));
   if (!gpu) return mpi;
+  if (backend == CommBackend::kMpi) return std::make_unique<HostStagedCommunicator>(std::move(mpi), dev);
 #if HYDRA_WITH_CUDA
   return std::make_unique<NcclCommunicator>(std::move(mpi), dev.index);
 #else
@@ -94,6 +103,16 @@ void abort_job(int code, const std::string& message) {
   MPI_Finalized(&down);
   if (up && !down && g_info.size > 1) MPI_Abort(MPI_COMM_WORLD, code);
   std::exit(code);
+}
+
+std::string nccl_placement_problem() {
+  const int gpus = cuda_available() ? cuda_device_count() : 0;
+  if (!g_info.distributed || g_info.local_size <= gpus) return "";
+  return std::to_string(g_info.local_size) + " ranks on this host but " + std::to_string(gpus) +
+         " GPU(s) visible; NCCL needs one GPU per rank: start at most " + std::to_string(gpus) +
+         " ranks per host (mpirun --map-by ppr:" + std::to_string(gpus) +
+         ":node, srun --ntasks-per-node), or set parallel.comm = MPI to stage GPU tensors through host memory "
+         "(slow: for tests and debugging)";
 }
 
 int device_for_rank() {

@@ -24,13 +24,22 @@ const ProcessInfo& process_info();
 // Finalizes MPI when init_processes started it (at exit of main).
 void finalize_processes();
 
-// The world: an MPI communicator of all ranks, or a SelfCommunicator in a single process. `gpu`: NCCL
-// over CUDA tensors (bootstrapped over MPI) instead of MPI over CPU tensors.
-std::unique_ptr<Communicator> world_communicator(bool gpu = false);
+// How CUDA tensors travel between ranks: NCCL (one GPU per rank), or MPI with the tensors staged
+// through host memory (parallel/staged_communicator.h: slow, but ranks may share a GPU). kAuto: NCCL
+// for CUDA tensors. CPU tensors always travel over MPI.
+enum class CommBackend { kAuto, kNccl, kMpi };
+
+// The world: an MPI communicator of all ranks, or a SelfCommunicator in a single process. `gpu`: its
+// tensors live on this rank's CUDA device, and travel as `backend` says.
+std::unique_ptr<Communicator> world_communicator(bool gpu = false, CommBackend backend = CommBackend::kAuto);
 
 // Prints "rank R: message" to stderr and ends every rank of the job (MPI_Abort) with `code`; in a
 // single process, exits with `code`.
 [[noreturn]] void abort_job(int code, const std::string& message);
+
+// Why NCCL cannot run this job's ranks (more ranks on this host than visible GPUs), with what to do
+// about it; empty when it can.
+std::string nccl_placement_problem();
 
 // The CUDA device this rank should use: local_rank modulo the visible devices (one GPU per rank).
 int device_for_rank();

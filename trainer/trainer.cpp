@@ -79,6 +79,9 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
                             " processes; this is a single process (start it with mpirun -np " +
                             std::to_string(shape.size()) + " or srun -n " + std::to_string(shape.size()) + ")");
   const bool gpu = t->cfg_.train().device() == "cuda";
+  if (!gpu && p.comm() == config::ParallelConfig::NCCL)
+    return invalid_argument(source + ": parallel.comm = NCCL moves CUDA tensors, but train.device = cpu; use "
+                            "parallel.comm = MPI (or AUTO), or train.device = cuda");
   if (gpu) {
     if (!cuda_available())
       return failed_precondition(source + ": train.device = cuda but no CUDA device is available (or this build has "
@@ -86,7 +89,13 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
     t->device_ = Device::cuda(distributed ? parallel::device_for_rank() : 0);
   }
   if (distributed) {
-    auto world = parallel::world_communicator(gpu);
+    const parallel::CommBackend backend =
+        p.comm() == config::ParallelConfig::MPI ? parallel::CommBackend::kMpi : parallel::CommBackend::kAuto;
+    if (gpu && backend != parallel::CommBackend::kMpi)
+      if (const std::string problem = parallel::nccl_placement_problem(); !problem.empty())
+        return failed_precondition(source + ": train.device = cuda with parallel.comm = " +
+                                   config::ParallelConfig::Comm_Name(p.comm()) + ": " + problem);
+    auto world = parallel::world_communicator(gpu, backend);
     world->set_timeout(std::chrono::seconds(static_cast<int64_t>(std::ceil(p.timeout_s()))));
     HYDRA_ASSIGN_OR_RETURN(t->grid_, parallel::ProcessGrid::create(std::move(world), shape, source));
   } else {

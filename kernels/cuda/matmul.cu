@@ -130,13 +130,23 @@ const Plan& plan_for(const GemmParams& p, int device) {
   return cache.emplace(key, pl).first->second;
 }
 
+// C[b][i][j] += bias[j]: the bias of an f64 GEMM (cuBLAS's f64 GEMM has no epilogue). f64 runs on the
+// GPU for tests (float64 grids against the CPU), so a plain kernel will do.
+__global__ void add_bias_f64_kernel(double* c, const double* __restrict bias, int64_t rows, int64_t n, int64_t ldc,
+                                    int64_t m, int64_t stride_c) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < rows * n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / n, j = e % n;
+    c[r / m * stride_c + r % m * ldc + j] += bias[j];
+  }
+}
+
 }  // namespace
 
 void gemm(const GemmParams& p) {
   if (p.m == 0 || p.n == 0 || p.batch == 0) return;
   cudaStream_t s = as_stream(p.stream);
   if (p.dtype == DType::kF64) {
-    HYDRA_CHECK(p.bias == nullptr) << "gemm: f64 on CUDA takes no fused bias";
     cublasHandle_t h = handles().blas;
     HYDRA_CUBLAS_CHECK(cublasSetStream(h, s));
     const double alpha = p.alpha, beta = p.beta;
@@ -144,6 +154,12 @@ void gemm(const GemmParams& p) {
         h, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, p.n, p.m, p.k, &alpha,
         static_cast<const double*>(p.b), p.ldb, p.stride_b, static_cast<const double*>(p.a), p.lda, p.stride_a, &beta,
         static_cast<double*>(p.c), p.ldc, p.stride_c, p.batch));
+    if (p.bias != nullptr) {
+      const int64_t rows = p.batch * p.m;
+      add_bias_f64_kernel<<<blocks_for(rows * p.n, 256), 256, 0, s>>>(
+          static_cast<double*>(p.c), static_cast<const double*>(p.bias), rows, p.n, p.ldc, p.m, p.stride_c);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
     return;
   }
   HYDRA_CHECK(p.dtype == DType::kF32 || p.dtype == DType::kBF16)

@@ -188,6 +188,10 @@ TEST(CudaOps, MatmulAndLinearMatchCpu) {
              [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{grouped_linear(in[0], in[1], big)}; },
              {rnd({3300, 1024}, 28), rnd({3, 1000, 1024}, 29, 0.03)}, {true, true}, t);
   }
+  // f64 (float64 grids on the GPU against the CPU): cuBLAS's f64 GEMM and a separate bias kernel.
+  check_op("linear+bias f64",
+           [](const std::vector<Tensor>& in) { return std::vector<Tensor>{linear(in[0], in[1], in[2])}; },
+           {rnd({2, 37, 96}, 21), rnd({80, 96}, 22, 0.1), rnd({80}, 23)}, {true, true, true}, DType::kF64);
 }
 
 TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {

@@ -1,6 +1,6 @@
 // The communicators' collectives and the process grid, run under mpirun with 1, 2 and 4 ranks (ctest
-// label mpi). Every collective test runs twice: over MPI on CPU tensors and over NCCL on CUDA tensors
-// (skipped without one GPU per rank). Every check uses values that differ per rank, so a collective that
+// label mpi). Every collective test runs three times: over MPI on CPU tensors, over NCCL on CUDA tensors
+// (skipped without one GPU per rank), and over MPI on CUDA tensors staged through host memory. Every check uses values that differ per rank, so a collective that
 // moved the wrong data (or none) fails.
 #include <gtest/gtest.h>
 
@@ -19,17 +19,23 @@ namespace {
 
 std::unique_ptr<Communicator> world() { return world_communicator(false); }
 
-// Parameter: false = MPI over CPU tensors, true = NCCL over CUDA tensors.
-class CommunicatorTest : public ::testing::TestWithParam<bool> {
+// The three ways tensors travel: MPI over CPU tensors, NCCL over CUDA tensors (skipped without one GPU
+// per rank), and MPI over CUDA tensors staged through host memory (skipped without a GPU).
+enum class Path { kMpi, kNccl, kStaged };
+
+class CommunicatorTest : public ::testing::TestWithParam<Path> {
  protected:
   void SetUp() override {
-    if (!GetParam()) return;
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): NCCL test skipped";
-    if (cuda_device_count() < process_info().local_size)
+    if (GetParam() == Path::kMpi) return;
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped";
+    if (GetParam() == Path::kNccl && cuda_device_count() < process_info().local_size)
       GTEST_SKIP() << "NCCL needs one GPU per rank: " << process_info().local_size << " ranks on this host, "
                    << cuda_device_count() << " GPU(s)";
   }
-  std::unique_ptr<Communicator> comm() const { return world_communicator(GetParam()); }
+  std::unique_ptr<Communicator> comm() const {
+    return world_communicator(GetParam() != Path::kMpi,
+                              GetParam() == Path::kStaged ? CommBackend::kMpi : CommBackend::kAuto);
+  }
   // Tensors live on the communicator's device; results are read back on the host after the
   // communication stream has finished.
   static Tensor on(const Communicator& c, const Tensor& t) { return t.to(c.device()); }
@@ -39,8 +45,24 @@ class CommunicatorTest : public ::testing::TestWithParam<bool> {
   }
 };
 
-INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorTest, ::testing::Values(false, true),
-                         [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "nccl" : "mpi"; });
+INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorTest, ::testing::Values(Path::kMpi, Path::kNccl, Path::kStaged),
+                         [](const ::testing::TestParamInfo<Path>& i) {
+                           return i.param == Path::kMpi ? "mpi" : i.param == Path::kNccl ? "nccl" : "staged";
+                         });
+
+// More ranks on a host than GPUs: NCCL would refuse two ranks on one GPU; the error says what to do.
+TEST(Runtime, NcclWithMoreRanksThanGpusSaysWhatToDo) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped";
+  if (cuda_device_count() >= process_info().local_size || !process_info().distributed)
+    GTEST_SKIP() << "needs more ranks on this host than GPUs";
+  try {
+    world_communicator(true, CommBackend::kNccl);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("NCCL needs one GPU per rank"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("parallel.comm = MPI"), std::string::npos) << e.what();
+  }
+}
 
 // Values of rank r: r * 100 + i (+ 0.5 to catch integer truncation).
 Tensor rank_values(int r, int64_t n) {
@@ -71,6 +93,14 @@ TEST_P(CommunicatorTest, AllReduceSumMaxAndAsync) {
   for (int q = 0; q < n; ++q) sum0 += q * 100.0 + 100002.5;
   EXPECT_FLOAT_EQ(av[100002], float(sum0));
   EXPECT_DOUBLE_EQ(w->all_reduce_host(double(r + 1)), n * (n + 1) / 2.0);
+  if (!w->on_gpu()) return;  // MPI on CPU tensors has no bf16 sum
+  // bf16 (NCCL natively; staged: summed in f32 on the host): small integers, exact in bf16.
+  std::vector<double> small(9);
+  for (int64_t i = 0; i < 9; ++i) small[i] = double((r + 1) * (i % 4 + 1));
+  Tensor b = on(*w, tensor(small, {9}).to(DType::kBF16));
+  w->all_reduce(b, ReduceOp::kSum);
+  const auto bv = back(*w, b).to_vector<double>();
+  for (int64_t i = 0; i < 9; ++i) EXPECT_EQ(bv[i], n * (n + 1) / 2.0 * double(i % 4 + 1)) << i;
 }
 
 TEST_P(CommunicatorTest, AllGatherAndReduceScatterAreAdjoint) {

@@ -13,6 +13,7 @@
 
 #include <filesystem>
 
+#include "autograd/cuda_context.h"
 #include "configs/config_io.h"
 #include "parallel/runtime.h"
 #include "tests/model/model_util.h"
@@ -64,18 +65,26 @@ std::unique_ptr<model::LanguageModel> tiny_model(DType dtype) {
 }
 
 // A grid of `shape` over the world, or null when the world has another size (the test then skips).
-std::unique_ptr<ProcessGrid> grid_of(const GridShape& shape) {
-  auto world = parallel::world_communicator(false);
+// gpu: its tensors on this rank's GPU, moved by `backend`.
+std::unique_ptr<ProcessGrid> grid_of(const GridShape& shape, bool gpu = false,
+                                     parallel::CommBackend backend = parallel::CommBackend::kAuto) {
+  auto world = parallel::world_communicator(gpu, backend);
   if (world->size() != shape.size()) return nullptr;
   auto g = ProcessGrid::create(std::move(world), shape, "test");
   EXPECT_TRUE(g.ok()) << g.status().message();
   return g.ok() ? std::move(*g) : nullptr;
 }
 
+struct OnGpu {
+  bool on = false;
+  parallel::CommBackend backend = parallel::CommBackend::kAuto;
+};
+
 // preset: every gradient starts as a zero tensor of its own, so the reducer copies them into its
 // buckets (as after earlier micro-batches) instead of the backward writing into the buckets directly.
-void expect_same_step(const GridShape& shape, bool preset = false) {
-  auto grid = grid_of(shape);
+// gpu.on: the grid runs on the GPU (float64 kernels) against the one process on the CPU.
+void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {}) {
+  auto grid = grid_of(shape, gpu.on, gpu.backend);
   if (!grid) GTEST_SKIP() << "needs " << shape.size() << " ranks";
   const data::Batch batch = global_batch(11);
   trainer::StepSettings s;  // every path on
@@ -84,6 +93,10 @@ void expect_same_step(const GridShape& shape, bool preset = false) {
   const trainer::StepLosses want = trainer::forward_backward(*ref, *single, nullptr, batch, s);
 
   auto dist = tiny_model(DType::kF64);
+  if (gpu.on) {
+    s.device = grid->world().device();
+    dist->to(s.device);
+  }
   if (shape.ep > 1) dist->shard_experts(grid->ep_rank(), shape.ep);
   auto reducer = trainer::make_reducer(*dist, *grid, 1.0 / 64);  // small buckets: several per step
   const int64_t per = kBatch / grid->data_ranks();
@@ -114,6 +127,7 @@ void expect_same_step(const GridShape& shape, bool preset = false) {
     Tensor gg = g.sparse_grad() ? densify_sparse_grad(g) : g.grad();
     ASSERT_TRUE(wg.defined()) << want_p[i].name;
     ASSERT_TRUE(gg.defined()) << got_p[i].name << " got no gradient";
+    gg = gg.cpu();
     if (gg.shape() != wg.shape()) {  // an expert shard: this rank's experts of the full tensor
       ASSERT_TRUE(trainer::is_expert_parameter(got_p[i].name)) << got_p[i].name;
       wg = wg.narrow(0, grid->ep_rank() * gg.size(0), gg.size(0));
@@ -134,6 +148,32 @@ TEST(ModelParallel, SequenceParallel2SameLossAndGradients) { expect_same_step({1
 TEST(ModelParallel, SequenceParallel4SameLossAndGradients) { expect_same_step({1, 1, 4}); }
 TEST(ModelParallel, DataTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step({2, 1, 2}); }
 TEST(ModelParallel, ExpertTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step({1, 2, 2}); }
+
+// The same on GPUs: NCCL when this host has a GPU per rank, and always (given one GPU) MPI with the
+// tensors staged through host memory, so a one-GPU machine checks the GPU kernels under every grid.
+std::vector<parallel::CommBackend> gpu_backends() {
+  std::vector<parallel::CommBackend> out;
+  if (!cuda_available()) return out;
+  out.push_back(parallel::CommBackend::kMpi);
+  if (cuda_device_count() >= parallel::process_info().local_size) out.push_back(parallel::CommBackend::kNccl);
+  return out;
+}
+
+void expect_same_step_on_gpu(const GridShape& shape) {
+  const auto backends = gpu_backends();
+  if (backends.empty()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped";
+  for (const parallel::CommBackend b : backends) {
+    SCOPED_TRACE(b == parallel::CommBackend::kNccl ? "NCCL" : "MPI staged through host memory");
+    expect_same_step(shape, false, {true, b});
+  }
+}
+
+TEST(ModelParallelGpu, DataParallel2SameLossAndGradients) { expect_same_step_on_gpu({2, 1, 1}); }
+TEST(ModelParallelGpu, ExpertParallel2SameLossAndGradients) { expect_same_step_on_gpu({1, 2, 1}); }
+TEST(ModelParallelGpu, SequenceParallel2SameLossAndGradients) { expect_same_step_on_gpu({1, 1, 2}); }
+TEST(ModelParallelGpu, SequenceParallel4SameLossAndGradients) { expect_same_step_on_gpu({1, 1, 4}); }
+TEST(ModelParallelGpu, DataTimesExpertParallel2x2SameLossAndGradients) { expect_same_step_on_gpu({2, 2, 1}); }
+TEST(ModelParallelGpu, ExpertTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step_on_gpu({1, 2, 2}); }
 
 // 20 steps of the real trainer on the grid and in one process: the same parameters. With zero1 the
 // optimizer state is sharded (ZeRO-1); the run also stops at step 10, resumes from its checkpoint on

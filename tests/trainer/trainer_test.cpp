@@ -214,6 +214,14 @@ TEST(BadInput, ResumeOfNothing) {
             std::string::npos);
 }
 
+TEST(BadInput, NcclForCpuTensors) {
+  config::RunConfig cfg = small_config();
+  ASSERT_TRUE(config::apply_override(&cfg, "parallel.comm=NCCL").ok());
+  const std::string msg = error_of(train(cfg, temp_dir("nccl_cpu")));
+  EXPECT_NE(msg.find("parallel.comm = NCCL moves CUDA tensors"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("parallel.comm = MPI"), std::string::npos) << msg;
+}
+
 TEST(BadInput, CheckpointOfAnotherConfig) {
   const std::string out = temp_dir("otherconfig");
   ASSERT_TRUE(train(small_config(), out, "", 4).ok());
