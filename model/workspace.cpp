@@ -20,13 +20,21 @@ WorkspaceMemory::WorkspaceMemory(Init& init, const ModelSpec& spec, int64_t inde
   write_v = register_module("write_v", std::make_shared<Linear>(init, d, a, sd));
   write_o = register_module("write_o", std::make_shared<Linear>(init, a, d, sd));
   gate = register_module("gate", std::make_shared<Linear>(init, 2 * d, 1, sd, /*bias=*/true));
+  fused_attention_ = dim_ / heads_ <= 128;
 }
 
 namespace {
 
-// [B, n, H*ah] -> [B, H, n, ah]
-Tensor heads_first(const Tensor& t, int64_t H) {
-  return t.reshape({t.size(0), t.size(1), H, t.size(2) / H}).permute({0, 2, 1, 3});
+// Cross-attention in which every query sees every key: q [N, Lq, H, ah], k and v [N, Lk, H, ah]
+// (heads inside each token's row, as the projections produce them) -> [N, Lq, H, ah] contiguous.
+// Fused: the sparse-attention kernel with the dense causal pattern and the queries placed after the
+// last key (one flash-style kernel, no probability matrix kept, no head-major copies). Explicit: batched
+// GEMMs over head-major copies and a softmax (for heads wider than the fused kernels' 128).
+Tensor all_visible_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool fused) {
+  if (fused) return sparse_attention(q, k, v, AttentionPattern{0, 0}, scale, /*q_pos0=*/k.size(1), /*k_pos0=*/0);
+  const auto heads_first = [](const Tensor& t) { return t.permute({0, 2, 1, 3}); };  // [N, H, L, ah]
+  const Tensor att = softmax(mul(matmul(heads_first(q), heads_first(k).transpose(2, 3)), scale));
+  return matmul(att, heads_first(v)).permute({0, 2, 1, 3}).contiguous();
 }
 
 }  // namespace
@@ -36,37 +44,41 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
   HYDRA_CHECK(L % c == 0) << "workspace: sequence length " << L << " is not a multiple of workspace.chunk " << c;
   const int64_t nC = L / c, ah = a / H;
   const double scale = 1.0 / std::sqrt(static_cast<double>(ah));
+  const bool fused = fused_attention_;
 
-  // Keys and values of every token for the writes, once.
-  const Tensor wk = write_k->forward(x), wv = write_v->forward(x);  // [B, L, a]
+  // Keys and values of every token for the writes, once, chunk-major ([nC, B, c, a]) so that each
+  // chunk's are one contiguous block; split hands them out with a single concatenating backward.
+  const Tensor xc = nC == 1 ? x.unsqueeze(0) : x.reshape({B, nC, c, d}).permute({1, 0, 2, 3}).contiguous();
+  const std::vector<int64_t> ones(nC, 1);
+  const std::vector<Tensor> wk = split(write_k->forward(xc), ones, 0), wv = split(write_v->forward(xc), ones, 0);
   Tensor S = state.defined() ? state : slots.unsqueeze(0).expand({B, M, d});
   std::vector<Tensor> states;
   std::vector<Tensor> gates;
   for (int64_t j = 0; j < nC; ++j) {
     states.push_back(S.unsqueeze(1));
-    const Tensor q = heads_first(write_q->forward(S), H);                          // [B, H, M, ah]
-    const Tensor k = heads_first(wk.narrow(1, j * c, c), H);                       // [B, H, c, ah]
-    const Tensor v = heads_first(wv.narrow(1, j * c, c), H);
-    const Tensor att = softmax(mul(matmul(q, k.transpose(2, 3)), scale));          // [B, H, M, c]
-    const Tensor upd = write_o->forward(matmul(att, v).permute({0, 2, 1, 3}).reshape({B, M, a}));  // [B, M, d]
+    const Tensor q = write_q->forward(S).view({B, M, H, ah});
+    const Tensor o = all_visible_attention(q, wk[j].view({B, c, H, ah}), wv[j].view({B, c, H, ah}), scale, fused);
+    const Tensor upd = write_o->forward(o.view({B, M, a}));                         // [B, M, d]
     const Tensor g = sigmoid(gate->forward(concat({S, upd}, 2)));                   // [B, M, 1]
     S = add(S, mul(g, sub(upd, S)));                                               // (1 - g) S + g upd
     if (ctx.recording()) gates.push_back(g.detach());
   }
   if (next != nullptr) *next = S;
 
-  // Reads: the tokens of chunk j attend to S_j, all chunks at once.
-  const Tensor all = concat(states, 1);                                                     // [B, nC, M, d]
-  const Tensor kr = read_k->forward(all).view({B, nC, M, H, ah}).permute({0, 1, 3, 2, 4});  // [B, nC, H, M, ah]
-  const Tensor vr = read_v->forward(all).view({B, nC, M, H, ah}).permute({0, 1, 3, 2, 4});
-  const Tensor qr = read_q->forward(x).view({B, nC, c, H, ah}).permute({0, 1, 3, 2, 4});   // [B, nC, H, c, ah]
-  const Tensor att = softmax(mul(matmul(qr, kr.transpose(3, 4)), scale));                  // [B, nC, H, c, M]
-  const Tensor read = matmul(att, vr).permute({0, 1, 3, 2, 4}).reshape({B, L, a});
+  // Reads: the tokens of chunk j attend to S_j, all chunks at once (batch B * nC).
+  const Tensor all = concat(states, 1);                                         // [B, nC, M, d]
+  const Tensor kr = read_k->forward(all).view({B * nC, M, H, ah});
+  const Tensor vr = read_v->forward(all).view({B * nC, M, H, ah});
+  const Tensor qr = read_q->forward(x).view({B * nC, c, H, ah});
+  const Tensor read = all_visible_attention(qr, kr, vr, scale, fused).view({B, L, a});
 
   if (ctx.recording()) {  // on the device; two numbers come back
     NoGradGuard no_grad;
     const std::string p = "workspace." + std::to_string(index_) + ".";
     ctx.stat(p + "write_gate_mean", gates.empty() ? 0.0 : mean(concat(gates, 0)).item<double>());
+    // Slot usage: the entropy of the reads' attention over the slots (recomputed: the fused kernel
+    // keeps no probabilities).
+    const Tensor att = softmax(mul(matmul(qr.permute({0, 2, 1, 3}), kr.permute({0, 2, 3, 1})), scale));
     ctx.stat(p + "slot_entropy", entropy_sum(att).item<double>() / double(att.numel() / M));
   }
   return read_o->forward(read);

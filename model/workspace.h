@@ -20,11 +20,16 @@ class WorkspaceMemory : public Module {
   // `next` (optional) receives the slots after the last chunk.
   Tensor forward(const Tensor& x, ForwardContext& ctx, const Tensor& state = Tensor(), Tensor* next = nullptr) const;
 
+  // The attentions run as one fused kernel each (heads up to 128 wide, the default) or as explicit
+  // GEMMs and a softmax (wider heads); the same function either way. For tests.
+  void set_fused_attention(bool on) { fused_attention_ = on; }
+
   Tensor slots;  // S_0 [M, d]
   std::shared_ptr<Linear> read_q, read_k, read_v, read_o, write_q, write_k, write_v, write_o, gate;
 
  private:
   int64_t index_, num_slots_, chunk_, heads_, dim_;
+  bool fused_attention_ = true;
 };
 
 }  // namespace hydra::model

@@ -319,6 +319,36 @@ TEST(WorkspaceMemoryLayer, GradcheckFloat64) {
       with_params(randn64({2, 16, 8}, 31), ws), sampled(8));
 }
 
+// The fused attention kernels and the explicit GEMM + softmax path (heads wider than 128) compute the
+// same function: outputs and every gradient agree to rounding.
+TEST(WorkspaceMemoryLayer, FusedAndExplicitAttentionAgree) {
+  const model::ModelSpec spec = micro_spec();
+  model::Init init(34);
+  model::WorkspaceMemory ws(init, spec, 0);
+  ws.to(DType::kF64);
+  std::vector<std::vector<double>> runs;
+  for (const bool fused : {true, false}) {
+    ws.set_fused_attention(fused);
+    ws.zero_grad();
+    Tensor x = randn64({2, 24, 8}, 35);
+    model::ForwardContext ctx;
+    const Tensor y = ws.forward(x, ctx);
+    sum(mul(y, randn64(y.shape(), 36, 1.0, false))).backward();
+    std::vector<double> all = y.to_vector<double>();
+    for (const Tensor& g : {x.grad()}) {
+      const auto v = g.to_vector<double>();
+      all.insert(all.end(), v.begin(), v.end());
+    }
+    for (const auto& p : ws.named_parameters()) {
+      const auto v = p.tensor.grad().to_vector<double>();
+      all.insert(all.end(), v.begin(), v.end());
+    }
+    runs.push_back(all);
+  }
+  ASSERT_EQ(runs[0].size(), runs[1].size());
+  for (std::size_t i = 0; i < runs[0].size(); ++i) EXPECT_NEAR(runs[0][i], runs[1][i], 1e-12) << i;
+}
+
 TEST(WorkspaceMemoryLayer, SegmentsPassingTheSlotsEqualOnePass) {
   const model::ModelSpec spec = micro_spec();
   model::Init init(32);
