@@ -246,6 +246,143 @@ __global__ void bag_table_kernel(const int64_t* __restrict keys, const int32_t* 
   if (hits && threadIdx.x == 0) hits[r] = hi > lo ? 1 : 0;
 }
 
+// ---- weighted sums of rows, 16-byte loads ------------------------------------------------------------
+//
+// Block r writes out row r = sum over its items i of w_i * rows[off_i .. off_i + cols). The items' weights
+// and row offsets are staged kBagChunk at a time into shared memory (`Items::stage(i)` computes them);
+// warp q takes items q, q + 8, ... of each chunk, its lanes ITEMS packs of 16 bytes each; the eight
+// warps' sums are then added in warp order through shared memory. The order is fixed: deterministic.
+// The embedding bag's forward (items: a token's lookups, rows: the table) and its table gradient
+// (items: a table row's lookups, found as a run of the sorted keys; rows: gout) are both this.
+constexpr int kSumThreads = 256;
+
+struct ItemRange {
+  int64_t lo, count;
+};
+template <class C>
+struct StagedItem {
+  C w;
+  int64_t off;
+};
+
+template <class T, int ITEMS, class Items>
+__global__ void __launch_bounds__(kSumThreads)
+    weighted_rows_kernel(Items items, const T* __restrict rows, T* __restrict out, int64_t packs) {
+  using C = compute_t<T>;
+  constexpr int kN = RowPack<T>::kN;
+  __shared__ C w_s[kBagChunk];
+  __shared__ int64_t off_s[kBagChunk];
+  extern __shared__ __align__(16) unsigned char sum_raw[];
+  C* sum_s = reinterpret_cast<C*>(sum_raw);  // [packs * kN]
+  const int64_t r = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  constexpr int kWarps = kSumThreads / 32;
+  const auto [lo, count] = items.range(r);
+  C acc[ITEMS][kN];
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k)
+#pragma unroll
+    for (int j = 0; j < kN; ++j) acc[k][j] = 0;
+  for (int64_t base = 0; base < count; base += kBagChunk) {
+    const int n = static_cast<int>(min(int64_t(kBagChunk), count - base));
+    __syncthreads();  // the previous chunk is used up
+    for (int i = threadIdx.x; i < n; i += kSumThreads) {
+      const auto [w, off] = items.stage(lo + base + i);
+      w_s[i] = w;
+      off_s[i] = off;
+    }
+    __syncthreads();
+    for (int i = warp; i < n; i += kWarps) {
+      const C w = w_s[i];
+      const auto* src = reinterpret_cast<const RowPack<T>*>(rows + off_s[i]);
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+        const int64_t c = lane + k * 32;
+        if (c < packs) {
+          const RowPack<T> v = src[c];
+#pragma unroll
+          for (int j = 0; j < kN; ++j) acc[k][j] += w * convert<C>(v.v[j]);
+        }
+      }
+    }
+  }
+  for (int q = 0; q < kWarps; ++q) {
+    if (warp == q) {
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+        const int64_t c = lane + k * 32;
+        if (c < packs)
+#pragma unroll
+          for (int j = 0; j < kN; ++j) sum_s[c * kN + j] = q == 0 ? acc[k][j] : sum_s[c * kN + j] + acc[k][j];
+      }
+    }
+    __syncthreads();
+  }
+  auto* dst = reinterpret_cast<RowPack<T>*>(out + r * packs * kN);
+  for (int64_t c = threadIdx.x; c < packs; c += kSumThreads) {
+    RowPack<T> v;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) v.v[j] = convert<T>(sum_s[c * kN + j]);
+    dst[c] = v;
+  }
+  items.finish(r, count);
+}
+
+// A token's m lookups: weights w[t, k], rows index[t, k] of the table.
+template <class T, class I>
+struct BagLookups {
+  const I* index;
+  const T* w;
+  int64_t m, cols;
+  __device__ ItemRange range(int64_t t) const { return {t * m, m}; }
+  __device__ StagedItem<compute_t<T>> stage(int64_t e) const {
+    return {load(w, e), static_cast<int64_t>(index[e]) * cols};
+  }
+  __device__ void finish(int64_t, int64_t) const {}
+};
+
+// A table row's lookups: the run of the sorted keys equal to the row; weights w[e], rows gout[e / m].
+template <class T>
+struct RowLookups {
+  const int64_t* keys;
+  const int32_t* pos;
+  const T* w;
+  int32_t* hits;
+  int64_t total, m, cols;
+  __device__ ItemRange range(int64_t r) const {
+    const int64_t lo = lower_bound(keys, total, r);
+    return {lo, lower_bound(keys, total, r + 1) - lo};
+  }
+  __device__ StagedItem<compute_t<T>> stage(int64_t i) const {
+    const int64_t e = pos[i];
+    return {load(w, e), (e / m) * cols};
+  }
+  __device__ void finish(int64_t r, int64_t count) const {
+    if (hits && threadIdx.x == 0) hits[r] = count > 0 ? 1 : 0;
+  }
+};
+
+// Runs weighted_rows_kernel over `blocks` output rows when the rows allow 16-byte loads and fit the
+// register sums (up to 8 packs per lane: 2048 bf16 or 1024 f32 columns); false otherwise.
+template <class T, class Items>
+bool launch_weighted_rows(const Items& items, const T* rows, T* out, int64_t blocks, int64_t cols, cudaStream_t s) {
+  constexpr int kN = RowPack<T>::kN;
+  const int64_t packs = cols / kN;
+  if (cols % kN != 0 || !aligned16(rows) || !aligned16(out) || packs > 8 * 32 || blocks == 0) return false;
+  const size_t smem = static_cast<size_t>(cols) * sizeof(compute_t<T>);
+  auto run = [&](auto items_per_lane) {
+    constexpr int K = decltype(items_per_lane)::value;
+    weighted_rows_kernel<T, K, Items>
+        <<<static_cast<unsigned>(blocks), kSumThreads, smem, s>>>(items, rows, out, packs);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  };
+  if (packs <= 32) run(std::integral_constant<int, 1>{});
+  else if (packs <= 64) run(std::integral_constant<int, 2>{});
+  else if (packs <= 128) run(std::integral_constant<int, 4>{});
+  else run(std::integral_constant<int, 8>{});
+  return true;
+}
+
 }  // namespace
 
 void row_gather(const RowGatherParams& p) {
@@ -336,6 +473,10 @@ void bag_fwd(const BagParams& p) {
     using T = typename decltype(tag)::type;
     dispatch_index(p.index_dtype, "embedding_bag", [&](auto itag) {
       using I = typename decltype(itag)::type;
+      const BagLookups<T, I> items{static_cast<const I*>(p.index), static_cast<const T*>(p.weights), p.m, p.cols};
+      if (launch_weighted_rows(items, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.n, p.cols,
+                               as_stream(p.stream)))
+        return;
       bag_fwd_kernel<T, I><<<p.n, row_threads(p.cols), 0, as_stream(p.stream)>>>(
           static_cast<const T*>(p.table), static_cast<const I*>(p.index), static_cast<const T*>(p.weights),
           static_cast<T*>(p.out), p.m, p.cols);
@@ -387,6 +528,10 @@ void bag_bwd(const BagBwdParams& q) {
           << "embedding_bag backward: " << p.num_rows << " table rows; at most 2^31 - 1";
       HYDRA_CHECK(p.cols <= int64_t{kBagCols} * 1024)
           << "embedding_bag backward: rows of " << p.cols << " columns; at most " << kBagCols * 1024 << " on CUDA";
+      const RowLookups<T> rows{b.keys_out, b.pos_out, static_cast<const T*>(p.weights), static_cast<int32_t*>(q.hits),
+                               total, p.m, p.cols};
+      if (launch_weighted_rows(rows, static_cast<const T*>(q.gout), static_cast<T*>(q.gtable), p.num_rows, p.cols, s))
+        return;
       bag_table_kernel<T><<<static_cast<unsigned>(p.num_rows), row_threads(p.cols), 0, s>>>(
           b.keys_out, b.pos_out, static_cast<const T*>(p.weights), static_cast<const T*>(q.gout),
           static_cast<T*>(q.gtable), static_cast<int32_t*>(q.hits), total, p.m, p.cols);

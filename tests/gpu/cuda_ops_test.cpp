@@ -282,6 +282,18 @@ TEST(CudaOps, IndexingMatchCpu) {
     check_op("embedding_bag",
              [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding_bag(in[0], in[2], in[1])}; },
              {rnd({50, 24}, 42), rnd({17, 6}, 43), randint(0, 50, {17, 6}, g)}, {true, true, false}, t);
+    // Rows of 16-byte packs summed by warps (1 to 8 packs per lane), rows that take the scalar kernel
+    // (37 columns; 2056 columns: too wide for the packed sums), and rows looked up ~530 times (several
+    // staged chunks per row in the table gradient).
+    struct BagCase {
+      int64_t rows, cols, bags, m;
+    };
+    for (const BagCase& c : {BagCase{50, 37, 17, 6}, BagCase{40, 1000, 23, 5}, BagCase{30, 2056, 9, 4},
+                             BagCase{6, 64, 400, 8}})
+      check_op("embedding_bag " + std::to_string(c.cols) + " columns",
+               [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding_bag(in[0], in[2], in[1])}; },
+               {rnd({c.rows, c.cols}, 48), rnd({c.bags, c.m}, 49), randint(0, c.rows, {c.bags, c.m}, g)},
+               {true, true, false}, t);
   }
   // The row-sparse table gradient (PKM values): many lookups per row, summed per row on the device;
   // rows 1200.. are never looked up and must not appear among the gradient's rows.
