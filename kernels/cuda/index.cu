@@ -362,6 +362,54 @@ struct RowLookups {
   }
 };
 
+// gw[t, k] = <gout[t], table[index[t, k]]> with 16-byte loads: a warp per token keeps gout[t] in
+// registers (ITEMS packs per lane) and walks the token's m lookups four at a time (their rows' loads in
+// flight together), one warp reduction per lookup.
+template <class T, class I, int ITEMS>
+__global__ void __launch_bounds__(kSumThreads)
+    bag_weights_packed_kernel(const T* __restrict table, const I* __restrict index, const T* __restrict gout,
+                              T* __restrict gw, int64_t n, int64_t m, int64_t packs) {
+  using C = compute_t<T>;
+  constexpr int kN = RowPack<T>::kN, kAhead = 4;
+  const int64_t t = (int64_t(blockIdx.x) * kSumThreads + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (t >= n) return;  // whole warps
+  const auto* g = reinterpret_cast<const RowPack<T>*>(gout) + t * packs;
+  C gv[ITEMS][kN];
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const int64_t c = lane + k * 32;
+    RowPack<T> v{};
+    if (c < packs) v = g[c];
+#pragma unroll
+    for (int j = 0; j < kN; ++j) gv[k][j] = c < packs ? convert<C>(v.v[j]) : C(0);
+  }
+  const auto* rows = reinterpret_cast<const RowPack<T>*>(table);
+  for (int64_t k0 = 0; k0 < m; k0 += kAhead) {
+    C dot[kAhead];
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      dot[a] = 0;
+      if (k0 + a >= m) continue;
+      const auto* row = rows + static_cast<int64_t>(index[t * m + k0 + a]) * packs;
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+        const int64_t c = lane + k * 32;
+        if (c < packs) {
+          const RowPack<T> v = row[c];
+#pragma unroll
+          for (int j = 0; j < kN; ++j) dot[a] += gv[k][j] * convert<C>(v.v[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      const C d = warp_sum(dot[a]);
+      if (lane == 0 && k0 + a < m) gw[t * m + k0 + a] = convert<T>(d);
+    }
+  }
+}
+
 // Runs weighted_rows_kernel over `blocks` output rows when the rows allow 16-byte loads and fit the
 // register sums (up to 8 packs per lane: 2048 bf16 or 1024 f32 columns); false otherwise.
 template <class T, class Items>
@@ -508,7 +556,21 @@ void bag_bwd(const BagBwdParams& q) {
     dispatch_index(p.index_dtype, "embedding_bag_backward", [&](auto itag) {
       using I = typename decltype(itag)::type;
       const I* index = static_cast<const I*>(p.index);
-      if (q.gweights && p.n > 0) {
+      constexpr int kN = RowPack<T>::kN;
+      const int64_t packs = p.cols / kN;
+      const bool packed = p.cols % kN == 0 && packs <= 4 * 32 && aligned16(p.table) && aligned16(q.gout);
+      if (q.gweights && p.n > 0 && packed) {
+        auto run = [&](auto items_per_lane) {
+          constexpr int K = decltype(items_per_lane)::value;
+          bag_weights_packed_kernel<T, I, K><<<blocks_for(p.n * 32, kSumThreads, int64_t(1) << 31), kSumThreads, 0, s>>>(
+              static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), p.n,
+              p.m, packs);
+          HYDRA_CUDA_LAUNCH_CHECK();
+        };
+        if (packs <= 32) run(std::integral_constant<int, 1>{});
+        else if (packs <= 64) run(std::integral_constant<int, 2>{});
+        else run(std::integral_constant<int, 4>{});
+      } else if (q.gweights && p.n > 0) {
         bag_bwd_weights_kernel<T, I><<<blocks_for(total * 32, 256, int64_t(1) << 31), 256, 0, s>>>(
             static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), total,
             p.m, p.cols);
