@@ -45,7 +45,10 @@ std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
   if (!current.defined() && dest) {
     NoGradGuard no_grad;
     Tensor d(dest);
-    d.copy_(g.dtype() == d.dtype() ? g : g.to(d.dtype()));
+    // Written there already by the op that claimed the destination; otherwise copied (and converted
+    // from the compute dtype in the same pass).
+    const bool there = g.storage() == d.storage() && g.offset() == d.offset() && g.strides() == d.strides();
+    if (!there) d.copy_(g);
     leaf_.set_grad(d);
   } else if (!current.defined()) {
     // Take the incoming buffer when nothing else refers to it; otherwise copy, so that no two

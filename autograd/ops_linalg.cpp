@@ -84,6 +84,19 @@ Tensor mm(const Tensor& a, bool ta, const Tensor& b, bool tb) {
   return out;
 }
 
+// A weight's gradient op(a) @ op(b) ([1, *, *] operands -> `shape`), computed straight into the
+// weight's gradient destination when it can claim one (a communication bucket: no copy afterwards),
+// else into a new tensor.
+Tensor weight_grad(const Tensor& w, const Tensor& a, bool ta, const Tensor& b, bool tb, const Shape& shape) {
+  const Tensor dest = w.claim_grad_destination(a.dtype());
+  if (dest.defined() && dest.is_contiguous() && dest.device() == a.device()) {
+    const int64_t m = ta ? a.size(2) : a.size(1), n = tb ? b.size(1) : b.size(2);
+    gemm_into(dest.view({1, m, n}), a, ta, b, tb, 0.0);
+    return dest;
+  }
+  return mm(a, ta, b, tb).view(shape);
+}
+
 void check_operands(const char* op, const Tensor& a, const Tensor& b) {
   HYDRA_CHECK(a.device() == b.device())
       << op << ": operands on " << a.device().str() << " and " << b.device().str();
@@ -113,10 +126,11 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
     const bool need_a = a.requires_grad(), need_b = b.requires_grad();
     SavedTensor sa(need_b ? a3 : Tensor()), sb(need_a ? b3 : Tensor());
     const Shape a_shape = a.shape(), b_shape = b.shape();
+    const Tensor b_leaf = need_b && b.is_leaf() ? b : Tensor();  // a weight: its gradient may go to a bucket
     record_op("matmul", {a, b}, {out}, [=](const std::vector<Tensor>& g) {
       Tensor g3 = g[0].reshape({1, -1, N});
       Tensor ga = need_a ? mm(g3, false, sb.get(), true).view(a_shape) : Tensor();
-      Tensor gb = need_b ? mm(sa.get(), true, g3, false).view(b_shape) : Tensor();
+      Tensor gb = need_b ? weight_grad(b_leaf, sa.get(), true, g3, false, b_shape) : Tensor();
       return std::vector<Tensor>{ga, gb};
     });
     return out;
@@ -169,10 +183,11 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
   const bool need_x = x.requires_grad(), need_w = w.requires_grad(), has_bias = bias.defined();
   SavedTensor sx(need_w ? x3 : Tensor()), sw(need_x ? w3 : Tensor());
   const Shape x_shape = x.shape();
+  const Tensor w_leaf = need_w && w.is_leaf() ? w : Tensor();  // a weight: its gradient may go to a bucket
   record_op("linear", {x, w, bias}, {out}, [=](const std::vector<Tensor>& g) {
     Tensor g3 = g[0].reshape({1, -1, out_features});
     Tensor gx = need_x ? mm(g3, false, sw.get(), false).view(x_shape) : Tensor();
-    Tensor gw = need_w ? mm(g3, true, sx.get(), false).view({out_features, in}) : Tensor();
+    Tensor gw = need_w ? weight_grad(w_leaf, g3, true, sx.get(), false, {out_features, in}) : Tensor();
     Tensor gb = has_bias ? sum(g3, {0, 1}) : Tensor();
     return std::vector<Tensor>{gx, gw, gb};
   });

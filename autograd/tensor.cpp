@@ -291,6 +291,17 @@ void Tensor::set_grad_destination(const Tensor& dest) const {
   } else {
     impl().autograd.grad_destination.reset();
   }
+  impl().autograd.grad_destination_claimed = false;
+}
+
+Tensor Tensor::claim_grad_destination(DType dtype) const {
+  if (!defined()) return Tensor();
+  AutogradMeta& m = impl().autograd;
+  if (!m.requires_grad || m.grad_fn || !m.grad_destination || m.grad_destination_claimed || m.grad ||
+      m.grad_destination->dtype != dtype)
+    return Tensor();
+  m.grad_destination_claimed = true;
+  return Tensor(m.grad_destination);
 }
 
 Tensor Tensor::detach() const {

@@ -46,6 +46,9 @@ struct AutogradMeta {
   // Where a leaf's first gradient of a backward is written when it has none yet (a view into a
   // communication bucket: the gradient then lives there, with no copy later); .grad becomes it.
   std::shared_ptr<TensorImpl> grad_destination;
+  // An op's backward has written this backward's gradient straight into grad_destination
+  // (claim_grad_destination); AccumulateGrad then finds it there.
+  bool grad_destination_claimed = false;
   // The dtype a leaf's gradient accumulates in when it differs from the leaf's (a low-precision
   // compute copy whose master is fp32: autograd/compute_copies.h); unset: the leaf's own dtype.
   std::optional<DType> grad_dtype;
@@ -146,6 +149,10 @@ class Tensor {
   // Leaves: the next gradient that finds .grad undefined is copied into `dest` (this tensor's shape and
   // dtype; undefined: none) and .grad becomes `dest`.
   void set_grad_destination(const Tensor& dest) const;
+  // For an op's backward that can compute this leaf's gradient in place: the destination, when the
+  // leaf has one of `dtype`, no gradient yet, and no other op has claimed it (so no two writers); the
+  // op writes the whole gradient there and returns that tensor. Undefined otherwise.
+  Tensor claim_grad_destination(DType dtype) const;
   // The dtype gradients of this leaf accumulate in (its own unless set; `set_grad_dtype` drops a
   // gradient of another dtype).
   DType grad_dtype() const { return impl().autograd.grad_dtype.value_or(dtype()); }

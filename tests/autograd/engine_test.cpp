@@ -95,6 +95,35 @@ TEST(Engine, GradientIsWrittenIntoItsDestination) {
   EXPECT_THROW(x.set_grad_destination(zeros({3}, DType::kF32)), Error);
 }
 
+// A linear layer's weight gradient is computed straight into the destination (the op claims it); a
+// weight used by two ops gets the sum there (only the first op may claim it); a later backward adds.
+TEST(Engine, WeightGradientIsComputedInItsDestination) {
+  const Tensor x1 = randn64({3, 7, 4}, 60, 1.0, false), x2 = randn64({2, 4}, 61, 1.0, false);
+  const Tensor w0 = randn64({5, 4}, 62, 1.0, false);
+  auto loss = [&](const Tensor& w, bool twice) {
+    Tensor y = sum(mul(linear(x1, w), 0.5));
+    return twice ? add(y, sum(mul(matmul(x2, w.transpose(0, 1)), 3.0))) : y;
+  };
+  for (const bool twice : {false, true}) {
+    Tensor ref = w0.clone();
+    ref.set_requires_grad(true);
+    loss(ref, twice).backward();
+    Tensor w = w0.clone();
+    w.set_requires_grad(true);
+    Tensor bucket = full({26}, -9.0, DType::kF64);
+    w.set_grad_destination(bucket.narrow(0, 3, 20).view({5, 4}));
+    loss(w, twice).backward();
+    EXPECT_TRUE(w.grad().storage() == bucket.storage());
+    EXPECT_LT(testing::rel_error(w.grad(), ref.grad()), 1e-15) << twice;
+    const auto b = bucket.to_vector<double>();
+    EXPECT_EQ(b[2], -9.0);
+    EXPECT_EQ(b[23], -9.0);
+    loss(w, twice).backward();  // .grad exists now: added to, in the bucket
+    EXPECT_LT(testing::rel_error(w.grad(), mul(ref.grad(), 2.0)), 1e-15) << twice;
+    EXPECT_TRUE(w.grad().storage() == bucket.storage());
+  }
+}
+
 TEST(Engine, GradReadyHookFiresOnceAfterAccumulation) {
   // w is used twice; the hook must see the complete gradient exactly once.
   Tensor w = randn64({2, 2}, 6);
