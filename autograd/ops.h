@@ -96,6 +96,10 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
 // ----------------------------------------------------------------
 Tensor rms_norm(const Tensor& x, const Tensor& weight,
                 double eps = 1e-6);   // over the last axis; weight may be undefined
+// A gated update of rows: s, u [..., n]; w [1, 2n] (or [2n]: the gate's weights for s, then u); b [1].
+// out = s + g (u - s) with g = sigmoid(<s, w_s> + <u, w_u> + b) per row. Returns {out, g [..., 1]}
+// (g is not differentiable). One kernel each way (kernels/gated_update.h).
+std::pair<Tensor, Tensor> gated_update(const Tensor& s, const Tensor& u, const Tensor& w, const Tensor& b);
 Tensor softmax(const Tensor& x);      // over the last axis
 Tensor log_softmax(const Tensor& x);  // over the last axis
 enum class Reduction { kMean, kSum, kNone };

@@ -1,6 +1,7 @@
 #include "autograd/dispatch.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
+#include "kernels/gated_update.h"
 #include "kernels/loss.h"
 #include "kernels/norm.h"
 #include "kernels/softmax.h"
@@ -102,6 +103,69 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, double eps) {
     });
   }
   return y;
+}
+
+std::pair<Tensor, Tensor> gated_update(const Tensor& s_in, const Tensor& u_in, const Tensor& w_in, const Tensor& b_in) {
+  HYDRA_CHECK(s_in.dim() >= 1 && s_in.shape() == u_in.shape() && is_floating(s_in.dtype()))
+      << "gated_update: s " << shape_str(s_in.shape()) << " and u " << shape_str(u_in.shape())
+      << " must be floating tensors of one shape";
+  const int64_t n = s_in.size(-1);
+  HYDRA_CHECK(w_in.numel() == 2 * n && b_in.numel() == 1)
+      << "gated_update: gate weight " << shape_str(w_in.shape()) << " and bias " << shape_str(b_in.shape())
+      << " for rows of " << n << " (expected 2 * " << n << " weights and one bias)";
+  const DType dt = s_in.dtype();
+  const Device dev = s_in.device();
+  for (const Tensor* t : {&u_in, &w_in, &b_in})
+    HYDRA_CHECK(t->dtype() == dt && t->device() == dev) << "gated_update: operands differ in dtype or device";
+  const Tensor s = s_in.contiguous(), u = u_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  const int64_t rows = n ? s.numel() / n : 0;
+  Tensor out = Tensor::empty(s.shape(), dt, dev), gate = Tensor::empty({rows}, dt, dev);
+  kernels::GatedUpdateParams p;
+  p.dtype = dt;
+  p.rows = rows;
+  p.cols = n;
+  p.s = s.raw_data();
+  p.u = u.raw_data();
+  p.w = w.raw_data();
+  p.b = b.raw_data();
+  p.out = out.raw_data();
+  p.gate = gate.raw_data();
+  p.stream = current_stream(dev);
+  if (rows > 0) HYDRA_LAUNCH(dev, gated_update_fwd, p);
+  if (any_requires_grad({s_in, u_in, w_in, b_in})) {
+    const SavedTensor ss(s), su(u), sw(w), sg(gate);
+    const bool need_w = w_in.requires_grad(), need_b = b_in.requires_grad();
+    const Shape w_shape = w_in.shape(), b_shape = b_in.shape();
+    record_op("gated_update", {s_in, u_in, w_in, b_in}, {out}, [=](const std::vector<Tensor>& g) {
+      const Tensor sv = ss.get(), uv = su.get(), go = g[0].contiguous();
+      Tensor gs = Tensor::empty(sv.shape(), dt, dev), gu = Tensor::empty(sv.shape(), dt, dev);
+      Tensor gz = Tensor::empty({rows}, accumulate_dtype(dt), dev);
+      kernels::GatedUpdateBwdParams q;
+      q.fwd = p;
+      q.fwd.s = sv.raw_data();
+      q.fwd.u = uv.raw_data();
+      q.fwd.w = sw.get().raw_data();
+      q.fwd.gate = sg.get().raw_data();
+      q.fwd.stream = current_stream(dev);
+      q.gout = go.raw_data();
+      q.gs = gs.raw_data();
+      q.gu = gu.raw_data();
+      q.gz = gz.raw_data();
+      Tensor gw = need_w ? Tensor::empty(w_shape, dt, dev) : Tensor(), gb = need_b ? Tensor::empty(b_shape, dt, dev) : Tensor();
+      q.gw = need_w ? gw.raw_data() : nullptr;
+      q.gb = need_b ? gb.raw_data() : nullptr;
+      if (rows > 0) {
+        HYDRA_LAUNCH(dev, gated_update_bwd, q);
+      } else {
+        if (need_w) gw.zero_();
+        if (need_b) gb.zero_();
+      }
+      return std::vector<Tensor>{gs, gu, gw, gb};
+    });
+  }
+  Shape gate_shape = s.shape();
+  gate_shape.back() = 1;
+  return {out, gate.view(gate_shape)};
 }
 
 Tensor softmax(const Tensor& x) { return softmax_impl(x, false); }

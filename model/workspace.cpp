@@ -59,9 +59,10 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
     const Tensor q = write_q->forward(S).view({B, M, H, ah});
     const Tensor o = all_visible_attention(q, wk[j].view({B, c, H, ah}), wv[j].view({B, c, H, ah}), scale, fused);
     const Tensor upd = write_o->forward(o.view({B, M, a}));                         // [B, M, d]
-    const Tensor g = sigmoid(gate->forward(concat({S, upd}, 2)));                   // [B, M, 1]
-    S = add(S, mul(g, sub(upd, S)));                                               // (1 - g) S + g upd
-    if (ctx.recording()) gates.push_back(g.detach());
+    // (1 - g) S + g upd with g = sigmoid(gate([S; upd])), per slot: one kernel.
+    auto [next_S, g] = gated_update(S, upd, gate->weight, gate->bias);            // g [B, M, 1]
+    S = next_S;
+    if (ctx.recording()) gates.push_back(g);
   }
   if (next != nullptr) *next = S;
 

@@ -408,6 +408,21 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
              {rnd({2, 67, 12, 16}, 65)}, {true}, t);
 }
 
+TEST(CudaOps, GatedUpdateMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  for (const Shape& sh : {Shape{1, 1, 1}, Shape{2, 64, 384}, Shape{3, 37, 33}, Shape{1, 5, 2048}})
+    for (DType t : kTypes) {
+      const int64_t n = sh.back();
+      check_op("gated_update",
+               [](const std::vector<Tensor>& in) {
+                 auto [out, g] = gated_update(in[0], in[1], in[2], in[3]);
+                 return std::vector<Tensor>{out, g};
+               },
+               {rnd(sh, 80), rnd(sh, 81), rnd({1, 2 * n}, 82, 1.0 / std::sqrt(double(n))), rnd({1}, 83)},
+               {true, true, true, true}, t);
+    }
+}
+
 // Parts with lse -inf (no key) here and there, and one query that no part saw; lse compared through
 // exp (a -inf output has no relative error).
 TEST(CudaOps, MergeAttentionMatchesCpu) {

@@ -1,0 +1,77 @@
+#include "kernels/gated_update.h"
+
+#include <cmath>
+
+#include "kernels/base/parallel.h"
+#include "kernels/cpu/common.h"
+
+namespace hydra::kernels::cpu {
+namespace {
+
+template <class T>
+void fwd_impl(const GatedUpdateParams& p) {
+  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w);
+  const T b = *static_cast<const T*>(p.b);
+  T *out = static_cast<T*>(p.out), *gate = static_cast<T*>(p.gate);
+  const int64_t n = p.cols;
+  parallel_for(p.rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T *sr = s + r * n, *ur = u + r * n;
+      T z = 0;
+      for (int64_t c = 0; c < n; ++c) z += sr[c] * w[c] + ur[c] * w[n + c];
+      const T g = sigmoid(z + b);
+      gate[r] = g;
+      for (int64_t c = 0; c < n; ++c) out[r * n + c] = sr[c] + g * (ur[c] - sr[c]);
+    }
+  });
+}
+
+template <class T>
+void bwd_impl(const GatedUpdateBwdParams& q) {
+  const GatedUpdateParams& p = q.fwd;
+  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w);
+  const T *gate = static_cast<const T*>(p.gate), *gout = static_cast<const T*>(q.gout);
+  T *gs = static_cast<T*>(q.gs), *gu = static_cast<T*>(q.gu), *gz = static_cast<T*>(q.gz);
+  const int64_t n = p.cols;
+  parallel_for(p.rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T *sr = s + r * n, *ur = u + r * n, *go = gout + r * n;
+      T dot = 0;
+      for (int64_t c = 0; c < n; ++c) dot += go[c] * (ur[c] - sr[c]);
+      const T g = gate[r], dz = g * (T(1) - g) * dot;
+      gz[r] = dz;
+      for (int64_t c = 0; c < n; ++c) {
+        gs[r * n + c] = (T(1) - g) * go[c] + dz * w[c];
+        gu[r * n + c] = g * go[c] + dz * w[n + c];
+      }
+    }
+  });
+  if (q.gw != nullptr) {
+    T* gw = static_cast<T*>(q.gw);
+    parallel_for(2 * n, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const T* x = c < n ? s + c : u + (c - n);
+        T acc = 0;
+        for (int64_t r = 0; r < p.rows; ++r) acc += gz[r] * x[r * n];
+        gw[c] = acc;
+      }
+    });
+  }
+  if (q.gb != nullptr) {
+    T acc = 0;
+    for (int64_t r = 0; r < p.rows; ++r) acc += gz[r];
+    *static_cast<T*>(q.gb) = acc;
+  }
+}
+
+}  // namespace
+
+void gated_update_fwd(const GatedUpdateParams& p) {
+  dispatch_float(p.dtype, "gated_update", [&](auto tag) { fwd_impl<typename decltype(tag)::type>(p); });
+}
+
+void gated_update_bwd(const GatedUpdateBwdParams& p) {
+  dispatch_float(p.fwd.dtype, "gated_update_backward", [&](auto tag) { bwd_impl<typename decltype(tag)::type>(p); });
+}
+
+}  // namespace hydra::kernels::cpu
