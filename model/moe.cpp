@@ -51,7 +51,11 @@ Tensor ChunkMoE::run_experts(const Tensor& xs, const std::vector<int64_t>& sizes
   return parallel::combine_from_experts(experts(d.rows, d.groups), d, ep);
 }
 
-double ChunkMoE::sparsity_coef() const { return coef.item<double>(); }
+double ChunkMoE::sparsity_coef() const {
+  if (coef_cache_.storage != coef.storage().get() || coef_cache_.version != coef.version())
+    coef_cache_ = {coef.storage().get(), coef.version(), coef.item<double>()};  // loaded, moved or new
+  return coef_cache_.value;
+}
 
 void ChunkMoE::update_sparsity_coef() {
   // The TLS of the whole global batch (the same on every rank, so the coefficient stays in sync).
@@ -61,6 +65,7 @@ void ChunkMoE::update_sparsity_coef() {
                                  cfg_.sparsity_coef_max());
   NoGradGuard no_grad;
   coef.fill_(next);
+  coef_cache_ = {coef.storage().get(), coef.version(), next};
 }
 
 MoeRouting ChunkMoE::route(const Tensor& r, const Tensor& s) const {

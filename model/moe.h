@@ -57,6 +57,14 @@ class ChunkMoE : public Module {
   config::MoeConfig cfg_;
   double last_tls_ = -1;    // this forward's routing (statistics)
   double global_tls_ = -1;  // over the global batch (drives the sparsification coefficient)
+  // The coefficient's value on the host, valid while `coef` keeps this storage and version (the
+  // forward needs it every step; reading the device buffer each time would stall the GPU's queue).
+  struct CoefCache {
+    const void* storage = nullptr;
+    uint32_t version = 0;
+    double value = 0;
+  };
+  mutable CoefCache coef_cache_;
   MoeRouting last_routing_;
 };
 

@@ -36,13 +36,15 @@ StepLosses forward_backward(model::LanguageModel& model, const parallel::Process
     const Tensor tokens = rows_of(local.tokens, local.len, m * micro, micro, s.device);
     const Tensor targets = rows_of(local.targets, local.len, m * micro, micro, s.device);
     const model::LmOutput o = model.forward(tokens, targets, ctx);
+    const bool last = m + 1 == accum;
+    if (reducer != nullptr && last) reducer->prepare();  // earlier micro-batches only accumulate locally
+    o.loss.backward();
+    // The loss values come back after the backward is queued: reading them first would leave the GPU
+    // idle while the host queued the backward's first kernels.
     losses[0] += o.lm_loss.item<double>();
     losses[1] += o.loss.item<double>();
     const std::vector<double> a = o.aux.to_vector<double>();
     for (int k = 0; k < 3; ++k) losses[2 + k] += a[k];
-    const bool last = m + 1 == accum;
-    if (reducer != nullptr && last) reducer->prepare();  // earlier micro-batches only accumulate locally
-    o.loss.backward();
     if (reducer != nullptr && last) reducer->finish();
     if (last) out.stats = std::move(ctx.stats);
   }
