@@ -151,7 +151,8 @@ std::pair<Tensor, Tensor> gated_update(const Tensor& s_in, const Tensor& u_in, c
       q.gs = gs.raw_data();
       q.gu = gu.raw_data();
       q.gz = gz.raw_data();
-      Tensor gw = need_w ? Tensor::empty(w_shape, dt, dev) : Tensor(), gb = need_b ? Tensor::empty(b_shape, dt, dev) : Tensor();
+      Tensor gw = need_w ? Tensor::empty(w_shape, dt, dev) : Tensor();
+      Tensor gb = need_b ? Tensor::empty(b_shape, dt, dev) : Tensor();
       q.gw = need_w ? gw.raw_data() : nullptr;
       q.gb = need_b ? gb.raw_data() : nullptr;
       if (rows > 0) {

@@ -4,6 +4,8 @@
 // uses atomics instead (f32, f64).
 #include <cub/cub.cuh>
 
+#include <algorithm>
+
 #include "kernels/base/scratch.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/rows.cuh"
@@ -410,6 +412,16 @@ __global__ void __launch_bounds__(kSumThreads)
   }
 }
 
+// fn(std::integral_constant<int, K>) for the fewest 16-byte packs per lane, K in {1, 2, 4, 8}, that
+// cover `packs` (at most 8 * 32).
+template <class F>
+void dispatch_packs_per_lane(int64_t packs, F&& fn) {
+  if (packs <= 32) return fn(std::integral_constant<int, 1>{});
+  if (packs <= 64) return fn(std::integral_constant<int, 2>{});
+  if (packs <= 128) return fn(std::integral_constant<int, 4>{});
+  return fn(std::integral_constant<int, 8>{});
+}
+
 // Runs weighted_rows_kernel over `blocks` output rows when the rows allow 16-byte loads and fit the
 // register sums (up to 8 packs per lane: 2048 bf16 or 1024 f32 columns); false otherwise.
 template <class T, class Items>
@@ -418,16 +430,12 @@ bool launch_weighted_rows(const Items& items, const T* rows, T* out, int64_t blo
   const int64_t packs = cols / kN;
   if (cols % kN != 0 || !aligned16(rows) || !aligned16(out) || packs > 8 * 32 || blocks == 0) return false;
   const size_t smem = static_cast<size_t>(cols) * sizeof(compute_t<T>);
-  auto run = [&](auto items_per_lane) {
+  dispatch_packs_per_lane(packs, [&](auto items_per_lane) {
     constexpr int K = decltype(items_per_lane)::value;
     weighted_rows_kernel<T, K, Items>
         <<<static_cast<unsigned>(blocks), kSumThreads, smem, s>>>(items, rows, out, packs);
     HYDRA_CUDA_LAUNCH_CHECK();
-  };
-  if (packs <= 32) run(std::integral_constant<int, 1>{});
-  else if (packs <= 64) run(std::integral_constant<int, 2>{});
-  else if (packs <= 128) run(std::integral_constant<int, 4>{});
-  else run(std::integral_constant<int, 8>{});
+  });
   return true;
 }
 
@@ -560,16 +568,14 @@ void bag_bwd(const BagBwdParams& q) {
       const int64_t packs = p.cols / kN;
       const bool packed = p.cols % kN == 0 && packs <= 4 * 32 && aligned16(p.table) && aligned16(q.gout);
       if (q.gweights && p.n > 0 && packed) {
-        auto run = [&](auto items_per_lane) {
-          constexpr int K = decltype(items_per_lane)::value;
-          bag_weights_packed_kernel<T, I, K><<<blocks_for(p.n * 32, kSumThreads, int64_t(1) << 31), kSumThreads, 0, s>>>(
+        dispatch_packs_per_lane(packs, [&](auto items_per_lane) {  // packs <= 128: K <= 4
+          constexpr int K = std::min(decltype(items_per_lane)::value, 4);
+          const unsigned blocks = blocks_for(p.n * 32, kSumThreads, int64_t(1) << 31);
+          bag_weights_packed_kernel<T, I, K><<<blocks, kSumThreads, 0, s>>>(
               static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), p.n,
               p.m, packs);
           HYDRA_CUDA_LAUNCH_CHECK();
-        };
-        if (packs <= 32) run(std::integral_constant<int, 1>{});
-        else if (packs <= 64) run(std::integral_constant<int, 2>{});
-        else run(std::integral_constant<int, 4>{});
+        });
       } else if (q.gweights && p.n > 0) {
         bag_bwd_weights_kernel<T, I><<<blocks_for(total * 32, 256, int64_t(1) << 31), 256, 0, s>>>(
             static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), total,

@@ -1,7 +1,7 @@
 // The communicators' collectives and the process grid, run under mpirun with 1, 2 and 4 ranks (ctest
 // label mpi). Every collective test runs three times: over MPI on CPU tensors, over NCCL on CUDA tensors
-// (skipped without one GPU per rank), and over MPI on CUDA tensors staged through host memory. Every check uses values that differ per rank, so a collective that
-// moved the wrong data (or none) fails.
+// (skipped without one GPU per rank), and over MPI on CUDA tensors staged through host memory. Every
+// check uses values that differ per rank, so a collective that moved the wrong data (or none) fails.
 #include <gtest/gtest.h>
 
 #include <chrono>
