@@ -79,7 +79,9 @@ int run_main(int argc, char** argv) {
       "Without data.shards the model trains on the built-in synthetic tasks.\n\n"
       "Several processes: mpirun -np N hydra-train ... (or srun -n N inside a Slurm allocation), with\n"
       "parallel { dp ep sp } in the config (or --set parallel.dp=N) multiplying to N. Rank 0 prints and\n"
-      "writes; every rank trains. An error on any rank stops them all.\n\nHYDRA_PROFILE=1 in the environment times every kernel (by family, CUDA events on the GPU)\nand prints the table after the report.\n\nOptions");
+      "writes; every rank trains. An error on any rank stops them all. On GPUs (train.device=cuda) each\n"
+      "rank takes the GPU of its local rank and the ranks talk over NCCL; --set parallel.comm=MPI instead\n"
+      "stages GPU tensors through host memory (slow; lets several ranks share a GPU, for tests).\n\nHYDRA_PROFILE=1 in the environment times every kernel (by family, CUDA events on the GPU)\nand prints the table after the report.\n\nOptions");
   opts.add_options()("help,h", "show this help")("config", po::value<std::string>(), "the config file (RunConfig text)")(
       "set", po::value<std::vector<std::string>>()->composing(),
       "override a config field, e.g. --set train.lr.lr=3e-4 --set model.moe.max_active=1 (repeatable)")(
