@@ -130,8 +130,12 @@ void NcclCommunicator::end(const std::vector<Tensor>& tensors) {
   cuda_stream_wait(impl_->compute, impl_->stream);
 }
 
+// A group of one rank (an expert's replicas when ep = world, say) moves nothing: its reductions are the
+// identity and its gathers a copy on the compute stream. NCCL would still run a kernel per call beside
+// the backward.
+
 void NcclCommunicator::all_reduce(const Tensor& t, ReduceOp op) {
-  if (t.numel() == 0) return;
+  if (t.numel() == 0 || size() == 1) return;
   begin({t});
   HYDRA_NCCL_CHECK(ncclAllReduce(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "all_reduce"),
                                  nccl_op(op), impl_->comm, as_cuda(impl_->stream)));
@@ -140,7 +144,7 @@ void NcclCommunicator::all_reduce(const Tensor& t, ReduceOp op) {
 
 std::unique_ptr<Work> NcclCommunicator::all_reduce_async(const Tensor& t) {
   auto done = std::make_shared<CudaEvent>();
-  if (t.numel() > 0) {
+  if (t.numel() > 0 && size() > 1) {
     begin({t});
     HYDRA_NCCL_CHECK(ncclAllReduce(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "all_reduce"), ncclSum,
                                    impl_->comm, as_cuda(impl_->stream)));
@@ -155,6 +159,10 @@ void NcclCommunicator::all_gather(const Tensor& in, const Tensor& out) {
       << "all_gather on '" << name() << "': output of " << out.numel() << " elements for " << size() << " x "
       << in.numel();
   if (in.numel() == 0) return;
+  if (size() == 1) {
+    Tensor(out).copy_(in.reshape(out.shape()));
+    return;
+  }
   begin({in, out});
   HYDRA_NCCL_CHECK(ncclAllGather(in.raw_data(), out.raw_data(), in.numel(), nccl_type(in.dtype(), "all_gather"),
                                  impl_->comm, as_cuda(impl_->stream)));
@@ -166,6 +174,10 @@ void NcclCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) {
       << "reduce_scatter on '" << name() << "': input of " << in.numel() << " elements for " << size() << " x "
       << out.numel();
   if (out.numel() == 0) return;
+  if (size() == 1) {
+    Tensor(out).copy_(in.reshape(out.shape()));
+    return;
+  }
   begin({in, out});
   HYDRA_NCCL_CHECK(ncclReduceScatter(in.raw_data(), out.raw_data(), out.numel(),
                                      nccl_type(in.dtype(), "reduce_scatter"), ncclSum, impl_->comm,
@@ -178,6 +190,11 @@ std::unique_ptr<Work> NcclCommunicator::reduce_scatter_async(const Tensor& in, c
       << "reduce_scatter_async on '" << name() << "': input of " << in.numel() << " elements for " << size()
       << " x " << out.numel();
   auto done = std::make_shared<CudaEvent>();
+  if (out.numel() > 0 && size() == 1) {
+    Tensor(out).copy_(in.reshape(out.shape()));  // on the compute stream: done when wait() returns
+    done->record(impl_->compute);
+    return std::make_unique<NcclWork>(std::move(done), impl_->compute);
+  }
   if (out.numel() > 0) {
     begin({in, out});
     HYDRA_NCCL_CHECK(ncclReduceScatter(in.raw_data(), out.raw_data(), out.numel(),
@@ -192,7 +209,7 @@ std::unique_ptr<Work> NcclCommunicator::reduce_scatter_async(const Tensor& in, c
 
 void NcclCommunicator::broadcast(const Tensor& t, int root) {
   HYDRA_CHECK(root >= 0 && root < size()) << "broadcast: root " << root << " outside [0, " << size() << ")";
-  if (t.numel() == 0) return;
+  if (t.numel() == 0 || size() == 1) return;
   begin({t});
   HYDRA_NCCL_CHECK(ncclBroadcast(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "broadcast"), root,
                                  impl_->comm, as_cuda(impl_->stream)));
