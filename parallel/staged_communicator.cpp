@@ -50,8 +50,11 @@ Tensor HostStagedCommunicator::host(const Tensor& t, bool values, bool summed) c
   return t.to(dt).cpu();  // waits for the compute stream: t's producers are done
 }
 
+// One rank: reductions and broadcasts are the identity; no round trip through the host.
+
 void HostStagedCommunicator::all_reduce(const Tensor& t, ReduceOp op) {
   check(t, "all_reduce");
+  if (size() == 1) return;
   Tensor h = host(t, true, true);
   mpi_->all_reduce(h, op);
   Tensor(t).copy_(h);
@@ -59,6 +62,7 @@ void HostStagedCommunicator::all_reduce(const Tensor& t, ReduceOp op) {
 
 std::unique_ptr<Work> HostStagedCommunicator::all_reduce_async(const Tensor& t) {
   check(t, "all_reduce_async");
+  if (size() == 1) return std::make_unique<StagedWork>(nullptr, Tensor(), Tensor());
   Tensor h = host(t, true, true);
   return std::make_unique<StagedWork>(mpi_->all_reduce_async(h), h, t);
 }
@@ -88,6 +92,7 @@ std::unique_ptr<Work> HostStagedCommunicator::reduce_scatter_async(const Tensor&
 
 void HostStagedCommunicator::broadcast(const Tensor& t, int root) {
   check(t, "broadcast");
+  if (size() == 1) return;
   Tensor h = host(t, true);
   mpi_->broadcast(h, root);
   Tensor(t).copy_(h);
