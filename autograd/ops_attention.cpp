@@ -1,5 +1,3 @@
-#include <algorithm>
-
 #include "autograd/dispatch.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
@@ -41,20 +39,6 @@ std::pair<Tensor, Tensor> sparse_attention_with_lse(const Tensor& q_in, const Te
                                                     const AttentionPattern& pattern, double scale, int64_t q_pos0,
                                                     int64_t k_pos0) {
   check_qkv("sparse_attention", q_in, k_in, v_in);
-  // The CUDA kernels place (batch, head) pairs on one grid axis (< 65536): more run in batch pieces.
-  constexpr int64_t kMaxBatchHeads = 65535;
-  if (q_in.device().is_cuda() && q_in.size(0) * q_in.size(2) > kMaxBatchHeads) {
-    const int64_t per = std::max<int64_t>(1, kMaxBatchHeads / q_in.size(2));
-    std::vector<Tensor> outs, lses;
-    for (int64_t b0 = 0; b0 < q_in.size(0); b0 += per) {
-      const int64_t n = std::min(per, q_in.size(0) - b0);
-      auto [o, l] = sparse_attention_with_lse(q_in.narrow(0, b0, n), k_in.narrow(0, b0, n), v_in.narrow(0, b0, n),
-                                              pattern, scale, q_pos0, k_pos0);
-      outs.push_back(o);
-      lses.push_back(l);
-    }
-    return {concat(outs, 0), concat(lses, 0)};
-  }
   const TokenRows q = as_token_rows(q_in), k = as_token_rows(k_in), v = as_token_rows(v_in);
   const int64_t B = q_in.size(0), Lq = q_in.size(1), Lk = k_in.size(1), H = q_in.size(2), dh = q_in.size(3);
   const Device dev = q_in.device();

@@ -44,7 +44,6 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
   HYDRA_CHECK(L % c == 0) << "workspace: sequence length " << L << " is not a multiple of workspace.chunk " << c;
   const int64_t nC = L / c, ah = a / H;
   const double scale = 1.0 / std::sqrt(static_cast<double>(ah));
-  const bool fused = fused_attention_;
 
   // Keys and values of every token for the writes, once, chunk-major ([nC, B, c, a]) so that each
   // chunk's are one contiguous block; split hands them out with a single concatenating backward.
@@ -57,7 +56,8 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
   for (int64_t j = 0; j < nC; ++j) {
     states.push_back(S.unsqueeze(1));
     const Tensor q = write_q->forward(S).view({B, M, H, ah});
-    const Tensor o = all_visible_attention(q, wk[j].view({B, c, H, ah}), wv[j].view({B, c, H, ah}), scale, fused);
+    const Tensor k = wk[j].view({B, c, H, ah}), v = wv[j].view({B, c, H, ah});
+    const Tensor o = all_visible_attention(q, k, v, scale, fused_attention_);
     const Tensor upd = write_o->forward(o.view({B, M, a}));                         // [B, M, d]
     // (1 - g) S + g upd with g = sigmoid(gate([S; upd])), per slot: one kernel.
     auto [next_S, g] = gated_update(S, upd, gate->weight, gate->bias);            // g [B, M, 1]
@@ -71,7 +71,7 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
   const Tensor kr = read_k->forward(all).view({B * nC, M, H, ah});
   const Tensor vr = read_v->forward(all).view({B * nC, M, H, ah});
   const Tensor qr = read_q->forward(x).view({B * nC, c, H, ah});
-  const Tensor read = all_visible_attention(qr, kr, vr, scale, fused).view({B, L, a});
+  const Tensor read = all_visible_attention(qr, kr, vr, scale, fused_attention_).view({B, L, a});
 
   if (ctx.recording()) {  // on the device; two numbers come back
     NoGradGuard no_grad;

@@ -89,8 +89,9 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
     t->device_ = Device::cuda(distributed ? parallel::device_for_rank() : 0);
   }
   if (distributed) {
-    const parallel::CommBackend backend =
-        p.comm() == config::ParallelConfig::MPI ? parallel::CommBackend::kMpi : parallel::CommBackend::kAuto;
+    const parallel::CommBackend backend = p.comm() == config::ParallelConfig::MPI    ? parallel::CommBackend::kMpi
+                                          : p.comm() == config::ParallelConfig::NCCL ? parallel::CommBackend::kNccl
+                                                                                     : parallel::CommBackend::kAuto;
     if (gpu && backend != parallel::CommBackend::kMpi)
       if (const std::string problem = parallel::nccl_placement_problem(); !problem.empty())
         return failed_precondition(source + ": train.device = cuda with parallel.comm = " +

@@ -8,6 +8,7 @@
 // global queries beyond it). Every sum runs in a fixed order, so results are bit-reproducible.
 // bf16 with head sizes that are multiples of 16 (up to 128) goes to the tensor-core kernels
 // (attention_mma.cu).
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -348,16 +349,73 @@ __global__ void __launch_bounds__(kThreads)
 size_t accumulate_size(DType t) { return t == DType::kF64 ? 8 : 4; }
 
 void check_sizes(const AttentionParams& p) {
-  HYDRA_CHECK(p.q_len < (int64_t(1) << 31) && p.k_len < (int64_t(1) << 31) &&
-              p.batch * p.heads < 65536)
-      << "attention (CUDA): q_len " << p.q_len << ", k_len " << p.k_len << " or batch*heads "
-      << p.batch * p.heads << " out of range (lengths < 2^31, batch*heads < 65536)";
+  HYDRA_CHECK(p.q_len < (int64_t(1) << 31) && p.k_len < (int64_t(1) << 31) && p.heads < 65536)
+      << "attention (CUDA): q_len " << p.q_len << ", k_len " << p.k_len << " or heads " << p.heads
+      << " out of range (lengths < 2^31, heads < 65536)";
 }
+
+// The kernels place (batch, head) pairs on the grid's y axis (< 65536): larger batches run in pieces
+// of whole sequences, each with its operands offset to its first sequence.
+int64_t batch_piece(const AttentionParams& p) { return std::max<int64_t>(1, 65535 / p.heads); }
+
+template <class T>
+T* advance(T* ptr, int64_t elements, size_t elem_size) {
+  if (ptr == nullptr) return ptr;
+  using Byte = std::conditional_t<std::is_const_v<T>, const char, char>;
+  return reinterpret_cast<T*>(reinterpret_cast<Byte*>(ptr) + elements * static_cast<int64_t>(elem_size));
+}
+
+// Sequences [b0, b0 + n) of p.
+AttentionParams batch_slice(const AttentionParams& p, int64_t b0, int64_t n) {
+  AttentionParams s = p;
+  const size_t e = dtype_size(p.dtype), a = accumulate_size(p.dtype);
+  s.batch = n;
+  s.q = advance(p.q, b0 * p.q_len * p.q_row, e);
+  s.k = advance(p.k, b0 * p.k_len * p.k_row, e);
+  s.v = advance(p.v, b0 * p.k_len * p.v_row, e);
+  s.out = advance(p.out, b0 * p.q_len * p.heads * p.head_dim, e);
+  s.lse = advance(p.lse, b0 * p.heads * p.q_len, a);
+  return s;
+}
+
+void attention_fwd_piece(const AttentionParams& p);
+void attention_bwd_piece(const AttentionBwdParams& q);
+
 }  // namespace
 
 void attention_fwd(const AttentionParams& p) {
   if (p.batch * p.heads * p.q_len == 0) return;
   check_sizes(p);
+  const int64_t per = batch_piece(p);
+  for (int64_t b0 = 0; b0 < p.batch; b0 += per) attention_fwd_piece(batch_slice(p, b0, std::min(per, p.batch - b0)));
+}
+
+void attention_bwd(const AttentionBwdParams& q) {
+  const AttentionParams& p = q.fwd;
+  if (p.batch * p.heads == 0 || (p.q_len == 0 && p.k_len == 0)) return;
+  check_sizes(p);
+  const int64_t per = batch_piece(p);
+  const size_t e = dtype_size(p.dtype), a = accumulate_size(p.dtype);
+  for (int64_t b0 = 0; b0 < p.batch; b0 += per) {  // the pieces reuse the workspace, in stream order
+    AttentionBwdParams s = q;
+    s.fwd = batch_slice(p, b0, std::min(per, p.batch - b0));
+    s.gout = advance(q.gout, b0 * p.q_len * p.heads * p.head_dim, e);
+    s.glse = advance(q.glse, b0 * p.heads * p.q_len, a);
+    s.gq = advance(q.gq, b0 * p.q_len * p.heads * p.head_dim, e);
+    s.gk = advance(q.gk, b0 * p.k_len * p.heads * p.head_dim, e);
+    s.gv = advance(q.gv, b0 * p.k_len * p.heads * p.head_dim, e);
+    attention_bwd_piece(s);
+  }
+}
+
+size_t attention_bwd_workspace(const AttentionBwdParams& q) {
+  const AttentionParams& p = q.fwd;
+  return accumulate_size(p.dtype) * static_cast<size_t>(p.batch * p.heads * p.q_len) + 256;
+}
+
+namespace {
+
+void attention_fwd_piece(const AttentionParams& p) {
   const Pattern pat = pattern_of(p);
   const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), static_cast<unsigned>(p.batch * p.heads));
   if (attention_mma::applies(p)) {
@@ -373,15 +431,8 @@ void attention_fwd(const AttentionParams& p) {
   });
 }
 
-size_t attention_bwd_workspace(const AttentionBwdParams& q) {
+void attention_bwd_piece(const AttentionBwdParams& q) {
   const AttentionParams& p = q.fwd;
-  return accumulate_size(p.dtype) * static_cast<size_t>(p.batch * p.heads * p.q_len) + 256;
-}
-
-void attention_bwd(const AttentionBwdParams& q) {
-  const AttentionParams& p = q.fwd;
-  if (p.batch * p.heads == 0 || (p.q_len == 0 && p.k_len == 0)) return;
-  check_sizes(p);
   HYDRA_CHECK(q.workspace != nullptr) << "attention_bwd: workspace required";
   cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "attention_backward", [&](auto tag) {
@@ -419,5 +470,7 @@ void attention_bwd(const AttentionBwdParams& q) {
     }
   });
 }
+
+}  // namespace
 
 }  // namespace hydra::kernels::cuda
