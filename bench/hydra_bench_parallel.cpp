@@ -164,6 +164,23 @@ void bench_expert_exchange(const Env& env, Report& report, int64_t tokens) {
       env.world->all_to_all_v(recv, recv_counts, back, send_counts);
     });
     add(report, {"plain all_to_all_v there and back, same counts " + shape, {}, {{"ms", ms}, {"busbw_GBps", a2a_busbw(2 * bytes, ms, n)}}});
+    const double one_way = time_ms(env, [&] { env.world->all_to_all_v(xs, send_counts, recv, recv_counts); });
+    // The rows this rank keeps and sends on: routing decides how many leave the GPU.
+    std::string split;
+    for (int p = 0; p < n; ++p) {
+      if (p > 0) split += '/';
+      split += std::to_string(send_counts[p]);
+    }
+    add(report, {"plain all_to_all_v one way, same counts (rank 0 sends " + split + " rows) " + shape, {},
+                 {{"ms", one_way}, {"busbw_GBps", a2a_busbw(bytes, one_way, n)}}});
+    const std::vector<int64_t> equal(n, rows / n);
+    Tensor eq_recv = Tensor::empty({rows / n * n, d}, DType::kF32, env.dev);
+    const Tensor eq_send = xs.narrow(0, 0, rows / n * n);
+    const double eq_ms = time_ms(env, [&] {
+      env.world->all_to_all_v(eq_send, equal, eq_recv, equal);
+      env.world->all_to_all_v(eq_recv, equal, eq_send, equal);
+    });
+    add(report, {"plain all_to_all_v there and back, equal counts " + shape, {}, {{"ms", eq_ms}, {"busbw_GBps", a2a_busbw(2 * bytes, eq_ms, n)}}});
   }
 }
 
@@ -289,7 +306,8 @@ int run(int argc, char** argv) {
     auto world = parallel::world_communicator(gpu);
     Env env{world.get(), world->device(), gpu, quick ? 3 : 10};
     if (info.rank == 0)
-      std::printf("hydra-bench-parallel: %d ranks, %s\n", world->size(), gpu ? "NCCL over CUDA tensors" : "MPI over CPU tensors");
+      std::printf("hydra-bench-parallel: %d ranks, %s\n", world->size(),
+                  gpu ? ("NCCL " + parallel::nccl_version() + " over CUDA tensors").c_str() : "MPI over CPU tensors");
     Report report;
     bench_all_to_all(env, report, quick ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{16, 64, 256});
     // 1.6B "experts" stage: 16 sequences of 2048 tokens per rank would be 32768; 16384 keeps f32 at
@@ -297,7 +315,7 @@ int run(int argc, char** argv) {
     bench_expert_exchange(env, report, quick ? 512 : 16384);
     bench_allreduce_overlap(env, report, layers > 0 ? layers : quick ? 2 : 48, tokens > 0 ? tokens : quick ? 64 : 2048);
     if (!json.empty() && info.rank == 0) {
-      report.write_json(json, {{"ranks", std::to_string(world->size())}, {"backend", gpu ? "nccl" : "mpi"}});
+      report.write_json(json, {{"ranks", std::to_string(world->size())}, {"backend", gpu ? "nccl " + parallel::nccl_version() : "mpi"}});
       std::printf("wrote %s\n", json.c_str());
     }
     world->barrier();

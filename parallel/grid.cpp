@@ -1,6 +1,23 @@
 #include "parallel/grid.h"
 
+#include "autograd/ops.h"
+
 namespace hydra::parallel {
+namespace {
+
+// One element to and from every peer, so that the point-to-point connections exist before the first
+// step: NCCL makes them on first use, blocking the host in that call until the peer makes its side,
+// and the ranks issue work on several communicators in orders that may differ between them.
+void connect_peers(Communicator& c) {
+  if (c.size() == 1) return;
+  const int n = c.size();
+  const std::vector<int64_t> ones(n, 1);
+  const Tensor send = zeros({n}, DType::kF32, c.device()), recv = zeros({n}, DType::kF32, c.device());
+  c.all_to_all_v(send, ones, recv, ones);
+  c.synchronize();
+}
+
+}  // namespace
 
 std::string GridShape::str() const {
   return "dp=" + std::to_string(dp) + " ep=" + std::to_string(ep) + " sp=" + std::to_string(sp);
@@ -26,6 +43,9 @@ Expected<std::unique_ptr<ProcessGrid>> ProcessGrid::create(std::unique_ptr<Commu
   g->sp_ = world->split(static_cast<int>(g->dp_rank_ * shape.ep + g->ep_rank_), key, "sp");
   g->ep_ = world->split(static_cast<int>(g->dp_rank_ * shape.sp + g->sp_rank_), key, "ep");
   g->expert_ = world->split(static_cast<int>(g->ep_rank_), key, "expert");
+  // The communicators that exchange point to point: the sequence's neighbours, the experts' all-to-all.
+  connect_peers(*g->sp_);
+  connect_peers(*g->ep_);
   g->world_ = std::move(world);
   return g;
 }

@@ -100,13 +100,14 @@ void MpiCommunicator::check(int rc, const char* call) const {
                << "' failed: " << std::string(text, len);
 }
 
-void MpiCommunicator::wait(MPI_Request* req, const char* call, MPI_Comm comm, bool cancellable) const {
+void MpiCommunicator::wait(MPI_Request* req, const char* call, MPI_Comm comm, bool cancellable,
+                           MPI_Status* status) const {
   (void)comm;
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + timeout_;
   int flag = 0;
   for (int spins = 0;; ++spins) {
-    check(MPI_Test(req, &flag, MPI_STATUS_IGNORE), call);
+    check(MPI_Test(req, &flag, status != nullptr ? status : MPI_STATUS_IGNORE), call);
     if (flag) return;
     if (std::chrono::steady_clock::now() > deadline) {
       if (cancellable) {  // point-to-point: withdraw the request so the communicator stays usable
@@ -281,11 +282,31 @@ void MpiCommunicator::send_recv(const Tensor& send, int dest, const Tensor& recv
   if (dest >= 0 && send.numel() > 0) {
     check_cpu(send, where);
     reqs.emplace_back();
-    check(MPI_Isend(send.raw_data(), as_count(send.numel(), where), mpi_type(send.dtype(), false, where), dest, kTag,
+    check(MPI_Issend(send.raw_data(), as_count(send.numel(), where), mpi_type(send.dtype(), false, where), dest, kTag,
                     comm_, &reqs.back()),
-          "MPI_Isend");
+          "MPI_Issend");
   }
-  wait_all(reqs, "MPI_Isend/MPI_Irecv");
+  // The receive first, to check its size: a message shorter than the buffer is a bug in the caller
+  // (the ranks disagree on a shape) that MPI would accept and NCCL would hang on.
+  if (src >= 0 && recv.numel() > 0) {
+    MPI_Status status;
+    try {
+      wait(&reqs[0], "MPI_Irecv", comm_, true, &status);
+    } catch (...) {
+      for (std::size_t j = 1; j < reqs.size(); ++j) {
+        MPI_Cancel(&reqs[j]);
+        MPI_Request_free(&reqs[j]);
+      }
+      throw;
+    }
+    reqs.erase(reqs.begin());
+    int got = 0;
+    MPI_Get_count(&status, mpi_type(recv.dtype(), false, where), &got);
+    HYDRA_CHECK(got == recv.numel()) << "rank " << process_info().rank << ": send_recv on '" << name_ << "': received "
+                                     << got << " elements from rank " << src << ", expected " << recv.numel()
+                                     << " (the ranks disagree on the tensor's shape)";
+  }
+  wait_all(reqs, "MPI_Issend/MPI_Irecv");
 }
 
 void MpiCommunicator::barrier() {

@@ -46,7 +46,8 @@ class MpiCommunicator final : public Communicator {
  private:
   class AsyncWork;
   void check(int rc, const char* call) const;
-  void wait(MPI_Request* req, const char* call, MPI_Comm comm, bool cancellable = false) const;
+  void wait(MPI_Request* req, const char* call, MPI_Comm comm, bool cancellable = false,
+            MPI_Status* status = nullptr) const;
   void wait_all(std::vector<MPI_Request>& reqs, const char* call) const;
   void all_reduce_on(MPI_Comm comm, const Tensor& t, ReduceOp op) const;
   void reduce_scatter_on(MPI_Comm comm, const Tensor& in, const Tensor& out) const;

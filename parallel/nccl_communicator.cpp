@@ -4,8 +4,12 @@
 #include <nccl.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "autograd/cuda_context.h"
 #include "autograd/ops.h"
@@ -16,7 +20,7 @@ namespace hydra::parallel {
 
 struct NcclCommunicator::Impl {
   ncclComm_t comm = nullptr;
-  void* stream = nullptr;   // the device's communication stream
+  void* stream = nullptr;   // this communicator's own stream
   void* compute = nullptr;  // the device's compute stream
 };
 
@@ -53,6 +57,37 @@ ncclRedOp_t nccl_op(ReduceOp op) {
 
 cudaStream_t as_cuda(void* s) { return static_cast<cudaStream_t>(s); }
 
+// Communicators' streams are never destroyed: the caching allocator records tensors' last uses on them
+// (record_stream) and may record events there after a communicator is gone. A destroyed
+// communicator's stream goes back to a per-device pool for the next one.
+std::mutex g_stream_mu;
+std::map<int, std::vector<cudaStream_t>> g_free_streams;
+
+cudaStream_t take_stream(int device) {
+  std::lock_guard<std::mutex> lock(g_stream_mu);
+  auto& free = g_free_streams[device];
+  if (!free.empty()) {
+    cudaStream_t s = free.back();
+    free.pop_back();
+    return s;
+  }
+  // The highest priority: while the backward's kernels fill the GPU, the block scheduler gives the
+  // SMs that free up to the communication kernels first, so that they run beside the backward instead
+  // of waiting for a gap between its kernels.
+  int least = 0, greatest = 0;
+  HYDRA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest) == cudaSuccess)
+      << "rank " << process_info().rank << ": cudaDeviceGetStreamPriorityRange failed on cuda:" << device;
+  cudaStream_t s = nullptr;
+  HYDRA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest) == cudaSuccess)
+      << "rank " << process_info().rank << ": cudaStreamCreate failed on cuda:" << device;
+  return s;
+}
+
+void give_back_stream(int device, cudaStream_t s) {
+  std::lock_guard<std::mutex> lock(g_stream_mu);
+  g_free_streams[device].push_back(s);
+}
+
 class NcclWork final : public Work {
  public:
   NcclWork(std::shared_ptr<CudaEvent> done, void* compute) : done_(std::move(done)), compute_(compute) {}
@@ -65,14 +100,31 @@ class NcclWork final : public Work {
 
 }  // namespace
 
+// The communicator is non-blocking (ncclConfig_t::blocking = 0): a call may return ncclInProgress while
+// NCCL connects to peers in the background, and the next use must wait for it (await_ready), so that a
+// peer that never comes is a timeout with a message, not a host blocked forever in ncclGroupEnd.
 #define HYDRA_NCCL_CHECK(call)                                                                             \
   do {                                                                                                     \
     const ncclResult_t r_ = (call);                                                                        \
-    if (r_ != ncclSuccess) {                                                                               \
+    if (r_ != ncclSuccess && r_ != ncclInProgress) {                                                       \
       HYDRA_FAIL() << "rank " << process_info().rank << ": " << #call << " on communicator '" << name()    \
                    << "' failed: " << ncclGetErrorString(r_) << " (" << ncclGetLastError(impl_->comm) << ")"; \
     }                                                                                                      \
   } while (0)
+
+// A call, then the wait until NCCL has queued its work on the stream (or failed, or the deadline passed).
+#define HYDRA_NCCL_CALL(call)   \
+  do {                          \
+    HYDRA_NCCL_CHECK(call);     \
+    await_ready(#call);         \
+  } while (0)
+
+std::string NcclCommunicator::library_version() {
+  int v = 0;
+  if (ncclGetVersion(&v) != ncclSuccess) return "unknown";
+  // NCCL >= 2.9 encodes major * 10000 + minor * 100 + patch.
+  return std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." + std::to_string(v % 100);
+}
 
 NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> bootstrap, int device)
     : bootstrap_(std::move(bootstrap)), device_(device), impl_(std::make_unique<Impl>()) {
@@ -88,9 +140,38 @@ NcclCommunicator::NcclCommunicator(std::unique_ptr<MpiCommunicator> bootstrap, i
   }
   bootstrap_->broadcast(buf, 0);
   std::memcpy(&id, buf.raw_data(), sizeof(id));
-  HYDRA_NCCL_CHECK(ncclCommInitRank(&impl_->comm, bootstrap_->size(), id, bootstrap_->rank()));
-  impl_->stream = cuda_comm_stream(device_);
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  HYDRA_NCCL_CALL(ncclCommInitRankConfig(&impl_->comm, bootstrap_->size(), id, bootstrap_->rank(), &config));
+  // Its own stream: the ranks issue work on several communicators (a bucket's all-reduce from a gradient
+  // hook, a sequence-parallel exchange) in orders that may differ between ranks; on one shared stream
+  // the kernels of two communicators would wait for each other across the GPUs.
+  impl_->stream = take_stream(device_);
   impl_->compute = cuda_compute_stream(device_);
+}
+
+void NcclCommunicator::await_ready(const char* call) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  for (int spins = 0;; ++spins) {
+    ncclResult_t state = ncclInProgress;
+    const ncclResult_t r = ncclCommGetAsyncError(impl_->comm, &state);
+    if (r == ncclSuccess && state == ncclSuccess) return;
+    if (r != ncclSuccess || state != ncclInProgress) {
+      const std::string detail = ncclGetLastError(impl_->comm);
+      ncclCommAbort(impl_->comm);
+      impl_->comm = nullptr;
+      HYDRA_FAIL() << "rank " << process_info().rank << ": " << call << " on communicator '" << name()
+                   << "' failed: " << ncclGetErrorString(r != ncclSuccess ? r : state) << " (" << detail << ")";
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      ncclCommAbort(impl_->comm);
+      impl_->comm = nullptr;
+      HYDRA_FAIL() << "rank " << process_info().rank << ": " << call << " on communicator '" << name()
+                   << "' did not complete within " << timeout_.count()
+                   << " s: another rank has died, is stuck, or took a different path through the program";
+    }
+    if (spins > 100) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
 }
 
 void NcclCommunicator::set_timeout(std::chrono::seconds t) {
@@ -99,14 +180,30 @@ void NcclCommunicator::set_timeout(std::chrono::seconds t) {
 }
 
 NcclCommunicator::~NcclCommunicator() {
-  if (impl_ && impl_->comm) {
-    cudaSetDevice(device_);
-    cudaStreamSynchronize(as_cuda(impl_->stream));
-    ncclCommDestroy(impl_->comm);
+  if (impl_ == nullptr) return;
+  cudaSetDevice(device_);
+  if (impl_->comm != nullptr) {
+    // Finalize flushes the queued work; a peer that never comes would hold it forever: abort then.
+    ncclResult_t state = ncclCommFinalize(impl_->comm);
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    while (state == ncclInProgress && std::chrono::steady_clock::now() <= deadline) {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+      if (ncclCommGetAsyncError(impl_->comm, &state) != ncclSuccess) break;
+    }
+    if (state == ncclSuccess) {
+      ncclCommDestroy(impl_->comm);
+    } else {
+      std::fprintf(stderr, "rank %d: NCCL communicator '%s' did not finish its work within %lld s; aborted\n",
+                   process_info().rank, name().c_str(), static_cast<long long>(timeout_.count()));
+      ncclCommAbort(impl_->comm);
+    }
   }
+  if (impl_->stream != nullptr) give_back_stream(device_, as_cuda(impl_->stream));
 }
 
 void NcclCommunicator::check_async() const {
+  HYDRA_CHECK(impl_->comm != nullptr) << "rank " << process_info().rank << ": NCCL communicator '" << name()
+                                       << "' was aborted after an earlier error or timeout";
   ncclResult_t async = ncclSuccess;
   ncclCommGetAsyncError(impl_->comm, &async);
   HYDRA_CHECK(async == ncclSuccess || async == ncclInProgress)
@@ -137,7 +234,7 @@ void NcclCommunicator::end(const std::vector<Tensor>& tensors) {
 void NcclCommunicator::all_reduce(const Tensor& t, ReduceOp op) {
   if (t.numel() == 0 || size() == 1) return;
   begin({t});
-  HYDRA_NCCL_CHECK(ncclAllReduce(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "all_reduce"),
+  HYDRA_NCCL_CALL(ncclAllReduce(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "all_reduce"),
                                  nccl_op(op), impl_->comm, as_cuda(impl_->stream)));
   end({t});
 }
@@ -146,7 +243,7 @@ std::unique_ptr<Work> NcclCommunicator::all_reduce_async(const Tensor& t) {
   auto done = std::make_shared<CudaEvent>();
   if (t.numel() > 0 && size() > 1) {
     begin({t});
-    HYDRA_NCCL_CHECK(ncclAllReduce(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "all_reduce"), ncclSum,
+    HYDRA_NCCL_CALL(ncclAllReduce(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "all_reduce"), ncclSum,
                                    impl_->comm, as_cuda(impl_->stream)));
     cuda_record_stream(t.storage()->data(), device_, impl_->stream);
   }
@@ -164,7 +261,7 @@ void NcclCommunicator::all_gather(const Tensor& in, const Tensor& out) {
     return;
   }
   begin({in, out});
-  HYDRA_NCCL_CHECK(ncclAllGather(in.raw_data(), out.raw_data(), in.numel(), nccl_type(in.dtype(), "all_gather"),
+  HYDRA_NCCL_CALL(ncclAllGather(in.raw_data(), out.raw_data(), in.numel(), nccl_type(in.dtype(), "all_gather"),
                                  impl_->comm, as_cuda(impl_->stream)));
   end({in, out});
 }
@@ -179,7 +276,7 @@ void NcclCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) {
     return;
   }
   begin({in, out});
-  HYDRA_NCCL_CHECK(ncclReduceScatter(in.raw_data(), out.raw_data(), out.numel(),
+  HYDRA_NCCL_CALL(ncclReduceScatter(in.raw_data(), out.raw_data(), out.numel(),
                                      nccl_type(in.dtype(), "reduce_scatter"), ncclSum, impl_->comm,
                                      as_cuda(impl_->stream)));
   end({in, out});
@@ -197,7 +294,7 @@ std::unique_ptr<Work> NcclCommunicator::reduce_scatter_async(const Tensor& in, c
   }
   if (out.numel() > 0) {
     begin({in, out});
-    HYDRA_NCCL_CHECK(ncclReduceScatter(in.raw_data(), out.raw_data(), out.numel(),
+    HYDRA_NCCL_CALL(ncclReduceScatter(in.raw_data(), out.raw_data(), out.numel(),
                                        nccl_type(in.dtype(), "reduce_scatter"), ncclSum, impl_->comm,
                                        as_cuda(impl_->stream)));
     cuda_record_stream(in.storage()->data(), device_, impl_->stream);
@@ -211,7 +308,7 @@ void NcclCommunicator::broadcast(const Tensor& t, int root) {
   HYDRA_CHECK(root >= 0 && root < size()) << "broadcast: root " << root << " outside [0, " << size() << ")";
   if (t.numel() == 0 || size() == 1) return;
   begin({t});
-  HYDRA_NCCL_CHECK(ncclBroadcast(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "broadcast"), root,
+  HYDRA_NCCL_CALL(ncclBroadcast(t.raw_data(), t.raw_data(), t.numel(), nccl_type(t.dtype(), "broadcast"), root,
                                  impl_->comm, as_cuda(impl_->stream)));
   end({t});
 }
@@ -249,7 +346,7 @@ void NcclCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_
     so += send_counts[p] * row;
     ro += recv_counts[p] * row;
   }
-  HYDRA_NCCL_CHECK(ncclGroupEnd());
+  HYDRA_NCCL_CALL(ncclGroupEnd());
   end({send, recv});
 }
 
@@ -266,7 +363,7 @@ void NcclCommunicator::send_recv(const Tensor& send, int dest, const Tensor& rec
   if (src >= 0 && recv.numel() > 0)
     HYDRA_NCCL_CHECK(ncclRecv(recv.raw_data(), recv.numel(), nccl_type(recv.dtype(), "recv"), src, impl_->comm,
                               as_cuda(impl_->stream)));
-  HYDRA_NCCL_CHECK(ncclGroupEnd());
+  HYDRA_NCCL_CALL(ncclGroupEnd());
   end(used);
 }
 

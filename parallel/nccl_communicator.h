@@ -1,5 +1,5 @@
 // Communicator over NCCL for CUDA tensors (built with HYDRA_CUDA). The NCCL unique id travels over the
-// MPI bootstrap communicator. Operations run on the device's communication stream: each first waits for
+// MPI bootstrap communicator. Operations run on the communicator's own stream: each first waits for
 // the work already queued on the compute stream, and the compute stream waits for the operation before
 // anything queued after it, so results are ordered without host synchronisation while other compute
 // (not depending on them) can overlap. Tensors used are marked on the communication stream for the
@@ -38,11 +38,15 @@ class NcclCommunicator final : public Communicator {
   void synchronize() override;
   void set_timeout(std::chrono::seconds t) override;
 
+  // The NCCL library loaded at run time, as "major.minor.patch".
+  static std::string library_version();
+
  private:
   struct Impl;
   void begin(const std::vector<Tensor>& tensors);  // comm stream waits for compute
   void end(const std::vector<Tensor>& tensors);    // compute waits for comm; tensors recorded on comm
   void check_async() const;
+  void await_ready(const char* call);  // until the last call's work is queued; deadline: timeout()
 
   std::unique_ptr<MpiCommunicator> bootstrap_;
   int device_;

@@ -89,6 +89,12 @@ std::unique_ptr<Communicator> world_communicator(bool gpu, CommBackend backend) 
   if (!gpu) return mpi;
   if (backend == CommBackend::kMpi) return std::make_unique<HostStagedCommunicator>(std::move(mpi), dev);
 #if HYDRA_WITH_CUDA
+  // NCCL connects the collectives' rings and trees on first use by default, blocking the host in that
+  // call until the peers make theirs. Ranks issue work on several communicators in orders that may
+  // differ (a bucket's all-reduce from a gradient hook beside a sequence-parallel exchange), so they
+  // could wait for one another there: connect when each communicator is created instead. A value the
+  // user set wins. (Point-to-point connections: ProcessGrid::create makes them.)
+  setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
   return std::make_unique<NcclCommunicator>(std::move(mpi), dev.index);
 #else
   HYDRA_FAIL() << "this build has no CUDA backend: no NCCL communicator";
@@ -113,6 +119,14 @@ std::string nccl_placement_problem() {
          " ranks per host (mpirun --map-by ppr:" + std::to_string(gpus) +
          ":node, srun --ntasks-per-node), or set parallel.comm = MPI to stage GPU tensors through host memory "
          "(slow: for tests and debugging)";
+}
+
+std::string nccl_version() {
+#if HYDRA_WITH_CUDA
+  return NcclCommunicator::library_version();
+#else
+  return "";
+#endif
 }
 
 int device_for_rank() {

@@ -41,6 +41,9 @@ std::unique_ptr<Communicator> world_communicator(bool gpu = false, CommBackend b
 // about it; empty when it can.
 std::string nccl_placement_problem();
 
+// The NCCL library this build loads ("2.21.5"), or "" in a build without CUDA.
+std::string nccl_version();
+
 // The CUDA device this rank should use: local_rank modulo the visible devices (one GPU per rank).
 int device_for_rank();
 

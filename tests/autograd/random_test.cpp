@@ -72,5 +72,18 @@ TEST(Random, RandintCoversTheRangeOnly) {
   for (int c : seen) EXPECT_GT(c, 1400);
 }
 
+TEST(Random, RandintOverAWideRangeReachesEveryResidue) {
+  // With 24 random bits, [0, 2^30) would give multiples of 64 only (every value % 8 == 0).
+  Generator g(6);
+  const auto v = randint(0, int64_t{1} << 30, {8000}, g).to_vector<int64_t>();
+  std::vector<int> seen(8, 0);
+  for (int64_t x : v) {
+    ASSERT_GE(x, 0);
+    ASSERT_LT(x, int64_t{1} << 30);
+    ++seen[x % 8];
+  }
+  for (int c : seen) EXPECT_GT(c, 850);
+}
+
 }  // namespace
 }  // namespace hydra
