@@ -196,6 +196,37 @@ TEST_P(CommunicatorTest, SplitGroupsReduceWithinThemselves) {
   for (double v : back(*half, t).to_vector<double>()) EXPECT_EQ(v, expect);
 }
 
+// Ranks may start work on two communicators in different orders (a bucket's all-reduce from a gradient
+// hook beside a sequence-parallel exchange: the ranks' autograd graphs differ). Each communicator's own
+// order is the same everywhere, which must be enough: with NCCL on one stream shared by both, rank 0's
+// GPU would wait in A for rank 1, whose GPU waits in B for rank 0 (seen on 2 H200s before each
+// communicator got its own stream).
+TEST_P(CommunicatorTest, CommunicatorsProgressIndependently) {
+  auto w = comm();
+  if (w->size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  auto a = w->split(0, w->rank(), "order-a"), b = w->split(0, w->rank(), "order-b");
+  const int n = w->size(), r = w->rank();
+  Tensor ta = on(*w, rank_values(r, 1 << 20).to(DType::kF32)), tb = on(*w, rank_values(r + n, 1 << 20).to(DType::kF32));
+  std::unique_ptr<Work> wa, wb;
+  if (r % 2 == 0) {
+    wa = a->all_reduce_async(ta);
+    wb = b->all_reduce_async(tb);
+  } else {
+    wb = b->all_reduce_async(tb);
+    wa = a->all_reduce_async(ta);
+  }
+  wa->wait();
+  wb->wait();
+  const auto av = back(*a, ta).to_vector<float>(), bv = back(*b, tb).to_vector<float>();
+  double sa = 0, sb = 0;
+  for (int q = 0; q < n; ++q) {
+    sa += q * 100.0 + 77.5;
+    sb += (q + n) * 100.0 + 77.5;
+  }
+  EXPECT_FLOAT_EQ(av[77], float(sa));
+  EXPECT_FLOAT_EQ(bv[77], float(sb));
+}
+
 TEST_P(CommunicatorTest, TimeoutNamesTheCallInsteadOfHanging) {
   auto w = comm();
   if (w->size() < 2) GTEST_SKIP() << "needs 2 ranks";
