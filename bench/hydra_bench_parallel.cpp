@@ -15,8 +15,9 @@
 // Bus bandwidth follows nccl-tests: all-to-all busbw = bytes sent per rank / time * (n - 1) / n;
 // all-reduce busbw = bytes / time * 2 (n - 1) / n. Times: medians over repeats after warm-up, CUDA
 // events on the compute stream (GPU) or the wall clock (CPU), every repeat started after a barrier.
-//   mpirun -np 2 hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens N]
-//   (--layers / --tokens: the all-reduce stack's depth and tokens per rank; defaults 48 and 2048)
+//   mpirun -np 2 hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens N] [--only PART]
+//   (--layers / --tokens: the all-reduce stack's depth and tokens per rank; defaults 48 and 2048;
+//   --only all-to-all | experts | all-reduce: that part alone)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -277,7 +278,7 @@ int run(int argc, char** argv) {
   const auto& info = parallel::init_processes(&argc, &argv, /*force=*/true);
   bool gpu = false, quick = false;
   int64_t layers = 0, tokens = 0;  // 0: the defaults below
-  std::string json;
+  std::string json, only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--gpu") {
@@ -290,9 +291,13 @@ int run(int argc, char** argv) {
       layers = std::atoll(argv[++i]);
     } else if (a == "--tokens" && i + 1 < argc) {
       tokens = std::atoll(argv[++i]);
+    } else if (a == "--only" && i + 1 < argc && (std::string(argv[i + 1]) == "all-to-all" ||
+                                                 std::string(argv[i + 1]) == "experts" ||
+                                                 std::string(argv[i + 1]) == "all-reduce")) {
+      only = argv[++i];
     } else {
       if (info.rank == 0)
-        std::fprintf(stderr, "hydra-bench-parallel: unknown argument '%s'\nusage: mpirun -np N hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens N]\n", a.c_str());
+        std::fprintf(stderr, "hydra-bench-parallel: unknown argument '%s'\nusage: mpirun -np N hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens N] [--only all-to-all|experts|all-reduce]\n", a.c_str());
       parallel::finalize_processes();
       return 2;
     }
@@ -309,11 +314,13 @@ int run(int argc, char** argv) {
       std::printf("hydra-bench-parallel: %d ranks, %s\n", world->size(),
                   gpu ? ("NCCL " + parallel::nccl_version() + " over CUDA tensors").c_str() : "MPI over CPU tensors");
     Report report;
-    bench_all_to_all(env, report, quick ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{16, 64, 256});
+    if (only.empty() || only == "all-to-all")
+      bench_all_to_all(env, report, quick ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{16, 64, 256});
     // 1.6B "experts" stage: 16 sequences of 2048 tokens per rank would be 32768; 16384 keeps f32 at
     // 256 MiB sent per rank each way (2 active experts per chunk).
-    bench_expert_exchange(env, report, quick ? 512 : 16384);
-    bench_allreduce_overlap(env, report, layers > 0 ? layers : quick ? 2 : 48, tokens > 0 ? tokens : quick ? 64 : 2048);
+    if (only.empty() || only == "experts") bench_expert_exchange(env, report, quick ? 512 : 16384);
+    if (only.empty() || only == "all-reduce")
+      bench_allreduce_overlap(env, report, layers > 0 ? layers : quick ? 2 : 48, tokens > 0 ? tokens : quick ? 64 : 2048);
     if (!json.empty() && info.rank == 0) {
       report.write_json(json, {{"ranks", std::to_string(world->size())}, {"backend", gpu ? "nccl " + parallel::nccl_version() : "mpi"}});
       std::printf("wrote %s\n", json.c_str());
