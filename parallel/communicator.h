@@ -39,7 +39,8 @@ class Communicator {
   virtual void all_reduce(const Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
   // Starts an in-place sum; the tensor must not be touched until wait() (gradient buckets).
   virtual std::unique_ptr<Work> all_reduce_async(const Tensor& t) = 0;
-  // out: [size * n, ...] <- every rank's in [n, ...] in rank order.
+  // out: [size * n, ...] <- every rank's in [n, ...] in rank order. `in` may be this rank's own slice
+  // of `out` (the same memory): then it gathers in place, copying nothing locally.
   virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
   // out [n, ...] = sum over ranks of slice rank of in [size * n, ...].
   virtual void reduce_scatter(const Tensor& in, const Tensor& out) = 0;

@@ -201,8 +201,11 @@ void MpiCommunicator::all_gather(const Tensor& in, const Tensor& out) {
   if (in.numel() == 0) return;
   MPI_Request req;
   const MPI_Datatype ty = mpi_type(in.dtype(), false, where);
-  check(MPI_Iallgather(in.raw_data(), as_count(in.numel(), where), ty, out.raw_data(), as_count(in.numel(), where), ty,
-                       comm_, &req),
+  // `in` as this rank's slice of `out`: MPI forbids aliased buffers and names the case MPI_IN_PLACE.
+  const bool in_place = in.raw_data() == static_cast<char*>(out.raw_data()) +
+                                             int64_t{rank_} * in.numel() * static_cast<int64_t>(dtype_size(in.dtype()));
+  check(MPI_Iallgather(in_place ? MPI_IN_PLACE : in.raw_data(), as_count(in.numel(), where), ty, out.raw_data(),
+                       as_count(in.numel(), where), ty, comm_, &req),
         "MPI_Iallgather");
   wait(&req, "MPI_Iallgather", comm_);
 }

@@ -257,10 +257,10 @@ void NcclCommunicator::all_gather(const Tensor& in, const Tensor& out) {
       << in.numel();
   if (in.numel() == 0) return;
   if (size() == 1) {
-    Tensor(out).copy_(in.reshape(out.shape()));
+    if (in.raw_data() != out.raw_data()) Tensor(out).copy_(in.reshape(out.shape()));
     return;
   }
-  begin({in, out});
+  begin({in, out});  // in place (in is out's slice rank) is NCCL's own in-place form
   HYDRA_NCCL_CALL(ncclAllGather(in.raw_data(), out.raw_data(), in.numel(), nccl_type(in.dtype(), "all_gather"),
                                  impl_->comm, as_cuda(impl_->stream)));
   end({in, out});

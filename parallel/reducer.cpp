@@ -276,7 +276,26 @@ void GradientReducer::all_gather_params() {
     bool changed = false;
     for (const int i : b.params) changed = changed || had_[i] > 0;
     if (!changed) continue;
-    Tensor mine = zeros({b.slice}, b.dtype, b.device);
+    const int64_t size = b.group->size(), first = b.group->rank() * b.slice;
+    if (b.params.size() == 1 && b.slice * size == b.numel) {
+      // One parameter fills the bucket (every large weight): it is the gather's output, and its owned
+      // slice, updated by the optimizer, the input. Nothing is copied.
+      const Tensor& t = params_[b.params[0]].tensor;
+      if (t.is_contiguous()) {
+        const Tensor flat = t.detach().reshape({-1});
+        b.group->all_gather(flat.narrow(0, first, b.slice), flat);
+        t.storage()->bump_version();
+        ++stats_.gathered_in_place;
+        continue;
+      }
+    }
+    // Several parameters: packed into this rank's slice, gathered, unpacked. The owned pieces tile the
+    // slice; only the padding past the bucket's end needs zeros.
+    Tensor mine = Tensor::empty({b.slice}, b.dtype, b.device);
+    if (first + b.slice > b.numel) {
+      const int64_t pad_from = std::max<int64_t>(0, b.numel - first);
+      mine.narrow(0, pad_from, b.slice - pad_from).zero_();
+    }
     for (const int i : b.params) {
       const ParamShard& o = owned_[i];
       if (o.hi > o.lo) mine.narrow(0, slice_pos_[i], o.hi - o.lo).copy_(params_[i].tensor.reshape({-1}).narrow(0, o.lo, o.hi - o.lo));

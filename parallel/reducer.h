@@ -53,6 +53,7 @@ struct ReducerStats {
   int64_t buckets = 0;     // buckets started
   int64_t early = 0;       // buckets started from a hook during the backward (overlapped)
   int64_t copied = 0;      // gradients copied into a bucket (not written there by the backward)
+  int64_t gathered_in_place = 0;  // ZeRO-1: buckets of one parameter, gathered into it with no copy
 };
 
 class GradientReducer {

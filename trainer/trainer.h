@@ -58,6 +58,7 @@ class Trainer {
   model::LanguageModel& model() { return *model_; }
   const config::RunConfig& config() const { return cfg_; }
   const AdamW& optimizer() const { return *optimizer_; }
+  const parallel::GradientReducer* reducer() const { return reducer_.get(); }  // null in one process
 
  private:
   Trainer() = default;

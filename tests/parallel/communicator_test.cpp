@@ -112,6 +112,13 @@ TEST_P(CommunicatorTest, AllGatherAndReduceScatterAreAdjoint) {
   const Tensor got = back(*w, all);
   for (int q = 0; q < n; ++q)
     EXPECT_TRUE(testing::bitwise_equal(got.narrow(0, q, 1).contiguous(), rank_values(q, 5).reshape({1, 5})));
+  // In place: each rank's input is its own slice of the output (ZeRO-1 gathers parameters this way).
+  Tensor flat = on(*w, full({n * 5}, std::nan(""), DType::kF64));
+  flat.narrow(0, r * 5, 5).copy_(on(*w, rank_values(r, 5)));
+  w->all_gather(flat.narrow(0, r * 5, 5), flat);
+  const Tensor gathered = back(*w, flat);
+  for (int q = 0; q < n; ++q)
+    EXPECT_TRUE(testing::bitwise_equal(gathered.narrow(0, q * 5, 5).contiguous(), rank_values(q, 5))) << q;
   // reduce_scatter of [n, 3] where rank r holds r + 1 everywhere: each slice sums to n(n+1)/2.
   Tensor in = on(*w, full({n, 3}, double(r + 1), DType::kF64));
   Tensor out = on(*w, zeros({1, 3}, DType::kF64));

@@ -248,6 +248,10 @@ void expect_same_training(const GridShape& shape, bool zero1 = false) {
   // the world, the state is the one process's.
   const double total = world->all_reduce_host(double(dist->optimizer().state_bytes()));
   EXPECT_EQ(total, double(single->optimizer().state_bytes()));
+  // Both gathers ran: parameters alone in their bucket in place, the others packed and unpacked.
+  ASSERT_NE(dist->reducer(), nullptr);
+  EXPECT_GT(dist->reducer()->stats().gathered_in_place, 0);
+  EXPECT_LT(dist->reducer()->stats().gathered_in_place, dist->reducer()->stats().buckets);
 
   // Stop at 10, resume on the grid: the straight run bit for bit.
   auto half = train(dcfg, base + "/half", false, 10);
