@@ -200,11 +200,19 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
   const Tensor x = random_rows(env, tokens, d, 4), gy = random_rows(env, tokens, d, 5);
   double params = 0;
   for (const Tensor& w : weights) params += double(w.numel());
-  auto backward = [&] {
+  // Each step starts without gradients (the trainer's zero_grad), so that a reducer's prepare() can
+  // hand every weight's gradient its place in a bucket.
+  auto clear = [&] {
     for (Tensor& w : weights) w.set_grad(Tensor());
+  };
+  auto forward_backward = [&] {
     Tensor h = x;
     for (int64_t l = 0; l < layers; ++l) h = add(h, linear(relu(linear(h, weights[2 * l])), weights[2 * l + 1]));
     h.backward(gy);
+  };
+  auto backward = [&] {
+    clear();
+    forward_backward();
   };
   // cudaMalloc calls and cache flushes of the caching allocator during a timed mode (steady state: 0).
   auto driver = [&] {
@@ -222,30 +230,71 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
     NoGradGuard ng;
     for (Tensor& w : weights) (void)w.grad().clone();
   }, 1);
+  // The backward writing each weight's gradient into a destination of its own (as into a bucket),
+  // without a reducer: separates the GEMMs' cost from the reducer's bookkeeping.
+  double into_dest = 0;
+  {
+    std::vector<Tensor> dests;
+    for (const Tensor& w : weights) dests.push_back(Tensor::empty(w.shape(), w.dtype(), env.dev));
+    into_dest = time_ms(env, [&] {
+      for (std::size_t i = 0; i < weights.size(); ++i) weights[i].set_grad_destination(dests[i]);
+      backward();
+    }, 1);
+    for (Tensor& w : weights) w.set_grad_destination(Tensor());
+  }
   std::vector<parallel::ReducedParam> rp;
   for (std::size_t i = 0; i < weights.size(); ++i) rp.push_back({std::string("w").append(std::to_string(i)), weights[i], env.world, false});
   double with_reducer = 0;
-  int64_t buckets = 0, early = 0;
+  int64_t buckets = 0, early = 0, copied_grads = 0;
   {
     parallel::GradientReducer reducer(rp, 25.0);
     d0 = driver();
     with_reducer = time_ms(env, [&] {
+      clear();
       reducer.prepare();
-      backward();
+      forward_backward();
       reducer.finish();
     }, 1);
     d1 = driver();
     add(report, {"backward + reducer (allocator)", {}, {{"driver_allocs", d1.first - d0.first}, {"cache_flushes", d1.second - d0.second}}});
     buckets = reducer.stats().buckets;
     early = reducer.stats().early;
+    copied_grads = reducer.stats().copied;
+    if (env.gpu) {
+      // Where the reducer's time goes: device time between events recorded after prepare() and after
+      // the backward's last kernel was queued (medians over the repeats).
+      std::vector<double> ph[3];
+      void* stream = cuda_compute_stream(env.dev.index);
+      for (int i = 0; i < env.reps; ++i) {
+        env.world->barrier();
+        CudaEvent e0, e1, e2, e3;
+        clear();
+        e0.record(stream);
+        reducer.prepare();
+        e1.record(stream);
+        forward_backward();
+        e2.record(stream);
+        reducer.finish();
+        e3.record(stream);
+        e3.synchronize();
+        ph[0].push_back(e1.ms_since(e0));
+        ph[1].push_back(e2.ms_since(e1));
+        ph[2].push_back(e3.ms_since(e2));
+      }
+      for (auto& v : ph) std::sort(v.begin(), v.end());
+      const std::size_t m = ph[0].size() / 2;
+      add(report, {"backward + reducer, phases (device time)", {},
+                   {{"prepare_ms", ph[0][m]}, {"forward_backward_ms", ph[1][m]}, {"finish_ms", ph[2][m]}}});
+    }
   }
   // ZeRO-1: buckets reduce-scattered during the backward, then the updated parameters all-gathered.
   double with_zero = 0, gather = 0;
   {
     parallel::GradientReducer zero(rp, 25.0, /*shard=*/true);
     with_zero = time_ms(env, [&] {
+      clear();
       zero.prepare();
-      backward();
+      forward_backward();
       zero.finish();
     }, 1);
     gather = time_ms(env, [&] { zero.all_gather_params(); });
@@ -261,8 +310,10 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
   const std::string shape = buf;
   add(report, {"backward alone " + shape, {}, {{"ms", alone}}});
   add(report, {"backward + a copy of every gradient (no communication) " + shape, {}, {{"ms", copied}, {"copy_ms", copied - alone}}});
+  add(report, {"backward, gradients written into set destinations (no reducer) " + shape, {}, {{"ms", into_dest}, {"over_alone_ms", into_dest - alone}}});
   add(report, {"backward + reducer (25 MB buckets, overlapped) " + shape, {},
-               {{"ms", with_reducer}, {"exposed_ms", exposed}, {"buckets", double(buckets)}, {"early_buckets", double(early)}}});
+               {{"ms", with_reducer}, {"exposed_ms", exposed}, {"buckets", double(buckets)}, {"early_buckets", double(early)},
+                {"copied_grads", double(copied_grads)}}});
   add(report, {"ZeRO-1: backward + reduce-scatter (25 MB buckets, overlapped) " + shape, {},
                {{"ms", with_zero}, {"exposed_ms", with_zero - alone}}});
   add(report, {"ZeRO-1: all-gather of the updated parameters " + shape, {},
