@@ -142,7 +142,9 @@ void GradientReducer::start(Bucket& b) {
       slot.zero_();
     }
   }
-  if (shard_) {
+  if (shard_ && b.group->size() == 1) {
+    b.shard = b.flat.narrow(0, 0, b.slice);  // one rank: its slice is the whole bucket, nothing to move
+  } else if (shard_) {
     b.shard = Tensor::empty({b.slice}, b.dtype, b.device);
     b.work = b.group->reduce_scatter_async(b.flat, b.shard);
   } else {
@@ -197,7 +199,8 @@ void GradientReducer::finish() {
   for (; next_ < buckets_.size(); ++next_) start(buckets_[next_]);
   active_ = false;  // the sparse merge below runs gradient hooks again
   const auto t0 = std::chrono::steady_clock::now();
-  for (Bucket& b : buckets_) b.work->wait();
+  for (Bucket& b : buckets_)
+    if (b.work) b.work->wait();
   for (Bucket& b : buckets_) b.group->synchronize();
   stats_.exposed_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   // How many ranks of its group had a gradient for each parameter: a parameter no rank touched this
@@ -275,7 +278,7 @@ void GradientReducer::all_gather_params() {
     // had_ is the same on every rank (summed over the group in finish()): every rank skips alike.
     bool changed = false;
     for (const int i : b.params) changed = changed || had_[i] > 0;
-    if (!changed) continue;
+    if (!changed || b.group->size() == 1) continue;  // one rank updated the whole parameter itself
     const int64_t size = b.group->size(), first = b.group->rank() * b.slice;
     if (b.params.size() == 1 && b.slice * size == b.numel) {
       // One parameter fills the bucket (every large weight): it is the gather's output, and its owned

@@ -272,6 +272,8 @@ TEST(ModelParallel, SequenceParallel2TrainsLikeOneProcess) { expect_same_trainin
 TEST(ModelParallel, SequenceParallel4TrainsLikeOneProcess) { expect_same_training({1, 1, 4}); }
 TEST(ModelParallel, DataTimesExpertParallel2x2TrainsLikeOneProcess) { expect_same_training({2, 2, 1}); }
 TEST(ModelParallel, Zero1DataParallel2TrainsLikeOneProcessAndResumes) { expect_same_training({2, 1, 1}, true); }
+// ep = world: each expert's replica group is one rank (no reduce-scatter, no gather for its buckets).
+TEST(ModelParallel, Zero1ExpertParallel2TrainsLikeOneProcessAndResumes) { expect_same_training({1, 2, 1}, true); }
 TEST(ModelParallel, Zero1DataTimesExpertParallel2x2TrainsLikeOneProcessAndResumes) {
   expect_same_training({2, 2, 1}, true);
 }
