@@ -201,7 +201,7 @@ void GradientReducer::finish() {
   const auto t0 = std::chrono::steady_clock::now();
   for (Bucket& b : buckets_)
     if (b.work) b.work->wait();
-  for (Bucket& b : buckets_) b.group->synchronize();
+  for (Communicator* g : groups_) g->synchronize();
   stats_.exposed_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   // How many ranks of its group had a gradient for each parameter: a parameter no rank touched this
   // step keeps no gradient (as in one process, where the optimizer then leaves it alone). One small
@@ -314,7 +314,7 @@ void GradientReducer::all_gather_params() {
   }
   for (std::size_t i = 0; i < params_.size(); ++i)
     if (params_[i].sparse) share_rows(static_cast<int>(i));
-  for (Bucket& b : buckets_) b.group->synchronize();
+  for (Communicator* g : groups_) g->synchronize();
   stats_.gather_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
