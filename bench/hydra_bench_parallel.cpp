@@ -1,11 +1,13 @@
 // hydra-bench-parallel: the communication of data and expert parallelism at hydra-1.6b shapes, run
 // under mpirun (one rank per GPU with --gpu: NCCL over CUDA tensors; without: MPI over CPU tensors).
 //   1. all-to-all: the communicator's all-to-all-v with equal counts (grouped ncclSend/ncclRecv, as
-//      NCCL's own all-to-all) at 16, 64 and 256 MiB sent per rank: the reference.
+//      NCCL's own all-to-all) at 16, 64, 128 and 256 MiB sent per rank: the reference
+//      (bench/nccl_reference.py times NCCL's all-to-all through PyTorch at the same sizes).
 //   2. expert dispatch + combine: the exchange the MoE layer runs (parallel/experts.h: sizes exchange,
 //      all-to-all-v of the chunk rows, reorder, and back), forward and forward + backward, at the
 //      1.6B model's MoE shapes (d 2048, 8 experts, 2 active per chunk of 8 tokens, random routing),
-//      with the plain all-to-all-v at the same uneven counts beside it.
+//      in f32 (256 MiB per rank each way) and bf16 (128 MiB, as BF16_MIXED training sends), with the
+//      plain all-to-all-v at the same uneven counts, one way, and at equal counts beside it.
 //   3. data-parallel all-reduce overlap: the backward of a 1.6B-parameter stack of linear layers
 //      alone, with the gradient reducer (buckets all-reduced from gradient-ready hooks during the
 //      backward), and with one all-reduce per gradient after the backward: the exposed communication
@@ -117,7 +119,7 @@ std::vector<int64_t> route_sizes(int64_t chunks, int64_t chunk, int64_t E, int64
   return sizes;
 }
 
-void bench_expert_exchange(const Env& env, Report& report, int64_t tokens) {
+void bench_expert_exchange(const Env& env, Report& report, int64_t tokens, DType dt) {
   const int n = env.world->size();
   const int64_t d = 2048, E = 8, active = 2, chunk = 8;
   if (E % n != 0) {
@@ -127,9 +129,9 @@ void bench_expert_exchange(const Env& env, Report& report, int64_t tokens) {
   const std::vector<int64_t> sizes = route_sizes(tokens / chunk, chunk, E, active, 7 + env.world->rank());
   int64_t rows = 0;
   for (int64_t s : sizes) rows += s;
-  Tensor xs = random_rows(env, rows, d, 2);
-  const double bytes = double(rows) * d * 4;  // sent per rank, each way
-  const std::string shape = "[" + std::to_string(rows) + " x " + std::to_string(d) + "] f32";
+  Tensor xs = random_rows(env, rows, d, 2).to(dt);
+  const double bytes = double(rows) * d * double(dtype_size(dt));  // sent per rank, each way
+  const std::string shape = "[" + std::to_string(rows) + " x " + std::to_string(d) + "] " + std::string(dtype_name(dt));
   {
     NoGradGuard ng;
     const double ms = time_ms(env, [&] {
@@ -140,7 +142,7 @@ void bench_expert_exchange(const Env& env, Report& report, int64_t tokens) {
   }
   {
     xs.set_requires_grad(true);
-    const Tensor g = random_rows(env, rows, d, 3);
+    const Tensor g = random_rows(env, rows, d, 3).to(dt);
     const double ms = time_ms(env, [&] {
       xs.set_grad(Tensor());
       const parallel::ExpertDispatch disp = parallel::dispatch_to_experts(xs, sizes, E / n, *env.world);
@@ -158,8 +160,8 @@ void bench_expert_exchange(const Env& env, Report& report, int64_t tokens) {
     const std::vector<int64_t> recv_counts = rcv.cpu().to_vector<int64_t>();
     int64_t rrows = 0;
     for (int64_t c : recv_counts) rrows += c;
-    Tensor recv = Tensor::empty({rrows, d}, DType::kF32, env.dev);
-    Tensor back = Tensor::empty({rows, d}, DType::kF32, env.dev);
+    Tensor recv = Tensor::empty({rrows, d}, dt, env.dev);
+    Tensor back = Tensor::empty({rows, d}, dt, env.dev);
     const double ms = time_ms(env, [&] {
       env.world->all_to_all_v(xs, send_counts, recv, recv_counts);
       env.world->all_to_all_v(recv, recv_counts, back, send_counts);
@@ -175,7 +177,7 @@ void bench_expert_exchange(const Env& env, Report& report, int64_t tokens) {
     add(report, {"plain all_to_all_v one way, same counts (rank 0 sends " + split + " rows) " + shape, {},
                  {{"ms", one_way}, {"busbw_GBps", a2a_busbw(bytes, one_way, n)}}});
     const std::vector<int64_t> equal(n, rows / n);
-    Tensor eq_recv = Tensor::empty({rows / n * n, d}, DType::kF32, env.dev);
+    Tensor eq_recv = Tensor::empty({rows / n * n, d}, dt, env.dev);
     const Tensor eq_send = xs.narrow(0, 0, rows / n * n);
     const double eq_ms = time_ms(env, [&] {
       env.world->all_to_all_v(eq_send, equal, eq_recv, equal);
@@ -366,10 +368,12 @@ int run(int argc, char** argv) {
                   gpu ? ("NCCL " + parallel::nccl_version() + " over CUDA tensors").c_str() : "MPI over CPU tensors");
     Report report;
     if (only.empty() || only == "all-to-all")
-      bench_all_to_all(env, report, quick ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{16, 64, 256});
+      bench_all_to_all(env, report, quick ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{16, 64, 128, 256});
     // 1.6B "experts" stage: 16 sequences of 2048 tokens per rank would be 32768; 16384 keeps f32 at
     // 256 MiB sent per rank each way (2 active experts per chunk).
-    if (only.empty() || only == "experts") bench_expert_exchange(env, report, quick ? 512 : 16384);
+    // f32, and bf16 as BF16_MIXED training sends (half the bytes).
+    if (only.empty() || only == "experts")
+      for (const DType dt : {DType::kF32, DType::kBF16}) bench_expert_exchange(env, report, quick ? 512 : 16384, dt);
     if (only.empty() || only == "all-reduce")
       bench_allreduce_overlap(env, report, layers > 0 ? layers : quick ? 2 : 48, tokens > 0 ? tokens : quick ? 64 : 2048);
     if (!json.empty() && info.rank == 0) {

@@ -5,7 +5,7 @@ all-to-all (all_to_all_single, equal splits) at the bytes sent per rank, all-red
 reduced. Bus bandwidth as nccl-tests: all-to-all bytes / t * (n-1)/n, all-reduce bytes / t * 2(n-1)/n.
 CUDA events around each call, a barrier before each repeat, median of repeats after warm-up, the
 slowest rank's median.
-    python3 bench/nccl_reference.py [--gpus N] [--mib 16,64,256] [--json FILE]"""
+    python3 bench/nccl_reference.py [--gpus N] [--mib 16,64,128,256] [--json FILE]"""
 import argparse
 import json
 import os
@@ -67,7 +67,7 @@ def worker(rank, n, mibs, out):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=torch.cuda.device_count())
-    p.add_argument("--mib", default="16,64,256")
+    p.add_argument("--mib", default="16,64,128,256")
     p.add_argument("--json", default="")
     a = p.parse_args()
     if a.gpus < 2:
