@@ -182,6 +182,8 @@ void NcclCommunicator::set_timeout(std::chrono::seconds t) {
 NcclCommunicator::~NcclCommunicator() {
   if (impl_ == nullptr) return;
   cudaSetDevice(device_);
+  // An aborted communicator's stream may still hold a kernel that waited for a peer: not reused.
+  bool reuse_stream = impl_->comm != nullptr;
   if (impl_->comm != nullptr) {
     // Finalize flushes the queued work; a peer that never comes would hold it forever: abort then.
     ncclResult_t state = ncclCommFinalize(impl_->comm);
@@ -196,9 +198,10 @@ NcclCommunicator::~NcclCommunicator() {
       std::fprintf(stderr, "rank %d: NCCL communicator '%s' did not finish its work within %lld s; aborted\n",
                    process_info().rank, name().c_str(), static_cast<long long>(timeout_.count()));
       ncclCommAbort(impl_->comm);
+      reuse_stream = false;
     }
   }
-  if (impl_->stream != nullptr) give_back_stream(device_, as_cuda(impl_->stream));
+  if (impl_->stream != nullptr && reuse_stream) give_back_stream(device_, as_cuda(impl_->stream));
 }
 
 void NcclCommunicator::check_async() const {
