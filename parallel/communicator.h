@@ -40,7 +40,8 @@ class Communicator {
   // Starts an in-place sum; the tensor must not be touched until wait() (gradient buckets).
   virtual std::unique_ptr<Work> all_reduce_async(const Tensor& t) = 0;
   // out: [size * n, ...] <- every rank's in [n, ...] in rank order. `in` may be this rank's own slice
-  // of `out` (the same memory): then it gathers in place, copying nothing locally.
+  // of `out` (the same memory): then it gathers in place, copying nothing locally. Every rank of the
+  // call must use the same form (MPI requires MPI_IN_PLACE on all or none).
   virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
   // out [n, ...] = sum over ranks of slice rank of in [size * n, ...].
   virtual void reduce_scatter(const Tensor& in, const Tensor& out) = 0;

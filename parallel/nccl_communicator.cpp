@@ -88,6 +88,27 @@ void give_back_stream(int device, cudaStream_t s) {
   g_free_streams[device].push_back(s);
 }
 
+// ncclGroupStart now; ncclGroupEnd by end(), or by the destructor when an exception leaves the group
+// early (a group left open would turn every later NCCL call of this thread into a silent no-op).
+class NcclGroup {
+ public:
+  NcclGroup() : started_(ncclGroupStart()) {}
+  NcclGroup(const NcclGroup&) = delete;
+  NcclGroup& operator=(const NcclGroup&) = delete;
+  ~NcclGroup() {
+    if (started_ == ncclSuccess && !ended_) ncclGroupEnd();
+  }
+  ncclResult_t started() const { return started_; }
+  ncclResult_t end() {
+    ended_ = true;
+    return ncclGroupEnd();
+  }
+
+ private:
+  ncclResult_t started_;
+  bool ended_ = false;
+};
+
 class NcclWork final : public Work {
  public:
   NcclWork(std::shared_ptr<CudaEvent> done, void* compute) : done_(std::move(done)), compute_(compute) {}
@@ -170,7 +191,12 @@ void NcclCommunicator::await_ready(const char* call) {
                    << "' did not complete within " << timeout_.count()
                    << " s: another rank has died, is stuck, or took a different path through the program";
     }
-    if (spins > 100) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    // NCCL finishes the call on a thread of its own, usually within tens of microseconds: spin first.
+    if (spins < 2000) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
   }
 }
 
@@ -204,14 +230,18 @@ NcclCommunicator::~NcclCommunicator() {
   if (impl_->stream != nullptr && reuse_stream) give_back_stream(device_, as_cuda(impl_->stream));
 }
 
-void NcclCommunicator::check_async() const {
+void NcclCommunicator::check_async() {
   HYDRA_CHECK(impl_->comm != nullptr) << "rank " << process_info().rank << ": NCCL communicator '" << name()
                                        << "' was aborted after an earlier error or timeout";
   ncclResult_t async = ncclSuccess;
   ncclCommGetAsyncError(impl_->comm, &async);
-  HYDRA_CHECK(async == ncclSuccess || async == ncclInProgress)
-      << "rank " << process_info().rank << ": NCCL on communicator '" << name()
-      << "' failed asynchronously: " << ncclGetErrorString(async);
+  if (async == ncclSuccess || async == ncclInProgress) return;
+  // NCCL's rule after an asynchronous error: abort, so that no kernel keeps waiting on the stream.
+  const std::string detail = ncclGetLastError(impl_->comm);
+  ncclCommAbort(impl_->comm);
+  impl_->comm = nullptr;
+  HYDRA_FAIL() << "rank " << process_info().rank << ": NCCL on communicator '" << name()
+               << "' failed asynchronously: " << ncclGetErrorString(async) << " (" << detail << ")";
 }
 
 void NcclCommunicator::begin(const std::vector<Tensor>& tensors) {
@@ -339,17 +369,20 @@ void NcclCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_
   const std::size_t es = dtype_size(send.dtype());
   auto* sp = static_cast<char*>(send.numel() ? send.raw_data() : nullptr);
   auto* rp = static_cast<char*>(recv.numel() ? recv.raw_data() : nullptr);
-  HYDRA_NCCL_CHECK(ncclGroupStart());
-  so = ro = 0;
-  for (int p = 0; p < n; ++p) {
-    if (send_counts[p] > 0)
-      HYDRA_NCCL_CHECK(ncclSend(sp + so * es, send_counts[p] * row, ty, p, impl_->comm, as_cuda(impl_->stream)));
-    if (recv_counts[p] > 0)
-      HYDRA_NCCL_CHECK(ncclRecv(rp + ro * es, recv_counts[p] * row, ty, p, impl_->comm, as_cuda(impl_->stream)));
-    so += send_counts[p] * row;
-    ro += recv_counts[p] * row;
+  {
+    NcclGroup group;
+    HYDRA_NCCL_CHECK(group.started());
+    so = ro = 0;
+    for (int p = 0; p < n; ++p) {
+      if (send_counts[p] > 0)
+        HYDRA_NCCL_CHECK(ncclSend(sp + so * es, send_counts[p] * row, ty, p, impl_->comm, as_cuda(impl_->stream)));
+      if (recv_counts[p] > 0)
+        HYDRA_NCCL_CHECK(ncclRecv(rp + ro * es, recv_counts[p] * row, ty, p, impl_->comm, as_cuda(impl_->stream)));
+      so += send_counts[p] * row;
+      ro += recv_counts[p] * row;
+    }
+    HYDRA_NCCL_CALL(group.end());
   }
-  HYDRA_NCCL_CALL(ncclGroupEnd());
   end({send, recv});
 }
 
@@ -358,15 +391,19 @@ void NcclCommunicator::send_recv(const Tensor& send, int dest, const Tensor& rec
   if (dest >= 0 && send.numel() > 0) used.push_back(send);
   if (src >= 0 && recv.numel() > 0) used.push_back(recv);
   if (used.empty()) return;
+  const bool sending = dest >= 0 && send.numel() > 0, receiving = src >= 0 && recv.numel() > 0;
+  const ncclDataType_t send_type = sending ? nccl_type(send.dtype(), "send") : ncclFloat32;
+  const ncclDataType_t recv_type = receiving ? nccl_type(recv.dtype(), "recv") : ncclFloat32;
   begin(used);
-  HYDRA_NCCL_CHECK(ncclGroupStart());
-  if (dest >= 0 && send.numel() > 0)
-    HYDRA_NCCL_CHECK(ncclSend(send.raw_data(), send.numel(), nccl_type(send.dtype(), "send"), dest, impl_->comm,
-                              as_cuda(impl_->stream)));
-  if (src >= 0 && recv.numel() > 0)
-    HYDRA_NCCL_CHECK(ncclRecv(recv.raw_data(), recv.numel(), nccl_type(recv.dtype(), "recv"), src, impl_->comm,
-                              as_cuda(impl_->stream)));
-  HYDRA_NCCL_CALL(ncclGroupEnd());
+  {
+    NcclGroup group;
+    HYDRA_NCCL_CHECK(group.started());
+    if (sending)
+      HYDRA_NCCL_CHECK(ncclSend(send.raw_data(), send.numel(), send_type, dest, impl_->comm, as_cuda(impl_->stream)));
+    if (receiving)
+      HYDRA_NCCL_CHECK(ncclRecv(recv.raw_data(), recv.numel(), recv_type, src, impl_->comm, as_cuda(impl_->stream)));
+    HYDRA_NCCL_CALL(group.end());
+  }
   end(used);
 }
 
