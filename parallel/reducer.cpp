@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 
+#include "autograd/cuda_context.h"
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
 
@@ -195,14 +197,33 @@ void GradientReducer::reduce_sparse(int param) {
 
 void GradientReducer::finish() {
   HYDRA_CHECK(active_) << "reducer: finish() without prepare()";
+  // The exposed communication. On a GPU: device time on the compute stream from the end of the
+  // backward's work to the point where it may go on (every bucket reduced); the host's wait would
+  // also count the backward's kernels still queued. On the CPU: the host's wait.
+  void* stream = nullptr;
+  std::unique_ptr<CudaEvent> backward_done, reduced;
+  if (!buckets_.empty() && buckets_.front().device.is_cuda()) {
+    stream = cuda_compute_stream(buckets_.front().device.index);
+    backward_done = std::make_unique<CudaEvent>();
+    backward_done->record(stream);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
   // Buckets not started yet (a parameter got no gradient, or the backward ended): start them in order.
   for (; next_ < buckets_.size(); ++next_) start(buckets_[next_]);
   active_ = false;  // the sparse merge below runs gradient hooks again
-  const auto t0 = std::chrono::steady_clock::now();
   for (Bucket& b : buckets_)
     if (b.work) b.work->wait();
+  if (stream != nullptr) {
+    reduced = std::make_unique<CudaEvent>();
+    reduced->record(stream);
+  }
   for (Communicator* g : groups_) g->synchronize();
-  stats_.exposed_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  if (reduced) {
+    reduced->synchronize();
+    stats_.exposed_ms = reduced->ms_since(*backward_done);
+  } else {
+    stats_.exposed_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  }
   // How many ranks of its group had a gradient for each parameter: a parameter no rank touched this
   // step keeps no gradient (as in one process, where the optimizer then leaves it alone). One small
   // host all-reduce per group, groups in the order of first appearance (the same on every rank).

@@ -47,7 +47,7 @@ struct ParamShard {
 };
 
 struct ReducerStats {
-  double exposed_ms = 0;   // time finish() waited for communication (not hidden behind the backward)
+  double exposed_ms = 0;   // communication not hidden behind the backward (GPU: device time; CPU: wait)
   double gather_ms = 0;    // ZeRO-1: time all_gather_params() took
   double bytes = 0;        // gradient bytes all-reduced this step
   int64_t buckets = 0;     // buckets started
