@@ -371,8 +371,13 @@ Expected<TrainSummary> Trainer::run() {
   if (grid_->distributed()) {
     std::ostringstream os;
     os.precision(3);
-    os << "grid " << grid_->shape().str() << " (" << grid_->world().size() << " ranks): " << reducer_->num_buckets()
-       << " gradient buckets of " << cfg_.parallel().bucket_mb() << " MB; AdamW state on rank 0: "
+    const bool gpu = device_.is_cuda(), staged = cfg_.parallel().comm() == config::ParallelConfig::MPI;
+    const std::string over = !gpu     ? "MPI"
+                             : staged ? "MPI, GPU tensors staged through host memory"
+                                      : "NCCL " + parallel::nccl_version() + ", one GPU per rank";
+    os << "grid " << grid_->shape().str() << " (" << grid_->world().size() << " ranks over " << over
+       << "): " << reducer_->num_buckets()
+       << (reducer_->num_buckets() == 1 ? " gradient bucket of " : " gradient buckets of ") << cfg_.parallel().bucket_mb() << " MB; AdamW state on rank 0: "
        << double(optimizer_->state_bytes()) / (1 << 20) << " MiB"
        << (optimizer_->sharded() ? " (ZeRO-1: sharded over the replicas)" : " (replicated; parallel.zero1 shards it)");
     say(os.str());
