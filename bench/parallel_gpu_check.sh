@@ -7,8 +7,8 @@
 #   4. 30 tiny BF16_MIXED steps on one GPU and on dp / ep / sp / dp+ZeRO-1 grids (losses side by side),
 #      and the toy model's throughput on one GPU against dp = N.
 #   bash bench/parallel_gpu_check.sh [OUT_DIR] [N] [PARTS]
-# PARTS: a comma-separated subset of tests,bench,ctas,train,toy (default: all; the whole check takes
-# about 12 minutes on 2 H200s).
+# PARTS: a comma-separated subset of tests,bench,ctas,train,toy (default: all; tests,bench and
+# ctas,train,toy each fit in 10 minutes on 2 H200s, by estimate).
 # Binaries come from HYDRA_BIN (default build/bin) and HYDRA_TESTS (default build/tests). Logs and JSON
 # go to OUT_DIR (default parallel-check); a summary goes to stdout. Keep NVLink multicast off where the
 # host's operators ask for it (NCCL_NVLS_ENABLE=0, the default here).
