@@ -326,6 +326,7 @@ void GradientReducer::all_gather_params() {
     }
     Tensor all = Tensor::empty({b.slice * b.group->size()}, b.dtype, b.device);
     b.group->all_gather(mine, all);
+    ++stats_.gathered_packed;
     for (std::size_t k = 0; k < b.params.size(); ++k) {
       const int i = b.params[k];
       if (had_[i] == 0) continue;

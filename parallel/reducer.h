@@ -54,6 +54,7 @@ struct ReducerStats {
   int64_t early = 0;       // buckets started from a hook during the backward (overlapped)
   int64_t copied = 0;      // gradients copied into a bucket (not written there by the backward)
   int64_t gathered_in_place = 0;  // ZeRO-1: buckets of one parameter, gathered into it with no copy
+  int64_t gathered_packed = 0;    // ZeRO-1: buckets of several parameters, packed, gathered, unpacked
 };
 
 class GradientReducer {
