@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from torch_dist import time_ms
+
 
 class Block(torch.nn.Module):
     def __init__(self, d, ff):
@@ -26,25 +28,6 @@ class Block(torch.nn.Module):
 
     def forward(self, x):
         return x + self.down(torch.relu(self.up(x)))
-
-
-def time_ms(fn, reps=10, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    med = torch.tensor([times[len(times) // 2]], device="cuda")
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
 
 
 def worker(rank, n, layers, tokens, out):
@@ -70,8 +53,8 @@ def worker(rank, n, layers, tokens, out):
             ddp.zero_grad(set_to_none=False)
             ddp(x).backward(gy)
 
-    t_alone = time_ms(alone)
-    t_ddp = time_ms(step)
+    t_alone = time_ms(alone, warmup=2)
+    t_ddp = time_ms(step, warmup=2)
     if rank == 0:
         rows = [{"bench": f"torch backward alone (no_sync) {layers} layers, {params / 1e6:.0f}M params, {tokens} tokens/rank",
                  "ms": t_alone},

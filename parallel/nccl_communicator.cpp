@@ -109,6 +109,17 @@ class NcclGroup {
   bool ended_ = false;
 };
 
+// Waiting for NCCL or the GPU: spin first (work about to finish, or an idle stream whose event the
+// GPU has not seen yet, would otherwise cost a whole sleep; NCCL finishes a non-blocking call on a
+// thread of its own, usually within tens of microseconds), then sleep between polls.
+void backoff(int spins) {
+  if (spins < 2000) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
 class NcclWork final : public Work {
  public:
   NcclWork(std::shared_ptr<CudaEvent> done, void* compute) : done_(std::move(done)), compute_(compute) {}
@@ -184,20 +195,17 @@ void NcclCommunicator::await_ready(const char* call) {
       HYDRA_FAIL() << "rank " << process_info().rank << ": " << call << " on communicator '" << name()
                    << "' failed: " << ncclGetErrorString(r != ncclSuccess ? r : state) << " (" << detail << ")";
     }
-    if (std::chrono::steady_clock::now() > deadline) {
-      ncclCommAbort(impl_->comm);
-      impl_->comm = nullptr;
-      HYDRA_FAIL() << "rank " << process_info().rank << ": " << call << " on communicator '" << name()
-                   << "' did not complete within " << timeout_.count()
-                   << " s: another rank has died, is stuck, or took a different path through the program";
-    }
-    // NCCL finishes the call on a thread of its own, usually within tens of microseconds: spin first.
-    if (spins < 2000) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
+    if (std::chrono::steady_clock::now() > deadline) abort_after_timeout(call);
+    backoff(spins);
   }
+}
+
+void NcclCommunicator::abort_after_timeout(const std::string& what) {
+  ncclCommAbort(impl_->comm);
+  impl_->comm = nullptr;
+  HYDRA_FAIL() << "rank " << process_info().rank << ": " << what << " on communicator '" << name()
+               << "' did not complete within " << timeout_.count()
+               << " s: another rank has died, is stuck, or took a different path through the program";
 }
 
 void NcclCommunicator::set_timeout(std::chrono::seconds t) {
@@ -419,20 +427,8 @@ void NcclCommunicator::synchronize() {
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
   for (int spins = 0; !e.done(); ++spins) {
     check_async();
-    if (std::chrono::steady_clock::now() > deadline) {
-      ncclCommAbort(impl_->comm);
-      impl_->comm = nullptr;
-      HYDRA_FAIL() << "rank " << process_info().rank << ": NCCL work on communicator '" << name()
-                   << "' did not complete within " << timeout_.count()
-                   << " s: another rank has died, is stuck, or took a different path through the program";
-    }
-    // Spin first: work that is about to finish (or an idle stream whose event the GPU has not yet
-    // seen) would otherwise cost a whole sleep.
-    if (spins < 2000) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
-    }
+    if (std::chrono::steady_clock::now() > deadline) abort_after_timeout("NCCL work");
+    backoff(spins);
   }
 }
 

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "parallel/mpi_communicator.h"
 
@@ -50,6 +51,7 @@ class NcclCommunicator final : public Communicator {
   void end(const std::vector<Tensor>& tensors);    // compute waits for comm; tensors recorded on comm
   void check_async();  // aborts the communicator after an asynchronous error
   void await_ready(const char* call);  // until the last call's work is queued; deadline: timeout()
+  [[noreturn]] void abort_after_timeout(const std::string& what);  // aborts the communicator, then fails
 
   std::unique_ptr<MpiCommunicator> bootstrap_;
   int device_;
