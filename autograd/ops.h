@@ -100,6 +100,10 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight,
 // out = s + g (u - s) with g = sigmoid(<s, w_s> + <u, w_u> + b) per row. Returns {out, g [..., 1]}
 // (g is not differentiable). One kernel each way (kernels/gated_update.h).
 std::pair<Tensor, Tensor> gated_update(const Tensor& s, const Tensor& u, const Tensor& w, const Tensor& b);
+// gated_update applied T times in a row: s [R, n] is h_0, u [T, R, n] the updates, and
+// h_{t+1} = gated_update(h_t, u_t). Returns {h [T + 1, R, n] (every state, h_0 included), g [T, R]}
+// (g is not differentiable). One fused kernel each way: the steps run inside it (kernels/gated_update.h).
+std::pair<Tensor, Tensor> gated_scan(const Tensor& s, const Tensor& u, const Tensor& w, const Tensor& b);
 Tensor softmax(const Tensor& x);      // over the last axis
 Tensor log_softmax(const Tensor& x);  // over the last axis
 enum class Reduction { kMean, kSum, kNone };
@@ -149,6 +153,17 @@ Tensor densify_sparse_grad(const Tensor& leaf);
 // n); group s is multiplied by w[s % G]^T with w [G, out, in] (so G groups are one per expert, and
 // P * G groups are P blocks of G, as rows arrive from P peers). Returns [n, out].
 Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& group_sizes);
+// The chunk routing of the experts (kernels/moe_route.h), on the tensors' device: r, s [rows, E] with
+// rows = batch * chunks. Not differentiable. Only `counts` and `dropped` come to the host (2E integers:
+// the grouped GEMMs need the group sizes there); the dispatch order stays on the device.
+struct MoeDispatch {
+  Tensor mask;                    // [rows, E] in r's dtype: 1 where the chunk's tokens go to the expert
+  Tensor perm, widx;              // [sum(counts) * chunk_len] i64 (kernels/moe_route.h)
+  std::vector<int64_t> counts;    // [E] kept chunks per expert
+  std::vector<int64_t> dropped;   // [E] chunks dropped by the capacity
+};
+MoeDispatch moe_route(const Tensor& r, const Tensor& s, int64_t batch, int64_t chunk_len, int64_t max_active,
+                      int64_t capacity);
 
 // ---- attention ----------------------------------------------------------------------------------
 // The sparse causal pattern of kernels/attention.h. window <= 0: unlimited; global_stride 0: none.

@@ -8,6 +8,7 @@
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "kernels/index.h"
+#include "kernels/moe_route.h"
 #include "kernels/topk.h"
 
 namespace hydra {
@@ -450,6 +451,52 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
         return std::vector<Tensor>{gtable, gw};
       },
       sparse_table);
+  return out;
+}
+
+MoeDispatch moe_route(const Tensor& r_in, const Tensor& s_in, int64_t batch, int64_t chunk_len, int64_t max_active,
+                      int64_t capacity) {
+  HYDRA_CHECK(r_in.dim() == 2 && r_in.shape() == s_in.shape() && is_floating(r_in.dtype()) &&
+              s_in.dtype() == r_in.dtype() && s_in.device() == r_in.device())
+      << "moe_route: r " << shape_str(r_in.shape()) << " and s " << shape_str(s_in.shape())
+      << " must be floating [rows, experts] tensors of one dtype and device";
+  const int64_t rows = r_in.size(0), E = r_in.size(1);
+  HYDRA_CHECK(batch >= 1 && rows % batch == 0 && chunk_len >= 1 && max_active >= 0)
+      << "moe_route: " << rows << " rows for batch " << batch << ", chunk_len " << chunk_len << ", max_active "
+      << max_active;
+  const Device dev = r_in.device();
+  const Tensor r = r_in.detach().contiguous(), s = s_in.detach().contiguous();
+  MoeDispatch out;
+  out.mask = Tensor::empty({rows, E}, r.dtype(), dev);
+  const int64_t slots = rows * std::min(max_active, E) * chunk_len;
+  Tensor perm = Tensor::empty({slots}, DType::kI64, dev), widx = Tensor::empty({slots}, DType::kI64, dev);
+  Tensor counts = Tensor::empty({2, E}, DType::kI64, dev);  // counts, then dropped: one copy to the host
+  kernels::MoeRouteParams p;
+  p.dtype = r.dtype();
+  p.batch = batch;
+  p.chunks = rows / batch;
+  p.experts = E;
+  p.chunk_len = chunk_len;
+  p.max_active = max_active;
+  p.capacity = capacity;
+  p.r = r.raw_data();
+  p.s = s.raw_data();
+  p.mask = out.mask.raw_data();
+  p.counts = counts.data<int64_t>();
+  p.dropped = counts.data<int64_t>() + E;
+  p.perm = perm.data<int64_t>();
+  p.widx = widx.data<int64_t>();
+  p.stream = current_stream(dev);
+  const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, moe_route_workspace, p);
+  p.workspace = ws.defined() ? ws.raw_data() : nullptr;
+  if (E > 0) HYDRA_LAUNCH(dev, moe_route, p);
+  const std::vector<int64_t> host = E > 0 ? counts.to_vector<int64_t>() : std::vector<int64_t>();
+  out.counts.assign(host.begin(), host.begin() + E);
+  out.dropped.assign(host.begin() + E, host.end());
+  int64_t kept = 0;
+  for (int64_t c : out.counts) kept += c;
+  out.perm = perm.narrow(0, 0, kept * chunk_len);
+  out.widx = widx.narrow(0, 0, kept * chunk_len);
   return out;
 }
 

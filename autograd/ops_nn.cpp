@@ -169,6 +169,74 @@ std::pair<Tensor, Tensor> gated_update(const Tensor& s_in, const Tensor& u_in, c
   return {out, gate.view(gate_shape)};
 }
 
+std::pair<Tensor, Tensor> gated_scan(const Tensor& s_in, const Tensor& u_in, const Tensor& w_in, const Tensor& b_in) {
+  HYDRA_CHECK(s_in.dim() == 2 && u_in.dim() == 3 && u_in.size(1) == s_in.size(0) && u_in.size(2) == s_in.size(1) &&
+              is_floating(s_in.dtype()))
+      << "gated_scan: s " << shape_str(s_in.shape()) << " and u " << shape_str(u_in.shape())
+      << " must be floating tensors [R, n] and [T, R, n]";
+  const int64_t T = u_in.size(0), R = s_in.size(0), n = s_in.size(1);
+  HYDRA_CHECK(w_in.numel() == 2 * n && b_in.numel() == 1)
+      << "gated_scan: gate weight " << shape_str(w_in.shape()) << " and bias " << shape_str(b_in.shape())
+      << " for rows of " << n << " (expected 2 * " << n << " weights and one bias)";
+  const DType dt = s_in.dtype();
+  const Device dev = s_in.device();
+  for (const Tensor* t : {&u_in, &w_in, &b_in})
+    HYDRA_CHECK(t->dtype() == dt && t->device() == dev) << "gated_scan: operands differ in dtype or device";
+  const Tensor s = s_in.contiguous(), u = u_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  Tensor h = Tensor::empty({T + 1, R, n}, dt, dev), gate = Tensor::empty({T, R}, dt, dev);
+  kernels::GatedScanParams p;
+  p.dtype = dt;
+  p.steps = T;
+  p.rows = R;
+  p.cols = n;
+  p.s = s.raw_data();
+  p.u = u.raw_data();
+  p.w = w.raw_data();
+  p.b = b.raw_data();
+  p.h = h.raw_data();
+  p.gate = gate.raw_data();
+  p.stream = current_stream(dev);
+  if (R > 0 && n > 0) HYDRA_LAUNCH(dev, gated_scan_fwd, p);
+  if (any_requires_grad({s_in, u_in, w_in, b_in})) {
+    const SavedTensor su(u), sw(w), sh(h), sg(gate);
+    const bool need_w = w_in.requires_grad(), need_b = b_in.requires_grad();
+    const Shape w_shape = w_in.shape(), b_shape = b_in.shape();
+    record_op("gated_scan", {s_in, u_in, w_in, b_in}, {h}, [=](const std::vector<Tensor>& g) {
+      const Tensor uv = su.get(), gh = g[0].contiguous();
+      Tensor gs = Tensor::empty({R, n}, dt, dev), gu = Tensor::empty({T, R, n}, dt, dev);
+      Tensor lambda = Tensor::empty({R, n}, accumulate_dtype(dt), dev);
+      Tensor gz = Tensor::empty({T, R}, accumulate_dtype(dt), dev);
+      kernels::GatedScanBwdParams q;
+      q.fwd = p;
+      q.fwd.u = uv.raw_data();
+      q.fwd.w = sw.get().raw_data();
+      q.fwd.h = sh.get().raw_data();
+      q.fwd.gate = sg.get().raw_data();
+      q.fwd.stream = current_stream(dev);
+      q.gh = gh.raw_data();
+      q.gs = gs.raw_data();
+      q.gu = gu.raw_data();
+      q.lambda = lambda.raw_data();
+      q.gz = gz.raw_data();
+      Tensor gw = need_w ? Tensor::empty(w_shape, dt, dev) : Tensor();
+      Tensor gb = need_b ? Tensor::empty(b_shape, dt, dev) : Tensor();
+      q.gw = need_w ? gw.raw_data() : nullptr;
+      q.gb = need_b ? gb.raw_data() : nullptr;
+      if (R > 0 && n > 0) HYDRA_LAUNCH(dev, gated_scan_bwd, q);
+      if (R == 0 || n == 0 || T == 0) {  // no (step, row) pairs: the gate's sums are empty
+        if (need_w) gw.zero_();
+        if (need_b) gb.zero_();
+      }
+      if (R == 0 || n == 0) {
+        gs.zero_();
+        gu.zero_();
+      }
+      return std::vector<Tensor>{gs, gu, gw, gb};
+    });
+  }
+  return {h, gate};
+}
+
 Tensor softmax(const Tensor& x) { return softmax_impl(x, false); }
 Tensor log_softmax(const Tensor& x) { return softmax_impl(x, true); }
 

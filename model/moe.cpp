@@ -68,39 +68,6 @@ void ChunkMoE::update_sparsity_coef() {
   coef_cache_ = {coef.storage().get(), coef.version(), next};
 }
 
-MoeRouting ChunkMoE::route(const Tensor& r, const Tensor& s) const {
-  MoeRouting out;
-  out.batch = r.size(0);
-  out.num_chunks = r.size(1);
-  out.chunk = chunk_;
-  out.num_experts = num_experts_;
-  const int64_t BC = out.batch * out.num_chunks, E = num_experts_;
-  const std::vector<double> rv = r.to_vector<double>(), sv = s.to_vector<double>();
-  out.active.assign(BC * E, 0);
-  out.dropped.assign(E, 0);
-  const double cf = cfg_.capacity_factor();
-  const int64_t capacity =
-      cf > 0 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(cf * double(BC) * double(max_active_) / double(E))))
-             : INT64_MAX;
-  std::vector<int64_t> load(E, 0), order(E);
-  for (int64_t c = 0; c < BC; ++c) {
-    std::iota(order.begin(), order.end(), int64_t{0});
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rv[c * E + a] > rv[c * E + b]; });
-    int64_t kept = 0;
-    for (int64_t e : order) {
-      if (kept == max_active_ || !(sv[c * E + e] > 0)) break;
-      ++kept;
-      if (load[e] >= capacity) {
-        ++out.dropped[e];
-        continue;
-      }
-      ++load[e];
-      out.active[c * E + e] = 1;
-    }
-  }
-  return out;
-}
-
 Tensor moe_locality_sum(const Tensor& z, const Tensor& z_next) {
   const int64_t nC = z.size(1);
   std::vector<Tensor> terms;
@@ -202,7 +169,8 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   const Tensor xf = x.reshape({BL, d});
   const DType acc = x.dtype();
 
-  std::vector<int64_t> perm, widx, sizes(E, 0);
+  std::vector<int64_t> sizes(E, 0);
+  Tensor perm_t, widx_t;  // the dispatch order (kernels/moe_route.h), on the device
   bool routed_anywhere = true;  // false: no chunk of the global batch chose any expert
   Tensor w;  // [B, nC, E] routing weights (routing on)
   // The router and its auxiliary losses compute in the router's dtype: the activations' dtype, or fp32
@@ -230,19 +198,16 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     const Tensor raw = linear(rin.to(rdt), router_weight);  // [B, nC, E], in the router's dtype
     const Tensor s = relu(raw);
     const Tensor r = rms_norm(s, router_norm, cfg_.router_eps());
-    const MoeRouting routing = route(r.detach(), s.detach());
-    std::vector<double> mask(routing.active.begin(), routing.active.end());
-    w = mul(r, tensor(mask, {B, nC, E}).to(rdt).to(x.device())).to(acc);
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t bc = 0; bc < B * nC; ++bc) {
-        if (!routing.active[bc * E + e]) continue;
-        const int64_t b = bc / nC, j = bc % nC;
-        for (int64_t t = 0; t < c; ++t) {
-          perm.push_back(b * L + j * c + t);
-          widx.push_back(bc * E + e);
-        }
-        sizes[e] += c;
-      }
+    // The routing on the device; only the per-expert counts come to the host.
+    const double cf = cfg_.capacity_factor();
+    const int64_t capacity =
+        cf > 0 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(cf * double(B * nC) * double(max_active_) / double(E))))
+               : 0;
+    const MoeDispatch dispatch = moe_route(r.reshape({B * nC, E}), s.reshape({B * nC, E}), B, c, max_active_, capacity);
+    w = mul(r, dispatch.mask.view({B, nC, E})).to(acc);
+    perm_t = dispatch.perm;
+    widx_t = dispatch.widx;
+    for (int64_t e = 0; e < E; ++e) sizes[e] = dispatch.counts[e] * c;
     // Auxiliary losses, each normalised by its count over the whole global batch, so that the ranks'
     // shares add up to the single-process loss. Global counts: one host all-reduce.
     const Tensor z = affine(raw, cfg_.activation_alpha(), -cfg_.activation_beta());
@@ -252,8 +217,7 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
       if (ctx.grid->sp_rank() + 1 == ctx.grid->shape().sp) z_next = Tensor();
     }
     std::vector<double> counts(E + 3, 0.0);  // [active per expert..., chunks, locality pairs, groups]
-    for (int64_t bc = 0; bc < B * nC; ++bc)
-      for (int64_t e = 0; e < E; ++e) counts[e] += routing.active[bc * E + e];
+    for (int64_t e = 0; e < E; ++e) counts[e] = double(dispatch.counts[e]);
     counts[E] = double(B * nC);
     counts[E + 1] = double(B * (std::max<int64_t>(nC - 1, 0) + (z_next.defined() ? 1 : 0)) * E);
     counts[E + 2] = double(B * (nC / seq_group_) * E);
@@ -277,7 +241,15 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
                      mul(locality, cfg_.locality_loss_weight() * scale).reshape({1}),
                      mul(sparsity, sparsity_coef() * scale).reshape({1})},
                     0);
-    if (ctx.recording()) {
+    if (ctx.recording()) {  // the routing on the host for the statistics (and evaluation's purity)
+      MoeRouting routing;
+      routing.batch = B;
+      routing.num_chunks = nC;
+      routing.chunk = c;
+      routing.num_experts = E;
+      const std::vector<double> m = dispatch.mask.to_vector<double>();
+      routing.active.assign(m.begin(), m.end());
+      routing.dropped = dispatch.dropped;
       record_stats(routing, q.detach(), ctx);
       const std::string p = "moe." + std::to_string(layer_) + ".";
       ctx.stat(p + "balance_loss", balance.item<double>());
@@ -287,22 +259,24 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     }
   } else {
     // Routing off: every expert on every token, weight 1/E: the experts act as one dense FFN.
+    std::vector<int64_t> perm;
+    perm.reserve(E * BL);
     for (int64_t e = 0; e < E; ++e) {
       for (int64_t t = 0; t < BL; ++t) perm.push_back(t);
       sizes[e] = BL;
     }
+    if (!perm.empty()) perm_t = tensor(perm, {static_cast<int64_t>(perm.size())}).to(x.device());
   }
   if (aux != nullptr) *aux = losses;
 
   Tensor out = zeros({BL, d}, acc, x.device());
   // With experts sharded the exchange runs on every rank, even one that routed nothing this time; when
   // no rank routed anything the experts do not run at all (as in one process: no expert gradient).
-  if (local_experts_ != num_experts_ ? routed_anywhere : !perm.empty()) {
-    const Tensor perm_t = tensor(perm, {static_cast<int64_t>(perm.size())}).to(x.device());
+  const bool any_rows = perm_t.defined() && perm_t.numel() > 0;
+  if (local_experts_ != num_experts_ ? routed_anywhere : any_rows) {
     const Tensor xs = gather_rows(xf, perm_t);
     Tensor y = run_experts(xs, sizes, ctx);
     if (w.defined()) {
-      const Tensor widx_t = tensor(widx, {static_cast<int64_t>(widx.size())}).to(x.device());
       y = mul(y, gather_rows(w.reshape({B * nC * E, 1}), widx_t));
     } else {
       y = mul(y, 1.0 / double(E));

@@ -45,7 +45,6 @@ class ChunkMoE : public Module {
   Tensor coef;                        // buffer [1] f64: the adaptive sparsification coefficient
 
  private:
-  MoeRouting route(const Tensor& r, const Tensor& s) const;
   void record_stats(const MoeRouting& routing, const Tensor& q, ForwardContext& ctx);
 
   // Runs the experts on xs (rows grouped by expert, sizes[e] rows for expert e of all E): locally, or

@@ -140,6 +140,7 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   s.ws_chunk = ws.chunk();
   s.ws_heads = ws.num_heads();
   s.ws_dim = ws.attn_dim() > 0 ? ws.attn_dim() : std::max<int64_t>(1, s.d / 2);
+  s.ws_parallel_write = ws.write() == config::WorkspaceConfig::PARALLEL;
   if (ws.enabled()) {
     if (ws.after_block_size() > 0) {
       s.ws_after.assign(ws.after_block().begin(), ws.after_block().end());

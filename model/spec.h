@@ -29,6 +29,7 @@ struct ModelSpec {
   // Workspace memories after these blocks (0-based), and their sizes.
   std::vector<int64_t> ws_after;
   int64_t ws_slots = 0, ws_chunk = 0, ws_heads = 0, ws_dim = 0;
+  bool ws_parallel_write = false;  // workspace.write: PARALLEL
   // PKM memories after these blocks.
   std::vector<int64_t> pkm_after;
   int64_t pkm_heads = 0, pkm_k_dim = 0, pkm_n_keys = 0, pkm_topk = 0;

@@ -21,6 +21,7 @@ WorkspaceMemory::WorkspaceMemory(Init& init, const ModelSpec& spec, int64_t inde
   write_o = register_module("write_o", std::make_shared<Linear>(init, a, d, sd));
   gate = register_module("gate", std::make_shared<Linear>(init, 2 * d, 1, sd, /*bias=*/true));
   fused_attention_ = dim_ / heads_ <= 128;
+  parallel_write_ = spec.ws_parallel_write;
 }
 
 namespace {
@@ -39,22 +40,17 @@ Tensor all_visible_attention(const Tensor& q, const Tensor& k, const Tensor& v, 
 
 }  // namespace
 
-Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tensor& state, Tensor* next) const {
-  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), M = num_slots_, c = chunk_, H = heads_, a = dim_;
-  HYDRA_CHECK(L % c == 0) << "workspace: sequence length " << L << " is not a multiple of workspace.chunk " << c;
-  const int64_t nC = L / c, ah = a / H;
+Tensor WorkspaceMemory::write_serial(const Tensor& xc, const Tensor& s0, std::vector<Tensor>* gates) const {
+  const int64_t nC = xc.size(0), B = xc.size(1), c = xc.size(2), M = num_slots_, H = heads_, a = dim_, ah = a / H;
   const double scale = 1.0 / std::sqrt(static_cast<double>(ah));
-
-  // Keys and values of every token for the writes, once, chunk-major ([nC, B, c, a]) so that each
-  // chunk's are one contiguous block; split hands them out with a single concatenating backward.
-  const Tensor xc = nC == 1 ? x.unsqueeze(0) : x.reshape({B, nC, c, d}).permute({1, 0, 2, 3}).contiguous();
+  // Keys and values of every token, once; split hands each chunk's out with a single concatenating
+  // backward.
   const std::vector<int64_t> ones(nC, 1);
   const std::vector<Tensor> wk = split(write_k->forward(xc), ones, 0), wv = split(write_v->forward(xc), ones, 0);
-  Tensor S = state.defined() ? state : slots.unsqueeze(0).expand({B, M, d});
+  Tensor S = s0;
   std::vector<Tensor> states;
-  std::vector<Tensor> gates;
   for (int64_t j = 0; j < nC; ++j) {
-    states.push_back(S.unsqueeze(1));
+    states.push_back(S.unsqueeze(0));
     const Tensor q = write_q->forward(S).view({B, M, H, ah});
     const Tensor k = wk[j].view({B, c, H, ah}), v = wv[j].view({B, c, H, ah});
     const Tensor o = all_visible_attention(q, k, v, scale, fused_attention_);
@@ -62,27 +58,67 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
     // (1 - g) S + g upd with g = sigmoid(gate([S; upd])), per slot: one kernel.
     auto [next_S, g] = gated_update(S, upd, gate->weight, gate->bias);            // g [B, M, 1]
     S = next_S;
-    if (ctx.recording()) gates.push_back(g);
+    if (gates != nullptr) gates->push_back(g);
   }
-  if (next != nullptr) *next = S;
+  states.push_back(S.unsqueeze(0));
+  return concat(states, 0);
+}
 
-  // Reads: the tokens of chunk j attend to S_j, all chunks at once (batch B * nC).
-  const Tensor all = concat(states, 1);                                         // [B, nC, M, d]
-  const Tensor kr = read_k->forward(all).view({B * nC, M, H, ah});
-  const Tensor vr = read_v->forward(all).view({B * nC, M, H, ah});
-  const Tensor qr = read_q->forward(x).view({B * nC, c, H, ah});
-  const Tensor read = all_visible_attention(qr, kr, vr, scale, fused_attention_).view({B, L, a});
+Tensor WorkspaceMemory::write_parallel(const Tensor& xc, const Tensor& s0, std::vector<Tensor>* gates) const {
+  const int64_t nC = xc.size(0), B = xc.size(1), c = xc.size(2), d = xc.size(3), M = num_slots_, H = heads_,
+                a = dim_, ah = a / H;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(ah));
+  // Every chunk's update at once: the learned slots' queries (the same for every chunk and sequence)
+  // against each chunk's keys and values, batch nC * B.
+  const Tensor q0 = write_q->forward(slots).view({1, M, H, ah}).expand({nC * B, M, H, ah}).contiguous();
+  const Tensor k = write_k->forward(xc).view({nC * B, c, H, ah}), v = write_v->forward(xc).view({nC * B, c, H, ah});
+  const Tensor o = all_visible_attention(q0, k, v, scale, fused_attention_);      // [nC B, M, H, ah]
+  const Tensor upd = write_o->forward(o.view({nC, B * M, a}));                     // [nC, B M, d]
+  // The gated chain S_{j+1} = gated_update(S_j, upd_j) over all chunks: one kernel each way.
+  auto [h, g] = gated_scan(s0.reshape({B * M, d}), upd, gate->weight, gate->bias);  // h [nC + 1, B M, d]
+  if (gates != nullptr) gates->push_back(g);
+  return h.view({nC + 1, B, M, d});
+}
+
+Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tensor& state, Tensor* next) const {
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), M = num_slots_, c = chunk_, H = heads_, a = dim_;
+  HYDRA_CHECK(L % c == 0) << "workspace: sequence length " << L << " is not a multiple of workspace.chunk " << c;
+  const int64_t nC = L / c, ah = a / H;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(ah));
+
+  // The tokens chunk-major ([nC, B, c, d]) so that each chunk's are one contiguous block.
+  const Tensor xc = nC == 1 ? x.unsqueeze(0) : x.reshape({B, nC, c, d}).permute({1, 0, 2, 3}).contiguous();
+  const Tensor s0 = state.defined() ? state : slots.unsqueeze(0).expand({B, M, d});
+  std::vector<Tensor> gates;
+  std::vector<Tensor>* record = ctx.recording() ? &gates : nullptr;
+  const Tensor h = parallel_write_ ? write_parallel(xc, s0, record) : write_serial(xc, s0, record);  // [nC+1, B, M, d]
+  if (next != nullptr) *next = h.select(0, nC);
+
+  // Reads: the tokens of chunk j attend to S_j, all chunks at once (batch nC * B, chunk-major).
+  const Tensor entering = h.narrow(0, 0, nC);                                    // [nC, B, M, d]
+  const Tensor kr = read_k->forward(entering).view({nC * B, M, H, ah});
+  const Tensor vr = read_v->forward(entering).view({nC * B, M, H, ah});
+  const Tensor qr = read_q->forward(xc).view({nC * B, c, H, ah});
+  const Tensor read = all_visible_attention(qr, kr, vr, scale, fused_attention_).view({nC, B, c, a});
 
   if (ctx.recording()) {  // on the device; two numbers come back
     NoGradGuard no_grad;
     const std::string p = "workspace." + std::to_string(index_) + ".";
-    ctx.stat(p + "write_gate_mean", gates.empty() ? 0.0 : mean(concat(gates, 0)).item<double>());
+    double gate_mean = 0;
+    if (!gates.empty()) {
+      std::vector<Tensor> flat;
+      for (const Tensor& g : gates) flat.push_back(g.reshape({-1}));
+      gate_mean = mean(concat(flat, 0)).item<double>();
+    }
+    ctx.stat(p + "write_gate_mean", gate_mean);
     // Slot usage: the entropy of the reads' attention over the slots (recomputed: the fused kernel
     // keeps no probabilities).
     const Tensor att = softmax(mul(matmul(qr.permute({0, 2, 1, 3}), kr.permute({0, 2, 3, 1})), scale));
     ctx.stat(p + "slot_entropy", entropy_sum(att).item<double>() / double(att.numel() / M));
   }
-  return read_o->forward(read);
+  // Back to token order: the output projection first (d and a are alike in size), then one copy.
+  const Tensor out = read_o->forward(read);                                       // [nC, B, c, d]
+  return nC == 1 ? out.select(0, 0) : out.permute({1, 0, 2, 3}).reshape({B, L, d});
 }
 
 }  // namespace hydra::model

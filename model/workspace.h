@@ -3,8 +3,13 @@
 // from tokens, keys/values from slots); then the slots write:
 //   update = CrossAttn(S_j -> tokens of chunk j),  a = sigmoid(W_a [S_j ; update])  (per slot)
 //   S_{j+1} = (1 - a) * S_j + a * update
-// Reading S_j (not S_{j+1}) keeps it causal. The write is a serial chain over chunks; the reads of all
-// chunks then run as one batched attention.
+// Reading S_j (not S_{j+1}) keeps it causal. The reads of all chunks run as one batched attention.
+// The write (workspace.write):
+//   SERIAL    update = CrossAttn(queries from S_j -> tokens of chunk j): a chain over chunks of small
+//             launches (projection, attention, projection, gate), one link per chunk;
+//   PARALLEL  update = CrossAttn(queries from S_0 -> tokens of chunk j): the learned initial slots ask,
+//             so every chunk's update is one batched attention up front, and only the gated update
+//             (which still sees S_j) is a recurrence: one fused kernel over all chunks (gated_scan).
 #pragma once
 
 #include "model/context.h"
@@ -28,8 +33,13 @@ class WorkspaceMemory : public Module {
   std::shared_ptr<Linear> read_q, read_k, read_v, read_o, write_q, write_k, write_v, write_o, gate;
 
  private:
+  // The slot states entering every chunk and after the last, [nC + 1, B, M, d], chunk-major; `x_chunks`
+  // is x chunk-major [nC, B, c, d]; `gates` receives the write gates when recording.
+  Tensor write_serial(const Tensor& x_chunks, const Tensor& s0, std::vector<Tensor>* gates) const;
+  Tensor write_parallel(const Tensor& x_chunks, const Tensor& s0, std::vector<Tensor>* gates) const;
+
   int64_t index_, num_slots_, chunk_, heads_, dim_;
-  bool fused_attention_ = true;
+  bool fused_attention_ = true, parallel_write_ = false;
 };
 
 }  // namespace hydra::model

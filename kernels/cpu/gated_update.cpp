@@ -1,5 +1,6 @@
 #include "kernels/gated_update.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/base/parallel.h"
@@ -64,7 +65,80 @@ void bwd_impl(const GatedUpdateBwdParams& q) {
   }
 }
 
+template <class T>
+void scan_fwd_impl(const GatedScanParams& p) {
+  const int64_t R = p.rows, n = p.cols, len = R * n;
+  const T *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w);
+  const T b = *static_cast<const T*>(p.b);
+  T *h = static_cast<T*>(p.h), *gate = static_cast<T*>(p.gate);
+  std::copy_n(static_cast<const T*>(p.s), len, h);
+  parallel_for(R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t t = 0; t < p.steps; ++t)
+      for (int64_t r = r0; r < r1; ++r) {
+        const T *hr = h + t * len + r * n, *ur = u + t * len + r * n;
+        T z = 0;
+        for (int64_t c = 0; c < n; ++c) z += hr[c] * w[c] + ur[c] * w[n + c];
+        const T g = sigmoid(z + b);
+        gate[t * R + r] = g;
+        T* out = h + (t + 1) * len + r * n;
+        for (int64_t c = 0; c < n; ++c) out[c] = hr[c] + g * (ur[c] - hr[c]);
+      }
+  });
+}
+
+template <class T>
+void scan_bwd_impl(const GatedScanBwdParams& q) {
+  const GatedScanParams& p = q.fwd;
+  const int64_t R = p.rows, n = p.cols, len = R * n;
+  const T *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w), *h = static_cast<const T*>(p.h);
+  const T *gate = static_cast<const T*>(p.gate), *gh = static_cast<const T*>(q.gh);
+  T *gu = static_cast<T*>(q.gu), *lam = static_cast<T*>(q.lambda), *gz = static_cast<T*>(q.gz);
+  std::copy_n(gh + p.steps * len, len, lam);
+  parallel_for(R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t t = p.steps - 1; t >= 0; --t)
+      for (int64_t r = r0; r < r1; ++r) {
+        const T *hr = h + t * len + r * n, *ur = u + t * len + r * n, *gr = gh + t * len + r * n;
+        T* lr = lam + r * n;
+        T dot = 0;
+        for (int64_t c = 0; c < n; ++c) dot += lr[c] * (ur[c] - hr[c]);
+        const T g = gate[t * R + r], dz = g * (T(1) - g) * dot;
+        gz[t * R + r] = dz;
+        T* gur = gu + t * len + r * n;
+        for (int64_t c = 0; c < n; ++c) {
+          gur[c] = g * lr[c] + dz * w[n + c];
+          lr[c] = gr[c] + (T(1) - g) * lr[c] + dz * w[c];
+        }
+      }
+  });
+  std::copy_n(lam, len, static_cast<T*>(q.gs));
+  const int64_t rows = p.steps * R;  // the gate's sums run over every (step, row)
+  if (q.gw != nullptr) {
+    T* gw = static_cast<T*>(q.gw);
+    parallel_for(2 * n, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const T* x = c < n ? h + c : u + (c - n);
+        T acc = 0;
+        for (int64_t r = 0; r < rows; ++r) acc += gz[r] * x[r * n];
+        gw[c] = acc;
+      }
+    });
+  }
+  if (q.gb != nullptr) {
+    T acc = 0;
+    for (int64_t r = 0; r < rows; ++r) acc += gz[r];
+    *static_cast<T*>(q.gb) = acc;
+  }
+}
+
 }  // namespace
+
+void gated_scan_fwd(const GatedScanParams& p) {
+  dispatch_float(p.dtype, "gated_scan", [&](auto tag) { scan_fwd_impl<typename decltype(tag)::type>(p); });
+}
+
+void gated_scan_bwd(const GatedScanBwdParams& p) {
+  dispatch_float(p.fwd.dtype, "gated_scan_backward", [&](auto tag) { scan_bwd_impl<typename decltype(tag)::type>(p); });
+}
 
 void gated_update_fwd(const GatedUpdateParams& p) {
   dispatch_float(p.dtype, "gated_update", [&](auto tag) { fwd_impl<typename decltype(tag)::type>(p); });

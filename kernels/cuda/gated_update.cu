@@ -1,5 +1,8 @@
 // The gated row update (kernels/gated_update.h): a warp per row; the lanes split the columns, one warp
 // reduction for the gate's pre-activation (forward) or for <gout, u - s> (backward).
+// The gated scan (the update applied step after step): a block per row walks the steps; its threads
+// split the columns and each step is one block reduction. A thread reads back only the columns it
+// wrote the step before, so the steps need no other synchronisation than the reduction's.
 #include "kernels/cuda/common.cuh"
 #include "kernels/gated_update.h"
 
@@ -80,7 +83,94 @@ __global__ void gated_update_wgrad_kernel(GatedUpdateBwdParams q) {
   if (j == 2 * n && q.gb != nullptr) store(static_cast<T*>(q.gb), 0, sum);
 }
 
+constexpr int kScanThreads = 128;
+
+template <class T>
+__global__ void __launch_bounds__(kScanThreads) gated_scan_fwd_kernel(GatedScanParams p) {
+  using C = compute_t<T>;
+  __shared__ C red[32];
+  const int64_t r = blockIdx.x, R = p.rows, n = p.cols, len = R * n;
+  const T *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w);
+  T* h = static_cast<T*>(p.h);
+  const C b = load(static_cast<const T*>(p.b), 0);
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) h[r * n + c] = static_cast<const T*>(p.s)[r * n + c];
+  for (int64_t t = 0; t < p.steps; ++t) {
+    const T *hr = h + t * len + r * n, *ur = u + t * len + r * n;
+    C z = 0;
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) z += load(hr, c) * load(w, c) + load(ur, c) * load(w, n + c);
+    z = block_sum(z, red) + b;
+    const C g = C(1) / (C(1) + exp(-z));
+    if (threadIdx.x == 0) store(static_cast<T*>(p.gate), t * R + r, g);
+    T* out = h + (t + 1) * len + r * n;
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+      const C hv = load(hr, c);
+      store(out, c, hv + g * (load(ur, c) - hv));
+    }
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kScanThreads) gated_scan_bwd_kernel(GatedScanBwdParams q) {
+  using C = compute_t<T>;
+  const GatedScanParams& p = q.fwd;
+  __shared__ C red[32];
+  const int64_t r = blockIdx.x, R = p.rows, n = p.cols, len = R * n;
+  const T *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w), *h = static_cast<const T*>(p.h);
+  const T* gh = static_cast<const T*>(q.gh);
+  C* lam = static_cast<C*>(q.lambda) + r * n;
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) lam[c] = load(gh, p.steps * len + r * n + c);
+  for (int64_t t = p.steps - 1; t >= 0; --t) {
+    const T *hr = h + t * len + r * n, *ur = u + t * len + r * n, *gr = gh + t * len + r * n;
+    C dot = 0;
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) dot += lam[c] * (load(ur, c) - load(hr, c));
+    dot = block_sum(dot, red);
+    const C g = load(static_cast<const T*>(p.gate), t * R + r), dz = g * (C(1) - g) * dot;
+    if (threadIdx.x == 0) static_cast<C*>(q.gz)[t * R + r] = dz;
+    T* gu = static_cast<T*>(q.gu) + t * len + r * n;
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+      const C l = lam[c];
+      store(gu, c, g * l + dz * load(w, n + c));
+      lam[c] = load(gr, c) + (C(1) - g) * l + dz * load(w, c);
+    }
+  }
+  T* gs = static_cast<T*>(q.gs) + r * n;
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) store(gs, c, lam[c]);
+}
+
 }  // namespace
+
+void gated_scan_fwd(const GatedScanParams& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  dispatch_float(p.dtype, "gated_scan", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    gated_scan_fwd_kernel<T><<<static_cast<unsigned>(p.rows), kScanThreads, 0, as_stream(p.stream)>>>(p);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  });
+}
+
+void gated_scan_bwd(const GatedScanBwdParams& q) {
+  const GatedScanParams& p = q.fwd;
+  if (p.rows == 0 || p.cols == 0) return;
+  dispatch_float(p.dtype, "gated_scan_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    gated_scan_bwd_kernel<T><<<static_cast<unsigned>(p.rows), kScanThreads, 0, as_stream(p.stream)>>>(q);
+    HYDRA_CUDA_LAUNCH_CHECK();
+    if ((q.gw == nullptr && q.gb == nullptr) || p.steps == 0) return;
+    // The gate's gradients are gated_update's over steps * rows rows: h_t for s, u_t for u.
+    GatedUpdateBwdParams wq;
+    wq.fwd.dtype = p.dtype;
+    wq.fwd.rows = p.steps * p.rows;
+    wq.fwd.cols = p.cols;
+    wq.fwd.s = p.h;
+    wq.fwd.u = p.u;
+    wq.gz = q.gz;
+    wq.gw = q.gw;
+    wq.gb = q.gb;
+    const auto blocks = static_cast<unsigned>((2 * p.cols + 1 + 31) / 32);
+    gated_update_wgrad_kernel<T><<<blocks, kThreads, 0, as_stream(p.stream)>>>(wq);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  });
+}
 
 void gated_update_fwd(const GatedUpdateParams& p) {
   if (p.rows == 0) return;

@@ -170,3 +170,35 @@ TEST(Topk, GradcheckFloat64) {
 
 }  // namespace
 }  // namespace hydra
+
+namespace hydra {
+namespace {
+
+// The routing reference worked by hand: a tie in r goes to the lower expert, the walk stops at the first
+// expert whose s is 0, the capacity keeps the first chunks in order, and the dispatch order is
+// expert-major, chunk by chunk, token by token.
+TEST(MoeRoute, ChoosesAndOrdersAsWorkedByHand) {
+  const Tensor r = tensor(std::vector<float>{0.5f, 0.5f, 0.1f, 0.9f, 0.2f, 0.3f, 0.1f, 0.2f, 0.3f}, {3, 3});
+  const Tensor s = tensor(std::vector<float>{1, 1, 1, 1, 0, 1, 0, 0, 0}, {3, 3});
+  const MoeDispatch d = moe_route(r, s, /*batch=*/1, /*chunk_len=*/2, /*max_active=*/2, /*capacity=*/0);
+  EXPECT_EQ(d.mask.to_vector<float>(), (std::vector<float>{1, 1, 0, 1, 0, 1, 0, 0, 0}));
+  EXPECT_EQ(d.counts, (std::vector<int64_t>{2, 1, 1}));
+  EXPECT_EQ(d.dropped, (std::vector<int64_t>{0, 0, 0}));
+  EXPECT_EQ(d.perm.to_vector<int64_t>(), (std::vector<int64_t>{0, 1, 2, 3, 0, 1, 2, 3}));
+  EXPECT_EQ(d.widx.to_vector<int64_t>(), (std::vector<int64_t>{0, 0, 3, 3, 1, 1, 5, 5}));
+  const MoeDispatch c = moe_route(r, s, 1, 2, 2, /*capacity=*/1);
+  EXPECT_EQ(c.counts, (std::vector<int64_t>{1, 1, 1}));
+  EXPECT_EQ(c.dropped, (std::vector<int64_t>{1, 0, 0}));
+  EXPECT_EQ(c.mask.to_vector<float>(), (std::vector<float>{1, 1, 0, 0, 0, 1, 0, 0, 0}));
+  EXPECT_EQ(c.perm.to_vector<int64_t>(), (std::vector<int64_t>{0, 1, 0, 1, 2, 3}));
+  EXPECT_EQ(c.widx.to_vector<int64_t>(), (std::vector<int64_t>{0, 0, 1, 1, 5, 5}));
+  // Two sequences of 3 chunks: the second's tokens start at L = 6.
+  const Tensor r2 = concat({r, r}, 0), s2 = concat({s, s}, 0);
+  const MoeDispatch b = moe_route(r2, s2, /*batch=*/2, 2, 1, 0);
+  EXPECT_EQ(b.counts, (std::vector<int64_t>{4, 0, 0}));
+  EXPECT_EQ(b.perm.to_vector<int64_t>(), (std::vector<int64_t>{0, 1, 2, 3, 6, 7, 8, 9}));
+  EXPECT_EQ(b.widx.to_vector<int64_t>(), (std::vector<int64_t>{0, 0, 3, 3, 9, 9, 12, 12}));
+}
+
+}  // namespace
+}  // namespace hydra

@@ -62,6 +62,44 @@ TEST(GatedUpdate, EqualsTheCompositeAndGradcheckFloat64) {
       (std::vector<Tensor>{slots, u, w, b}));
 }
 
+// The fused gated scan equals gated_update applied step after step (the composite it fuses), its
+// gradients included, and passes a float64 gradient check (T = 0 too: only h_0, no gate).
+TEST(GatedScan, EqualsChainedGatedUpdatesAndGradcheckFloat64) {
+  const int64_t T = 4, R = 3, n = 5;
+  const Tensor s = randn64({R, n}, 60), u = randn64({T, R, n}, 61), w = randn64({1, 2 * n}, 62),
+               b = randn64({1}, 63), up = randn64({T + 1, R, n}, 64, 1.0, false);
+  const auto [h, g] = gated_scan(s, u, w, b);
+  ASSERT_EQ(h.shape(), Shape({T + 1, R, n}));
+  ASSERT_EQ(g.shape(), Shape({T, R}));
+  std::vector<Tensor> hs{s.unsqueeze(0)}, gs;
+  for (int64_t t = 0; t < T; ++t) {
+    auto [next, gt] = gated_update(hs.back().select(0, 0), u.select(0, t), w, b);
+    hs.push_back(next.unsqueeze(0));
+    gs.push_back(gt.view({1, R}));
+  }
+  const Tensor h_ref = concat(hs, 0), g_ref = concat(gs, 0);
+  EXPECT_LT(testing::rel_error(h, h_ref), 1e-14);
+  EXPECT_LT(testing::rel_error(g, g_ref), 1e-14);
+  // Gradients of a weighted sum of every state, fused and chained.
+  const auto grads = [&](const Tensor& out) {
+    for (const Tensor* t : {&s, &u, &w, &b}) t->set_grad(Tensor());
+    sum(mul(out, up)).backward();
+    return std::vector<Tensor>{s.grad(), u.grad(), w.grad(), b.grad()};
+  };
+  const auto gf = grads(h), gc = grads(h_ref);
+  for (int i = 0; i < 4; ++i) EXPECT_LT(testing::rel_error(gf[i], gc[i]), 1e-12) << "input " << i;
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{gated_scan(in[0], in[1], in[2], in[3]).first}; },
+      (std::vector<Tensor>{s, u, w, b}));
+  const Tensor u0 = randn64({0, R, n}, 65);
+  const auto [h0, g0] = gated_scan(s, u0, w, b);
+  EXPECT_EQ(h0.shape(), Shape({1, R, n}));
+  EXPECT_LT(testing::rel_error(h0.select(0, 0), s), 1e-15);
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{gated_scan(in[0], in[1], in[2], in[3]).first}; },
+      (std::vector<Tensor>{s, u0, w, b}));
+}
+
 TEST(Softmax, MatchesReferenceAtOddShape) {
   Tensor x = randn64({7, 13, 5}, 5, 3.0, false);
   const auto xv = x.to_vector<double>(), s = softmax(x).to_vector<double>(),

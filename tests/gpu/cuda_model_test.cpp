@@ -53,9 +53,14 @@ double rel(const std::vector<double>& a, const std::vector<double>& ref) {
   return std::sqrt(num / den);
 }
 
-TEST(CudaModel, TinyModelMatchesCpuInF32AndBf16MixedFollowsF32) {
+class CudaModelWrite : public ::testing::TestWithParam<bool> {};
+INSTANTIATE_TEST_SUITE_P(CudaModel, CudaModelWrite, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "ParallelWorkspaceWrite" : "SerialWorkspaceWrite"; });
+
+TEST_P(CudaModelWrite, TinyModelMatchesCpuInF32AndBf16MixedFollowsF32) {
   HYDRA_REQUIRE_GPU();
-  const model::ModelSpec spec = testing::shipped_spec("tiny");
+  model::ModelSpec spec = testing::shipped_spec("tiny");
+  spec.ws_parallel_write = GetParam();  // workspace.write: PARALLEL (gated_scan) or SERIAL
   auto cpu = model::build_model(spec, 21), gpu = model::build_model(spec, 21);
   gpu->to(Device::cuda(0));
   const Tensor tokens =

@@ -305,8 +305,19 @@ TEST(ChunkMoE, SparsityCoefficientMovesTowardTheTarget) {
 
 // ---- memories ----------------------------------------------------------------------------------------
 
-TEST(WorkspaceMemoryLayer, GradcheckFloat64) {
-  const model::ModelSpec spec = micro_spec();
+// The micro model with the workspace's write as given (SERIAL or PARALLEL).
+model::ModelSpec workspace_spec(const std::string& write) {
+  std::string text = testing::kMicroModel;
+  const std::string at = "attn_dim: 4 ";
+  text.replace(text.find(at), at.size(), at + "write: " + write + " ");
+  return testing::spec_from(text);
+}
+
+class WorkspaceWrite : public ::testing::TestWithParam<std::string> {};
+INSTANTIATE_TEST_SUITE_P(WorkspaceMemoryLayer, WorkspaceWrite, ::testing::Values("SERIAL", "PARALLEL"));
+
+TEST_P(WorkspaceWrite, GradcheckFloat64) {
+  const model::ModelSpec spec = workspace_spec(GetParam());
   model::Init init(30);
   model::WorkspaceMemory ws(init, spec, 0);
   ws.to(DType::kF64);
@@ -321,8 +332,8 @@ TEST(WorkspaceMemoryLayer, GradcheckFloat64) {
 
 // The fused attention kernels and the explicit GEMM + softmax path (heads wider than 128) compute the
 // same function: outputs and every gradient agree to rounding.
-TEST(WorkspaceMemoryLayer, FusedAndExplicitAttentionAgree) {
-  const model::ModelSpec spec = micro_spec();
+TEST_P(WorkspaceWrite, FusedAndExplicitAttentionAgree) {
+  const model::ModelSpec spec = workspace_spec(GetParam());
   model::Init init(34);
   model::WorkspaceMemory ws(init, spec, 0);
   ws.to(DType::kF64);
@@ -349,8 +360,8 @@ TEST(WorkspaceMemoryLayer, FusedAndExplicitAttentionAgree) {
   for (std::size_t i = 0; i < runs[0].size(); ++i) EXPECT_NEAR(runs[0][i], runs[1][i], 1e-12) << i;
 }
 
-TEST(WorkspaceMemoryLayer, SegmentsPassingTheSlotsEqualOnePass) {
-  const model::ModelSpec spec = micro_spec();
+TEST_P(WorkspaceWrite, SegmentsPassingTheSlotsEqualOnePass) {
+  const model::ModelSpec spec = workspace_spec(GetParam());
   model::Init init(32);
   model::WorkspaceMemory ws(init, spec, 0);
   ws.to(DType::kF64);
@@ -362,6 +373,44 @@ TEST(WorkspaceMemoryLayer, SegmentsPassingTheSlotsEqualOnePass) {
   const Tensor b = ws.forward(x.narrow(1, 16, 8), ctx, slots);
   const auto split_run = concat({a, b}, 1).to_vector<double>();
   for (std::size_t i = 0; i < whole.size(); ++i) EXPECT_NEAR(split_run[i], whole[i], 1e-12);
+}
+
+// The two writes differ only in where the write queries come from (S_j or S_0). With write_q's weight
+// zero the queries are its bias in both, so SERIAL (a chain of gated_update launches) and PARALLEL (one
+// batched attention and gated_scan) must compute the same function: outputs, slots after the last chunk
+// and every gradient agree to rounding. With the weight non-zero they must differ (the test can fail).
+TEST(WorkspaceMemoryLayer, ParallelWriteEqualsSerialWhenQueriesIgnoreTheSlots) {
+  std::vector<std::vector<double>> runs;
+  for (const bool zero_q : {true, false}) {
+    for (const char* write : {"SERIAL", "PARALLEL"}) {
+      model::Init init(38);
+      model::WorkspaceMemory ws(init, workspace_spec(write), 0);
+      ws.to(DType::kF64);
+      if (zero_q) ws.write_q->weight.detach().zero_();
+      Tensor x = randn64({2, 24, 8}, 39);
+      model::ForwardContext ctx;
+      Tensor last;
+      const Tensor y = ws.forward(x, ctx, Tensor(), &last);
+      sum(add(sum(mul(y, randn64(y.shape(), 40, 1.0, false))), sum(mul(last, randn64(last.shape(), 41, 1.0, false)))))
+          .backward();
+      std::vector<double> all = y.to_vector<double>();
+      for (const Tensor& t : {last, x.grad()}) {
+        const auto v = t.to_vector<double>();
+        all.insert(all.end(), v.begin(), v.end());
+      }
+      for (const auto& p : ws.named_parameters()) {
+        if (p.name.find("write_q.weight") != std::string::npos) continue;
+        const auto v = p.tensor.grad().to_vector<double>();
+        all.insert(all.end(), v.begin(), v.end());
+      }
+      runs.push_back(all);
+    }
+  }
+  ASSERT_EQ(runs[0].size(), runs[1].size());
+  double diff = 0;
+  for (std::size_t i = 0; i < runs[0].size(); ++i) EXPECT_NEAR(runs[0][i], runs[1][i], 1e-12) << i;
+  for (std::size_t i = 0; i < runs[2].size(); ++i) diff = std::max(diff, std::abs(runs[2][i] - runs[3][i]));
+  EXPECT_GT(diff, 1e-6) << "with slot-dependent queries the two writes should differ";
 }
 
 TEST(ProductKeyMemoryLayer, TopkOverProductKeysEqualsBruteForce) {

@@ -91,12 +91,15 @@ void expect_causal(const model::ModelSpec& spec, int64_t len, const std::vector<
 }
 
 TEST(HydraLM, CausalEveryRouterInputModeWithMemories) {
-  for (const char* mode : {"PREV_CHUNK_MEAN", "FIRST_TOKEN"}) {
+  // Each router input mode, and each workspace write.
+  for (const auto& [mode, write] : std::vector<std::pair<std::string, std::string>>{
+           {"PREV_CHUNK_MEAN", "SERIAL"}, {"FIRST_TOKEN", "SERIAL"}, {"PREV_CHUNK_MEAN", "PARALLEL"}}) {
     const model::ModelSpec spec = testing::spec_from(
-        std::string("vocab_size: 256 d_model: 32 num_blocks: 4 max_seq_len: 64 ssm { d_state: 4 } "
-                    "sga { every: 2 num_heads: 2 window: 9 global_stride: 8 } "
-                    "moe { num_experts: 4 d_expert: 16 max_active: 2 chunk: 8 router_input: ") +
-        mode + " } workspace { slots: 4 chunk: 16 num_heads: 2 attn_dim: 16 } pkm { num_heads: 2 k_dim: 8 n_keys: 6 topk: 3 }");
+        "vocab_size: 256 d_model: 32 num_blocks: 4 max_seq_len: 64 ssm { d_state: 4 } "
+        "sga { every: 2 num_heads: 2 window: 9 global_stride: 8 } "
+        "moe { num_experts: 4 d_expert: 16 max_active: 2 chunk: 8 router_input: " + mode +
+        " } workspace { slots: 4 chunk: 16 num_heads: 2 attn_dim: 16 write: " + write +
+        " } pkm { num_heads: 2 k_dim: 8 n_keys: 6 topk: 3 }");
     expect_causal(spec, 64, {0, 7, 8, 15, 16, 31, 40, 62});
   }
 }
