@@ -1,6 +1,8 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <string>
 
 #include "autograd/dispatch.h"
 #include "autograd/node.h"
@@ -71,6 +73,12 @@ void gemm_into(const Tensor& out, const Tensor& a, bool ta, const Tensor& b, boo
   p.workspace = gemm_workspace(out.device());
   p.stream = current_stream(out.device());
   if (p.m == 0 || p.n == 0 || p.batch == 0) return;
+  std::optional<KernelProfileScope> shape_row;
+  if (kernel_profile_detailed())
+    shape_row.emplace(out.device(), "gemm " + std::to_string(p.m) + "x" + std::to_string(p.n) + "x" +
+                                        std::to_string(p.k) + " " + std::string(dtype_name(p.dtype)) + " " +
+                                        (p.trans_a ? "T" : "N") + (p.trans_b ? "T" : "N") + " b" +
+                                        std::to_string(p.batch) + (p.bias ? " +bias" : ""));
   HYDRA_LAUNCH(out.device(), gemm, p);
 }
 

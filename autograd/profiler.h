@@ -12,11 +12,17 @@
 namespace hydra {
 
 bool kernel_profile_enabled();
+// HYDRA_PROFILE=2: also rows per GEMM shape ("gemm 32768x1536x384 bf16 NT b1"), beside the families.
+bool kernel_profile_detailed();
 
 class KernelProfileScope {
  public:
   KernelProfileScope(Device device, const char* name) {
     if (kernel_profile_enabled()) begin(device, name);
+  }
+  // A row of its own name (detailed profiles); nothing when profiling is off.
+  KernelProfileScope(Device device, const std::string& name) {
+    if (kernel_profile_enabled()) begin(device, name.c_str());
   }
   ~KernelProfileScope() {
     if (active_) end();

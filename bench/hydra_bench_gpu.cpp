@@ -79,9 +79,10 @@ Floors measure_floors(Report& report) {
   return f;
 }
 
-void gemm_row(Report& report, const Floors& f, const char* what, int64_t m, int64_t k, int64_t n) {
+void gemm_row(Report& report, const Floors& f, const char* what, int64_t m, int64_t k, int64_t n,
+              DType dt = DType::kBF16) {
   if (!selected(what)) return;
-  Tensor x = rnd({m, k}), w = rnd({n, k}, DType::kBF16, 0.02);
+  Tensor x = rnd({m, k}, dt), w = rnd({n, k}, dt, 0.02);
   NoGradGuard ng;
   const double ms = time_gpu([&] { (void)linear(x, w); });
   const double tflops = 2.0 * double(m) * double(k) * double(n) / ms / 1e9;
@@ -221,6 +222,12 @@ int run(int argc, char** argv) {
   gemm_row(report, f, "1.6B expert up (T/4 rows)", T / 4, 2048, 512);
   gemm_row(report, f, "1.6B expert down (T/4 rows)", T / 4, 512, 2048);
   gemm_row(report, f, "1.6B lm head", 8192, 2048, 50304);
+  // The toy at 32768 tokens per step: its largest projections and its narrow ones (the router in fp32).
+  gemm_row(report, f, "toy ssm in_proj", 32768, 384, 1536);
+  gemm_row(report, f, "toy sga qkv", 32768, 384, 1152);
+  gemm_row(report, f, "toy ssm x_proj", 32768, 768, 56);
+  gemm_row(report, f, "toy ssm dt_proj", 32768, 24, 768);
+  gemm_row(report, f, "toy router (fp32)", 4096, 384, 8, DType::kF32);
   // The MoE layer's experts in one launch: 8 experts, each T/4 rows (2 of 8 active per chunk).
   for (const bool bwd : {false, true}) {
     const std::string pass = bwd ? " fwd+bwd" : "";

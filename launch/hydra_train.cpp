@@ -35,7 +35,7 @@ void print_report(const trainer::TrainSummary& s) {
   }
   if (std::isfinite(s.eval.routing_purity))
     std::printf("  expert routing purity on mixture domains: %.2f\n", s.eval.routing_purity);
-  std::printf("  checkpoint  %s\n  metrics     %s (TensorBoard: %s/tb)\n", s.checkpoint.c_str(), s.metrics.c_str(),
+  std::printf("  checkpoint  %s\n  metrics     %s (TensorBoard: %s/tb)\n", s.checkpoint.empty() ? "none written" : s.checkpoint.c_str(), s.metrics.c_str(),
               s.run_dir.c_str());
 }
 
@@ -91,7 +91,7 @@ int run_main(int argc, char** argv) {
       "steps", po::value<int64_t>(),
       "the step count to reach in total (default train.steps); with --resume, trains the remaining steps")(
       "eval-every", po::value<int64_t>(), "evaluate every N steps (train.eval_every; 0: only at the end)")(
-      "save-every", po::value<int64_t>(), "checkpoint every N steps (train.save_every; 0: only at the end)")(
+      "save-every", po::value<int64_t>(), "checkpoint every N steps (train.save_every; 0: only at the end; -1: never, for benchmarks)")(
       "stats-every", po::value<int64_t>(),
       "the model's statistics (routing, gates, memories) in the metrics every N steps (train.stats_every)")(
       "seed", po::value<uint64_t>(), "the seed of initialisation and data (train.seed)")(

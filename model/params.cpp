@@ -85,4 +85,15 @@ ParamTable count_parameters(const ModelSpec& s, int64_t seq_len) {
   return t;
 }
 
+double training_flops_per_token(const ModelSpec& spec, const PathSwitches& paths, int64_t seq_len) {
+  ModelSpec s = spec;
+  if (!s.transformer) {
+    if (!paths.sga) s.has_sga.assign(s.has_sga.size(), false);
+    if (!paths.moe_routing) s.max_active = s.num_experts;
+    if (!paths.workspace) s.ws_after.clear();
+    if (!paths.pkm) s.pkm_after.clear();
+  }
+  return 3.0 * count_parameters(s, seq_len).forward_flops_per_token;
+}
+
 }  // namespace hydra::model

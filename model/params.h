@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "model/context.h"
 #include "model/spec.h"
 
 namespace hydra::model {
@@ -23,5 +24,10 @@ struct ParamTable {
 };
 
 ParamTable count_parameters(const ModelSpec& spec, int64_t seq_len);
+
+// Model FLOPs of one training step per token (forward + backward = 3 x forward, recomputation not
+// counted: the usual MFU numerator) with the given paths on: sparse attention, routing (off: every
+// expert runs), the memories. The SSM path is always counted.
+double training_flops_per_token(const ModelSpec& spec, const PathSwitches& paths, int64_t seq_len);
 
 }  // namespace hydra::model

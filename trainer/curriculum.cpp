@@ -3,6 +3,7 @@
 #include "configs/config_io.h"
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 
 namespace hydra::trainer {
@@ -53,11 +54,14 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg, const 
   if (tr.grad_accum() < 1) return fail("train.grad_accum", tr.grad_accum(), "must be >= 1");
   if (tr.seq_len() < 1) return fail("train.seq_len", tr.seq_len(), "must be >= 1");
   if (tr.eval_every() < 0) return fail("train.eval_every", tr.eval_every(), "must be >= 0 (0: only at the end)");
-  if (tr.save_every() < 0) return fail("train.save_every", tr.save_every(), "must be >= 0 (0: only at the end)");
+  if (tr.save_every() < -1)
+    return fail("train.save_every", tr.save_every(), "must be >= -1 (0: only at the end; -1: never, for benchmarks)");
   if (tr.keep_last() < 1) return fail("train.keep_last", tr.keep_last(), "must be >= 1");
   if (tr.log_every() < 1) return fail("train.log_every", tr.log_every(), "must be >= 1");
   if (tr.stats_every() < 1) return fail("train.stats_every", tr.stats_every(), "must be >= 1");
   if (tr.eval_batches() < 1) return fail("train.eval_batches", tr.eval_batches(), "must be >= 1");
+  if (!(tr.peak_tflops() >= 0) || !std::isfinite(tr.peak_tflops()))
+    return fail("train.peak_tflops", tr.peak_tflops(), "must be a finite number >= 0 (0: the device's default)");
   if (tr.device() != "cpu" && tr.device() != "cuda") return fail("train.device", tr.device(), "must be cpu or cuda");
   if (tr.lr().lr() <= 0) return fail("train.lr.lr", tr.lr().lr(), "must be > 0");
   if (tr.optimizer().grad_clip() < 0) return fail("train.optimizer.grad_clip", tr.optimizer().grad_clip(), "must be >= 0 (0: off)");

@@ -118,24 +118,26 @@ Progress::Progress(int64_t first_step, int64_t last_step, bool tty, int64_t ever
     : first_(first_step), last_(last_step), every_(std::max<int64_t>(1, every)), tty_(tty) {}
 
 void Progress::update(int64_t step, const std::string& stage, double loss, double lr, double tokens_per_s,
-                      double elapsed_s) {
+                      double elapsed_s, double mfu) {
   const int64_t done = step - first_, total = std::max<int64_t>(1, last_ - first_);
   // The ETA from this process's own pace (elapsed_s counts earlier runs of a resumed job too).
   const double mine = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   const double eta = done > 0 ? mine / double(done) * double(total - done) : NAN;
-  char line[256];
+  char mfu_text[32] = "";
+  if (mfu >= 0) std::snprintf(mfu_text, sizeof mfu_text, tty_ ? " MFU %.1f%%" : "  MFU %.1f%%", 100 * mfu);
+  char line[320];
   if (tty_) {
     const int width = 24, fill = static_cast<int>(width * double(done) / double(total));
     std::string bar(static_cast<std::size_t>(fill), '#');
     bar.resize(width, '.');
-    std::snprintf(line, sizeof line, "\r%-12s step %ld/%ld [%s] loss %.4f lr %.2e %7.0f tok/s ETA %s   ",
+    std::snprintf(line, sizeof line, "\r%-12s step %ld/%ld [%s] loss %.4f lr %.2e %7.0f tok/s%s ETA %s   ",
                   stage.c_str(), static_cast<long>(step), static_cast<long>(last_), bar.c_str(), loss, lr,
-                  tokens_per_s, format_duration(eta).c_str());
+                  tokens_per_s, mfu_text, format_duration(eta).c_str());
     std::cerr << line << std::flush;
     drawn_ = true;
   } else if (step % every_ == 0 || step == last_) {
-    std::snprintf(line, sizeof line, "step %ld/%ld  stage %s  loss %.4f  lr %.2e  %.0f tok/s  elapsed %s  ETA %s",
-                  static_cast<long>(step), static_cast<long>(last_), stage.c_str(), loss, lr, tokens_per_s,
+    std::snprintf(line, sizeof line, "step %ld/%ld  stage %s  loss %.4f  lr %.2e  %.0f tok/s%s  elapsed %s  ETA %s",
+                  static_cast<long>(step), static_cast<long>(last_), stage.c_str(), loss, lr, tokens_per_s, mfu_text,
                   format_duration(elapsed_s).c_str(), format_duration(eta).c_str());
     std::cout << line << std::endl;
   }

@@ -56,7 +56,9 @@ class MetricsLog {
 class Progress {
  public:
   Progress(int64_t first_step, int64_t last_step, bool tty, int64_t every);
-  void update(int64_t step, const std::string& stage, double loss, double lr, double tokens_per_s, double elapsed_s);
+  // mfu < 0: not known (no peak for this device), left out of the line.
+  void update(int64_t step, const std::string& stage, double loss, double lr, double tokens_per_s, double elapsed_s,
+              double mfu = -1);
   void message(const std::string& line);  // a line that does not disturb the bar
   void finish();
 

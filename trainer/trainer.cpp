@@ -19,12 +19,16 @@
 #include "configs/config_io.h"
 #include "data/tokenizer.h"
 #include "kernels/base/scratch.h"
+#include "model/params.h"
 #include "parallel/runtime.h"
 #include "trainer/distributed.h"
 #include "trainer/schedule.h"
 #include "trainer/step.h"
 
 namespace hydra::trainer {
+
+// The MFU denominator on CUDA when train.peak_tflops is 0: H100/H200 SXM dense bf16.
+constexpr double kDefaultCudaPeakTflops = 989.0;
 
 namespace fs = std::filesystem;
 
@@ -476,6 +480,10 @@ Expected<TrainSummary> Trainer::run() {
     recent_losses.push_back(lm_loss);
     if (recent_losses.size() > 10) recent_losses.erase(recent_losses.begin());
 
+    // Model FLOPs per second over the device's peak, per rank (the step's tokens are the global batch's).
+    const double tflops = tokens / step_s * model::training_flops_per_token(spec_, stage.paths, stage.seq_len) /
+                          double(grid_->world().size()) / 1e12;
+    const double peak = tr.peak_tflops() > 0 ? tr.peak_tflops() : device_.is_cuda() ? kDefaultCudaPeakTflops : 0.0;
     MetricValues values = {{"loss", lm_loss},
                            {"loss.total", total_loss},
                            {"loss.balance", aux[0]},
@@ -484,11 +492,14 @@ Expected<TrainSummary> Trainer::run() {
                            {"lr", lr},
                            {"grad_norm", norm},
                            {"tokens_per_s", tokens / step_s},
+                           {"step_ms", step_s * 1e3},
+                           {"model_tflops", tflops},
                            {"tokens_seen", state_.tokens_seen},
                            {"elapsed_s", elapsed()},
                            {"stage_index", double(stage.index)},
                            {"memory.rss_peak_mb", peak_rss_mb()},
                            {"memory.optimizer_mb", double(optimizer_->state_bytes()) / (1 << 20)}};
+    if (peak > 0) values.push_back({"mfu", tflops / peak});
     if (reducer_) {  // rank 0's view of the gradient exchange
       values.push_back({"comm.exposed_ms", reducer_->stats().exposed_ms});
       values.push_back({"comm.buckets_overlapped", double(reducer_->stats().early)});
@@ -513,7 +524,7 @@ Expected<TrainSummary> Trainer::run() {
       if (std::isfinite(sum.eval.routing_purity)) values.push_back({"eval.routing_purity", sum.eval.routing_purity});
     }
     if (lead()) log.write(state_.step, stage.name, values);
-    if (speak) progress.update(state_.step, stage.name, lm_loss, lr, tokens / step_s, elapsed());
+    if (speak) progress.update(state_.step, stage.name, lm_loss, lr, tokens / step_s, elapsed(), peak > 0 ? tflops / peak : -1);
     if (eval_due && speak) {
       std::ostringstream os;
       os.precision(4);
@@ -525,7 +536,9 @@ Expected<TrainSummary> Trainer::run() {
     // A signal reaches the ranks at different moments: they act on it at the same step.
     int sig = g_signal.load();
     if (grid_->distributed()) sig = static_cast<int>(grid_->world().all_reduce_host(double(sig), parallel::ReduceOp::kMax));
-    const bool save_due = (tr.save_every() > 0 && state_.step % tr.save_every() == 0) || last || sig != 0;
+    // save_every -1 (benchmarks): no checkpoint at all, not even at the end or on a signal.
+    const bool save_due = tr.save_every() >= 0 &&
+                          ((tr.save_every() > 0 && state_.step % tr.save_every() == 0) || last || sig != 0);
     if (save_due) {
       HYDRA_RETURN_IF_ERROR(save());
       if (lead()) log.flush();
@@ -533,7 +546,8 @@ Expected<TrainSummary> Trainer::run() {
     if (sig != 0) {
       progress.finish();
       say("received signal " + std::to_string(sig) + " at step " + std::to_string(state_.step) +
-          ": saved checkpoint " + last_ckpt + "; continue with --resume auto");
+          (save_due ? ": saved checkpoint " + last_ckpt + "; continue with --resume auto"
+                    : ": stopping without a checkpoint (train.save_every = -1)"));
       sum.interrupted = true;
       sum.signal = sig;
       break;

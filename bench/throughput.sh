@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Training throughput side by side, in one run on one GPU: toy, transformer-toy and the PyTorch
+# Transformer of equal size (bench/torch_transformer.py) at sequence lengths 512 .. 32768, and
+# hydra-1.6b at 2K and 8K; the same tokens per step (32768) everywhere, BF16_MIXED, no recomputation
+# unless a row says so. Each row is the median tokens/s of the steps after warm-up of one hydra-train
+# run (metrics.jsonl), with model TFLOP/s, MFU and peak memory from the same lines.
+#
+# Usage: bench/throughput.sh BIN_DIR OUT_DIR [PART ...]
+#   BIN_DIR  where hydra-train is (build/bin, or .gpu/bin on the GPU machine)
+#   OUT_DIR  rows.jsonl (one JSON object a row) and each run's log
+#   PART     toy, toy-parallel (workspace.write PARALLEL), transformer-toy, torch, hydra-1.6b
+#            (default: all of them)
+# Environment: SEQS (default "512 1024 2048 4096 8192 16384 32768"), STEPS (30), WARMUP (5),
+#   TOKENS (32768), PYTHON (python3).
+# Then: python3 bench/throughput_report.py OUT_DIR/rows.jsonl --gpu h200 writes the table, the plot and
+# docs/bench/throughput-<gpu>-<date>.json.
+set -uo pipefail
+bin=${1:?usage: bench/throughput.sh BIN_DIR OUT_DIR [PART ...]}
+out=${2:?usage: bench/throughput.sh BIN_DIR OUT_DIR [PART ...]}
+shift 2
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(toy toy-parallel transformer-toy torch hydra-1.6b)
+seqs=${SEQS:-"512 1024 2048 4096 8192 16384 32768"}
+steps=${STEPS:-30}
+warmup=${WARMUP:-5}
+tokens=${TOKENS:-32768}
+python=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+rows="$out/rows.jsonl"
+
+# One hydra-train run; appends its row. Args: NAME CONFIG SEQ [--set ...]
+train_row() {
+  local name=$1 config=$2 seq=$3
+  shift 3
+  local batch=$((tokens / seq))
+  [ "$batch" -lt 1 ] && batch=1
+  local dir="$out/run-$name-$seq"
+  rm -rf "$dir"
+  local t0=$SECONDS
+  "$bin/hydra-train" --config "$here/configs/$config.pbtxt" --out "$dir" --no-print-config --quiet \
+    --set 'curriculum={}' --set train.device=cuda --set train.precision=BF16_MIXED --set train.recompute=NONE \
+    --set train.seq_len="$seq" --set train.batch_size="$batch" --set train.steps=$((steps + warmup)) \
+    --set train.lr.warmup_steps=2 --set train.eval_every=0 --set train.eval_batches=1 --set train.save_every=-1 \
+    --set train.log_every=1 --set train.stats_every=1000000 "$@" > "$dir.log" 2>&1
+  local rc=$?
+  "$python" - "$dir/metrics.jsonl" "$name" "$seq" "$batch" "$warmup" "$rc" "$((SECONDS - t0))" "$dir.log" >> "$rows" <<'EOF'
+import json, sys
+path, name, seq, batch, warmup, rc, wall, log = sys.argv[1:]
+row = {"model": name, "seq": int(seq), "batch": int(batch)}
+try:
+    lines = [json.loads(l) for l in open(path)]
+except OSError:
+    lines = []
+steps = [l for l in lines if "tokens_per_s" in l][int(warmup):]
+if int(rc) != 0 or not steps:
+    tail = open(log, errors="replace").read().strip().splitlines()[-3:]
+    row.update({"error": f"exit {rc}: " + " | ".join(tail)})
+else:
+    def med(key):
+        v = sorted(l[key] for l in steps if key in l)
+        return v[len(v) // 2] if v else None
+    row.update({"tokens_per_s": med("tokens_per_s"), "step_ms": med("step_ms"), "model_tflops": med("model_tflops"),
+                "mfu": med("mfu"), "peak_mb": max(l.get("memory.cuda_peak_mb", 0) for l in steps),
+                "steps": len(steps), "loss_last": steps[-1]["loss"]})
+row["wall_s"] = int(wall)
+print(json.dumps(row))
+EOF
+  tail -n 1 "$rows"
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    toy | transformer-toy)
+      for s in $seqs; do train_row "$part" "$part" "$s"; done ;;
+    toy-parallel)
+      for s in $seqs; do train_row toy-parallel toy "$s" --set model.workspace.write=PARALLEL; done ;;
+    torch)
+      for s in $seqs; do
+        if ! "$python" "$here/bench/torch_transformer.py" --seq "$s" --tokens "$tokens" --steps "$steps" \
+          --warmup "$warmup" >> "$rows" 2> "$out/torch-$s.log"; then
+          echo "{\"model\": \"torch-transformer\", \"seq\": $s, \"error\": \"$(tail -n 1 "$out/torch-$s.log" | tr -d '"\\')\"}" >> "$rows"
+        fi
+        tail -n 1 "$rows"
+      done ;;
+    hydra-1.6b)  # about 1.5 s a step: fewer steps
+      saved=$steps
+      steps=$((steps < 12 ? steps : 12))
+      train_row hydra-1.6b hydra-1.6b 2048
+      train_row hydra-1.6b hydra-1.6b 8192
+      train_row hydra-1.6b-recompute hydra-1.6b 8192 --set train.recompute=BLOCK
+      steps=$saved ;;
+    *) echo "throughput.sh: unknown part '$part' (toy, toy-parallel, transformer-toy, torch, hydra-1.6b)" >&2; exit 2 ;;
+  esac
+done
+echo "throughput.sh: rows in $rows"
