@@ -1,6 +1,10 @@
-// Causal depthwise conv1d. Forward: a thread per (b, t, c), channels contiguous across a warp.
+// Causal depthwise conv1d. Forward: a thread per (b, t, c), channels contiguous across a warp; the
+// element-wise kernels run over a 2-d grid (channels in x, rows b * len + t in y, grid-strided), so a
+// thread divides once per row, not per element (64-bit divisions per element cost more than the conv).
 // Backward: the pre-activation gradient once into scratch, then a thread per input element, and the
 // weight/bias gradients from per-block partials over fixed row groups combined in order.
+#include <algorithm>
+
 #include "kernels/conv1d.h"
 #include "kernels/cuda/common.cuh"
 
@@ -8,6 +12,8 @@ namespace hydra::kernels::cuda {
 namespace {
 
 constexpr int64_t kRows = 64;  // rows per weight-gradient partial
+constexpr int kMaxW = 8;       // the widest conv the kernels take; loops over taps unroll to it (guarded
+                               // by the real width), so per-tap values stay in registers
 
 template <class T>
 struct Conv {
@@ -24,29 +30,42 @@ struct Conv {
 template <class T>
 __device__ compute_t<T> pre(const Conv<T>& cv, const T* w, const T* bias, int64_t b, int64_t t, int64_t c) {
   compute_t<T> acc = bias ? load(bias, c) : compute_t<T>(0);
-  for (int64_t k = 0; k < cv.width; ++k) acc += load(w, c * cv.width + k) * cv.at(b, t - (cv.width - 1) + k, c);
+#pragma unroll
+  for (int k = 0; k < kMaxW; ++k)
+    if (k < cv.width) acc += load(w, c * cv.width + k) * cv.at(b, t - (cv.width - 1) + k, c);
   return acc;
+}
+
+constexpr int kChannelThreads = 128;
+
+// The 2-d grid of the element-wise kernels: x over channels, y over rows (at most 65535, grid-strided).
+inline dim3 row_grid(int64_t rows, int64_t channels) {
+  return dim3(static_cast<unsigned>((channels + kChannelThreads - 1) / kChannelThreads),
+              static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
 }
 
 template <class T>
 __global__ void conv_fwd_kernel(Conv<T> cv, const T* __restrict w, const T* __restrict bias, T* __restrict y,
-                                int64_t total, bool silu) {
+                                int64_t rows, bool silu) {
   using C = compute_t<T>;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = e % cv.channels, r = e / cv.channels;
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= cv.channels) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const C v = pre(cv, w, bias, r / cv.len, r % cv.len, c);
-    y[e] = convert<T>(silu ? v / (C(1) + exp(-v)) : v);
+    y[r * cv.channels + c] = convert<T>(silu ? v / (C(1) + exp(-v)) : v);
   }
 }
 
 template <class T>
 __global__ void conv_gpre_kernel(Conv<T> cv, const T* __restrict w, const T* __restrict bias, const T* __restrict gy,
-                                 compute_t<T>* __restrict gpre, int64_t total, bool silu) {
+                                 compute_t<T>* __restrict gpre, int64_t rows, bool silu) {
   using C = compute_t<T>;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= cv.channels) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int64_t e = r * cv.channels + c;
     C g = load(gy, e);
     if (silu) {
-      const int64_t c = e % cv.channels, r = e / cv.channels;
       const C v = pre(cv, w, bias, r / cv.len, r % cv.len, c), s = C(1) / (C(1) + exp(-v));
       g *= s * (C(1) + v * (C(1) - s));
     }
@@ -60,14 +79,16 @@ __global__ void conv_gx_kernel(Conv<T> cv, const T* __restrict w, const compute_
                                T* __restrict gx, T* __restrict gprefix, int64_t batch) {
   using C = compute_t<T>;
   const int64_t W = cv.width, L = cv.len, Cn = cv.channels;
-  const int64_t total = batch * (L + W - 1) * Cn;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = e % Cn, r = e / Cn, b = r / (L + W - 1), s = r % (L + W - 1) - (W - 1);
+  const int64_t rows = batch * (L + W - 1), c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= Cn) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int64_t b = r / (L + W - 1), s = r % (L + W - 1) - (W - 1);
     if (s < 0 && !gprefix) continue;
     C acc = 0;
-    for (int64_t k = 0; k < W; ++k) {
+#pragma unroll
+    for (int k = 0; k < kMaxW; ++k) {
       const int64_t t = s + (W - 1) - k;
-      if (t >= 0 && t < L) acc += load(w, c * W + k) * gpre[(b * L + t) * Cn + c];
+      if (k < W && t >= 0 && t < L) acc += load(w, c * W + k) * gpre[(b * L + t) * Cn + c];
     }
     if (s >= 0) gx[(b * L + s) * Cn + c] = convert<T>(acc);
     else gprefix[(b * (W - 1) + (W - 1 + s)) * Cn + c] = convert<T>(acc);
@@ -82,13 +103,19 @@ __global__ void conv_gw_partial_kernel(Conv<T> cv, const compute_t<T>* __restric
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, blk = blockIdx.y;
   const int64_t W = cv.width, Cn = cv.channels;
   if (c >= Cn) return;
-  C acc[9] = {};  // W <= 8 taps + bias
+  C acc[kMaxW] = {}, bias_acc = 0;  // the taps' sums and the bias's
   for (int64_t r = blk * kRows, e = min(rows, (blk + 1) * kRows); r < e; ++r) {
     const C g = gpre[r * Cn + c];
-    acc[W] += g;
-    for (int64_t k = 0; k < W; ++k) acc[k] += g * cv.at(r / cv.len, r % cv.len - (W - 1) + k, c);
+    bias_acc += g;
+    const int64_t b = r / cv.len, t = r % cv.len;
+#pragma unroll
+    for (int k = 0; k < kMaxW; ++k)
+      if (k < W) acc[k] += g * cv.at(b, t - (W - 1) + k, c);
   }
-  for (int64_t k = 0; k <= W; ++k) part[(blk * (W + 1) + k) * Cn + c] = acc[k];
+#pragma unroll
+  for (int k = 0; k < kMaxW; ++k)
+    if (k < W) part[(blk * (W + 1) + k) * Cn + c] = acc[k];
+  part[(blk * (W + 1) + W) * Cn + c] = bias_acc;
 }
 
 template <class T>
@@ -109,11 +136,12 @@ __global__ void conv_gw_finish_kernel(const compute_t<T>* __restrict part, T* __
 void causal_conv1d_fwd(const CausalConv1dParams& p) {
   const int64_t total = p.batch * p.len * p.channels;
   if (total == 0) return;
+  HYDRA_CHECK(p.width <= kMaxW) << "causal_conv1d: CUDA kernels support widths up to " << kMaxW << ", got " << p.width;
   dispatch_float(p.dtype, "causal_conv1d", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len, p.channels, p.width};
-    conv_fwd_kernel<T><<<blocks_for(total, 256), 256, 0, as_stream(p.stream)>>>(
-        cv, static_cast<const T*>(p.w), static_cast<const T*>(p.bias), static_cast<T*>(p.y), total, p.silu);
+    conv_fwd_kernel<T><<<row_grid(p.batch * p.len, p.channels), kChannelThreads, 0, as_stream(p.stream)>>>(
+        cv, static_cast<const T*>(p.w), static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.batch * p.len, p.silu);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -137,10 +165,10 @@ void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
     const T* w = static_cast<const T*>(p.w);
     C* gpre = static_cast<C*>(p.workspace);
     C* part = gpre + total;
-    conv_gpre_kernel<T><<<blocks_for(total, 256), 256, 0, s>>>(cv, w, static_cast<const T*>(p.bias),
-                                                               static_cast<const T*>(p.gy), gpre, total, p.silu);
+    conv_gpre_kernel<T><<<row_grid(rows, p.channels), kChannelThreads, 0, s>>>(
+        cv, w, static_cast<const T*>(p.bias), static_cast<const T*>(p.gy), gpre, rows, p.silu);
     HYDRA_CUDA_LAUNCH_CHECK();
-    conv_gx_kernel<T><<<blocks_for(p.batch * (p.len + p.width - 1) * p.channels, 256), 256, 0, s>>>(
+    conv_gx_kernel<T><<<row_grid(p.batch * (p.len + p.width - 1), p.channels), kChannelThreads, 0, s>>>(
         cv, w, gpre, static_cast<T*>(p.gx), static_cast<T*>(p.gprefix), p.batch);
     HYDRA_CUDA_LAUNCH_CHECK();
     const int64_t blocks = (rows + kRows - 1) / kRows;

@@ -1,5 +1,13 @@
+// Strided copies (with dtype conversion). The launcher first merges dimensions that are contiguous in
+// both tensors and drops size-1 ones; then
+//   - one contiguous run of one dtype: cudaMemcpyAsync;
+//   - rows (the last dimension contiguous in both, 32 to 16384 long): a warp per row, the row's offsets
+//     computed once per row, 16-byte vectors when the dtypes agree and the rows are aligned (the
+//     slices of splits and concatenations, the weights' compute copies);
+//   - anything else: a thread per element with the offsets from its index.
 #include "kernels/copy.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
 
 namespace hydra::kernels::cuda {
 namespace {
@@ -28,6 +36,31 @@ __global__ void strided_copy_kernel(const S* __restrict__ src, D* __restrict__ d
   }
 }
 
+// A warp per row of `cols` elements; g holds the outer dimensions (ndim - 1 of them) and their strides.
+template <class S, class D, bool VEC>
+__global__ void copy_rows_kernel(const S* __restrict__ src, D* __restrict__ dst, CopyGeometry g, int64_t rows,
+                                 int64_t cols) {
+  wait_for_previous_grid();
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t r = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; r < rows; r += warps) {
+    int64_t rem = r, so = 0, dof = 0;
+    for (int d = g.ndim - 1; d >= 0; --d) {
+      const int64_t k = rem % g.shape[d];
+      rem /= g.shape[d];
+      so += k * g.src_strides[d];
+      dof += k * g.dst_strides[d];
+    }
+    if constexpr (VEC) {
+      const auto* s = reinterpret_cast<const RowPack<S>*>(src + so);
+      auto* o = reinterpret_cast<RowPack<D>*>(dst + dof);
+      for (int64_t c = lane; c < cols / RowPack<S>::kN; c += 32) o[c] = s[c];
+    } else {
+      for (int64_t c = lane; c < cols; c += 32) dst[dof + c] = convert<D>(src[so + c]);
+    }
+  }
+}
+
 template <class T>
 __global__ void fill_kernel(T* __restrict__ dst, int64_t n, T value) {
   wait_for_previous_grid();
@@ -41,14 +74,62 @@ __global__ void fill_kernel(T* __restrict__ dst, int64_t n, T value) {
 void strided_copy(const StridedCopyParams& p) {
   int64_t n = 1;
   CopyGeometry g{};
-  g.ndim = p.ndim;
   for (int d = 0; d < p.ndim; ++d) {
     n *= p.shape[d];
-    g.shape[d] = p.shape[d];
-    g.src_strides[d] = p.src_strides[d];
-    g.dst_strides[d] = p.dst_strides[d];
+    if (p.shape[d] == 1) continue;
+    if (g.ndim > 0 && g.src_strides[g.ndim - 1] == p.src_strides[d] * p.shape[d] &&
+        g.dst_strides[g.ndim - 1] == p.dst_strides[d] * p.shape[d]) {  // merge into the previous dimension
+      g.shape[g.ndim - 1] *= p.shape[d];
+      g.src_strides[g.ndim - 1] = p.src_strides[d];
+      g.dst_strides[g.ndim - 1] = p.dst_strides[d];
+      continue;
+    }
+    g.shape[g.ndim] = p.shape[d];
+    g.src_strides[g.ndim] = p.src_strides[d];
+    g.dst_strides[g.ndim] = p.dst_strides[d];
+    ++g.ndim;
   }
   if (n == 0) return;
+  cudaStream_t stream = as_stream(p.stream);
+  if (g.ndim == 0) {  // one element
+    g.ndim = 1;
+    g.shape[0] = 1;
+    g.src_strides[0] = g.dst_strides[0] = 1;
+  }
+  const bool inner_contiguous = g.src_strides[g.ndim - 1] == 1 && g.dst_strides[g.ndim - 1] == 1;
+  if (g.ndim == 1 && inner_contiguous && p.src_dtype == p.dst_dtype) {
+    HYDRA_CUDA_CHECK(cudaMemcpyAsync(p.dst, p.src, static_cast<size_t>(n) * dtype_size(p.src_dtype),
+                                     cudaMemcpyDeviceToDevice, stream));
+    return;
+  }
+  const int64_t cols = g.shape[g.ndim - 1], rows = n / cols;
+  // A warp per row pays off for rows of tens to thousands of elements, and enough of them.
+  if (inner_contiguous && g.ndim >= 2 && cols >= 32 && cols <= 16384 && rows >= 64) {
+    CopyGeometry outer = g;
+    outer.ndim = g.ndim - 1;
+    dispatch_all(p.src_dtype, [&](auto st) {
+      using S = typename decltype(st)::type;
+      dispatch_all(p.dst_dtype, [&](auto dt) {
+        using D = typename decltype(dt)::type;
+        const auto blocks = blocks_for(rows * 32, 256);
+        bool vec = false;
+        if constexpr (std::is_same_v<S, D>) {
+          vec = aligned16(p.src) && aligned16(p.dst) && cols % RowPack<S>::kN == 0;
+          for (int d = 0; d < outer.ndim && vec; ++d)
+            vec = outer.src_strides[d] % RowPack<S>::kN == 0 && outer.dst_strides[d] % RowPack<S>::kN == 0;
+          if (vec)
+            launch_after_previous(copy_rows_kernel<S, D, true>, dim3(blocks), dim3(256), 0, stream,
+                                  static_cast<const S*>(p.src), static_cast<D*>(p.dst), outer, rows, cols);
+        }
+        if (!vec) {
+          launch_after_previous(copy_rows_kernel<S, D, false>, dim3(blocks), dim3(256), 0, stream,
+                                static_cast<const S*>(p.src), static_cast<D*>(p.dst), outer, rows, cols);
+        }
+        HYDRA_CUDA_LAUNCH_CHECK();
+      });
+    });
+    return;
+  }
   dispatch_all(p.src_dtype, [&](auto st) {
     using S = typename decltype(st)::type;
     dispatch_all(p.dst_dtype, [&](auto dt) {

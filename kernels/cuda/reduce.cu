@@ -11,7 +11,8 @@ namespace hydra::kernels::cuda {
 namespace {
 
 constexpr int64_t kRowChunk = 16384;  // elements per partial when few long rows are reduced
-constexpr int64_t kColChunk = 256;    // rows per partial when few long columns are reduced
+constexpr int64_t kColChunk = 64;     // rows per partial when few long columns are reduced
+constexpr int64_t kWarpRowMax = 4096; // rows up to this long, and many of them: a warp per row
 
 template <class A>
 struct Op {
@@ -46,6 +47,27 @@ __global__ void rows_kernel(Op<A> op, const T* __restrict x, int64_t R, int64_t 
   }
   acc = block_combine(op, acc, shared);
   if (threadIdx.x == 0) out[row * chunks + c] = acc;
+}
+
+// A warp per row (inner == 1, many rows of up to kWarpRowMax): lane-strided partials, then the warp's
+// fixed tree; the result goes straight to y.
+template <class T, class A>
+__global__ void rows_warp_kernel(Op<A> op, const T* __restrict x, int64_t outer, int64_t R, T* __restrict y,
+                                 double scale) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; row < outer; row += warps) {
+    A acc = op.init();
+    for (int64_t r = lane; r < R; r += 32) acc = op.combine(acc, op.map(static_cast<A>(convert<compute_t<T>>(x[row * R + r]))));
+    if (op.op == ReduceOp::kMax) {
+      acc = warp_max(acc);
+    } else if (op.op == ReduceOp::kMin) {
+      acc = -warp_max(-acc);
+    } else {
+      acc = warp_sum(acc);
+    }
+    if (lane == 0) y[row] = convert<T>(acc * static_cast<A>(scale));
+  }
 }
 
 // Thread per (outer, inner) column over a chunk of R.
@@ -89,16 +111,19 @@ struct Plan {
   bool rows;        // inner == 1
   int64_t chunks;   // > 1: a second pass over partials
   int64_t chunk;
+  bool warp_rows = false;  // rows_warp_kernel, no partials
 };
 
 Plan plan(const ReduceParams& p) {
+  if (p.inner == 1 && p.outer >= 264 && p.reduce <= kWarpRowMax) return {true, 1, p.reduce, true};
   if (p.inner == 1) {
     const int64_t chunks = p.outer >= 264 ? 1 : std::max<int64_t>(1, (p.reduce + kRowChunk - 1) / kRowChunk);
     return {true, chunks, chunks == 1 ? p.reduce : kRowChunk};
   }
   const int64_t cols = p.outer * p.inner;
-  const int64_t chunks = cols >= 8192 ? 1 : std::max<int64_t>(1, (p.reduce + kColChunk - 1) / kColChunk);
-  return {false, chunks, chunks == 1 ? p.reduce : kColChunk};
+  const int64_t chunk = std::max<int64_t>(kColChunk, (p.reduce + 65534) / 65535);  // at most 65535 chunks
+  const int64_t chunks = cols >= 8192 ? 1 : std::max<int64_t>(1, (p.reduce + chunk - 1) / chunk);
+  return {false, chunks, chunks == 1 ? p.reduce : chunk};
 }
 
 template <class T>
@@ -119,7 +144,7 @@ void reduce_axis(const ReduceParams& p) {
   HYDRA_CHECK(p.workspace != nullptr) << "reduce_axis: workspace required (reduce_axis_workspace bytes)";
   const Plan pl = plan(p);
   HYDRA_CHECK(pl.chunks < 65536) << "reduce: " << p.reduce << " elements per output is beyond the CUDA kernel's "
-                                 << 65535 * (pl.rows ? kRowChunk : kColChunk);
+                                 << 65535 * kRowChunk;
   dispatch_float(p.dtype, "reduce", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -128,7 +153,9 @@ void reduce_axis(const ReduceParams& p) {
     T* y = static_cast<T*>(p.y);
     A* part = static_cast<A*>(p.workspace);
     cudaStream_t s = as_stream(p.stream);
-    if (pl.rows) {
+    if (pl.warp_rows) {
+      rows_warp_kernel<T, A><<<blocks_for(p.outer * 32, 256), 256, 0, s>>>(op, x, p.outer, p.reduce, y, p.scale);
+    } else if (pl.rows) {
       const int threads = row_threads(pl.chunk, 8);
       rows_kernel<T, A><<<dim3(p.outer, pl.chunks), threads, 0, s>>>(op, x, p.reduce, pl.chunk, pl.chunks, part, true);
       HYDRA_CUDA_LAUNCH_CHECK();
