@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <optional>
+#include <string>
 
 #include "autograd/dispatch.h"
 #include "autograd/grad_mode.h"
@@ -76,6 +78,13 @@ void launch_binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& 
     p.b_strides[i] = sb[i];
   }
   p.stream = current_stream(out.device());
+  std::optional<KernelProfileScope> detail;
+  if (kernel_profile_detailed()) {
+    std::string bcast;  // per dim: a and b read along it (1) or broadcast (0)
+    for (int i = 0; i < p.ndim; ++i) bcast += std::string(p.a_strides[i] ? "1" : "0") + (p.b_strides[i] ? "1" : "0") + " ";
+    detail.emplace(out.device(), "binary op" + std::to_string(static_cast<int>(op)) + " " +
+                                     std::string(dtype_name(p.dtype)) + " " + profile_dims(p.shape, p.ndim) + " ab " + bcast);
+  }
   HYDRA_LAUNCH(out.device(), binary, p);
 }
 

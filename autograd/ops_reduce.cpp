@@ -1,6 +1,8 @@
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <set>
+#include <string>
 
 #include "autograd/dispatch.h"
 #include "autograd/node.h"
@@ -37,6 +39,12 @@ Tensor reduce_range(ReduceOp op, const Tensor& x, int64_t first, int64_t last, d
   p.stream = current_stream(x.device());
   const Tensor ws = HYDRA_CUDA_WORKSPACE(x.device(), reduce_axis_workspace, p);
   p.workspace = ws.defined() ? ws.raw_data() : nullptr;
+  std::optional<KernelProfileScope> detail;
+  if (kernel_profile_detailed()) {
+    const int64_t dims[3] = {outer, R, inner};
+    detail.emplace(x.device(), "reduce op" + std::to_string(static_cast<int>(op)) + " " +
+                                   std::string(dtype_name(p.dtype)) + " " + profile_dims(dims, 3));
+  }
   HYDRA_LAUNCH(x.device(), reduce_axis, p);
   return y;
 }

@@ -131,7 +131,14 @@ void KernelProfileScope::end() {
   pr.free_slots.push_back(slot_);
 }
 
-void kernel_profile_report(std::ostream& os) {
+void kernel_profile_reset() {
+  Profile& pr = profile();
+  std::lock_guard<std::mutex> lock(pr.mu);
+  pr.resolve_locked();
+  pr.totals.clear();
+}
+
+void kernel_profile_report(std::ostream& os, int64_t steps) {
   Profile& pr = profile();
   std::lock_guard<std::mutex> lock(pr.mu);
   pr.resolve_locked();
@@ -141,8 +148,15 @@ void kernel_profile_report(std::ostream& os) {
   double total = 0;
   for (const auto& r : rows)  // detailed rows ("gemm MxNxK ...", a space in the name) are inside their family's
     if (r.first.find(' ') == std::string::npos) total += r.second.ms;
+  int64_t launches = 0;
+  for (const auto& r : rows)
+    if (r.first.find(' ') == std::string::npos) launches += r.second.launches;
   os << "kernel profile (HYDRA_PROFILE): " << std::fixed << std::setprecision(1) << total
-     << " ms in kernels\n";
+     << " ms in kernels, " << launches << " launches";
+  if (steps > 0)
+    os << "; per step (" << steps << " steps after the first, evaluation included): " << total / double(steps)
+       << " ms in kernels, " << launches / steps << " launches";
+  os << "\n";
   os << "  " << std::left << std::setw(28) << "kernel" << std::right << std::setw(12) << "total ms"
      << std::setw(10) << "share" << std::setw(12) << "launches" << std::setw(12) << "us/launch"
      << "\n";

@@ -37,7 +37,19 @@ class KernelProfileScope {
   int slot_ = -1;
 };
 
-// The kernels' total time, launches and share, longest first; resets the sums.
-void kernel_profile_report(std::ostream& os);
+// "n0xn1x..." of `n` sizes (names of detailed rows).
+template <class I>
+std::string profile_dims(const I* sizes, int n) {
+  std::string s;
+  for (int i = 0; i < n; ++i) s += (i ? "x" : "") + std::to_string(sizes[i]);
+  return s;
+}
+
+// The kernels' total time, launches and share, longest first; resets the sums. `steps` > 0: also per
+// step (the steps the sums cover).
+void kernel_profile_report(std::ostream& os, int64_t steps = 0);
+// Drops the sums so far (waiting for the launches in flight): the trainer calls it after the first
+// step, whose one-time costs (module loading, first allocations, GEMM heuristics) would blur the rest.
+void kernel_profile_reset();
 
 }  // namespace hydra

@@ -1,7 +1,9 @@
 #include "autograd/tensor.h"
 
 #include <cstring>
+#include <optional>
 #include <sstream>
+#include <string>
 
 #include "autograd/dispatch.h"
 #include "autograd/engine.h"
@@ -115,7 +117,13 @@ kernels::StridedCopyParams copy_params(const Tensor& dst, const Tensor& src) {
 // dst <- src, same device and shape, any strides and dtypes.
 void copy_same_device(const Tensor& dst, const Tensor& src) {
   if (dst.numel() == 0) return;
-  HYDRA_LAUNCH(dst.device(), strided_copy, copy_params(dst, src));
+  const kernels::StridedCopyParams p = copy_params(dst, src);
+  std::optional<KernelProfileScope> detail;
+  if (kernel_profile_detailed())
+    detail.emplace(dst.device(), "copy " + std::string(dtype_name(p.src_dtype)) + "->" +
+                                     std::string(dtype_name(p.dst_dtype)) + " " + profile_dims(p.shape, p.ndim) +
+                                     (src.is_contiguous() ? " contiguous" : " strided"));
+  HYDRA_LAUNCH(dst.device(), strided_copy, p);
 }
 
 // A contiguous copy of `src` on `device` (same dtype).

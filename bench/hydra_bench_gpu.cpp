@@ -179,6 +179,65 @@ void bandwidth_row(Report& report, const Floors& f, const std::string& what, dou
                {"of_copy_same_size", gbs / same}}});
 }
 
+// The toy step's memory-bound ops at 32768 tokens (4 x 8192), device time against the bytes they must
+// move (reads + writes of their operands; the scratch they add is theirs to lose).
+void toy_step_rows(Report& report, const Floors& f) {
+  const int64_t B = 4, L = 8192, T = B * L, d = 384, di = 768, N = 16;
+  {  // the SSM's causal conv (width 4, SiLU): fwd reads x, writes y; bwd reads x, gy, writes gx
+    Tensor x = rnd({B, L, di}), w = rnd({di, 4}, DType::kBF16, 0.5), b = rnd({di}, DType::kBF16, 0.5), gy = rnd({B, L, di});
+    {
+      NoGradGuard ng;
+      bandwidth_row(report, f, "toy32k conv1d fwd [4, 8192, 768]", 2.0 * T * di * 2,
+                    [&] { (void)causal_conv1d(x, w, b, Tensor(), true); });
+    }
+    for (Tensor* t : {&x, &w, &b}) t->set_requires_grad(true);
+    bandwidth_row(report, f, "toy32k conv1d fwd+bwd [4, 8192, 768]", 5.0 * T * di * 2, [&] {
+      for (Tensor* t : {&x, &w, &b}) t->set_grad(Tensor());
+      causal_conv1d(x, w, b, Tensor(), true).backward(gy);
+    });
+  }
+  {  // the selective scan: u, delta, z in and y out [T, 768] (B, C [T, 16] are small)
+    Tensor u = rnd({B, L, di}), dt = rnd({B, L, di}, DType::kBF16, 0.5), z = rnd({B, L, di});
+    Tensor A = rnd({di, N}, DType::kBF16, 0.3), Bm = rnd({B, L, N}), Cm = rnd({B, L, N}), D = rnd({di}), bias = rnd({di});
+    {
+      NoGradGuard ng;
+      bandwidth_row(report, f, "toy32k selective_scan fwd [4, 8192, 768, N 16]", 4.0 * T * di * 2,
+                    [&] { (void)selective_scan(u, dt, A, Bm, Cm, D, bias, z, Tensor()); });
+    }
+    Tensor gy = rnd({B, L, di});
+    for (Tensor* t : {&u, &dt, &z, &Bm, &Cm}) t->set_requires_grad(true);
+    bandwidth_row(report, f, "toy32k selective_scan fwd+bwd [4, 8192, 768, N 16]", 11.0 * T * di * 2, [&] {
+      for (Tensor* t : {&u, &dt, &z, &Bm, &Cm}) t->set_grad(Tensor());
+      selective_scan(u, dt, A, Bm, Cm, D, bias, z, Tensor()).y.backward(gy);
+    });
+  }
+  NoGradGuard ng;
+  {  // the MoE combine: 2 expert rows per token added into [T, d]
+    Tensor table = rnd({T, d}), src = rnd({2 * T, d});
+    std::vector<int64_t> idx(2 * T);
+    for (int64_t i = 0; i < 2 * T; ++i) idx[i] = (i * 7919) % T;  // each token twice, scattered
+    const Tensor index = tensor(idx, {2 * T}).to(kGpu);
+    bandwidth_row(report, f, "toy32k scatter_add_rows [65536 -> 32768, 384]", 4.0 * T * d * 2,
+                  [&] { scatter_add_rows_(table, index, src); });
+  }
+  {  // the LayerScale gate and the controller's mix: broadcast multiplies
+    Tensor x = rnd({B, L, d}), g = rnd({d}), m = rnd({B, L, 1});
+    bandwidth_row(report, f, "toy32k mul [4, 8192, 384] x [384]", 2.0 * T * d * 2, [&] { (void)mul(x, g); });
+    bandwidth_row(report, f, "toy32k mul [4, 8192, 384] x [4, 8192, 1]", 2.0 * T * d * 2, [&] { (void)mul(x, m); });
+  }
+  {  // a split's slice made contiguous; a column sum (a gate's gradient); short row sums (PKM)
+    Tensor xz = rnd({B, L, 2 * di});
+    const Tensor half = xz.narrow(2, 0, di);
+    bandwidth_row(report, f, "toy32k copy of a slice [4, 8192, 768 of 1536]", 2.0 * T * di * 2,
+                  [&] { (void)half.contiguous(); });
+    Tensor y = rnd({T, d});
+    bandwidth_row(report, f, "toy32k sum over rows [32768, 384] -> [384]", 1.0 * T * d * 2, [&] { (void)sum(y, {0}); });
+    Tensor s = rnd({131072, 32, 32});
+    bandwidth_row(report, f, "toy32k sum of rows of 32 [131072, 32, 32]", 1.0 * 131072 * 32 * 32 * 2,
+                  [&] { (void)sum(s, {2}); });
+  }
+}
+
 int run(int argc, char** argv) {
   std::string json;
   bool quick = false;
@@ -223,11 +282,11 @@ int run(int argc, char** argv) {
   gemm_row(report, f, "1.6B expert down (T/4 rows)", T / 4, 512, 2048);
   gemm_row(report, f, "1.6B lm head", 8192, 2048, 50304);
   // The toy at 32768 tokens per step: its largest projections and its narrow ones (the router in fp32).
-  gemm_row(report, f, "toy ssm in_proj", 32768, 384, 1536);
-  gemm_row(report, f, "toy sga qkv", 32768, 384, 1152);
-  gemm_row(report, f, "toy ssm x_proj", 32768, 768, 56);
-  gemm_row(report, f, "toy ssm dt_proj", 32768, 24, 768);
-  gemm_row(report, f, "toy router (fp32)", 4096, 384, 8, DType::kF32);
+  gemm_row(report, f, "toy32k ssm in_proj", 32768, 384, 1536);
+  gemm_row(report, f, "toy32k sga qkv", 32768, 384, 1152);
+  gemm_row(report, f, "toy32k ssm x_proj", 32768, 768, 56);
+  gemm_row(report, f, "toy32k ssm dt_proj", 32768, 24, 768);
+  gemm_row(report, f, "toy32k router (fp32)", 4096, 384, 8, DType::kF32);
   // The MoE layer's experts in one launch: 8 experts, each T/4 rows (2 of 8 active per chunk).
   for (const bool bwd : {false, true}) {
     const std::string pass = bwd ? " fwd+bwd" : "";
@@ -319,6 +378,7 @@ int run(int argc, char** argv) {
     bandwidth_row(report, f, "adamw f32 [400 tensors, 100M params]", 28.0 * n,
                   [&] { adamw_update_many(many, h); });
   }
+  toy_step_rows(report, f);
   if (!json.empty()) {
     report.write_json(json, {{"device", kc::device_name(0)}});
     std::printf("\nwrote %s\n", json.c_str());

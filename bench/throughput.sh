@@ -11,7 +11,7 @@
 #   PART     toy, toy-parallel (workspace.write PARALLEL), transformer-toy, torch, hydra-1.6b
 #            (default: all of them)
 # Environment: SEQS (default "512 1024 2048 4096 8192 16384 32768"), STEPS (30), WARMUP (5),
-#   TOKENS (32768), PYTHON (python3).
+#   TOKENS (32768), PYTHON (python3); hydra-1.6b: BIG_STEPS (8) measured after BIG_WARMUP (4).
 # Then: python3 bench/throughput_report.py OUT_DIR/rows.jsonl --gpu h200 writes the table, the plot and
 # docs/bench/throughput-<gpu>-<date>.json.
 set -uo pipefail
@@ -84,12 +84,14 @@ for part in "${parts[@]}"; do
         tail -n 1 "$rows"
       done ;;
     hydra-1.6b)  # about 1.5 s a step: fewer steps
-      saved=$steps
-      steps=$((steps < 12 ? steps : 12))
+      saved=("$steps" "$warmup")
+      steps=${BIG_STEPS:-8}
+      warmup=${BIG_WARMUP:-4}
       train_row hydra-1.6b hydra-1.6b 2048
       train_row hydra-1.6b hydra-1.6b 8192
       train_row hydra-1.6b-recompute hydra-1.6b 8192 --set train.recompute=BLOCK
-      steps=$saved ;;
+      steps=${saved[0]}
+      warmup=${saved[1]} ;;
     *) echo "throughput.sh: unknown part '$part' (toy, toy-parallel, transformer-toy, torch, hydra-1.6b)" >&2; exit 2 ;;
   esac
 done

@@ -168,7 +168,8 @@ int run_main(int argc, char** argv) {
       return summary.status().code() == StatusCode::kInternal ? kTrainingFailed : kUserError;
     }
     if (speak) print_report(*summary);
-    if (speak && kernel_profile_enabled()) kernel_profile_report(std::cout);
+    if (speak && kernel_profile_enabled())
+      kernel_profile_report(std::cout, std::max<int64_t>(0, summary->last_step - summary->first_step - 1));
     return summary->interrupted && summary->signal == 2 ? 130 : 0;
   } catch (const Error& e) {
     // Other ranks may be waiting for this one in a collective: take the whole job down.

@@ -15,6 +15,7 @@
 
 #include "autograd/cuda_context.h"
 #include "autograd/grad_mode.h"
+#include "autograd/profiler.h"
 #include "autograd/ops.h"
 #include "configs/config_io.h"
 #include "data/tokenizer.h"
@@ -472,6 +473,8 @@ Expected<TrainSummary> Trainer::run() {
     model_->after_step();
 
     const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // The kernel profile covers the steps after the first (whose one-time costs would blur it).
+    if (kernel_profile_enabled() && step == sum.first_step && step + 1 < stop) kernel_profile_reset();
     const double tokens = double(stage.batch * stage.seq_len);  // the global batch
     state_.tokens_seen += tokens;
     state_.step = step + 1;
