@@ -308,6 +308,7 @@ void cuda_stream_wait(void* waiter, void* signaller) {
 Allocator& cuda_allocator(int device) { return *state(device).allocator; }
 void cuda_set_poison_allocations(bool on) { g_poison.store(on); }
 CudaMemoryStats cuda_memory_stats(int device) { return state(device).allocator->stats(); }
+std::size_t cuda_total_memory(int device) { return kernels::cuda::device_total_memory(device); }
 void cuda_reset_peak_stats(int device) { state(device).allocator->reset_peaks(); }
 void cuda_empty_cache(int device) { state(device).allocator->empty_cache(); }
 void cuda_record_stream(void* ptr, int device, void* stream) {
@@ -332,6 +333,7 @@ namespace {
 
 Allocator& cuda_allocator(int) { no_cuda(); }
 CudaMemoryStats cuda_memory_stats(int) { no_cuda(); }
+std::size_t cuda_total_memory(int) { no_cuda(); }
 void cuda_reset_peak_stats(int) { no_cuda(); }
 void cuda_empty_cache(int) { no_cuda(); }
 void cuda_record_stream(void*, int, void*) { no_cuda(); }

@@ -26,6 +26,7 @@ struct CudaMemoryStats {
 // reused by that stream at once and by others only after the events of record_stream() complete.
 Allocator& cuda_allocator(int device);
 CudaMemoryStats cuda_memory_stats(int device);
+std::size_t cuda_total_memory(int device);  // the device's memory in bytes
 void cuda_reset_peak_stats(int device);
 void cuda_empty_cache(int device);  // returns cached blocks to the driver
 // Marks memory at `ptr` (from cuda_allocator) as used by `stream` until work queued there now is

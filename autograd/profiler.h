@@ -41,7 +41,10 @@ class KernelProfileScope {
 template <class I>
 std::string profile_dims(const I* sizes, int n) {
   std::string s;
-  for (int i = 0; i < n; ++i) s += (i ? "x" : "") + std::to_string(sizes[i]);
+  for (int i = 0; i < n; ++i) {
+    if (i > 0) s += 'x';
+    s += std::to_string(sizes[i]);
+  }
   return s;
 }
 

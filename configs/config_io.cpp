@@ -4,6 +4,8 @@
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
 
+#include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <vector>
@@ -96,6 +98,9 @@ Status parse_text(const std::string& text, const std::string& source_name, Messa
 }
 
 Status load_text_file(const std::string& path, Message* msg) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    return invalid_argument(path + ": is a directory, not a config file (give a .pbtxt file, e.g. configs/tiny.pbtxt)");
   std::ifstream in(path);
   if (!in) return not_found(path + ": cannot open the config file (does it exist and is it readable?)");
   std::stringstream buf;
@@ -103,9 +108,48 @@ Status load_text_file(const std::string& path, Message* msg) {
   return parse_text(buf.str(), path, msg);
 }
 
+Status check_finite_numbers(const Message& msg, const std::string& source, const std::string& prefix) {
+  const Reflection* r = msg.GetReflection();
+  std::vector<const FieldDescriptor*> fields;
+  r->ListFields(msg, &fields);
+  for (const FieldDescriptor* f : fields) {
+    const std::string path = prefix.empty() ? f->name() : prefix + "." + f->name();
+    const int n = f->is_repeated() ? r->FieldSize(msg, f) : 1;
+    for (int k = 0; k < n; ++k) {
+      const std::string at = f->is_repeated() ? path + "[" + std::to_string(k) + "]" : path;
+      double v = 0;
+      switch (f->cpp_type()) {
+        case FieldDescriptor::CPPTYPE_MESSAGE:
+          HYDRA_RETURN_IF_ERROR(check_finite_numbers(
+              f->is_repeated() ? r->GetRepeatedMessage(msg, f, k) : r->GetMessage(msg, f), source, at));
+          continue;
+        case FieldDescriptor::CPPTYPE_DOUBLE:
+          v = f->is_repeated() ? r->GetRepeatedDouble(msg, f, k) : r->GetDouble(msg, f);
+          break;
+        case FieldDescriptor::CPPTYPE_FLOAT:
+          v = f->is_repeated() ? r->GetRepeatedFloat(msg, f, k) : r->GetFloat(msg, f);
+          break;
+        default:
+          continue;
+      }
+      if (!std::isfinite(v)) {
+        std::ostringstream os;
+        os << source << ": " << at << " = " << v << " must be a finite number";
+        return invalid_argument(os.str());
+      }
+    }
+  }
+  return ok_status();
+}
+
 Expected<RunConfig> load_run_config(const std::string& path) {
   RunConfig cfg;
   HYDRA_RETURN_IF_ERROR(load_text_file(path, &cfg));
+  std::vector<const FieldDescriptor*> fields;
+  cfg.GetReflection()->ListFields(cfg, &fields);
+  if (fields.empty())
+    return invalid_argument(path + ": the config sets nothing (an empty file?); a config needs at least a model "
+                            "section: start from one of configs/*.pbtxt");
   return cfg;
 }
 

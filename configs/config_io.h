@@ -23,6 +23,11 @@ void resolve_defaults(google::protobuf::Message* msg);
 // Errors name the path and list the fields that exist at the failing level.
 Status apply_override(google::protobuf::Message* msg, const std::string& assignment);
 
+// Every floating-point field set in `msg` (recursively) is finite: an error names the first that is not,
+// as "SOURCE: PREFIX.path.to.field = nan must be a finite number". `prefix` names msg's own path.
+Status check_finite_numbers(const google::protobuf::Message& msg, const std::string& source,
+                            const std::string& prefix = "");
+
 std::string to_text(const google::protobuf::Message& msg);
 Status write_text_file(const std::string& path, const google::protobuf::Message& msg);
 

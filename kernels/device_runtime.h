@@ -12,6 +12,7 @@ int device_count();  // 0 when no driver or no device
 void set_device(int device);
 int current_device();
 std::string device_name(int device);
+std::size_t device_total_memory(int device);  // bytes
 
 void* device_malloc(std::size_t bytes, int device);  // nullptr when the device is out of memory
 void device_free(void* ptr, int device);

@@ -161,6 +161,11 @@ int tokenize(const std::vector<std::string>& inputs, const std::string& tok_spec
     std::cerr << "hydra-data tokenize: " << st.message() << "\n";
     return 1;
   }
+  if (all_tokens == 0) {
+    std::cerr << "hydra-data tokenize: the input (" << files->size() << " file(s), " << total_bytes
+              << " bytes) holds no text: no shard written; give files with text in them\n";
+    return 1;
+  }
   std::printf("wrote %d shard(s) to %s: %ld tokens from %zu documents (%ld bytes), tokenizer %s\n", shard,
               out_dir.c_str(), long(all_tokens), files->size(), long(total_bytes), (*tok)->id().c_str());
   return 0;

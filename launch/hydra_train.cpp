@@ -117,6 +117,16 @@ int run_main(int argc, char** argv) {
                    "  hydra-train --config configs/tiny.pbtxt --out runs/tiny\n";
     return kUsageError;
   }
+  for (const char* flag : {"steps", "threads", "eval-every", "save-every", "stats-every"}) {
+    if (!vm.count(flag)) continue;
+    const int64_t v = std::string(flag) == "threads" ? vm[flag].as<int>() : vm[flag].as<int64_t>();
+    const int64_t low = std::string(flag) == "save-every" ? -1 : std::string(flag) == "eval-every" ? 0 : 1;
+    if (v < low) {
+      if (g_lead)
+        std::cerr << "hydra-train: --" << flag << " " << v << ": must be >= " << low << " (see hydra-train --help)\n";
+      return kUsageError;
+    }
+  }
   const std::string config_path = vm["config"].as<std::string>();
   try {
     if (vm.count("threads")) set_num_threads(vm["threads"].as<int>());
@@ -170,7 +180,9 @@ int run_main(int argc, char** argv) {
     if (speak) print_report(*summary);
     if (speak && kernel_profile_enabled())
       kernel_profile_report(std::cout, std::max<int64_t>(0, summary->last_step - summary->first_step - 1));
-    return summary->interrupted && summary->signal == 2 ? 130 : 0;
+    // Stopped early by a signal (after its checkpoint): 128 + the signal, as a shell reports it, so that a
+    // scheduler does not mark the job completed (130 Ctrl-C, 138 SIGUSR1, 143 SIGTERM).
+    return summary->interrupted ? 128 + summary->signal : 0;
   } catch (const Error& e) {
     // Other ranks may be waiting for this one in a collective: take the whole job down.
     if (parallel::process_info().distributed) parallel::abort_job(kInternalError, std::string("hydra-train: internal error: ") + e.what());

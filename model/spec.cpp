@@ -10,6 +10,10 @@ namespace hydra::model {
 namespace {
 
 // Collects the first violation as "source: model.<path> = <value> <requirement>".
+constexpr int64_t kMaxVocab = int64_t{1} << 24, kMaxWidth = int64_t{1} << 16, kMaxBlocks = 4096,
+                  kMaxSeqLen = int64_t{1} << 24, kMaxExperts = 1024, kMaxInner = int64_t{1} << 18,
+                  kMaxKeys = int64_t{1} << 16;
+
 class Checker {
  public:
   explicit Checker(std::string source) : source_(std::move(source)) {}
@@ -43,6 +47,7 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   ModelSpec s;
   s.cfg = cfg_in;
   config::resolve_defaults(&s.cfg);
+  HYDRA_RETURN_IF_ERROR(config::check_finite_numbers(s.cfg, source, "model"));
   const auto& c = s.cfg;
   Checker ck(source);
   s.transformer = c.kind() == config::ModelConfig::TRANSFORMER;
@@ -58,6 +63,12 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   ck.require(s.max_seq_len >= 1, "max_seq_len", s.max_seq_len, "must be >= 1");
   ck.require(s.norm_eps > 0, "norm_eps", s.norm_eps, "must be > 0");
   ck.require(s.init_std > 0, "init_std", s.init_std, "must be > 0");
+  // Upper bounds far past any model this trainer can hold, so that sizes multiply without overflow and a
+  // typo (an extra zero or three) gets a message instead of an allocation failure.
+  ck.require(s.vocab <= kMaxVocab, "vocab_size", s.vocab, "must be <= " + std::to_string(kMaxVocab));
+  ck.require(s.d <= kMaxWidth, "d_model", s.d, "must be <= " + std::to_string(kMaxWidth));
+  ck.require(s.num_blocks <= kMaxBlocks, "num_blocks", s.num_blocks, "must be <= " + std::to_string(kMaxBlocks));
+  ck.require(s.max_seq_len <= kMaxSeqLen, "max_seq_len", s.max_seq_len, "must be <= " + std::to_string(kMaxSeqLen));
   if (!ck.status().ok()) return ck.status();
 
   if (s.transformer) {
@@ -69,7 +80,8 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
                "must divide d_model (" + std::to_string(s.d) + ")");
     ck.require(s.tf_heads > 0 && (s.d / s.tf_heads) % 2 == 0, "transformer.num_heads", s.tf_heads,
                "must leave an even head dimension for RoPE");
-    ck.require(t.d_ff() >= 0, "transformer.d_ff", t.d_ff(), "must be >= 0");
+    ck.require(t.d_ff() >= 0 && t.d_ff() <= kMaxInner, "transformer.d_ff", t.d_ff(),
+               "must be in [0, " + std::to_string(kMaxInner) + "] (0: 8/3 d_model)");
     if (!ck.status().ok()) return ck.status();
     return s;
   }
@@ -80,8 +92,9 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   s.conv_width = ssm.conv_width();
   s.dt_rank = ssm.dt_rank() > 0 ? ssm.dt_rank() : (s.d + 15) / 16;
   s.scan_chunk = ssm.scan_chunk();
-  ck.require(ssm.expand() >= 1, "ssm.expand", ssm.expand(), "must be >= 1");
-  ck.require(s.d_state >= 1, "ssm.d_state", s.d_state, "must be >= 1");
+  ck.require(ssm.expand() >= 1 && ssm.expand() <= 64, "ssm.expand", ssm.expand(), "must be in [1, 64]");
+  ck.require(s.d_state >= 1 && s.d_state <= 1024, "ssm.d_state", s.d_state, "must be in [1, 1024]");
+  ck.require(ssm.dt_rank() <= kMaxWidth, "ssm.dt_rank", ssm.dt_rank(), "must be <= " + std::to_string(kMaxWidth));
   ck.require(s.conv_width >= 1, "ssm.conv_width", s.conv_width, "must be >= 1");
   ck.require(ssm.dt_rank() >= 0, "ssm.dt_rank", ssm.dt_rank(), "must be >= 0 (0: ceil(d_model / 16))");
   ck.require(ssm.dt_min() > 0, "ssm.dt_min", ssm.dt_min(), "must be > 0");
@@ -119,6 +132,9 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   ck.require(s.max_active <= s.num_experts, "moe.max_active", s.max_active,
              "must be <= num_experts (" + std::to_string(s.num_experts) + ")");
   ck.require(moe.d_expert() >= 0, "moe.d_expert", moe.d_expert(), "must be >= 0 (0: 2 * d_model)");
+  ck.require(s.num_experts <= kMaxExperts, "moe.num_experts", s.num_experts, "must be <= " + std::to_string(kMaxExperts));
+  ck.require(s.d_expert <= kMaxInner, "moe.d_expert", s.d_expert, "must be <= " + std::to_string(kMaxInner));
+  ck.require(s.d_shared <= kMaxInner, "moe.d_shared", s.d_shared, "must be <= " + std::to_string(kMaxInner));
   ck.require(s.moe_chunk >= 1, "moe.chunk", s.moe_chunk, "must be >= 1");
   ck.require(s.moe_chunk >= 1 && s.max_seq_len % s.moe_chunk == 0, "moe.chunk", s.moe_chunk,
              "must divide max_seq_len (" + std::to_string(s.max_seq_len) + ")");
@@ -150,7 +166,9 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
         if (std::find(s.ws_after.begin(), s.ws_after.end(), b) == s.ws_after.end()) s.ws_after.push_back(b);
       }
     }
-    ck.require(s.ws_slots >= 1, "workspace.slots", s.ws_slots, "must be >= 1");
+    ck.require(s.ws_slots >= 1 && s.ws_slots <= kMaxInner, "workspace.slots", s.ws_slots,
+               "must be in [1, " + std::to_string(kMaxInner) + "]");
+    ck.require(s.ws_dim <= kMaxWidth, "workspace.attn_dim", s.ws_dim, "must be <= " + std::to_string(kMaxWidth));
     ck.require(s.ws_chunk >= 1 && s.max_seq_len % s.ws_chunk == 0, "workspace.chunk", s.ws_chunk,
                "must be >= 1 and divide max_seq_len (" + std::to_string(s.max_seq_len) + ")");
     ck.require(s.ws_heads >= 1 && s.ws_dim % s.ws_heads == 0, "workspace.num_heads", s.ws_heads,
@@ -171,9 +189,11 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
     } else {
       s.pkm_after.push_back(std::clamp<int64_t>(s.num_blocks / 2 - 1, 0, s.num_blocks - 1));
     }
-    ck.require(s.pkm_heads >= 1, "pkm.num_heads", s.pkm_heads, "must be >= 1");
-    ck.require(s.pkm_k_dim >= 2 && s.pkm_k_dim % 2 == 0, "pkm.k_dim", s.pkm_k_dim, "must be even and >= 2");
+    ck.require(s.pkm_heads >= 1 && s.pkm_heads <= 1024, "pkm.num_heads", s.pkm_heads, "must be in [1, 1024]");
+    ck.require(s.pkm_k_dim >= 2 && s.pkm_k_dim % 2 == 0 && s.pkm_k_dim <= kMaxWidth, "pkm.k_dim", s.pkm_k_dim,
+               "must be even and in [2, " + std::to_string(kMaxWidth) + "]");
     ck.require(s.pkm_n_keys >= 1, "pkm.n_keys", s.pkm_n_keys, "must be >= 1");
+    ck.require(s.pkm_n_keys <= kMaxKeys, "pkm.n_keys", s.pkm_n_keys, "must be <= " + std::to_string(kMaxKeys));
     ck.require(s.pkm_topk >= 1 && s.pkm_topk <= s.pkm_n_keys, "pkm.topk", s.pkm_topk,
                "must be in [1, n_keys] (n_keys = " + std::to_string(s.pkm_n_keys) + ")");
     for (int64_t b : s.pkm_after)

@@ -35,8 +35,8 @@ void resolve_run_config(config::RunConfig* cfg) {
   for (auto& st : *cfg->mutable_curriculum()->mutable_stage()) {
     if (!st.has_lr()) *st.mutable_lr() = cfg->train().lr();
     if (!st.has_data_mix()) *st.mutable_data_mix() = cfg->data().synthetic();
-    if (st.seq_len() <= 0) st.set_seq_len(cfg->train().seq_len());
-    if (st.batch_size() <= 0) st.set_batch_size(cfg->train().batch_size());
+    if (st.seq_len() == 0) st.set_seq_len(cfg->train().seq_len());  // a negative one is refused later
+    if (st.batch_size() == 0) st.set_batch_size(cfg->train().batch_size());
   }
   config::resolve_defaults(cfg);
 }
@@ -84,6 +84,8 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg, const 
       const auto& c = cfg.curriculum().stage(i);
       s.name = c.has_name() && !c.name().empty() ? c.name() : "stage" + std::to_string(i + 1);
       if (c.steps() < 1) return fail(f + "steps", c.steps(), "must be >= 1");
+      if (c.seq_len() < 0) return fail(f + "seq_len", c.seq_len(), "must be >= 0 (0: train.seq_len)");
+      if (c.batch_size() < 0) return fail(f + "batch_size", c.batch_size(), "must be >= 0 (0: train.batch_size)");
       s.steps = c.steps();
       s.seq_len = c.seq_len() > 0 ? c.seq_len() : tr.seq_len();
       s.batch = c.batch_size() > 0 ? c.batch_size() : tr.batch_size();

@@ -65,14 +65,44 @@ std::string paths_str(const model::PathSwitches& p) {
 
 }  // namespace
 
+// Refuses, before anything is allocated, a model whose fp32 weights alone cannot fit in the memory of
+// one rank even in the most sharded layout (weights / ranks): an extra zero in a size gets a message
+// naming the sizes instead of an allocation failure. Training needs several times this (gradients,
+// AdamW state, activations); those are not guessed here.
+namespace {
+Status check_model_fits(const config::RunConfig& cfg, const model::ModelSpec& spec, const std::string& source) {
+  const auto& p = cfg.parallel();
+  const double ranks = double(std::max<int64_t>(1, p.dp() * p.ep() * p.sp()));
+  const double params = double(model::count_parameters(spec, spec.max_seq_len).total);
+  const double need = params * 4.0 / ranks;
+  const bool cuda = cfg.train().device() == "cuda";
+  double have = 0;
+  if (cuda) {
+    if (cuda_available()) have = double(cuda_total_memory(0));
+  } else {
+    have = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
+  }
+  if (have <= 0 || need <= have) return ok_status();
+  std::ostringstream os;
+  os.precision(3);
+  os << source << ": the model has " << params / 1e9 << "B parameters: " << need / double(1 << 30)
+     << " GiB of fp32 weights per rank over " << ranks << " rank(s), more than the " << have / double(1 << 30)
+     << " GiB of " << (cuda ? "GPU" : "host") << " memory (model.d_model = " << spec.d << ", num_blocks = "
+     << spec.num_blocks << ", vocab_size = " << spec.vocab << "); check the model's sizes";
+  return invalid_argument(os.str());
+}
+}  // namespace
+
 Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_in, const std::string& source,
                                                    const TrainOptions& options) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->cfg_ = cfg_in;
   resolve_run_config(&t->cfg_);
+  HYDRA_RETURN_IF_ERROR(config::check_finite_numbers(t->cfg_, source));
   t->source_ = source;
   t->opt_ = options;
   HYDRA_ASSIGN_OR_RETURN(t->spec_, model::make_spec(t->cfg_.model(), source));
+  HYDRA_RETURN_IF_ERROR(check_model_fits(t->cfg_, t->spec_, source));
   HYDRA_ASSIGN_OR_RETURN(t->stages_, resolve_stages(t->cfg_, t->spec_, source));
   if (options.stop_step == 0 || options.stop_step < -1)
     return invalid_argument("--steps " + std::to_string(options.stop_step) + ": must be >= 1");
@@ -548,7 +578,8 @@ Expected<TrainSummary> Trainer::run() {
     }
     if (sig != 0) {
       progress.finish();
-      say("received signal " + std::to_string(sig) + " at step " + std::to_string(state_.step) +
+      const std::string name = sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : "signal";
+      say("received " + name + " (" + std::to_string(sig) + ") at step " + std::to_string(state_.step) +
           (save_due ? ": saved checkpoint " + last_ckpt + "; continue with --resume auto"
                     : ": stopping without a checkpoint (train.save_every = -1)"));
       sum.interrupted = true;

@@ -26,6 +26,12 @@ std::string device_name(int device) {
   return prop.name;
 }
 
+std::size_t device_total_memory(int device) {
+  cudaDeviceProp prop{};
+  HYDRA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return prop.totalGlobalMem;
+}
+
 void* device_malloc(std::size_t bytes, int device) {
   HYDRA_CUDA_CHECK(cudaSetDevice(device));
   void* p = nullptr;

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 
 namespace {
@@ -133,6 +134,93 @@ TEST(Cli, DataToolMakesShardsTheTrainerReads) {
           dir + "/shards --set data.tokenizer=" + dir + "/bad.bpe");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("bad.bpe: truncated"), std::string::npos) << r.output;
+}
+
+// Bad input found by the fault-and-bad-input trial (issue 21): each is refused with a message naming the
+// file, field or flag, before anything is written or allocated.
+TEST(BadInput, NonFiniteNumbersAnywhereInTheConfigAreRefused) {
+  const std::string dir = temp_dir("finite");
+  Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/a" + kQuick + " --set train.lr.lr=nan");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("train.lr.lr = nan must be a finite number"), std::string::npos) << r.output;
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/b" + kQuick + " --set model.init_std=inf");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("model.init_std = inf must be a finite number"), std::string::npos) << r.output;
+  r = run(kParams + " " + kTiny + " --set model.ssm.dt_max=-inf");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("model.ssm.dt_max = -inf must be a finite number"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/a"));
+  EXPECT_FALSE(fs::exists(dir + "/b"));
+}
+
+TEST(BadInput, ConfigThatIsADirectoryOrEmptyIsRefused) {
+  const std::string dir = temp_dir("cfgfile");
+  Result r = run(kTrain + " --config " + dir + " --out " + dir + "/run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find(dir + ": is a directory, not a config file"), std::string::npos) << r.output;
+  std::ofstream(dir + "/empty.pbtxt") << "# nothing but a comment\n";
+  r = run(kTrain + " --config " + dir + "/empty.pbtxt --out " + dir + "/run");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("empty.pbtxt: the config sets nothing"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/run"));
+}
+
+TEST(BadInput, NegativeFlagsAndStageSizesAreRefused) {
+  const std::string dir = temp_dir("negative");
+  for (const char* flag : {"--steps -1", "--steps 0", "--threads 0", "--stats-every 0", "--save-every -2"}) {
+    const Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run " + flag);
+    EXPECT_EQ(r.code, 2) << flag;
+    EXPECT_NE(r.output.find("must be >="), std::string::npos) << flag << ": " << r.output;
+  }
+  std::ifstream in(kTiny);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string first = "steps: 60 seq_len: 128";  // the first stage's
+  ASSERT_NE(text.find(first), std::string::npos);
+  text.replace(text.find(first), first.size(), "steps: 60 seq_len: -64");
+  std::ofstream(dir + "/neg.pbtxt") << text;
+  const Result r = run(kTrain + " --config " + dir + "/neg.pbtxt --out " + dir + "/run");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("curriculum.stage[0].seq_len = -64 must be >= 0"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/run"));
+}
+
+TEST(BadInput, HugeSizesNameTheFieldAndModelsThatCannotFitAreRefused) {
+  const std::string dir = temp_dir("huge");
+  Result r = run(kParams + " " + kTiny + " --set model.d_model=1000000000");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("model.d_model = 1000000000 must be <= 65536"), std::string::npos) << r.output;
+  r = run(kParams + " " + kTiny + " --set model.moe.num_experts=100000");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("model.moe.num_experts = 100000 must be <= 1024"), std::string::npos) << r.output;
+  // Within the bounds but far beyond this machine's memory: refused before allocating, sizes named.
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+          " --set model.d_model=65536 --set model.vocab_size=16000000 --set model.num_blocks=64");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("GiB of host memory (model.d_model = 65536"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
+}
+
+// SIGTERM (what Slurm sends at cancellation or preemption) stops the run at the end of a step with a
+// checkpoint, and the exit code says so: 128 + 15, not 0 (a scheduler would mark the job completed).
+TEST(Cli, SigtermSavesAndExitsWith143) {
+  const std::string dir = temp_dir("sigterm");
+  std::string talk = kQuick;
+  talk.replace(talk.find("--quiet"), 7, "--no-print-config");
+  const Result r = run("(" + kTrain + " --config " + kTiny + " --out " + dir + "/run" + talk +
+                       " --set train.steps=100000 & pid=$!; for i in $(seq 300); do [ -s " + dir +
+                       "/run/metrics.jsonl ] && break; sleep 0.1; done; kill -TERM $pid; wait $pid; echo rc=$?)");
+  EXPECT_NE(r.output.find("rc=143"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("received SIGTERM (15)"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(dir + "/run/checkpoints")) << r.output;
+}
+
+TEST(BadInput, TokenizingNothingIsAnError) {
+  const std::string dir = temp_dir("emptytext");
+  fs::create_directories(dir + "/corpus");
+  std::ofstream(dir + "/corpus/empty.txt").close();
+  const Result r = run(kData + " tokenize --out " + dir + "/shards " + dir + "/corpus");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("holds no text: no shard written"), std::string::npos) << r.output;
 }
 
 // Under mpirun: a grid that does not fit the world, or experts that do not split over ep, stops every
