@@ -1,7 +1,10 @@
 #include "data/loader.h"
 
 #include <algorithm>
+#include <exception>
+#include <new>
 #include <sstream>
+#include <string>
 
 namespace hydra::data {
 
@@ -117,7 +120,7 @@ void Loader::worker() {
     const uint64_t generation = generation_;
     building_ = step;
     lock.unlock();
-    Expected<Batch> b = build(step);
+    Expected<Batch> b = build_caught(step);
     lock.lock();
     building_ = -1;
     if (generation != generation_) continue;  // superseded by a jump to another step
@@ -126,8 +129,22 @@ void Loader::worker() {
   }
 }
 
+// build() with its exceptions turned into errors: on the prefetch thread an exception would end the
+// process (std::terminate); as an error it reaches get() and the trainer's message.
+Expected<Batch> Loader::build_caught(int64_t step) const {
+  try {
+    return build(step);
+  } catch (const std::bad_alloc&) {
+    return failed_precondition("data loader: out of host memory building the batch of step " + std::to_string(step) +
+                               " (" + std::to_string(opt_.count) + " sequences of " + std::to_string(opt_.seq_len) +
+                               " tokens); lower train.batch_size or train.seq_len, or raise train.grad_accum");
+  } catch (const std::exception& e) {
+    return internal_error("data loader: building the batch of step " + std::to_string(step) + " failed: " + e.what());
+  }
+}
+
 Expected<Batch> Loader::get(int64_t step) {
-  if (opt_.prefetch <= 0) return build(step);
+  if (opt_.prefetch <= 0) return build_caught(step);
   std::unique_lock<std::mutex> lock(mu_);
   while (!ready_.empty() && ready_.front().first < step) ready_.pop_front();
   const bool coming = ready_.empty() ? (building_ == step || (building_ < 0 && next_step_ == step))

@@ -91,6 +91,8 @@ class Loader {
   Expected<Batch> build(int64_t step) const;
   void worker();
 
+  Expected<Batch> build_caught(int64_t step) const;
+
   std::shared_ptr<const DataSource> source_;
   LoaderOptions opt_;
   std::mutex mu_;

@@ -214,6 +214,18 @@ TEST(Cli, SigtermSavesAndExitsWith143) {
   EXPECT_TRUE(fs::exists(dir + "/run/checkpoints")) << r.output;
 }
 
+// A batch too large for host memory: the loader's thread used to die in std::bad_alloc (abort); now
+// the run stops with a message that names the sizes and what to change.
+TEST(BadInput, BatchBeyondHostMemoryIsAnErrorNotAnAbort) {
+  const std::string dir = temp_dir("hugebatch");
+  const Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+                       " --set train.batch_size=1000000000000");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("out of host memory building the batch of step 0 (1000000000000 sequences of 64 tokens)"),
+            std::string::npos)
+      << r.output;
+}
+
 TEST(BadInput, TokenizingNothingIsAnError) {
   const std::string dir = temp_dir("emptytext");
   fs::create_directories(dir + "/corpus");
