@@ -70,6 +70,65 @@ std::string paths_str(const model::PathSwitches& p) {
 // naming the sizes instead of an allocation failure. Training needs several times this (gradients,
 // AdamW state, activations); those are not guessed here.
 namespace {
+
+// `text` of rank `root`, on every rank (host values summed over the ranks: only root's are non-zero).
+std::string share_text(parallel::Communicator& world, const std::string& text, int root) {
+  const bool mine = world.rank() == root;
+  const auto n = static_cast<std::size_t>(world.all_reduce_host(mine ? double(text.size()) : 0.0));
+  std::vector<double> chars(n, 0.0);
+  if (mine)
+    for (std::size_t i = 0; i < n; ++i) chars[i] = static_cast<unsigned char>(text[i]);
+  world.all_reduce_host(chars);
+  std::string out(n, '\0');
+  for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<char>(static_cast<int>(chars[i]));
+  return out;
+}
+
+// Every rank must train the same resolved config: ranks started with different files or --set values
+// would otherwise fail later in a collective with a bare MPI_ERR_TRUNCATE, or not at all. Compares a
+// hash of the config's text (in 21-bit pieces, exact as doubles); on a difference, finds the first line
+// that differs from rank 0's and names it, with both values, on every rank.
+Status check_same_config(parallel::Communicator& world, const std::string& text, const std::string& source) {
+  if (world.size() == 1) return ok_status();
+  uint64_t h = 1469598103934665603ULL;  // FNV-1a
+  for (unsigned char c : text) h = (h ^ c) * 1099511628211ULL;
+  std::vector<double> lo, hi;
+  for (int k = 0; k < 3; ++k) lo.push_back(double((h >> (21 * k)) & ((1u << 21) - 1)));
+  hi = lo;
+  world.all_reduce_host(lo, parallel::ReduceOp::kMin);
+  world.all_reduce_host(hi, parallel::ReduceOp::kMax);
+  if (lo == hi) return ok_status();
+  auto lines = [](const std::string& s) {
+    std::vector<std::string> v;
+    std::istringstream in(s);
+    for (std::string l; std::getline(in, l);) v.push_back(l);
+    return v;
+  };
+  const std::vector<std::string> ref = lines(share_text(world, text, 0)), own = lines(text);
+  std::size_t first = std::max(ref.size(), own.size());
+  for (std::size_t i = 0; i < std::max(ref.size(), own.size()); ++i)
+    if (i >= ref.size() || i >= own.size() || ref[i] != own[i]) {
+      first = i;
+      break;
+    }
+  const double big = 1e18;
+  const double line = world.all_reduce_host(first < std::max(ref.size(), own.size()) ? double(first) : big,
+                                            parallel::ReduceOp::kMin);
+  const int who = static_cast<int>(
+      world.all_reduce_host(double(first) == line ? double(world.rank()) : big, parallel::ReduceOp::kMin));
+  const auto at = static_cast<std::size_t>(line);
+  const std::string theirs = share_text(world, at < own.size() ? own[at] : std::string("(end of config)"), who);
+  auto trim = [](std::string s) {
+    s.erase(0, s.find_first_not_of(' '));
+    return s;
+  };
+  return invalid_argument(source + ": the ranks' configs differ: rank " + std::to_string(who) +
+                          " has '" + trim(theirs) + "' where rank 0 has '" +
+                          trim(at < ref.size() ? ref[at] : std::string("(end of config)")) + "' (line " +
+                          std::to_string(at + 1) + " of the resolved config); start every rank with the same "
+                          "--config and --set values");
+}
+
 Status check_model_fits(const config::RunConfig& cfg, const model::ModelSpec& spec, const std::string& source) {
   const auto& p = cfg.parallel();
   const double ranks = double(std::max<int64_t>(1, p.dp() * p.ep() * p.sp()));
@@ -133,6 +192,7 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
                                    config::ParallelConfig::Comm_Name(p.comm()) + ": " + problem);
     auto world = parallel::world_communicator(gpu, backend);
     world->set_timeout(std::chrono::seconds(static_cast<int64_t>(std::ceil(p.timeout_s()))));
+    HYDRA_RETURN_IF_ERROR(check_same_config(*world, config::to_text(t->cfg_), source));
     HYDRA_ASSIGN_OR_RETURN(t->grid_, parallel::ProcessGrid::create(std::move(world), shape, source));
   } else {
     t->grid_ = parallel::ProcessGrid::single(t->device_);

@@ -265,6 +265,23 @@ TEST(Cli, MpirunWithABadGridStopsEveryRankWithOneClearMessage) {
   EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
 }
 
+// Ranks started with different configs (mpirun's MPMD form: one --set differs) stop at start-up with
+// the differing line named, both values shown; before, they failed later with a bare MPI_ERR_TRUNCATE.
+TEST(Cli, MpirunRanksWithDifferentConfigsNameTheDifference) {
+  const std::string dir = temp_dir("diffcfg");
+  const std::string each = kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " --set parallel.dp=2";
+  const std::string mpmd = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 HYDRA_NUM_THREADS=1 timeout 300 "
+                           HYDRA_MPIEXEC " --oversubscribe -np 1 " + each + " --set train.lr.lr=0.001 : -np 1 " + each +
+                           " --set train.lr.lr=0.002";
+  const Result r = run(mpmd);
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.code, 124) << "hung: " << r.output;
+  EXPECT_NE(r.output.find("the ranks' configs differ: rank 1 has 'lr: 0.002' where rank 0 has 'lr: 0.001'"),
+            std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
+}
+
 TEST(Cli, MpirunTrainsOnTwoDataRanks) {
   const std::string dir = temp_dir("dp2");
   const Result r = run(kMpirun + kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " --set parallel.dp=2");
