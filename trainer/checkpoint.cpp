@@ -269,14 +269,14 @@ Expected<std::string> CheckpointManager::save(const TrainState& state, const con
   return final_dir;
 }
 
-Expected<std::string> CheckpointManager::latest() const {
+Expected<std::string> CheckpointManager::latest(int64_t before) const {
   std::error_code ec;
   int64_t best = -1;
   std::string best_dir;
   if (fs::is_directory(root_, ec))
     for (const auto& de : fs::directory_iterator(root_, ec)) {
       const int64_t s = step_of(de.path());
-      if (s > best && fs::exists(de.path() / kManifest)) {
+      if (s > best && (before < 0 || s < before) && fs::exists(de.path() / kManifest)) {
         best = s;
         best_dir = de.path().string();
       }

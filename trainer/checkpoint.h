@@ -39,8 +39,9 @@ class CheckpointManager {
   Expected<std::string> save(const TrainState& state, const config::RunConfig& resolved,
                              const model::LanguageModel& model, const AdamW& optimizer,
                              const parallel::ProcessGrid& grid) const;
-  // Newest complete checkpoint (with a manifest) under run_dir, or not_found.
-  Expected<std::string> latest() const;
+  // Newest complete checkpoint (with a manifest) under run_dir, or not_found; with `before` >= 0, the
+  // newest of a step below `before` (what to offer when the newest is damaged).
+  Expected<std::string> latest(int64_t before = -1) const;
   static Expected<config::CheckpointManifest> read_manifest(const std::string& dir);
   // Restores model, optimizer and state from `dir`, after checking it matches `resolved`'s model.
   static Status load(const std::string& dir, const config::RunConfig& resolved, model::LanguageModel& model,

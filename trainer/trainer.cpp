@@ -288,7 +288,15 @@ Status Trainer::prepare_model() {
   if (cfg_.train().precision() == config::TrainConfig::BF16_MIXED)
     compute_copies_ = std::make_unique<ComputeCopies>(*model_, DType::kBF16);
   if (!resume_from_.empty()) {
-    HYDRA_RETURN_IF_ERROR(CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_, *grid_));
+    const Status loaded = CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_, *grid_);
+    if (!loaded.ok() && opt_.resume == "auto") {  // name the next older checkpoint, if there is one
+      const int64_t step = std::stoll(fs::path(resume_from_).filename().string().substr(5));
+      auto older = checkpoints_->latest(step);
+      return Status(loaded.code(), loaded.message() + (older.ok() ? "; the next older complete checkpoint is " + *older +
+                                                                        ": resume from it with --resume " + *older
+                                                                  : "; there is no older complete checkpoint"));
+    }
+    HYDRA_RETURN_IF_ERROR(loaded);
     default_generator().set_state(state_.rng);
   } else {
     default_generator().set_state({cfg_.train().seed(), 0});

@@ -272,6 +272,25 @@ TEST(BadInput, TruncatedCheckpointAndChecksumMismatch) {
   EXPECT_NE(error_of(train(small_config(), out, "auto", 8)).find("no complete checkpoint"), std::string::npos);
 }
 
+// --resume auto on a run whose newest checkpoint is damaged names the next older complete one (it only
+// refused before), and that one resumes.
+TEST(BadInput, DamagedNewestCheckpointNamesTheOlderOne) {
+  const std::string out = temp_dir("damaged_newest");
+  ASSERT_TRUE(train(small_config(), out, "", 8).ok());
+  const std::string newest = out + "/checkpoints/step-00000008", older = out + "/checkpoints/step-00000004";
+  ASSERT_TRUE(fs::exists(older + "/manifest.pb"));
+  auto man = CheckpointManager::read_manifest(newest);
+  ASSERT_TRUE(man.ok());
+  man->mutable_tensor(3)->set_crc32c(man->tensor(3).crc32c() ^ 1u);
+  std::ofstream(newest + "/manifest.pb", std::ios::binary) << man->SerializeAsString();
+  const std::string msg = error_of(train(small_config(), out, "auto", 8));
+  EXPECT_NE(msg.find("fails its checksum"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("the next older complete checkpoint is " + older + ": resume from it with --resume " + older),
+            std::string::npos)
+      << msg;
+  EXPECT_TRUE(train(small_config(), out, older, 8).ok());
+}
+
 TEST(BadInput, MissingCorruptAndOutOfVocabularyShards) {
   const std::string dir = temp_dir("shards");
   fs::create_directories(dir);
