@@ -1,9 +1,11 @@
-// Causal depthwise conv1d. Forward: a thread per (b, t, c), channels contiguous across a warp; the
-// element-wise kernels run over a 2-d grid (channels in x, rows b * len + t in y, grid-strided), so a
-// thread divides once per row, not per element (64-bit divisions per element cost more than the conv).
-// Backward: the pre-activation gradient once into scratch, then a thread per input element, and the
-// weight/bias gradients from per-block partials over fixed row groups combined in order.
+// Causal depthwise conv1d, the width a template argument (1 to 8). Forward and the backward's
+// element-wise passes: a thread per (channel, batch entry, segment of time) slides along time with the
+// taps and the window in registers (channels contiguous across a warp), reading each element once.
+// Backward: the pre-activation gradient once into fp32 scratch, the input gradient by a window over the
+// following ones, and the weight/bias gradients from per-block partials over fixed row groups combined
+// in order.
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/conv1d.h"
 #include "kernels/cuda/common.cuh"
@@ -12,8 +14,8 @@ namespace hydra::kernels::cuda {
 namespace {
 
 constexpr int64_t kRows = 64;  // rows per weight-gradient partial
-constexpr int kMaxW = 8;       // the widest conv the kernels take; loops over taps unroll to it (guarded
-                               // by the real width), so per-tap values stay in registers
+constexpr int kMaxW = 8;       // the widest conv the kernels take (the weight gradient's loops unroll to
+                               // it, guarded by the real width, so per-tap sums stay in registers)
 
 template <class T>
 struct Conv {
@@ -27,71 +29,100 @@ struct Conv {
   }
 };
 
-template <class T>
-__device__ compute_t<T> pre(const Conv<T>& cv, const T* w, const T* bias, int64_t b, int64_t t, int64_t c) {
-  compute_t<T> acc = bias ? load(bias, c) : compute_t<T>(0);
-#pragma unroll
-  for (int k = 0; k < kMaxW; ++k)
-    if (k < cv.width) acc += load(w, c * cv.width + k) * cv.at(b, t - (cv.width - 1) + k, c);
-  return acc;
-}
-
 constexpr int kChannelThreads = 128;
 
-// The 2-d grid of the element-wise kernels: x over channels, y over rows (at most 65535, grid-strided).
-inline dim3 row_grid(int64_t rows, int64_t channels) {
+// Sliding-window forms: a thread per (channel, batch entry, segment of kSeg time steps) keeps the taps
+// in registers and the last W inputs (or the next W pre-activation gradients) in a shift register, so
+// it reads each element once (plus W - 1 at the segment's start) instead of W times.
+constexpr int64_t kSeg = 64;
+
+template <class F>
+void dispatch_width(int64_t width, F&& f) {
+  switch (width) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: HYDRA_FAIL() << "causal_conv1d: CUDA kernels support widths 1 to " << kMaxW << ", got " << width;
+  }
+}
+
+inline dim3 seg_grid(int64_t jobs, int64_t channels) {
   return dim3(static_cast<unsigned>((channels + kChannelThreads - 1) / kChannelThreads),
-              static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+              static_cast<unsigned>(std::min<int64_t>(jobs, 65535)));
 }
 
-template <class T>
-__global__ void conv_fwd_kernel(Conv<T> cv, const T* __restrict w, const T* __restrict bias, T* __restrict y,
-                                int64_t rows, bool silu) {
+// y (forward, GPRE false) or gpre = gy * SiLU'(pre) (GPRE true) over segments of time.
+template <class T, int W, bool GPRE>
+__global__ void conv_window_kernel(Conv<T> cv, const T* __restrict w, const T* __restrict bias, const T* __restrict gy,
+                                   T* __restrict y, compute_t<T>* __restrict gpre, int64_t batch, int64_t segs,
+                                   bool silu) {
   using C = compute_t<T>;
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (c >= cv.channels) return;
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const C v = pre(cv, w, bias, r / cv.len, r % cv.len, c);
-    y[r * cv.channels + c] = convert<T>(silu ? v / (C(1) + exp(-v)) : v);
-  }
-}
-
-template <class T>
-__global__ void conv_gpre_kernel(Conv<T> cv, const T* __restrict w, const T* __restrict bias, const T* __restrict gy,
-                                 compute_t<T>* __restrict gpre, int64_t rows, bool silu) {
-  using C = compute_t<T>;
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (c >= cv.channels) return;
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const int64_t e = r * cv.channels + c;
-    C g = load(gy, e);
-    if (silu) {
-      const C v = pre(cv, w, bias, r / cv.len, r % cv.len, c), s = C(1) / (C(1) + exp(-v));
-      g *= s * (C(1) + v * (C(1) - s));
-    }
-    gpre[e] = g;
-  }
-}
-
-// x at time s feeds outputs t = s..s+W-1 through tap s - t + W - 1. Times -(W-1)..-1 are the prefix.
-template <class T>
-__global__ void conv_gx_kernel(Conv<T> cv, const T* __restrict w, const compute_t<T>* __restrict gpre,
-                               T* __restrict gx, T* __restrict gprefix, int64_t batch) {
-  using C = compute_t<T>;
-  const int64_t W = cv.width, L = cv.len, Cn = cv.channels;
-  const int64_t rows = batch * (L + W - 1), c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, Cn = cv.channels, L = cv.len;
   if (c >= Cn) return;
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const int64_t b = r / (L + W - 1), s = r % (L + W - 1) - (W - 1);
-    if (s < 0 && !gprefix) continue;
-    C acc = 0;
+  C wk[W];
 #pragma unroll
-    for (int k = 0; k < kMaxW; ++k) {
-      const int64_t t = s + (W - 1) - k;
-      if (k < W && t >= 0 && t < L) acc += load(w, c * W + k) * gpre[(b * L + t) * Cn + c];
+  for (int k = 0; k < W; ++k) wk[k] = load(w, c * W + k);
+  const C bc = bias ? load(bias, c) : C(0);
+  for (int64_t job = blockIdx.y; job < batch * segs; job += gridDim.y) {
+    const int64_t b = job / segs, t0 = (job % segs) * kSeg, t1 = min(L, t0 + kSeg);
+    C win[W];  // win[k] = x at t - (W - 1) + k
+#pragma unroll
+    for (int k = 0; k < W - 1; ++k) win[k] = cv.at(b, t0 - (W - 1) + k, c);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t e = (b * L + t) * Cn + c;
+      win[W - 1] = load(cv.x, e);
+      C v = bc;
+#pragma unroll
+      for (int k = 0; k < W; ++k) v += wk[k] * win[k];
+      if constexpr (GPRE) {
+        C g = load(gy, e);
+        if (silu) {
+          const C s = C(1) / (C(1) + exp(-v));
+          g *= s * (C(1) + v * (C(1) - s));
+        }
+        gpre[e] = g;
+      } else {
+        y[e] = convert<T>(silu ? v / (C(1) + exp(-v)) : v);
+      }
+#pragma unroll
+      for (int k = 0; k < W - 1; ++k) win[k] = win[k + 1];
     }
-    if (s >= 0) gx[(b * L + s) * Cn + c] = convert<T>(acc);
-    else gprefix[(b * (W - 1) + (W - 1 + s)) * Cn + c] = convert<T>(acc);
+  }
+}
+
+// gx[s] = sum_k w[k] gpre[s + W - 1 - k] over segments of s in [lo, L), lo = -(W - 1) when the prefix's
+// gradient is wanted (those land in gprefix), else 0.
+template <class T, int W>
+__global__ void conv_gx_window_kernel(Conv<T> cv, const T* __restrict w, const compute_t<T>* __restrict gpre,
+                                      T* __restrict gx, T* __restrict gprefix, int64_t batch, int64_t segs) {
+  using C = compute_t<T>;
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, Cn = cv.channels, L = cv.len;
+  if (c >= Cn) return;
+  C wk[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) wk[k] = load(w, c * W + k);
+  const int64_t lo = gprefix ? -(W - 1) : 0;
+  for (int64_t job = blockIdx.y; job < batch * segs; job += gridDim.y) {
+    const int64_t b = job / segs, s0 = lo + (job % segs) * kSeg, s1 = min(L, s0 + kSeg);
+    auto g = [&](int64_t t) { return t >= 0 && t < L ? gpre[(b * L + t) * Cn + c] : C(0); };
+    C fut[W];  // fut[j] = gpre at s + j
+#pragma unroll
+    for (int j = 0; j < W; ++j) fut[j] = g(s0 + j);
+    for (int64_t s = s0; s < s1; ++s) {
+      C acc = 0;
+#pragma unroll
+      for (int k = 0; k < W; ++k) acc += wk[k] * fut[W - 1 - k];
+      if (s >= 0) gx[(b * L + s) * Cn + c] = convert<T>(acc);
+      else gprefix[(b * (W - 1) + (W - 1 + s)) * Cn + c] = convert<T>(acc);
+#pragma unroll
+      for (int j = 0; j < W - 1; ++j) fut[j] = fut[j + 1];
+      fut[W - 1] = g(s + W);
+    }
   }
 }
 
@@ -140,8 +171,13 @@ void causal_conv1d_fwd(const CausalConv1dParams& p) {
   dispatch_float(p.dtype, "causal_conv1d", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len, p.channels, p.width};
-    conv_fwd_kernel<T><<<row_grid(p.batch * p.len, p.channels), kChannelThreads, 0, as_stream(p.stream)>>>(
-        cv, static_cast<const T*>(p.w), static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.batch * p.len, p.silu);
+    const int64_t segs = (p.len + kSeg - 1) / kSeg;
+    dispatch_width(p.width, [&](auto wc) {
+      constexpr int W = decltype(wc)::value;
+      conv_window_kernel<T, W, false><<<seg_grid(p.batch * segs, p.channels), kChannelThreads, 0, as_stream(p.stream)>>>(
+          cv, static_cast<const T*>(p.w), static_cast<const T*>(p.bias), nullptr, static_cast<T*>(p.y), nullptr, p.batch,
+          segs, p.silu);
+    });
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -165,11 +201,16 @@ void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
     const T* w = static_cast<const T*>(p.w);
     C* gpre = static_cast<C*>(p.workspace);
     C* part = gpre + total;
-    conv_gpre_kernel<T><<<row_grid(rows, p.channels), kChannelThreads, 0, s>>>(
-        cv, w, static_cast<const T*>(p.bias), static_cast<const T*>(p.gy), gpre, rows, p.silu);
-    HYDRA_CUDA_LAUNCH_CHECK();
-    conv_gx_kernel<T><<<row_grid(p.batch * (p.len + p.width - 1), p.channels), kChannelThreads, 0, s>>>(
-        cv, w, gpre, static_cast<T*>(p.gx), static_cast<T*>(p.gprefix), p.batch);
+    const int64_t segs = (p.len + kSeg - 1) / kSeg;
+    const int64_t gx_segs = (p.len + (p.gprefix ? p.width - 1 : 0) + kSeg - 1) / kSeg;
+    dispatch_width(p.width, [&](auto wc) {
+      constexpr int W = decltype(wc)::value;
+      conv_window_kernel<T, W, true><<<seg_grid(p.batch * segs, p.channels), kChannelThreads, 0, s>>>(
+          cv, w, static_cast<const T*>(p.bias), static_cast<const T*>(p.gy), nullptr, gpre, p.batch, segs, p.silu);
+      HYDRA_CUDA_LAUNCH_CHECK();
+      conv_gx_window_kernel<T, W><<<seg_grid(p.batch * gx_segs, p.channels), kChannelThreads, 0, s>>>(
+          cv, w, gpre, static_cast<T*>(p.gx), static_cast<T*>(p.gprefix), p.batch, gx_segs);
+    });
     HYDRA_CUDA_LAUNCH_CHECK();
     const int64_t blocks = (rows + kRows - 1) / kRows;
     conv_gw_partial_kernel<T><<<dim3((p.channels + 127) / 128, blocks), 128, 0, s>>>(cv, gpre, part, rows);

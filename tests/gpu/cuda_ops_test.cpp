@@ -345,6 +345,22 @@ TEST(CudaOps, CausalConv1dMatchCpu) {
     check_op("causal_conv1d plain",
              [](const std::vector<Tensor>& in) { return std::vector<Tensor>{causal_conv1d(in[0], in[1], Tensor())}; },
              {rnd({3, 300, 256}, 49), rnd({256, 4}, 50)}, {true, true}, t);
+    // Every width the kernels take (a template argument each), sequences shorter than the width and than
+    // the kernels' 64-step segments, and longer than two of them, with and without a prefix.
+    for (const int64_t W : {1, 2, 3, 5, 8})
+      for (const int64_t L : {1, 6, 129}) {
+        check_op("causal_conv1d W " + std::to_string(W) + " L " + std::to_string(L),
+                 [](const std::vector<Tensor>& in) {
+                   return std::vector<Tensor>{causal_conv1d(in[0], in[1], in[2], in[3], true)};
+                 },
+                 {rnd({2, L, 33}, 51), rnd({33, W}, 52), rnd({33}, 53), rnd({2, W - 1, 33}, 54)},
+                 {true, true, true, W > 1}, t);
+        check_op("causal_conv1d no prefix W " + std::to_string(W) + " L " + std::to_string(L),
+                 [](const std::vector<Tensor>& in) {
+                   return std::vector<Tensor>{causal_conv1d(in[0], in[1], in[2], Tensor(), false)};
+                 },
+                 {rnd({3, L, 130}, 55), rnd({130, W}, 56), rnd({130}, 57)}, {true, true, true}, t);
+      }
   }
 }
 
