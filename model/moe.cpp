@@ -151,6 +151,17 @@ void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, ForwardC
   ctx.stat(p + "dropped_tokens", double(dropped * chunk_));
   ctx.stat(p + "dropped_frac", total + dropped ? double(dropped) / double(total + dropped) : 0.0);
   ctx.stat(p + "active_per_chunk", BC ? double(total) / double(BC) : 0.0);
+  // Routing health: experts no chunk reached, and chunks that reached no expert (their tokens get no
+  // FFN output at all from this layer).
+  int64_t dead = 0, empty = 0;
+  for (int64_t e = 0; e < E; ++e) dead += load[e] == 0;
+  for (int64_t c = 0; c < BC; ++c) {
+    bool any = false;
+    for (int64_t e = 0; e < E && !any; ++e) any = routing.active[c * E + e] != 0;
+    empty += !any;
+  }
+  ctx.stat(p + "dead_experts", double(dead));
+  ctx.stat(p + "empty_chunk_frac", BC ? double(empty) / double(BC) : 0.0);
   const std::vector<double> qv = q.to_vector<double>();
   double ent = 0;
   for (int64_t c = 0; c < BC; ++c)

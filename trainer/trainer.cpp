@@ -614,6 +614,19 @@ Expected<TrainSummary> Trainer::run() {
     average_over_ranks(step_out.stats, *grid_);
     for (const auto& [k, v] : step_out.stats)
       if (k.rfind("loss.", 0) != 0) values.push_back({k, v});
+    // Routing health: a MoE layer whose chunks reach no expert at all has dead experts (its FFN adds
+    // nothing); said once per layer, the layer named.
+    for (const auto& [k, v] : step_out.stats) {
+      const std::string suffix = ".empty_chunk_frac";
+      if (k.rfind("moe.", 0) != 0 || k.size() <= suffix.size() ||
+          k.compare(k.size() - suffix.size(), suffix.size(), suffix) != 0 || v < 0.999)
+        continue;
+      const std::string layer = k.substr(4, k.size() - 4 - suffix.size());
+      if (!dead_layers_warned_.insert(layer).second) continue;
+      say("warning: step " + std::to_string(state_.step) + ": MoE layer " + layer +
+          " routes no chunk to any expert (every router output is zero after the ReLU): its experts are dead "
+          "and its FFN adds nothing (metrics moe." + layer + ".dead_experts, ." + "empty_chunk_frac)");
+    }
     const bool last = state_.step == stop;
     const bool eval_due = (tr.eval_every() > 0 && state_.step % tr.eval_every() == 0) || last;
     if (eval_due) {

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <memory>
+#include <set>
 #include <string>
 
 #include "autograd/compute_copies.h"
@@ -73,6 +74,7 @@ class Trainer {
   std::string source_;
   TrainOptions opt_;
   model::ModelSpec spec_;
+  std::set<std::string> dead_layers_warned_;  // MoE layers already reported as routing nothing
   std::vector<Stage> stages_;
   std::unique_ptr<model::LanguageModel> model_;
   std::unique_ptr<AdamW> optimizer_;

@@ -294,6 +294,28 @@ TEST(ChunkMoE, CapacityDropsAssignmentsAndBoundsTheLoad) {
   EXPECT_EQ(ctx.stats.at("moe.0.dropped_tokens"), double(dropped * 2));
 }
 
+// Routing health in the statistics: a router whose ReLU outputs are all zero (every expert dead, as
+// make demo's layers ended) reports every expert dead and every chunk empty; a live one does not.
+TEST(ChunkMoE, StatisticsCountDeadExpertsAndEmptyChunks) {
+  auto c = make_moe("num_experts: 4 d_expert: 3 chunk: 2 max_active: 2", 31);
+  const Tensor x = add(mul(randn64({2, 8, 6}, 32, 1.0, false), 0.1), 1.0);  // positive inputs
+  {
+    model::ForwardContext ctx;
+    (void)c.moe->forward(x, ctx, nullptr);
+    EXPECT_LT(ctx.stats.at("moe.0.dead_experts"), 4.0);
+    EXPECT_LT(ctx.stats.at("moe.0.empty_chunk_frac"), 1.0);
+  }
+  {
+    NoGradGuard no_grad;
+    c.moe->router_weight.fill_(-0.5);  // with positive inputs every pre-activation is negative
+  }
+  model::ForwardContext ctx;
+  (void)c.moe->forward(x, ctx, nullptr);
+  EXPECT_EQ(ctx.stats.at("moe.0.dead_experts"), 4.0);
+  EXPECT_EQ(ctx.stats.at("moe.0.empty_chunk_frac"), 1.0);
+  EXPECT_EQ(ctx.stats.at("moe.0.active_per_chunk"), 0.0);
+}
+
 TEST(ChunkMoE, SparsityCoefficientMovesTowardTheTarget) {
   auto c = make_moe("num_experts: 4 d_expert: 3 chunk: 2 max_active: 2 target_sparsity: 0.9 sparsity_adapt_rate: 0.1", 28);
   model::ForwardContext ctx;
