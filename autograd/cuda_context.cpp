@@ -1,8 +1,8 @@
 #include "autograd/cuda_context.h"
 
 #include <algorithm>
-#include <atomic>
 #include <array>
+#include <atomic>
 #include <list>
 #include <map>
 #include <memory>
@@ -88,7 +88,8 @@ class CachingAllocator final : public Allocator {
       stats_.peak_reserved = std::max(stats_.peak_reserved, stats_.reserved);
     }
     active_[ptr] = Block{ptr, size, stream, {}};
-    if (g_poison.load(std::memory_order_relaxed)) kernels::cuda::memset_async(ptr, 0xff, size, stream);
+    if (g_poison.load(std::memory_order_relaxed))
+      kernels::cuda::memset_async(ptr, 0xff, size, stream);
     stats_.allocated += size;
     stats_.peak_allocated = std::max(stats_.peak_allocated, stats_.allocated);
     return ptr;
@@ -203,8 +204,8 @@ DeviceState& state(int device) {
   return *s;
 }
 
-// Page-locked host blocks by size class. A block read by async copies goes back to the cache only when
-// the events recorded after those copies have completed.
+// Page-locked host blocks by size class. A block read by async copies goes back to the cache only
+// when the events recorded after those copies have completed.
 class PinnedAllocator final : public Allocator {
  public:
   void* allocate(std::size_t bytes, void*) override {
@@ -261,7 +262,8 @@ class PinnedAllocator final : public Allocator {
   void process_pending() {
     for (auto it = pending_.begin(); it != pending_.end();) {
       auto& events = it->second.events;
-      if (!std::all_of(events.begin(), events.end(), [](void* e) { return kernels::cuda::event_query(e); })) {
+      if (!std::all_of(events.begin(), events.end(),
+                       [](void* e) { return kernels::cuda::event_query(e); })) {
         ++it;
         continue;
       }
@@ -278,7 +280,8 @@ class PinnedAllocator final : public Allocator {
 };
 
 PinnedAllocator& pinned() {
-  static auto* a = new PinnedAllocator();  // outlives every tensor (no destruction-order races at exit)
+  static auto* a =
+      new PinnedAllocator();  // outlives every tensor (no destruction-order races at exit)
   return *a;
 }
 
@@ -296,7 +299,9 @@ void CudaEvent::record(void* stream) { kernels::cuda::event_record(event_, strea
 void CudaEvent::wait_on(void* stream) const { kernels::cuda::stream_wait_event(stream, event_); }
 bool CudaEvent::done() const { return kernels::cuda::event_query(event_); }
 void CudaEvent::synchronize() const { kernels::cuda::event_synchronize(event_); }
-float CudaEvent::ms_since(const CudaEvent& start) const { return kernels::cuda::event_elapsed_ms(start.event_, event_); }
+float CudaEvent::ms_since(const CudaEvent& start) const {
+  return kernels::cuda::event_elapsed_ms(start.event_, event_);
+}
 
 void cuda_stream_wait(void* waiter, void* signaller) {
   if (waiter == signaller) return;

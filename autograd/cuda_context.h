@@ -33,13 +33,13 @@ void cuda_empty_cache(int device);  // returns cached blocks to the driver
 // done.
 void cuda_record_stream(void* ptr, int device, void* stream);
 
-// Test aid: fill every block the CUDA allocator hands out with 0xFF bytes (NaN in f32, bf16 and f64), so
-// an output element a kernel fails to write shows up as NaN.
+// Test aid: fill every block the CUDA allocator hands out with 0xFF bytes (NaN in f32, bf16 and
+// f64), so an output element a kernel fails to write shows up as NaN.
 void cuda_set_poison_allocations(bool on);
 
-// Page-locked host memory for asynchronous host-to-device copies, cached by size class like the device
-// memory. A block an async copy reads from (cuda_record_pinned_use) returns to the cache only after
-// that copy has finished, so freeing the host tensor early is safe.
+// Page-locked host memory for asynchronous host-to-device copies, cached by size class like the
+// device memory. A block an async copy reads from (cuda_record_pinned_use) returns to the cache
+// only after that copy has finished, so freeing the host tensor early is safe.
 Allocator& cuda_pinned_allocator();
 void cuda_record_pinned_use(void* ptr, void* stream);
 struct PinnedMemoryStats {
@@ -57,8 +57,8 @@ class CudaEvent {
   CudaEvent& operator=(const CudaEvent&) = delete;
   void record(void* stream);
   void wait_on(void* stream) const;  // work queued on `stream` after this waits for the event
-  bool done() const;                // true when the recorded work has finished
-  void synchronize() const;         // host waits
+  bool done() const;                 // true when the recorded work has finished
+  void synchronize() const;          // host waits
   float ms_since(const CudaEvent& start) const;
 
  private:

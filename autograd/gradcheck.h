@@ -16,8 +16,8 @@ struct GradcheckOptions {
   double atol = 1e-6;
   double rtol = 1e-5;
   uint64_t seed = 7;
-  // When > 0, check only this many elements of each input (evenly spread, always including the first
-  // and last): whole-model checks in reasonable time.
+  // When > 0, check only this many elements of each input (evenly spread, always including the
+  // first and last): whole-model checks in reasonable time.
   int64_t max_elements_per_input = 0;
 };
 

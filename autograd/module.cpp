@@ -12,7 +12,8 @@ void Module::check_new_name(const std::string& name) const {
       << "module member name '" << name << "' must be non-empty and contain no '.'";
   const bool taken =
       std::any_of(params_.begin(), params_.end(), [&](const auto& p) { return p.name == name; }) ||
-      std::any_of(buffers_.begin(), buffers_.end(), [&](const auto& b) { return b.first == name; }) ||
+      std::any_of(buffers_.begin(), buffers_.end(),
+                  [&](const auto& b) { return b.first == name; }) ||
       std::any_of(children_.begin(), children_.end(),
                   [&](const auto& c) { return c.first == name; });
   HYDRA_CHECK(!taken) << "module member name '" << name << "' registered twice";
@@ -29,7 +30,8 @@ Tensor Module::register_parameter(const std::string& name, Tensor t, ParamOption
 
 Tensor Module::register_buffer(const std::string& name, Tensor t) {
   check_new_name(name);
-  HYDRA_CHECK(t.defined() && !t.requires_grad()) << "buffer '" << name << "' must be defined and not require grad";
+  HYDRA_CHECK(t.defined() && !t.requires_grad())
+      << "buffer '" << name << "' must be defined and not require grad";
   buffers_.emplace_back(name, t);
   return t;
 }

@@ -17,9 +17,10 @@ struct ParamOptions {
   std::string lr_group =
       "";  // "" = the base learning rate; others have their own (e.g. "pkm_values")
   std::string freeze_group = "";  // curriculum stages may freeze a group by name (e.g. "backbone")
-  bool sparse_grad = false;       // gradients arrive row-sparse (Tensor::sparse_grad), e.g. PKM values
-  // Mixed precision leaves it in its master dtype (no low-precision compute copy), for parameters whose
-  // results are precision-sensitive and cheap, e.g. the MoE router (its top-k decisions and aux losses).
+  bool sparse_grad = false;  // gradients arrive row-sparse (Tensor::sparse_grad), e.g. PKM values
+  // Mixed precision leaves it in its master dtype (no low-precision compute copy), for parameters
+  // whose results are precision-sensitive and cheap, e.g. the MoE router (its top-k decisions and
+  // aux losses).
   bool keep_master_dtype = false;
 };
 
@@ -43,15 +44,17 @@ class Module {
   // The parameter with this full dotted name, or an undefined tensor.
   Tensor find_parameter(const std::string& name) const;
   void zero_grad();
-  // Non-trainable state saved with checkpoints (e.g. adaptive loss coefficients), by full dotted name.
+  // Non-trainable state saved with checkpoints (e.g. adaptive loss coefficients), by full dotted
+  // name.
   std::vector<std::pair<std::string, Tensor>> named_buffers(const std::string& prefix = "") const;
   // Moves every parameter to `device` / converts it to `dtype` in place: existing handles see the
   // change.
   void to(Device device);
   void to(DType dtype);
-  // Replaces the data behind a parameter (or buffer) handle, keeping the handle and every copy of it
-  // valid (e.g. keeping only this rank's slice of a sharded parameter). Drops its gradient unless
-  // `keep_grad` (switching between a master and its compute copy: autograd/compute_copies.h).
+  // Replaces the data behind a parameter (or buffer) handle, keeping the handle and every copy of
+  // it valid (e.g. keeping only this rank's slice of a sharded parameter). Drops its gradient
+  // unless `keep_grad` (switching between a master and its compute copy:
+  // autograd/compute_copies.h).
   static void replace_data(const Tensor& param, const Tensor& data, bool keep_grad = false);
 
  protected:

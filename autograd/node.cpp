@@ -1,9 +1,8 @@
 #include "autograd/node.h"
 
-#include <utility>
-
 #include <atomic>
 #include <limits>
+#include <utility>
 
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
@@ -47,7 +46,8 @@ std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
     Tensor d(dest);
     // Written there already by the op that claimed the destination; otherwise copied (and converted
     // from the compute dtype in the same pass).
-    const bool there = g.storage() == d.storage() && g.offset() == d.offset() && g.strides() == d.strides();
+    const bool there =
+        g.storage() == d.storage() && g.offset() == d.offset() && g.strides() == d.strides();
     if (!there) d.copy_(g);
     leaf_.set_grad(d);
   } else if (!current.defined()) {
@@ -92,8 +92,8 @@ Edge gradient_edge(const Tensor& t) {
 
 namespace {
 
-void record_node(const std::string& name, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
-                 BackwardFn fn, bool collective);
+void record_node(const std::string& name, const std::vector<Tensor>& inputs,
+                 const std::vector<Tensor>& outputs, BackwardFn fn, bool collective);
 
 }  // namespace
 
@@ -130,18 +130,21 @@ Tensor anchor_collectives(const Tensor& root, const std::vector<Tensor>& anchors
   std::vector<Tensor> inputs{root};
   inputs.insert(inputs.end(), anchors.begin(), anchors.end());
   const std::size_t n = inputs.size();
-  record_op("anchor_collectives", inputs, {out}, [n](const std::vector<Tensor>& g) {
-    std::vector<Tensor> grads(n);
-    grads[0] = g[0];
-    return grads;
-  }, true);
+  record_op(
+      "anchor_collectives", inputs, {out},
+      [n](const std::vector<Tensor>& g) {
+        std::vector<Tensor> grads(n);
+        grads[0] = g[0];
+        return grads;
+      },
+      true);
   return out;
 }
 
 namespace {
 
-void record_node(const std::string& name, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
-                 BackwardFn fn, bool collective) {
+void record_node(const std::string& name, const std::vector<Tensor>& inputs,
+                 const std::vector<Tensor>& outputs, BackwardFn fn, bool collective) {
   auto node = std::make_shared<FunctionNode>(name, std::move(fn));
   node->set_runs_without_grads(collective);
   node->set_num_outputs(static_cast<uint32_t>(outputs.size()));

@@ -100,24 +100,25 @@ class AccumulateGrad final : public Node {
 bool any_requires_grad(const std::vector<Tensor>& inputs);
 // The edge by which gradient reaches `t` (its grad_fn, or its leaf accumulator; none if no grad).
 Edge gradient_edge(const Tensor& t);
-// Records `fn` as the backward of an op with these inputs and outputs. Undefined inputs get no edge;
-// outputs become non-leaves that require grad. No-op when no input requires grad (or grad mode off),
-// unless `force` (an op whose gradient leaves by another route, such as a sparse table gradient).
+// Records `fn` as the backward of an op with these inputs and outputs. Undefined inputs get no
+// edge; outputs become non-leaves that require grad. No-op when no input requires grad (or grad
+// mode off), unless `force` (an op whose gradient leaves by another route, such as a sparse table
+// gradient).
 void record_op(const std::string& name, const std::vector<Tensor>& inputs,
                const std::vector<Tensor>& outputs, BackwardFn fn, bool force = false);
-// record_op for a collective (parallel/): recorded whenever grad mode is on, and its backward runs on
-// every backward that reaches it, with undefined gradients where none arrived.
+// record_op for a collective (parallel/): recorded whenever grad mode is on, and its backward runs
+// on every backward that reaches it, with undefined gradients where none arrived.
 void record_collective_op(const std::string& name, const std::vector<Tensor>& inputs,
                           const std::vector<Tensor>& outputs, BackwardFn fn);
-// The outputs of the collective ops recorded on this thread since the last take (one per op). A rank
-// may not use some collective's output (rank 0 has no predecessor to take a halo from), yet its
-// backward must run on every rank, in the same order: the loss anchors them all (anchor_collectives),
-// and since the engine runs reachable nodes in reverse creation order, every rank then runs the same
-// collectives in the same order.
+// The outputs of the collective ops recorded on this thread since the last take (one per op). A
+// rank may not use some collective's output (rank 0 has no predecessor to take a halo from), yet
+// its backward must run on every rank, in the same order: the loss anchors them all
+// (anchor_collectives), and since the engine runs reachable nodes in reverse creation order, every
+// rank then runs the same collectives in the same order.
 std::vector<Tensor> take_collective_outputs();
 void put_collective_outputs(std::vector<Tensor> outputs);  // restores what take returned (appends)
-// `root` unchanged, with `anchors` as extra inputs that receive no gradient: a backward from the result
-// reaches every anchor's history.
+// `root` unchanged, with `anchors` as extra inputs that receive no gradient: a backward from the
+// result reaches every anchor's history.
 Tensor anchor_collectives(const Tensor& root, const std::vector<Tensor>& anchors);
 // Runs the gradient-ready hooks of a leaf (after a gradient reached it by any route).
 void run_grad_ready_hooks(const Tensor& leaf);

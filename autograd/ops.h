@@ -80,8 +80,8 @@ Tensor sum_to(const Tensor& x, const Shape& shape);
 // Not differentiable: statistics.
 Tensor amax(const Tensor& x, int64_t axis, bool keepdim = false);
 Tensor sum_squares(const Tensor& x);  // sum of x^2 over all elements, as a 1-element tensor
-// sum over tensors of sum of x^2, in double: one fused launch per device, dtype and 128 tensors, one
-// host synchronisation per launch. Fixed summation order (bit-reproducible).
+// sum over tensors of sum of x^2, in double: one fused launch per device, dtype and 128 tensors,
+// one host synchronisation per launch. Fixed summation order (bit-reproducible).
 double sum_squares_all(const std::vector<Tensor>& xs);
 
 // ---- linear algebra
@@ -95,15 +95,18 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
 // ---- normalisation, softmax, losses
 // ----------------------------------------------------------------
 Tensor rms_norm(const Tensor& x, const Tensor& weight,
-                double eps = 1e-6);   // over the last axis; weight may be undefined
-// A gated update of rows: s, u [..., n]; w [1, 2n] (or [2n]: the gate's weights for s, then u); b [1].
-// out = s + g (u - s) with g = sigmoid(<s, w_s> + <u, w_u> + b) per row. Returns {out, g [..., 1]}
-// (g is not differentiable). One kernel each way (kernels/gated_update.h).
-std::pair<Tensor, Tensor> gated_update(const Tensor& s, const Tensor& u, const Tensor& w, const Tensor& b);
+                double eps = 1e-6);  // over the last axis; weight may be undefined
+// A gated update of rows: s, u [..., n]; w [1, 2n] (or [2n]: the gate's weights for s, then u); b
+// [1]. out = s + g (u - s) with g = sigmoid(<s, w_s> + <u, w_u> + b) per row. Returns {out, g [...,
+// 1]} (g is not differentiable). One kernel each way (kernels/gated_update.h).
+std::pair<Tensor, Tensor> gated_update(const Tensor& s, const Tensor& u, const Tensor& w,
+                                       const Tensor& b);
 // gated_update applied T times in a row: s [R, n] is h_0, u [T, R, n] the updates, and
 // h_{t+1} = gated_update(h_t, u_t). Returns {h [T + 1, R, n] (every state, h_0 included), g [T, R]}
-// (g is not differentiable). One fused kernel each way: the steps run inside it (kernels/gated_update.h).
-std::pair<Tensor, Tensor> gated_scan(const Tensor& s, const Tensor& u, const Tensor& w, const Tensor& b);
+// (g is not differentiable). One fused kernel each way: the steps run inside it
+// (kernels/gated_update.h).
+std::pair<Tensor, Tensor> gated_scan(const Tensor& s, const Tensor& u, const Tensor& w,
+                                     const Tensor& b);
 Tensor softmax(const Tensor& x);      // over the last axis
 Tensor log_softmax(const Tensor& x);  // over the last axis
 enum class Reduction { kMean, kSum, kNone };
@@ -133,8 +136,9 @@ std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, in
 // The k largest along the last axis, descending, ties to the lower index; gradient flows to values.
 std::pair<Tensor, Tensor> topk(const Tensor& x, int64_t k);
 
-// Product-key indices (PKM): a, b [..., k] (i64, the top-k keys of each half), pick [..., count] (i64,
-// cells c of their k x k grid) -> [..., count] with a[.., c / k] * n_keys + b[.., c % k]. No gradient.
+// Product-key indices (PKM): a, b [..., k] (i64, the top-k keys of each half), pick [..., count]
+// (i64, cells c of their k x k grid) -> [..., count] with a[.., c / k] * n_keys + b[.., c % k]. No
+// gradient.
 Tensor product_key_indices(const Tensor& a, const Tensor& b, const Tensor& pick, int64_t n_keys);
 
 // Weighted bags of rows: out[t] = sum_k weights[t, k] * table[index[t, k]]; table [R, C], index and
@@ -153,17 +157,17 @@ Tensor densify_sparse_grad(const Tensor& leaf);
 // n); group s is multiplied by w[s % G]^T with w [G, out, in] (so G groups are one per expert, and
 // P * G groups are P blocks of G, as rows arrive from P peers). Returns [n, out].
 Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& group_sizes);
-// The chunk routing of the experts (kernels/moe_route.h), on the tensors' device: r, s [rows, E] with
-// rows = batch * chunks. Not differentiable. Only `counts` and `dropped` come to the host (2E integers:
-// the grouped GEMMs need the group sizes there); the dispatch order stays on the device.
+// The chunk routing of the experts (kernels/moe_route.h), on the tensors' device: r, s [rows, E]
+// with rows = batch * chunks. Not differentiable. Only `counts` and `dropped` come to the host (2E
+// integers: the grouped GEMMs need the group sizes there); the dispatch order stays on the device.
 struct MoeDispatch {
-  Tensor mask;                    // [rows, E] in r's dtype: 1 where the chunk's tokens go to the expert
-  Tensor perm, widx;              // [sum(counts) * chunk_len] i64 (kernels/moe_route.h)
-  std::vector<int64_t> counts;    // [E] kept chunks per expert
-  std::vector<int64_t> dropped;   // [E] chunks dropped by the capacity
+  Tensor mask;        // [rows, E] in r's dtype: 1 where the chunk's tokens go to the expert
+  Tensor perm, widx;  // [sum(counts) * chunk_len] i64 (kernels/moe_route.h)
+  std::vector<int64_t> counts;   // [E] kept chunks per expert
+  std::vector<int64_t> dropped;  // [E] chunks dropped by the capacity
 };
-MoeDispatch moe_route(const Tensor& r, const Tensor& s, int64_t batch, int64_t chunk_len, int64_t max_active,
-                      int64_t capacity);
+MoeDispatch moe_route(const Tensor& r, const Tensor& s, int64_t batch, int64_t chunk_len,
+                      int64_t max_active, int64_t capacity);
 
 // ---- attention ----------------------------------------------------------------------------------
 // The sparse causal pattern of kernels/attention.h. window <= 0: unlimited; global_stride 0: none.
@@ -179,9 +183,9 @@ Tensor sparse_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                         int64_t k_pos0 = 0);
 // The same, also returning the log-sum-exp [B, H, Lq] (for merging partial attentions).
 std::pair<Tensor, Tensor> sparse_attention_with_lse(const Tensor& q, const Tensor& k,
-                                                    const Tensor& v, const AttentionPattern& pattern,
-                                                    double scale, int64_t q_pos0 = 0,
-                                                    int64_t k_pos0 = 0);
+                                                    const Tensor& v,
+                                                    const AttentionPattern& pattern, double scale,
+                                                    int64_t q_pos0 = 0, int64_t k_pos0 = 0);
 // Partial attentions of the same queries over disjoint key sets, merged with the log-sum-exp rule:
 // outs [P, B, L, H, dh], lses [P, B, H, L] (accumulate dtype; -inf: the part saw no key) ->
 // {o [B, L, H, dh], lse [B, H, L]} with lse = log sum_i exp(lse_i), o = sum_i exp(lse_i - lse) o_i.

@@ -81,9 +81,11 @@ void launch_binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& 
   std::optional<KernelProfileScope> detail;
   if (kernel_profile_detailed()) {
     std::string bcast;  // per dim: a and b read along it (1) or broadcast (0)
-    for (int i = 0; i < p.ndim; ++i) bcast += std::string(p.a_strides[i] ? "1" : "0") + (p.b_strides[i] ? "1" : "0") + " ";
+    for (int i = 0; i < p.ndim; ++i)
+      bcast += std::string(p.a_strides[i] ? "1" : "0") + (p.b_strides[i] ? "1" : "0") + " ";
     detail.emplace(out.device(), "binary op" + std::to_string(static_cast<int>(op)) + " " +
-                                     std::string(dtype_name(p.dtype)) + " " + profile_dims(p.shape, p.ndim) + " ab " + bcast);
+                                     std::string(dtype_name(p.dtype)) + " " +
+                                     profile_dims(p.shape, p.ndim) + " ab " + bcast);
   }
   HYDRA_LAUNCH(out.device(), binary, p);
 }

@@ -2,9 +2,8 @@
 #include <functional>
 #include <numeric>
 
-#include "autograd/grad_mode.h"
-
 #include "autograd/dispatch.h"
+#include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "kernels/index.h"
@@ -311,10 +310,11 @@ namespace hydra {
 
 void scatter_add_rows_(const Tensor& table, const Tensor& index, const Tensor& src) {
   check_index("scatter_add_rows_", index, table);
-  HYDRA_CHECK(table.dim() == 2 && table.is_contiguous() && src.dim() == 2 && src.size(1) == table.size(1) &&
-              index.numel() == src.size(0) && table.dtype() == src.dtype())
-      << "scatter_add_rows_: table " << shape_str(table.shape()) << " (contiguous), index " << shape_str(index.shape())
-      << ", src " << shape_str(src.shape()) << " of the table's dtype";
+  HYDRA_CHECK(table.dim() == 2 && table.is_contiguous() && src.dim() == 2 &&
+              src.size(1) == table.size(1) && index.numel() == src.size(0) &&
+              table.dtype() == src.dtype())
+      << "scatter_add_rows_: table " << shape_str(table.shape()) << " (contiguous), index "
+      << shape_str(index.shape()) << ", src " << shape_str(src.shape()) << " of the table's dtype";
   NoGradGuard no_grad;
   scatter_rows_into(table, index.contiguous(), src.contiguous());
   table.storage()->bump_version();
@@ -322,9 +322,10 @@ void scatter_add_rows_(const Tensor& table, const Tensor& index, const Tensor& s
 
 void accumulate_sparse_grad(const Tensor& leaf, const Tensor& rows_in, const Tensor& values_in) {
   HYDRA_CHECK(leaf.is_leaf() && leaf.dim() == 2) << "sparse gradients go to 2-D leaves";
-  HYDRA_CHECK(values_in.dim() == 2 && values_in.size(1) == leaf.size(1) && rows_in.numel() == values_in.size(0))
-      << "accumulate_sparse_grad: rows " << shape_str(rows_in.shape()) << ", values " << shape_str(values_in.shape())
-      << " for a leaf of shape " << shape_str(leaf.shape());
+  HYDRA_CHECK(values_in.dim() == 2 && values_in.size(1) == leaf.size(1) &&
+              rows_in.numel() == values_in.size(0))
+      << "accumulate_sparse_grad: rows " << shape_str(rows_in.shape()) << ", values "
+      << shape_str(values_in.shape()) << " for a leaf of shape " << shape_str(leaf.shape());
   NoGradGuard no_grad;
   Tensor rows = rows_in.reshape({-1}).to(DType::kI64), values = values_in.to(leaf.grad_dtype());
   if (const auto& prev = leaf.sparse_grad()) {
@@ -336,10 +337,12 @@ void accumulate_sparse_grad(const Tensor& leaf, const Tensor& rows_in, const Ten
   const Device dev = leaf.device();
   auto g = std::make_shared<SparseRows>();
   if (std::adjacent_find(r.begin(), r.end(), std::greater_equal<int64_t>()) == r.end()) {
-    // Already coalesced (e.g. the embedding bag's per-row sums, first micro-batch): keep as they are.
+    // Already coalesced (e.g. the embedding bag's per-row sums, first micro-batch): keep as they
+    // are.
     g->rows = rows.clone();
     // Never the caller's tensors themselves: to() returns its input when the dtype already matches.
-    g->values = values.dtype() == values_in.dtype() ? values.contiguous().clone() : values.contiguous();
+    g->values =
+        values.dtype() == values_in.dtype() ? values.contiguous().clone() : values.contiguous();
     leaf.set_sparse_grad(std::move(g));
     run_grad_ready_hooks(leaf);
     return;
@@ -352,7 +355,8 @@ void accumulate_sparse_grad(const Tensor& leaf, const Tensor& rows_in, const Ten
     slot[i] = std::lower_bound(uniq.begin(), uniq.end(), r[i]) - uniq.begin();
   g->rows = tensor(uniq, {static_cast<int64_t>(uniq.size())}).to(dev);
   g->values = zeros({static_cast<int64_t>(uniq.size()), leaf.size(1)}, leaf.grad_dtype(), dev);
-  scatter_rows_into(g->values, tensor(slot, {static_cast<int64_t>(slot.size())}).to(dev), values.contiguous());
+  scatter_rows_into(g->values, tensor(slot, {static_cast<int64_t>(slot.size())}).to(dev),
+                    values.contiguous());
   leaf.set_sparse_grad(std::move(g));
   run_grad_ready_hooks(leaf);
 }
@@ -363,13 +367,15 @@ Tensor densify_sparse_grad(const Tensor& leaf) {
   return dense;
 }
 
-Tensor product_key_indices(const Tensor& a_in, const Tensor& b_in, const Tensor& pick_in, int64_t n_keys) {
-  HYDRA_CHECK(a_in.dtype() == DType::kI64 && b_in.dtype() == DType::kI64 && pick_in.dtype() == DType::kI64)
+Tensor product_key_indices(const Tensor& a_in, const Tensor& b_in, const Tensor& pick_in,
+                           int64_t n_keys) {
+  HYDRA_CHECK(a_in.dtype() == DType::kI64 && b_in.dtype() == DType::kI64 &&
+              pick_in.dtype() == DType::kI64)
       << "product_key_indices: i64 operands expected";
   HYDRA_CHECK(a_in.dim() >= 1 && a_in.shape() == b_in.shape() && pick_in.dim() == a_in.dim() &&
               std::equal(a_in.shape().begin(), a_in.shape().end() - 1, pick_in.shape().begin()))
-      << "product_key_indices: a " << shape_str(a_in.shape()) << ", b " << shape_str(b_in.shape()) << ", pick "
-      << shape_str(pick_in.shape()) << " (expected [..., k], [..., k], [..., count])";
+      << "product_key_indices: a " << shape_str(a_in.shape()) << ", b " << shape_str(b_in.shape())
+      << ", pick " << shape_str(pick_in.shape()) << " (expected [..., k], [..., k], [..., count])";
   HYDRA_CHECK(a_in.device() == b_in.device() && a_in.device() == pick_in.device())
       << "product_key_indices: operands on different devices";
   const Tensor a = a_in.contiguous(), b = b_in.contiguous(), pick = pick_in.contiguous();
@@ -388,17 +394,20 @@ Tensor product_key_indices(const Tensor& a_in, const Tensor& b_in, const Tensor&
   return out;
 }
 
-Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tensor& weights_in, bool sparse_grad) {
+Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tensor& weights_in,
+                     bool sparse_grad) {
   check_index("embedding_bag", index_in, table_in);
   HYDRA_CHECK(table_in.dim() == 2 && index_in.dim() == 2 && weights_in.shape() == index_in.shape())
-      << "embedding_bag: table " << shape_str(table_in.shape()) << ", index " << shape_str(index_in.shape())
-      << ", weights " << shape_str(weights_in.shape()) << " (expected [R, C], [n, m], [n, m])";
+      << "embedding_bag: table " << shape_str(table_in.shape()) << ", index "
+      << shape_str(index_in.shape()) << ", weights " << shape_str(weights_in.shape())
+      << " (expected [R, C], [n, m], [n, m])";
   HYDRA_CHECK(weights_in.dtype() == table_in.dtype() && weights_in.device() == table_in.device())
       << "embedding_bag: weights and table differ in dtype or device";
   const bool need_table = table_in.requires_grad(), need_w = weights_in.requires_grad();
   HYDRA_CHECK(!(sparse_grad && need_table) || table_in.is_leaf())
       << "embedding_bag: a sparse gradient needs the table to be a leaf (a parameter)";
-  Tensor table = table_in.detach().contiguous(), index = index_in.contiguous(), weights = weights_in.detach().contiguous();
+  Tensor table = table_in.detach().contiguous(), index = index_in.contiguous(),
+         weights = weights_in.detach().contiguous();
   const int64_t n = index.size(0), m = index.size(1), C = table.size(1);
   Tensor out = Tensor::empty({n, C}, table.dtype(), table.device());
   kernels::BagParams p;
@@ -425,8 +434,8 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
         const Tensor gout = g[0].contiguous();
         const Device dev = gout.device();
         Tensor gw = need_w ? Tensor::empty({n, m}, p.dtype, dev) : Tensor();
-        // The table's gradient summed per row on the device (never one row per lookup), and which rows
-        // the lookups hit (the sparse gradient's rows).
+        // The table's gradient summed per row on the device (never one row per lookup), and which
+        // rows the lookups hit (the sparse gradient's rows).
         Tensor gtable = need_table ? Tensor::empty(tshape, p.dtype, dev) : Tensor();
         Tensor hits = sparse_table ? Tensor::empty({tshape[0]}, DType::kI32, dev) : Tensor();
         kernels::BagBwdParams q;
@@ -454,23 +463,25 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
   return out;
 }
 
-MoeDispatch moe_route(const Tensor& r_in, const Tensor& s_in, int64_t batch, int64_t chunk_len, int64_t max_active,
-                      int64_t capacity) {
+MoeDispatch moe_route(const Tensor& r_in, const Tensor& s_in, int64_t batch, int64_t chunk_len,
+                      int64_t max_active, int64_t capacity) {
   HYDRA_CHECK(r_in.dim() == 2 && r_in.shape() == s_in.shape() && is_floating(r_in.dtype()) &&
               s_in.dtype() == r_in.dtype() && s_in.device() == r_in.device())
       << "moe_route: r " << shape_str(r_in.shape()) << " and s " << shape_str(s_in.shape())
       << " must be floating [rows, experts] tensors of one dtype and device";
   const int64_t rows = r_in.size(0), E = r_in.size(1);
   HYDRA_CHECK(batch >= 1 && rows % batch == 0 && chunk_len >= 1 && max_active >= 0)
-      << "moe_route: " << rows << " rows for batch " << batch << ", chunk_len " << chunk_len << ", max_active "
-      << max_active;
+      << "moe_route: " << rows << " rows for batch " << batch << ", chunk_len " << chunk_len
+      << ", max_active " << max_active;
   const Device dev = r_in.device();
   const Tensor r = r_in.detach().contiguous(), s = s_in.detach().contiguous();
   MoeDispatch out;
   out.mask = Tensor::empty({rows, E}, r.dtype(), dev);
   const int64_t slots = rows * std::min(max_active, E) * chunk_len;
-  Tensor perm = Tensor::empty({slots}, DType::kI64, dev), widx = Tensor::empty({slots}, DType::kI64, dev);
-  Tensor counts = Tensor::empty({2, E}, DType::kI64, dev);  // counts, then dropped: one copy to the host
+  Tensor perm = Tensor::empty({slots}, DType::kI64, dev),
+         widx = Tensor::empty({slots}, DType::kI64, dev);
+  Tensor counts =
+      Tensor::empty({2, E}, DType::kI64, dev);  // counts, then dropped: one copy to the host
   kernels::MoeRouteParams p;
   p.dtype = r.dtype();
   p.batch = batch;

@@ -35,7 +35,8 @@ BlasOperand as_blas_operand(const Tensor& m) {
   return {mc, std::max<int64_t>(c, 1), false, m.size(0) == 1 ? 0 : r * c};
 }
 
-// The cuBLASLt workspace of a device: allocated once through the caching allocator, kept for the process.
+// The cuBLASLt workspace of a device: allocated once through the caching allocator, kept for the
+// process.
 void* gemm_workspace(Device device) {
   if (device.is_cpu()) return nullptr;
   static std::mutex mu;
@@ -75,8 +76,9 @@ void gemm_into(const Tensor& out, const Tensor& a, bool ta, const Tensor& b, boo
   if (p.m == 0 || p.n == 0 || p.batch == 0) return;
   std::optional<KernelProfileScope> shape_row;
   if (kernel_profile_detailed())
-    shape_row.emplace(out.device(), "gemm " + std::to_string(p.m) + "x" + std::to_string(p.n) + "x" +
-                                        std::to_string(p.k) + " " + std::string(dtype_name(p.dtype)) + " " +
+    shape_row.emplace(out.device(), "gemm " + std::to_string(p.m) + "x" + std::to_string(p.n) +
+                                        "x" + std::to_string(p.k) + " " +
+                                        std::string(dtype_name(p.dtype)) + " " +
                                         (p.trans_a ? "T" : "N") + (p.trans_b ? "T" : "N") + " b" +
                                         std::to_string(p.batch) + (p.bias ? " +bias" : ""));
   HYDRA_LAUNCH(out.device(), gemm, p);
@@ -95,7 +97,8 @@ Tensor mm(const Tensor& a, bool ta, const Tensor& b, bool tb) {
 // A weight's gradient op(a) @ op(b) ([1, *, *] operands -> `shape`), computed straight into the
 // weight's gradient destination when it can claim one (a communication bucket: no copy afterwards),
 // else into a new tensor.
-Tensor weight_grad(const Tensor& w, const Tensor& a, bool ta, const Tensor& b, bool tb, const Shape& shape) {
+Tensor weight_grad(const Tensor& w, const Tensor& a, bool ta, const Tensor& b, bool tb,
+                   const Shape& shape) {
   const Tensor dest = w.claim_grad_destination(a.dtype());
   if (dest.defined() && dest.is_contiguous() && dest.device() == a.device()) {
     const int64_t m = ta ? a.size(2) : a.size(1), n = tb ? b.size(1) : b.size(2);
@@ -134,7 +137,8 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
     const bool need_a = a.requires_grad(), need_b = b.requires_grad();
     SavedTensor sa(need_b ? a3 : Tensor()), sb(need_a ? b3 : Tensor());
     const Shape a_shape = a.shape(), b_shape = b.shape();
-    const Tensor b_leaf = need_b && b.is_leaf() ? b : Tensor();  // a weight: its gradient may go to a bucket
+    const Tensor b_leaf =
+        need_b && b.is_leaf() ? b : Tensor();  // a weight: its gradient may go to a bucket
     record_op("matmul", {a, b}, {out}, [=](const std::vector<Tensor>& g) {
       Tensor g3 = g[0].reshape({1, -1, N});
       Tensor ga = need_a ? mm(g3, false, sb.get(), true).view(a_shape) : Tensor();
@@ -191,11 +195,13 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
   const bool need_x = x.requires_grad(), need_w = w.requires_grad(), has_bias = bias.defined();
   SavedTensor sx(need_w ? x3 : Tensor()), sw(need_x ? w3 : Tensor());
   const Shape x_shape = x.shape();
-  const Tensor w_leaf = need_w && w.is_leaf() ? w : Tensor();  // a weight: its gradient may go to a bucket
+  const Tensor w_leaf =
+      need_w && w.is_leaf() ? w : Tensor();  // a weight: its gradient may go to a bucket
   record_op("linear", {x, w, bias}, {out}, [=](const std::vector<Tensor>& g) {
     Tensor g3 = g[0].reshape({1, -1, out_features});
     Tensor gx = need_x ? mm(g3, false, sw.get(), false).view(x_shape) : Tensor();
-    Tensor gw = need_w ? weight_grad(w_leaf, g3, true, sx.get(), false, {out_features, in}) : Tensor();
+    Tensor gw =
+        need_w ? weight_grad(w_leaf, g3, true, sx.get(), false, {out_features, in}) : Tensor();
     Tensor gb = has_bias ? sum(g3, {0, 1}) : Tensor();
     return std::vector<Tensor>{gx, gw, gb};
   });
@@ -208,15 +214,16 @@ namespace hydra {
 
 namespace {
 
-// Above this many FLOPs per problem on average, one cuBLASLt GEMM per problem beats cuBLAS's grouped
-// GEMM (hydra-bench-gpu on an H100: 8 problems of 4096 x 2048 x 512, 8.6 GFLOP each, take 0.27 ms
-// grouped and 0.22 ms as 8 GEMMs, while 8 of 4096 x 384 x 192, 0.6 GFLOP each, take 0.065 ms grouped
-// and 0.14 ms as 8 GEMMs).
+// Above this many FLOPs per problem on average, one cuBLASLt GEMM per problem beats cuBLAS's
+// grouped GEMM (hydra-bench-gpu on an H100: 8 problems of 4096 x 2048 x 512, 8.6 GFLOP each, take
+// 0.27 ms grouped and 0.22 ms as 8 GEMMs, while 8 of 4096 x 384 x 192, 0.6 GFLOP each, take 0.065
+// ms grouped and 0.14 ms as 8 GEMMs).
 constexpr double kGroupedGemmMaxFlops = 2e9;
 
 // Runs the problems as one grouped GEMM, or as one GEMM each when they are large (on the CPU: one
 // after another).
-void grouped_gemm_run(Device device, DType dtype, bool ta, bool tb, const std::vector<kernels::GemmProblem>& problems) {
+void grouped_gemm_run(Device device, DType dtype, bool ta, bool tb,
+                      const std::vector<kernels::GemmProblem>& problems) {
   if (problems.empty()) return;
   kernels::GroupedGemmParams p;
   p.dtype = dtype;
@@ -225,7 +232,8 @@ void grouped_gemm_run(Device device, DType dtype, bool ta, bool tb, const std::v
   p.problems = problems.data();
   p.count = static_cast<int64_t>(problems.size());
   double flops = 0;
-  for (const kernels::GemmProblem& q : problems) flops += 2.0 * double(q.m) * double(q.n) * double(q.k);
+  for (const kernels::GemmProblem& q : problems)
+    flops += 2.0 * double(q.m) * double(q.n) * double(q.k);
   if (device.is_cuda() && flops / double(problems.size()) > kGroupedGemmMaxFlops) {
     for (const kernels::GemmProblem& q : problems) {
       kernels::GemmParams g = kernels::gemm_of(p, q);
@@ -242,7 +250,8 @@ void grouped_gemm_run(Device device, DType dtype, bool ta, bool tb, const std::v
 }
 
 // The GEMM problem of `rows` rows of the row-major operands a ([rows, *]), b and c ([rows, *]).
-kernels::GemmProblem problem(const Tensor& a, const Tensor& b, const Tensor& c, int64_t k, double beta = 0) {
+kernels::GemmProblem problem(const Tensor& a, const Tensor& b, const Tensor& c, int64_t k,
+                             double beta = 0) {
   kernels::GemmProblem q;
   q.m = c.size(0);
   q.n = c.size(1);
@@ -259,9 +268,9 @@ kernels::GemmProblem problem(const Tensor& a, const Tensor& b, const Tensor& c, 
 
 }  // namespace
 
-// Every group's GEMM runs in one grouped launch (forward, input gradient), and the weight gradient in
-// one launch per round of G groups (groups of the same expert accumulate into the same gw[g], in group
-// order, so the sum is deterministic).
+// Every group's GEMM runs in one grouped launch (forward, input gradient), and the weight gradient
+// in one launch per round of G groups (groups of the same expert accumulate into the same gw[g], in
+// group order, so the sum is deterministic).
 Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& group_sizes) {
   check_operands("grouped_linear", x, w);
   const auto S = static_cast<int64_t>(group_sizes.size());
@@ -273,8 +282,8 @@ Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_
     HYDRA_CHECK(s >= 0) << "grouped_linear: negative group size";
     total += s;
   }
-  HYDRA_CHECK(total == x.size(0)) << "grouped_linear: group sizes add up to " << total << ", x has " << x.size(0)
-                                  << " rows";
+  HYDRA_CHECK(total == x.size(0)) << "grouped_linear: group sizes add up to " << total << ", x has "
+                                  << x.size(0) << " rows";
   const int64_t in = w.size(2), out_f = w.size(1), G = w.size(0);
   const Device dev = x.device();
   const DType dt = x.dtype();
@@ -312,8 +321,9 @@ Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_
       std::vector<kernels::GemmProblem> dw;  // gw[g] += gy_s^T x_s
       for (int64_t s = round * G; s < (round + 1) * G; ++s)
         if (group_sizes[s] > 0)
-          dw.push_back(problem(gy.narrow(0, starts[s], group_sizes[s]), xs.narrow(0, starts[s], group_sizes[s]),
-                               gw.select(0, s % G), group_sizes[s], round > 0 ? 1.0 : 0.0));
+          dw.push_back(problem(gy.narrow(0, starts[s], group_sizes[s]),
+                               xs.narrow(0, starts[s], group_sizes[s]), gw.select(0, s % G),
+                               group_sizes[s], round > 0 ? 1.0 : 0.0));
       grouped_gemm_run(gy.device(), gy.dtype(), true, false, dw);
     }
     return std::vector<Tensor>{gx, gw};

@@ -105,19 +105,23 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, double eps) {
   return y;
 }
 
-std::pair<Tensor, Tensor> gated_update(const Tensor& s_in, const Tensor& u_in, const Tensor& w_in, const Tensor& b_in) {
+std::pair<Tensor, Tensor> gated_update(const Tensor& s_in, const Tensor& u_in, const Tensor& w_in,
+                                       const Tensor& b_in) {
   HYDRA_CHECK(s_in.dim() >= 1 && s_in.shape() == u_in.shape() && is_floating(s_in.dtype()))
       << "gated_update: s " << shape_str(s_in.shape()) << " and u " << shape_str(u_in.shape())
       << " must be floating tensors of one shape";
   const int64_t n = s_in.size(-1);
   HYDRA_CHECK(w_in.numel() == 2 * n && b_in.numel() == 1)
-      << "gated_update: gate weight " << shape_str(w_in.shape()) << " and bias " << shape_str(b_in.shape())
-      << " for rows of " << n << " (expected 2 * " << n << " weights and one bias)";
+      << "gated_update: gate weight " << shape_str(w_in.shape()) << " and bias "
+      << shape_str(b_in.shape()) << " for rows of " << n << " (expected 2 * " << n
+      << " weights and one bias)";
   const DType dt = s_in.dtype();
   const Device dev = s_in.device();
   for (const Tensor* t : {&u_in, &w_in, &b_in})
-    HYDRA_CHECK(t->dtype() == dt && t->device() == dev) << "gated_update: operands differ in dtype or device";
-  const Tensor s = s_in.contiguous(), u = u_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+    HYDRA_CHECK(t->dtype() == dt && t->device() == dev)
+        << "gated_update: operands differ in dtype or device";
+  const Tensor s = s_in.contiguous(), u = u_in.contiguous(), w = w_in.contiguous(),
+               b = b_in.contiguous();
   const int64_t rows = n ? s.numel() / n : 0;
   Tensor out = Tensor::empty(s.shape(), dt, dev), gate = Tensor::empty({rows}, dt, dev);
   kernels::GatedUpdateParams p;
@@ -169,20 +173,24 @@ std::pair<Tensor, Tensor> gated_update(const Tensor& s_in, const Tensor& u_in, c
   return {out, gate.view(gate_shape)};
 }
 
-std::pair<Tensor, Tensor> gated_scan(const Tensor& s_in, const Tensor& u_in, const Tensor& w_in, const Tensor& b_in) {
-  HYDRA_CHECK(s_in.dim() == 2 && u_in.dim() == 3 && u_in.size(1) == s_in.size(0) && u_in.size(2) == s_in.size(1) &&
-              is_floating(s_in.dtype()))
+std::pair<Tensor, Tensor> gated_scan(const Tensor& s_in, const Tensor& u_in, const Tensor& w_in,
+                                     const Tensor& b_in) {
+  HYDRA_CHECK(s_in.dim() == 2 && u_in.dim() == 3 && u_in.size(1) == s_in.size(0) &&
+              u_in.size(2) == s_in.size(1) && is_floating(s_in.dtype()))
       << "gated_scan: s " << shape_str(s_in.shape()) << " and u " << shape_str(u_in.shape())
       << " must be floating tensors [R, n] and [T, R, n]";
   const int64_t T = u_in.size(0), R = s_in.size(0), n = s_in.size(1);
   HYDRA_CHECK(w_in.numel() == 2 * n && b_in.numel() == 1)
-      << "gated_scan: gate weight " << shape_str(w_in.shape()) << " and bias " << shape_str(b_in.shape())
-      << " for rows of " << n << " (expected 2 * " << n << " weights and one bias)";
+      << "gated_scan: gate weight " << shape_str(w_in.shape()) << " and bias "
+      << shape_str(b_in.shape()) << " for rows of " << n << " (expected 2 * " << n
+      << " weights and one bias)";
   const DType dt = s_in.dtype();
   const Device dev = s_in.device();
   for (const Tensor* t : {&u_in, &w_in, &b_in})
-    HYDRA_CHECK(t->dtype() == dt && t->device() == dev) << "gated_scan: operands differ in dtype or device";
-  const Tensor s = s_in.contiguous(), u = u_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+    HYDRA_CHECK(t->dtype() == dt && t->device() == dev)
+        << "gated_scan: operands differ in dtype or device";
+  const Tensor s = s_in.contiguous(), u = u_in.contiguous(), w = w_in.contiguous(),
+               b = b_in.contiguous();
   Tensor h = Tensor::empty({T + 1, R, n}, dt, dev), gate = Tensor::empty({T, R}, dt, dev);
   kernels::GatedScanParams p;
   p.dtype = dt;
@@ -256,9 +264,9 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
   Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
   const int64_t rows = shape_numel(row_shape);
   // Targets are checked by the kernels, on the device where they are: the CPU kernel fails naming a
-  // target outside the vocabulary; the CUDA kernel makes that row's loss NaN (kernels/loss.h), which
-  // the trainer stops on, since a check on the host would stop it until the logits exist. The data
-  // pipeline checks token ids against the vocabulary before they get here.
+  // target outside the vocabulary; the CUDA kernel makes that row's loss NaN (kernels/loss.h),
+  // which the trainer stops on, since a check on the host would stop it until the logits exist. The
+  // data pipeline checks token ids against the vocabulary before they get here.
   const DType acc = accumulate_dtype(logits.dtype());
   Tensor loss_rows = Tensor::empty({rows}, acc, logits.device());
   Tensor lse = Tensor::empty({rows}, acc, logits.device());
@@ -279,7 +287,6 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
   p.ignore_index = ignore_index;
   p.stream = current_stream(logits.device());
   if (rows > 0) HYDRA_LAUNCH(logits.device(), cross_entropy_fwd, p);
-
 
   Tensor out, inv_count;  // inv_count: the mean's 1 / max(count, 1), [1]
   if (reduction == Reduction::kNone) {

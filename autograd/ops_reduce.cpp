@@ -151,7 +151,8 @@ Tensor sum_squares(const Tensor& x) {
 namespace hydra {
 
 double sum_squares_all(const std::vector<Tensor>& xs) {
-  // Group by (device, dtype), keeping the order of first appearance so the summation order is fixed.
+  // Group by (device, dtype), keeping the order of first appearance so the summation order is
+  // fixed.
   std::vector<std::vector<Tensor>> groups;
   for (const Tensor& x : xs) {
     if (!x.defined() || x.numel() == 0) continue;
@@ -171,7 +172,8 @@ double sum_squares_all(const std::vector<Tensor>& xs) {
     for (std::size_t first = 0; first < g.size(); first += kernels::MultiSumSquaresParams::kMax) {
       kernels::MultiSumSquaresParams p;
       p.dtype = g.front().dtype();
-      p.count = static_cast<int>(std::min<std::size_t>(kernels::MultiSumSquaresParams::kMax, g.size() - first));
+      p.count = static_cast<int>(
+          std::min<std::size_t>(kernels::MultiSumSquaresParams::kMax, g.size() - first));
       for (int i = 0; i < p.count; ++i) {
         p.x[i] = g[first + i].raw_data();
         p.n[i] = g[first + i].numel();

@@ -11,11 +11,13 @@
 namespace hydra {
 namespace {
 
-kernels::AdamWParams make_params(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
-                                 const AdamWHyper& h) {
-  HYDRA_CHECK(param.is_contiguous() && grad.is_contiguous() && m.is_contiguous() && v.is_contiguous())
+kernels::AdamWParams make_params(const Tensor& param, const Tensor& grad, const Tensor& m,
+                                 const Tensor& v, const AdamWHyper& h) {
+  HYDRA_CHECK(param.is_contiguous() && grad.is_contiguous() && m.is_contiguous() &&
+              v.is_contiguous())
       << "adamw: tensors must be contiguous";
-  HYDRA_CHECK(grad.dtype() == param.dtype() && m.dtype() == param.dtype() && v.dtype() == param.dtype())
+  HYDRA_CHECK(grad.dtype() == param.dtype() && m.dtype() == param.dtype() &&
+              v.dtype() == param.dtype())
       << "adamw: param, grad and state differ in dtype";
   kernels::AdamWParams p;
   p.dtype = param.dtype();
@@ -38,9 +40,12 @@ kernels::AdamWParams make_params(const Tensor& param, const Tensor& grad, const 
 
 }  // namespace
 
-void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWHyper& h) {
-  HYDRA_CHECK(grad.shape() == param.shape() && m.shape() == param.shape() && v.shape() == param.shape())
-      << "adamw: shapes differ: param " << shape_str(param.shape()) << ", grad " << shape_str(grad.shape());
+void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                  const AdamWHyper& h) {
+  HYDRA_CHECK(grad.shape() == param.shape() && m.shape() == param.shape() &&
+              v.shape() == param.shape())
+      << "adamw: shapes differ: param " << shape_str(param.shape()) << ", grad "
+      << shape_str(grad.shape());
   const kernels::AdamWParams p = make_params(param, grad, m, v, h);
   if (p.n > 0) HYDRA_LAUNCH(param.device(), adamw_step, p);
   param.storage()->bump_version();
@@ -49,10 +54,13 @@ void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, cons
 void adamw_update_many(const std::vector<AdamWEntry>& entries, const AdamWHyper& h) {
   std::vector<std::vector<const AdamWEntry*>> groups;  // by (device, dtype), in order of appearance
   for (const AdamWEntry& e : entries) {
-    HYDRA_CHECK(e.grad.shape() == e.param.shape() && e.m.shape() == e.param.shape() && e.v.shape() == e.param.shape())
-        << "adamw: shapes differ: param " << shape_str(e.param.shape()) << ", grad " << shape_str(e.grad.shape());
+    HYDRA_CHECK(e.grad.shape() == e.param.shape() && e.m.shape() == e.param.shape() &&
+                e.v.shape() == e.param.shape())
+        << "adamw: shapes differ: param " << shape_str(e.param.shape()) << ", grad "
+        << shape_str(e.grad.shape());
     auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) {
-      return g.front()->param.device() == e.param.device() && g.front()->param.dtype() == e.param.dtype();
+      return g.front()->param.device() == e.param.device() &&
+             g.front()->param.dtype() == e.param.dtype();
     });
     if (it == groups.end()) {
       groups.push_back({&e});
@@ -64,7 +72,8 @@ void adamw_update_many(const std::vector<AdamWEntry>& entries, const AdamWHyper&
     const Device dev = g.front()->param.device();
     for (std::size_t first = 0; first < g.size(); first += kernels::MultiAdamWParams::kMax) {
       auto mp = std::make_unique<kernels::MultiAdamWParams>();
-      mp->count = static_cast<int>(std::min<std::size_t>(kernels::MultiAdamWParams::kMax, g.size() - first));
+      mp->count = static_cast<int>(
+          std::min<std::size_t>(kernels::MultiAdamWParams::kMax, g.size() - first));
       for (int i = 0; i < mp->count; ++i) {
         const AdamWEntry& e = *g[first + i];
         const kernels::AdamWParams one = make_params(e.param, e.grad, e.m, e.v, h);
@@ -86,12 +95,12 @@ void adamw_update_many(const std::vector<AdamWEntry>& entries, const AdamWHyper&
   for (const AdamWEntry& e : entries) e.param.storage()->bump_version();
 }
 
-void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& values, const Tensor& m, const Tensor& v,
-                       const AdamWHyper& h) {
-  HYDRA_CHECK(param.dim() == 2 && values.dim() == 2 && values.size(1) == param.size(1) && rows.numel() == values.size(0) &&
-              rows.dtype() == DType::kI64)
-      << "adamw_rows: param " << shape_str(param.shape()) << ", rows " << shape_str(rows.shape()) << ", values "
-      << shape_str(values.shape());
+void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& values,
+                       const Tensor& m, const Tensor& v, const AdamWHyper& h) {
+  HYDRA_CHECK(param.dim() == 2 && values.dim() == 2 && values.size(1) == param.size(1) &&
+              rows.numel() == values.size(0) && rows.dtype() == DType::kI64)
+      << "adamw_rows: param " << shape_str(param.shape()) << ", rows " << shape_str(rows.shape())
+      << ", values " << shape_str(values.shape());
   const Tensor r = rows.contiguous(), vals = values.contiguous();
   kernels::AdamWRowsParams p;
   p.base = make_params(param, vals, m, v, h);

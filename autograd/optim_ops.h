@@ -7,12 +7,13 @@ namespace hydra {
 
 struct AdamWHyper {
   double lr = 0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0;
-  int64_t step = 1;        // 1-based, for bias correction
+  int64_t step = 1;       // 1-based, for bias correction
   double grad_scale = 1;  // clipping factor
 };
 
 // param, grad, m, v: same shape, dtype and device, contiguous.
-void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWHyper& h);
+void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                  const AdamWHyper& h);
 // Dense parameters updated together: one fused launch per device, dtype and 160 tensors. Entries
 // carry their own lr and weight decay; h gives the rest (its lr and weight_decay are ignored).
 struct AdamWEntry {
@@ -21,7 +22,7 @@ struct AdamWEntry {
 };
 void adamw_update_many(const std::vector<AdamWEntry>& entries, const AdamWHyper& h);
 // The rows `rows` (i64 [k]) of a 2-D param with gradient values [k, cols]; m and v like param.
-void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& values, const Tensor& m, const Tensor& v,
-                       const AdamWHyper& h);
+void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& values,
+                       const Tensor& m, const Tensor& v, const AdamWHyper& h);
 
 }  // namespace hydra

@@ -146,7 +146,8 @@ void kernel_profile_report(std::ostream& os, int64_t steps) {
   std::sort(rows.begin(), rows.end(),
             [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
   double total = 0;
-  for (const auto& r : rows)  // detailed rows ("gemm MxNxK ...", a space in the name) are inside their family's
+  for (const auto& r :
+       rows)  // detailed rows ("gemm MxNxK ...", a space in the name) are inside their family's
     if (r.first.find(' ') == std::string::npos) total += r.second.ms;
   int64_t launches = 0;
   for (const auto& r : rows)
@@ -154,7 +155,8 @@ void kernel_profile_report(std::ostream& os, int64_t steps) {
   os << "kernel profile (HYDRA_PROFILE): " << std::fixed << std::setprecision(1) << total
      << " ms in kernels, " << launches << " launches";
   if (steps > 0)
-    os << "; per step (" << steps << " steps after the first, evaluation included): " << total / double(steps)
+    os << "; per step (" << steps
+       << " steps after the first, evaluation included): " << total / double(steps)
        << " ms in kernels, " << launches / steps << " launches";
   os << "\n";
   os << "  " << std::left << std::setw(28) << "kernel" << std::right << std::setw(12) << "total ms"

@@ -12,7 +12,8 @@
 namespace hydra {
 
 bool kernel_profile_enabled();
-// HYDRA_PROFILE=2: also rows per GEMM shape ("gemm 32768x1536x384 bf16 NT b1"), beside the families.
+// HYDRA_PROFILE=2: also rows per GEMM shape ("gemm 32768x1536x384 bf16 NT b1"), beside the
+// families.
 bool kernel_profile_detailed();
 
 class KernelProfileScope {
@@ -48,11 +49,12 @@ std::string profile_dims(const I* sizes, int n) {
   return s;
 }
 
-// The kernels' total time, launches and share, longest first; resets the sums. `steps` > 0: also per
-// step (the steps the sums cover).
+// The kernels' total time, launches and share, longest first; resets the sums. `steps` > 0: also
+// per step (the steps the sums cover).
 void kernel_profile_report(std::ostream& os, int64_t steps = 0);
 // Drops the sums so far (waiting for the launches in flight): the trainer calls it after the first
-// step, whose one-time costs (module loading, first allocations, GEMM heuristics) would blur the rest.
+// step, whose one-time costs (module loading, first allocations, GEMM heuristics) would blur the
+// rest.
 void kernel_profile_reset();
 
 }  // namespace hydra

@@ -121,7 +121,8 @@ void copy_same_device(const Tensor& dst, const Tensor& src) {
   std::optional<KernelProfileScope> detail;
   if (kernel_profile_detailed())
     detail.emplace(dst.device(), "copy " + std::string(dtype_name(p.src_dtype)) + "->" +
-                                     std::string(dtype_name(p.dst_dtype)) + " " + profile_dims(p.shape, p.ndim) +
+                                     std::string(dtype_name(p.dst_dtype)) + " " +
+                                     profile_dims(p.shape, p.ndim) +
                                      (src.is_contiguous() ? " contiguous" : " strided"));
   HYDRA_LAUNCH(dst.device(), strided_copy, p);
 }
@@ -145,7 +146,8 @@ Tensor transfer(const Tensor& src, Device device) {
   if (device.is_cpu()) {
     kernels::cuda::stream_synchronize(stream);
   } else if (s.is_pinned()) {
-    cuda_record_pinned_use(s.storage()->data(), stream);  // async: keep the block until the copy is done
+    cuda_record_pinned_use(s.storage()->data(),
+                           stream);  // async: keep the block until the copy is done
   }
 #else
   HYDRA_CHECK(device.is_cpu() && s.device().is_cpu())
@@ -166,9 +168,11 @@ void check_inplace_allowed(const Tensor& t, const char* op) {
 }  // namespace
 
 Tensor Tensor::pin_memory() const {
-  HYDRA_CHECK(device().is_cpu()) << "pin_memory: the tensor is on " << device().str() << ", not the CPU";
+  HYDRA_CHECK(device().is_cpu()) << "pin_memory: the tensor is on " << device().str()
+                                 << ", not the CPU";
   if (is_pinned()) return *this;
-  HYDRA_CHECK(cuda_available()) << "pin_memory: no CUDA device, so there is no page-locked memory to use";
+  HYDRA_CHECK(cuda_available())
+      << "pin_memory: no CUDA device, so there is no page-locked memory to use";
   Tensor c = contiguous();
   auto impl = std::make_shared<TensorImpl>();
   impl->storage = std::make_shared<StorageImpl>(c.nbytes(), cuda_pinned_allocator(), true);
@@ -291,10 +295,11 @@ void Tensor::set_grad_dtype(std::optional<DType> dtype) const {
 
 void Tensor::set_grad_destination(const Tensor& dest) const {
   if (dest.defined()) {
-    HYDRA_CHECK(dest.shape() == shape() && dest.dtype() == grad_dtype() && dest.device() == device())
-        << "set_grad_destination: " << shape_str(dest.shape()) << " " << dtype_name(dest.dtype()) << " on "
-        << dest.device().str() << " for a tensor " << shape_str(shape()) << " " << dtype_name(dtype()) << " on "
-        << device().str();
+    HYDRA_CHECK(dest.shape() == shape() && dest.dtype() == grad_dtype() &&
+                dest.device() == device())
+        << "set_grad_destination: " << shape_str(dest.shape()) << " " << dtype_name(dest.dtype())
+        << " on " << dest.device().str() << " for a tensor " << shape_str(shape()) << " "
+        << dtype_name(dtype()) << " on " << device().str();
     impl().autograd.grad_destination = dest.detach().impl_ptr();
   } else {
     impl().autograd.grad_destination.reset();
@@ -305,8 +310,8 @@ void Tensor::set_grad_destination(const Tensor& dest) const {
 Tensor Tensor::claim_grad_destination(DType dtype) const {
   if (!defined()) return Tensor();
   AutogradMeta& m = impl().autograd;
-  if (!m.requires_grad || m.grad_fn || !m.grad_destination || m.grad_destination_claimed || m.grad ||
-      m.grad_destination->dtype != dtype)
+  if (!m.requires_grad || m.grad_fn || !m.grad_destination || m.grad_destination_claimed ||
+      m.grad || m.grad_destination->dtype != dtype)
     return Tensor();
   m.grad_destination_claimed = true;
   return Tensor(m.grad_destination);

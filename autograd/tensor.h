@@ -31,8 +31,8 @@ Shape contiguous_strides(const Shape& shape);
 // .grad): the signal data parallelism uses to start reducing a bucket while backward goes on.
 using GradReadyHook = std::function<void(const Tensor& leaf)>;
 
-// A row-sparse gradient of a 2-D leaf: rows (i64 [m], unique, ascending) and their values [m, cols].
-// Used for large tables read a few rows at a time (PKM values); see embedding_bag().
+// A row-sparse gradient of a 2-D leaf: rows (i64 [m], unique, ascending) and their values [m,
+// cols]. Used for large tables read a few rows at a time (PKM values); see embedding_bag().
 struct SparseRows;
 
 struct AutogradMeta {
@@ -126,8 +126,8 @@ class Tensor {
   Tensor to(DType dtype) const;
   Tensor to(Device device) const;
   Tensor cpu() const { return to(Device::cpu()); }
-  // A copy in page-locked host memory (CPU tensors; needs the CUDA backend): copies from it to a GPU
-  // are asynchronous. Returns *this when already pinned.
+  // A copy in page-locked host memory (CPU tensors; needs the CUDA backend): copies from it to a
+  // GPU are asynchronous. Returns *this when already pinned.
   Tensor pin_memory() const;
   bool is_pinned() const;
 
@@ -146,12 +146,12 @@ class Tensor {
   uint32_t output_nr() const { return impl().autograd.output_nr; }
   Tensor grad() const;
   void set_grad(const Tensor& grad) const;
-  // Leaves: the next gradient that finds .grad undefined is copied into `dest` (this tensor's shape and
-  // dtype; undefined: none) and .grad becomes `dest`.
+  // Leaves: the next gradient that finds .grad undefined is copied into `dest` (this tensor's shape
+  // and dtype; undefined: none) and .grad becomes `dest`.
   void set_grad_destination(const Tensor& dest) const;
   // For an op's backward that can compute this leaf's gradient in place: the destination, when the
-  // leaf has one of `dtype`, no gradient yet, and no other op has claimed it (so no two writers); the
-  // op writes the whole gradient there and returns that tensor. Undefined otherwise.
+  // leaf has one of `dtype`, no gradient yet, and no other op has claimed it (so no two writers);
+  // the op writes the whole gradient there and returns that tensor. Undefined otherwise.
   Tensor claim_grad_destination(DType dtype) const;
   // The dtype gradients of this leaf accumulate in (its own unless set; `set_grad_dtype` drops a
   // gradient of another dtype).
@@ -159,7 +159,9 @@ class Tensor {
   void set_grad_dtype(std::optional<DType> dtype) const;
   Tensor detach() const;  // shares storage, no history
   const std::shared_ptr<SparseRows>& sparse_grad() const { return impl().autograd.sparse_grad; }
-  void set_sparse_grad(std::shared_ptr<SparseRows> g) const { impl().autograd.sparse_grad = std::move(g); }
+  void set_sparse_grad(std::shared_ptr<SparseRows> g) const {
+    impl().autograd.sparse_grad = std::move(g);
+  }
   // Backpropagates from this tensor; `grad` defaults to 1 for a single-element tensor.
   void backward(const Tensor& grad = Tensor(), bool retain_graph = false) const;
   int add_grad_ready_hook(GradReadyHook hook) const;

@@ -47,7 +47,8 @@ void bench_matmul(Report& report, bool quick) {
     const double flops = 2.0 * s.m * s.n * s.k;
     const int reps = flops > 4e9 ? 5 : 9;
     const Timing ours = time_cpu([&] { (void)matmul(a, b); }, reps);
-    openblas_set_num_threads(num_threads());  // the bare call threads itself; the engine keeps BLAS at 1
+    openblas_set_num_threads(
+        num_threads());  // the bare call threads itself; the engine keeps BLAS at 1
     const Timing raw = time_cpu(
         [&] {
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s.m, s.n, s.k, 1.0f,
@@ -77,8 +78,8 @@ void bench_matmul(Report& report, bool quick) {
 void vector_exp_chunk(float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
 }
-// `count` exps, in passes over a 4096-float buffer per thread that stays in L1 (as the kernel's block
-// of decays does): the exp throughput, not memory bandwidth.
+// `count` exps, in passes over a 4096-float buffer per thread that stays in L1 (as the kernel's
+// block of decays does): the exp throughput, not memory bandwidth.
 void vector_exp(int64_t count) {
   constexpr int64_t kBuf = 4096;
   const int64_t passes = (count + kBuf - 1) / kBuf;
@@ -103,8 +104,8 @@ void bench_scan(Report& report, bool quick) {
       {"toy  batch 4, seq 512", 4, 512, 768, 16},
   };
   if (quick) shapes.resize(1);
-  std::printf("\n%-26s %5s %5s %5s %4s %10s %10s %12s %12s %10s\n", "selective scan (f32)", "B", "L", "D", "N",
-              "fwd ms", "fwd+bwd ms", "fwd Mupd/s", "f+b Mupd/s", "exp floor");
+  std::printf("\n%-26s %5s %5s %5s %4s %10s %10s %12s %12s %10s\n", "selective scan (f32)", "B",
+              "L", "D", "N", "fwd ms", "fwd+bwd ms", "fwd Mupd/s", "f+b Mupd/s", "exp floor");
   for (const auto& s : shapes) {
     Generator g(2);
     auto leaf = [&](const Shape& shape, double scale) {
@@ -128,8 +129,8 @@ void bench_scan(Report& report, bool quick) {
     // The forward needs exp(delta * A) once per state update: the time of that many vectorised,
     // cache-resident exps on all threads is its floor.
     const Timing exp_floor = time_cpu([&] { vector_exp(static_cast<int64_t>(updates)); });
-    std::printf("%-26s %5ld %5ld %5ld %4ld %10.2f %10.2f %12.1f %12.1f %8.2fms\n", s.what, s.batch, s.len,
-                s.dim, s.state, fwd.median_ms, both.median_ms, updates / fwd.median_ms / 1e3,
+    std::printf("%-26s %5ld %5ld %5ld %4ld %10.2f %10.2f %12.1f %12.1f %8.2fms\n", s.what, s.batch,
+                s.len, s.dim, s.state, fwd.median_ms, both.median_ms, updates / fwd.median_ms / 1e3,
                 updates / both.median_ms / 1e3, exp_floor.median_ms);
     report.add({"ssm_scan",
                 {{"shape", s.what}},
@@ -140,7 +141,8 @@ void bench_scan(Report& report, bool quick) {
                  {"fwd_ms", fwd.median_ms},
                  {"fwd_bwd_ms", both.median_ms},
                  {"fwd_updates_per_s", updates / fwd.median_ms * 1e3},
-                 {"fwd_bwd_updates_per_s", updates / both.median_ms * 1e3}, {"exp_floor_ms", exp_floor.median_ms}}});
+                 {"fwd_bwd_updates_per_s", updates / both.median_ms * 1e3},
+                 {"exp_floor_ms", exp_floor.median_ms}}});
   }
 }
 
@@ -156,8 +158,8 @@ void bench_attention(Report& report, bool quick) {
       {"toy dense causal", 1, 2048, 6, 64, 0, 0},
   };
   if (quick) shapes.resize(1);
-  std::printf("\n%-34s %5s %5s %3s %4s %9s %10s %9s %9s\n", "sparse attention (f32)", "B", "L", "H", "dh", "fwd ms",
-              "fwd+bwd ms", "fwd GF/s", "f+b GF/s");
+  std::printf("\n%-34s %5s %5s %3s %4s %9s %10s %9s %9s\n", "sparse attention (f32)", "B", "L", "H",
+              "dh", "fwd ms", "fwd+bwd ms", "fwd GF/s", "f+b GF/s");
   for (const auto& s : shapes) {
     Generator g(3);
     auto leaf = [&] {
@@ -175,7 +177,8 @@ void bench_attention(Report& report, bool quick) {
       Tensor o = sparse_attention(q, k, v, pat, 0.125);
       o.backward(ones_like(o));
     });
-    // Useful work: 4 * dh FLOPs per visible (query, key) pair forward (QK^T and PV), 2.5x that backward.
+    // Useful work: 4 * dh FLOPs per visible (query, key) pair forward (QK^T and PV), 2.5x that
+    // backward.
     double pairs = 0;
     for (int64_t t = 0; t < s.len; ++t) {
       const bool global_q = s.stride > 0 && t % s.stride == 0;
@@ -187,12 +190,17 @@ void bench_attention(Report& report, bool quick) {
     }
     pairs *= double(s.batch * s.heads);
     const double flops = 4.0 * double(s.head_dim) * pairs;
-    std::printf("%-34s %5ld %5ld %3ld %4ld %9.2f %10.2f %9.2f %9.2f\n", s.what, long(s.batch), long(s.len),
-                long(s.heads), long(s.head_dim), fwd.median_ms, both.median_ms, flops / fwd.median_ms / 1e6,
-                3.5 * flops / both.median_ms / 1e6);
-    report.add({"attention", {{"shape", s.what}},
-                {{"batch", double(s.batch)}, {"len", double(s.len)}, {"heads", double(s.heads)},
-                 {"head_dim", double(s.head_dim)}, {"fwd_ms", fwd.median_ms}, {"fwd_bwd_ms", both.median_ms},
+    std::printf("%-34s %5ld %5ld %3ld %4ld %9.2f %10.2f %9.2f %9.2f\n", s.what, long(s.batch),
+                long(s.len), long(s.heads), long(s.head_dim), fwd.median_ms, both.median_ms,
+                flops / fwd.median_ms / 1e6, 3.5 * flops / both.median_ms / 1e6);
+    report.add({"attention",
+                {{"shape", s.what}},
+                {{"batch", double(s.batch)},
+                 {"len", double(s.len)},
+                 {"heads", double(s.heads)},
+                 {"head_dim", double(s.head_dim)},
+                 {"fwd_ms", fwd.median_ms},
+                 {"fwd_bwd_ms", both.median_ms},
                  {"visible_pairs", pairs}}});
   }
 }

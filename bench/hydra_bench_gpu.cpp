@@ -1,6 +1,6 @@
 // hydra-bench-gpu: the CUDA backend's GEMMs and memory-bound kernels at the shapes of toy and
-// hydra-1.6b, each timed with CUDA events (median of repeats after warm-up) and set against its floor:
-// the device copy bandwidth and the bf16 GEMM rate, both measured in the same run.
+// hydra-1.6b, each timed with CUDA events (median of repeats after warm-up) and set against its
+// floor: the device copy bandwidth and the bf16 GEMM rate, both measured in the same run.
 //   hydra-bench-gpu [--json FILE] [--quick] [--only TEXT]
 // --only TEXT runs the rows whose name contains TEXT (e.g. under a profiler), after the floors.
 #include <algorithm>
@@ -23,9 +23,9 @@ namespace {
 namespace kc = kernels::cuda;
 
 // Median milliseconds of fn over `reps` runs after `warmup`, timed by events on the compute stream.
-// The stream is held for 500 µs before each start event, so that the host has queued fn's kernels when
-// the event fires: the interval is the device's time, without the host's launch gaps (which a training
-// step hides by running ahead).
+// The stream is held for 500 µs before each start event, so that the host has queued fn's kernels
+// when the event fires: the interval is the device's time, without the host's launch gaps (which a
+// training step hides by running ahead).
 double time_gpu(const std::function<void()>& fn, int reps = 20, int warmup = 3) {
   void* stream = cuda_compute_stream(0);
   for (int i = 0; i < warmup; ++i) fn();
@@ -66,15 +66,17 @@ Floors measure_floors(Report& report) {
   const int64_t n = int64_t{1} << 28;  // 1 GiB of f32
   Tensor src = rnd({n}, DType::kF32), dst = empty({n}, DType::kF32, kGpu);
   const double ms = time_gpu([&] {
-    kc::memcpy_async(dst.raw_data(), src.raw_data(), n * 4, kc::CopyKind::kDeviceToDevice, cuda_compute_stream(0));
+    kc::memcpy_async(dst.raw_data(), src.raw_data(), n * 4, kc::CopyKind::kDeviceToDevice,
+                     cuda_compute_stream(0));
   });
   f.copy_gbs = 2.0 * double(n) * 4 / ms / 1e6;  // read + write
   Tensor a = rnd({8192, 8192}), b = rnd({8192, 8192});
   NoGradGuard ng;
   const double gms = time_gpu([&] { (void)matmul(a, b); }, 10);
   f.gemm_tflops = 2.0 * 8192.0 * 8192.0 * 8192.0 / gms / 1e9;
-  std::printf("floors: device copy %.0f GB/s (1 GiB, read + write), bf16 GEMM %.0f TFLOP/s (8192^3)\n", f.copy_gbs,
-              f.gemm_tflops);
+  std::printf(
+      "floors: device copy %.0f GB/s (1 GiB, read + write), bf16 GEMM %.0f TFLOP/s (8192^3)\n",
+      f.copy_gbs, f.gemm_tflops);
   report.add({"floor", {}, {{"copy_gbs", f.copy_gbs}, {"bf16_gemm_tflops", f.gemm_tflops}}});
   return f;
 }
@@ -86,17 +88,22 @@ void gemm_row(Report& report, const Floors& f, const char* what, int64_t m, int6
   NoGradGuard ng;
   const double ms = time_gpu([&] { (void)linear(x, w); });
   const double tflops = 2.0 * double(m) * double(k) * double(n) / ms / 1e9;
-  std::printf("%-34s %6ld %6ld %6ld %9.3f %9.1f %8.2f\n", what, long(m), long(k), long(n), ms, tflops,
-              tflops / f.gemm_tflops);
-  report.add({"gemm", {{"shape", what}},
-              {{"m", double(m)}, {"k", double(k)}, {"n", double(n)}, {"ms", ms}, {"tflops", tflops},
+  std::printf("%-34s %6ld %6ld %6ld %9.3f %9.1f %8.2f\n", what, long(m), long(k), long(n), ms,
+              tflops, tflops / f.gemm_tflops);
+  report.add({"gemm",
+              {{"shape", what}},
+              {{"m", double(m)},
+               {"k", double(k)},
+               {"n", double(n)},
+               {"ms", ms},
+               {"tflops", tflops},
                {"of_peak", tflops / f.gemm_tflops}}});
 }
 
 // The experts of an MoE layer as one grouped GEMM (grouped_linear): E experts of `rows` rows each,
 // forward only or forward + backward (dX and dW: 3x the forward's FLOPs).
-void grouped_row(Report& report, const Floors& f, const std::string& what, int64_t E, int64_t rows, int64_t k,
-                 int64_t n, bool backward) {
+void grouped_row(Report& report, const Floors& f, const std::string& what, int64_t E, int64_t rows,
+                 int64_t k, int64_t n, bool backward) {
   if (!selected(what)) return;
   Tensor x = rnd({E * rows, k}), w = rnd({E, n, k}, DType::kBF16, 0.02), gy = rnd({E * rows, n});
   const std::vector<int64_t> sizes(E, rows);
@@ -113,16 +120,22 @@ void grouped_row(Report& report, const Floors& f, const std::string& what, int64
     NoGradGuard ng;
     ms = time_gpu([&] { (void)grouped_linear(x, w, sizes); });
   }
-  const double tflops = (backward ? 3.0 : 1.0) * 2.0 * double(E * rows) * double(k) * double(n) / ms / 1e9;
-  std::printf("%-34s %6ld %6ld %6ld %9.3f %9.1f %8.2f\n", what.c_str(), long(E * rows), long(k), long(n), ms, tflops,
-              tflops / f.gemm_tflops);
-  report.add({"gemm", {{"shape", what}},
-              {{"m", double(E * rows)}, {"k", double(k)}, {"n", double(n)}, {"ms", ms}, {"tflops", tflops},
+  const double tflops =
+      (backward ? 3.0 : 1.0) * 2.0 * double(E * rows) * double(k) * double(n) / ms / 1e9;
+  std::printf("%-34s %6ld %6ld %6ld %9.3f %9.1f %8.2f\n", what.c_str(), long(E * rows), long(k),
+              long(n), ms, tflops, tflops / f.gemm_tflops);
+  report.add({"gemm",
+              {{"shape", what}},
+              {{"m", double(E * rows)},
+               {"k", double(k)},
+               {"n", double(n)},
+               {"ms", ms},
+               {"tflops", tflops},
                {"of_peak", tflops / f.gemm_tflops}}});
 }
 
-// Query-key pairs the causal window + global pattern keeps in a sequence of L (both ends global when
-// their position is a multiple of the stride).
+// Query-key pairs the causal window + global pattern keeps in a sequence of L (both ends global
+// when their position is a multiple of the stride).
 double visible_pairs(int64_t L, int64_t window, int64_t stride) {
   double pairs = 0;
   for (int64_t t = 0; t < L; ++t)
@@ -133,11 +146,12 @@ double visible_pairs(int64_t L, int64_t window, int64_t stride) {
 
 // The sparse global attention (bf16, window 512, global stride 256) forward, or forward + backward;
 // FLOPs are the useful ones: 4 * head_dim per kept pair forward, 3.5x that with the backward.
-void attention_row(Report& report, const Floors& f, const std::string& what, int64_t B, int64_t L, int64_t H,
-                   int64_t dh, bool backward) {
+void attention_row(Report& report, const Floors& f, const std::string& what, int64_t B, int64_t L,
+                   int64_t H, int64_t dh, bool backward) {
   if (!selected(what)) return;
   const AttentionPattern pat{512, 256};
-  Tensor q = rnd({B, L, H, dh}), k = rnd({B, L, H, dh}), v = rnd({B, L, H, dh}), go = rnd({B, L, H, dh});
+  Tensor q = rnd({B, L, H, dh}), k = rnd({B, L, H, dh}), v = rnd({B, L, H, dh}),
+         go = rnd({B, L, H, dh});
   const double scale = 1.0 / std::sqrt(double(dh));
   double ms = 0;
   if (backward) {
@@ -150,41 +164,52 @@ void attention_row(Report& report, const Floors& f, const std::string& what, int
     NoGradGuard ng;
     ms = time_gpu([&] { (void)sparse_attention(q, k, v, pat, scale); });
   }
-  const double flops = (backward ? 3.5 : 1.0) * 4.0 * double(dh) * visible_pairs(L, 512, 256) * double(B * H);
+  const double flops =
+      (backward ? 3.5 : 1.0) * 4.0 * double(dh) * visible_pairs(L, 512, 256) * double(B * H);
   const double tflops = flops / ms / 1e9;
   std::printf("%-44s %9.3f %9.1f %8.2f\n", what.c_str(), ms, tflops, tflops / f.gemm_tflops);
-  report.add({"gemm", {{"shape", what}}, {{"ms", ms}, {"tflops", tflops}, {"of_peak", tflops / f.gemm_tflops}}});
+  report.add({"gemm",
+              {{"shape", what}},
+              {{"ms", ms}, {"tflops", tflops}, {"of_peak", tflops / f.gemm_tflops}}});
 }
 
-// GB/s of one device-to-device copy moving `bytes` in all (half read, half written): the floor at an
-// op's own size, where launch latency and the tail of the grid weigh more than at 1 GiB.
+// GB/s of one device-to-device copy moving `bytes` in all (half read, half written): the floor at
+// an op's own size, where launch latency and the tail of the grid weigh more than at 1 GiB.
 double copy_gbs_at(double bytes) {
   const auto n = static_cast<int64_t>(bytes / 2 / 4);  // f32 elements copied
   Tensor src = rnd({n}, DType::kF32), dst = empty({n}, DType::kF32, kGpu);
   const double ms = time_gpu([&] {
-    kc::memcpy_async(dst.raw_data(), src.raw_data(), n * 4, kc::CopyKind::kDeviceToDevice, cuda_compute_stream(0));
+    kc::memcpy_async(dst.raw_data(), src.raw_data(), n * 4, kc::CopyKind::kDeviceToDevice,
+                     cuda_compute_stream(0));
   });
   return 2.0 * double(n) * 4 / ms / 1e6;
 }
 
 // A memory-bound op's rate against the 1 GiB copy floor and against a copy of its own size.
-void bandwidth_row(Report& report, const Floors& f, const std::string& what, double bytes, const std::function<void()>& fn) {
+void bandwidth_row(Report& report, const Floors& f, const std::string& what, double bytes,
+                   const std::function<void()>& fn) {
   if (!selected(what)) return;
   const double ms = time_gpu(fn);
   const double gbs = bytes / ms / 1e6, same = copy_gbs_at(bytes);
-  std::printf("%-44s %9.3f %9.0f %8.2f %8.2f\n", what.c_str(), ms, gbs, gbs / f.copy_gbs, gbs / same);
+  std::printf("%-44s %9.3f %9.0f %8.2f %8.2f\n", what.c_str(), ms, gbs, gbs / f.copy_gbs,
+              gbs / same);
   report.add({"bandwidth",
               {{"kernel", what}},
-              {{"ms", ms}, {"bytes", bytes}, {"gbs", gbs}, {"of_copy", gbs / f.copy_gbs}, {"copy_same_size_gbs", same},
+              {{"ms", ms},
+               {"bytes", bytes},
+               {"gbs", gbs},
+               {"of_copy", gbs / f.copy_gbs},
+               {"copy_same_size_gbs", same},
                {"of_copy_same_size", gbs / same}}});
 }
 
-// The toy step's memory-bound ops at 32768 tokens (4 x 8192), device time against the bytes they must
-// move (reads + writes of their operands; the scratch they add is theirs to lose).
+// The toy step's memory-bound ops at 32768 tokens (4 x 8192), device time against the bytes they
+// must move (reads + writes of their operands; the scratch they add is theirs to lose).
 void toy_step_rows(Report& report, const Floors& f) {
   const int64_t B = 4, L = 8192, T = B * L, d = 384, di = 768, N = 16;
   {  // the SSM's causal conv (width 4, SiLU): fwd reads x, writes y; bwd reads x, gy, writes gx
-    Tensor x = rnd({B, L, di}), w = rnd({di, 4}, DType::kBF16, 0.5), b = rnd({di}, DType::kBF16, 0.5), gy = rnd({B, L, di});
+    Tensor x = rnd({B, L, di}), w = rnd({di, 4}, DType::kBF16, 0.5),
+           b = rnd({di}, DType::kBF16, 0.5), gy = rnd({B, L, di});
     {
       NoGradGuard ng;
       bandwidth_row(report, f, "toy32k conv1d fwd [4, 8192, 768]", 2.0 * T * di * 2,
@@ -198,7 +223,8 @@ void toy_step_rows(Report& report, const Floors& f) {
   }
   {  // the selective scan: u, delta, z in and y out [T, 768] (B, C [T, 16] are small)
     Tensor u = rnd({B, L, di}), dt = rnd({B, L, di}, DType::kBF16, 0.5), z = rnd({B, L, di});
-    Tensor A = rnd({di, N}, DType::kBF16, 0.3), Bm = rnd({B, L, N}), Cm = rnd({B, L, N}), D = rnd({di}), bias = rnd({di});
+    Tensor A = rnd({di, N}, DType::kBF16, 0.3), Bm = rnd({B, L, N}), Cm = rnd({B, L, N}),
+           D = rnd({di}), bias = rnd({di});
     {
       NoGradGuard ng;
       bandwidth_row(report, f, "toy32k selective_scan fwd [4, 8192, 768, N 16]", 4.0 * T * di * 2,
@@ -206,10 +232,11 @@ void toy_step_rows(Report& report, const Floors& f) {
     }
     Tensor gy = rnd({B, L, di});
     for (Tensor* t : {&u, &dt, &z, &Bm, &Cm}) t->set_requires_grad(true);
-    bandwidth_row(report, f, "toy32k selective_scan fwd+bwd [4, 8192, 768, N 16]", 11.0 * T * di * 2, [&] {
-      for (Tensor* t : {&u, &dt, &z, &Bm, &Cm}) t->set_grad(Tensor());
-      selective_scan(u, dt, A, Bm, Cm, D, bias, z, Tensor()).y.backward(gy);
-    });
+    bandwidth_row(report, f, "toy32k selective_scan fwd+bwd [4, 8192, 768, N 16]",
+                  11.0 * T * di * 2, [&] {
+                    for (Tensor* t : {&u, &dt, &z, &Bm, &Cm}) t->set_grad(Tensor());
+                    selective_scan(u, dt, A, Bm, Cm, D, bias, z, Tensor()).y.backward(gy);
+                  });
   }
   NoGradGuard ng;
   {  // the MoE combine: 2 expert rows per token added into [T, d]
@@ -222,8 +249,10 @@ void toy_step_rows(Report& report, const Floors& f) {
   }
   {  // the LayerScale gate and the controller's mix: broadcast multiplies
     Tensor x = rnd({B, L, d}), g = rnd({d}), m = rnd({B, L, 1});
-    bandwidth_row(report, f, "toy32k mul [4, 8192, 384] x [384]", 2.0 * T * d * 2, [&] { (void)mul(x, g); });
-    bandwidth_row(report, f, "toy32k mul [4, 8192, 384] x [4, 8192, 1]", 2.0 * T * d * 2, [&] { (void)mul(x, m); });
+    bandwidth_row(report, f, "toy32k mul [4, 8192, 384] x [384]", 2.0 * T * d * 2,
+                  [&] { (void)mul(x, g); });
+    bandwidth_row(report, f, "toy32k mul [4, 8192, 384] x [4, 8192, 1]", 2.0 * T * d * 2,
+                  [&] { (void)mul(x, m); });
   }
   {  // a split's slice made contiguous; a column sum (a gate's gradient); short row sums (PKM)
     Tensor xz = rnd({B, L, 2 * di});
@@ -231,10 +260,11 @@ void toy_step_rows(Report& report, const Floors& f) {
     bandwidth_row(report, f, "toy32k copy of a slice [4, 8192, 768 of 1536]", 2.0 * T * di * 2,
                   [&] { (void)half.contiguous(); });
     Tensor y = rnd({T, d});
-    bandwidth_row(report, f, "toy32k sum over rows [32768, 384] -> [384]", 1.0 * T * d * 2, [&] { (void)sum(y, {0}); });
+    bandwidth_row(report, f, "toy32k sum over rows [32768, 384] -> [384]", 1.0 * T * d * 2,
+                  [&] { (void)sum(y, {0}); });
     Tensor s = rnd({131072, 32, 32});
-    bandwidth_row(report, f, "toy32k sum of rows of 32 [131072, 32, 32]", 1.0 * 131072 * 32 * 32 * 2,
-                  [&] { (void)sum(s, {2}); });
+    bandwidth_row(report, f, "toy32k sum of rows of 32 [131072, 32, 32]",
+                  1.0 * 131072 * 32 * 32 * 2, [&] { (void)sum(s, {2}); });
   }
 }
 
@@ -243,37 +273,47 @@ int run(int argc, char** argv) {
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--json" && i + 1 < argc) json = argv[++i];
-    else if (a == "--quick") quick = true;
-    else if (a == "--only" && i + 1 < argc) g_only = argv[++i];
+    if (a == "--json" && i + 1 < argc)
+      json = argv[++i];
+    else if (a == "--quick")
+      quick = true;
+    else if (a == "--only" && i + 1 < argc)
+      g_only = argv[++i];
     else if (a == "--help" || a == "-h") {
       std::printf(
-          "hydra-bench-gpu: the CUDA backend's GEMMs, sparse attention and memory-bound kernels at the shapes\n"
-          "of toy and hydra-1.6b, each against its floor measured in the same run (device copy of 1 GiB,\n"
-          "bf16 GEMM 8192^3) and, for memory-bound ops, a copy of the op's own size. Times are CUDA-event\n"
-          "medians of 20 calls after 3 warm-up calls, with the stream held before each start event so that\n"
-          "they measure the device. Compare with PyTorch: bench/torch_compare.py, then bench/gpu_report.py.\n\n"
+          "hydra-bench-gpu: the CUDA backend's GEMMs, sparse attention and memory-bound kernels at "
+          "the shapes\n"
+          "of toy and hydra-1.6b, each against its floor measured in the same run (device copy of "
+          "1 GiB,\n"
+          "bf16 GEMM 8192^3) and, for memory-bound ops, a copy of the op's own size. Times are "
+          "CUDA-event\n"
+          "medians of 20 calls after 3 warm-up calls, with the stream held before each start event "
+          "so that\n"
+          "they measure the device. Compare with PyTorch: bench/torch_compare.py, then "
+          "bench/gpu_report.py.\n\n"
           "  --json FILE   also write the rows as JSON (for bench/gpu_report.py)\n"
           "  --quick       skip the toy-shape GEMM and attention rows\n"
           "  --only TEXT   run only the rows whose name contains TEXT (e.g. under ncu)\n");
       return 0;
     } else {
       std::fprintf(stderr,
-                   "hydra-bench-gpu: unknown argument '%s' (expected --json FILE, --quick, --only TEXT; see --help)\n",
+                   "hydra-bench-gpu: unknown argument '%s' (expected --json FILE, --quick, --only "
+                   "TEXT; see --help)\n",
                    a.c_str());
       return 2;
     }
   }
   if (!cuda_available()) {
-    std::fprintf(stderr, "hydra-bench-gpu: no CUDA device (run it on a machine with an NVIDIA GPU)\n");
+    std::fprintf(stderr,
+                 "hydra-bench-gpu: no CUDA device (run it on a machine with an NVIDIA GPU)\n");
     return 1;
   }
   std::printf("hydra-bench-gpu on %s\n", kc::device_name(0).c_str());
   Report report;
   const Floors f = measure_floors(report);
 
-  std::printf("\n%-34s %6s %6s %6s %9s %9s %8s\n", "GEMM (bf16, fp32 accumulate)", "M", "K", "N", "ms", "TFLOP/s",
-              "of peak");
+  std::printf("\n%-34s %6s %6s %6s %9s %9s %8s\n", "GEMM (bf16, fp32 accumulate)", "M", "K", "N",
+              "ms", "TFLOP/s", "of peak");
   const int64_t T = 16384;  // tokens per GPU step at 1.6B (e.g. 2 x 8192)
   gemm_row(report, f, "1.6B ssm in_proj", T, 2048, 8192);
   gemm_row(report, f, "1.6B ssm out_proj", T, 4096, 2048);
@@ -281,7 +321,8 @@ int run(int argc, char** argv) {
   gemm_row(report, f, "1.6B expert up (T/4 rows)", T / 4, 2048, 512);
   gemm_row(report, f, "1.6B expert down (T/4 rows)", T / 4, 512, 2048);
   gemm_row(report, f, "1.6B lm head", 8192, 2048, 50304);
-  // The toy at 32768 tokens per step: its largest projections and its narrow ones (the router in fp32).
+  // The toy at 32768 tokens per step: its largest projections and its narrow ones (the router in
+  // fp32).
   gemm_row(report, f, "toy32k ssm in_proj", 32768, 384, 1536);
   gemm_row(report, f, "toy32k sga qkv", 32768, 384, 1152);
   gemm_row(report, f, "toy32k ssm x_proj", 32768, 768, 56);
@@ -306,11 +347,12 @@ int run(int argc, char** argv) {
   for (const bool bwd : {false, true}) {
     const std::string pass = bwd ? " fwd+bwd" : " fwd";
     attention_row(report, f, "1.6B attention [8 x 2048, 16 x 128]" + pass, 8, 2048, 16, 128, bwd);
-    if (!quick) attention_row(report, f, "toy attention [16 x 2048, 6 x 64]" + pass, 16, 2048, 6, 64, bwd);
+    if (!quick)
+      attention_row(report, f, "toy attention [16 x 2048, 6 x 64]" + pass, 16, 2048, 6, 64, bwd);
   }
 
-  std::printf("\n%-44s %9s %9s %8s %8s\n", "memory-bound (bf16 unless noted)", "ms", "GB/s", "of copy",
-              "of same-size copy");
+  std::printf("\n%-44s %9s %9s %8s %8s\n", "memory-bound (bf16 unless noted)", "ms", "GB/s",
+              "of copy", "of same-size copy");
   const int64_t d = 2048;
   // Model widths: 2048 (hydra-1.6b) and 384 (toy); vocabularies 50304 and 8192.
   for (const int64_t width : {int64_t{2048}, int64_t{384}}) {
@@ -318,7 +360,8 @@ int run(int argc, char** argv) {
     Tensor x = rnd({T, width}), w = rnd({width}), gy = rnd({T, width});
     {
       NoGradGuard ng;
-      bandwidth_row(report, f, "rms_norm fwd " + shape, 2.0 * T * width * 2, [&] { (void)rms_norm(x, w); });
+      bandwidth_row(report, f, "rms_norm fwd " + shape, 2.0 * T * width * 2,
+                    [&] { (void)rms_norm(x, w); });
     }
     x.set_requires_grad(true);
     w.set_requires_grad(true);
@@ -330,7 +373,8 @@ int run(int argc, char** argv) {
     });
     Tensor xs = rnd({T, width}, DType::kBF16, 3.0);
     NoGradGuard ng;
-    bandwidth_row(report, f, "softmax fwd " + shape, 2.0 * T * width * 2, [&] { (void)softmax(xs); });
+    bandwidth_row(report, f, "softmax fwd " + shape, 2.0 * T * width * 2,
+                  [&] { (void)softmax(xs); });
   }
   for (const auto& [rows, V] : {std::pair<int64_t, int64_t>{8192, 50304}, {16384, 8192}}) {
     const std::string shape = "[" + std::to_string(rows) + ", " + std::to_string(V) + "]";
@@ -361,20 +405,22 @@ int run(int argc, char** argv) {
     Generator g(3);
     Tensor idx = randint(0, 50304, {T}, g, DType::kI64, kGpu);
     NoGradGuard ng;
-    bandwidth_row(report, f, "embedding fwd [16384 of 50304 x 2048]", 2.0 * T * d * 2, [&] { (void)embedding(table, idx); });
+    bandwidth_row(report, f, "embedding fwd [16384 of 50304 x 2048]", 2.0 * T * d * 2,
+                  [&] { (void)embedding(table, idx); });
   }
   {
     const int64_t n = int64_t{100} << 20;  // 100M f32 parameters
     Tensor p = rnd({n}, DType::kF32), g = rnd({n}, DType::kF32), m = rnd({n}, DType::kF32, 0.1),
            v = exp(rnd({n}, DType::kF32));
     const AdamWHyper h{1e-4, 0.9, 0.95, 1e-8, 0.1, 10, 1.0};
-    bandwidth_row(report, f, "adamw f32 [100M params]", 28.0 * n, [&] { adamw_update(p, g, m, v, h); });
+    bandwidth_row(report, f, "adamw f32 [100M params]", 28.0 * n,
+                  [&] { adamw_update(p, g, m, v, h); });
     // The optimizer's real case: many tensors (here 400 of 256K) in a few fused launches.
     std::vector<AdamWEntry> many;
     const int64_t k = 400, each = n / k;
     for (int64_t i = 0; i < k; ++i)
-      many.push_back({p.narrow(0, i * each, each), g.narrow(0, i * each, each), m.narrow(0, i * each, each),
-                      v.narrow(0, i * each, each), 1e-4, 0.1});
+      many.push_back({p.narrow(0, i * each, each), g.narrow(0, i * each, each),
+                      m.narrow(0, i * each, each), v.narrow(0, i * each, each), 1e-4, 0.1});
     bandwidth_row(report, f, "adamw f32 [400 tensors, 100M params]", 28.0 * n,
                   [&] { adamw_update_many(many, h); });
   }

@@ -1,23 +1,27 @@
 // hydra-bench-parallel: the communication of data and expert parallelism at hydra-1.6b shapes, run
-// under mpirun (one rank per GPU with --gpu: NCCL over CUDA tensors; without: MPI over CPU tensors).
+// under mpirun (one rank per GPU with --gpu: NCCL over CUDA tensors; without: MPI over CPU
+// tensors).
 //   1. all-to-all: the communicator's all-to-all-v with equal counts (grouped ncclSend/ncclRecv, as
 //      NCCL's own all-to-all) at 16, 64, 128 and 256 MiB sent per rank: the reference
 //      (bench/nccl_reference.py times NCCL's all-to-all through PyTorch at the same sizes).
-//   2. expert dispatch + combine: the exchange the MoE layer runs (parallel/experts.h: sizes exchange,
+//   2. expert dispatch + combine: the exchange the MoE layer runs (parallel/experts.h: sizes
+//   exchange,
 //      all-to-all-v of the chunk rows, reorder, and back), forward and forward + backward, at the
 //      1.6B model's MoE shapes (d 2048, 8 experts, 2 active per chunk of 8 tokens, random routing),
-//      in f32 (256 MiB per rank each way) and bf16 (128 MiB, as BF16_MIXED training sends), with the
-//      plain all-to-all-v at the same uneven counts, one way, and at equal counts beside it.
+//      in f32 (256 MiB per rank each way) and bf16 (128 MiB, as BF16_MIXED training sends), with
+//      the plain all-to-all-v at the same uneven counts, one way, and at equal counts beside it.
 //   3. data-parallel all-reduce overlap: the backward of a 1.6B-parameter stack of linear layers
 //      alone, with the gradient reducer (buckets all-reduced from gradient-ready hooks during the
-//      backward), and with one all-reduce per gradient after the backward: the exposed communication
-//      time is (reducer - alone); the communication time is (after - alone). ZeRO-1 beside it: the
-//      backward with buckets reduce-scattered from the hooks, and the all-gather of the parameters
-//      after the optimizer step (the all-reduce's two halves, the second not overlapped).
+//      backward), and with one all-reduce per gradient after the backward: the exposed
+//      communication time is (reducer - alone); the communication time is (after - alone). ZeRO-1
+//      beside it: the backward with buckets reduce-scattered from the hooks, and the all-gather of
+//      the parameters after the optimizer step (the all-reduce's two halves, the second not
+//      overlapped).
 // Bus bandwidth follows nccl-tests: all-to-all busbw = bytes sent per rank / time * (n - 1) / n;
 // all-reduce busbw = bytes / time * 2 (n - 1) / n. Times: medians over repeats after warm-up, CUDA
 // events on the compute stream (GPU) or the wall clock (CPU), every repeat started after a barrier.
-//   mpirun -np 2 hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens N] [--only PART]
+//   mpirun -np 2 hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens N]
+//   [--only PART]
 //   (--layers / --tokens: the all-reduce stack's depth and tokens per rank; defaults 48 and 2048;
 //   --only all-to-all | experts | all-reduce: that part alone)
 #include <algorithm>
@@ -63,7 +67,8 @@ double time_ms(const Env& env, const std::function<void()>& fn, int warmup = 2) 
     } else {
       const auto t0 = std::chrono::steady_clock::now();
       fn();
-      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      ms.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     }
   }
   std::sort(ms.begin(), ms.end());
@@ -94,18 +99,23 @@ void bench_all_to_all(const Env& env, Report& report, const std::vector<int64_t>
   const int64_t d = 2048;
   for (const int64_t m : mib) {
     const int64_t rows = (m << 20) / (d * 4) / n * n;
-    const Tensor send = random_rows(env, rows, d, 1), recv = Tensor::empty({rows, d}, DType::kF32, env.dev);
+    const Tensor send = random_rows(env, rows, d, 1),
+                 recv = Tensor::empty({rows, d}, DType::kF32, env.dev);
     const std::vector<int64_t> counts(n, rows / n);
     const double ms = time_ms(env, [&] { env.world->all_to_all_v(send, counts, recv, counts); });
     const double bytes = double(rows) * d * 4;
-    add(report, {"all_to_all_v equal counts " + std::to_string(m) + " MiB/rank", {}, {{"ms", ms}, {"busbw_GBps", a2a_busbw(bytes, ms, n)}}});
+    add(report, {"all_to_all_v equal counts " + std::to_string(m) + " MiB/rank",
+                 {},
+                 {{"ms", ms}, {"busbw_GBps", a2a_busbw(bytes, ms, n)}}});
   }
 }
 
 // Random chunk routing: each chunk of `chunk` tokens picks `active` distinct experts of E.
-std::vector<int64_t> route_sizes(int64_t chunks, int64_t chunk, int64_t E, int64_t active, uint64_t seed) {
+std::vector<int64_t> route_sizes(int64_t chunks, int64_t chunk, int64_t E, int64_t active,
+                                 uint64_t seed) {
   Generator g(seed);
-  const std::vector<int64_t> pick = randint(0, 1 << 30, {chunks, active}, g, DType::kI64).to_vector<int64_t>();
+  const std::vector<int64_t> pick =
+      randint(0, 1 << 30, {chunks, active}, g, DType::kI64).to_vector<int64_t>();
   std::vector<int64_t> sizes(E, 0);
   for (int64_t c = 0; c < chunks; ++c) {
     std::vector<int64_t> chosen;
@@ -123,39 +133,50 @@ void bench_expert_exchange(const Env& env, Report& report, int64_t tokens, DType
   const int n = env.world->size();
   const int64_t d = 2048, E = 8, active = 2, chunk = 8;
   if (E % n != 0) {
-    if (env.world->rank() == 0) std::printf("expert exchange: %lld experts do not split over %d ranks; skipped\n", (long long)E, n);
+    if (env.world->rank() == 0)
+      std::printf("expert exchange: %lld experts do not split over %d ranks; skipped\n",
+                  (long long)E, n);
     return;
   }
-  const std::vector<int64_t> sizes = route_sizes(tokens / chunk, chunk, E, active, 7 + env.world->rank());
+  const std::vector<int64_t> sizes =
+      route_sizes(tokens / chunk, chunk, E, active, 7 + env.world->rank());
   int64_t rows = 0;
   for (int64_t s : sizes) rows += s;
   Tensor xs = random_rows(env, rows, d, 2).to(dt);
   const double bytes = double(rows) * d * double(dtype_size(dt));  // sent per rank, each way
-  const std::string shape = "[" + std::to_string(rows) + " x " + std::to_string(d) + "] " + std::string(dtype_name(dt));
+  const std::string shape =
+      "[" + std::to_string(rows) + " x " + std::to_string(d) + "] " + std::string(dtype_name(dt));
   {
     NoGradGuard ng;
     const double ms = time_ms(env, [&] {
-      const parallel::ExpertDispatch disp = parallel::dispatch_to_experts(xs, sizes, E / n, *env.world);
+      const parallel::ExpertDispatch disp =
+          parallel::dispatch_to_experts(xs, sizes, E / n, *env.world);
       (void)parallel::combine_from_experts(disp.rows, disp, *env.world);
     });
-    add(report, {"expert dispatch+combine fwd " + shape, {}, {{"ms", ms}, {"busbw_GBps", a2a_busbw(2 * bytes, ms, n)}}});
+    add(report, {"expert dispatch+combine fwd " + shape,
+                 {},
+                 {{"ms", ms}, {"busbw_GBps", a2a_busbw(2 * bytes, ms, n)}}});
   }
   {
     xs.set_requires_grad(true);
     const Tensor g = random_rows(env, rows, d, 3).to(dt);
     const double ms = time_ms(env, [&] {
       xs.set_grad(Tensor());
-      const parallel::ExpertDispatch disp = parallel::dispatch_to_experts(xs, sizes, E / n, *env.world);
+      const parallel::ExpertDispatch disp =
+          parallel::dispatch_to_experts(xs, sizes, E / n, *env.world);
       parallel::combine_from_experts(disp.rows, disp, *env.world).backward(g);
     });
-    add(report, {"expert dispatch+combine fwd+bwd " + shape, {}, {{"ms", ms}, {"busbw_GBps", a2a_busbw(4 * bytes, ms, n)}}});
+    add(report, {"expert dispatch+combine fwd+bwd " + shape,
+                 {},
+                 {{"ms", ms}, {"busbw_GBps", a2a_busbw(4 * bytes, ms, n)}}});
     xs.set_requires_grad(false);
   }
   {
     // The same uneven counts through the plain all-to-all-v (no sizes exchange, no reorder).
     std::vector<int64_t> send_counts(n, 0);
     for (int64_t e = 0; e < E; ++e) send_counts[e / (E / n)] += sizes[e];
-    Tensor sc = tensor(send_counts, {n}).to(env.dev), rcv = Tensor::empty({n}, DType::kI64, env.dev);
+    Tensor sc = tensor(send_counts, {n}).to(env.dev),
+           rcv = Tensor::empty({n}, DType::kI64, env.dev);
     env.world->all_to_all_v(sc, std::vector<int64_t>(n, 1), rcv, std::vector<int64_t>(n, 1));
     const std::vector<int64_t> recv_counts = rcv.cpu().to_vector<int64_t>();
     int64_t rrows = 0;
@@ -166,16 +187,21 @@ void bench_expert_exchange(const Env& env, Report& report, int64_t tokens, DType
       env.world->all_to_all_v(xs, send_counts, recv, recv_counts);
       env.world->all_to_all_v(recv, recv_counts, back, send_counts);
     });
-    add(report, {"plain all_to_all_v there and back, same counts " + shape, {}, {{"ms", ms}, {"busbw_GBps", a2a_busbw(2 * bytes, ms, n)}}});
-    const double one_way = time_ms(env, [&] { env.world->all_to_all_v(xs, send_counts, recv, recv_counts); });
+    add(report, {"plain all_to_all_v there and back, same counts " + shape,
+                 {},
+                 {{"ms", ms}, {"busbw_GBps", a2a_busbw(2 * bytes, ms, n)}}});
+    const double one_way =
+        time_ms(env, [&] { env.world->all_to_all_v(xs, send_counts, recv, recv_counts); });
     // The rows this rank keeps and sends on: routing decides how many leave the GPU.
     std::string split;
     for (int p = 0; p < n; ++p) {
       if (p > 0) split += '/';
       split += std::to_string(send_counts[p]);
     }
-    add(report, {"plain all_to_all_v one way, same counts (rank 0 sends " + split + " rows) " + shape, {},
-                 {{"ms", one_way}, {"busbw_GBps", a2a_busbw(bytes, one_way, n)}}});
+    add(report,
+        {"plain all_to_all_v one way, same counts (rank 0 sends " + split + " rows) " + shape,
+         {},
+         {{"ms", one_way}, {"busbw_GBps", a2a_busbw(bytes, one_way, n)}}});
     const std::vector<int64_t> equal(n, rows / n);
     Tensor eq_recv = Tensor::empty({rows / n * n, d}, dt, env.dev);
     const Tensor eq_send = xs.narrow(0, 0, rows / n * n);
@@ -183,7 +209,9 @@ void bench_expert_exchange(const Env& env, Report& report, int64_t tokens, DType
       env.world->all_to_all_v(eq_send, equal, eq_recv, equal);
       env.world->all_to_all_v(eq_recv, equal, eq_send, equal);
     });
-    add(report, {"plain all_to_all_v there and back, equal counts " + shape, {}, {{"ms", eq_ms}, {"busbw_GBps", a2a_busbw(2 * bytes, eq_ms, n)}}});
+    add(report, {"plain all_to_all_v there and back, equal counts " + shape,
+                 {},
+                 {{"ms", eq_ms}, {"busbw_GBps", a2a_busbw(2 * bytes, eq_ms, n)}}});
   }
 }
 
@@ -209,14 +237,16 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
   };
   auto forward_backward = [&] {
     Tensor h = x;
-    for (int64_t l = 0; l < layers; ++l) h = add(h, linear(relu(linear(h, weights[2 * l])), weights[2 * l + 1]));
+    for (int64_t l = 0; l < layers; ++l)
+      h = add(h, linear(relu(linear(h, weights[2 * l])), weights[2 * l + 1]));
     h.backward(gy);
   };
   auto backward = [&] {
     clear();
     forward_backward();
   };
-  // cudaMalloc calls and cache flushes of the caching allocator during a timed mode (steady state: 0).
+  // cudaMalloc calls and cache flushes of the caching allocator during a timed mode (steady state:
+  // 0).
   auto driver = [&] {
     if (!env.gpu) return std::pair<double, double>{0, 0};
     const CudaMemoryStats m = cuda_memory_stats(env.dev.index);
@@ -225,48 +255,65 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
   auto d0 = driver();
   const double alone = time_ms(env, backward, 1);
   auto d1 = driver();
-  add(report, {"backward alone (allocator)", {}, {{"driver_allocs", d1.first - d0.first}, {"cache_flushes", d1.second - d0.second}}});
+  add(report, {"backward alone (allocator)",
+               {},
+               {{"driver_allocs", d1.first - d0.first}, {"cache_flushes", d1.second - d0.second}}});
   // The copy the reducer adds (each gradient into its bucket), without communication.
-  const double copied = time_ms(env, [&] {
-    backward();
-    NoGradGuard ng;
-    for (Tensor& w : weights) (void)w.grad().clone();
-  }, 1);
+  const double copied = time_ms(
+      env,
+      [&] {
+        backward();
+        NoGradGuard ng;
+        for (Tensor& w : weights) (void)w.grad().clone();
+      },
+      1);
   // The backward writing each weight's gradient into a destination of its own (as into a bucket),
   // without a reducer: separates the GEMMs' cost from the reducer's bookkeeping.
   double into_dest = 0;
   {
     std::vector<Tensor> dests;
     for (const Tensor& w : weights) dests.push_back(Tensor::empty(w.shape(), w.dtype(), env.dev));
-    into_dest = time_ms(env, [&] {
-      for (std::size_t i = 0; i < weights.size(); ++i) weights[i].set_grad_destination(dests[i]);
-      backward();
-    }, 1);
+    into_dest = time_ms(
+        env,
+        [&] {
+          for (std::size_t i = 0; i < weights.size(); ++i)
+            weights[i].set_grad_destination(dests[i]);
+          backward();
+        },
+        1);
     for (Tensor& w : weights) w.set_grad_destination(Tensor());
   }
   std::vector<parallel::ReducedParam> rp;
-  for (std::size_t i = 0; i < weights.size(); ++i) rp.push_back({std::string("w").append(std::to_string(i)), weights[i], env.world, false});
+  for (std::size_t i = 0; i < weights.size(); ++i)
+    rp.push_back({std::string("w").append(std::to_string(i)), weights[i], env.world, false});
   double with_reducer = 0;
   int64_t buckets = 0, early = 0, copied_grads = 0;
-  double reducer_exposed = 0;  // the reducer's own reading (the trainer's comm.exposed_ms), last repeat
+  double reducer_exposed =
+      0;  // the reducer's own reading (the trainer's comm.exposed_ms), last repeat
   {
     parallel::GradientReducer reducer(rp, 25.0);
     d0 = driver();
-    with_reducer = time_ms(env, [&] {
-      clear();
-      reducer.prepare();
-      forward_backward();
-      reducer.finish();
-    }, 1);
+    with_reducer = time_ms(
+        env,
+        [&] {
+          clear();
+          reducer.prepare();
+          forward_backward();
+          reducer.finish();
+        },
+        1);
     d1 = driver();
-    add(report, {"backward + reducer (allocator)", {}, {{"driver_allocs", d1.first - d0.first}, {"cache_flushes", d1.second - d0.second}}});
+    add(report,
+        {"backward + reducer (allocator)",
+         {},
+         {{"driver_allocs", d1.first - d0.first}, {"cache_flushes", d1.second - d0.second}}});
     buckets = reducer.stats().buckets;
     early = reducer.stats().early;
     copied_grads = reducer.stats().copied;
     reducer_exposed = reducer.stats().exposed_ms;
     if (env.gpu) {
-      // Where the reducer's time goes: device time between events recorded after prepare() and after
-      // the backward's last kernel was queued (medians over the repeats).
+      // Where the reducer's time goes: device time between events recorded after prepare() and
+      // after the backward's last kernel was queued (medians over the repeats).
       std::vector<double> ph[3];
       void* stream = cuda_compute_stream(env.dev.index);
       for (int i = 0; i < env.reps; ++i) {
@@ -287,45 +334,69 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
       }
       for (auto& v : ph) std::sort(v.begin(), v.end());
       const std::size_t m = ph[0].size() / 2;
-      add(report, {"backward + reducer, phases (device time)", {},
-                   {{"prepare_ms", ph[0][m]}, {"forward_backward_ms", ph[1][m]}, {"finish_ms", ph[2][m]}}});
+      add(report,
+          {"backward + reducer, phases (device time)",
+           {},
+           {{"prepare_ms", ph[0][m]}, {"forward_backward_ms", ph[1][m]}, {"finish_ms", ph[2][m]}}});
     }
   }
   // ZeRO-1: buckets reduce-scattered during the backward, then the updated parameters all-gathered.
   double with_zero = 0, gather = 0;
   {
     parallel::GradientReducer zero(rp, 25.0, /*shard=*/true);
-    with_zero = time_ms(env, [&] {
-      clear();
-      zero.prepare();
-      forward_backward();
-      zero.finish();
-    }, 1);
+    with_zero = time_ms(
+        env,
+        [&] {
+          clear();
+          zero.prepare();
+          forward_backward();
+          zero.finish();
+        },
+        1);
     gather = time_ms(env, [&] { zero.all_gather_params(); });
   }
-  const double after = time_ms(env, [&] {
-    backward();
-    for (Tensor& w : weights) env.world->all_reduce(w.grad(), parallel::ReduceOp::kSum);
-  }, 1);
+  const double after = time_ms(
+      env,
+      [&] {
+        backward();
+        for (Tensor& w : weights) env.world->all_reduce(w.grad(), parallel::ReduceOp::kSum);
+      },
+      1);
   const double bytes = params * 4, comm = after - alone, exposed = with_reducer - alone;
   char buf[160];
-  std::snprintf(buf, sizeof buf, "%lld x (2048x8192, 8192x2048) f32, %.0fM params, %lld tokens/rank", (long long)layers,
-                params / 1e6, (long long)tokens);
+  std::snprintf(buf, sizeof buf,
+                "%lld x (2048x8192, 8192x2048) f32, %.0fM params, %lld tokens/rank",
+                (long long)layers, params / 1e6, (long long)tokens);
   const std::string shape = buf;
   add(report, {"backward alone " + shape, {}, {{"ms", alone}}});
-  add(report, {"backward + a copy of every gradient (no communication) " + shape, {}, {{"ms", copied}, {"copy_ms", copied - alone}}});
-  add(report, {"backward, gradients written into set destinations (no reducer) " + shape, {}, {{"ms", into_dest}, {"over_alone_ms", into_dest - alone}}});
-  add(report, {"backward + reducer (25 MB buckets, overlapped) " + shape, {},
-               {{"ms", with_reducer}, {"exposed_ms", exposed}, {"buckets", double(buckets)}, {"early_buckets", double(early)},
-                {"copied_grads", double(copied_grads)}, {"metric_exposed_ms", reducer_exposed}}});
-  add(report, {"ZeRO-1: backward + reduce-scatter (25 MB buckets, overlapped) " + shape, {},
+  add(report, {"backward + a copy of every gradient (no communication) " + shape,
+               {},
+               {{"ms", copied}, {"copy_ms", copied - alone}}});
+  add(report, {"backward, gradients written into set destinations (no reducer) " + shape,
+               {},
+               {{"ms", into_dest}, {"over_alone_ms", into_dest - alone}}});
+  add(report, {"backward + reducer (25 MB buckets, overlapped) " + shape,
+               {},
+               {{"ms", with_reducer},
+                {"exposed_ms", exposed},
+                {"buckets", double(buckets)},
+                {"early_buckets", double(early)},
+                {"copied_grads", double(copied_grads)},
+                {"metric_exposed_ms", reducer_exposed}}});
+  add(report, {"ZeRO-1: backward + reduce-scatter (25 MB buckets, overlapped) " + shape,
+               {},
                {{"ms", with_zero}, {"exposed_ms", with_zero - alone}}});
-  add(report, {"ZeRO-1: all-gather of the updated parameters " + shape, {},
-               {{"ms", gather}, {"allgather_busbw_GBps", bytes / (gather * 1e-3) * (n - 1) / n / 1e9},
+  add(report, {"ZeRO-1: all-gather of the updated parameters " + shape,
+               {},
+               {{"ms", gather},
+                {"allgather_busbw_GBps", bytes / (gather * 1e-3) * (n - 1) / n / 1e9},
                 {"step_exposed_ms", with_zero - alone + gather},
                 {"adam_state_MiB_per_rank", params * 8 / n / (1 << 20)}}});
-  add(report, {"backward then all-reduce every gradient " + shape, {},
-               {{"ms", after}, {"comm_ms", comm}, {"allreduce_busbw_GBps", bytes / (comm * 1e-3) * 2 * (n - 1) / n / 1e9},
+  add(report, {"backward then all-reduce every gradient " + shape,
+               {},
+               {{"ms", after},
+                {"comm_ms", comm},
+                {"allreduce_busbw_GBps", bytes / (comm * 1e-3) * 2 * (n - 1) / n / 1e9},
                 {"hidden_fraction", comm > 0 ? 1 - exposed / comm : 0}}});
 }
 
@@ -346,19 +417,24 @@ int run(int argc, char** argv) {
       layers = std::atoll(argv[++i]);
     } else if (a == "--tokens" && i + 1 < argc) {
       tokens = std::atoll(argv[++i]);
-    } else if (a == "--only" && i + 1 < argc && (std::string(argv[i + 1]) == "all-to-all" ||
-                                                 std::string(argv[i + 1]) == "experts" ||
-                                                 std::string(argv[i + 1]) == "all-reduce")) {
+    } else if (a == "--only" && i + 1 < argc &&
+               (std::string(argv[i + 1]) == "all-to-all" || std::string(argv[i + 1]) == "experts" ||
+                std::string(argv[i + 1]) == "all-reduce")) {
       only = argv[++i];
     } else {
       if (info.rank == 0)
-        std::fprintf(stderr, "hydra-bench-parallel: unknown argument '%s'\nusage: mpirun -np N hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens N] [--only all-to-all|experts|all-reduce]\n", a.c_str());
+        std::fprintf(stderr,
+                     "hydra-bench-parallel: unknown argument '%s'\nusage: mpirun -np N "
+                     "hydra-bench-parallel [--gpu] [--quick] [--json FILE] [--layers N] [--tokens "
+                     "N] [--only all-to-all|experts|all-reduce]\n",
+                     a.c_str());
       parallel::finalize_processes();
       return 2;
     }
   }
   if (gpu && !cuda_available()) {
-    if (info.rank == 0) std::fprintf(stderr, "hydra-bench-parallel: --gpu needs a CUDA build and a GPU per rank\n");
+    if (info.rank == 0)
+      std::fprintf(stderr, "hydra-bench-parallel: --gpu needs a CUDA build and a GPU per rank\n");
     parallel::finalize_processes();
     return 2;
   }
@@ -367,19 +443,29 @@ int run(int argc, char** argv) {
     Env env{world.get(), world->device(), gpu, quick ? 3 : 10};
     if (info.rank == 0)
       std::printf("hydra-bench-parallel: %d ranks, %s\n", world->size(),
-                  gpu ? ("NCCL " + parallel::nccl_version() + " over CUDA tensors").c_str() : "MPI over CPU tensors");
+                  gpu ? ("NCCL " + parallel::nccl_version() + " over CUDA tensors").c_str()
+                      : "MPI over CPU tensors");
     Report report;
     if (only.empty() || only == "all-to-all")
-      bench_all_to_all(env, report, quick ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{16, 64, 128, 256});
+      bench_all_to_all(env, report,
+                       quick ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{16, 64, 128, 256});
     // 1.6B "experts" stage: 16 sequences of 2048 tokens per rank would be 32768; 16384 keeps f32 at
     // 256 MiB sent per rank each way (2 active experts per chunk).
     // f32, and bf16 as BF16_MIXED training sends (half the bytes).
     if (only.empty() || only == "experts")
-      for (const DType dt : {DType::kF32, DType::kBF16}) bench_expert_exchange(env, report, quick ? 512 : 16384, dt);
+      for (const DType dt : {DType::kF32, DType::kBF16})
+        bench_expert_exchange(env, report, quick ? 512 : 16384, dt);
     if (only.empty() || only == "all-reduce")
-      bench_allreduce_overlap(env, report, layers > 0 ? layers : quick ? 2 : 48, tokens > 0 ? tokens : quick ? 64 : 2048);
+      bench_allreduce_overlap(env, report,
+                              layers > 0 ? layers
+                              : quick    ? 2
+                                         : 48,
+                              tokens > 0 ? tokens
+                              : quick    ? 64
+                                         : 2048);
     if (!json.empty() && info.rank == 0) {
-      report.write_json(json, {{"ranks", std::to_string(world->size())}, {"backend", gpu ? "nccl " + parallel::nccl_version() : "mpi"}});
+      report.write_json(json, {{"ranks", std::to_string(world->size())},
+                               {"backend", gpu ? "nccl " + parallel::nccl_version() : "mpi"}});
       std::printf("wrote %s\n", json.c_str());
     }
     world->barrier();

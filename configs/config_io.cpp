@@ -22,7 +22,9 @@ class Collector : public google::protobuf::io::ErrorCollector {
  public:
   explicit Collector(std::string source) : source_(std::move(source)) {}
   void AddError(int line, int column, const std::string& message) override {
-    if (first_.empty()) first_ = source_ + ":" + std::to_string(line + 1) + ":" + std::to_string(column + 1) + ": " + message;
+    if (first_.empty())
+      first_ = source_ + ":" + std::to_string(line + 1) + ":" + std::to_string(column + 1) + ": " +
+               message;
   }
   void AddWarning(int, int, const std::string&) override {}
   const std::string& first() const { return first_; }
@@ -57,9 +59,11 @@ std::vector<std::string> split_list(std::string v) {
 
 // Parses one scalar `text` into `field` of `msg` (repeated: appends) using the text-format parser,
 // which knows enum names, bools and number syntax.
-Status set_scalar(Message* msg, const FieldDescriptor* field, const std::string& text, const std::string& path) {
+Status set_scalar(Message* msg, const FieldDescriptor* field, const std::string& text,
+                  const std::string& path) {
   std::string value = text;
-  if (field->cpp_type() == FieldDescriptor::CPPTYPE_STRING && (value.empty() || value.front() != '"'))
+  if (field->cpp_type() == FieldDescriptor::CPPTYPE_STRING &&
+      (value.empty() || value.front() != '"'))
     value = "\"" + value + "\"";
   std::unique_ptr<Message> tmp(msg->New());
   Collector errors(path);
@@ -93,22 +97,26 @@ Status parse_text(const std::string& text, const std::string& source_name, Messa
   google::protobuf::TextFormat::Parser parser;
   parser.RecordErrorsTo(&errors);
   if (!parser.ParseFromString(text, msg))
-    return invalid_argument(errors.first().empty() ? source_name + ": not a valid config" : errors.first());
+    return invalid_argument(errors.first().empty() ? source_name + ": not a valid config"
+                                                   : errors.first());
   return ok_status();
 }
 
 Status load_text_file(const std::string& path, Message* msg) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec))
-    return invalid_argument(path + ": is a directory, not a config file (give a .pbtxt file, e.g. configs/tiny.pbtxt)");
+    return invalid_argument(
+        path + ": is a directory, not a config file (give a .pbtxt file, e.g. configs/tiny.pbtxt)");
   std::ifstream in(path);
-  if (!in) return not_found(path + ": cannot open the config file (does it exist and is it readable?)");
+  if (!in)
+    return not_found(path + ": cannot open the config file (does it exist and is it readable?)");
   std::stringstream buf;
   buf << in.rdbuf();
   return parse_text(buf.str(), path, msg);
 }
 
-Status check_finite_numbers(const Message& msg, const std::string& source, const std::string& prefix) {
+Status check_finite_numbers(const Message& msg, const std::string& source,
+                            const std::string& prefix) {
   const Reflection* r = msg.GetReflection();
   std::vector<const FieldDescriptor*> fields;
   r->ListFields(msg, &fields);
@@ -121,7 +129,8 @@ Status check_finite_numbers(const Message& msg, const std::string& source, const
       switch (f->cpp_type()) {
         case FieldDescriptor::CPPTYPE_MESSAGE:
           HYDRA_RETURN_IF_ERROR(check_finite_numbers(
-              f->is_repeated() ? r->GetRepeatedMessage(msg, f, k) : r->GetMessage(msg, f), source, at));
+              f->is_repeated() ? r->GetRepeatedMessage(msg, f, k) : r->GetMessage(msg, f), source,
+              at));
           continue;
         case FieldDescriptor::CPPTYPE_DOUBLE:
           v = f->is_repeated() ? r->GetRepeatedDouble(msg, f, k) : r->GetDouble(msg, f);
@@ -148,8 +157,10 @@ Expected<RunConfig> load_run_config(const std::string& path) {
   std::vector<const FieldDescriptor*> fields;
   cfg.GetReflection()->ListFields(cfg, &fields);
   if (fields.empty())
-    return invalid_argument(path + ": the config sets nothing (an empty file?); a config needs at least a model "
-                            "section: start from one of configs/*.pbtxt");
+    return invalid_argument(
+        path +
+        ": the config sets nothing (an empty file?); a config needs at least a model "
+        "section: start from one of configs/*.pbtxt");
   return cfg;
 }
 
@@ -160,20 +171,41 @@ void resolve_defaults(Message* msg) {
     const FieldDescriptor* f = d->field(i);
     if (f->is_repeated()) {
       if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE)
-        for (int k = 0; k < r->FieldSize(*msg, f); ++k) resolve_defaults(r->MutableRepeatedMessage(msg, f, k));
+        for (int k = 0; k < r->FieldSize(*msg, f); ++k)
+          resolve_defaults(r->MutableRepeatedMessage(msg, f, k));
       continue;
     }
     switch (f->cpp_type()) {
-      case FieldDescriptor::CPPTYPE_MESSAGE: resolve_defaults(r->MutableMessage(msg, f)); break;
-      case FieldDescriptor::CPPTYPE_INT32: if (!r->HasField(*msg, f)) r->SetInt32(msg, f, r->GetInt32(*msg, f)); break;
-      case FieldDescriptor::CPPTYPE_INT64: if (!r->HasField(*msg, f)) r->SetInt64(msg, f, r->GetInt64(*msg, f)); break;
-      case FieldDescriptor::CPPTYPE_UINT32: if (!r->HasField(*msg, f)) r->SetUInt32(msg, f, r->GetUInt32(*msg, f)); break;
-      case FieldDescriptor::CPPTYPE_UINT64: if (!r->HasField(*msg, f)) r->SetUInt64(msg, f, r->GetUInt64(*msg, f)); break;
-      case FieldDescriptor::CPPTYPE_DOUBLE: if (!r->HasField(*msg, f)) r->SetDouble(msg, f, r->GetDouble(*msg, f)); break;
-      case FieldDescriptor::CPPTYPE_FLOAT: if (!r->HasField(*msg, f)) r->SetFloat(msg, f, r->GetFloat(*msg, f)); break;
-      case FieldDescriptor::CPPTYPE_BOOL: if (!r->HasField(*msg, f)) r->SetBool(msg, f, r->GetBool(*msg, f)); break;
-      case FieldDescriptor::CPPTYPE_ENUM: if (!r->HasField(*msg, f)) r->SetEnum(msg, f, r->GetEnum(*msg, f)); break;
-      case FieldDescriptor::CPPTYPE_STRING: if (!r->HasField(*msg, f)) r->SetString(msg, f, r->GetString(*msg, f)); break;
+      case FieldDescriptor::CPPTYPE_MESSAGE:
+        resolve_defaults(r->MutableMessage(msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_INT32:
+        if (!r->HasField(*msg, f)) r->SetInt32(msg, f, r->GetInt32(*msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_INT64:
+        if (!r->HasField(*msg, f)) r->SetInt64(msg, f, r->GetInt64(*msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_UINT32:
+        if (!r->HasField(*msg, f)) r->SetUInt32(msg, f, r->GetUInt32(*msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_UINT64:
+        if (!r->HasField(*msg, f)) r->SetUInt64(msg, f, r->GetUInt64(*msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_DOUBLE:
+        if (!r->HasField(*msg, f)) r->SetDouble(msg, f, r->GetDouble(*msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_FLOAT:
+        if (!r->HasField(*msg, f)) r->SetFloat(msg, f, r->GetFloat(*msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_BOOL:
+        if (!r->HasField(*msg, f)) r->SetBool(msg, f, r->GetBool(*msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_ENUM:
+        if (!r->HasField(*msg, f)) r->SetEnum(msg, f, r->GetEnum(*msg, f));
+        break;
+      case FieldDescriptor::CPPTYPE_STRING:
+        if (!r->HasField(*msg, f)) r->SetString(msg, f, r->GetString(*msg, f));
+        break;
     }
   }
 }
@@ -181,7 +213,8 @@ void resolve_defaults(Message* msg) {
 Status apply_override(Message* msg, const std::string& assignment) {
   const auto eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0)
-    return invalid_argument("--set " + assignment + ": expected path=value, e.g. --set train.lr.lr=3e-4");
+    return invalid_argument("--set " + assignment +
+                            ": expected path=value, e.g. --set train.lr.lr=3e-4");
   const std::string path = trim(assignment.substr(0, eq)), value = assignment.substr(eq + 1);
   Message* cur = msg;
   std::string walked;
@@ -195,12 +228,13 @@ Status apply_override(Message* msg, const std::string& assignment) {
     const std::string here = walked.empty() ? parts[i] : walked + "." + parts[i];
     if (f == nullptr)
       return invalid_argument("--set " + path + ": unknown field '" + here + "'; " +
-                              (walked.empty() ? std::string("the config") : walked) + " has: " + field_list(d));
+                              (walked.empty() ? std::string("the config") : walked) +
+                              " has: " + field_list(d));
     const bool last = i + 1 == parts.size();
     if (!last) {
       if (f->cpp_type() != FieldDescriptor::CPPTYPE_MESSAGE || f->is_repeated())
-        return invalid_argument("--set " + path + ": '" + here + "' is not a message, it has no field '" +
-                                parts[i + 1] + "'");
+        return invalid_argument("--set " + path + ": '" + here +
+                                "' is not a message, it has no field '" + parts[i + 1] + "'");
       cur = cur->GetReflection()->MutableMessage(cur, f);
       walked = here;
       continue;
@@ -215,7 +249,8 @@ Status apply_override(Message* msg, const std::string& assignment) {
     }
     if (f->is_repeated()) {
       cur->GetReflection()->ClearField(cur, f);
-      for (const std::string& item : split_list(value)) HYDRA_RETURN_IF_ERROR(set_scalar(cur, f, item, path));
+      for (const std::string& item : split_list(value))
+        HYDRA_RETURN_IF_ERROR(set_scalar(cur, f, item, path));
       return ok_status();
     }
     return set_scalar(cur, f, trim(value), path);

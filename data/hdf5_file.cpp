@@ -13,12 +13,18 @@ namespace {
 
 hid_t native(Hdf5Type t) {  // call with the lock held (the H5T_NATIVE_* macros are HDF5 calls)
   switch (t) {
-    case Hdf5Type::kF32: return H5T_NATIVE_FLOAT;
-    case Hdf5Type::kF64: return H5T_NATIVE_DOUBLE;
-    case Hdf5Type::kI32: return H5T_NATIVE_INT32;
-    case Hdf5Type::kI64: return H5T_NATIVE_INT64;
-    case Hdf5Type::kU16: return H5T_NATIVE_UINT16;
-    case Hdf5Type::kU32: return H5T_NATIVE_UINT32;
+    case Hdf5Type::kF32:
+      return H5T_NATIVE_FLOAT;
+    case Hdf5Type::kF64:
+      return H5T_NATIVE_DOUBLE;
+    case Hdf5Type::kI32:
+      return H5T_NATIVE_INT32;
+    case Hdf5Type::kI64:
+      return H5T_NATIVE_INT64;
+    case Hdf5Type::kU16:
+      return H5T_NATIVE_UINT16;
+    case Hdf5Type::kU32:
+      return H5T_NATIVE_UINT32;
   }
   return H5T_NATIVE_FLOAT;
 }
@@ -57,7 +63,8 @@ Expected<Hdf5File> Hdf5File::open_read(const std::string& path) {
   const auto lock = hdf5_lock();
   quiet_hdf5();
   if (!std::filesystem::exists(path)) return not_found(path + ": no such file");
-  if (H5Fis_hdf5(path.c_str()) <= 0) return data_loss(path + ": not an HDF5 file (truncated or of another kind)");
+  if (H5Fis_hdf5(path.c_str()) <= 0)
+    return data_loss(path + ": not an HDF5 file (truncated or of another kind)");
   const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
   if (f < 0) return data_loss(path + ": cannot open the HDF5 file (truncated or damaged?)");
   Hdf5File out;
@@ -66,7 +73,8 @@ Expected<Hdf5File> Hdf5File::open_read(const std::string& path) {
   return out;
 }
 
-Status Hdf5File::write(const std::string& name, Hdf5Type type, const std::vector<int64_t>& shape, const void* data) {
+Status Hdf5File::write(const std::string& name, Hdf5Type type, const std::vector<int64_t>& shape,
+                       const void* data) {
   const auto lock = hdf5_lock();
   const std::vector<hsize_t> dims =
       shape.empty() ? std::vector<hsize_t>{1} : std::vector<hsize_t>(shape.begin(), shape.end());
@@ -74,7 +82,8 @@ Status Hdf5File::write(const std::string& name, Hdf5Type type, const std::vector
   if (!space.valid()) return io_error(path_ + ": cannot describe dataset " + name);
   Hdf5Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
   H5Pset_create_intermediate_group(lcpl.get(), 1);
-  Hdf5Handle ds(H5Dcreate2(file_.get(), name.c_str(), native(type), space.get(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT),
+  Hdf5Handle ds(H5Dcreate2(file_.get(), name.c_str(), native(type), space.get(), lcpl.get(),
+                           H5P_DEFAULT, H5P_DEFAULT),
                 H5Dclose);
   if (!ds.valid()) return io_error(path_ + ": cannot create dataset " + name);
   if (H5Dwrite(ds.get(), native(type), H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
@@ -109,18 +118,20 @@ Status Hdf5File::read(const std::string& name, Hdf5Type type, void* out) const {
   return ok_status();
 }
 
-Status Hdf5File::read_range(const std::string& name, Hdf5Type type, int64_t offset, int64_t count, void* out) const {
+Status Hdf5File::read_range(const std::string& name, Hdf5Type type, int64_t offset, int64_t count,
+                            void* out) const {
   const auto lock = hdf5_lock();
   Hdf5Handle ds(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT), H5Dclose);
   if (!ds.valid()) return data_loss(path_ + ": dataset " + name + " is missing");
   Hdf5Handle space(H5Dget_space(ds.get()), H5Sclose);
   const hsize_t start = static_cast<hsize_t>(offset), n = static_cast<hsize_t>(count);
   if (H5Sselect_hyperslab(space.get(), H5S_SELECT_SET, &start, nullptr, &n, nullptr) < 0)
-    return data_loss(path_ + ": range [" + std::to_string(offset) + ", " + std::to_string(offset + count) +
-                     ") outside dataset " + name);
+    return data_loss(path_ + ": range [" + std::to_string(offset) + ", " +
+                     std::to_string(offset + count) + ") outside dataset " + name);
   Hdf5Handle mem(H5Screate_simple(1, &n, nullptr), H5Sclose);
   if (H5Dread(ds.get(), native(type), mem.get(), space.get(), H5P_DEFAULT, out) < 0)
-    return data_loss(path_ + ": cannot read " + name + " at " + std::to_string(offset) + " (truncated file?)");
+    return data_loss(path_ + ": cannot read " + name + " at " + std::to_string(offset) +
+                     " (truncated file?)");
   return ok_status();
 }
 
@@ -137,7 +148,9 @@ Status Hdf5File::write_attr(const std::string& name, const std::string& value) {
   Hdf5Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
   H5Tset_size(type.get(), value.empty() ? 1 : value.size());
   Hdf5Handle space(H5Screate(H5S_SCALAR), H5Sclose);
-  Hdf5Handle attr(H5Acreate2(file_.get(), name.c_str(), type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  Hdf5Handle attr(
+      H5Acreate2(file_.get(), name.c_str(), type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
+      H5Aclose);
   if (!attr.valid() || H5Awrite(attr.get(), type.get(), value.empty() ? "" : value.data()) < 0)
     return io_error(path_ + ": cannot write attribute " + name);
   return ok_status();
@@ -146,7 +159,8 @@ Status Hdf5File::write_attr(const std::string& name, const std::string& value) {
 Status Hdf5File::write_attr(const std::string& name, int64_t value) {
   const auto lock = hdf5_lock();
   Hdf5Handle space(H5Screate(H5S_SCALAR), H5Sclose);
-  Hdf5Handle attr(H5Acreate2(file_.get(), name.c_str(), H5T_NATIVE_INT64, space.get(), H5P_DEFAULT, H5P_DEFAULT),
+  Hdf5Handle attr(H5Acreate2(file_.get(), name.c_str(), H5T_NATIVE_INT64, space.get(), H5P_DEFAULT,
+                             H5P_DEFAULT),
                   H5Aclose);
   if (!attr.valid() || H5Awrite(attr.get(), H5T_NATIVE_INT64, &value) < 0)
     return io_error(path_ + ": cannot write attribute " + name);
@@ -155,29 +169,35 @@ Status Hdf5File::write_attr(const std::string& name, int64_t value) {
 
 Expected<std::string> Hdf5File::read_attr_string(const std::string& name) const {
   const auto lock = hdf5_lock();
-  if (H5Aexists(file_.get(), name.c_str()) <= 0) return data_loss(path_ + ": attribute " + name + " is missing");
+  if (H5Aexists(file_.get(), name.c_str()) <= 0)
+    return data_loss(path_ + ": attribute " + name + " is missing");
   Hdf5Handle attr(H5Aopen(file_.get(), name.c_str(), H5P_DEFAULT), H5Aclose);
   Hdf5Handle type(H5Aget_type(attr.get()), H5Tclose);
-  if (H5Tget_class(type.get()) != H5T_STRING) return data_loss(path_ + ": attribute " + name + " is not a string");
+  if (H5Tget_class(type.get()) != H5T_STRING)
+    return data_loss(path_ + ": attribute " + name + " is not a string");
   const std::size_t n = H5Tget_size(type.get());
   std::string s(n, '\0');
-  if (H5Aread(attr.get(), type.get(), s.data()) < 0) return data_loss(path_ + ": cannot read attribute " + name);
+  if (H5Aread(attr.get(), type.get(), s.data()) < 0)
+    return data_loss(path_ + ": cannot read attribute " + name);
   while (!s.empty() && s.back() == '\0') s.pop_back();
   return s;
 }
 
 Expected<int64_t> Hdf5File::read_attr_int(const std::string& name) const {
   const auto lock = hdf5_lock();
-  if (H5Aexists(file_.get(), name.c_str()) <= 0) return data_loss(path_ + ": attribute " + name + " is missing");
+  if (H5Aexists(file_.get(), name.c_str()) <= 0)
+    return data_loss(path_ + ": attribute " + name + " is missing");
   Hdf5Handle attr(H5Aopen(file_.get(), name.c_str(), H5P_DEFAULT), H5Aclose);
   int64_t v = 0;
-  if (H5Aread(attr.get(), H5T_NATIVE_INT64, &v) < 0) return data_loss(path_ + ": cannot read attribute " + name);
+  if (H5Aread(attr.get(), H5T_NATIVE_INT64, &v) < 0)
+    return data_loss(path_ + ": cannot read attribute " + name);
   return v;
 }
 
 Status Hdf5File::flush() {
   const auto lock = hdf5_lock();
-  if (H5Fflush(file_.get(), H5F_SCOPE_GLOBAL) < 0) return io_error(path_ + ": flush failed (disk full?)");
+  if (H5Fflush(file_.get(), H5F_SCOPE_GLOBAL) < 0)
+    return io_error(path_ + ": flush failed (disk full?)");
   return ok_status();
 }
 

@@ -1,10 +1,10 @@
-// Thin RAII wrappers over the HDF5 C API, with every call checked and errors as Status naming the file
-// and the dataset. Used for token shards (data/) and checkpoints (trainer/).
+// Thin RAII wrappers over the HDF5 C API, with every call checked and errors as Status naming the
+// file and the dataset. Used for token shards (data/) and checkpoints (trainer/).
 //
 // Threads: the HDF5 we link (Debian's, built for MPI) is not thread-safe, and the data loader reads
 // shards on its prefetch thread while the main thread evaluates or writes a checkpoint. Every HDF5
-// call made through this file (handle closes included) holds one process-wide lock, and callers name
-// element types by Hdf5Type instead of HDF5's own globals, so no HDF5 call happens outside it.
+// call made through this file (handle closes included) holds one process-wide lock, and callers
+// name element types by Hdf5Type instead of HDF5's own globals, so no HDF5 call happens outside it.
 #pragma once
 
 #include <hdf5.h>
@@ -58,13 +58,15 @@ class Hdf5File {
   const std::string& path() const { return path_; }
 
   // 1-D or N-D datasets, written whole.
-  Status write(const std::string& name, Hdf5Type type, const std::vector<int64_t>& shape, const void* data);
+  Status write(const std::string& name, Hdf5Type type, const std::vector<int64_t>& shape,
+               const void* data);
   bool has(const std::string& name) const;
   Expected<std::vector<int64_t>> shape(const std::string& name) const;
   // The whole dataset, converted to `type`.
   Status read(const std::string& name, Hdf5Type type, void* out) const;
   // Elements [offset, offset + count) of a 1-D dataset.
-  Status read_range(const std::string& name, Hdf5Type type, int64_t offset, int64_t count, void* out) const;
+  Status read_range(const std::string& name, Hdf5Type type, int64_t offset, int64_t count,
+                    void* out) const;
   // Size in bytes of the stored element type.
   Expected<int64_t> element_size(const std::string& name) const;
 

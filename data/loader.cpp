@@ -8,15 +8,16 @@
 
 namespace hydra::data {
 
-Status SyntheticSource::fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n, int32_t* tokens,
-                             int8_t* answer, int8_t* domain) const {
-  Rng rng({seed, static_cast<uint64_t>(split), static_cast<uint64_t>(step), static_cast<uint64_t>(index)});
+Status SyntheticSource::fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n,
+                             int32_t* tokens, int8_t* answer, int8_t* domain) const {
+  Rng rng({seed, static_cast<uint64_t>(split), static_cast<uint64_t>(step),
+           static_cast<uint64_t>(index)});
   tasks_.fill(rng, n, tokens, answer, domain);
   return ok_status();
 }
 
-Expected<std::shared_ptr<ShardSource>> ShardSource::open(const std::vector<std::string>& paths, double eval_fraction,
-                                                         int64_t window) {
+Expected<std::shared_ptr<ShardSource>> ShardSource::open(const std::vector<std::string>& paths,
+                                                         double eval_fraction, int64_t window) {
   auto src = std::make_shared<ShardSource>();
   src->eval_fraction_ = eval_fraction;
   for (const std::string& p : paths) {
@@ -24,14 +25,16 @@ Expected<std::shared_ptr<ShardSource>> ShardSource::open(const std::vector<std::
     if (src->shards_.empty()) {
       src->tokenizer_ = s.tokenizer();
     } else if (s.tokenizer() != src->tokenizer_) {
-      return invalid_argument(p + ": tokenized with " + s.tokenizer() + " but " + paths[0] + " with " +
-                              src->tokenizer_ + "; all shards of a run need one tokenizer");
+      return invalid_argument(p + ": tokenized with " + s.tokenizer() + " but " + paths[0] +
+                              " with " + src->tokenizer_ +
+                              "; all shards of a run need one tokenizer");
     }
     src->vocab_ = std::max(src->vocab_, s.vocab_size());
     const int64_t train = static_cast<int64_t>(double(s.num_tokens()) * (1.0 - eval_fraction));
     if (train < window || s.num_tokens() - train < (eval_fraction > 0 ? window : 0))
-      return invalid_argument(p + ": " + std::to_string(s.num_tokens()) + " tokens is too few for windows of " +
-                              std::to_string(window) + " in both the training and the evaluation part (eval_fraction " +
+      return invalid_argument(p + ": " + std::to_string(s.num_tokens()) +
+                              " tokens is too few for windows of " + std::to_string(window) +
+                              " in both the training and the evaluation part (eval_fraction " +
                               std::to_string(eval_fraction) + ")");
     src->train_tokens_.push_back(train);
     src->shards_.push_back(std::move(s));
@@ -48,17 +51,21 @@ std::string ShardSource::describe() const {
   return os.str();
 }
 
-Status ShardSource::fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n, int32_t* tokens,
-                         int8_t* answer, int8_t* domain) const {
-  Rng rng({seed, static_cast<uint64_t>(split), static_cast<uint64_t>(step), static_cast<uint64_t>(index)});
+Status ShardSource::fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n,
+                         int32_t* tokens, int8_t* answer, int8_t* domain) const {
+  Rng rng({seed, static_cast<uint64_t>(split), static_cast<uint64_t>(step),
+           static_cast<uint64_t>(index)});
   // A shard in proportion to its size, then a window start within its part of the split.
   std::vector<int64_t> sizes;
   for (std::size_t i = 0; i < shards_.size(); ++i)
-    sizes.push_back(split == Split::kTrain ? train_tokens_[i] : shards_[i].num_tokens() - train_tokens_[i]);
+    sizes.push_back(split == Split::kTrain ? train_tokens_[i]
+                                           : shards_[i].num_tokens() - train_tokens_[i]);
   int64_t total = 0;
   for (int64_t s : sizes) total += std::max<int64_t>(0, s - n + 1);
-  if (total <= 0) return failed_precondition("no " + std::string(split == Split::kTrain ? "training" : "evaluation") +
-                                             " window of " + std::to_string(n) + " tokens fits in the shards");
+  if (total <= 0)
+    return failed_precondition("no " +
+                               std::string(split == Split::kTrain ? "training" : "evaluation") +
+                               " window of " + std::to_string(n) + " tokens fits in the shards");
   int64_t pick = rng.below(total);
   for (std::size_t i = 0; i < shards_.size(); ++i) {
     const int64_t starts = std::max<int64_t>(0, sizes[i] - n + 1);
@@ -100,7 +107,8 @@ Expected<Batch> Loader::build(int64_t step) const {
   std::vector<int32_t> tok(n);
   std::vector<int8_t> ans(n), dom(n);
   for (int64_t i = 0; i < b.batch; ++i) {
-    HYDRA_RETURN_IF_ERROR(source_->fill(opt_.split, opt_.seed, step, opt_.first + i, n, tok.data(), ans.data(), dom.data()));
+    HYDRA_RETURN_IF_ERROR(source_->fill(opt_.split, opt_.seed, step, opt_.first + i, n, tok.data(),
+                                        ans.data(), dom.data()));
     for (int64_t t = 0; t < L; ++t) {
       b.tokens[i * L + t] = tok[t];
       b.targets[i * L + t] = tok[t + 1];
@@ -114,7 +122,9 @@ Expected<Batch> Loader::build(int64_t step) const {
 void Loader::worker() {
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
-    cv_.wait(lock, [this] { return stop_ || (next_step_ >= 0 && static_cast<int64_t>(ready_.size()) < opt_.prefetch); });
+    cv_.wait(lock, [this] {
+      return stop_ || (next_step_ >= 0 && static_cast<int64_t>(ready_.size()) < opt_.prefetch);
+    });
     if (stop_) return;
     const int64_t step = next_step_++;
     const uint64_t generation = generation_;
@@ -135,11 +145,13 @@ Expected<Batch> Loader::build_caught(int64_t step) const {
   try {
     return build(step);
   } catch (const std::bad_alloc&) {
-    return failed_precondition("data loader: out of host memory building the batch of step " + std::to_string(step) +
-                               " (" + std::to_string(opt_.count) + " sequences of " + std::to_string(opt_.seq_len) +
-                               " tokens); lower train.batch_size or train.seq_len, or raise train.grad_accum");
+    return failed_precondition(
+        "data loader: out of host memory building the batch of step " + std::to_string(step) +
+        " (" + std::to_string(opt_.count) + " sequences of " + std::to_string(opt_.seq_len) +
+        " tokens); lower train.batch_size or train.seq_len, or raise train.grad_accum");
   } catch (const std::exception& e) {
-    return internal_error("data loader: building the batch of step " + std::to_string(step) + " failed: " + e.what());
+    return internal_error("data loader: building the batch of step " + std::to_string(step) +
+                          " failed: " + e.what());
   }
 }
 

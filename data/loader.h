@@ -1,6 +1,6 @@
-// Batches for training and evaluation. A sequence is a pure function of (seed, split, step, index in
-// the global batch), so a rank builds exactly its own slice of the global batch, and a loader resumes
-// from its step alone. Batches are prepared ahead on a thread.
+// Batches for training and evaluation. A sequence is a pure function of (seed, split, step, index
+// in the global batch), so a rank builds exactly its own slice of the global batch, and a loader
+// resumes from its step alone. Batches are prepared ahead on a thread.
 #pragma once
 
 #include <condition_variable>
@@ -19,8 +19,9 @@ struct Batch {
   int64_t step = 0, batch = 0, len = 0;
   std::vector<int64_t> tokens;   // [batch, len]
   std::vector<int64_t> targets;  // [batch, len]: the next token
-  std::vector<int8_t> answer;    // [batch, len]: task of target (t) if it is a synthetic answer, else -1
-  std::vector<int8_t> domain;    // [batch, len]: mixture domain of token (t), else -1
+  std::vector<int8_t>
+      answer;  // [batch, len]: task of target (t) if it is a synthetic answer, else -1
+  std::vector<int8_t> domain;  // [batch, len]: mixture domain of token (t), else -1
 };
 
 enum class Split : uint64_t { kTrain = 0, kEval = 1 };
@@ -29,8 +30,8 @@ enum class Split : uint64_t { kTrain = 0, kEval = 1 };
 class DataSource {
  public:
   virtual ~DataSource() = default;
-  virtual Status fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n, int32_t* tokens,
-                      int8_t* answer, int8_t* domain) const = 0;
+  virtual Status fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n,
+                      int32_t* tokens, int8_t* answer, int8_t* domain) const = 0;
   // Largest token id + 1.
   virtual int64_t vocab_size() const = 0;
   virtual std::string describe() const = 0;
@@ -39,8 +40,8 @@ class DataSource {
 class SyntheticSource final : public DataSource {
  public:
   explicit SyntheticSource(const config::SyntheticConfig& cfg) : tasks_(cfg) {}
-  Status fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n, int32_t* tokens, int8_t* answer,
-              int8_t* domain) const override;
+  Status fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n, int32_t* tokens,
+              int8_t* answer, int8_t* domain) const override;
   int64_t vocab_size() const override { return SyntheticTasks::kVocab; }
   std::string describe() const override { return "synthetic tasks (built in)"; }
 
@@ -51,10 +52,10 @@ class SyntheticSource final : public DataSource {
 // Windows of token shards: the first (1 - eval_fraction) of each shard trains, the rest evaluates.
 class ShardSource final : public DataSource {
  public:
-  static Expected<std::shared_ptr<ShardSource>> open(const std::vector<std::string>& paths, double eval_fraction,
-                                                     int64_t window);
-  Status fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n, int32_t* tokens, int8_t* answer,
-              int8_t* domain) const override;
+  static Expected<std::shared_ptr<ShardSource>> open(const std::vector<std::string>& paths,
+                                                     double eval_fraction, int64_t window);
+  Status fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n, int32_t* tokens,
+              int8_t* answer, int8_t* domain) const override;
   int64_t vocab_size() const override { return vocab_; }
   std::string describe() const override;
   const std::string& tokenizer() const { return tokenizer_; }
@@ -83,7 +84,8 @@ class Loader {
   ~Loader();
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
-  // The batch of `step` (steps are asked in increasing order for prefetching to pay; any order works).
+  // The batch of `step` (steps are asked in increasing order for prefetching to pay; any order
+  // works).
   Expected<Batch> get(int64_t step);
   const LoaderOptions& options() const { return opt_; }
 
@@ -98,9 +100,9 @@ class Loader {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::pair<int64_t, Expected<Batch>>> ready_;
-  int64_t next_step_ = -1;  // what the worker builds next
-  int64_t building_ = -1;   // what it is building now
-  uint64_t generation_ = 0; // bumped when get() jumps; older builds are dropped
+  int64_t next_step_ = -1;   // what the worker builds next
+  int64_t building_ = -1;    // what it is building now
+  uint64_t generation_ = 0;  // bumped when get() jumps; older builds are dropped
   bool stop_ = false;
   std::thread thread_;
 };

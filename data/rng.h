@@ -14,7 +14,9 @@ class Rng {
   }
   uint64_t next() { return mix(state_ += 0x9E3779B97F4A7C15ull); }
   // Uniform in [0, n) (n >= 1).
-  int64_t below(int64_t n) { return static_cast<int64_t>((static_cast<unsigned __int128>(next()) * uint64_t(n)) >> 64); }
+  int64_t below(int64_t n) {
+    return static_cast<int64_t>((static_cast<unsigned __int128>(next()) * uint64_t(n)) >> 64);
+  }
   double unit() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
 
  private:

@@ -21,8 +21,8 @@ Status write_token_shard(const std::string& path, const std::vector<int32_t>& to
       std::vector<uint32_t> t(tokens.begin(), tokens.end());
       HYDRA_RETURN_IF_ERROR(f.write("tokens", Hdf5Type::kU32, {n}, t.data()));
     }
-    HYDRA_RETURN_IF_ERROR(
-        f.write("doc_offsets", Hdf5Type::kI64, {static_cast<int64_t>(doc_offsets.size())}, doc_offsets.data()));
+    HYDRA_RETURN_IF_ERROR(f.write("doc_offsets", Hdf5Type::kI64,
+                                  {static_cast<int64_t>(doc_offsets.size())}, doc_offsets.data()));
     HYDRA_RETURN_IF_ERROR(f.write_attr("format", std::string(kShardFormat)));
     HYDRA_RETURN_IF_ERROR(f.write_attr("tokenizer", tokenizer_id));
     HYDRA_RETURN_IF_ERROR(f.write_attr("vocab_size", vocab_size));
@@ -62,13 +62,15 @@ Expected<TokenShard> TokenShard::open(const std::string& path) {
 
 Status TokenShard::read(int64_t offset, int64_t count, int32_t* out) const {
   if (offset < 0 || offset + count > num_tokens_)
-    return out_of_range(path() + ": read [" + std::to_string(offset) + ", " + std::to_string(offset + count) +
-                        ") past the " + std::to_string(num_tokens_) + " tokens");
+    return out_of_range(path() + ": read [" + std::to_string(offset) + ", " +
+                        std::to_string(offset + count) + ") past the " +
+                        std::to_string(num_tokens_) + " tokens");
   HYDRA_RETURN_IF_ERROR(file_->read_range("tokens", Hdf5Type::kI32, offset, count, out));
   for (int64_t i = 0; i < count; ++i)
     if (out[i] < 0 || out[i] >= vocab_size_)
-      return data_loss(path() + ": token " + std::to_string(out[i]) + " at position " + std::to_string(offset + i) +
-                       " is outside the shard's vocabulary of " + std::to_string(vocab_size_));
+      return data_loss(path() + ": token " + std::to_string(out[i]) + " at position " +
+                       std::to_string(offset + i) + " is outside the shard's vocabulary of " +
+                       std::to_string(vocab_size_));
   return ok_status();
 }
 
@@ -79,7 +81,8 @@ Expected<std::vector<std::string>> expand_shard_paths(const std::vector<std::str
     if (fs::is_directory(e, ec)) {
       std::vector<std::string> files;
       for (const auto& de : fs::directory_iterator(e))
-        if (de.is_regular_file() && de.path().extension() == ".h5") files.push_back(de.path().string());
+        if (de.is_regular_file() && de.path().extension() == ".h5")
+          files.push_back(de.path().string());
       std::sort(files.begin(), files.end());
       if (files.empty()) return not_found(e + ": folder holds no .h5 token shards");
       out.insert(out.end(), files.begin(), files.end());

@@ -17,7 +17,8 @@ inline constexpr const char* kShardFormat = "hydra-tokens-1";
 
 // Writes to `path` + ".tmp" and renames into place.
 Status write_token_shard(const std::string& path, const std::vector<int32_t>& tokens,
-                         const std::vector<int64_t>& doc_offsets, const std::string& tokenizer_id, int64_t vocab_size);
+                         const std::vector<int64_t>& doc_offsets, const std::string& tokenizer_id,
+                         int64_t vocab_size);
 
 class TokenShard {
  public:
@@ -27,7 +28,8 @@ class TokenShard {
   int64_t num_docs() const { return num_docs_; }
   int64_t vocab_size() const { return vocab_size_; }
   const std::string& tokenizer() const { return tokenizer_; }
-  // Tokens [offset, offset + count); each checked against the vocabulary (errors name shard and position).
+  // Tokens [offset, offset + count); each checked against the vocabulary (errors name shard and
+  // position).
   Status read(int64_t offset, int64_t count, int32_t* out) const;
 
  private:

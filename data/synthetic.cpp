@@ -27,8 +27,8 @@ std::string distinct_letters(Rng& rng, int64_t count) {
 }  // namespace
 
 SyntheticTasks::SyntheticTasks(const config::SyntheticConfig& cfg) : cfg_(cfg) {
-  const double w[kNumTasks] = {cfg.chaining_weight(), cfg.recall_weight(), cfg.mixture_weight(), cfg.factual_weight(),
-                               cfg.copying_weight()};
+  const double w[kNumTasks] = {cfg.chaining_weight(), cfg.recall_weight(), cfg.mixture_weight(),
+                               cfg.factual_weight(), cfg.copying_weight()};
   double total = 0;
   for (double v : w) total += std::max(0.0, v);
   HYDRA_CHECK(total > 0) << "synthetic data: every task weight is zero";
@@ -44,7 +44,8 @@ SyntheticTasks::SyntheticTasks(const config::SyntheticConfig& cfg) : cfg_(cfg) {
     for (int i = 0; i < 3; ++i) s.push_back(static_cast<char>('A' + world.below(26)));
     subjects.insert(s);
   }
-  for (const std::string& s : subjects) facts_.push_back({s, std::string{letter(world), letter(world)}});
+  for (const std::string& s : subjects)
+    facts_.push_back({s, std::string{letter(world), letter(world)}});
   for (int i = 0; i < 26; ++i) markov_.push_back({letter(world), letter(world)});
 }
 
@@ -77,7 +78,8 @@ void SyntheticTasks::recall(Rng& rng, Text& t) const {
   }
   std::string body = "R ";
   for (const auto& [k, v] : kv) body += k + ":" + v + " ";
-  body += std::string(static_cast<std::size_t>(rng.below(48)), '.');  // distance between pairs and query
+  body += std::string(static_cast<std::size_t>(rng.below(48)),
+                      '.');  // distance between pairs and query
   const auto& q = kv[rng.below(pairs)];
   body += "?" + q.first + ":";
   t.add(body);
@@ -121,23 +123,36 @@ void SyntheticTasks::factual(Rng& rng, Text& t) const {
 
 void SyntheticTasks::copying(Rng& rng, Text& t) const {
   std::string s;
-  for (int64_t k = 0, n = std::max<int64_t>(1, cfg_.copy_len()); k < n; ++k) s.push_back(letter(rng));
+  for (int64_t k = 0, n = std::max<int64_t>(1, cfg_.copy_len()); k < n; ++k)
+    s.push_back(letter(rng));
   t.add("C " + s + "|");
   t.add(s, static_cast<int8_t>(Task::kCopying));
   t.add("\n");
 }
 
-void SyntheticTasks::fill(Rng& rng, int64_t n, int32_t* tokens, int8_t* answer, int8_t* domain) const {
+void SyntheticTasks::fill(Rng& rng, int64_t n, int32_t* tokens, int8_t* answer,
+                          int8_t* domain) const {
   Text t;
   while (static_cast<int64_t>(t.s.size()) < n) {
     const double u = rng.unit();
-    const int task = static_cast<int>(std::lower_bound(cumulative_.begin(), cumulative_.end(), u) - cumulative_.begin());
+    const int task = static_cast<int>(std::lower_bound(cumulative_.begin(), cumulative_.end(), u) -
+                                      cumulative_.begin());
     switch (static_cast<Task>(std::min(task, kNumTasks - 1))) {
-      case Task::kChaining: chaining(rng, t); break;
-      case Task::kRecall: recall(rng, t); break;
-      case Task::kMixture: mixture(rng, t); break;
-      case Task::kFactual: factual(rng, t); break;
-      case Task::kCopying: copying(rng, t); break;
+      case Task::kChaining:
+        chaining(rng, t);
+        break;
+      case Task::kRecall:
+        recall(rng, t);
+        break;
+      case Task::kMixture:
+        mixture(rng, t);
+        break;
+      case Task::kFactual:
+        factual(rng, t);
+        break;
+      case Task::kCopying:
+        copying(rng, t);
+        break;
     }
   }
   for (int64_t i = 0; i < n; ++i) {

@@ -4,10 +4,11 @@
 //   R recall     pairs "ab:7 cd:2 ..." then filler then "?cd:2"              (answer: the value)
 //   M mixture    three generators: arithmetic progressions, repeated patterns, a fixed Markov chain
 //                (answers: the last term / the last repetition; each token tagged with its domain)
-//   F factual    "QZK=mo" from a fixed table of subjects and attributes      (answer: the attribute)
-//   C copying    "xkcdq|xkcdq"                                               (answer: the copy)
-// The world (fact table, Markov chain) comes from SyntheticConfig.seed; each sequence from an Rng the
-// loader seeds with (seed, split, step, index).
+//   F factual    "QZK=mo" from a fixed table of subjects and attributes      (answer: the
+//   attribute) C copying    "xkcdq|xkcdq"                                               (answer:
+//   the copy)
+// The world (fact table, Markov chain) comes from SyntheticConfig.seed; each sequence from an Rng
+// the loader seeds with (seed, split, step, index).
 #pragma once
 
 #include <array>

@@ -27,7 +27,8 @@ std::vector<std::string> split_words(const std::string& text) {
     cur.clear();
     while (i < text.size() && text[i] == ' ') cur.push_back(text[i++]);
     if (i < text.size() && is_word(static_cast<unsigned char>(text[i]))) {
-      while (i < text.size() && is_word(static_cast<unsigned char>(text[i]))) cur.push_back(text[i++]);
+      while (i < text.size() && is_word(static_cast<unsigned char>(text[i])))
+        cur.push_back(text[i++]);
     } else if (i < text.size()) {
       cur.push_back(text[i++]);
     }
@@ -36,7 +37,8 @@ std::vector<std::string> split_words(const std::string& text) {
   return words;
 }
 
-BpeTokenizer::BpeTokenizer(std::vector<std::pair<int32_t, int32_t>> merges) : merges_(std::move(merges)) {
+BpeTokenizer::BpeTokenizer(std::vector<std::pair<int32_t, int32_t>> merges)
+    : merges_(std::move(merges)) {
   pieces_.resize(256);
   for (int i = 0; i < 256; ++i) pieces_[i] = std::string(1, static_cast<char>(i));
   for (std::size_t i = 0; i < merges_.size(); ++i) {
@@ -45,9 +47,11 @@ BpeTokenizer::BpeTokenizer(std::vector<std::pair<int32_t, int32_t>> merges) : me
   }
 }
 
-Expected<BpeTokenizer> BpeTokenizer::train(const std::vector<std::string>& texts, int64_t vocab_size) {
+Expected<BpeTokenizer> BpeTokenizer::train(const std::vector<std::string>& texts,
+                                           int64_t vocab_size) {
   if (vocab_size < 256 || vocab_size > (int64_t{1} << 31))
-    return invalid_argument("train-bpe: vocab size " + std::to_string(vocab_size) + " must be >= 256");
+    return invalid_argument("train-bpe: vocab size " + std::to_string(vocab_size) +
+                            " must be >= 256");
   std::map<std::string, int64_t> freq;
   for (const std::string& t : texts)
     for (const std::string& w : split_words(t)) ++freq[w];
@@ -63,7 +67,8 @@ Expected<BpeTokenizer> BpeTokenizer::train(const std::vector<std::string>& texts
   for (int64_t next = 256; next < vocab_size; ++next) {
     std::map<std::pair<int32_t, int32_t>, int64_t> pairs;
     for (std::size_t w = 0; w < words.size(); ++w)
-      for (std::size_t i = 0; i + 1 < words[w].size(); ++i) pairs[{words[w][i], words[w][i + 1]}] += counts[w];
+      for (std::size_t i = 0; i + 1 < words[w].size(); ++i)
+        pairs[{words[w][i], words[w][i + 1]}] += counts[w];
     if (pairs.empty()) break;
     auto best = pairs.begin();
     for (auto it = pairs.begin(); it != pairs.end(); ++it)
@@ -151,25 +156,30 @@ Expected<BpeTokenizer> BpeTokenizer::load(const std::string& path) {
   int version = 0;
   int64_t n = -1;
   if (!(in >> magic >> version) || magic != "hydra-bpe" || version != 1)
-    return data_loss(path + ": not a Hydra BPE tokenizer file (expected the header 'hydra-bpe 1'; make one with hydra-data train-bpe)");
+    return data_loss(path +
+                     ": not a Hydra BPE tokenizer file (expected the header 'hydra-bpe 1'; make "
+                     "one with hydra-data train-bpe)");
   if (!(in >> n) || n < 0 || n > (int64_t{1} << 24))
     return data_loss(path + ": bad merge count on line 2");
   std::vector<std::pair<int32_t, int32_t>> merges;
   for (int64_t i = 0; i < n; ++i) {
     int64_t a = -1, b = -1;
     if (!(in >> a >> b))
-      return data_loss(path + ": truncated: " + std::to_string(i) + " of " + std::to_string(n) + " merges present");
+      return data_loss(path + ": truncated: " + std::to_string(i) + " of " + std::to_string(n) +
+                       " merges present");
     const int64_t limit = 256 + i;
     if (a < 0 || b < 0 || a >= limit || b >= limit)
       return data_loss(path + ": merge " + std::to_string(i) + " (line " + std::to_string(i + 3) +
-                       ") refers to token " + std::to_string(std::max(a, b)) + ", which does not exist yet");
+                       ") refers to token " + std::to_string(std::max(a, b)) +
+                       ", which does not exist yet");
     merges.push_back({static_cast<int32_t>(a), static_cast<int32_t>(b)});
   }
   return BpeTokenizer(std::move(merges));
 }
 
 Expected<std::unique_ptr<Tokenizer>> load_tokenizer(const std::string& spec) {
-  if (spec.empty() || spec == "bytes") return std::unique_ptr<Tokenizer>(std::make_unique<ByteTokenizer>());
+  if (spec.empty() || spec == "bytes")
+    return std::unique_ptr<Tokenizer>(std::make_unique<ByteTokenizer>());
   auto bpe = BpeTokenizer::load(spec);
   if (!bpe.ok()) return bpe.status();
   return std::unique_ptr<Tokenizer>(std::make_unique<BpeTokenizer>(std::move(*bpe)));

@@ -1,5 +1,5 @@
-// Tokenizers: bytes (the default, vocab 256) and a byte-level BPE trained by `hydra-data train-bpe`.
-// A tokenizer has an id (stored in token shards and checked when they are read).
+// Tokenizers: bytes (the default, vocab 256) and a byte-level BPE trained by `hydra-data
+// train-bpe`. A tokenizer has an id (stored in token shards and checked when they are read).
 #pragma once
 
 #include <cstdint>
@@ -32,9 +32,10 @@ class ByteTokenizer final : public Tokenizer {
   std::string id() const override { return "bytes"; }
 };
 
-// Byte-level BPE: text is cut into words (a word keeps its leading space), each word's bytes are merged
-// pairwise by the learned merge list, lowest rank first. Training counts pairs over word frequencies
-// and merges the most frequent pair (ties: the smallest pair of ids), so it is deterministic.
+// Byte-level BPE: text is cut into words (a word keeps its leading space), each word's bytes are
+// merged pairwise by the learned merge list, lowest rank first. Training counts pairs over word
+// frequencies and merges the most frequent pair (ties: the smallest pair of ids), so it is
+// deterministic.
 class BpeTokenizer final : public Tokenizer {
  public:
   // Learns vocab_size - 256 merges from `texts`.
@@ -60,7 +61,8 @@ class BpeTokenizer final : public Tokenizer {
 // "bytes" or a BPE file.
 Expected<std::unique_ptr<Tokenizer>> load_tokenizer(const std::string& spec);
 
-// Splits text into words: a run of letters/digits or a single other byte, each with the spaces before it.
+// Splits text into words: a run of letters/digits or a single other byte, each with the spaces
+// before it.
 std::vector<std::string> split_words(const std::string& text);
 
 }  // namespace hydra::data

@@ -1,11 +1,11 @@
-// Causal attention with the sparse pattern of hydra.md section 3, flash-style: queries in tiles, keys in
-// blocks, online softmax, blocks the pattern masks skipped; no L x L matrix. A key at position s is
-// visible to a query at position t when s <= t and
+// Causal attention with the sparse pattern of hydra.md section 3, flash-style: queries in tiles,
+// keys in blocks, online softmax, blocks the pattern masks skipped; no L x L matrix. A key at
+// position s is visible to a query at position t when s <= t and
 //   t - s < window  (window <= 0: unlimited)  or  s is global  or  t is global,
 // where p is global when global_stride > 0 and p % global_stride == 0 (so position 0 is global).
 // Positions are q_pos0 + i and k_pos0 + j: a shard of queries can attend to keys from elsewhere.
-// q, k, v are [B, Lq|Lk, H, dh] views whose consecutive tokens are *_row elements apart (slices of a
-// fused qkv projection need no copy); out is contiguous [B, Lq, H, dh]; lse [B, H, Lq].
+// q, k, v are [B, Lq|Lk, H, dh] views whose consecutive tokens are *_row elements apart (slices of
+// a fused qkv projection need no copy); out is contiguous [B, Lq, H, dh]; lse [B, H, Lq].
 #pragma once
 
 #include "kernels/base/kernel.h"
@@ -32,9 +32,10 @@ struct AttentionParams {
 
 // dq, dk, dv are contiguous [B, L, H, dh] and written (not accumulated).
 struct AttentionBwdParams {
-  AttentionParams fwd;  // with fwd.out and fwd.lse as the forward produced them
+  AttentionParams fwd;         // with fwd.out and fwd.lse as the forward produced them
   const void* gout = nullptr;  // contiguous [B, Lq, H, dh]
-  const void* glse = nullptr;  // [B, H, Lq] accumulate dtype, or null: the gradient of lse (merged partials)
+  const void* glse =
+      nullptr;  // [B, H, Lq] accumulate dtype, or null: the gradient of lse (merged partials)
   void* gq = nullptr;
   void* gk = nullptr;
   void* gv = nullptr;
@@ -42,10 +43,10 @@ struct AttentionBwdParams {
 };
 
 // Merging partial attentions of the same queries over disjoint key sets (sequence parallelism): per
-// (batch, head, query), lse = log sum_i exp(lse_i) and out = sum_i w_i out_i with w_i = exp(lse_i - lse);
-// a part with lse_i = -inf saw no key and weighs 0 (every part -inf: lse = -inf, out = 0). The parts are
-// stacked: outs [P, B, L, H, dh] in `dtype`, lses [P, B, H, L] in its accumulate dtype; out and lse as
-// one part.
+// (batch, head, query), lse = log sum_i exp(lse_i) and out = sum_i w_i out_i with w_i = exp(lse_i -
+// lse); a part with lse_i = -inf saw no key and weighs 0 (every part -inf: lse = -inf, out = 0).
+// The parts are stacked: outs [P, B, L, H, dh] in `dtype`, lses [P, B, H, L] in its accumulate
+// dtype; out and lse as one part.
 struct AttentionMergeParams {
   DType dtype = DType::kF32;
   int64_t parts = 0, batch = 0, len = 0, heads = 0, head_dim = 0;
@@ -57,13 +58,14 @@ struct AttentionMergeParams {
 };
 
 // g_out_i = w_i g_out and g_lse_i = w_i (<g_out, out_i - out> + g_lse), with w_i = exp(lse_i - lse)
-// from the forward's lse (0 where lse_i or lse is -inf). Both gradients are written, not accumulated.
+// from the forward's lse (0 where lse_i or lse is -inf). Both gradients are written, not
+// accumulated.
 struct AttentionMergeBwdParams {
-  AttentionMergeParams fwd;     // with fwd.out and fwd.lse as the forward produced them
-  const void* gout = nullptr;   // [B, L, H, dh], or null (zero)
-  const void* glse = nullptr;   // [B, H, L] accumulate dtype, or null (zero)
-  void* gouts = nullptr;        // [P, B, L, H, dh]
-  void* glses = nullptr;        // [P, B, H, L]
+  AttentionMergeParams fwd;    // with fwd.out and fwd.lse as the forward produced them
+  const void* gout = nullptr;  // [B, L, H, dh], or null (zero)
+  const void* glse = nullptr;  // [B, H, L] accumulate dtype, or null (zero)
+  void* gouts = nullptr;       // [P, B, L, H, dh]
+  void* glses = nullptr;       // [P, B, H, L]
 };
 
 HYDRA_DECLARE_KERNEL(attention_fwd, AttentionParams)

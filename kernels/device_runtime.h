@@ -36,9 +36,9 @@ bool event_query(void* event);  // true when complete
 void event_synchronize(void* event);
 float event_elapsed_ms(void* start, void* end);
 
-// Keeps `stream` busy for about `microseconds` (one thread spinning on the clock). A benchmark enqueues
-// it before its start event so that the host has queued the timed work by the time the event fires:
-// the interval then measures the device, not the host's launch overhead.
+// Keeps `stream` busy for about `microseconds` (one thread spinning on the clock). A benchmark
+// enqueues it before its start event so that the host has queued the timed work by the time the
+// event fires: the interval then measures the device, not the host's launch overhead.
 void stream_hold(void* stream, double microseconds);
 
 }  // namespace hydra::kernels::cuda

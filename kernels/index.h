@@ -65,9 +65,9 @@ struct BagParams {
 };
 
 // gw[t, k] = <gout[t, :], table[index[t, k], :]>;
-// gtable[r, :] = the sum of w[t, k] * gout[t, :] over the (t, k) with index[t, k] = r, in (t, k) order
-// (zero for rows no index names), and hits[r] = whether any does: the table's gradient summed per row,
-// never as one row per lookup.
+// gtable[r, :] = the sum of w[t, k] * gout[t, :] over the (t, k) with index[t, k] = r, in (t, k)
+// order (zero for rows no index names), and hits[r] = whether any does: the table's gradient summed
+// per row, never as one row per lookup.
 struct BagBwdParams {
   BagParams fwd;
   const void* gout = nullptr;  // [n, cols]
@@ -77,8 +77,8 @@ struct BagBwdParams {
   void* workspace = nullptr;   // CUDA: bag_bwd_workspace(p) bytes (the sort of the indices)
 };
 
-// Product-key indices (PKM): for each of `rows` rows, out[r, j] = a[r, c / k] * n_keys + b[r, c % k]
-// with c = pick[r, j]: the j-th chosen cell of the k x k grid of the two halves' top-k keys.
+// Product-key indices (PKM): for each of `rows` rows, out[r, j] = a[r, c / k] * n_keys + b[r, c %
+// k] with c = pick[r, j]: the j-th chosen cell of the k x k grid of the two halves' top-k keys.
 struct ProductKeyParams {
   const int64_t* a = nullptr;     // [rows, k]
   const int64_t* b = nullptr;     // [rows, k]

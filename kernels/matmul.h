@@ -19,8 +19,9 @@ struct GemmParams {
   int64_t batch = 1;
   int64_t stride_a = 0, stride_b = 0, stride_c = 0;  // between batch entries; 0 = shared
   double alpha = 1, beta = 0;
-  const void* bias = nullptr;  // [n], added to every row of C (after alpha; a fused epilogue on CUDA)
-  void* workspace = nullptr;   // CUDA: kGemmWorkspace bytes for cuBLASLt
+  const void* bias =
+      nullptr;  // [n], added to every row of C (after alpha; a fused epilogue on CUDA)
+  void* workspace = nullptr;  // CUDA: kGemmWorkspace bytes for cuBLASLt
   void* stream = nullptr;
 };
 
@@ -41,15 +42,16 @@ struct GemmProblem {
   double beta = 0;
 };
 
-// Independent GEMMs of different shapes in one launch on CUDA (cuBLAS's grouped batched GEMM), e.g. the
-// experts of an MoE layer on their variable row counts. The problems' outputs must not overlap.
+// Independent GEMMs of different shapes in one launch on CUDA (cuBLAS's grouped batched GEMM), e.g.
+// the experts of an MoE layer on their variable row counts. The problems' outputs must not overlap.
 struct GroupedGemmParams {
   DType dtype = DType::kF32;  // accumulation as for gemm
   bool trans_a = false, trans_b = false;
   double alpha = 1;
   const GemmProblem* problems = nullptr;  // host array
   int64_t count = 0;
-  void* workspace = nullptr;  // CUDA: grouped_gemm_workspace(p) bytes (the problems' device pointer tables)
+  void* workspace =
+      nullptr;  // CUDA: grouped_gemm_workspace(p) bytes (the problems' device pointer tables)
   void* stream = nullptr;
 };
 

@@ -22,7 +22,7 @@ struct AdamWParams {
 };
 
 struct AdamWRowsParams {
-  AdamWParams base;             // param, m, v: [num_rows, cols]; base.grad: [k, cols] values of `rows`
+  AdamWParams base;  // param, m, v: [num_rows, cols]; base.grad: [k, cols] values of `rows`
   const int64_t* rows = nullptr;  // k unique row indices (device memory on CUDA)
   int64_t num_rows = 0, cols = 0, k = 0;
 };

@@ -7,7 +7,8 @@
 namespace hydra::kernels {
 
 enum class RandomDist : uint8_t {
-  kUniform,  // a + (b - a) * u with u in [0, 1) (24 bits; 32 for integral dtypes, which take the floor: [a, b))
+  kUniform,  // a + (b - a) * u with u in [0, 1) (24 bits; 32 for integral dtypes, which take the
+             // floor: [a, b))
   kNormal,   // mean a, standard deviation b (Box-Muller on lane pairs)
 };
 

@@ -14,7 +14,7 @@ struct ReduceParams {
   const void* x = nullptr;
   void* y = nullptr;  // [outer, inner]
   int64_t outer = 1, reduce = 1, inner = 1;
-  double scale = 1;  // multiplies the result (mean = sum with scale 1/reduce)
+  double scale = 1;           // multiplies the result (mean = sum with scale 1/reduce)
   void* workspace = nullptr;  // CUDA: reduce_axis_workspace(p) bytes
   void* stream = nullptr;
 };
@@ -22,12 +22,12 @@ struct ReduceParams {
 // Sum of squares of many tensors at once (the global gradient norm): *out = sum_i sum_j x_i[j]^2.
 struct MultiSumSquaresParams {
   static constexpr int kMax = 128;  // fits the kernel parameter space on the GPU
-  DType dtype = DType::kF32;  // of every x_i
+  DType dtype = DType::kF32;        // of every x_i
   int count = 0;
   const void* x[kMax] = {};
   int64_t n[kMax] = {};
-  double* out = nullptr;       // one double, host memory
-  void* workspace = nullptr;   // CUDA: multi_sum_squares_workspace(p) bytes
+  double* out = nullptr;      // one double, host memory
+  void* workspace = nullptr;  // CUDA: multi_sum_squares_workspace(p) bytes
   void* stream = nullptr;
 };
 

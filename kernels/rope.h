@@ -1,6 +1,7 @@
 // Rotary position embedding (GPT-NeoX pairing: element i rotates with element i + dh/2):
 //   y_i = x_i cos(p w_i) - x_{i+h} sin(p w_i),  y_{i+h} = x_i sin(p w_i) + x_{i+h} cos(p w_i),
-//   w_i = theta^(-2i/dh), p = pos0 + token index. The backward is the inverse rotation (inverse = true).
+//   w_i = theta^(-2i/dh), p = pos0 + token index. The backward is the inverse rotation (inverse =
+//   true).
 #pragma once
 
 #include "kernels/base/kernel.h"

@@ -5,9 +5,8 @@
 // INPUTs are text files or folders (read recursively, in name order); each file is one document.
 #include <unistd.h>
 
-#include <boost/program_options.hpp>
-
 #include <algorithm>
+#include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -51,17 +50,20 @@ Expected<std::string> read_file(const std::string& path) {
 
 class Bar {
  public:
-  explicit Bar(int64_t total) : total_(std::max<int64_t>(total, 1)), tty_(isatty(STDERR_FILENO)),
-                                start_(std::chrono::steady_clock::now()) {}
+  explicit Bar(int64_t total)
+      : total_(std::max<int64_t>(total, 1)),
+        tty_(isatty(STDERR_FILENO)),
+        start_(std::chrono::steady_clock::now()) {}
   void update(int64_t done, const std::string& what) {
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     const double frac = double(done) / double(total_);
     const double eta = frac > 0 ? s / frac * (1 - frac) : 0;
     if (tty_) {
       std::string bar(static_cast<std::size_t>(30 * frac), '#');
       bar.resize(30, '.');
-      std::fprintf(stderr, "\r[%s] %5.1f%%  %.1f MB/s  ETA %.0fs  %-30.30s", bar.c_str(), 100 * frac,
-                   double(done) / 1e6 / std::max(s, 1e-9), eta, what.c_str());
+      std::fprintf(stderr, "\r[%s] %5.1f%%  %.1f MB/s  ETA %.0fs  %-30.30s", bar.c_str(),
+                   100 * frac, double(done) / 1e6 / std::max(s, 1e-9), eta, what.c_str());
     } else if (frac >= next_) {
       std::fprintf(stderr, "%5.1f%%  %s\n", 100 * frac, what.c_str());
       next_ += 0.1;
@@ -108,12 +110,13 @@ int train_bpe(const std::vector<std::string>& inputs, int64_t vocab, const std::
   return 0;
 }
 
-int tokenize(const std::vector<std::string>& inputs, const std::string& tok_spec, const std::string& out_dir,
-             int64_t shard_tokens) {
+int tokenize(const std::vector<std::string>& inputs, const std::string& tok_spec,
+             const std::string& out_dir, int64_t shard_tokens) {
   auto tok = data::load_tokenizer(tok_spec);
   auto files = list_inputs(inputs);
   if (!tok.ok() || !files.ok()) {
-    std::cerr << "hydra-data tokenize: " << (tok.ok() ? files.status() : tok.status()).message() << "\n";
+    std::cerr << "hydra-data tokenize: " << (tok.ok() ? files.status() : tok.status()).message()
+              << "\n";
     return 1;
   }
   std::error_code ec;
@@ -129,8 +132,8 @@ int tokenize(const std::vector<std::string>& inputs, const std::string& tok_spec
     if (tokens.empty()) return ok_status();
     char name[32];
     std::snprintf(name, sizeof name, "shard-%05d.h5", shard++);
-    const Status st = data::write_token_shard((fs::path(out_dir) / name).string(), tokens, offsets, (*tok)->id(),
-                                              (*tok)->vocab_size());
+    const Status st = data::write_token_shard((fs::path(out_dir) / name).string(), tokens, offsets,
+                                              (*tok)->id(), (*tok)->vocab_size());
     all_tokens += static_cast<int64_t>(tokens.size());
     tokens.clear();
     offsets.clear();
@@ -166,8 +169,9 @@ int tokenize(const std::vector<std::string>& inputs, const std::string& tok_spec
               << " bytes) holds no text: no shard written; give files with text in them\n";
     return 1;
   }
-  std::printf("wrote %d shard(s) to %s: %ld tokens from %zu documents (%ld bytes), tokenizer %s\n", shard,
-              out_dir.c_str(), long(all_tokens), files->size(), long(total_bytes), (*tok)->id().c_str());
+  std::printf("wrote %d shard(s) to %s: %ld tokens from %zu documents (%ld bytes), tokenizer %s\n",
+              shard, out_dir.c_str(), long(all_tokens), files->size(), long(total_bytes),
+              (*tok)->id().c_str());
   return 0;
 }
 
@@ -180,8 +184,9 @@ int inspect(const std::vector<std::string>& shards) {
       rc = 1;
       continue;
     }
-    std::printf("%s: %ld tokens, %ld documents, vocabulary %ld, tokenizer %s\n", p.c_str(), long(s->num_tokens()),
-                long(s->num_docs()), long(s->vocab_size()), s->tokenizer().c_str());
+    std::printf("%s: %ld tokens, %ld documents, vocabulary %ld, tokenizer %s\n", p.c_str(),
+                long(s->num_tokens()), long(s->num_docs()), long(s->vocab_size()),
+                s->tokenizer().c_str());
   }
   return rc;
 }
@@ -192,18 +197,25 @@ int main(int argc, char** argv) {
   const std::string usage =
       "hydra-data COMMAND [options] INPUT...\n\n"
       "Commands:\n"
-      "  train-bpe --vocab N --out FILE INPUT...     learn a byte-level BPE tokenizer (deterministic)\n"
+      "  train-bpe --vocab N --out FILE INPUT...     learn a byte-level BPE tokenizer "
+      "(deterministic)\n"
       "  tokenize [--tokenizer bytes|FILE] --out DIR [--shard-tokens N] INPUT...\n"
-      "                                              write HDF5 token shards (shard-NNNNN.h5) for data.shards\n"
+      "                                              write HDF5 token shards (shard-NNNNN.h5) for "
+      "data.shards\n"
       "  inspect SHARD...                            print what shards hold\n"
       "INPUTs are text files or folders (read recursively); each file is one document.\n\nOptions";
   po::options_description opts(usage);
-  opts.add_options()("help,h", "show this help")("vocab", po::value<int64_t>(), "train-bpe: vocabulary size (>= 256)")(
-      "out", po::value<std::string>(), "train-bpe: tokenizer file to write; tokenize: folder for the shards")(
-      "tokenizer", po::value<std::string>()->default_value("bytes"), "tokenize: 'bytes' or a train-bpe file")(
-      "shard-tokens", po::value<int64_t>()->default_value(100'000'000), "tokenize: tokens per shard at most");
+  opts.add_options()("help,h", "show this help")("vocab", po::value<int64_t>(),
+                                                 "train-bpe: vocabulary size (>= 256)")(
+      "out", po::value<std::string>(),
+      "train-bpe: tokenizer file to write; tokenize: folder for the shards")(
+      "tokenizer", po::value<std::string>()->default_value("bytes"),
+      "tokenize: 'bytes' or a train-bpe file")("shard-tokens",
+                                               po::value<int64_t>()->default_value(100'000'000),
+                                               "tokenize: tokens per shard at most");
   po::options_description hidden;
-  hidden.add_options()("command", po::value<std::string>())("inputs", po::value<std::vector<std::string>>());
+  hidden.add_options()("command", po::value<std::string>())("inputs",
+                                                            po::value<std::vector<std::string>>());
   po::positional_options_description pos;
   pos.add("command", 1).add("inputs", -1);
   po::options_description all;

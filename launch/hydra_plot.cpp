@@ -49,13 +49,15 @@ struct Plot {
 
 int main(int argc, char** argv) {
   if (argc != 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
-    std::cerr << "usage: hydra-plot RUN_DIR\n  draws RUN_DIR/metrics.jsonl into RUN_DIR/plots/*.png (needs gnuplot)\n";
+    std::cerr << "usage: hydra-plot RUN_DIR\n  draws RUN_DIR/metrics.jsonl into "
+                 "RUN_DIR/plots/*.png (needs gnuplot)\n";
     return argc == 2 ? 0 : 2;
   }
   const fs::path run = argv[1], metrics = run / "metrics.jsonl", out = run / "plots";
   std::ifstream in(metrics);
   if (!in) {
-    std::cerr << "hydra-plot: " << metrics.string() << ": cannot read (is " << run.string() << " a run directory?)\n";
+    std::cerr << "hydra-plot: " << metrics.string() << ": cannot read (is " << run.string()
+              << " a run directory?)\n";
     return 1;
   }
   if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) {
@@ -78,16 +80,23 @@ int main(int argc, char** argv) {
   fs::create_directories(out / "data", ec);
   const std::vector<Plot> plots = {
       {"loss.png", "loss", "nats/token", {"loss", "loss.total", "eval.loss"}, true},
-      {"aux_losses.png", "MoE auxiliary losses (weighted)", "loss", {"loss.balance", "loss.locality", "loss.sparsity"}},
+      {"aux_losses.png",
+       "MoE auxiliary losses (weighted)",
+       "loss",
+       {"loss.balance", "loss.locality", "loss.sparsity"}},
       {"lr.png", "learning rate and gradient norm", "", {"lr", "grad_norm"}, true},
       {"throughput.png", "throughput", "tokens/s", {"tokens_per_s"}},
       {"sparsity.png", "expert sparsity (TLS, 8-token CLS)", "", {"moe."}},
       {"memory.png", "memories", "", {"workspace.", "pkm."}},
-      {"accuracy.png", "task accuracy (held-out answers)", "accuracy", {"eval.accuracy.", "eval.routing_purity"}},
+      {"accuracy.png",
+       "task accuracy (held-out answers)",
+       "accuracy",
+       {"eval.accuracy.", "eval.routing_purity"}},
       {"controller.png", "controller mix and LayerScale gate norms", "", {"block."}},
   };
   std::ostringstream script;
-  script << "set terminal pngcairo size 1000,600 noenhanced\nset key outside right\nset grid\nset xlabel 'step'\n";
+  script << "set terminal pngcairo size 1000,600 noenhanced\nset key outside right\nset grid\nset "
+            "xlabel 'step'\n";
   int drawn = 0;
   for (const Plot& p : plots) {
     std::vector<std::string> cols;
@@ -96,15 +105,18 @@ int main(int argc, char** argv) {
         const bool exact = pre.back() != '.';
         if (exact ? k == pre : k.rfind(pre, 0) == 0) {
           // Per-expert loads would crowd the sparsity plot: keep its TLS and CLS curves.
-          if (pre == "moe." && k.find(".tls") == std::string::npos && k.find(".cls8") == std::string::npos) continue;
+          if (pre == "moe." && k.find(".tls") == std::string::npos &&
+              k.find(".cls8") == std::string::npos)
+            continue;
           cols.push_back(k);
           break;
         }
       }
     if (cols.empty()) continue;
     // One data file per series holding only its finite points: evaluations come every N steps.
-    script << "set output '" << (out / p.file).string() << "'\nset title '" << p.title << "'\nset ylabel '"
-           << p.ylabel << "'\n" << (p.logy ? "set logscale y\n" : "unset logscale y\n") << "plot ";
+    script << "set output '" << (out / p.file).string() << "'\nset title '" << p.title
+           << "'\nset ylabel '" << p.ylabel << "'\n"
+           << (p.logy ? "set logscale y\n" : "unset logscale y\n") << "plot ";
     for (std::size_t i = 0; i < cols.size(); ++i) {
       const fs::path dat = out / "data" / (cols[i] + ".dat");
       std::ofstream d(dat);
@@ -115,16 +127,19 @@ int main(int argc, char** argv) {
         d << r.at("step") << " " << it->second << "\n";
         ++points;
       }
-      script << (i ? ", " : "") << "'" << dat.string() << "' using 1:2 with " << (points < 30 ? "linespoints" : "lines")
-             << " title '" << cols[i] << "'";
+      script << (i ? ", " : "") << "'" << dat.string() << "' using 1:2 with "
+             << (points < 30 ? "linespoints" : "lines") << " title '" << cols[i] << "'";
     }
     script << "\n";
     ++drawn;
   }
   const fs::path gp = out / "data" / "plots.gp";
   std::ofstream(gp) << script.str();
-  if (std::system(("gnuplot '" + gp.string() + "' 2> '" + (out / "data" / "gnuplot.log").string() + "'").c_str()) != 0) {
-    std::cerr << "hydra-plot: gnuplot failed; see " << (out / "data" / "gnuplot.log").string() << "\n";
+  if (std::system(
+          ("gnuplot '" + gp.string() + "' 2> '" + (out / "data" / "gnuplot.log").string() + "'")
+              .c_str()) != 0) {
+    std::cerr << "hydra-plot: gnuplot failed; see " << (out / "data" / "gnuplot.log").string()
+              << "\n";
     return 1;
   }
   std::printf("hydra-plot: %d plots in %s\n", drawn, out.string().c_str());

@@ -1,6 +1,6 @@
-// hydra-train: trains a model from a config, with the curriculum, evaluation, metrics and checkpoints.
+// hydra-train: trains a model from a config, with the curriculum, evaluation, metrics and
+// checkpoints.
 #include <boost/program_options.hpp>
-
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -20,22 +20,26 @@ constexpr int kUsageError = 2, kUserError = 1, kTrainingFailed = 3, kInternalErr
 
 void print_report(const trainer::TrainSummary& s) {
   std::printf("\nHydra training report (%s)\n", s.run_dir.c_str());
-  std::printf("  steps %ld -> %ld in %s, %.0f tokens/s (median)%s\n", long(s.first_step), long(s.last_step),
-              trainer::format_duration(s.elapsed_s).c_str(), s.tokens_per_s, s.interrupted ? " [interrupted]" : "");
-  std::printf("  LM loss %.4f (first step) -> %.4f (mean of the last 10 steps)\n", s.first_loss, s.last_loss);
-  std::printf("  eval: loss %.4f, perplexity %.3f over %ld tokens\n", s.eval.loss, s.eval.perplexity,
-              long(s.eval.tokens));
+  std::printf("  steps %ld -> %ld in %s, %.0f tokens/s (median)%s\n", long(s.first_step),
+              long(s.last_step), trainer::format_duration(s.elapsed_s).c_str(), s.tokens_per_s,
+              s.interrupted ? " [interrupted]" : "");
+  std::printf("  LM loss %.4f (first step) -> %.4f (mean of the last 10 steps)\n", s.first_loss,
+              s.last_loss);
+  std::printf("  eval: loss %.4f, perplexity %.3f over %ld tokens\n", s.eval.loss,
+              s.eval.perplexity, long(s.eval.tokens));
   bool any = false;
   for (int k = 0; k < data::kNumTasks; ++k) {
     if (s.eval.answers[k] == 0) continue;
-    if (!any) std::printf("  task accuracy on held-out answers (chance = 1 / distinct answer tokens):\n");
+    if (!any)
+      std::printf("  task accuracy on held-out answers (chance = 1 / distinct answer tokens):\n");
     any = true;
-    std::printf("    %-9s %6.1f%%  (chance %4.1f%%, %ld answers)\n", data::task_name(k), 100 * s.eval.accuracy[k],
-                100 * s.eval.chance[k], long(s.eval.answers[k]));
+    std::printf("    %-9s %6.1f%%  (chance %4.1f%%, %ld answers)\n", data::task_name(k),
+                100 * s.eval.accuracy[k], 100 * s.eval.chance[k], long(s.eval.answers[k]));
   }
   if (std::isfinite(s.eval.routing_purity))
     std::printf("  expert routing purity on mixture domains: %.2f\n", s.eval.routing_purity);
-  std::printf("  checkpoint  %s\n  metrics     %s (TensorBoard: %s/tb)\n", s.checkpoint.empty() ? "none written" : s.checkpoint.c_str(), s.metrics.c_str(),
+  std::printf("  checkpoint  %s\n  metrics     %s (TensorBoard: %s/tb)\n",
+              s.checkpoint.empty() ? "none written" : s.checkpoint.c_str(), s.metrics.c_str(),
               s.run_dir.c_str());
 }
 
@@ -44,8 +48,8 @@ void print_report(const trainer::TrainSummary& s) {
 bool g_lead = true;
 int g_rank = 0;
 
-// Errors returned by the trainer are known to every rank (the ranks agree on failures), so rank 0 alone
-// prints them; a rank that throws prints its own message and takes the job down.
+// Errors returned by the trainer are known to every rank (the ranks agree on failures), so rank 0
+// alone prints them; a rank that throws prints its own message and takes the job down.
 void report_error(const std::string& message) {
   if (g_lead) std::cerr << "hydra-train: " << message << "\n";
 }
@@ -77,28 +81,41 @@ int run_main(int argc, char** argv) {
       "  tb/            TensorBoard event files\n"
       "  checkpoints/   step-NNNNNNNN/ with manifest.pb and rank-00000.h5\n"
       "Without data.shards the model trains on the built-in synthetic tasks.\n\n"
-      "Several processes: mpirun -np N hydra-train ... (or srun -n N inside a Slurm allocation), with\n"
-      "parallel { dp ep sp } in the config (or --set parallel.dp=N) multiplying to N. Rank 0 prints and\n"
-      "writes; every rank trains. An error on any rank stops them all. On GPUs (train.device=cuda) each\n"
-      "rank takes the GPU of its local rank and the ranks talk over NCCL; --set parallel.comm=MPI instead\n"
-      "stages GPU tensors through host memory (slow; lets several ranks share a GPU, for tests).\n\nHYDRA_PROFILE=1 in the environment times every kernel (by family, CUDA events on the GPU)\nand prints the table after the report.\n\nOptions");
-  opts.add_options()("help,h", "show this help")("config", po::value<std::string>(), "the config file (RunConfig text)")(
+      "Several processes: mpirun -np N hydra-train ... (or srun -n N inside a Slurm allocation), "
+      "with\n"
+      "parallel { dp ep sp } in the config (or --set parallel.dp=N) multiplying to N. Rank 0 "
+      "prints and\n"
+      "writes; every rank trains. An error on any rank stops them all. On GPUs (train.device=cuda) "
+      "each\n"
+      "rank takes the GPU of its local rank and the ranks talk over NCCL; --set parallel.comm=MPI "
+      "instead\n"
+      "stages GPU tensors through host memory (slow; lets several ranks share a GPU, for "
+      "tests).\n\nHYDRA_PROFILE=1 in the environment times every kernel (by family, CUDA events on "
+      "the GPU)\nand prints the table after the report.\n\nOptions");
+  opts.add_options()("help,h", "show this help")("config", po::value<std::string>(),
+                                                 "the config file (RunConfig text)")(
       "set", po::value<std::vector<std::string>>()->composing(),
-      "override a config field, e.g. --set train.lr.lr=3e-4 --set model.moe.max_active=1 (repeatable)")(
-      "out", po::value<std::string>(), "the run directory; refused if it holds another run (unless --resume)")(
+      "override a config field, e.g. --set train.lr.lr=3e-4 --set model.moe.max_active=1 "
+      "(repeatable)")("out", po::value<std::string>(),
+                      "the run directory; refused if it holds another run (unless --resume)")(
       "resume", po::value<std::string>()->implicit_value("auto"),
-      "continue: 'auto' (the newest complete checkpoint in --out), or a checkpoint or run directory")(
-      "steps", po::value<int64_t>(),
-      "the step count to reach in total (default train.steps); with --resume, trains the remaining steps")(
-      "eval-every", po::value<int64_t>(), "evaluate every N steps (train.eval_every; 0: only at the end)")(
-      "save-every", po::value<int64_t>(), "checkpoint every N steps (train.save_every; 0: only at the end; -1: never, for benchmarks)")(
+      "continue: 'auto' (the newest complete checkpoint in --out), or a checkpoint or run "
+      "directory")("steps", po::value<int64_t>(),
+                   "the step count to reach in total (default train.steps); with --resume, trains "
+                   "the remaining steps")(
+      "eval-every", po::value<int64_t>(),
+      "evaluate every N steps (train.eval_every; 0: only at the end)")(
+      "save-every", po::value<int64_t>(),
+      "checkpoint every N steps (train.save_every; 0: only at the end; -1: never, for benchmarks)")(
       "stats-every", po::value<int64_t>(),
-      "the model's statistics (routing, gates, memories) in the metrics every N steps (train.stats_every)")(
-      "seed", po::value<uint64_t>(), "the seed of initialisation and data (train.seed)")(
+      "the model's statistics (routing, gates, memories) in the metrics every N steps "
+      "(train.stats_every)")("seed", po::value<uint64_t>(),
+                             "the seed of initialisation and data (train.seed)")(
       "device", po::value<std::string>(), "cpu or cuda (train.device)")(
-      "threads", po::value<int>(), "CPU threads (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or all cores)")(
-      "quiet", "no progress output or report")("no-print-config",
-                                                 "do not print the resolved config (it is still saved in --out)");
+      "threads", po::value<int>(),
+      "CPU threads (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or all cores)")(
+      "quiet", "no progress output or report")(
+      "no-print-config", "do not print the resolved config (it is still saved in --out)");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, opts), vm);
@@ -120,10 +137,13 @@ int run_main(int argc, char** argv) {
   for (const char* flag : {"steps", "threads", "eval-every", "save-every", "stats-every"}) {
     if (!vm.count(flag)) continue;
     const int64_t v = std::string(flag) == "threads" ? vm[flag].as<int>() : vm[flag].as<int64_t>();
-    const int64_t low = std::string(flag) == "save-every" ? -1 : std::string(flag) == "eval-every" ? 0 : 1;
+    const int64_t low = std::string(flag) == "save-every"   ? -1
+                        : std::string(flag) == "eval-every" ? 0
+                                                            : 1;
     if (v < low) {
       if (g_lead)
-        std::cerr << "hydra-train: --" << flag << " " << v << ": must be >= " << low << " (see hydra-train --help)\n";
+        std::cerr << "hydra-train: --" << flag << " " << v << ": must be >= " << low
+                  << " (see hydra-train --help)\n";
       return kUsageError;
     }
   }
@@ -137,8 +157,10 @@ int run_main(int argc, char** argv) {
     }
     std::vector<std::string> sets;
     if (vm.count("set")) sets = vm["set"].as<std::vector<std::string>>();
-    if (vm.count("eval-every")) sets.push_back("train.eval_every=" + std::to_string(vm["eval-every"].as<int64_t>()));
-    if (vm.count("save-every")) sets.push_back("train.save_every=" + std::to_string(vm["save-every"].as<int64_t>()));
+    if (vm.count("eval-every"))
+      sets.push_back("train.eval_every=" + std::to_string(vm["eval-every"].as<int64_t>()));
+    if (vm.count("save-every"))
+      sets.push_back("train.save_every=" + std::to_string(vm["save-every"].as<int64_t>()));
     if (vm.count("stats-every"))
       sets.push_back("train.stats_every=" + std::to_string(vm["stats-every"].as<int64_t>()));
     if (vm.count("seed")) sets.push_back("train.seed=" + std::to_string(vm["seed"].as<uint64_t>()));
@@ -168,8 +190,9 @@ int run_main(int argc, char** argv) {
       std::cout << "# " << num_threads() << " CPU threads per rank, run directory " << to.out_dir;
       const auto& p = (*t)->config().parallel();
       if (parallel::process_info().distributed)
-        std::cout << ", " << parallel::process_info().size << " ranks (dp=" << p.dp() << " ep=" << p.ep()
-                  << " sp=" << p.sp() << ", " << parallel::process_info().launcher << ")";
+        std::cout << ", " << parallel::process_info().size << " ranks (dp=" << p.dp()
+                  << " ep=" << p.ep() << " sp=" << p.sp() << ", "
+                  << parallel::process_info().launcher << ")";
       std::cout << "\n";
     }
     auto summary = (*t)->run();
@@ -179,17 +202,20 @@ int run_main(int argc, char** argv) {
     }
     if (speak) print_report(*summary);
     if (speak && kernel_profile_enabled())
-      kernel_profile_report(std::cout, std::max<int64_t>(0, summary->last_step - summary->first_step - 1));
-    // Stopped early by a signal (after its checkpoint): 128 + the signal, as a shell reports it, so that a
-    // scheduler does not mark the job completed (130 Ctrl-C, 138 SIGUSR1, 143 SIGTERM).
+      kernel_profile_report(std::cout,
+                            std::max<int64_t>(0, summary->last_step - summary->first_step - 1));
+    // Stopped early by a signal (after its checkpoint): 128 + the signal, as a shell reports it, so
+    // that a scheduler does not mark the job completed (130 Ctrl-C, 138 SIGUSR1, 143 SIGTERM).
     return summary->interrupted ? 128 + summary->signal : 0;
   } catch (const Error& e) {
     // Other ranks may be waiting for this one in a collective: take the whole job down.
-    if (parallel::process_info().distributed) parallel::abort_job(kInternalError, std::string("hydra-train: internal error: ") + e.what());
+    if (parallel::process_info().distributed)
+      parallel::abort_job(kInternalError, std::string("hydra-train: internal error: ") + e.what());
     std::cerr << "hydra-train: internal error: " << e.what() << "\n";
     return kInternalError;
   } catch (const std::exception& e) {
-    if (parallel::process_info().distributed) parallel::abort_job(kInternalError, std::string("hydra-train: ") + e.what());
+    if (parallel::process_info().distributed)
+      parallel::abort_job(kInternalError, std::string("hydra-train: ") + e.what());
     std::cerr << "hydra-train: " << e.what() << "\n";
     return kInternalError;
   }

@@ -6,14 +6,16 @@
 
 namespace hydra::model {
 
-SparseGlobalAttention::SparseGlobalAttention(Init& init, int64_t d, int64_t heads, AttentionPattern pattern,
-                                             double rope_theta, double init_std, double out_std)
+SparseGlobalAttention::SparseGlobalAttention(Init& init, int64_t d, int64_t heads,
+                                             AttentionPattern pattern, double rope_theta,
+                                             double init_std, double out_std)
     : heads_(heads), head_dim_(d / heads), pattern_(pattern), rope_theta_(rope_theta) {
   qkv = register_module("qkv", std::make_shared<Linear>(init, d, 3 * d, init_std));
   out = register_module("out", std::make_shared<Linear>(init, d, d, out_std));
 }
 
-Tensor SparseGlobalAttention::forward(const Tensor& x, int64_t pos0, parallel::Communicator* sp) const {
+Tensor SparseGlobalAttention::forward(const Tensor& x, int64_t pos0,
+                                      parallel::Communicator* sp) const {
   const int64_t B = x.size(0), L = x.size(1);
   const Tensor qkv5 = qkv->forward(x).view({B, L, 3, heads_, head_dim_});
   const auto parts = split(qkv5, {1, 1, 1}, 2);

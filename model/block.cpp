@@ -17,9 +17,11 @@ HydraBlock::HydraBlock(Init& init, const ModelSpec& spec, int64_t index) : index
   gate_ssm = register_parameter("gate_ssm", layer_scale(d, bc.ssm_gate_init()), kGate);
   if (spec.has_sga[index]) {
     norm_sga = register_module("norm_sga", std::make_shared<RMSNorm>(d, spec.norm_eps));
-    sga = register_module("sga", std::make_shared<SparseGlobalAttention>(
-                                     init, d, spec.sga_heads, AttentionPattern{spec.sga_window, spec.sga_stride},
-                                     spec.rope_theta, spec.init_std, spec.init_std / std::sqrt(2.0 * spec.num_blocks)));
+    sga = register_module(
+        "sga",
+        std::make_shared<SparseGlobalAttention>(
+            init, d, spec.sga_heads, AttentionPattern{spec.sga_window, spec.sga_stride},
+            spec.rope_theta, spec.init_std, spec.init_std / std::sqrt(2.0 * spec.num_blocks)));
     gate_sga = register_parameter("gate_sga", layer_scale(d, bc.sga_gate_init()), kGate);
   }
   norm_moe = register_module("norm_moe", std::make_shared<RMSNorm>(d, spec.norm_eps));
@@ -41,10 +43,13 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, co
   };
   std::vector<Path> paths;
   parallel::Communicator* sp = ctx.sequence_parallel() ? &ctx.grid->sp() : nullptr;
-  if (ctx.paths.ssm) paths.push_back({"ssm", ssm->forward(norm_ssm->forward(x), state, next, sp), gate_ssm, 0});
-  if (sga && ctx.paths.sga) paths.push_back({"sga", sga->forward(norm_sga->forward(x), ctx.pos0, sp), gate_sga, 1});
+  if (ctx.paths.ssm)
+    paths.push_back({"ssm", ssm->forward(norm_ssm->forward(x), state, next, sp), gate_ssm, 0});
+  if (sga && ctx.paths.sga)
+    paths.push_back({"sga", sga->forward(norm_sga->forward(x), ctx.pos0, sp), gate_sga, 1});
   Tensor moe_aux;
-  paths.push_back({"moe", moe->forward(norm_moe->forward(x), ctx, &moe_aux), gate_moe, sga ? 2 : 1});
+  paths.push_back(
+      {"moe", moe->forward(norm_moe->forward(x), ctx, &moe_aux), gate_moe, sga ? 2 : 1});
   if (aux != nullptr) *aux = moe_aux;
 
   std::vector<Tensor> mix;  // per path [B, L, 1]
@@ -66,7 +71,8 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, co
   if (ctx.recording()) {
     const std::string p = "block." + std::to_string(index_) + ".";
     for (std::size_t i = 0; i < paths.size(); ++i) {
-      ctx.stat(p + "gate_norm." + paths[i].name, std::sqrt(sum_squares(paths[i].gate).item<double>()));
+      ctx.stat(p + "gate_norm." + paths[i].name,
+               std::sqrt(sum_squares(paths[i].gate).item<double>()));
       if (!mix.empty()) ctx.stat(p + "mix." + paths[i].name, mean(mix[i]).item<double>());
     }
   }
@@ -75,7 +81,8 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, co
 
 MemoryBranch::MemoryBranch(const ModelSpec& spec, std::shared_ptr<Module> mem) {
   norm = register_module("norm", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
-  gate = register_parameter("gate", layer_scale(spec.d, spec.cfg.block().memory_gate_init()), kGate);
+  gate =
+      register_parameter("gate", layer_scale(spec.d, spec.cfg.block().memory_gate_init()), kGate);
   memory = register_module("memory", std::move(mem));
 }
 

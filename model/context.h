@@ -22,10 +22,10 @@ struct PathSwitches {
 
 struct ForwardContext {
   PathSwitches paths;
-  bool recompute = false;     // checkpoint each block
+  bool recompute = false;  // checkpoint each block
   bool collect_stats = true;
-  double aux_scale = 1.0;     // multiplies the MoE auxiliary losses (warm-up)
-  int64_t pos0 = 0;           // position of the first token (sequence parallelism)
+  double aux_scale = 1.0;  // multiplies the MoE auxiliary losses (warm-up)
+  int64_t pos0 = 0;        // position of the first token (sequence parallelism)
   std::map<std::string, double> stats;
 
   // Distributed runs (null: one process). A rank's losses are then its share of the global batch's
@@ -34,8 +34,8 @@ struct ForwardContext {
   // The cross-entropy's normaliser: non-ignored targets in the whole step, over every rank and
   // micro-batch (0: the mean over this forward's targets).
   double lm_tokens = 0;
-  // Zero scalars from state chains along the ranks (parallel::send_to_next): the LM adds them to the
-  // loss so their backward (which receives the state's gradient) runs.
+  // Zero scalars from state chains along the ranks (parallel::send_to_next): the LM adds them to
+  // the loss so their backward (which receives the state's gradient) runs.
   std::vector<Tensor> chain_tokens;
 
   bool sequence_parallel() const { return grid != nullptr && grid->shape().sp > 1; }

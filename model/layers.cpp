@@ -6,12 +6,14 @@ namespace hydra::model {
 
 Linear::Linear(Init& init, int64_t in, int64_t out, double stddev, bool with_bias) {
   weight = register_parameter("weight", init.normal({out, in}, stddev));
-  if (with_bias) bias = register_parameter("bias", zeros({out}), ParamOptions{.weight_decay = false});
+  if (with_bias)
+    bias = register_parameter("bias", zeros({out}), ParamOptions{.weight_decay = false});
 }
 
 Linear::Linear(Tensor w, Tensor b) {
   weight = register_parameter("weight", std::move(w));
-  if (b.defined()) bias = register_parameter("bias", std::move(b), ParamOptions{.weight_decay = false});
+  if (b.defined())
+    bias = register_parameter("bias", std::move(b), ParamOptions{.weight_decay = false});
 }
 
 RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) {
@@ -24,7 +26,9 @@ SwiGLU::SwiGLU(Init& init, int64_t d, int64_t hidden, double stddev, double out_
   w2 = register_module("w2", std::make_shared<Linear>(init, hidden, d, out_stddev));
 }
 
-Tensor SwiGLU::forward(const Tensor& x) const { return w2->forward(mul(silu(w1->forward(x)), w3->forward(x))); }
+Tensor SwiGLU::forward(const Tensor& x) const {
+  return w2->forward(mul(silu(w1->forward(x)), w3->forward(x)));
+}
 
 Tensor entropy_sum(const Tensor& p) {
   NoGradGuard no_grad;

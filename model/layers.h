@@ -12,7 +12,9 @@ class Init {
  public:
   explicit Init(uint64_t seed) : gen_(seed) {}
   Tensor normal(const Shape& shape, double stddev) { return randn(shape, gen_, 0.0, stddev); }
-  Tensor uniform(const Shape& shape, double low, double high) { return rand(shape, gen_, low, high); }
+  Tensor uniform(const Shape& shape, double low, double high) {
+    return rand(shape, gen_, low, high);
+  }
   Tensor constant(const Shape& shape, double value) { return full(shape, value); }
   Generator& generator() { return gen_; }
 
@@ -47,8 +49,8 @@ class SwiGLU : public Module {
   std::shared_ptr<Linear> w1, w3, w2;
 };
 
-// -sum p log p over every element of the probabilities p (0 log 0 = 0), computed on p's device in at
-// least fp32, as a one-element tensor (statistics; no gradient).
+// -sum p log p over every element of the probabilities p (0 log 0 = 0), computed on p's device in
+// at least fp32, as a one-element tensor (statistics; no gradient).
 Tensor entropy_sum(const Tensor& p);
 
 }  // namespace hydra::model

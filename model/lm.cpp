@@ -9,8 +9,8 @@
 namespace hydra::model {
 namespace {
 
-// Runs fn(x) -> {y, aux}, through a checkpoint when ctx.recompute. The recomputation in the backward
-// uses a copy of the context (the caller's may be gone by then) and records no statistics.
+// Runs fn(x) -> {y, aux}, through a checkpoint when ctx.recompute. The recomputation in the
+// backward uses a copy of the context (the caller's may be gone by then) and records no statistics.
 template <class F>
 std::pair<Tensor, Tensor> run_block(ForwardContext& ctx, F fn, const Tensor& x) {
   if (!ctx.recompute) {
@@ -32,15 +32,17 @@ std::pair<Tensor, Tensor> run_block(ForwardContext& ctx, F fn, const Tensor& x) 
   return {outs[0], outs[1]};
 }
 
-// The mean over this forward's targets, or (distributed / accumulated steps) this forward's share of
-// the mean over the step's targets.
+// The mean over this forward's targets, or (distributed / accumulated steps) this forward's share
+// of the mean over the step's targets.
 Tensor lm_loss_of(const Tensor& logits, const Tensor& targets, const ForwardContext& ctx) {
   if (ctx.lm_tokens <= 0) return cross_entropy(logits, targets, LanguageModel::kIgnoreIndex);
-  return mul(cross_entropy(logits, targets, LanguageModel::kIgnoreIndex, Reduction::kSum), 1.0 / ctx.lm_tokens);
+  return mul(cross_entropy(logits, targets, LanguageModel::kIgnoreIndex, Reduction::kSum),
+             1.0 / ctx.lm_tokens);
 }
 
-// The loss plus the state-chain tokens (zeros whose backward receives a state's gradient), anchored to
-// every collective of this forward so that each rank's backward runs all of them (autograd/node.h).
+// The loss plus the state-chain tokens (zeros whose backward receives a state's gradient), anchored
+// to every collective of this forward so that each rank's backward runs all of them
+// (autograd/node.h).
 Tensor with_chain_tokens(Tensor loss, const ForwardContext& ctx) {
   for (const Tensor& t : ctx.chain_tokens) loss = add(loss, t.to(loss.dtype()));
   return anchor_collectives(loss, take_collective_outputs());
@@ -50,9 +52,11 @@ void check_tokens(const Tensor& tokens, const Tensor& targets, const ModelSpec& 
   HYDRA_CHECK(tokens.dim() == 2 && is_integral(tokens.dtype()))
       << "model: tokens must be integer [batch, seq_len], got " << shape_str(tokens.shape());
   HYDRA_CHECK(!targets.defined() || targets.shape() == tokens.shape())
-      << "model: targets " << shape_str(targets.shape()) << " do not match tokens " << shape_str(tokens.shape());
+      << "model: targets " << shape_str(targets.shape()) << " do not match tokens "
+      << shape_str(tokens.shape());
   HYDRA_CHECK(tokens.size(1) <= spec.max_seq_len)
-      << "model: sequence length " << tokens.size(1) << " exceeds model.max_seq_len " << spec.max_seq_len;
+      << "model: sequence length " << tokens.size(1) << " exceeds model.max_seq_len "
+      << spec.max_seq_len;
 }
 
 }  // namespace
@@ -61,19 +65,23 @@ HydraLM::HydraLM(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
   Init init(seed);
   embedding = register_parameter("embedding", init.normal({spec.vocab, spec.d}, spec.init_std));
   blocks = register_module("blocks", std::make_shared<ModuleList>());
-  for (int64_t b = 0; b < spec.num_blocks; ++b) blocks->push_back(std::make_shared<HydraBlock>(init, spec, b));
+  for (int64_t b = 0; b < spec.num_blocks; ++b)
+    blocks->push_back(std::make_shared<HydraBlock>(init, spec, b));
   workspaces = register_module("workspaces", std::make_shared<ModuleList>());
   for (std::size_t i = 0; i < spec.ws_after.size(); ++i)
-    workspaces->push_back(std::make_shared<MemoryBranch>(spec, std::make_shared<WorkspaceMemory>(init, spec, i)));
+    workspaces->push_back(
+        std::make_shared<MemoryBranch>(spec, std::make_shared<WorkspaceMemory>(init, spec, i)));
   pkms = register_module("pkms", std::make_shared<ModuleList>());
   for (std::size_t i = 0; i < spec.pkm_after.size(); ++i)
-    pkms->push_back(std::make_shared<MemoryBranch>(spec, std::make_shared<ProductKeyMemory>(init, spec, i)));
+    pkms->push_back(
+        std::make_shared<MemoryBranch>(spec, std::make_shared<ProductKeyMemory>(init, spec, i)));
   final_norm = register_module("final_norm", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
   ws_after_ = spec.ws_after;
   pkm_after_ = spec.pkm_after;
 }
 
-LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx, bool want_logits) {
+LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx,
+                          bool want_logits) {
   check_tokens(tokens, targets, spec_);
   (void)take_collective_outputs();  // anything left from a forward that built no loss
   Tensor x = hydra::embedding(embedding, tokens);
@@ -81,7 +89,11 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
   for (std::size_t b = 0; b < blocks->size(); ++b) {
     const auto block = blocks->ptr<HydraBlock>(b);
     auto [y, aux] = run_block(
-        ctx, [block](const Tensor& in, ForwardContext& c, Tensor* a) { return block->forward(in, c, a); }, x);
+        ctx,
+        [block](const Tensor& in, ForwardContext& c, Tensor* a) {
+          return block->forward(in, c, a);
+        },
+        x);
     x = y;
     aux_total = aux_total.defined() ? add(aux_total, aux) : aux;
     for (std::size_t i = 0; i < ws_after_.size(); ++i) {
@@ -89,10 +101,11 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
       const auto& br = workspaces->at<MemoryBranch>(i);
       const auto& mem = dynamic_cast<WorkspaceMemory&>(*br.memory);
       if (ctx.sequence_parallel()) {
-        // The slot state is not linear in the tokens: it passes from shard to shard (a serial chain of
-        // sp small steps: rank r waits for rank r-1's chunks; the backward mirrors it).
+        // The slot state is not linear in the tokens: it passes from shard to shard (a serial chain
+        // of sp small steps: rank r waits for rank r-1's chunks; the backward mirrors it).
         parallel::Communicator& sp = ctx.grid->sp();
-        const Tensor first = mem.slots.unsqueeze(0).expand({x.size(0), mem.slots.size(0), mem.slots.size(1)});
+        const Tensor first =
+            mem.slots.unsqueeze(0).expand({x.size(0), mem.slots.size(0), mem.slots.size(1)});
         const Tensor s0 = parallel::receive_from_previous(first, sp);
         Tensor s_last;
         const Tensor read = mem.forward(br.norm->forward(x), ctx, s0, &s_last);
@@ -127,11 +140,13 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
 }
 
 void HydraLM::shard_experts(int64_t rank, int64_t size) {
-  for (std::size_t b = 0; b < blocks->size(); ++b) blocks->at<HydraBlock>(b).moe->shard_experts(rank, size);
+  for (std::size_t b = 0; b < blocks->size(); ++b)
+    blocks->at<HydraBlock>(b).moe->shard_experts(rank, size);
 }
 
 void HydraLM::after_step() {
-  for (std::size_t b = 0; b < blocks->size(); ++b) blocks->at<HydraBlock>(b).moe->update_sparsity_coef();
+  for (std::size_t b = 0; b < blocks->size(); ++b)
+    blocks->at<HydraBlock>(b).moe->update_sparsity_coef();
 }
 
 }  // namespace hydra::model
@@ -141,10 +156,12 @@ namespace hydra::model {
 TransformerBlock::TransformerBlock(Init& init, const ModelSpec& spec) {
   const double out_std = spec.init_std / std::sqrt(2.0 * spec.num_blocks);
   norm_attn = register_module("norm_attn", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
-  attn = register_module("attn", std::make_shared<SparseGlobalAttention>(init, spec.d, spec.tf_heads, AttentionPattern{},
-                                                                         spec.rope_theta, spec.init_std, out_std));
+  attn = register_module("attn", std::make_shared<SparseGlobalAttention>(
+                                     init, spec.d, spec.tf_heads, AttentionPattern{},
+                                     spec.rope_theta, spec.init_std, out_std));
   norm_ffn = register_module("norm_ffn", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
-  ffn = register_module("ffn", std::make_shared<SwiGLU>(init, spec.d, spec.tf_d_ff, spec.init_std, out_std));
+  ffn = register_module(
+      "ffn", std::make_shared<SwiGLU>(init, spec.d, spec.tf_d_ff, spec.init_std, out_std));
 }
 
 Tensor TransformerBlock::forward(const Tensor& x, int64_t pos0) {
@@ -156,11 +173,13 @@ TransformerLM::TransformerLM(const ModelSpec& spec, uint64_t seed) : spec_(spec)
   Init init(seed);
   embedding = register_parameter("embedding", init.normal({spec.vocab, spec.d}, spec.init_std));
   blocks = register_module("blocks", std::make_shared<ModuleList>());
-  for (int64_t b = 0; b < spec.num_blocks; ++b) blocks->push_back(std::make_shared<TransformerBlock>(init, spec));
+  for (int64_t b = 0; b < spec.num_blocks; ++b)
+    blocks->push_back(std::make_shared<TransformerBlock>(init, spec));
   final_norm = register_module("final_norm", std::make_shared<RMSNorm>(spec.d, spec.norm_eps));
 }
 
-LmOutput TransformerLM::forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx, bool want_logits) {
+LmOutput TransformerLM::forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx,
+                                bool want_logits) {
   check_tokens(tokens, targets, spec_);
   Tensor x = hydra::embedding(embedding, tokens);
   for (std::size_t b = 0; b < blocks->size(); ++b) {

@@ -1,5 +1,5 @@
-// Language models: the Hydra LM (embedding, tri-path blocks, memories between blocks, final RMSNorm,
-// LM head tied to the embedding) and the dense Transformer baseline, behind one interface.
+// Language models: the Hydra LM (embedding, tri-path blocks, memories between blocks, final
+// RMSNorm, LM head tied to the embedding) and the dense Transformer baseline, behind one interface.
 // loss = LM cross-entropy + the weighted auxiliary losses, each reported on its own.
 #pragma once
 
@@ -14,8 +14,8 @@ namespace hydra::model {
 struct LmOutput {
   Tensor loss;     // total, what backward starts from
   Tensor lm_loss;  // cross-entropy over the targets that are not ignore_index
-  Tensor aux;      // [3]: weighted MoE balance, locality, sparsification losses (summed over blocks)
-  Tensor logits;   // [B, L, V] when requested
+  Tensor aux;     // [3]: weighted MoE balance, locality, sparsification losses (summed over blocks)
+  Tensor logits;  // [B, L, V] when requested
 };
 
 class LanguageModel : public Module {
@@ -35,7 +35,8 @@ class LanguageModel : public Module {
 class HydraLM : public LanguageModel {
  public:
   HydraLM(const ModelSpec& spec, uint64_t seed);
-  LmOutput forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx, bool want_logits) override;
+  LmOutput forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx,
+                   bool want_logits) override;
   void after_step() override;
   void shard_experts(int64_t rank, int64_t size) override;
   const ModelSpec& spec() const override { return spec_; }
@@ -61,7 +62,8 @@ class TransformerBlock : public Module {
 class TransformerLM : public LanguageModel {
  public:
   TransformerLM(const ModelSpec& spec, uint64_t seed);
-  LmOutput forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx, bool want_logits) override;
+  LmOutput forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx,
+                   bool want_logits) override;
   const ModelSpec& spec() const override { return spec_; }
 
   Tensor embedding;

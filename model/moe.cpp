@@ -11,21 +11,26 @@
 namespace hydra::model {
 
 ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
-    : layer_(layer), num_experts_(spec.num_experts), max_active_(spec.max_active), chunk_(spec.moe_chunk),
-      seq_group_(spec.cfg.moe().sparsity_group()), cfg_(spec.cfg.moe()) {
+    : layer_(layer),
+      num_experts_(spec.num_experts),
+      max_active_(spec.max_active),
+      chunk_(spec.moe_chunk),
+      seq_group_(spec.cfg.moe().sparsity_group()),
+      cfg_(spec.cfg.moe()) {
   const int64_t E = num_experts_, d = spec.d, de = spec.d_expert;
   const double out_std = spec.init_std / std::sqrt(2.0 * spec.num_blocks);
-  // The router computes in its master dtype under mixed precision: its top-k choices, routing weights and
-  // auxiliary losses are precision-sensitive, and it is a small [E, d] GEMM.
-  router_weight =
-      register_parameter("router_weight", init.normal({E, d}, spec.init_std), ParamOptions{.keep_master_dtype = true});
-  router_norm =
-      register_parameter("router_norm", ones({E}), ParamOptions{.weight_decay = false, .keep_master_dtype = true});
+  // The router computes in its master dtype under mixed precision: its top-k choices, routing
+  // weights and auxiliary losses are precision-sensitive, and it is a small [E, d] GEMM.
+  router_weight = register_parameter("router_weight", init.normal({E, d}, spec.init_std),
+                                     ParamOptions{.keep_master_dtype = true});
+  router_norm = register_parameter("router_norm", ones({E}),
+                                   ParamOptions{.weight_decay = false, .keep_master_dtype = true});
   w1 = register_parameter("w1", init.normal({E, de, d}, spec.init_std));
   w3 = register_parameter("w3", init.normal({E, de, d}, spec.init_std));
   w2 = register_parameter("w2", init.normal({E, d, de}, out_std));
   if (spec.shared_expert)
-    shared = register_module("shared", std::make_shared<SwiGLU>(init, d, spec.d_shared, spec.init_std, out_std));
+    shared = register_module(
+        "shared", std::make_shared<SwiGLU>(init, d, spec.d_shared, spec.init_std, out_std));
   coef = register_buffer("sparsity_coef", full({1}, cfg_.sparsity_coef_init(), DType::kF64));
   local_experts_ = E;
 }
@@ -37,11 +42,14 @@ void ChunkMoE::shard_experts(int64_t rank, int64_t size) {
   NoGradGuard ng;
   local_experts_ = num_experts_ / size;
   first_expert_ = rank * local_experts_;
-  for (const Tensor& w : {w1, w3, w2}) replace_data(w, w.narrow(0, first_expert_, local_experts_).contiguous().clone());
+  for (const Tensor& w : {w1, w3, w2})
+    replace_data(w, w.narrow(0, first_expert_, local_experts_).contiguous().clone());
 }
 
-Tensor ChunkMoE::run_experts(const Tensor& xs, const std::vector<int64_t>& sizes, ForwardContext& ctx) const {
-  auto experts = [&](const Tensor& rows, const std::vector<int64_t>& groups) {  // grouped_linear's groups
+Tensor ChunkMoE::run_experts(const Tensor& xs, const std::vector<int64_t>& sizes,
+                             ForwardContext& ctx) const {
+  auto experts = [&](const Tensor& rows,
+                     const std::vector<int64_t>& groups) {  // grouped_linear's groups
     const Tensor h = mul(silu(grouped_linear(rows, w1, groups)), grouped_linear(rows, w3, groups));
     return grouped_linear(h, w2, groups);
   };
@@ -53,7 +61,8 @@ Tensor ChunkMoE::run_experts(const Tensor& xs, const std::vector<int64_t>& sizes
 
 double ChunkMoE::sparsity_coef() const {
   if (coef_cache_.storage != coef.storage().get() || coef_cache_.version != coef.version())
-    coef_cache_ = {coef.storage().get(), coef.version(), coef.item<double>()};  // loaded, moved or new
+    coef_cache_ = {coef.storage().get(), coef.version(),
+                   coef.item<double>()};  // loaded, moved or new
   return coef_cache_.value;
 }
 
@@ -61,8 +70,8 @@ void ChunkMoE::update_sparsity_coef() {
   // The TLS of the whole global batch (the same on every rank, so the coefficient stays in sync).
   if (global_tls_ < 0) return;
   const double direction = global_tls_ < cfg_.target_sparsity() ? 1.0 : -1.0;
-  const double next = std::clamp(sparsity_coef() * std::exp(direction * cfg_.sparsity_adapt_rate()), 1e-8,
-                                 cfg_.sparsity_coef_max());
+  const double next = std::clamp(sparsity_coef() * std::exp(direction * cfg_.sparsity_adapt_rate()),
+                                 1e-8, cfg_.sparsity_coef_max());
   NoGradGuard no_grad;
   coef.fill_(next);
   coef_cache_ = {coef.storage().get(), coef.version(), next};
@@ -73,9 +82,11 @@ Tensor moe_locality_sum(const Tensor& z, const Tensor& z_next) {
   std::vector<Tensor> terms;
   if (nC >= 2) {
     const Tensor zl = z.narrow(1, 0, nC - 1), target = sigmoid(z.narrow(1, 1, nC - 1)).detach();
-    terms.push_back(sum(sub(softplus(zl), mul(zl, target))));  // BCE with logits: softplus(z) - z * target
+    terms.push_back(
+        sum(sub(softplus(zl), mul(zl, target))));  // BCE with logits: softplus(z) - z * target
   }
-  if (z_next.defined()) {  // the pair across the shard boundary: our last chunk, the next shard's first
+  if (z_next.defined()) {  // the pair across the shard boundary: our last chunk, the next shard's
+                           // first
     const Tensor zl = z.narrow(1, nC - 1, 1).squeeze(1), target = sigmoid(z_next).detach();
     terms.push_back(sum(sub(softplus(zl), mul(zl, target))));
   }
@@ -147,12 +158,13 @@ void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, ForwardC
     total += load[e];
     dropped += routing.dropped[e];
   }
-  for (int64_t e = 0; e < E; ++e) ctx.stat(p + "load." + std::to_string(e), total ? double(load[e]) / double(total) : 0.0);
+  for (int64_t e = 0; e < E; ++e)
+    ctx.stat(p + "load." + std::to_string(e), total ? double(load[e]) / double(total) : 0.0);
   ctx.stat(p + "dropped_tokens", double(dropped * chunk_));
   ctx.stat(p + "dropped_frac", total + dropped ? double(dropped) / double(total + dropped) : 0.0);
   ctx.stat(p + "active_per_chunk", BC ? double(total) / double(BC) : 0.0);
-  // Routing health: experts no chunk reached, and chunks that reached no expert (their tokens get no
-  // FFN output at all from this layer).
+  // Routing health: experts no chunk reached, and chunks that reached no expert (their tokens get
+  // no FFN output at all from this layer).
   int64_t dead = 0, empty = 0;
   for (int64_t e = 0; e < E; ++e) dead += load[e] == 0;
   for (int64_t c = 0; c < BC; ++c) {
@@ -175,17 +187,18 @@ void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, ForwardC
 
 Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   const int64_t B = x.size(0), L = x.size(1), d = x.size(2), E = num_experts_, c = chunk_;
-  HYDRA_CHECK(L % c == 0) << "moe: sequence length " << L << " is not a multiple of moe.chunk " << c;
+  HYDRA_CHECK(L % c == 0) << "moe: sequence length " << L << " is not a multiple of moe.chunk "
+                          << c;
   const int64_t nC = L / c, BL = B * L;
   const Tensor xf = x.reshape({BL, d});
   const DType acc = x.dtype();
 
   std::vector<int64_t> sizes(E, 0);
-  Tensor perm_t, widx_t;  // the dispatch order (kernels/moe_route.h), on the device
+  Tensor perm_t, widx_t;        // the dispatch order (kernels/moe_route.h), on the device
   bool routed_anywhere = true;  // false: no chunk of the global batch chose any expert
-  Tensor w;  // [B, nC, E] routing weights (routing on)
-  // The router and its auxiliary losses compute in the router's dtype: the activations' dtype, or fp32
-  // under mixed precision (keep_master_dtype).
+  Tensor w;                     // [B, nC, E] routing weights (routing on)
+  // The router and its auxiliary losses compute in the router's dtype: the activations' dtype, or
+  // fp32 under mixed precision (keep_master_dtype).
   const DType rdt = router_weight.dtype();
   Tensor losses = zeros({3}, rdt, x.device());
   if (ctx.paths.moe_routing) {
@@ -194,11 +207,13 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     const Tensor first = xr.select(2, 0);  // [B, nC, d]
     Tensor rin = first;
     if (cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN) {
-      // Chunk j is routed by the mean of chunk j - 1; the first chunk of the sequence by its first token.
-      // A sequence shard's first chunk gets the previous shard's last chunk mean (rank 0: first token).
+      // Chunk j is routed by the mean of chunk j - 1; the first chunk of the sequence by its first
+      // token. A sequence shard's first chunk gets the previous shard's last chunk mean (rank 0:
+      // first token).
       std::vector<Tensor> parts;
       if (seq_par) {
-        const Tensor prev = parallel::shift_from_previous(mean(xr.select(1, nC - 1), {1}), ctx.grid->sp());
+        const Tensor prev =
+            parallel::shift_from_previous(mean(xr.select(1, nC - 1), {1}), ctx.grid->sp());
         parts.push_back(ctx.grid->sp_rank() == 0 ? first.narrow(1, 0, 1) : prev.unsqueeze(1));
       } else {
         parts.push_back(first.narrow(1, 0, 1));
@@ -212,22 +227,25 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     // The routing on the device; only the per-expert counts come to the host.
     const double cf = cfg_.capacity_factor();
     const int64_t capacity =
-        cf > 0 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(cf * double(B * nC) * double(max_active_) / double(E))))
+        cf > 0 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
+                                          cf * double(B * nC) * double(max_active_) / double(E))))
                : 0;
-    const MoeDispatch dispatch = moe_route(r.reshape({B * nC, E}), s.reshape({B * nC, E}), B, c, max_active_, capacity);
+    const MoeDispatch dispatch =
+        moe_route(r.reshape({B * nC, E}), s.reshape({B * nC, E}), B, c, max_active_, capacity);
     w = mul(r, dispatch.mask.view({B, nC, E})).to(acc);
     perm_t = dispatch.perm;
     widx_t = dispatch.widx;
     for (int64_t e = 0; e < E; ++e) sizes[e] = dispatch.counts[e] * c;
-    // Auxiliary losses, each normalised by its count over the whole global batch, so that the ranks'
-    // shares add up to the single-process loss. Global counts: one host all-reduce.
+    // Auxiliary losses, each normalised by its count over the whole global batch, so that the
+    // ranks' shares add up to the single-process loss. Global counts: one host all-reduce.
     const Tensor z = affine(raw, cfg_.activation_alpha(), -cfg_.activation_beta());
     Tensor z_next;  // the next shard's first chunk logits (the locality target across the boundary)
     if (seq_par) {
       z_next = parallel::shift_from_next(z.select(1, 0).detach(), ctx.grid->sp()).detach();
       if (ctx.grid->sp_rank() + 1 == ctx.grid->shape().sp) z_next = Tensor();
     }
-    std::vector<double> counts(E + 3, 0.0);  // [active per expert..., chunks, locality pairs, groups]
+    std::vector<double> counts(E + 3,
+                               0.0);  // [active per expert..., chunks, locality pairs, groups]
     for (int64_t e = 0; e < E; ++e) counts[e] = double(dispatch.counts[e]);
     counts[E] = double(B * nC);
     counts[E + 1] = double(B * (std::max<int64_t>(nC - 1, 0) + (z_next.defined() ? 1 : 0)) * E);
@@ -243,10 +261,12 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
     const Tensor balance = mul(sum(mul(sum(q, {0, 1}), tensor(load, {E}).to(rdt).to(x.device()))),
                                double(E) / std::max(counts[E], 1.0));
-    const Tensor locality = counts[E + 1] > 0 ? mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1])
-                                              : zeros({}, rdt, x.device());
-    const Tensor sparsity = counts[E + 2] > 0 ? mul(moe_sparsity_sum(z, seq_group_), 1.0 / counts[E + 2])
-                                              : zeros({}, rdt, x.device());
+    const Tensor locality = counts[E + 1] > 0
+                                ? mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1])
+                                : zeros({}, rdt, x.device());
+    const Tensor sparsity = counts[E + 2] > 0
+                                ? mul(moe_sparsity_sum(z, seq_group_), 1.0 / counts[E + 2])
+                                : zeros({}, rdt, x.device());
     const double scale = ctx.aux_scale;
     losses = concat({mul(balance, cfg_.balance_loss_weight() * scale).reshape({1}),
                      mul(locality, cfg_.locality_loss_weight() * scale).reshape({1}),
@@ -281,8 +301,9 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   if (aux != nullptr) *aux = losses;
 
   Tensor out = zeros({BL, d}, acc, x.device());
-  // With experts sharded the exchange runs on every rank, even one that routed nothing this time; when
-  // no rank routed anything the experts do not run at all (as in one process: no expert gradient).
+  // With experts sharded the exchange runs on every rank, even one that routed nothing this time;
+  // when no rank routed anything the experts do not run at all (as in one process: no expert
+  // gradient).
   const bool any_rows = perm_t.defined() && perm_t.numel() > 0;
   if (local_experts_ != num_experts_ ? routed_anywhere : any_rows) {
     const Tensor xs = gather_rows(xf, perm_t);

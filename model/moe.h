@@ -2,12 +2,12 @@
 //   router input u_j (causal: the previous chunk's mean, or the chunk's first token)
 //   s = ReLU(W_r u_j), r = RMSNorm(s); the max_active largest r_e with s_e > 0 are kept
 //   out_t = sum_e r_e(chunk of t) * SwiGLU_e(x_t)  (+ an optional shared expert)
-// All tokens of a chunk go to the same experts: dispatch gathers whole chunks, the experts run as one
-// grouped GEMM, the combine scatter-adds the weighted outputs back.
-// Losses (weighted, times ForwardContext::aux_scale): load balance E * sum_e importance_e * load_e;
-// activation locality BCE(p_j, stopgrad(p_{j+1})) over consecutive chunks with
-// p = sigmoid(alpha * W_r u - beta); chunk sparsification 1 - prod(1 - p) over groups of chunks,
-// with a coefficient adapted toward target_sparsity after every step (update_sparsity_coef()).
+// All tokens of a chunk go to the same experts: dispatch gathers whole chunks, the experts run as
+// one grouped GEMM, the combine scatter-adds the weighted outputs back. Losses (weighted, times
+// ForwardContext::aux_scale): load balance E * sum_e importance_e * load_e; activation locality
+// BCE(p_j, stopgrad(p_{j+1})) over consecutive chunks with p = sigmoid(alpha * W_r u - beta); chunk
+// sparsification 1 - prod(1 - p) over groups of chunks, with a coefficient adapted toward
+// target_sparsity after every step (update_sparsity_coef()).
 #pragma once
 
 #include "model/context.h"
@@ -19,22 +19,23 @@ namespace hydra::model {
 // The routing of one forward: which experts each chunk uses, and with which weight.
 struct MoeRouting {
   int64_t batch = 0, num_chunks = 0, chunk = 0, num_experts = 0;
-  std::vector<uint8_t> active;        // [B * nC * E]: expert e serves chunk c
-  std::vector<int64_t> dropped;       // chunk-expert assignments dropped by the capacity, per expert
+  std::vector<uint8_t> active;   // [B * nC * E]: expert e serves chunk c
+  std::vector<int64_t> dropped;  // chunk-expert assignments dropped by the capacity, per expert
 };
 
 class ChunkMoE : public Module {
  public:
   ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer);
-  // x [B, L, d] (already normalised) -> [B, L, d]; *aux receives [3]: weighted balance, locality and
-  // sparsification losses (zeros when routing is off).
+  // x [B, L, d] (already normalised) -> [B, L, d]; *aux receives [3]: weighted balance, locality
+  // and sparsification losses (zeros when routing is off).
   Tensor forward(const Tensor& x, ForwardContext& ctx, Tensor* aux);
-  // Raises the sparsification coefficient when the last measured TLS is below target, lowers it above.
+  // Raises the sparsification coefficient when the last measured TLS is below target, lowers it
+  // above.
   void update_sparsity_coef();
   double sparsity_coef() const;
   const MoeRouting& last_routing() const { return last_routing_; }
-  // Expert parallelism: keeps experts [rank * E / size, (rank + 1) * E / size) of w1, w3, w2 (the rest
-  // live on the other ranks of the ep group; chunks travel to them in the forward).
+  // Expert parallelism: keeps experts [rank * E / size, (rank + 1) * E / size) of w1, w3, w2 (the
+  // rest live on the other ranks of the ep group; chunks travel to them in the forward).
   void shard_experts(int64_t rank, int64_t size);
   int64_t first_local_expert() const { return first_expert_; }
   int64_t num_local_experts() const { return local_experts_; }
@@ -42,14 +43,15 @@ class ChunkMoE : public Module {
   Tensor router_weight, router_norm;  // [E, d], [E]
   Tensor w1, w3, w2;                  // [E, de, d], [E, de, d], [E, d, de]
   std::shared_ptr<SwiGLU> shared;
-  Tensor coef;                        // buffer [1] f64: the adaptive sparsification coefficient
+  Tensor coef;  // buffer [1] f64: the adaptive sparsification coefficient
 
  private:
   void record_stats(const MoeRouting& routing, const Tensor& q, ForwardContext& ctx);
 
-  // Runs the experts on xs (rows grouped by expert, sizes[e] rows for expert e of all E): locally, or
-  // over the ep group (dispatch, local experts, combine). Returns the outputs in xs's row order.
-  Tensor run_experts(const Tensor& xs, const std::vector<int64_t>& sizes, ForwardContext& ctx) const;
+  // Runs the experts on xs (rows grouped by expert, sizes[e] rows for expert e of all E): locally,
+  // or over the ep group (dispatch, local experts, combine). Returns the outputs in xs's row order.
+  Tensor run_experts(const Tensor& xs, const std::vector<int64_t>& sizes,
+                     ForwardContext& ctx) const;
 
   int64_t layer_, num_experts_, max_active_, chunk_, seq_group_;
   int64_t first_expert_ = 0, local_experts_ = 0;
@@ -68,11 +70,11 @@ class ChunkMoE : public Module {
 };
 
 // BlockFFN's activation locality loss over router logits z = alpha * W_r u - beta [B, nC, E]:
-// mean over consecutive chunks of BCE(sigmoid(z_j), target sigmoid(z_{j+1})), the target held constant
-// (stop-gradient). Zero for a single chunk.
+// mean over consecutive chunks of BCE(sigmoid(z_j), target sigmoid(z_{j+1})), the target held
+// constant (stop-gradient). Zero for a single chunk.
 Tensor moe_locality_loss(const Tensor& z);
-// The sum of those BCE terms, with z_next [B, E] (or undefined): the next sequence shard's first chunk,
-// whose pair with our last chunk crosses the shard boundary (sequence parallelism).
+// The sum of those BCE terms, with z_next [B, E] (or undefined): the next sequence shard's first
+// chunk, whose pair with our last chunk crosses the shard boundary (sequence parallelism).
 Tensor moe_locality_sum(const Tensor& z, const Tensor& z_next);
 // Chunk sparsification: P_{g,e} = 1 - prod_{j in g} (1 - sigmoid(z_j,e)) over groups of `group`
 // consecutive chunks; the mean of P over groups and experts (= mean_g sum_e P / E).
@@ -80,8 +82,8 @@ Tensor moe_sparsity_loss(const Tensor& z, int64_t group);
 // The sum of the P terms (the loss times B * groups * E).
 Tensor moe_sparsity_sum(const Tensor& z, int64_t group);
 
-// Token-level and chunk-level sparsity of a routing: TLS = 1 - mean active / E; CLS(w) = 1 - mean over
-// windows of w consecutive tokens of |union of active experts| / E.
+// Token-level and chunk-level sparsity of a routing: TLS = 1 - mean active / E; CLS(w) = 1 - mean
+// over windows of w consecutive tokens of |union of active experts| / E.
 double routing_tls(const MoeRouting& r);
 double routing_cls(const MoeRouting& r, int64_t window);
 

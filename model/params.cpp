@@ -36,7 +36,8 @@ ParamTable count_parameters(const ModelSpec& s, int64_t seq_len) {
     ParamRow f{"ffn", ffn * s.num_blocks, ffn * s.num_blocks};
     ParamRow n{"norms_gates", (2 * s.num_blocks + 1) * d, (2 * s.num_blocks + 1) * d};
     t.rows = {emb, a, f, n};
-    flops += double(s.num_blocks) * (2.0 * (attn + ffn) + 4.0 * d * mean_visible_keys(seq_len, 0, 0));
+    flops +=
+        double(s.num_blocks) * (2.0 * (attn + ffn) + 4.0 * d * mean_visible_keys(seq_len, 0, 0));
   } else {
     const int64_t di = s.d_inner, N = s.d_state, R = s.dt_rank, W = s.conv_width;
     const int64_t ssm_linear = 2 * di * d + (R + 2 * N) * di + di * R + d * di;
@@ -46,27 +47,33 @@ ParamTable count_parameters(const ModelSpec& s, int64_t seq_len) {
 
     const int64_t sga = 4 * d * d;
     ParamRow sga_row{"sga", sga * s.sga_blocks(), sga * s.sga_blocks()};
-    flops += double(s.sga_blocks()) * (2.0 * sga + 4.0 * d * mean_visible_keys(seq_len, s.sga_window, s.sga_stride));
+    flops += double(s.sga_blocks()) *
+             (2.0 * sga + 4.0 * d * mean_visible_keys(seq_len, s.sga_window, s.sga_stride));
 
-    const int64_t E = s.num_experts, expert = 3 * s.d_expert * d, shared = s.shared_expert ? 3 * s.d_shared * d : 0;
+    const int64_t E = s.num_experts, expert = 3 * s.d_expert * d,
+                  shared = s.shared_expert ? 3 * s.d_shared * d : 0;
     const int64_t router = E * d + E;
     ParamRow moe_row{"moe", (router + E * expert + shared) * s.num_blocks,
                      (router + s.max_active * expert + shared) * s.num_blocks};
-    flops += double(s.num_blocks) * (2.0 * E * d / double(s.moe_chunk) + 2.0 * (s.max_active * expert + shared));
+    flops += double(s.num_blocks) *
+             (2.0 * E * d / double(s.moe_chunk) + 2.0 * (s.max_active * expert + shared));
 
     const int64_t a = s.ws_dim, M = s.ws_slots, nws = static_cast<int64_t>(s.ws_after.size());
     const int64_t ws = M * d + 8 * a * d + 2 * d + 1;
     ParamRow ws_row{"workspace", ws * nws, ws * nws};
-    // per token: read_q, write_k, write_v, read_o; both attentions against M slots; the per-chunk slot
-    // projections spread over the chunk's tokens.
-    flops += double(nws) * (8.0 * a * d + 8.0 * a * M + 2.0 * M * (6.0 * a * d + 2.0 * d) / double(s.ws_chunk));
+    // per token: read_q, write_k, write_v, read_o; both attentions against M slots; the per-chunk
+    // slot projections spread over the chunk's tokens.
+    flops += double(nws) *
+             (8.0 * a * d + 8.0 * a * M + 2.0 * M * (6.0 * a * d + 2.0 * d) / double(s.ws_chunk));
 
-    const int64_t H = s.pkm_heads, kd = s.pkm_k_dim, n = s.pkm_n_keys, np = static_cast<int64_t>(s.pkm_after.size());
+    const int64_t H = s.pkm_heads, kd = s.pkm_k_dim, n = s.pkm_n_keys,
+                  np = static_cast<int64_t>(s.pkm_after.size());
     const int64_t pkm_fixed = H * kd * d + kd + H * n * kd;
     ParamRow pkm_row{"pkm", (pkm_fixed + n * n * d) * np, (pkm_fixed + H * s.pkm_topk * d) * np};
     flops += double(np) * (2.0 * H * kd * d + 2.0 * H * n * kd + 2.0 * H * s.pkm_topk * d);
 
-    // Per block: norms and LayerScale gates of its paths, the controller; memory branches; final norm.
+    // Per block: norms and LayerScale gates of its paths, the controller; memory branches; final
+    // norm.
     int64_t norms = d;
     for (int64_t b = 0; b < s.num_blocks; ++b) {
       const int64_t paths = s.has_sga[b] ? 3 : 2;

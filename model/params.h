@@ -1,5 +1,6 @@
-// Parameter and FLOP accounting computed from a spec alone (nothing allocated): the table hydra-params
-// prints. Must equal the sizes of the parameters build_model() allocates (a test checks it).
+// Parameter and FLOP accounting computed from a spec alone (nothing allocated): the table
+// hydra-params prints. Must equal the sizes of the parameters build_model() allocates (a test
+// checks it).
 #pragma once
 
 #include <string>

@@ -1,7 +1,7 @@
-// Product-key memory (hydra.md section 6; Lample et al. 2019). Per head: q = RMSNorm(W_q x) split in
-// halves q1, q2; the top-k sub-keys of each half by inner product; the k x k candidate sums; the top-k
-// of those; softmax over their scores; out = sum over heads and picks of weight * V[index], with
-// index = i1 * n + i2. Values (n^2 x d) get row-sparse gradients and their own learning rate.
+// Product-key memory (hydra.md section 6; Lample et al. 2019). Per head: q = RMSNorm(W_q x) split
+// in halves q1, q2; the top-k sub-keys of each half by inner product; the k x k candidate sums; the
+// top-k of those; softmax over their scores; out = sum over heads and picks of weight * V[index],
+// with index = i1 * n + i2. Values (n^2 x d) get row-sparse gradients and their own learning rate.
 #pragma once
 
 #include "model/context.h"
@@ -10,14 +10,15 @@
 
 namespace hydra::model {
 
-// The product-key search for queries q1, q2 [H, T, half] over sub-keys k1, k2 [H, n, half]: for each
-// (head, query) the k best full keys, as scores [H, T, k] (differentiable) and value indices
+// The product-key search for queries q1, q2 [H, T, half] over sub-keys k1, k2 [H, n, half]: for
+// each (head, query) the k best full keys, as scores [H, T, k] (differentiable) and value indices
 // i1 * n + i2 (i64 [H, T, k]).
 struct PkmLookup {
   Tensor scores;
   Tensor indices;
 };
-PkmLookup pkm_lookup(const Tensor& q1, const Tensor& q2, const Tensor& k1, const Tensor& k2, int64_t topk);
+PkmLookup pkm_lookup(const Tensor& q1, const Tensor& q2, const Tensor& k1, const Tensor& k2,
+                     int64_t topk);
 
 class ProductKeyMemory : public Module {
  public:

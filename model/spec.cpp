@@ -63,12 +63,15 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   ck.require(s.max_seq_len >= 1, "max_seq_len", s.max_seq_len, "must be >= 1");
   ck.require(s.norm_eps > 0, "norm_eps", s.norm_eps, "must be > 0");
   ck.require(s.init_std > 0, "init_std", s.init_std, "must be > 0");
-  // Upper bounds far past any model this trainer can hold, so that sizes multiply without overflow and a
-  // typo (an extra zero or three) gets a message instead of an allocation failure.
-  ck.require(s.vocab <= kMaxVocab, "vocab_size", s.vocab, "must be <= " + std::to_string(kMaxVocab));
+  // Upper bounds far past any model this trainer can hold, so that sizes multiply without overflow
+  // and a typo (an extra zero or three) gets a message instead of an allocation failure.
+  ck.require(s.vocab <= kMaxVocab, "vocab_size", s.vocab,
+             "must be <= " + std::to_string(kMaxVocab));
   ck.require(s.d <= kMaxWidth, "d_model", s.d, "must be <= " + std::to_string(kMaxWidth));
-  ck.require(s.num_blocks <= kMaxBlocks, "num_blocks", s.num_blocks, "must be <= " + std::to_string(kMaxBlocks));
-  ck.require(s.max_seq_len <= kMaxSeqLen, "max_seq_len", s.max_seq_len, "must be <= " + std::to_string(kMaxSeqLen));
+  ck.require(s.num_blocks <= kMaxBlocks, "num_blocks", s.num_blocks,
+             "must be <= " + std::to_string(kMaxBlocks));
+  ck.require(s.max_seq_len <= kMaxSeqLen, "max_seq_len", s.max_seq_len,
+             "must be <= " + std::to_string(kMaxSeqLen));
   if (!ck.status().ok()) return ck.status();
 
   if (s.transformer) {
@@ -92,11 +95,14 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   s.conv_width = ssm.conv_width();
   s.dt_rank = ssm.dt_rank() > 0 ? ssm.dt_rank() : (s.d + 15) / 16;
   s.scan_chunk = ssm.scan_chunk();
-  ck.require(ssm.expand() >= 1 && ssm.expand() <= 64, "ssm.expand", ssm.expand(), "must be in [1, 64]");
+  ck.require(ssm.expand() >= 1 && ssm.expand() <= 64, "ssm.expand", ssm.expand(),
+             "must be in [1, 64]");
   ck.require(s.d_state >= 1 && s.d_state <= 1024, "ssm.d_state", s.d_state, "must be in [1, 1024]");
-  ck.require(ssm.dt_rank() <= kMaxWidth, "ssm.dt_rank", ssm.dt_rank(), "must be <= " + std::to_string(kMaxWidth));
+  ck.require(ssm.dt_rank() <= kMaxWidth, "ssm.dt_rank", ssm.dt_rank(),
+             "must be <= " + std::to_string(kMaxWidth));
   ck.require(s.conv_width >= 1, "ssm.conv_width", s.conv_width, "must be >= 1");
-  ck.require(ssm.dt_rank() >= 0, "ssm.dt_rank", ssm.dt_rank(), "must be >= 0 (0: ceil(d_model / 16))");
+  ck.require(ssm.dt_rank() >= 0, "ssm.dt_rank", ssm.dt_rank(),
+             "must be >= 0 (0: ceil(d_model / 16))");
   ck.require(ssm.dt_min() > 0, "ssm.dt_min", ssm.dt_min(), "must be > 0");
   ck.require(ssm.dt_max() >= ssm.dt_min(), "ssm.dt_max", ssm.dt_max(),
              "must be >= dt_min (" + std::to_string(ssm.dt_min()) + ")");
@@ -114,10 +120,13 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   s.sga_stride = dense ? 0 : sga.global_stride();
   s.rope_theta = sga.rope_theta();
   ck.require(sga.num_heads() >= 0, "sga.num_heads", sga.num_heads(), "must be >= 0");
-  ck.require(s.d % s.sga_heads == 0, "sga.num_heads", s.sga_heads, "must divide d_model (" + std::to_string(s.d) + ")");
-  ck.require((s.d / s.sga_heads) % 2 == 0, "sga.num_heads", s.sga_heads, "must leave an even head dimension for RoPE");
+  ck.require(s.d % s.sga_heads == 0, "sga.num_heads", s.sga_heads,
+             "must divide d_model (" + std::to_string(s.d) + ")");
+  ck.require((s.d / s.sga_heads) % 2 == 0, "sga.num_heads", s.sga_heads,
+             "must leave an even head dimension for RoPE");
   ck.require(dense || sga.window() >= 1, "sga.window", sga.window(), "must be >= 1");
-  ck.require(sga.global_stride() >= 0, "sga.global_stride", sga.global_stride(), "must be >= 0 (0: no global tokens)");
+  ck.require(sga.global_stride() >= 0, "sga.global_stride", sga.global_stride(),
+             "must be >= 0 (0: no global tokens)");
   ck.require(sga.rope_theta() > 0, "sga.rope_theta", sga.rope_theta(), "must be > 0");
 
   const auto& moe = c.moe();
@@ -132,23 +141,33 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   ck.require(s.max_active <= s.num_experts, "moe.max_active", s.max_active,
              "must be <= num_experts (" + std::to_string(s.num_experts) + ")");
   ck.require(moe.d_expert() >= 0, "moe.d_expert", moe.d_expert(), "must be >= 0 (0: 2 * d_model)");
-  ck.require(s.num_experts <= kMaxExperts, "moe.num_experts", s.num_experts, "must be <= " + std::to_string(kMaxExperts));
-  ck.require(s.d_expert <= kMaxInner, "moe.d_expert", s.d_expert, "must be <= " + std::to_string(kMaxInner));
-  ck.require(s.d_shared <= kMaxInner, "moe.d_shared", s.d_shared, "must be <= " + std::to_string(kMaxInner));
+  ck.require(s.num_experts <= kMaxExperts, "moe.num_experts", s.num_experts,
+             "must be <= " + std::to_string(kMaxExperts));
+  ck.require(s.d_expert <= kMaxInner, "moe.d_expert", s.d_expert,
+             "must be <= " + std::to_string(kMaxInner));
+  ck.require(s.d_shared <= kMaxInner, "moe.d_shared", s.d_shared,
+             "must be <= " + std::to_string(kMaxInner));
   ck.require(s.moe_chunk >= 1, "moe.chunk", s.moe_chunk, "must be >= 1");
   ck.require(s.moe_chunk >= 1 && s.max_seq_len % s.moe_chunk == 0, "moe.chunk", s.moe_chunk,
              "must divide max_seq_len (" + std::to_string(s.max_seq_len) + ")");
-  ck.require(moe.capacity_factor() >= 0, "moe.capacity_factor", moe.capacity_factor(), "must be >= 0 (0: dropless)");
-  ck.require(moe.balance_loss_weight() >= 0, "moe.balance_loss_weight", moe.balance_loss_weight(), "must be >= 0");
-  ck.require(moe.locality_loss_weight() >= 0, "moe.locality_loss_weight", moe.locality_loss_weight(), "must be >= 0");
-  ck.require(moe.sparsity_coef_init() >= 0, "moe.sparsity_coef_init", moe.sparsity_coef_init(), "must be >= 0");
-  ck.require(moe.target_sparsity() >= 0 && moe.target_sparsity() < 1, "moe.target_sparsity", moe.target_sparsity(),
-             "must be in [0, 1)");
-  ck.require(moe.sparsity_adapt_rate() >= 0, "moe.sparsity_adapt_rate", moe.sparsity_adapt_rate(), "must be >= 0");
-  ck.require(moe.activation_alpha() > 0, "moe.activation_alpha", moe.activation_alpha(), "must be > 0");
+  ck.require(moe.capacity_factor() >= 0, "moe.capacity_factor", moe.capacity_factor(),
+             "must be >= 0 (0: dropless)");
+  ck.require(moe.balance_loss_weight() >= 0, "moe.balance_loss_weight", moe.balance_loss_weight(),
+             "must be >= 0");
+  ck.require(moe.locality_loss_weight() >= 0, "moe.locality_loss_weight",
+             moe.locality_loss_weight(), "must be >= 0");
+  ck.require(moe.sparsity_coef_init() >= 0, "moe.sparsity_coef_init", moe.sparsity_coef_init(),
+             "must be >= 0");
+  ck.require(moe.target_sparsity() >= 0 && moe.target_sparsity() < 1, "moe.target_sparsity",
+             moe.target_sparsity(), "must be in [0, 1)");
+  ck.require(moe.sparsity_adapt_rate() >= 0, "moe.sparsity_adapt_rate", moe.sparsity_adapt_rate(),
+             "must be >= 0");
+  ck.require(moe.activation_alpha() > 0, "moe.activation_alpha", moe.activation_alpha(),
+             "must be > 0");
   ck.require(moe.sparsity_group() >= 1, "moe.sparsity_group", moe.sparsity_group(), "must be >= 1");
   ck.require(moe.router_eps() > 0, "moe.router_eps", moe.router_eps(), "must be > 0");
-  ck.require(moe.sparsity_coef_max() >= moe.sparsity_coef_init(), "moe.sparsity_coef_max", moe.sparsity_coef_max(),
+  ck.require(moe.sparsity_coef_max() >= moe.sparsity_coef_init(), "moe.sparsity_coef_max",
+             moe.sparsity_coef_max(),
              "must be >= sparsity_coef_init (" + std::to_string(moe.sparsity_coef_init()) + ")");
 
   const auto& ws = c.workspace();
@@ -162,13 +181,16 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
       s.ws_after.assign(ws.after_block().begin(), ws.after_block().end());
     } else {
       for (double frac : {1.0 / 3.0, 2.0 / 3.0}) {
-        const int64_t b = std::clamp<int64_t>(std::llround(frac * s.num_blocks) - 1, 0, s.num_blocks - 1);
-        if (std::find(s.ws_after.begin(), s.ws_after.end(), b) == s.ws_after.end()) s.ws_after.push_back(b);
+        const int64_t b =
+            std::clamp<int64_t>(std::llround(frac * s.num_blocks) - 1, 0, s.num_blocks - 1);
+        if (std::find(s.ws_after.begin(), s.ws_after.end(), b) == s.ws_after.end())
+          s.ws_after.push_back(b);
       }
     }
     ck.require(s.ws_slots >= 1 && s.ws_slots <= kMaxInner, "workspace.slots", s.ws_slots,
                "must be in [1, " + std::to_string(kMaxInner) + "]");
-    ck.require(s.ws_dim <= kMaxWidth, "workspace.attn_dim", s.ws_dim, "must be <= " + std::to_string(kMaxWidth));
+    ck.require(s.ws_dim <= kMaxWidth, "workspace.attn_dim", s.ws_dim,
+               "must be <= " + std::to_string(kMaxWidth));
     ck.require(s.ws_chunk >= 1 && s.max_seq_len % s.ws_chunk == 0, "workspace.chunk", s.ws_chunk,
                "must be >= 1 and divide max_seq_len (" + std::to_string(s.max_seq_len) + ")");
     ck.require(s.ws_heads >= 1 && s.ws_dim % s.ws_heads == 0, "workspace.num_heads", s.ws_heads,
@@ -189,11 +211,13 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
     } else {
       s.pkm_after.push_back(std::clamp<int64_t>(s.num_blocks / 2 - 1, 0, s.num_blocks - 1));
     }
-    ck.require(s.pkm_heads >= 1 && s.pkm_heads <= 1024, "pkm.num_heads", s.pkm_heads, "must be in [1, 1024]");
-    ck.require(s.pkm_k_dim >= 2 && s.pkm_k_dim % 2 == 0 && s.pkm_k_dim <= kMaxWidth, "pkm.k_dim", s.pkm_k_dim,
-               "must be even and in [2, " + std::to_string(kMaxWidth) + "]");
+    ck.require(s.pkm_heads >= 1 && s.pkm_heads <= 1024, "pkm.num_heads", s.pkm_heads,
+               "must be in [1, 1024]");
+    ck.require(s.pkm_k_dim >= 2 && s.pkm_k_dim % 2 == 0 && s.pkm_k_dim <= kMaxWidth, "pkm.k_dim",
+               s.pkm_k_dim, "must be even and in [2, " + std::to_string(kMaxWidth) + "]");
     ck.require(s.pkm_n_keys >= 1, "pkm.n_keys", s.pkm_n_keys, "must be >= 1");
-    ck.require(s.pkm_n_keys <= kMaxKeys, "pkm.n_keys", s.pkm_n_keys, "must be <= " + std::to_string(kMaxKeys));
+    ck.require(s.pkm_n_keys <= kMaxKeys, "pkm.n_keys", s.pkm_n_keys,
+               "must be <= " + std::to_string(kMaxKeys));
     ck.require(s.pkm_topk >= 1 && s.pkm_topk <= s.pkm_n_keys, "pkm.topk", s.pkm_topk,
                "must be in [1, n_keys] (n_keys = " + std::to_string(s.pkm_n_keys) + ")");
     for (int64_t b : s.pkm_after)

@@ -1,5 +1,5 @@
-// A model config resolved into the numbers the layers are built from (zeros replaced by their derived
-// defaults, memory placements filled in), after validation. Errors read
+// A model config resolved into the numbers the layers are built from (zeros replaced by their
+// derived defaults, memory placements filled in), after validation. Errors read
 //   configs/toy.pbtxt: model.moe.max_active = 9 must be <= num_experts (8)
 #pragma once
 

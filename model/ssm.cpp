@@ -8,7 +8,10 @@
 namespace hydra::model {
 
 SsmMixer::SsmMixer(Init& init, const ModelSpec& spec)
-    : d_inner_(spec.d_inner), d_state_(spec.d_state), dt_rank_(spec.dt_rank), conv_width_(spec.conv_width),
+    : d_inner_(spec.d_inner),
+      d_state_(spec.d_state),
+      dt_rank_(spec.dt_rank),
+      conv_width_(spec.conv_width),
       scan_chunk_(spec.scan_chunk) {
   const int64_t d = spec.d, di = d_inner_, N = d_state_, R = dt_rank_, W = conv_width_;
   const auto& sc = spec.cfg.ssm();
@@ -21,15 +24,18 @@ SsmMixer::SsmMixer(Init& init, const ModelSpec& spec)
   in_proj = register_module("in_proj", fan_in(d, 2 * di));
   const double cb = 1.0 / std::sqrt(static_cast<double>(W));
   conv_weight = register_parameter("conv_weight", init.uniform({di, W}, -cb, cb));
-  conv_bias = register_parameter("conv_bias", init.uniform({di}, -cb, cb), ParamOptions{.weight_decay = false});
+  conv_bias = register_parameter("conv_bias", init.uniform({di}, -cb, cb),
+                                 ParamOptions{.weight_decay = false});
   x_proj = register_module("x_proj", fan_in(di, R + 2 * N));
-  // dt_proj: weight U(+-dt_rank^-0.5); bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max].
+  // dt_proj: weight U(+-dt_rank^-0.5); bias = softplus^-1(dt) with dt log-uniform in [dt_min,
+  // dt_max].
   const double dt_std = 1.0 / std::sqrt(static_cast<double>(R));
   Tensor dtw = init.uniform({di, R}, -dt_std, dt_std);
   const std::vector<float> u = init.uniform({di}, 0.0, 1.0).to_vector<float>();
   std::vector<float> bias(di);
   for (int64_t i = 0; i < di; ++i) {
-    double dt = std::exp(u[i] * (std::log(sc.dt_max()) - std::log(sc.dt_min())) + std::log(sc.dt_min()));
+    double dt =
+        std::exp(u[i] * (std::log(sc.dt_max()) - std::log(sc.dt_min())) + std::log(sc.dt_min()));
     dt = std::max(dt, sc.dt_init_floor());
     bias[i] = static_cast<float>(dt + std::log(-std::expm1(-dt)));
   }
@@ -41,11 +47,14 @@ SsmMixer::SsmMixer(Init& init, const ModelSpec& spec)
   A_log = register_parameter("A_log", tensor(a, {di, N}), ParamOptions{.weight_decay = false});
   D = register_parameter("D", ones({di}), ParamOptions{.weight_decay = false});
   out_proj = register_module(
-      "out_proj", std::make_shared<Linear>(init, di, d, spec.init_std / std::sqrt(2.0 * spec.num_blocks)));
+      "out_proj",
+      std::make_shared<Linear>(init, di, d, spec.init_std / std::sqrt(2.0 * spec.num_blocks)));
 }
 
-Tensor SsmMixer::forward(const Tensor& x, const SsmState& state, SsmState* next, parallel::Communicator* sp) const {
-  const int64_t B = x.size(0), L = x.size(1), di = d_inner_, N = d_state_, R = dt_rank_, W = conv_width_;
+Tensor SsmMixer::forward(const Tensor& x, const SsmState& state, SsmState* next,
+                         parallel::Communicator* sp) const {
+  const int64_t B = x.size(0), L = x.size(1), di = d_inner_, N = d_state_, R = dt_rank_,
+                W = conv_width_;
   const Tensor xz = in_proj->forward(x);  // [B, L, 2 di]
   const auto uz = split(xz, {di, di}, 2);
   const Tensor prefix = sp != nullptr ? parallel::conv_halo(uz[0], W, *sp) : state.conv;
@@ -54,16 +63,20 @@ Tensor SsmMixer::forward(const Tensor& x, const SsmState& state, SsmState* next,
   const auto parts = split(x_dbl, {R, N, N}, 2);
   const Tensor delta_raw = linear(parts[0], dt_proj->weight);  // dt_proj's bias goes in as dt_bias
   const SelectiveScanResult scan =
-      sp != nullptr ? parallel::selective_scan(*sp, u, delta_raw, A_log, parts[1], parts[2], D, dt_proj->bias, uz[1],
-                                               Tensor(), scan_chunk_)
-                    : selective_scan(u, delta_raw, A_log, parts[1], parts[2], D, dt_proj->bias, uz[1], state.ssm,
-                                     scan_chunk_);
+      sp != nullptr ? parallel::selective_scan(*sp, u, delta_raw, A_log, parts[1], parts[2], D,
+                                               dt_proj->bias, uz[1], Tensor(), scan_chunk_)
+                    : selective_scan(u, delta_raw, A_log, parts[1], parts[2], D, dt_proj->bias,
+                                     uz[1], state.ssm, scan_chunk_);
   if (next != nullptr) {
     next->ssm = scan.h_last;
     if (W > 1) {
       // The last W-1 conv inputs, reaching into the incoming prefix when the segment is short.
       Tensor history = uz[0];
-      if (L < W - 1) history = concat({state.conv.defined() ? state.conv : zeros({B, W - 1, di}, x.dtype(), x.device()), history}, 1);
+      if (L < W - 1)
+        history = concat(
+            {state.conv.defined() ? state.conv : zeros({B, W - 1, di}, x.dtype(), x.device()),
+             history},
+            1);
       next->conv = history.narrow(1, history.size(1) - (W - 1), W - 1);
     }
   }

@@ -1,12 +1,12 @@
-// The Mamba mixer (hydra.md section 2). forward() accepts and returns the recurrent state (the conv's
-// last inputs and the scan state) so a sequence can be processed in segments or across ranks.
+// The Mamba mixer (hydra.md section 2). forward() accepts and returns the recurrent state (the
+// conv's last inputs and the scan state) so a sequence can be processed in segments or across
+// ranks.
 #pragma once
-
-#include "parallel/communicator.h"
 
 #include "model/context.h"
 #include "model/layers.h"
 #include "model/spec.h"
+#include "parallel/communicator.h"
 
 namespace hydra::model {
 
@@ -18,10 +18,10 @@ struct SsmState {
 class SsmMixer : public Module {
  public:
   SsmMixer(Init& init, const ModelSpec& spec);
-  // x [B, L, d] -> [B, L, d]. `state` (may be empty) is where the sequence resumes; `next` (optional)
-  // receives the state after the last token.
-  // sp (sequence parallelism): x is this rank's shard of the sequence; the conv's halo and the scan's
-  // initial state come from the previous shards (parallel/sequence.h). `state` is then ignored.
+  // x [B, L, d] -> [B, L, d]. `state` (may be empty) is where the sequence resumes; `next`
+  // (optional) receives the state after the last token. sp (sequence parallelism): x is this rank's
+  // shard of the sequence; the conv's halo and the scan's initial state come from the previous
+  // shards (parallel/sequence.h). `state` is then ignored.
   Tensor forward(const Tensor& x, const SsmState& state = {}, SsmState* next = nullptr,
                  parallel::Communicator* sp = nullptr) const;
 

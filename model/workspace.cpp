@@ -7,7 +7,11 @@
 namespace hydra::model {
 
 WorkspaceMemory::WorkspaceMemory(Init& init, const ModelSpec& spec, int64_t index)
-    : index_(index), num_slots_(spec.ws_slots), chunk_(spec.ws_chunk), heads_(spec.ws_heads), dim_(spec.ws_dim) {
+    : index_(index),
+      num_slots_(spec.ws_slots),
+      chunk_(spec.ws_chunk),
+      heads_(spec.ws_heads),
+      dim_(spec.ws_dim) {
   const int64_t d = spec.d, a = dim_;
   const double sd = spec.init_std, out_sd = spec.init_std / std::sqrt(2.0 * spec.num_blocks);
   slots = register_parameter("slots", init.normal({num_slots_, d}, sd));
@@ -29,24 +33,32 @@ namespace {
 // Cross-attention in which every query sees every key: q [N, Lq, H, ah], k and v [N, Lk, H, ah]
 // (heads inside each token's row, as the projections produce them) -> [N, Lq, H, ah] contiguous.
 // Fused: the sparse-attention kernel with the dense causal pattern and the queries placed after the
-// last key (one flash-style kernel, no probability matrix kept, no head-major copies). Explicit: batched
-// GEMMs over head-major copies and a softmax (for heads wider than the fused kernels' 128).
-Tensor all_visible_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool fused) {
-  if (fused) return sparse_attention(q, k, v, AttentionPattern{0, 0}, scale, /*q_pos0=*/k.size(1), /*k_pos0=*/0);
-  const auto heads_first = [](const Tensor& t) { return t.permute({0, 2, 1, 3}); };  // [N, H, L, ah]
+// last key (one flash-style kernel, no probability matrix kept, no head-major copies). Explicit:
+// batched GEMMs over head-major copies and a softmax (for heads wider than the fused kernels' 128).
+Tensor all_visible_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
+                             bool fused) {
+  if (fused)
+    return sparse_attention(q, k, v, AttentionPattern{0, 0}, scale, /*q_pos0=*/k.size(1),
+                            /*k_pos0=*/0);
+  const auto heads_first = [](const Tensor& t) {
+    return t.permute({0, 2, 1, 3});
+  };  // [N, H, L, ah]
   const Tensor att = softmax(mul(matmul(heads_first(q), heads_first(k).transpose(2, 3)), scale));
   return matmul(att, heads_first(v)).permute({0, 2, 1, 3}).contiguous();
 }
 
 }  // namespace
 
-Tensor WorkspaceMemory::write_serial(const Tensor& xc, const Tensor& s0, std::vector<Tensor>* gates) const {
-  const int64_t nC = xc.size(0), B = xc.size(1), c = xc.size(2), M = num_slots_, H = heads_, a = dim_, ah = a / H;
+Tensor WorkspaceMemory::write_serial(const Tensor& xc, const Tensor& s0,
+                                     std::vector<Tensor>* gates) const {
+  const int64_t nC = xc.size(0), B = xc.size(1), c = xc.size(2), M = num_slots_, H = heads_,
+                a = dim_, ah = a / H;
   const double scale = 1.0 / std::sqrt(static_cast<double>(ah));
   // Keys and values of every token, once; split hands each chunk's out with a single concatenating
   // backward.
   const std::vector<int64_t> ones(nC, 1);
-  const std::vector<Tensor> wk = split(write_k->forward(xc), ones, 0), wv = split(write_v->forward(xc), ones, 0);
+  const std::vector<Tensor> wk = split(write_k->forward(xc), ones, 0),
+                            wv = split(write_v->forward(xc), ones, 0);
   Tensor S = s0;
   std::vector<Tensor> states;
   for (int64_t j = 0; j < nC; ++j) {
@@ -54,9 +66,9 @@ Tensor WorkspaceMemory::write_serial(const Tensor& xc, const Tensor& s0, std::ve
     const Tensor q = write_q->forward(S).view({B, M, H, ah});
     const Tensor k = wk[j].view({B, c, H, ah}), v = wv[j].view({B, c, H, ah});
     const Tensor o = all_visible_attention(q, k, v, scale, fused_attention_);
-    const Tensor upd = write_o->forward(o.view({B, M, a}));                         // [B, M, d]
+    const Tensor upd = write_o->forward(o.view({B, M, a}));  // [B, M, d]
     // (1 - g) S + g upd with g = sigmoid(gate([S; upd])), per slot: one kernel.
-    auto [next_S, g] = gated_update(S, upd, gate->weight, gate->bias);            // g [B, M, 1]
+    auto [next_S, g] = gated_update(S, upd, gate->weight, gate->bias);  // g [B, M, 1]
     S = next_S;
     if (gates != nullptr) gates->push_back(g);
   }
@@ -64,42 +76,52 @@ Tensor WorkspaceMemory::write_serial(const Tensor& xc, const Tensor& s0, std::ve
   return concat(states, 0);
 }
 
-Tensor WorkspaceMemory::write_parallel(const Tensor& xc, const Tensor& s0, std::vector<Tensor>* gates) const {
-  const int64_t nC = xc.size(0), B = xc.size(1), c = xc.size(2), d = xc.size(3), M = num_slots_, H = heads_,
-                a = dim_, ah = a / H;
+Tensor WorkspaceMemory::write_parallel(const Tensor& xc, const Tensor& s0,
+                                       std::vector<Tensor>* gates) const {
+  const int64_t nC = xc.size(0), B = xc.size(1), c = xc.size(2), d = xc.size(3), M = num_slots_,
+                H = heads_, a = dim_, ah = a / H;
   const double scale = 1.0 / std::sqrt(static_cast<double>(ah));
-  // Every chunk's update at once: the learned slots' queries (the same for every chunk and sequence)
-  // against each chunk's keys and values, batch nC * B.
-  const Tensor q0 = write_q->forward(slots).view({1, M, H, ah}).expand({nC * B, M, H, ah}).contiguous();
-  const Tensor k = write_k->forward(xc).view({nC * B, c, H, ah}), v = write_v->forward(xc).view({nC * B, c, H, ah});
-  const Tensor o = all_visible_attention(q0, k, v, scale, fused_attention_);      // [nC B, M, H, ah]
-  const Tensor upd = write_o->forward(o.view({nC, B * M, a}));                     // [nC, B M, d]
+  // Every chunk's update at once: the learned slots' queries (the same for every chunk and
+  // sequence) against each chunk's keys and values, batch nC * B.
+  const Tensor q0 =
+      write_q->forward(slots).view({1, M, H, ah}).expand({nC * B, M, H, ah}).contiguous();
+  const Tensor k = write_k->forward(xc).view({nC * B, c, H, ah}),
+               v = write_v->forward(xc).view({nC * B, c, H, ah});
+  const Tensor o = all_visible_attention(q0, k, v, scale, fused_attention_);  // [nC B, M, H, ah]
+  const Tensor upd = write_o->forward(o.view({nC, B * M, a}));                // [nC, B M, d]
   // The gated chain S_{j+1} = gated_update(S_j, upd_j) over all chunks: one kernel each way.
-  auto [h, g] = gated_scan(s0.reshape({B * M, d}), upd, gate->weight, gate->bias);  // h [nC + 1, B M, d]
+  auto [h, g] =
+      gated_scan(s0.reshape({B * M, d}), upd, gate->weight, gate->bias);  // h [nC + 1, B M, d]
   if (gates != nullptr) gates->push_back(g);
   return h.view({nC + 1, B, M, d});
 }
 
-Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tensor& state, Tensor* next) const {
-  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), M = num_slots_, c = chunk_, H = heads_, a = dim_;
-  HYDRA_CHECK(L % c == 0) << "workspace: sequence length " << L << " is not a multiple of workspace.chunk " << c;
+Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tensor& state,
+                                Tensor* next) const {
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), M = num_slots_, c = chunk_, H = heads_,
+                a = dim_;
+  HYDRA_CHECK(L % c == 0) << "workspace: sequence length " << L
+                          << " is not a multiple of workspace.chunk " << c;
   const int64_t nC = L / c, ah = a / H;
   const double scale = 1.0 / std::sqrt(static_cast<double>(ah));
 
   // The tokens chunk-major ([nC, B, c, d]) so that each chunk's are one contiguous block.
-  const Tensor xc = nC == 1 ? x.unsqueeze(0) : x.reshape({B, nC, c, d}).permute({1, 0, 2, 3}).contiguous();
+  const Tensor xc =
+      nC == 1 ? x.unsqueeze(0) : x.reshape({B, nC, c, d}).permute({1, 0, 2, 3}).contiguous();
   const Tensor s0 = state.defined() ? state : slots.unsqueeze(0).expand({B, M, d});
   std::vector<Tensor> gates;
   std::vector<Tensor>* record = ctx.recording() ? &gates : nullptr;
-  const Tensor h = parallel_write_ ? write_parallel(xc, s0, record) : write_serial(xc, s0, record);  // [nC+1, B, M, d]
+  const Tensor h = parallel_write_ ? write_parallel(xc, s0, record)
+                                   : write_serial(xc, s0, record);  // [nC+1, B, M, d]
   if (next != nullptr) *next = h.select(0, nC);
 
   // Reads: the tokens of chunk j attend to S_j, all chunks at once (batch nC * B, chunk-major).
-  const Tensor entering = h.narrow(0, 0, nC);                                    // [nC, B, M, d]
+  const Tensor entering = h.narrow(0, 0, nC);  // [nC, B, M, d]
   const Tensor kr = read_k->forward(entering).view({nC * B, M, H, ah});
   const Tensor vr = read_v->forward(entering).view({nC * B, M, H, ah});
   const Tensor qr = read_q->forward(xc).view({nC * B, c, H, ah});
-  const Tensor read = all_visible_attention(qr, kr, vr, scale, fused_attention_).view({nC, B, c, a});
+  const Tensor read =
+      all_visible_attention(qr, kr, vr, scale, fused_attention_).view({nC, B, c, a});
 
   if (ctx.recording()) {  // on the device; two numbers come back
     NoGradGuard no_grad;
@@ -113,11 +135,12 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
     ctx.stat(p + "write_gate_mean", gate_mean);
     // Slot usage: the entropy of the reads' attention over the slots (recomputed: the fused kernel
     // keeps no probabilities).
-    const Tensor att = softmax(mul(matmul(qr.permute({0, 2, 1, 3}), kr.permute({0, 2, 3, 1})), scale));
+    const Tensor att =
+        softmax(mul(matmul(qr.permute({0, 2, 1, 3}), kr.permute({0, 2, 3, 1})), scale));
     ctx.stat(p + "slot_entropy", entropy_sum(att).item<double>() / double(att.numel() / M));
   }
   // Back to token order: the output projection first (d and a are alike in size), then one copy.
-  const Tensor out = read_o->forward(read);                                       // [nC, B, c, d]
+  const Tensor out = read_o->forward(read);  // [nC, B, c, d]
   return nC == 1 ? out.select(0, 0) : out.permute({1, 0, 2, 3}).reshape({B, L, d});
 }
 

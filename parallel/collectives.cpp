@@ -35,12 +35,13 @@ Tensor all_gather(const Tensor& x_in, Communicator& c) {
   const Shape xs = x.shape();
   const DType dt = x.dtype();
   const Device dev = x.device();
-  record_collective_op("all_gather", {x_in}, {out}, [cp, xs, n, size, dt, dev](const std::vector<Tensor>& g) {
-    const Tensor go = or_zeros(g[0], with_rows(xs, n * size), dt, dev);
-    Tensor gx = Tensor::empty(xs, dt, dev);
-    cp->reduce_scatter(go, gx);
-    return std::vector<Tensor>{gx};
-  });
+  record_collective_op("all_gather", {x_in}, {out},
+                       [cp, xs, n, size, dt, dev](const std::vector<Tensor>& g) {
+                         const Tensor go = or_zeros(g[0], with_rows(xs, n * size), dt, dev);
+                         Tensor gx = Tensor::empty(xs, dt, dev);
+                         cp->reduce_scatter(go, gx);
+                         return std::vector<Tensor>{gx};
+                       });
   return out;
 }
 
@@ -51,16 +52,17 @@ Tensor all_reduce_sum(const Tensor& x_in, Communicator& c) {
   const Shape xs = x_in.shape();
   const DType dt = x_in.dtype();
   const Device dev = x_in.device();
-  record_collective_op("all_reduce_sum", {x_in}, {out}, [cp, xs, dt, dev](const std::vector<Tensor>& g) {
-    Tensor gx = or_zeros(g[0], xs, dt, dev).clone();
-    cp->all_reduce(gx, ReduceOp::kSum);
-    return std::vector<Tensor>{gx};
-  });
+  record_collective_op("all_reduce_sum", {x_in}, {out},
+                       [cp, xs, dt, dev](const std::vector<Tensor>& g) {
+                         Tensor gx = or_zeros(g[0], xs, dt, dev).clone();
+                         cp->all_reduce(gx, ReduceOp::kSum);
+                         return std::vector<Tensor>{gx};
+                       });
   return out;
 }
 
-Tensor all_to_all(const Tensor& x_in, const std::vector<int64_t>& send_counts, const std::vector<int64_t>& recv_counts,
-                  Communicator& c) {
+Tensor all_to_all(const Tensor& x_in, const std::vector<int64_t>& send_counts,
+                  const std::vector<int64_t>& recv_counts, Communicator& c) {
   HYDRA_CHECK(x_in.dim() >= 1 && x_in.size(0) == sum(send_counts))
       << "all_to_all: " << x_in.size(0) << " rows for send counts summing to " << sum(send_counts);
   const Tensor x = x_in.contiguous();
@@ -70,13 +72,14 @@ Tensor all_to_all(const Tensor& x_in, const std::vector<int64_t>& send_counts, c
   const Shape xs = x.shape(), os = out.shape();
   const DType dt = x.dtype();
   const Device dev = x.device();
-  record_collective_op("all_to_all", {x_in}, {out},
-                       [cp, xs, os, dt, dev, send_counts, recv_counts](const std::vector<Tensor>& g) {
-                         const Tensor go = or_zeros(g[0], os, dt, dev);
-                         Tensor gx = Tensor::empty(xs, dt, dev);
-                         cp->all_to_all_v(go, recv_counts, gx, send_counts);
-                         return std::vector<Tensor>{gx};
-                       });
+  record_collective_op(
+      "all_to_all", {x_in}, {out},
+      [cp, xs, os, dt, dev, send_counts, recv_counts](const std::vector<Tensor>& g) {
+        const Tensor go = or_zeros(g[0], os, dt, dev);
+        Tensor gx = Tensor::empty(xs, dt, dev);
+        cp->all_to_all_v(go, recv_counts, gx, send_counts);
+        return std::vector<Tensor>{gx};
+      });
   return out;
 }
 
@@ -94,12 +97,13 @@ Tensor shift(const Tensor& x_in, Communicator& c, int direction) {
   const Shape xs = x.shape();
   const DType dt = x.dtype();
   const Device dev = x.device();
-  record_collective_op("shift", {x_in}, {out}, [cp, xs, dt, dev, to, from](const std::vector<Tensor>& g) {
-    const Tensor go = or_zeros(g[0], xs, dt, dev);
-    Tensor gx = zeros(xs, dt, dev);
-    cp->send_recv(go, from, gx, to);  // the gradient of what came from `from` goes back there
-    return std::vector<Tensor>{gx};
-  });
+  record_collective_op(
+      "shift", {x_in}, {out}, [cp, xs, dt, dev, to, from](const std::vector<Tensor>& g) {
+        const Tensor go = or_zeros(g[0], xs, dt, dev);
+        Tensor gx = zeros(xs, dt, dev);
+        cp->send_recv(go, from, gx, to);  // the gradient of what came from `from` goes back there
+        return std::vector<Tensor>{gx};
+      });
   return out;
 }
 
@@ -121,10 +125,11 @@ Tensor receive_from_previous(const Tensor& first, Communicator& c) {
   const DType dt = first.dtype();
   const Device dev = first.device();
   // `first` is not an input here: its value was not used on this rank.
-  record_collective_op("receive_from_previous", {}, {out}, [cp, s, dt, dev, r](const std::vector<Tensor>& g) {
-    cp->send_recv(or_zeros(g[0], s, dt, dev), r - 1, Tensor(), -1);
-    return std::vector<Tensor>{};
-  });
+  record_collective_op("receive_from_previous", {}, {out},
+                       [cp, s, dt, dev, r](const std::vector<Tensor>& g) {
+                         cp->send_recv(or_zeros(g[0], s, dt, dev), r - 1, Tensor(), -1);
+                         return std::vector<Tensor>{};
+                       });
   return out;
 }
 
@@ -138,11 +143,12 @@ Tensor send_to_next(const Tensor& x_in, Communicator& c) {
   const Shape xs = x.shape();
   const DType dt = x.dtype();
   const Device dev = x.device();
-  record_collective_op("send_to_next", {x_in}, {token}, [cp, xs, dt, dev, next](const std::vector<Tensor>& g) {
-    Tensor gx = zeros(xs, dt, dev);
-    cp->send_recv(Tensor(), -1, gx, next);
-    return std::vector<Tensor>{gx};
-  });
+  record_collective_op("send_to_next", {x_in}, {token},
+                       [cp, xs, dt, dev, next](const std::vector<Tensor>& g) {
+                         Tensor gx = zeros(xs, dt, dev);
+                         cp->send_recv(Tensor(), -1, gx, next);
+                         return std::vector<Tensor>{gx};
+                       });
   return token;
 }
 

@@ -29,7 +29,9 @@ double Communicator::all_reduce_host(double value, ReduceOp op) {
   return v[0];
 }
 
-std::unique_ptr<Work> SelfCommunicator::all_reduce_async(const Tensor&) { return std::make_unique<DoneWork>(); }
+std::unique_ptr<Work> SelfCommunicator::all_reduce_async(const Tensor&) {
+  return std::make_unique<DoneWork>();
+}
 
 void SelfCommunicator::all_gather(const Tensor& in, const Tensor& out) {
   HYDRA_CHECK(in.numel() == out.numel()) << "all_gather on '" << name_ << "': sizes differ";
@@ -49,10 +51,10 @@ std::unique_ptr<Work> SelfCommunicator::reduce_scatter_async(const Tensor& in, c
   return std::make_unique<DoneWork>();
 }
 
-void SelfCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
-                                    const std::vector<int64_t>& recv_counts) {
-  HYDRA_CHECK(send_counts.size() == 1 && recv_counts.size() == 1 && send_counts[0] == recv_counts[0] &&
-              send.numel() == recv.numel())
+void SelfCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts,
+                                    const Tensor& recv, const std::vector<int64_t>& recv_counts) {
+  HYDRA_CHECK(send_counts.size() == 1 && recv_counts.size() == 1 &&
+              send_counts[0] == recv_counts[0] && send.numel() == recv.numel())
       << "all_to_all_v on '" << name_ << "': one rank must receive what it sends";
   Tensor r = recv;
   if (send.numel() > 0) r.copy_(send.reshape(recv.shape()));

@@ -1,7 +1,7 @@
 // One interface for moving tensors between ranks: MpiCommunicator (CPU tensors, over MPI) and
-// NcclCommunicator (CUDA tensors, over NCCL on its own stream). Every call names what went wrong and on
-// which rank; a collective that does not finish within the communicator's timeout raises instead of
-// hanging (the launcher then takes the job down).
+// NcclCommunicator (CUDA tensors, over NCCL on its own stream). Every call names what went wrong
+// and on which rank; a collective that does not finish within the communicator's timeout raises
+// instead of hanging (the launcher then takes the job down).
 //
 // Tensors are contiguous and live on the communicator's device type. Counts in all_to_all_v are in
 // rows of the tensors' trailing dimensions (send.numel() / send.size(0) elements per row).
@@ -32,27 +32,28 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual const std::string& name() const = 0;  // "world", "dp", "ep", "sp", ... (for messages)
-  virtual Device device() const = 0;  // where its tensors live
+  virtual Device device() const = 0;            // where its tensors live
   bool on_gpu() const { return device().is_cuda(); }
 
   // In place on t.
   virtual void all_reduce(const Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
   // Starts an in-place sum; the tensor must not be touched until wait() (gradient buckets).
   virtual std::unique_ptr<Work> all_reduce_async(const Tensor& t) = 0;
-  // out: [size * n, ...] <- every rank's in [n, ...] in rank order. `in` may be this rank's own slice
-  // of `out` (the same memory): then it gathers in place, copying nothing locally. Every rank of the
-  // call must use the same form (MPI requires MPI_IN_PLACE on all or none).
+  // out: [size * n, ...] <- every rank's in [n, ...] in rank order. `in` may be this rank's own
+  // slice of `out` (the same memory): then it gathers in place, copying nothing locally. Every rank
+  // of the call must use the same form (MPI requires MPI_IN_PLACE on all or none).
   virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
   // out [n, ...] = sum over ranks of slice rank of in [size * n, ...].
   virtual void reduce_scatter(const Tensor& in, const Tensor& out) = 0;
-  // Starts reduce_scatter(in, out) (a sum); neither tensor may be touched until wait() (ZeRO-1 buckets).
+  // Starts reduce_scatter(in, out) (a sum); neither tensor may be touched until wait() (ZeRO-1
+  // buckets).
   virtual std::unique_ptr<Work> reduce_scatter_async(const Tensor& in, const Tensor& out) = 0;
   virtual void broadcast(const Tensor& t, int root) = 0;
   // Rows send_counts[p] of `send` (in peer order) go to peer p; recv_counts[p] rows arrive from p.
-  virtual void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
-                            const std::vector<int64_t>& recv_counts) = 0;
-  // Sends `send` to `dest` and receives `recv` from `src` (either may be -1: none), without deadlock
-  // when every rank calls it (a shift along the ranks).
+  virtual void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts,
+                            const Tensor& recv, const std::vector<int64_t>& recv_counts) = 0;
+  // Sends `send` to `dest` and receives `recv` from `src` (either may be -1: none), without
+  // deadlock when every rank calls it (a shift along the ranks).
   virtual void send_recv(const Tensor& send, int dest, const Tensor& recv, int src) = 0;
   virtual void barrier() = 0;
   // A communicator of the ranks passing the same color, ordered by key (every rank must call it).
@@ -71,8 +72,8 @@ class Communicator {
   std::chrono::seconds timeout_{600};
 };
 
-// A communicator of one rank (no parallelism): every operation is a local copy. Lets code written for
-// a grid run unchanged in a single process.
+// A communicator of one rank (no parallelism): every operation is a local copy. Lets code written
+// for a grid run unchanged in a single process.
 class SelfCommunicator final : public Communicator {
  public:
   explicit SelfCommunicator(std::string name, Device device = Device::cpu())

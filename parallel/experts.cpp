@@ -5,8 +5,8 @@
 
 namespace hydra::parallel {
 
-ExpertDispatch dispatch_to_experts(const Tensor& xs, const std::vector<int64_t>& sizes, int64_t local_experts,
-                                   Communicator& ep) {
+ExpertDispatch dispatch_to_experts(const Tensor& xs, const std::vector<int64_t>& sizes,
+                                   int64_t local_experts, Communicator& ep) {
   const int64_t P = ep.size(), El = local_experts, E = static_cast<int64_t>(sizes.size());
   HYDRA_CHECK(P * El == E) << "expert parallelism: an ep group of " << P << " ranks holding " << El
                            << " experts each cannot serve " << E << " experts";

@@ -26,7 +26,8 @@ class ProcessGrid {
  public:
   // Splits `world` into the groups; fails (same message on every rank) when dp * ep * sp is not the
   // world size. `source` names the config in messages.
-  static Expected<std::unique_ptr<ProcessGrid>> create(std::unique_ptr<Communicator> world, const GridShape& shape,
+  static Expected<std::unique_ptr<ProcessGrid>> create(std::unique_ptr<Communicator> world,
+                                                       const GridShape& shape,
                                                        const std::string& source);
   // One process, no parallelism (every group is a SelfCommunicator).
   static std::unique_ptr<ProcessGrid> single(Device device = Device::cpu());

@@ -23,7 +23,8 @@ MPI_Datatype mpi_type(DType t, bool reducing, const std::string& where) {
     case DType::kI64:
       return MPI_INT64_T;
     case DType::kBF16:
-      HYDRA_CHECK(!reducing) << where << ": MPI cannot sum bf16 tensors (CPU tensors are f32 or f64)";
+      HYDRA_CHECK(!reducing) << where
+                             << ": MPI cannot sum bf16 tensors (CPU tensors are f32 or f64)";
       return MPI_UINT16_T;
     default:
       HYDRA_FAIL() << where << ": dtype " << dtype_name(t) << " is not supported over MPI";
@@ -43,8 +44,8 @@ MPI_Op mpi_op(ReduceOp op) {
 }
 
 int as_count(int64_t n, const std::string& where) {
-  HYDRA_CHECK(n >= 0 && n <= INT_MAX) << where << ": " << n
-                                      << " elements exceed MPI's int count; split the tensor";
+  HYDRA_CHECK(n >= 0 && n <= INT_MAX)
+      << where << ": " << n << " elements exceed MPI's int count; split the tensor";
   return static_cast<int>(n);
 }
 
@@ -67,12 +68,13 @@ class MpiCommunicator::AsyncWork final : public Work {
   std::future<void> f_;
 };
 
-MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name) : comm_(comm), name_(std::move(name)) {
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name)
+    : comm_(comm), name_(std::move(name)) {
   MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
   check(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
   check(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
-  // The asynchronous all-reduce's own communicator, made now: MPI_Comm_dup is collective, and made on
-  // first use (inside a backward) it would wait for ranks busy with another group's exchange.
+  // The asynchronous all-reduce's own communicator, made now: MPI_Comm_dup is collective, and made
+  // on first use (inside a backward) it would wait for ranks busy with another group's exchange.
   check(MPI_Comm_dup(comm_, &async_comm_), "MPI_Comm_dup");
   MPI_Comm_set_errhandler(async_comm_, MPI_ERRORS_RETURN);
 }
@@ -114,11 +116,13 @@ void MpiCommunicator::wait(MPI_Request* req, const char* call, MPI_Comm comm, bo
         MPI_Cancel(req);
         MPI_Request_free(req);
       }
-      HYDRA_FAIL() << "rank " << process_info().rank << ": " << call << " on communicator '" << name_
-                   << "' did not complete within " << timeout_.count()
-                   << " s: another rank has died, is stuck, or took a different path through the program";
+      HYDRA_FAIL()
+          << "rank " << process_info().rank << ": " << call << " on communicator '" << name_
+          << "' did not complete within " << timeout_.count()
+          << " s: another rank has died, is stuck, or took a different path through the program";
     }
-    if (spins > 200) std::this_thread::sleep_for(std::chrono::microseconds(spins > 5000 ? 200 : 20));
+    if (spins > 200)
+      std::this_thread::sleep_for(std::chrono::microseconds(spins > 5000 ? 200 : 20));
   }
 }
 
@@ -141,8 +145,8 @@ void MpiCommunicator::all_reduce_on(MPI_Comm comm, const Tensor& t, ReduceOp op)
   check_cpu(t, where);
   if (size_ == 1 || t.numel() == 0) return;
   MPI_Request req;
-  check(MPI_Iallreduce(MPI_IN_PLACE, t.raw_data(), as_count(t.numel(), where), mpi_type(t.dtype(), true, where),
-                       mpi_op(op), comm, &req),
+  check(MPI_Iallreduce(MPI_IN_PLACE, t.raw_data(), as_count(t.numel(), where),
+                       mpi_type(t.dtype(), true, where), mpi_op(op), comm, &req),
         "MPI_Iallreduce");
   wait(&req, "MPI_Iallreduce", comm);
 }
@@ -196,16 +200,18 @@ void MpiCommunicator::all_gather(const Tensor& in, const Tensor& out) {
   check_cpu(in, where);
   check_cpu(out, where);
   HYDRA_CHECK(out.numel() == in.numel() * size_ && out.dtype() == in.dtype())
-      << where << " on '" << name_ << "': output of " << out.numel() << " elements for " << size_ << " x "
-      << in.numel();
+      << where << " on '" << name_ << "': output of " << out.numel() << " elements for " << size_
+      << " x " << in.numel();
   if (in.numel() == 0) return;
   MPI_Request req;
   const MPI_Datatype ty = mpi_type(in.dtype(), false, where);
-  // `in` as this rank's slice of `out`: MPI forbids aliased buffers and names the case MPI_IN_PLACE.
+  // `in` as this rank's slice of `out`: MPI forbids aliased buffers and names the case
+  // MPI_IN_PLACE.
   const bool in_place = in.raw_data() == static_cast<char*>(out.raw_data()) +
-                                             int64_t{rank_} * in.numel() * static_cast<int64_t>(dtype_size(in.dtype()));
-  check(MPI_Iallgather(in_place ? MPI_IN_PLACE : in.raw_data(), as_count(in.numel(), where), ty, out.raw_data(),
-                       as_count(in.numel(), where), ty, comm_, &req),
+                                             int64_t{rank_} * in.numel() *
+                                                 static_cast<int64_t>(dtype_size(in.dtype()));
+  check(MPI_Iallgather(in_place ? MPI_IN_PLACE : in.raw_data(), as_count(in.numel(), where), ty,
+                       out.raw_data(), as_count(in.numel(), where), ty, comm_, &req),
         "MPI_Iallgather");
   wait(&req, "MPI_Iallgather", comm_);
 }
@@ -215,8 +221,8 @@ void MpiCommunicator::reduce_scatter_on(MPI_Comm comm, const Tensor& in, const T
   check_cpu(in, where);
   check_cpu(out, where);
   HYDRA_CHECK(in.numel() == out.numel() * size_ && out.dtype() == in.dtype())
-      << where << " on '" << name_ << "': input of " << in.numel() << " elements for " << size_ << " x "
-      << out.numel();
+      << where << " on '" << name_ << "': input of " << in.numel() << " elements for " << size_
+      << " x " << out.numel();
   if (out.numel() == 0) return;
   MPI_Request req;
   check(MPI_Ireduce_scatter_block(in.raw_data(), out.raw_data(), as_count(out.numel(), where),
@@ -225,31 +231,36 @@ void MpiCommunicator::reduce_scatter_on(MPI_Comm comm, const Tensor& in, const T
   wait(&req, "MPI_Ireduce_scatter_block", comm);
 }
 
-void MpiCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) { reduce_scatter_on(comm_, in, out); }
+void MpiCommunicator::reduce_scatter(const Tensor& in, const Tensor& out) {
+  reduce_scatter_on(comm_, in, out);
+}
 
 void MpiCommunicator::broadcast(const Tensor& t, int root) {
   const std::string where = "broadcast";
   check_cpu(t, where);
-  HYDRA_CHECK(root >= 0 && root < size_) << where << ": root " << root << " outside [0, " << size_ << ")";
+  HYDRA_CHECK(root >= 0 && root < size_)
+      << where << ": root " << root << " outside [0, " << size_ << ")";
   if (t.numel() == 0 || size_ == 1) return;
   MPI_Request req;
-  check(MPI_Ibcast(t.raw_data(), as_count(t.numel(), where), mpi_type(t.dtype(), false, where), root, comm_, &req),
+  check(MPI_Ibcast(t.raw_data(), as_count(t.numel(), where), mpi_type(t.dtype(), false, where),
+                   root, comm_, &req),
         "MPI_Ibcast");
   wait(&req, "MPI_Ibcast", comm_);
 }
 
-void MpiCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
-                                   const std::vector<int64_t>& recv_counts) {
+void MpiCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts,
+                                   const Tensor& recv, const std::vector<int64_t>& recv_counts) {
   const std::string where = "all_to_all_v";
   check_cpu(send, where);
   check_cpu(recv, where);
-  HYDRA_CHECK(static_cast<int>(send_counts.size()) == size_ && static_cast<int>(recv_counts.size()) == size_)
-      << where << " on '" << name_ << "': counts for " << send_counts.size() << " and " << recv_counts.size()
-      << " peers, communicator has " << size_;
+  HYDRA_CHECK(static_cast<int>(send_counts.size()) == size_ &&
+              static_cast<int>(recv_counts.size()) == size_)
+      << where << " on '" << name_ << "': counts for " << send_counts.size() << " and "
+      << recv_counts.size() << " peers, communicator has " << size_;
   HYDRA_CHECK(send.dtype() == recv.dtype()) << where << ": send and receive dtypes differ";
-  const int64_t row = send.dim() > 0 && send.size(0) > 0 ? send.numel() / send.size(0)
+  const int64_t row = send.dim() > 0 && send.size(0) > 0   ? send.numel() / send.size(0)
                       : recv.dim() > 0 && recv.size(0) > 0 ? recv.numel() / recv.size(0)
-                                                            : 1;
+                                                           : 1;
   std::vector<int> sc(size_), sd(size_), rc(size_), rd(size_);
   int64_t so = 0, ro = 0;
   for (int p = 0; p < size_; ++p) {
@@ -261,12 +272,13 @@ void MpiCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_t
     ro += recv_counts[p] * row;
   }
   HYDRA_CHECK(so == send.numel() && ro == recv.numel())
-      << where << " on '" << name_ << "': counts cover " << so << " and " << ro << " elements, tensors hold "
-      << send.numel() << " and " << recv.numel();
+      << where << " on '" << name_ << "': counts cover " << so << " and " << ro
+      << " elements, tensors hold " << send.numel() << " and " << recv.numel();
   const MPI_Datatype ty = mpi_type(send.dtype(), false, where);
   MPI_Request req;
   check(MPI_Ialltoallv(send.numel() ? send.raw_data() : nullptr, sc.data(), sd.data(), ty,
-                       recv.numel() ? recv.raw_data() : nullptr, rc.data(), rd.data(), ty, comm_, &req),
+                       recv.numel() ? recv.raw_data() : nullptr, rc.data(), rd.data(), ty, comm_,
+                       &req),
         "MPI_Ialltoallv");
   wait(&req, "MPI_Ialltoallv", comm_);
 }
@@ -278,15 +290,15 @@ void MpiCommunicator::send_recv(const Tensor& send, int dest, const Tensor& recv
   if (src >= 0 && recv.numel() > 0) {
     check_cpu(recv, where);
     reqs.emplace_back();
-    check(MPI_Irecv(recv.raw_data(), as_count(recv.numel(), where), mpi_type(recv.dtype(), false, where), src, kTag,
-                    comm_, &reqs.back()),
+    check(MPI_Irecv(recv.raw_data(), as_count(recv.numel(), where),
+                    mpi_type(recv.dtype(), false, where), src, kTag, comm_, &reqs.back()),
           "MPI_Irecv");
   }
   if (dest >= 0 && send.numel() > 0) {
     check_cpu(send, where);
     reqs.emplace_back();
-    check(MPI_Issend(send.raw_data(), as_count(send.numel(), where), mpi_type(send.dtype(), false, where), dest, kTag,
-                    comm_, &reqs.back()),
+    check(MPI_Issend(send.raw_data(), as_count(send.numel(), where),
+                     mpi_type(send.dtype(), false, where), dest, kTag, comm_, &reqs.back()),
           "MPI_Issend");
   }
   // The receive first, to check its size: a message shorter than the buffer is a bug in the caller
@@ -305,9 +317,10 @@ void MpiCommunicator::send_recv(const Tensor& send, int dest, const Tensor& recv
     reqs.erase(reqs.begin());
     int got = 0;
     MPI_Get_count(&status, mpi_type(recv.dtype(), false, where), &got);
-    HYDRA_CHECK(got == recv.numel()) << "rank " << process_info().rank << ": send_recv on '" << name_ << "': received "
-                                     << got << " elements from rank " << src << ", expected " << recv.numel()
-                                     << " (the ranks disagree on the tensor's shape)";
+    HYDRA_CHECK(got == recv.numel())
+        << "rank " << process_info().rank << ": send_recv on '" << name_ << "': received " << got
+        << " elements from rank " << src << ", expected " << recv.numel()
+        << " (the ranks disagree on the tensor's shape)";
   }
   wait_all(reqs, "MPI_Issend/MPI_Irecv");
 }
@@ -318,7 +331,8 @@ void MpiCommunicator::barrier() {
   wait(&req, "MPI_Ibarrier", comm_);
 }
 
-std::unique_ptr<MpiCommunicator> MpiCommunicator::split_mpi(int color, int key, std::string name) const {
+std::unique_ptr<MpiCommunicator> MpiCommunicator::split_mpi(int color, int key,
+                                                            std::string name) const {
   MPI_Comm out = MPI_COMM_NULL;
   check(MPI_Comm_split(comm_, color, key, &out), "MPI_Comm_split");
   auto c = std::make_unique<MpiCommunicator>(out, std::move(name));

@@ -1,7 +1,7 @@
-// Communicator over MPI for CPU tensors. Blocking calls are non-blocking MPI operations waited on with
-// a deadline (the communicator's timeout); async all-reduces run on a worker thread over a duplicate of
-// the communicator, so they overlap with the caller's compute and never interleave with its
-// collectives. Every MPI return code is checked.
+// Communicator over MPI for CPU tensors. Blocking calls are non-blocking MPI operations waited on
+// with a deadline (the communicator's timeout); async all-reduces run on a worker thread over a
+// duplicate of the communicator, so they overlap with the caller's compute and never interleave
+// with its collectives. Every MPI return code is checked.
 #pragma once
 
 #include <mpi.h>

@@ -1,12 +1,12 @@
-// Communicator over NCCL for CUDA tensors (built with HYDRA_CUDA). The NCCL unique id travels over the
-// MPI bootstrap communicator. Operations run on the communicator's own stream: each first waits for
-// the work already queued on the compute stream, and the compute stream waits for the operation before
-// anything queued after it, so results are ordered without host synchronisation while other compute
-// (not depending on them) can overlap. Tensors used are marked on the communication stream for the
-// caching allocator. NCCL errors, including asynchronous ones, are checked; host waits have a deadline.
-// Each communicator's calls must come in the same order on all its ranks; calls on different
-// communicators may interleave differently (their kernels then run side by side: NCCL's kernels take
-// a block per channel, so two or three communicators fit on a GPU beside the compute).
+// Communicator over NCCL for CUDA tensors (built with HYDRA_CUDA). The NCCL unique id travels over
+// the MPI bootstrap communicator. Operations run on the communicator's own stream: each first waits
+// for the work already queued on the compute stream, and the compute stream waits for the operation
+// before anything queued after it, so results are ordered without host synchronisation while other
+// compute (not depending on them) can overlap. Tensors used are marked on the communication stream
+// for the caching allocator. NCCL errors, including asynchronous ones, are checked; host waits have
+// a deadline. Each communicator's calls must come in the same order on all its ranks; calls on
+// different communicators may interleave differently (their kernels then run side by side: NCCL's
+// kernels take a block per channel, so two or three communicators fit on a GPU beside the compute).
 #pragma once
 
 #include <memory>
@@ -48,10 +48,11 @@ class NcclCommunicator final : public Communicator {
  private:
   struct Impl;
   void begin(const std::vector<Tensor>& tensors);  // comm stream waits for compute
-  void end(const std::vector<Tensor>& tensors);    // compute waits for comm; tensors recorded on comm
-  void check_async();  // aborts the communicator after an asynchronous error
+  void end(const std::vector<Tensor>& tensors);  // compute waits for comm; tensors recorded on comm
+  void check_async();                  // aborts the communicator after an asynchronous error
   void await_ready(const char* call);  // until the last call's work is queued; deadline: timeout()
-  [[noreturn]] void abort_after_timeout(const std::string& what);  // aborts the communicator, then fails
+  [[noreturn]] void abort_after_timeout(
+      const std::string& what);  // aborts the communicator, then fails
 
   std::unique_ptr<MpiCommunicator> bootstrap_;
   int device_;

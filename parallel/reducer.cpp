@@ -21,14 +21,17 @@ GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket
     const ReducedParam& p = params_[i];
     HYDRA_CHECK(p.group != nullptr) << "reducer: parameter " << p.name << " has no group";
     if (p.sparse) continue;
-    const int64_t bytes = p.tensor.numel() * static_cast<int64_t>(dtype_size(p.tensor.grad_dtype()));
+    const int64_t bytes =
+        p.tensor.numel() * static_cast<int64_t>(dtype_size(p.tensor.grad_dtype()));
     Bucket* open = nullptr;
     for (auto it = buckets_.rbegin(); it != buckets_.rend(); ++it)
-      if (it->group == p.group && it->dtype == p.tensor.grad_dtype() && it->device == p.tensor.device()) {
+      if (it->group == p.group && it->dtype == p.tensor.grad_dtype() &&
+          it->device == p.tensor.device()) {
         open = &*it;
         break;
       }
-    if (open == nullptr || (open->numel > 0 && (open->numel * int64_t(dtype_size(open->dtype)) + bytes) > limit)) {
+    if (open == nullptr ||
+        (open->numel > 0 && (open->numel * int64_t(dtype_size(open->dtype)) + bytes) > limit)) {
       buckets_.emplace_back();
       open = &buckets_.back();
       open->group = p.group;
@@ -53,7 +56,8 @@ GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket
       for (std::size_t k = 0; k < b.params.size(); ++k) {
         const int i = b.params[k];
         const int64_t off = b.offsets[k], n = params_[i].tensor.numel();
-        const int64_t lo = std::clamp<int64_t>(first - off, 0, n), hi = std::clamp<int64_t>(last - off, 0, n);
+        const int64_t lo = std::clamp<int64_t>(first - off, 0, n),
+                      hi = std::clamp<int64_t>(last - off, 0, n);
         owned_[i].lo = lo;
         owned_[i].hi = std::max(lo, hi);
         slice_pos_[i] = off + lo - first;
@@ -63,24 +67,29 @@ GradientReducer::GradientReducer(std::vector<ReducedParam> params, double bucket
     for (std::size_t i = 0; i < params_.size(); ++i) {
       if (!params_[i].sparse) continue;
       const Tensor& t = params_[i].tensor;
-      HYDRA_CHECK(t.dim() == 2) << "reducer: row-sparse parameter " << params_[i].name << " is not 2-D";
+      HYDRA_CHECK(t.dim() == 2) << "reducer: row-sparse parameter " << params_[i].name
+                                << " is not 2-D";
       const int64_t rows = t.size(0), cols = t.size(1), size = params_[i].group->size();
       const int64_t slice = (rows + size - 1) / size;
-      const int64_t r0 = std::min(rows, params_[i].group->rank() * slice), r1 = std::min(rows, r0 + slice);
+      const int64_t r0 = std::min(rows, params_[i].group->rank() * slice),
+                    r1 = std::min(rows, r0 + slice);
       owned_[i].lo = r0 * cols;
       owned_[i].hi = r1 * cols;
     }
   }
   for (const ReducedParam& p : params_)
-    if (!p.sparse && std::find(groups_.begin(), groups_.end(), p.group) == groups_.end()) groups_.push_back(p.group);
+    if (!p.sparse && std::find(groups_.begin(), groups_.end(), p.group) == groups_.end())
+      groups_.push_back(p.group);
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const int index = static_cast<int>(i);
-    hook_ids_.push_back(params_[i].tensor.add_grad_ready_hook([this, index](const Tensor&) { on_ready(index); }));
+    hook_ids_.push_back(
+        params_[i].tensor.add_grad_ready_hook([this, index](const Tensor&) { on_ready(index); }));
   }
 }
 
 GradientReducer::~GradientReducer() {
-  for (std::size_t i = 0; i < params_.size(); ++i) params_[i].tensor.remove_grad_ready_hook(hook_ids_[i]);
+  for (std::size_t i = 0; i < params_.size(); ++i)
+    params_[i].tensor.remove_grad_ready_hook(hook_ids_[i]);
 }
 
 void GradientReducer::prepare() {
@@ -95,7 +104,9 @@ void GradientReducer::prepare() {
     if (padded > b.numel) b.flat.narrow(0, b.numel, padded - b.numel).zero_();
     for (std::size_t k = 0; k < b.params.size(); ++k) {
       const Tensor& t = params_[b.params[k]].tensor;
-      t.set_grad_destination(t.grad().defined() ? Tensor() : b.flat.narrow(0, b.offsets[k], t.numel()).view(t.shape()));
+      t.set_grad_destination(t.grad().defined()
+                                 ? Tensor()
+                                 : b.flat.narrow(0, b.offsets[k], t.numel()).view(t.shape()));
     }
   }
   std::fill(seen_.begin(), seen_.end(), false);
@@ -108,10 +119,10 @@ void GradientReducer::on_ready(int param) {
   if (!active_) return;
   const int b = bucket_of_[param];
   if (b < 0) return;  // row-sparse: merged in finish()
-  HYDRA_CHECK(!buckets_[b].started)
-      << "parameter " << params_[param].name
-      << " received more gradient after its bucket was reduced (is it used again after its gradient was "
-         "complete?)";
+  HYDRA_CHECK(!buckets_[b].started) << "parameter " << params_[param].name
+                                    << " received more gradient after its bucket was reduced (is "
+                                       "it used again after its gradient was "
+                                       "complete?)";
   if (seen_[param]) return;
   seen_[param] = true;
   ++buckets_[b].ready;
@@ -119,7 +130,8 @@ void GradientReducer::on_ready(int param) {
 }
 
 void GradientReducer::start_ready_buckets() {
-  while (next_ < buckets_.size() && buckets_[next_].ready == static_cast<int>(buckets_[next_].params.size())) {
+  while (next_ < buckets_.size() &&
+         buckets_[next_].ready == static_cast<int>(buckets_[next_].params.size())) {
     start(buckets_[next_]);
     ++stats_.early;
     ++next_;
@@ -135,7 +147,8 @@ void GradientReducer::start(Bucket& b) {
     const Tensor g = t.grad();
     had_[i] = g.defined() ? 1.0 : 0.0;
     Tensor slot = b.flat.narrow(0, b.offsets[k], t.numel());
-    const bool in_place = g.defined() && g.storage() == b.flat.storage() && g.offset() == slot.offset();
+    const bool in_place =
+        g.defined() && g.storage() == b.flat.storage() && g.offset() == slot.offset();
     if (in_place) continue;  // written there by the backward
     if (g.defined()) {       // accumulated over earlier micro-batches, or set by hand: copied
       slot.copy_(g.reshape({-1}));
@@ -145,7 +158,8 @@ void GradientReducer::start(Bucket& b) {
     }
   }
   if (shard_ && b.group->size() == 1) {
-    b.shard = b.flat.narrow(0, 0, b.slice);  // one rank: its slice is the whole bucket, nothing to move
+    b.shard =
+        b.flat.narrow(0, 0, b.slice);  // one rank: its slice is the whole bucket, nothing to move
   } else if (shard_) {
     b.shard = Tensor::empty({b.slice}, b.dtype, b.device);
     b.work = b.group->reduce_scatter_async(b.flat, b.shard);
@@ -162,14 +176,16 @@ void GradientReducer::reduce_sparse(int param) {
   const ReducedParam& p = params_[param];
   Communicator& c = *p.group;
   const int64_t cols = p.tensor.size(1);
-  Tensor rows = zeros({0}, DType::kI64, p.tensor.device()), values = zeros({0, cols}, p.tensor.grad_dtype(), p.tensor.device());
+  Tensor rows = zeros({0}, DType::kI64, p.tensor.device()),
+         values = zeros({0, cols}, p.tensor.grad_dtype(), p.tensor.device());
   if (const auto& sg = p.tensor.sparse_grad()) {
     rows = sg->rows;
     values = sg->values;
   } else if (p.tensor.grad().defined()) {
     HYDRA_FAIL() << "reducer: " << p.name << " was declared row-sparse but got a dense gradient";
   }
-  // Pad every rank's rows to the longest, gather, then merge the real rows (rank order: deterministic).
+  // Pad every rank's rows to the longest, gather, then merge the real rows (rank order:
+  // deterministic).
   const int64_t mine = rows.numel();
   const int64_t longest = static_cast<int64_t>(c.all_reduce_host(double(mine), ReduceOp::kMax));
   Tensor counts = all_gather(full({1}, double(mine), DType::kF64, p.tensor.device()).detach(), c);
@@ -180,7 +196,8 @@ void GradientReducer::reduce_sparse(int param) {
     pval.narrow(0, 0, mine).copy_(values);
   }
   Tensor all_rows = Tensor::empty({longest * c.size()}, DType::kI64, p.tensor.device());
-  Tensor all_vals = Tensor::empty({longest * c.size(), cols}, p.tensor.grad_dtype(), p.tensor.device());
+  Tensor all_vals =
+      Tensor::empty({longest * c.size(), cols}, p.tensor.grad_dtype(), p.tensor.device());
   c.all_gather(prow, all_rows);
   c.all_gather(pval, all_vals);
   const std::vector<double> cnt = counts.cpu().to_vector<double>();
@@ -208,7 +225,8 @@ void GradientReducer::finish() {
     backward_done->record(stream);
   }
   const auto t0 = std::chrono::steady_clock::now();
-  // Buckets not started yet (a parameter got no gradient, or the backward ended): start them in order.
+  // Buckets not started yet (a parameter got no gradient, or the backward ended): start them in
+  // order.
   for (; next_ < buckets_.size(); ++next_) start(buckets_[next_]);
   active_ = false;  // the sparse merge below runs gradient hooks again
   for (Bucket& b : buckets_)
@@ -222,7 +240,8 @@ void GradientReducer::finish() {
     reduced->synchronize();
     stats_.exposed_ms = reduced->ms_since(*backward_done);
   } else {
-    stats_.exposed_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    stats_.exposed_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   }
   // How many ranks of its group had a gradient for each parameter: a parameter no rank touched this
   // step keeps no gradient (as in one process, where the optimizer then leaves it alone). One small
@@ -245,7 +264,8 @@ void GradientReducer::finish() {
     }
     for (std::size_t k = 0; k < b.params.size(); ++k) {
       const Tensor& t = params_[b.params[k]].tensor;
-      t.set_grad(had_[b.params[k]] > 0 ? b.flat.narrow(0, b.offsets[k], t.numel()).view(t.shape()) : Tensor());
+      t.set_grad(had_[b.params[k]] > 0 ? b.flat.narrow(0, b.offsets[k], t.numel()).view(t.shape())
+                                       : Tensor());
     }
   }
   for (std::size_t i = 0; i < params_.size(); ++i)
@@ -262,7 +282,8 @@ void GradientReducer::find_run(int i) {
   const auto& sg = t.sparse_grad();
   if (!sg || sg->rows.numel() == 0) return;
   const int64_t cols = t.size(1), r0 = owned_[i].lo / cols, r1 = owned_[i].hi / cols;
-  const std::vector<int64_t> rows = sg->rows.cpu().to_vector<int64_t>();  // merged: unique, ascending
+  const std::vector<int64_t> rows =
+      sg->rows.cpu().to_vector<int64_t>();  // merged: unique, ascending
   run.first = std::lower_bound(rows.begin(), rows.end(), r0) - rows.begin();
   run.last = std::lower_bound(rows.begin(), rows.end(), r1) - rows.begin();
   if (run.last == run.first) return;
@@ -287,7 +308,8 @@ ParamShard GradientReducer::shard(int i) const {
     return out;
   }
   const Bucket& b = buckets_[bucket_of_[i]];
-  if (had_[i] > 0 && out.hi > out.lo && b.shard.defined()) out.grad = b.shard.narrow(0, slice_pos_[i], out.hi - out.lo);
+  if (had_[i] > 0 && out.hi > out.lo && b.shard.defined())
+    out.grad = b.shard.narrow(0, slice_pos_[i], out.hi - out.lo);
   return out;
 }
 
@@ -302,8 +324,8 @@ void GradientReducer::all_gather_params() {
     if (!changed || b.group->size() == 1) continue;  // one rank updated the whole parameter itself
     const int64_t size = b.group->size(), first = b.group->rank() * b.slice;
     if (b.params.size() == 1 && b.slice * size == b.numel) {
-      // One parameter fills the bucket (every large weight): it is the gather's output, and its owned
-      // slice, updated by the optimizer, the input. Nothing is copied.
+      // One parameter fills the bucket (every large weight): it is the gather's output, and its
+      // owned slice, updated by the optimizer, the input. Nothing is copied.
       const Tensor& t = params_[b.params[0]].tensor;
       if (t.is_contiguous()) {
         const Tensor flat = t.detach().reshape({-1});
@@ -313,8 +335,8 @@ void GradientReducer::all_gather_params() {
         continue;
       }
     }
-    // Several parameters: packed into this rank's slice, gathered, unpacked. The owned pieces tile the
-    // slice; only the padding past the bucket's end needs zeros.
+    // Several parameters: packed into this rank's slice, gathered, unpacked. The owned pieces tile
+    // the slice; only the padding past the bucket's end needs zeros.
     Tensor mine = Tensor::empty({b.slice}, b.dtype, b.device);
     if (first + b.slice > b.numel) {
       const int64_t pad_from = std::max<int64_t>(0, b.numel - first);
@@ -322,7 +344,9 @@ void GradientReducer::all_gather_params() {
     }
     for (const int i : b.params) {
       const ParamShard& o = owned_[i];
-      if (o.hi > o.lo) mine.narrow(0, slice_pos_[i], o.hi - o.lo).copy_(params_[i].tensor.reshape({-1}).narrow(0, o.lo, o.hi - o.lo));
+      if (o.hi > o.lo)
+        mine.narrow(0, slice_pos_[i], o.hi - o.lo)
+            .copy_(params_[i].tensor.reshape({-1}).narrow(0, o.lo, o.hi - o.lo));
     }
     Tensor all = Tensor::empty({b.slice * b.group->size()}, b.dtype, b.device);
     b.group->all_gather(mine, all);
@@ -337,7 +361,8 @@ void GradientReducer::all_gather_params() {
   for (std::size_t i = 0; i < params_.size(); ++i)
     if (params_[i].sparse) share_rows(static_cast<int>(i));
   for (Communicator* g : groups_) g->synchronize();
-  stats_.gather_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  stats_.gather_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
 }  // namespace hydra::parallel
@@ -352,7 +377,8 @@ void GradientReducer::share_rows(int i) {
   const ReducedParam& p = params_[i];
   const auto& sg = p.tensor.sparse_grad();
   if (!sg || sg->rows.numel() == 0) return;  // untouched on every rank (the merge made them agree)
-  const int64_t cols = p.tensor.size(1), k = sg->rows.numel(), a = runs_[i].first, b = runs_[i].last;
+  const int64_t cols = p.tensor.size(1), k = sg->rows.numel(), a = runs_[i].first,
+                b = runs_[i].last;
   Tensor current = gather_rows(p.tensor.detach(), sg->rows);  // [k, cols]
   Tensor mine = zeros({k, cols}, p.tensor.dtype(), p.tensor.device());
   if (b > a) mine.narrow(0, a, b - a).copy_(current.narrow(0, a, b - a));
@@ -360,7 +386,7 @@ void GradientReducer::share_rows(int i) {
   Tensor stale = neg(current);
   if (b > a) stale.narrow(0, a, b - a).zero_();  // the owned rows stay
   if (a > 0 || b < k) {
-    if (b > a) mine.narrow(0, a, b - a).zero_();  // added to the owned rows: + 0
+    if (b > a) mine.narrow(0, a, b - a).zero_();   // added to the owned rows: + 0
     scatter_add_rows_(p.tensor, sg->rows, stale);  // the others' rows: exactly 0
     scatter_add_rows_(p.tensor, sg->rows, mine);   // ... plus their owners' values
   }

@@ -30,7 +30,8 @@ const ProcessInfo& init_processes(int* argc, char*** argv, bool force) {
   std::lock_guard<std::mutex> lock(g_mu);
   if (g_initialized) return g_info;
   g_initialized = true;
-  const bool by_mpirun = env_set("OMPI_COMM_WORLD_SIZE") || env_set("PMI_SIZE") || env_set("PMIX_RANK");
+  const bool by_mpirun =
+      env_set("OMPI_COMM_WORLD_SIZE") || env_set("PMI_SIZE") || env_set("PMIX_RANK");
   if (!by_mpirun && !force) return g_info;
   int already = 0;
   MPI_Initialized(&already);
@@ -38,7 +39,8 @@ const ProcessInfo& init_processes(int* argc, char*** argv, bool force) {
     int provided = 0;
     const int rc = MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided);
     if (rc != MPI_SUCCESS) {
-      std::cerr << "error: MPI_Init_thread failed (code " << rc << "); was the job started with mpirun or srun?\n";
+      std::cerr << "error: MPI_Init_thread failed (code " << rc
+                << "); was the job started with mpirun or srun?\n";
       std::exit(1);
     }
     g_started_mpi = true;
@@ -72,7 +74,8 @@ void finalize_processes() {
 
 std::unique_ptr<Communicator> world_communicator(bool gpu, CommBackend backend) {
   HYDRA_CHECK(gpu || backend != CommBackend::kNccl)
-      << "parallel.comm = NCCL moves CUDA tensors; with train.device = cpu use parallel.comm = MPI (or AUTO)";
+      << "parallel.comm = NCCL moves CUDA tensors; with train.device = cpu use parallel.comm = MPI "
+         "(or AUTO)";
   const Device dev = gpu ? Device::cuda(device_for_rank()) : Device::cpu();
   if (!g_info.distributed) return std::make_unique<SelfCommunicator>("world", dev);
   if (gpu && backend != CommBackend::kMpi) {
@@ -81,19 +84,21 @@ std::unique_ptr<Communicator> world_communicator(bool gpu, CommBackend backend) 
     HYDRA_CHECK(problem.empty()) << "rank " << g_info.rank << ": " << problem;
   }
   MPI_Comm dup = MPI_COMM_NULL;
-  HYDRA_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup) == MPI_SUCCESS) << "rank " << g_info.rank << ": MPI_Comm_dup failed";
+  HYDRA_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup) == MPI_SUCCESS)
+      << "rank " << g_info.rank << ": MPI_Comm_dup failed";
   auto mpi = std::make_unique<MpiCommunicator>(dup, "world");
   // The trainer sets parallel.timeout_s; HYDRA_COMM_TIMEOUT_S sets it for tests and tools.
   if (const char* env = std::getenv("HYDRA_COMM_TIMEOUT_S"); env != nullptr && std::atoi(env) > 0)
     mpi->set_timeout(std::chrono::seconds(std::atoi(env)));
   if (!gpu) return mpi;
-  if (backend == CommBackend::kMpi) return std::make_unique<HostStagedCommunicator>(std::move(mpi), dev);
+  if (backend == CommBackend::kMpi)
+    return std::make_unique<HostStagedCommunicator>(std::move(mpi), dev);
 #if HYDRA_WITH_CUDA
-  // NCCL connects the collectives' rings and trees on first use by default, blocking the host in that
-  // call until the peers make theirs. Ranks issue work on several communicators in orders that may
-  // differ (a bucket's all-reduce from a gradient hook beside a sequence-parallel exchange), so they
-  // could wait for one another there: connect when each communicator is created instead. A value the
-  // user set wins. (Point-to-point connections: ProcessGrid::create makes them.)
+  // NCCL connects the collectives' rings and trees on first use by default, blocking the host in
+  // that call until the peers make theirs. Ranks issue work on several communicators in orders that
+  // may differ (a bucket's all-reduce from a gradient hook beside a sequence-parallel exchange), so
+  // they could wait for one another there: connect when each communicator is created instead. A
+  // value the user set wins. (Point-to-point connections: ProcessGrid::create makes them.)
   setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
   return std::make_unique<NcclCommunicator>(std::move(mpi), dev.index);
 #else
@@ -102,8 +107,8 @@ std::unique_ptr<Communicator> world_communicator(bool gpu, CommBackend backend) 
 }
 
 void abort_job(int code, const std::string& message) {
-  std::cerr << (g_info.distributed ? "rank " + std::to_string(g_info.rank) + ": " : std::string()) << message
-            << std::endl;
+  std::cerr << (g_info.distributed ? "rank " + std::to_string(g_info.rank) + ": " : std::string())
+            << message << std::endl;
   int up = 0, down = 0;
   MPI_Initialized(&up);
   MPI_Finalized(&down);
@@ -117,7 +122,8 @@ std::string nccl_placement_problem() {
   return std::to_string(g_info.local_size) + " ranks on this host but " + std::to_string(gpus) +
          " GPU(s) visible; NCCL needs one GPU per rank: start at most " + std::to_string(gpus) +
          " ranks per host (mpirun --map-by ppr:" + std::to_string(gpus) +
-         ":node, srun --ntasks-per-node), or set parallel.comm = MPI to stage GPU tensors through host memory "
+         ":node, srun --ntasks-per-node), or set parallel.comm = MPI to stage GPU tensors through "
+         "host memory "
          "(slow: for tests and debugging)";
 }
 

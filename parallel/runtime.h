@@ -25,13 +25,14 @@ const ProcessInfo& process_info();
 void finalize_processes();
 
 // How CUDA tensors travel between ranks: NCCL (one GPU per rank), or MPI with the tensors staged
-// through host memory (parallel/staged_communicator.h: slow, but ranks may share a GPU). kAuto: NCCL
-// for CUDA tensors. CPU tensors always travel over MPI.
+// through host memory (parallel/staged_communicator.h: slow, but ranks may share a GPU). kAuto:
+// NCCL for CUDA tensors. CPU tensors always travel over MPI.
 enum class CommBackend { kAuto, kNccl, kMpi };
 
-// The world: an MPI communicator of all ranks, or a SelfCommunicator in a single process. `gpu`: its
-// tensors live on this rank's CUDA device, and travel as `backend` says.
-std::unique_ptr<Communicator> world_communicator(bool gpu = false, CommBackend backend = CommBackend::kAuto);
+// The world: an MPI communicator of all ranks, or a SelfCommunicator in a single process. `gpu`:
+// its tensors live on this rank's CUDA device, and travel as `backend` says.
+std::unique_ptr<Communicator> world_communicator(bool gpu = false,
+                                                 CommBackend backend = CommBackend::kAuto);
 
 // Prints "rank R: message" to stderr and ends every rank of the job (MPI_Abort) with `code`; in a
 // single process, exits with `code`.

@@ -10,7 +10,10 @@ class StagedWork final : public Work {
  public:
   // `keep`: a host input the operation reads until it is done.
   StagedWork(std::unique_ptr<Work> inner, Tensor host, Tensor device, Tensor keep = {})
-      : inner_(std::move(inner)), host_(std::move(host)), device_(std::move(device)), keep_(std::move(keep)) {}
+      : inner_(std::move(inner)),
+        host_(std::move(host)),
+        device_(std::move(device)),
+        keep_(std::move(keep)) {}
   void wait() override {
     if (!inner_) return;
     inner_->wait();
@@ -28,8 +31,9 @@ class StagedWork final : public Work {
 
 HostStagedCommunicator::HostStagedCommunicator(std::unique_ptr<MpiCommunicator> mpi, Device device)
     : mpi_(std::move(mpi)), device_(device) {
-  HYDRA_CHECK(device_.is_cuda()) << "HostStagedCommunicator '" << mpi_->name()
-                                 << "': stages CUDA tensors; use the MPI communicator for CPU tensors";
+  HYDRA_CHECK(device_.is_cuda())
+      << "HostStagedCommunicator '" << mpi_->name()
+      << "': stages CUDA tensors; use the MPI communicator for CPU tensors";
   timeout_ = mpi_->timeout();
 }
 
@@ -41,7 +45,8 @@ void HostStagedCommunicator::set_timeout(std::chrono::seconds t) {
 void HostStagedCommunicator::check(const Tensor& t, const char* call) const {
   HYDRA_CHECK(t.device() == device_) << call << " on communicator '" << name() << "': a tensor on "
                                      << t.device().str() << ", expected " << device_.str();
-  HYDRA_CHECK(t.is_contiguous()) << call << " on communicator '" << name() << "': tensor must be contiguous";
+  HYDRA_CHECK(t.is_contiguous()) << call << " on communicator '" << name()
+                                 << "': tensor must be contiguous";
 }
 
 Tensor HostStagedCommunicator::host(const Tensor& t, bool values, bool summed) const {
@@ -83,7 +88,8 @@ void HostStagedCommunicator::reduce_scatter(const Tensor& in, const Tensor& out)
   Tensor(out).copy_(h);
 }
 
-std::unique_ptr<Work> HostStagedCommunicator::reduce_scatter_async(const Tensor& in, const Tensor& out) {
+std::unique_ptr<Work> HostStagedCommunicator::reduce_scatter_async(const Tensor& in,
+                                                                   const Tensor& out) {
   check(in, "reduce_scatter_async");
   check(out, "reduce_scatter_async");
   Tensor h = host(out, false, true), hin = host(in, true, true);
@@ -98,8 +104,10 @@ void HostStagedCommunicator::broadcast(const Tensor& t, int root) {
   Tensor(t).copy_(h);
 }
 
-void HostStagedCommunicator::all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_counts,
-                                          const Tensor& recv, const std::vector<int64_t>& recv_counts) {
+void HostStagedCommunicator::all_to_all_v(const Tensor& send,
+                                          const std::vector<int64_t>& send_counts,
+                                          const Tensor& recv,
+                                          const std::vector<int64_t>& recv_counts) {
   check(send, "all_to_all_v");
   check(recv, "all_to_all_v");
   Tensor h = host(recv, false);
@@ -121,7 +129,8 @@ void HostStagedCommunicator::send_recv(const Tensor& send, int dest, const Tenso
   if (src >= 0) Tensor(recv).copy_(hr);
 }
 
-std::unique_ptr<Communicator> HostStagedCommunicator::split(int color, int key, std::string name) const {
+std::unique_ptr<Communicator> HostStagedCommunicator::split(int color, int key,
+                                                            std::string name) const {
   auto sub = mpi_->split_mpi(color, key, std::move(name));
   sub->set_timeout(timeout_);
   return std::make_unique<HostStagedCommunicator>(std::move(sub), device_);

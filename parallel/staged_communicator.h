@@ -1,9 +1,10 @@
 // CUDA tensors over MPI: each operation copies its device tensors to host memory, runs the MPI
 // communicator's operation there, and copies the results back onto the compute stream. Every call
-// synchronizes the compute stream and crosses PCIe twice, so it is slow; what it buys is that it needs
-// neither NCCL nor a GPU per rank — several ranks may share one GPU. For tests of the GPU paths under a
-// process grid on a one-GPU machine, and for debugging (parallel.comm = MPI with train.device = cuda);
-// NCCL is the production path. Sums of bf16 tensors are done in f32 on the host.
+// synchronizes the compute stream and crosses PCIe twice, so it is slow; what it buys is that it
+// needs neither NCCL nor a GPU per rank — several ranks may share one GPU. For tests of the GPU
+// paths under a process grid on a one-GPU machine, and for debugging (parallel.comm = MPI with
+// train.device = cuda); NCCL is the production path. Sums of bf16 tensors are done in f32 on the
+// host.
 #pragma once
 
 #include <memory>

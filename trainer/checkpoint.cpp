@@ -5,9 +5,9 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <cstring>
 #include <map>
 
 #include "autograd/grad_mode.h"
@@ -27,9 +27,9 @@ constexpr const char* kManifest = "manifest.pb";
 
 // One tensor a checkpoint holds, by stored name.
 struct Entry {
-  std::string name;   // "param/...", "buffer/...", "adam_m/...", "adam_v/..."
-  Tensor tensor;      // this rank's copy
-  bool range = false; // a ZeRO-1 range [lo, lo + numel) of the flat local tensor of shape `local`
+  std::string name;    // "param/...", "buffer/...", "adam_m/...", "adam_v/..."
+  Tensor tensor;       // this rank's copy
+  bool range = false;  // a ZeRO-1 range [lo, lo + numel) of the flat local tensor of shape `local`
   int64_t lo = 0;
   Shape local;
 };
@@ -41,9 +41,11 @@ std::vector<Entry> checkpoint_tensors(const model::LanguageModel& model, const A
     out.push_back({"param/" + p.name, p.tensor, false, 0, p.tensor.shape()});
     shapes[p.name] = p.tensor.shape();
   }
-  for (const auto& [n, t] : model.named_buffers()) out.push_back({"buffer/" + n, t, false, 0, t.shape()});
+  for (const auto& [n, t] : model.named_buffers())
+    out.push_back({"buffer/" + n, t, false, 0, t.shape()});
   for (const OptimizerState& s : opt.state())
-    out.push_back({s.name, s.tensor, s.sharded, s.lo, s.sharded ? shapes.at(s.param) : s.tensor.shape()});
+    out.push_back(
+        {s.name, s.tensor, s.sharded, s.lo, s.sharded ? shapes.at(s.param) : s.tensor.shape()});
   return out;
 }
 
@@ -53,7 +55,8 @@ int64_t numel_of(const Shape& s) {
   return n;
 }
 
-// Where this rank's copy of a stored tensor sits in the whole tensor, and whether this rank writes it.
+// Where this rank's copy of a stored tensor sits in the whole tensor, and whether this rank writes
+// it.
 struct Placement {
   Shape full;
   int64_t flat = 0;    // first element, in the whole tensor's row-major order
@@ -99,7 +102,8 @@ std::string rank_file(int rank) {
 std::vector<std::string> gather_bytes(const std::string& mine, const parallel::ProcessGrid& grid) {
   if (!grid.distributed()) return {mine};
   parallel::Communicator& w = grid.world();
-  const int64_t longest = static_cast<int64_t>(w.all_reduce_host(double(mine.size()), parallel::ReduceOp::kMax));
+  const int64_t longest =
+      static_cast<int64_t>(w.all_reduce_host(double(mine.size()), parallel::ReduceOp::kMax));
   std::vector<int32_t> buf(longest + 1, 0);
   buf[0] = static_cast<int32_t>(mine.size());
   for (std::size_t i = 0; i < mine.size(); ++i) buf[i + 1] = static_cast<unsigned char>(mine[i]);
@@ -119,11 +123,16 @@ std::vector<std::string> gather_bytes(const std::string& mine, const parallel::P
 
 data::Hdf5Type h5_type(DType t) {
   switch (t) {
-    case DType::kF32: return data::Hdf5Type::kF32;
-    case DType::kF64: return data::Hdf5Type::kF64;
-    case DType::kI32: return data::Hdf5Type::kI32;
-    case DType::kI64: return data::Hdf5Type::kI64;
-    case DType::kBF16: return data::Hdf5Type::kU16;
+    case DType::kF32:
+      return data::Hdf5Type::kF32;
+    case DType::kF64:
+      return data::Hdf5Type::kF64;
+    case DType::kI32:
+      return data::Hdf5Type::kI32;
+    case DType::kI64:
+      return data::Hdf5Type::kI64;
+    case DType::kBF16:
+      return data::Hdf5Type::kU16;
   }
   return data::Hdf5Type::kF32;
 }
@@ -141,7 +150,8 @@ std::string model_difference(const config::ModelConfig& a, const config::ModelCo
 Status write_file_synced(const std::string& path, const std::string& bytes) {
   FILE* f = std::fopen(path.c_str(), "wb");
   if (f == nullptr) return io_error(path + ": cannot write");
-  const bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size() && std::fflush(f) == 0 && fsync(fileno(f)) == 0;
+  const bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size() &&
+                  std::fflush(f) == 0 && fsync(fileno(f)) == 0;
   std::fclose(f);
   return ok ? ok_status() : io_error(path + ": write failed (disk full?)");
 }
@@ -167,8 +177,10 @@ std::string CheckpointManager::checkpoint_dir(int64_t step) const {
   return (fs::path(root_) / name).string();
 }
 
-Expected<std::string> CheckpointManager::save(const TrainState& state, const config::RunConfig& resolved,
-                                              const model::LanguageModel& model, const AdamW& optimizer,
+Expected<std::string> CheckpointManager::save(const TrainState& state,
+                                              const config::RunConfig& resolved,
+                                              const model::LanguageModel& model,
+                                              const AdamW& optimizer,
                                               const parallel::ProcessGrid& grid) const {
   const std::string final_dir = checkpoint_dir(state.step), tmp_dir = final_dir + ".tmp";
   const bool lead = grid.world().rank() == 0;
@@ -178,7 +190,8 @@ Expected<std::string> CheckpointManager::save(const TrainState& state, const con
   if (lead) {
     fs::create_directories(root_, ec);
     fs::remove_all(tmp_dir, ec);
-    if (!fs::create_directories(tmp_dir, ec)) st = io_error(tmp_dir + ": cannot create (" + ec.message() + ")");
+    if (!fs::create_directories(tmp_dir, ec))
+      st = io_error(tmp_dir + ": cannot create (" + ec.message() + ")");
   }
   HYDRA_RETURN_IF_ERROR(agree(st, grid));
 
@@ -196,7 +209,8 @@ Expected<std::string> CheckpointManager::save(const TrainState& state, const con
       where.push_back(std::move(p));
     }
     if (owned.empty()) return ok_status();
-    HYDRA_ASSIGN_OR_RETURN(data::Hdf5File f, data::Hdf5File::create((fs::path(tmp_dir) / file).string()));
+    HYDRA_ASSIGN_OR_RETURN(data::Hdf5File f,
+                           data::Hdf5File::create((fs::path(tmp_dir) / file).string()));
     NoGradGuard ng;
     for (std::size_t i = 0; i < owned.size(); ++i) {
       const Entry& e = *owned[i];
@@ -209,7 +223,8 @@ Expected<std::string> CheckpointManager::save(const TrainState& state, const con
       if (e.range) {
         rec->set_flat_offset(where[i].flat);
       } else {
-        for (std::size_t d = 0; d < c.shape().size(); ++d) rec->add_offset(d == 0 ? where[i].offset : 0);
+        for (std::size_t d = 0; d < c.shape().size(); ++d)
+          rec->add_offset(d == 0 ? where[i].offset : 0);
       }
       rec->set_dtype(std::string(dtype_name(c.dtype())));
       rec->set_file(file);
@@ -244,10 +259,12 @@ Expected<std::string> CheckpointManager::save(const TrainState& state, const con
     gethostname(host, sizeof host - 1);
     man.set_written_by(std::string("hydra 0.1.0 on ") + host);
     st = [&]() -> Status {
-      HYDRA_RETURN_IF_ERROR(write_file_synced((fs::path(tmp_dir) / kManifest).string(), man.SerializeAsString()));
+      HYDRA_RETURN_IF_ERROR(
+          write_file_synced((fs::path(tmp_dir) / kManifest).string(), man.SerializeAsString()));
       fs::remove_all(final_dir, ec);
       fs::rename(tmp_dir, final_dir, ec);
-      if (ec) return io_error(final_dir + ": cannot move the checkpoint into place: " + ec.message());
+      if (ec)
+        return io_error(final_dir + ": cannot move the checkpoint into place: " + ec.message());
       // Keep the newest keep_last complete checkpoints; remove stale temporaries.
       std::vector<std::pair<int64_t, fs::path>> done;
       for (const auto& de : fs::directory_iterator(root_, ec)) {
@@ -288,7 +305,9 @@ Expected<std::string> CheckpointManager::latest(int64_t before) const {
 Expected<config::CheckpointManifest> CheckpointManager::read_manifest(const std::string& dir) {
   const std::string path = (fs::path(dir) / kManifest).string();
   std::ifstream in(path, std::ios::binary);
-  if (!in) return not_found("checkpoint " + dir + ": no manifest.pb (an incomplete checkpoint; pick another)");
+  if (!in)
+    return not_found("checkpoint " + dir +
+                     ": no manifest.pb (an incomplete checkpoint; pick another)");
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   config::CheckpointManifest man;
   if (!man.ParseFromString(bytes) || !man.has_step())
@@ -296,16 +315,18 @@ Expected<config::CheckpointManifest> CheckpointManager::read_manifest(const std:
   return man;
 }
 
-Status CheckpointManager::load(const std::string& dir, const config::RunConfig& resolved, model::LanguageModel& model,
-                               AdamW& optimizer, TrainState* state, const parallel::ProcessGrid& grid) {
+Status CheckpointManager::load(const std::string& dir, const config::RunConfig& resolved,
+                               model::LanguageModel& model, AdamW& optimizer, TrainState* state,
+                               const parallel::ProcessGrid& grid) {
   HYDRA_ASSIGN_OR_RETURN(config::CheckpointManifest man, read_manifest(dir));
   config::RunConfig saved;
   if (!config::parse_text(man.config_text(), dir + "/manifest.pb", &saved).ok())
     return data_loss("checkpoint " + dir + ": the config stored in manifest.pb cannot be parsed");
   const std::string difference = model_difference(saved.model(), resolved.model());
   if (!difference.empty())
-    return failed_precondition("checkpoint " + dir + " was written for another model config (first difference: " +
-                               difference + "); resume it with the config it was trained with, or start a new run");
+    return failed_precondition(
+        "checkpoint " + dir + " was written for another model config (first difference: " +
+        difference + "); resume it with the config it was trained with, or start a new run");
   std::map<std::string, std::vector<const config::TensorRecord*>> records;
   for (const auto& r : man.tensor()) records[r.name()].push_back(&r);
   std::map<std::string, data::Hdf5File> files;
@@ -316,18 +337,22 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
     const int64_t n = t.numel();
     if (n == 0) continue;  // an empty ZeRO-1 range: nothing of this tensor lives here
     auto it = records.find(name);
-    if (it == records.end()) return data_loss("checkpoint " + dir + ": tensor " + name + " is missing");
-    // The elements [first, first + n) of the whole tensor this rank holds, from the records covering them
-    // (whole tensors, row slices of expert shards, or ZeRO-1 ranges: any layout reads any other).
+    if (it == records.end())
+      return data_loss("checkpoint " + dir + ": tensor " + name + " is missing");
+    // The elements [first, first + n) of the whole tensor this rank holds, from the records
+    // covering them (whole tensors, row slices of expert shards, or ZeRO-1 ranges: any layout reads
+    // any other).
     const Placement want = place(e, grid);
     const int64_t first = want.flat;
     Tensor host = Tensor::empty(t.shape(), t.dtype());
     int64_t covered = 0;
     for (const config::TensorRecord* rec : it->second) {
-      const Shape shape(rec->shape().begin(), rec->shape().end()), full(rec->full_shape().begin(), rec->full_shape().end());
+      const Shape shape(rec->shape().begin(), rec->shape().end()),
+          full(rec->full_shape().begin(), rec->full_shape().end());
       if (full != want.full || rec->dtype() != dtype_name(t.dtype()))
-        return data_loss("checkpoint " + dir + ": tensor " + name + " is " + rec->dtype() + " " + shape_str(full) +
-                         ", this model has " + std::string(dtype_name(t.dtype())) + " " + shape_str(want.full));
+        return data_loss("checkpoint " + dir + ": tensor " + name + " is " + rec->dtype() + " " +
+                         shape_str(full) + ", this model has " +
+                         std::string(dtype_name(t.dtype())) + " " + shape_str(want.full));
       const int64_t r0 = record_first(*rec), rn = numel_of(shape);
       const int64_t lo = std::max(r0, first), hi = std::min(r0 + rn, first + n);
       if (lo >= hi) continue;
@@ -340,8 +365,9 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
       auto on_disk = files.at(rec->file()).shape(name);
       if (!on_disk.ok()) return on_disk.status().with_context("checkpoint " + dir);
       if (numel_of(*on_disk) != numel_of(shape))
-        return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() + " holds " +
-                         std::to_string(numel_of(*on_disk)) + " elements, manifest.pb says " + shape_str(shape) +
+        return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() +
+                         " holds " + std::to_string(numel_of(*on_disk)) +
+                         " elements, manifest.pb says " + shape_str(shape) +
                          " (the file or the manifest is damaged)");
       Tensor stored = Tensor::empty(shape, t.dtype());
       const Status st = files.at(rec->file()).read(name, h5_type(t.dtype()), stored.raw_data());
@@ -351,12 +377,14 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
                          " fails its checksum (the file is damaged)");
       const std::size_t elem = dtype_size(t.dtype());
       std::memcpy(static_cast<char*>(host.raw_data()) + (lo - first) * elem,
-                  static_cast<const char*>(stored.raw_data()) + (lo - r0) * elem, static_cast<std::size_t>(hi - lo) * elem);
+                  static_cast<const char*>(stored.raw_data()) + (lo - r0) * elem,
+                  static_cast<std::size_t>(hi - lo) * elem);
       covered += hi - lo;
     }
     if (covered != n)
-      return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" + std::to_string(first) + ", " +
-                       std::to_string(first + n) + ") are not all stored (a rank file is missing?)");
+      return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" +
+                       std::to_string(first) + ", " + std::to_string(first + n) +
+                       ") are not all stored (a rank file is missing?)");
     Tensor dst = t;  // a handle to the same tensor
     dst.copy_(host);
   }

@@ -1,13 +1,14 @@
 // Checkpoints: a directory per step
 //   DIR/checkpoints/step-00000020/rank-00000.h5   the tensors world rank 0 owns, by global name
-//   DIR/checkpoints/step-00000020/rank-00002.h5   ... another rank's (an expert shard of its ep rank)
-//   DIR/checkpoints/step-00000020/manifest.pb     CheckpointManifest, written last by rank 0
-// Every parameter, optimizer state and buffer is written once: replicated tensors by rank 0, each ep
-// rank's expert shard by the rank of that shard with dp = sp = 0. Each record names its file, its
-// slice (offset along the first dimension, full shape) and its CRC32C. The directory is written under
-// a .tmp name and renamed into place after every rank has written, so a checkpoint without a manifest
-// never appears. Loading checks the model config and every shape, dtype and checksum, and assembles
-// each tensor's slice from whatever records cover it: a run may resume on another grid (resharding).
+//   DIR/checkpoints/step-00000020/rank-00002.h5   ... another rank's (an expert shard of its ep
+//   rank) DIR/checkpoints/step-00000020/manifest.pb     CheckpointManifest, written last by rank 0
+// Every parameter, optimizer state and buffer is written once: replicated tensors by rank 0, each
+// ep rank's expert shard by the rank of that shard with dp = sp = 0. Each record names its file,
+// its slice (offset along the first dimension, full shape) and its CRC32C. The directory is written
+// under a .tmp name and renamed into place after every rank has written, so a checkpoint without a
+// manifest never appears. Loading checks the model config and every shape, dtype and checksum, and
+// assembles each tensor's slice from whatever records cover it: a run may resume on another grid
+// (resharding).
 #pragma once
 
 #include <string>
@@ -39,13 +40,14 @@ class CheckpointManager {
   Expected<std::string> save(const TrainState& state, const config::RunConfig& resolved,
                              const model::LanguageModel& model, const AdamW& optimizer,
                              const parallel::ProcessGrid& grid) const;
-  // Newest complete checkpoint (with a manifest) under run_dir, or not_found; with `before` >= 0, the
-  // newest of a step below `before` (what to offer when the newest is damaged).
+  // Newest complete checkpoint (with a manifest) under run_dir, or not_found; with `before` >= 0,
+  // the newest of a step below `before` (what to offer when the newest is damaged).
   Expected<std::string> latest(int64_t before = -1) const;
   static Expected<config::CheckpointManifest> read_manifest(const std::string& dir);
   // Restores model, optimizer and state from `dir`, after checking it matches `resolved`'s model.
-  static Status load(const std::string& dir, const config::RunConfig& resolved, model::LanguageModel& model,
-                     AdamW& optimizer, TrainState* state, const parallel::ProcessGrid& grid);
+  static Status load(const std::string& dir, const config::RunConfig& resolved,
+                     model::LanguageModel& model, AdamW& optimizer, TrainState* state,
+                     const parallel::ProcessGrid& grid);
 
  private:
   std::string root_;

@@ -1,10 +1,10 @@
 #include "trainer/curriculum.h"
 
-#include "configs/config_io.h"
-
 #include <algorithm>
 #include <cmath>
 #include <sstream>
+
+#include "configs/config_io.h"
 
 namespace hydra::trainer {
 namespace {
@@ -14,18 +14,21 @@ bool contains(const std::string& s, const char* part) { return s.find(part) != s
 }  // namespace
 
 const std::vector<std::string>& freeze_groups() {
-  static const std::vector<std::string> groups = {"embedding", "backbone", "sga", "moe", "controller", "memory"};
+  static const std::vector<std::string> groups = {"embedding", "backbone",   "sga",
+                                                  "moe",       "controller", "memory"};
   return groups;
 }
 
 bool in_freeze_group(const std::string& p, const std::string& group) {
   if (group == "embedding") return p == "embedding";
   if (group == "backbone")
-    return p == "embedding" || p.rfind("final_norm", 0) == 0 || contains(p, ".ssm.") || contains(p, ".norm_ssm.") ||
-           p.ends_with(".gate_ssm") || contains(p, ".attn.") || contains(p, ".ffn.") || contains(p, ".norm_attn.") ||
-           contains(p, ".norm_ffn.");
-  if (group == "sga") return contains(p, ".sga.") || contains(p, ".norm_sga.") || p.ends_with(".gate_sga");
-  if (group == "moe") return contains(p, ".moe.") || contains(p, ".norm_moe.") || p.ends_with(".gate_moe");
+    return p == "embedding" || p.rfind("final_norm", 0) == 0 || contains(p, ".ssm.") ||
+           contains(p, ".norm_ssm.") || p.ends_with(".gate_ssm") || contains(p, ".attn.") ||
+           contains(p, ".ffn.") || contains(p, ".norm_attn.") || contains(p, ".norm_ffn.");
+  if (group == "sga")
+    return contains(p, ".sga.") || contains(p, ".norm_sga.") || p.ends_with(".gate_sga");
+  if (group == "moe")
+    return contains(p, ".moe.") || contains(p, ".norm_moe.") || p.ends_with(".gate_moe");
   if (group == "controller") return contains(p, ".ctrl.") || contains(p, ".norm_ctrl.");
   if (group == "memory") return p.rfind("workspaces.", 0) == 0 || p.rfind("pkms.", 0) == 0;
   return false;
@@ -35,13 +38,15 @@ void resolve_run_config(config::RunConfig* cfg) {
   for (auto& st : *cfg->mutable_curriculum()->mutable_stage()) {
     if (!st.has_lr()) *st.mutable_lr() = cfg->train().lr();
     if (!st.has_data_mix()) *st.mutable_data_mix() = cfg->data().synthetic();
-    if (st.seq_len() == 0) st.set_seq_len(cfg->train().seq_len());  // a negative one is refused later
+    if (st.seq_len() == 0)
+      st.set_seq_len(cfg->train().seq_len());  // a negative one is refused later
     if (st.batch_size() == 0) st.set_batch_size(cfg->train().batch_size());
   }
   config::resolve_defaults(cfg);
 }
 
-Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg, const model::ModelSpec& spec,
+Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg,
+                                            const model::ModelSpec& spec,
                                             const std::string& source) {
   const auto& tr = cfg.train();
   auto fail = [&](const std::string& field, const auto& value, const std::string& requirement) {
@@ -53,23 +58,31 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg, const 
   if (tr.batch_size() < 1) return fail("train.batch_size", tr.batch_size(), "must be >= 1");
   if (tr.grad_accum() < 1) return fail("train.grad_accum", tr.grad_accum(), "must be >= 1");
   if (tr.seq_len() < 1) return fail("train.seq_len", tr.seq_len(), "must be >= 1");
-  if (tr.eval_every() < 0) return fail("train.eval_every", tr.eval_every(), "must be >= 0 (0: only at the end)");
+  if (tr.eval_every() < 0)
+    return fail("train.eval_every", tr.eval_every(), "must be >= 0 (0: only at the end)");
   if (tr.save_every() < -1)
-    return fail("train.save_every", tr.save_every(), "must be >= -1 (0: only at the end; -1: never, for benchmarks)");
+    return fail("train.save_every", tr.save_every(),
+                "must be >= -1 (0: only at the end; -1: never, for benchmarks)");
   if (tr.keep_last() < 1) return fail("train.keep_last", tr.keep_last(), "must be >= 1");
   if (tr.log_every() < 1) return fail("train.log_every", tr.log_every(), "must be >= 1");
   if (tr.stats_every() < 1) return fail("train.stats_every", tr.stats_every(), "must be >= 1");
   if (tr.eval_batches() < 1) return fail("train.eval_batches", tr.eval_batches(), "must be >= 1");
   if (!(tr.peak_tflops() >= 0) || !std::isfinite(tr.peak_tflops()))
-    return fail("train.peak_tflops", tr.peak_tflops(), "must be a finite number >= 0 (0: the device's default)");
-  if (tr.device() != "cpu" && tr.device() != "cuda") return fail("train.device", tr.device(), "must be cpu or cuda");
+    return fail("train.peak_tflops", tr.peak_tflops(),
+                "must be a finite number >= 0 (0: the device's default)");
+  if (tr.device() != "cpu" && tr.device() != "cuda")
+    return fail("train.device", tr.device(), "must be cpu or cuda");
   if (tr.lr().lr() <= 0) return fail("train.lr.lr", tr.lr().lr(), "must be > 0");
-  if (tr.optimizer().grad_clip() < 0) return fail("train.optimizer.grad_clip", tr.optimizer().grad_clip(), "must be >= 0 (0: off)");
-  if (tr.optimizer().beta1() < 0 || tr.optimizer().beta1() >= 1) return fail("train.optimizer.beta1", tr.optimizer().beta1(), "must be in [0, 1)");
-  if (tr.optimizer().beta2() < 0 || tr.optimizer().beta2() >= 1) return fail("train.optimizer.beta2", tr.optimizer().beta2(), "must be in [0, 1)");
+  if (tr.optimizer().grad_clip() < 0)
+    return fail("train.optimizer.grad_clip", tr.optimizer().grad_clip(), "must be >= 0 (0: off)");
+  if (tr.optimizer().beta1() < 0 || tr.optimizer().beta1() >= 1)
+    return fail("train.optimizer.beta1", tr.optimizer().beta1(), "must be in [0, 1)");
+  if (tr.optimizer().beta2() < 0 || tr.optimizer().beta2() >= 1)
+    return fail("train.optimizer.beta2", tr.optimizer().beta2(), "must be in [0, 1)");
   if (cfg.data().eval_fraction() < 0 || cfg.data().eval_fraction() >= 1)
     return fail("data.eval_fraction", cfg.data().eval_fraction(), "must be in [0, 1)");
-  if (cfg.data().prefetch() < 0) return fail("data.prefetch", cfg.data().prefetch(), "must be >= 0");
+  if (cfg.data().prefetch() < 0)
+    return fail("data.prefetch", cfg.data().prefetch(), "must be >= 0");
 
   std::vector<Stage> stages;
   const bool staged = cfg.curriculum().stage_size() > 0;
@@ -84,8 +97,10 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg, const 
       const auto& c = cfg.curriculum().stage(i);
       s.name = c.has_name() && !c.name().empty() ? c.name() : "stage" + std::to_string(i + 1);
       if (c.steps() < 1) return fail(f + "steps", c.steps(), "must be >= 1");
-      if (c.seq_len() < 0) return fail(f + "seq_len", c.seq_len(), "must be >= 0 (0: train.seq_len)");
-      if (c.batch_size() < 0) return fail(f + "batch_size", c.batch_size(), "must be >= 0 (0: train.batch_size)");
+      if (c.seq_len() < 0)
+        return fail(f + "seq_len", c.seq_len(), "must be >= 0 (0: train.seq_len)");
+      if (c.batch_size() < 0)
+        return fail(f + "batch_size", c.batch_size(), "must be >= 0 (0: train.batch_size)");
       s.steps = c.steps();
       s.seq_len = c.seq_len() > 0 ? c.seq_len() : tr.seq_len();
       s.batch = c.batch_size() > 0 ? c.batch_size() : tr.batch_size();
@@ -95,13 +110,16 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg, const 
       s.aux_scale = c.aux_loss_scale();
       s.aux_warmup = c.aux_warmup_steps();
       s.data_mix = c.has_data_mix() ? c.data_mix() : cfg.data().synthetic();
-      if (!s.paths.ssm) return fail(f + "ssm", "false", "is not supported: the SSM backbone is on in every stage");
+      if (!s.paths.ssm)
+        return fail(f + "ssm", "false", "is not supported: the SSM backbone is on in every stage");
       if (s.aux_scale < 0) return fail(f + "aux_loss_scale", s.aux_scale, "must be >= 0");
       if (s.aux_warmup < 0) return fail(f + "aux_warmup_steps", s.aux_warmup, "must be >= 0");
       if (s.lr.lr() <= 0) return fail(f + "lr.lr", s.lr.lr(), "must be > 0");
       for (const std::string& g : s.freeze)
         if (std::find(freeze_groups().begin(), freeze_groups().end(), g) == freeze_groups().end())
-          return fail(f + "freeze", g, "is not a parameter group (one of: embedding, backbone, sga, moe, controller, memory)");
+          return fail(f + "freeze", g,
+                      "is not a parameter group (one of: embedding, backbone, sga, moe, "
+                      "controller, memory)");
     } else {
       s.name = "train";
       s.steps = tr.steps();
@@ -112,22 +130,26 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg, const 
     }
     const std::string where = staged ? f : "train.";
     if (s.seq_len > spec.max_seq_len)
-      return fail(where + "seq_len", s.seq_len, "exceeds model.max_seq_len (" + std::to_string(spec.max_seq_len) + ")");
-    if (!spec.transformer && s.seq_len % spec.moe_chunk != 0)
-      return fail(where + "seq_len", s.seq_len, "must be a multiple of model.moe.chunk (" + std::to_string(spec.moe_chunk) + ")");
-    if (!spec.transformer && !spec.ws_after.empty() && s.seq_len % spec.ws_chunk != 0)
       return fail(where + "seq_len", s.seq_len,
-                  "must be a multiple of model.workspace.chunk (" + std::to_string(spec.ws_chunk) + ")");
+                  "exceeds model.max_seq_len (" + std::to_string(spec.max_seq_len) + ")");
+    if (!spec.transformer && s.seq_len % spec.moe_chunk != 0)
+      return fail(where + "seq_len", s.seq_len,
+                  "must be a multiple of model.moe.chunk (" + std::to_string(spec.moe_chunk) + ")");
+    if (!spec.transformer && !spec.ws_after.empty() && s.seq_len % spec.ws_chunk != 0)
+      return fail(
+          where + "seq_len", s.seq_len,
+          "must be a multiple of model.workspace.chunk (" + std::to_string(spec.ws_chunk) + ")");
     if (s.batch % tr.grad_accum() != 0)
-      return fail(where + "batch_size", s.batch,
-                  "must be a multiple of train.grad_accum (" + std::to_string(tr.grad_accum()) + ")");
+      return fail(
+          where + "batch_size", s.batch,
+          "must be a multiple of train.grad_accum (" + std::to_string(tr.grad_accum()) + ")");
     start += s.steps;
     stages.push_back(s);
   }
   if (staged && start != tr.steps()) {
     std::ostringstream os;
-    os << source << ": the curriculum stages add up to " << start << " steps but train.steps = " << tr.steps()
-       << "; make them equal";
+    os << source << ": the curriculum stages add up to " << start
+       << " steps but train.steps = " << tr.steps() << "; make them equal";
     return Expected<std::vector<Stage>>(invalid_argument(os.str()));
   }
   return stages;

@@ -31,13 +31,15 @@ const std::vector<std::string>& freeze_groups();
 bool in_freeze_group(const std::string& param, const std::string& group);
 
 // Fills what each curriculum stage inherits (lr from train.lr, data_mix from data.synthetic,
-// seq_len and batch_size from train) into the stage itself, then resolves every default: the resolved
-// config then says exactly what each stage runs with. Call before anything reads the config.
+// seq_len and batch_size from train) into the stage itself, then resolves every default: the
+// resolved config then says exactly what each stage runs with. Call before anything reads the
+// config.
 void resolve_run_config(config::RunConfig* cfg);
 
 // Validates the training part of a resolved RunConfig against the model (errors name the file and
 // the field) and lays out the stages.
-Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg, const model::ModelSpec& spec,
+Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg,
+                                            const model::ModelSpec& spec,
                                             const std::string& source);
 const Stage& stage_at(const std::vector<Stage>& stages, int64_t step);
 

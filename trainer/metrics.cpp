@@ -27,9 +27,12 @@ std::string format_duration(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
   const long t = std::lround(s);
   char buf[32];
-  if (t >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t % 3600) / 60);
-  else if (t >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
-  else std::snprintf(buf, sizeof buf, "%lds", t);
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t % 3600) / 60);
+  else if (t >= 60)
+    std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+  else
+    std::snprintf(buf, sizeof buf, "%lds", t);
   return buf;
 }
 
@@ -39,7 +42,8 @@ Expected<TensorBoardWriter> TensorBoardWriter::open(const std::string& dir) {
   char host[128] = {};
   gethostname(host, sizeof host - 1);
   const auto now = std::chrono::system_clock::now().time_since_epoch();
-  const long secs = static_cast<long>(std::chrono::duration_cast<std::chrono::seconds>(now).count());
+  const long secs =
+      static_cast<long>(std::chrono::duration_cast<std::chrono::seconds>(now).count());
   TensorBoardWriter w;
   // The pid keeps two writers started in the same second apart.
   w.path_ = (fs::path(dir) / ("events.out.tfevents." + std::to_string(secs) + "." + host + "." +
@@ -59,7 +63,8 @@ void TensorBoardWriter::record(const std::string& bytes) {
   const uint64_t len = bytes.size();
   char header[8];
   std::memcpy(header, &len, 8);
-  const uint32_t len_crc = masked_crc32c(header, 8), data_crc = masked_crc32c(bytes.data(), bytes.size());
+  const uint32_t len_crc = masked_crc32c(header, 8),
+                 data_crc = masked_crc32c(bytes.data(), bytes.size());
   out_.write(header, 8);
   out_.write(reinterpret_cast<const char*>(&len_crc), 4);
   out_.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
@@ -69,7 +74,8 @@ void TensorBoardWriter::record(const std::string& bytes) {
 void TensorBoardWriter::scalars(int64_t step, const MetricValues& values) {
   if (!out_.is_open()) return;
   tensorboard::Event e;
-  e.set_wall_time(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
+  e.set_wall_time(
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
   e.set_step(step);
   for (const auto& [tag, v] : values) {
     if (!std::isfinite(v)) continue;
@@ -117,28 +123,33 @@ void MetricsLog::flush() {
 Progress::Progress(int64_t first_step, int64_t last_step, bool tty, int64_t every)
     : first_(first_step), last_(last_step), every_(std::max<int64_t>(1, every)), tty_(tty) {}
 
-void Progress::update(int64_t step, const std::string& stage, double loss, double lr, double tokens_per_s,
-                      double elapsed_s, double mfu) {
+void Progress::update(int64_t step, const std::string& stage, double loss, double lr,
+                      double tokens_per_s, double elapsed_s, double mfu) {
   const int64_t done = step - first_, total = std::max<int64_t>(1, last_ - first_);
   // The ETA from this process's own pace (elapsed_s counts earlier runs of a resumed job too).
-  const double mine = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  const double mine =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   const double eta = done > 0 ? mine / double(done) * double(total - done) : NAN;
   char mfu_text[32] = "";
-  if (mfu >= 0) std::snprintf(mfu_text, sizeof mfu_text, tty_ ? " MFU %.1f%%" : "  MFU %.1f%%", 100 * mfu);
+  if (mfu >= 0)
+    std::snprintf(mfu_text, sizeof mfu_text, tty_ ? " MFU %.1f%%" : "  MFU %.1f%%", 100 * mfu);
   char line[320];
   if (tty_) {
     const int width = 24, fill = static_cast<int>(width * double(done) / double(total));
     std::string bar(static_cast<std::size_t>(fill), '#');
     bar.resize(width, '.');
-    std::snprintf(line, sizeof line, "\r%-12s step %ld/%ld [%s] loss %.4f lr %.2e %7.0f tok/s%s ETA %s   ",
-                  stage.c_str(), static_cast<long>(step), static_cast<long>(last_), bar.c_str(), loss, lr,
-                  tokens_per_s, mfu_text, format_duration(eta).c_str());
+    std::snprintf(line, sizeof line,
+                  "\r%-12s step %ld/%ld [%s] loss %.4f lr %.2e %7.0f tok/s%s ETA %s   ",
+                  stage.c_str(), static_cast<long>(step), static_cast<long>(last_), bar.c_str(),
+                  loss, lr, tokens_per_s, mfu_text, format_duration(eta).c_str());
     std::cerr << line << std::flush;
     drawn_ = true;
   } else if (step % every_ == 0 || step == last_) {
-    std::snprintf(line, sizeof line, "step %ld/%ld  stage %s  loss %.4f  lr %.2e  %.0f tok/s%s  elapsed %s  ETA %s",
-                  static_cast<long>(step), static_cast<long>(last_), stage.c_str(), loss, lr, tokens_per_s, mfu_text,
-                  format_duration(elapsed_s).c_str(), format_duration(eta).c_str());
+    std::snprintf(line, sizeof line,
+                  "step %ld/%ld  stage %s  loss %.4f  lr %.2e  %.0f tok/s%s  elapsed %s  ETA %s",
+                  static_cast<long>(step), static_cast<long>(last_), stage.c_str(), loss, lr,
+                  tokens_per_s, mfu_text, format_duration(elapsed_s).c_str(),
+                  format_duration(eta).c_str());
     std::cout << line << std::endl;
   }
 }

@@ -18,7 +18,8 @@ AdamW::AdamW(std::vector<NamedParameter> params, const config::OptimizerConfig& 
   }
 }
 
-double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& select, GradPart part) const {
+double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& select,
+                               GradPart part) const {
   NoGradGuard ng;
   std::vector<Tensor> grads;
   for (std::size_t i = 0; i < params_.size(); ++i) {
@@ -41,14 +42,17 @@ double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& se
 }
 
 void AdamW::shard_over(parallel::GradientReducer* reducer) {
-  HYDRA_CHECK(reducer != nullptr && reducer->sharding()) << "optimizer: ZeRO-1 needs a sharding gradient reducer";
+  HYDRA_CHECK(reducer != nullptr && reducer->sharding())
+      << "optimizer: ZeRO-1 needs a sharding gradient reducer";
   HYDRA_CHECK(reducer->num_params() == static_cast<int64_t>(params_.size()))
-      << "optimizer: the reducer lists " << reducer->num_params() << " parameters, the optimizer " << params_.size();
+      << "optimizer: the reducer lists " << reducer->num_params() << " parameters, the optimizer "
+      << params_.size();
   reducer_ = reducer;
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const int k = static_cast<int>(i);
     HYDRA_CHECK(reducer->name(k) == params_[i].name)
-        << "optimizer: parameter " << i << " is " << params_[i].name << " here and " << reducer->name(k) << " in the reducer";
+        << "optimizer: parameter " << i << " is " << params_[i].name << " here and "
+        << reducer->name(k) << " in the reducer";
     if (!reducer->is_sharded(k)) continue;
     Slot& s = slots_[i];
     const parallel::ParamShard range = reducer->shard(k);
@@ -65,7 +69,8 @@ void AdamW::shard_over(parallel::GradientReducer* reducer) {
 
 int64_t AdamW::state_bytes() const {
   int64_t bytes = 0;
-  for (const Slot& s : slots_) bytes += (s.m.numel() + s.v.numel()) * static_cast<int64_t>(dtype_size(s.m.dtype()));
+  for (const Slot& s : slots_)
+    bytes += (s.m.numel() + s.v.numel()) * static_cast<int64_t>(dtype_size(s.m.dtype()));
   return bytes;
 }
 
@@ -87,7 +92,8 @@ void AdamW::step(double lr, double base_lr, double grad_scale) {
     const NamedParameter& p = params_[i];
     Slot& s = slots_[i];
     if (s.frozen) continue;
-    const double group_lr = p.options.lr_group.empty() ? base_lr : lr_groups_.at(p.options.lr_group);
+    const double group_lr =
+        p.options.lr_group.empty() ? base_lr : lr_groups_.at(p.options.lr_group);
     AdamWHyper h = shared;
     h.lr = base_lr > 0 ? lr * group_lr / base_lr : 0.0;
     h.weight_decay = p.options.weight_decay ? cfg_.weight_decay() : 0.0;
@@ -95,9 +101,11 @@ void AdamW::step(double lr, double base_lr, double grad_scale) {
       const parallel::ParamShard sh = reducer_->shard(static_cast<int>(i));
       if (!sh.grad.defined()) continue;
       if (s.sparse) {  // the touched rows among this rank's rows
-        adamw_update_rows(p.tensor.narrow(0, s.lo / p.tensor.size(1), s.m.size(0)), sh.rows, sh.grad, s.m, s.v, h);
+        adamw_update_rows(p.tensor.narrow(0, s.lo / p.tensor.size(1), s.m.size(0)), sh.rows,
+                          sh.grad, s.m, s.v, h);
       } else {
-        dense.push_back({p.tensor.reshape({-1}).narrow(0, s.lo, s.hi - s.lo), sh.grad, s.m, s.v, h.lr, h.weight_decay});
+        dense.push_back({p.tensor.reshape({-1}).narrow(0, s.lo, s.hi - s.lo), sh.grad, s.m, s.v,
+                         h.lr, h.weight_decay});
       }
     } else if (const auto& sg = p.tensor.sparse_grad()) {
       adamw_update_rows(p.tensor, sg->rows, sg->values, s.m, s.v, h);

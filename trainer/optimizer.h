@@ -1,6 +1,6 @@
-// AdamW over a model's parameters, with parameter groups: no weight decay for norms, gates and biases
-// (ParamOptions::weight_decay), an own learning rate for groups such as the PKM values, frozen
-// parameters skipped, and lazy row updates for parameters with row-sparse gradients.
+// AdamW over a model's parameters, with parameter groups: no weight decay for norms, gates and
+// biases (ParamOptions::weight_decay), an own learning rate for groups such as the PKM values,
+// frozen parameters skipped, and lazy row updates for parameters with row-sparse gradients.
 #pragma once
 
 #include <functional>
@@ -18,9 +18,10 @@ namespace hydra::trainer {
 struct OptimizerState {
   std::string name;   // "adam_m/<param>" or "adam_v/<param>"
   std::string param;  // the parameter's name
-  Tensor tensor;      // the parameter's shape, or under ZeRO-1 the 1-D range [lo, hi) of the flat parameter
+  Tensor tensor;      // the parameter's shape, or under ZeRO-1 the 1-D range [lo, hi) of the flat
+                      // parameter
   bool sharded = false;
-  int64_t lo = 0;     // where that range starts in the (local) flat parameter
+  int64_t lo = 0;  // where that range starts in the (local) flat parameter
 };
 
 // Which gradients grad_sum_squares counts: all, only the ZeRO-1 ranges this rank owns, or only the
@@ -33,21 +34,23 @@ class AdamW {
   AdamW(std::vector<NamedParameter> params, const config::OptimizerConfig& cfg,
         std::map<std::string, double> lr_groups = {});
 
-  // sqrt of the sum of squares of every gradient of a parameter that is not frozen (dense and sparse).
+  // sqrt of the sum of squares of every gradient of a parameter that is not frozen (dense and
+  // sparse).
   double grad_norm() const;
   // The sum of squares of the gradients of the (unfrozen) parameters whose names pass `select`.
-  double grad_sum_squares(const std::function<bool(const std::string&)>& select, GradPart part = GradPart::kAll) const;
+  double grad_sum_squares(const std::function<bool(const std::string&)>& select,
+                          GradPart part = GradPart::kAll) const;
 
-  // ZeRO-1: from now on the moments of each parameter the reducer shards cover only this rank's range
-  // (reset to zero: call before loading a checkpoint), its gradient comes from the reducer's slice, and
-  // step() ends with the reducer's all-gather of the updated parameters. The reducer must list the
-  // same parameters in the same order and outlive the optimizer's use.
+  // ZeRO-1: from now on the moments of each parameter the reducer shards cover only this rank's
+  // range (reset to zero: call before loading a checkpoint), its gradient comes from the reducer's
+  // slice, and step() ends with the reducer's all-gather of the updated parameters. The reducer
+  // must list the same parameters in the same order and outlive the optimizer's use.
   void shard_over(parallel::GradientReducer* reducer);
   bool sharded() const { return reducer_ != nullptr; }
   // Bytes of optimizer state this rank holds.
   int64_t state_bytes() const;
-  // One update with base learning rate `lr`; group rates are scaled by lr / base_lr (so the schedule
-  // shapes them too). Gradients are multiplied by grad_scale (clipping).
+  // One update with base learning rate `lr`; group rates are scaled by lr / base_lr (so the
+  // schedule shapes them too). Gradients are multiplied by grad_scale (clipping).
   void step(double lr, double base_lr, double grad_scale);
   int64_t steps() const { return steps_; }
   void set_steps(int64_t s) { steps_ = s; }
@@ -56,7 +59,8 @@ class AdamW {
   void set_frozen(const std::string& name, bool frozen);
   bool frozen(const std::string& name) const;
 
-  // State for checkpoints: adam_m/<name> and adam_v/<name> of every parameter (ranges under ZeRO-1).
+  // State for checkpoints: adam_m/<name> and adam_v/<name> of every parameter (ranges under
+  // ZeRO-1).
   std::vector<OptimizerState> state() const;
   const std::vector<NamedParameter>& params() const { return params_; }
 
@@ -64,8 +68,8 @@ class AdamW {
   struct Slot {
     Tensor m, v;
     bool frozen = false;
-    bool sharded = false;    // ZeRO-1: m and v hold the flat range [lo, hi)
-    bool sparse = false;     // ... of whole rows ([rows, cols]) of a row-sparse parameter
+    bool sharded = false;  // ZeRO-1: m and v hold the flat range [lo, hi)
+    bool sparse = false;   // ... of whole rows ([rows, cols]) of a row-sparse parameter
     int64_t lo = 0, hi = 0;
   };
   std::vector<NamedParameter> params_;

@@ -1,4 +1,5 @@
-// Learning-rate schedules: linear warmup, then cosine / linear decay to min_lr_ratio * lr, or constant.
+// Learning-rate schedules: linear warmup, then cosine / linear decay to min_lr_ratio * lr, or
+// constant.
 #pragma once
 
 #include "configs/hydra.pb.h"

@@ -5,7 +5,8 @@
 namespace hydra::trainer {
 namespace {
 
-Tensor rows_of(const std::vector<int64_t>& v, int64_t cols, int64_t row0, int64_t nrows, Device dev) {
+Tensor rows_of(const std::vector<int64_t>& v, int64_t cols, int64_t row0, int64_t nrows,
+               Device dev) {
   std::vector<int64_t> part(v.begin() + row0 * cols, v.begin() + (row0 + nrows) * cols);
   return tensor(part, {nrows, cols}).to(dev);
 }
@@ -13,7 +14,8 @@ Tensor rows_of(const std::vector<int64_t>& v, int64_t cols, int64_t row0, int64_
 }  // namespace
 
 StepLosses forward_backward(model::LanguageModel& model, const parallel::ProcessGrid& grid,
-                            parallel::GradientReducer* reducer, const data::Batch& local, const StepSettings& s) {
+                            parallel::GradientReducer* reducer, const data::Batch& local,
+                            const StepSettings& s) {
   // The cross-entropy's normaliser: the step's targets over every rank and micro-batch, so each
   // micro-batch's loss is its share of the mean over the global batch.
   std::vector<double> count{0.0};
@@ -21,7 +23,8 @@ StepLosses forward_backward(model::LanguageModel& model, const parallel::Process
   if (grid.distributed()) grid.world().all_reduce_host(count);
   const int64_t accum = s.grad_accum, micro = local.batch / accum;
   HYDRA_CHECK(accum >= 1 && micro * accum == local.batch)
-      << "a batch of " << local.batch << " sequences does not split into " << accum << " micro-batches";
+      << "a batch of " << local.batch << " sequences does not split into " << accum
+      << " micro-batches";
   std::vector<double> losses(5, 0.0);  // lm, total, balance, locality, sparsity: this rank's shares
   StepLosses out;
   for (int64_t m = 0; m < accum; ++m) {
@@ -37,10 +40,11 @@ StepLosses forward_backward(model::LanguageModel& model, const parallel::Process
     const Tensor targets = rows_of(local.targets, local.len, m * micro, micro, s.device);
     const model::LmOutput o = model.forward(tokens, targets, ctx);
     const bool last = m + 1 == accum;
-    if (reducer != nullptr && last) reducer->prepare();  // earlier micro-batches only accumulate locally
+    if (reducer != nullptr && last)
+      reducer->prepare();  // earlier micro-batches only accumulate locally
     o.loss.backward();
-    // The loss values come back after the backward is queued: reading them first would leave the GPU
-    // idle while the host queued the backward's first kernels.
+    // The loss values come back after the backward is queued: reading them first would leave the
+    // GPU idle while the host queued the backward's first kernels.
     losses[0] += o.lm_loss.item<double>();
     losses[1] += o.loss.item<double>();
     const std::vector<double> a = o.aux.to_vector<double>();

@@ -1,7 +1,7 @@
 // One training step's forward and backward over micro-batches, as the trainer runs it and as the
-// multi-rank tests check it: on a grid each rank passes its part of the global batch (its sequences and
-// its sequence shard); the losses returned are those of the whole global batch, and after it every
-// gradient is the gradient of that loss (reduced over the ranks when a reducer is given).
+// multi-rank tests check it: on a grid each rank passes its part of the global batch (its sequences
+// and its sequence shard); the losses returned are those of the whole global batch, and after it
+// every gradient is the gradient of that loss (reduced over the ranks when a reducer is given).
 #pragma once
 
 #include <map>
@@ -17,7 +17,7 @@ namespace hydra::trainer {
 struct StepSettings {
   model::PathSwitches paths;
   bool recompute = false;
-  double aux_scale = 1;   // the stage's scale times its warm-up factor
+  double aux_scale = 1;  // the stage's scale times its warm-up factor
   int64_t grad_accum = 1;
   bool collect_stats = true;  // the model's statistics (last micro-batch) into StepLosses::stats
   Device device = Device::cpu();
@@ -26,10 +26,11 @@ struct StepSettings {
 struct StepLosses {
   double lm = 0, total = 0;
   std::vector<double> aux = std::vector<double>(3, 0.0);  // balance, locality, sparsity
-  std::map<std::string, double> stats;                    // the last micro-batch's, this rank's (collect_stats)
+  std::map<std::string, double> stats;  // the last micro-batch's, this rank's (collect_stats)
 };
 
 StepLosses forward_backward(model::LanguageModel& model, const parallel::ProcessGrid& grid,
-                            parallel::GradientReducer* reducer, const data::Batch& local, const StepSettings& s);
+                            parallel::GradientReducer* reducer, const data::Batch& local,
+                            const StepSettings& s);
 
 }  // namespace hydra::trainer

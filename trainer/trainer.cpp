@@ -15,8 +15,8 @@
 
 #include "autograd/cuda_context.h"
 #include "autograd/grad_mode.h"
-#include "autograd/profiler.h"
 #include "autograd/ops.h"
+#include "autograd/profiler.h"
 #include "configs/config_io.h"
 #include "data/tokenizer.h"
 #include "kernels/base/scratch.h"
@@ -62,16 +62,16 @@ std::string paths_str(const model::PathSwitches& p) {
   return s;
 }
 
-
 }  // namespace
 
-// Refuses, before anything is allocated, a model whose fp32 weights alone cannot fit in the memory of
-// one rank even in the most sharded layout (weights / ranks): an extra zero in a size gets a message
-// naming the sizes instead of an allocation failure. Training needs several times this (gradients,
-// AdamW state, activations); those are not guessed here.
+// Refuses, before anything is allocated, a model whose fp32 weights alone cannot fit in the memory
+// of one rank even in the most sharded layout (weights / ranks): an extra zero in a size gets a
+// message naming the sizes instead of an allocation failure. Training needs several times this
+// (gradients, AdamW state, activations); those are not guessed here.
 namespace {
 
-// `text` of rank `root`, on every rank (host values summed over the ranks: only root's are non-zero).
+// `text` of rank `root`, on every rank (host values summed over the ranks: only root's are
+// non-zero).
 std::string share_text(parallel::Communicator& world, const std::string& text, int root) {
   const bool mine = world.rank() == root;
   const auto n = static_cast<std::size_t>(world.all_reduce_host(mine ? double(text.size()) : 0.0));
@@ -84,11 +84,12 @@ std::string share_text(parallel::Communicator& world, const std::string& text, i
   return out;
 }
 
-// Every rank must train the same resolved config: ranks started with different files or --set values
-// would otherwise fail later in a collective with a bare MPI_ERR_TRUNCATE, or not at all. Compares a
-// hash of the config's text (in 21-bit pieces, exact as doubles); on a difference, finds the first line
-// that differs from rank 0's and names it, with both values, on every rank.
-Status check_same_config(parallel::Communicator& world, const std::string& text, const std::string& source) {
+// Every rank must train the same resolved config: ranks started with different files or --set
+// values would otherwise fail later in a collective with a bare MPI_ERR_TRUNCATE, or not at all.
+// Compares a hash of the config's text (in 21-bit pieces, exact as doubles); on a difference, finds
+// the first line that differs from rank 0's and names it, with both values, on every rank.
+Status check_same_config(parallel::Communicator& world, const std::string& text,
+                         const std::string& source) {
   if (world.size() == 1) return ok_status();
   uint64_t h = 1469598103934665603ULL;  // FNV-1a
   for (unsigned char c : text) h = (h ^ c) * 1099511628211ULL;
@@ -112,24 +113,27 @@ Status check_same_config(parallel::Communicator& world, const std::string& text,
       break;
     }
   const double big = 1e18;
-  const double line = world.all_reduce_host(first < std::max(ref.size(), own.size()) ? double(first) : big,
-                                            parallel::ReduceOp::kMin);
-  const int who = static_cast<int>(
-      world.all_reduce_host(double(first) == line ? double(world.rank()) : big, parallel::ReduceOp::kMin));
+  const double line = world.all_reduce_host(
+      first < std::max(ref.size(), own.size()) ? double(first) : big, parallel::ReduceOp::kMin);
+  const int who = static_cast<int>(world.all_reduce_host(
+      double(first) == line ? double(world.rank()) : big, parallel::ReduceOp::kMin));
   const auto at = static_cast<std::size_t>(line);
-  const std::string theirs = share_text(world, at < own.size() ? own[at] : std::string("(end of config)"), who);
+  const std::string theirs =
+      share_text(world, at < own.size() ? own[at] : std::string("(end of config)"), who);
   auto trim = [](std::string s) {
     s.erase(0, s.find_first_not_of(' '));
     return s;
   };
   return invalid_argument(source + ": the ranks' configs differ: rank " + std::to_string(who) +
                           " has '" + trim(theirs) + "' where rank 0 has '" +
-                          trim(at < ref.size() ? ref[at] : std::string("(end of config)")) + "' (line " +
-                          std::to_string(at + 1) + " of the resolved config); start every rank with the same "
+                          trim(at < ref.size() ? ref[at] : std::string("(end of config)")) +
+                          "' (line " + std::to_string(at + 1) +
+                          " of the resolved config); start every rank with the same "
                           "--config and --set values");
 }
 
-Status check_model_fits(const config::RunConfig& cfg, const model::ModelSpec& spec, const std::string& source) {
+Status check_model_fits(const config::RunConfig& cfg, const model::ModelSpec& spec,
+                        const std::string& source) {
   const auto& p = cfg.parallel();
   const double ranks = double(std::max<int64_t>(1, p.dp() * p.ep() * p.sp()));
   const double params = double(model::count_parameters(spec, spec.max_seq_len).total);
@@ -145,14 +149,16 @@ Status check_model_fits(const config::RunConfig& cfg, const model::ModelSpec& sp
   std::ostringstream os;
   os.precision(3);
   os << source << ": the model has " << params / 1e9 << "B parameters: " << need / double(1 << 30)
-     << " GiB of fp32 weights per rank over " << ranks << " rank(s), more than the " << have / double(1 << 30)
-     << " GiB of " << (cuda ? "GPU" : "host") << " memory (model.d_model = " << spec.d << ", num_blocks = "
-     << spec.num_blocks << ", vocab_size = " << spec.vocab << "); check the model's sizes";
+     << " GiB of fp32 weights per rank over " << ranks << " rank(s), more than the "
+     << have / double(1 << 30) << " GiB of " << (cuda ? "GPU" : "host")
+     << " memory (model.d_model = " << spec.d << ", num_blocks = " << spec.num_blocks
+     << ", vocab_size = " << spec.vocab << "); check the model's sizes";
   return invalid_argument(os.str());
 }
 }  // namespace
 
-Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_in, const std::string& source,
+Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_in,
+                                                   const std::string& source,
                                                    const TrainOptions& options) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->cfg_ = cfg_in;
@@ -169,23 +175,29 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
   const parallel::GridShape shape{p.dp(), p.ep(), p.sp()};
   const bool distributed = parallel::process_info().distributed && !options.local_only;
   if (shape.size() > 1 && !distributed)
-    return invalid_argument(source + ": parallel { " + shape.str() + " } needs " + std::to_string(shape.size()) +
-                            " processes; this is a single process (start it with mpirun -np " +
-                            std::to_string(shape.size()) + " or srun -n " + std::to_string(shape.size()) + ")");
+    return invalid_argument(
+        source + ": parallel { " + shape.str() + " } needs " + std::to_string(shape.size()) +
+        " processes; this is a single process (start it with mpirun -np " +
+        std::to_string(shape.size()) + " or srun -n " + std::to_string(shape.size()) + ")");
   const bool gpu = t->cfg_.train().device() == "cuda";
   if (!gpu && p.comm() == config::ParallelConfig::NCCL)
-    return invalid_argument(source + ": parallel.comm = NCCL moves CUDA tensors, but train.device = cpu; use "
-                            "parallel.comm = MPI (or AUTO), or train.device = cuda");
+    return invalid_argument(
+        source +
+        ": parallel.comm = NCCL moves CUDA tensors, but train.device = cpu; use "
+        "parallel.comm = MPI (or AUTO), or train.device = cuda");
   if (gpu) {
     if (!cuda_available())
-      return failed_precondition(source + ": train.device = cuda but no CUDA device is available (or this build has "
-                                 "no CUDA backend); use --set train.device=cpu");
+      return failed_precondition(
+          source +
+          ": train.device = cuda but no CUDA device is available (or this build has "
+          "no CUDA backend); use --set train.device=cpu");
     t->device_ = Device::cuda(distributed ? parallel::device_for_rank() : 0);
   }
   if (distributed) {
-    const parallel::CommBackend backend = p.comm() == config::ParallelConfig::MPI    ? parallel::CommBackend::kMpi
-                                          : p.comm() == config::ParallelConfig::NCCL ? parallel::CommBackend::kNccl
-                                                                                     : parallel::CommBackend::kAuto;
+    const parallel::CommBackend backend =
+        p.comm() == config::ParallelConfig::MPI    ? parallel::CommBackend::kMpi
+        : p.comm() == config::ParallelConfig::NCCL ? parallel::CommBackend::kNccl
+                                                   : parallel::CommBackend::kAuto;
     if (gpu && backend != parallel::CommBackend::kMpi)
       if (const std::string problem = parallel::nccl_placement_problem(); !problem.empty())
         return failed_precondition(source + ": train.device = cuda with parallel.comm = " +
@@ -193,7 +205,8 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
     auto world = parallel::world_communicator(gpu, backend);
     world->set_timeout(std::chrono::seconds(static_cast<int64_t>(std::ceil(p.timeout_s()))));
     HYDRA_RETURN_IF_ERROR(check_same_config(*world, config::to_text(t->cfg_), source));
-    HYDRA_ASSIGN_OR_RETURN(t->grid_, parallel::ProcessGrid::create(std::move(world), shape, source));
+    HYDRA_ASSIGN_OR_RETURN(t->grid_,
+                           parallel::ProcessGrid::create(std::move(world), shape, source));
   } else {
     t->grid_ = parallel::ProcessGrid::single(t->device_);
   }
@@ -202,24 +215,31 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
   if (t->cfg_.train().precision() == config::TrainConfig::FP64 && t->device_.is_cuda())
     return invalid_argument(source + ": train.precision = FP64 is for the CPU (use FP32 on CUDA)");
   if (t->cfg_.train().precision() == config::TrainConfig::BF16_MIXED && t->device_.is_cpu())
-    return invalid_argument(source + ": train.precision = BF16_MIXED runs on CUDA only (the CPU backend computes in "
-                            "f32/f64); use train.precision = FP32 or train.device = cuda");
+    return invalid_argument(
+        source +
+        ": train.precision = BF16_MIXED runs on CUDA only (the CPU backend computes in "
+        "f32/f64); use train.precision = FP32 or train.device = cuda");
   kernels::set_deterministic(t->cfg_.train().deterministic());
-  // Data: shards are opened once (and checked) here; synthetic sources are made per stage (data mix).
+  // Data: shards are opened once (and checked) here; synthetic sources are made per stage (data
+  // mix).
   if (t->cfg_.data().shards_size() > 0) {
-    HYDRA_ASSIGN_OR_RETURN(std::vector<std::string> paths,
-                           data::expand_shard_paths({t->cfg_.data().shards().begin(), t->cfg_.data().shards().end()}));
+    HYDRA_ASSIGN_OR_RETURN(
+        std::vector<std::string> paths,
+        data::expand_shard_paths({t->cfg_.data().shards().begin(), t->cfg_.data().shards().end()}));
     int64_t longest = 0;
     for (const Stage& s : t->stages_) longest = std::max(longest, s.seq_len);
-    HYDRA_ASSIGN_OR_RETURN(auto src, data::ShardSource::open(paths, t->cfg_.data().eval_fraction(), longest + 1));
+    HYDRA_ASSIGN_OR_RETURN(
+        auto src, data::ShardSource::open(paths, t->cfg_.data().eval_fraction(), longest + 1));
     if (src->vocab_size() > t->spec_.vocab)
-      return invalid_argument(paths[0] + ": tokens of a vocabulary of " + std::to_string(src->vocab_size()) +
+      return invalid_argument(paths[0] + ": tokens of a vocabulary of " +
+                              std::to_string(src->vocab_size()) +
                               " do not fit model.vocab_size = " + std::to_string(t->spec_.vocab));
     if (!t->cfg_.data().tokenizer().empty()) {
       HYDRA_ASSIGN_OR_RETURN(auto tok, data::load_tokenizer(t->cfg_.data().tokenizer()));
       if (tok->id() != src->tokenizer())
         return invalid_argument("data.tokenizer " + t->cfg_.data().tokenizer() + " (" + tok->id() +
-                                ") is not the tokenizer the shards were made with (" + src->tokenizer() + ")");
+                                ") is not the tokenizer the shards were made with (" +
+                                src->tokenizer() + ")");
     }
     t->shard_source_ = src;
   } else if (t->spec_.vocab < data::SyntheticTasks::kVocab) {
@@ -227,7 +247,8 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
                             " is too small for the built-in synthetic data (byte tokens below " +
                             std::to_string(data::SyntheticTasks::kVocab) + ")");
   }
-  // Each phase ends with every rank learning whether any rank failed (no rank waits for one that quit).
+  // Each phase ends with every rank learning whether any rank failed (no rank waits for one that
+  // quit).
   HYDRA_RETURN_IF_ERROR(agree(t->prepare(), *t->grid_));
   HYDRA_RETURN_IF_ERROR(agree(t->prepare_model(), *t->grid_));
   return t;
@@ -247,24 +268,27 @@ Status Trainer::prepare() {
   } else if (opt_.resume == "auto") {
     auto latest = checkpoints_->latest();
     if (!latest.ok())
-      return not_found("--resume auto: " + out + " has no complete checkpoint to resume from (start without --resume)");
+      return not_found("--resume auto: " + out +
+                       " has no complete checkpoint to resume from (start without --resume)");
     resume_from_ = *latest;
   } else {
     if (fs::exists(fs::path(opt_.resume) / "manifest.pb")) {
       resume_from_ = opt_.resume;
     } else if (fs::is_directory(fs::path(opt_.resume) / "checkpoints")) {
       auto latest = CheckpointManager(opt_.resume, 1).latest();
-      if (!latest.ok()) return not_found("--resume " + opt_.resume + ": " + latest.status().message());
+      if (!latest.ok())
+        return not_found("--resume " + opt_.resume + ": " + latest.status().message());
       resume_from_ = *latest;
     } else {
-      return not_found("--resume " + opt_.resume + ": not a checkpoint (no manifest.pb) nor a run directory");
+      return not_found("--resume " + opt_.resume +
+                       ": not a checkpoint (no manifest.pb) nor a run directory");
     }
   }
   return ok_status();
 }
 
-// Phase 2 (after every rank checked the run directory): rank 0 creates it; every rank builds the model
-// and the optimizer, and loads the checkpoint when resuming.
+// Phase 2 (after every rank checked the run directory): rank 0 creates it; every rank builds the
+// model and the optimizer, and loads the checkpoint when resuming.
 Status Trainer::prepare_model() {
   const std::string& out = opt_.out_dir;
   std::error_code ec;
@@ -278,7 +302,8 @@ Status Trainer::prepare_model() {
   if (cfg_.train().precision() == config::TrainConfig::FP64) model_->to(DType::kF64);
   if (device_.is_cuda()) model_->to(device_);
   std::map<std::string, double> groups = {{"pkm_values", cfg_.train().optimizer().pkm_value_lr()}};
-  optimizer_ = std::make_unique<AdamW>(model_->named_parameters(), cfg_.train().optimizer(), groups);
+  optimizer_ =
+      std::make_unique<AdamW>(model_->named_parameters(), cfg_.train().optimizer(), groups);
   state_.data_seed = cfg_.train().seed() * 1000003ull + 17;
   if (grid_->distributed()) {
     const bool zero1 = cfg_.parallel().zero1();
@@ -288,13 +313,16 @@ Status Trainer::prepare_model() {
   if (cfg_.train().precision() == config::TrainConfig::BF16_MIXED)
     compute_copies_ = std::make_unique<ComputeCopies>(*model_, DType::kBF16);
   if (!resume_from_.empty()) {
-    const Status loaded = CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_, *grid_);
+    const Status loaded =
+        CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_, *grid_);
     if (!loaded.ok() && opt_.resume == "auto") {  // name the next older checkpoint, if there is one
       const int64_t step = std::stoll(fs::path(resume_from_).filename().string().substr(5));
       auto older = checkpoints_->latest(step);
-      return Status(loaded.code(), loaded.message() + (older.ok() ? "; the next older complete checkpoint is " + *older +
-                                                                        ": resume from it with --resume " + *older
-                                                                  : "; there is no older complete checkpoint"));
+      return Status(
+          loaded.code(),
+          loaded.message() + (older.ok() ? "; the next older complete checkpoint is " + *older +
+                                               ": resume from it with --resume " + *older
+                                         : "; there is no older complete checkpoint"));
     }
     HYDRA_RETURN_IF_ERROR(loaded);
     default_generator().set_state(state_.rng);
@@ -330,8 +358,8 @@ Status Trainer::enter_stage(const Stage& stage) {
   return ok_status();
 }
 
-// Every rank evaluates its part of each held-out batch (its sequences, its sequence shard); the counts
-// are then summed over the ranks.
+// Every rank evaluates its part of each held-out batch (its sequences, its sequence shard); the
+// counts are then summed over the ranks.
 Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   NoGradGuard ng;
   data::LoaderOptions lo;
@@ -347,8 +375,8 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   const int64_t E = spec_.num_experts, V = spec_.vocab;
   auto* hydra = dynamic_cast<model::HydraLM*>(model_.get());
   const int64_t blocks = hydra ? static_cast<int64_t>(hydra->blocks->size()) : 0;
-  // Summed over ranks at the end: [loss sum, targets, tokens, answers[k], correct[k], domain x block x expert
-  // counts, answer-token presence per task x vocab].
+  // Summed over ranks at the end: [loss sum, targets, tokens, answers[k], correct[k], domain x
+  // block x expert counts, answer-token presence per task x vocab].
   const int64_t K = data::kNumTasks, n_dom = 3 * blocks * E;
   std::vector<double> acc(3 + 2 * K + n_dom + K * V, 0.0);
   double* answers = acc.data() + 3;
@@ -389,10 +417,12 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
           for (int64_t c = 0; c < rt.num_chunks; ++c) {
             const int d = b.domain[s * b.len + c * rt.chunk];
             bool pure = d >= 0;
-            for (int64_t k = 0; k < rt.chunk && pure; ++k) pure = b.domain[s * b.len + c * rt.chunk + k] == d;
+            for (int64_t k = 0; k < rt.chunk && pure; ++k)
+              pure = b.domain[s * b.len + c * rt.chunk + k] == d;
             if (!pure) continue;
             for (int64_t e = 0; e < rt.num_experts; ++e)
-              dom[(d * blocks + blk) * E + e] += rt.active[(s * rt.num_chunks + c) * rt.num_experts + e];
+              dom[(d * blocks + blk) * E + e] +=
+                  rt.active[(s * rt.num_chunks + c) * rt.num_experts + e];
           }
       }
     }
@@ -442,7 +472,8 @@ Expected<TrainSummary> Trainer::run() {
   sum.first_step = state_.step;
   if (state_.step >= stop) {
     return failed_precondition("nothing to do: the run is at step " + std::to_string(state_.step) +
-                               " and --steps is " + std::to_string(stop) + "; pass a larger --steps");
+                               " and --steps is " + std::to_string(stop) +
+                               "; pass a larger --steps");
   }
   // Rank 0 writes the metrics and talks; every rank trains.
   const bool speak = !opt_.quiet && lead();
@@ -459,30 +490,36 @@ Expected<TrainSummary> Trainer::run() {
   HYDRA_RETURN_IF_ERROR(agree(opened, *grid_));
   sum.metrics = (fs::path(opt_.out_dir) / "metrics.jsonl").string();
   const bool tty = speak && isatty(STDERR_FILENO);
-  Progress progress(state_.step, stop, tty, std::max<int64_t>(tr.log_every(), (stop - state_.step) / 20));
+  Progress progress(state_.step, stop, tty,
+                    std::max<int64_t>(tr.log_every(), (stop - state_.step) / 20));
   auto say = [&](const std::string& line) {
     if (speak) progress.message(line);
   };
-  if (!resume_from_.empty()) say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
+  if (!resume_from_.empty())
+    say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
   if (compute_copies_) {
     std::ostringstream os;
     os.precision(3);
     os << "precision BF16_MIXED: bf16 compute copies of the fp32 parameters ("
-       << double(compute_copies_->bytes()) / (1 << 20) << " MiB), fp32 gradients, optimizer state and checkpoints";
+       << double(compute_copies_->bytes()) / (1 << 20)
+       << " MiB), fp32 gradients, optimizer state and checkpoints";
     say(os.str());
   }
   if (grid_->distributed()) {
     std::ostringstream os;
     os.precision(3);
-    const bool gpu = device_.is_cuda(), staged = cfg_.parallel().comm() == config::ParallelConfig::MPI;
+    const bool gpu = device_.is_cuda(),
+               staged = cfg_.parallel().comm() == config::ParallelConfig::MPI;
     const std::string over = !gpu     ? "MPI"
                              : staged ? "MPI, GPU tensors staged through host memory"
                                       : "NCCL " + parallel::nccl_version() + ", one GPU per rank";
     os << "grid " << grid_->shape().str() << " (" << grid_->world().size() << " ranks over " << over
        << "): " << reducer_->num_buckets()
-       << (reducer_->num_buckets() == 1 ? " gradient bucket of " : " gradient buckets of ") << cfg_.parallel().bucket_mb() << " MB; AdamW state on rank 0: "
-       << double(optimizer_->state_bytes()) / (1 << 20) << " MiB"
-       << (optimizer_->sharded() ? " (ZeRO-1: sharded over the replicas)" : " (replicated; parallel.zero1 shards it)");
+       << (reducer_->num_buckets() == 1 ? " gradient bucket of " : " gradient buckets of ")
+       << cfg_.parallel().bucket_mb()
+       << " MB; AdamW state on rank 0: " << double(optimizer_->state_bytes()) / (1 << 20) << " MiB"
+       << (optimizer_->sharded() ? " (ZeRO-1: sharded over the replicas)"
+                                 : " (replicated; parallel.zero1 shards it)");
     say(os.str());
   }
 
@@ -504,12 +541,14 @@ Expected<TrainSummary> Trainer::run() {
   const auto t_start = std::chrono::steady_clock::now();
   const double elapsed_before = state_.elapsed_s;
   auto elapsed = [&] {
-    return elapsed_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    return elapsed_before +
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   };
   auto save = [&]() -> Status {
     state_.rng = default_generator().state();
     state_.elapsed_s = elapsed();
-    HYDRA_ASSIGN_OR_RETURN(last_ckpt, checkpoints_->save(state_, cfg_, *model_, *optimizer_, *grid_));
+    HYDRA_ASSIGN_OR_RETURN(last_ckpt,
+                           checkpoints_->save(state_, cfg_, *model_, *optimizer_, *grid_));
     return ok_status();
   };
 
@@ -519,8 +558,9 @@ Expected<TrainSummary> Trainer::run() {
     if (stage.index != current_stage_) {
       HYDRA_RETURN_IF_ERROR(enter_stage(stage));
       std::ostringstream os;
-      os << "stage " << stage.index + 1 << "/" << stages_.size() << " '" << stage.name << "' from step " << step
-         << ": seq " << stage.seq_len << ", batch " << stage.batch << ", paths " << paths_str(stage.paths);
+      os << "stage " << stage.index + 1 << "/" << stages_.size() << " '" << stage.name
+         << "' from step " << step << ": seq " << stage.seq_len << ", batch " << stage.batch
+         << ", paths " << paths_str(stage.paths);
       if (!stage.freeze.empty()) {
         os << ", frozen:";
         for (const auto& g : stage.freeze) os << " " << g;
@@ -531,7 +571,8 @@ Expected<TrainSummary> Trainer::run() {
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t in_stage = step - stage.start;
     const double lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
-    const double warm = stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
+    const double warm =
+        stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
     HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader_->get(step));
     const data::Batch batch = sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
 
@@ -543,7 +584,8 @@ Expected<TrainSummary> Trainer::run() {
     ss.collect_stats = (step + 1) % tr.stats_every() == 0 || step + 1 == schedule_end;
     ss.device = device_;
     StepLosses step_out;
-    {  // bf16 compute copies (BF16_MIXED) during the forward and backward; the fp32 masters for the rest
+    {  // bf16 compute copies (BF16_MIXED) during the forward and backward; the fp32 masters for the
+       // rest
       const ComputeCopies::Scope compute(compute_copies_.get());
       step_out = forward_backward(*model_, *grid_, reducer_.get(), batch, ss);
     }
@@ -551,16 +593,18 @@ Expected<TrainSummary> Trainer::run() {
     const std::vector<double>& aux = step_out.aux;
     if (!std::isfinite(total_loss) || !std::isfinite(lm_loss)) {
       progress.finish();
-      return internal_error("step " + std::to_string(step + 1) + ": the loss is " + std::to_string(total_loss) +
-                            " (not finite); stopping without saving. " +
-                            (last_ckpt.empty() ? std::string("No checkpoint was written yet")
-                                               : "The last good checkpoint is " + last_ckpt) +
-                            "; resume from it with --resume auto and a lower learning rate (--set train.lr.lr=...)");
+      return internal_error(
+          "step " + std::to_string(step + 1) + ": the loss is " + std::to_string(total_loss) +
+          " (not finite); stopping without saving. " +
+          (last_ckpt.empty() ? std::string("No checkpoint was written yet")
+                             : "The last good checkpoint is " + last_ckpt) +
+          "; resume from it with --resume auto and a lower learning rate (--set train.lr.lr=...)");
     }
     const double norm = global_grad_norm(*optimizer_, *grid_);
     if (!std::isfinite(norm)) {
       progress.finish();
-      return internal_error("step " + std::to_string(step + 1) + ": the gradient norm is not finite; stopping. " +
+      return internal_error("step " + std::to_string(step + 1) +
+                            ": the gradient norm is not finite; stopping. " +
                             (last_ckpt.empty() ? std::string("No checkpoint was written yet")
                                                : "The last good checkpoint is " + last_ckpt));
     }
@@ -570,9 +614,11 @@ Expected<TrainSummary> Trainer::run() {
     model_->zero_grad();
     model_->after_step();
 
-    const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double step_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // The kernel profile covers the steps after the first (whose one-time costs would blur it).
-    if (kernel_profile_enabled() && step == sum.first_step && step + 1 < stop) kernel_profile_reset();
+    if (kernel_profile_enabled() && step == sum.first_step && step + 1 < stop)
+      kernel_profile_reset();
     const double tokens = double(stage.batch * stage.seq_len);  // the global batch
     state_.tokens_seen += tokens;
     state_.step = step + 1;
@@ -581,10 +627,14 @@ Expected<TrainSummary> Trainer::run() {
     recent_losses.push_back(lm_loss);
     if (recent_losses.size() > 10) recent_losses.erase(recent_losses.begin());
 
-    // Model FLOPs per second over the device's peak, per rank (the step's tokens are the global batch's).
-    const double tflops = tokens / step_s * model::training_flops_per_token(spec_, stage.paths, stage.seq_len) /
+    // Model FLOPs per second over the device's peak, per rank (the step's tokens are the global
+    // batch's).
+    const double tflops = tokens / step_s *
+                          model::training_flops_per_token(spec_, stage.paths, stage.seq_len) /
                           double(grid_->world().size()) / 1e12;
-    const double peak = tr.peak_tflops() > 0 ? tr.peak_tflops() : device_.is_cuda() ? kDefaultCudaPeakTflops : 0.0;
+    const double peak = tr.peak_tflops() > 0 ? tr.peak_tflops()
+                        : device_.is_cuda()  ? kDefaultCudaPeakTflops
+                                             : 0.0;
     MetricValues values = {{"loss", lm_loss},
                            {"loss.total", total_loss},
                            {"loss.balance", aux[0]},
@@ -604,7 +654,8 @@ Expected<TrainSummary> Trainer::run() {
     if (reducer_) {  // rank 0's view of the gradient exchange
       values.push_back({"comm.exposed_ms", reducer_->stats().exposed_ms});
       values.push_back({"comm.buckets_overlapped", double(reducer_->stats().early)});
-      if (reducer_->sharding()) values.push_back({"comm.param_gather_ms", reducer_->stats().gather_ms});
+      if (reducer_->sharding())
+        values.push_back({"comm.param_gather_ms", reducer_->stats().gather_ms});
     }
     if (device_.is_cuda()) {
       const CudaMemoryStats ms = cuda_memory_stats(device_.index);
@@ -614,8 +665,8 @@ Expected<TrainSummary> Trainer::run() {
     average_over_ranks(step_out.stats, *grid_);
     for (const auto& [k, v] : step_out.stats)
       if (k.rfind("loss.", 0) != 0) values.push_back({k, v});
-    // Routing health: a MoE layer whose chunks reach no expert at all has dead experts (its FFN adds
-    // nothing); said once per layer, the layer named.
+    // Routing health: a MoE layer whose chunks reach no expert at all has dead experts (its FFN
+    // adds nothing); said once per layer, the layer named.
     for (const auto& [k, v] : step_out.stats) {
       const std::string suffix = ".empty_chunk_frac";
       if (k.rfind("moe.", 0) != 0 || k.size() <= suffix.size() ||
@@ -624,8 +675,10 @@ Expected<TrainSummary> Trainer::run() {
       const std::string layer = k.substr(4, k.size() - 4 - suffix.size());
       if (!dead_layers_warned_.insert(layer).second) continue;
       say("warning: step " + std::to_string(state_.step) + ": MoE layer " + layer +
-          " routes no chunk to any expert (every router output is zero after the ReLU): its experts are dead "
-          "and its FFN adds nothing (metrics moe." + layer + ".dead_experts, ." + "empty_chunk_frac)");
+          " routes no chunk to any expert (every router output is zero after the ReLU): its "
+          "experts are dead "
+          "and its FFN adds nothing (metrics moe." +
+          layer + ".dead_experts, ." + "empty_chunk_frac)");
     }
     const bool last = state_.step == stop;
     const bool eval_due = (tr.eval_every() > 0 && state_.step % tr.eval_every() == 0) || last;
@@ -634,33 +687,46 @@ Expected<TrainSummary> Trainer::run() {
       values.push_back({"eval.loss", sum.eval.loss});
       values.push_back({"eval.perplexity", sum.eval.perplexity});
       for (int k = 0; k < data::kNumTasks; ++k)
-        if (sum.eval.answers[k] > 0) values.push_back({std::string("eval.accuracy.") + data::task_name(k), sum.eval.accuracy[k]});
-      if (std::isfinite(sum.eval.routing_purity)) values.push_back({"eval.routing_purity", sum.eval.routing_purity});
+        if (sum.eval.answers[k] > 0)
+          values.push_back(
+              {std::string("eval.accuracy.") + data::task_name(k), sum.eval.accuracy[k]});
+      if (std::isfinite(sum.eval.routing_purity))
+        values.push_back({"eval.routing_purity", sum.eval.routing_purity});
     }
     if (lead()) log.write(state_.step, stage.name, values);
-    if (speak) progress.update(state_.step, stage.name, lm_loss, lr, tokens / step_s, elapsed(), peak > 0 ? tflops / peak : -1);
+    if (speak)
+      progress.update(state_.step, stage.name, lm_loss, lr, tokens / step_s, elapsed(),
+                      peak > 0 ? tflops / peak : -1);
     if (eval_due && speak) {
       std::ostringstream os;
       os.precision(4);
-      os << "eval at step " << state_.step << ": loss " << sum.eval.loss << ", perplexity " << sum.eval.perplexity;
+      os << "eval at step " << state_.step << ": loss " << sum.eval.loss << ", perplexity "
+         << sum.eval.perplexity;
       for (int k = 0; k < data::kNumTasks; ++k)
-        if (sum.eval.answers[k] > 0) os << ", " << data::task_name(k) << " " << sum.eval.accuracy[k];
+        if (sum.eval.answers[k] > 0)
+          os << ", " << data::task_name(k) << " " << sum.eval.accuracy[k];
       say(os.str());
     }
     // A signal reaches the ranks at different moments: they act on it at the same step.
     int sig = g_signal.load();
-    if (grid_->distributed()) sig = static_cast<int>(grid_->world().all_reduce_host(double(sig), parallel::ReduceOp::kMax));
+    if (grid_->distributed())
+      sig = static_cast<int>(grid_->world().all_reduce_host(double(sig), parallel::ReduceOp::kMax));
     // save_every -1 (benchmarks): no checkpoint at all, not even at the end or on a signal.
-    const bool save_due = tr.save_every() >= 0 &&
-                          ((tr.save_every() > 0 && state_.step % tr.save_every() == 0) || last || sig != 0);
+    const bool save_due =
+        tr.save_every() >= 0 &&
+        ((tr.save_every() > 0 && state_.step % tr.save_every() == 0) || last || sig != 0);
     if (save_due) {
       HYDRA_RETURN_IF_ERROR(save());
       if (lead()) log.flush();
     }
     if (sig != 0) {
       progress.finish();
-      const std::string name = sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : "signal";
-      say("received " + name + " (" + std::to_string(sig) + ") at step " + std::to_string(state_.step) +
+      const std::string name = sig == SIGINT    ? "SIGINT"
+                               : sig == SIGTERM ? "SIGTERM"
+                               : sig == SIGUSR1 ? "SIGUSR1"
+                                                : "signal";
+      say("received " + name + " (" + std::to_string(sig) + ") at step " +
+          std::to_string(state_.step) +
           (save_due ? ": saved checkpoint " + last_ckpt + "; continue with --resume auto"
                     : ": stopping without a checkpoint (train.save_every = -1)"));
       sum.interrupted = true;

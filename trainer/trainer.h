@@ -1,6 +1,7 @@
-// The training loop, top to bottom in Trainer::run(): for each step, the curriculum stage, the batch,
-// forward and backward over micro-batches, gradient clipping, AdamW, metrics, evaluation and
-// checkpoints. Resuming restores everything a step depends on, so N straight steps equal N/2 + resume
+// The training loop, top to bottom in Trainer::run(): for each step, the curriculum stage, the
+// batch, forward and backward over micro-batches, gradient clipping, AdamW, metrics, evaluation and
+// checkpoints. Resuming restores everything a step depends on, so N straight steps equal N/2 +
+// resume
 // + N/2 bit for bit.
 #pragma once
 
@@ -23,10 +24,11 @@ namespace hydra::trainer {
 
 struct TrainOptions {
   std::string out_dir;
-  std::string resume;      // "": a new run; "auto": the newest checkpoint in out_dir; else a checkpoint or run dir
-  int64_t stop_step = -1;  // --steps: the step count to reach (default: train.steps)
-  bool quiet = false;      // no progress output (tests)
-  bool local_only = false; // one process even when MPI is up (tests compare against it)
+  std::string resume;  // "": a new run; "auto": the newest checkpoint in out_dir; else a checkpoint
+                       // or run dir
+  int64_t stop_step = -1;   // --steps: the step count to reach (default: train.steps)
+  bool quiet = false;       // no progress output (tests)
+  bool local_only = false;  // one process even when MPI is up (tests compare against it)
 };
 
 struct EvalResult {
@@ -53,13 +55,16 @@ struct TrainSummary {
 class Trainer {
  public:
   // cfg: overrides already applied; source: the config file, for messages.
-  static Expected<std::unique_ptr<Trainer>> create(const config::RunConfig& cfg, const std::string& source,
+  static Expected<std::unique_ptr<Trainer>> create(const config::RunConfig& cfg,
+                                                   const std::string& source,
                                                    const TrainOptions& options);
   Expected<TrainSummary> run();
   model::LanguageModel& model() { return *model_; }
   const config::RunConfig& config() const { return cfg_; }
   const AdamW& optimizer() const { return *optimizer_; }
-  const parallel::GradientReducer* reducer() const { return reducer_.get(); }  // null in one process
+  const parallel::GradientReducer* reducer() const {
+    return reducer_.get();
+  }  // null in one process
 
  private:
   Trainer() = default;
@@ -83,9 +88,9 @@ class Trainer {
   std::shared_ptr<const data::DataSource> shard_source_;  // when data.shards is set
   TrainState state_;
   Device device_ = Device::cpu();
-  std::unique_ptr<parallel::ProcessGrid> grid_;       // a grid of one in a single process
+  std::unique_ptr<parallel::ProcessGrid> grid_;         // a grid of one in a single process
   std::unique_ptr<parallel::GradientReducer> reducer_;  // distributed runs
-  std::unique_ptr<ComputeCopies> compute_copies_;      // BF16_MIXED: bf16 copies of the fp32 parameters
+  std::unique_ptr<ComputeCopies> compute_copies_;  // BF16_MIXED: bf16 copies of the fp32 parameters
   int64_t current_stage_ = -1;
   std::string resume_from_;
 };

@@ -1,5 +1,5 @@
-// dtype dispatch shared by the CPU and CUDA kernels: fn(TypeTag<T>{}) with the instantiations listed
-// here, and a cast that understands bf16 (usable on host and device).
+// dtype dispatch shared by the CPU and CUDA kernels: fn(TypeTag<T>{}) with the instantiations
+// listed here, and a cast that understands bf16 (usable on host and device).
 #pragma once
 
 #include <cstdint>
@@ -19,9 +19,12 @@ struct TypeTag {
 template <class F>
 void dispatch_index(DType dtype, std::string_view op, F&& fn) {
   switch (dtype) {
-    case DType::kI32: return fn(TypeTag<int32_t>{});
-    case DType::kI64: return fn(TypeTag<int64_t>{});
-    default: HYDRA_FAIL() << op << ": index dtype must be i32 or i64, got " << dtype_name(dtype);
+    case DType::kI32:
+      return fn(TypeTag<int32_t>{});
+    case DType::kI64:
+      return fn(TypeTag<int64_t>{});
+    default:
+      HYDRA_FAIL() << op << ": index dtype must be i32 or i64, got " << dtype_name(dtype);
   }
 }
 
@@ -29,11 +32,16 @@ void dispatch_index(DType dtype, std::string_view op, F&& fn) {
 template <class F>
 void dispatch_all(DType dtype, F&& fn) {
   switch (dtype) {
-    case DType::kF32: return fn(TypeTag<float>{});
-    case DType::kF64: return fn(TypeTag<double>{});
-    case DType::kBF16: return fn(TypeTag<bf16>{});
-    case DType::kI32: return fn(TypeTag<int32_t>{});
-    case DType::kI64: return fn(TypeTag<int64_t>{});
+    case DType::kF32:
+      return fn(TypeTag<float>{});
+    case DType::kF64:
+      return fn(TypeTag<double>{});
+    case DType::kBF16:
+      return fn(TypeTag<bf16>{});
+    case DType::kI32:
+      return fn(TypeTag<int32_t>{});
+    case DType::kI64:
+      return fn(TypeTag<int64_t>{});
   }
 }
 

@@ -26,7 +26,8 @@ struct bf16 {
 
   HYDRA_HD static uint16_t from_float(float f) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    // One instruction (F2FP) instead of the eight below; the same rounding, a canonical NaN (0x7fff).
+    // One instruction (F2FP) instead of the eight below; the same rounding, a canonical NaN
+    // (0x7fff).
     uint16_t r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
     return r;

@@ -1,9 +1,9 @@
-// Division by a divisor fixed at launch, as a multiply and a shift (Granlund and Montgomery, "Division
-// by invariant integers using multiplication", 1994): for 1 <= d < 2^31 and 0 <= n < 2^31, with
-// l = ceil(log2 d), m = ceil(2^(31 + l) / d) fits in 32 bits and n / d = (n * m) >> (31 + l), because
-// m * d - 2^(31 + l) < d <= 2^l makes the error n * (m * d - 2^(31 + l)) / d smaller than one. Built
-// on the host, used on either side; kernels use it where a per-element `%` by a runtime value would
-// cost a division sequence each.
+// Division by a divisor fixed at launch, as a multiply and a shift (Granlund and Montgomery,
+// "Division by invariant integers using multiplication", 1994): for 1 <= d < 2^31 and 0 <= n <
+// 2^31, with l = ceil(log2 d), m = ceil(2^(31 + l) / d) fits in 32 bits and n / d = (n * m) >> (31
+// + l), because m * d - 2^(31 + l) < d <= 2^l makes the error n * (m * d - 2^(31 + l)) / d smaller
+// than one. Built on the host, used on either side; kernels use it where a per-element `%` by a
+// runtime value would cost a division sequence each.
 #pragma once
 
 #include <cstdint>

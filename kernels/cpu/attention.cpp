@@ -1,8 +1,8 @@
-// CPU flash-style sparse causal attention. A task owns one (batch, head); it walks query tiles of kTq
-// rows; for each tile it visits only the key blocks the pattern can reach: the window band before the
-// tile, plus the global keys before the band (or every earlier key when the tile holds a global query
-// or the window is unlimited). Scores live in a kTq x kTk buffer; softmax is online (running max and
-// sum), and the backward recomputes probabilities from the saved log-sum-exp.
+// CPU flash-style sparse causal attention. A task owns one (batch, head); it walks query tiles of
+// kTq rows; for each tile it visits only the key blocks the pattern can reach: the window band
+// before the tile, plus the global keys before the band (or every earlier key when the tile holds a
+// global query or the window is unlimited). Scores live in a kTq x kTk buffer; softmax is online
+// (running max and sum), and the backward recomputes probabilities from the saved log-sum-exp.
 #include "kernels/attention.h"
 
 #include <algorithm>
@@ -43,7 +43,8 @@ void for_each_key_block(const Pattern& pat, int64_t k_len, int64_t i0, int64_t i
       int64_t n = 0;
       int64_t first = (pat.k_pos0 + pat.stride - 1) / pat.stride * pat.stride;
       if (pat.k_pos0 <= 0) first = 0;
-      for (int64_t pos = std::max<int64_t>(first, 0); pos - pat.k_pos0 < j_band; pos += pat.stride) {
+      for (int64_t pos = std::max<int64_t>(first, 0); pos - pat.k_pos0 < j_band;
+           pos += pat.stride) {
         if (pos < pat.k_pos0) continue;
         keys[n++] = pos - pat.k_pos0;
         if (n == kTk) {
@@ -67,9 +68,15 @@ struct Heads {
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  const T* qrow(int64_t b, int64_t i, int64_t h) const { return q + (b * p.q_len + i) * p.q_row + h * p.head_dim; }
-  const T* krow(int64_t b, int64_t j, int64_t h) const { return k + (b * p.k_len + j) * p.k_row + h * p.head_dim; }
-  const T* vrow(int64_t b, int64_t j, int64_t h) const { return v + (b * p.k_len + j) * p.v_row + h * p.head_dim; }
+  const T* qrow(int64_t b, int64_t i, int64_t h) const {
+    return q + (b * p.q_len + i) * p.q_row + h * p.head_dim;
+  }
+  const T* krow(int64_t b, int64_t j, int64_t h) const {
+    return k + (b * p.k_len + j) * p.k_row + h * p.head_dim;
+  }
+  const T* vrow(int64_t b, int64_t j, int64_t h) const {
+    return v + (b * p.k_len + j) * p.v_row + h * p.head_dim;
+  }
   // Offset of [b, i, h, 0] in a contiguous [B, L, H, dh] tensor.
   int64_t dense(int64_t b, int64_t i, int64_t h, int64_t len) const {
     return ((b * len + i) * p.heads + h) * p.head_dim;
@@ -79,8 +86,8 @@ struct Heads {
 // Copies a key block transposed ([dh][kTk], so a row's scores vectorise over keys) and marks which
 // of its keys are global (the pattern's modulo, once per key rather than once per pair).
 template <class T>
-void load_block(const Heads<T>& hd, int64_t b, int64_t h, const int64_t* keys, int64_t nk, const Pattern& pat, T* kt,
-                bool* kglob) {
+void load_block(const Heads<T>& hd, int64_t b, int64_t h, const int64_t* keys, int64_t nk,
+                const Pattern& pat, T* kt, bool* kglob) {
   const int64_t dh = hd.p.head_dim;
   for (int64_t jj = 0; jj < nk; ++jj) {
     const T* kj = hd.krow(b, keys[jj], h);
@@ -92,8 +99,8 @@ void load_block(const Heads<T>& hd, int64_t b, int64_t h, const int64_t* keys, i
 // Scaled scores of query q (at position tq) against a loaded block; -inf where the pattern masks.
 // Returns the row's maximum (-inf when nothing is visible).
 template <class T>
-T row_scores(const T* q, const T* kt, const int64_t* keys, const bool* kglob, int64_t nk, int64_t dh, int64_t tq,
-             const Pattern& pat, T scale, T* __restrict out) {
+T row_scores(const T* q, const T* kt, const int64_t* keys, const bool* kglob, int64_t nk,
+             int64_t dh, int64_t tq, const Pattern& pat, T scale, T* __restrict out) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t jj = 0; jj < nk; ++jj) out[jj] = 0;
   for (int64_t c = 0; c < dh; ++c) {
@@ -142,7 +149,8 @@ void attention_fwd_impl(const AttentionParams& p) {
         for (int64_t ii = 0; ii < nq; ++ii) {
           const int64_t tq = p.q_pos0 + i0 + ii;
           T* sr = s.data() + ii * kTk;
-          const T row_max = row_scores(hd.qrow(b, i0 + ii, h), kt.data(), keys, kglob, nk, dh, tq, pat, scale, sr);
+          const T row_max = row_scores(hd.qrow(b, i0 + ii, h), kt.data(), keys, kglob, nk, dh, tq,
+                                       pat, scale, sr);
           if (row_max == kNegInf) continue;
           const T m_new = std::max(m[ii], row_max);
           const T correction = m[ii] == kNegInf ? T(0) : std::exp(m[ii] - m_new);
@@ -165,7 +173,8 @@ void attention_fwd_impl(const AttentionParams& p) {
         T* o = out + hd.dense(b, i0 + ii, h, p.q_len);
         const T inv = l[ii] > T(0) ? T(1) / l[ii] : T(0);
         for (int64_t c = 0; c < dh; ++c) o[c] = acc[ii * dh + c] * inv;
-        lse[(b * p.heads + h) * p.q_len + i0 + ii] = l[ii] > T(0) ? m[ii] + std::log(l[ii]) : kNegInf;
+        lse[(b * p.heads + h) * p.q_len + i0 + ii] =
+            l[ii] > T(0) ? m[ii] + std::log(l[ii]) : kNegInf;
       }
     }
   });
@@ -218,7 +227,8 @@ void attention_bwd_impl(const AttentionBwdParams& q) {
             const T* go = gout + hd.dense(b, i0 + ii, h, p.q_len);
             T* gqi = gq + hd.dense(b, i0 + ii, h, p.q_len);
             T* sr = s.data();
-            if (row_scores(qi, kt.data(), keys, kglob, nk, dh, tq, pat, scale, sr) == kNegInf) continue;
+            if (row_scores(qi, kt.data(), keys, kglob, nk, dh, tq, pat, scale, sr) == kNegInf)
+              continue;
             for (int64_t jj = 0; jj < nk; ++jj) dp[jj] = 0;
             for (int64_t c = 0; c < dh; ++c) {  // dp_j = dO_i . V_j, vectorised over keys
               const T g = go[c];
@@ -250,8 +260,13 @@ void attention_bwd_impl(const AttentionBwdParams& q) {
 struct MergeRows {
   int64_t B, L, H, dh, rows, out_part, lse_part;
   explicit MergeRows(const AttentionMergeParams& p)
-      : B(p.batch), L(p.len), H(p.heads), dh(p.head_dim), rows(p.batch * p.heads * p.len),
-        out_part(p.batch * p.len * p.heads * p.head_dim), lse_part(p.batch * p.heads * p.len) {}
+      : B(p.batch),
+        L(p.len),
+        H(p.heads),
+        dh(p.head_dim),
+        rows(p.batch * p.heads * p.len),
+        out_part(p.batch * p.len * p.heads * p.head_dim),
+        lse_part(p.batch * p.heads * p.len) {}
   int64_t out_offset(int64_t row) const {
     const int64_t l = row % L, bh = row / L;
     return ((bh / H * L + l) * H + bh % H) * dh;
@@ -339,7 +354,8 @@ void attention_merge_bwd(const AttentionMergeBwdParams& p) {
 }
 
 void attention_fwd(const AttentionParams& p) {
-  dispatch_float(p.dtype, "attention", [&](auto tag) { attention_fwd_impl<typename decltype(tag)::type>(p); });
+  dispatch_float(p.dtype, "attention",
+                 [&](auto tag) { attention_fwd_impl<typename decltype(tag)::type>(p); });
 }
 
 void attention_bwd(const AttentionBwdParams& p) {

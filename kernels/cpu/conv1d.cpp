@@ -38,7 +38,8 @@ std::vector<T> transpose_weight(const T* w, int64_t C, int64_t W) {
 
 // pre[c] = bias[c] + sum_k wt[k][c] * x(t - (W-1) + k)[c]
 template <class T>
-void pre_activation(const Conv<T>& cv, const T* wt, const T* bias, int64_t b, int64_t t, T* __restrict pre) {
+void pre_activation(const Conv<T>& cv, const T* wt, const T* bias, int64_t b, int64_t t,
+                    T* __restrict pre) {
   const int64_t C = cv.channels, W = cv.width;
   for (int64_t c = 0; c < C; ++c) pre[c] = bias ? bias[c] : T(0);
   for (int64_t k = 0; k < W; ++k) {
@@ -54,7 +55,12 @@ void pre_activation(const Conv<T>& cv, const T* wt, const T* bias, int64_t b, in
 void causal_conv1d_fwd(const CausalConv1dParams& p) {
   dispatch_float(p.dtype, "causal_conv1d", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.batch, p.len, p.channels, p.width};
+    const Conv<T> cv{static_cast<const T*>(p.x),
+                     static_cast<const T*>(p.prefix),
+                     p.batch,
+                     p.len,
+                     p.channels,
+                     p.width};
     const std::vector<T> wt = transpose_weight(static_cast<const T*>(p.w), p.channels, p.width);
     const T* bias = static_cast<const T*>(p.bias);
     T* y = static_cast<T*>(p.y);
@@ -73,7 +79,12 @@ void causal_conv1d_fwd(const CausalConv1dParams& p) {
 void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
   dispatch_float(p.dtype, "causal_conv1d_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.batch, p.len, p.channels, p.width};
+    const Conv<T> cv{static_cast<const T*>(p.x),
+                     static_cast<const T*>(p.prefix),
+                     p.batch,
+                     p.len,
+                     p.channels,
+                     p.width};
     const int64_t B = p.batch, L = p.len, C = p.channels, W = p.width, rows = B * L;
     const std::vector<T> wt = transpose_weight(static_cast<const T*>(p.w), C, W);
     const T* bias = static_cast<const T*>(p.bias);
@@ -96,14 +107,17 @@ void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
         }
       }
     });
-    // 2. Input (and prefix) gradients: x at time s feeds outputs t = s..s+W-1 through tap s - t + W - 1.
+    // 2. Input (and prefix) gradients: x at time s feeds outputs t = s..s+W-1 through tap s - t + W
+    // - 1.
     T* gx = static_cast<T*>(p.gx);
     T* gprefix = static_cast<T*>(p.gprefix);
     const int64_t srows = B * (L + W - 1);  // times -(W-1) .. L-1 per sequence
     parallel_for(srows, grain_for(C * W), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / (L + W - 1), s = r % (L + W - 1) - (W - 1);
-        T* __restrict dst = s >= 0 ? gx + (b * L + s) * C : (gprefix ? gprefix + (b * (W - 1) + (W - 1 + s)) * C : nullptr);
+        T* __restrict dst = s >= 0
+                                ? gx + (b * L + s) * C
+                                : (gprefix ? gprefix + (b * (W - 1) + (W - 1 + s)) * C : nullptr);
         if (!dst) continue;
         std::fill(dst, dst + C, T(0));
         for (int64_t k = 0; k < W; ++k) {

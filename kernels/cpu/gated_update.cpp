@@ -11,7 +11,8 @@ namespace {
 
 template <class T>
 void fwd_impl(const GatedUpdateParams& p) {
-  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w);
+  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u),
+          *w = static_cast<const T*>(p.w);
   const T b = *static_cast<const T*>(p.b);
   T *out = static_cast<T*>(p.out), *gate = static_cast<T*>(p.gate);
   const int64_t n = p.cols;
@@ -30,7 +31,8 @@ void fwd_impl(const GatedUpdateParams& p) {
 template <class T>
 void bwd_impl(const GatedUpdateBwdParams& q) {
   const GatedUpdateParams& p = q.fwd;
-  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w);
+  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u),
+          *w = static_cast<const T*>(p.w);
   const T *gate = static_cast<const T*>(p.gate), *gout = static_cast<const T*>(q.gout);
   T *gs = static_cast<T*>(q.gs), *gu = static_cast<T*>(q.gu), *gz = static_cast<T*>(q.gz);
   const int64_t n = p.cols;
@@ -90,7 +92,8 @@ template <class T>
 void scan_bwd_impl(const GatedScanBwdParams& q) {
   const GatedScanParams& p = q.fwd;
   const int64_t R = p.rows, n = p.cols, len = R * n;
-  const T *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w), *h = static_cast<const T*>(p.h);
+  const T *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w),
+          *h = static_cast<const T*>(p.h);
   const T *gate = static_cast<const T*>(p.gate), *gh = static_cast<const T*>(q.gh);
   T *gu = static_cast<T*>(q.gu), *lam = static_cast<T*>(q.lambda), *gz = static_cast<T*>(q.gz);
   std::copy_n(gh + p.steps * len, len, lam);
@@ -133,19 +136,23 @@ void scan_bwd_impl(const GatedScanBwdParams& q) {
 }  // namespace
 
 void gated_scan_fwd(const GatedScanParams& p) {
-  dispatch_float(p.dtype, "gated_scan", [&](auto tag) { scan_fwd_impl<typename decltype(tag)::type>(p); });
+  dispatch_float(p.dtype, "gated_scan",
+                 [&](auto tag) { scan_fwd_impl<typename decltype(tag)::type>(p); });
 }
 
 void gated_scan_bwd(const GatedScanBwdParams& p) {
-  dispatch_float(p.fwd.dtype, "gated_scan_backward", [&](auto tag) { scan_bwd_impl<typename decltype(tag)::type>(p); });
+  dispatch_float(p.fwd.dtype, "gated_scan_backward",
+                 [&](auto tag) { scan_bwd_impl<typename decltype(tag)::type>(p); });
 }
 
 void gated_update_fwd(const GatedUpdateParams& p) {
-  dispatch_float(p.dtype, "gated_update", [&](auto tag) { fwd_impl<typename decltype(tag)::type>(p); });
+  dispatch_float(p.dtype, "gated_update",
+                 [&](auto tag) { fwd_impl<typename decltype(tag)::type>(p); });
 }
 
 void gated_update_bwd(const GatedUpdateBwdParams& p) {
-  dispatch_float(p.fwd.dtype, "gated_update_backward", [&](auto tag) { bwd_impl<typename decltype(tag)::type>(p); });
+  dispatch_float(p.fwd.dtype, "gated_update_backward",
+                 [&](auto tag) { bwd_impl<typename decltype(tag)::type>(p); });
 }
 
 }  // namespace hydra::kernels::cpu

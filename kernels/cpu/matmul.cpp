@@ -6,18 +6,17 @@
 #include <type_traits>
 
 #include "kernels/base/parallel.h"
-
 #include "kernels/cpu/common.h"
 
 namespace hydra::kernels::cpu {
 
 namespace {
 
-// C is cut into square tiles whose size depends only on the shape (256, halved down to 64 until there
-// are 16 tiles), never on the thread count, and each tile is one single-threaded BLAS call, so the
-// result does not depend on the thread count. (OpenBLAS's own threading splits C by the thread count,
-// and its edge kernels sum in a different order: with AVX2 "Haswell" kernels 1 and 4 threads differ in
-// the last bits.)
+// C is cut into square tiles whose size depends only on the shape (256, halved down to 64 until
+// there are 16 tiles), never on the thread count, and each tile is one single-threaded BLAS call,
+// so the result does not depend on the thread count. (OpenBLAS's own threading splits C by the
+// thread count, and its edge kernels sum in a different order: with AVX2 "Haswell" kernels 1 and 4
+// threads differ in the last bits.)
 int64_t tile_for(int64_t batch, int64_t m, int64_t n) {
   int64_t tile = 256;
   auto tiles = [&](int64_t t) { return batch * ((m + t - 1) / t) * ((n + t - 1) / t); };
@@ -26,7 +25,8 @@ int64_t tile_for(int64_t batch, int64_t m, int64_t n) {
 }
 
 template <class T>
-void gemm_tile(const GemmParams& p, const T* a, const T* b, T* c, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+void gemm_tile(const GemmParams& p, const T* a, const T* b, T* c, int64_t r0, int64_t r1,
+               int64_t c0, int64_t c1) {
   const CBLAS_TRANSPOSE ta = p.trans_a ? CblasTrans : CblasNoTrans;
   const CBLAS_TRANSPOSE tb = p.trans_b ? CblasTrans : CblasNoTrans;
   const T* at = p.trans_a ? a + r0 : a + r0 * p.lda;  // op(A) rows r0..r1
@@ -50,15 +50,17 @@ void gemm_tile(const GemmParams& p, const T* a, const T* b, T* c, int64_t r0, in
 
 void gemm(const GemmParams& p) {
   if (p.m == 0 || p.n == 0) return;
-  const int64_t tile = tile_for(p.batch, p.m, p.n), tm = (p.m + tile - 1) / tile, tn = (p.n + tile - 1) / tile;
+  const int64_t tile = tile_for(p.batch, p.m, p.n), tm = (p.m + tile - 1) / tile,
+                tn = (p.n + tile - 1) / tile;
   dispatch_float(p.dtype, "gemm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     parallel_for(p.batch * tm * tn, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / (tm * tn), r = t / tn % tm, col = t % tn;
-        gemm_tile<T>(p, static_cast<const T*>(p.a) + i * p.stride_a, static_cast<const T*>(p.b) + i * p.stride_b,
-                     static_cast<T*>(p.c) + i * p.stride_c, r * tile, std::min(p.m, (r + 1) * tile), col * tile,
-                     std::min(p.n, (col + 1) * tile));
+        gemm_tile<T>(p, static_cast<const T*>(p.a) + i * p.stride_a,
+                     static_cast<const T*>(p.b) + i * p.stride_b,
+                     static_cast<T*>(p.c) + i * p.stride_c, r * tile, std::min(p.m, (r + 1) * tile),
+                     col * tile, std::min(p.n, (col + 1) * tile));
       }
     });
   });

@@ -21,7 +21,8 @@ void route_impl(const MoeRouteParams& p) {
   std::fill(mask, mask + rows * E, T(0));
   for (int64_t row = 0; row < rows; ++row) {
     std::iota(order.begin(), order.end(), int64_t{0});
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return r[row * E + a] > r[row * E + b]; });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return r[row * E + a] > r[row * E + b]; });
     int64_t kept = 0;
     for (int64_t e : order) {
       if (kept == p.max_active || !(s[row * E + e] > 0)) break;
@@ -49,7 +50,8 @@ void route_impl(const MoeRouteParams& p) {
 }  // namespace
 
 void moe_route(const MoeRouteParams& p) {
-  dispatch_float(p.dtype, "moe_route", [&](auto tag) { route_impl<typename decltype(tag)::type>(p); });
+  dispatch_float(p.dtype, "moe_route",
+                 [&](auto tag) { route_impl<typename decltype(tag)::type>(p); });
 }
 
 }  // namespace hydra::kernels::cpu

@@ -13,8 +13,10 @@ inline void update(T& p, T g, T& m, T& v, const AdamWParams& a) {
   g *= static_cast<T>(a.grad_scale);
   m = static_cast<T>(a.beta1) * m + static_cast<T>(1 - a.beta1) * g;
   v = static_cast<T>(a.beta2) * v + static_cast<T>(1 - a.beta2) * g * g;
-  const T mhat = m / static_cast<T>(a.bias_correction1), vhat = v / static_cast<T>(a.bias_correction2);
-  p = p * static_cast<T>(1 - a.lr * a.weight_decay) - static_cast<T>(a.lr) * mhat / (std::sqrt(vhat) + static_cast<T>(a.eps));
+  const T mhat = m / static_cast<T>(a.bias_correction1),
+          vhat = v / static_cast<T>(a.bias_correction2);
+  p = p * static_cast<T>(1 - a.lr * a.weight_decay) -
+      static_cast<T>(a.lr) * mhat / (std::sqrt(vhat) + static_cast<T>(a.eps));
 }
 
 }  // namespace
@@ -50,7 +52,8 @@ void adamw_rows_step(const AdamWRowsParams& r) {
     parallel_for(r.k, grain_for(r.cols), [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
         const int64_t off = r.rows[j] * r.cols;
-        for (int64_t c = 0; c < r.cols; ++c) update(p[off + c], g[j * r.cols + c], m[off + c], v[off + c], a);
+        for (int64_t c = 0; c < r.cols; ++c)
+          update(p[off + c], g[j * r.cols + c], m[off + c], v[off + c], a);
       }
     });
   });

@@ -22,7 +22,8 @@ int threads_from_env() {
 
 std::atomic<int>& thread_setting() {
   static std::atomic<int> threads{[] {
-    // BLAS runs single-threaded inside the kernels' own thread-count-independent partition (cpu/matmul.cpp).
+    // BLAS runs single-threaded inside the kernels' own thread-count-independent partition
+    // (cpu/matmul.cpp).
     openblas_set_num_threads(1);
     return threads_from_env();
   }()};

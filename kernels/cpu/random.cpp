@@ -27,8 +27,8 @@ void fill_random(const RandomParams& p) {
           }
         } else {
           for (int j = 0; j < 4; ++j) {
-            // u in [0, 1): 24 bits for floating point; all 32 for integers, so that a range wider than
-            // 2^24 still reaches every value (24 bits would leave gaps of range / 2^24).
+            // u in [0, 1): 24 bits for floating point; all 32 for integers, so that a range wider
+            // than 2^24 still reaches every value (24 bits would leave gaps of range / 2^24).
             if constexpr (std::is_integral_v<T>) {
               v[j] = std::floor(p.a + (p.b - p.a) * (r.v[j] * 2.3283064365386963e-10));
             } else {

@@ -16,7 +16,8 @@ void rope(const RopeParams& p) {
     T* y = static_cast<T*>(p.y);
     const int64_t half = p.head_dim / 2;
     std::vector<double> freq(half);
-    for (int64_t i = 0; i < half; ++i) freq[i] = std::pow(p.theta, -2.0 * double(i) / double(p.head_dim));
+    for (int64_t i = 0; i < half; ++i)
+      freq[i] = std::pow(p.theta, -2.0 * double(i) / double(p.head_dim));
     const double sign = p.inverse ? -1.0 : 1.0;
     parallel_for(p.batch * p.len, grain_for(p.heads * p.head_dim), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {

@@ -354,15 +354,16 @@ void check_sizes(const AttentionParams& p) {
       << " out of range (lengths < 2^31, heads < 65536)";
 }
 
-// The kernels place (batch, head) pairs on the grid's y axis (< 65536): larger batches run in pieces
-// of whole sequences, each with its operands offset to its first sequence.
+// The kernels place (batch, head) pairs on the grid's y axis (< 65536): larger batches run in
+// pieces of whole sequences, each with its operands offset to its first sequence.
 int64_t batch_piece(const AttentionParams& p) { return std::max<int64_t>(1, 65535 / p.heads); }
 
 template <class T>
 T* advance(T* ptr, int64_t elements, size_t elem_size) {
   if (ptr == nullptr) return ptr;
   using Byte = std::conditional_t<std::is_const_v<T>, const char, char>;
-  return reinterpret_cast<T*>(reinterpret_cast<Byte*>(ptr) + elements * static_cast<int64_t>(elem_size));
+  return reinterpret_cast<T*>(reinterpret_cast<Byte*>(ptr) +
+                              elements * static_cast<int64_t>(elem_size));
 }
 
 // Sequences [b0, b0 + n) of p.
@@ -387,7 +388,8 @@ void attention_fwd(const AttentionParams& p) {
   if (p.batch * p.heads * p.q_len == 0) return;
   check_sizes(p);
   const int64_t per = batch_piece(p);
-  for (int64_t b0 = 0; b0 < p.batch; b0 += per) attention_fwd_piece(batch_slice(p, b0, std::min(per, p.batch - b0)));
+  for (int64_t b0 = 0; b0 < p.batch; b0 += per)
+    attention_fwd_piece(batch_slice(p, b0, std::min(per, p.batch - b0)));
 }
 
 void attention_bwd(const AttentionBwdParams& q) {
@@ -396,7 +398,8 @@ void attention_bwd(const AttentionBwdParams& q) {
   check_sizes(p);
   const int64_t per = batch_piece(p);
   const size_t e = dtype_size(p.dtype), a = accumulate_size(p.dtype);
-  for (int64_t b0 = 0; b0 < p.batch; b0 += per) {  // the pieces reuse the workspace, in stream order
+  for (int64_t b0 = 0; b0 < p.batch;
+       b0 += per) {  // the pieces reuse the workspace, in stream order
     AttentionBwdParams s = q;
     s.fwd = batch_slice(p, b0, std::min(per, p.batch - b0));
     s.gout = advance(q.gout, b0 * p.q_len * p.heads * p.head_dim, e);
@@ -417,7 +420,8 @@ namespace {
 
 void attention_fwd_piece(const AttentionParams& p) {
   const Pattern pat = pattern_of(p);
-  const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile), static_cast<unsigned>(p.batch * p.heads));
+  const dim3 grid(static_cast<unsigned>((p.q_len + kTile - 1) / kTile),
+                  static_cast<unsigned>(p.batch * p.heads));
   if (attention_mma::applies(p)) {
     attention_mma::forward(p);
     return;

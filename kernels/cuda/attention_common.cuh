@@ -1,6 +1,6 @@
-// Shared by the sparse-attention kernels (attention.cu: SIMT cores; attention_mma.cu: tensor cores):
-// the tile sizes, the pattern and the walks of keys and queries it gives, the element offsets of q/k/v
-// and the outputs, and the shared-memory carving.
+// Shared by the sparse-attention kernels (attention.cu: SIMT cores; attention_mma.cu: tensor
+// cores): the tile sizes, the pattern and the walks of keys and queries it gives, the element
+// offsets of q/k/v and the outputs, and the shared-memory carving.
 #pragma once
 
 #include <cstdint>
@@ -12,7 +12,6 @@
 namespace hydra::kernels::cuda {
 namespace {
 
-
 constexpr int kTile =
     32;  // queries per block and keys per step (dK/dV: keys per block, queries per step)
 constexpr int kThreads = 128;
@@ -23,7 +22,8 @@ struct Pattern {
   // A multiply and a shift where positions fit 31 bits (a 64-bit remainder costs a long sequence).
   __device__ bool global(int64_t pos) const {
     if (stride <= 0) return false;
-    if (pos >= 0 && pos <= INT32_MAX && stride <= INT32_MAX) return stride_div.mod(static_cast<uint32_t>(pos)) == 0;
+    if (pos >= 0 && pos <= INT32_MAX && stride <= INT32_MAX)
+      return stride_div.mod(static_cast<uint32_t>(pos)) == 0;
     return pos % stride == 0;
   }
   // Whether a global position lies in [lo, hi].

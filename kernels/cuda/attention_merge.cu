@@ -1,7 +1,7 @@
 // Merging partial attentions (kernels/attention.h, AttentionMergeParams): a warp per (batch, head,
-// query) row; every lane derives the part weights from the P log-sum-exps (P is small: the pieces of
-// one query's key set), then the lanes split the head dimension. Plain expf/log: the merge is cheap
-// next to the attentions it merges, and this keeps it within rounding of the CPU reference.
+// query) row; every lane derives the part weights from the P log-sum-exps (P is small: the pieces
+// of one query's key set), then the lanes split the head dimension. Plain expf/log: the merge is
+// cheap next to the attentions it merges, and this keeps it within rounding of the CPU reference.
 #include <cmath>
 
 #include "kernels/attention.h"
@@ -13,8 +13,12 @@ namespace {
 struct MergeRows {
   int64_t L, H, dh, rows, out_part, lse_part;
   explicit MergeRows(const AttentionMergeParams& p)
-      : L(p.len), H(p.heads), dh(p.head_dim), rows(p.batch * p.heads * p.len),
-        out_part(p.batch * p.len * p.heads * p.head_dim), lse_part(p.batch * p.heads * p.len) {}
+      : L(p.len),
+        H(p.heads),
+        dh(p.head_dim),
+        rows(p.batch * p.heads * p.len),
+        out_part(p.batch * p.len * p.heads * p.head_dim),
+        lse_part(p.batch * p.heads * p.len) {}
   __device__ int64_t out_offset(int64_t row) const {
     const int64_t l = row % L, bh = row / L;
     return ((bh / H * L + l) * H + bh % H) * dh;
@@ -33,7 +37,8 @@ __global__ void merge_fwd_kernel(AttentionMergeParams p, MergeRows m) {
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
   const T* outs = static_cast<const T*>(p.outs);
   const C* lses = static_cast<const C*>(p.lses);
-  for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < m.rows; row += warps) {
+  for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < m.rows;
+       row += warps) {
     C mx = neg_inf<C>();
     for (int64_t i = 0; i < p.parts; ++i) mx = max(mx, lses[i * m.lse_part + row]);
     const int64_t o = m.out_offset(row);
@@ -67,12 +72,14 @@ __global__ void merge_bwd_kernel(AttentionMergeBwdParams q, MergeRows m) {
   const C* lses = static_cast<const C*>(p.lses);
   const T* gout = static_cast<const T*>(q.gout);
   const C* glse = static_cast<const C*>(q.glse);
-  for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < m.rows; row += warps) {
+  for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < m.rows;
+       row += warps) {
     const int64_t o = m.out_offset(row);
     const C lse = static_cast<const C*>(p.lse)[row];
     C go_o = 0;
     if (gout != nullptr)
-      for (int64_t c = lane; c < m.dh; c += 32) go_o += load(gout + o, c) * load(static_cast<const T*>(p.out) + o, c);
+      for (int64_t c = lane; c < m.dh; c += 32)
+        go_o += load(gout + o, c) * load(static_cast<const T*>(p.out) + o, c);
     go_o = warp_sum(go_o);
     const C extra = glse != nullptr ? glse[row] : C(0);
     for (int64_t i = 0; i < p.parts; ++i) {
@@ -87,7 +94,9 @@ __global__ void merge_bwd_kernel(AttentionMergeBwdParams q, MergeRows m) {
         go_oi += g * load(oi, c);
       }
       go_oi = warp_sum(go_oi);
-      if (lane == 0) static_cast<C*>(q.glses)[i * m.lse_part + row] = w == C(0) ? C(0) : w * (go_oi - go_o + extra);
+      if (lane == 0)
+        static_cast<C*>(q.glses)[i * m.lse_part + row] =
+            w == C(0) ? C(0) : w * (go_oi - go_o + extra);
     }
   }
 }
@@ -101,7 +110,8 @@ void attention_merge_fwd(const AttentionMergeParams& p) {
   if (m.rows == 0 || p.parts == 0) return;
   dispatch_float(p.dtype, "merge_attention", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    merge_fwd_kernel<T><<<blocks_for(m.rows * 32, kThreads), kThreads, 0, as_stream(p.stream)>>>(p, m);
+    merge_fwd_kernel<T>
+        <<<blocks_for(m.rows * 32, kThreads), kThreads, 0, as_stream(p.stream)>>>(p, m);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -111,7 +121,8 @@ void attention_merge_bwd(const AttentionMergeBwdParams& q) {
   if (m.rows == 0 || q.fwd.parts == 0) return;
   dispatch_float(q.fwd.dtype, "merge_attention_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    merge_bwd_kernel<T><<<blocks_for(m.rows * 32, kThreads), kThreads, 0, as_stream(q.fwd.stream)>>>(q, m);
+    merge_bwd_kernel<T>
+        <<<blocks_for(m.rows * 32, kThreads), kThreads, 0, as_stream(q.fwd.stream)>>>(q, m);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }

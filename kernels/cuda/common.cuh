@@ -5,9 +5,9 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <string_view>
 #include <type_traits>
 #include <utility>
-#include <string_view>
 
 #include "kernels/base/check.h"
 #include "kernels/base/dispatch.h"
@@ -106,16 +106,16 @@ __device__ A block_max(A v, A* shared) {
 
 // exp and reciprocal for the fp32 compute type with the hardware approximations (max error ~2 ulp,
 // far inside bf16 and our f32 tolerance of 1e-5); exact for double. exp2_ftz flushes results below
-// 2^-126 to zero, which saves __expf's denormal handling (three instructions of five, measured in the
-// cross-entropy's SASS); nothing we compute depends on values that small.
+// 2^-126 to zero, which saves __expf's denormal handling (three instructions of five, measured in
+// the cross-entropy's SASS); nothing we compute depends on values that small.
 __device__ __forceinline__ float exp2_ftz(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 __device__ __forceinline__ float fast_exp(float x) { return exp2_ftz(x * 1.4426950408889634f); }
-// exp(x - m) as one fused multiply-add and ex2 (m * log2(e) is loop-invariant where m is); the error
-// grows with |m| like an ulp of m * log2(e) (2e-6 relative at |m| = 30).
+// exp(x - m) as one fused multiply-add and ex2 (m * log2(e) is loop-invariant where m is); the
+// error grows with |m| like an ulp of m * log2(e) (2e-6 relative at |m| = 30).
 __device__ __forceinline__ float fast_exp_diff(float x, float m) {
   return exp2_ftz(fmaf(x, 1.4426950408889634f, -m * 1.4426950408889634f));
 }
@@ -143,7 +143,8 @@ template <class A>
 __device__ MaxSum<A> block_max_sum(MaxSum<A> v, A* shared_m, A* shared_s) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   for (int o = 16; o > 0; o >>= 1)
-    v = combine(v, MaxSum<A>{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+    v = combine(
+        v, MaxSum<A>{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
   __syncthreads();
   if (lane == 0) {
     shared_m[warp] = v.m;
@@ -152,7 +153,8 @@ __device__ MaxSum<A> block_max_sum(MaxSum<A> v, A* shared_m, A* shared_s) {
   __syncthreads();
   v = lane < warps ? MaxSum<A>{shared_m[lane], shared_s[lane]} : MaxSum<A>{A(-INFINITY), A(0)};
   for (int o = 16; o > 0; o >>= 1)
-    v = combine(v, MaxSum<A>{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+    v = combine(
+        v, MaxSum<A>{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
   return v;
 }
 
@@ -173,11 +175,11 @@ __device__ __forceinline__ MaxSum<A> online_add(MaxSum<A> a, A v) {
   return {v, a.s * fast_exp(a.m - v) + A(1)};
 }
 
-// Programmatic dependent launch (Hopper): a kernel launched with launch_after_previous() may be scheduled
-// while the kernel before it in the stream is still finishing; it must call wait_for_previous_grid()
-// before touching global memory, which returns once that kernel has completed and its writes are
-// visible. What overlaps is the launch and the block scheduling, not the work. Elsewhere both are
-// plain launches and no-ops.
+// Programmatic dependent launch (Hopper): a kernel launched with launch_after_previous() may be
+// scheduled while the kernel before it in the stream is still finishing; it must call
+// wait_for_previous_grid() before touching global memory, which returns once that kernel has
+// completed and its writes are visible. What overlaps is the launch and the block scheduling, not
+// the work. Elsewhere both are plain launches and no-ops.
 __device__ __forceinline__ void wait_for_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -185,8 +187,8 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 }
 
 template <class... KArgs, class... Args>
-void launch_after_previous(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                           Args&&... args) {
+void launch_after_previous(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                           cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -197,15 +199,17 @@ void launch_after_previous(void (*kernel)(KArgs...), dim3 grid, dim3 block, size
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
-  HYDRA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(std::forward<Args>(args))...));
+  HYDRA_CUDA_CHECK(
+      cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(std::forward<Args>(args))...));
 }
 
-// Column sums of per-block partials: out(j, sum over b of part[b * cols + j]). A block is W columns x
-// 1024 / W slices; slice y sums b = y, y + 1024 / W, ...; the slices combine in a fixed tree, so the
-// result is bit-reproducible. `out` is a functor (the sum's epilogue). Launch with column_sum().
+// Column sums of per-block partials: out(j, sum over b of part[b * cols + j]). A block is W columns
+// x 1024 / W slices; slice y sums b = y, y + 1024 / W, ...; the slices combine in a fixed tree, so
+// the result is bit-reproducible. `out` is a functor (the sum's epilogue). Launch with
+// column_sum().
 template <int W, class A, class Out>
-__global__ void __launch_bounds__(1024) column_sum_kernel(const A* __restrict part, int64_t blocks, int64_t cols,
-                                                           Out out) {
+__global__ void __launch_bounds__(1024)
+    column_sum_kernel(const A* __restrict part, int64_t blocks, int64_t cols, Out out) {
   constexpr int S = 1024 / W;
   __shared__ A tile[S][W + 1];
   const int64_t j = blockIdx.x * int64_t(W) + threadIdx.x;
@@ -229,19 +233,23 @@ struct ScaledStore {
   __device__ void operator()(int64_t j, A v) const { out[j] = convert<T>(v * scale); }
 };
 
-// The column sums of `blocks` partial rows, through out(j, sum). Narrower blocks where the columns are
-// few, so that the grid covers the SMs (at 2048 columns: 128 blocks of 16 columns rather than 64 of
-// 32). W depends on `cols` only, so the order of the additions is fixed for a shape.
+// The column sums of `blocks` partial rows, through out(j, sum). Narrower blocks where the columns
+// are few, so that the grid covers the SMs (at 2048 columns: 128 blocks of 16 columns rather than
+// 64 of 32). W depends on `cols` only, so the order of the additions is fixed for a shape.
 template <class A, class Out>
 void column_sum_to(const A* part, int64_t blocks, int64_t cols, Out out, cudaStream_t stream) {
   auto launch = [&](auto w) {
     constexpr int W = decltype(w)::value;
-    launch_after_previous(column_sum_kernel<W, A, Out>, dim3(static_cast<unsigned int>((cols + W - 1) / W)),
-                          dim3(W, 1024 / W), 0, stream, part, blocks, cols, out);
+    launch_after_previous(column_sum_kernel<W, A, Out>,
+                          dim3(static_cast<unsigned int>((cols + W - 1) / W)), dim3(W, 1024 / W), 0,
+                          stream, part, blocks, cols, out);
   };
-  if (cols >= 32 * 128) launch(std::integral_constant<int, 32>{});
-  else if (cols >= 16 * 64) launch(std::integral_constant<int, 16>{});
-  else launch(std::integral_constant<int, 8>{});
+  if (cols >= 32 * 128)
+    launch(std::integral_constant<int, 32>{});
+  else if (cols >= 16 * 64)
+    launch(std::integral_constant<int, 16>{});
+  else
+    launch(std::integral_constant<int, 8>{});
 }
 
 // out[j] = scale * the column sum.
@@ -261,8 +269,8 @@ inline int row_threads(int64_t cols, int per_thread = 1) {
 
 namespace hydra::kernels::cuda {
 
-// Allows `kernel` (a __global__ function) `bytes` of dynamic shared memory, above the default 48 KiB
-// where the device opts in; a size beyond the device's limit is an error naming the op.
+// Allows `kernel` (a __global__ function) `bytes` of dynamic shared memory, above the default 48
+// KiB where the device opts in; a size beyond the device's limit is an error naming the op.
 template <class K>
 void allow_dynamic_smem(K* kernel, size_t bytes, std::string_view op) {
   static const int limit = [] {
@@ -272,10 +280,11 @@ void allow_dynamic_smem(K* kernel, size_t bytes, std::string_view op) {
     return v;
   }();
   HYDRA_CHECK(bytes <= static_cast<size_t>(limit))
-      << op << ": needs " << bytes << " bytes of shared memory per block, the device allows " << limit
-      << " (use a smaller head or state dimension, or f32 instead of f64)";
+      << op << ": needs " << bytes << " bytes of shared memory per block, the device allows "
+      << limit << " (use a smaller head or state dimension, or f32 instead of f64)";
   if (bytes > 48 * 1024)
-    HYDRA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    HYDRA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(bytes)));
 }
 
 }  // namespace hydra::kernels::cuda

@@ -1,9 +1,9 @@
 // Causal depthwise conv1d, the width a template argument (1 to 8). Forward and the backward's
-// element-wise passes: a thread per (channel, batch entry, segment of time) slides along time with the
-// taps and the window in registers (channels contiguous across a warp), reading each element once.
-// Backward: the pre-activation gradient once into fp32 scratch, the input gradient by a window over the
-// following ones, and the weight/bias gradients from per-block partials over fixed row groups combined
-// in order.
+// element-wise passes: a thread per (channel, batch entry, segment of time) slides along time with
+// the taps and the window in registers (channels contiguous across a warp), reading each element
+// once. Backward: the pre-activation gradient once into fp32 scratch, the input gradient by a
+// window over the following ones, and the weight/bias gradients from per-block partials over fixed
+// row groups combined in order.
 #include <algorithm>
 #include <type_traits>
 
@@ -14,8 +14,8 @@ namespace hydra::kernels::cuda {
 namespace {
 
 constexpr int64_t kRows = 64;  // rows per weight-gradient partial
-constexpr int kMaxW = 8;       // the widest conv the kernels take (the weight gradient's loops unroll to
-                               // it, guarded by the real width, so per-tap sums stay in registers)
+constexpr int kMaxW = 8;  // the widest conv the kernels take (the weight gradient's loops unroll to
+                          // it, guarded by the real width, so per-tap sums stay in registers)
 
 template <class T>
 struct Conv {
@@ -31,23 +31,41 @@ struct Conv {
 
 constexpr int kChannelThreads = 128;
 
-// Sliding-window forms: a thread per (channel, batch entry, segment of kSeg time steps) keeps the taps
-// in registers and the last W inputs (or the next W pre-activation gradients) in a shift register, so
-// it reads each element once (plus W - 1 at the segment's start) instead of W times.
+// Sliding-window forms: a thread per (channel, batch entry, segment of kSeg time steps) keeps the
+// taps in registers and the last W inputs (or the next W pre-activation gradients) in a shift
+// register, so it reads each element once (plus W - 1 at the segment's start) instead of W times.
 constexpr int64_t kSeg = 64;
 
 template <class F>
 void dispatch_width(int64_t width, F&& f) {
   switch (width) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: HYDRA_FAIL() << "causal_conv1d: CUDA kernels support widths 1 to " << kMaxW << ", got " << width;
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 3:
+      f(std::integral_constant<int, 3>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 5:
+      f(std::integral_constant<int, 5>{});
+      break;
+    case 6:
+      f(std::integral_constant<int, 6>{});
+      break;
+    case 7:
+      f(std::integral_constant<int, 7>{});
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    default:
+      HYDRA_FAIL() << "causal_conv1d: CUDA kernels support widths 1 to " << kMaxW << ", got "
+                   << width;
   }
 }
 
@@ -58,8 +76,9 @@ inline dim3 seg_grid(int64_t jobs, int64_t channels) {
 
 // y (forward, GPRE false) or gpre = gy * SiLU'(pre) (GPRE true) over segments of time.
 template <class T, int W, bool GPRE>
-__global__ void conv_window_kernel(Conv<T> cv, const T* __restrict w, const T* __restrict bias, const T* __restrict gy,
-                                   T* __restrict y, compute_t<T>* __restrict gpre, int64_t batch, int64_t segs,
+__global__ void conv_window_kernel(Conv<T> cv, const T* __restrict w, const T* __restrict bias,
+                                   const T* __restrict gy, T* __restrict y,
+                                   compute_t<T>* __restrict gpre, int64_t batch, int64_t segs,
                                    bool silu) {
   using C = compute_t<T>;
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, Cn = cv.channels, L = cv.len;
@@ -95,11 +114,12 @@ __global__ void conv_window_kernel(Conv<T> cv, const T* __restrict w, const T* _
   }
 }
 
-// gx[s] = sum_k w[k] gpre[s + W - 1 - k] over segments of s in [lo, L), lo = -(W - 1) when the prefix's
-// gradient is wanted (those land in gprefix), else 0.
+// gx[s] = sum_k w[k] gpre[s + W - 1 - k] over segments of s in [lo, L), lo = -(W - 1) when the
+// prefix's gradient is wanted (those land in gprefix), else 0.
 template <class T, int W>
-__global__ void conv_gx_window_kernel(Conv<T> cv, const T* __restrict w, const compute_t<T>* __restrict gpre,
-                                      T* __restrict gx, T* __restrict gprefix, int64_t batch, int64_t segs) {
+__global__ void conv_gx_window_kernel(Conv<T> cv, const T* __restrict w,
+                                      const compute_t<T>* __restrict gpre, T* __restrict gx,
+                                      T* __restrict gprefix, int64_t batch, int64_t segs) {
   using C = compute_t<T>;
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, Cn = cv.channels, L = cv.len;
   if (c >= Cn) return;
@@ -117,8 +137,10 @@ __global__ void conv_gx_window_kernel(Conv<T> cv, const T* __restrict w, const c
       C acc = 0;
 #pragma unroll
       for (int k = 0; k < W; ++k) acc += wk[k] * fut[W - 1 - k];
-      if (s >= 0) gx[(b * L + s) * Cn + c] = convert<T>(acc);
-      else gprefix[(b * (W - 1) + (W - 1 + s)) * Cn + c] = convert<T>(acc);
+      if (s >= 0)
+        gx[(b * L + s) * Cn + c] = convert<T>(acc);
+      else
+        gprefix[(b * (W - 1) + (W - 1 + s)) * Cn + c] = convert<T>(acc);
 #pragma unroll
       for (int j = 0; j < W - 1; ++j) fut[j] = fut[j + 1];
       fut[W - 1] = g(s + W);
@@ -128,8 +150,8 @@ __global__ void conv_gx_window_kernel(Conv<T> cv, const T* __restrict w, const c
 
 // part[blk, k, c] (k < W) and part[blk, W, c] (bias) over the rows of block blk.
 template <class T>
-__global__ void conv_gw_partial_kernel(Conv<T> cv, const compute_t<T>* __restrict gpre, compute_t<T>* __restrict part,
-                                       int64_t rows) {
+__global__ void conv_gw_partial_kernel(Conv<T> cv, const compute_t<T>* __restrict gpre,
+                                       compute_t<T>* __restrict part, int64_t rows) {
   using C = compute_t<T>;
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, blk = blockIdx.y;
   const int64_t W = cv.width, Cn = cv.channels;
@@ -150,16 +172,18 @@ __global__ void conv_gw_partial_kernel(Conv<T> cv, const compute_t<T>* __restric
 }
 
 template <class T>
-__global__ void conv_gw_finish_kernel(const compute_t<T>* __restrict part, T* __restrict gw, T* __restrict gbias,
-                                      int64_t blocks, int64_t W, int64_t Cn) {
+__global__ void conv_gw_finish_kernel(const compute_t<T>* __restrict part, T* __restrict gw,
+                                      T* __restrict gbias, int64_t blocks, int64_t W, int64_t Cn) {
   using C = compute_t<T>;
   const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (e >= (W + 1) * Cn) return;
   const int64_t k = e / Cn, c = e % Cn;
   C acc = 0;
   for (int64_t b = 0; b < blocks; ++b) acc += part[(b * (W + 1) + k) * Cn + c];
-  if (k < W) gw[c * W + k] = convert<T>(acc);
-  else if (gbias) gbias[c] = convert<T>(acc);
+  if (k < W)
+    gw[c * W + k] = convert<T>(acc);
+  else if (gbias)
+    gbias[c] = convert<T>(acc);
 }
 
 }  // namespace
@@ -167,16 +191,19 @@ __global__ void conv_gw_finish_kernel(const compute_t<T>* __restrict part, T* __
 void causal_conv1d_fwd(const CausalConv1dParams& p) {
   const int64_t total = p.batch * p.len * p.channels;
   if (total == 0) return;
-  HYDRA_CHECK(p.width <= kMaxW) << "causal_conv1d: CUDA kernels support widths up to " << kMaxW << ", got " << p.width;
+  HYDRA_CHECK(p.width <= kMaxW) << "causal_conv1d: CUDA kernels support widths up to " << kMaxW
+                                << ", got " << p.width;
   dispatch_float(p.dtype, "causal_conv1d", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len, p.channels, p.width};
+    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len, p.channels,
+                     p.width};
     const int64_t segs = (p.len + kSeg - 1) / kSeg;
     dispatch_width(p.width, [&](auto wc) {
       constexpr int W = decltype(wc)::value;
-      conv_window_kernel<T, W, false><<<seg_grid(p.batch * segs, p.channels), kChannelThreads, 0, as_stream(p.stream)>>>(
-          cv, static_cast<const T*>(p.w), static_cast<const T*>(p.bias), nullptr, static_cast<T*>(p.y), nullptr, p.batch,
-          segs, p.silu);
+      conv_window_kernel<T, W, false>
+          <<<seg_grid(p.batch * segs, p.channels), kChannelThreads, 0, as_stream(p.stream)>>>(
+              cv, static_cast<const T*>(p.w), static_cast<const T*>(p.bias), nullptr,
+              static_cast<T*>(p.y), nullptr, p.batch, segs, p.silu);
     });
     HYDRA_CUDA_LAUNCH_CHECK();
   });
@@ -191,13 +218,15 @@ size_t causal_conv1d_bwd_workspace(const CausalConv1dBwdParams& p) {
 void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
   const int64_t rows = p.batch * p.len, total = rows * p.channels;
   if (total == 0) return;
-  HYDRA_CHECK(p.width <= 8) << "causal_conv1d: CUDA kernels support widths up to 8, got " << p.width;
+  HYDRA_CHECK(p.width <= 8) << "causal_conv1d: CUDA kernels support widths up to 8, got "
+                            << p.width;
   HYDRA_CHECK(p.workspace != nullptr) << "causal_conv1d_bwd: workspace required";
   cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "causal_conv1d_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
-    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len, p.channels, p.width};
+    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len, p.channels,
+                     p.width};
     const T* w = static_cast<const T*>(p.w);
     C* gpre = static_cast<C*>(p.workspace);
     C* part = gpre + total;
@@ -205,15 +234,19 @@ void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
     const int64_t gx_segs = (p.len + (p.gprefix ? p.width - 1 : 0) + kSeg - 1) / kSeg;
     dispatch_width(p.width, [&](auto wc) {
       constexpr int W = decltype(wc)::value;
-      conv_window_kernel<T, W, true><<<seg_grid(p.batch * segs, p.channels), kChannelThreads, 0, s>>>(
-          cv, w, static_cast<const T*>(p.bias), static_cast<const T*>(p.gy), nullptr, gpre, p.batch, segs, p.silu);
+      conv_window_kernel<T, W, true>
+          <<<seg_grid(p.batch * segs, p.channels), kChannelThreads, 0, s>>>(
+              cv, w, static_cast<const T*>(p.bias), static_cast<const T*>(p.gy), nullptr, gpre,
+              p.batch, segs, p.silu);
       HYDRA_CUDA_LAUNCH_CHECK();
-      conv_gx_window_kernel<T, W><<<seg_grid(p.batch * gx_segs, p.channels), kChannelThreads, 0, s>>>(
-          cv, w, gpre, static_cast<T*>(p.gx), static_cast<T*>(p.gprefix), p.batch, gx_segs);
+      conv_gx_window_kernel<T, W>
+          <<<seg_grid(p.batch * gx_segs, p.channels), kChannelThreads, 0, s>>>(
+              cv, w, gpre, static_cast<T*>(p.gx), static_cast<T*>(p.gprefix), p.batch, gx_segs);
     });
     HYDRA_CUDA_LAUNCH_CHECK();
     const int64_t blocks = (rows + kRows - 1) / kRows;
-    conv_gw_partial_kernel<T><<<dim3((p.channels + 127) / 128, blocks), 128, 0, s>>>(cv, gpre, part, rows);
+    conv_gw_partial_kernel<T>
+        <<<dim3((p.channels + 127) / 128, blocks), 128, 0, s>>>(cv, gpre, part, rows);
     HYDRA_CUDA_LAUNCH_CHECK();
     conv_gw_finish_kernel<T><<<((p.width + 1) * p.channels + 255) / 256, 256, 0, s>>>(
         part, static_cast<T*>(p.gw), static_cast<T*>(p.gbias), blocks, p.width, p.channels);

@@ -1,7 +1,8 @@
-// Strided copies (with dtype conversion). The launcher first merges dimensions that are contiguous in
-// both tensors and drops size-1 ones; then
+// Strided copies (with dtype conversion). The launcher first merges dimensions that are contiguous
+// in both tensors and drops size-1 ones; then
 //   - one contiguous run of one dtype: cudaMemcpyAsync;
-//   - rows (the last dimension contiguous in both, 32 to 16384 long): a warp per row, the row's offsets
+//   - rows (the last dimension contiguous in both, 32 to 16384 long): a warp per row, the row's
+//   offsets
 //     computed once per row, 16-byte vectors when the dtypes agree and the rows are aligned (the
 //     slices of splits and concatenations, the weights' compute copies);
 //   - anything else: a thread per element with the offsets from its index.
@@ -36,10 +37,11 @@ __global__ void strided_copy_kernel(const S* __restrict__ src, D* __restrict__ d
   }
 }
 
-// A warp per row of `cols` elements; g holds the outer dimensions (ndim - 1 of them) and their strides.
+// A warp per row of `cols` elements; g holds the outer dimensions (ndim - 1 of them) and their
+// strides.
 template <class S, class D, bool VEC>
-__global__ void copy_rows_kernel(const S* __restrict__ src, D* __restrict__ dst, CopyGeometry g, int64_t rows,
-                                 int64_t cols) {
+__global__ void copy_rows_kernel(const S* __restrict__ src, D* __restrict__ dst, CopyGeometry g,
+                                 int64_t rows, int64_t cols) {
   wait_for_previous_grid();
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
@@ -78,7 +80,8 @@ void strided_copy(const StridedCopyParams& p) {
     n *= p.shape[d];
     if (p.shape[d] == 1) continue;
     if (g.ndim > 0 && g.src_strides[g.ndim - 1] == p.src_strides[d] * p.shape[d] &&
-        g.dst_strides[g.ndim - 1] == p.dst_strides[d] * p.shape[d]) {  // merge into the previous dimension
+        g.dst_strides[g.ndim - 1] ==
+            p.dst_strides[d] * p.shape[d]) {  // merge into the previous dimension
       g.shape[g.ndim - 1] *= p.shape[d];
       g.src_strides[g.ndim - 1] = p.src_strides[d];
       g.dst_strides[g.ndim - 1] = p.dst_strides[d];
@@ -116,14 +119,17 @@ void strided_copy(const StridedCopyParams& p) {
         if constexpr (std::is_same_v<S, D>) {
           vec = aligned16(p.src) && aligned16(p.dst) && cols % RowPack<S>::kN == 0;
           for (int d = 0; d < outer.ndim && vec; ++d)
-            vec = outer.src_strides[d] % RowPack<S>::kN == 0 && outer.dst_strides[d] % RowPack<S>::kN == 0;
+            vec = outer.src_strides[d] % RowPack<S>::kN == 0 &&
+                  outer.dst_strides[d] % RowPack<S>::kN == 0;
           if (vec)
             launch_after_previous(copy_rows_kernel<S, D, true>, dim3(blocks), dim3(256), 0, stream,
-                                  static_cast<const S*>(p.src), static_cast<D*>(p.dst), outer, rows, cols);
+                                  static_cast<const S*>(p.src), static_cast<D*>(p.dst), outer, rows,
+                                  cols);
         }
         if (!vec) {
           launch_after_previous(copy_rows_kernel<S, D, false>, dim3(blocks), dim3(256), 0, stream,
-                                static_cast<const S*>(p.src), static_cast<D*>(p.dst), outer, rows, cols);
+                                static_cast<const S*>(p.src), static_cast<D*>(p.dst), outer, rows,
+                                cols);
         }
         HYDRA_CUDA_LAUNCH_CHECK();
       });
@@ -134,8 +140,9 @@ void strided_copy(const StridedCopyParams& p) {
     using S = typename decltype(st)::type;
     dispatch_all(p.dst_dtype, [&](auto dt) {
       using D = typename decltype(dt)::type;
-      launch_after_previous(strided_copy_kernel<S, D>, dim3(blocks_for(n, 256)), dim3(256), 0, as_stream(p.stream),
-                            static_cast<const S*>(p.src), static_cast<D*>(p.dst), g, n);
+      launch_after_previous(strided_copy_kernel<S, D>, dim3(blocks_for(n, 256)), dim3(256), 0,
+                            as_stream(p.stream), static_cast<const S*>(p.src),
+                            static_cast<D*>(p.dst), g, n);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });
@@ -146,8 +153,8 @@ void fill(const FillParams& p) {
   dispatch_all(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T v = convert<T>(p.value);
-    launch_after_previous(fill_kernel<T>, dim3(blocks_for(p.n, 256)), dim3(256), 0, as_stream(p.stream),
-                          static_cast<T*>(p.dst), p.n, v);
+    launch_after_previous(fill_kernel<T>, dim3(blocks_for(p.n, 256)), dim3(256), 0,
+                          as_stream(p.stream), static_cast<T*>(p.dst), p.n, v);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }

@@ -1,8 +1,8 @@
-// The gated row update (kernels/gated_update.h): a warp per row; the lanes split the columns, one warp
-// reduction for the gate's pre-activation (forward) or for <gout, u - s> (backward).
-// The gated scan (the update applied step after step): a block per row walks the steps; its threads
-// split the columns and each step is one block reduction. A thread reads back only the columns it
-// wrote the step before, so the steps need no other synchronisation than the reduction's.
+// The gated row update (kernels/gated_update.h): a warp per row; the lanes split the columns, one
+// warp reduction for the gate's pre-activation (forward) or for <gout, u - s> (backward). The gated
+// scan (the update applied step after step): a block per row walks the steps; its threads split the
+// columns and each step is one block reduction. A thread reads back only the columns it wrote the
+// step before, so the steps need no other synchronisation than the reduction's.
 #include "kernels/cuda/common.cuh"
 #include "kernels/gated_update.h"
 
@@ -16,12 +16,14 @@ __global__ void gated_update_fwd_kernel(GatedUpdateParams p) {
   using C = compute_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (kThreads / 32), n = p.cols;
-  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w);
+  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u),
+          *w = static_cast<const T*>(p.w);
   const C b = load(static_cast<const T*>(p.b), 0);
   for (int64_t r = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5; r < p.rows; r += warps) {
     const T *sr = s + r * n, *ur = u + r * n;
     C z = 0;
-    for (int64_t c = lane; c < n; c += 32) z += load(sr, c) * load(w, c) + load(ur, c) * load(w, n + c);
+    for (int64_t c = lane; c < n; c += 32)
+      z += load(sr, c) * load(w, c) + load(ur, c) * load(w, n + c);
     z = warp_sum(z) + b;
     const C g = C(1) / (C(1) + exp(-z));
     T* out = static_cast<T*>(p.out) + r * n;
@@ -39,7 +41,8 @@ __global__ void gated_update_bwd_kernel(GatedUpdateBwdParams q) {
   const GatedUpdateParams& p = q.fwd;
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (kThreads / 32), n = p.cols;
-  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w);
+  const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u),
+          *w = static_cast<const T*>(p.w);
   for (int64_t r = (int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5; r < p.rows; r += warps) {
     const T *sr = s + r * n, *ur = u + r * n, *go = static_cast<const T*>(q.gout) + r * n;
     C dot = 0;
@@ -56,8 +59,8 @@ __global__ void gated_update_bwd_kernel(GatedUpdateBwdParams q) {
   }
 }
 
-// gw[j] = sum_r dz[r] x[r, j] with x = [s | u] (j < 2 cols), gb = sum_r dz[r] (j = 2 cols): a block of
-// 32 columns by 8 row groups; the groups' sums are added in order (deterministic).
+// gw[j] = sum_r dz[r] x[r, j] with x = [s | u] (j < 2 cols), gb = sum_r dz[r] (j = 2 cols): a block
+// of 32 columns by 8 row groups; the groups' sums are added in order (deterministic).
 template <class T>
 __global__ void gated_update_wgrad_kernel(GatedUpdateBwdParams q) {
   using C = compute_t<T>;
@@ -93,11 +96,13 @@ __global__ void __launch_bounds__(kScanThreads) gated_scan_fwd_kernel(GatedScanP
   const T *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w);
   T* h = static_cast<T*>(p.h);
   const C b = load(static_cast<const T*>(p.b), 0);
-  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) h[r * n + c] = static_cast<const T*>(p.s)[r * n + c];
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x)
+    h[r * n + c] = static_cast<const T*>(p.s)[r * n + c];
   for (int64_t t = 0; t < p.steps; ++t) {
     const T *hr = h + t * len + r * n, *ur = u + t * len + r * n;
     C z = 0;
-    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) z += load(hr, c) * load(w, c) + load(ur, c) * load(w, n + c);
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x)
+      z += load(hr, c) * load(w, c) + load(ur, c) * load(w, n + c);
     z = block_sum(z, red) + b;
     const C g = C(1) / (C(1) + exp(-z));
     if (threadIdx.x == 0) store(static_cast<T*>(p.gate), t * R + r, g);
@@ -115,14 +120,17 @@ __global__ void __launch_bounds__(kScanThreads) gated_scan_bwd_kernel(GatedScanB
   const GatedScanParams& p = q.fwd;
   __shared__ C red[32];
   const int64_t r = blockIdx.x, R = p.rows, n = p.cols, len = R * n;
-  const T *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w), *h = static_cast<const T*>(p.h);
+  const T *u = static_cast<const T*>(p.u), *w = static_cast<const T*>(p.w),
+          *h = static_cast<const T*>(p.h);
   const T* gh = static_cast<const T*>(q.gh);
   C* lam = static_cast<C*>(q.lambda) + r * n;
-  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) lam[c] = load(gh, p.steps * len + r * n + c);
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x)
+    lam[c] = load(gh, p.steps * len + r * n + c);
   for (int64_t t = p.steps - 1; t >= 0; --t) {
     const T *hr = h + t * len + r * n, *ur = u + t * len + r * n, *gr = gh + t * len + r * n;
     C dot = 0;
-    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) dot += lam[c] * (load(ur, c) - load(hr, c));
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x)
+      dot += lam[c] * (load(ur, c) - load(hr, c));
     dot = block_sum(dot, red);
     const C g = load(static_cast<const T*>(p.gate), t * R + r), dz = g * (C(1) - g) * dot;
     if (threadIdx.x == 0) static_cast<C*>(q.gz)[t * R + r] = dz;
@@ -143,7 +151,8 @@ void gated_scan_fwd(const GatedScanParams& p) {
   if (p.rows == 0 || p.cols == 0) return;
   dispatch_float(p.dtype, "gated_scan", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gated_scan_fwd_kernel<T><<<static_cast<unsigned>(p.rows), kScanThreads, 0, as_stream(p.stream)>>>(p);
+    gated_scan_fwd_kernel<T>
+        <<<static_cast<unsigned>(p.rows), kScanThreads, 0, as_stream(p.stream)>>>(p);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -153,7 +162,8 @@ void gated_scan_bwd(const GatedScanBwdParams& q) {
   if (p.rows == 0 || p.cols == 0) return;
   dispatch_float(p.dtype, "gated_scan_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gated_scan_bwd_kernel<T><<<static_cast<unsigned>(p.rows), kScanThreads, 0, as_stream(p.stream)>>>(q);
+    gated_scan_bwd_kernel<T>
+        <<<static_cast<unsigned>(p.rows), kScanThreads, 0, as_stream(p.stream)>>>(q);
     HYDRA_CUDA_LAUNCH_CHECK();
     if ((q.gw == nullptr && q.gb == nullptr) || p.steps == 0) return;
     // The gate's gradients are gated_update's over steps * rows rows: h_t for s, u_t for u.
@@ -176,7 +186,8 @@ void gated_update_fwd(const GatedUpdateParams& p) {
   if (p.rows == 0) return;
   dispatch_float(p.dtype, "gated_update", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gated_update_fwd_kernel<T><<<blocks_for(p.rows * 32, kThreads), kThreads, 0, as_stream(p.stream)>>>(p);
+    gated_update_fwd_kernel<T>
+        <<<blocks_for(p.rows * 32, kThreads), kThreads, 0, as_stream(p.stream)>>>(p);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -185,7 +196,8 @@ void gated_update_bwd(const GatedUpdateBwdParams& q) {
   if (q.fwd.rows == 0) return;
   dispatch_float(q.fwd.dtype, "gated_update_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gated_update_bwd_kernel<T><<<blocks_for(q.fwd.rows * 32, kThreads), kThreads, 0, as_stream(q.fwd.stream)>>>(q);
+    gated_update_bwd_kernel<T>
+        <<<blocks_for(q.fwd.rows * 32, kThreads), kThreads, 0, as_stream(q.fwd.stream)>>>(q);
     HYDRA_CUDA_LAUNCH_CHECK();
     if (q.gw == nullptr && q.gb == nullptr) return;
     const auto blocks = static_cast<unsigned>((2 * q.fwd.cols + 1 + 31) / 32);

@@ -1,10 +1,9 @@
-// Row gather / scatter-add (embedding), gather / scatter-add along an axis, and weighted row bags (PKM).
-// The row scatter-add sorts the indices (a stable radix sort: equal rows keep their order) and lets one
-// block sum each run of equal rows in that order: deterministic. With kernels::deterministic() off it
-// uses atomics instead (f32, f64).
-#include <cub/cub.cuh>
-
+// Row gather / scatter-add (embedding), gather / scatter-add along an axis, and weighted row bags
+// (PKM). The row scatter-add sorts the indices (a stable radix sort: equal rows keep their order)
+// and lets one block sum each run of equal rows in that order: deterministic. With
+// kernels::deterministic() off it uses atomics instead (f32, f64).
 #include <algorithm>
+#include <cub/cub.cuh>
 
 #include "kernels/base/scratch.h"
 #include "kernels/cuda/common.cuh"
@@ -15,10 +14,11 @@ namespace hydra::kernels::cuda {
 namespace {
 
 template <class T, class I>
-__global__ void row_gather_kernel(const T* __restrict table, const I* __restrict index, T* __restrict out, int64_t n,
-                                  int64_t cols) {
+__global__ void row_gather_kernel(const T* __restrict table, const I* __restrict index,
+                                  T* __restrict out, int64_t n, int64_t cols) {
   const int64_t total = n * cols;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e / cols, c = e % cols;
     out[e] = table[static_cast<int64_t>(index[i]) * cols + c];
   }
@@ -26,20 +26,21 @@ __global__ void row_gather_kernel(const T* __restrict table, const I* __restrict
 
 // 16 bytes per thread: rows whose length is a multiple of the pack, with aligned bases.
 template <class T, class I>
-__global__ void row_gather_vec_kernel(const T* __restrict table, const I* __restrict index, T* __restrict out,
-                                      int64_t n, int64_t cols) {
+__global__ void row_gather_vec_kernel(const T* __restrict table, const I* __restrict index,
+                                      T* __restrict out, int64_t n, int64_t cols) {
   const int64_t packs = cols / RowPack<T>::kN, total = n * packs;
   const auto* src = reinterpret_cast<const RowPack<T>*>(table);
   auto* dst = reinterpret_cast<RowPack<T>*>(out);
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e / packs, c = e % packs;
     dst[e] = src[static_cast<int64_t>(index[i]) * packs + c];
   }
 }
 
 template <class I>
-__global__ void sort_input_kernel(const I* __restrict index, int64_t* __restrict keys, int32_t* __restrict pos,
-                                  int64_t n) {
+__global__ void sort_input_kernel(const I* __restrict index, int64_t* __restrict keys,
+                                  int32_t* __restrict pos, int64_t n) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i < n) {
     keys[i] = static_cast<int64_t>(index[i]);
@@ -47,14 +48,16 @@ __global__ void sort_input_kernel(const I* __restrict index, int64_t* __restrict
   }
 }
 
-// The warp of sorted position j handles the run of equal keys that starts there (other warps return; a
-// block per position made the MoE combine's 65K mostly idle blocks cost 0.3 ms). A lane per column
-// walks the run 8 entries at a time: their keys, positions and values are loaded
-// together, then added in run order (the same sums, bit for bit, as one entry at a time). One entry at
-// a time made a frequent row (a common token's embedding) a chain of dependent loads as long as its run.
+// The warp of sorted position j handles the run of equal keys that starts there (other warps
+// return; a block per position made the MoE combine's 65K mostly idle blocks cost 0.3 ms). A lane
+// per column walks the run 8 entries at a time: their keys, positions and values are loaded
+// together, then added in run order (the same sums, bit for bit, as one entry at a time). One entry
+// at a time made a frequent row (a common token's embedding) a chain of dependent loads as long as
+// its run.
 template <class T>
 __global__ void segment_add_kernel(const int64_t* __restrict keys, const int32_t* __restrict pos,
-                                   const T* __restrict src, T* __restrict table, int64_t n, int64_t cols) {
+                                   const T* __restrict src, T* __restrict table, int64_t n,
+                                   int64_t cols) {
   using C = compute_t<T>;
   constexpr int kBatch = 8;
   // A warp per sorted element j (8 per block): the warp of a run's first element sums the run.
@@ -82,10 +85,11 @@ __global__ void segment_add_kernel(const int64_t* __restrict keys, const int32_t
 }
 
 template <class T, class I>
-__global__ void atomic_scatter_kernel(const T* __restrict src, const I* __restrict index, T* table, int64_t n,
-                                      int64_t cols) {
+__global__ void atomic_scatter_kernel(const T* __restrict src, const I* __restrict index, T* table,
+                                      int64_t n, int64_t cols) {
   const int64_t total = n * cols;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e / cols, c = e % cols;
     atomicAdd(table + static_cast<int64_t>(index[i]) * cols + c, src[e]);
   }
@@ -110,9 +114,10 @@ int key_bits(int64_t num_rows) {
 
 size_t sort_temp_bytes(int64_t n, int64_t num_rows) {
   size_t temp = 0;
-  HYDRA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const int64_t*>(nullptr),
-                                                   static_cast<int64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                                   static_cast<int32_t*>(nullptr), n, 0, key_bits(num_rows)));
+  HYDRA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, temp, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), n, 0,
+      key_bits(num_rows)));
   return temp;
 }
 
@@ -133,10 +138,12 @@ SortBuffers carve(void* ws, int64_t n, int64_t num_rows) {
 }
 
 template <class T, class I>
-__global__ void axis_gather_kernel(const T* __restrict x, const I* __restrict index, T* __restrict out, int64_t outer,
-                                   int64_t axis, int64_t count, int64_t inner) {
+__global__ void axis_gather_kernel(const T* __restrict x, const I* __restrict index,
+                                   T* __restrict out, int64_t outer, int64_t axis, int64_t count,
+                                   int64_t inner) {
   const int64_t total = outer * count * inner;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t j = e % inner, o = e / (count * inner);
     out[e] = x[(o * axis + static_cast<int64_t>(index[e])) * inner + j];
   }
@@ -144,8 +151,9 @@ __global__ void axis_gather_kernel(const T* __restrict x, const I* __restrict in
 
 // A thread per (outer, inner) column walks the count axis in order: deterministic.
 template <class T, class I>
-__global__ void axis_scatter_kernel(const T* __restrict src, const I* __restrict index, T* __restrict x, int64_t outer,
-                                    int64_t axis, int64_t count, int64_t inner) {
+__global__ void axis_scatter_kernel(const T* __restrict src, const I* __restrict index,
+                                    T* __restrict x, int64_t outer, int64_t axis, int64_t count,
+                                    int64_t inner) {
   const int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (col >= outer * inner) return;
   const int64_t o = col / inner, j = col % inner;
@@ -157,8 +165,8 @@ __global__ void axis_scatter_kernel(const T* __restrict src, const I* __restrict
 }
 
 template <class T, class I>
-__global__ void bag_fwd_kernel(const T* __restrict table, const I* __restrict index, const T* __restrict w,
-                               T* __restrict out, int64_t m, int64_t cols) {
+__global__ void bag_fwd_kernel(const T* __restrict table, const I* __restrict index,
+                               const T* __restrict w, T* __restrict out, int64_t m, int64_t cols) {
   using C = compute_t<T>;
   const int64_t t = blockIdx.x;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -172,8 +180,9 @@ __global__ void bag_fwd_kernel(const T* __restrict table, const I* __restrict in
 // A warp per lookup e = (t, k): gw[e] = gout[t] . table[index[e]], lanes over the columns (no block
 // barriers: one block per bag with a block reduction per lookup was latency-bound).
 template <class T, class I>
-__global__ void bag_bwd_weights_kernel(const T* __restrict table, const I* __restrict index, const T* __restrict gout,
-                                       T* __restrict gw, int64_t lookups, int64_t m, int64_t cols) {
+__global__ void bag_bwd_weights_kernel(const T* __restrict table, const I* __restrict index,
+                                       const T* __restrict gout, T* __restrict gw, int64_t lookups,
+                                       int64_t m, int64_t cols) {
   using C = compute_t<T>;
   const int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -188,7 +197,8 @@ __global__ void bag_bwd_weights_kernel(const T* __restrict table, const I* __res
 
 __global__ void product_key_kernel(ProductKeyParams p) {
   const int64_t total = p.rows * p.count;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = e / p.count, c = p.pick[e];
     p.out[e] = p.a[r * p.k + c / p.k] * p.n_keys + p.b[r * p.k + c % p.k];
   }
@@ -199,22 +209,25 @@ __device__ int64_t lower_bound(const int64_t* __restrict keys, int64_t n, int64_
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (keys[mid] < key) lo = mid + 1;
-    else hi = mid;
+    if (keys[mid] < key)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   return lo;
 }
 
-// Block r sums table row r's lookups, found as a run of the stably sorted keys, in (t, k) order. The
-// lookups' weights and gout rows are read once per block into shared memory, kBagChunk at a time (each
-// thread computing them for itself cost a 64-bit division per lookup and column); each thread keeps
-// the sums of its kBagCols columns in registers.
+// Block r sums table row r's lookups, found as a run of the stably sorted keys, in (t, k) order.
+// The lookups' weights and gout rows are read once per block into shared memory, kBagChunk at a
+// time (each thread computing them for itself cost a 64-bit division per lookup and column); each
+// thread keeps the sums of its kBagCols columns in registers.
 constexpr int kBagChunk = 256, kBagCols = 8;
 
 template <class T>
-__global__ void bag_table_kernel(const int64_t* __restrict keys, const int32_t* __restrict pos, const T* __restrict w,
-                                 const T* __restrict gout, T* __restrict gtable, int32_t* __restrict hits,
-                                 int64_t total, int64_t m, int64_t cols) {
+__global__ void bag_table_kernel(const int64_t* __restrict keys, const int32_t* __restrict pos,
+                                 const T* __restrict w, const T* __restrict gout,
+                                 T* __restrict gtable, int32_t* __restrict hits, int64_t total,
+                                 int64_t m, int64_t cols) {
   using C = compute_t<T>;
   __shared__ C w_s[kBagChunk];
   __shared__ int64_t off_s[kBagChunk];
@@ -250,14 +263,16 @@ __global__ void bag_table_kernel(const int64_t* __restrict keys, const int32_t* 
   if (hits && threadIdx.x == 0) hits[r] = hi > lo ? 1 : 0;
 }
 
-// ---- weighted sums of rows, 16-byte loads ------------------------------------------------------------
+// ---- weighted sums of rows, 16-byte loads
+// ------------------------------------------------------------
 //
-// Block r writes out row r = sum over its items i of w_i * rows[off_i .. off_i + cols). The items' weights
-// and row offsets are staged kBagChunk at a time into shared memory (`Items::stage(i)` computes them);
-// warp q takes items q, q + 8, ... of each chunk, its lanes ITEMS packs of 16 bytes each; the eight
-// warps' sums are then added in warp order through shared memory. The order is fixed: deterministic.
-// The embedding bag's forward (items: a token's lookups, rows: the table) and its table gradient
-// (items: a table row's lookups, found as a run of the sorted keys; rows: gout) are both this.
+// Block r writes out row r = sum over its items i of w_i * rows[off_i .. off_i + cols). The items'
+// weights and row offsets are staged kBagChunk at a time into shared memory (`Items::stage(i)`
+// computes them); warp q takes items q, q + 8, ... of each chunk, its lanes ITEMS packs of 16 bytes
+// each; the eight warps' sums are then added in warp order through shared memory. The order is
+// fixed: deterministic. The embedding bag's forward (items: a token's lookups, rows: the table) and
+// its table gradient (items: a table row's lookups, found as a run of the sorted keys; rows: gout)
+// are both this.
 constexpr int kSumThreads = 256;
 
 struct ItemRange {
@@ -317,7 +332,8 @@ __global__ void __launch_bounds__(kSumThreads)
         const int64_t c = lane + k * 32;
         if (c < packs)
 #pragma unroll
-          for (int j = 0; j < kN; ++j) sum_s[c * kN + j] = q == 0 ? acc[k][j] : sum_s[c * kN + j] + acc[k][j];
+          for (int j = 0; j < kN; ++j)
+            sum_s[c * kN + j] = q == 0 ? acc[k][j] : sum_s[c * kN + j] + acc[k][j];
       }
     }
     __syncthreads();
@@ -345,7 +361,8 @@ struct BagLookups {
   __device__ void finish(int64_t, int64_t) const {}
 };
 
-// A table row's lookups: the run of the sorted keys equal to the row; weights w[e], rows gout[e / m].
+// A table row's lookups: the run of the sorted keys equal to the row; weights w[e], rows gout[e /
+// m].
 template <class T>
 struct RowLookups {
   const int64_t* keys;
@@ -367,12 +384,13 @@ struct RowLookups {
 };
 
 // gw[t, k] = <gout[t], table[index[t, k]]> with 16-byte loads: a warp per token keeps gout[t] in
-// registers (ITEMS packs per lane) and walks the token's m lookups four at a time (their rows' loads in
-// flight together), one warp reduction per lookup.
+// registers (ITEMS packs per lane) and walks the token's m lookups four at a time (their rows'
+// loads in flight together), one warp reduction per lookup.
 template <class T, class I, int ITEMS>
 __global__ void __launch_bounds__(kSumThreads)
-    bag_weights_packed_kernel(const T* __restrict table, const I* __restrict index, const T* __restrict gout,
-                              T* __restrict gw, int64_t n, int64_t m, int64_t packs) {
+    bag_weights_packed_kernel(const T* __restrict table, const I* __restrict index,
+                              const T* __restrict gout, T* __restrict gw, int64_t n, int64_t m,
+                              int64_t packs) {
   using C = compute_t<T>;
   constexpr int kN = RowPack<T>::kN, kAhead = 4;
   const int64_t t = (int64_t(blockIdx.x) * kSumThreads + threadIdx.x) >> 5;
@@ -427,10 +445,12 @@ void dispatch_packs_per_lane(int64_t packs, F&& fn) {
 // Runs weighted_rows_kernel over `blocks` output rows when the rows allow 16-byte loads and fit the
 // register sums (up to 8 packs per lane: 2048 bf16 or 1024 f32 columns); false otherwise.
 template <class T, class Items>
-bool launch_weighted_rows(const Items& items, const T* rows, T* out, int64_t blocks, int64_t cols, cudaStream_t s) {
+bool launch_weighted_rows(const Items& items, const T* rows, T* out, int64_t blocks, int64_t cols,
+                          cudaStream_t s) {
   constexpr int kN = RowPack<T>::kN;
   const int64_t packs = cols / kN;
-  if (cols % kN != 0 || !aligned16(rows) || !aligned16(out) || packs > 8 * 32 || blocks == 0) return false;
+  if (cols % kN != 0 || !aligned16(rows) || !aligned16(out) || packs > 8 * 32 || blocks == 0)
+    return false;
   const size_t smem = static_cast<size_t>(cols) * sizeof(compute_t<T>);
   dispatch_packs_per_lane(packs, [&](auto items_per_lane) {
     constexpr int K = decltype(items_per_lane)::value;
@@ -450,13 +470,16 @@ void row_gather(const RowGatherParams& p) {
     dispatch_index(p.index_dtype, "row_gather", [&](auto itag) {
       using I = typename decltype(itag)::type;
       if (p.cols % RowPack<T>::kN == 0 && aligned16(p.table) && aligned16(p.out)) {
-        row_gather_vec_kernel<T, I><<<blocks_for(p.n * p.cols / RowPack<T>::kN, 256), 256, 0, as_stream(p.stream)>>>(
-            static_cast<const T*>(p.table), static_cast<const I*>(p.index), static_cast<T*>(p.out), p.n, p.cols);
+        row_gather_vec_kernel<T, I>
+            <<<blocks_for(p.n * p.cols / RowPack<T>::kN, 256), 256, 0, as_stream(p.stream)>>>(
+                static_cast<const T*>(p.table), static_cast<const I*>(p.index),
+                static_cast<T*>(p.out), p.n, p.cols);
         HYDRA_CUDA_LAUNCH_CHECK();
         return;
       }
       row_gather_kernel<T, I><<<blocks_for(p.n * p.cols, 256), 256, 0, as_stream(p.stream)>>>(
-          static_cast<const T*>(p.table), static_cast<const I*>(p.index), static_cast<T*>(p.out), p.n, p.cols);
+          static_cast<const T*>(p.table), static_cast<const I*>(p.index), static_cast<T*>(p.out),
+          p.n, p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });
@@ -477,19 +500,23 @@ void row_scatter_add(const RowScatterAddParams& p) {
       if constexpr (!std::is_same_v<T, bf16>) {
         if (!deterministic()) {
           atomic_scatter_kernel<T, I><<<blocks_for(p.n * p.cols, 256), 256, 0, s>>>(
-              static_cast<const T*>(p.src), static_cast<const I*>(p.index), static_cast<T*>(p.table), p.n, p.cols);
+              static_cast<const T*>(p.src), static_cast<const I*>(p.index),
+              static_cast<T*>(p.table), p.n, p.cols);
           HYDRA_CUDA_LAUNCH_CHECK();
           return;
         }
       }
       HYDRA_CHECK(p.workspace != nullptr) << "row_scatter_add: workspace required";
       SortBuffers b = carve(p.workspace, p.n, p.num_rows);
-      sort_input_kernel<I><<<blocks_for(p.n, 256), 256, 0, s>>>(static_cast<const I*>(p.index), b.keys_in, b.pos_in, p.n);
+      sort_input_kernel<I><<<blocks_for(p.n, 256), 256, 0, s>>>(static_cast<const I*>(p.index),
+                                                                b.keys_in, b.pos_in, p.n);
       HYDRA_CUDA_LAUNCH_CHECK();
-      HYDRA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp, b.temp_bytes, b.keys_in, b.keys_out, b.pos_in, b.pos_out,
-                                                       p.n, 0, key_bits(p.num_rows), s));
+      HYDRA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp, b.temp_bytes, b.keys_in, b.keys_out,
+                                                       b.pos_in, b.pos_out, p.n, 0,
+                                                       key_bits(p.num_rows), s));
       segment_add_kernel<T><<<static_cast<unsigned>((p.n + 7) / 8), 256, 0, s>>>(
-          b.keys_out, b.pos_out, static_cast<const T*>(p.src), static_cast<T*>(p.table), p.n, p.cols);
+          b.keys_out, b.pos_out, static_cast<const T*>(p.src), static_cast<T*>(p.table), p.n,
+          p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });
@@ -503,8 +530,8 @@ void axis_gather(const AxisIndexParams& p) {
     dispatch_index(p.index_dtype, "gather", [&](auto itag) {
       using I = typename decltype(itag)::type;
       axis_gather_kernel<T, I><<<blocks_for(total, 256), 256, 0, as_stream(p.stream)>>>(
-          static_cast<const T*>(p.src), static_cast<const I*>(p.index), static_cast<T*>(p.dst), p.outer, p.axis,
-          p.count, p.inner);
+          static_cast<const T*>(p.src), static_cast<const I*>(p.index), static_cast<T*>(p.dst),
+          p.outer, p.axis, p.count, p.inner);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });
@@ -518,8 +545,8 @@ void axis_scatter_add(const AxisIndexParams& p) {
     dispatch_index(p.index_dtype, "scatter_add", [&](auto itag) {
       using I = typename decltype(itag)::type;
       axis_scatter_kernel<T, I><<<(cols + 127) / 128, 128, 0, as_stream(p.stream)>>>(
-          static_cast<const T*>(p.src), static_cast<const I*>(p.index), static_cast<T*>(p.dst), p.outer, p.axis,
-          p.count, p.inner);
+          static_cast<const T*>(p.src), static_cast<const I*>(p.index), static_cast<T*>(p.dst),
+          p.outer, p.axis, p.count, p.inner);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });
@@ -531,13 +558,14 @@ void bag_fwd(const BagParams& p) {
     using T = typename decltype(tag)::type;
     dispatch_index(p.index_dtype, "embedding_bag", [&](auto itag) {
       using I = typename decltype(itag)::type;
-      const BagLookups<T, I> items{static_cast<const I*>(p.index), static_cast<const T*>(p.weights), p.m, p.cols};
-      if (launch_weighted_rows(items, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.n, p.cols,
-                               as_stream(p.stream)))
+      const BagLookups<T, I> items{static_cast<const I*>(p.index), static_cast<const T*>(p.weights),
+                                   p.m, p.cols};
+      if (launch_weighted_rows(items, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.n,
+                               p.cols, as_stream(p.stream)))
         return;
       bag_fwd_kernel<T, I><<<p.n, row_threads(p.cols), 0, as_stream(p.stream)>>>(
-          static_cast<const T*>(p.table), static_cast<const I*>(p.index), static_cast<const T*>(p.weights),
-          static_cast<T*>(p.out), p.m, p.cols);
+          static_cast<const T*>(p.table), static_cast<const I*>(p.index),
+          static_cast<const T*>(p.weights), static_cast<T*>(p.out), p.m, p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });
@@ -560,7 +588,8 @@ void bag_bwd(const BagBwdParams& q) {
   const BagParams& p = q.fwd;
   cudaStream_t s = as_stream(p.stream);
   const int64_t total = p.n * p.m;
-  HYDRA_CHECK(total < (int64_t{1} << 31)) << "embedding_bag backward: " << total << " lookups; at most 2^31";
+  HYDRA_CHECK(total < (int64_t{1} << 31))
+      << "embedding_bag backward: " << total << " lookups; at most 2^31";
   dispatch_float(p.dtype, "embedding_bag_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_index(p.index_dtype, "embedding_bag_backward", [&](auto itag) {
@@ -568,39 +597,50 @@ void bag_bwd(const BagBwdParams& q) {
       const I* index = static_cast<const I*>(p.index);
       constexpr int kN = RowPack<T>::kN;
       const int64_t packs = p.cols / kN;
-      const bool packed = p.cols % kN == 0 && packs <= 4 * 32 && aligned16(p.table) && aligned16(q.gout);
+      const bool packed =
+          p.cols % kN == 0 && packs <= 4 * 32 && aligned16(p.table) && aligned16(q.gout);
       if (q.gweights && p.n > 0 && packed) {
         dispatch_packs_per_lane(packs, [&](auto items_per_lane) {  // packs <= 128: K <= 4
           constexpr int K = std::min(decltype(items_per_lane)::value, 4);
           const unsigned blocks = blocks_for(p.n * 32, kSumThreads, int64_t(1) << 31);
           bag_weights_packed_kernel<T, I, K><<<blocks, kSumThreads, 0, s>>>(
-              static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), p.n,
-              p.m, packs);
+              static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout),
+              static_cast<T*>(q.gweights), p.n, p.m, packs);
           HYDRA_CUDA_LAUNCH_CHECK();
         });
       } else if (q.gweights && p.n > 0) {
         bag_bwd_weights_kernel<T, I><<<blocks_for(total * 32, 256, int64_t(1) << 31), 256, 0, s>>>(
-            static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout), static_cast<T*>(q.gweights), total,
-            p.m, p.cols);
+            static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout),
+            static_cast<T*>(q.gweights), total, p.m, p.cols);
         HYDRA_CUDA_LAUNCH_CHECK();
       }
       if (q.gtable == nullptr || p.num_rows == 0) return;
-      HYDRA_CHECK(total == 0 || q.workspace != nullptr) << "embedding_bag backward: workspace required";
+      HYDRA_CHECK(total == 0 || q.workspace != nullptr)
+          << "embedding_bag backward: workspace required";
       SortBuffers b{};
       if (total > 0) {
         b = carve(q.workspace, total, p.num_rows);
-        sort_input_kernel<I><<<blocks_for(total, 256), 256, 0, s>>>(index, b.keys_in, b.pos_in, total);
+        sort_input_kernel<I>
+            <<<blocks_for(total, 256), 256, 0, s>>>(index, b.keys_in, b.pos_in, total);
         HYDRA_CUDA_LAUNCH_CHECK();
-        HYDRA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp, b.temp_bytes, b.keys_in, b.keys_out, b.pos_in,
-                                                         b.pos_out, total, 0, key_bits(p.num_rows), s));
+        HYDRA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp, b.temp_bytes, b.keys_in,
+                                                         b.keys_out, b.pos_in, b.pos_out, total, 0,
+                                                         key_bits(p.num_rows), s));
       }
       HYDRA_CHECK(p.num_rows <= 0x7fffffff)
           << "embedding_bag backward: " << p.num_rows << " table rows; at most 2^31 - 1";
       HYDRA_CHECK(p.cols <= int64_t{kBagCols} * 1024)
-          << "embedding_bag backward: rows of " << p.cols << " columns; at most " << kBagCols * 1024 << " on CUDA";
-      const RowLookups<T> rows{b.keys_out, b.pos_out, static_cast<const T*>(p.weights), static_cast<int32_t*>(q.hits),
-                               total, p.m, p.cols};
-      if (launch_weighted_rows(rows, static_cast<const T*>(q.gout), static_cast<T*>(q.gtable), p.num_rows, p.cols, s))
+          << "embedding_bag backward: rows of " << p.cols << " columns; at most " << kBagCols * 1024
+          << " on CUDA";
+      const RowLookups<T> rows{b.keys_out,
+                               b.pos_out,
+                               static_cast<const T*>(p.weights),
+                               static_cast<int32_t*>(q.hits),
+                               total,
+                               p.m,
+                               p.cols};
+      if (launch_weighted_rows(rows, static_cast<const T*>(q.gout), static_cast<T*>(q.gtable),
+                               p.num_rows, p.cols, s))
         return;
       bag_table_kernel<T><<<static_cast<unsigned>(p.num_rows), row_threads(p.cols), 0, s>>>(
           b.keys_out, b.pos_out, static_cast<const T*>(p.weights), static_cast<const T*>(q.gout),

@@ -1,8 +1,9 @@
 // Fused cross-entropy with logits on CUDA: a block per row. The forward computes max and sum of
-// exponentials in one online pass (MaxSum) and writes only per-row loss and log-sum-exp; the backward
-// recomputes softmax from the saved log-sum-exp. Loss, lse and row gradients are in the compute type
-// (f32 for f32/bf16 logits, f64 for f64). Targets are not checked on the host (that would stop it until
-// the logits exist): a target outside the vocabulary gives its row a NaN loss and NaN gradients.
+// exponentials in one online pass (MaxSum) and writes only per-row loss and log-sum-exp; the
+// backward recomputes softmax from the saved log-sum-exp. Loss, lse and row gradients are in the
+// compute type (f32 for f32/bf16 logits, f64 for f64). Targets are not checked on the host (that
+// would stop it until the logits exist): a target outside the vocabulary gives its row a NaN loss
+// and NaN gradients.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/rows.cuh"
 #include "kernels/loss.h"
@@ -11,8 +12,9 @@ namespace hydra::kernels::cuda {
 namespace {
 
 template <class T, class I>
-__global__ void ce_fwd_kernel(const T* __restrict x, const I* __restrict tgt, compute_t<T>* __restrict loss,
-                              compute_t<T>* __restrict lse, compute_t<T>* __restrict counted, int64_t vocab,
+__global__ void ce_fwd_kernel(const T* __restrict x, const I* __restrict tgt,
+                              compute_t<T>* __restrict loss, compute_t<T>* __restrict lse,
+                              compute_t<T>* __restrict counted, int64_t vocab,
                               int64_t ignore_index) {
   using C = compute_t<T>;
   __shared__ C shared_m[32];
@@ -82,7 +84,8 @@ __global__ void __launch_bounds__(kFwdThreads)
 }
 
 template <class T, class I>
-__global__ void ce_bwd_kernel(const T* __restrict x, const I* __restrict tgt, const compute_t<T>* __restrict lse,
+__global__ void ce_bwd_kernel(const T* __restrict x, const I* __restrict tgt,
+                              const compute_t<T>* __restrict lse,
                               const compute_t<T>* __restrict grow, T* __restrict gx, int64_t vocab,
                               int64_t ignore_index) {
   using C = compute_t<T>;
@@ -94,25 +97,28 @@ __global__ void ce_bwd_kernel(const T* __restrict x, const I* __restrict tgt, co
     for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) gr[j] = convert<T>(C(0));
     return;
   }
-  const C g = t < 0 || t >= vocab ? C(NAN) : grow[row], l = lse[row];  // NaN: a target outside the vocabulary
+  const C g = t < 0 || t >= vocab ? C(NAN) : grow[row],
+          l = lse[row];  // NaN: a target outside the vocabulary
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     const C p = fast_exp(load(xr, j) - l);
     gr[j] = convert<T>(g * (j == t ? p - C(1) : p));
   }
 }
 
-// Aligned rows: the gradient is element-wise given the row's lse, so a flat grid-stride loop over packs
-// (a pack never crosses a row: vocab is a multiple of the pack width).
+// Aligned rows: the gradient is element-wise given the row's lse, so a flat grid-stride loop over
+// packs (a pack never crosses a row: vocab is a multiple of the pack width).
 template <class T, class I>
-__global__ void ce_bwd_vec_kernel(const T* __restrict x, const I* __restrict tgt, const compute_t<T>* __restrict lse,
-                                  const compute_t<T>* __restrict grow, T* __restrict gx, int64_t rows, int64_t vocab,
-                                  int64_t ignore_index) {
+__global__ void ce_bwd_vec_kernel(const T* __restrict x, const I* __restrict tgt,
+                                  const compute_t<T>* __restrict lse,
+                                  const compute_t<T>* __restrict grow, T* __restrict gx,
+                                  int64_t rows, int64_t vocab, int64_t ignore_index) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   const int64_t row_packs = vocab / N, total = rows * row_packs;
   const auto* src = reinterpret_cast<const RowPack<T>*>(x);
   auto* out = reinterpret_cast<RowPack<T>*>(gx);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / row_packs, col0 = (i - row * row_packs) * N;
     const int64_t t = static_cast<int64_t>(tgt[row]);
     RowPack<T> o;
@@ -132,11 +138,12 @@ __global__ void ce_bwd_vec_kernel(const T* __restrict x, const I* __restrict tgt
   }
 }
 
-// One block: the loss and count sums over all rows (a thread per strided set of rows, then the block's
-// fixed tree), then the mean and the inverse denominator.
+// One block: the loss and count sums over all rows (a thread per strided set of rows, then the
+// block's fixed tree), then the mean and the inverse denominator.
 template <class C>
 __global__ void __launch_bounds__(1024)
-    ce_mean_kernel(const C* __restrict loss, const C* __restrict counted, C* out, C* inv, int64_t rows) {
+    ce_mean_kernel(const C* __restrict loss, const C* __restrict counted, C* out, C* inv,
+                   int64_t rows) {
   __shared__ C shared[32];
   C s = 0, c = 0;
   for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
@@ -169,16 +176,15 @@ void cross_entropy_fwd(const CrossEntropyParams& p) {
       auto* counted = static_cast<C*>(p.counted);
       if (p.vocab % pack_width<T>() == 0 && aligned16(x)) {
         if (p.vocab / pack_width<T>() <= 2048) {
-          ce_fwd_vec_kernel<T, I, 128><<<p.rows, 128, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, counted, p.vocab,
-                                                                                p.ignore_index);
+          ce_fwd_vec_kernel<T, I, 128><<<p.rows, 128, 0, as_stream(p.stream)>>>(
+              x, tgt, loss, lse, counted, p.vocab, p.ignore_index);
         } else {
-          ce_fwd_vec_kernel<T, I, 256><<<p.rows, 256, 0, as_stream(p.stream)>>>(x, tgt, loss, lse, counted, p.vocab,
-                                                                                p.ignore_index);
+          ce_fwd_vec_kernel<T, I, 256><<<p.rows, 256, 0, as_stream(p.stream)>>>(
+              x, tgt, loss, lse, counted, p.vocab, p.ignore_index);
         }
       } else {
-        ce_fwd_kernel<T, I><<<p.rows, row_threads(p.vocab, 4), 0, as_stream(p.stream)>>>(x, tgt, loss, lse, counted,
-                                                                                        p.vocab,
-                                                                                        p.ignore_index);
+        ce_fwd_kernel<T, I><<<p.rows, row_threads(p.vocab, 4), 0, as_stream(p.stream)>>>(
+            x, tgt, loss, lse, counted, p.vocab, p.ignore_index);
       }
       HYDRA_CUDA_LAUNCH_CHECK();
     });
@@ -190,12 +196,14 @@ void cross_entropy_mean(const CrossEntropyMeanParams& p) {
       << "cross_entropy_mean: f32 or f64 expected, got " << dtype_name(p.dtype);
   auto launch = [&](auto zero) {
     using C = decltype(zero);
-    ce_mean_kernel<C><<<1, 1024, 0, as_stream(p.stream)>>>(static_cast<const C*>(p.loss),
-                                                           static_cast<const C*>(p.counted), static_cast<C*>(p.out),
-                                                           static_cast<C*>(p.inv), p.rows);
+    ce_mean_kernel<C><<<1, 1024, 0, as_stream(p.stream)>>>(
+        static_cast<const C*>(p.loss), static_cast<const C*>(p.counted), static_cast<C*>(p.out),
+        static_cast<C*>(p.inv), p.rows);
   };
-  if (p.dtype == DType::kF32) launch(0.0f);
-  else launch(0.0);
+  if (p.dtype == DType::kF32)
+    launch(0.0f);
+  else
+    launch(0.0);
   HYDRA_CUDA_LAUNCH_CHECK();
 }
 
@@ -212,11 +220,12 @@ void cross_entropy_bwd(const CrossEntropyBwdParams& p) {
       const auto* grow = static_cast<const C*>(p.grow);
       auto* gx = static_cast<T*>(p.glogits);
       if (p.vocab % pack_width<T>() == 0 && aligned16(x) && aligned16(gx)) {
-        ce_bwd_vec_kernel<T, I><<<blocks_for(p.rows * (p.vocab / pack_width<T>()), 256), 256, 0,
-                                  as_stream(p.stream)>>>(x, tgt, lse, grow, gx, p.rows, p.vocab, p.ignore_index);
+        ce_bwd_vec_kernel<T, I>
+            <<<blocks_for(p.rows * (p.vocab / pack_width<T>()), 256), 256, 0,
+               as_stream(p.stream)>>>(x, tgt, lse, grow, gx, p.rows, p.vocab, p.ignore_index);
       } else {
-        ce_bwd_kernel<T, I><<<p.rows, row_threads(p.vocab, 4), 0, as_stream(p.stream)>>>(x, tgt, lse, grow, gx,
-                                                                                        p.vocab, p.ignore_index);
+        ce_bwd_kernel<T, I><<<p.rows, row_threads(p.vocab, 4), 0, as_stream(p.stream)>>>(
+            x, tgt, lse, grow, gx, p.vocab, p.ignore_index);
       }
       HYDRA_CUDA_LAUNCH_CHECK();
     });

@@ -1,8 +1,8 @@
-// GEMM through cuBLASLt: bf16 or f32 operands with fp32 accumulation (exact FP32, no TF32), f64 through
-// cuBLAS. Row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T, so no
-// operand is copied. Descriptors and the heuristic's algorithm are cached per shape; the bias is a
-// fused epilogue. The workspace comes from the caller (the caching allocator). Grouped GEMMs (problems
-// of different shapes in one launch) go through cuBLAS's grouped batched GEMM.
+// GEMM through cuBLASLt: bf16 or f32 operands with fp32 accumulation (exact FP32, no TF32), f64
+// through cuBLAS. Row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T,
+// so no operand is copied. Descriptors and the heuristic's algorithm are cached per shape; the bias
+// is a fused epilogue. The workspace comes from the caller (the caching allocator). Grouped GEMMs
+// (problems of different shapes in one launch) go through cuBLAS's grouped batched GEMM.
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
@@ -14,12 +14,12 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/matmul.h"
 
-#define HYDRA_CUBLAS_CHECK(expr)                                                                     \
-  do {                                                                                               \
-    const cublasStatus_t hydra_cublas_st_ = (expr);                                                  \
-    HYDRA_CHECK(hydra_cublas_st_ == CUBLAS_STATUS_SUCCESS)                                           \
-        << #expr << " failed: " << cublasGetStatusName(hydra_cublas_st_) << ": "                    \
-        << cublasGetStatusString(hydra_cublas_st_);                                                  \
+#define HYDRA_CUBLAS_CHECK(expr)                                                 \
+  do {                                                                           \
+    const cublasStatus_t hydra_cublas_st_ = (expr);                              \
+    HYDRA_CHECK(hydra_cublas_st_ == CUBLAS_STATUS_SUCCESS)                       \
+        << #expr << " failed: " << cublasGetStatusName(hydra_cublas_st_) << ": " \
+        << cublasGetStatusString(hydra_cublas_st_);                              \
   } while (0)
 
 namespace hydra::kernels::cuda {
@@ -45,8 +45,9 @@ Handles& handles() {
   return h;
 }
 
-using Key = std::tuple<int, int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t, int64_t, bool, bool, uint32_t, uint32_t, uint32_t, uint32_t>;
+using Key =
+    std::tuple<int, int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+               int64_t, int64_t, int64_t, bool, bool, uint32_t, uint32_t, uint32_t, uint32_t>;
 
 // The largest power of two (<= 256) dividing the address: the heuristic must know it, since views
 // can start anywhere.
@@ -67,35 +68,58 @@ cudaDataType_t data_type(DType t) { return t == DType::kBF16 ? CUDA_R_16BF : CUD
 
 void set_batch(cublasLtMatrixLayout_t l, int64_t batch, int64_t stride) {
   const int32_t count = static_cast<int32_t>(batch);
-  HYDRA_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
-  HYDRA_CUBLAS_CHECK(
-      cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride));
+  HYDRA_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                                      sizeof count));
+  HYDRA_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
+      l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride));
 }
 
-// Column-major view: C'(n x m) = op'(B) (n x k) * op'(A) (k x m), op'(X) = transposed-ness of X flipped.
+// Column-major view: C'(n x m) = op'(B) (n x k) * op'(A) (k x m), op'(X) = transposed-ness of X
+// flipped.
 const Plan& plan_for(const GemmParams& p, int device) {
   static std::mutex mu;
   static std::map<Key, Plan> cache;
   const uint32_t align_a = alignment(p.a), align_b = alignment(p.b), align_c = alignment(p.c),
                  align_bias = p.bias ? alignment(p.bias) : 256;
-  const Key key{device, static_cast<int>(p.dtype), p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.ldc,
-                p.batch, p.stride_a, p.stride_b, p.stride_c, p.bias != nullptr, p.beta != 0,
-                align_a, align_b, align_c, align_bias};
+  const Key key{device,
+                static_cast<int>(p.dtype),
+                p.trans_a,
+                p.trans_b,
+                p.m,
+                p.n,
+                p.k,
+                p.lda,
+                p.ldb,
+                p.ldc,
+                p.batch,
+                p.stride_a,
+                p.stride_b,
+                p.stride_c,
+                p.bias != nullptr,
+                p.beta != 0,
+                align_a,
+                align_b,
+                align_c,
+                align_bias};
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   Plan pl;
   const cudaDataType_t t = data_type(p.dtype);
   HYDRA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&pl.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  const cublasOperation_t opb = p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, opa = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  HYDRA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_TRANSA, &opb, sizeof opb));
-  HYDRA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_TRANSB, &opa, sizeof opa));
+  const cublasOperation_t opb = p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                          opa = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  HYDRA_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_TRANSA, &opb, sizeof opb));
+  HYDRA_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_TRANSB, &opa, sizeof opa));
   if (p.bias) {
     const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-    HYDRA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+    HYDRA_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
   }
-  // Stored shapes (column-major): B as (trans_b ? k x n : n x k)^T ... i.e. rows x cols of the stored
-  // row-major matrix swapped.
+  // Stored shapes (column-major): B as (trans_b ? k x n : n x k)^T ... i.e. rows x cols of the
+  // stored row-major matrix swapped.
   const uint64_t b_rows = p.trans_b ? p.k : p.n, b_cols = p.trans_b ? p.n : p.k;
   const uint64_t a_rows = p.trans_a ? p.m : p.k, a_cols = p.trans_a ? p.k : p.m;
   HYDRA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&pl.a, t, b_rows, b_cols, p.ldb));
@@ -109,8 +133,8 @@ const Plan& plan_for(const GemmParams& p, int device) {
   cublasLtMatmulPreference_t pref = nullptr;
   HYDRA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t ws = kGemmWorkspace;
-  HYDRA_CUBLAS_CHECK(
-      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+  HYDRA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
   // In cuBLASLt's (column-major) terms A is our B and B is our A.
   for (const auto& [attr, value] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_b},
                                     {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_a},
@@ -121,19 +145,19 @@ const Plan& plan_for(const GemmParams& p, int device) {
   }
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  HYDRA_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handles().lt, pl.op, pl.a, pl.b, pl.c, pl.c, pref, 1, &result,
-                                                    &found));
+  HYDRA_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handles().lt, pl.op, pl.a, pl.b, pl.c, pl.c,
+                                                    pref, 1, &result, &found));
   cublasLtMatmulPreferenceDestroy(pref);
-  HYDRA_CHECK(found > 0) << "cuBLASLt found no algorithm for a " << p.m << "x" << p.n << "x" << p.k << " "
-                         << dtype_name(p.dtype) << " GEMM";
+  HYDRA_CHECK(found > 0) << "cuBLASLt found no algorithm for a " << p.m << "x" << p.n << "x" << p.k
+                         << " " << dtype_name(p.dtype) << " GEMM";
   pl.algo = result.algo;
   return cache.emplace(key, pl).first->second;
 }
 
-// C[b][i][j] += bias[j]: the bias of an f64 GEMM (cuBLAS's f64 GEMM has no epilogue). f64 runs on the
-// GPU for tests (float64 grids against the CPU), so a plain kernel will do.
-__global__ void add_bias_f64_kernel(double* c, const double* __restrict bias, int64_t rows, int64_t n, int64_t ldc,
-                                    int64_t m, int64_t stride_c) {
+// C[b][i][j] += bias[j]: the bias of an f64 GEMM (cuBLAS's f64 GEMM has no epilogue). f64 runs on
+// the GPU for tests (float64 grids against the CPU), so a plain kernel will do.
+__global__ void add_bias_f64_kernel(double* c, const double* __restrict bias, int64_t rows,
+                                    int64_t n, int64_t ldc, int64_t m, int64_t stride_c) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < rows * n;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = e / n, j = e % n;
@@ -151,13 +175,15 @@ void gemm(const GemmParams& p) {
     HYDRA_CUBLAS_CHECK(cublasSetStream(h, s));
     const double alpha = p.alpha, beta = p.beta;
     HYDRA_CUBLAS_CHECK(cublasDgemmStridedBatched(
-        h, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, p.n, p.m, p.k, &alpha,
-        static_cast<const double*>(p.b), p.ldb, p.stride_b, static_cast<const double*>(p.a), p.lda, p.stride_a, &beta,
-        static_cast<double*>(p.c), p.ldc, p.stride_c, p.batch));
+        h, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, p.n, p.m,
+        p.k, &alpha, static_cast<const double*>(p.b), p.ldb, p.stride_b,
+        static_cast<const double*>(p.a), p.lda, p.stride_a, &beta, static_cast<double*>(p.c), p.ldc,
+        p.stride_c, p.batch));
     if (p.bias != nullptr) {
       const int64_t rows = p.batch * p.m;
       add_bias_f64_kernel<<<blocks_for(rows * p.n, 256), 256, 0, s>>>(
-          static_cast<double*>(p.c), static_cast<const double*>(p.bias), rows, p.n, p.ldc, p.m, p.stride_c);
+          static_cast<double*>(p.c), static_cast<const double*>(p.bias), rows, p.n, p.ldc, p.m,
+          p.stride_c);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
     return;
@@ -169,19 +195,19 @@ void gemm(const GemmParams& p) {
   HYDRA_CUDA_CHECK(cudaGetDevice(&device));
   const Plan& pl = plan_for(p, device);
   if (p.bias) {
-    HYDRA_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias, sizeof p.bias));
+    HYDRA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(pl.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                      &p.bias, sizeof p.bias));
   }
   const float alpha = static_cast<float>(p.alpha), beta = static_cast<float>(p.beta);
-  HYDRA_CUBLAS_CHECK(cublasLtMatmul(handles().lt, pl.op, &alpha, p.b, pl.a, p.a, pl.b, &beta, p.c, pl.c, p.c, pl.c,
-                                    &pl.algo, p.workspace, kGemmWorkspace, s));
+  HYDRA_CUBLAS_CHECK(cublasLtMatmul(handles().lt, pl.op, &alpha, p.b, pl.a, p.a, pl.b, &beta, p.c,
+                                    pl.c, p.c, pl.c, &pl.algo, p.workspace, kGemmWorkspace, s));
 }
 
 namespace {
 
-// cuBLAS's grouped GEMM reads the problems' operand pointers from device arrays. A kernel writes them
-// from its own parameters (up to kTableChunk problems per launch: 3 KiB, within the 4 KiB parameter
-// space), so no host-to-device copy or pinned staging buffer is needed.
+// cuBLAS's grouped GEMM reads the problems' operand pointers from device arrays. A kernel writes
+// them from its own parameters (up to kTableChunk problems per launch: 3 KiB, within the 4 KiB
+// parameter space), so no host-to-device copy or pinned staging buffer is needed.
 constexpr int kTableChunk = 128;
 
 struct TableChunk {
@@ -190,7 +216,8 @@ struct TableChunk {
   void* c[kTableChunk];
 };
 
-__global__ void fill_tables_kernel(TableChunk chunk, int count, const void** a, const void** b, void** c) {
+__global__ void fill_tables_kernel(TableChunk chunk, int count, const void** a, const void** b,
+                                   void** c) {
   const int i = threadIdx.x;
   if (i < count) {
     a[i] = chunk.a[i];
@@ -228,8 +255,9 @@ void grouped_gemm(const GroupedGemmParams& p) {
       chunk.b[j] = live[base + j]->a;
       chunk.c[j] = live[base + j]->c;
     }
-    fill_tables_kernel<<<1, kTableChunk, 0, s>>>(chunk, count, const_cast<const void**>(table + base),
-                                                 const_cast<const void**>(table + n + base), table + 2 * n + base);
+    fill_tables_kernel<<<1, kTableChunk, 0, s>>>(
+        chunk, count, const_cast<const void**>(table + base),
+        const_cast<const void**>(table + n + base), table + 2 * n + base);
     HYDRA_CUDA_LAUNCH_CHECK();
   }
   const std::vector<cublasOperation_t> op_a(n, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N),
@@ -250,12 +278,13 @@ void grouped_gemm(const GroupedGemmParams& p) {
   }
   cublasHandle_t h = handles().blas;
   HYDRA_CUBLAS_CHECK(cublasSetStream(h, s));
-  HYDRA_CUBLAS_CHECK(cublasGemmGroupedBatchedEx_64(
-      h, op_a.data(), op_b.data(), m.data(), nn.data(), k.data(),
-      f64 ? static_cast<const void*>(alpha64.data()) : alpha32.data(), const_cast<const void* const*>(table), t,
-      lda.data(), const_cast<const void* const*>(table + n), t, ldb.data(),
-      f64 ? static_cast<const void*>(beta64.data()) : beta32.data(), table + 2 * n, t, ldc.data(), n,
-      group_size.data(), compute));
+  HYDRA_CUBLAS_CHECK(
+      cublasGemmGroupedBatchedEx_64(h, op_a.data(), op_b.data(), m.data(), nn.data(), k.data(),
+                                    f64 ? static_cast<const void*>(alpha64.data()) : alpha32.data(),
+                                    const_cast<const void* const*>(table), t, lda.data(),
+                                    const_cast<const void* const*>(table + n), t, ldb.data(),
+                                    f64 ? static_cast<const void*>(beta64.data()) : beta32.data(),
+                                    table + 2 * n, t, ldc.data(), n, group_size.data(), compute));
 }
 
 }  // namespace hydra::kernels::cuda

@@ -1,9 +1,10 @@
 // MoE chunk routing on the device (kernels/moe_route.h) in three launches, no host round trip:
-//   1. a thread per chunk picks its experts (max_active argmax passes over E: ties to the lower expert,
+//   1. a thread per chunk picks its experts (max_active argmax passes over E: ties to the lower
+//   expert,
 //      as a stable descending sort walks them), into `cand`;
 //   2. a block per expert scans `cand` down the chunks: each chosen pair's rank among the expert's
-//      chunks (in chunk order), which decides the capacity and the pair's place in the dispatch order;
-//      the expert's kept and dropped counts;
+//      chunks (in chunk order), which decides the capacity and the pair's place in the dispatch
+//      order; the expert's kept and dropped counts;
 //   3. a thread per (chunk, expert, token) writes perm and widx at (earlier experts' kept chunks +
 //      rank) * chunk_len + token.
 // Every output is a function of the inputs alone (fixed scans, no atomics).
@@ -16,7 +17,8 @@ namespace {
 constexpr int kSelectThreads = 128, kRankThreads = 1024, kScatterThreads = 256;
 
 template <class T>
-__global__ void __launch_bounds__(kSelectThreads) route_select_kernel(MoeRouteParams p, int32_t* __restrict cand) {
+__global__ void __launch_bounds__(kSelectThreads)
+    route_select_kernel(MoeRouteParams p, int32_t* __restrict cand) {
   const int64_t rows = p.batch * p.chunks, E = p.experts;
   const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
@@ -77,10 +79,12 @@ __global__ void __launch_bounds__(kRankThreads)
 }
 
 __global__ void __launch_bounds__(kScatterThreads)
-    route_scatter_kernel(MoeRouteParams p, const int32_t* __restrict cand, const int32_t* __restrict rank) {
+    route_scatter_kernel(MoeRouteParams p, const int32_t* __restrict cand,
+                         const int32_t* __restrict rank) {
   const int64_t E = p.experts, c = p.chunk_len, n = p.batch * p.chunks * E * c;
   const int64_t cap = p.capacity > 0 ? p.capacity : p.batch * p.chunks + 1;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i % c, pair = i / c, e = pair % E, row = pair / E;
     if (!cand[pair] || rank[pair] >= cap) continue;
     int64_t before = 0;

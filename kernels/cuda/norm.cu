@@ -12,8 +12,10 @@ namespace hydra::kernels::cuda {
 namespace {
 
 constexpr int64_t kGwRows = 64;  // rows per gw partial
-constexpr int kBwdWarpItems = 2;  // the backward holds x, gy, the next row's x and gy, w and gw sums
-constexpr int kFwdWarpItems = 2;  // more packs per lane cost occupancy (measured: 4 and 8 are slower)
+constexpr int kBwdWarpItems =
+    2;  // the backward holds x, gy, the next row's x and gy, w and gw sums
+constexpr int kFwdWarpItems =
+    2;  // more packs per lane cost occupancy (measured: 4 and 8 are slower)
 
 template <class T>
 __global__ void rmsnorm_fwd_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
@@ -31,18 +33,21 @@ __global__ void rmsnorm_fwd_kernel(const T* __restrict x, const T* __restrict w,
   const C rs = fast_rsqrt(ss / C(cols) + C(eps));
   if (threadIdx.x == 0 && rstd) rstd[row] = rs;
   T* yr = y + row * cols;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = convert<T>(load(xr, j) * rs * (w ? load(w, j) : C(1)));
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+    yr[j] = convert<T>(load(xr, j) * rs * (w ? load(w, j) : C(1)));
 }
 
 template <class T>
-__global__ void rmsnorm_bwd_kernel(const T* __restrict x, const T* __restrict w, const compute_t<T>* __restrict rstd,
-                                   const T* __restrict gy, T* __restrict gx, int64_t cols) {
+__global__ void rmsnorm_bwd_kernel(const T* __restrict x, const T* __restrict w,
+                                   const compute_t<T>* __restrict rstd, const T* __restrict gy,
+                                   T* __restrict gx, int64_t cols) {
   using C = compute_t<T>;
   __shared__ C shared[32];
   const int64_t row = blockIdx.x;
   const T *xr = x + row * cols, *gr = gy + row * cols;
   C dot = 0;  // sum_j gy*w*x
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) dot += load(gr, j) * (w ? load(w, j) : C(1)) * load(xr, j);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+    dot += load(gr, j) * (w ? load(w, j) : C(1)) * load(xr, j);
   dot = block_sum(dot, shared);
   const C rs = rstd[row], c = rs * rs * dot / C(cols);
   T* gxr = gx + row * cols;
@@ -52,9 +57,10 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict x, const T* __restrict w,
 
 // part[blk, j] = sum over rows of block blk of gy * x * rstd (thread per column, rows in order).
 template <class T>
-__global__ void rmsnorm_gw_partial_kernel(const T* __restrict x, const compute_t<T>* __restrict rstd,
-                                          const T* __restrict gy, compute_t<T>* __restrict part, int64_t rows,
-                                          int64_t cols) {
+__global__ void rmsnorm_gw_partial_kernel(const T* __restrict x,
+                                          const compute_t<T>* __restrict rstd,
+                                          const T* __restrict gy, compute_t<T>* __restrict part,
+                                          int64_t rows, int64_t cols) {
   using C = compute_t<T>;
   const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, blk = blockIdx.y;
   if (j >= cols) return;
@@ -68,8 +74,8 @@ __global__ void rmsnorm_gw_partial_kernel(const T* __restrict x, const compute_t
 template <class T, int ITEMS, class P>
 __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()))
     rmsnorm_fwd_vec_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
-                           compute_t<T>* __restrict rstd, int64_t rows, int64_t cols, compute_t<T> inv_cols,
-                           compute_t<T> eps) {
+                           compute_t<T>* __restrict rstd, int64_t rows, int64_t cols,
+                           compute_t<T> inv_cols, compute_t<T> eps) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared[32];
@@ -78,7 +84,8 @@ __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()
   wait_for_previous_grid();
   RowRegs<T, ITEMS, P> xr, wr;
   xr.load(x + row * cols, packs);
-  if (w) wr.load(w, packs);  // before the reduction: its latency overlaps x's instead of following it
+  if (w)
+    wr.load(w, packs);  // before the reduction: its latency overlaps x's instead of following it
   C ss = 0;
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k)
@@ -99,28 +106,31 @@ __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()
   }
 }
 
-// A block per group of rows [r0, r1): gx for each row, and the group's gw partial summed in registers.
-// BlockRow: the block walks the rows in order. WarpRow: warp w takes rows r0 + w, r0 + w + 8, ...; the
-// warps' partials are then added in warp order. The next row is loaded while this one is reduced.
+// A block per group of rows [r0, r1): gx for each row, and the group's gw partial summed in
+// registers. BlockRow: the block walks the rows in order. WarpRow: warp w takes rows r0 + w, r0 + w
+// + 8, ...; the warps' partials are then added in warp order. The next row is loaded while this one
+// is reduced.
 template <class T, int ITEMS, class P, bool STAGE>
 __global__ void __launch_bounds__(P::kMaxThreads)
-    rmsnorm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w, const compute_t<T>* __restrict rstd,
-                           const T* __restrict gy, T* __restrict gx, compute_t<T>* __restrict part, int64_t rows,
+    rmsnorm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w,
+                           const compute_t<T>* __restrict rstd, const T* __restrict gy,
+                           T* __restrict gx, compute_t<T>* __restrict part, int64_t rows,
                            int64_t cols, compute_t<T> inv_cols, int64_t group) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared[32];
   const int64_t packs = cols / N, r0 = blockIdx.x * group, r1 = min(rows, r0 + group);
-  const int64_t step = P::kWarp ? kWarpRowsPerBlock : 1, first = r0 + (P::kWarp ? threadIdx.x >> 5 : 0);
+  const int64_t step = P::kWarp ? kWarpRowsPerBlock : 1,
+                first = r0 + (P::kWarp ? threadIdx.x >> 5 : 0);
   wait_for_previous_grid();
   RowRegs<T, ITEMS, P> wr;
   if (w) wr.load(w, packs);
   C gw_acc[ITEMS][N] = {};
   // The next row is loaded while this one is reduced. Block rows of one pack per thread hold it in
-  // registers. Otherwise (STAGE) cp.async copies it into two shared-memory buffers of the thread's own
-  // (no barriers; a buffer is refilled one row after its values were read). In registers it cost too
-  // much: block rows of 2 items were 2.4x slower under BlockRow's 64-register bound, warp rows took 114
-  // registers.
+  // registers. Otherwise (STAGE) cp.async copies it into two shared-memory buffers of the thread's
+  // own (no barriers; a buffer is refilled one row after its values were read). In registers it
+  // cost too much: block rows of 2 items were 2.4x slower under BlockRow's 64-register bound, warp
+  // rows took 114 registers.
   constexpr bool kPrefetch = !P::kWarp && ITEMS == 1;
   static_assert(!(STAGE && kPrefetch), "one way of prefetching");
   RowRegs<T, ITEMS, P> xn, gn;
@@ -198,8 +208,8 @@ __global__ void __launch_bounds__(P::kMaxThreads)
   }
   if (!part) return;
   if constexpr (P::kWarp) {
-    // Every warp's partial into shared memory, one barrier, then each column summed over the warps in
-    // warp order (the order a sequential warp-by-warp sum would have, so results do not change).
+    // Every warp's partial into shared memory, one barrier, then each column summed over the warps
+    // in warp order (the order a sequential warp-by-warp sum would have, so results do not change).
     constexpr int kCols = 32 * ITEMS * N;  // the widest row this layout holds
     __shared__ C sum_sh[kWarpRowsPerBlock][kCols];
     const int warp = threadIdx.x >> 5;
@@ -229,9 +239,9 @@ __global__ void __launch_bounds__(P::kMaxThreads)
 
 // Rows per backward block, at most kGwRows. Block rows: about 1056 blocks (8 per SM of an H100) to
 // hide memory latency. Warp rows: about 264 blocks (2 per SM), a multiple of 8 rows each; each warp
-// then walks 8 rows or more and the gw partials (written and summed again) are 4x fewer (at width 384:
-// 1.2x faster than 1056 blocks on the H100, and 0.61 / 0.58 / 0.55 of copy for 264 / 528 / 1056 on the
-// H200). Depends on the shape only, so the gw summation order is fixed.
+// then walks 8 rows or more and the gw partials (written and summed again) are 4x fewer (at width
+// 384: 1.2x faster than 1056 blocks on the H100, and 0.61 / 0.58 / 0.55 of copy for 264 / 528 /
+// 1056 on the H200). Depends on the shape only, so the gw summation order is fixed.
 int64_t bwd_group(int64_t rows, bool warp) {
   const int64_t target = warp ? 264 : 1056;
   const int64_t g = std::clamp<int64_t>((rows + target - 1) / target, 1, kGwRows);
@@ -255,10 +265,11 @@ void rmsnorm_fwd(const RmsNormParams& p) {
     const RowLayout l = row_layout(p.cols, pack_width<T>(), kFwdWarpItems);
     if (l.items && aligned16(p.x) && aligned16(p.y) && (!p.w || aligned16(p.w))) {
       dispatch_layout<kFwdWarpItems>(l, [&](auto items, auto policy) {
-        launch_after_previous(rmsnorm_fwd_vec_kernel<T, items.value, decltype(policy)>, dim3(l.blocks(p.rows)),
-                              dim3(l.threads), 0, as_stream(p.stream), static_cast<const T*>(p.x),
-                              static_cast<const T*>(p.w), static_cast<T*>(p.y), static_cast<compute_t<T>*>(p.rstd),
-                              p.rows, p.cols, compute_t<T>(1.0 / double(p.cols)), compute_t<T>(p.eps));
+        launch_after_previous(rmsnorm_fwd_vec_kernel<T, items.value, decltype(policy)>,
+                              dim3(l.blocks(p.rows)), dim3(l.threads), 0, as_stream(p.stream),
+                              static_cast<const T*>(p.x), static_cast<const T*>(p.w),
+                              static_cast<T*>(p.y), static_cast<compute_t<T>*>(p.rstd), p.rows,
+                              p.cols, compute_t<T>(1.0 / double(p.cols)), compute_t<T>(p.eps));
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       return;
@@ -274,7 +285,8 @@ size_t rmsnorm_bwd_workspace(const RmsNormBwdParams& p) {
   if (!p.gw || p.rows == 0) return 0;
   const size_t a = p.dtype == DType::kF64 ? 8 : 4;
   const RowLayout l = bwd_layout(p);
-  const int64_t g = l.items ? bwd_group(p.rows, l.warp) : kGwRows;  // the element-wise path uses kGwRows
+  const int64_t g =
+      l.items ? bwd_group(p.rows, l.warp) : kGwRows;  // the element-wise path uses kGwRows
   return a * static_cast<size_t>((p.rows + g - 1) / g * p.cols);
 }
 
@@ -288,7 +300,8 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
     const C* rstd = static_cast<const C*>(p.rstd);
     const T* gy = static_cast<const T*>(p.gy);
     const RowLayout l = bwd_layout(p);
-    if (l.items && aligned16(p.x) && aligned16(p.gy) && aligned16(p.gx) && (!p.w || aligned16(p.w))) {
+    if (l.items && aligned16(p.x) && aligned16(p.gy) && aligned16(p.gx) &&
+        (!p.w || aligned16(p.w))) {
       HYDRA_CHECK(!p.gw || p.workspace != nullptr) << "rmsnorm_bwd: workspace required for gw";
       const int64_t group = bwd_group(p.rows, l.warp), blocks = (p.rows + group - 1) / group;
       C* part = p.gw ? static_cast<C*>(p.workspace) : nullptr;
@@ -299,15 +312,17 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
         const size_t smem = size_t(2) * 2 * kItems * l.threads * sizeof(RowPack<T>);
         if constexpr (kItems <= 2 && (Policy::kWarp || kItems > 1)) {
           if (smem <= 48 * 1024) {
-            launch_after_previous(rmsnorm_bwd_vec_kernel<T, kItems, Policy, true>, dim3(blocks), dim3(l.threads),
-                                  smem, s, x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part,
-                                  p.rows, p.cols, C(1.0 / double(p.cols)), group);
+            launch_after_previous(rmsnorm_bwd_vec_kernel<T, kItems, Policy, true>, dim3(blocks),
+                                  dim3(l.threads), smem, s, x, static_cast<const T*>(p.w), rstd, gy,
+                                  static_cast<T*>(p.gx), part, p.rows, p.cols,
+                                  C(1.0 / double(p.cols)), group);
             return;
           }
         }
-        launch_after_previous(rmsnorm_bwd_vec_kernel<T, kItems, Policy, false>, dim3(blocks), dim3(l.threads), 0, s,
-                              x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), part, p.rows, p.cols,
-                              C(1.0 / double(p.cols)), group);
+        launch_after_previous(rmsnorm_bwd_vec_kernel<T, kItems, Policy, false>, dim3(blocks),
+                              dim3(l.threads), 0, s, x, static_cast<const T*>(p.w), rstd, gy,
+                              static_cast<T*>(p.gx), part, p.rows, p.cols, C(1.0 / double(p.cols)),
+                              group);
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       if (p.gw) {
@@ -316,14 +331,15 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
       }
       return;
     }
-    rmsnorm_bwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, s>>>(x, static_cast<const T*>(p.w), rstd, gy,
-                                                                     static_cast<T*>(p.gx), p.cols);
+    rmsnorm_bwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, s>>>(
+        x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), p.cols);
     HYDRA_CUDA_LAUNCH_CHECK();
     if (p.gw) {
       HYDRA_CHECK(p.workspace != nullptr) << "rmsnorm_bwd: workspace required for gw";
       const int64_t blocks = (p.rows + kGwRows - 1) / kGwRows;
       C* part = static_cast<C*>(p.workspace);
-      rmsnorm_gw_partial_kernel<T><<<dim3((p.cols + 127) / 128, blocks), 128, 0, s>>>(x, rstd, gy, part, p.rows, p.cols);
+      rmsnorm_gw_partial_kernel<T>
+          <<<dim3((p.cols + 127) / 128, blocks), 128, 0, s>>>(x, rstd, gy, part, p.rows, p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
       column_sum<C, T>(part, blocks, p.cols, static_cast<T*>(p.gw), C(1), s);
       HYDRA_CUDA_LAUNCH_CHECK();

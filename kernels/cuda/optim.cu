@@ -16,19 +16,27 @@ struct Hyper {
 };
 
 Hyper hyper(const AdamWParams& a) {
-  return {a.lr, a.beta1, a.beta2, a.eps, 1 - a.lr * a.weight_decay, a.bias_correction1, a.bias_correction2,
+  return {a.lr,
+          a.beta1,
+          a.beta2,
+          a.eps,
+          1 - a.lr * a.weight_decay,
+          a.bias_correction1,
+          a.bias_correction2,
           a.grad_scale};
 }
 
 template <class T>
-__device__ __forceinline__ void update(T* p, const T* g, T* m, T* v, int64_t pi, int64_t gi, const Hyper& h) {
+__device__ __forceinline__ void update(T* p, const T* g, T* m, T* v, int64_t pi, int64_t gi,
+                                       const Hyper& h) {
   using C = compute_t<T>;
   const C gr = load(g, gi) * C(h.scale);
   const C mi = C(h.beta1) * load(m, pi) + C(1 - h.beta1) * gr;
   const C vi = C(h.beta2) * load(v, pi) + C(1 - h.beta2) * gr * gr;
   m[pi] = convert<T>(mi);
   v[pi] = convert<T>(vi);
-  p[pi] = convert<T>(load(p, pi) * C(h.decay) - C(h.lr) * (mi / C(h.bc1)) / (sqrt(vi / C(h.bc2)) + C(h.eps)));
+  p[pi] = convert<T>(load(p, pi) * C(h.decay) -
+                     C(h.lr) * (mi / C(h.bc1)) / (sqrt(vi / C(h.bc2)) + C(h.eps)));
 }
 
 template <class T>
@@ -37,8 +45,9 @@ using Pack = RowPack<T>;  // 16 bytes of T (rows.cuh)
 // One pack of each array, element by element: update's arithmetic (kDivide: bias corrections
 // divided, bc1 and bc2 as given) or multi_adamw_kernel's (their inverses, multiplied).
 template <bool kDivide, class T, class C>
-__device__ __forceinline__ void update_pack(Pack<T>* p, const Pack<T>* g, Pack<T>* m, Pack<T>* v, int64_t i, C scale,
-                                            C b1, C omb1, C b2, C omb2, C decay, C lr, C bc1, C bc2, C eps) {
+__device__ __forceinline__ void update_pack(Pack<T>* p, const Pack<T>* g, Pack<T>* m, Pack<T>* v,
+                                            int64_t i, C scale, C b1, C omb1, C b2, C omb2, C decay,
+                                            C lr, C bc1, C bc2, C eps) {
   const Pack<T> gp = g[i], mp = m[i], vp = v[i], pp = p[i];
   Pack<T> mo, vo, po;
 #pragma unroll
@@ -65,9 +74,9 @@ __global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, Hyper h, b
     constexpr int kN = Pack<T>::kN;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n / kN; i += stride)
       update_pack<true>(reinterpret_cast<Pack<T>*>(p), reinterpret_cast<const Pack<T>*>(g),
-                        reinterpret_cast<Pack<T>*>(m), reinterpret_cast<Pack<T>*>(v), i, C(h.scale), C(h.beta1),
-                        C(1 - h.beta1), C(h.beta2), C(1 - h.beta2), C(h.decay), C(h.lr), C(h.bc1), C(h.bc2),
-                        C(h.eps));
+                        reinterpret_cast<Pack<T>*>(m), reinterpret_cast<Pack<T>*>(v), i, C(h.scale),
+                        C(h.beta1), C(1 - h.beta1), C(h.beta2), C(1 - h.beta2), C(h.decay), C(h.lr),
+                        C(h.bc1), C(h.bc2), C(h.eps));
     done = n / kN * kN;
   }
   for (int64_t i = done + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride)
@@ -75,9 +84,11 @@ __global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, Hyper h, b
 }
 
 template <class T>
-__global__ void adamw_rows_kernel(T* p, const T* g, T* m, T* v, const int64_t* rows, int64_t k, int64_t cols, Hyper h) {
+__global__ void adamw_rows_kernel(T* p, const T* g, T* m, T* v, const int64_t* rows, int64_t k,
+                                  int64_t cols, Hyper h) {
   const int64_t total = k * cols;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t j = e / cols, c = e % cols;
     update(p, g, m, v, rows[j] * cols + c, e, h);
   }
@@ -109,23 +120,27 @@ __global__ void __launch_bounds__(256) multi_adamw_kernel(const __grid_constant_
   int lo = 0, hi = l.count - 1;  // the last t with first[t] <= blk
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (l.first[mid] <= blk) lo = mid; else hi = mid - 1;
+    if (l.first[mid] <= blk)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   const MultiTensor& d = l.t[lo];
   T* p = static_cast<T*>(d.p);
   const T* g = static_cast<const T*>(d.g);
   T* m = static_cast<T*>(d.m);
   T* v = static_cast<T*>(d.v);
-  const int64_t begin = int64_t(blk - l.first[lo]) * kMultiChunk, end = min(d.n, begin + kMultiChunk);
-  const C b1 = l.beta1, b2 = l.beta2, lr = d.lr, decay = d.decay, eps = l.eps, inv_bc1 = C(1) / C(l.bc1),
-          inv_bc2 = C(1) / C(l.bc2), scale = l.scale;
+  const int64_t begin = int64_t(blk - l.first[lo]) * kMultiChunk,
+                end = min(d.n, begin + kMultiChunk);
+  const C b1 = l.beta1, b2 = l.beta2, lr = d.lr, decay = d.decay, eps = l.eps,
+          inv_bc1 = C(1) / C(l.bc1), inv_bc2 = C(1) / C(l.bc2), scale = l.scale;
   int64_t from = begin;  // begin is a multiple of the pack width (kMultiChunk is)
   if (aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v)) {
     constexpr int kN = Pack<T>::kN;
     for (int64_t i = begin / kN + threadIdx.x; i < end / kN; i += blockDim.x)
       update_pack<false>(reinterpret_cast<Pack<T>*>(p), reinterpret_cast<const Pack<T>*>(g),
-                         reinterpret_cast<Pack<T>*>(m), reinterpret_cast<Pack<T>*>(v), i, scale, b1, C(1) - b1, b2,
-                         C(1) - b2, decay, lr, inv_bc1, inv_bc2, eps);
+                         reinterpret_cast<Pack<T>*>(m), reinterpret_cast<Pack<T>*>(v), i, scale, b1,
+                         C(1) - b1, b2, C(1) - b2, decay, lr, inv_bc1, inv_bc2, eps);
     from = end / kN * kN;
   }
   for (int64_t i = from + threadIdx.x; i < end; i += blockDim.x) {
@@ -141,14 +156,21 @@ __global__ void __launch_bounds__(256) multi_adamw_kernel(const __grid_constant_
 }  // namespace
 
 void multi_adamw_step(const MultiAdamWParams& mp) {
-  HYDRA_CHECK(mp.count >= 0 && mp.count <= MultiAdamWParams::kMax) << "multi_adamw: count " << mp.count;
+  HYDRA_CHECK(mp.count >= 0 && mp.count <= MultiAdamWParams::kMax)
+      << "multi_adamw: count " << mp.count;
   if (mp.count == 0) return;
   MultiLayout l{};
   l.count = mp.count;
   l.first[0] = 0;
   for (int i = 0; i < mp.count; ++i) {
     const AdamWTensor& t = mp.t[i];
-    l.t[i] = {t.param, t.grad, t.m, t.v, t.n, static_cast<float>(t.lr), static_cast<float>(1 - t.lr * t.weight_decay)};
+    l.t[i] = {t.param,
+              t.grad,
+              t.m,
+              t.v,
+              t.n,
+              static_cast<float>(t.lr),
+              static_cast<float>(1 - t.lr * t.weight_decay)};
     const int64_t blocks = l.first[i] + (t.n + kMultiChunk - 1) / kMultiChunk;
     HYDRA_CHECK(blocks < (int64_t(1) << 31)) << "multi_adamw: too many elements in one launch";
     l.first[i + 1] = static_cast<int32_t>(blocks);
@@ -180,9 +202,10 @@ void adamw_step(const AdamWParams& a) {
   dispatch_float(a.dtype, "adamw", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const bool vec = aligned16(a.param) && aligned16(a.grad) && aligned16(a.m) && aligned16(a.v);
-    adamw_kernel<T><<<blocks_for(vec ? a.n / Pack<T>::kN + 1 : a.n, 256), 256, 0, as_stream(a.stream)>>>(
-        static_cast<T*>(a.param), static_cast<const T*>(a.grad), static_cast<T*>(a.m), static_cast<T*>(a.v), a.n,
-        hyper(a), vec);
+    adamw_kernel<T>
+        <<<blocks_for(vec ? a.n / Pack<T>::kN + 1 : a.n, 256), 256, 0, as_stream(a.stream)>>>(
+            static_cast<T*>(a.param), static_cast<const T*>(a.grad), static_cast<T*>(a.m),
+            static_cast<T*>(a.v), a.n, hyper(a), vec);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -193,8 +216,8 @@ void adamw_rows_step(const AdamWRowsParams& r) {
   dispatch_float(a.dtype, "adamw_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
     adamw_rows_kernel<T><<<blocks_for(r.k * r.cols, 256), 256, 0, as_stream(a.stream)>>>(
-        static_cast<T*>(a.param), static_cast<const T*>(a.grad), static_cast<T*>(a.m), static_cast<T*>(a.v), r.rows,
-        r.k, r.cols, hyper(a));
+        static_cast<T*>(a.param), static_cast<const T*>(a.grad), static_cast<T*>(a.m),
+        static_cast<T*>(a.v), r.rows, r.k, r.cols, hyper(a));
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }

@@ -26,7 +26,8 @@ __global__ void random_kernel(T* __restrict__ dst, int64_t n, uint64_t seed, uin
     } else {
       for (int j = 0; j < 4; ++j) {
         if constexpr (std::is_integral_v<T>) {
-          v[j] = floor(a + (b - a) * (r.v[j] * 2.3283064365386963e-10));  // all 32 bits: wide ranges too
+          v[j] = floor(a + (b - a) *
+                               (r.v[j] * 2.3283064365386963e-10));  // all 32 bits: wide ranges too
         } else {
           v[j] = a + (b - a) * ((r.v[j] >> 8) * 5.9604644775390625e-8);
         }

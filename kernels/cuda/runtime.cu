@@ -107,7 +107,8 @@ void stream_wait_event(void* stream, void* event) {
 
 namespace {
 __global__ void hold_kernel(long long ns) {
-  const long long end = static_cast<long long>(clock64()) + ns * 2;  // clocks run at 1-2 GHz: at least ns
+  const long long end =
+      static_cast<long long>(clock64()) + ns * 2;  // clocks run at 1-2 GHz: at least ns
   while (static_cast<long long>(clock64()) < end) __nanosleep(1000);
 }
 }  // namespace
@@ -127,7 +128,9 @@ bool event_query(void* event) {
   return true;
 }
 
-void event_synchronize(void* event) { HYDRA_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event))); }
+void event_synchronize(void* event) {
+  HYDRA_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event)));
+}
 
 float event_elapsed_ms(void* start, void* end) {
   float ms = 0;

@@ -10,7 +10,8 @@ namespace {
 constexpr int kFwdWarpItems = 8, kBwdWarpItems = 4;
 
 template <class T>
-__global__ void softmax_fwd_kernel(const T* __restrict x, T* __restrict y, int64_t cols, bool log_out) {
+__global__ void softmax_fwd_kernel(const T* __restrict x, T* __restrict y, int64_t cols,
+                                   bool log_out) {
   using C = compute_t<T>;
   __shared__ C shared[32];
   const int64_t row = blockIdx.x;
@@ -27,28 +28,32 @@ __global__ void softmax_fwd_kernel(const T* __restrict x, T* __restrict y, int64
     for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = convert<T>(load(xr, j) - lse);
   } else {
     const C inv = C(1) / sum;
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = convert<T>(exp(load(xr, j) - mx) * inv);
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+      yr[j] = convert<T>(exp(load(xr, j) - mx) * inv);
   }
 }
 
 template <class T>
-__global__ void softmax_bwd_kernel(const T* __restrict y, const T* __restrict gy, T* __restrict gx, int64_t cols,
-                                   bool log_out) {
+__global__ void softmax_bwd_kernel(const T* __restrict y, const T* __restrict gy, T* __restrict gx,
+                                   int64_t cols, bool log_out) {
   using C = compute_t<T>;
   __shared__ C shared[32];
   const int64_t row = blockIdx.x;
   const T *yr = y + row * cols, *gr = gy + row * cols;
   C s = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += log_out ? load(gr, j) : load(gr, j) * load(yr, j);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+    s += log_out ? load(gr, j) : load(gr, j) * load(yr, j);
   s = block_sum(s, shared);
   T* gxr = gx + row * cols;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
-    gxr[j] = convert<T>(log_out ? load(gr, j) - exp(load(yr, j)) * s : load(yr, j) * (load(gr, j) - s));
+    gxr[j] =
+        convert<T>(log_out ? load(gr, j) - exp(load(yr, j)) * s : load(yr, j) * (load(gr, j) - s));
 }
 
 template <class T, int ITEMS, class P>
 __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()))
-    softmax_fwd_vec_kernel(const T* __restrict x, T* __restrict y, int64_t rows, int64_t cols, bool log_out) {
+    softmax_fwd_vec_kernel(const T* __restrict x, T* __restrict y, int64_t rows, int64_t cols,
+                           bool log_out) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared_m[32];
@@ -75,11 +80,12 @@ __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()
     }
   };
   if constexpr (P::kWarp) {
-    // Warp rows: the row's max (5 exchanges), then one exp per value kept in registers where they fit,
-    // then the sum (5 exchanges). Fewer instructions than the combined (max, sum) reduction, whose
-    // every level rescales with two exps; a block row saves a barrier round with it instead.
+    // Warp rows: the row's max (5 exchanges), then one exp per value kept in registers where they
+    // fit, then the sum (5 exchanges). Fewer instructions than the combined (max, sum) reduction,
+    // whose every level rescales with two exps; a block row saves a barrier round with it instead.
     m = warp_max(m);
-    const C mref = m == C(-INFINITY) ? C(0) : m;  // a row of -inf: exp(-inf) = 0, not exp(-inf + inf)
+    const C mref =
+        m == C(-INFINITY) ? C(0) : m;  // a row of -inf: exp(-inf) = 0, not exp(-inf + inf)
     constexpr bool kKeep = ITEMS * N <= 16;
     C e[kKeep ? ITEMS : 1][kKeep ? N : 1];
     C sum = 0;
@@ -124,8 +130,8 @@ __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()
 
 template <class T, int ITEMS, class P>
 __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()))
-    softmax_bwd_vec_kernel(const T* __restrict y, const T* __restrict gy, T* __restrict gx, int64_t rows, int64_t cols,
-                           bool log_out) {
+    softmax_bwd_vec_kernel(const T* __restrict y, const T* __restrict gy, T* __restrict gx,
+                           int64_t rows, int64_t cols, bool log_out) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared[32];
@@ -148,7 +154,8 @@ __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()
     RowPack<T> o;
 #pragma unroll
     for (int j = 0; j < N; ++j)
-      o.v[j] = convert<T>(log_out ? gr.at(k, j) - fast_exp(yr.at(k, j)) * s : yr.at(k, j) * (gr.at(k, j) - s));
+      o.v[j] = convert<T>(log_out ? gr.at(k, j) - fast_exp(yr.at(k, j)) * s
+                                  : yr.at(k, j) * (gr.at(k, j) - s));
     out[yr.index(k)] = o;
   }
 }
@@ -162,8 +169,9 @@ void softmax_fwd(const SoftmaxParams& p) {
     const RowLayout l = row_layout(p.cols, pack_width<T>(), kFwdWarpItems);
     if (l.items && aligned16(p.x) && aligned16(p.y)) {
       dispatch_layout<kFwdWarpItems>(l, [&](auto items, auto policy) {
-        softmax_fwd_vec_kernel<T, items.value, decltype(policy)><<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
-            static_cast<const T*>(p.x), static_cast<T*>(p.y), p.rows, p.cols, p.log);
+        softmax_fwd_vec_kernel<T, items.value, decltype(policy)>
+            <<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
+                static_cast<const T*>(p.x), static_cast<T*>(p.y), p.rows, p.cols, p.log);
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       return;
@@ -181,14 +189,17 @@ void softmax_bwd(const SoftmaxBwdParams& p) {
     const RowLayout l = row_layout(p.cols, pack_width<T>(), kBwdWarpItems);
     if (l.items && aligned16(p.y) && aligned16(p.gy) && aligned16(p.gx)) {
       dispatch_layout<kBwdWarpItems>(l, [&](auto items, auto policy) {
-        softmax_bwd_vec_kernel<T, items.value, decltype(policy)><<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
-            static_cast<const T*>(p.y), static_cast<const T*>(p.gy), static_cast<T*>(p.gx), p.rows, p.cols, p.log);
+        softmax_bwd_vec_kernel<T, items.value, decltype(policy)>
+            <<<l.blocks(p.rows), l.threads, 0, as_stream(p.stream)>>>(
+                static_cast<const T*>(p.y), static_cast<const T*>(p.gy), static_cast<T*>(p.gx),
+                p.rows, p.cols, p.log);
       });
       HYDRA_CUDA_LAUNCH_CHECK();
       return;
     }
     softmax_bwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(
-        static_cast<const T*>(p.y), static_cast<const T*>(p.gy), static_cast<T*>(p.gx), p.cols, p.log);
+        static_cast<const T*>(p.y), static_cast<const T*>(p.gy), static_cast<T*>(p.gx), p.cols,
+        p.log);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }

@@ -1,17 +1,17 @@
-// CUDA selective scan, parallel over (batch, channel, chunk of chunk_len steps); each thread keeps its
-// N states in registers (N is a template bound: 8, 16, 32 or 64).
-// Forward, three passes (spec/algorithms.md section 1: the recurrence is linear in h):
+// CUDA selective scan, parallel over (batch, channel, chunk of chunk_len steps); each thread keeps
+// its N states in registers (N is a template bound: 8, 16, 32 or 64). Forward, three passes
+// (spec/algorithms.md section 1: the recurrence is linear in h):
 //   1. each chunk from a zero state: its end state and its summed delta (the chunk's decay is
 //      exp(A * sum delta));
 //   2. per (batch, channel, state), chunk to chunk: the true state entering each chunk, and h_last;
 //   3. each chunk again from its entering state, writing y.
-// Backward, the same for the adjoint G_t = C_t gy_t + a_{t+1} G_{t+1} (section 2), which is linear in
-// G too: each chunk's G from a zero end, then a pass from the last chunk to the first for the true G
-// entering each chunk, then each chunk walks its steps backward, recomputing its states from the saved
-// chunk-start state: checkpoints every few steps in scratch, the steps between them in shared memory.
-// Sums over channels (gB, gC) are warp shuffles into per-warp partials; sums over batch and chunks
-// (gA_log, gD, gdt_bias) are per-(batch, chunk) partials; later kernels add both in a fixed order, so
-// results are bit-reproducible without atomics.
+// Backward, the same for the adjoint G_t = C_t gy_t + a_{t+1} G_{t+1} (section 2), which is linear
+// in G too: each chunk's G from a zero end, then a pass from the last chunk to the first for the
+// true G entering each chunk, then each chunk walks its steps backward, recomputing its states from
+// the saved chunk-start state: checkpoints every few steps in scratch, the steps between them in
+// shared memory. Sums over channels (gB, gC) are warp shuffles into per-warp partials; sums over
+// batch and chunks (gA_log, gD, gdt_bias) are per-(batch, chunk) partials; later kernels add both
+// in a fixed order, so results are bit-reproducible without atomics.
 #include <algorithm>
 #include <type_traits>
 
@@ -55,10 +55,10 @@ __device__ A sigmoid(A v) {
 
 // Sums K values (v[0..K)) over the 32 lanes of a warp with 31 exchanges instead of 5 per value: at
 // offset O each lane sends the half of its values its partner keeps and adds the half it keeps, so
-// each level halves the values a lane holds (lanes with bit O set keep the upper half). When one value
-// is left, the remaining levels add it plainly. Afterwards lane l holds, in v[0..max(K / 32, 1)), the
-// sums of values l * K / 32 + j (K >= 32), or value l / (32 / K) (K < 32; 32 / K lanes hold each).
-// The order of the additions is fixed, so results do not depend on timing.
+// each level halves the values a lane holds (lanes with bit O set keep the upper half). When one
+// value is left, the remaining levels add it plainly. Afterwards lane l holds, in v[0..max(K / 32,
+// 1)), the sums of values l * K / 32 + j (K >= 32), or value l / (32 / K) (K < 32; 32 / K lanes
+// hold each). The order of the additions is fixed, so results do not depend on timing.
 template <int K, int O, class A>
 __device__ __forceinline__ void warp_transpose_sum(A* v, int lane) {
   if constexpr (O > 0) {
@@ -96,15 +96,16 @@ __device__ ChunkThread chunk_thread(const SsmScanParams& p, int64_t b0) {
 }
 
 template <class T, int NMAX>
-__device__ void load_decay_rates(const SsmScanParams& p, int64_t d, bool live, compute_t<T> (&Ad)[NMAX]) {
+__device__ void load_decay_rates(const SsmScanParams& p, int64_t d, bool live,
+                                 compute_t<T> (&Ad)[NMAX]) {
   const int N = static_cast<int>(p.state);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n)
     Ad[n] = live && n < N ? -exp(load(static_cast<const T*>(p.A_log), d * N + n)) : compute_t<T>(0);
 }
 
-// Forward passes 1 (FINAL false: from a zero state, the chunk's end state into `states` and its summed
-// delta into `dsums`) and 3 (FINAL true: from the entering state in `states`, y).
+// Forward passes 1 (FINAL false: from a zero state, the chunk's end state into `states` and its
+// summed delta into `dsums`) and 3 (FINAL true: from the entering state in `states`, y).
 template <class T, int NMAX, bool FINAL>
 __global__ void __launch_bounds__(kThreads)
     scan_fwd_chunk_kernel(SsmScanParams p, int64_t nchunks, compute_t<T>* __restrict states,
@@ -134,8 +135,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     if (!live) continue;
-    // The next step's inputs are loaded before this step's y is stored (a store to y may alias them, so
-    // the compiler would not move them up): their latency overlaps this step's work.
+    // The next step's inputs are loaded before this step's y is stored (a store to y may alias
+    // them, so the compiler would not move them up): their latency overlaps this step's work.
     A raw_next = 0, u_next = 0, z_next = 0;
     auto load_step = [&](int s) {
       const int64_t r = b * L + t0 + s;
@@ -175,20 +176,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Pass 2 of both directions, a thread per (batch, channel, state): the value carried into each chunk
-// replaces the chunk's own (computed from zero) in `vals`, walking the chunks in order (forward: the
-// states entering them) or from the last (backward: the adjoint G entering them from the right);
-// carried = exp(A * the chunk's summed delta) * carried + the chunk's own. `init` is the value entering
-// the first chunk walked (h0, g_hlast; null: zero), `last` receives the value after the last one (h_last,
-// gh0). A group of 8 chunks is loaded before any is stored (the stores may alias later loads), so a
-// walk over 32 chunks waits 4 memory latencies, not 32; a thread per state makes the accesses coalesce.
+// Pass 2 of both directions, a thread per (batch, channel, state): the value carried into each
+// chunk replaces the chunk's own (computed from zero) in `vals`, walking the chunks in order
+// (forward: the states entering them) or from the last (backward: the adjoint G entering them from
+// the right); carried = exp(A * the chunk's summed delta) * carried + the chunk's own. `init` is
+// the value entering the first chunk walked (h0, g_hlast; null: zero), `last` receives the value
+// after the last one (h_last, gh0). A group of 8 chunks is loaded before any is stored (the stores
+// may alias later loads), so a walk over 32 chunks waits 4 memory latencies, not 32; a thread per
+// state makes the accesses coalesce.
 template <class T, bool REVERSE>
 __global__ void __launch_bounds__(kThreads)
     scan_carry_kernel(const T* __restrict A_log, int64_t D, int64_t N, int64_t nchunks,
                       compute_t<T>* __restrict vals, const compute_t<T>* __restrict dsums,
                       const compute_t<T>* __restrict init, compute_t<T>* __restrict last) {
   using A = compute_t<T>;
-  const int64_t b = blockIdx.y, i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // i = d * N + n
+  const int64_t b = blockIdx.y,
+                i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // i = d * N + n
   if (i >= D * N) return;
   const int64_t d = i / N;
   const A Ad = -exp(load(A_log, i));
@@ -218,9 +221,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Scratch of the backward, in accumulate-type elements.
-// Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub + 1 slots
-// of NMAX states for each of kThreads threads): the largest power of two within 72 KB (3 blocks per SM
-// fit), at least one step. 4-byte types: 8 steps at 16 states (72 KB), 16 at 8.
+// Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub + 1
+// slots of NMAX states for each of kThreads threads): the largest power of two within 72 KB (3
+// blocks per SM fit), at least one step. 4-byte types: 8 steps at 16 states (72 KB), 16 at 8.
 constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes) {
   const int slot = nmax * kThreads * acc_bytes;
   int steps = 1;
@@ -232,14 +235,16 @@ constexpr size_t scan_bwd_smem(int nmax, int acc_bytes) {
 }
 
 // The template bound of the states (dispatch_state's choice).
-constexpr int state_bound(int64_t state) { return state <= 8 ? 8 : state <= 16 ? 16 : state <= 32 ? 32 : 64; }
+constexpr int state_bound(int64_t state) {
+  return state <= 8 ? 8 : state <= 16 ? 16 : state <= 32 ? 32 : 64;
+}
 
 struct BwdScratch {
-  int64_t hs;                 // checkpoints of one batch slice: sub-chunks * N * slice * chunks * D
-  int64_t g_in, dsums;        // G entering each chunk [B][chunks][D][N]; summed delta [B][chunks][D]
-  int64_t part_bc;            // per-warp partials of gB (and of gC)
-  int64_t part_a, part_d;     // per-(batch, chunk) partials of gA (and of gD, gdt_bias)
-  int64_t warps, slice;       // channel warps; batch entries per launch (bounds the scratch)
+  int64_t hs;              // checkpoints of one batch slice: sub-chunks * N * slice * chunks * D
+  int64_t g_in, dsums;     // G entering each chunk [B][chunks][D][N]; summed delta [B][chunks][D]
+  int64_t part_bc;         // per-warp partials of gB (and of gC)
+  int64_t part_a, part_d;  // per-(batch, chunk) partials of gA (and of gD, gdt_bias)
+  int64_t warps, slice;    // channel warps; batch entries per launch (bounds the scratch)
 };
 
 // The checkpoints of one launch stay below this (larger batches run in slices).
@@ -252,13 +257,15 @@ BwdScratch scratch_of(const SsmScanParams& p) {
   const int64_t subs = (cl + scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a)) - 1) /
                        scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a));
   const int64_t per_batch = subs * p.state * nc * p.dim;
-  const int64_t slice = std::clamp<int64_t>(kStateScratchBytes / (a * std::max<int64_t>(per_batch, 1)), 1, p.batch);
+  const int64_t slice =
+      std::clamp<int64_t>(kStateScratchBytes / (a * std::max<int64_t>(per_batch, 1)), 1, p.batch);
   const int64_t bcd = p.batch * nc * p.dim;
-  return {per_batch * slice, bcd * p.state, bcd, warps * p.batch * p.len * p.state, bcd * p.state, bcd, warps, slice};
+  return {per_batch * slice, bcd * p.state, bcd,   warps * p.batch * p.len * p.state,
+          bcd * p.state,     bcd,           warps, slice};
 }
 
-// Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta. Up to 16 states,
-// bounded to 8 blocks per SM (64 registers; 68 unbounded).
+// Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta. Up to 16
+// states, bounded to 8 blocks per SM (64 registers; 68 unbounded).
 template <class T, int NMAX>
 __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <= 16 ? 8 : 1))
     scan_bwd_chunk_kernel(SsmScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
@@ -276,8 +283,9 @@ __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <
   for (int n = 0; n < NMAX; ++n) G[n] = 0;
   const A bias = p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
   A dsum = 0;
-  // Each step's own inputs are loaded a step ahead, so that their latency overlaps the previous step
-  // (C, the same for every channel, mostly hits L1; holding it ahead cost occupancy: 95 registers).
+  // Each step's own inputs are loaded a step ahead, so that their latency overlaps the previous
+  // step (C, the same for every channel, mostly hits L1; holding it ahead cost occupancy: 95
+  // registers).
   A raw_next = 0, g_next = 0, z_next = 0;
   auto load_step = [&](int64_t t) {
     const int64_t r = b * L + t;
@@ -304,15 +312,15 @@ __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <
   dsums[slot] = dsum;
 }
 
-// Backward pass 3, batch entries b0.. of a slice. A thread walks its chunk's steps backward from the G
-// entering it; the states it needs (before and after each step) are recomputed a sub-chunk of kSub
-// steps at a time into shared memory, from checkpoints: a first pass over the chunk stores the state
-// entering each sub-chunk in the scratch ([sub-chunk][state][thread column]). Shared memory is the
-// thread's own ([slot][state][thread]: no bank conflicts, no barriers); the scratch holds 1 state per
-// kSub steps instead of every step's (toy shapes: 0.2 GB instead of 1.6 GB written and read again).
-// Blocks per SM the backward asks the compiler to fit: up to 16 states, 3 (at most 168 registers, no
-// spills; 1.3x faster than the 184 registers and 2 blocks it takes unbounded, H200); 4 for up to 8.
-// Double precision (tests) leaves the compiler free.
+// Backward pass 3, batch entries b0.. of a slice. A thread walks its chunk's steps backward from
+// the G entering it; the states it needs (before and after each step) are recomputed a sub-chunk of
+// kSub steps at a time into shared memory, from checkpoints: a first pass over the chunk stores the
+// state entering each sub-chunk in the scratch ([sub-chunk][state][thread column]). Shared memory
+// is the thread's own ([slot][state][thread]: no bank conflicts, no barriers); the scratch holds 1
+// state per kSub steps instead of every step's (toy shapes: 0.2 GB instead of 1.6 GB written and
+// read again). Blocks per SM the backward asks the compiler to fit: up to 16 states, 3 (at most 168
+// registers, no spills; 1.3x faster than the 184 registers and 2 blocks it takes unbounded, H200);
+// 4 for up to 8. Double precision (tests) leaves the compiler free.
 template <class T, int NMAX>
 constexpr int scan_bwd_min_blocks() {
   return sizeof(compute_t<T>) > 4 ? 1 : NMAX <= 8 ? 4 : NMAX <= 16 ? 3 : 1;
@@ -320,11 +328,13 @@ constexpr int scan_bwd_min_blocks() {
 
 template <class T, int NMAX>
 __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
-    scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc, compute_t<T>* __restrict ws) {
+    scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc,
+                    compute_t<T>* __restrict ws) {
   using A = compute_t<T>;
   constexpr int kSub = scan_bwd_sub_steps(NMAX, sizeof(A));
   extern __shared__ unsigned char smem_raw[];
-  A* hsm = reinterpret_cast<A*>(smem_raw);  // [kSub + 1][NMAX][kThreads]: states before each step, and after
+  A* hsm = reinterpret_cast<A*>(
+      smem_raw);  // [kSub + 1][NMAX][kThreads]: states before each step, and after
   auto at = [&](int slot, int n) -> A& { return hsm[(slot * NMAX + n) * kThreads + threadIdx.x]; };
   const SsmScanParams& p = q.fwd;
   const ScanIn<T> in{p};
@@ -359,8 +369,9 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   // loads the next step's inputs before storing this step's states: a load the compiler cannot move
   // above a store to memory that may alias it waits a memory latency of its own.
   constexpr bool kHoist = NMAX <= 16;
-  // Runs the recurrence from h over steps [t0, t1), calling visit(s, h) with the state before step t0 + s.
-  auto recompute = [&](A (&h)[NMAX], int64_t t0, int64_t t1, auto&& visit) {
+  // Runs the recurrence from h over steps [t0, t1), calling visit(s, h) with the state before step
+  // t0 + s.
+  auto recompute = [&](A(&h)[NMAX], int64_t t0, int64_t t1, auto&& visit) {
     A raw_next = 0, u_next = 0;
     [[maybe_unused]] A B_next[kHoist ? NMAX : 1];
     auto load_step = [&](int64_t t) {
@@ -399,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   if (live) {  // the checkpoints: the state entering each sub-chunk
 #pragma unroll
     for (int n = 0; n < NMAX; ++n) h[n] = n < N ? chunk_states[slot * N + n] : A(0);
-    recompute(h, cs, ce, [&](int64_t s, const A (&hv)[NMAX]) {
+    recompute(h, cs, ce, [&](int64_t s, const A(&hv)[NMAX]) {
       if (s % kSub != 0) return;
 #pragma unroll
       for (int n = 0; n < NMAX; ++n)
@@ -408,10 +419,11 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   }
   for (int64_t k = subs - 1; k >= 0; --k) {
     const int64_t t0 = cs + k * kSub, t1 = min(ce, t0 + kSub);
-    if (live) {  // at(s) = the state before step t0 + s, for s = 0 .. t1 - t0 (the last: after step t1 - 1)
+    if (live) {  // at(s) = the state before step t0 + s, for s = 0 .. t1 - t0 (the last: after step
+                 // t1 - 1)
 #pragma unroll
       for (int n = 0; n < NMAX; ++n) h[n] = n < N ? ckpt[(k * N + n) * cols + col] : A(0);
-      recompute(h, t0, t1, [&](int64_t s, const A (&hv)[NMAX]) {
+      recompute(h, t0, t1, [&](int64_t s, const A(&hv)[NMAX]) {
 #pragma unroll
         for (int n = 0; n < NMAX; ++n) at(static_cast<int>(s), n) = hv[n];
       });
@@ -437,12 +449,16 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
           }
       }
       auto B_of = [&](int n) {
-        if constexpr (kHoist) return Bh[n];
-        else return in.B(r, n);
+        if constexpr (kHoist)
+          return Bh[n];
+        else
+          return in.B(r, n);
       };
       auto C_of = [&](int n) {
-        if constexpr (kHoist) return Ch[n];
-        else return in.C(r, n);
+        if constexpr (kHoist)
+          return Ch[n];
+        else
+          return in.C(r, n);
       };
       if (live) {
         dl = softplus(raw);
@@ -459,8 +475,8 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
       }
       gD += g * ut;
       A gut = Dd * g, gdl = 0;
-      // gB and gC: the warp's sums over its channels, kGroup states at a time (warp_transpose_sum; a
-      // group bounds the registers the partial sums take).
+      // gB and gC: the warp's sums over its channels, kGroup states at a time (warp_transpose_sum;
+      // a group bounds the registers the partial sums take).
       constexpr int kGroup = NMAX < 8 ? NMAX : 8, kShare = 32 / kGroup;
 #pragma unroll
       for (int n0 = 0; n0 < NMAX; n0 += kGroup) {
@@ -528,7 +544,9 @@ template <class T>
 struct GradALogStore {
   T* out;
   const T* A_log;
-  __device__ void operator()(int64_t e, compute_t<T> v) const { out[e] = convert<T>(v * -exp(load(A_log, e))); }
+  __device__ void operator()(int64_t e, compute_t<T> v) const {
+    out[e] = convert<T>(v * -exp(load(A_log, e)));
+  }
 };
 
 // Calls fn(std::integral_constant<int, NMAX>) with the smallest supported bound >= state.
@@ -537,10 +555,14 @@ void dispatch_state(int64_t state, F&& fn) {
   HYDRA_CHECK(state >= 1 && state <= 64)
       << "ssm_scan (CUDA): d_state " << state << " is not supported (1..64)";
   switch (state_bound(state)) {
-    case 8: return fn(std::integral_constant<int, 8>{});
-    case 16: return fn(std::integral_constant<int, 16>{});
-    case 32: return fn(std::integral_constant<int, 32>{});
-    default: return fn(std::integral_constant<int, 64>{});
+    case 8:
+      return fn(std::integral_constant<int, 8>{});
+    case 16:
+      return fn(std::integral_constant<int, 16>{});
+    case 32:
+      return fn(std::integral_constant<int, 32>{});
+    default:
+      return fn(std::integral_constant<int, 64>{});
   }
 }
 
@@ -580,8 +602,8 @@ void ssm_scan_fwd(const SsmScanParams& p) {
       scan_fwd_chunk_kernel<T, NMAX, false><<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
       scan_carry_kernel<T, false><<<carry_grid, kThreads, 0, s>>>(
-          static_cast<const T*>(p.A_log), p.dim, p.state, nc, states, dsums, static_cast<const A*>(p.h0),
-          static_cast<A*>(p.h_last));
+          static_cast<const T*>(p.A_log), p.dim, p.state, nc, states, dsums,
+          static_cast<const A*>(p.h0), static_cast<A*>(p.h_last));
       HYDRA_CUDA_LAUNCH_CHECK();
       scan_fwd_chunk_kernel<T, NMAX, true><<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
@@ -592,7 +614,9 @@ void ssm_scan_fwd(const SsmScanParams& p) {
 size_t ssm_scan_bwd_workspace(const SsmScanBwdParams& q) {
   const BwdScratch sc = scratch_of(q.fwd);
   const size_t a = q.fwd.dtype == DType::kF64 ? 8 : 4;
-  return a * static_cast<size_t>(sc.hs + sc.g_in + sc.dsums + 2 * sc.part_bc + sc.part_a + 2 * sc.part_d) + 256;
+  return a * static_cast<size_t>(sc.hs + sc.g_in + sc.dsums + 2 * sc.part_bc + sc.part_a +
+                                 2 * sc.part_d) +
+         256;
 }
 
 void ssm_scan_bwd(const SsmScanBwdParams& q) {
@@ -620,11 +644,12 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
       scan_bwd_chunk_kernel<T, NMAX><<<chunk_grid, kThreads, 0, s>>>(q, nc, g_in, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
       scan_carry_kernel<T, true><<<carry_grid, kThreads, 0, s>>>(
-          static_cast<const T*>(p.A_log), p.dim, p.state, nc, g_in, dsums, static_cast<const A*>(q.g_hlast),
-          static_cast<A*>(q.gh0));
+          static_cast<const T*>(p.A_log), p.dim, p.state, nc, g_in, dsums,
+          static_cast<const A*>(q.g_hlast), static_cast<A*>(q.gh0));
       HYDRA_CUDA_LAUNCH_CHECK();
       for (int64_t b0 = 0; b0 < p.batch; b0 += sc.slice) {
-        const dim3 grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(std::min(sc.slice, p.batch - b0)));
+        const dim3 grid(dim_blocks, static_cast<unsigned>(nc),
+                        static_cast<unsigned>(std::min(sc.slice, p.batch - b0)));
         constexpr size_t smem = scan_bwd_smem(NMAX, sizeof(A));
         allow_dynamic_smem(scan_bwd_kernel<T, NMAX>, smem, "ssm_scan_backward");
         scan_bwd_kernel<T, NMAX><<<grid, kThreads, smem, s>>>(q, nc, b0, sc, ws);
@@ -648,7 +673,8 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
       HYDRA_CUDA_LAUNCH_CHECK();
     }
     if (q.gdt_bias) {
-      column_sum(gA_part + sc.part_a + sc.part_d, parts, p.dim, static_cast<T*>(q.gdt_bias), A(1), s);
+      column_sum(gA_part + sc.part_a + sc.part_d, parts, p.dim, static_cast<T*>(q.gdt_bias), A(1),
+                 s);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
   });

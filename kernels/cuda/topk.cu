@@ -1,7 +1,8 @@
 // Top-k along rows: k times, pick the next element in the order (value descending, index ascending)
-// among those after the previous pick: no marks to store, ties to the lower index. Rows of up to 1024
-// elements sit in a warp's registers (8 rows per block; each pick is a scan of the lane's items and a
-// warp shuffle reduction); longer rows take a block per row that rereads the row for each pick.
+// among those after the previous pick: no marks to store, ties to the lower index. Rows of up to
+// 1024 elements sit in a warp's registers (8 rows per block; each pick is a scan of the lane's
+// items and a warp shuffle reduction); longer rows take a block per row that rereads the row for
+// each pick.
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
@@ -30,8 +31,8 @@ __device__ __forceinline__ void warp_first(C& v, int64_t& i) {
 }
 
 template <class T>
-__global__ void topk_kernel(const T* __restrict x, T* __restrict values, int64_t* __restrict indices, int64_t cols,
-                            int64_t k) {
+__global__ void topk_kernel(const T* __restrict x, T* __restrict values,
+                            int64_t* __restrict indices, int64_t cols, int64_t k) {
   using C = compute_t<T>;
   __shared__ C sv[32];
   __shared__ int64_t si[32];
@@ -73,8 +74,8 @@ constexpr int kTopkWarpRows = 8;
 
 template <class T, int ITEMS>
 __global__ void __launch_bounds__(32 * kTopkWarpRows)
-    topk_warp_kernel(const T* __restrict x, T* __restrict values, int64_t* __restrict indices, int64_t rows,
-                     int64_t cols, int64_t k) {
+    topk_warp_kernel(const T* __restrict x, T* __restrict values, int64_t* __restrict indices,
+                     int64_t rows, int64_t cols, int64_t k) {
   using C = compute_t<T>;
   const int64_t row = blockIdx.x * int64_t(kTopkWarpRows) + (threadIdx.x >> 5);
   if (row >= rows) return;  // whole warps
@@ -112,7 +113,8 @@ __global__ void __launch_bounds__(32 * kTopkWarpRows)
 }  // namespace
 
 void topk(const TopkParams& p) {
-  HYDRA_CHECK(p.k >= 0 && p.k <= p.cols) << "topk: k = " << p.k << " must be in [0, " << p.cols << "]";
+  HYDRA_CHECK(p.k >= 0 && p.k <= p.cols)
+      << "topk: k = " << p.k << " must be in [0, " << p.cols << "]";
   if (p.rows == 0 || p.k == 0) return;
   dispatch_float(p.dtype, "topk", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -122,15 +124,21 @@ void topk(const TopkParams& p) {
     if (p.cols <= 32 * 32) {
       const auto blocks = static_cast<unsigned>((p.rows + kTopkWarpRows - 1) / kTopkWarpRows);
       auto launch = [&](auto items) {
-        topk_warp_kernel<T, decltype(items)::value><<<blocks, 32 * kTopkWarpRows, 0, as_stream(p.stream)>>>(
-            x, values, indices, p.rows, p.cols, p.k);
+        topk_warp_kernel<T, decltype(items)::value>
+            <<<blocks, 32 * kTopkWarpRows, 0, as_stream(p.stream)>>>(x, values, indices, p.rows,
+                                                                     p.cols, p.k);
       };
-      if (p.cols <= 32 * 4) launch(std::integral_constant<int, 4>{});
-      else if (p.cols <= 32 * 8) launch(std::integral_constant<int, 8>{});
-      else if (p.cols <= 32 * 16) launch(std::integral_constant<int, 16>{});
-      else launch(std::integral_constant<int, 32>{});
+      if (p.cols <= 32 * 4)
+        launch(std::integral_constant<int, 4>{});
+      else if (p.cols <= 32 * 8)
+        launch(std::integral_constant<int, 8>{});
+      else if (p.cols <= 32 * 16)
+        launch(std::integral_constant<int, 16>{});
+      else
+        launch(std::integral_constant<int, 32>{});
     } else {
-      topk_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(x, values, indices, p.cols, p.k);
+      topk_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(x, values, indices,
+                                                                                 p.cols, p.k);
     }
     HYDRA_CUDA_LAUNCH_CHECK();
   });

@@ -15,8 +15,9 @@ using testing::randn64;
 bool is_global(int64_t pos, int64_t stride) { return stride > 0 && pos % stride == 0; }
 
 // Naive reference: builds the full masked score matrix per (b, h).
-std::vector<double> attention_ref(const Tensor& q, const Tensor& k, const Tensor& v, AttentionPattern pat,
-                                  double scale, int64_t q_pos0 = 0, int64_t k_pos0 = 0) {
+std::vector<double> attention_ref(const Tensor& q, const Tensor& k, const Tensor& v,
+                                  AttentionPattern pat, double scale, int64_t q_pos0 = 0,
+                                  int64_t k_pos0 = 0) {
   const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1), H = q.size(2), dh = q.size(3);
   const auto qv = q.to_vector<double>(), kv = k.to_vector<double>(), vv = v.to_vector<double>();
   std::vector<double> out(B * Lq * H * dh, 0.0);
@@ -28,11 +29,13 @@ std::vector<double> attention_ref(const Tensor& q, const Tensor& k, const Tensor
         double mx = -std::numeric_limits<double>::infinity();
         for (int64_t j = 0; j < Lk; ++j) {
           const int64_t tk = k_pos0 + j;
-          const bool vis = tk <= tq && (pat.window <= 0 || tq - tk < pat.window || is_global(tk, pat.global_stride) ||
-                                        is_global(tq, pat.global_stride));
+          const bool vis =
+              tk <= tq && (pat.window <= 0 || tq - tk < pat.window ||
+                           is_global(tk, pat.global_stride) || is_global(tq, pat.global_stride));
           if (!vis) continue;
           double d = 0;
-          for (int64_t c = 0; c < dh; ++c) d += qv[((b * Lq + i) * H + h) * dh + c] * kv[((b * Lk + j) * H + h) * dh + c];
+          for (int64_t c = 0; c < dh; ++c)
+            d += qv[((b * Lq + i) * H + h) * dh + c] * kv[((b * Lk + j) * H + h) * dh + c];
           s[j] = d * scale;
           mx = std::max(mx, s[j]);
         }
@@ -48,20 +51,23 @@ std::vector<double> attention_ref(const Tensor& q, const Tensor& k, const Tensor
   return out;
 }
 
-void expect_near_all(const std::vector<double>& got, const std::vector<double>& ref, double tol, const char* what) {
+void expect_near_all(const std::vector<double>& got, const std::vector<double>& ref, double tol,
+                     const char* what) {
   ASSERT_EQ(got.size(), ref.size());
-  for (std::size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(got[i], ref[i], tol) << what << " at " << i;
+  for (std::size_t i = 0; i < ref.size(); ++i)
+    ASSERT_NEAR(got[i], ref[i], tol) << what << " at " << i;
 }
 
 TEST(SparseAttention, TiledEqualsNaiveMaskedReferenceAtOddShapes) {
   // Lengths past several 32-query tiles and 64-key blocks; windows and strides of odd sizes.
-  const std::vector<AttentionPattern> patterns = {{0, 0}, {7, 0}, {13, 5}, {40, 16}, {1, 3}, {100, 50}};
+  const std::vector<AttentionPattern> patterns = {{0, 0},   {7, 0}, {13, 5},
+                                                  {40, 16}, {1, 3}, {100, 50}};
   for (const auto& pat : patterns) {
     for (int64_t L : {1, 13, 77, 150}) {
       Tensor q = randn64({2, L, 3, 5}, 1, 1.0, false), k = randn64({2, L, 3, 5}, 2, 1.0, false),
              v = randn64({2, L, 3, 5}, 3, 1.0, false);
-      expect_near_all(sparse_attention(q, k, v, pat, 0.4).to_vector<double>(), attention_ref(q, k, v, pat, 0.4),
-                      1e-12, "forward");
+      expect_near_all(sparse_attention(q, k, v, pat, 0.4).to_vector<double>(),
+                      attention_ref(q, k, v, pat, 0.4), 1e-12, "forward");
     }
   }
 }
@@ -77,8 +83,8 @@ TEST(SparseAttention, DenseEqualsPlainCausalAttention) {
   for (int64_t i = 0; i < L; ++i)
     for (int64_t j = 0; j < L; ++j) mask[i * L + j] = j <= i ? 0.0 : -1e30;
   Tensor plain = matmul(softmax(add(scores, tensor(mask, {L, L}))), vh).permute({0, 2, 1, 3});
-  expect_near_all(sparse_attention(q, k, v, {0, 0}, 0.5).to_vector<double>(), plain.to_vector<double>(), 1e-12,
-                  "dense");
+  expect_near_all(sparse_attention(q, k, v, {0, 0}, 0.5).to_vector<double>(),
+                  plain.to_vector<double>(), 1e-12, "dense");
 }
 
 TEST(SparseAttention, OffsetPositionsMatchTheWholeSequence) {
@@ -88,7 +94,8 @@ TEST(SparseAttention, OffsetPositionsMatchTheWholeSequence) {
   Tensor q = randn64({1, 50, 2, 3}, 7, 1.0, false), k = randn64({1, 50, 2, 3}, 8, 1.0, false),
          v = randn64({1, 50, 2, 3}, 9, 1.0, false);
   const auto whole = sparse_attention(q, k, v, pat, 0.7).narrow(1, 30, 20).to_vector<double>();
-  const auto shard = sparse_attention(q.narrow(1, 30, 20), k, v, pat, 0.7, 30, 0).to_vector<double>();
+  const auto shard =
+      sparse_attention(q.narrow(1, 30, 20), k, v, pat, 0.7, 30, 0).to_vector<double>();
   expect_near_all(shard, whole, 1e-13, "shard");
 }
 
@@ -98,7 +105,8 @@ TEST(SparseAttention, GradcheckFloat64) {
         [&](const std::vector<Tensor>& in) {
           return std::vector<Tensor>{sparse_attention(in[0], in[1], in[2], pat, 0.6)};
         },
-        (std::vector<Tensor>{randn64({2, 9, 2, 3}, 10), randn64({2, 9, 2, 3}, 11), randn64({2, 9, 2, 3}, 12)}));
+        (std::vector<Tensor>{randn64({2, 9, 2, 3}, 10), randn64({2, 9, 2, 3}, 11),
+                             randn64({2, 9, 2, 3}, 12)}));
   }
 }
 
@@ -112,20 +120,23 @@ TEST(SparseAttention, GradcheckFloat64WithLogSumExpOutput) {
           auto [o, lse] = sparse_attention_with_lse(in[0], in[1], in[2], pat, 0.6, q0, k0);
           return std::vector<Tensor>{o, lse};
         },
-        (std::vector<Tensor>{randn64({2, 7, 2, 3}, 14), randn64({2, 9, 2, 3}, 15), randn64({2, 9, 2, 3}, 16)}));
+        (std::vector<Tensor>{randn64({2, 7, 2, 3}, 14), randn64({2, 9, 2, 3}, 15),
+                             randn64({2, 9, 2, 3}, 16)}));
   }
 }
 
 // Attention over keys split in three blocks, merged, is attention over all of them; so is its lse.
 TEST(MergeAttention, PartsOverSplitKeysMergeToTheWhole) {
-  const Tensor q = randn64({2, 7, 2, 4}, 20, 1.0, false), k = randn64({2, 11, 2, 4}, 21, 1.0, false),
+  const Tensor q = randn64({2, 7, 2, 4}, 20, 1.0, false),
+               k = randn64({2, 11, 2, 4}, 21, 1.0, false),
                v = randn64({2, 11, 2, 4}, 22, 1.0, false);
   const AttentionPattern dense{0, 0};
   // Queries at positions 11..17 see every key (positions 0..10).
   const auto [want_o, want_l] = sparse_attention_with_lse(q, k, v, dense, 0.5, 11, 0);
   std::vector<Tensor> os, ls;
   for (const auto& [s0, n] : {std::pair<int64_t, int64_t>{0, 4}, {4, 6}, {10, 1}}) {
-    auto [o, l] = sparse_attention_with_lse(q, k.narrow(1, s0, n), v.narrow(1, s0, n), dense, 0.5, 11, s0);
+    auto [o, l] =
+        sparse_attention_with_lse(q, k.narrow(1, s0, n), v.narrow(1, s0, n), dense, 0.5, 11, s0);
     os.push_back(o.unsqueeze(0));
     ls.push_back(l.unsqueeze(0));
   }
@@ -142,7 +153,8 @@ TEST(MergeAttention, GradcheckFloat64WithEmptyParts) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       lse[((1 * B + b) * H + h) * L + 1] = kNegInf;  // part 1 empty for query 1
-      for (int64_t i = 0; i < P; ++i) lse[((i * B + b) * H + h) * L + 3] = kNegInf;  // query 3: no part
+      for (int64_t i = 0; i < P; ++i)
+        lse[((i * B + b) * H + h) * L + 3] = kNegInf;  // query 3: no part
     }
   Tensor lses = tensor(lse, {P, B, H, L});
   lses.set_requires_grad(true);
@@ -168,7 +180,8 @@ TEST(SparseAttention, GradcheckFloat64ThroughStridedQkvSlices) {
   HYDRA_EXPECT_GRADCHECK(
       [](const std::vector<Tensor>& in) {
         Tensor qkv = in[0].reshape({1, 7, 3, 2, 4});
-        return std::vector<Tensor>{sparse_attention(qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2), {4, 3}, 0.5)};
+        return std::vector<Tensor>{
+            sparse_attention(qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2), {4, 3}, 0.5)};
       },
       (std::vector<Tensor>{randn64({1, 7, 24}, 13)}));
 }
@@ -182,14 +195,17 @@ TEST(Rope, MatchesRotationAtOddShapeAndInverts) {
         for (int64_t i = 0; i < 3; ++i) {
           const double ang = (5 + t) * std::pow(100.0, -2.0 * i / 6);
           const int64_t base = ((b * 7 + t) * 3 + h) * 6;
-          EXPECT_NEAR(y[base + i], xv[base + i] * std::cos(ang) - xv[base + i + 3] * std::sin(ang), 1e-12);
-          EXPECT_NEAR(y[base + i + 3], xv[base + i] * std::sin(ang) + xv[base + i + 3] * std::cos(ang), 1e-12);
+          EXPECT_NEAR(y[base + i], xv[base + i] * std::cos(ang) - xv[base + i + 3] * std::sin(ang),
+                      1e-12);
+          EXPECT_NEAR(y[base + i + 3],
+                      xv[base + i] * std::sin(ang) + xv[base + i + 3] * std::cos(ang), 1e-12);
         }
 }
 
 TEST(Rope, GradcheckFloat64) {
-  HYDRA_EXPECT_GRADCHECK([](const std::vector<Tensor>& in) { return std::vector<Tensor>{rope(in[0], 3, 10000.0)}; },
-                         (std::vector<Tensor>{randn64({2, 5, 2, 4}, 15)}));
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{rope(in[0], 3, 10000.0)}; },
+      (std::vector<Tensor>{randn64({2, 5, 2, 4}, 15)}));
 }
 
 TEST(GroupedLinear, MatchesPerGroupLinearAndGradcheckFloat64) {
@@ -197,13 +213,16 @@ TEST(GroupedLinear, MatchesPerGroupLinearAndGradcheckFloat64) {
   const std::vector<int64_t> sizes = {4, 0, 9};
   const auto got = grouped_linear(x, w, sizes).to_vector<double>();
   std::vector<double> ref;
-  for (const auto& [row, n, g] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{0, 4, 0}, {4, 9, 2}}) {
+  for (const auto& [row, n, g] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{0, 4, 0}, {4, 9, 2}}) {
     const auto part = linear(x.narrow(0, row, n), w.select(0, g)).to_vector<double>();
     ref.insert(ref.end(), part.begin(), part.end());
   }
   expect_near_all(got, ref, 1e-12, "grouped_linear");
   HYDRA_EXPECT_GRADCHECK(
-      [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{grouped_linear(in[0], in[1], {2, 0, 3})}; },
+      [&](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{grouped_linear(in[0], in[1], {2, 0, 3})};
+      },
       (std::vector<Tensor>{randn64({5, 4}, 18), randn64({3, 2, 4}, 19)}));
 }
 
@@ -213,12 +232,16 @@ TEST(GroupedLinear, BlocksOfGroupsEqualTheExpertMajorOrderAndGradcheckFloat64) {
   Tensor x = randn64({11, 5}, 20), w = randn64({2, 3, 5}, 21);
   const std::vector<int64_t> blocks = {2, 1, 0, 3, 4, 1};  // [peer][expert]
   const Tensor y = grouped_linear(x, w, blocks);
-  const std::vector<int64_t> order = {0, 1, 6, 7, 8, 9, 2, 3, 4, 5, 10};  // expert 0's rows, then expert 1's
+  const std::vector<int64_t> order = {0, 1, 6, 7, 8, 9,
+                                      2, 3, 4, 5, 10};  // expert 0's rows, then expert 1's
   const Tensor xe = gather_rows(x, tensor(order, {11}));
   const Tensor ye = grouped_linear(xe, w, {6, 5});
-  expect_near_all(gather_rows(y, tensor(order, {11})).to_vector<double>(), ye.to_vector<double>(), 1e-12, "blocks");
+  expect_near_all(gather_rows(y, tensor(order, {11})).to_vector<double>(), ye.to_vector<double>(),
+                  1e-12, "blocks");
   HYDRA_EXPECT_GRADCHECK(
-      [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{grouped_linear(in[0], in[1], blocks)}; },
+      [&](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{grouped_linear(in[0], in[1], blocks)};
+      },
       (std::vector<Tensor>{x, w}));
 }
 
@@ -240,7 +263,8 @@ TEST(GroupedLinear, EmptyFeaturesAndUntouchedExpertsGiveZeros) {
 TEST(EmbeddingBag, MatchesReferenceAtOddShape) {
   Tensor table = randn64({13, 7}, 20, 1.0, false), w = randn64({5, 3}, 21, 1.0, false);
   Tensor idx = testing::randidx(13, {5, 3}, 22);
-  const auto tv = table.to_vector<double>(), wv = w.to_vector<double>(), got = embedding_bag(table, idx, w).to_vector<double>();
+  const auto tv = table.to_vector<double>(), wv = w.to_vector<double>(),
+             got = embedding_bag(table, idx, w).to_vector<double>();
   const auto iv = idx.to_vector<int64_t>();
   for (int t = 0; t < 5; ++t)
     for (int c = 0; c < 7; ++c) {
@@ -254,7 +278,9 @@ TEST(EmbeddingBag, GradcheckFloat64DenseAndSparse) {
   Tensor idx = tensor<int64_t>({0, 3, 3, 5, 1, 0}, {3, 2});  // repeated rows must add up
   for (bool sparse : {false, true}) {
     HYDRA_EXPECT_GRADCHECK(
-        [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding_bag(in[0], idx, in[1], sparse)}; },
+        [&](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{embedding_bag(in[0], idx, in[1], sparse)};
+        },
         (std::vector<Tensor>{randn64({6, 4}, 23), randn64({3, 2}, 24)}));
   }
 }
@@ -268,7 +294,8 @@ TEST(EmbeddingBag, SparseGradientHoldsOnlyTouchedRowsAndAccumulates) {
   sum(embedding_bag(table, tensor<int64_t>({3, 99, 0, 0}, {2, 2}), w, true)).backward();
   ASSERT_TRUE(table.sparse_grad() != nullptr);
   EXPECT_FALSE(table.grad().defined());
-  EXPECT_EQ(table.sparse_grad()->rows.to_vector<int64_t>(), (std::vector<int64_t>{0, 3, 7, 42, 99}));
+  EXPECT_EQ(table.sparse_grad()->rows.to_vector<int64_t>(),
+            (std::vector<int64_t>{0, 3, 7, 42, 99}));
   EXPECT_EQ(ready, 2);
   const auto wv = w.to_vector<double>();
   const auto dense = densify_sparse_grad(table).to_vector<double>();
@@ -279,9 +306,11 @@ TEST(EmbeddingBag, SparseGradientHoldsOnlyTouchedRowsAndAccumulates) {
 
 TEST(ProductKeys, IndicesFollowTheGridAndBadShapesAreRefused) {
   // Rows of a, b: the top-k keys of each half; pick: cells c of their k x k grid (k = 3).
-  const Tensor a = tensor<int64_t>({4, 0, 2, 1, 1, 3}, {2, 3}), b = tensor<int64_t>({2, 4, 0, 3, 0, 1}, {2, 3});
+  const Tensor a = tensor<int64_t>({4, 0, 2, 1, 1, 3}, {2, 3}),
+               b = tensor<int64_t>({2, 4, 0, 3, 0, 1}, {2, 3});
   const Tensor pick = tensor<int64_t>({0, 5, 8, 7}, {2, 2});
-  // row 0: c 0 -> a 4, b 2; c 5 -> a 0 (5 / 3 = 1), b 0 (5 % 3 = 2). row 1: c 8 -> a 3, b 1; c 7 -> a 3, b 0.
+  // row 0: c 0 -> a 4, b 2; c 5 -> a 0 (5 / 3 = 1), b 0 (5 % 3 = 2). row 1: c 8 -> a 3, b 1; c 7 ->
+  // a 3, b 0.
   EXPECT_EQ(product_key_indices(a, b, pick, 5).to_vector<int64_t>(),
             (std::vector<int64_t>{4 * 5 + 2, 0 * 5 + 0, 3 * 5 + 1, 3 * 5 + 0}));
   EXPECT_THROW(product_key_indices(a, b.narrow(1, 0, 2), pick, 5), Error);

@@ -74,7 +74,8 @@ TEST(Engine, InPlaceChangeOfSavedTensorIsReported) {
 
 TEST(Engine, GradientIsWrittenIntoItsDestination) {
   // x reaches f by three paths; its whole gradient lands in the destination (a view into a larger
-  // buffer, as the gradient reducer's buckets are), which becomes x.grad; a second backward adds to it.
+  // buffer, as the gradient reducer's buckets are), which becomes x.grad; a second backward adds to
+  // it.
   Tensor x = tensor<double>({1, -2, 0.5}, {3});
   x.set_requires_grad(true);
   Tensor bucket = full({7}, -9.0, DType::kF64);
@@ -96,7 +97,8 @@ TEST(Engine, GradientIsWrittenIntoItsDestination) {
 }
 
 // A linear layer's weight gradient is computed straight into the destination (the op claims it); a
-// weight used by two ops gets the sum there (only the first op may claim it); a later backward adds.
+// weight used by two ops gets the sum there (only the first op may claim it); a later backward
+// adds.
 TEST(Engine, WeightGradientIsComputedInItsDestination) {
   const Tensor x1 = randn64({3, 7, 4}, 60, 1.0, false), x2 = randn64({2, 4}, 61, 1.0, false);
   const Tensor w0 = randn64({5, 4}, 62, 1.0, false);

@@ -1,5 +1,5 @@
-// FastDivisor (kernels/base/fast_mod.h) against the hardware division, over divisors and dividends at
-// the edges of its range and at random.
+// FastDivisor (kernels/base/fast_mod.h) against the hardware division, over divisors and dividends
+// at the edges of its range and at random.
 #include "kernels/base/fast_mod.h"
 
 #include <gtest/gtest.h>
@@ -23,7 +23,8 @@ TEST(FastDivisor, MatchesDivisionOverItsRange) {
   for (int i = 0; i < 300; ++i) divisors.push_back(any(gen));
   for (uint32_t d : divisors) {
     const FastDivisor f(d);
-    std::vector<uint32_t> ns = {0, 1, d - 1, d, d + 1, 2 * d - 1, 0x7fffffffu, 0x7ffffffeu, 0x40000000u};
+    std::vector<uint32_t> ns = {0,         1,           d - 1,       d,          d + 1,
+                                2 * d - 1, 0x7fffffffu, 0x7ffffffeu, 0x40000000u};
     for (int i = 0; i < 200; ++i) ns.push_back(any(gen) - 1);
     for (uint32_t n = 0; n < 600; ++n) ns.push_back(n);
     for (uint32_t n : ns) {

@@ -174,13 +174,15 @@ TEST(Topk, GradcheckFloat64) {
 namespace hydra {
 namespace {
 
-// The routing reference worked by hand: a tie in r goes to the lower expert, the walk stops at the first
-// expert whose s is 0, the capacity keeps the first chunks in order, and the dispatch order is
-// expert-major, chunk by chunk, token by token.
+// The routing reference worked by hand: a tie in r goes to the lower expert, the walk stops at the
+// first expert whose s is 0, the capacity keeps the first chunks in order, and the dispatch order
+// is expert-major, chunk by chunk, token by token.
 TEST(MoeRoute, ChoosesAndOrdersAsWorkedByHand) {
-  const Tensor r = tensor(std::vector<float>{0.5f, 0.5f, 0.1f, 0.9f, 0.2f, 0.3f, 0.1f, 0.2f, 0.3f}, {3, 3});
+  const Tensor r =
+      tensor(std::vector<float>{0.5f, 0.5f, 0.1f, 0.9f, 0.2f, 0.3f, 0.1f, 0.2f, 0.3f}, {3, 3});
   const Tensor s = tensor(std::vector<float>{1, 1, 1, 1, 0, 1, 0, 0, 0}, {3, 3});
-  const MoeDispatch d = moe_route(r, s, /*batch=*/1, /*chunk_len=*/2, /*max_active=*/2, /*capacity=*/0);
+  const MoeDispatch d =
+      moe_route(r, s, /*batch=*/1, /*chunk_len=*/2, /*max_active=*/2, /*capacity=*/0);
   EXPECT_EQ(d.mask.to_vector<float>(), (std::vector<float>{1, 1, 0, 1, 0, 1, 0, 0, 0}));
   EXPECT_EQ(d.counts, (std::vector<int64_t>{2, 1, 1}));
   EXPECT_EQ(d.dropped, (std::vector<int64_t>{0, 0, 0}));

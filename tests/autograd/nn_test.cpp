@@ -40,10 +40,11 @@ TEST(RmsNorm, GradcheckFloat64) {
       (std::vector<Tensor>{x}));
 }
 
-// The fused gated update equals its composite (sigmoid of a linear gate over [s; u], then the lerp),
-// forward and backward.
+// The fused gated update equals its composite (sigmoid of a linear gate over [s; u], then the
+// lerp), forward and backward.
 TEST(GatedUpdate, EqualsTheCompositeAndGradcheckFloat64) {
-  const Tensor s = randn64({3, 5, 7}, 50), u = randn64({3, 5, 7}, 51), w = randn64({1, 14}, 52), b = randn64({1}, 53);
+  const Tensor s = randn64({3, 5, 7}, 50), u = randn64({3, 5, 7}, 51), w = randn64({1, 14}, 52),
+               b = randn64({1}, 53);
   const auto [out, g] = gated_update(s, u, w, b);
   const Tensor g_ref = sigmoid(linear(concat({s, u}, 2), w, b));
   const Tensor out_ref = add(s, mul(g_ref, sub(u, s)));
@@ -51,13 +52,16 @@ TEST(GatedUpdate, EqualsTheCompositeAndGradcheckFloat64) {
   EXPECT_LT(testing::rel_error(g, g_ref), 1e-14);
   EXPECT_EQ(g.shape(), Shape({3, 5, 1}));
   HYDRA_EXPECT_GRADCHECK(
-      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{gated_update(in[0], in[1], in[2], in[3]).first}; },
+      [](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{gated_update(in[0], in[1], in[2], in[3]).first};
+      },
       (std::vector<Tensor>{s, u, w, b}));
   // A broadcast (non-contiguous) s, as the workspace's first chunk passes its learned slots.
   const Tensor slots = randn64({5, 7}, 54);
   HYDRA_EXPECT_GRADCHECK(
       [](const std::vector<Tensor>& in) {
-        return std::vector<Tensor>{gated_update(in[0].unsqueeze(0).expand({3, 5, 7}), in[1], in[2], in[3]).first};
+        return std::vector<Tensor>{
+            gated_update(in[0].unsqueeze(0).expand({3, 5, 7}), in[1], in[2], in[3]).first};
       },
       (std::vector<Tensor>{slots, u, w, b}));
 }
@@ -89,14 +93,18 @@ TEST(GatedScan, EqualsChainedGatedUpdatesAndGradcheckFloat64) {
   const auto gf = grads(h), gc = grads(h_ref);
   for (int i = 0; i < 4; ++i) EXPECT_LT(testing::rel_error(gf[i], gc[i]), 1e-12) << "input " << i;
   HYDRA_EXPECT_GRADCHECK(
-      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{gated_scan(in[0], in[1], in[2], in[3]).first}; },
+      [](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{gated_scan(in[0], in[1], in[2], in[3]).first};
+      },
       (std::vector<Tensor>{s, u, w, b}));
   const Tensor u0 = randn64({0, R, n}, 65);
   const auto [h0, g0] = gated_scan(s, u0, w, b);
   EXPECT_EQ(h0.shape(), Shape({1, R, n}));
   EXPECT_LT(testing::rel_error(h0.select(0, 0), s), 1e-15);
   HYDRA_EXPECT_GRADCHECK(
-      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{gated_scan(in[0], in[1], in[2], in[3]).first}; },
+      [](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{gated_scan(in[0], in[1], in[2], in[3]).first};
+      },
       (std::vector<Tensor>{s, u0, w, b}));
 }
 

@@ -2,8 +2,8 @@
 
 #include <atomic>
 #include <filesystem>
-#include <thread>
 #include <fstream>
+#include <thread>
 
 #include "data/loader.h"
 #include "data/tokenizer.h"
@@ -14,15 +14,16 @@ namespace {
 namespace fs = std::filesystem;
 
 std::string temp_dir(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("hydra_test_" + name + "_" + std::to_string(::getpid()));
+  const fs::path p =
+      fs::temp_directory_path() / ("hydra_test_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
   fs::create_directories(p);
   return p.string();
 }
 
-const std::vector<std::string> kCorpus = {
-    "the cat sat on the mat. the cat ate the rat.", "a hat, a bat, and the cat that sat; the end.",
-    "Numbers 123 and 456 are not the cat."};
+const std::vector<std::string> kCorpus = {"the cat sat on the mat. the cat ate the rat.",
+                                          "a hat, a bat, and the cat that sat; the end.",
+                                          "Numbers 123 and 456 are not the cat."};
 
 TEST(ByteTokenizer, RoundTripsAnyBytes) {
   ByteTokenizer t;
@@ -43,7 +44,8 @@ TEST(BpeTokenizer, TrainsDeterministicallyAndRoundTrips) {
     EXPECT_LT(tokens.size(), s.size()) << "merges should shorten the corpus text";
     EXPECT_EQ(a->decode(tokens), s);
   }
-  EXPECT_EQ(a->decode(a->encode("zebra xylophone")), "zebra xylophone");  // unseen text still round-trips
+  EXPECT_EQ(a->decode(a->encode("zebra xylophone")),
+            "zebra xylophone");  // unseen text still round-trips
 }
 
 TEST(BpeTokenizer, SavesAndLoadsAndRejectsDamagedFiles) {
@@ -61,12 +63,16 @@ TEST(BpeTokenizer, SavesAndLoadsAndRejectsDamagedFiles) {
   std::ofstream(dir + "/trunc.bpe") << all.substr(0, all.size() / 2);
   auto trunc = BpeTokenizer::load(dir + "/trunc.bpe");
   ASSERT_FALSE(trunc.ok());
-  EXPECT_NE(trunc.status().message().find("trunc.bpe: truncated"), std::string::npos) << trunc.status().message();
+  EXPECT_NE(trunc.status().message().find("trunc.bpe: truncated"), std::string::npos)
+      << trunc.status().message();
   std::ofstream(dir + "/junk.bpe") << "not a tokenizer\n";
-  EXPECT_NE(BpeTokenizer::load(dir + "/junk.bpe").status().message().find("not a Hydra BPE tokenizer"), std::string::npos);
+  EXPECT_NE(
+      BpeTokenizer::load(dir + "/junk.bpe").status().message().find("not a Hydra BPE tokenizer"),
+      std::string::npos);
   EXPECT_EQ(BpeTokenizer::load(dir + "/missing.bpe").status().code(), StatusCode::kNotFound);
   std::ofstream(dir + "/bad.bpe") << "hydra-bpe 1\n1\n300 5\n";
-  EXPECT_NE(BpeTokenizer::load(dir + "/bad.bpe").status().message().find("refers to token 300"), std::string::npos);
+  EXPECT_NE(BpeTokenizer::load(dir + "/bad.bpe").status().message().find("refers to token 300"),
+            std::string::npos);
 }
 
 TEST(TokenShard, WritesAndReadsWindows) {
@@ -90,12 +96,15 @@ TEST(TokenShard, DamagedMissingAndOutOfVocabularyShardsAreClearErrors) {
   const std::string dir = temp_dir("badshard");
   std::vector<int32_t> tokens(5000, 3);
   tokens[4321] = 299;
-  ASSERT_TRUE(write_token_shard(dir + "/ok.h5", tokens, {0}, "bytes", 256).ok());  // 299 >= vocab 256
+  ASSERT_TRUE(
+      write_token_shard(dir + "/ok.h5", tokens, {0}, "bytes", 256).ok());  // 299 >= vocab 256
   auto s = TokenShard::open(dir + "/ok.h5");
   ASSERT_TRUE(s.ok());
   std::vector<int32_t> w(100);
   const Status oov = s->read(4300, 100, w.data());
-  EXPECT_NE(oov.message().find("token 299 at position 4321 is outside the shard's vocabulary of 256"), std::string::npos)
+  EXPECT_NE(
+      oov.message().find("token 299 at position 4321 is outside the shard's vocabulary of 256"),
+      std::string::npos)
       << oov.message();
   // Truncated file.
   {
@@ -107,7 +116,8 @@ TEST(TokenShard, DamagedMissingAndOutOfVocabularyShardsAreClearErrors) {
   ASSERT_FALSE(cut.ok());
   EXPECT_NE(cut.status().message().find("cut.h5"), std::string::npos) << cut.status().message();
   std::ofstream(dir + "/text.h5") << "hello";
-  EXPECT_NE(TokenShard::open(dir + "/text.h5").status().message().find("not an HDF5 file"), std::string::npos);
+  EXPECT_NE(TokenShard::open(dir + "/text.h5").status().message().find("not an HDF5 file"),
+            std::string::npos);
   EXPECT_EQ(TokenShard::open(dir + "/none.h5").status().code(), StatusCode::kNotFound);
   EXPECT_FALSE(expand_shard_paths({dir + "/nope"}).ok());
   auto listed = expand_shard_paths({dir});
@@ -118,7 +128,8 @@ TEST(TokenShard, DamagedMissingAndOutOfVocabularyShardsAreClearErrors) {
 TEST(Loader, SequencesDependOnlyOnSeedStepAndIndex) {
   config::SyntheticConfig cfg;
   auto src = std::make_shared<SyntheticSource>(cfg);
-  LoaderOptions whole{.seed = 5, .global_batch = 4, .first = 0, .count = 4, .seq_len = 64, .prefetch = 2};
+  LoaderOptions whole{
+      .seed = 5, .global_batch = 4, .first = 0, .count = 4, .seq_len = 64, .prefetch = 2};
   LoaderOptions part = whole;
   part.first = 2;
   part.count = 2;
@@ -128,7 +139,8 @@ TEST(Loader, SequencesDependOnlyOnSeedStepAndIndex) {
     auto x = a.get(step);
     auto y = b.get(step);
     ASSERT_TRUE(x.ok() && y.ok());
-    EXPECT_EQ(std::vector<int64_t>(x->tokens.begin() + 2 * 64, x->tokens.end()), y->tokens) << "step " << step;
+    EXPECT_EQ(std::vector<int64_t>(x->tokens.begin() + 2 * 64, x->tokens.end()), y->tokens)
+        << "step " << step;
     EXPECT_EQ(std::vector<int64_t>(x->tokens.begin() + 1, x->tokens.begin() + 64),
               std::vector<int64_t>(x->targets.begin(), x->targets.begin() + 63));
   }
@@ -138,8 +150,8 @@ TEST(Loader, SequencesDependOnlyOnSeedStepAndIndex) {
 }
 
 // The loader reads shards on its prefetch thread while the main thread uses HDF5 too (evaluation
-// reads, checkpoint writes). The HDF5 we link is not thread-safe; without the lock in data/hdf5_file
-// this crashes or corrupts reads.
+// reads, checkpoint writes). The HDF5 we link is not thread-safe; without the lock in
+// data/hdf5_file this crashes or corrupts reads.
 TEST(Loader, ReadsShardsWhileAnotherThreadWritesHdf5) {
   const std::string dir = temp_dir("h5threads");
   std::vector<int32_t> tokens(20000);
@@ -147,7 +159,8 @@ TEST(Loader, ReadsShardsWhileAnotherThreadWritesHdf5) {
   ASSERT_TRUE(write_token_shard(dir + "/a.h5", tokens, {0, 7000}, "bytes", 256).ok());
   auto src = ShardSource::open({dir + "/a.h5"}, 0.1, 33);
   ASSERT_TRUE(src.ok()) << src.status().message();
-  LoaderOptions o{.seed = 3, .global_batch = 8, .first = 0, .count = 8, .seq_len = 32, .prefetch = 4};
+  LoaderOptions o{
+      .seed = 3, .global_batch = 8, .first = 0, .count = 8, .seq_len = 32, .prefetch = 4};
   LoaderOptions serial = o;
   serial.prefetch = 0;
   Loader prefetching(*src, o), reference(*src, serial);
@@ -155,7 +168,8 @@ TEST(Loader, ReadsShardsWhileAnotherThreadWritesHdf5) {
   std::thread writer([&] {
     std::vector<int32_t> t(3000, 7);
     for (int k = 0; !stop; ++k)
-      EXPECT_TRUE(write_token_shard(dir + "/w" + std::to_string(k % 3) + ".h5", t, {0}, "bytes", 256).ok());
+      EXPECT_TRUE(
+          write_token_shard(dir + "/w" + std::to_string(k % 3) + ".h5", t, {0}, "bytes", 256).ok());
   });
   for (int64_t step = 0; step < 300; ++step) {
     auto got = prefetching.get(step);
@@ -186,14 +200,16 @@ TEST(SyntheticTasks, AnswersAreWhatTheTaskAsks) {
     if (a >= 0) ++seen[a];
   for (int k = 0; k < kNumTasks; ++k) EXPECT_GT(seen[k], 0) << task_name(k);
   // Copying: the answer is the string before '|'.
-  for (std::size_t pos = text.find("C "); pos != std::string::npos && pos + 16 < text.size(); pos = text.find("C ", pos + 1)) {
+  for (std::size_t pos = text.find("C "); pos != std::string::npos && pos + 16 < text.size();
+       pos = text.find("C ", pos + 1)) {
     if (pos > 0 && text[pos - 1] != '\n') continue;
     const std::string s = text.substr(pos + 2, 6);
     EXPECT_EQ(text.substr(pos + 9, 6), s);
     for (int k = 0; k < 6; ++k) EXPECT_EQ(ans[pos + 9 + k], static_cast<int8_t>(Task::kCopying));
   }
   // Recall: the value after the query is the one stored for that key.
-  for (std::size_t pos = text.find('?'); pos != std::string::npos && pos + 4 < text.size(); pos = text.find('?', pos + 1)) {
+  for (std::size_t pos = text.find('?'); pos != std::string::npos && pos + 4 < text.size();
+       pos = text.find('?', pos + 1)) {
     if (text[pos + 3] != ':') continue;  // a chaining query
     const std::string key = text.substr(pos + 1, 2);
     const std::size_t start = text.rfind("R ", pos);

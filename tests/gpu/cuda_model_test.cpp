@@ -55,7 +55,9 @@ double rel(const std::vector<double>& a, const std::vector<double>& ref) {
 
 class CudaModelWrite : public ::testing::TestWithParam<bool> {};
 INSTANTIATE_TEST_SUITE_P(CudaModel, CudaModelWrite, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? "ParallelWorkspaceWrite" : "SerialWorkspaceWrite"; });
+                         [](const auto& info) {
+                           return info.param ? "ParallelWorkspaceWrite" : "SerialWorkspaceWrite";
+                         });
 
 TEST_P(CudaModelWrite, TinyModelMatchesCpuInF32AndBf16MixedFollowsF32) {
   HYDRA_REQUIRE_GPU();

@@ -17,7 +17,8 @@ namespace hydra {
 namespace {
 
 #define HYDRA_REQUIRE_GPU() \
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped"
+  if (!cuda_available())    \
+  GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped"
 
 using OpFn = std::function<std::vector<Tensor>(const std::vector<Tensor>&)>;
 
@@ -29,10 +30,10 @@ bool has_nan(const Tensor& t) {
   return false;
 }
 
-// inputs: f32 (or integer) CPU tensors; `grad` marks the floating inputs to differentiate. `tol_scale`
-// widens the tolerance for ops whose rounding grows with a length (said at the call).
-void check_op(const std::string& name, const OpFn& fn, const std::vector<Tensor>& inputs, const std::vector<bool>& grad,
-              DType dtype, double tol_scale = 1.0) {
+// inputs: f32 (or integer) CPU tensors; `grad` marks the floating inputs to differentiate.
+// `tol_scale` widens the tolerance for ops whose rounding grows with a length (said at the call).
+void check_op(const std::string& name, const OpFn& fn, const std::vector<Tensor>& inputs,
+              const std::vector<bool>& grad, DType dtype, double tol_scale = 1.0) {
   cuda_set_poison_allocations(true);
   std::vector<Tensor> cpu_in, gpu_in;
   for (std::size_t i = 0; i < inputs.size(); ++i) {
@@ -62,8 +63,9 @@ void check_op(const std::string& name, const OpFn& fn, const std::vector<Tensor>
     const Tensor got = gpu_out[o].detach().to(DType::kF32).cpu();
     EXPECT_FALSE(has_nan(got)) << name << " output " << o << ": unwritten (NaN) elements";
     const double err = testing::rel_error(got, cpu_out[o].detach().to(DType::kF32));
-    EXPECT_LT(err, tol_scale * tolerance(dtype)) << name << " output " << o << " " << dtype_name(dtype) << " shape "
-                                     << shape_str(cpu_out[o].shape());
+    EXPECT_LT(err, tol_scale * tolerance(dtype))
+        << name << " output " << o << " " << dtype_name(dtype) << " shape "
+        << shape_str(cpu_out[o].shape());
     if (!cpu_out[o].requires_grad()) continue;
     const Tensor w = randn(cpu_out[o].shape(), gen, 0, 1);
     const Tensor cl = sum(mul(cpu_out[o].to(DType::kF32), w));
@@ -86,8 +88,12 @@ void check_op(const std::string& name, const OpFn& fn, const std::vector<Tensor>
   cuda_set_poison_allocations(false);
 }
 
-Tensor rnd(const Shape& s, uint64_t seed, double scale = 1.0) { return testing::randn32(s, seed, scale); }
-Tensor positive(const Shape& s, uint64_t seed) { return add(mul(exp(rnd(s, seed, 0.5)), 0.5), 0.5); }
+Tensor rnd(const Shape& s, uint64_t seed, double scale = 1.0) {
+  return testing::randn32(s, seed, scale);
+}
+Tensor positive(const Shape& s, uint64_t seed) {
+  return add(mul(exp(rnd(s, seed, 0.5)), 0.5), 0.5);
+}
 
 const DType kTypes[] = {DType::kF32, DType::kBF16};
 
@@ -98,60 +104,83 @@ TEST(CudaOps, UnaryMatchCpu) {
     std::function<Tensor(const Tensor&)> f;
     bool positive;
   };
-  const std::vector<U> ops = {{"exp", [](const Tensor& x) { return exp(x); }, false},
-                              {"log", [](const Tensor& x) { return log(x); }, true},
-                              {"sigmoid", [](const Tensor& x) { return sigmoid(x); }, false},
-                              {"silu", [](const Tensor& x) { return silu(x); }, false},
-                              {"softplus", [](const Tensor& x) { return softplus(x); }, false},
-                              {"gelu", [](const Tensor& x) { return gelu(x); }, false},
-                              {"relu", [](const Tensor& x) { return relu(x); }, false},
-                              {"sqrt", [](const Tensor& x) { return sqrt(x); }, true},
-                              {"rsqrt", [](const Tensor& x) { return rsqrt(x); }, true},
-                              {"square", [](const Tensor& x) { return square(x); }, false},
-                              {"tanh", [](const Tensor& x) { return tanh(x); }, false},
-                              {"pow", [](const Tensor& x) { return pow(x, 1.5); }, true},
-                              {"affine", [](const Tensor& x) { return affine(x, -2.0, 0.5); }, false},
-                              {"neg", [](const Tensor& x) { return neg(x); }, false}};
+  const std::vector<U> ops = {
+      {"exp", [](const Tensor& x) { return exp(x); }, false},
+      {"log", [](const Tensor& x) { return log(x); }, true},
+      {"sigmoid", [](const Tensor& x) { return sigmoid(x); }, false},
+      {"silu", [](const Tensor& x) { return silu(x); }, false},
+      {"softplus", [](const Tensor& x) { return softplus(x); }, false},
+      {"gelu", [](const Tensor& x) { return gelu(x); }, false},
+      {"relu", [](const Tensor& x) { return relu(x); }, false},
+      {"sqrt", [](const Tensor& x) { return sqrt(x); }, true},
+      {"rsqrt", [](const Tensor& x) { return rsqrt(x); }, true},
+      {"square", [](const Tensor& x) { return square(x); }, false},
+      {"tanh", [](const Tensor& x) { return tanh(x); }, false},
+      {"pow", [](const Tensor& x) { return pow(x, 1.5); }, true},
+      {"affine", [](const Tensor& x) { return affine(x, -2.0, 0.5); }, false},
+      {"neg", [](const Tensor& x) { return neg(x); }, false}};
   for (const Shape& s : {Shape{7, 13, 5}, Shape{1}, Shape{1031}, Shape{64, 256}, Shape{3, 1000, 8}})
     for (DType t : kTypes)
       for (const U& u : ops)
-        check_op(u.name, [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{u.f(in[0])}; },
-                 {u.positive ? positive(s, 1) : rnd(s, 1, 2.0)}, {true}, t);
+        check_op(
+            u.name, [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{u.f(in[0])}; },
+            {u.positive ? positive(s, 1) : rnd(s, 1, 2.0)}, {true}, t);
 }
 
 TEST(CudaOps, BinaryWithBroadcastingMatchCpu) {
   HYDRA_REQUIRE_GPU();
-  const std::vector<std::pair<Shape, Shape>> shapes = {
-      {{7, 13, 5}, {7, 13, 5}}, {{7, 13, 5}, {13, 1}}, {{7, 1, 5}, {13, 5}}, {{1}, {7, 13, 5}}, {{4096}, {4096}}};
+  const std::vector<std::pair<Shape, Shape>> shapes = {{{7, 13, 5}, {7, 13, 5}},
+                                                       {{7, 13, 5}, {13, 1}},
+                                                       {{7, 1, 5}, {13, 5}},
+                                                       {{1}, {7, 13, 5}},
+                                                       {{4096}, {4096}}};
   for (const auto& [a, b] : shapes)
     for (DType t : kTypes) {
-      check_op("add", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{add(in[0], in[1])}; },
-               {rnd(a, 2), rnd(b, 3)}, {true, true}, t);
-      check_op("sub", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sub(in[0], in[1])}; },
-               {rnd(a, 4), rnd(b, 5)}, {true, true}, t);
-      check_op("mul", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mul(in[0], in[1])}; },
-               {rnd(a, 6), rnd(b, 7)}, {true, true}, t);
-      check_op("div", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{div(in[0], in[1])}; },
-               {rnd(a, 8), positive(b, 9)}, {true, true}, t);
+      check_op(
+          "add",
+          [](const std::vector<Tensor>& in) { return std::vector<Tensor>{add(in[0], in[1])}; },
+          {rnd(a, 2), rnd(b, 3)}, {true, true}, t);
+      check_op(
+          "sub",
+          [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sub(in[0], in[1])}; },
+          {rnd(a, 4), rnd(b, 5)}, {true, true}, t);
+      check_op(
+          "mul",
+          [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mul(in[0], in[1])}; },
+          {rnd(a, 6), rnd(b, 7)}, {true, true}, t);
+      check_op(
+          "div",
+          [](const std::vector<Tensor>& in) { return std::vector<Tensor>{div(in[0], in[1])}; },
+          {rnd(a, 8), positive(b, 9)}, {true, true}, t);
     }
 }
 
 TEST(CudaOps, ReductionsMatchCpu) {
   HYDRA_REQUIRE_GPU();
   for (DType t : kTypes) {
-    for (const std::vector<int64_t>& axes : std::vector<std::vector<int64_t>>{{0}, {1}, {2}, {0, 2}, {}})
-      check_op("sum", [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], axes)}; },
-               {rnd({7, 13, 5}, 10)}, {true}, t);
+    for (const std::vector<int64_t>& axes :
+         std::vector<std::vector<int64_t>>{{0}, {1}, {2}, {0, 2}, {}})
+      check_op(
+          "sum",
+          [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], axes)}; },
+          {rnd({7, 13, 5}, 10)}, {true}, t);
     // Few long rows (chunked partials), many short ones, few long columns.
-    check_op("sum long rows", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], {1})}; },
-             {rnd({3, 100003}, 11)}, {true}, t);
-    check_op("mean columns", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mean(in[0], {0})}; },
-             {rnd({5000, 37}, 12)}, {true}, t);
-    check_op("sum all", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0])}; },
-             {rnd({1, 300001}, 13)}, {true}, t);
+    check_op(
+        "sum long rows",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], {1})}; },
+        {rnd({3, 100003}, 11)}, {true}, t);
+    check_op(
+        "mean columns",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mean(in[0], {0})}; },
+        {rnd({5000, 37}, 12)}, {true}, t);
+    check_op(
+        "sum all", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0])}; },
+        {rnd({1, 300001}, 13)}, {true}, t);
     // More rows than a grid's y dimension takes (65535).
-    check_op("sum many rows", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], {1})}; },
-             {rnd({70001, 3}, 15)}, {true}, t);
+    check_op(
+        "sum many rows",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], {1})}; },
+        {rnd({70001, 3}, 15)}, {true}, t);
   }
   const Tensor x = rnd({123, 45}, 14);
   EXPECT_LT(testing::rel_error(sum_squares(x.to(Device::cuda(0))).cpu(), sum_squares(x)), 1e-6);
@@ -161,55 +190,85 @@ TEST(CudaOps, ReductionsMatchCpu) {
 TEST(CudaOps, MatmulAndLinearMatchCpu) {
   HYDRA_REQUIRE_GPU();
   for (DType t : kTypes) {
-    check_op("matmul", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{matmul(in[0], in[1])}; },
-             {rnd({7, 13}, 15), rnd({13, 5}, 16)}, {true, true}, t);
-    check_op("matmul batched", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{matmul(in[0], in[1])}; },
-             {rnd({3, 64, 129}, 17), rnd({3, 129, 65}, 18)}, {true, true}, t);
-    check_op("matmul transposed",
-             [](const std::vector<Tensor>& in) { return std::vector<Tensor>{matmul(in[0].transpose(0, 1), in[1])}; },
-             {rnd({33, 17}, 19), rnd({33, 9}, 20)}, {true, true}, t);
-    check_op("linear+bias",
-             [](const std::vector<Tensor>& in) { return std::vector<Tensor>{linear(in[0], in[1], in[2])}; },
-             {rnd({2, 37, 96}, 21), rnd({80, 96}, 22, 0.1), rnd({80}, 23)}, {true, true, true}, t);
-    check_op("linear", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{linear(in[0], in[1])}; },
-             {rnd({1000, 256}, 24), rnd({512, 256}, 25, 0.05)}, {true, true}, t);
-    // One grouped launch over the experts; an empty group; two rounds of groups per expert (as expert
-    // parallelism delivers them), whose weight gradients add up.
+    check_op(
+        "matmul",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{matmul(in[0], in[1])}; },
+        {rnd({7, 13}, 15), rnd({13, 5}, 16)}, {true, true}, t);
+    check_op(
+        "matmul batched",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{matmul(in[0], in[1])}; },
+        {rnd({3, 64, 129}, 17), rnd({3, 129, 65}, 18)}, {true, true}, t);
+    check_op(
+        "matmul transposed",
+        [](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{matmul(in[0].transpose(0, 1), in[1])};
+        },
+        {rnd({33, 17}, 19), rnd({33, 9}, 20)}, {true, true}, t);
+    check_op(
+        "linear+bias",
+        [](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{linear(in[0], in[1], in[2])};
+        },
+        {rnd({2, 37, 96}, 21), rnd({80, 96}, 22, 0.1), rnd({80}, 23)}, {true, true, true}, t);
+    check_op(
+        "linear",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{linear(in[0], in[1])}; },
+        {rnd({1000, 256}, 24), rnd({512, 256}, 25, 0.05)}, {true, true}, t);
+    // One grouped launch over the experts; an empty group; two rounds of groups per expert (as
+    // expert parallelism delivers them), whose weight gradients add up.
     for (const std::vector<int64_t>& sizes :
          {std::vector<int64_t>{37, 0, 5, 64}, std::vector<int64_t>{3, 0, 17, 8, 0, 21, 1, 9}}) {
       int64_t rows = 0;
       for (int64_t n : sizes) rows += n;
-      check_op("grouped_linear",
-               [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{grouped_linear(in[0], in[1], sizes)}; },
-               {rnd({rows, 72}, 26), rnd({4, 40, 72}, 27, 0.1)}, {true, true}, t);
+      check_op(
+          "grouped_linear",
+          [&](const std::vector<Tensor>& in) {
+            return std::vector<Tensor>{grouped_linear(in[0], in[1], sizes)};
+          },
+          {rnd({rows, 72}, 26), rnd({4, 40, 72}, 27, 0.1)}, {true, true}, t);
     }
     // Problems above 2 GFLOP each run as one cuBLASLt GEMM apiece instead of the grouped launch.
     const std::vector<int64_t> big = {1100, 1100, 1100};
-    check_op("grouped_linear large",
-             [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{grouped_linear(in[0], in[1], big)}; },
-             {rnd({3300, 1024}, 28), rnd({3, 1000, 1024}, 29, 0.03)}, {true, true}, t);
+    check_op(
+        "grouped_linear large",
+        [&](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{grouped_linear(in[0], in[1], big)};
+        },
+        {rnd({3300, 1024}, 28), rnd({3, 1000, 1024}, 29, 0.03)}, {true, true}, t);
   }
   // f64 (float64 grids on the GPU against the CPU): cuBLAS's f64 GEMM and a separate bias kernel.
-  check_op("linear+bias f64",
-           [](const std::vector<Tensor>& in) { return std::vector<Tensor>{linear(in[0], in[1], in[2])}; },
-           {rnd({2, 37, 96}, 21), rnd({80, 96}, 22, 0.1), rnd({80}, 23)}, {true, true, true}, DType::kF64);
+  check_op(
+      "linear+bias f64",
+      [](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{linear(in[0], in[1], in[2])};
+      },
+      {rnd({2, 37, 96}, 21), rnd({80, 96}, 22, 0.1), rnd({80}, 23)}, {true, true, true},
+      DType::kF64);
 }
 
 TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {
   HYDRA_REQUIRE_GPU();
   for (DType t : kTypes) {
-    // Element-wise paths (odd widths), warp-per-row (<= 256 packs; row counts not a multiple of 8) and
-    // block-per-row layouts (up to 8 packs per thread), and many rows per rms_norm backward block.
-    for (const Shape& s : {Shape{7, 13}, Shape{1000, 2048}, Shape{3, 5, 33}, Shape{37, 384}, Shape{5, 8200},
-                           Shape{3, 65536}, Shape{2100, 64}}) {
-      check_op("rms_norm", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{rms_norm(in[0], in[1])}; },
-               {rnd(s, 26), rnd({s.back()}, 27)}, {true, true}, t);
-      check_op("softmax", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{softmax(in[0])}; },
-               {rnd(s, 28, 3.0)}, {true}, t);
-      check_op("log_softmax", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{log_softmax(in[0])}; },
-               {rnd(s, 29, 3.0)}, {true}, t);
+    // Element-wise paths (odd widths), warp-per-row (<= 256 packs; row counts not a multiple of 8)
+    // and block-per-row layouts (up to 8 packs per thread), and many rows per rms_norm backward
+    // block.
+    for (const Shape& s : {Shape{7, 13}, Shape{1000, 2048}, Shape{3, 5, 33}, Shape{37, 384},
+                           Shape{5, 8200}, Shape{3, 65536}, Shape{2100, 64}}) {
+      check_op(
+          "rms_norm",
+          [](const std::vector<Tensor>& in) { return std::vector<Tensor>{rms_norm(in[0], in[1])}; },
+          {rnd(s, 26), rnd({s.back()}, 27)}, {true, true}, t);
+      check_op(
+          "softmax",
+          [](const std::vector<Tensor>& in) { return std::vector<Tensor>{softmax(in[0])}; },
+          {rnd(s, 28, 3.0)}, {true}, t);
+      check_op(
+          "log_softmax",
+          [](const std::vector<Tensor>& in) { return std::vector<Tensor>{log_softmax(in[0])}; },
+          {rnd(s, 29, 3.0)}, {true}, t);
     }
-    // Masked rows: threads (or lanes) whose values are all -inf, and a row with a single finite value.
+    // Masked rows: threads (or lanes) whose values are all -inf, and a row with a single finite
+    // value.
     for (const Shape& s : {Shape{9, 384}, Shape{4, 2048}, Shape{3, 8200}, Shape{5, 40}}) {
       std::vector<float> v = rnd(s, 32, 3.0).to_vector<float>();
       const int64_t cols = s.back();
@@ -217,17 +276,24 @@ TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {
         const int64_t r = i / cols, c = i % cols;
         if (c < cols / 2 + r || (r == 1 && c != cols - 1)) v[i] = -INFINITY;
       }
-      check_op("softmax masked", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{softmax(in[0])}; },
-               {tensor(v, s)}, {true}, t);
+      check_op(
+          "softmax masked",
+          [](const std::vector<Tensor>& in) { return std::vector<Tensor>{softmax(in[0])}; },
+          {tensor(v, s)}, {true}, t);
     }
-    // Aligned rows (128-thread blocks up to 2048 packs, 256 beyond: 9 x 50304) and unaligned (1001).
-    for (const auto& [rows, vocab] : {std::pair<int64_t, int64_t>{333, 1000}, {50, 1001}, {9, 50304}, {13, 8192}}) {
+    // Aligned rows (128-thread blocks up to 2048 packs, 256 beyond: 9 x 50304) and unaligned
+    // (1001).
+    for (const auto& [rows, vocab] :
+         {std::pair<int64_t, int64_t>{333, 1000}, {50, 1001}, {9, 50304}, {13, 8192}}) {
       std::vector<int64_t> targets(rows);
       for (int64_t i = 0; i < rows; ++i) targets[i] = i % 7 == 0 ? -100 : (i * 37) % vocab;
       for (Reduction r : {Reduction::kMean, Reduction::kSum, Reduction::kNone})
-        check_op("cross_entropy",
-                 [r](const std::vector<Tensor>& in) { return std::vector<Tensor>{cross_entropy(in[0], in[1], -100, r)}; },
-                 {rnd({rows, vocab}, 30, 2.0), tensor(targets, {rows})}, {true, false}, t);
+        check_op(
+            "cross_entropy",
+            [r](const std::vector<Tensor>& in) {
+              return std::vector<Tensor>{cross_entropy(in[0], in[1], -100, r)};
+            },
+            {rnd({rows, vocab}, 30, 2.0), tensor(targets, {rows})}, {true, false}, t);
     }
   }
 }
@@ -259,42 +325,63 @@ TEST(CudaOps, IndexingMatchCpu) {
   Generator g(31);
   const Tensor idx = randint(0, 1000, {7, 111}, g), rows = randint(0, 13, {77}, g);
   for (DType t : kTypes) {
-    check_op("embedding", [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding(in[0], in[1])}; },
-             {rnd({1000, 96}, 32), idx}, {true, false}, t);
-    check_op("scatter_add_rows",
-             [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{scatter_add_rows(in[0], in[2], in[1])}; },
-             {rnd({13, 20}, 33), rnd({77, 20}, 34), rows}, {true, true, false}, t);
+    check_op(
+        "embedding",
+        [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding(in[0], in[1])}; },
+        {rnd({1000, 96}, 32), idx}, {true, false}, t);
+    check_op(
+        "scatter_add_rows",
+        [&](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{scatter_add_rows(in[0], in[2], in[1])};
+        },
+        {rnd({13, 20}, 33), rnd({77, 20}, 34), rows}, {true, true, false}, t);
     const Tensor aidx = randint(0, 13, {7, 9, 5}, g);
-    check_op("gather", [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{gather(in[0], 1, in[1])}; },
-             {rnd({7, 13, 5}, 35), aidx}, {true, false}, t);
-    check_op("scatter_add",
-             [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{scatter_add(in[0], 1, in[2], in[1])}; },
-             {rnd({7, 13, 5}, 36), rnd({7, 9, 5}, 37), aidx}, {true, true, false}, t);
-    check_op("topk", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{topk(in[0], 5).first}; },
-             {rnd({7, 13}, 38)}, {true}, t);
-    check_op("topk wide", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{topk(in[0], 32).first}; },
-             {rnd({3, 512}, 39)}, {true}, t);
-    check_op("concat/split",
-             [](const std::vector<Tensor>& in) {
-               auto parts = split(concat({in[0], in[1]}, 1), {4, 9}, 1);
-               return std::vector<Tensor>{exp(parts[0]), parts[1].transpose(0, 1).contiguous()};
-             },
-             {rnd({7, 6}, 40), rnd({7, 7}, 41)}, {true, true}, t);
-    check_op("embedding_bag",
-             [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding_bag(in[0], in[2], in[1])}; },
-             {rnd({50, 24}, 42), rnd({17, 6}, 43), randint(0, 50, {17, 6}, g)}, {true, true, false}, t);
-    // Rows of 16-byte packs summed by warps (1 to 8 packs per lane), rows that take the scalar kernel
-    // (37 columns; 2056 columns: too wide for the packed sums), and rows looked up ~530 times (several
-    // staged chunks per row in the table gradient).
+    check_op(
+        "gather",
+        [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{gather(in[0], 1, in[1])}; },
+        {rnd({7, 13, 5}, 35), aidx}, {true, false}, t);
+    check_op(
+        "scatter_add",
+        [&](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{scatter_add(in[0], 1, in[2], in[1])};
+        },
+        {rnd({7, 13, 5}, 36), rnd({7, 9, 5}, 37), aidx}, {true, true, false}, t);
+    check_op(
+        "topk",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{topk(in[0], 5).first}; },
+        {rnd({7, 13}, 38)}, {true}, t);
+    check_op(
+        "topk wide",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{topk(in[0], 32).first}; },
+        {rnd({3, 512}, 39)}, {true}, t);
+    check_op(
+        "concat/split",
+        [](const std::vector<Tensor>& in) {
+          auto parts = split(concat({in[0], in[1]}, 1), {4, 9}, 1);
+          return std::vector<Tensor>{exp(parts[0]), parts[1].transpose(0, 1).contiguous()};
+        },
+        {rnd({7, 6}, 40), rnd({7, 7}, 41)}, {true, true}, t);
+    check_op(
+        "embedding_bag",
+        [&](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{embedding_bag(in[0], in[2], in[1])};
+        },
+        {rnd({50, 24}, 42), rnd({17, 6}, 43), randint(0, 50, {17, 6}, g)}, {true, true, false}, t);
+    // Rows of 16-byte packs summed by warps (1 to 8 packs per lane), rows that take the scalar
+    // kernel (37 columns; 2056 columns: too wide for the packed sums), and rows looked up ~530
+    // times (several staged chunks per row in the table gradient).
     struct BagCase {
       int64_t rows, cols, bags, m;
     };
-    for (const BagCase& c : {BagCase{50, 37, 17, 6}, BagCase{40, 1000, 23, 5}, BagCase{30, 2056, 9, 4},
-                             BagCase{6, 64, 400, 8}})
-      check_op("embedding_bag " + std::to_string(c.cols) + " columns",
-               [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{embedding_bag(in[0], in[2], in[1])}; },
-               {rnd({c.rows, c.cols}, 48), rnd({c.bags, c.m}, 49), randint(0, c.rows, {c.bags, c.m}, g)},
-               {true, true, false}, t);
+    for (const BagCase& c : {BagCase{50, 37, 17, 6}, BagCase{40, 1000, 23, 5},
+                             BagCase{30, 2056, 9, 4}, BagCase{6, 64, 400, 8}})
+      check_op(
+          "embedding_bag " + std::to_string(c.cols) + " columns",
+          [&](const std::vector<Tensor>& in) {
+            return std::vector<Tensor>{embedding_bag(in[0], in[2], in[1])};
+          },
+          {rnd({c.rows, c.cols}, 48), rnd({c.bags, c.m}, 49), randint(0, c.rows, {c.bags, c.m}, g)},
+          {true, true, false}, t);
   }
   // The row-sparse table gradient (PKM values): many lookups per row, summed per row on the device;
   // rows 1200.. are never looked up and must not appear among the gradient's rows.
@@ -302,7 +389,9 @@ TEST(CudaOps, IndexingMatchCpu) {
   for (DType t : kTypes) {
     const Tensor table = rnd({1500, 40}, 45), w = rnd({300, 16}, 46), r = rnd({300, 40}, 47);
     auto run = [&](Device dev) {  // the CPU computes in f32 on the values the GPU sees
-      auto in = [&](const Tensor& v) { return dev.is_cpu() ? v.to(t).to(DType::kF32) : v.to(t).to(dev); };
+      auto in = [&](const Tensor& v) {
+        return dev.is_cpu() ? v.to(t).to(DType::kF32) : v.to(t).to(dev);
+      };
       Tensor leaf = in(table).detach().clone();
       leaf.set_requires_grad(true);
       sum(mul(embedding_bag(leaf, bag_idx.to(dev), in(w), /*sparse_grad=*/true), in(r))).backward();
@@ -317,8 +406,10 @@ TEST(CudaOps, IndexingMatchCpu) {
         << "sparse embedding_bag gradient " << dtype_name(t);
   }
   // Product-key indices: exact.
-  const Tensor pa = randint(0, 9, {3, 5, 4}, g), pb = randint(0, 9, {3, 5, 4}, g), pick = randint(0, 16, {3, 5, 6}, g);
-  EXPECT_EQ(product_key_indices(pa.to(Device::cuda(0)), pb.to(Device::cuda(0)), pick.to(Device::cuda(0)), 9)
+  const Tensor pa = randint(0, 9, {3, 5, 4}, g), pb = randint(0, 9, {3, 5, 4}, g),
+               pick = randint(0, 16, {3, 5, 6}, g);
+  EXPECT_EQ(product_key_indices(pa.to(Device::cuda(0)), pb.to(Device::cuda(0)),
+                                pick.to(Device::cuda(0)), 9)
                 .cpu()
                 .to_vector<int64_t>(),
             product_key_indices(pa, pb, pick, 9).to_vector<int64_t>());
@@ -326,7 +417,8 @@ TEST(CudaOps, IndexingMatchCpu) {
   // columns), and rows with many ties (values rounded to bf16), which go to the lower index.
   for (const Shape& s : {Shape{7, 513}, Shape{9, 100}, Shape{17, 1024}, Shape{3, 1500}}) {
     const Tensor x = rnd(s, 44);
-    EXPECT_EQ(topk(x.to(Device::cuda(0)), 9).second.cpu().to_vector<int64_t>(), topk(x, 9).second.to_vector<int64_t>())
+    EXPECT_EQ(topk(x.to(Device::cuda(0)), 9).second.cpu().to_vector<int64_t>(),
+              topk(x, 9).second.to_vector<int64_t>())
         << shape_str(s);
   }
   const Tensor ties = rnd({5, 700}, 48, 0.01).to(DType::kBF16).to(DType::kF32);
@@ -337,29 +429,36 @@ TEST(CudaOps, IndexingMatchCpu) {
 TEST(CudaOps, CausalConv1dMatchCpu) {
   HYDRA_REQUIRE_GPU();
   for (DType t : kTypes) {
-    check_op("causal_conv1d",
-             [](const std::vector<Tensor>& in) {
-               return std::vector<Tensor>{causal_conv1d(in[0], in[1], in[2], in[3], true)};
-             },
-             {rnd({2, 37, 19}, 45), rnd({19, 4}, 46), rnd({19}, 47), rnd({2, 3, 19}, 48)}, {true, true, true, true}, t);
-    check_op("causal_conv1d plain",
-             [](const std::vector<Tensor>& in) { return std::vector<Tensor>{causal_conv1d(in[0], in[1], Tensor())}; },
-             {rnd({3, 300, 256}, 49), rnd({256, 4}, 50)}, {true, true}, t);
-    // Every width the kernels take (a template argument each), sequences shorter than the width and than
-    // the kernels' 64-step segments, and longer than two of them, with and without a prefix.
+    check_op(
+        "causal_conv1d",
+        [](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{causal_conv1d(in[0], in[1], in[2], in[3], true)};
+        },
+        {rnd({2, 37, 19}, 45), rnd({19, 4}, 46), rnd({19}, 47), rnd({2, 3, 19}, 48)},
+        {true, true, true, true}, t);
+    check_op(
+        "causal_conv1d plain",
+        [](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{causal_conv1d(in[0], in[1], Tensor())};
+        },
+        {rnd({3, 300, 256}, 49), rnd({256, 4}, 50)}, {true, true}, t);
+    // Every width the kernels take (a template argument each), sequences shorter than the width and
+    // than the kernels' 64-step segments, and longer than two of them, with and without a prefix.
     for (const int64_t W : {1, 2, 3, 5, 8})
       for (const int64_t L : {1, 6, 129}) {
-        check_op("causal_conv1d W " + std::to_string(W) + " L " + std::to_string(L),
-                 [](const std::vector<Tensor>& in) {
-                   return std::vector<Tensor>{causal_conv1d(in[0], in[1], in[2], in[3], true)};
-                 },
-                 {rnd({2, L, 33}, 51), rnd({33, W}, 52), rnd({33}, 53), rnd({2, W - 1, 33}, 54)},
-                 {true, true, true, W > 1}, t);
-        check_op("causal_conv1d no prefix W " + std::to_string(W) + " L " + std::to_string(L),
-                 [](const std::vector<Tensor>& in) {
-                   return std::vector<Tensor>{causal_conv1d(in[0], in[1], in[2], Tensor(), false)};
-                 },
-                 {rnd({3, L, 130}, 55), rnd({130, W}, 56), rnd({130}, 57)}, {true, true, true}, t);
+        check_op(
+            "causal_conv1d W " + std::to_string(W) + " L " + std::to_string(L),
+            [](const std::vector<Tensor>& in) {
+              return std::vector<Tensor>{causal_conv1d(in[0], in[1], in[2], in[3], true)};
+            },
+            {rnd({2, L, 33}, 51), rnd({33, W}, 52), rnd({33}, 53), rnd({2, W - 1, 33}, 54)},
+            {true, true, true, W > 1}, t);
+        check_op(
+            "causal_conv1d no prefix W " + std::to_string(W) + " L " + std::to_string(L),
+            [](const std::vector<Tensor>& in) {
+              return std::vector<Tensor>{causal_conv1d(in[0], in[1], in[2], Tensor(), false)};
+            },
+            {rnd({3, L, 130}, 55), rnd({130, W}, 56), rnd({130}, 57)}, {true, true, true}, t);
       }
   }
 }
@@ -367,14 +466,17 @@ TEST(CudaOps, CausalConv1dMatchCpu) {
 TEST(CudaOps, RopeMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   for (DType t : kTypes) {
-    check_op("rope", [](const std::vector<Tensor>& in) { return std::vector<Tensor>{rope(in[0], 5, 10000.0)}; },
-             {rnd({2, 37, 3, 16}, 60)}, {true}, t);
+    check_op(
+        "rope",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{rope(in[0], 5, 10000.0)}; },
+        {rnd({2, 37, 3, 16}, 60)}, {true}, t);
     // Long positions (angles of thousands of radians) and heads that are a slice of a wider tensor.
-    check_op("rope strided",
-             [](const std::vector<Tensor>& in) {
-               return std::vector<Tensor>{rope(split(in[0], {6, 6}, 2)[0], 3000, 500000.0)};
-             },
-             {rnd({1, 301, 12, 64}, 61)}, {true}, t);
+    check_op(
+        "rope strided",
+        [](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{rope(split(in[0], {6, 6}, 2)[0], 3000, 500000.0)};
+        },
+        {rnd({1, 301, 12, 64}, 61)}, {true}, t);
   }
 }
 
@@ -385,15 +487,16 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
     int64_t B, Lq, Lk, H, dh, window, stride, q_pos0, k_pos0;
   };
   const std::vector<Case> cases = {
-      {2, 37, 37, 3, 16, 0, 0, 0, 0},         // dense causal, odd length
-      {1, 129, 129, 2, 64, 16, 0, 0, 0},      // window only: tiles skip keys
-      {2, 100, 100, 3, 48, 20, 13, 0, 0},     // window + global keys and queries
-      {1, 70, 70, 2, 32, 5, 1, 0, 0},         // every position global
-      {2, 33, 61, 2, 16, 9, 8, 40, 12},       // a query shard against keys from elsewhere
-      {1, 40, 40, 1, 128, 64, 32, 0, 0},      // the 1.6B head size
-      {2, 45, 45, 2, 24, 10, 7, 0, 0},        // bf16 head size not a multiple of 16: the SIMT kernel
-      // Several 64-row tiles: tiles inside the pattern (no per-pair test), tiles on its edges, tiles
-      // of global keys, partial tiles; head sizes below the compiled width (48 in 64, 96 in 128).
+      {2, 37, 37, 3, 16, 0, 0, 0, 0},      // dense causal, odd length
+      {1, 129, 129, 2, 64, 16, 0, 0, 0},   // window only: tiles skip keys
+      {2, 100, 100, 3, 48, 20, 13, 0, 0},  // window + global keys and queries
+      {1, 70, 70, 2, 32, 5, 1, 0, 0},      // every position global
+      {2, 33, 61, 2, 16, 9, 8, 40, 12},    // a query shard against keys from elsewhere
+      {1, 40, 40, 1, 128, 64, 32, 0, 0},   // the 1.6B head size
+      {2, 45, 45, 2, 24, 10, 7, 0, 0},     // bf16 head size not a multiple of 16: the SIMT kernel
+      // Several 64-row tiles: tiles inside the pattern (no per-pair test), tiles on its edges,
+      // tiles of global keys, partial tiles; head sizes below the compiled width (48 in 64, 96 in
+      // 128).
       {1, 300, 300, 2, 64, 100, 64, 0, 0},
       {1, 257, 200, 2, 96, 70, 50, 120, 20},
       {2, 190, 190, 1, 48, 0, 0, 0, 0},
@@ -406,23 +509,26 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
     for (DType t : kTypes) {
       const double scale = 1.0 / std::sqrt(double(c.dh));
       const AttentionPattern pat{c.window, c.stride};
-      check_op("sparse_attention",
-               [&](const std::vector<Tensor>& in) {
-                 auto [o, lse] = sparse_attention_with_lse(in[0], in[1], in[2], pat, scale, c.q_pos0, c.k_pos0);
-                 return std::vector<Tensor>{o, lse};
-               },
-               {rnd({c.B, c.Lq, c.H, c.dh}, 62, 1.5), rnd({c.B, c.Lk, c.H, c.dh}, 63, 1.5),
-                rnd({c.B, c.Lk, c.H, c.dh}, 64)},
-               {true, true, true}, t);
+      check_op(
+          "sparse_attention",
+          [&](const std::vector<Tensor>& in) {
+            auto [o, lse] =
+                sparse_attention_with_lse(in[0], in[1], in[2], pat, scale, c.q_pos0, c.k_pos0);
+            return std::vector<Tensor>{o, lse};
+          },
+          {rnd({c.B, c.Lq, c.H, c.dh}, 62, 1.5), rnd({c.B, c.Lk, c.H, c.dh}, 63, 1.5),
+           rnd({c.B, c.Lk, c.H, c.dh}, 64)},
+          {true, true, true}, t);
     }
   // q, k, v as slices of one fused projection (tokens 3*H*dh apart, no copy).
   for (DType t : kTypes)
-    check_op("sparse_attention fused qkv",
-             [](const std::vector<Tensor>& in) {
-               auto qkv = split(in[0], {4, 4, 4}, 2);
-               return std::vector<Tensor>{sparse_attention(qkv[0], qkv[1], qkv[2], {24, 16}, 0.25)};
-             },
-             {rnd({2, 67, 12, 16}, 65)}, {true}, t);
+    check_op(
+        "sparse_attention fused qkv",
+        [](const std::vector<Tensor>& in) {
+          auto qkv = split(in[0], {4, 4, 4}, 2);
+          return std::vector<Tensor>{sparse_attention(qkv[0], qkv[1], qkv[2], {24, 16}, 0.25)};
+        },
+        {rnd({2, 67, 12, 16}, 65)}, {true}, t);
 }
 
 TEST(CudaOps, GatedUpdateMatchesCpu) {
@@ -430,13 +536,14 @@ TEST(CudaOps, GatedUpdateMatchesCpu) {
   for (const Shape& sh : {Shape{1, 1, 1}, Shape{2, 64, 384}, Shape{3, 37, 33}, Shape{1, 5, 2048}})
     for (DType t : kTypes) {
       const int64_t n = sh.back();
-      check_op("gated_update",
-               [](const std::vector<Tensor>& in) {
-                 auto [out, g] = gated_update(in[0], in[1], in[2], in[3]);
-                 return std::vector<Tensor>{out, g};
-               },
-               {rnd(sh, 80), rnd(sh, 81), rnd({1, 2 * n}, 82, 1.0 / std::sqrt(double(n))), rnd({1}, 83)},
-               {true, true, true, true}, t);
+      check_op(
+          "gated_update",
+          [](const std::vector<Tensor>& in) {
+            auto [out, g] = gated_update(in[0], in[1], in[2], in[3]);
+            return std::vector<Tensor>{out, g};
+          },
+          {rnd(sh, 80), rnd(sh, 81), rnd({1, 2 * n}, 82, 1.0 / std::sqrt(double(n))), rnd({1}, 83)},
+          {true, true, true, true}, t);
     }
 }
 
@@ -445,19 +552,21 @@ TEST(CudaOps, GatedScanMatchesCpu) {
   struct Case {
     int64_t T, R, n;
   };
-  for (const Case& c : std::vector<Case>{{1, 1, 1}, {0, 3, 5}, {7, 3, 37}, {33, 65, 384}, {5, 2, 2048}, {128, 9, 129}})
+  for (const Case& c : std::vector<Case>{
+           {1, 1, 1}, {0, 3, 5}, {7, 3, 37}, {33, 65, 384}, {5, 2, 2048}, {128, 9, 129}})
     for (DType t : kTypes)
-      check_op("gated_scan",
-               [](const std::vector<Tensor>& in) {
-                 auto [h, g] = gated_scan(in[0], in[1], in[2], in[3]);
-                 return std::vector<Tensor>{h, g};
-               },
-               {rnd({c.R, c.n}, 84), rnd({c.T, c.R, c.n}, 85), rnd({1, 2 * c.n}, 86, 1.0 / std::sqrt(double(c.n))),
-                rnd({1}, 87)},
-               {true, true, true, true}, t,
-               // Each step rounds its state to bf16 (as T chained gated_update calls would), so the
-               // gradients' error grows with T (1.02e-2 measured on the H200; 1e-2 for gated_update).
-               t == DType::kBF16 ? 2.0 : 1.0);
+      check_op(
+          "gated_scan",
+          [](const std::vector<Tensor>& in) {
+            auto [h, g] = gated_scan(in[0], in[1], in[2], in[3]);
+            return std::vector<Tensor>{h, g};
+          },
+          {rnd({c.R, c.n}, 84), rnd({c.T, c.R, c.n}, 85),
+           rnd({1, 2 * c.n}, 86, 1.0 / std::sqrt(double(c.n))), rnd({1}, 87)},
+          {true, true, true, true}, t,
+          // Each step rounds its state to bf16 (as T chained gated_update calls would), so the
+          // gradients' error grows with T (1.02e-2 measured on the H200; 1e-2 for gated_update).
+          t == DType::kBF16 ? 2.0 : 1.0);
 }
 
 // The routing kernels choose exactly what the CPU reference chooses: mask, counts, drops and the
@@ -486,10 +595,11 @@ TEST(CudaOps, MoeRouteMatchesCpu) {
     }
     const Tensor r = tensor(rv, {rows, c.E}), s = tensor(sv, {rows, c.E});
     const MoeDispatch cpu = moe_route(r, s, c.batch, c.chunk_len, c.max_active, c.capacity);
-    const MoeDispatch gpu = moe_route(r.to(Device::cuda(0)), s.to(Device::cuda(0)), c.batch, c.chunk_len,
-                                      c.max_active, c.capacity);
-    const std::string at = "batch " + std::to_string(c.batch) + " chunks " + std::to_string(c.chunks) + " E " +
-                           std::to_string(c.E) + " capacity " + std::to_string(c.capacity);
+    const MoeDispatch gpu = moe_route(r.to(Device::cuda(0)), s.to(Device::cuda(0)), c.batch,
+                                      c.chunk_len, c.max_active, c.capacity);
+    const std::string at = "batch " + std::to_string(c.batch) + " chunks " +
+                           std::to_string(c.chunks) + " E " + std::to_string(c.E) + " capacity " +
+                           std::to_string(c.capacity);
     EXPECT_EQ(gpu.counts, cpu.counts) << at;
     EXPECT_EQ(gpu.dropped, cpu.dropped) << at;
     EXPECT_EQ(gpu.mask.cpu().to_vector<float>(), cpu.mask.to_vector<float>()) << at;
@@ -513,18 +623,24 @@ TEST(CudaOps, MergeAttentionMatchesCpu) {
   struct Case {
     int64_t P, B, L, H, dh;
   };
-  for (const Case& c : std::vector<Case>{{1, 1, 1, 1, 1}, {2, 2, 37, 3, 16}, {3, 1, 65, 2, 64}, {4, 2, 19, 1, 128},
+  for (const Case& c : std::vector<Case>{{1, 1, 1, 1, 1},
+                                         {2, 2, 37, 3, 16},
+                                         {3, 1, 65, 2, 64},
+                                         {4, 2, 19, 1, 128},
                                          {5, 1, 33, 2, 24}})
     for (DType t : kTypes) {
       auto lse = rnd({c.P, c.B, c.H, c.L}, 70).to_vector<float>();
       for (std::size_t i = 0; i < lse.size(); i += 7) lse[i] = -INFINITY;
-      for (int64_t i = 0; i < c.P; ++i) lse[i * c.B * c.H * c.L + c.L - 1] = -INFINITY;  // b 0, h 0, last query
-      check_op("merge_attention",
-               [](const std::vector<Tensor>& in) {
-                 auto [o, l] = merge_attention(in[0], in[1]);
-                 return std::vector<Tensor>{o, exp(l)};
-               },
-               {rnd({c.P, c.B, c.L, c.H, c.dh}, 71), tensor(lse, {c.P, c.B, c.H, c.L})}, {true, true}, t);
+      for (int64_t i = 0; i < c.P; ++i)
+        lse[i * c.B * c.H * c.L + c.L - 1] = -INFINITY;  // b 0, h 0, last query
+      check_op(
+          "merge_attention",
+          [](const std::vector<Tensor>& in) {
+            auto [o, l] = merge_attention(in[0], in[1]);
+            return std::vector<Tensor>{o, exp(l)};
+          },
+          {rnd({c.P, c.B, c.L, c.H, c.dh}, 71), tensor(lse, {c.P, c.B, c.H, c.L})}, {true, true},
+          t);
     }
 }
 
@@ -534,40 +650,43 @@ TEST(CudaOps, SelectiveScanMatchesCpu) {
     int64_t B, L, D, N, chunk;
     bool full;  // z, D, dt_bias and h0 present
   };
-  // Odd channel counts (a partial warp, two blocks), states below and at the template bounds, chunks
-  // that do not divide the length, a length shorter than one chunk.
-  // The last case recomputes 545 MB of states per batch entry, so the backward runs in two batch slices
-  // (its scratch is capped at 1 GiB per launch), as at hydra-1.6b shapes.
-  const std::vector<Case> cases = {{2, 37, 19, 5, 16, true},  {1, 50, 130, 16, 8, true}, {3, 21, 64, 8, 64, false},
-                                   {2, 70, 33, 32, 32, true}, {1, 9, 40, 64, 4, true},   {2, 4096, 2048, 16, 64, true}};
+  // Odd channel counts (a partial warp, two blocks), states below and at the template bounds,
+  // chunks that do not divide the length, a length shorter than one chunk. The last case recomputes
+  // 545 MB of states per batch entry, so the backward runs in two batch slices (its scratch is
+  // capped at 1 GiB per launch), as at hydra-1.6b shapes.
+  const std::vector<Case> cases = {{2, 37, 19, 5, 16, true},  {1, 50, 130, 16, 8, true},
+                                   {3, 21, 64, 8, 64, false}, {2, 70, 33, 32, 32, true},
+                                   {1, 9, 40, 64, 4, true},   {2, 4096, 2048, 16, 64, true}};
   for (const Case& c : cases)
     for (DType t : kTypes) {
-      std::vector<Tensor> in = {rnd({c.B, c.L, c.D}, 70),                          // u
-                                rnd({c.B, c.L, c.D}, 71, 0.7),                     // delta_raw
-                                log(positive({c.D, c.N}, 72)),                     // A_log
-                                rnd({c.B, c.L, c.N}, 73),                          // B
-                                rnd({c.B, c.L, c.N}, 74),                          // C
-                                rnd({c.D}, 75),                                    // D
-                                rnd({c.D}, 76, 0.5),                               // dt_bias
-                                rnd({c.B, c.L, c.D}, 77),                          // z
-                                rnd({c.B, c.D, c.N}, 78, 0.5)};                    // h0
+      std::vector<Tensor> in = {rnd({c.B, c.L, c.D}, 70),        // u
+                                rnd({c.B, c.L, c.D}, 71, 0.7),   // delta_raw
+                                log(positive({c.D, c.N}, 72)),   // A_log
+                                rnd({c.B, c.L, c.N}, 73),        // B
+                                rnd({c.B, c.L, c.N}, 74),        // C
+                                rnd({c.D}, 75),                  // D
+                                rnd({c.D}, 76, 0.5),             // dt_bias
+                                rnd({c.B, c.L, c.D}, 77),        // z
+                                rnd({c.B, c.D, c.N}, 78, 0.5)};  // h0
       std::vector<bool> grad(in.size(), true);
-      check_op("selective_scan",
-               [&](const std::vector<Tensor>& x) {
-                 const Tensor h0 = c.full ? x[8].to(accumulate_dtype(x[0].dtype())) : Tensor();
-                 const SelectiveScanResult r =
-                     selective_scan(x[0], x[1], x[2], x[3], x[4], c.full ? x[5] : Tensor(), c.full ? x[6] : Tensor(),
-                                    c.full ? x[7] : Tensor(), h0, c.chunk);
-                 return std::vector<Tensor>{r.y, r.h_last};
-               },
-               c.full ? in : std::vector<Tensor>(in.begin(), in.begin() + 5),
-               c.full ? grad : std::vector<bool>(5, true), t);
+      check_op(
+          "selective_scan",
+          [&](const std::vector<Tensor>& x) {
+            const Tensor h0 = c.full ? x[8].to(accumulate_dtype(x[0].dtype())) : Tensor();
+            const SelectiveScanResult r =
+                selective_scan(x[0], x[1], x[2], x[3], x[4], c.full ? x[5] : Tensor(),
+                               c.full ? x[6] : Tensor(), c.full ? x[7] : Tensor(), h0, c.chunk);
+            return std::vector<Tensor>{r.y, r.h_last};
+          },
+          c.full ? in : std::vector<Tensor>(in.begin(), in.begin() + 5),
+          c.full ? grad : std::vector<bool>(5, true), t);
     }
 }
 
 TEST(CudaOps, AdamWMatchesCpu) {
   HYDRA_REQUIRE_GPU();
-  const Tensor p = rnd({1031}, 51), g = rnd({1031}, 52), m = rnd({1031}, 53, 0.1), v = exp(rnd({1031}, 54));
+  const Tensor p = rnd({1031}, 51), g = rnd({1031}, 52), m = rnd({1031}, 53, 0.1),
+               v = exp(rnd({1031}, 54));
   const AdamWHyper h{1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5};
   Tensor cp = p.clone(), cm = m.clone(), cv = v.clone();
   Tensor gp = p.to(Device::cuda(0)), gm = m.to(Device::cuda(0)), gv = v.to(Device::cuda(0));
@@ -593,11 +712,18 @@ TEST(CudaOps, FusedAdamWOverManyTensorsMatchesCpu) {
     std::vector<AdamWEntry> cpu, gpu;
     for (int i = 0; i < 170; ++i) {
       const int64_t n = 1 + (i * 7919) % 20011;
-      AdamWEntry c{rnd({n}, 100 + i).to(dt).to(DType::kF32), rnd({n}, 400 + i).to(dt).to(DType::kF32),
-                   rnd({n}, 700 + i, 0.1).to(dt).to(DType::kF32), exp(rnd({n}, 900 + i)).to(dt).to(DType::kF32),
-                   1e-3 * (1 + i % 3), i % 2 ? 0.1 : 0.0};
-      AdamWEntry g{c.param.to(dt).to(Device::cuda(0)), c.grad.to(dt).to(Device::cuda(0)),
-                   c.m.to(dt).to(Device::cuda(0)), c.v.to(dt).to(Device::cuda(0)), c.lr, c.weight_decay};
+      AdamWEntry c{rnd({n}, 100 + i).to(dt).to(DType::kF32),
+                   rnd({n}, 400 + i).to(dt).to(DType::kF32),
+                   rnd({n}, 700 + i, 0.1).to(dt).to(DType::kF32),
+                   exp(rnd({n}, 900 + i)).to(dt).to(DType::kF32),
+                   1e-3 * (1 + i % 3),
+                   i % 2 ? 0.1 : 0.0};
+      AdamWEntry g{c.param.to(dt).to(Device::cuda(0)),
+                   c.grad.to(dt).to(Device::cuda(0)),
+                   c.m.to(dt).to(Device::cuda(0)),
+                   c.v.to(dt).to(Device::cuda(0)),
+                   c.lr,
+                   c.weight_decay};
       cpu.push_back(c);
       gpu.push_back(g);
     }
@@ -609,7 +735,8 @@ TEST(CudaOps, FusedAdamWOverManyTensorsMatchesCpu) {
     adamw_update_many(cpu, h);
     adamw_update_many(gpu, h);
     for (std::size_t i = 0; i < cpu.size(); ++i) {
-      EXPECT_LT(testing::rel_error(gpu[i].param.to(DType::kF32).cpu(), cpu[i].param), tolerance(dt)) << i;
+      EXPECT_LT(testing::rel_error(gpu[i].param.to(DType::kF32).cpu(), cpu[i].param), tolerance(dt))
+          << i;
       EXPECT_LT(testing::rel_error(gpu[i].m.to(DType::kF32).cpu(), cpu[i].m), tolerance(dt)) << i;
       EXPECT_LT(testing::rel_error(gpu[i].v.to(DType::kF32).cpu(), cpu[i].v), tolerance(dt)) << i;
     }

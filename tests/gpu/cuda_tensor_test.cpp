@@ -79,7 +79,8 @@ TEST(CudaAllocator, StreamRecordedBlocksWaitForThatStream) {
   }
   {
     Tensor u = empty({3 << 18}, DType::kF32, Device::cuda(0));
-    EXPECT_NE(u.raw_data(), first) << "a block still in use on the comm stream was handed out again";
+    EXPECT_NE(u.raw_data(), first)
+        << "a block still in use on the comm stream was handed out again";
   }
   kernels::cuda::stream_synchronize(comm);
   Tensor w = empty({3 << 18}, DType::kF32, Device::cuda(0));
@@ -92,7 +93,8 @@ TEST(CudaAllocator, StreamRecordedBlocksWaitForThatStream) {
 
 TEST(CudaPinned, AsyncCopiesFromPinnedMemoryAreCorrectAndProtectTheBlock) {
   HYDRA_REQUIRE_GPU();
-  const Tensor src = testing::randn32({int64_t{64} << 20}, 5);  // 256 MiB: the copy takes milliseconds
+  const Tensor src =
+      testing::randn32({int64_t{64} << 20}, 5);  // 256 MiB: the copy takes milliseconds
   Tensor dev;
   void* first = nullptr;
   {
@@ -120,7 +122,8 @@ TEST(CudaEvent, OrdersWorkAcrossStreams) {
   start.record(compute);
   a.fill_(3.0);  // on the compute stream
   cuda_stream_wait(comm, compute);
-  kernels::cuda::memcpy_async(b.raw_data(), a.raw_data(), a.nbytes(), kernels::cuda::CopyKind::kDeviceToDevice, comm);
+  kernels::cuda::memcpy_async(b.raw_data(), a.raw_data(), a.nbytes(),
+                              kernels::cuda::CopyKind::kDeviceToDevice, comm);
   cuda_record_stream(a.raw_data(), 0, comm);
   end.record(comm);
   end.synchronize();

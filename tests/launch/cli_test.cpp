@@ -31,7 +31,8 @@ Result run(const std::string& cmd) {
 }
 
 std::string temp_dir(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("hydra_cli_" + name + "_" + std::to_string(::getpid()));
+  const fs::path p =
+      fs::temp_directory_path() / ("hydra_cli_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
   fs::create_directories(p);
   return p.string();
@@ -42,14 +43,15 @@ const std::string kData = HYDRA_BIN_DIR "/hydra-data";
 const std::string kParams = HYDRA_BIN_DIR "/hydra-params";
 const std::string kTiny = HYDRA_SOURCE_DIR "/configs/tiny.pbtxt";
 // A quick run of tiny: 2 steps, short sequences, no curriculum.
-const std::string kQuick = " --set 'curriculum={}' --set train.steps=2 --set train.seq_len=64 --set train.batch_size=2 "
-                           "--set train.eval_batches=1 --quiet ";
+const std::string kQuick =
+    " --set 'curriculum={}' --set train.steps=2 --set train.seq_len=64 --set train.batch_size=2 "
+    "--set train.eval_batches=1 --quiet ";
 
 TEST(Cli, HelpExplainsEveryFlag) {
   const Result r = run(kTrain + " --help");
   EXPECT_EQ(r.code, 0);
-  for (const char* flag :
-       {"--config", "--set", "--out", "--resume", "--steps", "--eval-every", "--save-every", "--stats-every", "--seed"})
+  for (const char* flag : {"--config", "--set", "--out", "--resume", "--steps", "--eval-every",
+                           "--save-every", "--stats-every", "--seed"})
     EXPECT_NE(r.output.find(flag), std::string::npos) << flag;
 }
 
@@ -57,14 +59,16 @@ TEST(Cli, ProfileTablesTheKernelsAfterTheReport) {
   const std::string dir = temp_dir("profile");
   std::string quick = kQuick;
   quick.replace(quick.find("--quiet"), 7, "--no-print-config");
-  const Result r = run("HYDRA_PROFILE=1 " + kTrain + " --config " + kTiny + quick + " --out " + dir + "/run");
+  const Result r =
+      run("HYDRA_PROFILE=1 " + kTrain + " --config " + kTiny + quick + " --out " + dir + "/run");
   EXPECT_EQ(r.code, 0) << r.output;
   const std::size_t table = r.output.find("kernel profile (HYDRA_PROFILE)");
   ASSERT_NE(table, std::string::npos) << r.output;
   EXPECT_GT(table, r.output.find("Hydra training report")) << "the table comes after the report";
   for (const char* kernel : {"gemm", "ssm_scan_fwd", "ssm_scan_bwd", "multi_adamw_step"})
     EXPECT_NE(r.output.find(kernel, table), std::string::npos) << kernel;
-  EXPECT_EQ(run(kTrain + " --config " + kTiny + quick + " --out " + dir + "/plain").output.find("kernel profile"),
+  EXPECT_EQ(run(kTrain + " --config " + kTiny + quick + " --out " + dir + "/plain")
+                .output.find("kernel profile"),
             std::string::npos)
       << "off without HYDRA_PROFILE";
 }
@@ -80,9 +84,11 @@ TEST(Cli, MalformedConfigNamesFileLineAndExitsNonZero) {
 
 TEST(Cli, OutOfRangeFieldAndUnknownSetPath) {
   const std::string dir = temp_dir("range");
-  Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run --set model.moe.max_active=9");
+  Result r =
+      run(kTrain + " --config " + kTiny + " --out " + dir + "/run --set model.moe.max_active=9");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("model.moe.max_active = 9 must be <= num_experts (4)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.moe.max_active = 9 must be <= num_experts (4)"), std::string::npos)
+      << r.output;
   r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run --set train.lr.rate=1");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("unknown field 'train.lr.rate'"), std::string::npos) << r.output;
@@ -104,7 +110,8 @@ TEST(Cli, OccupiedOutputAndResumeOfNothing) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("no complete checkpoint to resume from"), std::string::npos) << r.output;
   // Continuing the first run works and appends.
-  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run --resume auto --steps 4" + kQuick);
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run --resume auto --steps 4" +
+          kQuick);
   EXPECT_EQ(r.code, 0) << r.output;
 }
 
@@ -117,38 +124,48 @@ TEST(Cli, DataToolMakesShardsTheTrainerReads) {
   }
   Result r = run(kData + " train-bpe --vocab 300 --out " + dir + "/tok.bpe " + dir + "/corpus");
   ASSERT_EQ(r.code, 0) << r.output;
-  r = run(kData + " tokenize --tokenizer " + dir + "/tok.bpe --out " + dir + "/shards " + dir + "/corpus");
+  r = run(kData + " tokenize --tokenizer " + dir + "/tok.bpe --out " + dir + "/shards " + dir +
+          "/corpus");
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_TRUE(fs::exists(dir + "/shards/shard-00000.h5"));
   r = run(kData + " inspect " + dir + "/shards/shard-00000.h5");
   EXPECT_NE(r.output.find("3 documents"), std::string::npos) << r.output;
-  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " --set model.vocab_size=300 --set data.shards=" +
-          dir + "/shards --set data.tokenizer=" + dir + "/tok.bpe");
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+          " --set model.vocab_size=300 --set data.shards=" + dir +
+          "/shards --set data.tokenizer=" + dir + "/tok.bpe");
   EXPECT_EQ(r.code, 0) << r.output;
   // A missing tokenizer file, a damaged one.
-  r = run(kData + " tokenize --tokenizer " + dir + "/none.bpe --out " + dir + "/x " + dir + "/corpus");
+  r = run(kData + " tokenize --tokenizer " + dir + "/none.bpe --out " + dir + "/x " + dir +
+          "/corpus");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("none.bpe: cannot open the tokenizer file"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("none.bpe: cannot open the tokenizer file"), std::string::npos)
+      << r.output;
   std::ofstream(dir + "/bad.bpe") << "hydra-bpe 1\n5\n1 2\n";
-  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run2" + kQuick + " --set model.vocab_size=300 --set data.shards=" +
-          dir + "/shards --set data.tokenizer=" + dir + "/bad.bpe");
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run2" + kQuick +
+          " --set model.vocab_size=300 --set data.shards=" + dir +
+          "/shards --set data.tokenizer=" + dir + "/bad.bpe");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("bad.bpe: truncated"), std::string::npos) << r.output;
 }
 
-// Bad input found by the fault-and-bad-input trial (issue 21): each is refused with a message naming the
-// file, field or flag, before anything is written or allocated.
+// Bad input found by the fault-and-bad-input trial (issue 21): each is refused with a message
+// naming the file, field or flag, before anything is written or allocated.
 TEST(BadInput, NonFiniteNumbersAnywhereInTheConfigAreRefused) {
   const std::string dir = temp_dir("finite");
-  Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/a" + kQuick + " --set train.lr.lr=nan");
+  Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/a" + kQuick +
+                 " --set train.lr.lr=nan");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("train.lr.lr = nan must be a finite number"), std::string::npos) << r.output;
-  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/b" + kQuick + " --set model.init_std=inf");
+  EXPECT_NE(r.output.find("train.lr.lr = nan must be a finite number"), std::string::npos)
+      << r.output;
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/b" + kQuick +
+          " --set model.init_std=inf");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("model.init_std = inf must be a finite number"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.init_std = inf must be a finite number"), std::string::npos)
+      << r.output;
   r = run(kParams + " " + kTiny + " --set model.ssm.dt_max=-inf");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("model.ssm.dt_max = -inf must be a finite number"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.ssm.dt_max = -inf must be a finite number"), std::string::npos)
+      << r.output;
   EXPECT_FALSE(fs::exists(dir + "/a"));
   EXPECT_FALSE(fs::exists(dir + "/b"));
 }
@@ -157,7 +174,8 @@ TEST(BadInput, ConfigThatIsADirectoryOrEmptyIsRefused) {
   const std::string dir = temp_dir("cfgfile");
   Result r = run(kTrain + " --config " + dir + " --out " + dir + "/run");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find(dir + ": is a directory, not a config file"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(dir + ": is a directory, not a config file"), std::string::npos)
+      << r.output;
   std::ofstream(dir + "/empty.pbtxt") << "# nothing but a comment\n";
   r = run(kTrain + " --config " + dir + "/empty.pbtxt --out " + dir + "/run");
   EXPECT_EQ(r.code, 1);
@@ -167,7 +185,8 @@ TEST(BadInput, ConfigThatIsADirectoryOrEmptyIsRefused) {
 
 TEST(BadInput, NegativeFlagsAndStageSizesAreRefused) {
   const std::string dir = temp_dir("negative");
-  for (const char* flag : {"--steps -1", "--steps 0", "--threads 0", "--stats-every 0", "--save-every -2"}) {
+  for (const char* flag :
+       {"--steps -1", "--steps 0", "--threads 0", "--stats-every 0", "--save-every -2"}) {
     const Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run " + flag);
     EXPECT_EQ(r.code, 2) << flag;
     EXPECT_NE(r.output.find("must be >="), std::string::npos) << flag << ": " << r.output;
@@ -180,7 +199,8 @@ TEST(BadInput, NegativeFlagsAndStageSizesAreRefused) {
   std::ofstream(dir + "/neg.pbtxt") << text;
   const Result r = run(kTrain + " --config " + dir + "/neg.pbtxt --out " + dir + "/run");
   EXPECT_EQ(r.code, 1) << r.output;
-  EXPECT_NE(r.output.find("curriculum.stage[0].seq_len = -64 must be >= 0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("curriculum.stage[0].seq_len = -64 must be >= 0"), std::string::npos)
+      << r.output;
   EXPECT_FALSE(fs::exists(dir + "/run"));
 }
 
@@ -188,27 +208,32 @@ TEST(BadInput, HugeSizesNameTheFieldAndModelsThatCannotFitAreRefused) {
   const std::string dir = temp_dir("huge");
   Result r = run(kParams + " " + kTiny + " --set model.d_model=1000000000");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("model.d_model = 1000000000 must be <= 65536"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.d_model = 1000000000 must be <= 65536"), std::string::npos)
+      << r.output;
   r = run(kParams + " " + kTiny + " --set model.moe.num_experts=100000");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("model.moe.num_experts = 100000 must be <= 1024"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.moe.num_experts = 100000 must be <= 1024"), std::string::npos)
+      << r.output;
   // Within the bounds but far beyond this machine's memory: refused before allocating, sizes named.
   r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
           " --set model.d_model=65536 --set model.vocab_size=16000000 --set model.num_blocks=64");
   EXPECT_EQ(r.code, 1) << r.output;
-  EXPECT_NE(r.output.find("GiB of host memory (model.d_model = 65536"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("GiB of host memory (model.d_model = 65536"), std::string::npos)
+      << r.output;
   EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
 }
 
-// SIGTERM (what Slurm sends at cancellation or preemption) stops the run at the end of a step with a
-// checkpoint, and the exit code says so: 128 + 15, not 0 (a scheduler would mark the job completed).
+// SIGTERM (what Slurm sends at cancellation or preemption) stops the run at the end of a step with
+// a checkpoint, and the exit code says so: 128 + 15, not 0 (a scheduler would mark the job
+// completed).
 TEST(Cli, SigtermSavesAndExitsWith143) {
   const std::string dir = temp_dir("sigterm");
   std::string talk = kQuick;
   talk.replace(talk.find("--quiet"), 7, "--no-print-config");
-  const Result r = run("(" + kTrain + " --config " + kTiny + " --out " + dir + "/run" + talk +
-                       " --set train.steps=100000 & pid=$!; for i in $(seq 300); do [ -s " + dir +
-                       "/run/metrics.jsonl ] && break; sleep 0.1; done; kill -TERM $pid; wait $pid; echo rc=$?)");
+  const Result r = run(
+      "(" + kTrain + " --config " + kTiny + " --out " + dir + "/run" + talk +
+      " --set train.steps=100000 & pid=$!; for i in $(seq 300); do [ -s " + dir +
+      "/run/metrics.jsonl ] && break; sleep 0.1; done; kill -TERM $pid; wait $pid; echo rc=$?)");
   EXPECT_NE(r.output.find("rc=143"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("received SIGTERM (15)"), std::string::npos) << r.output;
   EXPECT_TRUE(fs::exists(dir + "/run/checkpoints")) << r.output;
@@ -221,8 +246,10 @@ TEST(BadInput, BatchBeyondHostMemoryIsAnErrorNotAnAbort) {
   const Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
                        " --set train.batch_size=1000000000000");
   EXPECT_EQ(r.code, 1) << r.output;
-  EXPECT_NE(r.output.find("out of host memory building the batch of step 0 (1000000000000 sequences of 64 tokens)"),
-            std::string::npos)
+  EXPECT_NE(
+      r.output.find(
+          "out of host memory building the batch of step 0 (1000000000000 sequences of 64 tokens)"),
+      std::string::npos)
       << r.output;
 }
 
@@ -235,10 +262,12 @@ TEST(BadInput, TokenizingNothingIsAnError) {
   EXPECT_NE(r.output.find("holds no text: no shard written"), std::string::npos) << r.output;
 }
 
-// Under mpirun: a grid that does not fit the world, or experts that do not split over ep, stops every
-// rank at start-up with one message (from rank 0) that says what to change; a good grid trains.
-const std::string kMpirun = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 HYDRA_NUM_THREADS=1 timeout 300 " HYDRA_MPIEXEC
-                            " --oversubscribe -np 2 ";
+// Under mpirun: a grid that does not fit the world, or experts that do not split over ep, stops
+// every rank at start-up with one message (from rank 0) that says what to change; a good grid
+// trains.
+const std::string kMpirun =
+    "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 HYDRA_NUM_THREADS=1 timeout "
+    "300 " HYDRA_MPIEXEC " --oversubscribe -np 2 ";
 
 int count(const std::string& text, const std::string& what) {
   int n = 0;
@@ -248,7 +277,8 @@ int count(const std::string& text, const std::string& what) {
 
 TEST(Cli, MpirunWithABadGridStopsEveryRankWithOneClearMessage) {
   const std::string dir = temp_dir("badgrid");
-  Result r = run(kMpirun + kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " --set parallel.dp=3");
+  Result r = run(kMpirun + kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+                 " --set parallel.dp=3");
   EXPECT_NE(r.code, 0) << r.output;
   EXPECT_NE(r.code, 124) << "hung: " << r.output;
   EXPECT_EQ(count(r.output, "mpirun -np 3"), 1) << r.output;
@@ -265,18 +295,22 @@ TEST(Cli, MpirunWithABadGridStopsEveryRankWithOneClearMessage) {
   EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
 }
 
-// Ranks started with different configs (mpirun's MPMD form: one --set differs) stop at start-up with
-// the differing line named, both values shown; before, they failed later with a bare MPI_ERR_TRUNCATE.
+// Ranks started with different configs (mpirun's MPMD form: one --set differs) stop at start-up
+// with the differing line named, both values shown; before, they failed later with a bare
+// MPI_ERR_TRUNCATE.
 TEST(Cli, MpirunRanksWithDifferentConfigsNameTheDifference) {
   const std::string dir = temp_dir("diffcfg");
-  const std::string each = kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " --set parallel.dp=2";
-  const std::string mpmd = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 HYDRA_NUM_THREADS=1 timeout 300 "
-                           HYDRA_MPIEXEC " --oversubscribe -np 1 " + each + " --set train.lr.lr=0.001 : -np 1 " + each +
-                           " --set train.lr.lr=0.002";
+  const std::string each =
+      kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " --set parallel.dp=2";
+  const std::string mpmd =
+      "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 HYDRA_NUM_THREADS=1 timeout "
+      "300 " HYDRA_MPIEXEC " --oversubscribe -np 1 " +
+      each + " --set train.lr.lr=0.001 : -np 1 " + each + " --set train.lr.lr=0.002";
   const Result r = run(mpmd);
   EXPECT_NE(r.code, 0) << r.output;
   EXPECT_NE(r.code, 124) << "hung: " << r.output;
-  EXPECT_NE(r.output.find("the ranks' configs differ: rank 1 has 'lr: 0.002' where rank 0 has 'lr: 0.001'"),
+  EXPECT_NE(r.output.find(
+                "the ranks' configs differ: rank 1 has 'lr: 0.002' where rank 0 has 'lr: 0.001'"),
             std::string::npos)
       << r.output;
   EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
@@ -284,23 +318,28 @@ TEST(Cli, MpirunRanksWithDifferentConfigsNameTheDifference) {
 
 TEST(Cli, MpirunTrainsOnTwoDataRanks) {
   const std::string dir = temp_dir("dp2");
-  const Result r = run(kMpirun + kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " --set parallel.dp=2");
+  const Result r = run(kMpirun + kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+                       " --set parallel.dp=2");
   ASSERT_EQ(r.code, 0) << r.output;
   std::ifstream m(dir + "/run/metrics.jsonl");
   std::string line;
   int steps = 0;
-  while (std::getline(m, line)) steps += line.find("\"step\"") != std::string::npos && line.find("\"loss\"") != std::string::npos;
+  while (std::getline(m, line))
+    steps +=
+        line.find("\"step\"") != std::string::npos && line.find("\"loss\"") != std::string::npos;
   EXPECT_EQ(steps, 2) << "one metrics line per step, written by rank 0 only";
 }
 
-// ZeRO-1 from the command line: each rank writes its ranges of the optimizer state; the run resumes.
+// ZeRO-1 from the command line: each rank writes its ranges of the optimizer state; the run
+// resumes.
 TEST(Cli, MpirunTrainsWithZero1AndResumes) {
   const std::string dir = temp_dir("zero1");
   const std::string args = kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
                            " --set parallel.dp=2 --set parallel.zero1=true";
   Result r = run(kMpirun + args);
   ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_TRUE(fs::exists(dir + "/run/checkpoints/step-00000002/rank-00001.h5")) << "rank 1 writes its ranges";
+  EXPECT_TRUE(fs::exists(dir + "/run/checkpoints/step-00000002/rank-00001.h5"))
+      << "rank 1 writes its ranges";
   r = run(kMpirun + args + " --resume --steps 3");
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_TRUE(fs::exists(dir + "/run/checkpoints/step-00000003/manifest.pb")) << r.output;

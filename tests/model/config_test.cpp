@@ -21,8 +21,9 @@ TEST(ModelConfig, ValidationNamesFileFieldValueAndExpectation) {
             "configs/toy.pbtxt: model.sga.num_heads = 5 must divide d_model (96)");
   EXPECT_EQ(spec_status("max_seq_len: 100 moe { chunk: 8 }").message(),
             "configs/toy.pbtxt: model.moe.chunk = 8 must divide max_seq_len (100)");
-  EXPECT_EQ(spec_status("max_seq_len: 128 moe { chunk: 8 } workspace { chunk: 48 }").message(),
-            "configs/toy.pbtxt: model.workspace.chunk = 48 must be >= 1 and divide max_seq_len (128)");
+  EXPECT_EQ(
+      spec_status("max_seq_len: 128 moe { chunk: 8 } workspace { chunk: 48 }").message(),
+      "configs/toy.pbtxt: model.workspace.chunk = 48 must be >= 1 and divide max_seq_len (128)");
   EXPECT_EQ(spec_status("num_blocks: 4 pkm { after_block: [1, 7] }").message(),
             "configs/toy.pbtxt: model.pkm.after_block = [1, 7] must hold block indices in [0, 4)");
   EXPECT_EQ(spec_status("pkm { n_keys: 8 topk: 9 }").message(),
@@ -34,7 +35,8 @@ TEST(ModelConfig, ValidationNamesFileFieldValueAndExpectation) {
 
 TEST(ModelConfig, TextSyntaxErrorsNameLineAndColumn) {
   config::RunConfig cfg;
-  const Status st = config::parse_text("model {\n  d_model: 64\n  d_modle: 3\n}", "configs/x.pbtxt", &cfg);
+  const Status st =
+      config::parse_text("model {\n  d_model: 64\n  d_modle: 3\n}", "configs/x.pbtxt", &cfg);
   ASSERT_FALSE(st.ok());
   EXPECT_EQ(st.message().rfind("configs/x.pbtxt:3:", 0), 0u) << st.message();
   EXPECT_NE(st.message().find("d_modle"), std::string::npos) << st.message();
@@ -54,7 +56,8 @@ TEST(ModelConfig, OverridesUseReflectionAndRejectUnknownPaths) {
   ASSERT_TRUE(config::apply_override(&cfg, "train.lr.lr=3e-4").ok());
   EXPECT_DOUBLE_EQ(cfg.train().lr().lr(), 3e-4);
   const Status bad = config::apply_override(&cfg, "model.moe.max_activ=3");
-  EXPECT_NE(bad.message().find("unknown field 'model.moe.max_activ'"), std::string::npos) << bad.message();
+  EXPECT_NE(bad.message().find("unknown field 'model.moe.max_activ'"), std::string::npos)
+      << bad.message();
   EXPECT_NE(bad.message().find("max_active"), std::string::npos) << bad.message();
   EXPECT_FALSE(config::apply_override(&cfg, "model.d_model=abc").ok());
   EXPECT_FALSE(config::apply_override(&cfg, "model.sga.pattern=SPARSE").ok());
@@ -96,17 +99,26 @@ void expect_counts_match_allocation(const model::ModelSpec& spec) {
     std::string comp = "norms_gates";
     const std::string& n = p.name;
     auto has = [&](const char* s) { return n.find(s) != std::string::npos; };
-    if (n == "embedding") comp = "embedding";
-    else if (spec.transformer && has(".attn.")) comp = "attention";
-    else if (spec.transformer && has(".ffn.")) comp = "ffn";
-    else if (has(".ssm.")) comp = "ssm";
-    else if (has(".sga.")) comp = "sga";
-    else if (has(".moe.")) comp = "moe";
-    else if (has("workspaces.") && has(".memory.")) comp = "workspace";
-    else if (has("pkms.") && has(".memory.")) comp = "pkm";
+    if (n == "embedding")
+      comp = "embedding";
+    else if (spec.transformer && has(".attn."))
+      comp = "attention";
+    else if (spec.transformer && has(".ffn."))
+      comp = "ffn";
+    else if (has(".ssm."))
+      comp = "ssm";
+    else if (has(".sga."))
+      comp = "sga";
+    else if (has(".moe."))
+      comp = "moe";
+    else if (has("workspaces.") && has(".memory."))
+      comp = "workspace";
+    else if (has("pkms.") && has(".memory."))
+      comp = "pkm";
     by_component[comp] += p.tensor.numel();
   }
-  for (const auto& row : table.rows) EXPECT_EQ(by_component[row.component], row.total) << row.component;
+  for (const auto& row : table.rows)
+    EXPECT_EQ(by_component[row.component], row.total) << row.component;
 }
 
 TEST(ParamCounts, EqualAllocatedParametersForTinyToyAndTransformer) {

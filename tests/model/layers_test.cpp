@@ -30,15 +30,17 @@ GradcheckOptions sampled(int64_t n = 0) {
   return o;
 }
 
-// ---- SSM ---------------------------------------------------------------------------------------------
+// ---- SSM
+// ---------------------------------------------------------------------------------------------
 
 TEST(SsmMixer, GradcheckFloat64) {
   const model::ModelSpec spec = micro_spec();
   model::Init init(1);
   model::SsmMixer ssm(init, spec);
   ssm.to(DType::kF64);
-  HYDRA_EXPECT_GRADCHECK([&](const std::vector<Tensor>& in) { return std::vector<Tensor>{ssm.forward(in[0])}; },
-                         with_params(randn64({2, 7, 8}, 2), ssm), sampled(12));
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{ssm.forward(in[0])}; },
+      with_params(randn64({2, 7, 8}, 2), ssm), sampled(12));
 }
 
 TEST(SsmMixer, TwoHalvesPassingTheStateEqualOnePass) {
@@ -68,7 +70,8 @@ TEST(SsmMixer, TwoHalvesPassingTheStateEqualOnePass) {
   };
   const auto one = run(false), two = run(true);
   for (std::size_t k = 0; k < one.size(); ++k)
-    for (std::size_t i = 0; i < one[k].size(); ++i) ASSERT_NEAR(two[k][i], one[k][i], 1e-11) << "entry " << k;
+    for (std::size_t i = 0; i < one[k].size(); ++i)
+      ASSERT_NEAR(two[k][i], one[k][i], 1e-11) << "entry " << k;
 }
 
 TEST(SsmMixer, SegmentShorterThanTheConvWidthCarriesState) {
@@ -89,17 +92,20 @@ TEST(SsmMixer, SegmentShorterThanTheConvWidthCarriesState) {
   for (std::size_t i = 0; i < whole.size(); ++i) EXPECT_NEAR(stepped[i], whole[i], 1e-12);
 }
 
-// ---- SGA ---------------------------------------------------------------------------------------------
+// ---- SGA
+// ---------------------------------------------------------------------------------------------
 
 TEST(SparseGlobalAttentionLayer, GradcheckFloat64) {
   model::Init init(8);
   model::SparseGlobalAttention sga(init, 8, 2, AttentionPattern{3, 4}, 10000.0, 0.3, 0.3);
   sga.to(DType::kF64);
-  HYDRA_EXPECT_GRADCHECK([&](const std::vector<Tensor>& in) { return std::vector<Tensor>{sga.forward(in[0], 2)}; },
-                         with_params(randn64({2, 9, 8}, 9), sga), sampled(10));
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) { return std::vector<Tensor>{sga.forward(in[0], 2)}; },
+      with_params(randn64({2, 9, 8}, 9), sga), sampled(10));
 }
 
-// ---- MoE ---------------------------------------------------------------------------------------------
+// ---- MoE
+// ---------------------------------------------------------------------------------------------
 
 struct MoeCase {
   model::ModelSpec spec;
@@ -109,9 +115,12 @@ struct MoeCase {
 // The locality loss holds its target constant (stop-gradient), which finite differences cannot see:
 // gradient checks switch it off and LocalityLossHoldsTheNextChunkConstant tests it exactly.
 MoeCase make_moe(const std::string& moe_text, uint64_t seed, bool locality = true) {
-  MoeCase c{testing::spec_from("vocab_size: 11 d_model: 6 num_blocks: 1 max_seq_len: 36 workspace { enabled: false } "
-                               "pkm { enabled: false } moe { " + moe_text + " }"),
-            nullptr};
+  MoeCase c{
+      testing::spec_from(
+          "vocab_size: 11 d_model: 6 num_blocks: 1 max_seq_len: 36 workspace { enabled: false } "
+          "pkm { enabled: false } moe { " +
+          moe_text + " }"),
+      nullptr};
   if (!locality) c.spec.cfg.mutable_moe()->set_locality_loss_weight(0);
   model::Init init(seed);
   c.moe = std::make_unique<model::ChunkMoE>(init, c.spec, 0);
@@ -120,7 +129,9 @@ MoeCase make_moe(const std::string& moe_text, uint64_t seed, bool locality = tru
 }
 
 TEST(ChunkMoE, GradcheckFloat64RoutedWithSharedExpertAndLosses) {
-  auto c = make_moe("num_experts: 3 d_expert: 5 max_active: 2 chunk: 3 shared_expert: true d_shared: 4", 10, false);
+  auto c =
+      make_moe("num_experts: 3 d_expert: 5 max_active: 2 chunk: 3 shared_expert: true d_shared: 4",
+               10, false);
   HYDRA_EXPECT_GRADCHECK(
       [&](const std::vector<Tensor>& in) {
         model::ForwardContext ctx;
@@ -144,7 +155,8 @@ TEST(ChunkMoE, GradcheckFloat64RoutingOff) {
 }
 
 TEST(ChunkMoE, LocalityLossHoldsTheNextChunkConstant) {
-  // dL/dz_j = (sigmoid(z_j) - sigmoid(z_{j+1})) / count for j < nC-1; nothing flows into the target.
+  // dL/dz_j = (sigmoid(z_j) - sigmoid(z_{j+1})) / count for j < nC-1; nothing flows into the
+  // target.
   Tensor z = testing::randn64({2, 4, 3}, 50, 2.0);
   model::moe_locality_loss(z).backward();
   const auto zv = z.detach().to_vector<double>(), g = z.grad().to_vector<double>();
@@ -153,7 +165,8 @@ TEST(ChunkMoE, LocalityLossHoldsTheNextChunkConstant) {
     for (int64_t j = 0; j < 4; ++j)
       for (int64_t e = 0; e < 3; ++e) {
         const int64_t i = (b * 4 + j) * 3 + e;
-        const double expected = j < 3 ? (1 / (1 + std::exp(-zv[i])) - 1 / (1 + std::exp(-zv[i + 3]))) / count : 0.0;
+        const double expected =
+            j < 3 ? (1 / (1 + std::exp(-zv[i])) - 1 / (1 + std::exp(-zv[i + 3]))) / count : 0.0;
         EXPECT_NEAR(g[i], expected, 1e-14);
       }
   EXPECT_EQ(model::moe_locality_loss(z.narrow(1, 0, 1)).item<double>(), 0.0);
@@ -162,7 +175,10 @@ TEST(ChunkMoE, LocalityLossHoldsTheNextChunkConstant) {
 TEST(ChunkMoE, SparsityLossGradcheckFloat64AndValue) {
   Tensor z = testing::randn64({2, 6, 3}, 51, 2.0);
   HYDRA_EXPECT_GRADCHECK(
-      [](const std::vector<Tensor>& in) { return std::vector<Tensor>{model::moe_sparsity_loss(in[0], 2)}; }, {z});
+      [](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{model::moe_sparsity_loss(in[0], 2)};
+      },
+      {z});
   // Value: 1 - prod(1 - p) over pairs of chunks, averaged.
   const auto zv = z.detach().to_vector<double>();
   double total = 0;
@@ -170,16 +186,18 @@ TEST(ChunkMoE, SparsityLossGradcheckFloat64AndValue) {
     for (int64_t g = 0; g < 3; ++g)
       for (int64_t e = 0; e < 3; ++e) {
         double prod = 1;
-        for (int64_t j = 2 * g; j < 2 * g + 2; ++j) prod *= 1 - 1 / (1 + std::exp(-zv[(b * 6 + j) * 3 + e]));
+        for (int64_t j = 2 * g; j < 2 * g + 2; ++j)
+          prod *= 1 - 1 / (1 + std::exp(-zv[(b * 6 + j) * 3 + e]));
         total += 1 - prod;
       }
   EXPECT_NEAR(model::moe_sparsity_loss(z, 2).item<double>(), total / 18, 1e-14);
 }
 
-// Independent reference: router by hand, top-max_active among positive scores, every token of a chunk
-// through its chunk's experts, weighted by r.
-std::vector<double> moe_reference(const model::ChunkMoE& moe, const Tensor& x, int64_t E, int64_t max_active,
-                                  int64_t c, bool prev_mean, std::vector<uint8_t>* active_out) {
+// Independent reference: router by hand, top-max_active among positive scores, every token of a
+// chunk through its chunk's experts, weighted by r.
+std::vector<double> moe_reference(const model::ChunkMoE& moe, const Tensor& x, int64_t E,
+                                  int64_t max_active, int64_t c, bool prev_mean,
+                                  std::vector<uint8_t>* active_out) {
   const int64_t B = x.size(0), L = x.size(1), d = x.size(2), nC = L / c, de = moe.w1.size(1);
   const auto xv = x.to_vector<double>(), rw = moe.router_weight.to_vector<double>(),
              rn = moe.router_norm.to_vector<double>(), w1 = moe.w1.to_vector<double>(),
@@ -208,7 +226,8 @@ std::vector<double> moe_reference(const model::ChunkMoE& moe, const Tensor& x, i
       for (int64_t e = 0; e < E; ++e) r[e] = s[e] * rs * rn[e];
       std::vector<int64_t> order(E);
       std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t bb) { return r[a] > r[bb]; });
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t bb) { return r[a] > r[bb]; });
       for (int64_t k = 0; k < max_active; ++k)
         if (s[order[k]] > 0) (*active_out)[(b * nC + j) * E + order[k]] = 1;
       for (int64_t e = 0; e < E; ++e) {
@@ -237,20 +256,24 @@ std::vector<double> moe_reference(const model::ChunkMoE& moe, const Tensor& x, i
 
 TEST(ChunkMoE, ChunkRoutingMatchesAHandWrittenReference) {
   for (const char* mode : {"PREV_CHUNK_MEAN", "FIRST_TOKEN"}) {
-    auto c = make_moe(std::string("num_experts: 4 d_expert: 5 max_active: 2 chunk: 4 router_input: ") + mode, 14);
+    auto c = make_moe(
+        std::string("num_experts: 4 d_expert: 5 max_active: 2 chunk: 4 router_input: ") + mode, 14);
     const Tensor x = randn64({2, 12, 6}, 15, 1.0, false);
     model::ForwardContext ctx;
     const auto got = c.moe->forward(x, ctx, nullptr).to_vector<double>();
     std::vector<uint8_t> active;
-    const auto ref = moe_reference(*c.moe, x, 4, 2, 4, std::string(mode) == "PREV_CHUNK_MEAN", &active);
-    for (std::size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(got[i], ref[i], 1e-12) << mode << " at " << i;
+    const auto ref =
+        moe_reference(*c.moe, x, 4, 2, 4, std::string(mode) == "PREV_CHUNK_MEAN", &active);
+    for (std::size_t i = 0; i < ref.size(); ++i)
+      ASSERT_NEAR(got[i], ref[i], 1e-12) << mode << " at " << i;
     EXPECT_EQ(c.moe->last_routing().active, active) << mode;
   }
 }
 
 TEST(ChunkMoE, MaxActiveIsRespected) {
   for (int64_t k : {1, 2, 3}) {
-    auto c = make_moe("num_experts: 5 d_expert: 3 chunk: 2 max_active: " + std::to_string(k), 16 + k);
+    auto c =
+        make_moe("num_experts: 5 d_expert: 3 chunk: 2 max_active: " + std::to_string(k), 16 + k);
     model::ForwardContext ctx;
     (void)c.moe->forward(randn64({3, 16, 6}, 20 + k, 1.0, false), ctx, nullptr);
     const auto& r = c.moe->last_routing();
@@ -272,8 +295,9 @@ TEST(ChunkMoE, OneExpertWithRoutingOffEqualsADenseSwiGLU) {
   model::ForwardContext ctx;
   ctx.paths.moe_routing = false;
   const Tensor y = c.moe->forward(x, ctx, nullptr);
-  const Tensor dense = linear(mul(silu(linear(x, c.moe->w1.select(0, 0))), linear(x, c.moe->w3.select(0, 0))),
-                              c.moe->w2.select(0, 0));
+  const Tensor dense =
+      linear(mul(silu(linear(x, c.moe->w1.select(0, 0))), linear(x, c.moe->w3.select(0, 0))),
+             c.moe->w2.select(0, 0));
   EXPECT_LT(testing::max_abs_diff(y, dense), 1e-13);
 }
 
@@ -282,7 +306,8 @@ TEST(ChunkMoE, CapacityDropsAssignmentsAndBoundsTheLoad) {
   model::ForwardContext ctx;
   (void)c.moe->forward(randn64({4, 16, 6}, 27, 1.0, false), ctx, nullptr);
   const auto& r = c.moe->last_routing();
-  const int64_t chunks = r.batch * r.num_chunks, cap = static_cast<int64_t>(std::ceil(0.5 * chunks * 2 / 4.0));
+  const int64_t chunks = r.batch * r.num_chunks,
+                cap = static_cast<int64_t>(std::ceil(0.5 * chunks * 2 / 4.0));
   int64_t dropped = 0;
   for (int64_t e = 0; e < 4; ++e) {
     int64_t load = 0;
@@ -317,7 +342,10 @@ TEST(ChunkMoE, StatisticsCountDeadExpertsAndEmptyChunks) {
 }
 
 TEST(ChunkMoE, SparsityCoefficientMovesTowardTheTarget) {
-  auto c = make_moe("num_experts: 4 d_expert: 3 chunk: 2 max_active: 2 target_sparsity: 0.9 sparsity_adapt_rate: 0.1", 28);
+  auto c = make_moe(
+      "num_experts: 4 d_expert: 3 chunk: 2 max_active: 2 target_sparsity: 0.9 sparsity_adapt_rate: "
+      "0.1",
+      28);
   model::ForwardContext ctx;
   (void)c.moe->forward(randn64({2, 8, 6}, 29, 1.0, false), ctx, nullptr);
   const double before = c.moe->sparsity_coef();
@@ -325,7 +353,8 @@ TEST(ChunkMoE, SparsityCoefficientMovesTowardTheTarget) {
   EXPECT_NEAR(c.moe->sparsity_coef(), before * std::exp(0.1), 1e-12);
 }
 
-// ---- memories ----------------------------------------------------------------------------------------
+// ---- memories
+// ----------------------------------------------------------------------------------------
 
 // The micro model with the workspace's write as given (SERIAL or PARALLEL).
 model::ModelSpec workspace_spec(const std::string& write) {
@@ -336,7 +365,8 @@ model::ModelSpec workspace_spec(const std::string& write) {
 }
 
 class WorkspaceWrite : public ::testing::TestWithParam<std::string> {};
-INSTANTIATE_TEST_SUITE_P(WorkspaceMemoryLayer, WorkspaceWrite, ::testing::Values("SERIAL", "PARALLEL"));
+INSTANTIATE_TEST_SUITE_P(WorkspaceMemoryLayer, WorkspaceWrite,
+                         ::testing::Values("SERIAL", "PARALLEL"));
 
 TEST_P(WorkspaceWrite, GradcheckFloat64) {
   const model::ModelSpec spec = workspace_spec(GetParam());
@@ -352,8 +382,8 @@ TEST_P(WorkspaceWrite, GradcheckFloat64) {
       with_params(randn64({2, 16, 8}, 31), ws), sampled(8));
 }
 
-// The fused attention kernels and the explicit GEMM + softmax path (heads wider than 128) compute the
-// same function: outputs and every gradient agree to rounding.
+// The fused attention kernels and the explicit GEMM + softmax path (heads wider than 128) compute
+// the same function: outputs and every gradient agree to rounding.
 TEST_P(WorkspaceWrite, FusedAndExplicitAttentionAgree) {
   const model::ModelSpec spec = workspace_spec(GetParam());
   model::Init init(34);
@@ -397,10 +427,11 @@ TEST_P(WorkspaceWrite, SegmentsPassingTheSlotsEqualOnePass) {
   for (std::size_t i = 0; i < whole.size(); ++i) EXPECT_NEAR(split_run[i], whole[i], 1e-12);
 }
 
-// The two writes differ only in where the write queries come from (S_j or S_0). With write_q's weight
-// zero the queries are its bias in both, so SERIAL (a chain of gated_update launches) and PARALLEL (one
-// batched attention and gated_scan) must compute the same function: outputs, slots after the last chunk
-// and every gradient agree to rounding. With the weight non-zero they must differ (the test can fail).
+// The two writes differ only in where the write queries come from (S_j or S_0). With write_q's
+// weight zero the queries are its bias in both, so SERIAL (a chain of gated_update launches) and
+// PARALLEL (one batched attention and gated_scan) must compute the same function: outputs, slots
+// after the last chunk and every gradient agree to rounding. With the weight non-zero they must
+// differ (the test can fail).
 TEST(WorkspaceMemoryLayer, ParallelWriteEqualsSerialWhenQueriesIgnoreTheSlots) {
   std::vector<std::vector<double>> runs;
   for (const bool zero_q : {true, false}) {
@@ -413,7 +444,8 @@ TEST(WorkspaceMemoryLayer, ParallelWriteEqualsSerialWhenQueriesIgnoreTheSlots) {
       model::ForwardContext ctx;
       Tensor last;
       const Tensor y = ws.forward(x, ctx, Tensor(), &last);
-      sum(add(sum(mul(y, randn64(y.shape(), 40, 1.0, false))), sum(mul(last, randn64(last.shape(), 41, 1.0, false)))))
+      sum(add(sum(mul(y, randn64(y.shape(), 40, 1.0, false))),
+              sum(mul(last, randn64(last.shape(), 41, 1.0, false)))))
           .backward();
       std::vector<double> all = y.to_vector<double>();
       for (const Tensor& t : {last, x.grad()}) {
@@ -431,23 +463,28 @@ TEST(WorkspaceMemoryLayer, ParallelWriteEqualsSerialWhenQueriesIgnoreTheSlots) {
   ASSERT_EQ(runs[0].size(), runs[1].size());
   double diff = 0;
   for (std::size_t i = 0; i < runs[0].size(); ++i) EXPECT_NEAR(runs[0][i], runs[1][i], 1e-12) << i;
-  for (std::size_t i = 0; i < runs[2].size(); ++i) diff = std::max(diff, std::abs(runs[2][i] - runs[3][i]));
+  for (std::size_t i = 0; i < runs[2].size(); ++i)
+    diff = std::max(diff, std::abs(runs[2][i] - runs[3][i]));
   EXPECT_GT(diff, 1e-6) << "with slot-dependent queries the two writes should differ";
 }
 
 TEST(ProductKeyMemoryLayer, TopkOverProductKeysEqualsBruteForce) {
   const int64_t H = 2, T = 7, n = 9, half = 3, k = 4;
-  const Tensor q1 = randn64({H, T, half}, 34, 1.0, false), q2 = randn64({H, T, half}, 35, 1.0, false);
-  const Tensor k1 = randn64({H, n, half}, 36, 1.0, false), k2 = randn64({H, n, half}, 37, 1.0, false);
+  const Tensor q1 = randn64({H, T, half}, 34, 1.0, false),
+               q2 = randn64({H, T, half}, 35, 1.0, false);
+  const Tensor k1 = randn64({H, n, half}, 36, 1.0, false),
+               k2 = randn64({H, n, half}, 37, 1.0, false);
   const model::PkmLookup look = model::pkm_lookup(q1, q2, k1, k2, k);
-  const auto s1 = matmul(q1, k1.transpose(1, 2)).to_vector<double>(), s2 = matmul(q2, k2.transpose(1, 2)).to_vector<double>();
+  const auto s1 = matmul(q1, k1.transpose(1, 2)).to_vector<double>(),
+             s2 = matmul(q2, k2.transpose(1, 2)).to_vector<double>();
   const auto scores = look.scores.to_vector<double>();
   const auto idx = look.indices.to_vector<int64_t>();
   for (int64_t r = 0; r < H * T; ++r) {
     std::vector<std::pair<double, int64_t>> all;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) all.push_back({s1[r * n + i] + s2[r * n + j], i * n + j});
-    std::stable_sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::stable_sort(all.begin(), all.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
     for (int64_t j = 0; j < k; ++j) {
       EXPECT_NEAR(scores[r * k + j], all[j].first, 1e-12);
       EXPECT_EQ(idx[r * k + j], all[j].second);
@@ -469,11 +506,13 @@ TEST(ProductKeyMemoryLayer, GradcheckFloat64WithSparseValueGradients) {
       with_params(randn64({2, 5, 8}, 39), pkm), sampled(10));
 }
 
-// ---- block -------------------------------------------------------------------------------------------
+// ---- block
+// -------------------------------------------------------------------------------------------
 
 TEST(HydraBlockLayer, GradcheckFloat64AllPaths) {
   model::ModelSpec spec = micro_spec();
-  spec.cfg.mutable_moe()->set_locality_loss_weight(0);  // stop-gradient: see LocalityLossHoldsTheNextChunkConstant
+  spec.cfg.mutable_moe()->set_locality_loss_weight(
+      0);  // stop-gradient: see LocalityLossHoldsTheNextChunkConstant
   model::Init init(40);
   model::HydraBlock block(init, spec, 1);  // block 1 has SGA (every 2)
   ASSERT_TRUE(block.sga != nullptr);

@@ -41,8 +41,9 @@ TEST(HydraLM, GradcheckFloat64WholeModelAllPaths) {
 }
 
 TEST(TransformerLM, GradcheckFloat64) {
-  const model::ModelSpec spec =
-      testing::spec_from("kind: TRANSFORMER vocab_size: 9 d_model: 8 num_blocks: 2 max_seq_len: 16 transformer { num_heads: 2 d_ff: 12 }");
+  const model::ModelSpec spec = testing::spec_from(
+      "kind: TRANSFORMER vocab_size: 9 d_model: 8 num_blocks: 2 max_seq_len: 16 transformer { "
+      "num_heads: 2 d_ff: 12 }");
   auto m = model::build_model(spec, 4);
   m->to(DType::kF64);
   const Tensor tokens = random_tokens(9, 2, 7, 5), targets = targets_for(tokens, 9, 6);
@@ -58,19 +59,23 @@ TEST(TransformerLM, GradcheckFloat64) {
 
 // Changing tokens after position t must leave the logits at positions <= t untouched, for every
 // router input mode, with workspace and PKM on. In float64 with a 1e-10 bound: BLAS rounding may
-// differ when later routing changes how many rows an expert's GEMM holds, a leak would be far larger.
-void expect_causal(const model::ModelSpec& spec, int64_t len, const std::vector<int64_t>& cut_points) {
+// differ when later routing changes how many rows an expert's GEMM holds, a leak would be far
+// larger.
+void expect_causal(const model::ModelSpec& spec, int64_t len,
+                   const std::vector<int64_t>& cut_points) {
   auto m = model::build_model(spec, 7);
   m->to(DType::kF64);
   NoGradGuard ng;
   const Tensor tokens = random_tokens(spec.vocab, 2, len, 8);
   model::ForwardContext ctx;
-  const std::vector<double> base = m->forward(tokens, Tensor(), ctx, true).logits.to_vector<double>();
+  const std::vector<double> base =
+      m->forward(tokens, Tensor(), ctx, true).logits.to_vector<double>();
   const int64_t V = spec.vocab;
   for (int64_t t : cut_points) {
     std::vector<int64_t> changed = tokens.to_vector<int64_t>();
     for (int64_t b = 0; b < 2; ++b)
-      for (int64_t s = t + 1; s < len; ++s) changed[b * len + s] = (changed[b * len + s] + 1 + s) % V;
+      for (int64_t s = t + 1; s < len; ++s)
+        changed[b * len + s] = (changed[b * len + s] + 1 + s) % V;
     const std::vector<double> after =
         m->forward(tensor(changed, tokens.shape()), Tensor(), ctx, true).logits.to_vector<double>();
     bool later_changed = false;
@@ -79,36 +84,43 @@ void expect_causal(const model::ModelSpec& spec, int64_t len, const std::vector<
         for (int64_t v = 0; v < V; ++v) {
           const int64_t i = (b * len + s) * V + v;
           if (s <= t) {
-            ASSERT_NEAR(after[i], base[i], 1e-10) << "position " << s << " changed when tokens after " << t << " did";
+            ASSERT_NEAR(after[i], base[i], 1e-10)
+                << "position " << s << " changed when tokens after " << t << " did";
           } else if (std::abs(after[i] - base[i]) > 1e-6) {
             later_changed = true;
           }
         }
     if (t + 1 < len) {
-      EXPECT_TRUE(later_changed) << "the change after " << t << " had no effect at all (len " << len << ")";
+      EXPECT_TRUE(later_changed) << "the change after " << t << " had no effect at all (len " << len
+                                 << ")";
     }
   }
 }
 
 TEST(HydraLM, CausalEveryRouterInputModeWithMemories) {
   // Each router input mode, and each workspace write.
-  for (const auto& [mode, write] : std::vector<std::pair<std::string, std::string>>{
-           {"PREV_CHUNK_MEAN", "SERIAL"}, {"FIRST_TOKEN", "SERIAL"}, {"PREV_CHUNK_MEAN", "PARALLEL"}}) {
+  for (const auto& [mode, write] :
+       std::vector<std::pair<std::string, std::string>>{{"PREV_CHUNK_MEAN", "SERIAL"},
+                                                        {"FIRST_TOKEN", "SERIAL"},
+                                                        {"PREV_CHUNK_MEAN", "PARALLEL"}}) {
     const model::ModelSpec spec = testing::spec_from(
         "vocab_size: 256 d_model: 32 num_blocks: 4 max_seq_len: 64 ssm { d_state: 4 } "
         "sga { every: 2 num_heads: 2 window: 9 global_stride: 8 } "
-        "moe { num_experts: 4 d_expert: 16 max_active: 2 chunk: 8 router_input: " + mode +
-        " } workspace { slots: 4 chunk: 16 num_heads: 2 attn_dim: 16 write: " + write +
+        "moe { num_experts: 4 d_expert: 16 max_active: 2 chunk: 8 router_input: " +
+        mode + " } workspace { slots: 4 chunk: 16 num_heads: 2 attn_dim: 16 write: " + write +
         " } pkm { num_heads: 2 k_dim: 8 n_keys: 6 topk: 3 }");
     expect_causal(spec, 64, {0, 7, 8, 15, 16, 31, 40, 62});
   }
 }
 
-TEST(HydraLM, CausalTinyConfig) { expect_causal(testing::shipped_spec("tiny"), 96, {5, 31, 32, 63, 64}); }
+TEST(HydraLM, CausalTinyConfig) {
+  expect_causal(testing::shipped_spec("tiny"), 96, {5, 31, 32, 63, 64});
+}
 
 TEST(TransformerLM, Causal) {
-  expect_causal(testing::spec_from("kind: TRANSFORMER vocab_size: 50 d_model: 16 num_blocks: 2 max_seq_len: 64"), 40,
-                {0, 13, 38});
+  expect_causal(testing::spec_from(
+                    "kind: TRANSFORMER vocab_size: 50 d_model: 16 num_blocks: 2 max_seq_len: 64"),
+                40, {0, 13, 38});
 }
 
 TEST(HydraLM, RecomputationGivesTheSameLossAndGradients) {
@@ -132,13 +144,15 @@ TEST(HydraLM, RecomputationGivesTheSameLossAndGradients) {
   const auto [recomputed, re_stats] = run(true);
   ASSERT_EQ(plain.size(), recomputed.size());
   for (std::size_t k = 0; k < plain.size(); ++k)
-    for (std::size_t i = 0; i < plain[k].size(); ++i) ASSERT_NEAR(recomputed[k][i], plain[k][i], 1e-12) << "entry " << k;
-  EXPECT_EQ(re_stats.size(), plain_stats.size()) << "statistics recorded once, not again while recomputing";
+    for (std::size_t i = 0; i < plain[k].size(); ++i)
+      ASSERT_NEAR(recomputed[k][i], plain[k][i], 1e-12) << "entry " << k;
+  EXPECT_EQ(re_stats.size(), plain_stats.size())
+      << "statistics recorded once, not again while recomputing";
 }
 
-// Mixed precision's mechanism on the CPU, with f64 masters and f32 compute copies (bf16 runs on CUDA:
-// tests/gpu): the pass computes in the copies' dtype, gradients arrive in the masters' dtype (the PKM
-// values' row-sparse ones included), and the masters come back untouched.
+// Mixed precision's mechanism on the CPU, with f64 masters and f32 compute copies (bf16 runs on
+// CUDA: tests/gpu): the pass computes in the copies' dtype, gradients arrive in the masters' dtype
+// (the PKM values' row-sparse ones included), and the masters come back untouched.
 TEST(HydraLM, ComputeCopiesComputeInTheirDtypeAndAccumulateInTheMasters) {
   const model::ModelSpec spec = micro_spec();
   auto m = model::build_model(spec, 12);
@@ -213,9 +227,10 @@ TEST(HydraLM, ReportsStatisticsOfEveryComponent) {
   model::ForwardContext ctx;
   const Tensor tokens = random_tokens(11, 2, 16, 13);
   (void)m->forward(tokens, tokens, ctx);
-  for (const char* key : {"moe.0.tls", "moe.1.cls8", "moe.0.load.2", "moe.0.router_entropy", "moe.0.dropped_tokens",
-                          "workspace.0.write_gate_mean", "workspace.1.slot_entropy", "pkm.0.value_coverage",
-                          "pkm.0.score_entropy", "block.1.mix.sga", "block.0.gate_norm.ssm", "loss.balance"})
+  for (const char* key :
+       {"moe.0.tls", "moe.1.cls8", "moe.0.load.2", "moe.0.router_entropy", "moe.0.dropped_tokens",
+        "workspace.0.write_gate_mean", "workspace.1.slot_entropy", "pkm.0.value_coverage",
+        "pkm.0.score_entropy", "block.1.mix.sga", "block.0.gate_norm.ssm", "loss.balance"})
     EXPECT_TRUE(ctx.stats.count(key)) << key;
 }
 
@@ -244,7 +259,8 @@ TEST(ModelSlow, ToyForwardBackwardAtSeq1024OnTheCpu) {
   out.loss.backward();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_TRUE(std::isfinite(out.loss.item<float>()));
-  EXPECT_NEAR(out.lm_loss.item<float>(), std::log(8192.0), 1.0) << "an untrained model is near uniform";
+  EXPECT_NEAR(out.lm_loss.item<float>(), std::log(8192.0), 1.0)
+      << "an untrained model is near uniform";
   std::printf("toy forward+backward, batch 1, seq 1024: %.2f s\n", s);
 }
 

@@ -37,9 +37,11 @@ inline model::ModelSpec micro_spec(const std::string& extra = "") {
 
 // The shipped config file's model section.
 inline model::ModelSpec shipped_spec(const std::string& name) {
-  // HYDRA_SOURCE_DIR in the environment overrides the build's (tests run from a copy on another machine).
+  // HYDRA_SOURCE_DIR in the environment overrides the build's (tests run from a copy on another
+  // machine).
   const char* env = std::getenv("HYDRA_SOURCE_DIR");
-  const std::string path = std::string(env != nullptr ? env : HYDRA_SOURCE_DIR) + "/configs/" + name + ".pbtxt";
+  const std::string path =
+      std::string(env != nullptr ? env : HYDRA_SOURCE_DIR) + "/configs/" + name + ".pbtxt";
   auto cfg = config::load_run_config(path);
   EXPECT_TRUE(cfg.ok()) << cfg.status().message();
   auto spec = model::make_spec(cfg->model(), path);

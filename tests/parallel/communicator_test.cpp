@@ -1,7 +1,8 @@
-// The communicators' collectives and the process grid, run under mpirun with 1, 2 and 4 ranks (ctest
-// label mpi). Every collective test runs three times: over MPI on CPU tensors, over NCCL on CUDA tensors
-// (skipped without one GPU per rank), and over MPI on CUDA tensors staged through host memory. Every
-// check uses values that differ per rank, so a collective that moved the wrong data (or none) fails.
+// The communicators' collectives and the process grid, run under mpirun with 1, 2 and 4 ranks
+// (ctest label mpi). Every collective test runs three times: over MPI on CPU tensors, over NCCL on
+// CUDA tensors (skipped without one GPU per rank), and over MPI on CUDA tensors staged through host
+// memory. Every check uses values that differ per rank, so a collective that moved the wrong data
+// (or none) fails.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -19,18 +20,19 @@ namespace {
 
 std::unique_ptr<Communicator> world() { return world_communicator(false); }
 
-// The three ways tensors travel: MPI over CPU tensors, NCCL over CUDA tensors (skipped without one GPU
-// per rank), and MPI over CUDA tensors staged through host memory (skipped without a GPU).
+// The three ways tensors travel: MPI over CPU tensors, NCCL over CUDA tensors (skipped without one
+// GPU per rank), and MPI over CUDA tensors staged through host memory (skipped without a GPU).
 enum class Path { kMpi, kNccl, kStaged };
 
 class CommunicatorTest : public ::testing::TestWithParam<Path> {
  protected:
   void SetUp() override {
     if (GetParam() == Path::kMpi) return;
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped";
+    if (!cuda_available())
+      GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped";
     if (GetParam() == Path::kNccl && cuda_device_count() < process_info().local_size)
-      GTEST_SKIP() << "NCCL needs one GPU per rank: " << process_info().local_size << " ranks on this host, "
-                   << cuda_device_count() << " GPU(s)";
+      GTEST_SKIP() << "NCCL needs one GPU per rank: " << process_info().local_size
+                   << " ranks on this host, " << cuda_device_count() << " GPU(s)";
   }
   std::unique_ptr<Communicator> comm() const {
     return world_communicator(GetParam() != Path::kMpi,
@@ -45,21 +47,27 @@ class CommunicatorTest : public ::testing::TestWithParam<Path> {
   }
 };
 
-INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorTest, ::testing::Values(Path::kMpi, Path::kNccl, Path::kStaged),
+INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorTest,
+                         ::testing::Values(Path::kMpi, Path::kNccl, Path::kStaged),
                          [](const ::testing::TestParamInfo<Path>& i) {
-                           return i.param == Path::kMpi ? "mpi" : i.param == Path::kNccl ? "nccl" : "staged";
+                           return i.param == Path::kMpi    ? "mpi"
+                                  : i.param == Path::kNccl ? "nccl"
+                                                           : "staged";
                          });
 
-// More ranks on a host than GPUs: NCCL would refuse two ranks on one GPU; the error says what to do.
+// More ranks on a host than GPUs: NCCL would refuse two ranks on one GPU; the error says what to
+// do.
 TEST(Runtime, NcclWithMoreRanksThanGpusSaysWhatToDo) {
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped";
+  if (!cuda_available())
+    GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped";
   if (cuda_device_count() >= process_info().local_size || !process_info().distributed)
     GTEST_SKIP() << "needs more ranks on this host than GPUs";
   try {
     world_communicator(true, CommBackend::kNccl);
     ADD_FAILURE() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("NCCL needs one GPU per rank"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("NCCL needs one GPU per rank"), std::string::npos)
+        << e.what();
     EXPECT_NE(std::string(e.what()).find("parallel.comm = MPI"), std::string::npos) << e.what();
   }
 }
@@ -111,14 +119,18 @@ TEST_P(CommunicatorTest, AllGatherAndReduceScatterAreAdjoint) {
   w->all_gather(mine, all);
   const Tensor got = back(*w, all);
   for (int q = 0; q < n; ++q)
-    EXPECT_TRUE(testing::bitwise_equal(got.narrow(0, q, 1).contiguous(), rank_values(q, 5).reshape({1, 5})));
-  // In place: each rank's input is its own slice of the output (ZeRO-1 gathers parameters this way).
+    EXPECT_TRUE(testing::bitwise_equal(got.narrow(0, q, 1).contiguous(),
+                                       rank_values(q, 5).reshape({1, 5})));
+  // In place: each rank's input is its own slice of the output (ZeRO-1 gathers parameters this
+  // way).
   Tensor flat = on(*w, full({n * 5}, std::nan(""), DType::kF64));
   flat.narrow(0, r * 5, 5).copy_(on(*w, rank_values(r, 5)));
   w->all_gather(flat.narrow(0, r * 5, 5), flat);
   const Tensor gathered = back(*w, flat);
   for (int q = 0; q < n; ++q)
-    EXPECT_TRUE(testing::bitwise_equal(gathered.narrow(0, q * 5, 5).contiguous(), rank_values(q, 5))) << q;
+    EXPECT_TRUE(
+        testing::bitwise_equal(gathered.narrow(0, q * 5, 5).contiguous(), rank_values(q, 5)))
+        << q;
   // reduce_scatter of [n, 3] where rank r holds r + 1 everywhere: each slice sums to n(n+1)/2.
   Tensor in = on(*w, full({n, 3}, double(r + 1), DType::kF64));
   Tensor out = on(*w, zeros({1, 3}, DType::kF64));
@@ -135,7 +147,8 @@ TEST_P(CommunicatorTest, AllGatherAndReduceScatterAreAdjoint) {
   auto work = w->reduce_scatter_async(ain, aout);
   work->wait();
   const auto av = back(*w, aout).to_vector<float>();
-  for (int64_t i = 0; i < m; ++i) EXPECT_EQ(av[i], float(n * (r * 1000 + i) + n * (n - 1) / 2)) << i;
+  for (int64_t i = 0; i < m; ++i)
+    EXPECT_EQ(av[i], float(n * (r * 1000 + i) + n * (n - 1) / 2)) << i;
 }
 
 TEST_P(CommunicatorTest, BroadcastFromEveryRoot) {
@@ -150,7 +163,8 @@ TEST_P(CommunicatorTest, BroadcastFromEveryRoot) {
 TEST_P(CommunicatorTest, AllToAllVWithUnevenAndEmptyCounts) {
   auto w = comm();
   const int n = w->size(), r = w->rank();
-  // Rank r sends (r + p) % 3 rows of width 2 to peer p, row values encode (sender, receiver, index).
+  // Rank r sends (r + p) % 3 rows of width 2 to peer p, row values encode (sender, receiver,
+  // index).
   std::vector<int64_t> sc(n), rc(n);
   std::vector<double> send;
   for (int p = 0; p < n; ++p) {
@@ -203,17 +217,18 @@ TEST_P(CommunicatorTest, SplitGroupsReduceWithinThemselves) {
   for (double v : back(*half, t).to_vector<double>()) EXPECT_EQ(v, expect);
 }
 
-// Ranks may start work on two communicators in different orders (a bucket's all-reduce from a gradient
-// hook beside a sequence-parallel exchange: the ranks' autograd graphs differ). Each communicator's own
-// order is the same everywhere, which must be enough: with NCCL on one stream shared by both, rank 0's
-// GPU would wait in A for rank 1, whose GPU waits in B for rank 0 (seen on 2 H200s before each
-// communicator got its own stream).
+// Ranks may start work on two communicators in different orders (a bucket's all-reduce from a
+// gradient hook beside a sequence-parallel exchange: the ranks' autograd graphs differ). Each
+// communicator's own order is the same everywhere, which must be enough: with NCCL on one stream
+// shared by both, rank 0's GPU would wait in A for rank 1, whose GPU waits in B for rank 0 (seen on
+// 2 H200s before each communicator got its own stream).
 TEST_P(CommunicatorTest, CommunicatorsProgressIndependently) {
   auto w = comm();
   if (w->size() < 2) GTEST_SKIP() << "needs 2 ranks";
   auto a = w->split(0, w->rank(), "order-a"), b = w->split(0, w->rank(), "order-b");
   const int n = w->size(), r = w->rank();
-  Tensor ta = on(*w, rank_values(r, 1 << 20).to(DType::kF32)), tb = on(*w, rank_values(r + n, 1 << 20).to(DType::kF32));
+  Tensor ta = on(*w, rank_values(r, 1 << 20).to(DType::kF32)),
+         tb = on(*w, rank_values(r + n, 1 << 20).to(DType::kF32));
   std::unique_ptr<Work> wa, wb;
   if (r % 2 == 0) {
     wa = a->all_reduce_async(ta);
@@ -243,7 +258,7 @@ TEST_P(CommunicatorTest, TimeoutNamesTheCallInsteadOfHanging) {
     Tensor got = on(*pair, zeros({1}, DType::kF64));
     try {
       pair->send_recv(Tensor(), -1, got, 1);  // rank 1 never sends
-      pair->synchronize();                    // NCCL: the receive is queued on the stream; the wait times out
+      pair->synchronize();  // NCCL: the receive is queued on the stream; the wait times out
       ADD_FAILURE() << "receive without a sender returned";
     } catch (const Error& e) {
       const std::string msg = e.what();
@@ -268,7 +283,8 @@ TEST_P(CommunicatorTest, WrongTensorsGiveClearErrors) {
 
 TEST(ProcessGrid, GroupsFollowTheRankLayout) {
   const int n = world()->size();
-  for (const GridShape s : {GridShape{n, 1, 1}, GridShape{1, n, 1}, GridShape{1, 1, n}, GridShape{n / 2 > 0 ? 2 : 1, 1, n / 2 > 0 ? n / 2 : 1}}) {
+  for (const GridShape s : {GridShape{n, 1, 1}, GridShape{1, n, 1}, GridShape{1, 1, n},
+                            GridShape{n / 2 > 0 ? 2 : 1, 1, n / 2 > 0 ? n / 2 : 1}}) {
     if (s.size() != n) continue;
     auto g = ProcessGrid::create(world(), s, "test.pbtxt");
     ASSERT_TRUE(g.ok()) << g.status().message();
@@ -283,7 +299,8 @@ TEST(ProcessGrid, GroupsFollowTheRankLayout) {
     // The sp group holds exactly the ranks with our dp and ep coordinates: their sum tells.
     const double sum = grid.sp().all_reduce_host(double(r));
     double expect = 0;
-    for (int64_t k = 0; k < s.sp; ++k) expect += double((grid.dp_rank() * s.ep + grid.ep_rank()) * s.sp + k);
+    for (int64_t k = 0; k < s.sp; ++k)
+      expect += double((grid.dp_rank() * s.ep + grid.ep_rank()) * s.sp + k);
     EXPECT_EQ(sum, expect);
   }
 }

@@ -1,14 +1,16 @@
-// The tiny model with every path on, split over a process grid, against one process on the same global
-// batch: the loss and every parameter's gradient (float64), and 20 training steps (the real trainer,
-// float32). Run under mpirun: each test runs when the world has its grid's size and skips otherwise.
+// The tiny model with every path on, split over a process grid, against one process on the same
+// global batch: the loss and every parameter's gradient (float64), and 20 training steps (the real
+// trainer, float32). Run under mpirun: each test runs when the world has its grid's size and skips
+// otherwise.
 //
-// Tolerances. Float64 gradients: the split computes the same sums in another order (per-rank partial
-// sums, then the all-reduce), so they differ by a few ulps of the largest partial sum: relative error
-// < 1e-10 leaves five orders of magnitude of margin over the ~1e-15 observed while any real mistake (a
-// missing halo, a wrong normaliser, a dropped exchange) shows up at 1e-3 or more. Training: 20 AdamW
-// steps in float64 (train.precision = FP64). In float32 the reordering (~1e-7 per step) sooner or
-// later flips a discrete choice (an expert's top-k, a PKM key) and the runs part ways after ~10 steps;
-// in float64 the same reordering stays near 1e-15 per step and the parameters agree to < 1e-9.
+// Tolerances. Float64 gradients: the split computes the same sums in another order (per-rank
+// partial sums, then the all-reduce), so they differ by a few ulps of the largest partial sum:
+// relative error < 1e-10 leaves five orders of magnitude of margin over the ~1e-15 observed while
+// any real mistake (a missing halo, a wrong normaliser, a dropped exchange) shows up at 1e-3 or
+// more. Training: 20 AdamW steps in float64 (train.precision = FP64). In float32 the reordering
+// (~1e-7 per step) sooner or later flips a discrete choice (an expert's top-k, a PKM key) and the
+// runs part ways after ~10 steps; in float64 the same reordering stays near 1e-15 per step and the
+// parameters agree to < 1e-9.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -37,7 +39,8 @@ data::Batch global_batch(uint64_t seed) {
   Generator g(seed);
   b.tokens = randint(0, 256, {kBatch, kLen}, g).to_vector<int64_t>();
   b.targets = randint(0, 256, {kBatch, kLen}, g).to_vector<int64_t>();
-  for (std::size_t i = 0; i < b.targets.size(); i += 7) b.targets[i] = model::LanguageModel::kIgnoreIndex;
+  for (std::size_t i = 0; i < b.targets.size(); i += 7)
+    b.targets[i] = model::LanguageModel::kIgnoreIndex;
   b.answer.assign(b.tokens.size(), -1);
   b.domain.assign(b.tokens.size(), -1);
   return b;
@@ -81,8 +84,8 @@ struct OnGpu {
 };
 
 // preset: every gradient starts as a zero tensor of its own, so the reducer copies them into its
-// buckets (as after earlier micro-batches) instead of the backward writing into the buckets directly.
-// gpu.on: the grid runs on the GPU (float64 kernels) against the one process on the CPU.
+// buckets (as after earlier micro-batches) instead of the backward writing into the buckets
+// directly. gpu.on: the grid runs on the GPU (float64 kernels) against the one process on the CPU.
 void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {}) {
   auto grid = grid_of(shape, gpu.on, gpu.backend);
   if (!grid) GTEST_SKIP() << "needs " << shape.size() << " ranks";
@@ -100,8 +103,8 @@ void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {
   if (shape.ep > 1) dist->shard_experts(grid->ep_rank(), shape.ep);
   auto reducer = trainer::make_reducer(*dist, *grid, 1.0 / 64);  // small buckets: several per step
   const int64_t per = kBatch / grid->data_ranks();
-  const data::Batch local =
-      trainer::sequence_shard(sequences(batch, grid->data_rank() * per, per), grid->sp_rank(), shape.sp);
+  const data::Batch local = trainer::sequence_shard(sequences(batch, grid->data_rank() * per, per),
+                                                    grid->sp_rank(), shape.sp);
   if (preset)
     for (const auto& p : dist->named_parameters())
       if (!p.options.sparse_grad) p.tensor.set_grad(zeros_like(p.tensor));
@@ -109,7 +112,8 @@ void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {
 
   EXPECT_NEAR(got.lm, want.lm, 1e-12 * std::abs(want.lm));
   EXPECT_NEAR(got.total, want.total, 1e-12 * std::abs(want.total));
-  for (int k = 0; k < 3; ++k) EXPECT_NEAR(got.aux[k], want.aux[k], 1e-12 + 1e-10 * std::abs(want.aux[k])) << k;
+  for (int k = 0; k < 3; ++k)
+    EXPECT_NEAR(got.aux[k], want.aux[k], 1e-12 + 1e-10 * std::abs(want.aux[k])) << k;
   EXPECT_GT(reducer->stats().buckets, 1);
   int64_t dense = 0;
   for (const auto& p : dist->named_parameters()) dense += !p.options.sparse_grad;
@@ -140,14 +144,20 @@ void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {
 
 TEST(ModelParallel, DataParallel2SameLossAndGradients) { expect_same_step({2, 1, 1}); }
 TEST(ModelParallel, DataParallel4SameLossAndGradients) { expect_same_step({4, 1, 1}); }
-TEST(ModelParallel, DataParallel2OntoExistingGradientsSameLossAndGradients) { expect_same_step({2, 1, 1}, true); }
+TEST(ModelParallel, DataParallel2OntoExistingGradientsSameLossAndGradients) {
+  expect_same_step({2, 1, 1}, true);
+}
 TEST(ModelParallel, ExpertParallel2SameLossAndGradients) { expect_same_step({1, 2, 1}); }
 TEST(ModelParallel, ExpertParallel4SameLossAndGradients) { expect_same_step({1, 4, 1}); }
 TEST(ModelParallel, DataTimesExpertParallel2x2SameLossAndGradients) { expect_same_step({2, 2, 1}); }
 TEST(ModelParallel, SequenceParallel2SameLossAndGradients) { expect_same_step({1, 1, 2}); }
 TEST(ModelParallel, SequenceParallel4SameLossAndGradients) { expect_same_step({1, 1, 4}); }
-TEST(ModelParallel, DataTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step({2, 1, 2}); }
-TEST(ModelParallel, ExpertTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step({1, 2, 2}); }
+TEST(ModelParallel, DataTimesSequenceParallel2x2SameLossAndGradients) {
+  expect_same_step({2, 1, 2});
+}
+TEST(ModelParallel, ExpertTimesSequenceParallel2x2SameLossAndGradients) {
+  expect_same_step({1, 2, 2});
+}
 
 // The same on GPUs: NCCL when this host has a GPU per rank, and always (given one GPU) MPI with the
 // tensors staged through host memory, so a one-GPU machine checks the GPU kernels under every grid.
@@ -155,13 +165,15 @@ std::vector<parallel::CommBackend> gpu_backends() {
   std::vector<parallel::CommBackend> out;
   if (!cuda_available()) return out;
   out.push_back(parallel::CommBackend::kMpi);
-  if (cuda_device_count() >= parallel::process_info().local_size) out.push_back(parallel::CommBackend::kNccl);
+  if (cuda_device_count() >= parallel::process_info().local_size)
+    out.push_back(parallel::CommBackend::kNccl);
   return out;
 }
 
 void expect_same_step_on_gpu(const GridShape& shape) {
   const auto backends = gpu_backends();
-  if (backends.empty()) GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped";
+  if (backends.empty())
+    GTEST_SKIP() << "no CUDA device (or a build without HYDRA_CUDA): GPU test skipped";
   for (const parallel::CommBackend b : backends) {
     SCOPED_TRACE(b == parallel::CommBackend::kNccl ? "NCCL" : "MPI staged through host memory");
     expect_same_step(shape, false, {true, b});
@@ -170,27 +182,36 @@ void expect_same_step_on_gpu(const GridShape& shape) {
 
 TEST(ModelParallelGpu, DataParallel2SameLossAndGradients) { expect_same_step_on_gpu({2, 1, 1}); }
 TEST(ModelParallelGpu, ExpertParallel2SameLossAndGradients) { expect_same_step_on_gpu({1, 2, 1}); }
-TEST(ModelParallelGpu, SequenceParallel2SameLossAndGradients) { expect_same_step_on_gpu({1, 1, 2}); }
-TEST(ModelParallelGpu, SequenceParallel4SameLossAndGradients) { expect_same_step_on_gpu({1, 1, 4}); }
-TEST(ModelParallelGpu, DataTimesExpertParallel2x2SameLossAndGradients) { expect_same_step_on_gpu({2, 2, 1}); }
-TEST(ModelParallelGpu, ExpertTimesSequenceParallel2x2SameLossAndGradients) { expect_same_step_on_gpu({1, 2, 2}); }
+TEST(ModelParallelGpu, SequenceParallel2SameLossAndGradients) {
+  expect_same_step_on_gpu({1, 1, 2});
+}
+TEST(ModelParallelGpu, SequenceParallel4SameLossAndGradients) {
+  expect_same_step_on_gpu({1, 1, 4});
+}
+TEST(ModelParallelGpu, DataTimesExpertParallel2x2SameLossAndGradients) {
+  expect_same_step_on_gpu({2, 2, 1});
+}
+TEST(ModelParallelGpu, ExpertTimesSequenceParallel2x2SameLossAndGradients) {
+  expect_same_step_on_gpu({1, 2, 2});
+}
 
 // 20 steps of the real trainer on the grid and in one process: the same parameters. With zero1 the
-// optimizer state is sharded (ZeRO-1); the run also stops at step 10, resumes from its checkpoint on
-// the same grid (bit for bit the straight run), and that checkpoint resumes in one process (resharded
-// moments) to the one process's parameters.
+// optimizer state is sharded (ZeRO-1); the run also stops at step 10, resumes from its checkpoint
+// on the same grid (bit for bit the straight run), and that checkpoint resumes in one process
+// (resharded moments) to the one process's parameters.
 config::RunConfig training_config() {
   auto cfg = config::load_run_config(std::string(HYDRA_SOURCE_DIR) + "/configs/tiny.pbtxt");
   EXPECT_TRUE(cfg.ok());
-  for (const char* set : {"curriculum={}", "train.steps=20", "train.batch_size=4", "train.seq_len=128",
-                          "train.eval_every=0", "train.save_every=0", "train.lr.warmup_steps=2",
-                          "train.precision=FP64"})
+  for (const char* set : {"curriculum={}", "train.steps=20", "train.batch_size=4",
+                          "train.seq_len=128", "train.eval_every=0", "train.save_every=0",
+                          "train.lr.warmup_steps=2", "train.precision=FP64"})
     EXPECT_TRUE(config::apply_override(&*cfg, set).ok()) << set;
   return *cfg;
 }
 
-std::unique_ptr<trainer::Trainer> train(const config::RunConfig& c, const std::string& out, bool local,
-                                        int64_t stop = -1, const std::string& resume = "") {
+std::unique_ptr<trainer::Trainer> train(const config::RunConfig& c, const std::string& out,
+                                        bool local, int64_t stop = -1,
+                                        const std::string& resume = "") {
   trainer::TrainOptions o;
   o.out_dir = out;
   o.quiet = true;
@@ -206,12 +227,14 @@ std::unique_ptr<trainer::Trainer> train(const config::RunConfig& c, const std::s
 }
 
 // Every parameter of `got` (this rank's expert shard where the shapes differ) against `want`.
-void expect_same_parameters(trainer::Trainer& got, trainer::Trainer& want, int64_t ep_rank, double tol) {
+void expect_same_parameters(trainer::Trainer& got, trainer::Trainer& want, int64_t ep_rank,
+                            double tol) {
   const auto d = got.model().named_parameters(), s = want.model().named_parameters();
   ASSERT_EQ(d.size(), s.size());
   for (std::size_t i = 0; i < d.size(); ++i) {
     Tensor w = s[i].tensor;
-    if (w.shape() != d[i].tensor.shape()) w = w.narrow(0, ep_rank * d[i].tensor.size(0), d[i].tensor.size(0));
+    if (w.shape() != d[i].tensor.shape())
+      w = w.narrow(0, ep_rank * d[i].tensor.size(0), d[i].tensor.size(0));
     if (tol == 0) {
       EXPECT_TRUE(testing::bitwise_equal(d[i].tensor, w)) << d[i].name;
     } else {
@@ -226,7 +249,8 @@ void expect_same_training(const GridShape& shape, bool zero1 = false) {
     if (probe->size() != shape.size()) GTEST_SKIP() << "needs " << shape.size() << " ranks";
   }
   auto world = parallel::world_communicator(false);
-  const std::string base = std::string(HYDRA_BINARY_DIR) + "/mpi-runs/" + shape.str() + (zero1 ? "-zero1" : "");
+  const std::string base =
+      std::string(HYDRA_BINARY_DIR) + "/mpi-runs/" + shape.str() + (zero1 ? "-zero1" : "");
   if (world->rank() == 0) std::filesystem::remove_all(base);
   world->barrier();
   const config::RunConfig cfg = training_config();
@@ -270,10 +294,17 @@ TEST(ModelParallel, DataParallel2TrainsLikeOneProcess) { expect_same_training({2
 TEST(ModelParallel, ExpertParallel2TrainsLikeOneProcess) { expect_same_training({1, 2, 1}); }
 TEST(ModelParallel, SequenceParallel2TrainsLikeOneProcess) { expect_same_training({1, 1, 2}); }
 TEST(ModelParallel, SequenceParallel4TrainsLikeOneProcess) { expect_same_training({1, 1, 4}); }
-TEST(ModelParallel, DataTimesExpertParallel2x2TrainsLikeOneProcess) { expect_same_training({2, 2, 1}); }
-TEST(ModelParallel, Zero1DataParallel2TrainsLikeOneProcessAndResumes) { expect_same_training({2, 1, 1}, true); }
-// ep = world: each expert's replica group is one rank (no reduce-scatter, no gather for its buckets).
-TEST(ModelParallel, Zero1ExpertParallel2TrainsLikeOneProcessAndResumes) { expect_same_training({1, 2, 1}, true); }
+TEST(ModelParallel, DataTimesExpertParallel2x2TrainsLikeOneProcess) {
+  expect_same_training({2, 2, 1});
+}
+TEST(ModelParallel, Zero1DataParallel2TrainsLikeOneProcessAndResumes) {
+  expect_same_training({2, 1, 1}, true);
+}
+// ep = world: each expert's replica group is one rank (no reduce-scatter, no gather for its
+// buckets).
+TEST(ModelParallel, Zero1ExpertParallel2TrainsLikeOneProcessAndResumes) {
+  expect_same_training({1, 2, 1}, true);
+}
 TEST(ModelParallel, Zero1DataTimesExpertParallel2x2TrainsLikeOneProcessAndResumes) {
   expect_same_training({2, 2, 1}, true);
 }

@@ -1,5 +1,6 @@
-// main() for GoogleTest binaries that run under mpirun: MPI starts before the tests and stops after;
-// only rank 0 prints the usual report (every rank's failures are printed, prefixed by their rank).
+// main() for GoogleTest binaries that run under mpirun: MPI starts before the tests and stops
+// after; only rank 0 prints the usual report (every rank's failures are printed, prefixed by their
+// rank).
 #include <gtest/gtest.h>
 
 #include <iostream>
@@ -13,8 +14,8 @@ class RankPrinter : public testing::EmptyTestEventListener {
   explicit RankPrinter(int rank) : rank_(rank) {}
   void OnTestPartResult(const testing::TestPartResult& r) override {
     if (r.failed())
-      std::cerr << "rank " << rank_ << ": " << (r.file_name() ? r.file_name() : "?") << ":" << r.line_number() << ": "
-                << r.summary() << std::endl;
+      std::cerr << "rank " << rank_ << ": " << (r.file_name() ? r.file_name() : "?") << ":"
+                << r.line_number() << ": " << r.summary() << std::endl;
   }
 
  private:

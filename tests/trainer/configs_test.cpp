@@ -23,7 +23,8 @@ struct Shipped {
 Shipped load(const std::string& name) {
   // HYDRA_SOURCE_DIR in the environment overrides the build's (tests run from a copy elsewhere).
   const char* env = std::getenv("HYDRA_SOURCE_DIR");
-  const std::string path = std::string(env != nullptr ? env : HYDRA_SOURCE_DIR) + "/configs/" + name + ".pbtxt";
+  const std::string path =
+      std::string(env != nullptr ? env : HYDRA_SOURCE_DIR) + "/configs/" + name + ".pbtxt";
   Shipped s;
   auto cfg = config::load_run_config(path);
   EXPECT_TRUE(cfg.ok()) << cfg.status().message();
@@ -50,7 +51,8 @@ TEST(ShippedConfigs, EveryRunConfigResolves) {
 }
 
 TEST(ShippedConfigs, TransformerBaselinesTrainOnTheirHydraBudget) {
-  for (const auto& [hydra_name, tf_name] : {std::pair{"toy", "transformer-toy"}, {"hydra-1.6b", "transformer-1.6b"}}) {
+  for (const auto& [hydra_name, tf_name] :
+       {std::pair{"toy", "transformer-toy"}, {"hydra-1.6b", "transformer-1.6b"}}) {
     SCOPED_TRACE(tf_name);
     const Shipped h = load(hydra_name), t = load(tf_name);
     ASSERT_TRUE(t.spec.transformer);
@@ -60,7 +62,8 @@ TEST(ShippedConfigs, TransformerBaselinesTrainOnTheirHydraBudget) {
       EXPECT_EQ(h.stages[i].steps, t.stages[i].steps) << "stage " << i;
       EXPECT_EQ(h.stages[i].seq_len, t.stages[i].seq_len) << "stage " << i;
       EXPECT_EQ(h.stages[i].batch, t.stages[i].batch) << "stage " << i;
-      EXPECT_EQ(h.stages[i].lr.SerializeAsString(), t.stages[i].lr.SerializeAsString()) << "stage " << i;
+      EXPECT_EQ(h.stages[i].lr.SerializeAsString(), t.stages[i].lr.SerializeAsString())
+          << "stage " << i;
     }
     EXPECT_EQ(h.cfg.train().steps(), t.cfg.train().steps());
     EXPECT_EQ(h.cfg.train().precision(), t.cfg.train().precision());
@@ -69,7 +72,8 @@ TEST(ShippedConfigs, TransformerBaselinesTrainOnTheirHydraBudget) {
     EXPECT_EQ(h.spec.max_seq_len, t.spec.max_seq_len);
     const double hp = double(model::count_parameters(h.spec, 8192).total),
                  tp = double(model::count_parameters(t.spec, 8192).total);
-    EXPECT_LE(std::abs(tp - hp) / hp, 0.05) << hydra_name << " " << hp << ", " << tf_name << " " << tp;
+    EXPECT_LE(std::abs(tp - hp) / hp, 0.05)
+        << hydra_name << " " << hp << ", " << tf_name << " " << tp;
   }
 }
 

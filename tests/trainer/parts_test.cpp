@@ -1,8 +1,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <filesystem>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 
 #include "autograd/grad_mode.h"
@@ -43,7 +43,8 @@ class TwoParams : public Module {
  public:
   TwoParams() {
     w = register_parameter("w", tensor<float>({1, -2, 3, -4}, {2, 2}));
-    g = register_parameter("g", tensor<float>({0.5, 0.25}, {2}), ParamOptions{.weight_decay = false});
+    g = register_parameter("g", tensor<float>({0.5, 0.25}, {2}),
+                           ParamOptions{.weight_decay = false});
     table = register_parameter("table", tensor<float>({1, 2, 3, 4, 5, 6}, {3, 2}),
                                ParamOptions{.weight_decay = false, .lr_group = "pkm_values"});
   }
@@ -67,14 +68,17 @@ TEST(AdamW, MatchesTheUpdateRuleWithGroupsSparseRowsAndFreezing) {
       m.g.set_grad(full({2}, double(step)));
     }
     accumulate_sparse_grad(m.table, tensor<int64_t>({2}, {1}), tensor<float>({1, 1}, {1, 2}));
-    opt.step(/*lr=*/0.01, /*base_lr=*/0.02, /*grad_scale=*/1.0);  // the schedule is at half its peak
+    opt.step(/*lr=*/0.01, /*base_lr=*/0.02,
+             /*grad_scale=*/1.0);  // the schedule is at half its peak
     const double lr = 0.01, b1 = 0.9, b2 = 0.99, gr = step;
     mw = b1 * mw + (1 - b1) * gr;
     vw = b2 * vw + (1 - b2) * gr * gr;
-    w0 = w0 * (1 - lr * 0.1) - lr * (mw / (1 - std::pow(b1, step))) / (std::sqrt(vw / (1 - std::pow(b2, step))) + 1e-8);
+    w0 = w0 * (1 - lr * 0.1) -
+         lr * (mw / (1 - std::pow(b1, step))) / (std::sqrt(vw / (1 - std::pow(b2, step))) + 1e-8);
     mg = b1 * mg + (1 - b1) * gr;
     vg = b2 * vg + (1 - b2) * gr * gr;
-    g0 = g0 - lr * (mg / (1 - std::pow(b1, step))) / (std::sqrt(vg / (1 - std::pow(b2, step))) + 1e-8);
+    g0 = g0 -
+         lr * (mg / (1 - std::pow(b1, step))) / (std::sqrt(vg / (1 - std::pow(b2, step))) + 1e-8);
     m.zero_grad();
   }
   EXPECT_NEAR(m.w.to_vector<float>()[0], w0, 1e-6);
@@ -104,7 +108,8 @@ TEST(AdamW, GradientNormCoversDenseAndSparseGradients) {
 }
 
 TEST(TensorBoard, RecordsAreFramedWithMaskedCrcAndParse) {
-  const std::string dir = std::filesystem::temp_directory_path() / ("hydra_tb_" + std::to_string(::getpid()));
+  const std::string dir =
+      std::filesystem::temp_directory_path() / ("hydra_tb_" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   std::string path;
   {

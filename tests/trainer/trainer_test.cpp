@@ -1,3 +1,5 @@
+#include "trainer/trainer.h"
+
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -6,7 +8,6 @@
 
 #include "configs/config_io.h"
 #include "data/shards.h"
-#include "trainer/trainer.h"
 
 namespace hydra::trainer {
 namespace {
@@ -35,7 +36,8 @@ curriculum {
 )";
 
 std::string temp_dir(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("hydra_trainer_" + name + "_" + std::to_string(::getpid()));
+  const fs::path p =
+      fs::temp_directory_path() / ("hydra_trainer_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
   return p.string();
 }
@@ -52,8 +54,9 @@ config::RunConfig small_config(const std::vector<std::string>& sets = {}) {
   return cfg;
 }
 
-Expected<TrainSummary> train(const config::RunConfig& cfg, const std::string& out, const std::string& resume = "",
-                             int64_t stop = -1, std::unique_ptr<Trainer>* keep = nullptr) {
+Expected<TrainSummary> train(const config::RunConfig& cfg, const std::string& out,
+                             const std::string& resume = "", int64_t stop = -1,
+                             std::unique_ptr<Trainer>* keep = nullptr) {
   TrainOptions o;
   o.out_dir = out;
   o.resume = resume;
@@ -76,8 +79,10 @@ std::vector<std::string> metric_lines(const std::string& run) {
     std::stringstream ss(line);
     std::string field;
     while (std::getline(ss, field, ',')) {
-      if (field.find("tokens_per_s") != std::string::npos || field.find("elapsed_s") != std::string::npos ||
-          field.find("step_ms") != std::string::npos || field.find("model_tflops") != std::string::npos ||
+      if (field.find("tokens_per_s") != std::string::npos ||
+          field.find("elapsed_s") != std::string::npos ||
+          field.find("step_ms") != std::string::npos ||
+          field.find("model_tflops") != std::string::npos ||
           field.find("\"mfu\"") != std::string::npos || field.find("memory.") != std::string::npos)
         continue;
       kept += field + ",";
@@ -96,7 +101,7 @@ TEST(Curriculum, StagesAreLaidOutAndValidated) {
   ASSERT_EQ(stages->size(), 2u);
   EXPECT_EQ((*stages)[1].start, 4);
   EXPECT_EQ((*stages)[0].seq_len, 16);
-  EXPECT_EQ((*stages)[1].seq_len, 32);  // inherited from train
+  EXPECT_EQ((*stages)[1].seq_len, 32);           // inherited from train
   EXPECT_DOUBLE_EQ((*stages)[1].lr.lr(), 0.01);  // inherited from train.lr, not the proto default
   EXPECT_FALSE((*stages)[0].paths.sga);
   EXPECT_EQ(stage_at(*stages, 5).name, "two");
@@ -107,20 +112,26 @@ TEST(Curriculum, StagesAreLaidOutAndValidated) {
     resolve_run_config(&c);
     return resolve_stages(c, *spec, "small.pbtxt").status().message();
   };
-  EXPECT_EQ(error("train.steps=9"),
-            "small.pbtxt: the curriculum stages add up to 8 steps but train.steps = 9; make them equal");
-  EXPECT_EQ(error("curriculum.stage={ name: \"x\" steps: 8 seq_len: 18 }"),
-            "small.pbtxt: curriculum.stage[0].seq_len = 18 must be a multiple of model.moe.chunk (4)");
+  EXPECT_EQ(
+      error("train.steps=9"),
+      "small.pbtxt: the curriculum stages add up to 8 steps but train.steps = 9; make them equal");
+  EXPECT_EQ(
+      error("curriculum.stage={ name: \"x\" steps: 8 seq_len: 18 }"),
+      "small.pbtxt: curriculum.stage[0].seq_len = 18 must be a multiple of model.moe.chunk (4)");
   EXPECT_EQ(error("curriculum.stage={ name: \"x\" steps: 8 seq_len: 20 }"),
-            "small.pbtxt: curriculum.stage[0].seq_len = 20 must be a multiple of model.workspace.chunk (8)");
+            "small.pbtxt: curriculum.stage[0].seq_len = 20 must be a multiple of "
+            "model.workspace.chunk (8)");
   EXPECT_EQ(error("curriculum.stage={ steps: 8 freeze: \"brain\" }"),
-            "small.pbtxt: curriculum.stage[0].freeze = brain is not a parameter group (one of: embedding, backbone, "
+            "small.pbtxt: curriculum.stage[0].freeze = brain is not a parameter group (one of: "
+            "embedding, backbone, "
             "sga, moe, controller, memory)");
-  EXPECT_EQ(error("train.grad_accum=3"),
-            "small.pbtxt: curriculum.stage[0].batch_size = 4 must be a multiple of train.grad_accum (3)");
+  EXPECT_EQ(
+      error("train.grad_accum=3"),
+      "small.pbtxt: curriculum.stage[0].batch_size = 4 must be a multiple of train.grad_accum (3)");
   EXPECT_EQ(error("curriculum.stage={ steps: 8 seq_len: 64 }"),
             "small.pbtxt: curriculum.stage[0].seq_len = 64 exceeds model.max_seq_len (32)");
-  EXPECT_NE(error("train.stats_every=0").find("train.stats_every = 0 must be >= 1"), std::string::npos)
+  EXPECT_NE(error("train.stats_every=0").find("train.stats_every = 0 must be >= 1"),
+            std::string::npos)
       << error("train.stats_every=0");
 }
 
@@ -146,7 +157,8 @@ TEST(Training, ResumeIsBitExact) {
   ASSERT_TRUE(second.ok()) << second.status().message();
   EXPECT_EQ(second->first_step, 4);
   EXPECT_EQ(second->last_step, 8);
-  // Same losses, statistics and evaluations step by step, and the same final parameters, bit for bit.
+  // Same losses, statistics and evaluations step by step, and the same final parameters, bit for
+  // bit.
   EXPECT_EQ(metric_lines(straight), metric_lines(split));
   EXPECT_EQ(metric_lines(split).size(), 8u);
   const auto pa = a->model().named_parameters(), pb = b->model().named_parameters();
@@ -169,12 +181,28 @@ TEST(Training, LossFallsAndMetricsHaveTheDocumentedKeys) {
   std::ifstream in(out + "/metrics.jsonl");
   std::string last;
   for (std::string l; std::getline(in, l);) last = l;
-  for (const char* key : {"\"step\": 8", "\"stage\": \"two\"", "\"loss\":", "\"loss.balance\":", "\"loss.locality\":",
-                          "\"loss.sparsity\":", "\"lr\":", "\"grad_norm\":", "\"tokens_per_s\":", "\"tokens_seen\":",
-                          "\"step_ms\":", "\"model_tflops\":",
-                          "\"elapsed_s\":", "\"memory.rss_peak_mb\":", "\"moe.0.load.1\":", "\"moe.1.tls\":",
-                          "\"moe.0.cls8\":", "\"moe.0.router_entropy\":", "\"workspace.0.write_gate_mean\":",
-                          "\"pkm.0.value_coverage\":", "\"eval.loss\":", "\"eval.accuracy.copying\":"})
+  for (const char* key : {"\"step\": 8",
+                          "\"stage\": \"two\"",
+                          "\"loss\":",
+                          "\"loss.balance\":",
+                          "\"loss.locality\":",
+                          "\"loss.sparsity\":",
+                          "\"lr\":",
+                          "\"grad_norm\":",
+                          "\"tokens_per_s\":",
+                          "\"tokens_seen\":",
+                          "\"step_ms\":",
+                          "\"model_tflops\":",
+                          "\"elapsed_s\":",
+                          "\"memory.rss_peak_mb\":",
+                          "\"moe.0.load.1\":",
+                          "\"moe.1.tls\":",
+                          "\"moe.0.cls8\":",
+                          "\"moe.0.router_entropy\":",
+                          "\"workspace.0.write_gate_mean\":",
+                          "\"pkm.0.value_coverage\":",
+                          "\"eval.loss\":",
+                          "\"eval.accuracy.copying\":"})
     EXPECT_NE(last.find(key), std::string::npos) << key << " missing in " << last;
   EXPECT_FALSE(fs::is_empty(out + "/tb"));
   EXPECT_TRUE(fs::exists(out + "/config.pbtxt"));
@@ -190,14 +218,18 @@ TEST(Training, ModelStatisticsEveryStatsEverySteps) {
   for (std::size_t i = 0; i < lines.size(); ++i) {
     const int64_t step = static_cast<int64_t>(i) + 1;
     const bool want = step % 3 == 0 || step == 8;  // and the schedule's last step
-    EXPECT_EQ(lines[i].find("\"block.0.gate_norm.ssm\"") != std::string::npos, want) << "step " << step;
+    EXPECT_EQ(lines[i].find("\"block.0.gate_norm.ssm\"") != std::string::npos, want)
+        << "step " << step;
     EXPECT_NE(lines[i].find("\"grad_norm\""), std::string::npos) << "step " << step;
   }
 }
 
-// ---- bad input: clear errors, nothing damaged ---------------------------------------------------------
+// ---- bad input: clear errors, nothing damaged
+// ---------------------------------------------------------
 
-std::string error_of(const Expected<TrainSummary>& r) { return r.ok() ? "(no error)" : r.status().message(); }
+std::string error_of(const Expected<TrainSummary>& r) {
+  return r.ok() ? "(no error)" : r.status().message();
+}
 
 TEST(BadInput, OutputDirectoryHoldingAnotherRunIsRefused) {
   const std::string out = temp_dir("occupied");
@@ -212,8 +244,9 @@ TEST(BadInput, OutputDirectoryHoldingAnotherRunIsRefused) {
 TEST(BadInput, ResumeOfNothing) {
   const std::string msg = error_of(train(small_config(), temp_dir("empty"), "auto"));
   EXPECT_NE(msg.find("no complete checkpoint to resume from"), std::string::npos) << msg;
-  EXPECT_NE(error_of(train(small_config(), temp_dir("x"), "/nonexistent/ckpt")).find("not a checkpoint"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of(train(small_config(), temp_dir("x"), "/nonexistent/ckpt")).find("not a checkpoint"),
+      std::string::npos);
 }
 
 TEST(BadInput, NcclForCpuTensors) {
@@ -251,9 +284,12 @@ TEST(BadInput, TruncatedCheckpointAndChecksumMismatch) {
   {
     auto man = CheckpointManager::read_manifest(ckpt);
     ASSERT_TRUE(man.ok());
-    man->mutable_tensor(3)->set_crc32c(man->tensor(3).crc32c() ^ 1u);  // the original checksum again
+    man->mutable_tensor(3)->set_crc32c(man->tensor(3).crc32c() ^
+                                       1u);  // the original checksum again
     int k = 0;
-    while (k < man->tensor_size() && (man->tensor(k).shape_size() == 0 || man->tensor(k).shape(0) < 2)) ++k;
+    while (k < man->tensor_size() &&
+           (man->tensor(k).shape_size() == 0 || man->tensor(k).shape(0) < 2))
+      ++k;
     ASSERT_LT(k, man->tensor_size());
     man->mutable_tensor(k)->set_shape(0, 1);
     std::ofstream(ckpt + "/manifest.pb", std::ios::binary) << man->SerializeAsString();
@@ -266,18 +302,21 @@ TEST(BadInput, TruncatedCheckpointAndChecksumMismatch) {
   EXPECT_NE(msg.find("checkpoint " + ckpt), std::string::npos) << "[" << msg << "]";
   // A damaged manifest.
   std::ofstream(ckpt + "/manifest.pb", std::ios::binary) << "garbage";
-  EXPECT_NE(error_of(train(small_config(), out, ckpt, 8)).find("manifest.pb is damaged"), std::string::npos);
+  EXPECT_NE(error_of(train(small_config(), out, ckpt, 8)).find("manifest.pb is damaged"),
+            std::string::npos);
   // A checkpoint without a manifest is not offered by --resume auto.
   fs::remove(ckpt + "/manifest.pb");
-  EXPECT_NE(error_of(train(small_config(), out, "auto", 8)).find("no complete checkpoint"), std::string::npos);
+  EXPECT_NE(error_of(train(small_config(), out, "auto", 8)).find("no complete checkpoint"),
+            std::string::npos);
 }
 
-// --resume auto on a run whose newest checkpoint is damaged names the next older complete one (it only
-// refused before), and that one resumes.
+// --resume auto on a run whose newest checkpoint is damaged names the next older complete one (it
+// only refused before), and that one resumes.
 TEST(BadInput, DamagedNewestCheckpointNamesTheOlderOne) {
   const std::string out = temp_dir("damaged_newest");
   ASSERT_TRUE(train(small_config(), out, "", 8).ok());
-  const std::string newest = out + "/checkpoints/step-00000008", older = out + "/checkpoints/step-00000004";
+  const std::string newest = out + "/checkpoints/step-00000008",
+                    older = out + "/checkpoints/step-00000004";
   ASSERT_TRUE(fs::exists(older + "/manifest.pb"));
   auto man = CheckpointManager::read_manifest(newest);
   ASSERT_TRUE(man.ok());
@@ -285,7 +324,8 @@ TEST(BadInput, DamagedNewestCheckpointNamesTheOlderOne) {
   std::ofstream(newest + "/manifest.pb", std::ios::binary) << man->SerializeAsString();
   const std::string msg = error_of(train(small_config(), out, "auto", 8));
   EXPECT_NE(msg.find("fails its checksum"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("the next older complete checkpoint is " + older + ": resume from it with --resume " + older),
+  EXPECT_NE(msg.find("the next older complete checkpoint is " + older +
+                     ": resume from it with --resume " + older),
             std::string::npos)
       << msg;
   EXPECT_TRUE(train(small_config(), out, older, 8).ok());
@@ -298,7 +338,8 @@ TEST(BadInput, MissingCorruptAndOutOfVocabularyShards) {
                 .find("none.h5: no such token shard"),
             std::string::npos);
   std::ofstream(dir + "/bad.h5") << "junk";
-  EXPECT_NE(error_of(train(small_config({"data.shards=" + dir + "/bad.h5"}), temp_dir("s2"))).find("bad.h5"),
+  EXPECT_NE(error_of(train(small_config({"data.shards=" + dir + "/bad.h5"}), temp_dir("s2")))
+                .find("bad.h5"),
             std::string::npos);
   // A shard whose vocabulary is larger than the model's.
   std::vector<int32_t> tokens(4000, 1);
@@ -309,7 +350,8 @@ TEST(BadInput, MissingCorruptAndOutOfVocabularyShards) {
   // A token outside the shard's own vocabulary, found while training.
   for (int i = 0; i < 4000; i += 3) tokens[i] = 200;
   ASSERT_TRUE(data::write_token_shard(dir + "/oov.h5", tokens, {0}, "bytes", 128).ok());
-  const std::string msg = error_of(train(small_config({"data.shards=" + dir + "/oov.h5"}), temp_dir("s4")));
+  const std::string msg =
+      error_of(train(small_config({"data.shards=" + dir + "/oov.h5"}), temp_dir("s4")));
   EXPECT_NE(msg.find("token 200"), std::string::npos) << msg;
   EXPECT_NE(msg.find("outside the shard's vocabulary of 128"), std::string::npos) << msg;
 }
