@@ -1,7 +1,8 @@
 # The two commands a newcomer needs (see README.md):
 #   make demo   install what is missing, build, train the tiny model on the built-in data, report
 #   make test   install what is missing, build, run the tests (ctest)
-# Other targets: make build, make bench, make clean. Variables: BUILD_DIR, JOBS, CMAKE_FLAGS, CTEST_FLAGS.
+# Other targets: make build, make bench, make format (clang-format every source), make format-check,
+# make clean. Variables: BUILD_DIR, JOBS, CMAKE_FLAGS, CTEST_FLAGS.
 
 BUILD_DIR ?= build
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -9,7 +10,7 @@ CMAKE_FLAGS ?=
 CTEST_FLAGS ?=
 DEMO_DIR ?= runs/demo
 
-.PHONY: all deps configure build test demo bench clean
+.PHONY: all deps configure build test demo bench format format-check clean
 
 all: build
 
@@ -32,6 +33,12 @@ demo: build
 
 bench: build
 	@$(BUILD_DIR)/bin/hydra-bench --json $(BUILD_DIR)/bench.json
+
+format:
+	@bash cmake/check-format.sh --fix
+
+format-check:
+	@bash cmake/check-format.sh
 
 clean:
 	@rm -rf $(BUILD_DIR) $(BUILD_DIR).configure.log
