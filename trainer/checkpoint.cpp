@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -265,6 +266,9 @@ Expected<std::string> CheckpointManager::save(const TrainState& state,
       fs::rename(tmp_dir, final_dir, ec);
       if (ec)
         return io_error(final_dir + ": cannot move the checkpoint into place: " + ec.message());
+      // Fault injection (tests): the process dies right after the checkpoint is published, the
+      // worst instant for anything written after it.
+      if (std::getenv("HYDRA_FAULT_EXIT_AFTER_PUBLISH") != nullptr) ::_exit(137);
       // Keep the newest keep_last complete checkpoints; remove stale temporaries.
       std::vector<std::pair<int64_t, fs::path>> done;
       for (const auto& de : fs::directory_iterator(root_, ec)) {

@@ -716,8 +716,10 @@ Expected<TrainSummary> Trainer::run() {
         tr.save_every() >= 0 &&
         ((tr.save_every() > 0 && state_.step % tr.save_every() == 0) || last || sig != 0);
     if (save_due) {
-      HYDRA_RETURN_IF_ERROR(save());
+      // The metrics up to this step are durable before the checkpoint is published: a kill right
+      // after the publish (and a resume from it) must not lose the step's line.
       if (lead()) log.flush();
+      HYDRA_RETURN_IF_ERROR(save());
     }
     if (sig != 0) {
       progress.finish();

@@ -253,6 +253,28 @@ TEST(BadInput, BatchBeyondHostMemoryIsAnErrorNotAnAbort) {
       << r.output;
 }
 
+// A kill right after a checkpoint is published (injected: the process exits there) keeps that
+// step's metrics line: the metrics are flushed before the publish, and the resumed run continues
+// after it.
+TEST(Faults, KillRightAfterPublishKeepsTheStepsMetrics) {
+  const std::string dir = temp_dir("publishkill");
+  Result r = run("HYDRA_FAULT_EXIT_AFTER_PUBLISH=1 " + kTrain + " --config " + kTiny + " --out " +
+                 dir + "/run" + kQuick + " --set train.steps=4 --set train.save_every=2");
+  EXPECT_EQ(r.code, 137) << r.output;
+  ASSERT_TRUE(fs::exists(dir + "/run/checkpoints/step-00000002/manifest.pb")) << r.output;
+  auto lines = [&] {
+    std::ifstream in(dir + "/run/metrics.jsonl");
+    std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    return all;
+  };
+  EXPECT_NE(lines().find("{\"step\": 2,"), std::string::npos)
+      << "the published step's line was lost";
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run --resume auto" + kQuick +
+          " --set train.steps=4 --set train.save_every=2");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(lines().find("{\"step\": 4,"), std::string::npos);
+}
+
 TEST(BadInput, TokenizingNothingIsAnError) {
   const std::string dir = temp_dir("emptytext");
   fs::create_directories(dir + "/corpus");
