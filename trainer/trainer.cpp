@@ -157,6 +157,19 @@ Status check_model_fits(const config::RunConfig& cfg, const model::ModelSpec& sp
 }
 }  // namespace
 
+namespace {
+// What to do after a non-finite loss or gradient: resume from the last checkpoint when there is
+// one, else start over; either way with a lower learning rate.
+std::string diverged_advice(const std::string& last_ckpt) {
+  if (last_ckpt.empty())
+    return "No checkpoint was written yet: start the run again (a new --out, or remove this one) "
+           "with a "
+           "lower learning rate (--set train.lr.lr=...)";
+  return "The last good checkpoint is " + last_ckpt + ": resume from it with --resume " +
+         last_ckpt + " and a lower learning rate (--set train.lr.lr=...)";
+}
+}  // namespace
+
 Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_in,
                                                    const std::string& source,
                                                    const TrainOptions& options) {
@@ -595,18 +608,14 @@ Expected<TrainSummary> Trainer::run() {
       progress.finish();
       return internal_error(
           "step " + std::to_string(step + 1) + ": the loss is " + std::to_string(total_loss) +
-          " (not finite); stopping without saving. " +
-          (last_ckpt.empty() ? std::string("No checkpoint was written yet")
-                             : "The last good checkpoint is " + last_ckpt) +
-          "; resume from it with --resume auto and a lower learning rate (--set train.lr.lr=...)");
+          " (not finite); stopping without saving. " + diverged_advice(last_ckpt));
     }
     const double norm = global_grad_norm(*optimizer_, *grid_);
     if (!std::isfinite(norm)) {
       progress.finish();
       return internal_error("step " + std::to_string(step + 1) +
-                            ": the gradient norm is not finite; stopping. " +
-                            (last_ckpt.empty() ? std::string("No checkpoint was written yet")
-                                               : "The last good checkpoint is " + last_ckpt));
+                            ": the gradient norm is not finite; stopping without saving. " +
+                            diverged_advice(last_ckpt));
     }
     const double clip = tr.optimizer().grad_clip();
     const double scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;

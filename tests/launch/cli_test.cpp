@@ -275,6 +275,30 @@ TEST(Faults, KillRightAfterPublishKeepsTheStepsMetrics) {
   EXPECT_NE(lines().find("{\"step\": 4,"), std::string::npos);
 }
 
+// A diverging run (a learning rate far too high) stops with exit code 3 and advice that is true: no
+// "resume" when no checkpoint exists; the checkpoint that exists, when one does.
+TEST(Faults, DivergenceAdviceNamesOnlyCheckpointsThatExist) {
+  const std::string dir = temp_dir("diverge");
+  Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/a" + kQuick +
+                 " --set train.steps=30 --set train.lr.lr=1e9");
+  EXPECT_EQ(r.code, 3) << r.output;
+  EXPECT_NE(r.output.find("No checkpoint was written yet: start the run again"), std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("--resume"), std::string::npos) << r.output;
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/b" + kQuick +
+          " --set train.steps=4 --set train.save_every=2");
+  ASSERT_EQ(r.code, 0) << r.output;
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/b --resume auto" + kQuick +
+          " --set train.steps=30 --set train.save_every=100 --set train.lr.lr=1e9");
+  EXPECT_EQ(r.code, 3) << r.output;
+  const std::string ckpt = dir + "/b/checkpoints/step-00000004";
+  EXPECT_NE(r.output.find("The last good checkpoint is " + ckpt +
+                          ": resume from it with --resume " + ckpt),
+            std::string::npos)
+      << r.output;
+  EXPECT_TRUE(fs::exists(ckpt + "/manifest.pb"));
+}
+
 TEST(BadInput, TokenizingNothingIsAnError) {
   const std::string dir = temp_dir("emptytext");
   fs::create_directories(dir + "/corpus");
