@@ -81,6 +81,13 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg,
     return fail("train.optimizer.beta2", tr.optimizer().beta2(), "must be in [0, 1)");
   if (cfg.data().eval_fraction() < 0 || cfg.data().eval_fraction() >= 1)
     return fail("data.eval_fraction", cfg.data().eval_fraction(), "must be in [0, 1)");
+  // Every run evaluates (at its end, and every train.eval_every steps): with shards, refuse at
+  // start-up what would otherwise fail at the first evaluation, after the training it would lose.
+  if (cfg.data().shards_size() > 0 && cfg.data().eval_fraction() <= 0)
+    return fail(
+        "data.eval_fraction", cfg.data().eval_fraction(),
+        "leaves no held-out tokens for the evaluation every run makes (at its end, and every "
+        "train.eval_every steps); set it > 0, e.g. 0.01");
   if (cfg.data().prefetch() < 0)
     return fail("data.prefetch", cfg.data().prefetch(), "must be >= 0");
 

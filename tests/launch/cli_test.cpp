@@ -134,6 +134,14 @@ TEST(Cli, DataToolMakesShardsTheTrainerReads) {
           " --set model.vocab_size=300 --set data.shards=" + dir +
           "/shards --set data.tokenizer=" + dir + "/tok.bpe");
   EXPECT_EQ(r.code, 0) << r.output;
+  // No held-out tokens: refused at start-up (it failed at the first evaluation, after training).
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run0" + kQuick +
+          " --set model.vocab_size=300 --set data.eval_fraction=0 --set data.shards=" + dir +
+          "/shards");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("data.eval_fraction = 0 leaves no held-out tokens"), std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/run0/metrics.jsonl"));
   // A missing tokenizer file, a damaged one.
   r = run(kData + " tokenize --tokenizer " + dir + "/none.bpe --out " + dir + "/x " + dir +
           "/corpus");
