@@ -42,6 +42,11 @@ void Hdf5Handle::reset() {
 void quiet_hdf5() {
   const auto lock = hdf5_lock();
   static const bool done = [] {
+    // No cleanup at exit: after a close that failed (a full disk while HDF5 flushed the file),
+    // HDF5's own atexit handler closes that file again and crashes (H5F__close_cb). Every file is
+    // closed by its handle before then; what HDF5 would free at exit the process gives back anyway.
+    // Must come before the library initialises (the next call does).
+    H5dont_atexit();
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
     return true;
   }();
