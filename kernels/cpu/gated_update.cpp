@@ -9,6 +9,27 @@
 namespace hydra::kernels::cpu {
 namespace {
 
+// The gate's gradients: gw = [sum_r dz[r] s[r], sum_r dz[r] u[r]], gb = sum_r dz[r], over `rows`
+// rows of n (either output may be null; sums in row order).
+template <class T>
+void gate_grads(const T* s, const T* u, const T* gz, int64_t rows, int64_t n, T* gw, T* gb) {
+  if (gw != nullptr) {
+    parallel_for(2 * n, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const T* x = c < n ? s + c : u + (c - n);
+        T acc = 0;
+        for (int64_t r = 0; r < rows; ++r) acc += gz[r] * x[r * n];
+        gw[c] = acc;
+      }
+    });
+  }
+  if (gb != nullptr) {
+    T acc = 0;
+    for (int64_t r = 0; r < rows; ++r) acc += gz[r];
+    *gb = acc;
+  }
+}
+
 template <class T>
 void fwd_impl(const GatedUpdateParams& p) {
   const T *s = static_cast<const T*>(p.s), *u = static_cast<const T*>(p.u),
@@ -49,22 +70,7 @@ void bwd_impl(const GatedUpdateBwdParams& q) {
       }
     }
   });
-  if (q.gw != nullptr) {
-    T* gw = static_cast<T*>(q.gw);
-    parallel_for(2 * n, 64, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const T* x = c < n ? s + c : u + (c - n);
-        T acc = 0;
-        for (int64_t r = 0; r < p.rows; ++r) acc += gz[r] * x[r * n];
-        gw[c] = acc;
-      }
-    });
-  }
-  if (q.gb != nullptr) {
-    T acc = 0;
-    for (int64_t r = 0; r < p.rows; ++r) acc += gz[r];
-    *static_cast<T*>(q.gb) = acc;
-  }
+  gate_grads(s, u, gz, p.rows, n, static_cast<T*>(q.gw), static_cast<T*>(q.gb));
 }
 
 template <class T>
@@ -114,23 +120,8 @@ void scan_bwd_impl(const GatedScanBwdParams& q) {
       }
   });
   std::copy_n(lam, len, static_cast<T*>(q.gs));
-  const int64_t rows = p.steps * R;  // the gate's sums run over every (step, row)
-  if (q.gw != nullptr) {
-    T* gw = static_cast<T*>(q.gw);
-    parallel_for(2 * n, 64, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const T* x = c < n ? h + c : u + (c - n);
-        T acc = 0;
-        for (int64_t r = 0; r < rows; ++r) acc += gz[r] * x[r * n];
-        gw[c] = acc;
-      }
-    });
-  }
-  if (q.gb != nullptr) {
-    T acc = 0;
-    for (int64_t r = 0; r < rows; ++r) acc += gz[r];
-    *static_cast<T*>(q.gb) = acc;
-  }
+  // The gate's sums run over every (step, row): h_t for s, u_t for u.
+  gate_grads(h, u, gz, p.steps * R, n, static_cast<T*>(q.gw), static_cast<T*>(q.gb));
 }
 
 }  // namespace
