@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <string>
+#include <string_view>
 
 #include "data/shards.h"
 #include "data/tokenizer.h"
@@ -42,10 +44,34 @@ Expected<std::vector<std::string>> list_inputs(const std::vector<std::string>& i
   return files;
 }
 
+// A compressed file would be tokenised as text (its bytes): refused, with the way out named.
+struct Compression {
+  std::string_view magic;
+  const char* name;
+  const char* tool;
+};
+const Compression* compression_of(const std::string& bytes) {
+  static const Compression kinds[] = {{std::string_view("\x1f\x8b", 2), "gzip", "gunzip"},
+                                      {std::string_view("\x28\xb5\x2f\xfd", 4), "zstd", "unzstd"},
+                                      {std::string_view("BZh", 3), "bzip2", "bunzip2"},
+                                      {std::string_view("\xfd"
+                                                        "7zXZ\x00",
+                                                        6),
+                                       "xz", "unxz"}};
+  for (const Compression& k : kinds)
+    if (bytes.compare(0, k.magic.size(), k.magic) == 0) return &k;
+  return nullptr;
+}
+
 Expected<std::string> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return io_error(path + ": cannot read");
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (const Compression* c = compression_of(bytes))
+    return invalid_argument(path + ": is " + c->name +
+                            "-compressed, not text; decompress it first (" + c->tool +
+                            " FILE) or leave it out");
+  return bytes;
 }
 
 class Bar {

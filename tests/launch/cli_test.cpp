@@ -334,6 +334,22 @@ TEST(Faults, FullDiskDuringASaveIsAnErrorNotACrash) {
   }
 }
 
+// A compressed file in a corpus was tokenised as text (its bytes), silently: refused, with the tool
+// to decompress it named, and no shard written.
+TEST(BadInput, CompressedCorpusFilesAreRefused) {
+  const std::string dir = temp_dir("gzipped");
+  fs::create_directories(dir + "/corpus");
+  std::ofstream(dir + "/corpus/a.txt") << "plain text is fine\n";
+  ASSERT_EQ(run("printf 'compressed text' | gzip > " + dir + "/corpus/b.txt.gz").code, 0);
+  const Result r = run(kData + " tokenize --out " + dir + "/shards " + dir + "/corpus");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(
+      r.output.find("b.txt.gz: is gzip-compressed, not text; decompress it first (gunzip FILE)"),
+      std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/shards/shard-00000.h5"));
+}
+
 TEST(BadInput, TokenizingNothingIsAnError) {
   const std::string dir = temp_dir("emptytext");
   fs::create_directories(dir + "/corpus");
