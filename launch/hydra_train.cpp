@@ -21,12 +21,21 @@ constexpr int kUsageError = 2, kUserError = 1, kTrainingFailed = 3, kInternalErr
 void print_report(const trainer::TrainSummary& s) {
   std::printf("\nHydra training report (%s)\n", s.run_dir.c_str());
   std::printf("  steps %ld -> %ld in %s, %.0f tokens/s (median)%s\n", long(s.first_step),
-              long(s.last_step), trainer::format_duration(s.elapsed_s).c_str(), s.tokens_per_s,
+              long(s.last_step), trainer::format_duration(s.leg_s).c_str(), s.tokens_per_s,
               s.interrupted ? " [interrupted]" : "");
+  if (s.elapsed_s > s.leg_s + 1)
+    std::printf("  the whole run so far (earlier legs included): %s\n",
+                trainer::format_duration(s.elapsed_s).c_str());
   std::printf("  LM loss %.4f (first step) -> %.4f (mean of the last 10 steps)\n", s.first_loss,
               s.last_loss);
-  std::printf("  eval: loss %.4f, perplexity %.3f over %ld tokens\n", s.eval.loss,
-              s.eval.perplexity, long(s.eval.tokens));
+  if (s.eval.tokens == 0) {
+    std::printf(
+        "  eval: none in this leg (the run evaluates every train.eval_every steps and at its end; "
+        "earlier ones are in metrics.jsonl)\n");
+  } else {
+    std::printf("  eval at step %ld: loss %.4f, perplexity %.3f over %ld tokens\n",
+                long(s.eval.step), s.eval.loss, s.eval.perplexity, long(s.eval.tokens));
+  }
   bool any = false;
   for (int k = 0; k < data::kNumTasks; ++k) {
     if (s.eval.answers[k] == 0) continue;

@@ -693,6 +693,7 @@ Expected<TrainSummary> Trainer::run() {
     const bool eval_due = (tr.eval_every() > 0 && state_.step % tr.eval_every() == 0) || last;
     if (eval_due) {
       HYDRA_ASSIGN_OR_RETURN(sum.eval, evaluate(stage));
+      sum.eval.step = state_.step;
       values.push_back({"eval.loss", sum.eval.loss});
       values.push_back({"eval.perplexity", sum.eval.perplexity});
       for (int k = 0; k < data::kNumTasks; ++k)
@@ -750,6 +751,7 @@ Expected<TrainSummary> Trainer::run() {
   sum.last_step = state_.step;
   sum.checkpoint = last_ckpt;
   sum.elapsed_s = elapsed();
+  sum.leg_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   double l = 0;
   for (double v : recent_losses) l += v;
   sum.last_loss = recent_losses.empty() ? NAN : l / double(recent_losses.size());

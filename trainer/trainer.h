@@ -37,7 +37,8 @@ struct EvalResult {
   std::array<double, data::kNumTasks> chance{};    // 1 / distinct answer tokens seen
   std::array<int64_t, data::kNumTasks> answers{};
   double routing_purity = 0;  // mixture domains: share of a domain's chunks on its most used expert
-  int64_t tokens = 0;
+  int64_t tokens = 0;         // 0: no evaluation ran
+  int64_t step = -1;          // the step it ran after
 };
 
 struct TrainSummary {
@@ -45,7 +46,8 @@ struct TrainSummary {
   int64_t first_step = 0, last_step = 0;
   double first_loss = 0, last_loss = 0;  // LM loss of the first step run, mean of the last ten
   double tokens_per_s = 0;               // median over steps
-  double elapsed_s = 0;
+  double elapsed_s = 0;                  // the whole run's, earlier legs (before resumes) included
+  double leg_s = 0;                      // this process's: steps first_step -> last_step
   EvalResult eval;
   std::vector<std::string> stage_log;
   bool interrupted = false;

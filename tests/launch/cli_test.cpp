@@ -244,6 +244,9 @@ TEST(Cli, SigtermSavesAndExitsWith143) {
       "/run/metrics.jsonl ] && break; sleep 0.1; done; kill -TERM $pid; wait $pid; echo rc=$?)");
   EXPECT_NE(r.output.find("rc=143"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("received SIGTERM (15)"), std::string::npos) << r.output;
+  // The report does not show an evaluation that did not run (it printed "eval: loss 0.0000").
+  EXPECT_NE(r.output.find("eval: none in this leg"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("eval: loss 0.0000"), std::string::npos) << r.output;
   EXPECT_TRUE(fs::exists(dir + "/run/checkpoints")) << r.output;
 }
 
