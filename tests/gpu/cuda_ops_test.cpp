@@ -155,6 +155,53 @@ TEST(CudaOps, BinaryWithBroadcastingMatchCpu) {
     }
 }
 
+// The fast paths of this session's element-wise kernels, at shapes that take them and at ones that
+// just miss them (odd widths, misaligned slices): broadcasts over rows or columns (16-byte packs),
+// strided copies by rows (a warp per row; vectors when dtypes agree and rows are aligned), and
+// short rows reduced by a warp (sum and max).
+TEST(CudaOps, ElementwiseFastPathsMatchCpu) {
+  HYDRA_REQUIRE_GPU();
+  for (DType t : kTypes) {
+    const std::vector<std::pair<Shape, Shape>> shapes = {
+        {{300, 64}, {64}},    {{300, 64}, {300, 1}}, {{64}, {300, 64}},  {{300, 1}, {300, 64}},
+        {{3, 100, 40}, {40}}, {{301, 24}, {301, 1}}, {{2, 150, 64}, {1}}};
+    for (const auto& [a, b] : shapes)
+      check_op(
+          "mul fast path " + shape_str(a) + " x " + shape_str(b),
+          [](const std::vector<Tensor>& in) { return std::vector<Tensor>{mul(in[0], in[1])}; },
+          {rnd(a, 16), rnd(b, 17)}, {true, true}, t);
+    // b a slice one element off: not 16-byte aligned, the element-wise kernel.
+    check_op(
+        "mul misaligned",
+        [](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{mul(in[0], in[1].narrow(0, 1, 64))};
+        },
+        {rnd({300, 64}, 18), rnd({65}, 19)}, {true, true}, t);
+    // Copies of slices of the last dimension: aligned (vectors), misaligned (scalars), short rows.
+    for (const auto& [start, len] :
+         std::vector<std::pair<int64_t, int64_t>>{{8, 64}, {1, 64}, {3, 33}, {0, 20}})
+      check_op(
+          "copy slice " + std::to_string(start) + "+" + std::to_string(len),
+          [start = start, len = len](const std::vector<Tensor>& in) {
+            return std::vector<Tensor>{in[0].narrow(2, start, len).contiguous()};
+          },
+          {rnd({70, 3, 96}, 20)}, {true}, t);
+    // Many short rows: a warp each.
+    check_op(
+        "sum short rows",
+        [](const std::vector<Tensor>& in) { return std::vector<Tensor>{sum(in[0], {2})}; },
+        {rnd({131, 4, 37}, 21)}, {true}, t);
+  }
+  // Strided rows converted between dtypes (the scalar rows path) and a contiguous copy (memcpy).
+  const Tensor x = rnd({70, 3, 96}, 22), d = x.to(Device::cuda(0));
+  EXPECT_TRUE(testing::bitwise_equal(d.narrow(2, 5, 80).to(DType::kBF16).cpu(),
+                                     x.narrow(2, 5, 80).to(DType::kBF16)));
+  EXPECT_TRUE(testing::bitwise_equal(d.clone().cpu(), x));
+  // Max over many short rows (the warp path's other combine).
+  const Tensor y = rnd({500, 37}, 23);
+  EXPECT_LT(testing::rel_error(amax(y.to(Device::cuda(0)), 1).cpu(), amax(y, 1)), 1e-7);
+}
+
 TEST(CudaOps, ReductionsMatchCpu) {
   HYDRA_REQUIRE_GPU();
   for (DType t : kTypes) {
