@@ -121,8 +121,17 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 Tensor embedding(const Tensor& weight, const Tensor& indices);
 // Rows of a 2-D table: out[i] = table[index[i]]  (index_select on axis 0).
 Tensor gather_rows(const Tensor& table, const Tensor& index);
+// The same when the index's inverse is known: inverse [R, K] (i64) lists, for each table row r,
+// the positions i with index[i] = r in ascending order, padded with -1. The backward sums those
+// rows (gather_sum_rows) instead of scatter-adding: no sort, deterministic.
+Tensor gather_rows(const Tensor& table, const Tensor& index, const Tensor& inverse);
 // out = table with src[i] added to row index[i]  (index_add on axis 0).
 Tensor scatter_add_rows(const Tensor& table, const Tensor& index, const Tensor& src);
+// The scatter-add into zeros by its inverse: out [R, C] with out[r] = the sum of src[inverse[r, k]]
+// over the k with inverse[r, k] >= 0, in k order. `index` [n] (index[i] = the row that names i)
+// serves the backward, a gather. For an injective index this equals
+// scatter_add_rows(zeros({R, C}), index, src).
+Tensor gather_sum_rows(const Tensor& src, const Tensor& inverse, const Tensor& index);
 // In place, outside autograd: table[index[i]] += src[i] (table contiguous, e.g. a parameter).
 void scatter_add_rows_(const Tensor& table, const Tensor& index, const Tensor& src);
 // Along `axis`: out[.., i, ..] = x[.., index[.., i, ..], ..]; index has x's shape except along
@@ -138,8 +147,9 @@ std::pair<Tensor, Tensor> topk(const Tensor& x, int64_t k);
 
 // Product-key indices (PKM): a, b [..., k] (i64, the top-k keys of each half), pick [..., count]
 // (i64, cells c of their k x k grid) -> [..., count] with a[.., c / k] * n_keys + b[.., c % k]. No
-// gradient.
-Tensor product_key_indices(const Tensor& a, const Tensor& b, const Tensor& pick, int64_t n_keys);
+// gradient. With `cells` (i64 [P], cells of the grid), pick names places in cells instead.
+Tensor product_key_indices(const Tensor& a, const Tensor& b, const Tensor& pick, int64_t n_keys,
+                           const Tensor& cells = Tensor());
 
 // Weighted bags of rows: out[t] = sum_k weights[t, k] * table[index[t, k]]; table [R, C], index and
 // weights [n, m] -> [n, C]. With sparse_grad the table (a leaf) receives its gradient as row-sparse
@@ -163,6 +173,7 @@ Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_
 struct MoeDispatch {
   Tensor mask;        // [rows, E] in r's dtype: 1 where the chunk's tokens go to the expert
   Tensor perm, widx;  // [sum(counts) * chunk_len] i64 (kernels/moe_route.h)
+  Tensor inverse;     // [batch * chunks * chunk_len, min(max_active, E)] i64: perm's inverse
   std::vector<int64_t> counts;   // [E] kept chunks per expert
   std::vector<int64_t> dropped;  // [E] chunks dropped by the capacity
 };

@@ -37,6 +37,33 @@ void scatter_rows_into(const Tensor& table, const Tensor& index, const Tensor& s
   if (p.n > 0 && p.cols > 0) HYDRA_LAUNCH(table.device(), row_scatter_add, p);
 }
 
+// out [inverse.size(0), C] with out[r] = the sum of src[inverse[r, k]] (kernels/index.h).
+Tensor gather_sum_rows_raw(const Tensor& src, const Tensor& inverse) {
+  const int64_t cols = src.size(1);
+  Tensor out = Tensor::empty({inverse.size(0), cols}, src.dtype(), src.device());
+  kernels::RowGatherSumParams p;
+  p.dtype = src.dtype();
+  p.src = src.raw_data();
+  p.inverse = inverse.data<int64_t>();
+  p.out = out.raw_data();
+  p.rows = inverse.size(0);
+  p.K = inverse.size(1);
+  p.cols = cols;
+  p.num_src = src.size(0);
+  p.stream = current_stream(src.device());
+  if (p.rows > 0 && cols > 0) HYDRA_LAUNCH(src.device(), row_gather_sum, p);
+  return out;
+}
+
+void check_inverse(const char* op, const Tensor& inverse, const Tensor& index, int64_t rows,
+                   const Tensor& data) {
+  check_index(op, index, data);
+  HYDRA_CHECK(inverse.dtype() == DType::kI64 && inverse.dim() == 2 && inverse.size(0) == rows &&
+              inverse.device() == data.device())
+      << op << ": inverse must be an i64 [" << rows << ", K] tensor on " << data.device().str()
+      << ", got " << dtype_name(inverse.dtype()) << " " << shape_str(inverse.shape());
+}
+
 Tensor gather_rows_raw(const Tensor& table, const Tensor& index) {
   const int64_t cols = table.size(1);
   Tensor out = Tensor::empty({index.numel(), cols}, table.dtype(), table.device());
@@ -118,6 +145,37 @@ Tensor gather_rows(const Tensor& table_in, const Tensor& index_in) {
       Tensor gt = zeros(tshape, dt, g[0].device());
       scatter_rows_into(gt, si.get(), g[0].contiguous());
       return std::vector<Tensor>{gt};
+    });
+  }
+  return out;
+}
+
+Tensor gather_rows(const Tensor& table_in, const Tensor& index_in, const Tensor& inverse_in) {
+  HYDRA_CHECK(table_in.dim() == 2)
+      << "gather_rows: table must be 2-D, got " << shape_str(table_in.shape());
+  check_inverse("gather_rows", inverse_in, index_in, table_in.size(0), table_in);
+  Tensor table = table_in.contiguous(), index = index_in.contiguous();
+  Tensor out = gather_rows_raw(table, index);
+  if (any_requires_grad({table_in})) {
+    SavedTensor si(inverse_in.contiguous());
+    record_op("gather_rows", {table_in}, {out}, [si](const std::vector<Tensor>& g) {
+      return std::vector<Tensor>{gather_sum_rows_raw(g[0].contiguous(), si.get())};
+    });
+  }
+  return out;
+}
+
+Tensor gather_sum_rows(const Tensor& src_in, const Tensor& inverse_in, const Tensor& index_in) {
+  HYDRA_CHECK(src_in.dim() == 2 && index_in.numel() == src_in.size(0))
+      << "gather_sum_rows: src " << shape_str(src_in.shape()) << ", index "
+      << shape_str(index_in.shape()) << " (expected [n, C] and [n])";
+  check_inverse("gather_sum_rows", inverse_in, index_in,
+                inverse_in.dim() == 2 ? inverse_in.size(0) : -1, src_in);
+  Tensor out = gather_sum_rows_raw(src_in.contiguous(), inverse_in.contiguous());
+  if (any_requires_grad({src_in})) {
+    SavedTensor si(index_in.contiguous());
+    record_op("gather_sum_rows", {src_in}, {out}, [si](const std::vector<Tensor>& g) {
+      return std::vector<Tensor>{gather_rows_raw(g[0].contiguous(), si.get())};
     });
   }
   return out;
@@ -368,7 +426,7 @@ Tensor densify_sparse_grad(const Tensor& leaf) {
 }
 
 Tensor product_key_indices(const Tensor& a_in, const Tensor& b_in, const Tensor& pick_in,
-                           int64_t n_keys) {
+                           int64_t n_keys, const Tensor& cells_in) {
   HYDRA_CHECK(a_in.dtype() == DType::kI64 && b_in.dtype() == DType::kI64 &&
               pick_in.dtype() == DType::kI64)
       << "product_key_indices: i64 operands expected";
@@ -378,12 +436,20 @@ Tensor product_key_indices(const Tensor& a_in, const Tensor& b_in, const Tensor&
       << ", pick " << shape_str(pick_in.shape()) << " (expected [..., k], [..., k], [..., count])";
   HYDRA_CHECK(a_in.device() == b_in.device() && a_in.device() == pick_in.device())
       << "product_key_indices: operands on different devices";
+  HYDRA_CHECK(!cells_in.defined() || (cells_in.dtype() == DType::kI64 && cells_in.dim() == 1 &&
+                                      cells_in.device() == a_in.device()))
+      << "product_key_indices: cells must be an i64 [P] tensor on " << a_in.device().str();
   const Tensor a = a_in.contiguous(), b = b_in.contiguous(), pick = pick_in.contiguous();
+  const Tensor cells = cells_in.defined() ? cells_in.contiguous() : Tensor();
   Tensor out = Tensor::empty(pick.shape(), DType::kI64, a.device());
   kernels::ProductKeyParams p;
   p.a = a.data<int64_t>();
   p.b = b.data<int64_t>();
   p.pick = pick.data<int64_t>();
+  if (cells.defined()) {
+    p.cells = cells.data<int64_t>();
+    p.num_cells = cells.numel();
+  }
   p.out = out.data<int64_t>();
   p.k = a.size(-1);
   p.count = pick.size(-1);
@@ -480,6 +546,7 @@ MoeDispatch moe_route(const Tensor& r_in, const Tensor& s_in, int64_t batch, int
   const int64_t slots = rows * std::min(max_active, E) * chunk_len;
   Tensor perm = Tensor::empty({slots}, DType::kI64, dev),
          widx = Tensor::empty({slots}, DType::kI64, dev);
+  out.inverse = Tensor::empty({rows * chunk_len, std::min(max_active, E)}, DType::kI64, dev);
   Tensor counts =
       Tensor::empty({2, E}, DType::kI64, dev);  // counts, then dropped: one copy to the host
   kernels::MoeRouteParams p;
@@ -497,6 +564,7 @@ MoeDispatch moe_route(const Tensor& r_in, const Tensor& s_in, int64_t batch, int
   p.dropped = counts.data<int64_t>() + E;
   p.perm = perm.data<int64_t>();
   p.widx = widx.data<int64_t>();
+  p.inverse = out.inverse.data<int64_t>();
   p.stream = current_stream(dev);
   const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, moe_route_workspace, p);
   p.workspace = ws.defined() ? ws.raw_data() : nullptr;

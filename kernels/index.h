@@ -1,6 +1,6 @@
-// Indexing: row gather/scatter-add (embedding, index_select/index_add on the first axis) and
-// gather/scatter-add along an axis of an [outer, axis, inner] view. Scatter-adds are deterministic:
-// each output element receives its contributions in index order.
+// Indexing: row gather/scatter-add/gather-sum (embedding, index_select/index_add on the first axis)
+// and gather/scatter-add along an axis of an [outer, axis, inner] view. Scatter-adds are
+// deterministic: each output element receives its contributions in index order.
 #pragma once
 
 #include "kernels/base/kernel.h"
@@ -31,6 +31,19 @@ struct RowScatterAddParams {
   void* stream = nullptr;
 };
 
+// out[r, :] = the sum of src[inverse[r, k], :] over k = 0 .. K - 1 where inverse[r, k] >= 0, in k
+// order, accumulated in the compute type (a zero row where there is none): the scatter-add
+// table[index[i]] += src[i] into a zero table, for when each destination row knows its sources
+// (the MoE combine: a token's rows from its experts). No sort, no atomics, deterministic.
+struct RowGatherSumParams {
+  DType dtype = DType::kF32;
+  const void* src = nullptr;         // [num_src, cols]
+  const int64_t* inverse = nullptr;  // [rows, K], entries in [-1, num_src)
+  void* out = nullptr;               // [rows, cols]
+  int64_t rows = 0, K = 0, cols = 0, num_src = 0;
+  void* stream = nullptr;
+};
+
 // Along the middle axis: out[o, i, j] = x[o, index[o, i, j], j]   (gather)
 //                        x[o, index[o, i, j], j] += src[o, i, j]  (scatter-add)
 struct AxisIndexParams {
@@ -45,6 +58,7 @@ struct AxisIndexParams {
 
 HYDRA_DECLARE_KERNEL(row_gather, RowGatherParams)
 HYDRA_DECLARE_KERNEL(row_scatter_add, RowScatterAddParams)
+HYDRA_DECLARE_KERNEL(row_gather_sum, RowGatherSumParams)
 HYDRA_DECLARE_KERNEL(axis_gather, AxisIndexParams)
 HYDRA_DECLARE_KERNEL(axis_scatter_add, AxisIndexParams)
 
@@ -78,12 +92,15 @@ struct BagBwdParams {
 };
 
 // Product-key indices (PKM): for each of `rows` rows, out[r, j] = a[r, c / k] * n_keys + b[r, c %
-// k] with c = pick[r, j]: the j-th chosen cell of the k x k grid of the two halves' top-k keys.
+// k] with c = pick[r, j] (or cells[pick[r, j]] when `cells` is given: the pick names one of a
+// list of cells): the j-th chosen cell of the k x k grid of the two halves' top-k keys.
 struct ProductKeyParams {
-  const int64_t* a = nullptr;     // [rows, k]
-  const int64_t* b = nullptr;     // [rows, k]
-  const int64_t* pick = nullptr;  // [rows, count], cells of the k x k grid
-  int64_t* out = nullptr;         // [rows, count]
+  const int64_t* a = nullptr;      // [rows, k]
+  const int64_t* b = nullptr;      // [rows, k]
+  const int64_t* pick = nullptr;   // [rows, count], cells of the k x k grid (or places in cells)
+  const int64_t* cells = nullptr;  // [num_cells] or null
+  int64_t num_cells = 0;
+  int64_t* out = nullptr;  // [rows, count]
   int64_t rows = 0, k = 0, count = 0, n_keys = 0;
   void* stream = nullptr;
 };

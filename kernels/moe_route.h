@@ -7,7 +7,8 @@
 //   perm[i] = b * L + j * chunk_len + t   (the token's row in [B * L, d])
 //   widx[i] = (b * chunks + j) * E + e    (the pair's row in the routing weights [B * chunks * E])
 // so that rows perm[c_e .. c_e + counts[e] * chunk_len) go to expert e (c_e the earlier experts'
-// rows).
+// rows); and its inverse, each token's dispatch positions i in ascending order (its experts in
+// ascending order), padded with -1: inverse[token * K + k], K = min(max_active, experts).
 #pragma once
 
 #include "kernels/base/kernel.h"
@@ -25,6 +26,7 @@ struct MoeRouteParams {
   int64_t* dropped = nullptr;  // [experts]: chunks that chose e past its capacity
   int64_t* perm = nullptr;     // [batch * chunks * max_active * chunk_len] (a prefix is used)
   int64_t* widx = nullptr;     // the same length
+  int64_t* inverse = nullptr;  // [batch * chunks * chunk_len, min(max_active, experts)] or null
   void* workspace = nullptr;   // CUDA: moe_route_workspace(p) bytes
   void* stream = nullptr;
 };

@@ -194,9 +194,9 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   const DType acc = x.dtype();
 
   std::vector<int64_t> sizes(E, 0);
-  Tensor perm_t, widx_t;        // the dispatch order (kernels/moe_route.h), on the device
-  bool routed_anywhere = true;  // false: no chunk of the global batch chose any expert
-  Tensor w;                     // [B, nC, E] routing weights (routing on)
+  Tensor perm_t, widx_t, inv_t;  // the dispatch order and its inverse (kernels/moe_route.h)
+  bool routed_anywhere = true;   // false: no chunk of the global batch chose any expert
+  Tensor w;                      // [B, nC, E] routing weights (routing on)
   // The router and its auxiliary losses compute in the router's dtype: the activations' dtype, or
   // fp32 under mixed precision (keep_master_dtype).
   const DType rdt = router_weight.dtype();
@@ -235,6 +235,7 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     w = mul(r, dispatch.mask.view({B, nC, E})).to(acc);
     perm_t = dispatch.perm;
     widx_t = dispatch.widx;
+    inv_t = dispatch.inverse;
     for (int64_t e = 0; e < E; ++e) sizes[e] = dispatch.counts[e] * c;
     // Auxiliary losses, each normalised by its count over the whole global batch, so that the
     // ranks' shares add up to the single-process loss. Global counts: one host all-reduce.
@@ -290,30 +291,39 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     }
   } else {
     // Routing off: every expert on every token, weight 1/E: the experts act as one dense FFN.
-    std::vector<int64_t> perm;
+    std::vector<int64_t> perm, inv(BL * E);
     perm.reserve(E * BL);
     for (int64_t e = 0; e < E; ++e) {
-      for (int64_t t = 0; t < BL; ++t) perm.push_back(t);
+      for (int64_t t = 0; t < BL; ++t) {
+        inv[t * E + e] = static_cast<int64_t>(perm.size());
+        perm.push_back(t);
+      }
       sizes[e] = BL;
     }
-    if (!perm.empty()) perm_t = tensor(perm, {static_cast<int64_t>(perm.size())}).to(x.device());
+    if (!perm.empty()) {
+      perm_t = tensor(perm, {static_cast<int64_t>(perm.size())}).to(x.device());
+      inv_t = tensor(inv, {BL, E}).to(x.device());
+    }
   }
   if (aux != nullptr) *aux = losses;
 
-  Tensor out = zeros({BL, d}, acc, x.device());
+  Tensor out;
   // With experts sharded the exchange runs on every rank, even one that routed nothing this time;
   // when no rank routed anything the experts do not run at all (as in one process: no expert
   // gradient).
   const bool any_rows = perm_t.defined() && perm_t.numel() > 0;
   if (local_experts_ != num_experts_ ? routed_anywhere : any_rows) {
-    const Tensor xs = gather_rows(xf, perm_t);
+    // The dispatch and the combine go by the token's own rows (the inverse): no scatter, no sort.
+    const Tensor xs = gather_rows(xf, perm_t, inv_t);
     Tensor y = run_experts(xs, sizes, ctx);
     if (w.defined()) {
       y = mul(y, gather_rows(w.reshape({B * nC * E, 1}), widx_t));
     } else {
       y = mul(y, 1.0 / double(E));
     }
-    out = scatter_add_rows(out, perm_t, y);
+    out = gather_sum_rows(y, inv_t, perm_t);
+  } else {
+    out = zeros({BL, d}, acc, x.device());
   }
   if (shared) out = add(out, shared->forward(xf));
   return out.view({B, L, d});

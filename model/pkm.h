@@ -17,8 +17,16 @@ struct PkmLookup {
   Tensor scores;
   Tensor indices;
 };
+// The cells of the k x k grid the search considers (those that can be among its k best) and the
+// 0/1 matrix that forms their sums from the halves' top-k scores, on a device in a dtype.
+struct PkmCells {
+  Tensor select;  // [2k, P]
+  Tensor cells;   // [P] i64
+};
+PkmCells pkm_cells(int64_t topk, DType dtype, Device device);
+// `cache` (optional) keeps pkm_cells for the next call; remade when its dtype or device differs.
 PkmLookup pkm_lookup(const Tensor& q1, const Tensor& q2, const Tensor& k1, const Tensor& k2,
-                     int64_t topk);
+                     int64_t topk, PkmCells* cache = nullptr);
 
 class ProductKeyMemory : public Module {
  public:
@@ -34,6 +42,7 @@ class ProductKeyMemory : public Module {
  private:
   int64_t index_, heads_, k_dim_, n_keys_, topk_;
   double eps_;
+  mutable PkmCells cells_;  // pkm_lookup's cache
 };
 
 }  // namespace hydra::model

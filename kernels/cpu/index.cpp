@@ -55,6 +55,31 @@ void row_scatter_add(const RowScatterAddParams& p) {
   });
 }
 
+void row_gather_sum(const RowGatherSumParams& p) {
+  dispatch_float(p.dtype, "row_gather_sum", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    for (int64_t i = 0; i < p.rows * p.K; ++i)
+      HYDRA_CHECK(p.inverse[i] >= -1 && p.inverse[i] < p.num_src)
+          << "row_gather_sum: index " << p.inverse[i] << " at position " << i
+          << " is out of range [-1, " << p.num_src << ")";
+    const T* src = static_cast<const T*>(p.src);
+    T* out = static_cast<T*>(p.out);
+    parallel_for(p.rows, grain_for(p.cols * std::max<int64_t>(p.K, 1)),
+                 [&](int64_t r0, int64_t r1) {
+                   for (int64_t r = r0; r < r1; ++r) {
+                     T* o = out + r * p.cols;
+                     std::fill(o, o + p.cols, T(0));
+                     for (int64_t k = 0; k < p.K; ++k) {
+                       const int64_t i = p.inverse[r * p.K + k];
+                       if (i < 0) continue;
+                       const T* s = src + i * p.cols;
+                       for (int64_t j = 0; j < p.cols; ++j) o[j] += s[j];
+                     }
+                   }
+                 });
+  });
+}
+
 void axis_gather(const AxisIndexParams& p) {
   dispatch_float(p.dtype, "gather", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -133,9 +158,10 @@ void bag_fwd(const BagParams& p) {
 }
 
 void product_key_indices(const ProductKeyParams& p) {
+  if (p.cells) check_indices(p.pick, p.rows * p.count, p.num_cells, "product_key_indices");
   parallel_for(p.rows * p.count, 65536, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
-      const int64_t r = e / p.count, c = p.pick[e];
+      const int64_t r = e / p.count, c = p.cells ? p.cells[p.pick[e]] : p.pick[e];
       p.out[e] = p.a[r * p.k + c / p.k] * p.n_keys + p.b[r * p.k + c % p.k];
     }
   });

@@ -35,6 +35,12 @@ void route_impl(const MoeRouteParams& p) {
       mask[row * E + e] = T(1);
     }
   }
+  const int64_t K = std::min(p.max_active, E);
+  std::vector<int64_t> filled;
+  if (p.inverse) {
+    std::fill(p.inverse, p.inverse + rows * c * K, int64_t{-1});
+    filled.assign(rows * c, 0);
+  }
   int64_t i = 0;
   for (int64_t e = 0; e < E; ++e)
     for (int64_t row = 0; row < rows; ++row) {
@@ -43,6 +49,7 @@ void route_impl(const MoeRouteParams& p) {
       for (int64_t t = 0; t < c; ++t, ++i) {
         p.perm[i] = b * L + j * c + t;
         p.widx[i] = row * E + e;
+        if (p.inverse) p.inverse[p.perm[i] * K + filled[p.perm[i]]++] = i;
       }
     }
 }

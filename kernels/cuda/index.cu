@@ -1,6 +1,7 @@
 // Row gather / scatter-add (embedding), gather / scatter-add along an axis, and weighted row bags
 // (PKM). The row scatter-add sorts the indices (a stable radix sort: equal rows keep their order)
-// and lets one block sum each run of equal rows in that order: deterministic. With
+// and sums each run of equal rows in that order, a tile of sorted positions per warp and then the
+// tiles' sums in order: deterministic. With
 // kernels::deterministic() off it uses atomics instead (f32, f64).
 #include <algorithm>
 #include <cub/cub.cuh>
@@ -38,6 +39,42 @@ __global__ void row_gather_vec_kernel(const T* __restrict table, const I* __rest
   }
 }
 
+// A thread per output element (or 16-byte pack, VEC): its sources' values are loaded together,
+// then added in k order.
+template <class T, bool VEC>
+__global__ void row_gather_sum_kernel(const T* __restrict src, const int64_t* __restrict inverse,
+                                      T* __restrict out, int64_t rows, int64_t K, int64_t cols) {
+  using C = compute_t<T>;
+  constexpr int kN = VEC ? RowPack<T>::kN : 1;
+  const int64_t units = cols / kN, total = rows * units;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / units, c = e % units;
+    C acc[kN];
+#pragma unroll
+    for (int j = 0; j < kN; ++j) acc[j] = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = inverse[r * K + k];
+      if (i < 0) continue;
+      if constexpr (VEC) {
+        const RowPack<T> v = reinterpret_cast<const RowPack<T>*>(src)[i * units + c];
+#pragma unroll
+        for (int j = 0; j < kN; ++j) acc[j] += convert<C>(v.v[j]);
+      } else {
+        acc[0] += load(src, i * cols + c);
+      }
+    }
+    if constexpr (VEC) {
+      RowPack<T> o;
+#pragma unroll
+      for (int j = 0; j < kN; ++j) o.v[j] = convert<T>(acc[j]);
+      reinterpret_cast<RowPack<T>*>(out)[e] = o;
+    } else {
+      out[e] = convert<T>(acc[0]);
+    }
+  }
+}
+
 template <class I>
 __global__ void sort_input_kernel(const I* __restrict index, int64_t* __restrict keys,
                                   int32_t* __restrict pos, int64_t n) {
@@ -48,22 +85,30 @@ __global__ void sort_input_kernel(const I* __restrict index, int64_t* __restrict
   }
 }
 
-// The warp of sorted position j handles the run of equal keys that starts there (other warps
-// return; a block per position made the MoE combine's 65K mostly idle blocks cost 0.3 ms). A lane
-// per column walks the run 8 entries at a time: their keys, positions and values are loaded
-// together, then added in run order (the same sums, bit for bit, as one entry at a time). One entry
-// at a time made a frequent row (a common token's embedding) a chain of dependent loads as long as
-// its run.
+// Sorted positions per tile of the segmented sum. A run of equal keys is summed a tile at a time,
+// so a frequent row (a common token's embedding gradient: thousands of entries) is summed by many
+// warps side by side instead of one walking it alone (that took 1 ms a step on the toy).
+constexpr int64_t kSegTile = 128;
+
+// Pass 1: a warp per piece, the part of a run of equal sorted keys inside one tile; a piece starts
+// where its run or its tile starts. A piece that is its whole run is added into the table; a run
+// that crosses tiles leaves its pieces in `parts` for pass 2: slot 0 of a tile holds the piece at
+// the tile's start, slot 1 the piece that starts inside the tile and leaves it. A lane per column
+// walks the piece 8 entries at a time (their keys, positions and values loaded together, then added
+// in order). The pieces and their order depend on the keys alone: deterministic.
 template <class T>
 __global__ void segment_add_kernel(const int64_t* __restrict keys, const int32_t* __restrict pos,
-                                   const T* __restrict src, T* __restrict table, int64_t n,
-                                   int64_t cols) {
+                                   const T* __restrict src, T* __restrict table,
+                                   compute_t<T>* __restrict parts, int64_t n, int64_t cols) {
   using C = compute_t<T>;
   constexpr int kBatch = 8;
-  // A warp per sorted element j (8 per block): the warp of a run's first element sums the run.
   const int64_t j = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
-  if (j >= n || (j > 0 && keys[j] == keys[j - 1])) return;
-  const int64_t row = keys[j];
+  if (j >= n) return;
+  const bool run_start = j == 0 || keys[j] != keys[j - 1], tile_start = j % kSegTile == 0;
+  if (!run_start && !tile_start) return;
+  const int64_t row = keys[j], tile = j / kSegTile, end = min(n, (tile + 1) * kSegTile);
+  const bool whole = run_start && (end == n || keys[end] != row);
+  C* part = parts + (tile * 2 + (tile_start ? 0 : 1)) * cols;
   for (int64_t c = threadIdx.x & 31; c < cols; c += 32) {
     C acc = 0;
     for (int64_t k = j;; k += kBatch) {
@@ -72,7 +117,7 @@ __global__ void segment_add_kernel(const int64_t* __restrict keys, const int32_t
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int64_t e = k + u;
-        in[u] = e < n && keys[e] == row;  // keys are sorted: once out of the run, out for good
+        in[u] = e < end && keys[e] == row;  // keys are sorted: once out of the run, out for good
         v[u] = in[u] ? load(src, static_cast<int64_t>(pos[e]) * cols + c) : C(0);
       }
 #pragma unroll
@@ -80,6 +125,27 @@ __global__ void segment_add_kernel(const int64_t* __restrict keys, const int32_t
         if (in[u]) acc += v[u];
       if (!in[kBatch - 1]) break;
     }
+    if (whole)
+      table[row * cols + c] = convert<T>(load(table, row * cols + c) + acc);
+    else
+      part[c] = acc;
+  }
+}
+
+// Pass 2: a warp per run that crosses tiles adds its pieces, in tile order, into the table.
+template <class T>
+__global__ void segment_finish_kernel(const int64_t* __restrict keys,
+                                      const compute_t<T>* __restrict parts, T* __restrict table,
+                                      int64_t n, int64_t cols) {
+  using C = compute_t<T>;
+  const int64_t j = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+  if (j >= n || (j > 0 && keys[j] == keys[j - 1])) return;
+  const int64_t row = keys[j], tile = j / kSegTile, end = min(n, (tile + 1) * kSegTile);
+  if (end == n || keys[end] != row) return;  // the run is one piece, added in pass 1
+  for (int64_t c = threadIdx.x & 31; c < cols; c += 32) {
+    C acc = parts[(tile * 2 + (j % kSegTile == 0 ? 0 : 1)) * cols + c];
+    for (int64_t t = tile + 1; t * kSegTile < n && keys[t * kSegTile] == row; ++t)
+      acc += parts[t * 2 * cols + c];
     table[row * cols + c] = convert<T>(load(table, row * cols + c) + acc);
   }
 }
@@ -199,7 +265,7 @@ __global__ void product_key_kernel(ProductKeyParams p) {
   const int64_t total = p.rows * p.count;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = e / p.count, c = p.pick[e];
+    const int64_t r = e / p.count, c = p.cells ? p.cells[p.pick[e]] : p.pick[e];
     p.out[e] = p.a[r * p.k + c / p.k] * p.n_keys + p.b[r * p.k + c % p.k];
   }
 }
@@ -485,9 +551,15 @@ void row_gather(const RowGatherParams& p) {
   });
 }
 
+// The pieces of runs that cross tiles (segment_add_kernel): two rows of cols sums per tile.
+size_t segment_parts_bytes(int64_t n, int64_t cols) {
+  return align256(static_cast<size_t>((n + kSegTile - 1) / kSegTile) * 2 * cols * sizeof(double));
+}
+
 size_t row_scatter_add_workspace(const RowScatterAddParams& p) {
   if (p.n == 0) return 0;
-  return 2 * align256(p.n * 8) + 2 * align256(p.n * 4) + sort_temp_bytes(p.n, p.num_rows);
+  return 2 * align256(p.n * 8) + 2 * align256(p.n * 4) + sort_temp_bytes(p.n, p.num_rows) + 256 +
+         segment_parts_bytes(p.n, p.cols);
 }
 
 void row_scatter_add(const RowScatterAddParams& p) {
@@ -514,11 +586,37 @@ void row_scatter_add(const RowScatterAddParams& p) {
       HYDRA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp, b.temp_bytes, b.keys_in, b.keys_out,
                                                        b.pos_in, b.pos_out, p.n, 0,
                                                        key_bits(p.num_rows), s));
+      auto* parts = reinterpret_cast<compute_t<T>*>(
+          (reinterpret_cast<uintptr_t>(b.temp) + b.temp_bytes + 255) & ~uintptr_t{255});
       segment_add_kernel<T><<<static_cast<unsigned>((p.n + 7) / 8), 256, 0, s>>>(
-          b.keys_out, b.pos_out, static_cast<const T*>(p.src), static_cast<T*>(p.table), p.n,
+          b.keys_out, b.pos_out, static_cast<const T*>(p.src), static_cast<T*>(p.table), parts, p.n,
           p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
+      if (p.n > kSegTile) {
+        segment_finish_kernel<T><<<static_cast<unsigned>((p.n + 7) / 8), 256, 0, s>>>(
+            b.keys_out, parts, static_cast<T*>(p.table), p.n, p.cols);
+        HYDRA_CUDA_LAUNCH_CHECK();
+      }
     });
+  });
+}
+
+void row_gather_sum(const RowGatherSumParams& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  cudaStream_t s = as_stream(p.stream);
+  dispatch_float(p.dtype, "row_gather_sum", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto* src = static_cast<const T*>(p.src);
+    auto* out = static_cast<T*>(p.out);
+    if (p.cols % RowPack<T>::kN == 0 && aligned16(src) && aligned16(out)) {
+      row_gather_sum_kernel<T, true>
+          <<<blocks_for(p.rows * p.cols / RowPack<T>::kN, 256), 256, 0, s>>>(src, p.inverse, out,
+                                                                             p.rows, p.K, p.cols);
+    } else {
+      row_gather_sum_kernel<T, false><<<blocks_for(p.rows * p.cols, 256), 256, 0, s>>>(
+          src, p.inverse, out, p.rows, p.K, p.cols);
+    }
+    HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
 

@@ -6,8 +6,11 @@
 //      chunks (in chunk order), which decides the capacity and the pair's place in the dispatch
 //      order; the expert's kept and dropped counts;
 //   3. a thread per (chunk, expert, token) writes perm and widx at (earlier experts' kept chunks +
-//      rank) * chunk_len + token.
+//      rank) * chunk_len + token, and that position into the token's inverse entry (its place
+//      among the chunk's kept experts; the rest were set to -1 before).
 // Every output is a function of the inputs alone (fixed scans, no atomics).
+#include <algorithm>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/moe_route.h"
 
@@ -90,8 +93,14 @@ __global__ void __launch_bounds__(kScatterThreads)
     int64_t before = 0;
     for (int64_t k = 0; k < e; ++k) before += p.counts[k];
     const int64_t at = (before + rank[pair]) * c + t, b = row / p.chunks, j = row % p.chunks;
-    p.perm[at] = b * p.chunks * c + j * c + t;
+    const int64_t token = b * p.chunks * c + j * c + t;
+    p.perm[at] = token;
     p.widx[at] = pair;
+    if (p.inverse) {
+      int64_t slot = 0;  // kept experts of this chunk below e
+      for (int64_t k = 0; k < e; ++k) slot += cand[row * E + k] && rank[row * E + k] < cap;
+      p.inverse[token * min(p.max_active, E) + slot] = at;
+    }
   }
 }
 
@@ -117,6 +126,10 @@ void moe_route(const MoeRouteParams& p) {
     HYDRA_CUDA_LAUNCH_CHECK();
   });
   const int64_t n = rows * p.experts * p.chunk_len;
+  if (p.inverse && n > 0 && p.max_active > 0)
+    HYDRA_CUDA_CHECK(cudaMemsetAsync(
+        p.inverse, 0xff, sizeof(int64_t) * rows * p.chunk_len * std::min(p.max_active, p.experts),
+        st));
   if (n > 0) {
     route_scatter_kernel<<<blocks_for(n, kScatterThreads), kScatterThreads, 0, st>>>(p, cand, rank);
     HYDRA_CUDA_LAUNCH_CHECK();

@@ -65,6 +65,49 @@ TEST(GatherRows, GradcheckFloat64) {
       (std::vector<Tensor>{randn64({3, 4}, 10)}));
 }
 
+// An index with repeats and rows no one names, and its inverse (ascending positions, -1 padded).
+struct IndexWithInverse {
+  Tensor index, inverse;
+};
+IndexWithInverse index_with_inverse(const std::vector<int64_t>& idx, int64_t rows, int64_t K) {
+  std::vector<int64_t> inv(rows * K, -1), filled(rows, 0);
+  for (std::size_t i = 0; i < idx.size(); ++i) inv[idx[i] * K + filled[idx[i]]++] = int64_t(i);
+  return {tensor(idx, {static_cast<int64_t>(idx.size())}), tensor(inv, {rows, K})};
+}
+
+TEST(GatherSumRows, EqualsScatterAddIntoZerosAndGradcheckFloat64) {
+  // Row 0 named 3 times, row 2 twice, rows 1 and 4 never; K = 3.
+  const IndexWithInverse ii = index_with_inverse({0, 3, 2, 0, 2, 0, 5}, 6, 3);
+  const Tensor src = randn64({7, 5}, 13, 1.0, false);
+  const auto ref = scatter_add_rows(zeros({6, 5}, DType::kF64), ii.index, src).to_vector<double>();
+  const auto got = gather_sum_rows(src, ii.inverse, ii.index).to_vector<double>();
+  ASSERT_EQ(got.size(), ref.size());
+  for (std::size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-12) << i;
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{gather_sum_rows(in[0], ii.inverse, ii.index)};
+      },
+      (std::vector<Tensor>{randn64({7, 4}, 14)}));
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{gather_rows(in[0], ii.index, ii.inverse)};
+      },
+      (std::vector<Tensor>{randn64({6, 4}, 15)}));
+  // Its forward equals gather_rows without the inverse; a bad inverse is refused by name.
+  const Tensor t = randn64({6, 3}, 16, 1.0, false);
+  EXPECT_EQ(gather_rows(t, ii.index, ii.inverse).to_vector<double>(),
+            gather_rows(t, ii.index).to_vector<double>());
+  EXPECT_THROW((void)gather_sum_rows(src, ii.inverse.narrow(0, 0, 5).to(DType::kI32), ii.index),
+               Error);
+  const Tensor bad = tensor<int64_t>({0, 7, -1, -1}, {2, 2});
+  try {
+    (void)gather_sum_rows(randn64({2, 3}, 17, 1.0, false), bad, tensor<int64_t>({0, 0}, {2}));
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("row_gather_sum: index 7"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Gather, MatchesReferenceAtOddShape) {
   Tensor x = randn64({7, 13, 5}, 11, 1.0, false);
   Tensor idx = randidx(13, {7, 4, 5}, 12);
@@ -200,6 +243,15 @@ TEST(MoeRoute, ChoosesAndOrdersAsWorkedByHand) {
   EXPECT_EQ(b.counts, (std::vector<int64_t>{4, 0, 0}));
   EXPECT_EQ(b.perm.to_vector<int64_t>(), (std::vector<int64_t>{0, 1, 2, 3, 6, 7, 8, 9}));
   EXPECT_EQ(b.widx.to_vector<int64_t>(), (std::vector<int64_t>{0, 0, 3, 3, 9, 9, 12, 12}));
+  // The inverse: each token's dispatch positions, ascending, -1 where fewer experts took it.
+  EXPECT_EQ(d.inverse.shape(), (Shape{6, 2}));
+  EXPECT_EQ(d.inverse.to_vector<int64_t>(),
+            (std::vector<int64_t>{0, 4, 1, 5, 2, 6, 3, 7, -1, -1, -1, -1}));
+  EXPECT_EQ(c.inverse.to_vector<int64_t>(),
+            (std::vector<int64_t>{0, 2, 1, 3, 4, -1, 5, -1, -1, -1, -1, -1}));
+  EXPECT_EQ(b.inverse.shape(), (Shape{12, 1}));
+  EXPECT_EQ(b.inverse.to_vector<int64_t>(),
+            (std::vector<int64_t>{0, 1, 2, 3, -1, -1, 4, 5, 6, 7, -1, -1}));
 }
 
 }  // namespace

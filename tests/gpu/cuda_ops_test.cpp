@@ -370,7 +370,8 @@ TEST(CudaOps, CrossEntropyTargetsStayOnTheDevice) {
 TEST(CudaOps, IndexingMatchCpu) {
   HYDRA_REQUIRE_GPU();
   Generator g(31);
-  const Tensor idx = randint(0, 1000, {7, 111}, g), rows = randint(0, 13, {77}, g);
+  const Tensor idx = randint(0, 1000, {7, 111}, g), rows = randint(0, 13, {77}, g),
+               long_rows = randint(0, 7, {5000}, g);
   for (DType t : kTypes) {
     check_op(
         "embedding",
@@ -382,6 +383,13 @@ TEST(CudaOps, IndexingMatchCpu) {
           return std::vector<Tensor>{scatter_add_rows(in[0], in[2], in[1])};
         },
         {rnd({13, 20}, 33), rnd({77, 20}, 34), rows}, {true, true, false}, t);
+    // Runs of ~700 equal rows cross many tiles of the segmented sum (and end inside them).
+    check_op(
+        "scatter_add_rows (long runs)",
+        [&](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{scatter_add_rows(in[0], in[2], in[1])};
+        },
+        {rnd({9, 20}, 43), rnd({5000, 20}, 44), long_rows}, {true, true, false}, t);
     const Tensor aidx = randint(0, 13, {7, 9, 5}, g);
     check_op(
         "gather",
@@ -452,7 +460,7 @@ TEST(CudaOps, IndexingMatchCpu) {
     EXPECT_LT(testing::rel_error(gpu_grad, cpu_grad), tolerance(t))
         << "sparse embedding_bag gradient " << dtype_name(t);
   }
-  // Product-key indices: exact.
+  // Product-key indices: exact, with the grid's cells and through a list of cells.
   const Tensor pa = randint(0, 9, {3, 5, 4}, g), pb = randint(0, 9, {3, 5, 4}, g),
                pick = randint(0, 16, {3, 5, 6}, g);
   EXPECT_EQ(product_key_indices(pa.to(Device::cuda(0)), pb.to(Device::cuda(0)),
@@ -460,6 +468,34 @@ TEST(CudaOps, IndexingMatchCpu) {
                 .cpu()
                 .to_vector<int64_t>(),
             product_key_indices(pa, pb, pick, 9).to_vector<int64_t>());
+  const Tensor cells = tensor<int64_t>({0, 1, 2, 3, 4, 5, 8, 12, 15}, {9}),
+               cpick = randint(0, 9, {3, 5, 6}, g);
+  EXPECT_EQ(product_key_indices(pa.to(Device::cuda(0)), pb.to(Device::cuda(0)),
+                                cpick.to(Device::cuda(0)), 9, cells.to(Device::cuda(0)))
+                .cpu()
+                .to_vector<int64_t>(),
+            product_key_indices(pa, pb, cpick, 9, cells).to_vector<int64_t>());
+  // The MoE combine's gather-sum (rows named up to 3 times, some never; packed and odd widths).
+  for (int64_t cols : {20, 384, 7}) {
+    std::vector<int64_t> iv, inv(50 * 3, -1), filled(50, 0);
+    const std::vector<int64_t> named = randint(0, 50, {90}, g).to_vector<int64_t>();
+    for (int64_t r : named)
+      if (filled[r] < 3) {
+        inv[r * 3 + filled[r]++] = static_cast<int64_t>(iv.size());
+        iv.push_back(r);
+      }
+    const Tensor index = tensor(iv, {static_cast<int64_t>(iv.size())}),
+                 inverse = tensor(inv, {50, 3});
+    for (DType t : kTypes)
+      check_op(
+          "gather_sum_rows",
+          [&](const std::vector<Tensor>& in) {
+            return std::vector<Tensor>{gather_sum_rows(in[0], in[1], in[2]),
+                                       gather_rows(in[3], in[2], in[1])};
+          },
+          {rnd({index.numel(), cols}, 46 + cols), inverse, index, rnd({50, cols}, 47 + cols)},
+          {true, false, false, true}, t);
+  }
   // Indices agree exactly in f32: warp layouts (4 to 32 items per lane), the block layout (> 1024
   // columns), and rows with many ties (values rounded to bf16), which go to the lower index.
   for (const Shape& s : {Shape{7, 513}, Shape{9, 100}, Shape{17, 1024}, Shape{3, 1500}}) {
@@ -652,6 +688,7 @@ TEST(CudaOps, MoeRouteMatchesCpu) {
     EXPECT_EQ(gpu.mask.cpu().to_vector<float>(), cpu.mask.to_vector<float>()) << at;
     EXPECT_EQ(gpu.perm.cpu().to_vector<int64_t>(), cpu.perm.to_vector<int64_t>()) << at;
     EXPECT_EQ(gpu.widx.cpu().to_vector<int64_t>(), cpu.widx.to_vector<int64_t>()) << at;
+    EXPECT_EQ(gpu.inverse.cpu().to_vector<int64_t>(), cpu.inverse.to_vector<int64_t>()) << at;
     int64_t kept = 0;
     for (int64_t k : cpu.counts) kept += k;
     EXPECT_GT(kept, 0) << at;

@@ -492,6 +492,32 @@ TEST(ProductKeyMemoryLayer, TopkOverProductKeysEqualsBruteForce) {
   }
 }
 
+// The lookup searches only the cells (i, j) with (i + 1)(j + 1) <= k of the grid of the halves'
+// top-k sums; it must pick what the full grid's top-k picks, in its order, ties included (scores on
+// a grid of 0.5, so many sums are equal).
+TEST(ProductKeyMemoryLayer, PrunedGridPicksWhatTheFullGridPicks) {
+  for (int64_t k : {1, 3, 4, 8}) {
+    const int64_t H = 2, T = 11, n = 12, half = 2;
+    const auto coarse = [](const Tensor& t) {
+      std::vector<double> v = t.to_vector<double>();
+      for (double& x : v) x = std::round(x * 2) / 2;
+      return tensor(v, t.shape());
+    };
+    const Tensor q1 = coarse(randn64({H, T, half}, 40 + k, 1.0, false)),
+                 q2 = coarse(randn64({H, T, half}, 50 + k, 1.0, false));
+    const Tensor k1 = coarse(randn64({H, n, half}, 60 + k, 1.0, false)),
+                 k2 = coarse(randn64({H, n, half}, 70 + k, 1.0, false));
+    const model::PkmLookup look = model::pkm_lookup(q1, q2, k1, k2, k);
+    const auto [v1, i1] = topk(matmul(q1, k1.transpose(1, 2)), k);
+    const auto [v2, i2] = topk(matmul(q2, k2.transpose(1, 2)), k);
+    const auto [scores, ci] = topk(add(v1.unsqueeze(3), v2.unsqueeze(2)).reshape({H, T, k * k}), k);
+    EXPECT_EQ(look.scores.to_vector<double>(), scores.to_vector<double>()) << "k " << k;
+    EXPECT_EQ(look.indices.to_vector<int64_t>(),
+              product_key_indices(i1, i2, ci, n).to_vector<int64_t>())
+        << "k " << k;
+  }
+}
+
 TEST(ProductKeyMemoryLayer, GradcheckFloat64WithSparseValueGradients) {
   const model::ModelSpec spec = micro_spec();
   model::Init init(38);
