@@ -282,7 +282,8 @@ void allow_dynamic_smem(K* kernel, size_t bytes, std::string_view op) {
   HYDRA_CHECK(bytes <= static_cast<size_t>(limit))
       << op << ": needs " << bytes << " bytes of shared memory per block, the device allows "
       << limit << " (use a smaller head or state dimension, or f32 instead of f64)";
-  if (bytes > 48 * 1024)
+  // Set whatever the size: the kernel's static shared memory counts against the same 48 KB default.
+  if (bytes > 0)
     HYDRA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(bytes)));
 }

@@ -1,0 +1,451 @@
+// CUDA selective scan, backward (the passes: ssm_scan_common.cuh).
+#include "kernels/cuda/ssm_scan_common.cuh"
+
+namespace hydra::kernels::cuda {
+namespace {
+
+using namespace ssm;
+
+// Sums K values (v[0..K)) over the 32 lanes of a warp with 31 exchanges instead of 5 per value: at
+// offset O each lane sends the half of its values its partner keeps and adds the half it keeps, so
+// each level halves the values a lane holds (lanes with bit O set keep the upper half). When one
+// value is left, the remaining levels add it plainly. Afterwards lane l holds, in v[0..max(K / 32,
+// 1)), the sums of values l * K / 32 + j (K >= 32), or value l / (32 / K) (K < 32; 32 / K lanes
+// hold each). The order of the additions is fixed, so results do not depend on timing.
+template <int K, int O, class A>
+__device__ __forceinline__ void warp_transpose_sum(A* v, int lane) {
+  if constexpr (O > 0) {
+    if constexpr (K > 1) {
+      constexpr int H = K / 2;
+      const bool up = (lane & O) != 0;
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const A send = up ? v[i] : v[i + H], keep = up ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+      }
+      warp_transpose_sum<H, O / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
+      warp_transpose_sum<1, O / 2>(v, lane);
+    }
+  }
+}
+
+// Scratch of the backward, in accumulate-type elements.
+// Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub + 1
+// slots of NMAX states for each of kThreads threads): the largest power of two within 72 KB (3
+// blocks per SM fit), at least one step. 4-byte types: 8 steps at 16 states (72 KB), 16 at 8.
+constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes) {
+  const int slot = nmax * kThreads * acc_bytes;
+  int steps = 1;
+  while ((2 * steps + 1) * slot <= 72 * 1024) steps *= 2;
+  return steps;
+}
+constexpr size_t scan_bwd_smem(int nmax, int acc_bytes) {
+  return size_t(scan_bwd_sub_steps(nmax, acc_bytes) + 1) * nmax * kThreads * acc_bytes;
+}
+
+struct BwdScratch {
+  int64_t hs;              // checkpoints of one batch slice: sub-chunks * N * slice * chunks * D
+  int64_t g_in, dsums;     // G entering each chunk [B][chunks][D][N]; summed delta [B][chunks][D]
+  int64_t part_bc;         // per-warp partials of gB (and of gC)
+  int64_t part_a, part_d;  // per-(batch, chunk) partials of gA (and of gD, gdt_bias)
+  int64_t warps, slice;    // channel warps; batch entries per launch (bounds the scratch)
+};
+
+// The checkpoints of one launch stay below this (larger batches run in slices).
+constexpr int64_t kStateScratchBytes = int64_t{1} << 30;
+
+BwdScratch scratch_of(const SsmScanParams& p) {
+  const int64_t blocks = (p.dim + kThreads - 1) / kThreads, warps = blocks * (kThreads / 32);
+  const int64_t cl = std::min(p.chunk_len, p.len), nc = ssm_num_chunks(p.len, p.chunk_len);
+  const int64_t a = p.dtype == DType::kF64 ? 8 : 4;
+  const int64_t subs = (cl + scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a)) - 1) /
+                       scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a));
+  const int64_t per_batch = subs * p.state * nc * p.dim;
+  const int64_t slice =
+      std::clamp<int64_t>(kStateScratchBytes / (a * std::max<int64_t>(per_batch, 1)), 1, p.batch);
+  const int64_t bcd = p.batch * nc * p.dim;
+  return {per_batch * slice, bcd * p.state, bcd,   warps * p.batch * p.len * p.state,
+          bcd * p.state,     bcd,           warps, slice};
+}
+
+// Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta. C is staged in
+// shared memory kSteps steps at a time (one 16-byte load per four states instead of a load and a
+// conversion per state). Up to 16 states, bounded to 8 blocks per SM (64 registers).
+template <class T, int NMAX>
+__global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <= 16 ? 8 : 1))
+    scan_bwd_chunk_kernel(SsmScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
+                          compute_t<T>* __restrict dsums) {
+  using A = compute_t<T>;
+  __shared__ __align__(16) A Cs[kSteps][NMAX];
+  const SsmScanParams& p = q.fwd;
+  const ScanIn<T> in{p};
+  const ChunkThread th = chunk_thread(p, 0);
+  const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, slot = (b * nchunks + th.c) * D + d;
+  const int N = static_cast<int>(p.state);
+  const bool live = th.live;
+  A Ad[NMAX], G[NMAX];
+  load_decay_rates<T, NMAX>(p, d, live, Ad);
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) G[n] = 0;
+  const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
+  A dsum = 0;
+  // Tiles of kSteps steps from the chunk's end; inside one, each step's own inputs are loaded a
+  // step ahead, so that their latency overlaps the previous step.
+  for (int64_t t1 = th.ce; t1 > th.cs; t1 -= kSteps) {
+    const int64_t t0 = max(th.cs, t1 - kSteps);
+    const int steps = static_cast<int>(t1 - t0);
+    __syncthreads();
+    for (int e = threadIdx.x; e < steps * N; e += blockDim.x)
+      Cs[e / N][e % N] = in.C(b * L + t0 + e / N, e % N);
+    __syncthreads();
+    if (!live) continue;
+    A raw_next = 0, g_next = 0, z_next = 0;
+    auto load_step = [&](int64_t t) {
+      const int64_t r = b * L + t;
+      raw_next = in.raw(r, d, bias);
+      g_next = load(static_cast<const T*>(q.gy), r * D + d);
+      if (p.z) z_next = in.z(r, d);
+    };
+    load_step(t1 - 1);
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const A raw = raw_next, zt = z_next;
+      A g = g_next;
+      if (t > t0) load_step(t - 1);
+      const A dl = softplus(raw);
+      dsum += dl;
+      if (p.z) g *= zt * sigmoid(zt);
+      const int s = static_cast<int>(t - t0);
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n)
+        if (n < N) G[n] = exp2_scaled(dl * Ad[n]) * (G[n] + Cs[s][n] * g);
+    }
+  }
+  if (!live) return;
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n)
+    if (n < N) g_in[slot * N + n] = G[n];
+  dsums[slot] = dsum;
+}
+
+// Backward pass 3, batch entries b0.. of a slice. A thread walks its chunk's steps backward from
+// the G entering it; the states it needs (before and after each step) are recomputed a sub-chunk of
+// kSub steps at a time into shared memory, from checkpoints: a first pass over the chunk stores the
+// state entering each sub-chunk in the scratch ([sub-chunk][state][thread column]). Shared memory
+// is the thread's own ([slot][state][thread]: no bank conflicts, no barriers); the scratch holds 1
+// state per kSub steps instead of every step's (toy shapes: 0.2 GB instead of 1.6 GB written and
+// read again). Blocks per SM the backward asks the compiler to fit: up to 16 states, 3 (at most 168
+// registers, no spills; 1.3x faster than the 184 registers and 2 blocks it takes unbounded, H200);
+// 4 for up to 8. Double precision (tests) leaves the compiler free.
+template <class T, int NMAX>
+constexpr int scan_bwd_min_blocks() {
+  return sizeof(compute_t<T>) > 4 ? 1 : NMAX <= 8 ? 4 : NMAX <= 16 ? 3 : 1;
+}
+
+template <class T, int NMAX>
+__global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
+    scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc,
+                    compute_t<T>* __restrict ws) {
+  using A = compute_t<T>;
+  constexpr int kSub = scan_bwd_sub_steps(NMAX, sizeof(A));
+  extern __shared__ unsigned char smem_raw[];
+  A* hsm = reinterpret_cast<A*>(
+      smem_raw);  // [kSub + 1][NMAX][kThreads]: states before each step, and after
+  auto at = [&](int slot, int n) -> A& { return hsm[(slot * NMAX + n) * kThreads + threadIdx.x]; };
+  // The sub-chunk's B and C, shared by the block's channels (one 16-byte load per four states).
+  __shared__ __align__(16) A Bt[kSub][NMAX];
+  __shared__ __align__(16) A Ct[kSub][NMAX];
+  const SsmScanParams& p = q.fwd;
+  const ScanIn<T> in{p};
+  const ChunkThread th = chunk_thread(p, b0);
+  const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, cs = th.cs, ce = th.ce;
+  const int64_t slot = (b * nchunks + th.c) * D + d;
+  // The thread's column of the checkpoint scratch, and the scratch's row length.
+  const int64_t col = (int64_t(blockIdx.z) * nchunks + th.c) * D + d, cols = sc.slice * nchunks * D;
+  const int N = static_cast<int>(p.state), lane = threadIdx.x & 31;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const bool live = th.live;
+  A* ckpt = ws;  // [k][n][col]: the state entering sub-chunk k
+  A* g_in = ckpt + sc.hs;
+  A* gB_part = g_in + sc.g_in + sc.dsums;
+  A* gC_part = gB_part + sc.part_bc;
+  A* gA_part = gC_part + sc.part_bc;
+  A* gD_part = gA_part + sc.part_a;
+  A* gbias_part = gD_part + sc.part_d;
+  const A* chunk_states = static_cast<const A*>(p.chunk_states);
+
+  A Ad[NMAX], G[NMAX], gA[NMAX];  // Ad in base 2 (load_decay_rates)
+  load_decay_rates<T, NMAX>(p, d, live, Ad);
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) {
+    G[n] = live && n < N ? g_in[slot * N + n] : A(0);
+    gA[n] = 0;
+  }
+  const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
+  const A Dd = live && p.D ? load(static_cast<const T*>(p.D), d) : A(0);
+  A gD = 0, gbias = 0;
+  // B and C of one sub-chunk are staged in Bt, Ct by the whole block (live threads or not), each
+  // thread one element of each (kSub * NMAX <= kThreads). The tiles come in a fixed sequence: the
+  // checkpoint pass's sub-chunks 0 .. subs - 2 (B only), then the backward's subs - 1 .. 0; tile
+  // i + 1 is read into registers as soon as tile i is in shared memory, so that its load overlaps
+  // a sub-chunk of work instead of stalling the block at the barrier.
+  static_assert(kSub * NMAX <= kThreads, "one element of each tile per thread");
+  const int64_t subs = (ce - cs + kSub - 1) / kSub, tiles = 2 * subs - 1;
+  auto tile_sub = [&](int64_t i) { return i < subs - 1 ? i : 2 * subs - 2 - i; };
+  A next_b = 0, next_c = 0;
+  auto fetch = [&](int64_t i) {
+    if (i >= tiles) return;
+    const int64_t t0 = cs + tile_sub(i) * kSub, steps = min(ce, t0 + kSub) - t0;
+    const int e = threadIdx.x;
+    if (e < steps * N) {
+      next_b = in.B(b * L + t0 + e / N, e % N);
+      if (i >= subs - 1) next_c = in.C(b * L + t0 + e / N, e % N);
+    }
+  };
+  auto stage = [&](int64_t i) {  // tile i (fetched) into shared memory; then fetch tile i + 1
+    const int64_t t0 = cs + tile_sub(i) * kSub, steps = min(ce, t0 + kSub) - t0;
+    const int e = threadIdx.x;
+    __syncthreads();  // the previous sub-chunk is done with the tiles
+    if (e < steps * N) {
+      Bt[e / N][e % N] = next_b;
+      Ct[e / N][e % N] = next_c;
+    }
+    __syncthreads();
+    fetch(i + 1);
+  };
+  fetch(0);
+  // Runs the recurrence from h over the staged steps [t0, t1), calling visit(s, h) with the state
+  // before step t0 + s. The next step's inputs are loaded before this step's states are stored (a
+  // load the compiler cannot move above a store that may alias it waits a latency of its own).
+  auto recompute = [&](A(&h)[NMAX], int64_t t0, int64_t t1, auto&& visit) {
+    A raw_next = 0, u_next = 0;
+    auto load_step = [&](int64_t t) {
+      const int64_t r = b * L + t;
+      raw_next = in.raw(r, d, bias);
+      u_next = in.u(r, d);
+    };
+    if (t0 < t1) load_step(t0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const A dl = softplus(raw_next), dlu = dl * u_next;
+      if (t + 1 < t1) load_step(t + 1);
+      const int sidx = static_cast<int>(t - t0);
+      visit(sidx, h);
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n)
+        if (n < N) h[n] = exp2_scaled(dl * Ad[n]) * h[n] + dlu * Bt[sidx][n];
+    }
+  };
+  A h[NMAX];
+  // The checkpoints: the state entering each sub-chunk (the last sub-chunk's end is not needed).
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n) h[n] = live && n < N ? chunk_states[slot * N + n] : A(0);
+  for (int64_t k = 0; k < subs; ++k) {
+    const int64_t t0 = cs + k * kSub, t1 = min(ce, t0 + kSub);
+    if (live) {
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n)
+        if (n < N) ckpt[(k * N + n) * cols + col] = h[n];
+    }
+    if (k + 1 == subs) break;
+    stage(k);
+    if (live) recompute(h, t0, t1, [](int, const A(&)[NMAX]) {});
+  }
+  // Each step's own inputs are loaded a step ahead (the next step is the one before it).
+  A raw_n = 0, u_n = 0, g_n = 0, z_n = 0;
+  auto load_inputs = [&](int64_t t) {
+    if (!live || t < cs) return;
+    const int64_t r = b * L + t;
+    raw_n = in.raw(r, d, bias);
+    u_n = in.u(r, d);
+    g_n = load(static_cast<const T*>(q.gy), r * D + d);
+    if (p.z) z_n = in.z(r, d);
+  };
+  load_inputs(ce - 1);
+  for (int64_t k = subs - 1; k >= 0; --k) {
+    const int64_t t0 = cs + k * kSub, t1 = min(ce, t0 + kSub);
+    stage(2 * subs - 2 - k);
+    if (live) {  // at(s) = the state before step t0 + s, for s = 0 .. t1 - t0 (the last: after
+                 // step t1 - 1)
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n) h[n] = n < N ? ckpt[(k * N + n) * cols + col] : A(0);
+      recompute(h, t0, t1, [&](int sidx, const A(&hv)[NMAX]) {
+#pragma unroll
+        for (int n = 0; n < NMAX; ++n) at(sidx, n) = hv[n];
+      });
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n) at(static_cast<int>(t1 - t0), n) = h[n];
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const int64_t r = b * L + t;
+      const int sidx = static_cast<int>(t - t0);
+      A g = g_n, ut = u_n, dl = 0, dsig = 0, raw = raw_n, zt = z_n;
+      load_inputs(t - 1);
+      if (live) {
+        dl = softplus(raw);
+        dsig = raw > A(20) ? A(1) : sigmoid(raw);
+        if (p.z) {
+          A part[kParts] = {};
+#pragma unroll
+          for (int n = 0; n < NMAX; ++n)
+            if (n < N) part[n % kParts] += Ct[sidx][n] * at(sidx + 1, n);
+          const A y_pre = sum_parts(part) + Dd * ut;
+          const A sg = sigmoid(zt);
+          static_cast<T*>(q.gz)[r * D + d] = convert<T>(g * y_pre * sg * (A(1) + zt * (A(1) - sg)));
+          g *= zt * sg;
+        }
+      }
+      gD += g * ut;
+      // Per state, with G' = G + C g and X = G' a h_prev: gB = G' dl u, gC = g h, gA += dl X,
+      // and the state's shares of gu and gdelta, summed over states first (GB = sum G' B,
+      // XA = sum A2 X): gu = D g + dl GB, gdelta_pre = u GB + ln2 XA.
+      const A dlu = dl * ut;
+      A GB[kParts] = {}, XA[kParts] = {};
+      // gB and gC: the warp's sums over its channels, kGroup states at a time (warp_transpose_sum;
+      // a group bounds the registers the partial sums take).
+      constexpr int kGroup = NMAX < 8 ? NMAX : 8, kShare = 32 / kGroup;
+#pragma unroll
+      for (int n0 = 0; n0 < NMAX; n0 += kGroup) {
+        A gb[kGroup], gc[kGroup];
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          const int n = n0 + j;
+          gb[j] = gc[j] = 0;
+          if (live && n < N) {
+            const A Bn = Bt[sidx][n], Cn = Ct[sidx][n];
+            const A an = exp2_scaled(dl * Ad[n]), Gn = G[n] + Cn * g;
+            const A X = Gn * an * at(sidx, n);
+            gc[j] = g * at(sidx + 1, n);
+            gb[j] = Gn * dlu;
+            GB[n % kParts] += Gn * Bn;
+            XA[n % kParts] += Ad[n] * X;
+            gA[n] += dl * X;
+            G[n] = an * Gn;
+          }
+        }
+        if (n0 >= N) continue;  // (uniform)
+        warp_transpose_sum<kGroup, 16>(gb, lane);
+        warp_transpose_sum<kGroup, 16>(gc, lane);
+        const int n = n0 + lane / kShare;
+        if (lane % kShare == 0 && n < N) {
+          gB_part[(warp * p.batch * L + r) * N + n] = gb[0];
+          gC_part[(warp * p.batch * L + r) * N + n] = gc[0];
+        }
+      }
+      if (live) {
+        const A gb_sum = sum_parts(GB);
+        static_cast<T*>(q.gu)[r * D + d] = convert<T>(Dd * g + dl * gb_sum);
+        const A graw = (ut * gb_sum + A(kLn2) * sum_parts(XA)) * dsig;
+        static_cast<T*>(q.gdelta)[r * D + d] = convert<T>(graw);
+        gbias += graw;
+      }
+    }
+  }
+  if (!live) return;
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n)
+    if (n < N) gA_part[slot * N + n] = gA[n];
+  gD_part[slot] = gD;
+  gbias_part[slot] = gbias;
+}
+
+// gB and gC: the sum over channel warps, in warp order.
+template <class T>
+__global__ void scan_bc_finish_kernel(const compute_t<T>* __restrict gB_part,
+                                      const compute_t<T>* __restrict gC_part, int64_t warps,
+                                      int64_t total, T* __restrict gB, T* __restrict gC) {
+  using A = compute_t<T>;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    A sb = 0, sc = 0;
+    for (int64_t w = 0; w < warps; ++w) {
+      sb += gB_part[w * total + e];
+      sc += gC_part[w * total + e];
+    }
+    gB[e] = convert<T>(sb);
+    gC[e] = convert<T>(sc);
+  }
+}
+
+// gA_log = A * (the sum over batch and chunks of gA), as dA/dA_log = A: column_sum's epilogue.
+template <class T>
+struct GradALogStore {
+  T* out;
+  const T* A_log;
+  __device__ void operator()(int64_t e, compute_t<T> v) const {
+    out[e] = convert<T>(v * -exp(load(A_log, e)));
+  }
+};
+
+}  // namespace
+
+size_t ssm_scan_bwd_workspace(const SsmScanBwdParams& q) {
+  const BwdScratch sc = scratch_of(q.fwd);
+  const size_t a = q.fwd.dtype == DType::kF64 ? 8 : 4;
+  return a * static_cast<size_t>(sc.hs + sc.g_in + sc.dsums + 2 * sc.part_bc + sc.part_a +
+                                 2 * sc.part_d) +
+         256;
+}
+
+void ssm_scan_bwd(const SsmScanBwdParams& q) {
+  const SsmScanParams& p = q.fwd;
+  if (p.batch * p.dim * p.len == 0) return;
+  check_grid(p);
+  HYDRA_CHECK(p.chunk_states != nullptr)
+      << "ssm_scan_bwd needs the chunk states saved by the forward";
+  HYDRA_CHECK(q.workspace != nullptr) << "ssm_scan_bwd: workspace required";
+  const BwdScratch sc = scratch_of(p);
+  const int64_t nc = ssm_num_chunks(p.len, p.chunk_len);
+  const unsigned dim_blocks = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
+  const dim3 chunk_grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(p.batch)),
+      carry_grid(static_cast<unsigned>((p.dim * p.state + kThreads - 1) / kThreads),
+                 static_cast<unsigned>(p.batch));
+  cudaStream_t s = as_stream(p.stream);
+  dispatch_float(p.dtype, "ssm_scan_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = compute_t<T>;
+    A* ws = static_cast<A*>(q.workspace);
+    A* g_in = ws + sc.hs;
+    A* dsums = g_in + sc.g_in;
+    dispatch_state(p.state, [&](auto nmax) {
+      constexpr int NMAX = decltype(nmax)::value;
+      scan_bwd_chunk_kernel<T, NMAX><<<chunk_grid, kThreads, 0, s>>>(q, nc, g_in, dsums);
+      HYDRA_CUDA_LAUNCH_CHECK();
+      scan_carry_kernel<T, true><<<carry_grid, kThreads, 0, s>>>(
+          static_cast<const T*>(p.A_log), p.dim, p.state, nc, g_in, dsums,
+          static_cast<const A*>(q.g_hlast), static_cast<A*>(q.gh0));
+      HYDRA_CUDA_LAUNCH_CHECK();
+      for (int64_t b0 = 0; b0 < p.batch; b0 += sc.slice) {
+        const dim3 grid(dim_blocks, static_cast<unsigned>(nc),
+                        static_cast<unsigned>(std::min(sc.slice, p.batch - b0)));
+        constexpr size_t smem = scan_bwd_smem(NMAX, sizeof(A));
+        allow_dynamic_smem(scan_bwd_kernel<T, NMAX>, smem, "ssm_scan_backward");
+        scan_bwd_kernel<T, NMAX><<<grid, kThreads, smem, s>>>(q, nc, b0, sc, ws);
+        HYDRA_CUDA_LAUNCH_CHECK();
+      }
+    });
+    const A* gB_part = dsums + sc.dsums;
+    const A* gC_part = gB_part + sc.part_bc;
+    const A* gA_part = gC_part + sc.part_bc;
+    const int64_t rows = p.batch * p.len * p.state;
+    scan_bc_finish_kernel<T><<<blocks_for(rows, 256), 256, 0, s>>>(
+        gB_part, gC_part, sc.warps, rows, static_cast<T*>(q.gB), static_cast<T*>(q.gC));
+    HYDRA_CUDA_LAUNCH_CHECK();
+    // gA_log, gD and gdt_bias: sums over the (batch, chunk) partials, in a fixed order.
+    const int64_t parts = p.batch * nc;
+    column_sum_to(gA_part, parts, p.dim * p.state,
+                  GradALogStore<T>{static_cast<T*>(q.gA_log), static_cast<const T*>(p.A_log)}, s);
+    HYDRA_CUDA_LAUNCH_CHECK();
+    if (q.gD) {
+      column_sum(gA_part + sc.part_a, parts, p.dim, static_cast<T*>(q.gD), A(1), s);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+    if (q.gdt_bias) {
+      column_sum(gA_part + sc.part_a + sc.part_d, parts, p.dim, static_cast<T*>(q.gdt_bias), A(1),
+                 s);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace hydra::kernels::cuda

@@ -1,0 +1,174 @@
+// CUDA selective scan: what the forward (ssm_scan_fwd.cu) and the backward (ssm_scan_bwd.cu) share.
+// Parallel over (batch, channel, chunk of chunk_len steps); each thread keeps its N states in
+// registers (N is a template bound: 8, 16, 32 or 64). Forward, three passes
+// (spec/algorithms.md section 1: the recurrence is linear in h):
+//   1. each chunk from a zero state: its end state and its summed delta (the chunk's decay is
+//      exp(A * sum delta));
+//   2. per (batch, channel, state), chunk to chunk: the true state entering each chunk, and h_last;
+//   3. each chunk again from its entering state, writing y.
+// Backward, the same for the adjoint G_t = C_t gy_t + a_{t+1} G_{t+1} (section 2), which is linear
+// in G too: each chunk's G from a zero end, then a pass from the last chunk to the first for the
+// true G entering each chunk, then each chunk walks its steps backward, recomputing its states from
+// the saved chunk-start state: checkpoints every few steps in scratch, the steps between them in
+// shared memory. Sums over channels (gB, gC) are warp shuffles into per-warp partials; sums over
+// batch and chunks (gA_log, gD, gdt_bias) are per-(batch, chunk) partials; later kernels add both
+// in a fixed order, so results are bit-reproducible without atomics.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/ssm_scan.h"
+
+namespace hydra::kernels::cuda::ssm {
+
+constexpr int kThreads = 128;  // channels per block
+constexpr int kSteps = 32;     // time steps of B and C staged in shared memory at once (forward)
+
+template <class T>
+struct ScanIn {
+  const SsmScanParams& p;
+  __device__ compute_t<T> u(int64_t r, int64_t d) const {
+    return load(static_cast<const T*>(p.u), r * p.u_row + d);
+  }
+  __device__ compute_t<T> raw(int64_t r, int64_t d, compute_t<T> bias) const {
+    return load(static_cast<const T*>(p.delta), r * p.delta_row + d) + bias;
+  }
+  __device__ compute_t<T> z(int64_t r, int64_t d) const {
+    return load(static_cast<const T*>(p.z), r * p.z_row + d);
+  }
+  __device__ compute_t<T> B(int64_t r, int64_t n) const {
+    return load(static_cast<const T*>(p.B), r * p.B_row + n);
+  }
+  __device__ compute_t<T> C(int64_t r, int64_t n) const {
+    return load(static_cast<const T*>(p.C), r * p.C_row + n);
+  }
+};
+
+template <class A>
+__device__ A softplus(A raw) {
+  return raw > A(20) ? raw : log1p(exp(raw));
+}
+template <class A>
+__device__ A sigmoid(A v) {
+  return A(1) / (A(1) + exp(-v));
+}
+
+// The thread's place: channel d, chunk c (blockIdx.y) of batch b (b0 + blockIdx.z), steps [cs, ce).
+struct ChunkThread {
+  int64_t b, c, d, cs, ce;
+  bool live;
+};
+
+inline __device__ ChunkThread chunk_thread(const SsmScanParams& p, int64_t b0) {
+  ChunkThread t;
+  t.b = b0 + blockIdx.z;
+  t.c = blockIdx.y;
+  t.d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  t.cs = t.c * p.chunk_len;
+  t.ce = min(p.len, t.cs + p.chunk_len);
+  t.live = t.d < p.dim;
+  return t;
+}
+
+// The decay rates in base 2, A2 = A * log2(e) with A = -exp(A_log), so that a step's decay
+// exp(delta * A) is one multiply and one ex2 (exp2_scaled).
+constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
+__device__ __forceinline__ float exp2_scaled(float x) { return exp2_ftz(x); }
+__device__ __forceinline__ double exp2_scaled(double x) { return exp2(x); }
+
+// Sums over the states run as kParts interleaved partial sums: one chain of NMAX dependent adds
+// per step was the backward's main stall (a warp waiting 4 cycles an add, 12 warps an SM).
+constexpr int kParts = 4;
+template <class A>
+__device__ __forceinline__ A sum_parts(const A (&part)[kParts]) {
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+template <class T, int NMAX>
+__device__ void load_decay_rates(const SsmScanParams& p, int64_t d, bool live,
+                                 compute_t<T> (&Ad)[NMAX]) {
+  using A = compute_t<T>;
+  const int N = static_cast<int>(p.state);
+#pragma unroll
+  for (int n = 0; n < NMAX; ++n)
+    Ad[n] =
+        live && n < N ? -exp(load(static_cast<const T*>(p.A_log), d * N + n)) * A(kLog2e) : A(0);
+}
+
+// Pass 2 of both directions, a thread per (batch, channel, state): the value carried into each
+// chunk replaces the chunk's own (computed from zero) in `vals`, walking the chunks in order
+// (forward: the states entering them) or from the last (backward: the adjoint G entering them from
+// the right); carried = exp(A * the chunk's summed delta) * carried + the chunk's own. `init` is
+// the value entering the first chunk walked (h0, g_hlast; null: zero), `last` receives the value
+// after the last one (h_last, gh0). A group of 8 chunks is loaded before any is stored (the stores
+// may alias later loads), so a walk over 32 chunks waits 4 memory latencies, not 32; a thread per
+// state makes the accesses coalesce.
+template <class T, bool REVERSE>
+__global__ void __launch_bounds__(kThreads)
+    scan_carry_kernel(const T* __restrict A_log, int64_t D, int64_t N, int64_t nchunks,
+                      compute_t<T>* __restrict vals, const compute_t<T>* __restrict dsums,
+                      const compute_t<T>* __restrict init, compute_t<T>* __restrict last) {
+  using A = compute_t<T>;
+  const int64_t b = blockIdx.y,
+                i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // i = d * N + n
+  if (i >= D * N) return;
+  const int64_t d = i / N;
+  const A Ad = -exp(load(A_log, i));
+  A carried = init ? init[b * D * N + i] : A(0);
+  constexpr int kGroup = 8;
+  for (int64_t k0 = 0; k0 < nchunks; k0 += kGroup) {
+    A own[kGroup], ds[kGroup];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const int64_t k = k0 + j, c = REVERSE ? nchunks - 1 - k : k;
+      own[j] = ds[j] = 0;
+      if (k < nchunks) {
+        own[j] = vals[(b * nchunks + c) * D * N + i];
+        ds[j] = dsums[(b * nchunks + c) * D + d];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const int64_t k = k0 + j, c = REVERSE ? nchunks - 1 - k : k;
+      if (k < nchunks) {
+        vals[(b * nchunks + c) * D * N + i] = carried;
+        carried = exp(ds[j] * Ad) * carried + own[j];
+      }
+    }
+  }
+  if (last) last[b * D * N + i] = carried;
+}
+
+// The template bound of the states (dispatch_state's choice).
+constexpr int state_bound(int64_t state) {
+  return state <= 8 ? 8 : state <= 16 ? 16 : state <= 32 ? 32 : 64;
+}
+
+// Calls fn(std::integral_constant<int, NMAX>) with the smallest supported bound >= state.
+template <class F>
+void dispatch_state(int64_t state, F&& fn) {
+  HYDRA_CHECK(state >= 1 && state <= 64)
+      << "ssm_scan (CUDA): d_state " << state << " is not supported (1..64)";
+  switch (state_bound(state)) {
+    case 8:
+      return fn(std::integral_constant<int, 8>{});
+    case 16:
+      return fn(std::integral_constant<int, 16>{});
+    case 32:
+      return fn(std::integral_constant<int, 32>{});
+    default:
+      return fn(std::integral_constant<int, 64>{});
+  }
+}
+
+inline void check_grid(const SsmScanParams& p) {
+  HYDRA_CHECK(p.batch < 65536) << "ssm_scan (CUDA): batch " << p.batch << " must be below 65536";
+  HYDRA_CHECK(p.chunk_len >= 1) << "ssm_scan: chunk_len must be positive, got " << p.chunk_len;
+  HYDRA_CHECK(ssm_num_chunks(p.len, p.chunk_len) < 65536)
+      << "ssm_scan (CUDA): " << ssm_num_chunks(p.len, p.chunk_len) << " chunks of " << p.chunk_len
+      << " steps; at most 65535 (raise the scan chunk)";
+}
+
+}  // namespace hydra::kernels::cuda::ssm
