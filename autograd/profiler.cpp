@@ -6,6 +6,7 @@
 #include <iomanip>
 #include <map>
 #include <mutex>
+#include <string_view>
 #include <vector>
 
 #include "autograd/cuda_context.h"
@@ -39,6 +40,10 @@ struct Pending {
 
 struct Profile {
   std::mutex mu;
+  std::chrono::steady_clock::time_point since = std::chrono::steady_clock::now();  // last reset
+  // The host's time between the end of one launch and the start of the next, charged to the next
+  // (HYDRA_PROFILE=2: "host before <family>"): where the host, not the device, sets the pace.
+  std::chrono::steady_clock::time_point last_end{};
   std::map<std::string, Totals> totals;
   std::vector<Pending> pending;
   std::vector<int> free_slots;
@@ -110,6 +115,13 @@ void KernelProfileScope::begin(Device device, const char* name) {
   }
 #endif
   p.t0 = std::chrono::steady_clock::now();
+  if (kernel_profile_detailed() && std::string_view(name).rfind("host", 0) != 0 &&
+      pr.last_end.time_since_epoch().count() != 0) {
+    Totals& gap = pr.totals["host before " + std::string(name)];
+    gap.ms += std::chrono::duration<double, std::milli>(p.t0 - pr.last_end).count();
+    ++gap.launches;
+  }
+  pr.last_end = p.t0;  // a scope inside this one is charged from here
   active_ = true;
 }
 
@@ -117,6 +129,7 @@ void KernelProfileScope::end() {
   Profile& pr = profile();
   std::lock_guard<std::mutex> lock(pr.mu);
   Pending& p = pr.pending[slot_];
+  pr.last_end = std::chrono::steady_clock::now();
 #if HYDRA_WITH_CUDA
   if (p.cuda) {
     HYDRA_CUDA_CHECK(cudaEventRecord(p.stop, static_cast<cudaStream_t>(current_stream(p.device))));
@@ -136,6 +149,7 @@ void kernel_profile_reset() {
   std::lock_guard<std::mutex> lock(pr.mu);
   pr.resolve_locked();
   pr.totals.clear();
+  pr.since = std::chrono::steady_clock::now();
 }
 
 void kernel_profile_report(std::ostream& os, int64_t steps) {
@@ -145,9 +159,12 @@ void kernel_profile_report(std::ostream& os, int64_t steps) {
   std::vector<std::pair<std::string, Totals>> rows(pr.totals.begin(), pr.totals.end());
   std::sort(rows.begin(), rows.end(),
             [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
-  double total = 0;
-  for (const auto& r :
-       rows)  // detailed rows ("gemm MxNxK ...", a space in the name) are inside their family's
+  const double wall =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - pr.since)
+          .count();
+  double total = 0;  // device kernels; detailed rows ("gemm MxNxK ...", a space in the name) are
+                     // inside their family's, host rows ("host: ...") are not kernels
+  for (const auto& r : rows)
     if (r.first.find(' ') == std::string::npos) total += r.second.ms;
   int64_t launches = 0;
   for (const auto& r : rows)
@@ -157,7 +174,10 @@ void kernel_profile_report(std::ostream& os, int64_t steps) {
   if (steps > 0)
     os << "; per step (" << steps
        << " steps after the first, evaluation included): " << total / double(steps)
-       << " ms in kernels, " << launches / steps << " launches";
+       << " ms in kernels, " << launches / steps << " launches, " << wall / double(steps)
+       << " ms of wall time (kernels " << std::setprecision(0)
+       << (wall > 0 ? 100.0 * total / wall : 0.0) << "% of it; the rest the device waits for "
+       << "the host)" << std::setprecision(1);
   os << "\n";
   os << "  " << std::left << std::setw(28) << "kernel" << std::right << std::setw(12) << "total ms"
      << std::setw(10) << "share" << std::setw(12) << "launches" << std::setw(12) << "us/launch"

@@ -13,7 +13,9 @@ namespace hydra {
 
 bool kernel_profile_enabled();
 // HYDRA_PROFILE=2: also rows per GEMM shape ("gemm 32768x1536x384 bf16 NT b1"), beside the
-// families.
+// families, and "host before <kernel>" rows: the host's time since the previous launch, charged to
+// the next one (where the device waits for the host). Rows whose name starts with "host" are host
+// wall-clock time (waits for copies to the host, copies from pageable memory), not kernels.
 bool kernel_profile_detailed();
 
 class KernelProfileScope {

@@ -142,6 +142,12 @@ Tensor transfer(const Tensor& src, Device device) {
                         : device.is_cpu()   ? CopyKind::kDeviceToHost
                                             : CopyKind::kDeviceToDevice;
   void* stream = current_stream(device.is_cuda() ? device : s.device());
+  // The profile's host rows: how long the host waits for the device (a copy to the host drains
+  // the stream) and copies from pageable memory (staged by the driver).
+  std::optional<KernelProfileScope> wait;
+  if (kernel_profile_enabled() && kind != CopyKind::kDeviceToDevice && !s.is_pinned())
+    wait.emplace(Device::cpu(), device.is_cpu() ? "host: wait for a copy to the host"
+                                                : "host: copy from pageable memory");
   kernels::cuda::memcpy_async(out.raw_data(), s.raw_data(), s.nbytes(), kind, stream);
   if (device.is_cpu()) {
     kernels::cuda::stream_synchronize(stream);
