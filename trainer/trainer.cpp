@@ -158,15 +158,31 @@ Status check_model_fits(const config::RunConfig& cfg, const model::ModelSpec& sp
 }  // namespace
 
 namespace {
-// What to do after a non-finite loss or gradient: resume from the last checkpoint when there is
-// one, else start over; either way with a lower learning rate.
-std::string diverged_advice(const std::string& last_ckpt) {
-  if (last_ckpt.empty())
-    return "No checkpoint was written yet: start the run again (a new --out, or remove this one) "
-           "with a "
-           "lower learning rate (--set train.lr.lr=...)";
-  return "The last good checkpoint is " + last_ckpt + ": resume from it with --resume " +
-         last_ckpt + " and a lower learning rate (--set train.lr.lr=...)";
+// What to do after a non-finite loss or gradient. `good`: the newest checkpoint whose next step
+// gave a finite loss and gradient in this run (resuming from it repeats that step: the advice is
+// true); `suspect`: a newer one whose next step is the one that failed (its weights give this
+// loss, so it is not named as good). Either may be empty.
+std::string diverged_advice(const std::string& good, const std::string& suspect) {
+  std::string out;
+  if (!suspect.empty())
+    out = "The newest checkpoint, " + suspect +
+          ", holds the weights this step started from, so resuming from it fails the same way. ";
+  if (!good.empty() && std::filesystem::exists(good + "/manifest.pb"))
+    return out + "The last good checkpoint is " + good + ": resume from it with --resume " + good +
+           " and a lower learning rate (--set train.lr.lr=...)";
+  if (!good.empty())
+    return out + "The last good checkpoint, " + good +
+           ", was removed by train.keep_last; resume from an older checkpoint of an earlier run, "
+           "or "
+           "start again, with a lower learning rate (--set train.lr.lr=...) and train.keep_last >= "
+           "2";
+  if (!suspect.empty())
+    return out +
+           "No checkpoint of this run is known to give a finite next step: resume from an "
+           "older checkpoint of an earlier run, or start again (a new --out), with a lower "
+           "learning rate (--set train.lr.lr=...)";
+  return "No checkpoint was written yet: start the run again (a new --out, or remove this one) "
+         "with a lower learning rate (--set train.lr.lr=...)";
 }
 }  // namespace
 
@@ -550,6 +566,8 @@ Expected<TrainSummary> Trainer::run() {
   } restore{old_term, old_int, old_usr1};
 
   std::string last_ckpt = resume_from_;
+  // The NaN guard's bookkeeping: a checkpoint becomes good once the step after it is finite.
+  std::string good_ckpt, unverified_ckpt = resume_from_;
   std::vector<double> rates, recent_losses;
   const auto t_start = std::chrono::steady_clock::now();
   const double elapsed_before = state_.elapsed_s;
@@ -562,6 +580,7 @@ Expected<TrainSummary> Trainer::run() {
     state_.elapsed_s = elapsed();
     HYDRA_ASSIGN_OR_RETURN(last_ckpt,
                            checkpoints_->save(state_, cfg_, *model_, *optimizer_, *grid_));
+    unverified_ckpt = last_ckpt;
     return ok_status();
   };
 
@@ -608,14 +627,18 @@ Expected<TrainSummary> Trainer::run() {
       progress.finish();
       return internal_error(
           "step " + std::to_string(step + 1) + ": the loss is " + std::to_string(total_loss) +
-          " (not finite); stopping without saving. " + diverged_advice(last_ckpt));
+          " (not finite); stopping without saving. " + diverged_advice(good_ckpt, unverified_ckpt));
     }
     const double norm = global_grad_norm(*optimizer_, *grid_);
     if (!std::isfinite(norm)) {
       progress.finish();
       return internal_error("step " + std::to_string(step + 1) +
                             ": the gradient norm is not finite; stopping without saving. " +
-                            diverged_advice(last_ckpt));
+                            diverged_advice(good_ckpt, unverified_ckpt));
+    }
+    if (!unverified_ckpt.empty()) {  // its next step (this one) is finite: it is good
+      good_ckpt = unverified_ckpt;
+      unverified_ckpt.clear();
     }
     const double clip = tr.optimizer().grad_clip();
     const double scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;

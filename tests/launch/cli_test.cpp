@@ -310,6 +310,39 @@ TEST(Faults, DivergenceAdviceNamesOnlyCheckpointsThatExist) {
   EXPECT_TRUE(fs::exists(ckpt + "/manifest.pb"));
 }
 
+// The NaN guard's advice with a checkpoint after every step: the checkpoint written just before the
+// failing step holds the weights that fail, so it must not be called good; the one named good is
+// older, exists, and its next step was finite (the run went on past it).
+TEST(Faults, DivergenceAdviceNeverNamesTheCheckpointOfTheFailingStep) {
+  const std::string dir = temp_dir("diverge-every");
+  const Result r = run(kTrain + " --config " + kTiny + " --out " + dir + "/a" + kQuick +
+                       " --set train.steps=30 --set train.save_every=1 --set train.keep_last=5 " +
+                       "--set train.lr.lr=1e9 --set train.lr.warmup_steps=0");
+  ASSERT_EQ(r.code, 3) << r.output;
+  const std::size_t bad = r.output.find("not finite");
+  ASSERT_NE(bad, std::string::npos) << r.output;
+  const std::size_t at = r.output.rfind("step ", bad);  // "step N: the loss is ... (not finite)"
+  ASSERT_NE(at, std::string::npos) << r.output;
+  const int64_t failed = std::stoll(r.output.substr(at + 5));
+  ASSERT_GE(failed, 2) << r.output;
+  char suspect[32];
+  std::snprintf(suspect, sizeof suspect, "step-%08lld", static_cast<long long>(failed - 1));
+  EXPECT_NE(r.output.find("The newest checkpoint, " + dir + "/a/checkpoints/" + suspect),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("--resume " + dir + "/a/checkpoints/" + suspect), std::string::npos)
+      << r.output;
+  const std::size_t good = r.output.find("The last good checkpoint is ");
+  if (failed >= 3) {
+    ASSERT_NE(good, std::string::npos) << r.output;
+    char older[32];
+    std::snprintf(older, sizeof older, "step-%08lld", static_cast<long long>(failed - 2));
+    EXPECT_NE(r.output.find(dir + "/a/checkpoints/" + older + ": resume from it"),
+              std::string::npos)
+        << r.output;
+  }
+}
+
 // A disk that fills up during a save, at many points of the save (a small tmpfs; needs root, as CI
 // runs): a clear message naming the file and exit code 1, never a crash (HDF5's exit handler closed
 // a file whose close had failed: SIGSEGV with the tmpfs at 2.5 MB), and no published checkpoint
