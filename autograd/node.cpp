@@ -54,9 +54,13 @@ std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
     // Take the incoming buffer when nothing else refers to it; otherwise copy, so that no two
     // leaves' .grad share memory (a pass-through backward such as add's hands one tensor to both
     // inputs).
+    // A conversion (bf16 compute, fp32 gradient) makes a new buffer already.
     const bool sole_owner = g.storage().use_count() == 1 && g.impl_ptr().use_count() == 1 &&
-                            g.is_contiguous() && g.offset() == 0 && g.dtype() == leaf_.grad_dtype();
-    leaf_.set_grad(sole_owner ? g : g.to(leaf_.grad_dtype()).clone());
+                            g.is_contiguous() && g.offset() == 0;
+    if (g.dtype() != leaf_.grad_dtype())
+      leaf_.set_grad(g.to(leaf_.grad_dtype()));
+    else
+      leaf_.set_grad(sole_owner ? g : g.clone());
   } else {
     NoGradGuard no_grad;
     current.add_(g.dtype() == current.dtype() ? g : g.to(current.dtype()));

@@ -1,9 +1,11 @@
 #include "autograd/tensor.h"
 
 #include <cstring>
+#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <tuple>
 
 #include "autograd/dispatch.h"
 #include "autograd/engine.h"
@@ -255,6 +257,41 @@ Tensor& Tensor::copy_(const Tensor& src) {
   copy_same_device(*this, s);
   storage()->bump_version();
   return *this;
+}
+
+void copy_many_(const std::vector<Tensor>& dst, const std::vector<Tensor>& src) {
+  HYDRA_CHECK(dst.size() == src.size())
+      << "copy_many_: " << dst.size() << " destinations, " << src.size() << " sources";
+  // Batches keyed by (device, src dtype, dst dtype), flushed when full and at the end.
+  std::map<std::tuple<std::string, DType, DType>, kernels::MultiCopyParams> batches;
+  auto flush = [](kernels::MultiCopyParams& p, const Device& device) {
+    if (p.count == 0) return;
+    p.stream = current_stream(device);
+    HYDRA_LAUNCH(device, multi_copy, p);
+    p.count = 0;
+  };
+  std::map<std::tuple<std::string, DType, DType>, Device> devices;
+  for (std::size_t i = 0; i < dst.size(); ++i) {
+    const Tensor &d = dst[i], &s = src[i];
+    if (d.numel() == 0) continue;
+    if (s.device() != d.device() || !s.is_contiguous() || !d.is_contiguous() ||
+        s.shape() != d.shape() || (GradMode::enabled() && d.requires_grad())) {
+      Tensor(d).copy_(s);  // the general path (and its checks)
+      continue;
+    }
+    const auto key = std::make_tuple(d.device().str(), s.dtype(), d.dtype());
+    kernels::MultiCopyParams& p = batches[key];
+    devices.emplace(key, d.device());
+    p.src_dtype = s.dtype();
+    p.dst_dtype = d.dtype();
+    p.src[p.count] = s.raw_data();
+    p.dst[p.count] = d.raw_data();
+    p.n[p.count] = d.numel();
+    ++p.count;
+    d.storage()->bump_version();
+    if (p.count == kernels::MultiCopyParams::kMax) flush(p, d.device());
+  }
+  for (auto& [key, p] : batches) flush(p, devices.at(key));
 }
 
 Tensor& Tensor::mul_(double value) {

@@ -185,6 +185,10 @@ struct SparseRows {
 };
 
 // A tensor holding `values` (copied) on `device`.
+// dst[i].copy_(src[i]) for every i (same shapes): pairs that are contiguous and on one device go
+// in one launch per device and dtype pair (kernels/copy.h multi_copy), the rest one at a time.
+void copy_many_(const std::vector<Tensor>& dst, const std::vector<Tensor>& src);
+
 template <class T>
 Tensor tensor(const std::vector<T>& values, const Shape& shape, Device device = Device::cpu());
 

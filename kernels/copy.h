@@ -1,4 +1,5 @@
-// Strided copy with dtype conversion (contiguous(), to(dtype), views materialised), and fill.
+// Strided copy with dtype conversion (contiguous(), to(dtype), views materialised), many contiguous
+// copies in one launch, and fill.
 #pragma once
 
 #include "kernels/base/kernel.h"
@@ -25,7 +26,21 @@ struct FillParams {
   void* stream = nullptr;
 };
 
+// Many contiguous copies of one dtype pair in one launch: dst[i][j] = src[i][j] converted, j < n[i]
+// (mixed precision's cast of every parameter into its compute copy, once a step).
+struct MultiCopyParams {
+  static constexpr int kMax = 256;  // tensors per launch (~6 KB of kernel parameters)
+  DType src_dtype = DType::kF32;
+  DType dst_dtype = DType::kF32;
+  int count = 0;
+  const void* src[kMax] = {};
+  void* dst[kMax] = {};
+  int64_t n[kMax] = {};
+  void* stream = nullptr;
+};
+
 HYDRA_DECLARE_KERNEL(strided_copy, StridedCopyParams)
+HYDRA_DECLARE_KERNEL(multi_copy, MultiCopyParams)
 HYDRA_DECLARE_KERNEL(fill, FillParams)
 
 }  // namespace hydra::kernels

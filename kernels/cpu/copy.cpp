@@ -34,6 +34,22 @@ void strided_copy(const StridedCopyParams& p) {
   });
 }
 
+void multi_copy(const MultiCopyParams& p) {
+  dispatch_all(p.src_dtype, [&](auto src_tag) {
+    using S = typename decltype(src_tag)::type;
+    dispatch_all(p.dst_dtype, [&](auto dst_tag) {
+      using D = typename decltype(dst_tag)::type;
+      for (int i = 0; i < p.count; ++i) {
+        const S* src = static_cast<const S*>(p.src[i]);
+        D* dst = static_cast<D*>(p.dst[i]);
+        parallel_for(p.n[i], 1 << 16, [&](int64_t b, int64_t e) {
+          for (int64_t j = b; j < e; ++j) dst[j] = cast<D>(src[j]);
+        });
+      }
+    });
+  });
+}
+
 void fill(const FillParams& p) {
   dispatch_all(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

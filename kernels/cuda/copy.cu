@@ -73,6 +73,36 @@ __global__ void fill_kernel(T* __restrict__ dst, int64_t n, T value) {
 
 }  // namespace
 
+// multi_copy: blocks of kMultiCopyChunk elements, tensor by tensor; first[i] is tensor i's first
+// block (a binary search finds a block's tensor).
+constexpr int64_t kMultiCopyChunk = 8192;
+struct MultiCopyLayout {
+  int count;
+  const void* src[MultiCopyParams::kMax];
+  void* dst[MultiCopyParams::kMax];
+  int64_t n[MultiCopyParams::kMax];
+  int32_t first[MultiCopyParams::kMax + 1];
+};
+
+template <class S, class D>
+__global__ void __launch_bounds__(256)
+    multi_copy_kernel(const __grid_constant__ MultiCopyLayout l) {
+  const int32_t blk = blockIdx.x;
+  int lo = 0, hi = l.count - 1;  // the last tensor with first[t] <= blk
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (l.first[mid] <= blk)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const S* src = static_cast<const S*>(l.src[lo]);
+  D* dst = static_cast<D*>(l.dst[lo]);
+  const int64_t begin = int64_t(blk - l.first[lo]) * kMultiCopyChunk,
+                end = min(l.n[lo], begin + kMultiCopyChunk);
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) dst[i] = convert<D>(load(src, i));
+}
+
 void strided_copy(const StridedCopyParams& p) {
   int64_t n = 1;
   CopyGeometry g{};
@@ -156,6 +186,30 @@ void fill(const FillParams& p) {
     launch_after_previous(fill_kernel<T>, dim3(blocks_for(p.n, 256)), dim3(256), 0,
                           as_stream(p.stream), static_cast<T*>(p.dst), p.n, v);
     HYDRA_CUDA_LAUNCH_CHECK();
+  });
+}
+
+void multi_copy(const MultiCopyParams& p) {
+  HYDRA_CHECK(p.count >= 0 && p.count <= MultiCopyParams::kMax) << "multi_copy: count " << p.count;
+  MultiCopyLayout l{};
+  l.count = p.count;
+  for (int i = 0; i < p.count; ++i) {
+    l.src[i] = p.src[i];
+    l.dst[i] = p.dst[i];
+    l.n[i] = p.n[i];
+    const int64_t blocks = l.first[i] + (p.n[i] + kMultiCopyChunk - 1) / kMultiCopyChunk;
+    HYDRA_CHECK(blocks < (int64_t{1} << 31)) << "multi_copy: too many elements in one launch";
+    l.first[i + 1] = static_cast<int32_t>(blocks);
+  }
+  const int32_t blocks = l.first[p.count];
+  if (blocks == 0) return;
+  dispatch_all(p.src_dtype, [&](auto st) {
+    using S = typename decltype(st)::type;
+    dispatch_all(p.dst_dtype, [&](auto dt) {
+      using D = typename decltype(dt)::type;
+      multi_copy_kernel<S, D><<<blocks, 256, 0, as_stream(p.stream)>>>(l);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -120,6 +120,25 @@ TEST(Tensor, ShapeErrorsNameTheOp) {
   }
 }
 
+// copy_many_ batches contiguous pairs into one launch and copies the rest one by one: the result
+// is copy_ for every pair, converting dtypes, whatever the mix (more pairs than one launch takes).
+TEST(Tensor, CopyManyEqualsCopyForEveryPair) {
+  std::vector<Tensor> dst, src, want;
+  for (int i = 0; i < 300; ++i) {
+    const Tensor s = testing::randn64({i % 7 + 1, 3}, 100 + i, 1.0, false);
+    const bool strided = i % 5 == 0, to_f32 = i % 3 == 0;
+    Tensor d = zeros({i % 7 + 1, 3}, to_f32 ? DType::kF32 : DType::kF64);
+    dst.push_back(d);
+    src.push_back(strided ? s.transpose(0, 1).contiguous().transpose(0, 1) : s);
+    want.push_back(s.to(d.dtype()));
+  }
+  const int64_t version = dst[1].version();
+  copy_many_(dst, src);
+  for (int i = 0; i < 300; ++i) EXPECT_TRUE(testing::bitwise_equal(dst[i], want[i])) << i;
+  EXPECT_GT(dst[1].version(), version) << "an in-place write bumps the version";
+  EXPECT_THROW(copy_many_(dst, {src[0]}), Error);
+}
+
 TEST(Tensor, MixedDtypesAreRejected) {
   EXPECT_THROW((void)add(zeros({2}, DType::kF32), zeros({2}, DType::kF64)), Error);
 }

@@ -51,6 +51,25 @@ TEST(CudaTensor, StridedCopyAndConversionMatchCpu) {
   EXPECT_EQ(f.cpu().to_vector<float>(), std::vector<float>(9, 2.5f));
 }
 
+// The one-launch copy of many tensors (mixed precision's parameter casts) equals copy_ on the CPU,
+// f32 -> bf16 and bf16 -> f32, at sizes around its 8192-element blocks.
+TEST(CudaTensor, CopyManyMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  for (DType to : {DType::kBF16, DType::kF32}) {
+    std::vector<Tensor> src, dst, want;
+    for (int64_t n : {1, 7, 8191, 8192, 8193, 40000, 3}) {
+      const Tensor s = randn32({n}, 200 + n);
+      const Tensor sd = to == DType::kF32 ? s.to(DType::kBF16) : s;
+      src.push_back(sd.to(Device::cuda(0)));
+      dst.push_back(zeros({n}, to, Device::cuda(0)));
+      want.push_back(sd.to(to));
+    }
+    copy_many_(dst, src);
+    for (std::size_t i = 0; i < dst.size(); ++i)
+      EXPECT_TRUE(bitwise_equal(dst[i].cpu(), want[i])) << i << " " << dtype_name(to);
+  }
+}
+
 TEST(CudaAllocator, ReusesFreedBlocksWithoutCallingTheDriver) {
   HYDRA_REQUIRE_GPU();
   { Tensor warm = empty({1 << 20}, DType::kF32, Device::cuda(0)); }
