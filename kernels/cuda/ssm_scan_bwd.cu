@@ -285,11 +285,10 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
         dl = softplus(raw);
         dsig = raw > A(20) ? A(1) : sigmoid(raw);
         if (p.z) {
-          A part[kParts] = {};
+          A y_pre = Dd * ut;
 #pragma unroll
           for (int n = 0; n < NMAX; ++n)
-            if (n < N) part[n % kParts] += Ct[sidx][n] * at(sidx + 1, n);
-          const A y_pre = sum_parts(part) + Dd * ut;
+            if (n < N) y_pre += Ct[sidx][n] * at(sidx + 1, n);
           const A sg = sigmoid(zt);
           static_cast<T*>(q.gz)[r * D + d] = convert<T>(g * y_pre * sg * (A(1) + zt * (A(1) - sg)));
           g *= zt * sg;
@@ -300,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
       // and the state's shares of gu and gdelta, summed over states first (GB = sum G' B,
       // XA = sum A2 X): gu = D g + dl GB, gdelta_pre = u GB + ln2 XA.
       const A dlu = dl * ut;
-      A GB[kParts] = {}, XA[kParts] = {};
+      A GB = 0, XA = 0;
       // gB and gC: the warp's sums over its channels, kGroup states at a time (warp_transpose_sum;
       // a group bounds the registers the partial sums take).
       constexpr int kGroup = NMAX < 8 ? NMAX : 8, kShare = 32 / kGroup;
@@ -317,8 +316,8 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
             const A X = Gn * an * at(sidx, n);
             gc[j] = g * at(sidx + 1, n);
             gb[j] = Gn * dlu;
-            GB[n % kParts] += Gn * Bn;
-            XA[n % kParts] += Ad[n] * X;
+            GB += Gn * Bn;
+            XA += Ad[n] * X;
             gA[n] += dl * X;
             G[n] = an * Gn;
           }
@@ -333,9 +332,8 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
         }
       }
       if (live) {
-        const A gb_sum = sum_parts(GB);
-        static_cast<T*>(q.gu)[r * D + d] = convert<T>(Dd * g + dl * gb_sum);
-        const A graw = (ut * gb_sum + A(kLn2) * sum_parts(XA)) * dsig;
+        static_cast<T*>(q.gu)[r * D + d] = convert<T>(Dd * g + dl * GB);
+        const A graw = (ut * GB + A(kLn2) * XA) * dsig;
         static_cast<T*>(q.gdelta)[r * D + d] = convert<T>(graw);
         gbias += graw;
       }

@@ -78,14 +78,6 @@ constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
 __device__ __forceinline__ float exp2_scaled(float x) { return exp2_ftz(x); }
 __device__ __forceinline__ double exp2_scaled(double x) { return exp2(x); }
 
-// Sums over the states run as kParts interleaved partial sums: one chain of NMAX dependent adds
-// per step was the backward's main stall (a warp waiting 4 cycles an add, 12 warps an SM).
-constexpr int kParts = 4;
-template <class A>
-__device__ __forceinline__ A sum_parts(const A (&part)[kParts]) {
-  return (part[0] + part[1]) + (part[2] + part[3]);
-}
-
 template <class T, int NMAX>
 __device__ void load_decay_rates(const SsmScanParams& p, int64_t d, bool live,
                                  compute_t<T> (&Ad)[NMAX]) {

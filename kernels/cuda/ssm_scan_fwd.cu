@@ -53,16 +53,16 @@ __global__ void __launch_bounds__(kThreads)
       const A raw = raw_next, ut = u_next, zt = z_next;
       if (s + 1 < steps) load_step(s + 1);
       const A dl = softplus(raw), dlu = dl * ut;
-      A part[kParts] = {};  // C . h in kParts interleaved sums (independent add chains)
+      A acc = 0;
 #pragma unroll
       for (int n = 0; n < NMAX; ++n) {
         if (n < N) {
           h[n] = exp2_scaled(dl * Ad[n]) * h[n] + dlu * Bs[s][n];
-          if constexpr (FINAL) part[n % kParts] += Cs[s][n] * h[n];
+          if constexpr (FINAL) acc += Cs[s][n] * h[n];
         }
       }
       if constexpr (FINAL) {
-        A acc = sum_parts(part) + Dd * ut;
+        acc += Dd * ut;
         if (p.z) acc *= zt * sigmoid(zt);
         static_cast<T*>(p.y)[r * D + d] = convert<T>(acc);
       } else {
