@@ -2,11 +2,32 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "autograd/node.h"
 #include "parallel/collectives.h"
 
 namespace hydra::model {
+
+namespace {
+// The MoE layers' BlockFFN sparsity averaged over layers: moe.tls and moe.cls.<L> from the
+// per-layer block.<i>.moe.tls and block.<i>.moe.cls.<L> (model/moe.cpp).
+void add_moe_means(ForwardContext& ctx) {
+  std::map<std::string, std::pair<double, int>> sums;
+  for (const auto& [key, value] : ctx.stats) {
+    if (key.rfind("block.", 0) != 0) continue;
+    const std::size_t at = key.find(".moe.");
+    if (at == std::string::npos) continue;
+    const std::string tail = key.substr(at + 5);
+    if (tail == "tls" || tail.rfind("cls.", 0) == 0) {
+      auto& [sum, count] = sums["moe." + tail];
+      sum += value;
+      ++count;
+    }
+  }
+  for (const auto& [key, sc] : sums) ctx.stat(key, sc.first / double(sc.second));
+}
+}  // namespace
 namespace {
 
 // Runs fn(x) -> {y, aux}, through a checkpoint when ctx.recompute. The recomputation in the
@@ -135,6 +156,7 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
     ctx.stat("loss.balance", a[0]);
     ctx.stat("loss.locality", a[1]);
     ctx.stat("loss.sparsity", a[2]);
+    add_moe_means(ctx);
   }
   return out;
 }

@@ -143,13 +143,56 @@ double routing_cls(const MoeRouting& r, int64_t window) {
   return total / double(count);
 }
 
-void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, ForwardContext& ctx) {
+double routing_cls_aligned(const MoeRouting& r, int64_t window) {
+  const int64_t L = r.num_chunks * r.chunk, E = r.num_experts, windows = L / window;
+  if (windows == 0 || r.batch == 0 || E == 0) return -1;
+  double total = 0;
+  std::vector<uint8_t> seen(E);
+  for (int64_t b = 0; b < r.batch; ++b)
+    for (int64_t w = 0; w < windows; ++w) {
+      std::fill(seen.begin(), seen.end(), 0);
+      int64_t uni = 0;
+      for (int64_t c = w * window / r.chunk; c <= ((w + 1) * window - 1) / r.chunk; ++c)
+        for (int64_t e = 0; e < E; ++e)
+          if (r.active[(b * r.num_chunks + c) * E + e] && !seen[e]) {
+            seen[e] = 1;
+            ++uni;
+          }
+      total += 1.0 - double(uni) / double(E);
+    }
+  return total / double(r.batch * windows);
+}
+
+void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, const Tensor& s,
+                            ForwardContext& ctx) {
   const std::string p = "moe." + std::to_string(layer_) + ".";
   const int64_t E = num_experts_, BC = routing.batch * routing.num_chunks;
   last_tls_ = routing_tls(routing);
   last_routing_ = routing;
   ctx.stat(p + "tls", last_tls_);
   ctx.stat(p + "cls8", routing_cls(routing, 8));
+  // BlockFFN's figures: from the router's own output (an expert is active where its ReLU output is
+  // positive), before max_active and the capacity, over aligned windows; and the same after them
+  // (what the experts computed).
+  MoeRouting router = routing;
+  const std::vector<double> sv = s.to_vector<double>();
+  for (std::size_t i = 0; i < sv.size(); ++i) router.active[i] = sv[i] > 0;
+  const std::string b = "block." + std::to_string(layer_) + ".moe.";
+  int64_t silent = 0;  // chunks (so tokens) for which the router fires no expert
+  for (int64_t c = 0; c < BC; ++c) {
+    bool any = false;
+    for (int64_t e = 0; e < E && !any; ++e) any = router.active[c * E + e] != 0;
+    silent += !any;
+  }
+  ctx.stat(b + "tls", routing_tls(router));
+  ctx.stat(b + "tls_kept", last_tls_);
+  ctx.stat(b + "no_expert_frac", BC ? double(silent) / double(BC) : 0.0);
+  for (int64_t L : kClsWindows) {
+    const double pre = routing_cls_aligned(router, L), kept = routing_cls_aligned(routing, L);
+    if (pre < 0) continue;
+    ctx.stat(b + "cls." + std::to_string(L), pre);
+    ctx.stat(b + "cls_kept." + std::to_string(L), kept);
+  }
   int64_t total = 0, dropped = 0;
   std::vector<int64_t> load(E, 0);
   for (int64_t c = 0; c < BC; ++c)
@@ -282,7 +325,7 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
       const std::vector<double> m = dispatch.mask.to_vector<double>();
       routing.active.assign(m.begin(), m.end());
       routing.dropped = dispatch.dropped;
-      record_stats(routing, q.detach(), ctx);
+      record_stats(routing, q.detach(), s.detach().reshape({B * nC, E}), ctx);
       const std::string p = "moe." + std::to_string(layer_) + ".";
       ctx.stat(p + "balance_loss", balance.item<double>());
       ctx.stat(p + "locality_loss", locality.item<double>());

@@ -46,7 +46,9 @@ class ChunkMoE : public Module {
   Tensor coef;  // buffer [1] f64: the adaptive sparsification coefficient
 
  private:
-  void record_stats(const MoeRouting& routing, const Tensor& q, ForwardContext& ctx);
+  // s: the router's ReLU output [B * nC, E] (BlockFFN's figures count where it is positive).
+  void record_stats(const MoeRouting& routing, const Tensor& q, const Tensor& s,
+                    ForwardContext& ctx);
 
   // Runs the experts on xs (rows grouped by expert, sizes[e] rows for expert e of all E): locally,
   // or over the ep group (dispatch, local experts, combine). Returns the outputs in xs's row order.
@@ -86,5 +88,11 @@ Tensor moe_sparsity_sum(const Tensor& z, int64_t group);
 // over windows of w consecutive tokens of |union of active experts| / E.
 double routing_tls(const MoeRouting& r);
 double routing_cls(const MoeRouting& r, int64_t window);
+// BlockFFN's chunk-level sparsity (spec/blockffn.md): CLS(L) = 1 - mean over aligned,
+// non-overlapping windows [kL, (k+1)L) of |union of active experts| / E; CLS(1) is the TLS. Only
+// whole windows count: -1 when a sequence is shorter than L.
+double routing_cls_aligned(const MoeRouting& r, int64_t window);
+// The windows BlockFFN logs: L = 1, 2, 4, ..., 64.
+inline constexpr int64_t kClsWindows[] = {1, 2, 4, 8, 16, 32, 64};
 
 }  // namespace hydra::model

@@ -289,6 +289,40 @@ TEST(ChunkMoE, MaxActiveIsRespected) {
   }
 }
 
+// BlockFFN's CLS(L) over aligned windows, worked by hand: one sequence of 4 chunks of 2 tokens, 4
+// experts, chunks active on {0}, {0, 1}, {2}, {}.
+TEST(ChunkMoE, AlignedChunkSparsityAsBlockFfnDefinesIt) {
+  model::MoeRouting r;
+  r.batch = 1;
+  r.num_chunks = 4;
+  r.chunk = 2;
+  r.num_experts = 4;
+  r.active = {1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0};
+  EXPECT_DOUBLE_EQ(model::routing_tls(r), 0.75);
+  EXPECT_DOUBLE_EQ(model::routing_cls_aligned(r, 1), 0.75);              // = TLS
+  EXPECT_DOUBLE_EQ(model::routing_cls_aligned(r, 2), 0.75);              // a window is a chunk
+  EXPECT_DOUBLE_EQ(model::routing_cls_aligned(r, 4), (0.5 + 0.75) / 2);  // {0, 1} and {2}
+  EXPECT_DOUBLE_EQ(model::routing_cls_aligned(r, 8), 0.25);              // {0, 1, 2}
+  EXPECT_DOUBLE_EQ(model::routing_cls_aligned(r, 16), -1);               // no whole window
+  // A forward logs them per layer from the router's output (before max_active) and after it, and
+  // their mean over layers; the cap only removes experts, so the kept TLS is never lower.
+  auto c = make_moe("num_experts: 6 d_expert: 3 chunk: 2 max_active: 1", 31);
+  model::ForwardContext ctx;
+  (void)c.moe->forward(randn64({2, 16, 6}, 32, 1.0, false), ctx, nullptr);
+  for (int64_t L : {1, 2, 4, 8, 16}) {
+    ASSERT_TRUE(ctx.stats.count("block.0.moe.cls." + std::to_string(L))) << L;
+    ASSERT_TRUE(ctx.stats.count("block.0.moe.cls_kept." + std::to_string(L))) << L;
+    EXPECT_LE(ctx.stats.at("block.0.moe.cls." + std::to_string(L)),
+              ctx.stats.at("block.0.moe.cls_kept." + std::to_string(L)) + 1e-12);
+  }
+  EXPECT_FALSE(ctx.stats.count("block.0.moe.cls.32")) << "sequences of 16 have no window of 32";
+  EXPECT_DOUBLE_EQ(ctx.stats.at("block.0.moe.cls.1"), ctx.stats.at("block.0.moe.tls"));
+  EXPECT_DOUBLE_EQ(ctx.stats.at("block.0.moe.tls_kept"), ctx.stats.at("moe.0.tls"));
+  EXPECT_LT(ctx.stats.at("block.0.moe.tls"), ctx.stats.at("block.0.moe.tls_kept"))
+      << "with 6 experts and a cap of 1 the router fires more than it keeps";
+  EXPECT_GE(ctx.stats.at("block.0.moe.no_expert_frac"), 0.0);
+}
+
 TEST(ChunkMoE, OneExpertWithRoutingOffEqualsADenseSwiGLU) {
   auto c = make_moe("num_experts: 1 d_expert: 7 max_active: 1 chunk: 2", 24);
   const Tensor x = randn64({2, 6, 6}, 25, 1.0, false);

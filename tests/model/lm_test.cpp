@@ -230,8 +230,13 @@ TEST(HydraLM, ReportsStatisticsOfEveryComponent) {
   for (const char* key :
        {"moe.0.tls", "moe.1.cls8", "moe.0.load.2", "moe.0.router_entropy", "moe.0.dropped_tokens",
         "workspace.0.write_gate_mean", "workspace.1.slot_entropy", "pkm.0.value_coverage",
-        "pkm.0.score_entropy", "block.1.mix.sga", "block.0.gate_norm.ssm", "loss.balance"})
+        "pkm.0.score_entropy", "block.1.mix.sga", "block.0.gate_norm.ssm", "loss.balance",
+        "block.1.moe.cls.8", "block.0.moe.cls_kept.16", "block.0.moe.no_expert_frac", "moe.tls",
+        "moe.cls.4"})
     EXPECT_TRUE(ctx.stats.count(key)) << key;
+  // The overall figures are the mean over the MoE layers.
+  EXPECT_NEAR(ctx.stats.at("moe.cls.4"),
+              (ctx.stats.at("block.0.moe.cls.4") + ctx.stats.at("block.1.moe.cls.4")) / 2, 1e-12);
 }
 
 TEST(HydraLM, PathsCanBeSwitchedOff) {
