@@ -117,7 +117,9 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   s.sga_heads = sga.num_heads() > 0 ? sga.num_heads() : std::max<int64_t>(1, s.d / 64);
   const bool dense = sga.pattern() == config::SgaConfig::DENSE;
   s.sga_window = dense ? 0 : sga.window();
-  s.sga_stride = dense ? 0 : sga.global_stride();
+  // global_stride 0: the first token alone stays global (hydra.md section 3), as a stride no later
+  // position reaches.
+  s.sga_stride = dense ? 0 : sga.global_stride() > 0 ? sga.global_stride() : s.max_seq_len;
   s.rope_theta = sga.rope_theta();
   ck.require(sga.num_heads() >= 0, "sga.num_heads", sga.num_heads(), "must be >= 0");
   ck.require(s.d % s.sga_heads == 0, "sga.num_heads", s.sga_heads,
@@ -126,7 +128,7 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
              "must leave an even head dimension for RoPE");
   ck.require(dense || sga.window() >= 1, "sga.window", sga.window(), "must be >= 1");
   ck.require(sga.global_stride() >= 0, "sga.global_stride", sga.global_stride(),
-             "must be >= 0 (0: no global tokens)");
+             "must be >= 0 (0: only the first token is global)");
   ck.require(sga.rope_theta() > 0, "sga.rope_theta", sga.rope_theta(), "must be > 0");
 
   const auto& moe = c.moe();

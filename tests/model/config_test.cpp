@@ -3,6 +3,7 @@
 #include "configs/config_io.h"
 #include "model/params.h"
 #include "tests/model/model_util.h"
+#include "tests/test_util.h"
 
 namespace hydra {
 namespace {
@@ -31,6 +32,31 @@ TEST(ModelConfig, ValidationNamesFileFieldValueAndExpectation) {
   EXPECT_EQ(spec_status("ssm { dt_min: 0.5 dt_max: 0.1 }").message(),
             "configs/toy.pbtxt: model.ssm.dt_max = 0.1 must be >= dt_min (0.500000)");
   EXPECT_FALSE(spec_status("vocab_size: 1").ok());
+}
+
+// sga.global_stride 0 keeps the first token global (hydra.md section 3): a stride no position below
+// max_seq_len reaches, so position 0 alone is global; the dense pattern has none.
+TEST(ModelConfig, GlobalStrideZeroLeavesTheFirstTokenGlobal) {
+  const model::ModelSpec s =
+      testing::spec_from("max_seq_len: 128 sga { global_stride: 0 window: 8 }");
+  EXPECT_EQ(s.sga_stride, 128);
+  const model::ModelSpec d = testing::spec_from("sga { pattern: DENSE global_stride: 0 }");
+  EXPECT_EQ(d.sga_stride, 0);
+  // Through the attention op: a query 40 positions on, with a window of 8, still sees key 0 (its
+  // value is the only one that is not zero, so the output is not zero only if key 0 is seen).
+  const int64_t L = 48;
+  const Tensor q = testing::randn64({1, L, 1, 4}, 5, 1.0, false),
+               k = testing::randn64({1, L, 1, 4}, 6, 1.0, false);
+  std::vector<double> vv(L * 4, 0.0);
+  for (int j = 0; j < 4; ++j) vv[j] = 1.0;
+  const Tensor v = tensor(vv, {1, L, 1, 4});
+  const auto seen = [&](int64_t stride) {
+    const std::vector<double> o =
+        sparse_attention(q, k, v, AttentionPattern{8, stride}, 0.5).to_vector<double>();
+    return std::abs(o[(L - 1) * 4]) > 1e-12;
+  };
+  EXPECT_TRUE(seen(s.sga_stride));
+  EXPECT_FALSE(seen(0)) << "the kernel's stride 0 means no global key";
 }
 
 TEST(ModelConfig, TextSyntaxErrorsNameLineAndColumn) {
