@@ -26,7 +26,7 @@ ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
   router_norm = register_parameter("router_norm", ones({E}),
                                    ParamOptions{.weight_decay = false, .keep_master_dtype = true});
   w1 = register_parameter("w1", init.normal({E, de, d}, spec.init_std));
-  w3 = register_parameter("w3", init.normal({E, de, d}, spec.init_std));
+  if (spec.gated_experts) w3 = register_parameter("w3", init.normal({E, de, d}, spec.init_std));
   w2 = register_parameter("w2", init.normal({E, d, de}, out_std));
   if (spec.shared_expert)
     shared = register_module(
@@ -43,14 +43,16 @@ void ChunkMoE::shard_experts(int64_t rank, int64_t size) {
   local_experts_ = num_experts_ / size;
   first_expert_ = rank * local_experts_;
   for (const Tensor& w : {w1, w3, w2})
-    replace_data(w, w.narrow(0, first_expert_, local_experts_).contiguous().clone());
+    if (w.defined())
+      replace_data(w, w.narrow(0, first_expert_, local_experts_).contiguous().clone());
 }
 
 Tensor ChunkMoE::run_experts(const Tensor& xs, const std::vector<int64_t>& sizes,
                              ForwardContext& ctx) const {
   auto experts = [&](const Tensor& rows,
-                     const std::vector<int64_t>& groups) {  // grouped_linear's groups
-    const Tensor h = mul(silu(grouped_linear(rows, w1, groups)), grouped_linear(rows, w3, groups));
+                     const std::vector<int64_t>& groups) {    // grouped_linear's groups
+    const Tensor a = silu(grouped_linear(rows, w1, groups));  // SILU: W2 SiLU(W1 x)
+    const Tensor h = w3.defined() ? mul(a, grouped_linear(rows, w3, groups)) : a;
     return grouped_linear(h, w2, groups);
   };
   if (local_experts_ == num_experts_) return experts(xs, sizes);

@@ -1,7 +1,8 @@
 // Chunk-level mixture of experts with BlockFFN's router (hydra.md section 4, blockffn.md).
 //   router input u_j (causal: the previous chunk's mean, or the chunk's first token)
 //   s = ReLU(W_r u_j), r = RMSNorm(s); the max_active largest r_e with s_e > 0 are kept
-//   out_t = sum_e r_e(chunk of t) * SwiGLU_e(x_t)  (+ an optional shared expert)
+//   out_t = sum_e r_e(chunk of t) * Expert_e(x_t)  (+ an optional shared expert); an expert is a
+//   SwiGLU or BlockFFN's non-gated SiLU block (model.moe.expert)
 // All tokens of a chunk go to the same experts: dispatch gathers whole chunks, the experts run as
 // one grouped GEMM, the combine scatter-adds the weighted outputs back. Losses (weighted, times
 // ForwardContext::aux_scale): load balance E * sum_e importance_e * load_e; activation locality
@@ -41,7 +42,7 @@ class ChunkMoE : public Module {
   int64_t num_local_experts() const { return local_experts_; }
 
   Tensor router_weight, router_norm;  // [E, d], [E]
-  Tensor w1, w3, w2;                  // [E, de, d], [E, de, d], [E, d, de]
+  Tensor w1, w3, w2;                  // [E, de, d], [E, de, d] (SWIGLU only), [E, d, de]
   std::shared_ptr<SwiGLU> shared;
   Tensor coef;  // buffer [1] f64: the adaptive sparsification coefficient
 

@@ -50,7 +50,7 @@ ParamTable count_parameters(const ModelSpec& s, int64_t seq_len) {
     flops += double(s.sga_blocks()) *
              (2.0 * sga + 4.0 * d * mean_visible_keys(seq_len, s.sga_window, s.sga_stride));
 
-    const int64_t E = s.num_experts, expert = 3 * s.d_expert * d,
+    const int64_t E = s.num_experts, expert = (s.gated_experts ? 3 : 2) * s.d_expert * d,
                   shared = s.shared_expert ? 3 * s.d_shared * d : 0;
     const int64_t router = E * d + E;
     ParamRow moe_row{"moe", (router + E * expert + shared) * s.num_blocks,

@@ -137,6 +137,7 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   s.max_active = moe.max_active();
   s.moe_chunk = moe.chunk();
   s.shared_expert = moe.shared_expert();
+  s.gated_experts = moe.expert() == config::MoeConfig::SWIGLU;
   s.d_shared = moe.d_shared() > 0 ? moe.d_shared() : s.d_expert;
   ck.require(s.num_experts >= 1, "moe.num_experts", s.num_experts, "must be >= 1");
   ck.require(s.max_active >= 1, "moe.max_active", s.max_active, "must be >= 1");

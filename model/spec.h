@@ -26,6 +26,7 @@ struct ModelSpec {
   // MoE
   int64_t num_experts = 0, d_expert = 0, max_active = 0, moe_chunk = 0, d_shared = 0;
   bool shared_expert = false;
+  bool gated_experts = true;  // SWIGLU (W1, W3, W2); false: SILU (W1, W2)
   // Workspace memories after these blocks (0-based), and their sizes.
   std::vector<int64_t> ws_after;
   int64_t ws_slots = 0, ws_chunk = 0, ws_heads = 0, ws_dim = 0;

@@ -152,6 +152,9 @@ TEST(ParamCounts, EqualAllocatedParametersForTinyToyAndTransformer) {
   expect_counts_match_allocation(testing::shipped_spec("toy"));
   expect_counts_match_allocation(testing::shipped_spec("transformer-toy"));
   expect_counts_match_allocation(testing::micro_spec());
+  std::string silu = testing::kMicroModel;
+  silu.replace(silu.find("moe { "), 6, "moe { expert: SILU ");
+  expect_counts_match_allocation(testing::spec_from(silu));
 }
 
 }  // namespace

@@ -335,6 +335,27 @@ TEST(ChunkMoE, OneExpertWithRoutingOffEqualsADenseSwiGLU) {
   EXPECT_LT(testing::max_abs_diff(y, dense), 1e-13);
 }
 
+// BlockFFN's non-gated experts (model.moe.expert: SILU): W2 SiLU(W1 x), no W3; routed gradients.
+TEST(ChunkMoE, SiluExpertsAreBlockFfnsNonGatedBlocks) {
+  auto c = make_moe("num_experts: 1 d_expert: 7 max_active: 1 chunk: 2 expert: SILU", 27);
+  EXPECT_FALSE(c.moe->w3.defined());
+  const Tensor x = randn64({2, 6, 6}, 28, 1.0, false);
+  model::ForwardContext ctx;
+  ctx.paths.moe_routing = false;
+  const Tensor dense = linear(silu(linear(x, c.moe->w1.select(0, 0))), c.moe->w2.select(0, 0));
+  EXPECT_LT(testing::max_abs_diff(c.moe->forward(x, ctx, nullptr), dense), 1e-13);
+  auto r = make_moe("num_experts: 3 d_expert: 5 max_active: 2 chunk: 3 expert: SILU", 29, false);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        model::ForwardContext ctx2;
+        ctx2.collect_stats = false;
+        Tensor aux;
+        Tensor y = r.moe->forward(in[0], ctx2, &aux);
+        return std::vector<Tensor>{y, aux};
+      },
+      with_params(randn64({2, 9, 6}, 30), *r.moe), sampled(10));
+}
+
 TEST(ChunkMoE, CapacityDropsAssignmentsAndBoundsTheLoad) {
   auto c = make_moe("num_experts: 4 d_expert: 3 chunk: 2 max_active: 2 capacity_factor: 0.5", 26);
   model::ForwardContext ctx;
