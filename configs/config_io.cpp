@@ -4,6 +4,7 @@
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -167,6 +168,18 @@ Expected<RunConfig> load_run_config(const std::string& path) {
 void resolve_defaults(Message* msg) {
   const Descriptor* d = msg->GetDescriptor();
   const Reflection* r = msg->GetReflection();
+  // moe.objective BLOCKFFN brings BlockFFN's values (spec/blockffn.md) for what the config leaves
+  // unset: no balance loss, locality 2e-3, sparsification 5e-2, groups of 64 tokens.
+  if (d == MoeConfig::descriptor()) {
+    auto* moe = static_cast<MoeConfig*>(msg);
+    if (moe->objective() == MoeConfig::BLOCKFFN) {
+      if (!moe->has_balance_loss_weight()) moe->set_balance_loss_weight(0);
+      if (!moe->has_locality_loss_weight()) moe->set_locality_loss_weight(2e-3);
+      if (!moe->has_sparsity_coef_init()) moe->set_sparsity_coef_init(5e-2);
+      if (!moe->has_sparsity_group() && moe->chunk() >= 1)
+        moe->set_sparsity_group(std::max<int64_t>(1, 64 / moe->chunk()));
+    }
+  }
   for (int i = 0; i < d->field_count(); ++i) {
     const FieldDescriptor* f = d->field(i);
     if (f->is_repeated()) {

@@ -16,7 +16,13 @@ ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
       max_active_(spec.max_active),
       chunk_(spec.moe_chunk),
       seq_group_(spec.cfg.moe().sparsity_group()),
+      blockffn_(spec.cfg.moe().objective() == config::MoeConfig::BLOCKFFN),
       cfg_(spec.cfg.moe()) {
+  // (With objective BLOCKFFN, config::resolve_defaults has put BlockFFN's values in the fields the
+  // config left unset.)
+  balance_weight_ = cfg_.balance_loss_weight();
+  locality_weight_ = cfg_.locality_loss_weight();
+  const double coef_init = cfg_.sparsity_coef_init();
   const int64_t E = num_experts_, d = spec.d, de = spec.d_expert;
   const double out_std = spec.init_std / std::sqrt(2.0 * spec.num_blocks);
   // The router computes in its master dtype under mixed precision: its top-k choices, routing
@@ -31,7 +37,7 @@ ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
   if (spec.shared_expert)
     shared = register_module(
         "shared", std::make_shared<SwiGLU>(init, d, spec.d_shared, spec.init_std, out_std));
-  coef = register_buffer("sparsity_coef", full({1}, cfg_.sparsity_coef_init(), DType::kF64));
+  coef = register_buffer("sparsity_coef", full({1}, coef_init, DType::kF64));
   local_experts_ = E;
 }
 
@@ -70,7 +76,8 @@ double ChunkMoE::sparsity_coef() const {
 
 void ChunkMoE::update_sparsity_coef() {
   // The TLS of the whole global batch (the same on every rank, so the coefficient stays in sync).
-  if (global_tls_ < 0) return;
+  // BLOCKFFN keeps its coefficient (its adaptive schedule is not built yet).
+  if (global_tls_ < 0 || blockffn_) return;
   const double direction = global_tls_ < cfg_.target_sparsity() ? 1.0 : -1.0;
   const double next = std::clamp(sparsity_coef() * std::exp(direction * cfg_.sparsity_adapt_rate()),
                                  1e-8, cfg_.sparsity_coef_max());
@@ -108,6 +115,23 @@ Tensor moe_sparsity_sum(const Tensor& z, int64_t group) {
   // 1 - prod (1 - p) = 1 - exp(sum log(1 - sigmoid(z))) = 1 - exp(-sum softplus(z))
   const Tensor sp = sum(softplus(z.narrow(1, 0, ng * group)).reshape({B, ng, group, E}), {2});
   return sum(affine(exp(neg(sp)), -1.0, 1.0));
+}
+
+Tensor moe_blockffn_sparsity_sum(const Tensor& p, int64_t group, int64_t chunk_len) {
+  const int64_t B = p.size(0), nC = p.size(1), E = p.size(2), ng = nC / group;
+  if (ng < 1) return zeros({}, p.dtype(), p.device());
+  const Tensor lq = log(affine(p.narrow(1, 0, ng * group), -1.0, 1.0 + 1e-5));  // log(1 - p + eps)
+  const Tensor none = exp(mul(sum(lq.reshape({B, ng, group, E}), {2}), double(chunk_len)));
+  return sum(affine(none, -1.0, 1.0));
+}
+
+Tensor moe_blockffn_locality_sum(const Tensor& z, const Tensor& z_next, int64_t chunk_len) {
+  Tensor out = moe_locality_sum(z, z_next);  // the pairs across chunks
+  if (chunk_len > 1) {                       // inside a chunk both tokens carry the same logits
+    const Tensor within = sum(sub(softplus(z), mul(z, sigmoid(z).detach())));
+    out = add(out, mul(within, double(chunk_len - 1)));
+  }
+  return out;
 }
 
 Tensor moe_sparsity_loss(const Tensor& z, int64_t group) {
@@ -284,7 +308,9 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     for (int64_t e = 0; e < E; ++e) sizes[e] = dispatch.counts[e] * c;
     // Auxiliary losses, each normalised by its count over the whole global batch, so that the
     // ranks' shares add up to the single-process loss. Global counts: one host all-reduce.
-    const Tensor z = affine(raw, cfg_.activation_alpha(), -cfg_.activation_beta());
+    // BLOCKFFN's locality logits are alpha * raw (no beta).
+    const Tensor z =
+        affine(raw, cfg_.activation_alpha(), blockffn_ ? 0.0 : -cfg_.activation_beta());
     Tensor z_next;  // the next shard's first chunk logits (the locality target across the boundary)
     if (seq_par) {
       z_next = parallel::shift_from_next(z.select(1, 0).detach(), ctx.grid->sp()).detach();
@@ -294,7 +320,10 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
                                0.0);  // [active per expert..., chunks, locality pairs, groups]
     for (int64_t e = 0; e < E; ++e) counts[e] = double(dispatch.counts[e]);
     counts[E] = double(B * nC);
-    counts[E + 1] = double(B * (std::max<int64_t>(nC - 1, 0) + (z_next.defined() ? 1 : 0)) * E);
+    // Locality pairs: consecutive chunks (HYDRA) or consecutive tokens (BLOCKFFN), with the pair
+    // across the shard boundary.
+    const int64_t pairs = blockffn_ ? nC * c - 1 : std::max<int64_t>(nC - 1, 0);
+    counts[E + 1] = double(B * (std::max<int64_t>(pairs, 0) + (z_next.defined() ? 1 : 0)) * E);
     counts[E + 2] = double(B * (nC / seq_group_) * E);
     ctx.world_sum(counts);
     double total = 0;
@@ -307,15 +336,20 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
     const Tensor balance = mul(sum(mul(sum(q, {0, 1}), tensor(load, {E}).to(rdt).to(x.device()))),
                                double(E) / std::max(counts[E], 1.0));
-    const Tensor locality = counts[E + 1] > 0
-                                ? mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1])
-                                : zeros({}, rdt, x.device());
-    const Tensor sparsity = counts[E + 2] > 0
-                                ? mul(moe_sparsity_sum(z, seq_group_), 1.0 / counts[E + 2])
-                                : zeros({}, rdt, x.device());
+    Tensor locality = zeros({}, rdt, x.device()), sparsity = zeros({}, rdt, x.device());
+    if (blockffn_) {  // p = s / (sum s + eps): BlockFFN's activation probabilities
+      const Tensor p = div(s, add(sum(s, {2}, true), 1e-5));
+      if (counts[E + 1] > 0)
+        locality = mul(moe_blockffn_locality_sum(z, z_next, c), 1.0 / counts[E + 1]);
+      if (counts[E + 2] > 0)
+        sparsity = mul(moe_blockffn_sparsity_sum(p, seq_group_, c), 1.0 / counts[E + 2]);
+    } else {
+      if (counts[E + 1] > 0) locality = mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1]);
+      if (counts[E + 2] > 0) sparsity = mul(moe_sparsity_sum(z, seq_group_), 1.0 / counts[E + 2]);
+    }
     const double scale = ctx.aux_scale;
-    losses = concat({mul(balance, cfg_.balance_loss_weight() * scale).reshape({1}),
-                     mul(locality, cfg_.locality_loss_weight() * scale).reshape({1}),
+    losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),
+                     mul(locality, locality_weight_ * scale).reshape({1}),
                      mul(sparsity, sparsity_coef() * scale).reshape({1})},
                     0);
     if (ctx.recording()) {  // the routing on the host for the statistics (and evaluation's purity)

@@ -57,6 +57,8 @@ class ChunkMoE : public Module {
                      ForwardContext& ctx) const;
 
   int64_t layer_, num_experts_, max_active_, chunk_, seq_group_;
+  bool blockffn_;                            // moe.objective BLOCKFFN
+  double balance_weight_, locality_weight_;  // resolved: the config's, or the objective's default
   int64_t first_expert_ = 0, local_experts_ = 0;
   config::MoeConfig cfg_;
   double last_tls_ = -1;    // this forward's routing (statistics)
@@ -84,6 +86,16 @@ Tensor moe_locality_sum(const Tensor& z, const Tensor& z_next);
 Tensor moe_sparsity_loss(const Tensor& z, int64_t group);
 // The sum of the P terms (the loss times B * groups * E).
 Tensor moe_sparsity_sum(const Tensor& z, int64_t group);
+// BlockFFN's chunk sparsification over the chunk-routed activation probabilities p [B, nC, E]
+// (p = s / (sum_e s + 1e-5)), every token of a chunk sharing its chunk's p: per group of `group`
+// chunks and expert, 1 - exp(chunk_len * sum_{chunks} log(1 - p + 1e-5)) (the probability that the
+// expert fires for some token of the group), summed over batch, whole groups and experts.
+Tensor moe_blockffn_sparsity_sum(const Tensor& p, int64_t group, int64_t chunk_len);
+// BlockFFN's activation locality summed over a sequence's consecutive token pairs, for chunk-routed
+// logits z = alpha * raw [B, nC, E]: the pairs across chunks (and across the shard boundary when
+// z_next is given), BCE(z_prev, sigmoid(z)), plus chunk_len - 1 pairs inside each chunk, BCE(z,
+// sigmoid(z)). Targets are detached (BlockFFN's code keeps them: docs/MODEL.md says why we do not).
+Tensor moe_blockffn_locality_sum(const Tensor& z, const Tensor& z_next, int64_t chunk_len);
 
 // Token-level and chunk-level sparsity of a routing: TLS = 1 - mean active / E; CLS(w) = 1 - mean
 // over windows of w consecutive tokens of |union of active experts| / E.

@@ -356,6 +356,59 @@ TEST(ChunkMoE, SiluExpertsAreBlockFfnsNonGatedBlocks) {
       with_params(randn64({2, 9, 6}, 30), *r.moe), sampled(10));
 }
 
+// BlockFFN's losses on chunk-routed probabilities equal the token-level definitions of
+// spec/blockffn.md with every token carrying its chunk's values.
+TEST(ChunkMoE, BlockFfnLossesEqualTheirTokenLevelDefinitions) {
+  const int64_t B = 2, nC = 4, E = 3, c = 3, group = 2;
+  const Tensor p = affine(sigmoid(testing::randn64({B, nC, E}, 40, 1.0, false)), 0.3, 0.0);
+  const Tensor z = testing::randn64({B, nC, E}, 41, 2.0, false);
+  const auto pv = p.to_vector<double>(), zv = z.to_vector<double>();
+  double cs = 0, al = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t g = 0; g < nC / group; ++g) {  // 1 - prod over the group's tokens of (1 - p)
+        double none = 1;
+        for (int64_t t = 0; t < group * c; ++t)
+          none *= 1 - pv[(b * nC + g * group + t / c) * E + e] + 1e-5;
+        cs += 1 - none;
+      }
+      for (int64_t t = 1; t < nC * c; ++t) {  // BCE(z_{t-1}, sigmoid(z_t)) over token pairs
+        const double zp = zv[(b * nC + (t - 1) / c) * E + e], zt = zv[(b * nC + t / c) * E + e];
+        al += std::log1p(std::exp(zp)) - zp / (1 + std::exp(-zt));
+      }
+    }
+  EXPECT_NEAR(model::moe_blockffn_sparsity_sum(p, group, c).item<double>(), cs, 1e-10);
+  EXPECT_NEAR(model::moe_blockffn_locality_sum(z, Tensor(), c).item<double>(), al, 1e-10);
+  // The objective's defaults: no balance loss, locality 2e-3, sparsification 5e-2.
+  auto m = make_moe(
+      "num_experts: 3 d_expert: 5 max_active: 2 chunk: 3 objective: BLOCKFFN "
+      "sparsity_group: 2",
+      42);
+  model::ForwardContext ctx;
+  Tensor aux;
+  (void)m.moe->forward(randn64({2, 12, 6}, 43, 1.0, false), ctx, &aux);
+  const auto a = aux.to_vector<double>();
+  EXPECT_EQ(a[0], 0.0) << "BlockFFN has no balance loss";
+  EXPECT_GT(a[1], 0.0);
+  EXPECT_GT(a[2], 0.0);
+  EXPECT_DOUBLE_EQ(m.moe->sparsity_coef(), 5e-2);
+  // Gradients (without the locality term: its detached targets make its gradient differ from its
+  // value's derivative by design, as in the HYDRA objective's check above).
+  auto g = make_moe(
+      "num_experts: 3 d_expert: 5 max_active: 2 chunk: 3 objective: BLOCKFFN "
+      "sparsity_group: 2",
+      42, false);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        model::ForwardContext ctx2;
+        ctx2.collect_stats = false;
+        Tensor aux2;
+        Tensor y = g.moe->forward(in[0], ctx2, &aux2);
+        return std::vector<Tensor>{y, aux2};
+      },
+      with_params(randn64({2, 12, 6}, 44), *g.moe), sampled(10));
+}
+
 TEST(ChunkMoE, CapacityDropsAssignmentsAndBoundsTheLoad) {
   auto c = make_moe("num_experts: 4 d_expert: 3 chunk: 2 max_active: 2 capacity_factor: 0.5", 26);
   model::ForwardContext ctx;
