@@ -169,8 +169,9 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
              "must be > 0");
   ck.require(moe.sparsity_group() >= 1, "moe.sparsity_group", moe.sparsity_group(), "must be >= 1");
   ck.require(moe.router_eps() > 0, "moe.router_eps", moe.router_eps(), "must be > 0");
-  ck.require(moe.sparsity_coef_max() >= moe.sparsity_coef_init(), "moe.sparsity_coef_max",
-             moe.sparsity_coef_max(),
+  ck.require(moe.objective() == config::MoeConfig::BLOCKFFN ||  // (its coefficient stays fixed)
+                 moe.sparsity_coef_max() >= moe.sparsity_coef_init(),
+             "moe.sparsity_coef_max", moe.sparsity_coef_max(),
              "must be >= sparsity_coef_init (" + std::to_string(moe.sparsity_coef_init()) + ")");
 
   const auto& ws = c.workspace();

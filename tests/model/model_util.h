@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <functional>
 #include <string>
 
 #include "configs/config_io.h"
@@ -35,8 +36,9 @@ inline model::ModelSpec micro_spec(const std::string& extra = "") {
   return spec_from(std::string(kMicroModel) + extra);
 }
 
-// The shipped config file's model section.
-inline model::ModelSpec shipped_spec(const std::string& name) {
+// The shipped config file's model section; `edit` (optional) changes it before it is resolved.
+inline model::ModelSpec shipped_spec(
+    const std::string& name, const std::function<void(config::ModelConfig*)>& edit = nullptr) {
   // HYDRA_SOURCE_DIR in the environment overrides the build's (tests run from a copy on another
   // machine).
   const char* env = std::getenv("HYDRA_SOURCE_DIR");
@@ -44,6 +46,7 @@ inline model::ModelSpec shipped_spec(const std::string& name) {
       std::string(env != nullptr ? env : HYDRA_SOURCE_DIR) + "/configs/" + name + ".pbtxt";
   auto cfg = config::load_run_config(path);
   EXPECT_TRUE(cfg.ok()) << cfg.status().message();
+  if (edit) edit(cfg->mutable_model());
   auto spec = model::make_spec(cfg->model(), path);
   EXPECT_TRUE(spec.ok()) << spec.status().message();
   return *spec;

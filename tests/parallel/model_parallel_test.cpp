@@ -61,8 +61,15 @@ data::Batch sequences(const data::Batch& b, int64_t first, int64_t count) {
   return out;
 }
 
-std::unique_ptr<model::LanguageModel> tiny_model(DType dtype) {
-  auto m = model::build_model(testing::shipped_spec("tiny"), 7);
+// blockffn: the MoE trained with BlockFFN's objective (its losses' sums and counts over the ranks).
+std::unique_ptr<model::LanguageModel> tiny_model(DType dtype, bool blockffn = false) {
+  auto m = model::build_model(
+      testing::shipped_spec("tiny",
+                            [&](config::ModelConfig* c) {
+                              if (blockffn)
+                                c->mutable_moe()->set_objective(config::MoeConfig::BLOCKFFN);
+                            }),
+      7);
   m->to(dtype);
   return m;
 }
@@ -86,16 +93,17 @@ struct OnGpu {
 // preset: every gradient starts as a zero tensor of its own, so the reducer copies them into its
 // buckets (as after earlier micro-batches) instead of the backward writing into the buckets
 // directly. gpu.on: the grid runs on the GPU (float64 kernels) against the one process on the CPU.
-void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {}) {
+void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {},
+                      bool blockffn = false) {
   auto grid = grid_of(shape, gpu.on, gpu.backend);
   if (!grid) GTEST_SKIP() << "needs " << shape.size() << " ranks";
   const data::Batch batch = global_batch(11);
   trainer::StepSettings s;  // every path on
-  auto ref = tiny_model(DType::kF64);
+  auto ref = tiny_model(DType::kF64, blockffn);
   const auto single = ProcessGrid::single();
   const trainer::StepLosses want = trainer::forward_backward(*ref, *single, nullptr, batch, s);
 
-  auto dist = tiny_model(DType::kF64);
+  auto dist = tiny_model(DType::kF64, blockffn);
   if (gpu.on) {
     s.device = grid->world().device();
     dist->to(s.device);
@@ -151,6 +159,14 @@ TEST(ModelParallel, ExpertParallel2SameLossAndGradients) { expect_same_step({1, 
 TEST(ModelParallel, ExpertParallel4SameLossAndGradients) { expect_same_step({1, 4, 1}); }
 TEST(ModelParallel, DataTimesExpertParallel2x2SameLossAndGradients) { expect_same_step({2, 2, 1}); }
 TEST(ModelParallel, SequenceParallel2SameLossAndGradients) { expect_same_step({1, 1, 2}); }
+// BlockFFN's objective: token-pair locality across the shard boundary, 64-token groups (whole in a
+// shard of 64 tokens), no balance loss.
+TEST(ModelParallel, SequenceParallel2BlockFfnObjectiveSameLossAndGradients) {
+  expect_same_step({1, 1, 2}, false, {}, true);
+}
+TEST(ModelParallel, DataTimesExpertParallel2x2BlockFfnObjectiveSameLossAndGradients) {
+  expect_same_step({2, 2, 1}, false, {}, true);
+}
 TEST(ModelParallel, SequenceParallel4SameLossAndGradients) { expect_same_step({1, 1, 4}); }
 TEST(ModelParallel, DataTimesSequenceParallel2x2SameLossAndGradients) {
   expect_same_step({2, 1, 2});
