@@ -8,6 +8,7 @@
 //   - anything else: a thread per element with the offsets from its index.
 #include "kernels/copy.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/multi_tensor.cuh"
 #include "kernels/cuda/rows.cuh"
 
 namespace hydra::kernels::cuda {
@@ -88,14 +89,7 @@ template <class S, class D>
 __global__ void __launch_bounds__(256)
     multi_copy_kernel(const __grid_constant__ MultiCopyLayout l) {
   const int32_t blk = blockIdx.x;
-  int lo = 0, hi = l.count - 1;  // the last tensor with first[t] <= blk
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (l.first[mid] <= blk)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
+  const int lo = multi_tensor_of(l.first, l.count, blk);
   const S* src = static_cast<const S*>(l.src[lo]);
   D* dst = static_cast<D*>(l.dst[lo]);
   const int64_t begin = int64_t(blk - l.first[lo]) * kMultiCopyChunk,

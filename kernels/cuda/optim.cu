@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/multi_tensor.cuh"
 #include "kernels/cuda/rows.cuh"
 #include "kernels/optim.h"
 
@@ -117,14 +118,7 @@ template <class T>
 __global__ void __launch_bounds__(256) multi_adamw_kernel(const __grid_constant__ MultiLayout l) {
   using C = compute_t<T>;
   const int32_t blk = blockIdx.x;
-  int lo = 0, hi = l.count - 1;  // the last t with first[t] <= blk
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (l.first[mid] <= blk)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
+  const int lo = multi_tensor_of(l.first, l.count, blk);
   const MultiTensor& d = l.t[lo];
   T* p = static_cast<T*>(d.p);
   const T* g = static_cast<const T*>(d.g);

@@ -393,11 +393,10 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
       << "ssm_scan_bwd needs the chunk states saved by the forward";
   HYDRA_CHECK(q.workspace != nullptr) << "ssm_scan_bwd: workspace required";
   const BwdScratch sc = scratch_of(p);
-  const int64_t nc = ssm_num_chunks(p.len, p.chunk_len);
-  const unsigned dim_blocks = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
-  const dim3 chunk_grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(p.batch)),
-      carry_grid(static_cast<unsigned>((p.dim * p.state + kThreads - 1) / kThreads),
-                 static_cast<unsigned>(p.batch));
+  const ScanGrids grids = scan_grids(p);
+  const int64_t nc = grids.chunks;
+  const unsigned dim_blocks = grids.dim_blocks;
+  const dim3 chunk_grid = grids.chunk, carry_grid = grids.carry;
   cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "ssm_scan_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;

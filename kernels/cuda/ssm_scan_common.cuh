@@ -163,4 +163,21 @@ inline void check_grid(const SsmScanParams& p) {
       << " steps; at most 65535 (raise the scan chunk)";
 }
 
+// The launch grids of both directions: a block of kThreads channels per (channel block, chunk,
+// batch entry) for the chunk passes; a thread per (channel, state) and batch entry for the carry.
+struct ScanGrids {
+  int64_t chunks;
+  unsigned dim_blocks;
+  dim3 chunk, carry;
+};
+inline ScanGrids scan_grids(const SsmScanParams& p) {
+  ScanGrids g;
+  g.chunks = ssm_num_chunks(p.len, p.chunk_len);
+  g.dim_blocks = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
+  g.chunk = dim3(g.dim_blocks, static_cast<unsigned>(g.chunks), static_cast<unsigned>(p.batch));
+  g.carry = dim3(static_cast<unsigned>((p.dim * p.state + kThreads - 1) / kThreads),
+                 static_cast<unsigned>(p.batch));
+  return g;
+}
+
 }  // namespace hydra::kernels::cuda::ssm

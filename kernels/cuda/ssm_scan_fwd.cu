@@ -91,11 +91,9 @@ void ssm_scan_fwd(const SsmScanParams& p) {
   if (p.batch * p.dim * p.len == 0) return;
   check_grid(p);
   HYDRA_CHECK(p.workspace != nullptr) << "ssm_scan: workspace required";
-  const int64_t nc = ssm_num_chunks(p.len, p.chunk_len);
-  const unsigned dim_blocks = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
-  const dim3 chunk_grid(dim_blocks, static_cast<unsigned>(nc), static_cast<unsigned>(p.batch)),
-      carry_grid(static_cast<unsigned>((p.dim * p.state + kThreads - 1) / kThreads),
-                 static_cast<unsigned>(p.batch));
+  const ScanGrids grids = scan_grids(p);
+  const int64_t nc = grids.chunks;
+  const dim3 chunk_grid = grids.chunk, carry_grid = grids.carry;
   cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "ssm_scan", [&](auto tag) {
     using T = typename decltype(tag)::type;
