@@ -1,10 +1,12 @@
 #include "parallel/mpi_communicator.h"
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <exception>
 #include <future>
 #include <sstream>
+#include <vector>
 
 #include "kernels/base/check.h"
 #include "parallel/runtime.h"
@@ -77,6 +79,8 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name)
   // on first use (inside a backward) it would wait for ranks busy with another group's exchange.
   check(MPI_Comm_dup(comm_, &async_comm_), "MPI_Comm_dup");
   MPI_Comm_set_errhandler(async_comm_, MPI_ERRORS_RETURN);
+  check(MPI_Comm_dup(comm_, &roll_comm_), "MPI_Comm_dup");
+  MPI_Comm_set_errhandler(roll_comm_, MPI_ERRORS_RETURN);
 }
 
 MpiCommunicator::~MpiCommunicator() {
@@ -90,6 +94,7 @@ MpiCommunicator::~MpiCommunicator() {
   MPI_Finalized(&finalized);
   if (finalized) return;
   if (async_comm_ != MPI_COMM_NULL) MPI_Comm_free(&async_comm_);
+  if (roll_comm_ != MPI_COMM_NULL) MPI_Comm_free(&roll_comm_);
   if (comm_ != MPI_COMM_NULL && comm_ != MPI_COMM_WORLD) MPI_Comm_free(&comm_);
 }
 
@@ -116,14 +121,69 @@ void MpiCommunicator::wait(MPI_Request* req, const char* call, MPI_Comm comm, bo
         MPI_Cancel(req);
         MPI_Request_free(req);
       }
-      HYDRA_FAIL()
-          << "rank " << process_info().rank << ": " << call << " on communicator '" << name_
-          << "' did not complete within " << timeout_.count()
-          << " s: another rank has died, is stuck, or took a different path through the program";
+      HYDRA_FAIL() << "rank " << process_info().rank << ": " << call << " on communicator '"
+                   << name_ << "' did not complete within " << timeout_.count() << " s"
+                   << roll_call();
     }
     if (spins > 200)
       std::this_thread::sleep_for(std::chrono::microseconds(spins > 5000 ? 200 : 20));
   }
+}
+
+std::string MpiCommunicator::roll_call() const {
+  constexpr int kTag = 0x48594452;  // "HYDR": only roll calls travel on roll_comm_
+  const auto grace = std::min<std::chrono::seconds>(timeout_, std::chrono::seconds(5));
+  int me = rank_;
+  std::vector<MPI_Request> sends;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    MPI_Request req;
+    if (MPI_Isend(&me, 1, MPI_INT, r, kTag, roll_comm_, &req) == MPI_SUCCESS) sends.push_back(req);
+  }
+  std::vector<char> heard(size_, 0);
+  heard[rank_] = 1;
+  int count = 1;
+  const auto deadline = std::chrono::steady_clock::now() + grace;
+  while (count < size_ && std::chrono::steady_clock::now() < deadline) {
+    int flag = 0;
+    MPI_Status status;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, kTag, roll_comm_, &flag, &status) != MPI_SUCCESS) break;
+    if (!flag) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      continue;
+    }
+    int from = -1;
+    MPI_Recv(&from, 1, MPI_INT, status.MPI_SOURCE, kTag, roll_comm_, MPI_STATUS_IGNORE);
+    if (!heard[status.MPI_SOURCE]) ++count;
+    heard[status.MPI_SOURCE] = 1;
+  }
+  for (MPI_Request& req : sends) MPI_Request_free(&req);  // small: they complete on their own
+  // The silent ranks, as world ranks (what mpirun and Slurm print).
+  std::vector<int> silent, world(size_, -1);
+  for (int r = 0; r < size_; ++r)
+    if (!heard[r]) silent.push_back(r);
+  MPI_Group group, world_group;
+  if (!silent.empty() && MPI_Comm_group(comm_, &group) == MPI_SUCCESS &&
+      MPI_Comm_group(MPI_COMM_WORLD, &world_group) == MPI_SUCCESS) {
+    MPI_Group_translate_ranks(group, static_cast<int>(silent.size()), silent.data(), world_group,
+                              world.data());
+    MPI_Group_free(&group);
+    MPI_Group_free(&world_group);
+  }
+  std::ostringstream os;
+  if (silent.empty()) {
+    os << ": every rank of the communicator timed out here too (they wait on each other: a "
+          "different order of collectives on different ranks?)";
+    return os.str();
+  }
+  os << ": rank" << (silent.size() > 1 ? "s " : " ");
+  for (std::size_t i = 0; i < silent.size(); ++i)
+    os << (i ? ", " : "") << (world[i] >= 0 ? world[i] : silent[i]);
+  os << " did not reach it (no report within " << grace.count()
+     << " s of this rank's timeout): dead, stuck elsewhere, or on a different path through the "
+        "program; look at "
+     << (silent.size() > 1 ? "their" : "its") << " log first";
+  return os.str();
 }
 
 void MpiCommunicator::wait_all(std::vector<MPI_Request>& reqs, const char* call) const {

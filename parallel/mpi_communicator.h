@@ -49,6 +49,10 @@ class MpiCommunicator final : public Communicator {
   void wait(MPI_Request* req, const char* call, MPI_Comm comm, bool cancellable = false,
             MPI_Status* status = nullptr) const;
   void wait_all(std::vector<MPI_Request>& reqs, const char* call) const;
+  // After a timeout: every rank that timed out reports on roll_comm_ and listens for the others'
+  // reports for a few seconds; returns the part of the message that names the ranks (world ranks)
+  // that did not report.
+  std::string roll_call() const;
   void all_reduce_on(MPI_Comm comm, const Tensor& t, ReduceOp op) const;
   void reduce_scatter_on(MPI_Comm comm, const Tensor& in, const Tensor& out) const;
   // Runs `job` on the worker thread (over async_comm_), or now when MPI allows one thread only.
@@ -57,6 +61,7 @@ class MpiCommunicator final : public Communicator {
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   MPI_Comm async_comm_ = MPI_COMM_NULL;  // duplicate used by the worker thread
+  MPI_Comm roll_comm_ = MPI_COMM_NULL;   // duplicate for the roll call after a timeout
   int rank_ = 0, size_ = 1;
   std::string name_;
 
