@@ -1,8 +1,10 @@
 // hydra-train: trains a model from a config, with the curriculum, evaluation, metrics and
 // checkpoints.
+#include <algorithm>
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
 #include "autograd/profiler.h"
@@ -122,8 +124,8 @@ int run_main(int argc, char** argv) {
                              "the seed of initialisation and data (train.seed)")(
       "device", po::value<std::string>(), "cpu or cuda (train.device)")(
       "threads", po::value<int>(),
-      "CPU threads (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or all cores)")(
-      "quiet", "no progress output or report")(
+      "CPU threads per rank (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or the host's cores "
+      "divided among the ranks on it)")("quiet", "no progress output or report")(
       "no-print-config", "do not print the resolved config (it is still saved in --out)");
   po::variables_map vm;
   try {
@@ -158,7 +160,15 @@ int run_main(int argc, char** argv) {
   }
   const std::string config_path = vm["config"].as<std::string>();
   try {
-    if (vm.count("threads")) set_num_threads(vm["threads"].as<int>());
+    if (vm.count("threads")) {
+      set_num_threads(vm["threads"].as<int>());
+    } else if (std::getenv("HYDRA_NUM_THREADS") == nullptr &&
+               std::getenv("OMP_NUM_THREADS") == nullptr &&
+               parallel::process_info().local_size > 1) {
+      // Ranks on one host share its cores: each takes its share, not all of them (4 ranks on 2
+      // cores each starting 2 threads ran 8 threads on 2 cores).
+      set_num_threads(std::max(1, num_threads() / parallel::process_info().local_size));
+    }
     auto cfg = config::load_run_config(config_path);
     if (!cfg.ok()) {
       report_error(cfg.status().message());

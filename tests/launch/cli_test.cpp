@@ -4,11 +4,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <thread>
 
 namespace {
 
@@ -461,6 +463,27 @@ TEST(Cli, MpirunTrainsOnTwoDataRanks) {
     steps +=
         line.find("\"step\"") != std::string::npos && line.find("\"loss\"") != std::string::npos;
   EXPECT_EQ(steps, 2) << "one metrics line per step, written by rank 0 only";
+}
+
+// Ranks sharing a host share its cores: without --threads or a thread variable, four ranks each
+// take at most a quarter of them (oversubscribed ranks are not bound to cores, and each took them
+// all).
+TEST(Cli, MpirunRanksOnOneHostShareItsCores) {
+  const std::string dir = temp_dir("threads");
+  const Result r = run(
+      "env -u HYDRA_NUM_THREADS -u OMP_NUM_THREADS OMPI_ALLOW_RUN_AS_ROOT=1 "
+      "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 300 " HYDRA_MPIEXEC " --oversubscribe -np 4 " +
+      kTrain + " --config " + kTiny + " --out " + dir + "/run --no-print-config " +
+      "--set 'curriculum={}' --set train.steps=1 --set train.seq_len=64 --set train.batch_size=4 " +
+      "--set train.eval_batches=1 --set parallel.dp=4");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const std::size_t at = r.output.find(" CPU threads per rank");
+  ASSERT_NE(at, std::string::npos) << r.output;
+  const std::size_t start = r.output.rfind("# ", at);
+  const int threads = std::stoi(r.output.substr(start + 2, at - start - 2));
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  EXPECT_GE(threads, 1);
+  EXPECT_LE(threads, std::max(1, cores / 4)) << r.output;
 }
 
 // ZeRO-1 from the command line: each rank writes its ranges of the optimizer state; the run
