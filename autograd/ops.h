@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -167,18 +169,35 @@ Tensor densify_sparse_grad(const Tensor& leaf);
 // n); group s is multiplied by w[s % G]^T with w [G, out, in] (so G groups are one per expert, and
 // P * G groups are P blocks of G, as rows arrive from P peers). Returns [n, out].
 Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& group_sizes);
+// The experts' layers on the tiled dispatch order (kernels/moe_route.h), whose group sizes stay on
+// the device: x [tiles * tile, in] -> [tiles * tile, out], tile t's rows by w[tiles[t]] ([G, out,
+// in]; a tile past the last group uses w[0]: its rows are padding). Forward and input gradient need
+// no group size on the host; the weight gradient reads `sizes` (each group's rows before padding,
+// in group order) in the backward, when their copy to the host has long finished.
+struct TiledGroups {
+  int64_t tile = 0;
+  Tensor tiles;                                 // [tiles] i64 on x's device
+  std::function<std::vector<int64_t>()> sizes;  // rows per group, for the weight gradient
+};
+Tensor tiled_linear(const Tensor& x, const Tensor& w, const TiledGroups& groups);
 // The chunk routing of the experts (kernels/moe_route.h), on the tensors' device: r, s [rows, E]
 // with rows = batch * chunks. Not differentiable. Only `counts` and `dropped` come to the host (2E
 // integers: the grouped GEMMs need the group sizes there); the dispatch order stays on the device.
+// With tile > 0 the dispatch order is tiled (kernels/moe_route.h) and nothing waits for the host:
+// perm and widx hold every slot of the tiled order, `tiles` names each tile's expert, and the
+// counts travel to the host behind the queued work (`host_counts`: counts, then dropped).
 struct MoeDispatch {
   Tensor mask;        // [rows, E] in r's dtype: 1 where the chunk's tokens go to the expert
-  Tensor perm, widx;  // [sum(counts) * chunk_len] i64 (kernels/moe_route.h)
+  Tensor perm, widx;  // [sum(counts) * chunk_len] i64 (kernels/moe_route.h); tiled: every slot
   Tensor inverse;     // [batch * chunks * chunk_len, min(max_active, E)] i64: perm's inverse
-  std::vector<int64_t> counts;   // [E] kept chunks per expert
-  std::vector<int64_t> dropped;  // [E] chunks dropped by the capacity
+  std::vector<int64_t> counts;   // [E] kept chunks per expert (packed order only)
+  std::vector<int64_t> dropped;  // [E] chunks dropped by the capacity (packed order only)
+  Tensor device_counts;          // [2, E] i64: counts, then dropped, on the device
+  Tensor tiles;                  // tiled: [tiles] i64, each tile's expert (-1: past the last)
+  std::shared_ptr<PendingHostCopy> host_counts;  // tiled: device_counts on their way to the host
 };
 MoeDispatch moe_route(const Tensor& r, const Tensor& s, int64_t batch, int64_t chunk_len,
-                      int64_t max_active, int64_t capacity);
+                      int64_t max_active, int64_t capacity, int64_t tile = 0);
 
 // ---- attention ----------------------------------------------------------------------------------
 // The sparse causal pattern of kernels/attention.h. window <= 0: unlimited; global_stride 0: none.
@@ -222,5 +241,15 @@ SelectiveScanResult selective_scan(const Tensor& u, const Tensor& delta_raw, con
                                    const Tensor& B, const Tensor& C, const Tensor& D,
                                    const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
                                    int64_t chunk_len = 64);
+// Mamba-2's SSD form (hydra.md section 2, docs/MODEL.md): the same recurrence with one decay rate
+// per head of P = D / H consecutive channels, h_t = exp(delta_t[h] A[h]) h_{t-1} + delta_t[h] B_t
+// u_t, computed as matrix products over chunks of chunk_len steps (within a chunk, a causal
+// decay-weighted C B^T; between chunks, a product over the chunks' states). delta_raw [B, L, H];
+// A_log, dt_bias [H]; the rest as selective_scan (h0 and h_last [B, D, N] with channel d = h P +
+// p). Composed of differentiable ops; computes in the accumulate dtype.
+SelectiveScanResult ssd_scan(const Tensor& u, const Tensor& delta_raw, const Tensor& A_log,
+                             const Tensor& B, const Tensor& C, const Tensor& D,
+                             const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
+                             int64_t chunk_len = 64);
 
 }  // namespace hydra

@@ -530,7 +530,7 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
 }
 
 MoeDispatch moe_route(const Tensor& r_in, const Tensor& s_in, int64_t batch, int64_t chunk_len,
-                      int64_t max_active, int64_t capacity) {
+                      int64_t max_active, int64_t capacity, int64_t tile) {
   HYDRA_CHECK(r_in.dim() == 2 && r_in.shape() == s_in.shape() && is_floating(r_in.dtype()) &&
               s_in.dtype() == r_in.dtype() && s_in.device() == r_in.device())
       << "moe_route: r " << shape_str(r_in.shape()) << " and s " << shape_str(s_in.shape())
@@ -543,19 +543,21 @@ MoeDispatch moe_route(const Tensor& r_in, const Tensor& s_in, int64_t batch, int
   const Tensor r = r_in.detach().contiguous(), s = s_in.detach().contiguous();
   MoeDispatch out;
   out.mask = Tensor::empty({rows, E}, r.dtype(), dev);
-  const int64_t slots = rows * std::min(max_active, E) * chunk_len;
-  Tensor perm = Tensor::empty({slots}, DType::kI64, dev),
-         widx = Tensor::empty({slots}, DType::kI64, dev);
-  out.inverse = Tensor::empty({rows * chunk_len, std::min(max_active, E)}, DType::kI64, dev);
-  Tensor counts =
-      Tensor::empty({2, E}, DType::kI64, dev);  // counts, then dropped: one copy to the host
   kernels::MoeRouteParams p;
-  p.dtype = r.dtype();
   p.batch = batch;
   p.chunks = rows / batch;
   p.experts = E;
   p.chunk_len = chunk_len;
   p.max_active = max_active;
+  p.tile = std::max<int64_t>(tile, 0);
+  const int64_t slots = kernels::moe_route_slots(p);
+  Tensor perm = Tensor::empty({slots}, DType::kI64, dev),
+         widx = Tensor::empty({slots}, DType::kI64, dev);
+  if (p.tile > 0) out.tiles = Tensor::empty({kernels::moe_route_tiles(p)}, DType::kI64, dev);
+  out.inverse = Tensor::empty({rows * chunk_len, std::min(max_active, E)}, DType::kI64, dev);
+  Tensor counts =
+      Tensor::empty({2, E}, DType::kI64, dev);  // counts, then dropped: one copy to the host
+  p.dtype = r.dtype();
   p.capacity = capacity;
   p.r = r.raw_data();
   p.s = s.raw_data();
@@ -565,10 +567,18 @@ MoeDispatch moe_route(const Tensor& r_in, const Tensor& s_in, int64_t batch, int
   p.perm = perm.data<int64_t>();
   p.widx = widx.data<int64_t>();
   p.inverse = out.inverse.data<int64_t>();
+  p.tiles = out.tiles.defined() ? out.tiles.data<int64_t>() : nullptr;
   p.stream = current_stream(dev);
   const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, moe_route_workspace, p);
   p.workspace = ws.defined() ? ws.raw_data() : nullptr;
   if (E > 0) HYDRA_LAUNCH(dev, moe_route, p);
+  out.device_counts = counts;
+  if (p.tile > 0) {  // nothing waits: the counts follow behind the queued work
+    out.host_counts = std::make_shared<PendingHostCopy>(counts);
+    out.perm = perm;
+    out.widx = widx;
+    return out;
+  }
   const std::vector<int64_t> host = E > 0 ? counts.to_vector<int64_t>() : std::vector<int64_t>();
   out.counts.assign(host.begin(), host.begin() + E);
   out.dropped.assign(host.begin() + E, host.end());

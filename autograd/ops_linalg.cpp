@@ -331,4 +331,87 @@ Tensor grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_
   return y;
 }
 
+namespace {
+
+// C = A op(W[tiles[t]]) for every tile (kernels/matmul.h: tile_gemm).
+void tile_gemm_run(const Tensor& a, const Tensor& w, bool trans_w, const TiledGroups& g,
+                   const Tensor& c) {
+  kernels::TileGemmParams p;
+  p.dtype = a.dtype();
+  p.trans_w = trans_w;
+  p.num_tiles = g.tiles.numel();
+  p.tile = g.tile;
+  p.a = a.raw_data();
+  p.lda = a.stride(0);
+  p.w = w.raw_data();
+  p.groups = w.size(0);
+  p.w_rows = w.size(1);
+  p.w_cols = w.size(2);
+  p.tiles = g.tiles.data<int64_t>();
+  p.c = c.raw_data();
+  p.ldc = c.stride(0);
+  p.stream = current_stream(a.device());
+  const Tensor ws = HYDRA_CUDA_WORKSPACE(a.device(), tile_gemm_workspace, p);
+  p.workspace = ws.defined() ? ws.raw_data() : nullptr;
+  if (p.num_tiles > 0 && c.size(1) > 0) HYDRA_LAUNCH(a.device(), tile_gemm, p);
+}
+
+}  // namespace
+
+Tensor tiled_linear(const Tensor& x, const Tensor& w, const TiledGroups& groups) {
+  check_operands("tiled_linear", x, w);
+  HYDRA_CHECK(groups.tile >= 1 && groups.tiles.defined() && groups.tiles.dtype() == DType::kI64 &&
+              groups.tiles.dim() == 1 && groups.tiles.device() == x.device())
+      << "tiled_linear: tiles must be an i64 vector on " << x.device().str() << " and tile >= 1";
+  HYDRA_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(2) &&
+              x.size(0) == groups.tiles.numel() * groups.tile)
+      << "tiled_linear: x " << shape_str(x.shape()) << ", w " << shape_str(w.shape()) << ", "
+      << groups.tiles.numel() << " tiles of " << groups.tile
+      << " rows (expected [tiles * tile, in] and [G, out, in])";
+  const int64_t in = w.size(2), out_f = w.size(1), G = w.size(0), rows = x.size(0);
+  const Tensor xc = x.detach().contiguous(), wc = w.detach().contiguous();
+  Tensor y = Tensor::empty({rows, out_f}, x.dtype(), x.device());
+  if (in == 0)
+    y.zero_();
+  else
+    tile_gemm_run(xc, wc, true, groups, y);
+  const bool need_x = x.requires_grad(), need_w = w.requires_grad();
+  SavedTensor sx(need_w ? xc : Tensor()), sw(need_x ? wc : Tensor());
+  record_op("tiled_linear", {x, w}, {y}, [=](const std::vector<Tensor>& grads) {
+    const Tensor gy = grads[0].contiguous();
+    Tensor gx, gw;
+    if (need_x) {
+      gx = Tensor::empty({rows, in}, gy.dtype(), gy.device());
+      if (out_f == 0)
+        gx.zero_();
+      else
+        tile_gemm_run(gy, sw.get(), false, groups, gx);
+    }
+    if (need_w) {  // gw[g] = gy_g^T x_g over the group's rows (padding excluded), from host sizes
+      const std::vector<int64_t> sizes = groups.sizes();
+      HYDRA_CHECK(static_cast<int64_t>(sizes.size()) == G)
+          << "tiled_linear: " << sizes.size() << " group sizes for " << G << " groups";
+      const Tensor xs = sx.get();
+      std::vector<kernels::GemmProblem> dw;
+      int64_t start = 0, total = 0;
+      gw = zeros({G, out_f, in}, gy.dtype(), gy.device());
+      for (int64_t g = 0; g < G; ++g) {
+        if (sizes[g] > 0)
+          dw.push_back(problem(gy.narrow(0, start, sizes[g]), xs.narrow(0, start, sizes[g]),
+                               gw.select(0, g), sizes[g]));
+        start += (sizes[g] + groups.tile - 1) / groups.tile * groups.tile;
+        total += sizes[g];
+      }
+      HYDRA_CHECK(start <= rows) << "tiled_linear: groups of " << start << " rows in " << rows;
+      if (total == 0) {
+        gw = Tensor();  // no row reached any group: no gradient, as when the experts do not run
+      } else {
+        grouped_gemm_run(gy.device(), gy.dtype(), true, false, dw);
+      }
+    }
+    return std::vector<Tensor>{gx, gw};
+  });
+  return y;
+}
+
 }  // namespace hydra

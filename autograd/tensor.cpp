@@ -448,4 +448,45 @@ std::string Tensor::str() const {
 
 std::ostream& operator<<(std::ostream& os, const Tensor& t) { return os << t.str(); }
 
+PendingHostCopy::PendingHostCopy(const Tensor& src_in) {
+  const Tensor src = src_in.detach().contiguous();
+  HYDRA_CHECK(src.dtype() == DType::kI64) << "PendingHostCopy: i64 tensors only";
+  if (src.device().is_cpu() || src.numel() == 0) {
+    values_ = src.cpu().to_vector<int64_t>();
+    ready_ = true;
+    return;
+  }
+#if HYDRA_WITH_CUDA
+  host_ = Tensor::empty(src.shape(), DType::kI64, Device::cpu()).pin_memory();
+  void* stream = current_stream(src.device());
+  kernels::cuda::memcpy_async(host_.raw_data(), src.raw_data(), src.nbytes(),
+                              kernels::cuda::CopyKind::kDeviceToHost, stream);
+  event_ = kernels::cuda::event_create();
+  kernels::cuda::event_record(event_, stream);
+#endif
+}
+
+PendingHostCopy::~PendingHostCopy() {
+#if HYDRA_WITH_CUDA
+  if (event_ != nullptr) {
+    kernels::cuda::event_synchronize(event_);  // the copy must not outlive its pinned buffer
+    kernels::cuda::event_destroy(event_);
+  }
+#endif
+}
+
+const std::vector<int64_t>& PendingHostCopy::get() {
+  if (ready_) return values_;
+#if HYDRA_WITH_CUDA
+  if (!kernels::cuda::event_query(event_)) {
+    std::optional<KernelProfileScope> wait;
+    if (kernel_profile_enabled()) wait.emplace(Device::cpu(), "host: wait for a copy to the host");
+    kernels::cuda::event_synchronize(event_);
+  }
+#endif
+  values_ = host_.to_vector<int64_t>();
+  ready_ = true;
+  return values_;
+}
+
 }  // namespace hydra

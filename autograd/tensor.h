@@ -192,4 +192,23 @@ void copy_many_(const std::vector<Tensor>& dst, const std::vector<Tensor>& src);
 template <class T>
 Tensor tensor(const std::vector<T>& values, const Shape& shape, Device device = Device::cpu());
 
+// A copy of a small i64 device tensor to the host that runs behind the work queued so far: get()
+// returns its values, waiting only for what the copy still lacks (a caller that asks late, as a
+// backward asking for the forward's counts, does not wait at all). On the CPU the values are read
+// at once.
+class PendingHostCopy {
+ public:
+  explicit PendingHostCopy(const Tensor& src);
+  ~PendingHostCopy();
+  PendingHostCopy(const PendingHostCopy&) = delete;
+  PendingHostCopy& operator=(const PendingHostCopy&) = delete;
+  const std::vector<int64_t>& get();
+
+ private:
+  Tensor host_;  // pinned
+  void* event_ = nullptr;
+  bool ready_ = false;
+  std::vector<int64_t> values_;
+};
+
 }  // namespace hydra

@@ -237,6 +237,30 @@ void toy_step_rows(Report& report, const Floors& f) {
                     for (Tensor* t : {&u, &dt, &z, &Bm, &Cm}) t->set_grad(Tensor());
                     selective_scan(u, dt, A, Bm, Cm, D, bias, z, Tensor()).y.backward(gy);
                   });
+    {  // the paper's form: one state per channel (the floor: the same 11 passes of bytes)
+      Tensor A1 = rnd({di, 1}, DType::kBF16, 0.3), B1 = rnd({B, L, 1}), C1 = rnd({B, L, 1});
+      bandwidth_row(report, f, "toy32k selective_scan fwd+bwd [4, 8192, 768, N 1]",
+                    11.0 * T * di * 2, [&] {
+                      for (Tensor* t : {&u, &dt, &z}) t->set_grad(Tensor());
+                      selective_scan(u, dt, A1, B1, C1, D, bias, z, Tensor()).y.backward(gy);
+                    });
+    }
+    // The SSD form on the same tokens: 12 heads of 64 channels, chunks of 64 steps. Its floor is
+    // the same bytes (u, delta, z in, y out; fwd+bwd 11 passes) as the fused scan's.
+    const int64_t H = di / 64;
+    Tensor dth = rnd({B, L, H}, DType::kBF16, 0.5), Ah = rnd({H}, DType::kBF16, 0.3),
+           biash = rnd({H});
+    {
+      NoGradGuard ng;
+      bandwidth_row(report, f, "toy32k ssd_scan fwd [4, 8192, 12 x 64, N 16]", 4.0 * T * di * 2,
+                    [&] { (void)ssd_scan(u, dth, Ah, Bm, Cm, D, biash, z, Tensor()); });
+    }
+    dth.set_requires_grad(true);
+    bandwidth_row(report, f, "toy32k ssd_scan fwd+bwd [4, 8192, 12 x 64, N 16]", 11.0 * T * di * 2,
+                  [&] {
+                    for (Tensor* t : {&u, &dth, &z, &Bm, &Cm}) t->set_grad(Tensor());
+                    ssd_scan(u, dth, Ah, Bm, Cm, D, biash, z, Tensor()).y.backward(gy);
+                  });
   }
   NoGradGuard ng;
   {  // the MoE combine: 2 expert rows per token added into [T, d]

@@ -8,8 +8,10 @@
 # Usage: bench/throughput.sh BIN_DIR OUT_DIR [PART ...]
 #   BIN_DIR  where hydra-train is (build/bin, or .gpu/bin on the GPU machine)
 #   OUT_DIR  rows.jsonl (one JSON object a row) and each run's log
-#   PART     toy, toy-parallel (workspace.write PARALLEL), transformer-toy, torch, hydra-1.6b
-#            (default: all of them)
+#   PART     toy, toy-parallel (workspace.write PARALLEL), toy-ssd (toy-parallel with the scan in
+#            the SSD form, ssm.form SSD), toy-paper (toy-parallel with the paper's SSM: one state per
+#            channel, no convolution), transformer-toy, torch, hydra-1.6b (default: all but toy-ssd
+#            and toy-paper)
 # Environment: SEQS (default "512 1024 2048 4096 8192 16384 32768"), STEPS (30), WARMUP (5),
 #   TOKENS (32768), PYTHON (python3); hydra-1.6b: BIG_STEPS (8) measured after BIG_WARMUP (4).
 # Then: python3 bench/throughput_report.py OUT_DIR/rows.jsonl --gpu h200 writes the table, the plot and
@@ -75,6 +77,15 @@ for part in "${parts[@]}"; do
       for s in $seqs; do train_row "$part" "$part" "$s"; done ;;
     toy-parallel)
       for s in $seqs; do train_row toy-parallel toy "$s" --set model.workspace.write=PARALLEL; done ;;
+    toy-ssd)
+      for s in $seqs; do
+        train_row toy-ssd toy "$s" --set model.workspace.write=PARALLEL --set model.ssm.form=SSD
+      done ;;
+    toy-paper)
+      for s in $seqs; do
+        train_row toy-paper toy "$s" --set model.workspace.write=PARALLEL --set model.ssm.d_state=1 \
+          --set model.ssm.conv_width=0
+      done ;;
     torch)
       for s in $seqs; do
         if ! "$python" "$here/bench/torch_transformer.py" --seq "$s" --tokens "$tokens" --steps "$steps" \
@@ -92,7 +103,7 @@ for part in "${parts[@]}"; do
       train_row hydra-1.6b-recompute hydra-1.6b 8192 --set train.recompute=BLOCK
       steps=${saved[0]}
       warmup=${saved[1]} ;;
-    *) echo "throughput.sh: unknown part '$part' (toy, toy-parallel, transformer-toy, torch, hydra-1.6b)" >&2; exit 2 ;;
+    *) echo "throughput.sh: unknown part '$part' (toy, toy-parallel, toy-ssd, toy-paper, transformer-toy, torch, hydra-1.6b)" >&2; exit 2 ;;
   esac
 done
 echo "throughput.sh: rows in $rows"

@@ -14,7 +14,7 @@ import os
 import subprocess
 import tempfile
 
-ORDER = ["toy", "toy-parallel", "transformer-toy", "torch-transformer", "torch-transformer-compile", "hydra-1.6b",
+ORDER = ["toy", "toy-parallel", "toy-ssd", "toy-paper", "transformer-toy", "torch-transformer", "torch-transformer-compile", "hydra-1.6b",
          "hydra-1.6b-recompute"]
 
 
@@ -46,7 +46,7 @@ def main():
             cells.append("" if r is None else ("error" if "error" in r else fmt_k(r["tokens_per_s"])))
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     for base in ["transformer-toy", "torch-transformer"]:
-        for m in ["toy", "toy-parallel"]:
+        for m in ["toy", "toy-parallel", "toy-ssd", "toy-paper"]:
             if m not in models or base not in models:
                 continue
             cells = []

@@ -77,8 +77,32 @@ inline GemmParams gemm_of(const GroupedGemmParams& p, const GemmProblem& q) {
   return g;
 }
 
+// The GEMMs of a tiled grouped layout whose groups live on the device (kernels/moe_route.h's tiled
+// dispatch order): for each tile t of `tile` rows, C[rows of t] = A[rows of t] op(W[g]) with
+// g = tiles[t]; a tile past the last group (g < 0) uses W[0] (its rows are padding nobody reads).
+// W is [groups, w_rows, w_cols] contiguous; op(W) = W^T when trans_w (C has w_rows columns, A
+// w_cols), else W (C has w_cols columns, A w_rows). One batched launch on CUDA: the host needs no
+// group size.
+struct TileGemmParams {
+  DType dtype = DType::kF32;  // accumulation as for gemm
+  bool trans_w = false;
+  int64_t num_tiles = 0, tile = 0;
+  const void* a = nullptr;
+  int64_t lda = 0;  // row stride of A
+  const void* w = nullptr;
+  int64_t groups = 0, w_rows = 0, w_cols = 0;
+  const int64_t* tiles = nullptr;  // [num_tiles], on the kernel's device
+  void* c = nullptr;
+  int64_t ldc = 0;
+  void* workspace = nullptr;  // CUDA: tile_gemm_workspace(p) bytes (the pointer tables)
+  void* stream = nullptr;
+};
+
+HYDRA_DECLARE_KERNEL(tile_gemm, TileGemmParams)
+
 namespace cuda {
 size_t grouped_gemm_workspace(const GroupedGemmParams& p);
+size_t tile_gemm_workspace(const TileGemmParams& p);
 }  // namespace cuda
 
 }  // namespace hydra::kernels

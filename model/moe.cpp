@@ -67,6 +67,12 @@ Tensor ChunkMoE::run_experts(const Tensor& xs, const std::vector<int64_t>& sizes
   return parallel::combine_from_experts(experts(d.rows, d.groups), d, ep);
 }
 
+Tensor ChunkMoE::run_experts_tiled(const Tensor& xs, const TiledGroups& groups) const {
+  const Tensor a = silu(tiled_linear(xs, w1, groups));
+  const Tensor h = w3.defined() ? mul(a, tiled_linear(xs, w3, groups)) : a;
+  return tiled_linear(h, w2, groups);
+}
+
 double ChunkMoE::sparsity_coef() const {
   if (coef_cache_.storage != coef.storage().get() || coef_cache_.version != coef.version())
     coef_cache_ = {coef.storage().get(), coef.version(),
@@ -74,9 +80,19 @@ double ChunkMoE::sparsity_coef() const {
   return coef_cache_.value;
 }
 
+void ChunkMoE::resolve_global_tls() {
+  if (!pending_counts_) return;
+  const std::vector<int64_t>& host = pending_counts_->get();  // counts, then dropped
+  double total = 0;
+  for (int64_t e = 0; e < num_experts_; ++e) total += double(host[e]);
+  global_tls_ = pending_chunks_ > 0 ? 1.0 - total / (pending_chunks_ * double(num_experts_)) : -1.0;
+  pending_counts_.reset();
+}
+
 void ChunkMoE::update_sparsity_coef() {
   // The TLS of the whole global batch (the same on every rank, so the coefficient stays in sync).
   // BLOCKFFN keeps its coefficient (its adaptive schedule is not built yet).
+  resolve_global_tls();
   if (global_tls_ < 0 || blockffn_) return;
   const double direction = global_tls_ < cfg_.target_sparsity() ? 1.0 : -1.0;
   const double next = std::clamp(sparsity_coef() * std::exp(direction * cfg_.sparsity_adapt_rate()),
@@ -270,6 +286,15 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   // fp32 under mixed precision (keep_master_dtype).
   const DType rdt = router_weight.dtype();
   Tensor losses = zeros({3}, rdt, x.device());
+  // The tiled dispatch (moe.dispatch): the experts' GEMMs are launched without the counts, so the
+  // device never waits for the host here. It needs every expert and the whole batch's counts in
+  // this process (no expert parallelism, no ranks to sum the counts over).
+  const bool one_process =
+      local_experts_ == num_experts_ && !(ctx.grid != nullptr && ctx.grid->distributed());
+  const bool tiled =
+      one_process && (cfg_.dispatch() == config::MoeConfig::TILED ||
+                      (cfg_.dispatch() == config::MoeConfig::AUTO && x.device().is_cuda()));
+  TiledGroups tiled_groups;
   if (ctx.paths.moe_routing) {
     const bool seq_par = ctx.sequence_parallel();
     const Tensor xr = x.view({B, nC, c, d});
@@ -299,13 +324,24 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
         cf > 0 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
                                           cf * double(B * nC) * double(max_active_) / double(E))))
                : 0;
-    const MoeDispatch dispatch =
-        moe_route(r.reshape({B * nC, E}), s.reshape({B * nC, E}), B, c, max_active_, capacity);
+    const MoeDispatch dispatch = moe_route(r.reshape({B * nC, E}), s.reshape({B * nC, E}), B, c,
+                                           max_active_, capacity, tiled ? cfg_.dispatch_tile() : 0);
     w = mul(r, dispatch.mask.view({B, nC, E})).to(acc);
     perm_t = dispatch.perm;
     widx_t = dispatch.widx;
     inv_t = dispatch.inverse;
-    for (int64_t e = 0; e < E; ++e) sizes[e] = dispatch.counts[e] * c;
+    if (tiled) {
+      tiled_groups.tile = cfg_.dispatch_tile();
+      tiled_groups.tiles = dispatch.tiles;
+      tiled_groups.sizes = [pending = dispatch.host_counts, E, c] {
+        const std::vector<int64_t>& host = pending->get();
+        std::vector<int64_t> rows(E);
+        for (int64_t e = 0; e < E; ++e) rows[e] = host[e] * c;
+        return rows;
+      };
+    } else {
+      for (int64_t e = 0; e < E; ++e) sizes[e] = dispatch.counts[e] * c;
+    }
     // Auxiliary losses, each normalised by its count over the whole global batch, so that the
     // ranks' shares add up to the single-process loss. Global counts: one host all-reduce.
     // BLOCKFFN's locality logits are alpha * raw (no beta).
@@ -318,7 +354,8 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     }
     std::vector<double> counts(E + 3,
                                0.0);  // [active per expert..., chunks, locality pairs, groups]
-    for (int64_t e = 0; e < E; ++e) counts[e] = double(dispatch.counts[e]);
+    if (!tiled)
+      for (int64_t e = 0; e < E; ++e) counts[e] = double(dispatch.counts[e]);
     counts[E] = double(B * nC);
     // Locality pairs: consecutive chunks (HYDRA) or consecutive tokens (BLOCKFFN), with the pair
     // across the shard boundary.
@@ -326,16 +363,26 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     counts[E + 1] = double(B * (std::max<int64_t>(pairs, 0) + (z_next.defined() ? 1 : 0)) * E);
     counts[E + 2] = double(B * (nC / seq_group_) * E);
     ctx.world_sum(counts);
-    double total = 0;
-    for (int64_t e = 0; e < E; ++e) total += counts[e];
-    std::vector<double> load(E);
-    for (int64_t e = 0; e < E; ++e) load[e] = total > 0 ? counts[e] / total : 0.0;
-    global_tls_ = counts[E] > 0 ? 1.0 - total / (counts[E] * double(E)) : -1.0;
-    routed_anywhere = total > 0;
+    Tensor load;  // [E]: each expert's share of the kept (chunk, expert) pairs
+    if (tiled) {  // on the device; the TLS when the coefficient is next updated
+      const Tensor kept = dispatch.device_counts.select(0, 0).to(rdt);
+      load = div(kept, add(sum(kept), 1e-30));  // 0 / 1e-30 = 0 when nothing was kept
+      pending_counts_ = dispatch.host_counts;
+      pending_chunks_ = counts[E];
+    } else {
+      double total = 0;
+      for (int64_t e = 0; e < E; ++e) total += counts[e];
+      std::vector<double> shares(E);
+      for (int64_t e = 0; e < E; ++e) shares[e] = total > 0 ? counts[e] / total : 0.0;
+      load = tensor(shares, {E}).to(rdt).to(x.device());
+      pending_counts_.reset();
+      global_tls_ = counts[E] > 0 ? 1.0 - total / (counts[E] * double(E)) : -1.0;
+      routed_anywhere = total > 0;
+    }
     const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
     // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
-    const Tensor balance = mul(sum(mul(sum(q, {0, 1}), tensor(load, {E}).to(rdt).to(x.device()))),
-                               double(E) / std::max(counts[E], 1.0));
+    const Tensor balance =
+        mul(sum(mul(sum(q, {0, 1}), load)), double(E) / std::max(counts[E], 1.0));
     Tensor locality = zeros({}, rdt, x.device()), sparsity = zeros({}, rdt, x.device());
     if (blockffn_) {  // p = s / (sum s + eps): BlockFFN's activation probabilities
       const Tensor p = div(s, add(sum(s, {2}, true), 1e-5));
@@ -360,12 +407,18 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
       routing.num_experts = E;
       const std::vector<double> m = dispatch.mask.to_vector<double>();
       routing.active.assign(m.begin(), m.end());
-      routing.dropped = dispatch.dropped;
+      if (tiled) {
+        const std::vector<int64_t>& host = dispatch.host_counts->get();
+        routing.dropped.assign(host.begin() + E, host.end());
+      } else {
+        routing.dropped = dispatch.dropped;
+      }
       record_stats(routing, q.detach(), s.detach().reshape({B * nC, E}), ctx);
       const std::string p = "moe." + std::to_string(layer_) + ".";
       ctx.stat(p + "balance_loss", balance.item<double>());
       ctx.stat(p + "locality_loss", locality.item<double>());
       ctx.stat(p + "sparsity_loss", sparsity.item<double>());
+      resolve_global_tls();
       ctx.stat(p + "tls_global", global_tls_);
     }
   } else {
@@ -394,9 +447,15 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   if (local_experts_ != num_experts_ ? routed_anywhere : any_rows) {
     // The dispatch and the combine go by the token's own rows (the inverse): no scatter, no sort.
     const Tensor xs = gather_rows(xf, perm_t, inv_t);
-    Tensor y = run_experts(xs, sizes, ctx);
+    Tensor y =
+        tiled_groups.tile > 0 ? run_experts_tiled(xs, tiled_groups) : run_experts(xs, sizes, ctx);
     if (w.defined()) {
-      y = mul(y, gather_rows(w.reshape({B * nC * E, 1}), widx_t));
+      // Tiled: padding rows name one row past the pairs, whose weight is 0 (kernels/moe_route.h).
+      const Tensor wt =
+          tiled_groups.tile > 0
+              ? concat({w.reshape({B * nC * E, 1}), zeros({1, 1}, w.dtype(), w.device())}, 0)
+              : w.reshape({B * nC * E, 1});
+      y = mul(y, gather_rows(wt, widx_t));
     } else {
       y = mul(y, 1.0 / double(E));
     }

@@ -63,6 +63,12 @@ class ChunkMoE : public Module {
   config::MoeConfig cfg_;
   double last_tls_ = -1;    // this forward's routing (statistics)
   double global_tls_ = -1;  // over the global batch (drives the sparsification coefficient)
+  // The tiled dispatch's counts on their way to the host, and the chunks they are out of: the TLS
+  // above is computed from them when next needed (resolve_global_tls), not in the forward.
+  std::shared_ptr<PendingHostCopy> pending_counts_;
+  double pending_chunks_ = 0;
+  void resolve_global_tls();
+  Tensor run_experts_tiled(const Tensor& xs, const TiledGroups& groups) const;
   // The coefficient's value on the host, valid while `coef` keeps this storage and version (the
   // forward needs it every step; reading the device buffer each time would stall the GPU's queue).
   struct CoefCache {

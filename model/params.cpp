@@ -40,10 +40,18 @@ ParamTable count_parameters(const ModelSpec& s, int64_t seq_len) {
         double(s.num_blocks) * (2.0 * (attn + ffn) + 4.0 * d * mean_visible_keys(seq_len, 0, 0));
   } else {
     const int64_t di = s.d_inner, N = s.d_state, R = s.dt_rank, W = s.conv_width;
-    const int64_t ssm_linear = 2 * di * d + (R + 2 * N) * di + di * R + d * di;
-    const int64_t ssm = ssm_linear + di * W + di + di + di * N + di;
+    // rates: the decay rates and deltas (per channel, or per head in the SSD form).
+    const int64_t rates = s.ssm_heads;
+    const int64_t ssm_linear = 2 * di * d + (R + 2 * N) * di + rates * R + d * di;
+    const int64_t conv = W > 0 ? di * W + di : 0;  // weights and bias
+    const int64_t ssm = ssm_linear + conv + rates + (s.ssd ? rates : di * N) + di;
     ParamRow ssm_row{"ssm", ssm * s.num_blocks, ssm * s.num_blocks};
-    flops += double(s.num_blocks) * (2.0 * ssm_linear + 2.0 * di * W + 9.0 * di * N);
+    // The scan per token: the recurrence's 9 operations per state (SELECTIVE); the SSD's matrix
+    // products as computed (C B^T and the decay-weighted mix over a chunk of Q steps, the chunk
+    // state and its read-out).
+    const double Q = double(std::min<int64_t>(s.scan_chunk, std::max<int64_t>(seq_len, 1)));
+    const double scan = s.ssd ? 2.0 * Q * N + 2.0 * Q * di + 4.0 * N * di : 9.0 * di * N;
+    flops += double(s.num_blocks) * (2.0 * ssm_linear + 2.0 * di * W + scan);
 
     const int64_t sga = 4 * d * d;
     ParamRow sga_row{"sga", sga * s.sga_blocks(), sga * s.sga_blocks()};

@@ -100,7 +100,7 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   ck.require(s.d_state >= 1 && s.d_state <= 1024, "ssm.d_state", s.d_state, "must be in [1, 1024]");
   ck.require(ssm.dt_rank() <= kMaxWidth, "ssm.dt_rank", ssm.dt_rank(),
              "must be <= " + std::to_string(kMaxWidth));
-  ck.require(s.conv_width >= 1, "ssm.conv_width", s.conv_width, "must be >= 1");
+  ck.require(s.conv_width >= 0, "ssm.conv_width", s.conv_width, "must be >= 0 (0: no convolution)");
   ck.require(ssm.dt_rank() >= 0, "ssm.dt_rank", ssm.dt_rank(),
              "must be >= 0 (0: ceil(d_model / 16))");
   ck.require(ssm.dt_min() > 0, "ssm.dt_min", ssm.dt_min(), "must be > 0");
@@ -108,6 +108,15 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
              "must be >= dt_min (" + std::to_string(ssm.dt_min()) + ")");
   ck.require(ssm.dt_init_floor() > 0, "ssm.dt_init_floor", ssm.dt_init_floor(), "must be > 0");
   ck.require(s.scan_chunk >= 1, "ssm.scan_chunk", s.scan_chunk, "must be >= 1");
+  s.ssd = ssm.form() == config::SsmConfig::SSD;
+  s.ssm_heads = s.d_inner;
+  if (s.ssd) {
+    ck.require(ssm.head_dim() >= 1 && s.d_inner % ssm.head_dim() == 0, "ssm.head_dim",
+               ssm.head_dim(),
+               "must divide d_inner (" + std::to_string(s.d_inner) +
+                   " = expand * d_model) for the SSD form");
+    if (ssm.head_dim() >= 1) s.ssm_heads = s.d_inner / ssm.head_dim();
+  }
 
   const auto& sga = c.sga();
   ck.require(sga.every() >= 1, "sga.every", sga.every(), "must be >= 1");
@@ -140,6 +149,8 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   s.gated_experts = moe.expert() == config::MoeConfig::SWIGLU;
   s.d_shared = moe.d_shared() > 0 ? moe.d_shared() : s.d_expert;
   ck.require(s.num_experts >= 1, "moe.num_experts", s.num_experts, "must be >= 1");
+  ck.require(moe.dispatch_tile() >= 1 && moe.dispatch_tile() <= 65536, "moe.dispatch_tile",
+             moe.dispatch_tile(), "must be in [1, 65536]");
   ck.require(s.max_active >= 1, "moe.max_active", s.max_active, "must be >= 1");
   ck.require(s.max_active <= s.num_experts, "moe.max_active", s.max_active,
              "must be <= num_experts (" + std::to_string(s.num_experts) + ")");

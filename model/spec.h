@@ -19,6 +19,8 @@ struct ModelSpec {
 
   // SSM
   int64_t d_inner = 0, d_state = 0, conv_width = 0, dt_rank = 0, scan_chunk = 0;
+  bool ssd = false;       // ssm.form: SSD
+  int64_t ssm_heads = 0;  // SSD: d_inner / head_dim (the decay rates); SELECTIVE: d_inner
   // SGA
   std::vector<bool> has_sga;  // per block
   int64_t sga_heads = 0, sga_window = 0, sga_stride = 0;

@@ -30,6 +30,7 @@ class SsmMixer : public Module {
 
  private:
   int64_t d_inner_, d_state_, dt_rank_, conv_width_, scan_chunk_;
+  bool ssd_;  // ssm.form: SSD (ssd_scan; A_log and dt_proj per head)
 };
 
 }  // namespace hydra::model

@@ -43,22 +43,17 @@ Tensor conv_halo(const Tensor& x, int64_t width, Communicator& sp) {
   return shift_from_previous(x.narrow(1, L - h, h), sp);
 }
 
-SelectiveScanResult selective_scan(Communicator& sp, const Tensor& u, const Tensor& delta_raw,
-                                   const Tensor& A_log, const Tensor& B, const Tensor& C,
-                                   const Tensor& D, const Tensor& dt_bias, const Tensor& z,
-                                   const Tensor& h0, int64_t chunk_len) {
-  if (sp.size() == 1)
-    return hydra::selective_scan(u, delta_raw, A_log, B, C, D, dt_bias, z, h0, chunk_len);
+namespace {
+
+// Both forms of the split scan. scan(D, z, h0) scans this shard (D, z undefined: the summary's
+// scan from zero); decay [B, D, N] is the product of the shard's decays per channel and state.
+template <class Scan>
+SelectiveScanResult split_scan(Communicator& sp, const Tensor& D, const Tensor& z, const Tensor& h0,
+                               const Tensor& decay, Scan&& scan) {
   OwnCollectives own;
-  // 1. This shard's summary: E (final state from zero) and P = prod_t a_t = exp(A * sum_t delta_t).
-  const SelectiveScanResult from_zero = hydra::selective_scan(
-      u, delta_raw, A_log, B, C, Tensor(), dt_bias, Tensor(), Tensor(), chunk_len);
-  const Tensor E = from_zero.h_last;  // [B, D, N], accumulate dtype
-  const Tensor delta =
-      softplus(dt_bias.defined() ? add(delta_raw, dt_bias) : delta_raw);  // [B, L, D]
-  const Tensor A = neg(exp(A_log));                                       // [D, N]
-  const Tensor P =
-      exp(mul(sum(delta, {1}).unsqueeze(2), A.unsqueeze(0))).to(E.dtype());  // [B, D, N]
+  // 1. This shard's summary: E (final state from zero) and P (its decays).
+  const Tensor E = scan(Tensor(), Tensor(), Tensor()).h_last;  // [B, D, N], accumulate dtype
+  const Tensor P = decay.to(E.dtype());
   // 2. Every rank's summary, then this rank's initial state by the prefix H_{j+1} = P_j H_j + E_j.
   const Tensor pairs =
       all_gather(concat({P.unsqueeze(0), E.unsqueeze(0)}, 0).unsqueeze(0), sp);  // [R, 2, B, D, N]
@@ -68,10 +63,45 @@ SelectiveScanResult selective_scan(Communicator& sp, const Tensor& u, const Tens
     H = H.defined() ? add(mul(Pj, H), Ej) : Ej;
   }
   // 3. The exact scan from the true initial state.
-  SelectiveScanResult out =
-      hydra::selective_scan(u, delta_raw, A_log, B, C, D, dt_bias, z, H, chunk_len);
+  SelectiveScanResult out = scan(D, z, H);
   out.y = own.anchor(out.y);
   return out;
+}
+
+}  // namespace
+
+SelectiveScanResult selective_scan(Communicator& sp, const Tensor& u, const Tensor& delta_raw,
+                                   const Tensor& A_log, const Tensor& B, const Tensor& C,
+                                   const Tensor& D, const Tensor& dt_bias, const Tensor& z,
+                                   const Tensor& h0, int64_t chunk_len) {
+  if (sp.size() == 1)
+    return hydra::selective_scan(u, delta_raw, A_log, B, C, D, dt_bias, z, h0, chunk_len);
+  // P = prod_t a_t = exp(A * sum_t delta_t), [B, D, N].
+  const Tensor delta =
+      softplus(dt_bias.defined() ? add(delta_raw, dt_bias) : delta_raw);  // [B, L, D]
+  const Tensor decay = exp(mul(sum(delta, {1}).unsqueeze(2), neg(exp(A_log)).unsqueeze(0)));
+  return split_scan(sp, D, z, h0, decay, [&](const Tensor& Dv, const Tensor& zv, const Tensor& hv) {
+    return hydra::selective_scan(u, delta_raw, A_log, B, C, Dv, dt_bias, zv, hv, chunk_len);
+  });
+}
+
+SelectiveScanResult ssd_scan(Communicator& sp, const Tensor& u, const Tensor& delta_raw,
+                             const Tensor& A_log, const Tensor& B, const Tensor& C, const Tensor& D,
+                             const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
+                             int64_t chunk_len) {
+  if (sp.size() == 1)
+    return hydra::ssd_scan(u, delta_raw, A_log, B, C, D, dt_bias, z, h0, chunk_len);
+  const int64_t Bsz = u.size(0), Dm = u.size(2), H = A_log.size(0), N = B.size(2);
+  const DType acc = accumulate_dtype(u.dtype());
+  // P = exp(A_h * sum_t delta_t[h]) per head, repeated over its channels and the states.
+  Tensor delta = delta_raw.to(acc);
+  if (dt_bias.defined()) delta = add(delta, dt_bias.to(acc));
+  const Tensor per_head = exp(mul(sum(softplus(delta), {1}), neg(exp(A_log.to(acc)))));  // [B, H]
+  const Tensor decay =
+      per_head.view({Bsz, H, 1, 1}).expand({Bsz, H, Dm / H, N}).reshape({Bsz, Dm, N});
+  return split_scan(sp, D, z, h0, decay, [&](const Tensor& Dv, const Tensor& zv, const Tensor& hv) {
+    return hydra::ssd_scan(u, delta_raw, A_log, B, C, Dv, dt_bias, zv, hv, chunk_len);
+  });
 }
 
 // ---- merging partial attentions

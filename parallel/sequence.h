@@ -24,6 +24,11 @@ SelectiveScanResult selective_scan(Communicator& sp, const Tensor& u, const Tens
                                    const Tensor& A_log, const Tensor& B, const Tensor& C,
                                    const Tensor& D, const Tensor& dt_bias, const Tensor& z,
                                    const Tensor& h0, int64_t chunk_len);
+// The same for the SSD form (hydra::ssd_scan: delta_raw [B, L, H], A_log and dt_bias [H]).
+SelectiveScanResult ssd_scan(Communicator& sp, const Tensor& u, const Tensor& delta_raw,
+                             const Tensor& A_log, const Tensor& B, const Tensor& C, const Tensor& D,
+                             const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
+                             int64_t chunk_len);
 
 // Sparse attention (window + global tokens, kernels/attention.h) of this shard's queries over the
 // whole sequence, exact. q, k, v [B, L, H, dh] at positions pos0 + i (RoPE already applied). Keys

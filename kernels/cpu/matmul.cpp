@@ -70,4 +70,25 @@ void grouped_gemm(const GroupedGemmParams& p) {
   for (int64_t i = 0; i < p.count; ++i) gemm(gemm_of(p, p.problems[i]));
 }
 
+void tile_gemm(const TileGemmParams& p) {
+  const int64_t k = p.trans_w ? p.w_cols : p.w_rows, n = p.trans_w ? p.w_rows : p.w_cols;
+  const int64_t es = static_cast<int64_t>(dtype_size(p.dtype));
+  for (int64_t t = 0; t < p.num_tiles; ++t) {
+    GemmParams g;
+    g.dtype = p.dtype;
+    g.trans_b = p.trans_w;
+    g.m = p.tile;
+    g.n = n;
+    g.k = k;
+    g.a = static_cast<const char*>(p.a) + t * p.tile * p.lda * es;
+    g.lda = p.lda;
+    g.b =
+        static_cast<const char*>(p.w) + std::max<int64_t>(p.tiles[t], 0) * p.w_rows * p.w_cols * es;
+    g.ldb = p.w_cols;
+    g.c = static_cast<char*>(p.c) + t * p.tile * p.ldc * es;
+    g.ldc = p.ldc;
+    gemm(g);
+  }
+}
+
 }  // namespace hydra::kernels::cpu

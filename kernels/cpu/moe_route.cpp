@@ -41,8 +41,19 @@ void route_impl(const MoeRouteParams& p) {
     std::fill(p.inverse, p.inverse + rows * c * K, int64_t{-1});
     filled.assign(rows * c, 0);
   }
+  if (p.tile > 0) {  // padding rows: token 0, the pair past the last; tiles past the groups: -1
+    std::fill(p.perm, p.perm + moe_route_slots(p), int64_t{0});
+    std::fill(p.widx, p.widx + moe_route_slots(p), rows * E);
+    std::fill(p.tiles, p.tiles + moe_route_tiles(p), int64_t{-1});
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t start = moe_route_group_start(p, p.counts, e);
+      const int64_t n = (p.counts[e] * c + p.tile - 1) / p.tile;
+      std::fill(p.tiles + start / p.tile, p.tiles + start / p.tile + n, e);
+    }
+  }
   int64_t i = 0;
-  for (int64_t e = 0; e < E; ++e)
+  for (int64_t e = 0; e < E; ++e) {
+    i = moe_route_group_start(p, p.counts, e);
     for (int64_t row = 0; row < rows; ++row) {
       if (mask[row * E + e] == T(0)) continue;
       const int64_t b = row / p.chunks, j = row % p.chunks;
@@ -52,6 +63,7 @@ void route_impl(const MoeRouteParams& p) {
         if (p.inverse) p.inverse[p.perm[i] * K + filled[p.perm[i]]++] = i;
       }
     }
+  }
 }
 
 }  // namespace

@@ -226,7 +226,52 @@ __global__ void fill_tables_kernel(TableChunk chunk, int count, const void** a, 
   }
 }
 
+// The tile GEMM's pointer tables, a thread per tile: cuBLAS's A (our W[g]), B (our A rows) and C.
+__global__ void tile_tables_kernel(TileGemmParams p, int64_t elem_bytes, const void** wa,
+                                   const void** ab, void** cc) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= p.num_tiles) return;
+  const int64_t g = p.tiles[t] < 0 ? 0 : p.tiles[t];
+  wa[t] = static_cast<const char*>(p.w) + g * p.w_rows * p.w_cols * elem_bytes;
+  ab[t] = static_cast<const char*>(p.a) + t * p.tile * p.lda * elem_bytes;
+  cc[t] = static_cast<char*>(p.c) + t * p.tile * p.ldc * elem_bytes;
+}
+
 }  // namespace
+
+size_t tile_gemm_workspace(const TileGemmParams& p) {
+  return 3 * static_cast<size_t>(p.num_tiles) * sizeof(void*) + 256;
+}
+
+void tile_gemm(const TileGemmParams& p) {
+  if (p.num_tiles == 0 || p.tile == 0) return;
+  HYDRA_CHECK(p.workspace != nullptr) << "tile_gemm: workspace required";
+  const bool f64 = p.dtype == DType::kF64;
+  HYDRA_CHECK(f64 || p.dtype == DType::kF32 || p.dtype == DType::kBF16)
+      << "tile_gemm: dtype " << dtype_name(p.dtype) << " is not supported on CUDA";
+  const int64_t k = p.trans_w ? p.w_cols : p.w_rows, n = p.trans_w ? p.w_rows : p.w_cols;
+  if (n == 0) return;
+  const cudaDataType_t t = f64 ? CUDA_R_64F : data_type(p.dtype);
+  const cublasComputeType_t compute = f64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
+  cudaStream_t s = as_stream(p.stream);
+  auto** table = static_cast<void**>(p.workspace);
+  const int64_t T = p.num_tiles;
+  tile_tables_kernel<<<blocks_for(T, 128), 128, 0, s>>>(
+      p, static_cast<int64_t>(dtype_size(p.dtype)), const_cast<const void**>(table),
+      const_cast<const void**>(table + T), table + 2 * T);
+  HYDRA_CUDA_LAUNCH_CHECK();
+  // Column-major, as gemm: C^T = op(W)^T A^T; W [w_rows, w_cols] row-major is W^T to cuBLAS.
+  const double alpha64 = 1, beta64 = 0;
+  const float alpha32 = 1, beta32 = 0;
+  cublasHandle_t h = handles().blas;
+  HYDRA_CUBLAS_CHECK(cublasSetStream(h, s));
+  HYDRA_CUBLAS_CHECK(cublasGemmBatchedEx_64(
+      h, p.trans_w ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, n, p.tile, k,
+      f64 ? static_cast<const void*>(&alpha64) : &alpha32, const_cast<const void* const*>(table), t,
+      p.w_cols, const_cast<const void* const*>(table + T), t, p.lda,
+      f64 ? static_cast<const void*>(&beta64) : &beta32, table + 2 * T, t, p.ldc, T, compute,
+      CUBLAS_GEMM_DEFAULT));
+}
 
 size_t grouped_gemm_workspace(const GroupedGemmParams& p) {
   return 3 * static_cast<size_t>(p.count) * sizeof(void*) + 256;

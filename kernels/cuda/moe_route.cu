@@ -90,9 +90,8 @@ __global__ void __launch_bounds__(kScatterThreads)
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i % c, pair = i / c, e = pair % E, row = pair / E;
     if (!cand[pair] || rank[pair] >= cap) continue;
-    int64_t before = 0;
-    for (int64_t k = 0; k < e; ++k) before += p.counts[k];
-    const int64_t at = (before + rank[pair]) * c + t, b = row / p.chunks, j = row % p.chunks;
+    const int64_t at = moe_route_group_start(p, p.counts, e) + rank[pair] * c + t,
+                  b = row / p.chunks, j = row % p.chunks;
     const int64_t token = b * p.chunks * c + j * c + t;
     p.perm[at] = token;
     p.widx[at] = pair;
@@ -102,6 +101,25 @@ __global__ void __launch_bounds__(kScatterThreads)
       p.inverse[token * min(p.max_active, E) + slot] = at;
     }
   }
+}
+
+__global__ void fill_i64_kernel(int64_t* __restrict out, int64_t n, int64_t value) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = value;
+}
+
+// Tiled order: the expert of each tile (-1 past the last group), a thread per tile.
+__global__ void route_tiles_kernel(MoeRouteParams p, int64_t ntiles) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= ntiles) return;
+  int64_t owner = -1, start = 0;
+  for (int64_t e = 0; e < p.experts && owner < 0; ++e) {
+    const int64_t n = (p.counts[e] * p.chunk_len + p.tile - 1) / p.tile;
+    if (t * p.tile >= start && t * p.tile < start + n * p.tile) owner = e;
+    start += n * p.tile;
+  }
+  p.tiles[t] = owner;
 }
 
 }  // namespace
@@ -126,6 +144,16 @@ void moe_route(const MoeRouteParams& p) {
     HYDRA_CUDA_LAUNCH_CHECK();
   });
   const int64_t n = rows * p.experts * p.chunk_len;
+  if (p.tile > 0) {  // padding rows name token 0 and the pair past the last
+    const int64_t slots = moe_route_slots(p), ntiles = moe_route_tiles(p);
+    HYDRA_CUDA_CHECK(cudaMemsetAsync(p.perm, 0, sizeof(int64_t) * slots, st));
+    fill_i64_kernel<<<blocks_for(slots, 256), 256, 0, st>>>(p.widx, slots, rows * p.experts);
+    HYDRA_CUDA_LAUNCH_CHECK();
+    if (ntiles > 0) {
+      route_tiles_kernel<<<blocks_for(ntiles, 128), 128, 0, st>>>(p, ntiles);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    }
+  }
   if (p.inverse && n > 0 && p.max_active > 0)
     HYDRA_CUDA_CHECK(cudaMemsetAsync(
         p.inverse, 0xff, sizeof(int64_t) * rows * p.chunk_len * std::min(p.max_active, p.experts),

@@ -1,6 +1,6 @@
 // CUDA selective scan: what the forward (ssm_scan_fwd.cu) and the backward (ssm_scan_bwd.cu) share.
 // Parallel over (batch, channel, chunk of chunk_len steps); each thread keeps its N states in
-// registers (N is a template bound: 8, 16, 32 or 64). Forward, three passes
+// registers (N is a template bound: 1, 8, 16, 32 or 64). Forward, three passes
 // (spec/algorithms.md section 1: the recurrence is linear in h):
 //   1. each chunk from a zero state: its end state and its summed delta (the chunk's decay is
 //      exp(A * sum delta));
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // The template bound of the states (dispatch_state's choice).
 constexpr int state_bound(int64_t state) {
-  return state <= 8 ? 8 : state <= 16 ? 16 : state <= 32 ? 32 : 64;
+  return state <= 1 ? 1 : state <= 8 ? 8 : state <= 16 ? 16 : state <= 32 ? 32 : 64;
 }
 
 // Calls fn(std::integral_constant<int, NMAX>) with the smallest supported bound >= state.
@@ -144,6 +144,8 @@ void dispatch_state(int64_t state, F&& fn) {
   HYDRA_CHECK(state >= 1 && state <= 64)
       << "ssm_scan (CUDA): d_state " << state << " is not supported (1..64)";
   switch (state_bound(state)) {
+    case 1:  // one state per channel (the paper's form, docs/MODEL.md)
+      return fn(std::integral_constant<int, 1>{});
     case 8:
       return fn(std::integral_constant<int, 8>{});
     case 16:

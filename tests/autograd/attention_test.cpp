@@ -245,6 +245,61 @@ TEST(GroupedLinear, BlocksOfGroupsEqualTheExpertMajorOrderAndGradcheckFloat64) {
       (std::vector<Tensor>{x, w}));
 }
 
+// Tiles of 3 rows: expert 0 has 4 rows (2 tiles, 2 padding rows), expert 1 none, expert 2 has 3
+// rows (1 tile), and a last tile past the groups uses expert 0's matrix.
+TiledGroups tiled_test_groups() {
+  TiledGroups g;
+  g.tile = 3;
+  g.tiles = tensor(std::vector<int64_t>{0, 0, 2, -1}, {4});
+  g.sizes = [] { return std::vector<int64_t>{4, 0, 3}; };
+  return g;
+}
+
+TEST(TiledLinear, MatchesPerTileLinearAndTheGroupedWeightGradient) {
+  const TiledGroups g = tiled_test_groups();
+  Tensor x = randn64({12, 5}, 40), w = randn64({3, 7, 5}, 41);
+  const auto got = tiled_linear(x, w, g).to_vector<double>();
+  std::vector<double> ref;
+  for (const int64_t e : {0, 0, 2, 0}) {
+    const int64_t row = static_cast<int64_t>(ref.size()) / 7;
+    const auto part = linear(x.narrow(0, row, 3), w.select(0, e)).to_vector<double>();
+    ref.insert(ref.end(), part.begin(), part.end());
+  }
+  expect_near_all(got, ref, 1e-12, "tiled_linear");
+  // The weight gradient counts the groups' rows only (not the padding rows 4, 5 or the last
+  // tile); the input gradient covers every row.
+  Generator gen(42);
+  const Tensor gy = randn({12, 7}, gen, 0, 1, DType::kF64);
+  sum(mul(tiled_linear(x, w, g), gy)).backward();
+  const Tensor x0 = x.detach(), w0 = w.detach();
+  const Tensor want_gw0 = matmul(gy.narrow(0, 0, 4).transpose(0, 1), x0.narrow(0, 0, 4));
+  const Tensor want_gw2 = matmul(gy.narrow(0, 6, 3).transpose(0, 1), x0.narrow(0, 6, 3));
+  expect_near_all(w.grad().select(0, 0).to_vector<double>(), want_gw0.to_vector<double>(), 1e-12,
+                  "gw0");
+  expect_near_all(w.grad().select(0, 1).to_vector<double>(), std::vector<double>(35, 0.0), 0,
+                  "gw1");
+  expect_near_all(w.grad().select(0, 2).to_vector<double>(), want_gw2.to_vector<double>(), 1e-12,
+                  "gw2");
+  const Tensor want_gx = concat(
+      {matmul(gy.narrow(0, 0, 6), w0.select(0, 0)), matmul(gy.narrow(0, 6, 3), w0.select(0, 2)),
+       matmul(gy.narrow(0, 9, 3), w0.select(0, 0))},
+      0);
+  expect_near_all(x.grad().to_vector<double>(), want_gx.to_vector<double>(), 1e-12, "gx");
+}
+
+TEST(TiledLinear, GradcheckFloat64OnTheGroupsRows) {
+  // Padding rows have no weight gradient by design, so the check perturbs a layout without them.
+  TiledGroups g;
+  g.tile = 2;
+  g.tiles = tensor(std::vector<int64_t>{0, 0, 1}, {3});
+  g.sizes = [] { return std::vector<int64_t>{4, 2}; };
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{tiled_linear(in[0], in[1], g)};
+      },
+      (std::vector<Tensor>{randn64({6, 4}, 43), randn64({2, 3, 4}, 44)}));
+}
+
 TEST(GroupedLinear, EmptyFeaturesAndUntouchedExpertsGiveZeros) {
   // No input features: the outputs are zeros, as is the weight gradient of every expert.
   Tensor x0 = randn64({4, 0}, 30), w0 = randn64({2, 3, 0}, 31);

@@ -254,5 +254,49 @@ TEST(MoeRoute, ChoosesAndOrdersAsWorkedByHand) {
             (std::vector<int64_t>{0, 1, 2, 3, -1, -1, 4, 5, 6, 7, -1, -1}));
 }
 
+// The tiled order holds the packed order's groups, each starting at a multiple of the tile; the
+// rest is padding (token 0, the pair one past the last); the inverse points at the same tokens.
+TEST(MoeRoute, TiledOrderIsThePackedOrderWithGroupsOnTileBoundaries) {
+  Generator g(41);
+  const int64_t batch = 2, chunks = 7, E = 4, c = 3, tile = 4;
+  const Tensor raw = randn({batch * chunks, E}, g);
+  const Tensor r = raw, s = relu(raw);
+  const MoeDispatch packed = moe_route(r, s, batch, c, 2, 0);
+  const MoeDispatch tiled = moe_route(r, s, batch, c, 2, 0, tile);
+  ASSERT_TRUE(tiled.counts.empty());
+  const std::vector<int64_t> host = tiled.host_counts->get();
+  EXPECT_EQ(std::vector<int64_t>(host.begin(), host.begin() + E), packed.counts);
+  const auto pp = packed.perm.to_vector<int64_t>(), pw = packed.widx.to_vector<int64_t>();
+  const auto tp = tiled.perm.to_vector<int64_t>(), tw = tiled.widx.to_vector<int64_t>();
+  const auto tiles = tiled.tiles.to_vector<int64_t>();
+  // Slots: 2 * 7 * 2 * 3 = 84 packed, rounded up to 21 tiles, plus one tile per expert.
+  EXPECT_EQ(tp.size(), size_t((21 + E) * tile));
+  EXPECT_EQ(tiles.size(), size_t(21 + E));
+  std::vector<int64_t> tiled_pos(pp.size());  // packed position -> tiled position
+  int64_t from = 0, at = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = packed.counts[e] * c, padded = (rows + tile - 1) / tile * tile;
+    for (int64_t i = 0; i < padded; ++i) {
+      if (i < rows) {
+        EXPECT_EQ(tp[at + i], pp[from + i]) << "expert " << e << " row " << i;
+        EXPECT_EQ(tw[at + i], pw[from + i]) << "expert " << e << " row " << i;
+        tiled_pos[from + i] = at + i;
+      } else {
+        EXPECT_EQ(tp[at + i], 0);
+        EXPECT_EQ(tw[at + i], batch * chunks * E);
+      }
+    }
+    for (int64_t t = at / tile; t < (at + padded) / tile; ++t) EXPECT_EQ(tiles[t], e) << t;
+    from += rows;
+    at += padded;
+  }
+  for (int64_t t = at / tile; t < int64_t(tiles.size()); ++t) EXPECT_EQ(tiles[t], -1) << t;
+  for (size_t i = at; i < tp.size(); ++i) EXPECT_EQ(tp[i], 0);
+  const auto pinv = packed.inverse.to_vector<int64_t>(), tinv = tiled.inverse.to_vector<int64_t>();
+  ASSERT_EQ(pinv.size(), tinv.size());
+  for (size_t i = 0; i < pinv.size(); ++i)
+    EXPECT_EQ(tinv[i], pinv[i] < 0 ? -1 : tiled_pos[pinv[i]]) << i;
+}
+
 }  // namespace
 }  // namespace hydra

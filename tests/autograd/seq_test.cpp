@@ -253,5 +253,145 @@ TEST(SelectiveScan, ShapeErrorsNameTheInput) {
   }
 }
 
+// ---- the SSD form (Mamba-2): one decay rate per head
+// ----------------------------------------------------------
+
+// The SSD scan's inputs, and the same recurrence written for selective_scan: A_log, delta and
+// dt_bias repeated over each head's P channels (and A_log over the N states).
+struct SsdInputs {
+  Tensor u, delta, A_log, B, C, D, dt_bias, z, h0;  // delta [B, L, H]; A_log, dt_bias [H]
+  std::vector<Tensor> list() const { return {u, delta, A_log, B, C, D, dt_bias, z, h0}; }
+};
+
+SsdInputs ssd_inputs(int64_t Bsz, int64_t L, int64_t H, int64_t P, int64_t N, uint64_t seed,
+                     bool grad) {
+  SsdInputs s;
+  const int64_t Dm = H * P;
+  s.u = randn64({Bsz, L, Dm}, seed + 1, 1.0, grad);
+  s.delta = randn64({Bsz, L, H}, seed + 2, 1.0, grad);
+  s.A_log = randn64({H}, seed + 3, 0.5, grad);
+  s.B = randn64({Bsz, L, N}, seed + 4, 1.0, grad);
+  s.C = randn64({Bsz, L, N}, seed + 5, 1.0, grad);
+  s.D = randn64({Dm}, seed + 6, 1.0, grad);
+  s.dt_bias = randn64({H}, seed + 7, 0.5, grad);
+  s.z = randn64({Bsz, L, Dm}, seed + 8, 1.0, grad);
+  s.h0 = randn64({Bsz, Dm, N}, seed + 9, 1.0, grad);
+  return s;
+}
+
+SelectiveScanResult ssd_as_selective(const std::vector<Tensor>& in, int64_t chunk_len) {
+  const int64_t Bsz = in[0].size(0), L = in[0].size(1), Dm = in[0].size(2), H = in[2].size(0),
+                P = Dm / H, N = in[3].size(2);
+  const Tensor A_log = in[2].view({H, 1, 1}).expand({H, P, N}).reshape({Dm, N});
+  const Tensor delta = in[1].unsqueeze(3).expand({Bsz, L, H, P}).reshape({Bsz, L, Dm});
+  const Tensor bias = in[6].unsqueeze(1).expand({H, P}).reshape({Dm});
+  return selective_scan(in[0], delta, A_log, in[3], in[4], in[5], bias, in[7], in[8], chunk_len);
+}
+
+SelectiveScanResult run_ssd(const std::vector<Tensor>& in, int64_t chunk_len) {
+  return ssd_scan(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], in[8], chunk_len);
+}
+
+TEST(SsdScan, EqualsTheSelectiveScanWithOneRatePerHead) {
+  // L = 13: chunks of 4 and 5 leave a partial last chunk; 1 and 13 are the extremes, 64 > L.
+  const SsdInputs s = ssd_inputs(2, 13, 3, 2, 5, 700, false);
+  const SelectiveScanResult ref = ssd_as_selective(s.list(), 4);
+  const auto y_ref = ref.y.to_vector<double>(), h_ref = ref.h_last.to_vector<double>();
+  for (int64_t chunk : {1, 4, 5, 13, 64}) {
+    const SelectiveScanResult r = run_ssd(s.list(), chunk);
+    ASSERT_EQ(r.y.shape(), ref.y.shape());
+    ASSERT_EQ(r.h_last.shape(), ref.h_last.shape());
+    const auto y = r.y.to_vector<double>(), h = r.h_last.to_vector<double>();
+    for (std::size_t i = 0; i < y_ref.size(); ++i)
+      ASSERT_NEAR(y[i], y_ref[i], 1e-11) << "chunk " << chunk << " y[" << i << "]";
+    for (std::size_t i = 0; i < h_ref.size(); ++i)
+      ASSERT_NEAR(h[i], h_ref[i], 1e-11) << "chunk " << chunk << " h_last[" << i << "]";
+  }
+}
+
+TEST(SsdScan, WithoutOptionalInputsEqualsTheSelectiveScan) {
+  const SsdInputs s = ssd_inputs(1, 9, 2, 3, 4, 710, false);
+  const SelectiveScanResult r =
+      ssd_scan(s.u, s.delta, s.A_log, s.B, s.C, Tensor(), Tensor(), Tensor(), Tensor(), 4);
+  const int64_t Dm = 6;
+  const Tensor A_log = s.A_log.view({2, 1, 1}).expand({2, 3, 4}).reshape({Dm, 4});
+  const Tensor delta = s.delta.unsqueeze(3).expand({1, 9, 2, 3}).reshape({1, 9, Dm});
+  const SelectiveScanResult ref =
+      selective_scan(s.u, delta, A_log, s.B, s.C, Tensor(), Tensor(), Tensor(), Tensor(), 4);
+  const auto y = r.y.to_vector<double>(), y_ref = ref.y.to_vector<double>();
+  for (std::size_t i = 0; i < y_ref.size(); ++i) ASSERT_NEAR(y[i], y_ref[i], 1e-11);
+  const auto h = r.h_last.to_vector<double>(), h_ref = ref.h_last.to_vector<double>();
+  for (std::size_t i = 0; i < h_ref.size(); ++i) ASSERT_NEAR(h[i], h_ref[i], 1e-11);
+}
+
+TEST(SsdScan, GradcheckFloat64) {
+  // L = 7 with chunks of 3: two chunk boundaries and a padded last chunk.
+  const SsdInputs s = ssd_inputs(2, 7, 2, 2, 3, 720, true);
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) {
+        const SelectiveScanResult r = run_ssd(in, 3);
+        return std::vector<Tensor>{r.y, r.h_last};
+      },
+      s.list());
+}
+
+TEST(SsdScan, GradientsEqualTheSelectiveScans) {
+  const SsdInputs s = ssd_inputs(2, 11, 2, 3, 4, 730, true);
+  Generator gen(7);
+  const Tensor wy = randn({2, 11, 6}, gen, 0, 1, DType::kF64),
+               wh = randn({2, 6, 4}, gen, 0, 1, DType::kF64);
+  auto grads = [&](bool ssd) {
+    for (const Tensor& t : s.list()) t.set_grad(Tensor());
+    const SelectiveScanResult r = ssd ? run_ssd(s.list(), 4) : ssd_as_selective(s.list(), 4);
+    add(sum(mul(r.y, wy)), sum(mul(r.h_last, wh))).backward();
+    std::vector<std::vector<double>> out;
+    for (const Tensor& t : s.list()) out.push_back(t.grad().to_vector<double>());
+    return out;
+  };
+  const auto a = grads(true), b = grads(false);
+  for (std::size_t k = 0; k < a.size(); ++k)
+    for (std::size_t i = 0; i < a[k].size(); ++i)
+      ASSERT_NEAR(a[k][i], b[k][i], 1e-10) << "input " << k << " entry " << i;
+}
+
+TEST(SsdScan, StridedSlicesOfProjectionsMatchPackedInputs) {
+  // u and z are the halves of an in_proj output; B and C slices of an x_proj output (as in the
+  // model), whose length is a whole number of chunks (no padding copies them).
+  const int64_t Bsz = 2, L = 8, H = 2, P = 3, Dm = H * P, N = 3, R = 2;
+  Tensor xz = randn64({Bsz, L, 2 * Dm}, 1, 1.0, false),
+         proj = randn64({Bsz, L, R + 2 * N}, 2, 1.0, false);
+  Tensor delta = randn64({Bsz, L, H}, 3, 1.0, false), A_log = randn64({H}, 4, 0.5, false);
+  Tensor u = xz.narrow(2, 0, Dm), z = xz.narrow(2, Dm, Dm), Bm = proj.narrow(2, R, N),
+         Cm = proj.narrow(2, R + N, N);
+  const auto strided =
+      ssd_scan(u, delta, A_log, Bm, Cm, Tensor(), Tensor(), z, Tensor(), 4).y.to_vector<double>();
+  const auto packed = ssd_scan(u.contiguous(), delta, A_log, Bm.contiguous(), Cm.contiguous(),
+                               Tensor(), Tensor(), z.contiguous(), Tensor(), 4)
+                          .y.to_vector<double>();
+  EXPECT_EQ(strided, packed);
+}
+
+TEST(SsdScan, ShapeErrorsNameTheInput) {
+  const SsdInputs s = ssd_inputs(1, 4, 2, 3, 2, 740, false);
+  auto message = [&](auto&& call) {
+    try {
+      call();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message([&] {
+              (void)ssd_scan(s.u, s.delta.narrow(2, 0, 1), s.A_log, s.B, s.C, s.D, s.dt_bias, s.z,
+                             s.h0);
+            }).find("ssd_scan: delta has shape [1, 4, 1], expected [1, 4, 2]"),
+            std::string::npos);
+  EXPECT_NE(message([&] {
+              (void)ssd_scan(s.u, s.delta, randn64({4}, 1, 1.0, false), s.B, s.C, s.D, s.dt_bias,
+                             s.z, s.h0);
+            }).find("must be [H] with H dividing u's 6 channels"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace hydra

@@ -274,6 +274,24 @@ TEST(CudaOps, MatmulAndLinearMatchCpu) {
           },
           {rnd({rows, 72}, 26), rnd({4, 40, 72}, 27, 0.1)}, {true, true}, t);
     }
+    // The tiled layout: tiles of 16 rows over 4 experts (one empty), a partly padded last tile
+    // per group and two tiles past the groups.
+    {
+      TiledGroups g;
+      g.tile = 16;
+      g.tiles = tensor(std::vector<int64_t>{0, 0, 0, 2, 3, 3, -1, -1}, {8});
+      g.sizes = [] { return std::vector<int64_t>{37, 0, 16, 21}; };
+      TiledGroups gg = g;
+      gg.tiles = g.tiles.to(Device::cuda(0));
+      const Tensor x = rnd({128, 72}, 30), w = rnd({4, 40, 72}, 31, 0.1);
+      check_op(
+          "tiled_linear",
+          [&](const std::vector<Tensor>& in) {
+            return std::vector<Tensor>{
+                tiled_linear(in[0], in[1], in[0].device().is_cuda() ? gg : g)};
+          },
+          {x, w}, {true, true}, t);
+    }
     // Problems above 2 GFLOP each run as one cuBLASLt GEMM apiece instead of the grouped launch.
     const std::vector<int64_t> big = {1100, 1100, 1100};
     check_op(
@@ -689,6 +707,18 @@ TEST(CudaOps, MoeRouteMatchesCpu) {
     EXPECT_EQ(gpu.perm.cpu().to_vector<int64_t>(), cpu.perm.to_vector<int64_t>()) << at;
     EXPECT_EQ(gpu.widx.cpu().to_vector<int64_t>(), cpu.widx.to_vector<int64_t>()) << at;
     EXPECT_EQ(gpu.inverse.cpu().to_vector<int64_t>(), cpu.inverse.to_vector<int64_t>()) << at;
+    // The tiled order (tiles of 8 rows, and of 128: most of a group's last tile is padding).
+    for (int64_t tile : {int64_t(8), int64_t(128)}) {
+      const MoeDispatch tc = moe_route(r, s, c.batch, c.chunk_len, c.max_active, c.capacity, tile);
+      const MoeDispatch tg = moe_route(r.to(Device::cuda(0)), s.to(Device::cuda(0)), c.batch,
+                                       c.chunk_len, c.max_active, c.capacity, tile);
+      const std::string tat = at + " tile " + std::to_string(tile);
+      EXPECT_EQ(tg.host_counts->get(), tc.host_counts->get()) << tat;
+      EXPECT_EQ(tg.perm.cpu().to_vector<int64_t>(), tc.perm.to_vector<int64_t>()) << tat;
+      EXPECT_EQ(tg.widx.cpu().to_vector<int64_t>(), tc.widx.to_vector<int64_t>()) << tat;
+      EXPECT_EQ(tg.inverse.cpu().to_vector<int64_t>(), tc.inverse.to_vector<int64_t>()) << tat;
+      EXPECT_EQ(tg.tiles.cpu().to_vector<int64_t>(), tc.tiles.to_vector<int64_t>()) << tat;
+    }
     int64_t kept = 0;
     for (int64_t k : cpu.counts) kept += k;
     EXPECT_GT(kept, 0) << at;
@@ -734,13 +764,15 @@ TEST(CudaOps, SelectiveScanMatchesCpu) {
     int64_t B, L, D, N, chunk;
     bool full;  // z, D, dt_bias and h0 present
   };
-  // Odd channel counts (a partial warp, two blocks), states below and at the template bounds,
+  // Odd channel counts (a partial warp, two blocks), states below and at the template bounds (one
+  // state per channel: the paper's form),
   // chunks that do not divide the length, a length shorter than one chunk. The last case recomputes
   // 545 MB of states per batch entry, so the backward runs in two batch slices (its scratch is
   // capped at 1 GiB per launch), as at hydra-1.6b shapes.
-  const std::vector<Case> cases = {{2, 37, 19, 5, 16, true},  {1, 50, 130, 16, 8, true},
-                                   {3, 21, 64, 8, 64, false}, {2, 70, 33, 32, 32, true},
-                                   {1, 9, 40, 64, 4, true},   {2, 4096, 2048, 16, 64, true}};
+  const std::vector<Case> cases = {{2, 37, 19, 5, 16, true},     {1, 50, 130, 16, 8, true},
+                                   {3, 21, 64, 8, 64, false},    {2, 70, 33, 32, 32, true},
+                                   {1, 9, 40, 64, 4, true},      {2, 45, 37, 1, 16, true},
+                                   {2, 4096, 2048, 16, 64, true}};
   for (const Case& c : cases)
     for (DType t : kTypes) {
       std::vector<Tensor> in = {rnd({c.B, c.L, c.D}, 70),        // u
@@ -760,6 +792,45 @@ TEST(CudaOps, SelectiveScanMatchesCpu) {
             const SelectiveScanResult r =
                 selective_scan(x[0], x[1], x[2], x[3], x[4], c.full ? x[5] : Tensor(),
                                c.full ? x[6] : Tensor(), c.full ? x[7] : Tensor(), h0, c.chunk);
+            return std::vector<Tensor>{r.y, r.h_last};
+          },
+          c.full ? in : std::vector<Tensor>(in.begin(), in.begin() + 5),
+          c.full ? grad : std::vector<bool>(5, true), t);
+    }
+}
+
+TEST(CudaOps, SsdScanMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  struct Case {
+    int64_t B, L, H, P, N, chunk;
+    bool full;  // z, D, dt_bias and h0 present
+  };
+  // Odd head widths and state counts, chunks that do not divide the length (a padded last chunk),
+  // a length shorter than one chunk, and the toy's head shape over several chunks.
+  const std::vector<Case> cases = {{2, 37, 3, 5, 7, 16, true},
+                                   {1, 50, 2, 13, 16, 8, true},
+                                   {3, 21, 4, 3, 8, 64, false},
+                                   {2, 300, 2, 64, 16, 64, true}};
+  for (const Case& c : cases)
+    for (DType t : kTypes) {
+      const int64_t D = c.H * c.P;
+      std::vector<Tensor> in = {rnd({c.B, c.L, D}, 80),         // u
+                                rnd({c.B, c.L, c.H}, 81, 0.7),  // delta_raw
+                                log(positive({c.H}, 82)),       // A_log
+                                rnd({c.B, c.L, c.N}, 83),       // B
+                                rnd({c.B, c.L, c.N}, 84),       // C
+                                rnd({D}, 85),                   // D
+                                rnd({c.H}, 86, 0.5),            // dt_bias
+                                rnd({c.B, c.L, D}, 87),         // z
+                                rnd({c.B, D, c.N}, 88, 0.5)};   // h0
+      std::vector<bool> grad(in.size(), true);
+      check_op(
+          "ssd_scan",
+          [&](const std::vector<Tensor>& x) {
+            const Tensor h0 = c.full ? x[8].to(accumulate_dtype(x[0].dtype())) : Tensor();
+            const SelectiveScanResult r =
+                ssd_scan(x[0], x[1], x[2], x[3], x[4], c.full ? x[5] : Tensor(),
+                         c.full ? x[6] : Tensor(), c.full ? x[7] : Tensor(), h0, c.chunk);
             return std::vector<Tensor>{r.y, r.h_last};
           },
           c.full ? in : std::vector<Tensor>(in.begin(), in.begin() + 5),

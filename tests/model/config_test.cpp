@@ -155,6 +155,17 @@ TEST(ParamCounts, EqualAllocatedParametersForTinyToyAndTransformer) {
   std::string silu = testing::kMicroModel;
   silu.replace(silu.find("moe { "), 6, "moe { expert: SILU ");
   expect_counts_match_allocation(testing::spec_from(silu));
+  expect_counts_match_allocation(testing::spec_from(testing::micro_text(testing::kMicroSsd)));
+  expect_counts_match_allocation(testing::spec_from(testing::micro_text(testing::kMicroPaperSsm)));
+  expect_counts_match_allocation(testing::shipped_spec(
+      "toy", [](config::ModelConfig* m) { m->mutable_ssm()->set_form(config::SsmConfig::SSD); }));
+}
+
+TEST(ModelConfig, SsdHeadDimMustDivideTheInnerWidth) {
+  EXPECT_EQ(spec_status("d_model: 96 ssm { form: SSD head_dim: 50 }").message(),
+            "configs/toy.pbtxt: model.ssm.head_dim = 50 must divide d_inner (192 = expand * "
+            "d_model) for the SSD form");
+  EXPECT_TRUE(spec_status("d_model: 96 ssm { head_dim: 50 }").ok());  // SELECTIVE ignores it
 }
 
 }  // namespace

@@ -40,6 +40,28 @@ TEST(HydraLM, GradcheckFloat64WholeModelAllPaths) {
       m->parameters(), o);
 }
 
+TEST(HydraLM, GradcheckFloat64WholeModelSsdAndPaperForms) {
+  for (const char* ssm : {testing::kMicroSsd, testing::kMicroPaperSsm}) {
+    SCOPED_TRACE(ssm);
+    model::ModelSpec spec = testing::spec_from(testing::micro_text(ssm));
+    spec.cfg.mutable_moe()->set_locality_loss_weight(0);
+    auto m = model::build_model(spec, 1);
+    m->to(DType::kF64);
+    const Tensor tokens = random_tokens(11, 2, 16, 2), targets = targets_for(tokens, 11, 3);
+    GradcheckOptions o;
+    o.atol = 1e-5;
+    o.rtol = 1e-4;
+    o.max_elements_per_input = 4;
+    HYDRA_EXPECT_GRADCHECK(
+        [&](const std::vector<Tensor>&) {
+          model::ForwardContext ctx;
+          ctx.collect_stats = false;
+          return std::vector<Tensor>{m->forward(tokens, targets, ctx, true).loss};
+        },
+        m->parameters(), o);
+  }
+}
+
 TEST(TransformerLM, GradcheckFloat64) {
   const model::ModelSpec spec = testing::spec_from(
       "kind: TRANSFORMER vocab_size: 9 d_model: 8 num_blocks: 2 max_seq_len: 16 transformer { "
@@ -117,6 +139,24 @@ TEST(HydraLM, CausalTinyConfig) {
   expect_causal(testing::shipped_spec("tiny"), 96, {5, 31, 32, 63, 64});
 }
 
+TEST(HydraLM, CausalTinyConfigSsdForm) {
+  expect_causal(testing::shipped_spec("tiny",
+                                      [](config::ModelConfig* m) {
+                                        m->mutable_ssm()->set_form(config::SsmConfig::SSD);
+                                        m->mutable_ssm()->set_head_dim(16);
+                                      }),
+                96, {5, 31, 32, 63, 64});
+}
+
+TEST(HydraLM, CausalTinyConfigPaperForm) {
+  expect_causal(testing::shipped_spec("tiny",
+                                      [](config::ModelConfig* m) {
+                                        m->mutable_ssm()->set_d_state(1);
+                                        m->mutable_ssm()->set_conv_width(0);
+                                      }),
+                96, {5, 31, 32, 63, 64});
+}
+
 TEST(TransformerLM, Causal) {
   expect_causal(testing::spec_from(
                     "kind: TRANSFORMER vocab_size: 50 d_model: 16 num_blocks: 2 max_seq_len: 64"),
@@ -148,6 +188,46 @@ TEST(HydraLM, RecomputationGivesTheSameLossAndGradients) {
       ASSERT_NEAR(recomputed[k][i], plain[k][i], 1e-12) << "entry " << k;
   EXPECT_EQ(re_stats.size(), plain_stats.size())
       << "statistics recorded once, not again while recomputing";
+}
+
+// The tiled dispatch (moe.dispatch TILED: the experts' GEMMs over padded tiles, no count on the
+// host before them) trains like the packed one: the same loss, gradients, statistics and sparsity
+// coefficient after an update, with and without recomputation. Tiles of 3 rows leave padding
+// rows in most groups.
+TEST(HydraLM, TiledDispatchEqualsPackedDispatch) {
+  auto run = [&](config::MoeConfig::Dispatch mode, bool recompute) {
+    model::ModelSpec spec = micro_spec();
+    spec.cfg.mutable_moe()->set_dispatch(mode);
+    spec.cfg.mutable_moe()->set_dispatch_tile(3);
+    auto m = model::build_model(spec, 9);
+    m->to(DType::kF64);
+    const Tensor tokens = random_tokens(11, 2, 16, 10), targets = targets_for(tokens, 11, 11);
+    model::ForwardContext ctx;
+    ctx.recompute = recompute;
+    const model::LmOutput out = m->forward(tokens, targets, ctx);
+    out.loss.backward();
+    m->after_step();  // the sparsity coefficient follows the batch's TLS
+    std::vector<std::vector<double>> g = {{out.loss.item<double>()}};
+    for (const auto& p : m->named_parameters())
+      g.push_back(!p.tensor.grad().defined() && !p.tensor.sparse_grad() ? std::vector<double>{}
+                  : p.tensor.sparse_grad() ? densify_sparse_grad(p.tensor).to_vector<double>()
+                                           : p.tensor.grad().to_vector<double>());
+    for (const auto& [name, b] : m->named_buffers()) g.push_back(b.to_vector<double>());
+    return std::make_pair(g, ctx.stats);
+  };
+  for (bool recompute : {false, true}) {
+    SCOPED_TRACE(recompute ? "recompute" : "no recompute");
+    const auto [packed, packed_stats] = run(config::MoeConfig::PACKED, recompute);
+    const auto [tiled, tiled_stats] = run(config::MoeConfig::TILED, recompute);
+    ASSERT_EQ(packed.size(), tiled.size());
+    for (std::size_t k = 0; k < packed.size(); ++k) {
+      ASSERT_EQ(tiled[k].size(), packed[k].size()) << "entry " << k;
+      for (std::size_t i = 0; i < packed[k].size(); ++i)
+        ASSERT_NEAR(tiled[k][i], packed[k][i], 1e-12) << "entry " << k << " element " << i;
+    }
+    ASSERT_EQ(tiled_stats.size(), packed_stats.size());
+    for (const auto& [key, v] : packed_stats) EXPECT_NEAR(tiled_stats.at(key), v, 1e-12) << key;
+  }
 }
 
 // Mixed precision's mechanism on the CPU, with f64 masters and f32 compute copies (bf16 runs on

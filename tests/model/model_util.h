@@ -32,6 +32,20 @@ inline const char* kMicroModel = R"(
   pkm { num_heads: 2 k_dim: 4 n_keys: 3 topk: 2 after_block: [0] }
 )";
 
+// kMicroModel with `ssm_section` (e.g. "ssm { form: SSD head_dim: 4 }") in place of its ssm { ...
+// }.
+inline std::string micro_text(const std::string& ssm_section) {
+  std::string t = kMicroModel;
+  const size_t at = t.find("ssm { ");
+  t.replace(at, t.find('}', at) + 1 - at, ssm_section);
+  return t;
+}
+// The micro model's SSM in the SSD form (4 heads of 4 channels), and in the paper's form (one
+// state per channel, no convolution).
+inline const char* kMicroSsd =
+    "ssm { form: SSD head_dim: 4 d_state: 3 conv_width: 3 scan_chunk: 5 dt_rank: 2 }";
+inline const char* kMicroPaperSsm = "ssm { d_state: 1 conv_width: 0 scan_chunk: 5 dt_rank: 2 }";
+
 inline model::ModelSpec micro_spec(const std::string& extra = "") {
   return spec_from(std::string(kMicroModel) + extra);
 }

@@ -61,15 +61,26 @@ data::Batch sequences(const data::Batch& b, int64_t first, int64_t count) {
   return out;
 }
 
-// blockffn: the MoE trained with BlockFFN's objective (its losses' sums and counts over the ranks).
-std::unique_ptr<model::LanguageModel> tiny_model(DType dtype, bool blockffn = false) {
-  auto m = model::build_model(
-      testing::shipped_spec("tiny",
-                            [&](config::ModelConfig* c) {
-                              if (blockffn)
-                                c->mutable_moe()->set_objective(config::MoeConfig::BLOCKFFN);
-                            }),
-      7);
+// The tiny config, or a variant of it (`edit`: kBlockFfn, kSsd).
+using ConfigEdit = std::function<void(config::ModelConfig*)>;
+// The MoE trained with BlockFFN's objective (its losses' sums and counts over the ranks).
+const ConfigEdit kBlockFfn = [](config::ModelConfig* c) {
+  c->mutable_moe()->set_objective(config::MoeConfig::BLOCKFFN);
+};
+// The scan in the SSD form (8 heads of 16 channels).
+const ConfigEdit kSsd = [](config::ModelConfig* c) {
+  c->mutable_ssm()->set_form(config::SsmConfig::SSD);
+  c->mutable_ssm()->set_head_dim(16);
+};
+
+// The paper's form of the SSM: one state per channel, no convolution (no halo).
+const ConfigEdit kPaperSsm = [](config::ModelConfig* c) {
+  c->mutable_ssm()->set_d_state(1);
+  c->mutable_ssm()->set_conv_width(0);
+};
+
+std::unique_ptr<model::LanguageModel> tiny_model(DType dtype, const ConfigEdit& edit = nullptr) {
+  auto m = model::build_model(testing::shipped_spec("tiny", edit), 7);
   m->to(dtype);
   return m;
 }
@@ -94,16 +105,16 @@ struct OnGpu {
 // buckets (as after earlier micro-batches) instead of the backward writing into the buckets
 // directly. gpu.on: the grid runs on the GPU (float64 kernels) against the one process on the CPU.
 void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {},
-                      bool blockffn = false) {
+                      const ConfigEdit& edit = nullptr) {
   auto grid = grid_of(shape, gpu.on, gpu.backend);
   if (!grid) GTEST_SKIP() << "needs " << shape.size() << " ranks";
   const data::Batch batch = global_batch(11);
   trainer::StepSettings s;  // every path on
-  auto ref = tiny_model(DType::kF64, blockffn);
+  auto ref = tiny_model(DType::kF64, edit);
   const auto single = ProcessGrid::single();
   const trainer::StepLosses want = trainer::forward_backward(*ref, *single, nullptr, batch, s);
 
-  auto dist = tiny_model(DType::kF64, blockffn);
+  auto dist = tiny_model(DType::kF64, edit);
   if (gpu.on) {
     s.device = grid->world().device();
     dist->to(s.device);
@@ -162,10 +173,19 @@ TEST(ModelParallel, SequenceParallel2SameLossAndGradients) { expect_same_step({1
 // BlockFFN's objective: token-pair locality across the shard boundary, 64-token groups (whole in a
 // shard of 64 tokens), no balance loss.
 TEST(ModelParallel, SequenceParallel2BlockFfnObjectiveSameLossAndGradients) {
-  expect_same_step({1, 1, 2}, false, {}, true);
+  expect_same_step({1, 1, 2}, false, {}, kBlockFfn);
+}
+TEST(ModelParallel, SequenceParallel2SsdFormSameLossAndGradients) {
+  expect_same_step({1, 1, 2}, false, {}, kSsd);
+}
+TEST(ModelParallel, SequenceParallel2PaperFormSameLossAndGradients) {
+  expect_same_step({1, 1, 2}, false, {}, kPaperSsm);
+}
+TEST(ModelParallel, SequenceParallel4SsdFormSameLossAndGradients) {
+  expect_same_step({1, 1, 4}, false, {}, kSsd);
 }
 TEST(ModelParallel, DataTimesExpertParallel2x2BlockFfnObjectiveSameLossAndGradients) {
-  expect_same_step({2, 2, 1}, false, {}, true);
+  expect_same_step({2, 2, 1}, false, {}, kBlockFfn);
 }
 TEST(ModelParallel, SequenceParallel4SameLossAndGradients) { expect_same_step({1, 1, 4}); }
 TEST(ModelParallel, DataTimesSequenceParallel2x2SameLossAndGradients) {

@@ -158,6 +158,27 @@ TEST(SequenceParallel, ScanEqualsTheUnsplitScanWithInitialAndFinalState) {
   }
 }
 
+TEST(SequenceParallel, SsdScanEqualsTheUnsplitScanWithInitialAndFinalState) {
+  const int R = world_size();
+  const int64_t B = 2, H = 2, P = 3, D = H * P, N = 4;
+  // Odd shard lengths; SSD chunks of 4 that do not line up with the shards.
+  for (const int64_t L : {int64_t(5), int64_t(13)}) {
+    const int64_t T = L * R;
+    const Fn fn = [](const std::vector<Tensor>& s, const std::vector<Tensor>& p, Communicator* sp) {
+      const SelectiveScanResult res =
+          sp != nullptr ? ssd_scan(*sp, s[0], s[1], p[0], s[2], s[3], p[1], p[2], s[4], p[3], 4)
+                        : hydra::ssd_scan(s[0], s[1], p[0], s[2], s[3], p[1], p[2], s[4], p[3], 4);
+      return Outputs{{res.y}, res.h_last};
+    };
+    expect_split_equals_unsplit(
+        fn,
+        {randn64({B, T, D}, 31), randn64({B, T, H}, 32, 0.5), randn64({B, T, N}, 33),
+         randn64({B, T, N}, 34), randn64({B, T, D}, 35)},
+        {randn64({H}, 36, 0.3), randn64({D}, 37), randn64({H}, 38, 0.2), randn64({B, D, N}, 39)},
+        "ssd L=" + std::to_string(L));
+  }
+}
+
 TEST(SequenceParallel, SparseAttentionEqualsTheUnsplitAttention) {
   const int R = world_size();
   const int64_t B = 2, H = 2, dh = 3;
