@@ -515,12 +515,30 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
         q.workspace = ws.defined() ? ws.raw_data() : nullptr;
         if (gw.defined() || gtable.defined()) HYDRA_LAUNCH(dev, bag_bwd, q);
         if (sparse_table) {
-          const std::vector<int32_t> hit = hits.to_vector<int32_t>();
-          std::vector<int64_t> rows;
-          for (std::size_t r = 0; r < hit.size(); ++r)
-            if (hit[r]) rows.push_back(static_cast<int64_t>(r));
-          const Tensor rows_t = tensor(rows, {static_cast<int64_t>(rows.size())}).to(dev);
-          accumulate_sparse_grad(leaf, rows_t, gather_rows_raw(gtable, rows_t));
+          // The rows the lookups hit become the sparse gradient's rows: their count needs the
+          // host. A leaf without a gradient yet gets it pending (read when first needed, after
+          // the backward is queued); one that has a gradient adds this one at once.
+          auto rows_of_hits = [](const Tensor& hit_t, Device d) {
+            const std::vector<int32_t> hit = hit_t.to_vector<int32_t>();
+            std::vector<int64_t> rows;
+            for (std::size_t r = 0; r < hit.size(); ++r)
+              if (hit[r]) rows.push_back(static_cast<int64_t>(r));
+            return tensor(rows, {static_cast<int64_t>(rows.size())}).to(d);
+          };
+          if (!leaf.sparse_grad()) {
+            auto sg = std::make_shared<SparseRows>();
+            sg->pending = [gtable, hits, dev, rows_of_hits,
+                           gd = leaf.grad_dtype()](SparseRows& out) {
+              NoGradGuard ng;
+              out.rows = rows_of_hits(hits, dev);
+              out.values = gather_rows_raw(gtable, out.rows).to(gd).contiguous();
+            };
+            leaf.set_sparse_grad(std::move(sg));
+            run_grad_ready_hooks(leaf);
+          } else {
+            const Tensor rows_t = rows_of_hits(hits, dev);
+            accumulate_sparse_grad(leaf, rows_t, gather_rows_raw(gtable, rows_t));
+          }
           gtable = Tensor();
         }
         return std::vector<Tensor>{gtable, gw};

@@ -19,14 +19,16 @@ const Tensor& causal_mask(int64_t n, Mask kind, DType dtype, Device device) {
   // Never destroyed: device tensors must not be freed after the device runtime has shut down.
   static auto* cache = new std::map<std::tuple<int64_t, int, int, std::string>, Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(n, static_cast<int>(kind), static_cast<int>(dtype), device.str());
+  const auto key =
+      std::make_tuple(n, static_cast<int>(kind), static_cast<int>(dtype), device.str());
   auto it = cache->find(key);
   if (it == cache->end()) {
     std::vector<double> v(static_cast<size_t>(n * n));
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j)
-        v[i * n + j] = j <= i ? (kind == Mask::kOnes ? 1.0 : 0.0)
-                              : (kind == Mask::kOnes ? 0.0 : -std::numeric_limits<double>::infinity());
+        v[i * n + j] = j <= i
+                           ? (kind == Mask::kOnes ? 1.0 : 0.0)
+                           : (kind == Mask::kOnes ? 0.0 : -std::numeric_limits<double>::infinity());
     it = cache->emplace(key, tensor(v, {n, n}).to(dtype).to(device)).first;
   }
   return it->second;
@@ -66,10 +68,10 @@ SelectiveScanResult ssd_scan(const Tensor& u_in, const Tensor& delta_raw, const 
             std::to_string(L) + ", N]");
   const int64_t N = B_in.size(2);
   auto expect = [&](const char* name, const Tensor& t, const Shape& s) {
-    check(t.shape() == s, std::string(name) + " has shape " + shape_str(t.shape()) +
-                              ", expected " + shape_str(s));
-    check(t.device() == u_in.device(), std::string(name) + " is on " + t.device().str() +
-                                           ", expected " + u_in.device().str());
+    check(t.shape() == s,
+          std::string(name) + " has shape " + shape_str(t.shape()) + ", expected " + shape_str(s));
+    check(t.device() == u_in.device(),
+          std::string(name) + " is on " + t.device().str() + ", expected " + u_in.device().str());
   };
   expect("delta", delta_raw, {Bsz, L, H});
   expect("C", C_in, {Bsz, L, N});
@@ -82,8 +84,7 @@ SelectiveScanResult ssd_scan(const Tensor& u_in, const Tensor& delta_raw, const 
   const DType acc = accumulate_dtype(u_in.dtype());
   const Device dev = u_in.device();
   if (Bsz * Dm == 0 || L == 0) {
-    const Tensor h =
-        h0.defined() ? h0.to(acc) : zeros({Bsz, Dm, N}, acc, dev);
+    const Tensor h = h0.defined() ? h0.to(acc) : zeros({Bsz, Dm, N}, acc, dev);
     return {zeros({Bsz, L, Dm}, u_in.dtype(), dev), h};
   }
   const int64_t Q = std::min(chunk_len, L), nc = (L + Q - 1) / Q, Lp = nc * Q;
@@ -107,40 +108,40 @@ SelectiveScanResult ssd_scan(const Tensor& u_in, const Tensor& delta_raw, const 
   const Tensor xd = mul(x.reshape({Bsz, Lp, H, P}), dl.unsqueeze(3));  // delta_t u_t [B, Lp, H, P]
 
   // Within a chunk: y_i += sum_{j <= i} exp(cs_i - cs_j) (C_i . B_j) xd_j, per head.
-  const Tensor G = matmul(Cc, Bc.transpose(2, 3));                    // [B, nc, Q, Q]
-  const Tensor M = mul(segment_decays(cs), G.unsqueeze(1));           // [B, H, nc, Q, Q]
+  const Tensor G = matmul(Cc, Bc.transpose(2, 3));                            // [B, nc, Q, Q]
+  const Tensor M = mul(segment_decays(cs), G.unsqueeze(1));                   // [B, H, nc, Q, Q]
   const Tensor xh = xd.reshape({Bsz, nc, Q, H, P}).permute({0, 3, 1, 2, 4});  // [B, H, nc, Q, P]
   const Tensor y_diag = matmul(M, xh.contiguous()).permute({0, 2, 3, 1, 4});  // [B, nc, Q, H, P]
 
   // Each chunk's state from zero: S_c = sum_j exp(cs_last - cs_j) B_j xd_j, [B, nc, N, H P].
-  const Tensor to_end = exp(sub(cs.narrow(3, Q - 1, 1), cs)).permute({0, 2, 3, 1});  // [B, nc, Q, H]
-  const Tensor S = matmul(Bc.transpose(2, 3),
-                          mul(xd.reshape({Bsz, nc, Q, H, P}), to_end.unsqueeze(4))
-                              .reshape({Bsz, nc, Q, H * P}));
+  const Tensor to_end =
+      exp(sub(cs.narrow(3, Q - 1, 1), cs)).permute({0, 2, 3, 1});  // [B, nc, Q, H]
+  const Tensor S =
+      matmul(Bc.transpose(2, 3),
+             mul(xd.reshape({Bsz, nc, Q, H, P}), to_end.unsqueeze(4)).reshape({Bsz, nc, Q, H * P}));
 
   // Between chunks: the state entering chunk c (c = 0 .. nc, the last one h_last) is
   // sum_{j <= c} exp(E_c - E_j) states_j with states = [h0, S_0, .., S_{nc-1}] and E the chunks'
   // summed log-decays before c: one more masked product, over the chunks.
-  const Tensor totals = cs.narrow(3, Q - 1, 1).squeeze(3);  // [B, H, nc]
+  const Tensor totals = cs.narrow(3, Q - 1, 1).squeeze(3);                          // [B, H, nc]
   const Tensor E = cumsum_last(concat({zeros({Bsz, H, 1}, acc, dev), totals}, 2));  // [B, H, nc+1]
-  const Tensor Sh = S.reshape({Bsz, nc, N, H, P}).permute({0, 3, 1, 2, 4}).reshape({Bsz, H, nc, N * P});
-  const Tensor first = h0.defined()
-                           ? h0.to(acc).reshape({Bsz, H, P, N}).permute({0, 1, 3, 2}).reshape(
-                                 {Bsz, H, 1, N * P})
-                           : zeros({Bsz, H, 1, N * P}, acc, dev);
+  const Tensor Sh =
+      S.reshape({Bsz, nc, N, H, P}).permute({0, 3, 1, 2, 4}).reshape({Bsz, H, nc, N * P});
+  const Tensor first =
+      h0.defined()
+          ? h0.to(acc).reshape({Bsz, H, P, N}).permute({0, 1, 3, 2}).reshape({Bsz, H, 1, N * P})
+          : zeros({Bsz, H, 1, N * P}, acc, dev);
   const Tensor entering = matmul(segment_decays(E), concat({first, Sh}, 2));  // [B, H, nc+1, N P]
-  const Tensor h_last = entering.select(2, nc)
-                            .reshape({Bsz, H, N, P})
-                            .permute({0, 1, 3, 2})
-                            .reshape({Bsz, Dm, N});
+  const Tensor h_last =
+      entering.select(2, nc).reshape({Bsz, H, N, P}).permute({0, 1, 3, 2}).reshape({Bsz, Dm, N});
 
   // From the entering states: y_i += exp(cs_i) C_i . state_c.
   const Tensor Sin = entering.narrow(2, 0, nc)
                          .reshape({Bsz, H, nc, N, P})
                          .permute({0, 2, 3, 1, 4})
                          .reshape({Bsz, nc, N, H * P});
-  const Tensor y_off = mul(matmul(Cc, Sin).reshape({Bsz, nc, Q, H, P}),
-                           exp(cs).permute({0, 2, 3, 1}).unsqueeze(4));
+  const Tensor y_off =
+      mul(matmul(Cc, Sin).reshape({Bsz, nc, Q, H, P}), exp(cs).permute({0, 2, 3, 1}).unsqueeze(4));
   Tensor y = add(y_diag, y_off).reshape({Bsz, Lp, Dm});
   if (Lp > L) y = y.narrow(1, 0, L);
   if (D.defined()) y = add(y, mul(x.narrow(1, 0, L), D.to(acc)));

@@ -44,6 +44,7 @@ struct Profile {
   // The host's time between the end of one launch and the start of the next, charged to the next
   // (HYDRA_PROFILE=2: "host before <family>"): where the host, not the device, sets the pace.
   std::chrono::steady_clock::time_point last_end{};
+  std::string last_kernel;  // the latest launch's family: where a wait for the host comes from
   std::map<std::string, Totals> totals;
   std::vector<Pending> pending;
   std::vector<int> free_slots;
@@ -102,6 +103,12 @@ void KernelProfileScope::begin(Device device, const char* name) {
   pr.free_slots.pop_back();
   Pending& p = pr.pending[slot_];
   p.name = name;
+  const bool host = std::string_view(name).rfind("host", 0) == 0;
+  // HYDRA_PROFILE=2: each wait for a copy to the host is named by the launch before it, the op
+  // whose result the host reads (or the op after which it reads another).
+  if (kernel_profile_detailed() && host && std::string_view(name).rfind("host: wait", 0) == 0)
+    p.name += " after " + (pr.last_kernel.empty() ? std::string("(none)") : pr.last_kernel);
+  if (!host) pr.last_kernel = name;
   p.ended = false;
   p.cuda = device.is_cuda();
   p.device = device;
@@ -115,8 +122,7 @@ void KernelProfileScope::begin(Device device, const char* name) {
   }
 #endif
   p.t0 = std::chrono::steady_clock::now();
-  if (kernel_profile_detailed() && std::string_view(name).rfind("host", 0) != 0 &&
-      pr.last_end.time_since_epoch().count() != 0) {
+  if (kernel_profile_detailed() && !host && pr.last_end.time_since_epoch().count() != 0) {
     Totals& gap = pr.totals["host before " + std::string(name)];
     gap.ms += std::chrono::duration<double, std::milli>(p.t0 - pr.last_end).count();
     ++gap.launches;

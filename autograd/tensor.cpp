@@ -16,6 +16,11 @@
 #include "kernels/elementwise.h"
 
 #if HYDRA_WITH_CUDA
+#include <cxxabi.h>
+#include <execinfo.h>
+
+#include <cstdlib>
+
 #include "kernels/device_runtime.h"
 #endif
 
@@ -129,6 +134,37 @@ void copy_same_device(const Tensor& dst, const Tensor& src) {
   HYDRA_LAUNCH(dst.device(), strided_copy, p);
 }
 
+#if HYDRA_WITH_CUDA
+// HYDRA_PROFILE=2: the function that asked for a value from the device (the first caller outside
+// the tensor's own reads), for the profile's wait rows. Names need the executable's symbols
+// exported (hydra-train links with ENABLE_EXPORTS); otherwise "?".
+std::string host_read_caller() {
+  void* frames[24];
+  const int n = backtrace(frames, 24);
+  char** syms = backtrace_symbols(frames, n);
+  std::string found = "?";
+  for (int i = 1; syms != nullptr && i < n; ++i) {
+    const std::string line = syms[i];
+    const auto open = line.find('('), plus = line.find('+', open);
+    if (open == std::string::npos || plus == std::string::npos || plus == open + 1) continue;
+    const std::string mangled = line.substr(open + 1, plus - open - 1);
+    int status = 0;
+    char* dem = abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status);
+    std::string name = status == 0 && dem != nullptr ? dem : mangled;
+    std::free(dem);
+    name = name.substr(0, name.find('('));
+    if (name.find("transfer") != std::string::npos ||
+        name.find("hydra::Tensor::") != std::string::npos ||
+        name.rfind("hydra::PendingHostCopy", 0) == 0 || name.rfind("std::", 0) == 0)
+      continue;
+    found = name;
+    break;
+  }
+  std::free(syms);
+  return found;
+}
+#endif
+
 // A contiguous copy of `src` on `device` (same dtype).
 Tensor transfer(const Tensor& src, Device device) {
   Tensor s = src.contiguous();
@@ -147,9 +183,13 @@ Tensor transfer(const Tensor& src, Device device) {
   // The profile's host rows: how long the host waits for the device (a copy to the host drains
   // the stream) and copies from pageable memory (staged by the driver).
   std::optional<KernelProfileScope> wait;
-  if (kernel_profile_enabled() && kind != CopyKind::kDeviceToDevice && !s.is_pinned())
-    wait.emplace(Device::cpu(), device.is_cpu() ? "host: wait for a copy to the host"
-                                                : "host: copy from pageable memory");
+  if (kernel_profile_enabled() && kind != CopyKind::kDeviceToDevice && !s.is_pinned()) {
+    if (device.is_cpu() && kernel_profile_detailed())
+      wait.emplace(Device::cpu(), "host: wait for a copy to the host in " + host_read_caller());
+    else
+      wait.emplace(Device::cpu(), device.is_cpu() ? "host: wait for a copy to the host"
+                                                  : "host: copy from pageable memory");
+  }
   kernels::cuda::memcpy_async(out.raw_data(), s.raw_data(), s.nbytes(), kind, stream);
   if (device.is_cpu()) {
     kernels::cuda::stream_synchronize(stream);
@@ -447,6 +487,16 @@ std::string Tensor::str() const {
 }
 
 std::ostream& operator<<(std::ostream& os, const Tensor& t) { return os << t.str(); }
+
+const std::shared_ptr<SparseRows>& Tensor::sparse_grad() const {
+  const std::shared_ptr<SparseRows>& g = impl().autograd.sparse_grad;
+  if (g && g->pending) {
+    auto resolve = std::move(g->pending);
+    g->pending = nullptr;
+    resolve(*g);
+  }
+  return g;
+}
 
 PendingHostCopy::PendingHostCopy(const Tensor& src_in) {
   const Tensor src = src_in.detach().contiguous();

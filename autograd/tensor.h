@@ -158,7 +158,8 @@ class Tensor {
   DType grad_dtype() const { return impl().autograd.grad_dtype.value_or(dtype()); }
   void set_grad_dtype(std::optional<DType> dtype) const;
   Tensor detach() const;  // shares storage, no history
-  const std::shared_ptr<SparseRows>& sparse_grad() const { return impl().autograd.sparse_grad; }
+  // Resolves a pending sparse gradient (SparseRows::pending) on first read.
+  const std::shared_ptr<SparseRows>& sparse_grad() const;
   void set_sparse_grad(std::shared_ptr<SparseRows> g) const {
     impl().autograd.sparse_grad = std::move(g);
   }
@@ -182,6 +183,10 @@ std::ostream& operator<<(std::ostream& os, const Tensor& t);
 struct SparseRows {
   Tensor rows;    // i64 [m], unique, ascending
   Tensor values;  // [m, cols]
+  // Set while rows and values are not computed yet: the first Tensor::sparse_grad() computes them
+  // (the embedding bag's backward leaves its row count on the device until then, so the host
+  // does not wait for the device in the middle of the backward).
+  std::function<void(SparseRows&)> pending;
 };
 
 // A tensor holding `values` (copied) on `device`.
