@@ -38,6 +38,11 @@ ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
     shared = register_module(
         "shared", std::make_shared<SwiGLU>(init, d, spec.d_shared, spec.init_std, out_std));
   coef = register_buffer("sparsity_coef", full({1}, coef_init, DType::kF64));
+  if (blockffn_) {
+    schedule = register_buffer("sparsity_schedule",
+                               tensor(std::vector<double>{0, 0, coef_init, coef_init, 0}, {5}));
+    schedule_window = register_buffer("sparsity_window", zeros({1}, DType::kF64));
+  }
   local_experts_ = E;
 }
 
@@ -89,11 +94,54 @@ void ChunkMoE::resolve_global_tls() {
   pending_counts_.reset();
 }
 
+// BlockFFN's AdaptiveLinearScheduler (spec/blockffn.md), per layer, on this layer's mean
+// chunk-sparsification loss L_CS summed over the ranks: periods of P steps end at multiples of P;
+// at the end of one after the hold, ratio = its mean / the period before's (>= 1.025 when above 1,
+// <= cap x start / now), and the coefficient moves linearly to now x ratio over the next P steps.
+void ChunkMoE::update_blockffn_coef() {
+  const int64_t hold = cfg_.blockffn_hold_steps(), P = cfg_.blockffn_period();
+  if (hold < 0 || !last_sparsity_.defined()) return;
+  NoGradGuard no_grad;
+  if (schedule_cache_.storage != schedule.storage().get() ||
+      schedule_cache_.version != schedule.version())  // new, loaded or moved: read it once
+    schedule_cache_ = {schedule.storage().get(), schedule.version(), schedule.to_vector<double>()};
+  std::vector<double> st = schedule_cache_.values;  // steps, previous mean, from, to, position
+  schedule_window.add_(last_sparsity_.to(DType::kF64).reshape({1}));  // on the device
+  st[0] += 1;
+  double now = sparsity_coef();
+  if (st[4] < double(P) && st[3] != st[2]) {  // a ramp in progress
+    st[4] += 1;
+    now = st[2] + (st[3] - st[2]) * st[4] / double(P);
+  }
+  if (static_cast<int64_t>(st[0]) % P == 0) {  // a period ends: one read of the device per period
+    std::vector<double> sum = {schedule_window.item<double>()};
+    if (last_grid_ != nullptr && last_grid_->distributed())
+      last_grid_->world().all_reduce_host(sum);
+    schedule_window.zero_();
+    const double mean = sum[0] / double(P);
+    if (st[0] >= double(hold + P) && st[1] > 0) {
+      double ratio = mean / st[1];
+      if (ratio > 1) ratio = std::max(1.025, ratio);
+      ratio = std::min(cfg_.blockffn_cap() * cfg_.sparsity_coef_init() / now, ratio);
+      st[2] = now;
+      st[3] = now * ratio;
+      st[4] = 0;
+    }
+    st[1] = mean;
+  }
+  schedule.copy_(tensor(st, {5}).to(schedule.device()));
+  schedule_cache_ = {schedule.storage().get(), schedule.version(), st};
+  if (now != sparsity_coef()) {
+    coef.fill_(now);
+    coef_cache_ = {coef.storage().get(), coef.version(), now};
+  }
+}
+
 void ChunkMoE::update_sparsity_coef() {
+  if (blockffn_) return update_blockffn_coef();
   // The TLS of the whole global batch (the same on every rank, so the coefficient stays in sync).
-  // BLOCKFFN keeps its coefficient (its adaptive schedule is not built yet).
   resolve_global_tls();
-  if (global_tls_ < 0 || blockffn_) return;
+  if (global_tls_ < 0) return;
   const double direction = global_tls_ < cfg_.target_sparsity() ? 1.0 : -1.0;
   const double next = std::clamp(sparsity_coef() * std::exp(direction * cfg_.sparsity_adapt_rate()),
                                  1e-8, cfg_.sparsity_coef_max());
@@ -390,6 +438,8 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
         locality = mul(moe_blockffn_locality_sum(z, z_next, c), 1.0 / counts[E + 1]);
       if (counts[E + 2] > 0)
         sparsity = mul(moe_blockffn_sparsity_sum(p, seq_group_, c), 1.0 / counts[E + 2]);
+      last_sparsity_ = sparsity.detach();  // this rank's share of L_CS (the schedule sums them)
+      last_grid_ = ctx.grid;
     } else {
       if (counts[E + 1] > 0) locality = mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1]);
       if (counts[E + 2] > 0) sparsity = mul(moe_sparsity_sum(z, seq_group_), 1.0 / counts[E + 2]);

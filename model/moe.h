@@ -45,6 +45,10 @@ class ChunkMoE : public Module {
   Tensor w1, w3, w2;                  // [E, de, d], [E, de, d] (SWIGLU only), [E, d, de]
   std::shared_ptr<SwiGLU> shared;
   Tensor coef;  // buffer [1] f64: the adaptive sparsification coefficient
+  // BLOCKFFN's schedule of it (update_sparsity_coef), buffers so that a checkpoint resumes it:
+  // {optimizer steps, the last full period's mean loss (0: none yet), ramp start, ramp end, ramp
+  // position}, and the current period's summed loss (added on the device: no wait per step).
+  Tensor schedule, schedule_window;
 
  private:
   // s: the router's ReLU output [B * nC, E] (BlockFFN's figures count where it is positive).
@@ -77,6 +81,16 @@ class ChunkMoE : public Module {
     double value = 0;
   };
   mutable CoefCache coef_cache_;
+  // The schedule's host copy, valid while `schedule` keeps this storage and version.
+  struct ScheduleCache {
+    const void* storage = nullptr;
+    uint32_t version = 0;
+    std::vector<double> values;
+  };
+  ScheduleCache schedule_cache_;
+  Tensor last_sparsity_;  // the last forward's chunk-sparsification loss
+  const parallel::ProcessGrid* last_grid_ = nullptr;  // its ranks (the loss is summed over them)
+  void update_blockffn_coef();
   MoeRouting last_routing_;
 };
 

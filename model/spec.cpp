@@ -149,6 +149,10 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   s.gated_experts = moe.expert() == config::MoeConfig::SWIGLU;
   s.d_shared = moe.d_shared() > 0 ? moe.d_shared() : s.d_expert;
   ck.require(s.num_experts >= 1, "moe.num_experts", s.num_experts, "must be >= 1");
+  ck.require(moe.blockffn_period() >= 1, "moe.blockffn_period", moe.blockffn_period(),
+             "must be >= 1 (optimizer steps)");
+  ck.require(moe.blockffn_cap() >= 1, "moe.blockffn_cap", moe.blockffn_cap(),
+             "must be >= 1 (the coefficient's largest multiple of its start)");
   ck.require(moe.dispatch_tile() >= 1 && moe.dispatch_tile() <= 65536, "moe.dispatch_tile",
              moe.dispatch_tile(), "must be in [1, 65536]");
   ck.require(s.max_active >= 1, "moe.max_active", s.max_active, "must be >= 1");
@@ -180,7 +184,7 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
              "must be > 0");
   ck.require(moe.sparsity_group() >= 1, "moe.sparsity_group", moe.sparsity_group(), "must be >= 1");
   ck.require(moe.router_eps() > 0, "moe.router_eps", moe.router_eps(), "must be > 0");
-  ck.require(moe.objective() == config::MoeConfig::BLOCKFFN ||  // (its coefficient stays fixed)
+  ck.require(moe.objective() == config::MoeConfig::BLOCKFFN ||  // (its cap: blockffn_cap)
                  moe.sparsity_coef_max() >= moe.sparsity_coef_init(),
              "moe.sparsity_coef_max", moe.sparsity_coef_max(),
              "must be >= sparsity_coef_init (" + std::to_string(moe.sparsity_coef_init()) + ")");

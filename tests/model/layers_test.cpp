@@ -409,6 +409,70 @@ TEST(ChunkMoE, BlockFfnLossesEqualTheirTokenLevelDefinitions) {
       with_params(randn64({2, 12, 6}, 44), *g.moe), sampled(10));
 }
 
+// BlockFFN's adaptive coefficient against a reference written from spec/blockffn.md, on the
+// losses the layer reports: hold 4 steps, periods of 2, cap 1.2x the start (so the cap binds).
+// The schedule's buffers carry it across a "checkpoint" (copied into a fresh layer mid-ramp).
+TEST(ChunkMoE, BlockFfnCoefficientFollowsTheAdaptiveSchedule) {
+  const std::string cfg =
+      "num_experts: 3 d_expert: 5 max_active: 2 chunk: 3 objective: BLOCKFFN sparsity_group: 2 "
+      "blockffn_hold_steps: 4 blockffn_period: 2 blockffn_cap: 1.2";
+  auto m = make_moe(cfg, 50);
+  auto resumed = make_moe(cfg, 50);
+  const int64_t P = 2, hold = 4, steps = 16, resume_at = 9;
+  const double init = 5e-2, cap = 1.2;
+  // The reference: steps, previous mean, ramp from / to / position, the period's sum.
+  double n = 0, prev = 0, from = init, to = init, pos = 0, window = 0, coef = init;
+  bool moved = false;
+  for (int64_t step = 0; step < steps; ++step) {
+    // Inputs scaled up and down so that the loss rises and falls between periods.
+    const Tensor x = randn64({2, 12, 6}, 60 + step, step % 3 == 0 ? 0.3 : 2.0, false);
+    double lcs = 0;
+    for (auto* layer : {&m, &resumed}) {
+      if (layer == &resumed && step < resume_at) continue;
+      model::ForwardContext ctx;
+      Tensor aux;
+      (void)layer->moe->forward(x, ctx, &aux);
+      lcs = ctx.stats.at("moe.0.sparsity_loss");
+      layer->moe->update_sparsity_coef();
+    }
+    n += 1;
+    window += lcs;
+    if (pos < P && to != from) {
+      pos += 1;
+      coef = from + (to - from) * pos / P;
+    }
+    if (static_cast<int64_t>(n) % P == 0) {
+      const double mean = window / P;
+      window = 0;
+      if (n >= hold + P && prev > 0) {
+        double ratio = mean / prev;
+        if (ratio > 1) ratio = std::max(1.025, ratio);
+        ratio = std::min(cap * init / coef, ratio);
+        from = coef;
+        to = coef * ratio;
+        pos = 0;
+      }
+      prev = mean;
+    }
+    moved = moved || coef != init;
+    EXPECT_NEAR(m.moe->sparsity_coef(), coef, 1e-12) << "step " << step;
+    EXPECT_LE(m.moe->sparsity_coef(), cap * init + 1e-15) << "step " << step;
+    if (step + 1 == resume_at) {  // the buffers as a checkpoint holds them
+      const auto src = m.moe->named_buffers(), dst = resumed.moe->named_buffers();
+      ASSERT_EQ(src.size(), dst.size());
+      NoGradGuard ng;
+      for (std::size_t i = 0; i < src.size(); ++i) {
+        Tensor d = dst[i].second;
+        d.copy_(src[i].second);
+      }
+    }
+    if (step >= resume_at)
+      EXPECT_EQ(resumed.moe->sparsity_coef(), m.moe->sparsity_coef()) << "step " << step;
+    if (step < hold) EXPECT_EQ(m.moe->sparsity_coef(), init) << "held, step " << step;
+  }
+  EXPECT_TRUE(moved) << "the schedule never moved the coefficient";
+}
+
 TEST(ChunkMoE, CapacityDropsAssignmentsAndBoundsTheLoad) {
   auto c = make_moe("num_experts: 4 d_expert: 3 chunk: 2 max_active: 2 capacity_factor: 0.5", 26);
   model::ForwardContext ctx;
