@@ -27,10 +27,13 @@ ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
   const double out_std = spec.init_std / std::sqrt(2.0 * spec.num_blocks);
   // The router computes in its master dtype under mixed precision: its top-k choices, routing
   // weights and auxiliary losses are precision-sensitive, and it is a small [E, d] GEMM.
-  router_weight = register_parameter("router_weight", init.normal({E, d}, spec.init_std),
-                                     ParamOptions{.keep_master_dtype = true});
-  router_norm = register_parameter("router_norm", ones({E}),
-                                   ParamOptions{.weight_decay = false, .keep_master_dtype = true});
+  // Their learning rate: the optimizer's router_lr group (0: the model's).
+  router_weight =
+      register_parameter("router_weight", init.normal({E, d}, spec.init_std),
+                         ParamOptions{.lr_group = "moe_router", .keep_master_dtype = true});
+  router_norm = register_parameter(
+      "router_norm", ones({E}),
+      ParamOptions{.weight_decay = false, .lr_group = "moe_router", .keep_master_dtype = true});
   w1 = register_parameter("w1", init.normal({E, de, d}, spec.init_std));
   if (spec.gated_experts) w3 = register_parameter("w3", init.normal({E, de, d}, spec.init_std));
   w2 = register_parameter("w2", init.normal({E, d, de}, out_std));

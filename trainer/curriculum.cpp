@@ -75,6 +75,11 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg,
   if (tr.lr().lr() <= 0) return fail("train.lr.lr", tr.lr().lr(), "must be > 0");
   if (tr.optimizer().grad_clip() < 0)
     return fail("train.optimizer.grad_clip", tr.optimizer().grad_clip(), "must be >= 0 (0: off)");
+  if (!(tr.optimizer().pkm_value_lr() >= 0))
+    return fail("train.optimizer.pkm_value_lr", tr.optimizer().pkm_value_lr(), "must be >= 0");
+  if (!(tr.optimizer().router_lr() >= 0))
+    return fail("train.optimizer.router_lr", tr.optimizer().router_lr(),
+                "must be >= 0 (0: the model's learning rate)");
   if (tr.optimizer().beta1() < 0 || tr.optimizer().beta1() >= 1)
     return fail("train.optimizer.beta1", tr.optimizer().beta1(), "must be in [0, 1)");
   if (tr.optimizer().beta2() < 0 || tr.optimizer().beta2() >= 1)

@@ -92,8 +92,10 @@ void AdamW::step(double lr, double base_lr, double grad_scale) {
     const NamedParameter& p = params_[i];
     Slot& s = slots_[i];
     if (s.frozen) continue;
-    const double group_lr =
-        p.options.lr_group.empty() ? base_lr : lr_groups_.at(p.options.lr_group);
+    // A group's peak rate, scaled like the base (a group rate <= 0: the base's own).
+    const double group_lr = p.options.lr_group.empty() || lr_groups_.at(p.options.lr_group) <= 0
+                                ? base_lr
+                                : lr_groups_.at(p.options.lr_group);
     AdamWHyper h = shared;
     h.lr = base_lr > 0 ? lr * group_lr / base_lr : 0.0;
     h.weight_decay = p.options.weight_decay ? cfg_.weight_decay() : 0.0;

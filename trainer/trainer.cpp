@@ -330,7 +330,8 @@ Status Trainer::prepare_model() {
   if (grid_->shape().ep > 1) model_->shard_experts(grid_->ep_rank(), grid_->shape().ep);
   if (cfg_.train().precision() == config::TrainConfig::FP64) model_->to(DType::kF64);
   if (device_.is_cuda()) model_->to(device_);
-  std::map<std::string, double> groups = {{"pkm_values", cfg_.train().optimizer().pkm_value_lr()}};
+  std::map<std::string, double> groups = {{"pkm_values", cfg_.train().optimizer().pkm_value_lr()},
+                                          {"moe_router", cfg_.train().optimizer().router_lr()}};
   optimizer_ =
       std::make_unique<AdamW>(model_->named_parameters(), cfg_.train().optimizer(), groups);
   state_.data_seed = cfg_.train().seed() * 1000003ull + 17;

@@ -466,9 +466,12 @@ TEST(ChunkMoE, BlockFfnCoefficientFollowsTheAdaptiveSchedule) {
         d.copy_(src[i].second);
       }
     }
-    if (step >= resume_at)
+    if (step >= resume_at) {
       EXPECT_EQ(resumed.moe->sparsity_coef(), m.moe->sparsity_coef()) << "step " << step;
-    if (step < hold) EXPECT_EQ(m.moe->sparsity_coef(), init) << "held, step " << step;
+    }
+    if (step < hold) {
+      EXPECT_EQ(m.moe->sparsity_coef(), init) << "held, step " << step;
+    }
   }
   EXPECT_TRUE(moved) << "the schedule never moved the coefficient";
 }

@@ -96,6 +96,30 @@ TEST(AdamW, MatchesTheUpdateRuleWithGroupsSparseRowsAndFreezing) {
   EXPECT_EQ(m.w.to_vector<float>(), before);
 }
 
+// A group whose rate is 0 follows the base rate (router_lr 0); a positive one is its own peak,
+// scaled like the base (router_lr 0.04 at half the schedule's peak: 0.02).
+TEST(AdamW, GroupRateZeroFollowsTheBaseRate) {
+  for (const double group : {0.0, 0.04}) {
+    TwoParams a, b;
+    NoGradGuard ng;
+    AdamW opt_a(a.named_parameters(), config::OptimizerConfig(), {{"pkm_values", group}});
+    AdamW opt_b(b.named_parameters(), config::OptimizerConfig(), {{"pkm_values", 0.02}});
+    for (TwoParams* m : {&a, &b}) {
+      m->w.set_grad(full({2, 2}, 1.0));
+      m->g.set_grad(full({2}, 1.0));
+      m->table.set_grad(full({3, 2}, 1.0));
+    }
+    opt_a.step(/*lr=*/0.01, /*base_lr=*/0.02, 1.0);
+    opt_b.step(0.01, 0.02, 1.0);
+    const auto ta = a.table.to_vector<float>(), tb = b.table.to_vector<float>();
+    if (group == 0) {
+      EXPECT_EQ(ta, tb) << "rate 0: the base's 0.02 peak";
+    } else {
+      EXPECT_NEAR(1.0f - ta[0], 2 * (1.0f - tb[0]), 1e-6) << "0.04: twice the base's step";
+    }
+  }
+}
+
 TEST(AdamW, GradientNormCoversDenseAndSparseGradients) {
   TwoParams m;
   AdamW opt(m.named_parameters(), config::OptimizerConfig(), {{"pkm_values", 1.0}});
