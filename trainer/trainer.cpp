@@ -289,6 +289,8 @@ Status Trainer::prepare() {
   if (out.empty()) return invalid_argument("--out: name the run directory");
   std::error_code ec;
   checkpoints_ = std::make_unique<CheckpointManager>(out, cfg_.train().keep_last());
+  if (opt_.evaluate_only && opt_.resume.empty())
+    return invalid_argument("evaluation needs a checkpoint or a run directory to load");
   if (opt_.resume.empty()) {
     for (const char* marker : {"config.pbtxt", "metrics.jsonl", "checkpoints"})
       if (fs::exists(fs::path(out) / marker))
@@ -321,7 +323,7 @@ Status Trainer::prepare() {
 Status Trainer::prepare_model() {
   const std::string& out = opt_.out_dir;
   std::error_code ec;
-  if (lead()) {
+  if (lead() && !opt_.evaluate_only) {
     fs::create_directories(out, ec);
     if (ec) return io_error(out + ": cannot create the run directory: " + ec.message());
   }
@@ -359,7 +361,8 @@ Status Trainer::prepare_model() {
   } else {
     default_generator().set_state({cfg_.train().seed(), 0});
   }
-  if (lead()) return config::write_text_file((fs::path(out) / "config.pbtxt").string(), cfg_);
+  if (lead() && !opt_.evaluate_only)
+    return config::write_text_file((fs::path(out) / "config.pbtxt").string(), cfg_);
   return ok_status();
 }
 
@@ -490,6 +493,22 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
       }
     }
   r.routing_purity = n > 0 ? purity / double(n) : NAN;
+  return r;
+}
+
+Expected<EvalResult> Trainer::evaluate_checkpoint() {
+  HYDRA_CHECK(opt_.evaluate_only) << "evaluate_checkpoint: create the trainer with evaluate_only";
+  // The stage of the step that led to the checkpoint, as training evaluates right after a step.
+  const int64_t last = std::max<int64_t>(state_.step - 1, 0);
+  const Stage* stage = &stages_.back();
+  for (const Stage& s : stages_)
+    if (last >= s.start && last < s.start + s.steps) {
+      stage = &s;
+      break;
+    }
+  HYDRA_ASSIGN_OR_RETURN(EvalResult r, evaluate(*stage));
+  r.step = state_.step;
+  r.stage = stage->name;
   return r;
 }
 

@@ -26,9 +26,10 @@ struct TrainOptions {
   std::string out_dir;
   std::string resume;  // "": a new run; "auto": the newest checkpoint in out_dir; else a checkpoint
                        // or run dir
-  int64_t stop_step = -1;   // --steps: the step count to reach (default: train.steps)
-  bool quiet = false;       // no progress output (tests)
-  bool local_only = false;  // one process even when MPI is up (tests compare against it)
+  int64_t stop_step = -1;      // --steps: the step count to reach (default: train.steps)
+  bool quiet = false;          // no progress output (tests)
+  bool local_only = false;     // one process even when MPI is up (tests compare against it)
+  bool evaluate_only = false;  // hydra-eval: load `resume`, write nothing (evaluate_checkpoint)
 };
 
 struct EvalResult {
@@ -39,6 +40,7 @@ struct EvalResult {
   double routing_purity = 0;  // mixture domains: share of a domain's chunks on its most used expert
   int64_t tokens = 0;         // 0: no evaluation ran
   int64_t step = -1;          // the step it ran after
+  std::string stage;          // the curriculum stage whose paths and lengths it used
 };
 
 struct TrainSummary {
@@ -61,6 +63,11 @@ class Trainer {
                                                    const std::string& source,
                                                    const TrainOptions& options);
   Expected<TrainSummary> run();
+  // The checkpoint loaded by TrainOptions::resume (evaluate_only), evaluated as training would at
+  // its step: the stage of the step before it, train.eval_batches
+  // held-out batches. Every rank calls it.
+  Expected<EvalResult> evaluate_checkpoint();
+  const std::string& checkpoint() const { return resume_from_; }
   model::LanguageModel& model() { return *model_; }
   const config::RunConfig& config() const { return cfg_; }
   const AdamW& optimizer() const { return *optimizer_; }

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -43,6 +44,7 @@ std::string temp_dir(const std::string& name) {
 const std::string kTrain = HYDRA_BIN_DIR "/hydra-train";
 const std::string kData = HYDRA_BIN_DIR "/hydra-data";
 const std::string kParams = HYDRA_BIN_DIR "/hydra-params";
+const std::string kEval = HYDRA_BIN_DIR "/hydra-eval";
 const std::string kTiny = HYDRA_SOURCE_DIR "/configs/tiny.pbtxt";
 // A quick run of tiny: 2 steps, short sequences, no curriculum.
 const std::string kQuick =
@@ -115,6 +117,43 @@ TEST(Cli, OccupiedOutputAndResumeOfNothing) {
   r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run --resume auto --steps 4" +
           kQuick);
   EXPECT_EQ(r.code, 0) << r.output;
+}
+
+// hydra-eval on a run reproduces the trainer's own evaluation at the checkpoint's step (the same
+// held-out batches, stage and weights), writes nothing into the run, and refuses what is not a
+// checkpoint with a message that says what to pass.
+TEST(Cli, EvalReproducesTheRunsLastEvaluationAndRefusesNonCheckpoints) {
+  const std::string dir = temp_dir("eval");
+  const Result train = run(kTrain + " --config " + kTiny + " --out " + dir + kQuick);
+  ASSERT_EQ(train.code, 0) << train.output;
+  std::ifstream metrics(dir + "/metrics.jsonl");
+  std::string line, last_eval;
+  while (std::getline(metrics, line))
+    if (line.find("\"eval.loss\"") != std::string::npos) last_eval = line;
+  ASSERT_FALSE(last_eval.empty()) << "no evaluation in metrics.jsonl";
+  auto field = [](const std::string& json, const std::string& key) {
+    const auto at = json.find("\"" + key + "\": ");
+    return at == std::string::npos ? NAN : std::stod(json.substr(at + key.size() + 4));
+  };
+  const auto files_before = std::distance(fs::recursive_directory_iterator(dir), {});
+  const Result ev = run(kEval + " " + dir + " --json -");
+  ASSERT_EQ(ev.code, 0) << ev.output;
+  EXPECT_NEAR(field(ev.output, "loss"), field(last_eval, "eval.loss"), 1e-6) << ev.output;
+  EXPECT_NEAR(field(ev.output, "bits_per_byte"), field(ev.output, "loss") / std::log(2.0), 1e-6);
+  EXPECT_EQ(field(ev.output, "step"), 2) << ev.output;
+  EXPECT_EQ(std::distance(fs::recursive_directory_iterator(dir), {}), files_before)
+      << "hydra-eval wrote into the run";
+  // The checkpoint itself, as a table.
+  const Result table = run(kEval + " " + dir + "/checkpoints/step-00000002");
+  EXPECT_EQ(table.code, 0) << table.output;
+  EXPECT_NE(table.output.find("held-out loss"), std::string::npos) << table.output;
+  // Not a checkpoint: exit 1, naming what was expected.
+  const Result bad = run(kEval + " " + kTiny);
+  EXPECT_EQ(bad.code, 1) << bad.output;
+  EXPECT_NE(bad.output.find("neither a checkpoint"), std::string::npos) << bad.output;
+  const Result none = run(kEval);
+  EXPECT_EQ(none.code, 2) << none.output;
+  fs::remove_all(dir);
 }
 
 TEST(Cli, DataToolMakesShardsTheTrainerReads) {
