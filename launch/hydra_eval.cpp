@@ -46,8 +46,7 @@ std::string quoted(const std::string& s) {
   return out + "\"";
 }
 
-std::string to_json(const trainer::EvalResult& r, const std::string& checkpoint,
-                     bool byte_level) {
+std::string to_json(const trainer::EvalResult& r, const std::string& checkpoint, bool byte_level) {
   const double bits = r.loss / std::log(2.0);
   std::ostringstream os;
   os << "{\"checkpoint\": " << quoted(checkpoint) << ", \"step\": " << r.step
@@ -58,8 +57,8 @@ std::string to_json(const trainer::EvalResult& r, const std::string& checkpoint,
   bool first = true;
   for (int k = 0; k < data::kNumTasks; ++k) {
     if (r.answers[k] == 0) continue;
-    os << (first ? "" : ", ") << quoted(data::task_name(k)) << ": {\"accuracy\": "
-       << num(r.accuracy[k]) << ", \"chance\": " << num(r.chance[k])
+    os << (first ? "" : ", ") << quoted(data::task_name(k))
+       << ": {\"accuracy\": " << num(r.accuracy[k]) << ", \"chance\": " << num(r.chance[k])
        << ", \"answers\": " << r.answers[k] << "}";
     first = false;
   }
@@ -97,15 +96,15 @@ int run_main(int argc, char** argv) {
       "experts' routing purity; --json writes them as one JSON object. Writes nothing into the\n"
       "run. Under mpirun, the run's parallel layout (or --set parallel.*) splits the work.\n\n"
       "Options");
-  opts.add_options()("help,h", "show this help")(
-      "checkpoint", po::value<std::string>(), "the checkpoint or run directory (positional)")(
+  opts.add_options()("help,h", "show this help")("checkpoint", po::value<std::string>(),
+                                                 "the checkpoint or run directory (positional)")(
       "config", po::value<std::string>(),
       "the config to build the model from (default: the run directory's config.pbtxt)")(
       "set", po::value<std::vector<std::string>>()->composing(),
       "override a config field, e.g. --set data.shards=held/*.bin (repeatable)")(
       "batches", po::value<int64_t>(), "held-out batches (train.eval_batches)")(
-      "device", po::value<std::string>(), "cpu or cuda (train.device)")(
-      "threads", po::value<int>(), "CPU threads per rank")(
+      "device", po::value<std::string>(), "cpu or cuda (train.device)")("threads", po::value<int>(),
+                                                                        "CPU threads per rank")(
       "json", po::value<std::string>(), "also write the result as JSON to this file ('-': stdout)");
   po::positional_options_description pos;
   pos.add("checkpoint", 1);
@@ -132,11 +131,12 @@ int run_main(int argc, char** argv) {
     return kUsageError;
   }
   const std::string target = vm["checkpoint"].as<std::string>();
-  // The run directory: the target itself, or two levels above a checkpoint (RUN/checkpoints/step-N).
+  // The run directory: the target itself, or two levels above a checkpoint
+  // (RUN/checkpoints/step-N).
   const bool is_checkpoint = fs::exists(fs::path(target) / "manifest.pb");
-  const fs::path run_dir =
-      is_checkpoint ? fs::path(target).lexically_normal().parent_path().parent_path()
-                    : fs::path(target);
+  const fs::path run_dir = is_checkpoint
+                               ? fs::path(target).lexically_normal().parent_path().parent_path()
+                               : fs::path(target);
   if (!is_checkpoint && !fs::is_directory(run_dir / "checkpoints")) {
     if (g_lead)
       std::cerr << "hydra-eval: " << target
@@ -144,8 +144,8 @@ int run_main(int argc, char** argv) {
                    "checkpoints/); name checkpoints/step-N or the run's --out directory\n";
     return kUserError;
   }
-  const std::string config_path = vm.count("config") ? vm["config"].as<std::string>()
-                                                     : (run_dir / "config.pbtxt").string();
+  const std::string config_path =
+      vm.count("config") ? vm["config"].as<std::string>() : (run_dir / "config.pbtxt").string();
   try {
     if (vm.count("threads")) set_num_threads(vm["threads"].as<int>());
     auto cfg = config::load_run_config(config_path);
