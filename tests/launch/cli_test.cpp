@@ -251,6 +251,11 @@ TEST(BadInput, NegativeFlagsAndStageSizesAreRefused) {
   EXPECT_NE(r.output.find("curriculum.stage[0].seq_len = -64 must be >= 0"), std::string::npos)
       << r.output;
   EXPECT_FALSE(fs::exists(dir + "/run"));
+  const Result lr = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" +
+                        " --set train.optimizer.router_lr=-0.01");
+  EXPECT_EQ(lr.code, 1) << lr.output;
+  EXPECT_NE(lr.output.find("train.optimizer.router_lr = -0.01 must be >= 0"), std::string::npos)
+      << lr.output;
 }
 
 TEST(BadInput, HugeSizesNameTheFieldAndModelsThatCannotFitAreRefused) {

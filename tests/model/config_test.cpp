@@ -161,6 +161,18 @@ TEST(ParamCounts, EqualAllocatedParametersForTinyToyAndTransformer) {
       "toy", [](config::ModelConfig* m) { m->mutable_ssm()->set_form(config::SsmConfig::SSD); }));
 }
 
+TEST(ModelConfig, DispatchTileAndBlockFfnScheduleFieldsAreChecked) {
+  EXPECT_EQ(spec_status("moe { dispatch_tile: 0 }").message(),
+            "configs/toy.pbtxt: model.moe.dispatch_tile = 0 must be in [1, 65536]");
+  EXPECT_EQ(spec_status("moe { blockffn_period: 0 }").message(),
+            "configs/toy.pbtxt: model.moe.blockffn_period = 0 must be >= 1 (optimizer steps)");
+  EXPECT_EQ(spec_status("moe { blockffn_cap: 0.5 }").message(),
+            "configs/toy.pbtxt: model.moe.blockffn_cap = 0.5 must be >= 1 (the coefficient's "
+            "largest multiple of its start)");
+  EXPECT_EQ(spec_status("ssm { conv_width: -1 }").message(),
+            "configs/toy.pbtxt: model.ssm.conv_width = -1 must be >= 0 (0: no convolution)");
+}
+
 TEST(ModelConfig, SsdHeadDimMustDivideTheInnerWidth) {
   EXPECT_EQ(spec_status("d_model: 96 ssm { form: SSD head_dim: 50 }").message(),
             "configs/toy.pbtxt: model.ssm.head_dim = 50 must divide d_inner (192 = expand * "
