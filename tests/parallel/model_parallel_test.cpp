@@ -161,6 +161,47 @@ void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {
   EXPECT_EQ(checked, static_cast<int>(want_p.size()));
 }
 
+// Gradient accumulation: a step over 2 micro-batches equals one step over the whole batch (losses,
+// auxiliary losses, every gradient, the PKM values' sparse one accumulated across micro-batches).
+// The balance loss is off: it multiplies two batch means (the routers' weights and the experts'
+// loads), so over micro-batches it is the mean of their products, not the product of the batch's
+// means (docs/MODEL.md); every other term is a mean over the batch's own counts. One process.
+void expect_accumulation_equals_one_step(const ConfigEdit& edit) {
+  const data::Batch batch = global_batch(13);
+  const auto single = ProcessGrid::single();
+  const ConfigEdit no_balance = [&](config::ModelConfig* c) {
+    if (edit) edit(c);
+    c->mutable_moe()->set_balance_loss_weight(0);
+  };
+  trainer::StepSettings s;  // every path on
+  auto one = tiny_model(DType::kF64, no_balance), two = tiny_model(DType::kF64, no_balance);
+  const trainer::StepLosses want = trainer::forward_backward(*one, *single, nullptr, batch, s);
+  s.grad_accum = 2;
+  const trainer::StepLosses got = trainer::forward_backward(*two, *single, nullptr, batch, s);
+  EXPECT_NEAR(got.lm, want.lm, 1e-12 * std::abs(want.lm));
+  EXPECT_NEAR(got.total, want.total, 1e-12 * std::abs(want.total));
+  for (int k = 0; k < 3; ++k)
+    EXPECT_NEAR(got.aux[k], want.aux[k], 1e-12 + 1e-10 * std::abs(want.aux[k])) << k;
+  EXPECT_GT(want.aux[2], 0) << "the sparsification loss should be on";
+  const auto a = one->named_parameters(), b = two->named_parameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const Tensor ga =
+        a[i].tensor.sparse_grad() ? densify_sparse_grad(a[i].tensor) : a[i].tensor.grad();
+    const Tensor gb =
+        b[i].tensor.sparse_grad() ? densify_sparse_grad(b[i].tensor) : b[i].tensor.grad();
+    ASSERT_TRUE(ga.defined() && gb.defined()) << a[i].name;
+    EXPECT_LT(testing::rel_error(gb, ga), 1e-10) << a[i].name;
+  }
+}
+
+TEST(ModelParallel, GradAccumulationOverTwoMicroBatchesEqualsOneStep) {
+  expect_accumulation_equals_one_step(nullptr);
+}
+TEST(ModelParallel, GradAccumulationEqualsOneStepBlockFfnObjective) {
+  expect_accumulation_equals_one_step(kBlockFfn);
+}
+
 TEST(ModelParallel, DataParallel2SameLossAndGradients) { expect_same_step({2, 1, 1}); }
 TEST(ModelParallel, DataParallel4SameLossAndGradients) { expect_same_step({4, 1, 1}); }
 TEST(ModelParallel, DataParallel2OntoExistingGradientsSameLossAndGradients) {
