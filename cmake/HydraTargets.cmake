@@ -39,8 +39,9 @@ function(hydra_executable name)
 endfunction()
 
 # hydra_gtest(NAME LABEL label SOURCES... DEPS...): a GoogleTest binary whose tests ctest runs with the
-# label. Tests named *Slow* carry the extra label `slow`. GPU tests skip (GTEST_SKIP) without a device;
-# ctest reports them as skipped.
+# label. Tests named *Slow* carry the label `slow` instead (gtest_discover_tests flattens a list-valued
+# LABELS into separate words, so "unit;slow" gave them no `slow` label at all). GPU tests skip
+# (GTEST_SKIP) without a device; ctest reports them as skipped.
 function(hydra_gtest name)
   cmake_parse_arguments(ARG "" "LABEL" "SOURCES;DEPS" ${ARGN})
   hydra_executable(${name} SOURCES ${ARG_SOURCES} DEPS ${ARG_DEPS} GTest::gtest GTest::gtest_main)
@@ -51,7 +52,7 @@ function(hydra_gtest name)
     DISCOVERY_TIMEOUT 60)
   gtest_discover_tests(${name}
     TEST_FILTER "*Slow*"
-    PROPERTIES LABELS "${ARG_LABEL};slow" SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]"
+    PROPERTIES LABELS slow SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]"
     DISCOVERY_TIMEOUT 60)
 endfunction()
 
