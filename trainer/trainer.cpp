@@ -546,6 +546,16 @@ Expected<TrainSummary> Trainer::run() {
   };
   if (!resume_from_.empty())
     say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
+  if (stop > schedule_end) {  // --steps past the curriculum's end: say what those steps do
+    const Stage& last = stages_.back();
+    std::ostringstream os;
+    os << "note: --steps " << stop << " goes past the curriculum's end at step " << schedule_end
+       << ": steps " << std::max(schedule_end, state_.step) + 1 << "-" << stop
+       << " train in the last stage ('" << last.name << "') at its final learning rate "
+       << scheduled_lr(last.lr, last.steps - 1, last.steps)
+       << " (raise train.steps or the last stage's steps to schedule them)";
+    say(os.str());
+  }
   if (compute_copies_) {
     std::ostringstream os;
     os.precision(3);

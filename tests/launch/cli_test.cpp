@@ -156,6 +156,20 @@ TEST(Cli, EvalReproducesTheRunsLastEvaluationAndRefusesNonCheckpoints) {
   fs::remove_all(dir);
 }
 
+// --steps past the curriculum's end is announced, with the stage and rate those steps use.
+TEST(Cli, StepsPastTheScheduleAreAnnounced) {
+  const std::string dir = temp_dir("past");
+  std::string quick = kQuick;
+  quick.replace(quick.find("--quiet"), 7, "--no-print-config");
+  const Result r = run(kTrain + " --config " + kTiny + " --out " + dir + quick + " --steps 3");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("note: --steps 3 goes past the curriculum's end at step 2: steps 3-3 "
+                          "train in the last stage ('train') at its final learning rate"),
+            std::string::npos)
+      << r.output;
+  fs::remove_all(dir);
+}
+
 TEST(Cli, DataToolMakesShardsTheTrainerReads) {
   const std::string dir = temp_dir("data");
   fs::create_directories(dir + "/corpus");
