@@ -223,6 +223,11 @@ void resolve_defaults(Message* msg) {
   }
 }
 
+Status apply_overrides(Message* msg, const std::vector<std::string>& assignments) {
+  for (const std::string& a : assignments) HYDRA_RETURN_IF_ERROR(apply_override(msg, a));
+  return ok_status();
+}
+
 Status apply_override(Message* msg, const std::string& assignment) {
   const auto eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0)

@@ -4,6 +4,7 @@
 #include <google/protobuf/message.h>
 
 #include <string>
+#include <vector>
 
 #include "configs/hydra.pb.h"
 #include "kernels/base/status.h"
@@ -23,6 +24,8 @@ void resolve_defaults(google::protobuf::Message* msg);
 // Applies "a.b.c=value" (repeated fields: "a.b=[1, 2]" or "a.b=x,y"; messages: text format in
 // braces). Errors name the path and list the fields that exist at the failing level.
 Status apply_override(google::protobuf::Message* msg, const std::string& assignment);
+// Each of `assignments` in order; the first error is returned.
+Status apply_overrides(google::protobuf::Message* msg, const std::vector<std::string>& assignments);
 
 // Every floating-point field set in `msg` (recursively) is finite: an error names the first that is
 // not, as "SOURCE: PREFIX.path.to.field = nan must be a finite number". `prefix` names msg's own

@@ -160,12 +160,9 @@ int run_main(int argc, char** argv) {
     if (vm.count("batches"))
       sets.push_back("train.eval_batches=" + std::to_string(vm["batches"].as<int64_t>()));
     if (vm.count("device")) sets.push_back("train.device=" + vm["device"].as<std::string>());
-    for (const std::string& s : sets) {
-      const Status st = config::apply_override(&*cfg, s);
-      if (!st.ok()) {
-        if (g_lead) std::cerr << "hydra-eval: " << st.message() << "\n";
-        return kUserError;
-      }
+    if (const Status st = config::apply_overrides(&*cfg, sets); !st.ok()) {
+      if (g_lead) std::cerr << "hydra-eval: " << st.message() << "\n";
+      return kUserError;
     }
     trainer::TrainOptions to;
     to.out_dir = run_dir.string();

@@ -50,14 +50,14 @@ int main(int argc, char** argv) {
     std::cerr << "hydra-params: " << cfg.status().message() << "\n";
     return 1;
   }
-  if (vm.count("set"))
-    for (const auto& s : vm["set"].as<std::vector<std::string>>()) {
-      const hydra::Status st = hydra::config::apply_override(&*cfg, s);
-      if (!st.ok()) {
-        std::cerr << "hydra-params: " << st.message() << "\n";
-        return 1;
-      }
+  if (vm.count("set")) {
+    const hydra::Status st =
+        hydra::config::apply_overrides(&*cfg, vm["set"].as<std::vector<std::string>>());
+    if (!st.ok()) {
+      std::cerr << "hydra-params: " << st.message() << "\n";
+      return 1;
     }
+  }
   auto spec = hydra::model::make_spec(cfg->model(), path);
   if (!spec.ok()) {
     std::cerr << "hydra-params: " << spec.status().message() << "\n";

@@ -184,12 +184,9 @@ int run_main(int argc, char** argv) {
       sets.push_back("train.stats_every=" + std::to_string(vm["stats-every"].as<int64_t>()));
     if (vm.count("seed")) sets.push_back("train.seed=" + std::to_string(vm["seed"].as<uint64_t>()));
     if (vm.count("device")) sets.push_back("train.device=" + vm["device"].as<std::string>());
-    for (const std::string& s : sets) {
-      const Status st = config::apply_override(&*cfg, s);
-      if (!st.ok()) {
-        report_error(st.message());
-        return kUserError;
-      }
+    if (const Status st = config::apply_overrides(&*cfg, sets); !st.ok()) {
+      report_error(st.message());
+      return kUserError;
     }
     trainer::TrainOptions to;
     to.out_dir = vm["out"].as<std::string>();

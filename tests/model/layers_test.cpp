@@ -410,7 +410,8 @@ TEST(ChunkMoE, BlockFfnLossesEqualTheirTokenLevelDefinitions) {
 }
 
 // BlockFFN's adaptive coefficient against a reference written from spec/blockffn.md, on the
-// losses the layer reports: hold 4 steps, periods of 2, cap 1.2x the start (so the cap binds).
+// losses the layer reports: hold 4 steps, periods of 2, cap 1.2x the start (tight, so that the cap
+// takes part in the reference's ratio).
 // The schedule's buffers carry it across a "checkpoint" (copied into a fresh layer mid-ramp).
 TEST(ChunkMoE, BlockFfnCoefficientFollowsTheAdaptiveSchedule) {
   const std::string cfg =
