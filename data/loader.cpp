@@ -9,10 +9,10 @@
 namespace hydra::data {
 
 Status SyntheticSource::fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n,
-                             int32_t* tokens, int8_t* answer, int8_t* domain) const {
+                             int32_t* tokens, TokenTags tags) const {
   Rng rng({seed, static_cast<uint64_t>(split), static_cast<uint64_t>(step),
            static_cast<uint64_t>(index)});
-  tasks_.fill(rng, n, tokens, answer, domain);
+  tasks_.fill(rng, n, tokens, tags);
   return ok_status();
 }
 
@@ -52,7 +52,7 @@ std::string ShardSource::describe() const {
 }
 
 Status ShardSource::fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n,
-                         int32_t* tokens, int8_t* answer, int8_t* domain) const {
+                         int32_t* tokens, TokenTags tags) const {
   Rng rng({seed, static_cast<uint64_t>(split), static_cast<uint64_t>(step),
            static_cast<uint64_t>(index)});
   // A shard in proportion to its size, then a window start within its part of the split.
@@ -71,8 +71,8 @@ Status ShardSource::fill(Split split, uint64_t seed, int64_t step, int64_t index
     const int64_t starts = std::max<int64_t>(0, sizes[i] - n + 1);
     if (pick < starts) {
       const int64_t base = split == Split::kTrain ? 0 : train_tokens_[i];
-      std::fill(answer, answer + n, int8_t{-1});
-      std::fill(domain, domain + n, int8_t{-1});
+      for (int8_t* tag : {tags.answer, tags.level, tags.domain})
+        std::fill(tag, tag + n, int8_t{-1});
       return shards_[i].read(base + pick, n, tokens);
     }
     pick -= starts;
@@ -103,16 +103,18 @@ Expected<Batch> Loader::build(int64_t step) const {
   b.tokens.resize(b.batch * L);
   b.targets.resize(b.batch * L);
   b.answer.resize(b.batch * L);
+  b.level.resize(b.batch * L);
   b.domain.resize(b.batch * L);
   std::vector<int32_t> tok(n);
-  std::vector<int8_t> ans(n), dom(n);
+  std::vector<int8_t> ans(n), lvl(n), dom(n);
   for (int64_t i = 0; i < b.batch; ++i) {
     HYDRA_RETURN_IF_ERROR(source_->fill(opt_.split, opt_.seed, step, opt_.first + i, n, tok.data(),
-                                        ans.data(), dom.data()));
+                                        {ans.data(), lvl.data(), dom.data()}));
     for (int64_t t = 0; t < L; ++t) {
       b.tokens[i * L + t] = tok[t];
       b.targets[i * L + t] = tok[t + 1];
       b.answer[i * L + t] = ans[t + 1];
+      b.level[i * L + t] = lvl[t + 1];
       b.domain[i * L + t] = dom[t];
     }
   }

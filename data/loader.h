@@ -19,19 +19,20 @@ struct Batch {
   int64_t step = 0, batch = 0, len = 0;
   std::vector<int64_t> tokens;   // [batch, len]
   std::vector<int64_t> targets;  // [batch, len]: the next token
-  std::vector<int8_t>
-      answer;  // [batch, len]: task of target (t) if it is a synthetic answer, else -1
-  std::vector<int8_t> domain;  // [batch, len]: mixture domain of token (t), else -1
+  // Synthetic data's tags (data/synthetic.h), [batch, len]: answer[t] and level[t] are the task and
+  // difficulty level of target (t) if it is an answer, else -1; domain[t] the mixture domain of
+  // token (t), else -1.
+  std::vector<int8_t> answer, level, domain;
 };
 
 enum class Split : uint64_t { kTrain = 0, kEval = 1 };
 
-// Fills one sequence of len + 1 tokens.
+// Fills one sequence of len + 1 tokens and their tags (all -1 where a source has none).
 class DataSource {
  public:
   virtual ~DataSource() = default;
   virtual Status fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n,
-                      int32_t* tokens, int8_t* answer, int8_t* domain) const = 0;
+                      int32_t* tokens, TokenTags tags) const = 0;
   // Largest token id + 1.
   virtual int64_t vocab_size() const = 0;
   virtual std::string describe() const = 0;
@@ -41,7 +42,7 @@ class SyntheticSource final : public DataSource {
  public:
   explicit SyntheticSource(const config::SyntheticConfig& cfg) : tasks_(cfg) {}
   Status fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n, int32_t* tokens,
-              int8_t* answer, int8_t* domain) const override;
+              TokenTags tags) const override;
   int64_t vocab_size() const override { return SyntheticTasks::kVocab; }
   std::string describe() const override { return "synthetic tasks (built in)"; }
 
@@ -55,7 +56,7 @@ class ShardSource final : public DataSource {
   static Expected<std::shared_ptr<ShardSource>> open(const std::vector<std::string>& paths,
                                                      double eval_fraction, int64_t window);
   Status fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n, int32_t* tokens,
-              int8_t* answer, int8_t* domain) const override;
+              TokenTags tags) const override;
   int64_t vocab_size() const override { return vocab_; }
   std::string describe() const override;
   const std::string& tokenizer() const { return tokenizer_; }

@@ -59,7 +59,16 @@ std::string to_json(const trainer::EvalResult& r, const std::string& checkpoint,
     if (r.answers[k] == 0) continue;
     os << (first ? "" : ", ") << quoted(data::task_name(k))
        << ": {\"accuracy\": " << num(r.accuracy[k]) << ", \"chance\": " << num(r.chance[k])
-       << ", \"answers\": " << r.answers[k] << "}";
+       << ", \"answers\": " << r.answers[k] << ", \"levels\": {";
+    const char* sep = "";
+    for (int l = 0; l < data::kNumLevels; ++l) {
+      if (r.level_answers[k][l] == 0) continue;
+      os << sep << quoted(data::level_name(k, l))
+         << ": {\"accuracy\": " << num(r.level_accuracy[k][l])
+         << ", \"answers\": " << r.level_answers[k][l] << "}";
+      sep = ", ";
+    }
+    os << "}}";
     first = false;
   }
   os << "}, \"routing_purity\": " << num(r.routing_purity) << "}";
@@ -72,14 +81,7 @@ void print_table(const trainer::EvalResult& r, const std::string& checkpoint, bo
   std::printf("  held-out loss %.4f, perplexity %.3f, %.4f bits per token%s over %ld tokens\n",
               r.loss, r.perplexity, r.loss / std::log(2.0),
               byte_level ? " (= bits per byte: byte tokens)" : "", long(r.tokens));
-  bool any = false;
-  for (int k = 0; k < data::kNumTasks; ++k) {
-    if (r.answers[k] == 0) continue;
-    if (!any) std::printf("  task accuracy on held-out answers (chance = 1 / distinct answers):\n");
-    any = true;
-    std::printf("    %-9s %6.1f%%  (chance %4.1f%%, %ld answers)\n", data::task_name(k),
-                100 * r.accuracy[k], 100 * r.chance[k], long(r.answers[k]));
-  }
+  std::fputs(trainer::task_accuracy_table(r).c_str(), stdout);
   if (std::isfinite(r.routing_purity))
     std::printf("  expert routing purity on mixture domains: %.2f\n", r.routing_purity);
 }

@@ -1,4 +1,5 @@
 // hydra-plot RUN_DIR: draws a run's metrics.jsonl to PNG files in RUN_DIR/plots with gnuplot.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -43,6 +44,7 @@ struct Plot {
   std::string file, title, ylabel;
   std::vector<std::string> prefixes;  // keys starting with any of these
   bool logy = false;
+  int dots = -1;  // >= 0: only keys with this many '.' after the prefix (-1: any)
 };
 
 }  // namespace
@@ -91,7 +93,15 @@ int main(int argc, char** argv) {
       {"accuracy.png",
        "task accuracy (held-out answers)",
        "accuracy",
-       {"eval.accuracy.", "eval.routing_purity"}},
+       {"eval.accuracy.", "eval.routing_purity"},
+       false,
+       0},
+      {"accuracy_levels.png",
+       "task accuracy by difficulty (chaining: proof length k; recall: near / far)",
+       "accuracy",
+       {"eval.accuracy."},
+       false,
+       1},
       {"controller.png", "controller mix and LayerScale gate norms", "", {"block."}},
   };
   std::ostringstream script;
@@ -104,6 +114,10 @@ int main(int argc, char** argv) {
       for (const std::string& pre : p.prefixes) {
         const bool exact = pre.back() != '.';
         if (exact ? k == pre : k.rfind(pre, 0) == 0) {
+          if (!exact && p.dots >= 0 &&
+              std::count(k.begin() + static_cast<std::ptrdiff_t>(pre.size()), k.end(), '.') !=
+                  p.dots)
+            continue;
           // Per-expert loads would crowd the sparsity plot: keep its TLS and CLS curves.
           if (pre == "moe." && k.find(".tls") == std::string::npos &&
               k.find(".cls8") == std::string::npos)

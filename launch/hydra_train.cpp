@@ -38,15 +38,7 @@ void print_report(const trainer::TrainSummary& s) {
     std::printf("  eval at step %ld: loss %.4f, perplexity %.3f over %ld tokens\n",
                 long(s.eval.step), s.eval.loss, s.eval.perplexity, long(s.eval.tokens));
   }
-  bool any = false;
-  for (int k = 0; k < data::kNumTasks; ++k) {
-    if (s.eval.answers[k] == 0) continue;
-    if (!any)
-      std::printf("  task accuracy on held-out answers (chance = 1 / distinct answer tokens):\n");
-    any = true;
-    std::printf("    %-9s %6.1f%%  (chance %4.1f%%, %ld answers)\n", data::task_name(k),
-                100 * s.eval.accuracy[k], 100 * s.eval.chance[k], long(s.eval.answers[k]));
-  }
+  std::fputs(trainer::task_accuracy_table(s.eval).c_str(), stdout);
   if (std::isfinite(s.eval.routing_purity))
     std::printf("  expert routing purity on mixture domains: %.2f\n", s.eval.routing_purity);
   std::printf("  checkpoint  %s\n  metrics     %s (TensorBoard: %s/tb)\n",

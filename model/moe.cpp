@@ -445,7 +445,14 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
       last_grid_ = ctx.grid;
     } else {
       if (counts[E + 1] > 0) locality = mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1]);
-      if (counts[E + 2] > 0) sparsity = mul(moe_sparsity_sum(z, seq_group_), 1.0 / counts[E + 2]);
+      // The activation probability sigmoid(alpha * s - beta) from the ReLU output s, not the raw
+      // logit: a logit already below zero gets no gradient pushing it further down (from raw, the
+      // loss drove every logit of a layer below zero and no other loss brought them back: dead
+      // experts, docs/MODEL.md). Above zero it is the same function.
+      if (counts[E + 2] > 0)
+        sparsity = mul(moe_sparsity_sum(affine(s, cfg_.activation_alpha(), -cfg_.activation_beta()),
+                                        seq_group_),
+                       1.0 / counts[E + 2]);
     }
     const double scale = ctx.aux_scale;
     losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "configs/config_io.h"
+#include "data/synthetic.h"
 
 namespace hydra::trainer {
 namespace {
@@ -95,6 +96,8 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg,
         "train.eval_every steps); set it > 0, e.g. 0.01");
   if (cfg.data().prefetch() < 0)
     return fail("data.prefetch", cfg.data().prefetch(), "must be >= 0");
+  if (Status st = data::validate_synthetic(cfg.data().synthetic(), "data.synthetic."); !st.ok())
+    return invalid_argument(source + ": " + st.message());
 
   std::vector<Stage> stages;
   const bool staged = cfg.curriculum().stage_size() > 0;
@@ -122,6 +125,8 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg,
       s.aux_scale = c.aux_loss_scale();
       s.aux_warmup = c.aux_warmup_steps();
       s.data_mix = c.has_data_mix() ? c.data_mix() : cfg.data().synthetic();
+      if (Status st = data::validate_synthetic(s.data_mix, f + "data_mix."); !st.ok())
+        return invalid_argument(source + ": " + st.message());
       if (!s.paths.ssm)
         return fail(f + "ssm", "false", "is not supported: the SSM backbone is on in every stage");
       if (s.aux_scale < 0) return fail(f + "aux_loss_scale", s.aux_scale, "must be >= 0");

@@ -74,6 +74,7 @@ data::Batch sequence_shard(const data::Batch& b, int64_t sp_rank, int64_t sp) {
     out.tokens.insert(out.tokens.end(), b.tokens.begin() + row, b.tokens.begin() + row + n);
     out.targets.insert(out.targets.end(), b.targets.begin() + row, b.targets.begin() + row + n);
     out.answer.insert(out.answer.end(), b.answer.begin() + row, b.answer.begin() + row + n);
+    out.level.insert(out.level.end(), b.level.begin() + row, b.level.begin() + row + n);
     out.domain.insert(out.domain.end(), b.domain.begin() + row, b.domain.begin() + row + n);
   }
   return out;

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -409,13 +410,20 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   auto* hydra = dynamic_cast<model::HydraLM*>(model_.get());
   const int64_t blocks = hydra ? static_cast<int64_t>(hydra->blocks->size()) : 0;
   // Summed over ranks at the end: [loss sum, targets, tokens, answers[k], correct[k], domain x
-  // block x expert counts, answer-token presence per task x vocab].
-  const int64_t K = data::kNumTasks, n_dom = 3 * blocks * E;
-  std::vector<double> acc(3 + 2 * K + n_dom + K * V, 0.0);
-  double* answers = acc.data() + 3;
-  double* correct = answers + K;
-  double* dom = correct + K;
-  double* seen = dom + n_dom;
+  // block x expert counts, answer-token presence per task x vocab, answers and correct per task x
+  // level].
+  const int64_t K = data::kNumTasks, NL = data::kNumLevels, n_dom = 3 * blocks * E;
+  std::vector<double> acc(3 + 2 * K + n_dom + K * V + 2 * K * NL, 0.0);
+  double *answers, *correct, *dom, *seen, *level_answers, *level_correct;
+  const auto point = [&] {  // (again after the all-reduce, which replaces the vector)
+    answers = acc.data() + 3;
+    correct = answers + K;
+    dom = correct + K;
+    seen = dom + n_dom;
+    level_answers = seen + K * V;
+    level_correct = level_answers + K * NL;
+  };
+  point();
   const int64_t batches = cfg_.train().eval_batches();
   for (int64_t i = 0; i < batches; ++i) {
     HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader.get(i));
@@ -437,8 +445,13 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
     for (std::size_t t = 0; t < b.answer.size(); ++t) {
       const int task = b.answer[t];
       if (task < 0) continue;
+      const bool right = pred[t] == b.targets[t];
       answers[task] += 1;
-      correct[task] += pred[t] == b.targets[t];
+      correct[task] += right;
+      if (const int level = b.level[t]; level >= 0 && level < NL) {
+        level_answers[task * NL + level] += 1;
+        level_correct[task * NL + level] += right;
+      }
       if (b.targets[t] >= 0 && b.targets[t] < V) seen[task * V + b.targets[t]] = 1;
     }
     // Routing purity on the mixture's domains: per domain, the experts its whole chunks used.
@@ -462,10 +475,7 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   }
   if (grid_->distributed()) {
     grid_->world().all_reduce_host(acc);  // presence travels as a count: > 0 means seen
-    answers = acc.data() + 3;             // the vector was replaced
-    correct = answers + K;
-    dom = correct + K;
-    seen = dom + n_dom;
+    point();
   }
   r.loss = acc[1] > 0 ? acc[0] / acc[1] : NAN;
   r.perplexity = std::exp(r.loss);
@@ -473,6 +483,11 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   for (int k = 0; k < K; ++k) {
     r.answers[k] = static_cast<int64_t>(answers[k]);
     r.accuracy[k] = answers[k] > 0 ? correct[k] / answers[k] : NAN;
+    for (int64_t l = 0; l < NL; ++l) {
+      const double n_l = level_answers[k * NL + l];
+      r.level_answers[k][l] = static_cast<int64_t>(n_l);
+      r.level_accuracy[k][l] = n_l > 0 ? level_correct[k * NL + l] / n_l : NAN;
+    }
     int64_t distinct = 0;
     for (int64_t v = 0; v < V; ++v) distinct += seen[k * V + v] > 0;
     r.chance[k] = distinct == 0 ? NAN : 1.0 / double(distinct);
@@ -494,6 +509,29 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
     }
   r.routing_purity = n > 0 ? purity / double(n) : NAN;
   return r;
+}
+
+std::string task_accuracy_table(const EvalResult& r) {
+  std::ostringstream os;
+  char line[160];
+  for (int k = 0; k < data::kNumTasks; ++k) {
+    if (r.answers[k] == 0) continue;
+    if (os.tellp() == 0)
+      os << "  task accuracy on held-out answers (chance = 1 / distinct answers):\n";
+    std::snprintf(line, sizeof line, "    %-9s %6.1f%%  (chance %4.1f%%, %ld answers)",
+                  data::task_name(k), 100 * r.accuracy[k], 100 * r.chance[k], long(r.answers[k]));
+    os << line;
+    const char* sep = "  ";
+    for (int l = 0; l < data::kNumLevels; ++l) {
+      if (r.level_answers[k][l] == 0) continue;
+      std::snprintf(line, sizeof line, "%s%s %.1f%%", sep, data::level_name(k, l).c_str(),
+                    100 * r.level_accuracy[k][l]);
+      os << line;
+      sep = ", ";
+    }
+    os << "\n";
+  }
+  return os.str();
 }
 
 Expected<EvalResult> Trainer::evaluate_checkpoint() {
@@ -749,10 +787,14 @@ Expected<TrainSummary> Trainer::run() {
       sum.eval.step = state_.step;
       values.push_back({"eval.loss", sum.eval.loss});
       values.push_back({"eval.perplexity", sum.eval.perplexity});
-      for (int k = 0; k < data::kNumTasks; ++k)
-        if (sum.eval.answers[k] > 0)
-          values.push_back(
-              {std::string("eval.accuracy.") + data::task_name(k), sum.eval.accuracy[k]});
+      for (int k = 0; k < data::kNumTasks; ++k) {
+        if (sum.eval.answers[k] == 0) continue;
+        const std::string key = std::string("eval.accuracy.") + data::task_name(k);
+        values.push_back({key, sum.eval.accuracy[k]});
+        for (int l = 0; l < data::kNumLevels; ++l)
+          if (sum.eval.level_answers[k][l] > 0)
+            values.push_back({key + "." + data::level_name(k, l), sum.eval.level_accuracy[k][l]});
+      }
       if (std::isfinite(sum.eval.routing_purity))
         values.push_back({"eval.routing_purity", sum.eval.routing_purity});
     }

@@ -37,11 +37,18 @@ struct EvalResult {
   std::array<double, data::kNumTasks> accuracy{};  // NaN when a task had no answers
   std::array<double, data::kNumTasks> chance{};    // 1 / distinct answer tokens seen
   std::array<int64_t, data::kNumTasks> answers{};
+  // Per difficulty level (data::level_name): accuracy (NaN where none) and answers.
+  std::array<std::array<double, data::kNumLevels>, data::kNumTasks> level_accuracy{};
+  std::array<std::array<int64_t, data::kNumLevels>, data::kNumTasks> level_answers{};
   double routing_purity = 0;  // mixture domains: share of a domain's chunks on its most used expert
   int64_t tokens = 0;         // 0: no evaluation ran
   int64_t step = -1;          // the step it ran after
   std::string stage;          // the curriculum stage whose paths and lengths it used
 };
+
+// The task accuracy table of a report (hydra-train's, hydra-eval's): a line per task that had
+// answers, its difficulty levels beside it; "" when no task had answers.
+std::string task_accuracy_table(const EvalResult& r);
 
 struct TrainSummary {
   std::string run_dir, checkpoint, metrics;

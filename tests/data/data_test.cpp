@@ -1,8 +1,12 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <map>
+#include <set>
 #include <thread>
 
 #include "data/loader.h"
@@ -181,42 +185,216 @@ TEST(Loader, ReadsShardsWhileAnotherThreadWritesHdf5) {
   writer.join();
 }
 
+// A long sequence of the built-in tasks, as text with its tags.
+struct Filled {
+  std::string text;
+  std::vector<int8_t> ans, lvl, dom;
+};
+Filled fill_tasks(const config::SyntheticConfig& cfg, int64_t n, uint64_t seed) {
+  SyntheticTasks tasks(cfg);
+  Rng rng({seed, 2, 3});
+  std::vector<int32_t> tok(n);
+  Filled f{std::string(), std::vector<int8_t>(n), std::vector<int8_t>(n), std::vector<int8_t>(n)};
+  tasks.fill(rng, n, tok.data(), {f.ans.data(), f.lvl.data(), f.dom.data()});
+  for (int32_t t : tok) {
+    EXPECT_LT(t, SyntheticTasks::kVocab);
+    f.text.push_back(static_cast<char>(t));
+  }
+  return f;
+}
+
+// The letter reached from `start` by following the implications "x>y" of `premises`.
+char follow(const std::string& premises, char start, int* hops) {
+  std::map<char, char> next;
+  for (std::size_t i = 0; i + 2 < premises.size() + 1; i += 4) {
+    EXPECT_EQ(premises[i + 1], '>') << premises;
+    EXPECT_FALSE(next.count(premises[i])) << "two implications from " << premises[i];
+    next[premises[i]] = premises[i + 2];
+  }
+  char at = start;
+  *hops = 0;
+  while (next.count(at) && *hops < 30) {
+    at = next[at];
+    ++*hops;
+  }
+  return at;
+}
+
 TEST(SyntheticTasks, AnswersAreWhatTheTaskAsks) {
   config::SyntheticConfig cfg;
   cfg.set_copy_len(6);
-  SyntheticTasks tasks(cfg);
-  Rng rng({1, 2, 3});
-  const int64_t n = 4000;
-  std::vector<int32_t> tok(n);
-  std::vector<int8_t> ans(n), dom(n);
-  tasks.fill(rng, n, tok.data(), ans.data(), dom.data());
-  std::string text;
-  for (int32_t t : tok) {
-    ASSERT_LT(t, SyntheticTasks::kVocab);
-    text.push_back(static_cast<char>(t));
-  }
+  cfg.set_recall_gap(300);
+  cfg.set_distant_gap(600);
+  const int64_t n = 40000;
+  const Filled f = fill_tasks(cfg, n, 1);
+  const std::string& text = f.text;
   std::array<int, kNumTasks> seen{};
-  for (int8_t a : ans)
-    if (a >= 0) ++seen[a];
+  std::map<std::string, int> levels;
+  for (int64_t i = 0; i < n; ++i) {
+    if (f.ans[i] < 0) {
+      EXPECT_EQ(f.lvl[i], -1);
+      continue;
+    }
+    ++seen[f.ans[i]];
+    if (f.lvl[i] >= 0)
+      ++levels[std::string(task_name(f.ans[i])) + "." + level_name(f.ans[i], f.lvl[i])];
+  }
   for (int k = 0; k < kNumTasks; ++k) EXPECT_GT(seen[k], 0) << task_name(k);
+  for (const char* l :
+       {"chaining.k2", "chaining.k3", "chaining.k4", "chaining.k5", "distant.k2", "distant.k5",
+        "recall.near", "recall.far", "mixture.arith", "mixture.pattern"})
+    EXPECT_GT(levels[l], 0) << l;
+  EXPECT_EQ(levels["chaining.k1"] + levels["chaining.k6"], 0);
+  // Episodes start at line starts (a far episode's gap holds whole episodes).
+  auto episodes = [&](const std::string& tag, auto&& check) {
+    int count = 0;
+    for (std::size_t pos = text.find(tag); pos != std::string::npos;
+         pos = text.find(tag, pos + 1)) {
+      const std::size_t eol = text.find('\n', pos);
+      if ((pos > 0 && text[pos - 1] != '\n') || eol == std::string::npos) continue;
+      check(pos, text.substr(pos + tag.size(), eol - pos - tag.size()));
+      ++count;
+    }
+    EXPECT_GT(count, 0) << tag;
+  };
+  // Chaining: the answer is the end of the chain from the queried letter, k hops away.
+  episodes("H ", [&](std::size_t pos, const std::string& body) {
+    const std::size_t q = body.find(" ?");
+    ASSERT_NE(q, std::string::npos) << body;
+    int hops = 0;
+    const char end = follow(body.substr(0, q), body[q + 2], &hops);
+    ASSERT_EQ(body.size(), q + 5) << body;  // " ?a=" and the answer
+    EXPECT_EQ(body[q + 4], end) << body;
+    const std::size_t at = pos + 2 + q + 4;
+    EXPECT_EQ(f.ans[at], static_cast<int8_t>(Task::kChaining));
+    EXPECT_EQ(f.lvl[at], hops) << body;
+    EXPECT_GE(hops, 2);
+    EXPECT_LE(hops, 5);
+    EXPECT_EQ(std::count(body.begin(), body.end(), '>'), hops + 10) << body;  // 10 distractors
+  });
+  // Distant: the premises of the last "P" line answer the next "Q" query, 300-600 tokens later.
+  episodes("Q ?", [&](std::size_t pos, const std::string& body) {
+    const std::size_t p = text.rfind("\nP ", pos);
+    ASSERT_NE(p, std::string::npos);
+    const std::string premises = text.substr(p + 3, text.find('\n', p + 1) - p - 3);
+    int hops = 0;
+    EXPECT_EQ(body[2], follow(premises, body[0], &hops)) << premises << " / " << body;
+    EXPECT_EQ(f.ans[pos + 5], static_cast<int8_t>(Task::kDistant));
+    EXPECT_EQ(f.lvl[pos + 5], hops);
+    const std::size_t premises_end = text.find('\n', p + 1) + 1;
+    EXPECT_GE(pos - premises_end, 300u);
+    EXPECT_LE(pos - premises_end, 600u);
+  });
+  // Recall: the value after a near query is the one stored in its episode; a far query's, the one
+  // stored in the last "S" line, recall_gap tokens before.
+  episodes("R ", [&](std::size_t pos, const std::string& body) {
+    const std::size_t q = body.find('?');
+    ASSERT_NE(q, std::string::npos);
+    const std::size_t stored = body.find(body.substr(q + 1, 3));
+    ASSERT_LT(stored, q);
+    EXPECT_EQ(body[stored + 3], body[q + 4]);
+    EXPECT_EQ(f.lvl[pos + 2 + q + 4], 0);
+  });
+  episodes("T ?", [&](std::size_t pos, const std::string& body) {
+    const std::size_t p = text.rfind("\nS ", pos);
+    ASSERT_NE(p, std::string::npos);
+    const std::size_t eol = text.find('\n', p + 1);
+    const std::string pairs = text.substr(p + 3, eol - p - 3);
+    const std::size_t stored = pairs.find(body.substr(0, 3));
+    ASSERT_NE(stored, std::string::npos) << pairs << " / " << body;
+    EXPECT_EQ(pairs[stored + 3], body[3]);
+    EXPECT_EQ(f.lvl[pos + 6], 1);
+    EXPECT_EQ(pos - (eol + 1), 300u);
+  });
   // Copying: the answer is the string before '|'.
-  for (std::size_t pos = text.find("C "); pos != std::string::npos && pos + 16 < text.size();
-       pos = text.find("C ", pos + 1)) {
-    if (pos > 0 && text[pos - 1] != '\n') continue;
-    const std::string s = text.substr(pos + 2, 6);
-    EXPECT_EQ(text.substr(pos + 9, 6), s);
-    for (int k = 0; k < 6; ++k) EXPECT_EQ(ans[pos + 9 + k], static_cast<int8_t>(Task::kCopying));
+  episodes("C ", [&](std::size_t pos, const std::string& body) {
+    ASSERT_EQ(body.size(), 13u);
+    EXPECT_EQ(body.substr(7, 6), body.substr(0, 6));
+    for (int k = 0; k < 6; ++k) EXPECT_EQ(f.ans[pos + 9 + k], static_cast<int8_t>(Task::kCopying));
+  });
+}
+
+// A model that ignores the context sees only the query text ("?a=", "?cd:"): fitted on one sample
+// (the most frequent answer to each query text), it guesses a held-out sample's answers no better
+// than chance (1 / the distinct answers), for chaining, distant chaining and recall. Nor does a
+// fixed position before the answer hold it much more often than chance (premises are shuffled, the
+// chain's letters drawn anew each time).
+TEST(SyntheticTasks, ContextFreeGuessesDoNotBeatChance) {
+  config::SyntheticConfig cfg;
+  cfg.set_recall_gap(300);
+  cfg.set_distant_gap(600);
+  const Filled fit = fill_tasks(cfg, 2000000, 7), held_out = fill_tasks(cfg, 2000000, 8);
+  for (Task task : {Task::kChaining, Task::kDistant, Task::kRecall}) {
+    const std::string name = task_name(static_cast<int>(task));
+    // Calls visit(query text, answer, position) for each answer of the task.
+    auto each = [&](const Filled& f, auto&& visit) {
+      for (std::size_t i = 0; i < f.text.size(); ++i) {
+        if (f.ans[i] != static_cast<int8_t>(task)) continue;
+        const std::size_t q = f.text.rfind('?', i);
+        visit(f.text.substr(q, i - q), f.text[i], i);
+      }
+    };
+    std::map<std::string, std::map<char, int>> counts;  // query text -> answer -> count
+    std::map<char, int> overall;
+    each(fit, [&](const std::string& query, char a, std::size_t) {
+      ++counts[query][a];
+      ++overall[a];
+    });
+    auto most = [](const std::map<char, int>& c) {
+      return std::max_element(c.begin(), c.end(),
+                              [](auto& x, auto& y) { return x.second < y.second; })
+          ->first;
+    };
+    int answers = 0, right = 0;
+    std::map<int, int> by_offset;  // offset before the answer -> hits
+    each(held_out, [&](const std::string& query, char a, std::size_t i) {
+      const auto it = counts.find(query);
+      right += (it == counts.end() ? most(overall) : most(it->second)) == a;
+      ++answers;
+      for (int off = 5; off <= 64 && off <= static_cast<int>(i); ++off)
+        by_offset[off] += held_out.text[i - off] == a;
+    });
+    ASSERT_GT(answers, 1000) << name;
+    const double chance = 1.0 / static_cast<double>(overall.size());
+    const double sigma = std::sqrt(chance * (1 - chance) / answers);
+    EXPECT_LT(double(right) / answers, chance + 4 * sigma)
+        << name << ": " << right << " of " << answers << " guessed from the query alone";
+    for (const auto& [off, hits] : by_offset)
+      EXPECT_LT(double(hits) / answers, 3 * chance + 0.05)
+          << name << ": the token " << off << " before the answer";
   }
-  // Recall: the value after the query is the one stored for that key.
-  for (std::size_t pos = text.find('?'); pos != std::string::npos && pos + 4 < text.size();
-       pos = text.find('?', pos + 1)) {
-    if (text[pos + 3] != ':') continue;  // a chaining query
-    const std::string key = text.substr(pos + 1, 2);
-    const std::size_t start = text.rfind("R ", pos);
-    const std::size_t stored = text.find(key + ":", start);
-    ASSERT_LT(stored, pos);
-    EXPECT_EQ(text[stored + 3], text[pos + 4]);
+}
+
+TEST(SyntheticTasks, BadMixesAreRefusedWithTheFieldNamed) {
+  const std::pair<std::function<void(config::SyntheticConfig*)>, std::string> cases[] = {
+      {[](auto* c) { c->set_chaining_weight(-1); }, "data.synthetic.chaining_weight = -1"},
+      {[](auto* c) { c->set_recall_weight(std::nan("")); }, "data.synthetic.recall_weight = nan"},
+      {[](auto* c) {
+         for (auto set : {&config::SyntheticConfig::set_chaining_weight,
+                          &config::SyntheticConfig::set_recall_weight,
+                          &config::SyntheticConfig::set_mixture_weight,
+                          &config::SyntheticConfig::set_factual_weight,
+                          &config::SyntheticConfig::set_copying_weight,
+                          &config::SyntheticConfig::set_distant_weight})
+           (c->*set)(0);
+       },
+       "must not all be 0"},
+      {[](auto* c) { c->set_chain_min_hops(0); }, "data.synthetic.chain_min_hops = 0"},
+      {[](auto* c) { c->set_chain_max_hops(1); }, "data.synthetic.chain_max_hops = 1"},
+      {[](auto* c) { c->set_chain_distractors(30); }, "data.synthetic.chain_distractors = 30"},
+      {[](auto* c) { c->set_recall_far_fraction(1.5); }, "recall_far_fraction = 1.5"},
+      {[](auto* c) { c->set_recall_gap(0); }, "data.synthetic.recall_gap = 0"},
+      {[](auto* c) { c->set_distant_gap(1); }, "data.synthetic.distant_gap = 1"},
+      {[](auto* c) { c->set_copy_len(0); }, "data.synthetic.copy_len = 0"},
+  };
+  for (const auto& [edit, expected] : cases) {
+    config::SyntheticConfig cfg;
+    edit(&cfg);
+    const Status st = validate_synthetic(cfg, "data.synthetic.");
+    EXPECT_FALSE(st.ok()) << expected;
+    EXPECT_NE(st.message().find(expected), std::string::npos) << st.message();
   }
+  EXPECT_TRUE(validate_synthetic(config::SyntheticConfig(), "data.synthetic.").ok());
 }
 
 }  // namespace
