@@ -8,7 +8,8 @@
 # Usage: bench/throughput.sh BIN_DIR OUT_DIR [PART ...]
 #   BIN_DIR  where hydra-train is (build/bin, or .gpu/bin on the GPU machine)
 #   OUT_DIR  rows.jsonl (one JSON object a row) and each run's log
-#   PART     toy, toy-parallel (workspace.write PARALLEL), toy-ssd (toy-parallel with the scan in
+#   PART     toy, toy-parallel (workspace.write PARALLEL), toy-parallel-hydra (toy-parallel with the
+#            HYDRA router objective), toy-ssd (toy-parallel with the scan in
 #            the SSD form, ssm.form SSD), toy-paper (toy-parallel with the paper's SSM: one state per
 #            channel, no convolution), transformer-toy, torch, hydra-1.6b (default: all but toy-ssd
 #            and toy-paper)
@@ -77,6 +78,10 @@ for part in "${parts[@]}"; do
       for s in $seqs; do train_row "$part" "$part" "$s"; done ;;
     toy-parallel)
       for s in $seqs; do train_row toy-parallel toy "$s" --set model.workspace.write=PARALLEL; done ;;
+    toy-parallel-hydra)  # the HYDRA router objective (the configs' default before session 25)
+      for s in $seqs; do
+        train_row toy-parallel-hydra toy "$s" --set model.workspace.write=PARALLEL --set model.moe.objective=HYDRA
+      done ;;
     toy-ssd)
       for s in $seqs; do
         train_row toy-ssd toy "$s" --set model.workspace.write=PARALLEL --set model.ssm.form=SSD
@@ -103,7 +108,7 @@ for part in "${parts[@]}"; do
       train_row hydra-1.6b-recompute hydra-1.6b 8192 --set train.recompute=BLOCK
       steps=${saved[0]}
       warmup=${saved[1]} ;;
-    *) echo "throughput.sh: unknown part '$part' (toy, toy-parallel, toy-ssd, toy-paper, transformer-toy, torch, hydra-1.6b)" >&2; exit 2 ;;
+    *) echo "throughput.sh: unknown part '$part' (toy, toy-parallel, toy-parallel-hydra, toy-ssd, toy-paper, transformer-toy, torch, hydra-1.6b)" >&2; exit 2 ;;
   esac
 done
 echo "throughput.sh: rows in $rows"
