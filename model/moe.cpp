@@ -446,13 +446,18 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
     } else {
       if (counts[E + 1] > 0) locality = mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1]);
       // The activation probability sigmoid(alpha * s - beta) from the ReLU output s, not the raw
-      // logit: a logit already below zero gets no gradient pushing it further down (from raw, the
-      // loss drove every logit of a layer below zero and no other loss brought them back: dead
-      // experts, docs/MODEL.md). Above zero it is the same function.
+      // logit: a logit already below zero gets no gradient pushing it further down. And each
+      // chunk's strongest expert is left out (its logit set to -30: p ~ 1e-13, no gradient): the
+      // loss counts the experts beyond the first, so it makes chunks sparser but never empty. From
+      // the raw logits it lowered every expert of a layer together until the whole layer sat below
+      // zero, where no loss brings it back (docs/MODEL.md).
+      // top = 1 where s_e is the chunk's largest (ties within 1e-6 included), else 0.
+      const Tensor sd = s.detach();
+      const Tensor top = relu(affine(sub(sd, amax(sd, 2, true)), 1e6, 1.0));
+      const Tensor zs = affine(s, cfg_.activation_alpha(), -cfg_.activation_beta());
+      const Tensor z_sparse = add(mul(zs, affine(top, -1.0, 1.0)), mul(top, -30.0));
       if (counts[E + 2] > 0)
-        sparsity = mul(moe_sparsity_sum(affine(s, cfg_.activation_alpha(), -cfg_.activation_beta()),
-                                        seq_group_),
-                       1.0 / counts[E + 2]);
+        sparsity = mul(moe_sparsity_sum(z_sparse, seq_group_), 1.0 / counts[E + 2]);
     }
     const double scale = ctx.aux_scale;
     losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),
