@@ -1,7 +1,6 @@
 // hydra-eval: evaluates a checkpoint without training: held-out loss, perplexity, bits per token
 // (and per byte on the built-in byte-level tasks), per-task accuracy and routing purity, as a
 // table and JSON.
-#include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -10,23 +9,15 @@
 #include <sstream>
 
 #include "configs/config_io.h"
-#include "kernels/base/parallel.h"
+#include "launch/cli.h"
 #include "parallel/runtime.h"
 #include "trainer/trainer.h"
 
-namespace po = boost::program_options;
-namespace fs = std::filesystem;
 using namespace hydra;
+namespace fs = std::filesystem;
+namespace po = cli::po;
 
 namespace {
-
-constexpr int kUsageError = 2, kUserError = 1, kInternalError = 4;
-
-bool g_lead = true;
-
-struct FinalizeMpi {
-  ~FinalizeMpi() { parallel::finalize_processes(); }
-};
 
 // A JSON number, or null for NaN and infinities.
 std::string num(double v) {
@@ -86,7 +77,7 @@ void print_table(const trainer::EvalResult& r, const std::string& checkpoint, bo
     std::printf("  expert routing purity on mixture domains: %.2f\n", r.routing_purity);
 }
 
-int run_main(int argc, char** argv) {
+int run(const cli::Tool& tool, int argc, char** argv) {
   po::options_description opts(
       "hydra-eval CHECKPOINT|RUN_DIR [options]\n\n"
       "Evaluates a checkpoint (a checkpoints/step-N directory, or a run directory: its newest\n"
@@ -111,26 +102,14 @@ int run_main(int argc, char** argv) {
   po::positional_options_description pos;
   pos.add("checkpoint", 1);
   po::variables_map vm;
-  try {
-    po::store(po::command_line_parser(argc, argv).options(opts).positional(pos).run(), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    if (g_lead) std::cerr << "hydra-eval: " << e.what() << " (see hydra-eval --help)\n";
-    return kUsageError;
-  }
-  if (vm.count("help")) {
-    if (g_lead) std::cout << opts << "\n";
-    return 0;
-  }
+  if (const auto done = tool.parse(argc, argv, opts, &vm, nullptr, &pos)) return *done;
   if (!vm.count("checkpoint")) {
-    if (g_lead)
-      std::cerr << "hydra-eval: name a checkpoint or a run directory, e.g.\n"
-                   "  hydra-eval runs/tiny\n";
-    return kUsageError;
+    tool.error("name a checkpoint or a run directory, e.g.\n  hydra-eval runs/tiny");
+    return cli::kUsageError;
   }
   if (vm.count("batches") && vm["batches"].as<int64_t>() < 1) {
-    if (g_lead) std::cerr << "hydra-eval: --batches must be >= 1\n";
-    return kUsageError;
+    tool.error("--batches must be >= 1");
+    return cli::kUsageError;
   }
   const std::string target = vm["checkpoint"].as<std::string>();
   // The run directory: the target itself, or two levels above a checkpoint
@@ -140,80 +119,61 @@ int run_main(int argc, char** argv) {
                                ? fs::path(target).lexically_normal().parent_path().parent_path()
                                : fs::path(target);
   if (!is_checkpoint && !fs::is_directory(run_dir / "checkpoints")) {
-    if (g_lead)
-      std::cerr << "hydra-eval: " << target
-                << " is neither a checkpoint (no manifest.pb) nor a run directory (no "
-                   "checkpoints/); name checkpoints/step-N or the run's --out directory\n";
-    return kUserError;
+    tool.error(target +
+               " is neither a checkpoint (no manifest.pb) nor a run directory (no "
+               "checkpoints/); name checkpoints/step-N or the run's --out directory");
+    return cli::kUserError;
   }
   const std::string config_path =
       vm.count("config") ? vm["config"].as<std::string>() : (run_dir / "config.pbtxt").string();
-  try {
-    if (vm.count("threads")) set_num_threads(vm["threads"].as<int>());
-    auto cfg = config::load_run_config(config_path);
-    if (!cfg.ok()) {
-      if (g_lead)
-        std::cerr << "hydra-eval: " << cfg.status().message()
-                  << (vm.count("config") ? "" : " (the run's config; pass --config FILE)") << "\n";
-      return kUserError;
-    }
-    std::vector<std::string> sets;
-    if (vm.count("set")) sets = vm["set"].as<std::vector<std::string>>();
-    if (vm.count("batches"))
-      sets.push_back("train.eval_batches=" + std::to_string(vm["batches"].as<int64_t>()));
-    if (vm.count("device")) sets.push_back("train.device=" + vm["device"].as<std::string>());
-    if (const Status st = config::apply_overrides(&*cfg, sets); !st.ok()) {
-      if (g_lead) std::cerr << "hydra-eval: " << st.message() << "\n";
-      return kUserError;
-    }
-    trainer::TrainOptions to;
-    to.out_dir = run_dir.string();
-    to.resume = target;
-    to.quiet = true;
-    to.evaluate_only = true;
-    auto t = trainer::Trainer::create(*cfg, config_path, to);
-    if (!t.ok()) {
-      if (g_lead) std::cerr << "hydra-eval: " << t.status().message() << "\n";
-      return kUserError;
-    }
-    auto r = (*t)->evaluate_checkpoint();
-    if (!r.ok()) {
-      if (g_lead) std::cerr << "hydra-eval: " << r.status().message() << "\n";
-      return kUserError;
-    }
-    // Byte tokens: the built-in tasks. (Shards: bits per byte needs their tokenizer's bytes per
-    // token, not computed yet; the JSON says null.)
-    const bool byte_level = (*t)->config().data().shards().empty();
-    if (!g_lead) return 0;
-    const std::string json = to_json(*r, (*t)->checkpoint(), byte_level);
-    const bool json_stdout = vm.count("json") && vm["json"].as<std::string>() == "-";
-    if (!json_stdout) print_table(*r, (*t)->checkpoint(), byte_level);
-    if (vm.count("json")) {
-      if (json_stdout) {
-        std::cout << json << "\n";
-      } else {
-        std::ofstream f(vm["json"].as<std::string>());
-        f << json << "\n";
-        if (!f) {
-          std::cerr << "hydra-eval: cannot write " << vm["json"].as<std::string>() << "\n";
-          return kUserError;
-        }
+  cli::set_threads(vm);
+  auto cfg = cli::load_config(config_path, cli::overrides(vm, {{"batches", "train.eval_batches"},
+                                                               {"device", "train.device"}}));
+  if (!cfg.ok()) {
+    tool.error(cfg.status().message() +
+               (vm.count("config") ? "" : " (the run's config; pass --config FILE)"));
+    return cli::kUserError;
+  }
+  trainer::TrainOptions to;
+  to.out_dir = run_dir.string();
+  to.resume = target;
+  to.quiet = true;
+  to.evaluate_only = true;
+  auto t = trainer::Trainer::create(*cfg, config_path, to);
+  if (!t.ok()) {
+    tool.error(t.status().message());
+    return cli::kUserError;
+  }
+  auto r = (*t)->evaluate_checkpoint();
+  if (!r.ok()) {
+    tool.error(r.status().message());
+    return cli::kUserError;
+  }
+  // Byte tokens: the built-in tasks. (Shards: bits per byte needs their tokenizer's bytes per
+  // token, not computed yet; the JSON says null.)
+  const bool byte_level = (*t)->config().data().shards().empty();
+  if (!tool.lead()) return cli::kOk;
+  const std::string json = to_json(*r, (*t)->checkpoint(), byte_level);
+  const bool json_stdout = vm.count("json") && vm["json"].as<std::string>() == "-";
+  if (!json_stdout) print_table(*r, (*t)->checkpoint(), byte_level);
+  if (vm.count("json")) {
+    if (json_stdout) {
+      std::cout << json << "\n";
+    } else {
+      std::ofstream f(vm["json"].as<std::string>());
+      f << json << "\n";
+      if (!f) {
+        tool.error("cannot write " + vm["json"].as<std::string>());
+        return cli::kUserError;
       }
     }
-    return 0;
-  } catch (const Error& e) {
-    if (parallel::process_info().distributed)
-      parallel::abort_job(kInternalError, std::string("hydra-eval: internal error: ") + e.what());
-    std::cerr << "hydra-eval: internal error: " << e.what() << "\n";
-    return kInternalError;
   }
+  return cli::kOk;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const auto& info = parallel::init_processes(&argc, &argv);
-  g_lead = info.rank == 0;
-  FinalizeMpi finalize;
-  return run_main(argc, argv);
+  const cli::Tool tool("hydra-eval", &argc, &argv);
+  return tool.guarded([&] { return run(tool, argc, argv); });
 }

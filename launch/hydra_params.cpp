@@ -1,14 +1,17 @@
 // hydra-params: the parameter table of a config, computed without allocating the model.
-#include <boost/program_options.hpp>
 #include <cstdio>
 #include <iostream>
 
 #include "configs/config_io.h"
+#include "launch/cli.h"
 #include "model/params.h"
 
-namespace po = boost::program_options;
+using namespace hydra;
+namespace po = cli::po;
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(const cli::Tool& tool, int argc, char** argv) {
   po::options_description opts(
       "hydra-params CONFIG [options]\n\n"
       "Prints the per-component parameter count of the model in CONFIG (a RunConfig .pbtxt, e.g.\n"
@@ -26,45 +29,25 @@ int main(int argc, char** argv) {
   hidden.add_options()("config", po::value<std::string>(), "config file");
   po::positional_options_description pos;
   pos.add("config", 1);
-  po::options_description all;
-  all.add(opts).add(hidden);
   po::variables_map vm;
-  try {
-    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).run(), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    std::cerr << "hydra-params: " << e.what() << "\n" << opts << "\n";
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << opts << "\n";
-    return 0;
-  }
+  if (const auto done = tool.parse(argc, argv, opts, &vm, &hidden, &pos)) return *done;
   if (!vm.count("config")) {
-    std::cerr << "hydra-params: name a config file, e.g. hydra-params configs/toy.pbtxt\n";
-    return 2;
+    tool.error("name a config file, e.g. hydra-params configs/toy.pbtxt");
+    return cli::kUsageError;
   }
   const std::string path = vm["config"].as<std::string>();
-  auto cfg = hydra::config::load_run_config(path);
+  auto cfg = cli::load_config(path, cli::overrides(vm, {}));
   if (!cfg.ok()) {
-    std::cerr << "hydra-params: " << cfg.status().message() << "\n";
-    return 1;
+    tool.error(cfg.status().message());
+    return cli::kUserError;
   }
-  if (vm.count("set")) {
-    const hydra::Status st =
-        hydra::config::apply_overrides(&*cfg, vm["set"].as<std::vector<std::string>>());
-    if (!st.ok()) {
-      std::cerr << "hydra-params: " << st.message() << "\n";
-      return 1;
-    }
-  }
-  auto spec = hydra::model::make_spec(cfg->model(), path);
+  auto spec = model::make_spec(cfg->model(), path);
   if (!spec.ok()) {
-    std::cerr << "hydra-params: " << spec.status().message() << "\n";
-    return 1;
+    tool.error(spec.status().message());
+    return cli::kUserError;
   }
   const int64_t seq = vm.count("seq-len") ? vm["seq-len"].as<int64_t>() : spec->max_seq_len;
-  const hydra::model::ParamTable t = hydra::model::count_parameters(*spec, seq);
+  const model::ParamTable t = model::count_parameters(*spec, seq);
   if (vm.count("json")) {
     std::printf("{\"config\": \"%s\", \"seq_len\": %ld, \"components\": {", path.c_str(),
                 long(seq));
@@ -84,4 +67,11 @@ int main(int argc, char** argv) {
   std::printf("  forward FLOPs per token at seq %ld: %.3g (%.2f GFLOP)\n", long(seq),
               t.forward_flops_per_token, t.forward_flops_per_token / 1e9);
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const cli::Tool tool("hydra-params", &argc, &argv);
+  return tool.guarded([&] { return run(tool, argc, argv); });
 }

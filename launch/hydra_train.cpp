@@ -1,7 +1,6 @@
 // hydra-train: trains a model from a config, with the curriculum, evaluation, metrics and
 // checkpoints.
 #include <algorithm>
-#include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -10,15 +9,13 @@
 #include "autograd/profiler.h"
 #include "configs/config_io.h"
 #include "kernels/base/parallel.h"
+#include "launch/cli.h"
 #include "parallel/runtime.h"
 #include "trainer/trainer.h"
 
-namespace po = boost::program_options;
 using namespace hydra;
 
 namespace {
-
-constexpr int kUsageError = 2, kUserError = 1, kTrainingFailed = 3, kInternalError = 4;
 
 void print_report(const trainer::TrainSummary& s) {
   std::printf("\nHydra training report (%s)\n", s.run_dir.c_str());
@@ -46,37 +43,8 @@ void print_report(const trainer::TrainSummary& s) {
               s.run_dir.c_str());
 }
 
-// Under mpirun every rank runs main(): rank 0 prints, the others stay quiet except about their own
-// failures (a rank that learned of another rank's failure does not repeat it).
-bool g_lead = true;
-int g_rank = 0;
-
-// Errors returned by the trainer are known to every rank (the ranks agree on failures), so rank 0
-// alone prints them; a rank that throws prints its own message and takes the job down.
-void report_error(const std::string& message) {
-  if (g_lead) std::cerr << "hydra-train: " << message << "\n";
-}
-
-struct FinalizeMpi {
-  ~FinalizeMpi() { parallel::finalize_processes(); }
-};
-
-int run_main(int argc, char** argv);
-
-}  // namespace
-
-int main(int argc, char** argv) {
-  const auto& info = parallel::init_processes(&argc, &argv);
-  g_lead = info.rank == 0;
-  g_rank = info.rank;
-  FinalizeMpi finalize;
-  return run_main(argc, argv);
-}
-
-namespace {
-
-int run_main(int argc, char** argv) {
-  po::options_description opts(
+int run(const cli::Tool& tool, int argc, char** argv) {
+  cli::po::options_description opts(
       "hydra-train --config FILE --out DIR [options]\n\n"
       "Trains the model of a config (configs/*.pbtxt) through its curriculum, writing to DIR:\n"
       "  config.pbtxt   the resolved config (every value in effect)\n"
@@ -95,47 +63,37 @@ int run_main(int argc, char** argv) {
       "stages GPU tensors through host memory (slow; lets several ranks share a GPU, for "
       "tests).\n\nHYDRA_PROFILE=1 in the environment times every kernel (by family, CUDA events on "
       "the GPU)\nand prints the table after the report.\n\nOptions");
-  opts.add_options()("help,h", "show this help")("config", po::value<std::string>(),
+  opts.add_options()("help,h", "show this help")("config", cli::po::value<std::string>(),
                                                  "the config file (RunConfig text)")(
-      "set", po::value<std::vector<std::string>>()->composing(),
+      "set", cli::po::value<std::vector<std::string>>()->composing(),
       "override a config field, e.g. --set train.lr.lr=3e-4 --set model.moe.max_active=1 "
-      "(repeatable)")("out", po::value<std::string>(),
+      "(repeatable)")("out", cli::po::value<std::string>(),
                       "the run directory; refused if it holds another run (unless --resume)")(
-      "resume", po::value<std::string>()->implicit_value("auto"),
+      "resume", cli::po::value<std::string>()->implicit_value("auto"),
       "continue: 'auto' (the newest complete checkpoint in --out), or a checkpoint or run "
-      "directory")("steps", po::value<int64_t>(),
+      "directory")("steps", cli::po::value<int64_t>(),
                    "the step count to reach in total (default train.steps); with --resume, trains "
                    "the remaining steps")(
-      "eval-every", po::value<int64_t>(),
+      "eval-every", cli::po::value<int64_t>(),
       "evaluate every N steps (train.eval_every; 0: only at the end)")(
-      "save-every", po::value<int64_t>(),
+      "save-every", cli::po::value<int64_t>(),
       "checkpoint every N steps (train.save_every; 0: only at the end; -1: never, for benchmarks)")(
-      "stats-every", po::value<int64_t>(),
+      "stats-every", cli::po::value<int64_t>(),
       "the model's statistics (routing, gates, memories) in the metrics every N steps "
-      "(train.stats_every)")("seed", po::value<uint64_t>(),
+      "(train.stats_every)")("seed", cli::po::value<uint64_t>(),
                              "the seed of initialisation and data (train.seed)")(
-      "device", po::value<std::string>(), "cpu or cuda (train.device)")(
-      "threads", po::value<int>(),
+      "device", cli::po::value<std::string>(), "cpu or cuda (train.device)")(
+      "threads", cli::po::value<int>(),
       "CPU threads per rank (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or the host's cores "
       "divided among the ranks on it)")("quiet", "no progress output or report")(
       "no-print-config", "do not print the resolved config (it is still saved in --out)");
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, opts), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    if (g_lead) std::cerr << "hydra-train: " << e.what() << " (see hydra-train --help)\n";
-    return kUsageError;
-  }
-  if (vm.count("help")) {
-    if (g_lead) std::cout << opts << "\n";
-    return 0;
-  }
+  cli::po::variables_map vm;
+  if (const auto done = tool.parse(argc, argv, opts, &vm)) return *done;
   if (!vm.count("config") || !vm.count("out")) {
-    if (g_lead)
-      std::cerr << "hydra-train: --config and --out are required, e.g.\n"
-                   "  hydra-train --config configs/tiny.pbtxt --out runs/tiny\n";
-    return kUsageError;
+    tool.error(
+        "--config and --out are required, e.g.\n"
+        "  hydra-train --config configs/tiny.pbtxt --out runs/tiny");
+    return cli::kUsageError;
   }
   for (const char* flag : {"steps", "threads", "eval-every", "save-every", "stats-every"}) {
     if (!vm.count(flag)) continue;
@@ -144,89 +102,63 @@ int run_main(int argc, char** argv) {
                         : std::string(flag) == "eval-every" ? 0
                                                             : 1;
     if (v < low) {
-      if (g_lead)
-        std::cerr << "hydra-train: --" << flag << " " << v << ": must be >= " << low
-                  << " (see hydra-train --help)\n";
-      return kUsageError;
+      tool.error("--" + std::string(flag) + " " + std::to_string(v) +
+                 ": must be >= " + std::to_string(low) + " (see hydra-train --help)");
+      return cli::kUsageError;
     }
   }
   const std::string config_path = vm["config"].as<std::string>();
-  try {
-    if (vm.count("threads")) {
-      set_num_threads(vm["threads"].as<int>());
-    } else if (std::getenv("HYDRA_NUM_THREADS") == nullptr &&
-               std::getenv("OMP_NUM_THREADS") == nullptr &&
-               parallel::process_info().local_size > 1) {
-      // Ranks on one host share its cores: each takes its share, not all of them (4 ranks on 2
-      // cores each starting 2 threads ran 8 threads on 2 cores).
-      set_num_threads(std::max(1, num_threads() / parallel::process_info().local_size));
-    }
-    auto cfg = config::load_run_config(config_path);
-    if (!cfg.ok()) {
-      report_error(cfg.status().message());
-      return kUserError;
-    }
-    std::vector<std::string> sets;
-    if (vm.count("set")) sets = vm["set"].as<std::vector<std::string>>();
-    if (vm.count("eval-every"))
-      sets.push_back("train.eval_every=" + std::to_string(vm["eval-every"].as<int64_t>()));
-    if (vm.count("save-every"))
-      sets.push_back("train.save_every=" + std::to_string(vm["save-every"].as<int64_t>()));
-    if (vm.count("stats-every"))
-      sets.push_back("train.stats_every=" + std::to_string(vm["stats-every"].as<int64_t>()));
-    if (vm.count("seed")) sets.push_back("train.seed=" + std::to_string(vm["seed"].as<uint64_t>()));
-    if (vm.count("device")) sets.push_back("train.device=" + vm["device"].as<std::string>());
-    if (const Status st = config::apply_overrides(&*cfg, sets); !st.ok()) {
-      report_error(st.message());
-      return kUserError;
-    }
-    trainer::TrainOptions to;
-    to.out_dir = vm["out"].as<std::string>();
-    if (vm.count("resume")) to.resume = vm["resume"].as<std::string>();
-    if (vm.count("steps")) to.stop_step = vm["steps"].as<int64_t>();
-    to.quiet = vm.count("quiet") > 0;
-    auto t = trainer::Trainer::create(*cfg, config_path, to);
-    if (!t.ok()) {
-      report_error(t.status().message());
-      return kUserError;
-    }
-    const bool speak = !to.quiet && g_lead;
-    if (speak && !vm.count("no-print-config"))
-      std::cout << "# resolved config (saved as " << to.out_dir << "/config.pbtxt)\n"
-                << config::to_text((*t)->config());
-    if (speak) {
-      std::cout << "# " << num_threads() << " CPU threads per rank, run directory " << to.out_dir;
-      const auto& p = (*t)->config().parallel();
-      if (parallel::process_info().distributed)
-        std::cout << ", " << parallel::process_info().size << " ranks (dp=" << p.dp()
-                  << " ep=" << p.ep() << " sp=" << p.sp() << ", "
-                  << parallel::process_info().launcher << ")";
-      std::cout << "\n";
-    }
-    auto summary = (*t)->run();
-    if (!summary.ok()) {
-      report_error(summary.status().message());
-      return summary.status().code() == StatusCode::kInternal ? kTrainingFailed : kUserError;
-    }
-    if (speak) print_report(*summary);
-    if (speak && kernel_profile_enabled())
-      kernel_profile_report(std::cout,
-                            std::max<int64_t>(0, summary->last_step - summary->first_step - 1));
-    // Stopped early by a signal (after its checkpoint): 128 + the signal, as a shell reports it, so
-    // that a scheduler does not mark the job completed (130 Ctrl-C, 138 SIGUSR1, 143 SIGTERM).
-    return summary->interrupted ? 128 + summary->signal : 0;
-  } catch (const Error& e) {
-    // Other ranks may be waiting for this one in a collective: take the whole job down.
-    if (parallel::process_info().distributed)
-      parallel::abort_job(kInternalError, std::string("hydra-train: internal error: ") + e.what());
-    std::cerr << "hydra-train: internal error: " << e.what() << "\n";
-    return kInternalError;
-  } catch (const std::exception& e) {
-    if (parallel::process_info().distributed)
-      parallel::abort_job(kInternalError, std::string("hydra-train: ") + e.what());
-    std::cerr << "hydra-train: " << e.what() << "\n";
-    return kInternalError;
+  cli::set_threads(vm);
+  auto cfg = cli::load_config(config_path, cli::overrides(vm, {{"eval-every", "train.eval_every"},
+                                                               {"save-every", "train.save_every"},
+                                                               {"stats-every", "train.stats_every"},
+                                                               {"seed", "train.seed"},
+                                                               {"device", "train.device"}}));
+  if (!cfg.ok()) {
+    tool.error(cfg.status().message());
+    return cli::kUserError;
   }
+  trainer::TrainOptions to;
+  to.out_dir = vm["out"].as<std::string>();
+  if (vm.count("resume")) to.resume = vm["resume"].as<std::string>();
+  if (vm.count("steps")) to.stop_step = vm["steps"].as<int64_t>();
+  to.quiet = vm.count("quiet") > 0;
+  auto t = trainer::Trainer::create(*cfg, config_path, to);
+  if (!t.ok()) {
+    tool.error(t.status().message());
+    return cli::kUserError;
+  }
+  const bool speak = !to.quiet && tool.lead();
+  if (speak && !vm.count("no-print-config"))
+    std::cout << "# resolved config (saved as " << to.out_dir << "/config.pbtxt)\n"
+              << config::to_text((*t)->config());
+  if (speak) {
+    std::cout << "# " << num_threads() << " CPU threads per rank, run directory " << to.out_dir;
+    const auto& p = (*t)->config().parallel();
+    if (parallel::process_info().distributed)
+      std::cout << ", " << parallel::process_info().size << " ranks (dp=" << p.dp()
+                << " ep=" << p.ep() << " sp=" << p.sp() << ", " << parallel::process_info().launcher
+                << ")";
+    std::cout << "\n";
+  }
+  auto summary = (*t)->run();
+  if (!summary.ok()) {
+    tool.error(summary.status().message());
+    return summary.status().code() == StatusCode::kInternal ? cli::kTrainingFailed
+                                                            : cli::kUserError;
+  }
+  if (speak) print_report(*summary);
+  if (speak && kernel_profile_enabled())
+    kernel_profile_report(std::cout,
+                          std::max<int64_t>(0, summary->last_step - summary->first_step - 1));
+  // Stopped early by a signal (after its checkpoint): 128 + the signal, as a shell reports it, so
+  // that a scheduler does not mark the job completed (130 Ctrl-C, 138 SIGUSR1, 143 SIGTERM).
+  return summary->interrupted ? 128 + summary->signal : cli::kOk;
 }
 
 }  // namespace
+
+int main(int argc, char** argv) {
+  const cli::Tool tool("hydra-train", &argc, &argv);
+  return tool.guarded([&] { return run(tool, argc, argv); });
+}

@@ -13,7 +13,8 @@ namespace hydra::model {
 class HydraBlock : public Module {
  public:
   HydraBlock(Init& init, const ModelSpec& spec, int64_t index);
-  // x [B, L, d] -> y; *aux gets the block's weighted MoE losses [3]. state/next: the SSM state.
+  // x [B, L, d] -> y; *aux gets the block's weighted MoE losses (AuxLoss order). state/next: the
+  // SSM state.
   Tensor forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, const SsmState& state = {},
                  SsmState* next = nullptr);
 

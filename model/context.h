@@ -39,9 +39,9 @@ struct ForwardContext {
   std::vector<Tensor> chain_tokens;
 
   bool sequence_parallel() const { return grid != nullptr && grid->shape().sp > 1; }
-  // Sums host values over every rank (identity in one process).
-  void world_sum(std::vector<double>& values) const {
-    if (grid != nullptr && grid->distributed()) grid->world().all_reduce_host(values);
+  // Sums host values over every rank, in place (nothing to do in one process).
+  void world_sum(const parallel::HostSum& values) const {
+    values.sum(grid != nullptr && grid->distributed() ? &grid->world() : nullptr);
   }
 
   // Statistics are recorded once per step: not again while a checkpoint recomputes.

@@ -9,6 +9,12 @@
 
 namespace hydra::model {
 
+AuxLosses AuxLosses::read(const Tensor& stacked) {
+  const std::vector<double> v = stacked.to_vector<double>();
+  HYDRA_CHECK(v.size() == kNumAuxLosses) << "AuxLosses::read: " << v.size() << " values";
+  return {v[kAuxBalance], v[kAuxLocality], v[kAuxSparsity]};
+}
+
 namespace {
 // The MoE layers' BlockFFN sparsity averaged over layers: moe.tls and moe.cls.<L> from the
 // per-layer block.<i>.moe.tls and block.<i>.moe.cls.<L> (model/moe.cpp).
@@ -145,17 +151,17 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
   }
   const Tensor logits = linear(final_norm->forward(x), embedding);  // tied head
   LmOutput out;
-  out.aux = aux_total.defined() ? aux_total : zeros({3}, x.dtype(), x.device());
+  out.aux = aux_total.defined() ? aux_total : zeros({kNumAuxLosses}, x.dtype(), x.device());
   if (targets.defined()) {
     out.lm_loss = lm_loss_of(logits, targets, ctx);
     out.loss = with_chain_tokens(add(out.lm_loss, sum(out.aux).to(out.lm_loss.dtype())), ctx);
   }
   if (want_logits) out.logits = logits;
   if (ctx.recording()) {
-    const std::vector<double> a = out.aux.to_vector<double>();
-    ctx.stat("loss.balance", a[0]);
-    ctx.stat("loss.locality", a[1]);
-    ctx.stat("loss.sparsity", a[2]);
+    const AuxLosses a = AuxLosses::read(out.aux);
+    ctx.stat("loss.balance", a.balance);
+    ctx.stat("loss.locality", a.locality);
+    ctx.stat("loss.sparsity", a.sparsity);
     add_moe_means(ctx);
   }
   return out;
@@ -164,6 +170,13 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
 void HydraLM::shard_experts(int64_t rank, int64_t size) {
   for (std::size_t b = 0; b < blocks->size(); ++b)
     blocks->at<HydraBlock>(b).moe->shard_experts(rank, size);
+}
+
+std::vector<const MoeRouting*> HydraLM::routings() const {
+  std::vector<const MoeRouting*> out;
+  for (std::size_t b = 0; b < blocks->size(); ++b)
+    out.push_back(&blocks->at<HydraBlock>(b).moe->last_routing());
+  return out;
 }
 
 void HydraLM::after_step() {
@@ -218,7 +231,7 @@ LmOutput TransformerLM::forward(const Tensor& tokens, const Tensor& targets, For
   }
   const Tensor logits = linear(final_norm->forward(x), embedding);
   LmOutput out;
-  out.aux = zeros({3}, x.dtype(), x.device());
+  out.aux = zeros({kNumAuxLosses}, x.dtype(), x.device());
   if (targets.defined()) {
     out.lm_loss = lm_loss_of(logits, targets, ctx);
     out.loss = with_chain_tokens(out.lm_loss, ctx);

@@ -11,11 +11,26 @@
 
 namespace hydra::model {
 
+// The MoE's weighted auxiliary losses (summed over the blocks). On the device they travel stacked
+// in one tensor of kNumAuxLosses (LmOutput::aux, ChunkMoE::forward), so that each block adds its
+// own with one op and the step reads them with one copy; on the host they go by name.
+enum AuxLoss : int64_t { kAuxBalance = 0, kAuxLocality = 1, kAuxSparsity = 2, kNumAuxLosses = 3 };
+struct AuxLosses {
+  double balance = 0, locality = 0, sparsity = 0;
+  static AuxLosses read(const Tensor& stacked);  // [kNumAuxLosses], one copy to the host
+  AuxLosses& operator+=(const AuxLosses& o) {
+    balance += o.balance;
+    locality += o.locality;
+    sparsity += o.sparsity;
+    return *this;
+  }
+};
+
 struct LmOutput {
   Tensor loss;     // total, what backward starts from
   Tensor lm_loss;  // cross-entropy over the targets that are not ignore_index
-  Tensor aux;     // [3]: weighted MoE balance, locality, sparsification losses (summed over blocks)
-  Tensor logits;  // [B, L, V] when requested
+  Tensor aux;      // [kNumAuxLosses] (AuxLoss order): the weighted auxiliary losses
+  Tensor logits;   // [B, L, V] when requested
 };
 
 class LanguageModel : public Module {
@@ -30,6 +45,9 @@ class LanguageModel : public Module {
   // Expert parallelism: keep only this ep rank's experts (parallel::ProcessGrid: ep_rank of ep).
   virtual void shard_experts(int64_t rank, int64_t size) {}
   virtual const ModelSpec& spec() const = 0;
+  // The routing of each MoE layer in the last forward that recorded statistics, in block order
+  // (evaluation's routing purity); none for a model without routed experts.
+  virtual std::vector<const MoeRouting*> routings() const { return {}; }
 };
 
 class HydraLM : public LanguageModel {
@@ -40,6 +58,7 @@ class HydraLM : public LanguageModel {
   void after_step() override;
   void shard_experts(int64_t rank, int64_t size) override;
   const ModelSpec& spec() const override { return spec_; }
+  std::vector<const MoeRouting*> routings() const override;
 
   Tensor embedding;  // [V, d], also the LM head
   std::shared_ptr<ModuleList> blocks, workspaces, pkms;

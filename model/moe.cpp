@@ -9,6 +9,19 @@
 #include "parallel/experts.h"
 
 namespace hydra::model {
+namespace {
+
+// Counts over the whole global batch that normalise the auxiliary losses, so that the ranks'
+// shares add up to the single-process loss (summed over the ranks in one host all-reduce).
+struct GlobalCounts {
+  explicit GlobalCounts(int64_t experts) : active(experts, 0.0) {}
+  std::vector<double> active;  // [E]: chunks each expert serves (PACKED dispatch; TILED: zero)
+  double chunks = 0;           // chunks routed
+  double locality_terms = 0;   // (neighbouring pair, expert) terms of the locality loss
+  double sparsity_terms = 0;   // (sparsity group, expert) terms of the sparsification loss
+};
+
+}  // namespace
 
 ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
     : layer_(layer),
@@ -117,11 +130,11 @@ void ChunkMoE::update_blockffn_coef() {
     now = st[2] + (st[3] - st[2]) * st[4] / double(P);
   }
   if (static_cast<int64_t>(st[0]) % P == 0) {  // a period ends: one read of the device per period
-    std::vector<double> sum = {schedule_window.item<double>()};
-    if (last_grid_ != nullptr && last_grid_->distributed())
-      last_grid_->world().all_reduce_host(sum);
+    double sum = schedule_window.item<double>();
+    parallel::HostSum().add(sum).sum(
+        last_grid_ != nullptr && last_grid_->distributed() ? &last_grid_->world() : nullptr);
     schedule_window.zero_();
-    const double mean = sum[0] / double(P);
+    const double mean = sum / double(P);
     if (st[0] >= double(hold + P) && st[1] > 0) {
       double ratio = mean / st[1];
       if (ratio > 1) ratio = std::max(1.025, ratio);
@@ -403,48 +416,53 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
       z_next = parallel::shift_from_next(z.select(1, 0).detach(), ctx.grid->sp()).detach();
       if (ctx.grid->sp_rank() + 1 == ctx.grid->shape().sp) z_next = Tensor();
     }
-    std::vector<double> counts(E + 3,
-                               0.0);  // [active per expert..., chunks, locality pairs, groups]
+    GlobalCounts counts(E);
     if (!tiled)
-      for (int64_t e = 0; e < E; ++e) counts[e] = double(dispatch.counts[e]);
-    counts[E] = double(B * nC);
+      for (int64_t e = 0; e < E; ++e) counts.active[e] = double(dispatch.counts[e]);
+    counts.chunks = double(B * nC);
     // Locality pairs: consecutive chunks (HYDRA) or consecutive tokens (BLOCKFFN), with the pair
     // across the shard boundary.
     const int64_t pairs = blockffn_ ? nC * c - 1 : std::max<int64_t>(nC - 1, 0);
-    counts[E + 1] = double(B * (std::max<int64_t>(pairs, 0) + (z_next.defined() ? 1 : 0)) * E);
-    counts[E + 2] = double(B * (nC / seq_group_) * E);
-    ctx.world_sum(counts);
+    counts.locality_terms =
+        double(B * (std::max<int64_t>(pairs, 0) + (z_next.defined() ? 1 : 0)) * E);
+    counts.sparsity_terms = double(B * (nC / seq_group_) * E);
+    ctx.world_sum(parallel::HostSum()
+                      .add(counts.active)
+                      .add(counts.chunks)
+                      .add(counts.locality_terms)
+                      .add(counts.sparsity_terms));
     Tensor load;  // [E]: each expert's share of the kept (chunk, expert) pairs
     if (tiled) {  // on the device; the TLS when the coefficient is next updated
       const Tensor kept = dispatch.device_counts.select(0, 0).to(rdt);
       load = div(kept, add(sum(kept), 1e-30));  // 0 / 1e-30 = 0 when nothing was kept
       pending_counts_ = dispatch.host_counts;
-      pending_chunks_ = counts[E];
+      pending_chunks_ = counts.chunks;
     } else {
       double total = 0;
-      for (int64_t e = 0; e < E; ++e) total += counts[e];
+      for (int64_t e = 0; e < E; ++e) total += counts.active[e];
       std::vector<double> shares(E);
-      for (int64_t e = 0; e < E; ++e) shares[e] = total > 0 ? counts[e] / total : 0.0;
+      for (int64_t e = 0; e < E; ++e) shares[e] = total > 0 ? counts.active[e] / total : 0.0;
       load = tensor(shares, {E}).to(rdt).to(x.device());
       pending_counts_.reset();
-      global_tls_ = counts[E] > 0 ? 1.0 - total / (counts[E] * double(E)) : -1.0;
+      global_tls_ = counts.chunks > 0 ? 1.0 - total / (counts.chunks * double(E)) : -1.0;
       routed_anywhere = total > 0;
     }
     const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
     // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
     const Tensor balance =
-        mul(sum(mul(sum(q, {0, 1}), load)), double(E) / std::max(counts[E], 1.0));
+        mul(sum(mul(sum(q, {0, 1}), load)), double(E) / std::max(counts.chunks, 1.0));
     Tensor locality = zeros({}, rdt, x.device()), sparsity = zeros({}, rdt, x.device());
     if (blockffn_) {  // p = s / (sum s + eps): BlockFFN's activation probabilities
       const Tensor p = div(s, add(sum(s, {2}, true), 1e-5));
-      if (counts[E + 1] > 0)
-        locality = mul(moe_blockffn_locality_sum(z, z_next, c), 1.0 / counts[E + 1]);
-      if (counts[E + 2] > 0)
-        sparsity = mul(moe_blockffn_sparsity_sum(p, seq_group_, c), 1.0 / counts[E + 2]);
+      if (counts.locality_terms > 0)
+        locality = mul(moe_blockffn_locality_sum(z, z_next, c), 1.0 / counts.locality_terms);
+      if (counts.sparsity_terms > 0)
+        sparsity = mul(moe_blockffn_sparsity_sum(p, seq_group_, c), 1.0 / counts.sparsity_terms);
       last_sparsity_ = sparsity.detach();  // this rank's share of L_CS (the schedule sums them)
       last_grid_ = ctx.grid;
     } else {
-      if (counts[E + 1] > 0) locality = mul(moe_locality_sum(z, z_next), 1.0 / counts[E + 1]);
+      if (counts.locality_terms > 0)
+        locality = mul(moe_locality_sum(z, z_next), 1.0 / counts.locality_terms);
       // The activation probability sigmoid(alpha * s - beta) from the ReLU output s, not the raw
       // logit: a logit already below zero gets no gradient pushing it further down. And each
       // chunk's strongest expert is left out (its logit set to -30: p ~ 1e-13, no gradient): the
@@ -456,11 +474,11 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
       const Tensor top = relu(affine(sub(sd, amax(sd, 2, true)), 1e6, 1.0));
       const Tensor zs = affine(s, cfg_.activation_alpha(), -cfg_.activation_beta());
       const Tensor z_sparse = add(mul(zs, affine(top, -1.0, 1.0)), mul(top, -30.0));
-      if (counts[E + 2] > 0)
-        sparsity = mul(moe_sparsity_sum(z_sparse, seq_group_), 1.0 / counts[E + 2]);
+      if (counts.sparsity_terms > 0)
+        sparsity = mul(moe_sparsity_sum(z_sparse, seq_group_), 1.0 / counts.sparsity_terms);
     }
     const double scale = ctx.aux_scale;
-    losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),
+    losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),  // AuxLoss order
                      mul(locality, locality_weight_ * scale).reshape({1}),
                      mul(sparsity, sparsity_coef() * scale).reshape({1})},
                     0);

@@ -27,8 +27,8 @@ struct MoeRouting {
 class ChunkMoE : public Module {
  public:
   ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer);
-  // x [B, L, d] (already normalised) -> [B, L, d]; *aux receives [3]: weighted balance, locality
-  // and sparsification losses (zeros when routing is off).
+  // x [B, L, d] (already normalised) -> [B, L, d]; *aux receives the weighted balance, locality
+  // and sparsification losses stacked in AuxLoss order (model/lm.h; zeros when routing is off).
   Tensor forward(const Tensor& x, ForwardContext& ctx, Tensor* aux);
   // Raises the sparsification coefficient when the last measured TLS is below target, lowers it
   // above.

@@ -23,6 +23,16 @@ void Communicator::all_reduce_host(std::vector<double>& values, ReduceOp op) {
   values = t.cpu().to_vector<double>();
 }
 
+void HostSum::sum(Communicator* comm, ReduceOp op) const {
+  if (comm == nullptr || comm->size() == 1) return;
+  std::vector<double> flat;
+  for (const std::span<double>& p : parts_) flat.insert(flat.end(), p.begin(), p.end());
+  comm->all_reduce_host(flat, op);
+  std::size_t i = 0;
+  for (const std::span<double>& p : parts_)
+    for (double& v : p) v = flat[i++];
+}
+
 double Communicator::all_reduce_host(double value, ReduceOp op) {
   std::vector<double> v{value};
   all_reduce_host(v, op);

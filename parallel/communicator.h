@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -70,6 +71,30 @@ class Communicator {
 
  protected:
   std::chrono::seconds timeout_{600};
+};
+
+// Host values of named fields summed (or max/min) over the ranks in one all-reduce: each field is
+// registered where it lives (a scalar or a span the caller owns and keeps in place until sum()),
+// instead of packed at offsets into one vector. sum() gathers them in registration order, reduces
+// once and writes each result back into its field; in one process (comm null or of one rank) it
+// does nothing.
+//   HostSum s;
+//   s.add(tally.loss_sum).add(tally.targets).add(std::span(tally.answers));
+//   s.sum(&grid.world());
+class HostSum {
+ public:
+  HostSum& add(double& value) {
+    parts_.emplace_back(&value, 1);
+    return *this;
+  }
+  HostSum& add(std::span<double> values) {
+    parts_.push_back(values);
+    return *this;
+  }
+  void sum(Communicator* comm, ReduceOp op = ReduceOp::kSum) const;
+
+ private:
+  std::vector<std::span<double>> parts_;
 };
 
 // A communicator of one rank (no parallelism): every operation is a local copy. Lets code written

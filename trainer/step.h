@@ -25,7 +25,7 @@ struct StepSettings {
 
 struct StepLosses {
   double lm = 0, total = 0;
-  std::vector<double> aux = std::vector<double>(3, 0.0);  // balance, locality, sparsity
+  model::AuxLosses aux;
   std::map<std::string, double> stats;  // the last micro-batch's, this rank's (collect_stats)
 };
 

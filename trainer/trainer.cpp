@@ -392,198 +392,130 @@ Status Trainer::enter_stage(const Stage& stage) {
   return ok_status();
 }
 
-// Every rank evaluates its part of each held-out batch (its sequences, its sequence shard); the
-// counts are then summed over the ranks.
-Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
-  NoGradGuard ng;
-  data::LoaderOptions lo;
-  lo.seed = state_.data_seed;
-  lo.global_batch = stage.batch;
-  lo.count = stage.batch / grid_->data_ranks();
-  lo.first = grid_->data_rank() * lo.count;
-  lo.seq_len = stage.seq_len;
-  lo.prefetch = 0;
-  lo.split = data::Split::kEval;
-  data::Loader loader(make_source(stage, stage.seq_len + 1), lo);
-  EvalResult r;
-  const int64_t E = spec_.num_experts, V = spec_.vocab;
-  auto* hydra = dynamic_cast<model::HydraLM*>(model_.get());
-  const int64_t blocks = hydra ? static_cast<int64_t>(hydra->blocks->size()) : 0;
-  // Summed over ranks at the end: [loss sum, targets, tokens, answers[k], correct[k], domain x
-  // block x expert counts, answer-token presence per task x vocab, answers and correct per task x
-  // level].
-  const int64_t K = data::kNumTasks, NL = data::kNumLevels, n_dom = 3 * blocks * E;
-  std::vector<double> acc(3 + 2 * K + n_dom + K * V + 2 * K * NL, 0.0);
-  double *answers, *correct, *dom, *seen, *level_answers, *level_correct;
-  const auto point = [&] {  // (again after the all-reduce, which replaces the vector)
-    answers = acc.data() + 3;
-    correct = answers + K;
-    dom = correct + K;
-    seen = dom + n_dom;
-    level_answers = seen + K * V;
-    level_correct = level_answers + K * NL;
-  };
-  point();
-  const int64_t batches = cfg_.train().eval_batches();
-  for (int64_t i = 0; i < batches; ++i) {
-    HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader.get(i));
-    const data::Batch b = sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
-    model::ForwardContext ctx;
-    ctx.paths = stage.paths;
-    ctx.grid = grid_.get();
-    ctx.lm_tokens = 1;  // lm_loss = the sum of this rank's token losses
-    ctx.pos0 = grid_->sp_rank() * b.len;
-    const Tensor tokens = tensor(b.tokens, {b.batch, b.len}).to(device_);
-    const Tensor targets = tensor(b.targets, {b.batch, b.len}).to(device_);
-    const ComputeCopies::Scope compute(compute_copies_.get());
-    const model::LmOutput out = model_->forward(tokens, targets, ctx, true);
-    acc[0] += out.lm_loss.item<double>();
-    for (int64_t t : b.targets) acc[1] += t != model::LanguageModel::kIgnoreIndex;
-    acc[2] += double(b.batch * b.len);
-    const auto [best, idx] = topk(out.logits, 1);
-    const std::vector<int64_t> pred = idx.to_vector<int64_t>();
-    for (std::size_t t = 0; t < b.answer.size(); ++t) {
-      const int task = b.answer[t];
-      if (task < 0) continue;
-      const bool right = pred[t] == b.targets[t];
-      answers[task] += 1;
-      correct[task] += right;
-      if (const int level = b.level[t]; level >= 0 && level < NL) {
-        level_answers[task * NL + level] += 1;
-        level_correct[task * NL + level] += right;
-      }
-      if (b.targets[t] >= 0 && b.targets[t] < V) seen[task * V + b.targets[t]] = 1;
-    }
-    // Routing purity on the mixture's domains: per domain, the experts its whole chunks used.
-    if (hydra && stage.paths.moe_routing) {
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const model::MoeRouting& rt = hydra->blocks->at<model::HydraBlock>(blk).moe->last_routing();
-        if (rt.batch != b.batch) continue;
-        for (int64_t s = 0; s < rt.batch; ++s)
-          for (int64_t c = 0; c < rt.num_chunks; ++c) {
-            const int d = b.domain[s * b.len + c * rt.chunk];
-            bool pure = d >= 0;
-            for (int64_t k = 0; k < rt.chunk && pure; ++k)
-              pure = b.domain[s * b.len + c * rt.chunk + k] == d;
-            if (!pure) continue;
-            for (int64_t e = 0; e < rt.num_experts; ++e)
-              dom[(d * blocks + blk) * E + e] +=
-                  rt.active[(s * rt.num_chunks + c) * rt.num_experts + e];
-          }
-      }
-    }
+// The bookkeeping of one call of run(): a leg of the run, from the step it starts or resumes at to
+// the step it stops at.
+struct Trainer::Leg {
+  Leg(int64_t first, int64_t stop_step, int64_t schedule_end_step, bool speak_, int64_t every)
+      : stop(stop_step),
+        schedule_end(schedule_end_step),
+        speak(speak_),
+        progress(first, stop_step, speak_ && isatty(STDERR_FILENO), every) {}
+  int64_t stop, schedule_end;  // the step to reach; the curriculum's last step
+  bool speak;                  // rank 0, not quiet: progress and messages
+  TrainSummary sum;
+  MetricsLog log;  // rank 0's
+  Progress progress;
+  std::string last_ckpt;  // the newest checkpoint written or resumed from
+  // The NaN guard's bookkeeping: a checkpoint becomes good once the step after it is finite.
+  std::string good_ckpt, unverified_ckpt;
+  std::vector<double> rates, recent_losses;  // tokens/s of each step; the last ten LM losses
+  std::chrono::steady_clock::time_point t_start = std::chrono::steady_clock::now();
+  double elapsed_before = 0;  // the run's time before this leg (earlier legs)
+
+  void say(const std::string& line) {
+    if (speak) progress.message(line);
   }
-  if (grid_->distributed()) {
-    grid_->world().all_reduce_host(acc);  // presence travels as a count: > 0 means seen
-    point();
+  double leg_seconds() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   }
-  r.loss = acc[1] > 0 ? acc[0] / acc[1] : NAN;
-  r.perplexity = std::exp(r.loss);
-  r.tokens = static_cast<int64_t>(acc[2]);
-  for (int k = 0; k < K; ++k) {
-    r.answers[k] = static_cast<int64_t>(answers[k]);
-    r.accuracy[k] = answers[k] > 0 ? correct[k] / answers[k] : NAN;
-    for (int64_t l = 0; l < NL; ++l) {
-      const double n_l = level_answers[k * NL + l];
-      r.level_answers[k][l] = static_cast<int64_t>(n_l);
-      r.level_accuracy[k][l] = n_l > 0 ? level_correct[k * NL + l] / n_l : NAN;
-    }
-    int64_t distinct = 0;
-    for (int64_t v = 0; v < V; ++v) distinct += seen[k * V + v] > 0;
-    r.chance[k] = distinct == 0 ? NAN : 1.0 / double(distinct);
+  double elapsed() const { return elapsed_before + leg_seconds(); }
+};
+
+// What one training step did, for its metrics.
+struct Trainer::StepOutcome {
+  StepLosses losses;
+  double lr = 0, grad_norm = 0;
+  double seconds = 0, tokens = 0;  // wall time; the global batch's tokens
+};
+
+namespace {
+
+// SIGTERM, SIGINT and SIGUSR1 set g_signal while a leg runs (the loop stops after the step with a
+// checkpoint); the previous handlers come back afterwards.
+class SignalsStopTraining {
+ public:
+  SignalsStopTraining() {
+    g_signal.store(0);
+    term_ = std::signal(SIGTERM, on_signal);
+    int_ = std::signal(SIGINT, on_signal);
+    usr1_ = std::signal(SIGUSR1, on_signal);
   }
-  // Purity: for each block and domain, the most used expert's share of that domain's assignments.
-  double purity = 0;
-  int64_t n = 0;
-  for (int d = 0; d < 3; ++d)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      double total = 0, most = 0;
-      for (int64_t e = 0; e < E; ++e) {
-        total += dom[(d * blocks + blk) * E + e];
-        most = std::max(most, dom[(d * blocks + blk) * E + e]);
-      }
-      if (total > 0) {
-        purity += most / total;
-        ++n;
-      }
-    }
-  r.routing_purity = n > 0 ? purity / double(n) : NAN;
-  return r;
+  ~SignalsStopTraining() {
+    std::signal(SIGTERM, term_);
+    std::signal(SIGINT, int_);
+    std::signal(SIGUSR1, usr1_);
+  }
+  SignalsStopTraining(const SignalsStopTraining&) = delete;
+  SignalsStopTraining& operator=(const SignalsStopTraining&) = delete;
+
+ private:
+  void (*term_)(int) = nullptr;
+  void (*int_)(int) = nullptr;
+  void (*usr1_)(int) = nullptr;
+};
+
+std::string signal_name(int sig) {
+  return sig == SIGINT    ? "SIGINT"
+         : sig == SIGTERM ? "SIGTERM"
+         : sig == SIGUSR1 ? "SIGUSR1"
+                          : "signal";
 }
 
-std::string task_accuracy_table(const EvalResult& r) {
-  std::ostringstream os;
-  char line[160];
-  for (int k = 0; k < data::kNumTasks; ++k) {
-    if (r.answers[k] == 0) continue;
-    if (os.tellp() == 0)
-      os << "  task accuracy on held-out answers (chance = 1 / distinct answers):\n";
-    std::snprintf(line, sizeof line, "    %-9s %6.1f%%  (chance %4.1f%%, %ld answers)",
-                  data::task_name(k), 100 * r.accuracy[k], 100 * r.chance[k], long(r.answers[k]));
-    os << line;
-    const char* sep = "  ";
-    for (int l = 0; l < data::kNumLevels; ++l) {
-      if (r.level_answers[k][l] == 0) continue;
-      std::snprintf(line, sizeof line, "%s%s %.1f%%", sep, data::level_name(k, l).c_str(),
-                    100 * r.level_accuracy[k][l]);
-      os << line;
-      sep = ", ";
-    }
-    os << "\n";
-  }
-  return os.str();
-}
-
-Expected<EvalResult> Trainer::evaluate_checkpoint() {
-  HYDRA_CHECK(opt_.evaluate_only) << "evaluate_checkpoint: create the trainer with evaluate_only";
-  // The stage of the step that led to the checkpoint, as training evaluates right after a step.
-  const int64_t last = std::max<int64_t>(state_.step - 1, 0);
-  const Stage* stage = &stages_.back();
-  for (const Stage& s : stages_)
-    if (last >= s.start && last < s.start + s.steps) {
-      stage = &s;
-      break;
-    }
-  HYDRA_ASSIGN_OR_RETURN(EvalResult r, evaluate(*stage));
-  r.step = state_.step;
-  r.stage = stage->name;
-  return r;
-}
+}  // namespace
 
 Expected<TrainSummary> Trainer::run() {
-  const auto& tr = cfg_.train();
+  HYDRA_ASSIGN_OR_RETURN(std::unique_ptr<Leg> leg, start_leg());
+  const SignalsStopTraining signals;
+  while (state_.step < leg->stop) {
+    const Stage& stage = stage_at(stages_, state_.step);
+    if (stage.index != current_stage_) HYDRA_RETURN_IF_ERROR(begin_stage(stage, *leg));
+    HYDRA_ASSIGN_OR_RETURN(StepOutcome step, train_step(stage, *leg));
+    MetricValues values = step_metrics(step, stage, *leg);
+    const bool last = state_.step == leg->stop;
+    const bool evaluated =
+        (cfg_.train().eval_every() > 0 && state_.step % cfg_.train().eval_every() == 0) || last;
+    if (evaluated) HYDRA_RETURN_IF_ERROR(evaluate_into(stage, &values, *leg));
+    log_metrics(step, stage, values, evaluated, *leg);
+    const int sig = agreed_signal();
+    HYDRA_ASSIGN_OR_RETURN(const bool saved, maybe_save(last, sig, *leg));
+    if (sig != 0) {
+      stop_on_signal(sig, saved, *leg);
+      break;
+    }
+  }
+  return finish_leg(*leg);
+}
+
+// Opens the metrics, says what the leg will do (resume, steps past the schedule, precision, grid).
+Expected<std::unique_ptr<Trainer::Leg>> Trainer::start_leg() {
   const int64_t schedule_end = stages_.back().start + stages_.back().steps;
   const int64_t stop = opt_.stop_step > 0 ? opt_.stop_step : schedule_end;
-  TrainSummary sum;
-  sum.run_dir = opt_.out_dir;
-  sum.first_step = state_.step;
   if (state_.step >= stop) {
     return failed_precondition("nothing to do: the run is at step " + std::to_string(state_.step) +
                                " and --steps is " + std::to_string(stop) +
                                "; pass a larger --steps");
   }
+  auto leg =
+      std::make_unique<Leg>(state_.step, stop, schedule_end, !opt_.quiet && lead(),
+                            std::max<int64_t>(cfg_.train().log_every(), (stop - state_.step) / 20));
+  leg->sum.run_dir = opt_.out_dir;
+  leg->sum.first_step = state_.step;
+  leg->sum.metrics = (fs::path(opt_.out_dir) / "metrics.jsonl").string();
+  leg->last_ckpt = leg->unverified_ckpt = resume_from_;
+  leg->elapsed_before = state_.elapsed_s;
   // Rank 0 writes the metrics and talks; every rank trains.
-  const bool speak = !opt_.quiet && lead();
-  MetricsLog log;
   Status opened = ok_status();
   if (lead()) {
     auto l = MetricsLog::open(opt_.out_dir, resume_from_.empty() ? -1 : state_.step);
     if (l.ok()) {
-      log = std::move(*l);
+      leg->log = std::move(*l);
     } else {
       opened = l.status();
     }
   }
   HYDRA_RETURN_IF_ERROR(agree(opened, *grid_));
-  sum.metrics = (fs::path(opt_.out_dir) / "metrics.jsonl").string();
-  const bool tty = speak && isatty(STDERR_FILENO);
-  Progress progress(state_.step, stop, tty,
-                    std::max<int64_t>(tr.log_every(), (stop - state_.step) / 20));
-  auto say = [&](const std::string& line) {
-    if (speak) progress.message(line);
-  };
   if (!resume_from_.empty())
-    say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
+    leg->say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
   if (stop > schedule_end) {  // --steps past the curriculum's end: say what those steps do
     const Stage& last = stages_.back();
     std::ostringstream os;
@@ -592,7 +524,7 @@ Expected<TrainSummary> Trainer::run() {
        << " train in the last stage ('" << last.name << "') at its final learning rate "
        << scheduled_lr(last.lr, last.steps - 1, last.steps)
        << " (raise train.steps or the last stage's steps to schedule them)";
-    say(os.str());
+    leg->say(os.str());
   }
   if (compute_copies_) {
     std::ostringstream os;
@@ -600,258 +532,262 @@ Expected<TrainSummary> Trainer::run() {
     os << "precision BF16_MIXED: bf16 compute copies of the fp32 parameters ("
        << double(compute_copies_->bytes()) / (1 << 20)
        << " MiB), fp32 gradients, optimizer state and checkpoints";
-    say(os.str());
+    leg->say(os.str());
   }
-  if (grid_->distributed()) {
-    std::ostringstream os;
-    os.precision(3);
-    const bool gpu = device_.is_cuda(),
-               staged = cfg_.parallel().comm() == config::ParallelConfig::MPI;
-    const std::string over = !gpu     ? "MPI"
-                             : staged ? "MPI, GPU tensors staged through host memory"
-                                      : "NCCL " + parallel::nccl_version() + ", one GPU per rank";
-    os << "grid " << grid_->shape().str() << " (" << grid_->world().size() << " ranks over " << over
-       << "): " << reducer_->num_buckets()
-       << (reducer_->num_buckets() == 1 ? " gradient bucket of " : " gradient buckets of ")
-       << cfg_.parallel().bucket_mb()
-       << " MB; AdamW state on rank 0: " << double(optimizer_->state_bytes()) / (1 << 20) << " MiB"
-       << (optimizer_->sharded() ? " (ZeRO-1: sharded over the replicas)"
-                                 : " (replicated; parallel.zero1 shards it)");
-    say(os.str());
+  if (grid_->distributed()) leg->say(grid_banner());
+  return leg;
+}
+
+std::string Trainer::grid_banner() const {
+  std::ostringstream os;
+  os.precision(3);
+  const bool gpu = device_.is_cuda(),
+             staged = cfg_.parallel().comm() == config::ParallelConfig::MPI;
+  const std::string over = !gpu     ? "MPI"
+                           : staged ? "MPI, GPU tensors staged through host memory"
+                                    : "NCCL " + parallel::nccl_version() + ", one GPU per rank";
+  os << "grid " << grid_->shape().str() << " (" << grid_->world().size() << " ranks over " << over
+     << "): " << reducer_->num_buckets()
+     << (reducer_->num_buckets() == 1 ? " gradient bucket of " : " gradient buckets of ")
+     << cfg_.parallel().bucket_mb()
+     << " MB; AdamW state on rank 0: " << double(optimizer_->state_bytes()) / (1 << 20) << " MiB"
+     << (optimizer_->sharded() ? " (ZeRO-1: sharded over the replicas)"
+                               : " (replicated; parallel.zero1 shards it)");
+  return os.str();
+}
+
+Status Trainer::begin_stage(const Stage& stage, Leg& leg) {
+  HYDRA_RETURN_IF_ERROR(enter_stage(stage));
+  std::ostringstream os;
+  os << "stage " << stage.index + 1 << "/" << stages_.size() << " '" << stage.name << "' from step "
+     << state_.step << ": seq " << stage.seq_len << ", batch " << stage.batch << ", paths "
+     << paths_str(stage.paths);
+  if (!stage.freeze.empty()) {
+    os << ", frozen:";
+    for (const auto& g : stage.freeze) os << " " << g;
   }
+  leg.sum.stage_log.push_back(os.str());
+  leg.say(os.str());
+  return ok_status();
+}
 
-  g_signal.store(0);
-  auto old_term = std::signal(SIGTERM, on_signal);
-  auto old_int = std::signal(SIGINT, on_signal);
-  auto old_usr1 = std::signal(SIGUSR1, on_signal);
-  struct Restore {
-    decltype(old_term) a, b, c;
-    ~Restore() {
-      std::signal(SIGTERM, a);
-      std::signal(SIGINT, b);
-      std::signal(SIGUSR1, c);
-    }
-  } restore{old_term, old_int, old_usr1};
+// The step's batch, forward and backward, the NaN guard, clipping and the optimizer.
+Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg) {
+  const auto& tr = cfg_.train();
+  const int64_t step = state_.step;
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t in_stage = step - stage.start;
+  StepOutcome out;
+  out.lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
+  const double warm =
+      stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
+  HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader_->get(step));
+  const data::Batch batch = sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
 
-  std::string last_ckpt = resume_from_;
-  // The NaN guard's bookkeeping: a checkpoint becomes good once the step after it is finite.
-  std::string good_ckpt, unverified_ckpt = resume_from_;
-  std::vector<double> rates, recent_losses;
-  const auto t_start = std::chrono::steady_clock::now();
-  const double elapsed_before = state_.elapsed_s;
-  auto elapsed = [&] {
-    return elapsed_before +
-           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  };
-  auto save = [&]() -> Status {
-    state_.rng = default_generator().state();
-    state_.elapsed_s = elapsed();
-    HYDRA_ASSIGN_OR_RETURN(last_ckpt,
-                           checkpoints_->save(state_, cfg_, *model_, *optimizer_, *grid_));
-    unverified_ckpt = last_ckpt;
-    return ok_status();
-  };
+  StepSettings ss;
+  ss.paths = stage.paths;
+  ss.recompute = tr.recompute() == config::TrainConfig::BLOCK;
+  ss.aux_scale = stage.aux_scale * warm;
+  ss.grad_accum = tr.grad_accum();
+  ss.collect_stats = (step + 1) % tr.stats_every() == 0 || step + 1 == leg.schedule_end;
+  ss.device = device_;
+  {  // bf16 compute copies (BF16_MIXED) during the forward and backward; the fp32 masters for the
+     // rest
+    const ComputeCopies::Scope compute(compute_copies_.get());
+    out.losses = forward_backward(*model_, *grid_, reducer_.get(), batch, ss);
+  }
+  const double lm_loss = out.losses.lm, total_loss = out.losses.total;
+  if (!std::isfinite(total_loss) || !std::isfinite(lm_loss)) {
+    leg.progress.finish();
+    return internal_error("step " + std::to_string(step + 1) + ": the loss is " +
+                          std::to_string(total_loss) + " (not finite); stopping without saving. " +
+                          diverged_advice(leg.good_ckpt, leg.unverified_ckpt));
+  }
+  out.grad_norm = global_grad_norm(*optimizer_, *grid_);
+  if (!std::isfinite(out.grad_norm)) {
+    leg.progress.finish();
+    return internal_error("step " + std::to_string(step + 1) +
+                          ": the gradient norm is not finite; stopping without saving. " +
+                          diverged_advice(leg.good_ckpt, leg.unverified_ckpt));
+  }
+  if (!leg.unverified_ckpt.empty()) {  // its next step (this one) is finite: it is good
+    leg.good_ckpt = leg.unverified_ckpt;
+    leg.unverified_ckpt.clear();
+  }
+  const double clip = tr.optimizer().grad_clip();
+  const double scale = clip > 0 && out.grad_norm > clip ? clip / (out.grad_norm + 1e-6) : 1.0;
+  optimizer_->step(out.lr, tr.lr().lr() > 0 ? stage.lr.lr() : out.lr, scale);
+  model_->zero_grad();
+  model_->after_step();
 
-  while (state_.step < stop) {
-    const int64_t step = state_.step;
-    const Stage& stage = stage_at(stages_, step);
-    if (stage.index != current_stage_) {
-      HYDRA_RETURN_IF_ERROR(enter_stage(stage));
-      std::ostringstream os;
-      os << "stage " << stage.index + 1 << "/" << stages_.size() << " '" << stage.name
-         << "' from step " << step << ": seq " << stage.seq_len << ", batch " << stage.batch
-         << ", paths " << paths_str(stage.paths);
-      if (!stage.freeze.empty()) {
-        os << ", frozen:";
-        for (const auto& g : stage.freeze) os << " " << g;
-      }
-      sum.stage_log.push_back(os.str());
-      say(os.str());
-    }
-    const auto t0 = std::chrono::steady_clock::now();
-    const int64_t in_stage = step - stage.start;
-    const double lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
-    const double warm =
-        stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
-    HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader_->get(step));
-    const data::Batch batch = sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // The kernel profile covers the steps after the first (whose one-time costs would blur it).
+  if (kernel_profile_enabled() && step == leg.sum.first_step && step + 1 < leg.stop)
+    kernel_profile_reset();
+  out.tokens = double(stage.batch * stage.seq_len);  // the global batch
+  state_.tokens_seen += out.tokens;
+  state_.step = step + 1;
+  leg.rates.push_back(out.tokens / out.seconds);
+  if (leg.sum.first_step == step) leg.sum.first_loss = lm_loss;
+  leg.recent_losses.push_back(lm_loss);
+  if (leg.recent_losses.size() > 10) leg.recent_losses.erase(leg.recent_losses.begin());
+  return out;
+}
 
-    StepSettings ss;
-    ss.paths = stage.paths;
-    ss.recompute = tr.recompute() == config::TrainConfig::BLOCK;
-    ss.aux_scale = stage.aux_scale * warm;
-    ss.grad_accum = tr.grad_accum();
-    ss.collect_stats = (step + 1) % tr.stats_every() == 0 || step + 1 == schedule_end;
-    ss.device = device_;
-    StepLosses step_out;
-    {  // bf16 compute copies (BF16_MIXED) during the forward and backward; the fp32 masters for the
-       // rest
-      const ComputeCopies::Scope compute(compute_copies_.get());
-      step_out = forward_backward(*model_, *grid_, reducer_.get(), batch, ss);
-    }
-    const double lm_loss = step_out.lm, total_loss = step_out.total;
-    const std::vector<double>& aux = step_out.aux;
-    if (!std::isfinite(total_loss) || !std::isfinite(lm_loss)) {
-      progress.finish();
-      return internal_error(
-          "step " + std::to_string(step + 1) + ": the loss is " + std::to_string(total_loss) +
-          " (not finite); stopping without saving. " + diverged_advice(good_ckpt, unverified_ckpt));
-    }
-    const double norm = global_grad_norm(*optimizer_, *grid_);
-    if (!std::isfinite(norm)) {
-      progress.finish();
-      return internal_error("step " + std::to_string(step + 1) +
-                            ": the gradient norm is not finite; stopping without saving. " +
-                            diverged_advice(good_ckpt, unverified_ckpt));
-    }
-    if (!unverified_ckpt.empty()) {  // its next step (this one) is finite: it is good
-      good_ckpt = unverified_ckpt;
-      unverified_ckpt.clear();
-    }
-    const double clip = tr.optimizer().grad_clip();
-    const double scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
-    optimizer_->step(lr, tr.lr().lr() > 0 ? stage.lr.lr() : lr, scale);
-    model_->zero_grad();
-    model_->after_step();
+double Trainer::peak_tflops() const {
+  const double peak = cfg_.train().peak_tflops();
+  return peak > 0 ? peak : device_.is_cuda() ? kDefaultCudaPeakTflops : 0.0;
+}
 
-    const double step_s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    // The kernel profile covers the steps after the first (whose one-time costs would blur it).
-    if (kernel_profile_enabled() && step == sum.first_step && step + 1 < stop)
-      kernel_profile_reset();
-    const double tokens = double(stage.batch * stage.seq_len);  // the global batch
-    state_.tokens_seen += tokens;
-    state_.step = step + 1;
-    rates.push_back(tokens / step_s);
-    if (sum.first_step == step) sum.first_loss = lm_loss;
-    recent_losses.push_back(lm_loss);
-    if (recent_losses.size() > 10) recent_losses.erase(recent_losses.begin());
+// The step's line of metrics.jsonl (every rank takes part: the model's statistics are averaged
+// over the ranks); also warns of MoE layers that route nothing.
+MetricValues Trainer::step_metrics(StepOutcome& step, const Stage& stage, Leg& leg) {
+  // Model FLOPs per second over the device's peak, per rank (the step's tokens are the global
+  // batch's).
+  const double tokens_per_s = step.tokens / step.seconds;
+  const double tflops = tokens_per_s *
+                        model::training_flops_per_token(spec_, stage.paths, stage.seq_len) /
+                        double(grid_->world().size()) / 1e12;
+  const model::AuxLosses& aux = step.losses.aux;
+  MetricValues values = {{"loss", step.losses.lm},
+                         {"loss.total", step.losses.total},
+                         {"loss.balance", aux.balance},
+                         {"loss.locality", aux.locality},
+                         {"loss.sparsity", aux.sparsity},
+                         {"lr", step.lr},
+                         {"grad_norm", step.grad_norm},
+                         {"tokens_per_s", tokens_per_s},
+                         {"step_ms", step.seconds * 1e3},
+                         {"model_tflops", tflops},
+                         {"tokens_seen", state_.tokens_seen},
+                         {"elapsed_s", leg.elapsed()},
+                         {"stage_index", double(stage.index)},
+                         {"memory.rss_peak_mb", peak_rss_mb()},
+                         {"memory.optimizer_mb", double(optimizer_->state_bytes()) / (1 << 20)}};
+  if (peak_tflops() > 0) values.push_back({"mfu", tflops / peak_tflops()});
+  if (reducer_) {  // rank 0's view of the gradient exchange
+    values.push_back({"comm.exposed_ms", reducer_->stats().exposed_ms});
+    values.push_back({"comm.buckets_overlapped", double(reducer_->stats().early)});
+    if (reducer_->sharding())
+      values.push_back({"comm.param_gather_ms", reducer_->stats().gather_ms});
+  }
+  if (device_.is_cuda()) {
+    const CudaMemoryStats ms = cuda_memory_stats(device_.index);
+    values.push_back({"memory.cuda_peak_mb", double(ms.peak_allocated) / (1 << 20)});
+    values.push_back({"memory.cuda_reserved_mb", double(ms.reserved) / (1 << 20)});
+  }
+  std::map<std::string, double>& stats = step.losses.stats;
+  average_over_ranks(stats, *grid_);
+  for (const auto& [k, v] : stats)
+    if (k.rfind("loss.", 0) != 0) values.push_back({k, v});
+  warn_dead_layers(stats, leg);
+  return values;
+}
 
-    // Model FLOPs per second over the device's peak, per rank (the step's tokens are the global
-    // batch's).
-    const double tflops = tokens / step_s *
-                          model::training_flops_per_token(spec_, stage.paths, stage.seq_len) /
-                          double(grid_->world().size()) / 1e12;
-    const double peak = tr.peak_tflops() > 0 ? tr.peak_tflops()
-                        : device_.is_cuda()  ? kDefaultCudaPeakTflops
-                                             : 0.0;
-    MetricValues values = {{"loss", lm_loss},
-                           {"loss.total", total_loss},
-                           {"loss.balance", aux[0]},
-                           {"loss.locality", aux[1]},
-                           {"loss.sparsity", aux[2]},
-                           {"lr", lr},
-                           {"grad_norm", norm},
-                           {"tokens_per_s", tokens / step_s},
-                           {"step_ms", step_s * 1e3},
-                           {"model_tflops", tflops},
-                           {"tokens_seen", state_.tokens_seen},
-                           {"elapsed_s", elapsed()},
-                           {"stage_index", double(stage.index)},
-                           {"memory.rss_peak_mb", peak_rss_mb()},
-                           {"memory.optimizer_mb", double(optimizer_->state_bytes()) / (1 << 20)}};
-    if (peak > 0) values.push_back({"mfu", tflops / peak});
-    if (reducer_) {  // rank 0's view of the gradient exchange
-      values.push_back({"comm.exposed_ms", reducer_->stats().exposed_ms});
-      values.push_back({"comm.buckets_overlapped", double(reducer_->stats().early)});
-      if (reducer_->sharding())
-        values.push_back({"comm.param_gather_ms", reducer_->stats().gather_ms});
-    }
-    if (device_.is_cuda()) {
-      const CudaMemoryStats ms = cuda_memory_stats(device_.index);
-      values.push_back({"memory.cuda_peak_mb", double(ms.peak_allocated) / (1 << 20)});
-      values.push_back({"memory.cuda_reserved_mb", double(ms.reserved) / (1 << 20)});
-    }
-    average_over_ranks(step_out.stats, *grid_);
-    for (const auto& [k, v] : step_out.stats)
-      if (k.rfind("loss.", 0) != 0) values.push_back({k, v});
-    // Routing health: a MoE layer whose chunks reach no expert at all has dead experts (its FFN
-    // adds nothing); said once per layer, the layer named.
-    for (const auto& [k, v] : step_out.stats) {
-      const std::string suffix = ".empty_chunk_frac";
-      if (k.rfind("moe.", 0) != 0 || k.size() <= suffix.size() ||
-          k.compare(k.size() - suffix.size(), suffix.size(), suffix) != 0 || v < 0.999)
-        continue;
-      const std::string layer = k.substr(4, k.size() - 4 - suffix.size());
-      if (!dead_layers_warned_.insert(layer).second) continue;
-      say("warning: step " + std::to_string(state_.step) + ": MoE layer " + layer +
-          " routes no chunk to any expert (every router output is zero after the ReLU): its "
-          "experts are dead "
-          "and its FFN adds nothing (metrics moe." +
-          layer + ".dead_experts, ." + "empty_chunk_frac)");
-    }
-    const bool last = state_.step == stop;
-    const bool eval_due = (tr.eval_every() > 0 && state_.step % tr.eval_every() == 0) || last;
-    if (eval_due) {
-      HYDRA_ASSIGN_OR_RETURN(sum.eval, evaluate(stage));
-      sum.eval.step = state_.step;
-      values.push_back({"eval.loss", sum.eval.loss});
-      values.push_back({"eval.perplexity", sum.eval.perplexity});
-      for (int k = 0; k < data::kNumTasks; ++k) {
-        if (sum.eval.answers[k] == 0) continue;
-        const std::string key = std::string("eval.accuracy.") + data::task_name(k);
-        values.push_back({key, sum.eval.accuracy[k]});
-        for (int l = 0; l < data::kNumLevels; ++l)
-          if (sum.eval.level_answers[k][l] > 0)
-            values.push_back({key + "." + data::level_name(k, l), sum.eval.level_accuracy[k][l]});
-      }
-      if (std::isfinite(sum.eval.routing_purity))
-        values.push_back({"eval.routing_purity", sum.eval.routing_purity});
-    }
-    if (lead()) log.write(state_.step, stage.name, values);
-    if (speak)
-      progress.update(state_.step, stage.name, lm_loss, lr, tokens / step_s, elapsed(),
-                      peak > 0 ? tflops / peak : -1);
-    if (eval_due && speak) {
-      std::ostringstream os;
-      os.precision(4);
-      os << "eval at step " << state_.step << ": loss " << sum.eval.loss << ", perplexity "
-         << sum.eval.perplexity;
-      for (int k = 0; k < data::kNumTasks; ++k)
-        if (sum.eval.answers[k] > 0)
-          os << ", " << data::task_name(k) << " " << sum.eval.accuracy[k];
-      say(os.str());
-    }
-    // A signal reaches the ranks at different moments: they act on it at the same step.
-    int sig = g_signal.load();
-    if (grid_->distributed())
-      sig = static_cast<int>(grid_->world().all_reduce_host(double(sig), parallel::ReduceOp::kMax));
-    // save_every -1 (benchmarks): no checkpoint at all, not even at the end or on a signal.
-    const bool save_due =
-        tr.save_every() >= 0 &&
-        ((tr.save_every() > 0 && state_.step % tr.save_every() == 0) || last || sig != 0);
-    if (save_due) {
-      // The metrics up to this step are durable before the checkpoint is published: a kill right
-      // after the publish (and a resume from it) must not lose the step's line.
-      if (lead()) log.flush();
-      HYDRA_RETURN_IF_ERROR(save());
-    }
-    if (sig != 0) {
-      progress.finish();
-      const std::string name = sig == SIGINT    ? "SIGINT"
-                               : sig == SIGTERM ? "SIGTERM"
-                               : sig == SIGUSR1 ? "SIGUSR1"
-                                                : "signal";
-      say("received " + name + " (" + std::to_string(sig) + ") at step " +
+// Routing health: a MoE layer whose chunks reach no expert at all has dead experts (its FFN adds
+// nothing); said once per layer, the layer named.
+void Trainer::warn_dead_layers(const std::map<std::string, double>& stats, Leg& leg) {
+  const std::string suffix = ".empty_chunk_frac";
+  for (const auto& [k, v] : stats) {
+    if (k.rfind("moe.", 0) != 0 || k.size() <= suffix.size() ||
+        k.compare(k.size() - suffix.size(), suffix.size(), suffix) != 0 || v < 0.999)
+      continue;
+    const std::string layer = k.substr(4, k.size() - 4 - suffix.size());
+    if (!dead_layers_warned_.insert(layer).second) continue;
+    leg.say("warning: step " + std::to_string(state_.step) + ": MoE layer " + layer +
+            " routes no chunk to any expert (every router output is zero after the ReLU): its "
+            "experts are dead and its FFN adds nothing (metrics moe." +
+            layer + ".dead_experts, .empty_chunk_frac)");
+  }
+}
+
+Status Trainer::evaluate_into(const Stage& stage, MetricValues* values, Leg& leg) {
+  HYDRA_ASSIGN_OR_RETURN(leg.sum.eval, evaluate(stage));
+  const EvalResult& e = leg.sum.eval;
+  leg.sum.eval.step = state_.step;
+  values->push_back({"eval.loss", e.loss});
+  values->push_back({"eval.perplexity", e.perplexity});
+  for (int k = 0; k < data::kNumTasks; ++k) {
+    if (e.answers[k] == 0) continue;
+    const std::string key = std::string("eval.accuracy.") + data::task_name(k);
+    values->push_back({key, e.accuracy[k]});
+    for (int l = 0; l < data::kNumLevels; ++l)
+      if (e.level_answers[k][l] > 0)
+        values->push_back({key + "." + data::level_name(k, l), e.level_accuracy[k][l]});
+  }
+  if (std::isfinite(e.routing_purity)) values->push_back({"eval.routing_purity", e.routing_purity});
+  return ok_status();
+}
+
+// The step's metrics line (rank 0), the progress bar, and the evaluation's line when one ran.
+void Trainer::log_metrics(const StepOutcome& step, const Stage& stage, const MetricValues& values,
+                          bool evaluated, Leg& leg) {
+  if (lead()) leg.log.write(state_.step, stage.name, values);
+  if (!leg.speak) return;
+  const double tokens_per_s = step.tokens / step.seconds;
+  double mfu = -1;
+  for (const auto& [k, v] : values)
+    if (k == "mfu") mfu = v;
+  leg.progress.update(state_.step, stage.name, step.losses.lm, step.lr, tokens_per_s, leg.elapsed(),
+                      mfu);
+  if (!evaluated) return;
+  const EvalResult& e = leg.sum.eval;
+  std::ostringstream os;
+  os.precision(4);
+  os << "eval at step " << state_.step << ": loss " << e.loss << ", perplexity " << e.perplexity;
+  for (int k = 0; k < data::kNumTasks; ++k)
+    if (e.answers[k] > 0) os << ", " << data::task_name(k) << " " << e.accuracy[k];
+  leg.say(os.str());
+}
+
+// A signal reaches the ranks at different moments: they act on it at the same step.
+int Trainer::agreed_signal() const {
+  int sig = g_signal.load();
+  if (grid_->distributed())
+    sig = static_cast<int>(grid_->world().all_reduce_host(double(sig), parallel::ReduceOp::kMax));
+  return sig;
+}
+
+// Saves when train.save_every says so, at the leg's last step, or on a signal; save_every -1
+// (benchmarks): never. Returns whether it saved.
+Expected<bool> Trainer::maybe_save(bool last, int sig, Leg& leg) {
+  const int64_t every = cfg_.train().save_every();
+  const bool due = every >= 0 && ((every > 0 && state_.step % every == 0) || last || sig != 0);
+  if (!due) return false;
+  // The metrics up to this step are durable before the checkpoint is published: a kill right
+  // after the publish (and a resume from it) must not lose the step's line.
+  if (lead()) leg.log.flush();
+  state_.rng = default_generator().state();
+  state_.elapsed_s = leg.elapsed();
+  HYDRA_ASSIGN_OR_RETURN(leg.last_ckpt,
+                         checkpoints_->save(state_, cfg_, *model_, *optimizer_, *grid_));
+  leg.unverified_ckpt = leg.last_ckpt;
+  return true;
+}
+
+void Trainer::stop_on_signal(int sig, bool saved, Leg& leg) {
+  leg.progress.finish();
+  leg.say("received " + signal_name(sig) + " (" + std::to_string(sig) + ") at step " +
           std::to_string(state_.step) +
-          (save_due ? ": saved checkpoint " + last_ckpt + "; continue with --resume auto"
-                    : ": stopping without a checkpoint (train.save_every = -1)"));
-      sum.interrupted = true;
-      sum.signal = sig;
-      break;
-    }
-  }
-  progress.finish();
-  if (lead()) log.flush();
+          (saved ? ": saved checkpoint " + leg.last_ckpt + "; continue with --resume auto"
+                 : ": stopping without a checkpoint (train.save_every = -1)"));
+  leg.sum.interrupted = true;
+  leg.sum.signal = sig;
+}
+
+TrainSummary Trainer::finish_leg(Leg& leg) {
+  leg.progress.finish();
+  if (lead()) leg.log.flush();
+  TrainSummary& sum = leg.sum;
   sum.last_step = state_.step;
-  sum.checkpoint = last_ckpt;
-  sum.elapsed_s = elapsed();
-  sum.leg_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  sum.checkpoint = leg.last_ckpt;
+  sum.elapsed_s = leg.elapsed();
+  sum.leg_s = leg.leg_seconds();
   double l = 0;
-  for (double v : recent_losses) l += v;
-  sum.last_loss = recent_losses.empty() ? NAN : l / double(recent_losses.size());
-  std::sort(rates.begin(), rates.end());
-  sum.tokens_per_s = rates.empty() ? 0 : rates[rates.size() / 2];
+  for (double v : leg.recent_losses) l += v;
+  sum.last_loss = leg.recent_losses.empty() ? NAN : l / double(leg.recent_losses.size());
+  std::sort(leg.rates.begin(), leg.rates.end());
+  sum.tokens_per_s = leg.rates.empty() ? 0 : leg.rates[leg.rates.size() / 2];
   return sum;
 }
 

@@ -1,11 +1,13 @@
-// The training loop, top to bottom in Trainer::run(): for each step, the curriculum stage, the
-// batch, forward and backward over micro-batches, gradient clipping, AdamW, metrics, evaluation and
-// checkpoints. Resuming restores everything a step depends on, so N straight steps equal N/2 +
-// resume
-// + N/2 bit for bit.
+// The training loop, top to bottom in Trainer::run(): for each step, the curriculum stage
+// (begin_stage), the step itself (train_step: the batch, forward and backward over micro-batches,
+// the NaN guard, gradient clipping, AdamW), its metrics (step_metrics), evaluation when due
+// (evaluate_into; trainer/evaluation.cpp), the metrics line (log_metrics) and a checkpoint when due
+// (maybe_save). Resuming restores everything a step depends on, so N straight steps equal N/2 +
+// resume + N/2 bit for bit.
 #pragma once
 
 #include <array>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -88,6 +90,24 @@ class Trainer {
   Status prepare_model();
   Status enter_stage(const Stage& stage);
   Expected<EvalResult> evaluate(const Stage& stage);
+
+  // One call of run() (trainer.cpp), and the parts of its loop in the order they run.
+  struct Leg;
+  struct StepOutcome;
+  Expected<std::unique_ptr<Leg>> start_leg();
+  Status begin_stage(const Stage& stage, Leg& leg);
+  Expected<StepOutcome> train_step(const Stage& stage, Leg& leg);
+  MetricValues step_metrics(StepOutcome& step, const Stage& stage, Leg& leg);
+  void warn_dead_layers(const std::map<std::string, double>& stats, Leg& leg);
+  Status evaluate_into(const Stage& stage, MetricValues* values, Leg& leg);
+  void log_metrics(const StepOutcome& step, const Stage& stage, const MetricValues& values,
+                   bool evaluated, Leg& leg);
+  int agreed_signal() const;
+  Expected<bool> maybe_save(bool last, int sig, Leg& leg);
+  void stop_on_signal(int sig, bool saved, Leg& leg);
+  TrainSummary finish_leg(Leg& leg);
+  std::string grid_banner() const;
+  double peak_tflops() const;                               // the MFU's denominator (0: unknown)
   bool lead() const { return grid_->world().rank() == 0; }  // rank 0 writes metrics and prints
   std::shared_ptr<const data::DataSource> make_source(const Stage& stage, int64_t window) const;
 

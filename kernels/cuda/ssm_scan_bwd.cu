@@ -73,7 +73,7 @@ BwdScratch scratch_of(const SsmScanParams& p) {
 // Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta. C is staged in
 // shared memory kSteps steps at a time (one 16-byte load per four states instead of a load and a
 // conversion per state). Up to 16 states, bounded to 8 blocks per SM (64 registers).
-template <class T, int NMAX>
+template <class T, int NMAX, bool FULL>
 __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <= 16 ? 8 : 1))
     scan_bwd_chunk_kernel(SsmScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
                           compute_t<T>* __restrict dsums) {
@@ -83,10 +83,10 @@ __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <
   const ScanIn<T> in{p};
   const ChunkThread th = chunk_thread(p, 0);
   const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, slot = (b * nchunks + th.c) * D + d;
-  const int N = static_cast<int>(p.state);
+  const int N = states_of<NMAX, FULL>(p);
   const bool live = th.live;
   A Ad[NMAX], G[NMAX];
-  load_decay_rates<T, NMAX>(p, d, live, Ad);
+  load_decay_rates<T, NMAX, FULL>(p, d, live, Ad);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) G[n] = 0;
   const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
@@ -143,7 +143,7 @@ constexpr int scan_bwd_min_blocks() {
   return sizeof(compute_t<T>) > 4 ? 1 : NMAX <= 8 ? 4 : NMAX <= 16 ? 3 : 1;
 }
 
-template <class T, int NMAX>
+template <class T, int NMAX, bool FULL>
 __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
     scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc,
                     compute_t<T>* __restrict ws) {
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   const int64_t slot = (b * nchunks + th.c) * D + d;
   // The thread's column of the checkpoint scratch, and the scratch's row length.
   const int64_t col = (int64_t(blockIdx.z) * nchunks + th.c) * D + d, cols = sc.slice * nchunks * D;
-  const int N = static_cast<int>(p.state), lane = threadIdx.x & 31;
+  const int N = states_of<NMAX, FULL>(p), lane = threadIdx.x & 31;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const bool live = th.live;
   A* ckpt = ws;  // [k][n][col]: the state entering sub-chunk k
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   const A* chunk_states = static_cast<const A*>(p.chunk_states);
 
   A Ad[NMAX], G[NMAX], gA[NMAX];  // Ad in base 2 (load_decay_rates)
-  load_decay_rates<T, NMAX>(p, d, live, Ad);
+  load_decay_rates<T, NMAX, FULL>(p, d, live, Ad);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) {
     G[n] = live && n < N ? g_in[slot * N + n] : A(0);
@@ -404,9 +404,10 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
     A* ws = static_cast<A*>(q.workspace);
     A* g_in = ws + sc.hs;
     A* dsums = g_in + sc.g_in;
-    dispatch_state(p.state, [&](auto nmax) {
+    dispatch_state(p.state, [&](auto nmax, auto full) {
       constexpr int NMAX = decltype(nmax)::value;
-      scan_bwd_chunk_kernel<T, NMAX><<<chunk_grid, kThreads, 0, s>>>(q, nc, g_in, dsums);
+      constexpr bool FULL = decltype(full)::value;
+      scan_bwd_chunk_kernel<T, NMAX, FULL><<<chunk_grid, kThreads, 0, s>>>(q, nc, g_in, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
       scan_carry_kernel<T, true><<<carry_grid, kThreads, 0, s>>>(
           static_cast<const T*>(p.A_log), p.dim, p.state, nc, g_in, dsums,
@@ -416,8 +417,8 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
         const dim3 grid(dim_blocks, static_cast<unsigned>(nc),
                         static_cast<unsigned>(std::min(sc.slice, p.batch - b0)));
         constexpr size_t smem = scan_bwd_smem(NMAX, sizeof(A));
-        allow_dynamic_smem(scan_bwd_kernel<T, NMAX>, smem, "ssm_scan_backward");
-        scan_bwd_kernel<T, NMAX><<<grid, kThreads, smem, s>>>(q, nc, b0, sc, ws);
+        allow_dynamic_smem(scan_bwd_kernel<T, NMAX, FULL>, smem, "ssm_scan_backward");
+        scan_bwd_kernel<T, NMAX, FULL><<<grid, kThreads, smem, s>>>(q, nc, b0, sc, ws);
         HYDRA_CUDA_LAUNCH_CHECK();
       }
     });

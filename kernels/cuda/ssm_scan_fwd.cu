@@ -8,7 +8,7 @@ using namespace ssm;
 
 // Forward passes 1 (FINAL false: from a zero state, the chunk's end state into `states` and its
 // summed delta into `dsums`) and 3 (FINAL true: from the entering state in `states`, y).
-template <class T, int NMAX, bool FINAL>
+template <class T, int NMAX, bool FULL, bool FINAL>
 __global__ void __launch_bounds__(kThreads)
     scan_fwd_chunk_kernel(SsmScanParams p, int64_t nchunks, compute_t<T>* __restrict states,
                           compute_t<T>* __restrict dsums) {
@@ -18,11 +18,11 @@ __global__ void __launch_bounds__(kThreads)
   const ScanIn<T> in{p};
   const ChunkThread th = chunk_thread(p, 0);
   const int64_t b = th.b, d = th.d, D = p.dim, L = p.len;
-  const int N = static_cast<int>(p.state);
+  const int N = states_of<NMAX, FULL>(p);
   const bool live = th.live;
   const int64_t slot = (b * nchunks + th.c) * D + d;
   A Ad[NMAX], h[NMAX];
-  load_decay_rates<T, NMAX>(p, d, live, Ad);
+  load_decay_rates<T, NMAX, FULL>(p, d, live, Ad);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) h[n] = FINAL && live && n < N ? states[slot * N + n] : A(0);
   const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
@@ -100,15 +100,18 @@ void ssm_scan_fwd(const SsmScanParams& p) {
     using A = compute_t<T>;
     A* dsums = static_cast<A*>(p.workspace);
     A* states = p.chunk_states ? static_cast<A*>(p.chunk_states) : dsums + p.batch * nc * p.dim;
-    dispatch_state(p.state, [&](auto nmax) {
+    dispatch_state(p.state, [&](auto nmax, auto full) {
       constexpr int NMAX = decltype(nmax)::value;
-      scan_fwd_chunk_kernel<T, NMAX, false><<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
+      constexpr bool FULL = decltype(full)::value;
+      scan_fwd_chunk_kernel<T, NMAX, FULL, false>
+          <<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
       scan_carry_kernel<T, false><<<carry_grid, kThreads, 0, s>>>(
           static_cast<const T*>(p.A_log), p.dim, p.state, nc, states, dsums,
           static_cast<const A*>(p.h0), static_cast<A*>(p.h_last));
       HYDRA_CUDA_LAUNCH_CHECK();
-      scan_fwd_chunk_kernel<T, NMAX, true><<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
+      scan_fwd_chunk_kernel<T, NMAX, FULL, true>
+          <<<chunk_grid, kThreads, 0, s>>>(p, nc, states, dsums);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });

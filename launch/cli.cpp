@@ -1,0 +1,104 @@
+#include "launch/cli.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+
+#include "kernels/base/check.h"
+#include "kernels/base/parallel.h"
+#include "parallel/runtime.h"
+
+namespace hydra::cli {
+
+Tool::Tool(std::string name, int* argc, char*** argv) : name_(std::move(name)) {
+  lead_ = parallel::init_processes(argc, argv).rank == 0;
+}
+
+Tool::~Tool() { parallel::finalize_processes(); }
+
+void Tool::error(const std::string& message) const {
+  if (lead_) std::cerr << name_ << ": " << message << "\n";
+}
+
+std::optional<int> Tool::parse(int argc, char** argv, const po::options_description& visible,
+                               po::variables_map* vm, const po::options_description* hidden,
+                               const po::positional_options_description* positional) const {
+  po::options_description all;
+  all.add(visible);
+  if (hidden != nullptr) all.add(*hidden);
+  try {
+    po::command_line_parser parser(argc, argv);
+    parser.options(all);
+    if (positional != nullptr) parser.positional(*positional);
+    po::store(parser.run(), *vm);
+    po::notify(*vm);
+  } catch (const po::error& e) {
+    error(std::string(e.what()) + " (see " + name_ + " --help)");
+    return kUsageError;
+  }
+  if (vm->count("help")) {
+    if (lead_) std::cout << visible << "\n";
+    return kOk;
+  }
+  return std::nullopt;
+}
+
+int Tool::guarded(const std::function<int()>& body) const {
+  std::string message;
+  try {
+    return body();
+  } catch (const Error& e) {
+    message = name_ + ": internal error: " + e.what();
+  } catch (const std::exception& e) {
+    message = name_ + ": " + e.what();
+  }
+  if (parallel::process_info().distributed) parallel::abort_job(kInternalError, message);
+  std::cerr << message << "\n";
+  return kInternalError;
+}
+
+void set_threads(const po::variables_map& vm) {
+  if (vm.count("threads")) {
+    set_num_threads(vm["threads"].as<int>());
+  } else if (std::getenv("HYDRA_NUM_THREADS") == nullptr &&
+             std::getenv("OMP_NUM_THREADS") == nullptr &&
+             parallel::process_info().local_size > 1) {
+    // Ranks on one host share its cores: each takes its share, not all of them (4 ranks on 2
+    // cores each starting 2 threads ran 8 threads on 2 cores).
+    set_num_threads(std::max(1, num_threads() / parallel::process_info().local_size));
+  }
+}
+
+namespace {
+// An option's value as the text a --set takes.
+std::string value_text(const po::variable_value& v) {
+  const boost::any& a = v.value();
+  if (const auto* s = boost::any_cast<std::string>(&a)) return *s;
+  if (const auto* i = boost::any_cast<int64_t>(&a)) return std::to_string(*i);
+  if (const auto* u = boost::any_cast<uint64_t>(&a)) return std::to_string(*u);
+  if (const auto* n = boost::any_cast<int>(&a)) return std::to_string(*n);
+  if (const auto* d = boost::any_cast<double>(&a)) return std::to_string(*d);
+  HYDRA_CHECK(false) << "cli::overrides: an option of a type it does not convert";
+  return "";
+}
+}  // namespace
+
+std::vector<std::string> overrides(const po::variables_map& vm,
+                                   const std::vector<std::pair<std::string, std::string>>& flags) {
+  std::vector<std::string> sets;
+  if (vm.count("set")) sets = vm["set"].as<std::vector<std::string>>();
+  for (const auto& [option, field] : flags)
+    if (vm.count(option)) sets.push_back(field + "=" + value_text(vm[option]));
+  return sets;
+}
+
+Expected<config::RunConfig> load_config(const std::string& path,
+                                        const std::vector<std::string>& sets) {
+  HYDRA_ASSIGN_OR_RETURN(config::RunConfig cfg, config::load_run_config(path));
+  HYDRA_RETURN_IF_ERROR(config::apply_overrides(&cfg, sets));
+  return cfg;
+}
+
+}  // namespace hydra::cli
