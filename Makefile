@@ -2,15 +2,17 @@
 #   make demo   install what is missing, build, train the tiny model on the built-in data, report
 #   make test   install what is missing, build, run the tests (ctest)
 # Other targets: make build, make bench, make format (clang-format every source), make format-check,
-# make clean. Variables: BUILD_DIR, JOBS, CMAKE_FLAGS, CTEST_FLAGS.
+# make tidy (clang-tidy with .clang-tidy), make clean. Variables: BUILD_DIR, JOBS, CMAKE_FLAGS, CTEST_FLAGS.
 
+# No "Entering/Leaving directory" lines from the make that cmake --build runs.
+MAKEFLAGS += --no-print-directory
 BUILD_DIR ?= build
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?=
 CTEST_FLAGS ?=
 DEMO_DIR ?= runs/demo
 
-.PHONY: all deps configure build test demo bench format format-check clean
+.PHONY: all deps configure build test demo bench format format-check tidy clean
 
 all: build
 
@@ -39,6 +41,9 @@ format:
 
 format-check:
 	@bash cmake/check-format.sh
+
+tidy: configure
+	@bash cmake/tidy.sh $(BUILD_DIR)
 
 clean:
 	@rm -rf $(BUILD_DIR) $(BUILD_DIR).configure.log

@@ -11,7 +11,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "kernels/base/check.h"
+#include "base/check.h"
 
 #if HYDRA_WITH_CUDA
 #include "kernels/device_runtime.h"

@@ -8,7 +8,7 @@
 #include "autograd/cuda_context.h"
 #include "autograd/device.h"
 #include "autograd/profiler.h"
-#include "kernels/base/check.h"
+#include "base/check.h"
 
 #if HYDRA_WITH_CUDA
 #define HYDRA_LAUNCH(device, fn, params)                           \

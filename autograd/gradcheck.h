@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "autograd/tensor.h"
-#include "kernels/base/status.h"
+#include "base/status.h"
 
 namespace hydra {
 

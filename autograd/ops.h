@@ -1,6 +1,43 @@
 // The differentiable op set. Every op runs on the CPU (reference) and, where its kernel family has
 // one, on CUDA; inputs must share a device and (floating ones) a dtype. Shape errors name the op
 // and the shapes. Each op's backward is written by hand next to its forward (autograd/ops_*.cpp).
+//
+// Naming: an op that has kernels of its own gives its name to all of them. The kernel family's
+// header is kernels/<op>.h with kernels/cpu/<op>.cpp and kernels/cuda/<op>*.cu, its kernels are
+// <op>_fwd and <op>_bwd (their Params <Op>Params, <Op>BwdParams), its tests <Op>.* (CPU and
+// gradient checks, tests/autograd) and CudaOps.<Op>MatchesCpu (tests/gpu), its benchmark rows
+// start with the op's name. Families that serve many ops are named for what they compute (gemm,
+// elementwise, copy, reduce, index, attention). Where each op runs:
+//
+//   op                      kernel family (kernels/)      gradient test             benchmark row
+//   add sub mul div ...     elementwise: binary           Binary.Gradcheck*         mul [..]
+//   exp log relu silu ...   elementwise: unary_fwd/bwd    Unary.GradcheckFloat64    silu [..]
+//   sum mean amax sum_to    reduce: reduce_axis           Sum., Mean.Gradcheck*     sum over rows
+//   matmul linear           matmul: gemm                  Matmul., Linear.*         <model> in_proj
+//   grouped_linear          matmul: grouped_gemm          GroupedLinear.*           8 experts up
+//   tiled_linear            matmul: tile_gemm             TiledLinear.*             (the MoE step)
+//   rms_norm                rms_norm                      RmsNorm.GradcheckFloat64  rms_norm fwd
+//   softmax log_softmax     softmax                       Softmax., LogSoftmax.*    softmax fwd
+//   cross_entropy           loss: cross_entropy_*         CrossEntropy.*            cross_entropy
+//   embedding gather_rows   index: gather_rows            Embedding., GatherRows.*  embedding fwd
+//   scatter_add_rows        index: scatter_add_rows       ScatterAddRows.* scatter_add_rows
+//   gather_sum_rows         index: gather_sum_rows        GatherSumRows.*           (the MoE step)
+//   gather scatter_add      index: axis_gather, axis_scatter_add  Gather., ScatterAdd.*  -
+//   embedding_bag           index: embedding_bag_fwd/bwd  EmbeddingBag.*            (the PKM step)
+//   product_key_indices     index: product_key_indices    (no gradient)             -
+//   topk                    topk                          Topk.GradcheckFloat64     -
+//   sparse_attention        attention: attention_fwd/bwd  SparseAttention.*         <model>
+//   attention merge_attention         merge_attention               MergeAttention.*          -
+//   rope                    rope                          Rope.GradcheckFloat64     -
+//   causal_conv1d           conv1d: causal_conv1d_*       CausalConv1d.*            conv1d fwd
+//   selective_scan          selective_scan                SelectiveScan.*           selective_scan
+//   ssd_scan                (composed of ops)             SsdScan.*                 ssd_scan
+//   gated_update gated_scan gated_update                  GatedUpdate., GatedScan.* -
+//   moe_route               moe_route                     (no gradient)             -
+//   concat split views      copy: strided_copy            Concat., Split., Views.*  copy of a slice
+//
+// (Benchmark rows: bench/hydra_bench_gpu.cpp, "toy32k ..." and model-shaped rows; the CPU's in
+// bench/hydra_bench.cpp. The optimizer's kernels, adamw_* in kernels/optim.h, have no op.)
 #pragma once
 
 #include <cstdint>
@@ -235,7 +272,7 @@ struct SelectiveScanResult {
   Tensor y;       // [B, L, D]
   Tensor h_last;  // [B, D, N], accumulate dtype
 };
-// The fused selective scan (kernels/ssm_scan.h): u, delta_raw, z [B, L, D]; B, C [B, L, N];
+// The fused selective scan (kernels/selective_scan.h): u, delta_raw, z [B, L, D]; B, C [B, L, N];
 // A_log [D, N]; D, dt_bias [D]; h0 [B, D, N]. z, D, dt_bias and h0 may be undefined.
 SelectiveScanResult selective_scan(const Tensor& u, const Tensor& delta_raw, const Tensor& A_log,
                                    const Tensor& B, const Tensor& C, const Tensor& D,

@@ -123,7 +123,7 @@ std::pair<Tensor, Tensor> merge_attention(const Tensor& outs_in, const Tensor& l
   const Device dev = outs_in.device();
   const Tensor outs = outs_in.contiguous(), lses = lses_in.to(acc).contiguous();
   Tensor o = Tensor::empty({B, L, H, dh}, dt, dev), lse = Tensor::empty({B, H, L}, acc, dev);
-  kernels::AttentionMergeParams p;
+  kernels::MergeAttentionParams p;
   p.dtype = dt;
   p.parts = P;
   p.batch = B;
@@ -135,7 +135,7 @@ std::pair<Tensor, Tensor> merge_attention(const Tensor& outs_in, const Tensor& l
   p.out = o.raw_data();
   p.lse = lse.raw_data();
   p.stream = current_stream(dev);
-  if (lse.numel() > 0) HYDRA_LAUNCH(dev, attention_merge_fwd, p);
+  if (lse.numel() > 0) HYDRA_LAUNCH(dev, merge_attention_fwd, p);
   if (any_requires_grad({outs_in, lses_in})) {
     std::vector<SavedTensor> saved = {SavedTensor(outs), SavedTensor(lses), SavedTensor(o),
                                       SavedTensor(lse)};
@@ -145,14 +145,14 @@ std::pair<Tensor, Tensor> merge_attention(const Tensor& outs_in, const Tensor& l
       const Tensor gl = g.size() > 1 && g[1].defined() ? g[1].to(acc).contiguous() : Tensor();
       Tensor gouts = Tensor::empty({P, B, L, H, dh}, dt, dev),
              glses = Tensor::empty({P, B, H, L}, acc, dev);
-      kernels::AttentionMergeBwdParams bp;
+      kernels::MergeAttentionBwdParams bp;
       bp.fwd = p;
       bp.fwd.stream = current_stream(dev);
       bp.gout = go.defined() ? go.raw_data() : nullptr;
       bp.glse = gl.defined() ? gl.raw_data() : nullptr;
       bp.gouts = gouts.raw_data();
       bp.glses = glses.raw_data();
-      if (glses.numel() > 0) HYDRA_LAUNCH(dev, attention_merge_bwd, bp);
+      if (glses.numel() > 0) HYDRA_LAUNCH(dev, merge_attention_bwd, bp);
       return std::vector<Tensor>{gouts, glses};
     });
   }

@@ -22,7 +22,7 @@ void check_index(const char* op, const Tensor& index, const Tensor& data) {
 
 // table[index[i]] += src[i] into `table` (contiguous, modified).
 void scatter_rows_into(const Tensor& table, const Tensor& index, const Tensor& src) {
-  kernels::RowScatterAddParams p;
+  kernels::ScatterAddRowsParams p;
   p.dtype = table.dtype();
   p.index_dtype = index.dtype();
   p.src = src.raw_data();
@@ -32,16 +32,16 @@ void scatter_rows_into(const Tensor& table, const Tensor& index, const Tensor& s
   p.num_rows = table.size(0);
   p.cols = table.numel() / std::max<int64_t>(table.size(0), 1);
   p.stream = current_stream(table.device());
-  const Tensor ws = HYDRA_CUDA_WORKSPACE(table.device(), row_scatter_add_workspace, p);
+  const Tensor ws = HYDRA_CUDA_WORKSPACE(table.device(), scatter_add_rows_workspace, p);
   p.workspace = ws.defined() ? ws.raw_data() : nullptr;
-  if (p.n > 0 && p.cols > 0) HYDRA_LAUNCH(table.device(), row_scatter_add, p);
+  if (p.n > 0 && p.cols > 0) HYDRA_LAUNCH(table.device(), scatter_add_rows, p);
 }
 
 // out [inverse.size(0), C] with out[r] = the sum of src[inverse[r, k]] (kernels/index.h).
 Tensor gather_sum_rows_raw(const Tensor& src, const Tensor& inverse) {
   const int64_t cols = src.size(1);
   Tensor out = Tensor::empty({inverse.size(0), cols}, src.dtype(), src.device());
-  kernels::RowGatherSumParams p;
+  kernels::GatherSumRowsParams p;
   p.dtype = src.dtype();
   p.src = src.raw_data();
   p.inverse = inverse.data<int64_t>();
@@ -51,7 +51,7 @@ Tensor gather_sum_rows_raw(const Tensor& src, const Tensor& inverse) {
   p.cols = cols;
   p.num_src = src.size(0);
   p.stream = current_stream(src.device());
-  if (p.rows > 0 && cols > 0) HYDRA_LAUNCH(src.device(), row_gather_sum, p);
+  if (p.rows > 0 && cols > 0) HYDRA_LAUNCH(src.device(), gather_sum_rows, p);
   return out;
 }
 
@@ -67,7 +67,7 @@ void check_inverse(const char* op, const Tensor& inverse, const Tensor& index, i
 Tensor gather_rows_raw(const Tensor& table, const Tensor& index) {
   const int64_t cols = table.size(1);
   Tensor out = Tensor::empty({index.numel(), cols}, table.dtype(), table.device());
-  kernels::RowGatherParams p;
+  kernels::GatherRowsParams p;
   p.dtype = table.dtype();
   p.index_dtype = index.dtype();
   p.table = table.raw_data();
@@ -77,7 +77,7 @@ Tensor gather_rows_raw(const Tensor& table, const Tensor& index) {
   p.num_rows = table.size(0);
   p.cols = cols;
   p.stream = current_stream(table.device());
-  if (p.n > 0 && cols > 0) HYDRA_LAUNCH(table.device(), row_gather, p);
+  if (p.n > 0 && cols > 0) HYDRA_LAUNCH(table.device(), gather_rows, p);
   return out;
 }
 
@@ -476,7 +476,7 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
          weights = weights_in.detach().contiguous();
   const int64_t n = index.size(0), m = index.size(1), C = table.size(1);
   Tensor out = Tensor::empty({n, C}, table.dtype(), table.device());
-  kernels::BagParams p;
+  kernels::EmbeddingBagParams p;
   p.dtype = table.dtype();
   p.index_dtype = index.dtype();
   p.table = table.raw_data();
@@ -488,7 +488,7 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
   p.num_rows = table.size(0);
   p.cols = C;
   p.stream = current_stream(table.device());
-  if (n > 0) HYDRA_LAUNCH(table.device(), bag_fwd, p);
+  if (n > 0) HYDRA_LAUNCH(table.device(), embedding_bag_fwd, p);
   const bool sparse_table = sparse_grad && need_table && GradMode::enabled();
   std::vector<SavedTensor> saved = {SavedTensor(table), SavedTensor(index), SavedTensor(weights)};
   const Tensor leaf = sparse_table ? table_in : Tensor();
@@ -504,16 +504,16 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
         // rows the lookups hit (the sparse gradient's rows).
         Tensor gtable = need_table ? Tensor::empty(tshape, p.dtype, dev) : Tensor();
         Tensor hits = sparse_table ? Tensor::empty({tshape[0]}, DType::kI32, dev) : Tensor();
-        kernels::BagBwdParams q;
+        kernels::EmbeddingBagBwdParams q;
         q.fwd = p;
         q.fwd.stream = current_stream(dev);
         q.gout = gout.raw_data();
         q.gweights = gw.defined() ? gw.raw_data() : nullptr;
         q.gtable = gtable.defined() ? gtable.raw_data() : nullptr;
         q.hits = hits.defined() ? hits.raw_data() : nullptr;
-        const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, bag_bwd_workspace, q);
+        const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, embedding_bag_bwd_workspace, q);
         q.workspace = ws.defined() ? ws.raw_data() : nullptr;
-        if (gw.defined() || gtable.defined()) HYDRA_LAUNCH(dev, bag_bwd, q);
+        if (gw.defined() || gtable.defined()) HYDRA_LAUNCH(dev, embedding_bag_bwd, q);
         if (sparse_table) {
           // The rows the lookups hit become the sparse gradient's rows: their count needs the
           // host. A leaf without a gradient yet gets it pending (read when first needed, after

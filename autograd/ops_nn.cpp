@@ -3,7 +3,7 @@
 #include "autograd/ops.h"
 #include "kernels/gated_update.h"
 #include "kernels/loss.h"
-#include "kernels/norm.h"
+#include "kernels/rms_norm.h"
 #include "kernels/softmax.h"
 
 namespace hydra {
@@ -73,7 +73,7 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, double eps) {
   p.cols = cols;
   p.eps = eps;
   p.stream = current_stream(x.device());
-  if (rows > 0) HYDRA_LAUNCH(x.device(), rmsnorm_fwd, p);
+  if (rows > 0) HYDRA_LAUNCH(x.device(), rms_norm_fwd, p);
   if (any_requires_grad({x_in, weight})) {
     SavedTensor sx(x), sw(weight.defined() ? weight.contiguous() : Tensor()), sr(rstd);
     const bool need_w = weight.defined() && weight.requires_grad();
@@ -92,10 +92,10 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, double eps) {
       q.rows = rows;
       q.cols = cols;
       q.stream = current_stream(xv.device());
-      const Tensor ws = HYDRA_CUDA_WORKSPACE(xv.device(), rmsnorm_bwd_workspace, q);
+      const Tensor ws = HYDRA_CUDA_WORKSPACE(xv.device(), rms_norm_bwd_workspace, q);
       q.workspace = ws.defined() ? ws.raw_data() : nullptr;
       if (rows > 0) {
-        HYDRA_LAUNCH(xv.device(), rmsnorm_bwd, q);
+        HYDRA_LAUNCH(xv.device(), rms_norm_bwd, q);
       } else if (need_w) {
         gw.zero_();
       }

@@ -3,7 +3,7 @@
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "kernels/conv1d.h"
-#include "kernels/ssm_scan.h"
+#include "kernels/selective_scan.h"
 
 namespace hydra {
 namespace {
@@ -114,10 +114,13 @@ Tensor causal_conv1d(const Tensor& x_in, const Tensor& w_in, const Tensor& bias_
   return y;
 }
 
-SelectiveScanResult selective_scan(const Tensor& u_in, const Tensor& delta_in,
-                                   const Tensor& A_log_in, const Tensor& B_in, const Tensor& C_in,
-                                   const Tensor& D_in, const Tensor& dt_bias_in, const Tensor& z_in,
-                                   const Tensor& h0_in, int64_t chunk_len) {
+namespace {
+
+// The selective scan's shape, dtype and device checks, each naming the input.
+void check_scan_inputs(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_log_in,
+                       const Tensor& B_in, const Tensor& C_in, const Tensor& D_in,
+                       const Tensor& dt_bias_in, const Tensor& z_in, const Tensor& h0_in,
+                       int64_t chunk_len) {
   const char* op = "selective_scan";
   HYDRA_CHECK(u_in.dim() == 3 && is_floating(u_in.dtype()))
       << op << ": u must be [B, L, D] floating, got " << shape_str(u_in.shape());
@@ -151,55 +154,124 @@ SelectiveScanResult selective_scan(const Tensor& u_in, const Tensor& delta_in,
     HYDRA_CHECK(h0_in.dtype() == acc && h0_in.device() == u_in.device())
         << op << ": h0 must be " << dtype_name(acc) << " on " << u_in.device().str();
   }
+}
 
-  const Rows u = as_rows(u_in), delta = as_rows(delta_in), Bm = as_rows(B_in), Cm = as_rows(C_in);
-  const Rows z = z_in.defined() ? as_rows(z_in) : Rows{};
-  const Tensor A_log = A_log_in.contiguous();
-  const Tensor D = D_in.defined() ? D_in.contiguous() : Tensor();
-  const Tensor dt_bias = dt_bias_in.defined() ? dt_bias_in.contiguous() : Tensor();
-  const Tensor h0 = h0_in.defined() ? h0_in.contiguous() : Tensor();
+void* data_or_null(const Tensor& t) { return t.defined() ? t.raw_data() : nullptr; }
+
+// The scan's inputs (rows of the projections, possibly strided) and outputs, as the kernels take
+// them (kernels/selective_scan.h).
+struct ScanTensors {
+  Rows u, delta, B, C, z;
+  Tensor A_log, D, dt_bias, h0;    // contiguous or undefined
+  Tensor y, h_last, chunk_states;  // outputs; chunk_states only when a backward will run
+};
+
+kernels::SelectiveScanParams scan_params(const ScanTensors& t, int64_t chunk_len) {
+  kernels::SelectiveScanParams p;
+  p.dtype = t.u.t.dtype();
+  p.batch = t.u.t.size(0);
+  p.len = t.u.t.size(1);
+  p.dim = t.u.t.size(2);
+  p.state = t.A_log.size(1);
+  p.chunk_len = chunk_len;
+  p.u = t.u.t.raw_data();
+  p.u_row = t.u.row;
+  p.delta = t.delta.t.raw_data();
+  p.delta_row = t.delta.row;
+  p.z = data_or_null(t.z.t);
+  p.z_row = t.z.row;
+  p.B = t.B.t.raw_data();
+  p.B_row = t.B.row;
+  p.C = t.C.t.raw_data();
+  p.C_row = t.C.row;
+  p.dt_bias = data_or_null(t.dt_bias);
+  p.A_log = t.A_log.raw_data();
+  p.D = data_or_null(t.D);
+  p.h0 = data_or_null(t.h0);
+  p.y = t.y.raw_data();
+  p.h_last = t.h_last.raw_data();
+  p.chunk_states = data_or_null(t.chunk_states);
+  p.stream = current_stream(t.u.t.device());
+  return p;
+}
+
+// The backward of the scan run with `p` (the forward's tensors kept alive by the caller): the
+// gradients of u, delta, A_log, B, C, D, dt_bias, z and h0 (undefined where the input was).
+std::vector<Tensor> selective_scan_backward(const kernels::SelectiveScanParams& p, Device dev,
+                                            const Tensor& gy_in, const Tensor& gh_in,
+                                            bool need_h0) {
+  const int64_t Bsz = p.batch, L = p.len, Dm = p.dim, N = p.state;
+  const DType acc = accumulate_dtype(p.dtype);
+  const Tensor gy = gy_in.defined() ? gy_in.contiguous() : zeros({Bsz, L, Dm}, p.dtype, dev);
+  const Tensor gh = gh_in.defined() ? gh_in.to(acc).contiguous() : Tensor();
+  auto like = [&](const Shape& s, DType t) { return Tensor::empty(s, t, dev); };
+  Tensor gu = like({Bsz, L, Dm}, p.dtype), gdelta = like({Bsz, L, Dm}, p.dtype);
+  Tensor gz = p.z ? like({Bsz, L, Dm}, p.dtype) : Tensor();
+  Tensor gB = like({Bsz, L, N}, p.dtype), gC = like({Bsz, L, N}, p.dtype);
+  Tensor gA = like({Dm, N}, p.dtype);
+  Tensor gD = p.D ? like({Dm}, p.dtype) : Tensor();
+  Tensor gbias = p.dt_bias ? like({Dm}, p.dtype) : Tensor();
+  Tensor gh0 = need_h0 ? like({Bsz, Dm, N}, acc) : Tensor();
+  kernels::SelectiveScanBwdParams q;
+  q.fwd = p;
+  q.gy = gy.raw_data();
+  q.g_hlast = data_or_null(gh);
+  q.gu = gu.raw_data();
+  q.gdelta = gdelta.raw_data();
+  q.gz = data_or_null(gz);
+  q.gB = gB.raw_data();
+  q.gC = gC.raw_data();
+  q.gdt_bias = data_or_null(gbias);
+  q.gA_log = gA.raw_data();
+  q.gD = data_or_null(gD);
+  q.gh0 = data_or_null(gh0);
+  q.fwd.stream = current_stream(dev);
+  if (L > 0 && Bsz * Dm > 0) {
+    const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, selective_scan_bwd_workspace, q);
+    q.workspace = ws.defined() ? ws.raw_data() : nullptr;
+    HYDRA_LAUNCH(dev, selective_scan_bwd, q);
+  } else {
+    for (Tensor* t : {&gu, &gdelta, &gz, &gB, &gC, &gA, &gD, &gbias})
+      if (t->defined()) t->zero_();
+    if (gh0.defined()) gh0.copy_(gh.defined() ? gh : zeros({Bsz, Dm, N}, acc, dev));
+  }
+  return {gu, gdelta, gA, gB, gC, gD, gbias, gz, gh0};
+}
+
+}  // namespace
+
+SelectiveScanResult selective_scan(const Tensor& u_in, const Tensor& delta_in,
+                                   const Tensor& A_log_in, const Tensor& B_in, const Tensor& C_in,
+                                   const Tensor& D_in, const Tensor& dt_bias_in, const Tensor& z_in,
+                                   const Tensor& h0_in, int64_t chunk_len) {
+  check_scan_inputs(u_in, delta_in, A_log_in, B_in, C_in, D_in, dt_bias_in, z_in, h0_in, chunk_len);
+  const int64_t Bsz = u_in.size(0), L = u_in.size(1), Dm = u_in.size(2), N = A_log_in.size(1);
+  const DType acc = accumulate_dtype(u_in.dtype());
   const Device dev = u_in.device();
   const bool need_grad =
       any_requires_grad({u_in, delta_in, A_log_in, B_in, C_in, D_in, dt_bias_in, z_in, h0_in});
-
-  Tensor y = Tensor::empty({Bsz, L, Dm}, u_in.dtype(), dev);
-  Tensor h_last = Tensor::empty({Bsz, Dm, N}, acc, dev);
-  Tensor chunk_states =
-      need_grad ? Tensor::empty({Bsz, kernels::ssm_num_chunks(L, chunk_len), Dm, N}, acc, dev)
-                : Tensor();
-
-  kernels::SsmScanParams p;
-  p.dtype = u_in.dtype();
-  p.batch = Bsz;
-  p.len = L;
-  p.dim = Dm;
-  p.state = N;
-  p.chunk_len = chunk_len;
-  p.u = u.t.raw_data();
-  p.u_row = u.row;
-  p.delta = delta.t.raw_data();
-  p.delta_row = delta.row;
-  p.z = z.t.defined() ? z.t.raw_data() : nullptr;
-  p.z_row = z.row;
-  p.B = Bm.t.raw_data();
-  p.B_row = Bm.row;
-  p.C = Cm.t.raw_data();
-  p.C_row = Cm.row;
-  p.dt_bias = dt_bias.defined() ? dt_bias.raw_data() : nullptr;
-  p.A_log = A_log.raw_data();
-  p.D = D.defined() ? D.raw_data() : nullptr;
-  p.h0 = h0.defined() ? h0.raw_data() : nullptr;
-  p.y = y.raw_data();
-  p.h_last = h_last.raw_data();
-  p.chunk_states = chunk_states.defined() ? chunk_states.raw_data() : nullptr;
-  p.stream = current_stream(dev);
+  ScanTensors t;
+  t.u = as_rows(u_in);
+  t.delta = as_rows(delta_in);
+  t.B = as_rows(B_in);
+  t.C = as_rows(C_in);
+  if (z_in.defined()) t.z = as_rows(z_in);
+  t.A_log = A_log_in.contiguous();
+  if (D_in.defined()) t.D = D_in.contiguous();
+  if (dt_bias_in.defined()) t.dt_bias = dt_bias_in.contiguous();
+  if (h0_in.defined()) t.h0 = h0_in.contiguous();
+  t.y = Tensor::empty({Bsz, L, Dm}, u_in.dtype(), dev);
+  t.h_last = Tensor::empty({Bsz, Dm, N}, acc, dev);
+  if (need_grad)
+    t.chunk_states = Tensor::empty({Bsz, kernels::ssm_num_chunks(L, chunk_len), Dm, N}, acc, dev);
+  kernels::SelectiveScanParams p = scan_params(t, chunk_len);
   if (Bsz * Dm > 0) {
     if (L == 0) {
-      h_last.copy_(h0.defined() ? h0 : zeros({Bsz, Dm, N}, acc, dev));
+      t.h_last.copy_(t.h0.defined() ? t.h0 : zeros({Bsz, Dm, N}, acc, dev));
     } else {
-      const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, ssm_scan_fwd_workspace, p);
+      const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, selective_scan_fwd_workspace, p);
       p.workspace = ws.defined() ? ws.raw_data() : nullptr;
-      HYDRA_LAUNCH(dev, ssm_scan_fwd, p);
+      HYDRA_LAUNCH(dev, selective_scan_fwd, p);
       p.workspace = nullptr;  // released with `ws`
     }
   }
@@ -207,51 +279,18 @@ SelectiveScanResult selective_scan(const Tensor& u_in, const Tensor& delta_in,
   if (need_grad) {
     // The saved tensors keep the pointers in `p` alive.
     std::vector<SavedTensor> saved = {
-        SavedTensor(u.t),  SavedTensor(delta.t),     SavedTensor(z.t),   SavedTensor(Bm.t),
-        SavedTensor(Cm.t), SavedTensor(dt_bias),     SavedTensor(A_log), SavedTensor(D),
-        SavedTensor(h0),   SavedTensor(chunk_states)};
+        SavedTensor(t.u.t), SavedTensor(t.delta.t),     SavedTensor(t.z.t),   SavedTensor(t.B.t),
+        SavedTensor(t.C.t), SavedTensor(t.dt_bias),     SavedTensor(t.A_log), SavedTensor(t.D),
+        SavedTensor(t.h0),  SavedTensor(t.chunk_states)};
     const bool need_h0 = h0_in.defined() && h0_in.requires_grad();
-    record_op(
-        op, {u_in, delta_in, A_log_in, B_in, C_in, D_in, dt_bias_in, z_in, h0_in}, {y, h_last},
-        [=](const std::vector<Tensor>& g) {
-          for (const SavedTensor& s : saved) (void)s.get();  // version checks
-          const Tensor gy = g[0].defined() ? g[0].contiguous() : zeros({Bsz, L, Dm}, p.dtype, dev);
-          const Tensor gh = g[1].defined() ? g[1].to(acc).contiguous() : Tensor();
-          auto like = [&](const Shape& s, DType t) { return Tensor::empty(s, t, dev); };
-          Tensor gu = like({Bsz, L, Dm}, p.dtype), gdelta = like({Bsz, L, Dm}, p.dtype);
-          Tensor gz = p.z ? like({Bsz, L, Dm}, p.dtype) : Tensor();
-          Tensor gB = like({Bsz, L, N}, p.dtype), gC = like({Bsz, L, N}, p.dtype);
-          Tensor gA = like({Dm, N}, p.dtype);
-          Tensor gD = p.D ? like({Dm}, p.dtype) : Tensor();
-          Tensor gbias = p.dt_bias ? like({Dm}, p.dtype) : Tensor();
-          Tensor gh0 = need_h0 ? like({Bsz, Dm, N}, acc) : Tensor();
-          kernels::SsmScanBwdParams q;
-          q.fwd = p;
-          q.gy = gy.raw_data();
-          q.g_hlast = gh.defined() ? gh.raw_data() : nullptr;
-          q.gu = gu.raw_data();
-          q.gdelta = gdelta.raw_data();
-          q.gz = gz.defined() ? gz.raw_data() : nullptr;
-          q.gB = gB.raw_data();
-          q.gC = gC.raw_data();
-          q.gdt_bias = gbias.defined() ? gbias.raw_data() : nullptr;
-          q.gA_log = gA.raw_data();
-          q.gD = gD.defined() ? gD.raw_data() : nullptr;
-          q.gh0 = gh0.defined() ? gh0.raw_data() : nullptr;
-          q.fwd.stream = current_stream(dev);
-          if (L > 0 && Bsz * Dm > 0) {
-            const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, ssm_scan_bwd_workspace, q);
-            q.workspace = ws.defined() ? ws.raw_data() : nullptr;
-            HYDRA_LAUNCH(dev, ssm_scan_bwd, q);
-          } else {
-            for (Tensor* t : {&gu, &gdelta, &gz, &gB, &gC, &gA, &gD, &gbias})
-              if (t->defined()) t->zero_();
-            if (gh0.defined()) gh0.copy_(gh.defined() ? gh : zeros({Bsz, Dm, N}, acc, dev));
-          }
-          return std::vector<Tensor>{gu, gdelta, gA, gB, gC, gD, gbias, gz, gh0};
-        });
+    record_op("selective_scan",
+              {u_in, delta_in, A_log_in, B_in, C_in, D_in, dt_bias_in, z_in, h0_in},
+              {t.y, t.h_last}, [=](const std::vector<Tensor>& g) {
+                for (const SavedTensor& s : saved) (void)s.get();  // version checks
+                return selective_scan_backward(p, dev, g[0], g[1], need_h0);
+              });
   }
-  return {y, h_last};
+  return {t.y, t.h_last};
 }
 
 }  // namespace hydra

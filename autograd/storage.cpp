@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "autograd/cuda_context.h"
-#include "kernels/base/check.h"
+#include "base/check.h"
 
 namespace hydra {
 namespace {

@@ -13,8 +13,8 @@
 
 #include "autograd/device.h"
 #include "autograd/storage.h"
-#include "kernels/base/check.h"
-#include "kernels/base/dtype.h"
+#include "base/check.h"
+#include "base/dtype.h"
 
 namespace hydra {
 

@@ -132,7 +132,7 @@ void bench_scan(Report& report, bool quick) {
     std::printf("%-26s %5ld %5ld %5ld %4ld %10.2f %10.2f %12.1f %12.1f %8.2fms\n", s.what, s.batch,
                 s.len, s.dim, s.state, fwd.median_ms, both.median_ms, updates / fwd.median_ms / 1e3,
                 updates / both.median_ms / 1e3, exp_floor.median_ms);
-    report.add({"ssm_scan",
+    report.add({"selective_scan",
                 {{"shape", s.what}},
                 {{"batch", double(s.batch)},
                  {"len", double(s.len)},

@@ -292,6 +292,7 @@ void toy_step_rows(Report& report, const Floors& f) {
   }
 }
 
+// The benchmark's list of rows (about 160 lines): one call per row, in the report's order.
 int run(int argc, char** argv) {
   std::string json;
   bool quick = false;

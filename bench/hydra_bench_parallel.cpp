@@ -215,6 +215,8 @@ void bench_expert_exchange(const Env& env, Report& report, int64_t tokens, DType
   }
 }
 
+// A benchmark script (about 180 lines): each measurement is set up where it is timed, in the order
+// the report prints them, so that a row and its code read side by side.
 void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int64_t tokens) {
   const int n = env.world->size();
   const int64_t d = 2048, ff = 8192;

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/base/status.h"
+#include "base/status.h"
 
 namespace hydra::data {
 

@@ -6,7 +6,7 @@
 #include <set>
 #include <sstream>
 
-#include "kernels/base/check.h"
+#include "base/check.h"
 
 namespace hydra::data {
 

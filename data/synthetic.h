@@ -23,9 +23,9 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "configs/hydra.pb.h"
 #include "data/rng.h"
-#include "kernels/base/status.h"
 
 namespace hydra::data {
 

@@ -47,7 +47,7 @@ struct AttentionBwdParams {
 // lse); a part with lse_i = -inf saw no key and weighs 0 (every part -inf: lse = -inf, out = 0).
 // The parts are stacked: outs [P, B, L, H, dh] in `dtype`, lses [P, B, H, L] in its accumulate
 // dtype; out and lse as one part.
-struct AttentionMergeParams {
+struct MergeAttentionParams {
   DType dtype = DType::kF32;
   int64_t parts = 0, batch = 0, len = 0, heads = 0, head_dim = 0;
   const void* outs = nullptr;
@@ -60,8 +60,8 @@ struct AttentionMergeParams {
 // g_out_i = w_i g_out and g_lse_i = w_i (<g_out, out_i - out> + g_lse), with w_i = exp(lse_i - lse)
 // from the forward's lse (0 where lse_i or lse is -inf). Both gradients are written, not
 // accumulated.
-struct AttentionMergeBwdParams {
-  AttentionMergeParams fwd;    // with fwd.out and fwd.lse as the forward produced them
+struct MergeAttentionBwdParams {
+  MergeAttentionParams fwd;    // with fwd.out and fwd.lse as the forward produced them
   const void* gout = nullptr;  // [B, L, H, dh], or null (zero)
   const void* glse = nullptr;  // [B, H, L] accumulate dtype, or null (zero)
   void* gouts = nullptr;       // [P, B, L, H, dh]
@@ -70,8 +70,8 @@ struct AttentionMergeBwdParams {
 
 HYDRA_DECLARE_KERNEL(attention_fwd, AttentionParams)
 HYDRA_DECLARE_KERNEL(attention_bwd, AttentionBwdParams)
-HYDRA_DECLARE_KERNEL(attention_merge_fwd, AttentionMergeParams)
-HYDRA_DECLARE_KERNEL(attention_merge_bwd, AttentionMergeBwdParams)
+HYDRA_DECLARE_KERNEL(merge_attention_fwd, MergeAttentionParams)
+HYDRA_DECLARE_KERNEL(merge_attention_bwd, MergeAttentionBwdParams)
 
 namespace cuda {
 size_t attention_bwd_workspace(const AttentionBwdParams& p);

@@ -8,7 +8,7 @@
 namespace hydra::kernels {
 
 // out[i, :] = table[index[i], :]
-struct RowGatherParams {
+struct GatherRowsParams {
   DType dtype = DType::kF32;
   DType index_dtype = DType::kI64;
   const void* table = nullptr;  // [num_rows, cols]
@@ -19,15 +19,15 @@ struct RowGatherParams {
 };
 
 // table[index[i], :] += src[i, :]. CUDA: rows of equal index are summed in index order after a
-// stable sort (deterministic), or with atomics when kernels::deterministic() is off.
-struct RowScatterAddParams {
+// stable sort (deterministic), or with atomics when hydra::deterministic() is off.
+struct ScatterAddRowsParams {
   DType dtype = DType::kF32;
   DType index_dtype = DType::kI64;
   const void* src = nullptr;    // [n, cols]
   const void* index = nullptr;  // [n]
   void* table = nullptr;        // [num_rows, cols], accumulated into
   int64_t n = 0, num_rows = 0, cols = 0;
-  void* workspace = nullptr;  // CUDA: row_scatter_add_workspace(p) bytes
+  void* workspace = nullptr;  // CUDA: scatter_add_rows_workspace(p) bytes
   void* stream = nullptr;
 };
 
@@ -35,7 +35,7 @@ struct RowScatterAddParams {
 // order, accumulated in the compute type (a zero row where there is none): the scatter-add
 // table[index[i]] += src[i] into a zero table, for when each destination row knows its sources
 // (the MoE combine: a token's rows from its experts). No sort, no atomics, deterministic.
-struct RowGatherSumParams {
+struct GatherSumRowsParams {
   DType dtype = DType::kF32;
   const void* src = nullptr;         // [num_src, cols]
   const int64_t* inverse = nullptr;  // [rows, K], entries in [-1, num_src)
@@ -56,9 +56,9 @@ struct AxisIndexParams {
   void* stream = nullptr;
 };
 
-HYDRA_DECLARE_KERNEL(row_gather, RowGatherParams)
-HYDRA_DECLARE_KERNEL(row_scatter_add, RowScatterAddParams)
-HYDRA_DECLARE_KERNEL(row_gather_sum, RowGatherSumParams)
+HYDRA_DECLARE_KERNEL(gather_rows, GatherRowsParams)
+HYDRA_DECLARE_KERNEL(scatter_add_rows, ScatterAddRowsParams)
+HYDRA_DECLARE_KERNEL(gather_sum_rows, GatherSumRowsParams)
 HYDRA_DECLARE_KERNEL(axis_gather, AxisIndexParams)
 HYDRA_DECLARE_KERNEL(axis_scatter_add, AxisIndexParams)
 
@@ -67,7 +67,7 @@ HYDRA_DECLARE_KERNEL(axis_scatter_add, AxisIndexParams)
 namespace hydra::kernels {
 
 // Weighted bag of rows (PKM's value read): out[t, :] = sum_k w[t, k] * table[index[t, k], :].
-struct BagParams {
+struct EmbeddingBagParams {
   DType dtype = DType::kF32;
   DType index_dtype = DType::kI64;
   const void* table = nullptr;    // [num_rows, cols]
@@ -82,13 +82,14 @@ struct BagParams {
 // gtable[r, :] = the sum of w[t, k] * gout[t, :] over the (t, k) with index[t, k] = r, in (t, k)
 // order (zero for rows no index names), and hits[r] = whether any does: the table's gradient summed
 // per row, never as one row per lookup.
-struct BagBwdParams {
-  BagParams fwd;
+struct EmbeddingBagBwdParams {
+  EmbeddingBagParams fwd;
   const void* gout = nullptr;  // [n, cols]
   void* gweights = nullptr;    // [n, m] or null
   void* gtable = nullptr;      // [num_rows, cols] or null
   void* hits = nullptr;        // [num_rows] i32 or null (needs gtable)
-  void* workspace = nullptr;   // CUDA: bag_bwd_workspace(p) bytes (the sort of the indices)
+  void* workspace =
+      nullptr;  // CUDA: embedding_bag_bwd_workspace(p) bytes (the sort of the indices)
 };
 
 // Product-key indices (PKM): for each of `rows` rows, out[r, j] = a[r, c / k] * n_keys + b[r, c %
@@ -107,12 +108,12 @@ struct ProductKeyParams {
 
 HYDRA_DECLARE_KERNEL(product_key_indices, ProductKeyParams)
 
-HYDRA_DECLARE_KERNEL(bag_fwd, BagParams)
-HYDRA_DECLARE_KERNEL(bag_bwd, BagBwdParams)
+HYDRA_DECLARE_KERNEL(embedding_bag_fwd, EmbeddingBagParams)
+HYDRA_DECLARE_KERNEL(embedding_bag_bwd, EmbeddingBagBwdParams)
 
 namespace cuda {
-size_t row_scatter_add_workspace(const RowScatterAddParams& p);
-size_t bag_bwd_workspace(const BagBwdParams& p);
+size_t scatter_add_rows_workspace(const ScatterAddRowsParams& p);
+size_t embedding_bag_bwd_workspace(const EmbeddingBagBwdParams& p);
 }  // namespace cuda
 
 }  // namespace hydra::kernels

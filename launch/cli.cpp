@@ -6,7 +6,7 @@
 #include <iostream>
 #include <optional>
 
-#include "kernels/base/check.h"
+#include "base/check.h"
 #include "kernels/base/parallel.h"
 #include "parallel/runtime.h"
 
@@ -63,8 +63,7 @@ void set_threads(const po::variables_map& vm) {
   if (vm.count("threads")) {
     set_num_threads(vm["threads"].as<int>());
   } else if (std::getenv("HYDRA_NUM_THREADS") == nullptr &&
-             std::getenv("OMP_NUM_THREADS") == nullptr &&
-             parallel::process_info().local_size > 1) {
+             std::getenv("OMP_NUM_THREADS") == nullptr && parallel::process_info().local_size > 1) {
     // Ranks on one host share its cores: each takes its share, not all of them (4 ranks on 2
     // cores each starting 2 threads ran 8 threads on 2 cores).
     set_num_threads(std::max(1, num_threads() / parallel::process_info().local_size));

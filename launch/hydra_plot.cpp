@@ -47,6 +47,55 @@ struct Plot {
   int dots = -1;  // >= 0: only keys with this many '.' after the prefix (-1: any)
 };
 
+// The plots drawn, each from the metrics whose names it lists (or starts with).
+std::vector<Plot> plot_list() {
+  return {
+      {"loss.png", "loss", "nats/token", {"loss", "loss.total", "eval.loss"}, true},
+      {"aux_losses.png",
+       "MoE auxiliary losses (weighted)",
+       "loss",
+       {"loss.balance", "loss.locality", "loss.sparsity"}},
+      {"lr.png", "learning rate and gradient norm", "", {"lr", "grad_norm"}, true},
+      {"throughput.png", "throughput", "tokens/s", {"tokens_per_s"}},
+      {"sparsity.png", "expert sparsity (TLS, 8-token CLS)", "", {"moe."}},
+      {"memory.png", "memories", "", {"workspace.", "pkm."}},
+      {"accuracy.png",
+       "task accuracy (held-out answers)",
+       "accuracy",
+       {"eval.accuracy.", "eval.routing_purity"},
+       false,
+       0},
+      {"accuracy_levels.png",
+       "task accuracy by difficulty (chaining: proof length k; recall: near / far)",
+       "accuracy",
+       {"eval.accuracy."},
+       false,
+       1},
+      {"controller.png", "controller mix and LayerScale gate norms", "", {"block."}},
+  };
+}
+
+// The metrics a plot draws, of those the run logged.
+std::vector<std::string> series_of(const Plot& p, const std::set<std::string>& keys) {
+  std::vector<std::string> cols;
+  for (const std::string& k : keys)
+    for (const std::string& pre : p.prefixes) {
+      const bool exact = pre.back() != '.';
+      if (exact ? k == pre : k.rfind(pre, 0) == 0) {
+        if (!exact && p.dots >= 0 &&
+            std::count(k.begin() + static_cast<std::ptrdiff_t>(pre.size()), k.end(), '.') != p.dots)
+          continue;
+        // Per-expert loads would crowd the sparsity plot: keep its TLS and CLS curves.
+        if (pre == "moe." && k.find(".tls") == std::string::npos &&
+            k.find(".cls8") == std::string::npos)
+          continue;
+        cols.push_back(k);
+        break;
+      }
+    }
+  return cols;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -80,52 +129,23 @@ int main(int argc, char** argv) {
   }
   std::error_code ec;
   fs::create_directories(out / "data", ec);
-  const std::vector<Plot> plots = {
-      {"loss.png", "loss", "nats/token", {"loss", "loss.total", "eval.loss"}, true},
-      {"aux_losses.png",
-       "MoE auxiliary losses (weighted)",
-       "loss",
-       {"loss.balance", "loss.locality", "loss.sparsity"}},
-      {"lr.png", "learning rate and gradient norm", "", {"lr", "grad_norm"}, true},
-      {"throughput.png", "throughput", "tokens/s", {"tokens_per_s"}},
-      {"sparsity.png", "expert sparsity (TLS, 8-token CLS)", "", {"moe."}},
-      {"memory.png", "memories", "", {"workspace.", "pkm."}},
-      {"accuracy.png",
-       "task accuracy (held-out answers)",
-       "accuracy",
-       {"eval.accuracy.", "eval.routing_purity"},
-       false,
-       0},
-      {"accuracy_levels.png",
-       "task accuracy by difficulty (chaining: proof length k; recall: near / far)",
-       "accuracy",
-       {"eval.accuracy."},
-       false,
-       1},
-      {"controller.png", "controller mix and LayerScale gate norms", "", {"block."}},
-  };
+  const std::vector<Plot> plots = plot_list();
   std::ostringstream script;
   script << "set terminal pngcairo size 1000,600 noenhanced\nset key outside right\nset grid\nset "
             "xlabel 'step'\n";
+  // The curriculum's stage boundaries, a dashed grey line each on every plot.
+  double last_stage = -1;
+  for (const auto& r : rows) {
+    const auto it = r.find("stage_index");
+    if (it == r.end()) continue;
+    if (last_stage >= 0 && it->second != last_stage)
+      script << "set arrow from " << r.at("step") << ", graph 0 to " << r.at("step")
+             << ", graph 1 nohead dashtype 3 linecolor rgb 'gray50'\n";
+    last_stage = it->second;
+  }
   int drawn = 0;
   for (const Plot& p : plots) {
-    std::vector<std::string> cols;
-    for (const std::string& k : keys)
-      for (const std::string& pre : p.prefixes) {
-        const bool exact = pre.back() != '.';
-        if (exact ? k == pre : k.rfind(pre, 0) == 0) {
-          if (!exact && p.dots >= 0 &&
-              std::count(k.begin() + static_cast<std::ptrdiff_t>(pre.size()), k.end(), '.') !=
-                  p.dots)
-            continue;
-          // Per-expert loads would crowd the sparsity plot: keep its TLS and CLS curves.
-          if (pre == "moe." && k.find(".tls") == std::string::npos &&
-              k.find(".cls8") == std::string::npos)
-            continue;
-          cols.push_back(k);
-          break;
-        }
-      }
+    const std::vector<std::string> cols = series_of(p, keys);
     if (cols.empty()) continue;
     // One data file per series holding only its finite points: evaluations come every N steps.
     script << "set output '" << (out / p.file).string() << "'\nset title '" << p.title
@@ -141,8 +161,10 @@ int main(int argc, char** argv) {
         d << r.at("step") << " " << it->second << "\n";
         ++points;
       }
+      // Eight colours, then the same colours dashed: a plot of many series stays readable.
       script << (i ? ", " : "") << "'" << dat.string() << "' using 1:2 with "
-             << (points < 30 ? "linespoints" : "lines") << " title '" << cols[i] << "'";
+             << (points < 30 ? "linespoints" : "lines") << " linecolor " << i % 8 + 1
+             << " dashtype " << i / 8 + 1 << " title '" << cols[i] << "'";
     }
     script << "\n";
     ++drawn;

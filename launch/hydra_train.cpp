@@ -43,7 +43,8 @@ void print_report(const trainer::TrainSummary& s) {
               s.run_dir.c_str());
 }
 
-int run(const cli::Tool& tool, int argc, char** argv) {
+// hydra-train's options, and the --help text above them.
+cli::po::options_description options() {
   cli::po::options_description opts(
       "hydra-train --config FILE --out DIR [options]\n\n"
       "Trains the model of a config (configs/*.pbtxt) through its curriculum, writing to DIR:\n"
@@ -87,6 +88,11 @@ int run(const cli::Tool& tool, int argc, char** argv) {
       "CPU threads per rank (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or the host's cores "
       "divided among the ranks on it)")("quiet", "no progress output or report")(
       "no-print-config", "do not print the resolved config (it is still saved in --out)");
+  return opts;
+}
+
+int run(const cli::Tool& tool, int argc, char** argv) {
+  const cli::po::options_description opts = options();
   cli::po::variables_map vm;
   if (const auto done = tool.parse(argc, argv, opts, &vm)) return *done;
   if (!vm.count("config") || !vm.count("out")) {

@@ -11,21 +11,6 @@
 
 namespace hydra::model {
 
-// The MoE's weighted auxiliary losses (summed over the blocks). On the device they travel stacked
-// in one tensor of kNumAuxLosses (LmOutput::aux, ChunkMoE::forward), so that each block adds its
-// own with one op and the step reads them with one copy; on the host they go by name.
-enum AuxLoss : int64_t { kAuxBalance = 0, kAuxLocality = 1, kAuxSparsity = 2, kNumAuxLosses = 3 };
-struct AuxLosses {
-  double balance = 0, locality = 0, sparsity = 0;
-  static AuxLosses read(const Tensor& stacked);  // [kNumAuxLosses], one copy to the host
-  AuxLosses& operator+=(const AuxLosses& o) {
-    balance += o.balance;
-    locality += o.locality;
-    sparsity += o.sparsity;
-    return *this;
-  }
-};
-
 struct LmOutput {
   Tensor loss;     // total, what backward starts from
   Tensor lm_loss;  // cross-entropy over the targets that are not ignore_index

@@ -334,22 +334,54 @@ void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, const Te
   ctx.stat(p + "sparsity_coef", sparsity_coef());
 }
 
+// How the forward's rows reach the experts (route or route_densely) and come back (run_routed).
+struct ChunkMoE::Routed {
+  std::vector<int64_t> sizes;   // rows per expert (PACKED or dense)
+  Tensor perm, widx, inv;       // the dispatch order and its inverse (kernels/moe_route.h)
+  Tensor w;                     // [B, nC, E] routing weights (undefined: dense, weight 1/E)
+  TiledGroups tiled;            // tiled.tile > 0: the TILED dispatch
+  bool routed_anywhere = true;  // false: no chunk of the global batch chose any expert
+};
+
 Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
-  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), E = num_experts_, c = chunk_;
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), c = chunk_;
   HYDRA_CHECK(L % c == 0) << "moe: sequence length " << L << " is not a multiple of moe.chunk "
                           << c;
-  const int64_t nC = L / c, BL = B * L;
+  const int64_t BL = B * L;
   const Tensor xf = x.reshape({BL, d});
-  const DType acc = x.dtype();
-
-  std::vector<int64_t> sizes(E, 0);
-  Tensor perm_t, widx_t, inv_t;  // the dispatch order and its inverse (kernels/moe_route.h)
-  bool routed_anywhere = true;   // false: no chunk of the global batch chose any expert
-  Tensor w;                      // [B, nC, E] routing weights (routing on)
   // The router and its auxiliary losses compute in the router's dtype: the activations' dtype, or
   // fp32 under mixed precision (keep_master_dtype).
-  const DType rdt = router_weight.dtype();
-  Tensor losses = zeros({3}, rdt, x.device());
+  Tensor losses = zeros({kNumAuxLosses}, router_weight.dtype(), x.device());
+  const Routed rt = ctx.paths.moe_routing ? route(x, ctx, &losses) : route_densely(BL, x.device());
+  if (aux != nullptr) *aux = losses;
+  Tensor out = run_routed(xf, rt, ctx);
+  if (shared) out = add(out, shared->forward(xf));
+  return out.view({B, L, d});
+}
+
+// The router's input per chunk: its first token, or (PREV_CHUNK_MEAN) the previous chunk's mean,
+// the first chunk of the sequence by its first token. A sequence shard's first chunk gets the
+// previous shard's last chunk mean (rank 0: first token). xr [B, nC, c, d] -> [B, nC, d].
+Tensor ChunkMoE::router_input(const Tensor& xr, const ForwardContext& ctx) const {
+  const int64_t nC = xr.size(1);
+  const Tensor first = xr.select(2, 0);  // [B, nC, d]
+  if (cfg_.router_input() != config::MoeConfig::PREV_CHUNK_MEAN) return first;
+  std::vector<Tensor> parts;
+  if (ctx.sequence_parallel()) {
+    const Tensor prev =
+        parallel::shift_from_previous(mean(xr.select(1, nC - 1), {1}), ctx.grid->sp());
+    parts.push_back(ctx.grid->sp_rank() == 0 ? first.narrow(1, 0, 1) : prev.unsqueeze(1));
+  } else {
+    parts.push_back(first.narrow(1, 0, 1));
+  }
+  if (nC > 1) parts.push_back(mean(xr, {2}).narrow(1, 0, nC - 1));
+  return parts.size() == 1 ? parts[0] : concat(parts, 1);
+}
+
+// The router (ReLU, RMSNorm), the dispatch on the device and the auxiliary losses into *losses.
+ChunkMoE::Routed ChunkMoE::route(const Tensor& x, ForwardContext& ctx, Tensor* losses) {
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), E = num_experts_, c = chunk_,
+                nC = L / c;
   // The tiled dispatch (moe.dispatch): the experts' GEMMs are launched without the counts, so the
   // device never waits for the host here. It needs every expert and the whole batch's counts in
   // this process (no expert parallelism, no ranks to sum the counts over).
@@ -358,196 +390,191 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   const bool tiled =
       one_process && (cfg_.dispatch() == config::MoeConfig::TILED ||
                       (cfg_.dispatch() == config::MoeConfig::AUTO && x.device().is_cuda()));
-  TiledGroups tiled_groups;
-  if (ctx.paths.moe_routing) {
-    const bool seq_par = ctx.sequence_parallel();
-    const Tensor xr = x.view({B, nC, c, d});
-    const Tensor first = xr.select(2, 0);  // [B, nC, d]
-    Tensor rin = first;
-    if (cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN) {
-      // Chunk j is routed by the mean of chunk j - 1; the first chunk of the sequence by its first
-      // token. A sequence shard's first chunk gets the previous shard's last chunk mean (rank 0:
-      // first token).
-      std::vector<Tensor> parts;
-      if (seq_par) {
-        const Tensor prev =
-            parallel::shift_from_previous(mean(xr.select(1, nC - 1), {1}), ctx.grid->sp());
-        parts.push_back(ctx.grid->sp_rank() == 0 ? first.narrow(1, 0, 1) : prev.unsqueeze(1));
-      } else {
-        parts.push_back(first.narrow(1, 0, 1));
-      }
-      if (nC > 1) parts.push_back(mean(xr, {2}).narrow(1, 0, nC - 1));
-      rin = parts.size() == 1 ? parts[0] : concat(parts, 1);
-    }
-    const Tensor raw = linear(rin.to(rdt), router_weight);  // [B, nC, E], in the router's dtype
-    const Tensor s = relu(raw);
-    const Tensor r = rms_norm(s, router_norm, cfg_.router_eps());
-    // The routing on the device; only the per-expert counts come to the host.
-    const double cf = cfg_.capacity_factor();
-    const int64_t capacity =
-        cf > 0 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
-                                          cf * double(B * nC) * double(max_active_) / double(E))))
-               : 0;
-    const MoeDispatch dispatch = moe_route(r.reshape({B * nC, E}), s.reshape({B * nC, E}), B, c,
-                                           max_active_, capacity, tiled ? cfg_.dispatch_tile() : 0);
-    w = mul(r, dispatch.mask.view({B, nC, E})).to(acc);
-    perm_t = dispatch.perm;
-    widx_t = dispatch.widx;
-    inv_t = dispatch.inverse;
-    if (tiled) {
-      tiled_groups.tile = cfg_.dispatch_tile();
-      tiled_groups.tiles = dispatch.tiles;
-      tiled_groups.sizes = [pending = dispatch.host_counts, E, c] {
-        const std::vector<int64_t>& host = pending->get();
-        std::vector<int64_t> rows(E);
-        for (int64_t e = 0; e < E; ++e) rows[e] = host[e] * c;
-        return rows;
-      };
-    } else {
-      for (int64_t e = 0; e < E; ++e) sizes[e] = dispatch.counts[e] * c;
-    }
-    // Auxiliary losses, each normalised by its count over the whole global batch, so that the
-    // ranks' shares add up to the single-process loss. Global counts: one host all-reduce.
-    // BLOCKFFN's locality logits are alpha * raw (no beta).
-    const Tensor z =
-        affine(raw, cfg_.activation_alpha(), blockffn_ ? 0.0 : -cfg_.activation_beta());
-    Tensor z_next;  // the next shard's first chunk logits (the locality target across the boundary)
-    if (seq_par) {
-      z_next = parallel::shift_from_next(z.select(1, 0).detach(), ctx.grid->sp()).detach();
-      if (ctx.grid->sp_rank() + 1 == ctx.grid->shape().sp) z_next = Tensor();
-    }
-    GlobalCounts counts(E);
-    if (!tiled)
-      for (int64_t e = 0; e < E; ++e) counts.active[e] = double(dispatch.counts[e]);
-    counts.chunks = double(B * nC);
-    // Locality pairs: consecutive chunks (HYDRA) or consecutive tokens (BLOCKFFN), with the pair
-    // across the shard boundary.
-    const int64_t pairs = blockffn_ ? nC * c - 1 : std::max<int64_t>(nC - 1, 0);
-    counts.locality_terms =
-        double(B * (std::max<int64_t>(pairs, 0) + (z_next.defined() ? 1 : 0)) * E);
-    counts.sparsity_terms = double(B * (nC / seq_group_) * E);
-    ctx.world_sum(parallel::HostSum()
-                      .add(counts.active)
-                      .add(counts.chunks)
-                      .add(counts.locality_terms)
-                      .add(counts.sparsity_terms));
-    Tensor load;  // [E]: each expert's share of the kept (chunk, expert) pairs
-    if (tiled) {  // on the device; the TLS when the coefficient is next updated
-      const Tensor kept = dispatch.device_counts.select(0, 0).to(rdt);
-      load = div(kept, add(sum(kept), 1e-30));  // 0 / 1e-30 = 0 when nothing was kept
-      pending_counts_ = dispatch.host_counts;
-      pending_chunks_ = counts.chunks;
-    } else {
-      double total = 0;
-      for (int64_t e = 0; e < E; ++e) total += counts.active[e];
-      std::vector<double> shares(E);
-      for (int64_t e = 0; e < E; ++e) shares[e] = total > 0 ? counts.active[e] / total : 0.0;
-      load = tensor(shares, {E}).to(rdt).to(x.device());
-      pending_counts_.reset();
-      global_tls_ = counts.chunks > 0 ? 1.0 - total / (counts.chunks * double(E)) : -1.0;
-      routed_anywhere = total > 0;
-    }
-    const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
-    // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
-    const Tensor balance =
-        mul(sum(mul(sum(q, {0, 1}), load)), double(E) / std::max(counts.chunks, 1.0));
-    Tensor locality = zeros({}, rdt, x.device()), sparsity = zeros({}, rdt, x.device());
-    if (blockffn_) {  // p = s / (sum s + eps): BlockFFN's activation probabilities
-      const Tensor p = div(s, add(sum(s, {2}, true), 1e-5));
-      if (counts.locality_terms > 0)
-        locality = mul(moe_blockffn_locality_sum(z, z_next, c), 1.0 / counts.locality_terms);
-      if (counts.sparsity_terms > 0)
-        sparsity = mul(moe_blockffn_sparsity_sum(p, seq_group_, c), 1.0 / counts.sparsity_terms);
-      last_sparsity_ = sparsity.detach();  // this rank's share of L_CS (the schedule sums them)
-      last_grid_ = ctx.grid;
-    } else {
-      if (counts.locality_terms > 0)
-        locality = mul(moe_locality_sum(z, z_next), 1.0 / counts.locality_terms);
-      // The activation probability sigmoid(alpha * s - beta) from the ReLU output s, not the raw
-      // logit: a logit already below zero gets no gradient pushing it further down. And each
-      // chunk's strongest expert is left out (its logit set to -30: p ~ 1e-13, no gradient): the
-      // loss counts the experts beyond the first, so it makes chunks sparser but never empty. From
-      // the raw logits it lowered every expert of a layer together until the whole layer sat below
-      // zero, where no loss brings it back (docs/MODEL.md).
-      // top = 1 where s_e is the chunk's largest (ties within 1e-6 included), else 0.
-      const Tensor sd = s.detach();
-      const Tensor top = relu(affine(sub(sd, amax(sd, 2, true)), 1e6, 1.0));
-      const Tensor zs = affine(s, cfg_.activation_alpha(), -cfg_.activation_beta());
-      const Tensor z_sparse = add(mul(zs, affine(top, -1.0, 1.0)), mul(top, -30.0));
-      if (counts.sparsity_terms > 0)
-        sparsity = mul(moe_sparsity_sum(z_sparse, seq_group_), 1.0 / counts.sparsity_terms);
-    }
-    const double scale = ctx.aux_scale;
-    losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),  // AuxLoss order
-                     mul(locality, locality_weight_ * scale).reshape({1}),
-                     mul(sparsity, sparsity_coef() * scale).reshape({1})},
-                    0);
-    if (ctx.recording()) {  // the routing on the host for the statistics (and evaluation's purity)
-      MoeRouting routing;
-      routing.batch = B;
-      routing.num_chunks = nC;
-      routing.chunk = c;
-      routing.num_experts = E;
-      const std::vector<double> m = dispatch.mask.to_vector<double>();
-      routing.active.assign(m.begin(), m.end());
-      if (tiled) {
-        const std::vector<int64_t>& host = dispatch.host_counts->get();
-        routing.dropped.assign(host.begin() + E, host.end());
-      } else {
-        routing.dropped = dispatch.dropped;
-      }
-      record_stats(routing, q.detach(), s.detach().reshape({B * nC, E}), ctx);
-      const std::string p = "moe." + std::to_string(layer_) + ".";
-      ctx.stat(p + "balance_loss", balance.item<double>());
-      ctx.stat(p + "locality_loss", locality.item<double>());
-      ctx.stat(p + "sparsity_loss", sparsity.item<double>());
-      resolve_global_tls();
-      ctx.stat(p + "tls_global", global_tls_);
-    }
+  const Tensor rin = router_input(x.view({B, nC, c, d}), ctx);
+  const Tensor raw = linear(rin.to(router_weight.dtype()), router_weight);  // [B, nC, E]
+  const Tensor s = relu(raw);
+  const Tensor r = rms_norm(s, router_norm, cfg_.router_eps());
+  // The routing on the device; only the per-expert counts come to the host.
+  const double cf = cfg_.capacity_factor();
+  const int64_t capacity =
+      cf > 0 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
+                                        cf * double(B * nC) * double(max_active_) / double(E))))
+             : 0;
+  const MoeDispatch dispatch = moe_route(r.reshape({B * nC, E}), s.reshape({B * nC, E}), B, c,
+                                         max_active_, capacity, tiled ? cfg_.dispatch_tile() : 0);
+  Routed rt;
+  rt.w = mul(r, dispatch.mask.view({B, nC, E})).to(x.dtype());
+  rt.perm = dispatch.perm;
+  rt.widx = dispatch.widx;
+  rt.inv = dispatch.inverse;
+  rt.sizes.assign(E, 0);
+  if (tiled) {
+    rt.tiled.tile = cfg_.dispatch_tile();
+    rt.tiled.tiles = dispatch.tiles;
+    rt.tiled.sizes = [pending = dispatch.host_counts, E, c] {
+      const std::vector<int64_t>& host = pending->get();
+      std::vector<int64_t> rows(E);
+      for (int64_t e = 0; e < E; ++e) rows[e] = host[e] * c;
+      return rows;
+    };
   } else {
-    // Routing off: every expert on every token, weight 1/E: the experts act as one dense FFN.
-    std::vector<int64_t> perm, inv(BL * E);
-    perm.reserve(E * BL);
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t t = 0; t < BL; ++t) {
-        inv[t * E + e] = static_cast<int64_t>(perm.size());
-        perm.push_back(t);
-      }
-      sizes[e] = BL;
-    }
-    if (!perm.empty()) {
-      perm_t = tensor(perm, {static_cast<int64_t>(perm.size())}).to(x.device());
-      inv_t = tensor(inv, {BL, E}).to(x.device());
-    }
+    for (int64_t e = 0; e < E; ++e) rt.sizes[e] = dispatch.counts[e] * c;
   }
-  if (aux != nullptr) *aux = losses;
+  *losses = aux_losses(raw, s, r, dispatch, tiled, ctx, &rt.routed_anywhere);
+  return rt;
+}
 
-  Tensor out;
+// The weighted balance, locality and sparsification losses (AuxLoss order), each normalised by
+// its count over the whole global batch, so that the ranks' shares add up to the single-process
+// loss (the global counts: one host all-reduce); and the routing's statistics when recording.
+Tensor ChunkMoE::aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,
+                            const MoeDispatch& dispatch, bool tiled, ForwardContext& ctx,
+                            bool* routed_anywhere) {
+  const int64_t B = raw.size(0), nC = raw.size(1), E = num_experts_, c = chunk_;
+  const DType rdt = raw.dtype();
+  const Device dev = raw.device();
+  // BLOCKFFN's locality logits are alpha * raw (no beta).
+  const Tensor z = affine(raw, cfg_.activation_alpha(), blockffn_ ? 0.0 : -cfg_.activation_beta());
+  Tensor z_next;  // the next shard's first chunk logits (the locality target across the boundary)
+  if (ctx.sequence_parallel()) {
+    z_next = parallel::shift_from_next(z.select(1, 0).detach(), ctx.grid->sp()).detach();
+    if (ctx.grid->sp_rank() + 1 == ctx.grid->shape().sp) z_next = Tensor();
+  }
+  GlobalCounts counts(E);
+  if (!tiled)
+    for (int64_t e = 0; e < E; ++e) counts.active[e] = double(dispatch.counts[e]);
+  counts.chunks = double(B * nC);
+  // Locality pairs: consecutive chunks (HYDRA) or consecutive tokens (BLOCKFFN), with the pair
+  // across the shard boundary.
+  const int64_t pairs = blockffn_ ? nC * c - 1 : std::max<int64_t>(nC - 1, 0);
+  counts.locality_terms =
+      double(B * (std::max<int64_t>(pairs, 0) + (z_next.defined() ? 1 : 0)) * E);
+  counts.sparsity_terms = double(B * (nC / seq_group_) * E);
+  ctx.world_sum(parallel::HostSum()
+                    .add(counts.active)
+                    .add(counts.chunks)
+                    .add(counts.locality_terms)
+                    .add(counts.sparsity_terms));
+  Tensor load;  // [E]: each expert's share of the kept (chunk, expert) pairs
+  if (tiled) {  // on the device; the TLS when the coefficient is next updated
+    const Tensor kept = dispatch.device_counts.select(0, 0).to(rdt);
+    load = div(kept, add(sum(kept), 1e-30));  // 0 / 1e-30 = 0 when nothing was kept
+    pending_counts_ = dispatch.host_counts;
+    pending_chunks_ = counts.chunks;
+  } else {
+    double total = 0;
+    for (int64_t e = 0; e < E; ++e) total += counts.active[e];
+    std::vector<double> shares(E);
+    for (int64_t e = 0; e < E; ++e) shares[e] = total > 0 ? counts.active[e] / total : 0.0;
+    load = tensor(shares, {E}).to(rdt).to(dev);
+    pending_counts_.reset();
+    global_tls_ = counts.chunks > 0 ? 1.0 - total / (counts.chunks * double(E)) : -1.0;
+    *routed_anywhere = total > 0;
+  }
+  const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
+  // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
+  const Tensor balance =
+      mul(sum(mul(sum(q, {0, 1}), load)), double(E) / std::max(counts.chunks, 1.0));
+  Tensor locality = zeros({}, rdt, dev), sparsity = zeros({}, rdt, dev);
+  if (blockffn_) {  // p = s / (sum s + eps): BlockFFN's activation probabilities
+    const Tensor p = div(s, add(sum(s, {2}, true), 1e-5));
+    if (counts.locality_terms > 0)
+      locality = mul(moe_blockffn_locality_sum(z, z_next, c), 1.0 / counts.locality_terms);
+    if (counts.sparsity_terms > 0)
+      sparsity = mul(moe_blockffn_sparsity_sum(p, seq_group_, c), 1.0 / counts.sparsity_terms);
+    last_sparsity_ = sparsity.detach();  // this rank's share of L_CS (the schedule sums them)
+    last_grid_ = ctx.grid;
+  } else {
+    if (counts.locality_terms > 0)
+      locality = mul(moe_locality_sum(z, z_next), 1.0 / counts.locality_terms);
+    // The activation probability sigmoid(alpha * s - beta) from the ReLU output s, not the raw
+    // logit: a logit already below zero gets no gradient pushing it further down. And each
+    // chunk's strongest expert is left out (its logit set to -30: p ~ 1e-13, no gradient): the
+    // loss counts the experts beyond the first, so it makes chunks sparser but never empty. From
+    // the raw logits it lowered every expert of a layer together until the whole layer sat below
+    // zero, where no loss brings it back (docs/MODEL.md).
+    // top = 1 where s_e is the chunk's largest (ties within 1e-6 included), else 0.
+    const Tensor sd = s.detach();
+    const Tensor top = relu(affine(sub(sd, amax(sd, 2, true)), 1e6, 1.0));
+    const Tensor zs = affine(s, cfg_.activation_alpha(), -cfg_.activation_beta());
+    const Tensor z_sparse = add(mul(zs, affine(top, -1.0, 1.0)), mul(top, -30.0));
+    if (counts.sparsity_terms > 0)
+      sparsity = mul(moe_sparsity_sum(z_sparse, seq_group_), 1.0 / counts.sparsity_terms);
+  }
+  const double scale = ctx.aux_scale;
+  const Tensor losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),  // AuxLoss
+                                mul(locality, locality_weight_ * scale).reshape({1}),
+                                mul(sparsity, sparsity_coef() * scale).reshape({1})},
+                               0);
+  if (ctx.recording()) {  // the routing on the host for the statistics (and evaluation's purity)
+    MoeRouting routing;
+    routing.batch = B;
+    routing.num_chunks = nC;
+    routing.chunk = c;
+    routing.num_experts = E;
+    const std::vector<double> m = dispatch.mask.to_vector<double>();
+    routing.active.assign(m.begin(), m.end());
+    if (tiled) {
+      const std::vector<int64_t>& host = dispatch.host_counts->get();
+      routing.dropped.assign(host.begin() + E, host.end());
+    } else {
+      routing.dropped = dispatch.dropped;
+    }
+    record_stats(routing, q.detach(), s.detach().reshape({B * nC, E}), ctx);
+    const std::string p = "moe." + std::to_string(layer_) + ".";
+    ctx.stat(p + "balance_loss", balance.item<double>());
+    ctx.stat(p + "locality_loss", locality.item<double>());
+    ctx.stat(p + "sparsity_loss", sparsity.item<double>());
+    resolve_global_tls();
+    ctx.stat(p + "tls_global", global_tls_);
+  }
+  return losses;
+}
+
+// Routing off: every expert on every token, weight 1/E: the experts act as one dense FFN.
+ChunkMoE::Routed ChunkMoE::route_densely(int64_t rows, Device device) const {
+  const int64_t E = num_experts_;
+  Routed rt;
+  std::vector<int64_t> perm, inv(rows * E);
+  perm.reserve(E * rows);
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t t = 0; t < rows; ++t) {
+      inv[t * E + e] = static_cast<int64_t>(perm.size());
+      perm.push_back(t);
+    }
+    rt.sizes.push_back(rows);
+  }
+  if (!perm.empty()) {
+    rt.perm = tensor(perm, {static_cast<int64_t>(perm.size())}).to(device);
+    rt.inv = tensor(inv, {rows, E}).to(device);
+  }
+  return rt;
+}
+
+// The experts on their rows and the weighted combine back into token order: xf [B L, d].
+Tensor ChunkMoE::run_routed(const Tensor& xf, const Routed& rt, ForwardContext& ctx) const {
+  const int64_t E = num_experts_;
   // With experts sharded the exchange runs on every rank, even one that routed nothing this time;
   // when no rank routed anything the experts do not run at all (as in one process: no expert
   // gradient).
-  const bool any_rows = perm_t.defined() && perm_t.numel() > 0;
-  if (local_experts_ != num_experts_ ? routed_anywhere : any_rows) {
-    // The dispatch and the combine go by the token's own rows (the inverse): no scatter, no sort.
-    const Tensor xs = gather_rows(xf, perm_t, inv_t);
-    Tensor y =
-        tiled_groups.tile > 0 ? run_experts_tiled(xs, tiled_groups) : run_experts(xs, sizes, ctx);
-    if (w.defined()) {
-      // Tiled: padding rows name one row past the pairs, whose weight is 0 (kernels/moe_route.h).
-      const Tensor wt =
-          tiled_groups.tile > 0
-              ? concat({w.reshape({B * nC * E, 1}), zeros({1, 1}, w.dtype(), w.device())}, 0)
-              : w.reshape({B * nC * E, 1});
-      y = mul(y, gather_rows(wt, widx_t));
-    } else {
-      y = mul(y, 1.0 / double(E));
-    }
-    out = gather_sum_rows(y, inv_t, perm_t);
+  const bool any_rows = rt.perm.defined() && rt.perm.numel() > 0;
+  if (!(local_experts_ != num_experts_ ? rt.routed_anywhere : any_rows))
+    return zeros(xf.shape(), xf.dtype(), xf.device());
+  // The dispatch and the combine go by the token's own rows (the inverse): no scatter, no sort.
+  const Tensor xs = gather_rows(xf, rt.perm, rt.inv);
+  Tensor y = rt.tiled.tile > 0 ? run_experts_tiled(xs, rt.tiled) : run_experts(xs, rt.sizes, ctx);
+  if (rt.w.defined()) {
+    // Tiled: padding rows name one row past the pairs, whose weight is 0 (kernels/moe_route.h).
+    const int64_t pairs = rt.w.numel();
+    const Tensor wt =
+        rt.tiled.tile > 0
+            ? concat({rt.w.reshape({pairs, 1}), zeros({1, 1}, rt.w.dtype(), rt.w.device())}, 0)
+            : rt.w.reshape({pairs, 1});
+    y = mul(y, gather_rows(wt, rt.widx));
   } else {
-    out = zeros({BL, d}, acc, x.device());
+    y = mul(y, 1.0 / double(E));
   }
-  if (shared) out = add(out, shared->forward(xf));
-  return out.view({B, L, d});
+  return gather_sum_rows(y, rt.inv, rt.perm);
 }
 
 }  // namespace hydra::model

@@ -11,6 +11,7 @@
 // target_sparsity after every step (update_sparsity_coef()).
 #pragma once
 
+#include "model/aux_losses.h"
 #include "model/context.h"
 #include "model/layers.h"
 #include "model/spec.h"
@@ -59,6 +60,16 @@ class ChunkMoE : public Module {
   // or over the ep group (dispatch, local experts, combine). Returns the outputs in xs's row order.
   Tensor run_experts(const Tensor& xs, const std::vector<int64_t>& sizes,
                      ForwardContext& ctx) const;
+
+  // The forward's parts, in the order forward() runs them.
+  struct Routed;
+  Tensor router_input(const Tensor& xr, const ForwardContext& ctx) const;
+  Routed route(const Tensor& x, ForwardContext& ctx, Tensor* losses);
+  Tensor aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,
+                    const MoeDispatch& dispatch, bool tiled, ForwardContext& ctx,
+                    bool* routed_anywhere);
+  Routed route_densely(int64_t rows, Device device) const;
+  Tensor run_routed(const Tensor& xf, const Routed& rt, ForwardContext& ctx) const;
 
   int64_t layer_, num_experts_, max_active_, chunk_, seq_group_;
   bool blockffn_;                            // moe.objective BLOCKFFN

@@ -39,56 +39,22 @@ std::string list_str(const std::vector<int64_t>& v) {
   return os.str();
 }
 
-}  // namespace
+// The Transformer baseline: heads, FFN width, RoPE.
+void transformer_part(const config::ModelConfig& c, Checker& ck, ModelSpec& s) {
+  const auto& t = c.transformer();
+  s.tf_heads = t.num_heads() > 0 ? t.num_heads() : std::max<int64_t>(1, s.d / 64);
+  s.tf_d_ff = t.d_ff() > 0 ? t.d_ff() : std::max<int64_t>(64, (s.d * 8 / 3 + 63) / 64 * 64);
+  s.rope_theta = t.rope_theta();
+  ck.require(s.d % s.tf_heads == 0, "transformer.num_heads", s.tf_heads,
+             "must divide d_model (" + std::to_string(s.d) + ")");
+  ck.require(s.tf_heads > 0 && (s.d / s.tf_heads) % 2 == 0, "transformer.num_heads", s.tf_heads,
+             "must leave an even head dimension for RoPE");
+  ck.require(t.d_ff() >= 0 && t.d_ff() <= kMaxInner, "transformer.d_ff", t.d_ff(),
+             "must be in [0, " + std::to_string(kMaxInner) + "] (0: 8/3 d_model)");
+}
 
-int64_t ModelSpec::sga_blocks() const { return std::count(has_sga.begin(), has_sga.end(), true); }
-
-Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::string& source) {
-  ModelSpec s;
-  s.cfg = cfg_in;
-  config::resolve_defaults(&s.cfg);
-  HYDRA_RETURN_IF_ERROR(config::check_finite_numbers(s.cfg, source, "model"));
-  const auto& c = s.cfg;
-  Checker ck(source);
-  s.transformer = c.kind() == config::ModelConfig::TRANSFORMER;
-  s.d = c.d_model();
-  s.num_blocks = c.num_blocks();
-  s.vocab = c.vocab_size();
-  s.max_seq_len = c.max_seq_len();
-  s.norm_eps = c.norm_eps();
-  s.init_std = c.init_std();
-  ck.require(s.vocab >= 2, "vocab_size", s.vocab, "must be >= 2");
-  ck.require(s.d >= 1, "d_model", s.d, "must be >= 1");
-  ck.require(s.num_blocks >= 1, "num_blocks", s.num_blocks, "must be >= 1");
-  ck.require(s.max_seq_len >= 1, "max_seq_len", s.max_seq_len, "must be >= 1");
-  ck.require(s.norm_eps > 0, "norm_eps", s.norm_eps, "must be > 0");
-  ck.require(s.init_std > 0, "init_std", s.init_std, "must be > 0");
-  // Upper bounds far past any model this trainer can hold, so that sizes multiply without overflow
-  // and a typo (an extra zero or three) gets a message instead of an allocation failure.
-  ck.require(s.vocab <= kMaxVocab, "vocab_size", s.vocab,
-             "must be <= " + std::to_string(kMaxVocab));
-  ck.require(s.d <= kMaxWidth, "d_model", s.d, "must be <= " + std::to_string(kMaxWidth));
-  ck.require(s.num_blocks <= kMaxBlocks, "num_blocks", s.num_blocks,
-             "must be <= " + std::to_string(kMaxBlocks));
-  ck.require(s.max_seq_len <= kMaxSeqLen, "max_seq_len", s.max_seq_len,
-             "must be <= " + std::to_string(kMaxSeqLen));
-  if (!ck.status().ok()) return ck.status();
-
-  if (s.transformer) {
-    const auto& t = c.transformer();
-    s.tf_heads = t.num_heads() > 0 ? t.num_heads() : std::max<int64_t>(1, s.d / 64);
-    s.tf_d_ff = t.d_ff() > 0 ? t.d_ff() : std::max<int64_t>(64, (s.d * 8 / 3 + 63) / 64 * 64);
-    s.rope_theta = t.rope_theta();
-    ck.require(s.d % s.tf_heads == 0, "transformer.num_heads", s.tf_heads,
-               "must divide d_model (" + std::to_string(s.d) + ")");
-    ck.require(s.tf_heads > 0 && (s.d / s.tf_heads) % 2 == 0, "transformer.num_heads", s.tf_heads,
-               "must leave an even head dimension for RoPE");
-    ck.require(t.d_ff() >= 0 && t.d_ff() <= kMaxInner, "transformer.d_ff", t.d_ff(),
-               "must be in [0, " + std::to_string(kMaxInner) + "] (0: 8/3 d_model)");
-    if (!ck.status().ok()) return ck.status();
-    return s;
-  }
-
+// The SSM mixer: widths, states, the convolution, deltas, the scan form.
+void ssm_part(const config::ModelConfig& c, Checker& ck, ModelSpec& s) {
   const auto& ssm = c.ssm();
   s.d_inner = ssm.expand() * s.d;
   s.d_state = ssm.d_state();
@@ -117,7 +83,10 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
                    " = expand * d_model) for the SSD form");
     if (ssm.head_dim() >= 1) s.ssm_heads = s.d_inner / ssm.head_dim();
   }
+}
 
+// The sparse global attention: which blocks, heads, window and global stride.
+void sga_part(const config::ModelConfig& c, Checker& ck, ModelSpec& s) {
   const auto& sga = c.sga();
   ck.require(sga.every() >= 1, "sga.every", sga.every(), "must be >= 1");
   s.has_sga.assign(s.num_blocks, false);
@@ -139,7 +108,10 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
   ck.require(sga.global_stride() >= 0, "sga.global_stride", sga.global_stride(),
              "must be >= 0 (0: only the first token is global)");
   ck.require(sga.rope_theta() > 0, "sga.rope_theta", sga.rope_theta(), "must be > 0");
+}
 
+// The chunk-level MoE: experts, routing, the auxiliary objectives.
+void moe_part(const config::ModelConfig& c, Checker& ck, ModelSpec& s) {
   const auto& moe = c.moe();
   s.num_experts = moe.num_experts();
   s.d_expert = moe.d_expert() > 0 ? moe.d_expert() : 2 * s.d;
@@ -188,7 +160,10 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
                  moe.sparsity_coef_max() >= moe.sparsity_coef_init(),
              "moe.sparsity_coef_max", moe.sparsity_coef_max(),
              "must be >= sparsity_coef_init (" + std::to_string(moe.sparsity_coef_init()) + ")");
+}
 
+// The workspace memory: slots, chunks, heads, where it sits.
+void workspace_part(const config::ModelConfig& c, Checker& ck, ModelSpec& s) {
   const auto& ws = c.workspace();
   s.ws_slots = ws.slots();
   s.ws_chunk = ws.chunk();
@@ -218,7 +193,10 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
       ck.require(b >= 0 && b < s.num_blocks, "workspace.after_block", list_str(s.ws_after),
                  "must hold block indices in [0, " + std::to_string(s.num_blocks) + ")");
   }
+}
 
+// The product-key memory: heads, keys, top-k, where it sits.
+void pkm_part(const config::ModelConfig& c, Checker& ck, ModelSpec& s) {
   const auto& pkm = c.pkm();
   s.pkm_heads = pkm.num_heads();
   s.pkm_k_dim = pkm.k_dim();
@@ -243,6 +221,53 @@ Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::stri
       ck.require(b >= 0 && b < s.num_blocks, "pkm.after_block", list_str(s.pkm_after),
                  "must hold block indices in [0, " + std::to_string(s.num_blocks) + ")");
   }
+}
+
+}  // namespace
+
+int64_t ModelSpec::sga_blocks() const { return std::count(has_sga.begin(), has_sga.end(), true); }
+
+Expected<ModelSpec> make_spec(const config::ModelConfig& cfg_in, const std::string& source) {
+  ModelSpec s;
+  s.cfg = cfg_in;
+  config::resolve_defaults(&s.cfg);
+  HYDRA_RETURN_IF_ERROR(config::check_finite_numbers(s.cfg, source, "model"));
+  const auto& c = s.cfg;
+  Checker ck(source);
+  s.transformer = c.kind() == config::ModelConfig::TRANSFORMER;
+  s.d = c.d_model();
+  s.num_blocks = c.num_blocks();
+  s.vocab = c.vocab_size();
+  s.max_seq_len = c.max_seq_len();
+  s.norm_eps = c.norm_eps();
+  s.init_std = c.init_std();
+  ck.require(s.vocab >= 2, "vocab_size", s.vocab, "must be >= 2");
+  ck.require(s.d >= 1, "d_model", s.d, "must be >= 1");
+  ck.require(s.num_blocks >= 1, "num_blocks", s.num_blocks, "must be >= 1");
+  ck.require(s.max_seq_len >= 1, "max_seq_len", s.max_seq_len, "must be >= 1");
+  ck.require(s.norm_eps > 0, "norm_eps", s.norm_eps, "must be > 0");
+  ck.require(s.init_std > 0, "init_std", s.init_std, "must be > 0");
+  // Upper bounds far past any model this trainer can hold, so that sizes multiply without overflow
+  // and a typo (an extra zero or three) gets a message instead of an allocation failure.
+  ck.require(s.vocab <= kMaxVocab, "vocab_size", s.vocab,
+             "must be <= " + std::to_string(kMaxVocab));
+  ck.require(s.d <= kMaxWidth, "d_model", s.d, "must be <= " + std::to_string(kMaxWidth));
+  ck.require(s.num_blocks <= kMaxBlocks, "num_blocks", s.num_blocks,
+             "must be <= " + std::to_string(kMaxBlocks));
+  ck.require(s.max_seq_len <= kMaxSeqLen, "max_seq_len", s.max_seq_len,
+             "must be <= " + std::to_string(kMaxSeqLen));
+  if (!ck.status().ok()) return ck.status();
+
+  if (s.transformer) {
+    transformer_part(c, ck, s);
+    if (!ck.status().ok()) return ck.status();
+    return s;
+  }
+  ssm_part(c, ck, s);
+  sga_part(c, ck, s);
+  moe_part(c, ck, s);
+  workspace_part(c, ck, s);
+  pkm_part(c, ck, s);
   if (!ck.status().ok()) return ck.status();
   return s;
 }

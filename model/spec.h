@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "configs/hydra.pb.h"
-#include "kernels/base/status.h"
 
 namespace hydra::model {
 

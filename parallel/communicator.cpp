@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "autograd/ops.h"
-#include "kernels/base/check.h"
+#include "base/check.h"
 
 namespace hydra::parallel {
 namespace {

@@ -11,7 +11,7 @@
 #include <memory>
 #include <string>
 
-#include "kernels/base/status.h"
+#include "base/status.h"
 #include "parallel/communicator.h"
 
 namespace hydra::parallel {

@@ -8,7 +8,7 @@
 #include <sstream>
 #include <vector>
 
-#include "kernels/base/check.h"
+#include "base/check.h"
 #include "parallel/runtime.h"
 
 namespace hydra::parallel {

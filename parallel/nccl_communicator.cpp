@@ -13,7 +13,7 @@
 
 #include "autograd/cuda_context.h"
 #include "autograd/ops.h"
-#include "kernels/base/check.h"
+#include "base/check.h"
 #include "parallel/runtime.h"
 
 namespace hydra::parallel {

@@ -7,7 +7,7 @@
 #include <mutex>
 
 #include "autograd/cuda_context.h"
-#include "kernels/base/check.h"
+#include "base/check.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/staged_communicator.h"
 #if HYDRA_WITH_CUDA
@@ -55,6 +55,8 @@ const ProcessInfo& init_processes(int* argc, char*** argv, bool force) {
   MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, g_info.rank, MPI_INFO_NULL, &local);
   MPI_Comm_rank(local, &g_info.local_rank);
   MPI_Comm_size(local, &g_info.local_size);
+  MPI_Allreduce(&g_info.rank, &g_info.host_first, 1, MPI_INT, MPI_MIN, local);
+  MPI_Allreduce(&g_info.rank, &g_info.host_last, 1, MPI_INT, MPI_MAX, local);
   MPI_Comm_free(&local);
   g_info.distributed = true;
   g_info.launcher = env_set("SLURM_PROCID") && !env_set("OMPI_COMM_WORLD_SIZE") ? "srun" : "mpirun";

@@ -12,9 +12,13 @@ namespace hydra::parallel {
 struct ProcessInfo {
   int rank = 0, size = 1;              // in the world
   int local_rank = 0, local_size = 1;  // on this host
-  bool distributed = false;            // MPI is up (launched by mpirun / srun, or forced)
-  std::string launcher = "single";     // "mpirun", "srun", "single"
-  int threads_provided = 0;            // MPI thread support level granted
+  // The lowest and highest world rank on this host (rank placement: a group of consecutive ranks
+  // stays inside the host when it lies within [host_first, host_last] and the host's ranks are
+  // consecutive, host_last - host_first + 1 == local_size).
+  int host_first = 0, host_last = 0;
+  bool distributed = false;         // MPI is up (launched by mpirun / srun, or forced)
+  std::string launcher = "single";  // "mpirun", "srun", "single"
+  int threads_provided = 0;         // MPI thread support level granted
 };
 
 // Starts MPI (thread level MULTIPLE) when the environment shows an mpirun or srun launch, or when

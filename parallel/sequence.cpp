@@ -166,6 +166,9 @@ Tensor take_rows(const Tensor& x, const std::vector<int64_t>& rows, int64_t coun
 
 }  // namespace
 
+// One function (about 130 lines): its parts A to D share the shard's geometry and add to the one
+// list of partial results that the merge at the end combines; each part is commented where it
+// starts.
 Tensor sparse_attention(Communicator& sp, const Tensor& q, const Tensor& k, const Tensor& v,
                         const AttentionPattern& pattern, double scale, int64_t pos0) {
   const int R = sp.size(), r = sp.rank();

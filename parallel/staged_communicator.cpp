@@ -1,6 +1,6 @@
 #include "parallel/staged_communicator.h"
 
-#include "kernels/base/check.h"
+#include "base/check.h"
 
 namespace hydra::parallel {
 namespace {

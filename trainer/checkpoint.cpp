@@ -178,6 +178,9 @@ std::string CheckpointManager::checkpoint_dir(int64_t step) const {
   return (fs::path(root_) / name).string();
 }
 
+// The publish protocol, its steps numbered in the body (about 110 lines): every rank must take them
+// in this order, each step agreed on by all ranks before the next, so they stay in one function
+// where the order can be read and checked.
 Expected<std::string> CheckpointManager::save(const TrainState& state,
                                               const config::RunConfig& resolved,
                                               const model::LanguageModel& model,

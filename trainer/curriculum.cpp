@@ -46,14 +46,22 @@ void resolve_run_config(config::RunConfig* cfg) {
   config::resolve_defaults(cfg);
 }
 
-Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg,
-                                            const model::ModelSpec& spec,
-                                            const std::string& source) {
+namespace {
+
+// "<source>: <field> = <value> <requirement>" as an invalid-argument status.
+template <class V>
+Status field_error(const std::string& source, const std::string& field, const V& value,
+                   const std::string& requirement) {
+  std::ostringstream os;
+  os << source << ": " << field << " = " << value << " " << requirement;
+  return invalid_argument(os.str());
+}
+
+// The train and data fields every stage depends on.
+Status check_train_fields(const config::RunConfig& cfg, const std::string& source) {
   const auto& tr = cfg.train();
   auto fail = [&](const std::string& field, const auto& value, const std::string& requirement) {
-    std::ostringstream os;
-    os << source << ": " << field << " = " << value << " " << requirement;
-    return Expected<std::vector<Stage>>(invalid_argument(os.str()));
+    return field_error(source, field, value, requirement);
   };
   if (tr.steps() < 1) return fail("train.steps", tr.steps(), "must be >= 1");
   if (tr.batch_size() < 1) return fail("train.batch_size", tr.batch_size(), "must be >= 1");
@@ -99,74 +107,94 @@ Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg,
   if (Status st = data::validate_synthetic(cfg.data().synthetic(), "data.synthetic."); !st.ok())
     return invalid_argument(source + ": " + st.message());
 
+  return ok_status();
+}
+
+// Stage i of the curriculum starting at step `start` (or, without a curriculum, the whole run as
+// one stage named "train"), its fields resolved against train.* and checked.
+Expected<Stage> stage_from(const config::RunConfig& cfg, const model::ModelSpec& spec, int64_t i,
+                           int64_t start, const std::string& source) {
+  const auto& tr = cfg.train();
+  const bool staged = cfg.curriculum().stage_size() > 0;
+  auto fail = [&](const std::string& field, const auto& value, const std::string& requirement) {
+    return Expected<Stage>(field_error(source, field, value, requirement));
+  };
+  Stage s;
+  s.index = i;
+  s.start = start;
+  const std::string f = "curriculum.stage[" + std::to_string(i) + "].";
+  if (staged) {
+    const auto& c = cfg.curriculum().stage(i);
+    s.name = c.has_name() && !c.name().empty() ? c.name() : "stage" + std::to_string(i + 1);
+    if (c.steps() < 1) return fail(f + "steps", c.steps(), "must be >= 1");
+    if (c.seq_len() < 0) return fail(f + "seq_len", c.seq_len(), "must be >= 0 (0: train.seq_len)");
+    if (c.batch_size() < 0)
+      return fail(f + "batch_size", c.batch_size(), "must be >= 0 (0: train.batch_size)");
+    s.steps = c.steps();
+    s.seq_len = c.seq_len() > 0 ? c.seq_len() : tr.seq_len();
+    s.batch = c.batch_size() > 0 ? c.batch_size() : tr.batch_size();
+    s.lr = c.has_lr() ? c.lr() : tr.lr();
+    s.paths = {c.ssm(), c.sga(), c.moe_routing(), c.workspace(), c.pkm()};
+    s.freeze.assign(c.freeze().begin(), c.freeze().end());
+    s.aux_scale = c.aux_loss_scale();
+    s.aux_warmup = c.aux_warmup_steps();
+    s.data_mix = c.has_data_mix() ? c.data_mix() : cfg.data().synthetic();
+    if (Status st = data::validate_synthetic(s.data_mix, f + "data_mix."); !st.ok())
+      return invalid_argument(source + ": " + st.message());
+    if (!s.paths.ssm)
+      return fail(f + "ssm", "false", "is not supported: the SSM backbone is on in every stage");
+    if (s.aux_scale < 0) return fail(f + "aux_loss_scale", s.aux_scale, "must be >= 0");
+    if (s.aux_warmup < 0) return fail(f + "aux_warmup_steps", s.aux_warmup, "must be >= 0");
+    if (s.lr.lr() <= 0) return fail(f + "lr.lr", s.lr.lr(), "must be > 0");
+    for (const std::string& g : s.freeze)
+      if (std::find(freeze_groups().begin(), freeze_groups().end(), g) == freeze_groups().end())
+        return fail(f + "freeze", g,
+                    "is not a parameter group (one of: embedding, backbone, sga, moe, "
+                    "controller, memory)");
+  } else {
+    s.name = "train";
+    s.steps = tr.steps();
+    s.seq_len = tr.seq_len();
+    s.batch = tr.batch_size();
+    s.lr = tr.lr();
+    s.data_mix = cfg.data().synthetic();
+  }
+  const std::string where = staged ? f : "train.";
+  if (s.seq_len > spec.max_seq_len)
+    return fail(where + "seq_len", s.seq_len,
+                "exceeds model.max_seq_len (" + std::to_string(spec.max_seq_len) + ")");
+  if (!spec.transformer && s.seq_len % spec.moe_chunk != 0)
+    return fail(where + "seq_len", s.seq_len,
+                "must be a multiple of model.moe.chunk (" + std::to_string(spec.moe_chunk) + ")");
+  if (!spec.transformer && !spec.ws_after.empty() && s.seq_len % spec.ws_chunk != 0)
+    return fail(
+        where + "seq_len", s.seq_len,
+        "must be a multiple of model.workspace.chunk (" + std::to_string(spec.ws_chunk) + ")");
+  if (s.batch % tr.grad_accum() != 0)
+    return fail(where + "batch_size", s.batch,
+                "must be a multiple of train.grad_accum (" + std::to_string(tr.grad_accum()) + ")");
+  return s;
+}
+
+}  // namespace
+
+Expected<std::vector<Stage>> resolve_stages(const config::RunConfig& cfg,
+                                            const model::ModelSpec& spec,
+                                            const std::string& source) {
+  HYDRA_RETURN_IF_ERROR(check_train_fields(cfg, source));
   std::vector<Stage> stages;
   const bool staged = cfg.curriculum().stage_size() > 0;
   const int64_t count = staged ? cfg.curriculum().stage_size() : 1;
   int64_t start = 0;
   for (int64_t i = 0; i < count; ++i) {
-    Stage s;
-    s.index = i;
-    s.start = start;
-    const std::string f = "curriculum.stage[" + std::to_string(i) + "].";
-    if (staged) {
-      const auto& c = cfg.curriculum().stage(i);
-      s.name = c.has_name() && !c.name().empty() ? c.name() : "stage" + std::to_string(i + 1);
-      if (c.steps() < 1) return fail(f + "steps", c.steps(), "must be >= 1");
-      if (c.seq_len() < 0)
-        return fail(f + "seq_len", c.seq_len(), "must be >= 0 (0: train.seq_len)");
-      if (c.batch_size() < 0)
-        return fail(f + "batch_size", c.batch_size(), "must be >= 0 (0: train.batch_size)");
-      s.steps = c.steps();
-      s.seq_len = c.seq_len() > 0 ? c.seq_len() : tr.seq_len();
-      s.batch = c.batch_size() > 0 ? c.batch_size() : tr.batch_size();
-      s.lr = c.has_lr() ? c.lr() : tr.lr();
-      s.paths = {c.ssm(), c.sga(), c.moe_routing(), c.workspace(), c.pkm()};
-      s.freeze.assign(c.freeze().begin(), c.freeze().end());
-      s.aux_scale = c.aux_loss_scale();
-      s.aux_warmup = c.aux_warmup_steps();
-      s.data_mix = c.has_data_mix() ? c.data_mix() : cfg.data().synthetic();
-      if (Status st = data::validate_synthetic(s.data_mix, f + "data_mix."); !st.ok())
-        return invalid_argument(source + ": " + st.message());
-      if (!s.paths.ssm)
-        return fail(f + "ssm", "false", "is not supported: the SSM backbone is on in every stage");
-      if (s.aux_scale < 0) return fail(f + "aux_loss_scale", s.aux_scale, "must be >= 0");
-      if (s.aux_warmup < 0) return fail(f + "aux_warmup_steps", s.aux_warmup, "must be >= 0");
-      if (s.lr.lr() <= 0) return fail(f + "lr.lr", s.lr.lr(), "must be > 0");
-      for (const std::string& g : s.freeze)
-        if (std::find(freeze_groups().begin(), freeze_groups().end(), g) == freeze_groups().end())
-          return fail(f + "freeze", g,
-                      "is not a parameter group (one of: embedding, backbone, sga, moe, "
-                      "controller, memory)");
-    } else {
-      s.name = "train";
-      s.steps = tr.steps();
-      s.seq_len = tr.seq_len();
-      s.batch = tr.batch_size();
-      s.lr = tr.lr();
-      s.data_mix = cfg.data().synthetic();
-    }
-    const std::string where = staged ? f : "train.";
-    if (s.seq_len > spec.max_seq_len)
-      return fail(where + "seq_len", s.seq_len,
-                  "exceeds model.max_seq_len (" + std::to_string(spec.max_seq_len) + ")");
-    if (!spec.transformer && s.seq_len % spec.moe_chunk != 0)
-      return fail(where + "seq_len", s.seq_len,
-                  "must be a multiple of model.moe.chunk (" + std::to_string(spec.moe_chunk) + ")");
-    if (!spec.transformer && !spec.ws_after.empty() && s.seq_len % spec.ws_chunk != 0)
-      return fail(
-          where + "seq_len", s.seq_len,
-          "must be a multiple of model.workspace.chunk (" + std::to_string(spec.ws_chunk) + ")");
-    if (s.batch % tr.grad_accum() != 0)
-      return fail(
-          where + "batch_size", s.batch,
-          "must be a multiple of train.grad_accum (" + std::to_string(tr.grad_accum()) + ")");
+    HYDRA_ASSIGN_OR_RETURN(Stage s, stage_from(cfg, spec, i, start, source));
     start += s.steps;
     stages.push_back(s);
   }
-  if (staged && start != tr.steps()) {
+  if (staged && start != cfg.train().steps()) {
     std::ostringstream os;
     os << source << ": the curriculum stages add up to " << start
-       << " steps but train.steps = " << tr.steps() << "; make them equal";
+       << " steps but train.steps = " << cfg.train().steps() << "; make them equal";
     return Expected<std::vector<Stage>>(invalid_argument(os.str()));
   }
   return stages;

@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "configs/hydra.pb.h"
-#include "kernels/base/status.h"
 #include "model/context.h"
 #include "model/spec.h"
 

@@ -18,9 +18,9 @@
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
 #include "autograd/profiler.h"
+#include "base/determinism.h"
 #include "configs/config_io.h"
 #include "data/tokenizer.h"
-#include "kernels/base/scratch.h"
 #include "model/params.h"
 #include "parallel/runtime.h"
 #include "trainer/distributed.h"
@@ -249,7 +249,7 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
         source +
         ": train.precision = BF16_MIXED runs on CUDA only (the CPU backend computes in "
         "f32/f64); use train.precision = FP32 or train.device = cuda");
-  kernels::set_deterministic(t->cfg_.train().deterministic());
+  set_deterministic(t->cfg_.train().deterministic());
   // Data: shards are opened once (and checked) here; synthetic sources are made per stage (data
   // mix).
   if (t->cfg_.data().shards_size() > 0) {
@@ -535,6 +535,7 @@ Expected<std::unique_ptr<Trainer::Leg>> Trainer::start_leg() {
     leg->say(os.str());
   }
   if (grid_->distributed()) leg->say(grid_banner());
+  if (const std::string w = placement_warning(); !w.empty()) leg->say(w);
   return leg;
 }
 
@@ -553,6 +554,28 @@ std::string Trainer::grid_banner() const {
      << " MB; AdamW state on rank 0: " << double(optimizer_->state_bytes()) / (1 << 20) << " MiB"
      << (optimizer_->sharded() ? " (ZeRO-1: sharded over the replicas)"
                                : " (replicated; parallel.zero1 shards it)");
+  return os.str();
+}
+
+// Rank placement: the expert and sequence groups (ep x sp consecutive world ranks, parallel/grid.h)
+// exchange activations every layer, so they should sit inside one host and only data parallelism
+// cross the network. Said by rank 0 when its own group spans hosts (the launcher placed ranks
+// round-robin, or ep * sp does not divide the ranks per host); empty otherwise.
+std::string Trainer::placement_warning() const {
+  const auto& info = parallel::process_info();
+  const int64_t group = grid_->shape().ep * grid_->shape().sp;
+  if (!info.distributed || group <= 1) return "";
+  const bool consecutive = info.host_last - info.host_first + 1 == info.local_size;
+  const int64_t first = info.rank - info.rank % group, last = first + group - 1;
+  if (consecutive && first >= info.host_first && last <= info.host_last) return "";
+  std::ostringstream os;
+  os << "warning: the expert x sequence group of ranks " << first << "-" << last
+     << " spans hosts (this host holds " << info.local_size << " ranks"
+     << (consecutive ? ", " + std::to_string(info.host_first) + "-" + std::to_string(info.host_last)
+                     : " not numbered consecutively")
+     << "): its all-to-alls and halos cross the network every layer. Place ranks in blocks "
+        "(srun --distribution=block, mpirun --map-by core) and make ep * sp divide the ranks "
+        "per host (docs/CLUSTER.md)";
   return os.str();
 }
 

@@ -107,6 +107,7 @@ class Trainer {
   void stop_on_signal(int sig, bool saved, Leg& leg);
   TrainSummary finish_leg(Leg& leg);
   std::string grid_banner() const;
+  std::string placement_warning() const;
   double peak_tflops() const;                               // the MFU's denominator (0: unknown)
   bool lead() const { return grid_->world().rank() == 0; }  // rank 0 writes metrics and prints
   std::shared_ptr<const data::DataSource> make_source(const Stage& stage, int64_t window) const;

@@ -6,8 +6,8 @@
 #include <string_view>
 #include <type_traits>
 
-#include "kernels/base/check.h"
-#include "kernels/base/dtype.h"
+#include "base/check.h"
+#include "base/dtype.h"
 
 namespace hydra::kernels {
 

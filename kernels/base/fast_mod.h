@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "kernels/base/dtype.h"
+#include "base/dtype.h"
 
 namespace hydra::kernels {
 

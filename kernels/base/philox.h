@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "kernels/base/dtype.h"
+#include "base/dtype.h"
 
 namespace hydra {
 

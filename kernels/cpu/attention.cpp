@@ -259,7 +259,7 @@ void attention_bwd_impl(const AttentionBwdParams& q) {
 // The merge's rows: (b, h, l) in lse order, with the offset of its out row.
 struct MergeRows {
   int64_t B, L, H, dh, rows, out_part, lse_part;
-  explicit MergeRows(const AttentionMergeParams& p)
+  explicit MergeRows(const MergeAttentionParams& p)
       : B(p.batch),
         L(p.len),
         H(p.heads),
@@ -274,7 +274,7 @@ struct MergeRows {
 };
 
 template <class T>
-void attention_merge_fwd_impl(const AttentionMergeParams& p) {
+void merge_attention_fwd_impl(const MergeAttentionParams& p) {
   const MergeRows m(p);
   const T* outs = static_cast<const T*>(p.outs);
   const T* lses = static_cast<const T*>(p.lses);
@@ -305,8 +305,8 @@ void attention_merge_fwd_impl(const AttentionMergeParams& p) {
 }
 
 template <class T>
-void attention_merge_bwd_impl(const AttentionMergeBwdParams& q) {
-  const AttentionMergeParams& p = q.fwd;
+void merge_attention_bwd_impl(const MergeAttentionBwdParams& q) {
+  const MergeAttentionParams& p = q.fwd;
   const MergeRows m(p);
   const T* outs = static_cast<const T*>(p.outs);
   const T* lses = static_cast<const T*>(p.lses);
@@ -343,14 +343,14 @@ void attention_merge_bwd_impl(const AttentionMergeBwdParams& q) {
 
 }  // namespace
 
-void attention_merge_fwd(const AttentionMergeParams& p) {
+void merge_attention_fwd(const MergeAttentionParams& p) {
   dispatch_float(p.dtype, "merge_attention",
-                 [&](auto tag) { attention_merge_fwd_impl<typename decltype(tag)::type>(p); });
+                 [&](auto tag) { merge_attention_fwd_impl<typename decltype(tag)::type>(p); });
 }
 
-void attention_merge_bwd(const AttentionMergeBwdParams& p) {
+void merge_attention_bwd(const MergeAttentionBwdParams& p) {
   dispatch_float(p.fwd.dtype, "merge_attention_backward",
-                 [&](auto tag) { attention_merge_bwd_impl<typename decltype(tag)::type>(p); });
+                 [&](auto tag) { merge_attention_bwd_impl<typename decltype(tag)::type>(p); });
 }
 
 void attention_fwd(const AttentionParams& p) {

@@ -7,9 +7,9 @@
 #include <string_view>
 #include <type_traits>
 
-#include "kernels/base/check.h"
+#include "base/check.h"
+#include "base/dtype.h"
 #include "kernels/base/dispatch.h"
-#include "kernels/base/dtype.h"
 
 namespace hydra::kernels::cpu {
 

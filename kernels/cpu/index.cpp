@@ -13,13 +13,13 @@ constexpr int64_t kColChunk = 64;  // columns per task in the scatter-adds
 
 }  // namespace
 
-void row_gather(const RowGatherParams& p) {
-  dispatch_float(p.dtype, "row_gather", [&](auto tag) {
+void gather_rows(const GatherRowsParams& p) {
+  dispatch_float(p.dtype, "gather_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dispatch_index(p.index_dtype, "row_gather", [&](auto itag) {
+    dispatch_index(p.index_dtype, "gather_rows", [&](auto itag) {
       using I = typename decltype(itag)::type;
       const I* idx = static_cast<const I*>(p.index);
-      check_indices(idx, p.n, p.num_rows, "row_gather");
+      check_indices(idx, p.n, p.num_rows, "gather_rows");
       const T* table = static_cast<const T*>(p.table);
       T* out = static_cast<T*>(p.out);
       parallel_for(p.n, grain_for(p.cols), [&](int64_t i0, int64_t i1) {
@@ -33,13 +33,13 @@ void row_gather(const RowGatherParams& p) {
 
 // Each task owns a column range and walks the indices in order: no two tasks touch the same
 // element.
-void row_scatter_add(const RowScatterAddParams& p) {
-  dispatch_float(p.dtype, "row_scatter_add", [&](auto tag) {
+void scatter_add_rows(const ScatterAddRowsParams& p) {
+  dispatch_float(p.dtype, "scatter_add_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dispatch_index(p.index_dtype, "row_scatter_add", [&](auto itag) {
+    dispatch_index(p.index_dtype, "scatter_add_rows", [&](auto itag) {
       using I = typename decltype(itag)::type;
       const I* idx = static_cast<const I*>(p.index);
-      check_indices(idx, p.n, p.num_rows, "row_scatter_add");
+      check_indices(idx, p.n, p.num_rows, "scatter_add_rows");
       const T* src = static_cast<const T*>(p.src);
       T* table = static_cast<T*>(p.table);
       const int64_t chunks = (p.cols + kColChunk - 1) / kColChunk;
@@ -55,12 +55,12 @@ void row_scatter_add(const RowScatterAddParams& p) {
   });
 }
 
-void row_gather_sum(const RowGatherSumParams& p) {
-  dispatch_float(p.dtype, "row_gather_sum", [&](auto tag) {
+void gather_sum_rows(const GatherSumRowsParams& p) {
+  dispatch_float(p.dtype, "gather_sum_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
     for (int64_t i = 0; i < p.rows * p.K; ++i)
       HYDRA_CHECK(p.inverse[i] >= -1 && p.inverse[i] < p.num_src)
-          << "row_gather_sum: index " << p.inverse[i] << " at position " << i
+          << "gather_sum_rows: index " << p.inverse[i] << " at position " << i
           << " is out of range [-1, " << p.num_src << ")";
     const T* src = static_cast<const T*>(p.src);
     T* out = static_cast<T*>(p.out);
@@ -132,7 +132,7 @@ void axis_scatter_add(const AxisIndexParams& p) {
 
 namespace hydra::kernels::cpu {
 
-void bag_fwd(const BagParams& p) {
+void embedding_bag_fwd(const EmbeddingBagParams& p) {
   dispatch_float(p.dtype, "embedding_bag", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_index(p.index_dtype, "embedding_bag", [&](auto itag) {
@@ -167,8 +167,8 @@ void product_key_indices(const ProductKeyParams& p) {
   });
 }
 
-void bag_bwd(const BagBwdParams& q) {
-  const BagParams& p = q.fwd;
+void embedding_bag_bwd(const EmbeddingBagBwdParams& q) {
+  const EmbeddingBagParams& p = q.fwd;
   dispatch_float(p.dtype, "embedding_bag_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_index(p.index_dtype, "embedding_bag_backward", [&](auto itag) {

@@ -3,7 +3,7 @@
 
 #include <cuda_runtime.h>
 
-#include "kernels/base/check.h"
+#include "base/check.h"
 
 #define HYDRA_CUDA_CHECK(expr)                                               \
   do {                                                                       \

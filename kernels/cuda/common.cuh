@@ -9,9 +9,9 @@
 #include <type_traits>
 #include <utility>
 
-#include "kernels/base/check.h"
+#include "base/check.h"
+#include "base/dtype.h"
 #include "kernels/base/dispatch.h"
-#include "kernels/base/dtype.h"
 #include "kernels/cuda/check.cuh"
 
 namespace hydra::kernels::cuda {

@@ -2,11 +2,11 @@
 // (PKM). The row scatter-add sorts the indices (a stable radix sort: equal rows keep their order)
 // and sums each run of equal rows in that order, a tile of sorted positions per warp and then the
 // tiles' sums in order: deterministic. With
-// kernels::deterministic() off it uses atomics instead (f32, f64).
+// hydra::deterministic() off it uses atomics instead (f32, f64).
 #include <algorithm>
 #include <cub/cub.cuh>
 
-#include "kernels/base/scratch.h"
+#include "base/determinism.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/rows.cuh"
 #include "kernels/index.h"
@@ -15,8 +15,8 @@ namespace hydra::kernels::cuda {
 namespace {
 
 template <class T, class I>
-__global__ void row_gather_kernel(const T* __restrict table, const I* __restrict index,
-                                  T* __restrict out, int64_t n, int64_t cols) {
+__global__ void gather_rows_kernel(const T* __restrict table, const I* __restrict index,
+                                   T* __restrict out, int64_t n, int64_t cols) {
   const int64_t total = n * cols;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
@@ -27,8 +27,8 @@ __global__ void row_gather_kernel(const T* __restrict table, const I* __restrict
 
 // 16 bytes per thread: rows whose length is a multiple of the pack, with aligned bases.
 template <class T, class I>
-__global__ void row_gather_vec_kernel(const T* __restrict table, const I* __restrict index,
-                                      T* __restrict out, int64_t n, int64_t cols) {
+__global__ void gather_rows_vec_kernel(const T* __restrict table, const I* __restrict index,
+                                       T* __restrict out, int64_t n, int64_t cols) {
   const int64_t packs = cols / RowPack<T>::kN, total = n * packs;
   const auto* src = reinterpret_cast<const RowPack<T>*>(table);
   auto* dst = reinterpret_cast<RowPack<T>*>(out);
@@ -42,8 +42,8 @@ __global__ void row_gather_vec_kernel(const T* __restrict table, const I* __rest
 // A thread per output element (or 16-byte pack, VEC): its sources' values are loaded together,
 // then added in k order.
 template <class T, bool VEC>
-__global__ void row_gather_sum_kernel(const T* __restrict src, const int64_t* __restrict inverse,
-                                      T* __restrict out, int64_t rows, int64_t K, int64_t cols) {
+__global__ void gather_sum_rows_kernel(const T* __restrict src, const int64_t* __restrict inverse,
+                                       T* __restrict out, int64_t rows, int64_t K, int64_t cols) {
   using C = compute_t<T>;
   constexpr int kN = VEC ? RowPack<T>::kN : 1;
   const int64_t units = cols / kN, total = rows * units;
@@ -231,8 +231,9 @@ __global__ void axis_scatter_kernel(const T* __restrict src, const I* __restrict
 }
 
 template <class T, class I>
-__global__ void bag_fwd_kernel(const T* __restrict table, const I* __restrict index,
-                               const T* __restrict w, T* __restrict out, int64_t m, int64_t cols) {
+__global__ void embedding_bag_fwd_kernel(const T* __restrict table, const I* __restrict index,
+                                         const T* __restrict w, T* __restrict out, int64_t m,
+                                         int64_t cols) {
   using C = compute_t<T>;
   const int64_t t = blockIdx.x;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -246,9 +247,10 @@ __global__ void bag_fwd_kernel(const T* __restrict table, const I* __restrict in
 // A warp per lookup e = (t, k): gw[e] = gout[t] . table[index[e]], lanes over the columns (no block
 // barriers: one block per bag with a block reduction per lookup was latency-bound).
 template <class T, class I>
-__global__ void bag_bwd_weights_kernel(const T* __restrict table, const I* __restrict index,
-                                       const T* __restrict gout, T* __restrict gw, int64_t lookups,
-                                       int64_t m, int64_t cols) {
+__global__ void embedding_bag_bwd_weights_kernel(const T* __restrict table,
+                                                 const I* __restrict index,
+                                                 const T* __restrict gout, T* __restrict gw,
+                                                 int64_t lookups, int64_t m, int64_t cols) {
   using C = compute_t<T>;
   const int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -290,10 +292,11 @@ __device__ int64_t lower_bound(const int64_t* __restrict keys, int64_t n, int64_
 constexpr int kBagChunk = 256, kBagCols = 8;
 
 template <class T>
-__global__ void bag_table_kernel(const int64_t* __restrict keys, const int32_t* __restrict pos,
-                                 const T* __restrict w, const T* __restrict gout,
-                                 T* __restrict gtable, int32_t* __restrict hits, int64_t total,
-                                 int64_t m, int64_t cols) {
+__global__ void embedding_bag_table_kernel(const int64_t* __restrict keys,
+                                           const int32_t* __restrict pos, const T* __restrict w,
+                                           const T* __restrict gout, T* __restrict gtable,
+                                           int32_t* __restrict hits, int64_t total, int64_t m,
+                                           int64_t cols) {
   using C = compute_t<T>;
   __shared__ C w_s[kBagChunk];
   __shared__ int64_t off_s[kBagChunk];
@@ -454,9 +457,9 @@ struct RowLookups {
 // loads in flight together), one warp reduction per lookup.
 template <class T, class I, int ITEMS>
 __global__ void __launch_bounds__(kSumThreads)
-    bag_weights_packed_kernel(const T* __restrict table, const I* __restrict index,
-                              const T* __restrict gout, T* __restrict gw, int64_t n, int64_t m,
-                              int64_t packs) {
+    embedding_bag_weights_packed_kernel(const T* __restrict table, const I* __restrict index,
+                                        const T* __restrict gout, T* __restrict gw, int64_t n,
+                                        int64_t m, int64_t packs) {
   using C = compute_t<T>;
   constexpr int kN = RowPack<T>::kN, kAhead = 4;
   const int64_t t = (int64_t(blockIdx.x) * kSumThreads + threadIdx.x) >> 5;
@@ -529,21 +532,21 @@ bool launch_weighted_rows(const Items& items, const T* rows, T* out, int64_t blo
 
 }  // namespace
 
-void row_gather(const RowGatherParams& p) {
+void gather_rows(const GatherRowsParams& p) {
   if (p.n == 0 || p.cols == 0) return;
   dispatch_all(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dispatch_index(p.index_dtype, "row_gather", [&](auto itag) {
+    dispatch_index(p.index_dtype, "gather_rows", [&](auto itag) {
       using I = typename decltype(itag)::type;
       if (p.cols % RowPack<T>::kN == 0 && aligned16(p.table) && aligned16(p.out)) {
-        row_gather_vec_kernel<T, I>
+        gather_rows_vec_kernel<T, I>
             <<<blocks_for(p.n * p.cols / RowPack<T>::kN, 256), 256, 0, as_stream(p.stream)>>>(
                 static_cast<const T*>(p.table), static_cast<const I*>(p.index),
                 static_cast<T*>(p.out), p.n, p.cols);
         HYDRA_CUDA_LAUNCH_CHECK();
         return;
       }
-      row_gather_kernel<T, I><<<blocks_for(p.n * p.cols, 256), 256, 0, as_stream(p.stream)>>>(
+      gather_rows_kernel<T, I><<<blocks_for(p.n * p.cols, 256), 256, 0, as_stream(p.stream)>>>(
           static_cast<const T*>(p.table), static_cast<const I*>(p.index), static_cast<T*>(p.out),
           p.n, p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
@@ -556,18 +559,18 @@ size_t segment_parts_bytes(int64_t n, int64_t cols) {
   return align256(static_cast<size_t>((n + kSegTile - 1) / kSegTile) * 2 * cols * sizeof(double));
 }
 
-size_t row_scatter_add_workspace(const RowScatterAddParams& p) {
+size_t scatter_add_rows_workspace(const ScatterAddRowsParams& p) {
   if (p.n == 0) return 0;
   return 2 * align256(p.n * 8) + 2 * align256(p.n * 4) + sort_temp_bytes(p.n, p.num_rows) + 256 +
          segment_parts_bytes(p.n, p.cols);
 }
 
-void row_scatter_add(const RowScatterAddParams& p) {
+void scatter_add_rows(const ScatterAddRowsParams& p) {
   if (p.n == 0 || p.cols == 0) return;
   cudaStream_t s = as_stream(p.stream);
-  dispatch_float(p.dtype, "row_scatter_add", [&](auto tag) {
+  dispatch_float(p.dtype, "scatter_add_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dispatch_index(p.index_dtype, "row_scatter_add", [&](auto itag) {
+    dispatch_index(p.index_dtype, "scatter_add_rows", [&](auto itag) {
       using I = typename decltype(itag)::type;
       if constexpr (!std::is_same_v<T, bf16>) {
         if (!deterministic()) {
@@ -578,7 +581,7 @@ void row_scatter_add(const RowScatterAddParams& p) {
           return;
         }
       }
-      HYDRA_CHECK(p.workspace != nullptr) << "row_scatter_add: workspace required";
+      HYDRA_CHECK(p.workspace != nullptr) << "scatter_add_rows: workspace required";
       SortBuffers b = carve(p.workspace, p.n, p.num_rows);
       sort_input_kernel<I><<<blocks_for(p.n, 256), 256, 0, s>>>(static_cast<const I*>(p.index),
                                                                 b.keys_in, b.pos_in, p.n);
@@ -601,19 +604,19 @@ void row_scatter_add(const RowScatterAddParams& p) {
   });
 }
 
-void row_gather_sum(const RowGatherSumParams& p) {
+void gather_sum_rows(const GatherSumRowsParams& p) {
   if (p.rows == 0 || p.cols == 0) return;
   cudaStream_t s = as_stream(p.stream);
-  dispatch_float(p.dtype, "row_gather_sum", [&](auto tag) {
+  dispatch_float(p.dtype, "gather_sum_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto* src = static_cast<const T*>(p.src);
     auto* out = static_cast<T*>(p.out);
     if (p.cols % RowPack<T>::kN == 0 && aligned16(src) && aligned16(out)) {
-      row_gather_sum_kernel<T, true>
+      gather_sum_rows_kernel<T, true>
           <<<blocks_for(p.rows * p.cols / RowPack<T>::kN, 256), 256, 0, s>>>(src, p.inverse, out,
                                                                              p.rows, p.K, p.cols);
     } else {
-      row_gather_sum_kernel<T, false><<<blocks_for(p.rows * p.cols, 256), 256, 0, s>>>(
+      gather_sum_rows_kernel<T, false><<<blocks_for(p.rows * p.cols, 256), 256, 0, s>>>(
           src, p.inverse, out, p.rows, p.K, p.cols);
     }
     HYDRA_CUDA_LAUNCH_CHECK();
@@ -650,7 +653,7 @@ void axis_scatter_add(const AxisIndexParams& p) {
   });
 }
 
-void bag_fwd(const BagParams& p) {
+void embedding_bag_fwd(const EmbeddingBagParams& p) {
   if (p.n == 0) return;
   dispatch_float(p.dtype, "embedding_bag", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -661,7 +664,7 @@ void bag_fwd(const BagParams& p) {
       if (launch_weighted_rows(items, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.n,
                                p.cols, as_stream(p.stream)))
         return;
-      bag_fwd_kernel<T, I><<<p.n, row_threads(p.cols), 0, as_stream(p.stream)>>>(
+      embedding_bag_fwd_kernel<T, I><<<p.n, row_threads(p.cols), 0, as_stream(p.stream)>>>(
           static_cast<const T*>(p.table), static_cast<const I*>(p.index),
           static_cast<const T*>(p.weights), static_cast<T*>(p.out), p.m, p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
@@ -676,14 +679,14 @@ void product_key_indices(const ProductKeyParams& p) {
   HYDRA_CUDA_LAUNCH_CHECK();
 }
 
-size_t bag_bwd_workspace(const BagBwdParams& q) {
+size_t embedding_bag_bwd_workspace(const EmbeddingBagBwdParams& q) {
   const int64_t total = q.fwd.n * q.fwd.m;
   if (q.gtable == nullptr || total == 0) return 0;
   return 2 * align256(total * 8) + 2 * align256(total * 4) + sort_temp_bytes(total, q.fwd.num_rows);
 }
 
-void bag_bwd(const BagBwdParams& q) {
-  const BagParams& p = q.fwd;
+void embedding_bag_bwd(const EmbeddingBagBwdParams& q) {
+  const EmbeddingBagParams& p = q.fwd;
   cudaStream_t s = as_stream(p.stream);
   const int64_t total = p.n * p.m;
   HYDRA_CHECK(total < (int64_t{1} << 31))
@@ -701,15 +704,16 @@ void bag_bwd(const BagBwdParams& q) {
         dispatch_packs_per_lane(packs, [&](auto items_per_lane) {  // packs <= 128: K <= 4
           constexpr int K = std::min(decltype(items_per_lane)::value, 4);
           const unsigned blocks = blocks_for(p.n * 32, kSumThreads, int64_t(1) << 31);
-          bag_weights_packed_kernel<T, I, K><<<blocks, kSumThreads, 0, s>>>(
+          embedding_bag_weights_packed_kernel<T, I, K><<<blocks, kSumThreads, 0, s>>>(
               static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout),
               static_cast<T*>(q.gweights), p.n, p.m, packs);
           HYDRA_CUDA_LAUNCH_CHECK();
         });
       } else if (q.gweights && p.n > 0) {
-        bag_bwd_weights_kernel<T, I><<<blocks_for(total * 32, 256, int64_t(1) << 31), 256, 0, s>>>(
-            static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout),
-            static_cast<T*>(q.gweights), total, p.m, p.cols);
+        embedding_bag_bwd_weights_kernel<T, I>
+            <<<blocks_for(total * 32, 256, int64_t(1) << 31), 256, 0, s>>>(
+                static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout),
+                static_cast<T*>(q.gweights), total, p.m, p.cols);
         HYDRA_CUDA_LAUNCH_CHECK();
       }
       if (q.gtable == nullptr || p.num_rows == 0) return;
@@ -740,9 +744,11 @@ void bag_bwd(const BagBwdParams& q) {
       if (launch_weighted_rows(rows, static_cast<const T*>(q.gout), static_cast<T*>(q.gtable),
                                p.num_rows, p.cols, s))
         return;
-      bag_table_kernel<T><<<static_cast<unsigned>(p.num_rows), row_threads(p.cols), 0, s>>>(
-          b.keys_out, b.pos_out, static_cast<const T*>(p.weights), static_cast<const T*>(q.gout),
-          static_cast<T*>(q.gtable), static_cast<int32_t*>(q.hits), total, p.m, p.cols);
+      embedding_bag_table_kernel<T>
+          <<<static_cast<unsigned>(p.num_rows), row_threads(p.cols), 0, s>>>(
+              b.keys_out, b.pos_out, static_cast<const T*>(p.weights),
+              static_cast<const T*>(q.gout), static_cast<T*>(q.gtable),
+              static_cast<int32_t*>(q.hits), total, p.m, p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   });

@@ -104,7 +104,8 @@ TEST(GatherSumRows, EqualsScatterAddIntoZerosAndGradcheckFloat64) {
     (void)gather_sum_rows(randn64({2, 3}, 17, 1.0, false), bad, tensor<int64_t>({0, 0}, {2}));
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("row_gather_sum: index 7"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("gather_sum_rows: index 7"), std::string::npos)
+        << e.what();
   }
 }
 

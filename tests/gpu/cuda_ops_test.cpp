@@ -10,7 +10,7 @@
 #include "autograd/cuda_context.h"
 #include "autograd/ops.h"
 #include "autograd/optim_ops.h"
-#include "kernels/base/scratch.h"
+#include "base/determinism.h"
 #include "tests/test_util.h"
 
 namespace hydra {
@@ -912,7 +912,7 @@ TEST(CudaOps, GlobalSumOfSquaresMatchesCpu) {
 
 TEST(CudaOps, EmbeddingBackwardIsDeterministic) {
   HYDRA_REQUIRE_GPU();
-  kernels::set_deterministic(true);
+  hydra::set_deterministic(true);
   Generator g(57);
   const Tensor idx = randint(0, 64, {20000}, g).to(Device::cuda(0));  // many repeats per row
   auto grad_once = [&] {

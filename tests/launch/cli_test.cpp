@@ -69,7 +69,8 @@ TEST(Cli, ProfileTablesTheKernelsAfterTheReport) {
   const std::size_t table = r.output.find("kernel profile (HYDRA_PROFILE)");
   ASSERT_NE(table, std::string::npos) << r.output;
   EXPECT_GT(table, r.output.find("Hydra training report")) << "the table comes after the report";
-  for (const char* kernel : {"gemm", "ssm_scan_fwd", "ssm_scan_bwd", "multi_adamw_step"})
+  for (const char* kernel :
+       {"gemm", "selective_scan_fwd", "selective_scan_bwd", "multi_adamw_step"})
     EXPECT_NE(r.output.find(kernel, table), std::string::npos) << kernel;
   EXPECT_EQ(run(kTrain + " --config " + kTiny + quick + " --out " + dir + "/plain")
                 .output.find("kernel profile"),

@@ -1,4 +1,4 @@
-#include "kernels/norm.h"
+#include "kernels/rms_norm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -13,7 +13,7 @@ namespace {
 constexpr int64_t kRowBlock = 64;  // rows per partial sum of gw (fixed: thread-count independent)
 
 template <class T>
-void rmsnorm_fwd_impl(const RmsNormParams& p) {
+void rms_norm_fwd_impl(const RmsNormParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
   T* y = static_cast<T*>(p.y);
@@ -33,7 +33,7 @@ void rmsnorm_fwd_impl(const RmsNormParams& p) {
 }
 
 template <class T>
-void rmsnorm_bwd_impl(const RmsNormBwdParams& p) {
+void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
   const T* rstd = static_cast<const T*>(p.rstd);
@@ -74,14 +74,14 @@ void rmsnorm_bwd_impl(const RmsNormBwdParams& p) {
 
 }  // namespace
 
-void rmsnorm_fwd(const RmsNormParams& p) {
+void rms_norm_fwd(const RmsNormParams& p) {
   dispatch_float(p.dtype, "rms_norm",
-                 [&](auto tag) { rmsnorm_fwd_impl<typename decltype(tag)::type>(p); });
+                 [&](auto tag) { rms_norm_fwd_impl<typename decltype(tag)::type>(p); });
 }
 
-void rmsnorm_bwd(const RmsNormBwdParams& p) {
+void rms_norm_bwd(const RmsNormBwdParams& p) {
   dispatch_float(p.dtype, "rms_norm_backward",
-                 [&](auto tag) { rmsnorm_bwd_impl<typename decltype(tag)::type>(p); });
+                 [&](auto tag) { rms_norm_bwd_impl<typename decltype(tag)::type>(p); });
 }
 
 }  // namespace hydra::kernels::cpu

@@ -6,7 +6,7 @@
 #include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/rows.cuh"
-#include "kernels/norm.h"
+#include "kernels/rms_norm.h"
 
 namespace hydra::kernels::cuda {
 namespace {
@@ -18,8 +18,8 @@ constexpr int kFwdWarpItems =
     2;  // more packs per lane cost occupancy (measured: 4 and 8 are slower)
 
 template <class T>
-__global__ void rmsnorm_fwd_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
-                                   compute_t<T>* __restrict rstd, int64_t cols, double eps) {
+__global__ void rms_norm_fwd_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
+                                    compute_t<T>* __restrict rstd, int64_t cols, double eps) {
   using C = compute_t<T>;
   __shared__ C shared[32];
   const int64_t row = blockIdx.x;
@@ -38,9 +38,9 @@ __global__ void rmsnorm_fwd_kernel(const T* __restrict x, const T* __restrict w,
 }
 
 template <class T>
-__global__ void rmsnorm_bwd_kernel(const T* __restrict x, const T* __restrict w,
-                                   const compute_t<T>* __restrict rstd, const T* __restrict gy,
-                                   T* __restrict gx, int64_t cols) {
+__global__ void rms_norm_bwd_kernel(const T* __restrict x, const T* __restrict w,
+                                    const compute_t<T>* __restrict rstd, const T* __restrict gy,
+                                    T* __restrict gx, int64_t cols) {
   using C = compute_t<T>;
   __shared__ C shared[32];
   const int64_t row = blockIdx.x;
@@ -57,10 +57,10 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict x, const T* __restrict w,
 
 // part[blk, j] = sum over rows of block blk of gy * x * rstd (thread per column, rows in order).
 template <class T>
-__global__ void rmsnorm_gw_partial_kernel(const T* __restrict x,
-                                          const compute_t<T>* __restrict rstd,
-                                          const T* __restrict gy, compute_t<T>* __restrict part,
-                                          int64_t rows, int64_t cols) {
+__global__ void rms_norm_gw_partial_kernel(const T* __restrict x,
+                                           const compute_t<T>* __restrict rstd,
+                                           const T* __restrict gy, compute_t<T>* __restrict part,
+                                           int64_t rows, int64_t cols) {
   using C = compute_t<T>;
   const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, blk = blockIdx.y;
   if (j >= cols) return;
@@ -73,9 +73,9 @@ __global__ void rmsnorm_gw_partial_kernel(const T* __restrict x,
 // Rows in registers (rows.cuh): x read once, y written once.
 template <class T, int ITEMS, class P>
 __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()))
-    rmsnorm_fwd_vec_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
-                           compute_t<T>* __restrict rstd, int64_t rows, int64_t cols,
-                           compute_t<T> inv_cols, compute_t<T> eps) {
+    rms_norm_fwd_vec_kernel(const T* __restrict x, const T* __restrict w, T* __restrict y,
+                            compute_t<T>* __restrict rstd, int64_t rows, int64_t cols,
+                            compute_t<T> inv_cols, compute_t<T> eps) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared[32];
@@ -110,12 +110,14 @@ __global__ void __launch_bounds__(P::kMaxThreads, (row_min_blocks<P, ITEMS, T>()
 // registers. BlockRow: the block walks the rows in order. WarpRow: warp w takes rows r0 + w, r0 + w
 // + 8, ...; the warps' partials are then added in warp order. The next row is loaded while this one
 // is reduced.
+// One kernel of about 120 lines: its two row walks (BlockRow, WarpRow) share the registers that
+// hold a row and the gw partial; split into functions they would be inlined back.
 template <class T, int ITEMS, class P, bool STAGE>
 __global__ void __launch_bounds__(P::kMaxThreads)
-    rmsnorm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w,
-                           const compute_t<T>* __restrict rstd, const T* __restrict gy,
-                           T* __restrict gx, compute_t<T>* __restrict part, int64_t rows,
-                           int64_t cols, compute_t<T> inv_cols, int64_t group) {
+    rms_norm_bwd_vec_kernel(const T* __restrict x, const T* __restrict w,
+                            const compute_t<T>* __restrict rstd, const T* __restrict gy,
+                            T* __restrict gx, compute_t<T>* __restrict part, int64_t rows,
+                            int64_t cols, compute_t<T> inv_cols, int64_t group) {
   using C = compute_t<T>;
   constexpr int N = pack_width<T>();
   __shared__ C shared[32];
@@ -258,14 +260,14 @@ RowLayout bwd_layout(const RmsNormBwdParams& p) {
 
 }  // namespace
 
-void rmsnorm_fwd(const RmsNormParams& p) {
+void rms_norm_fwd(const RmsNormParams& p) {
   if (p.rows == 0) return;
   dispatch_float(p.dtype, "rms_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const RowLayout l = row_layout(p.cols, pack_width<T>(), kFwdWarpItems);
     if (l.items && aligned16(p.x) && aligned16(p.y) && (!p.w || aligned16(p.w))) {
       dispatch_layout<kFwdWarpItems>(l, [&](auto items, auto policy) {
-        launch_after_previous(rmsnorm_fwd_vec_kernel<T, items.value, decltype(policy)>,
+        launch_after_previous(rms_norm_fwd_vec_kernel<T, items.value, decltype(policy)>,
                               dim3(l.blocks(p.rows)), dim3(l.threads), 0, as_stream(p.stream),
                               static_cast<const T*>(p.x), static_cast<const T*>(p.w),
                               static_cast<T*>(p.y), static_cast<compute_t<T>*>(p.rstd), p.rows,
@@ -274,14 +276,14 @@ void rmsnorm_fwd(const RmsNormParams& p) {
       HYDRA_CUDA_LAUNCH_CHECK();
       return;
     }
-    rmsnorm_fwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(
+    rms_norm_fwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(
         static_cast<const T*>(p.x), static_cast<const T*>(p.w), static_cast<T*>(p.y),
         static_cast<compute_t<T>*>(p.rstd), p.cols, p.eps);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
 
-size_t rmsnorm_bwd_workspace(const RmsNormBwdParams& p) {
+size_t rms_norm_bwd_workspace(const RmsNormBwdParams& p) {
   if (!p.gw || p.rows == 0) return 0;
   const size_t a = p.dtype == DType::kF64 ? 8 : 4;
   const RowLayout l = bwd_layout(p);
@@ -290,7 +292,7 @@ size_t rmsnorm_bwd_workspace(const RmsNormBwdParams& p) {
   return a * static_cast<size_t>((p.rows + g - 1) / g * p.cols);
 }
 
-void rmsnorm_bwd(const RmsNormBwdParams& p) {
+void rms_norm_bwd(const RmsNormBwdParams& p) {
   if (p.rows == 0) return;
   dispatch_float(p.dtype, "rms_norm_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -302,7 +304,7 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
     const RowLayout l = bwd_layout(p);
     if (l.items && aligned16(p.x) && aligned16(p.gy) && aligned16(p.gx) &&
         (!p.w || aligned16(p.w))) {
-      HYDRA_CHECK(!p.gw || p.workspace != nullptr) << "rmsnorm_bwd: workspace required for gw";
+      HYDRA_CHECK(!p.gw || p.workspace != nullptr) << "rms_norm_bwd: workspace required for gw";
       const int64_t group = bwd_group(p.rows, l.warp), blocks = (p.rows + group - 1) / group;
       C* part = p.gw ? static_cast<C*>(p.workspace) : nullptr;
       dispatch_layout<kBwdWarpItems>(l, [&](auto items, auto policy) {
@@ -312,14 +314,14 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
         const size_t smem = size_t(2) * 2 * kItems * l.threads * sizeof(RowPack<T>);
         if constexpr (kItems <= 2 && (Policy::kWarp || kItems > 1)) {
           if (smem <= 48 * 1024) {
-            launch_after_previous(rmsnorm_bwd_vec_kernel<T, kItems, Policy, true>, dim3(blocks),
+            launch_after_previous(rms_norm_bwd_vec_kernel<T, kItems, Policy, true>, dim3(blocks),
                                   dim3(l.threads), smem, s, x, static_cast<const T*>(p.w), rstd, gy,
                                   static_cast<T*>(p.gx), part, p.rows, p.cols,
                                   C(1.0 / double(p.cols)), group);
             return;
           }
         }
-        launch_after_previous(rmsnorm_bwd_vec_kernel<T, kItems, Policy, false>, dim3(blocks),
+        launch_after_previous(rms_norm_bwd_vec_kernel<T, kItems, Policy, false>, dim3(blocks),
                               dim3(l.threads), 0, s, x, static_cast<const T*>(p.w), rstd, gy,
                               static_cast<T*>(p.gx), part, p.rows, p.cols, C(1.0 / double(p.cols)),
                               group);
@@ -331,14 +333,14 @@ void rmsnorm_bwd(const RmsNormBwdParams& p) {
       }
       return;
     }
-    rmsnorm_bwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, s>>>(
+    rms_norm_bwd_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, s>>>(
         x, static_cast<const T*>(p.w), rstd, gy, static_cast<T*>(p.gx), p.cols);
     HYDRA_CUDA_LAUNCH_CHECK();
     if (p.gw) {
-      HYDRA_CHECK(p.workspace != nullptr) << "rmsnorm_bwd: workspace required for gw";
+      HYDRA_CHECK(p.workspace != nullptr) << "rms_norm_bwd: workspace required for gw";
       const int64_t blocks = (p.rows + kGwRows - 1) / kGwRows;
       C* part = static_cast<C*>(p.workspace);
-      rmsnorm_gw_partial_kernel<T>
+      rms_norm_gw_partial_kernel<T>
           <<<dim3((p.cols + 127) / 128, blocks), 128, 0, s>>>(x, rstd, gy, part, p.rows, p.cols);
       HYDRA_CUDA_LAUNCH_CHECK();
       column_sum<C, T>(part, blocks, p.cols, static_cast<T*>(p.gw), C(1), s);

@@ -1,5 +1,5 @@
-// CUDA selective scan, forward (the passes: ssm_scan_common.cuh).
-#include "kernels/cuda/ssm_scan_common.cuh"
+// CUDA selective scan, forward (the passes: selective_scan_common.cuh).
+#include "kernels/cuda/selective_scan_common.cuh"
 
 namespace hydra::kernels::cuda {
 namespace {
@@ -10,7 +10,7 @@ using namespace ssm;
 // summed delta into `dsums`) and 3 (FINAL true: from the entering state in `states`, y).
 template <class T, int NMAX, bool FULL, bool FINAL>
 __global__ void __launch_bounds__(kThreads)
-    scan_fwd_chunk_kernel(SsmScanParams p, int64_t nchunks, compute_t<T>* __restrict states,
+    scan_fwd_chunk_kernel(SelectiveScanParams p, int64_t nchunks, compute_t<T>* __restrict states,
                           compute_t<T>* __restrict dsums) {
   using A = compute_t<T>;
   __shared__ __align__(16) A Bs[kSteps][NMAX];
@@ -81,21 +81,21 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-size_t ssm_scan_fwd_workspace(const SsmScanParams& p) {
+size_t selective_scan_fwd_workspace(const SelectiveScanParams& p) {
   const int64_t bcd = p.batch * ssm_num_chunks(p.len, p.chunk_len) * p.dim;
   const size_t a = p.dtype == DType::kF64 ? 8 : 4;
   return a * static_cast<size_t>(bcd + (p.chunk_states ? 0 : bcd * p.state)) + 256;
 }
 
-void ssm_scan_fwd(const SsmScanParams& p) {
+void selective_scan_fwd(const SelectiveScanParams& p) {
   if (p.batch * p.dim * p.len == 0) return;
   check_grid(p);
-  HYDRA_CHECK(p.workspace != nullptr) << "ssm_scan: workspace required";
+  HYDRA_CHECK(p.workspace != nullptr) << "selective_scan: workspace required";
   const ScanGrids grids = scan_grids(p);
   const int64_t nc = grids.chunks;
   const dim3 chunk_grid = grids.chunk, carry_grid = grids.carry;
   cudaStream_t s = as_stream(p.stream);
-  dispatch_float(p.dtype, "ssm_scan", [&](auto tag) {
+  dispatch_float(p.dtype, "selective_scan", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = compute_t<T>;
     A* dsums = static_cast<A*>(p.workspace);

@@ -13,7 +13,7 @@
 
 namespace hydra::kernels {
 
-struct SsmScanParams {
+struct SelectiveScanParams {
   DType dtype = DType::kF32;
   int64_t batch = 0, len = 0, dim = 0, state = 0;
   int64_t chunk_len = 64;
@@ -34,12 +34,12 @@ struct SsmScanParams {
   void* y = nullptr;              // [B, L, D] contiguous
   void* h_last = nullptr;         // [B, D, N] accumulate dtype, or null
   void* chunk_states = nullptr;   // [B, num_chunks, D, N] accumulate dtype, or null (no backward)
-  void* workspace = nullptr;      // CUDA: ssm_scan_fwd_workspace(p) bytes
+  void* workspace = nullptr;      // CUDA: selective_scan_fwd_workspace(p) bytes
   void* stream = nullptr;
 };
 
-struct SsmScanBwdParams {
-  SsmScanParams fwd;              // the forward's inputs; fwd.chunk_states as saved by the forward
+struct SelectiveScanBwdParams {
+  SelectiveScanParams fwd;        // the forward's inputs; fwd.chunk_states as saved by the forward
   const void* gy = nullptr;       // [B, L, D] contiguous
   const void* g_hlast = nullptr;  // [B, D, N] accumulate dtype, or null
   void* gu = nullptr;             // [B, L, D]
@@ -51,19 +51,20 @@ struct SsmScanBwdParams {
   void* gA_log = nullptr;         // [D, N]
   void* gD = nullptr;             // [D], if D
   void* gh0 = nullptr;            // [B, D, N] accumulate dtype, or null
-  void* workspace = nullptr;      // CUDA: ssm_scan_bwd_workspace(p) bytes (fwd.workspace is unused)
+  void* workspace =
+      nullptr;  // CUDA: selective_scan_bwd_workspace(p) bytes (fwd.workspace is unused)
 };
 
 inline int64_t ssm_num_chunks(int64_t len, int64_t chunk_len) {
   return (len + chunk_len - 1) / chunk_len;
 }
 
-HYDRA_DECLARE_KERNEL(ssm_scan_fwd, SsmScanParams)
-HYDRA_DECLARE_KERNEL(ssm_scan_bwd, SsmScanBwdParams)
+HYDRA_DECLARE_KERNEL(selective_scan_fwd, SelectiveScanParams)
+HYDRA_DECLARE_KERNEL(selective_scan_bwd, SelectiveScanBwdParams)
 
 namespace cuda {
-size_t ssm_scan_fwd_workspace(const SsmScanParams& p);
-size_t ssm_scan_bwd_workspace(const SsmScanBwdParams& p);
+size_t selective_scan_fwd_workspace(const SelectiveScanParams& p);
+size_t selective_scan_bwd_workspace(const SelectiveScanBwdParams& p);
 }  // namespace cuda
 
 }  // namespace hydra::kernels

@@ -1,7 +1,7 @@
-// CUDA selective scan: what the forward (ssm_scan_fwd.cu) and the backward (ssm_scan_bwd.cu) share.
-// Parallel over (batch, channel, chunk of chunk_len steps); each thread keeps its N states in
-// registers (N is a template bound: 1, 8, 16, 32 or 64). Forward, three passes
-// (spec/algorithms.md section 1: the recurrence is linear in h):
+// CUDA selective scan: what the forward (selective_scan_fwd.cu) and the backward
+// (selective_scan_bwd.cu) share. Parallel over (batch, channel, chunk of chunk_len steps); each
+// thread keeps its N states in registers (N is a template bound: 1, 8, 16, 32 or 64). Forward,
+// three passes (spec/algorithms.md section 1: the recurrence is linear in h):
 //   1. each chunk from a zero state: its end state and its summed delta (the chunk's decay is
 //      exp(A * sum delta));
 //   2. per (batch, channel, state), chunk to chunk: the true state entering each chunk, and h_last;
@@ -19,7 +19,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
-#include "kernels/ssm_scan.h"
+#include "kernels/selective_scan.h"
 
 namespace hydra::kernels::cuda::ssm {
 
@@ -28,7 +28,7 @@ constexpr int kSteps = 32;     // time steps of B and C staged in shared memory 
 
 template <class T>
 struct ScanIn {
-  const SsmScanParams& p;
+  const SelectiveScanParams& p;
   __device__ compute_t<T> u(int64_t r, int64_t d) const {
     return load(static_cast<const T*>(p.u), r * p.u_row + d);
   }
@@ -61,7 +61,7 @@ struct ChunkThread {
   bool live;
 };
 
-inline __device__ ChunkThread chunk_thread(const SsmScanParams& p, int64_t b0) {
+inline __device__ ChunkThread chunk_thread(const SelectiveScanParams& p, int64_t b0) {
   ChunkThread t;
   t.b = b0 + blockIdx.z;
   t.c = blockIdx.y;
@@ -82,12 +82,12 @@ __device__ __forceinline__ double exp2_scaled(double x) { return exp2(x); }
 // and the divisions by N are decided at compile time: 19% of the backward's instructions at 16
 // states were such checks and their branches), otherwise the run's d_state.
 template <int NMAX, bool FULL>
-__device__ __forceinline__ int states_of(const SsmScanParams& p) {
+__device__ __forceinline__ int states_of(const SelectiveScanParams& p) {
   return FULL ? NMAX : static_cast<int>(p.state);
 }
 
 template <class T, int NMAX, bool FULL>
-__device__ void load_decay_rates(const SsmScanParams& p, int64_t d, bool live,
+__device__ void load_decay_rates(const SelectiveScanParams& p, int64_t d, bool live,
                                  compute_t<T> (&Ad)[NMAX]) {
   using A = compute_t<T>;
   const int N = states_of<NMAX, FULL>(p);
@@ -151,7 +151,7 @@ constexpr int state_bound(int64_t state) {
 template <class F>
 void dispatch_state(int64_t state, F&& fn) {
   HYDRA_CHECK(state >= 1 && state <= 64)
-      << "ssm_scan (CUDA): d_state " << state << " is not supported (1..64)";
+      << "selective_scan (CUDA): d_state " << state << " is not supported (1..64)";
   auto with = [&](auto nmax) {
     if (state == decltype(nmax)::value) return fn(nmax, std::true_type{});
     return fn(nmax, std::false_type{});
@@ -170,12 +170,14 @@ void dispatch_state(int64_t state, F&& fn) {
   }
 }
 
-inline void check_grid(const SsmScanParams& p) {
-  HYDRA_CHECK(p.batch < 65536) << "ssm_scan (CUDA): batch " << p.batch << " must be below 65536";
-  HYDRA_CHECK(p.chunk_len >= 1) << "ssm_scan: chunk_len must be positive, got " << p.chunk_len;
+inline void check_grid(const SelectiveScanParams& p) {
+  HYDRA_CHECK(p.batch < 65536) << "selective_scan (CUDA): batch " << p.batch
+                               << " must be below 65536";
+  HYDRA_CHECK(p.chunk_len >= 1) << "selective_scan: chunk_len must be positive, got "
+                                << p.chunk_len;
   HYDRA_CHECK(ssm_num_chunks(p.len, p.chunk_len) < 65536)
-      << "ssm_scan (CUDA): " << ssm_num_chunks(p.len, p.chunk_len) << " chunks of " << p.chunk_len
-      << " steps; at most 65535 (raise the scan chunk)";
+      << "selective_scan (CUDA): " << ssm_num_chunks(p.len, p.chunk_len) << " chunks of "
+      << p.chunk_len << " steps; at most 65535 (raise the scan chunk)";
 }
 
 // The launch grids of both directions: a block of kThreads channels per (channel block, chunk,
@@ -185,7 +187,7 @@ struct ScanGrids {
   unsigned dim_blocks;
   dim3 chunk, carry;
 };
-inline ScanGrids scan_grids(const SsmScanParams& p) {
+inline ScanGrids scan_grids(const SelectiveScanParams& p) {
   ScanGrids g;
   g.chunks = ssm_num_chunks(p.len, p.chunk_len);
   g.dim_blocks = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);

@@ -26,15 +26,15 @@ struct RmsNormBwdParams {
   void* gx = nullptr;
   void* gw = nullptr;  // [cols]; written (not accumulated); null when w is null
   int64_t rows = 0, cols = 0;
-  void* workspace = nullptr;  // CUDA: rmsnorm_bwd_workspace(p) bytes (partial sums of gw)
+  void* workspace = nullptr;  // CUDA: rms_norm_bwd_workspace(p) bytes (partial sums of gw)
   void* stream = nullptr;
 };
 
-HYDRA_DECLARE_KERNEL(rmsnorm_fwd, RmsNormParams)
-HYDRA_DECLARE_KERNEL(rmsnorm_bwd, RmsNormBwdParams)
+HYDRA_DECLARE_KERNEL(rms_norm_fwd, RmsNormParams)
+HYDRA_DECLARE_KERNEL(rms_norm_bwd, RmsNormBwdParams)
 
 namespace cuda {
-size_t rmsnorm_bwd_workspace(const RmsNormBwdParams& p);
+size_t rms_norm_bwd_workspace(const RmsNormBwdParams& p);
 }  // namespace cuda
 
 }  // namespace hydra::kernels

@@ -1,4 +1,4 @@
-// Merging partial attentions (kernels/attention.h, AttentionMergeParams): a warp per (batch, head,
+// Merging partial attentions (kernels/attention.h, MergeAttentionParams): a warp per (batch, head,
 // query) row; every lane derives the part weights from the P log-sum-exps (P is small: the pieces
 // of one query's key set), then the lanes split the head dimension. Plain expf/log: the merge is
 // cheap next to the attentions it merges, and this keeps it within rounding of the CPU reference.
@@ -12,7 +12,7 @@ namespace {
 
 struct MergeRows {
   int64_t L, H, dh, rows, out_part, lse_part;
-  explicit MergeRows(const AttentionMergeParams& p)
+  explicit MergeRows(const MergeAttentionParams& p)
       : L(p.len),
         H(p.heads),
         dh(p.head_dim),
@@ -31,7 +31,7 @@ __device__ __forceinline__ C neg_inf() {
 }
 
 template <class T>
-__global__ void merge_fwd_kernel(AttentionMergeParams p, MergeRows m) {
+__global__ void merge_fwd_kernel(MergeAttentionParams p, MergeRows m) {
   using C = compute_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
@@ -63,9 +63,9 @@ __global__ void merge_fwd_kernel(AttentionMergeParams p, MergeRows m) {
 }
 
 template <class T>
-__global__ void merge_bwd_kernel(AttentionMergeBwdParams q, MergeRows m) {
+__global__ void merge_bwd_kernel(MergeAttentionBwdParams q, MergeRows m) {
   using C = compute_t<T>;
-  const AttentionMergeParams& p = q.fwd;
+  const MergeAttentionParams& p = q.fwd;
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
   const T* outs = static_cast<const T*>(p.outs);
@@ -105,7 +105,7 @@ constexpr int kThreads = 256;
 
 }  // namespace
 
-void attention_merge_fwd(const AttentionMergeParams& p) {
+void merge_attention_fwd(const MergeAttentionParams& p) {
   const MergeRows m(p);
   if (m.rows == 0 || p.parts == 0) return;
   dispatch_float(p.dtype, "merge_attention", [&](auto tag) {
@@ -116,7 +116,7 @@ void attention_merge_fwd(const AttentionMergeParams& p) {
   });
 }
 
-void attention_merge_bwd(const AttentionMergeBwdParams& q) {
+void merge_attention_bwd(const MergeAttentionBwdParams& q) {
   const MergeRows m(q.fwd);
   if (m.rows == 0 || q.fwd.parts == 0) return;
   dispatch_float(q.fwd.dtype, "merge_attention_backward", [&](auto tag) {

@@ -4,7 +4,7 @@
 //   G_t = gh_t (total gradient on h_t) = C_t * gy_t + a_{t+1} * G_{t+1}
 // (spec/algorithms.md section 2). Sums over channels (gB, gC) and over batch (gA, gD, gdt_bias) go
 // through per-task partial buffers combined in a fixed order: thread-count independent.
-#include "kernels/ssm_scan.h"
+#include "kernels/selective_scan.h"
 
 #include <algorithm>
 #include <cmath>
@@ -26,7 +26,7 @@ void exp_inplace(T* __restrict x, int64_t n) {
 
 template <class T>
 struct ScanView {
-  const SsmScanParams& p;
+  const SelectiveScanParams& p;
   const T* u = static_cast<const T*>(p.u);
   const T* delta = static_cast<const T*>(p.delta);
   const T* z = static_cast<const T*>(p.z);
@@ -57,7 +57,7 @@ struct Pointwise {
 
 template <class T>
 Pointwise<T> pointwise(const ScanView<T>& v, bool with_grad) {
-  const SsmScanParams& p = v.p;
+  const SelectiveScanParams& p = v.p;
   const int64_t rows = p.batch * p.len, D = p.dim;
   Pointwise<T> pw;
   pw.delta.resize(rows * D);
@@ -86,7 +86,7 @@ Pointwise<T> pointwise(const ScanView<T>& v, bool with_grad) {
 }
 
 template <class T>
-void scan_fwd(const SsmScanParams& p) {
+void scan_fwd(const SelectiveScanParams& p) {
   const ScanView<T> v{p};
   const int64_t N = p.state, D = p.dim, L = p.len;
   const int64_t nblk = (D + kBlock - 1) / kBlock;
@@ -144,11 +144,13 @@ void scan_fwd(const SsmScanParams& p) {
   });
 }
 
+// One function (about 140 lines) on purpose: it is the reference the CUDA backward is checked
+// against, and keeps the passes of kernels/cuda/selective_scan_bwd.cu in one readable sequence.
 template <class T>
-void scan_bwd(const SsmScanBwdParams& q) {
-  const SsmScanParams& p = q.fwd;
+void scan_bwd(const SelectiveScanBwdParams& q) {
+  const SelectiveScanParams& p = q.fwd;
   HYDRA_CHECK(p.chunk_states != nullptr)
-      << "ssm_scan_bwd needs the chunk states saved by the forward";
+      << "selective_scan_bwd needs the chunk states saved by the forward";
   const ScanView<T> v{p};
   const int64_t N = p.state, D = p.dim, L = p.len, Bsz = p.batch, CL = p.chunk_len;
   const int64_t nblk = (D + kBlock - 1) / kBlock;
@@ -285,12 +287,13 @@ void scan_bwd(const SsmScanBwdParams& q) {
 
 }  // namespace
 
-void ssm_scan_fwd(const SsmScanParams& p) {
-  dispatch_float(p.dtype, "ssm_scan", [&](auto tag) { scan_fwd<typename decltype(tag)::type>(p); });
+void selective_scan_fwd(const SelectiveScanParams& p) {
+  dispatch_float(p.dtype, "selective_scan",
+                 [&](auto tag) { scan_fwd<typename decltype(tag)::type>(p); });
 }
 
-void ssm_scan_bwd(const SsmScanBwdParams& p) {
-  dispatch_float(p.fwd.dtype, "ssm_scan_backward",
+void selective_scan_bwd(const SelectiveScanBwdParams& p) {
+  dispatch_float(p.fwd.dtype, "selective_scan_backward",
                  [&](auto tag) { scan_bwd<typename decltype(tag)::type>(p); });
 }
 

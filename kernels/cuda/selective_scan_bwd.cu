@@ -1,5 +1,5 @@
-// CUDA selective scan, backward (the passes: ssm_scan_common.cuh).
-#include "kernels/cuda/ssm_scan_common.cuh"
+// CUDA selective scan, backward (the passes: selective_scan_common.cuh).
+#include "kernels/cuda/selective_scan_common.cuh"
 
 namespace hydra::kernels::cuda {
 namespace {
@@ -56,7 +56,7 @@ struct BwdScratch {
 // The checkpoints of one launch stay below this (larger batches run in slices).
 constexpr int64_t kStateScratchBytes = int64_t{1} << 30;
 
-BwdScratch scratch_of(const SsmScanParams& p) {
+BwdScratch scratch_of(const SelectiveScanParams& p) {
   const int64_t blocks = (p.dim + kThreads - 1) / kThreads, warps = blocks * (kThreads / 32);
   const int64_t cl = std::min(p.chunk_len, p.len), nc = ssm_num_chunks(p.len, p.chunk_len);
   const int64_t a = p.dtype == DType::kF64 ? 8 : 4;
@@ -75,11 +75,11 @@ BwdScratch scratch_of(const SsmScanParams& p) {
 // conversion per state). Up to 16 states, bounded to 8 blocks per SM (64 registers).
 template <class T, int NMAX, bool FULL>
 __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <= 16 ? 8 : 1))
-    scan_bwd_chunk_kernel(SsmScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
+    scan_bwd_chunk_kernel(SelectiveScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
                           compute_t<T>* __restrict dsums) {
   using A = compute_t<T>;
   __shared__ __align__(16) A Cs[kSteps][NMAX];
-  const SsmScanParams& p = q.fwd;
+  const SelectiveScanParams& p = q.fwd;
   const ScanIn<T> in{p};
   const ChunkThread th = chunk_thread(p, 0);
   const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, slot = (b * nchunks + th.c) * D + d;
@@ -143,9 +143,12 @@ constexpr int scan_bwd_min_blocks() {
   return sizeof(compute_t<T>) > 4 ? 1 : NMAX <= 8 ? 4 : NMAX <= 16 ? 3 : 1;
 }
 
+// One kernel of about 200 lines on purpose: the checkpoint pass, the recomputation and the
+// backward walk share the thread's states in registers and its shared memory; its lambdas
+// (fetch, stage, recompute, load_inputs) name the parts.
 template <class T, int NMAX, bool FULL>
 __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
-    scan_bwd_kernel(SsmScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc,
+    scan_bwd_kernel(SelectiveScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc,
                     compute_t<T>* __restrict ws) {
   using A = compute_t<T>;
   constexpr int kSub = scan_bwd_sub_steps(NMAX, sizeof(A));
@@ -156,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   // The sub-chunk's B and C, shared by the block's channels (one 16-byte load per four states).
   __shared__ __align__(16) A Bt[kSub][NMAX];
   __shared__ __align__(16) A Ct[kSub][NMAX];
-  const SsmScanParams& p = q.fwd;
+  const SelectiveScanParams& p = q.fwd;
   const ScanIn<T> in{p};
   const ChunkThread th = chunk_thread(p, b0);
   const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, cs = th.cs, ce = th.ce;
@@ -377,7 +380,7 @@ struct GradALogStore {
 
 }  // namespace
 
-size_t ssm_scan_bwd_workspace(const SsmScanBwdParams& q) {
+size_t selective_scan_bwd_workspace(const SelectiveScanBwdParams& q) {
   const BwdScratch sc = scratch_of(q.fwd);
   const size_t a = q.fwd.dtype == DType::kF64 ? 8 : 4;
   return a * static_cast<size_t>(sc.hs + sc.g_in + sc.dsums + 2 * sc.part_bc + sc.part_a +
@@ -385,20 +388,20 @@ size_t ssm_scan_bwd_workspace(const SsmScanBwdParams& q) {
          256;
 }
 
-void ssm_scan_bwd(const SsmScanBwdParams& q) {
-  const SsmScanParams& p = q.fwd;
+void selective_scan_bwd(const SelectiveScanBwdParams& q) {
+  const SelectiveScanParams& p = q.fwd;
   if (p.batch * p.dim * p.len == 0) return;
   check_grid(p);
   HYDRA_CHECK(p.chunk_states != nullptr)
-      << "ssm_scan_bwd needs the chunk states saved by the forward";
-  HYDRA_CHECK(q.workspace != nullptr) << "ssm_scan_bwd: workspace required";
+      << "selective_scan_bwd needs the chunk states saved by the forward";
+  HYDRA_CHECK(q.workspace != nullptr) << "selective_scan_bwd: workspace required";
   const BwdScratch sc = scratch_of(p);
   const ScanGrids grids = scan_grids(p);
   const int64_t nc = grids.chunks;
   const unsigned dim_blocks = grids.dim_blocks;
   const dim3 chunk_grid = grids.chunk, carry_grid = grids.carry;
   cudaStream_t s = as_stream(p.stream);
-  dispatch_float(p.dtype, "ssm_scan_backward", [&](auto tag) {
+  dispatch_float(p.dtype, "selective_scan_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = compute_t<T>;
     A* ws = static_cast<A*>(q.workspace);
@@ -417,7 +420,7 @@ void ssm_scan_bwd(const SsmScanBwdParams& q) {
         const dim3 grid(dim_blocks, static_cast<unsigned>(nc),
                         static_cast<unsigned>(std::min(sc.slice, p.batch - b0)));
         constexpr size_t smem = scan_bwd_smem(NMAX, sizeof(A));
-        allow_dynamic_smem(scan_bwd_kernel<T, NMAX, FULL>, smem, "ssm_scan_backward");
+        allow_dynamic_smem(scan_bwd_kernel<T, NMAX, FULL>, smem, "selective_scan_backward");
         scan_bwd_kernel<T, NMAX, FULL><<<grid, kThreads, smem, s>>>(q, nc, b0, sc, ws);
         HYDRA_CUDA_LAUNCH_CHECK();
       }

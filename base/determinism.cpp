@@ -1,8 +1,8 @@
-#include "kernels/base/scratch.h"
+#include "base/determinism.h"
 
 #include <atomic>
 
-namespace hydra::kernels {
+namespace hydra {
 namespace {
 std::atomic<bool> g_deterministic{true};
 }  // namespace
@@ -10,4 +10,4 @@ std::atomic<bool> g_deterministic{true};
 bool deterministic() { return g_deterministic.load(std::memory_order_relaxed); }
 void set_deterministic(bool on) { g_deterministic.store(on, std::memory_order_relaxed); }
 
-}  // namespace hydra::kernels
+}  // namespace hydra
