@@ -97,6 +97,7 @@ std::vector<Tensor> checkpoint(const CheckpointFn& fn, const std::vector<Tensor>
   {
     NoGradGuard no_grad;
     std::vector<Tensor> detached;
+    detached.reserve(inputs.size());
     for (const Tensor& t : inputs) detached.push_back(t.defined() ? t.detach() : t);
     outputs = fn(detached);
   }
@@ -104,6 +105,7 @@ std::vector<Tensor> checkpoint(const CheckpointFn& fn, const std::vector<Tensor>
   auto node = std::make_shared<CheckpointNode>(fn, inputs, rng);
   node->set_num_outputs(static_cast<uint32_t>(outputs.size()));
   std::vector<Edge> edges;
+  edges.reserve(inputs.size());
   for (const Tensor& t : inputs) edges.push_back(gradient_edge(t));
   node->set_next_edges(std::move(edges));
   for (std::size_t i = 0; i < outputs.size(); ++i) {

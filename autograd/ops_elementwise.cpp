@@ -169,7 +169,8 @@ Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op) {
 
 Tensor add(const Tensor& a, const Tensor& b) {
   Tensor out = binary_forward(BinaryOp::kAdd, "add", a, b);
-  const Shape sa = a.shape(), sb = b.shape();
+  const Shape& sa = a.shape();
+  const Shape& sb = b.shape();
   record_op("add", {a, b}, {out}, [sa, sb](const std::vector<Tensor>& g) {
     return std::vector<Tensor>{sum_to(g[0], sa), sum_to(g[0], sb)};
   });
@@ -178,7 +179,8 @@ Tensor add(const Tensor& a, const Tensor& b) {
 
 Tensor sub(const Tensor& a, const Tensor& b) {
   Tensor out = binary_forward(BinaryOp::kSub, "sub", a, b);
-  const Shape sa = a.shape(), sb = b.shape();
+  const Shape& sa = a.shape();
+  const Shape& sb = b.shape();
   const bool need_b = b.requires_grad();
   record_op("sub", {a, b}, {out}, [sa, sb, need_b](const std::vector<Tensor>& g) {
     return std::vector<Tensor>{sum_to(g[0], sa), need_b ? sum_to(neg(g[0]), sb) : Tensor()};
@@ -191,7 +193,8 @@ Tensor mul(const Tensor& a, const Tensor& b) {
   if (any_requires_grad({a, b})) {
     const bool need_a = a.requires_grad(), need_b = b.requires_grad();
     SavedTensor sa(need_b ? a : Tensor()), sb(need_a ? b : Tensor());
-    const Shape shape_a = a.shape(), shape_b = b.shape();
+    const Shape& shape_a = a.shape();
+    const Shape& shape_b = b.shape();
     record_op("mul", {a, b}, {out}, [=](const std::vector<Tensor>& g) {
       return std::vector<Tensor>{need_a ? sum_to(mul(g[0], sb.get()), shape_a) : Tensor(),
                                  need_b ? sum_to(mul(g[0], sa.get()), shape_b) : Tensor()};
@@ -205,7 +208,8 @@ Tensor div(const Tensor& a, const Tensor& b) {
   if (any_requires_grad({a, b})) {
     const bool need_b = b.requires_grad();
     SavedTensor sb(b), sout(need_b ? out : Tensor());
-    const Shape shape_a = a.shape(), shape_b = b.shape();
+    const Shape& shape_a = a.shape();
+    const Shape& shape_b = b.shape();
     record_op("div", {a, b}, {out}, [=](const std::vector<Tensor>& g) {
       const Tensor bv = sb.get();
       const Tensor ga = div(g[0], bv);

@@ -139,7 +139,7 @@ Tensor gather_rows(const Tensor& table_in, const Tensor& index_in) {
   Tensor out = gather_rows_raw(table, index);
   if (any_requires_grad({table_in})) {
     SavedTensor si(index);
-    const Shape tshape = table.shape();
+    const Shape& tshape = table.shape();
     const DType dt = table.dtype();
     record_op("gather_rows", {table_in}, {out}, [si, tshape, dt](const std::vector<Tensor>& g) {
       Tensor gt = zeros(tshape, dt, g[0].device());
@@ -220,7 +220,7 @@ Tensor gather(const Tensor& x_in, int64_t axis, const Tensor& index_in) {
   axis_index(false, x, index, out, axis, x.shape()[axis]);
   if (any_requires_grad({x_in})) {
     SavedTensor si(index);
-    const Shape xshape = x.shape();
+    const Shape& xshape = x.shape();
     const DType dt = x.dtype();
     record_op("gather", {x_in}, {out}, [si, xshape, dt, axis](const std::vector<Tensor>& g) {
       Tensor gx = zeros(xshape, dt, g[0].device());
@@ -304,7 +304,7 @@ std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, in
     outs.push_back(base.narrow(axis, off, s));
     off += s;
   }
-  const Shape xshape = x.shape();
+  const Shape& xshape = x.shape();
   const DType dt = x.dtype();
   record_op("split", {x}, outs, [sizes, axis, xshape, dt](const std::vector<Tensor>& g) {
     std::vector<Tensor> parts;
@@ -350,7 +350,7 @@ std::pair<Tensor, Tensor> topk(const Tensor& x_in, int64_t k) {
   if (p.rows > 0 && k > 0) HYDRA_LAUNCH(x.device(), topk, p);
   if (any_requires_grad({x_in})) {
     SavedTensor si(indices);
-    const Shape xshape = x.shape();
+    const Shape& xshape = x.shape();
     const DType dt = x.dtype();
     record_op("topk", {x_in}, {values, Tensor()}, [si, xshape, dt](const std::vector<Tensor>& g) {
       Tensor gx = zeros(xshape, dt, g[0].device());
@@ -492,7 +492,7 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
   const bool sparse_table = sparse_grad && need_table && GradMode::enabled();
   std::vector<SavedTensor> saved = {SavedTensor(table), SavedTensor(index), SavedTensor(weights)};
   const Tensor leaf = sparse_table ? table_in : Tensor();
-  const Shape tshape = table.shape();
+  const Shape& tshape = table.shape();
   record_op(
       "embedding_bag", {sparse_grad ? Tensor() : table_in, weights_in}, {out},
       [=](const std::vector<Tensor>& g) {

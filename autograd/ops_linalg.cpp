@@ -99,7 +99,7 @@ Tensor mm(const Tensor& a, bool ta, const Tensor& b, bool tb) {
 // else into a new tensor.
 Tensor weight_grad(const Tensor& w, const Tensor& a, bool ta, const Tensor& b, bool tb,
                    const Shape& shape) {
-  const Tensor dest = w.claim_grad_destination(a.dtype());
+  Tensor dest = w.claim_grad_destination(a.dtype());
   if (dest.defined() && dest.is_contiguous() && dest.device() == a.device()) {
     const int64_t m = ta ? a.size(2) : a.size(1), n = tb ? b.size(1) : b.size(2);
     gemm_into(dest.view({1, m, n}), a, ta, b, tb, 0.0);
@@ -136,7 +136,8 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
     Tensor out = mm(a3, false, b3, false).view(out_shape);
     const bool need_a = a.requires_grad(), need_b = b.requires_grad();
     SavedTensor sa(need_b ? a3 : Tensor()), sb(need_a ? b3 : Tensor());
-    const Shape a_shape = a.shape(), b_shape = b.shape();
+    const Shape& a_shape = a.shape();
+    const Shape& b_shape = b.shape();
     const Tensor b_leaf =
         need_b && b.is_leaf() ? b : Tensor();  // a weight: its gradient may go to a bucket
     record_op("matmul", {a, b}, {out}, [=](const std::vector<Tensor>& g) {
@@ -156,7 +157,8 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   Tensor out = mm(a3, false, b3, false).view(out_shape);
   const bool need_a = a.requires_grad(), need_b = b.requires_grad();
   SavedTensor sa(need_b ? a3 : Tensor()), sb(need_a ? b3 : Tensor());
-  const Shape a_shape = a.shape(), b_shape = b.shape();
+  const Shape& a_shape = a.shape();
+  const Shape& b_shape = b.shape();
   record_op("bmm", {a, b}, {out}, [=](const std::vector<Tensor>& g) {
     Tensor g3 = g[0].reshape({-1, M, N});
     Tensor ga = need_a ? mm(g3, false, sb.get(), true).view(a_shape) : Tensor();
@@ -194,7 +196,7 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
   out = out.view(out_shape);
   const bool need_x = x.requires_grad(), need_w = w.requires_grad(), has_bias = bias.defined();
   SavedTensor sx(need_w ? x3 : Tensor()), sw(need_x ? w3 : Tensor());
-  const Shape x_shape = x.shape();
+  const Shape& x_shape = x.shape();
   const Tensor w_leaf =
       need_w && w.is_leaf() ? w : Tensor();  // a weight: its gradient may go to a bucket
   record_op("linear", {x, w, bias}, {out}, [=](const std::vector<Tensor>& g) {

@@ -139,7 +139,8 @@ std::pair<Tensor, Tensor> gated_update(const Tensor& s_in, const Tensor& u_in, c
   if (any_requires_grad({s_in, u_in, w_in, b_in})) {
     const SavedTensor ss(s), su(u), sw(w), sg(gate);
     const bool need_w = w_in.requires_grad(), need_b = b_in.requires_grad();
-    const Shape w_shape = w_in.shape(), b_shape = b_in.shape();
+    const Shape& w_shape = w_in.shape();
+    const Shape& b_shape = b_in.shape();
     record_op("gated_update", {s_in, u_in, w_in, b_in}, {out}, [=](const std::vector<Tensor>& g) {
       const Tensor sv = ss.get(), uv = su.get(), go = g[0].contiguous();
       Tensor gs = Tensor::empty(sv.shape(), dt, dev), gu = Tensor::empty(sv.shape(), dt, dev);
@@ -208,7 +209,8 @@ std::pair<Tensor, Tensor> gated_scan(const Tensor& s_in, const Tensor& u_in, con
   if (any_requires_grad({s_in, u_in, w_in, b_in})) {
     const SavedTensor su(u), sw(w), sh(h), sg(gate);
     const bool need_w = w_in.requires_grad(), need_b = b_in.requires_grad();
-    const Shape w_shape = w_in.shape(), b_shape = b_in.shape();
+    const Shape& w_shape = w_in.shape();
+    const Shape& b_shape = b_in.shape();
     record_op("gated_scan", {s_in, u_in, w_in, b_in}, {h}, [=](const std::vector<Tensor>& g) {
       const Tensor uv = su.get(), gh = g[0].contiguous();
       Tensor gs = Tensor::empty({R, n}, dt, dev), gu = Tensor::empty({T, R, n}, dt, dev);

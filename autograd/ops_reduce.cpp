@@ -93,7 +93,8 @@ Tensor sum_impl(const Tensor& x, const std::vector<int64_t>& axes_in, bool keepd
   const std::vector<int64_t> axes = normalize_axes(axes_in, x.dim(), name, x.shape());
   Tensor kept = reduce_axes(ReduceOp::kSum, x.detach(), axes, scale);
   Tensor out = keepdim ? kept : kept.view(drop_axes(x.shape(), axes));
-  const Shape in_shape = x.shape(), kept_shape = kept.shape();
+  const Shape& in_shape = x.shape();
+  const Shape& kept_shape = kept.shape();
   record_op(name, {x}, {out}, [in_shape, kept_shape, scale](const std::vector<Tensor>& g) {
     Tensor gk = g[0].reshape(kept_shape);
     if (scale != 1.0) gk = mul(gk, scale);
@@ -122,9 +123,7 @@ Tensor sum_to(const Tensor& x, const Shape& shape) {
                          << shape_str(shape);
   std::vector<int64_t> axes;
   for (int64_t i = 0; i < x.dim(); ++i) {
-    if (i < lead) {
-      axes.push_back(i);
-    } else if (shape[i - lead] == 1 && x.shape()[i] != 1) {
+    if (i < lead || (shape[i - lead] == 1 && x.shape()[i] != 1)) {
       axes.push_back(i);
     } else {
       HYDRA_CHECK(shape[i - lead] == x.shape()[i])

@@ -185,7 +185,9 @@ void bench_attention(Report& report, bool quick) {
       if (s.window <= 0 || global_q || t < s.window) {
         pairs += double(t + 1);
       } else {
-        pairs += double(s.window) + (s.stride > 0 ? double((t - s.window) / s.stride + 1) : 0.0);
+        // The global keys before the window: a whole count of them.
+        const int64_t globals = s.stride > 0 ? (t - s.window) / s.stride + 1 : 0;
+        pairs += double(s.window) + double(globals);
       }
     }
     pairs *= double(s.batch * s.heads);

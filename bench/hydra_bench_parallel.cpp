@@ -274,6 +274,7 @@ void bench_allreduce_overlap(const Env& env, Report& report, int64_t layers, int
   double into_dest = 0;
   {
     std::vector<Tensor> dests;
+    dests.reserve(weights.size());
     for (const Tensor& w : weights) dests.push_back(Tensor::empty(w.shape(), w.dtype(), env.dev));
     into_dest = time_ms(
         env,

@@ -40,7 +40,7 @@ std::string field_list(const Descriptor* d) {
   return out;
 }
 
-std::string trim(std::string s) {
+std::string trim(const std::string& s) {
   const auto b = s.find_first_not_of(" \t\n\r"), e = s.find_last_not_of(" \t\n\r");
   return b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
 }

@@ -158,8 +158,8 @@ int tokenize(const std::vector<std::string>& inputs, const std::string& tok_spec
     if (tokens.empty()) return ok_status();
     char name[32];
     std::snprintf(name, sizeof name, "shard-%05d.h5", shard++);
-    const Status st = data::write_token_shard((fs::path(out_dir) / name).string(), tokens, offsets,
-                                              (*tok)->id(), (*tok)->vocab_size());
+    Status st = data::write_token_shard((fs::path(out_dir) / name).string(), tokens, offsets,
+                                        (*tok)->id(), (*tok)->vocab_size());
     all_tokens += static_cast<int64_t>(tokens.size());
     tokens.clear();
     offsets.clear();

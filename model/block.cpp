@@ -58,6 +58,7 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, co
     std::vector<int64_t> ones(logits.size(2), 1);
     const auto columns = split(logits, ones, 2);
     std::vector<Tensor> on;
+    on.reserve(paths.size());
     for (const Path& p : paths) on.push_back(columns[p.column]);
     const Tensor c = mul(softmax(concat(on, 2)), double(paths.size()));
     mix = split(c, std::vector<int64_t>(paths.size(), 1), 2);

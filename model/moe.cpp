@@ -364,7 +364,7 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
 // previous shard's last chunk mean (rank 0: first token). xr [B, nC, c, d] -> [B, nC, d].
 Tensor ChunkMoE::router_input(const Tensor& xr, const ForwardContext& ctx) const {
   const int64_t nC = xr.size(1);
-  const Tensor first = xr.select(2, 0);  // [B, nC, d]
+  Tensor first = xr.select(2, 0);  // [B, nC, d]
   if (cfg_.router_input() != config::MoeConfig::PREV_CHUNK_MEAN) return first;
   std::vector<Tensor> parts;
   if (ctx.sequence_parallel()) {
@@ -449,7 +449,8 @@ Tensor ChunkMoE::aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,
   const int64_t pairs = blockffn_ ? nC * c - 1 : std::max<int64_t>(nC - 1, 0);
   counts.locality_terms =
       double(B * (std::max<int64_t>(pairs, 0) + (z_next.defined() ? 1 : 0)) * E);
-  counts.sparsity_terms = double(B * (nC / seq_group_) * E);
+  const int64_t groups = nC / seq_group_;  // whole groups of chunks only
+  counts.sparsity_terms = double(B * groups * E);
   ctx.world_sum(parallel::HostSum()
                     .add(counts.active)
                     .add(counts.chunks)
@@ -502,10 +503,10 @@ Tensor ChunkMoE::aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,
       sparsity = mul(moe_sparsity_sum(z_sparse, seq_group_), 1.0 / counts.sparsity_terms);
   }
   const double scale = ctx.aux_scale;
-  const Tensor losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),  // AuxLoss
-                                mul(locality, locality_weight_ * scale).reshape({1}),
-                                mul(sparsity, sparsity_coef() * scale).reshape({1})},
-                               0);
+  Tensor losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),  // AuxLoss
+                          mul(locality, locality_weight_ * scale).reshape({1}),
+                          mul(sparsity, sparsity_coef() * scale).reshape({1})},
+                         0);
   if (ctx.recording()) {  // the routing on the host for the statistics (and evaluation's purity)
     MoeRouting routing;
     routing.batch = B;

@@ -129,6 +129,7 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
     double gate_mean = 0;
     if (!gates.empty()) {
       std::vector<Tensor> flat;
+      flat.reserve(gates.size());
       for (const Tensor& g : gates) flat.push_back(g.reshape({-1}));
       gate_mean = mean(concat(flat, 0)).item<double>();
     }
@@ -137,7 +138,8 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
     // keeps no probabilities).
     const Tensor att =
         softmax(mul(matmul(qr.permute({0, 2, 1, 3}), kr.permute({0, 2, 3, 1})), scale));
-    ctx.stat(p + "slot_entropy", entropy_sum(att).item<double>() / double(att.numel() / M));
+    const int64_t reads = att.numel() / M;  // (chunk, head, query) rows of M slots each
+    ctx.stat(p + "slot_entropy", entropy_sum(att).item<double>() / double(reads));
   }
   // Back to token order: the output projection first (d and a are alike in size), then one copy.
   const Tensor out = read_o->forward(read);  // [nC, B, c, d]

@@ -32,7 +32,7 @@ Tensor all_gather(const Tensor& x_in, Communicator& c) {
   Tensor out = Tensor::empty(with_rows(x.shape(), n * size), x.dtype(), x.device());
   c.all_gather(x, out);
   Communicator* cp = &c;
-  const Shape xs = x.shape();
+  const Shape& xs = x.shape();
   const DType dt = x.dtype();
   const Device dev = x.device();
   record_collective_op("all_gather", {x_in}, {out},
@@ -49,7 +49,7 @@ Tensor all_reduce_sum(const Tensor& x_in, Communicator& c) {
   Tensor out = x_in.contiguous().clone().detach();
   c.all_reduce(out, ReduceOp::kSum);
   Communicator* cp = &c;
-  const Shape xs = x_in.shape();
+  const Shape& xs = x_in.shape();
   const DType dt = x_in.dtype();
   const Device dev = x_in.device();
   record_collective_op("all_reduce_sum", {x_in}, {out},
@@ -69,7 +69,8 @@ Tensor all_to_all(const Tensor& x_in, const std::vector<int64_t>& send_counts,
   Tensor out = Tensor::empty(with_rows(x.shape(), sum(recv_counts)), x.dtype(), x.device());
   c.all_to_all_v(x, send_counts, out, recv_counts);
   Communicator* cp = &c;
-  const Shape xs = x.shape(), os = out.shape();
+  const Shape& xs = x.shape();
+  const Shape& os = out.shape();
   const DType dt = x.dtype();
   const Device dev = x.device();
   record_collective_op(
@@ -94,7 +95,7 @@ Tensor shift(const Tensor& x_in, Communicator& c, int direction) {
   Tensor out = zeros(x.shape(), x.dtype(), x.device());
   c.send_recv(x, to, out, from);
   Communicator* cp = &c;
-  const Shape xs = x.shape();
+  const Shape& xs = x.shape();
   const DType dt = x.dtype();
   const Device dev = x.device();
   record_collective_op(
@@ -121,7 +122,7 @@ Tensor receive_from_previous(const Tensor& first, Communicator& c) {
   Tensor out = zeros(first.shape(), first.dtype(), first.device());
   c.send_recv(Tensor(), -1, out, r - 1);
   Communicator* cp = &c;
-  const Shape s = first.shape();
+  const Shape& s = first.shape();
   const DType dt = first.dtype();
   const Device dev = first.device();
   // `first` is not an input here: its value was not used on this rank.
@@ -140,7 +141,7 @@ Tensor send_to_next(const Tensor& x_in, Communicator& c) {
   c.send_recv(x, next, Tensor(), -1);
   Tensor token = zeros({}, x.dtype(), x.device());
   Communicator* cp = &c;
-  const Shape xs = x.shape();
+  const Shape& xs = x.shape();
   const DType dt = x.dtype();
   const Device dev = x.device();
   record_collective_op("send_to_next", {x_in}, {token},

@@ -157,6 +157,7 @@ std::vector<int64_t> globals_in(int64_t lo, int64_t hi, int64_t stride) {
 Tensor take_rows(const Tensor& x, const std::vector<int64_t>& rows, int64_t count) {
   const int64_t B = x.size(0), H = x.size(2), dh = x.size(3);
   std::vector<Tensor> parts;
+  parts.reserve(rows.size());
   for (int64_t r : rows) parts.push_back(x.narrow(1, r, 1));
   if (static_cast<int64_t>(rows.size()) < count)
     parts.push_back(
@@ -182,7 +183,7 @@ Tensor sparse_attention(Communicator& sp, const Tensor& q, const Tensor& k, cons
   const DType acc = accumulate_dtype(q.dtype());
   std::vector<Tensor> outs, lses;
   std::vector<std::vector<uint8_t>> excluded;
-  auto add_part = [&](std::pair<Tensor, Tensor> part, std::vector<uint8_t> drop = {}) {
+  auto add_part = [&](const std::pair<Tensor, Tensor>& part, std::vector<uint8_t> drop = {}) {
     outs.push_back(part.first);
     lses.push_back(part.second);
     excluded.push_back(std::move(drop));

@@ -169,7 +169,7 @@ int64_t step_of(const fs::path& dir) {
 
 }  // namespace
 
-CheckpointManager::CheckpointManager(std::string run_dir, int64_t keep_last)
+CheckpointManager::CheckpointManager(const std::string& run_dir, int64_t keep_last)
     : root_((fs::path(run_dir) / "checkpoints").string()), keep_last_(keep_last) {}
 
 std::string CheckpointManager::checkpoint_dir(int64_t step) const {

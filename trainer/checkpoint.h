@@ -32,7 +32,7 @@ struct TrainState {
 
 class CheckpointManager {
  public:
-  CheckpointManager(std::string run_dir, int64_t keep_last);
+  CheckpointManager(const std::string& run_dir, int64_t keep_last);
   std::string checkpoint_dir(int64_t step) const;
 
   // Writes the checkpoint of state.step (every rank calls it); then keeps the newest keep_last.

@@ -79,8 +79,8 @@ __device__ __forceinline__ float exp2_scaled(float x) { return exp2_ftz(x); }
 __device__ __forceinline__ double exp2_scaled(double x) { return exp2(x); }
 
 // The states of a channel: NMAX itself when the bound is exact (FULL: then the per-state checks
-// and the divisions by N are decided at compile time: 19% of the backward's instructions at 16
-// states were such checks and their branches), otherwise the run's d_state.
+// and the divisions by N are decided at compile time; docs/PERF.md, session 26, counts the
+// backward's integer and control instructions), otherwise the run's d_state.
 template <int NMAX, bool FULL>
 __device__ __forceinline__ int states_of(const SelectiveScanParams& p) {
   return FULL ? NMAX : static_cast<int>(p.state);
