@@ -7,7 +7,7 @@
 // <op>_fwd and <op>_bwd (their Params <Op>Params, <Op>BwdParams), its tests <Op>.* (CPU and
 // gradient checks, tests/autograd) and CudaOps.<Op>MatchesCpu (tests/gpu), its benchmark rows
 // start with the op's name. Families that serve many ops are named for what they compute (gemm,
-// elementwise, copy, reduce, index, attention). Where each op runs:
+// elementwise, copy, reduce, index, attention, pkm). Where each op runs:
 //
 //   op                      kernel family (kernels/)      gradient test             benchmark row
 //   add sub mul div ...     elementwise: binary           Binary.Gradcheck*         mul [..]
@@ -23,8 +23,8 @@
 //   scatter_add_rows        index: scatter_add_rows       ScatterAddRows.* scatter_add_rows
 //   gather_sum_rows         index: gather_sum_rows        GatherSumRows.*           (the MoE step)
 //   gather scatter_add      index: axis_gather, axis_scatter_add  Gather., ScatterAdd.*  -
-//   embedding_bag           index: embedding_bag_fwd/bwd  EmbeddingBag.*            (the PKM step)
-//   product_key_indices     index: product_key_indices    (no gradient)             -
+//   embedding_bag           pkm: embedding_bag_fwd/bwd    EmbeddingBag.*            (the PKM step)
+//   product_key_indices     pkm: product_key_indices      (no gradient)             -
 //   topk                    topk                          Topk.GradcheckFloat64     -
 //   sparse_attention        attention: attention_fwd/bwd  SparseAttention.*         <model>
 //   attention merge_attention         merge_attention               MergeAttention.*          -

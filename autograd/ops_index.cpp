@@ -8,6 +8,7 @@
 #include "autograd/ops.h"
 #include "kernels/index.h"
 #include "kernels/moe_route.h"
+#include "kernels/pkm.h"
 #include "kernels/topk.h"
 
 namespace hydra {

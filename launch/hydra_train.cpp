@@ -87,6 +87,10 @@ cli::po::options_description options() {
       "threads", cli::po::value<int>(),
       "CPU threads per rank (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or the host's cores "
       "divided among the ranks on it)")("quiet", "no progress output or report")(
+      "force",
+      "with --resume from a checkpoint older than the run's newest: start a new branch from it "
+      "(the newer checkpoints and their metrics move to OUT/abandoned/branch-N/; "
+      "OUT/lineage.jsonl records each branch)")(
       "no-print-config", "do not print the resolved config (it is still saved in --out)");
   return opts;
 }
@@ -129,6 +133,7 @@ int run(const cli::Tool& tool, int argc, char** argv) {
   if (vm.count("resume")) to.resume = vm["resume"].as<std::string>();
   if (vm.count("steps")) to.stop_step = vm["steps"].as<int64_t>();
   to.quiet = vm.count("quiet") > 0;
+  to.force = vm.count("force") > 0;
   auto t = trainer::Trainer::create(*cfg, config_path, to);
   if (!t.ok()) {
     tool.error(t.status().message());

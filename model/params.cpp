@@ -1,6 +1,11 @@
 #include "model/params.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <sstream>
+
+#include "autograd/cuda_context.h"
 
 namespace hydra::model {
 namespace {
@@ -109,6 +114,28 @@ double training_flops_per_token(const ModelSpec& spec, const PathSwitches& paths
     if (!paths.pkm) s.pkm_after.clear();
   }
   return 3.0 * count_parameters(s, seq_len).forward_flops_per_token;
+}
+
+Status check_fits_in_memory(const ModelSpec& spec, int64_t ranks_in, bool cuda,
+                            const std::string& source) {
+  const double ranks = double(std::max<int64_t>(1, ranks_in));
+  const double params = double(count_parameters(spec, spec.max_seq_len).total);
+  const double need = params * 4.0 / ranks;
+  double have = 0;
+  if (cuda) {
+    if (cuda_available()) have = double(cuda_total_memory(0));
+  } else {
+    have = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
+  }
+  if (have <= 0 || need <= have) return ok_status();
+  std::ostringstream os;
+  os.precision(3);
+  os << source << ": the model has " << params / 1e9 << "B parameters: " << need / double(1 << 30)
+     << " GiB of fp32 weights per rank over " << ranks << " rank(s), more than the "
+     << have / double(1 << 30) << " GiB of " << (cuda ? "GPU" : "host")
+     << " memory (model.d_model = " << spec.d << ", num_blocks = " << spec.num_blocks
+     << ", vocab_size = " << spec.vocab << "); check the model's sizes";
+  return invalid_argument(os.str());
 }
 
 }  // namespace hydra::model

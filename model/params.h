@@ -26,6 +26,14 @@ struct ParamTable {
 
 ParamTable count_parameters(const ModelSpec& spec, int64_t seq_len);
 
+// Refuses, before anything is allocated, a model whose fp32 weights alone cannot fit in the memory
+// of one rank even in the most sharded layout (weights / ranks) on the device it trains on (cuda:
+// GPU 0's, else the host's): an extra zero in a size gets a message naming the sizes instead of an
+// allocation failure. Training needs several times this (gradients, AdamW state, activations);
+// those are not guessed here.
+Status check_fits_in_memory(const ModelSpec& spec, int64_t ranks, bool cuda,
+                            const std::string& source);
+
 // Model FLOPs of one training step per token (forward + backward = 3 x forward, recomputation not
 // counted: the usual MFU numerator) with the given paths on: sparse attention, routing (off: every
 // expert runs), the memories. The SSM path is always counted.

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "autograd/tensor.h"
+#include "base/status.h"
 
 namespace hydra::parallel {
 
@@ -96,6 +97,13 @@ class HostSum {
  private:
   std::vector<std::span<double>> parts_;
 };
+
+// Every rank must train the same resolved config (`text`, config::to_text): ranks started with
+// different files or --set values would otherwise fail later in a collective with a bare
+// MPI_ERR_TRUNCATE, or not at all. On a difference, the error (the same on every rank) names the
+// first line of the resolved config that differs from rank 0's, with both values; `source` is the
+// config file, for the message.
+Status check_same_config(Communicator& world, const std::string& text, const std::string& source);
 
 // A communicator of one rank (no parallelism): every operation is a local copy. Lets code written
 // for a grid run unchanged in a single process.

@@ -309,6 +309,23 @@ Expected<std::string> CheckpointManager::latest(int64_t before) const {
   return best_dir;
 }
 
+std::vector<std::string> CheckpointManager::newer_than(int64_t step) const {
+  std::error_code ec;
+  std::vector<std::pair<int64_t, std::string>> found;
+  if (fs::is_directory(root_, ec))
+    for (const auto& de : fs::directory_iterator(root_, ec))
+      if (const int64_t s = step_of(de.path()); s > step) found.emplace_back(s, de.path().string());
+  std::sort(found.begin(), found.end());
+  std::vector<std::string> out;
+  out.reserve(found.size());
+  for (auto& [s, dir] : found) out.push_back(std::move(dir));
+  return out;
+}
+
+int64_t CheckpointManager::step_of_dir(const std::string& dir) {
+  return step_of(fs::path(dir).lexically_normal());
+}
+
 Expected<config::CheckpointManifest> CheckpointManager::read_manifest(const std::string& dir) {
   const std::string path = (fs::path(dir) / kManifest).string();
   std::ifstream in(path, std::ios::binary);

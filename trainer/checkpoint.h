@@ -43,6 +43,10 @@ class CheckpointManager {
   // Newest complete checkpoint (with a manifest) under run_dir, or not_found; with `before` >= 0,
   // the newest of a step below `before` (what to offer when the newest is damaged).
   Expected<std::string> latest(int64_t before = -1) const;
+  // The checkpoint folders (complete or not) of steps above `step`, oldest first.
+  std::vector<std::string> newer_than(int64_t step) const;
+  // The step of a checkpoint folder's name (step-NNNNNNNN), or -1.
+  static int64_t step_of_dir(const std::string& dir);
   static Expected<config::CheckpointManifest> read_manifest(const std::string& dir);
   // Restores model, optimizer and state from `dir`, after checking it matches `resolved`'s model.
   static Status load(const std::string& dir, const config::RunConfig& resolved,

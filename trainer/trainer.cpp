@@ -65,99 +65,6 @@ std::string paths_str(const model::PathSwitches& p) {
 
 }  // namespace
 
-// Refuses, before anything is allocated, a model whose fp32 weights alone cannot fit in the memory
-// of one rank even in the most sharded layout (weights / ranks): an extra zero in a size gets a
-// message naming the sizes instead of an allocation failure. Training needs several times this
-// (gradients, AdamW state, activations); those are not guessed here.
-namespace {
-
-// `text` of rank `root`, on every rank (host values summed over the ranks: only root's are
-// non-zero).
-std::string share_text(parallel::Communicator& world, const std::string& text, int root) {
-  const bool mine = world.rank() == root;
-  const auto n = static_cast<std::size_t>(world.all_reduce_host(mine ? double(text.size()) : 0.0));
-  std::vector<double> chars(n, 0.0);
-  if (mine)
-    for (std::size_t i = 0; i < n; ++i) chars[i] = static_cast<unsigned char>(text[i]);
-  world.all_reduce_host(chars);
-  std::string out(n, '\0');
-  for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<char>(static_cast<int>(chars[i]));
-  return out;
-}
-
-// Every rank must train the same resolved config: ranks started with different files or --set
-// values would otherwise fail later in a collective with a bare MPI_ERR_TRUNCATE, or not at all.
-// Compares a hash of the config's text (in 21-bit pieces, exact as doubles); on a difference, finds
-// the first line that differs from rank 0's and names it, with both values, on every rank.
-Status check_same_config(parallel::Communicator& world, const std::string& text,
-                         const std::string& source) {
-  if (world.size() == 1) return ok_status();
-  uint64_t h = 1469598103934665603ULL;  // FNV-1a
-  for (unsigned char c : text) h = (h ^ c) * 1099511628211ULL;
-  std::vector<double> lo, hi;
-  for (int k = 0; k < 3; ++k) lo.push_back(double((h >> (21 * k)) & ((1u << 21) - 1)));
-  hi = lo;
-  world.all_reduce_host(lo, parallel::ReduceOp::kMin);
-  world.all_reduce_host(hi, parallel::ReduceOp::kMax);
-  if (lo == hi) return ok_status();
-  auto lines = [](const std::string& s) {
-    std::vector<std::string> v;
-    std::istringstream in(s);
-    for (std::string l; std::getline(in, l);) v.push_back(l);
-    return v;
-  };
-  const std::vector<std::string> ref = lines(share_text(world, text, 0)), own = lines(text);
-  std::size_t first = std::max(ref.size(), own.size());
-  for (std::size_t i = 0; i < std::max(ref.size(), own.size()); ++i)
-    if (i >= ref.size() || i >= own.size() || ref[i] != own[i]) {
-      first = i;
-      break;
-    }
-  const double big = 1e18;
-  const double line = world.all_reduce_host(
-      first < std::max(ref.size(), own.size()) ? double(first) : big, parallel::ReduceOp::kMin);
-  const int who = static_cast<int>(world.all_reduce_host(
-      double(first) == line ? double(world.rank()) : big, parallel::ReduceOp::kMin));
-  const auto at = static_cast<std::size_t>(line);
-  const std::string theirs =
-      share_text(world, at < own.size() ? own[at] : std::string("(end of config)"), who);
-  auto trim = [](std::string s) {
-    s.erase(0, s.find_first_not_of(' '));
-    return s;
-  };
-  return invalid_argument(source + ": the ranks' configs differ: rank " + std::to_string(who) +
-                          " has '" + trim(theirs) + "' where rank 0 has '" +
-                          trim(at < ref.size() ? ref[at] : std::string("(end of config)")) +
-                          "' (line " + std::to_string(at + 1) +
-                          " of the resolved config); start every rank with the same "
-                          "--config and --set values");
-}
-
-Status check_model_fits(const config::RunConfig& cfg, const model::ModelSpec& spec,
-                        const std::string& source) {
-  const auto& p = cfg.parallel();
-  const double ranks = double(std::max<int64_t>(1, p.dp() * p.ep() * p.sp()));
-  const double params = double(model::count_parameters(spec, spec.max_seq_len).total);
-  const double need = params * 4.0 / ranks;
-  const bool cuda = cfg.train().device() == "cuda";
-  double have = 0;
-  if (cuda) {
-    if (cuda_available()) have = double(cuda_total_memory(0));
-  } else {
-    have = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
-  }
-  if (have <= 0 || need <= have) return ok_status();
-  std::ostringstream os;
-  os.precision(3);
-  os << source << ": the model has " << params / 1e9 << "B parameters: " << need / double(1 << 30)
-     << " GiB of fp32 weights per rank over " << ranks << " rank(s), more than the "
-     << have / double(1 << 30) << " GiB of " << (cuda ? "GPU" : "host")
-     << " memory (model.d_model = " << spec.d << ", num_blocks = " << spec.num_blocks
-     << ", vocab_size = " << spec.vocab << "); check the model's sizes";
-  return invalid_argument(os.str());
-}
-}  // namespace
-
 namespace {
 // What to do after a non-finite loss or gradient. `good`: the newest checkpoint whose next step
 // gave a finite loss and gradient in this run (resuming from it repeats that step: the advice is
@@ -168,8 +75,11 @@ std::string diverged_advice(const std::string& good, const std::string& suspect)
   if (!suspect.empty())
     out = "The newest checkpoint, " + suspect +
           ", holds the weights this step started from, so resuming from it fails the same way. ";
+  // A checkpoint newer than the good one stands in the way of resuming from it (run lineage):
+  // --force moves it aside.
   if (!good.empty() && std::filesystem::exists(good + "/manifest.pb"))
     return out + "The last good checkpoint is " + good + ": resume from it with --resume " + good +
+           (suspect.empty() ? "" : " --force") +
            " and a lower learning rate (--set train.lr.lr=...)";
   if (!good.empty())
     return out + "The last good checkpoint, " + good +
@@ -197,7 +107,11 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
   t->source_ = source;
   t->opt_ = options;
   HYDRA_ASSIGN_OR_RETURN(t->spec_, model::make_spec(t->cfg_.model(), source));
-  HYDRA_RETURN_IF_ERROR(check_model_fits(t->cfg_, t->spec_, source));
+  HYDRA_RETURN_IF_ERROR(model::check_fits_in_memory(
+      t->spec_,
+      std::max<int64_t>(
+          1, t->cfg_.parallel().dp() * t->cfg_.parallel().ep() * t->cfg_.parallel().sp()),
+      t->cfg_.train().device() == "cuda", source));
   HYDRA_ASSIGN_OR_RETURN(t->stages_, resolve_stages(t->cfg_, t->spec_, source));
   if (options.stop_step == 0 || options.stop_step < -1)
     return invalid_argument("--steps " + std::to_string(options.stop_step) + ": must be >= 1");
@@ -234,7 +148,7 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
                                    config::ParallelConfig::Comm_Name(p.comm()) + ": " + problem);
     auto world = parallel::world_communicator(gpu, backend);
     world->set_timeout(std::chrono::seconds(static_cast<int64_t>(std::ceil(p.timeout_s()))));
-    HYDRA_RETURN_IF_ERROR(check_same_config(*world, config::to_text(t->cfg_), source));
+    HYDRA_RETURN_IF_ERROR(parallel::check_same_config(*world, config::to_text(t->cfg_), source));
     HYDRA_ASSIGN_OR_RETURN(t->grid_,
                            parallel::ProcessGrid::create(std::move(world), shape, source));
   } else {
@@ -316,6 +230,64 @@ Status Trainer::prepare() {
                        ": not a checkpoint (no manifest.pb) nor a run directory");
     }
   }
+  // Run lineage: resuming from a step older than the run's newest checkpoint abandons those newer
+  // ones (and their metrics); without --force that is refused, since a later --resume auto would
+  // pick the abandoned branch up again.
+  {  // this leg's branch: the branches lineage.jsonl records so far, one more if it starts one
+    std::ifstream in(fs::path(out) / "lineage.jsonl");
+    for (std::string l; std::getline(in, l);) branch_ += !l.empty();
+  }
+  if (!resume_from_.empty() && !opt_.evaluate_only) {
+    const int64_t step = CheckpointManager::step_of_dir(resume_from_);
+    abandoned_ = checkpoints_->newer_than(step);
+    if (!abandoned_.empty() && opt_.force) branch_ += 1;
+    if (!abandoned_.empty() && !opt_.force) {
+      std::string names;
+      for (const std::string& d : abandoned_)
+        names += (names.empty() ? "" : ", ") + fs::path(d).filename().string();
+      return failed_precondition(
+          "--resume " + resume_from_ + " (step " + std::to_string(step) + ") is older than " +
+          names + " in " + out + ": training on from it would mix two histories, and a later " +
+          "--resume auto would pick the newer checkpoints up again. Pass --force to start a new " +
+          "branch from step " + std::to_string(step) +
+          " (the newer checkpoints and their metrics move to " + out +
+          "/abandoned/branch-N/, lineage.jsonl records it), or --resume auto to continue from " +
+          "the newest");
+    }
+  }
+  return ok_status();
+}
+
+// --force past newer checkpoints (prepare): rank 0 moves them, and the metrics lines of their
+// steps, to out/abandoned/branch-N/ and appends the branch to lineage.jsonl. The branch of this leg
+// (and of the metrics lines it writes, "branch") was counted in prepare(): 0 for a run that never
+// branched.
+Status Trainer::start_branch() {
+  if (abandoned_.empty() || !lead()) return ok_status();
+  const fs::path out = opt_.out_dir, lineage = out / "lineage.jsonl";
+  const int64_t step = CheckpointManager::step_of_dir(resume_from_);
+  const fs::path dir = out / "abandoned" / ("branch-" + std::to_string(branch_));
+  std::error_code ec;
+  fs::create_directories(dir / "checkpoints", ec);
+  if (ec) return io_error(dir.string() + ": cannot create: " + ec.message());
+  std::string moved;
+  for (const std::string& d : abandoned_) {
+    const fs::path to = dir / "checkpoints" / fs::path(d).filename();
+    fs::rename(d, to, ec);
+    if (ec) return io_error(d + ": cannot move it to " + to.string() + ": " + ec.message());
+    moved += std::string(moved.empty() ? "" : ", ") + "\"" + fs::path(d).filename().string() + "\"";
+  }
+  // The metrics lines past `step` go with them (MetricsLog::open keeps the ones up to it).
+  std::ifstream in(out / "metrics.jsonl");
+  std::ofstream gone(dir / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto pos = line.find("\"step\": ");
+    if (pos != std::string::npos && std::atoll(line.c_str() + pos + 8) > step) gone << line << "\n";
+  }
+  std::ofstream log(lineage, std::ios::app);
+  log << "{\"branch\": " << branch_ << ", \"from\": \"" << resume_from_ << "\", \"step\": " << step
+      << ", \"abandoned\": [" << moved << "], \"moved_to\": \"" << dir.string() << "\"}\n";
+  if (!gone || !log) return io_error(dir.string() + ": cannot write the abandoned branch's record");
   return ok_status();
 }
 
@@ -345,6 +317,7 @@ Status Trainer::prepare_model() {
   }
   if (cfg_.train().precision() == config::TrainConfig::BF16_MIXED)
     compute_copies_ = std::make_unique<ComputeCopies>(*model_, DType::kBF16);
+  if (!opt_.evaluate_only && !resume_from_.empty()) HYDRA_RETURN_IF_ERROR(start_branch());
   if (!resume_from_.empty()) {
     const Status loaded =
         CheckpointManager::load(resume_from_, cfg_, *model_, *optimizer_, &state_, *grid_);
@@ -354,7 +327,9 @@ Status Trainer::prepare_model() {
       return Status(
           loaded.code(),
           loaded.message() + (older.ok() ? "; the next older complete checkpoint is " + *older +
-                                               ": resume from it with --resume " + *older
+                                               ": resume from it with --resume " + *older +
+                                               " --force (the damaged one moves to " +
+                                               opt_.out_dir + "/abandoned/)"
                                          : "; there is no older complete checkpoint"));
     }
     HYDRA_RETURN_IF_ERROR(loaded);
@@ -515,7 +490,12 @@ Expected<std::unique_ptr<Trainer::Leg>> Trainer::start_leg() {
   }
   HYDRA_RETURN_IF_ERROR(agree(opened, *grid_));
   if (!resume_from_.empty())
-    leg->say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step));
+    leg->say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step) +
+             (abandoned_.empty()
+                  ? ""
+                  : ": branch " + std::to_string(branch_) + " (the " +
+                        std::to_string(abandoned_.size()) + " newer checkpoint(s) moved to " +
+                        opt_.out_dir + "/abandoned/branch-" + std::to_string(branch_) + ")"));
   if (stop > schedule_end) {  // --steps past the curriculum's end: say what those steps do
     const Stage& last = stages_.back();
     std::ostringstream os;
@@ -685,6 +665,7 @@ MetricValues Trainer::step_metrics(StepOutcome& step, const Stage& stage, Leg& l
                          {"tokens_seen", state_.tokens_seen},
                          {"elapsed_s", leg.elapsed()},
                          {"stage_index", double(stage.index)},
+                         {"branch", double(branch_)},
                          {"memory.rss_peak_mb", peak_rss_mb()},
                          {"memory.optimizer_mb", double(optimizer_->state_bytes()) / (1 << 20)}};
   if (peak_tflops() > 0) values.push_back({"mfu", tflops / peak_tflops()});

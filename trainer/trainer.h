@@ -32,6 +32,9 @@ struct TrainOptions {
   bool quiet = false;          // no progress output (tests)
   bool local_only = false;     // one process even when MPI is up (tests compare against it)
   bool evaluate_only = false;  // hydra-eval: load `resume`, write nothing (evaluate_checkpoint)
+  // --force: resume from a checkpoint older than the run's newest, starting a new branch (the newer
+  // checkpoints and their metrics move to out_dir/abandoned/branch-N/; lineage.jsonl records it).
+  bool force = false;
 };
 
 struct EvalResult {
@@ -130,6 +133,11 @@ class Trainer {
   std::unique_ptr<ComputeCopies> compute_copies_;  // BF16_MIXED: bf16 copies of the fp32 parameters
   int64_t current_stage_ = -1;
   std::string resume_from_;
+  // Run lineage: the checkpoints newer than the one resumed from (--force: moved aside when the run
+  // directory is prepared), and the branch this leg trains (0: the run's first; lineage.jsonl).
+  std::vector<std::string> abandoned_;
+  int64_t branch_ = 0;
+  Status start_branch();
 };
 
 }  // namespace hydra::trainer

@@ -12,6 +12,7 @@
 #include <iterator>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace {
 
@@ -118,6 +119,63 @@ TEST(Cli, OccupiedOutputAndResumeOfNothing) {
   r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run --resume auto --steps 4" +
           kQuick);
   EXPECT_EQ(r.code, 0) << r.output;
+}
+
+// Run lineage: resuming from a checkpoint older than the run's newest is refused without --force
+// (nothing moves); with --force the newer checkpoints and their metrics move to
+// abandoned/branch-1/, lineage.jsonl records the branch, the new lines say "branch": 1, and a later
+// --resume auto continues the new branch, not the abandoned one.
+TEST(Cli, ResumingFromAnOlderCheckpointStartsANamedBranchOnlyWithForce) {
+  const std::string dir = temp_dir("lineage"), out = dir + "/run";
+  const std::string quick =
+      " --set 'curriculum={}' --set train.steps=8 --set train.seq_len=64 --set train.batch_size=2 "
+      "--set train.eval_batches=1 --set train.keep_last=10 --quiet --eval-every 0 ";
+  Result r =
+      run(kTrain + " --config " + kTiny + " --out " + out + quick + "--save-every 2 --steps 6");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const std::string ckpt2 = out + "/checkpoints/step-00000002";
+  ASSERT_TRUE(fs::exists(out + "/checkpoints/step-00000006/manifest.pb"));
+  auto lines_of = [](const std::string& path) {
+    std::vector<std::string> v;
+    std::ifstream in(path);
+    for (std::string l; std::getline(in, l);) v.push_back(l);
+    return v;
+  };
+  // Refused: names the newer checkpoints and --force; nothing moves.
+  r = run(kTrain + " --config " + kTiny + " --out " + out + quick + "--save-every 2 --steps 8 " +
+          "--resume " + ckpt2);
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("step-00000006"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--force"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(out + "/checkpoints/step-00000006/manifest.pb"));
+  EXPECT_FALSE(fs::exists(out + "/lineage.jsonl"));
+  EXPECT_EQ(lines_of(out + "/metrics.jsonl").size(), 6u);
+  // --force: a new branch from step 2.
+  r = run(kTrain + " --config " + kTiny + " --out " + out + quick + "--save-every 2 --steps 5 " +
+          "--resume " + ckpt2 + " --force");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const std::string gone = out + "/abandoned/branch-1";
+  for (const char* s : {"step-00000004", "step-00000006"})
+    EXPECT_TRUE(fs::exists(gone + "/checkpoints/" + s + "/manifest.pb")) << s;
+  EXPECT_FALSE(fs::exists(out + "/checkpoints/step-00000006"));
+  EXPECT_EQ(lines_of(gone + "/metrics.jsonl").size(), 4u);  // steps 3-6 of the first history
+  const std::vector<std::string> lineage = lines_of(out + "/lineage.jsonl");
+  ASSERT_EQ(lineage.size(), 1u);
+  EXPECT_NE(lineage[0].find("\"branch\": 1"), std::string::npos) << lineage[0];
+  EXPECT_NE(lineage[0].find("\"step\": 2"), std::string::npos) << lineage[0];
+  std::vector<std::string> metrics = lines_of(out + "/metrics.jsonl");
+  ASSERT_EQ(metrics.size(), 5u);
+  EXPECT_NE(metrics[1].find("\"branch\": 0"), std::string::npos) << metrics[1];
+  EXPECT_NE(metrics[4].find("\"branch\": 1"), std::string::npos) << metrics[4];
+  // --resume auto continues branch 1 from its own newest checkpoint (step 5, the leg's end).
+  r = run(kTrain + " --config " + kTiny + " --out " + out + quick + "--save-every 2 --steps 7 " +
+          "--resume auto");
+  ASSERT_EQ(r.code, 0) << r.output;
+  metrics = lines_of(out + "/metrics.jsonl");
+  ASSERT_EQ(metrics.size(), 7u);
+  EXPECT_NE(metrics[6].find("\"step\": 7"), std::string::npos) << metrics[6];
+  EXPECT_NE(metrics[6].find("\"branch\": 1"), std::string::npos) << metrics[6];
+  EXPECT_EQ(lines_of(out + "/lineage.jsonl").size(), 1u);
 }
 
 // hydra-eval on a run reproduces the trainer's own evaluation at the checkpoint's step (the same
@@ -398,9 +456,16 @@ TEST(Faults, DivergenceAdviceNeverNamesTheCheckpointOfTheFailingStep) {
     ASSERT_NE(good, std::string::npos) << r.output;
     char older[32];
     std::snprintf(older, sizeof older, "step-%08lld", static_cast<long long>(failed - 2));
-    EXPECT_NE(r.output.find(dir + "/a/checkpoints/" + older + ": resume from it"),
+    EXPECT_NE(r.output.find(dir + "/a/checkpoints/" + older + ": resume from it with --resume " +
+                            dir + "/a/checkpoints/" + older + " --force"),
               std::string::npos)
         << r.output;
+    // The advice works as given: from the good checkpoint, with --force past the suspect one.
+    const Result again =
+        run(kTrain + " --config " + kTiny + " --out " + dir + "/a" + kQuick +
+            " --set train.steps=30 --set train.save_every=1 --set train.keep_last=5 --steps " +
+            std::to_string(failed) + " --resume " + dir + "/a/checkpoints/" + older + " --force");
+    EXPECT_EQ(again.code, 0) << again.output;
   }
 }
 

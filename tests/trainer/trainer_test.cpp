@@ -56,12 +56,13 @@ config::RunConfig small_config(const std::vector<std::string>& sets = {}) {
 
 Expected<TrainSummary> train(const config::RunConfig& cfg, const std::string& out,
                              const std::string& resume = "", int64_t stop = -1,
-                             std::unique_ptr<Trainer>* keep = nullptr) {
+                             std::unique_ptr<Trainer>* keep = nullptr, bool force = false) {
   TrainOptions o;
   o.out_dir = out;
   o.resume = resume;
   o.stop_step = stop;
   o.quiet = true;
+  o.force = force;
   auto t = Trainer::create(cfg, "small.pbtxt", o);
   if (!t.ok()) return t.status();
   auto s = (*t)->run();
@@ -362,10 +363,13 @@ TEST(BadInput, DamagedNewestCheckpointNamesTheOlderOne) {
   const std::string msg = error_of(train(small_config(), out, "auto", 8));
   EXPECT_NE(msg.find("fails its checksum"), std::string::npos) << msg;
   EXPECT_NE(msg.find("the next older complete checkpoint is " + older +
-                     ": resume from it with --resume " + older),
+                     ": resume from it with --resume " + older + " --force"),
             std::string::npos)
       << msg;
-  EXPECT_TRUE(train(small_config(), out, older, 8).ok());
+  // As the message says: without --force the damaged newer one would stay in the way (lineage).
+  EXPECT_FALSE(train(small_config(), out, older, 8).ok());
+  EXPECT_TRUE(train(small_config(), out, older, 8, nullptr, /*force=*/true).ok());
+  EXPECT_TRUE(fs::exists(out + "/abandoned/branch-1/checkpoints/step-00000008"));
 }
 
 TEST(BadInput, MissingCorruptAndOutOfVocabularyShards) {

@@ -1,0 +1,420 @@
+// The product-key memory's kernels: the embedding bag (a weighted sum of table rows per token,
+// forward and both gradients) and the product-key indices. The bag's table gradient sorts the
+// lookups stably by row (sorted_rows.cuh) and sums each row's run in (token, lookup) order:
+// deterministic.
+#include <algorithm>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
+#include "kernels/cuda/sorted_rows.cuh"
+#include "kernels/pkm.h"
+
+namespace hydra::kernels::cuda {
+namespace {
+
+using namespace sorted_rows;
+
+template <class T, class I>
+__global__ void embedding_bag_fwd_kernel(const T* __restrict table, const I* __restrict index,
+                                         const T* __restrict w, T* __restrict out, int64_t m,
+                                         int64_t cols) {
+  using C = compute_t<T>;
+  const int64_t t = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    C acc = 0;
+    for (int64_t k = 0; k < m; ++k)
+      acc += load(w, t * m + k) * load(table, static_cast<int64_t>(index[t * m + k]) * cols + c);
+    out[t * cols + c] = convert<T>(acc);
+  }
+}
+
+// A warp per lookup e = (t, k): gw[e] = gout[t] . table[index[e]], lanes over the columns (no block
+// barriers: one block per bag with a block reduction per lookup was latency-bound).
+template <class T, class I>
+__global__ void embedding_bag_bwd_weights_kernel(const T* __restrict table,
+                                                 const I* __restrict index,
+                                                 const T* __restrict gout, T* __restrict gw,
+                                                 int64_t lookups, int64_t m, int64_t cols) {
+  using C = compute_t<T>;
+  const int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (e >= lookups) return;  // whole warps
+  const T* g = gout + (e / m) * cols;
+  const T* row = table + static_cast<int64_t>(index[e]) * cols;
+  C dot = 0;
+  for (int64_t c = lane; c < cols; c += 32) dot += load(g, c) * load(row, c);
+  dot = warp_sum(dot);
+  if (lane == 0) gw[e] = convert<T>(dot);
+}
+
+__global__ void product_key_kernel(ProductKeyParams p) {
+  const int64_t total = p.rows * p.count;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / p.count, c = p.cells ? p.cells[p.pick[e]] : p.pick[e];
+    p.out[e] = p.a[r * p.k + c / p.k] * p.n_keys + p.b[r * p.k + c % p.k];
+  }
+}
+
+// The first sorted position whose key is >= key.
+__device__ int64_t lower_bound(const int64_t* __restrict keys, int64_t n, int64_t key) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (keys[mid] < key)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// Block r sums table row r's lookups, found as a run of the stably sorted keys, in (t, k) order.
+// The lookups' weights and gout rows are read once per block into shared memory, kBagChunk at a
+// time (each thread computing them for itself cost a 64-bit division per lookup and column); each
+// thread keeps the sums of its kBagCols columns in registers.
+constexpr int kBagChunk = 256, kBagCols = 8;
+
+template <class T>
+__global__ void embedding_bag_table_kernel(const int64_t* __restrict keys,
+                                           const int32_t* __restrict pos, const T* __restrict w,
+                                           const T* __restrict gout, T* __restrict gtable,
+                                           int32_t* __restrict hits, int64_t total, int64_t m,
+                                           int64_t cols) {
+  using C = compute_t<T>;
+  __shared__ C w_s[kBagChunk];
+  __shared__ int64_t off_s[kBagChunk];
+  const int64_t r = blockIdx.x;
+  const int64_t lo = lower_bound(keys, total, r), hi = lower_bound(keys, total, r + 1);
+  C acc[kBagCols];
+#pragma unroll
+  for (int u = 0; u < kBagCols; ++u) acc[u] = 0;
+  for (int64_t base = lo; base < hi; base += kBagChunk) {
+    const int64_t n = min(int64_t(kBagChunk), hi - base);
+    __syncthreads();  // the previous chunk is used up
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const int64_t e = pos[base + i];
+      w_s[i] = load(w, e);
+      off_s[i] = (e / m) * cols;
+    }
+    __syncthreads();
+    for (int64_t i = 0; i < n; ++i) {
+      const C we = w_s[i];
+      const T* g = gout + off_s[i];
+#pragma unroll
+      for (int u = 0; u < kBagCols; ++u) {
+        const int64_t c = threadIdx.x + int64_t(u) * blockDim.x;
+        if (c < cols) acc[u] += we * load(g, c);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kBagCols; ++u) {
+    const int64_t c = threadIdx.x + int64_t(u) * blockDim.x;
+    if (c < cols) gtable[r * cols + c] = convert<T>(acc[u]);
+  }
+  if (hits && threadIdx.x == 0) hits[r] = hi > lo ? 1 : 0;
+}
+
+// ---- weighted sums of rows, 16-byte loads
+// ------------------------------------------------------------
+//
+// Block r writes out row r = sum over its items i of w_i * rows[off_i .. off_i + cols). The items'
+// weights and row offsets are staged kBagChunk at a time into shared memory (`Items::stage(i)`
+// computes them); warp q takes items q, q + 8, ... of each chunk, its lanes ITEMS packs of 16 bytes
+// each; the eight warps' sums are then added in warp order through shared memory. The order is
+// fixed: deterministic. The embedding bag's forward (items: a token's lookups, rows: the table) and
+// its table gradient (items: a table row's lookups, found as a run of the sorted keys; rows: gout)
+// are both this.
+constexpr int kSumThreads = 256;
+
+struct ItemRange {
+  int64_t lo, count;
+};
+template <class C>
+struct StagedItem {
+  C w;
+  int64_t off;
+};
+
+template <class T, int ITEMS, class Items>
+__global__ void __launch_bounds__(kSumThreads)
+    weighted_rows_kernel(Items items, const T* __restrict rows, T* __restrict out, int64_t packs) {
+  using C = compute_t<T>;
+  constexpr int kN = RowPack<T>::kN;
+  __shared__ C w_s[kBagChunk];
+  __shared__ int64_t off_s[kBagChunk];
+  extern __shared__ __align__(16) unsigned char sum_raw[];
+  C* sum_s = reinterpret_cast<C*>(sum_raw);  // [packs * kN]
+  const int64_t r = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  constexpr int kWarps = kSumThreads / 32;
+  const auto [lo, count] = items.range(r);
+  C acc[ITEMS][kN];
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k)
+#pragma unroll
+    for (int j = 0; j < kN; ++j) acc[k][j] = 0;
+  for (int64_t base = 0; base < count; base += kBagChunk) {
+    const int n = static_cast<int>(min(int64_t(kBagChunk), count - base));
+    __syncthreads();  // the previous chunk is used up
+    for (int i = threadIdx.x; i < n; i += kSumThreads) {
+      const auto [w, off] = items.stage(lo + base + i);
+      w_s[i] = w;
+      off_s[i] = off;
+    }
+    __syncthreads();
+    for (int i = warp; i < n; i += kWarps) {
+      const C w = w_s[i];
+      const auto* src = reinterpret_cast<const RowPack<T>*>(rows + off_s[i]);
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+        const int64_t c = lane + k * 32;
+        if (c < packs) {
+          const RowPack<T> v = src[c];
+#pragma unroll
+          for (int j = 0; j < kN; ++j) acc[k][j] += w * convert<C>(v.v[j]);
+        }
+      }
+    }
+  }
+  for (int q = 0; q < kWarps; ++q) {
+    if (warp == q) {
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+        const int64_t c = lane + k * 32;
+        if (c < packs)
+#pragma unroll
+          for (int j = 0; j < kN; ++j)
+            sum_s[c * kN + j] = q == 0 ? acc[k][j] : sum_s[c * kN + j] + acc[k][j];
+      }
+    }
+    __syncthreads();
+  }
+  auto* dst = reinterpret_cast<RowPack<T>*>(out + r * packs * kN);
+  for (int64_t c = threadIdx.x; c < packs; c += kSumThreads) {
+    RowPack<T> v;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) v.v[j] = convert<T>(sum_s[c * kN + j]);
+    dst[c] = v;
+  }
+  items.finish(r, count);
+}
+
+// A token's m lookups: weights w[t, k], rows index[t, k] of the table.
+template <class T, class I>
+struct BagLookups {
+  const I* index;
+  const T* w;
+  int64_t m, cols;
+  __device__ ItemRange range(int64_t t) const { return {t * m, m}; }
+  __device__ StagedItem<compute_t<T>> stage(int64_t e) const {
+    return {load(w, e), static_cast<int64_t>(index[e]) * cols};
+  }
+  __device__ void finish(int64_t, int64_t) const {}
+};
+
+// A table row's lookups: the run of the sorted keys equal to the row; weights w[e], rows gout[e /
+// m].
+template <class T>
+struct RowLookups {
+  const int64_t* keys;
+  const int32_t* pos;
+  const T* w;
+  int32_t* hits;
+  int64_t total, m, cols;
+  __device__ ItemRange range(int64_t r) const {
+    const int64_t lo = lower_bound(keys, total, r);
+    return {lo, lower_bound(keys, total, r + 1) - lo};
+  }
+  __device__ StagedItem<compute_t<T>> stage(int64_t i) const {
+    const int64_t e = pos[i];
+    return {load(w, e), (e / m) * cols};
+  }
+  __device__ void finish(int64_t r, int64_t count) const {
+    if (hits && threadIdx.x == 0) hits[r] = count > 0 ? 1 : 0;
+  }
+};
+
+// gw[t, k] = <gout[t], table[index[t, k]]> with 16-byte loads: a warp per token keeps gout[t] in
+// registers (ITEMS packs per lane) and walks the token's m lookups four at a time (their rows'
+// loads in flight together), one warp reduction per lookup.
+template <class T, class I, int ITEMS>
+__global__ void __launch_bounds__(kSumThreads)
+    embedding_bag_weights_packed_kernel(const T* __restrict table, const I* __restrict index,
+                                        const T* __restrict gout, T* __restrict gw, int64_t n,
+                                        int64_t m, int64_t packs) {
+  using C = compute_t<T>;
+  constexpr int kN = RowPack<T>::kN, kAhead = 4;
+  const int64_t t = (int64_t(blockIdx.x) * kSumThreads + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (t >= n) return;  // whole warps
+  const auto* g = reinterpret_cast<const RowPack<T>*>(gout) + t * packs;
+  C gv[ITEMS][kN];
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const int64_t c = lane + k * 32;
+    RowPack<T> v{};
+    if (c < packs) v = g[c];
+#pragma unroll
+    for (int j = 0; j < kN; ++j) gv[k][j] = c < packs ? convert<C>(v.v[j]) : C(0);
+  }
+  const auto* rows = reinterpret_cast<const RowPack<T>*>(table);
+  for (int64_t k0 = 0; k0 < m; k0 += kAhead) {
+    C dot[kAhead];
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      dot[a] = 0;
+      if (k0 + a >= m) continue;
+      const auto* row = rows + static_cast<int64_t>(index[t * m + k0 + a]) * packs;
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k) {
+        const int64_t c = lane + k * 32;
+        if (c < packs) {
+          const RowPack<T> v = row[c];
+#pragma unroll
+          for (int j = 0; j < kN; ++j) dot[a] += gv[k][j] * convert<C>(v.v[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      const C d = warp_sum(dot[a]);
+      if (lane == 0 && k0 + a < m) gw[t * m + k0 + a] = convert<T>(d);
+    }
+  }
+}
+
+// fn(std::integral_constant<int, K>) for the fewest 16-byte packs per lane, K in {1, 2, 4, 8}, that
+// cover `packs` (at most 8 * 32).
+template <class F>
+void dispatch_packs_per_lane(int64_t packs, F&& fn) {
+  if (packs <= 32) return fn(std::integral_constant<int, 1>{});
+  if (packs <= 64) return fn(std::integral_constant<int, 2>{});
+  if (packs <= 128) return fn(std::integral_constant<int, 4>{});
+  return fn(std::integral_constant<int, 8>{});
+}
+
+// Runs weighted_rows_kernel over `blocks` output rows when the rows allow 16-byte loads and fit the
+// register sums (up to 8 packs per lane: 2048 bf16 or 1024 f32 columns); false otherwise.
+template <class T, class Items>
+bool launch_weighted_rows(const Items& items, const T* rows, T* out, int64_t blocks, int64_t cols,
+                          cudaStream_t s) {
+  constexpr int kN = RowPack<T>::kN;
+  const int64_t packs = cols / kN;
+  if (cols % kN != 0 || !aligned16(rows) || !aligned16(out) || packs > 8 * 32 || blocks == 0)
+    return false;
+  const size_t smem = static_cast<size_t>(cols) * sizeof(compute_t<T>);
+  dispatch_packs_per_lane(packs, [&](auto items_per_lane) {
+    constexpr int K = decltype(items_per_lane)::value;
+    weighted_rows_kernel<T, K, Items>
+        <<<static_cast<unsigned>(blocks), kSumThreads, smem, s>>>(items, rows, out, packs);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  });
+  return true;
+}
+
+}  // namespace
+
+void embedding_bag_fwd(const EmbeddingBagParams& p) {
+  if (p.n == 0) return;
+  dispatch_float(p.dtype, "embedding_bag", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_index(p.index_dtype, "embedding_bag", [&](auto itag) {
+      using I = typename decltype(itag)::type;
+      const BagLookups<T, I> items{static_cast<const I*>(p.index), static_cast<const T*>(p.weights),
+                                   p.m, p.cols};
+      if (launch_weighted_rows(items, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.n,
+                               p.cols, as_stream(p.stream)))
+        return;
+      embedding_bag_fwd_kernel<T, I><<<p.n, row_threads(p.cols), 0, as_stream(p.stream)>>>(
+          static_cast<const T*>(p.table), static_cast<const I*>(p.index),
+          static_cast<const T*>(p.weights), static_cast<T*>(p.out), p.m, p.cols);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    });
+  });
+}
+
+void product_key_indices(const ProductKeyParams& p) {
+  const int64_t total = p.rows * p.count;
+  if (total == 0) return;
+  product_key_kernel<<<blocks_for(total, 256), 256, 0, as_stream(p.stream)>>>(p);
+  HYDRA_CUDA_LAUNCH_CHECK();
+}
+
+size_t embedding_bag_bwd_workspace(const EmbeddingBagBwdParams& q) {
+  const int64_t total = q.fwd.n * q.fwd.m;
+  if (q.gtable == nullptr || total == 0) return 0;
+  return 2 * align256(total * 8) + 2 * align256(total * 4) + sort_temp_bytes(total, q.fwd.num_rows);
+}
+
+void embedding_bag_bwd(const EmbeddingBagBwdParams& q) {
+  const EmbeddingBagParams& p = q.fwd;
+  cudaStream_t s = as_stream(p.stream);
+  const int64_t total = p.n * p.m;
+  HYDRA_CHECK(total < (int64_t{1} << 31))
+      << "embedding_bag backward: " << total << " lookups; at most 2^31";
+  dispatch_float(p.dtype, "embedding_bag_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_index(p.index_dtype, "embedding_bag_backward", [&](auto itag) {
+      using I = typename decltype(itag)::type;
+      const I* index = static_cast<const I*>(p.index);
+      constexpr int kN = RowPack<T>::kN;
+      const int64_t packs = p.cols / kN;
+      const bool packed =
+          p.cols % kN == 0 && packs <= 4 * 32 && aligned16(p.table) && aligned16(q.gout);
+      if (q.gweights && p.n > 0 && packed) {
+        dispatch_packs_per_lane(packs, [&](auto items_per_lane) {  // packs <= 128: K <= 4
+          constexpr int K = std::min(decltype(items_per_lane)::value, 4);
+          const unsigned blocks = blocks_for(p.n * 32, kSumThreads, int64_t(1) << 31);
+          embedding_bag_weights_packed_kernel<T, I, K><<<blocks, kSumThreads, 0, s>>>(
+              static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout),
+              static_cast<T*>(q.gweights), p.n, p.m, packs);
+          HYDRA_CUDA_LAUNCH_CHECK();
+        });
+      } else if (q.gweights && p.n > 0) {
+        embedding_bag_bwd_weights_kernel<T, I>
+            <<<blocks_for(total * 32, 256, int64_t(1) << 31), 256, 0, s>>>(
+                static_cast<const T*>(p.table), index, static_cast<const T*>(q.gout),
+                static_cast<T*>(q.gweights), total, p.m, p.cols);
+        HYDRA_CUDA_LAUNCH_CHECK();
+      }
+      if (q.gtable == nullptr || p.num_rows == 0) return;
+      HYDRA_CHECK(total == 0 || q.workspace != nullptr)
+          << "embedding_bag backward: workspace required";
+      SortBuffers b{};
+      if (total > 0) {
+        b = carve(q.workspace, total, p.num_rows);
+        sort_input_kernel<I>
+            <<<blocks_for(total, 256), 256, 0, s>>>(index, b.keys_in, b.pos_in, total);
+        HYDRA_CUDA_LAUNCH_CHECK();
+        HYDRA_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(b.temp, b.temp_bytes, b.keys_in,
+                                                         b.keys_out, b.pos_in, b.pos_out, total, 0,
+                                                         key_bits(p.num_rows), s));
+      }
+      HYDRA_CHECK(p.num_rows <= 0x7fffffff)
+          << "embedding_bag backward: " << p.num_rows << " table rows; at most 2^31 - 1";
+      HYDRA_CHECK(p.cols <= int64_t{kBagCols} * 1024)
+          << "embedding_bag backward: rows of " << p.cols << " columns; at most " << kBagCols * 1024
+          << " on CUDA";
+      const RowLookups<T> rows{b.keys_out,
+                               b.pos_out,
+                               static_cast<const T*>(p.weights),
+                               static_cast<int32_t*>(q.hits),
+                               total,
+                               p.m,
+                               p.cols};
+      if (launch_weighted_rows(rows, static_cast<const T*>(q.gout), static_cast<T*>(q.gtable),
+                               p.num_rows, p.cols, s))
+        return;
+      embedding_bag_table_kernel<T>
+          <<<static_cast<unsigned>(p.num_rows), row_threads(p.cols), 0, s>>>(
+              b.keys_out, b.pos_out, static_cast<const T*>(p.weights),
+              static_cast<const T*>(q.gout), static_cast<T*>(q.gtable),
+              static_cast<int32_t*>(q.hits), total, p.m, p.cols);
+      HYDRA_CUDA_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace hydra::kernels::cuda
