@@ -86,6 +86,11 @@ void TensorBoardWriter::scalars(int64_t step, const MetricValues& values) {
   record(e.SerializeAsString());
 }
 
+int64_t metrics_line_step(const std::string& line) {
+  const auto pos = line.find("\"step\": ");
+  return pos == std::string::npos ? -1 : std::atoll(line.c_str() + pos + 8);
+}
+
 Expected<MetricsLog> MetricsLog::open(const std::string& run_dir, int64_t resume_step) {
   MetricsLog log;
   log.path_ = (fs::path(run_dir) / "metrics.jsonl").string();
@@ -94,9 +99,8 @@ Expected<MetricsLog> MetricsLog::open(const std::string& run_dir, int64_t resume
     std::ifstream in(log.path_);
     std::string line;
     while (std::getline(in, line)) {
-      const auto pos = line.find("\"step\": ");
-      if (pos == std::string::npos) continue;
-      if (std::atoll(line.c_str() + pos + 8) <= resume_step) kept += line + "\n";
+      const int64_t step = metrics_line_step(line);
+      if (step >= 0 && step <= resume_step) kept += line + "\n";
     }
   }
   log.out_.open(log.path_, std::ios::trunc);

@@ -71,5 +71,7 @@ class Progress {
 
 std::string format_duration(double seconds);
 std::string json_number(double v);
+// The step of a metrics.jsonl line ({"step": N, ...}), or -1 for a line without one.
+int64_t metrics_line_step(const std::string& line);
 
 }  // namespace hydra::trainer

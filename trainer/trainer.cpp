@@ -281,8 +281,7 @@ Status Trainer::start_branch() {
   std::ifstream in(out / "metrics.jsonl");
   std::ofstream gone(dir / "metrics.jsonl");
   for (std::string line; std::getline(in, line);) {
-    const auto pos = line.find("\"step\": ");
-    if (pos != std::string::npos && std::atoll(line.c_str() + pos + 8) > step) gone << line << "\n";
+    if (metrics_line_step(line) > step) gone << line << "\n";
   }
   std::ofstream log(lineage, std::ios::app);
   log << "{\"branch\": " << branch_ << ", \"from\": \"" << resume_from_ << "\", \"step\": " << step
@@ -401,6 +400,7 @@ struct Trainer::StepOutcome {
   StepLosses losses;
   double lr = 0, grad_norm = 0;
   double seconds = 0, tokens = 0;  // wall time; the global batch's tokens
+  double mfu = -1;                 // model FLOPs over the device's peak (-1: no peak known)
 };
 
 namespace {
@@ -668,7 +668,10 @@ MetricValues Trainer::step_metrics(StepOutcome& step, const Stage& stage, Leg& l
                          {"branch", double(branch_)},
                          {"memory.rss_peak_mb", peak_rss_mb()},
                          {"memory.optimizer_mb", double(optimizer_->state_bytes()) / (1 << 20)}};
-  if (peak_tflops() > 0) values.push_back({"mfu", tflops / peak_tflops()});
+  if (peak_tflops() > 0) {
+    step.mfu = tflops / peak_tflops();
+    values.push_back({"mfu", step.mfu});
+  }
   if (reducer_) {  // rank 0's view of the gradient exchange
     values.push_back({"comm.exposed_ms", reducer_->stats().exposed_ms});
     values.push_back({"comm.buckets_overlapped", double(reducer_->stats().early)});
@@ -729,11 +732,8 @@ void Trainer::log_metrics(const StepOutcome& step, const Stage& stage, const Met
   if (lead()) leg.log.write(state_.step, stage.name, values);
   if (!leg.speak) return;
   const double tokens_per_s = step.tokens / step.seconds;
-  double mfu = -1;
-  for (const auto& [k, v] : values)
-    if (k == "mfu") mfu = v;
   leg.progress.update(state_.step, stage.name, step.losses.lm, step.lr, tokens_per_s, leg.elapsed(),
-                      mfu);
+                      step.mfu);
   if (!evaluated) return;
   const EvalResult& e = leg.sum.eval;
   std::ostringstream os;
