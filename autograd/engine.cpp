@@ -7,6 +7,7 @@
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
+#include "autograd/profiler.h"
 
 namespace hydra {
 namespace {
@@ -88,6 +89,7 @@ void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& g
     std::vector<Tensor> out;
     if (any || node->runs_without_grads()) {
       try {
+        const KernelProfileBackwardScope scope(node->name());
         out = node->apply(std::move(in));
       } catch (const Error& e) {
         throw Error(std::string("in the backward of ") + node->name() + ": " + e.what());
@@ -105,7 +107,11 @@ void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& g
       Node* next = e.node.get();
       auto& buf = buffers[next];
       buf.resize(next->num_outputs());
-      if (i < out.size()) accumulate(buf, e.input_nr, out[i]);
+      if (i < out.size()) {
+        static const std::string kSums = "(gradient sums)";
+        const KernelProfileBackwardScope scope(kSums);
+        accumulate(buf, e.input_nr, out[i]);
+      }
       if (--pending[next] == 0) ready.push(e.node);
     }
   }

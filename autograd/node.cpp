@@ -6,14 +6,16 @@
 
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
+#include "autograd/profiler.h"
 
 namespace hydra {
 namespace {
 std::atomic<uint64_t> next_sequence_nr{0};
 }  // namespace
 
-Node::Node(std::string name)
-    : name_(std::move(name)), sequence_nr_(next_sequence_nr.fetch_add(1)) {}
+Node::Node(std::string name) : name_(std::move(name)), sequence_nr_(next_sequence_nr.fetch_add(1)) {
+  kernel_profile_node_created(name_);
+}
 
 Tensor SavedTensor::get() const {
   if (!tensor_.defined()) return tensor_;

@@ -17,6 +17,7 @@
 //   grouped_linear          matmul: grouped_gemm          GroupedLinear.*           8 experts up
 //   tiled_linear            matmul: tile_gemm             TiledLinear.*             (the MoE step)
 //   rms_norm                rms_norm                      RmsNorm.GradcheckFloat64  rms_norm fwd
+//   gated_residual          gated_residual                GatedResidual.*           gated_residual
 //   softmax log_softmax     softmax                       Softmax., LogSoftmax.*    softmax fwd
 //   cross_entropy           loss: cross_entropy_*         CrossEntropy.*            cross_entropy
 //   embedding gather_rows   index: gather_rows            Embedding., GatherRows.*  embedding fwd
@@ -135,6 +136,11 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
 // ----------------------------------------------------------------
 Tensor rms_norm(const Tensor& x, const Tensor& weight,
                 double eps = 1e-6);  // over the last axis; weight may be undefined
+// A residual plus gated paths (a Hydra block's combine): x and each of outs [..., d], each gate
+// [d], mix undefined or [..., outs.size()]: y = x + sum_i outs[i] * gates[i] * mix[..., i] (mix 1
+// when undefined). Up to 4 paths; one kernel each way (kernels/gated_residual.h).
+Tensor gated_residual(const Tensor& x, const std::vector<Tensor>& outs,
+                      const std::vector<Tensor>& gates, const Tensor& mix = Tensor());
 // A gated update of rows: s, u [..., n]; w [1, 2n] (or [2n]: the gate's weights for s, then u); b
 // [1]. out = s + g (u - s) with g = sigmoid(<s, w_s> + <u, w_u> + b) per row. Returns {out, g [...,
 // 1]} (g is not differentiable). One kernel each way (kernels/gated_update.h).

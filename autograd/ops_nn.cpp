@@ -1,6 +1,7 @@
 #include "autograd/dispatch.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
+#include "kernels/gated_residual.h"
 #include "kernels/gated_update.h"
 #include "kernels/loss.h"
 #include "kernels/rms_norm.h"
@@ -102,6 +103,114 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, double eps) {
       return std::vector<Tensor>{gx, gw};
     });
   }
+  return y;
+}
+
+Tensor gated_residual(const Tensor& x_in, const std::vector<Tensor>& outs_in,
+                      const std::vector<Tensor>& gates_in, const Tensor& mix_in) {
+  const int paths = static_cast<int>(outs_in.size());
+  HYDRA_CHECK(x_in.dim() >= 1 && is_floating(x_in.dtype()))
+      << "gated_residual: x must be floating with >= 1 dimension, got " << shape_str(x_in.shape());
+  HYDRA_CHECK(paths >= 1 && paths <= kernels::kGatedResidualMaxPaths &&
+              gates_in.size() == outs_in.size())
+      << "gated_residual: 1 to " << kernels::kGatedResidualMaxPaths
+      << " paths with a gate each expected, got " << outs_in.size() << " outputs and "
+      << gates_in.size() << " gates";
+  const int64_t cols = x_in.size(-1), rows = cols ? x_in.numel() / cols : 0;
+  for (int i = 0; i < paths; ++i) {
+    HYDRA_CHECK(outs_in[i].shape() == x_in.shape() && gates_in[i].shape() == Shape{cols})
+        << "gated_residual: path " << i << " has output " << shape_str(outs_in[i].shape())
+        << " and gate " << shape_str(gates_in[i].shape()) << " for x " << shape_str(x_in.shape())
+        << " (expected the output shaped as x and a gate [" << cols << "])";
+    HYDRA_CHECK(outs_in[i].dtype() == x_in.dtype() && gates_in[i].dtype() == x_in.dtype() &&
+                outs_in[i].device() == x_in.device() && gates_in[i].device() == x_in.device())
+        << "gated_residual: path " << i << " differs from x in dtype or device";
+  }
+  if (mix_in.defined()) {
+    Shape want = x_in.shape();
+    want.back() = paths;
+    HYDRA_CHECK(mix_in.shape() == want && mix_in.dtype() == x_in.dtype() &&
+                mix_in.device() == x_in.device())
+        << "gated_residual: mix " << shape_str(mix_in.shape()) << " expected " << shape_str(want)
+        << " of x's dtype and device";
+  }
+  std::vector<Tensor> outs, gates;
+  for (int i = 0; i < paths; ++i) {
+    outs.push_back(outs_in[i].contiguous());
+    gates.push_back(gates_in[i].contiguous());
+  }
+  const Tensor x = x_in.contiguous(), mix = mix_in.defined() ? mix_in.contiguous() : Tensor();
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  kernels::GatedResidualParams p;
+  p.dtype = x.dtype();
+  p.x = x.raw_data();
+  for (int i = 0; i < paths; ++i) {
+    p.outs[i] = outs[i].raw_data();
+    p.gates[i] = gates[i].raw_data();
+  }
+  p.mix = mix.defined() ? mix.raw_data() : nullptr;
+  p.paths = paths;
+  p.rows = rows;
+  p.cols = cols;
+  p.y = y.raw_data();
+  p.stream = current_stream(x.device());
+  if (y.numel() > 0) HYDRA_LAUNCH(x.device(), gated_residual_fwd, p);
+
+  std::vector<Tensor> inputs = {x_in};
+  inputs.insert(inputs.end(), outs_in.begin(), outs_in.end());
+  inputs.insert(inputs.end(), gates_in.begin(), gates_in.end());
+  inputs.push_back(mix_in);
+  if (!any_requires_grad(inputs)) return y;
+  std::vector<bool> need_out, need_gate;
+  std::vector<SavedTensor> saved_outs, saved_gates;
+  for (int i = 0; i < paths; ++i) {
+    need_out.push_back(outs_in[i].requires_grad());
+    need_gate.push_back(gates_in[i].requires_grad());
+    saved_outs.emplace_back(outs[i]);
+    saved_gates.emplace_back(gates[i]);
+  }
+  const bool need_mix = mix.defined() && mix_in.requires_grad();
+  const SavedTensor saved_mix(mix);
+  record_op("gated_residual", inputs, {y}, [=](const std::vector<Tensor>& g) {
+    const Tensor gy = g[0].contiguous();
+    const Device dev = gy.device();
+    std::vector<Tensor> kept;  // the saved tensors, alive while the kernels read them
+    kernels::GatedResidualBwdParams q;
+    q.fwd = p;
+    q.fwd.x = nullptr;
+    q.fwd.y = nullptr;
+    q.fwd.stream = current_stream(dev);
+    q.gy = gy.raw_data();
+    std::vector<Tensor> grads = {gy};  // the residual's gradient is gy itself
+    std::vector<Tensor> ggates(paths);
+    for (int i = 0; i < paths; ++i) {
+      kept.push_back(saved_outs[i].get());
+      kept.push_back(saved_gates[i].get());
+      q.fwd.outs[i] = kept[kept.size() - 2].raw_data();
+      q.fwd.gates[i] = kept.back().raw_data();
+      Tensor go = need_out[i] ? Tensor::empty(gy.shape(), gy.dtype(), dev) : Tensor();
+      q.gouts[i] = go.defined() ? go.raw_data() : nullptr;
+      grads.push_back(go);
+      if (need_gate[i]) ggates[i] = Tensor::empty({cols}, gy.dtype(), dev);
+      q.ggates[i] = ggates[i].defined() ? ggates[i].raw_data() : nullptr;
+    }
+    grads.insert(grads.end(), ggates.begin(), ggates.end());
+    const Tensor mv = saved_mix.get();
+    q.fwd.mix = mv.defined() ? mv.raw_data() : nullptr;
+    Tensor gmix;
+    if (need_mix) gmix = Tensor::empty(mv.shape(), gy.dtype(), dev);
+    q.gmix = gmix.defined() ? gmix.raw_data() : nullptr;
+    grads.push_back(gmix);
+    const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, gated_residual_bwd_workspace, q);
+    q.workspace = ws.defined() ? ws.raw_data() : nullptr;
+    if (rows > 0 && cols > 0) {
+      HYDRA_LAUNCH(dev, gated_residual_bwd, q);
+    } else {
+      for (Tensor& t : ggates)
+        if (t.defined()) t.zero_();
+    }
+    return grads;
+  });
   return y;
 }
 

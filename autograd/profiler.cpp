@@ -29,10 +29,12 @@ struct Totals {
 // at the report, so the events are reused.
 struct Pending {
   std::string name;
+  std::string op;  // HYDRA_PROFILE=ops: the op row it is also charged to
   bool cuda = false;
   bool ended = false;  // its stop event is recorded (a scope around others ends after them)
   Device device;
   std::chrono::steady_clock::time_point t0;
+  double host_ms = 0;  // CPU launches: measured at the end
 #if HYDRA_WITH_CUDA
   cudaEvent_t start = nullptr, stop = nullptr;
 #endif
@@ -48,11 +50,13 @@ struct Profile {
   std::map<std::string, Totals> totals;
   std::vector<Pending> pending;
   std::vector<int> free_slots;
+  std::vector<int> unclaimed;  // HYDRA_PROFILE=ops: forward launches waiting for their node
 
   void resolve_locked() {
     for (std::size_t i = 0; i < pending.size(); ++i) {
       Pending& p = pending[i];
       if (p.name.empty() || !p.ended) continue;
+      const double before = totals[p.name].ms;
 #if HYDRA_WITH_CUDA
       if (p.cuda) {
         HYDRA_CUDA_CHECK(cudaEventSynchronize(p.stop));
@@ -61,12 +65,21 @@ struct Profile {
         totals[p.name].ms += ms;
       }
 #endif
+      if (!p.cuda) totals[p.name].ms += p.host_ms;
       ++totals[p.name].launches;
+      if (!p.op.empty()) {
+        totals[p.op].ms += totals[p.name].ms - before;
+        ++totals[p.op].launches;
+      }
       p.name.clear();
+      p.op.clear();
       free_slots.push_back(static_cast<int>(i));
     }
+    unclaimed.clear();  // their slots may be reused: those launches stay "(outside autograd)"
   }
 };
+
+thread_local const std::string* backward_op = nullptr;
 
 Profile& profile() {
   static Profile* p = new Profile();  // outlives static destructors that may still launch kernels
@@ -81,6 +94,32 @@ bool kernel_profile_enabled() {
     return v != nullptr && *v != '\0' && std::string(v) != "0";
   }();
   return on;
+}
+
+bool kernel_profile_ops() {
+  static const bool on = [] {
+    const char* v = std::getenv("HYDRA_PROFILE");
+    return v != nullptr && std::string(v) == "ops";
+  }();
+  return on;
+}
+
+void kernel_profile_node_created(const std::string& op) {
+  if (!kernel_profile_ops() || backward_op != nullptr) return;
+  Profile& pr = profile();
+  std::lock_guard<std::mutex> lock(pr.mu);
+  for (int slot : pr.unclaimed) pr.pending[slot].op = "op fwd " + op;
+  pr.unclaimed.clear();
+}
+
+KernelProfileBackwardScope::KernelProfileBackwardScope(const std::string& op) {
+  if (!kernel_profile_ops()) return;
+  previous_ = backward_op;
+  backward_op = &op;
+}
+
+KernelProfileBackwardScope::~KernelProfileBackwardScope() {
+  if (kernel_profile_ops()) backward_op = previous_;
 }
 
 bool kernel_profile_detailed() {
@@ -109,6 +148,15 @@ void KernelProfileScope::begin(Device device, const char* name) {
   if (kernel_profile_detailed() && host && std::string_view(name).rfind("host: wait", 0) == 0)
     p.name += " after " + (pr.last_kernel.empty() ? std::string("(none)") : pr.last_kernel);
   if (!host) pr.last_kernel = name;
+  p.op.clear();
+  if (kernel_profile_ops() && !host) {
+    if (backward_op != nullptr) {
+      p.op = "op bwd " + *backward_op;
+    } else {
+      p.op = "op (outside autograd)";
+      pr.unclaimed.push_back(slot_);
+    }
+  }
   p.ended = false;
   p.cuda = device.is_cuda();
   p.device = device;
@@ -143,11 +191,11 @@ void KernelProfileScope::end() {
     return;  // read later
   }
 #endif
-  pr.totals[p.name].ms +=
+  // Read at the next resolve, as the CUDA ones are: a forward launch's op is named by the node made
+  // after it.
+  p.host_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p.t0).count();
-  ++pr.totals[p.name].launches;
-  p.name.clear();
-  pr.free_slots.push_back(slot_);
+  p.ended = true;
 }
 
 void kernel_profile_reset() {

@@ -17,6 +17,26 @@ bool kernel_profile_enabled();
 // the next one (where the device waits for the host). Rows whose name starts with "host" are host
 // wall-clock time (waits for copies to the host, copies from pageable memory), not kernels.
 bool kernel_profile_detailed();
+// HYDRA_PROFILE=ops: also a row per autograd op and direction ("op fwd mul", "op bwd mul",
+// "op bwd (gradient sums)", "op (outside autograd)"): where fusing ops would pay. A forward launch
+// is charged to the next node created on its thread (the op's backward node, made after its
+// kernels); launches under no_grad or in the optimizer have no node and land in "(outside
+// autograd)".
+bool kernel_profile_ops();
+// Marks the launches since the last node as the forward of `op` (Node's constructor calls it).
+void kernel_profile_node_created(const std::string& op);
+// The backward of `op` runs on this thread while the scope lives (the engine puts one around each
+// node's apply and its gradient sums).
+class KernelProfileBackwardScope {
+ public:
+  explicit KernelProfileBackwardScope(const std::string& op);
+  ~KernelProfileBackwardScope();
+  KernelProfileBackwardScope(const KernelProfileBackwardScope&) = delete;
+  KernelProfileBackwardScope& operator=(const KernelProfileBackwardScope&) = delete;
+
+ private:
+  const std::string* previous_ = nullptr;
+};
 
 class KernelProfileScope {
  public:

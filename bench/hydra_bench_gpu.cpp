@@ -262,6 +262,36 @@ void toy_step_rows(Report& report, const Floors& f) {
                     ssd_scan(u, dth, Ah, Bm, Cm, D, biash, z, Tensor()).y.backward(gy);
                   });
   }
+  {  // a block's combine: x + 3 paths * gate * mix; fwd reads x and the outputs, writes y (5
+     // passes); bwd reads gy and the outputs, writes their gradients (7 more). The composed ops
+     // (mul, mul, add a path, and their backward) on the same bytes for comparison.
+    std::vector<Tensor> in = {rnd({B, L, d})};
+    for (int i = 0; i < 3; ++i) in.push_back(rnd({B, L, d}));
+    for (int i = 0; i < 3; ++i) in.push_back(rnd({d}));
+    in.push_back(rnd({B, L, 3}));
+    for (Tensor& t : in) t.set_requires_grad(true);
+    const std::vector<Tensor> outs(in.begin() + 1, in.begin() + 4),
+        gates(in.begin() + 4, in.begin() + 7);
+    const Tensor gy = rnd({B, L, d});
+    {
+      NoGradGuard ng;
+      bandwidth_row(report, f, "toy32k gated_residual fwd [4, 8192, 384, 3 paths, mix]",
+                    5.0 * T * d * 2, [&] { (void)gated_residual(in[0], outs, gates, in[7]); });
+    }
+    bandwidth_row(report, f, "toy32k gated_residual fwd+bwd [4, 8192, 384, 3 paths, mix]",
+                  12.0 * T * d * 2, [&] {
+                    for (Tensor& t : in) t.set_grad(Tensor());
+                    gated_residual(in[0], outs, gates, in[7]).backward(gy);
+                  });
+    bandwidth_row(report, f, "toy32k gated_residual composed fwd+bwd (mul, mul, add)",
+                  12.0 * T * d * 2, [&] {
+                    for (Tensor& t : in) t.set_grad(Tensor());
+                    const auto mix = split(in[7], {1, 1, 1}, 2);
+                    Tensor y = in[0];
+                    for (int i = 0; i < 3; ++i) y = add(y, mul(mul(outs[i], gates[i]), mix[i]));
+                    y.backward(gy);
+                  });
+  }
   NoGradGuard ng;
   {  // the MoE combine: 2 expert rows per token added into [T, d]
     Tensor table = rnd({T, d}), src = rnd({2 * T, d});

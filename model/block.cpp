@@ -52,7 +52,7 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, co
       {"moe", moe->forward(norm_moe->forward(x), ctx, &moe_aux), gate_moe, sga ? 2 : 1});
   if (aux != nullptr) *aux = moe_aux;
 
-  std::vector<Tensor> mix;  // per path [B, L, 1]
+  Tensor mix;  // [B, L, paths], or undefined without a controller
   if (ctrl) {
     const Tensor logits = ctrl->forward(norm_ctrl->forward(x));  // [B, L, all paths]
     std::vector<int64_t> ones(logits.size(2), 1);
@@ -60,21 +60,22 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, co
     std::vector<Tensor> on;
     on.reserve(paths.size());
     for (const Path& p : paths) on.push_back(columns[p.column]);
-    const Tensor c = mul(softmax(concat(on, 2)), double(paths.size()));
-    mix = split(c, std::vector<int64_t>(paths.size(), 1), 2);
+    mix = mul(softmax(concat(on, 2)), double(paths.size()));
   }
-  Tensor y = x;
-  for (std::size_t i = 0; i < paths.size(); ++i) {
-    Tensor term = mul(paths[i].out, paths[i].gate);
-    if (!mix.empty()) term = mul(term, mix[i]);
-    y = add(y, term);
+  std::vector<Tensor> outs, gates;
+  for (const Path& p : paths) {
+    outs.push_back(p.out);
+    gates.push_back(p.gate);
   }
+  Tensor y = gated_residual(x, outs, gates, mix);  // x + sum of out * gate (* mix)
   if (ctx.recording()) {
     const std::string p = "block." + std::to_string(index_) + ".";
+    const auto columns = mix.defined() ? split(mix, std::vector<int64_t>(paths.size(), 1), 2)
+                                       : std::vector<Tensor>();
     for (std::size_t i = 0; i < paths.size(); ++i) {
       ctx.stat(p + "gate_norm." + paths[i].name,
                std::sqrt(sum_squares(paths[i].gate).item<double>()));
-      if (!mix.empty()) ctx.stat(p + "mix." + paths[i].name, mean(mix[i]).item<double>());
+      if (!columns.empty()) ctx.stat(p + "mix." + paths[i].name, mean(columns[i]).item<double>());
     }
   }
   return y;

@@ -137,16 +137,16 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
         Tensor s_last;
         const Tensor read = mem.forward(br.norm->forward(x), ctx, s0, &s_last);
         ctx.chain_tokens.push_back(parallel::send_to_next(s_last, sp));
-        x = add(x, mul(read, br.gate));
+        x = gated_residual(x, {read}, {br.gate});
       } else {
-        x = add(x, mul(mem.forward(br.norm->forward(x), ctx), br.gate));
+        x = gated_residual(x, {mem.forward(br.norm->forward(x), ctx)}, {br.gate});
       }
     }
     for (std::size_t i = 0; i < pkm_after_.size(); ++i) {
       if (pkm_after_[i] != static_cast<int64_t>(b) || !ctx.paths.pkm) continue;
       const auto& br = pkms->at<MemoryBranch>(i);
       const auto& mem = dynamic_cast<ProductKeyMemory&>(*br.memory);
-      x = add(x, mul(mem.forward(br.norm->forward(x), ctx), br.gate));
+      x = gated_residual(x, {mem.forward(br.norm->forward(x), ctx)}, {br.gate});
     }
   }
   const Tensor logits = linear(final_norm->forward(x), embedding);  // tied head

@@ -648,6 +648,39 @@ TEST(CudaOps, GatedUpdateMatchesCpu) {
     }
 }
 
+// Rows across the backward's blocks of 64, columns across its 256-column passes (257, 2048) and
+// below one warp (1, 33), 1 to 4 paths, with and without the controller's mix.
+TEST(CudaOps, GatedResidualMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  struct Case {
+    Shape shape;
+    int paths;
+    bool mix;
+  };
+  for (const Case& k :
+       {Case{{1, 1, 1}, 1, false}, Case{{2, 64, 384}, 3, true}, Case{{3, 37, 33}, 2, true},
+        Case{{1, 5, 2048}, 4, false}, Case{{1, 300, 257}, 3, true}})
+    for (DType t : kTypes) {
+      std::vector<Tensor> in = {rnd(k.shape, 90)};
+      for (int i = 0; i < k.paths; ++i) in.push_back(rnd(k.shape, 91 + i));
+      for (int i = 0; i < k.paths; ++i) in.push_back(rnd({k.shape.back()}, 95 + i));
+      Shape ms = k.shape;
+      ms.back() = k.paths;
+      if (k.mix) in.push_back(rnd(ms, 99));
+      const int paths = k.paths;
+      const bool mix = k.mix;
+      check_op(
+          "gated_residual",
+          [paths, mix](const std::vector<Tensor>& v) {
+            const std::vector<Tensor> outs(v.begin() + 1, v.begin() + 1 + paths),
+                gates(v.begin() + 1 + paths, v.begin() + 1 + 2 * paths);
+            return std::vector<Tensor>{
+                gated_residual(v[0], outs, gates, mix ? v.back() : Tensor())};
+          },
+          in, std::vector<bool>(in.size(), true), t);
+    }
+}
+
 TEST(CudaOps, GatedScanMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   struct Case {
