@@ -222,10 +222,14 @@ namespace {
 // ms grouped and 0.14 ms as 8 GEMMs).
 constexpr double kGroupedGemmMaxFlops = 2e9;
 
-// Runs the problems as one grouped GEMM, or as one GEMM each when they are large (on the CPU: one
-// after another).
+// Runs the problems as one grouped GEMM, or as one GEMM each when they are large or `one_each` (on
+// the CPU: one after another). Weight gradients (a small output summed over thousands of rows) ask
+// for one each in tiled_linear: cuBLASLt splits such a product over the SMs (split-K), the grouped
+// GEMM does not (toy-parallel at 8K on the H200: the tiled experts' backward 7.1 -> 3.5 ms a step).
+// grouped_linear keeps the grouped launch: on its benchmark row (8 equal groups of 4,096 rows) one
+// GEMM each was slower (forward + backward 0.116 -> 0.143 ms).
 void grouped_gemm_run(Device device, DType dtype, bool ta, bool tb,
-                      const std::vector<kernels::GemmProblem>& problems) {
+                      const std::vector<kernels::GemmProblem>& problems, bool one_each = false) {
   if (problems.empty()) return;
   kernels::GroupedGemmParams p;
   p.dtype = dtype;
@@ -236,7 +240,7 @@ void grouped_gemm_run(Device device, DType dtype, bool ta, bool tb,
   double flops = 0;
   for (const kernels::GemmProblem& q : problems)
     flops += 2.0 * double(q.m) * double(q.n) * double(q.k);
-  if (device.is_cuda() && flops / double(problems.size()) > kGroupedGemmMaxFlops) {
+  if (device.is_cuda() && (one_each || flops / double(problems.size()) > kGroupedGemmMaxFlops)) {
     for (const kernels::GemmProblem& q : problems) {
       kernels::GemmParams g = kernels::gemm_of(p, q);
       g.workspace = gemm_workspace(device);
@@ -408,7 +412,7 @@ Tensor tiled_linear(const Tensor& x, const Tensor& w, const TiledGroups& groups)
       if (total == 0) {
         gw = Tensor();  // no row reached any group: no gradient, as when the experts do not run
       } else {
-        grouped_gemm_run(gy.device(), gy.dtype(), true, false, dw);
+        grouped_gemm_run(gy.device(), gy.dtype(), true, false, dw, /*one_each=*/true);
       }
     }
     return std::vector<Tensor>{gx, gw};

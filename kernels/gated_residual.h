@@ -1,5 +1,6 @@
 // A residual stream plus gated, optionally mixed, path outputs (a Hydra block's combine):
-//   y[r, c] = x[r, c] + sum_i out_i[r, c] * gate_i[c] * m_i[r],   m_i[r] = mix[r, i] (1 without mix)
+//   y[r, c] = x[r, c] + sum_i out_i[r, c] * gate_i[c] * m_i[r],   m_i[r] = mix[r, i] (1 without
+//   mix)
 // over rows r of `cols` elements and up to kMaxPaths paths. The backward gives, for gy = dL/dy,
 //   gout_i[r, c] = gy[r, c] * gate_i[c] * m_i[r]
 //   ggate_i[c]   = sum_r gy[r, c] * out_i[r, c] * m_i[r]
@@ -18,10 +19,10 @@ constexpr int kGatedResidualMaxPaths = 4;
 
 struct GatedResidualParams {
   DType dtype = DType::kF32;
-  const void* x = nullptr;                                // [rows, cols]
-  const void* outs[kGatedResidualMaxPaths] = {};          // each [rows, cols]
-  const void* gates[kGatedResidualMaxPaths] = {};         // each [cols]
-  const void* mix = nullptr;                              // [rows, paths] or null
+  const void* x = nullptr;                         // [rows, cols]
+  const void* outs[kGatedResidualMaxPaths] = {};   // each [rows, cols]
+  const void* gates[kGatedResidualMaxPaths] = {};  // each [cols]
+  const void* mix = nullptr;                       // [rows, paths] or null
   int paths = 0;
   int64_t rows = 0, cols = 0;
   void* y = nullptr;  // [rows, cols]

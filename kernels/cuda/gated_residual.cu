@@ -1,13 +1,12 @@
 // A Hydra block's combine, y = x + sum_i out_i * gate_i * mix_i, and its backward, each one pass
-// over the rows (kernels/gated_residual.h). Each thread moves packs of V elements (16 bytes where the
-// rows allow: a multiple of the pack, aligned bases; V = 1 otherwise), so that enough bytes are in
-// flight to reach the memory's bandwidth.
-// Forward: a warp per row, its lanes along the packs. Backward: a block per kRows rows; its 8 warps walk slabs of
-// 32 packs of columns, a warp owning every 8th row. Per row a warp writes the outputs' gradients and
-// adds its dot products (the mix's gradient) into the row's shared-memory slot; per slab the warps'
-// partial gate sums meet in shared memory, are added in warp order and written as the block's
-// partial, summed over the blocks afterwards in a fixed tree (column_sum). No atomics: the result
-// is the same on every run.
+// over the rows (kernels/gated_residual.h). Each thread moves packs of V elements (16 bytes where
+// the rows allow: a multiple of the pack, aligned bases; V = 1 otherwise), so that enough bytes are
+// in flight to reach the memory's bandwidth. Forward: a warp per row, its lanes along the packs.
+// Backward: a block per kRows rows; its 8 warps walk slabs of 32 packs of columns, a warp owning
+// every 8th row. Per row a warp writes the outputs' gradients and adds its dot products (the mix's
+// gradient) into the row's shared-memory slot; per slab the warps' partial gate sums meet in shared
+// memory, are added in warp order and written as the block's partial, summed over the blocks
+// afterwards in a fixed tree (column_sum). No atomics: the result is the same on every run.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/rows.cuh"
 #include "kernels/gated_residual.h"
@@ -143,7 +142,8 @@ __global__ void __launch_bounds__(kThreads)
   if (p.gmix == nullptr) return;
   for (int t = threadIdx.x; t < kRows * f.paths; t += kThreads) {
     const int64_t r = r0 + t / f.paths;
-    if (r < r1) store(static_cast<T*>(p.gmix), r * f.paths + t % f.paths, mix_sum[r - r0][t % f.paths]);
+    if (r < r1)
+      store(static_cast<T*>(p.gmix), r * f.paths + t % f.paths, mix_sum[r - r0][t % f.paths]);
   }
 }
 

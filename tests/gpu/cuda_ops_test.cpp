@@ -292,6 +292,28 @@ TEST(CudaOps, MatmulAndLinearMatchCpu) {
           },
           {x, w}, {true, true}, t);
     }
+    // Groups of many rows (and padding rows that must not count) with a small output: the weight
+    // gradients run as one cuBLASLt GEMM per group.
+    {
+      TiledGroups g;
+      g.tile = 128;
+      std::vector<int64_t> tiles(12, 0);
+      tiles.insert(tiles.end(), 6, 2);
+      tiles.push_back(-1);
+      g.tiles = tensor(tiles, {static_cast<int64_t>(tiles.size())});
+      g.sizes = [] { return std::vector<int64_t>{1500, 0, 700}; };
+      TiledGroups gg = g;
+      gg.tiles = g.tiles.to(Device::cuda(0));
+      const Tensor x = rnd({static_cast<int64_t>(tiles.size()) * 128, 72}, 32),
+                   w = rnd({3, 40, 72}, 33, 0.1);
+      check_op(
+          "tiled_linear long groups",
+          [&](const std::vector<Tensor>& in) {
+            return std::vector<Tensor>{
+                tiled_linear(in[0], in[1], in[0].device().is_cuda() ? gg : g)};
+          },
+          {x, w}, {true, true}, t);
+    }
     // Problems above 2 GFLOP each run as one cuBLASLt GEMM apiece instead of the grouped launch.
     const std::vector<int64_t> big = {1100, 1100, 1100};
     check_op(
