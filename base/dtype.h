@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string_view>
 
 #if defined(__CUDACC__)
@@ -90,6 +91,13 @@ constexpr std::string_view dtype_name(DType t) {
       return "i64";
   }
   return "?";
+}
+
+// The dtype dtype_name() calls `name`, or none.
+constexpr std::optional<DType> dtype_from_name(std::string_view name) {
+  for (DType t : {DType::kF32, DType::kF64, DType::kBF16, DType::kI32, DType::kI64})
+    if (dtype_name(t) == name) return t;
+  return std::nullopt;
 }
 
 constexpr bool is_floating(DType t) {

@@ -138,6 +138,70 @@ data::Hdf5Type h5_type(DType t) {
   return data::Hdf5Type::kF32;
 }
 
+// Files of a checkpoint opened once each, on first use.
+class RankFiles {
+ public:
+  explicit RankFiles(std::string dir) : dir_(std::move(dir)) {}
+  Expected<data::Hdf5File*> get(const std::string& file) {
+    auto it = files_.find(file);
+    if (it == files_.end()) {
+      auto f = data::Hdf5File::open_read((fs::path(dir_) / file).string());
+      if (!f.ok()) return f.status().with_context("checkpoint " + dir_);
+      it = files_.emplace(file, std::move(*f)).first;
+    }
+    return &it->second;
+  }
+
+ private:
+  std::string dir_;
+  std::map<std::string, data::Hdf5File> files_;
+};
+
+// Fills `host` (n elements of `dtype`) with the elements [first, first + n) of the whole tensor
+// `name` (shape `full`) from the records that cover them, checking each record's shape, dtype, size
+// on disk and checksum, and that every element is covered exactly once.
+Status read_elements(const std::string& dir, const std::string& name,
+                     const std::vector<const config::TensorRecord*>& records, DType dtype,
+                     const Shape& full, int64_t first, int64_t n, RankFiles& files, void* host) {
+  int64_t covered = 0;
+  for (const config::TensorRecord* rec : records) {
+    const Shape shape(rec->shape().begin(), rec->shape().end()),
+        rec_full(rec->full_shape().begin(), rec->full_shape().end());
+    if (rec_full != full || rec->dtype() != dtype_name(dtype))
+      return data_loss("checkpoint " + dir + ": tensor " + name + " is " + rec->dtype() + " " +
+                       shape_str(rec_full) + ", this model has " + std::string(dtype_name(dtype)) +
+                       " " + shape_str(full));
+    const int64_t r0 = record_first(*rec), rn = numel_of(shape);
+    const int64_t lo = std::max(r0, first), hi = std::min(r0 + rn, first + n);
+    if (lo >= hi) continue;
+    HYDRA_ASSIGN_OR_RETURN(data::Hdf5File * f, files.get(rec->file()));
+    // The dataset must hold what the manifest says before it is read into a buffer of that size.
+    auto on_disk = f->shape(name);
+    if (!on_disk.ok()) return on_disk.status().with_context("checkpoint " + dir);
+    if (numel_of(*on_disk) != rn)
+      return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() + " holds " +
+                       std::to_string(numel_of(*on_disk)) + " elements, manifest.pb says " +
+                       shape_str(shape) + " (the file or the manifest is damaged)");
+    Tensor stored = Tensor::empty(shape, dtype);
+    const Status st = f->read(name, h5_type(dtype), stored.raw_data());
+    if (!st.ok()) return st.with_context("checkpoint " + dir);
+    if (crc32c(stored.raw_data(), static_cast<std::size_t>(stored.nbytes())) != rec->crc32c())
+      return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() +
+                       " fails its checksum (the file is damaged)");
+    const std::size_t elem = dtype_size(dtype);
+    std::memcpy(static_cast<char*>(host) + (lo - first) * elem,
+                static_cast<const char*>(stored.raw_data()) + (lo - r0) * elem,
+                static_cast<std::size_t>(hi - lo) * elem);
+    covered += hi - lo;
+  }
+  if (covered != n)
+    return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" +
+                     std::to_string(first) + ", " + std::to_string(first + n) + ") are " +
+                     (covered < n ? "not all stored (a rank file is missing?)"
+                                  : "stored more than once (the manifest is damaged)"));
+  return ok_status();
+}
+
 // "model.d_model: 64 (checkpoint) vs 128 (this run)" for the first difference of two model configs.
 std::string model_difference(const config::ModelConfig& a, const config::ModelConfig& b) {
   std::string report;
@@ -353,7 +417,7 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
         difference + "); resume it with the config it was trained with, or start a new run");
   std::map<std::string, std::vector<const config::TensorRecord*>> records;
   for (const auto& r : man.tensor()) records[r.name()].push_back(&r);
-  std::map<std::string, data::Hdf5File> files;
+  RankFiles files(dir);
   NoGradGuard ng;
   for (const Entry& e : checkpoint_tensors(model, optimizer)) {
     const std::string& name = e.name;
@@ -367,48 +431,9 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
     // covering them (whole tensors, row slices of expert shards, or ZeRO-1 ranges: any layout reads
     // any other).
     const Placement want = place(e, grid);
-    const int64_t first = want.flat;
     Tensor host = Tensor::empty(t.shape(), t.dtype());
-    int64_t covered = 0;
-    for (const config::TensorRecord* rec : it->second) {
-      const Shape shape(rec->shape().begin(), rec->shape().end()),
-          full(rec->full_shape().begin(), rec->full_shape().end());
-      if (full != want.full || rec->dtype() != dtype_name(t.dtype()))
-        return data_loss("checkpoint " + dir + ": tensor " + name + " is " + rec->dtype() + " " +
-                         shape_str(full) + ", this model has " +
-                         std::string(dtype_name(t.dtype())) + " " + shape_str(want.full));
-      const int64_t r0 = record_first(*rec), rn = numel_of(shape);
-      const int64_t lo = std::max(r0, first), hi = std::min(r0 + rn, first + n);
-      if (lo >= hi) continue;
-      if (!files.count(rec->file())) {
-        auto f = data::Hdf5File::open_read((fs::path(dir) / rec->file()).string());
-        if (!f.ok()) return f.status().with_context("checkpoint " + dir);
-        files.emplace(rec->file(), std::move(*f));
-      }
-      // The dataset must hold what the manifest says before it is read into a buffer of that size.
-      auto on_disk = files.at(rec->file()).shape(name);
-      if (!on_disk.ok()) return on_disk.status().with_context("checkpoint " + dir);
-      if (numel_of(*on_disk) != numel_of(shape))
-        return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() +
-                         " holds " + std::to_string(numel_of(*on_disk)) +
-                         " elements, manifest.pb says " + shape_str(shape) +
-                         " (the file or the manifest is damaged)");
-      Tensor stored = Tensor::empty(shape, t.dtype());
-      const Status st = files.at(rec->file()).read(name, h5_type(t.dtype()), stored.raw_data());
-      if (!st.ok()) return st.with_context("checkpoint " + dir);
-      if (crc32c(stored.raw_data(), static_cast<std::size_t>(stored.nbytes())) != rec->crc32c())
-        return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() +
-                         " fails its checksum (the file is damaged)");
-      const std::size_t elem = dtype_size(t.dtype());
-      std::memcpy(static_cast<char*>(host.raw_data()) + (lo - first) * elem,
-                  static_cast<const char*>(stored.raw_data()) + (lo - r0) * elem,
-                  static_cast<std::size_t>(hi - lo) * elem);
-      covered += hi - lo;
-    }
-    if (covered != n)
-      return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" +
-                       std::to_string(first) + ", " + std::to_string(first + n) +
-                       ") are not all stored (a rank file is missing?)");
+    HYDRA_RETURN_IF_ERROR(read_elements(dir, name, it->second, t.dtype(), want.full, want.flat, n,
+                                        files, host.raw_data()));
     Tensor dst = t;  // a handle to the same tensor
     dst.copy_(host);
   }
@@ -420,6 +445,36 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
   state->tokens_seen = man.tokens_seen();
   state->elapsed_s = man.elapsed_s();
   return ok_status();
+}
+
+Expected<std::vector<StoredTensor>> stored_tensors(const config::CheckpointManifest& man,
+                                                   const std::string& dir) {
+  std::vector<StoredTensor> out;
+  std::map<std::string, std::size_t> index;
+  for (const auto& r : man.tensor()) {
+    auto [it, fresh] = index.emplace(r.name(), out.size());
+    const Shape full(r.full_shape().begin(), r.full_shape().end());
+    const auto dtype = dtype_from_name(r.dtype());
+    if (!dtype.has_value())
+      return data_loss("checkpoint " + dir + ": tensor " + r.name() + " has an unknown dtype '" +
+                       r.dtype() + "' (the manifest is damaged or from a newer hydra)");
+    if (fresh) {
+      out.push_back({r.name(), full, *dtype, {}});
+    } else if (out[it->second].shape != full || out[it->second].dtype != *dtype) {
+      return data_loss("checkpoint " + dir + ": the records of tensor " + r.name() +
+                       " disagree on its shape or dtype (the manifest is damaged)");
+    }
+    out[it->second].records.push_back(&r);
+  }
+  return out;
+}
+
+Expected<Tensor> read_stored_tensor(const std::string& dir, const StoredTensor& t) {
+  Tensor host = Tensor::empty(t.shape, t.dtype);
+  RankFiles files(dir);
+  HYDRA_RETURN_IF_ERROR(read_elements(dir, t.name, t.records, t.dtype, t.shape, 0, host.numel(),
+                                      files, host.raw_data()));
+  return host;
 }
 
 }  // namespace hydra::trainer

@@ -58,4 +58,19 @@ class CheckpointManager {
   int64_t keep_last_;
 };
 
+// A checkpoint read without a model (hydra-ckpt): each tensor the manifest lists, whole, with the
+// records that hold its parts.
+struct StoredTensor {
+  std::string name;  // "param/...", "adam_m/...", "adam_v/...", "buffer/..."
+  Shape shape;       // of the whole tensor
+  DType dtype = DType::kF32;
+  std::vector<const config::TensorRecord*> records;  // into the manifest
+};
+// The manifest's tensors in the order it lists them; an error when its records disagree.
+Expected<std::vector<StoredTensor>> stored_tensors(const config::CheckpointManifest& man,
+                                                   const std::string& dir);
+// One whole tensor on the host, every record's size and checksum checked and every element
+// covered exactly once.
+Expected<Tensor> read_stored_tensor(const std::string& dir, const StoredTensor& t);
+
 }  // namespace hydra::trainer

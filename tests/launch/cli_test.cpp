@@ -46,6 +46,7 @@ const std::string kTrain = HYDRA_BIN_DIR "/hydra-train";
 const std::string kData = HYDRA_BIN_DIR "/hydra-data";
 const std::string kParams = HYDRA_BIN_DIR "/hydra-params";
 const std::string kEval = HYDRA_BIN_DIR "/hydra-eval";
+const std::string kCkpt = HYDRA_BIN_DIR "/hydra-ckpt";
 const std::string kTiny = HYDRA_SOURCE_DIR "/configs/tiny.pbtxt";
 // A quick run of tiny: 2 steps, short sequences, no curriculum.
 const std::string kQuick =
@@ -212,6 +213,91 @@ TEST(Cli, EvalReproducesTheRunsLastEvaluationAndRefusesNonCheckpoints) {
   EXPECT_NE(bad.output.find("neither a checkpoint"), std::string::npos) << bad.output;
   const Result none = run(kEval);
   EXPECT_EQ(none.code, 2) << none.output;
+  fs::remove_all(dir);
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+// hydra-ckpt: inspect names the step and every tensor; verify passes an intact checkpoint and names
+// the tensor whose bytes were changed; export writes a safetensors file whose header and data agree
+// with the checkpoint; foreign and damaged input is refused with a reason.
+TEST(Cli, CheckpointToolInspectsVerifiesAndExports) {
+  const std::string dir = temp_dir("ckpt");
+  const Result train = run(kTrain + " --config " + kTiny + " --out " + dir + kQuick);
+  ASSERT_EQ(train.code, 0) << train.output;
+  const std::string ckpt = dir + "/checkpoints/step-00000002";
+  Result r = run(kCkpt + " inspect " + dir);
+  EXPECT_EQ(r.code, 0) << r.output;
+  for (const char* s : {"step 2", "param/embedding", "adam_m/embedding", "rank-00000.h5"})
+    EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
+  r = run(kCkpt + " inspect " + ckpt + " --json -");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("\"step\": 2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("\"crc32c\": "), std::string::npos) << r.output;
+  r = run(kCkpt + " verify " + dir);
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("every checksum and every slice verified"), std::string::npos)
+      << r.output;
+
+  // Export: 8 bytes of header length, the JSON header, then the data it describes.
+  r = run(kCkpt + " export " + dir + " --out " + dir + "/model.safetensors");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const std::string st = read_file(dir + "/model.safetensors");
+  ASSERT_GT(st.size(), 8u);
+  uint64_t len = 0;
+  for (int i = 7; i >= 0; --i) len = (len << 8) | static_cast<unsigned char>(st[i]);
+  ASSERT_EQ(len % 8, 0u);
+  ASSERT_LE(8 + len, st.size());
+  const std::string header = st.substr(8, len);
+  const std::string entry = "\"embedding\": {\"dtype\": \"F32\", \"shape\": [256, 64], ";
+  const auto at = header.find(entry);
+  ASSERT_NE(at, std::string::npos) << header.substr(0, 400);
+  EXPECT_EQ(header.find("adam_"), std::string::npos) << "the optimizer state is not exported";
+  EXPECT_NE(header.find("\"hydra_step\": \"2\""), std::string::npos);
+  const auto offsets = header.substr(at + entry.size());
+  int64_t begin = -1, end = -1;
+  ASSERT_EQ(std::sscanf(offsets.c_str(), "\"data_offsets\": [%ld, %ld]", &begin, &end), 2);
+  ASSERT_EQ(end - begin, 256 * 64 * 4);
+  // The largest end offset is the data's size: nothing missing, nothing after it.
+  int64_t last = 0;
+  for (std::size_t p = header.find("\"data_offsets\": ["); p != std::string::npos;
+       p = header.find("\"data_offsets\": [", p + 1)) {
+    int64_t b = 0, e = 0;
+    ASSERT_EQ(std::sscanf(header.c_str() + p, "\"data_offsets\": [%ld, %ld]", &b, &e), 2);
+    last = std::max(last, e);
+  }
+  EXPECT_EQ(8 + len + static_cast<uint64_t>(last), st.size());
+
+  // The embedding's bytes, found in the rank file and changed there: verify names the tensor.
+  const std::string emb = st.substr(8 + len + begin, 64);
+  std::string rank = read_file(ckpt + "/rank-00000.h5");
+  const auto where = rank.find(emb);
+  ASSERT_NE(where, std::string::npos) << "the embedding's bytes are not stored as exported";
+  rank[where + 10] = static_cast<char>(rank[where + 10] ^ 0x40);
+  std::ofstream(ckpt + "/rank-00000.h5", std::ios::binary) << rank;
+  r = run(kCkpt + " verify " + ckpt);
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("param/embedding in rank-00000.h5 fails its checksum"), std::string::npos)
+      << r.output;
+  r = run(kCkpt + " export " + ckpt + " --out " + dir + "/bad.safetensors");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/bad.safetensors")) << "nothing exported from damaged data";
+
+  // Foreign and damaged input.
+  fs::create_directories(dir + "/foreign");
+  std::ofstream(dir + "/foreign/manifest.pb") << "not a manifest";
+  r = run(kCkpt + " inspect " + dir + "/foreign");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("manifest.pb is damaged"), std::string::npos) << r.output;
+  r = run(kCkpt + " inspect " + kTiny);
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("neither a checkpoint"), std::string::npos) << r.output;
+  EXPECT_EQ(run(kCkpt + " frob " + dir).code, 2);
+  EXPECT_EQ(run(kCkpt + " export " + dir).code, 2) << "export without --out";
+  EXPECT_EQ(run(kCkpt + " export " + dir + " --out x --dtype i32").code, 2);
   fs::remove_all(dir);
 }
 
