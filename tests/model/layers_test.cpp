@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <numeric>
 
 #include "autograd/grad_mode.h"
@@ -741,6 +742,134 @@ TEST(HydraBlockLayer, UniformControllerIsTheIdentityMix) {
   const Tensor x = randn64({1, 8, 8}, 43, 1.0, false).to(DType::kF32);
   model::ForwardContext ctx;
   EXPECT_LT(testing::max_abs_diff(a.forward(x, ctx, nullptr), b.forward(x, ctx, nullptr)), 1e-6);
+}
+
+// ---- causality, layer by layer
+// -------------------------------------------------------------------------------------------
+// Each layer on its own: outputs before position t do not move when the inputs from t on change
+// (float64, to 1e-12), and the outputs from t on do (the change reaches them). The whole model's
+// test (HydraLM.Causal*) would also catch a leak, but not say which layer has it.
+
+void expect_layer_causal(const std::string& name, const std::function<Tensor(const Tensor&)>& f,
+                         int64_t B, int64_t L, int64_t d, const std::vector<int64_t>& cuts) {
+  NoGradGuard ng;
+  const Tensor x = randn64({B, L, d}, 77, 1.0, false);
+  const std::vector<double> base = f(x).to_vector<double>();
+  const std::vector<double> xv = x.to_vector<double>();
+  for (const int64_t t : cuts) {
+    std::vector<double> changed = xv;
+    const std::vector<double> noise = randn64({B, L, d}, 78 + t, 1.0, false).to_vector<double>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t s = t; s < L; ++s)
+        for (int64_t c = 0; c < d; ++c) changed[(b * L + s) * d + c] = noise[(b * L + s) * d + c];
+    const std::vector<double> after = f(tensor(changed, {B, L, d})).to_vector<double>();
+    ASSERT_EQ(after.size(), base.size()) << name;
+    const int64_t dout = static_cast<int64_t>(base.size()) / (B * L);
+    double before_t = 0, from_t = 0;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t s = 0; s < L; ++s)
+        for (int64_t c = 0; c < dout; ++c) {
+          const std::size_t i = static_cast<std::size_t>((b * L + s) * dout + c);
+          const double diff = std::abs(after[i] - base[i]);
+          if (s < t) {
+            before_t = std::max(before_t, diff);
+          } else {
+            from_t = std::max(from_t, diff);
+          }
+        }
+    EXPECT_LE(before_t, 1e-12) << name << ": an output before position " << t
+                               << " changed when only the inputs from " << t << " on did";
+    EXPECT_GT(from_t, 1e-9) << name << ": the change at " << t << " reached no output";
+  }
+}
+
+TEST(LayerCausality, SsmMixerInEachForm) {
+  for (const std::string& ssm :
+       {std::string("ssm { d_state: 3 conv_width: 3 scan_chunk: 5 dt_rank: 2 }"),
+        std::string(testing::kMicroSsd), std::string(testing::kMicroPaperSsm)}) {
+    const model::ModelSpec spec = testing::spec_from(testing::micro_text(ssm));
+    model::Init init(90);
+    model::SsmMixer m(init, spec);
+    m.to(DType::kF64);
+    // Cuts inside and on the edges of the scan's chunks of 5 and the conv's window of 3.
+    expect_layer_causal(ssm, [&](const Tensor& x) { return m.forward(x); }, 2, 23, 8,
+                        {0, 1, 4, 5, 6, 12, 22});
+  }
+}
+
+TEST(LayerCausality, SparseGlobalAttentionWindowAndGlobalKeys) {
+  model::Init init(91);
+  model::SparseGlobalAttention sga(init, 8, 2, AttentionPattern{3, 4}, 10000.0, 0.3, 0.3);
+  sga.to(DType::kF64);
+  // Cuts on a global position (multiples of 4), inside and at the edge of the window.
+  expect_layer_causal("sga", [&](const Tensor& x) { return sga.forward(x, 0); }, 2, 21, 8,
+                      {1, 4, 5, 8, 11, 20});
+}
+
+TEST(LayerCausality, ChunkMoEEachRouterInput) {
+  for (const char* mode : {"PREV_CHUNK_MEAN", "FIRST_TOKEN"}) {
+    MoeCase c = make_moe(std::string("num_experts: 3 d_expert: 6 max_active: 2 chunk: 4 "
+                                     "shared_expert: true d_shared: 4 router_input: ") +
+                             mode,
+                         92);
+    // Cuts on a chunk's first token (FIRST_TOKEN routes on it), inside a chunk, and on the last.
+    expect_layer_causal(mode,
+                        [&](const Tensor& x) {
+                          model::ForwardContext ctx;
+                          ctx.collect_stats = false;
+                          Tensor aux;
+                          return c.moe->forward(x, ctx, &aux);
+                        },
+                        2, 24, 6, {0, 3, 4, 5, 8, 13, 23});
+  }
+}
+
+TEST(LayerCausality, WorkspaceMemoryEachWrite) {
+  for (const char* write : {"SERIAL", "PARALLEL"}) {
+    model::Init init(93);
+    model::WorkspaceMemory ws(init, workspace_spec(write), 0);
+    ws.to(DType::kF64);
+    // Chunks of 8: cuts on a chunk's first and last token and inside one. A chunk reads the slots
+    // the chunks before it wrote, so a change reaches outputs only when a chunk follows (not from
+    // 16 on in 24 tokens).
+    expect_layer_causal(write,
+                        [&](const Tensor& x) {
+                          model::ForwardContext ctx;
+                          ctx.collect_stats = false;
+                          return ws.forward(x, ctx);
+                        },
+                        2, 24, 8, {0, 7, 8, 9, 15});
+  }
+}
+
+TEST(LayerCausality, ProductKeyMemory) {
+  const model::ModelSpec spec = micro_spec();
+  model::Init init(94);
+  model::ProductKeyMemory pkm(init, spec, 0);
+  pkm.to(DType::kF64);
+  expect_layer_causal("pkm",
+                      [&](const Tensor& x) {
+                        model::ForwardContext ctx;
+                        ctx.collect_stats = false;
+                        return pkm.forward(x, ctx);
+                      },
+                      2, 9, 8, {0, 4, 8});
+}
+
+TEST(LayerCausality, HydraBlockAllPaths) {
+  const model::ModelSpec spec = micro_spec();
+  model::Init init(95);
+  model::HydraBlock block(init, spec, 1);  // block 1 has SGA (every 2)
+  ASSERT_TRUE(block.sga != nullptr);
+  block.to(DType::kF64);
+  expect_layer_causal("block",
+                      [&](const Tensor& x) {
+                        model::ForwardContext ctx;
+                        ctx.collect_stats = false;
+                        Tensor aux;
+                        return block.forward(x, ctx, &aux);
+                      },
+                      2, 20, 8, {0, 3, 4, 5, 8, 19});
 }
 
 }  // namespace
