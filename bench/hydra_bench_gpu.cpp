@@ -308,6 +308,15 @@ void toy_step_rows(Report& report, const Floors& f) {
     bandwidth_row(report, f, "toy32k mul [4, 8192, 384] x [4, 8192, 1]", 2.0 * T * d * 2,
                   [&] { (void)mul(x, m); });
   }
+  {  // the PKM's top-k: 32 of each half's 64 sub-key scores, then 32 of the 119 candidate cells
+     // (4 heads x 32768 tokens); reads the scores, writes values and i64 indices
+    const int64_t rows = 4 * T;
+    Tensor s64 = rnd({rows, 64}), s119 = rnd({rows, 119});
+    bandwidth_row(report, f, "toy32k topk 32 of 64 [131072 rows]", rows * (64.0 * 2 + 32 * 10.0),
+                  [&] { (void)topk(s64, 32); });
+    bandwidth_row(report, f, "toy32k topk 32 of 119 [131072 rows]", rows * (119.0 * 2 + 32 * 10.0),
+                  [&] { (void)topk(s119, 32); });
+  }
   {  // a split's slice made contiguous; a column sum (a gate's gradient); short row sums (PKM)
     Tensor xz = rnd({B, L, 2 * di});
     const Tensor half = xz.narrow(2, 0, di);

@@ -1,8 +1,11 @@
-// Top-k along rows: k times, pick the next element in the order (value descending, index ascending)
-// among those after the previous pick: no marks to store, ties to the lower index. Rows of up to
-// 1024 elements sit in a warp's registers (8 rows per block; each pick is a scan of the lane's
-// items and a warp shuffle reduction); longer rows take a block per row that rereads the row for
-// each pick.
+// Top-k along rows, in the order (value descending, index ascending): ties go to the lower index.
+// f32 and bf16 rows of up to 256 elements: a warp sorts the whole row with a bitonic network (each
+// element a 64-bit key, the value's order-preserving bits above the complemented index, so that
+// keys are distinct and their order is the selection order), 8 rows per block; about 20 shuffle
+// stages for 64 elements where picking 32 one at a time takes 32 warp reductions. Longer rows
+// (and f64): k times, pick the next element after the previous pick (no marks to store): rows of up
+// to 1024 elements in a warp's registers, longer ones a block per row that rereads the row for each
+// pick.
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
@@ -110,6 +113,73 @@ __global__ void __launch_bounds__(32 * kTopkWarpRows)
   }
 }
 
+// The key of value v at index j: larger keys first. -0 counts as +0 (they tie, as on the CPU).
+__device__ __forceinline__ uint64_t topk_key(float v, int64_t j) {
+  uint32_t u = __float_as_uint(v == 0.0f ? 0.0f : v);
+  u ^= (u >> 31) != 0u ? 0xffffffffu : 0x80000000u;  // order-preserving: negative values flipped
+  return (uint64_t(u) << 32) | uint64_t(0xffffffffu - uint32_t(j));
+}
+
+__device__ __forceinline__ float topk_value(uint64_t key) {
+  uint32_t u = uint32_t(key >> 32);
+  u ^= (u >> 31) != 0u ? 0x80000000u : 0xffffffffu;
+  return __uint_as_float(u);
+}
+
+// A warp sorts a row of up to 32 * E elements (position p = lane + 32 e) into descending key order
+// with a bitonic network, then writes the first k.
+template <class T, int E>
+__global__ void __launch_bounds__(32 * kTopkWarpRows)
+    topk_bitonic_kernel(const T* __restrict x, T* __restrict values, int64_t* __restrict indices,
+                        int64_t rows, int64_t cols, int64_t k) {
+  constexpr int N = 32 * E;
+  const int64_t row = blockIdx.x * int64_t(kTopkWarpRows) + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps
+  const int lane = threadIdx.x & 31;
+  const T* xr = x + row * cols;
+  uint64_t key[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int j = lane + 32 * e;
+    key[e] = j < cols ? topk_key(float(load(xr, j)), j) : 0;  // padding sorts last
+  }
+#pragma unroll
+  for (int s = 2; s <= N; s <<= 1) {
+#pragma unroll
+    for (int d = s >> 1; d > 0; d >>= 1) {
+      if (d >= 32) {  // the partner is in this lane's registers
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int e2 = e ^ (d >> 5);
+          if (e2 < e) continue;
+          const bool desc = ((lane + 32 * e) & s) == 0;
+          const uint64_t a = key[e], b = key[e2];
+          const bool swap = desc ? a < b : a > b;
+          key[e] = swap ? b : a;
+          key[e2] = swap ? a : b;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int p = lane + 32 * e;
+          const uint64_t other = __shfl_xor_sync(0xffffffffu, key[e], d);
+          const bool desc = (p & s) == 0, lower = (p & d) == 0;
+          const bool take_max = lower == desc;
+          key[e] = take_max ? (key[e] > other ? key[e] : other) : (key[e] < other ? key[e] : other);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int p = lane + 32 * e;
+    if (p < k) {
+      values[row * k + p] = convert<T>(topk_value(key[e]));
+      indices[row * k + p] = int64_t(0xffffffffu - uint32_t(key[e] & 0xffffffffu));
+    }
+  }
+}
+
 }  // namespace
 
 void topk(const TopkParams& p) {
@@ -121,7 +191,22 @@ void topk(const TopkParams& p) {
     const auto* x = static_cast<const T*>(p.x);
     auto* values = static_cast<T*>(p.values);
     auto* indices = static_cast<int64_t*>(p.indices);
-    if (p.cols <= 32 * 32) {
+    if (!std::is_same_v<T, double> && p.cols <= 32 * 8) {
+      const auto blocks = static_cast<unsigned>((p.rows + kTopkWarpRows - 1) / kTopkWarpRows);
+      auto launch = [&](auto items) {
+        topk_bitonic_kernel<T, decltype(items)::value>
+            <<<blocks, 32 * kTopkWarpRows, 0, as_stream(p.stream)>>>(x, values, indices, p.rows,
+                                                                     p.cols, p.k);
+      };
+      if (p.cols <= 32)
+        launch(std::integral_constant<int, 1>{});
+      else if (p.cols <= 64)
+        launch(std::integral_constant<int, 2>{});
+      else if (p.cols <= 128)
+        launch(std::integral_constant<int, 4>{});
+      else
+        launch(std::integral_constant<int, 8>{});
+    } else if (p.cols <= 32 * 32) {
       const auto blocks = static_cast<unsigned>((p.rows + kTopkWarpRows - 1) / kTopkWarpRows);
       auto launch = [&](auto items) {
         topk_warp_kernel<T, decltype(items)::value>

@@ -538,6 +538,26 @@ TEST(CudaOps, IndexingMatchCpu) {
   }
   // Indices agree exactly in f32: warp layouts (4 to 32 items per lane), the block layout (> 1024
   // columns), and rows with many ties (values rounded to bf16), which go to the lower index.
+  // The bitonic layout takes rows of up to 256 (1 to 8 items per lane): widths below, at and above
+  // each of its sizes, and k up to the whole row.
+  for (const Shape& s : {Shape{5, 3}, Shape{9, 32}, Shape{11, 33}, Shape{40, 64}, Shape{13, 119},
+                         Shape{7, 128}, Shape{6, 200}, Shape{5, 256}}) {
+    const Tensor x = rnd(s, 43);
+    for (const int64_t k : {int64_t{1}, std::min<int64_t>(s[1], 32), s[1]}) {
+      const auto [gv, gi] = topk(x.to(Device::cuda(0)), k);
+      const auto [cv, ci] = topk(x, k);
+      EXPECT_EQ(gi.cpu().to_vector<int64_t>(), ci.to_vector<int64_t>())
+          << shape_str(s) << " k " << k;
+      EXPECT_EQ(gv.cpu().to_vector<float>(), cv.to_vector<float>()) << shape_str(s) << " k " << k;
+    }
+    const Tensor tied = rnd(s, 45, 0.01).to(DType::kBF16);  // many ties, in bf16
+    EXPECT_EQ(topk(tied.to(Device::cuda(0)), 1).second.cpu().to_vector<int64_t>(),
+              topk(tied.to(DType::kF32), 1).second.to_vector<int64_t>())
+        << shape_str(s);
+    EXPECT_EQ(topk(tied.to(Device::cuda(0)), s[1]).second.cpu().to_vector<int64_t>(),
+              topk(tied.to(DType::kF32), s[1]).second.to_vector<int64_t>())
+        << shape_str(s);
+  }
   for (const Shape& s : {Shape{7, 513}, Shape{9, 100}, Shape{17, 1024}, Shape{3, 1500}}) {
     const Tensor x = rnd(s, 44);
     EXPECT_EQ(topk(x.to(Device::cuda(0)), 9).second.cpu().to_vector<int64_t>(),
