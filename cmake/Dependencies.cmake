@@ -8,6 +8,10 @@ find_package(HDF5 REQUIRED COMPONENTS C)
 find_package(Protobuf REQUIRED)
 find_package(Boost REQUIRED COMPONENTS program_options)
 find_package(GTest REQUIRED)
+# SentencePiece (libsentencepiece-dev): only data/sentencepiece_shim.cpp links it (see there).
+find_library(SENTENCEPIECE_LIBRARY sentencepiece REQUIRED)
+find_library(SENTENCEPIECE_TRAIN_LIBRARY sentencepiece_train REQUIRED)
+find_path(SENTENCEPIECE_INCLUDE_DIR sentencepiece_processor.h REQUIRED)
 # OpenBLAS built with OpenMP (Debian's libopenblas-openmp-dev): BLAS then shares our OpenMP thread
 # pool. With the pthread build, its spinning workers and ours fight over the cores (2 threads ran
 # slower than 1 on a 2-core machine).

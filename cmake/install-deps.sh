@@ -8,6 +8,7 @@ packages=(
   libopenmpi-dev openmpi-bin libhdf5-openmpi-dev
   libprotobuf-dev protobuf-compiler
   libboost-program-options-dev libgtest-dev libopenblas-dev libopenblas-openmp-dev
+  libsentencepiece-dev
   gnuplot-nox
 )
 

@@ -1,8 +1,11 @@
 #include "data/tokenizer.h"
 
 #include <cctype>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
+
+#include "data/sentencepiece.h"
 
 namespace hydra::data {
 
@@ -177,9 +180,38 @@ Expected<BpeTokenizer> BpeTokenizer::load(const std::string& path) {
   return BpeTokenizer(std::move(merges));
 }
 
+bool is_sentencepiece_model(const std::string& spec) {
+  return spec.size() > 6 && spec.compare(spec.size() - 6, 6, ".model") == 0;
+}
+
+Expected<std::string> tokenizer_id(const std::string& spec) {
+  if (spec.empty() || spec == "bytes") return std::string("bytes");
+  if (is_sentencepiece_model(spec)) {
+    std::ifstream in(spec, std::ios::binary);
+    if (!in) return not_found(spec + ": no such SentencePiece model file");
+    uint64_t h = 1469598103934665603ULL;  // FNV-1a 64
+    char buf[1 << 16];
+    while (in.read(buf, sizeof buf) || in.gcount() > 0) {
+      for (std::streamsize i = 0; i < in.gcount(); ++i) {
+        h ^= static_cast<unsigned char>(buf[i]);
+        h *= 1099511628211ULL;
+      }
+    }
+    char hex[24];
+    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+    return std::string("spm-") + hex;
+  }
+  HYDRA_ASSIGN_OR_RETURN(BpeTokenizer bpe, BpeTokenizer::load(spec));
+  return bpe.id();
+}
+
 Expected<std::unique_ptr<Tokenizer>> load_tokenizer(const std::string& spec) {
   if (spec.empty() || spec == "bytes")
     return std::unique_ptr<Tokenizer>(std::make_unique<ByteTokenizer>());
+  if (is_sentencepiece_model(spec)) {
+    HYDRA_ASSIGN_OR_RETURN(auto spm, SentencePieceTokenizer::load(spec));
+    return std::unique_ptr<Tokenizer>(std::move(spm));
+  }
   auto bpe = BpeTokenizer::load(spec);
   if (!bpe.ok()) return bpe.status();
   return std::unique_ptr<Tokenizer>(std::make_unique<BpeTokenizer>(std::move(*bpe)));

@@ -58,8 +58,13 @@ class BpeTokenizer final : public Tokenizer {
   std::vector<std::string> pieces_;  // bytes of each token
 };
 
-// "bytes" or a BPE file.
+// "bytes", a BPE file (hydra-data train-bpe) or a SentencePiece model (a name ending in .model).
 Expected<std::unique_ptr<Tokenizer>> load_tokenizer(const std::string& spec);
+// The id of the tokenizer `spec` names, without loading a SentencePiece model: "bytes",
+// "bpe-<vocab>-<hash>", or "spm-<FNV-1a 64 of the model file's bytes>".
+Expected<std::string> tokenizer_id(const std::string& spec);
+// A SentencePiece model's name: ends in .model.
+bool is_sentencepiece_model(const std::string& spec);
 
 // Splits text into words: a run of letters/digits or a single other byte, each with the spaces
 // before it.

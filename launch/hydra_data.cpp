@@ -1,5 +1,6 @@
 // hydra-data: tokenizers and token shards.
 //   hydra-data train-bpe --vocab N --out FILE INPUT...
+//   hydra-data train-spm --vocab N --out FILE.model INPUT...
 //   hydra-data tokenize [--tokenizer bytes|FILE] --out DIR [--shard-tokens N] INPUT...
 //   hydra-data inspect SHARD...
 // INPUTs are text files or folders (read recursively, in name order); each file is one document.
@@ -15,6 +16,7 @@
 #include <string>
 #include <string_view>
 
+#include "data/sentencepiece.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
 
@@ -225,20 +227,21 @@ int main(int argc, char** argv) {
       "Commands:\n"
       "  train-bpe --vocab N --out FILE INPUT...     learn a byte-level BPE tokenizer "
       "(deterministic)\n"
+      "  train-spm --vocab N --out FILE.model INPUT...  learn a SentencePiece (unigram) model\n"
       "  tokenize [--tokenizer bytes|FILE] --out DIR [--shard-tokens N] INPUT...\n"
       "                                              write HDF5 token shards (shard-NNNNN.h5) for "
       "data.shards\n"
       "  inspect SHARD...                            print what shards hold\n"
       "INPUTs are text files or folders (read recursively); each file is one document.\n\nOptions";
   po::options_description opts(usage);
-  opts.add_options()("help,h", "show this help")("vocab", po::value<int64_t>(),
-                                                 "train-bpe: vocabulary size (>= 256)")(
+  opts.add_options()("help,h", "show this help")(
+      "vocab", po::value<int64_t>(), "train-bpe: vocabulary size (>= 256); train-spm: pieces")(
       "out", po::value<std::string>(),
-      "train-bpe: tokenizer file to write; tokenize: folder for the shards")(
+      "train-bpe, train-spm: tokenizer file to write; tokenize: folder for the shards")(
       "tokenizer", po::value<std::string>()->default_value("bytes"),
-      "tokenize: 'bytes' or a train-bpe file")("shard-tokens",
-                                               po::value<int64_t>()->default_value(100'000'000),
-                                               "tokenize: tokens per shard at most");
+      "tokenize: 'bytes', a train-bpe file or a SentencePiece model (FILE.model)")(
+      "shard-tokens", po::value<int64_t>()->default_value(100'000'000),
+      "tokenize: tokens per shard at most");
   po::options_description hidden;
   hidden.add_options()("command", po::value<std::string>())("inputs",
                                                             po::value<std::vector<std::string>>());
@@ -269,6 +272,31 @@ int main(int argc, char** argv) {
       }
       return train_bpe(inputs, vm["vocab"].as<int64_t>(), vm["out"].as<std::string>());
     }
+    if (cmd == "train-spm") {
+      if (!vm.count("vocab") || !vm.count("out") || inputs.empty()) {
+        std::cerr << "hydra-data train-spm: needs --vocab N, --out FILE.model and text inputs\n";
+        return 2;
+      }
+      auto files = list_inputs(inputs);
+      if (!files.ok()) {
+        std::cerr << "hydra-data: " << files.status().message() << "\n";
+        return 1;
+      }
+      const std::string out = vm["out"].as<std::string>();
+      const Status st = data::SentencePieceTokenizer::train(*files, vm["vocab"].as<int64_t>(), out);
+      if (!st.ok()) {
+        std::cerr << "hydra-data: " << st.message() << "\n";
+        return 1;
+      }
+      auto tok = data::SentencePieceTokenizer::load(out);
+      if (!tok.ok()) {
+        std::cerr << "hydra-data: " << tok.status().message() << "\n";
+        return 1;
+      }
+      std::printf("wrote %s: SentencePiece model of %ld pieces from %zu files (id %s)\n",
+                  out.c_str(), long((*tok)->vocab_size()), files->size(), (*tok)->id().c_str());
+      return 0;
+    }
     if (cmd == "tokenize") {
       if (!vm.count("out") || inputs.empty()) {
         std::cerr << "hydra-data tokenize: needs --out DIR and text inputs\n";
@@ -286,6 +314,7 @@ int main(int argc, char** argv) {
     std::cerr << "hydra-data: internal error: " << e.what() << "\n";
     return 4;
   }
-  std::cerr << "hydra-data: unknown command '" << cmd << "' (train-bpe, tokenize or inspect)\n";
+  std::cerr << "hydra-data: unknown command '" << cmd
+            << "' (train-bpe, train-spm, tokenize or inspect)\n";
   return 2;
 }

@@ -179,9 +179,9 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
                               std::to_string(src->vocab_size()) +
                               " do not fit model.vocab_size = " + std::to_string(t->spec_.vocab));
     if (!t->cfg_.data().tokenizer().empty()) {
-      HYDRA_ASSIGN_OR_RETURN(auto tok, data::load_tokenizer(t->cfg_.data().tokenizer()));
-      if (tok->id() != src->tokenizer())
-        return invalid_argument("data.tokenizer " + t->cfg_.data().tokenizer() + " (" + tok->id() +
+      HYDRA_ASSIGN_OR_RETURN(std::string id, data::tokenizer_id(t->cfg_.data().tokenizer()));
+      if (id != src->tokenizer())
+        return invalid_argument("data.tokenizer " + t->cfg_.data().tokenizer() + " (" + id +
                                 ") is not the tokenizer the shards were made with (" +
                                 src->tokenizer() + ")");
     }

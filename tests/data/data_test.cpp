@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "data/loader.h"
+#include "data/sentencepiece.h"
 #include "data/tokenizer.h"
 
 namespace hydra::data {
@@ -50,6 +51,49 @@ TEST(BpeTokenizer, TrainsDeterministicallyAndRoundTrips) {
   }
   EXPECT_EQ(a->decode(a->encode("zebra xylophone")),
             "zebra xylophone");  // unseen text still round-trips
+}
+
+// SentencePiece through Debian's library (behind data/sentencepiece_shim.cpp): a model learned from
+// a small corpus loads, encodes text into ids below its vocabulary (40 pieces) and decodes them
+// back, and its id is the file's (what shards and data.tokenizer compare); bad files and names are
+// refused.
+TEST(SentencePieceTokenizer, TrainsLoadsRoundTripsAndRejectsBadFiles) {
+  const std::string dir = temp_dir("spm");
+  {
+    std::ofstream corpus(dir + "/corpus.txt");
+    for (int i = 0; i < 300; ++i)
+      corpus << kCorpus[static_cast<std::size_t>(i) % kCorpus.size()] << " " << i % 17 << "\n";
+  }
+  const std::string model = dir + "/tok.model";
+  const Status st = SentencePieceTokenizer::train({dir + "/corpus.txt"}, 40, model);
+  ASSERT_TRUE(st.ok()) << st.message();
+  auto tok = load_tokenizer(model);
+  ASSERT_TRUE(tok.ok()) << tok.status().message();
+  EXPECT_EQ((*tok)->vocab_size(), 40);
+  const auto id = tokenizer_id(model);
+  ASSERT_TRUE(id.ok());
+  EXPECT_EQ((*tok)->id(), *id);
+  EXPECT_EQ(id->rfind("spm-", 0), 0u) << *id;
+  for (const std::string& text :
+       {kCorpus[0], kCorpus[1], std::string("the rat sat on the hat 12")}) {
+    const std::vector<int32_t> ids = (*tok)->encode(text);
+    ASSERT_FALSE(ids.empty()) << text;
+    for (const int32_t t : ids) EXPECT_TRUE(t >= 0 && t < 40) << t;
+    EXPECT_EQ((*tok)->decode(ids), text);
+  }
+  EXPECT_LT((*tok)->encode(kCorpus[0]).size(), kCorpus[0].size()) << "pieces longer than bytes";
+  // Another model, another id; a missing file, a file that is not a model, a bad name.
+  ASSERT_TRUE(SentencePieceTokenizer::train({dir + "/corpus.txt"}, 32, dir + "/small.model").ok());
+  EXPECT_NE(*tokenizer_id(dir + "/small.model"), *id);
+  EXPECT_EQ(load_tokenizer(dir + "/missing.model").status().code(), StatusCode::kNotFound);
+  std::ofstream(dir + "/junk.model") << "not a model";
+  const auto junk = load_tokenizer(dir + "/junk.model");
+  ASSERT_FALSE(junk.ok());
+  EXPECT_NE(junk.status().message().find("junk.model: not a SentencePiece model"),
+            std::string::npos)
+      << junk.status().message();
+  EXPECT_FALSE(SentencePieceTokenizer::train({dir + "/corpus.txt"}, 60, dir + "/tok.spm").ok());
+  fs::remove_all(dir);
 }
 
 TEST(BpeTokenizer, SavesAndLoadsAndRejectsDamagedFiles) {

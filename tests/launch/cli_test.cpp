@@ -356,6 +356,43 @@ TEST(Cli, DataToolMakesShardsTheTrainerReads) {
   EXPECT_NE(r.output.find("bad.bpe: truncated"), std::string::npos) << r.output;
 }
 
+// A SentencePiece model (learned here with hydra-data train-spm; corpora usually bring their own)
+// tokenizes shards the trainer reads; a model that is not the shards' is refused by its id.
+TEST(Cli, SentencePieceModelTokenizesShardsTheTrainerReads) {
+  const std::string dir = temp_dir("spm");
+  fs::create_directories(dir + "/corpus");
+  for (int i = 0; i < 3; ++i) {
+    std::ofstream f(dir + "/corpus/doc" + std::to_string(i) + ".txt");
+    for (int k = 0; k < 400; ++k) f << "the quick brown fox " << k << " jumps over the lazy dog.\n";
+  }
+  Result r = run(kData + " train-spm --vocab 64 --out " + dir + "/tok.model " + dir + "/corpus");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("SentencePiece model of 64 pieces"), std::string::npos) << r.output;
+  r = run(kData + " tokenize --tokenizer " + dir + "/tok.model --out " + dir + "/shards " + dir +
+          "/corpus");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("tokenizer spm-"), std::string::npos) << r.output;
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+          " --set model.vocab_size=64 --set data.shards=" + dir +
+          "/shards --set data.tokenizer=" + dir + "/tok.model");
+  EXPECT_EQ(r.code, 0) << r.output;
+  ASSERT_EQ(
+      run(kData + " train-spm --vocab 50 --out " + dir + "/other.model " + dir + "/corpus").code,
+      0);
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run2" + kQuick +
+          " --set model.vocab_size=64 --set data.shards=" + dir +
+          "/shards --set data.tokenizer=" + dir + "/other.model");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("is not the tokenizer the shards were made with"), std::string::npos)
+      << r.output;
+  std::ofstream(dir + "/junk.model") << "junk";
+  r = run(kData + " tokenize --tokenizer " + dir + "/junk.model --out " + dir + "/x " + dir +
+          "/corpus");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("junk.model: not a SentencePiece model"), std::string::npos) << r.output;
+  fs::remove_all(dir);
+}
+
 // Bad input found by the fault-and-bad-input trial (issue 21): each is refused with a message
 // naming the file, field or flag, before anything is written or allocated.
 TEST(BadInput, NonFiniteNumbersAnywhereInTheConfigAreRefused) {
