@@ -21,8 +21,8 @@ void SetMinLogLevel(int v);
 namespace {
 
 // The library logs to std::cerr. Bound to its own symbols, it would write to libstdc++'s std::cerr,
-// which the executable's copy (a copy relocation) left unconstructed: only fatal messages, and those
-// end the process anyway. Its errors reach the caller as statuses instead.
+// which the executable's copy (a copy relocation) left unconstructed: only fatal messages, and
+// those end the process anyway. Its errors reach the caller as statuses instead.
 void quiet() { sentencepiece::logging::SetMinLogLevel(3); }
 
 void set_error(const std::string& message, char* err, int64_t cap) {
@@ -49,7 +49,9 @@ void* hydra_spm_load(const char* path, char* err, int64_t cap) {
   return p;
 }
 
-void hydra_spm_free(void* model) { delete static_cast<sentencepiece::SentencePieceProcessor*>(model); }
+void hydra_spm_free(void* model) {
+  delete static_cast<sentencepiece::SentencePieceProcessor*>(model);
+}
 
 int64_t hydra_spm_vocab(void* model) {
   return static_cast<sentencepiece::SentencePieceProcessor*>(model)->GetPieceSize();

@@ -315,13 +315,19 @@ TEST(Cli, StepsPastTheScheduleAreAnnounced) {
   fs::remove_all(dir);
 }
 
-TEST(Cli, DataToolMakesShardsTheTrainerReads) {
-  const std::string dir = temp_dir("data");
+// DIR/corpus/doc{0,1,2}.txt: 400 numbered sentences each, each followed by `end`.
+void write_corpus(const std::string& dir, const char* end) {
   fs::create_directories(dir + "/corpus");
   for (int i = 0; i < 3; ++i) {
     std::ofstream f(dir + "/corpus/doc" + std::to_string(i) + ".txt");
-    for (int k = 0; k < 400; ++k) f << "the quick brown fox " << k << " jumps over the lazy dog. ";
+    for (int k = 0; k < 400; ++k)
+      f << "the quick brown fox " << k << " jumps over the lazy dog." << end;
   }
+}
+
+TEST(Cli, DataToolMakesShardsTheTrainerReads) {
+  const std::string dir = temp_dir("data");
+  write_corpus(dir, " ");
   Result r = run(kData + " train-bpe --vocab 300 --out " + dir + "/tok.bpe " + dir + "/corpus");
   ASSERT_EQ(r.code, 0) << r.output;
   r = run(kData + " tokenize --tokenizer " + dir + "/tok.bpe --out " + dir + "/shards " + dir +
@@ -360,11 +366,7 @@ TEST(Cli, DataToolMakesShardsTheTrainerReads) {
 // tokenizes shards the trainer reads; a model that is not the shards' is refused by its id.
 TEST(Cli, SentencePieceModelTokenizesShardsTheTrainerReads) {
   const std::string dir = temp_dir("spm");
-  fs::create_directories(dir + "/corpus");
-  for (int i = 0; i < 3; ++i) {
-    std::ofstream f(dir + "/corpus/doc" + std::to_string(i) + ".txt");
-    for (int k = 0; k < 400; ++k) f << "the quick brown fox " << k << " jumps over the lazy dog.\n";
-  }
+  write_corpus(dir, "\n");
   Result r = run(kData + " train-spm --vocab 64 --out " + dir + "/tok.model " + dir + "/corpus");
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("SentencePiece model of 64 pieces"), std::string::npos) << r.output;
