@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <optional>
+#include <string>
 
 #include "base/check.h"
 #include "kernels/base/parallel.h"
@@ -98,6 +100,38 @@ Expected<config::RunConfig> load_config(const std::string& path,
   HYDRA_ASSIGN_OR_RETURN(config::RunConfig cfg, config::load_run_config(path));
   HYDRA_RETURN_IF_ERROR(config::apply_overrides(&cfg, sets));
   return cfg;
+}
+
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (const char c : s) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
 }
 
 }  // namespace hydra::cli

@@ -64,4 +64,7 @@ std::vector<std::string> overrides(const po::variables_map& vm,
 Expected<config::RunConfig> load_config(const std::string& path,
                                         const std::vector<std::string>& sets);
 
+// `s` as a JSON string: quoted, with quotes, backslashes and control characters escaped.
+std::string json_string(const std::string& s);
+
 }  // namespace hydra::cli

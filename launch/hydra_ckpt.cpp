@@ -37,39 +37,6 @@ constexpr const char* kUsage =
     "CHECKPOINT is a checkpoints/step-N directory; a RUN_DIR stands for its newest complete one.\n"
     "Nothing is written into the checkpoint or the run.\n\nOptions";
 
-// A JSON string.
-std::string quoted(const std::string& s) {
-  std::string out = "\"";
-  for (const char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", c);
-          out += buf;
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out + "\"";
-}
-
 std::string json_ints(const Shape& s) {
   std::string out = "[";
   for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -118,20 +85,21 @@ int inspect(const Loaded& l, const po::variables_map& vm) {
   const auto& m = l.man;
   if (vm.count("json")) {
     std::ostringstream os;
-    os << "{\"checkpoint\": " << quoted(l.dir) << ", \"format_version\": " << m.format_version()
-       << ", \"step\": " << m.step() << ", \"stage\": " << m.stage()
-       << ", \"tokens_seen\": " << m.tokens_seen() << ", \"elapsed_s\": " << m.elapsed_s()
-       << ", \"world_size\": " << m.world_size() << ", \"dp\": " << m.dp() << ", \"ep\": " << m.ep()
-       << ", \"sp\": " << m.sp() << ", \"written_by\": " << quoted(m.written_by())
-       << ", \"config\": " << quoted(m.config_text()) << ", \"tensors\": [";
+    os << "{\"checkpoint\": " << cli::json_string(l.dir)
+       << ", \"format_version\": " << m.format_version() << ", \"step\": " << m.step()
+       << ", \"stage\": " << m.stage() << ", \"tokens_seen\": " << m.tokens_seen()
+       << ", \"elapsed_s\": " << m.elapsed_s() << ", \"world_size\": " << m.world_size()
+       << ", \"dp\": " << m.dp() << ", \"ep\": " << m.ep() << ", \"sp\": " << m.sp()
+       << ", \"written_by\": " << cli::json_string(m.written_by())
+       << ", \"config\": " << cli::json_string(m.config_text()) << ", \"tensors\": [";
     for (std::size_t i = 0; i < l.tensors.size(); ++i) {
       const auto& t = l.tensors[i];
-      os << (i ? ", " : "") << "{\"name\": " << quoted(t.name)
-         << ", \"dtype\": " << quoted(std::string(dtype_name(t.dtype)))
+      os << (i ? ", " : "") << "{\"name\": " << cli::json_string(t.name)
+         << ", \"dtype\": " << cli::json_string(std::string(dtype_name(t.dtype)))
          << ", \"shape\": " << json_ints(t.shape) << ", \"records\": [";
       for (std::size_t j = 0; j < t.records.size(); ++j) {
         const auto& r = *t.records[j];
-        os << (j ? ", " : "") << "{\"file\": " << quoted(r.file())
+        os << (j ? ", " : "") << "{\"file\": " << cli::json_string(r.file())
            << ", \"shape\": " << json_ints(Shape(r.shape().begin(), r.shape().end()))
            << ", \"offset\": " << json_ints(Shape(r.offset().begin(), r.offset().end()));
         if (r.has_flat_offset()) os << ", \"flat_offset\": " << r.flat_offset();
@@ -198,8 +166,9 @@ int verify(const Loaded& l) {
     ++damaged;
   }
   double bytes = 0;
+  trainer::StoredTensorReader reader(l.dir);
   for (const auto& t : l.tensors) {
-    auto got = trainer::read_stored_tensor(l.dir, t);
+    auto got = reader.read(t);
     if (!got.ok()) {
       std::cerr << "hydra-ckpt: " << got.status().message() << "\n";
       ++damaged;
@@ -235,9 +204,10 @@ int export_safetensors(const Loaded& l, const po::variables_map& vm) {
   }
   const char* st_name = *dtype == DType::kF32 ? "F32" : (*dtype == DType::kBF16 ? "BF16" : "F64");
   std::vector<std::pair<std::string, Tensor>> params;
+  trainer::StoredTensorReader reader(l.dir);
   for (const auto& t : l.tensors) {
     if (kind_of(t.name) != "param") continue;
-    auto got = trainer::read_stored_tensor(l.dir, t);
+    auto got = reader.read(t);
     if (!got.ok()) {
       std::cerr << "hydra-ckpt: " << got.status().message() << "\n";
       return cli::kUserError;
@@ -250,12 +220,13 @@ int export_safetensors(const Loaded& l, const po::variables_map& vm) {
   }
   std::ostringstream h;
   h << "{\"__metadata__\": {\"format\": \"pt\", \"hydra_step\": "
-    << quoted(std::to_string(l.man.step())) << ", \"hydra_checkpoint\": " << quoted(l.dir)
-    << ", \"hydra_config\": " << quoted(l.man.config_text()) << "}";
+    << cli::json_string(std::to_string(l.man.step()))
+    << ", \"hydra_checkpoint\": " << cli::json_string(l.dir)
+    << ", \"hydra_config\": " << cli::json_string(l.man.config_text()) << "}";
   int64_t offset = 0;
   for (const auto& [name, t] : params) {
     const int64_t n = t.nbytes();
-    h << ", " << quoted(name) << ": {\"dtype\": \"" << st_name
+    h << ", " << cli::json_string(name) << ": {\"dtype\": \"" << st_name
       << "\", \"shape\": " << json_ints(t.shape()) << ", \"data_offsets\": [" << offset << ", "
       << offset + n << "]}";
     offset += n;

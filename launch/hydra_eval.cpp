@@ -28,33 +28,24 @@ std::string num(double v) {
   return os.str();
 }
 
-std::string quoted(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c;
-  }
-  return out + "\"";
-}
-
 std::string to_json(const trainer::EvalResult& r, const std::string& checkpoint, bool byte_level) {
   const double bits = r.loss / std::log(2.0);
   std::ostringstream os;
-  os << "{\"checkpoint\": " << quoted(checkpoint) << ", \"step\": " << r.step
-     << ", \"stage\": " << quoted(r.stage) << ", \"tokens\": " << r.tokens
+  os << "{\"checkpoint\": " << cli::json_string(checkpoint) << ", \"step\": " << r.step
+     << ", \"stage\": " << cli::json_string(r.stage) << ", \"tokens\": " << r.tokens
      << ", \"loss\": " << num(r.loss) << ", \"perplexity\": " << num(r.perplexity)
      << ", \"bits_per_token\": " << num(bits)
      << ", \"bits_per_byte\": " << (byte_level ? num(bits) : "null") << ", \"tasks\": {";
   bool first = true;
   for (int k = 0; k < data::kNumTasks; ++k) {
     if (r.answers[k] == 0) continue;
-    os << (first ? "" : ", ") << quoted(data::task_name(k))
+    os << (first ? "" : ", ") << cli::json_string(data::task_name(k))
        << ": {\"accuracy\": " << num(r.accuracy[k]) << ", \"chance\": " << num(r.chance[k])
        << ", \"answers\": " << r.answers[k] << ", \"levels\": {";
     const char* sep = "";
     for (int l = 0; l < data::kNumLevels; ++l) {
       if (r.level_answers[k][l] == 0) continue;
-      os << sep << quoted(data::level_name(k, l))
+      os << sep << cli::json_string(data::level_name(k, l))
          << ": {\"accuracy\": " << num(r.level_accuracy[k][l])
          << ", \"answers\": " << r.level_answers[k][l] << "}";
       sep = ", ";

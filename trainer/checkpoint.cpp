@@ -469,11 +469,19 @@ Expected<std::vector<StoredTensor>> stored_tensors(const config::CheckpointManif
   return out;
 }
 
-Expected<Tensor> read_stored_tensor(const std::string& dir, const StoredTensor& t) {
+struct StoredTensorReader::Files : RankFiles {
+  using RankFiles::RankFiles;
+};
+
+StoredTensorReader::StoredTensorReader(std::string dir)
+    : dir_(std::move(dir)), files_(std::make_unique<Files>(dir_)) {}
+
+StoredTensorReader::~StoredTensorReader() = default;
+
+Expected<Tensor> StoredTensorReader::read(const StoredTensor& t) {
   Tensor host = Tensor::empty(t.shape, t.dtype);
-  RankFiles files(dir);
-  HYDRA_RETURN_IF_ERROR(read_elements(dir, t.name, t.records, t.dtype, t.shape, 0, host.numel(),
-                                      files, host.raw_data()));
+  HYDRA_RETURN_IF_ERROR(read_elements(dir_, t.name, t.records, t.dtype, t.shape, 0, host.numel(),
+                                      *files_, host.raw_data()));
   return host;
 }
 

@@ -11,6 +11,7 @@
 // (resharding).
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -69,8 +70,20 @@ struct StoredTensor {
 // The manifest's tensors in the order it lists them; an error when its records disagree.
 Expected<std::vector<StoredTensor>> stored_tensors(const config::CheckpointManifest& man,
                                                    const std::string& dir);
-// One whole tensor on the host, every record's size and checksum checked and every element
-// covered exactly once.
-Expected<Tensor> read_stored_tensor(const std::string& dir, const StoredTensor& t);
+// Reads whole tensors of the checkpoint in `dir` onto the host, every record's size and checksum
+// checked and every element covered exactly once; each rank file is opened once.
+class StoredTensorReader {
+ public:
+  explicit StoredTensorReader(std::string dir);
+  ~StoredTensorReader();
+  StoredTensorReader(const StoredTensorReader&) = delete;
+  StoredTensorReader& operator=(const StoredTensorReader&) = delete;
+  Expected<Tensor> read(const StoredTensor& t);
+
+ private:
+  struct Files;
+  std::string dir_;
+  std::unique_ptr<Files> files_;
+};
 
 }  // namespace hydra::trainer

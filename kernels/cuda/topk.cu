@@ -191,36 +191,30 @@ void topk(const TopkParams& p) {
     const auto* x = static_cast<const T*>(p.x);
     auto* values = static_cast<T*>(p.values);
     auto* indices = static_cast<int64_t*>(p.indices);
+    // Rows in warps (8 a block): the bitonic sort up to 256 columns, else the repeated picks.
+    const auto blocks = static_cast<unsigned>((p.rows + kTopkWarpRows - 1) / kTopkWarpRows);
+    auto warp_rows = [&](auto kernel) {
+      kernel<<<blocks, 32 * kTopkWarpRows, 0, as_stream(p.stream)>>>(x, values, indices, p.rows,
+                                                                     p.cols, p.k);
+    };
     if (!std::is_same_v<T, double> && p.cols <= 32 * 8) {
-      const auto blocks = static_cast<unsigned>((p.rows + kTopkWarpRows - 1) / kTopkWarpRows);
-      auto launch = [&](auto items) {
-        topk_bitonic_kernel<T, decltype(items)::value>
-            <<<blocks, 32 * kTopkWarpRows, 0, as_stream(p.stream)>>>(x, values, indices, p.rows,
-                                                                     p.cols, p.k);
-      };
       if (p.cols <= 32)
-        launch(std::integral_constant<int, 1>{});
+        warp_rows(topk_bitonic_kernel<T, 1>);
       else if (p.cols <= 64)
-        launch(std::integral_constant<int, 2>{});
+        warp_rows(topk_bitonic_kernel<T, 2>);
       else if (p.cols <= 128)
-        launch(std::integral_constant<int, 4>{});
+        warp_rows(topk_bitonic_kernel<T, 4>);
       else
-        launch(std::integral_constant<int, 8>{});
+        warp_rows(topk_bitonic_kernel<T, 8>);
     } else if (p.cols <= 32 * 32) {
-      const auto blocks = static_cast<unsigned>((p.rows + kTopkWarpRows - 1) / kTopkWarpRows);
-      auto launch = [&](auto items) {
-        topk_warp_kernel<T, decltype(items)::value>
-            <<<blocks, 32 * kTopkWarpRows, 0, as_stream(p.stream)>>>(x, values, indices, p.rows,
-                                                                     p.cols, p.k);
-      };
       if (p.cols <= 32 * 4)
-        launch(std::integral_constant<int, 4>{});
+        warp_rows(topk_warp_kernel<T, 4>);
       else if (p.cols <= 32 * 8)
-        launch(std::integral_constant<int, 8>{});
+        warp_rows(topk_warp_kernel<T, 8>);
       else if (p.cols <= 32 * 16)
-        launch(std::integral_constant<int, 16>{});
+        warp_rows(topk_warp_kernel<T, 16>);
       else
-        launch(std::integral_constant<int, 32>{});
+        warp_rows(topk_warp_kernel<T, 32>);
     } else {
       topk_kernel<T><<<p.rows, row_threads(p.cols, 4), 0, as_stream(p.stream)>>>(x, values, indices,
                                                                                  p.cols, p.k);
