@@ -25,34 +25,15 @@ struct EvalTally {
         experts(experts),
         vocab(vocab),
         domain_experts(kDomains * blocks * experts, 0.0),
-        answer_seen(K * vocab, 0.0) {}
+        task(vocab) {}
 
   int64_t blocks, experts, vocab;
   double loss_sum = 0;  // the token losses
   double targets = 0;   // tokens with a target (the loss's denominator)
   double tokens = 0;
-  std::array<double, K> answers{}, correct{};
-  std::array<double, K * NL> level_answers{}, level_correct{};  // [task][level]
   // [domain][block][expert]: the domain's whole chunks routed to the expert.
   std::vector<double> domain_experts;
-  // [task][token]: > 0 where the token was the answer of some episode of the task (chance).
-  std::vector<double> answer_seen;
-
-  // A batch's answers against the model's top-1 predictions.
-  void count_answers(const data::Batch& b, const std::vector<int64_t>& pred) {
-    for (std::size_t t = 0; t < b.answer.size(); ++t) {
-      const int task = b.answer[t];
-      if (task < 0) continue;
-      const bool right = pred[t] == b.targets[t];
-      answers[task] += 1;
-      correct[task] += right;
-      if (const int level = b.level[t]; level >= 0 && level < NL) {
-        level_answers[task * NL + level] += 1;
-        level_correct[task * NL + level] += right;
-      }
-      if (b.targets[t] >= 0 && b.targets[t] < vocab) answer_seen[task * vocab + b.targets[t]] = 1;
-    }
-  }
+  AnswerTally task;
 
   // Per domain, the experts that block `blk`'s routing gave the domain's whole chunks.
   void count_routing(const data::Batch& b, int64_t blk, const model::MoeRouting& rt) {
@@ -72,8 +53,8 @@ struct EvalTally {
 
   void sum_over_ranks(const parallel::ProcessGrid& grid) {
     parallel::HostSum sums;
-    sums.add(loss_sum).add(targets).add(tokens).add(answers).add(correct);
-    sums.add(level_answers).add(level_correct).add(domain_experts).add(answer_seen);
+    sums.add(loss_sum).add(targets).add(tokens).add(task.answers).add(task.correct);
+    sums.add(task.level_answers).add(task.level_correct).add(domain_experts).add(task.seen);
     sums.sum(grid.distributed() ? &grid.world() : nullptr);
   }
 
@@ -83,15 +64,16 @@ struct EvalTally {
     r.perplexity = std::exp(r.loss);
     r.tokens = static_cast<int64_t>(tokens);
     for (int k = 0; k < K; ++k) {
-      r.answers[k] = static_cast<int64_t>(answers[k]);
-      r.accuracy[k] = answers[k] > 0 ? correct[k] / answers[k] : NAN;
+      const double n_k = task.answers[k];
+      r.answers[k] = static_cast<int64_t>(n_k);
+      r.accuracy[k] = n_k > 0 ? task.correct[k] / n_k : NAN;
       for (int64_t l = 0; l < NL; ++l) {
-        const double n_l = level_answers[k * NL + l];
+        const double n_l = task.level_answers[k * NL + l];
         r.level_answers[k][l] = static_cast<int64_t>(n_l);
-        r.level_accuracy[k][l] = n_l > 0 ? level_correct[k * NL + l] / n_l : NAN;
+        r.level_accuracy[k][l] = n_l > 0 ? task.level_correct[k * NL + l] / n_l : NAN;
       }
       int64_t distinct = 0;
-      for (int64_t v = 0; v < vocab; ++v) distinct += answer_seen[k * vocab + v] > 0;
+      for (int64_t v = 0; v < vocab; ++v) distinct += task.seen[k * vocab + v] > 0;
       r.chance[k] = distinct == 0 ? NAN : 1.0 / double(distinct);
     }
     // Purity: per block and domain, the most used expert's share of the domain's assignments.
@@ -115,6 +97,24 @@ struct EvalTally {
 };
 
 }  // namespace
+
+void AnswerTally::count(const data::Batch& b, const std::vector<int64_t>& predicted) {
+  HYDRA_CHECK(predicted.size() == b.targets.size() && b.answer.size() == b.targets.size())
+      << "AnswerTally: " << predicted.size() << " predictions, " << b.answer.size()
+      << " answer tags for " << b.targets.size() << " targets";
+  for (std::size_t t = 0; t < b.answer.size(); ++t) {
+    const int k = b.answer[t];
+    if (k < 0) continue;
+    const bool right = predicted[t] == b.targets[t];
+    answers[k] += 1;
+    correct[k] += right;
+    if (const int level = b.level[t]; level >= 0 && level < NL) {
+      level_answers[k * NL + level] += 1;
+      level_correct[k * NL + level] += right;
+    }
+    if (b.targets[t] >= 0 && b.targets[t] < vocab) seen[k * vocab + b.targets[t]] = 1;
+  }
+}
 
 Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   NoGradGuard ng;
@@ -146,7 +146,7 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
     for (int64_t t : b.targets) tally.targets += t != model::LanguageModel::kIgnoreIndex;
     tally.tokens += double(b.batch * b.len);
     const auto [best, idx] = topk(out.logits, 1);
-    tally.count_answers(b, idx.to_vector<int64_t>());
+    tally.task.count(b, idx.to_vector<int64_t>());
     if (stage.paths.moe_routing) {
       const std::vector<const model::MoeRouting*> routings = model_->routings();
       for (int64_t blk = 0; blk < blocks; ++blk) tally.count_routing(b, blk, *routings[blk]);

@@ -51,6 +51,20 @@ struct EvalResult {
   std::string stage;          // the curriculum stage whose paths and lengths it used
 };
 
+// Evaluation's count of task answers: at exactly the positions t whose target is an answer
+// (data::Batch::answer[t] >= 0), whether the prediction for t (the model's top-1 next token) is
+// that target; per task, per difficulty level, and which tokens were some task's answer (chance).
+struct AnswerTally {
+  explicit AnswerTally(int64_t vocab) : vocab(vocab), seen(data::kNumTasks * vocab, 0.0) {}
+  void count(const data::Batch& b, const std::vector<int64_t>& predicted);
+
+  int64_t vocab;
+  std::array<double, data::kNumTasks> answers{}, correct{};
+  std::array<double, data::kNumTasks * data::kNumLevels> level_answers{},
+      level_correct{};       // [task][level]
+  std::vector<double> seen;  // [task][token]: > 0 where the token answered an episode of the task
+};
+
 // The task accuracy table of a report (hydra-train's, hydra-eval's): a line per task that had
 // answers, its difficulty levels beside it; "" when no task had answers.
 std::string task_accuracy_table(const EvalResult& r);

@@ -13,6 +13,7 @@
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 #include "trainer/schedule.h"
+#include "trainer/trainer.h"
 
 namespace hydra::trainer {
 namespace {
@@ -30,6 +31,123 @@ TEST(Schedule, WarmupThenCosineLinearConstant) {
   EXPECT_NEAR(scheduled_lr(s, 35, 110), 1.0 - 0.9 * 0.25, 1e-12);
   s.set_kind(config::LrSchedule::CONSTANT);
   EXPECT_DOUBLE_EQ(scheduled_lr(s, 100, 110), 1.0);
+}
+
+// Evaluation counts a task's answer at exactly the positions t whose target (the token after t) is
+// an answer. The loader's tags are checked against the text itself (each task's grammar,
+// data/synthetic.h): a chaining or distant answer follows "?x=", a recall answer "?xy:", a factual
+// answer is what follows '=' and a copying answer what follows '|' on their lines, and a mixture
+// answer ends its line; no other target is an answer. Then AnswerTally: predictions equal to the
+// targets score every answer, predictions wrong at exactly the answer positions score none, and
+// wrong everywhere else still all; predictions one position late or early score few.
+TEST(Evaluation, CountsAnswersExactlyWhereTheTargetIsAnAnswer) {
+  auto src = std::make_shared<data::SyntheticSource>(config::SyntheticConfig());
+  const int64_t len = 4096, batch = 4;
+  data::Loader loader(src, {.seed = 3,
+                            .global_batch = batch,
+                            .first = 0,
+                            .count = batch,
+                            .seq_len = len,
+                            .prefetch = 0,
+                            .split = data::Split::kEval});
+  const Expected<data::Batch> got = loader.get(0);
+  ASSERT_TRUE(got.ok()) << got.status().message();
+  const data::Batch& b = *got;
+  using data::Task;
+  std::array<int64_t, data::kNumTasks> tagged{};
+  int64_t checked = 0;
+  for (int64_t s = 0; s < batch; ++s) {
+    // The sequence's text: its tokens and the last target; target t is text[t + 1].
+    std::string text;
+    for (int64_t t = 0; t < len; ++t) text += static_cast<char>(b.tokens[s * len + t]);
+    text += static_cast<char>(b.targets[s * len + len - 1]);
+    const std::size_t first_line = text.find('\n') + 1;  // the sequence may start mid-line
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t i = s * len + t;
+      const std::size_t j = static_cast<std::size_t>(t) + 1;
+      ASSERT_EQ(b.targets[i], static_cast<unsigned char>(text[j]));
+      if (b.answer[i] >= 0) ++tagged[b.answer[i]];
+      if (j < first_line || text[j] == '\n') {
+        if (j >= first_line) {
+          EXPECT_EQ(b.answer[i], -1) << "a line end tagged at " << t;
+        }
+        continue;
+      }
+      const std::size_t start = text.rfind('\n', j - 1) + 1;
+      const std::string line = text.substr(start, text.find('\n', j) - start);
+      const std::size_t at = j - start;  // the target's offset in its line
+      const std::string before = line.substr(0, at);
+      int expected = -1;
+      switch (line[0]) {
+        case 'H':
+        case 'Q':
+          if (at >= 3 && line[at - 1] == '=' && line[at - 3] == '?')
+            expected = static_cast<int>(line[0] == 'H' ? Task::kChaining : Task::kDistant);
+          break;
+        case 'R':
+        case 'T':
+          if (at >= 4 && line[at - 1] == ':' && line[at - 4] == '?')
+            expected = static_cast<int>(Task::kRecall);
+          break;
+        case 'F':
+          if (before.find('=') != std::string::npos) expected = static_cast<int>(Task::kFactual);
+          break;
+        case 'C':
+          if (before.find('|') != std::string::npos) expected = static_cast<int>(Task::kCopying);
+          break;
+        case 'M':
+          // A mixture answer is the line's tail: tagged here, then every target to the line's end.
+          if (b.answer[i] >= 0) {
+            EXPECT_EQ(b.answer[i], static_cast<int>(Task::kMixture)) << line;
+            if (t + 1 < len && text[j + 1] != '\n') {
+              EXPECT_EQ(b.answer[i + 1], b.answer[i]) << line;
+            }
+          }
+          ++checked;
+          continue;
+        default:
+          break;
+      }
+      EXPECT_EQ(b.answer[i], expected) << "target " << t << " of sequence " << s << " in \"" << line
+                                       << "\" (offset " << at << ")";
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, batch * len * 9 / 10);
+  for (int k = 0; k < data::kNumTasks; ++k) EXPECT_GT(tagged[k], 0) << data::task_name(k);
+
+  // The tally of predictions against those positions.
+  auto tally = [&](const std::vector<int64_t>& predicted) {
+    AnswerTally a(data::SyntheticTasks::kVocab);
+    a.count(b, predicted);
+    return a;
+  };
+  const AnswerTally exact = tally(b.targets);
+  std::vector<int64_t> wrong_answers = b.targets, wrong_elsewhere = b.targets;
+  for (std::size_t i = 0; i < b.targets.size(); ++i)
+    (b.answer[i] >= 0 ? wrong_answers : wrong_elsewhere)[i] = (b.targets[i] + 1) % 128;
+  const AnswerTally none = tally(wrong_answers), all = tally(wrong_elsewhere);
+  std::vector<int64_t> late(b.targets.size()), early(b.targets.size());
+  for (std::size_t i = 0; i < b.targets.size(); ++i) {
+    late[i] = i > 0 ? b.targets[i - 1] : 0;
+    early[i] = i + 1 < b.targets.size() ? b.targets[i + 1] : 0;
+  }
+  const AnswerTally shifted_late = tally(late), shifted_early = tally(early);
+  for (int k = 0; k < data::kNumTasks; ++k) {
+    SCOPED_TRACE(data::task_name(k));
+    EXPECT_EQ(exact.answers[k], double(tagged[k]));
+    EXPECT_EQ(exact.correct[k], exact.answers[k]);
+    EXPECT_EQ(none.correct[k], 0);
+    EXPECT_EQ(all.correct[k], all.answers[k]);
+    EXPECT_LT(shifted_late.correct[k], 0.5 * exact.answers[k]);
+    EXPECT_LT(shifted_early.correct[k], 0.5 * exact.answers[k]);
+    double levels = 0;
+    for (int l = 0; l < data::kNumLevels; ++l)
+      levels += exact.level_answers[k * data::kNumLevels + l];
+    const bool leveled =
+        k != static_cast<int>(Task::kFactual) && k != static_cast<int>(Task::kCopying);
+    EXPECT_EQ(levels, leveled ? exact.answers[k] : 0.0);
+  }
 }
 
 TEST(Crc32c, KnownVectorsAndMasking) {
