@@ -32,9 +32,10 @@ __device__ __forceinline__ void warp_transpose_sum(A* v, int lane) {
 }
 
 // Scratch of the backward, in accumulate-type elements.
-// Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub + 1
-// slots of NMAX states for each of kThreads threads): the largest power of two within 72 KB (3
-// blocks per SM fit), at least one step. 4-byte types: 8 steps at 16 states (72 KB), 16 at 8.
+// Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub
+// slots of NMAX states for each of kThreads threads): the largest power of two with kSub + 1 slots
+// within 72 KB (3 blocks per SM fit), at least one step. 4-byte types: 8 steps at 16 states (64
+// KB), 16 at 8.
 constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes) {
   const int slot = nmax * kThreads * acc_bytes;
   int steps = 1;
@@ -42,7 +43,7 @@ constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes) {
   return steps;
 }
 constexpr size_t scan_bwd_smem(int nmax, int acc_bytes) {
-  return size_t(scan_bwd_sub_steps(nmax, acc_bytes) + 1) * nmax * kThreads * acc_bytes;
+  return size_t(scan_bwd_sub_steps(nmax, acc_bytes)) * nmax * kThreads * acc_bytes;
 }
 
 struct BwdScratch {
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   constexpr int kSub = scan_bwd_sub_steps(NMAX, sizeof(A));
   extern __shared__ unsigned char smem_raw[];
   A* hsm = reinterpret_cast<A*>(
-      smem_raw);  // [kSub + 1][NMAX][kThreads]: states before each step, and after
+      smem_raw);  // [kSub][NMAX][kThreads]: the state before each step of the sub-chunk
   auto at = [&](int slot, int n) -> A& { return hsm[(slot * NMAX + n) * kThreads + threadIdx.x]; };
   // The sub-chunk's B and C, shared by the block's channels (one 16-byte load per four states).
   __shared__ __align__(16) A Bt[kSub][NMAX];
@@ -224,6 +225,7 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   auto recompute = [&](A(&h)[NMAX], int64_t t0, int64_t t1, auto&& visit) {
     A raw_next = 0, u_next = 0;
     auto load_step = [&](int64_t t) {
+      if (!live) return;  // zero inputs (the walk below)
       const int64_t r = b * L + t;
       raw_next = in.raw(r, d, bias);
       u_next = in.u(r, d);
@@ -268,34 +270,30 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
   for (int64_t k = subs - 1; k >= 0; --k) {
     const int64_t t0 = cs + k * kSub, t1 = min(ce, t0 + kSub);
     stage(2 * subs - 2 - k);
-    if (live) {  // at(s) = the state before step t0 + s, for s = 0 .. t1 - t0 (the last: after
-                 // step t1 - 1)
+    // at(s) = the state before step t0 + s; h ends as the state after the sub-chunk's last step.
+    // Every thread runs it: one past the channels (!live) has zero inputs (u, gy, z, its states),
+    // so that all its values stay zero and finite, and the loops below need no per-state branch.
 #pragma unroll
-      for (int n = 0; n < NMAX; ++n) h[n] = n < N ? ckpt[(k * N + n) * cols + col] : A(0);
-      recompute(h, t0, t1, [&](int sidx, const A(&hv)[NMAX]) {
+    for (int n = 0; n < NMAX; ++n) h[n] = live && n < N ? ckpt[(k * N + n) * cols + col] : A(0);
+    recompute(h, t0, t1, [&](int sidx, const A(&hv)[NMAX]) {
 #pragma unroll
-        for (int n = 0; n < NMAX; ++n) at(sidx, n) = hv[n];
-      });
-#pragma unroll
-      for (int n = 0; n < NMAX; ++n) at(static_cast<int>(t1 - t0), n) = h[n];
-    }
+      for (int n = 0; n < NMAX; ++n) at(sidx, n) = hv[n];
+    });
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t r = b * L + t;
       const int sidx = static_cast<int>(t - t0);
-      A g = g_n, ut = u_n, dl = 0, dsig = 0, raw = raw_n, zt = z_n;
+      A g = g_n, ut = u_n, dsig = 0, raw = raw_n, zt = z_n;
       load_inputs(t - 1);
-      if (live) {
-        dl = softplus(raw);
-        dsig = raw > A(20) ? A(1) : sigmoid(raw);
-        if (p.z) {
-          A y_pre = Dd * ut;
+      const A dl = softplus_and_sigmoid(raw, &dsig);
+      if (p.z) {
+        A y_pre = Dd * ut;  // h: the state after this step
 #pragma unroll
-          for (int n = 0; n < NMAX; ++n)
-            if (n < N) y_pre += Ct[sidx][n] * at(sidx + 1, n);
-          const A sg = sigmoid(zt);
+        for (int n = 0; n < NMAX; ++n)
+          if (n < N) y_pre += Ct[sidx][n] * h[n];
+        const A sg = sigmoid(zt);
+        if (live)
           static_cast<T*>(q.gz)[r * D + d] = convert<T>(g * y_pre * sg * (A(1) + zt * (A(1) - sg)));
-          g *= zt * sg;
-        }
+        g *= zt * sg;
       }
       gD += g * ut;
       // Per state, with G' = G + C g and X = G' a h_prev: gB = G' dl u, gC = g h, gA += dl X,
@@ -313,11 +311,12 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
         for (int j = 0; j < kGroup; ++j) {
           const int n = n0 + j;
           gb[j] = gc[j] = 0;
-          if (live && n < N) {
+          if (n < N) {
             const A Bn = Bt[sidx][n], Cn = Ct[sidx][n];
             const A an = exp2_scaled(dl * Ad[n]), Gn = G[n] + Cn * g;
-            const A X = Gn * an * at(sidx, n);
-            gc[j] = g * at(sidx + 1, n);
+            const A hp = at(sidx, n), X = Gn * an * hp;  // hp: the state before this step
+            gc[j] = g * h[n];
+            h[n] = hp;  // the previous step's state after it
             gb[j] = Gn * dlu;
             GB += Gn * Bn;
             XA += Ad[n] * X;

@@ -46,6 +46,13 @@ struct ScanIn {
   }
 };
 
+// delta = softplus(raw) and its derivative sigmoid(raw). Double precision (tests) uses the libm
+// functions. Single precision runs on the special-function units (ex2, lg2, rcp: about 14
+// instructions instead of log1pf's and expf's 40; each (step, channel) evaluates it up to six
+// times over the scan's passes): softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1],
+// with log1p(e) = lg2(1 + e) ln2 for e >= 1/32 and e - e^2/2 + e^3/3 - e^4/4 below, where 1 + e
+// would round e's low bits away (the series' error is under e^5/5: 2e-7 relative at 1/32). Errors
+// are about 1e-7 of the result, far below the bf16 inputs' 4e-3.
 template <class A>
 __device__ A softplus(A raw) {
   return raw > A(20) ? raw : log1p(exp(raw));
@@ -53,6 +60,26 @@ __device__ A softplus(A raw) {
 template <class A>
 __device__ A sigmoid(A v) {
   return A(1) / (A(1) + exp(-v));
+}
+template <class A>
+__device__ A softplus_and_sigmoid(A raw, A* sig) {
+  *sig = raw > A(20) ? A(1) : sigmoid(raw);
+  return softplus(raw);
+}
+__device__ __forceinline__ float softplus_and_sigmoid(float x, float* sig) {
+  const float e = exp2_ftz(-fabsf(x) * 1.4426950408889634f), one_e = 1.0f + e;
+  const float series = e * (1.0f + e * (-0.5f + e * (1.0f / 3.0f - 0.25f * e)));
+  const float log1p_e = e < 0.03125f ? series : __log2f(one_e) * 0.6931471805599453f;
+  const float r = __fdividef(1.0f, one_e);
+  *sig = x >= 0.0f ? r : e * r;
+  return fmaxf(x, 0.0f) + log1p_e;
+}
+__device__ __forceinline__ float softplus(float x) {
+  float unused;
+  return softplus_and_sigmoid(x, &unused);
+}
+__device__ __forceinline__ float sigmoid(float v) {
+  return __fdividef(1.0f, 1.0f + exp2_ftz(-v * 1.4426950408889634f));
 }
 
 // The thread's place: channel d, chunk c (blockIdx.y) of batch b (b0 + blockIdx.z), steps [cs, ce).
