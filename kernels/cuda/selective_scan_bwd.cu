@@ -32,14 +32,22 @@ __device__ __forceinline__ void warp_transpose_sum(A* v, int lane) {
 }
 
 // Scratch of the backward, in accumulate-type elements.
+// Blocks per SM the backward asks the compiler to fit: up to 16 states in single precision, 4 (at
+// most 128 registers, no spills; H200, toy shapes, forward + backward: 1.95 ms against 2.04 with
+// 3 blocks of 168 registers and 1.98 with 5 of 96, which spill); more states, or double precision
+// (tests), leave the compiler free.
+constexpr int scan_bwd_blocks(int nmax, int acc_bytes) {
+  return acc_bytes == 4 && nmax <= 16 ? 4 : 1;
+}
 // Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub
-// slots of NMAX states for each of kThreads threads): the largest power of two with kSub + 1 slots
-// within 72 KB (3 blocks per SM fit), at least one step. 4-byte types: 8 steps at 16 states (64
-// KB), 16 at 8.
+// slots of NMAX states for each of kThreads threads): the largest power of two within 50 KB when 4
+// blocks share an SM (64 KB otherwise), one tile element per thread (kSub * NMAX <= kThreads).
+// Single precision: 4 steps at 16 states, 8 at 8, 64 at 1 (32 KB each).
 constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes) {
   const int slot = nmax * kThreads * acc_bytes;
+  const int budget = (scan_bwd_blocks(nmax, acc_bytes) == 4 ? 50 : 64) * 1024;
   int steps = 1;
-  while ((2 * steps + 1) * slot <= 72 * 1024) steps *= 2;
+  while (2 * steps * slot <= budget && 2 * steps * nmax <= kThreads) steps *= 2;
   return steps;
 }
 constexpr size_t scan_bwd_smem(int nmax, int acc_bytes) {
@@ -61,8 +69,8 @@ BwdScratch scratch_of(const SelectiveScanParams& p) {
   const int64_t blocks = (p.dim + kThreads - 1) / kThreads, warps = blocks * (kThreads / 32);
   const int64_t cl = std::min(p.chunk_len, p.len), nc = ssm_num_chunks(p.len, p.chunk_len);
   const int64_t a = p.dtype == DType::kF64 ? 8 : 4;
-  const int64_t subs = (cl + scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a)) - 1) /
-                       scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a));
+  const int64_t sub = scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a));
+  const int64_t subs = (cl + sub - 1) / sub;
   const int64_t per_batch = subs * p.state * nc * p.dim;
   const int64_t slice =
       std::clamp<int64_t>(kStateScratchBytes / (a * std::max<int64_t>(per_batch, 1)), 1, p.batch);
@@ -131,24 +139,17 @@ __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <
 }
 
 // Backward pass 3, batch entries b0.. of a slice. A thread walks its chunk's steps backward from
-// the G entering it; the states it needs (before and after each step) are recomputed a sub-chunk of
-// kSub steps at a time into shared memory, from checkpoints: a first pass over the chunk stores the
-// state entering each sub-chunk in the scratch ([sub-chunk][state][thread column]). Shared memory
-// is the thread's own ([slot][state][thread]: no bank conflicts, no barriers); the scratch holds 1
-// state per kSub steps instead of every step's (toy shapes: 0.2 GB instead of 1.6 GB written and
-// read again). Blocks per SM the backward asks the compiler to fit: up to 16 states, 3 (at most 168
-// registers, no spills; 1.3x faster than the 184 registers and 2 blocks it takes unbounded, H200);
-// 4 for up to 8. Double precision (tests) leaves the compiler free.
-template <class T, int NMAX>
-constexpr int scan_bwd_min_blocks() {
-  return sizeof(compute_t<T>) > 4 ? 1 : NMAX <= 8 ? 4 : NMAX <= 16 ? 3 : 1;
-}
-
+// the G entering it; the states it needs (before each step; the one after it is the previous
+// step's, kept in registers) are recomputed a sub-chunk of kSub steps at a time into shared memory,
+// from checkpoints: a first pass over the chunk stores the state entering each sub-chunk in the
+// scratch ([sub-chunk][state][thread column]). Shared memory is the thread's own
+// ([slot][state][thread]: no bank conflicts, no barriers); the scratch holds 1 state per kSub
+// steps instead of every step's (toy shapes: 0.4 GB instead of 1.6 GB written and read again).
 // One kernel of about 200 lines on purpose: the checkpoint pass, the recomputation and the
 // backward walk share the thread's states in registers and its shared memory; its lambdas
 // (fetch, stage, recompute, load_inputs) name the parts.
 template <class T, int NMAX, bool FULL>
-__global__ void __launch_bounds__(kThreads, (scan_bwd_min_blocks<T, NMAX>()))
+__global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(compute_t<T>))))
     scan_bwd_kernel(SelectiveScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc,
                     compute_t<T>* __restrict ws) {
   using A = compute_t<T>;
