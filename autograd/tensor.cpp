@@ -61,6 +61,18 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
   return Tensor(std::move(impl));
 }
 
+Tensor Tensor::empty_pinned(const Shape& shape, DType dtype) {
+  if (!cuda_available()) return empty(shape, dtype);
+  for (int64_t s : shape) HYDRA_CHECK(s >= 0) << "negative size in shape " << shape_str(shape);
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = std::make_shared<StorageImpl>(shape_numel(shape) * dtype_size(dtype),
+                                                cuda_pinned_allocator(), true);
+  impl->shape = shape;
+  impl->strides = contiguous_strides(shape);
+  impl->dtype = dtype;
+  return Tensor(std::move(impl));
+}
+
 Tensor Tensor::view_of(Storage storage, int64_t offset, Shape shape, Shape strides, DType dtype) {
   auto impl = std::make_shared<TensorImpl>();
   impl->storage = std::move(storage);
@@ -230,6 +242,25 @@ Tensor Tensor::pin_memory() const {
   Tensor out(std::move(impl));
   if (c.numel() > 0) std::memcpy(out.raw_data(), c.raw_data(), c.nbytes());
   return out;
+}
+
+void copy_to_host(const Tensor& src, const Tensor& dst) {
+  HYDRA_CHECK(dst.device().is_cpu() && dst.is_contiguous() && dst.shape() == src.shape() &&
+              dst.dtype() == src.dtype())
+      << "copy_to_host: the destination must be a contiguous host tensor of "
+      << shape_str(src.shape()) << " " << dtype_name(src.dtype());
+  const Tensor s = src.detach().contiguous();
+  if (s.numel() == 0) return;
+  if (s.device().is_cpu()) {
+    std::memcpy(dst.raw_data(), s.raw_data(), s.nbytes());
+    return;
+  }
+#if HYDRA_WITH_CUDA
+  void* stream = current_stream(s.device());
+  kernels::cuda::memcpy_async(dst.raw_data(), s.raw_data(), s.nbytes(),
+                              kernels::cuda::CopyKind::kDeviceToHost, stream);
+  kernels::cuda::stream_synchronize(stream);
+#endif
 }
 
 bool Tensor::is_pinned() const { return defined() && storage() && storage()->pinned(); }

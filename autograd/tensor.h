@@ -71,6 +71,9 @@ class Tensor {
 
   // A new tensor over fresh storage (uninitialised).
   static Tensor empty(const Shape& shape, DType dtype = DType::kF32, Device device = Device::cpu());
+  // Uninitialized page-locked host memory (copies from a GPU into it run at full speed, without
+  // the driver's staging); plain host memory when no CUDA device is present.
+  static Tensor empty_pinned(const Shape& shape, DType dtype = DType::kF32);
   // A view of `storage` (no copy).
   static Tensor view_of(Storage storage, int64_t offset, Shape shape, Shape strides, DType dtype);
 
@@ -188,6 +191,11 @@ struct SparseRows {
   // does not wait for the device in the middle of the backward).
   std::function<void(SparseRows&)> pending;
 };
+
+// Copies `src` (any device) into `dst`, a contiguous host tensor of src's shape and dtype, and
+// returns when it is there. From a GPU into page-locked memory (Tensor::empty_pinned) the copy runs
+// without a staging buffer (checkpoint snapshots).
+void copy_to_host(const Tensor& src, const Tensor& dst);
 
 // A tensor holding `values` (copied) on `device`.
 // dst[i].copy_(src[i]) for every i (same shapes): pairs that are contiguous and on one device go

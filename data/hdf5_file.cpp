@@ -1,5 +1,6 @@
 #include "data/hdf5_file.h"
 
+#include <algorithm>
 #include <filesystem>
 
 namespace hydra::data {
@@ -80,19 +81,45 @@ Expected<Hdf5File> Hdf5File::open_read(const std::string& path) {
 
 Status Hdf5File::write(const std::string& name, Hdf5Type type, const std::vector<int64_t>& shape,
                        const void* data) {
-  const auto lock = hdf5_lock();
+  auto lock = hdf5_lock();
   const std::vector<hsize_t> dims =
       shape.empty() ? std::vector<hsize_t>{1} : std::vector<hsize_t>(shape.begin(), shape.end());
   Hdf5Handle space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
   if (!space.valid()) return io_error(path_ + ": cannot describe dataset " + name);
   Hdf5Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
   H5Pset_create_intermediate_group(lcpl.get(), 1);
-  Hdf5Handle ds(H5Dcreate2(file_.get(), name.c_str(), native(type), space.get(), lcpl.get(),
+  const hid_t mem_type = native(type);
+  Hdf5Handle ds(H5Dcreate2(file_.get(), name.c_str(), mem_type, space.get(), lcpl.get(),
                            H5P_DEFAULT, H5P_DEFAULT),
                 H5Dclose);
   if (!ds.valid()) return io_error(path_ + ": cannot create dataset " + name);
-  if (H5Dwrite(ds.get(), native(type), H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
-    return io_error(path_ + ": cannot write dataset " + name + " (disk full?)");
+  // Slabs of whole rows of at most kSlabBytes, the lock released between them: a large tensor
+  // written by a background checkpoint does not hold up the data loader's reads for its whole
+  // write. (HDF5 serializes every call: the library is not thread-safe.)
+  constexpr hsize_t kSlabBytes = hsize_t{64} << 20;
+  const hsize_t elem = H5Tget_size(mem_type), rows = dims[0];
+  hsize_t row_elems = 1;
+  for (std::size_t d = 1; d < dims.size(); ++d) row_elems *= dims[d];
+  const hsize_t step = std::max<hsize_t>(1, kSlabBytes / std::max<hsize_t>(1, row_elems * elem));
+  for (hsize_t r0 = 0; r0 < rows; r0 += step) {
+    if (r0 > 0) lock.lock();
+    std::vector<hsize_t> start(dims.size(), 0), count = dims;
+    start[0] = r0;
+    count[0] = std::min(step, rows - r0);
+    Hdf5Handle file_space(H5Dget_space(ds.get()), H5Sclose);
+    Hdf5Handle mem_space(H5Screate_simple(static_cast<int>(count.size()), count.data(), nullptr),
+                         H5Sclose);
+    if (!file_space.valid() || !mem_space.valid() ||
+        H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start.data(), nullptr, count.data(),
+                            nullptr) < 0)
+      return io_error(path_ + ": cannot select rows of dataset " + name);
+    const auto* rows_at = static_cast<const char*>(data) + r0 * row_elems * elem;
+    if (H5Dwrite(ds.get(), mem_type, mem_space.get(), file_space.get(), H5P_DEFAULT, rows_at) < 0)
+      return io_error(path_ + ": cannot write dataset " + name + " (disk full?)");
+    file_space.reset();
+    mem_space.reset();
+    if (r0 + step < rows) lock.unlock();
+  }
   return ok_status();
 }
 

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <string>
 
 #include "autograd/profiler.h"
 #include "configs/config_io.h"
@@ -38,9 +39,24 @@ void print_report(const trainer::TrainSummary& s) {
   std::fputs(trainer::task_accuracy_table(s.eval).c_str(), stdout);
   if (std::isfinite(s.eval.routing_purity))
     std::printf("  expert routing purity on mixture domains: %.2f\n", s.eval.routing_purity);
-  std::printf("  checkpoint  %s\n  metrics     %s (TensorBoard: %s/tb)\n",
-              s.checkpoint.empty() ? "none written" : s.checkpoint.c_str(), s.metrics.c_str(),
-              s.run_dir.c_str());
+  std::printf("  checkpoint  %s\n", s.checkpoint.empty() ? "none written" : s.checkpoint.c_str());
+  if (!s.save_stall_s.empty()) {  // each save's stall, or their median and maximum
+    std::string each;
+    char buf[32];
+    for (std::size_t i = 0; i < s.save_stall_s.size() && s.save_stall_s.size() <= 8; ++i) {
+      std::snprintf(buf, sizeof buf, "%s%.2f", i ? ", " : "", s.save_stall_s[i]);
+      each += buf;
+    }
+    std::vector<double> v = s.save_stall_s;
+    std::sort(v.begin(), v.end());
+    if (each.empty()) {
+      std::snprintf(buf, sizeof buf, "median %.2f, max %.2f", v[v.size() / 2], v.back());
+      each = buf;
+    }
+    std::printf("  saves       %zu in this leg; training held up (s): %s\n", v.size(),
+                each.c_str());
+  }
+  std::printf("  metrics     %s (TensorBoard: %s/tb)\n", s.metrics.c_str(), s.run_dir.c_str());
 }
 
 // hydra-train's options, and the --help text above them.

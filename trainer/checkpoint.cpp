@@ -4,12 +4,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <thread>
 
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
@@ -242,68 +245,153 @@ std::string CheckpointManager::checkpoint_dir(int64_t step) const {
   return (fs::path(root_) / name).string();
 }
 
-// The publish protocol, its steps numbered in the body (about 110 lines): every rank must take them
-// in this order, each step agreed on by all ranks before the next, so they stay in one function
-// where the order can be read and checked.
+// A save between begin_save and finish_save: what the background thread writes, and what rank 0
+// needs to publish it.
+struct CheckpointManager::Pending {
+  std::string tmp_dir, final_dir;
+  TrainState state;
+  std::string config_text;
+  struct Owned {
+    std::string name;
+    Tensor host;  // this rank's copy, taken at begin_save
+  };
+  std::vector<Owned> owned;
+  config::CheckpointManifest mine;  // this rank's records; checksums filled in by the writer
+  Status status = ok_status();      // the writer's
+  std::atomic<bool> done{false};
+  std::thread writer;
+};
+
+CheckpointManager::~CheckpointManager() {
+  if (pending_ && pending_->writer.joinable()) pending_->writer.join();
+}
+
+bool CheckpointManager::written() const { return pending_ == nullptr || pending_->done.load(); }
+
 Expected<std::string> CheckpointManager::save(const TrainState& state,
                                               const config::RunConfig& resolved,
                                               const model::LanguageModel& model,
                                               const AdamW& optimizer,
-                                              const parallel::ProcessGrid& grid) const {
-  const std::string final_dir = checkpoint_dir(state.step), tmp_dir = final_dir + ".tmp";
+                                              const parallel::ProcessGrid& grid) {
+  HYDRA_RETURN_IF_ERROR(begin_save(state, resolved, model, optimizer, grid).status());
+  return finish_save(grid);
+}
+
+// The publish protocol, its steps numbered in begin_save and finish_save: every rank must take them
+// in this order, each agreed on by all ranks before the next.
+Expected<CheckpointManager::Snapshot> CheckpointManager::begin_save(
+    const TrainState& state, const config::RunConfig& resolved, const model::LanguageModel& model,
+    const AdamW& optimizer, const parallel::ProcessGrid& grid) {
+  using Clock = std::chrono::steady_clock;
+  auto seconds = [](Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+  };
+  Snapshot snap;
+  const auto t_wait = Clock::now();
+  if (pending_) HYDRA_RETURN_IF_ERROR(finish_save(grid).status());
+  snap.waited_s = seconds(t_wait);
+  auto job = std::make_unique<Pending>();
+  job->final_dir = checkpoint_dir(state.step);
+  job->tmp_dir = job->final_dir + ".tmp";
+  job->state = state;
+  job->config_text = config::to_text(resolved);
   const bool lead = grid.world().rank() == 0;
   std::error_code ec;
   // 1. Rank 0 prepares the temporary directory.
   Status st = ok_status();
   if (lead) {
     fs::create_directories(root_, ec);
-    fs::remove_all(tmp_dir, ec);
-    if (!fs::create_directories(tmp_dir, ec))
-      st = io_error(tmp_dir + ": cannot create (" + ec.message() + ")");
+    fs::remove_all(job->tmp_dir, ec);
+    if (!fs::create_directories(job->tmp_dir, ec))
+      st = io_error(job->tmp_dir + ": cannot create (" + ec.message() + ")");
   }
   HYDRA_RETURN_IF_ERROR(agree(st, grid));
 
-  // 2. Every rank writes the tensors it owns into its own file and describes them.
+  // 2. Every rank copies the tensors it owns to host memory (buffers kept from save to save) and
+  // describes them (the checksums follow from the copies). CPU tensors are copied too: training
+  // updates them in place meanwhile.
   const std::string file = rank_file(grid.world().rank());
-  config::CheckpointManifest mine;
-  st = [&]() -> Status {
-    std::vector<const Entry*> owned;
-    std::vector<Placement> where;
+  {
+    NoGradGuard ng;
     const std::vector<Entry> entries = checkpoint_tensors(model, optimizer);
     for (const Entry& e : entries) {
-      Placement p = place(e, grid);
-      if (!p.write) continue;
-      owned.push_back(&e);
-      where.push_back(std::move(p));
-    }
-    if (owned.empty()) return ok_status();
-    HYDRA_ASSIGN_OR_RETURN(data::Hdf5File f,
-                           data::Hdf5File::create((fs::path(tmp_dir) / file).string()));
-    NoGradGuard ng;
-    for (std::size_t i = 0; i < owned.size(); ++i) {
-      const Entry& e = *owned[i];
-      const Tensor c = e.tensor.detach().contiguous().cpu();
-      HYDRA_RETURN_IF_ERROR(f.write(e.name, h5_type(c.dtype()), c.shape(), c.raw_data()));
-      auto* rec = mine.add_tensor();
+      const Placement where = place(e, grid);
+      if (!where.write) continue;
+      const Tensor d = e.tensor.detach();
+      Tensor& c = staging_[e.name];
+      if (!c.defined() || c.shape() != d.shape() || c.dtype() != d.dtype()) {
+        const auto t_alloc = Clock::now();
+        c = d.device().is_cpu() ? Tensor::empty(d.shape(), d.dtype())
+                                : Tensor::empty_pinned(d.shape(), d.dtype());
+        snap.alloc_s += seconds(t_alloc);
+      }
+      const auto t_copy = Clock::now();
+      copy_to_host(d, c);
+      snap.copy_s += seconds(t_copy);
+      snap.bytes += static_cast<double>(c.nbytes());
+      auto* rec = job->mine.add_tensor();
       rec->set_name(e.name);
-      for (const int64_t d : c.shape()) rec->add_shape(d);
-      for (std::size_t d = 0; d < where[i].full.size(); ++d) rec->add_full_shape(where[i].full[d]);
+      for (const int64_t n : c.shape()) rec->add_shape(n);
+      for (const int64_t n : where.full) rec->add_full_shape(n);
       if (e.range) {
-        rec->set_flat_offset(where[i].flat);
+        rec->set_flat_offset(where.flat);
       } else {
-        for (std::size_t d = 0; d < c.shape().size(); ++d)
-          rec->add_offset(d == 0 ? where[i].offset : 0);
+        for (std::size_t k = 0; k < c.shape().size(); ++k)
+          rec->add_offset(k == 0 ? where.offset : 0);
       }
       rec->set_dtype(std::string(dtype_name(c.dtype())));
       rec->set_file(file);
-      rec->set_crc32c(crc32c(c.raw_data(), static_cast<std::size_t>(c.nbytes())));
+      job->owned.push_back({e.name, c});
     }
-    return f.flush();
-  }();
-  HYDRA_RETURN_IF_ERROR(agree(st, grid));
+  }
+  // 3. The background thread writes this rank's file (training goes on).
+  Pending* p = job.get();
+  const std::string path = (fs::path(job->tmp_dir) / file).string();
+  p->writer = std::thread([p, path, step = state.step] {
+    p->status = [&]() -> Status {
+      try {
+        if (p->owned.empty()) return ok_status();
+        if (const char* ms = std::getenv("HYDRA_TEST_SLOW_WRITE_MS"))  // tests: a slow disk
+          std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(ms)));
+        HYDRA_ASSIGN_OR_RETURN(data::Hdf5File f, data::Hdf5File::create(path));
+        for (std::size_t i = 0; i < p->owned.size(); ++i) {
+          const Tensor& c = p->owned[i].host;
+          HYDRA_RETURN_IF_ERROR(
+              f.write(p->owned[i].name, h5_type(c.dtype()), c.shape(), c.raw_data()));
+          p->mine.mutable_tensor(static_cast<int>(i))
+              ->set_crc32c(crc32c(c.raw_data(), static_cast<std::size_t>(c.nbytes())));
+          // Fault injection (tests): the process dies while the checkpoint of the step named is
+          // being written (its first tensor written, the rest not).
+          if (const char* at = std::getenv("HYDRA_FAULT_EXIT_DURING_WRITE");
+              i == 0 && at != nullptr && std::atoll(at) == step)
+            ::_exit(137);
+        }
+        return f.flush();
+      } catch (const std::exception& e) {
+        return io_error(path + ": " + e.what());
+      }
+    }();
+    p->owned.clear();  // the host copies are no longer needed
+    p->done.store(true);
+  });
+  pending_ = std::move(job);
+  return snap;
+}
 
-  // 3. Rank 0 collects the records, writes the manifest last and moves the directory into place.
-  const std::vector<std::string> parts = gather_bytes(mine.SerializeAsString(), grid);
+Expected<std::string> CheckpointManager::finish_save(const parallel::ProcessGrid& grid) {
+  HYDRA_CHECK(pending_ != nullptr) << "finish_save: no save was begun";
+  const std::unique_ptr<Pending> job = std::move(pending_);
+  job->writer.join();
+  // 4. Every rank's file is written (or the save fails on every rank).
+  HYDRA_RETURN_IF_ERROR(agree(job->status, grid));
+  const bool lead = grid.world().rank() == 0;
+  std::error_code ec;
+  const std::string &tmp_dir = job->tmp_dir, &final_dir = job->final_dir;
+  const TrainState& state = job->state;
+
+  // 5. Rank 0 collects the records, writes the manifest last and moves the directory into place.
+  const std::vector<std::string> parts = gather_bytes(job->mine.SerializeAsString(), grid);
+  Status st = ok_status();
   if (lead) {
     config::CheckpointManifest man;
     for (const std::string& bytes : parts) {
@@ -313,7 +401,7 @@ Expected<std::string> CheckpointManager::save(const TrainState& state,
     }
     man.set_step(state.step);
     man.set_stage(state.stage);
-    man.set_config_text(config::to_text(resolved));
+    man.set_config_text(job->config_text);
     man.set_rng_seed(state.rng.seed);
     man.set_rng_offset(state.rng.offset);
     man.set_data_seed(state.data_seed);

@@ -11,6 +11,7 @@
 // (resharding).
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,13 +35,37 @@ struct TrainState {
 class CheckpointManager {
  public:
   CheckpointManager(const std::string& run_dir, int64_t keep_last);
+  // Joins a write still running; its temporary directory stays (the next publish removes it).
+  ~CheckpointManager();
+  CheckpointManager(const CheckpointManager&) = delete;
+  CheckpointManager& operator=(const CheckpointManager&) = delete;
   std::string checkpoint_dir(int64_t step) const;
 
   // Writes the checkpoint of state.step (every rank calls it); then keeps the newest keep_last.
-  // Returns its directory (the same status on every rank).
+  // Returns its directory (the same status on every rank). begin_save, then finish_save.
   Expected<std::string> save(const TrainState& state, const config::RunConfig& resolved,
                              const model::LanguageModel& model, const AdamW& optimizer,
-                             const parallel::ProcessGrid& grid) const;
+                             const parallel::ProcessGrid& grid);
+  // A save in two parts, so that training goes on while the files are written. begin_save (every
+  // rank): the temporary directory (the ranks agree it exists), then this rank's tensors copied to
+  // host memory, the only part that holds training up; a background thread writes them and their
+  // checksums into the rank's file. One save at a time: a save still running is finished first.
+  struct Snapshot {
+    double bytes = 0;     // this rank's tensors copied to host memory
+    double copy_s = 0;    // the copies
+    double alloc_s = 0;   // host buffers set up (the first save, or when shapes change)
+    double waited_s = 0;  // the previous save still being written, finished first
+  };
+  Expected<Snapshot> begin_save(const TrainState& state, const config::RunConfig& resolved,
+                                const model::LanguageModel& model, const AdamW& optimizer,
+                                const parallel::ProcessGrid& grid);
+  bool saving() const { return pending_ != nullptr; }  // begun, not yet finished
+  bool written() const;  // this rank's background write has ended (well or not)
+
+  // Waits for this rank's write, then publishes as save always has (every rank calls it): the
+  // ranks agree every file is written, rank 0 writes the manifest last and renames the directory
+  // into place, then keeps the newest keep_last. Nothing is published if any rank failed.
+  Expected<std::string> finish_save(const parallel::ProcessGrid& grid);
   // Newest complete checkpoint (with a manifest) under run_dir, or not_found; with `before` >= 0,
   // the newest of a step below `before` (what to offer when the newest is damaged).
   Expected<std::string> latest(int64_t before = -1) const;
@@ -55,8 +80,13 @@ class CheckpointManager {
                      const parallel::ProcessGrid& grid);
 
  private:
+  struct Pending;
   std::string root_;
   int64_t keep_last_;
+  std::unique_ptr<Pending> pending_;
+  // Host copies of the tensors a save writes, kept from save to save (page-locked for GPU tensors:
+  // the copy that holds training up runs at the link's speed).
+  std::map<std::string, Tensor> staging_;
 };
 
 // A checkpoint read without a model (hydra-ckpt): each tensor the manifest lists, whole, with the

@@ -383,6 +383,7 @@ struct Trainer::Leg {
   // The NaN guard's bookkeeping: a checkpoint becomes good once the step after it is finite.
   std::string good_ckpt, unverified_ckpt;
   std::vector<double> rates, recent_losses;  // tokens/s of each step; the last ten LM losses
+  std::vector<double> save_stall_s;          // the time each save held training up
   std::chrono::steady_clock::time_point t_start = std::chrono::steady_clock::now();
   double elapsed_before = 0;  // the run's time before this leg (earlier legs)
 
@@ -440,25 +441,37 @@ std::string signal_name(int sig) {
 
 Expected<TrainSummary> Trainer::run() {
   HYDRA_ASSIGN_OR_RETURN(std::unique_ptr<Leg> leg, start_leg());
+  const Status trained = train_steps(*leg);
+  // A checkpoint still being written is published, also after an error: it holds a step that
+  // completed, as a save without the background write would have. (A divergence publishes it
+  // before its advice names the checkpoints: train_step.)
+  const Status published = publish_pending_save(*leg);
+  HYDRA_RETURN_IF_ERROR(trained);
+  HYDRA_RETURN_IF_ERROR(published);
+  return finish_leg(*leg);
+}
+
+Status Trainer::train_steps(Leg& leg) {
   const SignalsStopTraining signals;
-  while (state_.step < leg->stop) {
+  while (state_.step < leg.stop) {
     const Stage& stage = stage_at(stages_, state_.step);
-    if (stage.index != current_stage_) HYDRA_RETURN_IF_ERROR(begin_stage(stage, *leg));
-    HYDRA_ASSIGN_OR_RETURN(StepOutcome step, train_step(stage, *leg));
-    MetricValues values = step_metrics(step, stage, *leg);
-    const bool last = state_.step == leg->stop;
+    if (stage.index != current_stage_) HYDRA_RETURN_IF_ERROR(begin_stage(stage, leg));
+    HYDRA_ASSIGN_OR_RETURN(StepOutcome step, train_step(stage, leg));
+    MetricValues values = step_metrics(step, stage, leg);
+    const bool last = state_.step == leg.stop;
     const bool evaluated =
         (cfg_.train().eval_every() > 0 && state_.step % cfg_.train().eval_every() == 0) || last;
-    if (evaluated) HYDRA_RETURN_IF_ERROR(evaluate_into(stage, &values, *leg));
-    log_metrics(step, stage, values, evaluated, *leg);
+    if (evaluated) HYDRA_RETURN_IF_ERROR(evaluate_into(stage, &values, leg));
+    log_metrics(step, stage, values, evaluated, leg);
     const int sig = agreed_signal();
-    HYDRA_ASSIGN_OR_RETURN(const bool saved, maybe_save(last, sig, *leg));
+    HYDRA_RETURN_IF_ERROR(poll_pending_save(leg));
+    HYDRA_ASSIGN_OR_RETURN(const bool saved, maybe_save(last, sig, leg));
     if (sig != 0) {
-      stop_on_signal(sig, saved, *leg);
+      stop_on_signal(sig, saved, leg);
       break;
     }
   }
-  return finish_leg(*leg);
+  return ok_status();
 }
 
 // Opens the metrics, says what the leg will do (resume, steps past the schedule, precision, grid).
@@ -602,6 +615,7 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   const double lm_loss = out.losses.lm, total_loss = out.losses.total;
   if (!std::isfinite(total_loss) || !std::isfinite(lm_loss)) {
     leg.progress.finish();
+    HYDRA_RETURN_IF_ERROR(publish_pending_save(leg));  // so that the advice can name it
     return internal_error("step " + std::to_string(step + 1) + ": the loss is " +
                           std::to_string(total_loss) + " (not finite); stopping without saving. " +
                           diverged_advice(leg.good_ckpt, leg.unverified_ckpt));
@@ -609,6 +623,7 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   out.grad_norm = global_grad_norm(*optimizer_, *grid_);
   if (!std::isfinite(out.grad_norm)) {
     leg.progress.finish();
+    HYDRA_RETURN_IF_ERROR(publish_pending_save(leg));
     return internal_error("step " + std::to_string(step + 1) +
                           ": the gradient norm is not finite; stopping without saving. " +
                           diverged_advice(leg.good_ckpt, leg.unverified_ckpt));
@@ -763,10 +778,55 @@ Expected<bool> Trainer::maybe_save(bool last, int sig, Leg& leg) {
   if (lead()) leg.log.flush();
   state_.rng = default_generator().state();
   state_.elapsed_s = leg.elapsed();
-  HYDRA_ASSIGN_OR_RETURN(leg.last_ckpt,
-                         checkpoints_->save(state_, cfg_, *model_, *optimizer_, *grid_));
-  leg.unverified_ckpt = leg.last_ckpt;
+  const auto t0 = std::chrono::steady_clock::now();
+  HYDRA_ASSIGN_OR_RETURN(const CheckpointManager::Snapshot snap,
+                         checkpoints_->begin_save(state_, cfg_, *model_, *optimizer_, *grid_));
+  // The leg's last save (and a save on a signal) is published before the leg ends; so is every
+  // save without async_save.
+  const bool background = cfg_.train().async_save() && !last && sig == 0;
+  if (!background) HYDRA_RETURN_IF_ERROR(publish_pending_save(leg));
+  const double stall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  leg.save_stall_s.push_back(stall);
+  if (background) {
+    char line[256];
+    std::snprintf(
+        line, sizeof line,
+        "step %ld: saving in the background; training held up %.2f s (%.2f GB copied to "
+        "host memory in %.2f s%s)",
+        long(state_.step), stall, snap.bytes / 1e9, snap.copy_s,
+        snap.alloc_s + snap.waited_s > 0.05
+            ? (", " + std::to_string(snap.alloc_s).substr(0, 4) + " s setting up its buffers, " +
+               std::to_string(snap.waited_s).substr(0, 4) + " s finishing the previous save")
+                  .c_str()
+            : "");
+    leg.say(line);
+  }
   return true;
+}
+
+// A background save is published at the first step boundary after every rank's write ended (one
+// small all-reduce a step while it runs).
+Status Trainer::poll_pending_save(Leg& leg) {
+  if (!checkpoints_->saving()) return ok_status();
+  double written = checkpoints_->written() ? 1 : 0;
+  if (grid_->distributed())
+    written = grid_->world().all_reduce_host(written, parallel::ReduceOp::kMin);
+  return written > 0 ? publish_pending_save(leg) : ok_status();
+}
+
+// Waits for this rank's write, then publishes (every rank); the NaN guard's bookkeeping starts from
+// the published checkpoint: it is good once the step after its own is finite.
+Status Trainer::publish_pending_save(Leg& leg) {
+  if (!checkpoints_->saving()) return ok_status();
+  HYDRA_ASSIGN_OR_RETURN(leg.last_ckpt, checkpoints_->finish_save(*grid_));
+  const int64_t step = CheckpointManager::step_of_dir(leg.last_ckpt);
+  if (step < state_.step) {  // a later step has run (and was finite)
+    leg.good_ckpt = leg.last_ckpt;
+    leg.unverified_ckpt.clear();
+  } else {
+    leg.unverified_ckpt = leg.last_ckpt;
+  }
+  return ok_status();
 }
 
 void Trainer::stop_on_signal(int sig, bool saved, Leg& leg) {
@@ -785,6 +845,7 @@ TrainSummary Trainer::finish_leg(Leg& leg) {
   TrainSummary& sum = leg.sum;
   sum.last_step = state_.step;
   sum.checkpoint = leg.last_ckpt;
+  sum.save_stall_s = leg.save_stall_s;
   sum.elapsed_s = leg.elapsed();
   sum.leg_s = leg.leg_seconds();
   double l = 0;

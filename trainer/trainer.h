@@ -80,6 +80,7 @@ struct TrainSummary {
   std::vector<std::string> stage_log;
   bool interrupted = false;
   int signal = 0;
+  std::vector<double> save_stall_s;  // how long each save of this leg held training up
 };
 
 class Trainer {
@@ -120,7 +121,10 @@ class Trainer {
   void log_metrics(const StepOutcome& step, const Stage& stage, const MetricValues& values,
                    bool evaluated, Leg& leg);
   int agreed_signal() const;
+  Status train_steps(Leg& leg);
   Expected<bool> maybe_save(bool last, int sig, Leg& leg);
+  Status poll_pending_save(Leg& leg);
+  Status publish_pending_save(Leg& leg);
   void stop_on_signal(int sig, bool saved, Leg& leg);
   TrainSummary finish_leg(Leg& leg);
   std::string grid_banner() const;

@@ -530,6 +530,28 @@ TEST(Faults, KillRightAfterPublishKeepsTheStepsMetrics) {
   EXPECT_NE(lines().find("{\"step\": 4,"), std::string::npos);
 }
 
+// A kill while a background save writes its files (injected: the process exits after the first
+// tensor of step 4's checkpoint) loses nothing published: step 2's checkpoint was published before
+// (at the first step boundary after its write), verifies, and the run resumes from it and ends. The
+// half-written step 4 never appears as a checkpoint (a .tmp folder, removed by the next publish).
+TEST(Faults, KillDuringABackgroundWriteLosesNothingPublished) {
+  const std::string dir = temp_dir("writekill"), run_dir = dir + "/run";
+  const std::string args = " --config " + kTiny + " --out " + run_dir + kQuick +
+                           " --set train.steps=6 --set train.save_every=2";
+  Result r = run("HYDRA_FAULT_EXIT_DURING_WRITE=4 " + kTrain + args);
+  EXPECT_EQ(r.code, 137) << r.output;
+  const std::string good = run_dir + "/checkpoints/step-00000002";
+  ASSERT_TRUE(fs::exists(good + "/manifest.pb")) << r.output;
+  EXPECT_FALSE(fs::exists(run_dir + "/checkpoints/step-00000004")) << r.output;
+  EXPECT_TRUE(fs::exists(run_dir + "/checkpoints/step-00000004.tmp")) << "the write was not killed";
+  r = run(kCkpt + " verify " + good);
+  EXPECT_EQ(r.code, 0) << r.output;
+  r = run(kTrain + args + " --resume auto");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(run_dir + "/checkpoints/step-00000006/manifest.pb")) << r.output;
+  EXPECT_FALSE(fs::exists(run_dir + "/checkpoints/step-00000004.tmp"));
+}
+
 // A diverging run (a learning rate far too high) stops with exit code 3 and advice that is true: no
 // "resume" when no checkpoint exists; the checkpoint that exists, when one does.
 TEST(Faults, DivergenceAdviceNamesOnlyCheckpointsThatExist) {
