@@ -1,6 +1,6 @@
 // hydra-eval: evaluates a checkpoint without training: held-out loss, perplexity, bits per token
-// (and per byte on the built-in byte-level tasks), per-task accuracy and routing purity, as a
-// table and JSON.
+// and per byte (the held-out text's bytes, through the shards' tokenizer), per-task accuracy and
+// routing purity, as a table and JSON.
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -28,14 +28,15 @@ std::string num(double v) {
   return os.str();
 }
 
-std::string to_json(const trainer::EvalResult& r, const std::string& checkpoint, bool byte_level) {
+std::string to_json(const trainer::EvalResult& r, const std::string& checkpoint) {
   const double bits = r.loss / std::log(2.0);
   std::ostringstream os;
   os << "{\"checkpoint\": " << cli::json_string(checkpoint) << ", \"step\": " << r.step
      << ", \"stage\": " << cli::json_string(r.stage) << ", \"tokens\": " << r.tokens
      << ", \"loss\": " << num(r.loss) << ", \"perplexity\": " << num(r.perplexity)
      << ", \"bits_per_token\": " << num(bits)
-     << ", \"bits_per_byte\": " << (byte_level ? num(bits) : "null") << ", \"tasks\": {";
+     << ", \"bits_per_byte\": " << (std::isfinite(r.bits_per_byte) ? num(r.bits_per_byte) : "null")
+     << ", \"tasks\": {";
   bool first = true;
   for (int k = 0; k < data::kNumTasks; ++k) {
     if (r.answers[k] == 0) continue;
@@ -57,12 +58,17 @@ std::string to_json(const trainer::EvalResult& r, const std::string& checkpoint,
   return os.str();
 }
 
-void print_table(const trainer::EvalResult& r, const std::string& checkpoint, bool byte_level) {
+void print_table(const trainer::EvalResult& r, const std::string& checkpoint) {
   std::printf("Hydra evaluation of %s (step %ld, stage '%s')\n", checkpoint.c_str(), long(r.step),
               r.stage.c_str());
-  std::printf("  held-out loss %.4f, perplexity %.3f, %.4f bits per token%s over %ld tokens\n",
-              r.loss, r.perplexity, r.loss / std::log(2.0),
-              byte_level ? " (= bits per byte: byte tokens)" : "", long(r.tokens));
+  std::printf("  held-out loss %.4f, perplexity %.3f, %.4f bits per token over %ld tokens\n",
+              r.loss, r.perplexity, r.loss / std::log(2.0), long(r.tokens));
+  if (std::isfinite(r.bits_per_byte))
+    std::printf("  %.4f bits per byte of the held-out text\n", r.bits_per_byte);
+  else
+    std::printf(
+        "  bits per byte: unknown (the shards' tokenizer is not bytes: name it with --set "
+        "data.tokenizer=FILE)\n");
   std::fputs(trainer::task_accuracy_table(r).c_str(), stdout);
   if (std::isfinite(r.routing_purity))
     std::printf("  expert routing purity on mixture domains: %.2f\n", r.routing_purity);
@@ -75,9 +81,9 @@ int run(const cli::Tool& tool, int argc, char** argv) {
       "complete checkpoint) on held-out data, as training evaluates at that step: the run's\n"
       "config (RUN_DIR/config.pbtxt), the curriculum stage of that step, train.eval_batches\n"
       "batches of the held-out split (built-in tasks, or data.shards). Prints the loss,\n"
-      "perplexity, bits per token (per byte on the built-in byte-level tasks), each task's\n"
-      "accuracy and the"
-      "experts' routing purity; --json writes them as one JSON object. Writes nothing into the\n"
+      "perplexity, bits per token and per byte (the held-out text's bytes: byte tokens, or\n"
+      "shards decoded by data.tokenizer), each task's accuracy and the experts' routing\n"
+      "purity; --json writes them as one JSON object. Writes nothing into the\n"
       "run. Under mpirun, the run's parallel layout (or --set parallel.*) splits the work.\n\n"
       "Options");
   opts.add_options()("help,h", "show this help")("checkpoint", po::value<std::string>(),
@@ -140,13 +146,10 @@ int run(const cli::Tool& tool, int argc, char** argv) {
     tool.error(r.status().message());
     return cli::kUserError;
   }
-  // Byte tokens: the built-in tasks. (Shards: bits per byte needs their tokenizer's bytes per
-  // token, not computed yet; the JSON says null.)
-  const bool byte_level = (*t)->config().data().shards().empty();
   if (!tool.lead()) return cli::kOk;
-  const std::string json = to_json(*r, (*t)->checkpoint(), byte_level);
+  const std::string json = to_json(*r, (*t)->checkpoint());
   const bool json_stdout = vm.count("json") && vm["json"].as<std::string>() == "-";
-  if (!json_stdout) print_table(*r, (*t)->checkpoint(), byte_level);
+  if (!json_stdout) print_table(*r, (*t)->checkpoint());
   if (vm.count("json")) {
     if (json_stdout) {
       std::cout << json << "\n";

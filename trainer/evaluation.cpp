@@ -3,12 +3,14 @@
 // evaluates its part of each batch (its sequences, its sequence shard) into an EvalTally; the
 // tallies are summed over the ranks in one all-reduce, and the result is computed from the sums.
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
 
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
+#include "data/tokenizer.h"
 #include "trainer/distributed.h"
 #include "trainer/trainer.h"
 
@@ -31,6 +33,8 @@ struct EvalTally {
   double loss_sum = 0;  // the token losses
   double targets = 0;   // tokens with a target (the loss's denominator)
   double tokens = 0;
+  double target_bytes = 0;  // the targets' bytes, where known
+  bool bytes_known = true;  // every batch's targets had their bytes counted
   // [domain][block][expert]: the domain's whole chunks routed to the expert.
   std::vector<double> domain_experts;
   AnswerTally task;
@@ -53,7 +57,12 @@ struct EvalTally {
 
   void sum_over_ranks(const parallel::ProcessGrid& grid) {
     parallel::HostSum sums;
-    sums.add(loss_sum).add(targets).add(tokens).add(task.answers).add(task.correct);
+    sums.add(loss_sum)
+        .add(targets)
+        .add(tokens)
+        .add(target_bytes)
+        .add(task.answers)
+        .add(task.correct);
     sums.add(task.level_answers).add(task.level_correct).add(domain_experts).add(task.seen);
     sums.sum(grid.distributed() ? &grid.world() : nullptr);
   }
@@ -63,6 +72,8 @@ struct EvalTally {
     r.loss = targets > 0 ? loss_sum / targets : NAN;
     r.perplexity = std::exp(r.loss);
     r.tokens = static_cast<int64_t>(tokens);
+    r.bits_per_byte =
+        bytes_known && target_bytes > 0 ? loss_sum / std::log(2.0) / target_bytes : NAN;
     for (int k = 0; k < K; ++k) {
       const double n_k = task.answers[k];
       r.answers[k] = static_cast<int64_t>(n_k);
@@ -95,6 +106,43 @@ struct EvalTally {
     return r;
   }
 };
+
+// The held-out targets' bytes: the synthetic tasks' tokens are bytes; shards' tokens are decoded
+// by `tok` (their tokenizer), one sequence at a time; without one the bytes are unknown.
+// A token that decodes to text of its own whatever follows it (not a space, not empty: decoding
+// `anchor, ids` then counts every byte of ids, where SentencePiece drops the space a sequence
+// starts with); -1 when none is found.
+int32_t decoding_anchor(const data::Tokenizer& tok) {
+  for (int32_t id = 0; id < static_cast<int32_t>(std::min<int64_t>(tok.vocab_size(), 4096)); ++id) {
+    const std::string one = tok.decode({id}), two = tok.decode({id, id});
+    if (!one.empty() && !std::isspace(static_cast<unsigned char>(one[0])) && two == one + one)
+      return id;
+  }
+  return -1;
+}
+
+void count_target_bytes(const data::Batch& b, bool synthetic, const data::Tokenizer* tok,
+                        int32_t anchor, EvalTally& tally) {
+  constexpr int64_t kIgnore = model::LanguageModel::kIgnoreIndex;
+  if (synthetic) {
+    for (int64_t t : b.targets) tally.target_bytes += t != kIgnore;
+    return;
+  }
+  if (tok == nullptr) {
+    tally.bytes_known = false;
+    return;
+  }
+  const std::size_t anchor_bytes = anchor >= 0 ? tok->decode({anchor}).size() : 0;
+  std::vector<int32_t> ids;
+  for (int64_t s = 0; s < b.batch; ++s) {
+    ids.clear();
+    if (anchor >= 0) ids.push_back(anchor);
+    for (int64_t t = 0; t < b.len; ++t)
+      if (const int64_t id = b.targets[s * b.len + t]; id != kIgnore)
+        ids.push_back(static_cast<int32_t>(id));
+    tally.target_bytes += static_cast<double>(tok->decode(ids).size() - anchor_bytes);
+  }
+}
 
 }  // namespace
 
@@ -129,6 +177,19 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   data::Loader loader(make_source(stage, stage.seq_len + 1), lo);
   const int64_t blocks = static_cast<int64_t>(model_->routings().size());
   EvalTally tally(blocks, spec_.num_experts, spec_.vocab);
+  if (shard_source_ && !eval_tokenizer_tried_) {  // the shards' tokenizer, for bits per byte
+    eval_tokenizer_tried_ = true;
+    const auto* shards = dynamic_cast<const data::ShardSource*>(shard_source_.get());
+    const std::string spec = !cfg_.data().tokenizer().empty() ? cfg_.data().tokenizer()
+                             : shards != nullptr && shards->tokenizer() == "bytes"
+                                 ? std::string("bytes")
+                                 : std::string();
+    if (!spec.empty())
+      if (auto t = data::load_tokenizer(spec); t.ok()) {
+        eval_tokenizer_ = std::move(*t);
+        eval_anchor_ = decoding_anchor(*eval_tokenizer_);
+      }
+  }
   const int64_t batches = cfg_.train().eval_batches();
   for (int64_t i = 0; i < batches; ++i) {
     HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader.get(i));
@@ -144,6 +205,7 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
     const model::LmOutput out = model_->forward(tokens, targets, ctx, true);
     tally.loss_sum += out.lm_loss.item<double>();
     for (int64_t t : b.targets) tally.targets += t != model::LanguageModel::kIgnoreIndex;
+    count_target_bytes(b, shard_source_ == nullptr, eval_tokenizer_.get(), eval_anchor_, tally);
     tally.tokens += double(b.batch * b.len);
     const auto [best, idx] = topk(out.logits, 1);
     tally.task.count(b, idx.to_vector<int64_t>());

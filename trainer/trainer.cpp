@@ -729,6 +729,7 @@ Status Trainer::evaluate_into(const Stage& stage, MetricValues* values, Leg& leg
   leg.sum.eval.step = state_.step;
   values->push_back({"eval.loss", e.loss});
   values->push_back({"eval.perplexity", e.perplexity});
+  if (std::isfinite(e.bits_per_byte)) values->push_back({"eval.bits_per_byte", e.bits_per_byte});
   for (int k = 0; k < data::kNumTasks; ++k) {
     if (e.answers[k] == 0) continue;
     const std::string key = std::string("eval.accuracy.") + data::task_name(k);

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <set>
@@ -14,6 +15,7 @@
 
 #include "autograd/compute_copies.h"
 #include "data/loader.h"
+#include "data/tokenizer.h"
 #include "model/lm.h"
 #include "parallel/grid.h"
 #include "parallel/reducer.h"
@@ -45,6 +47,10 @@ struct EvalResult {
   // Per difficulty level (data::level_name): accuracy (NaN where none) and answers.
   std::array<std::array<double, data::kNumLevels>, data::kNumTasks> level_accuracy{};
   std::array<std::array<int64_t, data::kNumLevels>, data::kNumTasks> level_answers{};
+  // Bits per byte of the held-out text: the loss over the targets' bytes (their tokenizer's
+  // decoding). NaN when the bytes are unknown: shards of a tokenizer other than bytes with no
+  // data.tokenizer to decode them, or a SentencePiece library that cannot be opened.
+  double bits_per_byte = NAN;
   double routing_purity = 0;  // mixture domains: share of a domain's chunks on its most used expert
   int64_t tokens = 0;         // 0: no evaluation ran
   int64_t step = -1;          // the step it ran after
@@ -144,6 +150,11 @@ class Trainer {
   std::unique_ptr<CheckpointManager> checkpoints_;
   std::unique_ptr<data::Loader> loader_;
   std::shared_ptr<const data::DataSource> shard_source_;  // when data.shards is set
+  // Decodes held-out targets to count their bytes (bits per byte); loaded at the first evaluation
+  // on shards. null: unknown (evaluation reports no bits per byte).
+  std::unique_ptr<data::Tokenizer> eval_tokenizer_;
+  bool eval_tokenizer_tried_ = false;
+  int32_t eval_anchor_ = -1;  // evaluation.cpp: decoding_anchor
   TrainState state_;
   Device device_ = Device::cpu();
   std::unique_ptr<parallel::ProcessGrid> grid_;         // a grid of one in a single process

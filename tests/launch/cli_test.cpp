@@ -340,6 +340,30 @@ TEST(Cli, DataToolMakesShardsTheTrainerReads) {
           " --set model.vocab_size=300 --set data.shards=" + dir +
           "/shards --set data.tokenizer=" + dir + "/tok.bpe");
   EXPECT_EQ(r.code, 0) << r.output;
+  // Bits per byte: the held-out targets decoded by the BPE hold more than one byte a token (the
+  // corpus repeats its words), at most the longest piece's; byte shards, exactly one.
+  auto field = [](const std::string& json, const std::string& key) {
+    const auto at = json.find("\"" + key + "\": ");
+    return at == std::string::npos ? NAN : std::atof(json.c_str() + at + key.size() + 4);
+  };
+  r = run(kEval + " " + dir + "/run --json -");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const double bpt = field(r.output, "bits_per_token"), bpb = field(r.output, "bits_per_byte");
+  EXPECT_GT(bpt / bpb, 1.5) << r.output;
+  EXPECT_LT(bpt / bpb, 12.0) << r.output;
+  r = run(kData + " tokenize --out " + dir + "/byte-shards " + dir + "/corpus");
+  ASSERT_EQ(r.code, 0) << r.output;
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/byte-run" + kQuick +
+          " --set data.shards=" + dir + "/byte-shards");
+  ASSERT_EQ(r.code, 0) << r.output;
+  r = run(kEval + " " + dir + "/byte-run --json -");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NEAR(field(r.output, "bits_per_byte"), field(r.output, "bits_per_token"), 1e-9)
+      << r.output;
+  // BPE shards and no tokenizer to decode them: the bytes are unknown, and the table says how.
+  r = run(kEval + " " + dir + "/run --set data.tokenizer=");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("bits per byte: unknown"), std::string::npos) << r.output;
   // No held-out tokens: refused at start-up (it failed at the first evaluation, after training).
   r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run0" + kQuick +
           " --set model.vocab_size=300 --set data.eval_fraction=0 --set data.shards=" + dir +
@@ -378,6 +402,18 @@ TEST(Cli, SentencePieceModelTokenizesShardsTheTrainerReads) {
           " --set model.vocab_size=64 --set data.shards=" + dir +
           "/shards --set data.tokenizer=" + dir + "/tok.model");
   EXPECT_EQ(r.code, 0) << r.output;
+  // Bits per byte through the model's pieces: this corpus has 1.03 bytes a piece (58,470 bytes in
+  // 56,952 pieces: the 64 pieces are mostly characters); each piece decodes to one byte or more.
+  r = run(kEval + " " + dir + "/run --batches 8");
+  EXPECT_EQ(r.code, 0) << r.output;
+  const std::size_t per_byte = r.output.find(" bits per byte of the held-out text");
+  ASSERT_NE(per_byte, std::string::npos) << r.output;
+  const std::size_t per_token = r.output.find(" bits per token");
+  ASSERT_NE(per_token, std::string::npos) << r.output;
+  const double bpb = std::atof(r.output.c_str() + r.output.rfind(' ', per_byte - 1) + 1),
+               bpt = std::atof(r.output.c_str() + r.output.rfind(' ', per_token - 1) + 1);
+  EXPECT_GE(bpt / bpb, 1.0) << r.output;
+  EXPECT_LT(bpt / bpb, 1.1) << r.output;
   ASSERT_EQ(
       run(kData + " train-spm --vocab 50 --out " + dir + "/other.model " + dir + "/corpus").code,
       0);

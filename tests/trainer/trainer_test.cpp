@@ -347,6 +347,7 @@ TEST(Training, LossFallsAndMetricsHaveTheDocumentedKeys) {
                           "\"workspace.0.write_gate_mean\":",
                           "\"pkm.0.value_coverage\":",
                           "\"eval.loss\":",
+                          "\"eval.bits_per_byte\":",
                           "\"eval.accuracy.copying\":"})
     EXPECT_NE(last.find(key), std::string::npos) << key << " missing in " << last;
   EXPECT_FALSE(fs::is_empty(out + "/tb"));
