@@ -41,20 +41,23 @@ void print_report(const trainer::TrainSummary& s) {
     std::printf("  expert routing purity on mixture domains: %.2f\n", s.eval.routing_purity);
   std::printf("  checkpoint  %s\n", s.checkpoint.empty() ? "none written" : s.checkpoint.c_str());
   if (!s.save_stall_s.empty()) {  // each save's stall, or their median and maximum
-    std::string each;
-    char buf[32];
-    for (std::size_t i = 0; i < s.save_stall_s.size() && s.save_stall_s.size() <= 8; ++i) {
-      std::snprintf(buf, sizeof buf, "%s%.2f", i ? ", " : "", s.save_stall_s[i]);
-      each += buf;
-    }
-    std::vector<double> v = s.save_stall_s;
-    std::sort(v.begin(), v.end());
-    if (each.empty()) {
-      std::snprintf(buf, sizeof buf, "median %.2f, max %.2f", v[v.size() / 2], v.back());
-      each = buf;
+    const std::vector<double>& v = s.save_stall_s;
+    std::string stalls;
+    char buf[64];
+    if (v.size() <= 8) {
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        std::snprintf(buf, sizeof buf, "%s%.2f", i ? ", " : "", v[i]);
+        stalls += buf;
+      }
+    } else {
+      std::vector<double> sorted = v;
+      std::sort(sorted.begin(), sorted.end());
+      std::snprintf(buf, sizeof buf, "median %.2f, max %.2f", sorted[sorted.size() / 2],
+                    sorted.back());
+      stalls = buf;
     }
     std::printf("  saves       %zu in this leg; training held up (s): %s\n", v.size(),
-                each.c_str());
+                stalls.c_str());
   }
   std::printf("  metrics     %s (TensorBoard: %s/tb)\n", s.metrics.c_str(), s.run_dir.c_str());
 }

@@ -107,8 +107,6 @@ struct EvalTally {
   }
 };
 
-// The held-out targets' bytes: the synthetic tasks' tokens are bytes; shards' tokens are decoded
-// by `tok` (their tokenizer), one sequence at a time; without one the bytes are unknown.
 // A token that decodes to text of its own whatever follows it (not a space, not empty: decoding
 // `anchor, ids` then counts every byte of ids, where SentencePiece drops the space a sequence
 // starts with); -1 when none is found.
@@ -121,6 +119,9 @@ int32_t decoding_anchor(const data::Tokenizer& tok) {
   return -1;
 }
 
+// The held-out targets' bytes: the synthetic tasks' tokens are bytes; shards' tokens are decoded
+// by `tok` (their tokenizer), one sequence at a time after `anchor`; without one the bytes are
+// unknown.
 void count_target_bytes(const data::Batch& b, bool synthetic, const data::Tokenizer* tok,
                         int32_t anchor, EvalTally& tally) {
   constexpr int64_t kIgnore = model::LanguageModel::kIgnoreIndex;

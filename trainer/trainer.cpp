@@ -790,17 +790,15 @@ Expected<bool> Trainer::maybe_save(bool last, int sig, Leg& leg) {
   leg.save_stall_s.push_back(stall);
   if (background) {
     char line[256];
-    std::snprintf(
-        line, sizeof line,
-        "step %ld: saving in the background; training held up %.2f s (%.2f GB copied to "
-        "host memory in %.2f s%s)",
-        long(state_.step), stall, snap.bytes / 1e9, snap.copy_s,
-        snap.alloc_s + snap.waited_s > 0.05
-            ? (", " + std::to_string(snap.alloc_s).substr(0, 4) + " s setting up its buffers, " +
-               std::to_string(snap.waited_s).substr(0, 4) + " s finishing the previous save")
-                  .c_str()
-            : "");
-    leg.say(line);
+    int n = std::snprintf(line, sizeof line,
+                          "step %ld: saving in the background; training held up %.2f s (%.2f GB "
+                          "copied to host memory in %.2f s",
+                          long(state_.step), stall, snap.bytes / 1e9, snap.copy_s);
+    if (snap.alloc_s + snap.waited_s > 0.05 && n > 0 && n < int(sizeof line))
+      n += std::snprintf(line + n, sizeof line - n,
+                         ", %.2f s setting up its buffers, %.2f s finishing the previous save",
+                         snap.alloc_s, snap.waited_s);
+    leg.say(std::string(line) + ")");
   }
   return true;
 }
