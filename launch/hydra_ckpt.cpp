@@ -15,6 +15,7 @@
 #include "configs/config_io.h"
 #include "launch/cli.h"
 #include "trainer/checkpoint.h"
+#include "trainer/curriculum.h"
 
 using namespace hydra;
 namespace fs = std::filesystem;
@@ -187,6 +188,57 @@ int verify(const Loaded& l) {
   return cli::kOk;
 }
 
+// The resolved model (layer sizes, memory placements, patterns) and the paths the checkpoint's
+// curriculum stage had on, as JSON for the safetensors metadata: what a reader in another framework
+// needs to rebuild the forward without parsing our config format (bench/hydra_torch.py).
+Expected<std::string> model_json(const config::CheckpointManifest& man, const std::string& dir) {
+  config::RunConfig cfg;
+  HYDRA_RETURN_IF_ERROR(config::parse_text(man.config_text(), dir + "/manifest.pb", &cfg));
+  trainer::resolve_run_config(&cfg);
+  HYDRA_ASSIGN_OR_RETURN(const model::ModelSpec s, model::make_spec(cfg.model(), dir));
+  HYDRA_ASSIGN_OR_RETURN(const std::vector<trainer::Stage> stages,
+                         trainer::resolve_stages(cfg, s, dir));
+  const trainer::Stage& stage = trainer::stage_at(stages, std::max<int64_t>(man.step() - 1, 0));
+  const auto ints = [](const std::vector<int64_t>& v) {
+    std::string out = "[";
+    for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+    return out + "]";
+  };
+  const auto flag = [](bool b) { return b ? "true" : "false"; };
+  std::vector<int64_t> sga_blocks;
+  for (int64_t b = 0; b < s.num_blocks; ++b)
+    if (b < static_cast<int64_t>(s.has_sga.size()) && s.has_sga[b]) sga_blocks.push_back(b);
+  const auto& moe = s.cfg.moe();
+  std::ostringstream os;
+  os.precision(17);
+  os << "{\"kind\": \"" << (s.transformer ? "transformer" : "hydra") << "\", \"d\": " << s.d
+     << ", \"num_blocks\": " << s.num_blocks << ", \"vocab\": " << s.vocab
+     << ", \"max_seq_len\": " << s.max_seq_len << ", \"norm_eps\": " << s.norm_eps
+     << ", \"rope_theta\": " << s.rope_theta << ", \"tf_heads\": " << s.tf_heads
+     << ", \"ssm\": {\"form\": \"" << (s.ssd ? "SSD" : "SELECTIVE")
+     << "\", \"d_inner\": " << s.d_inner << ", \"d_state\": " << s.d_state
+     << ", \"conv_width\": " << s.conv_width << ", \"dt_rank\": " << s.dt_rank
+     << ", \"heads\": " << s.ssm_heads << "}"
+     << ", \"sga\": {\"blocks\": " << ints(sga_blocks) << ", \"heads\": " << s.sga_heads
+     << ", \"window\": " << s.sga_window << ", \"global_stride\": " << s.sga_stride << "}"
+     << ", \"moe\": {\"num_experts\": " << s.num_experts << ", \"max_active\": " << s.max_active
+     << ", \"chunk\": " << s.moe_chunk << ", \"gated_experts\": " << flag(s.gated_experts)
+     << ", \"shared_expert\": " << flag(s.shared_expert) << ", \"router_eps\": " << moe.router_eps()
+     << ", \"router_input\": \"" << config::MoeConfig::RouterInput_Name(moe.router_input()) << "\"}"
+     << ", \"workspace\": {\"after_block\": " << ints(s.ws_after) << ", \"slots\": " << s.ws_slots
+     << ", \"chunk\": " << s.ws_chunk << ", \"heads\": " << s.ws_heads << ", \"dim\": " << s.ws_dim
+     << ", \"write\": \"" << (s.ws_parallel_write ? "PARALLEL" : "SERIAL") << "\"}"
+     << ", \"pkm\": {\"after_block\": " << ints(s.pkm_after) << ", \"heads\": " << s.pkm_heads
+     << ", \"k_dim\": " << s.pkm_k_dim << ", \"n_keys\": " << s.pkm_n_keys
+     << ", \"topk\": " << s.pkm_topk << "}, \"controller\": " << flag(s.cfg.block().controller())
+     << ", \"paths\": {\"stage\": " << cli::json_string(stage.name)
+     << ", \"ssm\": " << flag(stage.paths.ssm) << ", \"sga\": " << flag(stage.paths.sga)
+     << ", \"moe_routing\": " << flag(stage.paths.moe_routing)
+     << ", \"workspace\": " << flag(stage.paths.workspace) << ", \"pkm\": " << flag(stage.paths.pkm)
+     << "}}";
+  return os.str();
+}
+
 // safetensors: an 8-byte little-endian header length, the JSON header (names, dtypes, shapes,
 // [begin, end) byte offsets into the data, and a string-to-string __metadata__), padded with
 // spaces to a multiple of 8, then the tensors' bytes in the header's order.
@@ -218,11 +270,17 @@ int export_safetensors(const Loaded& l, const po::variables_map& vm) {
     std::cerr << "hydra-ckpt: " << l.dir << " holds no parameters (no param/ tensors)\n";
     return cli::kUserError;
   }
+  const auto model = model_json(l.man, l.dir);
+  if (!model.ok()) {
+    std::cerr << "hydra-ckpt: " << model.status().message() << "\n";
+    return cli::kUserError;
+  }
   std::ostringstream h;
   h << "{\"__metadata__\": {\"format\": \"pt\", \"hydra_step\": "
     << cli::json_string(std::to_string(l.man.step()))
     << ", \"hydra_checkpoint\": " << cli::json_string(l.dir)
-    << ", \"hydra_config\": " << cli::json_string(l.man.config_text()) << "}";
+    << ", \"hydra_config\": " << cli::json_string(l.man.config_text())
+    << ", \"hydra_model\": " << cli::json_string(*model) << "}";
   int64_t offset = 0;
   for (const auto& [name, t] : params) {
     const int64_t n = t.nbytes();

@@ -6,8 +6,10 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <sstream>
 
+#include "autograd/compute_copies.h"
 #include "configs/config_io.h"
 #include "launch/cli.h"
 #include "parallel/runtime.h"
@@ -74,6 +76,80 @@ void print_table(const trainer::EvalResult& r, const std::string& checkpoint) {
     std::printf("  expert routing purity on mixture domains: %.2f\n", r.routing_purity);
 }
 
+// The mean next-token loss over a text file's tokens (one sequence of up to model.max_seq_len), as
+// the checkpoint's stage computes it: what another framework's reader of an export reproduces
+// (bench/hydra_torch.py). Any length: the sequence goes through the decoding path in one segment.
+int text_loss(const cli::Tool& tool, trainer::Trainer& tr, const std::string& path,
+              const po::variables_map& vm) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) {
+    tool.error("--text " + path + ": cannot be read");
+    return cli::kUserError;
+  }
+  const std::string text{std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+  auto tokenizer = tr.text_tokenizer();
+  if (!tokenizer.ok()) {
+    tool.error(tokenizer.status().message());
+    return cli::kUserError;
+  }
+  const std::vector<int32_t> ids = (*tokenizer)->encode(text);
+  const model::ModelSpec& spec = tr.model().spec();
+  const int64_t n = static_cast<int64_t>(ids.size());
+  if (n < 2 || n > spec.max_seq_len) {
+    tool.error("--text " + path + ": " + std::to_string(n) + " tokens; expected 2 to " +
+               std::to_string(spec.max_seq_len) + " (model.max_seq_len)");
+    return cli::kUserError;
+  }
+  for (int32_t t : ids)
+    if (t >= spec.vocab) {
+      tool.error("--text " + path + ": token " + std::to_string(t) +
+                 " is outside the model's vocabulary (is data.tokenizer the model's tokenizer?)");
+      return cli::kUserError;
+    }
+  const trainer::Stage& stage = tr.checkpoint_stage();
+  const std::vector<int64_t> all(ids.begin(), ids.end());
+  const std::vector<int64_t> inputs(all.begin(), all.end() - 1),
+      targets(all.begin() + 1, all.end());
+  double loss = 0;
+  {
+    const ComputeCopies::Scope compute(tr.compute_copies());
+    model::DecodeState state(1, n - 1);
+    const Tensor logits =
+        tr.model().decode(tensor(inputs, {1, n - 1}).to(tr.device()), stage.paths, state);
+    loss = cross_entropy(logits.to(DType::kF32), tensor(targets, {1, n - 1}).to(tr.device()))
+               .item<double>();
+  }
+  const double bits_per_byte =
+      loss * double(n - 1) / std::log(2.0) /
+      double((*tokenizer)->decode(ids).size() - (*tokenizer)->decode({ids[0]}).size());
+  if (!tool.lead()) return cli::kOk;
+  std::ostringstream json;
+  json << "{\"checkpoint\": " << cli::json_string(tr.checkpoint())
+       << ", \"step\": " << tr.checkpoint_step() << ", \"stage\": " << cli::json_string(stage.name)
+       << ", \"text\": " << cli::json_string(path) << ", \"tokens\": " << n
+       << ", \"loss\": " << num(loss) << ", \"bits_per_byte\": " << num(bits_per_byte) << "}";
+  const bool json_stdout = vm.count("json") && vm["json"].as<std::string>() == "-";
+  if (!json_stdout)
+    std::printf(
+        "%s (step %ld, stage '%s') on %s: loss %.6f over its %ld next-token targets, %.4f "
+        "bits per byte\n",
+        tr.checkpoint().c_str(), long(tr.checkpoint_step()), stage.name.c_str(), path.c_str(), loss,
+        long(n - 1), bits_per_byte);
+  if (vm.count("json")) {
+    if (json_stdout) {
+      std::cout << json.str() << "\n";
+    } else {
+      std::ofstream out(vm["json"].as<std::string>());
+      out << json.str() << "\n";
+      if (!out) {
+        tool.error("cannot write " + vm["json"].as<std::string>());
+        return cli::kUserError;
+      }
+    }
+  }
+  return cli::kOk;
+}
+
 int run(const cli::Tool& tool, int argc, char** argv) {
   po::options_description opts(
       "hydra-eval CHECKPOINT|RUN_DIR [options]\n\n"
@@ -95,7 +171,10 @@ int run(const cli::Tool& tool, int argc, char** argv) {
       "batches", po::value<int64_t>(), "held-out batches (train.eval_batches)")(
       "device", po::value<std::string>(), "cpu or cuda (train.device)")("threads", po::value<int>(),
                                                                         "CPU threads per rank")(
-      "json", po::value<std::string>(), "also write the result as JSON to this file ('-': stdout)");
+      "json", po::value<std::string>(), "also write the result as JSON to this file ('-': stdout)")(
+      "text", po::value<std::string>(),
+      "instead: the loss on this file's tokens, one sequence of up to model.max_seq_len (what "
+      "bench/hydra_torch.py reproduces from an export)");
   po::positional_options_description pos;
   pos.add("checkpoint", 1);
   po::variables_map vm;
@@ -124,8 +203,11 @@ int run(const cli::Tool& tool, int argc, char** argv) {
   const std::string config_path =
       vm.count("config") ? vm["config"].as<std::string>() : (run_dir / "config.pbtxt").string();
   cli::set_threads(vm);
-  auto cfg = cli::load_config(config_path, cli::overrides(vm, {{"batches", "train.eval_batches"},
-                                                               {"device", "train.device"}}));
+  std::vector<std::string> sets =
+      cli::overrides(vm, {{"batches", "train.eval_batches"}, {"device", "train.device"}});
+  if (vm.count("text"))  // one sequence in one process, whatever layout wrote the checkpoint
+    for (const char* f : {"parallel.dp=1", "parallel.ep=1", "parallel.sp=1"}) sets.push_back(f);
+  auto cfg = cli::load_config(config_path, sets);
   if (!cfg.ok()) {
     tool.error(cfg.status().message() +
                (vm.count("config") ? "" : " (the run's config; pass --config FILE)"));
@@ -136,11 +218,13 @@ int run(const cli::Tool& tool, int argc, char** argv) {
   to.resume = target;
   to.quiet = true;
   to.evaluate_only = true;
+  to.local_only = vm.count("text") > 0;
   auto t = trainer::Trainer::create(*cfg, config_path, to);
   if (!t.ok()) {
     tool.error(t.status().message());
     return cli::kUserError;
   }
+  if (vm.count("text")) return text_loss(tool, **t, vm["text"].as<std::string>(), vm);
   auto r = (*t)->evaluate_checkpoint();
   if (!r.ok()) {
     tool.error(r.status().message());

@@ -34,8 +34,7 @@ HydraBlock::HydraBlock(Init& init, const ModelSpec& spec, int64_t index) : index
   }
 }
 
-Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, const SsmState& state,
-                           SsmState* next) {
+Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, BlockCarry* carry) {
   struct Path {
     const char* name;
     Tensor out, gate;
@@ -43,13 +42,26 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, co
   };
   std::vector<Path> paths;
   parallel::Communicator* sp = ctx.sequence_parallel() ? &ctx.grid->sp() : nullptr;
-  if (ctx.paths.ssm)
-    paths.push_back({"ssm", ssm->forward(norm_ssm->forward(x), state, next, sp), gate_ssm, 0});
-  if (sga && ctx.paths.sga)
-    paths.push_back({"sga", sga->forward(norm_sga->forward(x), ctx.pos0, sp), gate_sga, 1});
+  if (ctx.paths.ssm) {
+    const SsmState state = carry != nullptr ? carry->ssm : SsmState();
+    paths.push_back(
+        {"ssm",
+         ssm->forward(norm_ssm->forward(x), state, carry != nullptr ? &carry->ssm : nullptr, sp),
+         gate_ssm, 0});
+  }
+  if (sga && ctx.paths.sga) {
+    const Tensor n = norm_sga->forward(x);
+    paths.push_back(
+        {"sga",
+         carry != nullptr ? sga->forward_cached(n, carry->kv) : sga->forward(n, ctx.pos0, sp),
+         gate_sga, 1});
+  }
   Tensor moe_aux;
+  const Tensor n = norm_moe->forward(x);
   paths.push_back(
-      {"moe", moe->forward(norm_moe->forward(x), ctx, &moe_aux), gate_moe, sga ? 2 : 1});
+      {"moe",
+       carry != nullptr ? moe->forward_carried(n, ctx, carry->moe) : moe->forward(n, ctx, &moe_aux),
+       gate_moe, sga ? 2 : 1});
   if (aux != nullptr) *aux = moe_aux;
 
   Tensor mix;  // [B, L, paths], or undefined without a controller

@@ -10,13 +10,19 @@
 
 namespace hydra::model {
 
+// What a block carries from one decoding segment to the next (LanguageModel::decode).
+struct BlockCarry {
+  SsmState ssm;
+  KvCache kv;  // blocks with SGA
+  MoeCarry moe;
+};
+
 class HydraBlock : public Module {
  public:
   HydraBlock(Init& init, const ModelSpec& spec, int64_t index);
-  // x [B, L, d] -> y; *aux gets the block's weighted MoE losses (AuxLoss order). state/next: the
-  // SSM state.
-  Tensor forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, const SsmState& state = {},
-                 SsmState* next = nullptr);
+  // x [B, L, d] -> y; *aux gets the block's weighted MoE losses (AuxLoss order). carry
+  // (decoding): x continues the sequence it describes, and it is updated; no auxiliary losses.
+  Tensor forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, BlockCarry* carry = nullptr);
 
   std::shared_ptr<RMSNorm> norm_ssm, norm_sga, norm_moe, norm_ctrl;
   std::shared_ptr<SsmMixer> ssm;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <map>
 
+#include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "parallel/collectives.h"
 
@@ -75,6 +76,29 @@ Tensor with_chain_tokens(Tensor loss, const ForwardContext& ctx) {
   return anchor_collectives(loss, take_collective_outputs());
 }
 
+// Checks a decoding segment against its state, sizing the state's carries at its first segment.
+void begin_segment(const Tensor& tokens, const ModelSpec& spec, int64_t workspaces,
+                   DecodeState& state) {
+  HYDRA_CHECK(tokens.dim() == 2 && is_integral(tokens.dtype()) && tokens.size(0) == state.batch &&
+              tokens.size(1) >= 1)
+      << "decode: tokens must be integer [" << state.batch << ", >= 1], got "
+      << shape_str(tokens.shape());
+  HYDRA_CHECK(state.capacity <= spec.max_seq_len)
+      << "decode: a capacity of " << state.capacity << " positions exceeds model.max_seq_len "
+      << spec.max_seq_len;
+  HYDRA_CHECK(state.position + tokens.size(1) <= state.capacity)
+      << "decode: position " << state.position + tokens.size(1) << " is past the state's capacity "
+      << state.capacity;
+  if (state.blocks.empty()) {
+    state.blocks.resize(spec.num_blocks);
+    for (BlockCarry& b : state.blocks) {
+      b.kv.capacity = state.capacity;
+      b.kv.split = state.kv_split;
+    }
+    state.workspaces.resize(workspaces);
+  }
+}
+
 void check_tokens(const Tensor& tokens, const Tensor& targets, const ModelSpec& spec) {
   HYDRA_CHECK(tokens.dim() == 2 && is_integral(tokens.dtype()))
       << "model: tokens must be integer [batch, seq_len], got " << shape_str(tokens.shape());
@@ -107,27 +131,29 @@ HydraLM::HydraLM(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
   pkm_after_ = spec.pkm_after;
 }
 
-LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx,
-                          bool want_logits) {
-  check_tokens(tokens, targets, spec_);
-  (void)take_collective_outputs();  // anything left from a forward that built no loss
+Tensor HydraLM::trunk(const Tensor& tokens, ForwardContext& ctx, Tensor* aux, DecodeState* carry) {
   Tensor x = hydra::embedding(embedding, tokens);
   Tensor aux_total;  // in the routers' dtype (fp32 under mixed precision)
   for (std::size_t b = 0; b < blocks->size(); ++b) {
     const auto block = blocks->ptr<HydraBlock>(b);
-    auto [y, aux] = run_block(
+    BlockCarry* bc = carry != nullptr ? &carry->blocks[b] : nullptr;
+    auto [y, block_aux] = run_block(
         ctx,
-        [block](const Tensor& in, ForwardContext& c, Tensor* a) {
-          return block->forward(in, c, a);
+        [block, bc](const Tensor& in, ForwardContext& c, Tensor* a) {
+          return block->forward(in, c, a, bc);
         },
         x);
     x = y;
-    aux_total = aux_total.defined() ? add(aux_total, aux) : aux;
+    if (block_aux.defined())
+      aux_total = aux_total.defined() ? add(aux_total, block_aux) : block_aux;
     for (std::size_t i = 0; i < ws_after_.size(); ++i) {
       if (ws_after_[i] != static_cast<int64_t>(b) || !ctx.paths.workspace) continue;
       const auto& br = workspaces->at<MemoryBranch>(i);
       const auto& mem = dynamic_cast<WorkspaceMemory&>(*br.memory);
-      if (ctx.sequence_parallel()) {
+      if (carry != nullptr) {
+        x = gated_residual(x, {mem.forward_carried(br.norm->forward(x), ctx, carry->workspaces[i])},
+                           {br.gate});
+      } else if (ctx.sequence_parallel()) {
         // The slot state is not linear in the tokens: it passes from shard to shard (a serial chain
         // of sp small steps: rank r waits for rank r-1's chunks; the backward mirrors it).
         parallel::Communicator& sp = ctx.grid->sp();
@@ -149,6 +175,16 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
       x = gated_residual(x, {mem.forward(br.norm->forward(x), ctx)}, {br.gate});
     }
   }
+  if (aux != nullptr) *aux = aux_total;
+  return x;
+}
+
+LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardContext& ctx,
+                          bool want_logits) {
+  check_tokens(tokens, targets, spec_);
+  (void)take_collective_outputs();  // anything left from a forward that built no loss
+  Tensor aux_total;
+  const Tensor x = trunk(tokens, ctx, &aux_total, nullptr);
   const Tensor logits = linear(final_norm->forward(x), embedding);  // tied head
   LmOutput out;
   out.aux = aux_total.defined() ? aux_total : zeros({kNumAuxLosses}, x.dtype(), x.device());
@@ -165,6 +201,20 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
     add_moe_means(ctx);
   }
   return out;
+}
+
+Tensor HydraLM::decode(const Tensor& tokens, const PathSwitches& paths, DecodeState& state,
+                       bool last_only) {
+  begin_segment(tokens, spec_, static_cast<int64_t>(ws_after_.size()), state);
+  NoGradGuard no_grad;
+  ForwardContext ctx;
+  ctx.paths = paths;
+  ctx.collect_stats = false;
+  ctx.pos0 = state.position;
+  Tensor x = trunk(tokens, ctx, nullptr, &state);
+  state.position += tokens.size(1);
+  if (last_only) x = x.narrow(1, x.size(1) - 1, 1);
+  return linear(final_norm->forward(x), embedding);
 }
 
 void HydraLM::shard_experts(int64_t rank, int64_t size) {
@@ -199,8 +249,9 @@ TransformerBlock::TransformerBlock(Init& init, const ModelSpec& spec) {
       "ffn", std::make_shared<SwiGLU>(init, spec.d, spec.tf_d_ff, spec.init_std, out_std));
 }
 
-Tensor TransformerBlock::forward(const Tensor& x, int64_t pos0) {
-  const Tensor h = add(x, attn->forward(norm_attn->forward(x), pos0));
+Tensor TransformerBlock::forward(const Tensor& x, int64_t pos0, KvCache* kv) {
+  const Tensor n = norm_attn->forward(x);
+  const Tensor h = add(x, kv != nullptr ? attn->forward_cached(n, *kv) : attn->forward(n, pos0));
   return add(h, ffn->forward(norm_ffn->forward(h)));
 }
 
@@ -238,6 +289,18 @@ LmOutput TransformerLM::forward(const Tensor& tokens, const Tensor& targets, For
   }
   if (want_logits) out.logits = logits;
   return out;
+}
+
+Tensor TransformerLM::decode(const Tensor& tokens, const PathSwitches& /*paths*/,
+                             DecodeState& state, bool last_only) {
+  begin_segment(tokens, spec_, 0, state);
+  NoGradGuard no_grad;
+  Tensor x = hydra::embedding(embedding, tokens);
+  for (std::size_t b = 0; b < blocks->size(); ++b)
+    x = blocks->at<TransformerBlock>(b).forward(x, state.position, &state.blocks[b].kv);
+  state.position += tokens.size(1);
+  if (last_only) x = x.narrow(1, x.size(1) - 1, 1);
+  return linear(final_norm->forward(x), embedding);
 }
 
 std::unique_ptr<LanguageModel> build_model(const ModelSpec& spec, uint64_t seed) {

@@ -359,10 +359,31 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   return out.view({B, L, d});
 }
 
+Tensor ChunkMoE::forward_carried(const Tensor& x, ForwardContext& ctx, MoeCarry& carry) {
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), c = chunk_;
+  // From the chunk in progress' start, padded with zeros to whole chunks (their outputs are
+  // dropped; the router reads a chunk's first token or the chunk before, never the padding).
+  const int64_t r = carry.pending.defined() ? carry.pending.size(1) : 0;
+  const Tensor xa = r > 0 ? concat({carry.pending, x}, 1) : x;
+  const int64_t La = r + L, whole = La / c, rest = La % c, padded = (whole + (rest > 0)) * c;
+  const Tensor xp =
+      padded > La ? concat({xa, zeros({B, padded - La, d}, x.dtype(), x.device())}, 1) : xa;
+  const Tensor xf = xp.reshape({B * padded, d});
+  const Routed rt = ctx.paths.moe_routing ? route(xp, ctx, nullptr, carry.prev_mean)
+                                          : route_densely(B * padded, x.device());
+  Tensor out = run_routed(xf, rt, ctx);
+  if (shared) out = add(out, shared->forward(xf));
+  if (whole > 0 && cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN)
+    carry.prev_mean = mean(xa.narrow(1, (whole - 1) * c, c), {1});
+  carry.pending = rest > 0 ? xa.narrow(1, whole * c, rest).contiguous() : Tensor();
+  return out.view({B, padded, d}).narrow(1, r, L);
+}
+
 // The router's input per chunk: its first token, or (PREV_CHUNK_MEAN) the previous chunk's mean,
 // the first chunk of the sequence by its first token. A sequence shard's first chunk gets the
 // previous shard's last chunk mean (rank 0: first token). xr [B, nC, c, d] -> [B, nC, d].
-Tensor ChunkMoE::router_input(const Tensor& xr, const ForwardContext& ctx) const {
+Tensor ChunkMoE::router_input(const Tensor& xr, const ForwardContext& ctx,
+                              const Tensor& carried) const {
   const int64_t nC = xr.size(1);
   Tensor first = xr.select(2, 0);  // [B, nC, d]
   if (cfg_.router_input() != config::MoeConfig::PREV_CHUNK_MEAN) return first;
@@ -371,6 +392,8 @@ Tensor ChunkMoE::router_input(const Tensor& xr, const ForwardContext& ctx) const
     const Tensor prev =
         parallel::shift_from_previous(mean(xr.select(1, nC - 1), {1}), ctx.grid->sp());
     parts.push_back(ctx.grid->sp_rank() == 0 ? first.narrow(1, 0, 1) : prev.unsqueeze(1));
+  } else if (carried.defined()) {
+    parts.push_back(carried.unsqueeze(1));
   } else {
     parts.push_back(first.narrow(1, 0, 1));
   }
@@ -379,7 +402,8 @@ Tensor ChunkMoE::router_input(const Tensor& xr, const ForwardContext& ctx) const
 }
 
 // The router (ReLU, RMSNorm), the dispatch on the device and the auxiliary losses into *losses.
-ChunkMoE::Routed ChunkMoE::route(const Tensor& x, ForwardContext& ctx, Tensor* losses) {
+ChunkMoE::Routed ChunkMoE::route(const Tensor& x, ForwardContext& ctx, Tensor* losses,
+                                 const Tensor& carried) {
   const int64_t B = x.size(0), L = x.size(1), d = x.size(2), E = num_experts_, c = chunk_,
                 nC = L / c;
   // The tiled dispatch (moe.dispatch): the experts' GEMMs are launched without the counts, so the
@@ -390,12 +414,12 @@ ChunkMoE::Routed ChunkMoE::route(const Tensor& x, ForwardContext& ctx, Tensor* l
   const bool tiled =
       one_process && (cfg_.dispatch() == config::MoeConfig::TILED ||
                       (cfg_.dispatch() == config::MoeConfig::AUTO && x.device().is_cuda()));
-  const Tensor rin = router_input(x.view({B, nC, c, d}), ctx);
+  const Tensor rin = router_input(x.view({B, nC, c, d}), ctx, carried);
   const Tensor raw = linear(rin.to(router_weight.dtype()), router_weight);  // [B, nC, E]
   const Tensor s = relu(raw);
   const Tensor r = rms_norm(s, router_norm, cfg_.router_eps());
   // The routing on the device; only the per-expert counts come to the host.
-  const double cf = cfg_.capacity_factor();
+  const double cf = losses != nullptr ? cfg_.capacity_factor() : 0.0;
   const int64_t capacity =
       cf > 0 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
                                         cf * double(B * nC) * double(max_active_) / double(E))))
@@ -420,7 +444,7 @@ ChunkMoE::Routed ChunkMoE::route(const Tensor& x, ForwardContext& ctx, Tensor* l
   } else {
     for (int64_t e = 0; e < E; ++e) rt.sizes[e] = dispatch.counts[e] * c;
   }
-  *losses = aux_losses(raw, s, r, dispatch, tiled, ctx, &rt.routed_anywhere);
+  if (losses != nullptr) *losses = aux_losses(raw, s, r, dispatch, tiled, ctx, &rt.routed_anywhere);
   return rt;
 }
 

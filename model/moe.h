@@ -25,12 +25,23 @@ struct MoeRouting {
   std::vector<int64_t> dropped;  // chunk-expert assignments dropped by the capacity, per expert
 };
 
+// Decoding in segments (LanguageModel::decode): the normalised inputs of the chunk in progress and
+// the mean of the last complete chunk (the router input of the chunk after it).
+struct MoeCarry {
+  Tensor pending;    // [B, position % chunk, d]; undefined at a chunk boundary
+  Tensor prev_mean;  // [B, d]; undefined until a chunk completes
+};
+
 class ChunkMoE : public Module {
  public:
   ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer);
   // x [B, L, d] (already normalised) -> [B, L, d]; *aux receives the weighted balance, locality
   // and sparsification losses stacked in AuxLoss order (model/lm.h; zeros when routing is off).
   Tensor forward(const Tensor& x, ForwardContext& ctx, Tensor* aux);
+  // Decoding: x [B, L, d] (any L) continues the sequence `carry` describes, which it updates; the
+  // outputs are forward()'s at the same positions, routed without a capacity (dropless). Each call
+  // recomputes the chunk in progress from its start: at most chunk - 1 tokens more.
+  Tensor forward_carried(const Tensor& x, ForwardContext& ctx, MoeCarry& carry);
   // Raises the sparsification coefficient when the last measured TLS is below target, lowers it
   // above.
   void update_sparsity_coef();
@@ -63,8 +74,10 @@ class ChunkMoE : public Module {
 
   // The forward's parts, in the order forward() runs them.
   struct Routed;
-  Tensor router_input(const Tensor& xr, const ForwardContext& ctx) const;
-  Routed route(const Tensor& x, ForwardContext& ctx, Tensor* losses);
+  // `carried` (decoding): the previous chunk's mean, the first chunk's router input.
+  Tensor router_input(const Tensor& xr, const ForwardContext& ctx, const Tensor& carried) const;
+  // losses null (decoding): no auxiliary losses, no capacity.
+  Routed route(const Tensor& x, ForwardContext& ctx, Tensor* losses, const Tensor& carried = {});
   Tensor aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,
                     const MoeDispatch& dispatch, bool tiled, ForwardContext& ctx,
                     bool* routed_anywhere);

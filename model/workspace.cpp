@@ -98,10 +98,32 @@ Tensor WorkspaceMemory::write_parallel(const Tensor& xc, const Tensor& s0,
 
 Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tensor& state,
                                 Tensor* next) const {
+  HYDRA_CHECK(x.size(1) % chunk_ == 0) << "workspace: sequence length " << x.size(1)
+                                       << " is not a multiple of workspace.chunk " << chunk_;
+  return run(x, ctx, state, x.size(1) / chunk_, next);
+}
+
+Tensor WorkspaceMemory::forward_carried(const Tensor& x, ForwardContext& ctx,
+                                        WorkspaceCarry& carry) const {
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), c = chunk_;
+  // From the chunk in progress' start, padded with zeros to whole chunks; the padded chunk only
+  // reads (its write waits for its last token), so the padding reaches no output we keep.
+  const int64_t r = carry.pending.defined() ? carry.pending.size(1) : 0;
+  const Tensor xa = r > 0 ? concat({carry.pending, x}, 1) : x;
+  const int64_t La = r + L, whole = La / c, rest = La % c, padded = (whole + (rest > 0)) * c;
+  const Tensor xp =
+      padded > La ? concat({xa, zeros({B, padded - La, d}, x.dtype(), x.device())}, 1) : xa;
+  Tensor next;
+  const Tensor out = run(xp, ctx, carry.slots, whole, &next);
+  carry.slots = next;
+  carry.pending = rest > 0 ? xa.narrow(1, whole * c, rest).contiguous() : Tensor();
+  return out.narrow(1, r, L);
+}
+
+Tensor WorkspaceMemory::run(const Tensor& x, ForwardContext& ctx, const Tensor& state,
+                            int64_t writes, Tensor* next) const {
   const int64_t B = x.size(0), L = x.size(1), d = x.size(2), M = num_slots_, c = chunk_, H = heads_,
                 a = dim_;
-  HYDRA_CHECK(L % c == 0) << "workspace: sequence length " << L
-                          << " is not a multiple of workspace.chunk " << c;
   const int64_t nC = L / c, ah = a / H;
   const double scale = 1.0 / std::sqrt(static_cast<double>(ah));
 
@@ -111,9 +133,12 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
   const Tensor s0 = state.defined() ? state : slots.unsqueeze(0).expand({B, M, d});
   std::vector<Tensor> gates;
   std::vector<Tensor>* record = ctx.recording() ? &gates : nullptr;
-  const Tensor h = parallel_write_ ? write_parallel(xc, s0, record)
-                                   : write_serial(xc, s0, record);  // [nC+1, B, M, d]
-  if (next != nullptr) *next = h.select(0, nC);
+  // [writes + 1, B, M, d]: the slots entering each chunk, and after the last write.
+  const Tensor xw = writes == nC ? xc : xc.narrow(0, 0, writes);
+  const Tensor h = writes == 0       ? s0.unsqueeze(0).contiguous()
+                   : parallel_write_ ? write_parallel(xw, s0, record)
+                                     : write_serial(xw, s0, record);
+  if (next != nullptr) *next = h.select(0, writes);
 
   // Reads: the tokens of chunk j attend to S_j, all chunks at once (batch nC * B, chunk-major).
   const Tensor entering = h.narrow(0, 0, nC);  // [nC, B, M, d]

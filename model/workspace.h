@@ -21,6 +21,13 @@
 
 namespace hydra::model {
 
+// Decoding in segments (LanguageModel::decode): the slots entering the chunk in progress and that
+// chunk's inputs so far.
+struct WorkspaceCarry {
+  Tensor slots;    // [B, M, d]; undefined: S_0
+  Tensor pending;  // [B, position % chunk, d]; undefined at a chunk boundary
+};
+
 class WorkspaceMemory : public Module {
  public:
   WorkspaceMemory(Init& init, const ModelSpec& spec, int64_t index);
@@ -28,6 +35,10 @@ class WorkspaceMemory : public Module {
   // `next` (optional) receives the slots after the last chunk.
   Tensor forward(const Tensor& x, ForwardContext& ctx, const Tensor& state = Tensor(),
                  Tensor* next = nullptr) const;
+  // Decoding: x [B, L, d] (any L) continues the sequence `carry` describes, which it updates; the
+  // outputs are forward()'s at the same positions. A chunk's write runs when its last token
+  // arrives; each call re-reads the chunk in progress from its start (at most chunk - 1 tokens).
+  Tensor forward_carried(const Tensor& x, ForwardContext& ctx, WorkspaceCarry& carry) const;
 
   // The attentions run as one fused kernel each (heads up to 128 wide, the default) or as explicit
   // GEMMs and a softmax (wider heads); the same function either way. For tests.
@@ -37,6 +48,10 @@ class WorkspaceMemory : public Module {
   std::shared_ptr<Linear> read_q, read_k, read_v, read_o, write_q, write_k, write_v, write_o, gate;
 
  private:
+  // forward() over x of whole chunks whose first `writes` chunks write (the others only read:
+  // nC - 1 <= writes <= nC); *next gets the slots after the writes.
+  Tensor run(const Tensor& x, ForwardContext& ctx, const Tensor& state, int64_t writes,
+             Tensor* next) const;
   // The slot states entering every chunk and after the last, [nC + 1, B, M, d], chunk-major;
   // `x_chunks` is x chunk-major [nC, B, c, d]; `gates` receives the write gates when recording.
   Tensor write_serial(const Tensor& x_chunks, const Tensor& s0, std::vector<Tensor>* gates) const;

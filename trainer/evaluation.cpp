@@ -180,16 +180,10 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   EvalTally tally(blocks, spec_.num_experts, spec_.vocab);
   if (shard_source_ && !eval_tokenizer_tried_) {  // the shards' tokenizer, for bits per byte
     eval_tokenizer_tried_ = true;
-    const auto* shards = dynamic_cast<const data::ShardSource*>(shard_source_.get());
-    const std::string spec = !cfg_.data().tokenizer().empty() ? cfg_.data().tokenizer()
-                             : shards != nullptr && shards->tokenizer() == "bytes"
-                                 ? std::string("bytes")
-                                 : std::string();
-    if (!spec.empty())
-      if (auto t = data::load_tokenizer(spec); t.ok()) {
-        eval_tokenizer_ = std::move(*t);
-        eval_anchor_ = decoding_anchor(*eval_tokenizer_);
-      }
+    if (auto t = text_tokenizer(); t.ok()) {
+      eval_tokenizer_ = std::move(*t);
+      eval_anchor_ = decoding_anchor(*eval_tokenizer_);
+    }
   }
   const int64_t batches = cfg_.train().eval_batches();
   for (int64_t i = 0; i < batches; ++i) {
@@ -219,19 +213,31 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   return tally.result();
 }
 
-Expected<EvalResult> Trainer::evaluate_checkpoint() {
-  HYDRA_CHECK(opt_.evaluate_only) << "evaluate_checkpoint: create the trainer with evaluate_only";
+Expected<std::unique_ptr<data::Tokenizer>> Trainer::text_tokenizer() const {
+  if (!cfg_.data().tokenizer().empty()) return data::load_tokenizer(cfg_.data().tokenizer());
+  const auto* shards = dynamic_cast<const data::ShardSource*>(shard_source_.get());
+  if (shard_source_ == nullptr || (shards != nullptr && shards->tokenizer() == "bytes"))
+    return data::load_tokenizer("bytes");  // the synthetic tasks are byte tokens
+  return invalid_argument(
+      "the run's shards were made with tokenizer '" +
+      (shards != nullptr ? shards->tokenizer() : std::string("?")) +
+      "' and data.tokenizer does not name its file: pass --set data.tokenizer=FILE");
+}
+
+const Stage& Trainer::checkpoint_stage() const {
+  HYDRA_CHECK(opt_.evaluate_only) << "checkpoint_stage: create the trainer with evaluate_only";
   // The stage of the step that led to the checkpoint, as training evaluates right after a step.
   const int64_t last = std::max<int64_t>(state_.step - 1, 0);
-  const Stage* stage = &stages_.back();
   for (const Stage& s : stages_)
-    if (last >= s.start && last < s.start + s.steps) {
-      stage = &s;
-      break;
-    }
-  HYDRA_ASSIGN_OR_RETURN(EvalResult r, evaluate(*stage));
+    if (last >= s.start && last < s.start + s.steps) return s;
+  return stages_.back();
+}
+
+Expected<EvalResult> Trainer::evaluate_checkpoint() {
+  const Stage& stage = checkpoint_stage();
+  HYDRA_ASSIGN_OR_RETURN(EvalResult r, evaluate(stage));
   r.step = state_.step;
-  r.stage = stage->name;
+  r.stage = stage.name;
   return r;
 }
 

@@ -101,6 +101,17 @@ class Trainer {
   // held-out batches. Every rank calls it.
   Expected<EvalResult> evaluate_checkpoint();
   const std::string& checkpoint() const { return resume_from_; }
+  // The curriculum stage of the loaded checkpoint's last step (evaluate_only): its paths are the
+  // ones the model was trained with when it was saved.
+  const Stage& checkpoint_stage() const;
+  int64_t checkpoint_step() const { return state_.step; }
+  // The model's compute copies under BF16_MIXED (enter a ComputeCopies::Scope around a forward);
+  // null otherwise.
+  ComputeCopies* compute_copies() const { return compute_copies_.get(); }
+  Device device() const { return device_; }
+  // The tokenizer of the run's text: data.tokenizer when set, else bytes for the built-in
+  // synthetic tasks and for byte shards; an error saying to set data.tokenizer otherwise.
+  Expected<std::unique_ptr<data::Tokenizer>> text_tokenizer() const;
   model::LanguageModel& model() { return *model_; }
   const config::RunConfig& config() const { return cfg_; }
   const AdamW& optimizer() const { return *optimizer_; }

@@ -6,6 +6,7 @@
 
 #include "autograd/compute_copies.h"
 #include "autograd/cuda_context.h"
+#include "autograd/grad_mode.h"
 #include "tests/model/model_util.h"
 #include "tests/test_util.h"
 
@@ -87,6 +88,59 @@ TEST_P(CudaModelWrite, TinyModelMatchesCpuInF32AndBf16MixedFollowsF32) {
   std::cout << "tiny model, batch 3 x 224: loss cpu " << ref.loss << ", cuda f32 " << f32.loss
             << ", bf16 mixed " << mixed.loss << "; gradient relative error f32 "
             << rel(f32.grad, ref.grad) << ", bf16 mixed " << rel(mixed.grad, ref.grad) << "\n";
+}
+
+// Recurrent decoding on the GPU gives the full forward's logits: the prompt in one segment, then
+// one token at a time and short segments, for both workspace writes and the Transformer, in f32
+// (relative 1e-4: the same sums in another order) and under BF16_MIXED (against f32's logits: the
+// bf16 rounding of a forward, 3e-2).
+TEST_P(CudaModelWrite, DecodingEqualsTheFullForward) {
+  HYDRA_REQUIRE_GPU();
+  for (const bool transformer : {false, true}) {
+    SCOPED_TRACE(transformer ? "transformer" : "hydra");
+    model::ModelSpec spec = transformer ? testing::spec_from(
+                                              "kind: TRANSFORMER vocab_size: 256 d_model: 64 "
+                                              "num_blocks: 2 max_seq_len: 256")
+                                        : testing::shipped_spec("tiny");
+    spec.ws_parallel_write = GetParam();
+    auto m = model::build_model(spec, 31);
+    m->to(Device::cuda(0));
+    const int64_t B = 2, L = 160;
+    const Tensor tokens = testing::random_tokens(spec.vocab, B, L, 32).to(Device::cuda(0));
+    ComputeCopies copies(*m, DType::kBF16);
+    NoGradGuard ng;
+    std::vector<double> f32;
+    for (ComputeCopies* c : {static_cast<ComputeCopies*>(nullptr), &copies}) {
+      const ComputeCopies::Scope scope(c);
+      model::ForwardContext ctx;
+      ctx.collect_stats = false;
+      const std::vector<double> full =
+          m->forward(tokens, Tensor(), ctx, true).logits.to(DType::kF32).to_vector<double>();
+      if (c == nullptr) f32 = full;
+      model::DecodeState state(B, spec.max_seq_len);
+      state.kv_split = 32;      // the Transformer's one-token steps attend in merged parts
+      std::vector<double> got;  // [B, L, V] in order
+      std::vector<std::vector<double>> per_seq(B);
+      const int64_t V = spec.vocab;
+      for (const int64_t n : {77, 1, 1, 1, 9, 1, 3, 1, 1, 65}) {
+        const std::vector<double> seg = m->decode(tokens.narrow(1, state.position, n), {}, state)
+                                            .to(DType::kF32)
+                                            .to_vector<double>();
+        for (int64_t b = 0; b < B; ++b)
+          per_seq[b].insert(per_seq[b].end(), seg.begin() + b * n * V,
+                            seg.begin() + (b + 1) * n * V);
+      }
+      ASSERT_EQ(state.position, L);
+      for (const auto& v : per_seq) got.insert(got.end(), v.begin(), v.end());
+      ASSERT_EQ(got.size(), full.size());
+      const double tolerance = c == nullptr ? 1e-4 : 3e-2;
+      EXPECT_LT(rel(got, c == nullptr ? full : f32), tolerance)
+          << (c == nullptr ? "f32" : "bf16 mixed");
+      std::cout << (transformer ? "transformer" : "tiny") << (c ? " bf16 mixed" : " f32")
+                << ": decoding vs the full forward, relative difference of the logits "
+                << rel(got, full) << "\n";
+    }
+  }
 }
 
 }  // namespace

@@ -47,6 +47,7 @@ const std::string kData = HYDRA_BIN_DIR "/hydra-data";
 const std::string kParams = HYDRA_BIN_DIR "/hydra-params";
 const std::string kEval = HYDRA_BIN_DIR "/hydra-eval";
 const std::string kCkpt = HYDRA_BIN_DIR "/hydra-ckpt";
+const std::string kGenerate = HYDRA_BIN_DIR "/hydra-generate";
 const std::string kTiny = HYDRA_SOURCE_DIR "/configs/tiny.pbtxt";
 // A quick run of tiny: 2 steps, short sequences, no curriculum.
 const std::string kQuick =
@@ -298,6 +299,49 @@ TEST(Cli, CheckpointToolInspectsVerifiesAndExports) {
   EXPECT_EQ(run(kCkpt + " frob " + dir).code, 2);
   EXPECT_EQ(run(kCkpt + " export " + dir).code, 2) << "export without --out";
   EXPECT_EQ(run(kCkpt + " export " + dir + " --out x --dtype i32").code, 2);
+  fs::remove_all(dir);
+}
+
+// hydra-generate continues a prompt from a run's checkpoint (text with the prompt first, or JSON),
+// the same seed gives the same samples, and bad requests are refused with the reason.
+TEST(Cli, GenerateContinuesAPromptAndRefusesBadRequests) {
+  const std::string dir = temp_dir("generate");
+  const Result train = run(kTrain + " --config " + kTiny + " --out " + dir + kQuick);
+  ASSERT_EQ(train.code, 0) << train.output;
+  Result r = run(kGenerate + " " + dir + " --prompt 'F ' --temperature 0 -n 6 --json - -q");
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const char* s : {"\"step\": 2", "\"prompt_tokens\": 2", "\"decode_steps\": 5",
+                        "\"tokens\": 6", "\"ended_by\": \"length\""})
+    EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
+  const std::string sampled = " --prompt 'R ab:7 ?ab:' --samples 2 --seed 4 --top-p 0.9 -n 8 -q";
+  r = run(kGenerate + " " + dir + sampled);
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(r.output, run(kGenerate + " " + dir + sampled).output) << "the same seed";
+  EXPECT_NE(r.output.find("--- sample 2 (length) ---\nR ab:7 ?ab:"), std::string::npos) << r.output;
+  r = run(kGenerate + " " + dir + "/checkpoints/step-00000002 --prompt 'C ab|' -n 3");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(r.output.rfind("C ab|", 0), 0u) << "the text starts with the prompt: " << r.output;
+  EXPECT_NE(r.output.find("tokens/s per sample"), std::string::npos) << r.output;
+
+  // Bad requests.
+  std::ofstream(dir + "/long.txt") << std::string(300, 'a');
+  r = run(kGenerate + " " + dir + " --prompt-file " + dir + "/long.txt");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("300 tokens, longer than the model's model.max_seq_len = 256"),
+            std::string::npos)
+      << r.output;
+  r = run(kGenerate + " " + dir);
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("give a prompt"), std::string::npos) << r.output;
+  EXPECT_EQ(run(kGenerate + " " + dir + " --prompt a --temperature -1").code, 2);
+  EXPECT_EQ(run(kGenerate + " " + dir + " --prompt a --prompt-file x").code, 2);
+  r = run(kGenerate + " " + kTiny + " --prompt a");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("neither a checkpoint"), std::string::npos) << r.output;
+  std::ofstream(dir + "/checkpoints/step-00000002/manifest.pb") << "damaged";
+  r = run(kGenerate + " " + dir + "/checkpoints/step-00000002 --prompt a");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("manifest.pb"), std::string::npos) << r.output;
   fs::remove_all(dir);
 }
 
