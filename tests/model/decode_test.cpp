@@ -81,7 +81,7 @@ TEST(Decode, SharedExpertEverySsmFormWithAndWithoutTheController) {
   // The micro model (shared expert, a workspace after each block), its SSM in the SSD form and in
   // the paper's form (one state per channel, no convolution); the controller on (the default) and
   // off.
-  for (const std::string ssm :
+  for (const std::string& ssm :
        {std::string(""), std::string(testing::kMicroSsd), std::string(testing::kMicroPaperSsm)})
     for (const char* block : {"", " block { controller: false }"}) {
       SCOPED_TRACE(ssm + block);

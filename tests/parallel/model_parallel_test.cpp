@@ -13,6 +13,8 @@
 // parameters agree to < 1e-9.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <filesystem>
 
 #include "autograd/cuda_context.h"
@@ -163,6 +165,7 @@ void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {
   const auto want_p = ref->named_parameters(), got_p = dist->named_parameters();
   ASSERT_EQ(want_p.size(), got_p.size());
   int checked = 0;
+  double worst = 0;  // the largest relative error of a gradient: the tolerance's margin, printed
   for (std::size_t i = 0; i < want_p.size(); ++i) {
     const Tensor& w = want_p[i].tensor;
     const Tensor& g = got_p[i].tensor;
@@ -176,10 +179,17 @@ void expect_same_step(const GridShape& shape, bool preset = false, OnGpu gpu = {
       ASSERT_TRUE(trainer::is_expert_parameter(got_p[i].name)) << got_p[i].name;
       wg = wg.narrow(0, grid->ep_rank() * gg.size(0), gg.size(0));
     }
-    EXPECT_LT(testing::rel_error(gg, wg), 1e-10) << got_p[i].name;
+    const double err = testing::rel_error(gg, wg);
+    EXPECT_LT(err, 1e-10) << got_p[i].name;
+    worst = std::max(worst, err);
     ++checked;
   }
   EXPECT_EQ(checked, static_cast<int>(want_p.size()));
+  if (grid->world().rank() == 0)
+    std::printf(
+        "grid %s%s: loss relative error %.1e (tolerance 1e-12), worst gradient %.1e (1e-10)\n",
+        shape.str().c_str(), gpu.on ? " on the GPU" : "",
+        std::abs(got.total - want.total) / std::abs(want.total), worst);
 }
 
 // Gradient accumulation: a step over 2 micro-batches equals one step over the whole batch (losses,
@@ -329,6 +339,7 @@ void expect_same_parameters(trainer::Trainer& got, trainer::Trainer& want, int64
                             double tol) {
   const auto d = got.model().named_parameters(), s = want.model().named_parameters();
   ASSERT_EQ(d.size(), s.size());
+  double worst = 0;
   for (std::size_t i = 0; i < d.size(); ++i) {
     Tensor w = s[i].tensor;
     if (w.shape() != d[i].tensor.shape())
@@ -336,9 +347,14 @@ void expect_same_parameters(trainer::Trainer& got, trainer::Trainer& want, int64
     if (tol == 0) {
       EXPECT_TRUE(testing::bitwise_equal(d[i].tensor, w)) << d[i].name;
     } else {
-      EXPECT_LT(testing::rel_error(d[i].tensor, w), tol) << d[i].name;
+      const double err = testing::rel_error(d[i].tensor, w);
+      EXPECT_LT(err, tol) << d[i].name;
+      worst = std::max(worst, err);
     }
   }
+  if (tol > 0 && parallel::process_info().rank == 0)
+    std::printf("parameters after training: worst relative error %.1e (tolerance %.0e)\n", worst,
+                tol);
 }
 
 void expect_same_training(const GridShape& shape, bool zero1 = false) {
