@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -132,6 +133,19 @@ std::string json_string(const std::string& s) {
     }
   }
   return out + "\"";
+}
+
+int write_json(const Tool& tool, const po::variables_map& vm, const std::string& json) {
+  const std::string path = vm["json"].as<std::string>();
+  if (path == "-") {
+    std::cout << json << "\n";
+    return kOk;
+  }
+  std::ofstream f(path);
+  f << json << "\n";
+  if (f) return kOk;
+  tool.error("cannot write " + path);
+  return kUserError;
 }
 
 }  // namespace hydra::cli

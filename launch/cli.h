@@ -67,4 +67,8 @@ Expected<config::RunConfig> load_config(const std::string& path,
 // `s` as a JSON string: quoted, with quotes, backslashes and control characters escaped.
 std::string json_string(const std::string& s);
 
+// Writes `json` and a newline to the file the --json option names (vm "json"), or to stdout for
+// "-". kOk, or kUserError after saying (on rank 0) that the file cannot be written.
+int write_json(const Tool& tool, const po::variables_map& vm, const std::string& json);
+
 }  // namespace hydra::cli

@@ -82,7 +82,7 @@ int64_t numel(const Shape& s) {
 
 std::string kind_of(const std::string& name) { return name.substr(0, name.find('/')); }
 
-int inspect(const Loaded& l, const po::variables_map& vm) {
+int inspect(const cli::Tool& tool, const Loaded& l, const po::variables_map& vm) {
   const auto& m = l.man;
   if (vm.count("json")) {
     std::ostringstream os;
@@ -108,19 +108,9 @@ int inspect(const Loaded& l, const po::variables_map& vm) {
       }
       os << "]}";
     }
-    os << "]}\n";
-    const std::string path = vm["json"].as<std::string>();
-    if (path == "-") {
-      std::cout << os.str();
-    } else {
-      std::ofstream f(path);
-      f << os.str();
-      if (!f) {
-        std::cerr << "hydra-ckpt: cannot write " << path << "\n";
-        return cli::kUserError;
-      }
-    }
-    if (path == "-") return cli::kOk;
+    os << "]}";
+    const int rc = cli::write_json(tool, vm, os.str());
+    if (rc != cli::kOk || vm["json"].as<std::string>() == "-") return rc;
   }
   if (vm.count("config")) {
     std::cout << m.config_text();
@@ -349,7 +339,7 @@ int run(const cli::Tool& tool, int argc, char** argv) {
     tool.error(l.status().message());
     return cli::kUserError;
   }
-  if (cmd == "inspect") return inspect(*l, vm);
+  if (cmd == "inspect") return inspect(tool, *l, vm);
   if (cmd == "verify") return verify(*l);
   return export_safetensors(*l, vm);
 }

@@ -135,19 +135,7 @@ int text_loss(const cli::Tool& tool, trainer::Trainer& tr, const std::string& pa
         "bits per byte\n",
         tr.checkpoint().c_str(), long(tr.checkpoint_step()), stage.name.c_str(), path.c_str(), loss,
         long(n - 1), bits_per_byte);
-  if (vm.count("json")) {
-    if (json_stdout) {
-      std::cout << json.str() << "\n";
-    } else {
-      std::ofstream out(vm["json"].as<std::string>());
-      out << json.str() << "\n";
-      if (!out) {
-        tool.error("cannot write " + vm["json"].as<std::string>());
-        return cli::kUserError;
-      }
-    }
-  }
-  return cli::kOk;
+  return vm.count("json") ? cli::write_json(tool, vm, json.str()) : cli::kOk;
 }
 
 int run(const cli::Tool& tool, int argc, char** argv) {
@@ -234,19 +222,7 @@ int run(const cli::Tool& tool, int argc, char** argv) {
   const std::string json = to_json(*r, (*t)->checkpoint());
   const bool json_stdout = vm.count("json") && vm["json"].as<std::string>() == "-";
   if (!json_stdout) print_table(*r, (*t)->checkpoint());
-  if (vm.count("json")) {
-    if (json_stdout) {
-      std::cout << json << "\n";
-    } else {
-      std::ofstream f(vm["json"].as<std::string>());
-      f << json << "\n";
-      if (!f) {
-        tool.error("cannot write " + vm["json"].as<std::string>());
-        return cli::kUserError;
-      }
-    }
-  }
-  return cli::kOk;
+  return vm.count("json") ? cli::write_json(tool, vm, json) : cli::kOk;
 }
 
 }  // namespace

@@ -216,19 +216,9 @@ int run(const cli::Tool& tool, int argc, char** argv) {
               << " one-token steps:\n";
     kernel_profile_report(std::cerr, g->decode_steps);
   }
-  if (vm.count("json")) {
-    const std::string json = to_json(*g, tr.checkpoint(), tr.checkpoint_step(), stage.name);
-    if (json_stdout) {
-      std::cout << json << "\n";
-    } else {
-      std::ofstream f(vm["json"].as<std::string>());
-      f << json << "\n";
-      if (!f) {
-        tool.error("cannot write " + vm["json"].as<std::string>());
-        return cli::kUserError;
-      }
-    }
-  }
+  if (vm.count("json"))
+    return cli::write_json(tool, vm,
+                           to_json(*g, tr.checkpoint(), tr.checkpoint_step(), stage.name));
   return cli::kOk;
 }
 

@@ -4,6 +4,24 @@
 
 namespace hydra::model {
 
+ChunkedSegment::ChunkedSegment(const Tensor& pending, const Tensor& x, int64_t chunk)
+    : chunk_(chunk), length_(x.size(1)) {
+  r = pending.defined() ? pending.size(1) : 0;
+  from_start = r > 0 ? concat({pending, x}, 1) : x;
+  const int64_t n = r + length_, chunks = (n + chunk - 1) / chunk;
+  whole = n / chunk;
+  padded = chunks * chunk > n
+               ? concat({from_start,
+                         zeros({x.size(0), chunks * chunk - n, x.size(2)}, x.dtype(), x.device())},
+                        1)
+               : from_start;
+}
+
+Tensor ChunkedSegment::pending_after() const {
+  const int64_t rest = from_start.size(1) - whole * chunk_;
+  return rest > 0 ? from_start.narrow(1, whole * chunk_, rest).contiguous() : Tensor();
+}
+
 Linear::Linear(Init& init, int64_t in, int64_t out, double stddev, bool with_bias) {
   weight = register_parameter("weight", init.normal({out, in}, stddev));
   if (with_bias)

@@ -49,6 +49,23 @@ class SwiGLU : public Module {
   std::shared_ptr<Linear> w1, w3, w2;
 };
 
+// Decoding a chunked layer (MoE, workspace) in segments: the inputs of the chunk in progress
+// (`pending` [B, r, d], undefined when r = 0) then the segment's x [B, L, d], from the chunk's
+// start.
+struct ChunkedSegment {
+  ChunkedSegment(const Tensor& pending, const Tensor& x, int64_t chunk);
+  Tensor from_start;                       // [B, r + L, d]
+  Tensor padded;                           // zero-padded to whole chunks: [B, chunks * chunk, d]
+  int64_t r = 0, whole = 0;                // pending tokens; chunks complete after the segment
+  Tensor pending_after() const;            // the next segment's `pending`
+  Tensor segment(const Tensor& y) const {  // the segment's rows of an output over `padded`
+    return y.narrow(1, r, length_);
+  }
+
+ private:
+  int64_t chunk_, length_;
+};
+
 // -sum p log p over every element of the probabilities p (0 log 0 = 0), computed on p's device in
 // at least fp32, as a one-element tensor (statistics; no gradient).
 Tensor entropy_sum(const Tensor& p);

@@ -360,23 +360,20 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
 }
 
 Tensor ChunkMoE::forward_carried(const Tensor& x, ForwardContext& ctx, MoeCarry& carry) {
-  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), c = chunk_;
-  // From the chunk in progress' start, padded with zeros to whole chunks (their outputs are
-  // dropped; the router reads a chunk's first token or the chunk before, never the padding).
-  const int64_t r = carry.pending.defined() ? carry.pending.size(1) : 0;
-  const Tensor xa = r > 0 ? concat({carry.pending, x}, 1) : x;
-  const int64_t La = r + L, whole = La / c, rest = La % c, padded = (whole + (rest > 0)) * c;
-  const Tensor xp =
-      padded > La ? concat({xa, zeros({B, padded - La, d}, x.dtype(), x.device())}, 1) : xa;
-  const Tensor xf = xp.reshape({B * padded, d});
-  const Routed rt = ctx.paths.moe_routing ? route(xp, ctx, nullptr, carry.prev_mean)
-                                          : route_densely(B * padded, x.device());
+  const int64_t B = x.size(0), d = x.size(2), c = chunk_;
+  // The padding's outputs are dropped; the router reads a chunk's first token or the chunk before,
+  // never the padding.
+  const ChunkedSegment seg(carry.pending, x, c);
+  const int64_t rows = B * seg.padded.size(1);
+  const Tensor xf = seg.padded.reshape({rows, d});
+  const Routed rt = ctx.paths.moe_routing ? route(seg.padded, ctx, nullptr, carry.prev_mean)
+                                          : route_densely(rows, x.device());
   Tensor out = run_routed(xf, rt, ctx);
   if (shared) out = add(out, shared->forward(xf));
-  if (whole > 0 && cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN)
-    carry.prev_mean = mean(xa.narrow(1, (whole - 1) * c, c), {1});
-  carry.pending = rest > 0 ? xa.narrow(1, whole * c, rest).contiguous() : Tensor();
-  return out.view({B, padded, d}).narrow(1, r, L);
+  if (seg.whole > 0 && cfg_.router_input() == config::MoeConfig::PREV_CHUNK_MEAN)
+    carry.prev_mean = mean(seg.from_start.narrow(1, (seg.whole - 1) * c, c), {1});
+  carry.pending = seg.pending_after();
+  return seg.segment(out.view({B, seg.padded.size(1), d}));
 }
 
 // The router's input per chunk: its first token, or (PREV_CHUNK_MEAN) the previous chunk's mean,

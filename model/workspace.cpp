@@ -105,19 +105,14 @@ Tensor WorkspaceMemory::forward(const Tensor& x, ForwardContext& ctx, const Tens
 
 Tensor WorkspaceMemory::forward_carried(const Tensor& x, ForwardContext& ctx,
                                         WorkspaceCarry& carry) const {
-  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), c = chunk_;
-  // From the chunk in progress' start, padded with zeros to whole chunks; the padded chunk only
-  // reads (its write waits for its last token), so the padding reaches no output we keep.
-  const int64_t r = carry.pending.defined() ? carry.pending.size(1) : 0;
-  const Tensor xa = r > 0 ? concat({carry.pending, x}, 1) : x;
-  const int64_t La = r + L, whole = La / c, rest = La % c, padded = (whole + (rest > 0)) * c;
-  const Tensor xp =
-      padded > La ? concat({xa, zeros({B, padded - La, d}, x.dtype(), x.device())}, 1) : xa;
+  // The padded chunk only reads (its write waits for its last token), so the padding reaches no
+  // output we keep.
+  const ChunkedSegment seg(carry.pending, x, chunk_);
   Tensor next;
-  const Tensor out = run(xp, ctx, carry.slots, whole, &next);
+  const Tensor out = run(seg.padded, ctx, carry.slots, seg.whole, &next);
   carry.slots = next;
-  carry.pending = rest > 0 ? xa.narrow(1, whole * c, rest).contiguous() : Tensor();
-  return out.narrow(1, r, L);
+  carry.pending = seg.pending_after();
+  return seg.segment(out);
 }
 
 Tensor WorkspaceMemory::run(const Tensor& x, ForwardContext& ctx, const Tensor& state,
