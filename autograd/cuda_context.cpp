@@ -210,16 +210,21 @@ class PinnedAllocator final : public Allocator {
  public:
   void* allocate(std::size_t bytes, void*) override {
     if (bytes == 0) return nullptr;
-    std::lock_guard<std::mutex> lock(mu_);
-    process_pending();
     const std::size_t size = bin_size(bytes);
+    std::unique_lock<std::mutex> lock(mu_);
+    process_pending();
     void* ptr = nullptr;
     auto& bin = free_[size];
     if (!bin.empty()) {
       ptr = bin.back();
       bin.pop_back();
     } else {
+      // Page-locking takes the driver about a second a GB: outside the lock, so that a thread
+      // setting up large buffers (a checkpoint's, in the background) does not hold up the small
+      // staging copies of the training thread.
+      lock.unlock();
       ptr = kernels::cuda::host_malloc_pinned(size);
+      lock.lock();
       ++stats_.num_driver_allocations;
       stats_.reserved += size;
     }

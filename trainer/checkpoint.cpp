@@ -264,6 +264,43 @@ struct CheckpointManager::Pending {
 
 CheckpointManager::~CheckpointManager() {
   if (pending_ && pending_->writer.joinable()) pending_->writer.join();
+  if (preparing_.joinable()) preparing_.join();
+}
+
+void CheckpointManager::prepare_staging(const model::LanguageModel& model, const AdamW& optimizer,
+                                        const parallel::ProcessGrid& grid) {
+  if (preparing_.joinable()) preparing_.join();
+  struct Wanted {
+    std::string name;
+    Shape shape;
+    DType dtype;
+    bool pinned;
+  };
+  std::vector<Wanted> wanted;  // what begin_save would set up: this rank's tensors, not yet staged
+  for (const Entry& e : checkpoint_tensors(model, optimizer)) {
+    if (!place(e, grid).write) continue;
+    const Tensor& t = e.tensor;
+    const auto kept = staging_.find(e.name);
+    if (kept != staging_.end() && kept->second.shape() == t.shape() &&
+        kept->second.dtype() == t.dtype())
+      continue;
+    wanted.push_back({e.name, t.shape(), t.dtype(), !t.device().is_cpu()});
+  }
+  prepared_.clear();
+  preparing_ = std::thread([this, wanted = std::move(wanted)] {
+    for (const Wanted& w : wanted)
+      prepared_[w.name] =
+          w.pinned ? Tensor::empty_pinned(w.shape, w.dtype) : Tensor::empty(w.shape, w.dtype);
+  });
+}
+
+void CheckpointManager::take_prepared(Snapshot* snap) {
+  if (!preparing_.joinable()) return;
+  const auto t0 = std::chrono::steady_clock::now();
+  preparing_.join();
+  snap->alloc_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (auto& [name, t] : prepared_) staging_[name] = std::move(t);
+  prepared_.clear();
 }
 
 bool CheckpointManager::written() const { return pending_ == nullptr || pending_->done.load(); }
@@ -290,6 +327,7 @@ Expected<CheckpointManager::Snapshot> CheckpointManager::begin_save(
   const auto t_wait = Clock::now();
   if (pending_) HYDRA_RETURN_IF_ERROR(finish_save(grid).status());
   snap.waited_s = seconds(t_wait);
+  take_prepared(&snap);
   auto job = std::make_unique<Pending>();
   job->final_dir = checkpoint_dir(state.step);
   job->tmp_dir = job->final_dir + ".tmp";
@@ -324,6 +362,7 @@ Expected<CheckpointManager::Snapshot> CheckpointManager::begin_save(
         c = d.device().is_cpu() ? Tensor::empty(d.shape(), d.dtype())
                                 : Tensor::empty_pinned(d.shape(), d.dtype());
         snap.alloc_s += seconds(t_alloc);
+        ++snap.allocated;
       }
       const auto t_copy = Clock::now();
       copy_to_host(d, c);

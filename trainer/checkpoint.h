@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "autograd/random.h"
@@ -51,14 +52,22 @@ class CheckpointManager {
   // host memory, the only part that holds training up; a background thread writes them and their
   // checksums into the rank's file. One save at a time: a save still running is finished first.
   struct Snapshot {
-    double bytes = 0;     // this rank's tensors copied to host memory
-    double copy_s = 0;    // the copies
-    double alloc_s = 0;   // host buffers set up (the first save, or when shapes change)
-    double waited_s = 0;  // the previous save still being written, finished first
+    double bytes = 0;       // this rank's tensors copied to host memory
+    double copy_s = 0;      // the copies
+    double alloc_s = 0;     // host buffers set up (the first save, or when shapes change), or
+                            // waited for (prepare_staging still at work)
+    int64_t allocated = 0;  // buffers set up by this save (not kept, not prepared)
+    double waited_s = 0;    // the previous save still being written, finished first
   };
   Expected<Snapshot> begin_save(const TrainState& state, const config::RunConfig& resolved,
                                 const model::LanguageModel& model, const AdamW& optimizer,
                                 const parallel::ProcessGrid& grid);
+  // Sets up, on a thread of its own, the host buffers the next save will copy this rank's tensors
+  // into (page-locked for GPU tensors: about a second a GB, which the first save otherwise spends
+  // holding training up). Call once the tensors exist (after the first optimizer step); begin_save
+  // waits for it if it is still at work.
+  void prepare_staging(const model::LanguageModel& model, const AdamW& optimizer,
+                       const parallel::ProcessGrid& grid);
   bool saving() const { return pending_ != nullptr; }  // begun, not yet finished
   bool written() const;  // this rank's background write has ended (well or not)
 
@@ -87,6 +96,9 @@ class CheckpointManager {
   // Host copies of the tensors a save writes, kept from save to save (page-locked for GPU tensors:
   // the copy that holds training up runs at the link's speed).
   std::map<std::string, Tensor> staging_;
+  std::thread preparing_;                   // prepare_staging's thread
+  std::map<std::string, Tensor> prepared_;  // its buffers, moved into staging_ by begin_save
+  void take_prepared(Snapshot* snap);
 };
 
 // A checkpoint read without a model (hydra-ckpt): each tensor the manifest lists, whole, with the

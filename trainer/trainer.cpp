@@ -457,6 +457,12 @@ Status Trainer::train_steps(Leg& leg) {
     const Stage& stage = stage_at(stages_, state_.step);
     if (stage.index != current_stage_) HYDRA_RETURN_IF_ERROR(begin_stage(stage, leg));
     HYDRA_ASSIGN_OR_RETURN(StepOutcome step, train_step(stage, leg));
+    // The tensors a checkpoint copies all exist after a first step (the optimizer's moments
+    // included): their host buffers are set up meanwhile, not when the first save holds training
+    // up.
+    if (state_.step == leg.sum.first_step + 1 && cfg_.train().async_save() &&
+        cfg_.train().save_every() > 0)
+      checkpoints_->prepare_staging(*model_, *optimizer_, *grid_);
     MetricValues values = step_metrics(step, stage, leg);
     const bool last = state_.step == leg.stop;
     const bool evaluated =

@@ -280,6 +280,42 @@ TEST(Training, GradAccumulationEqualsOneStepThroughTheTrainer) {
   }
 }
 
+// prepare_staging sets up the host buffers a save copies into, beforehand: a save after it sets up
+// none (one without it sets up every tensor's), and writes the same checkpoint.
+TEST(Checkpoints, PreparedBuffersLeaveTheFirstSaveNothingToSetUp) {
+  const std::string dir = temp_dir("prepare");
+  std::unique_ptr<Trainer> t;
+  ASSERT_TRUE(train(small_config({"train.save_every=-1"}), dir + "/run", "", 2, &t).ok());
+  const auto grid = parallel::ProcessGrid::single();
+  TrainState state;
+  state.step = 2;
+  CheckpointManager plain(dir + "/plain", 2), prepared(dir + "/prepared", 2);
+  prepared.prepare_staging(t->model(), t->optimizer(), *grid);
+  auto a = plain.begin_save(state, t->config(), t->model(), t->optimizer(), *grid);
+  auto b = prepared.begin_save(state, t->config(), t->model(), t->optimizer(), *grid);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_GT(a->allocated, 10) << "every tensor's buffer set up by the save";
+  EXPECT_EQ(b->allocated, 0) << "prepared beforehand";
+  EXPECT_EQ(a->bytes, b->bytes);
+  ASSERT_TRUE(plain.finish_save(*grid).ok());
+  ASSERT_TRUE(prepared.finish_save(*grid).ok());
+  auto ma = CheckpointManager::read_manifest(plain.checkpoint_dir(2));
+  auto mb = CheckpointManager::read_manifest(prepared.checkpoint_dir(2));
+  ASSERT_TRUE(ma.ok() && mb.ok());
+  ASSERT_EQ(ma->tensor_size(), mb->tensor_size());
+  for (int i = 0; i < ma->tensor_size(); ++i) {
+    EXPECT_EQ(ma->tensor(i).name(), mb->tensor(i).name());
+    EXPECT_EQ(ma->tensor(i).crc32c(), mb->tensor(i).crc32c()) << ma->tensor(i).name();
+  }
+  // Kept from save to save: the next one sets up nothing either.
+  state.step = 3;
+  auto c = plain.begin_save(state, t->config(), t->model(), t->optimizer(), *grid);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->allocated, 0);
+  ASSERT_TRUE(plain.finish_save(*grid).ok());
+  fs::remove_all(dir);
+}
+
 // A background save holds the step it was begun at, although training went on while its files were
 // written (a slow disk: each write takes 300 ms, tens of steps of this model): the straight run's
 // step-4 checkpoint, copied into a new run and resumed, reaches the straight run's final parameters
