@@ -69,8 +69,8 @@ int run(const cli::Tool& tool, int argc, char** argv) {
       "Text is tokenized with data.tokenizer, or as bytes for the built-in tasks and byte "
       "shards.\n\n"
       "Examples (after `make demo`):\n"
-      "  hydra-generate runs/demo --prompt 'C xkcdq|' --temperature 0 --max-new-tokens 5\n"
-      "  hydra-generate runs/demo --prompt 'F ' --samples 4 --top-k 20 --stop ' '\n\n"
+      "  hydra-generate runs/demo --prompt 'F QGO=' --temperature 0 --max-new-tokens 2\n"
+      "  hydra-generate runs/demo --prompt 'F ' --samples 4 --top-k 20 --stop $'\\n'\n\n"
       "Options");
   opts.add_options()("help,h", "show this help")("prompt", po::value<std::string>(),
                                                  "the text to continue")(
