@@ -293,6 +293,9 @@ PinnedAllocator& pinned() {
 }  // namespace
 
 Allocator& cuda_pinned_allocator() { return pinned(); }
+void cuda_use_device_on_this_thread(Device device) {
+  if (device.is_cuda()) kernels::cuda::set_device(static_cast<int>(device.index));
+}
 void cuda_record_pinned_use(void* ptr, void* stream) { pinned().record_use(ptr, stream); }
 PinnedMemoryStats cuda_pinned_memory_stats() { return pinned().stats(); }
 
@@ -351,6 +354,7 @@ void cuda_set_poison_allocations(bool) {}
 void* cuda_compute_stream(int) { no_cuda(); }
 void* cuda_comm_stream(int) { no_cuda(); }
 Allocator& cuda_pinned_allocator() { no_cuda(); }
+void cuda_use_device_on_this_thread(Device) {}
 void cuda_record_pinned_use(void*, void*) {}
 PinnedMemoryStats cuda_pinned_memory_stats() { return {}; }
 CudaEvent::CudaEvent() { no_cuda(); }

@@ -41,6 +41,9 @@ void cuda_set_poison_allocations(bool on);
 // device memory. A block an async copy reads from (cuda_record_pinned_use) returns to the cache
 // only after that copy has finished, so freeing the host tensor early is safe.
 Allocator& cuda_pinned_allocator();
+// Makes `device` the calling thread's current CUDA device (a new thread starts on device 0, whose
+// context page-locked allocations would otherwise create or join). Nothing for the CPU.
+void cuda_use_device_on_this_thread(Device device);
 void cuda_record_pinned_use(void* ptr, void* stream);
 struct PinnedMemoryStats {
   std::size_t allocated = 0, reserved = 0;

@@ -14,6 +14,7 @@
 #include <map>
 #include <thread>
 
+#include "autograd/cuda_context.h"
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
 #include "configs/config_io.h"
@@ -277,6 +278,7 @@ void CheckpointManager::prepare_staging(const model::LanguageModel& model, const
     bool pinned;
   };
   std::vector<Wanted> wanted;  // what begin_save would set up: this rank's tensors, not yet staged
+  Device device = Device::cpu();
   for (const Entry& e : checkpoint_tensors(model, optimizer)) {
     if (!place(e, grid).write) continue;
     const Tensor& t = e.tensor;
@@ -285,9 +287,11 @@ void CheckpointManager::prepare_staging(const model::LanguageModel& model, const
         kept->second.dtype() == t.dtype())
       continue;
     wanted.push_back({e.name, t.shape(), t.dtype(), !t.device().is_cpu()});
+    if (t.device().is_cuda()) device = t.device();
   }
   prepared_.clear();
-  preparing_ = std::thread([this, wanted = std::move(wanted)] {
+  preparing_ = std::thread([this, device, wanted = std::move(wanted)] {
+    cuda_use_device_on_this_thread(device);  // the rank's GPU, not device 0
     for (const Wanted& w : wanted)
       prepared_[w.name] =
           w.pinned ? Tensor::empty_pinned(w.shape, w.dtype) : Tensor::empty(w.shape, w.dtype);
