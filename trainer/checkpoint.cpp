@@ -291,10 +291,16 @@ void CheckpointManager::prepare_staging(const model::LanguageModel& model, const
   }
   prepared_.clear();
   preparing_ = std::thread([this, device, wanted = std::move(wanted)] {
-    cuda_use_device_on_this_thread(device);  // the rank's GPU, not device 0
-    for (const Wanted& w : wanted)
-      prepared_[w.name] =
-          w.pinned ? Tensor::empty_pinned(w.shape, w.dtype) : Tensor::empty(w.shape, w.dtype);
+    try {
+      cuda_use_device_on_this_thread(device);  // the rank's GPU, not device 0
+      for (const Wanted& w : wanted)
+        prepared_[w.name] =
+            w.pinned ? Tensor::empty_pinned(w.shape, w.dtype) : Tensor::empty(w.shape, w.dtype);
+    } catch (const std::exception&) {
+      // Out of host memory, say: the save sets its buffers up itself and reports the failure on
+      // the training thread, with the step it was saving.
+      prepared_.clear();
+    }
   });
 }
 
