@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <optional>
@@ -94,6 +95,23 @@ std::vector<std::string> overrides(const po::variables_map& vm,
   for (const auto& [option, field] : flags)
     if (vm.count(option)) sets.push_back(field + "=" + value_text(vm[option]));
   return sets;
+}
+
+Expected<RunTarget> resolve_run(const std::string& target, const std::string& config_flag) {
+  namespace fs = std::filesystem;
+  RunTarget t;
+  t.is_checkpoint = fs::exists(fs::path(target) / "manifest.pb");
+  // A checkpoint is RUN/checkpoints/step-N: its run directory is two levels up.
+  const fs::path run_dir = t.is_checkpoint
+                               ? fs::path(target).lexically_normal().parent_path().parent_path()
+                               : fs::path(target);
+  if (!t.is_checkpoint && !fs::is_directory(run_dir / "checkpoints"))
+    return invalid_argument(target +
+                            " is neither a checkpoint (no manifest.pb) nor a run directory (no "
+                            "checkpoints/); name checkpoints/step-N or the run's --out directory");
+  t.run_dir = run_dir.string();
+  t.config_path = config_flag.empty() ? (run_dir / "config.pbtxt").string() : config_flag;
+  return t;
 }
 
 Expected<config::RunConfig> load_config(const std::string& path,

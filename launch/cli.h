@@ -64,6 +64,16 @@ std::vector<std::string> overrides(const po::variables_map& vm,
 Expected<config::RunConfig> load_config(const std::string& path,
                                         const std::vector<std::string>& sets);
 
+// What a tool given RUN_DIR or RUN_DIR/checkpoints/step-N reads: the run directory and its config
+// (`config_flag` when given, else RUN_DIR/config.pbtxt). An error names the target and says what
+// to pass when it is neither.
+struct RunTarget {
+  std::string run_dir;
+  std::string config_path;
+  bool is_checkpoint = false;  // the target is one checkpoint, not a run directory
+};
+Expected<RunTarget> resolve_run(const std::string& target, const std::string& config_flag);
+
 // `s` as a JSON string: quoted, with quotes, backslashes and control characters escaped.
 std::string json_string(const std::string& s);
 

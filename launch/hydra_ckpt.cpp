@@ -52,12 +52,9 @@ std::string mib(double bytes) {
 
 // The checkpoint `target` names: itself, or a run directory's newest complete one.
 Expected<std::string> resolve(const std::string& target) {
-  if (fs::exists(fs::path(target) / "manifest.pb")) return target;
-  if (fs::is_directory(fs::path(target) / "checkpoints"))
-    return trainer::CheckpointManager(target, 0).latest();
-  return invalid_argument(target +
-                          " is neither a checkpoint (no manifest.pb) nor a run directory (no "
-                          "checkpoints/); name checkpoints/step-N or the run's --out directory");
+  HYDRA_ASSIGN_OR_RETURN(const cli::RunTarget run, cli::resolve_run(target, ""));
+  if (run.is_checkpoint) return target;
+  return trainer::CheckpointManager(run.run_dir, 0).latest();
 }
 
 struct Loaded {

@@ -3,7 +3,6 @@
 // the attention's global keys). Sampling: temperature, top-k, top-p, a seed, stop strings.
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -16,7 +15,6 @@
 #include "trainer/trainer.h"
 
 using namespace hydra;
-namespace fs = std::filesystem;
 namespace po = cli::po;
 
 namespace {
@@ -132,18 +130,12 @@ int run(const cli::Tool& tool, int argc, char** argv) {
   }
 
   const std::string target = vm["checkpoint"].as<std::string>();
-  const bool is_checkpoint = fs::exists(fs::path(target) / "manifest.pb");
-  const fs::path run_dir = is_checkpoint
-                               ? fs::path(target).lexically_normal().parent_path().parent_path()
-                               : fs::path(target);
-  if (!is_checkpoint && !fs::is_directory(run_dir / "checkpoints")) {
-    tool.error(target +
-               " is neither a checkpoint (no manifest.pb) nor a run directory (no "
-               "checkpoints/); name checkpoints/step-N or the run's --out directory");
+  auto run = cli::resolve_run(target, vm.count("config") ? vm["config"].as<std::string>() : "");
+  if (!run.ok()) {
+    tool.error(run.status().message());
     return cli::kUserError;
   }
-  const std::string config_path =
-      vm.count("config") ? vm["config"].as<std::string>() : (run_dir / "config.pbtxt").string();
+  const std::string config_path = run->config_path;
   cli::set_threads(vm);
   // One process: the checkpoint's shards are read whatever layout wrote them.
   std::vector<std::string> sets = cli::overrides(vm, {{"device", "train.device"}});
@@ -155,7 +147,7 @@ int run(const cli::Tool& tool, int argc, char** argv) {
     return cli::kUserError;
   }
   trainer::TrainOptions to;
-  to.out_dir = run_dir.string();
+  to.out_dir = run->run_dir;
   to.resume = target;
   to.quiet = true;
   to.evaluate_only = true;
