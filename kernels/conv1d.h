@@ -8,6 +8,10 @@
 
 namespace hydra::kernels {
 
+// The widest convolution the CUDA kernels take (their weight-gradient loops unroll to it); the CPU
+// takes any width.
+constexpr int kCudaMaxConvWidth = 8;
+
 struct CausalConv1dParams {
   DType dtype = DType::kF32;
   const void* x = nullptr;       // [B, L, C]

@@ -67,13 +67,19 @@ void ssm_part(const config::ModelConfig& c, Checker& ck, ModelSpec& s) {
   ck.require(ssm.dt_rank() <= kMaxWidth, "ssm.dt_rank", ssm.dt_rank(),
              "must be <= " + std::to_string(kMaxWidth));
   ck.require(s.conv_width >= 0, "ssm.conv_width", s.conv_width, "must be >= 0 (0: no convolution)");
+  ck.require(s.conv_width <= s.max_seq_len, "ssm.conv_width", s.conv_width,
+             "must be <= max_seq_len (" + std::to_string(s.max_seq_len) +
+                 "): a causal convolution no wider than the longest sequence");
   ck.require(ssm.dt_rank() >= 0, "ssm.dt_rank", ssm.dt_rank(),
              "must be >= 0 (0: ceil(d_model / 16))");
   ck.require(ssm.dt_min() > 0, "ssm.dt_min", ssm.dt_min(), "must be > 0");
   ck.require(ssm.dt_max() >= ssm.dt_min(), "ssm.dt_max", ssm.dt_max(),
              "must be >= dt_min (" + std::to_string(ssm.dt_min()) + ")");
   ck.require(ssm.dt_init_floor() > 0, "ssm.dt_init_floor", ssm.dt_init_floor(), "must be > 0");
-  ck.require(s.scan_chunk >= 1, "ssm.scan_chunk", s.scan_chunk, "must be >= 1");
+  ck.require(s.scan_chunk >= 1 && s.scan_chunk <= kMaxSeqLen, "ssm.scan_chunk", s.scan_chunk,
+             "must be in [1, " + std::to_string(kMaxSeqLen) +
+                 "]: the steps between the states the backward keeps (one chunk when longer "
+                 "than the sequence)");
   s.ssd = ssm.form() == config::SsmConfig::SSD;
   s.ssm_heads = s.d_inner;
   if (s.ssd) {

@@ -48,6 +48,10 @@ void resolve_run_config(config::RunConfig* cfg) {
 
 namespace {
 
+// The most batches one evaluation reads (a typo's extra zeros get a message, not a run that never
+// ends its first evaluation).
+constexpr int64_t kMaxEvalBatches = 1000000;
+
 // "<source>: <field> = <value> <requirement>" as an invalid-argument status.
 template <class V>
 Status field_error(const std::string& source, const std::string& field, const V& value,
@@ -75,7 +79,11 @@ Status check_train_fields(const config::RunConfig& cfg, const std::string& sourc
   if (tr.keep_last() < 1) return fail("train.keep_last", tr.keep_last(), "must be >= 1");
   if (tr.log_every() < 1) return fail("train.log_every", tr.log_every(), "must be >= 1");
   if (tr.stats_every() < 1) return fail("train.stats_every", tr.stats_every(), "must be >= 1");
-  if (tr.eval_batches() < 1) return fail("train.eval_batches", tr.eval_batches(), "must be >= 1");
+  if (tr.eval_batches() < 1 || tr.eval_batches() > kMaxEvalBatches)
+    return fail("train.eval_batches", tr.eval_batches(),
+                "must be in [1, " + std::to_string(kMaxEvalBatches) +
+                    "]: each evaluation reads that many batches (a million is days of evaluation "
+                    "at full size)");
   if (!(tr.peak_tflops() >= 0) || !std::isfinite(tr.peak_tflops()))
     return fail("train.peak_tflops", tr.peak_tflops(),
                 "must be a finite number >= 0 (0: the device's default)");

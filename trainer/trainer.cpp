@@ -21,6 +21,7 @@
 #include "base/determinism.h"
 #include "configs/config_io.h"
 #include "data/tokenizer.h"
+#include "kernels/conv1d.h"
 #include "model/params.h"
 #include "parallel/runtime.h"
 #include "trainer/distributed.h"
@@ -129,6 +130,11 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
         source +
         ": parallel.comm = NCCL moves CUDA tensors, but train.device = cpu; use "
         "parallel.comm = MPI (or AUTO), or train.device = cuda");
+  if (gpu && t->spec_.conv_width > kernels::kCudaMaxConvWidth)
+    return invalid_argument(
+        source + ": model.ssm.conv_width = " + std::to_string(t->spec_.conv_width) +
+        ": the CUDA kernels take widths up to " + std::to_string(kernels::kCudaMaxConvWidth) +
+        "; use a narrower convolution, or train.device = cpu");
   if (gpu) {
     if (!cuda_available())
       return failed_precondition(

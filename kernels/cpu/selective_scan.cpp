@@ -152,7 +152,8 @@ void scan_bwd(const SelectiveScanBwdParams& q) {
   HYDRA_CHECK(p.chunk_states != nullptr)
       << "selective_scan_bwd needs the chunk states saved by the forward";
   const ScanView<T> v{p};
-  const int64_t N = p.state, D = p.dim, L = p.len, Bsz = p.batch, CL = p.chunk_len;
+  // A chunk longer than the sequence is one chunk of the sequence's length (the buffers below).
+  const int64_t N = p.state, D = p.dim, L = p.len, Bsz = p.batch, CL = std::min(p.chunk_len, L);
   const int64_t nblk = (D + kBlock - 1) / kBlock;
   const int64_t nchunks = ssm_num_chunks(L, CL);
   const T* chunk_states = static_cast<const T*>(p.chunk_states);

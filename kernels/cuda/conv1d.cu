@@ -15,8 +15,7 @@
 namespace hydra::kernels::cuda {
 namespace {
 
-constexpr int kMaxW = 8;  // the widest conv the kernels take (the weight gradient's loops unroll to
-                          // it, guarded by the real width, so per-tap sums stay in registers)
+constexpr int kMaxW = kCudaMaxConvWidth;
 
 template <class T>
 struct Conv {

@@ -553,6 +553,31 @@ TEST(BadInput, HugeSizesNameTheFieldAndModelsThatCannotFitAreRefused) {
   EXPECT_NE(r.output.find("GiB of host memory (model.d_model = 65536"), std::string::npos)
       << r.output;
   EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
+  // Found by AcceptedValues.*: each was accepted, then failed inside (an allocation failure, a
+  // convolution the CUDA kernels do not take) or never ended. A scan chunk longer than the
+  // sequence is one chunk (the CPU's backward sized its buffers by the chunk: 10^9 steps).
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/chunk" + kQuick +
+          " --set model.ssm.scan_chunk=16777216");
+  EXPECT_EQ(r.code, 0) << r.output;
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+          " --set model.ssm.scan_chunk=1000000000");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("model.ssm.scan_chunk = 1000000000 must be in [1, 16777216]"),
+            std::string::npos)
+      << r.output;
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+          " --set train.device=cuda --set model.ssm.conv_width=9");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("model.ssm.conv_width = 9: the CUDA kernels take widths up to 8"),
+            std::string::npos)
+      << r.output;
+  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
+          " --set train.eval_batches=1000000000");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("train.eval_batches = 1000000000 must be in [1, 1000000]"),
+            std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
 }
 
 // SIGTERM (what Slurm sends at cancellation or preemption) stops the run at the end of a step with

@@ -16,6 +16,7 @@
 
 #include "configs/config_io.h"
 #include "model/params.h"
+#include "tests/config_fields.h"
 #include "trainer/curriculum.h"
 
 namespace hydra::trainer {
@@ -95,25 +96,7 @@ TEST(BadInput, EveryNumericFieldIsAcceptedOrRefusedByName) {
       std::string(env != nullptr ? env : HYDRA_SOURCE_DIR) + "/configs/tiny.pbtxt";
   auto base = config::load_run_config(path);
   ASSERT_TRUE(base.ok()) << base.status().message();
-  using google::protobuf::Descriptor;
-  using google::protobuf::FieldDescriptor;
-  std::vector<std::pair<std::string, const FieldDescriptor*>> fields;  // dotted path, field
-  std::function<void(const Descriptor*, const std::string&, int)> walk =
-      [&](const Descriptor* d, const std::string& prefix, int depth) {
-        for (int i = 0; i < d->field_count(); ++i) {
-          const FieldDescriptor* f = d->field(i);
-          if (f->is_repeated()) continue;  // (stages, lists: their checks have their own tests)
-          const std::string name = prefix + f->name();
-          if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
-            if (depth < 4) walk(f->message_type(), name + ".", depth + 1);
-          } else if (f->cpp_type() != FieldDescriptor::CPPTYPE_STRING &&
-                     f->cpp_type() != FieldDescriptor::CPPTYPE_BOOL &&
-                     f->cpp_type() != FieldDescriptor::CPPTYPE_ENUM) {
-            fields.push_back({name, f});
-          }
-        }
-      };
-  walk(config::RunConfig::descriptor(), "", 0);
+  const auto fields = testing::numeric_config_fields();
   ASSERT_GT(fields.size(), 80u);
   int refused = 0, accepted = 0;
   for (const auto& [name, f] : fields) {
