@@ -43,16 +43,17 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<Communicator> split(int color, int key, std::string name) const override;
   std::unique_ptr<MpiCommunicator> split_mpi(int color, int key, std::string name) const;
 
+  // After a timeout (this communicator's, or the NCCL communicator's it bootstraps): every rank that
+  // timed out reports on roll_comm_ and listens for the others' reports for a few seconds; returns
+  // the part of the message that names the ranks (world ranks) that did not report.
+  std::string roll_call() const;
+
  private:
   class AsyncWork;
   void check(int rc, const char* call) const;
   void wait(MPI_Request* req, const char* call, MPI_Comm comm, bool cancellable = false,
             MPI_Status* status = nullptr) const;
   void wait_all(std::vector<MPI_Request>& reqs, const char* call) const;
-  // After a timeout: every rank that timed out reports on roll_comm_ and listens for the others'
-  // reports for a few seconds; returns the part of the message that names the ranks (world ranks)
-  // that did not report.
-  std::string roll_call() const;
   void all_reduce_on(MPI_Comm comm, const Tensor& t, ReduceOp op) const;
   void reduce_scatter_on(MPI_Comm comm, const Tensor& in, const Tensor& out) const;
   // Runs `job` on the worker thread (over async_comm_), or now when MPI allows one thread only.

@@ -214,8 +214,9 @@ void NcclCommunicator::abort_after_timeout(const std::string& what) {
   impl_->comm = nullptr;
   HYDRA_FAIL()
       << "rank " << process_info().rank << ": " << what << " on communicator '" << name()
-      << "' did not complete within " << timeout_.count()
-      << " s: another rank has died, is stuck, or took a different path through the program";
+      << "' did not complete within " << timeout_.count() << " s"
+      // The ranks that timed out too report to each other over MPI: the silent ones are named.
+      << bootstrap_->roll_call();
 }
 
 void NcclCommunicator::set_timeout(std::chrono::seconds t) {
