@@ -149,6 +149,7 @@ __global__ void __launch_bounds__(kSumThreads)
   const int64_t r = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int kWarps = kSumThreads / 32;
+  constexpr int kAhead = ITEMS <= 2 ? 4 : 2;  // items whose loads are in flight together
   const auto [lo, count] = items.range(r);
   C acc[ITEMS][kN];
 #pragma unroll
@@ -164,7 +165,29 @@ __global__ void __launch_bounds__(kSumThreads)
       off_s[i] = off;
     }
     __syncthreads();
-    for (int i = warp; i < n; i += kWarps) {
+    // kAhead of the warp's items at a time: their rows' loads are all issued before the first is
+    // added (a warp's loads in flight, not one item's), then added in item order as before.
+    int i = warp;
+    for (; i + (kAhead - 1) * kWarps < n; i += kAhead * kWarps) {
+      RowPack<T> v[kAhead][ITEMS];
+#pragma unroll
+      for (int a = 0; a < kAhead; ++a) {
+        const auto* src = reinterpret_cast<const RowPack<T>*>(rows + off_s[i + a * kWarps]);
+#pragma unroll
+        for (int k = 0; k < ITEMS; ++k)
+          if (lane + k * 32 < packs) v[a][k] = src[lane + k * 32];
+      }
+#pragma unroll
+      for (int a = 0; a < kAhead; ++a) {
+        const C w = w_s[i + a * kWarps];
+#pragma unroll
+        for (int k = 0; k < ITEMS; ++k)
+          if (lane + k * 32 < packs)
+#pragma unroll
+            for (int j = 0; j < kN; ++j) acc[k][j] += w * convert<C>(v[a][k].v[j]);
+      }
+    }
+    for (; i < n; i += kWarps) {
       const C w = w_s[i];
       const auto* src = reinterpret_cast<const RowPack<T>*>(rows + off_s[i]);
 #pragma unroll
