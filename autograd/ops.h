@@ -35,6 +35,7 @@
 //   ssd_scan                (composed of ops)             SsdScan.*                 ssd_scan
 //   gated_update gated_scan gated_update                  GatedUpdate., GatedScan.* -
 //   moe_route               moe_route                     (no gradient)             -
+//   moe_aux                 moe_aux: moe_aux_fwd/bwd      MoeAux.GradcheckFloat64   -
 //   concat split views      copy: strided_copy            Concat., Split., Views.*  copy of a slice
 //
 // (Benchmark rows: bench/hydra_bench_gpu.cpp, "toy32k ..." and model-shaped rows; the CPU's in
@@ -141,6 +142,17 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight,
 // when undefined). Up to 4 paths; one kernel each way (kernels/gated_residual.h).
 Tensor gated_residual(const Tensor& x, const std::vector<Tensor>& outs,
                       const std::vector<Tensor>& gates, const Tensor& mix = Tensor());
+// BlockFFN's auxiliary losses of one MoE layer (balance, locality, sparsity), fused: raw, s, r
+// [batch, chunks, experts] (the router's logits, their ReLU and its RMSNorm), load [experts] (no
+// gradient), z_next [batch, experts] or undefined (no gradient). Returns [2, 3]: row 0 the losses
+// times o.weights, row 1 the losses. The mathematics: kernels/moe_aux.h; three kernels each way.
+struct MoeAuxOptions {
+  int64_t chunk_len = 1, group = 1;
+  double alpha = 1, balance_scale = 0, locality_scale = 0, sparsity_scale = 0;
+  double weights[3] = {1, 1, 1};
+};
+Tensor moe_aux(const Tensor& raw, const Tensor& s, const Tensor& r, const Tensor& load,
+               const Tensor& z_next, const MoeAuxOptions& o);
 // A gated update of rows: s, u [..., n]; w [1, 2n] (or [2n]: the gate's weights for s, then u); b
 // [1]. out = s + g (u - s) with g = sigmoid(<s, w_s> + <u, w_u> + b) per row. Returns {out, g [...,
 // 1]} (g is not differentiable). One kernel each way (kernels/gated_update.h).

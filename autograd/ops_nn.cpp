@@ -4,6 +4,7 @@
 #include "kernels/gated_residual.h"
 #include "kernels/gated_update.h"
 #include "kernels/loss.h"
+#include "kernels/moe_aux.h"
 #include "kernels/rms_norm.h"
 #include "kernels/softmax.h"
 
@@ -444,6 +445,82 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in, int64_t 
       q.stream = current_stream(lv.device());
       if (rows > 0) HYDRA_LAUNCH(lv.device(), cross_entropy_bwd, q);
       return std::vector<Tensor>{gl};
+    });
+  }
+  return out;
+}
+
+Tensor moe_aux(const Tensor& raw_in, const Tensor& s_in, const Tensor& r_in, const Tensor& load_in,
+               const Tensor& z_next_in, const MoeAuxOptions& o) {
+  HYDRA_CHECK(raw_in.dim() == 3 && s_in.shape() == raw_in.shape() && r_in.shape() == raw_in.shape())
+      << "moe_aux: raw, s and r [batch, chunks, experts] expected, got "
+      << shape_str(raw_in.shape()) << ", " << shape_str(s_in.shape()) << ", "
+      << shape_str(r_in.shape());
+  const int64_t B = raw_in.size(0), nC = raw_in.size(1), E = raw_in.size(2);
+  HYDRA_CHECK(load_in.shape() == Shape{E})
+      << "moe_aux: load [" << E << "] expected, got " << shape_str(load_in.shape());
+  HYDRA_CHECK(!z_next_in.defined() || z_next_in.shape() == (Shape{B, E}))
+      << "moe_aux: z_next [" << B << ", " << E << "] expected, got "
+      << shape_str(z_next_in.shape());
+  HYDRA_CHECK(o.group >= 1 && o.chunk_len >= 1)
+      << "moe_aux: group and chunk_len must be >= 1, got " << o.group << ", " << o.chunk_len;
+  for (const Tensor* t : {&s_in, &r_in, &load_in, &z_next_in})
+    HYDRA_CHECK(!t->defined() || (t->dtype() == raw_in.dtype() && t->device() == raw_in.device()))
+        << "moe_aux: the inputs differ in dtype or device";
+  const Tensor raw = raw_in.contiguous(), s = s_in.contiguous(), r = r_in.contiguous(),
+               load = load_in.detach().contiguous(),
+               zn = z_next_in.defined() ? z_next_in.detach().contiguous() : Tensor();
+  kernels::MoeAuxParams p;
+  p.dtype = raw.dtype();
+  p.batch = B;
+  p.chunks = nC;
+  p.experts = E;
+  p.chunk_len = o.chunk_len;
+  p.group = o.group;
+  p.alpha = o.alpha;
+  p.balance_scale = o.balance_scale;
+  p.locality_scale = o.locality_scale;
+  p.sparsity_scale = o.sparsity_scale;
+  for (int k = 0; k < 3; ++k) p.weights[k] = o.weights[k];
+  p.raw = raw.raw_data();
+  p.s = s.raw_data();
+  p.r = r.raw_data();
+  p.load = load.raw_data();
+  p.z_next = zn.defined() ? zn.raw_data() : nullptr;
+  p.stream = current_stream(raw.device());
+  Tensor out = Tensor::empty({2, 3}, raw.dtype(), raw.device());
+  p.out = out.raw_data();
+  {
+    const Tensor ws = HYDRA_CUDA_WORKSPACE(raw.device(), moe_aux_workspace, p);
+    p.workspace = ws.defined() ? ws.raw_data() : nullptr;
+    HYDRA_LAUNCH(raw.device(), moe_aux_fwd, p);
+  }
+  if (any_requires_grad({raw_in, s_in, r_in})) {
+    SavedTensor sraw(raw), ss(s), sr(r), sl(load), szn(zn);
+    record_op("moe_aux", {raw_in, s_in, r_in}, {out}, [=](const std::vector<Tensor>& g) {
+      const Tensor rv = sraw.get(), sv = ss.get(), qv = sr.get(), lv = sl.get(), zv = szn.get();
+      const Tensor go = g[0].contiguous();
+      Tensor graw = Tensor::empty(rv.shape(), rv.dtype(), rv.device()),
+             gs = Tensor::empty(rv.shape(), rv.dtype(), rv.device()),
+             gr = Tensor::empty(rv.shape(), rv.dtype(), rv.device());
+      kernels::MoeAuxBwdParams q;
+      q.fwd = p;
+      q.fwd.raw = rv.raw_data();
+      q.fwd.s = sv.raw_data();
+      q.fwd.r = qv.raw_data();
+      q.fwd.load = lv.raw_data();
+      q.fwd.z_next = zv.defined() ? zv.raw_data() : nullptr;
+      q.fwd.out = nullptr;
+      q.fwd.workspace = nullptr;
+      q.fwd.stream = current_stream(rv.device());
+      q.gout = go.raw_data();
+      q.graw = graw.raw_data();
+      q.gs = gs.raw_data();
+      q.gr = gr.raw_data();
+      const Tensor ws = HYDRA_CUDA_WORKSPACE(rv.device(), moe_aux_bwd_workspace, q);
+      q.workspace = ws.defined() ? ws.raw_data() : nullptr;
+      HYDRA_LAUNCH(rv.device(), moe_aux_bwd, q);
+      return std::vector<Tensor>{graw, gs, gr};
     });
   }
   return out;

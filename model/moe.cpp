@@ -1,6 +1,7 @@
 #include "model/moe.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
 
@@ -10,6 +11,8 @@
 
 namespace hydra::model {
 namespace {
+
+std::atomic<bool> g_fused_aux{true};  // set_fused_moe_aux
 
 // Counts over the whole global batch that normalise the auxiliary losses, so that the ranks'
 // shares add up to the single-process loss (summed over the ranks in one host all-reduce).
@@ -22,6 +25,8 @@ struct GlobalCounts {
 };
 
 }  // namespace
+
+void set_fused_moe_aux(bool on) { g_fused_aux.store(on); }
 
 ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
     : layer_(layer),
@@ -455,10 +460,13 @@ Tensor ChunkMoE::aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,
   const DType rdt = raw.dtype();
   const Device dev = raw.device();
   // BLOCKFFN's locality logits are alpha * raw (no beta).
-  const Tensor z = affine(raw, cfg_.activation_alpha(), blockffn_ ? 0.0 : -cfg_.activation_beta());
+  const double beta = blockffn_ ? 0.0 : -cfg_.activation_beta();
+  const bool fused = blockffn_ && g_fused_aux.load();
+  const Tensor z = fused ? Tensor() : affine(raw, cfg_.activation_alpha(), beta);
   Tensor z_next;  // the next shard's first chunk logits (the locality target across the boundary)
   if (ctx.sequence_parallel()) {
-    z_next = parallel::shift_from_next(z.select(1, 0).detach(), ctx.grid->sp()).detach();
+    const Tensor first = affine(raw.select(1, 0).detach(), cfg_.activation_alpha(), beta);
+    z_next = parallel::shift_from_next(first, ctx.grid->sp()).detach();
     if (ctx.grid->sp_rank() + 1 == ctx.grid->shape().sp) z_next = Tensor();
   }
   GlobalCounts counts(E);
@@ -493,41 +501,66 @@ Tensor ChunkMoE::aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,
     global_tls_ = counts.chunks > 0 ? 1.0 - total / (counts.chunks * double(E)) : -1.0;
     *routed_anywhere = total > 0;
   }
-  const Tensor q = div(r, add(sum(r, {2}, true), 1e-5));  // normalised router weights
-  // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
-  const Tensor balance =
-      mul(sum(mul(sum(q, {0, 1}), load)), double(E) / std::max(counts.chunks, 1.0));
-  Tensor locality = zeros({}, rdt, dev), sparsity = zeros({}, rdt, dev);
-  if (blockffn_) {  // p = s / (sum s + eps): BlockFFN's activation probabilities
-    const Tensor p = div(s, add(sum(s, {2}, true), 1e-5));
-    if (counts.locality_terms > 0)
-      locality = mul(moe_blockffn_locality_sum(z, z_next, c), 1.0 / counts.locality_terms);
-    if (counts.sparsity_terms > 0)
-      sparsity = mul(moe_blockffn_sparsity_sum(p, seq_group_, c), 1.0 / counts.sparsity_terms);
-    last_sparsity_ = sparsity.detach();  // this rank's share of L_CS (the schedule sums them)
-    last_grid_ = ctx.grid;
-  } else {
-    if (counts.locality_terms > 0)
-      locality = mul(moe_locality_sum(z, z_next), 1.0 / counts.locality_terms);
-    // The activation probability sigmoid(alpha * s - beta) from the ReLU output s, not the raw
-    // logit: a logit already below zero gets no gradient pushing it further down. And each
-    // chunk's strongest expert is left out (its logit set to -30: p ~ 1e-13, no gradient): the
-    // loss counts the experts beyond the first, so it makes chunks sparser but never empty. From
-    // the raw logits it lowered every expert of a layer together until the whole layer sat below
-    // zero, where no loss brings it back (docs/MODEL.md).
-    // top = 1 where s_e is the chunk's largest (ties within 1e-6 included), else 0.
-    const Tensor sd = s.detach();
-    const Tensor top = relu(affine(sub(sd, amax(sd, 2, true)), 1e6, 1.0));
-    const Tensor zs = affine(s, cfg_.activation_alpha(), -cfg_.activation_beta());
-    const Tensor z_sparse = add(mul(zs, affine(top, -1.0, 1.0)), mul(top, -30.0));
-    if (counts.sparsity_terms > 0)
-      sparsity = mul(moe_sparsity_sum(z_sparse, seq_group_), 1.0 / counts.sparsity_terms);
-  }
   const double scale = ctx.aux_scale;
-  Tensor losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),  // AuxLoss
-                          mul(locality, locality_weight_ * scale).reshape({1}),
-                          mul(sparsity, sparsity_coef() * scale).reshape({1})},
-                         0);
+  // The normalised router weights: the balance's (composed), the statistics' (recording).
+  const auto normalised = [&] { return div(r, add(sum(r, {2}, true), 1e-5)); };
+  Tensor q, balance, locality, sparsity, losses;
+  if (fused) {  // BLOCKFFN's three losses in three kernels each way (kernels/moe_aux.h)
+    MoeAuxOptions o;
+    o.chunk_len = c;
+    o.group = seq_group_;
+    o.alpha = cfg_.activation_alpha();
+    o.balance_scale = double(E) / std::max(counts.chunks, 1.0);
+    o.locality_scale = counts.locality_terms > 0 ? 1.0 / counts.locality_terms : 0.0;
+    o.sparsity_scale = counts.sparsity_terms > 0 ? 1.0 / counts.sparsity_terms : 0.0;
+    o.weights[0] = balance_weight_ * scale;
+    o.weights[1] = locality_weight_ * scale;
+    o.weights[2] = sparsity_coef() * scale;
+    const Tensor both = moe_aux(raw, s, r, load, z_next, o);  // [2, 3]: weighted, plain
+    losses = both.select(0, 0);                               // AuxLoss order
+    const Tensor plain = both.select(0, 1).detach();
+    balance = plain.select(0, 0);
+    locality = plain.select(0, 1);
+    sparsity = plain.select(0, 2);
+    last_sparsity_ = sparsity;  // this rank's share of L_CS (the schedule sums them)
+    last_grid_ = ctx.grid;
+    if (ctx.recording()) q = normalised();
+  } else {
+    q = normalised();
+    locality = zeros({}, rdt, dev);
+    sparsity = zeros({}, rdt, dev);
+    // balance = E * sum_e mean_q_e * load_e, mean_q over every chunk of the global batch.
+    balance = mul(sum(mul(sum(q, {0, 1}), load)), double(E) / std::max(counts.chunks, 1.0));
+    if (blockffn_) {  // p = s / (sum s + eps): BlockFFN's activation probabilities
+      const Tensor p = div(s, add(sum(s, {2}, true), 1e-5));
+      if (counts.locality_terms > 0)
+        locality = mul(moe_blockffn_locality_sum(z, z_next, c), 1.0 / counts.locality_terms);
+      if (counts.sparsity_terms > 0)
+        sparsity = mul(moe_blockffn_sparsity_sum(p, seq_group_, c), 1.0 / counts.sparsity_terms);
+      last_sparsity_ = sparsity.detach();  // this rank's share of L_CS (the schedule sums them)
+      last_grid_ = ctx.grid;
+    } else {
+      if (counts.locality_terms > 0)
+        locality = mul(moe_locality_sum(z, z_next), 1.0 / counts.locality_terms);
+      // The activation probability sigmoid(alpha * s - beta) from the ReLU output s, not the raw
+      // logit: a logit already below zero gets no gradient pushing it further down. And each
+      // chunk's strongest expert is left out (its logit set to -30: p ~ 1e-13, no gradient): the
+      // loss counts the experts beyond the first, so it makes chunks sparser but never empty.
+      // From the raw logits it lowered every expert of a layer together until the whole layer
+      // sat below zero, where no loss brings it back (docs/MODEL.md).
+      // top = 1 where s_e is the chunk's largest (ties within 1e-6 included), else 0.
+      const Tensor sd = s.detach();
+      const Tensor top = relu(affine(sub(sd, amax(sd, 2, true)), 1e6, 1.0));
+      const Tensor zs = affine(s, cfg_.activation_alpha(), -cfg_.activation_beta());
+      const Tensor z_sparse = add(mul(zs, affine(top, -1.0, 1.0)), mul(top, -30.0));
+      if (counts.sparsity_terms > 0)
+        sparsity = mul(moe_sparsity_sum(z_sparse, seq_group_), 1.0 / counts.sparsity_terms);
+    }
+    losses = concat({mul(balance, balance_weight_ * scale).reshape({1}),  // AuxLoss
+                     mul(locality, locality_weight_ * scale).reshape({1}),
+                     mul(sparsity, sparsity_coef() * scale).reshape({1})},
+                    0);
+  }
   if (ctx.recording()) {  // the routing on the host for the statistics (and evaluation's purity)
     MoeRouting routing;
     routing.batch = B;

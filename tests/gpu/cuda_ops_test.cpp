@@ -127,6 +127,41 @@ TEST(CudaOps, UnaryMatchCpu) {
             {u.positive ? positive(s, 1) : rnd(s, 1, 2.0)}, {true}, t);
 }
 
+// BlockFFN's fused auxiliary losses (kernels/moe_aux.h) at odd shapes: experts 3 and 8, groups that
+// leave chunks over, chunks of 1 and 8 tokens, with and without the next shard's logits.
+TEST(CudaOps, MoeAuxMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  struct Case {
+    int64_t B, nC, E, chunk, group;
+    bool next;
+  };
+  for (const Case& c : {Case{2, 5, 3, 1, 2, false}, Case{3, 7, 8, 8, 3, true},
+                        Case{1, 1, 8, 8, 1, false}, Case{4, 130, 8, 8, 4, true}})
+    for (DType t : kTypes) {
+      MoeAuxOptions o;
+      o.chunk_len = c.chunk;
+      o.group = c.group;
+      o.alpha = 1.3;
+      o.balance_scale = double(c.E) / double(c.B * c.nC);
+      o.locality_scale = 1.0 / double(c.B * c.nC * c.E);
+      o.sparsity_scale = 1.0 / double(c.B * std::max<int64_t>(c.nC / c.group, 1) * c.E);
+      o.weights[0] = 0.5;
+      o.weights[1] = 2.0;
+      o.weights[2] = 3.0;
+      const bool next = c.next;
+      check_op(
+          "moe_aux B " + std::to_string(c.B) + " chunks " + std::to_string(c.nC) + " E " +
+              std::to_string(c.E),
+          [o, next](const std::vector<Tensor>& in) {
+            return std::vector<Tensor>{
+                moe_aux(in[0], in[1], in[2], in[3], next ? in[4] : Tensor(), o)};
+          },
+          {rnd({c.B, c.nC, c.E}, 60, 2.0), positive({c.B, c.nC, c.E}, 61),
+           positive({c.B, c.nC, c.E}, 62), positive({c.E}, 63), rnd({c.B, c.E}, 64, 2.0)},
+          {true, true, true, false, false}, t);
+    }
+}
+
 TEST(CudaOps, BinaryWithBroadcastingMatchCpu) {
   HYDRA_REQUIRE_GPU();
   const std::vector<std::pair<Shape, Shape>> shapes = {{{7, 13, 5}, {7, 13, 5}},
@@ -163,8 +198,18 @@ TEST(CudaOps, ElementwiseFastPathsMatchCpu) {
   HYDRA_REQUIRE_GPU();
   for (DType t : kTypes) {
     const std::vector<std::pair<Shape, Shape>> shapes = {
-        {{300, 64}, {64}},    {{300, 64}, {300, 1}}, {{64}, {300, 64}},  {{300, 1}, {300, 64}},
-        {{3, 100, 40}, {40}}, {{301, 24}, {301, 1}}, {{2, 150, 64}, {1}}};
+        {{300, 64}, {64}},
+        {{300, 64}, {300, 1}},
+        {{64}, {300, 64}},
+        {{300, 1}, {300, 64}},
+        {{3, 100, 40}, {40}},
+        {{301, 24}, {301, 1}},
+        {{2, 150, 64}, {1}},
+        // three dimensions: a chunk's vector to each of its tokens, a per-(chunk, token) scalar
+        {{37, 8, 48}, {37, 1, 48}},
+        {{37, 1, 48}, {37, 5, 48}},
+        {{37, 5, 48}, {37, 5, 1}},
+        {{5, 37, 48}, {1, 37, 48}}};
     for (const auto& [a, b] : shapes)
       check_op(
           "mul fast path " + shape_str(a) + " x " + shape_str(b),

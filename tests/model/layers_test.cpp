@@ -357,6 +357,67 @@ TEST(ChunkMoE, SiluExpertsAreBlockFfnsNonGatedBlocks) {
       with_params(randn64({2, 9, 6}, 30), *r.moe), sampled(10));
 }
 
+// The fused BlockFFN losses (moe_aux, kernels/moe_aux.h) equal the composed ops they replace
+// (model/moe.cpp's reference), values and gradients, in float64: chunks of 1 and 3 tokens, groups
+// of 1 and 2 chunks (one chunk left over), with and without the next shard's logits; and pass a
+// float64 gradient check in s and r.
+TEST(MoeAux, EqualsTheComposedLossesAndGradcheckFloat64) {
+  const int64_t B = 2, nC = 5, E = 3;
+  const double alpha = 1.3;
+  for (int64_t c : {1, 3})
+    for (int64_t group : {1, 2})
+      for (bool next : {false, true}) {
+        SCOPED_TRACE("chunk " + std::to_string(c) + ", group " + std::to_string(group) +
+                     (next ? ", z_next" : ""));
+        Tensor raw = randn64({B, nC, E}, 50), s = softplus(randn64({B, nC, E}, 51, 1.0, false)),
+               r = exp(randn64({B, nC, E}, 52, 0.5, false));
+        const Tensor load = softmax(randn64({E}, 53, 1.0, false)),
+                     zn = next ? randn64({B, E}, 54, 2.0, false) : Tensor();
+        s.set_requires_grad(true);
+        r.set_requires_grad(true);
+        MoeAuxOptions o;
+        o.chunk_len = c;
+        o.group = group;
+        o.alpha = alpha;
+        o.balance_scale = double(E) / double(B * nC);
+        o.locality_scale = 1.0 / double(B * (nC * c - 1 + (next ? 1 : 0)) * E);
+        o.sparsity_scale = 1.0 / double(B * (nC / group) * E);
+        o.weights[0] = 0.5;
+        o.weights[1] = 2.0;
+        o.weights[2] = 3.0;
+        const auto composed = [&](const Tensor& x, const Tensor& sv, const Tensor& rv) {
+          const Tensor q = div(rv, add(sum(rv, {2}, true), 1e-5));
+          const Tensor p = div(sv, add(sum(sv, {2}, true), 1e-5));
+          const Tensor losses[3] = {
+              mul(sum(mul(sum(q, {0, 1}), load)), o.balance_scale),
+              mul(model::moe_blockffn_locality_sum(affine(x, alpha, 0.0), zn, c), o.locality_scale),
+              mul(model::moe_blockffn_sparsity_sum(p, group, c), o.sparsity_scale)};
+          std::vector<Tensor> rows;
+          for (int k = 0; k < 3; ++k) rows.push_back(mul(losses[k], o.weights[k]).reshape({1}));
+          for (int k = 0; k < 3; ++k) rows.push_back(losses[k].reshape({1}));
+          return concat(rows, 0).reshape({2, 3});
+        };
+        const Tensor gout = randn64({2, 3}, 55, 1.0, false);
+        const Tensor fused = moe_aux(raw, s, r, load, zn, o);
+        sum(mul(fused, gout)).backward();
+        const Tensor graw = raw.grad(), gs = s.grad(), gr = r.grad();
+        for (const Tensor* t : {&raw, &s, &r}) t->set_grad(Tensor());
+        const Tensor want = composed(raw, s, r);
+        sum(mul(want, gout)).backward();
+        EXPECT_LT(testing::rel_error(fused.detach(), want.detach()), 1e-12);
+        EXPECT_LT(testing::rel_error(graw, raw.grad()), 1e-10);
+        EXPECT_LT(testing::rel_error(gs, s.grad()), 1e-10);
+        EXPECT_LT(testing::rel_error(gr, r.grad()), 1e-10);
+        // (Not raw: its locality targets are held constant, which finite differences do not;
+        // its gradient is checked against the composed ops above, whose ops are gradchecked.)
+        HYDRA_EXPECT_GRADCHECK(
+            [&](const std::vector<Tensor>& in) {
+              return std::vector<Tensor>{moe_aux(raw.detach(), in[0], in[1], load, zn, o)};
+            },
+            (std::vector<Tensor>{s, r}));
+      }
+}
+
 // BlockFFN's losses on chunk-routed probabilities equal the token-level definitions of
 // spec/blockffn.md with every token carrying its chunk's values.
 TEST(ChunkMoE, BlockFfnLossesEqualTheirTokenLevelDefinitions) {

@@ -10,6 +10,7 @@
 
 #include "configs/config_io.h"
 #include "data/shards.h"
+#include "model/moe.h"
 
 namespace hydra::trainer {
 namespace {
@@ -278,6 +279,44 @@ TEST(Training, GradAccumulationEqualsOneStepThroughTheTrainer) {
       EXPECT_LT(worst, 1e-9) << name << ", grad_accum " << (r == 1 ? 2 : 4);
     }
   }
+}
+
+// BLOCKFFN's auxiliary losses fused (moe_aux, the default) and composed of separate ops train to
+// the same losses, auxiliary losses, gradient norms and parameters (float64; the sums run in other
+// orders, so within 1e-9 rather than bit for bit).
+TEST(Training, FusedMoeAuxLossesTrainAsTheComposedOnes) {
+  const std::vector<std::string> sets = {"train.precision=FP64", "model.moe.objective=BLOCKFFN",
+                                         "train.save_every=-1"};
+  const std::vector<std::string> keys = {"loss",          "loss.balance", "loss.locality",
+                                         "loss.sparsity", "grad_norm",    "eval.loss"};
+  std::vector<std::vector<std::map<std::string, double>>> runs;
+  std::vector<std::vector<std::vector<double>>> params;
+  for (bool fused : {true, false}) {
+    model::set_fused_moe_aux(fused);
+    const std::string out = temp_dir(fused ? "aux_fused" : "aux_composed");
+    std::unique_ptr<Trainer> t;
+    auto s = train(small_config(sets), out, "", -1, &t);
+    model::set_fused_moe_aux(true);
+    ASSERT_TRUE(s.ok()) << s.status().message();
+    std::ifstream in(out + "/metrics.jsonl");
+    runs.emplace_back();
+    for (std::string l; std::getline(in, l);) runs.back().push_back(metric_values(l, keys));
+    params.emplace_back();
+    for (const auto& p : t->model().named_parameters())
+      params.back().push_back(p.tensor.to_vector<double>());
+  }
+  ASSERT_EQ(runs[0].size(), runs[1].size());
+  EXPECT_GT(runs[0].back().count("loss.sparsity"), 0u) << "the stage-two losses should be logged";
+  for (std::size_t step = 0; step < runs[0].size(); ++step)
+    for (const auto& [key, want] : runs[1][step])
+      EXPECT_NEAR(runs[0][step].at(key), want, 1e-9 * std::max(1.0, std::abs(want)))
+          << key << " at step " << step + 1;
+  ASSERT_EQ(params[0].size(), params[1].size());
+  for (std::size_t i = 0; i < params[0].size(); ++i)
+    for (std::size_t e = 0; e < params[0][i].size(); ++e)
+      ASSERT_NEAR(params[0][i][e], params[1][i][e],
+                  1e-9 * std::max(1e-3, std::abs(params[1][i][e])))
+          << "parameter " << i << " element " << e;
 }
 
 // prepare_staging sets up the host buffers a save copies into, beforehand: a save after it sets up
