@@ -223,15 +223,16 @@ __global__ void binary_contiguous_kernel(BinaryOp op, const T* __restrict a, con
   }
 }
 
-// Two dimensions [rows, cols] with each operand either read along the columns (column stride 1, row
-// stride a multiple of the pack) or broadcast along them (column stride 0: one value per row, or
-// per everything when its row stride is 0 too): the LayerScale gates [d] and the per-token mixes
-// [rows, 1] of the blocks. A thread per pack of the output (16 bytes), one 32-bit division per
-// pack.
+// Up to three dimensions [outer, mid, cols] with each operand either read along the columns (column
+// stride 1, its other strides multiples of the pack) or broadcast along them (column stride 0: one
+// value per row, or per everything when its other strides are 0 too): the LayerScale gates [d], the
+// per-token mixes [rows, 1] of the blocks, a chunk's vector added to each of its tokens [chunks, 1,
+// d]. A thread per pack of the output (16 bytes), two divisions per pack.
 template <class T>
 __global__ void binary_rows_kernel(BinaryOp op, const T* __restrict a, const T* __restrict b,
-                                   T* __restrict out, int64_t as0, bool a_cols, int64_t bs0,
-                                   bool b_cols, int64_t packs, uint32_t row_packs) {
+                                   T* __restrict out, int64_t as0, int64_t as1, bool a_cols,
+                                   int64_t bs0, int64_t bs1, bool b_cols, int64_t packs,
+                                   uint32_t row_packs, uint32_t mid) {
   wait_for_previous_grid();
   using C = compute_t<T>;
   constexpr int kN = Pack<T>::kN;
@@ -239,18 +240,20 @@ __global__ void binary_rows_kernel(BinaryOp op, const T* __restrict a, const T* 
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < packs;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / row_packs, c = (i - r * row_packs) * kN;
+    const int64_t o = r / mid, m = r - o * mid;
+    const int64_t ao = o * as0 + m * as1, bo = o * bs0 + m * bs1;
     Pack<T> x, y, res;
     if (a_cols) {
-      x = *reinterpret_cast<const Pack<T>*>(a + r * as0 + c);
+      x = *reinterpret_cast<const Pack<T>*>(a + ao + c);
     } else {
-      const T v = a[r * as0];
+      const T v = a[ao];
 #pragma unroll
       for (int k = 0; k < kN; ++k) x.v[k] = v;
     }
     if (b_cols) {
-      y = *reinterpret_cast<const Pack<T>*>(b + r * bs0 + c);
+      y = *reinterpret_cast<const Pack<T>*>(b + bo + c);
     } else {
-      const T v = b[r * bs0];
+      const T v = b[bo];
 #pragma unroll
       for (int k = 0; k < kN; ++k) y.v[k] = v;
     }
@@ -305,27 +308,33 @@ void binary(const BinaryParams& p) {
     using T = typename decltype(tag)::type;
     const bool contiguous = p.ndim == 1 && p.a_strides[0] == 1 && p.b_strides[0] == 1;
     constexpr int kN = Pack<T>::kN;
-    // As [rows, cols] (a 1-d shape is one row): the rows kernel's layouts (see binary_rows_kernel).
-    const bool two = p.ndim == 2 || p.ndim == 1;
-    const int64_t rows = p.ndim == 2 ? p.shape[0] : 1, cols = p.shape[p.ndim - 1];
-    const int64_t as0 = p.ndim == 2 ? p.a_strides[0] : 0, bs0 = p.ndim == 2 ? p.b_strides[0] : 0;
-    const int64_t as1 = p.a_strides[p.ndim - 1], bs1 = p.b_strides[p.ndim - 1];
-    const bool rows_ok = two && cols % kN == 0 && (as1 == 0 || as1 == 1) &&
-                         (bs1 == 0 || bs1 == 1) &&
-                         (as1 == 0 || (as0 % kN == 0 && aligned16(p.a))) &&
-                         (bs1 == 0 || (bs0 % kN == 0 && aligned16(p.b))) && aligned16(p.out) &&
-                         cols / kN <= int64_t{UINT32_MAX};
+    // As [outer, mid, cols] (fewer dimensions: outer and mid of 1): the rows kernel's layouts
+    // (see binary_rows_kernel).
+    const bool dims_ok = p.ndim >= 1 && p.ndim <= 3;
+    const int last = p.ndim - 1;
+    const int64_t cols = p.shape[last];
+    const int64_t outer = p.ndim == 3 ? p.shape[0] : 1, mid = p.ndim >= 2 ? p.shape[last - 1] : 1;
+    const int64_t as0 = p.ndim == 3 ? p.a_strides[0] : 0, bs0 = p.ndim == 3 ? p.b_strides[0] : 0;
+    const int64_t as1 = p.ndim >= 2 ? p.a_strides[last - 1] : 0,
+                  bs1 = p.ndim >= 2 ? p.b_strides[last - 1] : 0;
+    const int64_t asc = p.a_strides[last], bsc = p.b_strides[last];
+    const bool rows_ok =
+        dims_ok && cols % kN == 0 && (asc == 0 || asc == 1) && (bsc == 0 || bsc == 1) &&
+        (asc == 0 || (as0 % kN == 0 && as1 % kN == 0 && aligned16(p.a))) &&
+        (bsc == 0 || (bs0 % kN == 0 && bs1 % kN == 0 && aligned16(p.b))) && aligned16(p.out) &&
+        cols / kN <= int64_t{UINT32_MAX} && mid <= int64_t{UINT32_MAX};
     if (contiguous && aligned16(p.a) && aligned16(p.b) && aligned16(p.out) &&
         n % Pack<T>::kN == 0) {
       launch_after_previous(binary_contiguous_kernel<T>, dim3(blocks_for(n / Pack<T>::kN, 256)),
                             dim3(256), 0, as_stream(p.stream), p.op, static_cast<const T*>(p.a),
                             static_cast<const T*>(p.b), static_cast<T*>(p.out), n);
     } else if (rows_ok) {
-      const int64_t packs = rows * (cols / kN);
+      const int64_t packs = outer * mid * (cols / kN);
       launch_after_previous(binary_rows_kernel<T>, dim3(blocks_for(packs, 256)), dim3(256), 0,
                             as_stream(p.stream), p.op, static_cast<const T*>(p.a),
-                            static_cast<const T*>(p.b), static_cast<T*>(p.out), as0, as1 == 1, bs0,
-                            bs1 == 1, packs, static_cast<uint32_t>(cols / kN));
+                            static_cast<const T*>(p.b), static_cast<T*>(p.out), as0, as1, asc == 1,
+                            bs0, bs1, bsc == 1, packs, static_cast<uint32_t>(cols / kN),
+                            static_cast<uint32_t>(mid));
     } else {
       launch_after_previous(binary_kernel<T>, dim3(blocks_for(n, 256)), dim3(256), 0,
                             as_stream(p.stream), p.op, static_cast<const T*>(p.a),
