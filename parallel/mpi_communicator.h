@@ -43,9 +43,9 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<Communicator> split(int color, int key, std::string name) const override;
   std::unique_ptr<MpiCommunicator> split_mpi(int color, int key, std::string name) const;
 
-  // After a timeout (this communicator's, or the NCCL communicator's it bootstraps): every rank that
-  // timed out reports on roll_comm_ and listens for the others' reports for a few seconds; returns
-  // the part of the message that names the ranks (world ranks) that did not report.
+  // After a timeout (this communicator's, or the NCCL communicator's it bootstraps): every rank
+  // that timed out reports on roll_comm_ and listens for the others' reports for a few seconds;
+  // returns the part of the message that names the ranks (world ranks) that did not report.
   std::string roll_call() const;
 
  private:

@@ -214,7 +214,8 @@ void NcclCommunicator::abort_after_timeout(const std::string& what) {
   impl_->comm = nullptr;
   HYDRA_FAIL()
       << "rank " << process_info().rank << ": " << what << " on communicator '" << name()
-      << "' did not complete within " << timeout_.count() << " s"
+      << "' did not complete within " << timeout_.count()
+      << " s"
       // The ranks that timed out too report to each other over MPI: the silent ones are named.
       << bootstrap_->roll_call();
 }

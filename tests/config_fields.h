@@ -1,5 +1,6 @@
-// Every scalar number of a run config, walked from hydra.proto's descriptors: the fields the bad-input
-// tests set to extreme values (repeated fields, strings, booleans and enums have tests of their own).
+// Every scalar number of a run config, walked from hydra.proto's descriptors: the fields the
+// bad-input tests set to extreme values (repeated fields, strings, booleans and enums have tests of
+// their own).
 #pragma once
 
 #include <functional>

@@ -62,8 +62,8 @@ TEST(AcceptedValues, EveryNumericFieldTrainsOrIsRefusedByName) {
       const Case& c = cases[i];
       const std::string dir = (root / ("case-" + std::to_string(i))).string();
       const Result r = run(
-          "HYDRA_NUM_THREADS=1 timeout -s KILL 120 " HYDRA_BIN_DIR "/hydra-train --config " HYDRA_SOURCE_DIR
-          "/configs/tiny.pbtxt --out " +
+          "HYDRA_NUM_THREADS=1 timeout -s KILL 120 " HYDRA_BIN_DIR
+          "/hydra-train --config " HYDRA_SOURCE_DIR "/configs/tiny.pbtxt --out " +
           dir +
           " --quiet --no-print-config --steps 2 --set 'curriculum={}' --set train.seq_len=64"
           " --set train.batch_size=2 --set train.eval_batches=1 --set train.save_every=2 --set " +
@@ -73,8 +73,7 @@ TEST(AcceptedValues, EveryNumericFieldTrainsOrIsRefusedByName) {
       std::string outcome, failure;
       if (r.code == 0) {
         outcome = "trained";
-      } else if ((r.code == 1 || r.code == 2) &&
-                 r.output.find(c.short_name) != std::string::npos) {
+      } else if ((r.code == 1 || r.code == 2) && r.output.find(c.short_name) != std::string::npos) {
         outcome = "refused by name";
       } else if (r.code == 3 && !r.output.empty()) {
         outcome = "stopped with a message (diverged)";
@@ -88,8 +87,7 @@ TEST(AcceptedValues, EveryNumericFieldTrainsOrIsRefusedByName) {
         ++outcomes[outcome];
       } else {
         const std::size_t tail = r.output.size() > 600 ? r.output.size() - 600 : 0;
-        failures.push_back(c.field + "=" + c.value + ": " + failure + "\n" +
-                           r.output.substr(tail));
+        failures.push_back(c.field + "=" + c.value + ": " + failure + "\n" + r.output.substr(tail));
       }
     }
   };
