@@ -17,7 +17,7 @@ std::size_t device_total_memory(int device);  // bytes
 void* device_malloc(std::size_t bytes, int device);  // nullptr when the device is out of memory
 void device_free(void* ptr, int device);
 void* host_malloc_pinned(std::size_t bytes);
-void host_free_pinned(void* ptr);
+void host_free_pinned(void* ptr, std::size_t bytes);  // bytes: as allocated
 
 enum class CopyKind { kHostToDevice, kDeviceToHost, kDeviceToDevice };
 void memcpy_async(void* dst, const void* src, std::size_t bytes, CopyKind kind, void* stream);
