@@ -7,7 +7,8 @@
 //                                 + [z_next] sum_{b,e} bce(z[b,chunks-1,e], sigmoid(z_next[b,e]))
 //                                 + (chunk_len - 1) sum_{b,t,e} bce(z[b,t,e], sigmoid(z[b,t,e])) )
 //   sparsity = sparsity_scale * sum_{b, g < chunks / group, e}
-//                                 (1 - exp(chunk_len * sum_{t in group g} log(1 - p[b,t,e] + 1e-5)))
+//                                 (1 - exp(chunk_len * sum_{t in group g} log(1 - p[b,t,e] +
+//                                 1e-5)))
 //
 // with z = alpha * raw, bce(x, y) = softplus(x) - x y (the target y taken as a constant, so the
 // within-chunk term has a value but no gradient), p = s / (sum_e s + 1e-5), and z_next the next

@@ -104,7 +104,8 @@ void bwd_impl(const MoeAuxBwdParams& q) {
           const int64_t row = b * nC + t;
           lq += std::log(1.0 - double(rw.s[row * E + e]) * inv_s[row] + kEps);
         }
-        coef[(b * ng + g0) * E + e] = gsp * double(p.chunk_len) * std::exp(double(p.chunk_len) * lq);
+        coef[(b * ng + g0) * E + e] =
+            gsp * double(p.chunk_len) * std::exp(double(p.chunk_len) * lq);
       }
   std::vector<double> G(E);
   for (int64_t b = 0; b < B; ++b)

@@ -26,11 +26,12 @@ __device__ __forceinline__ A sigmoid_of(A x) {
 
 // The detached target of (b, t, e)'s locality pair; false when it has none.
 template <class T, class A>
-__device__ __forceinline__ bool pair_target(const MoeAuxParams& p, int64_t b, int64_t t,
-                                            int64_t e, A* y) {
+__device__ __forceinline__ bool pair_target(const MoeAuxParams& p, int64_t b, int64_t t, int64_t e,
+                                            A* y) {
   const int64_t E = p.experts;
   if (t + 1 < p.chunks) {
-    *y = sigmoid_of(A(p.alpha) * load(static_cast<const T*>(p.raw), (b * p.chunks + t + 1) * E + e));
+    *y =
+        sigmoid_of(A(p.alpha) * load(static_cast<const T*>(p.raw), (b * p.chunks + t + 1) * E + e));
     return true;
   }
   if (p.z_next == nullptr) return false;
@@ -225,8 +226,7 @@ void moe_aux_fwd(const MoeAuxParams& p) {
     const FwdScratch<A> f = fwd_scratch<A>(p, p.workspace);
     cudaStream_t st = as_stream(p.stream);
     if (rows > 0) {
-      aux_rows_kernel<T, A>
-          <<<blocks_for(rows, kThreads), kThreads, 0, st>>>(p, f.part, f.inv_s);
+      aux_rows_kernel<T, A><<<blocks_for(rows, kThreads), kThreads, 0, st>>>(p, f.part, f.inv_s);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
     if (groups > 0) {
