@@ -58,11 +58,12 @@ namespace {
 // From this size up, the pages are mapped and faulted in first, with no CUDA call (so no driver
 // lock another thread's launches would wait on), and only then page-locked by cudaHostRegister,
 // which then has nothing to allocate: about 0.03 s a GB instead of 0.36 s a GB of the driver's
-// time, during which every other thread's CUDA calls wait (H200 host, 2026-12-03). The pages are
-// touched in 64 MB pieces by plain writes, not MAP_POPULATE, which holds the process's memory map
-// for the whole mapping and stalls every other thread's page faults (the training thread's steps
-// took 3x as long). Huge pages where the kernel gives them (fewer faults). A checkpoint's staging
-// buffers (GBs) are set up this way, on a background thread.
+// time, during which every other thread's CUDA calls wait (H200 host, 2026-12-03,
+// hydra-bench-pinned). The pages are touched in 64 MB pieces by plain writes (MAP_POPULATE holds
+// the process's memory map for the whole mapping); huge pages where the kernel gives them. A
+// checkpoint's staging buffers (GBs) are set up this way, on a background thread: a hydra-1.6b leg
+// lost 6.6 s over three steps instead of 14.6 s in one, with either way of touching; what slows
+// those steps is not known yet (docs/RELIABILITY.md).
 constexpr std::size_t kTouchFirst = std::size_t{64} << 20;
 }  // namespace
 
