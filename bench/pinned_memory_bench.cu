@@ -112,8 +112,10 @@ int main(int argc, char** argv) {
     }
     const double a = seconds(a0, Clock::now());
     b.join();
-    std::printf("mode %d: set-up %.2f s (touching %.2f s); A: %d kernels, %.3f ms each, worst batch %.1f ms\n",
-                mode, setup, touch, kernels, 1e3 * a / kernels, 1e3 * worst);
+    std::printf(
+        "mode %d: set-up %.2f s (touching %.2f s); A: %d kernels, %.3f ms each, worst batch %.1f "
+        "ms\n",
+        mode, setup, touch, kernels, 1e3 * a / kernels, 1e3 * worst);
     std::fflush(stdout);
   }
   return 0;
