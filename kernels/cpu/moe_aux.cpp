@@ -29,6 +29,16 @@ struct Rows {
     for (int64_t e = 0; e < E; ++e) acc += double(v[row * E + e]);
     return acc + kEps;
   }
+  // The group (b, g, e)'s sum over its chunks of log(1 - p + eps), inv_s[row] = 1 / (sum_e s +
+  // eps).
+  double group_log_sum(const std::vector<double>& inv_s, int64_t b, int64_t g, int64_t e) const {
+    double lq = 0;
+    for (int64_t t = g * p.group; t < (g + 1) * p.group; ++t) {
+      const int64_t row = b * p.chunks + t;
+      lq += std::log(1.0 - double(s[row * E + e]) * inv_s[row] + kEps);
+    }
+    return lq;
+  }
   // The detached target of (b, t, e)'s locality pair; false when it has none (the last chunk of the
   // last shard).
   bool target(int64_t b, int64_t t, int64_t e, double* y) const {
@@ -63,14 +73,8 @@ void fwd_impl(const MoeAuxParams& p) {
     }
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < ng; ++g)
-      for (int64_t e = 0; e < E; ++e) {
-        double lq = 0;
-        for (int64_t t = g * p.group; t < (g + 1) * p.group; ++t) {
-          const int64_t row = b * nC + t;
-          lq += std::log(1.0 - double(rw.s[row * E + e]) * inv_s[row] + kEps);
-        }
-        sparsity += 1.0 - std::exp(double(p.chunk_len) * lq);
-      }
+      for (int64_t e = 0; e < E; ++e)
+        sparsity += 1.0 - std::exp(double(p.chunk_len) * rw.group_log_sum(inv_s, b, g, e));
   const double losses[3] = {balance * p.balance_scale, locality * p.locality_scale,
                             sparsity * p.sparsity_scale};
   T* out = static_cast<T*>(p.out);
@@ -98,15 +102,10 @@ void bwd_impl(const MoeAuxBwdParams& q) {
   // d sparsity / d p[b,t,e] = chunk_len N[b,g,e] / (1 - p + eps), N the group's exp(...).
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g0 = 0; g0 < ng; ++g0)
-      for (int64_t e = 0; e < E; ++e) {
-        double lq = 0;
-        for (int64_t t = g0 * p.group; t < (g0 + 1) * p.group; ++t) {
-          const int64_t row = b * nC + t;
-          lq += std::log(1.0 - double(rw.s[row * E + e]) * inv_s[row] + kEps);
-        }
+      for (int64_t e = 0; e < E; ++e)
         coef[(b * ng + g0) * E + e] =
-            gsp * double(p.chunk_len) * std::exp(double(p.chunk_len) * lq);
-      }
+            gsp * double(p.chunk_len) *
+            std::exp(double(p.chunk_len) * rw.group_log_sum(inv_s, b, g0, e));
   std::vector<double> G(E);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < nC; ++t) {

@@ -5,11 +5,9 @@
 // before training (tests/trainer/configs_test.cpp) only say that a value is accepted; this says
 // that an accepted value also runs.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
-#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -18,26 +16,14 @@
 #include <vector>
 
 #include "tests/config_fields.h"
+#include "tests/run_command.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Result {
-  int code = -1;  // the exit status; -1 when ended by a signal
-  std::string output;
-};
-
-Result run(const std::string& cmd) {
-  Result r;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  while (std::size_t n = std::fread(buf, 1, sizeof buf, p)) r.output.append(buf, n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using Result = hydra::testing::CommandResult;
+Result run(const std::string& cmd) { return hydra::testing::run_command(cmd); }
 
 TEST(AcceptedValues, EveryNumericFieldTrainsOrIsRefusedByName) {
   const fs::path root =

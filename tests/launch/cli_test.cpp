@@ -14,25 +14,14 @@
 #include <thread>
 #include <vector>
 
+#include "tests/run_command.h"
+
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Result {
-  int code = -1;
-  std::string output;  // stdout + stderr
-};
-
-Result run(const std::string& cmd) {
-  Result r;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  while (std::size_t n = std::fread(buf, 1, sizeof buf, p)) r.output.append(buf, n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using Result = hydra::testing::CommandResult;
+Result run(const std::string& cmd) { return hydra::testing::run_command(cmd); }
 
 std::string temp_dir(const std::string& name) {
   const fs::path p =
@@ -559,24 +548,17 @@ TEST(BadInput, HugeSizesNameTheFieldAndModelsThatCannotFitAreRefused) {
   r = run(kTrain + " --config " + kTiny + " --out " + dir + "/chunk" + kQuick +
           " --set model.ssm.scan_chunk=16777216");
   EXPECT_EQ(r.code, 0) << r.output;
-  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
-          " --set model.ssm.scan_chunk=1000000000");
-  EXPECT_EQ(r.code, 1) << r.output;
-  EXPECT_NE(r.output.find("model.ssm.scan_chunk = 1000000000 must be in [1, 16777216]"),
-            std::string::npos)
-      << r.output;
-  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
-          " --set train.device=cuda --set model.ssm.conv_width=9");
-  EXPECT_EQ(r.code, 1) << r.output;
-  EXPECT_NE(r.output.find("model.ssm.conv_width = 9: the CUDA kernels take widths up to 8"),
-            std::string::npos)
-      << r.output;
-  r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick +
-          " --set train.eval_batches=1000000000");
-  EXPECT_EQ(r.code, 1) << r.output;
-  EXPECT_NE(r.output.find("train.eval_batches = 1000000000 must be in [1, 1000000]"),
-            std::string::npos)
-      << r.output;
+  for (const auto& [sets, message] : std::vector<std::pair<std::string, std::string>>{
+           {"--set model.ssm.scan_chunk=1000000000",
+            "model.ssm.scan_chunk = 1000000000 must be in [1, 16777216]"},
+           {"--set train.device=cuda --set model.ssm.conv_width=9",
+            "model.ssm.conv_width = 9: the CUDA kernels take widths up to 8"},
+           {"--set train.eval_batches=1000000000",
+            "train.eval_batches = 1000000000 must be in [1, 1000000]"}}) {
+    r = run(kTrain + " --config " + kTiny + " --out " + dir + "/run" + kQuick + " " + sets);
+    EXPECT_EQ(r.code, 1) << r.output;
+    EXPECT_NE(r.output.find(message), std::string::npos) << r.output;
+  }
   EXPECT_FALSE(fs::exists(dir + "/run/metrics.jsonl"));
 }
 
