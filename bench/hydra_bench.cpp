@@ -1,5 +1,5 @@
 // hydra-bench: CPU micro-benchmarks of the engine's core ops. Prints a table and writes JSON.
-//   hydra-bench [--json FILE] [--only matmul|scan|attention] [--quick]
+//   hydra-bench [--json FILE] [--only matmul|scan|attention|checkpoint] [--quick]
 // Matmul: our op (engine + OpenBLAS) against a bare cblas_sgemm call on the same shape; the best
 // bare sgemm rate measured here is the machine's practical peak. Scan: the fused selective scan
 // forward and forward+backward in state updates per second (B*L*D*N / time).
@@ -15,7 +15,9 @@
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
 #include "bench/bench_util.h"
+#include "data/hdf5_file.h"
 #include "kernels/base/parallel.h"
+#include "trainer/crc32c.h"
 
 namespace hydra::bench {
 namespace {
@@ -207,6 +209,34 @@ void bench_attention(Report& report, bool quick) {
   }
 }
 
+// A checkpoint's writer on one thread: the checksums (CRC32C, the instruction and the table) and an
+// HDF5 write of the same bytes, in GB/s. A rank file is written at about the slower of the two.
+void bench_checkpoint(Report& report, bool quick) {
+  const std::size_t bytes = (quick ? std::size_t{64} : std::size_t{512}) << 20;
+  std::vector<unsigned char> buf(bytes);
+  for (std::size_t i = 0; i < bytes; ++i)
+    buf[i] = static_cast<unsigned char>(i * 2654435761u >> 13);
+  std::printf("\n%-34s %10s %10s\n", "checkpoint writer (one thread)", "MB", "GB/s");
+  const auto row = [&](const char* what, const std::function<void()>& fn) {
+    const Timing t = time_cpu(fn, 5, 1);
+    const double gbs = double(bytes) / t.median_ms / 1e6;
+    std::printf("%-34s %10.0f %10.2f\n", what, double(bytes) / 1e6, gbs);
+    report.add({"checkpoint", {{"what", what}}, {{"bytes", double(bytes)}, {"gb_per_s", gbs}}});
+  };
+  uint32_t sink = 0;
+  row("crc32c (the CPU's instruction)", [&] { sink ^= trainer::crc32c(buf.data(), bytes); });
+  row("crc32c (table)", [&] { sink ^= trainer::crc32c_table(buf.data(), bytes); });
+  const std::string path = "/tmp/hydra_bench_checkpoint_" + std::to_string(::getpid()) + ".h5";
+  row("HDF5 write (page cache)", [&] {
+    auto f = data::Hdf5File::create(path);
+    HYDRA_CHECK(f.ok()) << f.status().message();
+    HYDRA_CHECK(f->write("x", data::Hdf5Type::kU32, {int64_t(bytes / 4)}, buf.data()).ok());
+    HYDRA_CHECK(f->flush().ok());
+  });
+  std::remove(path.c_str());
+  if (sink == 1) std::printf(" \n");  // keeps the checksums from being optimised away
+}
+
 int run(int argc, char** argv) {
   std::string json, only;
   bool quick = false;
@@ -219,7 +249,8 @@ int run(int argc, char** argv) {
     } else if (a == "--quick") {
       quick = true;
     } else {
-      std::cerr << "usage: hydra-bench [--json FILE] [--only matmul|scan|attention] [--quick]\n";
+      std::cerr << "usage: hydra-bench [--json FILE] [--only matmul|scan|attention|checkpoint] "
+                   "[--quick]\n";
       return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
@@ -231,6 +262,7 @@ int run(int argc, char** argv) {
   if (only.empty() || only == "matmul") bench_matmul(report, quick);
   if (only.empty() || only == "scan") bench_scan(report, quick);
   if (only.empty() || only == "attention") bench_attention(report, quick);
+  if (only.empty() || only == "checkpoint") bench_checkpoint(report, quick);
   if (!json.empty()) {
     report.write_json(json, {{"threads", std::to_string(num_threads())}, {"host", host}});
     std::printf("\nwrote %s\n", json.c_str());

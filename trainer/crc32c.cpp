@@ -1,6 +1,11 @@
 #include "trainer/crc32c.h"
 
 #include <array>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+#endif
 
 namespace hydra::trainer {
 namespace {
@@ -16,13 +21,42 @@ constexpr std::array<uint32_t, 256> make_table() {
 }
 constexpr std::array<uint32_t, 256> kTable = make_table();
 
+#if defined(__x86_64__)
+// SSE4.2's crc32 instruction is CRC32C: 8 bytes an instruction (about 16x the table; a 19 GB
+// checkpoint's checksums took about 45 s with the table on the GPU machine's host).
+__attribute__((target("sse4.2"))) uint32_t crc32c_sse42(const unsigned char* p, std::size_t size,
+                                                        uint32_t crc) {
+  uint64_t c = ~crc;
+  for (; size >= 8; p += 8, size -= 8) {
+    uint64_t v = 0;
+    std::memcpy(&v, p, 8);
+    c = _mm_crc32_u64(c, v);
+  }
+  auto c32 = static_cast<uint32_t>(c);
+  for (; size > 0; ++p, --size) c32 = _mm_crc32_u8(c32, *p);
+  return ~c32;
+}
+
+bool have_sse42() {
+  static const bool yes = __builtin_cpu_supports("sse4.2");
+  return yes;
+}
+#endif
+
 }  // namespace
 
-uint32_t crc32c(const void* data, std::size_t size, uint32_t crc) {
+uint32_t crc32c_table(const void* data, std::size_t size, uint32_t crc) {
   const auto* p = static_cast<const unsigned char*>(data);
   crc = ~crc;
   for (std::size_t i = 0; i < size; ++i) crc = kTable[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
   return ~crc;
+}
+
+uint32_t crc32c(const void* data, std::size_t size, uint32_t crc) {
+#if defined(__x86_64__)
+  if (have_sse42()) return crc32c_sse42(static_cast<const unsigned char*>(data), size, crc);
+#endif
+  return crc32c_table(data, size, crc);
 }
 
 }  // namespace hydra::trainer
