@@ -67,12 +67,18 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, Bl
   Tensor mix;  // [B, L, paths], or undefined without a controller
   if (ctrl) {
     const Tensor logits = ctrl->forward(norm_ctrl->forward(x));  // [B, L, all paths]
-    std::vector<int64_t> ones(logits.size(2), 1);
-    const auto columns = split(logits, ones, 2);
-    std::vector<Tensor> on;
-    on.reserve(paths.size());
-    for (const Path& p : paths) on.push_back(columns[p.column]);
-    mix = mul(softmax(concat(on, 2)), double(paths.size()));
+    bool all_on = static_cast<int64_t>(paths.size()) == logits.size(2);
+    for (std::size_t i = 0; i < paths.size(); ++i) all_on = all_on && paths[i].column == int64_t(i);
+    if (all_on) {  // every path of the block: the logits as they are (no split and concat)
+      mix = mul(softmax(logits), double(paths.size()));
+    } else {  // a curriculum stage with paths off: their columns left out
+      std::vector<int64_t> ones(logits.size(2), 1);
+      const auto columns = split(logits, ones, 2);
+      std::vector<Tensor> on;
+      on.reserve(paths.size());
+      for (const Path& p : paths) on.push_back(columns[p.column]);
+      mix = mul(softmax(concat(on, 2)), double(paths.size()));
+    }
   }
   std::vector<Tensor> outs, gates;
   for (const Path& p : paths) {
