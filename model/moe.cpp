@@ -386,18 +386,20 @@ Tensor ChunkMoE::forward_carried(const Tensor& x, ForwardContext& ctx, MoeCarry&
 // previous shard's last chunk mean (rank 0: first token). xr [B, nC, c, d] -> [B, nC, d].
 Tensor ChunkMoE::router_input(const Tensor& xr, const ForwardContext& ctx,
                               const Tensor& carried) const {
-  const int64_t nC = xr.size(1);
-  Tensor first = xr.select(2, 0);  // [B, nC, d]
-  if (cfg_.router_input() != config::MoeConfig::PREV_CHUNK_MEAN) return first;
+  const int64_t B = xr.size(0), nC = xr.size(1), c = xr.size(2), d = xr.size(3);
+  if (cfg_.router_input() != config::MoeConfig::PREV_CHUNK_MEAN) return xr.select(2, 0);
+  // The sequence's first token [B, 1, d], as one slice of the tokens (one view's backward, not
+  // two).
+  const auto first_token = [&] { return xr.view({B, nC * c, d}).narrow(1, 0, 1); };
   std::vector<Tensor> parts;
   if (ctx.sequence_parallel()) {
     const Tensor prev =
         parallel::shift_from_previous(mean(xr.select(1, nC - 1), {1}), ctx.grid->sp());
-    parts.push_back(ctx.grid->sp_rank() == 0 ? first.narrow(1, 0, 1) : prev.unsqueeze(1));
+    parts.push_back(ctx.grid->sp_rank() == 0 ? first_token() : prev.unsqueeze(1));
   } else if (carried.defined()) {
     parts.push_back(carried.unsqueeze(1));
   } else {
-    parts.push_back(first.narrow(1, 0, 1));
+    parts.push_back(first_token());
   }
   if (nC > 1) parts.push_back(mean(xr, {2}).narrow(1, 0, nC - 1));
   return parts.size() == 1 ? parts[0] : concat(parts, 1);
