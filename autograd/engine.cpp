@@ -115,6 +115,7 @@ void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& g
       if (--pending[next] == 0) ready.push(e.node);
     }
   }
+  flush_gradient_conversions();  // every .grad holds its values when the backward returns
 }
 
 }  // namespace hydra

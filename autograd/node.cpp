@@ -2,6 +2,8 @@
 
 #include <atomic>
 #include <limits>
+#include <mutex>
+#include <unordered_set>
 #include <utility>
 
 #include "autograd/grad_mode.h"
@@ -11,7 +13,61 @@
 namespace hydra {
 namespace {
 std::atomic<uint64_t> next_sequence_nr{0};
+
+// The queued gradient conversions (flush_gradient_conversions).
+struct PendingConversions {
+  std::mutex mu;
+  std::vector<Tensor> dst, src;
+  std::unordered_set<const void*> storages;  // the destinations' storages
+  int64_t src_bytes = 0;
+  std::atomic<int64_t> count{0};
+};
+PendingConversions& pending_conversions() {
+  static PendingConversions p;
+  return p;
+}
+constexpr int64_t kMaxPendingConversionBytes = int64_t{64} << 20;
+
+// Queues dst.copy_(src) (dst a leaf's new .grad, contiguous, of another dtype than src).
+void defer_conversion(const Tensor& dst, const Tensor& src) {
+  PendingConversions& p = pending_conversions();
+  bool full = false;
+  {
+    const std::lock_guard<std::mutex> lock(p.mu);
+    p.dst.push_back(dst);
+    p.src.push_back(src);
+    p.storages.insert(dst.storage().get());
+    p.src_bytes += src.numel() * static_cast<int64_t>(dtype_size(src.dtype()));
+    p.count.store(static_cast<int64_t>(p.dst.size()), std::memory_order_release);
+    full = p.src_bytes > kMaxPendingConversionBytes;
+  }
+  if (full) flush_gradient_conversions();
+}
 }  // namespace
+
+void flush_gradient_conversions() {
+  PendingConversions& p = pending_conversions();
+  if (p.count.load(std::memory_order_acquire) == 0) return;
+  std::vector<Tensor> dst, src;
+  {
+    const std::lock_guard<std::mutex> lock(p.mu);
+    dst.swap(p.dst);
+    src.swap(p.src);
+    p.storages.clear();
+    p.src_bytes = 0;
+    p.count.store(0, std::memory_order_release);
+  }
+  NoGradGuard no_grad;
+  copy_many_(dst, src);
+}
+
+bool gradient_conversion_pending(const TensorImpl* grad) {
+  PendingConversions& p = pending_conversions();
+  if (grad == nullptr || !grad->storage || p.count.load(std::memory_order_acquire) == 0)
+    return false;
+  const std::lock_guard<std::mutex> lock(p.mu);
+  return p.storages.count(grad->storage.get()) > 0;
+}
 
 Node::Node(std::string name) : name_(std::move(name)), sequence_nr_(next_sequence_nr.fetch_add(1)) {
   kernel_profile_node_created(name_);
@@ -41,28 +97,35 @@ std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
   if (!g.defined()) return {};
   HYDRA_CHECK(g.shape() == leaf_.shape()) << "gradient of shape " << shape_str(g.shape())
                                           << " for a leaf of shape " << shape_str(leaf_.shape());
-  Tensor current = leaf_.grad();
+  Tensor current = leaf_.grad();  // (a pending conversion of it is flushed first)
   const auto& dest = leaf_.unsafe_impl()->autograd.grad_destination;
   if (!current.defined() && dest) {
     NoGradGuard no_grad;
     Tensor d(dest);
     // Written there already by the op that claimed the destination; otherwise copied (and converted
-    // from the compute dtype in the same pass).
+    // from the compute dtype: queued with the others).
     const bool there =
         g.storage() == d.storage() && g.offset() == d.offset() && g.strides() == d.strides();
-    if (!there) d.copy_(g);
+    if (!there) {
+      if (g.dtype() != d.dtype() && d.is_contiguous())
+        defer_conversion(d, g);
+      else
+        d.copy_(g);
+    }
     leaf_.set_grad(d);
   } else if (!current.defined()) {
     // Take the incoming buffer when nothing else refers to it; otherwise copy, so that no two
     // leaves' .grad share memory (a pass-through backward such as add's hands one tensor to both
     // inputs).
-    // A conversion (bf16 compute, fp32 gradient) makes a new buffer already.
     const bool sole_owner = g.storage().use_count() == 1 && g.impl_ptr().use_count() == 1 &&
                             g.is_contiguous() && g.offset() == 0;
-    if (g.dtype() != leaf_.grad_dtype())
-      leaf_.set_grad(g.to(leaf_.grad_dtype()));
-    else
+    if (g.dtype() != leaf_.grad_dtype()) {  // a conversion: a new buffer, written later
+      const Tensor d = Tensor::empty(g.shape(), leaf_.grad_dtype(), g.device());
+      defer_conversion(d, g);
+      leaf_.set_grad(d);
+    } else {
       leaf_.set_grad(sole_owner ? g : g.clone());
+    }
   } else {
     NoGradGuard no_grad;
     current.add_(g.dtype() == current.dtype() ? g : g.to(current.dtype()));

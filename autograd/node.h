@@ -123,4 +123,16 @@ Tensor anchor_collectives(const Tensor& root, const std::vector<Tensor>& anchors
 // Runs the gradient-ready hooks of a leaf (after a gradient reached it by any route).
 void run_grad_ready_hooks(const Tensor& leaf);
 
+// A leaf's first gradient of a backward that arrives in another dtype than the one it accumulates
+// in (a bf16 compute copy's gradient, an fp32 .grad: autograd/compute_copies.h) is converted later,
+// together with the others, in one multi_copy launch per 256 (kernels/copy.h) instead of one copy
+// per parameter: the leaf's .grad is set at once, its values are written when
+// flush_gradient_conversions runs. That happens before anything reads them: at the end of every
+// backward, when Tensor::grad() returns a pending gradient, before a second gradient adds to one,
+// when the queued sources pass 64 MB, and wherever code reads gradient storage directly (the
+// data-parallel reducer, before a bucket's reduction).
+void flush_gradient_conversions();
+// Whether `grad` (a .grad's impl) may still wait for its conversion (one queued into its storage).
+bool gradient_conversion_pending(const TensorImpl* grad);
+
 }  // namespace hydra

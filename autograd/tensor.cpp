@@ -389,7 +389,10 @@ Tensor& Tensor::set_requires_grad(bool requires_grad) {
   return *this;
 }
 
-Tensor Tensor::grad() const { return Tensor(impl().autograd.grad); }
+Tensor Tensor::grad() const {
+  if (gradient_conversion_pending(impl().autograd.grad.get())) flush_gradient_conversions();
+  return Tensor(impl().autograd.grad);
+}
 
 void Tensor::set_grad(const Tensor& grad) const {
   if (grad.defined()) {

@@ -6,6 +6,7 @@
 
 #include "autograd/cuda_context.h"
 #include "autograd/grad_mode.h"
+#include "autograd/node.h"
 #include "autograd/ops.h"
 
 namespace hydra::parallel {
@@ -140,6 +141,7 @@ void GradientReducer::start_ready_buckets() {
 
 void GradientReducer::start(Bucket& b) {
   NoGradGuard ng;
+  flush_gradient_conversions();  // the bucket's gradients converted in place before it is read
   for (std::size_t k = 0; k < b.params.size(); ++k) {
     const int i = b.params[k];
     const Tensor& t = params_[i].tensor;

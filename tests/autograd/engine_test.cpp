@@ -126,6 +126,55 @@ TEST(Engine, WeightGradientIsComputedInItsDestination) {
   }
 }
 
+// A leaf whose gradient accumulates in another dtype (f32 here, f64 .grad; bf16 -> f32 under
+// BF16_MIXED) gets its conversion queued with the others and run before any read: by .grad(), by
+// a second gradient adding to it, at the end of the backward (a destination read as storage).
+TEST(Engine, GradientConversionsAreQueuedAndWrittenBeforeAnyRead) {
+  const Tensor x = randn64({3, 4}, 70, 1.0, false).to(DType::kF32);
+  const Tensor a0 = randn64({4, 4}, 71, 0.5, false).to(DType::kF32),
+               b0 = randn64({4, 2}, 72, 0.5, false).to(DType::kF32);
+  // loss = sum(tanh(x a) b), with `a` used a second time when `twice`.
+  auto loss = [&](const Tensor& a, const Tensor& b, bool twice) {
+    Tensor h = tanh(matmul(x, a));
+    if (twice) h = tanh(matmul(h, a));
+    return sum(matmul(h, b));
+  };
+  for (const bool twice : {false, true}) {
+    Tensor ra = a0.clone(), rb = b0.clone();  // the reference: f32 gradients, converted by hand
+    ra.set_requires_grad(true);
+    rb.set_requires_grad(true);
+    loss(ra, rb, twice).backward();
+    Tensor a = a0.clone(), b = b0.clone();
+    a.set_requires_grad(true);
+    b.set_requires_grad(true);
+    a.set_grad_dtype(DType::kF64);
+    b.set_grad_dtype(DType::kF64);
+    Tensor bucket = full({10}, -9.0, DType::kF64);  // b's gradient lands in a destination
+    b.set_grad_destination(bucket.narrow(0, 1, 8).view({4, 2}));
+    bool b_pending_in_hook = false;
+    std::vector<double> a_in_hook;
+    a.add_grad_ready_hook([&](const Tensor& leaf) {
+      // b's gradient came first (b is used last) and still waits; .grad() of `a` flushes.
+      b_pending_in_hook = gradient_conversion_pending(b.unsafe_impl()->autograd.grad.get());
+      a_in_hook = leaf.grad().to_vector<double>();
+    });
+    loss(a, b, twice).backward();
+    EXPECT_TRUE(b_pending_in_hook) << twice;
+    EXPECT_EQ(a.grad().dtype(), DType::kF64);
+    EXPECT_FALSE(gradient_conversion_pending(b.unsafe_impl()->autograd.grad.get()));
+    // b's values in its destination, read as storage after the backward.
+    const auto bv = bucket.to_vector<double>(), rbv = rb.grad().to(DType::kF64).to_vector<double>();
+    EXPECT_EQ(bv[0], -9.0);
+    EXPECT_EQ(bv[9], -9.0);
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(bv[1 + i], rbv[i]) << twice << " " << i;
+    // a: exact when used once; used twice, its two parts are added in f64 (the reference in f32).
+    EXPECT_EQ(a_in_hook, a.grad().to_vector<double>());
+    EXPECT_LE(testing::rel_error(a.grad(), ra.grad().to(DType::kF64)), twice ? 1e-6 : 0.0) << twice;
+    loss(a, b, twice).backward();  // a second backward adds to the f64 gradients
+    EXPECT_LT(testing::rel_error(a.grad(), mul(ra.grad().to(DType::kF64), 2.0)), 1e-6) << twice;
+  }
+}
+
 TEST(Engine, GradReadyHookFiresOnceAfterAccumulation) {
   // w is used twice; the hook must see the complete gradient exactly once.
   Tensor w = randn64({2, 2}, 6);
