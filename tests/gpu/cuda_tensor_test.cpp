@@ -46,6 +46,18 @@ TEST(CudaTensor, StridedCopyAndConversionMatchCpu) {
   EXPECT_TRUE(bitwise_equal(d.permute({2, 0, 1}).contiguous(), x.permute({2, 0, 1}).contiguous()));
   EXPECT_TRUE(bitwise_equal(d.to(DType::kBF16), x.to(DType::kBF16)));
   EXPECT_TRUE(bitwise_equal(d.slice(1, 2, 11, 3).contiguous(), x.slice(1, 2, 11, 3).contiguous()));
+  // Rows longer than the row kernel's 16384 elements, split into pieces: [3, 5, 24576] -> [5, 3,
+  // 24576] (bf16, vectors; f32 -> bf16, elements), and a length with no piece (24583, prime).
+  for (const int64_t len : {int64_t{24576}, int64_t{24583}}) {
+    const Tensor big = randn32({3, 5, len}, 3);
+    const Tensor bigb = big.to(DType::kBF16), gb = bigb.to(Device::cuda(0));
+    EXPECT_TRUE(
+        bitwise_equal(gb.permute({1, 0, 2}).contiguous(), bigb.permute({1, 0, 2}).contiguous()))
+        << len;
+    EXPECT_TRUE(bitwise_equal(big.to(Device::cuda(0)).permute({1, 0, 2}).to(DType::kBF16),
+                              bigb.permute({1, 0, 2}).contiguous()))
+        << len;
+  }
   Tensor f = zeros({3, 3}, DType::kF32, Device::cuda(0));
   f.fill_(2.5);
   EXPECT_EQ(f.cpu().to_vector<float>(), std::vector<float>(9, 2.5f));
