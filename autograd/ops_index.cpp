@@ -7,6 +7,7 @@
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "kernels/index.h"
+#include "kernels/moe_combine.h"
 #include "kernels/moe_route.h"
 #include "kernels/pkm.h"
 #include "kernels/topk.h"
@@ -366,6 +367,76 @@ std::pair<Tensor, Tensor> topk(const Tensor& x_in, int64_t k) {
 }  // namespace hydra
 
 namespace hydra {
+
+Tensor moe_combine(const Tensor& y_in, const Tensor& w_in, const Tensor& inverse_in,
+                   const Tensor& widx_in, const Tensor& perm_in, int64_t experts,
+                   int64_t chunk_len) {
+  HYDRA_CHECK(y_in.dim() == 2 && w_in.dim() == 1 && inverse_in.dim() == 2)
+      << "moe_combine: y [rows, C], w [pairs] and inverse [tokens, K] expected, got "
+      << shape_str(y_in.shape()) << ", " << shape_str(w_in.shape()) << ", "
+      << shape_str(inverse_in.shape());
+  HYDRA_CHECK(experts >= 1 && chunk_len >= 1 && w_in.numel() % experts == 0 &&
+              inverse_in.size(0) == w_in.numel() / experts * chunk_len)
+      << "moe_combine: " << w_in.numel() << " pair weights, " << experts << " experts, chunks of "
+      << chunk_len << " tokens and " << inverse_in.size(0) << " tokens do not agree";
+  for (const Tensor* t : {&inverse_in, &widx_in, &perm_in})
+    HYDRA_CHECK(t->dtype() == DType::kI64 && t->device() == y_in.device())
+        << "moe_combine: inverse, widx and perm must be i64 on " << y_in.device().str();
+  HYDRA_CHECK(widx_in.numel() >= y_in.size(0) && perm_in.numel() >= y_in.size(0))
+      << "moe_combine: widx and perm need an entry for each of the " << y_in.size(0)
+      << " rows of y";
+  HYDRA_CHECK(w_in.dtype() == y_in.dtype() && w_in.device() == y_in.device())
+      << "moe_combine: y and w differ in dtype or device";
+  const Tensor y = y_in.contiguous(), w = w_in.contiguous(), inverse = inverse_in.contiguous(),
+               widx = widx_in.contiguous(), perm = perm_in.contiguous();
+  const int64_t tokens = inverse.size(0), cols = y.size(1);
+  Tensor out = Tensor::empty({tokens, cols}, y.dtype(), y.device());
+  kernels::MoeCombineParams p;
+  p.dtype = y.dtype();
+  p.tokens = tokens;
+  p.K = inverse.size(1);
+  p.rows = y.size(0);
+  p.cols = cols;
+  p.pairs = w.numel();
+  p.experts = experts;
+  p.chunk_len = chunk_len;
+  p.y = y.raw_data();
+  p.w = w.raw_data();
+  p.inverse = inverse.data<int64_t>();
+  p.widx = widx.data<int64_t>();
+  p.out = out.raw_data();
+  p.stream = current_stream(y.device());
+  if (tokens > 0 && cols > 0) HYDRA_LAUNCH(y.device(), moe_combine_fwd, p);
+  const bool need_y = y_in.requires_grad(), need_w = w_in.requires_grad();
+  if (need_y || need_w) {
+    SavedTensor sy(need_w ? y : Tensor()), sw(w), si(inverse), sx(widx), sp(perm);
+    record_op("moe_combine", {y_in, w_in}, {out}, [=](const std::vector<Tensor>& g) {
+      const Tensor go = g[0].contiguous(), yv = sy.get(), wv = sw.get();
+      Tensor gy = need_y ? Tensor::empty({p.rows, p.cols}, go.dtype(), go.device()) : Tensor();
+      Tensor gw = need_w ? Tensor::empty({p.pairs}, go.dtype(), go.device()) : Tensor();
+      kernels::MoeCombineBwdParams q;
+      q.fwd = p;
+      q.fwd.y = yv.defined() ? yv.raw_data() : nullptr;
+      q.fwd.w = wv.raw_data();
+      q.fwd.inverse = si.get().data<int64_t>();
+      q.fwd.widx = sx.get().data<int64_t>();
+      q.fwd.out = nullptr;
+      q.fwd.stream = current_stream(go.device());
+      q.perm = sp.get().data<int64_t>();
+      q.gout = go.raw_data();
+      q.gy = gy.defined() ? gy.raw_data() : nullptr;
+      q.gw = gw.defined() ? gw.raw_data() : nullptr;
+      if (p.cols == 0) {
+        if (gy.defined()) gy.zero_();
+        if (gw.defined()) gw.zero_();
+      } else {
+        HYDRA_LAUNCH(go.device(), moe_combine_bwd, q);
+      }
+      return std::vector<Tensor>{gy, gw};
+    });
+  }
+  return out;
+}
 
 void scatter_add_rows_(const Tensor& table, const Tensor& index, const Tensor& src) {
   check_index("scatter_add_rows_", index, table);

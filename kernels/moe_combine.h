@@ -26,23 +26,23 @@ struct MoeCombineParams {
   int64_t K = 0;              // inverse's columns
   int64_t rows = 0;           // dispatch rows of y (perm and widx hold at least as many)
   int64_t cols = 0;
-  int64_t pairs = 0;      // entries of w: batch * chunks * experts
-  int64_t experts = 0;    // pair p = chunk * experts + expert
-  int64_t chunk_len = 1;  // tokens per chunk
-  const void* y = nullptr;              // [rows, cols] contiguous
-  const void* w = nullptr;              // [pairs]
-  const int64_t* inverse = nullptr;     // [tokens, K]
-  const int64_t* widx = nullptr;        // [>= rows]
-  void* out = nullptr;                  // [tokens, cols]
+  int64_t pairs = 0;                 // entries of w: batch * chunks * experts
+  int64_t experts = 0;               // pair p = chunk * experts + expert
+  int64_t chunk_len = 1;             // tokens per chunk
+  const void* y = nullptr;           // [rows, cols] contiguous
+  const void* w = nullptr;           // [pairs]
+  const int64_t* inverse = nullptr;  // [tokens, K]
+  const int64_t* widx = nullptr;     // [>= rows]
+  void* out = nullptr;               // [tokens, cols]
   void* stream = nullptr;
 };
 
 struct MoeCombineBwdParams {
-  MoeCombineParams fwd;            // fwd.out unused
-  const int64_t* perm = nullptr;   // [>= rows]: each dispatch row's token
-  const void* gout = nullptr;      // [tokens, cols]
-  void* gy = nullptr;              // [rows, cols] or null
-  void* gw = nullptr;              // [pairs] or null
+  MoeCombineParams fwd;           // fwd.out unused
+  const int64_t* perm = nullptr;  // [>= rows]: each dispatch row's token
+  const void* gout = nullptr;     // [tokens, cols]
+  void* gy = nullptr;             // [rows, cols] or null
+  void* gw = nullptr;             // [pairs] or null
 };
 
 HYDRA_DECLARE_KERNEL(moe_combine_fwd, MoeCombineParams)

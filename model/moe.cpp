@@ -12,7 +12,8 @@
 namespace hydra::model {
 namespace {
 
-std::atomic<bool> g_fused_aux{true};  // set_fused_moe_aux
+std::atomic<bool> g_fused_aux{true};      // set_fused_moe_aux
+std::atomic<bool> g_fused_combine{true};  // set_fused_moe_combine
 
 // Counts over the whole global batch that normalise the auxiliary losses, so that the ranks'
 // shares add up to the single-process loss (summed over the ranks in one host all-reduce).
@@ -27,6 +28,7 @@ struct GlobalCounts {
 }  // namespace
 
 void set_fused_moe_aux(bool on) { g_fused_aux.store(on); }
+void set_fused_moe_combine(bool on) { g_fused_combine.store(on); }
 
 ChunkMoE::ChunkMoE(Init& init, const ModelSpec& spec, int64_t layer)
     : layer_(layer),
@@ -620,6 +622,10 @@ Tensor ChunkMoE::run_routed(const Tensor& xf, const Routed& rt, ForwardContext& 
   // The dispatch and the combine go by the token's own rows (the inverse): no scatter, no sort.
   const Tensor xs = gather_rows(xf, rt.perm, rt.inv);
   Tensor y = rt.tiled.tile > 0 ? run_experts_tiled(xs, rt.tiled) : run_experts(xs, rt.sizes, ctx);
+  if (rt.w.defined() && g_fused_combine.load()) {  // weights, products and sum in one op
+    return moe_combine(y, rt.w.reshape({rt.w.numel()}), rt.inv, rt.widx.narrow(0, 0, y.size(0)),
+                       rt.perm.narrow(0, 0, y.size(0)), E, chunk_);
+  }
   if (rt.w.defined()) {
     // Tiled: padding rows name one row past the pairs, whose weight is 0 (kernels/moe_route.h).
     const int64_t pairs = rt.w.numel();

@@ -121,6 +121,9 @@ class ChunkMoE : public Module {
 // BLOCKFFN's auxiliary losses as the fused op (moe_aux, the default) or composed of separate ops
 // (the reference the fused op is tested against, in tests; the same mathematics). Process-wide.
 void set_fused_moe_aux(bool on);
+// The routed experts' weighted combine as one op (moe_combine, the default) or as a gather of the
+// weights, a multiply and a gather-sum (the reference, in tests). Process-wide.
+void set_fused_moe_combine(bool on);
 
 // BlockFFN's activation locality loss over router logits z = alpha * W_r u - beta [B, nC, E]:
 // mean over consecutive chunks of BCE(sigmoid(z_j), target sigmoid(z_{j+1})), the target held
