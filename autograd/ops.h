@@ -17,6 +17,7 @@
 //   grouped_linear          matmul: grouped_gemm          GroupedLinear.*           8 experts up
 //   tiled_linear            matmul: tile_gemm             TiledLinear.*             (the MoE step)
 //   rms_norm                rms_norm                      RmsNorm.GradcheckFloat64  rms_norm fwd
+//   rms_norm_multi          rms_norm: rms_norm_multi_*    RmsNorm.Multi*            (the block)
 //   gated_residual          gated_residual                GatedResidual.*           gated_residual
 //   softmax log_softmax     softmax                       Softmax., LogSoftmax.*    softmax fwd
 //   cross_entropy           loss: cross_entropy_*         CrossEntropy.*            cross_entropy
@@ -36,6 +37,7 @@
 //   gated_update gated_scan gated_update                  GatedUpdate., GatedScan.* -
 //   moe_route               moe_route                     (no gradient)             -
 //   moe_aux                 moe_aux: moe_aux_fwd/bwd      MoeAux.GradcheckFloat64   -
+//   moe_combine             moe_combine: moe_combine_*    MoeCombine.*              (the MoE step)
 //   concat split views      copy: strided_copy            Concat., Split., Views.*  copy of a slice
 //
 // (Benchmark rows: bench/hydra_bench_gpu.cpp, "toy32k ..." and model-shaped rows; the CPU's in
@@ -137,6 +139,11 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias = Tensor());
 // ----------------------------------------------------------------
 Tensor rms_norm(const Tensor& x, const Tensor& weight,
                 double eps = 1e-6);  // over the last axis; weight may be undefined
+// rms_norm(x, weights[k], eps) for each of 1 to 4 weights, in one kernel each way
+// (kernels/rms_norm.h: the backward sums the norms' input gradients itself). The outputs equal the
+// single norms' on the CPU; on CUDA, shapes its kernels do not take run as single norms.
+std::vector<Tensor> rms_norm_multi(const Tensor& x, const std::vector<Tensor>& weights,
+                                   double eps = 1e-6);
 // A residual plus gated paths (a Hydra block's combine): x and each of outs [..., d], each gate
 // [d], mix undefined or [..., outs.size()]: y = x + sum_i outs[i] * gates[i] * mix[..., i] (mix 1
 // when undefined). Up to 4 paths; one kernel each way (kernels/gated_residual.h).
@@ -189,6 +196,15 @@ Tensor scatter_add_rows(const Tensor& table, const Tensor& index, const Tensor& 
 // serves the backward, a gather. For an injective index this equals
 // scatter_add_rows(zeros({R, C}), index, src).
 Tensor gather_sum_rows(const Tensor& src, const Tensor& inverse, const Tensor& index);
+// The MoE's weighted combine (kernels/moe_combine.h): out [tokens, C] with out[t] = the sum over
+// k of w[widx[i]] * y[i], i = inverse[t, k] >= 0; w [pairs] (pairs = chunks * experts), a widx
+// past the pairs weighing 0 (padding). perm [rows] (each dispatch row's token) serves the
+// backward. The dispatch must route chunks (each chunk's chunk_len tokens share their pairs, as
+// moe_route does): gw sums a pair's rows by its chunk. Equals gather_sum_rows(mul(y,
+// gather_rows(w with a 0 appended, widx)), inverse, perm) without the weights' sort-and-scatter
+// backward.
+Tensor moe_combine(const Tensor& y, const Tensor& w, const Tensor& inverse, const Tensor& widx,
+                   const Tensor& perm, int64_t experts, int64_t chunk_len);
 // In place, outside autograd: table[index[i]] += src[i] (table contiguous, e.g. a parameter).
 void scatter_add_rows_(const Tensor& table, const Tensor& index, const Tensor& src);
 // Along `axis`: out[.., i, ..] = x[.., index[.., i, ..], ..]; index has x's shape except along

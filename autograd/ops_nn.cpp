@@ -107,6 +107,108 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, double eps) {
   return y;
 }
 
+namespace {
+// A contiguous tensor whose data starts on a 16-byte boundary (the multi-norm's vector loads).
+Tensor aligned_contiguous(const Tensor& t) {
+  Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.raw_data()) % 16 == 0 ? c : c.clone();
+}
+}  // namespace
+
+std::vector<Tensor> rms_norm_multi(const Tensor& x_in, const std::vector<Tensor>& weights,
+                                   double eps) {
+  const int count = static_cast<int>(weights.size());
+  HYDRA_CHECK(count >= 1 && count <= kernels::kRmsNormMaxWeights)
+      << "rms_norm_multi: 1 to " << kernels::kRmsNormMaxWeights << " weights, got " << count;
+  HYDRA_CHECK(x_in.dim() >= 1 && is_floating(x_in.dtype()))
+      << "rms_norm_multi: floating input with >= 1 dimension expected";
+  const int64_t cols = x_in.size(-1);
+  for (const Tensor& w : weights)
+    HYDRA_CHECK(w.defined() && w.dim() == 1 && w.size(0) == cols && w.dtype() == x_in.dtype() &&
+                w.device() == x_in.device())
+        << "rms_norm_multi: weights [" << cols << "] of the input's dtype and device expected, got "
+        << (w.defined() ? shape_str(w.shape()) : std::string("undefined"));
+  bool fused = true;
+#if HYDRA_WITH_CUDA
+  fused = !x_in.device().is_cuda() ||
+          kernels::cuda::rms_norm_multi_supported(x_in.dtype(), cols, count);
+#endif
+  if (!fused) {
+    std::vector<Tensor> ys;
+    ys.reserve(weights.size());
+    for (const Tensor& w : weights) ys.push_back(rms_norm(x_in, w, eps));
+    return ys;
+  }
+  const Tensor x = aligned_contiguous(x_in);
+  const int64_t rows = cols ? x.numel() / cols : 0;
+  std::vector<Tensor> ws, ys;
+  Tensor rstd = Tensor::empty({rows}, accumulate_dtype(x.dtype()), x.device());
+  kernels::RmsNormMultiParams p;
+  p.dtype = x.dtype();
+  p.x = x.raw_data();
+  p.count = count;
+  for (int k = 0; k < count; ++k) {
+    ws.push_back(aligned_contiguous(weights[k].detach()));
+    ys.push_back(Tensor::empty(x.shape(), x.dtype(), x.device()));
+    p.w[k] = ws[k].raw_data();
+    p.y[k] = ys[k].raw_data();
+  }
+  p.rstd = rstd.raw_data();
+  p.rows = rows;
+  p.cols = cols;
+  p.eps = eps;
+  p.stream = current_stream(x.device());
+  if (rows > 0) HYDRA_LAUNCH(x.device(), rms_norm_multi_fwd, p);
+  std::vector<Tensor> inputs = {x_in};
+  inputs.insert(inputs.end(), weights.begin(), weights.end());
+  if (any_requires_grad(inputs)) {
+    SavedTensor sx(x), sr(rstd);
+    std::vector<SavedTensor> sw;
+    std::vector<bool> need_w;
+    for (int k = 0; k < count; ++k) {
+      sw.emplace_back(ws[k]);
+      need_w.push_back(weights[k].requires_grad());
+    }
+    record_op("rms_norm_multi", inputs, ys, [=](const std::vector<Tensor>& g) {
+      const Tensor xv = sx.get(), rv = sr.get();
+      kernels::RmsNormMultiBwdParams q;
+      q.dtype = xv.dtype();
+      q.x = xv.raw_data();
+      q.count = count;
+      q.rstd = rv.raw_data();
+      q.rows = rows;
+      q.cols = cols;
+      q.stream = current_stream(xv.device());
+      std::vector<Tensor> keep, out(count + 1);
+      out[0] = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+      q.gx = out[0].raw_data();
+      for (int k = 0; k < count; ++k) {
+        const Tensor wv = sw[k].get();
+        keep.push_back(wv);
+        q.w[k] = wv.raw_data();
+        if (g[k].defined()) {
+          keep.push_back(aligned_contiguous(g[k]));
+          q.gy[k] = keep.back().raw_data();
+        }
+        if (need_w[k]) {
+          out[k + 1] = Tensor::empty({cols}, xv.dtype(), xv.device());
+          q.gw[k] = out[k + 1].raw_data();
+        }
+      }
+      const Tensor scratch_ws = HYDRA_CUDA_WORKSPACE(xv.device(), rms_norm_multi_bwd_workspace, q);
+      q.workspace = scratch_ws.defined() ? scratch_ws.raw_data() : nullptr;
+      if (rows > 0) {
+        HYDRA_LAUNCH(xv.device(), rms_norm_multi_bwd, q);
+      } else {
+        for (int k = 0; k < count; ++k)
+          if (out[k + 1].defined()) out[k + 1].zero_();
+      }
+      return out;
+    });
+  }
+  return ys;
+}
+
 Tensor gated_residual(const Tensor& x_in, const std::vector<Tensor>& outs_in,
                       const std::vector<Tensor>& gates_in, const Tensor& mix_in) {
   const int paths = static_cast<int>(outs_in.size());

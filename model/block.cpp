@@ -1,5 +1,6 @@
 #include "model/block.h"
 
+#include <atomic>
 #include <cmath>
 
 namespace hydra::model {
@@ -7,7 +8,25 @@ namespace hydra::model {
 namespace {
 Tensor layer_scale(int64_t d, double value) { return full({d}, value); }
 const ParamOptions kGate{.weight_decay = false};
+std::atomic<bool> g_fused_norms{true};  // set_fused_block_norms
+
+// norms[i](x) for each i: one rms_norm_multi when fused and the norms share their epsilon.
+std::vector<Tensor> normalise(const Tensor& x, const std::vector<const RMSNorm*>& norms) {
+  bool fused = g_fused_norms.load() && norms.size() > 1;
+  std::vector<Tensor> weights;
+  for (const RMSNorm* n : norms) {
+    fused = fused && n->eps() == norms[0]->eps();
+    weights.push_back(n->weight);
+  }
+  if (fused) return rms_norm_multi(x, weights, norms[0]->eps());
+  std::vector<Tensor> out;
+  out.reserve(norms.size());
+  for (const RMSNorm* n : norms) out.push_back(n->forward(x));
+  return out;
+}
 }  // namespace
+
+void set_fused_block_norms(bool on) { g_fused_norms.store(on); }
 
 HydraBlock::HydraBlock(Init& init, const ModelSpec& spec, int64_t index) : index_(index) {
   const int64_t d = spec.d;
@@ -42,22 +61,31 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, Bl
   };
   std::vector<Path> paths;
   parallel::Communicator* sp = ctx.sequence_parallel() ? &ctx.grid->sp() : nullptr;
-  if (ctx.paths.ssm) {
+  // The norms of x the block's paths and controller read, together.
+  const bool ssm_on = ctx.paths.ssm, sga_on = sga && ctx.paths.sga;
+  std::vector<const RMSNorm*> norms;
+  if (ssm_on) norms.push_back(norm_ssm.get());
+  if (sga_on) norms.push_back(norm_sga.get());
+  norms.push_back(norm_moe.get());
+  if (ctrl) norms.push_back(norm_ctrl.get());
+  const std::vector<Tensor> normed = normalise(x, norms);
+  std::size_t next_norm = 0;
+  if (ssm_on) {
     const SsmState state = carry != nullptr ? carry->ssm : SsmState();
     paths.push_back(
         {"ssm",
-         ssm->forward(norm_ssm->forward(x), state, carry != nullptr ? &carry->ssm : nullptr, sp),
+         ssm->forward(normed[next_norm++], state, carry != nullptr ? &carry->ssm : nullptr, sp),
          gate_ssm, 0});
   }
-  if (sga && ctx.paths.sga) {
-    const Tensor n = norm_sga->forward(x);
+  if (sga_on) {
+    const Tensor& n = normed[next_norm++];
     paths.push_back(
         {"sga",
          carry != nullptr ? sga->forward_cached(n, carry->kv) : sga->forward(n, ctx.pos0, sp),
          gate_sga, 1});
   }
   Tensor moe_aux;
-  const Tensor n = norm_moe->forward(x);
+  const Tensor& n = normed[next_norm++];
   paths.push_back(
       {"moe",
        carry != nullptr ? moe->forward_carried(n, ctx, carry->moe) : moe->forward(n, ctx, &moe_aux),
@@ -66,7 +94,7 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, Bl
 
   Tensor mix;  // [B, L, paths], or undefined without a controller
   if (ctrl) {
-    const Tensor logits = ctrl->forward(norm_ctrl->forward(x));  // [B, L, all paths]
+    const Tensor logits = ctrl->forward(normed[next_norm]);  // [B, L, all paths]
     bool all_on = static_cast<int64_t>(paths.size()) == logits.size(2);
     for (std::size_t i = 0; i < paths.size(); ++i) all_on = all_on && paths[i].column == int64_t(i);
     if (all_on) {  // every path of the block: the logits as they are (no split and concat)

@@ -35,6 +35,11 @@ class HydraBlock : public Module {
   int64_t index_;
 };
 
+// The block's norms of its input (one per path on and the controller's) as one op (rms_norm_multi,
+// the default) or one rms_norm each (the reference, in tests; the same mathematics).
+// Process-wide.
+void set_fused_block_norms(bool on);
+
 // A memory as a residual branch: x + g * memory(N(x)).
 class MemoryBranch : public Module {
  public:

@@ -35,6 +35,7 @@ class RMSNorm : public Module {
  public:
   RMSNorm(int64_t dim, double eps);
   Tensor forward(const Tensor& x) const { return rms_norm(x, weight, eps_); }
+  double eps() const { return eps_; }
   Tensor weight;
 
  private:

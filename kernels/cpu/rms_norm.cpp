@@ -72,7 +72,82 @@ void rms_norm_bwd_impl(const RmsNormBwdParams& p) {
   }
 }
 
+template <class T>
+void rms_norm_multi_fwd_impl(const RmsNormMultiParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  T* rstd = static_cast<T*>(p.rstd);
+  const int64_t cols = p.cols;
+  parallel_for(p.rows, grain_for(cols * p.count), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * cols;
+      double ss = 0;
+      for (int64_t j = 0; j < cols; ++j) ss += double(xr[j]) * double(xr[j]);
+      const T rs = static_cast<T>(1.0 / std::sqrt(ss / double(cols) + p.eps));
+      if (rstd) rstd[r] = rs;
+      for (int k = 0; k < p.count; ++k) {
+        const T* w = static_cast<const T*>(p.w[k]);
+        T* yr = static_cast<T*>(p.y[k]) + r * cols;
+        for (int64_t j = 0; j < cols; ++j) yr[j] = xr[j] * rs * w[j];  // as rms_norm_fwd
+      }
+    }
+  });
+}
+
+template <class T>
+void rms_norm_multi_bwd_impl(const RmsNormMultiBwdParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* rstd = static_cast<const T*>(p.rstd);
+  T* gx = static_cast<T*>(p.gx);
+  const int64_t rows = p.rows, cols = p.cols, K = p.count;
+  const int64_t nblk = std::max<int64_t>(1, (rows + kRowBlock - 1) / kRowBlock);
+  std::vector<double> gw_part(nblk * K * cols, 0.0);
+  parallel_for(nblk, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> a(cols);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      double* gwp = gw_part.data() + blk * K * cols;
+      for (int64_t r = blk * kRowBlock, e = std::min(rows, (blk + 1) * kRowBlock); r < e; ++r) {
+        const T* xr = x + r * cols;
+        const double rs = rstd[r];
+        std::fill(a.begin(), a.end(), 0.0);
+        for (int64_t k = 0; k < K; ++k) {
+          if (!p.gy[k]) continue;
+          const T* gr = static_cast<const T*>(p.gy[k]) + r * cols;
+          const T* w = static_cast<const T*>(p.w[k]);
+          for (int64_t j = 0; j < cols; ++j) {
+            a[j] += double(gr[j]) * double(w[j]);
+            gwp[k * cols + j] += double(gr[j]) * double(xr[j]) * rs;
+          }
+        }
+        double dot = 0;  // sum_j a*x
+        for (int64_t j = 0; j < cols; ++j) dot += a[j] * double(xr[j]);
+        const double c = rs * rs * dot / double(cols);
+        T* gxr = gx + r * cols;
+        for (int64_t j = 0; j < cols; ++j) gxr[j] = static_cast<T>(rs * (a[j] - double(xr[j]) * c));
+      }
+    }
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    if (!p.gw[k]) continue;
+    T* gw = static_cast<T*>(p.gw[k]);
+    for (int64_t j = 0; j < cols; ++j) {
+      double acc = 0;
+      for (int64_t blk = 0; blk < nblk; ++blk) acc += gw_part[(blk * K + k) * cols + j];
+      gw[j] = static_cast<T>(acc);
+    }
+  }
+}
+
 }  // namespace
+
+void rms_norm_multi_fwd(const RmsNormMultiParams& p) {
+  dispatch_float(p.dtype, "rms_norm_multi",
+                 [&](auto tag) { rms_norm_multi_fwd_impl<typename decltype(tag)::type>(p); });
+}
+
+void rms_norm_multi_bwd(const RmsNormMultiBwdParams& p) {
+  dispatch_float(p.dtype, "rms_norm_multi_backward",
+                 [&](auto tag) { rms_norm_multi_bwd_impl<typename decltype(tag)::type>(p); });
+}
 
 void rms_norm_fwd(const RmsNormParams& p) {
   dispatch_float(p.dtype, "rms_norm",

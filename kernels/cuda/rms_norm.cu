@@ -258,6 +258,205 @@ RowLayout bwd_layout(const RmsNormBwdParams& p) {
   return l;
 }
 
+// ---- several norms of one input (RmsNormMultiParams): a warp per row, its lanes along the row's
+// units (16-byte packs, or elements when the row is not a whole number of packs), ITEMS units a
+// lane; the backward keeps each lane's gw partials for its columns in registers over the warp's
+// rows, then writes them as the warp's partial (summed over the warps in order afterwards).
+constexpr int kMultiThreads = 256, kMultiWarps = kMultiThreads / 32;
+constexpr int kMultiBlocks = 264;  // backward blocks at most (2 an SM): the partials' count
+
+template <class T, bool VEC>
+struct Units {
+  using C = compute_t<T>;
+  static constexpr int kN = VEC ? RowPack<T>::kN : 1;
+  __device__ static void load(const void* base, int64_t u, C (&v)[kN]) {
+    if constexpr (VEC) {
+      const RowPack<T> p = reinterpret_cast<const RowPack<T>*>(base)[u];
+#pragma unroll
+      for (int j = 0; j < kN; ++j) v[j] = convert<C>(p.v[j]);
+    } else {
+      v[0] = load_one(base, u);
+    }
+  }
+  __device__ static C load_one(const void* base, int64_t u) {
+    return ::hydra::kernels::cuda::load(static_cast<const T*>(base), u);
+  }
+  __device__ static void store(void* base, int64_t u, const C (&v)[kN]) {
+    if constexpr (VEC) {
+      RowPack<T> p;
+#pragma unroll
+      for (int j = 0; j < kN; ++j) p.v[j] = convert<T>(v[j]);
+      reinterpret_cast<RowPack<T>*>(base)[u] = p;
+    } else {
+      static_cast<T*>(base)[u] = convert<T>(v[0]);
+    }
+  }
+};
+
+template <class T, bool VEC, int ITEMS>
+__global__ void __launch_bounds__(kMultiThreads)
+    rms_norm_multi_fwd_kernel(const RmsNormMultiParams p) {
+  using C = compute_t<T>;
+  using U = Units<T, VEC>;
+  constexpr int kN = U::kN;
+  const int lane = threadIdx.x & 31;
+  const int64_t units = p.cols / kN, warps = int64_t(gridDim.x) * kMultiWarps;
+  for (int64_t r = blockIdx.x * int64_t(kMultiWarps) + (threadIdx.x >> 5); r < p.rows; r += warps) {
+    const T* xr = static_cast<const T*>(p.x) + r * p.cols;
+    C xv[ITEMS][kN];
+    C ss = 0;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t u = lane + 32 * i;
+      if (u < units) {
+        U::load(xr, u, xv[i]);
+#pragma unroll
+        for (int j = 0; j < kN; ++j) ss += xv[i][j] * xv[i][j];
+      }
+    }
+    ss = warp_sum(ss);
+    const C rs = fast_rsqrt(ss / C(p.cols) + C(p.eps));
+    if (lane == 0 && p.rstd) static_cast<C*>(p.rstd)[r] = rs;
+    for (int k = 0; k < p.count; ++k) {
+      T* yr = static_cast<T*>(p.y[k]) + r * p.cols;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int64_t u = lane + 32 * i;
+        if (u >= units) continue;
+        C wv[kN], o[kN];
+        U::load(p.w[k], u, wv);
+#pragma unroll
+        for (int j = 0; j < kN; ++j) o[j] = xv[i][j] * rs * wv[j];
+        U::store(yr, u, o);
+      }
+    }
+  }
+}
+
+template <class T, bool VEC, int ITEMS>
+__global__ void __launch_bounds__(kMultiThreads)
+    rms_norm_multi_bwd_kernel(const RmsNormMultiBwdParams p, compute_t<T>* __restrict part) {
+  using C = compute_t<T>;
+  using U = Units<T, VEC>;
+  constexpr int kN = U::kN, kK = kRmsNormMaxWeights;
+  const int lane = threadIdx.x & 31;
+  const int64_t units = p.cols / kN, warps = int64_t(gridDim.x) * kMultiWarps,
+                warp = blockIdx.x * int64_t(kMultiWarps) + (threadIdx.x >> 5);
+  C gw[kK][ITEMS][kN];
+#pragma unroll
+  for (int k = 0; k < kK; ++k)
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+      for (int j = 0; j < kN; ++j) gw[k][i][j] = 0;
+  for (int64_t r = warp; r < p.rows; r += warps) {
+    const int64_t off = r * p.cols;
+    const C rs = static_cast<const C*>(p.rstd)[r];
+    C xv[ITEMS][kN], a[ITEMS][kN];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t u = lane + 32 * i;
+#pragma unroll
+      for (int j = 0; j < kN; ++j) xv[i][j] = a[i][j] = 0;
+      if (u < units) U::load(static_cast<const T*>(p.x) + off, u, xv[i]);
+    }
+#pragma unroll
+    for (int k = 0; k < kK; ++k) {
+      if (k >= p.count || p.gy[k] == nullptr) continue;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int64_t u = lane + 32 * i;
+        if (u >= units) continue;
+        C g[kN], wv[kN];
+        U::load(static_cast<const T*>(p.gy[k]) + off, u, g);
+        U::load(p.w[k], u, wv);
+#pragma unroll
+        for (int j = 0; j < kN; ++j) {
+          a[i][j] += g[j] * wv[j];
+          gw[k][i][j] += g[j] * xv[i][j] * rs;
+        }
+      }
+    }
+    C dot = 0;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+      for (int j = 0; j < kN; ++j) dot += a[i][j] * xv[i][j];
+    dot = warp_sum(dot);
+    const C c = rs * rs * dot / C(p.cols);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t u = lane + 32 * i;
+      if (u >= units) continue;
+      C o[kN];
+#pragma unroll
+      for (int j = 0; j < kN; ++j) o[j] = rs * (a[i][j] - xv[i][j] * c);
+      U::store(static_cast<T*>(p.gx) + off, u, o);
+    }
+  }
+  // The warp's partials: part[warp][k][col].
+#pragma unroll
+  for (int k = 0; k < kK; ++k) {
+    if (k >= p.count) continue;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t u = lane + 32 * i;
+      if (u >= units) continue;
+#pragma unroll
+      for (int j = 0; j < kN; ++j) part[(warp * p.count + k) * p.cols + u * kN + j] = gw[k][i][j];
+    }
+  }
+}
+
+// gw_k[c] from the column sums of the partials ([warps, count * cols]).
+template <class C, class T>
+struct MultiGwStore {
+  RmsNormMultiBwdParams p;
+  __device__ void operator()(int64_t e, C v) const {
+    const int64_t k = e / p.cols, c = e % p.cols;
+    if (p.gw[k] != nullptr) static_cast<T*>(p.gw[k])[c] = convert<T>(v);
+  }
+};
+
+// The layout a shape takes: VEC (whole packs) or elements, and the units a lane holds.
+struct MultiLayout {
+  bool vec = false;
+  int items = 0;  // 0: not supported
+};
+MultiLayout multi_layout(DType dtype, int64_t cols, int count) {
+  MultiLayout l;
+  if (count < 1 || count > kRmsNormMaxWeights || cols < 1) return l;
+  dispatch_float(dtype, "rms_norm_multi", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int kN = RowPack<T>::kN;
+    const bool vec = sizeof(T) <= 4 && cols % kN == 0;
+    const int64_t units = vec ? cols / kN : cols;
+    // Registers: the backward's partials are 4 * items * (pack elements); at most 64.
+    const int64_t max_items = vec ? 64 / (kRmsNormMaxWeights * kN) : 4;
+    const int64_t items = (units + 31) / 32;
+    if (items > max_items) return;
+    l.vec = vec;
+    l.items = items <= 1 ? 1 : items <= 2 ? 2 : 4;
+  });
+  return l;
+}
+
+template <bool VEC, class F>
+void dispatch_multi_items(int items, F&& f) {
+  switch (items) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    default:
+      if constexpr (!VEC) return f(std::integral_constant<int, 4>{});
+      HYDRA_FAIL() << "rms_norm_multi: " << items << " packs a lane are not supported";
+  }
+}
+
+int64_t multi_bwd_blocks(int64_t rows) {
+  return std::clamp<int64_t>((rows + kMultiWarps - 1) / kMultiWarps, 1, kMultiBlocks);
+}
 }  // namespace
 
 void rms_norm_fwd(const RmsNormParams& p) {
@@ -346,6 +545,68 @@ void rms_norm_bwd(const RmsNormBwdParams& p) {
       column_sum<C, T>(part, blocks, p.cols, static_cast<T*>(p.gw), C(1), s);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
+  });
+}
+
+bool rms_norm_multi_supported(DType dtype, int64_t cols, int count) {
+  return multi_layout(dtype, cols, count).items > 0;
+}
+
+size_t rms_norm_multi_bwd_workspace(const RmsNormMultiBwdParams& p) {
+  if (p.rows == 0) return 0;
+  const size_t a = p.dtype == DType::kF64 ? 8 : 4;
+  return a * static_cast<size_t>(multi_bwd_blocks(p.rows) * kMultiWarps * p.count * p.cols);
+}
+
+void rms_norm_multi_fwd(const RmsNormMultiParams& p) {
+  if (p.rows == 0) return;
+  const MultiLayout l = multi_layout(p.dtype, p.cols, p.count);
+  HYDRA_CHECK(l.items > 0) << "rms_norm_multi: " << p.count << " weights of " << p.cols
+                           << " columns are not supported on CUDA (rms_norm_multi_supported)";
+  dispatch_float(p.dtype, "rms_norm_multi", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto blocks = blocks_for(p.rows * 32, kMultiThreads);
+    auto launch = [&](auto vec) {
+      constexpr bool kVec = decltype(vec)::value;
+      dispatch_multi_items<kVec>(l.items, [&](auto items) {
+        rms_norm_multi_fwd_kernel<T, kVec, decltype(items)::value>
+            <<<blocks, kMultiThreads, 0, as_stream(p.stream)>>>(p);
+      });
+    };
+    if (l.vec)
+      launch(std::true_type{});
+    else
+      launch(std::false_type{});
+    HYDRA_CUDA_LAUNCH_CHECK();
+  });
+}
+
+void rms_norm_multi_bwd(const RmsNormMultiBwdParams& p) {
+  if (p.rows == 0) return;
+  const MultiLayout l = multi_layout(p.dtype, p.cols, p.count);
+  HYDRA_CHECK(l.items > 0) << "rms_norm_multi_backward: " << p.count << " weights of " << p.cols
+                           << " columns are not supported on CUDA";
+  HYDRA_CHECK(p.workspace != nullptr) << "rms_norm_multi_backward: workspace required";
+  cudaStream_t s = as_stream(p.stream);
+  dispatch_float(p.dtype, "rms_norm_multi_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using C = compute_t<T>;
+    C* part = static_cast<C*>(p.workspace);
+    const int64_t blocks = multi_bwd_blocks(p.rows);
+    auto launch = [&](auto vec) {
+      constexpr bool kVec = decltype(vec)::value;
+      dispatch_multi_items<kVec>(l.items, [&](auto items) {
+        rms_norm_multi_bwd_kernel<T, kVec, decltype(items)::value>
+            <<<static_cast<unsigned>(blocks), kMultiThreads, 0, s>>>(p, part);
+      });
+    };
+    if (l.vec)
+      launch(std::true_type{});
+    else
+      launch(std::false_type{});
+    HYDRA_CUDA_LAUNCH_CHECK();
+    column_sum_to(part, blocks * kMultiWarps, p.count * p.cols, MultiGwStore<C, T>{p}, s);
+    HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
 

@@ -40,6 +40,60 @@ TEST(RmsNorm, GradcheckFloat64) {
       (std::vector<Tensor>{x}));
 }
 
+// Several norms of one input: the outputs equal the single norms' bit for bit, the gradients
+// (the input's summed in one pass) within 1e-12, with some outputs given no gradient; gradcheck.
+TEST(RmsNorm, MultiEqualsTheSingleNormsAndGradcheckFloat64) {
+  const Tensor x0 = randn64({3, 4, 6}, 5, 1.0, false);
+  std::vector<Tensor> w0;
+  for (int k = 0; k < 4; ++k) w0.push_back(randn64({6}, 6 + k, 1.0, false));
+  for (const int count : {1, 3, 4}) {
+    for (const bool skip_one : {false, true}) {  // output 0 gets no gradient
+      std::vector<std::vector<double>> gx, gws, ys;
+      for (const bool multi : {true, false}) {
+        Tensor x = x0.clone();
+        x.set_requires_grad(true);
+        std::vector<Tensor> w;
+        for (int k = 0; k < count; ++k) {
+          w.push_back(w0[k].clone());
+          w.back().set_requires_grad(true);
+        }
+        std::vector<Tensor> y;
+        if (multi) {
+          y = rms_norm_multi(x, w, 1e-5);
+        } else {
+          for (const Tensor& wk : w) y.push_back(rms_norm(x, wk, 1e-5));
+        }
+        Tensor loss;
+        for (int k = skip_one ? 1 : 0; k < count; ++k) {
+          const Tensor term = sum(mul(y[k], randn64(y[k].shape(), 20 + k, 1.0, false)));
+          loss = loss.defined() ? add(loss, term) : term;
+        }
+        for (const Tensor& yk : y) ys.push_back(yk.to_vector<double>());
+        if (!loss.defined()) continue;
+        loss.backward();
+        gx.push_back(x.grad().to_vector<double>());
+        for (int k = 0; k < count; ++k)
+          gws.push_back(w[k].grad().defined() ? w[k].grad().to_vector<double>()
+                                              : std::vector<double>(6, 0.0));
+      }
+      for (int k = 0; k < count; ++k) EXPECT_EQ(ys[k], ys[count + k]) << count << " output " << k;
+      if (gx.size() < 2) continue;
+      for (std::size_t i = 0; i < gx[0].size(); ++i) EXPECT_NEAR(gx[0][i], gx[1][i], 1e-12) << i;
+      for (int k = 0; k < count; ++k)
+        for (int j = 0; j < 6; ++j)
+          EXPECT_NEAR(gws[k][j], gws[count + k][j], 1e-12) << "weight " << k << " col " << j;
+    }
+  }
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) {
+        return rms_norm_multi(in[0], {in[1], in[2], in[3]}, 1e-5);
+      },
+      (std::vector<Tensor>{randn64({3, 4, 6}, 30), randn64({6}, 31), randn64({6}, 32),
+                           randn64({6}, 33)}));
+  EXPECT_THROW((void)rms_norm_multi(x0, {}, 1e-5), Error);
+  EXPECT_THROW((void)rms_norm_multi(x0, {w0[0], randn64({5}, 34, 1.0, false)}, 1e-5), Error);
+}
+
 // The fused gated update equals its composite (sigmoid of a linear gate over [s; u], then the
 // lerp), forward and backward.
 TEST(GatedUpdate, EqualsTheCompositeAndGradcheckFloat64) {

@@ -162,6 +162,31 @@ TEST(CudaOps, MoeAuxMatchesCpu) {
     }
 }
 
+// The MoE's fused combine on a routing from moe_route (packed with drops, tiled with padding
+// rows), rows of packs (384) and of odd widths (37: the per-element kernels).
+TEST(CudaOps, MoeCombineMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  struct Case {
+    int64_t B, nC, E, chunk, C, tile, capacity;
+  };
+  for (const Case& c : {Case{2, 5, 4, 3, 37, 0, 2}, Case{3, 7, 8, 8, 384, 16, 0},
+                        Case{1, 9, 8, 8, 37, 64, 0}, Case{4, 33, 8, 8, 384, 0, 0}}) {
+    Generator g(70);
+    const Tensor raw = randn({c.B * c.nC, c.E}, g);
+    const MoeDispatch d = moe_route(raw, relu(raw), c.B, c.chunk, 2, c.capacity, c.tile);
+    const int64_t rows = d.perm.numel(), pairs = c.B * c.nC * c.E, E = c.E, chunk = c.chunk;
+    for (DType t : kTypes)
+      check_op(
+          "moe_combine rows " + std::to_string(rows) + " C " + std::to_string(c.C) + " tile " +
+              std::to_string(c.tile),
+          [E, chunk](const std::vector<Tensor>& in) {
+            return std::vector<Tensor>{moe_combine(in[0], in[1], in[2], in[3], in[4], E, chunk)};
+          },
+          {rnd({rows, c.C}, 71), rnd({pairs}, 72), d.inverse, d.widx, d.perm},
+          {true, true, false, false, false}, t);
+  }
+}
+
 TEST(CudaOps, BinaryWithBroadcastingMatchCpu) {
   HYDRA_REQUIRE_GPU();
   const std::vector<std::pair<Shape, Shape>> shapes = {{{7, 13, 5}, {7, 13, 5}},
@@ -376,6 +401,35 @@ TEST(CudaOps, MatmulAndLinearMatchCpu) {
       },
       {rnd({2, 37, 96}, 21), rnd({80, 96}, 22, 0.1), rnd({80}, 23)}, {true, true, true},
       DType::kF64);
+}
+
+// The block's norms in one op: packs (384, 512), elements (37, 100), 1 to 4 weights, an output
+// without a gradient (its weight gets zeros); and a width the kernels do not take (2048), which
+// runs as single norms.
+TEST(CudaOps, RmsNormMultiMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  for (DType t : kTypes)
+    for (const Shape& s :
+         {Shape{7, 37}, Shape{1000, 384}, Shape{3, 5, 100}, Shape{37, 512}, Shape{9, 2048}}) {
+      const int64_t d = s.back();
+      for (const int count : {1, 3, 4}) {
+        std::vector<Tensor> in = {rnd(s, 40)};
+        for (int k = 0; k < count; ++k) in.push_back(rnd({d}, 41 + k));
+        check_op(
+            "rms_norm_multi " + std::to_string(count) + " x " + std::to_string(d),
+            [count](const std::vector<Tensor>& v) {
+              std::vector<Tensor> ws(v.begin() + 1, v.begin() + 1 + count);
+              return rms_norm_multi(v[0], ws, 1e-5);
+            },
+            in, std::vector<bool>(count + 1, true), t);
+      }
+      check_op(
+          "rms_norm_multi, output 0 without a gradient",
+          [](const std::vector<Tensor>& v) {
+            return std::vector<Tensor>{rms_norm_multi(v[0], {v[1], v[2]}, 1e-5)[1]};
+          },
+          {rnd(s, 50), rnd({d}, 51), rnd({d}, 52)}, {true, true, true}, t);
+    }
 }
 
 TEST(CudaOps, NormSoftmaxCrossEntropyMatchCpu) {

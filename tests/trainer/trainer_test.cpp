@@ -5,11 +5,13 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
 
 #include "configs/config_io.h"
 #include "data/shards.h"
+#include "model/block.h"
 #include "model/moe.h"
 
 namespace hydra::trainer {
@@ -284,7 +286,10 @@ TEST(Training, GradAccumulationEqualsOneStepThroughTheTrainer) {
 // BLOCKFFN's auxiliary losses fused (moe_aux, the default) and composed of separate ops train to
 // the same losses, auxiliary losses, gradient norms and parameters (float64; the sums run in other
 // orders, so within 1e-9 rather than bit for bit).
-TEST(Training, FusedMoeAuxLossesTrainAsTheComposedOnes) {
+// A fused MoE op (toggled by `use`) trains as its composed reference: the same losses, gradient
+// norms and parameters in float64 within 1e-9 (the sums run in another order).
+void expect_fused_trains_as_composed(const std::function<void(bool)>& use,
+                                     const std::string& name) {
   const std::vector<std::string> sets = {"train.precision=FP64", "model.moe.objective=BLOCKFFN",
                                          "train.save_every=-1"};
   const std::vector<std::string> keys = {"loss",          "loss.balance", "loss.locality",
@@ -292,11 +297,11 @@ TEST(Training, FusedMoeAuxLossesTrainAsTheComposedOnes) {
   std::vector<std::vector<std::map<std::string, double>>> runs;
   std::vector<std::vector<std::vector<double>>> params;
   for (bool fused : {true, false}) {
-    model::set_fused_moe_aux(fused);
-    const std::string out = temp_dir(fused ? "aux_fused" : "aux_composed");
+    use(fused);
+    const std::string out = temp_dir(name + (fused ? "_fused" : "_composed"));
     std::unique_ptr<Trainer> t;
     auto s = train(small_config(sets), out, "", -1, &t);
-    model::set_fused_moe_aux(true);
+    use(true);
     ASSERT_TRUE(s.ok()) << s.status().message();
     std::ifstream in(out + "/metrics.jsonl");
     runs.emplace_back();
@@ -317,6 +322,18 @@ TEST(Training, FusedMoeAuxLossesTrainAsTheComposedOnes) {
       ASSERT_NEAR(params[0][i][e], params[1][i][e],
                   1e-9 * std::max(1e-3, std::abs(params[1][i][e])))
           << "parameter " << i << " element " << e;
+}
+
+TEST(Training, FusedMoeAuxLossesTrainAsTheComposedOnes) {
+  expect_fused_trains_as_composed(model::set_fused_moe_aux, "aux");
+}
+
+TEST(Training, FusedMoeCombineTrainsAsTheComposedOne) {
+  expect_fused_trains_as_composed(model::set_fused_moe_combine, "combine");
+}
+
+TEST(Training, FusedBlockNormsTrainAsTheSingleNorms) {
+  expect_fused_trains_as_composed(model::set_fused_block_norms, "norms");
 }
 
 // prepare_staging sets up the host buffers a save copies into, beforehand: a save after it sets up
