@@ -97,32 +97,8 @@ Tensor mm(const Tensor& a, bool ta, const Tensor& b, bool tb) {
 // A weight's gradient op(a) @ op(b) ([1, *, *] operands -> `shape`), computed straight into the
 // weight's gradient destination when it can claim one (a communication bucket: no copy afterwards),
 // else into a new tensor.
-// Slices of the rows for a small fp32 weight gradient summed over many rows on CUDA (a^T b, a [1,
-// K, m], b [1, K, n]): cuBLASLt runs the MoE router's [8, 384] over 4096 chunks in one long pass
-// (73 us on the H200). As S slices of K / S rows, one strided-batched GEMM into [S, m, n] partials
-// and their sum over S (a fixed order: deterministic). 1: no split.
-int64_t weight_grad_slices(const Tensor& a, bool ta, const Tensor& b, bool tb) {
-  if (!a.device().is_cuda() || a.dtype() != DType::kF32 || !ta || tb) return 1;
-  const int64_t K = a.size(1), m = a.size(2), n = b.size(2);
-  if (m * n > 16384 || K < 2048) return 1;
-  int64_t S = 16;
-  while (S > 1 && K % S != 0) S /= 2;
-  return S;
-}
-
 Tensor weight_grad(const Tensor& w, const Tensor& a, bool ta, const Tensor& b, bool tb,
                    const Shape& shape) {
-  if (const int64_t S = weight_grad_slices(a, ta, b, tb); S > 1) {
-    const int64_t K = a.size(1), m = a.size(2), n = b.size(2);
-    const Tensor part = mm(a.reshape({S, K / S, m}), true, b.reshape({S, K / S, n}), false);
-    Tensor g = sum(part, {0}).view(shape);
-    Tensor dest = w.claim_grad_destination(a.dtype());
-    if (dest.defined() && dest.is_contiguous() && dest.device() == a.device()) {
-      dest.copy_(g);
-      return dest;
-    }
-    return g;
-  }
   Tensor dest = w.claim_grad_destination(a.dtype());
   if (dest.defined() && dest.is_contiguous() && dest.device() == a.device()) {
     const int64_t m = ta ? a.size(2) : a.size(1), n = tb ? b.size(1) : b.size(2);
