@@ -441,7 +441,7 @@ MultiLayout multi_layout(DType dtype, int64_t cols, int count) {
   return l;
 }
 
-template <bool VEC, class F>
+template <class F>
 void dispatch_multi_items(int items, F&& f) {
   switch (items) {
     case 1:
@@ -449,8 +449,7 @@ void dispatch_multi_items(int items, F&& f) {
     case 2:
       return f(std::integral_constant<int, 2>{});
     default:
-      if constexpr (!VEC) return f(std::integral_constant<int, 4>{});
-      HYDRA_FAIL() << "rms_norm_multi: " << items << " packs a lane are not supported";
+      return f(std::integral_constant<int, 4>{});
   }
 }
 
@@ -568,7 +567,7 @@ void rms_norm_multi_fwd(const RmsNormMultiParams& p) {
     const auto blocks = blocks_for(p.rows * 32, kMultiThreads);
     auto launch = [&](auto vec) {
       constexpr bool kVec = decltype(vec)::value;
-      dispatch_multi_items<kVec>(l.items, [&](auto items) {
+      dispatch_multi_items(l.items, [&](auto items) {
         rms_norm_multi_fwd_kernel<T, kVec, decltype(items)::value>
             <<<blocks, kMultiThreads, 0, as_stream(p.stream)>>>(p);
       });
@@ -595,7 +594,7 @@ void rms_norm_multi_bwd(const RmsNormMultiBwdParams& p) {
     const int64_t blocks = multi_bwd_blocks(p.rows);
     auto launch = [&](auto vec) {
       constexpr bool kVec = decltype(vec)::value;
-      dispatch_multi_items<kVec>(l.items, [&](auto items) {
+      dispatch_multi_items(l.items, [&](auto items) {
         rms_norm_multi_bwd_kernel<T, kVec, decltype(items)::value>
             <<<static_cast<unsigned>(blocks), kMultiThreads, 0, s>>>(p, part);
       });
