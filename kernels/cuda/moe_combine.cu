@@ -101,16 +101,26 @@ __global__ void moe_combine_gw_kernel(const MoeCombineBwdParams q) {
   if (kk >= 0) {
     const T* gout = static_cast<const T*>(q.gout);
     const T* y = static_cast<const T*>(p.y);
-    for (int64_t j = 0; j < p.chunk_len; ++j) {
-      const int64_t t = first + j, i = p.inverse[t * p.K + kk];
-      for (int64_t u = lane; u < units; u += 32) {
-        if constexpr (VEC) {
-          const RowPack<T> g = reinterpret_cast<const RowPack<T>*>(gout)[t * units + u];
-          const RowPack<T> v = reinterpret_cast<const RowPack<T>*>(y)[i * units + u];
+    // Eight rows at a time: their dispatch rows first, then their loads together.
+    constexpr int kRows = 8;
+    for (int64_t j0 = 0; j0 < p.chunk_len; j0 += kRows) {
+      int64_t rows[kRows];
 #pragma unroll
-          for (int e = 0; e < kN; ++e) acc += convert<C>(g.v[e]) * convert<C>(v.v[e]);
-        } else {
-          acc += load(gout, t * p.cols + u) * load(y, i * p.cols + u);
+      for (int r = 0; r < kRows; ++r)
+        rows[r] = j0 + r < p.chunk_len ? p.inverse[(first + j0 + r) * p.K + kk] : -1;
+      for (int64_t u = lane; u < units; u += 32) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          if (rows[r] < 0) continue;
+          const int64_t t = first + j0 + r, i = rows[r];
+          if constexpr (VEC) {
+            const RowPack<T> g = reinterpret_cast<const RowPack<T>*>(gout)[t * units + u];
+            const RowPack<T> v = reinterpret_cast<const RowPack<T>*>(y)[i * units + u];
+#pragma unroll
+            for (int e = 0; e < kN; ++e) acc += convert<C>(g.v[e]) * convert<C>(v.v[e]);
+          } else {
+            acc += load(gout, t * p.cols + u) * load(y, i * p.cols + u);
+          }
         }
       }
     }
