@@ -190,7 +190,7 @@ std::vector<Tensor> rms_norm_multi(const Tensor& x_in, const std::vector<Tensor>
           keep.push_back(aligned_contiguous(g[k]));
           q.gy[k] = keep.back().raw_data();
         }
-        if (need_w[k]) {
+        if (need_w[k] && g[k].defined()) {  // no gradient reached y_k: none for w_k, as rms_norm
           out[k + 1] = Tensor::empty({cols}, xv.dtype(), xv.device());
           q.gw[k] = out[k + 1].raw_data();
         }
