@@ -404,8 +404,8 @@ TEST(CudaOps, MatmulAndLinearMatchCpu) {
 }
 
 // The block's norms in one op: packs (384, 512), elements (37, 100), 1 to 4 weights, an output
-// without a gradient (its weight gets none, as from rms_norm); and a width the kernels do not take (2048), which
-// runs as single norms.
+// without a gradient (its weight gets none, as from rms_norm); and a width the kernels do not take
+// (2048), which runs as single norms.
 TEST(CudaOps, RmsNormMultiMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   for (DType t : kTypes)
