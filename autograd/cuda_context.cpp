@@ -210,7 +210,12 @@ class PinnedAllocator final : public Allocator {
  public:
   void* allocate(std::size_t bytes, void*) override {
     if (bytes == 0) return nullptr;
-    const std::size_t size = bin_size(bytes);
+    // Large blocks (a checkpoint's staging buffers, GBs in one piece) are rounded to 2 MB (huge
+    // pages), not to a quarter of their power of two (up to 25% more page-locked memory).
+    constexpr std::size_t kLarge = std::size_t{64} << 20;
+    constexpr std::size_t kHuge = std::size_t{2} << 20;
+    const std::size_t size =
+        bytes >= kLarge ? (bytes + kHuge - 1) / kHuge * kHuge : bin_size(bytes);
     std::unique_lock<std::mutex> lock(mu_);
     process_pending();
     void* ptr = nullptr;
@@ -250,6 +255,16 @@ class PinnedAllocator final : public Allocator {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = active_.find(ptr);
     if (it == active_.end()) return;  // not a pinned block: nothing to protect
+    // A block kept for long (a checkpoint's staging buffers, copied into at every save) would
+    // otherwise collect an event per copy until it is freed.
+    auto& events = it->second.events;
+    events.erase(std::remove_if(events.begin(), events.end(),
+                                [](void* e) {
+                                  if (!kernels::cuda::event_query(e)) return false;
+                                  kernels::cuda::event_destroy(e);
+                                  return true;
+                                }),
+                 events.end());
     void* ev = kernels::cuda::event_create();
     kernels::cuda::event_record(ev, stream);
     it->second.events.push_back(ev);

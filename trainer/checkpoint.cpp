@@ -293,9 +293,31 @@ void CheckpointManager::prepare_staging(const model::LanguageModel& model, const
   preparing_ = std::thread([this, device, wanted = std::move(wanted)] {
     try {
       cuda_use_device_on_this_thread(device);  // the rank's GPU, not device 0
-      for (const Wanted& w : wanted)
-        prepared_[w.name] =
-            w.pinned ? Tensor::empty_pinned(w.shape, w.dtype) : Tensor::empty(w.shape, w.dtype);
+      // The page-locked buffers are carved out of one mapping, page-locked once: each tensor's own
+      // page-locking (cudaMallocHost for those under 64 MB) holds every thread's CUDA calls while
+      // the driver allocates, which slowed the training steps it overlapped (docs/RELIABILITY.md).
+      constexpr std::size_t kAlign = 256;  // a multiple of every dtype's size
+      std::vector<std::size_t> at(wanted.size(), 0);
+      std::size_t total = 0;
+      for (std::size_t i = 0; i < wanted.size(); ++i) {
+        if (!wanted[i].pinned) continue;
+        at[i] = total;
+        const auto bytes =
+            static_cast<std::size_t>(shape_numel(wanted[i].shape)) * dtype_size(wanted[i].dtype);
+        total += (bytes + kAlign - 1) / kAlign * kAlign;
+      }
+      const Tensor arena =
+          total > 0
+              ? Tensor::empty_pinned({static_cast<int64_t>(total / sizeof(double))}, DType::kF64)
+              : Tensor();
+      for (std::size_t i = 0; i < wanted.size(); ++i) {
+        const Wanted& w = wanted[i];
+        prepared_[w.name] = w.pinned
+                                ? Tensor::view_of(arena.storage(),
+                                                  static_cast<int64_t>(at[i] / dtype_size(w.dtype)),
+                                                  w.shape, contiguous_strides(w.shape), w.dtype)
+                                : Tensor::empty(w.shape, w.dtype);
+      }
     } catch (const std::exception&) {
       // Out of host memory, say: the save sets its buffers up itself and reports the failure on
       // the training thread, with the step it was saving.

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #include "kernels/cuda/check.cuh"
 #include "kernels/device_runtime.h"
@@ -59,12 +61,29 @@ namespace {
 // lock another thread's launches would wait on), and only then page-locked by cudaHostRegister,
 // which then has nothing to allocate: about 0.03 s a GB instead of 0.36 s a GB of the driver's
 // time, during which every other thread's CUDA calls wait (H200 host, 2026-12-03,
-// hydra-bench-pinned). The pages are touched in 64 MB pieces by plain writes (MAP_POPULATE holds
-// the process's memory map for the whole mapping); huge pages where the kernel gives them. A
-// checkpoint's staging buffers (GBs) are set up this way, on a background thread: a hydra-1.6b leg
-// lost 6.6 s over three steps instead of 14.6 s in one, with either way of touching; what slows
-// those steps is not known yet (docs/RELIABILITY.md).
+// hydra-bench-pinned). MAP_POPULATE would hold the process's memory map for the whole mapping;
+// instead one byte a page is written (the kernel zeroes the page it maps) by a few threads at once,
+// each its own range; huge pages where the kernel gives them. A checkpoint's staging buffers (GBs,
+// one mapping) are set up this way on a background thread (docs/RELIABILITY.md).
 constexpr std::size_t kTouchFirst = std::size_t{64} << 20;
+
+void touch_pages(char* p, std::size_t bytes) {
+  constexpr std::size_t kPage = 4096, kPerThread = std::size_t{1} << 30;
+  // At most 4 threads, and a quarter of the cores (ranks may share the host): a GB each at least.
+  const std::size_t cores = std::max(1u, std::thread::hardware_concurrency() / 4);
+  const std::size_t threads =
+      std::clamp<std::size_t>(bytes / kPerThread, 1, std::min<std::size_t>(4, cores));
+  const std::size_t share = (bytes / threads + kPage - 1) / kPage * kPage;
+  auto touch = [p, bytes](std::size_t from, std::size_t to) {
+    for (std::size_t at = from; at < std::min(to, bytes); at += kPage)
+      *static_cast<volatile char*>(p + at) = 0;
+  };
+  std::vector<std::thread> helpers;
+  helpers.reserve(threads - 1);
+  for (std::size_t t = 1; t < threads; ++t) helpers.emplace_back(touch, t * share, (t + 1) * share);
+  touch(0, share);
+  for (std::thread& h : helpers) h.join();
+}
 }  // namespace
 
 void* host_malloc_pinned(std::size_t bytes) {
@@ -76,9 +95,7 @@ void* host_malloc_pinned(std::size_t bytes) {
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   HYDRA_CHECK(p != MAP_FAILED) << "out of host memory: " << bytes << " bytes of page-locked memory";
   madvise(p, bytes, MADV_HUGEPAGE);  // advice: ignored where not supported
-  auto* c = static_cast<char*>(p);
-  for (std::size_t at = 0; at < bytes; at += kTouchFirst)
-    std::memset(c + at, 0, std::min(kTouchFirst, bytes - at));
+  touch_pages(static_cast<char*>(p), bytes);
   const cudaError_t err = cudaHostRegister(p, bytes, cudaHostRegisterDefault);
   if (err != cudaSuccess) munmap(p, bytes);
   HYDRA_CUDA_CHECK(err);

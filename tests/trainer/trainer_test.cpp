@@ -9,6 +9,7 @@
 #include <map>
 #include <sstream>
 
+#include "autograd/cuda_context.h"
 #include "configs/config_io.h"
 #include "data/shards.h"
 #include "model/block.h"
@@ -369,6 +370,45 @@ TEST(Checkpoints, PreparedBuffersLeaveTheFirstSaveNothingToSetUp) {
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(c->allocated, 0);
   ASSERT_TRUE(plain.finish_save(*grid).ok());
+  fs::remove_all(dir);
+}
+
+// On a GPU the buffers are page-locked host memory, set up as one mapping page-locked once (one
+// driver allocation, not one per tensor: each held the training thread's CUDA calls), the tensors
+// carved out of it; the checkpoint is the one a save setting up its own buffers writes. Skipped
+// without a GPU (test_trainer runs on the GPU machine too).
+TEST(Checkpoints, PreparedBuffersOnTheGpuAreOnePageLockedMapping) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+  const std::string dir = temp_dir("prepare_gpu");
+  std::unique_ptr<Trainer> t;
+  ASSERT_TRUE(
+      train(small_config({"train.save_every=-1", "train.device=cuda"}), dir + "/run", "", 2, &t)
+          .ok());
+  const auto grid = parallel::ProcessGrid::single();
+  TrainState state;
+  state.step = 2;
+  CheckpointManager prepared(dir + "/prepared", 2), plain(dir + "/plain", 2);
+  const int64_t before = cuda_pinned_memory_stats().num_driver_allocations;
+  prepared.prepare_staging(t->model(), t->optimizer(), *grid);
+  auto b = prepared.begin_save(state, t->config(), t->model(), t->optimizer(), *grid);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->allocated, 0);
+  EXPECT_EQ(cuda_pinned_memory_stats().num_driver_allocations - before, 1)
+      << "one mapping for every tensor";
+  auto a = plain.begin_save(state, t->config(), t->model(), t->optimizer(), *grid);
+  ASSERT_TRUE(a.ok());
+  EXPECT_GT(a->allocated, 10);
+  EXPECT_EQ(a->bytes, b->bytes);
+  ASSERT_TRUE(prepared.finish_save(*grid).ok());
+  ASSERT_TRUE(plain.finish_save(*grid).ok());
+  auto ma = CheckpointManager::read_manifest(plain.checkpoint_dir(2));
+  auto mb = CheckpointManager::read_manifest(prepared.checkpoint_dir(2));
+  ASSERT_TRUE(ma.ok() && mb.ok());
+  ASSERT_EQ(ma->tensor_size(), mb->tensor_size());
+  for (int i = 0; i < ma->tensor_size(); ++i) {
+    EXPECT_EQ(ma->tensor(i).name(), mb->tensor(i).name());
+    EXPECT_EQ(ma->tensor(i).crc32c(), mb->tensor(i).crc32c()) << ma->tensor(i).name();
+  }
   fs::remove_all(dir);
 }
 
