@@ -55,9 +55,59 @@ Tensor Tensor::view(const Shape& shape_in) const {
   return out;
 }
 
+namespace {
+
+// The strides that give `shape` the elements of a tensor of shape `from` and strides `strides` in
+// the same order, without moving them; false when none do (then reshape copies). Each group of
+// dimensions merged or split must be contiguous within itself (each stride its inner neighbour's
+// times that one's size); the groups' own strides may differ (a narrowed last dimension, say).
+bool view_strides(const Shape& from, const Shape& strides, const Shape& shape, Shape* out) {
+  out->assign(shape.size(), 1);
+  if (shape_numel(from) == 0) {
+    *out = contiguous_strides(shape);
+    return true;
+  }
+  // Walk the old dimensions from the last, in chunks that are contiguous within themselves; each
+  // chunk's element count is matched by a run of new dimensions.
+  int64_t view_d = static_cast<int64_t>(shape.size()) - 1;
+  int64_t chunk_base_stride = strides.empty() ? 1 : strides.back();
+  int64_t tensor_numel = 1, view_numel = 1;
+  for (int64_t d = static_cast<int64_t>(from.size()) - 1; d >= 0; --d) {
+    tensor_numel *= from[d];
+    const bool chunk_ends =
+        d == 0 || (from[d - 1] != 1 && strides[d - 1] != tensor_numel * chunk_base_stride);
+    if (!chunk_ends) continue;
+    while (view_d >= 0 && (view_numel < tensor_numel || shape[view_d] == 1)) {
+      (*out)[view_d] = view_numel * chunk_base_stride;
+      view_numel *= shape[view_d];
+      --view_d;
+    }
+    if (view_numel != tensor_numel) return false;
+    if (d > 0) {
+      chunk_base_stride = strides[d - 1];
+      tensor_numel = 1;
+      view_numel = 1;
+    }
+  }
+  return view_d == -1;
+}
+
+}  // namespace
+
+// A view whenever the elements' order allows one (a non-contiguous input's leading dimensions
+// merged, say: a narrowed [B, L, R] of a wider last dimension as [B L, R]), else a copy. The
+// result can be non-contiguous: ops that need contiguous memory ask for it.
 Tensor Tensor::reshape(const Shape& shape_in) const {
   if (is_contiguous()) return view(shape_in);
-  return contiguous().view(shape_in);
+  const Shape s = infer_shape(shape_in, numel(), shape());
+  Shape st;
+  if (!view_strides(shape(), strides(), s, &st)) return contiguous().view(s);
+  Tensor out = make_view(*this, offset(), s, st);
+  const Shape in_shape = shape();
+  record_op("reshape", {*this}, {out}, [in_shape](const std::vector<Tensor>& g) {
+    return std::vector<Tensor>{g[0].reshape(in_shape)};
+  });
+  return out;
 }
 
 Tensor Tensor::flatten(int64_t start, int64_t end) const {
