@@ -55,13 +55,18 @@ Tensor causal_conv1d(const Tensor& x_in, const Tensor& w_in, const Tensor& bias_
     check_shape(op, "prefix", prefix_in, {B, W - 1, C});
     check_like(op, "prefix", prefix_in, x_in);
   }
-  Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  // Rows of x may lie apart (a part of a wider projection's output: no copy), its channels not.
+  const bool rows_apart = L > 0 && x_in.stride(2) == 1 && x_in.stride(1) >= C &&
+                          (B == 1 || x_in.stride(0) == L * x_in.stride(1));
+  Tensor x = rows_apart ? x_in.detach() : x_in.contiguous(), w = w_in.contiguous();
+  const int64_t x_row = rows_apart ? x.stride(1) : C;
   Tensor bias = bias_in.defined() ? bias_in.contiguous() : Tensor();
   Tensor prefix = prefix_in.defined() ? prefix_in.contiguous() : Tensor();
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   kernels::CausalConv1dParams p;
   p.dtype = x.dtype();
   p.x = x.raw_data();
+  p.x_row = x_row;
   p.w = w.raw_data();
   p.bias = bias.defined() ? bias.raw_data() : nullptr;
   p.prefix = prefix.defined() ? prefix.raw_data() : nullptr;
@@ -78,13 +83,14 @@ Tensor causal_conv1d(const Tensor& x_in, const Tensor& w_in, const Tensor& bias_
     const bool need_prefix = prefix_in.defined() && prefix_in.requires_grad();
     record_op(op, {x_in, w_in, bias_in, prefix_in}, {y}, [=](const std::vector<Tensor>& g) {
       Tensor xv = sx.get(), wv = sw.get(), bv = sb.get(), pv = sp.get(), gy = g[0].contiguous();
-      Tensor gx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+      Tensor gx = Tensor::empty(xv.shape(), xv.dtype(), xv.device());  // contiguous
       Tensor gw = Tensor::empty(wv.shape(), wv.dtype(), wv.device());
       Tensor gb = bv.defined() ? Tensor::empty(bv.shape(), bv.dtype(), bv.device()) : Tensor();
       Tensor gp = need_prefix ? Tensor::empty(pv.shape(), pv.dtype(), pv.device()) : Tensor();
       kernels::CausalConv1dBwdParams q;
       q.dtype = xv.dtype();
       q.x = xv.raw_data();
+      q.x_row = x_row;
       q.w = wv.raw_data();
       q.bias = bv.defined() ? bv.raw_data() : nullptr;
       q.prefix = pv.defined() ? pv.raw_data() : nullptr;

@@ -14,7 +14,8 @@ constexpr int kCudaMaxConvWidth = 8;
 
 struct CausalConv1dParams {
   DType dtype = DType::kF32;
-  const void* x = nullptr;       // [B, L, C]
+  const void* x = nullptr;       // [B, L, C], rows x_row elements apart
+  int64_t x_row = 0;             // elements from x's row (b, t) to (b, t + 1); 0: C (contiguous)
   const void* w = nullptr;       // [C, W]
   const void* bias = nullptr;    // [C] or null
   const void* prefix = nullptr;  // [B, W-1, C] or null
@@ -26,7 +27,8 @@ struct CausalConv1dParams {
 
 struct CausalConv1dBwdParams {
   DType dtype = DType::kF32;
-  const void* x = nullptr;
+  const void* x = nullptr;  // rows x_row elements apart, as in the forward
+  int64_t x_row = 0;
   const void* w = nullptr;
   const void* bias = nullptr;
   const void* prefix = nullptr;

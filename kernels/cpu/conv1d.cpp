@@ -19,10 +19,10 @@ template <class T>
 struct Conv {
   const T* x;
   const T* prefix;
-  int64_t batch, len, channels, width;
+  int64_t batch, len, channels, width, x_row;
   // Row of inputs at time s of sequence b (s < 0: the prefix, or null for zeros).
   const T* row(int64_t b, int64_t s) const {
-    if (s >= 0) return x + (b * len + s) * channels;
+    if (s >= 0) return x + (b * len + s) * x_row;
     if (!prefix) return nullptr;
     return prefix + (b * (width - 1) + (width - 1 + s)) * channels;
   }
@@ -60,7 +60,8 @@ void causal_conv1d_fwd(const CausalConv1dParams& p) {
                      p.batch,
                      p.len,
                      p.channels,
-                     p.width};
+                     p.width,
+                     p.x_row > 0 ? p.x_row : p.channels};
     const std::vector<T> wt = transpose_weight(static_cast<const T*>(p.w), p.channels, p.width);
     const T* bias = static_cast<const T*>(p.bias);
     T* y = static_cast<T*>(p.y);
@@ -84,7 +85,8 @@ void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
                      p.batch,
                      p.len,
                      p.channels,
-                     p.width};
+                     p.width,
+                     p.x_row > 0 ? p.x_row : p.channels};
     const int64_t B = p.batch, L = p.len, C = p.channels, W = p.width, rows = B * L;
     const std::vector<T> wt = transpose_weight(static_cast<const T*>(p.w), C, W);
     const T* bias = static_cast<const T*>(p.bias);

@@ -21,9 +21,9 @@ template <class T>
 struct Conv {
   const T* x;
   const T* prefix;
-  int64_t len, channels, width;
+  int64_t len, channels, width, x_row;  // x_row: elements between x's rows
   __device__ compute_t<T> at(int64_t b, int64_t s, int64_t c) const {
-    if (s >= 0) return load(x, (b * len + s) * channels + c);
+    if (s >= 0) return load(x, (b * len + s) * x_row + c);
     if (!prefix) return compute_t<T>(0);
     return load(prefix, (b * (width - 1) + (width - 1 + s)) * channels + c);
   }
@@ -108,7 +108,7 @@ __global__ void conv_window_kernel(Conv<T> cv, const T* __restrict w, const T* _
       C xs[kAhead];
 #pragma unroll
       for (int u = 0; u < kAhead; ++u)
-        xs[u] = ta + u < t1 ? load(cv.x, (b * L + ta + u) * Cn + c) : C(0);
+        xs[u] = ta + u < t1 ? load(cv.x, (b * L + ta + u) * cv.x_row + c) : C(0);
 #pragma unroll
       for (int u = 0; u < kAhead; ++u) {
         const int64_t t = ta + u;
@@ -236,8 +236,12 @@ void causal_conv1d_fwd(const CausalConv1dParams& p) {
                                 << ", got " << p.width;
   dispatch_float(p.dtype, "causal_conv1d", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len, p.channels,
-                     p.width};
+    const Conv<T> cv{static_cast<const T*>(p.x),
+                     static_cast<const T*>(p.prefix),
+                     p.len,
+                     p.channels,
+                     p.width,
+                     p.x_row > 0 ? p.x_row : p.channels};
     const int64_t segs = (p.len + kSeg - 1) / kSeg;
     dispatch_width(p.width, [&](auto wc) {
       constexpr int W = decltype(wc)::value;
@@ -266,8 +270,12 @@ void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
   dispatch_float(p.dtype, "causal_conv1d_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
-    const Conv<T> cv{static_cast<const T*>(p.x), static_cast<const T*>(p.prefix), p.len, p.channels,
-                     p.width};
+    const Conv<T> cv{static_cast<const T*>(p.x),
+                     static_cast<const T*>(p.prefix),
+                     p.len,
+                     p.channels,
+                     p.width,
+                     p.x_row > 0 ? p.x_row : p.channels};
     C* part = static_cast<C*>(p.workspace);
     const int64_t segs = (p.len + kSeg - 1) / kSeg;
     dispatch_width(p.width, [&](auto wc) {

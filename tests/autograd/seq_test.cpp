@@ -67,6 +67,38 @@ TEST(CausalConv1d, GradcheckFloat64) {
       (std::vector<Tensor>{randn64({1, 6, 2}, 9), randn64({2, 3}, 10)}));
 }
 
+// x may be a part of a wider tensor's rows (the SSM's in_proj output, split): read in place, with
+// the same output and gradients, bit for bit, as its contiguous copy; and a gradcheck through it.
+TEST(CausalConv1d, RowsApartEqualTheContiguousCopy) {
+  for (const int64_t B : {1, 3}) {
+    const Tensor wide = randn64({B, 13, 11}, 14), w = randn64({7, 4}, 15), b = randn64({7}, 16);
+    Tensor copy = wide.detach().narrow(2, 2, 7).contiguous();
+    copy.set_requires_grad(true);
+    const Tensor apart = wide.narrow(2, 2, 7);
+    ASSERT_FALSE(apart.is_contiguous());
+    const Tensor ya = causal_conv1d(apart, w, b, Tensor(), true);
+    const Tensor gy = randn64({B, 13, 7}, 17, 1.0, false);
+    ya.backward(gy);
+    const std::vector<double> gw = w.grad().to_vector<double>(), gb = b.grad().to_vector<double>();
+    w.set_grad(Tensor());
+    b.set_grad(Tensor());
+    const Tensor yc = causal_conv1d(copy, w, b, Tensor(), true);
+    yc.backward(gy);
+    EXPECT_EQ(ya.to_vector<double>(), yc.to_vector<double>());
+    EXPECT_EQ(wide.grad().narrow(2, 2, 7).contiguous().to_vector<double>(),
+              copy.grad().to_vector<double>());
+    EXPECT_EQ(gw, w.grad().to_vector<double>());
+    EXPECT_EQ(gb, b.grad().to_vector<double>());
+  }
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{
+            causal_conv1d(in[0].narrow(2, 1, 3), in[1], in[2], in[3].narrow(2, 0, 3), true)};
+      },
+      (std::vector<Tensor>{randn64({2, 5, 6}, 18), randn64({3, 4}, 19), randn64({3}, 20),
+                           randn64({2, 3, 5}, 21)}));
+}
+
 TEST(CausalConv1d, TwoSegmentsWithPrefixEqualOnePass) {
   Tensor x = randn64({2, 11, 3}, 11, 1.0, false), w = randn64({3, 4}, 12, 1.0, false),
          b = randn64({3}, 13, 1.0, false);

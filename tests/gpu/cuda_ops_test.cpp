@@ -684,6 +684,14 @@ TEST(CudaOps, CausalConv1dMatchCpu) {
           return std::vector<Tensor>{causal_conv1d(in[0], in[1], Tensor())};
         },
         {rnd({3, 300, 256}, 49), rnd({256, 4}, 50)}, {true, true}, t);
+    check_op(
+        "causal_conv1d rows apart",  // x a part of wider rows (read in place)
+        [](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{
+              causal_conv1d(in[0].narrow(2, 5, 19), in[1], in[2], in[3], true)};
+        },
+        {rnd({2, 137, 45}, 58), rnd({19, 4}, 46), rnd({19}, 47), rnd({2, 3, 19}, 48)},
+        {true, true, true, true}, t);
     // Every width the kernels take (a template argument each), sequences shorter than the width and
     // than the kernels' 64-step segments, and longer than two of them, with and without a prefix.
     for (const int64_t W : {1, 2, 3, 5, 8})
