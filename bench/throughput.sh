@@ -14,7 +14,8 @@
 #            channel, no convolution), transformer-toy, torch, hydra-1.6b (default: all but toy-ssd
 #            and toy-paper)
 # Environment: SEQS (default "512 1024 2048 4096 8192 16384 32768"), STEPS (30), WARMUP (5),
-#   TOKENS (32768), PYTHON (python3); hydra-1.6b: BIG_STEPS (8) measured after BIG_WARMUP (4).
+#   TOKENS (32768), PYTHON (python3); hydra-1.6b: BIG_STEPS (8) measured after BIG_WARMUP (4); its
+#   part runs 2K and 8K, 8K with BLOCK recompute, and 8K with the workspace's PARALLEL write.
 # Then: python3 bench/throughput_report.py OUT_DIR/rows.jsonl --gpu h200 writes the table, the plot and
 # docs/bench/throughput-<gpu>-<date>.json.
 set -uo pipefail
@@ -106,6 +107,7 @@ for part in "${parts[@]}"; do
       train_row hydra-1.6b hydra-1.6b 2048
       train_row hydra-1.6b hydra-1.6b 8192
       train_row hydra-1.6b-recompute hydra-1.6b 8192 --set train.recompute=BLOCK
+      train_row hydra-1.6b-parallel hydra-1.6b 8192 --set model.workspace.write=PARALLEL
       steps=${saved[0]}
       warmup=${saved[1]} ;;
     *) echo "throughput.sh: unknown part '$part' (toy, toy-parallel, toy-parallel-hydra, toy-ssd, toy-paper, transformer-toy, torch, hydra-1.6b)" >&2; exit 2 ;;

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 
 ORDER = ["toy", "toy-parallel", "toy-ssd", "toy-paper", "transformer-toy", "torch-transformer", "torch-transformer-compile", "hydra-1.6b",
-         "hydra-1.6b-recompute"]
+         "hydra-1.6b-recompute", "hydra-1.6b-parallel"]
 
 
 def fmt_k(v):
