@@ -29,6 +29,17 @@ struct Conv {
   }
 };
 
+// The input's view of either direction's parameters (x_row 0: rows C apart).
+template <class T, class P>
+Conv<T> conv_of(const P& p) {
+  return {static_cast<const T*>(p.x),
+          static_cast<const T*>(p.prefix),
+          p.len,
+          p.channels,
+          p.width,
+          p.x_row > 0 ? p.x_row : p.channels};
+}
+
 constexpr int kChannelThreads = 128;
 
 // Sliding-window forms: a thread per (channel, batch entry, segment of kSeg time steps) keeps the
@@ -236,12 +247,7 @@ void causal_conv1d_fwd(const CausalConv1dParams& p) {
                                 << ", got " << p.width;
   dispatch_float(p.dtype, "causal_conv1d", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const Conv<T> cv{static_cast<const T*>(p.x),
-                     static_cast<const T*>(p.prefix),
-                     p.len,
-                     p.channels,
-                     p.width,
-                     p.x_row > 0 ? p.x_row : p.channels};
+    const Conv<T> cv = conv_of<T>(p);
     const int64_t segs = (p.len + kSeg - 1) / kSeg;
     dispatch_width(p.width, [&](auto wc) {
       constexpr int W = decltype(wc)::value;
@@ -270,12 +276,7 @@ void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
   dispatch_float(p.dtype, "causal_conv1d_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
-    const Conv<T> cv{static_cast<const T*>(p.x),
-                     static_cast<const T*>(p.prefix),
-                     p.len,
-                     p.channels,
-                     p.width,
-                     p.x_row > 0 ? p.x_row : p.channels};
+    const Conv<T> cv = conv_of<T>(p);
     C* part = static_cast<C*>(p.workspace);
     const int64_t segs = (p.len + kSeg - 1) / kSeg;
     dispatch_width(p.width, [&](auto wc) {

@@ -337,6 +337,18 @@ TEST(Training, FusedBlockNormsTrainAsTheSingleNorms) {
   expect_fused_trains_as_composed(model::set_fused_block_norms, "norms");
 }
 
+// Two checkpoints hold the same tensors, checksum for checksum.
+void expect_same_tensors(const std::string& a, const std::string& b) {
+  auto ma = CheckpointManager::read_manifest(a);
+  auto mb = CheckpointManager::read_manifest(b);
+  ASSERT_TRUE(ma.ok() && mb.ok());
+  ASSERT_EQ(ma->tensor_size(), mb->tensor_size());
+  for (int i = 0; i < ma->tensor_size(); ++i) {
+    EXPECT_EQ(ma->tensor(i).name(), mb->tensor(i).name());
+    EXPECT_EQ(ma->tensor(i).crc32c(), mb->tensor(i).crc32c()) << ma->tensor(i).name();
+  }
+}
+
 // prepare_staging sets up the host buffers a save copies into, beforehand: a save after it sets up
 // none (one without it sets up every tensor's), and writes the same checkpoint.
 TEST(Checkpoints, PreparedBuffersLeaveTheFirstSaveNothingToSetUp) {
@@ -356,14 +368,7 @@ TEST(Checkpoints, PreparedBuffersLeaveTheFirstSaveNothingToSetUp) {
   EXPECT_EQ(a->bytes, b->bytes);
   ASSERT_TRUE(plain.finish_save(*grid).ok());
   ASSERT_TRUE(prepared.finish_save(*grid).ok());
-  auto ma = CheckpointManager::read_manifest(plain.checkpoint_dir(2));
-  auto mb = CheckpointManager::read_manifest(prepared.checkpoint_dir(2));
-  ASSERT_TRUE(ma.ok() && mb.ok());
-  ASSERT_EQ(ma->tensor_size(), mb->tensor_size());
-  for (int i = 0; i < ma->tensor_size(); ++i) {
-    EXPECT_EQ(ma->tensor(i).name(), mb->tensor(i).name());
-    EXPECT_EQ(ma->tensor(i).crc32c(), mb->tensor(i).crc32c()) << ma->tensor(i).name();
-  }
+  expect_same_tensors(plain.checkpoint_dir(2), prepared.checkpoint_dir(2));
   // Kept from save to save: the next one sets up nothing either.
   state.step = 3;
   auto c = plain.begin_save(state, t->config(), t->model(), t->optimizer(), *grid);
@@ -401,14 +406,7 @@ TEST(Checkpoints, PreparedBuffersOnTheGpuAreOnePageLockedMapping) {
   EXPECT_EQ(a->bytes, b->bytes);
   ASSERT_TRUE(prepared.finish_save(*grid).ok());
   ASSERT_TRUE(plain.finish_save(*grid).ok());
-  auto ma = CheckpointManager::read_manifest(plain.checkpoint_dir(2));
-  auto mb = CheckpointManager::read_manifest(prepared.checkpoint_dir(2));
-  ASSERT_TRUE(ma.ok() && mb.ok());
-  ASSERT_EQ(ma->tensor_size(), mb->tensor_size());
-  for (int i = 0; i < ma->tensor_size(); ++i) {
-    EXPECT_EQ(ma->tensor(i).name(), mb->tensor(i).name());
-    EXPECT_EQ(ma->tensor(i).crc32c(), mb->tensor(i).crc32c()) << ma->tensor(i).name();
-  }
+  expect_same_tensors(plain.checkpoint_dir(2), prepared.checkpoint_dir(2));
   fs::remove_all(dir);
 }
 
