@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -80,8 +81,14 @@ void touch_pages(char* p, std::size_t bytes) {
   };
   std::vector<std::thread> helpers;
   helpers.reserve(threads - 1);
-  for (std::size_t t = 1; t < threads; ++t) helpers.emplace_back(touch, t * share, (t + 1) * share);
+  std::size_t started = 1;
+  try {
+    for (; started < threads; ++started)
+      helpers.emplace_back(touch, started * share, (started + 1) * share);
+  } catch (const std::system_error&) {  // no thread to be had: this one touches the rest too
+  }
   touch(0, share);
+  touch(started * share, bytes);
   for (std::thread& h : helpers) h.join();
 }
 }  // namespace
