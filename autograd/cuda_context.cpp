@@ -212,10 +212,10 @@ class PinnedAllocator final : public Allocator {
     if (bytes == 0) return nullptr;
     // Large blocks (a checkpoint's staging buffers, GBs in one piece) are rounded to 2 MB (huge
     // pages), not to a quarter of their power of two (up to 25% more page-locked memory).
-    constexpr std::size_t kLarge = std::size_t{64} << 20;
     constexpr std::size_t kHuge = std::size_t{2} << 20;
-    const std::size_t size =
-        bytes >= kLarge ? (bytes + kHuge - 1) / kHuge * kHuge : bin_size(bytes);
+    const std::size_t size = bytes >= kernels::cuda::kPinnedTouchFirstBytes
+                                 ? (bytes + kHuge - 1) / kHuge * kHuge
+                                 : bin_size(bytes);
     std::unique_lock<std::mutex> lock(mu_);
     process_pending();
     void* ptr = nullptr;

@@ -16,6 +16,9 @@ std::size_t device_total_memory(int device);  // bytes
 
 void* device_malloc(std::size_t bytes, int device);  // nullptr when the device is out of memory
 void device_free(void* ptr, int device);
+// From this size up, page-locked blocks are mapped, touched and then registered (runtime.cu: no
+// driver allocation holding other threads' CUDA calls); smaller ones come from cudaMallocHost.
+constexpr std::size_t kPinnedTouchFirstBytes = std::size_t{64} << 20;
 void* host_malloc_pinned(std::size_t bytes);
 void host_free_pinned(void* ptr, std::size_t bytes);  // bytes: as allocated
 

@@ -28,6 +28,18 @@ struct Conv {
   }
 };
 
+// The input's view of either direction's parameters (x_row 0: rows C apart).
+template <class T, class P>
+Conv<T> conv_of(const P& p) {
+  return {static_cast<const T*>(p.x),
+          static_cast<const T*>(p.prefix),
+          p.batch,
+          p.len,
+          p.channels,
+          p.width,
+          p.x_row > 0 ? p.x_row : p.channels};
+}
+
 template <class T>
 std::vector<T> transpose_weight(const T* w, int64_t C, int64_t W) {
   std::vector<T> wt(W * C);
@@ -55,13 +67,7 @@ void pre_activation(const Conv<T>& cv, const T* wt, const T* bias, int64_t b, in
 void causal_conv1d_fwd(const CausalConv1dParams& p) {
   dispatch_float(p.dtype, "causal_conv1d", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const Conv<T> cv{static_cast<const T*>(p.x),
-                     static_cast<const T*>(p.prefix),
-                     p.batch,
-                     p.len,
-                     p.channels,
-                     p.width,
-                     p.x_row > 0 ? p.x_row : p.channels};
+    const Conv<T> cv = conv_of<T>(p);
     const std::vector<T> wt = transpose_weight(static_cast<const T*>(p.w), p.channels, p.width);
     const T* bias = static_cast<const T*>(p.bias);
     T* y = static_cast<T*>(p.y);
@@ -80,13 +86,7 @@ void causal_conv1d_fwd(const CausalConv1dParams& p) {
 void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
   dispatch_float(p.dtype, "causal_conv1d_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const Conv<T> cv{static_cast<const T*>(p.x),
-                     static_cast<const T*>(p.prefix),
-                     p.batch,
-                     p.len,
-                     p.channels,
-                     p.width,
-                     p.x_row > 0 ? p.x_row : p.channels};
+    const Conv<T> cv = conv_of<T>(p);
     const int64_t B = p.batch, L = p.len, C = p.channels, W = p.width, rows = B * L;
     const std::vector<T> wt = transpose_weight(static_cast<const T*>(p.w), C, W);
     const T* bias = static_cast<const T*>(p.bias);

@@ -66,7 +66,7 @@ namespace {
 // instead one byte a page is written (the kernel zeroes the page it maps) by a few threads at once,
 // each its own range; huge pages where the kernel gives them. A checkpoint's staging buffers (GBs,
 // one mapping) are set up this way on a background thread (docs/RELIABILITY.md).
-constexpr std::size_t kTouchFirst = std::size_t{64} << 20;
+constexpr std::size_t kTouchFirst = kPinnedTouchFirstBytes;
 
 void touch_pages(char* p, std::size_t bytes) {
   constexpr std::size_t kPage = 4096, kPerThread = std::size_t{1} << 30;
