@@ -40,18 +40,20 @@ constexpr int scan_bwd_blocks(int nmax, int acc_bytes) {
   return acc_bytes == 4 && nmax <= 16 ? 4 : 1;
 }
 // Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub
-// slots of NMAX states for each of kThreads threads): the largest power of two within 50 KB when 4
-// blocks share an SM (64 KB otherwise), one tile element per thread (kSub * NMAX <= kThreads).
-// Single precision: 4 steps at 16 states, 8 at 8, 64 at 1 (32 KB each).
-constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes) {
-  const int slot = nmax * kThreads * acc_bytes;
+// slots of NMAX states for each of kThreads threads) beside the staged inputs (two buffers of
+// kSub steps of delta, u, gy and z, and of B and C): the largest power of two within 50 KB when 4
+// blocks share an SM (64 KB otherwise). Single precision states: 4 steps at 16 states, 8 at 8, 16
+// at 1 with bf16 inputs.
+constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes, int in_bytes) {
+  const int per_step = nmax * kThreads * acc_bytes + 2 * 4 * kThreads * in_bytes +
+                       2 * nmax * (2 * in_bytes + acc_bytes);
   const int budget = (scan_bwd_blocks(nmax, acc_bytes) == 4 ? 50 : 64) * 1024;
   int steps = 1;
-  while (2 * steps * slot <= budget && 2 * steps * nmax <= kThreads) steps *= 2;
+  while (2 * steps * per_step <= budget) steps *= 2;
   return steps;
 }
-constexpr size_t scan_bwd_smem(int nmax, int acc_bytes) {
-  return size_t(scan_bwd_sub_steps(nmax, acc_bytes)) * nmax * kThreads * acc_bytes;
+constexpr size_t scan_bwd_smem(int nmax, int acc_bytes, int in_bytes) {
+  return size_t(scan_bwd_sub_steps(nmax, acc_bytes, in_bytes)) * nmax * kThreads * acc_bytes;
 }
 
 struct BwdScratch {
@@ -68,8 +70,9 @@ constexpr int64_t kStateScratchBytes = int64_t{1} << 30;
 BwdScratch scratch_of(const SelectiveScanParams& p) {
   const int64_t blocks = (p.dim + kThreads - 1) / kThreads, warps = blocks * (kThreads / 32);
   const int64_t cl = std::min(p.chunk_len, p.len), nc = ssm_num_chunks(p.len, p.chunk_len);
-  const int64_t a = p.dtype == DType::kF64 ? 8 : 4;
-  const int64_t sub = scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a));
+  const int64_t a = p.dtype == DType::kF64 ? 8 : 4, in = dtype_size(p.dtype);
+  const int64_t sub =
+      scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a), static_cast<int>(in));
   const int64_t subs = (cl + sub - 1) / sub;
   const int64_t per_batch = subs * p.state * nc * p.dim;
   const int64_t slice =
@@ -79,53 +82,77 @@ BwdScratch scratch_of(const SelectiveScanParams& p) {
           bcd * p.state,     bcd,           warps, slice};
 }
 
-// Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta. C is staged in
-// shared memory kSteps steps at a time (one 16-byte load per four states instead of a load and a
-// conversion per state). Up to 16 states, bounded to 8 blocks per SM (64 registers).
+// Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta. The inputs
+// come in tiles of S steps from the chunk's end (stage_tile), the next while this one is worked
+// on; C is converted to the accumulate type once per tile. Up to 16 states, bounded to 8 blocks
+// per SM (64 registers).
 template <class T, int NMAX, bool FULL>
 __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <= 16 ? 8 : 1))
     scan_bwd_chunk_kernel(SelectiveScanBwdParams q, int64_t nchunks, compute_t<T>* __restrict g_in,
-                          compute_t<T>* __restrict dsums) {
+                          compute_t<T>* __restrict dsums, StageMode mode) {
   using A = compute_t<T>;
-  __shared__ __align__(16) A Cs[kSteps][NMAX];
+  constexpr int S = tile_steps<T>();
+  __shared__ __align__(16) T xs[2][3][S][kThreads];  // delta, gy, z
+  __shared__ __align__(16) T Cx[2][S][NMAX];
+  __shared__ __align__(16) A Cs[S][NMAX];
   const SelectiveScanParams& p = q.fwd;
-  const ScanIn<T> in{p};
   const ChunkThread th = chunk_thread(p, 0);
   const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, slot = (b * nchunks + th.c) * D + d;
-  const int N = states_of<NMAX, FULL>(p);
-  const bool live = th.live;
+  const int64_t d0 = d - threadIdx.x;
+  const int N = states_of<NMAX, FULL>(p), cols = static_cast<int>(min(int64_t(kThreads), D - d0));
+  const bool live = th.live, gate = p.z != nullptr;
   A Ad[NMAX], G[NMAX];
   load_decay_rates<T, NMAX, FULL>(p, d, live, Ad);
 #pragma unroll
   for (int n = 0; n < NMAX; ++n) G[n] = 0;
   const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
+  const int64_t tiles = (th.ce - th.cs + S - 1) / S;
+  // Tile i covers [t0, t1), i tiles from the chunk's end.
+  auto span = [&](int64_t i, int64_t* t0) {
+    const int64_t t1 = th.ce - i * S;
+    *t0 = max(th.cs, t1 - S);
+    return static_cast<int>(t1 - *t0);
+  };
+  auto issue = [&](int64_t i) {
+    if (i >= tiles) return;
+    const int buf = static_cast<int>(i & 1);
+    int64_t t0 = 0;
+    const int steps = span(i, &t0);
+    const int64_t r0 = b * L + t0;
+    stage_tile(&xs[buf][0][0][0], kThreads, S,
+               static_cast<const T*>(p.delta) + r0 * p.delta_row + d0, p.delta_row, steps, cols,
+               mode.channels);
+    stage_tile(&xs[buf][1][0][0], kThreads, S, static_cast<const T*>(q.gy) + r0 * D + d0, D, steps,
+               cols, mode.channels);
+    if (gate)
+      stage_tile(&xs[buf][2][0][0], kThreads, S, static_cast<const T*>(p.z) + r0 * p.z_row + d0,
+                 p.z_row, steps, cols, mode.channels);
+    stage_tile(&Cx[buf][0][0], NMAX, S, static_cast<const T*>(p.C) + r0 * p.C_row, p.C_row, steps,
+               N, mode.states);
+    cp_async_commit();
+  };
   A dsum = 0;
-  // Tiles of kSteps steps from the chunk's end; inside one, each step's own inputs are loaded a
-  // step ahead, so that their latency overlaps the previous step.
-  for (int64_t t1 = th.ce; t1 > th.cs; t1 -= kSteps) {
-    const int64_t t0 = max(th.cs, t1 - kSteps);
-    const int steps = static_cast<int>(t1 - t0);
-    __syncthreads();
+  issue(0);
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int buf = static_cast<int>(i & 1);
+    int64_t t0 = 0;
+    const int steps = span(i, &t0);
+    cp_async_wait<0>();
+    __syncthreads();  // tile i is in; every thread is done with tile i - 1 (its buffer, Cs)
+    issue(i + 1);
     for (int e = threadIdx.x; e < steps * N; e += blockDim.x)
-      Cs[e / N][e % N] = in.C(b * L + t0 + e / N, e % N);
+      Cs[e / N][e % N] = convert<A>(Cx[buf][e / N][e % N]);
     __syncthreads();
     if (!live) continue;
-    A raw_next = 0, g_next = 0, z_next = 0;
-    auto load_step = [&](int64_t t) {
-      const int64_t r = b * L + t;
-      raw_next = in.raw(r, d, bias);
-      g_next = load(static_cast<const T*>(q.gy), r * D + d);
-      if (p.z) z_next = in.z(r, d);
-    };
-    load_step(t1 - 1);
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      const A raw = raw_next, zt = z_next;
-      A g = g_next;
-      if (t > t0) load_step(t - 1);
-      const A dl = softplus(raw);
+    const int tx = threadIdx.x;
+    for (int s = steps - 1; s >= 0; --s) {
+      const A dl = softplus(convert<A>(xs[buf][0][s][tx]) + bias);
+      A g = convert<A>(xs[buf][1][s][tx]);
       dsum += dl;
-      if (p.z) g *= zt * sigmoid(zt);
-      const int s = static_cast<int>(t - t0);
+      if (gate) {
+        const A zt = convert<A>(xs[buf][2][s][tx]);
+        g *= zt * sigmoid(zt);
+      }
 #pragma unroll
       for (int n = 0; n < NMAX; ++n)
         if (n < N) G[n] = exp2_scaled(dl * Ad[n]) * (G[n] + Cs[s][n] * g);
@@ -147,30 +174,35 @@ __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <
 // steps instead of every step's (toy shapes: 0.4 GB instead of 1.6 GB written and read again).
 // One kernel of about 200 lines on purpose: the checkpoint pass, the recomputation and the
 // backward walk share the thread's states in registers and its shared memory; its lambdas
-// (fetch, stage, recompute, load_inputs) name the parts.
+// (issue, stage, recompute) name the parts.
 template <class T, int NMAX, bool FULL>
 __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(compute_t<T>))))
     scan_bwd_kernel(SelectiveScanBwdParams q, int64_t nchunks, int64_t b0, BwdScratch sc,
-                    compute_t<T>* __restrict ws) {
+                    compute_t<T>* __restrict ws, StageMode mode) {
   using A = compute_t<T>;
-  constexpr int kSub = scan_bwd_sub_steps(NMAX, sizeof(A));
+  constexpr int kSub = scan_bwd_sub_steps(NMAX, sizeof(A), sizeof(T));
   extern __shared__ unsigned char smem_raw[];
   A* hsm = reinterpret_cast<A*>(
       smem_raw);  // [kSub][NMAX][kThreads]: the state before each step of the sub-chunk
   auto at = [&](int slot, int n) -> A& { return hsm[(slot * NMAX + n) * kThreads + threadIdx.x]; };
-  // The sub-chunk's B and C, shared by the block's channels (one 16-byte load per four states).
+  // The sub-chunks' inputs as staged (two buffers: the next sub-chunk's arrive during this one's
+  // work), and this sub-chunk's B and C in the accumulate type (one 16-byte load per four states).
+  enum { kDelta, kU, kGy, kZ };
+  __shared__ __align__(16) T xs[2][4][kSub][kThreads];
+  __shared__ __align__(16) T Bx[2][kSub][NMAX];
+  __shared__ __align__(16) T Cx[2][kSub][NMAX];
   __shared__ __align__(16) A Bt[kSub][NMAX];
   __shared__ __align__(16) A Ct[kSub][NMAX];
   const SelectiveScanParams& p = q.fwd;
-  const ScanIn<T> in{p};
   const ChunkThread th = chunk_thread(p, b0);
   const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, cs = th.cs, ce = th.ce;
-  const int64_t slot = (b * nchunks + th.c) * D + d;
+  const int64_t slot = (b * nchunks + th.c) * D + d, d0 = d - threadIdx.x;
   // The thread's column of the checkpoint scratch, and the scratch's row length.
   const int64_t col = (int64_t(blockIdx.z) * nchunks + th.c) * D + d, cols = sc.slice * nchunks * D;
-  const int N = states_of<NMAX, FULL>(p), lane = threadIdx.x & 31;
+  const int N = states_of<NMAX, FULL>(p), lane = threadIdx.x & 31, tx = threadIdx.x;
+  const int width = static_cast<int>(min(int64_t(kThreads), D - d0));
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const bool live = th.live;
+  const bool live = th.live, gate = p.z != nullptr;
   A* ckpt = ws;  // [k][n][col]: the state entering sub-chunk k
   A* g_in = ckpt + sc.hs;
   A* gB_part = g_in + sc.g_in + sc.dsums;
@@ -190,58 +222,65 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
   const A bias = live && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d) : A(0);
   const A Dd = live && p.D ? load(static_cast<const T*>(p.D), d) : A(0);
   A gD = 0, gbias = 0;
-  // B and C of one sub-chunk are staged in Bt, Ct by the whole block (live threads or not), each
-  // thread one element of each (kSub * NMAX <= kThreads). The tiles come in a fixed sequence: the
-  // checkpoint pass's sub-chunks 0 .. subs - 2 (B only), then the backward's subs - 1 .. 0; tile
-  // i + 1 is read into registers as soon as tile i is in shared memory, so that its load overlaps
-  // a sub-chunk of work instead of stalling the block at the barrier.
-  static_assert(kSub * NMAX <= kThreads, "one element of each tile per thread");
+  // The sub-chunks' tiles come in a fixed sequence: the checkpoint pass's sub-chunks 0 .. subs - 2
+  // (delta, u, B), then the backward's subs - 1 .. 0 (also gy, z and C). Tile i + 1 is issued as
+  // soon as tile i is in shared memory, so that its copy overlaps a sub-chunk of work. Threads past
+  // the channels get zeros (stage_tile): all their values stay zero and finite, so the loops below
+  // need no per-state branch.
   const int64_t subs = (ce - cs + kSub - 1) / kSub, tiles = 2 * subs - 1;
   auto tile_sub = [&](int64_t i) { return i < subs - 1 ? i : 2 * subs - 2 - i; };
-  A next_b = 0, next_c = 0;
-  auto fetch = [&](int64_t i) {
+  auto issue = [&](int64_t i) {
     if (i >= tiles) return;
-    const int64_t t0 = cs + tile_sub(i) * kSub, steps = min(ce, t0 + kSub) - t0;
-    const int e = threadIdx.x;
-    if (e < steps * N) {
-      next_b = in.B(b * L + t0 + e / N, e % N);
-      if (i >= subs - 1) next_c = in.C(b * L + t0 + e / N, e % N);
+    const int buf = static_cast<int>(i & 1);
+    const int64_t t0 = cs + tile_sub(i) * kSub, r0 = b * L + t0;
+    const int steps = static_cast<int>(min(ce, t0 + kSub) - t0);
+    const bool walk = i >= subs - 1;
+    stage_tile(&xs[buf][kDelta][0][0], kThreads, kSub,
+               static_cast<const T*>(p.delta) + r0 * p.delta_row + d0, p.delta_row, steps, width,
+               mode.channels);
+    stage_tile(&xs[buf][kU][0][0], kThreads, kSub, static_cast<const T*>(p.u) + r0 * p.u_row + d0,
+               p.u_row, steps, width, mode.channels);
+    stage_tile(&Bx[buf][0][0], NMAX, kSub, static_cast<const T*>(p.B) + r0 * p.B_row, p.B_row,
+               steps, N, mode.states);
+    if (walk) {
+      stage_tile(&xs[buf][kGy][0][0], kThreads, kSub, static_cast<const T*>(q.gy) + r0 * D + d0, D,
+                 steps, width, mode.channels);
+      if (gate)
+        stage_tile(&xs[buf][kZ][0][0], kThreads, kSub,
+                   static_cast<const T*>(p.z) + r0 * p.z_row + d0, p.z_row, steps, width,
+                   mode.channels);
+      stage_tile(&Cx[buf][0][0], NMAX, kSub, static_cast<const T*>(p.C) + r0 * p.C_row, p.C_row,
+                 steps, N, mode.states);
     }
+    cp_async_commit();
   };
-  auto stage = [&](int64_t i) {  // tile i (fetched) into shared memory; then fetch tile i + 1
-    const int64_t t0 = cs + tile_sub(i) * kSub, steps = min(ce, t0 + kSub) - t0;
-    const int e = threadIdx.x;
-    __syncthreads();  // the previous sub-chunk is done with the tiles
-    if (e < steps * N) {
-      Bt[e / N][e % N] = next_b;
-      Ct[e / N][e % N] = next_c;
+  int cur = 0;                   // the buffer of the tile being worked on
+  auto stage = [&](int64_t i) {  // waits for tile i, issues tile i + 1
+    const int64_t t0 = cs + tile_sub(i) * kSub;
+    const int steps = static_cast<int>(min(ce, t0 + kSub) - t0);
+    cur = static_cast<int>(i & 1);
+    cp_async_wait<0>();
+    __syncthreads();  // tile i is in; every thread is done with tile i - 1 (its buffer, Bt, Ct)
+    issue(i + 1);
+    for (int e = threadIdx.x; e < steps * N; e += blockDim.x) {
+      Bt[e / N][e % N] = convert<A>(Bx[cur][e / N][e % N]);
+      if (i >= subs - 1) Ct[e / N][e % N] = convert<A>(Cx[cur][e / N][e % N]);
     }
     __syncthreads();
-    fetch(i + 1);
   };
-  fetch(0);
-  // Runs the recurrence from h over the staged steps [t0, t1), calling visit(s, h) with the state
-  // before step t0 + s. The next step's inputs are loaded before this step's states are stored (a
-  // load the compiler cannot move above a store that may alias it waits a latency of its own).
-  auto recompute = [&](A(&h)[NMAX], int64_t t0, int64_t t1, auto&& visit) {
-    A raw_next = 0, u_next = 0;
-    auto load_step = [&](int64_t t) {
-      if (!live) return;  // zero inputs (the walk below)
-      const int64_t r = b * L + t;
-      raw_next = in.raw(r, d, bias);
-      u_next = in.u(r, d);
-    };
-    if (t0 < t1) load_step(t0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const A dl = softplus(raw_next), dlu = dl * u_next;
-      if (t + 1 < t1) load_step(t + 1);
-      const int sidx = static_cast<int>(t - t0);
+  auto input = [&](int which, int sidx) { return convert<A>(xs[cur][which][sidx][tx]); };
+  // Runs the recurrence from h over the staged steps [0, steps), calling visit(s, h) with the
+  // state before step s.
+  auto recompute = [&](A(&h)[NMAX], int steps, auto&& visit) {
+    for (int sidx = 0; sidx < steps; ++sidx) {
+      const A dl = softplus(input(kDelta, sidx) + bias), dlu = dl * input(kU, sidx);
       visit(sidx, h);
 #pragma unroll
       for (int n = 0; n < NMAX; ++n)
         if (n < N) h[n] = exp2_scaled(dl * Ad[n]) * h[n] + dlu * Bt[sidx][n];
     }
   };
+  issue(0);
   A h[NMAX];
   // The checkpoints: the state entering each sub-chunk (the last sub-chunk's end is not needed).
 #pragma unroll
@@ -255,38 +294,26 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
     }
     if (k + 1 == subs) break;
     stage(k);
-    if (live) recompute(h, t0, t1, [](int, const A(&)[NMAX]) {});
+    recompute(h, static_cast<int>(t1 - t0), [](int, const A(&)[NMAX]) {});
   }
-  // Each step's own inputs are loaded a step ahead (the next step is the one before it).
-  A raw_n = 0, u_n = 0, g_n = 0, z_n = 0;
-  auto load_inputs = [&](int64_t t) {
-    if (!live || t < cs) return;
-    const int64_t r = b * L + t;
-    raw_n = in.raw(r, d, bias);
-    u_n = in.u(r, d);
-    g_n = load(static_cast<const T*>(q.gy), r * D + d);
-    if (p.z) z_n = in.z(r, d);
-  };
-  load_inputs(ce - 1);
   for (int64_t k = subs - 1; k >= 0; --k) {
     const int64_t t0 = cs + k * kSub, t1 = min(ce, t0 + kSub);
     stage(2 * subs - 2 - k);
     // at(s) = the state before step t0 + s; h ends as the state after the sub-chunk's last step.
-    // Every thread runs it: one past the channels (!live) has zero inputs (u, gy, z, its states),
-    // so that all its values stay zero and finite, and the loops below need no per-state branch.
 #pragma unroll
     for (int n = 0; n < NMAX; ++n) h[n] = live && n < N ? ckpt[(k * N + n) * cols + col] : A(0);
-    recompute(h, t0, t1, [&](int sidx, const A(&hv)[NMAX]) {
+    recompute(h, static_cast<int>(t1 - t0), [&](int sidx, const A(&hv)[NMAX]) {
 #pragma unroll
       for (int n = 0; n < NMAX; ++n) at(sidx, n) = hv[n];
     });
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t r = b * L + t;
       const int sidx = static_cast<int>(t - t0);
-      A g = g_n, ut = u_n, dsig = 0, raw = raw_n, zt = z_n;
-      load_inputs(t - 1);
-      const A dl = softplus_and_sigmoid(raw, &dsig);
-      if (p.z) {
+      A g = input(kGy, sidx), dsig = 0;
+      const A ut = input(kU, sidx);
+      const A dl = softplus_and_sigmoid(input(kDelta, sidx) + bias, &dsig);
+      if (gate) {
+        const A zt = input(kZ, sidx);
         A y_pre = Dd * ut;  // h: the state after this step
 #pragma unroll
         for (int n = 0; n < NMAX; ++n)
@@ -410,7 +437,9 @@ void selective_scan_bwd(const SelectiveScanBwdParams& q) {
     dispatch_state(p.state, [&](auto nmax, auto full) {
       constexpr int NMAX = decltype(nmax)::value;
       constexpr bool FULL = decltype(full)::value;
-      scan_bwd_chunk_kernel<T, NMAX, FULL><<<chunk_grid, kThreads, 0, s>>>(q, nc, g_in, dsums);
+      const StageMode mode = stage_mode<T, NMAX>(p, q.gy);
+      scan_bwd_chunk_kernel<T, NMAX, FULL>
+          <<<chunk_grid, kThreads, 0, s>>>(q, nc, g_in, dsums, mode);
       HYDRA_CUDA_LAUNCH_CHECK();
       scan_carry_kernel<T, true><<<carry_grid, kThreads, 0, s>>>(
           static_cast<const T*>(p.A_log), p.dim, p.state, nc, g_in, dsums,
@@ -419,9 +448,9 @@ void selective_scan_bwd(const SelectiveScanBwdParams& q) {
       for (int64_t b0 = 0; b0 < p.batch; b0 += sc.slice) {
         const dim3 grid(dim_blocks, static_cast<unsigned>(nc),
                         static_cast<unsigned>(std::min(sc.slice, p.batch - b0)));
-        constexpr size_t smem = scan_bwd_smem(NMAX, sizeof(A));
+        constexpr size_t smem = scan_bwd_smem(NMAX, sizeof(A), sizeof(T));
         allow_dynamic_smem(scan_bwd_kernel<T, NMAX, FULL>, smem, "selective_scan_backward");
-        scan_bwd_kernel<T, NMAX, FULL><<<grid, kThreads, smem, s>>>(q, nc, b0, sc, ws);
+        scan_bwd_kernel<T, NMAX, FULL><<<grid, kThreads, smem, s>>>(q, nc, b0, sc, ws, mode);
         HYDRA_CUDA_LAUNCH_CHECK();
       }
     });

@@ -16,35 +16,16 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
+#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/selective_scan.h"
 
 namespace hydra::kernels::cuda::ssm {
 
 constexpr int kThreads = 128;  // channels per block
-constexpr int kSteps = 32;     // time steps of B and C staged in shared memory at once (forward)
-
-template <class T>
-struct ScanIn {
-  const SelectiveScanParams& p;
-  __device__ compute_t<T> u(int64_t r, int64_t d) const {
-    return load(static_cast<const T*>(p.u), r * p.u_row + d);
-  }
-  __device__ compute_t<T> raw(int64_t r, int64_t d, compute_t<T> bias) const {
-    return load(static_cast<const T*>(p.delta), r * p.delta_row + d) + bias;
-  }
-  __device__ compute_t<T> z(int64_t r, int64_t d) const {
-    return load(static_cast<const T*>(p.z), r * p.z_row + d);
-  }
-  __device__ compute_t<T> B(int64_t r, int64_t n) const {
-    return load(static_cast<const T*>(p.B), r * p.B_row + n);
-  }
-  __device__ compute_t<T> C(int64_t r, int64_t n) const {
-    return load(static_cast<const T*>(p.C), r * p.C_row + n);
-  }
-};
 
 // delta = softplus(raw) and its derivative sigmoid(raw). Double precision (tests) uses the libm
 // functions. Single precision runs on the special-function units (ex2, lg2, rcp: about 14
@@ -80,6 +61,66 @@ __device__ __forceinline__ float softplus(float x) {
 }
 __device__ __forceinline__ float sigmoid(float v) {
   return __fdividef(1.0f, 1.0f + exp2_ftz(-v * 1.4426950408889634f));
+}
+
+// The passes' inputs come into shared memory a tile of steps at a time, the next tile while the
+// block works on this one (two buffers): loads issued a step ahead left the passes waiting on
+// global memory for about half their cycles (ncu, docs/PERF.md, session 33). Per-channel inputs are
+// tiles of [steps][kThreads] (the block's channels), B and C tiles of [steps][NMAX].
+// Steps of a tile of the forward's and the backward's chunk passes: 32 bytes of each input per
+// channel.
+template <class T>
+constexpr int tile_steps() {
+  return static_cast<int>(32 / sizeof(T));
+}
+
+// How a tile is copied: asynchronously (cp.async, 16-byte chunks) when the rows, their stride and
+// their width hold whole aligned chunks (stage_mode), otherwise element by element.
+struct StageMode {
+  bool channels = false, states = false;  // the [B, L, D] inputs; B and C
+};
+
+// Whether rows of `width` elements, `row` elements apart from `base`, are whole 16-byte chunks.
+template <class T>
+inline bool chunk_rows(const void* base, int64_t row, int64_t width, int64_t pitch) {
+  constexpr int64_t E = 16 / static_cast<int64_t>(sizeof(T));
+  return base != nullptr && reinterpret_cast<uintptr_t>(base) % 16 == 0 && row % E == 0 &&
+         width % E == 0 && pitch % E == 0;
+}
+
+// Copies `steps` rows of `cols` elements (row s at src + s * row) into dst (row pitch `pitch`,
+// `rows` rows), by the whole block; elements past steps or cols are zero, so that a thread past the
+// channels computes on zeros. Asynchronous: the caller commits and waits (cp_async_commit/wait).
+template <class T>
+__device__ __forceinline__ void stage_tile(T* dst, int pitch, int rows, const T* src, int64_t row,
+                                           int steps, int cols, bool async) {
+  if (async) {
+    constexpr int E = 16 / static_cast<int>(sizeof(T));
+    const int chunks = pitch / E;
+    for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
+      const int s = e / chunks, c = (e % chunks) * E;
+      const bool valid = s < steps && c < cols;
+      cp_async16(dst + s * pitch + c, valid ? src + s * row + c : src, valid);
+    }
+  } else {
+    for (int e = threadIdx.x; e < rows * pitch; e += blockDim.x) {
+      const int s = e / pitch, c = e % pitch;
+      dst[e] = s < steps && c < cols ? src[s * row + c] : convert<T>(compute_t<T>(0));
+    }
+  }
+}
+
+// The staging modes of a call's inputs (gy: the backward's, or null).
+template <class T, int NMAX>
+StageMode stage_mode(const SelectiveScanParams& p, const void* gy) {
+  StageMode m;
+  m.channels = chunk_rows<T>(p.delta, p.delta_row, p.dim, kThreads) &&
+               chunk_rows<T>(p.u, p.u_row, p.dim, kThreads) &&
+               (p.z == nullptr || chunk_rows<T>(p.z, p.z_row, p.dim, kThreads)) &&
+               (gy == nullptr || chunk_rows<T>(gy, p.dim, p.dim, kThreads));
+  m.states =
+      chunk_rows<T>(p.B, p.B_row, p.state, NMAX) && chunk_rows<T>(p.C, p.C_row, p.state, NMAX);
+  return m;
 }
 
 // The thread's place: channel d, chunk c (blockIdx.y) of batch b (b0 + blockIdx.z), steps [cs, ce).

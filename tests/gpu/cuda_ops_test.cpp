@@ -979,6 +979,24 @@ TEST(CudaOps, SelectiveScanMatchesCpu) {
           c.full ? in : std::vector<Tensor>(in.begin(), in.begin() + 5),
           c.full ? grad : std::vector<bool>(5, true), t);
     }
+  // The model's layout: u and z halves of one projection's rows, B and C parts of another's (the
+  // kernels read them in place). Aligned rows: the inputs arrive by asynchronous 16-byte copies;
+  // B and C at column 3: those by plain loads.
+  for (const int64_t bc_col : {24, 3})
+    for (DType t : kTypes) {
+      const int64_t B = 2, L = 150, D = 256, N = 16;
+      check_op(
+          "selective_scan rows apart, B at column " + std::to_string(bc_col),
+          [&](const std::vector<Tensor>& x) {
+            const SelectiveScanResult r = selective_scan(
+                x[0].narrow(2, 0, D), x[1], x[2], x[3].narrow(2, bc_col, N),
+                x[3].narrow(2, bc_col + N, N), x[4], x[5], x[0].narrow(2, D, D), Tensor(), 64);
+            return std::vector<Tensor>{r.y};
+          },
+          {rnd({B, L, 2 * D}, 90), rnd({B, L, D}, 91, 0.7), log(positive({D, N}, 92)),
+           rnd({B, L, bc_col + 2 * N + 5}, 93), rnd({D}, 94), rnd({D}, 95, 0.5)},
+          std::vector<bool>(6, true), t);
+    }
 }
 
 TEST(CudaOps, SsdScanMatchesCpu) {
