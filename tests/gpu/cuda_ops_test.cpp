@@ -751,6 +751,12 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
       {1, 257, 200, 2, 96, 70, 50, 120, 20},
       {2, 190, 190, 1, 48, 0, 0, 0, 0},
       {1, 200, 200, 2, 128, 0, 0, 0, 0},
+      // Global positions further apart than a tile: a tile holding one global query (key) walks
+      // every earlier key (later query) while the others walk their band; also with the queries a
+      // shard further on.
+      {1, 600, 600, 2, 64, 40, 200, 0, 0},
+      {1, 520, 520, 2, 128, 48, 160, 0, 0},
+      {2, 300, 500, 2, 64, 30, 150, 200, 0},
       // Queries after every key (the workspace memory's cross-attention), batch * heads above the
       // grid's 65535: run in batch pieces.
       {33000, 3, 5, 2, 16, 0, 0, 5, 0},
