@@ -138,10 +138,11 @@ void grouped_row(Report& report, const Floors& f, const std::string& what, int64
 // when their position is a multiple of the stride).
 double visible_pairs(int64_t L, int64_t window, int64_t stride) {
   double pairs = 0;
-  for (int64_t t = 0; t < L; ++t)  // a global query sees every key; others their window and
-    pairs += t % stride == 0 ? double(t + 1)  // the global keys before it
-                             : double(std::min(t + 1, window)) +
-                                   (t >= window ? double((t - window) / stride + 1) : 0.0);
+  for (int64_t t = 0; t < L; ++t) {
+    // A global query sees every key; another its window and the global keys before the window.
+    const int64_t before_window = t >= window ? (t - window) / stride + 1 : 0;
+    pairs += double(t % stride == 0 ? t + 1 : std::min(t + 1, window) + before_window);
+  }
   return pairs;
 }
 
