@@ -43,6 +43,12 @@ struct CausalConv1dBwdParams {
   void* stream = nullptr;
 };
 
+// The elements between x's rows in either direction's parameters (x_row 0: rows C apart).
+template <class P>
+inline int64_t conv_x_row(const P& p) {
+  return p.x_row > 0 ? p.x_row : p.channels;
+}
+
 HYDRA_DECLARE_KERNEL(causal_conv1d_fwd, CausalConv1dParams)
 HYDRA_DECLARE_KERNEL(causal_conv1d_bwd, CausalConv1dBwdParams)
 

@@ -29,7 +29,7 @@ struct Conv {
   }
 };
 
-// The input's view of either direction's parameters (x_row 0: rows C apart).
+// The input's view of either direction's parameters.
 template <class T, class P>
 Conv<T> conv_of(const P& p) {
   return {static_cast<const T*>(p.x),
@@ -37,7 +37,7 @@ Conv<T> conv_of(const P& p) {
           p.len,
           p.channels,
           p.width,
-          p.x_row > 0 ? p.x_row : p.channels};
+          conv_x_row(p)};
 }
 
 constexpr int kChannelThreads = 128;

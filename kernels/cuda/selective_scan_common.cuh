@@ -21,6 +21,7 @@
 
 #include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
 #include "kernels/selective_scan.h"
 
 namespace hydra::kernels::cuda::ssm {
@@ -83,9 +84,8 @@ struct StageMode {
 // Whether rows of `width` elements, `row` elements apart from `base`, are whole 16-byte chunks.
 template <class T>
 inline bool chunk_rows(const void* base, int64_t row, int64_t width, int64_t pitch) {
-  constexpr int64_t E = 16 / static_cast<int64_t>(sizeof(T));
-  return base != nullptr && reinterpret_cast<uintptr_t>(base) % 16 == 0 && row % E == 0 &&
-         width % E == 0 && pitch % E == 0;
+  constexpr int64_t E = pack_width<T>();
+  return base != nullptr && aligned16(base) && row % E == 0 && width % E == 0 && pitch % E == 0;
 }
 
 // Copies `steps` rows of `cols` elements (row s at src + s * row) into dst (row pitch `pitch`,
@@ -95,7 +95,7 @@ template <class T>
 __device__ __forceinline__ void stage_tile(T* dst, int pitch, int rows, const T* src, int64_t row,
                                            int steps, int cols, bool async) {
   if (async) {
-    constexpr int E = 16 / static_cast<int>(sizeof(T));
+    constexpr int E = pack_width<T>();
     const int chunks = pitch / E;
     for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
       const int s = e / chunks, c = (e % chunks) * E;
