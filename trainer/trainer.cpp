@@ -204,6 +204,15 @@ Expected<std::unique_ptr<Trainer>> Trainer::create(const config::RunConfig& cfg_
   return t;
 }
 
+namespace {
+// The first of the files a run writes into its directory that `out` holds, or nullptr.
+const char* holds_run(const std::string& out) {
+  for (const char* marker : {"config.pbtxt", "metrics.jsonl", "checkpoints"})
+    if (fs::exists(fs::path(out) / marker)) return marker;
+  return nullptr;
+}
+}  // namespace
+
 // Phase 1: the run directory and what to resume from (no writes yet).
 Status Trainer::prepare() {
   const std::string& out = opt_.out_dir;
@@ -213,16 +222,27 @@ Status Trainer::prepare() {
   if (opt_.evaluate_only && opt_.resume.empty())
     return invalid_argument("evaluation needs a checkpoint or a run directory to load");
   if (opt_.resume.empty()) {
-    for (const char* marker : {"config.pbtxt", "metrics.jsonl", "checkpoints"})
-      if (fs::exists(fs::path(out) / marker))
-        return already_exists(out + " holds another run (" + marker +
-                              " exists); continue it with --resume auto, or choose a new --out");
+    if (const char* marker = holds_run(out))
+      return already_exists(out + " holds another run (" + marker +
+                            " exists); continue it with --resume auto, or choose a new --out");
   } else if (opt_.resume == "auto") {
     auto latest = checkpoints_->latest();
-    if (!latest.ok())
+    if (latest.ok()) {
+      resume_from_ = *latest;
+    } else if (const auto damaged = checkpoints_->newer_than(-1); !damaged.empty()) {
+      return not_found("--resume auto: " + out + " has no complete checkpoint to resume from (" +
+                       fs::path(damaged.back()).filename().string() +
+                       " has no manifest.pb): name another checkpoint with --resume DIR, or start "
+                       "anew with a new --out");
+    } else if (holds_run(out)) {
+      // Stopped before its first checkpoint was published (a .tmp at most): continuing the run
+      // means starting it again, which is what a requeued job asks for.
+      restarted_ = true;
+    } else {
       return not_found("--resume auto: " + out +
-                       " has no complete checkpoint to resume from (start without --resume)");
-    resume_from_ = *latest;
+                       " holds no run to resume (no complete checkpoint to resume from): start "
+                       "it without --resume");
+    }
   } else {
     if (fs::exists(fs::path(opt_.resume) / "manifest.pb")) {
       resume_from_ = opt_.resume;
@@ -514,6 +534,9 @@ Expected<std::unique_ptr<Trainer::Leg>> Trainer::start_leg() {
     }
   }
   HYDRA_RETURN_IF_ERROR(agree(opened, *grid_));
+  if (restarted_)
+    leg->say("no checkpoint of " + opt_.out_dir +
+             " was published before it stopped: the run starts again from step 0");
   if (!resume_from_.empty())
     leg->say("resumed from " + resume_from_ + " at step " + std::to_string(state_.step) +
              (abandoned_.empty()

@@ -176,6 +176,7 @@ class Trainer {
   // Run lineage: the checkpoints newer than the one resumed from (--force: moved aside when the run
   // directory is prepared), and the branch this leg trains (0: the run's first; lineage.jsonl).
   std::vector<std::string> abandoned_;
+  bool restarted_ = false;  // --resume auto on a run that published no checkpoint: from step 0
   int64_t branch_ = 0;
   Status start_branch();
 };

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The body of the Slurm templates (hydra-gpu.sbatch, hydra-cpu.sbatch): starts hydra-train on every
-# task of the allocation with srun, resuming when OUT_DIR holds checkpoints, and turns Slurm's
+# task of the allocation with srun, resuming when OUT_DIR holds a run, and turns Slurm's
 # warning signal (#SBATCH --signal=B:USR1@120) into a checkpoint and a requeue.
 #
 #   run.sh CONFIG OUT_DIR [hydra-train flags...]
@@ -27,8 +27,12 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 export HYDRA_NUM_THREADS=${HYDRA_NUM_THREADS:-$OMP_NUM_THREADS}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 
+# A requeued job continues its run: from the newest checkpoint, or from step 0 when it was stopped
+# before its first checkpoint was published (hydra-train --resume auto does both).
 resume=()
-[ -d "$out/checkpoints" ] && resume=(--resume auto)
+for marker in config.pbtxt metrics.jsonl checkpoints; do
+  [ -e "$out/$marker" ] && resume=(--resume auto)
+done
 
 # srun runs in the background so that this shell can pass Slurm's warning signal on to the ranks.
 # shellcheck disable=SC2086

@@ -4,7 +4,8 @@
 # a fraction (10% to 90%) of an unkilled run's length that its seed draws, so that kills land in
 # start-up, steps, background writes and around publishes. After each kill: every published checkpoint verifies
 # (hydra-ckpt verify), --resume auto reaches step 12, the metrics hold each step exactly once, and
-# the final checkpoint equals the unkilled run's bit for bit (every tensor's CRC32C).
+# the final checkpoint equals the unkilled run's bit for bit (every tensor's CRC32C). A kill before
+# the first publish (a .tmp at most, which may hold its manifest already) resumes from step 0.
 #
 #   tests/faults/random_kills.sh BIN_DIR        (HYDRA_FAULT_SEEDS="1 2 3" runs other seeds)
 set -uo pipefail
@@ -47,8 +48,8 @@ for seed in $seeds; do
   rc=$?
   mid_save=$(find "$run/checkpoints" -maxdepth 1 -name '*.tmp' 2> /dev/null | wc -l)
   published=()
-  for c in "$run"/checkpoints/step-*; do
-    [ -e "$c/manifest.pb" ] && published+=("$c")
+  for c in "$run"/checkpoints/step-*; do  # a .tmp may hold its manifest: it is not published
+    [[ $c != *.tmp ]] && [ -e "$c/manifest.pb" ] && published+=("$c")
   done
   for c in "${published[@]}"; do
     "$bin/hydra-ckpt" verify "$c" > "$run.verify" 2>&1 ||
@@ -56,11 +57,11 @@ for seed in $seeds; do
   done
   if [ -e "$run/checkpoints/step-00000012/manifest.pb" ]; then
     :  # killed after the last publish: nothing to resume
-  elif [ ${#published[@]} -eq 0 ]; then  # killed before the first checkpoint: start over
-    rm -rf "$run"
+  elif [ ! -e "$run/config.pbtxt" ] && [ ! -e "$run/metrics.jsonl" ] && [ ! -d "$run/checkpoints" ]; then
+    # killed before the run wrote anything: a new run (launch/slurm/run.sh decides the same way)
     "$bin/hydra-train" "${args[@]}" --out "$run" > "$run.resume.log" 2>&1 ||
       fail "seed $seed: a new run after the kill: $(tail -n 3 "$run.resume.log")"
-  else
+  else  # from the newest published checkpoint, or from step 0 when none was published
     "$bin/hydra-train" "${args[@]}" --out "$run" --resume auto > "$run.resume.log" 2>&1 ||
       fail "seed $seed: --resume auto after the kill: $(tail -n 3 "$run.resume.log")"
   fi

@@ -586,6 +586,28 @@ TEST(BadInput, TruncatedCheckpointAndChecksumMismatch) {
             std::string::npos);
 }
 
+// A run stopped before its first checkpoint was published (a requeued Slurm job killed early) holds
+// its config and metrics and at most a .tmp checkpoint: --resume auto starts it again from step 0,
+// with the same metrics as a run never stopped. A run directory with nothing in it stays an error.
+TEST(Resume, AutoRestartsARunThatPublishedNoCheckpoint) {
+  const std::string straight = temp_dir("never_stopped"), stopped = temp_dir("stopped_early");
+  ASSERT_TRUE(train(small_config(), straight).ok());
+  ASSERT_TRUE(train(small_config(), stopped, "", 3).ok());
+  fs::remove_all(stopped + "/checkpoints");
+  fs::create_directories(stopped + "/checkpoints/step-00000004.tmp");
+  std::ofstream(stopped + "/checkpoints/step-00000004.tmp/rank-00000.h5") << "half written";
+  ASSERT_TRUE(fs::exists(stopped + "/config.pbtxt"));
+  const auto r = train(small_config(), stopped, "auto");
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->first_step, 0);
+  EXPECT_EQ(metric_lines(stopped), metric_lines(straight));
+  EXPECT_FALSE(fs::exists(stopped + "/checkpoints/step-00000004.tmp"));
+  const std::string empty = temp_dir("nothing_there");
+  fs::create_directories(empty);
+  EXPECT_NE(error_of(train(small_config(), empty, "auto")).find("holds no run to resume"),
+            std::string::npos);
+}
+
 // --resume auto on a run whose newest checkpoint is damaged names the next older complete one (it
 // only refused before), and that one resumes.
 TEST(BadInput, DamagedNewestCheckpointNamesTheOlderOne) {
