@@ -43,22 +43,39 @@ struct Runs {
   }
 };
 
-__device__ int64_t first_multiple_at_or_after(int64_t pos, int64_t stride) {
+__host__ __device__ inline int64_t first_multiple_at_or_after(int64_t pos, int64_t stride) {
   return pos <= 0 ? 0 : (pos + stride - 1) / stride * stride;
 }
+
+// How many of the positions pos0 .. pos0 + len - 1 are global (stride > 0), and the first's index.
+__host__ __device__ inline int64_t first_global_index(int64_t pos0, int64_t stride) {
+  return first_multiple_at_or_after(pos0, stride) - pos0;
+}
+__host__ __device__ inline int64_t count_global(int64_t pos0, int64_t len, int64_t stride) {
+  const int64_t g0 = first_global_index(pos0, stride);
+  return g0 < len ? (len - 1 - g0) / stride + 1 : 0;
+}
+
+// What a walk covers. kAuto: the band and the global positions, and every row when one of the
+// block's own rows is global (or the window is unlimited). kBand: the band and the global
+// positions even then (the block's global rows are another block's). kFull: every row the
+// causal order allows.
+enum class WalkMode { kAuto, kBand, kFull };
 
 __device__ bool Pattern::any_global(int64_t lo, int64_t hi) const {
   return stride > 0 && lo <= hi && first_multiple_at_or_after(lo, stride) <= hi;
 }
 
 // Keys that queries [i0, i1) may see: the global keys before the window band, then the band; every
-// earlier key when a query is global or the window is unlimited.
-__device__ Runs keys_for_queries(const Pattern& pat, int64_t k_len, int64_t i0, int64_t i1) {
+// earlier key when a query is global (kAuto) or the window is unlimited.
+__device__ Runs keys_for_queries(const Pattern& pat, int64_t k_len, int64_t i0, int64_t i1,
+                                 WalkMode mode = WalkMode::kAuto) {
   Runs r;
   const int64_t tq_min = pat.q_pos0 + i0, tq_max = pat.q_pos0 + i1 - 1;
   const int64_t j_end = min(k_len, tq_max - pat.k_pos0 + 1);
   if (j_end <= 0) return r;
-  const bool full = pat.window <= 0 || pat.any_global(tq_min, tq_max);
+  const bool full = mode == WalkMode::kFull || pat.window <= 0 ||
+                    (mode == WalkMode::kAuto && pat.any_global(tq_min, tq_max));
   int64_t j_band = 0;
   if (!full) {
     j_band = max(int64_t(0), min(j_end, tq_min - pat.window + 1 - pat.k_pos0));
@@ -76,13 +93,15 @@ __device__ Runs keys_for_queries(const Pattern& pat, int64_t k_len, int64_t i0, 
 }
 
 // Queries that may see keys [j0, j1): the band from the first key on, then the global queries after
-// it; every later query when a key is global or the window is unlimited.
-__device__ Runs queries_for_keys(const Pattern& pat, int64_t q_len, int64_t j0, int64_t j1) {
+// it; every later query when a key is global (kAuto) or the window is unlimited.
+__device__ Runs queries_for_keys(const Pattern& pat, int64_t q_len, int64_t j0, int64_t j1,
+                                 WalkMode mode = WalkMode::kAuto) {
   Runs r;
   const int64_t tk_min = pat.k_pos0 + j0, tk_max = pat.k_pos0 + j1 - 1;
   const int64_t i_start = max(int64_t(0), tk_min - pat.q_pos0);
   if (i_start >= q_len) return r;
-  const bool full = pat.window <= 0 || pat.any_global(tk_min, tk_max);
+  const bool full = mode == WalkMode::kFull || pat.window <= 0 ||
+                    (mode == WalkMode::kAuto && pat.any_global(tk_min, tk_max));
   r.start0 = i_start;
   if (full) {
     r.n0 = q_len - i_start;

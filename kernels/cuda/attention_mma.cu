@@ -6,11 +6,11 @@
 // from shared memory with ldmatrix. A tile's probabilities become the next product's A operand
 // without leaving registers.
 //
-// The walks and the pattern are those of attention_common.cuh. The pattern is tested element by
-// element only in tiles that straddle its edges (the diagonal, the window's far edge, partial
-// tiles). Softmax runs in base 2 (scores times scale * log2(e)); sums run in a fixed order, so
-// results are bit-reproducible. Head sizes: multiples of 16 up to 128, compiled for 32, 64 and 128
-// columns.
+// The walks and the pattern are those of attention_common.cuh; with a window and global positions
+// the global rows get blocks of their own (OwnRows). The pattern is tested element by element only
+// in tiles that straddle its edges (the diagonal, the window's far edge, partial tiles). Softmax
+// runs in base 2 (scores times scale * log2(e)); sums run in a fixed order, so results are
+// bit-reproducible. Head sizes: multiples of 16 up to 128, compiled for 32, 64 and 128 columns.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -227,22 +227,22 @@ __device__ __forceinline__ unsigned visible_bits(const Pattern& pat, const RowIn
   return bits;
 }
 
-// A lane's rows as queries row0 and row0 + 8 (the forward and dQ) or as keys (dK/dV).
-__device__ __forceinline__ RowInfo query_rows(const Pattern& pat, int64_t row0, int64_t q_len) {
+// A lane's two rows (OwnRows::lane_row) as queries (the forward and dQ) or as keys (dK/dV).
+__device__ __forceinline__ RowInfo query_rows(const Pattern& pat, const int64_t (&rows)[2]) {
   RowInfo ri;
   for (int r = 0; r < 2; ++r) {
-    const int64_t i = row0 + r * 8;
-    ri.base[r] = i < q_len ? pat.q_pos0 + i - pat.k_pos0 : kNoRow;
-    ri.glob[r] = pat.global(pat.q_pos0 + i);
+    const int64_t i = rows[r];
+    ri.base[r] = i >= 0 ? pat.q_pos0 + i - pat.k_pos0 : kNoRow;
+    ri.glob[r] = i >= 0 && pat.global(pat.q_pos0 + i);
   }
   return ri;
 }
-__device__ __forceinline__ RowInfo key_rows(const Pattern& pat, int64_t key0, int64_t k_len) {
+__device__ __forceinline__ RowInfo key_rows(const Pattern& pat, const int64_t (&rows)[2]) {
   RowInfo ri;
   for (int r = 0; r < 2; ++r) {
-    const int64_t j = key0 + r * 8;
-    ri.base[r] = j < k_len ? pat.q_pos0 - pat.k_pos0 - j : kNoRow;
-    ri.glob[r] = pat.global(pat.k_pos0 + j);
+    const int64_t j = rows[r];
+    ri.base[r] = j >= 0 ? pat.q_pos0 - pat.k_pos0 - j : kNoRow;
+    ri.glob[r] = j >= 0 && pat.global(pat.k_pos0 + j);
   }
   return ri;
 }
@@ -269,34 +269,94 @@ __device__ __forceinline__ bool tile_all_visible(const Pattern& pat, int64_t tq_
   return tk_max <= tq_min && (pat.window <= 0 || tq_max - tk_min < pat.window || all_global);
 }
 
-// Whether key tile o0.. of a walk is whole and every pair of it with the block's queries i0.. (nq
-// of them) is visible (the forward's and dQ's walks; keys ascend along a walk).
-template <int W>
-__device__ __forceinline__ bool key_tile_all_visible(const Pattern& pat, const Walk& keys, int o0,
-                                                     int64_t i0, int64_t nq) {
-  return nq == kOwnRows && o0 + W <= keys.count &&
-         tile_all_visible(pat, pat.q_pos0 + i0, pat.q_pos0 + i0 + kOwnRows - 1,
-                          pat.k_pos0 + keys.at(o0), pat.k_pos0 + keys.at(o0 + W - 1),
-                          o0 + W <= keys.n0);
+// A block's place: its (batch, head), the rows it owns (queries in the forward and dQ, keys in
+// dK/dV: row(r), r < count) and the thread's lane, warp and lane-in-quad.
+//   Unsplit: (batch, head) from blockIdx.y and kOwnRows consecutive rows of `len` from blockIdx.x.
+//   Split (a window and global positions; the host's split_global): the grid's first blocks, in
+//   linear order, own the global rows, kOwnRows of them `stride` apart, and walk every row the
+//   causal order lets them see; the others own consecutive rows and walk only the window band and
+//   the global positions, and leave their global rows to the first blocks. No block then walks a
+//   whole sequence for the sake of one global row among its 64, and the long walks start first.
+struct OwnRows {
+  int64_t b = 0, h = 0;
+  int first = 0, count = 0, step = 1;  // lengths are below 2^31 (check_sizes)
+  bool global_rows = false, skip_global = false;
+  int lane, warp, tg;
+  __device__ OwnRows(const Pattern& pat, int64_t heads, int64_t len, int64_t pos0, bool split)
+      : lane(static_cast<int>(threadIdx.x & 31)),
+        warp(static_cast<int>(threadIdx.x >> 5)),
+        tg(lane & 3) {
+    int64_t bh = blockIdx.y, tile = blockIdx.x;
+    if (split) {
+      const int64_t n_glob = count_global(pos0, len, pat.stride),
+                    glob_tiles = (n_glob + kOwnRows - 1) / kOwnRows,
+                    lin = blockIdx.x + int64_t(blockIdx.y) * gridDim.x;
+      if (lin < glob_tiles * gridDim.y) {
+        bh = lin / glob_tiles;
+        tile = lin % glob_tiles;
+        global_rows = true;
+        step = static_cast<int>(pat.stride);
+        first = static_cast<int>(first_global_index(pos0, pat.stride) + tile * kOwnRows * step);
+        count = static_cast<int>(min(int64_t(kOwnRows), n_glob - tile * kOwnRows));
+      } else {
+        const int64_t band_tiles = gridDim.x - glob_tiles, l = lin - glob_tiles * gridDim.y;
+        bh = l / band_tiles;
+        tile = l % band_tiles;
+        skip_global = true;
+      }
+    }
+    if (!global_rows) {
+      first = static_cast<int>(tile * kOwnRows);
+      count = static_cast<int>(min(int64_t(kOwnRows), len - first));
+    }
+    b = bh / heads;
+    h = bh % heads;
+  }
+  __device__ int row(int r) const { return first + r * step; }
+  __device__ int last() const { return row(count - 1); }
+  // This lane's rows of the warp's 16 (k = 0, 1: 8 apart), or -1 past the block's rows.
+  __device__ int64_t lane_row(int k) const {
+    const int r = warp * 16 + (lane >> 2) + 8 * k;
+    return r < count ? row(r) : -1;
+  }
+  __device__ WalkMode walk() const {
+    return global_rows ? WalkMode::kFull : skip_global ? WalkMode::kBand : WalkMode::kAuto;
+  }
+  // Whether this block writes its row i (a lane_row) at position pos0 + i.
+  __device__ bool writes(const Pattern& pat, int64_t i, int64_t pos0) const {
+    return i >= 0 && !(skip_global && pat.global(pos0 + i));
+  }
+  // Row index r for the staging of its rows (-1: none).
+  __device__ int stage_index(int r) const { return r < count ? row(r) : -1; }
+};
+
+// The blocks along x for `len` rows at pos0: a tile of kOwnRows each, and with the split as many
+// more as the global rows need.
+unsigned own_tiles(int64_t len, int64_t pos0, int64_t stride, bool split) {
+  const int64_t band = (len + kOwnRows - 1) / kOwnRows;
+  return static_cast<unsigned>(
+      band + (split ? (count_global(pos0, len, stride) + kOwnRows - 1) / kOwnRows : 0));
 }
 
-// A block's place: (batch, head) from blockIdx.y, the kOwnRows rows of `len` it owns from
-// blockIdx.x
-// ([first, first + count)), and the thread's lane, warp and lane-in-quad.
-struct OwnRows {
-  int64_t b, h, first, count;
-  int lane, warp, tg;
-  __device__ OwnRows(int64_t heads, int64_t len)
-      : b(blockIdx.y / heads),
-        h(blockIdx.y % heads),
-        first(int64_t(blockIdx.x) * kOwnRows),
-        count(min(int64_t(kOwnRows), len - first)),
-        lane(static_cast<int>(threadIdx.x & 31)),
-        warp(static_cast<int>(threadIdx.x >> 5)),
-        tg(lane & 3) {}
-  // This lane's rows of the warp's 16: lane_row() and lane_row() + 8.
-  __device__ int64_t lane_row() const { return first + warp * 16 + (lane >> 2); }
-};
+// Whether key tile o0.. of a walk is whole and every pair of it with the block's kOwnRows queries
+// is visible (the forward's and dQ's walks; keys ascend along a walk).
+template <int W>
+__device__ __forceinline__ bool key_tile_all_visible(const Pattern& pat, const Walk& keys, int o0,
+                                                     const OwnRows& own) {
+  return own.count == kOwnRows && o0 + W <= keys.count &&
+         tile_all_visible(pat, pat.q_pos0 + own.first, pat.q_pos0 + own.last(),
+                          pat.k_pos0 + keys.at(o0), pat.k_pos0 + keys.at(o0 + W - 1),
+                          o0 + W <= keys.n0 || own.global_rows);
+}
+// The same for query tile o0.. of a dK/dV walk and the block's kOwnRows keys.
+template <int W>
+__device__ __forceinline__ bool query_tile_all_visible(const Pattern& pat, const Walk& queries,
+                                                       int o0, const OwnRows& own) {
+  return own.count == kOwnRows && o0 + W <= queries.count &&
+         tile_all_visible(pat, pat.q_pos0 + queries.at(o0), pat.q_pos0 + queries.at(o0 + W - 1),
+                          pat.k_pos0 + own.first, pat.k_pos0 + own.last(),
+                          o0 >= queries.n0 || own.global_rows);
+}
 
 // Double-buffered tiles: stages tile t + 1, if any, into the other buffer, then waits for tile t.
 template <class Stage>
@@ -345,13 +405,13 @@ struct FwdLayout {
 // backward kernels (168).
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
-    attn_fwd_mma_kernel(AttentionParams p, Layout lay, Pattern pat) {
+    attn_fwd_mma_kernel(AttentionParams p, Layout lay, Pattern pat, bool split) {
   constexpr int P = Geo<D>::kPitch, W = Geo<D>::kFwdWalk;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const FwdLayout<D> sm(smem_raw);
   const int dh = static_cast<int>(p.head_dim);
-  const OwnRows own(p.heads, p.q_len);
-  const int64_t b = own.b, h = own.h, i0 = own.first, nq = own.count;
+  const OwnRows own(pat, p.heads, p.q_len, pat.q_pos0, split);
+  const int64_t b = own.b, h = own.h;
   const int warp = own.warp, tg = own.tg;
   const bf16* q = static_cast<const bf16*>(p.q);
   const bf16* k = static_cast<const bf16*>(p.k);
@@ -360,9 +420,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
   const StageSlot<D> slot(dh);
   const RowSrc k_src{k + lay.k(b, 0, h), p.k_row}, v_src{v + lay.v(b, 0, h), p.v_row};
   stage_rows<kOwnRows, P>(
-      slot, [&](int r) { return r < nq ? static_cast<int>(i0) + r : -1; }, sm.q,
-      RowSrc{q + lay.q(b, 0, h), p.q_row});
-  const Walk keys(keys_for_queries(pat, p.k_len, i0, i0 + nq));
+      slot, [&](int r) { return own.stage_index(r); }, sm.q, RowSrc{q + lay.q(b, 0, h), p.q_row});
+  const Walk keys(keys_for_queries(pat, p.k_len, own.first, own.last() + 1, own.walk()));
   const int count = keys.count, tiles = (count + W - 1) / W;
   auto stage_keys = [&](int t, int buf) {
     stage_key_tile<W, P>(sm, keys, pat, slot, k_src, v_src, t, buf);
@@ -371,8 +430,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
   cp_async_commit();
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
-  const int64_t row0 = own.lane_row();  // this lane's queries: row0 and row0 + 8
-  const RowInfo ri = query_rows(pat, row0, p.q_len);
+  const int64_t rows[2] = {own.lane_row(0), own.lane_row(1)};  // this lane's queries
+  const RowInfo ri = query_rows(pat, rows);
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
   for (int t = 0; t < tiles; ++t) {
@@ -382,7 +441,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
 
     const int o0 = t * W;
-    const bool all = key_tile_all_visible<W>(pat, keys, o0, i0, nq);
+    const bool all = key_tile_all_visible<W>(pat, keys, o0, own);
 #pragma unroll
     for (int n = 0; n < W / 8; ++n) {
       const unsigned vis =
@@ -427,8 +486,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
     float sum = l[r];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int64_t i = row0 + r * 8;
-    if (i >= p.q_len) continue;
+    const int64_t i = own.lane_row(r);
+    if (!own.writes(pat, i, pat.q_pos0)) continue;
     store_row<D>(out + lay.dq(b, i, h), o, r, sum > 0.0f ? 1.0f / sum : 0.0f, dh, tg);
     if (tg == 0) lse[lay.stat(b, h, i)] = sum > 0.0f ? m[r] * kLn2 + logf(sum) : -INFINITY;
   }
@@ -465,15 +524,15 @@ struct DqLayout {
 
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
-    attn_dq_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat,
+    attn_dq_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, bool split,
                        const float* __restrict delta) {
   constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
   const AttentionParams& p = g.fwd;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DqLayout<D> sm(smem_raw);
   const int dh = static_cast<int>(p.head_dim);
-  const OwnRows own(p.heads, p.q_len);
-  const int64_t b = own.b, h = own.h, i0 = own.first, nq = own.count;
+  const OwnRows own(pat, p.heads, p.q_len, pat.q_pos0, split);
+  const int64_t b = own.b, h = own.h;
   const int warp = own.warp, tg = own.tg;
   const bf16* k = static_cast<const bf16*>(p.k);
   const bf16* v = static_cast<const bf16*>(p.v);
@@ -481,10 +540,10 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   const StageSlot<D> slot(dh);
   const RowSrc k_src{k + lay.k(b, 0, h), p.k_row}, v_src{v + lay.v(b, 0, h), p.v_row};
   stage_rows<kOwnRows, P>(
-      slot, [&](int r) { return r < nq ? static_cast<int>(i0) + r : -1; }, sm.q,
+      slot, [&](int r) { return own.stage_index(r); }, sm.q,
       RowSrc{static_cast<const bf16*>(p.q) + lay.q(b, 0, h), p.q_row}, sm.go,
       RowSrc{static_cast<const bf16*>(g.gout) + lay.dq(b, 0, h), p.heads * p.head_dim});
-  const Walk keys(keys_for_queries(pat, p.k_len, i0, i0 + nq));
+  const Walk keys(keys_for_queries(pat, p.k_len, own.first, own.last() + 1, own.walk()));
   const int count = keys.count, tiles = (count + W - 1) / W;
   auto stage_keys = [&](int t, int buf) {
     stage_key_tile<W, P>(sm, keys, pat, slot, k_src, v_src, t, buf);
@@ -493,15 +552,14 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   cp_async_commit();
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
-  const int64_t row0 = own.lane_row();
-  const RowInfo ri = query_rows(pat, row0, p.q_len);
+  const int64_t rows[2] = {own.lane_row(0), own.lane_row(1)};
+  const RowInfo ri = query_rows(pat, rows);
   float lse2[2], dlt[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t i = row0 + r * 8;
-    lse2[r] =
-        i < p.q_len ? lse_base2(static_cast<const float*>(p.lse)[lay.stat(b, h, i)]) : INFINITY;
-    dlt[r] = i < p.q_len ? delta[lay.stat(b, h, i)] : 0.0f;
+    const int64_t i = rows[r];
+    lse2[r] = i >= 0 ? lse_base2(static_cast<const float*>(p.lse)[lay.stat(b, h, i)]) : INFINITY;
+    dlt[r] = i >= 0 ? delta[lay.stat(b, h, i)] : 0.0f;
   }
   float dq[D / 8][4] = {};
   for (int t = 0; t < tiles; ++t) {
@@ -511,7 +569,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
     mma_xyt<D, W>(dp, sm.go, warp * 16, sm.v + buf * W * P);
     const int o0 = t * W;
-    const bool all = key_tile_all_visible<W>(pat, keys, o0, i0, nq);
+    const bool all = key_tile_all_visible<W>(pat, keys, o0, own);
 #pragma unroll
     for (int n = 0; n < W / 8; ++n) {
       const unsigned vis =
@@ -532,8 +590,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   const float scale = static_cast<float>(p.scale);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t i = row0 + r * 8;
-    if (i < p.q_len) store_row<D>(gq + lay.dq(b, i, h), dq, r, scale, dh, tg);
+    const int64_t i = own.lane_row(r);
+    if (own.writes(pat, i, pat.q_pos0)) store_row<D>(gq + lay.dq(b, i, h), dq, r, scale, dh, tg);
   }
 }
 
@@ -565,15 +623,15 @@ struct DkvLayout {
 
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
-    attn_dkv_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat,
+    attn_dkv_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, bool split,
                         const float* __restrict delta) {
   constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
   const AttentionParams& p = g.fwd;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DkvLayout<D> sm(smem_raw);
   const int dh = static_cast<int>(p.head_dim);
-  const OwnRows own(p.heads, p.k_len);
-  const int64_t b = own.b, h = own.h, j0 = own.first, nk = own.count;
+  const OwnRows own(pat, p.heads, p.k_len, pat.k_pos0, split);
+  const int64_t b = own.b, h = own.h;
   const int warp = own.warp, tg = own.tg;
   const bf16* q = static_cast<const bf16*>(p.q);
   const bf16* go = static_cast<const bf16*>(g.gout);
@@ -583,10 +641,10 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   const RowSrc q_src{q + lay.q(b, 0, h), p.q_row},
       go_src{go + lay.dq(b, 0, h), p.heads * p.head_dim};
   stage_rows<kOwnRows, P>(
-      slot, [&](int r) { return r < nk ? static_cast<int>(j0) + r : -1; }, sm.k,
+      slot, [&](int r) { return own.stage_index(r); }, sm.k,
       RowSrc{static_cast<const bf16*>(p.k) + lay.k(b, 0, h), p.k_row}, sm.v,
       RowSrc{static_cast<const bf16*>(p.v) + lay.v(b, 0, h), p.v_row});
-  const Walk queries(queries_for_keys(pat, p.q_len, j0, j0 + nk));
+  const Walk queries(queries_for_keys(pat, p.q_len, own.first, own.last() + 1, own.walk()));
   const int count = queries.count, tiles = (count + W - 1) / W;
   auto stage_queries = [&](int t, int buf) {
     auto idx = [&](int r) { return queries.at(t * W + r); };
@@ -603,8 +661,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   cp_async_commit();
 
   const float sl2 = static_cast<float>(p.scale) * kLog2e;
-  const int64_t key0 = own.lane_row();  // this lane's keys: key0 and key0 + 8
-  const RowInfo ri = key_rows(pat, key0, p.k_len);
+  const int64_t rows[2] = {own.lane_row(0), own.lane_row(1)};  // this lane's keys
+  const RowInfo ri = key_rows(pat, rows);
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   for (int t = 0; t < tiles; ++t) {
     const int buf = static_cast<int>(t & 1);
@@ -612,12 +670,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     float s[W / 8][4], dp[W / 8][4];
     mma_xyt<D, W>(s, sm.k, warp * 16, sm.q + buf * W * P);    // S^T [key][query]
     mma_xyt<D, W>(dp, sm.v, warp * 16, sm.go + buf * W * P);  // dP^T
-    const int o0 = t * W;
-    bool all = nk == kOwnRows && o0 + W <= count;
-    if (all) {
-      all = tile_all_visible(pat, pat.q_pos0 + queries.at(o0), pat.q_pos0 + queries.at(o0 + W - 1),
-                             pat.k_pos0 + j0, pat.k_pos0 + j0 + kOwnRows - 1, o0 >= queries.n0);
-    }
+    const bool all = query_tile_all_visible<W>(pat, queries, t * W, own);
 #pragma unroll
     for (int n = 0; n < W / 8; ++n) {
       const unsigned vis =
@@ -641,8 +694,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   const float scale = static_cast<float>(p.scale);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t j = key0 + r * 8;
-    if (j >= p.k_len) continue;
+    const int64_t j = own.lane_row(r);
+    if (!own.writes(pat, j, pat.k_pos0)) continue;
     store_row<D>(gk + lay.dk(b, j, h), dk, r, scale, dh, tg);
     store_row<D>(gv + lay.dk(b, j, h), dv, r, 1.0f, dh, tg);
   }
@@ -655,6 +708,10 @@ void dispatch_dim(int64_t dh, F&& fn) {
   if (dh <= 64) return fn(std::integral_constant<int, 64>{});
   return fn(std::integral_constant<int, 128>{});
 }
+
+// Whether the global rows get blocks of their own (OwnRows): with a window and global positions.
+// Without a window every block walks every earlier row anyway.
+bool split_global(const AttentionParams& p) { return p.window > 0 && p.global_stride > 0; }
 
 }  // namespace
 
@@ -672,14 +729,15 @@ bool applies(const AttentionBwdParams& q) {
 }
 
 void forward(const AttentionParams& p) {
-  const dim3 grid(static_cast<unsigned>((p.q_len + kOwnRows - 1) / kOwnRows),
+  const bool split = split_global(p);
+  const dim3 grid(own_tiles(p.q_len, p.q_pos0, p.global_stride, split),
                   static_cast<unsigned>(p.batch * p.heads));
   dispatch_dim(p.head_dim, [&](auto d) {
     constexpr int D = decltype(d)::value;
     const size_t smem = FwdLayout<D>::bytes();
     allow_dynamic_smem(attn_fwd_mma_kernel<D>, smem, "attention");
     attn_fwd_mma_kernel<D>
-        <<<grid, kMmaThreads, smem, as_stream(p.stream)>>>(p, layout_of(p), pattern_of(p));
+        <<<grid, kMmaThreads, smem, as_stream(p.stream)>>>(p, layout_of(p), pattern_of(p), split);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -689,21 +747,22 @@ void backward(const AttentionBwdParams& q, const float* delta) {
   const Layout lay = layout_of(p);
   const Pattern pat = pattern_of(p);
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
+  const bool split = split_global(p);
   cudaStream_t s = as_stream(p.stream);
   dispatch_dim(p.head_dim, [&](auto d) {
     constexpr int D = decltype(d)::value;
     if (p.q_len > 0) {
       const size_t smem = DqLayout<D>::bytes();
       allow_dynamic_smem(attn_dq_mma_kernel<D>, smem, "attention_backward");
-      attn_dq_mma_kernel<D><<<dim3(static_cast<unsigned>((p.q_len + kOwnRows - 1) / kOwnRows), bh),
-                              kMmaThreads, smem, s>>>(q, lay, pat, delta);
+      attn_dq_mma_kernel<D><<<dim3(own_tiles(p.q_len, p.q_pos0, p.global_stride, split), bh),
+                              kMmaThreads, smem, s>>>(q, lay, pat, split, delta);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
     if (p.k_len > 0) {
       const size_t smem = DkvLayout<D>::bytes();
       allow_dynamic_smem(attn_dkv_mma_kernel<D>, smem, "attention_backward");
-      attn_dkv_mma_kernel<D><<<dim3(static_cast<unsigned>((p.k_len + kOwnRows - 1) / kOwnRows), bh),
-                               kMmaThreads, smem, s>>>(q, lay, pat, delta);
+      attn_dkv_mma_kernel<D><<<dim3(own_tiles(p.k_len, p.k_pos0, p.global_stride, split), bh),
+                               kMmaThreads, smem, s>>>(q, lay, pat, split, delta);
       HYDRA_CUDA_LAUNCH_CHECK();
     }
   });

@@ -757,6 +757,11 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
       {1, 600, 600, 2, 64, 40, 200, 0, 0},
       {1, 520, 520, 2, 128, 48, 160, 0, 0},
       {2, 300, 500, 2, 64, 30, 150, 200, 0},
+      // More global rows than a block owns (blocks of global rows, the last one partial), the first
+      // global row not the shard's first (q_pos0, k_pos0 not multiples of the stride).
+      {1, 1100, 1100, 2, 64, 40, 8, 0, 0},
+      {2, 700, 900, 2, 32, 50, 9, 301, 100},
+      {1, 333, 333, 3, 128, 17, 3, 0, 0},
       // Queries after every key (the workspace memory's cross-attention), batch * heads above the
       // grid's 65535: run in batch pieces.
       {33000, 3, 5, 2, 16, 0, 0, 5, 0},
