@@ -70,7 +70,12 @@ std::pair<Tensor, Tensor> sparse_attention_with_lse(const Tensor& q_in, const Te
   p.k_pos0 = k_pos0;
   p.scale = scale;
   p.stream = current_stream(dev);
-  if (out.numel() > 0) HYDRA_LAUNCH(dev, attention_fwd, p);
+  if (out.numel() > 0) {
+    const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, attention_fwd_workspace, p);
+    p.workspace = ws.defined() && ws.numel() > 0 ? ws.raw_data() : nullptr;
+    HYDRA_LAUNCH(dev, attention_fwd, p);
+    p.workspace = nullptr;  // scratch of the forward alone
+  }
   if (any_requires_grad({q_in, k_in, v_in})) {
     std::vector<SavedTensor> saved = {SavedTensor(q.t), SavedTensor(k.t), SavedTensor(v.t),
                                       SavedTensor(out), SavedTensor(lse)};

@@ -28,18 +28,19 @@ struct AttentionParams {
   int64_t q_pos0 = 0, k_pos0 = 0;
   double scale = 1.0;
   void* stream = nullptr;
+  void* workspace = nullptr;  // CUDA: attention_fwd_workspace(p) bytes (the forward alone)
 };
 
 // dq, dk, dv are contiguous [B, L, H, dh] and written (not accumulated).
 struct AttentionBwdParams {
-  AttentionParams fwd;         // with fwd.out and fwd.lse as the forward produced them
+  AttentionParams fwd;  // with fwd.out and fwd.lse as the forward produced them (not workspace)
   const void* gout = nullptr;  // contiguous [B, Lq, H, dh]
   const void* glse =
       nullptr;  // [B, H, Lq] accumulate dtype, or null: the gradient of lse (merged partials)
   void* gq = nullptr;
   void* gk = nullptr;
   void* gv = nullptr;
-  void* workspace = nullptr;  // CUDA: attention_bwd_workspace(p) bytes (the per-query dO . O terms)
+  void* workspace = nullptr;  // CUDA: attention_bwd_workspace(p) bytes (dO . O per query, partials)
 };
 
 // Merging partial attentions of the same queries over disjoint key sets (sequence parallelism): per
@@ -74,6 +75,7 @@ HYDRA_DECLARE_KERNEL(merge_attention_fwd, MergeAttentionParams)
 HYDRA_DECLARE_KERNEL(merge_attention_bwd, MergeAttentionBwdParams)
 
 namespace cuda {
+size_t attention_fwd_workspace(const AttentionParams& p);
 size_t attention_bwd_workspace(const AttentionBwdParams& p);
 }  // namespace cuda
 

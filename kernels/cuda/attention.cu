@@ -411,9 +411,21 @@ void attention_bwd(const AttentionBwdParams& q) {
   }
 }
 
+namespace {
+// The backward's workspace: the per-query delta, then the tensor-core kernels' partial rows.
+size_t delta_bytes(const AttentionParams& p) {
+  return (accumulate_size(p.dtype) * static_cast<size_t>(p.batch * p.heads * p.q_len) + 255) / 256 *
+         256;
+}
+}  // namespace
+
+size_t attention_fwd_workspace(const AttentionParams& p) {
+  return attention_mma::applies(p) ? attention_mma::forward_workspace(p) : 0;
+}
+
 size_t attention_bwd_workspace(const AttentionBwdParams& q) {
-  const AttentionParams& p = q.fwd;
-  return accumulate_size(p.dtype) * static_cast<size_t>(p.batch * p.heads * p.q_len) + 256;
+  return delta_bytes(q.fwd) + 256 +
+         (attention_mma::applies(q) ? attention_mma::backward_workspace(q.fwd) : 0);
 }
 
 namespace {
@@ -456,7 +468,8 @@ void attention_bwd_piece(const AttentionBwdParams& q) {
     }
     if constexpr (std::is_same_v<T, bf16>) {
       if (attention_mma::applies(q)) {
-        attention_mma::backward(q, delta);
+        attention_mma::backward(q, delta,
+                                static_cast<unsigned char*>(q.workspace) + delta_bytes(p));
         return;
       }
     }

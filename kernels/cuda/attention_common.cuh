@@ -180,8 +180,12 @@ namespace attention_mma {
 bool applies(const AttentionParams& p);
 bool applies(const AttentionBwdParams& q);
 void forward(const AttentionParams& p);
-// delta: dO . O - glse per query (attention.cu's attn_delta_kernel).
-void backward(const AttentionBwdParams& q, const float* delta);
+// delta: dO . O - glse per query (attention.cu's attn_delta_kernel); parts:
+// backward_workspace(q.fwd) bytes.
+void backward(const AttentionBwdParams& q, const float* delta, void* parts);
+// Bytes for the partial rows of the blocks of global rows whose walks are cut into segments.
+size_t forward_workspace(const AttentionParams& p);
+size_t backward_workspace(const AttentionParams& p);
 }  // namespace attention_mma
 
 }  // namespace hydra::kernels::cuda

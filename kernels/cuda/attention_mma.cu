@@ -13,6 +13,7 @@
 // bit-reproducible. Head sizes: multiples of 16 up to 128, compiled for 32, 64 and 128 columns.
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -27,6 +28,9 @@ namespace {
 
 constexpr int kMmaThreads = 128;  // 4 warps
 constexpr int kOwnRows = 64;      // rows a block owns: 16 per warp
+// A block of global rows walks at most this many rows (keys or queries) when its walk is longer:
+// the rest go to more blocks (segments), whose partial results are combined after the kernel.
+constexpr int kSegRows = 1024;
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 // ---- PTX wrappers
@@ -281,8 +285,13 @@ struct OwnRows {
   int64_t b = 0, h = 0;
   int first = 0, count = 0, step = 1;  // lengths are below 2^31 (check_sizes)
   bool global_rows = false, skip_global = false;
+  // Blocks of global rows whose walks are cut into `segs` segments (Segments): this block's
+  // segment, and where its rows' partial results go ([segs][batch * heads * global rows][...]).
+  int seg = 0, segs = 1;
+  int64_t part_first = 0;
   int lane, warp, tg;
-  __device__ OwnRows(const Pattern& pat, int64_t heads, int64_t len, int64_t pos0, bool split)
+  __device__ OwnRows(const Pattern& pat, int64_t heads, int64_t len, int64_t pos0, bool split,
+                     int n_segs)
       : lane(static_cast<int>(threadIdx.x & 31)),
         warp(static_cast<int>(threadIdx.x >> 5)),
         tg(lane & 3) {
@@ -291,15 +300,19 @@ struct OwnRows {
       const int64_t n_glob = count_global(pos0, len, pat.stride),
                     glob_tiles = (n_glob + kOwnRows - 1) / kOwnRows,
                     lin = blockIdx.x + int64_t(blockIdx.y) * gridDim.x;
-      if (lin < glob_tiles * gridDim.y) {
-        bh = lin / glob_tiles;
-        tile = lin % glob_tiles;
+      if (lin < glob_tiles * n_segs * gridDim.y) {
+        bh = lin / (glob_tiles * n_segs);
+        tile = lin % (glob_tiles * n_segs) / n_segs;
+        segs = n_segs;
+        seg = static_cast<int>(lin % n_segs);
+        part_first = (seg * int64_t(gridDim.y) + bh) * n_glob + tile * kOwnRows;
         global_rows = true;
         step = static_cast<int>(pat.stride);
         first = static_cast<int>(first_global_index(pos0, pat.stride) + tile * kOwnRows * step);
         count = static_cast<int>(min(int64_t(kOwnRows), n_glob - tile * kOwnRows));
       } else {
-        const int64_t band_tiles = gridDim.x - glob_tiles, l = lin - glob_tiles * gridDim.y;
+        const int64_t band_tiles = gridDim.x - glob_tiles * n_segs,
+                      l = lin - glob_tiles * n_segs * gridDim.y;
         bh = l / band_tiles;
         tile = l % band_tiles;
         skip_global = true;
@@ -328,15 +341,35 @@ struct OwnRows {
   }
   // Row index r for the staging of its rows (-1: none).
   __device__ int stage_index(int r) const { return r < count ? row(r) : -1; }
+  // Whether the rows' results are a segment's partials, and the k-th lane row's place among them.
+  __device__ bool partial() const { return segs > 1; }
+  __device__ int64_t part_row(int k) const { return part_first + warp * 16 + (lane >> 2) + 8 * k; }
+  // The tiles [t0, t1) of a walk of `tiles` tiles of W rows that this block takes.
+  template <int W>
+  __device__ int2 tile_range(int tiles) const {
+    if (!partial()) return make_int2(0, tiles);
+    constexpr int kPer = kSegRows / W;
+    return make_int2(min(tiles, seg * kPer), min(tiles, (seg + 1) * kPer));
+  }
 };
 
 // The blocks along x for `len` rows at pos0: a tile of kOwnRows each, and with the split as many
-// more as the global rows need.
-unsigned own_tiles(int64_t len, int64_t pos0, int64_t stride, bool split) {
+// more as the global rows need, times their segments.
+unsigned own_tiles(int64_t len, int64_t pos0, int64_t stride, bool split, int segs) {
   const int64_t band = (len + kOwnRows - 1) / kOwnRows;
   return static_cast<unsigned>(
-      band + (split ? (count_global(pos0, len, stride) + kOwnRows - 1) / kOwnRows : 0));
+      band + (split ? (count_global(pos0, len, stride) + kOwnRows - 1) / kOwnRows * segs : 0));
 }
+
+// Where the segments of the blocks of global rows leave their partial rows (fp32; segs > 1):
+// part (and part2: dV) [segs][batch * heads * global rows][head_dim], part_lse (the forward)
+// [segs][batch * heads * global rows].
+struct Segments {
+  int segs = 1;
+  float* part = nullptr;
+  float* part2 = nullptr;
+  float* part_lse = nullptr;
+};
 
 // Whether key tile o0.. of a walk is whole and every pair of it with the block's kOwnRows queries
 // is visible (the forward's and dQ's walks; keys ascend along a walk).
@@ -380,6 +413,18 @@ __device__ __forceinline__ void store_row(bf16* dst, const float (&acc)[D / 8][4
   }
 }
 
+// The same row in fp32 (a segment's partial result).
+template <int D>
+__device__ __forceinline__ void store_row_f32(float* dst, const float (&acc)[D / 8][4], int r,
+                                              float scale, int dh, int tg) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    if (n * 8 >= dh) break;
+    *reinterpret_cast<float2*>(dst + n * 8 + tg * 2) =
+        make_float2(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+  }
+}
+
 // ---- Forward ------------------------------------------------------------------------------------
 
 template <int D>
@@ -405,12 +450,12 @@ struct FwdLayout {
 // backward kernels (168).
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
-    attn_fwd_mma_kernel(AttentionParams p, Layout lay, Pattern pat, bool split) {
+    attn_fwd_mma_kernel(AttentionParams p, Layout lay, Pattern pat, bool split, Segments sg) {
   constexpr int P = Geo<D>::kPitch, W = Geo<D>::kFwdWalk;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const FwdLayout<D> sm(smem_raw);
   const int dh = static_cast<int>(p.head_dim);
-  const OwnRows own(pat, p.heads, p.q_len, pat.q_pos0, split);
+  const OwnRows own(pat, p.heads, p.q_len, pat.q_pos0, split, sg.segs);
   const int64_t b = own.b, h = own.h;
   const int warp = own.warp, tg = own.tg;
   const bf16* q = static_cast<const bf16*>(p.q);
@@ -422,9 +467,10 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
   stage_rows<kOwnRows, P>(
       slot, [&](int r) { return own.stage_index(r); }, sm.q, RowSrc{q + lay.q(b, 0, h), p.q_row});
   const Walk keys(keys_for_queries(pat, p.k_len, own.first, own.last() + 1, own.walk()));
-  const int count = keys.count, tiles = (count + W - 1) / W;
-  auto stage_keys = [&](int t, int buf) {
-    stage_key_tile<W, P>(sm, keys, pat, slot, k_src, v_src, t, buf);
+  const int2 range = own.tile_range<W>((keys.count + W - 1) / W);
+  const int t0 = range.x, tiles = range.y - range.x;  // this block's tiles of the walk: t0 + u
+  auto stage_keys = [&](int u, int buf) {
+    stage_key_tile<W, P>(sm, keys, pat, slot, k_src, v_src, t0 + u, buf);
   };
   if (tiles > 0) stage_keys(0, 0);
   cp_async_commit();
@@ -434,13 +480,13 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
   const RowInfo ri = query_rows(pat, rows);
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
-  for (int t = 0; t < tiles; ++t) {
-    const int buf = static_cast<int>(t & 1);
-    next_tile(t, tiles, stage_keys);
+  for (int u = 0; u < tiles; ++u) {
+    const int buf = u & 1;
+    next_tile(u, tiles, stage_keys);
     float s[W / 8][4];
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
 
-    const int o0 = t * W;
+    const int o0 = (t0 + u) * W;
     const bool all = key_tile_all_visible<W>(pat, keys, o0, own);
 #pragma unroll
     for (int n = 0; n < W / 8; ++n) {
@@ -488,8 +534,15 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int64_t i = own.lane_row(r);
     if (!own.writes(pat, i, pat.q_pos0)) continue;
+    const float row_lse = sum > 0.0f ? m[r] * kLn2 + logf(sum) : -INFINITY;
+    if (own.partial()) {  // a segment's part of the row, merged by attn_combine_kernel
+      const int64_t pr = own.part_row(r);
+      store_row_f32<D>(sg.part + pr * dh, o, r, sum > 0.0f ? 1.0f / sum : 0.0f, dh, tg);
+      if (tg == 0) sg.part_lse[pr] = row_lse;
+      continue;
+    }
     store_row<D>(out + lay.dq(b, i, h), o, r, sum > 0.0f ? 1.0f / sum : 0.0f, dh, tg);
-    if (tg == 0) lse[lay.stat(b, h, i)] = sum > 0.0f ? m[r] * kLn2 + logf(sum) : -INFINITY;
+    if (tg == 0) lse[lay.stat(b, h, i)] = row_lse;
   }
 }
 
@@ -524,14 +577,14 @@ struct DqLayout {
 
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
-    attn_dq_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, bool split,
+    attn_dq_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, bool split, Segments sg,
                        const float* __restrict delta) {
   constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
   const AttentionParams& p = g.fwd;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DqLayout<D> sm(smem_raw);
   const int dh = static_cast<int>(p.head_dim);
-  const OwnRows own(pat, p.heads, p.q_len, pat.q_pos0, split);
+  const OwnRows own(pat, p.heads, p.q_len, pat.q_pos0, split, sg.segs);
   const int64_t b = own.b, h = own.h;
   const int warp = own.warp, tg = own.tg;
   const bf16* k = static_cast<const bf16*>(p.k);
@@ -544,9 +597,10 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
       RowSrc{static_cast<const bf16*>(p.q) + lay.q(b, 0, h), p.q_row}, sm.go,
       RowSrc{static_cast<const bf16*>(g.gout) + lay.dq(b, 0, h), p.heads * p.head_dim});
   const Walk keys(keys_for_queries(pat, p.k_len, own.first, own.last() + 1, own.walk()));
-  const int count = keys.count, tiles = (count + W - 1) / W;
-  auto stage_keys = [&](int t, int buf) {
-    stage_key_tile<W, P>(sm, keys, pat, slot, k_src, v_src, t, buf);
+  const int2 range = own.tile_range<W>((keys.count + W - 1) / W);
+  const int t0 = range.x, tiles = range.y - range.x;  // this block's tiles of the walk: t0 + u
+  auto stage_keys = [&](int u, int buf) {
+    stage_key_tile<W, P>(sm, keys, pat, slot, k_src, v_src, t0 + u, buf);
   };
   if (tiles > 0) stage_keys(0, 0);
   cp_async_commit();
@@ -562,13 +616,13 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     dlt[r] = i >= 0 ? delta[lay.stat(b, h, i)] : 0.0f;
   }
   float dq[D / 8][4] = {};
-  for (int t = 0; t < tiles; ++t) {
-    const int buf = static_cast<int>(t & 1);
-    next_tile(t, tiles, stage_keys);
+  for (int u = 0; u < tiles; ++u) {
+    const int buf = u & 1;
+    next_tile(u, tiles, stage_keys);
     float s[W / 8][4], dp[W / 8][4];
     mma_xyt<D, W>(s, sm.q, warp * 16, sm.k + buf * W * P);
     mma_xyt<D, W>(dp, sm.go, warp * 16, sm.v + buf * W * P);
-    const int o0 = t * W;
+    const int o0 = (t0 + u) * W;
     const bool all = key_tile_all_visible<W>(pat, keys, o0, own);
 #pragma unroll
     for (int n = 0; n < W / 8; ++n) {
@@ -591,7 +645,12 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t i = own.lane_row(r);
-    if (own.writes(pat, i, pat.q_pos0)) store_row<D>(gq + lay.dq(b, i, h), dq, r, scale, dh, tg);
+    if (!own.writes(pat, i, pat.q_pos0)) continue;
+    if (own.partial()) {
+      store_row_f32<D>(sg.part + own.part_row(r) * dh, dq, r, scale, dh, tg);
+    } else {
+      store_row<D>(gq + lay.dq(b, i, h), dq, r, scale, dh, tg);
+    }
   }
 }
 
@@ -623,14 +682,14 @@ struct DkvLayout {
 
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
-    attn_dkv_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, bool split,
+    attn_dkv_mma_kernel(AttentionBwdParams g, Layout lay, Pattern pat, bool split, Segments sg,
                         const float* __restrict delta) {
   constexpr int P = Geo<D>::kPitch, W = Geo<D>::kWalk;
   const AttentionParams& p = g.fwd;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const DkvLayout<D> sm(smem_raw);
   const int dh = static_cast<int>(p.head_dim);
-  const OwnRows own(pat, p.heads, p.k_len, pat.k_pos0, split);
+  const OwnRows own(pat, p.heads, p.k_len, pat.k_pos0, split, sg.segs);
   const int64_t b = own.b, h = own.h;
   const int warp = own.warp, tg = own.tg;
   const bf16* q = static_cast<const bf16*>(p.q);
@@ -645,9 +704,10 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
       RowSrc{static_cast<const bf16*>(p.k) + lay.k(b, 0, h), p.k_row}, sm.v,
       RowSrc{static_cast<const bf16*>(p.v) + lay.v(b, 0, h), p.v_row});
   const Walk queries(queries_for_keys(pat, p.q_len, own.first, own.last() + 1, own.walk()));
-  const int count = queries.count, tiles = (count + W - 1) / W;
-  auto stage_queries = [&](int t, int buf) {
-    auto idx = [&](int r) { return queries.at(t * W + r); };
+  const int2 range = own.tile_range<W>((queries.count + W - 1) / W);
+  const int t0 = range.x, tiles = range.y - range.x;  // this block's tiles of the walk: t0 + u
+  auto stage_queries = [&](int u, int buf) {
+    auto idx = [&](int r) { return queries.at((t0 + u) * W + r); };
     if (threadIdx.x < W) {
       const int i = idx(threadIdx.x);
       sm.qidx[buf * W + threadIdx.x] = i;
@@ -664,13 +724,13 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   const int64_t rows[2] = {own.lane_row(0), own.lane_row(1)};  // this lane's keys
   const RowInfo ri = key_rows(pat, rows);
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
-  for (int t = 0; t < tiles; ++t) {
-    const int buf = static_cast<int>(t & 1);
-    next_tile(t, tiles, stage_queries);
+  for (int u = 0; u < tiles; ++u) {
+    const int buf = u & 1;
+    next_tile(u, tiles, stage_queries);
     float s[W / 8][4], dp[W / 8][4];
     mma_xyt<D, W>(s, sm.k, warp * 16, sm.q + buf * W * P);    // S^T [key][query]
     mma_xyt<D, W>(dp, sm.v, warp * 16, sm.go + buf * W * P);  // dP^T
-    const bool all = query_tile_all_visible<W>(pat, queries, t * W, own);
+    const bool all = query_tile_all_visible<W>(pat, queries, (t0 + u) * W, own);
 #pragma unroll
     for (int n = 0; n < W / 8; ++n) {
       const unsigned vis =
@@ -696,6 +756,12 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
   for (int r = 0; r < 2; ++r) {
     const int64_t j = own.lane_row(r);
     if (!own.writes(pat, j, pat.k_pos0)) continue;
+    if (own.partial()) {
+      const int64_t pr = own.part_row(r);
+      store_row_f32<D>(sg.part + pr * dh, dk, r, scale, dh, tg);
+      store_row_f32<D>(sg.part2 + pr * dh, dv, r, 1.0f, dh, tg);
+      continue;
+    }
     store_row<D>(gk + lay.dk(b, j, h), dk, r, scale, dh, tg);
     store_row<D>(gv + lay.dk(b, j, h), dv, r, 1.0f, dh, tg);
   }
@@ -709,9 +775,136 @@ void dispatch_dim(int64_t dh, F&& fn) {
   return fn(std::integral_constant<int, 128>{});
 }
 
+// The segments' partial rows combined (segs > 1): per global row, the partials summed (dQ; dK and
+// dV: part, part2) or merged by their log-sum-exps (the forward: part_lse), in segment order, and
+// written as bf16 at the row's place in [B, len, H, dh] (the forward's log-sum-exp in [B, H, len]).
+// A warp per row.
+struct Combine {
+  Segments sg;
+  int64_t rows = 0;  // a segment's rows: batch * heads * n_glob
+  int64_t n_glob = 0, g0 = 0, stride = 0, heads = 0, len = 0;
+  int dh = 0;
+  bf16* out = nullptr;
+  bf16* out2 = nullptr;
+  float* lse = nullptr;
+};
+
+__global__ void attn_combine_kernel(Combine c) {
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  const float* part_lse = c.sg.part_lse;
+  for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < c.rows;
+       row += warps) {
+    const int64_t bh = row / c.n_glob, i = c.g0 + row % c.n_glob * c.stride;
+    const int64_t at = ((bh / c.heads * c.len + i) * c.heads + bh % c.heads) * c.dh;
+    float total = 0.0f;  // the forward: the row's log-sum-exp over the segments
+    if (part_lse) {
+      float mx = -INFINITY;
+      for (int s = 0; s < c.sg.segs; ++s) mx = fmaxf(mx, part_lse[s * c.rows + row]);
+      float sum = 0.0f;
+      for (int s = 0; s < c.sg.segs && mx != -INFINITY; ++s)
+        sum += expf(part_lse[s * c.rows + row] - mx);
+      total = mx == -INFINITY ? -INFINITY : mx + logf(sum);
+      if (lane == 0) c.lse[bh * c.len + i] = total;
+    }
+    for (int col = lane; col < c.dh; col += 32) {
+      float acc = 0.0f, acc2 = 0.0f;
+      for (int s = 0; s < c.sg.segs; ++s) {
+        const int64_t e = (s * c.rows + row) * c.dh + col;
+        float w = 1.0f;
+        if (part_lse) {
+          const float ls = part_lse[s * c.rows + row];
+          w = ls == -INFINITY ? 0.0f : expf(ls - total);
+        }
+        acc += w * c.sg.part[e];
+        if (c.out2) acc2 += c.sg.part2[e];
+      }
+      c.out[at + col] = bf16(acc);
+      if (c.out2) c.out2[at + col] = bf16(acc2);
+    }
+  }
+}
+
 // Whether the global rows get blocks of their own (OwnRows): with a window and global positions.
 // Without a window every block walks every earlier row anyway.
 bool split_global(const AttentionParams& p) { return p.window > 0 && p.global_stride > 0; }
+
+int segments_for(int64_t walk) {
+  return walk > kSegRows ? static_cast<int>((walk + kSegRows - 1) / kSegRows) : 1;
+}
+// The segments of the blocks of global queries (the forward, dQ) and of global keys (dK/dV): their
+// longest walk in pieces of kSegRows. The last block of global queries sees the most keys; the
+// first block of global keys is seen by the most queries.
+int query_segments(const AttentionParams& p) {
+  if (!split_global(p)) return 1;
+  const int64_t n = count_global(p.q_pos0, p.q_len, p.global_stride);
+  if (n == 0) return 1;
+  const int64_t last =
+      p.q_pos0 + first_global_index(p.q_pos0, p.global_stride) + (n - 1) * p.global_stride;
+  return segments_for(std::min(p.k_len, last - p.k_pos0 + 1));
+}
+int key_segments(const AttentionParams& p) {
+  if (!split_global(p)) return 1;
+  const int64_t n = count_global(p.k_pos0, p.k_len, p.global_stride);
+  if (n == 0) return 1;
+  const int64_t first = p.k_pos0 + first_global_index(p.k_pos0, p.global_stride);
+  return segments_for(p.q_len - std::max<int64_t>(0, first - p.q_pos0));
+}
+
+size_t round256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+// The partial rows' bytes: segs x batch x heads x the global rows at pos0 of len, dh floats each
+// (times `arrays`), plus one float each for a log-sum-exp.
+size_t part_bytes(const AttentionParams& p, int segs, int64_t pos0, int64_t len, int arrays,
+                  bool with_lse) {
+  if (segs == 1) return 0;
+  const auto rows =
+      static_cast<size_t>(segs * p.batch * p.heads * count_global(pos0, len, p.global_stride));
+  return arrays * round256(sizeof(float) * rows * p.head_dim) +
+         (with_lse ? round256(sizeof(float) * rows) : 0);
+}
+
+// Carves the partial rows out of `ws` (part_bytes' order) and returns where the next ones go.
+unsigned char* carve_segments(Segments& sg, unsigned char* ws, const AttentionParams& p,
+                              int64_t pos0, int64_t len, bool two, bool with_lse) {
+  if (sg.segs == 1) return ws;
+  HYDRA_CHECK(ws != nullptr) << "attention (CUDA): workspace required for the global rows' "
+                                "segments (attention_fwd_workspace / attention_bwd_workspace)";
+  const auto rows =
+      static_cast<size_t>(sg.segs * p.batch * p.heads * count_global(pos0, len, p.global_stride));
+  const size_t bytes = round256(sizeof(float) * rows * p.head_dim);
+  sg.part = reinterpret_cast<float*>(ws);
+  ws += bytes;
+  if (two) {
+    sg.part2 = reinterpret_cast<float*>(ws);
+    ws += bytes;
+  }
+  if (with_lse) {
+    sg.part_lse = reinterpret_cast<float*>(ws);
+    ws += round256(sizeof(float) * rows);
+  }
+  return ws;
+}
+
+// Launches the combine of the segments' partial rows into out (out2, lse).
+void combine_segments(const Segments& sg, const AttentionParams& p, int64_t pos0, int64_t len,
+                      void* out, void* out2, void* lse, cudaStream_t s) {
+  if (sg.segs == 1) return;
+  Combine c;
+  c.sg = sg;
+  c.n_glob = count_global(pos0, len, p.global_stride);
+  c.rows = p.batch * p.heads * c.n_glob;
+  c.g0 = first_global_index(pos0, p.global_stride);
+  c.stride = p.global_stride;
+  c.heads = p.heads;
+  c.len = len;
+  c.dh = static_cast<int>(p.head_dim);
+  c.out = static_cast<bf16*>(out);
+  c.out2 = static_cast<bf16*>(out2);
+  c.lse = static_cast<float*>(lse);
+  if (c.rows == 0) return;
+  attn_combine_kernel<<<blocks_for(c.rows * 32, 256), 256, 0, s>>>(c);
+  HYDRA_CUDA_LAUNCH_CHECK();
+}
 
 }  // namespace
 
@@ -728,42 +921,66 @@ bool applies(const AttentionBwdParams& q) {
          aligned16(q.gv);
 }
 
+size_t forward_workspace(const AttentionParams& p) {
+  return part_bytes(p, query_segments(p), p.q_pos0, p.q_len, 1, true);
+}
+
+size_t backward_workspace(const AttentionParams& p) {
+  return part_bytes(p, query_segments(p), p.q_pos0, p.q_len, 1, false) +
+         part_bytes(p, key_segments(p), p.k_pos0, p.k_len, 2, false);
+}
+
 void forward(const AttentionParams& p) {
   const bool split = split_global(p);
-  const dim3 grid(own_tiles(p.q_len, p.q_pos0, p.global_stride, split),
+  Segments sg;
+  sg.segs = query_segments(p);
+  carve_segments(sg, static_cast<unsigned char*>(p.workspace), p, p.q_pos0, p.q_len, false, true);
+  const dim3 grid(own_tiles(p.q_len, p.q_pos0, p.global_stride, split, sg.segs),
                   static_cast<unsigned>(p.batch * p.heads));
+  cudaStream_t s = as_stream(p.stream);
   dispatch_dim(p.head_dim, [&](auto d) {
     constexpr int D = decltype(d)::value;
     const size_t smem = FwdLayout<D>::bytes();
     allow_dynamic_smem(attn_fwd_mma_kernel<D>, smem, "attention");
     attn_fwd_mma_kernel<D>
-        <<<grid, kMmaThreads, smem, as_stream(p.stream)>>>(p, layout_of(p), pattern_of(p), split);
+        <<<grid, kMmaThreads, smem, s>>>(p, layout_of(p), pattern_of(p), split, sg);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
+  combine_segments(sg, p, p.q_pos0, p.q_len, p.out, nullptr, p.lse, s);
 }
 
-void backward(const AttentionBwdParams& q, const float* delta) {
+void backward(const AttentionBwdParams& q, const float* delta, void* parts) {
   const AttentionParams& p = q.fwd;
   const Layout lay = layout_of(p);
   const Pattern pat = pattern_of(p);
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
   const bool split = split_global(p);
+  Segments sq, sk;
+  sq.segs = query_segments(p);
+  sk.segs = key_segments(p);
+  unsigned char* ws =
+      carve_segments(sq, static_cast<unsigned char*>(parts), p, p.q_pos0, p.q_len, false, false);
+  carve_segments(sk, ws, p, p.k_pos0, p.k_len, true, false);
   cudaStream_t s = as_stream(p.stream);
   dispatch_dim(p.head_dim, [&](auto d) {
     constexpr int D = decltype(d)::value;
     if (p.q_len > 0) {
       const size_t smem = DqLayout<D>::bytes();
       allow_dynamic_smem(attn_dq_mma_kernel<D>, smem, "attention_backward");
-      attn_dq_mma_kernel<D><<<dim3(own_tiles(p.q_len, p.q_pos0, p.global_stride, split), bh),
-                              kMmaThreads, smem, s>>>(q, lay, pat, split, delta);
+      attn_dq_mma_kernel<D>
+          <<<dim3(own_tiles(p.q_len, p.q_pos0, p.global_stride, split, sq.segs), bh), kMmaThreads,
+             smem, s>>>(q, lay, pat, split, sq, delta);
       HYDRA_CUDA_LAUNCH_CHECK();
+      combine_segments(sq, p, p.q_pos0, p.q_len, q.gq, nullptr, nullptr, s);
     }
     if (p.k_len > 0) {
       const size_t smem = DkvLayout<D>::bytes();
       allow_dynamic_smem(attn_dkv_mma_kernel<D>, smem, "attention_backward");
-      attn_dkv_mma_kernel<D><<<dim3(own_tiles(p.k_len, p.k_pos0, p.global_stride, split), bh),
-                               kMmaThreads, smem, s>>>(q, lay, pat, split, delta);
+      attn_dkv_mma_kernel<D>
+          <<<dim3(own_tiles(p.k_len, p.k_pos0, p.global_stride, split, sk.segs), bh), kMmaThreads,
+             smem, s>>>(q, lay, pat, split, sk, delta);
       HYDRA_CUDA_LAUNCH_CHECK();
+      combine_segments(sk, p, p.k_pos0, p.k_len, q.gk, q.gv, nullptr, s);
     }
   });
 }
