@@ -762,9 +762,9 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
       {1, 1100, 1100, 2, 64, 40, 8, 0, 0},
       {2, 700, 900, 2, 32, 50, 9, 301, 100},
       {1, 333, 333, 3, 128, 17, 3, 0, 0},
-      // Walks of the global rows longer than a block takes (1024 rows): cut into segments whose
-      // partial rows are combined, some segments empty; also with a shard and at head size 128
-      // (32-row backward tiles).
+      // Walks of the global rows longer than two segments (2 x 1024 rows): cut into segments
+      // whose partial rows are combined, some segments empty; also with a shard and at head size
+      // 128 (32-row backward tiles).
       {1, 2500, 2500, 2, 64, 64, 16, 0, 0},
       {1, 1500, 2600, 1, 32, 40, 7, 1100, 0},
       {1, 2200, 2200, 1, 128, 30, 50, 0, 0},
