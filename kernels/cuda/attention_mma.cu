@@ -401,28 +401,23 @@ __device__ __forceinline__ void next_tile(int t, int tiles, Stage&& stage) {
   __syncthreads();
 }
 
-// This lane's part of row r (0: lane_row, 1: lane_row + 8) of a 16 x D accumulator, times scale, as
-// bf16 into dst (the row's first column); columns from dh on are padding and are not written.
-template <int D>
-__device__ __forceinline__ void store_row(bf16* dst, const float (&acc)[D / 8][4], int r,
-                                          float scale, int dh, int tg) {
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    if (n * 8 >= dh) break;
-    *reinterpret_cast<unsigned*>(dst + n * 8 + tg * 2) =
-        pack_bf16(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
-  }
+// Two adjacent columns of a row: bf16 (the results) or fp32 (a segment's partial rows).
+__device__ __forceinline__ void store_pair(bf16* dst, float lo, float hi) {
+  *reinterpret_cast<unsigned*>(dst) = pack_bf16(lo, hi);
+}
+__device__ __forceinline__ void store_pair(float* dst, float lo, float hi) {
+  *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
 }
 
-// The same row in fp32 (a segment's partial result).
-template <int D>
-__device__ __forceinline__ void store_row_f32(float* dst, const float (&acc)[D / 8][4], int r,
-                                              float scale, int dh, int tg) {
+// This lane's part of row r (0: lane_row, 1: lane_row + 8) of a 16 x D accumulator, times scale,
+// into dst (the row's first column); columns from dh on are padding and are not written.
+template <int D, class T>
+__device__ __forceinline__ void store_row(T* dst, const float (&acc)[D / 8][4], int r, float scale,
+                                          int dh, int tg) {
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
     if (n * 8 >= dh) break;
-    *reinterpret_cast<float2*>(dst + n * 8 + tg * 2) =
-        make_float2(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+    store_pair(dst + n * 8 + tg * 2, acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
   }
 }
 
@@ -538,7 +533,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 4 : 2)
     const float row_lse = sum > 0.0f ? m[r] * kLn2 + logf(sum) : -INFINITY;
     if (own.partial()) {  // a segment's part of the row, merged by attn_combine_kernel
       const int64_t pr = own.part_row(r);
-      store_row_f32<D>(sg.part + pr * dh, o, r, sum > 0.0f ? 1.0f / sum : 0.0f, dh, tg);
+      store_row<D>(sg.part + pr * dh, o, r, sum > 0.0f ? 1.0f / sum : 0.0f, dh, tg);
       if (tg == 0) sg.part_lse[pr] = row_lse;
       continue;
     }
@@ -648,7 +643,7 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     const int64_t i = own.lane_row(r);
     if (!own.writes(pat, i, pat.q_pos0)) continue;
     if (own.partial()) {
-      store_row_f32<D>(sg.part + own.part_row(r) * dh, dq, r, scale, dh, tg);
+      store_row<D>(sg.part + own.part_row(r) * dh, dq, r, scale, dh, tg);
     } else {
       store_row<D>(gq + lay.dq(b, i, h), dq, r, scale, dh, tg);
     }
@@ -759,8 +754,8 @@ __global__ void __launch_bounds__(kMmaThreads, D <= 64 ? 3 : 2)
     if (!own.writes(pat, j, pat.k_pos0)) continue;
     if (own.partial()) {
       const int64_t pr = own.part_row(r);
-      store_row_f32<D>(sg.part + pr * dh, dk, r, scale, dh, tg);
-      store_row_f32<D>(sg.part2 + pr * dh, dv, r, 1.0f, dh, tg);
+      store_row<D>(sg.part + pr * dh, dk, r, scale, dh, tg);
+      store_row<D>(sg.part2 + pr * dh, dv, r, 1.0f, dh, tg);
       continue;
     }
     store_row<D>(gk + lay.dk(b, j, h), dk, r, scale, dh, tg);
