@@ -4,8 +4,8 @@ length, and the JSON rows kept in docs/bench.
 
 Usage: throughput_report.py ROWS.jsonl --gpu h200 [--date YYYY-MM-DD] [--docs docs]
 Writes DOCS/bench/throughput-<gpu>-<date>.json (a list of row objects: model, seq, tokens_per_s, mfu,
-peak_mb, ...), DOCS/bench/throughput-<gpu>-<date>.md (the tables) and DOCS/throughput-<gpu>.png (needs
-gnuplot), and prints the tables.
+peak_mb, ...), DOCS/bench/throughput-<gpu>-<date>.md (the tables, and which of the performance targets
+of docs/PERF.md the rows meet) and DOCS/throughput-<gpu>.png (needs gnuplot), and prints the tables.
 """
 import argparse
 import datetime
@@ -20,6 +20,36 @@ ORDER = ["toy", "toy-parallel", "toy-ssd", "toy-paper", "transformer-toy", "torc
 
 def fmt_k(v):
     return "-" if v is None else f"{v / 1e3:,.0f}K"
+
+
+def targets(by):
+    """The performance targets (docs/PERF.md, issue 17) against the rows: (target, value, met) for each
+    one whose rows are present. Toy is toy-parallel where measured, else toy."""
+    def tps(m, s):
+        r = by.get((m, s))
+        return None if r is None or "error" in r else r["tokens_per_s"]
+
+    toy = "toy-parallel" if any(m == "toy-parallel" for m, _ in by) else "toy"
+    out = []
+    for seq, goal in [(2048, 1.0), (8192, 1.5), (32768, 2.5)]:
+        a, b = tps(toy, seq), tps("transformer-toy", seq)
+        if a and b:
+            out.append((f"{toy} vs transformer-toy >= {goal}x at {seq // 1024}K", f"{a / b:.2f}x", a / b >= goal))
+    flat = [v for (m, s), r in by.items() if m == toy and 512 <= s <= 32768 for v in [tps(m, s)] if v]
+    if tps(toy, 512) and tps(toy, 32768):  # the slowest length against the fastest
+        drop = 1 - min(flat) / max(flat)
+        out.append((f"{toy} within 25% from 512 to 32K", f"{100 * drop:.0f}% apart", drop <= 0.25))
+    a, b = tps(toy, 8192), tps("torch-transformer", 8192)
+    if a and b:
+        out.append((f"{toy} >= 1.3x PyTorch at 8K", f"{a / b:.2f}x", a / b >= 1.3))
+    r = by.get(("hydra-1.6b", 8192))
+    if r and "error" not in r and r.get("mfu") is not None:
+        out.append(("hydra-1.6b >= 35% MFU at 8K", f"{100 * r['mfu']:.1f}%", r["mfu"] >= 0.35))
+    r = by.get(("hydra-1.6b-recompute", 8192))
+    if r and "error" not in r and r.get("peak_mb"):
+        gib = r["peak_mb"] / 1024
+        out.append(("hydra-1.6b batch 4 at 8K in 80 GB with recompute", f"{gib:.1f} GiB", gib <= 80))
+    return out
 
 
 def main():
@@ -70,6 +100,12 @@ def main():
             out.append(f"| {m} | {s} | {r.get('batch', '')} | {r['tokens_per_s']:,.0f} | {r.get('step_ms', 0):.1f} | "
                        f"{r.get('model_tflops', 0):.1f} | {'' if mfu is None else f'{100 * mfu:.1f}%'} | "
                        f"{r.get('peak_mb', 0):,.0f} |")
+    met = targets(by)
+    if met:
+        out.append("")
+        out.append("| target (docs/PERF.md) | measured | met |")
+        out.append("| --- | ---: | --- |")
+        out.extend(f"| {t} | {v} | {'yes' if ok else 'no'} |" for t, v, ok in met)
     text = "\n".join(out) + "\n"
     print(text)
     base = os.path.join(a.docs, "bench", f"throughput-{a.gpu}-{a.date}")
