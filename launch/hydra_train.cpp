@@ -10,6 +10,7 @@
 #include "autograd/profiler.h"
 #include "configs/config_io.h"
 #include "kernels/base/parallel.h"
+#include "kernels/device_trace.h"
 #include "launch/cli.h"
 #include "parallel/runtime.h"
 #include "trainer/trainer.h"
@@ -82,7 +83,10 @@ cli::po::options_description options() {
       "instead\n"
       "stages GPU tensors through host memory (slow; lets several ranks share a GPU, for "
       "tests).\n\nHYDRA_PROFILE=1 in the environment times every kernel (by family, CUDA events on "
-      "the GPU)\nand prints the table after the report.\n\nOptions");
+      "the GPU)\nand prints the table after the report. HYDRA_TRACE=FILE.json records what the GPU "
+      "ran "
+      "in the\nsteps after the first (CUPTI, nothing added to the streams), writes it as a Chrome "
+      "trace and\nprints where the GPU sat idle.\n\nOptions");
   opts.add_options()("help,h", "show this help")("config", cli::po::value<std::string>(),
                                                  "the config file (RunConfig text)")(
       "set", cli::po::value<std::vector<std::string>>()->composing(),
@@ -178,6 +182,11 @@ int run(const cli::Tool& tool, int argc, char** argv) {
                                                             : cli::kUserError;
   }
   if (speak) print_report(*summary);
+  if (speak && summary->trace.steps > 0) {
+    kernels::print_trace_summary(std::cout, summary->trace);
+    std::cout << "  trace of the steps: " << kernels::device_trace_path()
+              << " (open it in https://ui.perfetto.dev)\n";
+  }
   if (speak && kernel_profile_enabled())
     kernel_profile_report(std::cout,
                           std::max<int64_t>(0, summary->last_step - summary->first_step - 1));

@@ -22,6 +22,8 @@
 #include "configs/config_io.h"
 #include "data/tokenizer.h"
 #include "kernels/conv1d.h"
+#include "kernels/device_runtime.h"
+#include "kernels/device_trace.h"
 #include "model/params.h"
 #include "parallel/runtime.h"
 #include "trainer/distributed.h"
@@ -468,6 +470,7 @@ std::string signal_name(int sig) {
 Expected<TrainSummary> Trainer::run() {
   HYDRA_ASSIGN_OR_RETURN(std::unique_ptr<Leg> leg, start_leg());
   const Status trained = train_steps(*leg);
+  finish_trace(*leg);  // stopped early: the steps so far
   // A checkpoint still being written is published, also after an error: it holds a step that
   // completed, as a save without the background write would have. (A divergence publishes it
   // before its advice names the checkpoints: train_step.)
@@ -483,6 +486,7 @@ Status Trainer::train_steps(Leg& leg) {
     const Stage& stage = stage_at(stages_, state_.step);
     if (stage.index != current_stage_) HYDRA_RETURN_IF_ERROR(begin_stage(stage, leg));
     HYDRA_ASSIGN_OR_RETURN(StepOutcome step, train_step(stage, leg));
+    if (state_.step == leg.stop) finish_trace(leg);  // before the last step's evaluation
     // The tensors a checkpoint copies all exist after a first step (the optimizer's moments
     // included): their host buffers are set up meanwhile, not when the first save holds training
     // up.
@@ -629,6 +633,7 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t in_stage = step - stage.start;
   StepOutcome out;
+  kernels::device_trace_mark("step " + std::to_string(step + 1));
   out.lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
   const double warm =
       stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
@@ -677,6 +682,7 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   // The kernel profile covers the steps after the first (whose one-time costs would blur it).
   if (kernel_profile_enabled() && step == leg.sum.first_step && step + 1 < leg.stop)
     kernel_profile_reset();
+  if (step == leg.sum.first_step && step + 1 < leg.stop) start_trace(leg);
   out.tokens = double(stage.batch * stage.seq_len);  // the global batch
   state_.tokens_seen += out.tokens;
   state_.step = step + 1;
@@ -685,6 +691,23 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   leg.recent_losses.push_back(lm_loss);
   if (leg.recent_losses.size() > 10) leg.recent_losses.erase(leg.recent_losses.begin());
   return out;
+}
+
+// HYDRA_TRACE (kernels/device_trace.h): the device's activities from the step after the first.
+void Trainer::start_trace(Leg& leg) {
+  if (kernels::device_trace_path().empty()) return;
+  std::string why = "HYDRA_TRACE traces a GPU; this run trains on the CPU";
+  if (!device_.is_cuda() || !kernels::device_trace_start(&why))
+    leg.say("warning: " + why + ": no device trace");
+}
+
+void Trainer::finish_trace(Leg& leg) {
+  if (!kernels::device_trace_active()) return;
+#if HYDRA_WITH_CUDA
+  kernels::cuda::device_synchronize(static_cast<int>(device_.index));
+#endif
+  kernels::device_trace_mark("end of step " + std::to_string(state_.step));
+  leg.sum.trace = kernels::device_trace_stop();
 }
 
 double Trainer::peak_tflops() const {

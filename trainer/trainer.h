@@ -16,6 +16,7 @@
 #include "autograd/compute_copies.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
+#include "kernels/device_trace.h"
 #include "model/lm.h"
 #include "parallel/grid.h"
 #include "parallel/reducer.h"
@@ -87,6 +88,7 @@ struct TrainSummary {
   bool interrupted = false;
   int signal = 0;
   std::vector<double> save_stall_s;  // how long each save of this leg held training up
+  kernels::TraceSummary trace;       // HYDRA_TRACE: the device's time over the steps traced
 };
 
 class Trainer {
@@ -143,6 +145,8 @@ class Trainer {
   Status poll_pending_save(Leg& leg);
   Status publish_pending_save(Leg& leg);
   void stop_on_signal(int sig, bool saved, Leg& leg);
+  void start_trace(Leg& leg);
+  void finish_trace(Leg& leg);
   TrainSummary finish_leg(Leg& leg);
   std::string grid_banner() const;
   std::string placement_warning() const;

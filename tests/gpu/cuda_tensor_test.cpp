@@ -1,10 +1,14 @@
 // CUDA tensors and the caching allocator. Skipped (reported as such by ctest) without a GPU.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <thread>
+
 #include "autograd/cuda_context.h"
 #include "autograd/ops.h"
 #if HYDRA_WITH_CUDA
 #include "kernels/device_runtime.h"
+#include "kernels/device_trace.h"
 #endif
 #include "tests/test_util.h"
 
@@ -162,6 +166,34 @@ TEST(CudaEvent, OrdersWorkAcrossStreams) {
   EXPECT_GT(end.ms_since(start), 0.0f);
   const auto v = b.narrow(0, (int64_t{1} << 28) - 5, 5).cpu().to_vector<float>();
   for (float x : v) EXPECT_EQ(x, 3.0f);
+}
+
+// HYDRA_TRACE's recording (kernels/device_trace.h): the kernels and copies between two marks, on
+// the device's clock, and the time the device waited for the host between them.
+TEST(DeviceTrace, RecordsTheKernelsAndCopiesBetweenMarks) {
+  HYDRA_REQUIRE_GPU();
+  std::string why;
+  ASSERT_TRUE(kernels::device_trace_start(&why)) << why;
+  const Tensor a = randn32({512, 384}, 3).to(Device::cuda(0));
+  kernels::cuda::device_synchronize(0);
+  kernels::device_trace_mark("start");
+  Tensor c = matmul(a, a.transpose(0, 1));  // a GEMM
+  c = add(c, c);                            // an element-wise kernel
+  kernels::cuda::device_synchronize(0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the device idles
+  const Tensor back = c.cpu();                                 // a copy to the host
+  kernels::cuda::device_synchronize(0);
+  kernels::device_trace_mark("end");
+  const kernels::TraceSummary s = kernels::device_trace_stop();
+  EXPECT_FALSE(kernels::device_trace_active());
+  EXPECT_EQ(s.steps, 1);
+  EXPECT_GE(s.activities, 3.0);
+  EXPECT_GT(s.busy_ms, 0.0);
+  EXPECT_GE(s.wall_ms, 20.0);
+  EXPECT_GE(s.idle_ms[3], 19.0) << "the 20 ms sleep is a gap of the device";
+  bool copy = false;
+  for (const auto& k : s.kernels) copy = copy || k.name == "memcpy DtoH";
+  EXPECT_TRUE(copy);
 }
 
 #endif
