@@ -560,7 +560,10 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
   p.num_rows = table.size(0);
   p.cols = C;
   p.stream = current_stream(table.device());
+  const Tensor fwd_ws = HYDRA_CUDA_WORKSPACE(table.device(), embedding_bag_fwd_workspace, p);
+  p.workspace = fwd_ws.defined() ? fwd_ws.raw_data() : nullptr;
   if (n > 0) HYDRA_LAUNCH(table.device(), embedding_bag_fwd, p);
+  p.workspace = nullptr;  // the backward's is its own
   const bool sparse_table = sparse_grad && need_table && GradMode::enabled();
   std::vector<SavedTensor> saved = {SavedTensor(table), SavedTensor(index), SavedTensor(weights)};
   const Tensor leaf = sparse_table ? table_in : Tensor();

@@ -319,6 +319,27 @@ void toy_step_rows(Report& report, const Floors& f) {
     bandwidth_row(report, f, "toy32k topk 32 of 119 [131072 rows]", rows * (119.0 * 2 + 32 * 10.0),
                   [&] { (void)topk(s119, 32); });
   }
+  {  // the PKM's bag: 32768 tokens, 4 heads x 32 lookups each into 4096 rows of 384 (the dense
+     // form: kernels/pkm.h); bytes: the output, the indices and weights, the table
+    const int64_t m = 128, R = 4096;
+    Generator gi(5);
+    const Tensor table = rnd({R, d}), w = rnd({T, m});
+    const Tensor index = randint(0, R, {T, m}, gi).to(kGpu);
+    const double bytes = T * d * 2.0 + T * m * 10.0 + R * d * 2.0;
+    bandwidth_row(report, f, "toy32k embedding_bag fwd [32768 x 128 of 4096, 384]", bytes,
+                  [&] { (void)embedding_bag(table, index, w); });
+    Tensor tl = table.detach().clone(), wl = w.detach().clone();
+    tl.set_requires_grad(true);
+    wl.set_requires_grad(true);
+    const Tensor gy = rnd({T, d});
+    bandwidth_row(report, f, "toy32k embedding_bag fwd+bwd [32768 x 128 of 4096, 384]", 3 * bytes,
+                  [&] {
+                    const EnableGradGuard grad;
+                    tl.set_grad(Tensor());
+                    wl.set_grad(Tensor());
+                    embedding_bag(tl, index, wl).backward(gy);
+                  });
+  }
   {  // a split's slice made contiguous; a column sum (a gate's gradient); short row sums (PKM)
     Tensor xz = rnd({B, L, 2 * di});
     const Tensor half = xz.narrow(2, 0, di);

@@ -16,6 +16,7 @@ struct EmbeddingBagParams {
   const void* weights = nullptr;  // [n, m]
   void* out = nullptr;            // [n, cols]
   int64_t n = 0, m = 0, num_rows = 0, cols = 0;
+  void* workspace = nullptr;  // CUDA: embedding_bag_fwd_workspace(p) bytes (the dense form's)
   void* stream = nullptr;
 };
 
@@ -53,6 +54,14 @@ HYDRA_DECLARE_KERNEL(embedding_bag_fwd, EmbeddingBagParams)
 HYDRA_DECLARE_KERNEL(embedding_bag_bwd, EmbeddingBagBwdParams)
 
 namespace cuda {
+// The dense form on CUDA: for a table of few rows against the lookups per bag (num_rows <= 64 m,
+// m <= 256, as PKM's toy table of 4096 rows with 128 lookups a token), the bags as a matrix S [n,
+// num_rows] (S[t, r] = the sum of token t's weights on row r, summed in lookup order) and the bag,
+// its table gradient and the weights' gradient as GEMMs on the tensor cores: out = S table, gtable
+// = S^T gout, gw[t, k] = (gout table^T)[t, index[t, k]]. Otherwise, and on the CPU, the sums row by
+// row.
+bool embedding_bag_dense(const EmbeddingBagParams& p);
+size_t embedding_bag_fwd_workspace(const EmbeddingBagParams& p);
 size_t embedding_bag_bwd_workspace(const EmbeddingBagBwdParams& p);
 }  // namespace cuda
 

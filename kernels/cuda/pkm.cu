@@ -7,6 +7,7 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/rows.cuh"
 #include "kernels/cuda/sorted_rows.cuh"
+#include "kernels/matmul.h"
 #include "kernels/pkm.h"
 
 namespace hydra::kernels::cuda {
@@ -343,7 +344,190 @@ bool launch_weighted_rows(const Items& items, const T* rows, T* out, int64_t blo
   return true;
 }
 
+// ---- the dense form (embedding_bag_dense)
+// ------------------------------------------------------------
+
+constexpr int kDenseThreads = 256;
+constexpr int64_t kDenseMaxBytes = int64_t{1} << 30;  // S (and gout table^T) at most 1 GiB
+constexpr int64_t kDenseRowsPerLookup = 64;           // num_rows <= 64 m
+
+// Rows of S, a block per token in turn (a persistent grid), a thread per lookup (m <=
+// kDenseThreads): the row written with zeros (16-byte stores), then one value per distinct row the
+// token looks up, written by its first lookup: the weight itself when no other lookup of the token
+// names the row (counted with shared-memory atomics: integers, deterministic), else the weights of
+// all of them summed in lookup order (the token's lookups staged in shared memory). The shared
+// arrays are indexed by table row; only the entries of rows the token looks up are touched. The
+// next token's index and weight are loaded while this one is written. hits[r] = 1 for every row
+// looked up (hits zeroed before; the same value from every writer). At toy shapes a call takes 350
+// us, S written at 0.8 TB/s: a block per token, a quadratic search for the duplicates, S zeroed by
+// a memset before, and the row put together in shared memory and written whole all measured 330-400
+// us (docs/PERF.md); what holds it back is not known yet.
+template <class T, class I>
+__global__ void __launch_bounds__(kDenseThreads)
+    bag_matrix_kernel(const I* __restrict index, const T* __restrict w, T* __restrict S,
+                      int32_t* __restrict hits, int64_t n, int64_t m, int64_t rows) {
+  using C = compute_t<T>;
+  extern __shared__ __align__(16) unsigned char dense_raw[];
+  int32_t* first = reinterpret_cast<int32_t*>(dense_raw);  // [rows]: the row's first lookup
+  int32_t* count = first + rows;                           // [rows]: the row's lookups
+  __shared__ int64_t rk[kDenseThreads];                    // the token's rows
+  __shared__ C wk[kDenseThreads];                          // and weights
+  constexpr int kN = 16 / sizeof(T);
+  const bool packed = rows % kN == 0 && aligned16(S);
+  const int k = threadIdx.x;
+  const bool on = k < m;
+  int64_t r_next = -1;
+  C w_next = 0;
+  if (on && blockIdx.x < n) {
+    r_next = static_cast<int64_t>(index[blockIdx.x * m + k]);
+    w_next = load(w, blockIdx.x * m + k);
+  }
+  for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
+    const int64_t r = r_next;
+    const C wt = w_next;
+    if (on && t + gridDim.x < n) {
+      r_next = static_cast<int64_t>(index[(t + gridDim.x) * m + k]);
+      w_next = load(w, (t + gridDim.x) * m + k);
+    }
+    T* out = S + t * rows;
+    if (packed) {
+      for (int64_t i = k; i < rows / kN; i += kDenseThreads)
+        reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
+    } else {
+      for (int64_t i = k; i < rows; i += kDenseThreads) out[i] = convert<T>(C(0));
+    }
+    if (on) {
+      first[r] = 0x7fffffff;
+      count[r] = 0;
+      rk[k] = r;
+      wk[k] = wt;
+    }
+    __syncthreads();
+    if (on) {
+      atomicMin(&first[r], k);
+      atomicAdd(&count[r], 1);
+    }
+    __syncthreads();  // also orders the zeros before the values below
+    if (on && first[r] == k) {
+      C sum = wt;
+      for (int64_t j = k + 1, left = count[r] - 1; left > 0; ++j)
+        if (rk[j] == r) {
+          sum += wk[j];
+          --left;
+        }
+      out[r] = convert<T>(sum);
+      if (hits != nullptr) hits[r] = 1;
+    }
+    __syncthreads();  // the next token's entries may be this one's
+  }
+}
+
+size_t bag_matrix_smem(int64_t rows) { return size_t(rows) * 2 * sizeof(int32_t); }
+
+// gw[t, k] = G[t, index[t, k]] (G = gout table^T, [n, rows]).
+template <class T, class I>
+__global__ void bag_pick_kernel(const T* __restrict G, const I* __restrict index, T* __restrict gw,
+                                int64_t total, int64_t m, int64_t rows) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x)
+    gw[e] = G[(e / m) * rows + static_cast<int64_t>(index[e])];
+}
+
+// The dense form's buffer (S, then G) and the GEMMs' workspace after it.
+struct DenseBuffers {
+  void* matrix;
+  void* gemm;
+};
+DenseBuffers carve_dense(void* ws, const EmbeddingBagParams& p) {
+  auto* b = static_cast<unsigned char*>(ws);
+  return {b, b + align256(size_t(p.n * p.num_rows) * dtype_size(p.dtype))};
+}
+
+template <class T, class I>
+void launch_bag_matrix(const EmbeddingBagParams& p, T* S, int32_t* hits, cudaStream_t s) {
+  const size_t smem = bag_matrix_smem(p.num_rows);
+  if (smem > 48 * 1024)
+    HYDRA_CUDA_CHECK(cudaFuncSetAttribute(bag_matrix_kernel<T, I>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+  int device = 0, sms = 0, per_sm = 0;
+  HYDRA_CUDA_CHECK(cudaGetDevice(&device));
+  HYDRA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  HYDRA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bag_matrix_kernel<T, I>,
+                                                                 kDenseThreads, smem));
+  const int64_t blocks = std::clamp<int64_t>(int64_t(sms) * per_sm, 1, p.n);
+  bag_matrix_kernel<T, I><<<static_cast<unsigned>(blocks), kDenseThreads, smem, s>>>(
+      static_cast<const I*>(p.index), static_cast<const T*>(p.weights), S, hits, p.n, p.m,
+      p.num_rows);
+  HYDRA_CUDA_LAUNCH_CHECK();
+}
+
+GemmParams dense_gemm(const EmbeddingBagParams& p, void* workspace) {
+  GemmParams g;
+  g.dtype = p.dtype;
+  g.workspace = workspace;
+  g.stream = p.stream;
+  return g;
+}
+
+// The table's gradient S^T gout (S rebuilt: 2 bytes a cell to write, against keeping it from the
+// forward), then the weights' gradient picked from gout table^T, in the same buffer.
+template <class T, class I>
+void embedding_bag_bwd_dense(const EmbeddingBagBwdParams& q, cudaStream_t s) {
+  const EmbeddingBagParams& p = q.fwd;
+  HYDRA_CHECK(q.workspace != nullptr) << "embedding_bag backward: workspace required";
+  const DenseBuffers d = carve_dense(q.workspace, p);
+  T* M = static_cast<T*>(d.matrix);
+  if (q.gtable != nullptr) {
+    if (q.hits != nullptr)
+      HYDRA_CUDA_CHECK(cudaMemsetAsync(q.hits, 0, size_t(p.num_rows) * sizeof(int32_t), s));
+    launch_bag_matrix<T, I>(p, M, static_cast<int32_t*>(q.hits), s);
+    GemmParams g = dense_gemm(p, d.gemm);
+    g.trans_a = true;
+    g.m = p.num_rows;
+    g.n = p.cols;
+    g.k = p.n;
+    g.a = M;
+    g.lda = p.num_rows;
+    g.b = q.gout;
+    g.ldb = p.cols;
+    g.c = q.gtable;
+    g.ldc = p.cols;
+    gemm(g);
+  }
+  if (q.gweights != nullptr) {
+    GemmParams g = dense_gemm(p, d.gemm);
+    g.trans_b = true;
+    g.m = p.n;
+    g.n = p.num_rows;
+    g.k = p.cols;
+    g.a = q.gout;
+    g.lda = p.cols;
+    g.b = p.table;
+    g.ldb = p.cols;
+    g.c = M;
+    g.ldc = p.num_rows;
+    gemm(g);
+    const int64_t total = p.n * p.m;
+    bag_pick_kernel<T, I><<<blocks_for(total, 256), 256, 0, s>>>(
+        M, static_cast<const I*>(p.index), static_cast<T*>(q.gweights), total, p.m, p.num_rows);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  }
+}
+
 }  // namespace
+
+bool embedding_bag_dense(const EmbeddingBagParams& p) {
+  return p.n > 0 && p.m > 0 && p.m <= kDenseThreads && p.num_rows > 0 &&
+         p.num_rows <= kDenseRowsPerLookup * p.m &&
+         p.n * p.num_rows * int64_t(dtype_size(p.dtype)) <= kDenseMaxBytes &&
+         bag_matrix_smem(p.num_rows) <= 96 * 1024;
+}
+
+size_t embedding_bag_fwd_workspace(const EmbeddingBagParams& p) {
+  if (!embedding_bag_dense(p)) return 0;
+  return align256(size_t(p.n * p.num_rows) * dtype_size(p.dtype)) + kGemmWorkspace;
+}
 
 void embedding_bag_fwd(const EmbeddingBagParams& p) {
   if (p.n == 0) return;
@@ -351,6 +535,24 @@ void embedding_bag_fwd(const EmbeddingBagParams& p) {
     using T = typename decltype(tag)::type;
     dispatch_index(p.index_dtype, "embedding_bag", [&](auto itag) {
       using I = typename decltype(itag)::type;
+      if (embedding_bag_dense(p)) {  // out = S table
+        HYDRA_CHECK(p.workspace != nullptr) << "embedding_bag: workspace required";
+        const DenseBuffers d = carve_dense(p.workspace, p);
+        T* S = static_cast<T*>(d.matrix);
+        launch_bag_matrix<T, I>(p, S, nullptr, as_stream(p.stream));
+        GemmParams g = dense_gemm(p, d.gemm);
+        g.m = p.n;
+        g.n = p.cols;
+        g.k = p.num_rows;
+        g.a = S;
+        g.lda = p.num_rows;
+        g.b = p.table;
+        g.ldb = p.cols;
+        g.c = p.out;
+        g.ldc = p.cols;
+        gemm(g);
+        return;
+      }
       const BagLookups<T, I> items{static_cast<const I*>(p.index), static_cast<const T*>(p.weights),
                                    p.m, p.cols};
       if (launch_weighted_rows(items, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.n,
@@ -373,6 +575,8 @@ void product_key_indices(const ProductKeyParams& p) {
 
 size_t embedding_bag_bwd_workspace(const EmbeddingBagBwdParams& q) {
   const int64_t total = q.fwd.n * q.fwd.m;
+  if (embedding_bag_dense(q.fwd) && (q.gtable != nullptr || q.gweights != nullptr))
+    return embedding_bag_fwd_workspace(q.fwd);
   if (q.gtable == nullptr || total == 0) return 0;
   return 2 * align256(total * 8) + 2 * align256(total * 4) + sort_temp_bytes(total, q.fwd.num_rows);
 }
@@ -388,6 +592,10 @@ void embedding_bag_bwd(const EmbeddingBagBwdParams& q) {
     dispatch_index(p.index_dtype, "embedding_bag_backward", [&](auto itag) {
       using I = typename decltype(itag)::type;
       const I* index = static_cast<const I*>(p.index);
+      if (embedding_bag_dense(p) && (q.gtable != nullptr || q.gweights != nullptr)) {
+        embedding_bag_bwd_dense<T, I>(q, s);
+        return;
+      }
       constexpr int kN = RowPack<T>::kN;
       const int64_t packs = p.cols / kN;
       const bool packed =
