@@ -372,6 +372,8 @@ std::pair<Tensor, Tensor> gated_update(const Tensor& s_in, const Tensor& u_in, c
       Tensor gb = need_b ? Tensor::empty(b_shape, dt, dev) : Tensor();
       q.gw = need_w ? gw.raw_data() : nullptr;
       q.gb = need_b ? gb.raw_data() : nullptr;
+      const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, gated_update_bwd_workspace, q);
+      q.workspace = ws.defined() ? ws.raw_data() : nullptr;
       if (rows > 0) {
         HYDRA_LAUNCH(dev, gated_update_bwd, q);
       } else {
@@ -444,6 +446,8 @@ std::pair<Tensor, Tensor> gated_scan(const Tensor& s_in, const Tensor& u_in, con
       Tensor gb = need_b ? Tensor::empty(b_shape, dt, dev) : Tensor();
       q.gw = need_w ? gw.raw_data() : nullptr;
       q.gb = need_b ? gb.raw_data() : nullptr;
+      const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, gated_scan_bwd_workspace, q);
+      q.workspace = ws.defined() ? ws.raw_data() : nullptr;
       if (R > 0 && n > 0) HYDRA_LAUNCH(dev, gated_scan_bwd, q);
       if (R == 0 || n == 0 || T == 0) {  // no (step, row) pairs: the gate's sums are empty
         if (need_w) gw.zero_();

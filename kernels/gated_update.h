@@ -30,6 +30,7 @@ struct GatedUpdateBwdParams {
   void* gz = nullptr;          // [rows], accumulate dtype: dz (scratch for gw, gb)
   void* gw = nullptr;          // [2 * cols] or null
   void* gb = nullptr;          // [1] or null
+  void* workspace = nullptr;   // CUDA: gated_update_bwd_workspace(q) bytes (gw's partial sums)
 };
 
 // The same update applied `steps` times in a row, each step with its own u (the workspace's
@@ -56,19 +57,27 @@ struct GatedScanParams {
 };
 
 struct GatedScanBwdParams {
-  GatedScanParams fwd;       // s, u, w and the forward's h and gate
-  const void* gh = nullptr;  // [steps + 1, rows, cols]
-  void* gs = nullptr;        // [rows, cols]
-  void* gu = nullptr;        // [steps, rows, cols]
-  void* lambda = nullptr;    // [rows, cols], accumulate dtype: scratch for the adjoint
-  void* gz = nullptr;        // [steps, rows], accumulate dtype: dz (scratch for gw, gb)
-  void* gw = nullptr;        // [2 * cols] or null
-  void* gb = nullptr;        // [1] or null
+  GatedScanParams fwd;        // s, u, w and the forward's h and gate
+  const void* gh = nullptr;   // [steps + 1, rows, cols]
+  void* gs = nullptr;         // [rows, cols]
+  void* gu = nullptr;         // [steps, rows, cols]
+  void* lambda = nullptr;     // [rows, cols], accumulate dtype: scratch for the adjoint
+  void* gz = nullptr;         // [steps, rows], accumulate dtype: dz (scratch for gw, gb)
+  void* gw = nullptr;         // [2 * cols] or null
+  void* gb = nullptr;         // [1] or null
+  void* workspace = nullptr;  // CUDA: gated_scan_bwd_workspace(q) bytes (gw's partial sums)
 };
 
 HYDRA_DECLARE_KERNEL(gated_update_fwd, GatedUpdateParams)
 HYDRA_DECLARE_KERNEL(gated_update_bwd, GatedUpdateBwdParams)
 HYDRA_DECLARE_KERNEL(gated_scan_fwd, GatedScanParams)
 HYDRA_DECLARE_KERNEL(gated_scan_bwd, GatedScanBwdParams)
+
+namespace cuda {
+// gw and gb sum over every (step, row): on CUDA in groups of rows, each group's sums in a block of
+// its own, then the groups' sums in group order (deterministic); the groups' sums need this much.
+size_t gated_update_bwd_workspace(const GatedUpdateBwdParams& q);
+size_t gated_scan_bwd_workspace(const GatedScanBwdParams& q);
+}  // namespace cuda
 
 }  // namespace hydra::kernels

@@ -561,14 +561,19 @@ TEST(CudaOps, IndexingMatchCpu) {
           return std::vector<Tensor>{embedding_bag(in[0], in[2], in[1])};
         },
         {rnd({50, 24}, 42), rnd({17, 6}, 43), randint(0, 50, {17, 6}, g)}, {true, true, false}, t);
-    // Rows of 16-byte packs summed by warps (1 to 8 packs per lane), rows that take the scalar
-    // kernel (37 columns; 2056 columns: too wide for the packed sums), and rows looked up ~530
-    // times (several staged chunks per row in the table gradient).
+    // The sums row by row (tables of more than 64 rows a lookup: kernels/pkm.h): rows of 16-byte
+    // packs summed by warps (1 to 8 packs per lane), rows that take the scalar kernel (37 columns;
+    // 2056 columns: too wide for the packed sums), and rows looked up ~530 times (several staged
+    // chunks per row in the table gradient: 520 rows, 20000 bags). The dense form (GEMMs; tables of
+    // few rows): odd row and column counts, tokens that look one row up several times (rows 6 and 3
+    // with 8 lookups).
     struct BagCase {
       int64_t rows, cols, bags, m;
     };
-    for (const BagCase& c : {BagCase{50, 37, 17, 6}, BagCase{40, 1000, 23, 5},
-                             BagCase{30, 2056, 9, 4}, BagCase{6, 64, 400, 8}})
+    for (const BagCase& c :
+         {BagCase{500, 37, 17, 6}, BagCase{400, 1000, 23, 5}, BagCase{300, 2056, 9, 4},
+          BagCase{520, 64, 20000, 8}, BagCase{50, 37, 17, 6}, BagCase{40, 1000, 23, 5},
+          BagCase{33, 200, 9, 4}, BagCase{6, 64, 400, 8}, BagCase{3, 24, 77, 8}})
       check_op(
           "embedding_bag " + std::to_string(c.cols) + " columns",
           [&](const std::vector<Tensor>& in) {
@@ -578,27 +583,30 @@ TEST(CudaOps, IndexingMatchCpu) {
           {true, true, false}, t);
   }
   // The row-sparse table gradient (PKM values): many lookups per row, summed per row on the device;
-  // rows 1200.. are never looked up and must not appear among the gradient's rows.
-  const Tensor bag_idx = randint(0, 1200, {300, 16}, g);
-  for (DType t : kTypes) {
-    const Tensor table = rnd({1500, 40}, 45), w = rnd({300, 16}, 46), r = rnd({300, 40}, 47);
-    auto run = [&](Device dev) {  // the CPU computes in f32 on the values the GPU sees
-      auto in = [&](const Tensor& v) {
-        return dev.is_cpu() ? v.to(t).to(DType::kF32) : v.to(t).to(dev);
+  // rows past `looked` are never looked up and must not appear among the gradient's rows. 1500
+  // rows: summed row by row; 200: the dense form.
+  for (const auto& [rows, looked] : {std::pair<int64_t, int64_t>{1500, 1200}, {200, 160}})
+    for (DType t : kTypes) {
+      const Tensor bag_idx = randint(0, looked, {300, 16}, g);
+      const Tensor table = rnd({rows, 40}, 45), w = rnd({300, 16}, 46), r = rnd({300, 40}, 47);
+      auto run = [&](Device dev) {  // the CPU computes in f32 on the values the GPU sees
+        auto in = [&](const Tensor& v) {
+          return dev.is_cpu() ? v.to(t).to(DType::kF32) : v.to(t).to(dev);
+        };
+        Tensor leaf = in(table).detach().clone();
+        leaf.set_requires_grad(true);
+        sum(mul(embedding_bag(leaf, bag_idx.to(dev), in(w), /*sparse_grad=*/true), in(r)))
+            .backward();
+        return std::make_pair(leaf.sparse_grad()->rows.cpu().to_vector<int64_t>(),
+                              densify_sparse_grad(leaf).to(DType::kF32).cpu());
       };
-      Tensor leaf = in(table).detach().clone();
-      leaf.set_requires_grad(true);
-      sum(mul(embedding_bag(leaf, bag_idx.to(dev), in(w), /*sparse_grad=*/true), in(r))).backward();
-      return std::make_pair(leaf.sparse_grad()->rows.cpu().to_vector<int64_t>(),
-                            densify_sparse_grad(leaf).to(DType::kF32).cpu());
-    };
-    const auto [cpu_rows, cpu_grad] = run(Device::cpu());
-    const auto [gpu_rows, gpu_grad] = run(Device::cuda(0));
-    EXPECT_EQ(gpu_rows, cpu_rows) << dtype_name(t);
-    EXPECT_LE(cpu_rows.back(), 1199);
-    EXPECT_LT(testing::rel_error(gpu_grad, cpu_grad), tolerance(t))
-        << "sparse embedding_bag gradient " << dtype_name(t);
-  }
+      const auto [cpu_rows, cpu_grad] = run(Device::cpu());
+      const auto [gpu_rows, gpu_grad] = run(Device::cuda(0));
+      EXPECT_EQ(gpu_rows, cpu_rows) << dtype_name(t) << ", " << rows << " rows";
+      EXPECT_LE(cpu_rows.back(), looked - 1);
+      EXPECT_LT(testing::rel_error(gpu_grad, cpu_grad), tolerance(t))
+          << "sparse embedding_bag gradient " << dtype_name(t);
+    }
   // Product-key indices: exact, with the grid's cells and through a list of cells.
   const Tensor pa = randint(0, 9, {3, 5, 4}, g), pb = randint(0, 9, {3, 5, 4}, g),
                pick = randint(0, 16, {3, 5, 6}, g);
@@ -800,7 +808,8 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
 
 TEST(CudaOps, GatedUpdateMatchesCpu) {
   HYDRA_REQUIRE_GPU();
-  for (const Shape& sh : {Shape{1, 1, 1}, Shape{2, 64, 384}, Shape{3, 37, 33}, Shape{1, 5, 2048}})
+  for (const Shape& sh :
+       {Shape{1, 1, 1}, Shape{2, 64, 384}, Shape{3, 37, 33}, Shape{1, 5, 2048}, Shape{4, 300, 40}})
     for (DType t : kTypes) {
       const int64_t n = sh.back();
       check_op(
@@ -852,8 +861,15 @@ TEST(CudaOps, GatedScanMatchesCpu) {
   struct Case {
     int64_t T, R, n;
   };
-  for (const Case& c : std::vector<Case>{
-           {1, 1, 1}, {0, 3, 5}, {7, 3, 37}, {33, 65, 384}, {5, 2, 2048}, {128, 9, 129}})
+  for (const Case& c :
+       std::vector<Case>{{1, 1, 1},
+                         {0, 3, 5},
+                         {7, 3, 37},
+                         {33, 65, 384},
+                         {5, 2, 2048},
+                         {128, 9, 129},
+                         {4, 1024, 24},
+                         {3, 4, 500}})  // 1-4 columns a thread, wider; 1-16 row groups
     for (DType t : kTypes)
       check_op(
           "gated_scan",
