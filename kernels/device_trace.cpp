@@ -94,6 +94,26 @@ TraceSummary summarize_trace(std::vector<TraceRecord> records, const std::vector
   }
   if (t1 > cursor) gap(cursor, t1, "(the last mark)");
   s.busy_ms = double(busy) * 1e-6 * per;
+  // Each step's length and busy time (the union of its activities, clipped to it).
+  std::vector<std::pair<uint64_t, uint64_t>> steps;  // (length, busy) in ns
+  size_t first = 0;
+  for (size_t i = 0; i + 1 < marks.size(); ++i) {
+    const uint64_t a = marks[i].time, b = marks[i + 1].time;
+    uint64_t at = a, on = 0;
+    while (first < records.size() && records[first].end <= a) ++first;
+    for (size_t j = first; j < records.size() && records[j].start < b; ++j) {
+      const uint64_t lo = std::max({records[j].start, a, at}), hi = std::min(records[j].end, b);
+      if (hi > lo) {
+        on += hi - lo;
+        at = hi;
+      }
+    }
+    steps.push_back({b - a, on});
+  }
+  std::vector<std::pair<uint64_t, uint64_t>> sorted = steps;
+  std::sort(sorted.begin(), sorted.end());
+  s.median_step_ms = double(sorted[(sorted.size() - 1) / 2].first) * 1e-6;
+  s.median_busy_ms = double(sorted[(sorted.size() - 1) / 2].second) * 1e-6;
   s.activities = double(records.size()) * per;
   std::sort(gaps.begin(), gaps.end(),
             [](const TraceGap& a, const TraceGap& b) { return a.us > b.us; });
@@ -114,6 +134,11 @@ void print_trace_summary(std::ostream& os, const TraceSummary& s) {
                 long(s.steps), s.wall_ms, s.busy_ms,
                 s.wall_ms > 0 ? 100.0 * s.busy_ms / s.wall_ms : 0.0, s.activities,
                 s.wall_ms - s.busy_ms);
+  os << line;
+  std::snprintf(line, sizeof line,
+                "  the median step: %.2f ms, the device busy %.2f ms (%.1f%%) of it\n",
+                s.median_step_ms, s.median_busy_ms,
+                s.median_step_ms > 0 ? 100.0 * s.median_busy_ms / s.median_step_ms : 0.0);
   os << line;
   const char* sizes[4] = {"< 5 us", "5-20 us", "20-100 us", ">= 100 us"};
   os << "  idle a step in gaps of";

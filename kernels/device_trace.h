@@ -34,8 +34,11 @@ struct TraceGap {
 // The device's time between the first and the last mark (the marks split it into steps).
 struct TraceSummary {
   int64_t steps = 0;
-  double wall_ms = 0;     // a step, from mark to mark
-  double busy_ms = 0;     // a step: the union of the activities
+  double wall_ms = 0;  // a step, from mark to mark
+  double busy_ms = 0;  // a step: the union of the activities
+  // The step of median length (the lower median) and the device's busy time in it: the steady
+  // step, where the means include a last step that reads statistics (train.stats_every).
+  double median_step_ms = 0, median_busy_ms = 0;
   double activities = 0;  // a step
   // Idle time a step in gaps of: < 5 us, 5-20 us, 20-100 us, >= 100 us (the time before the
   // first activity and after the last included).

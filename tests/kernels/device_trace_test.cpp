@@ -31,6 +31,9 @@ TEST(DeviceTrace, SummaryCountsBusyTimeGapsAndKernelsPerStep) {
   EXPECT_NEAR(s.idle_ms[2], 30e-3 / 2, 1e-12);
   EXPECT_EQ(s.idle_ms[3], 0);
   EXPECT_NEAR(s.busy_ms + s.idle_ms[0] + s.idle_ms[1] + s.idle_ms[2], s.wall_ms, 1e-12);
+  // Both steps last 100 us: the lower median is the first, busy 10 + 30 + 7 + 20 us of it.
+  EXPECT_NEAR(s.median_step_ms, 0.1, 1e-12);
+  EXPECT_NEAR(s.median_busy_ms, 0.067, 1e-12);
   ASSERT_EQ(s.largest.size(), 3u);
   EXPECT_DOUBLE_EQ(s.largest[0].us, 30);
   EXPECT_EQ(s.largest[0].before, "a");
@@ -47,6 +50,17 @@ TEST(DeviceTrace, SummaryCountsBusyTimeGapsAndKernelsPerStep) {
   print_trace_summary(os, s);
   EXPECT_NE(os.str().find("2 steps; a step 0.10 ms, the device busy 0.08 ms"), std::string::npos)
       << os.str();
+}
+
+TEST(DeviceTrace, TheMedianStepLeavesOutALongLastStep) {
+  // Steps of 10, 12 and 50 us (the last reads statistics); 8, 9 and 5 us busy.
+  const std::vector<TraceMark> marks = {{0, "s1"}, {10000, "s2"}, {22000, "s3"}, {72000, "end"}};
+  const std::vector<TraceRecord> r = {
+      {1000, 9000, 7, "a"}, {12000, 18000, 7, "b"}, {17000, 21000, 9, "c"}, {30000, 35000, 7, "a"}};
+  const TraceSummary s = summarize_trace(r, marks);
+  EXPECT_NEAR(s.wall_ms, 0.024, 1e-12);
+  EXPECT_NEAR(s.median_step_ms, 0.012, 1e-12);
+  EXPECT_NEAR(s.median_busy_ms, 0.009, 1e-12);
 }
 
 TEST(DeviceTrace, SummaryOfAnIdleWindowAndOfTooFewMarks) {
