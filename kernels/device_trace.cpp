@@ -112,8 +112,9 @@ TraceSummary summarize_trace(std::vector<TraceRecord> records, const std::vector
   }
   std::vector<std::pair<uint64_t, uint64_t>> sorted = steps;
   std::sort(sorted.begin(), sorted.end());
-  s.median_step_ms = double(sorted[(sorted.size() - 1) / 2].first) * 1e-6;
-  s.median_busy_ms = double(sorted[(sorted.size() - 1) / 2].second) * 1e-6;
+  const auto& median = sorted[(sorted.size() - 1) / 2];
+  s.median_step_ms = double(median.first) * 1e-6;
+  s.median_busy_ms = double(median.second) * 1e-6;
   s.activities = double(records.size()) * per;
   std::sort(gaps.begin(), gaps.end(),
             [](const TraceGap& a, const TraceGap& b) { return a.us > b.us; });
