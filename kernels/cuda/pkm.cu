@@ -351,78 +351,70 @@ constexpr int kDenseThreads = 256;
 constexpr int64_t kDenseMaxBytes = int64_t{1} << 30;  // S (and gout table^T) at most 1 GiB
 constexpr int64_t kDenseRowsPerLookup = 64;           // num_rows <= 64 m
 
-// Rows of S, a block per token in turn (a persistent grid), a thread per lookup (m <=
-// kDenseThreads): the row written with zeros (16-byte stores), then one value per distinct row the
-// token looks up, written by its first lookup: the weight itself when no other lookup of the token
-// names the row (counted with shared-memory atomics: integers, deterministic), else the weights of
-// all of them summed in lookup order (the token's lookups staged in shared memory). The shared
-// arrays are indexed by table row; only the entries of rows the token looks up are touched. The
-// next token's index and weight are loaded while this one is written. hits[r] = 1 for every row
-// looked up (hits zeroed before; the same value from every writer). At toy shapes a call takes 350
-// us, S written at 0.8 TB/s: a block per token, a quadratic search for the duplicates, S zeroed by
-// a memset before, and the row put together in shared memory and written whole all measured 330-400
-// us (docs/PERF.md); what holds it back is not known yet.
-template <class T, class I>
+// Rows of S, a warp per token in turn (a persistent grid, no block barriers or shared memory). Lane
+// l holds lookups l, l + 32, ... (m <= 256: at most 8). The row is written with zeros (16-byte
+// stores), then one value per distinct row the token looks up, by its first lookup: the sum of the
+// weights of all the token's lookups of that row in lookup order, found by walking the lookups in
+// order, each broadcast from its lane. hits[r] = 1 for every row looked up (hits zeroed before; the
+// same value from every writer). At toy shapes a call takes 350 us in the training step (194 us
+// alone), S written at 0.8 TB/s; four other forms (a block per token, with shared-memory counts or
+// a quadratic search; S zeroed by a memset first; the row put together in shared memory) measured
+// the same (docs/PERF.md): what holds it back is not found yet.
+template <class T, class I, int J>
 __global__ void __launch_bounds__(kDenseThreads)
     bag_matrix_kernel(const I* __restrict index, const T* __restrict w, T* __restrict S,
                       int32_t* __restrict hits, int64_t n, int64_t m, int64_t rows) {
   using C = compute_t<T>;
-  extern __shared__ __align__(16) unsigned char dense_raw[];
-  int32_t* first = reinterpret_cast<int32_t*>(dense_raw);  // [rows]: the row's first lookup
-  int32_t* count = first + rows;                           // [rows]: the row's lookups
-  __shared__ int64_t rk[kDenseThreads];                    // the token's rows
-  __shared__ C wk[kDenseThreads];                          // and weights
   constexpr int kN = 16 / sizeof(T);
   const bool packed = rows % kN == 0 && aligned16(S);
-  const int k = threadIdx.x;
-  const bool on = k < m;
-  int64_t r_next = -1;
-  C w_next = 0;
-  if (on && blockIdx.x < n) {
-    r_next = static_cast<int64_t>(index[blockIdx.x * m + k]);
-    w_next = load(w, blockIdx.x * m + k);
-  }
-  for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
-    const int64_t r = r_next;
-    const C wt = w_next;
-    if (on && t + gridDim.x < n) {
-      r_next = static_cast<int64_t>(index[(t + gridDim.x) * m + k]);
-      w_next = load(w, (t + gridDim.x) * m + k);
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (kDenseThreads / 32);
+  for (int64_t t = (int64_t(blockIdx.x) * kDenseThreads + threadIdx.x) >> 5; t < n; t += warps) {
+    int64_t r[J];
+    C wt[J], sum[J];
+    bool first[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int64_t k = lane + 32 * j;
+      r[j] = k < m ? static_cast<int64_t>(index[t * m + k]) : -1;
+      wt[j] = k < m ? load(w, t * m + k) : C(0);
+      sum[j] = wt[j];
+      first[j] = k < m;
     }
     T* out = S + t * rows;
     if (packed) {
-      for (int64_t i = k; i < rows / kN; i += kDenseThreads)
+      for (int64_t i = lane; i < rows / kN; i += 32)
         reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
     } else {
-      for (int64_t i = k; i < rows; i += kDenseThreads) out[i] = convert<T>(C(0));
+      for (int64_t i = lane; i < rows; i += 32) out[i] = convert<T>(C(0));
     }
-    if (on) {
-      first[r] = 0x7fffffff;
-      count[r] = 0;
-      rk[k] = r;
-      wk[k] = wt;
-    }
-    __syncthreads();
-    if (on) {
-      atomicMin(&first[r], k);
-      atomicAdd(&count[r], 1);
-    }
-    __syncthreads();  // also orders the zeros before the values below
-    if (on && first[r] == k) {
-      C sum = wt;
-      for (int64_t j = k + 1, left = count[r] - 1; left > 0; ++j)
-        if (rk[j] == r) {
-          sum += wk[j];
-          --left;
+#pragma unroll
+    for (int jq = 0; jq < J; ++jq) {
+      for (int src = 0; src < 32; ++src) {
+        const int64_t q = src + 32 * jq;  // the lookup broadcast (uniform over the warp)
+        const int64_t rq = __shfl_sync(0xffffffffu, r[jq], src);
+        const C wq = __shfl_sync(0xffffffffu, wt[jq], src);
+        if (q >= m) break;
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t k = lane + 32 * j;
+          if (rq == r[j]) {
+            if (q < k) first[j] = false;
+            if (q > k) sum[j] += wq;
+          }
         }
-      out[r] = convert<T>(sum);
-      if (hits != nullptr) hits[r] = 1;
+      }
     }
-    __syncthreads();  // the next token's entries may be this one's
+    __syncwarp();  // the zeros before the values
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+      if (first[j]) {
+        out[r[j]] = convert<T>(sum[j]);
+        if (hits != nullptr) hits[r[j]] = 1;
+      }
+    __syncwarp();
   }
 }
-
-size_t bag_matrix_smem(int64_t rows) { return size_t(rows) * 2 * sizeof(int32_t); }
 
 // gw[t, k] = G[t, index[t, k]] (G = gout table^T, [n, rows]).
 template <class T, class I>
@@ -445,21 +437,24 @@ DenseBuffers carve_dense(void* ws, const EmbeddingBagParams& p) {
 
 template <class T, class I>
 void launch_bag_matrix(const EmbeddingBagParams& p, T* S, int32_t* hits, cudaStream_t s) {
-  const size_t smem = bag_matrix_smem(p.num_rows);
-  if (smem > 48 * 1024)
-    HYDRA_CUDA_CHECK(cudaFuncSetAttribute(bag_matrix_kernel<T, I>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-  int device = 0, sms = 0, per_sm = 0;
-  HYDRA_CUDA_CHECK(cudaGetDevice(&device));
-  HYDRA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  HYDRA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bag_matrix_kernel<T, I>,
-                                                                 kDenseThreads, smem));
-  const int64_t blocks = std::clamp<int64_t>(int64_t(sms) * per_sm, 1, p.n);
-  bag_matrix_kernel<T, I><<<static_cast<unsigned>(blocks), kDenseThreads, smem, s>>>(
-      static_cast<const I*>(p.index), static_cast<const T*>(p.weights), S, hits, p.n, p.m,
-      p.num_rows);
-  HYDRA_CUDA_LAUNCH_CHECK();
+  auto launch = [&](auto jc) {
+    constexpr int J = decltype(jc)::value;
+    int device = 0, sms = 0, per_sm = 0;
+    HYDRA_CUDA_CHECK(cudaGetDevice(&device));
+    HYDRA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    HYDRA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, bag_matrix_kernel<T, I, J>, kDenseThreads, 0));
+    const int64_t need = (p.n + kDenseThreads / 32 - 1) / (kDenseThreads / 32);
+    const int64_t blocks = std::clamp<int64_t>(int64_t(sms) * per_sm, 1, need);
+    bag_matrix_kernel<T, I, J><<<static_cast<unsigned>(blocks), kDenseThreads, 0, s>>>(
+        static_cast<const I*>(p.index), static_cast<const T*>(p.weights), S, hits, p.n, p.m,
+        p.num_rows);
+    HYDRA_CUDA_LAUNCH_CHECK();
+  };
+  if (p.m <= 32) return launch(std::integral_constant<int, 1>{});
+  if (p.m <= 64) return launch(std::integral_constant<int, 2>{});
+  if (p.m <= 128) return launch(std::integral_constant<int, 4>{});
+  launch(std::integral_constant<int, 8>{});
 }
 
 GemmParams dense_gemm(const EmbeddingBagParams& p, void* workspace) {
@@ -520,8 +515,7 @@ void embedding_bag_bwd_dense(const EmbeddingBagBwdParams& q, cudaStream_t s) {
 bool embedding_bag_dense(const EmbeddingBagParams& p) {
   return p.n > 0 && p.m > 0 && p.m <= kDenseThreads && p.num_rows > 0 &&
          p.num_rows <= kDenseRowsPerLookup * p.m &&
-         p.n * p.num_rows * int64_t(dtype_size(p.dtype)) <= kDenseMaxBytes &&
-         bag_matrix_smem(p.num_rows) <= 96 * 1024;
+         p.n * p.num_rows * int64_t(dtype_size(p.dtype)) <= kDenseMaxBytes;
 }
 
 size_t embedding_bag_fwd_workspace(const EmbeddingBagParams& p) {
