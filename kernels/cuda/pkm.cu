@@ -457,12 +457,35 @@ void launch_bag_matrix(const EmbeddingBagParams& p, T* S, int32_t* hits, cudaStr
   launch(std::integral_constant<int, 8>{});
 }
 
-GemmParams dense_gemm(const EmbeddingBagParams& p, void* workspace) {
+// C [m, n] = op(A) op(B), row-major with the leading dimensions given, in the bag's dtype and
+// stream.
+struct DenseGemm {
+  bool trans_a, trans_b;
+  int64_t m, n, k;
+  const void* a;
+  int64_t lda;
+  const void* b;
+  int64_t ldb;
+  void* c;
+  int64_t ldc;
+};
+void dense_gemm(const EmbeddingBagParams& p, void* workspace, const DenseGemm& d) {
   GemmParams g;
   g.dtype = p.dtype;
+  g.trans_a = d.trans_a;
+  g.trans_b = d.trans_b;
+  g.m = d.m;
+  g.n = d.n;
+  g.k = d.k;
+  g.a = d.a;
+  g.lda = d.lda;
+  g.b = d.b;
+  g.ldb = d.ldb;
+  g.c = d.c;
+  g.ldc = d.ldc;
   g.workspace = workspace;
   g.stream = p.stream;
-  return g;
+  gemm(g);
 }
 
 // The table's gradient S^T gout (S rebuilt: 2 bytes a cell to write, against keeping it from the
@@ -477,32 +500,14 @@ void embedding_bag_bwd_dense(const EmbeddingBagBwdParams& q, cudaStream_t s) {
     if (q.hits != nullptr)
       HYDRA_CUDA_CHECK(cudaMemsetAsync(q.hits, 0, size_t(p.num_rows) * sizeof(int32_t), s));
     launch_bag_matrix<T, I>(p, M, static_cast<int32_t*>(q.hits), s);
-    GemmParams g = dense_gemm(p, d.gemm);
-    g.trans_a = true;
-    g.m = p.num_rows;
-    g.n = p.cols;
-    g.k = p.n;
-    g.a = M;
-    g.lda = p.num_rows;
-    g.b = q.gout;
-    g.ldb = p.cols;
-    g.c = q.gtable;
-    g.ldc = p.cols;
-    gemm(g);
+    dense_gemm(
+        p, d.gemm,  // gtable = S^T gout
+        {true, false, p.num_rows, p.cols, p.n, M, p.num_rows, q.gout, p.cols, q.gtable, p.cols});
   }
   if (q.gweights != nullptr) {
-    GemmParams g = dense_gemm(p, d.gemm);
-    g.trans_b = true;
-    g.m = p.n;
-    g.n = p.num_rows;
-    g.k = p.cols;
-    g.a = q.gout;
-    g.lda = p.cols;
-    g.b = p.table;
-    g.ldb = p.cols;
-    g.c = M;
-    g.ldc = p.num_rows;
-    gemm(g);
+    dense_gemm(
+        p, d.gemm,  // G = gout table^T
+        {false, true, p.n, p.num_rows, p.cols, q.gout, p.cols, p.table, p.cols, M, p.num_rows});
     const int64_t total = p.n * p.m;
     bag_pick_kernel<T, I><<<blocks_for(total, 256), 256, 0, s>>>(
         M, static_cast<const I*>(p.index), static_cast<T*>(q.gweights), total, p.m, p.num_rows);
@@ -534,17 +539,9 @@ void embedding_bag_fwd(const EmbeddingBagParams& p) {
         const DenseBuffers d = carve_dense(p.workspace, p);
         T* S = static_cast<T*>(d.matrix);
         launch_bag_matrix<T, I>(p, S, nullptr, as_stream(p.stream));
-        GemmParams g = dense_gemm(p, d.gemm);
-        g.m = p.n;
-        g.n = p.cols;
-        g.k = p.num_rows;
-        g.a = S;
-        g.lda = p.num_rows;
-        g.b = p.table;
-        g.ldb = p.cols;
-        g.c = p.out;
-        g.ldc = p.cols;
-        gemm(g);
+        dense_gemm(
+            p, d.gemm,
+            {false, false, p.n, p.cols, p.num_rows, S, p.num_rows, p.table, p.cols, p.out, p.cols});
         return;
       }
       const BagLookups<T, I> items{static_cast<const I*>(p.index), static_cast<const T*>(p.weights),
