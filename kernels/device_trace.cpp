@@ -207,9 +207,20 @@ const std::string& device_trace_path() {
   return path;
 }
 
+std::string device_trace_file(const std::string& path, int64_t rank, int64_t ranks) {
+  if (ranks <= 1 || path.empty()) return path;
+  const size_t slash = path.find_last_of('/');
+  const size_t dot = path.find_last_of('.');
+  const size_t base = slash == std::string::npos ? 0 : slash + 1;  // the file name's start
+  const bool ext = dot != std::string::npos && dot > base;         // a dot, not a leading one
+  const std::string tag = ".rank" + std::to_string(rank);
+  return ext ? path.substr(0, dot) + tag + path.substr(dot) : path + tag;
+}
+
 namespace {
 
 std::mutex g_mu;
+std::string g_file;
 std::vector<TraceRecord> g_records;
 std::vector<TraceMark> g_marks;
 bool g_active = false;
@@ -276,13 +287,12 @@ bool cupti_ok(CUptiResult r, const char* what, std::string* why) {
 
 }  // namespace
 
-bool device_trace_start(std::string* why) {
+bool device_trace_start(const std::string& file, std::string* why) {
 #if HYDRA_WITH_CUDA
   if (g_active) return true;
-  if (!device_trace_path().empty() && !std::ofstream(device_trace_path())) {
+  if (!file.empty() && !std::ofstream(file)) {
     if (why != nullptr)
-      *why = "HYDRA_TRACE=" + device_trace_path() +
-             ": cannot write that file (does its folder exist and is it writable?)";
+      *why = "HYDRA_TRACE: cannot write " + file + " (does its folder exist and is it writable?)";
     return false;
   }
   if (!cupti_ok(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed),
@@ -293,9 +303,11 @@ bool device_trace_start(std::string* why) {
   const std::lock_guard<std::mutex> lock(g_mu);
   g_records.clear();
   g_marks.clear();
+  g_file = file;
   g_active = true;
   return true;
 #else
+  (void)file;
   if (why != nullptr)
     *why = "HYDRA_TRACE needs a CUDA build of Hydra (this one has no CUDA backend)";
   return false;
@@ -329,11 +341,13 @@ TraceSummary device_trace_stop() {
     marks.swap(g_marks);
     g_active = false;
   }
-  if (!device_trace_path().empty()) {
-    std::ofstream f(device_trace_path());
+  if (!g_file.empty()) {
+    std::ofstream f(g_file);
     write_chrome_trace(f, records, marks);
   }
-  return summarize_trace(std::move(records), marks);
+  TraceSummary summary = summarize_trace(std::move(records), marks);
+  summary.file = g_file;
+  return summary;
 #else
   return {};
 #endif

@@ -50,6 +50,7 @@ struct TraceSummary {
     double ms = 0, count = 0;  // a step
   };
   std::vector<Kernel> kernels;  // longest first
+  std::string file;             // where the trace was written ("": nowhere)
 };
 
 // Summarises records over [marks.front(), marks.back()] (clipped to it); `top` gaps and kernels.
@@ -65,13 +66,18 @@ std::string short_kernel_name(const std::string& mangled, size_t max = 60);
 
 // The path in HYDRA_TRACE, or "" when unset.
 const std::string& device_trace_path();
-// Starts recording (CUDA builds; false with a reason in *why otherwise, or when CUPTI refuses).
-bool device_trace_start(std::string* why);
+// The trace file of rank `rank` of `ranks` for `path`: the path itself for one rank, else with
+// ".rank<rank>" before its extension (trace.json -> trace.rank1.json), so ranks do not share a
+// file.
+std::string device_trace_file(const std::string& path, int64_t rank, int64_t ranks);
+// Starts recording, to be written to `file` ("": none) when it stops (CUDA builds; false with a
+// reason in *why otherwise, when the file cannot be written, or when CUPTI refuses).
+bool device_trace_start(const std::string& file, std::string* why);
 bool device_trace_active();
 // A host moment on the device's clock (no-op when not recording).
 void device_trace_mark(const std::string& name);
-// Stops recording (the caller has synchronized the device), writes the Chrome trace to
-// device_trace_path() and returns the summary; empty when not recording.
+// Stops recording (the caller has synchronized the device), writes the Chrome trace to the file
+// given to device_trace_start and returns the summary; empty when not recording.
 TraceSummary device_trace_stop();
 
 }  // namespace hydra::kernels

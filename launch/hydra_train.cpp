@@ -184,7 +184,9 @@ int run(const cli::Tool& tool, int argc, char** argv) {
   if (speak) print_report(*summary);
   if (speak && summary->trace.steps > 0) {
     kernels::print_trace_summary(std::cout, summary->trace);
-    std::cout << "  trace of the steps: " << kernels::device_trace_path()
+    std::cout << "  trace of the steps: " << summary->trace.file
+              << (parallel::process_info().distributed ? " (each rank writes its own .rank<r> file)"
+                                                       : "")
               << " (open it in https://ui.perfetto.dev)\n";
   }
   if (speak && kernel_profile_enabled())

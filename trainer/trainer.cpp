@@ -697,7 +697,9 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
 void Trainer::start_trace(Leg& leg) {
   if (kernels::device_trace_path().empty()) return;
   std::string why = "HYDRA_TRACE traces a GPU; this run trains on the CPU";
-  if (!device_.is_cuda() || !kernels::device_trace_start(&why))
+  const std::string file = kernels::device_trace_file(kernels::device_trace_path(),
+                                                      grid_->world().rank(), grid_->world().size());
+  if (!device_.is_cuda() || !kernels::device_trace_start(file, &why))
     leg.say("warning: " + why + ": no device trace");
 }
 

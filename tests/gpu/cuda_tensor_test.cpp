@@ -173,7 +173,7 @@ TEST(CudaEvent, OrdersWorkAcrossStreams) {
 TEST(DeviceTrace, RecordsTheKernelsAndCopiesBetweenMarks) {
   HYDRA_REQUIRE_GPU();
   std::string why;
-  ASSERT_TRUE(kernels::device_trace_start(&why)) << why;
+  ASSERT_TRUE(kernels::device_trace_start("", &why)) << why;
   const Tensor a = randn32({512, 384}, 3).to(Device::cuda(0));
   kernels::cuda::device_synchronize(0);
   kernels::device_trace_mark("start");

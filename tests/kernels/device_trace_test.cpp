@@ -101,10 +101,19 @@ TEST(DeviceTrace, ChromeTraceHoldsEveryRecordAndMark) {
   EXPECT_EQ(t.substr(t.size() - 3), "]}\n");
 }
 
+TEST(DeviceTrace, EachRankWritesAFileOfItsOwn) {
+  EXPECT_EQ(device_trace_file("out/trace.json", 0, 1), "out/trace.json");
+  EXPECT_EQ(device_trace_file("out/trace.json", 0, 4), "out/trace.rank0.json");
+  EXPECT_EQ(device_trace_file("out/trace.json", 3, 4), "out/trace.rank3.json");
+  EXPECT_EQ(device_trace_file("out.d/trace", 1, 2), "out.d/trace.rank1");
+  EXPECT_EQ(device_trace_file(".trace", 1, 2), ".trace.rank1");
+  EXPECT_EQ(device_trace_file("", 1, 2), "");
+}
+
 TEST(DeviceTrace, RecordingNeedsACudaBuild) {
   if (HYDRA_WITH_CUDA) GTEST_SKIP() << "a CUDA build: tests/gpu records a trace";
   std::string why;
-  EXPECT_FALSE(device_trace_start(&why));
+  EXPECT_FALSE(device_trace_start("", &why));
   EXPECT_NE(why.find("CUDA build"), std::string::npos);
   EXPECT_FALSE(device_trace_active());
 }
