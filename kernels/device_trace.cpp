@@ -110,9 +110,8 @@ TraceSummary summarize_trace(std::vector<TraceRecord> records, const std::vector
     }
     steps.push_back({b - a, on});
   }
-  std::vector<std::pair<uint64_t, uint64_t>> sorted = steps;
-  std::sort(sorted.begin(), sorted.end());
-  const auto& median = sorted[(sorted.size() - 1) / 2];
+  std::sort(steps.begin(), steps.end());
+  const auto& median = steps[(steps.size() - 1) / 2];
   s.median_step_ms = double(median.first) * 1e-6;
   s.median_busy_ms = double(median.second) * 1e-6;
   s.activities = double(records.size()) * per;

@@ -633,7 +633,8 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t in_stage = step - stage.start;
   StepOutcome out;
-  kernels::device_trace_mark("step " + std::to_string(step + 1));
+  if (kernels::device_trace_active())
+    kernels::device_trace_mark("step " + std::to_string(step + 1));
   out.lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
   const double warm =
       stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;

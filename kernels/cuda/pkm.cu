@@ -457,32 +457,14 @@ void launch_bag_matrix(const EmbeddingBagParams& p, T* S, int32_t* hits, cudaStr
   launch(std::integral_constant<int, 8>{});
 }
 
-// C [m, n] = op(A) op(B), row-major with the leading dimensions given, in the bag's dtype and
-// stream.
-struct DenseGemm {
-  bool trans_a, trans_b;
-  int64_t m, n, k;
-  const void* a;
-  int64_t lda;
-  const void* b;
-  int64_t ldb;
-  void* c;
-  int64_t ldc;
-};
-void dense_gemm(const EmbeddingBagParams& p, void* workspace, const DenseGemm& d) {
-  GemmParams g;
-  g.dtype = p.dtype;
-  g.trans_a = d.trans_a;
-  g.trans_b = d.trans_b;
-  g.m = d.m;
-  g.n = d.n;
-  g.k = d.k;
-  g.a = d.a;
-  g.lda = d.lda;
-  g.b = d.b;
-  g.ldb = d.ldb;
-  g.c = d.c;
-  g.ldc = d.ldc;
+// C = op(A) op(B) (matmul.h's GemmProblem) in the bag's dtype and stream.
+void dense_gemm(const EmbeddingBagParams& p, void* workspace, bool trans_a, bool trans_b,
+                const GemmProblem& q) {
+  GroupedGemmParams shape;
+  shape.dtype = p.dtype;
+  shape.trans_a = trans_a;
+  shape.trans_b = trans_b;
+  GemmParams g = gemm_of(shape, q);
   g.workspace = workspace;
   g.stream = p.stream;
   gemm(g);
@@ -500,14 +482,12 @@ void embedding_bag_bwd_dense(const EmbeddingBagBwdParams& q, cudaStream_t s) {
     if (q.hits != nullptr)
       HYDRA_CUDA_CHECK(cudaMemsetAsync(q.hits, 0, size_t(p.num_rows) * sizeof(int32_t), s));
     launch_bag_matrix<T, I>(p, M, static_cast<int32_t*>(q.hits), s);
-    dense_gemm(
-        p, d.gemm,  // gtable = S^T gout
-        {true, false, p.num_rows, p.cols, p.n, M, p.num_rows, q.gout, p.cols, q.gtable, p.cols});
+    dense_gemm(p, d.gemm, true, false,  // gtable = S^T gout
+               {p.num_rows, p.cols, p.n, M, p.num_rows, q.gout, p.cols, q.gtable, p.cols});
   }
   if (q.gweights != nullptr) {
-    dense_gemm(
-        p, d.gemm,  // G = gout table^T
-        {false, true, p.n, p.num_rows, p.cols, q.gout, p.cols, p.table, p.cols, M, p.num_rows});
+    dense_gemm(p, d.gemm, false, true,  // G = gout table^T
+               {p.n, p.num_rows, p.cols, q.gout, p.cols, p.table, p.cols, M, p.num_rows});
     const int64_t total = p.n * p.m;
     bag_pick_kernel<T, I><<<blocks_for(total, 256), 256, 0, s>>>(
         M, static_cast<const I*>(p.index), static_cast<T*>(q.gweights), total, p.m, p.num_rows);
@@ -539,9 +519,8 @@ void embedding_bag_fwd(const EmbeddingBagParams& p) {
         const DenseBuffers d = carve_dense(p.workspace, p);
         T* S = static_cast<T*>(d.matrix);
         launch_bag_matrix<T, I>(p, S, nullptr, as_stream(p.stream));
-        dense_gemm(
-            p, d.gemm,
-            {false, false, p.n, p.cols, p.num_rows, S, p.num_rows, p.table, p.cols, p.out, p.cols});
+        dense_gemm(p, d.gemm, false, false,
+                   {p.n, p.cols, p.num_rows, S, p.num_rows, p.table, p.cols, p.out, p.cols});
         return;
       }
       const BagLookups<T, I> items{static_cast<const I*>(p.index), static_cast<const T*>(p.weights),
