@@ -69,6 +69,7 @@ class Module {
 
  private:
   void check_new_name(const std::string& name) const;
+  void collect_parameters(std::vector<Tensor>& out) const;  // parameters(), appended to out
   std::vector<NamedParameter> params_;
   std::vector<std::pair<std::string, Tensor>> buffers_;
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;

@@ -64,12 +64,26 @@ __global__ void copy_rows_kernel(const S* __restrict__ src, D* __restrict__ dst,
   }
 }
 
+// A fill writes 16-byte packs from a 16-byte aligned dst (the elements past the last whole pack one
+// at a time): one 2-byte store a thread reached 0.6 TB/s on a bf16 gradient of toy's (41 us for
+// 25 MB; HYDRA_TRACE, docs/PERF.md session 36).
 template <class T>
-__global__ void fill_kernel(T* __restrict__ dst, int64_t n, T value) {
+__global__ void fill_kernel(T* __restrict__ dst, int64_t n, T value, bool packed) {
   wait_for_previous_grid();
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] = value;
+  const int64_t first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x,
+                stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t done = 0;
+  if (packed) {
+    constexpr int E = pack_width<T>();
+    RowPack<T> pack;
+#pragma unroll
+    for (int j = 0; j < E; ++j) pack.v[j] = value;
+    const int64_t packs = n / E;
+    auto* out = reinterpret_cast<RowPack<T>*>(dst);
+    for (int64_t i = first; i < packs; i += stride) out[i] = pack;
+    done = packs * E;
+  }
+  for (int64_t i = done + first; i < n; i += stride) dst[i] = value;
 }
 
 }  // namespace
@@ -131,12 +145,19 @@ void strided_copy(const StridedCopyParams& p) {
   }
   // Rows longer than the row kernel takes are split into equal pieces (the permutations of the
   // workspace's chunks, [4, 128, 64 x 384] -> [128, 4, 64 x 384]: 99 us a copy on the per-element
-  // path, 25 MB).
-  if (inner_contiguous && g.ndim >= 2 && g.ndim < kMaxDims && g.shape[g.ndim - 1] > 16384) {
+  // path, 25 MB), and so are long rows too few to give each SM's warps a row (96 rows of 16K
+  // elements ran in 12 blocks at 0.25 TB/s, 12.7 us; ncu, session 36): pieces of at least 256
+  // elements, a multiple of 8 (whole 16-byte packs), until there are about 4096 rows.
+  const int64_t whole_rows = g.ndim >= 2 ? n / g.shape[g.ndim - 1] : 1;
+  if (inner_contiguous && g.ndim >= 2 && g.ndim < kMaxDims &&
+      (g.shape[g.ndim - 1] > 16384 || (whole_rows < 4096 && g.shape[g.ndim - 1] >= 512))) {
     const int64_t len = g.shape[g.ndim - 1];
+    const int64_t want = (4096 + whole_rows - 1) / whole_rows;  // pieces a row for ~4096 rows
+    const int64_t top = std::min<int64_t>(16384, std::max<int64_t>(256, len / want)) / 8 * 8;
     int64_t piece = 0;
-    for (int64_t b = 16384; b >= 256 && piece == 0; b -= 8)
+    for (int64_t b = top; b >= 256 && piece == 0; b -= 8)
       if (len % b == 0) piece = b;
+    if (piece == len) piece = 0;  // no split: one piece is the row itself
     if (piece > 0) {
       g.shape[g.ndim - 1] = len / piece;
       g.src_strides[g.ndim - 1] = g.dst_strides[g.ndim - 1] = piece;
@@ -193,8 +214,11 @@ void fill(const FillParams& p) {
   dispatch_all(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T v = convert<T>(p.value);
-    launch_after_previous(fill_kernel<T>, dim3(blocks_for(p.n, 256)), dim3(256), 0,
-                          as_stream(p.stream), static_cast<T*>(p.dst), p.n, v);
+    const bool packed = aligned16(p.dst);
+    const int64_t per_thread = packed ? pack_width<T>() : 1;
+    launch_after_previous(fill_kernel<T>,
+                          dim3(blocks_for((p.n + per_thread - 1) / per_thread, 256)), dim3(256), 0,
+                          as_stream(p.stream), static_cast<T*>(p.dst), p.n, v, packed);
     HYDRA_CUDA_LAUNCH_CHECK();
   });
 }

@@ -41,12 +41,13 @@ constexpr int scan_bwd_blocks(int nmax, int acc_bytes) {
 }
 // Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub
 // slots of NMAX states for each of kThreads threads) beside the staged inputs (two buffers of
-// kSub steps of delta, u, gy and z, and of B and C): the largest power of two within 50 KB when 4
-// blocks share an SM (64 KB otherwise). Single precision states: 4 steps at 16 states, 8 at 8, 16
-// at 1 with bf16 inputs.
+// kSub steps of delta, u, gy and z, and of B and C, and the warps' gB and gC sums): the largest
+// power of two within 50 KB when 4 blocks share an SM (64 KB otherwise). Single precision states: 4
+// steps at 16 states, 8 at 8, 16 at 1 with bf16 inputs.
 constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes, int in_bytes) {
   const int per_step = nmax * kThreads * acc_bytes + 2 * 4 * kThreads * in_bytes +
-                       2 * nmax * (2 * in_bytes + acc_bytes);
+                       2 * nmax * (2 * in_bytes + acc_bytes) +
+                       2 * (kThreads / 32) * nmax * acc_bytes;
   const int budget = (scan_bwd_blocks(nmax, acc_bytes) == 4 ? 50 : 64) * 1024;
   int steps = 1;
   while (2 * steps * per_step <= budget) steps *= 2;
@@ -59,16 +60,16 @@ constexpr size_t scan_bwd_smem(int nmax, int acc_bytes, int in_bytes) {
 struct BwdScratch {
   int64_t hs;              // checkpoints of one batch slice: sub-chunks * N * slice * chunks * D
   int64_t g_in, dsums;     // G entering each chunk [B][chunks][D][N]; summed delta [B][chunks][D]
-  int64_t part_bc;         // per-warp partials of gB (and of gC)
+  int64_t part_bc;         // per-block partials of gB (and of gC)
   int64_t part_a, part_d;  // per-(batch, chunk) partials of gA (and of gD, gdt_bias)
-  int64_t warps, slice;    // channel warps; batch entries per launch (bounds the scratch)
+  int64_t blocks, slice;   // channel blocks; batch entries per launch (bounds the scratch)
 };
 
 // The checkpoints of one launch stay below this (larger batches run in slices).
 constexpr int64_t kStateScratchBytes = int64_t{1} << 30;
 
 BwdScratch scratch_of(const SelectiveScanParams& p) {
-  const int64_t blocks = (p.dim + kThreads - 1) / kThreads, warps = blocks * (kThreads / 32);
+  const int64_t blocks = (p.dim + kThreads - 1) / kThreads;
   const int64_t cl = std::min(p.chunk_len, p.len), nc = ssm_num_chunks(p.len, p.chunk_len);
   const int64_t a = p.dtype == DType::kF64 ? 8 : 4, in = dtype_size(p.dtype);
   const int64_t sub =
@@ -78,8 +79,8 @@ BwdScratch scratch_of(const SelectiveScanParams& p) {
   const int64_t slice =
       std::clamp<int64_t>(kStateScratchBytes / (a * std::max<int64_t>(per_batch, 1)), 1, p.batch);
   const int64_t bcd = p.batch * nc * p.dim;
-  return {per_batch * slice, bcd * p.state, bcd,   warps * p.batch * p.len * p.state,
-          bcd * p.state,     bcd,           warps, slice};
+  return {per_batch * slice, bcd * p.state, bcd,    blocks * p.batch * p.len * p.state,
+          bcd * p.state,     bcd,           blocks, slice};
 }
 
 // Backward pass 1: each chunk's G from a zero end (into g_in) and its summed delta. The inputs
@@ -193,6 +194,10 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
   __shared__ __align__(16) T Cx[2][kSub][NMAX];
   __shared__ __align__(16) A Bt[kSub][NMAX];
   __shared__ __align__(16) A Ct[kSub][NMAX];
+  // gB and gC of the sub-chunk's steps, per warp (its channels' sums), added over the block's warps
+  // after the sub-chunk: one partial per block instead of per warp goes to the scratch.
+  constexpr int kWarps = kThreads / 32;
+  __shared__ A red[kSub][2][kWarps][NMAX];
   const SelectiveScanParams& p = q.fwd;
   const ChunkThread th = chunk_thread(p, b0);
   const int64_t b = th.b, d = th.d, D = p.dim, L = p.len, cs = th.cs, ce = th.ce;
@@ -201,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
   const int64_t col = (int64_t(blockIdx.z) * nchunks + th.c) * D + d, cols = sc.slice * nchunks * D;
   const int N = states_of<NMAX, FULL>(p), lane = threadIdx.x & 31, tx = threadIdx.x;
   const int width = static_cast<int>(min(int64_t(kThreads), D - d0));
-  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int warp = tx >> 5;
   const bool live = th.live, gate = p.z != nullptr;
   A* ckpt = ws;  // [k][n][col]: the state entering sub-chunk k
   A* g_in = ckpt + sc.hs;
@@ -357,8 +362,8 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
         warp_transpose_sum<kGroup, 16>(gc, lane);
         const int n = n0 + lane / kShare;
         if (lane % kShare == 0 && n < N) {
-          gB_part[(warp * p.batch * L + r) * N + n] = gb[0];
-          gC_part[(warp * p.batch * L + r) * N + n] = gc[0];
+          red[sidx][0][warp][n] = gb[0];
+          red[sidx][1][warp][n] = gc[0];
         }
       }
       if (live) {
@@ -367,6 +372,18 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
         static_cast<T*>(q.gdelta)[r * D + d] = convert<T>(graw);
         gbias += graw;
       }
+    }
+    // The block's gB and gC of the sub-chunk's steps: the warps' sums in warp order. (The next
+    // sub-chunk's stage() waits for every thread before red is written again.)
+    __syncthreads();
+    const int steps = static_cast<int>(t1 - t0);
+    for (int e = tx; e < steps * 2 * N; e += kThreads) {
+      const int sidx = e / (2 * N), which = (e / N) % 2, n = e % N;
+      A sum = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += red[sidx][which][w][n];
+      A* part = which == 0 ? gB_part : gC_part;
+      part[(int64_t(blockIdx.x) * p.batch * L + b * L + t0 + sidx) * N + n] = sum;
     }
   }
   if (!live) return;
@@ -377,16 +394,16 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
   gbias_part[slot] = gbias;
 }
 
-// gB and gC: the sum over channel warps, in warp order.
+// gB and gC: the sum over channel blocks, in block order.
 template <class T>
 __global__ void scan_bc_finish_kernel(const compute_t<T>* __restrict gB_part,
-                                      const compute_t<T>* __restrict gC_part, int64_t warps,
+                                      const compute_t<T>* __restrict gC_part, int64_t parts,
                                       int64_t total, T* __restrict gB, T* __restrict gC) {
   using A = compute_t<T>;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
     A sb = 0, sc = 0;
-    for (int64_t w = 0; w < warps; ++w) {
+    for (int64_t w = 0; w < parts; ++w) {
       sb += gB_part[w * total + e];
       sc += gC_part[w * total + e];
     }
@@ -459,7 +476,7 @@ void selective_scan_bwd(const SelectiveScanBwdParams& q) {
     const A* gA_part = gC_part + sc.part_bc;
     const int64_t rows = p.batch * p.len * p.state;
     scan_bc_finish_kernel<T><<<blocks_for(rows, 256), 256, 0, s>>>(
-        gB_part, gC_part, sc.warps, rows, static_cast<T*>(q.gB), static_cast<T*>(q.gC));
+        gB_part, gC_part, sc.blocks, rows, static_cast<T*>(q.gB), static_cast<T*>(q.gC));
     HYDRA_CUDA_LAUNCH_CHECK();
     // gA_log, gD and gdt_bias: sums over the (batch, chunk) partials, in a fixed order.
     const int64_t parts = p.batch * nc;

@@ -10,9 +10,10 @@
 // in G too: each chunk's G from a zero end, then a pass from the last chunk to the first for the
 // true G entering each chunk, then each chunk walks its steps backward, recomputing its states from
 // the saved chunk-start state: checkpoints every few steps in scratch, the steps between them in
-// shared memory. Sums over channels (gB, gC) are warp shuffles into per-warp partials; sums over
-// batch and chunks (gA_log, gD, gdt_bias) are per-(batch, chunk) partials; later kernels add both
-// in a fixed order, so results are bit-reproducible without atomics.
+// shared memory. Sums over channels (gB, gC) are warp shuffles, then the warps of a block in shared
+// memory, into per-block partials; sums over batch and chunks (gA_log, gD, gdt_bias) are
+// per-(batch, chunk) partials; later kernels add both in a fixed order, so results are
+// bit-reproducible without atomics.
 #pragma once
 
 #include <algorithm>

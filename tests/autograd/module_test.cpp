@@ -51,6 +51,22 @@ TEST(Module, HierarchicalParameterNames) {
                   .is_same(net.blocks->at<Block>(1).out_proj->bias));
   EXPECT_FALSE(net.find_parameter("blocks.2.in_proj.bias").defined());
   for (const auto& p : net.named_parameters()) EXPECT_TRUE(p.tensor.requires_grad()) << p.name;
+  // parameters() (built without the names): the same tensors in the same order.
+  const std::vector<Tensor> plain = net.parameters();
+  const std::vector<NamedParameter> named = net.named_parameters();
+  ASSERT_EQ(plain.size(), named.size());
+  for (std::size_t i = 0; i < plain.size(); ++i)
+    EXPECT_TRUE(plain[i].is_same(named[i].tensor)) << named[i].name;
+}
+
+TEST(Module, ZeroGradClearsEveryGradient) {
+  Net net(2);
+  for (const Tensor& p : net.parameters()) p.set_grad(ones(p.shape()));
+  net.zero_grad();
+  for (const auto& p : net.named_parameters()) {
+    EXPECT_FALSE(p.tensor.grad().defined()) << p.name;
+    EXPECT_EQ(p.tensor.sparse_grad(), nullptr) << p.name;
+  }
 }
 
 TEST(Module, ParameterOptionsTravelWithTheName) {

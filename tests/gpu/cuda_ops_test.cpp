@@ -540,6 +540,14 @@ TEST(CudaOps, IndexingMatchCpu) {
           return std::vector<Tensor>{scatter_add(in[0], 1, in[2], in[1])};
         },
         {rnd({7, 13, 5}, 36), rnd({7, 9, 5}, 37), aidx}, {true, true, false}, t);
+    // Along the last axis (a warp per row): repeated indices, more entries than a warp's 32.
+    const Tensor lidx = randint(0, 50, {37, 70}, g);
+    check_op(
+        "scatter_add last axis",
+        [&](const std::vector<Tensor>& in) {
+          return std::vector<Tensor>{scatter_add(in[0], 1, in[2], in[1])};
+        },
+        {rnd({37, 50}, 63), rnd({37, 70}, 64), lidx}, {true, true, false}, t);
     check_op(
         "topk",
         [](const std::vector<Tensor>& in) { return std::vector<Tensor>{topk(in[0], 5).first}; },
@@ -700,6 +708,17 @@ TEST(CudaOps, CausalConv1dMatchCpu) {
         },
         {rnd({2, 137, 45}, 58), rnd({19, 4}, 46), rnd({19}, 47), rnd({2, 3, 19}, 48)},
         {true, true, true, true}, t);
+    // Even channels take the two-channels-a-thread forward when the rows and pointers allow pairs:
+    // a slice at an even offset of even rows (pairs), at an odd offset (one channel a thread).
+    for (const int64_t offset : {6, 5})
+      check_op(
+          "causal_conv1d pairs, offset " + std::to_string(offset),
+          [offset](const std::vector<Tensor>& in) {
+            return std::vector<Tensor>{
+                causal_conv1d(in[0].narrow(2, offset, 22), in[1], in[2], in[3], true)};
+          },
+          {rnd({3, 141, 46}, 59), rnd({22, 4}, 60), rnd({22}, 61), rnd({3, 3, 22}, 62)},
+          {true, true, true, true}, t);
     // Every width the kernels take (a template argument each), sequences shorter than the width and
     // than the kernels' 64-step segments, and longer than two of them, with and without a prefix.
     for (const int64_t W : {1, 2, 3, 5, 8})

@@ -62,9 +62,34 @@ TEST(CudaTensor, StridedCopyAndConversionMatchCpu) {
                               bigb.permute({1, 0, 2}).contiguous()))
         << len;
   }
+  // Few long rows are copied in pieces (more warps than rows): slices at aligned and unaligned
+  // offsets, a length with no piece (2050), dtype conversions.
+  for (const int64_t len : {int64_t{2048}, int64_t{2050}, int64_t{16384}})
+    for (const int64_t offset : {int64_t{0}, int64_t{8}, int64_t{3}}) {
+      const Tensor src = randn32({6, len + 11}, 4 + len + offset);
+      const Tensor want = src.narrow(1, offset, len).contiguous();
+      const Tensor gsrc = src.to(Device::cuda(0));
+      EXPECT_TRUE(bitwise_equal(gsrc.narrow(1, offset, len).contiguous(), want))
+          << len << " " << offset;
+      EXPECT_TRUE(
+          bitwise_equal(gsrc.narrow(1, offset, len).to(DType::kBF16), want.to(DType::kBF16)))
+          << len << " " << offset;
+    }
   Tensor f = zeros({3, 3}, DType::kF32, Device::cuda(0));
   f.fill_(2.5);
   EXPECT_EQ(f.cpu().to_vector<float>(), std::vector<float>(9, 2.5f));
+  // fill_ in 16-byte packs from an aligned start, element by element otherwise and past the last
+  // whole pack: every element of the view is written, none beside it.
+  for (const DType t : {DType::kF32, DType::kBF16, DType::kI64})
+    for (const int64_t n : {1, 7, 8, 9, 1000, 4099})
+      for (const int64_t offset : {0, 3}) {
+        Tensor whole = zeros({n + offset + 5}, t, Device::cuda(0));
+        whole.narrow(0, offset, n).fill_(2.0);
+        const std::vector<double> got = whole.to(DType::kF64).cpu().to_vector<double>();
+        for (int64_t i = 0; i < n + offset + 5; ++i)
+          ASSERT_EQ(got[i], i >= offset && i < offset + n ? 2.0 : 0.0)
+              << dtype_name(t) << " n " << n << " offset " << offset << " element " << i;
+      }
 }
 
 // The one-launch copy of many tensors (mixed precision's parameter casts) equals copy_ on the CPU,
