@@ -21,17 +21,49 @@ ComputeCopies::~ComputeCopies() {
   if (active_) exit();
 }
 
-void ComputeCopies::enter() {
-  HYDRA_CHECK(!active_) << "compute copies: enter() twice without exit()";
-  NoGradGuard no_grad;
+bool ComputeCopies::fit_copies() {
+  bool made = false;
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i];
     if (copies_[i].shape() != p.shape() ||
-        copies_[i].device() != p.device())  // resharded or moved since
+        copies_[i].device() != p.device()) {  // resharded or moved since
       copies_[i] = Tensor::empty(p.shape(), compute_, p.device());
-    masters_[i] = p.detach();
+      made = true;
+    }
   }
-  copy_many_(copies_, masters_);  // one launch for all (a launch per parameter cost ~100 a step)
+  return made;
+}
+
+bool ComputeCopies::fresh() const {
+  if (refreshed_.size() != params_.size()) return false;
+  for (std::size_t i = 0; i < params_.size(); ++i)
+    if (refreshed_[i].storage != params_[i].storage().get() ||
+        refreshed_[i].version != params_[i].version())
+      return false;
+  return true;
+}
+
+void ComputeCopies::refresh() {
+  HYDRA_CHECK(!active_) << "compute copies: refresh() between enter() and exit()";
+  NoGradGuard no_grad;
+  fit_copies();
+  for (std::size_t i = 0; i < params_.size(); ++i) masters_[i] = params_[i].detach();
+  copy_many_(copies_, masters_);
+  refreshed_.resize(params_.size());
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    refreshed_[i] = {params_[i].storage().get(), params_[i].version()};
+    masters_[i] = Tensor();
+  }
+}
+
+void ComputeCopies::enter() {
+  HYDRA_CHECK(!active_) << "compute copies: enter() twice without exit()";
+  NoGradGuard no_grad;
+  const bool made = fit_copies();
+  for (std::size_t i = 0; i < params_.size(); ++i) masters_[i] = params_[i].detach();
+  // One launch for all (a launch per parameter cost ~100 a step), unless refresh() cast them.
+  if (made || !fresh()) copy_many_(copies_, masters_);
+  refreshed_.clear();  // a refresh serves one enter()
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const Tensor& p = params_[i];
     p.set_grad_dtype(masters_[i].dtype());

@@ -25,6 +25,10 @@ class ComputeCopies {
   // Casts every master into its copy (one pass over the parameters) and points the handles at the
   // copies.
   void enter();
+  // Casts now, outside enter() (the trainer: right after the optimizer's update is queued, while
+  // the device works); the next enter() skips its cast when no master has changed since (same
+  // storage and version).
+  void refresh();
   // Points the handles back at the masters.
   void exit();
   bool active() const { return active_; }
@@ -49,7 +53,16 @@ class ComputeCopies {
   };
 
  private:
+  // The copies' shapes and devices follow the parameters'; true when any was made anew.
+  bool fit_copies();
+  bool fresh() const;  // refresh() ran and no master changed since
+
   std::vector<Tensor> params_, masters_, copies_;
+  struct Seen {
+    const void* storage = nullptr;
+    uint32_t version = 0;
+  };
+  std::vector<Seen> refreshed_;  // each master at the last refresh(); empty: none to reuse
   DType compute_;
   bool active_ = false;
 };

@@ -18,6 +18,26 @@ struct ByPriority {
   }
 };
 
+// The running node's inputs' partial sums (gradient_sum_target), per input: the engine's buffer
+// slot or null, and whether the op claimed it.
+struct SumTargets {
+  std::vector<Tensor*> slots;
+  std::vector<char> claimed;
+};
+thread_local SumTargets* t_sum_targets = nullptr;
+
+// Sets the running node's targets for the scope (nested backwards restore the outer ones).
+class SumTargetsScope {
+ public:
+  explicit SumTargetsScope(SumTargets* t) : prev_(t_sum_targets) { t_sum_targets = t; }
+  ~SumTargetsScope() { t_sum_targets = prev_; }
+  SumTargetsScope(const SumTargetsScope&) = delete;
+  SumTargetsScope& operator=(const SumTargetsScope&) = delete;
+
+ private:
+  SumTargets* prev_;
+};
+
 void accumulate(std::vector<Tensor>& buffer, uint32_t slot, const Tensor& g) {
   if (!g.defined()) return;
   Tensor& cur = buffer[slot];
@@ -25,6 +45,19 @@ void accumulate(std::vector<Tensor>& buffer, uint32_t slot, const Tensor& g) {
 }
 
 }  // namespace
+
+Tensor gradient_sum_target(std::size_t input, const Shape& shape, DType dtype, Device device) {
+  SumTargets* st = t_sum_targets;
+  if (st == nullptr || input >= st->slots.size() || st->slots[input] == nullptr ||
+      st->claimed[input] != 0)
+    return Tensor();
+  const Tensor& t = *st->slots[input];
+  if (!t.defined() || t.shape() != shape || t.dtype() != dtype || t.device() != device ||
+      !t.is_contiguous() || !t.sole_owner())
+    return Tensor();
+  st->claimed[input] = 1;
+  return t;
+}
 
 void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads,
                   bool retain_graph) {
@@ -86,10 +119,27 @@ void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& g
     bool any = false;
     for (const Tensor& t : in) any = any || t.defined();
 
+    // The partial sums already held for the node's inputs, offered to its backward
+    // (gradient_sum_target); an input reached by two of its edges gets none.
+    const auto& inputs = node->next_edges();
+    SumTargets targets;
+    targets.slots.assign(inputs.size(), nullptr);
+    targets.claimed.assign(inputs.size(), 0);
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+      if (!inputs[i].valid()) continue;
+      const auto it = buffers.find(inputs[i].node.get());
+      if (it == buffers.end() || inputs[i].input_nr >= it->second.size()) continue;
+      bool twice = false;
+      for (std::size_t j = 0; j < inputs.size(); ++j)
+        twice = twice || (j != i && inputs[j].node == inputs[i].node &&
+                          inputs[j].input_nr == inputs[i].input_nr);
+      if (!twice) targets.slots[i] = &it->second[inputs[i].input_nr];
+    }
     std::vector<Tensor> out;
     if (any || node->runs_without_grads()) {
       try {
         const KernelProfileBackwardScope scope(node->name());
+        const SumTargetsScope offered(&targets);
         out = node->apply(std::move(in));
       } catch (const Error& e) {
         throw Error(std::string("in the backward of ") + node->name() + ": " + e.what());
@@ -107,9 +157,16 @@ void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& g
       Node* next = e.node.get();
       auto& buf = buffers[next];
       buf.resize(next->num_outputs());
-      if (i < out.size()) {
+      if (i < out.size() && targets.claimed[i] != 0) {  // the op added its part in place
+        HYDRA_CHECK(out[i].unsafe_impl() == buf[e.input_nr].unsafe_impl())
+            << node->name() << ": took input " << i
+            << "'s gradient sum (gradient_sum_target) but returned another tensor";
+      } else if (i < out.size()) {
+        // HYDRA_PROFILE=ops names the op whose gradient is added to an earlier one.
         static const std::string kSums = "(gradient sums)";
-        const KernelProfileBackwardScope scope(kSums);
+        const bool named = kernel_profile_ops() && out[i].defined() && buf[e.input_nr].defined();
+        const std::string label = named ? "(gradient sums after " + node->name() + ")" : "";
+        const KernelProfileBackwardScope scope(named ? label : kSums);  // keeps a reference
         accumulate(buf, e.input_nr, out[i]);
       }
       if (--pending[next] == 0) ready.push(e.node);

@@ -126,6 +126,9 @@ Tensor sum_squares(const Tensor& x);  // sum of x^2 over all elements, as a 1-el
 // sum over tensors of sum of x^2, in double: one fused launch per device, dtype and 128 tensors,
 // one host synchronisation per launch. Fixed summation order (bit-reproducible).
 double sum_squares_all(const std::vector<Tensor>& xs);
+// The same sum (same order, same value) as an f64 [1] tensor on `device`, where every x must be;
+// nothing waits for the device.
+Tensor sum_squares_all_on(const std::vector<Tensor>& xs, Device device);
 
 // ---- linear algebra
 // -------------------------------------------------------------------------------- a [..., M, K] @

@@ -608,6 +608,8 @@ Tensor embedding_bag(const Tensor& table_in, const Tensor& index_in, const Tenso
               out.rows = rows_of_hits(hits, dev);
               out.values = gather_rows_raw(gtable, out.rows).to(gd).contiguous();
             };
+            sg->dense = gtable;
+            sg->hits = hits;
             leaf.set_sparse_grad(std::move(sg));
             run_grad_ready_hooks(leaf);
           } else {

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "autograd/dispatch.h"
+#include "autograd/engine.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "kernels/matmul.h"
@@ -201,7 +202,15 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& bias) {
       need_w && w.is_leaf() ? w : Tensor();  // a weight: its gradient may go to a bucket
   record_op("linear", {x, w, bias}, {out}, [=](const std::vector<Tensor>& g) {
     Tensor g3 = g[0].reshape({1, -1, out_features});
-    Tensor gx = need_x ? mm(g3, false, sw.get(), false).view(x_shape) : Tensor();
+    Tensor gx;
+    if (need_x) {  // added into x's gradient summed so far when the engine offers it (beta = 1)
+      gx = out_features > 0 ? gradient_sum_target(0, x_shape, g3.dtype(), g3.device()) : Tensor();
+      if (gx.defined()) {
+        gemm_into(gx.view({1, rows, in}), g3, false, sw.get(), false, 1.0);
+      } else {
+        gx = mm(g3, false, sw.get(), false).view(x_shape);
+      }
+    }
     Tensor gw =
         need_w ? weight_grad(w_leaf, g3, true, sx.get(), false, {out_features, in}) : Tensor();
     Tensor gb = has_bias ? sum(g3, {0, 1}) : Tensor();

@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <optional>
 #include <set>
 #include <string>
@@ -149,9 +150,11 @@ Tensor sum_squares(const Tensor& x) {
 
 namespace hydra {
 
-double sum_squares_all(const std::vector<Tensor>& xs) {
-  // Group by (device, dtype), keeping the order of first appearance so the summation order is
-  // fixed.
+namespace {
+
+// The tensors grouped by (device, dtype) in the order of first appearance (a fixed summation
+// order), contiguous.
+std::vector<std::vector<Tensor>> square_groups(const std::vector<Tensor>& xs) {
   std::vector<std::vector<Tensor>> groups;
   for (const Tensor& x : xs) {
     if (!x.defined() || x.numel() == 0) continue;
@@ -165,26 +168,50 @@ double sum_squares_all(const std::vector<Tensor>& xs) {
       it->push_back(c);
     }
   }
-  double total = 0;
-  for (const auto& g : groups) {
-    const Device dev = g.front().device();
-    for (std::size_t first = 0; first < g.size(); first += kernels::MultiSumSquaresParams::kMax) {
-      kernels::MultiSumSquaresParams p;
-      p.dtype = g.front().dtype();
-      p.count = static_cast<int>(
-          std::min<std::size_t>(kernels::MultiSumSquaresParams::kMax, g.size() - first));
-      for (int i = 0; i < p.count; ++i) {
-        p.x[i] = g[first + i].raw_data();
-        p.n[i] = g[first + i].numel();
-      }
-      double out = 0;
-      p.out = &out;
-      p.stream = current_stream(dev);
-      Tensor ws = HYDRA_CUDA_WORKSPACE(dev, multi_sum_squares_workspace, p);
-      p.workspace = ws.defined() ? ws.raw_data() : nullptr;
-      HYDRA_LAUNCH(dev, multi_sum_squares, p);
-      total += out;
+  return groups;
+}
+
+// One launch per kMax tensors of a group: each launch's sum into *out (host) or added to *add_to.
+void launch_squares(const std::vector<Tensor>& g, const std::function<void(double)>& got,
+                    double* add_to) {
+  const Device dev = g.front().device();
+  for (std::size_t first = 0; first < g.size(); first += kernels::MultiSumSquaresParams::kMax) {
+    kernels::MultiSumSquaresParams p;
+    p.dtype = g.front().dtype();
+    p.count = static_cast<int>(
+        std::min<std::size_t>(kernels::MultiSumSquaresParams::kMax, g.size() - first));
+    for (int i = 0; i < p.count; ++i) {
+      p.x[i] = g[first + i].raw_data();
+      p.n[i] = g[first + i].numel();
     }
+    double out = 0;
+    p.out = &out;
+    p.add_to = add_to;
+    p.stream = current_stream(dev);
+    Tensor ws = HYDRA_CUDA_WORKSPACE(dev, multi_sum_squares_workspace, p);
+    p.workspace = ws.defined() ? ws.raw_data() : nullptr;
+    HYDRA_LAUNCH(dev, multi_sum_squares, p);
+    if (add_to == nullptr) got(out);
+  }
+}
+
+}  // namespace
+
+double sum_squares_all(const std::vector<Tensor>& xs) {
+  double total = 0;
+  for (const auto& g : square_groups(xs))
+    launch_squares(
+        g, [&](double part) { total += part; }, nullptr);
+  return total;
+}
+
+Tensor sum_squares_all_on(const std::vector<Tensor>& xs, Device device) {
+  Tensor total = zeros({1}, DType::kF64, device);
+  for (const auto& g : square_groups(xs)) {
+    HYDRA_CHECK(g.front().device() == device)
+        << "sum_squares_all_on: a tensor on " << g.front().device().str() << ", expected "
+        << device.str();
+    launch_squares(g, nullptr, total.data<double>());
   }
   return total;
 }

@@ -34,6 +34,14 @@ kernels::AdamWParams make_params(const Tensor& param, const Tensor& grad, const 
   p.bias_correction1 = 1 - std::pow(h.beta1, static_cast<double>(h.step));
   p.bias_correction2 = 1 - std::pow(h.beta2, static_cast<double>(h.step));
   p.grad_scale = h.grad_scale;
+  if (h.sum_squares.defined()) {
+    HYDRA_CHECK(h.sum_squares.dtype() == DType::kF64 && h.sum_squares.numel() == 1 &&
+                h.sum_squares.device() == param.device() && h.sum_squares.is_contiguous())
+        << "adamw: the clipping sum of squares must be one f64 on the parameters' device, got "
+        << h.sum_squares.str();
+    p.sum_squares = h.sum_squares.data<double>();
+    p.clip = h.clip;
+  }
   p.stream = current_stream(param.device());
   return p;
 }
@@ -86,6 +94,8 @@ void adamw_update_many(const std::vector<AdamWEntry>& entries, const AdamWHyper&
           mp->bias_correction1 = one.bias_correction1;
           mp->bias_correction2 = one.bias_correction2;
           mp->grad_scale = one.grad_scale;
+          mp->sum_squares = one.sum_squares;
+          mp->clip = one.clip;
           mp->stream = one.stream;
         }
       }
@@ -109,6 +119,23 @@ void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& va
   p.cols = param.size(1);
   p.k = rows.numel();
   if (p.k > 0) HYDRA_LAUNCH(param.device(), adamw_rows_step, p);
+  param.storage()->bump_version();
+}
+
+void adamw_update_hit_rows(const Tensor& param, const Tensor& hits, const Tensor& values,
+                           const Tensor& m, const Tensor& v, const AdamWHyper& h) {
+  HYDRA_CHECK(param.dim() == 2 && values.shape() == param.shape() && hits.dim() == 1 &&
+              hits.size(0) == param.size(0) && hits.dtype() == DType::kI32)
+      << "adamw_hit_rows: param " << shape_str(param.shape()) << ", hits "
+      << shape_str(hits.shape()) << " " << dtype_name(hits.dtype()) << ", values "
+      << shape_str(values.shape()) << " (expected i32 [rows] and values of the param's shape)";
+  const Tensor hit = hits.contiguous(), vals = values.contiguous();
+  kernels::AdamWRowsParams p;
+  p.base = make_params(param, vals, m, v, h);
+  p.hits = hit.data<int32_t>();
+  p.num_rows = param.size(0);
+  p.cols = param.size(1);
+  if (param.numel() > 0) HYDRA_LAUNCH(param.device(), adamw_rows_step, p);
   param.storage()->bump_version();
 }
 

@@ -9,6 +9,11 @@ struct AdamWHyper {
   double lr = 0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0;
   int64_t step = 1;       // 1-based, for bias correction
   double grad_scale = 1;  // clipping factor
+  // Clipping on the device instead (kernels/optim.h): the gradients' sum of squares, f64 [1] on the
+  // parameters' device; the factor is clip / (norm + 1e-6) when clip > 0 and the norm exceeds it,
+  // and a non-finite norm leaves everything as it was.
+  Tensor sum_squares;
+  double clip = 0;
 };
 
 // param, grad, m, v: same shape, dtype and device, contiguous.
@@ -24,5 +29,9 @@ void adamw_update_many(const std::vector<AdamWEntry>& entries, const AdamWHyper&
 // The rows `rows` (i64 [k]) of a 2-D param with gradient values [k, cols]; m and v like param.
 void adamw_update_rows(const Tensor& param, const Tensor& rows, const Tensor& values,
                        const Tensor& m, const Tensor& v, const AdamWHyper& h);
+// The rows r of a 2-D param with hits[r] != 0 (i32 [rows]); values: the param's shape (the rows not
+// hit are not read). The same update as adamw_update_rows on those rows, without their list.
+void adamw_update_hit_rows(const Tensor& param, const Tensor& hits, const Tensor& values,
+                           const Tensor& m, const Tensor& v, const AdamWHyper& h);
 
 }  // namespace hydra

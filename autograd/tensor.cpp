@@ -434,6 +434,11 @@ Tensor Tensor::claim_grad_destination(DType dtype) const {
   return Tensor(m.grad_destination);
 }
 
+bool Tensor::sole_owner() const {
+  return impl_ != nullptr && impl_.use_count() == 1 && impl_->storage != nullptr &&
+         impl_->storage.use_count() == 1;
+}
+
 Tensor Tensor::detach() const {
   return view_of(impl().storage, impl().offset, impl().shape, impl().strides, impl().dtype);
 }
@@ -528,6 +533,8 @@ const std::shared_ptr<SparseRows>& Tensor::sparse_grad() const {
     auto resolve = std::move(g->pending);
     g->pending = nullptr;
     resolve(*g);
+    g->dense = Tensor();
+    g->hits = Tensor();
   }
   return g;
 }

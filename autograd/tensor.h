@@ -93,6 +93,9 @@ class Tensor {
   bool is_same(const Tensor& o) const { return impl_ == o.impl_; }
   uint32_t version() const { return impl().storage ? impl().storage->version() : 0; }
   TensorImpl* unsafe_impl() const { return impl_.get(); }
+  // No other Tensor handle, view or saved copy refers to this tensor's storage (it may be written
+  // in place unseen).
+  bool sole_owner() const;
   const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
 
   // Address of element 0 (storage base + offset).
@@ -163,6 +166,10 @@ class Tensor {
   Tensor detach() const;  // shares storage, no history
   // Resolves a pending sparse gradient (SparseRows::pending) on first read.
   const std::shared_ptr<SparseRows>& sparse_grad() const;
+  // The sparse gradient as it is, pending or not (SparseRows::dense).
+  const std::shared_ptr<SparseRows>& sparse_grad_as_is() const {
+    return impl().autograd.sparse_grad;
+  }
   void set_sparse_grad(std::shared_ptr<SparseRows> g) const {
     impl().autograd.sparse_grad = std::move(g);
   }
@@ -190,6 +197,11 @@ struct SparseRows {
   // (the embedding bag's backward leaves its row count on the device until then, so the host
   // does not wait for the device in the middle of the backward).
   std::function<void(SparseRows&)> pending;
+  // While pending, the embedding bag also leaves the whole table's gradient (`dense`: the table's
+  // shape and compute dtype, zero in the rows not hit) and which rows were hit (`hits`, i32
+  // [rows]): the optimizer and the gradient norm read these without waiting for the device
+  // (anything else resolves the rows, which clears them).
+  Tensor dense, hits;
 };
 
 // Copies `src` (any device) into `dst`, a contiguous host tensor of src's shape and dtype, and

@@ -4,7 +4,9 @@ what the summary at the end of a run leaves out: every kernel's time and count a
 the steps traced), grouped by family, and the idle gaps of 20 us and more in the median step with the
 activities on either side, in time order (where the step waits on the host).
 
-Usage: python3 bench/trace_table.py TRACE.json [--top N] [--gap-us US]
+Usage: python3 bench/trace_table.py TRACE.json [--top N] [--gap-us US] [--window FROM TO]
+  --window FROM TO  also lists every activity of the median step from FROM to TO ms after its start
+                    (start, duration, the idle time before it): what surrounds a gap
 """
 import argparse
 import json
@@ -41,6 +43,8 @@ def main():
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=60, help="kernels listed (default 60)")
     ap.add_argument("--gap-us", type=float, default=20.0, help="gaps listed from this size (default 20)")
+    ap.add_argument("--window", type=float, nargs=2, metavar=("FROM", "TO"),
+                    help="list the median step's activities between these ms from its start")
     args = ap.parse_args()
     try:
         events = json.load(open(args.trace))["traceEvents"]
@@ -96,6 +100,16 @@ def main():
         if prev is None or e["ts"] + e["dur"] > t_prev_end:
             t_prev_end = max(t_prev_end, e["ts"] + e["dur"])
         prev = e
+    if args.window:
+        lo, hi = args.window
+        print(f"\nthe median step's activities from {lo:g} to {hi:g} ms "
+              "(ms from the step's start, us long, us idle before):")
+        end = median_step["start"]
+        for e in median_step["acts"]:
+            at = 1e-3 * (e["ts"] - median_step["start"])
+            if lo <= at <= hi:
+                print(f"  {at:8.3f} {e['dur']:8.1f} {max(0.0, e['ts'] - end):8.1f}  {e['name'][:70]}")
+            end = max(end, e["ts"] + e["dur"])
     tail = median_step["end"] - t_prev_end
     if tail >= args.gap_us:
         print(f"  {1e-3 * (t_prev_end - median_step['start']):8.2f}  {tail:8.1f} us  "

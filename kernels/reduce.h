@@ -26,7 +26,9 @@ struct MultiSumSquaresParams {
   int count = 0;
   const void* x[kMax] = {};
   int64_t n[kMax] = {};
-  double* out = nullptr;      // one double, host memory
+  double* out = nullptr;      // one double, host memory: the sum, once the device has it
+  double* add_to = nullptr;   // instead of out: one double of device memory (host on the CPU) the
+                              // sum is added to; nothing waits for the device
   void* workspace = nullptr;  // CUDA: multi_sum_squares_workspace(p) bytes
   void* stream = nullptr;
 };

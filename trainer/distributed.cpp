@@ -106,7 +106,10 @@ std::unique_ptr<parallel::GradientReducer> make_reducer(model::LanguageModel& mo
   return std::make_unique<parallel::GradientReducer>(std::move(params), bucket_mb, zero1);
 }
 
-double global_grad_norm(const AdamW& optimizer, const parallel::ProcessGrid& grid) {
+namespace {
+
+// The square of global_grad_norm, on the host.
+double global_sum_squares_host(const AdamW& optimizer, const parallel::ProcessGrid& grid) {
   const auto all = [](const std::string&) { return true; };
   if (optimizer.sharded()) {
     // The ranges partition every parameter over the world (an expert's over its replicas, the
@@ -115,14 +118,27 @@ double global_grad_norm(const AdamW& optimizer, const parallel::ProcessGrid& gri
     const double ranges = optimizer.grad_sum_squares(all, GradPart::kSharded);
     const double replicated =
         grid.world().rank() == 0 ? optimizer.grad_sum_squares(all, GradPart::kReplicated) : 0.0;
-    return std::sqrt(grid.world().all_reduce_host(ranges + replicated));
+    return grid.world().all_reduce_host(ranges + replicated);
   }
-  if (grid.shape().ep == 1) return optimizer.grad_norm();
+  if (grid.shape().ep == 1) return optimizer.grad_sum_squares(all);
   const double dense =
       optimizer.grad_sum_squares([](const std::string& n) { return !is_expert_parameter(n); });
   const double experts = grid.ep().all_reduce_host(
       optimizer.grad_sum_squares([](const std::string& n) { return is_expert_parameter(n); }));
-  return std::sqrt(dense + experts);
+  return dense + experts;
+}
+
+}  // namespace
+
+double global_grad_norm(const AdamW& optimizer, const parallel::ProcessGrid& grid) {
+  return std::sqrt(global_sum_squares_host(optimizer, grid));
+}
+
+Tensor global_grad_sum_squares(const AdamW& optimizer, const parallel::ProcessGrid& grid) {
+  if (!optimizer.sharded() && grid.shape().ep == 1)
+    return optimizer.grad_sum_squares_on_device([](const std::string&) { return true; });
+  return tensor(std::vector<double>{global_sum_squares_host(optimizer, grid)}, {1})
+      .to(optimizer.device());
 }
 
 void average_over_ranks(std::map<std::string, double>& stats, const parallel::ProcessGrid& grid) {

@@ -36,6 +36,10 @@ bool is_expert_parameter(const std::string& name);
 // after the reduction) plus the expert shards' parts summed over the ep group. Under ZeRO-1 the
 // ranges of every rank partition the model, so their parts are summed over the world.
 double global_grad_norm(const AdamW& optimizer, const parallel::ProcessGrid& grid);
+// Its square as an f64 [1] tensor on the parameters' device, for clipping on the device. With one
+// rank or data parallelism alone (each rank holds the whole reduced gradient) the host does not
+// wait for the device; expert parallelism and ZeRO-1 sum over the ranks on the host.
+Tensor global_grad_sum_squares(const AdamW& optimizer, const parallel::ProcessGrid& grid);
 
 // Statistics over the ranks (every rank holds the same keys): keys ending in "_loss" are a rank's
 // share of a global loss and are summed; the rest are averaged.

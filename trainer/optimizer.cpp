@@ -18,9 +18,8 @@ AdamW::AdamW(std::vector<NamedParameter> params, const config::OptimizerConfig& 
   }
 }
 
-double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& select,
-                               GradPart part) const {
-  NoGradGuard ng;
+std::vector<Tensor> AdamW::grads_to_clip(const std::function<bool(const std::string&)>& select,
+                                         GradPart part) const {
   std::vector<Tensor> grads;
   for (std::size_t i = 0; i < params_.size(); ++i) {
     if (slots_[i].frozen || !select(params_[i].name)) continue;
@@ -32,13 +31,29 @@ double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& se
     }
     if (part == GradPart::kSharded) continue;
     const Tensor& t = params_[i].tensor;
-    if (const auto& sg = t.sparse_grad()) {
-      grads.push_back(sg->values);
+    if (const auto& sg = t.sparse_grad_as_is()) {  // a pending one's whole table: no host wait
+      grads.push_back(sg->pending && sg->dense.defined() ? sg->dense : t.sparse_grad()->values);
     } else if (t.grad().defined()) {
       grads.push_back(t.grad());
     }
   }
-  return sum_squares_all(grads);
+  return grads;
+}
+
+double AdamW::grad_sum_squares(const std::function<bool(const std::string&)>& select,
+                               GradPart part) const {
+  NoGradGuard ng;
+  return sum_squares_all(grads_to_clip(select, part));
+}
+
+Tensor AdamW::grad_sum_squares_on_device(const std::function<bool(const std::string&)>& select,
+                                         GradPart part) const {
+  NoGradGuard ng;
+  return sum_squares_all_on(grads_to_clip(select, part), device());
+}
+
+Device AdamW::device() const {
+  return params_.empty() ? Device::cpu() : params_.front().tensor.device();
 }
 
 void AdamW::shard_over(parallel::GradientReducer* reducer) {
@@ -79,14 +94,25 @@ double AdamW::grad_norm() const {
 }
 
 void AdamW::step(double lr, double base_lr, double grad_scale) {
+  AdamWHyper shared;
+  shared.grad_scale = grad_scale;
+  update(lr, base_lr, shared);
+}
+
+void AdamW::step(double lr, double base_lr, const Tensor& sum_squares, double clip) {
+  AdamWHyper shared;
+  shared.sum_squares = sum_squares;
+  shared.clip = clip;
+  update(lr, base_lr, shared);
+}
+
+void AdamW::update(double lr, double base_lr, AdamWHyper shared) {
   NoGradGuard ng;
   ++steps_;
-  AdamWHyper shared;
   shared.beta1 = cfg_.beta1();
   shared.beta2 = cfg_.beta2();
   shared.eps = cfg_.eps();
   shared.step = steps_;
-  shared.grad_scale = grad_scale;
   std::vector<AdamWEntry> dense;  // one fused update for all of them
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const NamedParameter& p = params_[i];
@@ -109,8 +135,13 @@ void AdamW::step(double lr, double base_lr, double grad_scale) {
         dense.push_back({p.tensor.reshape({-1}).narrow(0, s.lo, s.hi - s.lo), sh.grad, s.m, s.v,
                          h.lr, h.weight_decay});
       }
-    } else if (const auto& sg = p.tensor.sparse_grad()) {
-      adamw_update_rows(p.tensor, sg->rows, sg->values, s.m, s.v, h);
+    } else if (const auto& sg = p.tensor.sparse_grad_as_is()) {
+      if (sg->pending && sg->dense.defined()) {  // every row hit, from the whole table's gradient
+        adamw_update_hit_rows(p.tensor, sg->hits, sg->dense.to(p.tensor.dtype()), s.m, s.v, h);
+      } else {
+        const auto& rows = p.tensor.sparse_grad();
+        adamw_update_rows(p.tensor, rows->rows, rows->values, s.m, s.v, h);
+      }
     } else if (p.tensor.grad().defined()) {
       dense.push_back({p.tensor, p.tensor.grad(), s.m, s.v, h.lr, h.weight_decay});
     }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "autograd/module.h"
+#include "autograd/optim_ops.h"
 #include "configs/hydra.pb.h"
 #include "parallel/reducer.h"
 
@@ -40,6 +41,10 @@ class AdamW {
   // The sum of squares of the gradients of the (unfrozen) parameters whose names pass `select`.
   double grad_sum_squares(const std::function<bool(const std::string&)>& select,
                           GradPart part = GradPart::kAll) const;
+  // The same sum as an f64 [1] tensor on the parameters' device; the host does not wait for it.
+  Tensor grad_sum_squares_on_device(const std::function<bool(const std::string&)>& select,
+                                    GradPart part = GradPart::kAll) const;
+  Device device() const;  // the parameters' (the first one's)
 
   // ZeRO-1: from now on the moments of each parameter the reducer shards cover only this rank's
   // range (reset to zero: call before loading a checkpoint), its gradient comes from the reducer's
@@ -52,6 +57,10 @@ class AdamW {
   // One update with base learning rate `lr`; group rates are scaled by lr / base_lr (so the
   // schedule shapes them too). Gradients are multiplied by grad_scale (clipping).
   void step(double lr, double base_lr, double grad_scale);
+  // The same with clipping on the device: the factor comes from `sum_squares` (the gradients' sum
+  // of squares, f64 [1] on the parameters' device) and `clip` (0: none) as the kernels compute it
+  // (kernels/optim.h); a non-finite norm updates nothing. The host does not wait for the device.
+  void step(double lr, double base_lr, const Tensor& sum_squares, double clip);
   int64_t steps() const { return steps_; }
   void set_steps(int64_t s) { steps_ = s; }
 
@@ -65,6 +74,10 @@ class AdamW {
   const std::vector<NamedParameter>& params() const { return params_; }
 
  private:
+  std::vector<Tensor> grads_to_clip(const std::function<bool(const std::string&)>& select,
+                                    GradPart part) const;
+  void update(double lr, double base_lr, AdamWHyper shared);
+
   struct Slot {
     Tensor m, v;
     bool frozen = false;

@@ -27,10 +27,24 @@ struct StepLosses {
   double lm = 0, total = 0;
   model::AuxLosses aux;
   std::map<std::string, double> stats;  // the last micro-batch's, this rank's (collect_stats)
+  double grad_norm = 0;                 // sqrt of QueuedLosses::grad_sum_squares, when given
 };
 
 StepLosses forward_backward(model::LanguageModel& model, const parallel::ProcessGrid& grid,
                             parallel::GradientReducer* reducer, const data::Batch& local,
                             const StepSettings& s);
+
+// The same step with its losses left on the device: the trainer queues the optimizer's update
+// before it reads them, so that the GPU is not idle while the host launches the update.
+struct QueuedLosses {
+  std::vector<Tensor> parts;  // per micro-batch: f64 [2 + kNumAuxLosses]: lm, total, the aux losses
+  std::map<std::string, double> stats;  // as StepLosses::stats
+  Tensor grad_sum_squares;              // optional (f64 [1], the trainer's): read with the losses
+  // The values (one wait for the device), summed over the micro-batches and the ranks' shares.
+  StepLosses read(const parallel::ProcessGrid& grid) const;
+};
+QueuedLosses forward_backward_queued(model::LanguageModel& model, const parallel::ProcessGrid& grid,
+                                     parallel::GradientReducer* reducer, const data::Batch& local,
+                                     const StepSettings& s);
 
 }  // namespace hydra::trainer

@@ -648,11 +648,23 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   ss.grad_accum = tr.grad_accum();
   ss.collect_stats = (step + 1) % tr.stats_every() == 0 || step + 1 == leg.schedule_end;
   ss.device = device_;
+  QueuedLosses queued;
   {  // bf16 compute copies (BF16_MIXED) during the forward and backward; the fp32 masters for the
      // rest
     const ComputeCopies::Scope compute(compute_copies_.get());
-    out.losses = forward_backward(*model_, *grid_, reducer_.get(), batch, ss);
+    queued = forward_backward_queued(*model_, *grid_, reducer_.get(), batch, ss);
   }
+  // The update is queued before the host reads anything (the GPU works while the host launches
+  // it): clipping and the NaN guard's skip happen on the device (AdamW::step), then one read
+  // brings the losses and the gradient norm. A step that is not finite changed no parameter.
+  queued.grad_sum_squares = global_grad_sum_squares(*optimizer_, *grid_);
+  optimizer_->step(out.lr, tr.lr().lr() > 0 ? stage.lr.lr() : out.lr, queued.grad_sum_squares,
+                   tr.optimizer().grad_clip());
+  model_->zero_grad();
+  model_->after_step();  // (a step that is not finite stops the run below)
+  if (compute_copies_) compute_copies_->refresh();  // the next step's bf16 copies, queued now
+  out.losses = queued.read(*grid_);
+  out.grad_norm = out.losses.grad_norm;
   const double lm_loss = out.losses.lm, total_loss = out.losses.total;
   if (!std::isfinite(total_loss) || !std::isfinite(lm_loss)) {
     leg.progress.finish();
@@ -661,7 +673,6 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
                           std::to_string(total_loss) + " (not finite); stopping without saving. " +
                           diverged_advice(leg.good_ckpt, leg.unverified_ckpt));
   }
-  out.grad_norm = global_grad_norm(*optimizer_, *grid_);
   if (!std::isfinite(out.grad_norm)) {
     leg.progress.finish();
     HYDRA_RETURN_IF_ERROR(publish_pending_save(leg));
@@ -673,11 +684,6 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
     leg.good_ckpt = leg.unverified_ckpt;
     leg.unverified_ckpt.clear();
   }
-  const double clip = tr.optimizer().grad_clip();
-  const double scale = clip > 0 && out.grad_norm > clip ? clip / (out.grad_norm + 1e-6) : 1.0;
-  optimizer_->step(out.lr, tr.lr().lr() > 0 ? stage.lr.lr() : out.lr, scale);
-  model_->zero_grad();
-  model_->after_step();
 
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   // The kernel profile covers the steps after the first (whose one-time costs would blur it).

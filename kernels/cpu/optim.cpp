@@ -19,9 +19,18 @@ inline void update(T& p, T g, T& m, T& v, const AdamWParams& a) {
       static_cast<T>(a.lr) * mhat / (std::sqrt(vhat) + static_cast<T>(a.eps));
 }
 
+// Clipping on the device (optim.h), here the host: the factor into a copy of the parameters; false
+// when nothing is to be updated.
+bool with_scale(const AdamWParams& in, AdamWParams* out) {
+  *out = in;
+  return in.sum_squares == nullptr || clip_scale(*in.sum_squares, in.clip, &out->grad_scale);
+}
+
 }  // namespace
 
-void adamw_step(const AdamWParams& a) {
+void adamw_step(const AdamWParams& in) {
+  AdamWParams a;
+  if (!with_scale(in, &a)) return;
   dispatch_float(a.dtype, "adamw", [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* p = static_cast<T*>(a.param);
@@ -41,13 +50,23 @@ void multi_adamw_step(const MultiAdamWParams& mp) {
 }
 
 void adamw_rows_step(const AdamWRowsParams& r) {
-  const AdamWParams& a = r.base;
+  AdamWParams a;
+  if (!with_scale(r.base, &a)) return;
   dispatch_float(a.dtype, "adamw_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* p = static_cast<T*>(a.param);
     const T* g = static_cast<const T*>(a.grad);
     T* m = static_cast<T*>(a.m);
     T* v = static_cast<T*>(a.v);
+    if (r.hits != nullptr) {  // every row hit, its values at its own row of g
+      parallel_for(r.num_rows, grain_for(r.cols), [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) {
+          if (r.hits[j] == 0) continue;
+          for (int64_t c = j * r.cols; c < (j + 1) * r.cols; ++c) update(p[c], g[c], m[c], v[c], a);
+        }
+      });
+      return;
+    }
     check_indices(r.rows, r.k, r.num_rows, "adamw_rows");
     parallel_for(r.k, grain_for(r.cols), [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {

@@ -115,7 +115,11 @@ void multi_sum_squares(const MultiSumSquaresParams& p) {
       total += r;
     });
   }
-  *p.out = total;
+  if (p.add_to != nullptr) {
+    *p.add_to += total;
+  } else {
+    *p.out = total;
+  }
 }
 
 void reduce_axis(const ReduceParams& p) {

@@ -14,7 +14,14 @@ namespace {
 
 struct Hyper {
   double lr, beta1, beta2, eps, decay, bc1, bc2, scale;
+  const double* sum_squares;  // clipping on the device (optim.h): scale from it
+  double clip;
 };
+
+// The launch's clipping factor into h.scale (clipping on the device); false: update nothing.
+__device__ __forceinline__ bool device_scale(Hyper& h) {
+  return h.sum_squares == nullptr || clip_scale(*h.sum_squares, h.clip, &h.scale);
+}
 
 Hyper hyper(const AdamWParams& a) {
   return {a.lr,
@@ -24,7 +31,9 @@ Hyper hyper(const AdamWParams& a) {
           1 - a.lr * a.weight_decay,
           a.bias_correction1,
           a.bias_correction2,
-          a.grad_scale};
+          a.grad_scale,
+          a.sum_squares,
+          a.clip};
 }
 
 template <class T>
@@ -69,6 +78,7 @@ __device__ __forceinline__ void update_pack(Pack<T>* p, const Pack<T>* g, Pack<T
 template <class T>
 __global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, Hyper h, bool vec) {
   using C = compute_t<T>;
+  if (!device_scale(h)) return;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   int64_t done = 0;
   if (vec) {
@@ -87,12 +97,24 @@ __global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, Hyper h, b
 template <class T>
 __global__ void adamw_rows_kernel(T* p, const T* g, T* m, T* v, const int64_t* rows, int64_t k,
                                   int64_t cols, Hyper h) {
+  if (!device_scale(h)) return;
   const int64_t total = k * cols;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t j = e / cols, c = e % cols;
     update(p, g, m, v, rows[j] * cols + c, e, h);
   }
+}
+
+// The rows r with hits[r] != 0; g holds every row.
+template <class T>
+__global__ void adamw_hit_rows_kernel(T* p, const T* g, T* m, T* v, const int32_t* hits,
+                                      int64_t num_rows, int64_t cols, Hyper h) {
+  if (!device_scale(h)) return;
+  const int64_t total = num_rows * cols;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x)
+    if (hits[e / cols] != 0) update(p, g, m, v, e, e, h);
 }
 
 // The fused step over many tensors: block b works on chunk (b - first[t]) of tensor t.
@@ -112,11 +134,19 @@ struct MultiLayout {
   MultiTensor t[MultiAdamWParams::kMax];
   int32_t first[MultiAdamWParams::kMax + 1];
   float beta1, beta2, eps, bc1, bc2, scale;
+  const double* sum_squares;  // clipping on the device (optim.h): scale from it
+  double clip;
 };
 
 template <class T>
 __global__ void __launch_bounds__(256) multi_adamw_kernel(const __grid_constant__ MultiLayout l) {
   using C = compute_t<T>;
+  float scale_f = l.scale;
+  if (l.sum_squares != nullptr) {
+    double s = 1;
+    if (!clip_scale(*l.sum_squares, l.clip, &s)) return;
+    scale_f = static_cast<float>(s);
+  }
   const int32_t blk = blockIdx.x;
   const int lo = multi_tensor_of(l.first, l.count, blk);
   const MultiTensor& d = l.t[lo];
@@ -127,7 +157,7 @@ __global__ void __launch_bounds__(256) multi_adamw_kernel(const __grid_constant_
   const int64_t begin = int64_t(blk - l.first[lo]) * kMultiChunk,
                 end = min(d.n, begin + kMultiChunk);
   const C b1 = l.beta1, b2 = l.beta2, lr = d.lr, decay = d.decay, eps = l.eps,
-          inv_bc1 = C(1) / C(l.bc1), inv_bc2 = C(1) / C(l.bc2), scale = l.scale;
+          inv_bc1 = C(1) / C(l.bc1), inv_bc2 = C(1) / C(l.bc2), scale = scale_f;
   int64_t from = begin;  // begin is a multiple of the pack width (kMultiChunk is)
   if (aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v)) {
     constexpr int kN = Pack<T>::kN;
@@ -175,6 +205,8 @@ void multi_adamw_step(const MultiAdamWParams& mp) {
   l.bc1 = static_cast<float>(mp.bias_correction1);
   l.bc2 = static_cast<float>(mp.bias_correction2);
   l.scale = static_cast<float>(mp.grad_scale);
+  l.sum_squares = mp.sum_squares;
+  l.clip = mp.clip;
   const int32_t blocks = l.first[mp.count];
   if (blocks == 0) return;
   dispatch_float(mp.dtype, "multi_adamw", [&](auto tag) {
@@ -205,8 +237,20 @@ void adamw_step(const AdamWParams& a) {
 }
 
 void adamw_rows_step(const AdamWRowsParams& r) {
-  if (r.k == 0) return;
   const AdamWParams& a = r.base;
+  if (r.hits != nullptr) {
+    if (r.num_rows * r.cols == 0) return;
+    dispatch_float(a.dtype, "adamw_rows", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      adamw_hit_rows_kernel<T>
+          <<<blocks_for(r.num_rows * r.cols, 256), 256, 0, as_stream(a.stream)>>>(
+              static_cast<T*>(a.param), static_cast<const T*>(a.grad), static_cast<T*>(a.m),
+              static_cast<T*>(a.v), r.hits, r.num_rows, r.cols, hyper(a));
+      HYDRA_CUDA_LAUNCH_CHECK();
+    });
+    return;
+  }
+  if (r.k == 0) return;
   dispatch_float(a.dtype, "adamw_rows", [&](auto tag) {
     using T = typename decltype(tag)::type;
     adamw_rows_kernel<T><<<blocks_for(r.k * r.cols, 256), 256, 0, as_stream(a.stream)>>>(

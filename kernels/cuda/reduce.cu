@@ -213,12 +213,13 @@ __global__ void squares_kernel(SquaresLayout l, double* part) {
   if (threadIdx.x == 0) part[blk] = acc;
 }
 
-__global__ void squares_finish_kernel(const double* part, int64_t blocks, double* out) {
+// *out = the sum of the parts (add: *out += it).
+__global__ void squares_finish_kernel(const double* part, int64_t blocks, double* out, bool add) {
   __shared__ double shared[32];
   double acc = 0;
   for (int64_t i = threadIdx.x; i < blocks; i += blockDim.x) acc += part[i];
   acc = block_sum(acc, shared);
-  if (threadIdx.x == 0) *out = acc;
+  if (threadIdx.x == 0) *out = add ? *out + acc : acc;
 }
 
 SquaresLayout layout(const MultiSumSquaresParams& p) {
@@ -253,7 +254,12 @@ void multi_sum_squares(const MultiSumSquaresParams& p) {
       HYDRA_CUDA_LAUNCH_CHECK();
     });
   }
-  squares_finish_kernel<<<1, 1024, 0, s>>>(part, blocks, part + blocks);
+  if (p.add_to != nullptr) {
+    squares_finish_kernel<<<1, 1024, 0, s>>>(part, blocks, p.add_to, true);
+    HYDRA_CUDA_LAUNCH_CHECK();
+    return;
+  }
+  squares_finish_kernel<<<1, 1024, 0, s>>>(part, blocks, part + blocks, false);
   HYDRA_CUDA_LAUNCH_CHECK();
   HYDRA_CUDA_CHECK(
       cudaMemcpyAsync(p.out, part + blocks, sizeof(double), cudaMemcpyDeviceToHost, s));

@@ -1,3 +1,5 @@
+#include "autograd/engine.h"
+
 #include <gtest/gtest.h>
 
 #include "autograd/checkpoint.h"
@@ -257,6 +259,59 @@ TEST(Checkpoint, WithoutGradModeJustRuns) {
   Tensor y = checkpoint(
       [](const std::vector<Tensor>& in) { return std::vector<Tensor>{exp(in[0])}; }, {x})[0];
   EXPECT_FALSE(y.requires_grad());
+}
+
+}  // namespace
+}  // namespace hydra
+
+namespace hydra {
+namespace {
+
+// An op y = 2 x whose backward adds its part into x's gradient sum when the engine offers one
+// (gradient_sum_target), and says whether it was offered.
+Tensor doubled(const Tensor& x, bool* offered) {
+  Tensor y = mul(x.detach(), 2.0);
+  const Shape& shape = x.shape();
+  record_op("doubled", {x}, {y}, [=](const std::vector<Tensor>& g) {
+    Tensor t = gradient_sum_target(0, shape, g[0].dtype(), g[0].device());
+    *offered = t.defined();
+    if (!t.defined()) return std::vector<Tensor>{mul(g[0], 2.0)};
+    t.add_(mul(g[0], 2.0));
+    return std::vector<Tensor>{t};
+  });
+  return y;
+}
+
+// The engine offers an input's gradient summed so far only when it holds it alone: after another
+// op's fresh gradient (x * 3) it is offered and the op adds into it; after a gradient passed
+// through unchanged (x + ...: the same tensor also reaches the op itself) it is not. Both sums are
+// right.
+TEST(Engine, OffersAGradientSumOnlyWhenItHoldsItAlone) {
+  for (const bool through : {false, true}) {
+    Tensor x = randn64({3, 4}, 31, 1.0, true);
+    bool offered = false;
+    const Tensor d = doubled(x, &offered);  // created first: its backward runs last
+    Tensor y = through ? add(d, x) : add(d, mul(x, 3.0));
+    sum(mul(y, randn64({3, 4}, 32, 1.0, false))).backward();
+    EXPECT_EQ(offered, !through) << (through ? "passed through" : "x * 3");
+    // Against the same sums without the offer: 2 + 1, or 2 + 3, times the probe.
+    const std::vector<double> probe = randn64({3, 4}, 32, 1.0, false).to_vector<double>(),
+                              g = x.grad().to_vector<double>();
+    for (std::size_t i = 0; i < g.size(); ++i)
+      EXPECT_NEAR(g[i], (through ? 3.0 : 5.0) * probe[i], 1e-12) << i;
+  }
+}
+
+// linear's backward adds its input gradient into the sum with a GEMM of beta = 1: float64 gradients
+// of an input used by linear and by another op, and of one used by two linears.
+TEST(Engine, LinearAddsIntoTheGradientSumExactly) {
+  const Tensor w1 = randn64({5, 4}, 33), w2 = randn64({6, 4}, 34);
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        const Tensor& x = in[0];
+        return std::vector<Tensor>{concat({linear(x, in[1]), linear(x, in[2]), mul(x, x)}, 1)};
+      },
+      (std::vector<Tensor>{randn64({3, 4}, 35), w1, w2}));
 }
 
 }  // namespace

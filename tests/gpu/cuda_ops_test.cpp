@@ -1112,6 +1112,66 @@ TEST(CudaOps, AdamWMatchesCpu) {
   EXPECT_LT(testing::rel_error(gt.cpu(), ct), 1e-6);
 }
 
+// Clipping on the device (AdamWHyper::sum_squares): on the GPU the same update as with the factor
+// the host computes from the same sum, bit for bit, in the dense, fused and row kernels; a
+// non-finite sum leaves everything as it was; the rows marked hit equal the listed rows' update.
+TEST(CudaOps, AdamWClipsOnTheDeviceAsTheHostWould) {
+  HYDRA_REQUIRE_GPU();
+  const Device gpu = Device::cuda(0);
+  const std::vector<Tensor> grads = {rnd({1031}, 61), rnd({77, 5}, 62)};
+  const std::vector<Tensor> on_gpu = {grads[0].to(gpu), grads[1].to(gpu)};
+  const Tensor ss = sum_squares_all_on(on_gpu, gpu);
+  const double host_ss = sum_squares_all(on_gpu);
+  EXPECT_EQ(ss.cpu().to_vector<double>()[0], host_ss) << "the same order, the same sum";
+  const Tensor p = rnd({1031}, 63), m = rnd({1031}, 64, 0.1), v = exp(rnd({1031}, 65));
+  const Tensor table = rnd({40, 8}, 66), tm = rnd({40, 8}, 67, 0.1), tv = exp(rnd({40, 8}, 68));
+  const Tensor rows_idx = tensor<int64_t>({3, 17, 39}, {3}), vals = rnd({3, 8}, 69);
+  std::vector<int32_t> hit(40, 0);
+  Tensor dense_vals = zeros({40, 8});
+  for (int64_t r : {3, 17, 39}) hit[r] = 1;
+  dense_vals.narrow(0, 3, 1).copy_(vals.narrow(0, 0, 1));
+  dense_vals.narrow(0, 17, 1).copy_(vals.narrow(0, 1, 1));
+  dense_vals.narrow(0, 39, 1).copy_(vals.narrow(0, 2, 1));
+  const Tensor hits = tensor<int32_t>(hit, {40});
+  for (const double clip : {0.0, 1.0, 1e9, -1.0}) {  // -1: a non-finite sum
+    const Tensor sum = clip < 0 ? tensor<double>({NAN}, {1}).to(gpu) : ss;
+    AdamWHyper host{1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 1.0};
+    const double norm = std::sqrt(host_ss);
+    host.grad_scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
+    AdamWHyper dev = host;
+    dev.grad_scale = 123;  // unused
+    dev.sum_squares = sum;
+    dev.clip = clip < 0 ? 0 : clip;
+    const auto run = [&](const AdamWHyper& h, bool hit_rows) {
+      std::vector<Tensor> out = {p.to(gpu),  m.to(gpu), v.to(gpu), table.to(gpu), tm.to(gpu),
+                                 tv.to(gpu), p.to(gpu), m.to(gpu), v.to(gpu)};
+      adamw_update(out[0], grads[0].to(gpu), out[1], out[2], h);
+      if (hit_rows) {
+        adamw_update_hit_rows(out[3], hits.to(gpu), dense_vals.to(gpu), out[4], out[5], h);
+      } else {
+        adamw_update_rows(out[3], rows_idx.to(gpu), vals.to(gpu), out[4], out[5], h);
+      }
+      adamw_update_many({{out[6], grads[0].to(gpu), out[7], out[8], 2e-3, 0.0}}, h);
+      std::vector<std::vector<float>> host_out;
+      host_out.reserve(out.size());
+      for (const Tensor& t : out) host_out.push_back(t.cpu().to_vector<float>());
+      return host_out;
+    };
+    const auto want = run(host, false);
+    const auto got = run(dev, false), got_hits = run(dev, true);
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      if (clip < 0) {  // nothing moved
+        const Tensor orig = std::vector<Tensor>{p, m, v, table, tm, tv, p, m, v}[i];
+        EXPECT_EQ(got[i], orig.to_vector<float>()) << "non-finite: tensor " << i;
+        EXPECT_EQ(got_hits[i], orig.to_vector<float>()) << "non-finite: tensor " << i;
+        continue;
+      }
+      EXPECT_EQ(got[i], want[i]) << "clip " << clip << ", tensor " << i;
+      EXPECT_EQ(got_hits[i], want[i]) << "clip " << clip << ", tensor " << i << " (hit rows)";
+    }
+  }
+}
+
 TEST(CudaOps, FusedAdamWOverManyTensorsMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   // More tensors than one launch takes (160), odd sizes, per-tensor lr and decay, f32 and bf16.

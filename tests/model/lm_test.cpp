@@ -289,6 +289,18 @@ TEST(HydraLM, ComputeCopiesComputeInTheirDtypeAndAccumulateInTheMasters) {
   EXPECT_EQ(m->parameters()[0].to(DType::kF64).to_vector<double>()[0],
             double(float(before[0].to_vector<double>()[0] + 1.0)));
   copies.exit();
+  // refresh() casts ahead of enter(), which then reuses the copies; a master changed after the
+  // refresh is cast again at enter().
+  const auto first_copy = [&] { return m->parameters()[0].to(DType::kF64).to_vector<double>()[0]; };
+  copies.refresh();
+  m->parameters()[0].detach().copy_(add(before[0], full(before[0].shape(), 2.0, DType::kF64)));
+  copies.enter();
+  EXPECT_EQ(first_copy(), double(float(before[0].to_vector<double>()[0] + 2.0)));
+  copies.exit();
+  copies.refresh();
+  copies.enter();
+  EXPECT_EQ(first_copy(), double(float(before[0].to_vector<double>()[0] + 2.0)));
+  copies.exit();
 }
 
 TEST(HydraLM, ReportsStatisticsOfEveryComponent) {

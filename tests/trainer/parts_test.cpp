@@ -262,6 +262,82 @@ TEST(AdamW, GradientNormCoversDenseAndSparseGradients) {
   EXPECT_NEAR(opt.grad_norm(), std::sqrt(4.0 + 25.0), 1e-6);
 }
 
+// Clipping on the device (the trainer's path): the factor the kernels compute from the gradients'
+// sum of squares equals the host's from its norm, bit for bit, clipping or not; a non-finite sum
+// updates nothing (the trainer then stops).
+TEST(AdamW, ClippingOnTheDeviceEqualsTheHostsFactor) {
+  const auto all = [](const std::string&) { return true; };
+  for (const double clip : {0.0, 0.5, 100.0, -1.0}) {  // -1: a NaN in a gradient
+    TwoParams a, b;
+    AdamW opt_a(a.named_parameters(), config::OptimizerConfig(), {{"pkm_values", 0.5}});
+    AdamW opt_b(b.named_parameters(), config::OptimizerConfig(), {{"pkm_values", 0.5}});
+    for (TwoParams* m : {&a, &b}) {
+      {
+        NoGradGuard ng;
+        m->w.set_grad(tensor<float>({0.3f, clip < 0 ? NAN : -1.2f, 2.5f, 0.7f}, {2, 2}));
+        m->g.set_grad(tensor<float>({-0.4f, 0.9f}, {2}));
+      }
+      accumulate_sparse_grad(m->table, tensor<int64_t>({2, 0}, {2}),
+                             tensor<float>({1.5f, -0.5f, 0.25f, 2.0f}, {2, 2}));
+    }
+    const Tensor before = b.w.clone();
+    const Tensor ss = opt_b.grad_sum_squares_on_device(all);
+    if (clip >= 0) EXPECT_EQ(ss.to_vector<double>()[0], opt_a.grad_sum_squares(all));
+    const double norm = opt_a.grad_norm();
+    opt_b.step(0.01, 0.02, ss, std::max(clip, 0.0));
+    if (clip < 0) {
+      EXPECT_EQ(b.w.to_vector<float>(), before.to_vector<float>()) << "a NaN gradient: no update";
+      EXPECT_EQ(b.table.to_vector<float>(), a.table.to_vector<float>());
+      continue;
+    }
+    opt_a.step(0.01, 0.02, clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0);
+    EXPECT_EQ(a.w.to_vector<float>(), b.w.to_vector<float>()) << "clip " << clip;
+    EXPECT_EQ(a.g.to_vector<float>(), b.g.to_vector<float>()) << "clip " << clip;
+    EXPECT_EQ(a.table.to_vector<float>(), b.table.to_vector<float>()) << "clip " << clip;
+  }
+}
+
+class BagTable : public Module {
+ public:
+  explicit BagTable(Tensor init) {
+    table = register_parameter("table", std::move(init),
+                               ParamOptions{.weight_decay = false, .lr_group = "pkm_values"});
+  }
+  Tensor table;
+};
+
+// The embedding bag's pending gradient: the optimizer updates the hit rows from the whole table's
+// gradient without resolving the rows (no wait for the device), exactly as from the resolved rows;
+// the gradient norm agrees (summed in another order).
+TEST(AdamW, PendingBagGradientUpdatesTheHitRowsAsTheResolvedRows) {
+  const auto all = [](const std::string&) { return true; };
+  const Tensor idx = tensor<int64_t>({0, 3, 3, 5, 6, 0}, {3, 2});
+  Generator gen(5);
+  const Tensor weights = randn({3, 2}, gen), probe = randn({3, 3}, gen), init = randn({7, 3}, gen);
+  std::vector<std::vector<float>> tables;
+  std::vector<double> norms;
+  for (const bool resolve : {false, true}) {
+    BagTable m(init.clone());
+    const Tensor& table = m.table;
+    AdamW opt(m.named_parameters(), config::OptimizerConfig(), {{"pkm_values", 0.5}});
+    for (int step = 0; step < 2; ++step) {
+      sum(mul(embedding_bag(table, idx, weights, true), probe)).backward();
+      ASSERT_TRUE(table.sparse_grad_as_is() != nullptr);
+      ASSERT_TRUE(table.sparse_grad_as_is()->pending != nullptr);
+      if (resolve) ASSERT_EQ(table.sparse_grad()->rows.numel(), 4);
+      norms.push_back(opt.grad_sum_squares(all));
+      opt.step(0.01, 0.02, opt.grad_sum_squares_on_device(all), 1.0);
+      EXPECT_EQ(table.sparse_grad_as_is()->pending != nullptr, !resolve) << "not resolved";
+      m.zero_grad();
+    }
+    tables.push_back(table.to_vector<float>());
+  }
+  EXPECT_EQ(tables[0], tables[1]);
+  EXPECT_NEAR(norms[0], norms[2], 1e-6 * norms[2]);
+  EXPECT_NEAR(norms[1], norms[3], 1e-6 * norms[3]);
+  EXPECT_EQ(tables[0][1 * 3], init.to_vector<float>()[1 * 3]) << "row 1 not hit: unchanged";
+}
+
 TEST(TensorBoard, RecordsAreFramedWithMaskedCrcAndParse) {
   const std::string dir =
       std::filesystem::temp_directory_path() / ("hydra_tb_" + std::to_string(::getpid()));
