@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
@@ -9,15 +10,18 @@
 namespace hydra::trainer {
 namespace {
 
-// Rows [row0, row0 + nrows) of a batch's [*, cols] token array, on `dev`. A GPU's copy comes from
-// page-locked memory: it is queued without waiting (from pageable memory the driver may wait for
-// the stream, the update of the step before still in it).
-Tensor rows_of(const std::vector<int64_t>& v, int64_t cols, int64_t row0, int64_t nrows,
-               Device dev) {
-  Tensor host = dev.is_cuda() ? Tensor::empty_pinned({nrows, cols}, DType::kI64)
-                              : Tensor::empty({nrows, cols}, DType::kI64);
-  std::copy(v.begin() + row0 * cols, v.begin() + (row0 + nrows) * cols, host.data<int64_t>());
-  return host.to(dev);
+// Rows [row0, row0 + nrows) of the batch's tokens and targets, on `dev`, in one copy. A GPU's copy
+// comes from page-locked memory: it is queued without waiting (from pageable memory the driver may
+// wait for the stream, the update of the step before still in it).
+std::pair<Tensor, Tensor> batch_rows(const data::Batch& b, int64_t row0, int64_t nrows, Device dev) {
+  const int64_t n = nrows * b.len, from = row0 * b.len;
+  Tensor host = dev.is_cuda() ? Tensor::empty_pinned({2, nrows, b.len}, DType::kI64)
+                              : Tensor::empty({2, nrows, b.len}, DType::kI64);
+  int64_t* h = host.data<int64_t>();
+  std::copy(b.tokens.begin() + from, b.tokens.begin() + from + n, h);
+  std::copy(b.targets.begin() + from, b.targets.begin() + from + n, h + n);
+  const Tensor both = host.to(dev);
+  return {both.select(0, 0), both.select(0, 1)};
 }
 
 }  // namespace
@@ -51,8 +55,7 @@ QueuedLosses forward_backward_queued(model::LanguageModel& model, const parallel
     ctx.grid = &grid;
     ctx.lm_tokens = std::max(targets, 1.0);
     ctx.pos0 = grid.sp_rank() * local.len;
-    const Tensor tokens = rows_of(local.tokens, local.len, m * micro, micro, s.device);
-    const Tensor targets = rows_of(local.targets, local.len, m * micro, micro, s.device);
+    const auto [tokens, targets] = batch_rows(local, m * micro, micro, s.device);
     const model::LmOutput o = model.forward(tokens, targets, ctx);
     const bool last = m + 1 == accum;
     if (reducer != nullptr && last)

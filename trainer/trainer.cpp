@@ -639,7 +639,9 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   const double warm =
       stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
   HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader_->get(step));
-  const data::Batch batch = sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
+  const data::Batch batch = grid_->shape().sp == 1  // the whole sequences: no copy
+                                ? std::move(loaded)
+                                : sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
 
   StepSettings ss;
   ss.paths = stage.paths;
@@ -730,9 +732,13 @@ MetricValues Trainer::step_metrics(StepOutcome& step, const Stage& stage, Leg& l
   // Model FLOPs per second over the device's peak, per rank (the step's tokens are the global
   // batch's).
   const double tokens_per_s = step.tokens / step.seconds;
-  const double tflops = tokens_per_s *
-                        model::training_flops_per_token(spec_, stage.paths, stage.seq_len) /
-                        double(grid_->world().size()) / 1e12;
+  auto flops = flops_per_token_.find(stage.index);  // counted once a stage (~0.2 ms of host time)
+  if (flops == flops_per_token_.end())
+    flops = flops_per_token_
+                .emplace(stage.index,
+                         model::training_flops_per_token(spec_, stage.paths, stage.seq_len))
+                .first;
+  const double tflops = tokens_per_s * flops->second / double(grid_->world().size()) / 1e12;
   const model::AuxLosses& aux = step.losses.aux;
   MetricValues values = {{"loss", step.losses.lm},
                          {"loss.total", step.losses.total},
