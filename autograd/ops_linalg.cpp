@@ -350,7 +350,7 @@ namespace {
 
 // C = A op(W[tiles[t]]) for every tile (kernels/matmul.h: tile_gemm).
 void tile_gemm_run(const Tensor& a, const Tensor& w, bool trans_w, const TiledGroups& g,
-                   const Tensor& c) {
+                   const Tensor& c, double beta = 0) {
   kernels::TileGemmParams p;
   p.dtype = a.dtype();
   p.trans_w = trans_w;
@@ -365,6 +365,7 @@ void tile_gemm_run(const Tensor& a, const Tensor& w, bool trans_w, const TiledGr
   p.tiles = g.tiles.data<int64_t>();
   p.c = c.raw_data();
   p.ldc = c.stride(0);
+  p.beta = beta;
   p.stream = current_stream(a.device());
   const Tensor ws = HYDRA_CUDA_WORKSPACE(a.device(), tile_gemm_workspace, p);
   p.workspace = ws.defined() ? ws.raw_data() : nullptr;
@@ -395,12 +396,17 @@ Tensor tiled_linear(const Tensor& x, const Tensor& w, const TiledGroups& groups)
   record_op("tiled_linear", {x, w}, {y}, [=](const std::vector<Tensor>& grads) {
     const Tensor gy = grads[0].contiguous();
     Tensor gx, gw;
-    if (need_x) {
-      gx = Tensor::empty({rows, in}, gy.dtype(), gy.device());
-      if (out_f == 0)
-        gx.zero_();
-      else
-        tile_gemm_run(gy, sw.get(), false, groups, gx);
+    if (need_x) {  // added into x's gradient summed so far when the engine offers it (beta = 1)
+      gx = out_f > 0 ? gradient_sum_target(0, {rows, in}, gy.dtype(), gy.device()) : Tensor();
+      if (gx.defined()) {
+        tile_gemm_run(gy, sw.get(), false, groups, gx, 1.0);
+      } else {
+        gx = Tensor::empty({rows, in}, gy.dtype(), gy.device());
+        if (out_f == 0)
+          gx.zero_();
+        else
+          tile_gemm_run(gy, sw.get(), false, groups, gx);
+      }
     }
     if (need_w) {  // gw[g] = gy_g^T x_g over the group's rows (padding excluded), from host sizes
       const std::vector<int64_t> sizes = groups.sizes();

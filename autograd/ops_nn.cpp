@@ -1,4 +1,7 @@
+#include <cstdint>
+
 #include "autograd/dispatch.h"
+#include "autograd/engine.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "kernels/gated_residual.h"
@@ -180,7 +183,11 @@ std::vector<Tensor> rms_norm_multi(const Tensor& x_in, const std::vector<Tensor>
       q.cols = cols;
       q.stream = current_stream(xv.device());
       std::vector<Tensor> keep, out(count + 1);
-      out[0] = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
+      // Added into x's gradient summed so far when the engine offers it (aligned for the kernel).
+      out[0] = rows > 0 ? gradient_sum_target(0, xv.shape(), xv.dtype(), xv.device()) : Tensor();
+      q.accumulate_gx =
+          out[0].defined() && reinterpret_cast<std::uintptr_t>(out[0].raw_data()) % 16 == 0;
+      if (!q.accumulate_gx) out[0] = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
       q.gx = out[0].raw_data();
       for (int k = 0; k < count; ++k) {
         const Tensor wv = sw[k].get();

@@ -94,6 +94,7 @@ struct TileGemmParams {
   const int64_t* tiles = nullptr;  // [num_tiles], on the kernel's device
   void* c = nullptr;
   int64_t ldc = 0;
+  double beta = 0;            // C = A op(W) + beta C (1: add into C)
   void* workspace = nullptr;  // CUDA: tile_gemm_workspace(p) bytes (the pointer tables)
   void* stream = nullptr;
 };

@@ -57,6 +57,7 @@ struct RmsNormMultiBwdParams {
   const void* rstd = nullptr;
   const void* gy[kRmsNormMaxWeights] = {};  // null: no gradient reached that output
   void* gx = nullptr;
+  bool accumulate_gx = false;  // gx += the input's gradient (16-byte aligned on CUDA), not gx =
   void* gw[kRmsNormMaxWeights] = {};  // null: not wanted (or gy null: then written as zeros)
   int64_t rows = 0, cols = 0;
   void* workspace = nullptr;  // CUDA: rms_norm_multi_bwd_workspace(p) bytes

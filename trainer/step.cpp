@@ -13,7 +13,8 @@ namespace {
 // Rows [row0, row0 + nrows) of the batch's tokens and targets, on `dev`, in one copy. A GPU's copy
 // comes from page-locked memory: it is queued without waiting (from pageable memory the driver may
 // wait for the stream, the update of the step before still in it).
-std::pair<Tensor, Tensor> batch_rows(const data::Batch& b, int64_t row0, int64_t nrows, Device dev) {
+std::pair<Tensor, Tensor> batch_rows(const data::Batch& b, int64_t row0, int64_t nrows,
+                                     Device dev) {
   const int64_t n = nrows * b.len, from = row0 * b.len;
   Tensor host = dev.is_cuda() ? Tensor::empty_pinned({2, nrows, b.len}, DType::kI64)
                               : Tensor::empty({2, nrows, b.len}, DType::kI64);

@@ -158,7 +158,7 @@ class Trainer {
   std::string source_;
   TrainOptions opt_;
   model::ModelSpec spec_;
-  std::set<std::string> dead_layers_warned_;  // MoE layers already reported as routing nothing
+  std::set<std::string> dead_layers_warned_;   // MoE layers already reported as routing nothing
   std::map<int64_t, double> flops_per_token_;  // model FLOPs a token by stage index (step_metrics)
   std::vector<Stage> stages_;
   std::unique_ptr<model::LanguageModel> model_;

@@ -87,6 +87,7 @@ void tile_gemm(const TileGemmParams& p) {
     g.ldb = p.w_cols;
     g.c = static_cast<char*>(p.c) + t * p.tile * p.ldc * es;
     g.ldc = p.ldc;
+    g.beta = p.beta;
     gemm(g);
   }
 }

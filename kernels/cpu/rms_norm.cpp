@@ -122,7 +122,9 @@ void rms_norm_multi_bwd_impl(const RmsNormMultiBwdParams& p) {
         for (int64_t j = 0; j < cols; ++j) dot += a[j] * double(xr[j]);
         const double c = rs * rs * dot / double(cols);
         T* gxr = gx + r * cols;
-        for (int64_t j = 0; j < cols; ++j) gxr[j] = static_cast<T>(rs * (a[j] - double(xr[j]) * c));
+        for (int64_t j = 0; j < cols; ++j)
+          gxr[j] = static_cast<T>(rs * (a[j] - double(xr[j]) * c) +
+                                  (p.accumulate_gx ? double(gxr[j]) : 0.0));
       }
     }
   });

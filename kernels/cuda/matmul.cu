@@ -261,8 +261,8 @@ void tile_gemm(const TileGemmParams& p) {
       const_cast<const void**>(table + T), table + 2 * T);
   HYDRA_CUDA_LAUNCH_CHECK();
   // Column-major, as gemm: C^T = op(W)^T A^T; W [w_rows, w_cols] row-major is W^T to cuBLAS.
-  const double alpha64 = 1, beta64 = 0;
-  const float alpha32 = 1, beta32 = 0;
+  const double alpha64 = 1, beta64 = p.beta;
+  const float alpha32 = 1, beta32 = static_cast<float>(p.beta);
   cublasHandle_t h = handles().blas;
   HYDRA_CUBLAS_CHECK(cublasSetStream(h, s));
   HYDRA_CUBLAS_CHECK(cublasGemmBatchedEx_64(

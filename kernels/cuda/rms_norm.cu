@@ -391,6 +391,12 @@ __global__ void __launch_bounds__(kMultiThreads)
       C o[kN];
 #pragma unroll
       for (int j = 0; j < kN; ++j) o[j] = rs * (a[i][j] - xv[i][j] * c);
+      if (p.accumulate_gx) {  // into the gradient summed so far: one rounding
+        C prev[kN];
+        U::load(static_cast<const T*>(p.gx) + off, u, prev);
+#pragma unroll
+        for (int j = 0; j < kN; ++j) o[j] += prev[j];
+      }
       U::store(static_cast<T*>(p.gx) + off, u, o);
     }
   }

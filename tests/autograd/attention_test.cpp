@@ -300,6 +300,21 @@ TEST(TiledLinear, GradcheckFloat64OnTheGroupsRows) {
       (std::vector<Tensor>{randn64({6, 4}, 43), randn64({2, 3, 4}, 44)}));
 }
 
+// An input read by two tiled linears (an expert's gate and up projections): the second adds its
+// input gradient into the first's (gradient_sum_target, a tile GEMM with beta = 1).
+TEST(TiledLinear, GradcheckFloat64OfAnInputReadTwice) {
+  TiledGroups g;
+  g.tile = 2;
+  g.tiles = tensor(std::vector<int64_t>{0, 0, 1}, {3});
+  g.sizes = [] { return std::vector<int64_t>{4, 2}; };
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{
+            concat({tiled_linear(in[0], in[1], g), tiled_linear(in[0], in[2], g)}, 1)};
+      },
+      (std::vector<Tensor>{randn64({6, 4}, 45), randn64({2, 3, 4}, 46), randn64({2, 5, 4}, 47)}));
+}
+
 TEST(GroupedLinear, EmptyFeaturesAndUntouchedExpertsGiveZeros) {
   // No input features: the outputs are zeros, as is the weight gradient of every expert.
   Tensor x0 = randn64({4, 0}, 30), w0 = randn64({2, 3, 0}, 31);

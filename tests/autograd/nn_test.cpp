@@ -90,6 +90,15 @@ TEST(RmsNorm, MultiEqualsTheSingleNormsAndGradcheckFloat64) {
       },
       (std::vector<Tensor>{randn64({3, 4, 6}, 30), randn64({6}, 31), randn64({6}, 32),
                            randn64({6}, 33)}));
+  // x also read by a later op (whose gradient the engine holds first): the norm's backward adds
+  // its input gradient into that sum (gradient_sum_target).
+  HYDRA_EXPECT_GRADCHECK(
+      [](const std::vector<Tensor>& in) {
+        std::vector<Tensor> ys = rms_norm_multi(in[0], {in[1], in[2]}, 1e-5);
+        ys.push_back(mul(in[0], in[0]));
+        return ys;
+      },
+      (std::vector<Tensor>{randn64({3, 4, 6}, 35), randn64({6}, 36), randn64({6}, 37)}));
   EXPECT_THROW((void)rms_norm_multi(x0, {}, 1e-5), Error);
   EXPECT_THROW((void)rms_norm_multi(x0, {w0[0], randn64({5}, 34, 1.0, false)}, 1e-5), Error);
 }

@@ -361,6 +361,15 @@ TEST(CudaOps, MatmulAndLinearMatchCpu) {
                 tiled_linear(in[0], in[1], in[0].device().is_cuda() ? gg : g)};
           },
           {x, w}, {true, true}, t);
+      // x read by two of them: the second adds its input gradient into the first's (beta = 1).
+      check_op(
+          "tiled_linear twice",
+          [&](const std::vector<Tensor>& in) {
+            const TiledGroups& on = in[0].device().is_cuda() ? gg : g;
+            return std::vector<Tensor>{
+                concat({tiled_linear(in[0], in[1], on), tiled_linear(in[0], in[2], on)}, 1)};
+          },
+          {x, w, rnd({4, 24, 72}, 32, 0.1)}, {true, true, true}, t);
     }
     // Groups of many rows (and padding rows that must not count) with a small output: the weight
     // gradients run as one cuBLASLt GEMM per group.
@@ -429,6 +438,14 @@ TEST(CudaOps, RmsNormMultiMatchesCpu) {
             return std::vector<Tensor>{rms_norm_multi(v[0], {v[1], v[2]}, 1e-5)[1]};
           },
           {rnd(s, 50), rnd({d}, 51), rnd({d}, 52)}, {true, false, true}, t);
+      check_op(
+          "rms_norm_multi, x also read by a later op (the norm adds into its gradient sum)",
+          [](const std::vector<Tensor>& v) {
+            std::vector<Tensor> ys = rms_norm_multi(v[0], {v[1], v[2]}, 1e-5);
+            ys.push_back(mul(v[0], 3.0));
+            return ys;
+          },
+          {rnd(s, 53), rnd({d}, 54), rnd({d}, 55)}, {true, true, true}, t);
     }
 }
 
