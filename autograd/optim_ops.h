@@ -15,6 +15,19 @@ struct AdamWHyper {
   Tensor sum_squares;
   double clip = 0;
 };
+// The host-factor hyper-parameters in one call.
+inline AdamWHyper adamw_hyper(double lr, double beta1, double beta2, double eps,
+                              double weight_decay, int64_t step, double grad_scale) {
+  AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.eps = eps;
+  h.weight_decay = weight_decay;
+  h.step = step;
+  h.grad_scale = grad_scale;
+  return h;
+}
 
 // param, grad, m, v: same shape, dtype and device, contiguous.
 void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,

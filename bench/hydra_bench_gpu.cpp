@@ -503,7 +503,7 @@ int run(int argc, char** argv) {
     const int64_t n = int64_t{100} << 20;  // 100M f32 parameters
     Tensor p = rnd({n}, DType::kF32), g = rnd({n}, DType::kF32), m = rnd({n}, DType::kF32, 0.1),
            v = exp(rnd({n}, DType::kF32));
-    const AdamWHyper h{1e-4, 0.9, 0.95, 1e-8, 0.1, 10, 1.0};
+    const AdamWHyper h = adamw_hyper(1e-4, 0.9, 0.95, 1e-8, 0.1, 10, 1.0);
     bandwidth_row(report, f, "adamw f32 [100M params]", 28.0 * n,
                   [&] { adamw_update(p, g, m, v, h); });
     // The optimizer's real case: many tensors (here 400 of 256K) in a few fused launches.

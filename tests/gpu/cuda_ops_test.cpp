@@ -1111,7 +1111,7 @@ TEST(CudaOps, AdamWMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   const Tensor p = rnd({1031}, 51), g = rnd({1031}, 52), m = rnd({1031}, 53, 0.1),
                v = exp(rnd({1031}, 54));
-  const AdamWHyper h{1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5};
+  const AdamWHyper h = adamw_hyper(1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5);
   Tensor cp = p.clone(), cm = m.clone(), cv = v.clone();
   Tensor gp = p.to(Device::cuda(0)), gm = m.to(Device::cuda(0)), gv = v.to(Device::cuda(0));
   adamw_update(cp, g, cm, cv, h);
@@ -1152,7 +1152,7 @@ TEST(CudaOps, AdamWClipsOnTheDeviceAsTheHostWould) {
   const Tensor hits = tensor<int32_t>(hit, {40});
   for (const double clip : {0.0, 1.0, 1e9, -1.0}) {  // -1: a non-finite sum
     const Tensor sum = clip < 0 ? tensor<double>({NAN}, {1}).to(gpu) : ss;
-    AdamWHyper host{1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 1.0};
+    AdamWHyper host = adamw_hyper(1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 1.0);
     const double norm = std::sqrt(host_ss);
     host.grad_scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
     AdamWHyper dev = host;

@@ -282,7 +282,9 @@ TEST(AdamW, ClippingOnTheDeviceEqualsTheHostsFactor) {
     }
     const Tensor before = b.w.clone();
     const Tensor ss = opt_b.grad_sum_squares_on_device(all);
-    if (clip >= 0) EXPECT_EQ(ss.to_vector<double>()[0], opt_a.grad_sum_squares(all));
+    if (clip >= 0) {
+      EXPECT_EQ(ss.to_vector<double>()[0], opt_a.grad_sum_squares(all));
+    }
     const double norm = opt_a.grad_norm();
     opt_b.step(0.01, 0.02, ss, std::max(clip, 0.0));
     if (clip < 0) {
@@ -324,7 +326,9 @@ TEST(AdamW, PendingBagGradientUpdatesTheHitRowsAsTheResolvedRows) {
       sum(mul(embedding_bag(table, idx, weights, true), probe)).backward();
       ASSERT_TRUE(table.sparse_grad_as_is() != nullptr);
       ASSERT_TRUE(table.sparse_grad_as_is()->pending != nullptr);
-      if (resolve) ASSERT_EQ(table.sparse_grad()->rows.numel(), 4);
+      if (resolve) {
+        ASSERT_EQ(table.sparse_grad()->rows.numel(), 4);
+      }
       norms.push_back(opt.grad_sum_squares(all));
       opt.step(0.01, 0.02, opt.grad_sum_squares_on_device(all), 1.0);
       EXPECT_EQ(table.sparse_grad_as_is()->pending != nullptr, !resolve) << "not resolved";
