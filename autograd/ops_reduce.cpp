@@ -1,6 +1,5 @@
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <optional>
 #include <set>
 #include <string>
@@ -171,10 +170,11 @@ std::vector<std::vector<Tensor>> square_groups(const std::vector<Tensor>& xs) {
   return groups;
 }
 
-// One launch per kMax tensors of a group: each launch's sum into *out (host) or added to *add_to.
-void launch_squares(const std::vector<Tensor>& g, const std::function<void(double)>& got,
-                    double* add_to) {
+// One launch per kMax tensors of a group. Returns the sum of the launches' sums (waiting for each),
+// or, with add_to, adds each into *add_to on the device and returns 0 without waiting.
+double launch_squares(const std::vector<Tensor>& g, double* add_to) {
   const Device dev = g.front().device();
+  double total = 0;
   for (std::size_t first = 0; first < g.size(); first += kernels::MultiSumSquaresParams::kMax) {
     kernels::MultiSumSquaresParams p;
     p.dtype = g.front().dtype();
@@ -191,17 +191,16 @@ void launch_squares(const std::vector<Tensor>& g, const std::function<void(doubl
     Tensor ws = HYDRA_CUDA_WORKSPACE(dev, multi_sum_squares_workspace, p);
     p.workspace = ws.defined() ? ws.raw_data() : nullptr;
     HYDRA_LAUNCH(dev, multi_sum_squares, p);
-    if (add_to == nullptr) got(out);
+    total += out;
   }
+  return total;
 }
 
 }  // namespace
 
 double sum_squares_all(const std::vector<Tensor>& xs) {
   double total = 0;
-  for (const auto& g : square_groups(xs))
-    launch_squares(
-        g, [&](double part) { total += part; }, nullptr);
+  for (const auto& g : square_groups(xs)) total += launch_squares(g, nullptr);
   return total;
 }
 
@@ -211,7 +210,7 @@ Tensor sum_squares_all_on(const std::vector<Tensor>& xs, Device device) {
     HYDRA_CHECK(g.front().device() == device)
         << "sum_squares_all_on: a tensor on " << g.front().device().str() << ", expected "
         << device.str();
-    launch_squares(g, nullptr, total.data<double>());
+    launch_squares(g, total.data<double>());
   }
   return total;
 }

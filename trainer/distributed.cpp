@@ -62,8 +62,8 @@ Status validate_parallel(const config::RunConfig& cfg, const model::ModelSpec& s
   return ok_status();
 }
 
-data::Batch sequence_shard(const data::Batch& b, int64_t sp_rank, int64_t sp) {
-  if (sp == 1) return b;
+data::Batch sequence_shard(data::Batch b, int64_t sp_rank, int64_t sp) {
+  if (sp == 1) return b;  // the whole sequences (moved, not copied, from a caller's temporary)
   const int64_t n = b.len / sp, c0 = sp_rank * n;
   data::Batch out;
   out.step = b.step;

@@ -22,7 +22,7 @@ Status validate_parallel(const config::RunConfig& cfg, const model::ModelSpec& s
                          const std::vector<Stage>& stages, const std::string& source);
 
 // The columns [sp_rank * L / sp, (sp_rank + 1) * L / sp) of every sequence of `b`.
-data::Batch sequence_shard(const data::Batch& b, int64_t sp_rank, int64_t sp);
+data::Batch sequence_shard(data::Batch b, int64_t sp_rank, int64_t sp);
 
 // Expert parameters (sharded over the ep group) are reduced over their replicas; the rest over the
 // world. Row-sparse parameters (ParamOptions::sparse_grad) are merged, not bucketed. zero1: the

@@ -188,7 +188,7 @@ Expected<EvalResult> Trainer::evaluate(const Stage& stage) {
   const int64_t batches = cfg_.train().eval_batches();
   for (int64_t i = 0; i < batches; ++i) {
     HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader.get(i));
-    const data::Batch b = sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
+    const data::Batch b = sequence_shard(std::move(loaded), grid_->sp_rank(), grid_->shape().sp);
     model::ForwardContext ctx;
     ctx.paths = stage.paths;
     ctx.grid = grid_.get();

@@ -639,9 +639,7 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   const double warm =
       stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
   HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader_->get(step));
-  const data::Batch batch = grid_->shape().sp == 1  // the whole sequences: no copy
-                                ? std::move(loaded)
-                                : sequence_shard(loaded, grid_->sp_rank(), grid_->shape().sp);
+  const data::Batch batch = sequence_shard(std::move(loaded), grid_->sp_rank(), grid_->shape().sp);
 
   StepSettings ss;
   ss.paths = stage.paths;
