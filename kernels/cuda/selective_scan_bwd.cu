@@ -42,8 +42,8 @@ constexpr int scan_bwd_blocks(int nmax, int acc_bytes) {
 // Steps per sub-chunk of the backward's recomputation, whose states sit in shared memory (kSub
 // slots of NMAX states for each of kThreads threads) beside the staged inputs (two buffers of
 // kSub steps of delta, u, gy and z, and of B and C, and the warps' gB and gC sums): the largest
-// power of two within 50 KB when 4 blocks share an SM (64 KB otherwise). Single precision states: 4
-// steps at 16 states, 8 at 8, 16 at 1 with bf16 inputs.
+// power of two within 50 KB when 4 blocks share an SM (64 KB otherwise). Single precision states,
+// bf16 inputs: 4 steps at 8 and 16 states, 16 at 1.
 constexpr int scan_bwd_sub_steps(int nmax, int acc_bytes, int in_bytes) {
   const int per_step = nmax * kThreads * acc_bytes + 2 * 4 * kThreads * in_bytes +
                        2 * nmax * (2 * in_bytes + acc_bytes) +
@@ -58,7 +58,7 @@ constexpr size_t scan_bwd_smem(int nmax, int acc_bytes, int in_bytes) {
 }
 
 struct BwdScratch {
-  int64_t hs;              // checkpoints of one batch slice: sub-chunks * N * slice * chunks * D
+  int64_t hs;              // checkpoints of one batch slice: sub-chunks * NMAX * slice * chunks * D
   int64_t g_in, dsums;     // G entering each chunk [B][chunks][D][N]; summed delta [B][chunks][D]
   int64_t part_bc;         // per-block partials of gB (and of gC)
   int64_t part_a, part_d;  // per-(batch, chunk) partials of gA (and of gD, gdt_bias)
@@ -75,7 +75,7 @@ BwdScratch scratch_of(const SelectiveScanParams& p) {
   const int64_t sub =
       scan_bwd_sub_steps(state_bound(p.state), static_cast<int>(a), static_cast<int>(in));
   const int64_t subs = (cl + sub - 1) / sub;
-  const int64_t per_batch = subs * p.state * nc * p.dim;
+  const int64_t per_batch = subs * state_bound(p.state) * nc * p.dim;
   const int64_t slice =
       std::clamp<int64_t>(kStateScratchBytes / (a * std::max<int64_t>(per_batch, 1)), 1, p.batch);
   const int64_t bcd = p.batch * nc * p.dim;
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, (sizeof(compute_t<T>) == 4 && NMAX <
 // the G entering it; the states it needs (before each step; the one after it is the previous
 // step's, kept in registers) are recomputed a sub-chunk of kSub steps at a time into shared memory,
 // from checkpoints: a first pass over the chunk stores the state entering each sub-chunk in the
-// scratch ([sub-chunk][state][thread column]). Shared memory is the thread's own
+// scratch ([sub-chunk][state pack][thread column]). Shared memory is the thread's own
 // ([slot][state][thread]: no bank conflicts, no barriers); the scratch holds 1 state per kSub
 // steps instead of every step's (toy shapes: 0.4 GB instead of 1.6 GB written and read again).
 // One kernel of about 200 lines on purpose: the checkpoint pass, the recomputation and the
@@ -208,8 +208,17 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
   const int width = static_cast<int>(min(int64_t(kThreads), D - d0));
   const int warp = tx >> 5;
   const bool live = th.live, gate = p.z != nullptr;
-  A* ckpt = ws;  // [k][n][col]: the state entering sub-chunk k
-  A* g_in = ckpt + sc.hs;
+  // The checkpoints: the state entering sub-chunk k as [k][NMAX / V][col] packs of V states (16
+  // bytes where the bound allows): a thread stores and loads its NMAX states in NMAX / V accesses,
+  // a warp's coalesced, from one 64-bit address a sub-chunk (a 64-bit address per state cost about
+  // 150 integer instructions a sub-chunk, 4% of the kernel's time; docs/PERF.md, session 38).
+  constexpr int V = sizeof(A) == 4 && NMAX % 4 == 0 ? 4 : sizeof(A) == 8 && NMAX % 2 == 0 ? 2 : 1;
+  struct alignas(V * sizeof(A)) Pack {
+    A v[V];
+  };
+  Pack* ckpt = reinterpret_cast<Pack*>(ws);
+  auto ck_at = [&](int64_t k) { return ckpt + k * (NMAX / V) * cols + col; };
+  A* g_in = ws + sc.hs;
   A* gB_part = g_in + sc.g_in + sc.dsums;
   A* gC_part = gB_part + sc.part_bc;
   A* gA_part = gC_part + sc.part_bc;
@@ -293,9 +302,14 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
   for (int64_t k = 0; k < subs; ++k) {
     const int64_t t0 = cs + k * kSub, t1 = min(ce, t0 + kSub);
     if (live) {
+      Pack* ck = ck_at(k);
 #pragma unroll
-      for (int n = 0; n < NMAX; ++n)
-        if (n < N) ckpt[(k * N + n) * cols + col] = h[n];
+      for (int j = 0; j < NMAX / V; ++j) {
+        Pack pk;
+#pragma unroll
+        for (int i = 0; i < V; ++i) pk.v[i] = h[j * V + i];
+        ck[j * cols] = pk;
+      }
     }
     if (k + 1 == subs) break;
     stage(k);
@@ -305,8 +319,13 @@ __global__ void __launch_bounds__(kThreads, (scan_bwd_blocks(NMAX, sizeof(comput
     const int64_t t0 = cs + k * kSub, t1 = min(ce, t0 + kSub);
     stage(2 * subs - 2 - k);
     // at(s) = the state before step t0 + s; h ends as the state after the sub-chunk's last step.
+    const Pack* ck = ck_at(k);
 #pragma unroll
-    for (int n = 0; n < NMAX; ++n) h[n] = live && n < N ? ckpt[(k * N + n) * cols + col] : A(0);
+    for (int j = 0; j < NMAX / V; ++j) {
+      const Pack pk = live ? ck[j * cols] : Pack{};
+#pragma unroll
+      for (int i = 0; i < V; ++i) h[j * V + i] = pk.v[i];
+    }
     recompute(h, static_cast<int>(t1 - t0), [&](int sidx, const A(&hv)[NMAX]) {
 #pragma unroll
       for (int n = 0; n < NMAX; ++n) at(sidx, n) = hv[n];
