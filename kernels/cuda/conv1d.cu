@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "kernels/conv1d.h"
+#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/common.cuh"
 
 namespace hydra::kernels::cuda {
@@ -235,18 +236,31 @@ __global__ void conv_window_kernel(Conv<T> cv, const T* __restrict w, const T* _
 //   gx(s)   = sum_k w[k] gpre(s + W - 1 - k)   (gpre 0 at and after L, and before 0)
 //   gw[k]  += gpre(s) x(s - (W - 1) + k),  gbias += gpre(s)
 // win[k] holds x at s - (W - 1) + k, fut[j] gpre at s + j; both shift by one a step.
+// The segment's gy and x (from W steps before it) come into shared memory first, by the whole block
+// in 16-byte asynchronous copies where the rows allow (async_gy, async_x: stage_tile): a thread's
+// own 2-byte loads, 8 steps ahead, left the kernel waiting on memory (131 us on toy shapes, 3.5x
+// its floor; docs/PERF.md, session 38). The arithmetic and its order are unchanged.
+constexpr size_t conv_bwd_smem(int width, size_t elem) {
+  return size_t(2 * kSeg + width) * kChannelThreads * elem;
+}
 template <class T, int W>
-__global__ void conv_bwd_kernel(Conv<T> cv, const T* __restrict w, const T* __restrict bias,
-                                const T* __restrict gy, T* __restrict gx, T* __restrict gprefix,
-                                compute_t<T>* __restrict part, int64_t batch, int64_t segs,
-                                bool silu) {
+__global__ void __launch_bounds__(kChannelThreads)
+    conv_bwd_kernel(Conv<T> cv, const T* __restrict w, const T* __restrict bias,
+                    const T* __restrict gy, T* __restrict gx, T* __restrict gprefix,
+                    compute_t<T>* __restrict part, int64_t batch, int64_t segs, bool silu,
+                    bool async_gy, bool async_x) {
   using C = compute_t<T>;
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, Cn = cv.channels, L = cv.len;
-  if (c >= Cn) return;
+  const int64_t c0 = blockIdx.x * int64_t(blockDim.x), c = c0 + threadIdx.x, Cn = cv.channels,
+                L = cv.len;
+  const int tx = threadIdx.x, cols = static_cast<int>(min(int64_t(kChannelThreads), Cn - c0));
+  const bool live = c < Cn;
+  extern __shared__ __align__(16) unsigned char conv_smem[];
+  T* gy_s = reinterpret_cast<T*>(conv_smem);  // [kSeg][kChannelThreads]: gy at t0 + i
+  T* x_s = gy_s + kSeg * kChannelThreads;     // [kSeg + W][kChannelThreads]: x at t0 - W + i
   C wk[W];
 #pragma unroll
-  for (int k = 0; k < W; ++k) wk[k] = load(w, c * W + k);
-  const C bc = bias ? load(bias, c) : C(0);
+  for (int k = 0; k < W; ++k) wk[k] = live ? load(w, c * W + k) : C(0);
+  const C bc = live && bias ? load(bias, c) : C(0);
   auto gpre = [&](C g, const C(&x)[W]) {  // x[k] = x at t - (W - 1) + k, g = gy at t
     C v = bc;
 #pragma unroll
@@ -259,6 +273,24 @@ __global__ void conv_bwd_kernel(Conv<T> cv, const T* __restrict w, const T* __re
   };
   for (int64_t job = blockIdx.y; job < batch * segs; job += gridDim.y) {
     const int64_t b = job / segs, t0 = (job % segs) * kSeg, t1 = min(L, t0 + kSeg);
+    // x's rows before time 0 (the first segment's): the prefix or zeros, element by element.
+    const int64_t xa = max(t0 - W, int64_t{0});
+    const int neg = static_cast<int>(xa - (t0 - W));
+    __syncthreads();  // every thread is done with the previous job's tiles
+    stage_tile(gy_s, kChannelThreads, kSeg, gy + (b * L + t0) * Cn + c0, Cn,
+               static_cast<int>(t1 - t0), cols, async_gy);
+    stage_tile(x_s + neg * kChannelThreads, kChannelThreads, static_cast<int>(kSeg) + W - neg,
+               cv.x + (b * L + xa) * cv.x_row + c0, cv.x_row, static_cast<int>(t1 - xa), cols,
+               async_x);
+    cp_async_commit();
+    for (int e = tx; e < neg * kChannelThreads; e += kChannelThreads)
+      x_s[e] = e % kChannelThreads < cols
+                   ? convert<T>(cv.at(b, t0 - W + e / kChannelThreads, c0 + e % kChannelThreads))
+                   : convert<T>(C(0));
+    cp_async_wait<0>();
+    __syncthreads();
+    if (!live) continue;
+    auto x_at = [&](int64_t t) { return convert<C>(x_s[(t - (t0 - W)) * kChannelThreads + tx]); };
     C fut[W] = {};  // gpre at t1 + j for j < W - 1 (zero at and after L)
 #pragma unroll
     for (int j = 0; j < W - 1; ++j) {
@@ -272,7 +304,7 @@ __global__ void conv_bwd_kernel(Conv<T> cv, const T* __restrict w, const T* __re
     }
     C win[W];
 #pragma unroll
-    for (int k = 0; k < W; ++k) win[k] = cv.at(b, t1 - 1 - (W - 1) + k, c);
+    for (int k = 0; k < W; ++k) win[k] = x_at(t1 - 1 - (W - 1) + k);
     C acc[W] = {}, bias_acc = 0;
     const int64_t lo = gprefix != nullptr && t0 == 0 ? -(W - 1) : t0;
     for (int64_t sa = t1 - 1; sa >= lo; sa -= kAhead) {
@@ -281,8 +313,9 @@ __global__ void conv_bwd_kernel(Conv<T> cv, const T* __restrict w, const T* __re
 #pragma unroll
       for (int u = 0; u < kAhead; ++u) {
         const int64_t s = sa - u;
-        gys[u] = s >= 0 ? load(gy, (b * L + s) * Cn + c) : C(0);
-        xs[u] = s >= 1 ? cv.at(b, s - W, c) : C(0);  // x at s - W (unused at s = 0)
+        // (s < t0 only in the first segment's prefix steps, s < 0)
+        gys[u] = s >= t0 ? convert<C>(gy_s[(s - t0) * kChannelThreads + tx]) : C(0);
+        xs[u] = s >= 1 ? x_at(s - W) : C(0);  // x at s - W (unused at s = 0)
       }
 #pragma unroll
       for (int u = 0; u < kAhead; ++u) {
@@ -382,10 +415,13 @@ void causal_conv1d_bwd(const CausalConv1dBwdParams& p) {
     const int64_t segs = (p.len + kSeg - 1) / kSeg;
     dispatch_width(p.width, [&](auto wc) {
       constexpr int W = decltype(wc)::value;
-      conv_bwd_kernel<T, W><<<seg_grid(p.batch * segs, p.channels), kChannelThreads, 0, s>>>(
+      const size_t smem = conv_bwd_smem(W, sizeof(T));
+      allow_dynamic_smem(conv_bwd_kernel<T, W>, smem, "causal_conv1d_backward");
+      conv_bwd_kernel<T, W><<<seg_grid(p.batch * segs, p.channels), kChannelThreads, smem, s>>>(
           cv, static_cast<const T*>(p.w), static_cast<const T*>(p.bias),
           static_cast<const T*>(p.gy), static_cast<T*>(p.gx), static_cast<T*>(p.gprefix), part,
-          p.batch, segs, p.silu);
+          p.batch, segs, p.silu, chunk_rows<T>(p.gy, p.channels, p.channels, kChannelThreads),
+          chunk_rows<T>(p.x, cv.x_row, p.channels, kChannelThreads));
     });
     HYDRA_CUDA_LAUNCH_CHECK();
     column_sum_to(

@@ -82,35 +82,6 @@ struct StageMode {
   bool channels = false, states = false;  // the [B, L, D] inputs; B and C
 };
 
-// Whether rows of `width` elements, `row` elements apart from `base`, are whole 16-byte chunks.
-template <class T>
-inline bool chunk_rows(const void* base, int64_t row, int64_t width, int64_t pitch) {
-  constexpr int64_t E = pack_width<T>();
-  return base != nullptr && aligned16(base) && row % E == 0 && width % E == 0 && pitch % E == 0;
-}
-
-// Copies `steps` rows of `cols` elements (row s at src + s * row) into dst (row pitch `pitch`,
-// `rows` rows), by the whole block; elements past steps or cols are zero, so that a thread past the
-// channels computes on zeros. Asynchronous: the caller commits and waits (cp_async_commit/wait).
-template <class T>
-__device__ __forceinline__ void stage_tile(T* dst, int pitch, int rows, const T* src, int64_t row,
-                                           int steps, int cols, bool async) {
-  if (async) {
-    constexpr int E = pack_width<T>();
-    const int chunks = pitch / E;
-    for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
-      const int s = e / chunks, c = (e % chunks) * E;
-      const bool valid = s < steps && c < cols;
-      cp_async16(dst + s * pitch + c, valid ? src + s * row + c : src, valid);
-    }
-  } else {
-    for (int e = threadIdx.x; e < rows * pitch; e += blockDim.x) {
-      const int s = e / pitch, c = e % pitch;
-      dst[e] = s < steps && c < cols ? src[s * row + c] : convert<T>(compute_t<T>(0));
-    }
-  }
-}
-
 // The staging modes of a call's inputs (gy: the backward's, or null).
 template <class T, int NMAX>
 StageMode stage_mode(const SelectiveScanParams& p, const void* gy) {
