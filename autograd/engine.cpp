@@ -19,10 +19,11 @@ struct ByPriority {
 };
 
 // The running node's inputs' partial sums (gradient_sum_target), per input: the engine's buffer
-// slot or null, and whether the op claimed it.
+// slot or null, whether it is reached through a flat view (Node::flat_view: the slot is the view's
+// input's sum, offered in the running node's shape), and whether the op claimed it.
 struct SumTargets {
   std::vector<Tensor*> slots;
-  std::vector<char> claimed;
+  std::vector<char> through, claimed;
 };
 thread_local SumTargets* t_sum_targets = nullptr;
 
@@ -52,11 +53,12 @@ Tensor gradient_sum_target(std::size_t input, const Shape& shape, DType dtype, D
       st->claimed[input] != 0)
     return Tensor();
   const Tensor& t = *st->slots[input];
-  if (!t.defined() || t.shape() != shape || t.dtype() != dtype || t.device() != device ||
-      !t.is_contiguous() || !t.sole_owner())
+  const bool through = st->through[input] != 0;
+  if (!t.defined() || (through ? t.numel() != shape_numel(shape) : t.shape() != shape) ||
+      t.dtype() != dtype || t.device() != device || !t.is_contiguous() || !t.sole_owner())
     return Tensor();
   st->claimed[input] = 1;
-  return t;
+  return through ? t.view(shape) : t;
 }
 
 void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads,
@@ -120,20 +122,36 @@ void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& g
     for (const Tensor& t : in) any = any || t.defined();
 
     // The partial sums already held for the node's inputs, offered to its backward
-    // (gradient_sum_target); an input reached by two of its edges gets none.
+    // (gradient_sum_target); an input reached by two of its edges gets none. An input that is a
+    // flat view whose only gradient comes from this node is looked through (a chain of them, to
+    // the first that is not): the sum of what it views is offered (the views then receive nothing
+    // and are skipped, that sum already holding this node's part).
     const auto& inputs = node->next_edges();
     SumTargets targets;
     targets.slots.assign(inputs.size(), nullptr);
+    targets.through.assign(inputs.size(), 0);
     targets.claimed.assign(inputs.size(), 0);
+    auto reached_twice = [&](std::size_t i, const Edge& e) {
+      for (std::size_t j = 0; j < inputs.size(); ++j)
+        if (j != i && inputs[j].node == e.node && inputs[j].input_nr == e.input_nr) return true;
+      return false;
+    };
     for (std::size_t i = 0; i < inputs.size(); ++i) {
       if (!inputs[i].valid()) continue;
-      const auto it = buffers.find(inputs[i].node.get());
-      if (it == buffers.end() || inputs[i].input_nr >= it->second.size()) continue;
-      bool twice = false;
-      for (std::size_t j = 0; j < inputs.size(); ++j)
-        twice = twice || (j != i && inputs[j].node == inputs[i].node &&
-                          inputs[j].input_nr == inputs[i].input_nr);
-      if (!twice) targets.slots[i] = &it->second[inputs[i].input_nr];
+      Edge e = inputs[i];
+      bool through = false;
+      for (Node* view = e.node.get();
+           view->flat_view() && pending[view] == 1 && view->next_edges().size() == 1 &&
+           view->next_edges()[0].valid() && !buffers.contains(view);
+           view = e.node.get()) {
+        e = view->next_edges()[0];
+        through = true;
+      }
+      const auto it = buffers.find(e.node.get());
+      if (it == buffers.end() || e.input_nr >= it->second.size()) continue;
+      if (reached_twice(i, inputs[i]) || (through && reached_twice(i, e))) continue;
+      targets.slots[i] = &it->second[e.input_nr];
+      targets.through[i] = through ? 1 : 0;
     }
     std::vector<Tensor> out;
     if (any || node->runs_without_grads()) {
@@ -158,7 +176,10 @@ void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& g
       auto& buf = buffers[next];
       buf.resize(next->num_outputs());
       if (i < out.size() && targets.claimed[i] != 0) {  // the op added its part in place
-        HYDRA_CHECK(out[i].unsafe_impl() == buf[e.input_nr].unsafe_impl())
+        const Tensor& sum = *targets.slots[i];
+        HYDRA_CHECK(targets.through[i] != 0
+                        ? out[i].raw_data() == sum.raw_data() && out[i].numel() == sum.numel()
+                        : out[i].unsafe_impl() == sum.unsafe_impl())
             << node->name() << ": took input " << i
             << "'s gradient sum (gradient_sum_target) but returned another tensor";
       } else if (i < out.size()) {

@@ -43,6 +43,11 @@ class Node : public std::enable_shared_from_this<Node> {
   // (it then receives undefined gradients), or the other ranks would wait for it forever.
   bool runs_without_grads() const { return runs_without_grads_; }
   void set_runs_without_grads(bool on) { runs_without_grads_ = on; }
+  // An op that keeps its one input's elements in their order (view, reshape, squeeze, unsqueeze):
+  // its backward is its gradient reshaped, so the engine may let the op that feeds it add straight
+  // into its input's gradient sum (gradient_sum_target) and skip it.
+  bool flat_view() const { return flat_view_; }
+  void set_flat_view(bool on) { flat_view_ = on; }
 
  protected:
   void set_sequence_nr(uint64_t nr) { sequence_nr_ = nr; }
@@ -52,6 +57,7 @@ class Node : public std::enable_shared_from_this<Node> {
   uint64_t sequence_nr_;
   uint32_t num_outputs_ = 1;
   bool runs_without_grads_ = false;
+  bool flat_view_ = false;
   std::vector<Edge> next_edges_;
 };
 

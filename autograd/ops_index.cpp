@@ -3,6 +3,7 @@
 #include <numeric>
 
 #include "autograd/dispatch.h"
+#include "autograd/engine.h"
 #include "autograd/grad_mode.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
@@ -40,14 +41,17 @@ void scatter_rows_into(const Tensor& table, const Tensor& index, const Tensor& s
 }
 
 // out [inverse.size(0), C] with out[r] = the sum of src[inverse[r, k]] (kernels/index.h).
-Tensor gather_sum_rows_raw(const Tensor& src, const Tensor& inverse) {
+// `into` (defined): the rows' sums are added into it (a gradient summed so far).
+Tensor gather_sum_rows_raw(const Tensor& src, const Tensor& inverse, const Tensor& into = {}) {
   const int64_t cols = src.size(1);
-  Tensor out = Tensor::empty({inverse.size(0), cols}, src.dtype(), src.device());
+  Tensor out =
+      into.defined() ? into : Tensor::empty({inverse.size(0), cols}, src.dtype(), src.device());
   kernels::GatherSumRowsParams p;
   p.dtype = src.dtype();
   p.src = src.raw_data();
   p.inverse = inverse.data<int64_t>();
   p.out = out.raw_data();
+  p.accumulate = into.defined();
   p.rows = inverse.size(0);
   p.K = inverse.size(1);
   p.cols = cols;
@@ -144,7 +148,9 @@ Tensor gather_rows(const Tensor& table_in, const Tensor& index_in) {
     const Shape& tshape = table.shape();
     const DType dt = table.dtype();
     record_op("gather_rows", {table_in}, {out}, [si, tshape, dt](const std::vector<Tensor>& g) {
-      Tensor gt = zeros(tshape, dt, g[0].device());
+      // Scattered into the table's gradient summed so far when the engine offers it.
+      Tensor gt = gradient_sum_target(0, tshape, dt, g[0].device());
+      if (!gt.defined()) gt = zeros(tshape, dt, g[0].device());
       scatter_rows_into(gt, si.get(), g[0].contiguous());
       return std::vector<Tensor>{gt};
     });
@@ -160,8 +166,12 @@ Tensor gather_rows(const Tensor& table_in, const Tensor& index_in, const Tensor&
   Tensor out = gather_rows_raw(table, index);
   if (any_requires_grad({table_in})) {
     SavedTensor si(inverse_in.contiguous());
-    record_op("gather_rows", {table_in}, {out}, [si](const std::vector<Tensor>& g) {
-      return std::vector<Tensor>{gather_sum_rows_raw(g[0].contiguous(), si.get())};
+    const Shape& tshape = table.shape();
+    record_op("gather_rows", {table_in}, {out}, [si, tshape](const std::vector<Tensor>& g) {
+      // Added into the table's gradient summed so far when the engine offers it (the MoE's
+      // dispatch: its input's sum with the router's part, through a view).
+      const Tensor into = gradient_sum_target(0, tshape, g[0].dtype(), g[0].device());
+      return std::vector<Tensor>{gather_sum_rows_raw(g[0].contiguous(), si.get(), into)};
     });
   }
   return out;

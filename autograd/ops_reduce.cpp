@@ -5,6 +5,7 @@
 #include <string>
 
 #include "autograd/dispatch.h"
+#include "autograd/engine.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "kernels/reduce.h"
@@ -98,6 +99,10 @@ Tensor sum_impl(const Tensor& x, const std::vector<int64_t>& axes_in, bool keepd
   record_op(name, {x}, {out}, [in_shape, kept_shape, scale](const std::vector<Tensor>& g) {
     Tensor gk = g[0].reshape(kept_shape);
     if (scale != 1.0) gk = mul(gk, scale);
+    // Broadcast into x's gradient summed so far when the engine offers it (the MoE router's chunk
+    // means: one pass over the input's gradient instead of a materialised sum and an add).
+    Tensor acc = gradient_sum_target(0, in_shape, gk.dtype(), gk.device());
+    if (acc.defined()) return std::vector<Tensor>{acc.add_(gk)};
     return std::vector<Tensor>{gk.expand(in_shape)};
   });
   return out;

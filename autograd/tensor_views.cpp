@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <numeric>
 
+#include "autograd/engine.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
 #include "autograd/tensor.h"
@@ -18,6 +19,12 @@ int64_t wrap_dim(int64_t d, int64_t ndim, const char* op, const Shape& shape) {
 Tensor make_view(const Tensor& base, int64_t offset, Shape shape, Shape strides) {
   return Tensor::view_of(base.storage(), offset, std::move(shape), std::move(strides),
                          base.dtype());
+}
+
+// Marks the op just recorded for `out` as keeping its input's elements in order (Node::flat_view).
+const Tensor& mark_flat_view(const Tensor& out) {
+  if (out.defined() && out.grad_fn() != nullptr) out.grad_fn()->set_flat_view(true);
+  return out;
 }
 
 Shape infer_shape(Shape shape, int64_t numel, const Shape& from) {
@@ -52,7 +59,7 @@ Tensor Tensor::view(const Shape& shape_in) const {
   record_op("view", {*this}, {out}, [in_shape](const std::vector<Tensor>& g) {
     return std::vector<Tensor>{g[0].reshape(in_shape)};
   });
-  return out;
+  return mark_flat_view(out);
 }
 
 namespace {
@@ -107,7 +114,7 @@ Tensor Tensor::reshape(const Shape& shape_in) const {
   record_op("reshape", {*this}, {out}, [in_shape](const std::vector<Tensor>& g) {
     return std::vector<Tensor>{g[0].reshape(in_shape)};
   });
-  return out;
+  return mark_flat_view(out);
 }
 
 Tensor Tensor::flatten(int64_t start, int64_t end) const {
@@ -166,6 +173,14 @@ Tensor Tensor::slice(int64_t d, int64_t start, int64_t end, int64_t step) const 
   const DType dt = dtype();
   record_op("slice", {*this}, {out},
             [in_shape, dt, d, start, end, step](const std::vector<Tensor>& g) {
+              // Into the input's gradient summed so far when the engine offers it (a slice of
+              // the MoE's input for its router: the sum has the whole input's other parts).
+              Tensor sum = gradient_sum_target(0, in_shape, dt, g[0].device());
+              if (sum.defined()) {
+                Tensor part = sum.slice(d, start, end, step);
+                part.copy_(add(part, g[0]));
+                return std::vector<Tensor>{sum};
+              }
               Tensor full_grad = zeros(in_shape, dt, g[0].device());
               full_grad.slice(d, start, end, step).copy_(g[0]);
               return std::vector<Tensor>{full_grad};
@@ -195,7 +210,7 @@ Tensor Tensor::unsqueeze(int64_t d) const {
   Tensor out = make_view(*this, offset(), s, st);
   record_op("unsqueeze", {*this}, {out},
             [d](const std::vector<Tensor>& g) { return std::vector<Tensor>{g[0].squeeze(d)}; });
-  return out;
+  return mark_flat_view(out);
 }
 
 Tensor Tensor::squeeze(int64_t d) const {
@@ -208,7 +223,7 @@ Tensor Tensor::squeeze(int64_t d) const {
   Tensor out = make_view(*this, offset(), s, st);
   record_op("squeeze", {*this}, {out},
             [d](const std::vector<Tensor>& g) { return std::vector<Tensor>{g[0].unsqueeze(d)}; });
-  return out;
+  return mark_flat_view(out);
 }
 
 Tensor Tensor::expand(const Shape& target) const {

@@ -35,11 +35,14 @@ struct ScatterAddRowsParams {
 // order, accumulated in the compute type (a zero row where there is none): the scatter-add
 // table[index[i]] += src[i] into a zero table, for when each destination row knows its sources
 // (the MoE combine: a token's rows from its experts). No sort, no atomics, deterministic.
+// accumulate: out[r, :] += the sum (added to it in the compute type, one rounding), into a
+// gradient summed so far.
 struct GatherSumRowsParams {
   DType dtype = DType::kF32;
   const void* src = nullptr;         // [num_src, cols]
   const int64_t* inverse = nullptr;  // [rows, K], entries in [-1, num_src)
   void* out = nullptr;               // [rows, cols]
+  bool accumulate = false;
   int64_t rows = 0, K = 0, cols = 0, num_src = 0;
   void* stream = nullptr;
 };

@@ -355,12 +355,15 @@ Tensor ChunkMoE::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux) {
   HYDRA_CHECK(L % c == 0) << "moe: sequence length " << L << " is not a multiple of moe.chunk "
                           << c;
   const int64_t BL = B * L;
-  const Tensor xf = x.reshape({BL, d});
   // The router and its auxiliary losses compute in the router's dtype: the activations' dtype, or
   // fp32 under mixed precision (keep_master_dtype).
   Tensor losses = zeros({kNumAuxLosses}, router_weight.dtype(), x.device());
   const Routed rt = ctx.paths.moe_routing ? route(x, ctx, &losses) : route_densely(BL, x.device());
   if (aux != nullptr) *aux = losses;
+  // The experts' view of x after the router's: its backward runs first, so the router's chunk
+  // means and first tokens add into x's gradient in place (gradient_sum_target) instead of
+  // through a sum of full-size gradients.
+  const Tensor xf = x.reshape({BL, d});
   Tensor out = run_routed(xf, rt, ctx);
   if (shared) out = add(out, shared->forward(xf));
   return out.view({B, L, d});
@@ -385,14 +388,15 @@ Tensor ChunkMoE::forward_carried(const Tensor& x, ForwardContext& ctx, MoeCarry&
 
 // The router's input per chunk: its first token, or (PREV_CHUNK_MEAN) the previous chunk's mean,
 // the first chunk of the sequence by its first token. A sequence shard's first chunk gets the
-// previous shard's last chunk mean (rank 0: first token). xr [B, nC, c, d] -> [B, nC, d].
-Tensor ChunkMoE::router_input(const Tensor& xr, const ForwardContext& ctx,
+// previous shard's last chunk mean (rank 0: first token). x [B, nC c, d] -> [B, nC, d].
+Tensor ChunkMoE::router_input(const Tensor& x, const ForwardContext& ctx,
                               const Tensor& carried) const {
-  const int64_t B = xr.size(0), nC = xr.size(1), c = xr.size(2), d = xr.size(3);
+  const int64_t B = x.size(0), c = chunk_, nC = x.size(1) / c, d = x.size(2);
+  const Tensor xr = x.view({B, nC, c, d});
   if (cfg_.router_input() != config::MoeConfig::PREV_CHUNK_MEAN) return xr.select(2, 0);
-  // The sequence's first token [B, 1, d], as one slice of the tokens (one view's backward, not
-  // two).
-  const auto first_token = [&] { return xr.view({B, nC * c, d}).narrow(1, 0, 1); };
+  // The sequence's first token [B, 1, d], a slice of x itself: the chunk means' view then has one
+  // reader, and both backwards can add into x's gradient sum in place.
+  const auto first_token = [&] { return x.narrow(1, 0, 1); };
   std::vector<Tensor> parts;
   if (ctx.sequence_parallel()) {
     const Tensor prev =
@@ -410,8 +414,7 @@ Tensor ChunkMoE::router_input(const Tensor& xr, const ForwardContext& ctx,
 // The router (ReLU, RMSNorm), the dispatch on the device and the auxiliary losses into *losses.
 ChunkMoE::Routed ChunkMoE::route(const Tensor& x, ForwardContext& ctx, Tensor* losses,
                                  const Tensor& carried) {
-  const int64_t B = x.size(0), L = x.size(1), d = x.size(2), E = num_experts_, c = chunk_,
-                nC = L / c;
+  const int64_t B = x.size(0), L = x.size(1), E = num_experts_, c = chunk_, nC = L / c;
   // The tiled dispatch (moe.dispatch): the experts' GEMMs are launched without the counts, so the
   // device never waits for the host here. It needs every expert and the whole batch's counts in
   // this process (no expert parallelism, no ranks to sum the counts over).
@@ -420,7 +423,7 @@ ChunkMoE::Routed ChunkMoE::route(const Tensor& x, ForwardContext& ctx, Tensor* l
   const bool tiled =
       one_process && (cfg_.dispatch() == config::MoeConfig::TILED ||
                       (cfg_.dispatch() == config::MoeConfig::AUTO && x.device().is_cuda()));
-  const Tensor rin = router_input(x.view({B, nC, c, d}), ctx, carried);
+  const Tensor rin = router_input(x, ctx, carried);
   const Tensor raw = linear(rin.to(router_weight.dtype()), router_weight);  // [B, nC, E]
   const Tensor s = relu(raw);
   const Tensor r = rms_norm(s, router_norm, cfg_.router_eps());

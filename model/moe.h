@@ -75,7 +75,7 @@ class ChunkMoE : public Module {
   // The forward's parts, in the order forward() runs them.
   struct Routed;
   // `carried` (decoding): the previous chunk's mean, the first chunk's router input.
-  Tensor router_input(const Tensor& xr, const ForwardContext& ctx, const Tensor& carried) const;
+  Tensor router_input(const Tensor& x, const ForwardContext& ctx, const Tensor& carried) const;
   // losses null (decoding): no auxiliary losses, no capacity.
   Routed route(const Tensor& x, ForwardContext& ctx, Tensor* losses, const Tensor& carried = {});
   Tensor aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,

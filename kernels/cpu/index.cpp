@@ -68,7 +68,7 @@ void gather_sum_rows(const GatherSumRowsParams& p) {
                  [&](int64_t r0, int64_t r1) {
                    for (int64_t r = r0; r < r1; ++r) {
                      T* o = out + r * p.cols;
-                     std::fill(o, o + p.cols, T(0));
+                     if (!p.accumulate) std::fill(o, o + p.cols, T(0));
                      for (int64_t k = 0; k < p.K; ++k) {
                        const int64_t i = p.inverse[r * p.K + k];
                        if (i < 0) continue;

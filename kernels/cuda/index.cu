@@ -46,7 +46,8 @@ __global__ void gather_rows_vec_kernel(const T* __restrict table, const I* __res
 // then added in k order.
 template <class T, bool VEC>
 __global__ void gather_sum_rows_kernel(const T* __restrict src, const int64_t* __restrict inverse,
-                                       T* __restrict out, int64_t rows, int64_t K, int64_t cols) {
+                                       T* __restrict out, int64_t rows, int64_t K, int64_t cols,
+                                       bool accumulate) {
   using C = compute_t<T>;
   constexpr int kN = VEC ? RowPack<T>::kN : 1;
   const int64_t units = cols / kN, total = rows * units;
@@ -54,8 +55,13 @@ __global__ void gather_sum_rows_kernel(const T* __restrict src, const int64_t* _
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = e / units, c = e % units;
     C acc[kN];
+    if constexpr (VEC) {
+      const RowPack<T> o = accumulate ? reinterpret_cast<const RowPack<T>*>(out)[e] : RowPack<T>{};
 #pragma unroll
-    for (int j = 0; j < kN; ++j) acc[j] = 0;
+      for (int j = 0; j < kN; ++j) acc[j] = accumulate ? convert<C>(o.v[j]) : C(0);
+    } else {
+      acc[0] = accumulate ? load(out, e) : C(0);
+    }
     for (int64_t k = 0; k < K; ++k) {
       const int64_t i = inverse[r * K + k];
       if (i < 0) continue;
@@ -264,11 +270,11 @@ void gather_sum_rows(const GatherSumRowsParams& p) {
     auto* out = static_cast<T*>(p.out);
     if (p.cols % RowPack<T>::kN == 0 && aligned16(src) && aligned16(out)) {
       gather_sum_rows_kernel<T, true>
-          <<<blocks_for(p.rows * p.cols / RowPack<T>::kN, 256), 256, 0, s>>>(src, p.inverse, out,
-                                                                             p.rows, p.K, p.cols);
+          <<<blocks_for(p.rows * p.cols / RowPack<T>::kN, 256), 256, 0, s>>>(
+              src, p.inverse, out, p.rows, p.K, p.cols, p.accumulate);
     } else {
       gather_sum_rows_kernel<T, false><<<blocks_for(p.rows * p.cols, 256), 256, 0, s>>>(
-          src, p.inverse, out, p.rows, p.K, p.cols);
+          src, p.inverse, out, p.rows, p.K, p.cols, p.accumulate);
     }
     HYDRA_CUDA_LAUNCH_CHECK();
   });

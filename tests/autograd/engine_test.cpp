@@ -302,8 +302,31 @@ TEST(Engine, OffersAGradientSumOnlyWhenItHoldsItAlone) {
   }
 }
 
+// Through a flat view (Node::flat_view): an op reading x.view(...) is offered x's gradient sum in
+// its own shape when the view has no other reader, and the view is then skipped; with a second
+// reader of the view the sums go the usual way. Both gradients are right.
+TEST(Engine, OffersAGradientSumThroughAFlatView) {
+  for (const bool second_reader : {false, true}) {
+    Tensor x = randn64({3, 4}, 36, 1.0, true);
+    bool offered = false;
+    const Tensor v = x.view({12});
+    const Tensor d = doubled(v, &offered);  // its backward runs after mul's: x's sum is held
+    Tensor y = add(d.view({3, 4}), mul(x, 3.0));
+    if (second_reader) y = add(y, v.view({3, 4}));
+    const Tensor probe = randn64({3, 4}, 37, 1.0, false);
+    sum(mul(y, probe)).backward();
+    if (!second_reader) {
+      EXPECT_TRUE(offered);  // only through the view: it had no sum of its own
+    }
+    const std::vector<double> p = probe.to_vector<double>(), g = x.grad().to_vector<double>();
+    for (std::size_t i = 0; i < g.size(); ++i)
+      EXPECT_NEAR(g[i], (second_reader ? 6.0 : 5.0) * p[i], 1e-12) << i;
+  }
+}
+
 // linear's backward adds its input gradient into the sum with a GEMM of beta = 1: float64 gradients
-// of an input used by linear and by another op, and of one used by two linears.
+// of an input used by linear and by another op, of one used by two linears, and of one that
+// linear reads through a view (the sum offered through it).
 TEST(Engine, LinearAddsIntoTheGradientSumExactly) {
   const Tensor w1 = randn64({5, 4}, 33), w2 = randn64({6, 4}, 34);
   HYDRA_EXPECT_GRADCHECK(
@@ -312,6 +335,28 @@ TEST(Engine, LinearAddsIntoTheGradientSumExactly) {
         return std::vector<Tensor>{concat({linear(x, in[1]), linear(x, in[2]), mul(x, x)}, 1)};
       },
       (std::vector<Tensor>{randn64({3, 4}, 35), w1, w2}));
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        const Tensor& x = in[0];  // [2, 3, 4]
+        return std::vector<Tensor>{
+            concat({linear(x.view({6, 4}), in[1]), mul(x, x).view({6, 4})}, 1)};
+      },
+      (std::vector<Tensor>{randn64({2, 3, 4}, 38), w1}));
+}
+
+// A slice's and a mean's backward add their parts into the input's gradient summed so far
+// (through a chain of views for the slice, as the MoE router's first token; broadcast for the
+// mean): float64 gradients, for slice steps of 1 and 2.
+TEST(Engine, SliceAndMeanAddIntoTheGradientSum) {
+  for (const int64_t step : {1, 2})
+    HYDRA_EXPECT_GRADCHECK(
+        [&](const std::vector<Tensor>& in) {
+          const Tensor& x = in[0];  // [2, 3, 4]
+          const Tensor first = x.view({6, 4}).view({3, 2, 4}).slice(0, 1, 3, step).reshape({-1});
+          const Tensor means = mean(x, {1}).reshape({-1});
+          return std::vector<Tensor>{concat({first, means, mul(x, x).reshape({-1})}, 0)};
+        },
+        (std::vector<Tensor>{randn64({2, 3, 4}, 39)}));
 }
 
 }  // namespace

@@ -93,6 +93,14 @@ TEST(GatherSumRows, EqualsScatterAddIntoZerosAndGradcheckFloat64) {
         return std::vector<Tensor>{gather_rows(in[0], ii.index, ii.inverse)};
       },
       (std::vector<Tensor>{randn64({6, 4}, 15)}));
+  // Read through a view by both gathers and squared as well: their backwards add into the table's
+  // gradient summed so far (gradient_sum_target through the view).
+  HYDRA_EXPECT_GRADCHECK(
+      [&](const std::vector<Tensor>& in) {
+        return std::vector<Tensor>{gather_rows(in[0].view({6, 4}), ii.index, ii.inverse),
+                                   gather_rows(in[1].view({6, 4}), ii.index), mul(in[0], in[1])};
+      },
+      (std::vector<Tensor>{randn64({2, 3, 4}, 18), randn64({2, 3, 4}, 19)}));
   // Its forward equals gather_rows without the inverse; a bad inverse is refused by name.
   const Tensor t = randn64({6, 3}, 16, 1.0, false);
   EXPECT_EQ(gather_rows(t, ii.index, ii.inverse).to_vector<double>(),

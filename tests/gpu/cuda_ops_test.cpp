@@ -648,6 +648,8 @@ TEST(CudaOps, IndexingMatchCpu) {
                 .to_vector<int64_t>(),
             product_key_indices(pa, pb, cpick, 9, cells).to_vector<int64_t>());
   // The MoE combine's gather-sum (rows named up to 3 times, some never; packed and odd widths).
+  // The table is read through a view and also squared: gather_rows' backward adds into its
+  // gradient summed so far (gradient_sum_target, the kernel's accumulate).
   for (int64_t cols : {20, 384, 7}) {
     std::vector<int64_t> iv, inv(50 * 3, -1), filled(50, 0);
     const std::vector<int64_t> named = randint(0, 50, {90}, g).to_vector<int64_t>();
@@ -663,9 +665,10 @@ TEST(CudaOps, IndexingMatchCpu) {
           "gather_sum_rows",
           [&](const std::vector<Tensor>& in) {
             return std::vector<Tensor>{gather_sum_rows(in[0], in[1], in[2]),
-                                       gather_rows(in[3], in[2], in[1])};
+                                       gather_rows(in[3].view({50, cols}), in[2], in[1]),
+                                       mul(in[3], in[3])};
           },
-          {rnd({index.numel(), cols}, 46 + cols), inverse, index, rnd({50, cols}, 47 + cols)},
+          {rnd({index.numel(), cols}, 46 + cols), inverse, index, rnd({5, 10, cols}, 47 + cols)},
           {true, false, false, true}, t);
   }
   // Indices agree exactly in f32: warp layouts (4 to 32 items per lane), the block layout (> 1024
