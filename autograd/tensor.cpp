@@ -541,14 +541,13 @@ const std::shared_ptr<SparseRows>& Tensor::sparse_grad() const {
 
 PendingHostCopy::PendingHostCopy(const Tensor& src_in) {
   const Tensor src = src_in.detach().contiguous();
-  HYDRA_CHECK(src.dtype() == DType::kI64) << "PendingHostCopy: i64 tensors only";
   if (src.device().is_cpu() || src.numel() == 0) {
-    values_ = src.cpu().to_vector<int64_t>();
+    host_ = src.cpu().clone();
     ready_ = true;
     return;
   }
 #if HYDRA_WITH_CUDA
-  host_ = Tensor::empty(src.shape(), DType::kI64, Device::cpu()).pin_memory();
+  host_ = Tensor::empty_pinned(src.shape(), src.dtype());
   void* stream = current_stream(src.device());
   kernels::cuda::memcpy_async(host_.raw_data(), src.raw_data(), src.nbytes(),
                               kernels::cuda::CopyKind::kDeviceToHost, stream);
@@ -566,8 +565,8 @@ PendingHostCopy::~PendingHostCopy() {
 #endif
 }
 
-const std::vector<int64_t>& PendingHostCopy::get() {
-  if (ready_) return values_;
+const Tensor& PendingHostCopy::host() {
+  if (ready_) return host_;
 #if HYDRA_WITH_CUDA
   if (!kernels::cuda::event_query(event_)) {
     std::optional<KernelProfileScope> wait;
@@ -575,8 +574,17 @@ const std::vector<int64_t>& PendingHostCopy::get() {
     kernels::cuda::event_synchronize(event_);
   }
 #endif
-  values_ = host_.to_vector<int64_t>();
   ready_ = true;
+  return host_;
+}
+
+const std::vector<int64_t>& PendingHostCopy::get() {
+  HYDRA_CHECK(host_.dtype() == DType::kI64)
+      << "PendingHostCopy::get: an i64 tensor's values; this one is " << dtype_name(host_.dtype());
+  if (!have_values_) {
+    values_ = host().to_vector<int64_t>();
+    have_values_ = true;
+  }
   return values_;
 }
 

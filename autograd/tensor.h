@@ -217,22 +217,24 @@ void copy_many_(const std::vector<Tensor>& dst, const std::vector<Tensor>& src);
 template <class T>
 Tensor tensor(const std::vector<T>& values, const Shape& shape, Device device = Device::cpu());
 
-// A copy of a small i64 device tensor to the host that runs behind the work queued so far: get()
-// returns its values, waiting only for what the copy still lacks (a caller that asks late, as a
-// backward asking for the forward's counts, does not wait at all). On the CPU the values are read
-// at once.
+// A copy of a small device tensor to the host that runs behind the work queued so far: host()
+// returns it (get(): an i64 tensor's values), waiting only for what the copy still lacks (a caller
+// that asks late, as a backward asking for the forward's counts, does not wait at all; the trainer
+// reads a step's losses while the next step is queued behind them). On the CPU the values are
+// copied at once.
 class PendingHostCopy {
  public:
   explicit PendingHostCopy(const Tensor& src);
   ~PendingHostCopy();
   PendingHostCopy(const PendingHostCopy&) = delete;
   PendingHostCopy& operator=(const PendingHostCopy&) = delete;
+  const Tensor& host();  // contiguous, on the CPU
   const std::vector<int64_t>& get();
 
  private:
-  Tensor host_;  // pinned
+  Tensor host_;  // pinned when the source is on a GPU
   void* event_ = nullptr;
-  bool ready_ = false;
+  bool ready_ = false, have_values_ = false;
   std::vector<int64_t> values_;
 };
 

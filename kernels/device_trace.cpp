@@ -13,6 +13,7 @@
 #include <mutex>
 
 #if HYDRA_WITH_CUDA
+#include <cuda_runtime.h>
 #include <cupti.h>
 #endif
 
@@ -222,7 +223,13 @@ std::mutex g_mu;
 std::string g_file;
 std::vector<TraceRecord> g_records;
 std::vector<TraceMark> g_marks;
+std::vector<bool> g_marks_queued;      // per mark: queued on a stream (its time from the device)
+std::vector<uint64_t> g_device_marks;  // the starts of the marks' memsets
 bool g_active = false;
+// The memset a mark queues: a size and value no other memset of ours has (they zero tensors).
+constexpr uint64_t kMarkBytes = 7;
+constexpr uint32_t kMarkValue = 0x4d;
+void* g_mark_buffer = nullptr;  // one per process (the first traced device's)
 
 #if HYDRA_WITH_CUDA
 const char* copy_kind(uint8_t k) {
@@ -250,6 +257,7 @@ void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_recor
 
 void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
   std::vector<TraceRecord> got;
+  std::vector<uint64_t> marks;
   CUpti_Activity* rec = nullptr;
   while (cuptiActivityGetNextRecord(buffer, valid, &rec) == CUPTI_SUCCESS) {
     if (rec->kind == CUPTI_ACTIVITY_KIND_KERNEL ||
@@ -261,11 +269,15 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
       got.push_back({m->start, m->end, m->streamId, copy_kind(m->copyKind)});
     } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(rec);
-      got.push_back({m->start, m->end, m->streamId, "memset"});
+      if (m->bytes == kMarkBytes && m->value == kMarkValue)
+        marks.push_back(m->start);
+      else
+        got.push_back({m->start, m->end, m->streamId, "memset"});
     }
   }
   std::free(buffer);
   const std::lock_guard<std::mutex> lock(g_mu);
+  g_device_marks.insert(g_device_marks.end(), marks.begin(), marks.end());
   g_records.insert(g_records.end(), std::make_move_iterator(got.begin()),
                    std::make_move_iterator(got.end()));
 }
@@ -302,6 +314,8 @@ bool device_trace_start(const std::string& file, std::string* why) {
   const std::lock_guard<std::mutex> lock(g_mu);
   g_records.clear();
   g_marks.clear();
+  g_marks_queued.clear();
+  g_device_marks.clear();
   g_file = file;
   g_active = true;
   return true;
@@ -315,30 +329,54 @@ bool device_trace_start(const std::string& file, std::string* why) {
 
 bool device_trace_active() { return g_active; }
 
-void device_trace_mark(const std::string& name) {
+void device_trace_mark(const std::string& name, void* stream) {
 #if HYDRA_WITH_CUDA
   if (!g_active) return;
   uint64_t t = 0;
   if (cuptiGetTimestamp(&t) != CUPTI_SUCCESS) return;
+  bool queued = false;
+  if (stream != nullptr) {
+    if (g_mark_buffer == nullptr && cudaMalloc(&g_mark_buffer, 16) != cudaSuccess)
+      g_mark_buffer = nullptr;
+    queued = g_mark_buffer != nullptr &&
+             cudaMemsetAsync(g_mark_buffer, int(kMarkValue), kMarkBytes,
+                             static_cast<cudaStream_t>(stream)) == cudaSuccess;
+  }
   const std::lock_guard<std::mutex> lock(g_mu);
   g_marks.push_back({t, name});
+  g_marks_queued.push_back(queued);
 #else
   (void)name;
+  (void)stream;
 #endif
 }
 
 TraceSummary device_trace_stop() {
 #if HYDRA_WITH_CUDA
   if (!g_active) return {};
+  if (g_mark_buffer != nullptr) cudaDeviceSynchronize();  // the last marks' memsets ran
   cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
   for (const CUpti_ActivityKind k : kKinds) cuptiActivityDisable(k);
   std::vector<TraceRecord> records;
   std::vector<TraceMark> marks;
+  std::vector<bool> queued;
+  std::vector<uint64_t> device_marks;
   {
     const std::lock_guard<std::mutex> lock(g_mu);
     records.swap(g_records);
     marks.swap(g_marks);
+    queued.swap(g_marks_queued);
+    device_marks.swap(g_device_marks);
     g_active = false;
+  }
+  // The queued marks take the device's times, in order (when each reached the device: all or none).
+  std::sort(device_marks.begin(), device_marks.end());
+  if (device_marks.size() == size_t(std::count(queued.begin(), queued.end(), true))) {
+    size_t next = 0;
+    for (size_t i = 0; i < marks.size(); ++i)
+      if (queued[i]) marks[i].time = device_marks[next++];
+    std::stable_sort(marks.begin(), marks.end(),
+                     [](const TraceMark& a, const TraceMark& b) { return a.time < b.time; });
   }
   if (!g_file.empty()) {
     std::ofstream f(g_file);

@@ -74,8 +74,11 @@ std::string device_trace_file(const std::string& path, int64_t rank, int64_t ran
 // reason in *why otherwise, when the file cannot be written, or when CUPTI refuses).
 bool device_trace_start(const std::string& file, std::string* why);
 bool device_trace_active();
-// A host moment on the device's clock (no-op when not recording).
-void device_trace_mark(const std::string& name);
+// A moment on the device's clock (no-op when not recording). With a stream: when the device
+// reaches the mark in that stream's queue (a memset of 7 bytes is queued there and its start
+// taken), so that steps queued ahead of their start are still split where the device begins them;
+// without one, the host's moment.
+void device_trace_mark(const std::string& name, void* stream = nullptr);
 // Stops recording (the caller has synchronized the device), writes the Chrome trace to the file
 // given to device_trace_start and returns the summary; empty when not recording.
 TraceSummary device_trace_stop();

@@ -75,12 +75,18 @@ QueuedLosses forward_backward_queued(model::LanguageModel& model, const parallel
   return out;
 }
 
-StepLosses QueuedLosses::read(const parallel::ProcessGrid& grid) const {
+Tensor QueuedLosses::values() const {
   NoGradGuard ng;
   std::vector<Tensor> all = parts;
   if (grad_sum_squares.defined()) all.push_back(grad_sum_squares.to(parts.front().device()));
+  return all.size() == 1 ? all.front() : concat(all, 0);
+}
+
+void QueuedLosses::start_read() { copy_ = std::make_shared<PendingHostCopy>(values()); }
+
+StepLosses QueuedLosses::read(const parallel::ProcessGrid& grid) const {
   const std::vector<double> v =
-      (all.size() == 1 ? all.front() : concat(all, 0)).to_vector<double>();
+      copy_ ? copy_->host().to_vector<double>() : values().to_vector<double>();
   constexpr std::size_t kPart = 2 + model::kNumAuxLosses;
   const std::size_t n = kPart * parts.size();
   HYDRA_CHECK(v.size() == n + (grad_sum_squares.defined() ? 1 : 0))

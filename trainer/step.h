@@ -5,6 +5,7 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -40,8 +41,16 @@ struct QueuedLosses {
   std::vector<Tensor> parts;  // per micro-batch: f64 [2 + kNumAuxLosses]: lm, total, the aux losses
   std::map<std::string, double> stats;  // as StepLosses::stats
   Tensor grad_sum_squares;              // optional (f64 [1], the trainer's): read with the losses
+  // Queues the copy of the values to the host behind the work queued so far (after
+  // grad_sum_squares is set): read() then waits for this step alone, not for work queued after it
+  // (the trainer queues the next step first). Without it read() copies them when called.
+  void start_read();
   // The values (one wait for the device), summed over the micro-batches and the ranks' shares.
   StepLosses read(const parallel::ProcessGrid& grid) const;
+
+ private:
+  Tensor values() const;  // parts and grad_sum_squares in one f64 tensor, on the device
+  std::shared_ptr<PendingHostCopy> copy_;  // start_read's
 };
 QueuedLosses forward_backward_queued(model::LanguageModel& model, const parallel::ProcessGrid& grid,
                                      parallel::GradientReducer* reducer, const data::Batch& local,

@@ -8,9 +8,11 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -413,6 +415,7 @@ struct Trainer::Leg {
   std::vector<double> rates, recent_losses;  // tokens/s of each step; the last ten LM losses
   std::vector<double> save_stall_s;          // the time each save held training up
   std::chrono::steady_clock::time_point t_start = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point last_read = t_start;  // when the last step's losses came
   double elapsed_before = 0;  // the run's time before this leg (earlier legs)
 
   void say(const std::string& line) {
@@ -422,6 +425,15 @@ struct Trainer::Leg {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   }
   double elapsed() const { return elapsed_before + leg_seconds(); }
+};
+
+// A step queued on the device whose losses the host has not read yet.
+struct Trainer::QueuedStep {
+  int64_t step = 0;  // its index: it makes state_.step step + 1
+  double lr = 0;
+  QueuedLosses losses;  // their copy to the host queued behind the step's backward
+  std::chrono::steady_clock::time_point t0;  // when the host began queuing it
+  double queue_s = 0;                        // how long that took
 };
 
 // What one training step did, for its metrics.
@@ -480,12 +492,35 @@ Expected<TrainSummary> Trainer::run() {
   return finish_leg(*leg);
 }
 
+// Each step is queued on the device, then (train.overlap_steps) the next one behind it, and only
+// then are the first one's losses read: the host's step boundary (metrics, signals, the next batch)
+// overlaps the device's work. A step is not queued ahead across a boundary that evaluates, saves,
+// starts a stage or traces (may_queue_after); a signal seen while one is queued stops after it.
 Status Trainer::train_steps(Leg& leg) {
   const SignalsStopTraining signals;
+  std::optional<QueuedStep> ahead;  // the step queued before the one before it was read
   while (state_.step < leg.stop) {
     const Stage& stage = stage_at(stages_, state_.step);
-    if (stage.index != current_stage_) HYDRA_RETURN_IF_ERROR(begin_stage(stage, leg));
-    HYDRA_ASSIGN_OR_RETURN(StepOutcome step, train_step(stage, leg));
+    if (!ahead) {
+      if (stage.index != current_stage_) HYDRA_RETURN_IF_ERROR(begin_stage(stage, leg));
+      HYDRA_ASSIGN_OR_RETURN(QueuedStep q, queue_step(stage, state_.step, leg));
+      ahead = std::move(q);
+    }
+    QueuedStep current = std::move(*ahead);
+    ahead.reset();
+    // A failure to queue the next step (its batch) comes after this step's boundary, as it would
+    // without the overlap.
+    Status next_queued = ok_status();
+    if (may_queue_after(current.step, leg)) {
+      Expected<QueuedStep> next = queue_step(stage, current.step + 1, leg);
+      if (next.ok()) {
+        ahead = std::move(*next);
+        ++leg.sum.queued_ahead;
+      } else {
+        next_queued = next.status();
+      }
+    }
+    HYDRA_ASSIGN_OR_RETURN(StepOutcome step, read_step(current, stage, leg));
     if (state_.step == leg.stop) finish_trace(leg);  // before the last step's evaluation
     // The tensors a checkpoint copies all exist after a first step (the optimizer's moments
     // included): their host buffers are set up meanwhile, not when the first save holds training
@@ -497,17 +532,40 @@ Status Trainer::train_steps(Leg& leg) {
     const bool last = state_.step == leg.stop;
     const bool evaluated =
         (cfg_.train().eval_every() > 0 && state_.step % cfg_.train().eval_every() == 0) || last;
+    HYDRA_CHECK(!(evaluated && ahead)) << "step " << state_.step << " evaluates with a step queued";
     if (evaluated) HYDRA_RETURN_IF_ERROR(evaluate_into(stage, &values, leg));
     log_metrics(step, stage, values, evaluated, leg);
     const int sig = agreed_signal();
     HYDRA_RETURN_IF_ERROR(poll_pending_save(leg));
+    if (sig != 0 && ahead) {  // the queued step ends first; its boundary saves and stops
+      stop_signal_ = sig;
+      HYDRA_RETURN_IF_ERROR(next_queued);
+      continue;
+    }
+    HYDRA_CHECK(!(ahead && save_due(last, sig)))
+        << "step " << state_.step << " saves with a step queued";
     HYDRA_ASSIGN_OR_RETURN(const bool saved, maybe_save(last, sig, leg));
     if (sig != 0) {
       stop_on_signal(sig, saved, leg);
       break;
     }
+    HYDRA_RETURN_IF_ERROR(next_queued);
   }
   return ok_status();
+}
+
+// Whether step `step + 1` may be queued before step `step` is read: its boundary (state_.step then
+// step + 1) neither evaluates, saves, starts a stage, nor is the leg's first or last (the kernel
+// profile and the trace start after the first step, the last evaluates), and no signal came.
+bool Trainer::may_queue_after(int64_t step, const Leg& leg) const {
+  const auto& tr = cfg_.train();
+  const int64_t boundary = step + 1;
+  if (!tr.overlap_steps() || stop_signal_ != 0 || step == leg.sum.first_step ||
+      boundary >= leg.stop)
+    return false;
+  if (tr.eval_every() > 0 && boundary % tr.eval_every() == 0) return false;
+  if (save_due(false, 0, boundary)) return false;
+  return stage_at(stages_, boundary).index == stage_at(stages_, step).index;
 }
 
 // Opens the metrics, says what the leg will do (resume, steps past the schedule, precision, grid).
@@ -527,6 +585,7 @@ Expected<std::unique_ptr<Trainer::Leg>> Trainer::start_leg() {
   leg->sum.metrics = (fs::path(opt_.out_dir) / "metrics.jsonl").string();
   leg->last_ckpt = leg->unverified_ckpt = resume_from_;
   leg->elapsed_before = state_.elapsed_s;
+  stop_signal_ = 0;
   // Rank 0 writes the metrics and talks; every rank trains.
   Status opened = ok_status();
   if (lead()) {
@@ -626,16 +685,20 @@ Status Trainer::begin_stage(const Stage& stage, Leg& leg) {
   return ok_status();
 }
 
-// The step's batch, forward and backward, the NaN guard, clipping and the optimizer.
-Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg) {
+// Queues step `step`: its batch, forward and backward, clipping and the NaN guard's skip (on the
+// device), the optimizer, and the copy of its losses to the host. Reads nothing from the device.
+Expected<Trainer::QueuedStep> Trainer::queue_step(const Stage& stage, int64_t step, Leg& leg) {
   const auto& tr = cfg_.train();
-  const int64_t step = state_.step;
-  const auto t0 = std::chrono::steady_clock::now();
+  QueuedStep q;
+  q.step = step;
+  q.t0 = std::chrono::steady_clock::now();
   const int64_t in_stage = step - stage.start;
-  StepOutcome out;
   if (kernels::device_trace_active())
-    kernels::device_trace_mark("step " + std::to_string(step + 1));
-  out.lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
+    kernels::device_trace_mark("step " + std::to_string(step + 1), current_stream(device_));
+  // Tests: a signal that arrives while this step is queued (HYDRA_TEST_SIGNAL_AT_STEP, 1-based).
+  if (const char* at = std::getenv("HYDRA_TEST_SIGNAL_AT_STEP"); at && std::atoll(at) == step + 1)
+    std::raise(SIGUSR1);
+  q.lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
   const double warm =
       stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
   HYDRA_ASSIGN_OR_RETURN(data::Batch loaded, loader_->get(step));
@@ -648,22 +711,34 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
   ss.grad_accum = tr.grad_accum();
   ss.collect_stats = (step + 1) % tr.stats_every() == 0 || step + 1 == leg.schedule_end;
   ss.device = device_;
-  QueuedLosses queued;
   {  // bf16 compute copies (BF16_MIXED) during the forward and backward; the fp32 masters for the
      // rest
     const ComputeCopies::Scope compute(compute_copies_.get());
-    queued = forward_backward_queued(*model_, *grid_, reducer_.get(), batch, ss);
+    q.losses = forward_backward_queued(*model_, *grid_, reducer_.get(), batch, ss);
   }
-  // The update is queued before the host reads anything (the GPU works while the host launches
-  // it): clipping and the NaN guard's skip happen on the device (AdamW::step), then one read
-  // brings the losses and the gradient norm. A step that is not finite changed no parameter.
-  queued.grad_sum_squares = global_grad_sum_squares(*optimizer_, *grid_);
-  optimizer_->step(out.lr, tr.lr().lr() > 0 ? stage.lr.lr() : out.lr, queued.grad_sum_squares,
+  // The losses and the gradient norm are copied to the host behind the backward, before the
+  // update is queued: the read (read_step) waits for the step alone. Clipping and the NaN guard's
+  // skip happen on the device (AdamW::step): a step that is not finite changed no parameter.
+  q.losses.grad_sum_squares = global_grad_sum_squares(*optimizer_, *grid_);
+  q.losses.start_read();
+  optimizer_->step(q.lr, tr.lr().lr() > 0 ? stage.lr.lr() : q.lr, q.losses.grad_sum_squares,
                    tr.optimizer().grad_clip());
   model_->zero_grad();
-  model_->after_step();  // (a step that is not finite stops the run below)
+  model_->after_step();  // (a step that is not finite stops the run in read_step)
   if (compute_copies_) compute_copies_->refresh();  // the next step's bf16 copies, queued now
-  out.losses = queued.read(*grid_);
+  q.queue_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - q.t0).count();
+  return q;
+}
+
+// Reads a queued step's losses (waiting for its backward), stops on one that is not finite, and
+// moves the run to the step after it.
+Expected<Trainer::StepOutcome> Trainer::read_step(const QueuedStep& q, const Stage& stage,
+                                                  Leg& leg) {
+  const auto t_read = std::chrono::steady_clock::now();
+  const int64_t step = q.step;
+  StepOutcome out;
+  out.lr = q.lr;
+  out.losses = q.losses.read(*grid_);
   out.grad_norm = out.losses.grad_norm;
   const double lm_loss = out.losses.lm, total_loss = out.losses.total;
   if (!std::isfinite(total_loss) || !std::isfinite(lm_loss)) {
@@ -685,7 +760,14 @@ Expected<Trainer::StepOutcome> Trainer::train_step(const Stage& stage, Leg& leg)
     leg.unverified_ckpt.clear();
   }
 
-  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // The step's time. On a GPU: from when it was queued or the step before it was read, whichever
+  // is later, to its own read (steps queued ahead: the time between reads, so the times add up to
+  // the wall time). On the CPU, where queuing is computing: its queuing and its read.
+  const auto now = std::chrono::steady_clock::now();
+  out.seconds = device_.is_cuda()
+                    ? std::chrono::duration<double>(now - std::max(q.t0, leg.last_read)).count()
+                    : q.queue_s + std::chrono::duration<double>(now - t_read).count();
+  leg.last_read = now;
   // The kernel profile covers the steps after the first (whose one-time costs would blur it).
   if (kernel_profile_enabled() && step == leg.sum.first_step && step + 1 < leg.stop)
     kernel_profile_reset();
@@ -715,7 +797,7 @@ void Trainer::finish_trace(Leg& leg) {
 #if HYDRA_WITH_CUDA
   kernels::cuda::device_synchronize(static_cast<int>(device_.index));
 #endif
-  kernels::device_trace_mark("end of step " + std::to_string(state_.step));
+  kernels::device_trace_mark("end of step " + std::to_string(state_.step), current_stream(device_));
   leg.sum.trace = kernels::device_trace_stop();
 }
 
@@ -841,10 +923,14 @@ int Trainer::agreed_signal() const {
 
 // Saves when train.save_every says so, at the leg's last step, or on a signal; save_every -1
 // (benchmarks): never. Returns whether it saved.
-Expected<bool> Trainer::maybe_save(bool last, int sig, Leg& leg) {
+bool Trainer::save_due(bool last, int sig, int64_t step) const {
   const int64_t every = cfg_.train().save_every();
-  const bool due = every >= 0 && ((every > 0 && state_.step % every == 0) || last || sig != 0);
-  if (!due) return false;
+  if (step < 0) step = state_.step;
+  return every >= 0 && ((every > 0 && step % every == 0) || last || sig != 0);
+}
+
+Expected<bool> Trainer::maybe_save(bool last, int sig, Leg& leg) {
+  if (!save_due(last, sig)) return false;
   // The metrics up to this step are durable before the checkpoint is published: a kill right
   // after the publish (and a resume from it) must not lose the step's line.
   if (lead()) leg.log.flush();

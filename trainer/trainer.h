@@ -89,6 +89,7 @@ struct TrainSummary {
   int signal = 0;
   std::vector<double> save_stall_s;  // how long each save of this leg held training up
   kernels::TraceSummary trace;       // HYDRA_TRACE: the device's time over the steps traced
+  int64_t queued_ahead = 0;  // steps queued before the step before them was read (overlap_steps)
 };
 
 class Trainer {
@@ -130,10 +131,13 @@ class Trainer {
 
   // One call of run() (trainer.cpp), and the parts of its loop in the order they run.
   struct Leg;
+  struct QueuedStep;
   struct StepOutcome;
   Expected<std::unique_ptr<Leg>> start_leg();
   Status begin_stage(const Stage& stage, Leg& leg);
-  Expected<StepOutcome> train_step(const Stage& stage, Leg& leg);
+  Expected<QueuedStep> queue_step(const Stage& stage, int64_t step, Leg& leg);
+  bool may_queue_after(int64_t step, const Leg& leg) const;
+  Expected<StepOutcome> read_step(const QueuedStep& q, const Stage& stage, Leg& leg);
   MetricValues step_metrics(StepOutcome& step, const Stage& stage, Leg& leg);
   void warn_dead_layers(const std::map<std::string, double>& stats, Leg& leg);
   Status evaluate_into(const Stage& stage, MetricValues* values, Leg& leg);
@@ -141,6 +145,8 @@ class Trainer {
                    bool evaluated, Leg& leg);
   int agreed_signal() const;
   Status train_steps(Leg& leg);
+  // Whether the boundary after `step` steps (-1: state_.step) saves.
+  bool save_due(bool last, int sig, int64_t step = -1) const;
   Expected<bool> maybe_save(bool last, int sig, Leg& leg);
   Status poll_pending_save(Leg& leg);
   Status publish_pending_save(Leg& leg);
@@ -177,6 +183,7 @@ class Trainer {
   std::unique_ptr<parallel::GradientReducer> reducer_;  // distributed runs
   std::unique_ptr<ComputeCopies> compute_copies_;  // BF16_MIXED: bf16 copies of the fp32 parameters
   int64_t current_stage_ = -1;
+  int stop_signal_ = 0;  // a signal agreed on while a step was queued ahead: none is queued after
   std::string resume_from_;
   // Run lineage: the checkpoints newer than the one resumed from (--force: moved aside when the run
   // directory is prepared), and the branch this leg trains (0: the run's first; lineage.jsonl).

@@ -1,6 +1,7 @@
 // CUDA tensors and the caching allocator. Skipped (reported as such by ctest) without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <thread>
 
@@ -219,6 +220,30 @@ TEST(DeviceTrace, RecordsTheKernelsAndCopiesBetweenMarks) {
   bool copy = false;
   for (const auto& k : s.kernels) copy = copy || k.name == "memcpy DtoH";
   EXPECT_TRUE(copy);
+}
+
+// A mark queued on a stream takes the moment the device reaches it, not the host's: a GEMM of
+// about 20 ms queued before the first mark lies outside the marks' window (the trainer queues a
+// step before the one before it has run: its mark must not split that one).
+TEST(DeviceTrace, MarksQueuedOnAStreamTakeTheDevicesTime) {
+  HYDRA_REQUIRE_GPU();
+  const Tensor a = randn32({8192, 8192}, 5).to(Device::cuda(0));
+  kernels::cuda::device_synchronize(0);
+  std::string why;
+  ASSERT_TRUE(kernels::device_trace_start("", &why)) << why;
+  void* stream = current_stream(Device::cuda(0));
+  const Tensor big = matmul(a, a);  // 1.1 TFLOP in fp32: about 20 ms
+  kernels::device_trace_mark("start", stream);
+  const Tensor small = add(a, a);
+  kernels::cuda::device_synchronize(0);
+  kernels::device_trace_mark("end", stream);
+  const kernels::TraceSummary s = kernels::device_trace_stop();
+  EXPECT_EQ(s.steps, 1);
+  EXPECT_LT(s.wall_ms, 5.0) << "the window began at the host's mark, before the GEMM ran";
+  double longest = 0;
+  for (const auto& k : s.kernels) longest = std::max(longest, k.ms);
+  EXPECT_LT(longest, 2.0) << "the GEMM queued before the first mark is inside the window";
+  EXPECT_GT(s.busy_ms, 0.0) << "the add between the marks is missing";
 }
 
 #endif

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -347,6 +348,60 @@ void expect_same_tensors(const std::string& a, const std::string& b) {
     EXPECT_EQ(ma->tensor(i).name(), mb->tensor(i).name());
     EXPECT_EQ(ma->tensor(i).crc32c(), mb->tensor(i).crc32c()) << ma->tensor(i).name();
   }
+}
+
+// train.overlap_steps: the small run queues steps 3, 4, 6, 7 and 8 before reading the step before
+// each (not after the first step, nor across the evaluations and saves at steps 4 and 8, nor into
+// the last), and trains to the same metrics and parameters, bit for bit, as the run that reads
+// every step before it queues the next.
+TEST(Training, StepsQueuedAheadTrainAsStepsReadOneByOne) {
+  const std::string ahead = temp_dir("ahead"), one = temp_dir("one_by_one");
+  std::unique_ptr<Trainer> a, b;
+  auto sa = train(small_config({"train.overlap_steps=true"}), ahead, "", -1, &a);
+  ASSERT_TRUE(sa.ok()) << sa.status().message();
+  auto sb = train(small_config({"train.overlap_steps=false"}), one, "", -1, &b);
+  ASSERT_TRUE(sb.ok()) << sb.status().message();
+  EXPECT_EQ(sa->queued_ahead, 5);
+  EXPECT_EQ(sb->queued_ahead, 0);
+  EXPECT_EQ(metric_lines(ahead), metric_lines(one));
+  EXPECT_EQ(metric_lines(ahead).size(), 8u);
+  const auto pa = a->model().named_parameters(), pb = b->model().named_parameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (std::size_t i = 0; i < pa.size(); ++i)
+    EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>()) << pa[i].name;
+  expect_same_tensors(ahead + "/checkpoints/step-00000008", one + "/checkpoints/step-00000008");
+  // Saves every 3 steps, no evaluation before the last: steps 3, 6 and 8 are queued ahead (step 5
+  // starts stage two).
+  const std::vector<std::string> sets = {"train.save_every=3", "train.eval_every=0"};
+  auto sc = train(small_config(sets), temp_dir("ahead3"));
+  ASSERT_TRUE(sc.ok()) << sc.status().message();
+  EXPECT_EQ(sc->queued_ahead, 3);
+}
+
+// A signal that arrives while step 2 is queued is seen at step 2's boundary, with step 3 already
+// queued behind it: the run stops after step 3 with its checkpoint (a step queued is never lost
+// nor saved half-done), and resuming from it trains as the uninterrupted run, bit for bit.
+TEST(Training, SignalWithAStepQueuedAheadSavesAfterItAndResumesBitExact) {
+  const std::string straight = temp_dir("sig_straight"), split = temp_dir("sig_split");
+  std::unique_ptr<Trainer> a, b;
+  ASSERT_TRUE(train(small_config(), straight, "", -1, &a).ok());
+  ::setenv("HYDRA_TEST_SIGNAL_AT_STEP", "2", 1);
+  auto first = train(small_config(), split);
+  ::unsetenv("HYDRA_TEST_SIGNAL_AT_STEP");
+  ASSERT_TRUE(first.ok()) << first.status().message();
+  EXPECT_TRUE(first->interrupted);
+  EXPECT_EQ(first->signal, SIGUSR1);
+  EXPECT_EQ(first->last_step, 3);
+  EXPECT_TRUE(fs::exists(split + "/checkpoints/step-00000003/manifest.pb"));
+  auto second = train(small_config(), split, "auto", 8, &b);
+  ASSERT_TRUE(second.ok()) << second.status().message();
+  EXPECT_EQ(second->first_step, 3);
+  EXPECT_EQ(metric_lines(straight), metric_lines(split));
+  EXPECT_EQ(metric_lines(split).size(), 8u);
+  const auto pa = a->model().named_parameters(), pb = b->model().named_parameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (std::size_t i = 0; i < pa.size(); ++i)
+    EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>()) << pa[i].name;
 }
 
 // prepare_staging sets up the host buffers a save copies into, beforehand: a save after it sets up
