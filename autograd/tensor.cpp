@@ -1,5 +1,7 @@
 #include "autograd/tensor.h"
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -177,6 +179,20 @@ std::string host_read_caller() {
 }
 #endif
 
+#if HYDRA_WITH_CUDA
+std::atomic<int64_t> g_copy_wait_ns{0};
+
+// Runs `wait` (a synchronization), adding its time to host_copy_wait_seconds().
+template <class F>
+void timed_wait(F&& wait) {
+  const auto t0 = std::chrono::steady_clock::now();
+  wait();
+  g_copy_wait_ns +=
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
+          .count();
+}
+#endif
+
 // A contiguous copy of `src` on `device` (same dtype).
 Tensor transfer(const Tensor& src, Device device) {
   Tensor s = src.contiguous();
@@ -204,7 +220,7 @@ Tensor transfer(const Tensor& src, Device device) {
   }
   kernels::cuda::memcpy_async(out.raw_data(), s.raw_data(), s.nbytes(), kind, stream);
   if (device.is_cpu()) {
-    kernels::cuda::stream_synchronize(stream);
+    timed_wait([&] { kernels::cuda::stream_synchronize(stream); });
   } else if (s.is_pinned()) {
     cuda_record_pinned_use(s.storage()->data(),
                            stream);  // async: keep the block until the copy is done
@@ -259,7 +275,15 @@ void copy_to_host(const Tensor& src, const Tensor& dst) {
   void* stream = current_stream(s.device());
   kernels::cuda::memcpy_async(dst.raw_data(), s.raw_data(), s.nbytes(),
                               kernels::cuda::CopyKind::kDeviceToHost, stream);
-  kernels::cuda::stream_synchronize(stream);
+  timed_wait([&] { kernels::cuda::stream_synchronize(stream); });
+#endif
+}
+
+double host_copy_wait_seconds() {
+#if HYDRA_WITH_CUDA
+  return double(g_copy_wait_ns.load()) * 1e-9;
+#else
+  return 0;
 #endif
 }
 
@@ -571,7 +595,7 @@ const Tensor& PendingHostCopy::host() {
   if (!kernels::cuda::event_query(event_)) {
     std::optional<KernelProfileScope> wait;
     if (kernel_profile_enabled()) wait.emplace(Device::cpu(), "host: wait for a copy to the host");
-    kernels::cuda::event_synchronize(event_);
+    timed_wait([&] { kernels::cuda::event_synchronize(event_); });
   }
 #endif
   ready_ = true;

@@ -217,6 +217,11 @@ void copy_many_(const std::vector<Tensor>& dst, const std::vector<Tensor>& src);
 template <class T>
 Tensor tensor(const std::vector<T>& values, const Shape& shape, Device device = Device::cpu());
 
+// The host's time spent waiting for copies from a device (to(cpu), copy_to_host, PendingHostCopy),
+// in seconds, summed since the process started: the trainer tells a step's host work from its
+// waits with it.
+double host_copy_wait_seconds();
+
 // A copy of a small device tensor to the host that runs behind the work queued so far: host()
 // returns it (get(): an i64 tensor's values), waiting only for what the copy still lacks (a caller
 // that asks late, as a backward asking for the forward's counts, does not wait at all; the trainer

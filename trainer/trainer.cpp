@@ -433,7 +433,8 @@ struct Trainer::QueuedStep {
   double lr = 0;
   QueuedLosses losses;  // their copy to the host queued behind the step's backward
   std::chrono::steady_clock::time_point t0;  // when the host began queuing it
-  double queue_s = 0;                        // how long that took
+  double queue_s = 0;  // how long that took, less the waits for the device (queue_wait_s)
+  double queue_wait_s = 0;
 };
 
 // What one training step did, for its metrics.
@@ -441,6 +442,8 @@ struct Trainer::StepOutcome {
   StepLosses losses;
   double lr = 0, grad_norm = 0;
   double seconds = 0, tokens = 0;  // wall time; the global batch's tokens
+  double queue_s = 0;              // the host's time to queue it (QueuedStep::queue_s)
+  double wait_s = 0;               // the host's waits for the device, queuing and reading it
   double mfu = -1;                 // model FLOPs over the device's peak (-1: no peak known)
 };
 
@@ -692,6 +695,7 @@ Expected<Trainer::QueuedStep> Trainer::queue_step(const Stage& stage, int64_t st
   QueuedStep q;
   q.step = step;
   q.t0 = std::chrono::steady_clock::now();
+  const double waited0 = host_copy_wait_seconds();
   const int64_t in_stage = step - stage.start;
   if (kernels::device_trace_active())
     kernels::device_trace_mark("step " + std::to_string(step + 1), current_stream(device_));
@@ -726,7 +730,9 @@ Expected<Trainer::QueuedStep> Trainer::queue_step(const Stage& stage, int64_t st
   model_->zero_grad();
   model_->after_step();  // (a step that is not finite stops the run in read_step)
   if (compute_copies_) compute_copies_->refresh();  // the next step's bf16 copies, queued now
-  q.queue_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - q.t0).count();
+  q.queue_wait_s = host_copy_wait_seconds() - waited0;
+  q.queue_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - q.t0).count() -
+              q.queue_wait_s;
   return q;
 }
 
@@ -735,10 +741,13 @@ Expected<Trainer::QueuedStep> Trainer::queue_step(const Stage& stage, int64_t st
 Expected<Trainer::StepOutcome> Trainer::read_step(const QueuedStep& q, const Stage& stage,
                                                   Leg& leg) {
   const auto t_read = std::chrono::steady_clock::now();
+  const double waited0 = host_copy_wait_seconds();
   const int64_t step = q.step;
   StepOutcome out;
   out.lr = q.lr;
+  out.queue_s = q.queue_s;
   out.losses = q.losses.read(*grid_);
+  out.wait_s = q.queue_wait_s + host_copy_wait_seconds() - waited0;
   out.grad_norm = out.losses.grad_norm;
   const double lm_loss = out.losses.lm, total_loss = out.losses.total;
   if (!std::isfinite(total_loss) || !std::isfinite(lm_loss)) {
@@ -764,9 +773,10 @@ Expected<Trainer::StepOutcome> Trainer::read_step(const QueuedStep& q, const Sta
   // is later, to its own read (steps queued ahead: the time between reads, so the times add up to
   // the wall time). On the CPU, where queuing is computing: its queuing and its read.
   const auto now = std::chrono::steady_clock::now();
-  out.seconds = device_.is_cuda()
-                    ? std::chrono::duration<double>(now - std::max(q.t0, leg.last_read)).count()
-                    : q.queue_s + std::chrono::duration<double>(now - t_read).count();
+  out.seconds =
+      device_.is_cuda()
+          ? std::chrono::duration<double>(now - std::max(q.t0, leg.last_read)).count()
+          : q.queue_s + q.queue_wait_s + std::chrono::duration<double>(now - t_read).count();
   leg.last_read = now;
   // The kernel profile covers the steps after the first (whose one-time costs would blur it).
   if (kernel_profile_enabled() && step == leg.sum.first_step && step + 1 < leg.stop)
@@ -829,6 +839,8 @@ MetricValues Trainer::step_metrics(StepOutcome& step, const Stage& stage, Leg& l
                          {"grad_norm", step.grad_norm},
                          {"tokens_per_s", tokens_per_s},
                          {"step_ms", step.seconds * 1e3},
+                         {"host_queue_ms", step.queue_s * 1e3},
+                         {"host_wait_ms", step.wait_s * 1e3},
                          {"model_tflops", tflops},
                          {"tokens_seen", state_.tokens_seen},
                          {"elapsed_s", leg.elapsed()},

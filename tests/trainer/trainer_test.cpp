@@ -90,6 +90,8 @@ std::vector<std::string> metric_lines(const std::string& run) {
       if (field.find("tokens_per_s") != std::string::npos ||
           field.find("elapsed_s") != std::string::npos ||
           field.find("step_ms") != std::string::npos ||
+          field.find("host_queue_ms") != std::string::npos ||
+          field.find("host_wait_ms") != std::string::npos ||
           field.find("model_tflops") != std::string::npos ||
           field.find("\"mfu\"") != std::string::npos || field.find("memory.") != std::string::npos)
         continue;
@@ -522,6 +524,8 @@ TEST(Training, LossFallsAndMetricsHaveTheDocumentedKeys) {
                           "\"tokens_per_s\":",
                           "\"tokens_seen\":",
                           "\"step_ms\":",
+                          "\"host_queue_ms\":",
+                          "\"host_wait_ms\":",
                           "\"model_tflops\":",
                           "\"elapsed_s\":",
                           "\"memory.rss_peak_mb\":",
