@@ -415,8 +415,8 @@ struct Trainer::Leg {
   std::vector<double> rates, recent_losses;  // tokens/s of each step; the last ten LM losses
   std::vector<double> save_stall_s;          // the time each save held training up
   std::chrono::steady_clock::time_point t_start = std::chrono::steady_clock::now();
-  std::chrono::steady_clock::time_point last_read = t_start;  // when the last step's losses came
-  double elapsed_before = 0;  // the run's time before this leg (earlier legs)
+  std::shared_ptr<CudaEvent> last_copied;  // the last step read: its losses' copy (GPU)
+  double elapsed_before = 0;               // the run's time before this leg (earlier legs)
 
   void say(const std::string& line) {
     if (speak) progress.message(line);
@@ -435,6 +435,9 @@ struct Trainer::QueuedStep {
   std::chrono::steady_clock::time_point t0;  // when the host began queuing it
   double queue_s = 0;  // how long that took, less the waits for the device (queue_wait_s)
   double queue_wait_s = 0;
+  bool ahead = false;  // queued before the step before it was read
+  // On a GPU: recorded on the stream where the step's work begins and after its losses' copy.
+  std::shared_ptr<CudaEvent> began, copied;
 };
 
 // What one training step did, for its metrics.
@@ -518,6 +521,7 @@ Status Trainer::train_steps(Leg& leg) {
       Expected<QueuedStep> next = queue_step(stage, current.step + 1, leg);
       if (next.ok()) {
         ahead = std::move(*next);
+        ahead->ahead = true;
         ++leg.sum.queued_ahead;
       } else {
         next_queued = next.status();
@@ -557,14 +561,22 @@ Status Trainer::train_steps(Leg& leg) {
   return ok_status();
 }
 
+// Whether step `step` copies the model's statistics to the host (train.stats_every, and the
+// schedule's last step).
+bool Trainer::collects_stats(int64_t step, const Leg& leg) const {
+  return (step + 1) % cfg_.train().stats_every() == 0 || step + 1 == leg.schedule_end;
+}
+
 // Whether step `step + 1` may be queued before step `step` is read: its boundary (state_.step then
 // step + 1) neither evaluates, saves, starts a stage, nor is the leg's first or last (the kernel
-// profile and the trace start after the first step, the last evaluates), and no signal came.
+// profile and the trace start after the first step, the last evaluates), no signal came, and the
+// next step does not read statistics from the device as it is queued (its reads would wait for
+// this step first, moving that time into this step's).
 bool Trainer::may_queue_after(int64_t step, const Leg& leg) const {
   const auto& tr = cfg_.train();
   const int64_t boundary = step + 1;
   if (!tr.overlap_steps() || stop_signal_ != 0 || step == leg.sum.first_step ||
-      boundary >= leg.stop)
+      boundary >= leg.stop || collects_stats(boundary, leg))
     return false;
   if (tr.eval_every() > 0 && boundary % tr.eval_every() == 0) return false;
   if (save_due(false, 0, boundary)) return false;
@@ -702,6 +714,10 @@ Expected<Trainer::QueuedStep> Trainer::queue_step(const Stage& stage, int64_t st
   // Tests: a signal that arrives while this step is queued (HYDRA_TEST_SIGNAL_AT_STEP, 1-based).
   if (const char* at = std::getenv("HYDRA_TEST_SIGNAL_AT_STEP"); at && std::atoll(at) == step + 1)
     std::raise(SIGUSR1);
+  if (device_.is_cuda()) {
+    q.began = std::make_shared<CudaEvent>();
+    q.began->record(current_stream(device_));
+  }
   q.lr = scheduled_lr(stage.lr, std::min(in_stage, stage.steps - 1), stage.steps);
   const double warm =
       stage.aux_warmup > 0 ? std::min(1.0, double(in_stage + 1) / double(stage.aux_warmup)) : 1.0;
@@ -713,7 +729,7 @@ Expected<Trainer::QueuedStep> Trainer::queue_step(const Stage& stage, int64_t st
   ss.recompute = tr.recompute() == config::TrainConfig::BLOCK;
   ss.aux_scale = stage.aux_scale * warm;
   ss.grad_accum = tr.grad_accum();
-  ss.collect_stats = (step + 1) % tr.stats_every() == 0 || step + 1 == leg.schedule_end;
+  ss.collect_stats = collects_stats(step, leg);
   ss.device = device_;
   {  // bf16 compute copies (BF16_MIXED) during the forward and backward; the fp32 masters for the
      // rest
@@ -725,6 +741,10 @@ Expected<Trainer::QueuedStep> Trainer::queue_step(const Stage& stage, int64_t st
   // skip happen on the device (AdamW::step): a step that is not finite changed no parameter.
   q.losses.grad_sum_squares = global_grad_sum_squares(*optimizer_, *grid_);
   q.losses.start_read();
+  if (device_.is_cuda()) {
+    q.copied = std::make_shared<CudaEvent>();
+    q.copied->record(current_stream(device_));
+  }
   optimizer_->step(q.lr, tr.lr().lr() > 0 ? stage.lr.lr() : q.lr, q.losses.grad_sum_squares,
                    tr.optimizer().grad_clip());
   model_->zero_grad();
@@ -769,15 +789,20 @@ Expected<Trainer::StepOutcome> Trainer::read_step(const QueuedStep& q, const Sta
     leg.unverified_ckpt.clear();
   }
 
-  // The step's time. On a GPU: from when it was queued or the step before it was read, whichever
-  // is later, to its own read (steps queued ahead: the time between reads, so the times add up to
-  // the wall time). On the CPU, where queuing is computing: its queuing and its read.
-  const auto now = std::chrono::steady_clock::now();
-  out.seconds =
-      device_.is_cuda()
-          ? std::chrono::duration<double>(now - std::max(q.t0, leg.last_read)).count()
-          : q.queue_s + q.queue_wait_s + std::chrono::duration<double>(now - t_read).count();
-  leg.last_read = now;
+  // The step's time. On a GPU, from the device's clock: a step queued ahead takes the time from
+  // the step before's losses' copy to its own (the device's period, its idle time included); any
+  // other step the time from its first queued work to its losses' copy. (The host's clock would
+  // split a run of steps queued ahead unevenly: the host reads a step while the device is well into
+  // the next.) On the CPU, where queuing is computing: its queuing and its read.
+  if (q.copied) {
+    q.copied->synchronize();  // recorded right after the copy just waited for
+    const CudaEvent& from = q.ahead && leg.last_copied ? *leg.last_copied : *q.began;
+    out.seconds = double(q.copied->ms_since(from)) * 1e-3;
+    leg.last_copied = q.copied;
+  } else {
+    out.seconds = q.queue_s + q.queue_wait_s +
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t_read).count();
+  }
   // The kernel profile covers the steps after the first (whose one-time costs would blur it).
   if (kernel_profile_enabled() && step == leg.sum.first_step && step + 1 < leg.stop)
     kernel_profile_reset();

@@ -352,10 +352,10 @@ void expect_same_tensors(const std::string& a, const std::string& b) {
   }
 }
 
-// train.overlap_steps: the small run queues steps 3, 4, 6, 7 and 8 before reading the step before
-// each (not after the first step, nor across the evaluations and saves at steps 4 and 8, nor into
-// the last), and trains to the same metrics and parameters, bit for bit, as the run that reads
-// every step before it queues the next.
+// train.overlap_steps: the small run queues steps 3, 4, 6 and 7 before reading the step before
+// each (not after the first step, nor across the evaluations and saves at steps 4 and 8, nor the
+// last, which reads statistics), and trains to the same metrics and parameters, bit for bit, as the
+// run that reads every step before it queues the next.
 TEST(Training, StepsQueuedAheadTrainAsStepsReadOneByOne) {
   const std::string ahead = temp_dir("ahead"), one = temp_dir("one_by_one");
   std::unique_ptr<Trainer> a, b;
@@ -363,7 +363,7 @@ TEST(Training, StepsQueuedAheadTrainAsStepsReadOneByOne) {
   ASSERT_TRUE(sa.ok()) << sa.status().message();
   auto sb = train(small_config({"train.overlap_steps=false"}), one, "", -1, &b);
   ASSERT_TRUE(sb.ok()) << sb.status().message();
-  EXPECT_EQ(sa->queued_ahead, 5);
+  EXPECT_EQ(sa->queued_ahead, 4);
   EXPECT_EQ(sb->queued_ahead, 0);
   EXPECT_EQ(metric_lines(ahead), metric_lines(one));
   EXPECT_EQ(metric_lines(ahead).size(), 8u);
@@ -372,12 +372,14 @@ TEST(Training, StepsQueuedAheadTrainAsStepsReadOneByOne) {
   for (std::size_t i = 0; i < pa.size(); ++i)
     EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>()) << pa[i].name;
   expect_same_tensors(ahead + "/checkpoints/step-00000008", one + "/checkpoints/step-00000008");
-  // Saves every 3 steps, no evaluation before the last: steps 3, 6 and 8 are queued ahead (step 5
-  // starts stage two).
-  const std::vector<std::string> sets = {"train.save_every=3", "train.eval_every=0"};
+  // Saves every 3 steps, no evaluation before the last, statistics every 4 steps: steps 3 and 6
+  // are queued ahead (saves after steps 3 and 6, step 5 starts stage two, step 8 reads
+  // statistics).
+  const std::vector<std::string> sets = {"train.save_every=3", "train.eval_every=0",
+                                         "train.stats_every=4"};
   auto sc = train(small_config(sets), temp_dir("ahead3"));
   ASSERT_TRUE(sc.ok()) << sc.status().message();
-  EXPECT_EQ(sc->queued_ahead, 3);
+  EXPECT_EQ(sc->queued_ahead, 2);
 }
 
 // A signal that arrives while step 2 is queued is seen at step 2's boundary, with step 3 already
