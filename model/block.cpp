@@ -119,9 +119,14 @@ Tensor HydraBlock::forward(const Tensor& x, ForwardContext& ctx, Tensor* aux, Bl
     const auto columns = mix.defined() ? split(mix, std::vector<int64_t>(paths.size(), 1), 2)
                                        : std::vector<Tensor>();
     for (std::size_t i = 0; i < paths.size(); ++i) {
-      ctx.stat(p + "gate_norm." + paths[i].name,
-               std::sqrt(sum_squares(paths[i].gate).item<double>()));
-      if (!columns.empty()) ctx.stat(p + "mix." + paths[i].name, mean(columns[i]).item<double>());
+      std::vector<Tensor> values = {sum_squares(paths[i].gate)};
+      if (!columns.empty()) values.push_back(mean(columns[i]));
+      ctx.stat_later(values,
+                     [key = p + "gate_norm." + paths[i].name, mix = p + "mix." + paths[i].name](
+                         const std::vector<Tensor>& h, ForwardContext& c) {
+                       c.stat(key, std::sqrt(h[0].item<double>()));
+                       if (h.size() > 1) c.stat(mix, h[1].item<double>());
+                     });
     }
   }
   return y;

@@ -48,6 +48,7 @@ std::pair<Tensor, Tensor> run_block(ForwardContext& ctx, F fn, const Tensor& x) 
   }
   ForwardContext snapshot = ctx;
   snapshot.stats.clear();
+  snapshot.pending_stats.clear();
   ForwardContext* live = &ctx;
   const auto outs = checkpoint(
       [fn, snapshot, live](const std::vector<Tensor>& in) mutable {
@@ -183,6 +184,7 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
                           bool want_logits) {
   check_tokens(tokens, targets, spec_);
   (void)take_collective_outputs();  // anything left from a forward that built no loss
+  ctx.defer_stats = true;           // the statistics' reads wait for the device once, at the end
   Tensor aux_total;
   const Tensor x = trunk(tokens, ctx, &aux_total, nullptr);
   const Tensor logits = linear(final_norm->forward(x), embedding);  // tied head
@@ -193,13 +195,14 @@ LmOutput HydraLM::forward(const Tensor& tokens, const Tensor& targets, ForwardCo
     out.loss = with_chain_tokens(add(out.lm_loss, sum(out.aux).to(out.lm_loss.dtype())), ctx);
   }
   if (want_logits) out.logits = logits;
-  if (ctx.recording()) {
-    const AuxLosses a = AuxLosses::read(out.aux);
-    ctx.stat("loss.balance", a.balance);
-    ctx.stat("loss.locality", a.locality);
-    ctx.stat("loss.sparsity", a.sparsity);
-    add_moe_means(ctx);
-  }
+  ctx.stat_later({out.aux}, [](const std::vector<Tensor>& h, ForwardContext& c) {
+    const AuxLosses a = AuxLosses::read(h[0]);
+    c.stat("loss.balance", a.balance);
+    c.stat("loss.locality", a.locality);
+    c.stat("loss.sparsity", a.sparsity);
+    add_moe_means(c);  // after every layer's statistics: these run in order
+  });
+  ctx.finish_stats();  // one wait for the device, at the forward's end
   return out;
 }
 

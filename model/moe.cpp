@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <numeric>
 
@@ -234,21 +235,44 @@ double routing_tls(const MoeRouting& r) {
   return 1.0 - double(active) / double(n * r.num_experts);
 }
 
+namespace {
+
+// Each chunk's active experts as a bit set of `words` 64-bit words ([B * nC][words]): a window's
+// distinct experts are the popcount of its chunks' union.
+std::vector<uint64_t> chunk_expert_bits(const MoeRouting& r, int64_t words) {
+  const int64_t E = r.num_experts, n = r.batch * r.num_chunks;
+  std::vector<uint64_t> bits(static_cast<std::size_t>(n * words), 0);
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t e = 0; e < E; ++e)
+      if (r.active[c * E + e]) bits[c * words + e / 64] |= uint64_t{1} << (e % 64);
+  return bits;
+}
+
+// The distinct experts of chunks [c0, c1] of sequence b.
+int64_t distinct_experts(const std::vector<uint64_t>& bits, int64_t words, int64_t row0, int64_t c0,
+                         int64_t c1) {
+  int64_t uni = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t u = 0;
+    for (int64_t c = c0; c <= c1; ++c) u |= bits[(row0 + c) * words + w];
+    uni += std::popcount(u);
+  }
+  return uni;
+}
+
+}  // namespace
+
 double routing_cls(const MoeRouting& r, int64_t window) {
   const int64_t L = r.num_chunks * r.chunk, E = r.num_experts;
   if (L < window || r.batch == 0) return routing_tls(r);
+  const int64_t words = (E + 63) / 64;
+  const std::vector<uint64_t> bits = chunk_expert_bits(r, words);
   double total = 0;
   int64_t count = 0;
   for (int64_t b = 0; b < r.batch; ++b) {
     for (int64_t t = 0; t + window <= L; ++t) {
-      int64_t uni = 0;
-      std::vector<uint8_t> seen(E, 0);
-      for (int64_t c = t / r.chunk; c <= (t + window - 1) / r.chunk; ++c)
-        for (int64_t e = 0; e < E; ++e)
-          if (r.active[(b * r.num_chunks + c) * E + e] && !seen[e]) {
-            seen[e] = 1;
-            ++uni;
-          }
+      const int64_t uni =
+          distinct_experts(bits, words, b * r.num_chunks, t / r.chunk, (t + window - 1) / r.chunk);
       total += 1.0 - double(uni) / double(E);
       ++count;
     }
@@ -256,24 +280,28 @@ double routing_cls(const MoeRouting& r, int64_t window) {
   return total / double(count);
 }
 
-double routing_cls_aligned(const MoeRouting& r, int64_t window) {
+namespace {
+
+// routing_cls_aligned with the chunks' bit sets made once (chunk_expert_bits).
+double cls_aligned(const MoeRouting& r, const std::vector<uint64_t>& bits, int64_t words,
+                   int64_t window) {
   const int64_t L = r.num_chunks * r.chunk, E = r.num_experts, windows = L / window;
   if (windows == 0 || r.batch == 0 || E == 0) return -1;
   double total = 0;
-  std::vector<uint8_t> seen(E);
   for (int64_t b = 0; b < r.batch; ++b)
     for (int64_t w = 0; w < windows; ++w) {
-      std::fill(seen.begin(), seen.end(), 0);
-      int64_t uni = 0;
-      for (int64_t c = w * window / r.chunk; c <= ((w + 1) * window - 1) / r.chunk; ++c)
-        for (int64_t e = 0; e < E; ++e)
-          if (r.active[(b * r.num_chunks + c) * E + e] && !seen[e]) {
-            seen[e] = 1;
-            ++uni;
-          }
+      const int64_t uni = distinct_experts(bits, words, b * r.num_chunks, w * window / r.chunk,
+                                           ((w + 1) * window - 1) / r.chunk);
       total += 1.0 - double(uni) / double(E);
     }
   return total / double(r.batch * windows);
+}
+
+}  // namespace
+
+double routing_cls_aligned(const MoeRouting& r, int64_t window) {
+  const int64_t words = (r.num_experts + 63) / 64;
+  return cls_aligned(r, chunk_expert_bits(r, words), words, window);
 }
 
 void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, const Tensor& s,
@@ -300,8 +328,12 @@ void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, const Te
   ctx.stat(b + "tls", routing_tls(router));
   ctx.stat(b + "tls_kept", last_tls_);
   ctx.stat(b + "no_expert_frac", BC ? double(silent) / double(BC) : 0.0);
+  const int64_t words = (E + 63) / 64;
+  const std::vector<uint64_t> router_bits = chunk_expert_bits(router, words),
+                              kept_bits = chunk_expert_bits(routing, words);
   for (int64_t L : kClsWindows) {
-    const double pre = routing_cls_aligned(router, L), kept = routing_cls_aligned(routing, L);
+    const double pre = cls_aligned(router, router_bits, words, L),
+                 kept = cls_aligned(routing, kept_bits, words, L);
     if (pre < 0) continue;
     ctx.stat(b + "cls." + std::to_string(L), pre);
     ctx.stat(b + "cls_kept." + std::to_string(L), kept);
@@ -574,21 +606,27 @@ Tensor ChunkMoE::aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,
     routing.num_chunks = nC;
     routing.chunk = c;
     routing.num_experts = E;
-    const std::vector<double> m = dispatch.mask.to_vector<double>();
-    routing.active.assign(m.begin(), m.end());
-    if (tiled) {
-      const std::vector<int64_t>& host = dispatch.host_counts->get();
-      routing.dropped.assign(host.begin() + E, host.end());
-    } else {
-      routing.dropped = dispatch.dropped;
-    }
-    record_stats(routing, q.detach(), s.detach().reshape({B * nC, E}), ctx);
-    const std::string p = "moe." + std::to_string(layer_) + ".";
-    ctx.stat(p + "balance_loss", balance.item<double>());
-    ctx.stat(p + "locality_loss", locality.item<double>());
-    ctx.stat(p + "sparsity_loss", sparsity.item<double>());
-    resolve_global_tls();
-    ctx.stat(p + "tls_global", global_tls_);
+    if (!tiled) routing.dropped = dispatch.dropped;
+    // Read at the forward's end (ForwardContext::stat_later): the mask, q, s and the three losses;
+    // the tiled dispatch's dropped counts from its own pending copy.
+    ctx.stat_later(
+        {dispatch.mask, q.detach(), s.detach().reshape({B * nC, E}), balance, locality, sparsity},
+        [this, routing, pending = tiled ? dispatch.host_counts : nullptr](
+            const std::vector<Tensor>& h, ForwardContext& cx) mutable {
+          const std::vector<double> m = h[0].to_vector<double>();
+          routing.active.assign(m.begin(), m.end());
+          if (pending) {
+            const std::vector<int64_t>& host = pending->get();
+            routing.dropped.assign(host.begin() + num_experts_, host.end());
+          }
+          record_stats(routing, h[1], h[2], cx);
+          const std::string p = "moe." + std::to_string(layer_) + ".";
+          cx.stat(p + "balance_loss", h[3].item<double>());
+          cx.stat(p + "locality_loss", h[4].item<double>());
+          cx.stat(p + "sparsity_loss", h[5].item<double>());
+          resolve_global_tls();
+          cx.stat(p + "tls_global", global_tls_);
+        });
   }
   return losses;
 }

@@ -77,10 +77,14 @@ Tensor ProductKeyMemory::forward(const Tensor& x, ForwardContext& ctx) const {
     const Tensor flat = look.indices.reshape({-1});
     const Tensor counts = scatter_add_rows(zeros({n_keys_ * n_keys_, 1}, DType::kF32, x.device()),
                                            flat, ones({flat.numel(), 1}, DType::kF32, x.device()));
-    int64_t hit = 0;
-    for (float c : counts.to_vector<float>()) hit += c > 0;
-    ctx.stat(p + "value_coverage", double(hit) / double(n_keys_ * n_keys_));
-    ctx.stat(p + "score_entropy", entropy_sum(w).item<double>() / double(H * T));
+    const double cells = double(n_keys_ * n_keys_), rows = double(H * T);
+    ctx.stat_later({counts, entropy_sum(w)},
+                   [p, cells, rows](const std::vector<Tensor>& h, ForwardContext& c) {
+                     int64_t hit = 0;
+                     for (float n : h[0].to_vector<float>()) hit += n > 0;
+                     c.stat(p + "value_coverage", double(hit) / cells);
+                     c.stat(p + "score_entropy", h[1].item<double>() / rows);
+                   });
   }
   return out.view({B, L, d});
 }

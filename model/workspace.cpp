@@ -146,20 +146,22 @@ Tensor WorkspaceMemory::run(const Tensor& x, ForwardContext& ctx, const Tensor& 
   if (ctx.recording()) {  // on the device; two numbers come back
     NoGradGuard no_grad;
     const std::string p = "workspace." + std::to_string(index_) + ".";
-    double gate_mean = 0;
-    if (!gates.empty()) {
-      std::vector<Tensor> flat;
-      flat.reserve(gates.size());
-      for (const Tensor& g : gates) flat.push_back(g.reshape({-1}));
-      gate_mean = mean(concat(flat, 0)).item<double>();
-    }
-    ctx.stat(p + "write_gate_mean", gate_mean);
     // Slot usage: the entropy of the reads' attention over the slots (recomputed: the fused kernel
     // keeps no probabilities).
     const Tensor att =
         softmax(mul(matmul(qr.permute({0, 2, 1, 3}), kr.permute({0, 2, 3, 1})), scale));
     const int64_t reads = att.numel() / M;  // (chunk, head, query) rows of M slots each
-    ctx.stat(p + "slot_entropy", entropy_sum(att).item<double>() / double(reads));
+    std::vector<Tensor> values = {entropy_sum(att)};
+    if (!gates.empty()) {
+      std::vector<Tensor> flat;
+      flat.reserve(gates.size());
+      for (const Tensor& g : gates) flat.push_back(g.reshape({-1}));
+      values.push_back(mean(concat(flat, 0)));
+    }
+    ctx.stat_later(values, [p, reads](const std::vector<Tensor>& h, ForwardContext& c) {
+      c.stat(p + "write_gate_mean", h.size() > 1 ? h[1].item<double>() : 0.0);
+      c.stat(p + "slot_entropy", h[0].item<double>() / double(reads));
+    });
   }
   // Back to token order: the output projection first (d and a are alike in size), then one copy.
   const Tensor out = read_o->forward(read);  // [nC, B, c, d]

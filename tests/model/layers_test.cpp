@@ -3,6 +3,9 @@
 #include <cmath>
 #include <functional>
 #include <numeric>
+#include <random>
+#include <utility>
+#include <vector>
 
 #include "autograd/grad_mode.h"
 #include "model/block.h"
@@ -290,6 +293,51 @@ TEST(ChunkMoE, MaxActiveIsRespected) {
   }
 }
 
+// The chunk-level sparsity over every window of L tokens and over aligned windows (the routing
+// statistics, computed with bit sets of each chunk's experts) equals counting each window's
+// distinct experts one by one, bit for bit: random routings with 5, 64 and 70 experts (one and two
+// words), chunks of 1 and 3 tokens, windows of 1 to 9 tokens.
+TEST(ChunkMoE, ChunkSparsityEqualsCountingEachWindow) {
+  std::mt19937 rng(7);
+  for (const auto& [E, chunk] :
+       std::vector<std::pair<int64_t, int64_t>>{{5, 3}, {64, 1}, {70, 3}}) {
+    model::MoeRouting r;
+    r.batch = 2;
+    r.num_chunks = 7;
+    r.chunk = chunk;
+    r.num_experts = E;
+    for (int64_t i = 0; i < r.batch * r.num_chunks * E; ++i) r.active.push_back(rng() % 3 == 0);
+    const int64_t L = r.num_chunks * chunk;
+    auto distinct = [&](int64_t b, int64_t t0, int64_t t1) {  // tokens [t0, t1]
+      std::vector<bool> seen(E, false);
+      int64_t uni = 0;
+      for (int64_t c = t0 / chunk; c <= t1 / chunk; ++c)
+        for (int64_t e = 0; e < E; ++e)
+          if (r.active[(b * r.num_chunks + c) * E + e] && !seen[e]) {
+            seen[e] = true;
+            ++uni;
+          }
+      return uni;
+    };
+    for (int64_t w = 1; w <= 9; ++w) {
+      double all = 0, aligned = 0;
+      int64_t n = 0;
+      for (int64_t b = 0; b < r.batch; ++b) {
+        for (int64_t t = 0; t + w <= L; ++t, ++n)
+          all += 1.0 - double(distinct(b, t, t + w - 1)) / E;
+        for (int64_t k = 0; k < L / w; ++k)
+          aligned += 1.0 - double(distinct(b, k * w, (k + 1) * w - 1)) / E;
+      }
+      if (w <= L) {
+        EXPECT_EQ(model::routing_cls(r, w), all / double(n)) << "E " << E << ", L " << w;
+      }
+      EXPECT_EQ(model::routing_cls_aligned(r, w),
+                L / w > 0 ? aligned / double(r.batch * (L / w)) : -1.0)  // -1: no whole window
+          << "E " << E << ", L " << w;
+    }
+  }
+}
+
 // BlockFFN's CLS(L) over aligned windows, worked by hand: one sequence of 4 chunks of 2 tokens, 4
 // experts, chunks active on {0}, {0, 1}, {2}, {}.
 TEST(ChunkMoE, AlignedChunkSparsityAsBlockFfnDefinesIt) {
@@ -322,6 +370,24 @@ TEST(ChunkMoE, AlignedChunkSparsityAsBlockFfnDefinesIt) {
   EXPECT_LT(ctx.stats.at("block.0.moe.tls"), ctx.stats.at("block.0.moe.tls_kept"))
       << "with 6 experts and a cap of 1 the router fires more than it keeps";
   EXPECT_GE(ctx.stats.at("block.0.moe.no_expert_frac"), 0.0);
+}
+
+// Statistics deferred to the forward's end (ForwardContext::defer_stats, as a language model's
+// forward runs them) are missing until finish_stats and then equal the ones computed at once, bit
+// for bit: the MoE's routing figures, losses and loads.
+TEST(ChunkMoE, DeferredStatisticsEqualTheImmediateOnes) {
+  auto c = make_moe("num_experts: 6 d_expert: 3 chunk: 2 max_active: 2", 41);
+  const Tensor x = randn64({2, 16, 6}, 42, 1.0, false);
+  model::ForwardContext now, later;
+  later.defer_stats = true;
+  (void)c.moe->forward(x, now, nullptr);
+  (void)c.moe->forward(x, later, nullptr);
+  ASSERT_GT(now.stats.size(), 20u);
+  EXPECT_FALSE(later.stats.count("moe.0.tls")) << "read before the forward's end";
+  EXPECT_FALSE(later.pending_stats.empty());
+  later.finish_stats();
+  EXPECT_TRUE(later.pending_stats.empty());
+  EXPECT_EQ(later.stats, now.stats);
 }
 
 TEST(ChunkMoE, OneExpertWithRoutingOffEqualsADenseSwiGLU) {
