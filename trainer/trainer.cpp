@@ -435,7 +435,8 @@ struct Trainer::QueuedStep {
   std::chrono::steady_clock::time_point t0;  // when the host began queuing it
   double queue_s = 0;  // how long that took, less the waits for the device (queue_wait_s)
   double queue_wait_s = 0;
-  bool ahead = false;  // queued before the step before it was read
+  bool ahead = false;           // queued before the step before it was read
+  parallel::ReducerStats comm;  // the gradient exchange's figures of this step (distributed runs)
   // On a GPU: recorded on the stream where the step's work begins and after its losses' copy.
   std::shared_ptr<CudaEvent> began, copied;
 };
@@ -447,6 +448,7 @@ struct Trainer::StepOutcome {
   double seconds = 0, tokens = 0;  // wall time; the global batch's tokens
   double queue_s = 0;              // the host's time to queue it (QueuedStep::queue_s)
   double wait_s = 0;               // the host's waits for the device, queuing and reading it
+  parallel::ReducerStats comm;     // QueuedStep::comm
   double mfu = -1;                 // model FLOPs over the device's peak (-1: no peak known)
 };
 
@@ -750,6 +752,7 @@ Expected<Trainer::QueuedStep> Trainer::queue_step(const Stage& stage, int64_t st
   model_->zero_grad();
   model_->after_step();  // (a step that is not finite stops the run in read_step)
   if (compute_copies_) compute_copies_->refresh();  // the next step's bf16 copies, queued now
+  if (reducer_) q.comm = reducer_->stats();         // this step's, before the next one is queued
   q.queue_wait_s = host_copy_wait_seconds() - waited0;
   q.queue_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - q.t0).count() -
               q.queue_wait_s;
@@ -766,6 +769,7 @@ Expected<Trainer::StepOutcome> Trainer::read_step(const QueuedStep& q, const Sta
   StepOutcome out;
   out.lr = q.lr;
   out.queue_s = q.queue_s;
+  out.comm = q.comm;
   out.losses = q.losses.read(*grid_);
   out.wait_s = q.queue_wait_s + host_copy_wait_seconds() - waited0;
   out.grad_norm = out.losses.grad_norm;
@@ -878,10 +882,9 @@ MetricValues Trainer::step_metrics(StepOutcome& step, const Stage& stage, Leg& l
     values.push_back({"mfu", step.mfu});
   }
   if (reducer_) {  // rank 0's view of the gradient exchange
-    values.push_back({"comm.exposed_ms", reducer_->stats().exposed_ms});
-    values.push_back({"comm.buckets_overlapped", double(reducer_->stats().early)});
-    if (reducer_->sharding())
-      values.push_back({"comm.param_gather_ms", reducer_->stats().gather_ms});
+    values.push_back({"comm.exposed_ms", step.comm.exposed_ms});
+    values.push_back({"comm.buckets_overlapped", double(step.comm.early)});
+    if (reducer_->sharding()) values.push_back({"comm.param_gather_ms", step.comm.gather_ms});
   }
   if (device_.is_cuda()) {
     const CudaMemoryStats ms = cuda_memory_stats(device_.index);

@@ -102,6 +102,14 @@ std::vector<std::string> metric_lines(const std::string& run) {
   return lines;
 }
 
+// Two trainers' models hold the same parameters, bit for bit.
+void expect_same_parameters(Trainer& a, Trainer& b) {
+  const auto pa = a.model().named_parameters(), pb = b.model().named_parameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (std::size_t i = 0; i < pa.size(); ++i)
+    EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>()) << pa[i].name;
+}
+
 TEST(Curriculum, StagesAreLaidOutAndValidated) {
   config::RunConfig cfg = small_config();
   resolve_run_config(&cfg);
@@ -171,10 +179,7 @@ TEST(Training, ResumeIsBitExact) {
   // bit.
   EXPECT_EQ(metric_lines(straight), metric_lines(split));
   EXPECT_EQ(metric_lines(split).size(), 8u);
-  const auto pa = a->model().named_parameters(), pb = b->model().named_parameters();
-  ASSERT_EQ(pa.size(), pb.size());
-  for (std::size_t i = 0; i < pa.size(); ++i)
-    EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>()) << pa[i].name;
+  expect_same_parameters(*a, *b);
   // The stage switch happened, and checkpoints are kept.
   EXPECT_TRUE(fs::exists(split + "/checkpoints/step-00000008/manifest.pb"));
   EXPECT_TRUE(fs::exists(split + "/checkpoints/step-00000004/rank-00000.h5"));
@@ -209,11 +214,8 @@ TEST(Training, ResumeMidStageIsBitExact) {
       if (field.find("\"eval.") == std::string::npos) kept += field + ",";
     lines[stop - 1] = kept;
     EXPECT_EQ(metric_lines(straight), lines) << "resumed at step " << stop;
-    const auto pa = a->model().named_parameters(), pb = b->model().named_parameters();
-    ASSERT_EQ(pa.size(), pb.size());
-    for (std::size_t i = 0; i < pa.size(); ++i)
-      EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>())
-          << pa[i].name << ", resumed at step " << stop;
+    SCOPED_TRACE("resumed at step " + std::to_string(stop));
+    expect_same_parameters(*a, *b);
   }
 }
 
@@ -367,10 +369,7 @@ TEST(Training, StepsQueuedAheadTrainAsStepsReadOneByOne) {
   EXPECT_EQ(sb->queued_ahead, 0);
   EXPECT_EQ(metric_lines(ahead), metric_lines(one));
   EXPECT_EQ(metric_lines(ahead).size(), 8u);
-  const auto pa = a->model().named_parameters(), pb = b->model().named_parameters();
-  ASSERT_EQ(pa.size(), pb.size());
-  for (std::size_t i = 0; i < pa.size(); ++i)
-    EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>()) << pa[i].name;
+  expect_same_parameters(*a, *b);
   expect_same_tensors(ahead + "/checkpoints/step-00000008", one + "/checkpoints/step-00000008");
   // Saves every 3 steps, no evaluation before the last, statistics every 4 steps: steps 3 and 6
   // are queued ahead (saves after steps 3 and 6, step 5 starts stage two, step 8 reads
@@ -402,10 +401,7 @@ TEST(Training, SignalWithAStepQueuedAheadSavesAfterItAndResumesBitExact) {
   EXPECT_EQ(second->first_step, 3);
   EXPECT_EQ(metric_lines(straight), metric_lines(split));
   EXPECT_EQ(metric_lines(split).size(), 8u);
-  const auto pa = a->model().named_parameters(), pb = b->model().named_parameters();
-  ASSERT_EQ(pa.size(), pb.size());
-  for (std::size_t i = 0; i < pa.size(); ++i)
-    EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>()) << pa[i].name;
+  expect_same_parameters(*a, *b);
 }
 
 // prepare_staging sets up the host buffers a save copies into, beforehand: a save after it sets up
@@ -498,10 +494,7 @@ TEST(Training, BackgroundSaveHoldsTheStepItBegan) {
   ASSERT_EQ(want.size(), 8u);
   ASSERT_EQ(got.size(), 4u);
   for (std::size_t i = 0; i < 4; ++i) EXPECT_EQ(got[i], want[i + 4]) << "step " << i + 5;
-  const auto pa = a->model().named_parameters(), pb = b->model().named_parameters();
-  ASSERT_EQ(pa.size(), pb.size());
-  for (std::size_t i = 0; i < pa.size(); ++i)
-    EXPECT_EQ(pa[i].tensor.to_vector<float>(), pb[i].tensor.to_vector<float>()) << pa[i].name;
+  expect_same_parameters(*a, *b);
 }
 
 TEST(Training, LossFallsAndMetricsHaveTheDocumentedKeys) {
