@@ -539,8 +539,7 @@ Status Trainer::train_steps(Leg& leg) {
       checkpoints_->prepare_staging(*model_, *optimizer_, *grid_);
     MetricValues values = step_metrics(step, stage, leg);
     const bool last = state_.step == leg.stop;
-    const bool evaluated =
-        (cfg_.train().eval_every() > 0 && state_.step % cfg_.train().eval_every() == 0) || last;
+    const bool evaluated = evaluates_at(state_.step, last);
     HYDRA_CHECK(!(evaluated && ahead)) << "step " << state_.step << " evaluates with a step queued";
     if (evaluated) HYDRA_RETURN_IF_ERROR(evaluate_into(stage, &values, leg));
     log_metrics(step, stage, values, evaluated, leg);
@@ -563,6 +562,12 @@ Status Trainer::train_steps(Leg& leg) {
   return ok_status();
 }
 
+// Whether the boundary after `steps` steps evaluates (train.eval_every, and the leg's last).
+bool Trainer::evaluates_at(int64_t steps, bool last) const {
+  const int64_t every = cfg_.train().eval_every();
+  return (every > 0 && steps % every == 0) || last;
+}
+
 // Whether step `step` copies the model's statistics to the host (train.stats_every, and the
 // schedule's last step).
 bool Trainer::collects_stats(int64_t step, const Leg& leg) const {
@@ -580,8 +585,7 @@ bool Trainer::may_queue_after(int64_t step, const Leg& leg) const {
   if (!tr.overlap_steps() || stop_signal_ != 0 || step == leg.sum.first_step ||
       boundary >= leg.stop || collects_stats(boundary, leg))
     return false;
-  if (tr.eval_every() > 0 && boundary % tr.eval_every() == 0) return false;
-  if (save_due(false, 0, boundary)) return false;
+  if (evaluates_at(boundary, false) || save_due(false, 0, boundary)) return false;
   return stage_at(stages_, boundary).index == stage_at(stages_, step).index;
 }
 
@@ -961,14 +965,15 @@ int Trainer::agreed_signal() const {
   return sig;
 }
 
-// Saves when train.save_every says so, at the leg's last step, or on a signal; save_every -1
-// (benchmarks): never. Returns whether it saved.
+// Whether the boundary after `step` steps (-1: state_.step) saves: when train.save_every says so,
+// at the leg's last step, or on a signal; save_every -1 (benchmarks): never.
 bool Trainer::save_due(bool last, int sig, int64_t step) const {
   const int64_t every = cfg_.train().save_every();
   if (step < 0) step = state_.step;
   return every >= 0 && ((every > 0 && step % every == 0) || last || sig != 0);
 }
 
+// Saves when save_due; returns whether it saved.
 Expected<bool> Trainer::maybe_save(bool last, int sig, Leg& leg) {
   if (!save_due(last, sig)) return false;
   // The metrics up to this step are durable before the checkpoint is published: a kill right

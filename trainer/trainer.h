@@ -138,6 +138,7 @@ class Trainer {
   Expected<QueuedStep> queue_step(const Stage& stage, int64_t step, Leg& leg);
   bool may_queue_after(int64_t step, const Leg& leg) const;
   bool collects_stats(int64_t step, const Leg& leg) const;
+  bool evaluates_at(int64_t steps, bool last) const;
   Expected<StepOutcome> read_step(const QueuedStep& q, const Stage& stage, Leg& leg);
   MetricValues step_metrics(StepOutcome& step, const Stage& stage, Leg& leg);
   void warn_dead_layers(const std::map<std::string, double>& stats, Leg& leg);
