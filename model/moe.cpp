@@ -248,60 +248,100 @@ std::vector<uint64_t> chunk_expert_bits(const MoeRouting& r, int64_t words) {
   return bits;
 }
 
-// The distinct experts of chunks [c0, c1] of sequence b.
-int64_t distinct_experts(const std::vector<uint64_t>& bits, int64_t words, int64_t row0, int64_t c0,
-                         int64_t c1) {
-  int64_t uni = 0;
-  for (int64_t w = 0; w < words; ++w) {
-    uint64_t u = 0;
-    for (int64_t c = c0; c <= c1; ++c) u |= bits[(row0 + c) * words + w];
-    uni += std::popcount(u);
-  }
-  return uni;
+// The union of chunks [c0, c1] of a sequence's bit sets (row0: its first chunk) into u[0, words).
+void chunk_union(const std::vector<uint64_t>& bits, int64_t words, int64_t row0, int64_t c0,
+                 int64_t c1, uint64_t* u) {
+  std::fill(u, u + words, uint64_t{0});
+  for (int64_t c = c0; c <= c1; ++c)
+    for (int64_t w = 0; w < words; ++w) u[w] |= bits[(row0 + c) * words + w];
+}
+
+int64_t popcount_words(const uint64_t* u, int64_t words) {
+  int64_t n = 0;
+  for (int64_t w = 0; w < words; ++w) n += std::popcount(u[w]);
+  return n;
+}
+
+// CLS from the distinct experts summed over `count` windows: 1 - sum / (E count). The sum is an
+// integer, so any order of counting gives the same value.
+double cls_of(int64_t distinct_sum, int64_t count, int64_t E) {
+  return 1.0 - double(distinct_sum) / double(E * count);
 }
 
 }  // namespace
 
+// Windows [t, t + window) that start in the same chunk c0 and end in the same chunk c1 have the
+// same experts: each chunk's windows come in runs of equal c1 (at most window / chunk + 2 of them),
+// whose union grows by one chunk from run to run.
 double routing_cls(const MoeRouting& r, int64_t window) {
-  const int64_t L = r.num_chunks * r.chunk, E = r.num_experts;
+  const int64_t L = r.num_chunks * r.chunk, E = r.num_experts, C = r.chunk;
   if (L < window || r.batch == 0) return routing_tls(r);
   const int64_t words = (E + 63) / 64;
   const std::vector<uint64_t> bits = chunk_expert_bits(r, words);
-  double total = 0;
-  int64_t count = 0;
+  std::vector<uint64_t> u(static_cast<std::size_t>(words));
+  int64_t sum = 0, count = 0;
   for (int64_t b = 0; b < r.batch; ++b) {
-    for (int64_t t = 0; t + window <= L; ++t) {
-      const int64_t uni =
-          distinct_experts(bits, words, b * r.num_chunks, t / r.chunk, (t + window - 1) / r.chunk);
-      total += 1.0 - double(uni) / double(E);
-      ++count;
+    const int64_t row0 = b * r.num_chunks;
+    for (int64_t c0 = 0; c0 * C + window <= L; ++c0) {
+      const int64_t t_end = std::min((c0 + 1) * C, L - window + 1);  // starts in this chunk
+      int64_t t = c0 * C, c1 = (t + window - 1) / C;
+      chunk_union(bits, words, row0, c0, c1, u.data());
+      while (t < t_end) {
+        const int64_t run_end = std::min(t_end, (c1 + 1) * C - window + 1);
+        sum += (run_end - t) * popcount_words(u.data(), words);
+        count += run_end - t;
+        t = run_end;
+        if (t < t_end) {
+          ++c1;
+          for (int64_t w = 0; w < words; ++w) u[w] |= bits[(row0 + c1) * words + w];
+        }
+      }
     }
   }
-  return total / double(count);
+  return cls_of(sum, count, E);
 }
-
-namespace {
-
-// routing_cls_aligned with the chunks' bit sets made once (chunk_expert_bits).
-double cls_aligned(const MoeRouting& r, const std::vector<uint64_t>& bits, int64_t words,
-                   int64_t window) {
-  const int64_t L = r.num_chunks * r.chunk, E = r.num_experts, windows = L / window;
-  if (windows == 0 || r.batch == 0 || E == 0) return -1;
-  double total = 0;
-  for (int64_t b = 0; b < r.batch; ++b)
-    for (int64_t w = 0; w < windows; ++w) {
-      const int64_t uni = distinct_experts(bits, words, b * r.num_chunks, w * window / r.chunk,
-                                           ((w + 1) * window - 1) / r.chunk);
-      total += 1.0 - double(uni) / double(E);
-    }
-  return total / double(r.batch * windows);
-}
-
-}  // namespace
 
 double routing_cls_aligned(const MoeRouting& r, int64_t window) {
-  const int64_t words = (r.num_experts + 63) / 64;
-  return cls_aligned(r, chunk_expert_bits(r, words), words, window);
+  const int64_t L = r.num_chunks * r.chunk, E = r.num_experts, windows = L / window;
+  if (windows == 0 || r.batch == 0 || E == 0) return -1;
+  const int64_t words = (E + 63) / 64;
+  const std::vector<uint64_t> bits = chunk_expert_bits(r, words);
+  std::vector<uint64_t> u(static_cast<std::size_t>(words));
+  int64_t sum = 0;
+  for (int64_t b = 0; b < r.batch; ++b)
+    for (int64_t k = 0; k < windows; ++k) {
+      chunk_union(bits, words, b * r.num_chunks, k * window / r.chunk,
+                  ((k + 1) * window - 1) / r.chunk, u.data());
+      sum += popcount_words(u.data(), words);
+    }
+  return cls_of(sum, r.batch * windows, E);
+}
+
+// Aligned windows of 2L are pairs of aligned windows of L, so each window's experts are the union
+// of two of the level below: from the tokens' own (L = 1) up, every level costs half the one
+// before.
+std::vector<double> routing_cls_aligned_doubling(const MoeRouting& r, int64_t levels) {
+  const int64_t L = r.num_chunks * r.chunk, E = r.num_experts, words = (E + 63) / 64;
+  std::vector<int64_t> sums(static_cast<std::size_t>(levels), 0);
+  const std::vector<uint64_t> bits = chunk_expert_bits(r, words);
+  std::vector<uint64_t> level(static_cast<std::size_t>(L * words));  // [window][words]
+  for (int64_t b = 0; b < r.batch && E > 0; ++b) {
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t w = 0; w < words; ++w)
+        level[t * words + w] = bits[(b * r.num_chunks + t / r.chunk) * words + w];
+    for (int64_t i = 0, windows = L; i < levels && windows > 0; ++i, windows /= 2) {
+      if (i > 0)
+        for (int64_t k = 0; k < windows; ++k)
+          for (int64_t w = 0; w < words; ++w)
+            level[k * words + w] = level[2 * k * words + w] | level[(2 * k + 1) * words + w];
+      for (int64_t k = 0; k < windows; ++k) sums[i] += popcount_words(&level[k * words], words);
+    }
+  }
+  std::vector<double> out(static_cast<std::size_t>(levels), -1.0);
+  for (int64_t i = 0, windows = L; i < levels && windows > 0 && r.batch > 0 && E > 0;
+       ++i, windows /= 2)
+    out[i] = cls_of(sums[i], r.batch * windows, E);
+  return out;
 }
 
 void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, const Tensor& s,
@@ -328,15 +368,13 @@ void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, const Te
   ctx.stat(b + "tls", routing_tls(router));
   ctx.stat(b + "tls_kept", last_tls_);
   ctx.stat(b + "no_expert_frac", BC ? double(silent) / double(BC) : 0.0);
-  const int64_t words = (E + 63) / 64;
-  const std::vector<uint64_t> router_bits = chunk_expert_bits(router, words),
-                              kept_bits = chunk_expert_bits(routing, words);
-  for (int64_t L : kClsWindows) {
-    const double pre = cls_aligned(router, router_bits, words, L),
-                 kept = cls_aligned(routing, kept_bits, words, L);
-    if (pre < 0) continue;
-    ctx.stat(b + "cls." + std::to_string(L), pre);
-    ctx.stat(b + "cls_kept." + std::to_string(L), kept);
+  const int64_t levels = std::size(kClsWindows);
+  const std::vector<double> pre = routing_cls_aligned_doubling(router, levels),
+                            kept = routing_cls_aligned_doubling(routing, levels);
+  for (int64_t i = 0; i < levels; ++i) {
+    if (pre[i] < 0) continue;
+    ctx.stat(b + "cls." + std::to_string(kClsWindows[i]), pre[i]);
+    ctx.stat(b + "cls_kept." + std::to_string(kClsWindows[i]), kept[i]);
   }
   int64_t total = 0, dropped = 0;
   std::vector<int64_t> load(E, 0);

@@ -158,5 +158,8 @@ double routing_cls(const MoeRouting& r, int64_t window);
 double routing_cls_aligned(const MoeRouting& r, int64_t window);
 // The windows BlockFFN logs: L = 1, 2, 4, ..., 64.
 inline constexpr int64_t kClsWindows[] = {1, 2, 4, 8, 16, 32, 64};
+// routing_cls_aligned for L = 1, 2, 4, ..., 2^(levels - 1) (kClsWindows), each level's windows made
+// from pairs of the level below's (equal to calling it per window; -1 where no whole window fits).
+std::vector<double> routing_cls_aligned_doubling(const MoeRouting& r, int64_t levels);
 
 }  // namespace hydra::model

@@ -296,7 +296,8 @@ TEST(ChunkMoE, MaxActiveIsRespected) {
 // The chunk-level sparsity over every window of L tokens and over aligned windows (the routing
 // statistics, computed with bit sets of each chunk's experts) equals counting each window's
 // distinct experts one by one, bit for bit: random routings with 5, 64 and 70 experts (one and two
-// words), chunks of 1 and 3 tokens, windows of 1 to 9 tokens.
+// words), chunks of 1 and 3 tokens, windows of 1 to 9 tokens (and 1 to 16 all at once, where 16 is
+// longer than a sequence of 7 or 21 tokens for the chunks of 1).
 TEST(ChunkMoE, ChunkSparsityEqualsCountingEachWindow) {
   std::mt19937 rng(7);
   for (const auto& [E, chunk] :
@@ -319,22 +320,27 @@ TEST(ChunkMoE, ChunkSparsityEqualsCountingEachWindow) {
           }
       return uni;
     };
+    // CLS = 1 - (the distinct experts summed over windows) / (E windows): the sum is an integer.
     for (int64_t w = 1; w <= 9; ++w) {
-      double all = 0, aligned = 0;
-      int64_t n = 0;
+      int64_t all = 0, aligned = 0, n = 0;
       for (int64_t b = 0; b < r.batch; ++b) {
-        for (int64_t t = 0; t + w <= L; ++t, ++n)
-          all += 1.0 - double(distinct(b, t, t + w - 1)) / E;
-        for (int64_t k = 0; k < L / w; ++k)
-          aligned += 1.0 - double(distinct(b, k * w, (k + 1) * w - 1)) / E;
+        for (int64_t t = 0; t + w <= L; ++t, ++n) all += distinct(b, t, t + w - 1);
+        for (int64_t k = 0; k < L / w; ++k) aligned += distinct(b, k * w, (k + 1) * w - 1);
       }
       if (w <= L) {
-        EXPECT_EQ(model::routing_cls(r, w), all / double(n)) << "E " << E << ", L " << w;
+        EXPECT_EQ(model::routing_cls(r, w), 1.0 - double(all) / double(E * n))
+            << "E " << E << ", L " << w;
       }
+      const int64_t windows = r.batch * (L / w);
       EXPECT_EQ(model::routing_cls_aligned(r, w),
-                L / w > 0 ? aligned / double(r.batch * (L / w)) : -1.0)  // -1: no whole window
+                L / w > 0 ? 1.0 - double(aligned) / double(E * windows) : -1.0)  // -1: none whole
           << "E " << E << ", L " << w;
     }
+    // All of BlockFFN's windows at once (pairs of the level below) equal them one by one.
+    const std::vector<double> levels = model::routing_cls_aligned_doubling(r, 5);
+    for (int64_t i = 0; i < 5; ++i)
+      EXPECT_EQ(levels[i], model::routing_cls_aligned(r, int64_t{1} << i))
+          << "E " << E << ", " << i;
   }
 }
 
