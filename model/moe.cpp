@@ -244,7 +244,7 @@ std::vector<uint64_t> chunk_expert_bits(const MoeRouting& r, int64_t words) {
   std::vector<uint64_t> bits(static_cast<std::size_t>(n * words), 0);
   for (int64_t c = 0; c < n; ++c)
     for (int64_t e = 0; e < E; ++e)
-      if (r.active[c * E + e]) bits[c * words + e / 64] |= uint64_t{1} << (e % 64);
+      bits[c * words + e / 64] |= uint64_t{r.active[c * E + e] != 0} << (e % 64);
   return bits;
 }
 
@@ -318,19 +318,34 @@ double routing_cls_aligned(const MoeRouting& r, int64_t window) {
 }
 
 // Aligned windows of 2L are pairs of aligned windows of L, so each window's experts are the union
-// of two of the level below: from the tokens' own (L = 1) up, every level costs half the one
-// before.
+// of two of the level below: every level costs half the one before. When the chunk is a power of
+// two, 2^m tokens, the windows up to it lie inside one chunk each (a chunk holds 2^(m - i) windows
+// of 2^i tokens), and the doubling starts from the chunks; otherwise from the tokens.
 std::vector<double> routing_cls_aligned_doubling(const MoeRouting& r, int64_t levels) {
-  const int64_t L = r.num_chunks * r.chunk, E = r.num_experts, words = (E + 63) / 64;
+  const int64_t C = r.chunk, nC = r.num_chunks, L = nC * C, E = r.num_experts;
+  const int64_t words = (E + 63) / 64;
+  const bool by_chunks = C > 0 && (C & (C - 1)) == 0;
+  const int64_t m = by_chunks ? std::countr_zero(static_cast<uint64_t>(C)) : 0;
   std::vector<int64_t> sums(static_cast<std::size_t>(levels), 0);
   const std::vector<uint64_t> bits = chunk_expert_bits(r, words);
-  std::vector<uint64_t> level(static_cast<std::size_t>(L * words));  // [window][words]
+  std::vector<uint64_t> level(static_cast<std::size_t>((by_chunks ? nC : L) * words));
   for (int64_t b = 0; b < r.batch && E > 0; ++b) {
-    for (int64_t t = 0; t < L; ++t)
-      for (int64_t w = 0; w < words; ++w)
-        level[t * words + w] = bits[(b * r.num_chunks + t / r.chunk) * words + w];
-    for (int64_t i = 0, windows = L; i < levels && windows > 0; ++i, windows /= 2) {
-      if (i > 0)
+    const uint64_t* rows = &bits[b * nC * words];
+    int64_t first = 0, windows = L;  // the level `level` holds, and its windows
+    if (by_chunks) {
+      std::copy(rows, rows + nC * words, level.begin());
+      int64_t chunk_sum = 0;
+      for (int64_t c = 0; c < nC; ++c) chunk_sum += popcount_words(rows + c * words, words);
+      for (int64_t i = 0; i < std::min(levels, m); ++i) sums[i] += (C >> i) * chunk_sum;
+      first = m;
+      windows = nC;
+    } else {
+      for (int64_t c = 0; c < nC; ++c)
+        for (int64_t j = 0; j < C; ++j)
+          std::copy(rows + c * words, rows + (c + 1) * words, &level[(c * C + j) * words]);
+    }
+    for (int64_t i = first; i < levels && windows > 0; ++i, windows /= 2) {
+      if (i > first)
         for (int64_t k = 0; k < windows; ++k)
           for (int64_t w = 0; w < words; ++w)
             level[k * words + w] = level[2 * k * words + w] | level[(2 * k + 1) * words + w];

@@ -295,13 +295,14 @@ TEST(ChunkMoE, MaxActiveIsRespected) {
 
 // The chunk-level sparsity over every window of L tokens and over aligned windows (the routing
 // statistics, computed with bit sets of each chunk's experts) equals counting each window's
-// distinct experts one by one, bit for bit: random routings with 5, 64 and 70 experts (one and two
-// words), chunks of 1 and 3 tokens, windows of 1 to 9 tokens (and 1 to 16 all at once, where 16 is
-// longer than a sequence of 7 or 21 tokens for the chunks of 1).
+// distinct experts one by one, bit for bit: random routings with 5, 9, 64 and 70 experts (one and
+// two words), chunks of 1, 3 and 4 tokens, windows of 1 to 9 tokens, and 1 to 16 all at once (from
+// the chunks where a chunk is a power of two, from the tokens for 3; 16 is longer than the 7 tokens
+// of the chunks of 1).
 TEST(ChunkMoE, ChunkSparsityEqualsCountingEachWindow) {
   std::mt19937 rng(7);
   for (const auto& [E, chunk] :
-       std::vector<std::pair<int64_t, int64_t>>{{5, 3}, {64, 1}, {70, 3}}) {
+       std::vector<std::pair<int64_t, int64_t>>{{5, 3}, {64, 1}, {70, 3}, {9, 4}}) {
     model::MoeRouting r;
     r.batch = 2;
     r.num_chunks = 7;
