@@ -47,7 +47,8 @@ void accumulate(std::vector<Tensor>& buffer, uint32_t slot, const Tensor& g) {
 
 }  // namespace
 
-Tensor gradient_sum_target(std::size_t input, const Shape& shape, DType dtype, Device device) {
+Tensor gradient_sum_target(std::size_t input, const Shape& shape, DType dtype, Device device,
+                           std::size_t alignment) {
   SumTargets* st = t_sum_targets;
   if (st == nullptr || input >= st->slots.size() || st->slots[input] == nullptr ||
       st->claimed[input] != 0)
@@ -55,7 +56,8 @@ Tensor gradient_sum_target(std::size_t input, const Shape& shape, DType dtype, D
   const Tensor& t = *st->slots[input];
   const bool through = st->through[input] != 0;
   if (!t.defined() || (through ? t.numel() != shape_numel(shape) : t.shape() != shape) ||
-      t.dtype() != dtype || t.device() != device || !t.is_contiguous() || !t.sole_owner())
+      t.dtype() != dtype || t.device() != device || !t.is_contiguous() || !t.sole_owner() ||
+      reinterpret_cast<std::uintptr_t>(t.raw_data()) % alignment != 0)
     return Tensor();
   st->claimed[input] = 1;
   return through ? t.view(shape) : t;

@@ -183,10 +183,11 @@ std::vector<Tensor> rms_norm_multi(const Tensor& x_in, const std::vector<Tensor>
       q.cols = cols;
       q.stream = current_stream(xv.device());
       std::vector<Tensor> keep, out(count + 1);
-      // Added into x's gradient summed so far when the engine offers it (aligned for the kernel).
-      out[0] = rows > 0 ? gradient_sum_target(0, xv.shape(), xv.dtype(), xv.device()) : Tensor();
-      q.accumulate_gx =
-          out[0].defined() && reinterpret_cast<std::uintptr_t>(out[0].raw_data()) % 16 == 0;
+      // Added into x's gradient summed so far when the engine offers it (16-byte aligned: the
+      // kernel reads rows in packs).
+      out[0] =
+          rows > 0 ? gradient_sum_target(0, xv.shape(), xv.dtype(), xv.device(), 16) : Tensor();
+      q.accumulate_gx = out[0].defined();
       if (!q.accumulate_gx) out[0] = Tensor::empty(xv.shape(), xv.dtype(), xv.device());
       q.gx = out[0].raw_data();
       for (int k = 0; k < count; ++k) {

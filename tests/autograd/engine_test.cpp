@@ -302,6 +302,37 @@ TEST(Engine, OffersAGradientSumOnlyWhenItHoldsItAlone) {
   }
 }
 
+// An op that needs its gradient sum aligned (rms_norm_multi's kernel: 16 bytes) is not offered one
+// that starts 8 bytes into its storage: x's sum here is the gradient of a narrow view's backward, a
+// view 8 bytes into a fresh tensor of 13 elements (contiguous, held by the engine alone). It is
+// offered with no alignment asked, and the sums are right either way.
+TEST(Engine, OffersAGradientSumOnlyAtTheAlignmentAsked) {
+  for (const std::size_t alignment : {std::size_t{1}, std::size_t{16}}) {
+    Tensor x = randn64({3, 4}, 38, 1.0, true);
+    bool offered = false;
+    Tensor d = mul(x.detach(), 2.0);
+    record_op("doubled_aligned", {x}, {d}, [&offered, alignment](const std::vector<Tensor>& g) {
+      Tensor t = gradient_sum_target(0, {3, 4}, g[0].dtype(), g[0].device(), alignment);
+      offered = t.defined();
+      if (!t.defined()) return std::vector<Tensor>{mul(g[0], 2.0)};
+      t.add_(mul(g[0], 2.0));
+      return std::vector<Tensor>{t};
+    });
+    Tensor shifted = mul(x.detach(), 3.0);
+    record_op("shifted", {x}, {shifted}, [](const std::vector<Tensor>& g) {
+      Tensor base = Tensor::empty({13}, g[0].dtype(), g[0].device());
+      Tensor out = base.narrow(0, 1, 12).view({3, 4});
+      out.copy_(mul(g[0], 3.0));
+      return std::vector<Tensor>{out};  // base goes: out holds its storage alone
+    });
+    const Tensor probe = randn64({3, 4}, 39, 1.0, false);
+    sum(mul(add(d, shifted), probe)).backward();
+    EXPECT_EQ(offered, alignment == 1) << "alignment " << alignment;
+    const std::vector<double> p = probe.to_vector<double>(), g = x.grad().to_vector<double>();
+    for (std::size_t i = 0; i < g.size(); ++i) EXPECT_NEAR(g[i], 5.0 * p[i], 1e-12) << i;
+  }
+}
+
 // Through a flat view (Node::flat_view): an op reading x.view(...) is offered x's gradient sum in
 // its own shape when the view has no other reader, and the view is then skipped; with a second
 // reader of the view the sums go the usual way. Both gradients are right.
