@@ -359,6 +359,15 @@ std::vector<double> routing_cls_aligned_doubling(const MoeRouting& r, int64_t le
   return out;
 }
 
+// record_stats takes BlockFFN's windows from routing_cls_aligned_doubling: they must double from 1.
+constexpr bool windows_double_from_one() {
+  for (std::size_t i = 0; i < std::size(kClsWindows); ++i)
+    if (kClsWindows[i] != int64_t{1} << i) return false;
+  return true;
+}
+static_assert(windows_double_from_one(),
+              "kClsWindows must be 1, 2, 4, ... (the doubling's levels)");
+
 void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, const Tensor& s,
                             ForwardContext& ctx) {
   const std::string p = "moe." + std::to_string(layer_) + ".";
