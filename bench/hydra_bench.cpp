@@ -1,8 +1,9 @@
 // hydra-bench: CPU micro-benchmarks of the engine's core ops. Prints a table and writes JSON.
-//   hydra-bench [--json FILE] [--only matmul|scan|attention|checkpoint] [--quick]
+//   hydra-bench [--json FILE] [--only matmul|scan|attention|checkpoint|stats] [--quick]
 // Matmul: our op (engine + OpenBLAS) against a bare cblas_sgemm call on the same shape; the best
 // bare sgemm rate measured here is the machine's practical peak. Scan: the fused selective scan
-// forward and forward+backward in state updates per second (B*L*D*N / time).
+// forward and forward+backward in state updates per second (B*L*D*N / time). Stats: the host's work
+// of a statistics step (train.stats_every) for one MoE layer at the toy's routing shapes.
 #include <cblas.h>
 #include <unistd.h>
 
@@ -15,8 +16,10 @@
 #include "autograd/grad_mode.h"
 #include "autograd/ops.h"
 #include "bench/bench_util.h"
+#include "configs/config_io.h"
 #include "data/hdf5_file.h"
 #include "kernels/base/parallel.h"
+#include "model/moe.h"
 #include "trainer/crc32c.h"
 
 namespace hydra::bench {
@@ -237,6 +240,54 @@ void bench_checkpoint(Report& report, bool quick) {
   if (sink == 1) std::printf(" \n");  // keeps the checksums from being optimised away
 }
 
+// The host's work of a statistics step for one MoE layer (ChunkMoE's statistics, run from
+// ForwardContext::finish_stats once the router's values are on the host): the toy's routing (8
+// experts, chunks of 8 tokens, at most 2 active, BlockFFN's objective) over 32,768 tokens, as at
+// seq 8192 x batch 4. The model width does not enter the statistics; a narrow one keeps the forward
+// short. A toy step runs 8 such layers.
+void bench_stats(Report& report, bool quick) {
+  const int64_t B = quick ? 1 : 4, L = 8192, d = 16;
+  config::RunConfig cfg;
+  const Status st = config::parse_text(
+      "model { vocab_size: 64 d_model: 16 num_blocks: 1 max_seq_len: 8192 "
+      "moe { num_experts: 8 d_expert: 16 max_active: 2 chunk: 8 objective: BLOCKFFN } }",
+      "hydra-bench", &cfg);
+  HYDRA_CHECK(st.ok()) << st.message();
+  auto spec = model::make_spec(cfg.model(), "hydra-bench");
+  HYDRA_CHECK(spec.ok()) << spec.status().message();
+  model::Init init(7);
+  model::ChunkMoE moe(init, *spec, 0);
+  Generator g(8);
+  const Tensor x = randn({B, L, d}, g);
+  NoGradGuard ng;
+  std::printf("\n%-34s %10s %10s %12s\n", "MoE statistics (host)", "tokens", "ms", "ns/token");
+  // One forward queues the statistics (defer_stats); each repeat runs them from the same host
+  // copies.
+  model::ForwardContext ctx;
+  ctx.defer_stats = true;
+  (void)moe.forward(x, ctx, nullptr);
+  const std::vector<model::ForwardContext::PendingStat> queued = ctx.pending_stats;
+  HYDRA_CHECK(!queued.empty()) << "hydra-bench: the MoE queued no statistics";
+  std::vector<double> ms;
+  const char* reps_env = std::getenv("HYDRA_BENCH_STATS_REPEATS");  // more, for a profiler
+  const int reps = std::max(1, reps_env ? std::atoi(reps_env) : quick ? 5 : 21);
+  for (int rep = 0; rep < reps + 2; ++rep) {
+    ctx.pending_stats = queued;
+    ctx.stats.clear();
+    const auto t0 = std::chrono::steady_clock::now();
+    ctx.finish_stats();
+    const double t =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (rep >= 2) ms.push_back(t);  // two warm-up runs
+    HYDRA_CHECK(ctx.stats.count("moe.0.tls")) << "hydra-bench: no MoE statistics recorded";
+  }
+  std::sort(ms.begin(), ms.end());
+  const double med = ms[ms.size() / 2], tokens = double(B * L);
+  std::printf("%-34s %10.0f %10.3f %12.1f\n", "one layer's statistics", tokens, med,
+              med * 1e6 / tokens);
+  report.add({"stats", {{"what", "moe layer statistics"}}, {{"tokens", tokens}, {"ms", med}}});
+}
+
 int run(int argc, char** argv) {
   std::string json, only;
   bool quick = false;
@@ -249,8 +300,9 @@ int run(int argc, char** argv) {
     } else if (a == "--quick") {
       quick = true;
     } else {
-      std::cerr << "usage: hydra-bench [--json FILE] [--only matmul|scan|attention|checkpoint] "
-                   "[--quick]\n";
+      std::cerr
+          << "usage: hydra-bench [--json FILE] [--only matmul|scan|attention|checkpoint|stats] "
+             "[--quick]\n";
       return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
@@ -263,6 +315,7 @@ int run(int argc, char** argv) {
   if (only.empty() || only == "scan") bench_scan(report, quick);
   if (only.empty() || only == "attention") bench_attention(report, quick);
   if (only.empty() || only == "checkpoint") bench_checkpoint(report, quick);
+  if (only.empty() || only == "stats") bench_stats(report, quick);
   if (!json.empty()) {
     report.write_json(json, {{"threads", std::to_string(num_threads())}, {"host", host}});
     std::printf("\nwrote %s\n", json.c_str());

@@ -242,9 +242,18 @@ namespace {
 std::vector<uint64_t> chunk_expert_bits(const MoeRouting& r, int64_t words) {
   const int64_t E = r.num_experts, n = r.batch * r.num_chunks;
   std::vector<uint64_t> bits(static_cast<std::size_t>(n * words), 0);
+  const uint8_t* a = r.active.data();
+  if (words == 1) {  // up to 64 experts: one word a chunk, built in a register
+    for (int64_t c = 0; c < n; ++c) {
+      uint64_t w = 0;
+      for (int64_t e = 0; e < E; ++e) w |= uint64_t{a[c * E + e] != 0} << e;
+      bits[c] = w;
+    }
+    return bits;
+  }
   for (int64_t c = 0; c < n; ++c)
     for (int64_t e = 0; e < E; ++e)
-      bits[c * words + e / 64] |= uint64_t{r.active[c * E + e] != 0} << (e % 64);
+      bits[c * words + e / 64] |= uint64_t{a[c * E + e] != 0} << (e % 64);
   return bits;
 }
 
@@ -273,11 +282,13 @@ double cls_of(int64_t distinct_sum, int64_t count, int64_t E) {
 // Windows [t, t + window) that start in the same chunk c0 and end in the same chunk c1 have the
 // same experts: each chunk's windows come in runs of equal c1 (at most window / chunk + 2 of them),
 // whose union grows by one chunk from run to run.
-double routing_cls(const MoeRouting& r, int64_t window) {
+namespace {
+
+// routing_cls with the chunks' bit sets made (chunk_expert_bits).
+double routing_cls_of_bits(const MoeRouting& r, const std::vector<uint64_t>& bits, int64_t window) {
   const int64_t L = r.num_chunks * r.chunk, E = r.num_experts, C = r.chunk;
   if (L < window || r.batch == 0) return routing_tls(r);
   const int64_t words = (E + 63) / 64;
-  const std::vector<uint64_t> bits = chunk_expert_bits(r, words);
   std::vector<uint64_t> u(static_cast<std::size_t>(words));
   int64_t sum = 0, count = 0;
   for (int64_t b = 0; b < r.batch; ++b) {
@@ -301,6 +312,12 @@ double routing_cls(const MoeRouting& r, int64_t window) {
   return cls_of(sum, count, E);
 }
 
+}  // namespace
+
+double routing_cls(const MoeRouting& r, int64_t window) {
+  return routing_cls_of_bits(r, chunk_expert_bits(r, (r.num_experts + 63) / 64), window);
+}
+
 double routing_cls_aligned(const MoeRouting& r, int64_t window) {
   const int64_t L = r.num_chunks * r.chunk, E = r.num_experts, windows = L / window;
   if (windows == 0 || r.batch == 0 || E == 0) return -1;
@@ -321,13 +338,17 @@ double routing_cls_aligned(const MoeRouting& r, int64_t window) {
 // of two of the level below: every level costs half the one before. When the chunk is a power of
 // two, 2^m tokens, the windows up to it lie inside one chunk each (a chunk holds 2^(m - i) windows
 // of 2^i tokens), and the doubling starts from the chunks; otherwise from the tokens.
-std::vector<double> routing_cls_aligned_doubling(const MoeRouting& r, int64_t levels) {
+namespace {
+
+// routing_cls_aligned_doubling with the chunks' bit sets made (chunk_expert_bits).
+std::vector<double> cls_aligned_doubling_of_bits(const MoeRouting& r,
+                                                 const std::vector<uint64_t>& bits,
+                                                 int64_t levels) {
   const int64_t C = r.chunk, nC = r.num_chunks, L = nC * C, E = r.num_experts;
   const int64_t words = (E + 63) / 64;
   const bool by_chunks = C > 0 && (C & (C - 1)) == 0;
   const int64_t m = by_chunks ? std::countr_zero(static_cast<uint64_t>(C)) : 0;
   std::vector<int64_t> sums(static_cast<std::size_t>(levels), 0);
-  const std::vector<uint64_t> bits = chunk_expert_bits(r, words);
   std::vector<uint64_t> level(static_cast<std::size_t>((by_chunks ? nC : L) * words));
   for (int64_t b = 0; b < r.batch && E > 0; ++b) {
     const uint64_t* rows = &bits[b * nC * words];
@@ -359,6 +380,12 @@ std::vector<double> routing_cls_aligned_doubling(const MoeRouting& r, int64_t le
   return out;
 }
 
+}  // namespace
+
+std::vector<double> routing_cls_aligned_doubling(const MoeRouting& r, int64_t levels) {
+  return cls_aligned_doubling_of_bits(r, chunk_expert_bits(r, (r.num_experts + 63) / 64), levels);
+}
+
 // record_stats takes BlockFFN's windows from routing_cls_aligned_doubling: they must double from 1.
 constexpr bool windows_double_from_one() {
   for (std::size_t i = 0; i < std::size(kClsWindows); ++i)
@@ -368,33 +395,59 @@ constexpr bool windows_double_from_one() {
 static_assert(windows_double_from_one(),
               "kClsWindows must be 1, 2, 4, ... (the doubling's levels)");
 
+namespace {
+
+// Calls fn(values, n) with a host tensor's values in its own floating type, without converting them
+// to double first (a statistics step reads about 100K values a MoE layer).
+template <class F>
+void visit_host_values(const Tensor& t, F&& fn) {
+  const Tensor c = t.contiguous();
+  HYDRA_CHECK(c.device().is_cpu()) << "moe statistics: values must be on the host";
+  if (c.dtype() == DType::kF32) return fn(static_cast<const float*>(c.raw_data()), c.numel());
+  if (c.dtype() == DType::kF64) return fn(static_cast<const double*>(c.raw_data()), c.numel());
+  const std::vector<double> v = c.to_vector<double>();
+  fn(v.data(), static_cast<int64_t>(v.size()));
+}
+
+// Chunks whose bit set is empty: no expert serves them.
+int64_t chunks_without_expert(const std::vector<uint64_t>& bits, int64_t chunks, int64_t words) {
+  int64_t n = 0;
+  for (int64_t c = 0; c < chunks; ++c) n += popcount_words(&bits[c * words], words) == 0;
+  return n;
+}
+
+}  // namespace
+
 void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, const Tensor& s,
                             ForwardContext& ctx) {
   const std::string p = "moe." + std::to_string(layer_) + ".";
-  const int64_t E = num_experts_, BC = routing.batch * routing.num_chunks;
+  const int64_t E = num_experts_, BC = routing.batch * routing.num_chunks, words = (E + 63) / 64;
   last_tls_ = routing_tls(routing);
   last_routing_ = routing;
+  // Each chunk's experts as a bit set, made once for the kept routing and once for the router's.
+  const std::vector<uint64_t> kept_bits = chunk_expert_bits(routing, words);
   ctx.stat(p + "tls", last_tls_);
-  ctx.stat(p + "cls8", routing_cls(routing, 8));
+  ctx.stat(p + "cls8", routing_cls_of_bits(routing, kept_bits, 8));
   // BlockFFN's figures: from the router's own output (an expert is active where its ReLU output is
   // positive), before max_active and the capacity, over aligned windows; and the same after them
   // (what the experts computed).
   MoeRouting router = routing;
-  const std::vector<double> sv = s.to_vector<double>();
-  for (std::size_t i = 0; i < sv.size(); ++i) router.active[i] = sv[i] > 0;
+  visit_host_values(s, [&](const auto* v, int64_t n) {
+    HYDRA_CHECK(n == static_cast<int64_t>(router.active.size()))
+        << "moe statistics: " << n << " router outputs for " << router.active.size()
+        << " chunk-expert pairs";
+    for (int64_t i = 0; i < n; ++i) router.active[i] = v[i] > 0;
+  });
+  const std::vector<uint64_t> router_bits = chunk_expert_bits(router, words);
   const std::string b = "block." + std::to_string(layer_) + ".moe.";
-  int64_t silent = 0;  // chunks (so tokens) for which the router fires no expert
-  for (int64_t c = 0; c < BC; ++c) {
-    bool any = false;
-    for (int64_t e = 0; e < E && !any; ++e) any = router.active[c * E + e] != 0;
-    silent += !any;
-  }
+  // Chunks (so tokens) for which the router fires no expert.
+  const int64_t silent = chunks_without_expert(router_bits, BC, words);
   ctx.stat(b + "tls", routing_tls(router));
   ctx.stat(b + "tls_kept", last_tls_);
   ctx.stat(b + "no_expert_frac", BC ? double(silent) / double(BC) : 0.0);
   const int64_t levels = std::size(kClsWindows);
-  const std::vector<double> pre = routing_cls_aligned_doubling(router, levels),
-                            kept = routing_cls_aligned_doubling(routing, levels);
+  const std::vector<double> pre = cls_aligned_doubling_of_bits(router, router_bits, levels),
+                            kept = cls_aligned_doubling_of_bits(routing, kept_bits, levels);
   for (int64_t i = 0; i < levels; ++i) {
     if (pre[i] < 0) continue;
     ctx.stat(b + "cls." + std::to_string(kClsWindows[i]), pre[i]);
@@ -415,22 +468,17 @@ void ChunkMoE::record_stats(const MoeRouting& routing, const Tensor& q, const Te
   ctx.stat(p + "active_per_chunk", BC ? double(total) / double(BC) : 0.0);
   // Routing health: experts no chunk reached, and chunks that reached no expert (their tokens get
   // no FFN output at all from this layer).
-  int64_t dead = 0, empty = 0;
+  int64_t dead = 0;
   for (int64_t e = 0; e < E; ++e) dead += load[e] == 0;
-  for (int64_t c = 0; c < BC; ++c) {
-    bool any = false;
-    for (int64_t e = 0; e < E && !any; ++e) any = routing.active[c * E + e] != 0;
-    empty += !any;
-  }
+  const int64_t empty = chunks_without_expert(kept_bits, BC, words);
   ctx.stat(p + "dead_experts", double(dead));
   ctx.stat(p + "empty_chunk_frac", BC ? double(empty) / double(BC) : 0.0);
-  const std::vector<double> qv = q.to_vector<double>();
+  // The router's entropy, summed in double; the logarithm in the values' own precision.
   double ent = 0;
-  for (int64_t c = 0; c < BC; ++c)
-    for (int64_t e = 0; e < E; ++e) {
-      const double v = qv[c * E + e];
-      if (v > 0) ent -= v * std::log(v);
-    }
+  visit_host_values(q, [&](const auto* v, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+      if (v[i] > 0) ent -= double(v[i]) * double(std::log(v[i]));
+  });
   ctx.stat(p + "router_entropy", BC ? ent / double(BC) : 0.0);
   ctx.stat(p + "sparsity_coef", sparsity_coef());
 }
@@ -675,8 +723,10 @@ Tensor ChunkMoE::aux_losses(const Tensor& raw, const Tensor& s, const Tensor& r,
         {dispatch.mask, q.detach(), s.detach().reshape({B * nC, E}), balance, locality, sparsity},
         [this, routing, pending = tiled ? dispatch.host_counts : nullptr](
             const std::vector<Tensor>& h, ForwardContext& cx) mutable {
-          const std::vector<double> m = h[0].to_vector<double>();
-          routing.active.assign(m.begin(), m.end());
+          visit_host_values(h[0], [&](const auto* m, int64_t n) {
+            routing.active.resize(static_cast<std::size_t>(n));
+            for (int64_t i = 0; i < n; ++i) routing.active[i] = m[i] != 0;
+          });
           if (pending) {
             const std::vector<int64_t>& host = pending->get();
             routing.dropped.assign(host.begin() + num_experts_, host.end());
