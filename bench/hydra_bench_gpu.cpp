@@ -134,11 +134,17 @@ void grouped_row(Report& report, const Floors& f, const std::string& what, int64
                {"of_peak", tflops / f.gemm_tflops}}});
 }
 
-// Query-key pairs the causal window + global pattern keeps in a sequence of L (both ends global
-// when their position is a multiple of the stride).
-double visible_pairs(int64_t L, int64_t window, int64_t stride) {
+// Query-key pairs a causal pattern keeps in a sequence of L: dense (window 0), or a window and the
+// global positions (multiples of the stride; stride 0: none, the window alone).
+double visible_pairs(int64_t L, const AttentionPattern& pat) {
+  const int64_t window = pat.window, stride = pat.global_stride;
+  if (window == 0) return double(L) * double(L + 1) / 2;
   double pairs = 0;
   for (int64_t t = 0; t < L; ++t) {
+    if (stride == 0) {
+      pairs += double(std::min(t + 1, window));
+      continue;
+    }
     // A global query sees every key; another its window and the global keys before the window.
     const int64_t before_window = t >= window ? (t - window) / stride + 1 : 0;
     pairs += double(t % stride == 0 ? t + 1 : std::min(t + 1, window) + before_window);
@@ -146,12 +152,15 @@ double visible_pairs(int64_t L, int64_t window, int64_t stride) {
   return pairs;
 }
 
-// The sparse global attention (bf16, window 512, global stride 256) forward, or forward + backward;
-// FLOPs are the useful ones: 4 * head_dim per kept pair forward, 3.5x that with the backward.
+// Our attention kernels (bf16) forward, or forward + backward, on a pattern: toy's sparse global
+// attention (window 512, global stride 256), its window part alone, or the Transformer's dense
+// causal attention (the shapes bench/attention_compare.py times with PyTorch's SDPA backends,
+// cuDNN's among them). FLOPs are the useful ones: 4 * head_dim per kept pair forward, 3.5x that
+// with the backward.
 void attention_row(Report& report, const Floors& f, const std::string& what, int64_t B, int64_t L,
-                   int64_t H, int64_t dh, bool backward) {
+                   int64_t H, int64_t dh, bool backward,
+                   const AttentionPattern& pat = AttentionPattern{512, 256}) {
   if (!selected(what)) return;
-  const AttentionPattern pat{512, 256};
   Tensor q = rnd({B, L, H, dh}), k = rnd({B, L, H, dh}), v = rnd({B, L, H, dh}),
          go = rnd({B, L, H, dh});
   const double scale = 1.0 / std::sqrt(double(dh));
@@ -167,7 +176,7 @@ void attention_row(Report& report, const Floors& f, const std::string& what, int
     ms = time_gpu([&] { (void)sparse_attention(q, k, v, pat, scale); });
   }
   const double flops =
-      (backward ? 3.5 : 1.0) * 4.0 * double(dh) * visible_pairs(L, 512, 256) * double(B * H);
+      (backward ? 3.5 : 1.0) * 4.0 * double(dh) * visible_pairs(L, pat) * double(B * H);
   const double tflops = flops / ms / 1e9;
   std::printf("%-44s %9.3f %9.1f %8.2f\n", what.c_str(), ms, tflops, tflops / f.gemm_tflops);
   report.add({"gemm",
@@ -439,6 +448,20 @@ int run(int argc, char** argv) {
       // Long sequences: every fourth 64-query tile holds a global query and walks every key.
       attention_row(report, f, "toy attention [4 x 8192, 6 x 64]" + pass, 4, 8192, 6, 64, bwd);
       attention_row(report, f, "toy attention [1 x 32768, 6 x 64]" + pass, 1, 32768, 6, 64, bwd);
+    }
+  }
+  // Dense causal (transformer-toy's attention) and the sliding window alone, 32,768 tokens a call
+  // (the throughput benchmark's step).
+  for (const bool bwd : {false, true}) {
+    const std::string pass = bwd ? " fwd+bwd" : " fwd";
+    for (const int64_t L : {int64_t{2048}, int64_t{8192}, int64_t{32768}}) {
+      if (quick) break;
+      const int64_t B = 32768 / L;
+      const std::string shape =
+          " [" + std::to_string(B) + " x " + std::to_string(L) + ", 6 x 64]" + pass;
+      attention_row(report, f, "causal attention" + shape, B, L, 6, 64, bwd, AttentionPattern{});
+      attention_row(report, f, "window-512 attention" + shape, B, L, 6, 64, bwd,
+                    AttentionPattern{512, 0});
     }
   }
 
