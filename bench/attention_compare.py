@@ -114,21 +114,22 @@ def cudnn_window(batch, seq, backward, warmup, repeats):
         g.build_plans()
 
     def forward_graph():
-        last = None
+        first = None
         for extra in window_args():
+            g = graph()
+            tq, tk, tv = g.tensor_like(q), g.tensor_like(k), g.tensor_like(v)
             try:
-                g = graph()
-                tq, tk, tv = g.tensor_like(q), g.tensor_like(k), g.tensor_like(v)
-                to, ts = g.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=True,
+                to, ts = g.sdpa(name="sdpa", q=tq, k=tk, v=tv, is_inference=False,
                                 attn_scale=scale, **extra)
-                to.set_output(True).set_dim(o.size()).set_stride(o.stride())
-                ts.set_output(True).set_dim(stats.size()).set_stride(stats.stride())
-                ts.set_data_type(cudnn.data_type.FLOAT)
-                build(g)
-                return g, {tq: q, tk: k, tv: v, to: o, ts: stats}, extra
-            except Exception as e:  # TypeError (the other argument names) or not supported
-                last = e
-        raise RuntimeError(f"cuDNN refused the sliding-window forward: {last}")
+            except TypeError as e:  # this frontend names the window the other way
+                first = first or e
+                continue
+            to.set_output(True).set_dim(o.size()).set_stride(o.stride())
+            ts.set_output(True).set_dim(stats.size()).set_stride(stats.stride())
+            ts.set_data_type(cudnn.data_type.FLOAT)
+            build(g)  # raises if cuDNN does not support the graph
+            return g, {tq: q, tk: k, tv: v, to: o, ts: stats}, extra
+        raise RuntimeError(f"this cuDNN frontend takes no sliding window: {first}")
 
     fwd, fwd_pack, extra = forward_graph()
     packs = [(fwd, fwd_pack)]

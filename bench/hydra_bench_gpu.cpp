@@ -135,13 +135,14 @@ void grouped_row(Report& report, const Floors& f, const std::string& what, int64
 }
 
 // Query-key pairs a causal pattern keeps in a sequence of L: dense (window 0), or a window and the
-// global positions (multiples of the stride; stride 0: none, the window alone).
+// global positions (multiples of the stride; stride 0: none, the window alone), as the kernels read
+// it.
 double visible_pairs(int64_t L, const AttentionPattern& pat) {
   const int64_t window = pat.window, stride = pat.global_stride;
-  if (window == 0) return double(L) * double(L + 1) / 2;
+  if (window <= 0) return double(L) * double(L + 1) / 2;
   double pairs = 0;
   for (int64_t t = 0; t < L; ++t) {
-    if (stride == 0) {
+    if (stride <= 0) {
       pairs += double(std::min(t + 1, window));
       continue;
     }

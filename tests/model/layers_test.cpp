@@ -299,39 +299,44 @@ TEST(ChunkMoE, MaxActiveIsRespected) {
 // counting functions on the routing the forward kept, and the hand count of chunks with no expert;
 // the float model's routing and router statistics equal the double one's.
 TEST(ChunkMoE, StatisticsEqualTheRoutingsCountsInFloatAndDouble) {
-  std::map<DType, std::vector<uint8_t>> active;
-  std::map<DType, std::map<std::string, double>> stats;
-  for (const DType dt : {DType::kF32, DType::kF64}) {
-    auto c = make_moe("num_experts: 7 d_expert: 3 chunk: 2 max_active: 2", 61);
-    c.moe->to(dt);
-    model::ForwardContext ctx;
-    (void)c.moe->forward(randn64({3, 32, 6}, 62, 1.0, false).to(dt), ctx, nullptr);
-    const auto& r = c.moe->last_routing();
-    const int64_t chunks = r.batch * r.num_chunks;
-    int64_t empty = 0;
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      bool any = false;
-      for (int64_t e = 0; e < 7; ++e) any = any || r.active[ch * 7 + e] != 0;
-      empty += !any;
+  for (const int64_t E : {7, 70}) {  // one 64-bit word a chunk's set, and two
+    std::map<DType, std::vector<uint8_t>> active;
+    std::map<DType, std::map<std::string, double>> stats;
+    for (const DType dt : {DType::kF32, DType::kF64}) {
+      auto c =
+          make_moe("num_experts: " + std::to_string(E) + " d_expert: 3 chunk: 2 max_active: 2", 61);
+      c.moe->to(dt);
+      model::ForwardContext ctx;
+      (void)c.moe->forward(randn64({3, 32, 6}, 62, 1.0, false).to(dt), ctx, nullptr);
+      const auto& r = c.moe->last_routing();
+      const std::string what = std::string(dtype_name(dt)) + ", " + std::to_string(E) + " experts";
+      const int64_t chunks = r.batch * r.num_chunks;
+      int64_t empty = 0;
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        bool any = false;
+        for (int64_t e = 0; e < E; ++e) any = any || r.active[ch * E + e] != 0;
+        empty += !any;
+      }
+      EXPECT_EQ(ctx.stats.at("moe.0.tls"), model::routing_tls(r)) << what;
+      EXPECT_EQ(ctx.stats.at("moe.0.cls8"), model::routing_cls(r, 8)) << what;
+      EXPECT_EQ(ctx.stats.at("moe.0.empty_chunk_frac"), double(empty) / double(chunks)) << what;
+      for (const int64_t w : {1, 2, 4, 8, 16, 32})
+        EXPECT_EQ(ctx.stats.at("block.0.moe.cls_kept." + std::to_string(w)),
+                  model::routing_cls_aligned(r, w))
+            << what << ", window " << w;
+      EXPECT_GT(ctx.stats.at("moe.0.router_entropy"), 0.0) << what;
+      EXPECT_LE(ctx.stats.at("moe.0.router_entropy"), std::log(double(E)) + 1e-6) << what;
+      active[dt] = r.active;
+      stats[dt] = ctx.stats;
     }
-    EXPECT_EQ(ctx.stats.at("moe.0.tls"), model::routing_tls(r)) << dtype_name(dt);
-    EXPECT_EQ(ctx.stats.at("moe.0.cls8"), model::routing_cls(r, 8)) << dtype_name(dt);
-    EXPECT_EQ(ctx.stats.at("moe.0.empty_chunk_frac"), double(empty) / double(chunks));
-    for (const int64_t w : {1, 2, 4, 8, 16, 32})
-      EXPECT_EQ(ctx.stats.at("block.0.moe.cls_kept." + std::to_string(w)),
-                model::routing_cls_aligned(r, w))
-          << dtype_name(dt) << " window " << w;
-    EXPECT_GT(ctx.stats.at("moe.0.router_entropy"), 0.0) << dtype_name(dt);
-    EXPECT_LE(ctx.stats.at("moe.0.router_entropy"), std::log(7.0) + 1e-6) << dtype_name(dt);
-    active[dt] = r.active;
-    stats[dt] = ctx.stats;
+    EXPECT_EQ(active[DType::kF32], active[DType::kF64]) << E << " experts";
+    for (const char* key : {"block.0.moe.tls", "block.0.moe.no_expert_frac", "block.0.moe.cls.4",
+                            "moe.0.tls", "moe.0.cls8"})
+      EXPECT_EQ(stats[DType::kF32].at(key), stats[DType::kF64].at(key)) << key << ", " << E;
+    EXPECT_NEAR(stats[DType::kF32].at("moe.0.router_entropy"),
+                stats[DType::kF64].at("moe.0.router_entropy"), 1e-5)
+        << E << " experts";
   }
-  EXPECT_EQ(active[DType::kF32], active[DType::kF64]);
-  for (const char* key : {"block.0.moe.tls", "block.0.moe.no_expert_frac", "block.0.moe.cls.4",
-                          "moe.0.tls", "moe.0.cls8"})
-    EXPECT_EQ(stats[DType::kF32].at(key), stats[DType::kF64].at(key)) << key;
-  EXPECT_NEAR(stats[DType::kF32].at("moe.0.router_entropy"),
-              stats[DType::kF64].at("moe.0.router_entropy"), 1e-5);
 }
 
 // The chunk-level sparsity over every window of L tokens and over aligned windows (the routing
