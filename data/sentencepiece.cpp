@@ -55,6 +55,12 @@ Expected<const Shim*> shim() {
         continue;
       }
       // Its own symbols first (RTLD_DEEPBIND): see data/sentencepiece_shim.cpp.
+#if defined(HYDRA_SANITIZE)
+      error =
+          "SentencePiece is not available in a sanitizer build: its library must be opened "
+          "with RTLD_DEEPBIND, which AddressSanitizer refuses";
+      return;
+#endif
       void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
       if (h == nullptr) {
         error = std::string("cannot open ") + path + ": " + dlerror() +

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "configs/config_io.h"
@@ -135,6 +136,9 @@ Expected<Stage> stage_from(const config::RunConfig& cfg, const model::ModelSpec&
     const auto& c = cfg.curriculum().stage(i);
     s.name = c.has_name() && !c.name().empty() ? c.name() : "stage" + std::to_string(i + 1);
     if (c.steps() < 1) return fail(f + "steps", c.steps(), "must be >= 1");
+    if (c.steps() > std::numeric_limits<int64_t>::max() - start)
+      return fail(f + "steps", c.steps(),
+                  "with the stages before it must add up to at most 2^63 - 1 steps");
     if (c.seq_len() < 0) return fail(f + "seq_len", c.seq_len(), "must be >= 0 (0: train.seq_len)");
     if (c.batch_size() < 0)
       return fail(f + "batch_size", c.batch_size(), "must be >= 0 (0: train.batch_size)");

@@ -148,6 +148,10 @@ TEST(Curriculum, StagesAreLaidOutAndValidated) {
       "small.pbtxt: curriculum.stage[0].batch_size = 4 must be a multiple of train.grad_accum (3)");
   EXPECT_EQ(error("curriculum.stage={ steps: 8 seq_len: 64 }"),
             "small.pbtxt: curriculum.stage[0].seq_len = 64 exceeds model.max_seq_len (32)");
+  // Steps that overflow when the stages are added up are refused, not summed past 2^63 - 1.
+  EXPECT_EQ(error("curriculum={ stage { steps: 9223372036854775807 } stage { steps: 1 } }"),
+            "small.pbtxt: curriculum.stage[1].steps = 1 with the stages before it must add up to "
+            "at most 2^63 - 1 steps");
   EXPECT_NE(error("train.stats_every=0").find("train.stats_every = 0 must be >= 1"),
             std::string::npos)
       << error("train.stats_every=0");
