@@ -1,5 +1,7 @@
 #include "data/loader.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <exception>
 #include <new>
@@ -7,6 +9,16 @@
 #include <string>
 
 namespace hydra::data {
+
+namespace {
+
+// The machine's physical memory in bytes (0: unknown).
+double physical_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? double(pages) * double(page) : 0.0;
+}
+
+}  // namespace
 
 Status SyntheticSource::fill(Split split, uint64_t seed, int64_t step, int64_t index, int64_t n,
                              int32_t* tokens, TokenTags tags) const {
@@ -100,6 +112,14 @@ Expected<Batch> Loader::build(int64_t step) const {
   b.batch = opt_.count;
   b.len = opt_.seq_len;
   const int64_t L = opt_.seq_len, n = L + 1;
+  // A batch larger than the machine's memory is refused before its buffers are allocated: resize()
+  // writes every page, so with the kernel's overcommit such a batch would end in the OOM killer
+  // rather than std::bad_alloc (and a sanitizer's heap aborts on it).
+  const double bytes = double(b.batch) * double(L) *
+                       double(sizeof(b.tokens[0]) + sizeof(b.targets[0]) + sizeof(b.answer[0]) +
+                              sizeof(b.level[0]) + sizeof(b.domain[0]));
+  const double memory = physical_memory_bytes();
+  if (memory > 0 && bytes > memory) throw std::bad_alloc();
   b.tokens.resize(b.batch * L);
   b.targets.resize(b.batch * L);
   b.answer.resize(b.batch * L);
