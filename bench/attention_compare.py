@@ -24,11 +24,12 @@ ms, tflops (or error, where a library refused the shape).
 import argparse
 import json
 import math
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from torch_compare import time_ms  # CUDA events after warm-up, the host queued ahead (same folder)
 
 HEADS, HEAD_DIM, TOKENS, WINDOW = 6, 64, 32768, 512
 
@@ -39,21 +40,6 @@ def pairs(seq, window):
         return seq * (seq + 1) / 2
     full = min(seq, window)
     return full * (full + 1) / 2 + (seq - full) * window
-
-
-def time_cuda(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def inputs(batch, seq, grad):
@@ -84,8 +70,8 @@ def torch_sdpa(backend_name, batch, seq, backward, warmup, repeats):
 
     if not backward:
         with torch.no_grad():
-            return time_cuda(step, warmup, repeats)
-    return time_cuda(step, warmup, repeats)
+            return time_ms(step, reps=repeats, warmup=warmup)
+    return time_ms(step, reps=repeats, warmup=warmup)
 
 
 def cudnn_window(batch, seq, backward, warmup, repeats):
@@ -151,7 +137,7 @@ def cudnn_window(batch, seq, backward, warmup, repeats):
         for g, pack in packs:
             g.execute(pack, workspace, handle=handle)
 
-    return time_cuda(step, warmup, repeats)
+    return time_ms(step, reps=repeats, warmup=warmup)
 
 
 def main():
