@@ -4,6 +4,7 @@
 //   hydra-bench-gpu [--json FILE] [--quick] [--only TEXT]
 // --only TEXT runs the rows whose name contains TEXT (e.g. under a profiler), after the floors.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -241,6 +242,20 @@ void toy_step_rows(Report& report, const Floors& f) {
       NoGradGuard ng;
       bandwidth_row(report, f, "toy32k selective_scan fwd [4, 8192, 768, N 16]", 4.0 * T * di * 2,
                     [&] { (void)selective_scan(u, dt, A, Bm, Cm, D, bias, z, Tensor()); });
+    }
+    // The forward at other splits of the same tokens and at hydra-1.6b's width (4096 channels,
+    // 8K x 4): where the lanes form's blocks (batch * channels / 8) fill the device or not.
+    for (const auto& [sb, sl, sd] :
+         std::vector<std::array<int64_t, 3>>{{1, 32768, 768}, {16, 2048, 768}, {4, 8192, 4096}}) {
+      NoGradGuard ng;
+      Tensor su = rnd({sb, sl, sd}), sdt = rnd({sb, sl, sd}, DType::kBF16, 0.5),
+             sz = rnd({sb, sl, sd}), sA = rnd({sd, N}, DType::kBF16, 0.3), sB = rnd({sb, sl, N}),
+             sC = rnd({sb, sl, N}), sD = rnd({sd}), sbias = rnd({sd});
+      bandwidth_row(report, f,
+                    "selective_scan fwd [" + std::to_string(sb) + ", " + std::to_string(sl) + ", " +
+                        std::to_string(sd) + ", N 16]",
+                    4.0 * sb * sl * sd * 2,
+                    [&] { (void)selective_scan(su, sdt, sA, sB, sC, sD, sbias, sz, Tensor()); });
     }
     Tensor gy = rnd({B, L, di});
     for (Tensor* t : {&u, &dt, &z, &Bm, &Cm}) t->set_requires_grad(true);
