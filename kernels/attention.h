@@ -77,6 +77,10 @@ HYDRA_DECLARE_KERNEL(merge_attention_bwd, MergeAttentionBwdParams)
 namespace cuda {
 size_t attention_fwd_workspace(const AttentionParams& p);
 size_t attention_bwd_workspace(const AttentionBwdParams& p);
+// Whether the runtime's cuDNN release can run its fused attention here (9.10.2 or later), and the
+// forward and backward calls it has run in this process (HYDRA_ATTENTION).
+bool attention_cudnn_available();
+int64_t attention_cudnn_calls();
 }  // namespace cuda
 
 }  // namespace hydra::kernels

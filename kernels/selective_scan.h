@@ -65,6 +65,8 @@ HYDRA_DECLARE_KERNEL(selective_scan_bwd, SelectiveScanBwdParams)
 namespace cuda {
 size_t selective_scan_fwd_workspace(const SelectiveScanParams& p);
 size_t selective_scan_bwd_workspace(const SelectiveScanBwdParams& p);
+// Forward calls that ran the lanes form in this process (HYDRA_SCAN_FWD).
+int64_t selective_scan_fwd_lanes_calls();
 }  // namespace cuda
 
 }  // namespace hydra::kernels

@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "autograd/gradcheck.h"
@@ -55,6 +58,27 @@ inline bool bitwise_equal(const Tensor& a, const Tensor& b) {
   const Tensor x = a.contiguous().cpu(), y = b.contiguous().cpu();
   return std::memcmp(x.raw_data(), y.raw_data(), x.nbytes()) == 0;
 }
+
+// Sets an environment variable for the scope, then restores its old value (or its absence).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    ::setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (old_)
+      ::setenv(name_.c_str(), old_->c_str(), 1);
+    else
+      ::unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
+};
 
 #define HYDRA_EXPECT_GRADCHECK(fn, inputs, ...)                                \
   do {                                                                         \

@@ -7,7 +7,8 @@
 // keys, dK and dV walk a key tile's queries (the mirror sets: the band after the tile plus the
 // global queries beyond it). Every sum runs in a fixed order, so results are bit-reproducible.
 // bf16 with head sizes that are multiples of 16 (up to 128) goes to the tensor-core kernels
-// (attention_mma.cu).
+// (attention_mma.cu); dense causal attention and its sliding window over whole sequences to cuDNN's
+// fused attention where it takes the shape (attention_cudnn.cu).
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -387,6 +388,7 @@ void attention_bwd_piece(const AttentionBwdParams& q);
 void attention_fwd(const AttentionParams& p) {
   if (p.batch * p.heads * p.q_len == 0) return;
   check_sizes(p);
+  if (attention_cudnn::applies(p)) return attention_cudnn::forward(p);
   const int64_t per = batch_piece(p);
   for (int64_t b0 = 0; b0 < p.batch; b0 += per)
     attention_fwd_piece(batch_slice(p, b0, std::min(per, p.batch - b0)));
@@ -396,6 +398,7 @@ void attention_bwd(const AttentionBwdParams& q) {
   const AttentionParams& p = q.fwd;
   if (p.batch * p.heads == 0 || (p.q_len == 0 && p.k_len == 0)) return;
   check_sizes(p);
+  if (attention_cudnn::applies(q)) return attention_cudnn::backward(q);
   const int64_t per = batch_piece(p);
   const size_t e = dtype_size(p.dtype), a = accumulate_size(p.dtype);
   for (int64_t b0 = 0; b0 < p.batch;
@@ -420,10 +423,12 @@ size_t delta_bytes(const AttentionParams& p) {
 }  // namespace
 
 size_t attention_fwd_workspace(const AttentionParams& p) {
+  if (attention_cudnn::applies(p)) return attention_cudnn::forward_workspace(p);
   return attention_mma::applies(p) ? attention_mma::forward_workspace(p) : 0;
 }
 
 size_t attention_bwd_workspace(const AttentionBwdParams& q) {
+  if (attention_cudnn::applies(q)) return attention_cudnn::backward_workspace(q);
   return delta_bytes(q.fwd) + 256 +
          (attention_mma::applies(q) ? attention_mma::backward_workspace(q.fwd) : 0);
 }

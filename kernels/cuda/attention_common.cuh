@@ -188,4 +188,16 @@ size_t forward_workspace(const AttentionParams& p);
 size_t backward_workspace(const AttentionParams& p);
 }  // namespace attention_mma
 
+// cuDNN's fused flash attention (attention_cudnn.cu) for dense causal attention and its sliding
+// window over whole sequences: applies() builds (or finds) the shape's plan, false where the
+// pattern, the types or the layout do not fit or cuDNN refused it (HYDRA_ATTENTION=ours: never).
+namespace attention_cudnn {
+bool applies(const AttentionParams& p);
+bool applies(const AttentionBwdParams& q);
+void forward(const AttentionParams& p);
+void backward(const AttentionBwdParams& q);
+size_t forward_workspace(const AttentionParams& p);
+size_t backward_workspace(const AttentionBwdParams& q);
+}  // namespace attention_cudnn
+
 }  // namespace hydra::kernels::cuda

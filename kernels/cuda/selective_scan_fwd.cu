@@ -1,4 +1,8 @@
 // CUDA selective scan, forward (the passes: selective_scan_common.cuh).
+#include <atomic>
+#include <cstdlib>
+#include <string_view>
+
 #include "kernels/cuda/selective_scan_common.cuh"
 
 namespace hydra::kernels::cuda {
@@ -104,6 +108,193 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The lanes form: one pass, each decay evaluated once (docs/PERF.md, sessions 42 and 43). A warp
+// takes one (batch entry, channel) through the whole sequence in segments of kSeg steps, each lane
+// kSteps consecutive steps of the segment. Per segment, the block (kWarps channels) stages its
+// inputs once: delta = softplus(raw + bias), delta * u, D * u and the gate for each (step,
+// channel), and B and C for each (step, state), in the accumulate type in shared memory. Then per
+// state (a loop not unrolled: the code stays small), each lane composes its steps' (decay, input)
+// pairs into one, the warp combines the lanes' pairs with a Kogge-Stone scan of shuffles, and each
+// lane walks its steps again from the state entering them, reusing the decays it kept in
+// registers, and adds C h into its outputs. The state carried from segment to segment stays in
+// shared memory. A chunk's entering state (what the backward needs) is written by the lane whose
+// first step begins the chunk, so chunks must be a multiple of kSteps.
+namespace lanes {
+constexpr int kWarps = 8, kSteps = 8, kSeg = 32 * kSteps, kThreads = 32 * kWarps, kMaxState = 16;
+// Rows of the per-channel arrays: 4 floats of padding put the 8 channels of 4 consecutive steps
+// (what a warp writes when staging) in different banks.
+constexpr int kRow = kSeg + 4;
+struct Smem {
+  float dl[kWarps][kRow];   // delta; the segment's outputs C h once the warp has read it
+  float dlu[kWarps][kRow];  // delta * u
+  float du[kWarps][kRow];   // D * u
+  float zg[kWarps][kRow];   // z * sigmoid(z), or 1
+  float B[kMaxState][kSeg], C[kMaxState][kSeg];
+  float A2[kWarps][kMaxState];     // decay rates in base 2
+  float carry[kWarps][kMaxState];  // the state entering the segment
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2)
+    scan_fwd_lanes_kernel(SelectiveScanParams p, int64_t nchunks) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int tx = threadIdx.x, warp = tx >> 5, lane = tx & 31, N = static_cast<int>(p.state);
+  const int64_t b = blockIdx.y, D = p.dim, L = p.len, d0 = int64_t(blockIdx.x) * kWarps;
+  const int64_t d = d0 + warp;
+  const int width = static_cast<int>(min(int64_t(kWarps), D - d0));
+  const bool live = warp < width;
+  const T* A_log = static_cast<const T*>(p.A_log);
+  const float* h0 = static_cast<const float*>(p.h0);
+  float* chunk_states = static_cast<float*>(p.chunk_states);
+  if (lane < N) {
+    sm.A2[warp][lane] = live ? -expf(load(A_log, d * N + lane)) * float(kLog2e) : 0.0f;
+    sm.carry[warp][lane] = live && h0 ? h0[(b * D + d) * N + lane] : 0.0f;
+  }
+  // Staging: thread tx takes channel c = tx % kWarps of steps tx / kWarps, + 32, ...
+  const int c = tx % kWarps;
+  const bool clive = c < width;
+  const float bias = clive && p.dt_bias ? load(static_cast<const T*>(p.dt_bias), d0 + c) : 0.0f;
+  const float Dd = clive && p.D ? load(static_cast<const T*>(p.D), d0 + c) : 0.0f;
+  const T *delta = static_cast<const T*>(p.delta), *u = static_cast<const T*>(p.u),
+          *z = static_cast<const T*>(p.z), *Bg = static_cast<const T*>(p.B),
+          *Cg = static_cast<const T*>(p.C);
+  for (int64_t s0 = 0; s0 < L; s0 += kSeg) {
+    const int steps = static_cast<int>(min(int64_t(kSeg), L - s0));
+    __syncthreads();  // every warp is done with the previous segment's arrays
+    for (int t = tx / kWarps; t < kSeg; t += kThreads / kWarps) {
+      float dl = 0.0f, dlu = 0.0f, du = 0.0f, zg = 1.0f;  // past the end: decay 1, input 0
+      if (t < steps && clive) {
+        const int64_t r = b * L + s0 + t;
+        const float ut = load(u, r * p.u_row + d0 + c);
+        dl = softplus(load(delta, r * p.delta_row + d0 + c) + bias);
+        dlu = dl * ut;
+        du = Dd * ut;
+        if (z) {
+          const float zt = load(z, r * p.z_row + d0 + c);
+          zg = zt * sigmoid(zt);
+        }
+      }
+      sm.dl[c][t] = dl;
+      sm.dlu[c][t] = dlu;
+      sm.du[c][t] = du;
+      sm.zg[c][t] = zg;
+    }
+    {
+      const int t = tx;  // kThreads == kSeg: a step (row of B and C) per thread
+      const int64_t r = b * L + s0 + t;
+      for (int n = 0; n < N; ++n) {
+        sm.B[n][t] = t < steps ? load(Bg, r * p.B_row + n) : 0.0f;
+        sm.C[n][t] = t < steps ? load(Cg, r * p.C_row + n) : 0.0f;
+      }
+    }
+    __syncthreads();
+    if (live) {
+      const int k0 = lane * kSteps;
+      float dl[kSteps], dlu[kSteps], acc[kSteps];
+#pragma unroll
+      for (int k = 0; k < kSteps; k += 4) {
+        const float4 a = *reinterpret_cast<const float4*>(&sm.dl[warp][k0 + k]);
+        const float4 e = *reinterpret_cast<const float4*>(&sm.dlu[warp][k0 + k]);
+        dl[k] = a.x, dl[k + 1] = a.y, dl[k + 2] = a.z, dl[k + 3] = a.w;
+        dlu[k] = e.x, dlu[k + 1] = e.y, dlu[k + 2] = e.z, dlu[k + 3] = e.w;
+        acc[k] = acc[k + 1] = acc[k + 2] = acc[k + 3] = 0.0f;
+      }
+      // The lane whose first step begins a chunk writes the chunk's entering states.
+      const int64_t t0 = s0 + k0;
+      float* cs = chunk_states && t0 < L && t0 % p.chunk_len == 0
+                      ? chunk_states + ((b * nchunks + t0 / p.chunk_len) * D + d) * N
+                      : nullptr;
+#pragma unroll 1
+      for (int n = 0; n < N; ++n) {
+        const float A2 = sm.A2[warp][n];
+        float a[kSteps], x[kSteps], P = 1.0f, S = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kSteps; k += 4) {
+          const float4 Bv = *reinterpret_cast<const float4*>(&sm.B[n][k0 + k]);
+          const float bv[4] = {Bv.x, Bv.y, Bv.z, Bv.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            a[k + j] = exp2_ftz(dl[k + j] * A2);
+            x[k + j] = dlu[k + j] * bv[j];
+            P *= a[k + j];
+            S = fmaf(a[k + j], S, x[k + j]);
+          }
+        }
+        // Inclusive scan of the lanes' maps h -> P h + S (earlier lanes applied first).
+#pragma unroll
+        for (int o = 1; o < 32; o *= 2) {
+          const float Pp = __shfl_up_sync(0xffffffffu, P, o),
+                      Sp = __shfl_up_sync(0xffffffffu, S, o);
+          if (lane >= o) {
+            S = fmaf(P, Sp, S);
+            P *= Pp;
+          }
+        }
+        float Pe = __shfl_up_sync(0xffffffffu, P, 1), Se = __shfl_up_sync(0xffffffffu, S, 1);
+        if (lane == 0) Pe = 1.0f, Se = 0.0f;
+        float h = fmaf(Pe, sm.carry[warp][n], Se);  // the state entering the lane's steps
+        if (cs) cs[n] = h;
+#pragma unroll
+        for (int k = 0; k < kSteps; k += 4) {
+          const float4 Cv = *reinterpret_cast<const float4*>(&sm.C[n][k0 + k]);
+          const float cv[4] = {Cv.x, Cv.y, Cv.z, Cv.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            h = fmaf(a[k + j], h, x[k + j]);
+            acc[k + j] = fmaf(cv[j], h, acc[k + j]);
+          }
+        }
+        const float next = __shfl_sync(0xffffffffu, h, 31);  // every lane has read the carry
+        if (lane == 0) sm.carry[warp][n] = next;
+      }
+#pragma unroll
+      for (int k = 0; k < kSteps; k += 4)  // into the warp's own delta row, read above
+        *reinterpret_cast<float4*>(&sm.dl[warp][k0 + k]) =
+            make_float4(acc[k], acc[k + 1], acc[k + 2], acc[k + 3]);
+    }
+    __syncthreads();
+    T* y = static_cast<T*>(p.y);
+    for (int t = tx / kWarps; t < steps; t += kThreads / kWarps)
+      if (clive)
+        y[(b * L + s0 + t) * D + d0 + c] = convert<T>((sm.dl[c][t] + sm.du[c][t]) * sm.zg[c][t]);
+  }
+  if (live && lane < N && p.h_last)
+    static_cast<float*>(p.h_last)[(b * D + d) * N + lane] = sm.carry[warp][lane];
+}
+}  // namespace lanes
+
+// The forward's form: HYDRA_SCAN_FWD=chunked (or unset) or lanes forces one (lanes only where it
+// applies); auto picks lanes where it applies and its blocks fill the device twice over (it has
+// no parallelism over time, so a few long sequences leave SMs idle). The default stays chunked
+// until the lanes form has been measured faster in the step (written in session 43 without a GPU).
+enum class FwdForm { kChunked, kLanes, kAuto };
+FwdForm fwd_form() {
+  const char* v = std::getenv("HYDRA_SCAN_FWD");
+  const std::string_view s = v ? v : "";
+  if (s == "auto") return FwdForm::kAuto;
+  if (s.empty() || s == "chunked") return FwdForm::kChunked;
+  HYDRA_CHECK(s == "lanes") << "HYDRA_SCAN_FWD='" << s << "': expected auto, chunked or lanes";
+  return FwdForm::kLanes;
+}
+
+std::atomic<int64_t> g_lanes_calls{0};
+
+bool use_lanes(const SelectiveScanParams& p) {
+  const FwdForm form = fwd_form();
+  const bool applies = p.dtype != DType::kF64 && p.state >= 1 && p.state <= lanes::kMaxState &&
+                       (p.chunk_states == nullptr || p.chunk_len % lanes::kSteps == 0);
+  if (!applies || form == FwdForm::kChunked) return false;
+  if (form == FwdForm::kLanes) return true;
+  static const int sms = [] {
+    int dev = 0, v = 0;
+    HYDRA_CUDA_CHECK(cudaGetDevice(&dev));
+    HYDRA_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    return v;
+  }();
+  return (p.dim + lanes::kWarps - 1) / lanes::kWarps * p.batch >= 2 * int64_t(sms);
+}
+
 }  // namespace
 
 size_t selective_scan_fwd_workspace(const SelectiveScanParams& p) {
@@ -115,11 +306,27 @@ size_t selective_scan_fwd_workspace(const SelectiveScanParams& p) {
 void selective_scan_fwd(const SelectiveScanParams& p) {
   if (p.batch * p.dim * p.len == 0) return;
   check_grid(p);
+  cudaStream_t s = as_stream(p.stream);
+  if (use_lanes(p)) {
+    dispatch_float(p.dtype, "selective_scan", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      if constexpr (sizeof(compute_t<T>) == 4) {
+        const dim3 grid(static_cast<unsigned>((p.dim + lanes::kWarps - 1) / lanes::kWarps),
+                        static_cast<unsigned>(p.batch));
+        constexpr size_t smem = sizeof(lanes::Smem);
+        allow_dynamic_smem(lanes::scan_fwd_lanes_kernel<T>, smem, "selective_scan");
+        lanes::scan_fwd_lanes_kernel<T>
+            <<<grid, lanes::kThreads, smem, s>>>(p, ssm_num_chunks(p.len, p.chunk_len));
+        HYDRA_CUDA_LAUNCH_CHECK();
+        g_lanes_calls.fetch_add(1, std::memory_order_relaxed);
+      }
+    });
+    return;
+  }
   HYDRA_CHECK(p.workspace != nullptr) << "selective_scan: workspace required";
   const ScanGrids grids = scan_grids(p);
   const int64_t nc = grids.chunks;
   const dim3 chunk_grid = grids.chunk, carry_grid = grids.carry;
-  cudaStream_t s = as_stream(p.stream);
   dispatch_float(p.dtype, "selective_scan", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = compute_t<T>;
@@ -142,5 +349,7 @@ void selective_scan_fwd(const SelectiveScanParams& p) {
     });
   });
 }
+
+int64_t selective_scan_fwd_lanes_calls() { return g_lanes_calls.load(std::memory_order_relaxed); }
 
 }  // namespace hydra::kernels::cuda

@@ -11,6 +11,8 @@
 #include "autograd/ops.h"
 #include "autograd/optim_ops.h"
 #include "base/determinism.h"
+#include "kernels/attention.h"
+#include "kernels/selective_scan.h"
 #include "tests/test_util.h"
 
 namespace hydra {
@@ -845,6 +847,79 @@ TEST(CudaOps, SparseAttentionMatchesCpu) {
         {rnd({2, 67, 12, 16}, 65)}, {true}, t);
 }
 
+// Restores the determinism switch (train.deterministic) when the scope ends.
+class ScopedDeterminism {
+ public:
+  ScopedDeterminism() : was_(hydra::deterministic()) {}
+  ~ScopedDeterminism() { hydra::set_deterministic(was_); }
+  ScopedDeterminism(const ScopedDeterminism&) = delete;
+  ScopedDeterminism& operator=(const ScopedDeterminism&) = delete;
+
+ private:
+  bool was_;
+};
+
+// cuDNN's fused attention (kernels/cuda/attention_cudnn.cu) where it applies: bf16, dense causal
+// or a sliding window over whole sequences (multiples of 128 tokens), head sizes 64 and 128, rows
+// apart (a fused projection's slices), in deterministic mode and not. HYDRA_ATTENTION=cudnn makes
+// a refused plan an error, and the count of cuDNN calls shows that it ran: forward and backward
+// in every case. lse is compared without its gradient (cuDNN's backward takes none; with one the
+// op runs ours).
+TEST(CudaOps, CudnnAttentionMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  if (!kernels::cuda::attention_cudnn_available())
+    GTEST_SKIP() << "the runtime's cuDNN is older than 9.10.2";
+  const testing::ScopedEnv env("HYDRA_ATTENTION", "cudnn");
+  const ScopedDeterminism restore;
+  struct Case {
+    int64_t B, L, H, dh, window;
+    bool fused;  // q, k, v slices of one [B, L, 3, H, dh] projection
+  };
+  const std::vector<Case> cases = {{2, 256, 3, 64, 0, false},   {1, 384, 2, 128, 0, false},
+                                   {2, 512, 2, 64, 100, false}, {1, 640, 3, 64, 512, true},
+                                   {2, 256, 2, 64, 0, true},    {1, 256, 2, 128, 37, false}};
+  for (const bool det : {false, true})
+    for (const Case& c : cases) {
+      SCOPED_TRACE("deterministic " + std::to_string(det) + " L " + std::to_string(c.L) +
+                   " window " + std::to_string(c.window));
+      hydra::set_deterministic(det);
+      const double scale = 1.0 / std::sqrt(double(c.dh));
+      const AttentionPattern pat{c.window, 0};
+      const int64_t before = kernels::cuda::attention_cudnn_calls();
+      auto fn = [&](const std::vector<Tensor>& in) {
+        Tensor q = in[0], k = in[1], v = in[2];
+        if (c.fused) {
+          auto qkv = split(in[0], {c.H * c.dh, c.H * c.dh, c.H * c.dh}, 2);
+          q = qkv[0].reshape({c.B, c.L, c.H, c.dh});  // views: rows 3 H dh apart
+          k = qkv[1].reshape({c.B, c.L, c.H, c.dh});
+          v = qkv[2].reshape({c.B, c.L, c.H, c.dh});
+        }
+        auto [o, lse] = sparse_attention_with_lse(q, k, v, pat, scale);
+        return std::vector<Tensor>{o, lse.detach()};
+      };
+      const std::vector<Tensor> in =
+          c.fused ? std::vector<Tensor>{rnd({c.B, c.L, 3 * c.H * c.dh}, 66, 1.5)}
+                  : std::vector<Tensor>{rnd({c.B, c.L, c.H, c.dh}, 62, 1.5),
+                                        rnd({c.B, c.L, c.H, c.dh}, 63, 1.5),
+                                        rnd({c.B, c.L, c.H, c.dh}, 64)};
+      check_op("cudnn attention", fn, in, std::vector<bool>(in.size(), true), DType::kBF16);
+      EXPECT_EQ(kernels::cuda::attention_cudnn_calls() - before, 2)
+          << "cuDNN's forward and backward did not both run";
+    }
+  // Deterministic mode: the same gradients bit for bit, run to run.
+  hydra::set_deterministic(true);
+  auto grads = [] {
+    Tensor q = rnd({2, 512, 2, 64}, 67).to(DType::kBF16).to(Device::cuda(0));
+    q.set_requires_grad(true);
+    const Tensor k = rnd({2, 512, 2, 64}, 68).to(DType::kBF16).to(Device::cuda(0));
+    const Tensor v = rnd({2, 512, 2, 64}, 69).to(DType::kBF16).to(Device::cuda(0));
+    sparse_attention(q, k, v, {100, 0}, 0.125)
+        .backward(rnd({2, 512, 2, 64}, 70).to(DType::kBF16).to(Device::cuda(0)));
+    return q.grad().cpu();
+  };
+  EXPECT_TRUE(testing::bitwise_equal(grads(), grads()));
+}
+
 TEST(CudaOps, GatedUpdateMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   for (const Shape& sh :
@@ -1026,49 +1101,64 @@ TEST(CudaOps, SelectiveScanMatchesCpu) {
   const std::vector<Case> cases = {{2, 37, 19, 5, 16, true},  {1, 50, 130, 16, 8, true},
                                    {3, 21, 64, 8, 64, false}, {2, 70, 33, 32, 32, true},
                                    {1, 9, 40, 64, 4, true},   {2, 45, 37, 1, 16, true},
-                                   {2, 33, 45, 12, 16, true}, {2, 4096, 2048, 16, 64, true}};
-  for (const Case& c : cases)
-    for (DType t : kTypes) {
-      std::vector<Tensor> in = {rnd({c.B, c.L, c.D}, 70),        // u
-                                rnd({c.B, c.L, c.D}, 71, 0.7),   // delta_raw
-                                log(positive({c.D, c.N}, 72)),   // A_log
-                                rnd({c.B, c.L, c.N}, 73),        // B
-                                rnd({c.B, c.L, c.N}, 74),        // C
-                                rnd({c.D}, 75),                  // D
-                                rnd({c.D}, 76, 0.5),             // dt_bias
-                                rnd({c.B, c.L, c.D}, 77),        // z
-                                rnd({c.B, c.D, c.N}, 78, 0.5)};  // h0
-      std::vector<bool> grad(in.size(), true);
-      check_op(
-          "selective_scan",
-          [&](const std::vector<Tensor>& x) {
-            const Tensor h0 = c.full ? x[8].to(accumulate_dtype(x[0].dtype())) : Tensor();
-            const SelectiveScanResult r =
-                selective_scan(x[0], x[1], x[2], x[3], x[4], c.full ? x[5] : Tensor(),
-                               c.full ? x[6] : Tensor(), c.full ? x[7] : Tensor(), h0, c.chunk);
-            return std::vector<Tensor>{r.y, r.h_last};
-          },
-          c.full ? in : std::vector<Tensor>(in.begin(), in.begin() + 5),
-          c.full ? grad : std::vector<bool>(5, true), t);
-    }
+                                   {2, 33, 45, 12, 16, true}, {2, 4096, 2048, 16, 64, true},
+                                   {1, 600, 24, 16, 8, true}, {3, 777, 16, 8, 48, false}};
+  // Both forms of the forward (HYDRA_SCAN_FWD): the chunked passes, and one pass with a warp's
+  // lanes over time where it applies (4-byte accumulators, up to 16 states, chunks a multiple of 8
+  // steps; elsewhere it falls back to the chunked form). The last two cases cross segments of 256
+  // steps with partial ones at the end; the lanes form's chunk states reach the gradients.
+  for (const char* form : {"chunked", "lanes"})
+    for (const Case& c : cases)
+      for (DType t : kTypes) {
+        SCOPED_TRACE(std::string("HYDRA_SCAN_FWD=") + form);
+        const testing::ScopedEnv env("HYDRA_SCAN_FWD", form);
+        const int64_t lanes_before = kernels::cuda::selective_scan_fwd_lanes_calls();
+        std::vector<Tensor> in = {rnd({c.B, c.L, c.D}, 70),        // u
+                                  rnd({c.B, c.L, c.D}, 71, 0.7),   // delta_raw
+                                  log(positive({c.D, c.N}, 72)),   // A_log
+                                  rnd({c.B, c.L, c.N}, 73),        // B
+                                  rnd({c.B, c.L, c.N}, 74),        // C
+                                  rnd({c.D}, 75),                  // D
+                                  rnd({c.D}, 76, 0.5),             // dt_bias
+                                  rnd({c.B, c.L, c.D}, 77),        // z
+                                  rnd({c.B, c.D, c.N}, 78, 0.5)};  // h0
+        std::vector<bool> grad(in.size(), true);
+        check_op(
+            "selective_scan",
+            [&](const std::vector<Tensor>& x) {
+              const Tensor h0 = c.full ? x[8].to(accumulate_dtype(x[0].dtype())) : Tensor();
+              const SelectiveScanResult r =
+                  selective_scan(x[0], x[1], x[2], x[3], x[4], c.full ? x[5] : Tensor(),
+                                 c.full ? x[6] : Tensor(), c.full ? x[7] : Tensor(), h0, c.chunk);
+              return std::vector<Tensor>{r.y, r.h_last};
+            },
+            c.full ? in : std::vector<Tensor>(in.begin(), in.begin() + 5),
+            c.full ? grad : std::vector<bool>(5, true), t);
+        // The form asked for ran where it applies (up to 16 states, chunks of a multiple of 8).
+        const bool lanes = std::string(form) == "lanes" && c.N <= 16 && c.chunk % 8 == 0;
+        EXPECT_EQ(kernels::cuda::selective_scan_fwd_lanes_calls() > lanes_before, lanes);
+      }
   // The model's layout: u and z halves of one projection's rows, B and C parts of another's (the
   // kernels read them in place). Aligned rows: the inputs arrive by asynchronous 16-byte copies;
   // B and C at column 3: those by plain loads.
-  for (const int64_t bc_col : {24, 3})
-    for (DType t : kTypes) {
-      const int64_t B = 2, L = 150, D = 256, N = 16;
-      check_op(
-          "selective_scan rows apart, B at column " + std::to_string(bc_col),
-          [&](const std::vector<Tensor>& x) {
-            const SelectiveScanResult r = selective_scan(
-                x[0].narrow(2, 0, D), x[1], x[2], x[3].narrow(2, bc_col, N),
-                x[3].narrow(2, bc_col + N, N), x[4], x[5], x[0].narrow(2, D, D), Tensor(), 64);
-            return std::vector<Tensor>{r.y};
-          },
-          {rnd({B, L, 2 * D}, 90), rnd({B, L, D}, 91, 0.7), log(positive({D, N}, 92)),
-           rnd({B, L, bc_col + 2 * N + 5}, 93), rnd({D}, 94), rnd({D}, 95, 0.5)},
-          std::vector<bool>(6, true), t);
-    }
+  for (const char* form : {"chunked", "lanes"})
+    for (const int64_t bc_col : {24, 3})
+      for (DType t : kTypes) {
+        SCOPED_TRACE(std::string("HYDRA_SCAN_FWD=") + form);
+        const testing::ScopedEnv env("HYDRA_SCAN_FWD", form);
+        const int64_t B = 2, L = 150, D = 256, N = 16;
+        check_op(
+            "selective_scan rows apart, B at column " + std::to_string(bc_col),
+            [&](const std::vector<Tensor>& x) {
+              const SelectiveScanResult r = selective_scan(
+                  x[0].narrow(2, 0, D), x[1], x[2], x[3].narrow(2, bc_col, N),
+                  x[3].narrow(2, bc_col + N, N), x[4], x[5], x[0].narrow(2, D, D), Tensor(), 64);
+              return std::vector<Tensor>{r.y};
+            },
+            {rnd({B, L, 2 * D}, 90), rnd({B, L, D}, 91, 0.7), log(positive({D, N}, 92)),
+             rnd({B, L, bc_col + 2 * N + 5}, 93), rnd({D}, 94), rnd({D}, 95, 0.5)},
+            std::vector<bool>(6, true), t);
+      }
 }
 
 TEST(CudaOps, SsdScanMatchesCpu) {

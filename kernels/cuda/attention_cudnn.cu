@@ -1,0 +1,606 @@
+// cuDNN's fused flash attention for the patterns it expresses: dense causal attention (the
+// Transformer baseline) and causal attention in a sliding window, over a whole sequence (queries
+// and keys at the same positions, no global rows). Issue 17 asked for it to be measured against our
+// kernels and the faster one kept: on an H200 it ran causal attention forward + backward 2.6-2.9x
+// faster than attention_mma.cu (docs/PERF.md, session 43).
+//
+// The graph is built with cuDNN's backend API as its runtime fusion engine recognises it (the
+// operations cudnn-frontend emits for cuDNN 9.x below 9.21, written here from its documented
+// structure): forward Q K^T, scale, the masks by index comparisons, softmax with the log-sum-exp
+// statistics (our `lse`, [B, H, L] in natural log: the two backends' forward and backward mix), P V;
+// backward the same scores recomputed from the statistics, dV = P^T dO, dS = P (dO V^T - rowsum(dO
+// O)) scale, dK = dS^T Q, dQ = dS K. A plan is built once per shape and kept. Where cuDNN refuses a
+// shape, attention.cu runs our kernels (HYDRA_ATTENTION=cudnn makes the refusal an error instead).
+// Opt-in for now: HYDRA_ATTENTION=auto or cudnn (below).
+// Deterministic mode (train.deterministic) builds the backward whose dQ is written without float
+// atomics.
+#include <cudnn.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "base/determinism.h"
+#include "kernels/attention.h"
+#include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
+
+namespace hydra::kernels::cuda::attention_cudnn {
+namespace {
+
+// HYDRA_ATTENTION: auto runs cuDNN where it applies, ours elsewhere; cudnn is auto with a refused
+// plan an error (tests, benchmarks); ours (or unset) never runs cuDNN. The default stays ours until
+// this path has passed its GPU test (CudaOps.CudnnAttentionMatchesCpu; written in session 43, when
+// no GPU was lent after the measurement that motivated it).
+enum class Choice { kAuto, kOurs, kCudnn };
+Choice choice() {
+  const char* v = std::getenv("HYDRA_ATTENTION");
+  const std::string_view s = v ? v : "";
+  if (s == "auto") return Choice::kAuto;
+  if (s.empty() || s == "ours") return Choice::kOurs;
+  HYDRA_CHECK(s == "cudnn") << "HYDRA_ATTENTION='" << s << "': expected auto, ours or cudnn";
+  return Choice::kCudnn;
+}
+
+// A refused descriptor: the plan is not built, and the message says why.
+struct Refused {
+  std::string what;
+};
+
+void ok(cudnnStatus_t st, const char* what) {
+  if (st == CUDNN_STATUS_SUCCESS) return;
+  char last[512] = {0};
+  cudnnGetLastErrorString(last, sizeof(last));
+  throw Refused{std::string(what) + ": " + cudnnGetErrorString(st) + (last[0] ? " (" : "") + last +
+                (last[0] ? ")" : "")};
+}
+
+// A backend descriptor, destroyed with its owner.
+class Desc {
+ public:
+  explicit Desc(cudnnBackendDescriptorType_t type) {
+    ok(cudnnBackendCreateDescriptor(type, &d_), "cudnnBackendCreateDescriptor");
+  }
+  ~Desc() {
+    if (d_) cudnnBackendDestroyDescriptor(d_);
+  }
+  Desc(const Desc&) = delete;
+  Desc& operator=(const Desc&) = delete;
+  cudnnBackendDescriptor_t get() const { return d_; }
+  template <class V>
+  Desc& set(cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type, const V* values,
+            int64_t count = 1) {
+    ok(cudnnBackendSetAttribute(d_, name, type, count, values), "cudnnBackendSetAttribute");
+    return *this;
+  }
+  Desc& set_desc(cudnnBackendAttributeName_t name, cudnnBackendDescriptor_t d) {
+    return set(name, CUDNN_TYPE_BACKEND_DESCRIPTOR, &d);
+  }
+  Desc& finalize(const char* what) {
+    ok(cudnnBackendFinalize(d_), what);
+    return *this;
+  }
+
+ private:
+  cudnnBackendDescriptor_t d_ = nullptr;
+};
+
+using Dims = std::vector<int64_t>;
+
+// The descriptors of one graph, kept alive with its plan.
+class Graph {
+ public:
+  // A tensor: non-virtual ones are the variant pack's (by `uid`), virtual ones intermediates.
+  cudnnBackendDescriptor_t tensor(const Dims& dims, const Dims& strides, cudnnDataType_t type,
+                                  int64_t uid, bool is_virtual = false, bool by_value = false) {
+    Desc& t = keep(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
+    const int64_t align = 16;
+    t.set(CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, &type)
+        .set(CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, dims.data(),
+             static_cast<int64_t>(dims.size()))
+        .set(CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, strides.data(),
+             static_cast<int64_t>(strides.size()))
+        .set(CUDNN_ATTR_TENSOR_UNIQUE_ID, CUDNN_TYPE_INT64, &uid)
+        .set(CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, &align);
+    const bool yes = true;
+    if (is_virtual) t.set(CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, &yes);
+    if (by_value) t.set(CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, &yes);
+    t.finalize("tensor");
+    return t.get();
+  }
+  // An intermediate of `dims` (row-major strides unless given).
+  cudnnBackendDescriptor_t virt(const Dims& dims, cudnnDataType_t type = CUDNN_DATA_FLOAT,
+                                Dims strides = {}) {
+    if (strides.empty()) {
+      strides.assign(dims.size(), 1);
+      for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i)
+        strides[i] = strides[i + 1] * dims[i + 1];
+    }
+    return tensor(dims, strides, type, next_uid_++, true);
+  }
+  // A float scalar passed by value (the variant pack holds a host pointer to it).
+  cudnnBackendDescriptor_t scalar(int64_t uid) {
+    return tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, uid, false, true);
+  }
+  void pointwise(cudnnPointwiseMode_t mode, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t y,
+                 cudnnBackendDescriptor_t b = nullptr, cudnnBackendDescriptor_t t = nullptr,
+                 cudnnDataType_t math = CUDNN_DATA_FLOAT, int64_t axis = -1) {
+    Desc& pw = keep(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
+    pw.set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, &mode)
+        .set(CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, &math);
+    if (axis >= 0) pw.set(CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, &axis);
+    pw.finalize("pointwise");
+    Desc& op = keep(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
+    const float one = 1.0f;
+    op.set_desc(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw.get())
+        .set_desc(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x);
+    if (b) op.set_desc(CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b);
+    if (t) op.set_desc(CUDNN_ATTR_OPERATION_POINTWISE_TDESC, t);
+    op.set_desc(CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y)
+        .set(CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, &one)
+        .set(CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, &one)
+        .finalize("pointwise operation");
+    ops_.push_back(op.get());
+  }
+  void matmul(cudnnBackendDescriptor_t a, cudnnBackendDescriptor_t b, cudnnBackendDescriptor_t c) {
+    Desc& mm = keep(CUDNN_BACKEND_MATMUL_DESCRIPTOR);
+    const cudnnDataType_t comp = CUDNN_DATA_FLOAT;
+    mm.set(CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, &comp).finalize("matmul");
+    Desc& op = keep(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR);
+    op.set_desc(CUDNN_ATTR_OPERATION_MATMUL_ADESC, a)
+        .set_desc(CUDNN_ATTR_OPERATION_MATMUL_BDESC, b)
+        .set_desc(CUDNN_ATTR_OPERATION_MATMUL_CDESC, c)
+        .set_desc(CUDNN_ATTR_OPERATION_MATMUL_DESC, mm.get())
+        .finalize("matmul operation");
+    ops_.push_back(op.get());
+  }
+  void reduction(cudnnReduceTensorOp_t how, cudnnBackendDescriptor_t x,
+                 cudnnBackendDescriptor_t y) {
+    Desc& r = keep(CUDNN_BACKEND_REDUCTION_DESCRIPTOR);
+    const cudnnDataType_t comp = CUDNN_DATA_FLOAT;
+    r.set(CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, &comp)
+        .set(CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, &how);
+    if (cudnnGetVersion() >= 91100) {  // as the frontend does from 9.11 (row reductions in a warp)
+      const bool no = false;
+      r.set(CUDNN_ATTR_REDUCTION_IS_DETERMINISTIC, CUDNN_TYPE_BOOLEAN, &no);
+    }
+    r.finalize("reduction");
+    Desc& op = keep(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR);
+    op.set_desc(CUDNN_ATTR_OPERATION_REDUCTION_DESC, r.get())
+        .set_desc(CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x)
+        .set_desc(CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y)
+        .finalize("reduction operation");
+    ops_.push_back(op.get());
+  }
+  void reshape(cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t y) {
+    Desc& op = keep(CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR);
+    op.set_desc(CUDNN_ATTR_OPERATION_RESHAPE_XDESC, x)
+        .set_desc(CUDNN_ATTR_OPERATION_RESHAPE_YDESC, y)
+        .finalize("reshape operation");
+    ops_.push_back(op.get());
+  }
+  // The operation graph, the first engine configuration of heuristics mode A whose plan builds,
+  // and its workspace.
+  void build(cudnnHandle_t handle) {
+    Desc& graph = keep(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
+    graph
+        .set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, ops_.data(),
+             static_cast<int64_t>(ops_.size()))
+        .set(CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, &handle)
+        .finalize("operation graph");
+    Desc& heur = keep(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
+    const cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
+    const cudnnBackendDescriptor_t g = graph.get();
+    heur.set(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, &g)
+        .set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, &mode)
+        .finalize("engine heuristics");
+    int64_t count = 0;
+    ok(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr),
+       "engine heuristics' results");
+    if (count == 0) throw Refused{"no engine for this graph"};
+    std::vector<std::unique_ptr<Desc>> cfgs;
+    std::vector<cudnnBackendDescriptor_t> raw;
+    for (int64_t i = 0; i < count; ++i) {
+      cfgs.push_back(std::make_unique<Desc>(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR));
+      raw.push_back(cfgs.back()->get());
+    }
+    ok(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                                CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &count, raw.data()),
+       "engine heuristics' results");
+    std::string why;
+    for (int64_t i = 0; i < count && !plan_; ++i) {
+      auto plan = std::make_unique<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
+      const cudnnBackendDescriptor_t cfg = raw[i];
+      plan->set(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, &cfg)
+          .set(CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, &handle);
+      try {
+        plan->finalize("execution plan");
+      } catch (const Refused& r) {
+        why = r.what;
+        continue;
+      }
+      int64_t n = 0;
+      ok(cudnnBackendGetAttribute(plan->get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                                  CUDNN_TYPE_INT64, 1, &n, &workspace_),
+         "plan workspace");
+      plan_ = std::move(plan);
+      for (auto& c : cfgs) descs_.push_back(std::move(c));
+    }
+    if (!plan_) throw Refused{"no engine configuration builds a plan: " + why};
+  }
+  cudnnBackendDescriptor_t plan() const { return plan_->get(); }
+  int64_t workspace() const { return workspace_; }
+
+ private:
+  Desc& keep(cudnnBackendDescriptorType_t type) {
+    descs_.push_back(std::make_unique<Desc>(type));
+    return *descs_.back();
+  }
+  std::deque<std::unique_ptr<Desc>> descs_;
+  std::vector<cudnnBackendDescriptor_t> ops_;
+  std::unique_ptr<Desc> plan_;
+  int64_t workspace_ = 0;
+  int64_t next_uid_ = 1000;
+};
+
+// The variant pack's tensors.
+enum Uid : int64_t {
+  kQ = 1,
+  kK,
+  kV,
+  kO,
+  kStats,
+  kdO,
+  kdQ,
+  kdK,
+  kdV,
+  kSoftSum,
+  kdQacc,
+  kScale = 20,
+  kNegInf1,
+  kNegInf2,
+  kWindow,
+  kOne,
+  kScale2  // a scalar used twice gets a descriptor (and a variant-pack entry) per use
+};
+
+size_t align256(size_t b) { return (b + 255) / 256 * 256; }
+
+// A host scalar of the plan, as the variant pack takes it (cuDNN only reads it).
+void* host(const float& v) { return const_cast<float*>(&v); }
+
+// What a plan depends on.
+struct Key {
+  int device;
+  int64_t batch, heads, len, head_dim, q_row, k_row, v_row, window;
+  double scale;
+  bool backward, deterministic;
+  auto tie() const {
+    return std::tie(device, batch, heads, len, head_dim, q_row, k_row, v_row, window, scale,
+                    backward, deterministic);
+  }
+  bool operator<(const Key& o) const { return tie() < o.tie(); }
+};
+
+struct Plan {
+  std::unique_ptr<Graph> graph;  // null: refused
+  std::string refused;
+  float scale = 1, neg_inf = -INFINITY, window = 0, one = 1;
+};
+
+// Whether the window mask is needed: a window shorter than the sequence.
+bool windowed(const Key& k) { return k.window > 0 && k.window < k.len; }
+
+// The masks on scores [B, H, L, L]: causal (key j <= query i), then the window (i - j < W).
+// `index_type` is the window's index tensors' type (cuDNN releases differ on what they accept).
+cudnnBackendDescriptor_t masked(Graph& g, const Key& k, cudnnBackendDescriptor_t s,
+                                cudnnDataType_t index_type) {
+  const Dims sd = {k.batch, k.heads, k.len, k.len};
+  auto rows = g.virt(sd, CUDNN_DATA_INT32), cols = g.virt(sd, CUDNN_DATA_INT32);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, s, rows, nullptr, nullptr, CUDNN_DATA_FLOAT, 2);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, s, cols, nullptr, nullptr, CUDNN_DATA_FLOAT, 3);
+  auto causal = g.virt(sd, CUDNN_DATA_BOOLEAN), out = g.virt(sd);
+  g.pointwise(CUDNN_POINTWISE_CMP_GE, rows, causal, cols, nullptr, CUDNN_DATA_BOOLEAN);
+  g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, s, out, g.scalar(kNegInf1), causal);
+  if (!windowed(k)) return out;
+  auto rows2 = g.virt(sd, index_type), cols2 = g.virt(sd, index_type), shifted = g.virt(sd);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, out, rows2, nullptr, nullptr, CUDNN_DATA_FLOAT, 2);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, out, cols2, nullptr, nullptr, CUDNN_DATA_FLOAT, 3);
+  g.pointwise(CUDNN_POINTWISE_ADD, cols2, shifted, g.scalar(kWindow));
+  auto inside = g.virt(sd, CUDNN_DATA_BOOLEAN), out2 = g.virt(sd);
+  g.pointwise(CUDNN_POINTWISE_CMP_GT, shifted, inside, rows2, nullptr, CUDNN_DATA_BOOLEAN);
+  g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, out, out2, g.scalar(kNegInf2), inside);
+  return out2;
+}
+
+// Q, K^T, V^T and V as [B, H, ., .] views of the [B, L, H, dh] rows (no data moves).
+struct Inputs {
+  cudnnBackendDescriptor_t q, kt, v;
+};
+Inputs inputs(Graph& g, const Key& k, bool v_transposed) {
+  const int64_t B = k.batch, H = k.heads, L = k.len, dh = k.head_dim;
+  Inputs in;
+  in.q = g.tensor({B, H, L, dh}, {L * k.q_row, dh, k.q_row, 1}, CUDNN_DATA_BFLOAT16, kQ);
+  in.kt = g.tensor({B, H, dh, L}, {L * k.k_row, dh, 1, k.k_row}, CUDNN_DATA_BFLOAT16, kK);
+  in.v = v_transposed
+             ? g.tensor({B, H, dh, L}, {L * k.v_row, dh, 1, k.v_row}, CUDNN_DATA_BFLOAT16, kV)
+             : g.tensor({B, H, L, dh}, {L * k.v_row, dh, k.v_row, 1}, CUDNN_DATA_BFLOAT16, kV);
+  return in;
+}
+
+void build_forward(Graph& g, const Key& k, cudnnDataType_t index_type) {
+  const int64_t B = k.batch, H = k.heads, L = k.len, dh = k.head_dim;
+  const Dims sd = {B, H, L, L}, rd = {B, H, L, 1}, rs = {H * L, L, 1, 1};
+  const Inputs in = inputs(g, k, false);
+  auto s0 = g.virt(sd), s1 = g.virt(sd);
+  g.matmul(in.q, in.kt, s0);
+  g.pointwise(CUDNN_POINTWISE_MUL, s0, s1, g.scalar(kScale));
+  auto s = masked(g, k, s1, index_type);
+  auto mx = g.virt(rd, CUDNN_DATA_FLOAT, rs), sub = g.virt(sd), e = g.virt(sd);
+  auto z = g.virt(rd, CUDNN_DATA_FLOAT, rs), lz = g.virt(rd, CUDNN_DATA_FLOAT, rs);
+  auto stats = g.tensor(rd, rs, CUDNN_DATA_FLOAT, kStats);
+  g.reduction(CUDNN_REDUCE_TENSOR_MAX, s, mx);
+  g.pointwise(CUDNN_POINTWISE_SUB, s, sub, mx);
+  g.pointwise(CUDNN_POINTWISE_EXP, sub, e);
+  g.reduction(CUDNN_REDUCE_TENSOR_ADD, e, z);
+  g.pointwise(CUDNN_POINTWISE_LOG, z, lz);
+  g.pointwise(CUDNN_POINTWISE_ADD, mx, stats, lz);
+  auto p = g.virt(sd, CUDNN_DATA_BFLOAT16);  // the second product's A is in the inputs' type
+  g.pointwise(CUDNN_POINTWISE_DIV, e, p, z);
+  g.matmul(p, in.v, g.tensor({B, H, L, dh}, {L * H * dh, dh, H * dh, 1}, CUDNN_DATA_BFLOAT16, kO));
+}
+
+void build_backward(Graph& g, const Key& k, cudnnDataType_t index_type) {
+  const int64_t B = k.batch, H = k.heads, L = k.len, dh = k.head_dim;
+  const Dims sd = {B, H, L, L}, rd = {B, H, L, 1}, rs = {H * L, L, 1, 1}, xd = {B, H, L, dh};
+  const Dims rows_strides = {L * H * dh, dh, H * dh, 1};  // contiguous [B, L, H, dh]
+  const Dims transposed = {H * L * L, L * L, 1, L};
+  const Inputs in = inputs(g, k, true);
+  auto o = g.tensor(xd, rows_strides, CUDNN_DATA_BFLOAT16, kO);
+  auto dout = g.tensor(xd, rows_strides, CUDNN_DATA_BFLOAT16, kdO);
+  auto stats = g.tensor(rd, rs, CUDNN_DATA_FLOAT, kStats);
+  // rowsum(dO . O) per query
+  auto t0 = g.virt(xd, CUDNN_DATA_FLOAT, {H * L * dh, L * dh, H * dh, 1});
+  auto t1 = g.virt(rd, CUDNN_DATA_FLOAT, rs);
+  auto softsum = g.tensor(rd, rs, CUDNN_DATA_FLOAT, kSoftSum);
+  g.pointwise(CUDNN_POINTWISE_MUL, dout, t0, o);
+  g.reduction(CUDNN_REDUCE_TENSOR_ADD, t0, t1);
+  g.pointwise(CUDNN_POINTWISE_MUL, t1, softsum, g.scalar(kOne));
+  // P from the statistics
+  auto s0 = g.virt(sd), s1 = g.virt(sd), s2 = g.virt(sd);
+  g.matmul(in.q, in.kt, s0);
+  g.pointwise(CUDNN_POINTWISE_MUL, s0, s1, g.scalar(kScale));
+  g.pointwise(CUDNN_POINTWISE_SUB, s1, s2, stats);
+  auto s = masked(g, k, s2, index_type);
+  auto p = g.virt(sd);
+  g.pointwise(CUDNN_POINTWISE_EXP, s, p);
+  // dV = P^T dO
+  auto pt = g.virt(sd, CUDNN_DATA_BFLOAT16, transposed);
+  g.reshape(p, pt);
+  g.matmul(pt, dout, g.tensor(xd, rows_strides, CUDNN_DATA_BFLOAT16, kdV));
+  // dS = P (dO V^T - rowsum) scale
+  auto dp = g.virt(sd), u0 = g.virt(sd), u1 = g.virt(sd), ds = g.virt(sd);
+  g.matmul(dout, in.v, dp);
+  g.pointwise(CUDNN_POINTWISE_SUB, dp, u0, softsum);
+  g.pointwise(CUDNN_POINTWISE_MUL, u0, u1, p);
+  g.pointwise(CUDNN_POINTWISE_MUL, u1, ds, g.scalar(kScale2));
+  // dK = dS^T Q
+  auto dst = g.virt(sd, CUDNN_DATA_BFLOAT16, transposed);
+  g.reshape(ds, dst);
+  g.matmul(dst, in.q, g.tensor(xd, rows_strides, CUDNN_DATA_BFLOAT16, kdK));
+  // dQ = dS K: through a float accumulator, or (deterministic) written directly
+  auto kn = g.virt(xd, CUDNN_DATA_BFLOAT16, {L * k.k_row, dh, k.k_row, 1});
+  g.reshape(in.kt, kn);
+  auto dq = g.tensor(xd, rows_strides, CUDNN_DATA_BFLOAT16, kdQ);
+  if (k.deterministic) {
+    g.matmul(ds, kn, dq);
+  } else {
+    auto acc = g.tensor(xd, {H * L * dh, L * dh, dh, 1}, CUDNN_DATA_FLOAT, kdQacc);
+    g.matmul(ds, kn, acc);
+    g.pointwise(CUDNN_POINTWISE_IDENTITY, acc, dq);
+  }
+}
+
+struct Cache {
+  std::mutex mu;
+  std::map<int, cudnnHandle_t> handles;
+  std::map<Key, Plan> plans;
+};
+Cache& cache() {
+  static Cache* c = new Cache;  // never destroyed: plans may be used until the process exits
+  return *c;
+}
+
+constexpr int64_t kMaxWorkspace = int64_t{1} << 30;
+
+// The plan for `k` (built on first use), or one whose `graph` is null where cuDNN refused it.
+const Plan& plan_for(const Key& k) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.plans.find(k);
+  if (it != c.plans.end()) return it->second;
+  cudnnHandle_t& h = c.handles[k.device];
+  if (!h) HYDRA_CHECK(cudnnCreate(&h) == CUDNN_STATUS_SUCCESS) << "cudnnCreate failed";
+  Plan plan;
+  plan.scale = static_cast<float>(k.scale);
+  plan.window = static_cast<float>(k.window);
+  // The window's index tensors: float first, as the frontend of cuDNN 9.14's time built them.
+  for (cudnnDataType_t index_type : {CUDNN_DATA_FLOAT, CUDNN_DATA_INT32}) {
+    try {
+      auto g = std::make_unique<Graph>();
+      k.backward ? build_backward(*g, k, index_type) : build_forward(*g, k, index_type);
+      g->build(h);
+      plan.graph = std::move(g);
+      break;
+    } catch (const Refused& r) {
+      plan.refused = r.what;
+      if (!windowed(k)) break;
+    }
+  }
+  // A plan whose scratch would not be small beside the activations is refused (the deterministic
+  // backward's grows with batch x heads x length^2).
+  if (plan.graph && plan.graph->workspace() > kMaxWorkspace) {
+    plan.refused = "its workspace would be " + std::to_string(plan.graph->workspace() >> 20) +
+                   " MiB (at most " + std::to_string(kMaxWorkspace >> 20) + ")";
+    plan.graph.reset();
+  }
+  if (!plan.graph)
+    std::fprintf(stderr,
+                 "attention: cuDNN refused the fused %s for [%ld x %ld, %ld heads of %ld%s]: %s; "
+                 "our kernels run it\n",
+                 k.backward ? "backward" : "forward", long(k.batch), long(k.len), long(k.heads),
+                 long(k.head_dim), windowed(k) ? ", window" : "", plan.refused.c_str());
+  return c.plans.emplace(k, std::move(plan)).first->second;
+}
+
+Key key_of(const AttentionParams& p, bool backward) {
+  Key k{};
+  HYDRA_CUDA_CHECK(cudaGetDevice(&k.device));
+  k.batch = p.batch, k.heads = p.heads, k.len = p.q_len, k.head_dim = p.head_dim;
+  k.q_row = p.q_row, k.k_row = p.k_row, k.v_row = p.v_row;
+  k.window = p.window > 0 && p.window < p.q_len ? p.window : 0;
+  k.scale = p.scale;
+  k.backward = backward;
+  k.deterministic = backward && deterministic();
+  return k;
+}
+
+// Bytes of the backward's float buffers before the plan's workspace: rowsum(dO . O), and dQ's
+// accumulator unless deterministic.
+size_t backward_buffers(const Key& k) {
+  const size_t rows = static_cast<size_t>(k.batch * k.heads * k.len);
+  return align256(rows * 4) + (k.deterministic ? 0 : align256(rows * k.head_dim * 4));
+}
+
+// The runtime's release: 9.10.2 or later (sliding windows need 9.2; 9.10.0 and 9.10.1 have known
+// bugs in this graph; -inf as the mask's fill needs 9.10).
+bool release_supported() {
+  static const bool ok = cudnnGetVersion() >= 91002;
+  return ok;
+}
+
+bool usable_shape(const AttentionParams& p) {
+  return release_supported() && p.dtype == DType::kBF16 && p.global_stride <= 0 && p.q_len == p.k_len &&
+         p.q_pos0 == p.k_pos0 && p.q_len >= 128 && p.q_len % 128 == 0 && p.head_dim > 0 &&
+         p.head_dim % 8 == 0 && p.head_dim <= 128 && p.q_row % 8 == 0 && p.k_row % 8 == 0 && p.v_row % 8 == 0 &&
+         aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.out) && p.lse != nullptr;
+}
+
+}  // namespace
+
+bool applies(const AttentionParams& p) {
+  if (choice() == Choice::kOurs || !usable_shape(p)) return false;
+  const Plan& plan = plan_for(key_of(p, false));
+  HYDRA_CHECK(plan.graph || choice() != Choice::kCudnn)
+      << "HYDRA_ATTENTION=cudnn: cuDNN refused the forward: " << plan.refused;
+  return plan.graph != nullptr;
+}
+
+bool applies(const AttentionBwdParams& q) {
+  const AttentionParams& p = q.fwd;
+  if (choice() == Choice::kOurs || !usable_shape(p) || q.glse != nullptr || !aligned16(q.gout) ||
+      !aligned16(q.gq) || !aligned16(q.gk) || !aligned16(q.gv))
+    return false;
+  const Plan& plan = plan_for(key_of(p, true));
+  HYDRA_CHECK(plan.graph || choice() != Choice::kCudnn)
+      << "HYDRA_ATTENTION=cudnn: cuDNN refused the backward: " << plan.refused;
+  return plan.graph != nullptr;
+}
+
+size_t forward_workspace(const AttentionParams& p) {
+  return static_cast<size_t>(plan_for(key_of(p, false)).graph->workspace()) + 256;
+}
+
+size_t backward_workspace(const AttentionBwdParams& q) {
+  const Key k = key_of(q.fwd, true);
+  return backward_buffers(k) + static_cast<size_t>(plan_for(k).graph->workspace()) + 256;
+}
+
+namespace {
+std::atomic<int64_t> g_calls{0};
+
+void execute(const Key& k, const Plan& plan, cudaStream_t stream,
+             const std::vector<std::pair<int64_t, void*>>& tensors, void* workspace) {
+  // One handle a device: its stream is set and the plan queued under the cache's lock, so that two
+  // host threads cannot queue on each other's stream.
+  std::lock_guard<std::mutex> lock(cache().mu);
+  cudnnHandle_t h = cache().handles.at(k.device);
+  HYDRA_CHECK(cudnnSetStream(h, stream) == CUDNN_STATUS_SUCCESS) << "cudnnSetStream failed";
+  std::vector<int64_t> uids;
+  std::vector<void*> ptrs;
+  for (const auto& [uid, ptr] : tensors) uids.push_back(uid), ptrs.push_back(ptr);
+  try {
+    Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
+    pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, uids.data(),
+             static_cast<int64_t>(uids.size()))
+        .set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, ptrs.data(),
+             static_cast<int64_t>(ptrs.size()))
+        .set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, &workspace)
+        .finalize("variant pack");
+    ok(cudnnBackendExecute(h, plan.graph->plan(), pack.get()), "cudnnBackendExecute");
+    g_calls.fetch_add(1, std::memory_order_relaxed);
+  } catch (const Refused& r) {
+    HYDRA_FAIL() << "attention (cuDNN): " << r.what;
+  }
+}
+}  // namespace
+
+void forward(const AttentionParams& p) {
+  const Key k = key_of(p, false);
+  const Plan& plan = plan_for(k);
+  std::vector<std::pair<int64_t, void*>> t = {
+      {kQ, const_cast<void*>(p.q)}, {kK, const_cast<void*>(p.k)},
+      {kV, const_cast<void*>(p.v)}, {kO, p.out},
+      {kStats, p.lse},              {kScale, host(plan.scale)},
+      {kNegInf1, host(plan.neg_inf)}};
+  if (windowed(k)) t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
+  HYDRA_CHECK(p.workspace != nullptr || plan.graph->workspace() == 0)
+      << "attention (cuDNN): workspace required";
+  execute(k, plan, as_stream(p.stream), t, p.workspace);
+}
+
+void backward(const AttentionBwdParams& q) {
+  const AttentionParams& p = q.fwd;
+  const Key k = key_of(p, true);
+  const Plan& plan = plan_for(k);
+  HYDRA_CHECK(q.workspace != nullptr) << "attention_bwd (cuDNN): workspace required";
+  unsigned char* ws = static_cast<unsigned char*>(q.workspace);
+  const size_t rows = static_cast<size_t>(k.batch * k.heads * k.len);
+  void* softsum = ws;
+  void* acc = ws + align256(rows * 4);
+  cudaStream_t s = as_stream(p.stream);
+  std::vector<std::pair<int64_t, void*>> t = {
+      {kQ, const_cast<void*>(p.q)},   {kK, const_cast<void*>(p.k)},
+      {kV, const_cast<void*>(p.v)},   {kO, p.out},
+      {kdO, const_cast<void*>(q.gout)}, {kStats, p.lse},
+      {kdQ, q.gq},                    {kdK, q.gk},
+      {kdV, q.gv},                    {kSoftSum, softsum},
+      {kScale, host(plan.scale)},     {kScale2, host(plan.scale)}, {kOne, host(plan.one)},
+      {kNegInf1, host(plan.neg_inf)}};
+  if (windowed(k)) t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
+  if (!k.deterministic) {
+    t.emplace_back(kdQacc, acc);
+    HYDRA_CUDA_CHECK(cudaMemsetAsync(acc, 0, rows * k.head_dim * 4, s));
+  }
+  execute(k, plan, s, t, ws + backward_buffers(k));
+}
+
+}  // namespace hydra::kernels::cuda::attention_cudnn
+
+namespace hydra::kernels::cuda {
+bool attention_cudnn_available() { return attention_cudnn::release_supported(); }
+
+int64_t attention_cudnn_calls() {
+  return attention_cudnn::g_calls.load(std::memory_order_relaxed);
+}
+}  // namespace hydra::kernels::cuda
