@@ -4,9 +4,10 @@
 #                                  warp's lanes over time where it fills the device
 #   HYDRA_ATTENTION=ours|auto      attention: our kernels, or cuDNN's fused attention where it applies
 # For each switch: its GPU tests, its kernel rows of hydra-bench-gpu under both settings (alternating,
-# twice), and whole training steps under both settings (alternating, twice: toy-parallel for the scan,
-# transformer-toy for attention; BF16_MIXED, 32,768 tokens a step, 40 steps, the median tokens/s of
-# the last 32). Prints a table last; everything is also written under OUT_DIR.
+# twice), and whole training steps under both settings (alternating, twice: toy-parallel for the
+# scan, transformer-toy with train.deterministic false for attention; BF16_MIXED, 32,768 tokens a
+# step, 40 steps, the median tokens/s of the last 32). Prints a table last; everything is also
+# written under OUT_DIR.
 #
 # Usage: bash bench/forms_ab.sh BIN_DIR OUT_DIR [scan] [attention]
 #   BIN_DIR holds hydra-train, hydra-bench-gpu and test_gpu (e.g. .gpu/bin after gpu/bundle.sh).
@@ -86,7 +87,9 @@ for part in "${parts[@]}"; do
     scan)
       ab HYDRA_SCAN_FWD chunked auto '*SelectiveScan*' selective_scan toy-parallel toy \
         --set model.workspace.write=PARALLEL ;;
-    attention) ab HYDRA_ATTENTION ours auto '*Attention*' attention transformer-toy transformer-toy ;;
+    attention)  # deterministic off: cuDNN's faster backward (ours has one form either way)
+      ab HYDRA_ATTENTION ours auto '*Attention*' attention transformer-toy transformer-toy \
+        --set train.deterministic=false ;;
     *) echo "forms_ab.sh: unknown part '$part' (scan, attention)" >&2; exit 2 ;;
   esac
 done
