@@ -7,13 +7,12 @@
 // The graph is built with cuDNN's backend API as its runtime fusion engine recognises it (the
 // operations cudnn-frontend emits for cuDNN 9.x below 9.21, written here from its documented
 // structure): forward Q K^T, scale, the masks by index comparisons, softmax with the log-sum-exp
-// statistics (our `lse`, [B, H, L] in natural log: the two backends' forward and backward mix), P V;
-// backward the same scores recomputed from the statistics, dV = P^T dO, dS = P (dO V^T - rowsum(dO
-// O)) scale, dK = dS^T Q, dQ = dS K. A plan is built once per shape and kept. Where cuDNN refuses a
-// shape, attention.cu runs our kernels (HYDRA_ATTENTION=cudnn makes the refusal an error instead).
-// Opt-in for now: HYDRA_ATTENTION=auto or cudnn (below).
-// Deterministic mode (train.deterministic) builds the backward whose dQ is written without float
-// atomics.
+// statistics (our `lse`, [B, H, L] in natural log: the two backends' forward and backward mix), P
+// V; backward the same scores recomputed from the statistics, dV = P^T dO, dS = P (dO V^T -
+// rowsum(dO O)) scale, dK = dS^T Q, dQ = dS K. A plan is built once per shape and kept. Where cuDNN
+// refuses a shape, attention.cu runs our kernels (HYDRA_ATTENTION=cudnn makes the refusal an error
+// instead). Opt-in for now: HYDRA_ATTENTION=auto or cudnn (below). Deterministic mode
+// (train.deterministic) builds the backward whose dQ is written without float atomics.
 #include <cudnn.h>
 
 #include <atomic>
@@ -490,10 +489,11 @@ bool release_supported() {
 }
 
 bool usable_shape(const AttentionParams& p) {
-  return release_supported() && p.dtype == DType::kBF16 && p.global_stride <= 0 && p.q_len == p.k_len &&
-         p.q_pos0 == p.k_pos0 && p.q_len >= 128 && p.q_len % 128 == 0 && p.head_dim > 0 &&
-         p.head_dim % 8 == 0 && p.head_dim <= 128 && p.q_row % 8 == 0 && p.k_row % 8 == 0 && p.v_row % 8 == 0 &&
-         aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.out) && p.lse != nullptr;
+  return release_supported() && p.dtype == DType::kBF16 && p.global_stride <= 0 &&
+         p.q_len == p.k_len && p.q_pos0 == p.k_pos0 && p.q_len >= 128 && p.q_len % 128 == 0 &&
+         p.head_dim > 0 && p.head_dim % 8 == 0 && p.head_dim <= 128 && p.q_row % 8 == 0 &&
+         p.k_row % 8 == 0 && p.v_row % 8 == 0 && aligned16(p.q) && aligned16(p.k) &&
+         aligned16(p.v) && aligned16(p.out) && p.lse != nullptr;
 }
 
 }  // namespace
@@ -558,12 +558,15 @@ void execute(const Key& k, const Plan& plan, cudaStream_t stream,
 void forward(const AttentionParams& p) {
   const Key k = key_of(p, false);
   const Plan& plan = plan_for(k);
-  std::vector<std::pair<int64_t, void*>> t = {
-      {kQ, const_cast<void*>(p.q)}, {kK, const_cast<void*>(p.k)},
-      {kV, const_cast<void*>(p.v)}, {kO, p.out},
-      {kStats, p.lse},              {kScale, host(plan.scale)},
-      {kNegInf1, host(plan.neg_inf)}};
-  if (windowed(k)) t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
+  std::vector<std::pair<int64_t, void*>> t = {{kQ, const_cast<void*>(p.q)},
+                                              {kK, const_cast<void*>(p.k)},
+                                              {kV, const_cast<void*>(p.v)},
+                                              {kO, p.out},
+                                              {kStats, p.lse},
+                                              {kScale, host(plan.scale)},
+                                              {kNegInf1, host(plan.neg_inf)}};
+  if (windowed(k))
+    t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
   HYDRA_CHECK(p.workspace != nullptr || plan.graph->workspace() == 0)
       << "attention (cuDNN): workspace required";
   execute(k, plan, as_stream(p.stream), t, p.workspace);
@@ -579,15 +582,22 @@ void backward(const AttentionBwdParams& q) {
   void* softsum = ws;
   void* acc = ws + align256(rows * 4);
   cudaStream_t s = as_stream(p.stream);
-  std::vector<std::pair<int64_t, void*>> t = {
-      {kQ, const_cast<void*>(p.q)},   {kK, const_cast<void*>(p.k)},
-      {kV, const_cast<void*>(p.v)},   {kO, p.out},
-      {kdO, const_cast<void*>(q.gout)}, {kStats, p.lse},
-      {kdQ, q.gq},                    {kdK, q.gk},
-      {kdV, q.gv},                    {kSoftSum, softsum},
-      {kScale, host(plan.scale)},     {kScale2, host(plan.scale)}, {kOne, host(plan.one)},
-      {kNegInf1, host(plan.neg_inf)}};
-  if (windowed(k)) t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
+  std::vector<std::pair<int64_t, void*>> t = {{kQ, const_cast<void*>(p.q)},
+                                              {kK, const_cast<void*>(p.k)},
+                                              {kV, const_cast<void*>(p.v)},
+                                              {kO, p.out},
+                                              {kdO, const_cast<void*>(q.gout)},
+                                              {kStats, p.lse},
+                                              {kdQ, q.gq},
+                                              {kdK, q.gk},
+                                              {kdV, q.gv},
+                                              {kSoftSum, softsum},
+                                              {kScale, host(plan.scale)},
+                                              {kScale2, host(plan.scale)},
+                                              {kOne, host(plan.one)},
+                                              {kNegInf1, host(plan.neg_inf)}};
+  if (windowed(k))
+    t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
   if (!k.deterministic) {
     t.emplace_back(kdQacc, acc);
     HYDRA_CUDA_CHECK(cudaMemsetAsync(acc, 0, rows * k.head_dim * 4, s));
@@ -600,7 +610,5 @@ void backward(const AttentionBwdParams& q) {
 namespace hydra::kernels::cuda {
 bool attention_cudnn_available() { return attention_cudnn::release_supported(); }
 
-int64_t attention_cudnn_calls() {
-  return attention_cudnn::g_calls.load(std::memory_order_relaxed);
-}
+int64_t attention_cudnn_calls() { return attention_cudnn::g_calls.load(std::memory_order_relaxed); }
 }  // namespace hydra::kernels::cuda
