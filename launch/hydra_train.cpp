@@ -109,7 +109,9 @@ cli::po::options_description options() {
       "device", cli::po::value<std::string>(), "cpu or cuda (train.device)")(
       "threads", cli::po::value<int>(),
       "CPU threads per rank (default: HYDRA_NUM_THREADS, OMP_NUM_THREADS, or the host's cores "
-      "divided among the ranks on it)")("quiet", "no progress output or report")(
+      "divided among the ranks on it)")(
+      "quiet",
+      "no progress output or report (HYDRA_PROFILE's and HYDRA_TRACE's tables are still printed)")(
       "force",
       "with --resume from a checkpoint older than the run's newest: start a new branch from it "
       "(the newer checkpoints and their metrics move to OUT/abandoned/branch-N/; "
@@ -182,14 +184,16 @@ int run(const cli::Tool& tool, int argc, char** argv) {
                                                             : cli::kUserError;
   }
   if (speak) print_report(*summary);
-  if (speak && summary->trace.steps > 0) {
+  // HYDRA_TRACE's summary and HYDRA_PROFILE's table are asked for by name: printed on the lead rank
+  // even with --quiet (benchmark scripts run quiet and still want them).
+  if (tool.lead() && summary->trace.steps > 0) {
     kernels::print_trace_summary(std::cout, summary->trace);
     std::cout << "  trace of the steps: " << summary->trace.file
               << (parallel::process_info().distributed ? " (each rank writes its own .rank<r> file)"
                                                        : "")
               << " (open it in https://ui.perfetto.dev)\n";
   }
-  if (speak && kernel_profile_enabled())
+  if (tool.lead() && kernel_profile_enabled())
     kernel_profile_report(std::cout,
                           std::max<int64_t>(0, summary->last_step - summary->first_step - 1));
   // Stopped early by a signal (after its checkpoint): 128 + the signal, as a shell reports it, so

@@ -68,6 +68,12 @@ TEST(Cli, ProfileTablesTheKernelsAfterTheReport) {
                 .output.find("kernel profile"),
             std::string::npos)
       << "off without HYDRA_PROFILE";
+  // --quiet drops the progress and the report, not the table asked for by name.
+  const Result q =
+      run("HYDRA_PROFILE=1 " + kTrain + " --config " + kTiny + kQuick + " --out " + dir + "/quiet");
+  EXPECT_EQ(q.code, 0) << q.output;
+  EXPECT_NE(q.output.find("kernel profile (HYDRA_PROFILE)"), std::string::npos) << q.output;
+  EXPECT_EQ(q.output.find("Hydra training report"), std::string::npos) << q.output;
 }
 
 TEST(Cli, MalformedConfigNamesFileLineAndExitsNonZero) {
