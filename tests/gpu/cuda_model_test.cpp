@@ -7,6 +7,8 @@
 #include "autograd/compute_copies.h"
 #include "autograd/cuda_context.h"
 #include "autograd/grad_mode.h"
+#include "kernels/attention.h"
+#include "kernels/selective_scan.h"
 #include "tests/model/model_util.h"
 #include "tests/test_util.h"
 
@@ -88,6 +90,60 @@ TEST_P(CudaModelWrite, TinyModelMatchesCpuInF32AndBf16MixedFollowsF32) {
   std::cout << "tiny model, batch 3 x 224: loss cpu " << ref.loss << ", cuda f32 " << f32.loss
             << ", bf16 mixed " << mixed.loss << "; gradient relative error f32 "
             << rel(f32.grad, ref.grad) << ", bf16 mixed " << rel(mixed.grad, ref.grad) << "\n";
+}
+
+// The opt-in kernel forms give the model the loss and gradients of the default ones: the scan's
+// forward in one pass (HYDRA_SCAN_FWD=lanes) on the tiny model in f32 (the same sums in another
+// order: relative 1e-4), and cuDNN's fused attention (HYDRA_ATTENTION=cudnn) in a small
+// Transformer under BF16_MIXED against our kernels under BF16_MIXED (two bf16 computations: 2e-2).
+// Each form's call count shows that it ran.
+TEST(CudaModel, OptInKernelFormsGiveTheSameLossAndGradients) {
+  HYDRA_REQUIRE_GPU();
+  {
+    const model::ModelSpec spec = testing::shipped_spec("tiny");
+    auto m = model::build_model(spec, 41);
+    m->to(Device::cuda(0));
+    const Tensor tokens = testing::random_tokens(spec.vocab, 2, 300, 42).to(Device::cuda(0));
+    const Tensor targets = testing::random_tokens(spec.vocab, 2, 300, 43).to(Device::cuda(0));
+    Pass chunked, lanes;
+    {
+      const testing::ScopedEnv env("HYDRA_SCAN_FWD", "chunked");
+      chunked = forward_backward(*m, tokens, targets, nullptr);
+    }
+    const int64_t before = kernels::cuda::selective_scan_fwd_lanes_calls();
+    {
+      const testing::ScopedEnv env("HYDRA_SCAN_FWD", "lanes");
+      lanes = forward_backward(*m, tokens, targets, nullptr);
+    }
+    EXPECT_GT(kernels::cuda::selective_scan_fwd_lanes_calls(), before) << "the lanes form ran";
+    ASSERT_EQ(lanes.grad.size(), chunked.grad.size());
+    EXPECT_NEAR(lanes.loss, chunked.loss, 1e-5 * chunked.loss);
+    EXPECT_LT(rel(lanes.grad, chunked.grad), 1e-4);
+  }
+  if (!kernels::cuda::attention_cudnn_available()) return;  // cuDNN older than 9.10.2
+  const model::ModelSpec spec = testing::spec_from(
+      "kind: TRANSFORMER vocab_size: 256 d_model: 128 num_blocks: 2 max_seq_len: 256 "
+      "transformer { num_heads: 2 d_ff: 256 }");
+  auto m = model::build_model(spec, 44);
+  m->to(Device::cuda(0));
+  ComputeCopies copies(*m, DType::kBF16);
+  const Tensor tokens = testing::random_tokens(spec.vocab, 2, 256, 45).to(Device::cuda(0));
+  const Tensor targets = testing::random_tokens(spec.vocab, 2, 256, 46).to(Device::cuda(0));
+  Pass ours, cudnn;
+  {
+    const testing::ScopedEnv env("HYDRA_ATTENTION", "ours");
+    ours = forward_backward(*m, tokens, targets, &copies);
+  }
+  const int64_t before = kernels::cuda::attention_cudnn_calls();
+  {
+    const testing::ScopedEnv env("HYDRA_ATTENTION", "cudnn");
+    cudnn = forward_backward(*m, tokens, targets, &copies);
+  }
+  EXPECT_EQ(kernels::cuda::attention_cudnn_calls() - before, 2 * 2)
+      << "cuDNN ran both layers' forward and backward";
+  ASSERT_EQ(cudnn.grad.size(), ours.grad.size());
+  EXPECT_NEAR(cudnn.loss, ours.loss, 1e-2 * ours.loss);
+  EXPECT_LT(rel(cudnn.grad, ours.grad), 2e-2);
 }
 
 // Recurrent decoding on the GPU gives the full forward's logits: the prompt in one segment, then
