@@ -11,6 +11,8 @@
 
 #include "autograd/gradcheck.h"
 #include "autograd/ops.h"
+#include "kernels/attention.h"
+#include "kernels/selective_scan.h"
 
 namespace hydra::testing {
 
@@ -79,6 +81,30 @@ class ScopedEnv {
   std::string name_;
   std::optional<std::string> old_;
 };
+
+// The opt-in CUDA kernel forms' call counts and cuDNN's availability (0 and false in a build
+// without CUDA, where the GPU tests skip).
+inline int64_t scan_lanes_calls() {
+#if HYDRA_WITH_CUDA
+  return kernels::cuda::selective_scan_fwd_lanes_calls();
+#else
+  return 0;
+#endif
+}
+inline int64_t cudnn_attention_calls() {
+#if HYDRA_WITH_CUDA
+  return kernels::cuda::attention_cudnn_calls();
+#else
+  return 0;
+#endif
+}
+inline bool cudnn_attention_available() {
+#if HYDRA_WITH_CUDA
+  return kernels::cuda::attention_cudnn_available();
+#else
+  return false;
+#endif
+}
 
 #define HYDRA_EXPECT_GRADCHECK(fn, inputs, ...)                                \
   do {                                                                         \

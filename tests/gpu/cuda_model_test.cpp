@@ -7,8 +7,6 @@
 #include "autograd/compute_copies.h"
 #include "autograd/cuda_context.h"
 #include "autograd/grad_mode.h"
-#include "kernels/attention.h"
-#include "kernels/selective_scan.h"
 #include "tests/model/model_util.h"
 #include "tests/test_util.h"
 
@@ -110,17 +108,17 @@ TEST(CudaModel, OptInKernelFormsGiveTheSameLossAndGradients) {
       const testing::ScopedEnv env("HYDRA_SCAN_FWD", "chunked");
       chunked = forward_backward(*m, tokens, targets, nullptr);
     }
-    const int64_t before = kernels::cuda::selective_scan_fwd_lanes_calls();
+    const int64_t before = testing::scan_lanes_calls();
     {
       const testing::ScopedEnv env("HYDRA_SCAN_FWD", "lanes");
       lanes = forward_backward(*m, tokens, targets, nullptr);
     }
-    EXPECT_GT(kernels::cuda::selective_scan_fwd_lanes_calls(), before) << "the lanes form ran";
+    EXPECT_GT(testing::scan_lanes_calls(), before) << "the lanes form ran";
     ASSERT_EQ(lanes.grad.size(), chunked.grad.size());
     EXPECT_NEAR(lanes.loss, chunked.loss, 1e-5 * chunked.loss);
     EXPECT_LT(rel(lanes.grad, chunked.grad), 1e-4);
   }
-  if (!kernels::cuda::attention_cudnn_available()) return;  // cuDNN older than 9.10.2
+  if (!testing::cudnn_attention_available()) return;  // cuDNN older than 9.10.2
   const model::ModelSpec spec = testing::spec_from(
       "kind: TRANSFORMER vocab_size: 256 d_model: 128 num_blocks: 2 max_seq_len: 256 "
       "transformer { num_heads: 2 d_ff: 256 }");
@@ -134,12 +132,12 @@ TEST(CudaModel, OptInKernelFormsGiveTheSameLossAndGradients) {
     const testing::ScopedEnv env("HYDRA_ATTENTION", "ours");
     ours = forward_backward(*m, tokens, targets, &copies);
   }
-  const int64_t before = kernels::cuda::attention_cudnn_calls();
+  const int64_t before = testing::cudnn_attention_calls();
   {
     const testing::ScopedEnv env("HYDRA_ATTENTION", "cudnn");
     cudnn = forward_backward(*m, tokens, targets, &copies);
   }
-  EXPECT_EQ(kernels::cuda::attention_cudnn_calls() - before, 2 * 2)
+  EXPECT_EQ(testing::cudnn_attention_calls() - before, 2 * 2)
       << "cuDNN ran both layers' forward and backward";
   ASSERT_EQ(cudnn.grad.size(), ours.grad.size());
   EXPECT_NEAR(cudnn.loss, ours.loss, 1e-2 * ours.loss);

@@ -11,8 +11,6 @@
 #include "autograd/ops.h"
 #include "autograd/optim_ops.h"
 #include "base/determinism.h"
-#include "kernels/attention.h"
-#include "kernels/selective_scan.h"
 #include "tests/test_util.h"
 
 namespace hydra {
@@ -867,7 +865,7 @@ class ScopedDeterminism {
 // op runs ours).
 TEST(CudaOps, CudnnAttentionMatchesCpu) {
   HYDRA_REQUIRE_GPU();
-  if (!kernels::cuda::attention_cudnn_available())
+  if (!testing::cudnn_attention_available())
     GTEST_SKIP() << "the runtime's cuDNN is older than 9.10.2";
   const testing::ScopedEnv env("HYDRA_ATTENTION", "cudnn");
   const ScopedDeterminism restore;
@@ -885,7 +883,7 @@ TEST(CudaOps, CudnnAttentionMatchesCpu) {
       hydra::set_deterministic(det);
       const double scale = 1.0 / std::sqrt(double(c.dh));
       const AttentionPattern pat{c.window, 0};
-      const int64_t before = kernels::cuda::attention_cudnn_calls();
+      const int64_t before = testing::cudnn_attention_calls();
       auto fn = [&](const std::vector<Tensor>& in) {
         Tensor q = in[0], k = in[1], v = in[2];
         if (c.fused) {
@@ -903,7 +901,7 @@ TEST(CudaOps, CudnnAttentionMatchesCpu) {
                                         rnd({c.B, c.L, c.H, c.dh}, 63, 1.5),
                                         rnd({c.B, c.L, c.H, c.dh}, 64)};
       check_op("cudnn attention", fn, in, std::vector<bool>(in.size(), true), DType::kBF16);
-      EXPECT_EQ(kernels::cuda::attention_cudnn_calls() - before, 2)
+      EXPECT_EQ(testing::cudnn_attention_calls() - before, 2)
           << "cuDNN's forward and backward did not both run";
     }
   // Deterministic mode: the same gradients bit for bit, run to run.
@@ -1112,7 +1110,7 @@ TEST(CudaOps, SelectiveScanMatchesCpu) {
       for (DType t : kTypes) {
         SCOPED_TRACE(std::string("HYDRA_SCAN_FWD=") + form);
         const testing::ScopedEnv env("HYDRA_SCAN_FWD", form);
-        const int64_t lanes_before = kernels::cuda::selective_scan_fwd_lanes_calls();
+        const int64_t lanes_before = testing::scan_lanes_calls();
         std::vector<Tensor> in = {rnd({c.B, c.L, c.D}, 70),        // u
                                   rnd({c.B, c.L, c.D}, 71, 0.7),   // delta_raw
                                   log(positive({c.D, c.N}, 72)),   // A_log
@@ -1136,7 +1134,7 @@ TEST(CudaOps, SelectiveScanMatchesCpu) {
             c.full ? grad : std::vector<bool>(5, true), t);
         // The form asked for ran where it applies (up to 16 states, chunks of a multiple of 8).
         const bool lanes = std::string(form) == "lanes" && c.N <= 16 && c.chunk % 8 == 0;
-        EXPECT_EQ(kernels::cuda::selective_scan_fwd_lanes_calls() > lanes_before, lanes);
+        EXPECT_EQ(testing::scan_lanes_calls() > lanes_before, lanes);
       }
   // The model's layout: u and z halves of one projection's rows, B and C parts of another's (the
   // kernels read them in place). Aligned rows: the inputs arrive by asynchronous 16-byte copies;
