@@ -1,5 +1,6 @@
 #include "trainer/checkpoint.h"
 
+#include <fcntl.h>
 #include <google/protobuf/util/message_differencer.h>
 #include <unistd.h>
 
@@ -233,6 +234,34 @@ int64_t step_of(const fs::path& dir) {
   } catch (...) {
     return -1;
   }
+}
+
+// Makes the removal of `dir`'s entries so far durable (a directory's fsync), so that a power loss
+// cannot bring them back in another order.
+void sync_directory(const fs::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
+}
+
+// Removes a checkpoint so that no instant of the removal leaves it looking complete: its manifest
+// goes first (durably), then its shards. A removal cut short (a kill, a power loss) leaves a folder
+// without a manifest, which latest() skips and the next publish removes; removing the files in
+// directory order had left, killed at the wrong instant, a manifest whose shard was gone
+// (tests/faults/random_kills.sh, seed 15, session 43).
+void retire_checkpoint(const fs::path& dir, std::error_code& ec) {
+  if (!fs::exists(dir, ec)) return;
+  fs::remove(dir / kManifest, ec);
+  sync_directory(dir);
+  bool first = true;
+  for (const auto& de : fs::directory_iterator(dir, ec)) {
+    fs::remove_all(de.path(), ec);
+    // Fault injection (tests): the process dies after the first file after the manifest.
+    if (first && std::getenv("HYDRA_FAULT_EXIT_DURING_RETIRE") != nullptr) ::_exit(137);
+    first = false;
+  }
+  fs::remove_all(dir, ec);
 }
 
 }  // namespace
@@ -488,14 +517,23 @@ Expected<std::string> CheckpointManager::finish_save(const parallel::ProcessGrid
     st = [&]() -> Status {
       HYDRA_RETURN_IF_ERROR(
           write_file_synced((fs::path(tmp_dir) / kManifest).string(), man.SerializeAsString()));
-      fs::remove_all(final_dir, ec);
+      // The same step saved before (a resumed run): moved aside by a rename first, so that at
+      // every instant final_dir is a whole checkpoint or absent (the aside is a stale temporary).
+      const fs::path aside = final_dir + ".replaced.tmp";
+      std::error_code aside_ec;
+      if (fs::exists(final_dir, aside_ec)) {
+        fs::remove_all(aside, aside_ec);
+        fs::rename(final_dir, aside, aside_ec);
+      }
       fs::rename(tmp_dir, final_dir, ec);
       if (ec)
         return io_error(final_dir + ": cannot move the checkpoint into place: " + ec.message());
+      fs::remove_all(aside, aside_ec);
       // Fault injection (tests): the process dies right after the checkpoint is published, the
       // worst instant for anything written after it.
       if (std::getenv("HYDRA_FAULT_EXIT_AFTER_PUBLISH") != nullptr) ::_exit(137);
-      // Keep the newest keep_last complete checkpoints; remove stale temporaries.
+      // Keep the newest keep_last complete checkpoints; remove stale temporaries and the folders
+      // of removals cut short (no manifest: a publish renames a folder that holds one).
       std::vector<std::pair<int64_t, fs::path>> done;
       for (const auto& de : fs::directory_iterator(root_, ec)) {
         const std::string n = de.path().filename().string();
@@ -504,11 +542,15 @@ Expected<std::string> CheckpointManager::finish_save(const parallel::ProcessGrid
           continue;
         }
         const int64_t s = step_of(de.path());
-        if (s >= 0 && fs::exists(de.path() / kManifest)) done.emplace_back(s, de.path());
+        if (s < 0) continue;
+        if (fs::exists(de.path() / kManifest))
+          done.emplace_back(s, de.path());
+        else
+          fs::remove_all(de.path(), ec);
       }
       std::sort(done.begin(), done.end());
       for (std::size_t i = 0; i + static_cast<std::size_t>(keep_last_) < done.size(); ++i)
-        fs::remove_all(done[i].second, ec);
+        retire_checkpoint(done[i].second, ec);
       return ok_status();
     }();
   }

@@ -627,6 +627,33 @@ TEST(Faults, KillRightAfterPublishKeepsTheStepsMetrics) {
   EXPECT_NE(lines().find("{\"step\": 4,"), std::string::npos);
 }
 
+// A kill while keep_last removes an old checkpoint (injected: the process exits after the manifest
+// and one more file of step 1 are gone) leaves no folder that looks complete and is not: step 1 has
+// no manifest (resume skips it), every folder with one verifies, and the resumed run ends with the
+// leftover removed by its next publish. Removing the files in directory order had left a manifest
+// without its shard (random_kills.sh, session 43).
+TEST(Faults, KillDuringARemovalLeavesNoDamagedCheckpoint) {
+  const std::string dir = temp_dir("retirekill"), run_dir = dir + "/run";
+  const std::string args = " --config " + kTiny + " --out " + run_dir + kQuick +
+                           " --set train.steps=4 --set train.save_every=1 --set train.keep_last=1";
+  Result r = run("HYDRA_FAULT_EXIT_DURING_RETIRE=1 " + kTrain + args);
+  EXPECT_EQ(r.code, 137) << r.output;
+  const std::string ckpts = run_dir + "/checkpoints";
+  EXPECT_FALSE(fs::exists(ckpts + "/step-00000001/manifest.pb")) << "a removal cut short";
+  int published = 0;
+  for (const auto& de : fs::directory_iterator(ckpts)) {
+    if (!fs::exists(de.path() / "manifest.pb")) continue;
+    ++published;
+    const Result v = run(kCkpt + " verify " + de.path().string());
+    EXPECT_EQ(v.code, 0) << de.path() << ": " << v.output;
+  }
+  EXPECT_GE(published, 1);
+  r = run(kTrain + args + " --resume auto");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(ckpts + "/step-00000004/manifest.pb"));
+  EXPECT_FALSE(fs::exists(ckpts + "/step-00000001")) << "the leftover folder was not removed";
+}
+
 // A kill while a background save writes its files (injected: the process exits after the first
 // tensor of step 4's checkpoint) loses nothing published: step 2's checkpoint was published before
 // (at the first step boundary after its write), verifies, and the run resumes from it and ends. The
