@@ -17,13 +17,11 @@
 
 #include <atomic>
 #include <cstdio>
-#include <cstdlib>
 #include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -40,15 +38,8 @@ namespace {
 // plan an error (tests, benchmarks); ours (or unset) never runs cuDNN. The default stays ours until
 // this path has passed its GPU test (CudaOps.CudnnAttentionMatchesCpu; written in session 43, when
 // no GPU was lent after the measurement that motivated it).
-enum class Choice { kAuto, kOurs, kCudnn };
-Choice choice() {
-  const char* v = std::getenv("HYDRA_ATTENTION");
-  const std::string_view s = v ? v : "";
-  if (s == "auto") return Choice::kAuto;
-  if (s.empty() || s == "ours") return Choice::kOurs;
-  HYDRA_CHECK(s == "cudnn") << "HYDRA_ATTENTION='" << s << "': expected auto, ours or cudnn";
-  return Choice::kCudnn;
-}
+enum class Choice { kOurs, kAuto, kCudnn };
+Choice choice() { return Choice(env_choice("HYDRA_ATTENTION", {"ours", "auto", "cudnn"})); }
 
 // A refused descriptor: the plan is not built, and the message says why.
 struct Refused {

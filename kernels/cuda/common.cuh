@@ -5,6 +5,9 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
+#include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -286,6 +289,27 @@ void allow_dynamic_smem(K* kernel, size_t bytes, std::string_view op) {
   if (bytes > 0)
     HYDRA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(bytes)));
+}
+
+}  // namespace hydra::kernels::cuda
+
+namespace hydra::kernels::cuda {
+
+// The kernel form an environment switch names (HYDRA_SCAN_FWD, HYDRA_ATTENTION): the index of its
+// value among `values`, 0 (the default) when unset or empty; any other value is an error naming
+// the switch and the values it takes.
+inline int env_choice(const char* name, std::initializer_list<std::string_view> values) {
+  const char* v = std::getenv(name);
+  const std::string_view s = v ? v : "";
+  if (s.empty()) return 0;
+  int i = 0;
+  std::string expected;
+  for (const std::string_view value : values) {
+    if (s == value) return i;
+    expected += (i++ ? ", " : "") + std::string(value);
+  }
+  HYDRA_FAIL() << name << "='" << s << "': expected one of " << expected;
+  return 0;
 }
 
 }  // namespace hydra::kernels::cuda

@@ -1,7 +1,5 @@
 // CUDA selective scan, forward (the passes: selective_scan_common.cuh).
 #include <atomic>
-#include <cstdlib>
-#include <string_view>
 
 #include "kernels/cuda/selective_scan_common.cuh"
 
@@ -268,15 +266,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 // applies); auto picks lanes where it applies and its blocks fill the device twice over (it has
 // no parallelism over time, so a few long sequences leave SMs idle). The default stays chunked
 // until the lanes form has been measured faster in the step (written in session 43 without a GPU).
-enum class FwdForm { kChunked, kLanes, kAuto };
-FwdForm fwd_form() {
-  const char* v = std::getenv("HYDRA_SCAN_FWD");
-  const std::string_view s = v ? v : "";
-  if (s == "auto") return FwdForm::kAuto;
-  if (s.empty() || s == "chunked") return FwdForm::kChunked;
-  HYDRA_CHECK(s == "lanes") << "HYDRA_SCAN_FWD='" << s << "': expected auto, chunked or lanes";
-  return FwdForm::kLanes;
-}
+enum class FwdForm { kChunked, kAuto, kLanes };
+FwdForm fwd_form() { return FwdForm(env_choice("HYDRA_SCAN_FWD", {"chunked", "auto", "lanes"})); }
 
 std::atomic<int64_t> g_lanes_calls{0};
 
