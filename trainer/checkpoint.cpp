@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +31,12 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kManifest = "manifest.pb";
+// The manifest format this hydra writes (hydra.proto: CheckpointManifest.format_version) and the
+// newest it reads.
+constexpr int64_t kManifestFormat = 2;
+// Bounds of a stored tensor's sizes that no checkpoint reaches (2^40 rows, 2^46 elements): a
+// manifest past them is damaged, and its sizes are never multiplied into an overflow.
+constexpr int64_t kMaxDim = int64_t{1} << 40, kMaxElements = int64_t{1} << 46;
 
 // One tensor a checkpoint holds, by stored name.
 struct Entry {
@@ -162,13 +169,20 @@ class RankFiles {
   std::map<std::string, data::Hdf5File> files_;
 };
 
-// Fills `host` (n elements of `dtype`) with the elements [first, first + n) of the whole tensor
-// `name` (shape `full`) from the records that cover them, checking each record's shape, dtype, size
-// on disk and checksum, and that every element is covered exactly once.
-Status read_elements(const std::string& dir, const std::string& name,
-                     const std::vector<const config::TensorRecord*>& records, DType dtype,
-                     const Shape& full, int64_t first, int64_t n, RankFiles& files, void* host) {
-  int64_t covered = 0;
+// The records of tensor `name` (shape `full`) that hold elements of [first, first + n), each with
+// the part it holds, after checking that each agrees with the tensor's shape and dtype, that its
+// dataset on disk holds as many elements as the manifest says (before anything is read into a
+// buffer of that size), and that together they cover every element exactly once.
+struct RecordPart {
+  const config::TensorRecord* rec;
+  data::Hdf5File* file;
+  int64_t r0, lo, hi;  // the record holds [r0, r0 + its size); it gives [lo, hi)
+};
+Expected<std::vector<RecordPart>> plan_elements(
+    const std::string& dir, const std::string& name,
+    const std::vector<const config::TensorRecord*>& records, DType dtype, const Shape& full,
+    int64_t first, int64_t n, RankFiles& files) {
+  std::vector<RecordPart> parts;
   for (const config::TensorRecord* rec : records) {
     const Shape shape(rec->shape().begin(), rec->shape().end()),
         rec_full(rec->full_shape().begin(), rec->full_shape().end());
@@ -180,30 +194,112 @@ Status read_elements(const std::string& dir, const std::string& name,
     const int64_t lo = std::max(r0, first), hi = std::min(r0 + rn, first + n);
     if (lo >= hi) continue;
     HYDRA_ASSIGN_OR_RETURN(data::Hdf5File * f, files.get(rec->file()));
-    // The dataset must hold what the manifest says before it is read into a buffer of that size.
     auto on_disk = f->shape(name);
     if (!on_disk.ok()) return on_disk.status().with_context("checkpoint " + dir);
     if (numel_of(*on_disk) != rn)
       return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() + " holds " +
                        std::to_string(numel_of(*on_disk)) + " elements, manifest.pb says " +
                        shape_str(shape) + " (the file or the manifest is damaged)");
-    Tensor stored = Tensor::empty(shape, dtype);
-    const Status st = f->read(name, h5_type(dtype), stored.raw_data());
+    parts.push_back({rec, f, r0, lo, hi});
+  }
+  std::sort(parts.begin(), parts.end(),
+            [](const RecordPart& a, const RecordPart& b) { return a.lo < b.lo; });
+  int64_t next = first;
+  for (const RecordPart& p : parts) {
+    if (p.lo < next)
+      return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" +
+                       std::to_string(p.lo) + ", " + std::to_string(std::min(next, p.hi)) +
+                       ") are stored more than once (the manifest is damaged)");
+    if (p.lo > next) break;
+    next = p.hi;
+  }
+  if (next != first + n)
+    return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" +
+                     std::to_string(next) + ", " + std::to_string(first + n) +
+                     ") are not all stored (a rank file is missing?)");
+  return parts;
+}
+
+// Fills `host` (n elements of `dtype`) with the parts plan_elements found, checking each record's
+// checksum.
+Status read_elements(const std::string& dir, const std::string& name,
+                     const std::vector<RecordPart>& parts, DType dtype, int64_t first, void* host) {
+  for (const RecordPart& p : parts) {
+    const config::TensorRecord& rec = *p.rec;
+    Tensor stored = Tensor::empty(Shape(rec.shape().begin(), rec.shape().end()), dtype);
+    const Status st = p.file->read(name, h5_type(dtype), stored.raw_data());
     if (!st.ok()) return st.with_context("checkpoint " + dir);
-    if (crc32c(stored.raw_data(), static_cast<std::size_t>(stored.nbytes())) != rec->crc32c())
-      return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() +
+    if (crc32c(stored.raw_data(), static_cast<std::size_t>(stored.nbytes())) != rec.crc32c())
+      return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec.file() +
                        " fails its checksum (the file is damaged)");
     const std::size_t elem = dtype_size(dtype);
-    std::memcpy(static_cast<char*>(host) + (lo - first) * elem,
-                static_cast<const char*>(stored.raw_data()) + (lo - r0) * elem,
-                static_cast<std::size_t>(hi - lo) * elem);
-    covered += hi - lo;
+    std::memcpy(static_cast<char*>(host) + (p.lo - first) * elem,
+                static_cast<const char*>(stored.raw_data()) + (p.lo - p.r0) * elem,
+                static_cast<std::size_t>(p.hi - p.lo) * elem);
   }
-  if (covered != n)
-    return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" +
-                     std::to_string(first) + ", " + std::to_string(first + n) + ") are " +
-                     (covered < n ? "not all stored (a rank file is missing?)"
-                                  : "stored more than once (the manifest is damaged)"));
+  return ok_status();
+}
+
+// A plain file name of the checkpoint's own folder (no directory part, not . or ..).
+bool plain_file_name(const std::string& f) {
+  return !f.empty() && f != "." && f != ".." && f.find('/') == std::string::npos &&
+         f.find('\0') == std::string::npos;
+}
+
+// Sizes within the bounds above; their product in *numel.
+bool sane_shape(const google::protobuf::RepeatedField<int64_t>& dims, int64_t* numel) {
+  int64_t n = 1;
+  for (const int64_t d : dims) {
+    if (d < 0 || d > kMaxDim || (d > 0 && n > kMaxElements / d)) return false;
+    n *= d;
+  }
+  *numel = n;
+  return true;
+}
+
+// Every field of a parsed manifest within what a writer produces: counts and sizes not negative,
+// numbers finite, each record a known dtype in a file of the checkpoint's folder and a slice that
+// lies within its tensor. The checks behind it (shapes against the model, sizes against the files,
+// checksums, coverage) then never meet an impossible value.
+Status check_manifest(const config::CheckpointManifest& man, const std::string& dir) {
+  auto bad = [&](const std::string& what) {
+    return data_loss("checkpoint " + dir + ": manifest.pb is damaged (" + what + ")");
+  };
+  if (man.step() < 0) return bad("step " + std::to_string(man.step()));
+  if (man.stage() < 0) return bad("stage " + std::to_string(man.stage()));
+  for (const auto& [field, v] : {std::pair<const char*, int64_t>{"world_size", man.world_size()},
+                                 {"dp", man.dp()},
+                                 {"ep", man.ep()},
+                                 {"sp", man.sp()}})
+    if (v < 0 || v > (int64_t{1} << 24)) return bad(std::string(field) + " " + std::to_string(v));
+  if (!std::isfinite(man.tokens_seen()) || man.tokens_seen() < 0 ||
+      !std::isfinite(man.elapsed_s()) || man.elapsed_s() < 0)
+    return bad("tokens_seen or elapsed_s is negative or not finite");
+  for (int i = 0; i < man.tensor_size(); ++i) {
+    const config::TensorRecord& r = man.tensor(i);
+    const std::string what = "tensor record " + std::to_string(i) + " (" + r.name() + ")";
+    if (r.name().empty()) return bad(what + " has no name");
+    if (!dtype_from_name(r.dtype()).has_value())
+      return bad(what + " has the unknown dtype '" + r.dtype() + "'");
+    if (!plain_file_name(r.file()))
+      return bad(what + " names the file '" + r.file() + "', not one of the checkpoint's folder");
+    int64_t count = 0, whole = 0;
+    if (!sane_shape(r.shape(), &count) || !sane_shape(r.full_shape(), &whole))
+      return bad(what + " has a size that is negative or past any tensor's");
+    if (r.has_flat_offset()) {  // a range of the flattened tensor
+      if (r.offset_size() != 0 || r.flat_offset() < 0 || r.flat_offset() > whole - count)
+        return bad(what + " is a range outside its tensor");
+      continue;
+    }
+    bool inside = r.shape_size() == r.full_shape_size() &&
+                  (r.offset_size() == 0 || r.offset_size() == r.shape_size());
+    for (int k = 0; inside && k < r.shape_size(); ++k) {
+      const int64_t at = r.offset_size() > 0 ? r.offset(k) : 0;
+      inside = k == 0 ? at >= 0 && at <= r.full_shape(0) - r.shape(0)
+                      : at == 0 && r.shape(k) == r.full_shape(k);
+    }
+    if (!inside) return bad(what + " is a slice outside its tensor");
+  }
   return ok_status();
 }
 
@@ -515,8 +611,7 @@ Expected<std::string> CheckpointManager::finish_save(const parallel::ProcessGrid
     gethostname(host, sizeof host - 1);
     man.set_written_by(std::string("hydra 0.1.0 on ") + host);
     st = [&]() -> Status {
-      HYDRA_RETURN_IF_ERROR(
-          write_file_synced((fs::path(tmp_dir) / kManifest).string(), man.SerializeAsString()));
+      HYDRA_RETURN_IF_ERROR(write_manifest(tmp_dir, std::move(man)));
       // The same step saved before (a resumed run): moved aside by a rename first, so that at
       // every instant final_dir is a whole checkpoint or absent (the aside is a stale temporary).
       const fs::path aside = final_dir + ".replaced.tmp";
@@ -591,6 +686,16 @@ int64_t CheckpointManager::step_of_dir(const std::string& dir) {
   return step_of(fs::path(dir).lexically_normal());
 }
 
+Status CheckpointManager::write_manifest(const std::string& dir, config::CheckpointManifest man) {
+  man.set_format_version(kManifestFormat);
+  man.clear_manifest_crc32c();
+  std::string bytes = man.SerializeAsString();
+  config::CheckpointManifest tail;  // the checksum field alone, encoded after the rest
+  tail.set_manifest_crc32c(crc32c(bytes.data(), bytes.size()));
+  bytes += tail.SerializeAsString();
+  return write_file_synced((fs::path(dir) / kManifest).string(), bytes);
+}
+
 Expected<config::CheckpointManifest> CheckpointManager::read_manifest(const std::string& dir) {
   const std::string path = (fs::path(dir) / kManifest).string();
   std::ifstream in(path, std::ios::binary);
@@ -601,6 +706,22 @@ Expected<config::CheckpointManifest> CheckpointManager::read_manifest(const std:
   config::CheckpointManifest man;
   if (!man.ParseFromString(bytes) || !man.has_step())
     return data_loss("checkpoint " + dir + ": manifest.pb is damaged (cannot be parsed)");
+  if (man.format_version() > kManifestFormat)
+    return failed_precondition("checkpoint " + dir + ": manifest.pb is of format " +
+                               std::to_string(man.format_version()) + ", this hydra reads 1 to " +
+                               std::to_string(kManifestFormat) +
+                               " (written by a newer hydra: " + man.written_by() + ")");
+  // Format 2 ends with its checksum; a format-1 manifest has none (one that names one is checked
+  // all the same, so that one damaged byte cannot turn a new manifest into an unchecked old one).
+  if (man.format_version() >= 2 || man.has_manifest_crc32c()) {
+    config::CheckpointManifest tail;
+    tail.set_manifest_crc32c(man.manifest_crc32c());
+    const std::string end = tail.SerializeAsString();
+    if (!man.has_manifest_crc32c() || !bytes.ends_with(end) ||
+        crc32c(bytes.data(), bytes.size() - end.size()) != man.manifest_crc32c())
+      return data_loss("checkpoint " + dir + ": manifest.pb is damaged (it fails its checksum)");
+  }
+  HYDRA_RETURN_IF_ERROR(check_manifest(man, dir));
   return man;
 }
 
@@ -632,9 +753,11 @@ Status CheckpointManager::load(const std::string& dir, const config::RunConfig& 
     // covering them (whole tensors, row slices of expert shards, or ZeRO-1 ranges: any layout reads
     // any other).
     const Placement want = place(e, grid);
+    HYDRA_ASSIGN_OR_RETURN(
+        const std::vector<RecordPart> parts,
+        plan_elements(dir, name, it->second, t.dtype(), want.full, want.flat, n, files));
     Tensor host = Tensor::empty(t.shape(), t.dtype());
-    HYDRA_RETURN_IF_ERROR(read_elements(dir, name, it->second, t.dtype(), want.full, want.flat, n,
-                                        files, host.raw_data()));
+    HYDRA_RETURN_IF_ERROR(read_elements(dir, name, parts, t.dtype(), want.flat, host.raw_data()));
     Tensor dst = t;  // a handle to the same tensor
     dst.copy_(host);
   }
@@ -680,9 +803,11 @@ StoredTensorReader::StoredTensorReader(std::string dir)
 StoredTensorReader::~StoredTensorReader() = default;
 
 Expected<Tensor> StoredTensorReader::read(const StoredTensor& t) {
-  Tensor host = Tensor::empty(t.shape, t.dtype);
-  HYDRA_RETURN_IF_ERROR(read_elements(dir_, t.name, t.records, t.dtype, t.shape, 0, host.numel(),
-                                      *files_, host.raw_data()));
+  const int64_t n = numel_of(t.shape);  // within bounds: read_manifest checked the sizes
+  HYDRA_ASSIGN_OR_RETURN(const std::vector<RecordPart> parts,
+                         plan_elements(dir_, t.name, t.records, t.dtype, t.shape, 0, n, *files_));
+  Tensor host = Tensor::empty(t.shape, t.dtype);  // its records are on disk: a size they hold
+  HYDRA_RETURN_IF_ERROR(read_elements(dir_, t.name, parts, t.dtype, 0, host.raw_data()));
   return host;
 }
 

@@ -82,7 +82,11 @@ class CheckpointManager {
   std::vector<std::string> newer_than(int64_t step) const;
   // The step of a checkpoint folder's name (step-NNNNNNNN), or -1.
   static int64_t step_of_dir(const std::string& dir);
+  // DIR/manifest.pb, checked: its checksum (format 2), then every field within what a writer
+  // produces (sizes, slices, file names); a damaged one is a data_loss naming the checkpoint.
   static Expected<config::CheckpointManifest> read_manifest(const std::string& dir);
+  // Writes `man` as DIR/manifest.pb in the current format (its CRC32C encoded last), synced.
+  static Status write_manifest(const std::string& dir, config::CheckpointManifest man);
   // Restores model, optimizer and state from `dir`, after checking it matches `resolved`'s model.
   static Status load(const std::string& dir, const config::RunConfig& resolved,
                      model::LanguageModel& model, AdamW& optimizer, TrainState* state,
