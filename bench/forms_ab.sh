@@ -85,10 +85,12 @@ ab() {
 for part in "${parts[@]}"; do
   case $part in
     scan)
-      ab HYDRA_SCAN_FWD chunked auto '*SelectiveScan*' selective_scan toy-parallel toy \
+      ab HYDRA_SCAN_FWD chunked auto '*SelectiveScan*:*OptInKernelForms*' selective_scan toy-parallel toy \
         --set model.workspace.write=PARALLEL ;;
     attention)  # deterministic off: cuDNN's faster backward (ours has one form either way)
-      ab HYDRA_ATTENTION ours auto '*Attention*' attention transformer-toy transformer-toy \
+      # cuDNN's own reason for any refusal goes to the logs (it logs only errors: no cost).
+      export CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr
+      ab HYDRA_ATTENTION ours auto '*Attention*:*OptInKernelForms*' attention transformer-toy transformer-toy \
         --set train.deterministic=false ;;
     *) echo "forms_ab.sh: unknown part '$part' (scan, attention)" >&2; exit 2 ;;
   esac

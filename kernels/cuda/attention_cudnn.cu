@@ -16,6 +16,7 @@
 #include <cudnn.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
 #include <deque>
 #include <map>
@@ -265,6 +266,12 @@ enum Uid : int64_t {
 };
 
 size_t align256(size_t b) { return (b + 255) / 256 * 256; }
+// A workspace pointer moved up to 256 bytes (the workspace sizes below reserve the 256 it may
+// move).
+template <class P>
+P* align256(P* p) {
+  return reinterpret_cast<P*>(align256(reinterpret_cast<uintptr_t>(p)));
+}
 
 // A host scalar of the plan, as the variant pack takes it (cuDNN only reads it).
 void* host(const float& v) { return const_cast<float*>(&v); }
@@ -420,21 +427,25 @@ const Plan& plan_for(const Key& k) {
   auto it = c.plans.find(k);
   if (it != c.plans.end()) return it->second;
   cudnnHandle_t& h = c.handles[k.device];
-  if (!h) HYDRA_CHECK(cudnnCreate(&h) == CUDNN_STATUS_SUCCESS) << "cudnnCreate failed";
   Plan plan;
   plan.scale = static_cast<float>(k.scale);
   plan.window = static_cast<float>(k.window);
-  // The window's index tensors: float first, as the frontend of cuDNN 9.14's time built them.
-  for (cudnnDataType_t index_type : {CUDNN_DATA_FLOAT, CUDNN_DATA_INT32}) {
-    try {
-      auto g = std::make_unique<Graph>();
-      k.backward ? build_backward(*g, k, index_type) : build_forward(*g, k, index_type);
-      g->build(h);
-      plan.graph = std::move(g);
-      break;
-    } catch (const Refused& r) {
-      plan.refused = r.what;
-      if (!windowed(k)) break;
+  if (!h && cudnnCreate(&h) != CUDNN_STATUS_SUCCESS) {  // refused like a plan: `auto` falls back
+    h = nullptr;
+    plan.refused = "cudnnCreate failed (is cuDNN's library installed whole?)";
+  } else {
+    // The window's index tensors: float first, as the frontend of cuDNN 9.14's time built them.
+    for (cudnnDataType_t index_type : {CUDNN_DATA_FLOAT, CUDNN_DATA_INT32}) {
+      try {
+        auto g = std::make_unique<Graph>();
+        k.backward ? build_backward(*g, k, index_type) : build_forward(*g, k, index_type);
+        g->build(h);
+        plan.graph = std::move(g);
+        break;
+      } catch (const Refused& r) {
+        plan.refused += (plan.refused.empty() ? "" : "; with int32 indices: ") + r.what;
+        if (!windowed(k)) break;
+      }
     }
   }
   // A plan whose scratch would not be small beside the activations is refused (the deterministic
@@ -484,7 +495,7 @@ bool usable_shape(const AttentionParams& p) {
          p.q_len == p.k_len && p.q_pos0 == p.k_pos0 && p.q_len >= 128 && p.q_len % 128 == 0 &&
          p.head_dim > 0 && p.head_dim % 8 == 0 && p.head_dim <= 128 && p.q_row % 8 == 0 &&
          p.k_row % 8 == 0 && p.v_row % 8 == 0 && aligned16(p.q) && aligned16(p.k) &&
-         aligned16(p.v) && aligned16(p.out) && p.lse != nullptr;
+         aligned16(p.v) && aligned16(p.out) && p.lse != nullptr && aligned16(p.lse);
 }
 
 }  // namespace
@@ -560,7 +571,7 @@ void forward(const AttentionParams& p) {
     t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
   HYDRA_CHECK(p.workspace != nullptr || plan.graph->workspace() == 0)
       << "attention (cuDNN): workspace required";
-  execute(k, plan, as_stream(p.stream), t, p.workspace);
+  execute(k, plan, as_stream(p.stream), t, align256(p.workspace));
 }
 
 void backward(const AttentionBwdParams& q) {
@@ -568,7 +579,7 @@ void backward(const AttentionBwdParams& q) {
   const Key k = key_of(p, true);
   const Plan& plan = plan_for(k);
   HYDRA_CHECK(q.workspace != nullptr) << "attention_bwd (cuDNN): workspace required";
-  unsigned char* ws = static_cast<unsigned char*>(q.workspace);
+  unsigned char* ws = align256(static_cast<unsigned char*>(q.workspace));
   const size_t rows = static_cast<size_t>(k.batch * k.heads * k.len);
   void* softsum = ws;
   void* acc = ws + align256(rows * 4);

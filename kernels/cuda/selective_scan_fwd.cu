@@ -1,5 +1,6 @@
 // CUDA selective scan, forward (the passes: selective_scan_common.cuh).
 #include <atomic>
+#include <cfloat>
 
 #include "kernels/cuda/selective_scan_common.cuh"
 
@@ -122,6 +123,8 @@ constexpr int kWarps = 8, kSteps = 8, kSeg = 32 * kSteps, kThreads = 32 * kWarps
 // Rows of the per-channel arrays: 4 floats of padding put the 8 channels of 4 consecutive steps
 // (what a warp writes when staging) in different banks.
 constexpr int kRow = kSeg + 4;
+static_assert(kThreads == kSeg, "staging gives each thread one step (row of B and C)");
+static_assert(kRow % 4 == 0 && kSeg % 4 == 0, "float4 reads of the rows need 16-byte offsets");
 struct Smem {
   float dl[kWarps][kRow];   // delta; the segment's outputs C h once the warp has read it
   float dlu[kWarps][kRow];  // delta * u
@@ -146,7 +149,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const float* h0 = static_cast<const float*>(p.h0);
   float* chunk_states = static_cast<float*>(p.chunk_states);
   if (lane < N) {
-    sm.A2[warp][lane] = live ? -expf(load(A_log, d * N + lane)) * float(kLog2e) : 0.0f;
+    // Finite even for an absurd A_log: a padding step's 0 * A2 must stay 0 (decay exactly 1).
+    sm.A2[warp][lane] =
+        live ? fmaxf(-expf(load(A_log, d * N + lane)) * float(kLog2e), -FLT_MAX) : 0.0f;
     sm.carry[warp][lane] = live && h0 ? h0[(b * D + d) * N + lane] : 0.0f;
   }
   // Staging: thread tx takes channel c = tx % kWarps of steps tx / kWarps, + 32, ...
@@ -243,7 +248,8 @@ __global__ void __launch_bounds__(kThreads, 2)
             acc[k + j] = fmaf(cv[j], h, acc[k + j]);
           }
         }
-        const float next = __shfl_sync(0xffffffffu, h, 31);  // every lane has read the carry
+        const float next = __shfl_sync(0xffffffffu, h, 31);
+        __syncwarp();  // every lane's read of the carry above is ordered before its overwrite
         if (lane == 0) sm.carry[warp][n] = next;
       }
 #pragma unroll
@@ -263,8 +269,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 }  // namespace lanes
 
 // The forward's form: HYDRA_SCAN_FWD=chunked (or unset) or lanes forces one (lanes only where it
-// applies); auto picks lanes where it applies and its blocks fill the device twice over (it has
-// no parallelism over time, so a few long sequences leave SMs idle). The default stays chunked
+// applies); auto picks lanes where it applies and it has at least two blocks for every SM (a full
+// wave at two blocks an SM; it has no parallelism over time, so a few long sequences leave SMs
+// idle). The default stays chunked
 // until the lanes form has been measured faster in the step (written in session 43 without a GPU).
 enum class FwdForm { kChunked, kAuto, kLanes };
 FwdForm fwd_form() { return FwdForm(env_choice("HYDRA_SCAN_FWD", {"chunked", "auto", "lanes"})); }
@@ -301,7 +308,9 @@ void selective_scan_fwd(const SelectiveScanParams& p) {
   if (use_lanes(p)) {
     dispatch_float(p.dtype, "selective_scan", [&](auto tag) {
       using T = typename decltype(tag)::type;
-      if constexpr (sizeof(compute_t<T>) == 4) {
+      if constexpr (sizeof(compute_t<T>) != 4) {
+        HYDRA_FAIL() << "selective_scan: the lanes form takes f32 or bf16 (use_lanes)";
+      } else {
         const dim3 grid(static_cast<unsigned>((p.dim + lanes::kWarps - 1) / lanes::kWarps),
                         static_cast<unsigned>(p.batch));
         constexpr size_t smem = sizeof(lanes::Smem);
