@@ -123,16 +123,15 @@ constexpr int kWarps = 8, kSteps = 8, kSeg = 32 * kSteps, kThreads = 32 * kWarps
 // Rows of the per-channel arrays: 4 floats of padding put the 8 channels of 4 consecutive steps
 // (what a warp writes when staging) in different banks.
 constexpr int kRow = kSeg + 4;
-static_assert(kThreads == kSeg, "staging gives each thread one step (row of B and C)");
 static_assert(kRow % 4 == 0 && kSeg % 4 == 0, "float4 reads of the rows need 16-byte offsets");
 struct Smem {
   float dl[kWarps][kRow];   // delta; the segment's outputs C h once the warp has read it
   float dlu[kWarps][kRow];  // delta * u
   float du[kWarps][kRow];   // D * u
   float zg[kWarps][kRow];   // z * sigmoid(z), or 1
-  float B[kMaxState][kSeg], C[kMaxState][kSeg];
-  float A2[kWarps][kMaxState];     // decay rates in base 2
-  float carry[kWarps][kMaxState];  // the state entering the segment
+  float B[kMaxState][kRow], C[kMaxState][kRow];  // padded: the staging's stores spread over banks
+  float A2[kWarps][kMaxState];                   // decay rates in base 2
+  float carry[kWarps][kMaxState];                // the state entering the segment
 };
 
 template <class T>
@@ -183,13 +182,15 @@ __global__ void __launch_bounds__(kThreads, 2)
       sm.du[c][t] = du;
       sm.zg[c][t] = zg;
     }
-    {
-      const int t = tx;  // kThreads == kSeg: a step (row of B and C) per thread
+    // B and C: consecutive threads take consecutive states of a step, so that a warp reads two
+    // rows' contiguous bytes (a row per thread made each warp load touch 32 sectors).
+#pragma unroll 2  // 80 registers (unrolled 4 or whole: 90, and 2 blocks an SM instead of 3)
+    for (int e = tx; e < kSeg * kMaxState; e += kThreads) {
+      const int t = e / kMaxState, n = e % kMaxState;
+      if (n >= N) continue;
       const int64_t r = b * L + s0 + t;
-      for (int n = 0; n < N; ++n) {
-        sm.B[n][t] = t < steps ? load(Bg, r * p.B_row + n) : 0.0f;
-        sm.C[n][t] = t < steps ? load(Cg, r * p.C_row + n) : 0.0f;
-      }
+      sm.B[n][t] = t < steps ? load(Bg, r * p.B_row + n) : 0.0f;
+      sm.C[n][t] = t < steps ? load(Cg, r * p.C_row + n) : 0.0f;
     }
     __syncthreads();
     if (live) {
