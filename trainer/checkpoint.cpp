@@ -68,6 +68,16 @@ int64_t numel_of(const Shape& s) {
   return n;
 }
 
+// numel_of for sizes read from a file: -1 where one is negative or the product would pass 2^62.
+int64_t checked_numel(const Shape& s) {
+  int64_t n = 1;
+  for (const int64_t d : s) {
+    if (d < 0 || (d > 0 && n > (int64_t{1} << 62) / d)) return -1;
+    n *= d;
+  }
+  return n;
+}
+
 // Where this rank's copy of a stored tensor sits in the whole tensor, and whether this rank writes
 // it.
 struct Placement {
@@ -196,27 +206,31 @@ Expected<std::vector<RecordPart>> plan_elements(
     HYDRA_ASSIGN_OR_RETURN(data::Hdf5File * f, files.get(rec->file()));
     auto on_disk = f->shape(name);
     if (!on_disk.ok()) return on_disk.status().with_context("checkpoint " + dir);
-    if (numel_of(*on_disk) != rn)
+    const int64_t held = checked_numel(*on_disk);
+    if (held != rn)
       return data_loss("checkpoint " + dir + ": tensor " + name + " in " + rec->file() + " holds " +
-                       std::to_string(numel_of(*on_disk)) + " elements, manifest.pb says " +
-                       shape_str(shape) + " (the file or the manifest is damaged)");
+                       (held < 0 ? "a damaged size " + shape_str(*on_disk)
+                                 : std::to_string(held) + " elements") +
+                       ", manifest.pb says " + shape_str(shape) +
+                       " (the file or the manifest is damaged)");
     parts.push_back({rec, f, r0, lo, hi});
   }
   std::sort(parts.begin(), parts.end(),
             [](const RecordPart& a, const RecordPart& b) { return a.lo < b.lo; });
+  auto gap = [&](int64_t lo, int64_t hi) {
+    return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" + std::to_string(lo) +
+                     ", " + std::to_string(hi) + ") are not stored (a rank file is missing?)");
+  };
   int64_t next = first;
   for (const RecordPart& p : parts) {
     if (p.lo < next)
       return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" +
                        std::to_string(p.lo) + ", " + std::to_string(std::min(next, p.hi)) +
                        ") are stored more than once (the manifest is damaged)");
-    if (p.lo > next) break;
+    if (p.lo > next) return gap(next, p.lo);
     next = p.hi;
   }
-  if (next != first + n)
-    return data_loss("checkpoint " + dir + ": tensor " + name + " elements [" +
-                     std::to_string(next) + ", " + std::to_string(first + n) +
-                     ") are not all stored (a rank file is missing?)");
+  if (next != first + n) return gap(next, first + n);
   return parts;
 }
 
@@ -246,14 +260,21 @@ bool plain_file_name(const std::string& f) {
          f.find('\0') == std::string::npos;
 }
 
-// Sizes within the bounds above; their product in *numel.
+// Sizes within the bounds above (the product of the non-zero ones too, so that a zero cannot hide
+// sizes whose strides overflow); their product in *numel.
 bool sane_shape(const google::protobuf::RepeatedField<int64_t>& dims, int64_t* numel) {
-  int64_t n = 1;
+  int64_t nonzero = 1;
+  bool empty = false;
   for (const int64_t d : dims) {
-    if (d < 0 || d > kMaxDim || (d > 0 && n > kMaxElements / d)) return false;
-    n *= d;
+    if (d < 0 || d > kMaxDim) return false;
+    if (d == 0) {
+      empty = true;
+      continue;
+    }
+    if (nonzero > kMaxElements / d) return false;
+    nonzero *= d;
   }
-  *numel = n;
+  *numel = empty ? 0 : nonzero;
   return true;
 }
 
@@ -706,13 +727,9 @@ Expected<config::CheckpointManifest> CheckpointManager::read_manifest(const std:
   config::CheckpointManifest man;
   if (!man.ParseFromString(bytes) || !man.has_step())
     return data_loss("checkpoint " + dir + ": manifest.pb is damaged (cannot be parsed)");
-  if (man.format_version() > kManifestFormat)
-    return failed_precondition("checkpoint " + dir + ": manifest.pb is of format " +
-                               std::to_string(man.format_version()) + ", this hydra reads 1 to " +
-                               std::to_string(kManifestFormat) +
-                               " (written by a newer hydra: " + man.written_by() + ")");
   // Format 2 ends with its checksum; a format-1 manifest has none (one that names one is checked
   // all the same, so that one damaged byte cannot turn a new manifest into an unchecked old one).
+  // The checksum first: a damaged version number is damage, not a newer hydra.
   if (man.format_version() >= 2 || man.has_manifest_crc32c()) {
     config::CheckpointManifest tail;
     tail.set_manifest_crc32c(man.manifest_crc32c());
@@ -721,6 +738,11 @@ Expected<config::CheckpointManifest> CheckpointManager::read_manifest(const std:
         crc32c(bytes.data(), bytes.size() - end.size()) != man.manifest_crc32c())
       return data_loss("checkpoint " + dir + ": manifest.pb is damaged (it fails its checksum)");
   }
+  if (man.format_version() > kManifestFormat)
+    return failed_precondition("checkpoint " + dir + ": manifest.pb is of format " +
+                               std::to_string(man.format_version()) + ", this hydra reads 1 to " +
+                               std::to_string(kManifestFormat) +
+                               " (written by a newer hydra: " + man.written_by() + ")");
   HYDRA_RETURN_IF_ERROR(check_manifest(man, dir));
   return man;
 }
