@@ -16,6 +16,7 @@
 #include "data/loader.h"
 #include "data/sentencepiece.h"
 #include "data/tokenizer.h"
+#include "tests/fuzz_util.h"
 
 namespace hydra::data {
 namespace {
@@ -216,34 +217,13 @@ TEST(TokenShard, FuzzedShardsAreRefusedOrReadNeverCrash) {
     good.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   }
   ASSERT_GT(good.size(), 4000u);
-  const char* seed = std::getenv("HYDRA_FUZZ_SEED");
-  const char* cases = std::getenv("HYDRA_FUZZ_CASES");
-  std::mt19937_64 rng(seed != nullptr ? std::strtoull(seed, nullptr, 10) : 20261203);
-  const int n = cases != nullptr ? std::atoi(cases) : 400;
-  auto pick = [&](std::size_t k) { return static_cast<std::size_t>(rng() % k); };
+  testing::Fuzzer fz(20261203, 400);
+  const int n = fz.cases();
   int opened = 0, refused = 0;
   std::vector<int32_t> w(256);
   for (int i = 0; i < n; ++i) {
-    std::string bytes = good;
-    for (int m = 1 + static_cast<int>(pick(4)); m > 0; --m) {
-      // Most of an HDF5 file's structure sits in its first few kilobytes.
-      const std::size_t at =
-          pick(2) == 0 ? pick(std::min<std::size_t>(bytes.size(), 4096)) : pick(bytes.size());
-      switch (pick(4)) {
-        case 0:
-          bytes[at] = static_cast<char>(rng());
-          break;
-        case 1:
-          std::fill_n(bytes.begin() + static_cast<std::ptrdiff_t>(at),
-                      std::min<std::size_t>(1 + pick(64), bytes.size() - at), '\0');
-          break;
-        case 2:
-          bytes[at] = static_cast<char>(bytes[at] ^ (1 << pick(8)));
-          break;
-        default:
-          bytes.resize(at + 1);
-      }
-    }
+    // Most of an HDF5 file's structure sits in its first few kilobytes.
+    const std::string bytes = fz.damage(good, 4096);
     const std::string path = dir + "/f" + std::to_string(i % 8) + ".h5";
     std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
     try {

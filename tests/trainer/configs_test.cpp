@@ -17,6 +17,7 @@
 #include "configs/config_io.h"
 #include "model/params.h"
 #include "tests/config_fields.h"
+#include "tests/fuzz_util.h"
 #include "trainer/curriculum.h"
 
 namespace hydra::trainer {
@@ -153,13 +154,10 @@ TEST(BadInput, ConfigTextFuzzIsAcceptedOrRefusedNeverThrown) {
                                             "4294967297"};
   const std::string inserts = "{}:\"#\n -.e0123456789";
   // CI's budget: 20,000 cases of one seed. HYDRA_FUZZ_SEED and HYDRA_FUZZ_CASES run others.
-  const char* seed = std::getenv("HYDRA_FUZZ_SEED");
-  const char* cases = std::getenv("HYDRA_FUZZ_CASES");
-  std::mt19937_64 rng(seed != nullptr ? std::strtoull(seed, nullptr, 10) : 20261203);
-  const int n_cases = cases != nullptr ? std::atoi(cases) : 20000;
-  auto pick = [&](std::size_t n) {
-    return static_cast<std::size_t>(rng() % std::max<std::size_t>(n, 1));
-  };
+  testing::Fuzzer fz(20261203, 20000);
+  const int n_cases = fz.cases();
+  auto pick = [&](std::size_t n) { return fz.pick(n); };
+  auto rng = [&] { return fz.next(); };
   int accepted = 0, refused = 0;
   for (int i = 0; i < n_cases; ++i) {
     std::string text = bases[pick(bases.size())];

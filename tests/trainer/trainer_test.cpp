@@ -19,6 +19,7 @@
 #include "model/block.h"
 #include "model/moe.h"
 #include "model/spec.h"
+#include "tests/fuzz_util.h"
 #include "trainer/checkpoint.h"
 #include "trainer/crc32c.h"
 
@@ -811,11 +812,9 @@ TEST(BadInput, FuzzedCheckpointsAreRefusedOrLoadExactly) {
     bases.push_back(std::move(base));
   }
 
-  const char* seed = std::getenv("HYDRA_FUZZ_SEED");
-  const char* cases = std::getenv("HYDRA_FUZZ_CASES");
-  std::mt19937_64 rng(seed != nullptr ? std::strtoull(seed, nullptr, 10) : 20261205);
-  const int n = cases != nullptr ? std::atoi(cases) : 300;
-  auto pick = [&](std::size_t k) { return static_cast<std::size_t>(rng() % k); };
+  testing::Fuzzer fz(20261205, 300);
+  const int n = fz.cases();
+  auto pick = [&](std::size_t k) { return fz.pick(k); };
   const int64_t extremes[] = {-1,
                               0,
                               1,
@@ -828,30 +827,7 @@ TEST(BadInput, FuzzedCheckpointsAreRefusedOrLoadExactly) {
                               std::numeric_limits<int64_t>::max(),
                               std::numeric_limits<int64_t>::min()};
   auto extreme = [&] { return extremes[pick(std::size(extremes))]; };
-  // Byte-level damage (the shard fuzzer's mutations), 1-4 a case.
-  auto damage = [&](std::string bytes, std::size_t head) {
-    for (int m = 1 + static_cast<int>(pick(4)); m > 0 && !bytes.empty(); --m) {
-      const std::size_t at = pick(2) == 0 ? pick(std::min(bytes.size(), head)) : pick(bytes.size());
-      switch (pick(5)) {
-        case 0:
-          bytes[at] = static_cast<char>(rng());
-          break;
-        case 1:
-          std::fill_n(bytes.begin() + static_cast<std::ptrdiff_t>(at),
-                      std::min<std::size_t>(1 + pick(16), bytes.size() - at), '\0');
-          break;
-        case 2:
-          bytes[at] = static_cast<char>(bytes[at] ^ (1 << pick(8)));
-          break;
-        case 3:
-          bytes.insert(at, 1, static_cast<char>(rng()));
-          break;
-        default:
-          bytes.resize(at);
-      }
-    }
-    return bytes;
-  };
+  auto damage = [&](const std::string& bytes, std::size_t head) { return fz.damage(bytes, head); };
   // Field-level damage, then the manifest written with a checksum that matches.
   auto edit = [&](config::CheckpointManifest man) {
     for (int m = 1 + static_cast<int>(pick(2)); m > 0; --m) {
