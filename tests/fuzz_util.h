@@ -28,8 +28,8 @@ class Fuzzer {
   // Uniform in [0, n); 0 when n is 0.
   std::size_t pick(std::size_t n) { return n == 0 ? 0 : static_cast<std::size_t>(rng_() % n); }
 
-  // 1-4 byte-level mutations: a byte replaced, a run of up to 16 bytes zeroed, a bit flipped, a byte
-  // inserted, or the file cut short. Half land in the first `head` bytes, where a format keeps
+  // 1-4 byte-level mutations: a byte replaced, a run of up to 16 bytes zeroed, a bit flipped, a
+  // byte inserted, or the file cut short. Half land in the first `head` bytes, where a format keeps
   // most of its structure (an HDF5 superblock and object headers; a protobuf's leading fields).
   std::string damage(std::string bytes, std::size_t head) {
     for (int m = 1 + static_cast<int>(pick(4)); m > 0 && !bytes.empty(); --m) {
