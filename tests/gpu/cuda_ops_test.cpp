@@ -780,6 +780,7 @@ TEST(CudaOps, RopeMatchesCpu) {
 // bf16 with head sizes that are multiples of 16 runs on tensor cores (attention_mma.cu).
 TEST(CudaOps, SparseAttentionMatchesCpu) {
   HYDRA_REQUIRE_GPU();
+  const testing::ScopedEnv ours("HYDRA_ATTENTION", "ours");  // our kernels, never cuDNN's
   struct Case {
     int64_t B, Lq, Lk, H, dh, window, stride, q_pos0, k_pos0;
   };
