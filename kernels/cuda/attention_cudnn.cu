@@ -367,8 +367,8 @@ void build_backward(Graph& g, const Key& k, cudnnDataType_t index_type) {
   auto o = g.tensor(xd, rows_strides, CUDNN_DATA_BFLOAT16, kO);
   auto dout = g.tensor(xd, rows_strides, CUDNN_DATA_BFLOAT16, kdO);
   auto stats = g.tensor(rd, rs, CUDNN_DATA_FLOAT, kStats);
-  // rowsum(dO . O) per query
-  auto t0 = g.virt(xd, CUDNN_DATA_FLOAT, {H * L * dh, L * dh, H * dh, 1});
+  // rowsum(dO . O) per query (the product laid out as its operands, as cudnn-frontend infers it)
+  auto t0 = g.virt(xd, CUDNN_DATA_FLOAT, rows_strides);
   auto t1 = g.virt(rd, CUDNN_DATA_FLOAT, rs);
   auto softsum = g.tensor(rd, rs, CUDNN_DATA_FLOAT, kSoftSum);
   g.pointwise(CUDNN_POINTWISE_MUL, dout, t0, o);
