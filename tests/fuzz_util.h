@@ -23,7 +23,6 @@ class Fuzzer {
   }
 
   int cases() const { return cases_; }
-  std::mt19937_64& rng() { return rng_; }
   uint64_t next() { return rng_(); }
   // Uniform in [0, n); 0 when n is 0.
   std::size_t pick(std::size_t n) { return n == 0 ? 0 : static_cast<std::size_t>(rng_() % n); }

@@ -827,7 +827,6 @@ TEST(BadInput, FuzzedCheckpointsAreRefusedOrLoadExactly) {
                               std::numeric_limits<int64_t>::max(),
                               std::numeric_limits<int64_t>::min()};
   auto extreme = [&] { return extremes[pick(std::size(extremes))]; };
-  auto damage = [&](const std::string& bytes, std::size_t head) { return fz.damage(bytes, head); };
   // Field-level damage, then the manifest written with a checksum that matches.
   auto edit = [&](config::CheckpointManifest man) {
     for (int m = 1 + static_cast<int>(pick(2)); m > 0; --m) {
@@ -901,7 +900,7 @@ TEST(BadInput, FuzzedCheckpointsAreRefusedOrLoadExactly) {
               man.set_tokens_seen(pick(2) ? std::nan("") : -1.0);
               break;
             case 4:
-              man.set_config_text(damage(man.config_text(), 64));
+              man.set_config_text(fz.damage(man.config_text(), 64));
               break;
             default:
               man.set_ep(extreme());
@@ -944,12 +943,12 @@ TEST(BadInput, FuzzedCheckpointsAreRefusedOrLoadExactly) {
     const std::size_t hit = pick(base.files.size());  // the rank file kind 2 damages
     for (std::size_t f = 0; f < base.files.size(); ++f)
       std::ofstream(dir + "/" + base.files[f], std::ios::binary)
-          << (kind == 2 && f == hit ? damage(base.bytes[f], 4096) : base.bytes[f]);
+          << (kind == 2 && f == hit ? fz.damage(base.bytes[f], 4096) : base.bytes[f]);
     if (kind == 1) {
       ASSERT_TRUE(CheckpointManager::write_manifest(dir, edit(base.parsed)).ok());
     } else {
       std::ofstream(dir + "/manifest.pb", std::ios::binary)
-          << (kind == 0 ? damage(base.manifest, base.manifest.size()) : base.manifest);
+          << (kind == 0 ? fz.damage(base.manifest, base.manifest.size()) : base.manifest);
     }
     try {
       auto [m, o] = fresh(2);
