@@ -157,9 +157,10 @@ double visible_pairs(int64_t L, const AttentionPattern& pat) {
 // The attention op (bf16) forward, or forward + backward, on a pattern: toy's sparse global
 // attention (window 512, global stride 256), its window part alone, or the Transformer's dense
 // causal attention (the shapes bench/attention_compare.py times with PyTorch's SDPA backends,
-// cuDNN's among them). Our kernels, or with HYDRA_ATTENTION=auto cuDNN's fused attention for the
-// window and causal rows. FLOPs are the useful ones: 4 * head_dim per kept pair forward, 3.5x that
-// with the backward.
+// cuDNN's among them). cuDNN's fused attention for the window and causal rows where it takes them
+// (the default, HYDRA_ATTENTION=auto; its deterministic backward, the process default), our kernels
+// for the rest or with HYDRA_ATTENTION=ours. FLOPs are the useful ones: 4 * head_dim per kept pair
+// forward, 3.5x that with the backward.
 void attention_row(Report& report, const Floors& f, const std::string& what, int64_t B, int64_t L,
                    int64_t H, int64_t dh, bool backward,
                    const AttentionPattern& pat = AttentionPattern{512, 256}) {

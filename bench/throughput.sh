@@ -11,9 +11,11 @@
 #   PART     toy, toy-parallel (workspace.write PARALLEL), toy-parallel-hydra (toy-parallel with the
 #            HYDRA router objective), toy-ssd (toy-parallel with the scan in
 #            the SSD form, ssm.form SSD), toy-paper (toy-parallel with the paper's SSM: one state per
-#            channel, no convolution), transformer-toy, transformer-toy-cudnn (transformer-toy on
-#            cuDNN's fused attention, HYDRA_ATTENTION=cudnn, train.deterministic false), torch,
-#            hydra-1.6b (default: all but toy-ssd, toy-paper and transformer-toy-cudnn)
+#            channel, no convolution), transformer-toy (as shipped: cuDNN's fused attention where it
+#            applies, deterministic), transformer-toy-cudnn (cuDNN's attention and its faster
+#            backward: HYDRA_ATTENTION=cudnn, train.deterministic false), transformer-toy-ours (our
+#            attention kernels: HYDRA_ATTENTION=ours), torch, hydra-1.6b (default: toy,
+#            toy-parallel, transformer-toy, transformer-toy-cudnn, torch, hydra-1.6b)
 # Environment: SEQS (default "512 1024 2048 4096 8192 16384 32768"), STEPS (30), WARMUP (5),
 #   TOKENS (32768), PYTHON (python3); hydra-1.6b: BIG_STEPS (8) measured after BIG_WARMUP (4); its
 #   part runs 2K and 8K, 8K with BLOCK recompute, and 8K with the workspace's PARALLEL write.
@@ -24,7 +26,7 @@ bin=${1:?usage: bench/throughput.sh BIN_DIR OUT_DIR [PART ...]}
 out=${2:?usage: bench/throughput.sh BIN_DIR OUT_DIR [PART ...]}
 shift 2
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(toy toy-parallel transformer-toy torch hydra-1.6b)
+[ ${#parts[@]} -eq 0 ] && parts=(toy toy-parallel transformer-toy transformer-toy-cudnn torch hydra-1.6b)
 seqs=${SEQS:-"512 1024 2048 4096 8192 16384 32768"}
 steps=${STEPS:-30}
 warmup=${WARMUP:-5}
@@ -83,6 +85,8 @@ for part in "${parts[@]}"; do
       for s in $seqs; do
         HYDRA_ATTENTION=cudnn train_row transformer-toy-cudnn transformer-toy "$s" --set train.deterministic=false
       done ;;
+    transformer-toy-ours)  # our Transformer on our attention kernels (the default before session 46)
+      for s in $seqs; do HYDRA_ATTENTION=ours train_row transformer-toy-ours transformer-toy "$s"; done ;;
     toy-parallel)
       for s in $seqs; do train_row toy-parallel toy "$s" --set model.workspace.write=PARALLEL; done ;;
     toy-parallel-hydra)  # the HYDRA router objective (the configs' default before session 25)

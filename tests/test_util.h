@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -103,6 +104,33 @@ inline bool cudnn_attention_available() {
   return kernels::cuda::attention_cudnn_available();
 #else
   return false;
+#endif
+}
+// The cap on one cuDNN attention call's scratch (returns the previous one), and the scratch the
+// backward of bf16 causal attention over [batch x len, heads of head_dim] contiguous rows asks for
+// on device 0 (no data is touched: the pointers only carry alignment).
+inline int64_t cudnn_attention_set_max_workspace(int64_t bytes) {
+#if HYDRA_WITH_CUDA
+  return kernels::cuda::attention_cudnn_set_max_workspace(bytes);
+#else
+  return bytes;
+#endif
+}
+inline int64_t cudnn_attention_backward_workspace(int64_t batch, int64_t len, int64_t heads,
+                                                  int64_t head_dim) {
+#if HYDRA_WITH_CUDA
+  void* const fake = reinterpret_cast<void*>(uintptr_t{1} << 20);
+  kernels::AttentionBwdParams q;
+  q.fwd.dtype = DType::kBF16;
+  q.fwd.batch = batch, q.fwd.heads = heads, q.fwd.q_len = len, q.fwd.k_len = len;
+  q.fwd.head_dim = head_dim;
+  q.fwd.q = q.fwd.k = q.fwd.v = q.fwd.out = q.fwd.lse = fake;
+  q.fwd.q_row = q.fwd.k_row = q.fwd.v_row = heads * head_dim;
+  q.fwd.scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  q.gout = q.gq = q.gk = q.gv = fake;
+  return static_cast<int64_t>(kernels::cuda::attention_bwd_workspace(q));
+#else
+  return 0;
 #endif
 }
 

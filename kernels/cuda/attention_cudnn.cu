@@ -11,8 +11,9 @@
 // V; backward the same scores recomputed from the statistics, dV = P^T dO, dS = P (dO V^T -
 // rowsum(dO O)) scale, dK = dS^T Q, dQ = dS K. A plan is built once per shape and kept. Where cuDNN
 // refuses a shape, attention.cu runs our kernels (HYDRA_ATTENTION=cudnn makes the refusal an error
-// instead). Opt-in for now: HYDRA_ATTENTION=auto or cudnn (below). Deterministic mode
-// (train.deterministic) builds the backward whose dQ is written without float atomics.
+// instead; HYDRA_ATTENTION=ours never runs cuDNN). Deterministic mode (train.deterministic) builds
+// the backward whose dQ is written without float atomics; its scratch grows with batch x heads x
+// length^2, so where a whole batch's would pass the cap the plan runs fewer sequences a call.
 #include <cudnn.h>
 
 #include <atomic>
@@ -35,13 +36,12 @@
 namespace hydra::kernels::cuda::attention_cudnn {
 namespace {
 
-// HYDRA_ATTENTION: auto runs cuDNN where it applies, ours elsewhere; cudnn is auto with a refused
-// plan an error (tests, benchmarks); ours (or unset) never runs cuDNN. The default stays ours until
-// this path has passed its GPU test: on its first GPU run (session 45) transformer-toy trained on
-// it at 1.83x our kernels' speed at 8K with the same losses, but CudaOps.CudnnAttentionMatchesCpu
-// died of a segmentation fault before its first result (docs/PERF.md, session 45).
-enum class Choice { kOurs, kAuto, kCudnn };
-Choice choice() { return Choice(env_choice("HYDRA_ATTENTION", {"ours", "auto", "cudnn"})); }
+// HYDRA_ATTENTION: auto (or unset) runs cuDNN where it applies, ours elsewhere; cudnn is auto with
+// a refused plan an error (tests, benchmarks); ours never runs cuDNN. cuDNN's causal attention
+// forward + backward is 2.2x ours at 2K and 2.9x at 8K on an H200, and transformer-toy trains
+// 1.30x / 1.83x faster on it (docs/PERF.md, session 45).
+enum class Choice { kAuto, kOurs, kCudnn };
+Choice choice() { return Choice(env_choice("HYDRA_ATTENTION", {"auto", "ours", "cudnn"})); }
 
 // A refused descriptor: the plan is not built, and the message says why.
 struct Refused {
@@ -292,6 +292,7 @@ struct Key {
 
 struct Plan {
   std::unique_ptr<Graph> graph;  // null: refused
+  int64_t per_call = 0;          // sequences a call: the key's batch, or a divisor of it
   std::string refused;
   float scale = 1, neg_inf = -INFINITY, window = 0, one = 1;
 };
@@ -419,9 +420,38 @@ Cache& cache() {
   return *c;
 }
 
-constexpr int64_t kMaxWorkspace = int64_t{1} << 30;
+// The most scratch a plan may take (1 GiB; tests lower it): small beside the activations of the
+// shapes that need that much.
+std::atomic<int64_t> g_max_workspace{int64_t{1} << 30};
 
-// The plan for `k` (built on first use), or one whose `graph` is null where cuDNN refused it.
+// Bytes as MiB with one decimal ("768.0 MiB").
+std::string mib(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  return buf;
+}
+
+// cuDNN's graph for `k`, or null with `refused` saying why.
+std::unique_ptr<Graph> build_graph(cudnnHandle_t h, const Key& k, std::string& refused) {
+  // The window's index tensors: float first, as the frontend of cuDNN 9.14's time built them.
+  for (cudnnDataType_t index_type : {CUDNN_DATA_FLOAT, CUDNN_DATA_INT32}) {
+    try {
+      auto g = std::make_unique<Graph>();
+      k.backward ? build_backward(*g, k, index_type) : build_forward(*g, k, index_type);
+      g->build(h);
+      return g;
+    } catch (const Refused& r) {
+      refused += (refused.empty() ? "" : "; with int32 indices: ") + r.what;
+      if (!windowed(k)) break;
+    }
+  }
+  return nullptr;
+}
+
+// The plan for `k` (built on first use), or one whose `graph` is null where cuDNN refused it. A
+// graph whose workspace would pass the cap (the deterministic backward's grows with batch x heads
+// x length^2: 3 GiB at 4 x 8K with 8 heads of 64) is rebuilt for the largest divisor of the batch
+// whose workspace fits, and runs once per that many sequences; refused where one does not fit.
 const Plan& plan_for(const Key& k) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
@@ -435,26 +465,33 @@ const Plan& plan_for(const Key& k) {
     h = nullptr;
     plan.refused = "cudnnCreate failed (is cuDNN's library installed whole?)";
   } else {
-    // The window's index tensors: float first, as the frontend of cuDNN 9.14's time built them.
-    for (cudnnDataType_t index_type : {CUDNN_DATA_FLOAT, CUDNN_DATA_INT32}) {
-      try {
-        auto g = std::make_unique<Graph>();
-        k.backward ? build_backward(*g, k, index_type) : build_forward(*g, k, index_type);
-        g->build(h);
-        plan.graph = std::move(g);
+    const int64_t cap = g_max_workspace.load();
+    for (int64_t n = k.batch; n >= 1; --n) {
+      if (k.batch % n != 0) continue;
+      Key part = k;
+      part.batch = n;
+      std::string why;
+      plan.graph = build_graph(h, part, why);
+      if (!plan.graph) {  // cuDNN refused the graph itself: fewer sequences will not change that
+        plan.refused = why;
         break;
-      } catch (const Refused& r) {
-        plan.refused += (plan.refused.empty() ? "" : "; with int32 indices: ") + r.what;
-        if (!windowed(k)) break;
       }
+      if (plan.graph->workspace() <= cap) {
+        plan.per_call = n;
+        break;
+      }
+      plan.refused = "its workspace would be " + mib(plan.graph->workspace()) + " for " +
+                     std::to_string(n) + " sequence" + (n > 1 ? "s" : "") + " a call (at most " +
+                     mib(cap) + ")";
+      plan.graph.reset();
     }
-  }
-  // A plan whose scratch would not be small beside the activations is refused (the deterministic
-  // backward's grows with batch x heads x length^2).
-  if (plan.graph && plan.graph->workspace() > kMaxWorkspace) {
-    plan.refused = "its workspace would be " + std::to_string(plan.graph->workspace() >> 20) +
-                   " MiB (at most " + std::to_string(kMaxWorkspace >> 20) + ")";
-    plan.graph.reset();
+    if (plan.graph && plan.per_call < k.batch)
+      std::fprintf(stderr,
+                   "attention: cuDNN's fused %s for [%ld x %ld, %ld heads of %ld%s] runs %ld "
+                   "sequence(s) a call, in %s of workspace (a whole batch's would pass %s)\n",
+                   k.backward ? "backward" : "forward", long(k.batch), long(k.len), long(k.heads),
+                   long(k.head_dim), windowed(k) ? ", window" : "", long(plan.per_call),
+                   mib(plan.graph->workspace()).c_str(), mib(cap).c_str());
   }
   if (!plan.graph)
     std::fprintf(stderr,
@@ -556,23 +593,30 @@ void execute(const Key& k, const Plan& plan, cudaStream_t stream,
     HYDRA_FAIL() << "attention (cuDNN): " << r.what;
   }
 }
+
+// `p` at sequence `b` of its batch: the pointer moved by b sequences of `per_seq` elements of
+// `bytes` each.
+void* at(const void* p, int64_t b, int64_t per_seq, int64_t bytes) {
+  return static_cast<char*>(const_cast<void*>(p)) + b * per_seq * bytes;
+}
 }  // namespace
 
 void forward(const AttentionParams& p) {
   const Key k = key_of(p, false);
   const Plan& plan = plan_for(k);
-  std::vector<std::pair<int64_t, void*>> t = {{kQ, const_cast<void*>(p.q)},
-                                              {kK, const_cast<void*>(p.k)},
-                                              {kV, const_cast<void*>(p.v)},
-                                              {kO, p.out},
-                                              {kStats, p.lse},
-                                              {kScale, host(plan.scale)},
-                                              {kNegInf1, host(plan.neg_inf)}};
-  if (windowed(k))
-    t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
   HYDRA_CHECK(p.workspace != nullptr || plan.graph->workspace() == 0)
       << "attention (cuDNN): workspace required";
-  execute(k, plan, as_stream(p.stream), t, align256(p.workspace));
+  const int64_t L = k.len, HL = k.heads * k.len, LHd = L * k.heads * k.head_dim;
+  for (int64_t b = 0; b < k.batch; b += plan.per_call) {
+    std::vector<std::pair<int64_t, void*>> t = {
+        {kQ, at(p.q, b, L * k.q_row, 2)}, {kK, at(p.k, b, L * k.k_row, 2)},
+        {kV, at(p.v, b, L * k.v_row, 2)}, {kO, at(p.out, b, LHd, 2)},
+        {kStats, at(p.lse, b, HL, 4)},    {kScale, host(plan.scale)},
+        {kNegInf1, host(plan.neg_inf)}};
+    if (windowed(k))
+      t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
+    execute(k, plan, as_stream(p.stream), t, align256(p.workspace));
+  }
 }
 
 void backward(const AttentionBwdParams& q) {
@@ -585,27 +629,22 @@ void backward(const AttentionBwdParams& q) {
   void* softsum = ws;
   void* acc = ws + align256(rows * 4);
   cudaStream_t s = as_stream(p.stream);
-  std::vector<std::pair<int64_t, void*>> t = {{kQ, const_cast<void*>(p.q)},
-                                              {kK, const_cast<void*>(p.k)},
-                                              {kV, const_cast<void*>(p.v)},
-                                              {kO, p.out},
-                                              {kdO, const_cast<void*>(q.gout)},
-                                              {kStats, p.lse},
-                                              {kdQ, q.gq},
-                                              {kdK, q.gk},
-                                              {kdV, q.gv},
-                                              {kSoftSum, softsum},
-                                              {kScale, host(plan.scale)},
-                                              {kScale2, host(plan.scale)},
-                                              {kOne, host(plan.one)},
-                                              {kNegInf1, host(plan.neg_inf)}};
-  if (windowed(k))
-    t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
-  if (!k.deterministic) {
-    t.emplace_back(kdQacc, acc);
-    HYDRA_CUDA_CHECK(cudaMemsetAsync(acc, 0, rows * k.head_dim * 4, s));
+  if (!k.deterministic) HYDRA_CUDA_CHECK(cudaMemsetAsync(acc, 0, rows * k.head_dim * 4, s));
+  const int64_t L = k.len, HL = k.heads * k.len, LHd = L * k.heads * k.head_dim;
+  for (int64_t b = 0; b < k.batch; b += plan.per_call) {
+    std::vector<std::pair<int64_t, void*>> t = {
+        {kQ, at(p.q, b, L * k.q_row, 2)}, {kK, at(p.k, b, L * k.k_row, 2)},
+        {kV, at(p.v, b, L * k.v_row, 2)}, {kO, at(p.out, b, LHd, 2)},
+        {kdO, at(q.gout, b, LHd, 2)},     {kStats, at(p.lse, b, HL, 4)},
+        {kdQ, at(q.gq, b, LHd, 2)},       {kdK, at(q.gk, b, LHd, 2)},
+        {kdV, at(q.gv, b, LHd, 2)},       {kSoftSum, at(softsum, b, HL, 4)},
+        {kScale, host(plan.scale)},       {kScale2, host(plan.scale)},
+        {kOne, host(plan.one)},           {kNegInf1, host(plan.neg_inf)}};
+    if (windowed(k))
+      t.insert(t.end(), {{kNegInf2, host(plan.neg_inf)}, {kWindow, host(plan.window)}});
+    if (!k.deterministic) t.emplace_back(kdQacc, at(acc, b, LHd, 4));
+    execute(k, plan, s, t, ws + backward_buffers(k));
   }
-  execute(k, plan, s, t, ws + backward_buffers(k));
 }
 
 }  // namespace hydra::kernels::cuda::attention_cudnn
@@ -614,4 +653,8 @@ namespace hydra::kernels::cuda {
 bool attention_cudnn_available() { return attention_cudnn::release_supported(); }
 
 int64_t attention_cudnn_calls() { return attention_cudnn::g_calls.load(std::memory_order_relaxed); }
+
+int64_t attention_cudnn_set_max_workspace(int64_t bytes) {
+  return attention_cudnn::g_max_workspace.exchange(bytes);
+}
 }  // namespace hydra::kernels::cuda

@@ -99,11 +99,11 @@ TEST(CudaModel, OptInKernelFormsGiveTheSameLossAndGradients) {
   HYDRA_REQUIRE_GPU();
   {
     model::ModelSpec spec = testing::shipped_spec("tiny");
-    spec.max_seq_len = 300;  // past the lanes form's segment of 256 steps
+    spec.max_seq_len = 320;  // past the lanes form's segment of 256 steps; a multiple of moe.chunk
     auto m = model::build_model(spec, 41);
     m->to(Device::cuda(0));
-    const Tensor tokens = testing::random_tokens(spec.vocab, 2, 300, 42).to(Device::cuda(0));
-    const Tensor targets = testing::random_tokens(spec.vocab, 2, 300, 43).to(Device::cuda(0));
+    const Tensor tokens = testing::random_tokens(spec.vocab, 2, 320, 42).to(Device::cuda(0));
+    const Tensor targets = testing::random_tokens(spec.vocab, 2, 320, 43).to(Device::cuda(0));
     Pass chunked, lanes;
     {
       const testing::ScopedEnv env("HYDRA_SCAN_FWD", "chunked");

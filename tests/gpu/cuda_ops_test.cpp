@@ -886,8 +886,12 @@ TEST(CudaOps, CudnnAttentionMatchesCpu) {
       const AttentionPattern pat{c.window, 0};
       const int64_t before = testing::cudnn_attention_calls();
       auto fn = [&](const std::vector<Tensor>& in) {
-        Tensor q = in[0], k = in[1], v = in[2];
-        if (c.fused) {
+        Tensor q, k, v;  // the fused case has one input: in[1] and in[2] do not exist
+        if (!c.fused) {
+          q = in[0];
+          k = in[1];
+          v = in[2];
+        } else {
           auto qkv = split(in[0], {c.H * c.dh, c.H * c.dh, c.H * c.dh}, 2);
           q = qkv[0].reshape({c.B, c.L, c.H, c.dh});  // views: rows 3 H dh apart
           k = qkv[1].reshape({c.B, c.L, c.H, c.dh});
@@ -905,8 +909,28 @@ TEST(CudaOps, CudnnAttentionMatchesCpu) {
       EXPECT_EQ(testing::cudnn_attention_calls() - before, 2)
           << "cuDNN's forward and backward did not both run";
     }
-  // Deterministic mode: the same gradients bit for bit, run to run.
+  // Deterministic mode: a batch whose backward scratch would pass the cap runs fewer sequences a
+  // call (at 4 x 8K with 8 heads, a whole batch's would be 3 GiB). The cap set to what one
+  // sequence asks for makes four run split: more than one backward call, the same results.
   hydra::set_deterministic(true);
+  {
+    const int64_t one = testing::cudnn_attention_backward_workspace(1, 384, 2, 64);
+    const int64_t cap = testing::cudnn_attention_set_max_workspace(one);
+    const int64_t before = testing::cudnn_attention_calls();
+    check_op(
+        "cudnn attention, split batch",
+        [](const std::vector<Tensor>& in) {
+          auto [o, lse] = sparse_attention_with_lse(in[0], in[1], in[2], {0, 0}, 0.125);
+          return std::vector<Tensor>{o, lse.detach()};
+        },
+        {rnd({4, 384, 2, 64}, 71, 1.5), rnd({4, 384, 2, 64}, 72, 1.5), rnd({4, 384, 2, 64}, 73)},
+        {true, true, true}, DType::kBF16);
+    testing::cudnn_attention_set_max_workspace(cap);
+    EXPECT_GT(testing::cudnn_attention_calls() - before, 2)
+        << "the backward ran whole although one sequence's scratch (" << one
+        << " bytes) was the cap";
+  }
+  // Deterministic mode: the same gradients bit for bit, run to run.
   auto grads = [] {
     Tensor q = rnd({2, 512, 2, 64}, 67).to(DType::kBF16).to(Device::cuda(0));
     q.set_requires_grad(true);
