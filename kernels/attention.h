@@ -81,9 +81,10 @@ size_t attention_bwd_workspace(const AttentionBwdParams& p);
 // forward and backward calls it has run in this process (HYDRA_ATTENTION).
 bool attention_cudnn_available();
 int64_t attention_cudnn_calls();
-// The most scratch one cuDNN attention call may take (1 GiB unless set): a plan whose whole
-// batch would take more runs fewer sequences a call. Returns the previous cap (tests lower it to
-// make the split run). Plans built before a change keep their split.
+// The most scratch one cuDNN attention call may take (0: unset, then HYDRA_CUDNN_WORKSPACE_MB or a
+// sixteenth of the device's memory, at least 1 GiB): a plan whose whole batch would take more runs
+// fewer sequences a call. Returns the previous setting (tests lower it to make the split run).
+// Plans built before a change keep their split.
 int64_t attention_cudnn_set_max_workspace(int64_t bytes);
 }  // namespace cuda
 

@@ -16,9 +16,11 @@
 // length^2, so where a whole batch's would pass the cap the plan runs fewer sequences a call.
 #include <cudnn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <map>
 #include <memory>
@@ -420,9 +422,26 @@ Cache& cache() {
   return *c;
 }
 
-// The most scratch a plan may take (1 GiB; tests lower it): small beside the activations of the
-// shapes that need that much.
-std::atomic<int64_t> g_max_workspace{int64_t{1} << 30};
+// The most scratch a plan may take: HYDRA_CUDNN_WORKSPACE_MB, or by default a sixteenth of the
+// device's memory and at least 1 GiB (8.8 GiB on an H200: the deterministic backward of one 16K
+// sequence with 6 heads of 64 takes 3 GiB, of one 32K sequence 12 GiB). Tests set it (0: unset).
+std::atomic<int64_t> g_max_workspace{0};
+
+int64_t max_workspace(int device) {
+  if (const int64_t set = g_max_workspace.load(); set > 0) return set;
+  if (const char* v = std::getenv("HYDRA_CUDNN_WORKSPACE_MB"); v != nullptr && *v != 0) {
+    char* end = nullptr;
+    const long long mb = std::strtoll(v, &end, 10);
+    HYDRA_CHECK(*end == 0 && mb > 0 && mb <= (int64_t{1} << 24))
+        << "HYDRA_CUDNN_WORKSPACE_MB='" << v
+        << "': expected a whole number of MiB, 1 to 16777216 (the most scratch one cuDNN "
+           "attention call may take)";
+    return int64_t{mb} << 20;
+  }
+  cudaDeviceProp prop{};
+  HYDRA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return std::max<int64_t>(int64_t{1} << 30, static_cast<int64_t>(prop.totalGlobalMem / 16));
+}
 
 // Bytes as MiB with one decimal ("768.0 MiB").
 std::string mib(int64_t bytes) {
@@ -465,7 +484,7 @@ const Plan& plan_for(const Key& k) {
     h = nullptr;
     plan.refused = "cudnnCreate failed (is cuDNN's library installed whole?)";
   } else {
-    const int64_t cap = g_max_workspace.load();
+    const int64_t cap = max_workspace(k.device);
     for (int64_t n = k.batch; n >= 1; --n) {
       if (k.batch % n != 0) continue;
       Key part = k;
