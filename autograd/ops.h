@@ -33,7 +33,7 @@
 //   rope                    rope                          Rope.GradcheckFloat64     -
 //   causal_conv1d           conv1d: causal_conv1d_*       CausalConv1d.*            conv1d fwd
 //   selective_scan          selective_scan                SelectiveScan.*           selective_scan
-//   ssd_scan                (composed of ops)             SsdScan.*                 ssd_scan
+//   ssd_scan                ssd_scan: ssd_scan_fwd/bwd    SsdScan.*                 ssd_scan
 //   gated_update gated_scan gated_update                  GatedUpdate., GatedScan.* -
 //   moe_route               moe_route                     (no gradient)             -
 //   moe_aux                 moe_aux: moe_aux_fwd/bwd      MoeAux.GradcheckFloat64   -
@@ -320,10 +320,17 @@ SelectiveScanResult selective_scan(const Tensor& u, const Tensor& delta_raw, con
 // u_t, computed as matrix products over chunks of chunk_len steps (within a chunk, a causal
 // decay-weighted C B^T; between chunks, a product over the chunks' states). delta_raw [B, L, H];
 // A_log, dt_bias [H]; the rest as selective_scan (h0 and h_last [B, D, N] with channel d = h P +
-// p). Composed of differentiable ops; computes in the accumulate dtype.
+// p). Computes in the accumulate dtype: the fused kernels (kernels/ssd_scan.h) where they take the
+// sizes, else ssd_scan_composed.
 SelectiveScanResult ssd_scan(const Tensor& u, const Tensor& delta_raw, const Tensor& A_log,
                              const Tensor& B, const Tensor& C, const Tensor& D,
                              const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
                              int64_t chunk_len = 64);
+// The same, composed of differentiable ops (batched GEMMs, exp, masks): the fused kernels'
+// reference.
+SelectiveScanResult ssd_scan_composed(const Tensor& u, const Tensor& delta_raw, const Tensor& A_log,
+                                      const Tensor& B, const Tensor& C, const Tensor& D,
+                                      const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
+                                      int64_t chunk_len = 64);
 
 }  // namespace hydra

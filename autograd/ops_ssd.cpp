@@ -1,11 +1,17 @@
-// Mamba-2's SSD form of the selective scan (ops.h: ssd_scan), composed of differentiable ops: the
-// recurrence within a chunk as a masked matrix product, the states between chunks as a second one
-// over the chunks (spec/algorithms.md section 1, docs/MODEL.md "The SSD form").
+// Mamba-2's SSD form of the selective scan (ops.h: ssd_scan): the fused kernels
+// (kernels/ssd_scan.h) for the scan itself, with delta's softplus, D and the gate as ops around
+// them; and the same form composed of differentiable ops (ssd_scan_composed: the recurrence within
+// a chunk as a masked matrix product, the states between chunks as a second one over the chunks),
+// the reference the kernels are tested against and the path for sizes the CUDA kernels do not take
+// (spec/algorithms.md section 1, docs/MODEL.md "The SSD form").
 #include <map>
 #include <mutex>
 #include <tuple>
 
+#include "autograd/dispatch.h"
+#include "autograd/node.h"
 #include "autograd/ops.h"
+#include "kernels/ssd_scan.h"
 
 namespace hydra {
 namespace {
@@ -49,12 +55,133 @@ Tensor segment_decays(const Tensor& s) {
 
 void check(bool ok, const std::string& what) { HYDRA_CHECK(ok) << "ssd_scan: " << what; }
 
+void* data_or_null(const Tensor& t) { return t.defined() ? t.raw_data() : nullptr; }
+
+// The kernels' scan: x [B, L, H P] and B, C [B, L, N] in one dtype, dl [B, L, H] and A [H] (and h0)
+// in its accumulate dtype; y [B, L, H P] and h_last [B, H P, N] in the accumulate dtype.
+SelectiveScanResult ssd_core(const Tensor& x_in, const Tensor& dl_in, const Tensor& A_in,
+                             const Tensor& B_in, const Tensor& C_in, const Tensor& h0_in,
+                             int64_t chunk_len) {
+  const int64_t Bsz = x_in.size(0), L = x_in.size(1), Dm = x_in.size(2), H = A_in.size(0),
+                N = B_in.size(2);
+  const DType acc = accumulate_dtype(x_in.dtype());
+  const Device dev = x_in.device();
+  const Tensor x = x_in.contiguous(), Bm = B_in.contiguous(), Cm = C_in.contiguous();
+  const Tensor dl = dl_in.contiguous(), A = A_in.contiguous();
+  const Tensor h0 = h0_in.defined() ? h0_in.contiguous() : Tensor();
+  const Tensor y = Tensor::empty({Bsz, L, Dm}, acc, dev);
+  const Tensor h_last = Tensor::empty({Bsz, Dm, N}, acc, dev);
+  const Tensor states =
+      Tensor::empty({Bsz, H, kernels::ssd_num_chunks(L, chunk_len), N, Dm / H}, acc, dev);
+  kernels::SsdScanParams p;
+  p.dtype = x.dtype();
+  p.batch = Bsz, p.len = L, p.heads = H, p.head_dim = Dm / H, p.state = N;
+  p.chunk_len = chunk_len;
+  p.x = x.raw_data(), p.x_row = Dm;
+  p.dl = dl.raw_data(), p.A = A.raw_data();
+  p.B = Bm.raw_data(), p.B_row = N;
+  p.C = Cm.raw_data(), p.C_row = N;
+  p.h0 = data_or_null(h0);
+  p.y = y.raw_data(), p.h_last = h_last.raw_data(), p.states = states.raw_data();
+  p.stream = current_stream(dev);
+  HYDRA_LAUNCH(dev, ssd_scan_fwd, p);
+  if (any_requires_grad({x_in, dl_in, A_in, B_in, C_in, h0_in})) {
+    const std::vector<SavedTensor> saved = {SavedTensor(x),     SavedTensor(dl), SavedTensor(A),
+                                            SavedTensor(Bm),    SavedTensor(Cm), SavedTensor(h0),
+                                            SavedTensor(states)};
+    const bool need_h0 = h0_in.defined() && h0_in.requires_grad();
+    record_op("ssd_scan", {x_in, dl_in, A_in, B_in, C_in, h0_in}, {y, h_last},
+              [=](const std::vector<Tensor>& g) {
+                for (const SavedTensor& t : saved) (void)t.get();  // version checks
+                const Tensor gy =
+                    g[0].defined() ? g[0].to(acc).contiguous() : zeros({Bsz, L, Dm}, acc, dev);
+                const Tensor gh = g[1].defined() ? g[1].to(acc).contiguous() : Tensor();
+                kernels::SsdScanBwdParams q;
+                q.fwd = p;
+                q.fwd.stream = current_stream(dev);
+                Tensor gx = Tensor::empty({Bsz, L, Dm}, p.dtype, dev);
+                Tensor gdl = Tensor::empty({Bsz, L, H}, acc, dev);
+                Tensor gA = Tensor::empty({H}, acc, dev);
+                Tensor gB = Tensor::empty({Bsz, L, N}, p.dtype, dev);
+                Tensor gC = Tensor::empty({Bsz, L, N}, p.dtype, dev);
+                Tensor gh0 = need_h0 ? Tensor::empty({Bsz, Dm, N}, acc, dev) : Tensor();
+                q.gy = gy.raw_data();
+                q.g_hlast = data_or_null(gh);
+                q.gx = gx.raw_data(), q.gdl = gdl.raw_data(), q.gA = gA.raw_data();
+                q.gB = gB.raw_data(), q.gC = gC.raw_data(), q.gh0 = data_or_null(gh0);
+                const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, ssd_scan_bwd_workspace, q);
+                q.workspace = ws.defined() ? ws.raw_data() : nullptr;
+                HYDRA_LAUNCH(dev, ssd_scan_bwd, q);
+                return std::vector<Tensor>{gx, gdl, gA, gB, gC, gh0};
+              });
+  }
+  return {y, h_last};
+}
+
+// Whether the kernels take this scan: any size on the CPU (f32, f64); on CUDA the sizes
+// ssd_scan_supported names.
+bool fused_applies(const Tensor& u, int64_t H, int64_t N, int64_t chunk_len) {
+  if (u.size(0) * u.size(1) * u.size(2) == 0) return false;
+  if (u.device().is_cpu()) return u.dtype() == DType::kF32 || u.dtype() == DType::kF64;
+#if HYDRA_WITH_CUDA
+  kernels::SsdScanParams p;
+  p.dtype = u.dtype();
+  p.batch = u.size(0), p.len = u.size(1), p.heads = H, p.head_dim = u.size(2) / H, p.state = N;
+  p.chunk_len = chunk_len;
+  return kernels::cuda::ssd_scan_supported(p);
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 SelectiveScanResult ssd_scan(const Tensor& u_in, const Tensor& delta_raw, const Tensor& A_log,
                              const Tensor& B_in, const Tensor& C_in, const Tensor& D,
                              const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
                              int64_t chunk_len) {
+  check(u_in.dim() == 3 && is_floating(u_in.dtype()),
+        "u must be [B, L, D] floating, got " + shape_str(u_in.shape()));
+  check(chunk_len >= 1, "chunk_len must be >= 1, got " + std::to_string(chunk_len));
+  check(A_log.dim() == 1 && A_log.size(0) >= 1 && u_in.size(2) % A_log.size(0) == 0,
+        "A_log " + shape_str(A_log.shape()) + " must be [H] with H dividing u's " +
+            std::to_string(u_in.size(2)) + " channels");
+  check(B_in.dim() == 3, "B has shape " + shape_str(B_in.shape()) + ", expected [B, L, N]");
+  const bool same_dtype = B_in.dtype() == u_in.dtype() && C_in.dtype() == u_in.dtype();
+  if (!same_dtype || !fused_applies(u_in, A_log.size(0), B_in.size(2), chunk_len))
+    return ssd_scan_composed(u_in, delta_raw, A_log, B_in, C_in, D, dt_bias, z, h0, chunk_len);
+  const int64_t Bsz = u_in.size(0), L = u_in.size(1), Dm = u_in.size(2), H = A_log.size(0),
+                N = B_in.size(2);
+  auto expect = [&](const char* name, const Tensor& t, const Shape& s) {
+    check(t.shape() == s,
+          std::string(name) + " has shape " + shape_str(t.shape()) + ", expected " + shape_str(s));
+    check(t.device() == u_in.device(),
+          std::string(name) + " is on " + t.device().str() + ", expected " + u_in.device().str());
+  };
+  expect("B", B_in, {Bsz, L, N});
+  expect("delta", delta_raw, {Bsz, L, H});
+  expect("C", C_in, {Bsz, L, N});
+  if (D.defined()) expect("D", D, {Dm});
+  if (dt_bias.defined()) expect("dt_bias", dt_bias, {H});
+  if (z.defined()) expect("z", z, {Bsz, L, Dm});
+  if (h0.defined()) expect("h0", h0, {Bsz, Dm, N});
+  const DType acc = accumulate_dtype(u_in.dtype());
+  Tensor dl = delta_raw.to(acc);
+  if (dt_bias.defined()) dl = add(dl, dt_bias.to(acc));
+  dl = softplus(dl);                         // [B, L, H]
+  const Tensor A = neg(exp(A_log.to(acc)));  // [H], the decay rates (negative)
+  auto [core, h_last] =
+      ssd_core(u_in, dl, A, B_in, C_in, h0.defined() ? h0.to(acc) : Tensor(), chunk_len);
+  Tensor y = core;
+  if (D.defined()) y = add(y, mul(u_in.to(acc), D.to(acc)));
+  if (z.defined()) y = mul(y, silu(z.to(acc)));
+  return {y.to(u_in.dtype()), h_last};
+}
+
+SelectiveScanResult ssd_scan_composed(const Tensor& u_in, const Tensor& delta_raw,
+                                      const Tensor& A_log, const Tensor& B_in, const Tensor& C_in,
+                                      const Tensor& D, const Tensor& dt_bias, const Tensor& z,
+                                      const Tensor& h0, int64_t chunk_len) {
   check(u_in.dim() == 3 && is_floating(u_in.dtype()),
         "u must be [B, L, D] floating, got " + shape_str(u_in.shape()));
   check(chunk_len >= 1, "chunk_len must be >= 1, got " + std::to_string(chunk_len));

@@ -274,7 +274,8 @@ void toy_step_rows(Report& report, const Floors& f) {
                       selective_scan(u, dt, A1, B1, C1, D, bias, z, Tensor()).y.backward(gy);
                     });
     }
-    // The SSD form on the same tokens: 12 heads of 64 channels, chunks of 64 steps. Its floor is
+    // The SSD form on the same tokens: 12 heads of 64 channels, chunks of 64 steps (fused kernels,
+    // and composed of ops for comparison). Its floor is
     // the same bytes (u, delta, z in, y out; fwd+bwd 11 passes) as the fused scan's.
     const int64_t H = di / 64;
     Tensor dth = rnd({B, L, H}, DType::kBF16, 0.5), Ah = rnd({H}, DType::kBF16, 0.3),
@@ -289,6 +290,11 @@ void toy_step_rows(Report& report, const Floors& f) {
                   [&] {
                     for (Tensor* t : {&u, &dth, &z, &Bm, &Cm}) t->set_grad(Tensor());
                     ssd_scan(u, dth, Ah, Bm, Cm, D, biash, z, Tensor()).y.backward(gy);
+                  });
+    bandwidth_row(report, f, "toy32k ssd_scan composed fwd+bwd [4, 8192, 12 x 64, N 16]",
+                  11.0 * T * di * 2, [&] {
+                    for (Tensor* t : {&u, &dth, &z, &Bm, &Cm}) t->set_grad(Tensor());
+                    ssd_scan_composed(u, dth, Ah, Bm, Cm, D, biash, z, Tensor()).y.backward(gy);
                   });
   }
   {  // a block's combine: x + 3 paths * gate * mix; fwd reads x and the outputs, writes y (5

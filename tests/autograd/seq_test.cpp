@@ -386,6 +386,40 @@ TEST(SsdScan, GradientsEqualTheSelectiveScans) {
       ASSERT_NEAR(a[k][i], b[k][i], 1e-10) << "input " << k << " entry " << i;
 }
 
+// The fused kernels (what ssd_scan runs) against the same form composed of ops: outputs and every
+// gradient, f64, with every optional input and without, chunks that do not divide the length.
+TEST(SsdScan, FusedKernelsEqualTheComposedForm) {
+  for (const bool full : {true, false})
+    for (const int64_t chunk : {1, 3, 8, 64}) {
+      const SsdInputs s = ssd_inputs(2, 19, 3, 4, 5, 750 + chunk, true);
+      std::vector<Tensor> in = s.list();
+      if (!full) in[5] = in[6] = in[7] = in[8] = Tensor();
+      Generator gen(11);
+      const Tensor wy = randn({2, 19, 12}, gen, 0, 1, DType::kF64),
+                   wh = randn({2, 12, 5}, gen, 0, 1, DType::kF64);
+      auto run = [&](bool fused) {
+        for (const Tensor& t : in)
+          if (t.defined()) t.set_grad(Tensor());
+        const SelectiveScanResult r =
+            fused ? ssd_scan(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], in[8], chunk)
+                  : ssd_scan_composed(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], in[8],
+                                      chunk);
+        add(sum(mul(r.y, wy)), sum(mul(r.h_last, wh))).backward();
+        std::vector<std::vector<double>> out = {r.y.to_vector<double>(),
+                                                r.h_last.to_vector<double>()};
+        for (const Tensor& t : in)
+          if (t.defined()) out.push_back(t.grad().to_vector<double>());
+        return out;
+      };
+      const auto a = run(true), b = run(false);
+      ASSERT_EQ(a.size(), b.size());
+      for (std::size_t k = 0; k < a.size(); ++k)
+        for (std::size_t i = 0; i < a[k].size(); ++i)
+          ASSERT_NEAR(a[k][i], b[k][i], 1e-10)
+              << "full " << full << " chunk " << chunk << " result " << k << " entry " << i;
+    }
+}
+
 TEST(SsdScan, StridedSlicesOfProjectionsMatchPackedInputs) {
   // u and z are the halves of an in_proj output; B and C slices of an x_proj output (as in the
   // model), whose length is a whole number of chunks (no padding copies them).

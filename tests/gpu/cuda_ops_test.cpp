@@ -930,6 +930,17 @@ TEST(CudaOps, CudnnAttentionMatchesCpu) {
         << "the backward ran whole although one sequence's scratch (" << one
         << " bytes) was the cap";
   }
+  {  // a malformed cap is an error that names the variable (read when a plan is built: a new shape)
+    const testing::ScopedEnv bad("HYDRA_CUDNN_WORKSPACE_MB", "12x");
+    const Tensor x = rnd({1, 128, 1, 64}, 74).to(DType::kBF16).to(Device::cuda(0));
+    try {
+      (void)sparse_attention(x, x, x, {0, 0}, 0.125);
+      ADD_FAILURE() << "HYDRA_CUDNN_WORKSPACE_MB=12x was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("HYDRA_CUDNN_WORKSPACE_MB='12x'"), std::string::npos)
+          << e.what();
+    }
+  }
   // Deterministic mode: the same gradients bit for bit, run to run.
   auto grads = [] {
     Tensor q = rnd({2, 512, 2, 64}, 67).to(DType::kBF16).to(Device::cuda(0));
