@@ -130,8 +130,7 @@ void fwd(const SsdScanParams& p) {
             yt[j] = et * off;
           }
           for (int64_t s = 0; s <= t; ++s) {
-            const T m =
-                G[t * Q + s] * std::exp(cs[t] - cs[s]) * v.dl_at(b, c * Q + s, h);
+            const T m = G[t * Q + s] * std::exp(cs[t] - cs[s]) * v.dl_at(b, c * Q + s, h);
             const T* xs = v.x_at(b, c * Q + s, h);
             for (int64_t j = 0; j < P; ++j) yt[j] += m * xs[j];
           }

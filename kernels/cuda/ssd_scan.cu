@@ -26,12 +26,18 @@ struct Dims {
   int64_t Bz, L, H, P, N, Q, nc, Dm;
 };
 Dims dims_of(const SsdScanParams& p) {
-  return {p.batch, p.len, p.heads,          p.head_dim,
-          p.state, p.chunk_len, ssd_num_chunks(p.len, p.chunk_len), p.heads * p.head_dim};
+  return {p.batch,
+          p.len,
+          p.heads,
+          p.head_dim,
+          p.state,
+          p.chunk_len,
+          ssd_num_chunks(p.len, p.chunk_len),
+          p.heads * p.head_dim};
 }
 
-// cs[t] = sum_{i <= t} dl_i A for the chunk's steps (t < q; later entries repeat the total), by warp
-// 0 (two steps a lane). dl points at dl[b, t0, h]; consecutive steps are H apart.
+// cs[t] = sum_{i <= t} dl_i A for the chunk's steps (t < q; later entries repeat the total), by
+// warp 0 (two steps a lane). dl points at dl[b, t0, h]; consecutive steps are H apart.
 __device__ void chunk_cumsum(const float* dl, int64_t H, float A, int q, float* cs) {
   if (threadIdx.x >= 32) return;
   const int lane = threadIdx.x, t0 = 2 * lane, t1 = t0 + 1;
@@ -65,8 +71,7 @@ __device__ void load_qn(const T* src, int64_t row, int q, int N, float* dst) {
 
 // 1: each chunk's state from zero, S[n, p] = sum_s exp(T - cs_s) dl_s B_s[n] x_s[p], into states.
 template <class T>
-__global__ void __launch_bounds__(kThreads)
-    chunk_state_kernel(SsdScanParams p, Dims d) {
+__global__ void __launch_bounds__(kThreads) chunk_state_kernel(SsdScanParams p, Dims d) {
   __shared__ float Bs[kQ * kSN], xs[kQ * kS], w[kQ], cs[kQ];
   const int64_t c = blockIdx.x, b = blockIdx.y, t0 = c * d.Q;
   const int q = static_cast<int>(std::min<int64_t>(d.Q, d.L - t0));
@@ -113,8 +118,8 @@ __global__ void __launch_bounds__(kThreads) state_pass_kernel(SsdScanParams p, D
   for (int64_t c = 0; c < d.nc; ++c) {
     const int64_t t0 = c * d.Q;
     const int q = static_cast<int>(std::min<int64_t>(d.Q, d.L - t0));
-    const float e = __expf(chunk_total(static_cast<const float*>(p.dl) + (b * d.L + t0) * d.H + h,
-                                       d.H, A, q, red));
+    const float e = __expf(
+        chunk_total(static_cast<const float*>(p.dl) + (b * d.L + t0) * d.H + h, d.H, A, q, red));
     float* S = static_cast<float*>(p.states) + ((b * d.H + h) * d.nc + c) * NP;
     for (int k = 0; k < kN * kP / kThreads; ++k) {
       const int i = threadIdx.x + k * kThreads;
@@ -161,9 +166,9 @@ __global__ void __launch_bounds__(kThreads) chunk_out_kernel(SsdScanParams p, Di
     chunk_cumsum(dl + h, d.H, A, q, cs);
     for (int i = threadIdx.x; i < kQ * kP; i += kThreads) {
       const int t = i / kP, j = i % kP;
-      xd[t * kS + j] = t < q && j < d.P ? dl[t * d.H + h] *
-                                             load(X, (b * d.L + t0 + t) * p.x_row + h * d.P + j)
-                                       : 0.f;
+      xd[t * kS + j] = t < q && j < d.P
+                           ? dl[t * d.H + h] * load(X, (b * d.L + t0 + t) * p.x_row + h * d.P + j)
+                           : 0.f;
     }
     const float* Hin = static_cast<const float*>(p.states) + ((b * d.H + h) * d.nc + c) * d.N * d.P;
     for (int i = threadIdx.x; i < kN * kP; i += kThreads) {
@@ -268,8 +273,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = d.nc - 1; c >= 0; --c) {
     const int64_t t0 = c * d.Q;
     const int len = static_cast<int>(std::min<int64_t>(d.Q, d.L - t0));
-    const float e = __expf(chunk_total(static_cast<const float*>(p.dl) + (b * d.L + t0) * d.H + h,
-                                       d.H, A, len, red));
+    const float e = __expf(
+        chunk_total(static_cast<const float*>(p.dl) + (b * d.L + t0) * d.H + h, d.H, A, len, red));
     const int64_t off = ((b * d.H + h) * d.nc + c) * NP;
     const float* Hin = static_cast<const float*>(p.states) + off;
     float dot = 0.f;
@@ -293,18 +298,17 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Shared memory of the chunk-gradient kernel, in floats.
-constexpr int kGradSmem = 4 * kQ * kSN     // Bs, Cs, gCa, gBa
-                          + 4 * kQ * kS    // G, gG, R, M
-                          + 2 * kQ * kS    // xd, gys
-                          + 2 * kN * kS    // Hs, Es
-                          + 2 * kQ * kSN   // hgc, exb
-                          + 5 * kQ;        // cs, gcs, gdx, e, e2
+constexpr int kGradSmem = 4 * kQ * kSN    // Bs, Cs, gCa, gBa
+                          + 4 * kQ * kS   // G, gG, R, M
+                          + 2 * kQ * kS   // xd, gys
+                          + 2 * kN * kS   // Hs, Es
+                          + 2 * kQ * kSN  // hgc, exb
+                          + 5 * kQ;       // cs, gcs, gdx, e, e2
 
 // 3: each chunk's gradients (the CPU kernel's phase 3), every head in turn; gB and gC after them.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    chunk_grad_kernel(SsdScanBwdParams q, Dims d, const float* E, const float* gT,
-                      float* gA_part) {
+    chunk_grad_kernel(SsdScanBwdParams q, Dims d, const float* E, const float* gT, float* gA_part) {
   extern __shared__ float sm[];
   float *Bs = sm, *Cs = Bs + kQ * kSN, *gCa = Cs + kQ * kSN, *gBa = gCa + kQ * kSN,
         *G = gBa + kQ * kSN, *gG = G + kQ * kS, *R = gG + kQ * kS, *M = R + kQ * kS,
