@@ -469,7 +469,7 @@ std::unique_ptr<Graph> build_graph(cudnnHandle_t h, const Key& k, std::string& r
 
 // The plan for `k` (built on first use), or one whose `graph` is null where cuDNN refused it. A
 // graph whose workspace would pass the cap (the deterministic backward's grows with batch x heads
-// x length^2: 3 GiB at 4 x 8K with 8 heads of 64) is rebuilt for the largest divisor of the batch
+// x length^2: 3 GiB at 4 x 8K with 6 heads of 64) is rebuilt for the largest divisor of the batch
 // whose workspace fits, and runs once per that many sequences; refused where one does not fit.
 const Plan& plan_for(const Key& k) {
   Cache& c = cache();
