@@ -55,6 +55,37 @@ Tensor segment_decays(const Tensor& s) {
 
 void check(bool ok, const std::string& what) { HYDRA_CHECK(ok) << "ssd_scan: " << what; }
 
+// The inputs' shapes and devices, each error naming the input (both paths run these).
+void check_inputs(const Tensor& u, const Tensor& delta_raw, const Tensor& A_log, const Tensor& B,
+                  const Tensor& C, const Tensor& D, const Tensor& dt_bias, const Tensor& z,
+                  const Tensor& h0, int64_t chunk_len) {
+  check(u.dim() == 3 && is_floating(u.dtype()),
+        "u must be [B, L, D] floating, got " + shape_str(u.shape()));
+  check(chunk_len >= 1, "chunk_len must be >= 1, got " + std::to_string(chunk_len));
+  const int64_t Bsz = u.size(0), L = u.size(1), Dm = u.size(2);
+  check(A_log.dim() == 1 && A_log.size(0) >= 1 && Dm % A_log.size(0) == 0,
+        "A_log " + shape_str(A_log.shape()) + " must be [H] with H dividing u's " +
+            std::to_string(Dm) + " channels");
+  const int64_t H = A_log.size(0);
+  check(B.dim() == 3 && B.size(0) == Bsz && B.size(1) == L,
+        "B has shape " + shape_str(B.shape()) + ", expected [" + std::to_string(Bsz) + ", " +
+            std::to_string(L) + ", N]");
+  const int64_t N = B.size(2);
+  auto expect = [&](const char* name, const Tensor& t, const Shape& s) {
+    check(t.shape() == s,
+          std::string(name) + " has shape " + shape_str(t.shape()) + ", expected " + shape_str(s));
+    check(t.device() == u.device(),
+          std::string(name) + " is on " + t.device().str() + ", expected " + u.device().str());
+  };
+  expect("delta", delta_raw, {Bsz, L, H});
+  expect("B", B, {Bsz, L, N});
+  expect("C", C, {Bsz, L, N});
+  if (D.defined()) expect("D", D, {Dm});
+  if (dt_bias.defined()) expect("dt_bias", dt_bias, {H});
+  if (z.defined()) expect("z", z, {Bsz, L, Dm});
+  if (h0.defined()) expect("h0", h0, {Bsz, Dm, N});
+}
+
 void* data_or_null(const Tensor& t) { return t.defined() ? t.raw_data() : nullptr; }
 
 // The kernels' scan: x [B, L, H P] and B, C [B, L, N] in one dtype, dl [B, L, H] and A [H] (and h0)
@@ -140,31 +171,10 @@ SelectiveScanResult ssd_scan(const Tensor& u_in, const Tensor& delta_raw, const 
                              const Tensor& B_in, const Tensor& C_in, const Tensor& D,
                              const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
                              int64_t chunk_len) {
-  check(u_in.dim() == 3 && is_floating(u_in.dtype()),
-        "u must be [B, L, D] floating, got " + shape_str(u_in.shape()));
-  check(chunk_len >= 1, "chunk_len must be >= 1, got " + std::to_string(chunk_len));
-  check(A_log.dim() == 1 && A_log.size(0) >= 1 && u_in.size(2) % A_log.size(0) == 0,
-        "A_log " + shape_str(A_log.shape()) + " must be [H] with H dividing u's " +
-            std::to_string(u_in.size(2)) + " channels");
-  check(B_in.dim() == 3, "B has shape " + shape_str(B_in.shape()) + ", expected [B, L, N]");
+  check_inputs(u_in, delta_raw, A_log, B_in, C_in, D, dt_bias, z, h0, chunk_len);
   const bool same_dtype = B_in.dtype() == u_in.dtype() && C_in.dtype() == u_in.dtype();
   if (!same_dtype || !fused_applies(u_in, A_log.size(0), B_in.size(2), chunk_len))
     return ssd_scan_composed(u_in, delta_raw, A_log, B_in, C_in, D, dt_bias, z, h0, chunk_len);
-  const int64_t Bsz = u_in.size(0), L = u_in.size(1), Dm = u_in.size(2), H = A_log.size(0),
-                N = B_in.size(2);
-  auto expect = [&](const char* name, const Tensor& t, const Shape& s) {
-    check(t.shape() == s,
-          std::string(name) + " has shape " + shape_str(t.shape()) + ", expected " + shape_str(s));
-    check(t.device() == u_in.device(),
-          std::string(name) + " is on " + t.device().str() + ", expected " + u_in.device().str());
-  };
-  expect("B", B_in, {Bsz, L, N});
-  expect("delta", delta_raw, {Bsz, L, H});
-  expect("C", C_in, {Bsz, L, N});
-  if (D.defined()) expect("D", D, {Dm});
-  if (dt_bias.defined()) expect("dt_bias", dt_bias, {H});
-  if (z.defined()) expect("z", z, {Bsz, L, Dm});
-  if (h0.defined()) expect("h0", h0, {Bsz, Dm, N});
   const DType acc = accumulate_dtype(u_in.dtype());
   Tensor dl = delta_raw.to(acc);
   if (dt_bias.defined()) dl = add(dl, dt_bias.to(acc));
@@ -182,30 +192,9 @@ SelectiveScanResult ssd_scan_composed(const Tensor& u_in, const Tensor& delta_ra
                                       const Tensor& A_log, const Tensor& B_in, const Tensor& C_in,
                                       const Tensor& D, const Tensor& dt_bias, const Tensor& z,
                                       const Tensor& h0, int64_t chunk_len) {
-  check(u_in.dim() == 3 && is_floating(u_in.dtype()),
-        "u must be [B, L, D] floating, got " + shape_str(u_in.shape()));
-  check(chunk_len >= 1, "chunk_len must be >= 1, got " + std::to_string(chunk_len));
-  const int64_t Bsz = u_in.size(0), L = u_in.size(1), Dm = u_in.size(2);
-  check(A_log.dim() == 1 && A_log.size(0) >= 1 && Dm % A_log.size(0) == 0,
-        "A_log " + shape_str(A_log.shape()) + " must be [H] with H dividing u's " +
-            std::to_string(Dm) + " channels");
-  const int64_t H = A_log.size(0), P = Dm / H;
-  check(B_in.dim() == 3 && B_in.size(0) == Bsz && B_in.size(1) == L,
-        "B has shape " + shape_str(B_in.shape()) + ", expected [" + std::to_string(Bsz) + ", " +
-            std::to_string(L) + ", N]");
-  const int64_t N = B_in.size(2);
-  auto expect = [&](const char* name, const Tensor& t, const Shape& s) {
-    check(t.shape() == s,
-          std::string(name) + " has shape " + shape_str(t.shape()) + ", expected " + shape_str(s));
-    check(t.device() == u_in.device(),
-          std::string(name) + " is on " + t.device().str() + ", expected " + u_in.device().str());
-  };
-  expect("delta", delta_raw, {Bsz, L, H});
-  expect("C", C_in, {Bsz, L, N});
-  if (D.defined()) expect("D", D, {Dm});
-  if (dt_bias.defined()) expect("dt_bias", dt_bias, {H});
-  if (z.defined()) expect("z", z, {Bsz, L, Dm});
-  if (h0.defined()) expect("h0", h0, {Bsz, Dm, N});
+  check_inputs(u_in, delta_raw, A_log, B_in, C_in, D, dt_bias, z, h0, chunk_len);
+  const int64_t Bsz = u_in.size(0), L = u_in.size(1), Dm = u_in.size(2), H = A_log.size(0),
+                P = Dm / H, N = B_in.size(2);
 
   // Everything computes in the accumulate dtype (fp32 for 16-bit inputs).
   const DType acc = accumulate_dtype(u_in.dtype());

@@ -49,6 +49,16 @@ struct SsdView {
   // [N, P] blocks of [B, H, nc, N, P] buffers
   int64_t block(int64_t b, int64_t h, int64_t c) const { return ((b * H + h) * nc + c) * N * P; }
   int64_t len_of(int64_t c) const { return std::min(Q, L - c * Q); }
+  // A (sequence, head)'s [N, P] state from the [B, H P, N] layout of h0 and h_last (zeros from
+  // null), and back.
+  void state_in(const T* src, int64_t b, int64_t h, T* dst) const {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < P; ++j) dst[n * P + j] = src ? src[(b * Dm + h * P + j) * N + n] : 0;
+  }
+  void state_out(const T* src, int64_t b, int64_t h, T* dst) const {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < P; ++j) dst[(b * Dm + h * P + j) * N + n] = src[n * P + j];
+  }
   // cs for head h of chunk c of sequence b, into cs[0 .. q)
   void cumulative(int64_t b, int64_t c, int64_t h, T* cs) const {
     T run = 0;
@@ -91,9 +101,7 @@ void fwd(const SsdScanParams& p) {
     std::vector<T> cur(N * P), tmp(N * P);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < P; ++j)
-          cur[n * P + j] = h0 ? h0[(b * v.Dm + h * P + j) * N + n] : T(0);
+      v.state_in(h0, b, h, cur.data());
       for (int64_t c = 0; c < nc; ++c) {
         T* S = v.states + v.block(b, h, c);
         const T e = std::exp(total[i * nc + c]);
@@ -101,8 +109,7 @@ void fwd(const SsdScanParams& p) {
         std::copy(cur.begin(), cur.end(), S);
         for (int64_t k = 0; k < N * P; ++k) cur[k] = e * cur[k] + tmp[k];
       }
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < P; ++j) h_last[(b * v.Dm + h * P + j) * N + n] = cur[n * P + j];
+      v.state_out(cur.data(), b, h, h_last);
     }
   });
   // 3: the outputs
@@ -175,9 +182,7 @@ void bwd(const SsdScanBwdParams& q) {
     std::vector<T> g(N * P), u(N * P);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < P; ++j)
-          g[n * P + j] = g_hlast ? g_hlast[(b * Dm + h * P + j) * N + n] : T(0);
+      v.state_in(g_hlast, b, h, g.data());
       for (int64_t c = nc - 1; c >= 0; --c) {
         T* Ec = E.data() + v.block(b, h, c);
         const T* Hin = v.states + v.block(b, h, c);
@@ -189,9 +194,7 @@ void bwd(const SsdScanBwdParams& q) {
         gT[i * nc + c] = e * dot;
         for (int64_t k = 0; k < N * P; ++k) g[k] = e * g[k] + u[k];
       }
-      if (gh0)
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t j = 0; j < P; ++j) gh0[(b * Dm + h * P + j) * N + n] = g[n * P + j];
+      if (gh0) v.state_out(g.data(), b, h, gh0);
     }
   });
   // 3: each chunk's gradients
