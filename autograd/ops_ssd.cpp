@@ -115,7 +115,12 @@ SelectiveScanResult ssd_core(const Tensor& x_in, const Tensor& dl_in, const Tens
   p.h0 = data_or_null(h0);
   p.y = y.raw_data(), p.h_last = h_last.raw_data(), p.states = states.raw_data();
   p.stream = current_stream(dev);
-  HYDRA_LAUNCH(dev, ssd_scan_fwd, p);
+  {
+    const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, ssd_scan_fwd_workspace, p);
+    p.workspace = ws.defined() ? ws.raw_data() : nullptr;
+    HYDRA_LAUNCH(dev, ssd_scan_fwd, p);
+    p.workspace = nullptr;  // released with `ws`
+  }
   if (any_requires_grad({x_in, dl_in, A_in, B_in, C_in, h0_in})) {
     const std::vector<SavedTensor> saved = {SavedTensor(x),     SavedTensor(dl), SavedTensor(A),
                                             SavedTensor(Bm),    SavedTensor(Cm), SavedTensor(h0),

@@ -31,11 +31,12 @@ struct SsdScanParams {
   void* y = nullptr;         // [B, L, H * P] contiguous, accumulate dtype
   void* h_last = nullptr;    // [B, H * P, N] accumulate dtype
   void* states = nullptr;    // [B, H, chunks, N, P] accumulate dtype: the state entering each chunk
+  void* workspace = nullptr;  // CUDA: ssd_scan_fwd_workspace(p) bytes
   void* stream = nullptr;
 };
 
 struct SsdScanBwdParams {
-  SsdScanParams fwd;              // the forward's inputs, fwd.states as the forward wrote them
+  SsdScanParams fwd;  // the forward's inputs, fwd.states as the forward wrote them (not workspace)
   const void* gy = nullptr;       // [B, L, H * P] contiguous, accumulate dtype
   const void* g_hlast = nullptr;  // [B, H * P, N] accumulate dtype, or null
   void* gx = nullptr;             // [B, L, H * P] contiguous, dtype
@@ -58,6 +59,7 @@ namespace cuda {
 // Whether the CUDA kernels take these sizes (chunk_len and head_dim at most 64, state at most 16,
 // f32 or bf16); the op composes the form from other ops where they do not.
 bool ssd_scan_supported(const SsdScanParams& p);
+size_t ssd_scan_fwd_workspace(const SsdScanParams& p);
 size_t ssd_scan_bwd_workspace(const SsdScanBwdParams& p);
 }  // namespace cuda
 

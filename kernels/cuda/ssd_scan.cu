@@ -52,12 +52,6 @@ __device__ void chunk_cumsum(const float* dl, int64_t H, float A, int q, float* 
   cs[t1] = incl;
 }
 
-// The chunk's total log-decay sum_t dl_t A, every thread getting it.
-__device__ float chunk_total(const float* dl, int64_t H, float A, int q, float* red) {
-  const float a = threadIdx.x < q ? dl[threadIdx.x * H] * A : 0.f;
-  return block_sum(a, red);
-}
-
 // [Q, N] rows of B or C at steps t0 .. t0 + q (zeros after q).
 template <class T>
 __device__ void load_qn(const T* src, int64_t row, int q, int N, float* dst) {
@@ -71,7 +65,8 @@ __device__ void load_qn(const T* src, int64_t row, int q, int N, float* dst) {
 
 // 1: each chunk's state from zero, S[n, p] = sum_s exp(T - cs_s) dl_s B_s[n] x_s[p], into states.
 template <class T>
-__global__ void __launch_bounds__(kThreads) chunk_state_kernel(SsdScanParams p, Dims d) {
+__global__ void __launch_bounds__(kThreads)
+    chunk_state_kernel(SsdScanParams p, Dims d, float* totals) {
   __shared__ float Bs[kQ * kSN], xs[kQ * kS], w[kQ], cs[kQ];
   const int64_t c = blockIdx.x, b = blockIdx.y, t0 = c * d.Q;
   const int q = static_cast<int>(std::min<int64_t>(d.Q, d.L - t0));
@@ -89,6 +84,7 @@ __global__ void __launch_bounds__(kThreads) chunk_state_kernel(SsdScanParams p, 
     if (threadIdx.x < kQ) {
       const int t = threadIdx.x;
       w[t] = t < q ? __expf(cs[q - 1] - cs[t]) * dl[t * d.H + h] : 0.f;
+      if (t == 0) totals[(b * d.H + h) * d.nc + c] = cs[q - 1];
     }
     __syncthreads();
     float* S = static_cast<float*>(p.states) + ((b * d.H + h) * d.nc + c) * d.N * d.P;
@@ -102,38 +98,29 @@ __global__ void __launch_bounds__(kThreads) chunk_state_kernel(SsdScanParams p, 
   }
 }
 
-// 2: the states between chunks, a block per (sequence, head): states[c] becomes the state entering
-// chunk c; h_last the last one.
-__global__ void __launch_bounds__(kThreads) state_pass_kernel(SsdScanParams p, Dims d) {
-  __shared__ float red[kThreads / 32];
-  const int64_t b = blockIdx.x / d.H, h = blockIdx.x % d.H;
-  const float A = static_cast<const float*>(p.A)[h];
+// 2: the states between chunks, a thread per state element (a block per 64 of a (sequence, head)'s
+// N P): states[c] becomes the state entering chunk c; h_last the last one. The loads of later
+// chunks do not wait on the recurrence, so unrolling keeps several in flight.
+constexpr int kPassThreads = 64;
+
+__global__ void __launch_bounds__(kPassThreads)
+    state_pass_kernel(SsdScanParams p, Dims d, const float* totals) {
+  const int NP = int(d.N * d.P), parts = (NP + kPassThreads - 1) / kPassThreads;
+  const int64_t bh = blockIdx.x / parts, b = bh / d.H, h = bh % d.H;
+  const int i = (blockIdx.x % parts) * kPassThreads + threadIdx.x;
+  if (i >= NP) return;
+  const int n = i / int(d.P), j = i % int(d.P);
   const float* h0 = static_cast<const float*>(p.h0);
-  const int NP = int(d.N * d.P);
-  float cur[kN * kP / kThreads];
-  for (int k = 0; k < kN * kP / kThreads; ++k) {
-    const int i = threadIdx.x + k * kThreads, n = i / int(d.P), j = i % int(d.P);
-    cur[k] = i < NP && h0 ? h0[(b * d.Dm + h * d.P + j) * d.N + n] : 0.f;
-  }
+  float cur = h0 ? h0[(b * d.Dm + h * d.P + j) * d.N + n] : 0.f;
+  float* S = static_cast<float*>(p.states) + bh * d.nc * NP + i;
+  const float* tot = totals + bh * d.nc;
+#pragma unroll 8
   for (int64_t c = 0; c < d.nc; ++c) {
-    const int64_t t0 = c * d.Q;
-    const int q = static_cast<int>(std::min<int64_t>(d.Q, d.L - t0));
-    const float e = __expf(
-        chunk_total(static_cast<const float*>(p.dl) + (b * d.L + t0) * d.H + h, d.H, A, q, red));
-    float* S = static_cast<float*>(p.states) + ((b * d.H + h) * d.nc + c) * NP;
-    for (int k = 0; k < kN * kP / kThreads; ++k) {
-      const int i = threadIdx.x + k * kThreads;
-      if (i >= NP) break;
-      const float s = S[i];
-      S[i] = cur[k];
-      cur[k] = e * cur[k] + s;
-    }
+    const float s = S[c * NP], e = __expf(tot[c]);
+    S[c * NP] = cur;
+    cur = e * cur + s;
   }
-  float* h_last = static_cast<float*>(p.h_last);
-  for (int k = 0; k < kN * kP / kThreads; ++k) {
-    const int i = threadIdx.x + k * kThreads, n = i / int(d.P), j = i % int(d.P);
-    if (i < NP) h_last[(b * d.Dm + h * d.P + j) * d.N + n] = cur[k];
-  }
+  static_cast<float*>(p.h_last)[(b * d.Dm + h * d.P + j) * d.N + n] = cur;
 }
 
 // Shared memory of the output kernel, in floats.
@@ -212,10 +199,10 @@ __global__ void __launch_bounds__(kThreads) chunk_out_kernel(SsdScanParams p, Di
 
 // ---- backward ----
 
-// Workspace: E [B, H, nc, N, P] (first U, then the end states' gradients), gT [B, H, nc], the
-// gA partials [B * nc, H].
+// Workspace: E [B, H, nc, N, P] (first U, then the end states' gradients), the chunks' totals
+// [B, H, nc], the gA partials [B * nc, H].
 struct BwdBuffers {
-  float *E, *gT, *gA_part;
+  float *E, *totals, *gA_part;
 };
 BwdBuffers carve(void* ws, const Dims& d) {
   auto* base = static_cast<unsigned char*>(ws);
@@ -227,7 +214,8 @@ BwdBuffers carve(void* ws, const Dims& d) {
 
 // 1: U_c[n, p] = sum_t exp(cs_t) C_t[n] gy_t[p], into E.
 template <class T>
-__global__ void __launch_bounds__(kThreads) chunk_u_kernel(SsdScanBwdParams q, Dims d, float* E) {
+__global__ void __launch_bounds__(kThreads)
+    chunk_u_kernel(SsdScanBwdParams q, Dims d, float* E, float* totals) {
   __shared__ float Cs[kQ * kSN], gys[kQ * kS], e[kQ], cs[kQ];
   const SsdScanParams& p = q.fwd;
   const int64_t c = blockIdx.x, b = blockIdx.y, t0 = c * d.Q;
@@ -243,6 +231,7 @@ __global__ void __launch_bounds__(kThreads) chunk_u_kernel(SsdScanBwdParams q, D
     }
     __syncthreads();
     if (threadIdx.x < kQ) e[threadIdx.x] = threadIdx.x < len ? __expf(cs[threadIdx.x]) : 0.f;
+    if (threadIdx.x == 0) totals[(b * d.H + h) * d.nc + c] = cs[len - 1];
     __syncthreads();
     float* U = E + ((b * d.H + h) * d.nc + c) * d.N * d.P;
     for (int i = threadIdx.x; i < d.N * d.P; i += kThreads) {
@@ -255,46 +244,27 @@ __global__ void __launch_bounds__(kThreads) chunk_u_kernel(SsdScanBwdParams q, D
   }
 }
 
-// 2: E_c (the gradient on chunk c's end state), last chunk to first, replacing U_c; gT_c =
-// exp(T_c) <E_c, H_c>; gh0.
-__global__ void __launch_bounds__(kThreads)
-    reverse_pass_kernel(SsdScanBwdParams q, Dims d, float* E, float* gT) {
-  __shared__ float red[kThreads / 32];
-  const SsdScanParams& p = q.fwd;
-  const int64_t b = blockIdx.x / d.H, h = blockIdx.x % d.H;
-  const float A = static_cast<const float*>(p.A)[h];
+// 2: E_c (the gradient on chunk c's end state), last chunk to first, replacing U_c; gh0. A thread
+// per state element, as the forward's pass.
+__global__ void __launch_bounds__(kPassThreads)
+    reverse_pass_kernel(SsdScanBwdParams q, Dims d, float* E, const float* totals) {
+  const int NP = int(d.N * d.P), parts = (NP + kPassThreads - 1) / kPassThreads;
+  const int64_t bh = blockIdx.x / parts, b = bh / d.H, h = bh % d.H;
+  const int i = (blockIdx.x % parts) * kPassThreads + threadIdx.x;
+  if (i >= NP) return;
+  const int n = i / int(d.P), j = i % int(d.P);
   const float* g_hlast = static_cast<const float*>(q.g_hlast);
-  const int NP = int(d.N * d.P);
-  float g[kN * kP / kThreads];
-  for (int k = 0; k < kN * kP / kThreads; ++k) {
-    const int i = threadIdx.x + k * kThreads, n = i / int(d.P), j = i % int(d.P);
-    g[k] = i < NP && g_hlast ? g_hlast[(b * d.Dm + h * d.P + j) * d.N + n] : 0.f;
-  }
+  float g = g_hlast ? g_hlast[(b * d.Dm + h * d.P + j) * d.N + n] : 0.f;
+  float* Ec = E + bh * d.nc * NP + i;
+  const float* tot = totals + bh * d.nc;
+#pragma unroll 8
   for (int64_t c = d.nc - 1; c >= 0; --c) {
-    const int64_t t0 = c * d.Q;
-    const int len = static_cast<int>(std::min<int64_t>(d.Q, d.L - t0));
-    const float e = __expf(
-        chunk_total(static_cast<const float*>(p.dl) + (b * d.L + t0) * d.H + h, d.H, A, len, red));
-    const int64_t off = ((b * d.H + h) * d.nc + c) * NP;
-    const float* Hin = static_cast<const float*>(p.states) + off;
-    float dot = 0.f;
-    for (int k = 0; k < kN * kP / kThreads; ++k) {
-      const int i = threadIdx.x + k * kThreads;
-      if (i >= NP) break;
-      const float u = E[off + i];
-      E[off + i] = g[k];
-      dot += g[k] * Hin[i];
-      g[k] = e * g[k] + u;
-    }
-    dot = block_sum(dot, red);
-    if (threadIdx.x == 0) gT[(b * d.H + h) * d.nc + c] = e * dot;
+    const float u = Ec[c * NP], e = __expf(tot[c]);
+    Ec[c * NP] = g;
+    g = e * g + u;
   }
   float* gh0 = static_cast<float*>(q.gh0);
-  if (gh0)
-    for (int k = 0; k < kN * kP / kThreads; ++k) {
-      const int i = threadIdx.x + k * kThreads, n = i / int(d.P), j = i % int(d.P);
-      if (i < NP) gh0[(b * d.Dm + h * d.P + j) * d.N + n] = g[k];
-    }
+  if (gh0) gh0[(b * d.Dm + h * d.P + j) * d.N + n] = g;
 }
 
 // Shared memory of the chunk-gradient kernel, in floats.
@@ -308,8 +278,9 @@ constexpr int kGradSmem = 4 * kQ * kSN    // Bs, Cs, gCa, gBa
 // 3: each chunk's gradients (the CPU kernel's phase 3), every head in turn; gB and gC after them.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    chunk_grad_kernel(SsdScanBwdParams q, Dims d, const float* E, const float* gT, float* gA_part) {
+    chunk_grad_kernel(SsdScanBwdParams q, Dims d, const float* E, float* gA_part) {
   extern __shared__ float sm[];
+  __shared__ float red[kThreads / 32];
   float *Bs = sm, *Cs = Bs + kQ * kSN, *gCa = Cs + kQ * kSN, *gBa = gCa + kQ * kSN,
         *G = gBa + kQ * kSN, *gG = G + kQ * kS, *R = gG + kQ * kS, *M = R + kQ * kS,
         *xd = M + kQ * kS, *gys = xd + kQ * kS, *Hs = gys + kQ * kS, *Es = Hs + kN * kS,
@@ -352,6 +323,14 @@ __global__ void __launch_bounds__(kThreads)
       Es[n * kS + j] = in ? E[off + n * d.P + j] : 0.f;
     }
     __syncthreads();
+    // g T from the end state: exp(T) <E, H> (d H_{c+1} / d T = exp(T) H_c + the chunk's own part,
+    // whose share is added in D)
+    float dot = 0.f;
+    for (int i = threadIdx.x; i < kN * kP; i += kThreads) {
+      const int n = i / kP, j = i % kP;
+      dot += Es[n * kS + j] * Hs[n * kS + j];
+    }
+    const float gT = __expf(cs[len - 1]) * block_sum(dot, red);
     if (threadIdx.x < kQ) {
       const int t = threadIdx.x;
       e1[t] = t < len ? __expf(cs[t]) : 0.f;
@@ -448,7 +427,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x < 32) {
       const int lane = threadIdx.x;
       if (lane == 0 && len > 0) {
-        float extra = gT[(b * d.H + h) * d.nc + c];
+        float extra = gT;
         for (int s = 0; s < len; ++s) extra += R[s * kS + kQ];
         gcs[len - 1] += extra;
       }
@@ -512,6 +491,11 @@ bool ssd_scan_supported(const SsdScanParams& p) {
          p.state <= kN && p.heads >= 1 && p.batch <= 65535;
 }
 
+size_t ssd_scan_fwd_workspace(const SsdScanParams& p) {
+  const Dims d = dims_of(p);
+  return align256(size_t(d.Bz * d.H * d.nc) * 4) + 256;
+}
+
 size_t ssd_scan_bwd_workspace(const SsdScanBwdParams& q) {
   const Dims d = dims_of(q.fwd);
   return align256(size_t(d.Bz * d.H * d.nc * d.N * d.P) * 4) +
@@ -522,14 +506,18 @@ void ssd_scan_fwd(const SsdScanParams& p) {
   HYDRA_CHECK(ssd_scan_supported(p)) << "ssd_scan (CUDA): sizes not supported";
   const Dims d = dims_of(p);
   if (d.Bz * d.L * d.H == 0) return;
+  HYDRA_CHECK(p.workspace != nullptr) << "ssd_scan: workspace required";
   cudaStream_t s = as_stream(p.stream);
+  float* totals = reinterpret_cast<float*>(align256(reinterpret_cast<uintptr_t>(p.workspace)));
+  const unsigned pass_blocks =
+      static_cast<unsigned>(d.Bz * d.H * ((d.N * d.P + kPassThreads - 1) / kPassThreads));
   dispatch_float(p.dtype, "ssd_scan", [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (!std::is_same_v<T, double>) {
       const dim3 chunks(static_cast<unsigned>(d.nc), static_cast<unsigned>(d.Bz));
-      chunk_state_kernel<T><<<chunks, kThreads, 0, s>>>(p, d);
+      chunk_state_kernel<T><<<chunks, kThreads, 0, s>>>(p, d, totals);
       HYDRA_CUDA_LAUNCH_CHECK();
-      state_pass_kernel<<<static_cast<unsigned>(d.Bz * d.H), kThreads, 0, s>>>(p, d);
+      state_pass_kernel<<<pass_blocks, kPassThreads, 0, s>>>(p, d, totals);
       HYDRA_CUDA_LAUNCH_CHECK();
       const size_t bytes = kOutSmem * sizeof(float);
       allow_dynamic_smem(chunk_out_kernel<T>, bytes, "ssd_scan");
@@ -552,13 +540,15 @@ void ssd_scan_bwd(const SsdScanBwdParams& q) {
     using T = typename decltype(tag)::type;
     if constexpr (!std::is_same_v<T, double>) {
       const dim3 chunks(static_cast<unsigned>(d.nc), static_cast<unsigned>(d.Bz));
-      chunk_u_kernel<T><<<chunks, kThreads, 0, s>>>(q, d, w.E);
+      chunk_u_kernel<T><<<chunks, kThreads, 0, s>>>(q, d, w.E, w.totals);
       HYDRA_CUDA_LAUNCH_CHECK();
-      reverse_pass_kernel<<<static_cast<unsigned>(d.Bz * d.H), kThreads, 0, s>>>(q, d, w.E, w.gT);
+      const unsigned pass_blocks =
+          static_cast<unsigned>(d.Bz * d.H * ((d.N * d.P + kPassThreads - 1) / kPassThreads));
+      reverse_pass_kernel<<<pass_blocks, kPassThreads, 0, s>>>(q, d, w.E, w.totals);
       HYDRA_CUDA_LAUNCH_CHECK();
       const size_t bytes = kGradSmem * sizeof(float);
       allow_dynamic_smem(chunk_grad_kernel<T>, bytes, "ssd_scan backward");
-      chunk_grad_kernel<T><<<chunks, kThreads, bytes, s>>>(q, d, w.E, w.gT, w.gA_part);
+      chunk_grad_kernel<T><<<chunks, kThreads, bytes, s>>>(q, d, w.E, w.gA_part);
       HYDRA_CUDA_LAUNCH_CHECK();
       gA_kernel<<<blocks_for(d.H, 128), 128, 0, s>>>(w.gA_part, d.Bz * d.nc, d.H,
                                                      static_cast<float*>(q.gA));
