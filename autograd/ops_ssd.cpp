@@ -1,9 +1,9 @@
 // Mamba-2's SSD form of the selective scan (ops.h: ssd_scan): the fused kernels
-// (kernels/ssd_scan.h) for the scan itself, with delta's softplus, D and the gate as ops around
-// them; and the same form composed of differentiable ops (ssd_scan_composed: the recurrence within
-// a chunk as a masked matrix product, the states between chunks as a second one over the chunks),
-// the reference the kernels are tested against and the path for sizes the CUDA kernels do not take
-// (spec/algorithms.md section 1, docs/MODEL.md "The SSD form").
+// (kernels/ssd_scan.h) for the scan, its skip term and its gate, with delta's softplus as ops
+// before them; and the same form composed of differentiable ops (ssd_scan_composed: the recurrence
+// within a chunk as a masked matrix product, the states between chunks as a second one over the
+// chunks), the reference the kernels are tested against and the path for sizes the CUDA kernels do
+// not take (spec/algorithms.md section 1, docs/MODEL.md "The SSD form").
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -88,22 +88,27 @@ void check_inputs(const Tensor& u, const Tensor& delta_raw, const Tensor& A_log,
 
 void* data_or_null(const Tensor& t) { return t.defined() ? t.raw_data() : nullptr; }
 
-// The kernels' scan: x [B, L, H P] and B, C [B, L, N] in one dtype, dl [B, L, H] and A [H] (and h0)
-// in its accumulate dtype; y [B, L, H P] and h_last [B, H P, N] in the accumulate dtype.
+// The kernels' scan: x [B, L, H P], B and C [B, L, N], D [H P] and z [B, L, H P] (each optional)
+// in one dtype, dl [B, L, H] and A [H] (and h0) in its accumulate dtype; y = (scan + D x) SiLU(z)
+// [B, L, H P] in the dtype, h_last [B, H P, N] in the accumulate dtype.
 SelectiveScanResult ssd_core(const Tensor& x_in, const Tensor& dl_in, const Tensor& A_in,
-                             const Tensor& B_in, const Tensor& C_in, const Tensor& h0_in,
-                             int64_t chunk_len) {
+                             const Tensor& B_in, const Tensor& C_in, const Tensor& D_in,
+                             const Tensor& z_in, const Tensor& h0_in, int64_t chunk_len) {
   const int64_t Bsz = x_in.size(0), L = x_in.size(1), Dm = x_in.size(2), H = A_in.size(0),
                 N = B_in.size(2);
   const DType acc = accumulate_dtype(x_in.dtype());
   const Device dev = x_in.device();
   const Tensor x = x_in.contiguous(), Bm = B_in.contiguous(), Cm = C_in.contiguous();
   const Tensor dl = dl_in.contiguous(), A = A_in.contiguous();
+  const Tensor D = D_in.defined() ? D_in.contiguous() : Tensor();
+  const Tensor z = z_in.defined() ? z_in.contiguous() : Tensor();
   const Tensor h0 = h0_in.defined() ? h0_in.contiguous() : Tensor();
-  const Tensor y = Tensor::empty({Bsz, L, Dm}, acc, dev);
+  const bool need_grad = any_requires_grad({x_in, dl_in, A_in, B_in, C_in, D_in, z_in, h0_in});
+  const Tensor y = Tensor::empty({Bsz, L, Dm}, x.dtype(), dev);
   const Tensor h_last = Tensor::empty({Bsz, Dm, N}, acc, dev);
   const Tensor states =
       Tensor::empty({Bsz, H, kernels::ssd_num_chunks(L, chunk_len), N, Dm / H}, acc, dev);
+  const Tensor pre = need_grad && z.defined() ? Tensor::empty({Bsz, L, Dm}, acc, dev) : Tensor();
   kernels::SsdScanParams p;
   p.dtype = x.dtype();
   p.batch = Bsz, p.len = L, p.heads = H, p.head_dim = Dm / H, p.state = N;
@@ -112,8 +117,11 @@ SelectiveScanResult ssd_core(const Tensor& x_in, const Tensor& dl_in, const Tens
   p.dl = dl.raw_data(), p.A = A.raw_data();
   p.B = Bm.raw_data(), p.B_row = N;
   p.C = Cm.raw_data(), p.C_row = N;
+  p.D = data_or_null(D);
+  p.z = data_or_null(z), p.z_row = Dm;
   p.h0 = data_or_null(h0);
   p.y = y.raw_data(), p.h_last = h_last.raw_data(), p.states = states.raw_data();
+  p.pre = data_or_null(pre);
   p.stream = current_stream(dev);
   {
     const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, ssd_scan_fwd_workspace, p);
@@ -121,16 +129,16 @@ SelectiveScanResult ssd_core(const Tensor& x_in, const Tensor& dl_in, const Tens
     HYDRA_LAUNCH(dev, ssd_scan_fwd, p);
     p.workspace = nullptr;  // released with `ws`
   }
-  if (any_requires_grad({x_in, dl_in, A_in, B_in, C_in, h0_in})) {
-    const std::vector<SavedTensor> saved = {SavedTensor(x),     SavedTensor(dl), SavedTensor(A),
-                                            SavedTensor(Bm),    SavedTensor(Cm), SavedTensor(h0),
-                                            SavedTensor(states)};
+  if (need_grad) {
+    const std::vector<SavedTensor> saved = {
+        SavedTensor(x), SavedTensor(dl), SavedTensor(A),  SavedTensor(Bm),  SavedTensor(Cm),
+        SavedTensor(D), SavedTensor(z),  SavedTensor(h0), SavedTensor(pre), SavedTensor(states)};
     const bool need_h0 = h0_in.defined() && h0_in.requires_grad();
-    record_op("ssd_scan", {x_in, dl_in, A_in, B_in, C_in, h0_in}, {y, h_last},
+    record_op("ssd_scan", {x_in, dl_in, A_in, B_in, C_in, D_in, z_in, h0_in}, {y, h_last},
               [=](const std::vector<Tensor>& g) {
                 for (const SavedTensor& t : saved) (void)t.get();  // version checks
-                const Tensor gy =
-                    g[0].defined() ? g[0].to(acc).contiguous() : zeros({Bsz, L, Dm}, acc, dev);
+                const Tensor gy = g[0].defined() ? g[0].to(p.dtype).contiguous()
+                                                 : zeros({Bsz, L, Dm}, p.dtype, dev);
                 const Tensor gh = g[1].defined() ? g[1].to(acc).contiguous() : Tensor();
                 kernels::SsdScanBwdParams q;
                 q.fwd = p;
@@ -140,15 +148,18 @@ SelectiveScanResult ssd_core(const Tensor& x_in, const Tensor& dl_in, const Tens
                 Tensor gA = Tensor::empty({H}, acc, dev);
                 Tensor gB = Tensor::empty({Bsz, L, N}, p.dtype, dev);
                 Tensor gC = Tensor::empty({Bsz, L, N}, p.dtype, dev);
+                Tensor gD = p.D ? Tensor::empty({Dm}, p.dtype, dev) : Tensor();
+                Tensor gz = p.z ? Tensor::empty({Bsz, L, Dm}, p.dtype, dev) : Tensor();
                 Tensor gh0 = need_h0 ? Tensor::empty({Bsz, Dm, N}, acc, dev) : Tensor();
                 q.gy = gy.raw_data();
                 q.g_hlast = data_or_null(gh);
                 q.gx = gx.raw_data(), q.gdl = gdl.raw_data(), q.gA = gA.raw_data();
                 q.gB = gB.raw_data(), q.gC = gC.raw_data(), q.gh0 = data_or_null(gh0);
+                q.gD = data_or_null(gD), q.gz = data_or_null(gz);
                 const Tensor ws = HYDRA_CUDA_WORKSPACE(dev, ssd_scan_bwd_workspace, q);
                 q.workspace = ws.defined() ? ws.raw_data() : nullptr;
                 HYDRA_LAUNCH(dev, ssd_scan_bwd, q);
-                return std::vector<Tensor>{gx, gdl, gA, gB, gC, gh0};
+                return std::vector<Tensor>{gx, gdl, gA, gB, gC, gD, gz, gh0};
               });
   }
   return {y, h_last};
@@ -177,7 +188,9 @@ SelectiveScanResult ssd_scan(const Tensor& u_in, const Tensor& delta_raw, const 
                              const Tensor& dt_bias, const Tensor& z, const Tensor& h0,
                              int64_t chunk_len) {
   check_inputs(u_in, delta_raw, A_log, B_in, C_in, D, dt_bias, z, h0, chunk_len);
-  const bool same_dtype = B_in.dtype() == u_in.dtype() && C_in.dtype() == u_in.dtype();
+  const bool same_dtype = B_in.dtype() == u_in.dtype() && C_in.dtype() == u_in.dtype() &&
+                          (!D.defined() || D.dtype() == u_in.dtype()) &&
+                          (!z.defined() || z.dtype() == u_in.dtype());
   if (!same_dtype || !fused_applies(u_in, A_log.size(0), B_in.size(2), chunk_len))
     return ssd_scan_composed(u_in, delta_raw, A_log, B_in, C_in, D, dt_bias, z, h0, chunk_len);
   const DType acc = accumulate_dtype(u_in.dtype());
@@ -185,12 +198,7 @@ SelectiveScanResult ssd_scan(const Tensor& u_in, const Tensor& delta_raw, const 
   if (dt_bias.defined()) dl = add(dl, dt_bias.to(acc));
   dl = softplus(dl);                         // [B, L, H]
   const Tensor A = neg(exp(A_log.to(acc)));  // [H], the decay rates (negative)
-  auto [core, h_last] =
-      ssd_core(u_in, dl, A, B_in, C_in, h0.defined() ? h0.to(acc) : Tensor(), chunk_len);
-  Tensor y = core;
-  if (D.defined()) y = add(y, mul(u_in.to(acc), D.to(acc)));
-  if (z.defined()) y = mul(y, silu(z.to(acc)));
-  return {y.to(u_in.dtype()), h_last};
+  return ssd_core(u_in, dl, A, B_in, C_in, D, z, h0.defined() ? h0.to(acc) : Tensor(), chunk_len);
 }
 
 SelectiveScanResult ssd_scan_composed(const Tensor& u_in, const Tensor& delta_raw,

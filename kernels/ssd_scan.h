@@ -6,8 +6,9 @@
 // causal, decay-weighted product (C B^T o L) (dl x) plus the entering state's part exp(cs_t) C_t h.
 // cs_t is the cumulative log-decay dl A within the chunk. The backward runs the same three phases
 // in reverse: the gradient entering each chunk's end state is passed from the last chunk to the
-// first, then each chunk's gradients are products of the same shapes. The softplus of delta, D and
-// the gate are the caller's (autograd/ops_ssd.cpp). Math: spec/algorithms.md section 1; the
+// first, then each chunk's gradients are products of the same shapes. The skip term and the gate
+// are fused as the selective scan's: y_t = (h_t^T C_t + D x_t) SiLU(z_t); delta's softplus is the
+// caller's (autograd/ops_ssd.cpp). Math: spec/algorithms.md section 1; the
 // gradients in the CPU kernel's comments (kernels/cpu/ssd_scan.cpp).
 #pragma once
 
@@ -16,7 +17,8 @@
 namespace hydra::kernels {
 
 struct SsdScanParams {
-  DType dtype = DType::kF32;  // of x, B, C (and their gradients); the rest in the accumulate dtype
+  DType dtype =
+      DType::kF32;  // of x, B, C, D, z, y (and their gradients); the rest accumulate dtype
   int64_t batch = 0, len = 0, heads = 0, head_dim = 0, state = 0;
   int64_t chunk_len = 64;
   const void* x = nullptr;  // [B, L, H * P] rows `x_row` elements apart
@@ -27,23 +29,30 @@ struct SsdScanParams {
   int64_t B_row = 0;
   const void* C = nullptr;  // [B, L, N] rows `C_row` apart
   int64_t C_row = 0;
+  const void* D = nullptr;  // [H * P], or null
+  const void* z = nullptr;  // [B, L, H * P] rows `z_row` apart, or null (no gate)
+  int64_t z_row = 0;
   const void* h0 = nullptr;  // [B, H * P, N] accumulate dtype, or null (zero)
-  void* y = nullptr;         // [B, L, H * P] contiguous, accumulate dtype
-  void* h_last = nullptr;    // [B, H * P, N] accumulate dtype
-  void* states = nullptr;    // [B, H, chunks, N, P] accumulate dtype: the state entering each chunk
+  void* y = nullptr;         // [B, L, H * P] contiguous
+  void* pre = nullptr;     // [B, L, H * P] accumulate dtype: y before the gate, or null (not kept;
+                           // the backward needs it where z is given)
+  void* h_last = nullptr;  // [B, H * P, N] accumulate dtype
+  void* states = nullptr;  // [B, H, chunks, N, P] accumulate dtype: the state entering each chunk
   void* workspace = nullptr;  // CUDA: ssd_scan_fwd_workspace(p) bytes
   void* stream = nullptr;
 };
 
 struct SsdScanBwdParams {
   SsdScanParams fwd;  // the forward's inputs, fwd.states as the forward wrote them (not workspace)
-  const void* gy = nullptr;       // [B, L, H * P] contiguous, accumulate dtype
+  const void* gy = nullptr;       // [B, L, H * P] contiguous
   const void* g_hlast = nullptr;  // [B, H * P, N] accumulate dtype, or null
   void* gx = nullptr;             // [B, L, H * P] contiguous, dtype
   void* gdl = nullptr;            // [B, L, H] accumulate dtype
   void* gA = nullptr;             // [H] accumulate dtype
   void* gB = nullptr;             // [B, L, N] contiguous, dtype
   void* gC = nullptr;             // [B, L, N] contiguous, dtype
+  void* gD = nullptr;             // [H * P], if D
+  void* gz = nullptr;             // [B, L, H * P] contiguous, if z
   void* gh0 = nullptr;            // [B, H * P, N] accumulate dtype, or null
   void* workspace = nullptr;      // CUDA: ssd_scan_bwd_workspace(p) bytes
 };

@@ -15,6 +15,8 @@
 //                        - exp(T - cs_t) B_t . E xd_t,  and g T += <E, H_{c+1}> (the last step)
 //             and dl, A from cs by a reverse cumulative sum: g a_t = sum_{t' >= t} g cs_t',
 //             g dl_t = x_t . g xd_t + A g a_t, gA = sum_t dl_t g a_t.
+// The skip term and the gate: the output is (y_t + D x_t) SiLU(z_t) (`pre` keeps what enters the
+// gate); the backward first turns the output's gradient into y's (gy SiLU(z)) and takes gz and gD.
 // Tasks are (batch, chunk) with the heads inside (gB and gC sum over heads) or (batch, head) for
 // the passes between chunks; gA goes through per-task partials summed in a fixed order.
 #include "kernels/ssd_scan.h"
@@ -39,10 +41,13 @@ struct SsdView {
   const T* A = static_cast<const T*>(p.A);
   const T* Bm = static_cast<const T*>(p.B);
   const T* Cm = static_cast<const T*>(p.C);
+  const T* Dskip = static_cast<const T*>(p.D);
+  const T* z = static_cast<const T*>(p.z);
   T* states = static_cast<T*>(p.states);
 
   int64_t row(int64_t b, int64_t t) const { return b * L + t; }
   const T* x_at(int64_t b, int64_t t, int64_t h) const { return x + row(b, t) * p.x_row + h * P; }
+  const T* z_at(int64_t b, int64_t t, int64_t h) const { return z + row(b, t) * p.z_row + h * P; }
   T dl_at(int64_t b, int64_t t, int64_t h) const { return dl[row(b, t) * H + h]; }
   const T* B_at(int64_t b, int64_t t) const { return Bm + row(b, t) * p.B_row; }
   const T* C_at(int64_t b, int64_t t) const { return Cm + row(b, t) * p.C_row; }
@@ -141,6 +146,17 @@ void fwd(const SsdScanParams& p) {
             const T* xs = v.x_at(b, c * Q + s, h);
             for (int64_t j = 0; j < P; ++j) yt[j] += m * xs[j];
           }
+          const T* xt = v.x_at(b, c * Q + t, h);
+          for (int64_t j = 0; j < P; ++j) {
+            const T pre = yt[j] + (v.Dskip ? v.Dskip[h * P + j] * xt[j] : T(0));
+            if (p.pre) static_cast<T*>(p.pre)[v.row(b, c * Q + t) * v.Dm + h * P + j] = pre;
+            if (v.z) {
+              const T zt = v.z_at(b, c * Q + t, h)[j];
+              yt[j] = pre * zt * sigmoid(zt);
+            } else {
+              yt[j] = pre;
+            }
+          }
         }
       }
     }
@@ -152,7 +168,35 @@ void bwd(const SsdScanBwdParams& q) {
   const SsdScanParams& p = q.fwd;
   const SsdView<T> v{p};
   const int64_t Bz = v.Bz, H = v.H, P = v.P, N = v.N, Q = v.Q, nc = v.nc, Dm = v.Dm;
-  const T* gy = static_cast<const T*>(q.gy);
+  // y's gradient before the gate (gy SiLU(z)), gz = gy pre SiLU'(z), and gD = sum x gy SiLU(z)
+  const T* g_out = static_cast<const T*>(q.gy);
+  std::vector<T> gcore;
+  const T* gy = g_out;
+  if (v.z) {
+    gcore.resize(Bz * v.L * Dm);
+    const T* pre = static_cast<const T*>(p.pre);
+    HYDRA_CHECK(pre != nullptr) << "ssd_scan backward: the forward kept no pre-gate output";
+    T* gz = static_cast<T*>(q.gz);
+    parallel_for(Bz * v.L, grain_for(Dm * 8), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t k = 0; k < Dm; ++k) {
+          const T zt = v.z[r * p.z_row + k], sg = sigmoid(zt), g = g_out[r * Dm + k];
+          gcore[r * Dm + k] = g * zt * sg;
+          if (gz) gz[r * Dm + k] = g * pre[r * Dm + k] * sg * (T(1) + zt * (T(1) - sg));
+        }
+    });
+    gy = gcore.data();
+  }
+  if (q.gD) {
+    T* gD = static_cast<T*>(q.gD);
+    parallel_for(Dm, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        T sum = 0;
+        for (int64_t r = 0; r < Bz * v.L; ++r) sum += gy[r * Dm + k] * v.x[r * p.x_row + k];
+        gD[k] = sum;
+      }
+    });
+  }
   auto gy_at = [&](int64_t b, int64_t t, int64_t h) { return gy + v.row(b, t) * Dm + h * P; };
   std::vector<T> E(Bz * H * nc * N * P), total(Bz * H * nc), gT(Bz * H * nc);
   // 1: U_c = sum_t exp(cs_t) C_t gy_t^T, into E
@@ -275,8 +319,9 @@ void bwd(const SsdScanBwdParams& q) {
           const T* xt = v.x_at(b, t0 + t, h);
           T* gxt = gx + v.row(b, t0 + t) * Dm + h * P;
           T gd = 0;
+          const T* gt = gy_at(b, t0 + t, h);
           for (int64_t j = 0; j < P; ++j) {
-            gxt[j] = d * gxd[t * P + j];
+            gxt[j] = d * gxd[t * P + j] + (v.Dskip ? v.Dskip[h * P + j] * gt[j] : T(0));
             gd += xt[j] * gxd[t * P + j];
           }
           gdl[v.row(b, t0 + t) * H + h] = gd + v.A[h] * run;

@@ -52,6 +52,23 @@ __device__ void chunk_cumsum(const float* dl, int64_t H, float A, int q, float* 
   cs[t1] = incl;
 }
 
+// The output's gradient before the gate: gy SiLU(z) (gy where there is no gate); `gz`, when
+// given, gets gy pre SiLU'(z).
+template <class T>
+__device__ __forceinline__ float ungate(const SsdScanBwdParams& q, int64_t row, int64_t col,
+                                        T* gz) {
+  const SsdScanParams& p = q.fwd;
+  const float g = load(static_cast<const T*>(q.gy), row * p.heads * p.head_dim + col);
+  if (p.z == nullptr) return g;
+  const float zt = load(static_cast<const T*>(p.z), row * p.z_row + col);
+  const float sg = 1.f / (1.f + __expf(-zt));
+  if (gz != nullptr) {
+    const int64_t at = row * p.heads * p.head_dim + col;
+    store(gz, at, g * static_cast<const float*>(p.pre)[at] * sg * (1.f + zt * (1.f - sg)));
+  }
+  return g * zt * sg;
+}
+
 // [Q, N] rows of B or C at steps t0 .. t0 + q (zeros after q).
 template <class T>
 __device__ void load_qn(const T* src, int64_t row, int q, int N, float* dst) {
@@ -147,7 +164,10 @@ __global__ void __launch_bounds__(kThreads) chunk_out_kernel(SsdScanParams p, Di
       for (int n = 0; n < d.N; ++n) g += Cs[t * kSN + n] * Bs[s * kSN + n];
     G[t * kS + s] = g;
   }
-  float* y = static_cast<float*>(p.y);
+  T* y = static_cast<T*>(p.y);
+  const T* Dv = static_cast<const T*>(p.D);
+  const T* Z = static_cast<const T*>(p.z);
+  float* pre_out = static_cast<float*>(p.pre);
   for (int64_t h = 0; h < d.H; ++h) {
     const float A = static_cast<const float*>(p.A)[h];
     chunk_cumsum(dl + h, d.H, A, q, cs);
@@ -190,7 +210,16 @@ __global__ void __launch_bounds__(kThreads) chunk_out_kernel(SsdScanParams p, Di
       const float et = __expf(cs[t]);
       for (int j = 0; j < 4; ++j) {
         const int col = tx * 4 + j;
-        if (col < d.P) y[(b * d.L + t0 + t) * d.Dm + h * d.P + col] = acc[i][j] + et * off[i][j];
+        if (col >= d.P) continue;
+        const int64_t row = b * d.L + t0 + t, at = row * d.Dm + h * d.P + col;
+        float pre = acc[i][j] + et * off[i][j];
+        if (Dv) pre += load(Dv, h * d.P + col) * load(X, row * p.x_row + h * d.P + col);
+        if (pre_out) pre_out[at] = pre;
+        if (Z) {
+          const float zt = load(Z, row * p.z_row + h * d.P + col);
+          pre *= zt / (1.f + __expf(-zt));
+        }
+        store(y, at, pre);
       }
     }
     __syncthreads();
@@ -200,16 +229,16 @@ __global__ void __launch_bounds__(kThreads) chunk_out_kernel(SsdScanParams p, Di
 // ---- backward ----
 
 // Workspace: E [B, H, nc, N, P] (first U, then the end states' gradients), the chunks' totals
-// [B, H, nc], the gA partials [B * nc, H].
+// [B, H, nc], the gA partials [B * nc, H], the gD partials [B * nc, H * P].
 struct BwdBuffers {
-  float *E, *totals, *gA_part;
+  float *E, *totals, *gA_part, *gD_part;
 };
 BwdBuffers carve(void* ws, const Dims& d) {
   auto* base = static_cast<unsigned char*>(ws);
   const size_t e = align256(size_t(d.Bz * d.H * d.nc * d.N * d.P) * 4),
                t = align256(size_t(d.Bz * d.H * d.nc) * 4);
   return {reinterpret_cast<float*>(base), reinterpret_cast<float*>(base + e),
-          reinterpret_cast<float*>(base + e + t)};
+          reinterpret_cast<float*>(base + e + t), reinterpret_cast<float*>(base + e + 2 * t)};
 }
 
 // 1: U_c[n, p] = sum_t exp(cs_t) C_t[n] gy_t[p], into E.
@@ -221,13 +250,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = blockIdx.x, b = blockIdx.y, t0 = c * d.Q;
   const int len = static_cast<int>(std::min<int64_t>(d.Q, d.L - t0));
   const float* dl = static_cast<const float*>(p.dl) + (b * d.L + t0) * d.H;
-  const float* gy = static_cast<const float*>(q.gy);
   load_qn(static_cast<const T*>(p.C) + (b * d.L + t0) * p.C_row, p.C_row, len, int(d.N), Cs);
   for (int64_t h = 0; h < d.H; ++h) {
     chunk_cumsum(dl + h, d.H, static_cast<const float*>(p.A)[h], len, cs);
     for (int i = threadIdx.x; i < kQ * kP; i += kThreads) {
       const int t = i / kP, j = i % kP;
-      gys[t * kS + j] = t < len && j < d.P ? gy[(b * d.L + t0 + t) * d.Dm + h * d.P + j] : 0.f;
+      gys[t * kS + j] = t < len && j < d.P
+                            ? ungate<T>(q, b * d.L + t0 + t, h * d.P + j, static_cast<T*>(nullptr))
+                            : 0.f;
     }
     __syncthreads();
     if (threadIdx.x < kQ) e[threadIdx.x] = threadIdx.x < len ? __expf(cs[threadIdx.x]) : 0.f;
@@ -278,9 +308,9 @@ constexpr int kGradSmem = 4 * kQ * kSN    // Bs, Cs, gCa, gBa
 // 3: each chunk's gradients (the CPU kernel's phase 3), every head in turn; gB and gC after them.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    chunk_grad_kernel(SsdScanBwdParams q, Dims d, const float* E, float* gA_part) {
+    chunk_grad_kernel(SsdScanBwdParams q, Dims d, const float* E, float* gA_part, float* gD_part) {
   extern __shared__ float sm[];
-  __shared__ float red[kThreads / 32];
+  __shared__ float red[kThreads / 32], gDs[kThreads];
   float *Bs = sm, *Cs = Bs + kQ * kSN, *gCa = Cs + kQ * kSN, *gBa = gCa + kQ * kSN,
         *G = gBa + kQ * kSN, *gG = G + kQ * kS, *R = gG + kQ * kS, *M = R + kQ * kS,
         *xd = M + kQ * kS, *gys = xd + kQ * kS, *Hs = gys + kQ * kS, *Es = Hs + kN * kS,
@@ -292,7 +322,7 @@ __global__ void __launch_bounds__(kThreads)
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const T* X = static_cast<const T*>(p.x);
   const float* dl = static_cast<const float*>(p.dl) + (b * d.L + t0) * d.H;
-  const float* gy = static_cast<const float*>(q.gy);
+  T* gz = static_cast<T*>(q.gz);
   load_qn(static_cast<const T*>(p.B) + (b * d.L + t0) * p.B_row, p.B_row, len, int(d.N), Bs);
   load_qn(static_cast<const T*>(p.C) + (b * d.L + t0) * p.C_row, p.C_row, len, int(d.N), Cs);
   for (int i = threadIdx.x; i < kQ * kSN; i += kThreads) gCa[i] = gBa[i] = 0.f;
@@ -308,12 +338,26 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t h = 0; h < d.H; ++h) {
     const float A = static_cast<const float*>(p.A)[h];
     chunk_cumsum(dl + h, d.H, A, len, cs);
+    // a thread keeps one column j = threadIdx.x % 64 (kThreads is a multiple of kP): its part of
+    // gD_j = sum_t x_tj gy_tj SiLU(z_tj) over the chunk
+    float gd_col = 0.f;
     for (int i = threadIdx.x; i < kQ * kP; i += kThreads) {
       const int t = i / kP, j = i % kP;
       const bool in = t < len && j < d.P;
-      xd[t * kS + j] =
-          in ? dl[t * d.H + h] * load(X, (b * d.L + t0 + t) * p.x_row + h * d.P + j) : 0.f;
-      gys[t * kS + j] = in ? gy[(b * d.L + t0 + t) * d.Dm + h * d.P + j] : 0.f;
+      const float xv = in ? load(X, (b * d.L + t0 + t) * p.x_row + h * d.P + j) : 0.f;
+      const float g = in ? ungate<T>(q, b * d.L + t0 + t, h * d.P + j, gz) : 0.f;
+      xd[t * kS + j] = in ? dl[t * d.H + h] * xv : 0.f;
+      gys[t * kS + j] = g;
+      gd_col += xv * g;
+    }
+    if (gD_part != nullptr) {
+      gDs[threadIdx.x] = gd_col;
+      __syncthreads();
+      if (threadIdx.x < kP && threadIdx.x < d.P) {
+        float sum = 0.f;
+        for (int k = threadIdx.x; k < kThreads; k += kP) sum += gDs[k];
+        gD_part[(b * d.nc + c) * d.Dm + h * d.P + threadIdx.x] = sum;
+      }
     }
     const int64_t off = ((b * d.H + h) * d.nc + c) * d.N * d.P;
     for (int i = threadIdx.x; i < kN * kP; i += kThreads) {
@@ -385,7 +429,9 @@ __global__ void __launch_bounds__(kThreads)
             const int col = tx * 4 + j;
             if (col < d.P) {
               const int64_t at = (b * d.L + t0 + s) * d.Dm + h * d.P + col;
-              store(gx, at, dls * acc[i][j]);
+              const float skip =
+                  p.D ? load(static_cast<const T*>(p.D), h * d.P + col) * gys[s * kS + col] : 0.f;
+              store(gx, at, dls * acc[i][j] + skip);
               part += load(X, (b * d.L + t0 + s) * p.x_row + h * d.P + col) * acc[i][j];
             }
           }
@@ -473,6 +519,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// gD[k] = the partials summed over (sequence, chunk) in order.
+template <class T>
+__global__ void gD_kernel(const float* part, int64_t rows, int64_t Dm, T* gD) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < Dm;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int64_t r = 0; r < rows; ++r) s += part[r * Dm + k];
+    store(gD, k, s);
+  }
+}
+
 // gA[h] = the partials summed over (sequence, chunk) in order.
 __global__ void gA_kernel(const float* part, int64_t rows, int64_t H, float* gA) {
   for (int64_t h = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; h < H;
@@ -499,7 +556,8 @@ size_t ssd_scan_fwd_workspace(const SsdScanParams& p) {
 size_t ssd_scan_bwd_workspace(const SsdScanBwdParams& q) {
   const Dims d = dims_of(q.fwd);
   return align256(size_t(d.Bz * d.H * d.nc * d.N * d.P) * 4) +
-         align256(size_t(d.Bz * d.H * d.nc) * 4) + align256(size_t(d.Bz * d.nc * d.H) * 4) + 256;
+         2 * align256(size_t(d.Bz * d.H * d.nc) * 4) + align256(size_t(d.Bz * d.nc * d.Dm) * 4) +
+         256;
 }
 
 void ssd_scan_fwd(const SsdScanParams& p) {
@@ -533,6 +591,8 @@ void ssd_scan_bwd(const SsdScanBwdParams& q) {
   const Dims d = dims_of(p);
   if (d.Bz * d.L * d.H == 0) return;
   HYDRA_CHECK(q.workspace != nullptr) << "ssd_scan backward: workspace required";
+  HYDRA_CHECK(p.z == nullptr || p.pre != nullptr)
+      << "ssd_scan backward: the forward kept no pre-gate output";
   cudaStream_t s = as_stream(p.stream);
   const auto at = reinterpret_cast<uintptr_t>(q.workspace);
   const BwdBuffers w = carve(reinterpret_cast<void*>(align256(at)), d);
@@ -548,8 +608,14 @@ void ssd_scan_bwd(const SsdScanBwdParams& q) {
       HYDRA_CUDA_LAUNCH_CHECK();
       const size_t bytes = kGradSmem * sizeof(float);
       allow_dynamic_smem(chunk_grad_kernel<T>, bytes, "ssd_scan backward");
-      chunk_grad_kernel<T><<<chunks, kThreads, bytes, s>>>(q, d, w.E, w.gA_part);
+      chunk_grad_kernel<T>
+          <<<chunks, kThreads, bytes, s>>>(q, d, w.E, w.gA_part, q.gD ? w.gD_part : nullptr);
       HYDRA_CUDA_LAUNCH_CHECK();
+      if (q.gD) {
+        gD_kernel<T><<<blocks_for(d.Dm, 128), 128, 0, s>>>(w.gD_part, d.Bz * d.nc, d.Dm,
+                                                           static_cast<T*>(q.gD));
+        HYDRA_CUDA_LAUNCH_CHECK();
+      }
       gA_kernel<<<blocks_for(d.H, 128), 128, 0, s>>>(w.gA_part, d.Bz * d.nc, d.H,
                                                      static_cast<float*>(q.gA));
       HYDRA_CUDA_LAUNCH_CHECK();
