@@ -2,6 +2,7 @@
 #include "autograd/dispatch.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
+#include "autograd/rows.h"
 #include "kernels/conv1d.h"
 #include "kernels/selective_scan.h"
 
@@ -17,21 +18,6 @@ void check_like(const char* op, const char* name, const Tensor& t, const Tensor&
 void check_shape(const char* op, const char* name, const Tensor& t, const Shape& expected) {
   HYDRA_CHECK(t.shape() == expected) << op << ": " << name << " has shape " << shape_str(t.shape())
                                      << ", expected " << shape_str(expected);
-}
-
-// A [B, L, W] tensor as rows of W contiguous values a fixed stride apart; copies when it is not
-// one.
-struct Rows {
-  Tensor t;
-  int64_t row = 0;
-};
-Rows as_rows(const Tensor& t) {
-  const int64_t B = t.size(0), L = t.size(1), W = t.size(2);
-  const bool inner_ok = t.stride(2) == 1 || W == 1;
-  int64_t r = L > 1 ? t.stride(1) : (B > 1 ? t.stride(0) : W);
-  const bool outer_ok = B == 1 || L == 1 || t.stride(0) == L * r;
-  if (inner_ok && outer_ok && r >= W) return {t, r};
-  return {t.contiguous(), W};
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include "autograd/dispatch.h"
 #include "autograd/node.h"
 #include "autograd/ops.h"
+#include "autograd/rows.h"
 #include "kernels/ssd_scan.h"
 
 namespace hydra {
@@ -98,10 +99,11 @@ SelectiveScanResult ssd_core(const Tensor& x_in, const Tensor& dl_in, const Tens
                 N = B_in.size(2);
   const DType acc = accumulate_dtype(x_in.dtype());
   const Device dev = x_in.device();
-  const Tensor x = x_in.contiguous(), Bm = B_in.contiguous(), Cm = C_in.contiguous();
+  const Rows xr = as_rows(x_in), Br = as_rows(B_in), Cr = as_rows(C_in);
+  const Rows zr = z_in.defined() ? as_rows(z_in) : Rows{};
+  const Tensor &x = xr.t, &Bm = Br.t, &Cm = Cr.t, &z = zr.t;
   const Tensor dl = dl_in.contiguous(), A = A_in.contiguous();
   const Tensor D = D_in.defined() ? D_in.contiguous() : Tensor();
-  const Tensor z = z_in.defined() ? z_in.contiguous() : Tensor();
   const Tensor h0 = h0_in.defined() ? h0_in.contiguous() : Tensor();
   const bool need_grad = any_requires_grad({x_in, dl_in, A_in, B_in, C_in, D_in, z_in, h0_in});
   const Tensor y = Tensor::empty({Bsz, L, Dm}, x.dtype(), dev);
@@ -113,12 +115,12 @@ SelectiveScanResult ssd_core(const Tensor& x_in, const Tensor& dl_in, const Tens
   p.dtype = x.dtype();
   p.batch = Bsz, p.len = L, p.heads = H, p.head_dim = Dm / H, p.state = N;
   p.chunk_len = chunk_len;
-  p.x = x.raw_data(), p.x_row = Dm;
+  p.x = x.raw_data(), p.x_row = xr.row;
   p.dl = dl.raw_data(), p.A = A.raw_data();
-  p.B = Bm.raw_data(), p.B_row = N;
-  p.C = Cm.raw_data(), p.C_row = N;
+  p.B = Bm.raw_data(), p.B_row = Br.row;
+  p.C = Cm.raw_data(), p.C_row = Cr.row;
   p.D = data_or_null(D);
-  p.z = data_or_null(z), p.z_row = Dm;
+  p.z = data_or_null(z), p.z_row = zr.row;
   p.h0 = data_or_null(h0);
   p.y = y.raw_data(), p.h_last = h_last.raw_data(), p.states = states.raw_data();
   p.pre = data_or_null(pre);
