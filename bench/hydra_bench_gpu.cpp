@@ -297,6 +297,25 @@ void toy_step_rows(Report& report, const Floors& f) {
                     ssd_scan_composed(u, dth, Ah, Bm, Cm, D, biash, z, Tensor()).y.backward(gy);
                   });
   }
+  {  // both forms at hydra-1.6b's width (4096 channels: 64 heads of 64), 2 x 8K
+    const int64_t sb = 2, sl = 8192, sd = 4096, sh = sd / 64, st = sb * sl;
+    Tensor u = rnd({sb, sl, sd}), z = rnd({sb, sl, sd}), gy = rnd({sb, sl, sd}),
+           dt = rnd({sb, sl, sd}, DType::kBF16, 0.5), A = rnd({sd, N}, DType::kBF16, 0.3),
+           Bm = rnd({sb, sl, N}), Cm = rnd({sb, sl, N}), D = rnd({sd}), bias = rnd({sd}),
+           dth = rnd({sb, sl, sh}, DType::kBF16, 0.5), Ah = rnd({sh}, DType::kBF16, 0.3),
+           biash = rnd({sh});
+    for (Tensor* t : {&u, &dt, &dth, &z, &Bm, &Cm}) t->set_requires_grad(true);
+    bandwidth_row(report, f, "1.6B selective_scan fwd+bwd [2, 8192, 4096, N 16]",
+                  11.0 * st * sd * 2, [&] {
+                    for (Tensor* t : {&u, &dt, &z, &Bm, &Cm}) t->set_grad(Tensor());
+                    selective_scan(u, dt, A, Bm, Cm, D, bias, z, Tensor()).y.backward(gy);
+                  });
+    bandwidth_row(report, f, "1.6B ssd_scan fwd+bwd [2, 8192, 64 x 64, N 16]", 11.0 * st * sd * 2,
+                  [&] {
+                    for (Tensor* t : {&u, &dth, &z, &Bm, &Cm}) t->set_grad(Tensor());
+                    ssd_scan(u, dth, Ah, Bm, Cm, D, biash, z, Tensor()).y.backward(gy);
+                  });
+  }
   {  // a block's combine: x + 3 paths * gate * mix; fwd reads x and the outputs, writes y (5
      // passes); bwd reads gy and the outputs, writes their gradients (7 more). The composed ops
      // (mul, mul, add a path, and their backward) on the same bytes for comparison.

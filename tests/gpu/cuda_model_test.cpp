@@ -90,6 +90,33 @@ TEST_P(CudaModelWrite, TinyModelMatchesCpuInF32AndBf16MixedFollowsF32) {
             << rel(f32.grad, ref.grad) << ", bf16 mixed " << rel(mixed.grad, ref.grad) << "\n";
 }
 
+// The SSD form (ssm.form: SSD) through the whole tiny model: its fused kernels (tensor cores; in
+// f32 three TF32 products a sum, in bf16 one) against the CPU reference, as the default form.
+TEST(CudaModel, TinyModelInTheSsdFormMatchesCpu) {
+  HYDRA_REQUIRE_GPU();
+  model::ModelSpec spec = testing::shipped_spec("tiny");
+  spec.ssd = true;
+  spec.ssm_heads = spec.d_inner / 32;  // heads of 32 channels
+  auto cpu = model::build_model(spec, 31), gpu = model::build_model(spec, 31);
+  gpu->to(Device::cuda(0));
+  const Tensor tokens = testing::random_tokens(spec.vocab, 2, 224, 32);  // a partial last chunk
+  const Tensor targets = testing::random_tokens(spec.vocab, 2, 224, 33);
+  const Pass ref = forward_backward(*cpu, tokens, targets, nullptr);
+  const Pass f32 =
+      forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), nullptr);
+  ASSERT_EQ(f32.grad.size(), ref.grad.size());
+  EXPECT_NEAR(f32.loss, ref.loss, 1e-5 * ref.loss);
+  EXPECT_LT(rel(f32.grad, ref.grad), 1e-4);
+  ComputeCopies copies(*gpu, DType::kBF16);
+  const Pass mixed =
+      forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), &copies);
+  EXPECT_NEAR(mixed.loss, ref.loss, 1e-2 * ref.loss);
+  EXPECT_LT(rel(mixed.grad, ref.grad), 5e-2);
+  std::cout << "tiny model, SSD form, batch 2 x 224: loss cpu " << ref.loss << ", cuda f32 "
+            << f32.loss << ", bf16 mixed " << mixed.loss << "; gradient relative error f32 "
+            << rel(f32.grad, ref.grad) << ", bf16 mixed " << rel(mixed.grad, ref.grad) << "\n";
+}
+
 // The opt-in kernel forms give the model the loss and gradients of the default ones: the scan's
 // forward in one pass (HYDRA_SCAN_FWD=lanes) on the tiny model in f32 (the same sums in another
 // order: relative 1e-4), and cuDNN's fused attention (HYDRA_ATTENTION=cudnn) in a small
