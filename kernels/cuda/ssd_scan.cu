@@ -4,10 +4,10 @@
 // states' parts and their gradients: 64 x 64 x 64 at most) run on tensor cores (wmma, TF32 inputs,
 // f32 accumulation) from f32 tiles in shared memory; in f32 storage each product is three TF32
 // products of split operands (a = hi + lo: near f32's precision, as the tests ask), in bf16 one
-// (the inputs carry 8 bits of mantissa; TF32 keeps 10). gB and gC sum over heads: each block writes
-// its head's share, and a last kernel adds them in order (no atomics). Sizes: chunk_len and
-// head_dim at most 64, state at most 16, f32 or bf16 storage; other sizes run the composed form
-// (autograd/ops_ssd.cpp).
+// of the operands as they are (TF32 by truncation: 10 bits of mantissa; the inputs carry 8). gB and
+// gC sum over heads: each block writes its head's share, and a last kernel adds them in order (no
+// atomics). Sizes: chunk_len and head_dim at most 64, state at most 16, f32 or bf16 storage; other
+// sizes run the composed form (autograd/ops_ssd.cpp).
 #include <mma.h>
 
 #include <algorithm>
@@ -170,6 +170,25 @@ __device__ void load_np(const float* src, int N, int P, float* dst) {
   }
 }
 
+// A [N, P] f32 state block fetched as one float4 a thread (when N and P are the full kN and kP
+// and the block is 16-byte aligned: the loads can then be issued before other work and stored
+// into the tile after it), else element by element at the store.
+struct NpFetch {
+  float4 v;
+  bool fast;
+};
+static_assert(kN * kP == 4 * kThreads);
+__device__ __forceinline__ NpFetch np_fetch(const float* src, int N, int P) {
+  const bool fast = N == kN && P == kP && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  return {fast ? reinterpret_cast<const float4*>(src)[threadIdx.x] : make_float4(0, 0, 0, 0), fast};
+}
+__device__ __forceinline__ void np_store(const NpFetch& f, const float* src, int N, int P,
+                                         float* dst) {
+  if (!f.fast) return load_np(src, N, P, dst);
+  float* at = dst + threadIdx.x / (kP / 4) * kLD + threadIdx.x % (kP / 4) * 4;
+  at[0] = f.v.x, at[1] = f.v.y, at[2] = f.v.z, at[3] = f.v.w;
+}
+
 // A block's chunk, head and sequence.
 struct Task {
   int64_t c, h, b, t0;
@@ -181,9 +200,10 @@ __device__ Task task_of(const Dims& d) {
 }
 
 // ---- [Q, P] rows in vectors ----
-// A block's [Q, P] tile is kSlots slots of V elements a thread (16 bytes of T): slot k covers row
-// slot_t(k), columns slot_j(k) .. + V. Where the rows allow (Dims::vec: P a multiple of V, rows and
-// pointers 16-byte aligned) a slot moves in one 16-byte access, else element by element.
+// A block's [Q, P] tile is kCount slots of V elements a thread (16 bytes of T): slot k covers row
+// t(k), columns j(k) .. j(k) + V (the same columns in every slot). Where the rows allow (Dims::vec:
+// P a multiple of V, rows and pointers 16-byte aligned) a slot moves in one 16-byte access, else
+// element by element.
 template <class T>
 struct Slots {
   static constexpr int V = 16 / sizeof(T), kPerRow = kP / V, kCount = kQ * kPerRow / kThreads;
@@ -373,9 +393,11 @@ __global__ void __launch_bounds__(kThreads) chunk_out_kernel(SsdScanParams p, Di
   load_qn(static_cast<const T*>(p.B) + r0 * p.B_row, p.B_row, k.q, int(d.N), Bs);
   load_qn(static_cast<const T*>(p.C) + r0 * p.C_row, p.C_row, k.q, int(d.N), Cs);
   chunk_cumsum(dl, d.H, static_cast<const float*>(p.A)[k.h], k.q, cs);
+  const float* Hin =
+      static_cast<const float*>(p.states) + ((k.b * d.H + k.h) * d.nc + k.c) * d.N * d.P;
+  const NpFetch hf = np_fetch(Hin, int(d.N), int(d.P));
   load_x_tile(X + r0 * p.x_row + k.h * d.P, p.x_row, k.q, int(d.P), d.vec, dl, d.H, xd);
-  load_np(static_cast<const float*>(p.states) + ((k.b * d.H + k.h) * d.nc + k.c) * d.N * d.P,
-          int(d.N), int(d.P), Hs);
+  np_store(hf, Hin, int(d.N), int(d.P), Hs);
   __syncthreads();
   block_mm<kQ, kQ, false, true>(M, kLD, nullptr, [&](Acc& acc, int m0, int n0) {  // G = C B^T
     if (n0 <= m0) mma_tile<kSplit, Row, Col>(acc, Cs, kLN, Bs, kLN, 0, kN, m0, n0);
@@ -544,6 +566,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   load_qn(static_cast<const T*>(p.B) + r0 * p.B_row, p.B_row, len, int(d.N), Bs);
   load_qn(static_cast<const T*>(p.C) + r0 * p.C_row, p.C_row, len, int(d.N), Cs);
   chunk_cumsum(dl, d.H, A, len, cs);
+  const int64_t off = ((k.b * d.H + k.h) * d.nc + k.c) * d.N * d.P;
+  const float* Hin = static_cast<const float*>(p.states) + off;
+  const NpFetch hf = np_fetch(Hin, int(d.N), int(d.P)), ef = np_fetch(E + off, int(d.N), int(d.P));
   // xd = dl x, gy before the gate (gz written), and the thread's part of gD_j = sum_t x_tj gy_tj
   // SiLU(z_tj) for its slots' columns (the same columns in every slot)
   using S = Slots<T>;
@@ -571,9 +596,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   if ((tid & 31) < S::kPerRow)
 #pragma unroll
     for (int u = 0; u < S::V; ++u) gDs[(tid >> 5) * kP + S::j(0) + u] = gd[u];
-  const int64_t off = ((k.b * d.H + k.h) * d.nc + k.c) * d.N * d.P;
-  load_np(static_cast<const float*>(p.states) + off, int(d.N), int(d.P), Hs);
-  load_np(E + off, int(d.N), int(d.P), Es);
+  np_store(hf, Hin, int(d.N), int(d.P), Hs);
+  np_store(ef, E + off, int(d.N), int(d.P), Es);
   __syncthreads();
   if (w.gD_part != nullptr && tid < d.P) {
     float sum = 0.f;
@@ -738,24 +762,25 @@ __global__ void head_sum_kernel(const float* gB_part, const float* gC_part, int6
   }
 }
 
-// gD[k] = the partials summed over (sequence, chunk) in order.
+// out[k] = sum_r part[r * cols + k] over the (sequence, chunk) rows: a block per 32 columns, its 8
+// warps taking every 8th row (coalesced 128-byte rows), then the 8 partial sums added in warp
+// order. The order is fixed, so the result does not depend on timing.
 template <class T>
-__global__ void gD_kernel(const float* part, int64_t rows, int64_t Dm, T* gD) {
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < Dm;
-       k += int64_t(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int64_t r = 0; r < rows; ++r) s += part[r * Dm + k];
-    store(gD, k, s);
-  }
-}
-
-// gA[h] = the partials summed over (sequence, chunk) in order.
-__global__ void gA_kernel(const float* part, int64_t rows, int64_t H, float* gA) {
-  for (int64_t h = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; h < H;
-       h += int64_t(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int64_t r = 0; r < rows; ++r) s += part[r * H + h];
-    gA[h] = s;
+__global__ void __launch_bounds__(256)
+    column_sum_kernel(const float* part, int64_t rows, int64_t cols, T* out) {
+  __shared__ float sums[8][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t k = blockIdx.x * int64_t(32) + lane;
+  float s = 0.f;
+  if (k < cols)
+#pragma unroll 4
+    for (int64_t r = warp; r < rows; r += 8) s += part[r * cols + k];
+  sums[warp][lane] = s;
+  __syncthreads();
+  if (warp == 0 && k < cols) {
+    float t = 0.f;
+    for (int w = 0; w < 8; ++w) t += sums[w][lane];
+    store(out, k, t);
   }
 }
 
@@ -847,13 +872,14 @@ void ssd_scan_bwd(const SsdScanBwdParams& q) {
       head_sum_kernel<T><<<blocks_for(d.Bz * d.L * d.N, 256), 256, 0, s>>>(
           w.gB_part, w.gC_part, d.Bz * d.L, d.H, d.N, static_cast<T*>(q.gB), static_cast<T*>(q.gC));
       HYDRA_CUDA_LAUNCH_CHECK();
+      const int64_t rows = d.Bz * d.nc;
       if (q.gD) {
-        gD_kernel<T><<<blocks_for(d.Dm, 128), 128, 0, s>>>(w.gD_part, d.Bz * d.nc, d.Dm,
-                                                           static_cast<T*>(q.gD));
+        column_sum_kernel<T><<<static_cast<unsigned>((d.Dm + 31) / 32), 256, 0, s>>>(
+            w.gD_part, rows, d.Dm, static_cast<T*>(q.gD));
         HYDRA_CUDA_LAUNCH_CHECK();
       }
-      gA_kernel<<<blocks_for(d.H, 128), 128, 0, s>>>(w.gA_part, d.Bz * d.nc, d.H,
-                                                     static_cast<float*>(q.gA));
+      column_sum_kernel<float><<<static_cast<unsigned>((d.H + 31) / 32), 256, 0, s>>>(
+          w.gA_part, rows, d.H, static_cast<float*>(q.gA));
       HYDRA_CUDA_LAUNCH_CHECK();
     }
   });
