@@ -16,7 +16,7 @@
 #            backward: HYDRA_ATTENTION=cudnn, train.deterministic false), transformer-toy-ours (our
 #            attention kernels: HYDRA_ATTENTION=ours), torch, hydra-1.6b, hydra-1.6b-forms (8K,
 #            PARALLEL write, the selective scan and the SSD form) (default: toy,
-#            toy-parallel, transformer-toy, transformer-toy-cudnn, torch, hydra-1.6b)
+#            toy-parallel, toy-ssd, transformer-toy, transformer-toy-cudnn, torch, hydra-1.6b)
 # Environment: SEQS (default "512 1024 2048 4096 8192 16384 32768"), STEPS (30), WARMUP (5),
 #   TOKENS (32768), PYTHON (python3); hydra-1.6b: BIG_STEPS (8) measured after BIG_WARMUP (4); its
 #   part runs 2K and 8K, 8K with BLOCK recompute, and 8K with the workspace's PARALLEL write.
@@ -27,7 +27,7 @@ bin=${1:?usage: bench/throughput.sh BIN_DIR OUT_DIR [PART ...]}
 out=${2:?usage: bench/throughput.sh BIN_DIR OUT_DIR [PART ...]}
 shift 2
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(toy toy-parallel transformer-toy transformer-toy-cudnn torch hydra-1.6b)
+[ ${#parts[@]} -eq 0 ] && parts=(toy toy-parallel toy-ssd transformer-toy transformer-toy-cudnn torch hydra-1.6b)
 seqs=${SEQS:-"512 1024 2048 4096 8192 16384 32768"}
 steps=${STEPS:-30}
 warmup=${WARMUP:-5}
