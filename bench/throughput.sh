@@ -15,7 +15,8 @@
 #            applies, deterministic), transformer-toy-cudnn (cuDNN's attention and its faster
 #            backward: HYDRA_ATTENTION=cudnn, train.deterministic false), transformer-toy-ours (our
 #            attention kernels: HYDRA_ATTENTION=ours), torch, hydra-1.6b, hydra-1.6b-forms (8K,
-#            PARALLEL write, the selective scan and the SSD form) (default: toy,
+#            PARALLEL write, the selective scan and the SSD form), hydra-1.6b-ssd (its SSD row
+#            alone) (default: toy,
 #            toy-parallel, toy-ssd, transformer-toy, transformer-toy-cudnn, torch, hydra-1.6b)
 # Environment: SEQS (default "512 1024 2048 4096 8192 16384 32768"), STEPS (30), WARMUP (5),
 #   TOKENS (32768), PYTHON (python3); hydra-1.6b: BIG_STEPS (8) measured after BIG_WARMUP (4); its
@@ -121,6 +122,13 @@ for part in "${parts[@]}"; do
       train_row hydra-1.6b-parallel hydra-1.6b 8192 --set model.workspace.write=PARALLEL
       steps=${saved[0]}
       warmup=${saved[1]} ;;
+    hydra-1.6b-ssd)  # 8K, PARALLEL write, the SSD form
+      saved=("$steps" "$warmup")
+      steps=${BIG_STEPS:-8}
+      warmup=${BIG_WARMUP:-4}
+      train_row hydra-1.6b-ssd hydra-1.6b 8192 --set model.workspace.write=PARALLEL --set model.ssm.form=SSD
+      steps=${saved[0]}
+      warmup=${saved[1]} ;;
     hydra-1.6b-forms)  # 8K, PARALLEL write: the selective scan against the SSD form
       saved=("$steps" "$warmup")
       steps=${BIG_STEPS:-8}
@@ -129,7 +137,7 @@ for part in "${parts[@]}"; do
       train_row hydra-1.6b-ssd hydra-1.6b 8192 --set model.workspace.write=PARALLEL --set model.ssm.form=SSD
       steps=${saved[0]}
       warmup=${saved[1]} ;;
-    *) echo "throughput.sh: unknown part '$part' (toy, toy-parallel, toy-parallel-hydra, toy-ssd, toy-paper, transformer-toy, transformer-toy-cudnn, transformer-toy-ours, torch, hydra-1.6b, hydra-1.6b-forms)" >&2; exit 2 ;;
+    *) echo "throughput.sh: unknown part '$part' (toy, toy-parallel, toy-parallel-hydra, toy-ssd, toy-paper, transformer-toy, transformer-toy-cudnn, transformer-toy-ours, torch, hydra-1.6b, hydra-1.6b-forms, hydra-1.6b-ssd)" >&2; exit 2 ;;
   esac
 done
 echo "throughput.sh: rows in $rows"
