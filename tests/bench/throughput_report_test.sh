@@ -19,6 +19,8 @@ cat > "$work/rows.jsonl" <<'ROWS'
 {"model": "torch-transformer", "seq": 8192, "batch": 4, "tokens_per_s": 500000, "mfu": 0.2, "peak_mb": 9000}
 {"model": "hydra-1.6b", "seq": 8192, "batch": 4, "tokens_per_s": 50000, "mfu": 0.36, "peak_mb": 110000}
 {"model": "hydra-1.6b-recompute", "seq": 8192, "batch": 4, "tokens_per_s": 40000, "mfu": 0.3, "peak_mb": 90000}
+{"model": "toy-ssd", "seq": 2048, "batch": 16, "tokens_per_s": 840000, "mfu": 0.09, "peak_mb": 7500}
+{"model": "hydra-1.6b-ssd", "seq": 8192, "batch": 4, "tokens_per_s": 56000, "mfu": 0.356, "peak_mb": 118000}
 ROWS
 python3 "$root/bench/throughput_report.py" "$work/rows.jsonl" --gpu test --date 2000-01-01 --docs "$work" > "$work/out.txt"
 fail() { echo "FAILED: $*"; cat "$work/out.txt"; exit 1; }
@@ -31,11 +33,15 @@ expect "| toy-parallel vs transformer-toy-cudnn >= 1.5x at 8K | 1.10x | no |"
 expect "| toy-parallel / transformer-toy-cudnn |  |  | 1.10 |  |"
 expect "| toy-parallel within 25% from 512 to 32K | 22% apart | yes |"
 expect "| toy-parallel >= 1.3x PyTorch at 8K | 1.32x | yes |"
-expect "| hydra-1.6b >= 35% MFU at 8K | 36.0% | yes |"
+expect "| hydra-1.6b >= 35% MFU at 8K (batch 4) | 36.0% | yes |"
+# each toy form and each hydra-1.6b 8K row gets its own targets
+expect "| toy-ssd vs transformer-toy >= 1.0x at 2K | 1.20x | yes |"
+expect "| toy-ssd / transformer-toy |  | 1.20 |  |  |"
+expect "| hydra-1.6b-ssd >= 35% MFU at 8K (batch 4) | 35.6% | yes |"
 expect "| hydra-1.6b batch 4 at 8K in 80 GB with recompute | 87.9 GiB | no |"
 # transformer-toy's 32K row is an error: no ratio and no 32K target
 if grep -qF "at 32K |" "$work/out.txt"; then fail "a 32K ratio target from an error row"; fi
 [ -s "$work/bench/throughput-test-2000-01-01.json" ] || fail "no JSON rows written"
-python3 -c "import json,sys; rows=json.load(open(sys.argv[1])); assert len(rows) == 12" \
+python3 -c "import json,sys; rows=json.load(open(sys.argv[1])); assert len(rows) == 14" \
   "$work/bench/throughput-test-2000-01-01.json" || fail "the JSON rows differ from the input"
 echo "throughput_report: tables, ratios and targets as expected"
