@@ -16,7 +16,7 @@ import sys
 
 FAMILIES = [
     ("selective scan", r"scan_(fwd|bwd|carry|bc)"),
-    ("SSD scan", r"chunk_(state|out|u|grad)_kernel|state_pass_kernel|reverse_pass_kernel|gA_kernel"),
+    ("SSD scan", r"chunk_(state|out|u|grad)_kernel|state_pass_kernel|reverse_pass_kernel|gA_kernel|head_sum_kernel"),
     ("attention", r"attn_|merge_attention|softmax"),
     ("GEMM (cuBLAS)", r"nvjet|sm90_xmma|gemm|cutlass|splitK|gemv"),
     ("MoE", r"moe_|expert|grouped"),

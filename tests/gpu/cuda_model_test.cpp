@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <iostream>
+#include <memory>
+#include <string>
 
 #include "autograd/compute_copies.h"
 #include "autograd/cuda_context.h"
@@ -60,34 +63,54 @@ INSTANTIATE_TEST_SUITE_P(CudaModel, CudaModelWrite, ::testing::Values(false, tru
                            return info.param ? "ParallelWorkspaceWrite" : "SerialWorkspaceWrite";
                          });
 
+// A model on the GPU against the CPU reference, one batch of `batch` x `len` random tokens: in f32
+// (loss 1e-5, gradients 1e-4 relative) and under BF16_MIXED (1e-2, 5e-2). Prints the errors under
+// `label`; returns the three passes (and the GPU model through `gpu_out`) for the caller's checks.
+struct CpuGpuPasses {
+  Pass ref, f32, mixed;
+};
+CpuGpuPasses expect_gpu_matches_cpu(const model::ModelSpec& spec, uint64_t seed, int64_t batch,
+                                    int64_t len, const std::string& label,
+                                    std::unique_ptr<model::LanguageModel>* gpu_out = nullptr) {
+  auto cpu = model::build_model(spec, seed), gpu = model::build_model(spec, seed);
+  gpu->to(Device::cuda(0));
+  const Tensor tokens = testing::random_tokens(spec.vocab, batch, len, seed + 1);
+  const Tensor targets = testing::random_tokens(spec.vocab, batch, len, seed + 2);
+  CpuGpuPasses r;
+  r.ref = forward_backward(*cpu, tokens, targets, nullptr);
+  r.f32 = forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), nullptr);
+  EXPECT_EQ(r.f32.grad.size(), r.ref.grad.size());
+  EXPECT_NEAR(r.f32.loss, r.ref.loss, 1e-5 * r.ref.loss);
+  if (r.f32.grad.size() == r.ref.grad.size()) {
+    EXPECT_LT(rel(r.f32.grad, r.ref.grad), 1e-4);
+  }
+  ComputeCopies copies(*gpu, DType::kBF16);
+  r.mixed =
+      forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), &copies);
+  EXPECT_EQ(r.mixed.grad.size(), r.ref.grad.size());
+  EXPECT_NEAR(r.mixed.loss, r.ref.loss, 1e-2 * r.ref.loss);
+  if (r.mixed.grad.size() == r.ref.grad.size()) {
+    EXPECT_LT(rel(r.mixed.grad, r.ref.grad), 5e-2);
+    std::cout << label << ", batch " << batch << " x " << len << ": loss cpu " << r.ref.loss
+              << ", cuda f32 " << r.f32.loss << ", bf16 mixed " << r.mixed.loss
+              << "; gradient relative error f32 " << rel(r.f32.grad, r.ref.grad) << ", bf16 mixed "
+              << rel(r.mixed.grad, r.ref.grad) << "\n";
+  }
+  if (gpu_out != nullptr) *gpu_out = std::move(gpu);
+  return r;
+}
+
 TEST_P(CudaModelWrite, TinyModelMatchesCpuInF32AndBf16MixedFollowsF32) {
   HYDRA_REQUIRE_GPU();
   model::ModelSpec spec = testing::shipped_spec("tiny");
   spec.ws_parallel_write = GetParam();  // workspace.write: PARALLEL (gated_scan) or SERIAL
-  auto cpu = model::build_model(spec, 21), gpu = model::build_model(spec, 21);
-  gpu->to(Device::cuda(0));
-  const Tensor tokens =
-      testing::random_tokens(spec.vocab, 3, 224, 22);  // not a multiple of the scan chunk (64)
-  const Tensor targets = testing::random_tokens(spec.vocab, 3, 224, 23);
-  const Pass ref = forward_backward(*cpu, tokens, targets, nullptr);
-  const Pass f32 =
-      forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), nullptr);
-  ASSERT_EQ(f32.grad.size(), ref.grad.size());
-  EXPECT_NEAR(f32.loss, ref.loss, 1e-5 * ref.loss);
-  EXPECT_LT(rel(f32.grad, ref.grad), 1e-4);
-
-  ComputeCopies copies(*gpu, DType::kBF16);
-  const Pass mixed =
-      forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), &copies);
-  ASSERT_EQ(mixed.grad.size(), ref.grad.size());
-  EXPECT_NEAR(mixed.loss, ref.loss, 1e-2 * ref.loss);
-  EXPECT_LT(rel(mixed.grad, ref.grad), 5e-2);
-  EXPECT_GT(rel(mixed.grad, ref.grad), 1e-4) << "the pass computed in bf16";
+  std::unique_ptr<model::LanguageModel> gpu;
+  // 224 tokens: not a multiple of the scan chunk (64)
+  const CpuGpuPasses r = expect_gpu_matches_cpu(spec, 21, 3, 224, "tiny model", &gpu);
+  ASSERT_EQ(r.mixed.grad.size(), r.ref.grad.size());
+  EXPECT_GT(rel(r.mixed.grad, r.ref.grad), 1e-4) << "the pass computed in bf16";
   for (const Tensor& p : gpu->parameters())
     EXPECT_EQ(p.dtype(), DType::kF32) << "the masters stay fp32";
-  std::cout << "tiny model, batch 3 x 224: loss cpu " << ref.loss << ", cuda f32 " << f32.loss
-            << ", bf16 mixed " << mixed.loss << "; gradient relative error f32 "
-            << rel(f32.grad, ref.grad) << ", bf16 mixed " << rel(mixed.grad, ref.grad) << "\n";
 }
 
 // The SSD form (ssm.form: SSD) through the whole tiny model: its fused kernels (tensor cores; in
@@ -96,25 +119,8 @@ TEST(CudaModel, TinyModelInTheSsdFormMatchesCpu) {
   HYDRA_REQUIRE_GPU();
   model::ModelSpec spec = testing::shipped_spec("tiny");
   spec.ssd = true;
-  spec.ssm_heads = spec.d_inner / 32;  // heads of 32 channels
-  auto cpu = model::build_model(spec, 31), gpu = model::build_model(spec, 31);
-  gpu->to(Device::cuda(0));
-  const Tensor tokens = testing::random_tokens(spec.vocab, 2, 224, 32);  // a partial last chunk
-  const Tensor targets = testing::random_tokens(spec.vocab, 2, 224, 33);
-  const Pass ref = forward_backward(*cpu, tokens, targets, nullptr);
-  const Pass f32 =
-      forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), nullptr);
-  ASSERT_EQ(f32.grad.size(), ref.grad.size());
-  EXPECT_NEAR(f32.loss, ref.loss, 1e-5 * ref.loss);
-  EXPECT_LT(rel(f32.grad, ref.grad), 1e-4);
-  ComputeCopies copies(*gpu, DType::kBF16);
-  const Pass mixed =
-      forward_backward(*gpu, tokens.to(Device::cuda(0)), targets.to(Device::cuda(0)), &copies);
-  EXPECT_NEAR(mixed.loss, ref.loss, 1e-2 * ref.loss);
-  EXPECT_LT(rel(mixed.grad, ref.grad), 5e-2);
-  std::cout << "tiny model, SSD form, batch 2 x 224: loss cpu " << ref.loss << ", cuda f32 "
-            << f32.loss << ", bf16 mixed " << mixed.loss << "; gradient relative error f32 "
-            << rel(f32.grad, ref.grad) << ", bf16 mixed " << rel(mixed.grad, ref.grad) << "\n";
+  spec.ssm_heads = spec.d_inner / 32;                                      // heads of 32 channels
+  (void)expect_gpu_matches_cpu(spec, 31, 2, 224, "tiny model, SSD form");  // a partial last chunk
 }
 
 // The opt-in kernel forms give the model the loss and gradients of the default ones: the scan's
